@@ -1,0 +1,15 @@
+// Python bindings of the CUDA kernels; the `flashmla` custom ops (flashmla_ops/*.py) call these for CUDA tensors.
+#include <torch/extension.h>
+
+namespace flashmla {
+torch::Tensor quantize_kv_fp8(const torch::Tensor& kv);
+torch::Tensor dequantize_kv_fp8(const torch::Tensor& kv_fp8);
+void write_kv_cache(torch::Tensor& kv_cache, const torch::Tensor& latent, const torch::Tensor& rope,
+                    const torch::Tensor& slot_mapping, bool is_fp8);
+}  // namespace flashmla
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize_kv_fp8", &flashmla::quantize_kv_fp8, "BF16 (..., 576) -> FP8 cache rows (..., 656) uint8");
+  m.def("dequantize_kv_fp8", &flashmla::dequantize_kv_fp8, "FP8 cache rows (..., 656) uint8 -> BF16 (..., 576)");
+  m.def("write_kv_cache", &flashmla::write_kv_cache, "store latent + rope rows at flat slots (-1 skips)");
+}

@@ -1,0 +1,40 @@
+// The 656-byte FP8 latent-cache row (SPEC.md §3), shared by every kernel that reads or writes it.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cstdint>
+
+namespace flashmla {
+
+constexpr int kLatentDim = 512;           // kv_lora_rank: the quantized NoPE part
+constexpr int kRopeDim = 64;              // qk_rope_head_dim: kept in BF16
+constexpr int kHeadDimQK = kLatentDim + kRopeDim;
+constexpr int kFp8Tile = 128;             // latent values per float32 scale
+constexpr int kNumTiles = kLatentDim / kFp8Tile;
+constexpr int kScaleOffset = kLatentDim;  // 4 float32 scales
+constexpr int kRopeOffset = kScaleOffset + kNumTiles * 4;
+constexpr int kFp8RowBytes = kRopeOffset + kRopeDim * 2;  // 656
+constexpr float kFp8Max = 448.f;
+constexpr float kFp8MinScale = 1e-4f;
+
+static_assert(kFp8RowBytes == 656, "FP8 row layout");
+
+// scale = 2 ** ceil(log2(max(amax / 448, 1e-4))), exact: frexp gives ratio = m * 2^e with m in [0.5, 1).
+__device__ __forceinline__ float fp8_tile_scale(float amax) {
+  float ratio = fmaxf(amax / kFp8Max, kFp8MinScale);
+  int exponent;
+  float mantissa = frexpf(ratio, &exponent);
+  if (mantissa == 0.5f) exponent -= 1;
+  return ldexpf(1.f, exponent);
+}
+
+__device__ __forceinline__ uint8_t to_fp8(float x) {
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(fminf(fmaxf(x, -kFp8Max), kFp8Max), __NV_SATFINITE, __NV_E4M3));
+}
+
+__device__ __forceinline__ float from_fp8(uint8_t x) {
+  __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(x), __NV_E4M3);
+  return __half2float(__half(h));
+}
+
+}  // namespace flashmla

@@ -1,0 +1,72 @@
+"""Argument checks shared by every op: they run before any compute, in the real and the fake impls.
+
+A check names the op, the argument, what it saw and what it expected. Shapes are written as tuples of
+ints (a fixed size), strings (a named size, bound the first time it is seen and equal everywhere after)
+or None (any size).
+"""
+import os
+
+import torch
+
+DEBUG_ENV = "FLASHMLA_CHECK"
+
+
+def debug_checks() -> bool:
+    """`FLASHMLA_CHECK=1` also checks index values of device tensors (one host sync per op call)."""
+    return os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+
+
+def _dtype_names(dtypes) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(op: str, name: str, t, dtypes, shape, dims: dict) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must have dtype {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+    if t.dim() != len(shape):
+        raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(t.shape)}")
+    for axis, (size, spec) in enumerate(zip(t.shape, shape)):
+        if spec is None:
+            continue
+        if isinstance(spec, str):
+            bound = dims.setdefault(spec, size)
+            if bound != size:
+                raise ValueError(f"{op}: {name} must have shape {want} with {spec}={bound}, got {tuple(t.shape)}")
+        elif size != spec:
+            raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(t.shape)}")
+    return t
+
+
+def check_same_device(op: str, **tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        seen = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {seen}")
+
+
+def check_contiguous_last_dim(op: str, name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{op}: {name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def check(op: str, ok, message: str) -> None:
+    """Value check: `ok` is a bool or a bool tensor (all true)."""
+    if isinstance(ok, torch.Tensor):
+        ok = bool(ok.all())
+    if not ok:
+        raise ValueError(f"{op}: {message}")
+
+
+def value_checks_apply(t: torch.Tensor) -> bool:
+    """Whether the values of `t` are checked: always on CPU, on a device only under FLASHMLA_CHECK=1
+    (it syncs), never while tracing (fake/meta tensors) or capturing a CUDA graph."""
+    if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+        return False
+    if t.device.type == "cpu":
+        return True
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return debug_checks()

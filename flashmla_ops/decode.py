@@ -1,0 +1,295 @@
+"""Paged MLA decode: the scheduling metadata, and dense and sparse attention over the latent cache.
+
+Shapes (SPEC.md §1-2): q `(batch, s_q, h_q, d_qk)` bfloat16; kv_cache `(num_blocks, page_block_size, 1, d_qk)`
+bfloat16 or `(num_blocks, page_block_size, 1, 656)` uint8 (FP8 layout); out `(batch, s_q, h_q, d_v)` bfloat16;
+lse `(batch, h_q, s_q)` float32, natural log, `+inf` (and out = 0) for a query that sees no token.
+"""
+import torch
+
+from ._attention import apply_attn_sink, attend
+from ._checks import check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
+from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
+
+METADATA_FIELDS = 8  # begin_batch, begin_block, end_batch, end_block (exclusive), begin_split, 3 reserved
+INDEX_DTYPES = (torch.int32,)
+TOKENS_PER_CHUNK = 1 << 23  # bounds gathered sparse KV rows: tokens * topk * d_qk float32 elements
+
+
+# ---------------------------------------------------------------- scheduling metadata
+
+
+def get_mla_metadata_reference(cache_seqlens: torch.Tensor, num_sm_parts: int):
+    """Split the batch's 64-token KV blocks into `num_sm_parts` contiguous, equal runs (no host sync).
+
+    Every sequence counts at least one block so that its output is written even when it is empty.
+    Part `p` covers global blocks `[p * per_part, (p + 1) * per_part)`; `num_splits[b + 1] - num_splits[b]` is the
+    number of parts that touch sequence `b` (a cumulative count, `num_splits[0] = 0`).
+    """
+    device = cache_seqlens.device
+    batch = cache_seqlens.shape[0]
+    blocks = torch.clamp_min((cache_seqlens.long() + PAGE_BLOCK_SIZE - 1) // PAGE_BLOCK_SIZE, 1)
+    ends = torch.cumsum(blocks, 0)
+    starts = ends - blocks
+    total = ends[-1:] if batch else torch.zeros(1, dtype=torch.long, device=device)
+    per_part = torch.clamp_min((total + num_sm_parts - 1) // num_sm_parts, 1)
+    part = torch.arange(num_sm_parts, device=device)
+    part_begin = part * per_part
+    part_end = torch.minimum(part_begin + per_part, total)
+    begin_batch = torch.searchsorted(ends, part_begin, right=True)
+    last_batch = torch.searchsorted(ends, torch.clamp_min(part_end - 1, 0), right=True)
+    active = part_begin < part_end
+    first_part_of = starts // per_part
+    meta = torch.zeros(num_sm_parts, METADATA_FIELDS, dtype=torch.int32, device=device)
+    safe_begin = torch.clamp_max(begin_batch, max(batch - 1, 0))
+    safe_last = torch.clamp_max(last_batch, max(batch - 1, 0))
+    if batch:
+        meta[:, 0] = torch.where(active, begin_batch, batch).int()
+        meta[:, 1] = torch.where(active, part_begin - starts[safe_begin], 0).int()
+        meta[:, 2] = torch.where(active, last_batch, batch).int()
+        meta[:, 3] = torch.where(active, part_end - starts[safe_last], 0).int()
+        meta[:, 4] = torch.where(active, part - first_part_of[safe_begin], 0).int()
+    splits_per_seq = (ends - 1) // per_part - first_part_of + 1
+    num_splits = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    num_splits[1:] = torch.cumsum(splits_per_seq, 0).int()
+    return meta, num_splits
+
+
+def _check_metadata(op, cache_seqlens, num_sm_parts):
+    check_tensor(op, "cache_seqlens", cache_seqlens, INDEX_DTYPES, ("batch",), {})
+    if num_sm_parts < 1:
+        raise ValueError(f"{op}: num_sm_parts must be >= 1, got {num_sm_parts}")
+
+
+@torch.library.custom_op("flashmla::get_mla_metadata", mutates_args=())
+def get_mla_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Work split of a decode batch over `num_sm_parts` SM groups.
+
+    cache_seqlens: `(batch,)` int32 visible tokens per sequence (for sparse decode: topk per sequence).
+    Returns tile_scheduler_metadata `(num_sm_parts, 8)` int32 and num_splits `(batch + 1,)` int32.
+    """
+    _check_metadata("get_mla_metadata", cache_seqlens, num_sm_parts)
+    return get_mla_metadata_reference(cache_seqlens, num_sm_parts)
+
+
+@get_mla_metadata.register_fake
+def _(cache_seqlens, num_sm_parts):
+    _check_metadata("get_mla_metadata", cache_seqlens, num_sm_parts)
+    batch = cache_seqlens.shape[0]
+    return (cache_seqlens.new_empty(num_sm_parts, METADATA_FIELDS, dtype=torch.int32),
+            cache_seqlens.new_empty(batch + 1, dtype=torch.int32))
+
+
+def num_sm_parts(device: torch.device | str, s_q: int, h_q: int) -> int:
+    """How many SM groups a decode launch splits the KV over: one group per 64 query rows (s_q * h_q) per SM."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, sms // max(1, -(-s_q * h_q // 64)))
+
+
+# ---------------------------------------------------------------- shared checks
+
+
+def _check_cache(op, kv_cache, is_fp8, dims, name="k_cache"):
+    if isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 4 and kv_cache.shape[2] != 1:
+        raise ValueError(f"{op}: {name} must have h_kv = 1 (MLA decode is MQA over the latent), got {kv_cache.shape[2]} "
+                         f"in shape {tuple(kv_cache.shape)}")
+    if is_fp8:
+        check_tensor(op, name, kv_cache, (torch.uint8, torch.float8_e4m3fn),
+                     (None, PAGE_BLOCK_SIZE, 1, FP8_BYTES), dims)
+        if dims.get("d_qk", D_QK) != D_QK:
+            raise ValueError(f"{op}: the FP8 cache needs q's last dimension d_qk = {D_QK}, got {dims['d_qk']}")
+    else:
+        check_tensor(op, name, kv_cache, (torch.bfloat16,), (None, PAGE_BLOCK_SIZE, 1, "d_qk"), dims)
+    check_contiguous_last_dim(op, name, kv_cache)
+
+
+def _check_head_dim_v(op, head_dim_v, d_qk, is_fp8):
+    if is_fp8 and head_dim_v != KV_LORA_RANK:
+        raise ValueError(f"{op}: head_dim_v must be {KV_LORA_RANK} with the FP8 cache, got {head_dim_v}")
+    if not 0 < head_dim_v <= d_qk:
+        raise ValueError(f"{op}: head_dim_v must be in [1, d_qk={d_qk}], got {head_dim_v}")
+
+
+def _check_sink(op, attn_sink, dims):
+    if attn_sink is not None:
+        check_tensor(op, "attn_sink", attn_sink, (torch.float32,), ("h_q",), dims)
+
+
+def _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims):
+    if tile_scheduler_metadata is not None:
+        check_tensor(op, "tile_scheduler_metadata", tile_scheduler_metadata, INDEX_DTYPES, (None, METADATA_FIELDS), dims)
+    if num_splits is not None:
+        check_tensor(op, "num_splits", num_splits, INDEX_DTYPES, (dims["batch"] + 1,), dims)
+
+
+def _gather_rows(kv_cache: torch.Tensor, slots: torch.Tensor, is_fp8: bool) -> torch.Tensor:
+    """Rows of the paged cache at flat slots (any shape, all valid) as float32 `(*slots.shape, d_qk)`."""
+    block_size = kv_cache.shape[1]
+    cache = kv_cache.view(torch.uint8) if is_fp8 else kv_cache
+    rows = cache[slots // block_size, slots % block_size, 0]
+    return dequantize_kv_fp8_reference(rows).float() if is_fp8 else rows.float()
+
+
+def _outputs(q, d_v):
+    batch, s_q, h_q, _ = q.shape
+    return (q.new_empty(batch, s_q, h_q, d_v, dtype=torch.bfloat16),
+            q.new_empty(batch, h_q, s_q, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------- dense decode
+
+
+def _check_dense(op, q, kv_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v,
+                 is_fp8, attn_sink):
+    dims = {}
+    check_tensor(op, "q", q, (torch.bfloat16,), ("batch", "s_q", "h_q", "d_qk"), dims)
+    check_contiguous_last_dim(op, "q", q)
+    _check_cache(op, kv_cache, is_fp8, dims)
+    check_tensor(op, "block_table", block_table, INDEX_DTYPES, ("batch", "max_blocks_per_seq"), dims)
+    check_tensor(op, "cache_seqlens", cache_seqlens, INDEX_DTYPES, ("batch",), dims)
+    _check_head_dim_v(op, head_dim_v, dims["d_qk"], is_fp8)
+    _check_sink(op, attn_sink, dims)
+    _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims)
+    check_same_device(op, q=q, k_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+                      attn_sink=attn_sink)
+    if value_checks_apply(cache_seqlens):
+        capacity = block_table.shape[1] * PAGE_BLOCK_SIZE
+        check(op, (cache_seqlens >= 0) & (cache_seqlens <= capacity),
+              f"cache_seqlens must be in [0, {capacity}] (block_table holds {block_table.shape[1]} blocks of "
+              f"{PAGE_BLOCK_SIZE}), got {cache_seqlens.tolist() if cache_seqlens.numel() <= 16 else 'values out of range'}")
+        used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * PAGE_BLOCK_SIZE < cache_seqlens[:, None]
+        num_blocks = kv_cache.shape[0]
+        bad = used & ((block_table < 0) | (block_table >= num_blocks))
+        check(op, ~bad, f"block_table entries for the blocks each sequence uses must be in [0, {num_blocks}) "
+                        f"(num_blocks of k_cache), got {block_table[bad][:8].tolist()}")
+
+
+def dense_decode_reference(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
+                           attn_sink=None):
+    batch, s_q, h_q, _ = q.shape
+    out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=torch.bfloat16)
+    lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
+    query = torch.arange(s_q, device=q.device)
+    for b, length in enumerate(cache_seqlens.tolist()):
+        num_blocks = -(-length // PAGE_BLOCK_SIZE)
+        slots = (block_table[b, :num_blocks, None].long() * PAGE_BLOCK_SIZE
+                 + torch.arange(PAGE_BLOCK_SIZE, device=q.device)).reshape(-1)[:length]
+        keys = _gather_rows(kv_cache, slots, is_fp8)[None]
+        position = torch.arange(length, device=q.device)
+        if causal:
+            valid = position[None, :] <= (length - s_q + query)[:, None]
+        else:
+            valid = torch.ones(s_q, length, dtype=torch.bool, device=q.device)
+        out_b, lse_b, _ = attend(q[b], keys, valid, softmax_scale, head_dim_v)
+        out[b] = apply_attn_sink(out_b, lse_b, attn_sink).to(torch.bfloat16)
+        lse[b] = lse_b.T
+    return out, lse
+
+
+@torch.library.custom_op("flashmla::dense_decode", mutates_args=())
+def dense_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                 tile_scheduler_metadata: torch.Tensor | None, num_splits: torch.Tensor | None, head_dim_v: int,
+                 softmax_scale: float, causal: bool, is_fp8: bool,
+                 attn_sink: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense paged decode: query `i` of sequence `b` sees cache positions `[0, L)`, `L = cache_seqlens[b]`,
+    or with `causal` `[0, L - s_q + i]`. Metadata from `get_mla_metadata` (None: computed inside)."""
+    _check_dense("dense_decode", q, kv_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                 head_dim_v, is_fp8, attn_sink)
+    return dense_decode_reference(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
+                                  attn_sink)
+
+
+@dense_decode.register_fake
+def _(q, kv_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v, softmax_scale, causal,
+      is_fp8, attn_sink):
+    _check_dense("dense_decode", q, kv_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                 head_dim_v, is_fp8, attn_sink)
+    return _outputs(q, head_dim_v)
+
+
+# ---------------------------------------------------------------- sparse decode
+
+
+def _check_sparse(op, q, kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length,
+                  tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink):
+    dims = {}
+    check_tensor(op, "q", q, (torch.bfloat16,), ("batch", "s_q", "h_q", "d_qk"), dims)
+    check_contiguous_last_dim(op, "q", q)
+    _check_cache(op, kv_cache, is_fp8, dims)
+    check_tensor(op, "indices", indices, INDEX_DTYPES, ("batch", "s_q", "topk"), dims)
+    if topk_length is not None:
+        check_tensor(op, "topk_length", topk_length, INDEX_DTYPES, ("batch",), dims)
+    if (extra_kv_cache is None) != (extra_indices is None):
+        raise ValueError(f"{op}: extra_k_cache and extra_indices_in_kvcache must be given together, got "
+                         f"extra_k_cache={'a tensor' if extra_kv_cache is not None else None}, "
+                         f"extra_indices_in_kvcache={'a tensor' if extra_indices is not None else None}")
+    if extra_topk_length is not None and extra_indices is None:
+        raise ValueError(f"{op}: extra_topk_length needs extra_k_cache and extra_indices_in_kvcache")
+    if extra_kv_cache is not None:
+        _check_cache(op, extra_kv_cache, is_fp8, dims, name="extra_k_cache")
+        check_tensor(op, "extra_indices_in_kvcache", extra_indices, INDEX_DTYPES, ("batch", "s_q", None), dims)
+        if extra_topk_length is not None:
+            check_tensor(op, "extra_topk_length", extra_topk_length, INDEX_DTYPES, ("batch",), dims)
+    _check_head_dim_v(op, head_dim_v, dims["d_qk"], is_fp8)
+    _check_sink(op, attn_sink, dims)
+    _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims)
+    check_same_device(op, q=q, k_cache=kv_cache, indices=indices, topk_length=topk_length,
+                      extra_k_cache=extra_kv_cache, extra_indices_in_kvcache=extra_indices, attn_sink=attn_sink)
+    for name, cache, idx in (("indices", kv_cache, indices), ("extra_indices_in_kvcache", extra_kv_cache, extra_indices)):
+        if idx is not None and value_checks_apply(idx):
+            num_slots = cache.shape[0] * cache.shape[1]
+            bad = (idx < -1) | (idx >= num_slots)
+            check(op, ~bad, f"{name} entries must be -1 or flat cache slots in [0, {num_slots}), got {idx[bad][:8].tolist()}")
+
+
+def _sparse_keys(kv_cache, indices, topk_length, batch_index, is_fp8):
+    """Rows and validity for one sequence's queries: indices `(T, topk)` -> keys `(T, topk, d_qk)`, valid `(T, topk)`."""
+    valid = indices >= 0
+    if topk_length is not None:
+        valid &= torch.arange(indices.shape[-1], device=indices.device) < topk_length[batch_index]
+    return _gather_rows(kv_cache, torch.where(valid, indices, 0).long(), is_fp8), valid
+
+
+def sparse_decode_reference(q, kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length,
+                            head_dim_v, softmax_scale, is_fp8, attn_sink=None):
+    batch, s_q, h_q, d_qk = q.shape
+    out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=torch.bfloat16)
+    lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
+    num_keys = indices.shape[-1] + (extra_indices.shape[-1] if extra_indices is not None else 0)
+    chunk = max(1, TOKENS_PER_CHUNK // max(1, num_keys * d_qk))
+    for b in range(batch):
+        for start in range(0, s_q, chunk):
+            rows = slice(start, start + chunk)
+            keys, valid = _sparse_keys(kv_cache, indices[b, rows], topk_length, b, is_fp8)
+            if extra_indices is not None:
+                extra_keys, extra_valid = _sparse_keys(extra_kv_cache, extra_indices[b, rows], extra_topk_length, b, is_fp8)
+                keys, valid = torch.cat([keys, extra_keys], 1), torch.cat([valid, extra_valid], 1)
+            out_b, lse_b, _ = attend(q[b, rows], keys, valid, softmax_scale, head_dim_v)
+            out[b, rows] = apply_attn_sink(out_b, lse_b, attn_sink).to(torch.bfloat16)
+            lse[b, :, rows] = lse_b.T
+    return out, lse
+
+
+@torch.library.custom_op("flashmla::sparse_decode", mutates_args=())
+def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, topk_length: torch.Tensor | None,
+                  extra_kv_cache: torch.Tensor | None, extra_indices: torch.Tensor | None,
+                  extra_topk_length: torch.Tensor | None, tile_scheduler_metadata: torch.Tensor | None,
+                  num_splits: torch.Tensor | None, head_dim_v: int, softmax_scale: float, is_fp8: bool,
+                  attn_sink: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse paged decode: query `(b, i)` sees exactly the cache slots `indices[b, i, :topk_length[b]]`
+    (flat `block * 64 + row`, -1 = none), plus `extra_indices[b, i, :extra_topk_length[b]]` of `extra_kv_cache`
+    in the same softmax."""
+    _check_sparse("sparse_decode", q, kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length,
+                  tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
+    return sparse_decode_reference(q, kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length,
+                                   head_dim_v, softmax_scale, is_fp8, attn_sink)
+
+
+@sparse_decode.register_fake
+def _(q, kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length, tile_scheduler_metadata,
+      num_splits, head_dim_v, softmax_scale, is_fp8, attn_sink):
+    _check_sparse("sparse_decode", q, kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length,
+                  tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
+    return _outputs(q, head_dim_v)

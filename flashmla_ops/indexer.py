@@ -1,0 +1,197 @@
+"""The DSA lightning indexer: which `topk` keys each query attends to (DeepSeek V3.2).
+
+    logits[t, s] = sum_h weights[t, h] * relu(q[t, h] . k[s])      over the keys query t may see, else -inf
+
+q/k are bfloat16, or float8_e4m3fn with float32 scales (q: one per (token, head), k: one per token), in which case
+`q . k` is `q_scale * k_scale * (q_fp8 . k_fp8)`. The paged form reads keys from the indexer key cache that
+`write_index_cache` fills (bfloat16 `(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` uint8).
+"""
+import torch
+
+from ._checks import check, check_same_device, check_tensor, value_checks_apply
+from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE
+from .kv_cache import dequantize_index_fp8_reference
+
+FP8 = torch.float8_e4m3fn
+ELEMENTS_PER_CHUNK = 1 << 24  # bounds the (queries, heads, keys) float32 tile of the reference
+
+
+def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return x.float() if scale is None else x.float() * scale.float()[..., None]
+
+
+def _check_scale(op, name, x, x_name, scale, shape, dims):
+    if (x.dtype == FP8) != (scale is not None):
+        raise ValueError(f"{op}: {name} must be given exactly when {x_name} is float8_e4m3fn "
+                         f"({x_name} is {str(x.dtype).replace('torch.', '')}, {name} is {'given' if scale is not None else None})")
+    if scale is not None:
+        check_tensor(op, name, scale, (torch.float32,), shape, dims)
+
+
+def _weighted_relu_logits(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """q `(T, h, d)`, keys `(K, d)` or `(T, K, d)`, weights `(T, h)` (all float32) -> `(T, K)`."""
+    scores = torch.matmul(q, keys.transpose(-1, -2))  # (T, h, K)
+    return torch.einsum("thk,th->tk", torch.relu(scores), weights)
+
+
+# ---------------------------------------------------------------- prefill form
+
+
+def _check_logits(op, q, k, weights, k_start, k_end, q_scale, k_scale):
+    dims = {}
+    check_tensor(op, "q", q, (torch.bfloat16, FP8), ("s_q", "h_i", "d_i"), dims)
+    check_tensor(op, "k", k, (torch.bfloat16, FP8), ("s_kv", "d_i"), dims)
+    check_tensor(op, "weights", weights, (torch.float32,), ("s_q", "h_i"), dims)
+    check_tensor(op, "k_start", k_start, INDEX_DTYPES, ("s_q",), dims)
+    check_tensor(op, "k_end", k_end, INDEX_DTYPES, ("s_q",), dims)
+    _check_scale(op, "q_scale", q, "q", q_scale, ("s_q", "h_i"), dims)
+    _check_scale(op, "k_scale", k, "k", k_scale, ("s_kv",), dims)
+    check_same_device(op, q=q, k=k, weights=weights, k_start=k_start, k_end=k_end, q_scale=q_scale, k_scale=k_scale)
+    if value_checks_apply(k_start):
+        s_kv = k.shape[0]
+        check(op, (k_start >= 0) & (k_start <= k_end) & (k_end <= s_kv),
+              f"each query's key range must satisfy 0 <= k_start <= k_end <= s_kv={s_kv}")
+
+
+def indexer_logits_reference(q, k, weights, k_start, k_end, q_scale=None, k_scale=None):
+    s_q, h_i, _ = q.shape
+    s_kv = k.shape[0]
+    keys = _scaled(k, k_scale)
+    queries = _scaled(q, q_scale)
+    logits = q.new_empty(s_q, s_kv, dtype=torch.float32)
+    position = torch.arange(s_kv, device=q.device)
+    chunk = max(1, ELEMENTS_PER_CHUNK // max(1, h_i * s_kv))
+    for start in range(0, s_q, chunk):
+        rows = slice(start, start + chunk)
+        visible = (position >= k_start[rows, None]) & (position < k_end[rows, None])
+        chunk_logits = _weighted_relu_logits(queries[rows], keys, weights[rows].float())
+        logits[rows] = chunk_logits.masked_fill(~visible, float("-inf"))
+    return logits
+
+
+@torch.library.custom_op("flashmla::indexer_logits", mutates_args=())
+def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_start: torch.Tensor,
+                   k_end: torch.Tensor, q_scale: torch.Tensor | None, k_scale: torch.Tensor | None) -> torch.Tensor:
+    """Indexer logits for packed prefill.
+
+    q `(s_q, h_i, d_i)`, k `(s_kv, d_i)`: bfloat16, or float8_e4m3fn with q_scale `(s_q, h_i)` / k_scale `(s_kv,)`
+    float32; weights `(s_q, h_i)` float32; query `t` sees keys `[k_start[t], k_end[t])` (int32 `(s_q,)`; causal
+    prefill of a packed batch: its sequence's start and its own position + 1).
+    Returns `(s_q, s_kv)` float32, -inf outside each query's range.
+    """
+    _check_logits("indexer_logits", q, k, weights, k_start, k_end, q_scale, k_scale)
+    return indexer_logits_reference(q, k, weights, k_start, k_end, q_scale, k_scale)
+
+
+@indexer_logits.register_fake
+def _(q, k, weights, k_start, k_end, q_scale, k_scale):
+    _check_logits("indexer_logits", q, k, weights, k_start, k_end, q_scale, k_scale)
+    return q.new_empty(q.shape[0], k.shape[0], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- paged decode form
+
+
+def _check_logits_paged(op, q, index_cache, weights, block_table, cache_seqlens, q_scale):
+    dims = {}
+    check_tensor(op, "q", q, (torch.bfloat16, FP8), ("batch", "s_q", "h_i", "d_i"), dims)
+    row = dims["d_i"] + 4 if index_cache.dtype in (torch.uint8, FP8) else dims["d_i"]
+    check_tensor(op, "index_cache", index_cache, (torch.bfloat16, torch.uint8, FP8), (None, PAGE_BLOCK_SIZE, row), dims)
+    check_tensor(op, "weights", weights, (torch.float32,), ("batch", "s_q", "h_i"), dims)
+    check_tensor(op, "block_table", block_table, INDEX_DTYPES, ("batch", "max_blocks_per_seq"), dims)
+    check_tensor(op, "cache_seqlens", cache_seqlens, INDEX_DTYPES, ("batch",), dims)
+    _check_scale(op, "q_scale", q, "q", q_scale, ("batch", "s_q", "h_i"), dims)
+    check_same_device(op, q=q, index_cache=index_cache, weights=weights, block_table=block_table,
+                      cache_seqlens=cache_seqlens, q_scale=q_scale)
+    if value_checks_apply(cache_seqlens):
+        capacity = block_table.shape[1] * PAGE_BLOCK_SIZE
+        check(op, (cache_seqlens >= 0) & (cache_seqlens <= capacity), f"cache_seqlens must be in [0, {capacity}]")
+        used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * PAGE_BLOCK_SIZE < cache_seqlens[:, None]
+        num_blocks = index_cache.shape[0]
+        check(op, ~(used & ((block_table < 0) | (block_table >= num_blocks))),
+              f"block_table entries for the blocks each sequence uses must be in [0, {num_blocks})")
+
+
+def indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_seqlens, q_scale=None):
+    batch, s_q, _, _ = q.shape
+    capacity = block_table.shape[1] * PAGE_BLOCK_SIZE
+    logits = q.new_full((batch, s_q, capacity), float("-inf"), dtype=torch.float32)
+    queries = _scaled(q, q_scale)
+    for b, length in enumerate(cache_seqlens.tolist()):
+        num_blocks = -(-length // PAGE_BLOCK_SIZE)
+        rows = index_cache[block_table[b, :num_blocks].long()].reshape(num_blocks * PAGE_BLOCK_SIZE, -1)[:length]
+        keys = rows.float() if index_cache.dtype == torch.bfloat16 else dequantize_index_fp8_reference(rows)
+        visible = torch.arange(length, device=q.device)[None, :] <= (length - s_q + torch.arange(s_q, device=q.device))[:, None]
+        chunk_logits = _weighted_relu_logits(queries[b], keys, weights[b].float())
+        logits[b, :, :length] = chunk_logits.masked_fill(~visible, float("-inf"))
+    return logits
+
+
+@torch.library.custom_op("flashmla::indexer_logits_paged", mutates_args=())
+def indexer_logits_paged(q: torch.Tensor, index_cache: torch.Tensor, weights: torch.Tensor, block_table: torch.Tensor,
+                         cache_seqlens: torch.Tensor, q_scale: torch.Tensor | None) -> torch.Tensor:
+    """Indexer logits for decode over the paged indexer key cache.
+
+    q `(batch, s_q, h_i, d_i)` (float8_e4m3fn with q_scale `(batch, s_q, h_i)`, or bfloat16); weights
+    `(batch, s_q, h_i)` float32; query `i` of sequence `b` sees logical tokens `[0, cache_seqlens[b] - s_q + i]`.
+    Returns `(batch, s_q, max_blocks_per_seq * 64)` float32 indexed by logical token, -inf where not visible.
+    """
+    _check_logits_paged("indexer_logits_paged", q, index_cache, weights, block_table, cache_seqlens, q_scale)
+    return indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_seqlens, q_scale)
+
+
+@indexer_logits_paged.register_fake
+def _(q, index_cache, weights, block_table, cache_seqlens, q_scale):
+    _check_logits_paged("indexer_logits_paged", q, index_cache, weights, block_table, cache_seqlens, q_scale)
+    return q.new_empty(q.shape[0], q.shape[1], block_table.shape[1] * PAGE_BLOCK_SIZE, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- top-k
+
+
+def _check_topk(op, logits, topk, block_table):
+    if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.dim() < 1:
+        raise TypeError(f"{op}: logits must be a float32 tensor (..., num_keys), got "
+                        f"{type(logits).__name__ if not isinstance(logits, torch.Tensor) else (logits.dtype, tuple(logits.shape))}")
+    if topk < 1:
+        raise ValueError(f"{op}: topk must be >= 1, got {topk}")
+    if block_table is not None:
+        dims = {}
+        check_tensor(op, "logits", logits, (torch.float32,), ("batch", "s_q", "num_keys"), dims)
+        check_tensor(op, "block_table", block_table, INDEX_DTYPES, ("batch", "max_blocks_per_seq"), dims)
+        if dims["num_keys"] > dims["max_blocks_per_seq"] * PAGE_BLOCK_SIZE:
+            raise ValueError(f"{op}: logits' num_keys ({dims['num_keys']}) must be <= max_blocks_per_seq * "
+                             f"{PAGE_BLOCK_SIZE} = {dims['max_blocks_per_seq'] * PAGE_BLOCK_SIZE}")
+        check_same_device(op, logits=logits, block_table=block_table)
+
+
+def indexer_topk_reference(logits, topk, block_table=None):
+    num_keys = logits.shape[-1]
+    k = min(topk, num_keys)
+    values, positions = torch.topk(logits, k, dim=-1) if k else (logits[..., :0], logits[..., :0].long())
+    if block_table is not None:
+        blocks = torch.gather(block_table.long(), 1, (positions // PAGE_BLOCK_SIZE).flatten(1)).view_as(positions)
+        positions = blocks * PAGE_BLOCK_SIZE + positions % PAGE_BLOCK_SIZE
+    selected = torch.where(values == float("-inf"), -1, positions).int()
+    if k < topk:
+        selected = torch.cat([selected, selected.new_full((*selected.shape[:-1], topk - k), -1)], dim=-1)
+    return selected
+
+
+@torch.library.custom_op("flashmla::indexer_topk", mutates_args=())
+def indexer_topk(logits: torch.Tensor, topk: int, block_table: torch.Tensor | None) -> torch.Tensor:
+    """The `topk` highest-logit keys per row of `logits` `(..., num_keys)` float32, as int32 `(..., topk)`;
+    -1 where fewer than `topk` keys are finite. Order within a row is unspecified (ties broken arbitrarily).
+
+    Without block_table the indices are key positions (for `indexer_logits`: rows of the packed kv, ready for
+    `sparse_prefill`). With block_table `(batch, max_blocks_per_seq)` and logits `(batch, s_q, num_keys)` they are
+    flat cache slots `block_table[b, t // 64] * 64 + t % 64`, ready for `sparse_decode`.
+    """
+    _check_topk("indexer_topk", logits, topk, block_table)
+    return indexer_topk_reference(logits, topk, block_table)
+
+
+@indexer_topk.register_fake
+def _(logits, topk, block_table):
+    _check_topk("indexer_topk", logits, topk, block_table)
+    return logits.new_empty(*logits.shape[:-1], topk, dtype=torch.int32)

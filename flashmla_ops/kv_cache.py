@@ -1,0 +1,216 @@
+"""KV-cache ops: the 656-byte FP8 layout (SPEC.md §3), and writing new tokens into the paged caches.
+
+FP8 latent cache, per token (one KV head):
+    bytes   0..511  512 float8_e4m3fn: latent / scale of its 128-wide tile
+    bytes 512..527  4 float32 scales, scale = 2 ** ceil(log2(max(amax(tile) / 448, 1e-4)))
+    bytes 528..655  64 bfloat16 RoPE values, unquantized
+FP8 indexer key cache, per token: `d_i` float8_e4m3fn values then one float32 scale (same rule, one tile
+of `d_i` values), `d_i + 4` bytes; a BF16 indexer key cache is `(num_blocks, page_block_size, d_i)`.
+"""
+import torch
+
+from . import _ext
+from ._checks import check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
+
+KV_LORA_RANK = 512
+ROPE_DIM = 64
+D_QK = KV_LORA_RANK + ROPE_DIM
+FP8_TILE = 128
+FP8_BYTES = KV_LORA_RANK + 4 * 4 + ROPE_DIM * 2  # 656
+FP8_MAX = 448.0
+FP8_MIN_SCALE = 1e-4
+PAGE_BLOCK_SIZE = 64
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Power-of-two scale 2 ** ceil(log2(max(amax / 448, 1e-4))), computed exactly via frexp."""
+    ratio = torch.clamp_min(amax.float() / FP8_MAX, FP8_MIN_SCALE)
+    mantissa, exponent = torch.frexp(ratio)  # ratio = mantissa * 2**exponent, mantissa in [0.5, 1)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.ldexp(torch.ones_like(ratio), exponent)
+
+
+def _to_fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # Saturating cast (the CUDA kernels use __NV_SATFINITE); the scale rule keeps |values/scale| <= 448.
+    return torch.clamp(values / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def quantize_kv_fp8_reference(kv: torch.Tensor) -> torch.Tensor:
+    lead = kv.shape[:-1]
+    nope = kv[..., :KV_LORA_RANK].float().reshape(*lead, KV_LORA_RANK // FP8_TILE, FP8_TILE)
+    scale = fp8_scale(nope.abs().amax(-1))
+    out = torch.empty(*lead, FP8_BYTES, dtype=torch.uint8, device=kv.device)
+    out[..., :KV_LORA_RANK] = _to_fp8(nope, scale[..., None]).reshape(*lead, KV_LORA_RANK).view(torch.uint8)
+    out[..., KV_LORA_RANK:KV_LORA_RANK + 16] = scale.contiguous().view(torch.uint8)
+    out[..., KV_LORA_RANK + 16:] = kv[..., KV_LORA_RANK:].contiguous().view(torch.uint8)
+    return out
+
+
+def dequantize_kv_fp8_reference(kv_fp8: torch.Tensor) -> torch.Tensor:
+    kv_fp8 = kv_fp8.view(torch.uint8)
+    lead = kv_fp8.shape[:-1]
+    values = kv_fp8[..., :KV_LORA_RANK].contiguous().view(torch.float8_e4m3fn).float()
+    scale = kv_fp8[..., KV_LORA_RANK:KV_LORA_RANK + 16].contiguous().view(torch.float32)
+    nope = values.reshape(*lead, KV_LORA_RANK // FP8_TILE, FP8_TILE) * scale[..., None]
+    rope = kv_fp8[..., KV_LORA_RANK + 16:].contiguous().view(torch.bfloat16)
+    return torch.cat([nope.reshape(*lead, KV_LORA_RANK).to(torch.bfloat16), rope], dim=-1)
+
+
+def quantize_index_fp8_reference(k: torch.Tensor) -> torch.Tensor:
+    scale = fp8_scale(k.float().abs().amax(-1, keepdim=True))
+    values = _to_fp8(k.float(), scale).view(torch.uint8)
+    return torch.cat([values, scale.contiguous().view(torch.uint8)], dim=-1)
+
+
+def dequantize_index_fp8_reference(k_fp8: torch.Tensor) -> torch.Tensor:
+    """(..., d_i + 4) uint8 -> (..., d_i) float32."""
+    k_fp8 = k_fp8.view(torch.uint8)
+    values = k_fp8[..., :-4].contiguous().view(torch.float8_e4m3fn).float()
+    return values * k_fp8[..., -4:].contiguous().view(torch.float32)
+
+
+# ---------------------------------------------------------------- quantize / dequantize ops
+
+
+def _check_quantize(op: str, kv: torch.Tensor) -> None:
+    check_tensor(op, "kv", kv, (torch.bfloat16,), (None,) * (kv.dim() - 1) + (D_QK,), {})
+
+
+def _check_dequantize(op: str, kv_fp8: torch.Tensor) -> None:
+    check_tensor(op, "kv_fp8", kv_fp8, (torch.uint8, torch.float8_e4m3fn), (None,) * (kv_fp8.dim() - 1) + (FP8_BYTES,), {})
+
+
+@torch.library.custom_op("flashmla::quantize_kv_fp8", mutates_args=())
+def quantize_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
+    """BF16 `(..., 576)` -> uint8 `(..., 656)` in the FP8 cache layout (SPEC.md §3)."""
+    _check_quantize("quantize_kv_fp8", kv)
+    ext = _ext.kernels(kv.device)
+    if ext is not None:
+        return ext.quantize_kv_fp8(kv.contiguous())
+    return quantize_kv_fp8_reference(kv)
+
+
+@quantize_kv_fp8.register_fake
+def _(kv):
+    _check_quantize("quantize_kv_fp8", kv)
+    return kv.new_empty(*kv.shape[:-1], FP8_BYTES, dtype=torch.uint8)
+
+
+@torch.library.custom_op("flashmla::dequantize_kv_fp8", mutates_args=())
+def dequantize_kv_fp8(kv_fp8: torch.Tensor) -> torch.Tensor:
+    """uint8 `(..., 656)` in the FP8 cache layout -> BF16 `(..., 576)`."""
+    _check_dequantize("dequantize_kv_fp8", kv_fp8)
+    ext = _ext.kernels(kv_fp8.device)
+    if ext is not None:
+        return ext.dequantize_kv_fp8(kv_fp8.view(torch.uint8).contiguous())
+    return dequantize_kv_fp8_reference(kv_fp8)
+
+
+@dequantize_kv_fp8.register_fake
+def _(kv_fp8):
+    _check_dequantize("dequantize_kv_fp8", kv_fp8)
+    return kv_fp8.new_empty(*kv_fp8.shape[:-1], D_QK, dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------- cache writes
+
+
+def _check_slots(op: str, slot_mapping: torch.Tensor, num_slots: int) -> None:
+    if value_checks_apply(slot_mapping):
+        check(op, (slot_mapping >= -1) & (slot_mapping < num_slots),
+              f"slot_mapping entries must be -1 (skip) or in [0, {num_slots}), got min {int(slot_mapping.min()) if slot_mapping.numel() else '-'}, "
+              f"max {int(slot_mapping.max()) if slot_mapping.numel() else '-'}")
+
+
+def _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8) -> None:
+    dims = {}
+    row = FP8_BYTES if is_fp8 else D_QK
+    dtypes = (torch.uint8, torch.float8_e4m3fn) if is_fp8 else (torch.bfloat16,)
+    check_tensor(op, "kv_cache", kv_cache, dtypes, ("num_blocks", "page_block_size", 1, row), dims)
+    check_contiguous_last_dim(op, "kv_cache", kv_cache)
+    check_tensor(op, "latent", latent, (torch.bfloat16,), ("num_tokens", KV_LORA_RANK), dims)
+    check_tensor(op, "rope", rope, (torch.bfloat16,), ("num_tokens", ROPE_DIM), dims)
+    check_tensor(op, "slot_mapping", slot_mapping, (torch.int32, torch.int64), ("num_tokens",), dims)
+    check_same_device(op, kv_cache=kv_cache, latent=latent, rope=rope, slot_mapping=slot_mapping)
+
+
+def _aligned16(cache: torch.Tensor) -> bool:
+    """The CUDA write kernel moves 16-byte vectors: the cache's base and block/row strides must allow it."""
+    element = cache.element_size()
+    return all(x % 16 == 0 for x in (cache.data_ptr(), cache.stride(0) * element, cache.stride(1) * element))
+
+
+def _scatter_rows(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """cache (num_blocks, page_block_size, ...) strided as it is; rows (num_tokens, ...)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    block_size = cache.shape[1]
+    cache[slots // block_size, slots % block_size] = rows[keep].to(cache.dtype)
+
+
+def write_kv_cache_reference(kv_cache, latent, rope, slot_mapping, is_fp8) -> None:
+    kv = torch.cat([latent, rope], dim=-1)
+    if is_fp8:
+        _scatter_rows(kv_cache.view(torch.uint8), quantize_kv_fp8_reference(kv)[:, None], slot_mapping)
+    else:
+        _scatter_rows(kv_cache, kv[:, None], slot_mapping)
+
+
+@torch.library.custom_op("flashmla::write_kv_cache", mutates_args=("kv_cache",))
+def write_kv_cache(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor, slot_mapping: torch.Tensor,
+                   is_fp8: bool) -> None:
+    """Store new tokens in the paged latent cache.
+
+    kv_cache: `(num_blocks, page_block_size, 1, 576)` bfloat16, or `(num_blocks, page_block_size, 1, 656)` uint8 /
+        float8_e4m3fn with `is_fp8` (SPEC.md §3 layout; the block stride may be padded).
+    latent: `(num_tokens, 512)` bfloat16; rope: `(num_tokens, 64)` bfloat16.
+    slot_mapping: `(num_tokens,)` int32/int64 flat slot `block * page_block_size + row`; -1 skips the token.
+    """
+    op = "write_kv_cache"
+    _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8)
+    _check_slots(op, slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])
+    ext = _ext.kernels(kv_cache.device)
+    if ext is not None and _aligned16(kv_cache):
+        ext.write_kv_cache(kv_cache.view(torch.uint8) if is_fp8 else kv_cache, latent.contiguous(), rope.contiguous(),
+                           slot_mapping.contiguous(), is_fp8)
+        return
+    write_kv_cache_reference(kv_cache, latent, rope, slot_mapping, is_fp8)
+
+
+@write_kv_cache.register_fake
+def _(kv_cache, latent, rope, slot_mapping, is_fp8):
+    _check_write_kv("write_kv_cache", kv_cache, latent, rope, slot_mapping, is_fp8)
+
+
+def _check_write_index(op, index_cache, k, slot_mapping) -> None:
+    dims = {}
+    check_tensor(op, "k", k, (torch.bfloat16,), ("num_tokens", "d_i"), dims)
+    is_fp8 = index_cache.dtype in (torch.uint8, torch.float8_e4m3fn)
+    row = dims["d_i"] + 4 if is_fp8 else dims["d_i"]
+    check_tensor(op, "index_cache", index_cache, (torch.bfloat16, torch.uint8, torch.float8_e4m3fn),
+                 ("num_blocks", "page_block_size", row), dims)
+    check_contiguous_last_dim(op, "index_cache", index_cache)
+    check_tensor(op, "slot_mapping", slot_mapping, (torch.int32, torch.int64), ("num_tokens",), dims)
+    check_same_device(op, index_cache=index_cache, k=k, slot_mapping=slot_mapping)
+
+
+@torch.library.custom_op("flashmla::write_index_cache", mutates_args=("index_cache",))
+def write_index_cache(index_cache: torch.Tensor, k: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new tokens' indexer keys in the paged indexer key cache.
+
+    index_cache: `(num_blocks, page_block_size, d_i)` bfloat16, or `(num_blocks, page_block_size, d_i + 4)` uint8
+        (FP8: d_i float8_e4m3fn values and one float32 power-of-two scale per token).
+    k: `(num_tokens, d_i)` bfloat16; slot_mapping: `(num_tokens,)` int32/int64, -1 skips the token.
+    """
+    op = "write_index_cache"
+    _check_write_index(op, index_cache, k, slot_mapping)
+    _check_slots(op, slot_mapping, index_cache.shape[0] * index_cache.shape[1])
+    if index_cache.dtype == torch.bfloat16:
+        _scatter_rows(index_cache, k, slot_mapping)
+    else:
+        _scatter_rows(index_cache.view(torch.uint8), quantize_index_fp8_reference(k), slot_mapping)
+
+
+@write_index_cache.register_fake
+def _(index_cache, k, slot_mapping):
+    _check_write_index("write_index_cache", index_cache, k, slot_mapping)

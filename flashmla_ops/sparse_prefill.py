@@ -1,0 +1,80 @@
+"""Sparse MLA prefill (DeepSeek Sparse Attention): every query attends to its own `topk` rows of `kv`.
+
+Batches are packed along `s_q` and `s_kv` (varlen): indices of one sequence's queries point at that sequence's
+rows of the packed `kv`, so one call serves the whole batch.
+"""
+import torch
+
+from ._attention import apply_attn_sink, attend
+from ._checks import check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
+from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK
+
+
+def _check_sparse_prefill(op, q, kv, indices, d_v, attn_sink, topk_length, indexer_topk):
+    dims = {}
+    check_tensor(op, "q", q, (torch.bfloat16,), ("s_q", "h_q", "d_qk"), dims)
+    if isinstance(kv, torch.Tensor) and kv.dim() == 3 and kv.shape[1] != 1:
+        raise ValueError(f"{op}: kv must have h_kv = 1 (MQA over the latent), got {kv.shape[1]} in shape {tuple(kv.shape)}")
+    check_tensor(op, "kv", kv, (torch.bfloat16,), ("s_kv", 1, "d_qk"), dims)
+    check_tensor(op, "indices", indices, INDEX_DTYPES, ("s_q", 1, "topk"), dims)
+    check_contiguous_last_dim(op, "q", q)
+    check_contiguous_last_dim(op, "kv", kv)
+    if not 0 < d_v <= dims["d_qk"]:
+        raise ValueError(f"{op}: d_v must be in [1, d_qk={dims['d_qk']}], got {d_v}")
+    if attn_sink is not None:
+        check_tensor(op, "attn_sink", attn_sink, (torch.float32,), ("h_q",), dims)
+    if topk_length is not None:
+        check_tensor(op, "topk_length", topk_length, INDEX_DTYPES, ("s_q",), dims)
+    if indexer_topk < 0:
+        raise ValueError(f"{op}: indexer_topk must be >= 0, got {indexer_topk}")
+    check_same_device(op, q=q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
+    if value_checks_apply(indices):
+        check(op, indices >= -1, f"indices must be >= -1 (-1 or >= s_kv mean 'no token'), got {indices[indices < -1][:8].tolist()}")
+
+
+def sparse_prefill_reference(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None, indexer_topk=0):
+    s_q, h_q, d_qk = q.shape
+    s_kv, topk = kv.shape[0], indices.shape[-1]
+    out = q.new_empty(s_q, h_q, d_v, dtype=torch.bfloat16)
+    max_logits = q.new_empty(s_q, h_q, dtype=torch.float32)
+    lse = q.new_empty(s_q, h_q, dtype=torch.float32)
+    lse_indexer = q.new_empty(s_q, h_q, dtype=torch.float32) if indexer_topk else q.new_empty(0, dtype=torch.float32)
+    position = torch.arange(topk, device=q.device)
+    chunk = max(1, TOKENS_PER_CHUNK // max(1, topk * d_qk))
+    for start in range(0, s_q, chunk):
+        rows = slice(start, start + chunk)
+        idx = indices[rows, 0]
+        valid = (idx >= 0) & (idx < s_kv)
+        if topk_length is not None:
+            valid &= position < topk_length[rows, None]
+        keys = kv[torch.where(valid, idx, 0).long(), 0]
+        out_c, lse_c, max_c = attend(q[rows], keys, valid, sm_scale, d_v)
+        out[rows] = apply_attn_sink(out_c, lse_c, attn_sink).to(torch.bfloat16)
+        lse[rows], max_logits[rows] = lse_c, max_c
+        if indexer_topk:
+            lse_indexer[rows] = attend(q[rows], keys, valid & (position < indexer_topk), sm_scale, d_v)[1]
+    return out, max_logits, lse, lse_indexer
+
+
+@torch.library.custom_op("flashmla::sparse_prefill", mutates_args=())
+def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int,
+                   attn_sink: torch.Tensor | None, topk_length: torch.Tensor | None,
+                   indexer_topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q `(s_q, h_q, d_qk)`, kv `(s_kv, 1, d_qk)` bfloat16; indices `(s_q, 1, topk)` int32 rows of kv
+    (-1 or >= s_kv: no token); only the first `topk_length[t]` count.
+
+    Returns out `(s_q, h_q, d_v)` bfloat16; max_logits and lse `(s_q, h_q)` float32 (scaled logits, natural log;
+    -inf / +inf and out = 0 for a query with no valid index); lse_indexer `(s_q, h_q)`, the LSE over the first
+    `indexer_topk` indices, or an empty tensor when `indexer_topk == 0`.
+    """
+    _check_sparse_prefill("sparse_prefill", q, kv, indices, d_v, attn_sink, topk_length, indexer_topk)
+    return sparse_prefill_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, indexer_topk)
+
+
+@sparse_prefill.register_fake
+def _(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, indexer_topk):
+    _check_sparse_prefill("sparse_prefill", q, kv, indices, d_v, attn_sink, topk_length, indexer_topk)
+    s_q, h_q, _ = q.shape
+    lse_indexer = q.new_empty(s_q, h_q, dtype=torch.float32) if indexer_topk else q.new_empty(0, dtype=torch.float32)
+    return (q.new_empty(s_q, h_q, d_v, dtype=torch.bfloat16), q.new_empty(s_q, h_q, dtype=torch.float32),
+            q.new_empty(s_q, h_q, dtype=torch.float32), lse_indexer)

@@ -1,0 +1,96 @@
+"""CUDA kernels of the KV-cache ops against the reference: bit-exact, poisoned outputs, odd sizes, CUDA graphs."""
+import pytest
+import torch
+
+import flashmla_ops
+from flashmla_ops import reference
+from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DEVICE = "cuda"
+POISON = 0xA5
+
+
+def random_kv(num_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    # Magnitudes spread over many binades so every scale exponent and subnormal FP8 values occur.
+    magnitude = torch.exp2(torch.randint(-12, 10, (num_tokens, 1), generator=generator, device=DEVICE).float())
+    values = torch.randn(num_tokens, D_QK, generator=generator, device=DEVICE) * magnitude
+    return values.to(torch.bfloat16)
+
+
+def test_cuda_backend_is_built():
+    assert flashmla_ops.backend(DEVICE) == "cuda"
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 64, 1000, 4099])
+def test_quantize_matches_reference_bit_exactly(num_tokens):
+    generator = torch.Generator(DEVICE).manual_seed(num_tokens)
+    kv = random_kv(num_tokens, generator)
+    got = torch.ops.flashmla.quantize_kv_fp8(kv)
+    want = reference.quantize_kv_fp8(kv)
+    assert got.shape == (num_tokens, FP8_BYTES) and got.dtype == torch.uint8
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(0,), (3,), (5, 64), (2, 33, 1)])
+def test_dequantize_matches_reference_bit_exactly(shape):
+    generator = torch.Generator(DEVICE).manual_seed(sum(shape) + 1)
+    kv = random_kv(int(torch.tensor(shape).prod()), generator).reshape(*shape, D_QK)
+    packed = reference.quantize_kv_fp8(kv)
+    got = torch.ops.flashmla.dequantize_kv_fp8(packed)
+    assert got.shape == kv.shape and got.dtype == torch.bfloat16
+    assert torch.equal(got.view(torch.int16), reference.dequantize_kv_fp8(packed).view(torch.int16))
+    assert torch.equal(got[..., KV_LORA_RANK:], kv[..., KV_LORA_RANK:])  # RoPE is stored exactly
+
+
+@pytest.mark.parametrize("is_fp8", [False, True])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("num_tokens", [1, 63, 300])
+@pytest.mark.parametrize("padded_blocks", [False, True])
+def test_write_kv_cache_matches_reference(is_fp8, slot_dtype, num_tokens, padded_blocks):
+    generator = torch.Generator(DEVICE).manual_seed(num_tokens * 7 + is_fp8)
+    num_blocks = 9
+    row = FP8_BYTES if is_fp8 else D_QK
+    dtype = torch.uint8 if is_fp8 else torch.bfloat16
+    # A padded buffer: the cache is a slice whose block stride exceeds page_block_size * row.
+    pad = 16 if padded_blocks else 0
+    buffer = torch.empty(num_blocks, PAGE_BLOCK_SIZE * row + pad, dtype=dtype, device=DEVICE)
+    buffer.view(torch.uint8).fill_(POISON)
+    cache = buffer[:, :PAGE_BLOCK_SIZE * row].view(num_blocks, PAGE_BLOCK_SIZE, 1, row)
+    expected = cache.clone()
+    kv = random_kv(num_tokens, generator)
+    slots = torch.randperm(num_blocks * PAGE_BLOCK_SIZE, generator=generator, device=DEVICE)[:num_tokens]
+    slots[::5] = -1  # padding tokens are skipped
+    slots = slots.to(slot_dtype)
+    latent, rope = kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:]
+    torch.ops.flashmla.write_kv_cache(cache, latent, rope, slots, is_fp8)
+    reference.write_kv_cache(expected, latent, rope, slots, is_fp8)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.all(buffer.view(torch.uint8)[:, PAGE_BLOCK_SIZE * row * cache.element_size():] == POISON)
+
+
+def test_write_kv_cache_in_cuda_graph():
+    generator = torch.Generator(DEVICE).manual_seed(3)
+    cache = torch.zeros(4, PAGE_BLOCK_SIZE, 1, FP8_BYTES, dtype=torch.uint8, device=DEVICE)
+    kv = random_kv(16, generator)
+    slots = torch.arange(16, device=DEVICE, dtype=torch.int32) * 3
+    latent, rope = kv[:, :KV_LORA_RANK].clone(), kv[:, KV_LORA_RANK:].clone()
+    torch.ops.flashmla.write_kv_cache(cache, latent, rope, slots, True)  # warm-up outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.flashmla.write_kv_cache(cache, latent, rope, slots, True)
+    fresh = random_kv(16, generator)
+    latent.copy_(fresh[:, :KV_LORA_RANK])
+    rope.copy_(fresh[:, KV_LORA_RANK:])
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = torch.zeros_like(cache)
+    reference.write_kv_cache(expected, fresh[:, :KV_LORA_RANK], fresh[:, KV_LORA_RANK:], slots, True)
+    assert torch.equal(cache, expected)
+
+
+def test_quantize_under_compile():
+    kv = random_kv(130, torch.Generator(DEVICE).manual_seed(5))
+    compiled = torch.compile(lambda x: torch.ops.flashmla.dequantize_kv_fp8(torch.ops.flashmla.quantize_kv_fp8(x)),
+                             fullgraph=True)
+    assert torch.equal(compiled(kv), reference.dequantize_kv_fp8(reference.quantize_kv_fp8(kv)))
