@@ -9,6 +9,8 @@ import os
 import torch
 
 DEBUG_ENV = "FLASHMLA_CHECK"
+# Activations and BF16 caches: bfloat16 is the kernels' dtype; float32 runs the reference (exact model checks).
+FLOAT_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def debug_checks() -> bool:

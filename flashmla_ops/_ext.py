@@ -1,8 +1,8 @@
 """Builds and loads the CUDA kernels of `csrc/` with ninja (torch.utils.cpp_extension.load), once per process.
 
-`kernels(device)` returns the loaded module when the op should run its CUDA kernel on `device`, else None
-(the op then runs its reference). `FLASHMLA_BACKEND=reference` forces the reference everywhere;
-`backend(device)` says which path an op on that device takes.
+`backend(op, device)` says which path an op takes on a device (CUDA kernel, Triton kernel or reference);
+`FLASHMLA_BACKEND=cuda|triton|reference` restricts it. `kernels(op, device)` returns the loaded extension when the
+op's CUDA kernel runs.
 """
 import functools
 import logging
@@ -59,13 +59,49 @@ def _load():
         return None
 
 
-def backend(device: torch.device | str) -> str:
-    """'cuda' when the op's CUDA kernel runs on `device`, else 'reference'."""
+# Which fast paths each op has; every op also has its reference.
+KERNELS = {
+    "quantize_kv_fp8": ("cuda",),
+    "dequantize_kv_fp8": ("cuda",),
+    "write_kv_cache": ("cuda",),
+    "dense_decode": ("triton",),
+}
+CHOICES = ("auto", "cuda", "triton", "reference")
+
+
+def _forced() -> str:
+    choice = os.environ.get(BACKEND_ENV, "auto")
+    if choice not in CHOICES:
+        raise ValueError(f"{BACKEND_ENV} must be one of {CHOICES}, got {choice!r}")
+    return choice
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        log.warning("flashmla_ops: triton is not installed; using the PyTorch reference ops")
+        return False
+    return True
+
+
+def backend(op: str, device: torch.device | str) -> str:
+    """The path `torch.ops.flashmla.<op>` takes on `device` for the shapes its kernels support: 'cuda' (the csrc
+    kernel), 'triton' or 'reference'. In order: the CUDA kernel where built, else Triton, else the reference;
+    `FLASHMLA_BACKEND=cuda|triton|reference` restricts the choice."""
     device = torch.device(device)
-    if device.type != "cuda" or os.environ.get(BACKEND_ENV, "auto") == "reference":
+    forced = _forced()
+    if device.type != "cuda" or forced == "reference":
         return "reference"
-    return "cuda" if _load() is not None else "reference"
+    available = KERNELS.get(op, ())
+    if "cuda" in available and forced in ("auto", "cuda") and _load() is not None:
+        return "cuda"
+    if "triton" in available and forced in ("auto", "triton") and _triton_importable():
+        return "triton"
+    return "reference"
 
 
-def kernels(device: torch.device | str):
-    return _load() if backend(device) == "cuda" else None
+def kernels(op: str, device: torch.device | str):
+    """The loaded CUDA extension when `op` runs its csrc kernel on `device`, else None."""
+    return _load() if backend(op, device) == "cuda" else None

@@ -1,13 +1,15 @@
 """Paged MLA decode: the scheduling metadata, and dense and sparse attention over the latent cache.
 
-Shapes (SPEC.md §1-2): q `(batch, s_q, h_q, d_qk)` bfloat16; kv_cache `(num_blocks, page_block_size, 1, d_qk)`
+Shapes (SPEC.md §1-2): q `(batch, s_q, h_q, d_qk)` bfloat16; k_cache `(num_blocks, page_block_size, 1, d_qk)`
 bfloat16 or `(num_blocks, page_block_size, 1, 656)` uint8 (FP8 layout); out `(batch, s_q, h_q, d_v)` bfloat16;
+(float32 q and cache are accepted too and run the reference: out is then float32);
 lse `(batch, h_q, s_q)` float32, natural log, `+inf` (and out = 0) for a query that sees no token.
 """
 import torch
 
+from . import _ext
 from ._attention import apply_attn_sink, attend
-from ._checks import check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
+from ._checks import FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
 from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
 
 METADATA_FIELDS = 8  # begin_batch, begin_block, end_batch, end_block (exclusive), begin_split, 3 reserved
@@ -91,18 +93,18 @@ def num_sm_parts(device: torch.device | str, s_q: int, h_q: int) -> int:
 # ---------------------------------------------------------------- shared checks
 
 
-def _check_cache(op, kv_cache, is_fp8, dims, name="k_cache"):
-    if isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 4 and kv_cache.shape[2] != 1:
-        raise ValueError(f"{op}: {name} must have h_kv = 1 (MLA decode is MQA over the latent), got {kv_cache.shape[2]} "
-                         f"in shape {tuple(kv_cache.shape)}")
+def _check_cache(op, k_cache, is_fp8, dims, dtype, name="k_cache"):
+    if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 and k_cache.shape[2] != 1:
+        raise ValueError(f"{op}: {name} must have h_kv = 1 (MLA decode is MQA over the latent), got {k_cache.shape[2]} "
+                         f"in shape {tuple(k_cache.shape)}")
     if is_fp8:
-        check_tensor(op, name, kv_cache, (torch.uint8, torch.float8_e4m3fn),
+        check_tensor(op, name, k_cache, (torch.uint8, torch.float8_e4m3fn),
                      (None, PAGE_BLOCK_SIZE, 1, FP8_BYTES), dims)
         if dims.get("d_qk", D_QK) != D_QK:
             raise ValueError(f"{op}: the FP8 cache needs q's last dimension d_qk = {D_QK}, got {dims['d_qk']}")
     else:
-        check_tensor(op, name, kv_cache, (torch.bfloat16,), (None, PAGE_BLOCK_SIZE, 1, "d_qk"), dims)
-    check_contiguous_last_dim(op, name, kv_cache)
+        check_tensor(op, name, k_cache, (dtype,), (None, PAGE_BLOCK_SIZE, 1, "d_qk"), dims)
+    check_contiguous_last_dim(op, name, k_cache)
 
 
 def _check_head_dim_v(op, head_dim_v, d_qk, is_fp8):
@@ -124,35 +126,37 @@ def _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims):
         check_tensor(op, "num_splits", num_splits, INDEX_DTYPES, (dims["batch"] + 1,), dims)
 
 
-def _gather_rows(kv_cache: torch.Tensor, slots: torch.Tensor, is_fp8: bool) -> torch.Tensor:
+def _gather_rows(k_cache: torch.Tensor, slots: torch.Tensor, is_fp8: bool) -> torch.Tensor:
     """Rows of the paged cache at flat slots (any shape, all valid) as float32 `(*slots.shape, d_qk)`."""
-    block_size = kv_cache.shape[1]
-    cache = kv_cache.view(torch.uint8) if is_fp8 else kv_cache
+    block_size = k_cache.shape[1]
+    cache = k_cache.view(torch.uint8) if is_fp8 else k_cache
+    if cache.shape[0] == 0:  # nothing to gather: every slot is masked out by the caller
+        cache = cache.new_zeros(1, *cache.shape[1:])
     rows = cache[slots // block_size, slots % block_size, 0]
     return dequantize_kv_fp8_reference(rows).float() if is_fp8 else rows.float()
 
 
 def _outputs(q, d_v):
     batch, s_q, h_q, _ = q.shape
-    return (q.new_empty(batch, s_q, h_q, d_v, dtype=torch.bfloat16),
+    return (q.new_empty(batch, s_q, h_q, d_v, dtype=q.dtype),
             q.new_empty(batch, h_q, s_q, dtype=torch.float32))
 
 
 # ---------------------------------------------------------------- dense decode
 
 
-def _check_dense(op, q, kv_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v,
+def _check_dense(op, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v,
                  is_fp8, attn_sink):
     dims = {}
-    check_tensor(op, "q", q, (torch.bfloat16,), ("batch", "s_q", "h_q", "d_qk"), dims)
+    check_tensor(op, "q", q, FLOAT_DTYPES, ("batch", "s_q", "h_q", "d_qk"), dims)
     check_contiguous_last_dim(op, "q", q)
-    _check_cache(op, kv_cache, is_fp8, dims)
+    _check_cache(op, k_cache, is_fp8, dims, q.dtype)
     check_tensor(op, "block_table", block_table, INDEX_DTYPES, ("batch", "max_blocks_per_seq"), dims)
     check_tensor(op, "cache_seqlens", cache_seqlens, INDEX_DTYPES, ("batch",), dims)
     _check_head_dim_v(op, head_dim_v, dims["d_qk"], is_fp8)
     _check_sink(op, attn_sink, dims)
     _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims)
-    check_same_device(op, q=q, k_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+    check_same_device(op, q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
                       attn_sink=attn_sink)
     if value_checks_apply(cache_seqlens):
         capacity = block_table.shape[1] * PAGE_BLOCK_SIZE
@@ -160,51 +164,57 @@ def _check_dense(op, q, kv_cache, block_table, cache_seqlens, tile_scheduler_met
               f"cache_seqlens must be in [0, {capacity}] (block_table holds {block_table.shape[1]} blocks of "
               f"{PAGE_BLOCK_SIZE}), got {cache_seqlens.tolist() if cache_seqlens.numel() <= 16 else 'values out of range'}")
         used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * PAGE_BLOCK_SIZE < cache_seqlens[:, None]
-        num_blocks = kv_cache.shape[0]
+        num_blocks = k_cache.shape[0]
         bad = used & ((block_table < 0) | (block_table >= num_blocks))
         check(op, ~bad, f"block_table entries for the blocks each sequence uses must be in [0, {num_blocks}) "
                         f"(num_blocks of k_cache), got {block_table[bad][:8].tolist()}")
 
 
-def dense_decode_reference(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
+def dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
                            attn_sink=None):
     batch, s_q, h_q, _ = q.shape
-    out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=torch.bfloat16)
+    out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=q.dtype)
     lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
     query = torch.arange(s_q, device=q.device)
     for b, length in enumerate(cache_seqlens.tolist()):
         num_blocks = -(-length // PAGE_BLOCK_SIZE)
         slots = (block_table[b, :num_blocks, None].long() * PAGE_BLOCK_SIZE
                  + torch.arange(PAGE_BLOCK_SIZE, device=q.device)).reshape(-1)[:length]
-        keys = _gather_rows(kv_cache, slots, is_fp8)[None]
+        keys = _gather_rows(k_cache, slots, is_fp8)[None]
         position = torch.arange(length, device=q.device)
         if causal:
             valid = position[None, :] <= (length - s_q + query)[:, None]
         else:
             valid = torch.ones(s_q, length, dtype=torch.bool, device=q.device)
         out_b, lse_b, _ = attend(q[b], keys, valid, softmax_scale, head_dim_v)
-        out[b] = apply_attn_sink(out_b, lse_b, attn_sink).to(torch.bfloat16)
+        out[b] = apply_attn_sink(out_b, lse_b, attn_sink).to(q.dtype)
         lse[b] = lse_b.T
     return out, lse
 
 
 @torch.library.custom_op("flashmla::dense_decode", mutates_args=())
-def dense_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                  tile_scheduler_metadata: torch.Tensor | None, num_splits: torch.Tensor | None, head_dim_v: int,
                  softmax_scale: float, causal: bool, is_fp8: bool,
                  attn_sink: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense paged decode: query `i` of sequence `b` sees cache positions `[0, L)`, `L = cache_seqlens[b]`,
     or with `causal` `[0, L - s_q + i]`. Metadata from `get_mla_metadata` (None: computed inside)."""
-    _check_dense("dense_decode", q, kv_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+    _check_dense("dense_decode", q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                  head_dim_v, is_fp8, attn_sink)
-    return dense_decode_reference(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
+    if _ext.backend("dense_decode", q.device) == "triton":
+        from .triton import decode as triton_decode
+
+        if triton_decode.supports(q, k_cache, head_dim_v, is_fp8):
+            return triton_decode.dense_decode(q.contiguous(), k_cache, block_table, cache_seqlens, head_dim_v,
+                                              softmax_scale, causal, is_fp8, attn_sink)
+    return dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
                                   attn_sink)
 
 
 @dense_decode.register_fake
-def _(q, kv_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v, softmax_scale, causal,
+def _(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v, softmax_scale, causal,
       is_fp8, attn_sink):
-    _check_dense("dense_decode", q, kv_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+    _check_dense("dense_decode", q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                  head_dim_v, is_fp8, attn_sink)
     return _outputs(q, head_dim_v)
 
@@ -212,84 +222,84 @@ def _(q, kv_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_spli
 # ---------------------------------------------------------------- sparse decode
 
 
-def _check_sparse(op, q, kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length,
+def _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
                   tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink):
     dims = {}
-    check_tensor(op, "q", q, (torch.bfloat16,), ("batch", "s_q", "h_q", "d_qk"), dims)
+    check_tensor(op, "q", q, FLOAT_DTYPES, ("batch", "s_q", "h_q", "d_qk"), dims)
     check_contiguous_last_dim(op, "q", q)
-    _check_cache(op, kv_cache, is_fp8, dims)
+    _check_cache(op, k_cache, is_fp8, dims, q.dtype)
     check_tensor(op, "indices", indices, INDEX_DTYPES, ("batch", "s_q", "topk"), dims)
     if topk_length is not None:
         check_tensor(op, "topk_length", topk_length, INDEX_DTYPES, ("batch",), dims)
-    if (extra_kv_cache is None) != (extra_indices is None):
+    if (extra_k_cache is None) != (extra_indices_in_kvcache is None):
         raise ValueError(f"{op}: extra_k_cache and extra_indices_in_kvcache must be given together, got "
-                         f"extra_k_cache={'a tensor' if extra_kv_cache is not None else None}, "
-                         f"extra_indices_in_kvcache={'a tensor' if extra_indices is not None else None}")
-    if extra_topk_length is not None and extra_indices is None:
+                         f"extra_k_cache={'a tensor' if extra_k_cache is not None else None}, "
+                         f"extra_indices_in_kvcache={'a tensor' if extra_indices_in_kvcache is not None else None}")
+    if extra_topk_length is not None and extra_indices_in_kvcache is None:
         raise ValueError(f"{op}: extra_topk_length needs extra_k_cache and extra_indices_in_kvcache")
-    if extra_kv_cache is not None:
-        _check_cache(op, extra_kv_cache, is_fp8, dims, name="extra_k_cache")
-        check_tensor(op, "extra_indices_in_kvcache", extra_indices, INDEX_DTYPES, ("batch", "s_q", None), dims)
+    if extra_k_cache is not None:
+        _check_cache(op, extra_k_cache, is_fp8, dims, q.dtype, name="extra_k_cache")
+        check_tensor(op, "extra_indices_in_kvcache", extra_indices_in_kvcache, INDEX_DTYPES, ("batch", "s_q", None), dims)
         if extra_topk_length is not None:
             check_tensor(op, "extra_topk_length", extra_topk_length, INDEX_DTYPES, ("batch",), dims)
     _check_head_dim_v(op, head_dim_v, dims["d_qk"], is_fp8)
     _check_sink(op, attn_sink, dims)
     _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims)
-    check_same_device(op, q=q, k_cache=kv_cache, indices=indices, topk_length=topk_length,
-                      extra_k_cache=extra_kv_cache, extra_indices_in_kvcache=extra_indices, attn_sink=attn_sink)
-    for name, cache, idx in (("indices", kv_cache, indices), ("extra_indices_in_kvcache", extra_kv_cache, extra_indices)):
+    check_same_device(op, q=q, k_cache=k_cache, indices=indices, topk_length=topk_length,
+                      extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache, attn_sink=attn_sink)
+    for name, cache, idx in (("indices", k_cache, indices), ("extra_indices_in_kvcache", extra_k_cache, extra_indices_in_kvcache)):
         if idx is not None and value_checks_apply(idx):
             num_slots = cache.shape[0] * cache.shape[1]
             bad = (idx < -1) | (idx >= num_slots)
             check(op, ~bad, f"{name} entries must be -1 or flat cache slots in [0, {num_slots}), got {idx[bad][:8].tolist()}")
 
 
-def _sparse_keys(kv_cache, indices, topk_length, batch_index, is_fp8):
+def _sparse_keys(k_cache, indices, topk_length, batch_index, is_fp8):
     """Rows and validity for one sequence's queries: indices `(T, topk)` -> keys `(T, topk, d_qk)`, valid `(T, topk)`."""
     valid = indices >= 0
     if topk_length is not None:
         valid &= torch.arange(indices.shape[-1], device=indices.device) < topk_length[batch_index]
-    return _gather_rows(kv_cache, torch.where(valid, indices, 0).long(), is_fp8), valid
+    return _gather_rows(k_cache, torch.where(valid, indices, 0).long(), is_fp8), valid
 
 
-def sparse_decode_reference(q, kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length,
+def sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
                             head_dim_v, softmax_scale, is_fp8, attn_sink=None):
     batch, s_q, h_q, d_qk = q.shape
-    out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=torch.bfloat16)
+    out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=q.dtype)
     lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
-    num_keys = indices.shape[-1] + (extra_indices.shape[-1] if extra_indices is not None else 0)
+    num_keys = indices.shape[-1] + (extra_indices_in_kvcache.shape[-1] if extra_indices_in_kvcache is not None else 0)
     chunk = max(1, TOKENS_PER_CHUNK // max(1, num_keys * d_qk))
     for b in range(batch):
         for start in range(0, s_q, chunk):
             rows = slice(start, start + chunk)
-            keys, valid = _sparse_keys(kv_cache, indices[b, rows], topk_length, b, is_fp8)
-            if extra_indices is not None:
-                extra_keys, extra_valid = _sparse_keys(extra_kv_cache, extra_indices[b, rows], extra_topk_length, b, is_fp8)
+            keys, valid = _sparse_keys(k_cache, indices[b, rows], topk_length, b, is_fp8)
+            if extra_indices_in_kvcache is not None:
+                extra_keys, extra_valid = _sparse_keys(extra_k_cache, extra_indices_in_kvcache[b, rows], extra_topk_length, b, is_fp8)
                 keys, valid = torch.cat([keys, extra_keys], 1), torch.cat([valid, extra_valid], 1)
             out_b, lse_b, _ = attend(q[b, rows], keys, valid, softmax_scale, head_dim_v)
-            out[b, rows] = apply_attn_sink(out_b, lse_b, attn_sink).to(torch.bfloat16)
+            out[b, rows] = apply_attn_sink(out_b, lse_b, attn_sink).to(q.dtype)
             lse[b, :, rows] = lse_b.T
     return out, lse
 
 
 @torch.library.custom_op("flashmla::sparse_decode", mutates_args=())
-def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, topk_length: torch.Tensor | None,
-                  extra_kv_cache: torch.Tensor | None, extra_indices: torch.Tensor | None,
+def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor, topk_length: torch.Tensor | None,
+                  extra_k_cache: torch.Tensor | None, extra_indices_in_kvcache: torch.Tensor | None,
                   extra_topk_length: torch.Tensor | None, tile_scheduler_metadata: torch.Tensor | None,
                   num_splits: torch.Tensor | None, head_dim_v: int, softmax_scale: float, is_fp8: bool,
                   attn_sink: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse paged decode: query `(b, i)` sees exactly the cache slots `indices[b, i, :topk_length[b]]`
-    (flat `block * 64 + row`, -1 = none), plus `extra_indices[b, i, :extra_topk_length[b]]` of `extra_kv_cache`
+    (flat `block * 64 + row`, -1 = none), plus `extra_indices_in_kvcache[b, i, :extra_topk_length[b]]` of `extra_k_cache`
     in the same softmax."""
-    _check_sparse("sparse_decode", q, kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length,
+    _check_sparse("sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
                   tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
-    return sparse_decode_reference(q, kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length,
+    return sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
                                    head_dim_v, softmax_scale, is_fp8, attn_sink)
 
 
 @sparse_decode.register_fake
-def _(q, kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length, tile_scheduler_metadata,
+def _(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length, tile_scheduler_metadata,
       num_splits, head_dim_v, softmax_scale, is_fp8, attn_sink):
-    _check_sparse("sparse_decode", q, kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length,
+    _check_sparse("sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
                   tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
     return _outputs(q, head_dim_v)

@@ -2,13 +2,13 @@
 
     logits[t, s] = sum_h weights[t, h] * relu(q[t, h] . k[s])      over the keys query t may see, else -inf
 
-q/k are bfloat16, or float8_e4m3fn with float32 scales (q: one per (token, head), k: one per token), in which case
+q/k are bfloat16 (or float32), or float8_e4m3fn with float32 scales (q: one per (token, head), k: one per token), in which case
 `q . k` is `q_scale * k_scale * (q_fp8 . k_fp8)`. The paged form reads keys from the indexer key cache that
 `write_index_cache` fills (bfloat16 `(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` uint8).
 """
 import torch
 
-from ._checks import check, check_same_device, check_tensor, value_checks_apply
+from ._checks import FLOAT_DTYPES, check, check_same_device, check_tensor, value_checks_apply
 from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE
 from .kv_cache import dequantize_index_fp8_reference
 
@@ -39,8 +39,8 @@ def _weighted_relu_logits(q: torch.Tensor, keys: torch.Tensor, weights: torch.Te
 
 def _check_logits(op, q, k, weights, k_start, k_end, q_scale, k_scale):
     dims = {}
-    check_tensor(op, "q", q, (torch.bfloat16, FP8), ("s_q", "h_i", "d_i"), dims)
-    check_tensor(op, "k", k, (torch.bfloat16, FP8), ("s_kv", "d_i"), dims)
+    check_tensor(op, "q", q, (*FLOAT_DTYPES, FP8), ("s_q", "h_i", "d_i"), dims)
+    check_tensor(op, "k", k, (*FLOAT_DTYPES, FP8), ("s_kv", "d_i"), dims)
     check_tensor(op, "weights", weights, (torch.float32,), ("s_q", "h_i"), dims)
     check_tensor(op, "k_start", k_start, INDEX_DTYPES, ("s_q",), dims)
     check_tensor(op, "k_end", k_end, INDEX_DTYPES, ("s_q",), dims)
@@ -94,9 +94,9 @@ def _(q, k, weights, k_start, k_end, q_scale, k_scale):
 
 def _check_logits_paged(op, q, index_cache, weights, block_table, cache_seqlens, q_scale):
     dims = {}
-    check_tensor(op, "q", q, (torch.bfloat16, FP8), ("batch", "s_q", "h_i", "d_i"), dims)
+    check_tensor(op, "q", q, (*FLOAT_DTYPES, FP8), ("batch", "s_q", "h_i", "d_i"), dims)
     row = dims["d_i"] + 4 if index_cache.dtype in (torch.uint8, FP8) else dims["d_i"]
-    check_tensor(op, "index_cache", index_cache, (torch.bfloat16, torch.uint8, FP8), (None, PAGE_BLOCK_SIZE, row), dims)
+    check_tensor(op, "index_cache", index_cache, (*FLOAT_DTYPES, torch.uint8, FP8), (None, PAGE_BLOCK_SIZE, row), dims)
     check_tensor(op, "weights", weights, (torch.float32,), ("batch", "s_q", "h_i"), dims)
     check_tensor(op, "block_table", block_table, INDEX_DTYPES, ("batch", "max_blocks_per_seq"), dims)
     check_tensor(op, "cache_seqlens", cache_seqlens, INDEX_DTYPES, ("batch",), dims)
@@ -119,8 +119,8 @@ def indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_s
     queries = _scaled(q, q_scale)
     for b, length in enumerate(cache_seqlens.tolist()):
         num_blocks = -(-length // PAGE_BLOCK_SIZE)
-        rows = index_cache[block_table[b, :num_blocks].long()].reshape(num_blocks * PAGE_BLOCK_SIZE, -1)[:length]
-        keys = rows.float() if index_cache.dtype == torch.bfloat16 else dequantize_index_fp8_reference(rows)
+        rows = index_cache[block_table[b, :num_blocks].long()].reshape(num_blocks * PAGE_BLOCK_SIZE, index_cache.shape[-1])[:length]
+        keys = rows.float() if index_cache.dtype in FLOAT_DTYPES else dequantize_index_fp8_reference(rows)
         visible = torch.arange(length, device=q.device)[None, :] <= (length - s_q + torch.arange(s_q, device=q.device))[:, None]
         chunk_logits = _weighted_relu_logits(queries[b], keys, weights[b].float())
         logits[b, :, :length] = chunk_logits.masked_fill(~visible, float("-inf"))

@@ -15,13 +15,17 @@ class FlashMLASchedMeta:
     tile_scheduler_metadata: torch.Tensor | None = None
     num_splits: torch.Tensor | None = None
     key: tuple = field(default=(), repr=False)
+    source: torch.Tensor | None = field(default=None, repr=False)
 
-    def fill(self, lengths: torch.Tensor, key: tuple) -> None:
-        if self.key != key or self.tile_scheduler_metadata is None:
+    def fill(self, lengths: torch.Tensor, source: torch.Tensor, key: tuple) -> None:
+        """Compute the split for `lengths` unless it was computed for this very `source` tensor (held, so that its
+        id cannot be reused by another tensor), unmodified since (`_version`), with the same `key` (shapes)."""
+        key = (*key, source._version)
+        if self.source is not source or self.key != key:
             s_q, h_q = key[1], key[2]
             self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
                 lengths, num_sm_parts(lengths.device, s_q, h_q))
-            self.key = key
+            self.source, self.key = source, key
 
 
 def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
@@ -78,7 +82,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
                              f"block_table={'a tensor' if block_table is not None else None}, "
                              f"cache_seqlens={'a tensor' if cache_seqlens is not None else None}")
         if isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dtype == torch.int32:
-            meta.fill(cache_seqlens, ("dense", s_q, h_q, id(cache_seqlens), cache_seqlens._version, batch))
+            meta.fill(cache_seqlens, cache_seqlens, ("dense", s_q, h_q, batch))
         return torch.ops.flashmla.dense_decode(q, k_cache, block_table, cache_seqlens, meta.tile_scheduler_metadata,
                                                meta.num_splits, head_dim_v, softmax_scale, causal, is_fp8_kvcache,
                                                attn_sink)
@@ -89,7 +93,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         if lengths is None:
             lengths = torch.full((batch,), indices.shape[-1], dtype=torch.int32, device=q.device)
         source = topk_length if topk_length is not None else indices
-        meta.fill(lengths, ("sparse", s_q, h_q, id(source), source._version, batch, indices.shape[-1]))
+        meta.fill(lengths, source, ("sparse", s_q, h_q, batch, indices.shape[-1]))
     return torch.ops.flashmla.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                                             extra_topk_length, meta.tile_scheduler_metadata, meta.num_splits,
                                             head_dim_v, softmax_scale, is_fp8_kvcache, attn_sink)

@@ -10,7 +10,7 @@ of `d_i` values), `d_i + 4` bytes; a BF16 indexer key cache is `(num_blocks, pag
 import torch
 
 from . import _ext
-from ._checks import check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
+from ._checks import FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
 
 KV_LORA_RANK = 512
 ROPE_DIM = 64
@@ -42,7 +42,7 @@ def quantize_kv_fp8_reference(kv: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*lead, FP8_BYTES, dtype=torch.uint8, device=kv.device)
     out[..., :KV_LORA_RANK] = _to_fp8(nope, scale[..., None]).reshape(*lead, KV_LORA_RANK).view(torch.uint8)
     out[..., KV_LORA_RANK:KV_LORA_RANK + 16] = scale.contiguous().view(torch.uint8)
-    out[..., KV_LORA_RANK + 16:] = kv[..., KV_LORA_RANK:].contiguous().view(torch.uint8)
+    out[..., KV_LORA_RANK + 16:] = kv[..., KV_LORA_RANK:].to(torch.bfloat16).contiguous().view(torch.uint8)
     return out
 
 
@@ -84,7 +84,7 @@ def _check_dequantize(op: str, kv_fp8: torch.Tensor) -> None:
 def quantize_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
     """BF16 `(..., 576)` -> uint8 `(..., 656)` in the FP8 cache layout (SPEC.md §3)."""
     _check_quantize("quantize_kv_fp8", kv)
-    ext = _ext.kernels(kv.device)
+    ext = _ext.kernels("quantize_kv_fp8", kv.device)
     if ext is not None:
         return ext.quantize_kv_fp8(kv.contiguous())
     return quantize_kv_fp8_reference(kv)
@@ -100,7 +100,7 @@ def _(kv):
 def dequantize_kv_fp8(kv_fp8: torch.Tensor) -> torch.Tensor:
     """uint8 `(..., 656)` in the FP8 cache layout -> BF16 `(..., 576)`."""
     _check_dequantize("dequantize_kv_fp8", kv_fp8)
-    ext = _ext.kernels(kv_fp8.device)
+    ext = _ext.kernels("dequantize_kv_fp8", kv_fp8.device)
     if ext is not None:
         return ext.dequantize_kv_fp8(kv_fp8.view(torch.uint8).contiguous())
     return dequantize_kv_fp8_reference(kv_fp8)
@@ -125,11 +125,12 @@ def _check_slots(op: str, slot_mapping: torch.Tensor, num_slots: int) -> None:
 def _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8) -> None:
     dims = {}
     row = FP8_BYTES if is_fp8 else D_QK
-    dtypes = (torch.uint8, torch.float8_e4m3fn) if is_fp8 else (torch.bfloat16,)
+    dtypes = (torch.uint8, torch.float8_e4m3fn) if is_fp8 else FLOAT_DTYPES
     check_tensor(op, "kv_cache", kv_cache, dtypes, ("num_blocks", "page_block_size", 1, row), dims)
     check_contiguous_last_dim(op, "kv_cache", kv_cache)
-    check_tensor(op, "latent", latent, (torch.bfloat16,), ("num_tokens", KV_LORA_RANK), dims)
-    check_tensor(op, "rope", rope, (torch.bfloat16,), ("num_tokens", ROPE_DIM), dims)
+    value_dtypes = FLOAT_DTYPES if is_fp8 else (kv_cache.dtype,)
+    check_tensor(op, "latent", latent, value_dtypes, ("num_tokens", KV_LORA_RANK), dims)
+    check_tensor(op, "rope", rope, (latent.dtype,), ("num_tokens", ROPE_DIM), dims)
     check_tensor(op, "slot_mapping", slot_mapping, (torch.int32, torch.int64), ("num_tokens",), dims)
     check_same_device(op, kv_cache=kv_cache, latent=latent, rope=rope, slot_mapping=slot_mapping)
 
@@ -161,16 +162,16 @@ def write_kv_cache(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Ten
                    is_fp8: bool) -> None:
     """Store new tokens in the paged latent cache.
 
-    kv_cache: `(num_blocks, page_block_size, 1, 576)` bfloat16, or `(num_blocks, page_block_size, 1, 656)` uint8 /
+    kv_cache: `(num_blocks, page_block_size, 1, 576)` bfloat16 (or float32), or `(num_blocks, page_block_size, 1, 656)` uint8 /
         float8_e4m3fn with `is_fp8` (SPEC.md §3 layout; the block stride may be padded).
-    latent: `(num_tokens, 512)` bfloat16; rope: `(num_tokens, 64)` bfloat16.
+    latent: `(num_tokens, 512)`, rope: `(num_tokens, 64)`: the cache's dtype (bfloat16 or float32 for FP8).
     slot_mapping: `(num_tokens,)` int32/int64 flat slot `block * page_block_size + row`; -1 skips the token.
     """
     op = "write_kv_cache"
     _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8)
     _check_slots(op, slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])
-    ext = _ext.kernels(kv_cache.device)
-    if ext is not None and _aligned16(kv_cache):
+    ext = _ext.kernels("write_kv_cache", kv_cache.device)
+    if ext is not None and latent.dtype == torch.bfloat16 and _aligned16(kv_cache):
         ext.write_kv_cache(kv_cache.view(torch.uint8) if is_fp8 else kv_cache, latent.contiguous(), rope.contiguous(),
                            slot_mapping.contiguous(), is_fp8)
         return
@@ -184,10 +185,10 @@ def _(kv_cache, latent, rope, slot_mapping, is_fp8):
 
 def _check_write_index(op, index_cache, k, slot_mapping) -> None:
     dims = {}
-    check_tensor(op, "k", k, (torch.bfloat16,), ("num_tokens", "d_i"), dims)
+    check_tensor(op, "k", k, FLOAT_DTYPES, ("num_tokens", "d_i"), dims)
     is_fp8 = index_cache.dtype in (torch.uint8, torch.float8_e4m3fn)
     row = dims["d_i"] + 4 if is_fp8 else dims["d_i"]
-    check_tensor(op, "index_cache", index_cache, (torch.bfloat16, torch.uint8, torch.float8_e4m3fn),
+    check_tensor(op, "index_cache", index_cache, (torch.uint8, torch.float8_e4m3fn) if is_fp8 else (k.dtype,),
                  ("num_blocks", "page_block_size", row), dims)
     check_contiguous_last_dim(op, "index_cache", index_cache)
     check_tensor(op, "slot_mapping", slot_mapping, (torch.int32, torch.int64), ("num_tokens",), dims)
@@ -200,12 +201,12 @@ def write_index_cache(index_cache: torch.Tensor, k: torch.Tensor, slot_mapping: 
 
     index_cache: `(num_blocks, page_block_size, d_i)` bfloat16, or `(num_blocks, page_block_size, d_i + 4)` uint8
         (FP8: d_i float8_e4m3fn values and one float32 power-of-two scale per token).
-    k: `(num_tokens, d_i)` bfloat16; slot_mapping: `(num_tokens,)` int32/int64, -1 skips the token.
+    k: `(num_tokens, d_i)` bfloat16 (float32 for a float32 cache); slot_mapping: `(num_tokens,)` int32/int64, -1 skips the token.
     """
     op = "write_index_cache"
     _check_write_index(op, index_cache, k, slot_mapping)
     _check_slots(op, slot_mapping, index_cache.shape[0] * index_cache.shape[1])
-    if index_cache.dtype == torch.bfloat16:
+    if index_cache.dtype in FLOAT_DTYPES:
         _scatter_rows(index_cache, k, slot_mapping)
     else:
         _scatter_rows(index_cache.view(torch.uint8), quantize_index_fp8_reference(k), slot_mapping)

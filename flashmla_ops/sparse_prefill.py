@@ -6,16 +6,16 @@ rows of the packed `kv`, so one call serves the whole batch.
 import torch
 
 from ._attention import apply_attn_sink, attend
-from ._checks import check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
+from ._checks import FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
 from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK
 
 
 def _check_sparse_prefill(op, q, kv, indices, d_v, attn_sink, topk_length, indexer_topk):
     dims = {}
-    check_tensor(op, "q", q, (torch.bfloat16,), ("s_q", "h_q", "d_qk"), dims)
+    check_tensor(op, "q", q, FLOAT_DTYPES, ("s_q", "h_q", "d_qk"), dims)
     if isinstance(kv, torch.Tensor) and kv.dim() == 3 and kv.shape[1] != 1:
         raise ValueError(f"{op}: kv must have h_kv = 1 (MQA over the latent), got {kv.shape[1]} in shape {tuple(kv.shape)}")
-    check_tensor(op, "kv", kv, (torch.bfloat16,), ("s_kv", 1, "d_qk"), dims)
+    check_tensor(op, "kv", kv, (q.dtype,), ("s_kv", 1, "d_qk"), dims)
     check_tensor(op, "indices", indices, INDEX_DTYPES, ("s_q", 1, "topk"), dims)
     check_contiguous_last_dim(op, "q", q)
     check_contiguous_last_dim(op, "kv", kv)
@@ -35,11 +35,12 @@ def _check_sparse_prefill(op, q, kv, indices, d_v, attn_sink, topk_length, index
 def sparse_prefill_reference(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None, indexer_topk=0):
     s_q, h_q, d_qk = q.shape
     s_kv, topk = kv.shape[0], indices.shape[-1]
-    out = q.new_empty(s_q, h_q, d_v, dtype=torch.bfloat16)
+    out = q.new_empty(s_q, h_q, d_v, dtype=q.dtype)
     max_logits = q.new_empty(s_q, h_q, dtype=torch.float32)
     lse = q.new_empty(s_q, h_q, dtype=torch.float32)
     lse_indexer = q.new_empty(s_q, h_q, dtype=torch.float32) if indexer_topk else q.new_empty(0, dtype=torch.float32)
     position = torch.arange(topk, device=q.device)
+    kv_rows = kv[:, 0] if s_kv else kv.new_zeros(1, d_qk)  # with s_kv == 0 every index is invalid (masked)
     chunk = max(1, TOKENS_PER_CHUNK // max(1, topk * d_qk))
     for start in range(0, s_q, chunk):
         rows = slice(start, start + chunk)
@@ -47,9 +48,9 @@ def sparse_prefill_reference(q, kv, indices, sm_scale, d_v=512, attn_sink=None, 
         valid = (idx >= 0) & (idx < s_kv)
         if topk_length is not None:
             valid &= position < topk_length[rows, None]
-        keys = kv[torch.where(valid, idx, 0).long(), 0]
+        keys = kv_rows[torch.where(valid, idx, 0).long()]
         out_c, lse_c, max_c = attend(q[rows], keys, valid, sm_scale, d_v)
-        out[rows] = apply_attn_sink(out_c, lse_c, attn_sink).to(torch.bfloat16)
+        out[rows] = apply_attn_sink(out_c, lse_c, attn_sink).to(q.dtype)
         lse[rows], max_logits[rows] = lse_c, max_c
         if indexer_topk:
             lse_indexer[rows] = attend(q[rows], keys, valid & (position < indexer_topk), sm_scale, d_v)[1]
@@ -60,7 +61,7 @@ def sparse_prefill_reference(q, kv, indices, sm_scale, d_v=512, attn_sink=None, 
 def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int,
                    attn_sink: torch.Tensor | None, topk_length: torch.Tensor | None,
                    indexer_topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q `(s_q, h_q, d_qk)`, kv `(s_kv, 1, d_qk)` bfloat16; indices `(s_q, 1, topk)` int32 rows of kv
+    """q `(s_q, h_q, d_qk)`, kv `(s_kv, 1, d_qk)` bfloat16 (or both float32: the reference, float32 out); indices `(s_q, 1, topk)` int32 rows of kv
     (-1 or >= s_kv: no token); only the first `topk_length[t]` count.
 
     Returns out `(s_q, h_q, d_v)` bfloat16; max_logits and lse `(s_q, h_q)` float32 (scaled logits, natural log;
@@ -76,5 +77,5 @@ def _(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, indexer_topk):
     _check_sparse_prefill("sparse_prefill", q, kv, indices, d_v, attn_sink, topk_length, indexer_topk)
     s_q, h_q, _ = q.shape
     lse_indexer = q.new_empty(s_q, h_q, dtype=torch.float32) if indexer_topk else q.new_empty(0, dtype=torch.float32)
-    return (q.new_empty(s_q, h_q, d_v, dtype=torch.bfloat16), q.new_empty(s_q, h_q, dtype=torch.float32),
+    return (q.new_empty(s_q, h_q, d_v, dtype=q.dtype), q.new_empty(s_q, h_q, dtype=torch.float32),
             q.new_empty(s_q, h_q, dtype=torch.float32), lse_indexer)

@@ -18,8 +18,9 @@ def random_kv(num_tokens: int, generator: torch.Generator) -> torch.Tensor:
     return values.to(torch.bfloat16)
 
 
-def test_cuda_backend_is_built():
-    assert flashmla_ops.backend(DEVICE) == "cuda"
+@pytest.mark.parametrize("op", ["quantize_kv_fp8", "dequantize_kv_fp8", "write_kv_cache"])
+def test_cuda_backend_is_built(op):
+    assert flashmla_ops.backend(op, DEVICE) == "cuda"
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1, 7, 64, 1000, 4099])

@@ -1,0 +1,80 @@
+"""The paged latent KV cache: per-layer block pools, a block allocator per sequence, and the static tensors
+(`block_table`, `cache_seqlens`) that decode reads, updated in place so a compiled decode step sees the same tensors.
+
+Token `t` of sequence `b` lives at flat slot `block_table[b, t // 64] * 64 + t % 64` of every layer's pool.
+"""
+import torch
+
+from flashmla_ops.kv_cache import D_QK, FP8_BYTES, PAGE_BLOCK_SIZE
+
+from .deepseek import DeepseekConfig
+
+KV_CACHE_DTYPES = ("bf16", "fp8")
+
+
+class PagedKVCache:
+    """Latent cache `kv_cache[layer]` `(num_blocks, 64, 1, 576)` bfloat16 or `(num_blocks, 64, 1, 656)` uint8 (FP8
+    layout), and for V3.2 the indexer key cache `index_cache[layer]` `(num_blocks, 64, index_head_dim)` bfloat16 or
+    `(num_blocks, 64, index_head_dim + 4)` uint8. All layers share one block numbering.
+
+    Sequences are the rows `0 .. max_batch_size - 1` of `block_table` `(max_batch_size, max_blocks_per_seq)` int32
+    and `cache_seqlens` `(max_batch_size,)` int32; `seq_lens` is the host copy of the lengths.
+    """
+
+    def __init__(self, config: DeepseekConfig, num_blocks: int, max_batch_size: int, max_seq_len: int,
+                 kv_cache_dtype: str = "bf16", device: torch.device | str = "cpu"):
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+        d_qk = config.kv_lora_rank + config.qk_rope_head_dim
+        self.is_fp8 = kv_cache_dtype == "fp8"
+        if self.is_fp8 and d_qk != D_QK:
+            raise ValueError(f"the FP8 cache needs kv_lora_rank + qk_rope_head_dim = {D_QK}, got {d_qk}")
+        self.num_blocks = num_blocks
+        self.max_blocks_per_seq = -(-max_seq_len // PAGE_BLOCK_SIZE)
+        layers = range(config.num_hidden_layers)
+        if self.is_fp8:
+            self.kv_cache = [torch.zeros(num_blocks, PAGE_BLOCK_SIZE, 1, FP8_BYTES, dtype=torch.uint8, device=device)
+                             for _ in layers]
+        else:
+            self.kv_cache = [torch.zeros(num_blocks, PAGE_BLOCK_SIZE, 1, d_qk, dtype=torch.bfloat16, device=device)
+                             for _ in layers]
+        self.index_cache = None
+        if config.is_sparse:
+            d_i = config.index_head_dim
+            shape, dtype = ((d_i + 4, torch.uint8) if self.is_fp8 else (d_i, torch.bfloat16))
+            self.index_cache = [torch.zeros(num_blocks, PAGE_BLOCK_SIZE, shape, dtype=dtype, device=device)
+                                for _ in layers]
+        self.block_table = torch.zeros(max_batch_size, self.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.cache_seqlens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
+        self.seq_lens = [0] * max_batch_size
+        self.seq_blocks: list[list[int]] = [[] for _ in range(max_batch_size)]
+        self.free_blocks = list(range(num_blocks - 1, -1, -1))
+
+    def extend(self, seq: int, num_tokens: int) -> list[int]:
+        """Make room for `num_tokens` more tokens of sequence `seq` (allocating blocks, writing its block_table row
+        and cache_seqlens entry in place); returns their flat slots."""
+        start = self.seq_lens[seq]
+        end = start + num_tokens
+        blocks = self.seq_blocks[seq]
+        needed = -(-end // PAGE_BLOCK_SIZE)
+        if needed > self.max_blocks_per_seq:
+            raise ValueError(f"sequence {seq} would reach {end} tokens, more than max_seq_len "
+                             f"({self.max_blocks_per_seq * PAGE_BLOCK_SIZE})")
+        if needed - len(blocks) > len(self.free_blocks):
+            raise RuntimeError(f"KV cache out of blocks: sequence {seq} needs {needed - len(blocks)} more, "
+                               f"{len(self.free_blocks)} free of {self.num_blocks}")
+        while len(blocks) < needed:
+            block = self.free_blocks.pop()
+            self.block_table[seq, len(blocks)] = block
+            blocks.append(block)
+        self.seq_lens[seq] = end
+        self.cache_seqlens[seq] = end
+        return [blocks[t // PAGE_BLOCK_SIZE] * PAGE_BLOCK_SIZE + t % PAGE_BLOCK_SIZE for t in range(start, end)]
+
+    def free(self, seq: int) -> None:
+        """Return sequence `seq`'s blocks to the pool and empty it."""
+        self.free_blocks.extend(reversed(self.seq_blocks[seq]))
+        self.seq_blocks[seq] = []
+        self.seq_lens[seq] = 0
+        self.cache_seqlens[seq] = 0
+        self.block_table[seq] = 0

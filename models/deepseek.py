@@ -1,0 +1,537 @@
+"""DeepSeek V2 / V3 / V3.2 in one model, switched by the checkpoint's `config.json` (`model_type` `deepseek_v2`,
+`deepseek_v3`, `deepseek_v32`). Weight and config names are those of Hugging Face transformers' DeepSeek files.
+
+Tokens are packed: a forward pass takes `input_ids` `(T,)` of all sequences back to back, with their `positions`
+`(T,)`, and attention metadata saying which tokens belong together:
+- `PrefillMetadata`: whole prompts, query `t` sees packed rows `[k_start[t], k_end[t])` (its prompt, causally).
+  V2/V3 run expanded multi-head attention (SDPA); V3.2 runs the absorbed form through `sparse_prefill`.
+- `DecodeMetadata`: `s_q >= 1` new tokens per sequence over the paged latent cache (absorbed form, `dense_decode`,
+  or for V3.2 `indexer_logits_paged` + `indexer_topk` + `sparse_decode`).
+Either way every layer writes its new latent rows (`kv_a_layernorm(kv_a)` 512 + roped `k_pe` 64) into the cache.
+
+MLA, per head h (W_UK, W_UV: the key and value halves of `kv_b_proj`):
+    q_nope . (W_UK c) + q_pe . k_pe  =  (W_UK^T q_nope) . c + q_pe . k_pe       ("absorbed": 576-d, one KV head)
+    out_h = W_UV (sum_s p_s c_s)
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashmla_ops import num_sm_parts
+from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE
+
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+
+
+@dataclass
+class DeepseekConfig:
+    """The `config.json` fields the model reads (names as in transformers' DeepseekV2/V3/V32Config)."""
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    moe_intermediate_size: int = 0
+    n_routed_experts: int | None = None
+    n_shared_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    n_group: int | None = None
+    topk_group: int | None = None
+    topk_method: str | None = None
+    scoring_func: str | None = None
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
+    mlp_layer_types: list[str] | None = None
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act must be 'silu' (all DeepSeek checkpoints), got {self.hidden_act!r}")
+        if self.is_sparse and self.q_lora_rank is None:
+            raise ValueError("deepseek_v32 needs q_lora_rank: the indexer reads the compressed query")
+        if self.scoring_func is None:  # V2 routes with softmax, V3 / V3.2 with sigmoid + bias ("noaux_tc")
+            self.scoring_func = "softmax" if self.model_type == "deepseek_v2" else "sigmoid"
+        if self.topk_method is None:
+            self.topk_method = "greedy" if self.model_type == "deepseek_v2" else "noaux_tc"
+        if self.model_type == "deepseek_v2":
+            self.rope_interleave = True  # V2 ropes adjacent pairs (complex multiply)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "DeepseekConfig":
+        """From a `config.json` dict; RoPE given either as transformers 5's `rope_parameters` (with `rope_theta`
+        inside) or as the checkpoints' `rope_theta` + `rope_scaling`."""
+        config = dict(config)
+        rope = dict(config.pop("rope_parameters", None) or config.get("rope_scaling") or {})
+        config["rope_theta"] = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "yarn"):
+            raise ValueError(f"rope type must be 'default' or 'yarn', got {rope_type!r}")
+        config["rope_scaling"] = rope if rope_type == "yarn" else None
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_sparse(self) -> bool:
+        """DeepSeek Sparse Attention (V3.2): a lightning indexer picks `index_topk` keys per query."""
+        return self.model_type == "deepseek_v32"
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        if self.mlp_layer_types is not None:
+            return self.mlp_layer_types[layer_idx] == "sparse"
+        return bool(self.n_routed_experts) and layer_idx >= self.first_k_dense_replace
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+# ---------------------------------------------------------------- RoPE (default and YaRN)
+
+
+def yarn_get_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(config: DeepseekConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies `(qk_rope_head_dim // 2,)` float32 and the factor cos/sin are multiplied by.
+
+    YaRN (DeepSeek's): interpolate low frequencies by `factor`, keep high ones, with a linear ramp between the
+    dimensions that turn `beta_fast` and `beta_slow` times over `original_max_position_embeddings`; cos/sin are scaled
+    by `mscale(factor, mscale) / mscale(factor, mscale_all_dim)`.
+    """
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    rope = config.rope_scaling
+    if rope is None:
+        return inv_freq, 1.0
+    factor = rope["factor"]
+    original_max = rope.get("original_max_position_embeddings", config.max_position_embeddings)
+
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(original_max / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(rope.get("beta_fast") or 32)), 0)
+    high = min(math.ceil(correction_dim(rope.get("beta_slow") or 1)), dim - 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3), 0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attention_factor = rope.get("attention_factor") or (
+        yarn_get_mscale(factor, rope.get("mscale") or 1) / yarn_get_mscale(factor, rope.get("mscale_all_dim") or 0))
+    return inv_freq, attention_factor
+
+
+def softmax_scale(config: DeepseekConfig) -> float:
+    """`qk_head_dim ** -0.5`, times `mscale(factor, mscale_all_dim) ** 2` under YaRN."""
+    scale = config.qk_head_dim ** -0.5
+    rope = config.rope_scaling
+    if rope is not None and rope.get("mscale_all_dim"):
+        scale *= yarn_get_mscale(rope["factor"], rope["mscale_all_dim"]) ** 2
+    return scale
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", torch.empty(config.qk_rope_head_dim // 2), persistent=False)
+        self.attention_factor = 1.0
+
+    def reset_parameters(self) -> None:
+        """Fill `inv_freq` (a computed buffer: called once the model is off the meta device)."""
+        inv_freq, self.attention_factor = rope_inv_freq(self.config)
+        self.inv_freq.copy_(inv_freq)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions `(...)` -> cos, sin `(..., qk_rope_head_dim)` float32 (each frequency twice, halves layout)."""
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        freqs = torch.cat([freqs, freqs], dim=-1)
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x `(T, ..., d)`, cos/sin `(T, d)`. Interleaved: pairs `(x0, x1), (x2, x3), ...` share a frequency; they are
+    regrouped into halves first (q and k alike, so dot products are unchanged). Computed in float32."""
+    dtype = x.dtype
+    x = x.float()
+    if interleaved:
+        x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+    cos = cos.view(cos.shape[0], *[1] * (x.dim() - 2), cos.shape[-1])
+    sin = sin.view(sin.shape[0], *[1] * (x.dim() - 2), sin.shape[-1])
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(dtype)
+
+
+# ---------------------------------------------------------------- attention metadata
+
+
+@dataclass
+class PrefillMetadata:
+    """Whole prompts packed into `T` tokens.
+
+    slot_mapping `(T,)` int64: each token's flat cache slot. k_start, k_end `(T,)` int32: token `t` attends to packed
+    rows `[k_start[t], k_end[t])` (its prompt's first row, its own row + 1).
+    """
+    slot_mapping: torch.Tensor
+    k_start: torch.Tensor
+    k_end: torch.Tensor
+
+
+@dataclass
+class DecodeMetadata:
+    """`s_q` new tokens for each of `batch` sequences, packed as `T = batch * s_q` rows (`decode_metadata` builds it).
+
+    block_table `(batch, max_blocks_per_seq)` int32; cache_seqlens `(batch,)` int32, including the new tokens;
+    positions `(T,)` and slot_mapping `(T,)` int64; tile_scheduler_metadata / num_splits from `get_mla_metadata`,
+    computed once per step and shared by all layers.
+    """
+    block_table: torch.Tensor
+    cache_seqlens: torch.Tensor
+    s_q: int
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    tile_scheduler_metadata: torch.Tensor
+    num_splits: torch.Tensor
+
+
+def decode_metadata(config: DeepseekConfig, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                    s_q: int) -> DecodeMetadata:
+    """Everything a decode step derives from the cache's block table and lengths, on the device, without a sync."""
+    batch = cache_seqlens.shape[0]
+    positions = cache_seqlens.long()[:, None] - s_q + torch.arange(s_q, device=cache_seqlens.device)
+    blocks = torch.gather(block_table.long(), 1, positions // PAGE_BLOCK_SIZE)
+    slot_mapping = (blocks * PAGE_BLOCK_SIZE + positions % PAGE_BLOCK_SIZE).reshape(batch * s_q)
+    # The work split covers what each sequence attends to: its length (dense) or index_topk tokens (sparse).
+    lengths = torch.full_like(cache_seqlens, config.index_topk) if config.is_sparse else cache_seqlens
+    sched, num_splits = torch.ops.flashmla.get_mla_metadata(
+        lengths, num_sm_parts(cache_seqlens.device, s_q, config.num_attention_heads))
+    return DecodeMetadata(block_table, cache_seqlens, s_q, positions.reshape(batch * s_q), slot_mapping, sched,
+                          num_splits)
+
+
+# ---------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k expert choice, float32 (transformers keeps `gate.weight` and the bias in float32 too).
+
+    scores = softmax(logits) (V2) or sigmoid(logits) (V3); experts are chosen on scores + e_score_correction_bias
+    (V3's "noaux_tc"), only inside the `topk_group` best of `n_group` groups (group score: the best expert (V2) or the
+    sum of the best two (V3)); the weights are the unbiased scores, optionally normalised to sum 1
+    (`norm_topk_prob`), times `routed_scaling_factor`.
+    """
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
+        if config.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `(T, hidden)` -> weights `(T, top_k)` float32, expert indices `(T, top_k)` int64."""
+        config = self.config
+        logits = F.linear(x.float(), self.weight)
+        scores = logits.softmax(-1) if config.scoring_func == "softmax" else logits.sigmoid()
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if config.topk_method in ("group_limited_greedy", "noaux_tc") and (config.n_group or 1) > 1:
+            grouped = choice.view(x.shape[0], config.n_group, -1)
+            if config.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_scores = grouped.amax(-1)
+            group_idx = group_scores.topk(config.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view_as(choice)
+        indices = choice.topk(config.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if config.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * config.routed_scaling_factor, indices
+
+
+class Experts(nn.Module):
+    """The routed experts' SwiGLU weights stacked: `gate_proj`, `up_proj` `(E, moe_intermediate, hidden)`,
+    `down_proj` `(E, hidden, moe_intermediate)` (the checkpoint's `experts.{e}.*.weight`, stacked on load)."""
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        num_experts, hidden, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x `(T, hidden)`, weights / indices `(T, top_k)` -> `(T, hidden)`.
+
+        Few tokens (decode: T * top_k <= E): gather each token's experts' weights (static shapes, no host sync, reads
+        only the chosen experts). Many tokens (prefill): group the tokens by expert, one matmul per expert hit.
+        """
+        num_experts = self.gate_proj.shape[0]
+        weights = weights.to(x.dtype)
+        if indices.numel() <= num_experts:
+            gate = torch.einsum("th,tkih->tki", x, self.gate_proj[indices])
+            up = torch.einsum("th,tkih->tki", x, self.up_proj[indices])
+            return torch.einsum("tki,tkhi,tk->th", F.silu(gate) * up, self.down_proj[indices], weights)
+        out = torch.zeros_like(x)
+        flat = indices.flatten()
+        order = flat.argsort()
+        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        token_of = order // indices.shape[1]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                rows, tokens = order[start:start + count], token_of[start:start + count]
+                h = x[tokens]
+                h = F.silu(h @ self.gate_proj[expert].T) * (h @ self.up_proj[expert].T)
+                out.index_add_(0, tokens, (h @ self.down_proj[expert].T) * weights.flatten()[rows, None])
+            start += count
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+                               if config.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.experts(x, *self.gate(x))
+        return out if self.shared_experts is None else out + self.shared_experts(x)
+
+
+class Indexer(nn.Module):
+    """DSA lightning indexer (V3.2): which `index_topk` earlier tokens each query attends to.
+
+        logits[t, s] = sum_h w[t, h] * relu(q[t, h] . k[s]),   w = weights_proj(x) * n_heads^-0.5 * head_dim^-0.5
+
+    q = wq_b(q_resid), k = LayerNorm(wk(x)); the first `qk_rope_head_dim` dims of both are roped, non-interleaved
+    (unlike MLA's). DeepSeek's release also Hadamard-rotates q and k before its FP8 scoring; the rotation is
+    orthogonal, so in BF16 the logits are the same (as in transformers, it is left out).
+    """
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x `(T, hidden)`, q_resid `(T, q_lora_rank)` -> q `(T, n_heads, head_dim)` bf16, k `(T, head_dim)` bf16,
+        weights `(T, n_heads)` float32."""
+        q = self.wq_b(q_resid).view(x.shape[0], self.n_heads, self.head_dim)
+        k = self.k_norm(self.wk(x))
+        q = torch.cat([apply_rope(q[..., :self.rope_dim], cos, sin, False), q[..., self.rope_dim:]], dim=-1)
+        k = torch.cat([apply_rope(k[..., :self.rope_dim], cos, sin, False), k[..., self.rope_dim:]], dim=-1)
+        weights = self.weights_proj(x.float()) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+        return q.to(torch.bfloat16), k.to(torch.bfloat16), weights
+
+
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention over the paged latent cache (see the module docstring for the two forms)."""
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, heads * config.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, heads * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, config.kv_lora_rank + config.qk_rope_head_dim,
+                                            bias=config.attention_bias)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, heads * (config.qk_nope_head_dim + config.v_head_dim),
+                                   bias=False)
+        self.o_proj = nn.Linear(heads * config.v_head_dim, hidden, bias=config.attention_bias)
+        self.indexer = Indexer(config) if config.is_sparse else None
+        self.softmax_scale = softmax_scale(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                metadata: PrefillMetadata | DecodeMetadata, kv_cache: torch.Tensor,
+                index_cache: torch.Tensor | None) -> torch.Tensor:
+        """x `(T, hidden)`, cos/sin `(T, qk_rope_head_dim)`; kv_cache `(num_blocks, 64, 1, 576)` bf16 or
+        `(num_blocks, 64, 1, 656)` uint8 (written here); index_cache (V3.2, written here). Returns `(T, hidden)`."""
+        config = self.config
+        num_tokens = x.shape[0]
+        if config.q_lora_rank is None:
+            q_resid, q = None, self.q_proj(x)
+        else:
+            q_resid = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_resid)
+        q_nope, q_pe = q.view(num_tokens, self.num_heads, config.qk_head_dim).split(
+            [config.qk_nope_head_dim, config.qk_rope_head_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([config.kv_lora_rank, config.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_pe = apply_rope(q_pe, cos, sin, config.rope_interleave)
+        k_pe = apply_rope(k_pe, cos, sin, config.rope_interleave)
+        is_fp8 = kv_cache.dtype != torch.bfloat16
+        torch.ops.flashmla.write_kv_cache(kv_cache, latent.to(torch.bfloat16), k_pe.to(torch.bfloat16),
+                                          metadata.slot_mapping, is_fp8)
+
+        if isinstance(metadata, PrefillMetadata) and self.indexer is None:
+            return self.o_proj(self._expanded_prefill(q_nope, q_pe, latent, k_pe, metadata))
+
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, config.qk_nope_head_dim + config.v_head_dim,
+                                          config.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([config.qk_nope_head_dim, config.v_head_dim], dim=1)
+        q_latent = torch.einsum("thd,hdc->thc", q_nope, w_uk)
+        q_absorbed = torch.cat([q_latent, q_pe], dim=-1).to(torch.bfloat16)  # (T, heads, 576)
+        index_q = index_weights = None
+        if self.indexer is not None:
+            index_q, index_k, index_weights = self.indexer(x, q_resid, cos, sin)
+            torch.ops.flashmla.write_index_cache(index_cache, index_k, metadata.slot_mapping)
+        if isinstance(metadata, PrefillMetadata):
+            logits = torch.ops.flashmla.indexer_logits(index_q, index_k, index_weights, metadata.k_start,
+                                                       metadata.k_end, None, None)
+            indices = torch.ops.flashmla.indexer_topk(logits, config.index_topk, None)
+            kv = torch.cat([latent, k_pe], dim=-1).to(torch.bfloat16)[:, None]
+            out_latent = torch.ops.flashmla.sparse_prefill(q_absorbed, kv, indices[:, None], self.softmax_scale,
+                                                           config.kv_lora_rank, None, None, 0)[0]
+        else:
+            out_latent = self._decode(q_absorbed, metadata, kv_cache, index_cache, index_q, index_weights, is_fp8)
+        out = torch.einsum("thc,hvc->thv", out_latent.to(x.dtype), w_uv)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * config.v_head_dim))
+
+    def _expanded_prefill(self, q_nope, q_pe, latent, k_pe, metadata: PrefillMetadata) -> torch.Tensor:
+        """Dense prefill as ordinary multi-head attention: keys/values expanded from the latent by kv_b_proj.
+        Returns `(T, heads * v_head_dim)`."""
+        config = self.config
+        num_tokens = latent.shape[0]
+        kv = self.kv_b_proj(latent).view(num_tokens, self.num_heads, config.qk_nope_head_dim + config.v_head_dim)
+        k_nope, value = kv.split([config.qk_nope_head_dim, config.v_head_dim], dim=-1)
+        key = torch.cat([k_nope, k_pe[:, None].expand(-1, self.num_heads, -1)], dim=-1)
+        query = torch.cat([q_nope, q_pe], dim=-1)
+        rows = torch.arange(num_tokens, device=latent.device)
+        mask = (rows[None, :] >= metadata.k_start[:, None]) & (rows[None, :] < metadata.k_end[:, None])
+        out = F.scaled_dot_product_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                                             attn_mask=mask, scale=self.softmax_scale)
+        return out.transpose(0, 1).reshape(num_tokens, self.num_heads * config.v_head_dim)
+
+    def _decode(self, q_absorbed, metadata: DecodeMetadata, kv_cache, index_cache, index_q, index_weights,
+                is_fp8) -> torch.Tensor:
+        """q_absorbed `(T, heads, 576)` -> latent output `(T, heads, kv_lora_rank)` bf16 over the paged cache;
+        sparse (index_q `(T, index_n_heads, index_head_dim)` given) or dense."""
+        batch, s_q = metadata.cache_seqlens.shape[0], metadata.s_q
+        q = q_absorbed.view(batch, s_q, self.num_heads, -1)
+        if index_q is None:
+            out = torch.ops.flashmla.dense_decode(
+                q, kv_cache, metadata.block_table, metadata.cache_seqlens, metadata.tile_scheduler_metadata,
+                metadata.num_splits, self.config.kv_lora_rank, self.softmax_scale, s_q > 1, is_fp8, None)[0]
+        else:
+            logits = torch.ops.flashmla.indexer_logits_paged(
+                index_q.view(batch, s_q, *index_q.shape[1:]), index_cache, index_weights.view(batch, s_q, -1),
+                metadata.block_table, metadata.cache_seqlens, None)
+            indices = torch.ops.flashmla.indexer_topk(logits, self.config.index_topk, metadata.block_table)
+            out = torch.ops.flashmla.sparse_decode(
+                q, kv_cache, indices, None, None, None, None, metadata.tile_scheduler_metadata, metadata.num_splits,
+                self.config.kv_lora_rank, self.softmax_scale, is_fp8, None)[0]
+        return out.view(batch * s_q, self.num_heads, -1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DeepseekConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLAttention(config)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, metadata, kv_cache, index_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, metadata, kv_cache, index_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class DeepseekForCausalLM(nn.Module):
+    """The whole model; parameter names match the checkpoints' (`model.layers.{i}.self_attn.kv_b_proj.weight`, ...)."""
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        self.config = config
+        self.model = DeepseekModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: PrefillMetadata | DecodeMetadata,
+                cache, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions `(T,)`; cache: a `models.cache.PagedKVCache` (its per-layer tensors are written).
+        Returns logits `(T, vocab)` float32, or only the rows `logits_rows` (e.g. each prompt's last token)."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(positions)
+        for layer_idx, layer in enumerate(self.model.layers):
+            index_cache = cache.index_cache[layer_idx] if cache.index_cache is not None else None
+            x = layer(x, cos, sin, metadata, cache.kv_cache[layer_idx], index_cache)
+        if logits_rows is not None:
+            x = x[logits_rows]
+        return self.lm_head(self.model.norm(x)).float()

@@ -1,0 +1,106 @@
+"""Batched generation over the paged cache: prefill the prompts packed, then decode one token per sequence per
+step (greedy, or temperature + top-p sampling) until EOS or `max_new_tokens`.
+
+The decode step reads only static tensors (the cache's pools, `block_table`, `cache_seqlens`, updated in place by
+`PagedKVCache.extend`), so `torch.compile(decode_step, fullgraph=True)` traces it once.
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .cache import PagedKVCache
+from .deepseek import DeepseekForCausalLM, PrefillMetadata, decode_metadata
+
+
+def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[int]],
+            last_only: bool = True) -> torch.Tensor:
+    """Run the prompts (sequence `b` = cache row `b`, empty before) packed; returns each one's last-token logits
+    `(batch, vocab)` float32, or with `last_only=False` every token's, packed `(sum of lengths, vocab)`."""
+    device = cache.block_table.device
+    slots, k_start, k_end, positions = [], [], [], []
+    start = 0
+    for seq, prompt in enumerate(prompts):
+        length = len(prompt)
+        slots += cache.extend(seq, length)
+        positions += range(length)
+        k_start += [start] * length
+        k_end += range(start + 1, start + length + 1)
+        start += length
+    as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+    metadata = PrefillMetadata(as_tensor(slots, torch.int64), as_tensor(k_start, torch.int32),
+                               as_tensor(k_end, torch.int32))
+    input_ids = as_tensor([token for prompt in prompts for token in prompt], torch.int64)
+    last_rows = torch.cumsum(as_tensor([len(p) for p in prompts], torch.int64), 0) - 1 if last_only else None
+    return model(input_ids, as_tensor(positions, torch.int64), metadata, cache, logits_rows=last_rows)
+
+
+def decode_step(model: DeepseekForCausalLM, cache: PagedKVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens `(batch, s_q)` int64, already counted in `cache.cache_seqlens` (via `extend`) -> logits
+    `(batch * s_q, vocab)` float32."""
+    batch, s_q = tokens.shape
+    metadata = decode_metadata(model.config, cache.block_table[:batch], cache.cache_seqlens[:batch], s_q)
+    return model(tokens.reshape(batch * s_q), metadata.positions, metadata, cache)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits `(batch, vocab)` -> tokens `(batch,)` int64: argmax at temperature 0, else a draw from the smallest
+    set of tokens whose probability reaches `top_p`."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = torch.cumsum(sorted_probs, -1) - sorted_probs >= top_p  # keeps the first token always
+    sorted_probs = sorted_probs.masked_fill(outside, 0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, choice)[:, 0]
+
+
+@dataclass
+class GenerationStats:
+    prefill_seconds: float
+    decode_seconds: float
+    new_tokens: int
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds else float("nan")
+
+
+def compile_decode_step(device: torch.device):
+    """`decode_step` under `torch.compile(fullgraph=True)`; CUDA graphs ("reduce-overhead") on CUDA."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(decode_step, fullgraph=True, mode=mode)
+
+
+@torch.inference_mode()
+def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, eos_token_ids: tuple[int, ...] = (),
+             step=decode_step, generator: torch.Generator | None = None) -> tuple[list[list[int]], GenerationStats]:
+    """New tokens of each prompt (ending at its first EOS, included) and timings. `step` is `decode_step` or
+    `compile_decode_step(device)`. Finished sequences keep decoding (static batch shape) until all are done."""
+    batch = len(prompts)
+    sync = torch.cuda.synchronize if cache.block_table.is_cuda else (lambda: None)
+    started = time.perf_counter()
+    next_tokens = sample(prefill(model, cache, prompts), temperature, top_p, generator)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * batch
+    sync()
+    decode_started = time.perf_counter()
+    while True:
+        for seq, token in enumerate(next_tokens.tolist()):
+            if not done[seq]:
+                outputs[seq].append(token)
+                done[seq] = token in eos_token_ids or len(outputs[seq]) == max_new_tokens
+        if all(done):
+            break
+        for seq in range(batch):
+            cache.extend(seq, 1)
+        logits = step(model, cache, next_tokens[:, None])
+        next_tokens = sample(logits, temperature, top_p, generator)
+    sync()
+    finished = time.perf_counter()
+    stats = GenerationStats(decode_started - started, finished - decode_started,
+                            sum(len(o) for o in outputs) - batch)
+    return outputs, stats

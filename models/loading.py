@@ -1,0 +1,233 @@
+"""Load a Hugging Face DeepSeek checkpoint directory by weight name.
+
+`config.json`, `model.safetensors` or `model.safetensors.index.json` + shards, and tokenizer files (optional). The
+model is built on the meta device, allocated once on the target device, and filled tensor by tensor from
+memory-mapped shards, so the weights are never held twice. FP8 block-quantized weights (`weight` float8_e4m3fn with
+`weight_scale_inv` `(ceil(rows / 128), ceil(cols / 128))`, as DeepSeek V3 ships them) are dequantized on the way,
+partial last blocks included. The multi-token-prediction layer (`model.layers.{num_hidden_layers}.*`) is skipped.
+"""
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .deepseek import DeepseekConfig, DeepseekForCausalLM
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"
+EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: names the tensor and the file."""
+
+
+def build_model(config: DeepseekConfig, dtype: torch.dtype = torch.bfloat16,
+                device: torch.device | str = "cpu") -> DeepseekForCausalLM:
+    """The model with uninitialized weights in `dtype` on `device` (built on meta, allocated once). The router and
+    the indexer's `weights_proj` stay float32; RoPE frequencies are filled."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = DeepseekForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb.reset_parameters()
+    return model.eval()
+
+
+def checkpoint_names(model: DeepseekForCausalLM) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """Checkpoint tensor name -> (model tensor, expert row or None). Stacked experts take one name per expert."""
+    targets, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:  # tied lm_head / embed_tokens: the checkpoint holds it once
+            continue
+        seen.add(id(tensor))
+        prefix, _, proj = name.rpartition(".")
+        if prefix.endswith(".mlp.experts"):
+            for expert in range(tensor.shape[0]):
+                targets[f"{prefix}.{expert}.{proj}.weight"] = (tensor, expert)
+        else:
+            targets[name] = (tensor, None)
+    return targets
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """weight `(rows, cols)` float8_e4m3fn, scale_inv `(ceil(rows / block[0]), ceil(cols / block[1]))` float32 ->
+    float32 `weight * scale_inv` of its block; the last block row / column may be partial (e.g. 576 rows)."""
+    rows, cols = weight.shape
+    expected = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(f"scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for a {rows}x{cols} "
+                         f"weight in {block[0]}x{block[1]} blocks")
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * scale
+
+
+def _truncated_tensors(path: Path) -> list[str]:
+    """Tensors of a safetensors file whose data run past its end (read from the header)."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    size = path.stat().st_size
+    return [name for name, info in header.items()
+            if name != "__metadata__" and 8 + header_len + info["data_offsets"][1] > size]
+
+
+def _open(path: Path):
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError, json.JSONDecodeError) as error:
+        try:
+            truncated = _truncated_tensors(path)
+        except (OSError, ValueError):
+            truncated = []
+        detail = f"tensors {truncated[:4]}{'...' if len(truncated) > 4 else ''} run past its end (truncated); " \
+            if truncated else ""
+        raise CheckpointError(f"cannot read {path}: {detail}{error}") from error
+
+
+def _weight_files(checkpoint: Path) -> dict[str, Path]:
+    """Tensor name -> the file that holds it."""
+    index = checkpoint / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: checkpoint / file for name, file in weight_map.items()}
+    single = checkpoint / SINGLE_FILE
+    if not single.exists():
+        raise CheckpointError(f"{checkpoint} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+    with _open(single) as f:
+        return {name: single for name in f.keys()}
+
+
+def load_weights(model: DeepseekForCausalLM, checkpoint: str | os.PathLike,
+                 weight_block_size: tuple[int, int] = (128, 128)) -> None:
+    """Fill every model tensor from the checkpoint, shard by shard. Raises `CheckpointError` on a missing,
+    unexpected or wrongly shaped tensor or an unreadable shard, naming the tensor and the file."""
+    checkpoint = Path(checkpoint)
+    targets = checkpoint_names(model)
+    files = _weight_files(checkpoint)
+    num_layers = model.config.num_hidden_layers
+    by_file: dict[Path, list[str]] = {}
+    skipped = 0
+    for name, path in files.items():
+        layer = LAYER.match(name)
+        if layer and int(layer.group(1)) >= num_layers:
+            skipped += 1
+        elif not name.endswith(SCALE_SUFFIX):
+            by_file.setdefault(path, []).append(name)
+    if skipped:
+        logger.info("skipped %d tensors of the multi-token-prediction layer(s) model.layers.%d+ (not used for "
+                    "generation)", skipped, num_layers)
+    filled = set()
+    for path in sorted(by_file):
+        with _open(path) as f:
+            for name in by_file[path]:
+                if name not in targets:
+                    raise CheckpointError(f"unexpected tensor {name} in {path}: the model has no such weight")
+                tensor, expert = targets[name]
+                want = tuple(tensor.shape[1:] if expert is not None else tensor.shape)
+                value = _read(f, path, name, files, weight_block_size)
+                if tuple(value.shape) != want:
+                    raise CheckpointError(f"tensor {name} in {path} has shape {tuple(value.shape)}, the model "
+                                          f"expects {want}")
+                with torch.no_grad():
+                    (tensor[expert] if expert is not None else tensor).copy_(value)
+                filled.add(name)
+    missing = sorted(set(targets) - filled)
+    if missing:
+        where = checkpoint / (INDEX_FILE if (checkpoint / INDEX_FILE).exists() else SINGLE_FILE)
+        raise CheckpointError(f"missing tensor {missing[0]} in {where}"
+                              + (f" (and {len(missing) - 1} more: {missing[1:4]}...)" if len(missing) > 1 else ""))
+
+
+def _read(f, path: Path, name: str, files: dict[str, Path], block: tuple[int, int]) -> torch.Tensor:
+    """One checkpoint tensor, FP8 weights dequantized with their `weight_scale_inv` (from whichever shard)."""
+    value = f.get_tensor(name)
+    if value.dtype != torch.float8_e4m3fn:
+        return value
+    scale_name = name + SCALE_SUFFIX
+    if scale_name not in files:
+        raise CheckpointError(f"tensor {name} in {path} is float8_e4m3fn but {scale_name} is missing")
+    scale_path = files[scale_name]
+    if scale_path == path:
+        scale_inv = f.get_tensor(scale_name)
+    else:
+        with _open(scale_path) as scale_file:
+            scale_inv = scale_file.get_tensor(scale_name)
+    try:
+        return dequantize_fp8_blocks(value, scale_inv, block)
+    except ValueError as error:
+        raise CheckpointError(f"tensor {scale_name} in {scale_path}: {error}") from error
+
+
+def load_config(checkpoint: str | os.PathLike) -> tuple[DeepseekConfig, dict]:
+    """The model config and the raw `config.json` dict."""
+    raw = json.loads((Path(checkpoint) / "config.json").read_text())
+    return DeepseekConfig.from_dict(raw), raw
+
+
+def load_model(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+               device: torch.device | str = "cpu") -> DeepseekForCausalLM:
+    config, raw = load_config(checkpoint)
+    block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    model = build_model(config, dtype, device)
+    load_weights(model, checkpoint, block)
+    return model
+
+
+def load_tokenizer(checkpoint: str | os.PathLike):
+    """transformers' AutoTokenizer when the directory has tokenizer files, else None."""
+    checkpoint = Path(checkpoint)
+    if not any((checkpoint / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
+def tiny_config(model_type: str, **overrides) -> dict:
+    """A small `config.json` dict of `model_type` (2 layers: dense then MoE with group-limited routing), keeping
+    kv_lora_rank 512 and qk_rope_head_dim 64 so that the FP8 cache works."""
+    config = dict(model_type=model_type, vocab_size=128, hidden_size=64, intermediate_size=96,
+                  moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                  q_lora_rank=32, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32,
+                  n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+                  first_k_dense_replace=1, routed_scaling_factor=1.5, max_position_embeddings=512,
+                  rope_theta=10000.0, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    if model_type == "deepseek_v2":
+        config.update(topk_method="group_limited_greedy", norm_topk_prob=False)
+    else:
+        config.update(norm_topk_prob=True)
+    if model_type == "deepseek_v32":
+        config.update(index_n_heads=4, index_head_dim=128, index_topk=16)
+    config.update(overrides)
+    return config
+
+
+def random_model(config: DeepseekConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 seed: int = 0, std: float = 0.1) -> DeepseekForCausalLM:
+    """A model with random weights (normal(0, std) matrices, ones / zeros for norms and biases)."""
+    model = build_model(config, dtype, device)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if tensor.dim() >= 2:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+            elif name.endswith("norm.weight"):
+                tensor.fill_(1.0)
+            else:
+                tensor.zero_()
+    return model

@@ -1,0 +1,216 @@
+"""Benchmark the paged MLA decode op: SPEC.md §5 decode rows plus a sweep, per backend.
+
+Prints per configuration: time, GB/s, TFLOP/s, fraction of the H100 ceilings (SPEC.md §4), the ratio to the SPEC
+target, and the speed-up over the reference op on the GPU and over scaled_dot_product_attention on the equivalent
+expanded tensors. Writes JSON and a PNG roofline plot.
+
+    python scripts/bench_decode.py                      # SPEC rows, default backend (fastest available)
+    python scripts/bench_decode.py --sweep --backend triton --out bench/decode_triton
+"""
+import argparse
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import flashmla_ops
+from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
+
+PEAK_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy on the lent H100 (SPEC.md §4)
+PEAK_BF16 = 745e12  # FLOP/s, middle of the measured 690..800 TFLOP/s
+L2_BYTES = 50 * 2 ** 20
+
+# (name, batch, s_q, h_q, seqlen, is_fp8, FlashMLA's figure, target: (value, unit))
+SPEC_ROWS = [
+    ("bf16 b128 h16 4k", 128, 1, 16, 4096, False, "2631 GB/s", (2750, "GB/s")),
+    ("bf16 b128 h16 16k", 128, 1, 16, 16384, False, "2838 GB/s", (2850, "GB/s")),
+    ("bf16 b128 h128 4k", 128, 1, 128, 4096, False, "557 TFLOP/s", (600, "TFLOP/s")),
+    ("bf16 b128 s_q2 h128 4k", 128, 2, 128, 4096, False, "609 TFLOP/s", (640, "TFLOP/s")),
+    ("bf16 b1 h128 32k", 1, 1, 128, 32768, False, "803 GB/s", (2000, "GB/s")),
+    ("bf16 b8 h16 32k", 8, 1, 16, 32768, False, "2353 GB/s", (2700, "GB/s")),
+    ("fp8 b128 h16 16k", 128, 1, 16, 16384, True, "-", (1.6, "x bf16 tokens/s")),
+]
+
+
+def decode_flops(batch, s_q, h_q, seqlen):
+    return 2 * batch * s_q * h_q * seqlen * (D_QK + KV_LORA_RANK)
+
+
+def decode_bytes(batch, s_q, h_q, seqlen, is_fp8):
+    kv = batch * seqlen * (FP8_BYTES if is_fp8 else D_QK * 2)
+    return kv + batch * s_q * h_q * (D_QK + KV_LORA_RANK) * 2
+
+
+def make_inputs(batch, s_q, h_q, seqlens, is_fp8, device, copies):
+    """`copies` independent caches (rotated between timed runs so the working set exceeds L2)."""
+    blocks_per_seq = -(-max(seqlens) // PAGE_BLOCK_SIZE)
+    num_blocks = batch * blocks_per_seq
+    sets = []
+    for _ in range(copies):
+        cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, device=device, dtype=torch.bfloat16)
+        if is_fp8:
+            cache = torch.ops.flashmla.quantize_kv_fp8(cache)
+        block_table = torch.randperm(num_blocks, device=device, dtype=torch.int32).view(batch, blocks_per_seq)
+        sets.append((torch.randn(batch, s_q, h_q, D_QK, device=device, dtype=torch.bfloat16), cache, block_table))
+    return sets, torch.tensor(seqlens, dtype=torch.int32, device=device)
+
+
+def time_ms(fn, sets):
+    import triton.testing
+
+    state = {"i": 0}
+
+    def rotating():
+        state["i"] = (state["i"] + 1) % len(sets)
+        return fn(*sets[state["i"]])
+
+    return triton.testing.do_bench(rotating, warmup=25, rep=200, return_mode="median")
+
+
+def sdpa_ms(batch, s_q, h_q, seqlen, device):
+    """scaled_dot_product_attention over the expanded equivalent: h_q heads of 576/512, one shared KV head."""
+    if batch * seqlen * h_q * (D_QK + KV_LORA_RANK) * 2 > 8 * 2 ** 30:
+        return None  # the expanded tensors would not fit
+    q = torch.randn(batch, h_q, s_q, D_QK, device=device, dtype=torch.bfloat16)
+    k = torch.randn(batch, 1, seqlen, D_QK, device=device, dtype=torch.bfloat16).expand(batch, h_q, seqlen, D_QK)
+    v = k[..., :KV_LORA_RANK]
+    fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    try:
+        return time_ms(lambda: fn(), [()])
+    except (RuntimeError, torch.OutOfMemoryError):
+        return None
+
+
+def bench_config(batch, s_q, h_q, seqlens, is_fp8, device, with_baselines):
+    seqlen = sum(seqlens) // len(seqlens)
+    per_set = decode_bytes(batch, s_q, h_q, seqlen, is_fp8)
+    copies = max(1, min(8, -(-2 * L2_BYTES // per_set)))
+    sets, cache_seqlens = make_inputs(batch, s_q, h_q, seqlens, is_fp8, device, copies)
+    scale = D_QK ** -0.5
+
+    def op(q, cache, block_table):
+        return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK, scale,
+                                               s_q > 1, is_fp8, None)
+
+    ms = time_ms(op, sets)
+    flops = sum(decode_flops(1, s_q, h_q, length) for length in seqlens)
+    total_bytes = sum(decode_bytes(1, s_q, h_q, length, is_fp8) for length in seqlens)
+    row = {"batch": batch, "s_q": s_q, "h_q": h_q, "seqlen": seqlen, "skewed": len(set(seqlens)) > 1,
+           "kv_cache": "fp8" if is_fp8 else "bf16", "time_us": ms * 1e3, "gb_s": total_bytes / ms / 1e6,
+           "tflop_s": flops / ms / 1e9}
+    row["bandwidth_fraction"] = row["gb_s"] * 1e9 / PEAK_BANDWIDTH
+    row["compute_fraction"] = row["tflop_s"] * 1e12 / PEAK_BF16
+    if with_baselines:
+        with forced_backend("reference"):
+            reference_ms = time_ms(op, sets[:1]) if batch * seqlen <= 2 ** 21 else None
+        row["speedup_vs_reference"] = reference_ms / ms if reference_ms else None
+        sdpa = sdpa_ms(batch, s_q, h_q, seqlen, device) if not is_fp8 else None
+        row["speedup_vs_sdpa"] = sdpa / ms if sdpa else None
+    del sets
+    torch.cuda.empty_cache()
+    return row
+
+
+@contextlib.contextmanager
+def forced_backend(choice):
+    """Run the ops on one backend (FLASHMLA_BACKEND) for the duration."""
+    saved = os.environ.get("FLASHMLA_BACKEND")
+    os.environ["FLASHMLA_BACKEND"] = choice
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FLASHMLA_BACKEND")
+        else:
+            os.environ["FLASHMLA_BACKEND"] = saved
+
+
+def sweep_configs():
+    for is_fp8 in (False, True):
+        for h_q in (16, 64, 128):
+            for s_q in (1, 2):
+                for batch in (1, 8, 32, 128):
+                    for seqlen in (512, 4096, 32768):
+                        if batch * seqlen <= 128 * 16384:
+                            yield batch, s_q, h_q, [seqlen] * batch, is_fp8
+                # skewed: one long sequence among short ones
+                yield 32, 1, h_q, [32768] + [512] * 31, is_fp8
+
+
+def fmt(value, digits=0):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    intensity = [r["tflop_s"] * 1e12 / (r["gb_s"] * 1e9) for r in rows]
+    ax.scatter(intensity, [r["tflop_s"] for r in rows], c=["tab:red" if r["kv_cache"] == "fp8" else "tab:blue" for r in rows],
+               s=12)
+    xs = [min(intensity) / 2, max(intensity) * 2]
+    ax.plot(xs, [min(PEAK_BANDWIDTH * x, PEAK_BF16) / 1e12 for x in xs], "k--", lw=1, label="H100 roofline (SPEC §4)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("FLOP per byte")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title("flashmla dense decode (blue: BF16 cache, red: FP8 cache)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "reference"])
+    parser.add_argument("--sweep", action="store_true", help="also run the batch/seqlen/h_q/s_q/dtype sweep")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the reference and SDPA timings")
+    parser.add_argument("--out", default="bench/decode", help="output prefix for .json and .png")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode.py needs a CUDA GPU")
+    os.environ["FLASHMLA_BACKEND"] = args.backend
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dense_decode backend: "
+          f"{flashmla_ops.backend('dense_decode', device)}")
+    rows = []
+    print(f"{'configuration':26} {'time us':>8} {'GB/s':>7} {'TFLOP/s':>8} {'%BW':>5} {'%MMA':>5} "
+          f"{'FlashMLA':>12} {'target':>16} {'vs target':>9} {'x ref':>7} {'x sdpa':>7}")
+    bf16_tokens_per_s = {}
+    for name, batch, s_q, h_q, seqlen, is_fp8, flashmla, (target, unit) in SPEC_ROWS:
+        row = bench_config(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, not args.no_baselines)
+        row.update(name=name, flashmla=flashmla, target=f">= {target} {unit}")
+        tokens_per_s = batch * s_q / (row["time_us"] * 1e-6)
+        if not is_fp8:
+            bf16_tokens_per_s[(batch, s_q, h_q, seqlen)] = tokens_per_s
+        achieved = {"GB/s": row["gb_s"], "TFLOP/s": row["tflop_s"]}.get(unit)
+        if achieved is None:
+            achieved = tokens_per_s / bf16_tokens_per_s[(batch, s_q, h_q, seqlen)]
+        row["vs_target"] = achieved / target
+        rows.append(row)
+        print(f"{name:26} {row['time_us']:8.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} {100 * row['bandwidth_fraction']:5.1f}"
+              f" {100 * row['compute_fraction']:5.1f} {flashmla:>12} {row['target']:>16} {row['vs_target']:9.2f}"
+              f" {fmt(row.get('speedup_vs_reference'), 1):>7} {fmt(row.get('speedup_vs_sdpa'), 1):>7}")
+    if args.sweep:
+        for batch, s_q, h_q, seqlens, is_fp8 in tqdm(list(sweep_configs()), desc="sweep"):
+            rows.append(bench_config(batch, s_q, h_q, seqlens, is_fp8, device, with_baselines=False))
+        print(f"{'kv':4} {'batch':>5} {'s_q':>3} {'h_q':>4} {'seqlen':>6} {'skew':>4} {'time us':>9} {'GB/s':>7} {'TFLOP/s':>8}")
+        for r in rows[len(SPEC_ROWS):]:
+            print(f"{r['kv_cache']:4} {r['batch']:5} {r['s_q']:3} {r['h_q']:4} {r['seqlen']:6} {'y' if r['skewed'] else '':>4} "
+                  f"{r['time_us']:9.1f} {r['gb_s']:7.0f} {r['tflop_s']:8.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "backend": args.backend}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

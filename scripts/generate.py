@@ -1,0 +1,80 @@
+"""Generate text (or tokens) with a DeepSeek V2 / V3 / V3.2 checkpoint over the paged MLA cache.
+
+    python scripts/generate.py --model DIR --prompt "Hello" --prompt "The capital of France is" --max-new-tokens 32
+    python scripts/generate.py --random-tiny v32 --kv-cache fp8 --compile    # no checkpoint: a tiny random model
+
+Without --model, a tiny random model of --random-tiny's family runs on fixed token prompts (no tokenizer).
+"""
+import argparse
+
+import torch
+from tqdm import tqdm
+
+from models import (DeepseekConfig, PagedKVCache, compile_decode_step, decode_step, generate, load_model,
+                    load_tokenizer, random_model, tiny_config)
+from models.cache import KV_CACHE_DTYPES
+from models.loading import load_config
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+RANDOM_TINY = {"v2": "deepseek_v2", "v3": "deepseek_v3", "v32": "deepseek_v32"}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer files)")
+    parser.add_argument("--random-tiny", choices=sorted(RANDOM_TINY), default="v3",
+                        help="without --model: the family of a tiny random model to run")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); needs a tokenizer")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="bf16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="model weights")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile(fullgraph=True) the decode step (CUDA graphs on CUDA)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+    tokenizer = None
+    if args.model:
+        config, _ = load_config(args.model)
+        with tqdm(total=1, desc=f"loading {args.model}") as progress:
+            model = load_model(args.model, dtype, device)
+            progress.update()
+        tokenizer = load_tokenizer(args.model)
+    else:
+        config = DeepseekConfig.from_dict(tiny_config(RANDOM_TINY[args.random_tiny]))
+        model = random_model(config, dtype, device, seed=args.seed)
+    if args.prompt:
+        if tokenizer is None:
+            raise SystemExit("--prompt needs a checkpoint with tokenizer files (--model DIR)")
+        prompts = [tokenizer.encode(p) for p in args.prompt]
+    else:
+        prompts = [list(range(2, 2 + length)) for length in (7, 19, 4)]  # tokenizer-free input
+
+    max_seq_len = max(len(p) for p in prompts) + args.max_new_tokens
+    blocks_per_seq = -(-max_seq_len // 64)
+    cache = PagedKVCache(config, blocks_per_seq * len(prompts), len(prompts), max_seq_len, args.kv_cache, device)
+    step = compile_decode_step(device) if args.compile else decode_step
+    generator = torch.Generator(device).manual_seed(args.seed)
+    outputs, stats = generate(model, cache, prompts, args.max_new_tokens, args.temperature, args.top_p,
+                              tuple(config.eos_token_ids), step, generator)
+    for prompt, output in zip(prompts, outputs):
+        if tokenizer is not None:
+            print(repr(tokenizer.decode(prompt)), "->", repr(tokenizer.decode(output)))
+        else:
+            print(prompt, "->", output)
+    print(f"prefill {stats.prefill_seconds * 1e3:.1f} ms, decode {stats.new_tokens} tokens in "
+          f"{stats.decode_seconds:.2f} s: {stats.decode_tokens_per_second:.1f} tokens/s "
+          f"({'compiled' if args.compile else 'eager'}, {args.kv_cache} cache, {device})")
+
+
+if __name__ == "__main__":
+    main()

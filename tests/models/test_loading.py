@@ -1,0 +1,151 @@
+"""models/loading.py: FP8 block-quantized and sharded checkpoints, the MTP layer, and errors that name the tensor
+and the file."""
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models import CheckpointError, load_model
+from models.loading import INDEX_FILE, SINGLE_FILE, checkpoint_names, dequantize_fp8_blocks
+
+BLOCK = 128
+FP8_MAX = 448.0
+
+
+def quantize_fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek V3's weight format: float8_e4m3fn values and a float32 `weight_scale_inv` per 128x128 block
+    (partial last blocks included), value = fp8 * scale_inv."""
+    rows, cols = weight.shape
+    pad = torch.zeros(-(-rows // BLOCK) * BLOCK, -(-cols // BLOCK) * BLOCK)
+    pad[:rows, :cols] = weight
+    blocks = pad.view(pad.shape[0] // BLOCK, BLOCK, pad.shape[1] // BLOCK, BLOCK)
+    scale_inv = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / FP8_MAX
+    expanded = scale_inv.repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
+    return (weight / expanded).to(torch.float8_e4m3fn), scale_inv
+
+
+def is_quantized(name: str, tensor: torch.Tensor) -> bool:
+    """As DeepSeek V3 ships: the linear layers' weights, not the embeddings, lm_head, norms or the router."""
+    return tensor.dim() == 2 and not any(k in name for k in ("embed_tokens", "lm_head", "mlp.gate.weight"))
+
+
+@pytest.fixture()
+def v3_tensors(hf_checkpoints):
+    path, _ = hf_checkpoints("deepseek_v3")
+    tensors = load_file(path / SINGLE_FILE)
+    # Row magnitudes from 1e-2 to 1e2: a scale applied to the wrong block shows as a large error.
+    for name, tensor in tensors.items():
+        if is_quantized(name, tensor):
+            tensors[name] = tensor * torch.logspace(-2, 2, tensor.shape[0])[:, None]
+    return path, tensors
+
+
+def write_checkpoint(directory, source, tensors: dict, shards: int = 1) -> None:
+    """config.json from `source`, and the tensors in one file or `shards` files with an index."""
+    directory.mkdir(exist_ok=True)
+    shutil.copy(source / "config.json", directory / "config.json")
+    if shards == 1:
+        save_file(tensors, directory / SINGLE_FILE)
+        return
+    names = sorted(tensors)
+    weight_map = {}
+    for shard in range(shards):
+        file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[shard::shards]
+        save_file({name: tensors[name].contiguous() for name in part}, directory / file)
+        weight_map.update({name: file for name in part})
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def loaded_weights(model) -> dict[str, torch.Tensor]:
+    return {name: tensor[expert] if expert is not None else tensor
+            for name, (tensor, expert) in checkpoint_names(model).items()}
+
+
+def test_dequantize_partial_blocks():
+    weight = torch.randn(576, 200) * torch.logspace(-2, 2, 576)[:, None]
+    fp8, scale_inv = quantize_fp8_blocks(weight)
+    assert scale_inv.shape == (5, 2)
+    restored = dequantize_fp8_blocks(fp8, scale_inv, (BLOCK, BLOCK))
+    scale = scale_inv.repeat_interleave(BLOCK, 0)[:576].repeat_interleave(BLOCK, 1)[:, :200]
+    # e4m3: 3 mantissa bits (relative error <= 2^-4), subnormal spacing 2^-9 of the block scale.
+    assert ((restored - weight).abs() <= weight.abs() * 2 ** -4 + scale * 2 ** -10).all()
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_fp8_checkpoint_with_mtp_layer(tmp_path, v3_tensors, shards, caplog):
+    """FP8 weights (kv_a_proj_with_mqa: 576 rows, partial blocks both ways) load to the original within FP8 error;
+    in the sharded checkpoint weights and their scales land in different files; the MTP layer is skipped."""
+    source, tensors = v3_tensors
+    stored = {}
+    for name, tensor in tensors.items():
+        if is_quantized(name, tensor):
+            stored[name], stored[name[:-len("weight")] + "weight_scale_inv"] = quantize_fp8_blocks(tensor)
+        else:
+            stored[name] = tensor
+    num_layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
+    mtp = {name.replace("model.layers.1.", f"model.layers.{num_layers}."): t.clone()
+           for name, t in stored.items() if name.startswith("model.layers.1.")}
+    write_checkpoint(tmp_path / "fp8", source, {**stored, **mtp}, shards)
+    with caplog.at_level(logging.INFO, logger="models.loading"):
+        model = load_model(tmp_path / "fp8", dtype=torch.float32)
+    assert f"model.layers.{num_layers}" in caplog.text
+    assert stored["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (5, 1)
+    weights = loaded_weights(model)
+    assert weights.keys() == tensors.keys()
+    for name, original in tensors.items():
+        if is_quantized(name, original):
+            assert ((weights[name] - original).abs() <= original.abs() * 2 ** -4 + 1e-3 * original.abs().amax()
+                    ).all(), name
+        else:
+            assert torch.equal(weights[name], original), name
+
+
+def test_bf16_load_matches_checkpoint(hf_checkpoints):
+    path, _ = hf_checkpoints("deepseek_v3")
+    model = load_model(path, dtype=torch.bfloat16)
+    for name, original in load_file(path / SINGLE_FILE).items():
+        loaded = loaded_weights(model)[name]
+        keep_fp32 = "mlp.gate." in name
+        assert loaded.dtype == (torch.float32 if keep_fp32 else torch.bfloat16), name
+        assert torch.equal(loaded, original if keep_fp32 else original.to(torch.bfloat16)), name
+
+
+def broken_checkpoint(tmp_path, source, tensors, shards=1):
+    write_checkpoint(tmp_path / "broken", source, tensors, shards)
+    return tmp_path / "broken"
+
+
+def test_missing_tensor(tmp_path, v3_tensors):
+    source, tensors = v3_tensors
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    del tensors[name]
+    with pytest.raises(CheckpointError, match=rf"missing tensor {name} in .*{SINGLE_FILE}"):
+        load_model(broken_checkpoint(tmp_path, source, tensors), dtype=torch.float32)
+
+
+def test_unexpected_tensor(tmp_path, v3_tensors):
+    source, tensors = v3_tensors
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match=rf"unexpected tensor model.layers.0.self_attn.q_proj.weight in .*{SINGLE_FILE}"):
+        load_model(broken_checkpoint(tmp_path, source, tensors), dtype=torch.float32)
+
+
+def test_wrong_shape(tmp_path, v3_tensors):
+    source, tensors = v3_tensors
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    tensors[name] = tensors[name][:-1]
+    with pytest.raises(CheckpointError, match=rf"tensor {name} in .*{SINGLE_FILE} has shape"):
+        load_model(broken_checkpoint(tmp_path, source, tensors), dtype=torch.float32)
+
+
+def test_truncated_shard(tmp_path, v3_tensors):
+    source, tensors = v3_tensors
+    path = broken_checkpoint(tmp_path, source, tensors, shards=2)
+    shard = path / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensors \['model\.\S+'.*truncated"):
+        load_model(path, dtype=torch.float32)

@@ -1,0 +1,167 @@
+"""Dense and sparse paged decode (torch.ops.flashmla.dense_decode / sparse_decode) against the float64 oracle."""
+import pytest
+import torch
+
+import mla_oracle as oracle
+
+ops = torch.ops.flashmla
+SCALE = oracle.D_QK ** -0.5
+
+
+def dense(q, cache, block_table, cache_seqlens, causal=False, fp8=False, attn_sink=None, d_v=oracle.D_V, scale=SCALE):
+    device = q.device
+    return ops.dense_decode(q, cache, block_table.to(device), cache_seqlens.to(device), None, None, d_v, scale, causal,
+                            fp8, None if attn_sink is None else attn_sink.to(device))
+
+
+@pytest.mark.parametrize("lengths,s_q,h_q,causal", [
+    ([0, 1, 63, 64, 65, 130], 1, 16, False),   # empty sequence, single token, around the 64-token block
+    ([200], 1, 128, False),
+    ([1, 2, 3, 100], 2, 1, True),              # L < s_q: the first queries see nothing
+    ([0, 5, 129], 4, 16, True),
+    ([77, 3], 3, 16, False),                   # s_q > 1 without causal: every query sees [0, L)
+    ([], 1, 16, False),                        # batch 0
+])
+def test_dense_decode_bf16(device, lengths, s_q, h_q, causal):
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    num_blocks = sum(-(-n // 64) for n in lengths) + 3
+    cache, flat_keys = oracle.paged_cache(num_blocks, fp8=False, pad=40, device=device)
+    block_table = oracle.block_table_for(lengths, num_blocks, max_blocks_per_seq=4)
+    q = oracle.bf16(len(lengths), s_q, h_q, oracle.D_QK, device=device)
+    out, lse = dense(q, cache, block_table, cache_seqlens, causal)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    ref_out, ref_lse = oracle.dense_decode(q.cpu(), flat_keys, block_table, cache_seqlens, SCALE, oracle.D_V, causal)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("lengths,s_q,h_q,causal,pad,fp8_view", [
+    ([70, 1, 0], 2, 16, True, 656 * 3, False),
+    ([129, 64], 1, 128, False, 0, True),
+    ([33], 4, 1, True, 5000, False),
+])
+def test_dense_decode_fp8(device, lengths, s_q, h_q, causal, pad, fp8_view):
+    """FP8 cache, a slice of a padded buffer: against the oracle on the exactly dequantized cache, and within FP8
+    error of the same data in a BF16 cache."""
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    num_blocks = sum(-(-n // 64) for n in lengths) + 2
+    cache, flat_keys = oracle.paged_cache(num_blocks, fp8=True, pad=pad, device=device)
+    assert cache.stride(0) > 64 * 656 or pad == 0
+    block_table = oracle.block_table_for(lengths, num_blocks)
+    q = oracle.bf16(len(lengths), s_q, h_q, oracle.D_QK, device=device)
+    fp8_cache = cache.view(torch.float8_e4m3fn) if fp8_view else cache
+    out, lse = dense(q, fp8_cache, block_table, cache_seqlens, causal, fp8=True)
+    ref_out, ref_lse = oracle.dense_decode(q.cpu(), flat_keys, block_table, cache_seqlens, SCALE, oracle.D_V, causal)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+
+    # The dequantized values are exact in BF16: a BF16 cache holding them gives the same attention.
+    out_bf16, lse_bf16 = dense(q, ops.dequantize_kv_fp8(cache.contiguous()), block_table, cache_seqlens, causal)
+    oracle.assert_attention_close(out_bf16, lse_bf16, out.double().cpu(), lse.double().cpu())
+
+
+def test_dense_decode_fp8_vs_bf16_cache(device):
+    lengths = [150, 64, 9]
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    num_blocks = 8
+    content = oracle.bf16(num_blocks, 64, 1, oracle.D_QK, device=device)
+    block_table = oracle.block_table_for(lengths, num_blocks)
+    q = oracle.bf16(3, 1, 16, oracle.D_QK, device=device)
+    out_bf16, lse_bf16 = dense(q, content, block_table, cache_seqlens)
+    out_fp8, lse_fp8 = dense(q, ops.quantize_kv_fp8(content), block_table, cache_seqlens, fp8=True)
+    error = (out_fp8.double() - out_bf16.double()).norm() / out_bf16.double().norm()
+    assert error < 5e-2, error
+    assert (lse_fp8 - lse_bf16).abs().max() < 5e-2
+
+
+def test_dense_decode_attn_sink_and_scale(device):
+    lengths = [90, 0, 2]
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    cache, flat_keys = oracle.paged_cache(5, fp8=False, device=device)
+    block_table = oracle.block_table_for(lengths, 5)
+    q = oracle.bf16(3, 2, 16, oracle.D_QK, device=device)
+    attn_sink = torch.randn(16) * 2
+    out, lse = dense(q, cache, block_table, cache_seqlens, causal=True, attn_sink=attn_sink, scale=0.1)
+    ref_out, ref_lse = oracle.dense_decode(q.cpu(), flat_keys, block_table, cache_seqlens, 0.1, oracle.D_V, True,
+                                           attn_sink)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+
+
+def test_dense_decode_small_head_dims(device):
+    """A BF16 cache does not require DeepSeek's 576/512 (the ops take d_qk from q)."""
+    lengths = [70, 20]
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    cache, flat_keys = oracle.paged_cache(4, fp8=False, d_qk=96, device=device)
+    block_table = oracle.block_table_for(lengths, 4)
+    q = oracle.bf16(2, 1, 4, 96, device=device)
+    out, lse = dense(q, cache, block_table, cache_seqlens, d_v=64, scale=96 ** -0.5)
+    ref_out, ref_lse = oracle.dense_decode(q.cpu(), flat_keys, block_table, cache_seqlens, 96 ** -0.5, 64, False)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+
+
+def sparse_indices(batch, s_q, topk, num_slots, invalid_fraction=0.2):
+    """Random flat slots with -1s and duplicates; row (0, 0) is all -1."""
+    indices = torch.randint(0, num_slots, (batch, s_q, topk), dtype=torch.int32)
+    indices[torch.rand(batch, s_q, topk) < invalid_fraction] = -1
+    if topk > 3:
+        indices[..., 1] = indices[..., 3]  # duplicates count twice
+    if batch:
+        indices[0, 0] = -1
+    return indices
+
+
+@pytest.mark.parametrize("batch,s_q,h_q,topk,fp8,with_topk_length", [
+    (3, 1, 16, 37, False, False),
+    (2, 2, 128, 100, True, True),
+    (2, 4, 1, 64, False, True),
+    (1, 3, 16, 1, True, False),
+    (0, 1, 16, 10, False, False),
+])
+def test_sparse_decode(device, batch, s_q, h_q, topk, fp8, with_topk_length):
+    num_blocks = 4
+    cache, flat_keys = oracle.paged_cache(num_blocks, fp8=fp8, pad=656 if fp8 else 0, device=device)
+    indices = sparse_indices(batch, s_q, topk, num_blocks * 64)
+    topk_length = torch.randint(0, topk + 1, (batch,), dtype=torch.int32) if with_topk_length else None
+    q = oracle.bf16(batch, s_q, h_q, oracle.D_QK, device=device)
+    out, lse = ops.sparse_decode(q, cache, indices.to(device), None if topk_length is None else topk_length.to(device),
+                                 None, None, None, None, None, oracle.D_V, SCALE, fp8, None)
+    ref_out, ref_lse = oracle.sparse_decode(q.cpu(), flat_keys, indices, topk_length, SCALE, oracle.D_V)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_sparse_decode_extra_cache_and_sink(device, fp8):
+    """extra_k_cache + extra_indices_in_kvcache + extra_topk_length share the softmax with the main cache."""
+    batch, s_q, h_q, topk, extra_topk = 3, 2, 16, 50, 20
+    cache, flat_keys = oracle.paged_cache(3, fp8=fp8, device=device)
+    extra_cache, extra_flat_keys = oracle.paged_cache(2, fp8=fp8, pad=656 if fp8 else 576, device=device)
+    indices = sparse_indices(batch, s_q, topk, 3 * 64)
+    extra_indices = sparse_indices(batch, s_q, extra_topk, 2 * 64, invalid_fraction=0.1)
+    extra_indices[0, 0, :5] = torch.arange(5)  # query (0, 0) sees only extra tokens
+    topk_length = torch.tensor([topk, 7, 0], dtype=torch.int32)
+    extra_topk_length = torch.tensor([extra_topk, 0, 13], dtype=torch.int32)
+    attn_sink = torch.randn(h_q)
+    q = oracle.bf16(batch, s_q, h_q, oracle.D_QK, device=device)
+    out, lse = ops.sparse_decode(q, cache, indices.to(device), topk_length.to(device), extra_cache,
+                                 extra_indices.to(device), extra_topk_length.to(device), None, None, oracle.D_V,
+                                 SCALE, fp8, attn_sink.to(device))
+    ref_out, ref_lse = oracle.sparse_decode(q.cpu(), flat_keys, indices, topk_length, SCALE, oracle.D_V,
+                                            extra_flat_keys, extra_indices, extra_topk_length, attn_sink)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+    assert torch.isfinite(lse[0, :, 0]).all(), "extra tokens alone make a query non-empty"
+
+
+def test_sparse_decode_matches_dense_on_the_same_tokens(device):
+    """Sparse decode listing every token of a sequence (in shuffled order) equals dense decode over it."""
+    lengths = [100, 40]
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    cache, _ = oracle.paged_cache(4, fp8=False, device=device)
+    block_table = oracle.block_table_for(lengths, 4)
+    q = oracle.bf16(2, 1, 16, oracle.D_QK, device=device)
+    indices = torch.full((2, 1, 128), -1, dtype=torch.int32)
+    for b, length in enumerate(lengths):
+        slots = [int(block_table[b, t // 64]) * 64 + t % 64 for t in range(length)]
+        indices[b, 0, :length] = torch.tensor(slots, dtype=torch.int32)[torch.randperm(length)]
+    out_sparse, lse_sparse = ops.sparse_decode(q, cache, indices.to(device), None, None, None, None, None, None,
+                                               oracle.D_V, SCALE, False, None)
+    out_dense, lse_dense = dense(q, cache, block_table, cache_seqlens)
+    assert (out_sparse.double() - out_dense.double()).norm() / out_dense.double().norm() < 1e-2
+    assert (lse_sparse - lse_dense).abs().max() < 1e-4

@@ -1,0 +1,162 @@
+"""The DSA lightning indexer ops (indexer_logits, indexer_logits_paged, indexer_topk) against naive oracles."""
+import math
+
+import pytest
+import torch
+
+import mla_oracle as oracle
+
+ops = torch.ops.flashmla
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_with_scales(x: torch.Tensor):
+    """x float `(..., d)` -> (float8_e4m3fn values, float32 per-row power-of-two scales, exact float64 value)."""
+    scale = oracle.pow2_scale(x.double().abs().amax(-1))
+    codes = oracle.e4m3_encode(x.double() / scale[..., None])
+    return codes.view(FP8), scale.float(), oracle.e4m3_decode(codes) * scale[..., None]
+
+
+def assert_logits_close(logits, ref):
+    logits = logits.detach().cpu().double()
+    assert logits.shape == ref.shape
+    assert torch.equal(torch.isneginf(logits), torch.isneginf(ref)), "-inf exactly outside each query's visible keys"
+    finite = torch.isfinite(ref)
+    assert torch.isfinite(logits[finite]).all()
+    if finite.any():
+        magnitude = ref[finite].abs().max() + 1
+        assert (logits[finite] - ref[finite]).abs().max() < 1e-5 * magnitude
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("s_q,s_kv,h_i,d_i", [(7, 50, 4, 32), (1, 1, 1, 16), (20, 130, 64, 128)])
+def test_indexer_logits(device, fp8, s_q, s_kv, h_i, d_i):
+    q, k = torch.randn(s_q, h_i, d_i) * 2, torch.randn(s_kv, d_i)
+    weights = torch.randn(s_q, h_i)
+    # Ragged per-query ranges, including empty ones and the full range.
+    k_start = torch.randint(0, s_kv + 1, (s_q,), dtype=torch.int32)
+    k_end = (k_start + torch.randint(0, s_kv + 1, (s_q,), dtype=torch.int32)).clamp(max=s_kv).int()
+    k_start[0], k_end[0] = 0, s_kv
+    if s_q > 1:
+        k_end[1] = k_start[1]
+    if fp8:
+        q_arg, q_scale, q_exact = fp8_with_scales(q)
+        k_arg, k_scale, k_exact = fp8_with_scales(k)
+    else:
+        q_arg, k_arg = q.bfloat16(), k.bfloat16()
+        q_scale = k_scale = None
+        q_exact, k_exact = q_arg.double(), k_arg.double()
+    to = (lambda t: None if t is None else t.to(device))
+    logits = ops.indexer_logits(to(q_arg), to(k_arg), to(weights), to(k_start), to(k_end), to(q_scale), to(k_scale))
+    assert logits.dtype == torch.float32
+    assert_logits_close(logits, oracle.indexer_logits(q_exact, k_exact, weights, k_start, k_end))
+
+
+def test_indexer_logits_varlen_causal(device):
+    """The packed-prefill use: query t of a sequence starting at row s sees [s, t + 1)."""
+    seq_lens, h_i, d_i = [5, 64, 3], 8, 64
+    starts = torch.cat([torch.full((n,), sum(seq_lens[:j]), dtype=torch.int32) for j, n in enumerate(seq_lens)])
+    k_end = torch.arange(1, sum(seq_lens) + 1, dtype=torch.int32)
+    q, k, weights = oracle.bf16(len(k_end), h_i, d_i), oracle.bf16(len(k_end), d_i), torch.rand(len(k_end), h_i)
+    logits = ops.indexer_logits(q.to(device), k.to(device), weights.to(device), starts.to(device), k_end.to(device),
+                                None, None)
+    assert_logits_close(logits, oracle.indexer_logits(q.double(), k.double(), weights, starts, k_end))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("lengths,s_q,h_i,d_i", [([70, 1, 128, 5], 1, 4, 32), ([3, 130], 3, 64, 128), ([1], 2, 1, 16)])
+def test_indexer_logits_paged(device, fp8, lengths, s_q, h_i, d_i):
+    """Causal s_q > 1: query i of sequence b sees logical tokens [0, L - s_q + i]; -inf beyond, per logical token."""
+    num_blocks = sum(-(-n // 64) for n in lengths) + 2
+    keys = oracle.bf16(num_blocks, 64, d_i)
+    if fp8:
+        index_cache = oracle.quantize_index(keys)
+        flat_keys = oracle.dequantize_index(index_cache).reshape(-1, d_i)
+    else:
+        index_cache, flat_keys = keys, keys.double().reshape(-1, d_i)
+    block_table = oracle.block_table_for(lengths, num_blocks, max_blocks_per_seq=4)
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(len(lengths), s_q, h_i, d_i)
+    weights = torch.randn(len(lengths), s_q, h_i)
+    if fp8:
+        q_arg, q_scale, q_exact = fp8_with_scales(q)
+    else:
+        q_arg, q_scale = q.bfloat16(), None
+        q_exact = q_arg.double()
+    logits = ops.indexer_logits_paged(q_arg.to(device), index_cache.to(device), weights.to(device),
+                                      block_table.to(device), cache_seqlens.to(device),
+                                      None if q_scale is None else q_scale.to(device))
+    assert logits.shape == (len(lengths), s_q, 4 * 64)
+    assert_logits_close(logits, oracle.indexer_logits_paged(q_exact, flat_keys, weights, block_table, cache_seqlens))
+
+
+def test_indexer_logits_paged_empty_sequence(device):
+    """A sequence of length 0 in a decode batch (padding) sees nothing: an all -inf row, not an error."""
+    lengths = [0, 70]
+    index_cache = oracle.bf16(3, 64, 32)
+    block_table = oracle.block_table_for(lengths, 3)
+    q, weights = oracle.bf16(2, 1, 4, 32), torch.randn(2, 1, 4)
+    logits = ops.indexer_logits_paged(q.to(device), index_cache.to(device), weights.to(device), block_table.to(device),
+                                      torch.tensor(lengths, dtype=torch.int32, device=device), None)
+    ref = oracle.indexer_logits_paged(q.double(), index_cache.double().reshape(-1, 32), weights, block_table,
+                                      torch.tensor(lengths))
+    assert_logits_close(logits, ref)
+
+
+def assert_topk_selection(selected, logits, topk, key_of=None):
+    """selected `(..., topk)` int32: its finite logits are, as a multiset, the `topk` largest finite logits of the row;
+    -1 fills exactly the places beyond the number of finite logits; no key twice. `key_of(row, index)` maps a
+    returned index to the logical key (for block-table translation)."""
+    assert selected.dtype == torch.int32 and selected.shape == (*logits.shape[:-1], topk)
+    rows = math.prod(logits.shape[:-1])
+    selected, logits = selected.cpu().reshape(rows, topk), logits.cpu().double().reshape(rows, logits.shape[-1])
+    for row, (picked, values) in enumerate(zip(selected.tolist(), logits)):
+        finite = sorted((float(v) for v in values if math.isfinite(v)), reverse=True)
+        want = finite[:topk]
+        chosen = [p for p in picked if p != -1]
+        assert picked.count(-1) == topk - len(want), f"row {row}: {picked}"
+        keys = [key_of(row, p) if key_of else p for p in chosen]
+        assert all(0 <= key < logits.shape[-1] for key in keys), f"row {row}: {keys}"
+        assert len(set(keys)) == len(keys), f"row {row}: a key selected twice"
+        assert sorted((float(values[key]) for key in keys), reverse=True) == want, f"row {row}"
+
+
+@pytest.mark.parametrize("shape,topk,ties", [((5, 300), 37, False), ((2, 3, 70), 100, False), ((4, 64), 64, True),
+                                             ((130,), 1, False), ((3, 0), 4, False)])
+def test_indexer_topk(device, shape, topk, ties):
+    logits = torch.randint(-3, 3, shape).float() if ties else torch.randn(shape)
+    logits[torch.rand(shape) < 0.3] = -math.inf
+    if len(shape) > 1 and shape[-1]:
+        logits[0] = -math.inf  # a row that sees nothing
+        logits[-1, :topk // 2] = -math.inf
+    selected = ops.indexer_topk(logits.to(device), topk, None)
+    assert_topk_selection(selected, logits, topk)
+
+
+@pytest.mark.parametrize("num_keys,topk", [(4 * 64, 50), (150, 130), (3 * 64 + 1, 200)])
+def test_indexer_topk_block_table(device, num_keys, topk):
+    """With block_table the indices are flat cache slots block_table[b, t // 64] * 64 + t % 64."""
+    batch, s_q, max_blocks = 3, 2, 4
+    logits = torch.randn(batch, s_q, num_keys)
+    lengths = [num_keys, 65, 0]
+    for b, length in enumerate(lengths):
+        logits[b, :, length:] = -math.inf
+    logits[1, 1, 40:] = -math.inf
+    block_table = oracle.block_table_for([max_blocks * 64] * batch, 20, max_blocks_per_seq=max_blocks, garbage=False)
+    selected = ops.indexer_topk(logits.to(device), topk, block_table.to(device))
+    slot_to_token = [{int(block_table[b, j]) * 64 + r: j * 64 + r for j in range(max_blocks) for r in range(64)}
+                     for b in range(batch)]
+    assert_topk_selection(selected, logits, topk, key_of=lambda row, slot: slot_to_token[row // s_q].get(slot, -1))
+
+
+def test_indexer_pipeline_feeds_sparse_prefill(device):
+    """indexer_logits -> indexer_topk -> sparse_prefill: the selected rows are the top-scoring visible keys."""
+    s, h_i, d_i, topk = 40, 4, 32, 16
+    q, k, weights = oracle.bf16(s, h_i, d_i), oracle.bf16(s, d_i), torch.rand(s, h_i)
+    k_start, k_end = torch.zeros(s, dtype=torch.int32), torch.arange(1, s + 1, dtype=torch.int32)
+    logits = ops.indexer_logits(q.to(device), k.to(device), weights.to(device), k_start.to(device), k_end.to(device),
+                                None, None)
+    selected = ops.indexer_topk(logits, topk, None)
+    assert_topk_selection(selected, logits, topk)
+    assert ((selected.cpu() < k_end[:, None]) | (selected.cpu() == -1)).all(), "causal: no future key selected"
+    assert (selected.cpu()[:topk - 1] == -1).any() and not (selected.cpu()[topk:] == -1).any()

@@ -1,0 +1,172 @@
+"""FlashMLA's Python API (flashmla_ops.get_mla_metadata / flash_mla_with_kvcache / flash_mla_sparse_fwd)."""
+import inspect
+
+import pytest
+import torch
+
+import flashmla_ops
+import mla_oracle as oracle
+from flashmla_ops import interface
+
+ops = torch.ops.flashmla
+
+# SPEC.md §2, FlashMLA's current signatures.
+FLASH_MLA_WITH_KVCACHE = ("(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits=None, "
+                          "softmax_scale=None, causal=False, is_fp8_kvcache=False, indices=None, attn_sink=None, "
+                          "extra_k_cache=None, extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None)")
+FLASH_MLA_SPARSE_FWD = "(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None, indexer_topk=0)"
+
+
+def signature_of(text):
+    namespace = {}
+    exec(f"def f{text}: pass", namespace)
+    return inspect.signature(namespace["f"])
+
+
+def plain_parameters(function):
+    """Names, kinds and defaults (annotations dropped)."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+@pytest.mark.parametrize("function,spec", [(flashmla_ops.flash_mla_with_kvcache, FLASH_MLA_WITH_KVCACHE),
+                                           (flashmla_ops.flash_mla_sparse_fwd, FLASH_MLA_SPARSE_FWD),
+                                           (flashmla_ops.get_mla_metadata, "(*args, **kwargs)")])
+def test_signatures_match_flashmla(function, spec):
+    assert plain_parameters(function) == [(p.name, p.kind, p.default) for p in signature_of(spec).parameters.values()]
+
+
+def test_get_mla_metadata_accepts_the_old_arguments():
+    cache_seqlens = torch.tensor([5, 9], dtype=torch.int32)
+    for args, kwargs in [((), {}), ((cache_seqlens, 1, 1), {}), ((cache_seqlens,), dict(num_q_tokens_per_head_k=16,
+                                                                                         num_heads_k=1))]:
+        result = flashmla_ops.get_mla_metadata(*args, **kwargs)
+        assert isinstance(result, tuple) and len(result) == 2 and result[1] is None
+        assert isinstance(result[0], flashmla_ops.FlashMLASchedMeta)
+
+
+def dense_case(lengths, s_q=1, h_q=16, fp8=False, device="cpu", capacity=None):
+    """`capacity`: tokens each sequence's block table row holds (default: its length)."""
+    reserved = [capacity] * len(lengths) if capacity else lengths
+    num_blocks = sum(-(-n // 64) for n in reserved) + 2
+    cache, flat_keys = oracle.paged_cache(num_blocks, fp8=fp8, device=device)
+    block_table = oracle.block_table_for(reserved, num_blocks)
+    q = oracle.bf16(len(lengths), s_q, h_q, oracle.D_QK, device=device)
+    return q, cache, flat_keys, block_table.to(device), torch.tensor(lengths, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("causal,fp8", [(False, False), (True, True)])
+def test_flash_mla_with_kvcache_dense(device, causal, fp8):
+    q, cache, flat_keys, block_table, cache_seqlens = dense_case([100, 0, 65], s_q=2, fp8=fp8, device=device)
+    sched_meta, _ = flashmla_ops.get_mla_metadata()
+    result = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta, causal=causal,
+                                                 is_fp8_kvcache=fp8)
+    assert isinstance(result, tuple) and len(result) == 2
+    out, lse = result
+    ref_out, ref_lse = oracle.dense_decode(q.cpu(), flat_keys, block_table.cpu(), cache_seqlens.cpu(),
+                                           oracle.D_QK ** -0.5, 512, causal)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+
+
+def test_softmax_scale_default_is_d_qk_to_the_minus_half(device):
+    q, cache, _, block_table, cache_seqlens = dense_case([70, 3], device=device)
+    default = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, None)
+    explicit = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, None,
+                                                   softmax_scale=576 ** -0.5)
+    other = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, None, softmax_scale=0.5)
+    assert torch.equal(default[0], explicit[0]) and torch.equal(default[1], explicit[1])
+    assert not torch.allclose(default[1], other[1])
+
+
+def test_flash_mla_with_kvcache_sparse(device):
+    """Sparse decode through the API: block_table and cache_seqlens None, FP8 cache, extra cache, sink."""
+    batch, s_q, h_q = 2, 2, 16
+    cache, flat_keys = oracle.paged_cache(3, fp8=True, device=device)
+    extra_cache, extra_flat_keys = oracle.paged_cache(2, fp8=True, pad=1312, device=device)
+    indices = torch.randint(-1, 3 * 64, (batch, s_q, 45), dtype=torch.int32)
+    extra_indices = torch.randint(-1, 2 * 64, (batch, s_q, 10), dtype=torch.int32)
+    topk_length = torch.tensor([45, 12], dtype=torch.int32)
+    extra_topk_length = torch.tensor([3, 10], dtype=torch.int32)
+    attn_sink = torch.randn(h_q)
+    q = oracle.bf16(batch, s_q, h_q, oracle.D_QK, device=device)
+    sched_meta, _ = flashmla_ops.get_mla_metadata()
+    out, lse = flashmla_ops.flash_mla_with_kvcache(
+        q, cache, None, None, 512, sched_meta, is_fp8_kvcache=True, indices=indices.to(device),
+        attn_sink=attn_sink.to(device), extra_k_cache=extra_cache, extra_indices_in_kvcache=extra_indices.to(device),
+        topk_length=topk_length.to(device), extra_topk_length=extra_topk_length.to(device))
+    ref_out, ref_lse = oracle.sparse_decode(q.cpu(), flat_keys, indices, topk_length, oracle.D_QK ** -0.5, 512,
+                                            extra_flat_keys, extra_indices, extra_topk_length, attn_sink)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+
+
+@pytest.fixture
+def eight_sm_parts(monkeypatch):
+    """The CPU path uses one SM part, which hides the split; pretend there are eight."""
+    monkeypatch.setattr(interface, "num_sm_parts", lambda device, s_q, h_q: 8)
+
+
+def expected_metadata(cache_seqlens):
+    return ops.get_mla_metadata(cache_seqlens, 8)
+
+
+def test_sched_meta_reused_with_the_same_cache_seqlens(eight_sm_parts):
+    q, cache, _, block_table, cache_seqlens = dense_case([300, 20, 129])
+    sched_meta, _ = flashmla_ops.get_mla_metadata()
+    assert sched_meta.tile_scheduler_metadata is None
+    first = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)
+    filled = sched_meta.tile_scheduler_metadata
+    assert all(torch.equal(a, b) for a, b in zip((filled, sched_meta.num_splits), expected_metadata(cache_seqlens)))
+    for _ in range(3):  # e.g. every layer of one decode step
+        again = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)
+        assert sched_meta.tile_scheduler_metadata is filled, "same cache_seqlens: the metadata is reused, not rebuilt"
+        assert torch.equal(again[0], first[0])
+
+
+def test_sched_meta_recomputed_when_cache_seqlens_changes_in_place(eight_sm_parts):
+    q, cache, _, block_table, cache_seqlens = dense_case([300, 20, 129], capacity=320)
+    sched_meta, _ = flashmla_ops.get_mla_metadata()
+    flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)
+    cache_seqlens[1] += 60  # the next decode step, written into the same tensor
+    out, lse = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)
+    assert all(torch.equal(a, b) for a, b in zip((sched_meta.tile_scheduler_metadata, sched_meta.num_splits),
+                                                 expected_metadata(cache_seqlens)))
+    fresh = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, None)
+    assert torch.equal(out, fresh[0]) and torch.equal(lse, fresh[1])
+
+
+def test_sched_meta_recomputed_for_new_cache_seqlens_tensors(eight_sm_parts):
+    """A decode loop that builds a new cache_seqlens tensor each step and reuses one sched_meta must never run with
+    the previous step's split. (A tensor freed after one step may get the same Python id() as the next step's.)"""
+    q, cache, _, block_table, _ = dense_case([300, 20, 129], h_q=1, capacity=320)
+    sched_meta, _ = flashmla_ops.get_mla_metadata()
+    stale_steps = []
+    for step in range(100):
+        lengths = torch.tensor([1 + (37 * step) % 300, 1 + (91 * step) % 250, 129], dtype=torch.int32)
+        flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, lengths, 512, sched_meta)
+        if not torch.equal(sched_meta.tile_scheduler_metadata, expected_metadata(lengths)[0]):
+            stale_steps.append(step)
+        del lengths
+    assert not stale_steps, f"stale scheduling metadata at steps {stale_steps}"
+
+
+def test_num_splits_must_be_none():
+    q, cache, _, block_table, cache_seqlens = dense_case([10])
+    with pytest.raises(ValueError, match="num_splits"):
+        flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, None, num_splits=torch.ones(2))
+
+
+def test_flash_mla_sparse_fwd_returns(device):
+    s, h_q, topk = 20, 16, 12
+    q, kv = oracle.bf16(s, h_q, oracle.D_QK, device=device), oracle.bf16(s, 1, oracle.D_QK, device=device)
+    indices = torch.randint(-1, s + 2, (s, 1, topk), dtype=torch.int32)
+    three = flashmla_ops.flash_mla_sparse_fwd(q, kv, indices.to(device), 0.05)
+    assert isinstance(three, tuple) and len(three) == 3
+    four = flashmla_ops.flash_mla_sparse_fwd(q, kv, indices.to(device), 0.05, indexer_topk=5)
+    assert isinstance(four, tuple) and len(four) == 4
+    ref_out, ref_max, ref_lse, ref_lse_indexer = oracle.sparse_prefill(q.cpu(), kv.cpu(), indices, 0.05, 512,
+                                                                        indexer_topk=5)
+    for result in (three, four):
+        oracle.assert_attention_close(result[0], result[2], ref_out, ref_lse)
+        assert torch.allclose(result[1].double().cpu(), ref_max, atol=1e-4, rtol=0)
+    finite = torch.isfinite(ref_lse_indexer)
+    assert torch.equal(torch.isfinite(four[3].cpu()), finite)
+    assert torch.allclose(four[3].double().cpu()[finite], ref_lse_indexer[finite], atol=1e-4, rtol=0)

@@ -1,0 +1,139 @@
+"""FP8 cache layout (SPEC.md §3), quantize / dequantize, and the cache writes, against mla_oracle."""
+import pytest
+import torch
+
+import mla_oracle as oracle
+
+ops = torch.ops.flashmla
+
+
+def kv_with_edge_tiles(*lead):
+    """Random BF16 (..., 576) rows whose tiles span the scale rule's cases: tiny tiles (the 1e-4 floor), large
+    ones, and tiles whose amax is exactly 448 * 2**k (ceil(log2) at a power of two)."""
+    kv = oracle.bf16(*lead, oracle.D_QK, scale=3.0)
+    rows = kv.view(-1, oracle.D_QK)
+    rows[0::3, :128] *= 1e-4
+    rows[1::3, 128:256] *= 300
+    tile = rows[2::3, 256:384]
+    peak = tile.float().abs().amax(-1, keepdim=True)
+    rows[2::3, 256:384] = (tile.float() / peak * 448 * 2.0 ** torch.randint(-8, 4, peak.shape)).bfloat16()
+    return kv
+
+
+@pytest.mark.parametrize("lead", [(1,), (7,), (3, 5), (2, 64, 1), (0,)])
+def test_quantize_byte_layout(device, lead):
+    kv = kv_with_edge_tiles(*lead)
+    packed = ops.quantize_kv_fp8(kv.to(device)).cpu()
+    assert packed.dtype == torch.uint8 and packed.shape == (*lead, oracle.FP8_BYTES)
+    expected = oracle.quantize_kv(kv)
+    assert torch.equal(packed[..., 512:528], expected[..., 512:528]), "scales = 2**ceil(log2(max(amax/448, 1e-4)))"
+    assert torch.equal(packed[..., 528:], kv[..., 512:].contiguous().view(torch.uint8)), "RoPE bytes bit-exact"
+    assert torch.equal(packed[..., :512], expected[..., :512]), "latent = round-to-nearest-even e4m3(x / scale)"
+
+
+def test_scale_rule_cases():
+    """The scales themselves, on hand-picked tiles (amax exactly representable in bfloat16)."""
+    cases = {448.0: 1.0, 450.0: 2.0, 446.0: 1.0, 0.875: 2.0 ** -9, 1e-3: 2.0 ** -13, -3584.0: 8.0}
+    kv = oracle.bf16(len(cases), oracle.D_QK)
+    for row, amax in enumerate(cases):
+        kv[row, :128] = (torch.rand(128) * 0.9 * abs(amax)).bfloat16()
+        kv[row, 17] = amax
+    scales = ops.quantize_kv_fp8(kv)[:, 512:516].contiguous().view(torch.float32)[:, 0]
+    assert scales.tolist() == list(cases.values())
+    assert scales.tolist() == oracle.pow2_scale(kv[:, :128].double().abs().amax(-1)).tolist()
+
+
+@pytest.mark.parametrize("as_fp8_dtype", [False, True])
+def test_dequantize_and_round_trip(device, as_fp8_dtype):
+    kv = kv_with_edge_tiles(6, 3)
+    packed = oracle.quantize_kv(kv)
+    arg = packed.view(torch.float8_e4m3fn) if as_fp8_dtype else packed
+    restored = ops.dequantize_kv_fp8(arg.to(device)).cpu()
+    assert restored.dtype == torch.bfloat16 and restored.shape == kv.shape
+    assert torch.equal(restored.double(), oracle.dequantize_kv(packed)), "e4m3 * pow2 scale is exact in bfloat16"
+    assert torch.equal(restored[..., 512:], kv[..., 512:]), "RoPE values round-trip bit-exact"
+    # e4m3 rounding: half an ulp is 2**-4 relative for normals, 2**-10 * scale in the subnormal range.
+    x = kv[..., :512].double().reshape(6, 3, 4, 128)
+    scale = oracle.pow2_scale(x.abs().amax(-1))[..., None]
+    bound = torch.maximum(x.abs() * 2.0 ** -4, scale * 2.0 ** -10)
+    error = (restored[..., :512].double().reshape(x.shape) - x).abs()
+    assert (error <= bound).all(), float((error / bound).max())
+
+
+def test_quantize_then_dequantize_ops_agree_with_each_other():
+    kv = oracle.bf16(9, oracle.D_QK, scale=5.0)
+    assert torch.equal(ops.dequantize_kv_fp8(ops.quantize_kv_fp8(kv)).double(), oracle.dequantize_kv(oracle.quantize_kv(kv)))
+
+
+def poisoned_cache(num_blocks, block_size, row, fp8, pad, device):
+    """A random cache that is a slice of a wider random buffer (block stride padded by `pad` elements)."""
+    if fp8:
+        buffer = torch.randint(0, 256, (num_blocks, block_size * row + pad), dtype=torch.uint8)
+    else:
+        buffer = oracle.bf16(num_blocks, block_size * row + pad)
+    buffer = buffer.to(device)
+    return buffer, buffer[:, :block_size * row].view(num_blocks, block_size, 1, row)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("pad,num_tokens,slot_dtype,fp8_view", [
+    (0, 1, torch.int32, False), (0, 37, torch.int64, False), (48, 70, torch.int32, False), (656, 130, torch.int32, True),
+    (0, 0, torch.int32, False)])
+def test_write_kv_cache(device, fp8, pad, num_tokens, slot_dtype, fp8_view):
+    num_blocks = 5
+    row = oracle.FP8_BYTES if fp8 else oracle.D_QK
+    buffer, cache = poisoned_cache(num_blocks, oracle.PAGE_BLOCK_SIZE, row, fp8, pad, device)
+    before = buffer.clone()
+    latent, rope = oracle.bf16(num_tokens, 512), oracle.bf16(num_tokens, 64)
+    slots = torch.randperm(num_blocks * oracle.PAGE_BLOCK_SIZE)[:num_tokens]
+    slots[torch.rand(num_tokens) < 0.3] = -1
+    target = cache.view(torch.float8_e4m3fn) if (fp8 and fp8_view) else cache
+    ops.write_kv_cache(target, latent.to(device), rope.to(device), slots.to(slot_dtype).to(device), fp8)
+
+    rows = torch.cat([latent, rope], -1)
+    expected_rows = oracle.quantize_kv(rows) if fp8 else rows
+    expected = before.cpu().clone()
+    expected_cache = expected[:, :oracle.PAGE_BLOCK_SIZE * row].view(num_blocks, oracle.PAGE_BLOCK_SIZE, 1, row)
+    for token, slot in enumerate(slots.tolist()):
+        if slot != -1:
+            expected_cache[slot // oracle.PAGE_BLOCK_SIZE, slot % oracle.PAGE_BLOCK_SIZE, 0] = expected_rows[token]
+    # Compares bytes of the whole buffer: written rows exact, every other slot and the padding untouched.
+    assert torch.equal(buffer.cpu().view(torch.uint8), expected.view(torch.uint8))
+    if (slots >= 0).any():
+        assert not torch.equal(buffer.cpu().view(torch.uint8), before.cpu().view(torch.uint8))
+
+
+@pytest.mark.parametrize("fp8,d_i", [(False, 128), (True, 128), (False, 64), (True, 32)])
+def test_write_index_cache(device, fp8, d_i):
+    num_blocks, num_tokens = 3, 100
+    row = d_i + 4 if fp8 else d_i
+    if fp8:
+        index_cache = torch.randint(0, 256, (num_blocks, oracle.PAGE_BLOCK_SIZE, row), dtype=torch.uint8)
+    else:
+        index_cache = oracle.bf16(num_blocks, oracle.PAGE_BLOCK_SIZE, row)
+    expected = index_cache.clone()
+    index_cache = index_cache.to(device)
+    k = oracle.bf16(num_tokens, d_i, scale=4.0)
+    k[::5] *= 1e-5
+    slots = torch.randperm(num_blocks * oracle.PAGE_BLOCK_SIZE)[:num_tokens].int()
+    slots[::7] = -1
+    ops.write_index_cache(index_cache, k.to(device), slots.to(device))
+    rows = oracle.quantize_index(k) if fp8 else k
+    for token, slot in enumerate(slots.tolist()):
+        if slot != -1:
+            expected[slot // oracle.PAGE_BLOCK_SIZE, slot % oracle.PAGE_BLOCK_SIZE] = rows[token]
+    assert torch.equal(index_cache.cpu().view(torch.uint8), expected.view(torch.uint8))
+    if fp8:
+        written = index_cache.cpu()[slots[slots >= 0] // 64, slots[slots >= 0] % 64]
+        error = (oracle.dequantize_index(written) - k[slots >= 0].double()).abs()
+        scale = written[:, -4:].contiguous().view(torch.float32).double()
+        assert (error <= torch.maximum(k[slots >= 0].double().abs() * 2.0 ** -4, scale * 2.0 ** -10)).all()
+
+
+def test_dequantize_padded_cache_slice(device):
+    """A cache that is a slice of a wider buffer (padded block stride) dequantizes by its strides."""
+    cache, flat_keys = oracle.paged_cache(3, fp8=True, pad=656 * 2 + 16, device=device)
+    assert not cache.is_contiguous()
+    restored = ops.dequantize_kv_fp8(cache).cpu()
+    assert restored.shape == (3, 64, 1, oracle.D_QK)
+    assert torch.equal(restored.reshape(-1, oracle.D_QK).double(), flat_keys)

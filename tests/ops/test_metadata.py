@@ -1,0 +1,100 @@
+"""get_mla_metadata: the decode work split is a balanced partition of every sequence's 64-token blocks.
+
+Row layout (decode.py, METADATA_FIELDS): begin_batch, begin_block, end_batch (inclusive), end_block (exclusive, in
+end_batch), begin_split (which split of begin_batch this part is), 3 reserved. A part with no work has
+begin_batch = end_batch = batch. num_splits `(batch + 1,)` is cumulative: num_splits[b + 1] - num_splits[b] parts
+touch sequence b.
+"""
+import pytest
+import torch
+
+ops = torch.ops.flashmla
+
+
+def blocks_of(lengths):
+    return [max(1, -(-n // 64)) for n in lengths]  # an empty sequence still counts one block (its output is written)
+
+
+def covered_blocks(meta_row, blocks):
+    """The (sequence, block) pairs one part covers."""
+    begin_batch, begin_block, end_batch, end_block = meta_row[:4]
+    pairs = []
+    for b in range(begin_batch, min(end_batch, len(blocks) - 1) + 1):
+        first = begin_block if b == begin_batch else 0
+        last = end_block if b == end_batch else blocks[b]
+        pairs += [(b, j) for j in range(first, last)]
+    return pairs
+
+
+def check_partition(lengths, num_sm_parts, device):
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    meta, num_splits = ops.get_mla_metadata(cache_seqlens, num_sm_parts)
+    assert meta.dtype == num_splits.dtype == torch.int32
+    assert meta.shape == (num_sm_parts, 8) and num_splits.shape == (len(lengths) + 1,)
+    meta, num_splits = meta.cpu().tolist(), num_splits.cpu().tolist()
+    blocks = blocks_of(lengths)
+    batch = len(lengths)
+
+    seen = {}
+    parts_of = [[] for _ in lengths]
+    for part, row in enumerate(meta):
+        begin_batch, begin_block, end_batch, end_block = row[:4]
+        pairs = covered_blocks(row, blocks)
+        if not pairs:
+            assert begin_batch == end_batch == batch, f"part {part}: an idle part is marked batch: {row}"
+            continue
+        assert 0 <= begin_batch <= end_batch < batch, f"part {part}: {row}"
+        assert 0 <= begin_block < blocks[begin_batch] and 0 < end_block <= blocks[end_batch], f"part {part}: {row}"
+        for pair in pairs:
+            assert pair not in seen, f"block {pair} covered by parts {seen[pair]} and {part}"
+            seen[pair] = part
+        for b in sorted({b for b, _ in pairs}):
+            parts_of[b].append(part)
+        assert row[4] == len(parts_of[begin_batch]) - 1, f"part {part}: begin_split {row[4]} for sequence {begin_batch}"
+    every_block = {(b, j) for b in range(batch) for j in range(blocks[b])}
+    assert set(seen) == every_block, f"missing {sorted(every_block - set(seen))[:5]}"
+
+    # Parts are contiguous runs in (sequence, block) order.
+    order = sorted(every_block)
+    owner = [seen[pair] for pair in order]
+    assert owner == sorted(owner)
+
+    assert num_splits[0] == 0
+    assert [num_splits[b + 1] - num_splits[b] for b in range(batch)] == [len(p) for p in parts_of]
+
+    # Balanced: no part holds more than one block above an even share (the optimal makespan, ceil(total / parts)).
+    loads = [len(covered_blocks(row, blocks)) for row in meta]
+    total = sum(blocks)
+    assert max(loads, default=0) <= -(-total // num_sm_parts), loads
+    return loads
+
+
+@pytest.mark.parametrize("lengths,num_sm_parts", [
+    ([0, 1, 64, 65, 1000], 4),
+    ([100_000] + [1, 70, 0, 5] * 8, 132),   # one very long sequence among short ones
+    ([4096] * 128, 132),
+    ([5], 8),                               # more parts than blocks
+    ([0, 0, 0], 2),
+    ([63, 64, 65, 127, 128, 129], 1),
+    ([3000, 1, 1, 1], 7),
+    ([], 3),                                # batch 0
+    ([], 1),
+])
+def test_metadata_is_a_balanced_partition(device, lengths, num_sm_parts):
+    check_partition(lengths, num_sm_parts, device)
+
+
+def test_metadata_random_lengths(device):
+    for _ in range(20):
+        batch = int(torch.randint(1, 40, ()))
+        skew = torch.rand(batch) < 0.1
+        lengths = torch.where(skew, torch.randint(0, 20000, (batch,)), torch.randint(0, 300, (batch,))).tolist()
+        check_partition(lengths, int(torch.randint(1, 140, ())), device)
+
+
+def test_metadata_matches_reference_module():
+    import flashmla_ops.reference as reference
+
+    cache_seqlens = torch.randint(0, 3000, (17,), dtype=torch.int32)
+    for got, want in zip(ops.get_mla_metadata(cache_seqlens, 20), reference.get_mla_metadata(cache_seqlens, 20)):
+        assert torch.equal(got, want)

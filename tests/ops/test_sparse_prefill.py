@@ -1,0 +1,102 @@
+"""Sparse prefill (torch.ops.flashmla.sparse_prefill) on varlen-packed batches against the float64 oracle."""
+import math
+
+import pytest
+import torch
+
+import mla_oracle as oracle
+
+ops = torch.ops.flashmla
+
+
+def packed_indices(seq_lens, topk, invalid_fraction=0.15):
+    """Queries of a packed batch (one query per token, as in prefill) pick causal rows of their own sequence:
+    sequence j occupies rows [start_j, start_j + len_j) of both q and kv. Adds -1s, indices >= s_kv, duplicates."""
+    s_kv = sum(seq_lens)
+    rows = []
+    start = 0
+    for length in seq_lens:
+        for position in range(length):
+            own = start + torch.randint(0, position + 1, (topk,))
+            rows.append(own)
+        start += length
+    indices = torch.stack(rows).int()[:, None, :] if rows else torch.zeros(0, 1, topk, dtype=torch.int32)
+    noise = torch.rand(indices.shape)
+    indices[noise < invalid_fraction / 2] = -1
+    indices[(noise >= invalid_fraction / 2) & (noise < invalid_fraction)] = s_kv + 3  # >= s_kv: no token
+    if topk > 4:
+        indices[..., 2] = indices[..., 4]
+    if indices.shape[0] > 1:
+        indices[1] = -1
+        indices[-1, 0, ::2] = s_kv  # exactly s_kv is already out of range
+    return indices
+
+
+@pytest.mark.parametrize("seq_lens,h_q,topk,with_sink,with_topk_length,indexer_topk", [
+    ([5, 70, 1], 16, 40, False, False, 0),
+    ([33, 2], 128, 64, True, True, 16),
+    ([1], 1, 1, False, False, 1),
+    ([20, 9, 40], 16, 100, True, False, 70),
+    ([3, 4], 16, 8, False, True, 20),  # indexer_topk > topk
+])
+def test_sparse_prefill(device, seq_lens, h_q, topk, with_sink, with_topk_length, indexer_topk):
+    s_kv = sum(seq_lens)
+    q = oracle.bf16(s_kv, h_q, oracle.D_QK, device=device)
+    kv = oracle.bf16(s_kv, 1, oracle.D_QK, device=device)
+    indices = packed_indices(seq_lens, topk)
+    attn_sink = torch.randn(h_q) if with_sink else None
+    topk_length = torch.randint(0, topk + 1, (s_kv,), dtype=torch.int32) if with_topk_length else None
+    scale = 0.05
+    out, max_logits, lse, lse_indexer = ops.sparse_prefill(
+        q, kv, indices.to(device), scale, oracle.D_V, None if attn_sink is None else attn_sink.to(device),
+        None if topk_length is None else topk_length.to(device), indexer_topk)
+    ref = oracle.sparse_prefill(q.cpu(), kv.cpu(), indices, scale, oracle.D_V, attn_sink, topk_length, indexer_topk)
+    ref_out, ref_max, ref_lse, ref_lse_indexer = ref
+    assert out.shape == (s_kv, h_q, oracle.D_V) and out.dtype == torch.bfloat16
+    assert max_logits.dtype == lse.dtype == torch.float32
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+    max_logits = max_logits.cpu().double()
+    assert torch.equal(torch.isneginf(max_logits), torch.isneginf(ref_max))
+    finite = torch.isfinite(ref_max)
+    assert (max_logits[finite] - ref_max[finite]).abs().max() < 1e-4
+    if indexer_topk:
+        lse_indexer = lse_indexer.cpu().double()
+        assert lse_indexer.shape == (s_kv, h_q)
+        assert torch.equal(torch.isinf(lse_indexer), torch.isinf(ref_lse_indexer))
+        finite = torch.isfinite(ref_lse_indexer)
+        assert (lse_indexer[finite] - ref_lse_indexer[finite]).abs().max() < 1e-4
+    else:
+        assert lse_indexer.numel() == 0
+
+
+def test_sparse_prefill_packed_equals_separate_calls(device):
+    """One call over a packed batch gives each sequence what a call over that sequence alone gives."""
+    seq_lens, h_q, topk = [30, 7, 12], 16, 24
+    q = oracle.bf16(sum(seq_lens), h_q, oracle.D_QK, device=device)
+    kv = oracle.bf16(sum(seq_lens), 1, oracle.D_QK, device=device)
+    indices = packed_indices(seq_lens, topk, invalid_fraction=0)
+    packed = ops.sparse_prefill(q, kv, indices.to(device), 0.04, oracle.D_V, None, None, 0)
+    start = 0
+    for length in seq_lens:
+        rows = slice(start, start + length)
+        alone = ops.sparse_prefill(q[rows], kv[rows], (indices[rows] - start).to(device), 0.04, oracle.D_V, None, None, 0)
+        for packed_part, alone_part in zip(packed[:3], alone[:3]):
+            assert torch.allclose(packed_part[rows].float(), alone_part.float(), rtol=1e-2, atol=1e-4)
+        start += length
+
+
+def test_sparse_prefill_seqlen_zero(device):
+    """Empty kv (s_kv = 0): every index is >= s_kv, so every query gets out = 0, lse = +inf, max_logits = -inf."""
+    q = oracle.bf16(3, 16, oracle.D_QK, device=device)
+    kv = oracle.bf16(0, 1, oracle.D_QK, device=device)
+    indices = torch.tensor([[[-1, 0, 5]], [[-1, -1, -1]], [[2, 1, 0]]], dtype=torch.int32, device=device)
+    out, max_logits, lse, _ = ops.sparse_prefill(q, kv, indices, 0.04, oracle.D_V, None, None, 0)
+    assert (out == 0).all() and (lse == math.inf).all() and (max_logits == -math.inf).all()
+
+
+def test_sparse_prefill_no_queries(device):
+    q = oracle.bf16(0, 16, oracle.D_QK, device=device)
+    kv = oracle.bf16(10, 1, oracle.D_QK, device=device)
+    out, max_logits, lse, lse_indexer = ops.sparse_prefill(q, kv, torch.zeros(0, 1, 8, dtype=torch.int32, device=device),
+                                                           0.04, oracle.D_V, None, None, 4)
+    assert out.shape == (0, 16, oracle.D_V) and lse.shape == max_logits.shape == lse_indexer.shape == (0, 16)

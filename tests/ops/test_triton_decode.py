@@ -1,0 +1,131 @@
+"""The Triton dense decode kernel against the reference: on the GPU, and on the CPU under Triton's interpreter.
+
+Outputs are poisoned before each run; LSE is compared too; lengths are mixed within a batch (0, 1, non-multiples of
+the 64-token page, one long sequence among short ones), with causal s_q > 1, the FP8 cache and the attention sink.
+"""
+import pytest
+import torch
+
+from flashmla_ops import reference
+from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
+
+triton_decode = pytest.importorskip("flashmla_ops.triton.decode", exc_type=ImportError)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BF16_BAND = 1e-2  # relative Frobenius error: bf16 output rounding plus bf16 probabilities in P.V
+LSE_TOLERANCE = 1e-3
+
+# (seqlens, s_q, h_q): the CPU interpreter gets the small end of the grid, the GPU all of it.
+CASES = [
+    ([0, 1, 70, 130], 1, 16),
+    ([64, 1, 200], 2, 16),
+    ([5, 1000], 1, 64),
+    ([129], 2, 128),
+    ([3, 513], 4, 16),
+]
+GPU_CASES = [
+    ([4096] * 8, 1, 16),
+    ([1, 16384, 2, 63], 1, 128),
+    ([32768], 1, 128),
+    ([4096] * 4, 2, 128),
+    ([1000, 31, 4097], 4, 64),
+]
+
+
+def make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded=False):
+    batch = len(seqlens)
+    blocks_per_seq = max(1, -(-max(seqlens) // PAGE_BLOCK_SIZE)) + 1  # spare capacity
+    num_blocks = batch * blocks_per_seq + 3
+    cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    if is_fp8:
+        cache = reference.quantize_kv_fp8(cache)
+        if padded:  # a cache that is a slice of a wider buffer (block stride > 64 * 656 bytes)
+            buffer = torch.zeros(num_blocks, PAGE_BLOCK_SIZE * cache.shape[-1] + 64, dtype=torch.uint8, device=DEVICE)
+            buffer[:, :PAGE_BLOCK_SIZE * cache.shape[-1]] = cache.reshape(num_blocks, -1)
+            cache = buffer[:, :PAGE_BLOCK_SIZE * cache.shape[-1]].view(num_blocks, PAGE_BLOCK_SIZE, 1, -1)
+    block_table = torch.randperm(num_blocks, generator=generator, device=DEVICE)[:batch * blocks_per_seq]
+    block_table = block_table.view(batch, blocks_per_seq).int()
+    cache_seqlens = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    return q, cache, block_table, cache_seqlens
+
+
+def poison_allocator(num_bytes: int) -> None:
+    """Fill memory the caching allocator hands out next with NaN, so that unwritten outputs show (CUDA only: the
+    CPU allocator gives no such reuse)."""
+    if DEVICE == "cuda":
+        torch.full((num_bytes // 4,), float("nan"), device=DEVICE)
+
+
+def run_and_compare(seqlens, s_q, h_q, causal, is_fp8, sink, padded=False):
+    generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 1000 + s_q * 10 + h_q + causal + 2 * is_fp8)
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded)
+    attn_sink = torch.randn(h_q, generator=generator, device=DEVICE) if sink else None
+    scale = D_QK ** -0.5
+    poison_allocator(4 * q.numel() * 8)
+    out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, causal, is_fp8,
+                                          attn_sink)
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, causal,
+                                                is_fp8, attn_sink)
+    assert out.shape == want_out.shape and lse.shape == want_lse.shape
+    assert torch.isfinite(out).all()
+    error = (out.float() - want_out.float()).norm() / want_out.float().norm().clamp_min(1e-12)
+    assert error < BF16_BAND, f"relative error {error:.2e}"
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))  # +inf exactly for queries that see nothing
+    finite = torch.isfinite(want_lse)
+    assert torch.allclose(lse[finite], want_lse[finite], atol=LSE_TOLERANCE, rtol=0)
+    assert torch.all(out[~finite.transpose(1, 2)] == 0)
+    return out, lse, (q, cache, block_table, cache_seqlens, attn_sink)
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q", CASES)
+@pytest.mark.parametrize("is_fp8", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_dense_decode_matches_reference(seqlens, s_q, h_q, is_fp8, causal):
+    run_and_compare(seqlens, s_q, h_q, causal, is_fp8, sink=False)
+
+
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_dense_decode_sink_and_padded_fp8_cache(is_fp8):
+    run_and_compare([77, 300], 2, 16, causal=True, is_fp8=is_fp8, sink=True, padded=is_fp8)
+
+
+def test_triton_dense_decode_empty_batch():
+    q = torch.empty(0, 1, 16, D_QK, dtype=torch.bfloat16, device=DEVICE)
+    cache = torch.randn(2, PAGE_BLOCK_SIZE, 1, D_QK, device=DEVICE).to(torch.bfloat16)
+    out, lse = triton_decode.dense_decode(q, cache, torch.zeros(0, 1, dtype=torch.int32, device=DEVICE),
+                                          torch.zeros(0, dtype=torch.int32, device=DEVICE), KV_LORA_RANK, 0.1, False,
+                                          False, None)
+    assert out.shape == (0, 1, 16, KV_LORA_RANK) and lse.shape == (0, 16, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seqlens,s_q,h_q", GPU_CASES)
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_dense_decode_gpu_grid_and_bit_identical_reruns(seqlens, s_q, h_q, is_fp8):
+    out, lse, inputs = run_and_compare(seqlens, s_q, h_q, causal=s_q > 1, is_fp8=is_fp8, sink=False)
+    again_out, again_lse = triton_decode.dense_decode(*inputs[:4], KV_LORA_RANK, D_QK ** -0.5, s_q > 1, is_fp8, None)
+    assert torch.equal(out, again_out) and torch.equal(lse, again_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dense_decode_op_uses_triton_and_captures_in_cuda_graph():
+    import flashmla_ops
+
+    assert flashmla_ops.backend("dense_decode", "cuda") == "triton"
+    generator = torch.Generator(DEVICE).manual_seed(11)
+    q, cache, block_table, cache_seqlens = make_inputs([300, 1000], 1, 16, False, generator)
+    args = (q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK, D_QK ** -0.5, False, False, None)
+    torch.ops.flashmla.dense_decode(*args)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = torch.ops.flashmla.dense_decode(*args)
+    cache_seqlens.copy_(torch.tensor([5, 999], device=DEVICE))  # same graph, new lengths
+    graph.replay()
+    torch.cuda.synchronize()
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
+                                                False, False)
+    assert (out.float() - want_out.float()).norm() / want_out.float().norm() < BF16_BAND
+    assert torch.allclose(lse, want_lse, atol=LSE_TOLERANCE)

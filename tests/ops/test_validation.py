@@ -1,0 +1,388 @@
+"""Bad inputs get a ValueError or TypeError that names the argument, from the API, the ops, and the fake impls."""
+import re
+
+import pytest
+import torch
+
+import flashmla_ops
+import mla_oracle as oracle
+
+ops = torch.ops.flashmla
+I32 = torch.int32
+
+
+def fp8_cache(num_blocks):
+    return ops.quantize_kv_fp8(oracle.bf16(num_blocks, 64, 1, oracle.D_QK))
+
+
+# Valid arguments for every entry point; each case below breaks one of them.
+def dense_api():
+    return dict(q=oracle.bf16(2, 1, 4, 576), k_cache=oracle.bf16(4, 64, 1, 576),
+                block_table=torch.tensor([[0, 1], [2, 3]], dtype=I32), cache_seqlens=torch.tensor([70, 5], dtype=I32),
+                head_dim_v=512, tile_scheduler_metadata=None)
+
+
+def sparse_api():
+    return dict(q=oracle.bf16(2, 1, 4, 576), k_cache=fp8_cache(3), block_table=None, cache_seqlens=None, head_dim_v=512,
+                tile_scheduler_metadata=None, is_fp8_kvcache=True,
+                indices=torch.randint(-1, 3 * 64, (2, 1, 10), dtype=I32), topk_length=torch.tensor([10, 3], dtype=I32),
+                extra_k_cache=fp8_cache(2), extra_indices_in_kvcache=torch.randint(-1, 128, (2, 1, 5), dtype=I32),
+                extra_topk_length=torch.tensor([5, 1], dtype=I32), attn_sink=torch.randn(4))
+
+
+def sparse_fwd():
+    return dict(q=oracle.bf16(6, 4, 576), kv=oracle.bf16(6, 1, 576), indices=torch.randint(-1, 8, (6, 1, 8), dtype=I32),
+                sm_scale=0.05, d_v=512, attn_sink=torch.randn(4), topk_length=torch.full((6,), 5, dtype=I32),
+                indexer_topk=4)
+
+
+def dense_op():
+    api = dense_api()
+    return dict(q=api["q"], k_cache=api["k_cache"], block_table=api["block_table"], cache_seqlens=api["cache_seqlens"],
+                tile_scheduler_metadata=None, num_splits=None, head_dim_v=512, softmax_scale=0.04, causal=False,
+                is_fp8=False, attn_sink=None)
+
+
+def sparse_op():
+    api = sparse_api()
+    return dict(q=api["q"], k_cache=api["k_cache"], indices=api["indices"], topk_length=api["topk_length"],
+                extra_k_cache=api["extra_k_cache"], extra_indices_in_kvcache=api["extra_indices_in_kvcache"],
+                extra_topk_length=api["extra_topk_length"], tile_scheduler_metadata=None, num_splits=None,
+                head_dim_v=512, softmax_scale=0.04, is_fp8=True, attn_sink=api["attn_sink"])
+
+
+def prefill_op():
+    return sparse_fwd()
+
+
+def write_kv(fp8=False):
+    cache = fp8_cache(2) if fp8 else oracle.bf16(2, 64, 1, 576)
+    return dict(kv_cache=cache, latent=oracle.bf16(3, 512), rope=oracle.bf16(3, 64),
+                slot_mapping=torch.tensor([0, 100, -1], dtype=I32), is_fp8=fp8)
+
+
+def write_index():
+    return dict(index_cache=oracle.bf16(2, 64, 32), k=oracle.bf16(3, 32), slot_mapping=torch.tensor([0, 100, -1], dtype=I32))
+
+
+def logits_args(fp8=False):
+    q, k = oracle.bf16(4, 2, 16), oracle.bf16(10, 16)
+    args = dict(q=q, k=k, weights=torch.randn(4, 2), k_start=torch.tensor([0, 0, 2, 5], dtype=I32),
+                k_end=torch.tensor([1, 10, 2, 9], dtype=I32), q_scale=None, k_scale=None)
+    if fp8:
+        args.update(q=q.to(torch.float8_e4m3fn), k=k.to(torch.float8_e4m3fn), q_scale=torch.ones(4, 2),
+                    k_scale=torch.ones(10))
+    return args
+
+
+def paged_args():
+    return dict(q=oracle.bf16(2, 1, 2, 16), index_cache=oracle.bf16(3, 64, 16), weights=torch.randn(2, 1, 2),
+                block_table=torch.tensor([[0, 1], [2, 0]], dtype=I32), cache_seqlens=torch.tensor([70, 10], dtype=I32),
+                q_scale=None)
+
+
+def topk_args():
+    return dict(logits=torch.randn(2, 3, 100), topk=5, block_table=torch.tensor([[0, 1], [2, 3]], dtype=I32))
+
+
+def metadata_args():
+    return dict(cache_seqlens=torch.tensor([5, 100, 0], dtype=I32), num_sm_parts=4)
+
+
+ENTRIES = {
+    "flash_mla_with_kvcache": (flashmla_ops.flash_mla_with_kvcache, dense_api),
+    "flash_mla_with_kvcache[sparse]": (flashmla_ops.flash_mla_with_kvcache, sparse_api),
+    "flash_mla_sparse_fwd": (flashmla_ops.flash_mla_sparse_fwd, sparse_fwd),
+    "dense_decode": (ops.dense_decode, dense_op),
+    "sparse_decode": (ops.sparse_decode, sparse_op),
+    "sparse_prefill": (ops.sparse_prefill, prefill_op),
+    "quantize_kv_fp8": (ops.quantize_kv_fp8, lambda: dict(kv=oracle.bf16(3, 576))),
+    "dequantize_kv_fp8": (ops.dequantize_kv_fp8, lambda: dict(kv_fp8=fp8_cache(1)[0])),
+    "write_kv_cache": (ops.write_kv_cache, write_kv),
+    "write_kv_cache[fp8]": (ops.write_kv_cache, lambda: write_kv(fp8=True)),
+    "write_index_cache": (ops.write_index_cache, write_index),
+    "indexer_logits": (ops.indexer_logits, logits_args),
+    "indexer_logits[fp8]": (ops.indexer_logits, lambda: logits_args(fp8=True)),
+    "indexer_logits_paged": (ops.indexer_logits_paged, paged_args),
+    "indexer_topk": (ops.indexer_topk, topk_args),
+    "get_mla_metadata": (ops.get_mla_metadata, metadata_args),
+}
+
+
+
+def set_(**changes):
+    return lambda args: args.update({k: (v(args) if callable(v) else v) for k, v in changes.items()})
+
+
+def non_contiguous_last_dim(t):
+    strided = torch.stack([t, t], dim=-1)[..., 0]
+    assert strided.stride(-1) == 2 and torch.equal(strided, t)
+    return strided
+
+
+# (entry, what is wrong, how, exception, argument named; "value" cases read tensor values so are skipped on meta)
+CASES = [
+    # FlashMLA API, dense
+    ("flash_mla_with_kvcache", "q dtype", set_(q=lambda a: a["q"].half()), TypeError, "q"),
+    ("flash_mla_with_kvcache", "float32 q, BF16 cache", set_(q=lambda a: a["q"].float()), TypeError, "k_cache"),
+    ("flash_mla_with_kvcache", "q rank", set_(q=lambda a: a["q"][0]), ValueError, "q"),
+    ("flash_mla_with_kvcache", "q last dim non-contiguous", set_(q=lambda a: non_contiguous_last_dim(a["q"])), ValueError, "q"),
+    ("flash_mla_with_kvcache", "h_kv 2", set_(k_cache=oracle.bf16(4, 64, 2, 576)), ValueError, "k_cache"),
+    ("flash_mla_with_kvcache", "cache d_qk != q d_qk", set_(k_cache=oracle.bf16(4, 64, 1, 512)), ValueError, "k_cache"),
+    ("flash_mla_with_kvcache", "page size 32", set_(k_cache=oracle.bf16(8, 32, 1, 576)), ValueError, "k_cache"),
+    ("flash_mla_with_kvcache", "k_cache dtype", set_(k_cache=lambda a: a["k_cache"].half()), TypeError, "k_cache"),
+    ("flash_mla_with_kvcache", "k_cache last dim non-contiguous",
+     set_(k_cache=lambda a: non_contiguous_last_dim(a["k_cache"])), ValueError, "k_cache"),
+    ("flash_mla_with_kvcache", "FP8 cache, d_qk 512",
+     set_(q=oracle.bf16(2, 1, 4, 512), k_cache=fp8_cache(4), is_fp8_kvcache=True), ValueError, "q"),
+    ("flash_mla_with_kvcache", "FP8 cache, head_dim_v 256",
+     set_(k_cache=fp8_cache(4), is_fp8_kvcache=True, head_dim_v=256), ValueError, "head_dim_v"),
+    ("flash_mla_with_kvcache", "FP8 flag on a BF16 cache", set_(is_fp8_kvcache=True), TypeError, "k_cache"),
+    ("flash_mla_with_kvcache", "head_dim_v > d_qk", set_(head_dim_v=600), ValueError, "head_dim_v"),
+    ("flash_mla_with_kvcache", "block_table dtype", set_(block_table=lambda a: a["block_table"].long()), TypeError, "block_table"),
+    ("flash_mla_with_kvcache", "block_table batch 3",
+     set_(block_table=torch.zeros(3, 2, dtype=I32)), ValueError, "block_table"),
+    ("flash_mla_with_kvcache", "block_table 1-D", set_(block_table=torch.zeros(4, dtype=I32)), ValueError, "block_table"),
+    ("flash_mla_with_kvcache", "cache_seqlens batch 3",
+     set_(cache_seqlens=torch.tensor([1, 2, 3], dtype=I32)), ValueError, "cache_seqlens"),
+    ("flash_mla_with_kvcache", "cache_seqlens dtype", set_(cache_seqlens=lambda a: a["cache_seqlens"].long()), TypeError,
+     "cache_seqlens"),
+    ("flash_mla_with_kvcache", "attn_sink shape", set_(attn_sink=torch.randn(5)), ValueError, "attn_sink"),
+    ("flash_mla_with_kvcache", "attn_sink dtype", set_(attn_sink=torch.randn(4).bfloat16()), TypeError, "attn_sink"),
+    ("flash_mla_with_kvcache", "num_splits given", set_(num_splits=torch.zeros(3, dtype=I32)), ValueError, "num_splits"),
+    ("flash_mla_with_kvcache", "tile_scheduler_metadata a tensor",
+     set_(tile_scheduler_metadata=torch.zeros(1, 8, dtype=I32)), TypeError, "tile_scheduler_metadata"),
+    ("flash_mla_with_kvcache", "no block_table", set_(block_table=None), ValueError, "block_table"),
+    ("flash_mla_with_kvcache", "topk_length without indices", set_(topk_length=torch.tensor([1, 1], dtype=I32)),
+     ValueError, "topk_length"),
+    ("flash_mla_with_kvcache", "extra_k_cache without indices", set_(extra_k_cache=oracle.bf16(4, 64, 1, 576)),
+     ValueError, "extra_k_cache"),
+    ("flash_mla_with_kvcache", "value: cache_seqlens beyond the table (2 blocks = 128 tokens)",
+     set_(cache_seqlens=torch.tensor([129, 5], dtype=I32)), ValueError, "cache_seqlens"),
+    ("flash_mla_with_kvcache", "value: cache_seqlens negative", set_(cache_seqlens=torch.tensor([70, -1], dtype=I32)),
+     ValueError, "cache_seqlens"),
+    ("flash_mla_with_kvcache", "value: used block_table entry >= num_blocks",
+     set_(block_table=torch.tensor([[0, 4], [2, 3]], dtype=I32)), ValueError, "block_table"),
+    ("flash_mla_with_kvcache", "value: used block_table entry -1",
+     set_(block_table=torch.tensor([[0, 1], [-1, 3]], dtype=I32)), ValueError, "block_table"),
+    # FlashMLA API, sparse
+    ("flash_mla_with_kvcache[sparse]", "causal with indices", set_(causal=True), ValueError, "causal"),
+    ("flash_mla_with_kvcache[sparse]", "indices dtype", set_(indices=lambda a: a["indices"].long()), TypeError, "indices"),
+    ("flash_mla_with_kvcache[sparse]", "indices batch 3", set_(indices=torch.zeros(3, 1, 10, dtype=I32)), ValueError,
+     "indices"),
+    ("flash_mla_with_kvcache[sparse]", "indices s_q 2", set_(indices=torch.zeros(2, 2, 10, dtype=I32)), ValueError,
+     "indices"),
+    ("flash_mla_with_kvcache[sparse]", "indices rank 2", set_(indices=torch.zeros(2, 10, dtype=I32)), ValueError, "indices"),
+    ("flash_mla_with_kvcache[sparse]", "topk_length batch 3", set_(topk_length=torch.ones(3, dtype=I32)), ValueError,
+     "topk_length"),
+    ("flash_mla_with_kvcache[sparse]", "topk_length dtype", set_(topk_length=torch.ones(2, dtype=torch.int64)), TypeError,
+     "topk_length"),
+    ("flash_mla_with_kvcache[sparse]", "extra_k_cache alone", set_(extra_indices_in_kvcache=None, extra_topk_length=None),
+     ValueError, "extra_indices_in_kvcache"),
+    ("flash_mla_with_kvcache[sparse]", "extra_topk_length alone",
+     set_(extra_k_cache=None, extra_indices_in_kvcache=None), ValueError, "extra_topk_length"),
+    ("flash_mla_with_kvcache[sparse]", "extra_indices batch 3",
+     set_(extra_indices_in_kvcache=torch.zeros(3, 1, 5, dtype=I32)), ValueError, "extra_indices_in_kvcache"),
+    ("flash_mla_with_kvcache[sparse]", "extra_topk_length shape", set_(extra_topk_length=torch.ones(1, dtype=I32)),
+     ValueError, "extra_topk_length"),
+    ("flash_mla_with_kvcache[sparse]", "extra_k_cache h_kv 2", set_(extra_k_cache=torch.zeros(2, 64, 2, 656, dtype=torch.uint8)),
+     ValueError, "extra_k_cache"),
+    ("flash_mla_with_kvcache[sparse]", "extra_k_cache BF16 with an FP8 main cache",
+     set_(extra_k_cache=oracle.bf16(2, 64, 1, 576)), TypeError, "extra_k_cache"),
+    ("flash_mla_with_kvcache[sparse]", "FP8 cache row of 576 bytes", set_(k_cache=torch.zeros(3, 64, 1, 576, dtype=torch.uint8)),
+     ValueError, "k_cache"),
+    ("flash_mla_with_kvcache[sparse]", "attn_sink shape", set_(attn_sink=torch.randn(2, 2)), ValueError, "attn_sink"),
+    ("flash_mla_with_kvcache[sparse]", "value: index = num_blocks * 64",
+     set_(indices=lambda a: a["indices"].index_fill(2, torch.tensor([3]), 3 * 64)), ValueError, "indices"),
+    ("flash_mla_with_kvcache[sparse]", "value: index -2",
+     set_(indices=lambda a: a["indices"].index_fill(2, torch.tensor([0]), -2)), ValueError, "indices"),
+    ("flash_mla_with_kvcache[sparse]", "value: extra index = num_blocks * 64",
+     set_(extra_indices_in_kvcache=lambda a: a["extra_indices_in_kvcache"].index_fill(2, torch.tensor([4]), 128)),
+     ValueError, "extra_indices_in_kvcache"),
+    # sparse prefill API
+    ("flash_mla_sparse_fwd", "q dtype", set_(q=lambda a: a["q"].half()), TypeError, "q"),
+    ("flash_mla_sparse_fwd", "q rank", set_(q=lambda a: a["q"][None]), ValueError, "q"),
+    ("flash_mla_sparse_fwd", "q last dim non-contiguous", set_(q=lambda a: non_contiguous_last_dim(a["q"])), ValueError, "q"),
+    ("flash_mla_sparse_fwd", "kv h_kv 2", set_(kv=oracle.bf16(6, 2, 576)), ValueError, "kv"),
+    ("flash_mla_sparse_fwd", "kv d_qk 512", set_(kv=oracle.bf16(6, 1, 512)), ValueError, "kv"),
+    ("flash_mla_sparse_fwd", "kv dtype", set_(kv=lambda a: a["kv"].half()), TypeError, "kv"),
+    ("flash_mla_sparse_fwd", "float32 kv, BF16 q", set_(kv=lambda a: a["kv"].float()), TypeError, "kv"),
+    ("flash_mla_sparse_fwd", "kv last dim non-contiguous", set_(kv=lambda a: non_contiguous_last_dim(a["kv"])), ValueError,
+     "kv"),
+    ("flash_mla_sparse_fwd", "indices s_q 5", set_(indices=torch.zeros(5, 1, 8, dtype=I32)), ValueError, "indices"),
+    ("flash_mla_sparse_fwd", "indices h_kv 2", set_(indices=torch.zeros(6, 2, 8, dtype=I32)), ValueError, "indices"),
+    ("flash_mla_sparse_fwd", "indices dtype", set_(indices=lambda a: a["indices"].long()), TypeError, "indices"),
+    ("flash_mla_sparse_fwd", "d_v > d_qk", set_(d_v=577), ValueError, "d_v"),
+    ("flash_mla_sparse_fwd", "attn_sink shape", set_(attn_sink=torch.randn(6)), ValueError, "attn_sink"),
+    ("flash_mla_sparse_fwd", "topk_length shape", set_(topk_length=torch.ones(5, dtype=I32)), ValueError, "topk_length"),
+    ("flash_mla_sparse_fwd", "indexer_topk -1", set_(indexer_topk=-1), ValueError, "indexer_topk"),
+    ("flash_mla_sparse_fwd", "value: index -2", set_(indices=lambda a: a["indices"].index_fill(2, torch.tensor([1]), -2)),
+     ValueError, "indices"),
+    # the decode ops themselves
+    ("dense_decode", "q dtype", set_(q=lambda a: a["q"].half()), TypeError, "q"),
+    ("dense_decode", "q rank", set_(q=lambda a: a["q"][0]), ValueError, "q"),
+    ("dense_decode", "h_kv 2", set_(k_cache=oracle.bf16(4, 64, 2, 576)), ValueError, "k_cache"),
+    ("dense_decode", "block_table batch 1", set_(block_table=torch.zeros(1, 2, dtype=I32)), ValueError, "block_table"),
+    ("dense_decode", "cache_seqlens 2-D", set_(cache_seqlens=torch.zeros(2, 1, dtype=I32)), ValueError, "cache_seqlens"),
+    ("dense_decode", "tile_scheduler_metadata width 7", set_(tile_scheduler_metadata=torch.zeros(4, 7, dtype=I32)),
+     ValueError, "tile_scheduler_metadata"),
+    ("dense_decode", "num_splits length", set_(num_splits=torch.zeros(2, dtype=I32)), ValueError, "num_splits"),
+    ("dense_decode", "FP8, head_dim_v 576", set_(k_cache=fp8_cache(4), is_fp8=True, head_dim_v=576), ValueError,
+     "head_dim_v"),
+    ("dense_decode", "value: cache_seqlens beyond the table", set_(cache_seqlens=torch.tensor([70, 200], dtype=I32)),
+     ValueError, "cache_seqlens"),
+    ("sparse_decode", "indices batch 1", set_(indices=torch.zeros(1, 1, 10, dtype=I32)), ValueError, "indices"),
+    ("sparse_decode", "FP8 cache, q d_qk 512", set_(q=oracle.bf16(2, 1, 4, 512)), ValueError, "q"),
+    ("sparse_decode", "extra_k_cache without extra_indices_in_kvcache",
+     set_(extra_indices_in_kvcache=None, extra_topk_length=None), ValueError, "extra_indices_in_kvcache"),
+    ("sparse_decode", "attn_sink shape", set_(attn_sink=torch.randn(3)), ValueError, "attn_sink"),
+    ("sparse_decode", "value: index >= num_blocks * 64",
+     set_(indices=lambda a: a["indices"].index_fill(2, torch.tensor([0]), 10_000)), ValueError, "indices"),
+    ("sparse_prefill", "indices rank", set_(indices=torch.zeros(6, 8, dtype=I32)), ValueError, "indices"),
+    ("sparse_prefill", "topk_length dtype", set_(topk_length=torch.ones(6)), TypeError, "topk_length"),
+    # FP8 layout
+    ("quantize_kv_fp8", "last dim 575", set_(kv=oracle.bf16(3, 575)), ValueError, "kv"),
+    ("quantize_kv_fp8", "dtype", set_(kv=torch.randn(3, 576).half()), TypeError, "kv"),
+    ("dequantize_kv_fp8", "last dim 655", set_(kv_fp8=torch.zeros(3, 655, dtype=torch.uint8)), ValueError, "kv_fp8"),
+    ("dequantize_kv_fp8", "dtype", set_(kv_fp8=torch.zeros(3, 656, dtype=torch.int8)), TypeError, "kv_fp8"),
+    # cache writes
+    ("write_kv_cache", "kv_cache row 656 without is_fp8", set_(kv_cache=fp8_cache(2)), TypeError, "kv_cache"),
+    ("write_kv_cache", "kv_cache h_kv 2", set_(kv_cache=oracle.bf16(2, 64, 2, 576)), ValueError, "kv_cache"),
+    ("write_kv_cache", "kv_cache last dim non-contiguous",
+     set_(kv_cache=lambda a: non_contiguous_last_dim(a["kv_cache"])), ValueError, "kv_cache"),
+    ("write_kv_cache", "latent width 511", set_(latent=oracle.bf16(3, 511)), ValueError, "latent"),
+    ("write_kv_cache", "latent dtype", set_(latent=torch.randn(3, 512).half()), TypeError, "latent"),
+    ("write_kv_cache", "rope width 32", set_(rope=oracle.bf16(3, 32)), ValueError, "rope"),
+    ("write_kv_cache", "rope tokens 2", set_(rope=oracle.bf16(2, 64)), ValueError, "rope"),
+    ("write_kv_cache", "slot_mapping tokens 4", set_(slot_mapping=torch.zeros(4, dtype=I32)), ValueError, "slot_mapping"),
+    ("write_kv_cache", "slot_mapping dtype", set_(slot_mapping=torch.zeros(3)), TypeError, "slot_mapping"),
+    ("write_kv_cache", "value: slot = num_blocks * 64", set_(slot_mapping=torch.tensor([0, 128, -1], dtype=I32)),
+     ValueError, "slot_mapping"),
+    ("write_kv_cache", "value: slot -2", set_(slot_mapping=torch.tensor([0, -2, -1], dtype=I32)), ValueError, "slot_mapping"),
+    ("write_kv_cache[fp8]", "FP8 cache row 576 bytes", set_(kv_cache=torch.zeros(2, 64, 1, 576, dtype=torch.uint8)),
+     ValueError, "kv_cache"),
+    ("write_kv_cache[fp8]", "value: slot = num_blocks * 64", set_(slot_mapping=torch.tensor([0, 128, -1], dtype=I32)),
+     ValueError, "slot_mapping"),
+    ("write_index_cache", "index_cache width", set_(index_cache=oracle.bf16(2, 64, 16)), ValueError, "index_cache"),
+    ("write_index_cache", "index_cache dtype", set_(index_cache=torch.zeros(2, 64, 32).half()), TypeError, "index_cache"),
+    ("write_index_cache", "k dtype", set_(k=torch.randn(3, 32).half()), TypeError, "k"),
+    ("write_index_cache", "value: slot = num_blocks * 64", set_(slot_mapping=torch.tensor([128, 0, 1], dtype=I32)),
+     ValueError, "slot_mapping"),
+    # indexer
+    ("indexer_logits", "q dtype", set_(q=lambda a: a["q"].half()), TypeError, "q"),
+    ("indexer_logits", "k d_i 8", set_(k=oracle.bf16(10, 8)), ValueError, "k"),
+    ("indexer_logits", "weights dtype", set_(weights=lambda a: a["weights"].half()), TypeError, "weights"),
+    ("indexer_logits", "weights heads 3", set_(weights=torch.randn(4, 3)), ValueError, "weights"),
+    ("indexer_logits", "k_start length", set_(k_start=torch.zeros(3, dtype=I32)), ValueError, "k_start"),
+    ("indexer_logits", "k_end dtype", set_(k_end=lambda a: a["k_end"].long()), TypeError, "k_end"),
+    ("indexer_logits", "q_scale with BF16 q", set_(q_scale=torch.ones(4, 2)), ValueError, "q_scale"),
+    ("indexer_logits", "value: k_end > s_kv", set_(k_end=torch.tensor([1, 11, 2, 9], dtype=I32)), ValueError, "k_end"),
+    ("indexer_logits", "value: k_start > k_end", set_(k_start=torch.tensor([0, 0, 3, 5], dtype=I32)), ValueError, "k_start"),
+    ("indexer_logits[fp8]", "no k_scale", set_(k_scale=None), ValueError, "k_scale"),
+    ("indexer_logits[fp8]", "q_scale shape", set_(q_scale=torch.ones(4)), ValueError, "q_scale"),
+    ("indexer_logits[fp8]", "k_scale dtype", set_(k_scale=torch.ones(10, dtype=torch.float64)), TypeError, "k_scale"),
+    ("indexer_logits_paged", "index_cache dtype", set_(index_cache=torch.zeros(3, 64, 16).half()), TypeError, "index_cache"),
+    ("indexer_logits_paged", "index_cache page 32", set_(index_cache=oracle.bf16(3, 32, 16)), ValueError, "index_cache"),
+    ("indexer_logits_paged", "weights shape", set_(weights=torch.randn(2, 2)), ValueError, "weights"),
+    ("indexer_logits_paged", "block_table batch 3", set_(block_table=torch.zeros(3, 2, dtype=I32)), ValueError,
+     "block_table"),
+    ("indexer_logits_paged", "q_scale with BF16 q", set_(q_scale=torch.ones(2, 1, 2)), ValueError, "q_scale"),
+    ("indexer_logits_paged", "value: cache_seqlens beyond the table", set_(cache_seqlens=torch.tensor([129, 1], dtype=I32)),
+     ValueError, "cache_seqlens"),
+    ("indexer_logits_paged", "value: used block_table entry >= num_blocks",
+     set_(block_table=torch.tensor([[0, 3], [2, 0]], dtype=I32)), ValueError, "block_table"),
+    ("indexer_topk", "logits dtype", set_(logits=lambda a: a["logits"].double()), TypeError, "logits"),
+    ("indexer_topk", "topk 0", set_(topk=0), ValueError, "topk"),
+    ("indexer_topk", "logits wider than the table", set_(logits=torch.randn(2, 3, 129)), ValueError, "logits"),
+    ("indexer_topk", "logits 2-D with a block_table", set_(logits=torch.randn(2, 100)), ValueError, "logits"),
+    ("indexer_topk", "block_table batch 3", set_(block_table=torch.zeros(3, 2, dtype=I32)), ValueError, "block_table"),
+    ("indexer_topk", "block_table dtype", set_(block_table=torch.zeros(2, 2)), TypeError, "block_table"),
+    # metadata
+    ("get_mla_metadata", "num_sm_parts 0", set_(num_sm_parts=0), ValueError, "num_sm_parts"),
+    ("get_mla_metadata", "cache_seqlens dtype", set_(cache_seqlens=torch.tensor([5, 1], dtype=torch.int64)), TypeError,
+     "cache_seqlens"),
+    ("get_mla_metadata", "cache_seqlens 2-D", set_(cache_seqlens=torch.ones(2, 2, dtype=I32)), ValueError, "cache_seqlens"),
+]
+
+
+def names_argument(message: str, name: str) -> bool:
+    return re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", message) is not None
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_valid_arguments_pass(entry):
+    """The base arguments every case breaks are valid, so each case's error comes from its one change."""
+    function, make_args = ENTRIES[entry]
+    function(**make_args())
+
+
+@pytest.mark.parametrize("entry,what,change,error,name", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_bad_argument_is_named(entry, what, change, error, name):
+    function, make_args = ENTRIES[entry]
+    args = make_args()
+    change(args)
+    with pytest.raises(error) as raised:
+        function(**args)
+    assert names_argument(str(raised.value), name), f"{error.__name__} does not name {name!r}: {raised.value}"
+
+
+def to_meta(args):
+    """Same shapes, strides and dtypes on the meta device (`.to("meta")` would make strided tensors contiguous)."""
+    return {k: (torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor)
+                else v) for k, v in args.items()}
+
+
+OP_CASES = [c for c in CASES if isinstance(ENTRIES[c[0]][0], torch._ops.OpOverloadPacket) and not c[1].startswith("value")]
+
+
+@pytest.mark.parametrize("entry,what,change,error,name", OP_CASES, ids=[f"{c[0]}-{c[1]}" for c in OP_CASES])
+def test_fake_impl_checks_shapes_and_dtypes(entry, what, change, error, name):
+    """On meta tensors the op runs its fake impl, which must reject the same inputs."""
+    function, make_args = ENTRIES[entry]
+    args = make_args()
+    change(args)
+    with pytest.raises(error) as raised:
+        function(**to_meta(args))
+    assert names_argument(str(raised.value), name), str(raised.value)
+
+
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if isinstance(ENTRIES[e][0], torch._ops.OpOverloadPacket)])
+def test_fake_impl_shapes_match_the_op(entry):
+    function, make_args = ENTRIES[entry]
+    args = make_args()
+    real = function(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()})
+    fake = function(**to_meta(args))
+    real = real if isinstance(real, tuple) else (real,)
+    fake = fake if isinstance(fake, tuple) else (fake,)
+    assert len(real) == len(fake)
+    for r, f in zip(real, fake):
+        if r is None:
+            assert f is None
+            continue
+        assert f.device.type == "meta" and f.shape == r.shape and f.dtype == r.dtype
+
+
+def test_value_checks_skipped_on_meta():
+    """Index values are not read while tracing: out-of-range values on meta tensors pass the fake impl."""
+    args = sparse_op()
+    args["indices"] = args["indices"].index_fill(2, torch.tensor([0]), 10_000)
+    out, lse = ops.sparse_decode(**to_meta(args))
+    assert out.shape == (2, 1, 4, 512)
+
+
+def test_unused_block_table_entries_are_not_checked():
+    """Entries past a sequence's last block are padding and may hold anything."""
+    args = dense_api()
+    args["block_table"] = torch.tensor([[0, 1, -1, 1 << 30], [2, -7, 99, 3]], dtype=I32)
+    flashmla_ops.flash_mla_with_kvcache(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a second device)")
+@pytest.mark.parametrize("moved", ["q", "k_cache", "block_table", "cache_seqlens"])
+def test_tensors_on_different_devices(moved):
+    args = dense_api()
+    args = {k: (v.cuda() if isinstance(v, torch.Tensor) and k != moved else v) for k, v in args.items()}
+    with pytest.raises(ValueError) as raised:
+        flashmla_ops.flash_mla_with_kvcache(**args)
+    assert names_argument(str(raised.value), moved), str(raised.value)
