@@ -7,62 +7,12 @@ Query rows are the flattened `(s_q, h_q)` pairs of one sequence (all heads share
 FP8 cache rows (SPEC.md §3) are decoded with integer ops (portable to GPUs without FP8 conversion instructions):
 the e4m3 bits shifted into a float32's exponent/mantissa give the value times 2**-120.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
-
-LOG2E = 1.4426950408889634
-
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _dot(a, b, INTERPRET: tl.constexpr):
-    """bf16 x bf16 -> fp32 on the tensor cores; the CPU interpreter mis-multiplies bf16, so it gets the same (exact)
-    bf16 values as float32."""
-    if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _load_kv_tile(KV, row_offset, tok_mask, IS_FP8: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
-                  TILE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows at `row_offset` (elements of KV: bf16 for a BF16 cache, bytes for FP8) -> (nope, rope) bf16 tiles."""
-    nope_cols = tl.arange(0, D_NOPE)
-    rope_cols = tl.arange(0, D_ROPE)
-    if IS_FP8:
-        raw = tl.load(KV + row_offset[:, None] + nope_cols[None, :], mask=tok_mask[:, None], other=0).to(tl.int32)
-        bits = ((raw & 0x80) << 24) | ((raw & 0x7F) << 20)
-        values = bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2**120: float32 bias 127 - e4m3 bias 7
-        scale_ptr = (KV + row_offset + D_NOPE).to(tl.pointer_type(tl.float32), bitcast=True)
-        scales = tl.load(scale_ptr[:, None] + tl.arange(0, D_NOPE // TILE)[None, :], mask=tok_mask[:, None], other=0.0)
-        values = tl.reshape(values, (BLOCK_N, D_NOPE // TILE, TILE)) * scales[:, :, None]
-        nope = tl.reshape(values, (BLOCK_N, D_NOPE)).to(tl.bfloat16)
-        rope_ptr = (KV + row_offset + D_NOPE + 4 * (D_NOPE // TILE)).to(tl.pointer_type(tl.bfloat16), bitcast=True)
-        rope = tl.load(rope_ptr[:, None] + rope_cols[None, :], mask=tok_mask[:, None], other=0.0)
-    else:
-        nope = tl.load(KV + row_offset[:, None] + nope_cols[None, :], mask=tok_mask[:, None], other=0.0)
-        rope = tl.load(KV + row_offset[:, None] + D_NOPE + rope_cols[None, :], mask=tok_mask[:, None], other=0.0)
-    return nope, rope
-
-
-@triton.jit
-def _finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK: tl.constexpr):
-    """Normalised output and natural-log LSE (0 and +inf for rows that saw nothing), attention sink applied."""
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    if APPLY_SINK:
-        sink = tl.load(Sink + heads, mask=row_mask, other=0.0)
-        out = out * (1.0 / (1.0 + tl.exp(sink - lse)))[:, None]
-    return out, lse
-
+from .common import INTERPRET, LOG2E, mma, finish, load_kv_tile, device_limits
 
 @triton.jit
 def _dense_decode_split_kernel(
@@ -99,20 +49,20 @@ def _dense_decode_split_kernel(
         tok_mask = tokens < end
         block = tl.load(BlockTable + batch * stride_bt + tokens // PAGE, mask=tok_mask, other=0).to(tl.int64)
         row_offset = block * stride_kv_block + (tokens % PAGE) * stride_kv_row
-        k_nope, k_rope = _load_kv_tile(KV, row_offset, tok_mask, IS_FP8, D_NOPE, D_ROPE, TILE, BLOCK_N)
-        s = _dot(q_nope, tl.trans(k_nope), INTERPRET) + _dot(q_rope, tl.trans(k_rope), INTERPRET)
+        k_nope, k_rope = load_kv_tile(KV, row_offset, tok_mask, IS_FP8, D_NOPE, D_ROPE, TILE, BLOCK_N)
+        s = mma(q_nope, tl.trans(k_nope), INTERPRET) + mma(q_rope, tl.trans(k_rope), INTERPRET)
         s = tl.where(tokens[None, :] < visible[:, None], s * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(tl.bfloat16), k_nope, INTERPRET)
+        acc = acc * alpha[:, None] + mma(p.to(tl.bfloat16), k_nope, INTERPRET)
         m_i = m_new
 
     cols = tl.arange(0, D_NOPE)
     if NUM_SPLITS == 1:
-        out, lse = _finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK)
+        out, lse = finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK)
         tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :], out.to(Out.dtype.element_ty),
                  mask=row_mask[:, None])
         # lse is (batch, h_q, s_q): row r = (query r // h_q, head r % h_q)
@@ -149,18 +99,10 @@ def _combine_kernel(OutPartial, LsePartial, Sink, Out, Lse,
         part = tl.load(OutPartial + batch * stride_pb + split * stride_ps + rows[:, None] * stride_pm + cols[None, :],
                        mask=row_mask[:, None] & (weight[:, None] > 0), other=0.0)
         acc += weight[:, None] * part
-    out, lse = _finish(acc, shift, l_i, Sink, rows % H_Q, row_mask, APPLY_SINK)
+    out, lse = finish(acc, shift, l_i, Sink, rows % H_Q, row_mask, APPLY_SINK)
     tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :], out.to(Out.dtype.element_ty),
              mask=row_mask[:, None])
     tl.store(Lse + batch * M + (rows % H_Q) * S_Q + rows // H_Q, lse, mask=row_mask)
-
-
-def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(multiprocessors, shared memory per block) of a CUDA device; small stand-ins for the CPU interpreter."""
-    if device.type != "cuda":
-        return 4, 100 * 1024
-    props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 100 * 1024)
 
 
 def num_splits_for(batch: int, row_tiles: int, capacity_tiles: int, multiprocessors: int) -> int:
@@ -180,7 +122,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
         return out, lse
     q_rows = q.reshape(batch, rows, d_qk)
     cache = kv_cache.view(torch.uint8) if is_fp8 else kv_cache
-    multiprocessors, shared_memory = _device_limits(q.device)
+    multiprocessors, shared_memory = device_limits(q.device)
     block_h = min(64, max(16, triton.next_power_of_2(rows)))
     block_n = 64 if shared_memory >= 200 * 1024 else 32
     row_tiles = triton.cdiv(rows, block_h)

@@ -1,0 +1,61 @@
+"""Triton building blocks shared by the MLA kernels: the MMA wrapper, KV-tile loads from BF16 and FP8 cache rows,
+the final normalisation, and device limits."""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def mma(a, b, INTERPRET: tl.constexpr):
+    """bf16 x bf16 -> fp32 on the tensor cores; the CPU interpreter mis-multiplies bf16, so it gets the same (exact)
+    bf16 values as float32."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def load_kv_tile(KV, row_offset, tok_mask, IS_FP8: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
+                  TILE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows at `row_offset` (elements of KV: bf16 for a BF16 cache, bytes for FP8) -> (nope, rope) bf16 tiles."""
+    nope_cols = tl.arange(0, D_NOPE)
+    rope_cols = tl.arange(0, D_ROPE)
+    if IS_FP8:
+        raw = tl.load(KV + row_offset[:, None] + nope_cols[None, :], mask=tok_mask[:, None], other=0).to(tl.int32)
+        bits = ((raw & 0x80) << 24) | ((raw & 0x7F) << 20)
+        values = bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2**120: float32 bias 127 - e4m3 bias 7
+        scale_ptr = (KV + row_offset + D_NOPE).to(tl.pointer_type(tl.float32), bitcast=True)
+        scales = tl.load(scale_ptr[:, None] + tl.arange(0, D_NOPE // TILE)[None, :], mask=tok_mask[:, None], other=0.0)
+        values = tl.reshape(values, (BLOCK_N, D_NOPE // TILE, TILE)) * scales[:, :, None]
+        nope = tl.reshape(values, (BLOCK_N, D_NOPE)).to(tl.bfloat16)
+        rope_ptr = (KV + row_offset + D_NOPE + 4 * (D_NOPE // TILE)).to(tl.pointer_type(tl.bfloat16), bitcast=True)
+        rope = tl.load(rope_ptr[:, None] + rope_cols[None, :], mask=tok_mask[:, None], other=0.0)
+    else:
+        nope = tl.load(KV + row_offset[:, None] + nope_cols[None, :], mask=tok_mask[:, None], other=0.0)
+        rope = tl.load(KV + row_offset[:, None] + D_NOPE + rope_cols[None, :], mask=tok_mask[:, None], other=0.0)
+    return nope, rope
+
+
+@triton.jit
+def finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK: tl.constexpr):
+    """Normalised output and natural-log LSE (0 and +inf for rows that saw nothing), attention sink applied."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    if APPLY_SINK:
+        sink = tl.load(Sink + heads, mask=row_mask, other=0.0)
+        out = out * (1.0 / (1.0 + tl.exp(sink - lse)))[:, None]
+    return out, lse
+
+
+def device_limits(device: torch.device) -> tuple[int, int]:
+    """(multiprocessors, shared memory per block) of a CUDA device; small stand-ins for the CPU interpreter."""
+    if device.type != "cuda":
+        return 4, 100 * 1024
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 100 * 1024)
