@@ -9,6 +9,7 @@ expanded tensors. Writes JSON and a PNG roofline plot.
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -128,6 +129,42 @@ def forced_backend(choice):
             os.environ["FLASHMLA_BACKEND"] = saved
 
 
+TUNE_ROWS = [SPEC_ROWS[0], SPEC_ROWS[2], SPEC_ROWS[4], SPEC_ROWS[6]]
+
+
+def tune(device):
+    """Time the Triton kernel's launch configurations on representative SPEC rows (one table per row)."""
+    from flashmla_ops.triton import decode as triton_decode
+
+    results = []
+    for name, batch, s_q, h_q, seqlen, is_fp8, _, _ in TUNE_ROWS:
+        sets, cache_seqlens = make_inputs(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, copies=2)
+        default = triton_decode.default_config(s_q * h_q, device)
+        candidates = {default}
+        for block_n in (32, 64):
+            for num_stages in (2, 3):
+                for programs_per_sm in (1, 2, 4):
+                    candidates.add(dataclasses.replace(default, block_n=block_n, num_stages=num_stages,
+                                                       programs_per_sm=programs_per_sm))
+        if h_q * s_q >= 64:
+            candidates |= {dataclasses.replace(default, block_h=32, num_warps=4, programs_per_sm=p) for p in (1, 2)}
+        for config in sorted(candidates, key=str):
+            def op(q, cache, block_table, config=config):
+                return triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
+                                                  s_q > 1, is_fp8, None, config)
+            try:
+                ms = time_ms(op, sets)
+            except Exception as error:  # a config the GPU cannot run (shared memory, registers)
+                print(f"{name:24} {config}: failed ({type(error).__name__})")
+                continue
+            gb_s = decode_bytes(batch, s_q, h_q, seqlen, is_fp8) / ms / 1e6
+            results.append({"name": name, "config": dataclasses.asdict(config), "time_us": ms * 1e3, "gb_s": gb_s})
+            print(f"{name:24} {'(default) ' if config == default else ''}{config}: {ms * 1e3:8.1f} us {gb_s:6.0f} GB/s")
+        del sets
+        torch.cuda.empty_cache()
+    return results
+
+
 def sweep_configs():
     for is_fp8 in (False, True):
         for h_q in (16, 64, 128):
@@ -171,6 +208,7 @@ def main():
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "reference"])
     parser.add_argument("--sweep", action="store_true", help="also run the batch/seqlen/h_q/s_q/dtype sweep")
     parser.add_argument("--no-baselines", action="store_true", help="skip the reference and SDPA timings")
+    parser.add_argument("--tune", action="store_true", help="time the Triton launch configurations first")
     parser.add_argument("--out", default="bench/decode", help="output prefix for .json and .png")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -179,6 +217,7 @@ def main():
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dense_decode backend: "
           f"{flashmla_ops.backend('dense_decode', device)}")
+    tuned = tune(device) if args.tune else []
     rows = []
     print(f"{'configuration':26} {'time us':>8} {'GB/s':>7} {'TFLOP/s':>8} {'%BW':>5} {'%MMA':>5} "
           f"{'FlashMLA':>12} {'target':>16} {'vs target':>9} {'x ref':>7} {'x sdpa':>7}")
@@ -207,7 +246,7 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "backend": args.backend}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "tuning": tuned}, indent=1))
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 

@@ -20,6 +20,42 @@ def mma(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def load_latent_subtile(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.constexpr, IS_FP8: tl.constexpr,
+                        HW_FP8: tl.constexpr):
+    """Latent columns [COL0, COL0 + WIDTH) of the rows at `row_offset` (elements of KV: bf16 for a BF16 cache, bytes
+    for FP8) as bf16; FP8 values come unscaled (the caller applies the tile's scale to the products).
+    Without hardware FP8 conversion, the e4m3 bits shifted into a float32's sign/exponent/mantissa give the value
+    times 2**-120 (float32 bias 127 minus e4m3 bias 7), subnormals included."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    if IS_FP8:
+        raw = tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0)
+        if HW_FP8:
+            return raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        bits = raw.to(tl.int32)
+        bits = ((bits & 0x80) << 24) | ((bits & 0x7F) << 20)
+        return (bits.to(tl.float32, bitcast=True) * 1.329227995784916e36).to(tl.bfloat16)  # 2**120
+    return tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0.0)
+
+
+@triton.jit
+def load_tile_scale(KV, row_offset, tok_mask, TILE_INDEX: tl.constexpr, D_NOPE: tl.constexpr):
+    """The float32 scale of FP8 tile TILE_INDEX for each row (bytes D_NOPE + 4 * TILE_INDEX of the row)."""
+    scale_ptr = (KV + row_offset + D_NOPE + 4 * TILE_INDEX).to(tl.pointer_type(tl.float32), bitcast=True)
+    return tl.load(scale_ptr, mask=tok_mask, other=0.0)
+
+
+@triton.jit
+def load_rope(KV, row_offset, tok_mask, IS_FP8: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
+              NUM_TILES: tl.constexpr):
+    """The bf16 RoPE columns of the rows: after the latent in a BF16 row, after the latent and scales in FP8."""
+    cols = tl.arange(0, D_ROPE)
+    if IS_FP8:
+        rope_ptr = (KV + row_offset + D_NOPE + 4 * NUM_TILES).to(tl.pointer_type(tl.bfloat16), bitcast=True)
+        return tl.load(rope_ptr[:, None] + cols[None, :], mask=tok_mask[:, None], other=0.0)
+    return tl.load(KV + row_offset[:, None] + D_NOPE + cols[None, :], mask=tok_mask[:, None], other=0.0)
+
+
+@triton.jit
 def load_kv_tile(KV, row_offset, tok_mask, IS_FP8: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
                   TILE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Rows at `row_offset` (elements of KV: bf16 for a BF16 cache, bytes for FP8) -> (nope, rope) bf16 tiles."""
@@ -51,6 +87,11 @@ def finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK: tl.constexpr):
         sink = tl.load(Sink + heads, mask=row_mask, other=0.0)
         out = out * (1.0 / (1.0 + tl.exp(sink - lse)))[:, None]
     return out, lse
+
+
+def hardware_fp8(device: torch.device) -> bool:
+    """Whether Triton converts e4m3 in hardware on `device` (sm_89+; the interpreter emulates it)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def device_limits(device: torch.device) -> tuple[int, int]:

@@ -1,18 +1,21 @@
 """Dense paged MLA decode in Triton: split-KV partial attention, then a combine over the splits.
 
 Query rows are the flattened `(s_q, h_q)` pairs of one sequence (all heads share the one latent KV head, MQA), tiled
-`BLOCK_H` at a time. Each program of the split kernel walks `BLOCK_N`-token tiles of its share of the sequence:
-    s = q_nope . k_nope + q_rope . k_rope     (576-wide logits, scaled to base 2)
-    online softmax; acc += p . k_nope         (the value is the 512-wide latent)
-FP8 cache rows (SPEC.md §3) are decoded with integer ops (portable to GPUs without FP8 conversion instructions):
-the e4m3 bits shifted into a float32's exponent/mantissa give the value times 2**-120.
+`BLOCK_H` at a time. Each program of the split kernel walks `BLOCK_N`-token tiles of its share of the sequence, with
+the 512-wide latent in four 128-column sub-tiles t (the FP8 cache's scale tiles, SPEC.md §3):
+    s = sum_t scale_t * (q_t . k_t) + q_rope . k_rope     (576-wide logits, in base 2)
+    online softmax; acc_t += (p * scale_t) . k_t          (the value is the latent)
+so FP8 values are multiplied by their power-of-two scale through the products, never element by element.
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
-from .common import INTERPRET, LOG2E, mma, finish, load_kv_tile, device_limits
+from .common import (INTERPRET, LOG2E, device_limits, finish, hardware_fp8, load_latent_subtile, load_rope,
+                     load_tile_scale, mma)
 
 @triton.jit
 def _dense_decode_split_kernel(
@@ -20,9 +23,10 @@ def _dense_decode_split_kernel(
         stride_qb, stride_qm, stride_kv_block, stride_kv_row, stride_bt,
         stride_ob, stride_om, stride_pb, stride_ps, stride_pm,
         M, H_Q, S_Q, sm_scale_log2,
-        NUM_SPLITS: tl.constexpr, IS_FP8: tl.constexpr, CAUSAL: tl.constexpr, APPLY_SINK: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-        D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, TILE: tl.constexpr, INTERPRET: tl.constexpr):
+        NUM_SPLITS: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr,
+        APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+        D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr):
+    TILE: tl.constexpr = D_NOPE // 4
     pid_m = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -39,80 +43,156 @@ def _dense_decode_split_kernel(
     end = tl.minimum(start + tiles_per_split * BLOCK_N, length)
 
     q_rows = Q + batch * stride_qb + rows[:, None] * stride_qm
-    q_nope = tl.load(q_rows + tl.arange(0, D_NOPE)[None, :], mask=row_mask[:, None], other=0.0)
+    q0 = tl.load(q_rows + 0 * TILE + tl.arange(0, TILE)[None, :], mask=row_mask[:, None], other=0.0)
+    q1 = tl.load(q_rows + 1 * TILE + tl.arange(0, TILE)[None, :], mask=row_mask[:, None], other=0.0)
+    q2 = tl.load(q_rows + 2 * TILE + tl.arange(0, TILE)[None, :], mask=row_mask[:, None], other=0.0)
+    q3 = tl.load(q_rows + 3 * TILE + tl.arange(0, TILE)[None, :], mask=row_mask[:, None], other=0.0)
     q_rope = tl.load(q_rows + D_NOPE + tl.arange(0, D_ROPE)[None, :], mask=row_mask[:, None], other=0.0)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, D_NOPE], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_H, TILE], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_H, TILE], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_H, TILE], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_H, TILE], dtype=tl.float32)
     for tile_start in range(start, end, BLOCK_N):
         tokens = tile_start + tl.arange(0, BLOCK_N)
         tok_mask = tokens < end
         block = tl.load(BlockTable + batch * stride_bt + tokens // PAGE, mask=tok_mask, other=0).to(tl.int64)
         row_offset = block * stride_kv_block + (tokens % PAGE) * stride_kv_row
-        k_nope, k_rope = load_kv_tile(KV, row_offset, tok_mask, IS_FP8, D_NOPE, D_ROPE, TILE, BLOCK_N)
-        s = mma(q_nope, tl.trans(k_nope), INTERPRET) + mma(q_rope, tl.trans(k_rope), INTERPRET)
+        k0 = load_latent_subtile(KV, row_offset, tok_mask, 0 * TILE, TILE, IS_FP8, HW_FP8)
+        k1 = load_latent_subtile(KV, row_offset, tok_mask, 1 * TILE, TILE, IS_FP8, HW_FP8)
+        k2 = load_latent_subtile(KV, row_offset, tok_mask, 2 * TILE, TILE, IS_FP8, HW_FP8)
+        k3 = load_latent_subtile(KV, row_offset, tok_mask, 3 * TILE, TILE, IS_FP8, HW_FP8)
+        k_rope = load_rope(KV, row_offset, tok_mask, IS_FP8, D_NOPE, D_ROPE, 4)
+        s = mma(q_rope, tl.trans(k_rope), INTERPRET)
+        if IS_FP8:
+            scale0 = load_tile_scale(KV, row_offset, tok_mask, 0, D_NOPE)
+            scale1 = load_tile_scale(KV, row_offset, tok_mask, 1, D_NOPE)
+            scale2 = load_tile_scale(KV, row_offset, tok_mask, 2, D_NOPE)
+            scale3 = load_tile_scale(KV, row_offset, tok_mask, 3, D_NOPE)
+            s += (mma(q0, tl.trans(k0), INTERPRET) * scale0[None, :] + mma(q1, tl.trans(k1), INTERPRET) * scale1[None, :]
+                  + mma(q2, tl.trans(k2), INTERPRET) * scale2[None, :] + mma(q3, tl.trans(k3), INTERPRET) * scale3[None, :])
+        else:
+            s += (mma(q0, tl.trans(k0), INTERPRET) + mma(q1, tl.trans(k1), INTERPRET)
+                  + mma(q2, tl.trans(k2), INTERPRET) + mma(q3, tl.trans(k3), INTERPRET))
         s = tl.where(tokens[None, :] < visible[:, None], s * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(tl.bfloat16), k_nope, INTERPRET)
+        if IS_FP8:
+            acc0 = acc0 * alpha[:, None] + mma((p * scale0[None, :]).to(tl.bfloat16), k0, INTERPRET)
+            acc1 = acc1 * alpha[:, None] + mma((p * scale1[None, :]).to(tl.bfloat16), k1, INTERPRET)
+            acc2 = acc2 * alpha[:, None] + mma((p * scale2[None, :]).to(tl.bfloat16), k2, INTERPRET)
+            acc3 = acc3 * alpha[:, None] + mma((p * scale3[None, :]).to(tl.bfloat16), k3, INTERPRET)
+        else:
+            p16 = p.to(tl.bfloat16)
+            acc0 = acc0 * alpha[:, None] + mma(p16, k0, INTERPRET)
+            acc1 = acc1 * alpha[:, None] + mma(p16, k1, INTERPRET)
+            acc2 = acc2 * alpha[:, None] + mma(p16, k2, INTERPRET)
+            acc3 = acc3 * alpha[:, None] + mma(p16, k3, INTERPRET)
         m_i = m_new
 
-    cols = tl.arange(0, D_NOPE)
+    _store_rows(acc0, m_i, l_i, 0 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, split, rows, heads,
+                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, NUM_SPLITS, APPLY_SINK,
+                True)
+    _store_rows(acc1, m_i, l_i, 1 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, split, rows, heads,
+                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, NUM_SPLITS, APPLY_SINK,
+                False)
+    _store_rows(acc2, m_i, l_i, 2 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, split, rows, heads,
+                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, NUM_SPLITS, APPLY_SINK,
+                False)
+    _store_rows(acc3, m_i, l_i, 3 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, split, rows, heads,
+                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, NUM_SPLITS, APPLY_SINK,
+                False)
+
+
+@triton.jit
+def _store_rows(acc, m_i, l_i, COL0: tl.constexpr, WIDTH: tl.constexpr, Sink, Out, Lse, OutPartial, LsePartial,
+                batch, split, rows, heads, row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q,
+                NUM_SPLITS: tl.constexpr, APPLY_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """Columns [COL0, COL0 + WIDTH) of the output: final (one split) or the split's normalised partial + base-2 LSE."""
+    cols = COL0 + tl.arange(0, WIDTH)
     if NUM_SPLITS == 1:
         out, lse = finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK)
         tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :], out.to(Out.dtype.element_ty),
                  mask=row_mask[:, None])
-        # lse is (batch, h_q, s_q): row r = (query r // h_q, head r % h_q)
-        tl.store(Lse + batch * M + heads * S_Q + rows // H_Q, lse, mask=row_mask)
+        if WRITE_LSE:  # lse is (batch, h_q, s_q): row r = (query r // h_q, head r % h_q)
+            tl.store(Lse + batch * M + heads * S_Q + rows // H_Q, lse, mask=row_mask)
     else:
         empty = l_i == 0.0
         partial = acc / tl.where(empty, 1.0, l_i)[:, None]
-        partial_lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # base 2
         base = batch * stride_pb + split * stride_ps + rows * stride_pm
         tl.store(OutPartial + base[:, None] + cols[None, :], partial, mask=row_mask[:, None])
-        tl.store(LsePartial + (batch * NUM_SPLITS + split) * M + rows, partial_lse, mask=row_mask)
+        if WRITE_LSE:
+            partial_lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+            tl.store(LsePartial + (batch * NUM_SPLITS + split) * M + rows, partial_lse, mask=row_mask)
 
 
 @triton.jit
 def _combine_kernel(OutPartial, LsePartial, Sink, Out, Lse,
                     stride_pb, stride_ps, stride_pm, stride_ob, stride_om, M, H_Q, S_Q,
-                    NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, APPLY_SINK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, D_V: tl.constexpr):
-    """Merge split partials: out = sum_s w_s out_s with w_s = exp(lse_s - lse), lse = log sum_s exp(lse_s)."""
+                    NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr, APPLY_SINK: tl.constexpr,
+                    D_V: tl.constexpr):
+    """One query row: out = sum_s w_s out_s with w_s = exp(lse_s - lse), lse = log sum_s exp(lse_s) (base 2 inside),
+    reading SPLIT_CHUNK splits' partials at a time."""
+    row = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    splits = tl.arange(0, SPLITS_POW2)
-    lse_parts = tl.load(LsePartial + (batch * NUM_SPLITS + splits[None, :]) * M + rows[:, None],
-                        mask=row_mask[:, None] & (splits[None, :] < NUM_SPLITS), other=float("-inf"))
-    m = tl.max(lse_parts, 1)
+    rows = row + tl.arange(0, 1)
+    splits = tl.arange(0, SPLIT_CHUNK)
+    lse_base = LsePartial + batch * NUM_SPLITS * M + row
+    running_max = tl.full([SPLIT_CHUNK], float("-inf"), dtype=tl.float32)
+    for first in range(0, NUM_SPLITS, SPLIT_CHUNK):
+        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < NUM_SPLITS, other=float("-inf"))
+        running_max = tl.maximum(running_max, lse_chunk)
+    m = tl.max(running_max, 0)
     shift = tl.where(m == float("-inf"), 0.0, m)
-    l_i = tl.sum(tl.exp2(lse_parts - shift[:, None]), 1)
     cols = tl.arange(0, D_V)
-    acc = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
-    for split in range(NUM_SPLITS):
-        lse_split = tl.load(LsePartial + (batch * NUM_SPLITS + split) * M + rows, mask=row_mask, other=float("-inf"))
-        weight = tl.exp2(lse_split - shift)
-        part = tl.load(OutPartial + batch * stride_pb + split * stride_ps + rows[:, None] * stride_pm + cols[None, :],
-                       mask=row_mask[:, None] & (weight[:, None] > 0), other=0.0)
-        acc += weight[:, None] * part
-    out, lse = finish(acc, shift, l_i, Sink, rows % H_Q, row_mask, APPLY_SINK)
-    tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :], out.to(Out.dtype.element_ty),
-             mask=row_mask[:, None])
-    tl.store(Lse + batch * M + (rows % H_Q) * S_Q + rows // H_Q, lse, mask=row_mask)
+    acc = tl.zeros([D_V], dtype=tl.float32)
+    total = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
+    for first in range(0, NUM_SPLITS, SPLIT_CHUNK):
+        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < NUM_SPLITS, other=float("-inf"))
+        weight = tl.exp2(lse_chunk - shift)
+        part = tl.load(OutPartial + batch * stride_pb + (first + splits)[:, None] * stride_ps + row * stride_pm
+                       + cols[None, :], mask=(weight > 0)[:, None], other=0.0)
+        acc += tl.sum(weight[:, None] * part, 0)
+        total += weight
+    l_i = tl.zeros([1], dtype=tl.float32) + tl.sum(total, 0)
+    m_i = tl.zeros([1], dtype=tl.float32) + shift
+    out, lse = finish(acc[None, :], m_i, l_i, Sink, rows % H_Q, rows < M, APPLY_SINK)
+    tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :], out.to(Out.dtype.element_ty))
+    tl.store(Lse + batch * M + (rows % H_Q) * S_Q + rows // H_Q, lse)
 
 
-def num_splits_for(batch: int, row_tiles: int, capacity_tiles: int, multiprocessors: int) -> int:
-    """Splits per sequence so that about two programs per SM are in flight; static (shapes only), so that the
-    launch is the same for every `cache_seqlens` (CUDA graphs)."""
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch shape of the split kernel. `programs_per_sm`: how many split programs to aim for per SM
+    (sets the number of splits); `block_h`: query rows per program."""
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: float
+
+
+def default_config(rows: int, device: torch.device) -> LaunchConfig:
+    _, shared_memory = device_limits(device)
+    block_h = min(64, max(16, triton.next_power_of_2(rows)))
+    return LaunchConfig(block_h=block_h, block_n=64 if shared_memory >= 200 * 1024 else 32,
+                        num_warps=8 if block_h >= 64 else 4, num_stages=2, programs_per_sm=2)
+
+
+def num_splits_for(batch: int, row_tiles: int, capacity_tiles: int, multiprocessors: int,
+                   programs_per_sm: float) -> int:
+    """Splits per sequence so that about `programs_per_sm` programs per SM are in flight; static (shapes only), so
+    that the launch is the same for every `cache_seqlens` (CUDA graphs)."""
     programs = max(1, batch * row_tiles)
-    return max(1, min(-(-2 * multiprocessors // programs), capacity_tiles, 128))
+    return max(1, min(int(-(-programs_per_sm * multiprocessors // programs)), capacity_tiles, 256))
 
 
-def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8, attn_sink=None):
+def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8, attn_sink=None,
+                 config: LaunchConfig | None = None):
     """Triton dense decode; same contract as `flashmla::dense_decode` for d_qk 576 / d_v 512 and bf16 q."""
     batch, s_q, h_q, d_qk = q.shape
     rows = s_q * h_q
@@ -120,14 +200,13 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
     if batch == 0 or rows == 0:
         return out, lse
+    config = config or default_config(rows, q.device)
     q_rows = q.reshape(batch, rows, d_qk)
     cache = kv_cache.view(torch.uint8) if is_fp8 else kv_cache
-    multiprocessors, shared_memory = device_limits(q.device)
-    block_h = min(64, max(16, triton.next_power_of_2(rows)))
-    block_n = 64 if shared_memory >= 200 * 1024 else 32
-    row_tiles = triton.cdiv(rows, block_h)
-    num_splits = num_splits_for(batch, row_tiles, triton.cdiv(block_table.shape[1] * PAGE_BLOCK_SIZE, block_n),
-                                multiprocessors)
+    multiprocessors, _ = device_limits(q.device)
+    row_tiles = triton.cdiv(rows, config.block_h)
+    capacity_tiles = triton.cdiv(block_table.shape[1] * PAGE_BLOCK_SIZE, config.block_n)
+    num_splits = num_splits_for(batch, row_tiles, capacity_tiles, multiprocessors, config.programs_per_sm)
     if num_splits > 1:
         out_partial = q.new_empty(batch, num_splits, rows, head_dim_v, dtype=torch.float32)
         lse_partial = q.new_empty(batch, num_splits, rows, dtype=torch.float32)
@@ -135,24 +214,23 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
         out_partial, lse_partial = out, lse  # unused
     sink = attn_sink if attn_sink is not None else lse
     out_rows = out.view(batch, rows, head_dim_v)
-    num_warps = 8 if block_h >= 64 else 4
     _dense_decode_split_kernel[(row_tiles, batch, num_splits)](
         q_rows, cache, block_table, cache_seqlens, sink, out_rows, lse, out_partial, lse_partial,
         q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
         out_rows.stride(0), out_rows.stride(1), out_partial.stride(0), out_partial.stride(1),
         out_partial.stride(2) if num_splits > 1 else 0,
         rows, h_q, s_q, softmax_scale * LOG2E,
-        NUM_SPLITS=num_splits, IS_FP8=is_fp8, CAUSAL=causal, APPLY_SINK=attn_sink is not None,
-        BLOCK_H=block_h, BLOCK_N=block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM,
-        TILE=128, INTERPRET=INTERPRET, num_warps=num_warps, num_stages=2)
+        NUM_SPLITS=num_splits, IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), CAUSAL=causal,
+        APPLY_SINK=attn_sink is not None, BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE,
+        D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     if num_splits > 1:
-        block_m = 4
-        _combine_kernel[(triton.cdiv(rows, block_m), batch)](
+        _combine_kernel[(rows, batch)](
             out_partial, lse_partial, sink, out_rows, lse,
             out_partial.stride(0), out_partial.stride(1), out_partial.stride(2), out_rows.stride(0),
             out_rows.stride(1), rows, h_q, s_q,
-            NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits),
-            APPLY_SINK=attn_sink is not None, BLOCK_M=block_m, D_V=head_dim_v, num_warps=4)
+            NUM_SPLITS=num_splits, SPLIT_CHUNK=min(16, triton.next_power_of_2(num_splits)),
+            APPLY_SINK=attn_sink is not None, D_V=head_dim_v, num_warps=4)
     return out, lse
 
 

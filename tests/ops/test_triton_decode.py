@@ -129,3 +129,9 @@ def test_dense_decode_op_uses_triton_and_captures_in_cuda_graph():
                                                 False, False)
     assert (out.float() - want_out.float()).norm() / want_out.float().norm() < BF16_BAND
     assert torch.allclose(lse, want_lse, atol=LSE_TOLERANCE)
+
+
+def test_triton_fp8_integer_decode_path(monkeypatch):
+    """GPUs without FP8 conversion instructions (before sm_89) decode e4m3 with integer ops: same results."""
+    monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: False)
+    run_and_compare([77, 300], 2, 16, causal=True, is_fp8=True, sink=False)

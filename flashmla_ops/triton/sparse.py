@@ -1,0 +1,292 @@
+"""Sparse MLA attention in Triton (DeepSeek Sparse Attention): sparse paged decode and sparse prefill.
+
+Every query has its own key set, an index list shared by all its heads (MQA over the one latent KV head), so a
+program handles one query and a `BLOCK_H` tile of its heads, and gathers `BLOCK_N` keys per step through the indices:
+    s = q_nope . k_nope + q_rope . k_rope     (576-wide logits, scaled to base 2; -inf where the index is invalid)
+    online softmax; acc += p . k_nope         (the value is the 512-wide latent)
+Decode reads flat slots `block * 64 + row` of a paged BF16 or FP8 cache (SPEC.md §3, decoded as in the dense kernel),
+optionally followed by the keys of a second (`extra`) cache in the same softmax, and splits each query's keys over
+several programs when there are too few queries to fill the GPU (the dense kernel's combine merges the splits).
+Prefill reads rows of one packed BF16 `kv` (page size 1) and also returns the largest logit and, when asked, the LSE
+over the first `indexer_topk` indices, kept as a second running (max, sum) in the same pass.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
+from .common import INTERPRET, LOG2E, device_limits, finish, load_kv_tile, mma
+from .decode import _combine_kernel
+
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _gather_logits(q_nope, q_rope, KV, Indices, positions, length, num_rows, stride_kv_block, stride_kv_row,
+                   sm_scale_log2, IS_FP8: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr,
+                   D_ROPE: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    """Keys listed at `Indices[positions]` (only positions < length; indices outside [0, num_rows) mean no token):
+    base-2 logits `(BLOCK_H, BLOCK_N)`, -inf for missing keys, and the keys' latent tile (the values)."""
+    index = tl.load(Indices + positions, mask=positions < length, other=-1)
+    valid = (index >= 0) & (index < num_rows)
+    slot = tl.where(valid, index, 0).to(tl.int64)
+    row_offset = (slot // PAGE) * stride_kv_block + (slot % PAGE) * stride_kv_row
+    k_nope, k_rope = load_kv_tile(KV, row_offset, valid, IS_FP8, D_NOPE, D_ROPE, TILE, BLOCK_N)
+    s = mma(q_nope, tl.trans(k_nope), INTERPRET) + mma(q_rope, tl.trans(k_rope), INTERPRET)
+    return tl.where(valid[None, :], s * sm_scale_log2, float("-inf")), k_nope
+
+
+@triton.jit
+def _softmax_step(s, values, m_i, l_i, acc, INTERPRET: tl.constexpr):
+    """One online-softmax update (base 2) with a tile of logits `s` and its values."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - shift[:, None])
+    alpha = tl.exp2(m_i - shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(tl.bfloat16), values, INTERPRET)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _sparse_decode_split_kernel(
+        Q, KV, Indices, TopkLength, ExtraKV, ExtraIndices, ExtraTopkLength, Sink, Out, Lse, OutPartial, LsePartial,
+        stride_qb, stride_qs, stride_qh, stride_kv_block, stride_kv_row, stride_ib, stride_is,
+        stride_extra_block, stride_extra_row, stride_eb, stride_es,
+        stride_ob, stride_os, stride_oh, stride_pb, stride_ps, stride_pm,
+        S_Q, H_Q, TOPK, EXTRA_TOPK, num_slots, extra_num_slots, sm_scale_log2,
+        NUM_SPLITS: tl.constexpr, IS_FP8: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr, HAS_EXTRA: tl.constexpr,
+        HAS_EXTRA_TOPK_LENGTH: tl.constexpr, APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+        PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, TILE: tl.constexpr,
+        INTERPRET: tl.constexpr):
+    head_tiles = tl.cdiv(H_Q, BLOCK_H)
+    pid = tl.program_id(0)
+    query = pid // head_tiles  # the head tiles of one query are neighbours: they gather the same keys (L2)
+    batch = (query // S_Q).to(tl.int64)
+    position = query % S_Q
+    split = tl.program_id(1)
+    heads = (pid % head_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_mask = heads < H_Q
+
+    # The split walks its share of the key tiles of [indices, extra indices]; the share depends on shapes only.
+    main_tiles = tl.cdiv(TOPK, BLOCK_N)
+    total_tiles = main_tiles
+    if HAS_EXTRA:
+        total_tiles += tl.cdiv(EXTRA_TOPK, BLOCK_N)
+    tiles_per_split = tl.cdiv(total_tiles, NUM_SPLITS)
+    first_tile = split * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, total_tiles)
+
+    q_rows = Q + batch * stride_qb + position * stride_qs + heads[:, None] * stride_qh
+    q_nope = tl.load(q_rows + tl.arange(0, D_NOPE)[None, :], mask=head_mask[:, None], other=0.0)
+    q_rope = tl.load(q_rows + D_NOPE + tl.arange(0, D_ROPE)[None, :], mask=head_mask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, D_NOPE], dtype=tl.float32)
+
+    length = TOPK
+    if HAS_TOPK_LENGTH:
+        length = tl.minimum(tl.load(TopkLength + batch), TOPK)
+    indices = Indices + batch * stride_ib + position * stride_is
+    for tile in range(first_tile, tl.minimum(last_tile, tl.cdiv(length, BLOCK_N))):
+        s, values = _gather_logits(q_nope, q_rope, KV, indices, tile * BLOCK_N + tl.arange(0, BLOCK_N), length,
+                                   num_slots, stride_kv_block, stride_kv_row, sm_scale_log2,
+                                   IS_FP8, PAGE, D_NOPE, D_ROPE, TILE, BLOCK_N, INTERPRET)
+        m_i, l_i, acc = _softmax_step(s, values, m_i, l_i, acc, INTERPRET)
+    if HAS_EXTRA:
+        extra_length = EXTRA_TOPK
+        if HAS_EXTRA_TOPK_LENGTH:
+            extra_length = tl.minimum(tl.load(ExtraTopkLength + batch), EXTRA_TOPK)
+        extra_indices = ExtraIndices + batch * stride_eb + position * stride_es
+        extra_end = tl.minimum(last_tile, main_tiles + tl.cdiv(extra_length, BLOCK_N))
+        for tile in range(tl.maximum(first_tile, main_tiles), extra_end):
+            s, values = _gather_logits(q_nope, q_rope, ExtraKV, extra_indices,
+                                       (tile - main_tiles) * BLOCK_N + tl.arange(0, BLOCK_N), extra_length,
+                                       extra_num_slots, stride_extra_block, stride_extra_row, sm_scale_log2,
+                                       IS_FP8, PAGE, D_NOPE, D_ROPE, TILE, BLOCK_N, INTERPRET)
+            m_i, l_i, acc = _softmax_step(s, values, m_i, l_i, acc, INTERPRET)
+
+    cols = tl.arange(0, D_NOPE)
+    if NUM_SPLITS == 1:
+        out, lse = finish(acc, m_i, l_i, Sink, heads, head_mask, APPLY_SINK)
+        out_rows = Out + batch * stride_ob + position * stride_os + heads[:, None] * stride_oh
+        tl.store(out_rows + cols[None, :], out.to(Out.dtype.element_ty), mask=head_mask[:, None])
+        tl.store(Lse + (batch * H_Q + heads) * S_Q + position, lse, mask=head_mask)  # lse is (batch, h_q, s_q)
+    else:
+        # The combine's layout: partials (batch, split, s_q * h_q rows), lse in base 2, -inf for an empty split.
+        empty = l_i == 0.0
+        partial = acc / tl.where(empty, 1.0, l_i)[:, None]
+        partial_lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        rows = position * H_Q + heads
+        tl.store(OutPartial + batch * stride_pb + split * stride_ps + rows[:, None] * stride_pm + cols[None, :],
+                 partial, mask=head_mask[:, None])
+        tl.store(LsePartial + (batch * NUM_SPLITS + split) * S_Q * H_Q + rows, partial_lse, mask=head_mask)
+
+
+@triton.jit
+def _sparse_prefill_kernel(
+        Q, KV, Indices, TopkLength, Sink, Out, MaxLogits, Lse, LseIndexer,
+        stride_qs, stride_qh, stride_kv, stride_is, stride_os, stride_oh, stride_ls,
+        H_Q, S_KV, TOPK, indexer_topk, sm_scale_log2,
+        HAS_TOPK_LENGTH: tl.constexpr, HAS_INDEXER: tl.constexpr, APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_N: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr):
+    head_tiles = tl.cdiv(H_Q, BLOCK_H)
+    pid = tl.program_id(0)
+    query = (pid // head_tiles).to(tl.int64)
+    heads = (pid % head_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_mask = heads < H_Q
+
+    q_rows = Q + query * stride_qs + heads[:, None] * stride_qh
+    q_nope = tl.load(q_rows + tl.arange(0, D_NOPE)[None, :], mask=head_mask[:, None], other=0.0)
+    q_rope = tl.load(q_rows + D_NOPE + tl.arange(0, D_ROPE)[None, :], mask=head_mask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, D_NOPE], dtype=tl.float32)
+    m_indexer = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_indexer = tl.zeros([BLOCK_H], dtype=tl.float32)
+
+    length = TOPK
+    if HAS_TOPK_LENGTH:
+        length = tl.minimum(tl.load(TopkLength + query), TOPK)
+    indices = Indices + query * stride_is
+    for tile_start in range(0, length, BLOCK_N):
+        positions = tile_start + tl.arange(0, BLOCK_N)
+        s, values = _gather_logits(q_nope, q_rope, KV, indices, positions, length, S_KV, stride_kv, stride_kv,
+                                   sm_scale_log2, False, 1, D_NOPE, D_ROPE, 1, BLOCK_N, INTERPRET)
+        if HAS_INDEXER:
+            if tile_start < indexer_topk:  # the indexer's LSE: the same logits, first indexer_topk positions only
+                s_indexer = tl.where(positions[None, :] < indexer_topk, s, float("-inf"))
+                m_new = tl.maximum(m_indexer, tl.max(s_indexer, 1))
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_indexer = (l_indexer * tl.exp2(m_indexer - shift)
+                             + tl.sum(tl.exp2(s_indexer - shift[:, None]), 1))
+                m_indexer = m_new
+        m_i, l_i, acc = _softmax_step(s, values, m_i, l_i, acc, INTERPRET)
+
+    out, lse = finish(acc, m_i, l_i, Sink, heads, head_mask, APPLY_SINK)
+    cols = tl.arange(0, D_NOPE)
+    tl.store(Out + query * stride_os + heads[:, None] * stride_oh + cols[None, :], out.to(Out.dtype.element_ty),
+             mask=head_mask[:, None])
+    stats = query * stride_ls + heads
+    tl.store(Lse + stats, lse, mask=head_mask)
+    tl.store(MaxLogits + stats, m_i * LN2, mask=head_mask)  # -inf stays -inf: no visible key
+    if HAS_INDEXER:
+        empty = l_indexer == 0.0
+        lse_indexer = tl.where(empty, float("inf"), (m_indexer + tl.log2(tl.where(empty, 1.0, l_indexer))) * LN2)
+        tl.store(LseIndexer + stats, lse_indexer, mask=head_mask)
+
+
+def _block_h(h_q: int) -> int:
+    """Heads per program: at least 16 rows for the tensor cores, at most 64 (the fp32 accumulator lives in registers)."""
+    return min(64, max(16, triton.next_power_of_2(h_q)))
+
+
+def num_splits_for(programs: int, key_tiles: int, multiprocessors: int) -> int:
+    """Splits of each query's key tiles: the fewest that minimise the modelled time, waves of programs over the SMs
+    times each program's work (its tiles plus about two tiles' worth of fixed cost: q, epilogue, the combine's share).
+    Depends on shapes only, so that the launch is the same for every topk_length (CUDA graphs)."""
+    def cost(splits):
+        waves = -(-splits * programs // multiprocessors)
+        return waves * (-(-key_tiles // splits) + 2)
+    return min(range(1, max(1, min(key_tiles, 64)) + 1), key=lambda splits: (cost(splits), splits))
+
+
+def _nonempty(cache: torch.Tensor) -> torch.Tensor:
+    """A zero-block cache has no slot any valid index can name: give the kernel one (never read) row to point at."""
+    return cache if cache.shape[0] else cache.new_zeros(1, *cache.shape[1:])
+
+
+def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
+                  head_dim_v, softmax_scale, is_fp8, attn_sink=None):
+    """Triton sparse decode; same contract as `flashmla::sparse_decode` for d_qk 576 / d_v 512 and bf16 q."""
+    batch, s_q, h_q, _ = q.shape
+    out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=torch.bfloat16)
+    lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
+    if batch * s_q * h_q == 0:
+        return out, lse
+    has_extra = extra_k_cache is not None
+    cache = _nonempty(k_cache.view(torch.uint8) if is_fp8 else k_cache)
+    extra_cache = _nonempty(extra_k_cache.view(torch.uint8) if is_fp8 else extra_k_cache) if has_extra else cache
+    extra_indices = extra_indices_in_kvcache if has_extra else indices
+    topk, extra_topk = indices.shape[-1], extra_indices.shape[-1] if has_extra else 0
+
+    multiprocessors, _ = device_limits(q.device)
+    block_h = _block_h(h_q)
+    block_n = 64
+    head_tiles = triton.cdiv(h_q, block_h)
+    programs = batch * s_q * head_tiles
+    num_splits = num_splits_for(programs, triton.cdiv(topk, block_n) + triton.cdiv(extra_topk, block_n),
+                                multiprocessors)
+    rows = s_q * h_q
+    if num_splits > 1:
+        out_partial = q.new_empty(batch, num_splits, rows, head_dim_v, dtype=torch.float32)
+        lse_partial = q.new_empty(batch, num_splits, rows, dtype=torch.float32)
+    else:
+        out_partial, lse_partial = out, lse  # unused
+    sink = attn_sink if attn_sink is not None else lse
+    _sparse_decode_split_kernel[(programs, num_splits)](
+        q, cache, indices, topk_length if topk_length is not None else indices,
+        extra_cache, extra_indices, extra_topk_length if extra_topk_length is not None else indices,
+        sink, out, lse, out_partial, lse_partial,
+        q.stride(0), q.stride(1), q.stride(2), cache.stride(0), cache.stride(1), indices.stride(0), indices.stride(1),
+        extra_cache.stride(0), extra_cache.stride(1), extra_indices.stride(0), extra_indices.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), out_partial.stride(0), out_partial.stride(1),
+        out_partial.stride(2) if num_splits > 1 else 0,
+        s_q, h_q, topk, extra_topk, k_cache.shape[0] * PAGE_BLOCK_SIZE,
+        extra_k_cache.shape[0] * PAGE_BLOCK_SIZE if has_extra else 0, softmax_scale * LOG2E,
+        NUM_SPLITS=num_splits, IS_FP8=is_fp8, HAS_TOPK_LENGTH=topk_length is not None, HAS_EXTRA=has_extra,
+        HAS_EXTRA_TOPK_LENGTH=extra_topk_length is not None, APPLY_SINK=attn_sink is not None,
+        BLOCK_H=block_h, BLOCK_N=block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, TILE=128,
+        INTERPRET=INTERPRET, num_warps=8 if block_h >= 64 else 4, num_stages=2)
+    if num_splits > 1:
+        out_rows = out.view(batch, rows, head_dim_v)
+        _combine_kernel[(rows, batch)](
+            out_partial, lse_partial, sink, out_rows, lse,
+            out_partial.stride(0), out_partial.stride(1), out_partial.stride(2), out_rows.stride(0),
+            out_rows.stride(1), rows, h_q, s_q,
+            NUM_SPLITS=num_splits, SPLIT_CHUNK=min(16, triton.next_power_of_2(num_splits)),
+            APPLY_SINK=attn_sink is not None, D_V=head_dim_v, num_warps=4)
+    return out, lse
+
+
+def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None, indexer_topk=0):
+    """Triton sparse prefill; same contract as `flashmla::sparse_prefill` for d_qk 576 / d_v 512 and bf16 q, kv."""
+    s_q, h_q, _ = q.shape
+    s_kv, topk = kv.shape[0], indices.shape[-1]
+    out = q.new_empty(s_q, h_q, d_v, dtype=torch.bfloat16)
+    max_logits = q.new_empty(s_q, h_q, dtype=torch.float32)
+    lse = q.new_empty(s_q, h_q, dtype=torch.float32)
+    lse_indexer = q.new_empty(s_q, h_q, dtype=torch.float32) if indexer_topk else q.new_empty(0, dtype=torch.float32)
+    if s_q * h_q == 0:
+        return out, max_logits, lse, lse_indexer
+    kv_rows = _nonempty(kv)[:, 0]
+    block_h = _block_h(h_q)
+    _sparse_prefill_kernel[(s_q * triton.cdiv(h_q, block_h),)](
+        q, kv_rows, indices, topk_length if topk_length is not None else indices,
+        attn_sink if attn_sink is not None else lse, out, max_logits, lse, lse_indexer if indexer_topk else lse,
+        q.stride(0), q.stride(1), kv_rows.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        h_q, s_kv, topk, indexer_topk, sm_scale * LOG2E,
+        HAS_TOPK_LENGTH=topk_length is not None, HAS_INDEXER=indexer_topk > 0, APPLY_SINK=attn_sink is not None,
+        BLOCK_H=block_h, BLOCK_N=64, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, INTERPRET=INTERPRET,
+        num_warps=8 if block_h >= 64 else 4, num_stages=2)
+    return out, max_logits, lse, lse_indexer
+
+
+def _aligned(tensor: torch.Tensor) -> bool:
+    """Rows start on 16 bytes (vector loads; the FP8 rows' float32 scales and bf16 rope need it too)."""
+    size = tensor.element_size()
+    return all((stride * size) % 16 == 0 for stride in tensor.stride()[:-1]) and tensor.stride(-1) == 1
+
+
+def supports_decode(q, k_cache, extra_k_cache, head_dim_v, is_fp8) -> bool:
+    """The shapes this kernel is written for: DeepSeek's 576/512 split, bf16 queries and BF16 or FP8 caches."""
+    caches = [k_cache] + ([extra_k_cache] if extra_k_cache is not None else [])
+    return (q.dtype == torch.bfloat16 and q.shape[-1] == KV_LORA_RANK + ROPE_DIM and head_dim_v == KV_LORA_RANK
+            and all(_aligned(cache) and (cache.shape[-1] == FP8_BYTES if is_fp8 else cache.dtype == torch.bfloat16)
+                    for cache in caches))
+
+
+def supports_prefill(q, kv, d_v) -> bool:
+    """bf16 q and kv with DeepSeek's 576/512 split."""
+    return (q.dtype == kv.dtype == torch.bfloat16 and q.shape[-1] == KV_LORA_RANK + ROPE_DIM and d_v == KV_LORA_RANK
+            and _aligned(kv))
