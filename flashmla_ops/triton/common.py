@@ -1,5 +1,6 @@
 """Triton building blocks shared by the MLA kernels: the MMA wrapper, KV-tile loads from BF16 and FP8 cache rows,
 the final normalisation, and device limits."""
+import functools
 import os
 
 import torch
@@ -30,11 +31,14 @@ def load_latent_subtile(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.
     if IS_FP8:
         raw = tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0)
         if HW_FP8:
-            return raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
-        bits = raw.to(tl.int32)
-        bits = ((bits & 0x80) << 24) | ((bits & 0x7F) << 20)
-        return (bits.to(tl.float32, bitcast=True) * 1.329227995784916e36).to(tl.bfloat16)  # 2**120
-    return tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0.0)
+            values = raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        else:
+            bits = raw.to(tl.int32)
+            bits = ((bits & 0x80) << 24) | ((bits & 0x7F) << 20)
+            values = (bits.to(tl.float32, bitcast=True) * 1.329227995784916e36).to(tl.bfloat16)  # 2**120
+    else:
+        values = tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0.0)
+    return values
 
 
 @triton.jit
@@ -51,8 +55,10 @@ def load_rope(KV, row_offset, tok_mask, IS_FP8: tl.constexpr, D_NOPE: tl.constex
     cols = tl.arange(0, D_ROPE)
     if IS_FP8:
         rope_ptr = (KV + row_offset + D_NOPE + 4 * NUM_TILES).to(tl.pointer_type(tl.bfloat16), bitcast=True)
-        return tl.load(rope_ptr[:, None] + cols[None, :], mask=tok_mask[:, None], other=0.0)
-    return tl.load(KV + row_offset[:, None] + D_NOPE + cols[None, :], mask=tok_mask[:, None], other=0.0)
+        rope = tl.load(rope_ptr[:, None] + cols[None, :], mask=tok_mask[:, None], other=0.0)
+    else:
+        rope = tl.load(KV + row_offset[:, None] + D_NOPE + cols[None, :], mask=tok_mask[:, None], other=0.0)
+    return rope
 
 
 @triton.jit
@@ -89,11 +95,13 @@ def finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK: tl.constexpr):
     return out, lse
 
 
+@functools.cache
 def hardware_fp8(device: torch.device) -> bool:
     """Whether Triton converts e4m3 in hardware on `device` (sm_89+; the interpreter emulates it)."""
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+@functools.cache
 def device_limits(device: torch.device) -> tuple[int, int]:
     """(multiprocessors, shared memory per block) of a CUDA device; small stand-ins for the CPU interpreter."""
     if device.type != "cuda":

@@ -22,8 +22,8 @@ def _dense_decode_split_kernel(
         Q, KV, BlockTable, Seqlens, Sink, Out, Lse, OutPartial, LsePartial,
         stride_qb, stride_qm, stride_kv_block, stride_kv_row, stride_bt,
         stride_ob, stride_om, stride_pb, stride_ps, stride_pm,
-        M, H_Q, S_Q, sm_scale_log2,
-        NUM_SPLITS: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr,
+        M, H_Q, S_Q, sm_scale_log2, num_splits,
+        SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr,
         APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
         D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr):
     TILE: tl.constexpr = D_NOPE // 4
@@ -38,7 +38,7 @@ def _dense_decode_split_kernel(
         visible = length - S_Q + rows // H_Q + 1  # query i of s_q sees [0, L - s_q + i]
     else:
         visible = tl.zeros([BLOCK_H], dtype=tl.int32) + length
-    tiles_per_split = tl.cdiv(tl.cdiv(length, BLOCK_N), NUM_SPLITS)
+    tiles_per_split = tl.cdiv(tl.cdiv(length, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, length)
 
@@ -95,26 +95,26 @@ def _dense_decode_split_kernel(
         m_i = m_new
 
     _store_rows(acc0, m_i, l_i, 0 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, split, rows, heads,
-                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, NUM_SPLITS, APPLY_SINK,
+                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, num_splits, SPLIT, APPLY_SINK,
                 True)
     _store_rows(acc1, m_i, l_i, 1 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, split, rows, heads,
-                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, NUM_SPLITS, APPLY_SINK,
+                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, num_splits, SPLIT, APPLY_SINK,
                 False)
     _store_rows(acc2, m_i, l_i, 2 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, split, rows, heads,
-                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, NUM_SPLITS, APPLY_SINK,
+                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, num_splits, SPLIT, APPLY_SINK,
                 False)
     _store_rows(acc3, m_i, l_i, 3 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, split, rows, heads,
-                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, NUM_SPLITS, APPLY_SINK,
+                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, num_splits, SPLIT, APPLY_SINK,
                 False)
 
 
 @triton.jit
 def _store_rows(acc, m_i, l_i, COL0: tl.constexpr, WIDTH: tl.constexpr, Sink, Out, Lse, OutPartial, LsePartial,
                 batch, split, rows, heads, row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q,
-                NUM_SPLITS: tl.constexpr, APPLY_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
+                num_splits, SPLIT: tl.constexpr, APPLY_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
     """Columns [COL0, COL0 + WIDTH) of the output: final (one split) or the split's normalised partial + base-2 LSE."""
     cols = COL0 + tl.arange(0, WIDTH)
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out, lse = finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK)
         tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :], out.to(Out.dtype.element_ty),
                  mask=row_mask[:, None])
@@ -127,13 +127,13 @@ def _store_rows(acc, m_i, l_i, COL0: tl.constexpr, WIDTH: tl.constexpr, Sink, Ou
         tl.store(OutPartial + base[:, None] + cols[None, :], partial, mask=row_mask[:, None])
         if WRITE_LSE:
             partial_lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-            tl.store(LsePartial + (batch * NUM_SPLITS + split) * M + rows, partial_lse, mask=row_mask)
+            tl.store(LsePartial + (batch * num_splits + split) * M + rows, partial_lse, mask=row_mask)
 
 
 @triton.jit
 def _combine_kernel(OutPartial, LsePartial, Sink, Out, Lse,
-                    stride_pb, stride_ps, stride_pm, stride_ob, stride_om, M, H_Q, S_Q,
-                    NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr, APPLY_SINK: tl.constexpr,
+                    stride_pb, stride_ps, stride_pm, stride_ob, stride_om, M, H_Q, S_Q, num_splits,
+                    SPLIT_CHUNK: tl.constexpr, APPLY_SINK: tl.constexpr,
                     D_V: tl.constexpr):
     """One query row: out = sum_s w_s out_s with w_s = exp(lse_s - lse), lse = log sum_s exp(lse_s) (base 2 inside),
     reading SPLIT_CHUNK splits' partials at a time."""
@@ -141,18 +141,18 @@ def _combine_kernel(OutPartial, LsePartial, Sink, Out, Lse,
     batch = tl.program_id(1).to(tl.int64)
     rows = row + tl.arange(0, 1)
     splits = tl.arange(0, SPLIT_CHUNK)
-    lse_base = LsePartial + batch * NUM_SPLITS * M + row
+    lse_base = LsePartial + batch * num_splits * M + row
     running_max = tl.full([SPLIT_CHUNK], float("-inf"), dtype=tl.float32)
-    for first in range(0, NUM_SPLITS, SPLIT_CHUNK):
-        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < NUM_SPLITS, other=float("-inf"))
+    for first in range(0, num_splits, SPLIT_CHUNK):
+        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < num_splits, other=float("-inf"))
         running_max = tl.maximum(running_max, lse_chunk)
     m = tl.max(running_max, 0)
     shift = tl.where(m == float("-inf"), 0.0, m)
     cols = tl.arange(0, D_V)
     acc = tl.zeros([D_V], dtype=tl.float32)
     total = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
-    for first in range(0, NUM_SPLITS, SPLIT_CHUNK):
-        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < NUM_SPLITS, other=float("-inf"))
+    for first in range(0, num_splits, SPLIT_CHUNK):
+        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < num_splits, other=float("-inf"))
         weight = tl.exp2(lse_chunk - shift)
         part = tl.load(OutPartial + batch * stride_pb + (first + splits)[:, None] * stride_ps + row * stride_pm
                        + cols[None, :], mask=(weight > 0)[:, None], other=0.0)
@@ -176,11 +176,18 @@ class LaunchConfig:
     programs_per_sm: float
 
 
-def default_config(rows: int, device: torch.device) -> LaunchConfig:
-    _, shared_memory = device_limits(device)
-    block_h = min(64, max(16, triton.next_power_of_2(rows)))
-    return LaunchConfig(block_h=block_h, block_n=64 if shared_memory >= 200 * 1024 else 32,
-                        num_warps=8 if block_h >= 64 else 4, num_stages=2, programs_per_sm=2)
+def default_config(batch: int, rows: int, device: torch.device) -> LaunchConfig:
+    """Chosen from `bench_decode.py --tune` on the H100 (2026-11-24): one split program per SM (more splits only add
+    combine traffic), 64-token tiles; 64-row tiles with 3 stages where heads alone fill the GPU (compute-bound), and
+    32-row tiles with two programs per SM where they do not (batch 1, long context: more, lighter programs)."""
+    multiprocessors, shared_memory = device_limits(device)
+    block_n = 64 if shared_memory >= 200 * 1024 else 32
+    if rows <= 16:
+        return LaunchConfig(block_h=16, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=1)
+    if rows >= 64 and batch * triton.cdiv(rows, 64) >= multiprocessors:
+        return LaunchConfig(block_h=64, block_n=block_n, num_warps=8, num_stages=3 if block_n == 64 else 2,
+                            programs_per_sm=1)
+    return LaunchConfig(block_h=32, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=2)
 
 
 def num_splits_for(batch: int, row_tiles: int, capacity_tiles: int, multiprocessors: int,
@@ -200,7 +207,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
     if batch == 0 or rows == 0:
         return out, lse
-    config = config or default_config(rows, q.device)
+    config = config or default_config(batch, rows, q.device)
     q_rows = q.reshape(batch, rows, d_qk)
     cache = kv_cache.view(torch.uint8) if is_fp8 else kv_cache
     multiprocessors, _ = device_limits(q.device)
@@ -219,8 +226,8 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
         q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
         out_rows.stride(0), out_rows.stride(1), out_partial.stride(0), out_partial.stride(1),
         out_partial.stride(2) if num_splits > 1 else 0,
-        rows, h_q, s_q, softmax_scale * LOG2E,
-        NUM_SPLITS=num_splits, IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), CAUSAL=causal,
+        rows, h_q, s_q, softmax_scale * LOG2E, num_splits,
+        SPLIT=num_splits > 1, IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), CAUSAL=causal,
         APPLY_SINK=attn_sink is not None, BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE,
         D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, num_warps=config.num_warps,
         num_stages=config.num_stages)
@@ -228,8 +235,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
         _combine_kernel[(rows, batch)](
             out_partial, lse_partial, sink, out_rows, lse,
             out_partial.stride(0), out_partial.stride(1), out_partial.stride(2), out_rows.stride(0),
-            out_rows.stride(1), rows, h_q, s_q,
-            NUM_SPLITS=num_splits, SPLIT_CHUNK=min(16, triton.next_power_of_2(num_splits)),
+            out_rows.stride(1), rows, h_q, s_q, num_splits, SPLIT_CHUNK=16,
             APPLY_SINK=attn_sink is not None, D_V=head_dim_v, num_warps=4)
     return out, lse
 
