@@ -65,6 +65,8 @@ KERNELS = {
     "dequantize_kv_fp8": ("cuda",),
     "write_kv_cache": ("cuda",),
     "dense_decode": ("triton",),
+    "sparse_decode": ("triton",),
+    "sparse_prefill": ("triton",),
 }
 CHOICES = ("auto", "cuda", "triton", "reference")
 

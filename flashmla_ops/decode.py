@@ -293,6 +293,13 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
     in the same softmax."""
     _check_sparse("sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
                   tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
+    if _ext.backend("sparse_decode", q.device) == "triton":
+        from .triton import sparse as triton_sparse
+
+        if triton_sparse.supports_decode(q, k_cache, extra_k_cache, head_dim_v, is_fp8):
+            return triton_sparse.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache,
+                                               extra_indices_in_kvcache, extra_topk_length, head_dim_v, softmax_scale,
+                                               is_fp8, attn_sink)
     return sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
                                    head_dim_v, softmax_scale, is_fp8, attn_sink)
 

@@ -5,6 +5,7 @@ rows of the packed `kv`, so one call serves the whole batch.
 """
 import torch
 
+from . import _ext
 from ._attention import apply_attn_sink, attend
 from ._checks import FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
 from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK
@@ -69,6 +70,11 @@ def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     `indexer_topk` indices, or an empty tensor when `indexer_topk == 0`.
     """
     _check_sparse_prefill("sparse_prefill", q, kv, indices, d_v, attn_sink, topk_length, indexer_topk)
+    if _ext.backend("sparse_prefill", q.device) == "triton":
+        from .triton import sparse as triton_sparse
+
+        if triton_sparse.supports_prefill(q, kv, d_v):
+            return triton_sparse.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, indexer_topk)
     return sparse_prefill_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, indexer_topk)
 
 

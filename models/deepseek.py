@@ -313,23 +313,30 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
         self.up_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        self.n_routed_experts = num_experts
+        self.first_expert = 0  # under expert parallelism (models/parallel.py): this rank's first expert
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x `(T, hidden)`, weights / indices `(T, top_k)` -> `(T, hidden)`.
 
         Few tokens (decode: T * top_k <= E): gather each token's experts' weights (static shapes, no host sync, reads
         only the chosen experts). Many tokens (prefill): group the tokens by expert, one matmul per expert hit.
+        Holding only some experts (expert parallelism), choices of the others count with weight 0: their ranks add
+        them.
         """
         num_experts = self.gate_proj.shape[0]
-        weights = weights.to(x.dtype)
-        if indices.numel() <= num_experts:
-            gate = torch.einsum("th,tkih->tki", x, self.gate_proj[indices])
-            up = torch.einsum("th,tkih->tki", x, self.up_proj[indices])
-            return torch.einsum("tki,tkhi,tk->th", F.silu(gate) * up, self.down_proj[indices], weights)
+        local = indices - self.first_expert
+        held = (local >= 0) & (local < num_experts)
+        weights = weights.to(x.dtype).masked_fill(~held, 0)
+        if indices.numel() <= self.n_routed_experts:
+            local = local.clamp(0, num_experts - 1)
+            gate = torch.einsum("th,tkih->tki", x, self.gate_proj[local])
+            up = torch.einsum("th,tkih->tki", x, self.up_proj[local])
+            return torch.einsum("tki,tkhi,tk->th", F.silu(gate) * up, self.down_proj[local], weights)
         out = torch.zeros_like(x)
-        flat = indices.flatten()
+        flat = local.flatten().masked_fill(~held.flatten(), num_experts)  # others' experts: one bucket past the end
         order = flat.argsort()
-        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
         token_of = order // indices.shape[1]
         start = 0
         for expert, count in enumerate(counts):
@@ -522,6 +529,7 @@ class DeepseekForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.parallel = None  # this rank's models.parallel.Parallel once models.parallel.shard_model has split it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: PrefillMetadata | DecodeMetadata,
                 cache, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -535,3 +543,110 @@ class DeepseekForCausalLM(nn.Module):
         if logits_rows is not None:
             x = x[logits_rows]
         return self.lm_head(self.model.norm(x)).float()
+
+
+# ---------------------------------------------------------------- training forward (autograd)
+#
+# The flashmla ops have no autograd, so training runs the same modules (same parameters) through plain torch, over
+# `(batch, seq_len)` windows that each start at position 0:
+# - attention: dense causal multi-head attention over keys/values expanded by kv_b_proj (the same equations as the
+#   absorbed decode: see the module docstring);
+# - MoE: every routed expert computed for every token and combined with the router's weights (zero for experts not
+#   chosen), so shapes are static; exact, and cheap while experts are few and small;
+# - V3.2's lightning indexer, trained as in DeepSeek V3.2's dense warm-up: per query t, KL(p_t || softmax(I_t)) where
+#   I_t are the indexer's logits over the visible keys and p_t is the main attention's distribution summed over heads
+#   and renormalised, detached. The indexer reads detached inputs, so only this loss trains it and it does not move
+#   the rest of the model.
+
+
+@dataclass
+class TrainingOutput:
+    """logits `(batch, seq_len, vocab)` float32; indexer_kl: mean over layers and queries (0 without an indexer);
+    expert_load: per MoE layer, tokens routed to each expert `(n_routed_experts,)` (for the routers' bias update)."""
+    logits: torch.Tensor
+    indexer_kl: torch.Tensor
+    expert_load: list[torch.Tensor]
+
+
+def _training_attention(attention: MLAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x `(batch * seq_len, hidden)` -> attention output `(batch * seq_len, hidden)`, indexer KL (scalar)."""
+    config = attention.config
+    num_tokens, heads = x.shape[0], attention.num_heads
+    if config.q_lora_rank is None:
+        q_resid, q = None, attention.q_proj(x)
+    else:
+        q_resid = attention.q_a_layernorm(attention.q_a_proj(x))
+        q = attention.q_b_proj(q_resid)
+    q_nope, q_pe = q.view(num_tokens, heads, config.qk_head_dim).split(
+        [config.qk_nope_head_dim, config.qk_rope_head_dim], dim=-1)
+    latent, k_pe = attention.kv_a_proj_with_mqa(x).split([config.kv_lora_rank, config.qk_rope_head_dim], dim=-1)
+    latent = attention.kv_a_layernorm(latent)
+    q_pe = apply_rope(q_pe, cos, sin, config.rope_interleave)
+    k_pe = apply_rope(k_pe, cos, sin, config.rope_interleave)
+    k_nope, value = attention.kv_b_proj(latent).view(num_tokens, heads, -1).split(
+        [config.qk_nope_head_dim, config.v_head_dim], dim=-1)
+
+    def by_head(t: torch.Tensor) -> torch.Tensor:  # (batch * seq_len, heads, d) -> (batch, heads, seq_len, d)
+        return t.reshape(batch, num_tokens // batch, heads, -1).transpose(1, 2)
+
+    query = by_head(torch.cat([q_nope, q_pe], dim=-1))
+    key = by_head(torch.cat([k_nope, k_pe[:, None].expand(-1, heads, -1)], dim=-1))
+    out = F.scaled_dot_product_attention(query, key, by_head(value), is_causal=True, scale=attention.softmax_scale)
+    out = attention.o_proj(out.transpose(1, 2).reshape(num_tokens, heads * config.v_head_dim))
+    if attention.indexer is None:
+        return out, out.new_zeros((), dtype=torch.float32)
+
+    seq_len = num_tokens // batch
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
+    with torch.no_grad():
+        scores = (query.float() @ key.float().transpose(-1, -2)) * attention.softmax_scale
+        target = scores.masked_fill(~causal, float("-inf")).softmax(-1).sum(1)  # (batch, seq_len, seq_len)
+        target = target / target.sum(-1, keepdim=True)
+    index_q, index_k, index_weights = attention.indexer(x.detach(), q_resid.detach(), cos, sin)
+    index_q = index_q.float().view(batch, seq_len, *index_q.shape[1:])
+    index_k = index_k.float().view(batch, seq_len, -1)
+    index_logits = torch.einsum("bthd,bsd->bths", index_q, index_k).relu()
+    index_logits = torch.einsum("bths,bth->bts", index_logits, index_weights.view(batch, seq_len, -1).float())
+    log_probs = index_logits.masked_fill(~causal, float("-inf")).log_softmax(-1).masked_fill(~causal, 0)
+    kl = (torch.xlogy(target, target) - target * log_probs).sum(-1).mean()
+    return out, kl
+
+
+def _training_moe(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x `(T, hidden)` -> `(T, hidden)`, tokens per routed expert `(n_routed_experts,)`."""
+    with torch.autocast(x.device.type, enabled=False):  # the router runs in float32, as at inference
+        weights, indices = moe.gate(x.float())
+    experts = moe.experts
+    num_experts = experts.gate_proj.shape[0]
+    combine = torch.zeros(x.shape[0], num_experts, dtype=weights.dtype, device=x.device).scatter(1, indices, weights)
+    gate = torch.einsum("th,eih->eti", x, experts.gate_proj)
+    up = torch.einsum("th,eih->eti", x, experts.up_proj)
+    expert_out = torch.einsum("eti,ehi->eth", F.silu(gate) * up, experts.down_proj)
+    out = torch.einsum("eth,te->th", expert_out, combine.to(expert_out.dtype))
+    if moe.shared_experts is not None:
+        out = out + moe.shared_experts(x)
+    return out, torch.bincount(indices.flatten(), minlength=num_experts)
+
+
+def training_forward(model: DeepseekForCausalLM, input_ids: torch.Tensor) -> TrainingOutput:
+    """input_ids `(batch, seq_len)`, each row a window starting at position 0: differentiable logits, the indexer's
+    KL to the main attention (V3.2) and the experts' load, through the model's own modules."""
+    batch, seq_len = input_ids.shape
+    positions = torch.arange(seq_len, device=input_ids.device).repeat(batch)
+    x = model.model.embed_tokens(input_ids.reshape(-1))
+    cos, sin = model.model.rotary_emb(positions)
+    kl_terms, expert_load = [], []
+    for layer in model.model.layers:
+        attention_out, kl = _training_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, batch)
+        kl_terms.append(kl)
+        x = x + attention_out
+        h = layer.post_attention_layernorm(x)
+        if isinstance(layer.mlp, MoE):
+            mlp_out, load = _training_moe(layer.mlp, h)
+            expert_load.append(load)
+        else:
+            mlp_out = layer.mlp(h)
+        x = x + mlp_out
+    logits = model.lm_head(model.model.norm(x)).float().view(batch, seq_len, -1)
+    return TrainingOutput(logits, torch.stack(kl_terms).mean(), expert_load)

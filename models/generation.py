@@ -79,11 +79,17 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
              temperature: float = 0.0, top_p: float = 1.0, eos_token_ids: tuple[int, ...] = (),
              step=decode_step, generator: torch.Generator | None = None) -> tuple[list[list[int]], GenerationStats]:
     """New tokens of each prompt (ending at its first EOS, included) and timings. `step` is `decode_step` or
-    `compile_decode_step(device)`. Finished sequences keep decoding (static batch shape) until all are done."""
+    `compile_decode_step(device)`. Finished sequences keep decoding (static batch shape) until all are done.
+    Tensor-parallel ranks all hold the same logits, so they agree on greedy tokens; sampled ones are rank 0's."""
     batch = len(prompts)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        tokens = sample(logits, temperature, top_p, generator)
+        return model.parallel.broadcast(tokens) if model.parallel is not None and temperature > 0 else tokens
+
     sync = torch.cuda.synchronize if cache.block_table.is_cuda else (lambda: None)
     started = time.perf_counter()
-    next_tokens = sample(prefill(model, cache, prompts), temperature, top_p, generator)
+    next_tokens = pick(prefill(model, cache, prompts))
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * batch
     sync()
@@ -98,7 +104,7 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
         for seq in range(batch):
             cache.extend(seq, 1)
         logits = step(model, cache, next_tokens[:, None])
-        next_tokens = sample(logits, temperature, top_p, generator)
+        next_tokens = pick(logits)
     sync()
     finished = time.perf_counter()
     stats = GenerationStats(decode_started - started, finished - decode_started,

@@ -5,18 +5,21 @@ model is built on the meta device, allocated once on the target device, and fill
 memory-mapped shards, so the weights are never held twice. FP8 block-quantized weights (`weight` float8_e4m3fn with
 `weight_scale_inv` `(ceil(rows / 128), ceil(cols / 128))`, as DeepSeek V3 ships them) are dequantized on the way,
 partial last blocks included. The multi-token-prediction layer (`model.layers.{num_hidden_layers}.*`) is skipped.
+A tensor-parallel rank (`models.parallel`) reads only its parts of the tensors and only its experts.
 """
 import json
 import logging
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .deepseek import DeepseekConfig, DeepseekForCausalLM
+from .parallel import Parallel, Split, shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +34,18 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the model: names the tensor and the file."""
 
 
-def build_model(config: DeepseekConfig, dtype: torch.dtype = torch.bfloat16,
-                device: torch.device | str = "cpu") -> DeepseekForCausalLM:
-    """The model with uninitialized weights in `dtype` on `device` (built on meta, allocated once). The router and
-    the indexer's `weights_proj` stay float32; RoPE frequencies are filled."""
+def build_model(config: DeepseekConfig, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                parallel: Parallel | None = None) -> DeepseekForCausalLM:
+    """The model with uninitialized weights in `dtype` on `device` (built on meta, allocated once), or with
+    `parallel` this rank's part of it. The router and the indexer's `weights_proj` stay float32; RoPE frequencies
+    are filled."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
             model = DeepseekForCausalLM(config)
+            if parallel is not None:
+                shard_model(model, parallel)
     finally:
         torch.set_default_dtype(default_dtype)
     model.to_empty(device=device)
@@ -58,8 +64,9 @@ def checkpoint_names(model: DeepseekForCausalLM) -> dict[str, tuple[torch.Tensor
         seen.add(id(tensor))
         prefix, _, proj = name.rpartition(".")
         if prefix.endswith(".mlp.experts"):
+            first = model.get_submodule(prefix).first_expert  # not 0 under expert parallelism
             for expert in range(tensor.shape[0]):
-                targets[f"{prefix}.{expert}.{proj}.weight"] = (tensor, expert)
+                targets[f"{prefix}.{first + expert}.{proj}.weight"] = (tensor, expert)
         else:
             targets[name] = (tensor, None)
     return targets
@@ -115,19 +122,21 @@ def _weight_files(checkpoint: Path) -> dict[str, Path]:
 
 def load_weights(model: DeepseekForCausalLM, checkpoint: str | os.PathLike,
                  weight_block_size: tuple[int, int] = (128, 128)) -> None:
-    """Fill every model tensor from the checkpoint, shard by shard. Raises `CheckpointError` on a missing,
-    unexpected or wrongly shaped tensor or an unreadable shard, naming the tensor and the file."""
+    """Fill every model tensor from the checkpoint, shard by shard; a tensor-parallel rank's model (`model.parallel`)
+    reads only its part of each (`Parallel.splits`). Raises `CheckpointError` on a missing, unexpected or wrongly
+    shaped tensor or an unreadable shard, naming the tensor and the file."""
     checkpoint = Path(checkpoint)
     targets = checkpoint_names(model)
     files = _weight_files(checkpoint)
     num_layers = model.config.num_hidden_layers
+    splits = model.parallel.splits if model.parallel is not None else {}
     by_file: dict[Path, list[str]] = {}
     skipped = 0
     for name, path in files.items():
         layer = LAYER.match(name)
         if layer and int(layer.group(1)) >= num_layers:
             skipped += 1
-        elif not name.endswith(SCALE_SUFFIX):
+        elif not name.endswith(SCALE_SUFFIX) and not _other_ranks_expert(name, splits):
             by_file.setdefault(path, []).append(name)
     if skipped:
         logger.info("skipped %d tensors of the multi-token-prediction layer(s) model.layers.%d+ (not used for "
@@ -139,13 +148,16 @@ def load_weights(model: DeepseekForCausalLM, checkpoint: str | os.PathLike,
                 if name not in targets:
                     raise CheckpointError(f"unexpected tensor {name} in {path}: the model has no such weight")
                 tensor, expert = targets[name]
-                want = tuple(tensor.shape[1:] if expert is not None else tensor.shape)
-                value = _read(f, path, name, files, weight_block_size)
-                if tuple(value.shape) != want:
-                    raise CheckpointError(f"tensor {name} in {path} has shape {tuple(value.shape)}, the model "
-                                          f"expects {want}")
-                with torch.no_grad():
-                    (tensor[expert] if expert is not None else tensor).copy_(value)
+                target = tensor[expert] if expert is not None else tensor
+                split = _checkpoint_split(name, splits)
+                want = list(target.shape)
+                if split is not None:
+                    want[split.dim] = split.size
+                shape = f.get_slice(name).get_shape()
+                if shape != want:
+                    raise CheckpointError(f"tensor {name} in {path} has shape {tuple(shape)}, the model "
+                                          f"expects {tuple(want)}")
+                _fill(target, _read(f, path, name, files, weight_block_size, split), split)
                 filled.add(name)
     missing = sorted(set(targets) - filled)
     if missing:
@@ -154,24 +166,72 @@ def load_weights(model: DeepseekForCausalLM, checkpoint: str | os.PathLike,
                               + (f" (and {len(missing) - 1} more: {missing[1:4]}...)" if len(missing) > 1 else ""))
 
 
-def _read(f, path: Path, name: str, files: dict[str, Path], block: tuple[int, int]) -> torch.Tensor:
-    """One checkpoint tensor, FP8 weights dequantized with their `weight_scale_inv` (from whichever shard)."""
-    value = f.get_tensor(name)
-    if value.dtype != torch.float8_e4m3fn:
+def _checkpoint_split(name: str, splits: dict[str, Split]) -> Split | None:
+    """The part of checkpoint tensor `name` this rank holds (None: all of it). A routed expert's weight is one row of
+    a stacked parameter: its split less the expert dimension (split by expert, the experts are picked by name)."""
+    expert = EXPERT_WEIGHT.match(name)
+    if expert is None:
+        return splits.get(name)
+    split = splits.get(f"{expert['prefix']}.{expert['proj']}")
+    return None if split is None or split.dim == 0 else replace(split, dim=split.dim - 1)
+
+
+def _other_ranks_expert(name: str, splits: dict[str, Split]) -> bool:
+    """A routed expert's weight that expert parallelism puts on another rank."""
+    expert = EXPERT_WEIGHT.match(name)
+    split = expert and splits.get(f"{expert['prefix']}.{expert['proj']}")
+    return bool(split) and split.dim == 0 and int(expert["expert"]) < split.size and not (
+        split.start <= int(expert["expert"]) < split.stop)
+
+
+def _fill(target: torch.Tensor, value: torch.Tensor, split: Split | None) -> None:
+    """Copy `value`, all of a tensor or the rank's part `split` of it, into `target`; zero the padding past it."""
+    with torch.no_grad():
+        if split is None:
+            target.copy_(value)
+        else:
+            length = split.stop - split.start
+            target.narrow(split.dim, 0, length).copy_(value)
+            target.narrow(split.dim, length, target.shape[split.dim] - length).zero_()
+
+
+def _read(f, path: Path, name: str, files: dict[str, Path], block: tuple[int, int],
+          split: Split | None = None) -> torch.Tensor:
+    """One checkpoint tensor, or its rows (`split.dim` 0) / columns (1) `[split.start, split.stop)`; FP8 weights
+    dequantized with their `weight_scale_inv` (from whichever shard).
+
+    A part of an FP8 weight is read from the block boundary at or before its start to the one at or after its stop,
+    with those blocks' scales, dequantized, then cut. Equal splits of DeepSeek's weights fall on the 128-blocks, so
+    this reads just the part; where they do not (tiny models), at most a block more on each side."""
+    is_fp8 = f.get_slice(name).get_dtype() == "F8_E4M3"
+    step = block[split.dim if split is not None else 0] if is_fp8 else 1  # rows (or columns) per scale entry
+    if split is not None:
+        start, stop = split.start // step * step, min(-(-split.stop // step) * step, split.size)
+
+    def part(handle, tensor_name: str, rows_per_entry: int) -> torch.Tensor:
+        """All of the tensor, or the entries covering rows [start, stop) (a scale covers `block` rows)."""
+        if split is None:
+            return handle.get_tensor(tensor_name)
+        rows = slice(start // rows_per_entry, -(-stop // rows_per_entry))
+        return handle.get_slice(tensor_name)[(slice(None),) * split.dim + (rows,)]
+
+    value = part(f, name, 1)
+    if not is_fp8:
         return value
     scale_name = name + SCALE_SUFFIX
     if scale_name not in files:
         raise CheckpointError(f"tensor {name} in {path} is float8_e4m3fn but {scale_name} is missing")
     scale_path = files[scale_name]
     if scale_path == path:
-        scale_inv = f.get_tensor(scale_name)
+        scale_inv = part(f, scale_name, step)
     else:
         with _open(scale_path) as scale_file:
-            scale_inv = scale_file.get_tensor(scale_name)
+            scale_inv = part(scale_file, scale_name, step)
     try:
-        return dequantize_fp8_blocks(value, scale_inv, block)
+        value = dequantize_fp8_blocks(value, scale_inv, block)
     except ValueError as error:
         raise CheckpointError(f"tensor {scale_name} in {scale_path}: {error}") from error
+    return value if split is None else value.narrow(split.dim, split.start - start, split.stop - split.start)
 
 
 def load_config(checkpoint: str | os.PathLike) -> tuple[DeepseekConfig, dict]:
@@ -181,10 +241,11 @@ def load_config(checkpoint: str | os.PathLike) -> tuple[DeepseekConfig, dict]:
 
 
 def load_model(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
-               device: torch.device | str = "cpu") -> DeepseekForCausalLM:
+               device: torch.device | str = "cpu", parallel: Parallel | None = None) -> DeepseekForCausalLM:
+    """The checkpoint's model, or with `parallel` this rank's part of it."""
     config, raw = load_config(checkpoint)
     block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
-    model = build_model(config, dtype, device)
+    model = build_model(config, dtype, device, parallel)
     load_weights(model, checkpoint, block)
     return model
 
@@ -218,14 +279,23 @@ def tiny_config(model_type: str, **overrides) -> dict:
 
 
 def random_model(config: DeepseekConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 seed: int = 0, std: float = 0.1) -> DeepseekForCausalLM:
-    """A model with random weights (normal(0, std) matrices, ones / zeros for norms and biases)."""
-    model = build_model(config, dtype, device)
-    generator = torch.Generator().manual_seed(seed)
+                 seed: int = 0, std: float = 0.1, parallel: Parallel | None = None) -> DeepseekForCausalLM:
+    """A model with random weights (normal(0, std) matrices, ones / zeros for norms and biases), drawn on `device`;
+    with `parallel`, this rank's part of the same model (each matrix drawn whole, then cut)."""
+    model = build_model(config, dtype, device, parallel)
+    splits = parallel.splits if parallel is not None else {}
+    generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             if tensor.dim() >= 2:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+                split = splits.get(name)
+                shape = list(tensor.shape)
+                if split is not None:
+                    shape[split.dim] = split.size
+                value = torch.randn(shape, generator=generator, device=tensor.device) * std
+                if split is not None:
+                    value = value.narrow(split.dim, split.start, split.stop - split.start)
+                _fill(tensor, value, split)
             elif name.endswith("norm.weight"):
                 tensor.fill_(1.0)
             else:

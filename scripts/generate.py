@@ -1,11 +1,17 @@
 """Generate text (or tokens) with a DeepSeek V2 / V3 / V3.2 checkpoint over the paged MLA cache.
 
+    python scripts/generate.py --prompt "And God said," --kv-cache fp8     # the shipped tiny V3.2 checkpoint
     python scripts/generate.py --model DIR --prompt "Hello" --prompt "The capital of France is" --max-new-tokens 32
     python scripts/generate.py --random-tiny v32 --kv-cache fp8 --compile    # no checkpoint: a tiny random model
+    torchrun --nproc-per-node 2 scripts/generate.py --model DIR --tp 2 --ep 2  # tensor + expert parallel
 
-Without --model, a tiny random model of --random-tiny's family runs on fixed token prompts (no tokenizer).
+--model defaults to the shipped checkpoint (models/assets/deepseek-v32-tiny-kjv) where it exists. With --random-tiny
+(or without that checkpoint), a tiny random model of that family runs on fixed token prompts (no tokenizer).
+With --tp N (under torchrun, N processes: one per GPU over NCCL, or CPU processes over gloo) each rank loads only its
+part of the weights (models/parallel.py); rank 0 prints what one process would.
 """
 import argparse
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -13,17 +19,21 @@ from tqdm import tqdm
 from models import (DeepseekConfig, PagedKVCache, compile_decode_step, decode_step, generate, load_model,
                     load_tokenizer, random_model, tiny_config)
 from models.cache import KV_CACHE_DTYPES
+from models.data import SAMPLE_PROMPTS
 from models.loading import load_config
+from models.parallel import end_job, init_parallel
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 RANDOM_TINY = {"v2": "deepseek_v2", "v3": "deepseek_v3", "v32": "deepseek_v32"}
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "assets" / "deepseek-v32-tiny-kjv"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer files)")
-    parser.add_argument("--random-tiny", choices=sorted(RANDOM_TINY), default="v3",
-                        help="without --model: the family of a tiny random model to run")
+    parser.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer files); default: "
+                        "the shipped tiny checkpoint")
+    parser.add_argument("--random-tiny", choices=sorted(RANDOM_TINY),
+                        help="run a tiny random model of this family instead of a checkpoint")
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); needs a tokenizer")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -34,24 +44,41 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile(fullgraph=True) the decode step (CUDA graphs on CUDA)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel ranks: heads, MLPs and vocabulary split over torchrun's TP processes")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="1 (routed experts split like the MLPs) or TP (experts partitioned over the same ranks)")
+    args = parser.parse_args()
+    if args.ep not in (1, args.tp):
+        parser.error(f"--ep must be 1 or --tp ({args.tp}), got {args.ep}")
+    if args.model and args.random_tiny:
+        parser.error("--model and --random-tiny exclude each other")
+    if not args.model and not args.random_tiny:
+        if SHIPPED.exists():
+            args.model = str(SHIPPED)
+            args.prompt = args.prompt or list(SAMPLE_PROMPTS)
+        else:
+            args.random_tiny = "v3"
+    return args
 
 
 def main() -> None:
     args = parse_args()
-    device = torch.device(args.device)
+    parallel, device = (init_parallel(args.tp, args.ep, torch.device(args.device).type) if args.tp > 1
+                        else (None, torch.device(args.device)))
+    is_main = parallel is None or parallel.rank == 0
     dtype = DTYPES[args.dtype]
     torch.manual_seed(args.seed)
     tokenizer = None
     if args.model:
         config, _ = load_config(args.model)
-        with tqdm(total=1, desc=f"loading {args.model}") as progress:
-            model = load_model(args.model, dtype, device)
+        with tqdm(total=1, desc=f"loading {args.model}", disable=not is_main) as progress:
+            model = load_model(args.model, dtype, device, parallel)
             progress.update()
         tokenizer = load_tokenizer(args.model)
     else:
         config = DeepseekConfig.from_dict(tiny_config(RANDOM_TINY[args.random_tiny]))
-        model = random_model(config, dtype, device, seed=args.seed)
+        model = random_model(config, dtype, device, seed=args.seed, parallel=parallel)
     if args.prompt:
         if tokenizer is None:
             raise SystemExit("--prompt needs a checkpoint with tokenizer files (--model DIR)")
@@ -66,14 +93,18 @@ def main() -> None:
     generator = torch.Generator(device).manual_seed(args.seed)
     outputs, stats = generate(model, cache, prompts, args.max_new_tokens, args.temperature, args.top_p,
                               tuple(config.eos_token_ids), step, generator)
-    for prompt, output in zip(prompts, outputs):
-        if tokenizer is not None:
-            print(repr(tokenizer.decode(prompt)), "->", repr(tokenizer.decode(output)))
-        else:
-            print(prompt, "->", output)
-    print(f"prefill {stats.prefill_seconds * 1e3:.1f} ms, decode {stats.new_tokens} tokens in "
-          f"{stats.decode_seconds:.2f} s: {stats.decode_tokens_per_second:.1f} tokens/s "
-          f"({'compiled' if args.compile else 'eager'}, {args.kv_cache} cache, {device})")
+    if is_main:
+        for prompt, output in zip(prompts, outputs):
+            if tokenizer is not None:
+                print(repr(tokenizer.decode(prompt)), "->", repr(tokenizer.decode(output)))
+            else:
+                print(prompt, "->", output)
+        print(f"prefill {stats.prefill_seconds * 1e3:.1f} ms, decode {stats.new_tokens} tokens in "
+              f"{stats.decode_seconds:.2f} s: {stats.decode_tokens_per_second:.1f} tokens/s "
+              f"({'compiled' if args.compile else 'eager'}, {args.kv_cache} cache, {device}, "
+              f"tp {args.tp}, ep {args.ep})")
+    if parallel is not None:
+        end_job()
 
 
 if __name__ == "__main__":

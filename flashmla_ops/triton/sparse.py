@@ -10,20 +10,40 @@ several programs when there are too few queries to fill the GPU (the dense kerne
 Prefill reads rows of one packed BF16 `kv` (page size 1) and also returns the largest logit and, when asked, the LSE
 over the first `indexer_topk` indices, kept as a second running (max, sum) in the same pass.
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
-from .common import INTERPRET, LOG2E, device_limits, finish, load_kv_tile, mma
+from .common import INTERPRET, LOG2E, device_limits, finish, hardware_fp8, load_kv_tile, mma
 from .decode import _combine_kernel
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _load_keys(KV, row_offset, valid, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, D_NOPE: tl.constexpr,
+               D_ROPE: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(latent, rope) bf16 tiles of the rows at `row_offset`; FP8 latents go through the hardware e4m3 conversion
+    where there is one (sm_89+), else through the integer decode of `load_kv_tile`."""
+    if IS_FP8 and HW_FP8:
+        raw = tl.load(KV + row_offset[:, None] + tl.arange(0, D_NOPE)[None, :], mask=valid[:, None], other=0)
+        values = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        scale_ptr = (KV + row_offset + D_NOPE).to(tl.pointer_type(tl.float32), bitcast=True)
+        scales = tl.load(scale_ptr[:, None] + tl.arange(0, D_NOPE // TILE)[None, :], mask=valid[:, None], other=0.0)
+        values = tl.reshape(values, (BLOCK_N, D_NOPE // TILE, TILE)) * scales[:, :, None]
+        nope = tl.reshape(values, (BLOCK_N, D_NOPE)).to(tl.bfloat16)
+        rope_ptr = (KV + row_offset + D_NOPE + 4 * (D_NOPE // TILE)).to(tl.pointer_type(tl.bfloat16), bitcast=True)
+        rope = tl.load(rope_ptr[:, None] + tl.arange(0, D_ROPE)[None, :], mask=valid[:, None], other=0.0)
+        return nope, rope
+    return load_kv_tile(KV, row_offset, valid, IS_FP8, D_NOPE, D_ROPE, TILE, BLOCK_N)
 
 
 @triton.jit
 def _gather_logits(q_nope, q_rope, KV, Indices, positions, length, num_rows, stride_kv_block, stride_kv_row,
-                   sm_scale_log2, IS_FP8: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr,
+                   sm_scale_log2, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr,
                    D_ROPE: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
     """Keys listed at `Indices[positions]` (only positions < length; indices outside [0, num_rows) mean no token):
     base-2 logits `(BLOCK_H, BLOCK_N)`, -inf for missing keys, and the keys' latent tile (the values)."""
@@ -31,7 +51,7 @@ def _gather_logits(q_nope, q_rope, KV, Indices, positions, length, num_rows, str
     valid = (index >= 0) & (index < num_rows)
     slot = tl.where(valid, index, 0).to(tl.int64)
     row_offset = (slot // PAGE) * stride_kv_block + (slot % PAGE) * stride_kv_row
-    k_nope, k_rope = load_kv_tile(KV, row_offset, valid, IS_FP8, D_NOPE, D_ROPE, TILE, BLOCK_N)
+    k_nope, k_rope = _load_keys(KV, row_offset, valid, IS_FP8, HW_FP8, D_NOPE, D_ROPE, TILE, BLOCK_N)
     s = mma(q_nope, tl.trans(k_nope), INTERPRET) + mma(q_rope, tl.trans(k_rope), INTERPRET)
     return tl.where(valid[None, :], s * sm_scale_log2, float("-inf")), k_nope
 
@@ -54,11 +74,11 @@ def _sparse_decode_split_kernel(
         stride_qb, stride_qs, stride_qh, stride_kv_block, stride_kv_row, stride_ib, stride_is,
         stride_extra_block, stride_extra_row, stride_eb, stride_es,
         stride_ob, stride_os, stride_oh, stride_pb, stride_ps, stride_pm,
-        S_Q, H_Q, TOPK, EXTRA_TOPK, num_slots, extra_num_slots, sm_scale_log2,
-        NUM_SPLITS: tl.constexpr, IS_FP8: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr, HAS_EXTRA: tl.constexpr,
-        HAS_EXTRA_TOPK_LENGTH: tl.constexpr, APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, TILE: tl.constexpr,
-        INTERPRET: tl.constexpr):
+        S_Q, H_Q, TOPK, EXTRA_TOPK, num_slots, extra_num_slots, sm_scale_log2, num_splits,
+        SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr,
+        HAS_EXTRA: tl.constexpr, HAS_EXTRA_TOPK_LENGTH: tl.constexpr, APPLY_SINK: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr,
+        D_ROPE: tl.constexpr, TILE: tl.constexpr, INTERPRET: tl.constexpr):
     head_tiles = tl.cdiv(H_Q, BLOCK_H)
     pid = tl.program_id(0)
     query = pid // head_tiles  # the head tiles of one query are neighbours: they gather the same keys (L2)
@@ -73,7 +93,7 @@ def _sparse_decode_split_kernel(
     total_tiles = main_tiles
     if HAS_EXTRA:
         total_tiles += tl.cdiv(EXTRA_TOPK, BLOCK_N)
-    tiles_per_split = tl.cdiv(total_tiles, NUM_SPLITS)
+    tiles_per_split = tl.cdiv(total_tiles, num_splits)
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, total_tiles)
 
@@ -91,7 +111,7 @@ def _sparse_decode_split_kernel(
     for tile in range(first_tile, tl.minimum(last_tile, tl.cdiv(length, BLOCK_N))):
         s, values = _gather_logits(q_nope, q_rope, KV, indices, tile * BLOCK_N + tl.arange(0, BLOCK_N), length,
                                    num_slots, stride_kv_block, stride_kv_row, sm_scale_log2,
-                                   IS_FP8, PAGE, D_NOPE, D_ROPE, TILE, BLOCK_N, INTERPRET)
+                                   IS_FP8, HW_FP8, PAGE, D_NOPE, D_ROPE, TILE, BLOCK_N, INTERPRET)
         m_i, l_i, acc = _softmax_step(s, values, m_i, l_i, acc, INTERPRET)
     if HAS_EXTRA:
         extra_length = EXTRA_TOPK
@@ -103,11 +123,11 @@ def _sparse_decode_split_kernel(
             s, values = _gather_logits(q_nope, q_rope, ExtraKV, extra_indices,
                                        (tile - main_tiles) * BLOCK_N + tl.arange(0, BLOCK_N), extra_length,
                                        extra_num_slots, stride_extra_block, stride_extra_row, sm_scale_log2,
-                                       IS_FP8, PAGE, D_NOPE, D_ROPE, TILE, BLOCK_N, INTERPRET)
+                                       IS_FP8, HW_FP8, PAGE, D_NOPE, D_ROPE, TILE, BLOCK_N, INTERPRET)
             m_i, l_i, acc = _softmax_step(s, values, m_i, l_i, acc, INTERPRET)
 
     cols = tl.arange(0, D_NOPE)
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out, lse = finish(acc, m_i, l_i, Sink, heads, head_mask, APPLY_SINK)
         out_rows = Out + batch * stride_ob + position * stride_os + heads[:, None] * stride_oh
         tl.store(out_rows + cols[None, :], out.to(Out.dtype.element_ty), mask=head_mask[:, None])
@@ -120,7 +140,7 @@ def _sparse_decode_split_kernel(
         rows = position * H_Q + heads
         tl.store(OutPartial + batch * stride_pb + split * stride_ps + rows[:, None] * stride_pm + cols[None, :],
                  partial, mask=head_mask[:, None])
-        tl.store(LsePartial + (batch * NUM_SPLITS + split) * S_Q * H_Q + rows, partial_lse, mask=head_mask)
+        tl.store(LsePartial + (batch * num_splits + split) * S_Q * H_Q + rows, partial_lse, mask=head_mask)
 
 
 @triton.jit
@@ -152,7 +172,7 @@ def _sparse_prefill_kernel(
     for tile_start in range(0, length, BLOCK_N):
         positions = tile_start + tl.arange(0, BLOCK_N)
         s, values = _gather_logits(q_nope, q_rope, KV, indices, positions, length, S_KV, stride_kv, stride_kv,
-                                   sm_scale_log2, False, 1, D_NOPE, D_ROPE, 1, BLOCK_N, INTERPRET)
+                                   sm_scale_log2, False, False, 1, D_NOPE, D_ROPE, 1, BLOCK_N, INTERPRET)
         if HAS_INDEXER:
             if tile_start < indexer_topk:  # the indexer's LSE: the same logits, first indexer_topk positions only
                 s_indexer = tl.where(positions[None, :] < indexer_topk, s, float("-inf"))
@@ -176,9 +196,19 @@ def _sparse_prefill_kernel(
         tl.store(LseIndexer + stats, lse_indexer, mask=head_mask)
 
 
-def _block_h(h_q: int) -> int:
-    """Heads per program: at least 16 rows for the tensor cores, at most 64 (the fp32 accumulator lives in registers)."""
-    return min(64, max(16, triton.next_power_of_2(h_q)))
+@dataclass(frozen=True)
+class TileConfig:
+    """Heads per program (`block_h`: at least 16 rows for the tensor cores, at most 64: the fp32 accumulator lives in
+    registers), keys gathered per step (`block_n`), and the launch's warps and pipeline stages."""
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(h_q: int) -> TileConfig:
+    block_h = min(64, max(16, triton.next_power_of_2(h_q)))
+    return TileConfig(block_h=block_h, block_n=64, num_warps=8 if block_h >= 64 else 4, num_stages=2)
 
 
 def num_splits_for(programs: int, key_tiles: int, multiprocessors: int) -> int:
@@ -196,6 +226,10 @@ def _nonempty(cache: torch.Tensor) -> torch.Tensor:
     return cache if cache.shape[0] else cache.new_zeros(1, *cache.shape[1:])
 
 
+def _last_dim_contiguous(indices: torch.Tensor) -> torch.Tensor:
+    return indices if indices.stride(-1) == 1 else indices.contiguous()
+
+
 def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
                   head_dim_v, softmax_scale, is_fp8, attn_sink=None):
     """Triton sparse decode; same contract as `flashmla::sparse_decode` for d_qk 576 / d_v 512 and bf16 q."""
@@ -207,13 +241,14 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
     has_extra = extra_k_cache is not None
     cache = _nonempty(k_cache.view(torch.uint8) if is_fp8 else k_cache)
     extra_cache = _nonempty(extra_k_cache.view(torch.uint8) if is_fp8 else extra_k_cache) if has_extra else cache
-    extra_indices = extra_indices_in_kvcache if has_extra else indices
+    indices = _last_dim_contiguous(indices)
+    extra_indices = _last_dim_contiguous(extra_indices_in_kvcache) if has_extra else indices
     topk, extra_topk = indices.shape[-1], extra_indices.shape[-1] if has_extra else 0
 
     multiprocessors, _ = device_limits(q.device)
-    block_h = _block_h(h_q)
-    block_n = 64
-    head_tiles = triton.cdiv(h_q, block_h)
+    config = tile_config(h_q)
+    block_n = config.block_n
+    head_tiles = triton.cdiv(h_q, config.block_h)
     programs = batch * s_q * head_tiles
     num_splits = num_splits_for(programs, triton.cdiv(topk, block_n) + triton.cdiv(extra_topk, block_n),
                                 multiprocessors)
@@ -233,18 +268,17 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
         out.stride(0), out.stride(1), out.stride(2), out_partial.stride(0), out_partial.stride(1),
         out_partial.stride(2) if num_splits > 1 else 0,
         s_q, h_q, topk, extra_topk, k_cache.shape[0] * PAGE_BLOCK_SIZE,
-        extra_k_cache.shape[0] * PAGE_BLOCK_SIZE if has_extra else 0, softmax_scale * LOG2E,
-        NUM_SPLITS=num_splits, IS_FP8=is_fp8, HAS_TOPK_LENGTH=topk_length is not None, HAS_EXTRA=has_extra,
-        HAS_EXTRA_TOPK_LENGTH=extra_topk_length is not None, APPLY_SINK=attn_sink is not None,
-        BLOCK_H=block_h, BLOCK_N=block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, TILE=128,
-        INTERPRET=INTERPRET, num_warps=8 if block_h >= 64 else 4, num_stages=2)
+        extra_k_cache.shape[0] * PAGE_BLOCK_SIZE if has_extra else 0, softmax_scale * LOG2E, num_splits,
+        SPLIT=num_splits > 1, IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), HAS_TOPK_LENGTH=topk_length is not None,
+        HAS_EXTRA=has_extra, HAS_EXTRA_TOPK_LENGTH=extra_topk_length is not None, APPLY_SINK=attn_sink is not None,
+        BLOCK_H=config.block_h, BLOCK_N=block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM,
+        TILE=128, INTERPRET=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages)
     if num_splits > 1:
         out_rows = out.view(batch, rows, head_dim_v)
         _combine_kernel[(rows, batch)](
             out_partial, lse_partial, sink, out_rows, lse,
             out_partial.stride(0), out_partial.stride(1), out_partial.stride(2), out_rows.stride(0),
-            out_rows.stride(1), rows, h_q, s_q,
-            NUM_SPLITS=num_splits, SPLIT_CHUNK=min(16, triton.next_power_of_2(num_splits)),
+            out_rows.stride(1), rows, h_q, s_q, num_splits, SPLIT_CHUNK=16,
             APPLY_SINK=attn_sink is not None, D_V=head_dim_v, num_warps=4)
     return out, lse
 
@@ -260,15 +294,16 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_lengt
     if s_q * h_q == 0:
         return out, max_logits, lse, lse_indexer
     kv_rows = _nonempty(kv)[:, 0]
-    block_h = _block_h(h_q)
-    _sparse_prefill_kernel[(s_q * triton.cdiv(h_q, block_h),)](
+    indices = _last_dim_contiguous(indices)
+    config = tile_config(h_q)
+    _sparse_prefill_kernel[(s_q * triton.cdiv(h_q, config.block_h),)](
         q, kv_rows, indices, topk_length if topk_length is not None else indices,
         attn_sink if attn_sink is not None else lse, out, max_logits, lse, lse_indexer if indexer_topk else lse,
         q.stride(0), q.stride(1), kv_rows.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         h_q, s_kv, topk, indexer_topk, sm_scale * LOG2E,
         HAS_TOPK_LENGTH=topk_length is not None, HAS_INDEXER=indexer_topk > 0, APPLY_SINK=attn_sink is not None,
-        BLOCK_H=block_h, BLOCK_N=64, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, INTERPRET=INTERPRET,
-        num_warps=8 if block_h >= 64 else 4, num_stages=2)
+        BLOCK_H=config.block_h, BLOCK_N=config.block_n, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, INTERPRET=INTERPRET,
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return out, max_logits, lse, lse_indexer
 
 

@@ -1,0 +1,165 @@
+"""Decode tokens/s of a DeepSeek-V2-Lite-shaped random model on one GPU (tp 1) and over tensor (+ expert) parallel
+ranks, and whether the two generate the same tokens.
+
+    torchrun --nproc-per-node 2 scripts/bench_parallel.py                           # tp 1 (rank 0), then tp 2
+    torchrun --nproc-per-node 2 scripts/bench_parallel.py --ep 2 --out bench/parallel_ep2
+    torchrun --nproc-per-node 2 scripts/bench_parallel.py --device cpu --layers 2 --batch 1 --new-tokens 4  # smoke
+
+Rank 0 first runs the whole model alone while the other ranks wait, then every rank runs its part of the same model
+(`random_model(parallel=...)` draws each matrix whole and keeps the rank's part). Per batch size: prompts of
+--prompt-len random tokens, one untimed generation (compiles and captures the CUDA graphs), then a timed one of
+--new-tokens tokens; tokens/s counts decode steps only, as `generate` reports them. Rank 0 prints a table and writes
+JSON and a PNG of tokens/s against batch size, with, per batch, the share of greedy tokens equal to tp 1's and the
+largest relative difference of the last prompt tokens' logits (bf16 weights: the ranks' partial sums add in another
+order, so ~1e-2 is expected, and where a random model's top two logits nearly tie the greedy tokens may part ways).
+With experts gathered per token (batch * 6 <= 64 experts), decode compiles as one graph: batch sizes up to 10.
+"""
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from models import DeepseekConfig, PagedKVCache, compile_decode_step, decode_step, generate, prefill, random_model
+from models.cache import KV_CACHE_DTYPES
+from models.parallel import end_job, init_parallel
+
+# DeepSeek-V2-Lite's config.json (15.7B parameters, 2.4B active; 16 heads, 64 routed experts of which 6 per token)
+V2_LITE = dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+               moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
+               kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+               n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1, topk_method="greedy",
+               norm_topk_prob=False, routed_scaling_factor=1.0, first_k_dense_replace=1,
+               max_position_embeddings=163840, rope_theta=10000.0, rms_norm_eps=1e-6,
+               rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                                 beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
+               bos_token_id=100000, eos_token_id=100001)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ep", type=int, default=1, help="1 (experts split like the MLPs) or the number of ranks")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=V2_LITE["num_hidden_layers"],
+                        help="fewer layers for a quicker run (decode time is about proportional)")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="bf16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile(fullgraph=True) the decode step (CUDA graphs on CUDA)")
+    parser.add_argument("--out", default="bench/parallel", help="writes OUT.json and OUT.png")
+    return parser.parse_args()
+
+
+def measure(model, config: DeepseekConfig, batch: int, args, device: torch.device) -> dict:
+    """Greedy tokens, decode tokens/s and the prompts' last-token logits of one batch size."""
+    generator = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=generator).tolist()
+    max_seq_len = args.prompt_len + args.new_tokens
+    cache = PagedKVCache(config, batch * -(-max_seq_len // 64), batch, max_seq_len, args.kv_cache, device)
+    step = compile_decode_step(device) if args.compile else decode_step
+
+    def fresh():
+        for seq in range(batch):
+            cache.free(seq)
+
+    generate(model, cache, prompts, args.new_tokens, step=step)  # warm-up: compiles, captures CUDA graphs
+    fresh()
+    tokens, stats = generate(model, cache, prompts, args.new_tokens, step=step)
+    fresh()
+    with torch.inference_mode():
+        logits = prefill(model, cache, prompts).cpu()
+    fresh()
+    return {"tokens": tokens, "tokens_per_second": stats.decode_tokens_per_second, "logits": logits}
+
+
+def run_all(model, config, args, device, progress_desc: str, is_main: bool) -> dict[int, dict]:
+    results = {}
+    for batch in tqdm(args.batch, desc=progress_desc, disable=not is_main):
+        results[batch] = measure(model, config, batch, args, device)
+    return results
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tp in sorted({row["tp"] for row in rows}):
+        mine = [row for row in rows if row["tp"] == tp]
+        ax.plot([row["batch"] for row in mine], [row["tokens_per_second"] for row in mine], "o-",
+                label=f"tp {tp}, ep {mine[0]['ep']}")
+    ax.set_xlabel("batch (sequences)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("DeepSeek-V2-Lite-shaped decode")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    parallel, device = (init_parallel(world_size, args.ep, torch.device(args.device).type) if world_size > 1
+                        else (None, torch.device(args.device)))
+    is_main = parallel is None or parallel.rank == 0
+    config = DeepseekConfig.from_dict({**V2_LITE, "num_hidden_layers": args.layers})
+    dtype = DTYPES[args.dtype]
+
+    single = {}
+    if is_main:
+        started = time.perf_counter()
+        model = random_model(config, dtype, device, std=0.02)
+        print(f"tp 1: random weights in {time.perf_counter() - started:.1f} s")
+        single = run_all(model, config, args, device, "tp 1", is_main)
+        del model
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows = [{"tp": 1, "ep": 1, "batch": batch, "tokens_per_second": result["tokens_per_second"]}
+            for batch, result in single.items()]
+    if parallel is not None:
+        dist.barrier()
+        model = random_model(config, dtype, device, std=0.02, parallel=parallel)
+        sharded = run_all(model, config, args, device, f"tp {world_size}", is_main)
+        for batch, result in sharded.items():
+            reference = single.get(batch)
+            row = {"tp": world_size, "ep": args.ep, "batch": batch, "tokens_per_second": result["tokens_per_second"]}
+            if reference is not None:
+                same = sum(a == b for ours, theirs in zip(result["tokens"], reference["tokens"])
+                           for a, b in zip(ours, theirs))
+                row["greedy_tokens_equal"] = same / sum(len(tokens) for tokens in reference["tokens"])
+                scale = reference["logits"].abs().amax(-1)
+                row["logits_max_relative_difference"] = (
+                    ((result["logits"] - reference["logits"]).abs().amax(-1) / scale).max().item())
+            rows.append(row)
+
+    if is_main:
+        for row in rows:
+            print("  ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                            for key, value in row.items()))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        settings = {key: value for key, value in vars(args).items() if key != "out"}
+        out.with_suffix(".json").write_text(json.dumps(
+            {"device": device_name, "world_size": world_size, "settings": settings, "config": config.__dict__,
+             "results": rows}, indent=2))
+        plot(rows, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    if parallel is not None:
+        end_job()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""models/parallel.py: tensor- and expert-parallel DeepSeek over gloo (2 and 4 CPU processes) and, marked `gpu`,
+over NCCL (2 GPUs), against one process.
+
+Each checkpoint is written by transformers (tests/models/conftest.py), loaded by every rank (only its parts) in
+float32, and run through the same steps as in one process: a packed prefill of prompts of different lengths (every
+token's logits), greedy decode steps of one token per sequence, and one of two. Per world size, one
+`torch.multiprocessing.spawn` runs every configuration in turn; each rank saves its tokens and logits, which the
+tests compare with the one-process run's. The tokens must be the same, on every rank; the logits of all ranks must be
+identical (all-gathered), and close to one process's:
+- V2/V3 prefill runs in float32 throughout (expanded attention): the ranks' partial sums, all-reduced, only add in
+  another order than one matmul does. 1e-5 relative (5e-7 seen).
+- Decode, and V3.2's absorbed prefill, hand the attention ops bfloat16 queries and latents: a last-bit float32
+  difference in an input now and then rounds an element to the neighbouring bfloat16 (2^-8 relative), and the ops'
+  float32 matmuls over fewer heads may sum in another order. That is one process's own noise floor: multiplying its
+  weights by 1 + 2^-24 noise moves its V3 decode logits by 2e-4 to 7e-4. 2e-3 relative (up to 1e-3 seen); a
+  wrong split, offset or missing reduction moves them by far more (and the greedy tokens with them).
+
+Configurations: V2 (q_proj, no q_lora_rank), V3 (YaRN, vocabulary 128) and V3.2 (indexer replicated, vocabulary 127:
+padded to 128 rows, the last rank's last row(s) empty), each with experts split by intermediate dimension (ep 1) and
+partitioned (ep = tp); V3 from an FP8 block-quantized checkpoint in 3 files (weights and scales in different files;
+ranks' rows of q_b_proj / o_proj cut inside 128-blocks). The compiled decode step (torch.compile fullgraph=True, the
+collectives inside the graph) must generate the same tokens as the eager one.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_loading import is_quantized, quantize_fp8_blocks, write_checkpoint
+
+from models import PagedKVCache, compile_decode_step, decode_step, generate, load_model, prefill
+from models.deepseek import DeepseekConfig
+from models.loading import SINGLE_FILE, _read, build_model, tiny_config
+from models.parallel import Parallel, Split, end_job, init_parallel
+
+PROMPT_LENGTHS = (19, 6, 11)  # V3.2 (index_topk 16): the longest prompt attends to a real top-k choice
+DECODE_STEPS = 3
+FP32_TOL, BF16_TOL = 1e-5, 2e-3
+# (name, checkpoint (see `checkpoints`), expert parallel: ep = tp, else ep 1) per world size
+JOBS = {
+    2: [("v2-ep", "v2", True), ("v3", "v3", False), ("v3-ep", "v3", True), ("v32", "v32", False),
+        ("v32-ep", "v32", True), ("v3-fp8-ep", "v3-fp8", True)],
+    4: [("v3-ep", "v3", True), ("v32", "v32", False), ("v32-ep", "v32", True), ("v3-fp8", "v3-fp8", False)],
+}
+COMPILE_JOB = ("compiled", "v32", True)  # world size 2 only: compiling on 4 processes over 2 cores is slow
+NCCL = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]
+# (device type, world size) -> marks: gloo on CPU processes, NCCL on GPUs
+RUNS = {("cpu", 2): [], ("cpu", 4): [], ("cuda", 2): NCCL}
+CASES = [pytest.param(device_type, world_size, name, checkpoint, marks=marks, id=f"{device_type}{world_size}-{name}")
+         for (device_type, world_size), marks in RUNS.items() for name, checkpoint, _ in JOBS[world_size]]
+
+
+def make_prompts(vocab_size: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randint(2, vocab_size, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+
+
+@torch.no_grad()
+def greedy_steps(model) -> dict:
+    """Prefill (every token's logits), DECODE_STEPS greedy steps of one token per sequence, then one of two (the
+    greedy token and the runner-up). Returns the tokens fed and each step's logits."""
+    prompts = make_prompts(model.config.vocab_size)
+    cache = PagedKVCache(model.config, num_blocks=6, max_batch_size=len(prompts), max_seq_len=128)
+    logits = [prefill(model, cache, prompts, last_only=False)]
+    last = logits[0][torch.tensor(PROMPT_LENGTHS).cumsum(0) - 1]
+    tokens = []
+    for step in range(DECODE_STEPS + 1):
+        s_q = 1 if step < DECODE_STEPS else 2
+        new = last.topk(s_q).indices
+        tokens.append(new.tolist())
+        for seq in range(len(prompts)):
+            cache.extend(seq, s_q)
+        logits.append(decode_step(model, cache, new))
+        last = logits[-1].view(len(prompts), s_q, -1)[:, -1]
+    return {"tokens": tokens, "logits": [t.cpu().contiguous() for t in logits]}
+
+
+def generate_tokens(model, step) -> list[list[int]]:
+    prompts = make_prompts(model.config.vocab_size)
+    cache = PagedKVCache(model.config, num_blocks=6, max_batch_size=len(prompts), max_seq_len=128)
+    return generate(model, cache, prompts, 5, step=step)[0]
+
+
+def _worker(rank: int, device_type: str, world_size: int, port: int, paths: dict, jobs: list, out_dir) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    for name, checkpoint, expert_parallel in jobs:
+        parallel, device = init_parallel(world_size, world_size if expert_parallel else 1, device_type)
+        model = load_model(paths[checkpoint], torch.float32, device, parallel)
+        if name == COMPILE_JOB[0]:
+            result = {"eager": generate_tokens(model, decode_step),
+                      "compiled": generate_tokens(model, compile_decode_step(device))}
+        else:
+            result = greedy_steps(model)
+        torch.save(result, out_dir / f"{name}-rank{rank}.pt")
+    end_job()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(hf_checkpoints, tmp_path_factory) -> dict:
+    paths = {"v2": hf_checkpoints("deepseek_v2")[0], "v3": hf_checkpoints("deepseek_v3")[0],
+             "v32": hf_checkpoints("deepseek_v32", vocab_size=127)[0]}
+    tensors = load_file(paths["v3"] / SINGLE_FILE)
+    stored = {}
+    for name, tensor in tensors.items():
+        if is_quantized(name, tensor):
+            stored[name], stored[name[:-len("weight")] + "weight_scale_inv"] = quantize_fp8_blocks(tensor)
+        else:
+            stored[name] = tensor
+    paths["v3-fp8"] = tmp_path_factory.mktemp("v3-fp8")
+    write_checkpoint(paths["v3-fp8"], paths["v3"], stored, shards=3)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(checkpoints, tmp_path_factory):
+    """(device type, world size) -> the directory of every rank's results, each spawned once."""
+    runs = {}
+
+    def get(device_type: str, world_size: int):
+        if (device_type, world_size) not in runs:
+            out_dir = tmp_path_factory.mktemp(f"parallel-{device_type}{world_size}")
+            jobs = JOBS[world_size] + ([COMPILE_JOB] if world_size == 2 else [])
+            mp.spawn(_worker, args=(device_type, world_size, free_port(), checkpoints, jobs, out_dir),
+                     nprocs=world_size)
+            runs[device_type, world_size] = out_dir
+        return runs[device_type, world_size]
+
+    return get
+
+
+def rank_results(out_dir, name: str, world_size: int) -> list[dict]:
+    return [torch.load(out_dir / f"{name}-rank{rank}.pt") for rank in range(world_size)]
+
+
+def assert_close(ours: torch.Tensor, theirs: torch.Tensor, tol: float, what: str) -> None:
+    error = ((ours - theirs).abs().amax(-1) / theirs.abs().amax(-1)).max()
+    assert error <= tol, f"{what}: relative logit error {error:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("device_type, world_size, name, checkpoint", CASES)
+def test_matches_one_process(checkpoints, parallel_runs, device_type, world_size, name, checkpoint):
+    out_dir = parallel_runs(device_type, world_size)
+    reference = greedy_steps(load_model(checkpoints[checkpoint], torch.float32, device_type))
+    ranks = rank_results(out_dir, name, world_size)
+    for rank, result in enumerate(ranks):
+        assert result["tokens"] == reference["tokens"], f"rank {rank}: greedy tokens differ from one process's"
+        assert all(torch.equal(a, b) for a, b in zip(result["logits"], ranks[0]["logits"])), f"rank {rank} logits"
+    prefill_tol = BF16_TOL if checkpoint == "v32" else FP32_TOL
+    for step, (ours, theirs) in enumerate(zip(ranks[0]["logits"], reference["logits"])):
+        assert ours.shape == theirs.shape
+        assert_close(ours, theirs, prefill_tol if step == 0 else BF16_TOL, f"{name}, tp {world_size}, step {step}")
+
+
+@pytest.mark.parametrize("device_type", ["cpu", pytest.param("cuda", marks=NCCL)])
+def test_compiled_decode_step(checkpoints, parallel_runs, device_type):
+    """torch.compile(fullgraph=True) of the decode step with the functional collectives (2 ranks): the same tokens
+    as the eager step, and as one process."""
+    name, checkpoint, _ = COMPILE_JOB
+    reference = generate_tokens(load_model(checkpoints[checkpoint], torch.float32, device_type), decode_step)
+    for result in rank_results(parallel_runs(device_type, 2), name, 2):
+        assert result["eager"] == reference
+        assert result["compiled"] == reference
+
+
+@pytest.mark.parametrize("dim, start, stop", [(0, 128, 256), (0, 96, 192), (0, 250, 300), (1, 40, 200)])
+def test_fp8_part(tmp_path, dim, start, stop):
+    """A part of an FP8 weight (on 128-block boundaries or inside blocks, up to a partial last block) is exactly
+    that part of the whole weight, dequantized."""
+    weight = torch.randn(300, 200) * torch.logspace(-2, 2, 300)[:, None]
+    fp8, scale_inv = quantize_fp8_blocks(weight)
+    path = tmp_path / SINGLE_FILE
+    save_file({"w.weight": fp8, "w.weight_scale_inv": scale_inv}, path)
+    with safe_open(path, framework="pt") as f:
+        files = {"w.weight": path, "w.weight_scale_inv": path}
+        whole = _read(f, path, "w.weight", files, (128, 128))
+        part = _read(f, path, "w.weight", files, (128, 128), Split(dim, start, stop, weight.shape[dim]))
+    assert torch.equal(part, whole.narrow(dim, start, stop - start))
+
+
+def test_splits():
+    """Without a process group: the splits `shard_model` records, and sizes that do not split."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3", vocab_size=127))
+    parallel = Parallel(4, 4, 3, None)
+    model = build_model(config, torch.float32, "meta", parallel)
+    splits = parallel.splits
+    assert splits["model.embed_tokens.weight"] == Split(0, 96, 127, 127)  # rows 96..127 of 32, the last one padding
+    assert splits["model.layers.0.self_attn.q_b_proj.weight"] == Split(0, 3 * 96, 4 * 96, 4 * 96)
+    assert splits["model.layers.0.self_attn.o_proj.weight"] == Split(1, 3 * 32, 4 * 32, 4 * 32)
+    assert splits["model.layers.1.mlp.experts.down_proj"] == Split(0, 6, 8, 8)
+    assert splits["model.layers.1.mlp.shared_experts.down_proj.weight"] == Split(1, 24, 32, 32)
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" not in splits  # replicated
+    assert model.model.layers[1].mlp.experts.first_expert == 6
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        build_model(config, torch.float32, "meta", Parallel(3, 1, 0, None))
+    with pytest.raises(ValueError, match="ep must be 1 or tp"):
+        Parallel(4, 2, 0, None)

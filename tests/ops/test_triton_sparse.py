@@ -1,0 +1,258 @@
+"""The Triton sparse decode and sparse prefill kernels against the reference: on the GPU, and on the CPU under
+Triton's interpreter.
+
+Inputs are fresh random data with -1 indices, duplicate indices, an all -1 query, topk_length shorter than topk and
+(prefill) indices >= s_kv; outputs are poisoned before each run; LSE, max_logits and the indexer LSE are compared too.
+"""
+import pytest
+import torch
+
+from flashmla_ops import reference
+from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
+
+triton_sparse = pytest.importorskip("flashmla_ops.triton.sparse", exc_type=ImportError)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BF16_BAND = 1e-2  # relative Frobenius error: bf16 output rounding plus bf16 probabilities in P.V
+LSE_TOLERANCE = 1e-3
+SCALE = D_QK ** -0.5
+
+# (batch, s_q, h_q, topk, extra_topk, with_topk_length): the CPU interpreter gets small shapes (the first two are
+# split over several programs + the combine: few queries against the interpreter's 4 stand-in SMs).
+DECODE_CASES = [
+    (1, 1, 16, 200, 0, False),
+    (1, 1, 32, 150, 100, True),
+    (1, 2, 128, 70, 30, True),
+    (2, 2, 64, 130, 0, True),
+    (2, 2, 16, 100, 0, True),
+    (3, 1, 5, 64, 0, False),
+]
+GPU_DECODE_CASES = [
+    (batch, s_q, h_q, topk, extra_topk, with_topk_length)
+    for h_q in (16, 64, 128)
+    for s_q in (1, 2)
+    for batch, topk, extra_topk, with_topk_length in ((2, 64, 0, False), (3, 1000, 0, True), (16, 2048, 0, False),
+                                                      (1, 2048, 0, True), (4, 384, 100, True))
+]
+# (seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink): varlen-packed prefill batches.
+PREFILL_CASES = [
+    ([9, 3], 16, 100, 0, True, True),
+    ([6], 64, 64, 40, False, False),
+    ([2, 3], 128, 80, 100, True, False),
+    ([4], 7, 30, 16, False, True),
+]
+GPU_PREFILL_CASES = [
+    ([700, 300, 24], 16, 2048, 0, False, False),
+    ([500, 77], 64, 1000, 512, True, True),
+    ([256, 256], 128, 2048, 2048, False, False),
+    ([129, 60], 128, 64, 30, True, True),
+    ([1000], 64, 2000, 0, True, False),
+]
+
+
+def poison_allocator(num_bytes: int) -> None:
+    """Fill memory the caching allocator hands out next with NaN, so that unwritten outputs show (CUDA only: the
+    CPU allocator gives no such reuse)."""
+    if DEVICE == "cuda":
+        torch.full((num_bytes // 4,), float("nan"), device=DEVICE)
+
+
+def paged_cache(num_blocks, is_fp8, generator, pad):
+    """A random BF16 or FP8 paged cache whose block stride is padded by `pad` elements (a slice of a wider buffer)."""
+    cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    if is_fp8:
+        cache = reference.quantize_kv_fp8(cache)
+    row = cache.shape[-1]
+    buffer = torch.zeros(num_blocks, PAGE_BLOCK_SIZE * row + pad, dtype=cache.dtype, device=DEVICE)
+    buffer[:, :PAGE_BLOCK_SIZE * row] = cache.reshape(num_blocks, -1)
+    return buffer[:, :PAGE_BLOCK_SIZE * row].view(num_blocks, PAGE_BLOCK_SIZE, 1, row)
+
+
+def random_indices(shape, num_rows, generator, invalid_fraction=0.2):
+    """Random rows in [0, num_rows) with -1s and duplicates; the first query's list is all -1."""
+    indices = torch.randint(0, num_rows, shape, generator=generator, device=DEVICE, dtype=torch.int32)
+    indices[torch.rand(shape, generator=generator, device=DEVICE) < invalid_fraction] = -1
+    if shape[-1] > 3:
+        indices[..., 1] = indices[..., 3]  # duplicates count twice
+    indices.view(-1, shape[-1])[0] = -1
+    return indices
+
+
+def assert_close(out, lse, want_out, want_lse):
+    assert out.shape == want_out.shape and lse.shape == want_lse.shape
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    error = (out.float() - want_out.float()).norm() / want_out.float().norm().clamp_min(1e-12)
+    assert error < BF16_BAND, f"relative error {error:.2e}"
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse)) and not torch.isnan(lse).any()
+    finite = torch.isfinite(want_lse)
+    assert torch.allclose(lse[finite], want_lse[finite], atol=LSE_TOLERANCE, rtol=0), \
+        (lse - want_lse)[finite].abs().max()
+
+
+def run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=False):
+    generator = torch.Generator(DEVICE).manual_seed(batch * 7919 + s_q * 131 + h_q * 17 + topk + extra_topk + is_fp8)
+    num_blocks = max(2, batch * topk // PAGE_BLOCK_SIZE)
+    cache = paged_cache(num_blocks, is_fp8, generator, pad=32)
+    q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    indices = random_indices((batch, s_q, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
+    topk_length = None
+    if with_topk_length:  # shorter than topk, one sequence with none, one with all
+        topk_length = torch.randint(0, topk + 1, (batch,), generator=generator, device=DEVICE, dtype=torch.int32)
+        topk_length[-1] = topk // 2 + 1
+        if batch > 1:
+            topk_length[0] = 0
+    extra = (None, None, None)
+    if extra_topk:
+        extra_cache = paged_cache(2, is_fp8, generator, pad=0)
+        extra_indices = random_indices((batch, s_q, extra_topk), 2 * PAGE_BLOCK_SIZE, generator, 0.1)
+        extra_topk_length = torch.full((batch,), extra_topk - 3, dtype=torch.int32, device=DEVICE)
+        extra = (extra_cache, extra_indices, extra_topk_length)
+    attn_sink = torch.randn(h_q, generator=generator, device=DEVICE) if sink else None
+    args = (q, cache, indices, topk_length, *extra, KV_LORA_RANK, SCALE, is_fp8, attn_sink)
+    poison_allocator(8 * batch * s_q * h_q * KV_LORA_RANK * 4)
+    out, lse = triton_sparse.sparse_decode(*args)
+    want_out, want_lse = reference.sparse_decode(*args)
+    assert_close(out, lse, want_out, want_lse)
+    if not extra_topk:  # the all -1 query
+        assert torch.all(out[0, 0] == 0) and torch.all(torch.isposinf(lse[0, :, 0]))
+    return (out, lse), args
+
+
+def packed_prefill_inputs(seq_lens, h_q, topk, with_topk_length, generator):
+    """Sequence j owns rows [start_j, start_j + len_j) of q and kv; its queries pick causal rows of their own
+    sequence, with -1s, indices >= s_kv (no token), duplicates and one all -1 query."""
+    s_kv = sum(seq_lens)
+    q = torch.randn(s_kv, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    kv = torch.randn(s_kv, 1, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    starts = torch.repeat_interleave(torch.cumsum(torch.tensor([0] + seq_lens[:-1]), 0), torch.tensor(seq_lens))
+    positions = torch.arange(s_kv) - starts
+    own = torch.rand(s_kv, topk, generator=generator, device=DEVICE) * (positions.to(DEVICE)[:, None] + 1)
+    indices = (starts.to(DEVICE)[:, None] + own.long()).int()[:, None, :]
+    noise = torch.rand(indices.shape, generator=generator, device=DEVICE)
+    indices[noise < 0.1] = -1
+    indices[(noise >= 0.1) & (noise < 0.15)] = s_kv + 5
+    if topk > 3:
+        indices[..., 1] = indices[..., 3]
+    indices[min(1, s_kv - 1)] = -1
+    topk_length = None
+    if with_topk_length:
+        topk_length = torch.randint(0, topk + 1, (s_kv,), generator=generator, device=DEVICE, dtype=torch.int32)
+    return q, kv, indices, topk_length
+
+
+def run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink):
+    generator = torch.Generator(DEVICE).manual_seed(sum(seq_lens) * 31 + h_q * 7 + topk + indexer_topk)
+    q, kv, indices, topk_length = packed_prefill_inputs(seq_lens, h_q, topk, with_topk_length, generator)
+    attn_sink = torch.randn(h_q, generator=generator, device=DEVICE) if with_sink else None
+    args = (q, kv, indices, 0.05, KV_LORA_RANK, attn_sink, topk_length, indexer_topk)
+    poison_allocator(8 * q.shape[0] * h_q * KV_LORA_RANK * 2)
+    got = triton_sparse.sparse_prefill(*args)
+    want = reference.sparse_prefill(*args)
+    assert_close(got[0], got[2], want[0], want[2])
+    for name, value, want_value in (("max_logits", got[1], want[1]), ("lse_indexer", got[3], want[3])):
+        assert value.shape == want_value.shape, name
+        assert torch.equal(torch.isinf(value), torch.isinf(want_value)) and not torch.isnan(value).any(), name
+        assert torch.equal(value > 0, want_value > 0), name  # the signs of the infinities
+        finite = torch.isfinite(want_value)
+        assert torch.allclose(value[finite], want_value[finite], atol=LSE_TOLERANCE, rtol=0), name
+    return got, args
+
+
+@pytest.mark.parametrize("batch,s_q,h_q,topk,extra_topk,with_topk_length", DECODE_CASES)
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_sparse_decode_matches_reference(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8):
+    run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=extra_topk > 0)
+
+
+@pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink", PREFILL_CASES)
+def test_triton_sparse_prefill_matches_reference(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink):
+    run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink)
+
+
+def test_triton_sparse_strided_inputs():
+    """q a slice of a wider tensor (every other head), indices a transposed view: the kernels follow the strides."""
+    generator = torch.Generator(DEVICE).manual_seed(3)
+    cache = paged_cache(3, False, generator, pad=0)
+    q = torch.randn(2, 2, 32, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)[:, :, ::2]
+    indices = random_indices((2, 90, 2), 3 * PAGE_BLOCK_SIZE, generator).transpose(1, 2)
+    args = (q, cache, indices, None, None, None, None, KV_LORA_RANK, SCALE, False, None)
+    assert_close(*triton_sparse.sparse_decode(*args), *reference.sparse_decode(*args))
+    kv = cache.view(-1, 1, D_QK)[:150]
+    args = (q[0], kv, indices[0, :, None], 0.05, KV_LORA_RANK, None, None, 20)
+    got, want = triton_sparse.sparse_prefill(*args), reference.sparse_prefill(*args)
+    assert_close(got[0], got[2], want[0], want[2])
+
+
+def test_triton_sparse_empty_inputs():
+    q = torch.empty(0, 1, 16, D_QK, dtype=torch.bfloat16, device=DEVICE)
+    cache = torch.zeros(0, PAGE_BLOCK_SIZE, 1, D_QK, dtype=torch.bfloat16, device=DEVICE)
+    out, lse = triton_sparse.sparse_decode(q, cache, torch.zeros(0, 1, 8, dtype=torch.int32, device=DEVICE), None,
+                                           None, None, None, KV_LORA_RANK, SCALE, False)
+    assert out.shape == (0, 1, 16, KV_LORA_RANK) and lse.shape == (0, 16, 1)
+    # a cache without blocks and a kv without rows: every index is -1, every query sees nothing
+    q = torch.randn(1, 1, 16, D_QK, device=DEVICE).to(torch.bfloat16)
+    out, lse = triton_sparse.sparse_decode(q, cache, torch.full((1, 1, 8), -1, dtype=torch.int32, device=DEVICE),
+                                           None, None, None, None, KV_LORA_RANK, SCALE, False)
+    assert torch.all(out == 0) and torch.all(torch.isposinf(lse))
+    no_index = torch.full((1, 1, 8), -1, dtype=torch.int32, device=DEVICE)
+    out, max_logits, lse, lse_indexer = triton_sparse.sparse_prefill(q[0], cache.new_zeros(0, 1, D_QK), no_index, 0.1,
+                                                                     KV_LORA_RANK)
+    assert torch.all(out == 0) and torch.all(torch.isposinf(lse)) and torch.all(torch.isneginf(max_logits))
+    assert lse_indexer.numel() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch,s_q,h_q,topk,extra_topk,with_topk_length", GPU_DECODE_CASES)
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_sparse_decode_gpu_grid_and_bit_identical_reruns(batch, s_q, h_q, topk, extra_topk,
+                                                                with_topk_length, is_fp8):
+    (out, lse), args = run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8,
+                                  sink=bool(extra_topk))
+    again_out, again_lse = triton_sparse.sparse_decode(*args)
+    assert torch.equal(out, again_out) and torch.equal(lse, again_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink", GPU_PREFILL_CASES)
+def test_triton_sparse_prefill_gpu_grid_and_bit_identical_reruns(seq_lens, h_q, topk, indexer_topk,
+                                                                 with_topk_length, with_sink):
+    got, args = run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink)
+    again = triton_sparse.sparse_prefill(*args)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("is_fp8", [False, True])
+@pytest.mark.parametrize("op", ["sparse_decode", "sparse_prefill"])
+def test_sparse_ops_use_triton_and_capture_in_cuda_graph(op, is_fp8):
+    """The ops dispatch to the Triton kernels on CUDA, and replay in a CUDA graph with new index values."""
+    import flashmla_ops
+
+    if op == "sparse_prefill" and is_fp8:
+        pytest.skip("sparse prefill reads a BF16 kv")
+    assert flashmla_ops.backend(op, "cuda") == "triton"
+    generator = torch.Generator(DEVICE).manual_seed(5 + is_fp8)
+    if op == "sparse_decode":
+        (_, _), args = run_decode(2, 1, 64, 512, 0, True, is_fp8)
+        call = lambda: torch.ops.flashmla.sparse_decode(*args[:7], None, None, *args[7:])  # noqa: E731
+        indices = args[2]
+        want = lambda: reference.sparse_decode(*args)  # noqa: E731
+    else:
+        _, args = run_prefill([100, 30], 64, 256, 128, True, True)
+        call = lambda: torch.ops.flashmla.sparse_prefill(*args)  # noqa: E731
+        indices = args[2]
+        want = lambda: reference.sparse_prefill(*args)  # noqa: E731
+    call()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = call()
+    indices.copy_(indices[torch.randperm(indices.shape[0], generator=generator, device=DEVICE)])  # new index values
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = want()
+    assert_close(got[0], got[-1] if op == "sparse_decode" else got[2], expected[0],
+                 expected[-1] if op == "sparse_decode" else expected[2])
