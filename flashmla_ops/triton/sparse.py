@@ -4,9 +4,10 @@ Every query has its own key set, an index list shared by all its heads (MQA over
 program handles one query and a `BLOCK_H` tile of its heads, and gathers `BLOCK_N` keys per step through the indices:
     s = q_nope . k_nope + q_rope . k_rope     (576-wide logits, scaled to base 2; -inf where the index is invalid)
     online softmax; acc += p . k_nope         (the value is the 512-wide latent)
-Decode reads flat slots `block * 64 + row` of a paged BF16 or FP8 cache (SPEC.md §3, decoded as in the dense kernel),
-optionally followed by the keys of a second (`extra`) cache in the same softmax, and splits each query's keys over
-several programs when there are too few queries to fill the GPU (the dense kernel's combine merges the splits).
+Decode reads flat slots `block * 64 + row` of a paged BF16 or FP8 cache (SPEC.md §3: e4m3 converted in hardware on
+sm_89+, else decoded with integer ops), optionally followed by the keys of a second (`extra`) cache in the same
+softmax, and splits each query's keys over several programs when there are too few queries to fill the GPU (the
+dense decode's combine kernel merges the splits: same partial layout).
 Prefill reads rows of one packed BF16 `kv` (page size 1) and also returns the largest logit and, when asked, the LSE
 over the first `indexer_topk` indices, kept as a second running (max, sum) in the same pass.
 """
