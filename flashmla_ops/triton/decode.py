@@ -232,12 +232,22 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
         D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, num_warps=config.num_warps,
         num_stages=config.num_stages)
     if num_splits > 1:
-        _combine_kernel[(rows, batch)](
-            out_partial, lse_partial, sink, out_rows, lse,
-            out_partial.stride(0), out_partial.stride(1), out_partial.stride(2), out_rows.stride(0),
-            out_rows.stride(1), rows, h_q, s_q, num_splits, SPLIT_CHUNK=16,
-            APPLY_SINK=attn_sink is not None, D_V=head_dim_v, num_warps=4)
+        combine(out_partial, lse_partial, attn_sink, out, lse)
     return out, lse
+
+
+def combine(out_partial, lse_partial, attn_sink, out, lse) -> None:
+    """Merge split partials into `out` `(batch, s_q, h_q, d_v)` and `lse` `(batch, h_q, s_q)`.
+
+    out_partial `(batch, num_splits, s_q * h_q, d_v)` float32: each split's normalised output; lse_partial
+    `(batch, num_splits, s_q * h_q)` float32: its base-2 LSE (-inf for a split that saw nothing)."""
+    batch, num_splits, rows, d_v = out_partial.shape
+    s_q, h_q = out.shape[1], out.shape[2]
+    out_rows = out.view(batch, rows, d_v)
+    _combine_kernel[(rows, batch)](
+        out_partial, lse_partial, attn_sink if attn_sink is not None else lse, out_rows, lse,
+        out_partial.stride(0), out_partial.stride(1), out_partial.stride(2), out_rows.stride(0), out_rows.stride(1),
+        rows, h_q, s_q, num_splits, SPLIT_CHUNK=16, APPLY_SINK=attn_sink is not None, D_V=d_v, num_warps=4)
 
 
 def supports(q, kv_cache, head_dim_v, is_fp8) -> bool:

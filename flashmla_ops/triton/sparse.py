@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import INTERPRET, LOG2E, device_limits, finish, hardware_fp8, load_kv_tile, mma
-from .decode import _combine_kernel
+from .decode import combine
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -275,12 +275,7 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
         BLOCK_H=config.block_h, BLOCK_N=block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM,
         TILE=128, INTERPRET=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages)
     if num_splits > 1:
-        out_rows = out.view(batch, rows, head_dim_v)
-        _combine_kernel[(rows, batch)](
-            out_partial, lse_partial, sink, out_rows, lse,
-            out_partial.stride(0), out_partial.stride(1), out_partial.stride(2), out_rows.stride(0),
-            out_rows.stride(1), rows, h_q, s_q, num_splits, SPLIT_CHUNK=16,
-            APPLY_SINK=attn_sink is not None, D_V=head_dim_v, num_warps=4)
+        combine(out_partial, lse_partial, attn_sink, out, lse)
     return out, lse
 
 
