@@ -9,13 +9,18 @@ from flashmla_ops.kv_cache import D_QK, FP8_BYTES, PAGE_BLOCK_SIZE
 
 from .deepseek import DeepseekConfig
 
-KV_CACHE_DTYPES = ("bf16", "fp8")
+KV_CACHE_DTYPES = ("bf16", "fp8", "fp32")
+FLOAT_CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class PagedKVCache:
     """Latent cache `kv_cache[layer]` `(num_blocks, 64, 1, 576)` bfloat16 or `(num_blocks, 64, 1, 656)` uint8 (FP8
     layout), and for V3.2 the indexer key cache `index_cache[layer]` `(num_blocks, 64, index_head_dim)` bfloat16 or
     `(num_blocks, 64, index_head_dim + 4)` uint8. All layers share one block numbering.
+
+    `kv_cache_dtype` "bf16" (the default, the fast kernels), "fp8" (the 656-byte layout), or "fp32": both caches
+    float32, the exact reference path for checking a float32 model (its decode runs the ops' float32 reference,
+    slowly on a GPU); not meant for serving.
 
     Sequences are the rows `0 .. max_batch_size - 1` of `block_table` `(max_batch_size, max_blocks_per_seq)` int32
     and `cache_seqlens` `(max_batch_size,)` int32; `seq_lens` is the host copy of the lengths.
@@ -36,12 +41,12 @@ class PagedKVCache:
             self.kv_cache = [torch.zeros(num_blocks, PAGE_BLOCK_SIZE, 1, FP8_BYTES, dtype=torch.uint8, device=device)
                              for _ in layers]
         else:
-            self.kv_cache = [torch.zeros(num_blocks, PAGE_BLOCK_SIZE, 1, d_qk, dtype=torch.bfloat16, device=device)
-                             for _ in layers]
+            self.kv_cache = [torch.zeros(num_blocks, PAGE_BLOCK_SIZE, 1, d_qk,
+                                         dtype=FLOAT_CACHE_DTYPES[kv_cache_dtype], device=device) for _ in layers]
         self.index_cache = None
         if config.is_sparse:
             d_i = config.index_head_dim
-            shape, dtype = ((d_i + 4, torch.uint8) if self.is_fp8 else (d_i, torch.bfloat16))
+            shape, dtype = ((d_i + 4, torch.uint8) if self.is_fp8 else (d_i, FLOAT_CACHE_DTYPES[kv_cache_dtype]))
             self.index_cache = [torch.zeros(num_blocks, PAGE_BLOCK_SIZE, shape, dtype=dtype, device=device)
                                 for _ in layers]
         self.block_table = torch.zeros(max_batch_size, self.max_blocks_per_seq, dtype=torch.int32, device=device)

@@ -9,6 +9,11 @@ Tokens are packed: a forward pass takes `input_ids` `(T,)` of all sequences back
   or for V3.2 `indexer_logits_paged` + `indexer_topk` + `sparse_decode`).
 Either way every layer writes its new latent rows (`kv_a_layernorm(kv_a)` 512 + roped `k_pe` 64) into the cache.
 
+Dtypes: the ops are fed the model's activation dtype. A bfloat16 model runs the bfloat16 kernels; a float32 model runs
+the ops' exact float32 reference (with a float32 cache, `PagedKVCache(..., "fp32")`, decode too), which is how the
+model is checked against transformers. Decode over a bfloat16 / float32 cache feeds q in the cache's dtype (the ops
+need them equal); over the FP8 cache, in the activation dtype.
+
 MLA, per head h (W_UK, W_UV: the key and value halves of `kv_b_proj`):
     q_nope . (W_UK c) + q_pe . k_pe  =  (W_UK^T q_nope) . c + q_pe . k_pe       ("absorbed": 576-d, one KV head)
     out_h = W_UV (sum_s p_s c_s)
@@ -382,14 +387,14 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x `(T, hidden)`, q_resid `(T, q_lora_rank)` -> q `(T, n_heads, head_dim)` bf16, k `(T, head_dim)` bf16,
-        weights `(T, n_heads)` float32."""
+        """x `(T, hidden)`, q_resid `(T, q_lora_rank)` -> q `(T, n_heads, head_dim)`, k `(T, head_dim)` (both in the
+        activation dtype), weights `(T, n_heads)` float32."""
         q = self.wq_b(q_resid).view(x.shape[0], self.n_heads, self.head_dim)
         k = self.k_norm(self.wk(x))
         q = torch.cat([apply_rope(q[..., :self.rope_dim], cos, sin, False), q[..., self.rope_dim:]], dim=-1)
         k = torch.cat([apply_rope(k[..., :self.rope_dim], cos, sin, False), k[..., self.rope_dim:]], dim=-1)
         weights = self.weights_proj(x.float()) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
-        return q.to(torch.bfloat16), k.to(torch.bfloat16), weights
+        return q, k, weights
 
 
 class MLAttention(nn.Module):
@@ -418,7 +423,7 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 metadata: PrefillMetadata | DecodeMetadata, kv_cache: torch.Tensor,
                 index_cache: torch.Tensor | None) -> torch.Tensor:
-        """x `(T, hidden)`, cos/sin `(T, qk_rope_head_dim)`; kv_cache `(num_blocks, 64, 1, 576)` bf16 or
+        """x `(T, hidden)`, cos/sin `(T, qk_rope_head_dim)`; kv_cache `(num_blocks, 64, 1, 576)` bf16 / fp32 or
         `(num_blocks, 64, 1, 656)` uint8 (written here); index_cache (V3.2, written here). Returns `(T, hidden)`."""
         config = self.config
         num_tokens = x.shape[0]
@@ -433,8 +438,9 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)
         q_pe = apply_rope(q_pe, cos, sin, config.rope_interleave)
         k_pe = apply_rope(k_pe, cos, sin, config.rope_interleave)
-        is_fp8 = kv_cache.dtype != torch.bfloat16
-        torch.ops.flashmla.write_kv_cache(kv_cache, latent.to(torch.bfloat16), k_pe.to(torch.bfloat16),
+        is_fp8 = kv_cache.dtype in (torch.uint8, torch.float8_e4m3fn)
+        cache_dtype = x.dtype if is_fp8 else kv_cache.dtype  # what the cache is written from and decode reads in
+        torch.ops.flashmla.write_kv_cache(kv_cache, latent.to(cache_dtype), k_pe.to(cache_dtype),
                                           metadata.slot_mapping, is_fp8)
 
         if isinstance(metadata, PrefillMetadata) and self.indexer is None:
@@ -444,22 +450,30 @@ class MLAttention(nn.Module):
                                           config.kv_lora_rank)
         w_uk, w_uv = w_kv.split([config.qk_nope_head_dim, config.v_head_dim], dim=1)
         q_latent = torch.einsum("thd,hdc->thc", q_nope, w_uk)
-        q_absorbed = torch.cat([q_latent, q_pe], dim=-1).to(torch.bfloat16)  # (T, heads, 576)
+        q_absorbed = torch.cat([q_latent, q_pe], dim=-1)  # (T, heads, 576), activation dtype
         index_q = index_weights = None
         if self.indexer is not None:
             index_q, index_k, index_weights = self.indexer(x, q_resid, cos, sin)
-            torch.ops.flashmla.write_index_cache(index_cache, index_k, metadata.slot_mapping)
+            index_fp8 = index_cache.dtype in (torch.uint8, torch.float8_e4m3fn)
+            torch.ops.flashmla.write_index_cache(index_cache, index_k if index_fp8 else index_k.to(index_cache.dtype),
+                                                 metadata.slot_mapping)
         if isinstance(metadata, PrefillMetadata):
-            logits = torch.ops.flashmla.indexer_logits(index_q, index_k, index_weights, metadata.k_start,
-                                                       metadata.k_end, None, None)
-            indices = torch.ops.flashmla.indexer_topk(logits, config.index_topk, None)
-            kv = torch.cat([latent, k_pe], dim=-1).to(torch.bfloat16)[:, None]
+            indices = self.prefill_indices(index_q, index_k, index_weights, metadata)
+            kv = torch.cat([latent, k_pe], dim=-1)[:, None]
             out_latent = torch.ops.flashmla.sparse_prefill(q_absorbed, kv, indices[:, None], self.softmax_scale,
                                                            config.kv_lora_rank, None, None, 0)[0]
         else:
-            out_latent = self._decode(q_absorbed, metadata, kv_cache, index_cache, index_q, index_weights, is_fp8)
+            out_latent = self._decode(q_absorbed.to(cache_dtype), metadata, kv_cache, index_cache, index_q,
+                                      index_weights, is_fp8)
         out = torch.einsum("thc,hvc->thv", out_latent.to(x.dtype), w_uv)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * config.v_head_dim))
+
+    def prefill_indices(self, index_q, index_k, index_weights, metadata: PrefillMetadata) -> torch.Tensor:
+        """V3.2 prefill: the packed rows `(T, index_topk)` int32 each query attends to (-1 padded where it sees fewer
+        tokens), from the indexer's q `(T, index_n_heads, index_head_dim)`, k `(T, index_head_dim)`, weights."""
+        logits = torch.ops.flashmla.indexer_logits(index_q, index_k, index_weights, metadata.k_start, metadata.k_end,
+                                                   None, None)
+        return torch.ops.flashmla.indexer_topk(logits, self.config.index_topk, None)
 
     def _expanded_prefill(self, q_nope, q_pe, latent, k_pe, metadata: PrefillMetadata) -> torch.Tensor:
         """Dense prefill as ordinary multi-head attention: keys/values expanded from the latent by kv_b_proj.
@@ -478,7 +492,7 @@ class MLAttention(nn.Module):
 
     def _decode(self, q_absorbed, metadata: DecodeMetadata, kv_cache, index_cache, index_q, index_weights,
                 is_fp8) -> torch.Tensor:
-        """q_absorbed `(T, heads, 576)` -> latent output `(T, heads, kv_lora_rank)` bf16 over the paged cache;
+        """q_absorbed `(T, heads, 576)` -> latent output `(T, heads, kv_lora_rank)` (q's dtype) over the paged cache;
         sparse (index_q `(T, index_n_heads, index_head_dim)` given) or dense."""
         batch, s_q = metadata.cache_seqlens.shape[0], metadata.s_q
         q = q_absorbed.view(batch, s_q, self.num_heads, -1)

@@ -4,11 +4,16 @@
     python scripts/generate.py --model DIR --prompt "Hello" --prompt "The capital of France is" --max-new-tokens 32
     python scripts/generate.py --random-tiny v32 --kv-cache fp8 --compile    # no checkpoint: a tiny random model
     torchrun --nproc-per-node 2 scripts/generate.py --model DIR --tp 2 --ep 2  # tensor + expert parallel
+    python scripts/generate.py --model DIR --prompt-ids 5,6,7,8 --greedy --dtype float32 --kv-cache fp32  # exact check
 
 --model defaults to the shipped checkpoint (models/assets/deepseek-v32-tiny-kjv) where it exists. With --random-tiny
 (or without that checkpoint), a tiny random model of that family runs on fixed token prompts (no tokenizer).
 With --tp N (under torchrun, N processes: one per GPU over NCCL, or CPU processes over gloo) each rank loads only its
 part of the weights (models/parallel.py); rank 0 prints what one process would.
+
+--dtype float32 with --kv-cache fp32 is the exact reference path (every op in float32, slow on a GPU): its greedy
+tokens are those of transformers' own `generate(..., do_sample=False)` on the same checkpoint (tests/models/
+test_generate_script.py). --dtype bfloat16 (the default) with --kv-cache bf16 or fp8 is the fast path.
 """
 import argparse
 from pathlib import Path
@@ -23,23 +28,41 @@ from models.data import SAMPLE_PROMPTS
 from models.loading import load_config
 from models.parallel import end_job, init_parallel
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
 RANDOM_TINY = {"v2": "deepseek_v2", "v3": "deepseek_v3", "v32": "deepseek_v32"}
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "assets" / "deepseek-v32-tiny-kjv"
 
 
-def parse_args() -> argparse.Namespace:
+def prompt_ids(text: str) -> list[int]:
+    """`--prompt-ids` "5,6,7" -> [5, 6, 7]."""
+    try:
+        ids = [int(token) for token in text.split(",") if token.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer files); default: "
                         "the shipped tiny checkpoint")
     parser.add_argument("--random-tiny", choices=sorted(RANDOM_TINY),
                         help="run a tiny random model of this family instead of a checkpoint")
-    parser.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); needs a tokenizer")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); needs a tokenizer")
+    prompts.add_argument("--prompt-ids", action="append", type=prompt_ids, metavar="ID,ID,...",
+                         help="a prompt as comma-separated token ids (repeat for a batch); no tokenizer needed")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0; the default)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="bf16")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="model weights")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="bf16",
+                        help="bf16 (fast kernels), fp8 (656-byte FP8 layout), or fp32 (exact reference path, for "
+                        "checking a --dtype float32 model)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                        help="model weights and activations (fp32, bf16: aliases)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile(fullgraph=True) the decode step (CUDA graphs on CUDA)")
@@ -48,7 +71,9 @@ def parse_args() -> argparse.Namespace:
                         help="tensor-parallel ranks: heads, MLPs and vocabulary split over torchrun's TP processes")
     parser.add_argument("--ep", type=int, default=1,
                         help="1 (routed experts split like the MLPs) or TP (experts partitioned over the same ranks)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.greedy and args.temperature != 0:
+        parser.error(f"--greedy means temperature 0, got --temperature {args.temperature}")
     if args.ep not in (1, args.tp):
         parser.error(f"--ep must be 1 or --tp ({args.tp}), got {args.ep}")
     if args.model and args.random_tiny:
@@ -56,14 +81,15 @@ def parse_args() -> argparse.Namespace:
     if not args.model and not args.random_tiny:
         if SHIPPED.exists():
             args.model = str(SHIPPED)
-            args.prompt = args.prompt or list(SAMPLE_PROMPTS)
+            args.prompt = args.prompt or (None if args.prompt_ids else list(SAMPLE_PROMPTS))
         else:
             args.random_tiny = "v3"
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> list[list[int]]:
+    """Runs the command line `argv` (default: sys.argv); returns each prompt's new token ids."""
+    args = parse_args(argv)
     parallel, device = (init_parallel(args.tp, args.ep, torch.device(args.device).type) if args.tp > 1
                         else (None, torch.device(args.device)))
     is_main = parallel is None or parallel.rank == 0
@@ -83,6 +109,8 @@ def main() -> None:
         if tokenizer is None:
             raise SystemExit("--prompt needs a checkpoint with tokenizer files (--model DIR)")
         prompts = [tokenizer.encode(p) for p in args.prompt]
+    elif args.prompt_ids:
+        prompts = args.prompt_ids
     else:
         prompts = [list(range(2, 2 + length)) for length in (7, 19, 4)]  # tokenizer-free input
 
@@ -105,6 +133,7 @@ def main() -> None:
               f"tp {args.tp}, ep {args.ep})")
     if parallel is not None:
         end_job()
+    return outputs
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ VARIANTS = {
     "deepseek_v3": dict(rope_scaling=YARN),
     "deepseek_v32": dict(),
 }
+# V3.2 for the exact float32 comparisons, where the indexer's choice (index_topk 16, below the prompts) is compared:
+# 32 indexer heads instead of 4, so that no key scores an exact 0 (every head's relu at 0), where ties would make the
+# choice arbitrary (test_deepseek.py says more).
+EXACT_V32 = dict(index_n_heads=32)
 
 
 def save_hf_checkpoint(path, model_type: str, seed: int = 0, **overrides):
@@ -50,3 +54,9 @@ def hf_checkpoints(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def exact_v32_checkpoint(hf_checkpoints):
+    """(checkpoint dir, transformers model) of V3.2 with `EXACT_V32` and tiny_config's index_topk 16."""
+    return hf_checkpoints("deepseek_v32", **EXACT_V32)

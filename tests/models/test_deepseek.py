@@ -2,38 +2,52 @@
 
 Prefill logits of every prompt token (prompts of different lengths packed in one batch) and the logits of several
 decode steps through the paged cache (one token per sequence, then two at once, causal) must match transformers'
-full forward over the same tokens, for a BF16 and an FP8 cache.
+full forward over the same tokens, for a float32, a BF16 and an FP8 cache. Our model is loaded in float32, so it
+feeds the ops float32 activations (models/deepseek.py: the ops run their exact float32 reference).
 
 Tolerances (max |ours - theirs| / max |theirs| over the vocabulary):
-- V2/V3 prefill runs the expanded attention in the model's float32: only summation order differs (1e-4).
-- Decode (and V3.2 prefill) feeds the attention ops bfloat16 q and latent kv (rounding 2^-9 relative per element,
-  FP32 accumulation): 0.2-0.5% seen, 1.5e-2 allowed.
+- Prefill (V2/V3 expanded attention, V3.2 `indexer_logits` + `indexer_topk` + `sparse_prefill`) runs in float32,
+  whatever the cache: only summation order differs (~1e-6 seen, 1e-4 allowed). So does decode over the float32
+  cache (`kv_cache_dtype="fp32"`).
+- Decode over the BF16 cache reads the latent rounded to bfloat16 and feeds q in bfloat16 (2^-9 relative per
+  element, FP32 accumulation): 0.2-0.5% seen, 1.5e-2 allowed.
 - The FP8 cache stores the latent in e4m3 (3 mantissa bits: up to 2^-4 relative per element, per-128 power-of-two
   scales): 2-4.5% seen, 8e-2 allowed.
 The argmax must agree wherever transformers' top-2 logits are further apart than the tolerance allows.
 
 V3.2: transformers implements the indexer in the model dtype (no Hadamard rotation, no FP8: the rotation is
 orthogonal, so BF16/FP32 scores are the same) and folds the top-k choice into an additive mask; ours computes the
-indexer logits from bfloat16 q/k with `indexer_logits`, picks with `indexer_topk` and attends with `sparse_prefill` /
-`sparse_decode`. In a tiny random model the indexer scores of neighbouring candidates are close (relu zeroes
-whole rows, weights of both signs cancel), so BF16 rounding, or the 0.3% a BF16 attention layer changes the next
-layer's input by, swaps near-boundary tokens; one swap out of 16 changes a logit row by up to 40%. So:
-- the logits comparison runs V3.2 with index_topk 64 (at least every context here): every op of the sparse path
-  (indexer logits, top-k with -1 padding, index cache, sparse prefill / decode over flat slots) is in it, and the
-  choice is all visible tokens;
-- `test_indexer_choice` checks the choice itself on the first layer, where both models see the same input: every
-  token transformers picks scores, by our logits, within rounding of our k-th best;
+indexer logits with `indexer_logits` (`indexer_logits_paged` in decode), picks with `indexer_topk` and attends with
+`sparse_prefill` / `sparse_decode`. One token swapped at the selection boundary changes a logit row by up to 40%, so
+the comparison is only meaningful where the selection is unambiguous:
+- float32 cache (`test_matches_transformers[deepseek_v32-fp32]`): index_topk 16, below two of the prompts and every
+  decode context, so the indexer really selects; the selection of every prefill query in every layer is compared
+  with transformers' (`SelectionRecorder`), and logits within 1e-4. The checkpoint (conftest's `EXACT_V32`) has 32
+  indexer heads, not 4: a key's score `sum_h w_h relu(q_h . k)` is exactly 0 when every head's `q_h . k` is
+  negative, which with 4 heads happens to 1 key in 16, so several keys tie at 0, often right at the top-k boundary
+  (weights of both signs put 0 mid-range), and which of them is picked is arbitrary (it differs between packed and
+  single-prompt prefill, and from torch.topk's; with 4 heads this test fails on such a tie). With 32 heads an
+  all-negative key has probability 2^-32; the test also asserts that every boundary is decided by a margin far above
+  float32 rounding (MIN_SELECTION_MARGIN), so no choice is a coin toss. Decode's choice is checked through the
+  logits: a swapped token moves them far beyond 1e-4.
+- BF16 / FP8 caches: BF16 rounding of the cached latent and index keys swaps near-boundary tokens in decode, so these
+  run V3.2 with index_topk 64 (at least every context here): every op of the sparse path (indexer logits, top-k with
+  -1 padding, index cache, sparse prefill / decode over flat slots) is in it, and the choice is all visible tokens;
+- `test_indexer_choice` checks the choice on the first layer (4 indexer heads, ties allowed for): every token
+  transformers picks scores, by our logits, within rounding of our k-th best;
 - `test_sparse_attention_is_sparse` checks that index_topk 16 does change the result.
 """
 import pytest
 import torch
 
 from models import PagedKVCache, decode_step, load_model, prefill
+from models.deepseek import MLAttention
 
-PREFILL_TOL = {"deepseek_v2": 1e-4, "deepseek_v3": 1e-4, "deepseek_v32": 1.5e-2}
-DECODE_TOL = {"bf16": 1.5e-2, "fp8": 8e-2}
+PREFILL_TOL = 1e-4
+DECODE_TOL = {"fp32": 1e-4, "bf16": 1.5e-2, "fp8": 8e-2}
 PROMPT_LENGTHS = (21, 9, 30)
 DECODE_STEPS = 3
+MIN_SELECTION_MARGIN = 1e-5  # relative to the row's largest |indexer logit|: 10x the float32 differences seen
 
 
 def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor, tol: float, what: str) -> None:
@@ -47,18 +61,75 @@ def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor, tol: float, wh
     assert agree[decided].all(), f"{what}: argmax differs at rows {(~agree & decided).nonzero().flatten().tolist()}"
 
 
+class SelectionRecorder:
+    """V3.2 prefill selections: ours (`MLAttention.prefill_indices`, packed rows, with the indexer logits they came
+    from) and transformers' (its indexers' top-k outputs, one forward per prompt), one entry per layer call."""
+
+    def __init__(self, monkeypatch, hf_model):
+        self.ours, self.theirs = [], []
+        prefill_indices = MLAttention.prefill_indices
+
+        def record(attention, index_q, index_k, index_weights, metadata):
+            indices = prefill_indices(attention, index_q, index_k, index_weights, metadata)
+            logits = torch.ops.flashmla.indexer_logits(index_q, index_k, index_weights, metadata.k_start,
+                                                       metadata.k_end, None, None)
+            self.ours.append((indices, logits, metadata.k_start))
+            return indices
+
+        monkeypatch.setattr(MLAttention, "prefill_indices", record)
+        self.handles = [layer.self_attn.indexer.register_forward_hook(
+            lambda module, args, out: self.theirs.append(out[0])) for layer in hf_model.model.layers]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def check(self, prompts: list[list[int]], topk: int) -> None:
+        """Every query of every prompt, every layer: the same set of visible keys, -1 padding after them, and (where
+        it selects) a k-th best score ahead of the next by MIN_SELECTION_MARGIN."""
+        num_layers = len(self.ours)
+        assert len(self.theirs) == num_layers * len(prompts)
+        assert max(map(len, prompts)) > topk, "no query has more than index_topk keys to choose from"
+        for layer, (indices, logits, k_start) in enumerate(self.ours):
+            row = 0
+            for p, prompt in enumerate(prompts):
+                theirs = self.theirs[p * num_layers + layer]  # (len(prompt), min(topk, len(prompt)))
+                for t in range(len(prompt)):
+                    visible = min(t + 1, topk)
+                    ours = indices[row, :visible] - k_start[row]
+                    assert (indices[row, visible:] == -1).all(), f"layer {layer} prompt {p} query {t}: padding"
+                    assert sorted(ours.tolist()) == sorted(theirs[t, :visible].tolist()), (
+                        f"layer {layer} prompt {p} query {t}: selected {sorted(ours.tolist())}, transformers "
+                        f"{sorted(theirs[t, :visible].tolist())}")
+                    if t + 1 > topk:
+                        scores = logits[row, k_start[row]:k_start[row] + t + 1].sort(descending=True).values
+                        margin = (scores[topk - 1] - scores[topk]) / scores.abs().max()
+                        assert margin > MIN_SELECTION_MARGIN, (
+                            f"layer {layer} prompt {p} query {t}: ambiguous selection (k-th and next indexer scores "
+                            f"{scores[topk - 1]:.6g}, {scores[topk]:.6g}): choose another seed or more indexer heads")
+                    row += 1
+
+
 @torch.no_grad()
-def check_against_transformers(path, hf_model, kv_cache_dtype: str) -> None:
+def check_against_transformers(path, hf_model, kv_cache_dtype: str, monkeypatch=None) -> None:
+    """With `monkeypatch` (V3.2), the prefill's selections are compared too."""
     model = load_model(path, dtype=torch.float32)
-    model_type = model.config.model_type
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, model.config.vocab_size, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
     reference = lambda tokens: hf_model(torch.tensor([tokens])).logits[0]  # noqa: E731
     cache = PagedKVCache(model.config, num_blocks=8, max_batch_size=len(prompts), max_seq_len=128,
                          kv_cache_dtype=kv_cache_dtype)
 
-    logits = prefill(model, cache, prompts, last_only=False)
-    assert_logits_close(logits, torch.cat([reference(p) for p in prompts]), PREFILL_TOL[model_type], "prefill")
+    recorder = SelectionRecorder(monkeypatch, hf_model) if monkeypatch is not None else None
+    try:
+        logits = prefill(model, cache, prompts, last_only=False)
+        expected = torch.cat([reference(p) for p in prompts])
+    finally:
+        if recorder is not None:
+            recorder.remove()
+    if recorder is not None:
+        recorder.check(prompts, model.config.index_topk)
+    assert_logits_close(logits, expected, PREFILL_TOL, "prefill")
 
     sequences = [list(p) for p in prompts]
     for step in range(DECODE_STEPS + 1):
@@ -72,12 +143,17 @@ def check_against_transformers(path, hf_model, kv_cache_dtype: str) -> None:
         assert_logits_close(logits, expected, DECODE_TOL[kv_cache_dtype], f"decode step {step} (s_q={s_q})")
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("kv_cache_dtype", ["fp32", "bf16", "fp8"])
 @pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3", "deepseek_v32"])
-def test_matches_transformers(hf_checkpoints, model_type, kv_cache_dtype):
-    overrides = {"index_topk": 64} if model_type == "deepseek_v32" else {}
-    path, hf_model = hf_checkpoints(model_type, **overrides)
-    check_against_transformers(path, hf_model, kv_cache_dtype)
+def test_matches_transformers(request, hf_checkpoints, monkeypatch, model_type, kv_cache_dtype):
+    if model_type != "deepseek_v32":
+        check_against_transformers(*hf_checkpoints(model_type), kv_cache_dtype)
+    elif kv_cache_dtype == "fp32":  # index_topk 16 (tiny_config's): the indexer selects; selections compared
+        path, hf_model = request.getfixturevalue("exact_v32_checkpoint")
+        assert hf_model.config.index_topk < max(PROMPT_LENGTHS)
+        check_against_transformers(path, hf_model, kv_cache_dtype, monkeypatch)
+    else:
+        check_against_transformers(*hf_checkpoints(model_type, index_topk=64), kv_cache_dtype)
 
 
 def test_sparse_attention_is_sparse(hf_checkpoints):

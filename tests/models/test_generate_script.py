@@ -1,0 +1,62 @@
+"""scripts/generate.py's command line on checkpoints written by transformers: `--greedy --dtype float32 --kv-cache
+fp32` (the exact reference path) gives the tokens of transformers' own greedy `generate`.
+
+Prompts are token ids (`--prompt-ids`: the tiny checkpoints have no tokenizer), longer than V3.2's index_topk (16),
+batched, of different lengths, so that prefill and every decode step of V3.2 really select. V3.2's checkpoint is
+conftest's `EXACT_V32` (no exact ties in the indexer's scores: see test_deepseek.py).
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = ([5, 17, 33, 2, 90, 41, 8, 8, 64, 12, 3, 77, 101, 56, 23, 9, 44, 120, 31, 6, 70, 15],
+           [11, 99, 4, 28, 63, 50, 7, 19, 85, 36, 2, 47, 110, 25, 13, 58, 72, 30, 91])
+MAX_NEW_TOKENS = 10
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate_script = load_script("generate")
+
+
+@torch.no_grad()
+def transformers_greedy(hf_model, prompt: list[int]) -> list[int]:
+    """transformers' greedy tokens after `prompt` (its own cache), up to EOS (included) or MAX_NEW_TOKENS."""
+    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=hf_model.config.eos_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3", "deepseek_v32"])
+def test_greedy_float32_matches_transformers(request, hf_checkpoints, model_type, capsys):
+    path, hf_model = (request.getfixturevalue("exact_v32_checkpoint") if model_type == "deepseek_v32"
+                      else hf_checkpoints(model_type))
+    assert min(map(len, PROMPTS)) > hf_model.config.to_dict().get("index_topk", 0)
+    prompt_args = [arg for prompt in PROMPTS for arg in ("--prompt-ids", ",".join(map(str, prompt)))]
+    outputs = generate_script.main(["--model", str(path), *prompt_args, "--greedy", "--dtype", "float32",
+                                    "--kv-cache", "fp32", "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu"])
+    expected = [transformers_greedy(hf_model, prompt) for prompt in PROMPTS]
+    assert outputs == expected
+    printed = capsys.readouterr().out
+    assert f"{PROMPTS[0]} -> {expected[0]}" in printed and "fp32 cache" in printed
+
+
+def test_arguments():
+    parse = generate_script.parse_args
+    args = parse(["--random-tiny", "v3", "--dtype", "fp32", "--prompt-ids", "1, 2,3", "--prompt-ids", "4"])
+    assert args.dtype == "fp32" and generate_script.DTYPES[args.dtype] == torch.float32
+    assert args.prompt_ids == [[1, 2, 3], [4]] and args.temperature == 0
+    assert generate_script.DTYPES[parse(["--random-tiny", "v3"]).dtype] == torch.bfloat16  # the default
+    assert generate_script.DTYPES[parse(["--random-tiny", "v3", "--dtype", "bfloat16"]).dtype] == torch.bfloat16
+    for bad in (["--greedy", "--temperature", "0.7"], ["--prompt-ids", "1,x"], ["--prompt", "a", "--prompt-ids", "1"],
+                ["--kv-cache", "fp16"], ["--dtype", "float16"]):
+        with pytest.raises(SystemExit):
+            parse(["--random-tiny", "v3", *bad])
