@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile(fullgraph=True) the decode step (CUDA graphs on CUDA)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, choices=(0, 1), default=1,
+                        help="1: run a short untimed generation first so that compile/JIT time is not reported")
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel ranks: heads, MLPs and vocabulary split over torchrun's TP processes")
     parser.add_argument("--ep", type=int, default=1,
@@ -119,6 +121,10 @@ def main(argv: list[str] | None = None) -> list[list[int]]:
     cache = PagedKVCache(config, blocks_per_seq * len(prompts), len(prompts), max_seq_len, args.kv_cache, device)
     step = compile_decode_step(device) if args.compile else decode_step
     generator = torch.Generator(device).manual_seed(args.seed)
+    if args.warmup:  # compilation, CUDA-graph capture and kernel JIT stay out of the timed run
+        generate(model, cache, prompts, min(4, args.max_new_tokens), 0.0, 1.0, (), step)
+        for seq in range(len(prompts)):
+            cache.free(seq)
     outputs, stats = generate(model, cache, prompts, args.max_new_tokens, args.temperature, args.top_p,
                               tuple(config.eos_token_ids), step, generator)
     if is_main:
