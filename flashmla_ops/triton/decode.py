@@ -214,11 +214,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     row_tiles = triton.cdiv(rows, config.block_h)
     capacity_tiles = triton.cdiv(block_table.shape[1] * PAGE_BLOCK_SIZE, config.block_n)
     num_splits = num_splits_for(batch, row_tiles, capacity_tiles, multiprocessors, config.programs_per_sm)
-    if num_splits > 1:
-        out_partial = q.new_empty(batch, num_splits, rows, head_dim_v, dtype=torch.float32)
-        lse_partial = q.new_empty(batch, num_splits, rows, dtype=torch.float32)
-    else:
-        out_partial, lse_partial = out, lse  # unused
+    out_partial, lse_partial = split_buffers(out, lse, num_splits)
     sink = attn_sink if attn_sink is not None else lse
     out_rows = out.view(batch, rows, head_dim_v)
     _dense_decode_split_kernel[(row_tiles, batch, num_splits)](
@@ -234,6 +230,16 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     if num_splits > 1:
         combine(out_partial, lse_partial, attn_sink, out, lse)
     return out, lse
+
+
+def split_buffers(out, lse, num_splits):
+    """float32 partials for `combine`: out `(batch, num_splits, s_q * h_q, d_v)`, lse `(batch, num_splits, s_q * h_q)`;
+    with one split the kernels write `out` / `lse` directly and these are placeholders."""
+    if num_splits == 1:
+        return out, lse
+    batch, s_q, h_q, d_v = out.shape
+    return (out.new_empty(batch, num_splits, s_q * h_q, d_v, dtype=torch.float32),
+            out.new_empty(batch, num_splits, s_q * h_q, dtype=torch.float32))
 
 
 def combine(out_partial, lse_partial, attn_sink, out, lse) -> None:

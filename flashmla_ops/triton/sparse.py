@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import INTERPRET, LOG2E, device_limits, finish, hardware_fp8, load_kv_tile, mma
-from .decode import combine
+from .decode import combine, split_buffers
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -253,12 +253,7 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
     programs = batch * s_q * head_tiles
     num_splits = num_splits_for(programs, triton.cdiv(topk, block_n) + triton.cdiv(extra_topk, block_n),
                                 multiprocessors)
-    rows = s_q * h_q
-    if num_splits > 1:
-        out_partial = q.new_empty(batch, num_splits, rows, head_dim_v, dtype=torch.float32)
-        lse_partial = q.new_empty(batch, num_splits, rows, dtype=torch.float32)
-    else:
-        out_partial, lse_partial = out, lse  # unused
+    out_partial, lse_partial = split_buffers(out, lse, num_splits)
     sink = attn_sink if attn_sink is not None else lse
     _sparse_decode_split_kernel[(programs, num_splits)](
         q, cache, indices, topk_length if topk_length is not None else indices,

@@ -32,6 +32,17 @@ def is_quantized(name: str, tensor: torch.Tensor) -> bool:
     return tensor.dim() == 2 and not any(k in name for k in ("embed_tokens", "lm_head", "mlp.gate.weight"))
 
 
+def fp8_checkpoint(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors as DeepSeek V3 stores them: quantized weights plus their `weight_scale_inv`."""
+    stored = {}
+    for name, tensor in tensors.items():
+        if is_quantized(name, tensor):
+            stored[name], stored[name[:-len("weight")] + "weight_scale_inv"] = quantize_fp8_blocks(tensor)
+        else:
+            stored[name] = tensor
+    return stored
+
+
 @pytest.fixture()
 def v3_tensors(hf_checkpoints):
     path, _ = hf_checkpoints("deepseek_v3")
@@ -80,12 +91,7 @@ def test_fp8_checkpoint_with_mtp_layer(tmp_path, v3_tensors, shards, caplog):
     """FP8 weights (kv_a_proj_with_mqa: 576 rows, partial blocks both ways) load to the original within FP8 error;
     in the sharded checkpoint weights and their scales land in different files; the MTP layer is skipped."""
     source, tensors = v3_tensors
-    stored = {}
-    for name, tensor in tensors.items():
-        if is_quantized(name, tensor):
-            stored[name], stored[name[:-len("weight")] + "weight_scale_inv"] = quantize_fp8_blocks(tensor)
-        else:
-            stored[name] = tensor
+    stored = fp8_checkpoint(tensors)
     num_layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
     mtp = {name.replace("model.layers.1.", f"model.layers.{num_layers}."): t.clone()
            for name, t in stored.items() if name.startswith("model.layers.1.")}

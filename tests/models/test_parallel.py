@@ -29,7 +29,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_loading import is_quantized, quantize_fp8_blocks, write_checkpoint
+from test_loading import fp8_checkpoint, quantize_fp8_blocks, write_checkpoint
 
 from models import PagedKVCache, compile_decode_step, decode_step, generate, load_model, prefill
 from models.deepseek import DeepseekConfig
@@ -110,13 +110,7 @@ def free_port() -> int:
 def checkpoints(hf_checkpoints, tmp_path_factory) -> dict:
     paths = {"v2": hf_checkpoints("deepseek_v2")[0], "v3": hf_checkpoints("deepseek_v3")[0],
              "v32": hf_checkpoints("deepseek_v32", vocab_size=127)[0]}
-    tensors = load_file(paths["v3"] / SINGLE_FILE)
-    stored = {}
-    for name, tensor in tensors.items():
-        if is_quantized(name, tensor):
-            stored[name], stored[name[:-len("weight")] + "weight_scale_inv"] = quantize_fp8_blocks(tensor)
-        else:
-            stored[name] = tensor
+    stored = fp8_checkpoint(load_file(paths["v3"] / SINGLE_FILE))
     paths["v3-fp8"] = tmp_path_factory.mktemp("v3-fp8")
     write_checkpoint(paths["v3-fp8"], paths["v3"], stored, shards=3)
     return paths
