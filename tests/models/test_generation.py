@@ -73,3 +73,19 @@ def test_compiled_decode_matches_eager():
         cache = PagedKVCache(config, num_blocks=4, max_batch_size=len(prompts), max_seq_len=64, kv_cache_dtype="fp8")
         outputs.append(generate(model, cache, prompts, 5, step=step)[0])
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("model_type,kv_cache_dtype", [("deepseek_v3", "bf16"), ("deepseek_v32", "fp8")])
+def test_decode_step_has_no_graph_breaks(model_type, kv_cache_dtype):
+    """The whole decode step (embedding to logits, the flashmla ops inside) is one graph for dynamo."""
+    config = DeepseekConfig.from_dict(tiny_config(model_type))
+    model = random_model(config, seed=2)
+    cache = PagedKVCache(config, num_blocks=4, max_batch_size=2, max_seq_len=64, kv_cache_dtype=kv_cache_dtype)
+    with torch.inference_mode():
+        first = prefill(model, cache, [[5, 6, 7], [8, 9]]).argmax(-1)
+        for seq in range(2):
+            cache.extend(seq, 1)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(decode_step)(model, cache, first[:, None])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
