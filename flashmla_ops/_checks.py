@@ -26,7 +26,8 @@ def check_tensor(op: str, name: str, t, dtypes, shape, dims: dict) -> torch.Tens
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
-        raise TypeError(f"{op}: {name} must have dtype {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+        seen = str(t.dtype).replace("torch.", "")
+        raise TypeError(f"{op}: {name} must have dtype {_dtype_names(dtypes)}, got {seen}")
     want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
     if t.dim() != len(shape):
         raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(t.shape)}")
@@ -72,3 +73,21 @@ def value_checks_apply(t: torch.Tensor) -> bool:
     if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return debug_checks()
+
+
+def check_paged_table(op: str, block_table: torch.Tensor, cache_seqlens: torch.Tensor, num_blocks: int,
+                      page_block_size: int, cache_name: str) -> None:
+    """Values of a paged table: 0 <= cache_seqlens <= capacity, and the block_table entries of the blocks each
+    sequence uses within [0, num_blocks) (unused entries may hold anything)."""
+    if not value_checks_apply(cache_seqlens):
+        return
+    blocks_per_seq = block_table.shape[1]
+    capacity = blocks_per_seq * page_block_size
+    lengths = cache_seqlens.tolist() if cache_seqlens.numel() <= 16 else "values out of range"
+    check(op, (cache_seqlens >= 0) & (cache_seqlens <= capacity),
+          f"cache_seqlens must be in [0, {capacity}] (block_table holds {blocks_per_seq} blocks of "
+          f"{page_block_size}), got {lengths}")
+    first_token = torch.arange(blocks_per_seq, device=block_table.device)[None, :] * page_block_size
+    bad = (first_token < cache_seqlens[:, None]) & ((block_table < 0) | (block_table >= num_blocks))
+    check(op, ~bad, f"block_table entries for the blocks each sequence uses must be in [0, {num_blocks}) "
+                    f"(num_blocks of {cache_name}), got {block_table[bad][:8].tolist()}")

@@ -9,7 +9,8 @@ import torch
 
 from . import _ext
 from ._attention import apply_attn_sink, attend
-from ._checks import FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
+from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_paged_table, check_same_device,
+                      check_tensor, value_checks_apply)
 from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
 
 METADATA_FIELDS = 8  # begin_batch, begin_block, end_batch, end_block (exclusive), begin_split, 3 reserved
@@ -121,7 +122,8 @@ def _check_sink(op, attn_sink, dims):
 
 def _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims):
     if tile_scheduler_metadata is not None:
-        check_tensor(op, "tile_scheduler_metadata", tile_scheduler_metadata, INDEX_DTYPES, (None, METADATA_FIELDS), dims)
+        check_tensor(op, "tile_scheduler_metadata", tile_scheduler_metadata, INDEX_DTYPES, (None, METADATA_FIELDS),
+                     dims)
     if num_splits is not None:
         check_tensor(op, "num_splits", num_splits, INDEX_DTYPES, (dims["batch"] + 1,), dims)
 
@@ -158,16 +160,7 @@ def _check_dense(op, q, k_cache, block_table, cache_seqlens, tile_scheduler_meta
     _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims)
     check_same_device(op, q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
                       attn_sink=attn_sink)
-    if value_checks_apply(cache_seqlens):
-        capacity = block_table.shape[1] * PAGE_BLOCK_SIZE
-        check(op, (cache_seqlens >= 0) & (cache_seqlens <= capacity),
-              f"cache_seqlens must be in [0, {capacity}] (block_table holds {block_table.shape[1]} blocks of "
-              f"{PAGE_BLOCK_SIZE}), got {cache_seqlens.tolist() if cache_seqlens.numel() <= 16 else 'values out of range'}")
-        used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * PAGE_BLOCK_SIZE < cache_seqlens[:, None]
-        num_blocks = k_cache.shape[0]
-        bad = used & ((block_table < 0) | (block_table >= num_blocks))
-        check(op, ~bad, f"block_table entries for the blocks each sequence uses must be in [0, {num_blocks}) "
-                        f"(num_blocks of k_cache), got {block_table[bad][:8].tolist()}")
+    check_paged_table(op, block_table, cache_seqlens, k_cache.shape[0], PAGE_BLOCK_SIZE, "k_cache")
 
 
 def dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
@@ -198,7 +191,8 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
                  softmax_scale: float, causal: bool, is_fp8: bool,
                  attn_sink: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense paged decode: query `i` of sequence `b` sees cache positions `[0, L)`, `L = cache_seqlens[b]`,
-    or with `causal` `[0, L - s_q + i]`. Metadata from `get_mla_metadata` (None: computed inside)."""
+    or with `causal` `[0, L - s_q + i]`. The metadata from `get_mla_metadata` is checked and accepted (FlashMLA's
+    calling convention; None is fine): today's kernels split the KV by shape alone and the reference needs none."""
     _check_dense("dense_decode", q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                  head_dim_v, is_fp8, attn_sink)
     if _ext.backend("dense_decode", q.device) == "triton":
@@ -239,30 +233,36 @@ def _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_ind
         raise ValueError(f"{op}: extra_topk_length needs extra_k_cache and extra_indices_in_kvcache")
     if extra_k_cache is not None:
         _check_cache(op, extra_k_cache, is_fp8, dims, q.dtype, name="extra_k_cache")
-        check_tensor(op, "extra_indices_in_kvcache", extra_indices_in_kvcache, INDEX_DTYPES, ("batch", "s_q", None), dims)
+        check_tensor(op, "extra_indices_in_kvcache", extra_indices_in_kvcache, INDEX_DTYPES, ("batch", "s_q", None),
+                     dims)
         if extra_topk_length is not None:
             check_tensor(op, "extra_topk_length", extra_topk_length, INDEX_DTYPES, ("batch",), dims)
     _check_head_dim_v(op, head_dim_v, dims["d_qk"], is_fp8)
     _check_sink(op, attn_sink, dims)
     _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims)
     check_same_device(op, q=q, k_cache=k_cache, indices=indices, topk_length=topk_length,
-                      extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache, attn_sink=attn_sink)
-    for name, cache, idx in (("indices", k_cache, indices), ("extra_indices_in_kvcache", extra_k_cache, extra_indices_in_kvcache)):
+                      extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
+                      attn_sink=attn_sink)
+    for name, cache, idx in (("indices", k_cache, indices),
+                             ("extra_indices_in_kvcache", extra_k_cache, extra_indices_in_kvcache)):
         if idx is not None and value_checks_apply(idx):
             num_slots = cache.shape[0] * cache.shape[1]
             bad = (idx < -1) | (idx >= num_slots)
-            check(op, ~bad, f"{name} entries must be -1 or flat cache slots in [0, {num_slots}), got {idx[bad][:8].tolist()}")
+            check(op, ~bad,
+                  f"{name} entries must be -1 or flat cache slots in [0, {num_slots}), got {idx[bad][:8].tolist()}")
 
 
 def _sparse_keys(k_cache, indices, topk_length, batch_index, is_fp8):
-    """Rows and validity for one sequence's queries: indices `(T, topk)` -> keys `(T, topk, d_qk)`, valid `(T, topk)`."""
+    """Rows and validity for one sequence's queries: indices `(T, topk)` -> keys `(T, topk, d_qk)` and
+    valid `(T, topk)`."""
     valid = indices >= 0
     if topk_length is not None:
         valid &= torch.arange(indices.shape[-1], device=indices.device) < topk_length[batch_index]
     return _gather_rows(k_cache, torch.where(valid, indices, 0).long(), is_fp8), valid
 
 
-def sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
+def sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
+                            extra_topk_length,
                             head_dim_v, softmax_scale, is_fp8, attn_sink=None):
     batch, s_q, h_q, d_qk = q.shape
     out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=q.dtype)
@@ -274,7 +274,8 @@ def sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, ext
             rows = slice(start, start + chunk)
             keys, valid = _sparse_keys(k_cache, indices[b, rows], topk_length, b, is_fp8)
             if extra_indices_in_kvcache is not None:
-                extra_keys, extra_valid = _sparse_keys(extra_k_cache, extra_indices_in_kvcache[b, rows], extra_topk_length, b, is_fp8)
+                extra_keys, extra_valid = _sparse_keys(extra_k_cache, extra_indices_in_kvcache[b, rows],
+                                                       extra_topk_length, b, is_fp8)
                 keys, valid = torch.cat([keys, extra_keys], 1), torch.cat([valid, extra_valid], 1)
             out_b, lse_b, _ = attend(q[b, rows], keys, valid, softmax_scale, head_dim_v)
             out[b, rows] = apply_attn_sink(out_b, lse_b, attn_sink).to(q.dtype)
@@ -289,10 +290,10 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
                   num_splits: torch.Tensor | None, head_dim_v: int, softmax_scale: float, is_fp8: bool,
                   attn_sink: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse paged decode: query `(b, i)` sees exactly the cache slots `indices[b, i, :topk_length[b]]`
-    (flat `block * 64 + row`, -1 = none), plus `extra_indices_in_kvcache[b, i, :extra_topk_length[b]]` of `extra_k_cache`
-    in the same softmax."""
-    _check_sparse("sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
-                  tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
+    (flat `block * 64 + row`, -1 = none), plus `extra_indices_in_kvcache[b, i, :extra_topk_length[b]]` of
+    `extra_k_cache` in the same softmax."""
+    _check_sparse("sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
+                  extra_topk_length, tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
     if _ext.backend("sparse_decode", q.device) == "triton":
         from .triton import sparse as triton_sparse
 
@@ -300,13 +301,13 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
             return triton_sparse.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache,
                                                extra_indices_in_kvcache, extra_topk_length, head_dim_v, softmax_scale,
                                                is_fp8, attn_sink)
-    return sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
-                                   head_dim_v, softmax_scale, is_fp8, attn_sink)
+    return sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
+                                   extra_topk_length, head_dim_v, softmax_scale, is_fp8, attn_sink)
 
 
 @sparse_decode.register_fake
-def _(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length, tile_scheduler_metadata,
-      num_splits, head_dim_v, softmax_scale, is_fp8, attn_sink):
-    _check_sparse("sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
-                  tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
+def _(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
+      tile_scheduler_metadata, num_splits, head_dim_v, softmax_scale, is_fp8, attn_sink):
+    _check_sparse("sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
+                  extra_topk_length, tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
     return _outputs(q, head_dim_v)

@@ -2,13 +2,13 @@
 
     logits[t, s] = sum_h weights[t, h] * relu(q[t, h] . k[s])      over the keys query t may see, else -inf
 
-q/k are bfloat16 (or float32), or float8_e4m3fn with float32 scales (q: one per (token, head), k: one per token), in which case
-`q . k` is `q_scale * k_scale * (q_fp8 . k_fp8)`. The paged form reads keys from the indexer key cache that
-`write_index_cache` fills (bfloat16 `(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` uint8).
+q/k are bfloat16 (or float32), or float8_e4m3fn with float32 scales (q: one per (token, head), k: one per token),
+in which case `q . k` is `q_scale * k_scale * (q_fp8 . k_fp8)`. The paged form reads keys from the indexer key cache
+that `write_index_cache` fills (bfloat16 `(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` uint8).
 """
 import torch
 
-from ._checks import FLOAT_DTYPES, check, check_same_device, check_tensor, value_checks_apply
+from ._checks import FLOAT_DTYPES, check, check_paged_table, check_same_device, check_tensor, value_checks_apply
 from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE
 from .kv_cache import dequantize_index_fp8_reference
 
@@ -23,7 +23,8 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 def _check_scale(op, name, x, x_name, scale, shape, dims):
     if (x.dtype == FP8) != (scale is not None):
         raise ValueError(f"{op}: {name} must be given exactly when {x_name} is float8_e4m3fn "
-                         f"({x_name} is {str(x.dtype).replace('torch.', '')}, {name} is {'given' if scale is not None else None})")
+                         f"({x_name} is {str(x.dtype).replace('torch.', '')}, "
+                         f"{name} is {'given' if scale is not None else None})")
     if scale is not None:
         check_tensor(op, name, scale, (torch.float32,), shape, dims)
 
@@ -103,13 +104,7 @@ def _check_logits_paged(op, q, index_cache, weights, block_table, cache_seqlens,
     _check_scale(op, "q_scale", q, "q", q_scale, ("batch", "s_q", "h_i"), dims)
     check_same_device(op, q=q, index_cache=index_cache, weights=weights, block_table=block_table,
                       cache_seqlens=cache_seqlens, q_scale=q_scale)
-    if value_checks_apply(cache_seqlens):
-        capacity = block_table.shape[1] * PAGE_BLOCK_SIZE
-        check(op, (cache_seqlens >= 0) & (cache_seqlens <= capacity), f"cache_seqlens must be in [0, {capacity}]")
-        used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * PAGE_BLOCK_SIZE < cache_seqlens[:, None]
-        num_blocks = index_cache.shape[0]
-        check(op, ~(used & ((block_table < 0) | (block_table >= num_blocks))),
-              f"block_table entries for the blocks each sequence uses must be in [0, {num_blocks})")
+    check_paged_table(op, block_table, cache_seqlens, index_cache.shape[0], PAGE_BLOCK_SIZE, "index_cache")
 
 
 def indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_seqlens, q_scale=None):
@@ -119,9 +114,11 @@ def indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_s
     queries = _scaled(q, q_scale)
     for b, length in enumerate(cache_seqlens.tolist()):
         num_blocks = -(-length // PAGE_BLOCK_SIZE)
-        rows = index_cache[block_table[b, :num_blocks].long()].reshape(num_blocks * PAGE_BLOCK_SIZE, index_cache.shape[-1])[:length]
+        blocks = index_cache[block_table[b, :num_blocks].long()]
+        rows = blocks.reshape(num_blocks * PAGE_BLOCK_SIZE, index_cache.shape[-1])[:length]
         keys = rows.float() if index_cache.dtype in FLOAT_DTYPES else dequantize_index_fp8_reference(rows)
-        visible = torch.arange(length, device=q.device)[None, :] <= (length - s_q + torch.arange(s_q, device=q.device))[:, None]
+        last_visible = length - s_q + torch.arange(s_q, device=q.device)
+        visible = torch.arange(length, device=q.device)[None, :] <= last_visible[:, None]
         chunk_logits = _weighted_relu_logits(queries[b], keys, weights[b].float())
         logits[b, :, :length] = chunk_logits.masked_fill(~visible, float("-inf"))
     return logits
@@ -151,8 +148,8 @@ def _(q, index_cache, weights, block_table, cache_seqlens, q_scale):
 
 def _check_topk(op, logits, topk, block_table):
     if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.dim() < 1:
-        raise TypeError(f"{op}: logits must be a float32 tensor (..., num_keys), got "
-                        f"{type(logits).__name__ if not isinstance(logits, torch.Tensor) else (logits.dtype, tuple(logits.shape))}")
+        seen = (logits.dtype, tuple(logits.shape)) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TypeError(f"{op}: logits must be a float32 tensor (..., num_keys), got {seen}")
     if topk < 1:
         raise ValueError(f"{op}: topk must be >= 1, got {topk}")
     if block_table is not None:

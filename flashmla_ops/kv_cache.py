@@ -77,7 +77,8 @@ def _check_quantize(op: str, kv: torch.Tensor) -> None:
 
 
 def _check_dequantize(op: str, kv_fp8: torch.Tensor) -> None:
-    check_tensor(op, "kv_fp8", kv_fp8, (torch.uint8, torch.float8_e4m3fn), (None,) * (kv_fp8.dim() - 1) + (FP8_BYTES,), {})
+    check_tensor(op, "kv_fp8", kv_fp8, (torch.uint8, torch.float8_e4m3fn), (None,) * (kv_fp8.dim() - 1) + (FP8_BYTES,),
+                 {})
 
 
 @torch.library.custom_op("flashmla::quantize_kv_fp8", mutates_args=())
@@ -117,9 +118,9 @@ def _(kv_fp8):
 
 def _check_slots(op: str, slot_mapping: torch.Tensor, num_slots: int) -> None:
     if value_checks_apply(slot_mapping):
-        check(op, (slot_mapping >= -1) & (slot_mapping < num_slots),
-              f"slot_mapping entries must be -1 (skip) or in [0, {num_slots}), got min {int(slot_mapping.min()) if slot_mapping.numel() else '-'}, "
-              f"max {int(slot_mapping.max()) if slot_mapping.numel() else '-'}")
+        bad = (slot_mapping < -1) | (slot_mapping >= num_slots)
+        check(op, ~bad,
+              f"slot_mapping entries must be -1 (skip) or in [0, {num_slots}), got {slot_mapping[bad][:8].tolist()}")
 
 
 def _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8) -> None:
@@ -162,8 +163,9 @@ def write_kv_cache(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Ten
                    is_fp8: bool) -> None:
     """Store new tokens in the paged latent cache.
 
-    kv_cache: `(num_blocks, page_block_size, 1, 576)` bfloat16 (or float32), or `(num_blocks, page_block_size, 1, 656)` uint8 /
-        float8_e4m3fn with `is_fp8` (SPEC.md §3 layout; the block stride may be padded).
+    kv_cache: `(num_blocks, page_block_size, 1, 576)` bfloat16 (or float32), or
+        `(num_blocks, page_block_size, 1, 656)` uint8 / float8_e4m3fn with `is_fp8` (SPEC.md §3 layout; the block
+        stride may be padded).
     latent: `(num_tokens, 512)`, rope: `(num_tokens, 64)`: the cache's dtype (bfloat16 or float32 for FP8).
     slot_mapping: `(num_tokens,)` int32/int64 flat slot `block * page_block_size + row`; -1 skips the token.
     """
@@ -201,7 +203,8 @@ def write_index_cache(index_cache: torch.Tensor, k: torch.Tensor, slot_mapping: 
 
     index_cache: `(num_blocks, page_block_size, d_i)` bfloat16, or `(num_blocks, page_block_size, d_i + 4)` uint8
         (FP8: d_i float8_e4m3fn values and one float32 power-of-two scale per token).
-    k: `(num_tokens, d_i)` bfloat16 (float32 for a float32 cache); slot_mapping: `(num_tokens,)` int32/int64, -1 skips the token.
+    k: `(num_tokens, d_i)` bfloat16 (float32 for a float32 cache); slot_mapping: `(num_tokens,)` int32/int64, -1 skips
+    the token.
     """
     op = "write_index_cache"
     _check_write_index(op, index_cache, k, slot_mapping)

@@ -15,7 +15,8 @@ def _check_sparse_prefill(op, q, kv, indices, d_v, attn_sink, topk_length, index
     dims = {}
     check_tensor(op, "q", q, FLOAT_DTYPES, ("s_q", "h_q", "d_qk"), dims)
     if isinstance(kv, torch.Tensor) and kv.dim() == 3 and kv.shape[1] != 1:
-        raise ValueError(f"{op}: kv must have h_kv = 1 (MQA over the latent), got {kv.shape[1]} in shape {tuple(kv.shape)}")
+        raise ValueError(f"{op}: kv must have h_kv = 1 (MQA over the latent), got {kv.shape[1]} in shape "
+                         f"{tuple(kv.shape)}")
     check_tensor(op, "kv", kv, (q.dtype,), ("s_kv", 1, "d_qk"), dims)
     check_tensor(op, "indices", indices, INDEX_DTYPES, ("s_q", 1, "topk"), dims)
     check_contiguous_last_dim(op, "q", q)
@@ -30,7 +31,8 @@ def _check_sparse_prefill(op, q, kv, indices, d_v, attn_sink, topk_length, index
         raise ValueError(f"{op}: indexer_topk must be >= 0, got {indexer_topk}")
     check_same_device(op, q=q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
     if value_checks_apply(indices):
-        check(op, indices >= -1, f"indices must be >= -1 (-1 or >= s_kv mean 'no token'), got {indices[indices < -1][:8].tolist()}")
+        check(op, indices >= -1,
+              f"indices must be >= -1 (-1 or >= s_kv mean 'no token'), got {indices[indices < -1][:8].tolist()}")
 
 
 def sparse_prefill_reference(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None, indexer_topk=0):
@@ -62,8 +64,8 @@ def sparse_prefill_reference(q, kv, indices, sm_scale, d_v=512, attn_sink=None, 
 def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int,
                    attn_sink: torch.Tensor | None, topk_length: torch.Tensor | None,
                    indexer_topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q `(s_q, h_q, d_qk)`, kv `(s_kv, 1, d_qk)` bfloat16 (or both float32: the reference, float32 out); indices `(s_q, 1, topk)` int32 rows of kv
-    (-1 or >= s_kv: no token); only the first `topk_length[t]` count.
+    """q `(s_q, h_q, d_qk)`, kv `(s_kv, 1, d_qk)` bfloat16 (or both float32: the reference, float32 out);
+    indices `(s_q, 1, topk)` int32 rows of kv (-1 or >= s_kv: no token); only the first `topk_length[t]` count.
 
     Returns out `(s_q, h_q, d_v)` bfloat16; max_logits and lse `(s_q, h_q)` float32 (scaled logits, natural log;
     -inf / +inf and out = 0 for a query with no valid index); lse_indexer `(s_q, h_q)`, the LSE over the first
