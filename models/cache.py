@@ -59,7 +59,23 @@ class PagedKVCache:
         """Make room for `num_tokens` more tokens of sequence `seq` (allocating blocks, writing its block_table row
         and cache_seqlens entry in place); returns their flat slots."""
         start = self.seq_lens[seq]
-        end = start + num_tokens
+        self._write_blocks(self._allocate(seq, num_tokens))
+        self.cache_seqlens[seq] = self.seq_lens[seq]
+        blocks = self.seq_blocks[seq]
+        return [blocks[t // PAGE_BLOCK_SIZE] * PAGE_BLOCK_SIZE + t % PAGE_BLOCK_SIZE
+                for t in range(start, self.seq_lens[seq])]
+
+    def extend_batch(self, batch: int, num_tokens: int = 1) -> None:
+        """`extend(seq, num_tokens)` for the sequences `0 .. batch - 1` (a decode step's), in one device op on
+        `cache_seqlens` and one block_table write when blocks are allocated: per-sequence writes would each be a
+        host-to-device copy on CUDA."""
+        self._write_blocks([new for seq in range(batch) for new in self._allocate(seq, num_tokens)])
+        self.cache_seqlens[:batch] += num_tokens
+
+    def _allocate(self, seq: int, num_tokens: int) -> list[tuple[int, int, int]]:
+        """Host bookkeeping of `extend`: grows `seq_lens[seq]` and its blocks; returns the new block_table entries
+        `(seq, column, block)` (not yet written)."""
+        end = self.seq_lens[seq] + num_tokens
         blocks = self.seq_blocks[seq]
         needed = -(-end // PAGE_BLOCK_SIZE)
         if needed > self.max_blocks_per_seq:
@@ -68,13 +84,18 @@ class PagedKVCache:
         if needed - len(blocks) > len(self.free_blocks):
             raise RuntimeError(f"KV cache out of blocks: sequence {seq} needs {needed - len(blocks)} more, "
                                f"{len(self.free_blocks)} free of {self.num_blocks}")
+        new = []
         while len(blocks) < needed:
-            block = self.free_blocks.pop()
-            self.block_table[seq, len(blocks)] = block
-            blocks.append(block)
+            new.append((seq, len(blocks), self.free_blocks.pop()))
+            blocks.append(new[-1][2])
         self.seq_lens[seq] = end
-        self.cache_seqlens[seq] = end
-        return [blocks[t // PAGE_BLOCK_SIZE] * PAGE_BLOCK_SIZE + t % PAGE_BLOCK_SIZE for t in range(start, end)]
+        return new
+
+    def _write_blocks(self, new: list[tuple[int, int, int]]) -> None:
+        """Write block_table entries `(seq, column, block)`, with one host-to-device copy."""
+        if new:
+            entries = torch.tensor(new, dtype=torch.int64).to(self.block_table.device)
+            self.block_table[entries[:, 0], entries[:, 1]] = entries[:, 2].to(torch.int32)
 
     def free(self, seq: int) -> None:
         """Return sequence `seq`'s blocks to the pool and empty it."""

@@ -101,8 +101,7 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
                 done[seq] = token in eos_token_ids or len(outputs[seq]) == max_new_tokens
         if all(done):
             break
-        for seq in range(batch):
-            cache.extend(seq, 1)
+        cache.extend_batch(batch, 1)
         logits = step(model, cache, next_tokens[:, None])
         next_tokens = pick(logits)
     sync()

@@ -36,7 +36,27 @@ SPARSE_PREFILL = {
     "plain": dict(HAS_TOPK_LENGTH=False, HAS_INDEXER=False, APPLY_SINK=False, BLOCK_H=64, BLOCK_N=64),
     "topk-length-indexer-sink": dict(HAS_TOPK_LENGTH=True, HAS_INDEXER=True, APPLY_SINK=True, BLOCK_H=16, BLOCK_N=64),
 }
+KV_CACHE_WRITE = {
+    "bf16-slots": dict(HAS_SLOTS=True, IS_FP8=False, HW_FP8=False),
+    "fp8-hw": dict(HAS_SLOTS=False, IS_FP8=True, HW_FP8=True),
+    "fp8-integer-slots": dict(HAS_SLOTS=True, IS_FP8=True, HW_FP8=False),
+}
+INDEXER_LOGITS = {
+    "bf16-prefill": dict(PAGED=False, Q_FP8=False, K_FP8=False, HW_FP8=False, BLOCK_Q=2, H_PAD=64, BLOCK_N=64,
+                         D_I=128),
+    "fp8-hw-prefill": dict(PAGED=False, Q_FP8=True, K_FP8=True, HW_FP8=True, BLOCK_Q=2, H_PAD=64, BLOCK_N=64,
+                           D_I=128),
+    "fp8-hw-paged": dict(PAGED=True, Q_FP8=True, K_FP8=True, HW_FP8=True, BLOCK_Q=1, H_PAD=64, BLOCK_N=64, D_I=128),
+    "fp8-integer-paged": dict(PAGED=True, Q_FP8=True, K_FP8=True, HW_FP8=False, BLOCK_Q=2, H_PAD=64, BLOCK_N=64,
+                              D_I=128),
+    "bf16-q-fp8-cache-paged": dict(PAGED=True, Q_FP8=False, K_FP8=True, HW_FP8=True, BLOCK_Q=1, H_PAD=16,
+                                   BLOCK_N=64, D_I=128),
+}
+INDEXER_TOPK = {"flat": dict(HAS_BLOCK_TABLE=False, BLOCK=1024), "paged": dict(HAS_BLOCK_TABLE=True, BLOCK=1024)}
 KERNELS = {
+    "kv_cache._store_kv_rows_kernel": KV_CACHE_WRITE,
+    "indexer._indexer_logits_kernel": INDEXER_LOGITS,
+    "indexer._indexer_topk_kernel": INDEXER_TOPK,
     "decode._dense_decode_split_kernel": DENSE,
     "decode._combine_kernel": COMBINE,
     "sparse._sparse_decode_split_kernel": SPARSE_DECODE,
@@ -49,24 +69,29 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from flashmla_ops.triton import decode, sparse
+from flashmla_ops.triton import decode, indexer, kv_cache, sparse
 
 POINTERS = {"Q": "*bf16", "Out": "*bf16", "BlockTable": "*i32", "Seqlens": "*i32", "Indices": "*i32",
-            "TopkLength": "*i32", "ExtraIndices": "*i32", "ExtraTopkLength": "*i32"}
+            "TopkLength": "*i32", "ExtraIndices": "*i32", "ExtraTopkLength": "*i32", "Latent": "*bf16",
+            "Rope": "*bf16", "Slots": "*i32", "KStart": "*i32", "KEnd": "*i32"}
+KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"}, "_indexer_topk_kernel": {"Out": "*i32"}}
 DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "INTERPRET": False}
-SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK"}  # upper-case sizes; other capitalised names are pointers
+SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK", "H_I", "NUM_KEYS"}  # upper-case sizes; other capitalised names are pointers
 results = {}
 for job in json.loads(sys.argv[1]):
     kernel = eval(job["kernel"])
     constexprs = {**{k: v for k, v in DIMS.items() if k in kernel.arg_names}, **job["constexprs"]}
     signature = {}
+    pointers = {**POINTERS, **KERNEL_POINTERS.get(job["kernel"].split(".")[-1], {})}
     for name, param in zip(kernel.arg_names, kernel.params):
         if param.is_constexpr:
             signature[name] = "constexpr"
-        elif name in ("KV", "ExtraKV"):  # the FP8 cache is addressed in bytes
+        elif name in ("KV", "ExtraKV", "Cache"):  # the FP8 cache is addressed in bytes
             signature[name] = "*u8" if constexprs.get("IS_FP8") else "*bf16"
+        elif (name, True) in (("Q", constexprs.get("Q_FP8")), ("K", constexprs.get("K_FP8"))):  # FP8 q / k: bytes
+            signature[name] = "*u8"
         elif name[0].isupper() and name not in SCALARS:
-            signature[name] = POINTERS.get(name, "*fp32")
+            signature[name] = pointers.get(name, "*fp32")
         else:
             signature[name] = "fp32" if name == "sm_scale_log2" else "i32"
     try:

@@ -1,0 +1,270 @@
+"""The DSA lightning indexer in Triton: logits (packed prefill and paged decode) and the per-row top-k.
+
+NOT YET DISPATCHED: `flashmla::indexer_logits`, `indexer_logits_paged` and `indexer_topk` do not call these kernels.
+They were written in a session without a GPU and are verified only under the CPU interpreter; they get wired in
+`_ext.py` after `tests/ops/test_triton_indexer.py -m gpu` passes (and is timed) on a GPU.
+
+Logits. A program owns `BLOCK_Q` queries of one sequence and walks `BLOCK_N`-key tiles of its share of the keys.
+Its MMA rows are the `(query, head)` pairs (`BLOCK_Q * H_PAD` of them), so one key tile is reused by every head:
+    s[(t, h), n] = q_scale[t, h] * k_scale[n] * (q[t, h] . k[n])          (scales only for FP8)
+    logits[t, n] = sum_h weights[t, h] * relu(s[(t, h), n])              (a reshape and a sum over the heads)
+and -inf where key n is outside query t's range (`[k_start, k_end)`, or `[0, L - s_q + t]` paged). Tiles that no
+query of the program sees are stored as -inf without loads or MMAs. FP8 q and k go to the tensor cores as e4m3 on
+sm_89+; otherwise (and when only one of them is FP8) e4m3 is widened to bf16, exactly. Paged keys are gathered
+through the block table from the bf16 `(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` index cache.
+
+Top-k. One program per row, correctness first: the k-th largest logit is found by a 32-step binary search over the
+float bits (as order-preserving int32), counting `>= mid` over the row each step; then one pass writes the keys
+above it and, in index order, the first keys equal to it (ties go to the lowest index), and -1 for the rest.
+That reads each row about 35 times (from L2 for rows up to 128k keys); a 4-bit radix histogram per pass would read it
+9 times.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..decode import PAGE_BLOCK_SIZE
+from .common import INTERPRET, device_limits, hardware_fp8, mma
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8)
+
+
+@triton.jit
+def _load_operand(ptrs, mask, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, KEEP_FP8: tl.constexpr):
+    """A bf16 or e4m3 tile as an MMA operand: e4m3 stays e4m3 with KEEP_FP8 (both operands FP8, sm_89+), else bf16
+    (e4m3 -> bf16 is exact; without conversion instructions the e4m3 bits shifted into a float32 give the value
+    times 2**-120)."""
+    if IS_FP8:
+        raw = tl.load(ptrs, mask=mask, other=0)
+        if HW_FP8:
+            values = raw.to(tl.float8e4nv, bitcast=True)
+            if not KEEP_FP8:
+                values = values.to(tl.bfloat16)
+        else:
+            bits = raw.to(tl.int32)
+            bits = ((bits & 0x80) << 24) | ((bits & 0x7F) << 20)
+            values = (bits.to(tl.float32, bitcast=True) * 1.329227995784916e36).to(tl.bfloat16)  # 2**120
+    else:
+        values = tl.load(ptrs, mask=mask, other=0.0)
+    return values
+
+
+@triton.jit
+def _indexer_logits_kernel(
+        Q, K, QScale, KScale, Weights, KStart, KEnd, BlockTable, Seqlens, Out,
+        stride_qb, stride_qt, stride_qh, stride_k_block, stride_k_row, stride_wb, stride_wt, stride_bt,
+        stride_ob, stride_ot, S_Q, H_I, NUM_KEYS, keys_per_split,
+        PAGED: tl.constexpr, Q_FP8: tl.constexpr, K_FP8: tl.constexpr, HW_FP8: tl.constexpr,
+        BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_I: tl.constexpr, PAGE: tl.constexpr,
+        INTERPRET: tl.constexpr):
+    ROWS: tl.constexpr = BLOCK_Q * H_PAD
+    BOTH_FP8: tl.constexpr = Q_FP8 and K_FP8 and HW_FP8
+    batch = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    queries = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    query_mask = queries < S_Q
+    rows = tl.arange(0, ROWS)
+    row_queries = tl.program_id(0) * BLOCK_Q + rows // H_PAD
+    heads = rows % H_PAD
+    row_mask = (row_queries < S_Q) & (heads < H_I)
+    cols = tl.arange(0, D_I)
+
+    if PAGED:  # query t of s_q sees logical tokens [0, L - s_q + t]
+        length = tl.load(Seqlens + batch)
+        lo = tl.zeros([BLOCK_Q], dtype=tl.int32)
+        hi = length - S_Q + queries + 1
+    else:
+        lo = tl.load(KStart + queries, mask=query_mask, other=0)
+        hi = tl.load(KEnd + queries, mask=query_mask, other=0)
+    lo = tl.where(query_mask, lo, NUM_KEYS)
+    hi = tl.where(query_mask, hi, 0)
+    tile_lo = tl.min(lo, 0)
+    tile_hi = tl.max(hi, 0)
+
+    q_offsets = batch * stride_qb + row_queries * stride_qt + heads * stride_qh
+    q = _load_operand(Q + q_offsets[:, None] + cols[None, :], row_mask[:, None], Q_FP8, HW_FP8, BOTH_FP8)
+    weights = tl.load(Weights + batch * stride_wb + row_queries * stride_wt + heads, mask=row_mask, other=0.0)
+    if Q_FP8:
+        q_scale = tl.load(QScale + batch * stride_wb + row_queries * stride_wt + heads, mask=row_mask, other=0.0)
+
+    out_rows = Out + batch * stride_ob + queries.to(tl.int64) * stride_ot
+    split_start = split * keys_per_split
+    split_end = tl.minimum(split_start + keys_per_split, NUM_KEYS)
+    for tile_start in range(split_start, split_end, BLOCK_N):
+        keys = tile_start + tl.arange(0, BLOCK_N)
+        if (tile_start < tile_hi) & (tile_start + BLOCK_N > tile_lo):
+            key_mask = (keys >= tile_lo) & (keys < tile_hi)
+            if PAGED:
+                block = tl.load(BlockTable + batch * stride_bt + keys // PAGE, mask=key_mask, other=0).to(tl.int64)
+                k_offsets = block * stride_k_block + (keys % PAGE) * stride_k_row
+            else:
+                k_offsets = keys.to(tl.int64) * stride_k_row
+            k = _load_operand(K + k_offsets[:, None] + cols[None, :], key_mask[:, None], K_FP8, HW_FP8, BOTH_FP8)
+            scores = mma(q, tl.trans(k), INTERPRET)
+            if Q_FP8:
+                scores = scores * q_scale[:, None]
+            if K_FP8:
+                if PAGED:  # the token's float32 scale follows its d_i bytes
+                    k_scale = tl.load((K + k_offsets + D_I).to(tl.pointer_type(tl.float32), bitcast=True),
+                                      mask=key_mask, other=0.0)
+                else:
+                    k_scale = tl.load(KScale + keys, mask=key_mask, other=0.0)
+                scores = scores * k_scale[None, :]
+            weighted = tl.maximum(scores, 0.0) * weights[:, None]
+            logits = tl.sum(tl.reshape(weighted, (BLOCK_Q, H_PAD, BLOCK_N)), 1)
+            visible = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
+            logits = tl.where(visible, logits, float("-inf"))
+        else:
+            logits = tl.full([BLOCK_Q, BLOCK_N], float("-inf"), dtype=tl.float32)
+        tl.store(out_rows[:, None] + keys[None, :], logits, mask=query_mask[:, None] & (keys < NUM_KEYS)[None, :])
+
+
+def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_table, cache_seqlens, out, paged):
+    """q `(batch, s_q, h_i, d_i)`, weights `(batch, s_q, h_i)`, out `(batch, s_q, num_keys)`; keys as a
+    `(blocks, rows, row)` tensor (prefill: one block of s_kv rows)."""
+    batch, s_q, h_i, d_i = q.shape
+    num_keys = out.shape[-1]
+    if out.numel() == 0:
+        return out
+    q_fp8, k_fp8 = q.dtype in FP8_DTYPES, keys.dtype in FP8_DTYPES
+    h_pad = triton.next_power_of_2(h_i)
+    block_q = min(max(1, 128 // h_pad), triton.next_power_of_2(s_q))
+    block_q = max(block_q, 16 // min(h_pad, 16))  # an MMA needs 16 rows
+    block_n = 64
+    q_tiles = triton.cdiv(s_q, block_q)
+    key_tiles = triton.cdiv(num_keys, block_n)
+    multiprocessors, _ = device_limits(q.device)
+    splits = max(1, min(key_tiles, triton.cdiv(2 * multiprocessors, batch * q_tiles)))
+    keys_per_split = triton.cdiv(key_tiles, splits) * block_n
+    splits = triton.cdiv(num_keys, keys_per_split)
+    q_view = q.view(torch.uint8) if q_fp8 else q
+    k_view = keys.view(torch.uint8) if k_fp8 else keys
+    placeholder = weights
+    _indexer_logits_kernel[(q_tiles, batch, splits)](
+        q_view, k_view, q_scale if q_fp8 else placeholder, k_scale if k_scale is not None else placeholder, weights,
+        k_start if k_start is not None else placeholder, k_end if k_end is not None else placeholder,
+        block_table if block_table is not None else placeholder,
+        cache_seqlens if cache_seqlens is not None else placeholder, out,
+        q.stride(0), q.stride(1), q.stride(2), k_view.stride(0), k_view.stride(1), weights.stride(0), weights.stride(1),
+        block_table.stride(0) if block_table is not None else 0, out.stride(0), out.stride(1),
+        s_q, h_i, num_keys, keys_per_split,
+        PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, HW_FP8=hardware_fp8(q.device), BLOCK_Q=block_q, H_PAD=h_pad,
+        BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, num_warps=8 if block_q * h_pad >= 128 else 4)
+    return out
+
+
+def _contiguous_rows(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def indexer_logits(q, k, weights, k_start, k_end, q_scale=None, k_scale=None):
+    """Same contract as `flashmla::indexer_logits` (for `supports` inputs; the caller has checked them)."""
+    s_q, _, _ = q.shape
+    out = q.new_empty(1, s_q, k.shape[0], dtype=torch.float32)
+    _launch_logits(_contiguous_rows(q)[None], _contiguous_rows(k)[None], weights.contiguous()[None],
+                   q_scale.contiguous()[None] if q_scale is not None else None,
+                   k_scale.contiguous() if k_scale is not None else None, k_start.contiguous(), k_end.contiguous(),
+                   None, None, out, paged=False)
+    return out[0]
+
+
+def indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_scale=None):
+    """Same contract as `flashmla::indexer_logits_paged` (for `supports` inputs; the caller has checked them)."""
+    batch, s_q, _, _ = q.shape
+    out = q.new_empty(batch, s_q, block_table.shape[1] * PAGE_BLOCK_SIZE, dtype=torch.float32)
+    return _launch_logits(_contiguous_rows(q), _contiguous_rows(index_cache), weights.contiguous(),
+                          q_scale.contiguous() if q_scale is not None else None, None, None, None,
+                          block_table.contiguous(), cache_seqlens.contiguous(), out, paged=True)
+
+
+def supports(q, keys) -> bool:
+    """What the logits kernel is written for: bf16 or e4m3 q/k with a power-of-two d_i >= 16, h_i <= 128."""
+    d_i, h_i = q.shape[-1], q.shape[-2]
+    return (all(x.dtype in (torch.bfloat16, *FP8_DTYPES) for x in (q, keys)) and d_i >= 16 and d_i & (d_i - 1) == 0
+            and h_i <= 128)
+
+
+# ---------------------------------------------------------------- top-k
+
+
+@triton.jit
+def _ordered_keys(Row, offsets, num_keys):
+    """Logits as int32 whose signed order is the float order (negative floats get their magnitude bits flipped),
+    and which of them count (finite or +inf: not -inf, not past the row)."""
+    values = tl.load(Row + offsets, mask=offsets < num_keys, other=float("-inf"))
+    bits = values.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF), values > float("-inf")
+
+
+@triton.jit
+def _indexer_topk_kernel(Logits, BlockTable, Out, num_keys, topk, S_Q, stride_bt,
+                         HAS_BLOCK_TABLE: tl.constexpr, BLOCK: tl.constexpr, PAGE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = Logits + row * num_keys
+    out_row = Out + row * topk
+    lanes = tl.arange(0, BLOCK)
+
+    num_valid = 0
+    for start in range(0, num_keys, BLOCK):
+        _, valid = _ordered_keys(logits_row, start + lanes, num_keys)
+        num_valid += tl.sum(valid.to(tl.int32), 0)
+    k = tl.minimum(num_valid, topk)
+
+    # the largest threshold with at least k keys >= it: the k-th largest key (int64 bounds, int32 keys)
+    lo = tl.full([], -2147483648, dtype=tl.int64)
+    hi = tl.full([], 2147483647, dtype=tl.int64)
+    for _ in range(32):
+        mid = lo + ((hi - lo + 1) >> 1)
+        count = 0
+        for start in range(0, num_keys, BLOCK):
+            ordered, valid = _ordered_keys(logits_row, start + lanes, num_keys)
+            count += tl.sum((valid & (ordered.to(tl.int64) >= mid)).to(tl.int32), 0)
+        take = count >= k
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    threshold = lo.to(tl.int32)
+
+    num_above = 0
+    for start in range(0, num_keys, BLOCK):
+        ordered, valid = _ordered_keys(logits_row, start + lanes, num_keys)
+        num_above += tl.sum((valid & (ordered > threshold)).to(tl.int32), 0)
+
+    written_above = 0
+    written_equal = 0
+    for start in range(0, num_keys, BLOCK):
+        positions = start + lanes
+        ordered, valid = _ordered_keys(logits_row, positions, num_keys)
+        above = valid & (ordered > threshold)  # k == 0 only when no key is valid
+        equal = valid & (ordered == threshold)
+        slot_above = written_above + tl.cumsum(above.to(tl.int32), 0) - 1
+        rank_equal = written_equal + tl.cumsum(equal.to(tl.int32), 0) - 1
+        take_equal = equal & (rank_equal < k - num_above)  # ties: the lowest indices
+        if HAS_BLOCK_TABLE:  # logical token -> flat cache slot of the row's sequence
+            block = tl.load(BlockTable + (row // S_Q) * stride_bt + positions // PAGE, mask=above | take_equal,
+                            other=0)
+            indices = block * PAGE + positions % PAGE
+        else:
+            indices = positions
+        tl.store(out_row + slot_above, indices, mask=above)
+        tl.store(out_row + num_above + rank_equal, indices, mask=take_equal)
+        written_above += tl.sum(above.to(tl.int32), 0)
+        written_equal += tl.sum(equal.to(tl.int32), 0)
+
+    for start in range(0, topk, BLOCK):
+        slots = start + lanes
+        tl.store(out_row + slots, tl.full([BLOCK], -1, dtype=tl.int32), mask=(slots >= k) & (slots < topk))
+
+
+def indexer_topk(logits, topk, block_table=None, block=1024):
+    """Same contract as `flashmla::indexer_topk`: int32 `(..., topk)`, -1 past the finite keys; without block_table
+    key positions, with it flat cache slots. Order within a row: the keys above the k-th value by position, then the
+    ties."""
+    num_keys = logits.shape[-1]
+    rows = logits.reshape(-1, num_keys).contiguous()
+    out = torch.empty(rows.shape[0], topk, dtype=torch.int32, device=logits.device)
+    if rows.shape[0]:
+        _indexer_topk_kernel[(rows.shape[0],)](
+            rows, block_table if block_table is not None else out, out, num_keys, topk,
+            logits.shape[1] if block_table is not None else 1, block_table.stride(0) if block_table is not None else 0,
+            HAS_BLOCK_TABLE=block_table is not None, BLOCK=block, PAGE=PAGE_BLOCK_SIZE, num_warps=8)
+    return out.view(*logits.shape[:-1], topk)

@@ -1,0 +1,192 @@
+"""The Triton indexer kernels (not yet dispatched by the ops) against the references: on the CPU under Triton's
+interpreter, and on a GPU.
+
+Logits: bf16 and FP8 q/k (per-token / per-head scales), odd lengths and head counts, empty and full key ranges (-inf
+exactly where the reference has it); paged: bf16 and FP8 index caches, causal s_q > 1, lengths 0 and non-multiples of
+the page. Top-k: compared as sorted multisets of the selected logit values plus the exact count of -1, with heavy
+ties, -inf, rows shorter than k, and the block-table translation to flat slots.
+"""
+import pytest
+import torch
+
+from flashmla_ops.indexer import indexer_logits_paged_reference, indexer_logits_reference, indexer_topk_reference
+from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_index_fp8_reference
+
+triton_indexer = pytest.importorskip("flashmla_ops.triton.indexer", exc_type=ImportError)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP8 = torch.float8_e4m3fn
+RELATIVE = 2e-5  # float32 accumulation order (the bf16 / e4m3 products themselves are exact)
+
+
+def assert_logits_close(got, want):
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    assert torch.isfinite(got[finite]).all()
+    scale = want[finite].abs().max().clamp_min(1e-6) if finite.any() else 1.0
+    assert ((got[finite] - want[finite]).abs() <= RELATIVE * scale + 1e-6).all()
+
+
+def quantize_rows(x):
+    """(..., d) -> e4m3 values and float32 per-row scales (the index cache's power-of-two rule)."""
+    packed = quantize_index_fp8_reference(x)
+    return packed[..., :-4].contiguous().view(FP8), packed[..., -4:].contiguous().view(torch.float32)[..., 0]
+
+
+def prefill_inputs(s_q, s_kv, h_i, d_i, q_fp8, k_fp8, generator):
+    q = torch.randn(s_q, h_i, d_i, generator=generator).to(DEVICE)
+    k = torch.randn(s_kv, d_i, generator=generator).to(DEVICE)
+    weights = torch.randn(s_q, h_i, generator=generator).to(DEVICE)
+    q_scale = k_scale = None
+    if q_fp8:
+        q, q_scale = quantize_rows(q)
+    else:
+        q = q.to(torch.bfloat16)
+    if k_fp8:
+        k, k_scale = quantize_rows(k)
+    else:
+        k = k.to(torch.bfloat16)
+    # a packed causal batch of two sequences, plus an empty range and a full one
+    split = s_kv // 3
+    positions = torch.arange(s_q)
+    k_start = torch.where(positions < s_q // 2, 0, split)
+    k_end = torch.where(positions < s_q // 2, (positions + 1).clamp_max(split), (split + positions + 1).clamp_max(s_kv))
+    k_start[1], k_end[1] = 4, 4
+    k_start[-1], k_end[-1] = 0, s_kv
+    return q, k, weights, k_start.int().to(DEVICE), k_end.int().to(DEVICE), q_scale, k_scale
+
+
+@pytest.mark.parametrize("s_q,s_kv,h_i,d_i", [(7, 150, 3, 32), (19, 67, 8, 16), (5, 200, 64, 32)])
+@pytest.mark.parametrize("q_fp8,k_fp8", [(False, False), (True, True), (True, False), (False, True)])
+def test_triton_indexer_logits_matches_reference(s_q, s_kv, h_i, d_i, q_fp8, k_fp8):
+    generator = torch.Generator().manual_seed(s_q * 100 + h_i + 2 * q_fp8 + k_fp8)
+    inputs = prefill_inputs(s_q, s_kv, h_i, d_i, q_fp8, k_fp8, generator)
+    assert_logits_close(triton_indexer.indexer_logits(*inputs), indexer_logits_reference(*inputs))
+
+
+def paged_inputs(seqlens, s_q, h_i, d_i, q_fp8, fp8_cache, generator):
+    batch = len(seqlens)
+    blocks_per_seq = max(1, -(-max(seqlens) // PAGE_BLOCK_SIZE)) + 1
+    num_blocks = batch * blocks_per_seq + 2
+    keys = torch.randn(num_blocks, PAGE_BLOCK_SIZE, d_i, generator=generator)
+    cache = quantize_index_fp8_reference(keys) if fp8_cache else keys.to(torch.bfloat16)
+    block_table = torch.randperm(num_blocks, generator=generator)[:batch * blocks_per_seq].view(batch, -1).int()
+    q = torch.randn(batch, s_q, h_i, d_i, generator=generator)
+    q, q_scale = quantize_rows(q) if q_fp8 else (q.to(torch.bfloat16), None)
+    weights = torch.randn(batch, s_q, h_i, generator=generator)
+    seqlens = torch.tensor(seqlens, dtype=torch.int32)
+    return [x.to(DEVICE) if x is not None else None for x in (q, cache, weights, block_table, seqlens, q_scale)]
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_i", [([0, 1, 70, 130], 1, 4), ([64, 5, 129], 3, 7)])
+@pytest.mark.parametrize("q_fp8,fp8_cache", [(False, False), (True, True), (False, True)])
+def test_triton_indexer_logits_paged_matches_reference(seqlens, s_q, h_i, q_fp8, fp8_cache):
+    generator = torch.Generator().manual_seed(len(seqlens) + s_q + 2 * q_fp8 + fp8_cache)
+    inputs = paged_inputs(seqlens, s_q, h_i, 32, q_fp8, fp8_cache, generator)
+    assert_logits_close(triton_indexer.indexer_logits_paged(*inputs), indexer_logits_paged_reference(*inputs))
+
+
+def assert_topk_matches(logits, topk):
+    """Same -1 count per row, no key twice, and the selected logits equal the reference's as sorted multisets."""
+    got = triton_indexer.indexer_topk(logits, topk, None, block=64)
+    want = indexer_topk_reference(logits, topk)
+    assert got.shape == want.shape and got.dtype == torch.int32
+    assert torch.equal((got == -1).sum(-1), (want == -1).sum(-1))
+    rows = logits.reshape(-1, logits.shape[-1])
+    got_rows, want_rows = got.reshape(rows.shape[0], -1).long(), want.reshape(rows.shape[0], -1).long()
+    for r in range(rows.shape[0]):
+        chosen = got_rows[r][got_rows[r] >= 0]
+        assert chosen.unique().numel() == chosen.numel(), "a key was selected twice"
+        assert torch.equal(rows[r, chosen].sort().values, rows[r, want_rows[r][want_rows[r] >= 0]].sort().values)
+    return got
+
+
+def test_triton_indexer_topk_ties_inf_and_short_rows():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 300, generator=generator)
+    logits[0] = torch.randint(0, 4, (300,), generator=generator).float()  # heavy ties at the threshold
+    logits[1, 5:] = float("-inf")  # fewer finite keys than k
+    logits[2] = float("-inf")  # nothing visible
+    logits[3, ::2] = float("inf")
+    logits[4] = -torch.rand(300, generator=generator) - 1e30  # all negative, huge
+    logits[5, :100] = 0.0
+    logits[5, 100:200] = -0.0
+    for topk in (1, 7, 64, 299, 300, 333):
+        got = assert_topk_matches(logits.to(DEVICE), topk)
+        if topk == 7:  # ties at the threshold go to the lowest indices
+            equal = got[0][logits[0, got[0].long()] == logits[0, got[0].long()].min()]
+            chosen_ties = equal.sort().values
+            all_ties = (logits[0] == logits[0, got[0].long()].min()).nonzero().flatten()
+            assert torch.equal(chosen_ties.cpu().long(), all_ties[:chosen_ties.numel()])
+
+
+def test_triton_indexer_topk_paged_block_table():
+    """With a block table: the same selection as without, each position translated to its flat cache slot."""
+    generator = torch.Generator().manual_seed(5)
+    batch, s_q, blocks = 2, 3, 4
+    block_table = torch.randperm(10, generator=generator)[:batch * blocks].view(batch, blocks).int().to(DEVICE)
+    logits = torch.randn(batch, s_q, 200, generator=generator).to(DEVICE)
+    logits[0, 0, 50:] = float("-inf")
+    logits[1, 2] = torch.randint(0, 3, (200,), generator=generator).float().to(DEVICE)
+    positions = assert_topk_matches(logits, 60).long()
+    slots = triton_indexer.indexer_topk(logits, 60, block_table, block=64)
+    blocks_of = torch.gather(block_table.long(), 1, (positions.clamp_min(0) // PAGE_BLOCK_SIZE).flatten(1))
+    want = torch.where(positions >= 0, blocks_of.view_as(positions) * PAGE_BLOCK_SIZE + positions % PAGE_BLOCK_SIZE, -1)
+    assert torch.equal(slots.long(), want)
+
+
+def test_triton_indexer_end_to_end_prefill():
+    """logits -> top-k on one packed prefill, as the model chains them."""
+    generator = torch.Generator().manual_seed(9)
+    inputs = prefill_inputs(9, 90, 4, 32, True, True, generator)
+    logits = triton_indexer.indexer_logits(*inputs)
+    assert_topk_matches(logits, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_triton_indexer_gpu_large_poisoned_and_bit_identical(fp8):
+    generator = torch.Generator().manual_seed(21)
+    inputs = prefill_inputs(1000, 4099, 64, 128, fp8, fp8, generator)
+    torch.full((8 << 20,), float("nan"), device=DEVICE)  # poison the allocator's next blocks
+    logits = triton_indexer.indexer_logits(*inputs)
+    assert_logits_close(logits, indexer_logits_reference(*inputs))
+    assert torch.equal(logits, triton_indexer.indexer_logits(*inputs))
+    paged = paged_inputs([1, 8191, 64, 3000], 2, 64, 128, fp8, fp8, generator)
+    torch.full((8 << 20,), float("nan"), device=DEVICE)
+    paged_logits = triton_indexer.indexer_logits_paged(*paged)
+    assert_logits_close(paged_logits, indexer_logits_paged_reference(*paged))
+    assert torch.equal(paged_logits, triton_indexer.indexer_logits_paged(*paged))
+    topk = triton_indexer.indexer_topk(paged_logits, 2048, paged[3])
+    assert torch.equal(topk, triton_indexer.indexer_topk(paged_logits, 2048, paged[3]))
+    assert torch.equal((topk == -1).sum(-1), (indexer_topk_reference(paged_logits, 2048, paged[3]) == -1).sum(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_keys,topk", [(131072, 2048), (32768, 2048), (5000, 512)])
+def test_triton_indexer_topk_gpu_long_rows(num_keys, topk):
+    logits = torch.randn(8, num_keys, device=DEVICE)
+    logits[1] = torch.randint(0, 50, (num_keys,), device=DEVICE).float()
+    logits[2, 1000:] = float("-inf")
+    torch.full((8 << 20,), float("nan"), device=DEVICE)
+    got = triton_indexer.indexer_topk(logits, topk)
+    want = indexer_topk_reference(logits, topk)
+    assert torch.equal((got == -1).sum(-1), (want == -1).sum(-1))
+    for row in range(8):
+        chosen = got[row][got[row] >= 0].long()
+        assert chosen.unique().numel() == chosen.numel()
+        assert torch.equal(logits[row, chosen].sort().values, logits[row, want[row][want[row] >= 0].long()].sort().values)
+    assert torch.equal(got, triton_indexer.indexer_topk(logits, topk))
+
+
+def test_triton_indexer_fp8_integer_decode_path(monkeypatch):
+    """GPUs without FP8 conversion instructions (before sm_89) widen e4m3 with integer ops to bf16 MMAs."""
+    monkeypatch.setattr(triton_indexer, "hardware_fp8", lambda device: False)
+    generator = torch.Generator().manual_seed(13)
+    inputs = prefill_inputs(7, 150, 3, 32, True, True, generator)
+    assert_logits_close(triton_indexer.indexer_logits(*inputs), indexer_logits_reference(*inputs))
+    paged = paged_inputs([64, 5, 129], 3, 7, 32, True, True, generator)
+    assert_logits_close(triton_indexer.indexer_logits_paged(*paged), indexer_logits_paged_reference(*paged))

@@ -1,0 +1,144 @@
+"""The Triton KV-cache kernels (not yet dispatched by the ops) against the references, bit for bit: on the CPU under
+Triton's interpreter (integer e4m3 encoder), and on a GPU (hardware e4m3 conversion on sm_89+, and the integer encoder).
+
+Inputs cover every e4m3 rounding case: values exactly halfway between two e4m3 numbers (ties to even), subnormals,
+values that saturate, tiles whose amax / 448 is exactly a power of two, all-zero tiles (scale 1e-4 -> 2**-13) and
+huge/tiny magnitudes.
+"""
+import pytest
+import torch
+
+from flashmla_ops import reference
+from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, quantize_kv_fp8_reference, write_kv_cache_reference
+
+triton_kv_cache = pytest.importorskip("flashmla_ops.triton.kv_cache", exc_type=ImportError)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def e4m3_halfway_points() -> torch.Tensor:
+    """Every midpoint between consecutive finite e4m3 values, both signs (float32: exact)."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = values[torch.isfinite(values)].unique().sort().values
+    middle = (finite[1:] + finite[:-1]) / 2
+    return torch.cat([middle, -middle])
+
+
+def hard_rows(num_tokens: int, generator: torch.Generator, dtype=torch.bfloat16) -> torch.Tensor:
+    """(num_tokens, 576): random rows over six decades; in the first six tokens, tiles of e4m3 halfway points times
+    2**k whose amax is exactly 448 * 2**k (amax / 448 a power of two); an all-zero latent; a 1e-30-scaled latent with
+    one tile scaled back up (subnormal results)."""
+    kv = torch.randn(num_tokens, D_QK, generator=generator) * torch.logspace(-3, 3, num_tokens)[:, None]
+    halfway = e4m3_halfway_points()
+    halfway = halfway[halfway.abs() <= 448]
+    tiles = kv[:, :KV_LORA_RANK].view(num_tokens, 4, 128)
+    for token in range(min(num_tokens, 6)):
+        for tile in range(4):
+            picks = halfway[torch.randint(len(halfway), (128,), generator=generator)]
+            picks[0] = 448.0
+            tiles[token, tile] = picks * 2.0 ** (3 * token - 6 + tile)
+    if num_tokens > 7:
+        kv[6, :KV_LORA_RANK] = 0.0
+        kv[7, :KV_LORA_RANK] *= 1e-30
+        tiles[7, 1] *= 1e30
+    return kv.to(dtype)
+
+
+def test_integer_e4m3_encoder_matches_torch_on_every_halfway_point():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def encode_kernel(X, Y, N, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + offsets, mask=offsets < N)
+        tl.store(Y + offsets, triton_kv_cache.encode_e4m3(x, HW_FP8=False), mask=offsets < N)
+
+    halfway = e4m3_halfway_points()
+    values = torch.cat([halfway, halfway.nextafter(torch.zeros_like(halfway)), halfway.nextafter(halfway * 2),
+                        torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.0 ** -10, 3 * 2.0 ** -11, 447.99, 448.0, -448.0,
+                                      460.0, -1e6, 2.0 ** -9, 2.0 ** -6, 2.0 ** -6 - 2.0 ** -10])]).to(DEVICE)
+    codes = torch.empty(values.shape, dtype=torch.uint8, device=DEVICE)
+    encode_kernel[(triton.cdiv(values.numel(), 1024),)](values, codes, values.numel(), BLOCK=1024)
+    want = values.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(codes, want), values[codes != want][:8]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_quantize_kv_fp8_is_bit_exact(dtype):
+    kv = hard_rows(13, torch.Generator().manual_seed(1), dtype).to(DEVICE).view(13, 1, D_QK)
+    out = triton_kv_cache.quantize_kv_fp8(kv)
+    want = quantize_kv_fp8_reference(kv)
+    assert out.shape == (13, 1, FP8_BYTES) and out.dtype == torch.uint8
+    assert torch.equal(out, want)
+
+
+def make_cache(num_blocks, page_block_size, is_fp8, padded, dtype=torch.bfloat16):
+    row = FP8_BYTES if is_fp8 else D_QK
+    cache_dtype = torch.uint8 if is_fp8 else dtype
+    pad = 48 if padded else 0  # a slice of a wider buffer: block stride > page_block_size * row
+    buffer = torch.randint(0, 255, (num_blocks, page_block_size * row + pad), dtype=torch.uint8, device=DEVICE)
+    if not is_fp8:
+        buffer = torch.randn(num_blocks, page_block_size * row + pad, device=DEVICE).to(cache_dtype)
+    return buffer[:, :page_block_size * row].view(num_blocks, page_block_size, 1, row)
+
+
+@pytest.mark.parametrize("is_fp8", [False, True])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("padded", [False, True])
+def test_triton_write_kv_cache_matches_reference(is_fp8, slot_dtype, padded):
+    generator = torch.Generator().manual_seed(7 + is_fp8)
+    num_blocks, page_block_size, num_tokens = 5, 64, 11
+    kv = hard_rows(num_tokens, generator).to(DEVICE)
+    slots = torch.randperm(num_blocks * page_block_size, generator=generator)[:num_tokens].to(DEVICE, slot_dtype)
+    slots[[2, 5]] = -1  # padding tokens are skipped
+    slots[0] = num_blocks * page_block_size - 1  # the very last row
+    cache = make_cache(num_blocks, page_block_size, is_fp8, padded)
+    want = cache.clone()
+    triton_kv_cache.write_kv_cache(cache, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
+    write_kv_cache_reference(want, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_triton_write_kv_cache_fp8_from_float32_and_other_page_size():
+    generator = torch.Generator().manual_seed(3)
+    kv = hard_rows(9, generator, torch.float32).to(DEVICE)
+    slots = torch.tensor([0, 17, -1, 33, 5, 40, -1, 1, 39], dtype=torch.int32, device=DEVICE)
+    cache = make_cache(3, 16, True, padded=True)
+    want = cache.clone()
+    triton_kv_cache.write_kv_cache(cache, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, True)
+    write_kv_cache_reference(want, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, True)
+    assert torch.equal(cache, want)
+
+
+def test_triton_kv_cache_empty_inputs():
+    assert triton_kv_cache.quantize_kv_fp8(torch.empty(0, D_QK, dtype=torch.bfloat16, device=DEVICE)).shape == (0, FP8_BYTES)
+    cache = make_cache(1, 64, True, False)
+    before = cache.clone()
+    empty = torch.empty(0, KV_LORA_RANK, dtype=torch.bfloat16, device=DEVICE)
+    triton_kv_cache.write_kv_cache(cache, empty, empty[:, :64], torch.empty(0, dtype=torch.int32, device=DEVICE), True)
+    assert torch.equal(cache, before)
+
+
+@pytest.mark.parametrize("hardware", [True, False])
+@pytest.mark.parametrize("is_fp8", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kv_cache_gpu_large_bit_exact_and_rerun(monkeypatch, hardware, is_fp8):
+    """Many tokens, both e4m3 encoders (the hardware one is what sm_89+ runs), bit-identical reruns."""
+    if hardware and not triton_kv_cache.hardware_e4m3_encode(torch.device(DEVICE)):
+        pytest.skip("no hardware e4m3 conversion before sm_89")
+    monkeypatch.setattr(triton_kv_cache, "hardware_e4m3_encode", lambda device: hardware)
+    generator = torch.Generator().manual_seed(5)
+    num_blocks, num_tokens = 600, 20000
+    kv = hard_rows(num_tokens, generator).to(DEVICE)
+    assert torch.equal(triton_kv_cache.quantize_kv_fp8(kv), reference.quantize_kv_fp8(kv))
+    slots = torch.randperm(num_blocks * 64, generator=generator)[:num_tokens].to(DEVICE)
+    slots[::7] = -1
+    cache = make_cache(num_blocks, 64, is_fp8, padded=True)
+    want, again = cache.clone(), cache.clone()
+    triton_kv_cache.write_kv_cache(cache, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
+    triton_kv_cache.write_kv_cache(again, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
+    write_kv_cache_reference(want, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(cache.view(torch.uint8), again.view(torch.uint8))
