@@ -147,7 +147,10 @@ def forced_backend(choice):
             os.environ["FLASHMLA_BACKEND"] = saved
 
 
-TUNE_ROWS = [SPEC_ROWS[0], SPEC_ROWS[2], SPEC_ROWS[4], SPEC_ROWS[6]]
+# (name, s_q, h_q, seqlens, is_fp8): SPEC rows of each regime, plus one long sequence among short ones
+TUNE_ROWS = [(name, s_q, h_q, [seqlen] * batch, is_fp8)
+             for name, batch, s_q, h_q, seqlen, is_fp8, _, _ in (SPEC_ROWS[i] for i in (0, 2, 4, 6))]
+TUNE_ROWS.append(("bf16 skewed b32 h16", 1, 16, [32768] + [512] * 31, False))
 
 
 def tune(device):
@@ -155,8 +158,9 @@ def tune(device):
     from flashmla_ops.triton import decode as triton_decode
 
     results = []
-    for name, batch, s_q, h_q, seqlen, is_fp8, _, _ in TUNE_ROWS:
-        sets, cache_seqlens = make_inputs(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, copies=2)
+    for name, s_q, h_q, seqlens, is_fp8 in TUNE_ROWS:
+        batch = len(seqlens)
+        sets, cache_seqlens = make_inputs(batch, s_q, h_q, seqlens, is_fp8, device, copies=2)
         default = triton_decode.default_config(batch, s_q * h_q, device)
         candidates = {default}
         for block_n in (32, 64):
@@ -166,6 +170,8 @@ def tune(device):
                                                        programs_per_sm=programs_per_sm))
         if h_q * s_q >= 64:
             candidates |= {dataclasses.replace(default, block_h=32, num_warps=4, programs_per_sm=p) for p in (1, 2)}
+        candidates |= {dataclasses.replace(config, schedule="balanced") for config in list(candidates)
+                       if config.num_stages == default.num_stages and config.block_n == default.block_n}
         for config in sorted(candidates, key=str):
             def op(q, cache, block_table, config=config):
                 return triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
@@ -175,7 +181,7 @@ def tune(device):
             except Exception as error:  # a config the GPU cannot run (shared memory, registers)
                 print(f"{name:24} {config}: failed ({type(error).__name__})")
                 continue
-            gb_s = decode_bytes(batch, s_q, h_q, seqlen, is_fp8) / ms / 1e6
+            gb_s = sum(decode_bytes(1, s_q, h_q, length, is_fp8) for length in seqlens) / ms / 1e6
             results.append({"name": name, "config": dataclasses.asdict(config), "time_us": ms * 1e3, "gb_s": gb_s})
             print(f"{name:24} {'(default) ' if config == default else ''}{config}: {ms * 1e3:8.1f} us {gb_s:6.0f} GB/s")
         del sets
@@ -207,8 +213,8 @@ def plot(rows, path):
 
     fig, ax = plt.subplots(figsize=(7, 5))
     intensity = [r["tflop_s"] * 1e12 / (r["gb_s"] * 1e9) for r in rows]
-    ax.scatter(intensity, [r["tflop_s"] for r in rows], c=["tab:red" if r["kv_cache"] == "fp8" else "tab:blue" for r in rows],
-               s=12)
+    colors = ["tab:red" if r["kv_cache"] == "fp8" else "tab:blue" for r in rows]
+    ax.scatter(intensity, [r["tflop_s"] for r in rows], c=colors, s=12)
     xs = [min(intensity) / 2, max(intensity) * 2]
     ax.plot(xs, [min(PEAK_BANDWIDTH * x, PEAK_BF16) / 1e12 for x in xs], "k--", lw=1, label="H100 roofline (SPEC §4)")
     ax.set_xscale("log")
@@ -251,15 +257,18 @@ def main():
             achieved = tokens_per_s / bf16_tokens_per_s[(batch, s_q, h_q, seqlen)]
         row["vs_target"] = achieved / target
         rows.append(row)
-        print(f"{name:26} {row['time_us']:8.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} {100 * row['bandwidth_fraction']:5.1f}"
+        print(f"{name:26} {row['time_us']:8.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} "
+              f"{100 * row['bandwidth_fraction']:5.1f}"
               f" {100 * row['compute_fraction']:5.1f} {flashmla:>12} {row['target']:>16} {row['vs_target']:9.2f}"
               f" {fmt(row.get('speedup_vs_reference'), 1):>7} {fmt(row.get('speedup_vs_sdpa'), 1):>7}")
     if args.sweep:
         for batch, s_q, h_q, seqlens, is_fp8 in tqdm(list(sweep_configs()), desc="sweep"):
             rows.append(bench_config(batch, s_q, h_q, seqlens, is_fp8, device, with_baselines=False))
-        print(f"{'kv':4} {'batch':>5} {'s_q':>3} {'h_q':>4} {'seqlen':>6} {'skew':>4} {'time us':>9} {'GB/s':>7} {'TFLOP/s':>8}")
+        print(f"{'kv':4} {'batch':>5} {'s_q':>3} {'h_q':>4} {'seqlen':>6} {'skew':>4} {'time us':>9} {'GB/s':>7} "
+              f"{'TFLOP/s':>8}")
         for r in rows[len(SPEC_ROWS):]:
-            print(f"{r['kv_cache']:4} {r['batch']:5} {r['s_q']:3} {r['h_q']:4} {r['seqlen']:6} {'y' if r['skewed'] else '':>4} "
+            print(f"{r['kv_cache']:4} {r['batch']:5} {r['s_q']:3} {r['h_q']:4} {r['seqlen']:6} "
+                  f"{'y' if r['skewed'] else '':>4} "
                   f"{r['time_us']:9.1f} {r['gb_s']:7.0f} {r['tflop_s']:8.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,35 +13,23 @@ import torch
 import triton
 import triton.language as tl
 
+from ..decode import get_mla_metadata_reference
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import (INTERPRET, LOG2E, device_limits, finish, hardware_fp8, load_latent_subtile, load_rope,
                      load_tile_scale, mma)
 
 @triton.jit
-def _dense_decode_split_kernel(
-        Q, KV, BlockTable, Seqlens, Sink, Out, Lse, OutPartial, LsePartial,
-        stride_qb, stride_qm, stride_kv_block, stride_kv_row, stride_bt,
-        stride_ob, stride_om, stride_pb, stride_ps, stride_pm,
-        M, H_Q, S_Q, sm_scale_log2, num_splits,
-        SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr,
-        APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-        D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr):
+def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm,
+                   stride_kv_block, stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8: tl.constexpr,
+                   HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Online softmax of the query rows of sequence `batch` over its cache tokens [start, end): the four 128-column
+    accumulators, the running max and sum (base 2)."""
     TILE: tl.constexpr = D_NOPE // 4
-    pid_m = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
-    rows = pid_m * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < M
-    heads = rows % H_Q
-    length = tl.load(Seqlens + batch)
     if CAUSAL:
         visible = length - S_Q + rows // H_Q + 1  # query i of s_q sees [0, L - s_q + i]
     else:
         visible = tl.zeros([BLOCK_H], dtype=tl.int32) + length
-    tiles_per_split = tl.cdiv(tl.cdiv(length, BLOCK_N), num_splits)
-    start = split * tiles_per_split * BLOCK_N
-    end = tl.minimum(start + tiles_per_split * BLOCK_N, length)
-
     q_rows = Q + batch * stride_qb + rows[:, None] * stride_qm
     q0 = tl.load(q_rows + 0 * TILE + tl.arange(0, TILE)[None, :], mask=row_mask[:, None], other=0.0)
     q1 = tl.load(q_rows + 1 * TILE + tl.arange(0, TILE)[None, :], mask=row_mask[:, None], other=0.0)
@@ -70,8 +58,10 @@ def _dense_decode_split_kernel(
             scale1 = load_tile_scale(KV, row_offset, tok_mask, 1, D_NOPE)
             scale2 = load_tile_scale(KV, row_offset, tok_mask, 2, D_NOPE)
             scale3 = load_tile_scale(KV, row_offset, tok_mask, 3, D_NOPE)
-            s += (mma(q0, tl.trans(k0), INTERPRET) * scale0[None, :] + mma(q1, tl.trans(k1), INTERPRET) * scale1[None, :]
-                  + mma(q2, tl.trans(k2), INTERPRET) * scale2[None, :] + mma(q3, tl.trans(k3), INTERPRET) * scale3[None, :])
+            s += (mma(q0, tl.trans(k0), INTERPRET) * scale0[None, :]
+                  + mma(q1, tl.trans(k1), INTERPRET) * scale1[None, :]
+                  + mma(q2, tl.trans(k2), INTERPRET) * scale2[None, :]
+                  + mma(q3, tl.trans(k3), INTERPRET) * scale3[None, :])
         else:
             s += (mma(q0, tl.trans(k0), INTERPRET) + mma(q1, tl.trans(k1), INTERPRET)
                   + mma(q2, tl.trans(k2), INTERPRET) + mma(q3, tl.trans(k3), INTERPRET))
@@ -93,26 +83,30 @@ def _dense_decode_split_kernel(
             acc2 = acc2 * alpha[:, None] + mma(p16, k2, INTERPRET)
             acc3 = acc3 * alpha[:, None] + mma(p16, k3, INTERPRET)
         m_i = m_new
+    return acc0, acc1, acc2, acc3, m_i, l_i
 
-    _store_rows(acc0, m_i, l_i, 0 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, split, rows, heads,
-                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, num_splits, SPLIT, APPLY_SINK,
-                True)
-    _store_rows(acc1, m_i, l_i, 1 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, split, rows, heads,
-                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, num_splits, SPLIT, APPLY_SINK,
-                False)
-    _store_rows(acc2, m_i, l_i, 2 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, split, rows, heads,
-                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, num_splits, SPLIT, APPLY_SINK,
-                False)
-    _store_rows(acc3, m_i, l_i, 3 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, split, rows, heads,
-                row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q, num_splits, SPLIT, APPLY_SINK,
-                False)
+
+@triton.jit
+def _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, batch, global_split, rows,
+               row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT: tl.constexpr,
+               APPLY_SINK: tl.constexpr, TILE: tl.constexpr):
+    heads = rows % H_Q
+    _store_rows(acc0, m_i, l_i, 0 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, global_split, rows,
+                heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT, APPLY_SINK, True)
+    _store_rows(acc1, m_i, l_i, 1 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, global_split, rows,
+                heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT, APPLY_SINK, False)
+    _store_rows(acc2, m_i, l_i, 2 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, global_split, rows,
+                heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT, APPLY_SINK, False)
+    _store_rows(acc3, m_i, l_i, 3 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, global_split, rows,
+                heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT, APPLY_SINK, False)
 
 
 @triton.jit
 def _store_rows(acc, m_i, l_i, COL0: tl.constexpr, WIDTH: tl.constexpr, Sink, Out, Lse, OutPartial, LsePartial,
-                batch, split, rows, heads, row_mask, stride_ob, stride_om, stride_pb, stride_ps, stride_pm, M, S_Q, H_Q,
-                num_splits, SPLIT: tl.constexpr, APPLY_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
-    """Columns [COL0, COL0 + WIDTH) of the output: final (one split) or the split's normalised partial + base-2 LSE."""
+                batch, global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
+                SPLIT: tl.constexpr, APPLY_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """Columns [COL0, COL0 + WIDTH) of the output: final (one split) or split `global_split`'s normalised partial
+    and base-2 LSE (partials are `(splits, rows, d_v)` / `(splits, rows)` over the whole batch)."""
     cols = COL0 + tl.arange(0, WIDTH)
     if not SPLIT:
         out, lse = finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK)
@@ -123,38 +117,112 @@ def _store_rows(acc, m_i, l_i, COL0: tl.constexpr, WIDTH: tl.constexpr, Sink, Ou
     else:
         empty = l_i == 0.0
         partial = acc / tl.where(empty, 1.0, l_i)[:, None]
-        base = batch * stride_pb + split * stride_ps + rows * stride_pm
+        base = global_split * stride_ps + rows * stride_pm
         tl.store(OutPartial + base[:, None] + cols[None, :], partial, mask=row_mask[:, None])
         if WRITE_LSE:
             partial_lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-            tl.store(LsePartial + (batch * num_splits + split) * M + rows, partial_lse, mask=row_mask)
+            tl.store(LsePartial + global_split * M + rows, partial_lse, mask=row_mask)
 
 
 @triton.jit
-def _combine_kernel(OutPartial, LsePartial, Sink, Out, Lse,
-                    stride_pb, stride_ps, stride_pm, stride_ob, stride_om, M, H_Q, S_Q, num_splits,
-                    SPLIT_CHUNK: tl.constexpr, APPLY_SINK: tl.constexpr,
+def _dense_decode_split_kernel(
+        Q, KV, BlockTable, Seqlens, Sink, Out, Lse, OutPartial, LsePartial,
+        stride_qb, stride_qm, stride_kv_block, stride_kv_row, stride_bt,
+        stride_ob, stride_om, stride_ps, stride_pm,
+        M, H_Q, S_Q, sm_scale_log2, num_splits,
+        SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr,
+        APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+        D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Uniform schedule: program (row tile, sequence, split) takes an equal share of its sequence's tokens."""
+    pid_m = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    rows = pid_m * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < M
+    length = tl.load(Seqlens + batch)
+    tiles_per_split = tl.cdiv(tl.cdiv(length, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, length)
+    acc0, acc1, acc2, acc3, m_i, l_i = _attend_tokens(
+        Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm, stride_kv_block,
+        stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H, BLOCK_N, PAGE, D_NOPE,
+        D_ROPE, INTERPRET)
+    _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, batch,
+               batch * num_splits + split, rows, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
+               SPLIT, APPLY_SINK, D_NOPE // 4)
+
+
+@triton.jit
+def _dense_decode_balanced_kernel(
+        Q, KV, BlockTable, Seqlens, Metadata, SplitOffsets, OutPartial, LsePartial,
+        stride_qb, stride_qm, stride_kv_block, stride_kv_row, stride_bt, stride_ps, stride_pm,
+        batch_size, M, H_Q, S_Q, sm_scale_log2,
+        IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
+        METADATA_FIELDS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Balanced schedule (`get_mla_metadata`): program (row tile, part) walks its part's run of 64-token blocks, which
+    may span several sequences, and writes one partial per sequence it touches; `SplitOffsets[b]` (the cumulative
+    num_splits) places sequence b's partials, so one long sequence among short ones is spread over every SM."""
+    pid_m = tl.program_id(0)
+    part = tl.program_id(1)
+    rows = pid_m * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < M
+    row_meta = Metadata + part * METADATA_FIELDS
+    begin_batch = tl.load(row_meta + 0)
+    begin_block = tl.load(row_meta + 1)
+    end_batch = tl.load(row_meta + 2)
+    end_block = tl.load(row_meta + 3)
+    begin_split = tl.load(row_meta + 4)
+    last_batch = tl.where(begin_batch < batch_size, end_batch, begin_batch - 1)  # idle parts: no sequence
+    for batch in range(begin_batch, last_batch + 1):
+        length = tl.load(Seqlens + batch)
+        first_block = tl.where(batch == begin_batch, begin_block, 0)
+        stop_block = tl.where(batch == end_batch, end_block, tl.cdiv(length, PAGE))
+        start = first_block * PAGE
+        end = tl.minimum(stop_block * PAGE, length)
+        acc0, acc1, acc2, acc3, m_i, l_i = _attend_tokens(
+            Q, KV, BlockTable, begin_batch.to(tl.int64) + (batch - begin_batch), rows, row_mask, length, start, end,
+            stride_qb, stride_qm,
+            stride_kv_block, stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H,
+            BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET)
+        global_split = tl.load(SplitOffsets + batch) + tl.where(batch == begin_batch, begin_split, 0)
+        _store_all(acc0, acc1, acc2, acc3, m_i, l_i, LsePartial, OutPartial, LsePartial, OutPartial, LsePartial,
+                   batch, global_split.to(tl.int64), rows, row_mask, 0, 0, stride_ps, stride_pm, M, S_Q, H_Q, True,
+                   False, D_NOPE // 4)
+
+
+@triton.jit
+def _combine_kernel(OutPartial, LsePartial, SplitOffsets, Sink, Out, Lse,
+                    stride_ps, stride_pm, stride_ob, stride_om, M, H_Q, S_Q, num_splits,
+                    VARIABLE: tl.constexpr, SPLIT_CHUNK: tl.constexpr, APPLY_SINK: tl.constexpr,
                     D_V: tl.constexpr):
     """One query row: out = sum_s w_s out_s with w_s = exp(lse_s - lse), lse = log sum_s exp(lse_s) (base 2 inside),
-    reading SPLIT_CHUNK splits' partials at a time."""
+    reading SPLIT_CHUNK splits' partials at a time. Sequence b's partials are splits [first, first + count) of the
+    batch-wide `(splits, rows, d_v)` buffer: `num_splits` each (uniform) or per `SplitOffsets` (VARIABLE)."""
     row = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     rows = row + tl.arange(0, 1)
     splits = tl.arange(0, SPLIT_CHUNK)
-    lse_base = LsePartial + batch * num_splits * M + row
+    if VARIABLE:
+        first_split = tl.load(SplitOffsets + batch).to(tl.int64)
+        count = tl.load(SplitOffsets + batch + 1) - first_split
+    else:
+        first_split = batch * num_splits
+        count = num_splits
+    lse_base = LsePartial + first_split * M + row
     running_max = tl.full([SPLIT_CHUNK], float("-inf"), dtype=tl.float32)
-    for first in range(0, num_splits, SPLIT_CHUNK):
-        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < num_splits, other=float("-inf"))
+    for first in range(0, count, SPLIT_CHUNK):
+        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < count, other=float("-inf"))
         running_max = tl.maximum(running_max, lse_chunk)
     m = tl.max(running_max, 0)
     shift = tl.where(m == float("-inf"), 0.0, m)
     cols = tl.arange(0, D_V)
     acc = tl.zeros([D_V], dtype=tl.float32)
     total = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
-    for first in range(0, num_splits, SPLIT_CHUNK):
-        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < num_splits, other=float("-inf"))
+    for first in range(0, count, SPLIT_CHUNK):
+        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < count, other=float("-inf"))
         weight = tl.exp2(lse_chunk - shift)
-        part = tl.load(OutPartial + batch * stride_pb + (first + splits)[:, None] * stride_ps + row * stride_pm
+        part = tl.load(OutPartial + (first_split + first + splits)[:, None] * stride_ps + row * stride_pm
                        + cols[None, :], mask=(weight > 0)[:, None], other=0.0)
         acc += tl.sum(weight[:, None] * part, 0)
         total += weight
@@ -168,18 +236,22 @@ def _combine_kernel(OutPartial, LsePartial, Sink, Out, Lse,
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tile sizes and launch shape of the split kernel. `programs_per_sm`: how many split programs to aim for per SM
-    (sets the number of splits); `block_h`: query rows per program."""
+    (sets the number of splits or parts); `block_h`: query rows per program; `schedule`: "uniform" (every sequence
+    split into the same number of equal shares, by shape alone) or "balanced" (the batch's 64-token blocks divided
+    evenly over the programs by `get_mla_metadata`, whatever the mix of lengths)."""
     block_h: int
     block_n: int
     num_warps: int
     num_stages: int
     programs_per_sm: float
+    schedule: str = "uniform"
 
 
 def default_config(batch: int, rows: int, device: torch.device) -> LaunchConfig:
     """Chosen from `bench_decode.py --tune` on the H100 (2026-11-24): one split program per SM (more splits only add
     combine traffic), 64-token tiles; 64-row tiles with 3 stages where heads alone fill the GPU (compute-bound), and
-    32-row tiles with two programs per SM where they do not (batch 1, long context: more, lighter programs)."""
+    32-row tiles with two programs per SM where they do not (batch 1, long context: more, lighter programs). The
+    balanced schedule is not the default until it is timed on the GPU."""
     multiprocessors, shared_memory = device_limits(device)
     block_n = 64 if shared_memory >= 200 * 1024 else 32
     if rows <= 16:
@@ -199,8 +271,10 @@ def num_splits_for(batch: int, row_tiles: int, capacity_tiles: int, multiprocess
 
 
 def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8, attn_sink=None,
-                 config: LaunchConfig | None = None):
-    """Triton dense decode; same contract as `flashmla::dense_decode` for d_qk 576 / d_v 512 and bf16 q."""
+                 config: LaunchConfig | None = None, tile_scheduler_metadata=None, num_splits=None):
+    """Triton dense decode; same contract as `flashmla::dense_decode` for d_qk 576 / d_v 512 and bf16 q. The balanced
+    schedule uses `tile_scheduler_metadata` / `num_splits` from `get_mla_metadata` when given, else computes them
+    (on the device, no host sync)."""
     batch, s_q, h_q, d_qk = q.shape
     rows = s_q * h_q
     out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=torch.bfloat16)
@@ -212,22 +286,35 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     cache = kv_cache.view(torch.uint8) if is_fp8 else kv_cache
     multiprocessors, _ = device_limits(q.device)
     row_tiles = triton.cdiv(rows, config.block_h)
+    common = dict(IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), CAUSAL=causal, BLOCK_H=config.block_h,
+                  BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM,
+                  INTERPRET=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.schedule == "balanced":
+        if tile_scheduler_metadata is None or num_splits is None:
+            parts = max(1, round(config.programs_per_sm * multiprocessors / row_tiles))
+            tile_scheduler_metadata, num_splits = get_mla_metadata_reference(cache_seqlens, parts)
+        parts = tile_scheduler_metadata.shape[0]
+        out_partial = q.new_empty(batch + parts, rows, head_dim_v, dtype=torch.float32)  # >= num_splits[-1]
+        lse_partial = q.new_empty(batch + parts, rows, dtype=torch.float32)
+        _dense_decode_balanced_kernel[(row_tiles, parts)](
+            q_rows, cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out_partial, lse_partial,
+            q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
+            out_partial.stride(0), out_partial.stride(1), batch, rows, h_q, s_q, softmax_scale * LOG2E,
+            METADATA_FIELDS=tile_scheduler_metadata.shape[1], **common)
+        combine(out_partial, lse_partial, attn_sink, out, lse, split_offsets=num_splits)
+        return out, lse
     capacity_tiles = triton.cdiv(block_table.shape[1] * PAGE_BLOCK_SIZE, config.block_n)
-    num_splits = num_splits_for(batch, row_tiles, capacity_tiles, multiprocessors, config.programs_per_sm)
-    out_partial, lse_partial = split_buffers(out, lse, num_splits)
+    splits = num_splits_for(batch, row_tiles, capacity_tiles, multiprocessors, config.programs_per_sm)
+    out_partial, lse_partial = split_buffers(out, lse, splits)
     sink = attn_sink if attn_sink is not None else lse
     out_rows = out.view(batch, rows, head_dim_v)
-    _dense_decode_split_kernel[(row_tiles, batch, num_splits)](
+    _dense_decode_split_kernel[(row_tiles, batch, splits)](
         q_rows, cache, block_table, cache_seqlens, sink, out_rows, lse, out_partial, lse_partial,
         q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
-        out_rows.stride(0), out_rows.stride(1), out_partial.stride(0), out_partial.stride(1),
-        out_partial.stride(2) if num_splits > 1 else 0,
-        rows, h_q, s_q, softmax_scale * LOG2E, num_splits,
-        SPLIT=num_splits > 1, IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), CAUSAL=causal,
-        APPLY_SINK=attn_sink is not None, BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE,
-        D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, num_warps=config.num_warps,
-        num_stages=config.num_stages)
-    if num_splits > 1:
+        out_rows.stride(0), out_rows.stride(1), out_partial.stride(-3) if splits > 1 else 0,
+        out_partial.stride(-2) if splits > 1 else 0, rows, h_q, s_q, softmax_scale * LOG2E, splits,
+        SPLIT=splits > 1, APPLY_SINK=attn_sink is not None, **common)
+    if splits > 1:
         combine(out_partial, lse_partial, attn_sink, out, lse)
     return out, lse
 
@@ -242,18 +329,23 @@ def split_buffers(out, lse, num_splits):
             out.new_empty(batch, num_splits, s_q * h_q, dtype=torch.float32))
 
 
-def combine(out_partial, lse_partial, attn_sink, out, lse) -> None:
+def combine(out_partial, lse_partial, attn_sink, out, lse, split_offsets=None) -> None:
     """Merge split partials into `out` `(batch, s_q, h_q, d_v)` and `lse` `(batch, h_q, s_q)`.
 
-    out_partial `(batch, num_splits, s_q * h_q, d_v)` float32: each split's normalised output; lse_partial
-    `(batch, num_splits, s_q * h_q)` float32: its base-2 LSE (-inf for a split that saw nothing)."""
-    batch, num_splits, rows, d_v = out_partial.shape
-    s_q, h_q = out.shape[1], out.shape[2]
+    out_partial `(..., s_q * h_q, d_v)` float32 contiguous over its splits: each split's normalised output;
+    lse_partial `(..., s_q * h_q)`: its base-2 LSE (-inf for a split that saw nothing). Uniform: `(batch, num_splits,
+    ...)`; with `split_offsets` `(batch + 1,)` int32 (cumulative), sequence b owns splits
+    `[split_offsets[b], split_offsets[b + 1])` of a flat `(splits, ...)` buffer."""
+    batch, s_q, h_q, d_v = out.shape
+    rows = s_q * h_q
     out_rows = out.view(batch, rows, d_v)
+    num_splits = out_partial.shape[1] if split_offsets is None else 0
     _combine_kernel[(rows, batch)](
-        out_partial, lse_partial, attn_sink if attn_sink is not None else lse, out_rows, lse,
-        out_partial.stride(0), out_partial.stride(1), out_partial.stride(2), out_rows.stride(0), out_rows.stride(1),
-        rows, h_q, s_q, num_splits, SPLIT_CHUNK=16, APPLY_SINK=attn_sink is not None, D_V=d_v, num_warps=4)
+        out_partial, lse_partial, split_offsets if split_offsets is not None else lse_partial,
+        attn_sink if attn_sink is not None else lse, out_rows, lse,
+        out_partial.stride(-3), out_partial.stride(-2), out_rows.stride(0), out_rows.stride(1),
+        rows, h_q, s_q, num_splits, VARIABLE=split_offsets is not None, SPLIT_CHUNK=16,
+        APPLY_SINK=attn_sink is not None, D_V=d_v, num_warps=4)
 
 
 def supports(q, kv_cache, head_dim_v, is_fp8) -> bool:

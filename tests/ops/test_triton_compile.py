@@ -23,7 +23,14 @@ DENSE = {
     "fp8-integer-causal-sink": dict(IS_FP8=True, HW_FP8=False, CAUSAL=True, SPLIT=False, APPLY_SINK=True, BLOCK_H=16,
                                     BLOCK_N=32),
 }
-COMBINE = {"plain": dict(SPLIT_CHUNK=16, APPLY_SINK=False), "sink": dict(SPLIT_CHUNK=16, APPLY_SINK=True)}
+DENSE_BALANCED = {
+    "bf16": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, BLOCK_H=16, BLOCK_N=64, METADATA_FIELDS=8),
+    "fp8-hw-causal": dict(IS_FP8=True, HW_FP8=True, CAUSAL=True, BLOCK_H=64, BLOCK_N=64, METADATA_FIELDS=8),
+    "fp8-integer": dict(IS_FP8=True, HW_FP8=False, CAUSAL=False, BLOCK_H=32, BLOCK_N=32, METADATA_FIELDS=8),
+}
+COMBINE = {"plain": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False),
+           "sink": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=True),
+           "variable": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False)}
 SPARSE_DECODE = {
     "bf16": dict(SPLIT=False, IS_FP8=False, HW_FP8=False, HAS_TOPK_LENGTH=False, HAS_EXTRA=False,
                  HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=16, BLOCK_N=64),
@@ -58,6 +65,7 @@ KERNELS = {
     "indexer._indexer_logits_kernel": INDEXER_LOGITS,
     "indexer._indexer_topk_kernel": INDEXER_TOPK,
     "decode._dense_decode_split_kernel": DENSE,
+    "decode._dense_decode_balanced_kernel": DENSE_BALANCED,
     "decode._combine_kernel": COMBINE,
     "sparse._sparse_decode_split_kernel": SPARSE_DECODE,
     "sparse._sparse_prefill_kernel": SPARSE_PREFILL,
@@ -73,7 +81,8 @@ from flashmla_ops.triton import decode, indexer, kv_cache, sparse
 
 POINTERS = {"Q": "*bf16", "Out": "*bf16", "BlockTable": "*i32", "Seqlens": "*i32", "Indices": "*i32",
             "TopkLength": "*i32", "ExtraIndices": "*i32", "ExtraTopkLength": "*i32", "Latent": "*bf16",
-            "Rope": "*bf16", "Slots": "*i32", "KStart": "*i32", "KEnd": "*i32"}
+            "Rope": "*bf16", "Slots": "*i32", "KStart": "*i32", "KEnd": "*i32",
+            "Metadata": "*i32", "SplitOffsets": "*i32"}
 KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"}, "_indexer_topk_kernel": {"Out": "*i32"}}
 DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "INTERPRET": False}
 SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK", "H_I", "NUM_KEYS"}  # upper-case sizes; other capitalised names are pointers

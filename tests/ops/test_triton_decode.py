@@ -3,6 +3,8 @@
 Outputs are poisoned before each run; LSE is compared too; lengths are mixed within a batch (0, 1, non-multiples of
 the 64-token page, one long sequence among short ones), with causal s_q > 1, the FP8 cache and the attention sink.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -57,14 +59,14 @@ def poison_allocator(num_bytes: int) -> None:
         torch.full((num_bytes // 4,), float("nan"), device=DEVICE)
 
 
-def run_and_compare(seqlens, s_q, h_q, causal, is_fp8, sink, padded=False):
+def run_and_compare(seqlens, s_q, h_q, causal, is_fp8, sink, padded=False, **kernel_options):
     generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 1000 + s_q * 10 + h_q + causal + 2 * is_fp8)
     q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded)
     attn_sink = torch.randn(h_q, generator=generator, device=DEVICE) if sink else None
     scale = D_QK ** -0.5
     poison_allocator(4 * q.numel() * 8)
     out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, causal, is_fp8,
-                                          attn_sink)
+                                          attn_sink, **kernel_options)
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, causal,
                                                 is_fp8, attn_sink)
     assert out.shape == want_out.shape and lse.shape == want_lse.shape
@@ -135,3 +137,30 @@ def test_triton_fp8_integer_decode_path(monkeypatch):
     """GPUs without FP8 conversion instructions (before sm_89) decode e4m3 with integer ops: same results."""
     monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: False)
     run_and_compare([77, 300], 2, 16, causal=True, is_fp8=True, sink=False)
+
+
+BALANCED_CASES = [
+    ([0, 1, 70, 700], 1, 16, False, False),
+    ([1000, 3, 0, 64, 65], 2, 16, True, True),
+    ([129], 1, 64, False, True),
+    ([5, 2, 513], 4, 16, True, False),
+]
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q,causal,is_fp8", BALANCED_CASES)
+@pytest.mark.parametrize("parts", [1, 3, 7, 40])
+def test_triton_balanced_schedule_matches_reference(seqlens, s_q, h_q, causal, is_fp8, parts):
+    """The balanced schedule: parts that span several sequences, sequences split over several parts (partials placed
+    by the cumulative num_splits), idle parts, empty sequences; with the metadata given as the op receives it."""
+    rows = s_q * h_q
+    config = dataclasses.replace(triton_decode.default_config(len(seqlens), rows, torch.device(DEVICE)),
+                                 schedule="balanced")
+    lengths = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    metadata, num_splits = reference.get_mla_metadata(lengths, parts)
+    run_and_compare(seqlens, s_q, h_q, causal, is_fp8, sink=parts == 3, config=config,
+                    tile_scheduler_metadata=metadata, num_splits=num_splits)
+
+
+def test_triton_balanced_schedule_computes_its_own_metadata():
+    config = dataclasses.replace(triton_decode.default_config(3, 16, torch.device(DEVICE)), schedule="balanced")
+    run_and_compare([300, 1, 90], 1, 16, causal=False, is_fp8=False, sink=False, config=config)
