@@ -20,6 +20,11 @@ class FlashMLASchedMeta:
     def fill(self, lengths: torch.Tensor, source: torch.Tensor, key: tuple) -> None:
         """Compute the split for `lengths` unless it was computed for this very `source` tensor (held, so that its
         id cannot be reused by another tensor), unmodified since (`_version`), with the same `key` (shapes)."""
+        if torch.compiler.is_compiling():  # no guards on tensor versions: recompute (cheap device work, no sync)
+            s_q, h_q = key[1], key[2]
+            self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
+                lengths, num_sm_parts(lengths.device, s_q, h_q))
+            return
         key = (*key, source._version)
         if self.source is not source or self.key != key:
             s_q, h_q = key[1], key[2]

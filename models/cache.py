@@ -54,6 +54,10 @@ class PagedKVCache:
         self.seq_lens = [0] * max_batch_size
         self.seq_blocks: list[list[int]] = [[] for _ in range(max_batch_size)]
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
+        # Updated in place between steps: static addresses, so a compiled decode step keeps its CUDA graph
+        # (inductor otherwise skips graphs for mutated inputs).
+        for tensor in (*self.kv_cache, *(self.index_cache or ()), self.block_table, self.cache_seqlens):
+            torch._dynamo.mark_static_address(tensor)
 
     def extend(self, seq: int, num_tokens: int) -> list[int]:
         """Make room for `num_tokens` more tokens of sequence `seq` (allocating blocks, writing its block_table row

@@ -166,7 +166,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: DeepseekConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", torch.empty(config.qk_rope_head_dim // 2), persistent=False)
+        # float32 whatever the model's dtype: bf16 frequencies drift by up to 0.4%, radians off at long positions
+        self.register_buffer("inv_freq", torch.empty(config.qk_rope_head_dim // 2, dtype=torch.float32),
+                             persistent=False)
         self.attention_factor = 1.0
 
     def reset_parameters(self) -> None:
@@ -176,7 +178,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions `(...)` -> cos, sin `(..., qk_rope_head_dim)` float32 (each frequency twice, halves layout)."""
-        freqs = positions[..., None].float() * self.inv_freq.float()
+        freqs = positions[..., None].float() * self.inv_freq
         freqs = torch.cat([freqs, freqs], dim=-1)
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 

@@ -18,6 +18,10 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
     """Run the prompts (sequence `b` = cache row `b`, empty before) packed; returns each one's last-token logits
     `(batch, vocab)` float32, or with `last_only=False` every token's, packed `(sum of lengths, vocab)`."""
     device = cache.block_table.device
+    for seq, prompt in enumerate(prompts):
+        if cache.seq_lens[seq] or not prompt:
+            raise ValueError(f"prefill: sequence {seq} needs an empty cache row and a non-empty prompt, got "
+                             f"{cache.seq_lens[seq]} cached tokens and a prompt of {len(prompt)} tokens")
     slots, k_start, k_end, positions = [], [], [], []
     start = 0
     for seq, prompt in enumerate(prompts):

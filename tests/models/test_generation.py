@@ -89,3 +89,14 @@ def test_decode_step_has_no_graph_breaks(model_type, kv_cache_dtype):
         explanation = torch._dynamo.explain(decode_step)(model, cache, first[:, None])
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_prefill_rejects_a_used_cache_row_and_an_empty_prompt():
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, seed=4)
+    cache = PagedKVCache(config, num_blocks=4, max_batch_size=2, max_seq_len=64)
+    with pytest.raises(ValueError, match="sequence 1"):
+        prefill(model, cache, [[5, 6], []])
+    prefill(model, cache, [[5, 6], [7]])
+    with pytest.raises(ValueError, match="sequence 0 needs an empty cache row"):
+        prefill(model, cache, [[8]])

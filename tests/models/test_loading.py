@@ -155,3 +155,15 @@ def test_truncated_shard(tmp_path, v3_tensors):
     shard.write_bytes(shard.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match=rf"{shard.name}: tensors \['model\.\S+'.*truncated"):
         load_model(path, dtype=torch.float32)
+
+
+def test_rope_frequencies_stay_float32_in_a_bf16_model():
+    """A bf16 model keeps RoPE's inverse frequencies in float32 (bf16 would drift by radians at long positions)."""
+    from models import random_model, tiny_config
+    from models.deepseek import DeepseekConfig, rope_inv_freq
+
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, torch.bfloat16)
+    rotary = model.model.rotary_emb
+    assert rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(rotary.inv_freq, rope_inv_freq(config)[0].float())

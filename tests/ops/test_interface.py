@@ -170,3 +170,25 @@ def test_flash_mla_sparse_fwd_returns(device):
     finite = torch.isfinite(ref_lse_indexer)
     assert torch.equal(torch.isfinite(four[3].cpu()), finite)
     assert torch.allclose(four[3].double().cpu()[finite], ref_lse_indexer[finite], atol=1e-4, rtol=0)
+
+
+def test_flashmla_api_compiles_with_a_shared_sched_meta():
+    """The FlashMLA calling pattern (one get_mla_metadata object, several calls) traces with fullgraph=True."""
+    import flashmla_ops
+
+    q = torch.randn(2, 1, 16, 576).bfloat16()
+    cache = torch.randn(4, 64, 1, 576).bfloat16()
+    block_table = torch.arange(4, dtype=torch.int32).view(2, 2)
+    cache_seqlens = torch.tensor([70, 5], dtype=torch.int32)
+
+    def two_layers(q, cache, block_table, cache_seqlens):
+        sched_meta, _ = flashmla_ops.get_mla_metadata()
+        first = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)[0]
+        return flashmla_ops.flash_mla_with_kvcache(first.repeat(1, 1, 1, 2)[..., :576].contiguous(), cache,
+                                                   block_table, cache_seqlens, 512, sched_meta)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(two_layers, fullgraph=True)
+    for got, want in zip(compiled(q, cache, block_table, cache_seqlens), two_layers(q, cache, block_table,
+                                                                                     cache_seqlens)):
+        assert torch.equal(got, want)
