@@ -204,11 +204,13 @@ class PrefillMetadata:
     """Whole prompts packed into `T` tokens.
 
     slot_mapping `(T,)` int64: each token's flat cache slot. k_start, k_end `(T,)` int32: token `t` attends to packed
-    rows `[k_start[t], k_end[t])` (its prompt's first row, its own row + 1).
+    rows `[k_start[t], k_end[t])` (its prompt's first row, its own row + 1). prompt_lengths: the prompts' lengths in
+    packing order (host ints).
     """
     slot_mapping: torch.Tensor
     k_start: torch.Tensor
     k_end: torch.Tensor
+    prompt_lengths: tuple[int, ...]
 
 
 @dataclass
@@ -486,11 +488,13 @@ class MLAttention(nn.Module):
         k_nope, value = kv.split([config.qk_nope_head_dim, config.v_head_dim], dim=-1)
         key = torch.cat([k_nope, k_pe[:, None].expand(-1, self.num_heads, -1)], dim=-1)
         query = torch.cat([q_nope, q_pe], dim=-1)
-        rows = torch.arange(num_tokens, device=latent.device)
-        mask = (rows[None, :] >= metadata.k_start[:, None]) & (rows[None, :] < metadata.k_end[:, None])
-        out = F.scaled_dot_product_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-                                             attn_mask=mask, scale=self.softmax_scale)
-        return out.transpose(0, 1).reshape(num_tokens, self.num_heads * config.v_head_dim)
+        # One causal attention per prompt: memory linear in each prompt (a packed mask would be T x T and keep SDPA
+        # off its fused kernels).
+        outs = [F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                               is_causal=True, scale=self.softmax_scale).transpose(0, 1)
+                for q, k, v in zip(query.split(metadata.prompt_lengths), key.split(metadata.prompt_lengths),
+                                   value.split(metadata.prompt_lengths))]
+        return torch.cat(outs).reshape(num_tokens, self.num_heads * config.v_head_dim)
 
     def _decode(self, q_absorbed, metadata: DecodeMetadata, kv_cache, index_cache, index_q, index_weights,
                 is_fp8) -> torch.Tensor:

@@ -33,7 +33,7 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
         start += length
     as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
     metadata = PrefillMetadata(as_tensor(slots, torch.int64), as_tensor(k_start, torch.int32),
-                               as_tensor(k_end, torch.int32))
+                               as_tensor(k_end, torch.int32), tuple(len(p) for p in prompts))
     input_ids = as_tensor([token for prompt in prompts for token in prompt], torch.int64)
     last_rows = torch.cumsum(as_tensor([len(p) for p in prompts], torch.int64), 0) - 1 if last_only else None
     return model(input_ids, as_tensor(positions, torch.int64), metadata, cache, logits_rows=last_rows)
