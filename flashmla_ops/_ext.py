@@ -101,7 +101,15 @@ def backend(op: str, device: torch.device | str) -> str:
         return "cuda"
     if "triton" in available and forced in ("auto", "triton") and _triton_importable():
         return "triton"
+    if forced != "auto":
+        _warn_forced_fallback(op, forced)
     return "reference"
+
+
+@functools.cache
+def _warn_forced_fallback(op: str, forced: str) -> None:
+    log.warning("flashmla_ops: %s=%s but %s has no usable %s kernel here; it runs the PyTorch reference",
+                BACKEND_ENV, forced, op, forced)
 
 
 def kernels(op: str, device: torch.device | str):
