@@ -108,3 +108,8 @@ class PagedKVCache:
         self.seq_lens[seq] = 0
         self.cache_seqlens[seq] = 0
         self.block_table[seq] = 0
+
+    def reset(self) -> None:
+        """Free every sequence (the pools keep their contents; nothing reads freed slots)."""
+        for seq in range(len(self.seq_lens)):
+            self.free(seq)

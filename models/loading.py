@@ -259,6 +259,19 @@ def load_tokenizer(checkpoint: str | os.PathLike):
     return AutoTokenizer.from_pretrained(checkpoint)
 
 
+# DeepSeek-V2-Lite's config.json (15.7B parameters, 2.4B active, about 31 GB in BF16; 16 heads, 64 routed experts of
+# which 6 per token): the benchmarks' real-shape model with random weights.
+V2_LITE_CONFIG = dict(
+    model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+    num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
+    num_experts_per_tok=6, n_group=1, topk_group=1, topk_method="greedy", scoring_func="softmax",
+    norm_topk_prob=False, routed_scaling_factor=1.0, first_k_dense_replace=1, max_position_embeddings=163840,
+    rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=100000, eos_token_id=100001,
+    rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                      mscale=0.707, mscale_all_dim=0.707))
+
+
 def tiny_config(model_type: str, **overrides) -> dict:
     """A small `config.json` dict of `model_type` (2 layers: dense then MoE with group-limited routing), keeping
     kv_lora_rank 512 and qk_rope_head_dim 64 so that the FP8 cache works."""

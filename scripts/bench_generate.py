@@ -51,6 +51,7 @@ from models import (
     tiny_config,
 )
 from models.cache import KV_CACHE_DTYPES
+from models.loading import V2_LITE_CONFIG
 from models.deepseek import MoE
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -69,15 +70,7 @@ _V3 = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_int
            num_hidden_layers=2, first_k_dense_replace=1)
 PRESETS = {
     "tiny": tiny_config("deepseek_v3"),
-    # DeepSeek-V2-Lite's config.json (15.7B parameters, about 31 GB in BF16).
-    "v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-                    moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
-                    q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                    n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
-                    topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
-                    first_k_dense_replace=1, rope_theta=10000.0,
-                    rope_scaling=dict(_YARN, mscale=0.707, mscale_all_dim=0.707), max_position_embeddings=163840,
-                    rms_norm_eps=1e-6, bos_token_id=100000, eos_token_id=100001, tie_word_embeddings=False),
+    "v2-lite": V2_LITE_CONFIG,
     "v3-layers": dict(_V3, model_type="deepseek_v3"),
     "v32-layers": dict(_V3, model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048),
 }
@@ -174,8 +167,7 @@ class OursRunner:
         return sum(cache[0, 0].nbytes for cache in caches)
 
     def reset(self) -> None:
-        for seq in range(self.batch):
-            self.cache.free(seq)
+        self.cache.reset()
 
     def prefill(self, prompts: torch.Tensor) -> torch.Tensor:
         return prefill(self.model, self.cache, prompts.tolist())

@@ -26,18 +26,10 @@ from tqdm import tqdm
 
 from models import DeepseekConfig, PagedKVCache, compile_decode_step, decode_step, generate, prefill, random_model
 from models.cache import KV_CACHE_DTYPES
+from models.loading import V2_LITE_CONFIG
 from models.parallel import end_job, init_parallel
 
-# DeepSeek-V2-Lite's config.json (15.7B parameters, 2.4B active; 16 heads, 64 routed experts of which 6 per token)
-V2_LITE = dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-               moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
-               kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
-               n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1, topk_method="greedy",
-               norm_topk_prob=False, routed_scaling_factor=1.0, first_k_dense_replace=1,
-               max_position_embeddings=163840, rope_theta=10000.0, rms_norm_eps=1e-6,
-               rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
-                                 beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
-               bos_token_id=100000, eos_token_id=100001)
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -47,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=V2_LITE["num_hidden_layers"],
+    parser.add_argument("--layers", type=int, default=V2_LITE_CONFIG["num_hidden_layers"],
                         help="fewer layers for a quicker run (decode time is about proportional)")
     parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES, default="bf16")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -66,17 +58,13 @@ def measure(model, config: DeepseekConfig, batch: int, args, device: torch.devic
     cache = PagedKVCache(config, batch * -(-max_seq_len // 64), batch, max_seq_len, args.kv_cache, device)
     step = compile_decode_step(device) if args.compile else decode_step
 
-    def fresh():
-        for seq in range(batch):
-            cache.free(seq)
-
     generate(model, cache, prompts, args.new_tokens, step=step)  # warm-up: compiles, captures CUDA graphs
-    fresh()
+    cache.reset()
     tokens, stats = generate(model, cache, prompts, args.new_tokens, step=step)
-    fresh()
+    cache.reset()
     with torch.inference_mode():
         logits = prefill(model, cache, prompts).cpu()
-    fresh()
+    cache.reset()
     return {"tokens": tokens, "tokens_per_second": stats.decode_tokens_per_second, "logits": logits}
 
 
@@ -113,7 +101,7 @@ def main() -> None:
     parallel, device = (init_parallel(world_size, args.ep, torch.device(args.device).type) if world_size > 1
                         else (None, torch.device(args.device)))
     is_main = parallel is None or parallel.rank == 0
-    config = DeepseekConfig.from_dict({**V2_LITE, "num_hidden_layers": args.layers})
+    config = DeepseekConfig.from_dict({**V2_LITE_CONFIG, "num_hidden_layers": args.layers})
     dtype = DTYPES[args.dtype]
 
     single = {}

@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> list[list[int]]:
     generator = torch.Generator(device).manual_seed(args.seed)
     if args.warmup:  # compilation, CUDA-graph capture and kernel JIT stay out of the timed run
         generate(model, cache, prompts, min(4, args.max_new_tokens), 0.0, 1.0, (), step)
-        for seq in range(len(prompts)):
-            cache.free(seq)
+        cache.reset()
     outputs, stats = generate(model, cache, prompts, args.max_new_tokens, args.temperature, args.top_p,
                               tuple(config.eos_token_ids), step, generator)
     if is_main:
