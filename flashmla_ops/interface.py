@@ -17,17 +17,19 @@ class FlashMLASchedMeta:
     key: tuple = field(default=(), repr=False)
     source: torch.Tensor | None = field(default=None, repr=False)
 
-    def fill(self, lengths: torch.Tensor, source: torch.Tensor, key: tuple) -> None:
-        """Compute the split for `lengths` unless it was computed for this very `source` tensor (held, so that its
-        id cannot be reused by another tensor), unmodified since (`_version`), with the same `key` (shapes)."""
+    def fill(self, lengths, source: torch.Tensor | None, key: tuple) -> None:
+        """Compute the split for `lengths()` unless it was computed for this very `source` tensor (held, so that its
+        id cannot be reused by another tensor), unmodified since (`_version`), with the same `key` (shapes); with
+        `source` None the lengths follow from `key` alone."""
+        s_q, h_q = key[1], key[2]
         if torch.compiler.is_compiling():  # no guards on tensor versions: recompute (cheap device work, no sync)
-            s_q, h_q = key[1], key[2]
+            lengths = lengths()
             self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
                 lengths, num_sm_parts(lengths.device, s_q, h_q))
             return
-        key = (*key, source._version)
-        if self.source is not source or self.key != key:
-            s_q, h_q = key[1], key[2]
+        key = (*key, source._version if source is not None else 0)
+        if self.source is not source or self.key != key or self.tile_scheduler_metadata is None:
+            lengths = lengths()
             self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
                 lengths, num_sm_parts(lengths.device, s_q, h_q))
             self.source, self.key = source, key
@@ -87,18 +89,20 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
                              f"block_table={'a tensor' if block_table is not None else None}, "
                              f"cache_seqlens={'a tensor' if cache_seqlens is not None else None}")
         if isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dtype == torch.int32:
-            meta.fill(cache_seqlens, cache_seqlens, ("dense", s_q, h_q, batch))
+            meta.fill(lambda: cache_seqlens, cache_seqlens, ("dense", s_q, h_q, batch))
         return torch.ops.flashmla.dense_decode(q, k_cache, block_table, cache_seqlens, meta.tile_scheduler_metadata,
                                                meta.num_splits, head_dim_v, softmax_scale, causal, is_fp8_kvcache,
                                                attn_sink)
     if causal:
         raise ValueError(f"{op}: causal must be False with indices (the indices say what each query sees), got True")
     if isinstance(indices, torch.Tensor) and indices.dim() == 3:
-        lengths = topk_length if isinstance(topk_length, torch.Tensor) and topk_length.dtype == torch.int32 else None
-        if lengths is None:
-            lengths = torch.full((batch,), indices.shape[-1], dtype=torch.int32, device=q.device)
-        source = topk_length if topk_length is not None else indices
-        meta.fill(lengths, source, ("sparse", s_q, h_q, batch, indices.shape[-1]))
+        # Without topk_length every sequence has topk keys: the split depends on the shapes alone.
+        if isinstance(topk_length, torch.Tensor) and topk_length.dtype == torch.int32:
+            lengths, source = (lambda: topk_length), topk_length
+        else:
+            lengths, source = (lambda: torch.full((batch,), indices.shape[-1], dtype=torch.int32,
+                                                  device=q.device)), None
+        meta.fill(lengths, source, ("sparse", s_q, h_q, batch, indices.shape[-1], q.device))
     return torch.ops.flashmla.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                                             extra_topk_length, meta.tile_scheduler_metadata, meta.num_splits,
                                             head_dim_v, softmax_scale, is_fp8_kvcache, attn_sink)

@@ -192,3 +192,20 @@ def test_flashmla_api_compiles_with_a_shared_sched_meta():
     for got, want in zip(compiled(q, cache, block_table, cache_seqlens), two_layers(q, cache, block_table,
                                                                                      cache_seqlens)):
         assert torch.equal(got, want)
+
+
+def test_sparse_sched_meta_reused_across_layers_without_topk_length(monkeypatch):
+    """Without topk_length the split depends on shapes only: one computation serves every layer's new indices."""
+    import flashmla_ops
+    from flashmla_ops import interface
+
+    monkeypatch.setattr(interface, "num_sm_parts", lambda device, s_q, h_q: 4)
+    q = torch.randn(2, 1, 16, 576).bfloat16()
+    cache = torch.randn(4, 64, 1, 576).bfloat16()
+    sched_meta, _ = flashmla_ops.get_mla_metadata()
+    seen = []
+    for _ in range(3):  # layers
+        indices = torch.randint(0, 256, (2, 1, 32), dtype=torch.int32)
+        flashmla_ops.flash_mla_with_kvcache(q, cache, None, None, 512, sched_meta, indices=indices)
+        seen.append(id(sched_meta.tile_scheduler_metadata))
+    assert len(set(seen)) == 1
