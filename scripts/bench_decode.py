@@ -227,6 +227,24 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def bench_device(backend: str, script: str) -> torch.device:
+    """The GPU a benchmark runs on, with the ops' backend forced to `backend` (FLASHMLA_BACKEND)."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU")
+    os.environ["FLASHMLA_BACKEND"] = backend
+    return torch.device("cuda")
+
+
+def save_results(prefix: str, backend: str, rows: list[dict], plot_fn, **extra) -> None:
+    """`prefix`.json (GPU, torch, backend, the rows and `extra`) and `prefix`.png (`plot_fn(rows, path)`)."""
+    out = Path(prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "backend": backend}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=1))
+    plot_fn(rows, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "reference"])
@@ -235,10 +253,7 @@ def main():
     parser.add_argument("--tune", action="store_true", help="time the Triton launch configurations first")
     parser.add_argument("--out", default="bench/decode", help="output prefix for .json and .png")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_decode.py needs a CUDA GPU")
-    os.environ["FLASHMLA_BACKEND"] = args.backend
-    device = torch.device("cuda")
+    device = bench_device(args.backend, "bench_decode.py")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dense_decode backend: "
           f"{flashmla_ops.backend('dense_decode', device)}")
     tuned = tune(device) if args.tune else []
@@ -270,12 +285,7 @@ def main():
             print(f"{r['kv_cache']:4} {r['batch']:5} {r['s_q']:3} {r['h_q']:4} {r['seqlen']:6} "
                   f"{'y' if r['skewed'] else '':>4} "
                   f"{r['time_us']:9.1f} {r['gb_s']:7.0f} {r['tflop_s']:8.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "backend": args.backend}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "tuning": tuned}, indent=1))
-    plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    save_results(args.out, args.backend, rows, plot, tuning=tuned)
 
 
 if __name__ == "__main__":

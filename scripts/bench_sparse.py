@@ -10,15 +10,13 @@ slots through a shuffled block table; prefill: rows of the packed kv). Writes JS
     python scripts/bench_sparse.py --sweep --backend triton --out bench/sparse_triton
 """
 import argparse
-import json
-import os
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import flashmla_ops
-from bench_decode import PEAK_BANDWIDTH, PEAK_BF16, eager_ms, fmt, forced_backend, time_ms
+from bench_decode import (PEAK_BANDWIDTH, PEAK_BF16, bench_device, eager_ms, fmt, forced_backend, save_results,
+                          time_ms)
 from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
 DECODE_CONTEXT = 16384  # tokens per sequence the indices choose from
@@ -142,10 +140,7 @@ def main():
     parser.add_argument("--no-reference", action="store_true", help="skip timing the reference op")
     parser.add_argument("--out", default="bench/sparse", help="output prefix for .json and .png")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_sparse.py needs a CUDA GPU")
-    os.environ["FLASHMLA_BACKEND"] = args.backend
-    device = torch.device("cuda")
+    device = bench_device(args.backend, "bench_sparse.py")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: sparse_decode "
           f"{flashmla_ops.backend('sparse_decode', device)}, "
           f"sparse_prefill {flashmla_ops.backend('sparse_prefill', device)}")
@@ -167,12 +162,7 @@ def main():
         for r in rows[len(SPEC_ROWS):]:
             print(f"{r['op']:7} {r['kv_cache']:4} {r['size']:5} {r['second']:6} {r['h_q']:4} {r['topk']:5} "
                   f"{r['time_us']:9.1f} {r['gb_s']:7.0f} {r['tflop_s']:8.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "backend": args.backend}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    save_results(args.out, args.backend, rows, plot)
 
 
 if __name__ == "__main__":

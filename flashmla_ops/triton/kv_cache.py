@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..kv_cache import FP8_BYTES, FP8_TILE, KV_LORA_RANK, ROPE_DIM
-from .common import INTERPRET
+from .common import INTERPRET, hardware_fp8
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def _store_kv_rows_kernel(Latent, Rope, Slots, Cache, stride_latent, stride_rope
 def hardware_e4m3_encode(device: torch.device) -> bool:
     """The e4m3 cast is trusted to Triton only on a GPU that has the conversion (sm_89+): the interpreter's own
     conversion does not round to nearest-even, so under it the integer encoder runs."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and hardware_fp8(device)
 
 
 def _store_rows(cache, latent, rope, slot_mapping, is_fp8, page_block_size):
