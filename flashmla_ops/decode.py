@@ -128,6 +128,13 @@ def _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims):
         check_tensor(op, "num_splits", num_splits, INDEX_DTYPES, (dims["batch"] + 1,), dims)
 
 
+def sequence_slots(block_table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """Flat cache slots `(length,)` int64 of a sequence's tokens 0 .. length - 1 through its block_table row."""
+    num_blocks = -(-length // PAGE_BLOCK_SIZE)
+    rows = torch.arange(PAGE_BLOCK_SIZE, device=block_table_row.device)
+    return (block_table_row[:num_blocks, None].long() * PAGE_BLOCK_SIZE + rows).reshape(-1)[:length]
+
+
 def _gather_rows(k_cache: torch.Tensor, slots: torch.Tensor, is_fp8: bool) -> torch.Tensor:
     """Rows of the paged cache at flat slots (any shape, all valid) as float32 `(*slots.shape, d_qk)`."""
     block_size = k_cache.shape[1]
@@ -170,10 +177,7 @@ def dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, s
     lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
     query = torch.arange(s_q, device=q.device)
     for b, length in enumerate(cache_seqlens.tolist()):
-        num_blocks = -(-length // PAGE_BLOCK_SIZE)
-        slots = (block_table[b, :num_blocks, None].long() * PAGE_BLOCK_SIZE
-                 + torch.arange(PAGE_BLOCK_SIZE, device=q.device)).reshape(-1)[:length]
-        keys = _gather_rows(k_cache, slots, is_fp8)[None]
+        keys = _gather_rows(k_cache, sequence_slots(block_table[b], length), is_fp8)[None]
         position = torch.arange(length, device=q.device)
         if causal:
             valid = position[None, :] <= (length - s_q + query)[:, None]

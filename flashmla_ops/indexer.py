@@ -9,7 +9,7 @@ that `write_index_cache` fills (bfloat16 `(num_blocks, 64, d_i)` or FP8 `(num_bl
 import torch
 
 from ._checks import FLOAT_DTYPES, check, check_paged_table, check_same_device, check_tensor, value_checks_apply
-from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE
+from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE, sequence_slots
 from .kv_cache import dequantize_index_fp8_reference
 
 FP8 = torch.float8_e4m3fn
@@ -113,9 +113,8 @@ def indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_s
     logits = q.new_full((batch, s_q, capacity), float("-inf"), dtype=torch.float32)
     queries = _scaled(q, q_scale)
     for b, length in enumerate(cache_seqlens.tolist()):
-        num_blocks = -(-length // PAGE_BLOCK_SIZE)
-        blocks = index_cache[block_table[b, :num_blocks].long()]
-        rows = blocks.reshape(num_blocks * PAGE_BLOCK_SIZE, index_cache.shape[-1])[:length]
+        slots = sequence_slots(block_table[b], length)
+        rows = index_cache[slots // PAGE_BLOCK_SIZE, slots % PAGE_BLOCK_SIZE]
         keys = rows.float() if index_cache.dtype in FLOAT_DTYPES else dequantize_index_fp8_reference(rows)
         last_visible = length - s_q + torch.arange(s_q, device=q.device)
         visible = torch.arange(length, device=q.device)[None, :] <= last_visible[:, None]
