@@ -15,7 +15,7 @@ import torch
 log = logging.getLogger("flashmla_ops")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 BACKEND_ENV = "FLASHMLA_BACKEND"
-SOURCES = ("bindings.cpp", "kv_cache.cu")
+SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu")
 
 
 def _unavailable_reason() -> str | None:
@@ -61,12 +61,15 @@ def _load():
 
 # Which fast paths each op has; every op also has its reference.
 KERNELS = {
-    "quantize_kv_fp8": ("cuda",),
+    "quantize_kv_fp8": ("cuda", "triton"),
     "dequantize_kv_fp8": ("cuda",),
-    "write_kv_cache": ("cuda",),
-    "dense_decode": ("triton",),
+    "write_kv_cache": ("cuda", "triton"),
+    "dense_decode": ("cuda", "triton"),
     "sparse_decode": ("triton",),
     "sparse_prefill": ("triton",),
+    "indexer_logits": ("triton",),
+    "indexer_logits_paged": ("triton",),
+    "indexer_topk": ("triton",),
 }
 CHOICES = ("auto", "cuda", "triton", "reference")
 
@@ -88,22 +91,31 @@ def _triton_importable() -> bool:
     return True
 
 
+def paths(op: str, device: torch.device | str) -> tuple[str, ...]:
+    """The fast paths `torch.ops.flashmla.<op>` may take on `device`, best first: 'cuda' (the csrc kernel, where
+    built) then 'triton'; each op falls through to the next, and finally to its reference, for shapes a kernel does
+    not cover. `FLASHMLA_BACKEND=cuda|triton|reference` restricts the list to that one path."""
+    device = torch.device(device)
+    forced = _forced()
+    if device.type != "cuda" or forced == "reference":
+        return ()
+    available = KERNELS.get(op, ())
+    found = []
+    if "cuda" in available and forced in ("auto", "cuda") and _load() is not None:
+        found.append("cuda")
+    if "triton" in available and forced in ("auto", "triton") and _triton_importable():
+        found.append("triton")
+    if forced != "auto" and not found:
+        _warn_forced_fallback(op, forced)
+    return tuple(found)
+
+
 def backend(op: str, device: torch.device | str) -> str:
     """The path `torch.ops.flashmla.<op>` takes on `device` for the shapes its kernels support: 'cuda' (the csrc
     kernel), 'triton' or 'reference'. In order: the CUDA kernel where built, else Triton, else the reference;
     `FLASHMLA_BACKEND=cuda|triton|reference` restricts the choice."""
-    device = torch.device(device)
-    forced = _forced()
-    if device.type != "cuda" or forced == "reference":
-        return "reference"
-    available = KERNELS.get(op, ())
-    if "cuda" in available and forced in ("auto", "cuda") and _load() is not None:
-        return "cuda"
-    if "triton" in available and forced in ("auto", "triton") and _triton_importable():
-        return "triton"
-    if forced != "auto":
-        _warn_forced_fallback(op, forced)
-    return "reference"
+    found = paths(op, device)
+    return found[0] if found else "reference"
 
 
 @functools.cache

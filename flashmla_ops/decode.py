@@ -189,6 +189,30 @@ def dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, s
     return out, lse
 
 
+CUDA_ROWS_PER_CTA = 64  # query rows (s_q * h_q pairs) per CTA of csrc/dense_decode.cu
+CUDA_MIN_BLOCKS_PER_SPLIT = 4  # a split re-reads the query tile (72 KiB at h_q >= 64): amortise it over >= 4 blocks
+
+
+def _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink) -> bool:
+    """The shapes csrc/dense_decode.cu is written for: bf16 q and cache, d_qk 576 / d_v 512, 16-byte aligned rows;
+    the FP8 cache and the attention sink go to the next path."""
+    aligned = all(stride % 8 == 0 for stride in (*q.stride()[:3], *k_cache.stride()[:2]))
+    return (q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and not is_fp8 and attn_sink is None
+            and q.shape[-1] == D_QK and head_dim_v == KV_LORA_RANK and aligned and q.shape[0] <= 65535
+            and q.data_ptr() % 16 == 0 and k_cache.data_ptr() % 16 == 0)
+
+
+def cuda_num_splits(device: torch.device, batch: int, rows: int, max_blocks_per_seq: int) -> int:
+    """Splits per sequence for csrc/dense_decode.cu: one CTA per SM (its shared memory allows no second) when the
+    batch's row tiles alone do not fill the GPU, never under CUDA_MIN_BLOCKS_PER_SPLIT blocks of the longest
+    sequence the block table can hold. From shapes alone, so one CUDA graph serves every cache_seqlens."""
+    ctas = max(1, batch * -(-rows // CUDA_ROWS_PER_CTA))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if ctas >= sms:
+        return 1
+    return max(1, min(sms // ctas, max_blocks_per_seq // CUDA_MIN_BLOCKS_PER_SPLIT))
+
+
 @torch.library.custom_op("flashmla::dense_decode", mutates_args=())
 def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                  tile_scheduler_metadata: torch.Tensor | None, num_splits: torch.Tensor | None, head_dim_v: int,
@@ -199,12 +223,17 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
     calling convention; None is fine): today's kernels split the KV by shape alone and the reference needs none."""
     _check_dense("dense_decode", q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                  head_dim_v, is_fp8, attn_sink)
-    if _ext.backend("dense_decode", q.device) == "triton":
-        from .triton import decode as triton_decode
+    for path in _ext.paths("dense_decode", q.device):
+        if path == "cuda" and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink):
+            return _ext.kernels("dense_decode", q.device).dense_decode(
+                q, k_cache, block_table, cache_seqlens, softmax_scale, causal,
+                cuda_num_splits(q.device, q.shape[0], q.shape[1] * q.shape[2], block_table.shape[1]))
+        if path == "triton":
+            from .triton import decode as triton_decode
 
-        if triton_decode.supports(q, k_cache, head_dim_v, is_fp8):
-            return triton_decode.dense_decode(q.contiguous(), k_cache, block_table, cache_seqlens, head_dim_v,
-                                              softmax_scale, causal, is_fp8, attn_sink)
+            if triton_decode.supports(q, k_cache, head_dim_v, is_fp8):
+                return triton_decode.dense_decode(q.contiguous(), k_cache, block_table, cache_seqlens, head_dim_v,
+                                                  softmax_scale, causal, is_fp8, attn_sink)
     return dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
                                   attn_sink)
 

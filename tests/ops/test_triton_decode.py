@@ -7,13 +7,13 @@ import dataclasses
 
 import pytest
 import torch
+from decode_inputs import DEVICE, make_inputs, poison_allocator
 
 from flashmla_ops import reference
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
 triton_decode = pytest.importorskip("flashmla_ops.triton.decode", exc_type=ImportError)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16_BAND = 1e-2  # relative Frobenius error: bf16 output rounding plus bf16 probabilities in P.V
 LSE_TOLERANCE = 1e-3
 
@@ -32,31 +32,6 @@ GPU_CASES = [
     ([4096] * 4, 2, 128),
     ([1000, 31, 4097], 4, 64),
 ]
-
-
-def make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded=False):
-    batch = len(seqlens)
-    blocks_per_seq = max(1, -(-max(seqlens) // PAGE_BLOCK_SIZE)) + 1  # spare capacity
-    num_blocks = batch * blocks_per_seq + 3
-    cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
-    if is_fp8:
-        cache = reference.quantize_kv_fp8(cache)
-        if padded:  # a cache that is a slice of a wider buffer (block stride > 64 * 656 bytes)
-            buffer = torch.zeros(num_blocks, PAGE_BLOCK_SIZE * cache.shape[-1] + 64, dtype=torch.uint8, device=DEVICE)
-            buffer[:, :PAGE_BLOCK_SIZE * cache.shape[-1]] = cache.reshape(num_blocks, -1)
-            cache = buffer[:, :PAGE_BLOCK_SIZE * cache.shape[-1]].view(num_blocks, PAGE_BLOCK_SIZE, 1, -1)
-    block_table = torch.randperm(num_blocks, generator=generator, device=DEVICE)[:batch * blocks_per_seq]
-    block_table = block_table.view(batch, blocks_per_seq).int()
-    cache_seqlens = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
-    q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
-    return q, cache, block_table, cache_seqlens
-
-
-def poison_allocator(num_bytes: int) -> None:
-    """Fill memory the caching allocator hands out next with NaN, so that unwritten outputs show (CUDA only: the
-    CPU allocator gives no such reuse)."""
-    if DEVICE == "cuda":
-        torch.full((num_bytes // 4,), float("nan"), device=DEVICE)
 
 
 def run_and_compare(seqlens, s_q, h_q, causal, is_fp8, sink, padded=False, **kernel_options):
@@ -113,9 +88,10 @@ def test_triton_dense_decode_gpu_grid_and_bit_identical_reruns(seqlens, s_q, h_q
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_dense_decode_op_uses_triton_and_captures_in_cuda_graph():
+def test_dense_decode_op_uses_triton_and_captures_in_cuda_graph(monkeypatch):
     import flashmla_ops
 
+    monkeypatch.setenv("FLASHMLA_BACKEND", "triton")
     assert flashmla_ops.backend("dense_decode", "cuda") == "triton"
     generator = torch.Generator(DEVICE).manual_seed(11)
     q, cache, block_table, cache_seqlens = make_inputs([300, 1000], 1, 16, False, generator)

@@ -1,0 +1,383 @@
+// Dense paged MLA decode over the BF16 latent cache on Hopper (sm_90a), and the combine of split partials.
+//
+// One CTA = 64 query rows (flattened (s_q, h_q) pairs of one sequence; all heads share the one latent KV head) x one
+// split of the sequence's 64-token cache blocks. Two warpgroups share each block:
+//   S_w = Q K[w * 32 : w * 32 + 32]^T          (wgmma m64n32, K = 576: warpgroup w scores half the block's tokens)
+//   m   = max(m, rowmax(S_0), rowmax(S_1))     (row maxima exchanged through shared memory)
+//   P   = exp2(S - m) -> shared memory (bf16)  (the whole 64 x 64 probability tile)
+//   O_w = O_w * exp2(m_old - m) + P V[:, w * 256 : w * 256 + 256]   (wgmma m64n256: warpgroup w owns half of d_v)
+// Q, two KV stages and P live in 128-byte-swizzled shared tiles (sm90.cuh) filled by cp.async: block i + 1 loads
+// while block i computes. Tokens past the sequence's end are zero-filled, so garbage rows never reach P V.
+// With several splits per sequence each CTA writes its normalised float32 output and base-2 LSE, and
+// `combine_kernel` merges them.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <cmath>
+
+#include "fp8_layout.cuh"
+#include "sm90.cuh"
+
+namespace flashmla {
+namespace {
+
+using namespace sm90;
+
+constexpr int kBlockN = 64;                   // tokens per cache block (page_block_size) and per KV tile
+constexpr int kRowsPerCta = 64;               // query rows per CTA: one wgmma M
+constexpr int kThreads = 256;                 // two warpgroups
+constexpr int kTokensPerWarpgroup = kBlockN / 2;
+constexpr int kValueColsPerWarpgroup = kLatentDim / 2;
+constexpr int kColumnTiles = kHeadDimQK / 64;  // 9 swizzled 64-column tiles per 576-wide row
+constexpr int kChunksPerRow = kHeadDimQK / 8;  // 72 16-byte chunks
+constexpr int kTileBytes = 64 * 128;          // one 64-row swizzled column tile
+constexpr int kMatrixBytes = kColumnTiles * kTileBytes;
+constexpr int kStages = 2;
+constexpr int kQOffset = 0;
+constexpr int kKvOffset = kQOffset + kMatrixBytes;
+constexpr int kPOffset = kKvOffset + kStages * kMatrixBytes;
+constexpr int kRowMaxOffset = kPOffset + kTileBytes;            // float [2][64]
+constexpr int kRowSumOffset = kRowMaxOffset + 2 * kRowsPerCta * 4;  // float [2][64]
+constexpr int kSharedBytes = kRowSumOffset + 2 * kRowsPerCta * 4 + 1024;  // + slack to align the base to 1024
+constexpr int kMaxSplits = 1024;
+constexpr float kLn2 = 0.69314718055994530942f;
+
+static_assert(kSharedBytes <= 227 * 1024, "shared memory");
+
+struct DecodeParams {
+  const __nv_bfloat16* q;
+  int64_t q_batch_stride, q_seq_stride, q_head_stride;
+  const __nv_bfloat16* kv;
+  int64_t kv_block_stride, kv_row_stride;
+  const int* block_table;
+  int64_t block_table_stride;
+  const int* cache_seqlens;
+  __nv_bfloat16* out;
+  int64_t out_batch_stride, out_seq_stride, out_head_stride;
+  float* lse;          // (batch, h_q, s_q)
+  float* out_partial;  // (batch * num_splits, rows, 512) when num_splits > 1
+  float* lse_partial;  // (batch * num_splits, rows), base 2
+  int h_q, s_q, rows, num_splits;
+  float scale_log2;
+  bool causal;
+};
+
+// Loads 64 rows of 576 bf16 into a swizzled matrix; `row_source(r)` gives row r's address or nullptr (zero fill).
+template <typename RowSource>
+__device__ __forceinline__ void load_rows_async(uint32_t dst, RowSource row_source, const void* any_valid_address) {
+#pragma unroll 2
+  for (int i = threadIdx.x; i < kRowsPerCta * kChunksPerRow; i += kThreads) {
+    const int row = i / kChunksPerRow, chunk = i % kChunksPerRow;
+    const __nv_bfloat16* src = row_source(row);
+    cp_async_16(dst + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8),
+                src != nullptr ? static_cast<const void*>(src + chunk * 8) : any_valid_address, src != nullptr);
+  }
+}
+
+__device__ __forceinline__ void load_kv_block_async(const DecodeParams& p, uint32_t dst, int batch, int block,
+                                                    int length) {
+  const int page = p.block_table[batch * p.block_table_stride + block];
+  const __nv_bfloat16* base = p.kv + page * p.kv_block_stride;
+  load_rows_async(
+      dst,
+      [&](int row) { return block * kBlockN + row < length ? base + row * p.kv_row_stride : nullptr; },
+      p.kv);
+}
+
+__global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_constant__ DecodeParams p) {
+  extern __shared__ uint8_t raw_shared[];
+  uint8_t* shared = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw_shared) + 1023) & ~uintptr_t(1023));
+  const uint32_t q_tile = smem_address(shared + kQOffset);
+  const uint32_t p_tile = smem_address(shared + kPOffset);
+  float* row_max_shared = reinterpret_cast<float*>(shared + kRowMaxOffset);
+  float* row_sum_shared = reinterpret_cast<float*>(shared + kRowSumOffset);
+
+  const int row_block = blockIdx.x, split = blockIdx.y, batch = blockIdx.z;
+  const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int length = p.cache_seqlens[batch];
+  const int num_blocks = (length + kBlockN - 1) / kBlockN;
+  const int blocks_per_split = (num_blocks + p.num_splits - 1) / p.num_splits;
+  const int begin = split * blocks_per_split;
+  const int end = min(begin + blocks_per_split, num_blocks);
+
+  // This thread's two accumulator rows (wgmma D fragment: rows warp * 16 + lane / 4 and + 8).
+  int row_of[2], visible[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    row_of[j] = warp * 16 + lane / 4 + 8 * j;
+    const int row = row_block * kRowsPerCta + row_of[j];
+    const int query = row / p.h_q;
+    visible[j] = row >= p.rows ? 0 : (p.causal ? length - p.s_q + query + 1 : length);
+  }
+
+  if (begin < end) {
+    load_rows_async(
+        q_tile,
+        [&](int r) -> const __nv_bfloat16* {
+          const int row = row_block * kRowsPerCta + r;
+          if (row >= p.rows) return nullptr;
+          return p.q + batch * p.q_batch_stride + (row / p.h_q) * p.q_seq_stride + (row % p.h_q) * p.q_head_stride;
+        },
+        p.q);
+    load_kv_block_async(p, smem_address(shared + kKvOffset), batch, begin, length);
+  }
+  cp_async_commit();
+  if (begin + 1 < end) load_kv_block_async(p, smem_address(shared + kKvOffset + kMatrixBytes), batch, begin + 1, length);
+  cp_async_commit();
+
+  float out_acc[kValueColsPerWarpgroup / 2];
+#pragma unroll
+  for (int i = 0; i < kValueColsPerWarpgroup / 2; ++i) out_acc[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  for (int block = begin; block < end; ++block) {
+    const uint32_t kv_tile = smem_address(shared + kKvOffset + ((block - begin) % kStages) * kMatrixBytes);
+    cp_async_wait<1>();
+    fence_async_shared();
+    __syncthreads();
+
+    float scores[kTokensPerWarpgroup / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < kHeadDimQK / 16; ++k) {
+      const uint32_t column = (k / 4) * kTileBytes + (k % 4) * 32;
+      wgmma_m64n32k16_ss(scores, smem_descriptor(q_tile + column, 16, 1024),
+                         smem_descriptor(kv_tile + column + warpgroup * kTokensPerWarpgroup * 128, 16, 1024), k > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(scores);
+
+    const int first_token = block * kBlockN + warpgroup * kTokensPerWarpgroup;
+    float block_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < kTokensPerWarpgroup / 8; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int token = first_token + 8 * i + 2 * (lane % 4) + c;
+          float& s = scores[4 * i + 2 * j + c];
+          s = token < visible[j] ? s * p.scale_log2 : -INFINITY;
+          block_max[j] = fmaxf(block_max[j], s);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      block_max[j] = fmaxf(block_max[j], __shfl_xor_sync(0xffffffffu, block_max[j], 1));
+      block_max[j] = fmaxf(block_max[j], __shfl_xor_sync(0xffffffffu, block_max[j], 2));
+      if (lane % 4 == 0) row_max_shared[warpgroup * kRowsPerCta + row_of[j]] = block_max[j];
+    }
+    named_barrier_sync(1, kThreads);
+
+    float rescale[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float new_max = fmaxf(row_max[j], fmaxf(row_max_shared[row_of[j]],
+                                                    row_max_shared[kRowsPerCta + row_of[j]]));
+      const float shift = new_max == -INFINITY ? 0.f : new_max;
+      rescale[j] = exp2f(row_max[j] - shift);
+      row_max[j] = new_max;
+      row_sum[j] *= rescale[j];
+#pragma unroll
+      for (int i = 0; i < kTokensPerWarpgroup / 8; ++i) {
+        const float p0 = exp2f(scores[4 * i + 2 * j] - shift), p1 = exp2f(scores[4 * i + 2 * j + 1] - shift);
+        row_sum[j] += p0 + p1;
+        const int chunk = warpgroup * (kTokensPerWarpgroup / 8) + i;
+        *reinterpret_cast<__nv_bfloat162*>(shared + kPOffset + swizzled_offset(row_of[j], chunk) + 4 * (lane % 4)) =
+            __floats2bfloat162_rn(p0, p1);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
+      out_acc[4 * i + 0] *= rescale[0];
+      out_acc[4 * i + 1] *= rescale[0];
+      out_acc[4 * i + 2] *= rescale[1];
+      out_acc[4 * i + 3] *= rescale[1];
+    }
+    fence_async_shared();
+    named_barrier_sync(1, kThreads);
+
+    wgmma_fence();
+    fence_registers(out_acc);
+#pragma unroll
+    for (int k = 0; k < kBlockN / 16; ++k) {
+      wgmma_m64n256k16_ss_tb(out_acc, smem_descriptor(p_tile + k * 32, 16, 1024),
+                             smem_descriptor(kv_tile + warpgroup * 4 * kTileBytes + k * 16 * 128, kTileBytes, 1024), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(out_acc);
+    __syncthreads();  // this stage and the P tile are free again
+    if (block + kStages < end) {
+      load_kv_block_async(p, kv_tile, batch, block + kStages, length);
+    }
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 1);
+    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 2);
+    if (lane % 4 == 0) row_sum_shared[warpgroup * kRowsPerCta + row_of[j]] = row_sum[j];
+  }
+  named_barrier_sync(1, kThreads);
+
+  const bool direct = p.num_splits == 1;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int row = row_block * kRowsPerCta + row_of[j];
+    if (row >= p.rows) continue;
+    const float total = row_sum_shared[row_of[j]] + row_sum_shared[kRowsPerCta + row_of[j]];
+    const float inverse = total > 0.f ? 1.f / total : 0.f;
+    const int query = row / p.h_q, head = row % p.h_q;
+    const int value_col = warpgroup * kValueColsPerWarpgroup + 2 * (lane % 4);
+    if (direct) {
+      __nv_bfloat16* out_row =
+          p.out + batch * p.out_batch_stride + query * p.out_seq_stride + head * p.out_head_stride + value_col;
+#pragma unroll
+      for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
+        *reinterpret_cast<__nv_bfloat162*>(out_row + 8 * i) =
+            __floats2bfloat162_rn(out_acc[4 * i + 2 * j] * inverse, out_acc[4 * i + 2 * j + 1] * inverse);
+      }
+      if (warpgroup == 0 && lane % 4 == 0) {
+        p.lse[(static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + query] =
+            total > 0.f ? (row_max[j] + log2f(total)) * kLn2 : INFINITY;
+      }
+    } else {
+      const int64_t partial_row = (static_cast<int64_t>(batch) * p.num_splits + split) * p.rows + row;
+      float* out_row = p.out_partial + partial_row * kLatentDim + value_col;
+#pragma unroll
+      for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
+        *reinterpret_cast<float2*>(out_row + 8 * i) =
+            make_float2(out_acc[4 * i + 2 * j] * inverse, out_acc[4 * i + 2 * j + 1] * inverse);
+      }
+      if (warpgroup == 0 && lane % 4 == 0) {
+        p.lse_partial[partial_row] = total > 0.f ? row_max[j] + log2f(total) : -INFINITY;
+      }
+    }
+  }
+}
+
+// One query row per CTA: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s (natural log on output).
+// A split that saw no token (lse_s = -inf) is skipped without reading its (unwritten) output.
+__global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ out_partial,
+                                                      const float* __restrict__ lse_partial, __nv_bfloat16* out,
+                                                      int64_t out_batch_stride, int64_t out_seq_stride,
+                                                      int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
+                                                      int num_splits) {
+  __shared__ float weights[kMaxSplits];
+  __shared__ float total_shared, max_shared;
+  const int row = blockIdx.x, batch = blockIdx.y;
+  const int64_t first = static_cast<int64_t>(batch) * num_splits;
+  for (int s = threadIdx.x; s < num_splits; s += blockDim.x) weights[s] = lse_partial[(first + s) * rows + row];
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float max_lse = -INFINITY;
+    for (int s = threadIdx.x; s < num_splits; s += 32) max_lse = fmaxf(max_lse, weights[s]);
+    for (int offset = 16; offset > 0; offset /= 2) max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
+    float total = 0.f;
+    for (int s = threadIdx.x; s < num_splits; s += 32) total += max_lse == -INFINITY ? 0.f : exp2f(weights[s] - max_lse);
+    for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
+    if (threadIdx.x == 0) {
+      total_shared = total;
+      max_shared = max_lse;
+    }
+  }
+  __syncthreads();
+  const float total = total_shared, max_lse = max_shared;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s = 0; s < num_splits; ++s) {
+    const float lse_s = weights[s];
+    if (lse_s == -INFINITY) continue;
+    const float w = exp2f(lse_s - max_lse) / total;
+    const float4 part = reinterpret_cast<const float4*>(out_partial + ((first + s) * rows + row) * kLatentDim)[threadIdx.x];
+    acc.x += w * part.x;
+    acc.y += w * part.y;
+    acc.z += w * part.z;
+    acc.w += w * part.w;
+  }
+  const int query = row / h_q, head = row % h_q;
+  __nv_bfloat16* out_row = out + batch * out_batch_stride + query * out_seq_stride + head * out_head_stride;
+  reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x] = __floats2bfloat162_rn(acc.x, acc.y);
+  reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x + 1] = __floats2bfloat162_rn(acc.z, acc.w);
+  if (threadIdx.x == 0) {
+    lse[(static_cast<int64_t>(batch) * h_q + head) * s_q + query] =
+        total > 0.f ? (max_lse + log2f(total)) * kLn2 : INFINITY;
+  }
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
+                                        const torch::Tensor& block_table, const torch::Tensor& cache_seqlens,
+                                        double softmax_scale, bool causal, int64_t num_splits) {
+  TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kBFloat16 && q.dim() == 4 && q.size(3) == kHeadDimQK &&
+                  q.stride(3) == 1,
+              "dense_decode: q must be CUDA bfloat16 (batch, s_q, h_q, 576) with a contiguous last dimension");
+  TORCH_CHECK(kv_cache.scalar_type() == at::kBFloat16 && kv_cache.dim() == 4 && kv_cache.size(1) == kBlockN &&
+                  kv_cache.size(3) == kHeadDimQK && kv_cache.stride(3) == 1 && kv_cache.stride(0) % 8 == 0 &&
+                  kv_cache.stride(1) % 8 == 0 && reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0,
+              "dense_decode: kv_cache must be bfloat16 (num_blocks, 64, 1, 576) with 16-byte aligned rows");
+  TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0,
+              "dense_decode: q rows must be 16-byte aligned");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.stride(1) == 1 &&
+                  cache_seqlens.scalar_type() == at::kInt && cache_seqlens.is_contiguous(),
+              "dense_decode: block_table and cache_seqlens must be int32 with contiguous rows");
+  const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2), rows = s_q * h_q;
+  TORCH_CHECK(num_splits >= 1 && num_splits <= kMaxSplits, "dense_decode: num_splits must be in [1, ", kMaxSplits,
+              "], got ", num_splits);
+  const int64_t row_blocks = (rows + kRowsPerCta - 1) / kRowsPerCta;
+  TORCH_CHECK(batch <= 65535 && row_blocks <= 65535, "dense_decode: batch and s_q * h_q / 64 must be <= 65535");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto out = torch::empty({batch, s_q, h_q, kLatentDim}, q.options());
+  auto lse = torch::empty({batch, h_q, s_q}, q.options().dtype(at::kFloat));
+  if (batch == 0 || rows == 0) return {out, lse};
+  torch::Tensor out_partial, lse_partial;
+  if (num_splits > 1) {
+    out_partial = torch::empty({batch * num_splits, rows, kLatentDim}, q.options().dtype(at::kFloat));
+    lse_partial = torch::empty({batch * num_splits, rows}, q.options().dtype(at::kFloat));
+  }
+  DecodeParams params{};
+  params.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
+  params.q_batch_stride = q.stride(0);
+  params.q_seq_stride = q.stride(1);
+  params.q_head_stride = q.stride(2);
+  params.kv = reinterpret_cast<const __nv_bfloat16*>(kv_cache.data_ptr());
+  params.kv_block_stride = kv_cache.stride(0);
+  params.kv_row_stride = kv_cache.stride(1);
+  params.block_table = block_table.data_ptr<int>();
+  params.block_table_stride = block_table.stride(0);
+  params.cache_seqlens = cache_seqlens.data_ptr<int>();
+  params.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
+  params.out_batch_stride = out.stride(0);
+  params.out_seq_stride = out.stride(1);
+  params.out_head_stride = out.stride(2);
+  params.lse = lse.data_ptr<float>();
+  params.out_partial = num_splits > 1 ? out_partial.data_ptr<float>() : nullptr;
+  params.lse_partial = num_splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
+  params.h_q = static_cast<int>(h_q);
+  params.s_q = static_cast<int>(s_q);
+  params.rows = static_cast<int>(rows);
+  params.num_splits = static_cast<int>(num_splits);
+  params.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+  params.causal = causal;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cudaFuncSetAttribute(dense_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
+  dense_decode_kernel<<<dim3(row_blocks, num_splits, batch), kThreads, kSharedBytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (num_splits > 1) {
+    combine_kernel<<<dim3(rows, batch), 128, 0, stream>>>(
+        out_partial.data_ptr<float>(), lse_partial.data_ptr<float>(), params.out, out.stride(0), out.stride(1),
+        out.stride(2), params.lse, params.h_q, params.s_q, params.rows, params.num_splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out, lse};
+}
+
+}  // namespace flashmla

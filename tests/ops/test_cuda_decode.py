@@ -1,0 +1,127 @@
+"""The sm_90a CUDA dense decode kernel (csrc/dense_decode.cu) against the reference, on a Hopper GPU.
+
+Fresh random inputs per case, outputs poisoned (the allocator's next blocks filled with NaN), LSE compared, lengths
+mixed in one batch (0, 1, 63, 64, 65, non-multiples of the page, one long among short), query rows that are not a
+multiple of the 64-row tile (h_q 1, 8 x s_q 3), causal s_q 1..4, forced split counts (1, several, more splits than
+blocks), a padded cache block stride, strided q, repeated runs bit-identical, and the op's CUDA-graph capture.
+"""
+import pytest
+import torch
+from decode_inputs import DEVICE, make_inputs, poison_allocator
+
+from flashmla_ops import _ext, reference
+from flashmla_ops.decode import cuda_num_splits
+from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK
+
+BF16_BAND = 1e-2  # relative Frobenius error: bf16 output rounding plus bf16 probabilities in P.V
+LSE_TOLERANCE = 1e-3
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                       reason="needs a Hopper (sm_90) GPU"),
+]
+
+# (seqlens, s_q, h_q)
+CASES = [
+    ([0, 1, 63, 64, 65, 130], 1, 16),
+    ([64, 1, 200], 2, 16),
+    ([5, 1000], 1, 64),
+    ([129], 2, 128),
+    ([3, 513], 4, 16),
+    ([77, 300, 2], 3, 8),
+    ([1000, 7], 1, 1),
+    ([4096] * 8, 1, 16),
+    ([1, 16384, 2, 63], 1, 128),
+    ([32768], 1, 128),
+    ([4096] * 4, 2, 128),
+    ([1000, 31, 4097], 4, 64),
+]
+
+
+def kernels():
+    extension = _ext.kernels("dense_decode", "cuda")
+    assert extension is not None, "the CUDA kernels did not build"
+    return extension
+
+
+def run_and_compare(seqlens, s_q, h_q, causal, num_splits=None, padded=False, strided_q=False):
+    generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 1000 + s_q * 10 + h_q + causal)
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, False, generator, padded)
+    if strided_q:  # heads spaced out in a wider buffer
+        wide = torch.randn(*q.shape[:2], h_q, 2 * D_QK, device=DEVICE).to(torch.bfloat16)
+        wide[..., :D_QK] = q
+        q = wide[..., :D_QK]
+    if num_splits is None:
+        num_splits = cuda_num_splits(q.device, q.shape[0], s_q * h_q, block_table.shape[1])
+    scale = D_QK ** -0.5
+    poison_allocator(4 * (len(seqlens) * num_splits * s_q * h_q * (KV_LORA_RANK + 1)) + 4 * q.numel())
+    out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, causal, num_splits)
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, causal,
+                                                False)
+    assert out.shape == want_out.shape and lse.shape == want_lse.shape
+    assert torch.isfinite(out).all()
+    error = (out.float() - want_out.float()).norm() / want_out.float().norm().clamp_min(1e-12)
+    assert error < BF16_BAND, f"relative error {error:.2e}"
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))  # +inf exactly for queries that see nothing
+    finite = torch.isfinite(want_lse)
+    assert torch.allclose(lse[finite], want_lse[finite], atol=LSE_TOLERANCE, rtol=0)
+    assert torch.all(out[~finite.transpose(1, 2)] == 0)
+    again_out, again_lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, causal, num_splits)
+    assert torch.equal(out, again_out) and torch.equal(lse, again_lse)
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q", CASES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_dense_decode_matches_reference(seqlens, s_q, h_q, causal):
+    run_and_compare(seqlens, s_q, h_q, causal)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+def test_cuda_dense_decode_split_counts(num_splits):
+    run_and_compare([0, 1, 65, 700, 3000], 2, 16, causal=True, num_splits=num_splits)
+
+
+def test_cuda_dense_decode_padded_cache_and_strided_q():
+    run_and_compare([77, 300, 1025], 2, 32, causal=True, padded=True, strided_q=True)
+
+
+def test_cuda_dense_decode_empty_batch():
+    q = torch.empty(0, 1, 16, D_QK, dtype=torch.bfloat16, device=DEVICE)
+    cache = torch.randn(2, 64, 1, D_QK, device=DEVICE).to(torch.bfloat16)
+    out, lse = kernels().dense_decode(q, cache, torch.zeros(0, 1, dtype=torch.int32, device=DEVICE),
+                                      torch.zeros(0, dtype=torch.int32, device=DEVICE), 0.1, False, 1)
+    assert out.shape == (0, 1, 16, KV_LORA_RANK) and lse.shape == (0, 16, 1)
+
+
+def test_dense_decode_op_uses_cuda_and_captures_in_cuda_graph():
+    import flashmla_ops
+
+    assert flashmla_ops.backend("dense_decode", "cuda") == "cuda"
+    generator = torch.Generator(DEVICE).manual_seed(12)
+    q, cache, block_table, cache_seqlens = make_inputs([300, 1000], 1, 16, False, generator)
+    args = (q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK, D_QK ** -0.5, False, False, None)
+    torch.ops.flashmla.dense_decode(*args)  # build and warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = torch.ops.flashmla.dense_decode(*args)
+    cache_seqlens.copy_(torch.tensor([5, 999], device=DEVICE))  # same graph, new lengths
+    graph.replay()
+    torch.cuda.synchronize()
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
+                                                False, False)
+    assert (out.float() - want_out.float()).norm() / want_out.float().norm() < BF16_BAND
+    assert torch.allclose(lse, want_lse, atol=LSE_TOLERANCE)
+
+
+def test_dense_decode_op_compiles_with_the_cuda_kernel():
+    generator = torch.Generator(DEVICE).manual_seed(13)
+    q, cache, block_table, cache_seqlens = make_inputs([100, 2000], 2, 16, False, generator)
+
+    def step(q, cache, block_table, cache_seqlens):
+        return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK,
+                                               D_QK ** -0.5, True, False, None)
+
+    eager = step(q, cache, block_table, cache_seqlens)
+    compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")(q, cache, block_table, cache_seqlens)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
