@@ -9,7 +9,7 @@ that `write_index_cache` fills (bfloat16 `(num_blocks, 64, d_i)` or FP8 `(num_bl
 import torch
 
 from ._checks import FLOAT_DTYPES, check, check_paged_table, check_same_device, check_tensor, value_checks_apply
-from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE, sequence_slots
+from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE
 from .kv_cache import dequantize_index_fp8_reference
 
 FP8 = torch.float8_e4m3fn
@@ -110,16 +110,19 @@ def _check_logits_paged(op, q, index_cache, weights, block_table, cache_seqlens,
 def indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_seqlens, q_scale=None):
     batch, s_q, _, _ = q.shape
     capacity = block_table.shape[1] * PAGE_BLOCK_SIZE
-    logits = q.new_full((batch, s_q, capacity), float("-inf"), dtype=torch.float32)
+    logits = q.new_empty(batch, s_q, capacity, dtype=torch.float32)
     queries = _scaled(q, q_scale)
-    for b, length in enumerate(cache_seqlens.tolist()):
-        slots = sequence_slots(block_table[b], length)
-        rows = index_cache[slots // PAGE_BLOCK_SIZE, slots % PAGE_BLOCK_SIZE]
+    # Every position the block table can hold, masked by length on the device: no host sync, so this also runs inside
+    # a CUDA graph. Entries past a sequence's blocks may hold anything: clamped to a real block, then masked.
+    blocks = block_table.long().clamp(0, max(index_cache.shape[0] - 1, 0))
+    last_visible = cache_seqlens.long()[:, None] - s_q + torch.arange(s_q, device=q.device)
+    position = torch.arange(capacity, device=q.device)
+    for b in range(batch):
+        rows = index_cache[blocks[b]].flatten(0, 1)
         keys = rows.float() if index_cache.dtype in FLOAT_DTYPES else dequantize_index_fp8_reference(rows)
-        last_visible = length - s_q + torch.arange(s_q, device=q.device)
-        visible = torch.arange(length, device=q.device)[None, :] <= last_visible[:, None]
+        visible = position[None, :] <= last_visible[b, :, None]
         chunk_logits = _weighted_relu_logits(queries[b], keys, weights[b].float())
-        logits[b, :, :length] = chunk_logits.masked_fill(~visible, float("-inf"))
+        logits[b] = chunk_logits.masked_fill(~visible, float("-inf"))
     return logits
 
 

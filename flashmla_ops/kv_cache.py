@@ -143,11 +143,20 @@ def _aligned16(cache: torch.Tensor) -> bool:
 
 
 def _scatter_rows(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """cache (num_blocks, page_block_size, ...) strided as it is; rows (num_tokens, ...)."""
+    """cache (num_blocks, page_block_size, ...) strided as it is; rows (num_tokens, ...); slot -1 skips a row.
+
+    Without a host sync (boolean indexing needs one, which a CUDA graph cannot capture): a skipped row repeats the
+    first kept row's write (same slot, same values), or where no row is kept rewrites slot 0 with what it holds."""
+    if slot_mapping.numel() == 0:
+        return
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
+    first = keep.int().argmax()
+    slots = torch.where(keep, slot_mapping, slot_mapping[first].clamp_min(0)).long()
     block_size = cache.shape[1]
-    cache[slots // block_size, slots % block_size] = rows[keep].to(cache.dtype)
+    blocks, offsets = slots // block_size, slots % block_size
+    rows = rows.to(cache.dtype)
+    fill = torch.where(keep.any(), rows[first], cache[blocks[0], offsets[0]])
+    cache[blocks, offsets] = torch.where(keep.view(-1, *[1] * (rows.dim() - 1)), rows, fill)
 
 
 def write_kv_cache_reference(kv_cache, latent, rope, slot_mapping, is_fp8) -> None:

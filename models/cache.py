@@ -55,9 +55,14 @@ class PagedKVCache:
         self.seq_blocks: list[list[int]] = [[] for _ in range(max_batch_size)]
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
         # Updated in place between steps: static addresses, so a compiled decode step keeps its CUDA graph
-        # (inductor otherwise skips graphs for mutated inputs).
+        # (inductor otherwise skips graphs for mutated inputs). Their sizes (pool blocks, batch rows, blocks per
+        # sequence) are symbolic from the start, so caches of other sizes reuse the compiled step instead of each
+        # costing a compilation (CUDA graphs are still recorded per shape).
         for tensor in (*self.kv_cache, *(self.index_cache or ()), self.block_table, self.cache_seqlens):
             torch._dynamo.mark_static_address(tensor)
+        for tensor in (*self.kv_cache, *(self.index_cache or ())):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(self.block_table, 1)
 
     def extend(self, seq: int, num_tokens: int) -> list[int]:
         """Make room for `num_tokens` more tokens of sequence `seq` (allocating blocks, writing its block_table row

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashmla_ops import num_sm_parts
 from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
@@ -218,31 +217,23 @@ class DecodeMetadata:
     """`s_q` new tokens for each of `batch` sequences, packed as `T = batch * s_q` rows (`decode_metadata` builds it).
 
     block_table `(batch, max_blocks_per_seq)` int32; cache_seqlens `(batch,)` int32, including the new tokens;
-    positions `(T,)` and slot_mapping `(T,)` int64; tile_scheduler_metadata / num_splits from `get_mla_metadata`,
-    computed once per step and shared by all layers.
+    positions `(T,)` and slot_mapping `(T,)` int64. No `get_mla_metadata` split: the decode kernels split the KV by
+    shape alone and accept None (computing one would cost kernels every step for nothing).
     """
     block_table: torch.Tensor
     cache_seqlens: torch.Tensor
     s_q: int
     positions: torch.Tensor
     slot_mapping: torch.Tensor
-    tile_scheduler_metadata: torch.Tensor
-    num_splits: torch.Tensor
 
 
-def decode_metadata(config: DeepseekConfig, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-                    s_q: int) -> DecodeMetadata:
+def decode_metadata(block_table: torch.Tensor, cache_seqlens: torch.Tensor, s_q: int) -> DecodeMetadata:
     """Everything a decode step derives from the cache's block table and lengths, on the device, without a sync."""
     batch = cache_seqlens.shape[0]
     positions = cache_seqlens.long()[:, None] - s_q + torch.arange(s_q, device=cache_seqlens.device)
     blocks = torch.gather(block_table.long(), 1, positions // PAGE_BLOCK_SIZE)
     slot_mapping = (blocks * PAGE_BLOCK_SIZE + positions % PAGE_BLOCK_SIZE).reshape(batch * s_q)
-    # The work split covers what each sequence attends to: its length (dense) or index_topk tokens (sparse).
-    lengths = torch.full_like(cache_seqlens, config.index_topk) if config.is_sparse else cache_seqlens
-    sched, num_splits = torch.ops.flashmla.get_mla_metadata(
-        lengths, num_sm_parts(cache_seqlens.device, s_q, config.num_attention_heads))
-    return DecodeMetadata(block_table, cache_seqlens, s_q, positions.reshape(batch * s_q), slot_mapping, sched,
-                          num_splits)
+    return DecodeMetadata(block_table, cache_seqlens, s_q, positions.reshape(batch * s_q), slot_mapping)
 
 
 # ---------------------------------------------------------------- layers
@@ -322,40 +313,50 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
         self.up_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
-        self.n_routed_experts = num_experts
         self.first_expert = 0  # under expert parallelism (models/parallel.py): this rank's first expert
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x `(T, hidden)`, weights / indices `(T, top_k)` -> `(T, hidden)`.
-
-        Few tokens (decode: T * top_k <= E): gather each token's experts' weights (static shapes, no host sync, reads
-        only the chosen experts). Many tokens (prefill): group the tokens by expert, one matmul per expert hit.
-        Holding only some experts (expert parallelism), choices of the others count with weight 0: their ranks add
-        them.
-        """
+        """x `(T, hidden)`, weights / indices `(T, top_k)` -> `(T, hidden)`: `grouped` in bfloat16 (the dtype of
+        grouped GEMM kernels), else `dense`. Neither has a data-dependent shape or a host sync, so both run inside
+        the decode step's CUDA graph. Holding only some experts (expert parallelism), choices of the others count
+        with weight 0: their ranks add them."""
         num_experts = self.gate_proj.shape[0]
         local = indices - self.first_expert
         held = (local >= 0) & (local < num_experts)
-        weights = weights.to(x.dtype).masked_fill(~held, 0)
-        if indices.numel() <= self.n_routed_experts:
-            local = local.clamp(0, num_experts - 1)
-            gate = torch.einsum("th,tkih->tki", x, self.gate_proj[local])
-            up = torch.einsum("th,tkih->tki", x, self.up_proj[local])
-            return torch.einsum("tki,tkhi,tk->th", F.silu(gate) * up, self.down_proj[local], weights)
-        out = torch.zeros_like(x)
-        flat = local.flatten().masked_fill(~held.flatten(), num_experts)  # others' experts: one bucket past the end
-        order = flat.argsort()
-        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
-        token_of = order // indices.shape[1]
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                rows, tokens = order[start:start + count], token_of[start:start + count]
-                h = x[tokens]
-                h = F.silu(h @ self.gate_proj[expert].T) * (h @ self.up_proj[expert].T)
-                out.index_add_(0, tokens, (h @ self.down_proj[expert].T) * weights.flatten()[rows, None])
-            start += count
-        return out
+        weights = weights.masked_fill(~held, 0)
+        if x.dtype == torch.bfloat16:
+            return self.grouped(x, weights, local.masked_fill(~held, num_experts))
+        combine = torch.zeros(x.shape[0], num_experts + 1, dtype=weights.dtype, device=x.device)
+        return self.dense(x, combine.scatter_add_(1, local.masked_fill(~held, num_experts), weights)[:, :-1])
+
+    def grouped(self, x: torch.Tensor, weights: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """The `T * top_k` (token, expert) pairs sorted by expert, each projection one grouped matmul
+        (`torch._grouped_mm`): every chosen expert's weights are read once for all the rows routed to it, nothing is
+        copied, and the group offsets stay on the device. `local` `(T, top_k)`: expert indices on this rank, E for
+        another rank's expert (sorted past the last group)."""
+        num_experts = self.gate_proj.shape[0]
+        flat = local.flatten()
+        order = flat.argsort(stable=True)
+        pairs_per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offsets = pairs_per_expert[:num_experts].cumsum(0, dtype=torch.int32)
+        rows = x[order // local.shape[1]]
+        gate = torch._grouped_mm(rows, self.gate_proj.transpose(1, 2), offs=offsets)
+        up = torch._grouped_mm(rows, self.up_proj.transpose(1, 2), offs=offsets)
+        down = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        # Rows past the last group are not written by grouped_mm: select, not multiply, so they cannot leak NaN.
+        down = torch.where((flat[order] < num_experts)[:, None], down, 0)
+        # Back to (token, k) order, then a fixed-order sum over k in float32: deterministic, unlike index_add_.
+        per_choice = torch.empty_like(down).index_copy_(0, order, down).view(*local.shape, -1)
+        return torch.einsum("tkh,tk->th", per_choice.float(), weights.float()).to(x.dtype)
+
+    def dense(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, mixed by `combine` `(T, E)` (zero for experts not chosen): any dtype,
+        differentiable (the training forward), exact; E / top_k times the work of the chosen experts alone."""
+        gate = torch.einsum("th,eih->eti", x, self.gate_proj)
+        up = torch.einsum("th,eih->eti", x, self.up_proj)
+        expert_out = torch.einsum("eti,ehi->eth", F.silu(gate) * up, self.down_proj)
+        return torch.einsum("eth,te->th", expert_out, combine.to(expert_out.dtype))
 
 
 class MoE(nn.Module):
@@ -504,16 +505,16 @@ class MLAttention(nn.Module):
         q = q_absorbed.view(batch, s_q, self.num_heads, -1)
         if index_q is None:
             out = torch.ops.flashmla.dense_decode(
-                q, kv_cache, metadata.block_table, metadata.cache_seqlens, metadata.tile_scheduler_metadata,
-                metadata.num_splits, self.config.kv_lora_rank, self.softmax_scale, s_q > 1, is_fp8, None)[0]
+                q, kv_cache, metadata.block_table, metadata.cache_seqlens, None, None, self.config.kv_lora_rank,
+                self.softmax_scale, s_q > 1, is_fp8, None)[0]
         else:
             logits = torch.ops.flashmla.indexer_logits_paged(
                 index_q.view(batch, s_q, *index_q.shape[1:]), index_cache, index_weights.view(batch, s_q, -1),
                 metadata.block_table, metadata.cache_seqlens, None)
             indices = torch.ops.flashmla.indexer_topk(logits, self.config.index_topk, metadata.block_table)
             out = torch.ops.flashmla.sparse_decode(
-                q, kv_cache, indices, None, None, None, None, metadata.tile_scheduler_metadata, metadata.num_splits,
-                self.config.kv_lora_rank, self.softmax_scale, is_fp8, None)[0]
+                q, kv_cache, indices, None, None, None, None, None, None, self.config.kv_lora_rank,
+                self.softmax_scale, is_fp8, None)[0]
         return out.view(batch * s_q, self.num_heads, -1)
 
 
@@ -637,13 +638,9 @@ def _training_moe(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """x `(T, hidden)` -> `(T, hidden)`, tokens per routed expert `(n_routed_experts,)`."""
     with torch.autocast(x.device.type, enabled=False):  # the router runs in float32, as at inference
         weights, indices = moe.gate(x.float())
-    experts = moe.experts
-    num_experts = experts.gate_proj.shape[0]
+    num_experts = moe.experts.gate_proj.shape[0]
     combine = torch.zeros(x.shape[0], num_experts, dtype=weights.dtype, device=x.device).scatter(1, indices, weights)
-    gate = torch.einsum("th,eih->eti", x, experts.gate_proj)
-    up = torch.einsum("th,eih->eti", x, experts.up_proj)
-    expert_out = torch.einsum("eti,ehi->eth", F.silu(gate) * up, experts.down_proj)
-    out = torch.einsum("eth,te->th", expert_out, combine.to(expert_out.dtype))
+    out = moe.experts.dense(x, combine)
     if moe.shared_experts is not None:
         out = out + moe.shared_experts(x)
     return out, torch.bincount(indices.flatten(), minlength=num_experts)

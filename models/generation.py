@@ -2,7 +2,8 @@
 step (greedy, or temperature + top-p sampling) until EOS or `max_new_tokens`.
 
 The decode step reads only static tensors (the cache's pools, `block_table`, `cache_seqlens`, updated in place by
-`PagedKVCache.extend`), so `torch.compile(decode_step, fullgraph=True)` traces it once.
+`PagedKVCache.extend`) and never syncs with the host, so `torch.compile(decode_step, fullgraph=True)` traces it whole
+and, on CUDA, captures it in a CUDA graph (`compile_decode_step`).
 """
 import time
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ def decode_step(model: DeepseekForCausalLM, cache: PagedKVCache, tokens: torch.T
     """tokens `(batch, s_q)` int64, already counted in `cache.cache_seqlens` (via `extend`) -> logits
     `(batch * s_q, vocab)` float32."""
     batch, s_q = tokens.shape
-    metadata = decode_metadata(model.config, cache.block_table[:batch], cache.cache_seqlens[:batch], s_q)
+    metadata = decode_metadata(cache.block_table[:batch], cache.cache_seqlens[:batch], s_q)
     return model(tokens.reshape(batch * s_q), metadata.positions, metadata, cache)
 
 
@@ -73,9 +74,21 @@ class GenerationStats:
 
 
 def compile_decode_step(device: torch.device):
-    """`decode_step` under `torch.compile(fullgraph=True)`; CUDA graphs ("reduce-overhead") on CUDA."""
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(decode_step, fullgraph=True, mode=mode)
+    """`decode_step` under `torch.compile(fullgraph=True)`; on CUDA with CUDA graphs (mode "reduce-overhead"): the whole
+    step, custom ops included, is recorded once per shape and replayed (no host sync inside, and the cache tensors it
+    mutates have static addresses). The cache's sizes are symbolic (`PagedKVCache`), so compiling happens about twice
+    (batch 1, then any larger batch), whatever the cache sizes."""
+    # Fused kernels round bfloat16 intermediates where eager does, so compiled decoding picks eager's tokens.
+    options = {"emulate_precision_casts": True, "triton.cudagraphs": device.type == "cuda"}
+    compiled = torch.compile(decode_step, fullgraph=True, options=options)
+    if device.type != "cuda":
+        return compiled
+
+    def step(model: DeepseekForCausalLM, cache: PagedKVCache, tokens: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's outputs may be overwritten
+        return compiled(model, cache, tokens)
+
+    return step
 
 
 @torch.inference_mode()

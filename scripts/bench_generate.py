@@ -7,7 +7,7 @@ Per backend, batch and context it reports prefill tokens/s, time per output toke
 
     python scripts/bench_generate.py --model-preset tiny --device cpu             # seconds, any machine
     python scripts/bench_generate.py --model-preset v2-lite --batch 1,16,64 --context 1024,8192,32768
-    python scripts/bench_generate.py --model-preset v3-layers --batch 1,64 --context 4096 --profile
+    python scripts/bench_generate.py --model-preset v3-layers --batch 1,64 --context 4096 --profile 64
 
 How the context is filled: each sequence's first `min(context, --prefill-tokens // batch)` tokens (at least 1) go
 through a real prefill of random token ids, which is what prefill tokens/s times (after one untimed warm-up
@@ -23,11 +23,12 @@ Decode: `--warmup` untimed steps (compilation and CUDA-graph capture happen ther
 each = advance the cache lengths, one forward, greedy argmax; synchronized before and after on CUDA. The tokens of
 every step (greedy from the prefill's last logits) are in the JSON, so backends can be compared token by token.
 
---profile runs torch.profiler over a few decode steps of each eager backend, prints the top ops by self CUDA (or
-CPU) time and the step's time split into: attention kernels (`flashmla::*` ops; transformers: SDPA / eager
-attention), the rest of self-attention (projections, RoPE, cache writes), MoE (router, routed and shared experts),
-and other (dense MLPs, norms, embedding, lm_head, sampling). A compiled step is not profiled: its kernels are fused
-and replayed from a CUDA graph, so they cannot be attributed to modules.
+--profile BATCH runs torch.profiler over a few decode steps of each backend at that batch size, prints the top ops
+by self CUDA (or CPU) time and the step's time split into: attention kernels (`flashmla::*` ops; transformers: SDPA
+/ eager attention), the rest of self-attention (projections, RoPE, cache writes), MoE (router, routed and shared
+experts), other (dense MLPs, norms, embedding, lm_head, sampling) and, on CUDA, launch gaps (wall time with no
+kernel running). A compiled step's kernels are fused and replayed from a CUDA graph, so they cannot be attributed to
+modules: its kernel time shows under "other" (the top-ops table names them), its launch gaps as measured.
 """
 import argparse
 import gc
@@ -39,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 from models import (
@@ -56,6 +58,7 @@ from models.deepseek import MoE
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 BACKENDS = ("ours-eager", "ours-compiled", "hf-eager", "hf-static-compiled")
+PROFILE_STEPS = 3
 
 _YARN = dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1)
 _V3 = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
@@ -97,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, of {', '.join(BACKENDS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--profile", action="store_true", help="profile a few decode steps of each eager backend")
+    parser.add_argument("--profile", type=int, default=0, metavar="BATCH",
+                        help="profile a few decode steps of each backend at this batch size (every context)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/generate", help="output prefix for .json and .png")
     args = parser.parse_args(argv)
@@ -156,11 +160,12 @@ def random_context(config: DeepseekConfig, layer: int, batch: int, start: int, e
 class OursRunner:
     """This project's model over a `PagedKVCache` sized for `batch` sequences of `max_seq_len` tokens."""
 
-    def __init__(self, model, batch: int, max_seq_len: int, kv_cache: str, compiled: bool, device: torch.device):
-        self.model, self.batch, self.device, self.compiled = model, batch, device, compiled
+    def __init__(self, model, batch: int, max_seq_len: int, kv_cache: str, step_fn, device: torch.device):
+        self.model, self.batch, self.device = model, batch, device
+        self.compiled = step_fn is not decode_step
         blocks_per_seq = -(-max_seq_len // 64)
         self.cache = PagedKVCache(model.config, batch * blocks_per_seq, batch, max_seq_len, kv_cache, device)
-        self.step_fn = compile_decode_step(device) if compiled else decode_step
+        self.step_fn = step_fn
 
     def kv_bytes_per_token(self) -> int:
         caches = self.cache.kv_cache + (self.cache.index_cache or [])
@@ -340,9 +345,12 @@ def profile_step(runner, tokens: torch.Tensor, steps: int, device: torch.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
         with profile(activities=activities) as prof:
+            synchronize(device)
+            started = time.perf_counter()
             for _ in range(steps):
                 tokens = runner.step(tokens).argmax(-1)
             synchronize(device)
+            wall_us = (time.perf_counter() - started) * 1e6
     finally:
         for handle in handles:
             handle.remove()
@@ -362,6 +370,8 @@ def profile_step(runner, tokens: torch.Tensor, steps: int, device: torch.device)
     groups = dict.fromkeys(("attention kernels", "attention other", "moe", "other"), 0.0)
     for event in prof.events():
         groups[group(event)] += event.self_device_time_total if on_cuda else event.self_cpu_time_total
+    if on_cuda:  # the GPU idles between kernels while the host launches them (CUDA graphs remove most of it)
+        groups["launch gaps"] = max(0.0, wall_us - sum(groups.values()))
     total = sum(groups.values())
     print("  step time by group: " + ", ".join(f"{name} {us / steps:.0f} us ({100 * us / total:.0f}%)"
                                                for name, us in groups.items()))
@@ -396,8 +406,8 @@ def run_backend(runner, prompts: torch.Tensor, context: int, args, device: torch
            "prefill_tokens_per_s": batch * prefill_len / prefill_seconds, "tpot_ms": tpot * 1e3,
            "decode_tokens_per_s": batch / tpot, "kv_bytes_per_token": runner.kv_bytes_per_token(),
            "tokens": torch.stack(generated, 1).tolist()}
-    if args.profile and not runner.compiled:
-        row["profile_us_per_step"] = profile_step(runner, tokens, 3, device)
+    if args.profile == batch:
+        row["profile_us_per_step"] = profile_step(runner, tokens, PROFILE_STEPS, device)
     return row
 
 
@@ -407,7 +417,7 @@ def bench(name: str, make_runner, config: DeepseekConfig, args, device: torch.de
     for batch, context in tqdm(configs, desc=name, leave=False):
         row = {"backend": name, "batch": batch, "context": context, "kv_cache": args.kv_cache if name.startswith(
             "ours") else str(dtype).removeprefix("torch."), "status": "ok"}
-        max_seq_len = context + args.warmup + args.steps + 1
+        max_seq_len = context + args.warmup + args.steps + 1 + (PROFILE_STEPS if args.profile == batch else 0)
         need = estimated_bytes(name, config, batch, max_seq_len, args.kv_cache, dtype)
         if need > 0.9 * free_memory(device):
             row["status"] = f"skipped: needs about {need / 2 ** 30:.1f} GiB, {free_memory(device) / 2 ** 30:.1f} free"
@@ -447,6 +457,26 @@ def print_table(rows: list) -> None:
         else:
             print(f"{r['backend']:19} {r['batch']:5} {r['context']:7} {r['kv_cache']:>8} {'-':>13} {'-':>9} {'-':>12} "
                   f"{'-':>10}  {r['status']}")
+
+
+def compiled_speedups(rows: list) -> list:
+    """ours-compiled's decode speed over each other backend's, per (batch, context) where both ran; printed."""
+    ok = {(r["backend"], r["batch"], r["context"]): r for r in rows if r["status"] == "ok"}
+    speedups = []
+    for (backend, batch, context), row in ok.items():
+        if backend != "ours-compiled":
+            continue
+        entry = {"batch": batch, "context": context}
+        for other in BACKENDS:
+            if other != "ours-compiled" and (other, batch, context) in ok:
+                entry[other] = ok[(other, batch, context)]["tpot_ms"] / row["tpot_ms"]
+        speedups.append(entry)
+    others = [b for b in BACKENDS if b != "ours-compiled"]
+    print("ours-compiled decode speed-up (TPOT ratio) over: " + ", ".join(others))
+    for entry in speedups:
+        print(f"  batch {entry['batch']:3} context {entry['context']:6}: " + ", ".join(
+            f"{other} {entry[other]:.2f}x" if other in entry else f"{other} -" for other in others))
+    return speedups
 
 
 def plot(rows: list, title: str, path: Path) -> None:
@@ -493,9 +523,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.dtype}, {device}{gpu}")
     rows = []
     for name in (b for b in args.backends if b.startswith("ours")):
-        compiled = name == "ours-compiled"
-        rows += bench(name, lambda batch, max_seq_len, compiled=compiled: OursRunner(
-            model, batch, max_seq_len, args.kv_cache, compiled, device), config, args, device, dtype)
+        # One compiled step for every configuration: the cache's sizes are symbolic, so it compiles about twice.
+        step_fn = compile_decode_step(device) if name == "ours-compiled" else decode_step
+        rows += bench(name, lambda batch, max_seq_len, step_fn=step_fn: OursRunner(
+            model, batch, max_seq_len, args.kv_cache, step_fn, device), config, args, device, dtype)
     hf_backends = [b for b in args.backends if b.startswith("hf")]
     meta = {"preset": args.model_preset, "config": config_dict, "dtype": args.dtype, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
@@ -522,7 +553,11 @@ def main(argv: list[str] | None = None) -> dict:
                 rows += bench(name, lambda batch, max_seq_len, compiled=compiled: HFRunner(
                     hf, config, batch, max_seq_len, compiled, device), config, args, device, dtype)
     print_table(rows)
-    result = {"meta": meta, "rows": rows}
+    speedups = compiled_speedups(rows)
+    meta["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+    meta["compiled_graphs"] = counters["stats"]["unique_graphs"]
+    print(f"CUDA graphs skipped: {meta['cudagraph_skips']}, graphs compiled: {meta['compiled_graphs']}")
+    result = {"meta": meta, "rows": rows, "speedups": speedups}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -37,11 +37,20 @@ the comparison is only meaningful where the selection is unambiguous:
   transformers picks scores, by our logits, within rounding of our k-th best;
 - `test_sparse_attention_is_sparse` checks that index_topk 16 does change the result.
 """
+import copy
+
 import pytest
 import torch
 
-from models import PagedKVCache, decode_step, load_model, prefill
-from models.deepseek import MLAttention
+from models import (
+    DeepseekConfig,
+    PagedKVCache,
+    decode_step,
+    load_model,
+    prefill,
+    tiny_config,
+)
+from models.deepseek import Experts, MLAttention
 
 PREFILL_TOL = 1e-4
 DECODE_TOL = {"fp32": 1e-4, "bf16": 1.5e-2, "fp8": 8e-2}
@@ -203,3 +212,33 @@ def test_indexer_choice(hf_checkpoints):
         theirs = chosen[0][t, :visible]
         tolerance = 1e-2 * logits[t, :t + 1].abs().max()
         assert (logits[t, theirs] >= kth - tolerance).all(), f"query {t}: transformers picks a token we rank low"
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 40])
+@pytest.mark.parametrize("first_expert", [0, 4])
+def test_grouped_experts_match_dense(num_tokens, first_expert):
+    """The bfloat16 MoE path (tokens sorted by expert, torch._grouped_mm) against every expert on every token mixed by
+    the router's weights, in float32 on the same bfloat16 weights: decode-sized and prefill-sized batches, all experts
+    held or, as under expert parallelism, only experts 4..7 of 8 (others' choices count 0)."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    experts = Experts(config)
+    num_held = 8 if first_expert == 0 else 4
+    generator = torch.Generator().manual_seed(num_tokens)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            weight = getattr(experts, name)
+            setattr(experts, name, torch.nn.Parameter(
+                0.2 * torch.randn(num_held, *weight.shape[1:], generator=generator).bfloat16()))
+    experts.first_expert = first_expert
+    x = torch.randn(num_tokens, config.hidden_size, generator=generator).bfloat16()
+    indices = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, 2, generator=generator)
+    with torch.no_grad():
+        out = experts(x, weights, indices)
+        local = indices - first_expert
+        held = (local >= 0) & (local < num_held)
+        combine = torch.zeros(num_tokens, num_held + 1).scatter_add_(
+            1, local.masked_fill(~held, num_held), weights.masked_fill(~held, 0))[:, :-1]
+        expected = copy.deepcopy(experts).float().dense(x.float(), combine)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())

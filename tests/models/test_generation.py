@@ -1,6 +1,7 @@
 """Generation through the paged cache against recomputing the whole sequence each step, and the compiled decode."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from models import (DeepseekConfig, PagedKVCache, compile_decode_step, decode_step, generate, prefill, random_model,
                     sample, tiny_config)
@@ -63,10 +64,12 @@ def test_sample():
     assert set(draws[:, 0].tolist()) == {1, 3}  # 0 and 2 lie outside the 0.9 nucleus
 
 
-def test_compiled_decode_matches_eager():
-    """torch.compile(fullgraph=True) of the decode step (V3.2: dense layers, MoE, indexer, sparse decode)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_matches_eager(dtype):
+    """torch.compile(fullgraph=True) of the decode step (V3.2: dense layers, MoE, indexer, sparse decode), in float32
+    (MoE: every expert, mixed) and bfloat16 (MoE: grouped matmuls, the GPU's path)."""
     config = DeepseekConfig.from_dict(tiny_config("deepseek_v32"))
-    model = random_model(config, seed=1)
+    model = random_model(config, dtype, seed=1)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
     outputs = []
     for step in (decode_step, compile_decode_step(torch.device("cpu"))):
@@ -75,16 +78,59 @@ def test_compiled_decode_matches_eager():
     assert outputs[0] == outputs[1]
 
 
-@pytest.mark.parametrize("model_type,kv_cache_dtype", [("deepseek_v3", "bf16"), ("deepseek_v32", "fp8")])
-def test_decode_step_has_no_graph_breaks(model_type, kv_cache_dtype):
-    """The whole decode step (embedding to logits, the flashmla ops inside) is one graph for dynamo."""
+def test_compiled_decode_compiles_twice_for_any_cache_size():
+    """The cache's sizes are symbolic: batch 1 compiles once, larger batches once more, whatever the cache sizes."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, torch.bfloat16, seed=1)
+    step = compile_decode_step(torch.device("cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    for batch, max_seq_len in [(1, 128), (1, 256), (4, 128), (3, 256), (2, 512)]:
+        prompts = [[5 + seq, 6, 7] for seq in range(batch)]
+        outputs = []
+        for decode in (decode_step, step):
+            cache = PagedKVCache(config, batch * max_seq_len // 64, batch, max_seq_len)
+            outputs.append(generate(model, cache, prompts, 3, step=decode)[0])
+        assert outputs[0] == outputs[1]
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_type,kv_cache_dtype", [("deepseek_v2", "bf16"), ("deepseek_v3", "fp8"),
+                                                       ("deepseek_v32", "fp8"), ("deepseek_v32", "bf16")])
+def test_cuda_graph_decode_matches_eager(monkeypatch, model_type, kv_cache_dtype):
+    """On the GPU, bfloat16: the decode step compiled with CUDA graphs (recorded, then replayed every step, the flashmla
+    ops inside) generates the same 32 tokens as eager decoding, with no CUDA graph skipped (a skip raises)."""
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_or_error", True)
     config = DeepseekConfig.from_dict(tiny_config(model_type))
-    model = random_model(config, seed=2)
-    cache = PagedKVCache(config, num_blocks=4, max_batch_size=2, max_seq_len=64, kv_cache_dtype=kv_cache_dtype)
+    model = random_model(config, torch.bfloat16, "cuda", seed=1)
+    prompts = make_prompts(config.vocab_size)  # the first crosses a 64-token block while decoding
+    torch._dynamo.reset()
+    counters.clear()
+    outputs = []
+    for step in (decode_step, compile_decode_step(torch.device("cuda"))):
+        cache = PagedKVCache(config, num_blocks=8, max_batch_size=len(prompts), max_seq_len=128,
+                             kv_cache_dtype=kv_cache_dtype, device="cuda")
+        outputs.append(generate(model, cache, prompts, 33, step=step)[0])
+    assert outputs[0] == outputs[1]
+    assert all(len(tokens) == 33 for tokens in outputs[0])
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_type,kv_cache_dtype", [("deepseek_v2", "bf16"), ("deepseek_v3", "bf16"),
+                                                       ("deepseek_v32", "fp8")])
+def test_decode_step_has_no_graph_breaks(model_type, kv_cache_dtype, dtype):
+    """The whole decode step (embedding to logits, the flashmla ops inside) is one graph for dynamo, in float32 and in
+    bfloat16 (the GPU's MoE path), at a batch whose expert choices outnumber the experts (8 tokens x 2 of 8)."""
+    config = DeepseekConfig.from_dict(tiny_config(model_type))
+    model = random_model(config, dtype, seed=2)
+    cache = PagedKVCache(config, num_blocks=8, max_batch_size=8, max_seq_len=64, kv_cache_dtype=kv_cache_dtype)
     with torch.inference_mode():
-        first = prefill(model, cache, [[5, 6, 7], [8, 9]]).argmax(-1)
-        for seq in range(2):
-            cache.extend(seq, 1)
+        first = prefill(model, cache, [[5 + seq, 6, 7] for seq in range(8)]).argmax(-1)
+        cache.extend_batch(8, 1)
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(decode_step)(model, cache, first[:, None])
     assert explanation.graph_break_count == 0, explanation.break_reasons
