@@ -85,9 +85,13 @@ def _check_dequantize(op: str, kv_fp8: torch.Tensor) -> None:
 def quantize_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
     """BF16 `(..., 576)` -> uint8 `(..., 656)` in the FP8 cache layout (SPEC.md §3)."""
     _check_quantize("quantize_kv_fp8", kv)
-    ext = _ext.kernels("quantize_kv_fp8", kv.device)
-    if ext is not None:
-        return ext.quantize_kv_fp8(kv.contiguous())
+    for path in _ext.paths("quantize_kv_fp8", kv.device):
+        if path == "cuda":
+            return _ext.kernels("quantize_kv_fp8", kv.device).quantize_kv_fp8(kv.contiguous())
+        if path == "triton":
+            from .triton import kv_cache as triton_kv_cache
+
+            return triton_kv_cache.quantize_kv_fp8(kv)
     return quantize_kv_fp8_reference(kv)
 
 
@@ -136,10 +140,11 @@ def _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8) -> None:
     check_same_device(op, kv_cache=kv_cache, latent=latent, rope=rope, slot_mapping=slot_mapping)
 
 
-def _aligned16(cache: torch.Tensor) -> bool:
-    """The CUDA write kernel moves 16-byte vectors: the cache's base and block/row strides must allow it."""
+def _aligned(cache: torch.Tensor, num_bytes: int) -> bool:
+    """Whether the cache's base and block/row strides are multiples of `num_bytes`: the CUDA write kernel moves
+    16-byte vectors, the Triton one stores the FP8 row's float32 scales."""
     element = cache.element_size()
-    return all(x % 16 == 0 for x in (cache.data_ptr(), cache.stride(0) * element, cache.stride(1) * element))
+    return all(x % num_bytes == 0 for x in (cache.data_ptr(), cache.stride(0) * element, cache.stride(1) * element))
 
 
 def _scatter_rows(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -181,11 +186,17 @@ def write_kv_cache(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Ten
     op = "write_kv_cache"
     _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8)
     _check_slots(op, slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])
-    ext = _ext.kernels("write_kv_cache", kv_cache.device)
-    if ext is not None and latent.dtype == torch.bfloat16 and _aligned16(kv_cache):
-        ext.write_kv_cache(kv_cache.view(torch.uint8) if is_fp8 else kv_cache, latent.contiguous(), rope.contiguous(),
-                           slot_mapping.contiguous(), is_fp8)
-        return
+    for path in _ext.paths("write_kv_cache", kv_cache.device):
+        if path == "cuda" and latent.dtype == torch.bfloat16 and _aligned(kv_cache, 16):
+            _ext.kernels("write_kv_cache", kv_cache.device).write_kv_cache(
+                kv_cache.view(torch.uint8) if is_fp8 else kv_cache, latent.contiguous(), rope.contiguous(),
+                slot_mapping.contiguous(), is_fp8)
+            return
+        if path == "triton" and _aligned(kv_cache, 4):
+            from .triton import kv_cache as triton_kv_cache
+
+            triton_kv_cache.write_kv_cache(kv_cache, latent, rope, slot_mapping.contiguous(), is_fp8)
+            return
     write_kv_cache_reference(kv_cache, latent, rope, slot_mapping, is_fp8)
 
 

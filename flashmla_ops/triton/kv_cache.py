@@ -1,9 +1,8 @@
 """KV-cache writes in Triton: FP8 quantization to the 656-byte layout (SPEC.md §3) and stores into the paged cache.
 
-NOT YET DISPATCHED: `flashmla::quantize_kv_fp8` / `flashmla::write_kv_cache` do not call these kernels. They were
-written in a session without a GPU and are verified only under the CPU interpreter (which also cannot check the
-hardware e4m3 conversion: its own conversion does not round to nearest-even); they get wired in `_ext.py` after
-`tests/ops/test_triton_kv_cache.py -m gpu` passes on a GPU.
+`flashmla::quantize_kv_fp8` and `flashmla::write_kv_cache` run these where the CUDA kernels are not built (or with
+FLASHMLA_BACKEND=triton). Under the CPU interpreter the hardware e4m3 conversion cannot be checked (the interpreter's
+own conversion does not round to nearest-even); the GPU tests check it.
 
 One program stores one token row, bit-exact with `quantize_kv_fp8_reference`:
     scale_t = 2 ** ceil(log2(max(amax_t / 448, 1e-4)))   per 128-wide latent tile t, from the float32 exponent bits

@@ -1,5 +1,5 @@
-"""The Triton KV-cache kernels (not yet dispatched by the ops) against the references, bit for bit: on the CPU under
-Triton's interpreter (integer e4m3 encoder), and on a GPU (hardware e4m3 conversion on sm_89+, and the integer encoder).
+"""The Triton KV-cache kernels against the references, bit for bit: on the CPU under Triton's interpreter (integer e4m3
+encoder), and on a GPU (hardware e4m3 conversion on sm_89+, and the integer encoder); and the ops dispatching to them.
 
 Inputs cover every e4m3 rounding case: values exactly halfway between two e4m3 numbers (ties to even), subnormals,
 values that saturate, tiles whose amax / 448 is exactly a power of two, all-zero tiles (scale 1e-4 -> 2**-13) and
@@ -142,3 +142,38 @@ def test_triton_kv_cache_gpu_large_bit_exact_and_rerun(monkeypatch, hardware, is
     write_kv_cache_reference(want, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
     assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(cache.view(torch.uint8), again.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_kv_cache_ops_use_triton_and_capture_in_cuda_graph(monkeypatch, is_fp8):
+    """With FLASHMLA_BACKEND=triton the ops run these kernels, replay in a CUDA graph with new slots, bit-exact."""
+    import flashmla_ops
+
+    monkeypatch.setenv("FLASHMLA_BACKEND", "triton")
+    assert flashmla_ops.backend("write_kv_cache", DEVICE) == "triton"
+    assert flashmla_ops.backend("quantize_kv_fp8", DEVICE) == "triton"
+    generator = torch.Generator().manual_seed(11 + is_fp8)
+    num_blocks, num_tokens = 40, 300
+    kv = hard_rows(num_tokens, generator).to(DEVICE)
+    slots = torch.randperm(num_blocks * 64, generator=generator)[:num_tokens].to(DEVICE)
+    slots[::5] = -1
+    cache = make_cache(num_blocks, 64, is_fp8, padded=True)
+    want = cache.clone()
+
+    def call():
+        torch.ops.flashmla.write_kv_cache(cache, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
+
+    call()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    first_slots = slots.clone()
+    slots.copy_(slots.flip(0))  # new slot values
+    graph.replay()
+    torch.cuda.synchronize()
+    for written in (first_slots, slots):
+        write_kv_cache_reference(want, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], written, is_fp8)
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(torch.ops.flashmla.quantize_kv_fp8(kv), quantize_kv_fp8_reference(kv))
