@@ -69,7 +69,6 @@ KERNELS = {
     "sparse_prefill": ("triton",),
     "indexer_logits": ("triton",),
     "indexer_logits_paged": ("triton",),
-    "indexer_topk": ("triton",),
 }
 CHOICES = ("auto", "cuda", "triton", "reference")
 

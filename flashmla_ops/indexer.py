@@ -8,6 +8,7 @@ that `write_index_cache` fills (bfloat16 `(num_blocks, 64, d_i)` or FP8 `(num_bl
 """
 import torch
 
+from . import _ext
 from ._checks import FLOAT_DTYPES, check, check_paged_table, check_same_device, check_tensor, value_checks_apply
 from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE
 from .kv_cache import dequantize_index_fp8_reference
@@ -81,6 +82,11 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_st
     Returns `(s_q, s_kv)` float32, -inf outside each query's range.
     """
     _check_logits("indexer_logits", q, k, weights, k_start, k_end, q_scale, k_scale)
+    if _ext.backend("indexer_logits", q.device) == "triton":
+        from .triton import indexer as triton_indexer
+
+        if triton_indexer.supports(q, k):
+            return triton_indexer.indexer_logits(q, k, weights, k_start, k_end, q_scale, k_scale)
     return indexer_logits_reference(q, k, weights, k_start, k_end, q_scale, k_scale)
 
 
@@ -136,6 +142,11 @@ def indexer_logits_paged(q: torch.Tensor, index_cache: torch.Tensor, weights: to
     Returns `(batch, s_q, max_blocks_per_seq * 64)` float32 indexed by logical token, -inf where not visible.
     """
     _check_logits_paged("indexer_logits_paged", q, index_cache, weights, block_table, cache_seqlens, q_scale)
+    if _ext.backend("indexer_logits_paged", q.device) == "triton":
+        from .triton import indexer as triton_indexer
+
+        if triton_indexer.supports(q, index_cache):
+            return triton_indexer.indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_scale)
     return indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_seqlens, q_scale)
 
 

@@ -1,23 +1,22 @@
 """The DSA lightning indexer in Triton: logits (packed prefill and paged decode) and the per-row top-k.
 
-NOT YET DISPATCHED: `flashmla::indexer_logits`, `indexer_logits_paged` and `indexer_topk` do not call these kernels.
-They were written in a session without a GPU and are verified only under the CPU interpreter; they get wired in
-`_ext.py` after `tests/ops/test_triton_indexer.py -m gpu` passes (and is timed) on a GPU.
-
 Logits. A program owns `BLOCK_Q` queries of one sequence and walks `BLOCK_N`-key tiles of its share of the keys.
 Its MMA rows are the `(query, head)` pairs (`BLOCK_Q * H_PAD` of them), so one key tile is reused by every head:
     s[(t, h), n] = q_scale[t, h] * k_scale[n] * (q[t, h] . k[n])          (scales only for FP8)
     logits[t, n] = sum_h weights[t, h] * relu(s[(t, h), n])              (a reshape and a sum over the heads)
 and -inf where key n is outside query t's range (`[k_start, k_end)`, or `[0, L - s_q + t]` paged). Tiles that no
-query of the program sees are stored as -inf without loads or MMAs. FP8 q and k go to the tensor cores as e4m3 on
-sm_89+; otherwise (and when only one of them is FP8) e4m3 is widened to bf16, exactly. Paged keys are gathered
-through the block table from the bf16 `(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` index cache.
+query of the program sees are stored as -inf without loads or MMAs. FP8 q and k are widened to bf16 (exactly) for
+bf16 MMAs: Hopper's e4m3 MMA aligns its products to a shared exponent with about 14 bits kept, which the H100 run
+showed as errors of 2 to 4e-5 of the largest logit, past the tests' 2e-5 band (float32 accumulation order); it ran the
+SPEC FP8 row at 228 TFLOP/s, the widened form at 186. Paged keys are gathered through the block table from the bf16
+`(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` index cache.
 
 Top-k. One program per row, correctness first: the k-th largest logit is found by a 32-step binary search over the
 float bits (as order-preserving int32), counting `>= mid` over the row each step; then one pass writes the keys
 above it and, in index order, the first keys equal to it (ties go to the lowest index), and -1 for the rest.
 That reads each row about 35 times (from L2 for rows up to 128k keys); a 4-bit radix histogram per pass would read it
-9 times.
+9 times. Not dispatched: on the H100 it is slower than the reference's torch.topk (0.8x at 128 rows of 32k keys, 0.1x
+at 128k keys, 0.3x at 4096 rows of 32k, topk 2048, through the op on 2026-11-25).
 """
 import torch
 import triton
@@ -30,16 +29,13 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
 
 @triton.jit
-def _load_operand(ptrs, mask, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, KEEP_FP8: tl.constexpr):
-    """A bf16 or e4m3 tile as an MMA operand: e4m3 stays e4m3 with KEEP_FP8 (both operands FP8, sm_89+), else bf16
-    (e4m3 -> bf16 is exact; without conversion instructions the e4m3 bits shifted into a float32 give the value
-    times 2**-120)."""
+def _load_operand(ptrs, mask, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr):
+    """A bf16 or e4m3 tile as a bf16 MMA operand (e4m3 -> bf16 is exact; without conversion instructions the e4m3
+    bits shifted into a float32 give the value times 2**-120)."""
     if IS_FP8:
         raw = tl.load(ptrs, mask=mask, other=0)
         if HW_FP8:
-            values = raw.to(tl.float8e4nv, bitcast=True)
-            if not KEEP_FP8:
-                values = values.to(tl.bfloat16)
+            values = raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
         else:
             bits = raw.to(tl.int32)
             bits = ((bits & 0x80) << 24) | ((bits & 0x7F) << 20)
@@ -58,7 +54,6 @@ def _indexer_logits_kernel(
         BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_I: tl.constexpr, PAGE: tl.constexpr,
         INTERPRET: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_Q * H_PAD
-    BOTH_FP8: tl.constexpr = Q_FP8 and K_FP8 and HW_FP8
     batch = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     queries = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -82,7 +77,7 @@ def _indexer_logits_kernel(
     tile_hi = tl.max(hi, 0)
 
     q_offsets = batch * stride_qb + row_queries * stride_qt + heads * stride_qh
-    q = _load_operand(Q + q_offsets[:, None] + cols[None, :], row_mask[:, None], Q_FP8, HW_FP8, BOTH_FP8)
+    q = _load_operand(Q + q_offsets[:, None] + cols[None, :], row_mask[:, None], Q_FP8, HW_FP8)
     weights = tl.load(Weights + batch * stride_wb + row_queries * stride_wt + heads, mask=row_mask, other=0.0)
     if Q_FP8:
         q_scale = tl.load(QScale + batch * stride_wb + row_queries * stride_wt + heads, mask=row_mask, other=0.0)
@@ -99,7 +94,7 @@ def _indexer_logits_kernel(
                 k_offsets = block * stride_k_block + (keys % PAGE) * stride_k_row
             else:
                 k_offsets = keys.to(tl.int64) * stride_k_row
-            k = _load_operand(K + k_offsets[:, None] + cols[None, :], key_mask[:, None], K_FP8, HW_FP8, BOTH_FP8)
+            k = _load_operand(K + k_offsets[:, None] + cols[None, :], key_mask[:, None], K_FP8, HW_FP8)
             scores = mma(q, tl.trans(k), INTERPRET)
             if Q_FP8:
                 scores = scores * q_scale[:, None]
@@ -178,10 +173,12 @@ def indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_
 
 
 def supports(q, keys) -> bool:
-    """What the logits kernel is written for: bf16 or e4m3 q/k with a power-of-two d_i >= 16, h_i <= 128."""
+    """What the logits kernel is written for: bf16 or e4m3 q/k with a power-of-two d_i >= 16, h_i <= 128; an FP8
+    paged cache's rows 4-byte aligned (each ends in its float32 scale)."""
     d_i, h_i = q.shape[-1], q.shape[-2]
+    aligned = keys.dtype not in FP8_DTYPES or all(x % 4 == 0 for x in (keys.data_ptr(), *keys.stride()[:-1]))
     return (all(x.dtype in (torch.bfloat16, *FP8_DTYPES) for x in (q, keys)) and d_i >= 16 and d_i & (d_i - 1) == 0
-            and h_i <= 128)
+            and h_i <= 128 and aligned)
 
 
 # ---------------------------------------------------------------- top-k
@@ -260,7 +257,8 @@ def indexer_topk(logits, topk, block_table=None, block=1024):
     key positions, with it flat cache slots. Order within a row: the keys above the k-th value by position, then the
     ties."""
     num_keys = logits.shape[-1]
-    rows = logits.reshape(-1, num_keys).contiguous()
+    rows = logits.reshape(logits.shape[:-1].numel(), num_keys).contiguous()
+    block_table = block_table.contiguous() if block_table is not None else None
     out = torch.empty(rows.shape[0], topk, dtype=torch.int32, device=logits.device)
     if rows.shape[0]:
         _indexer_topk_kernel[(rows.shape[0],)](

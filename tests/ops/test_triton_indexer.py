@@ -1,5 +1,5 @@
-"""The Triton indexer kernels (not yet dispatched by the ops) against the references: on the CPU under Triton's
-interpreter, and on a GPU.
+"""The Triton indexer kernels against the references: on the CPU under Triton's interpreter, and on a GPU; and the ops
+dispatching to them.
 
 Logits: bf16 and FP8 q/k (per-token / per-head scales), odd lengths and head counts, empty and full key ranges (-inf
 exactly where the reference has it); paged: bf16 and FP8 index caches, causal s_q > 1, lengths 0 and non-multiples of
@@ -113,12 +113,12 @@ def test_triton_indexer_topk_ties_inf_and_short_rows():
     logits[5, :100] = 0.0
     logits[5, 100:200] = -0.0
     for topk in (1, 7, 64, 299, 300, 333):
-        got = assert_topk_matches(logits.to(DEVICE), topk)
+        got = assert_topk_matches(logits.to(DEVICE), topk).cpu()
         if topk == 7:  # ties at the threshold go to the lowest indices
             equal = got[0][logits[0, got[0].long()] == logits[0, got[0].long()].min()]
             chosen_ties = equal.sort().values
             all_ties = (logits[0] == logits[0, got[0].long()].min()).nonzero().flatten()
-            assert torch.equal(chosen_ties.cpu().long(), all_ties[:chosen_ties.numel()])
+            assert torch.equal(chosen_ties.long(), all_ties[:chosen_ties.numel()])
 
 
 def test_triton_indexer_topk_paged_block_table():
@@ -190,3 +190,35 @@ def test_triton_indexer_fp8_integer_decode_path(monkeypatch):
     assert_logits_close(triton_indexer.indexer_logits(*inputs), indexer_logits_reference(*inputs))
     paged = paged_inputs([64, 5, 129], 3, 7, 32, True, True, generator)
     assert_logits_close(triton_indexer.indexer_logits_paged(*paged), indexer_logits_paged_reference(*paged))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_ops_use_triton_and_capture_in_cuda_graph(fp8):
+    """The decode chain paged logits -> top-k through the ops (the logits on the Triton kernel) replays in a CUDA graph
+    with new sequence lengths; the prefill logits op runs its Triton kernel too."""
+    import flashmla_ops
+
+    for op in ("indexer_logits", "indexer_logits_paged"):
+        assert flashmla_ops.backend(op, DEVICE) == "triton"
+    generator = torch.Generator().manual_seed(17 + fp8)
+    q, cache, weights, block_table, seqlens, q_scale = paged_inputs([300, 1, 2000, 64], 2, 64, 128, fp8, fp8,
+                                                                    generator)
+
+    def call():
+        logits = torch.ops.flashmla.indexer_logits_paged(q, cache, weights, block_table, seqlens, q_scale)
+        return logits, torch.ops.flashmla.indexer_topk(logits, 256, block_table)
+
+    call()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits, selected = call()
+    seqlens.copy_(torch.tensor([1000, 70, 2, 2001], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = indexer_logits_paged_reference(q, cache, weights, block_table, seqlens, q_scale)
+    assert_logits_close(logits, want)
+    assert torch.equal((selected == -1).sum(-1), (indexer_topk_reference(want, 256, block_table) == -1).sum(-1))
+    prefill = prefill_inputs(300, 700, 64, 128, fp8, fp8, generator)
+    assert_logits_close(torch.ops.flashmla.indexer_logits(*prefill), indexer_logits_reference(*prefill))

@@ -1,0 +1,118 @@
+"""Benchmark the DSA lightning indexer logits ops (packed prefill, paged decode), per backend.
+
+Prints per configuration: time, GB/s, TFLOP/s, the SPEC.md §5 target where there is one (indexer logits FP8: >= 60%
+of the FP8 matmul rate) and the speed-up over the reference op on the GPU. Logits FLOPs: `2 * s_q * h_i * keys * d_i`
+over every key in range; bytes: q, keys and weights read once, float32 logits written. Times are medians of
+CUDA-graph replays (bench_decode.py's timing). Writes JSON and a PNG.
+
+    python scripts/bench_indexer.py                                  # default backend (fastest available)
+    python scripts/bench_indexer.py --backend triton --out bench/indexer_triton
+"""
+import argparse
+
+import torch
+
+import flashmla_ops
+from bench_decode import bench_device, eager_ms, fmt, forced_backend, save_results, time_ms
+from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_index_fp8_reference
+
+PEAK_FP8 = 1250e12  # FLOP/s, FP8 matmul on the lent H100 (SPEC.md §4)
+# (name, kind, rows: s_q or batch, keys: s_kv or context, h_i, d_i, fp8)
+ROWS = [
+    ("logits fp8 s_q4096 h64 s_kv32k", "logits", 4096, 32768, 64, 128, True),
+    ("logits bf16 s_q4096 h64 s_kv32k", "logits", 4096, 32768, 64, 128, False),
+    ("paged logits fp8 b128 h64 ctx32k", "paged", 128, 32768, 64, 128, True),
+    ("paged logits bf16 b128 h64 ctx32k", "paged", 128, 32768, 64, 128, False),
+]
+TARGET_FRACTION = 0.6  # of PEAK_FP8, for the FP8 prefill logits row
+
+
+def operand(x, fp8):
+    """(..., d) float -> (e4m3 values, float32 per-row power-of-two scales `(...)`) or (bf16 values, None)."""
+    if not fp8:
+        return x.bfloat16(), None
+    packed = quantize_index_fp8_reference(x)
+    return (packed[..., :-4].contiguous().view(torch.float8_e4m3fn),
+            packed[..., -4:].contiguous().view(torch.float32)[..., 0])
+
+
+def make_call(kind, rows, keys, h_i, d_i, fp8, device):
+    """(the op call on its arguments, the argument sets, FLOPs, bytes) for one configuration."""
+    if kind == "logits":
+        q, q_scale = operand(torch.randn(rows, h_i, d_i, device=device), fp8)
+        k, k_scale = operand(torch.randn(keys, d_i, device=device), fp8)
+        weights = torch.randn(rows, h_i, device=device)
+        k_start = torch.zeros(rows, dtype=torch.int32, device=device)
+        k_end = torch.full((rows,), keys, dtype=torch.int32, device=device)
+        args = (q, k, weights, k_start, k_end, q_scale, k_scale)
+        call = torch.ops.flashmla.indexer_logits
+        read = q.numel() * q.element_size() + k.numel() * k.element_size()
+    else:
+        blocks_per_seq = keys // PAGE_BLOCK_SIZE
+        cache = torch.randn(rows * blocks_per_seq, PAGE_BLOCK_SIZE, d_i, device=device)
+        cache = quantize_index_fp8_reference(cache) if fp8 else cache.bfloat16()
+        q, q_scale = operand(torch.randn(rows, 1, h_i, d_i, device=device), fp8)
+        block_table = torch.randperm(rows * blocks_per_seq, device=device, dtype=torch.int32).view(rows, -1)
+        seqlens = torch.full((rows,), keys, dtype=torch.int32, device=device)
+        args = (q, cache, torch.randn(rows, 1, h_i, device=device), block_table, seqlens, q_scale)
+        call = torch.ops.flashmla.indexer_logits_paged
+        read = q.numel() * q.element_size() + cache.numel() * cache.element_size()
+    flops = 2 * rows * h_i * keys * d_i
+    return call, [args], flops, read + rows * h_i * 4 + rows * keys * 4
+
+
+def bench_row(kind, rows, keys, h_i, d_i, fp8, device, with_reference):
+    call, sets, flops, total_bytes = make_call(kind, rows, keys, h_i, d_i, fp8, device)
+    ms = time_ms(call, sets)
+    row = {"kind": kind, "rows": rows, "keys": keys, "h_i": h_i, "d_i": d_i, "fp8": fp8,
+           "time_us": ms * 1e3, "gb_s": total_bytes / ms / 1e6, "tflop_s": flops / ms / 1e9}
+    if with_reference:
+        with forced_backend("reference"):
+            reference_ms = eager_ms(call, sets)
+        row["speedup_vs_reference"] = reference_ms / ms
+    del sets
+    torch.cuda.empty_cache()
+    return row
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.barh([r["name"] for r in rows], [r["time_us"] for r in rows], color="tab:purple")
+    ax.set_xscale("log")
+    ax.set_xlabel("time (us)")
+    ax.set_title("flashmla indexer logits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "reference"])
+    parser.add_argument("--no-reference", action="store_true", help="skip timing the reference op")
+    parser.add_argument("--out", default="bench/indexer", help="output prefix for .json and .png")
+    args = parser.parse_args()
+    device = bench_device(args.backend, "bench_indexer.py")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: "
+          + ", ".join(f"{op} {flashmla_ops.backend(op, device)}" for op in ("indexer_logits", "indexer_logits_paged")))
+    print(f"{'configuration':36} {'time us':>9} {'GB/s':>7} {'TFLOP/s':>8} {'target':>12} {'vs target':>9} "
+          f"{'x ref':>7}")
+    results = []
+    for name, kind, rows, keys, h_i, d_i, fp8 in ROWS:
+        row = bench_row(kind, rows, keys, h_i, d_i, fp8, device, not args.no_reference)
+        row["name"] = name
+        if kind == "logits" and fp8:
+            row["target"] = f">= {TARGET_FRACTION * PEAK_FP8 / 1e12:.0f} TFLOP/s"
+            row["vs_target"] = row["tflop_s"] * 1e12 / (TARGET_FRACTION * PEAK_FP8)
+        results.append(row)
+        print(f"{name:36} {row['time_us']:9.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} {row.get('target', '-'):>12}"
+              f" {fmt(row.get('vs_target'), 2):>9} {fmt(row.get('speedup_vs_reference'), 1):>7}")
+    save_results(args.out, args.backend, results, plot)
+
+
+if __name__ == "__main__":
+    main()
