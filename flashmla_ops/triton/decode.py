@@ -251,7 +251,8 @@ def default_config(batch: int, rows: int, device: torch.device) -> LaunchConfig:
     """Chosen from `bench_decode.py --tune` on the H100 (2026-11-24): one split program per SM (more splits only add
     combine traffic), 64-token tiles; 64-row tiles with 3 stages where heads alone fill the GPU (compute-bound), and
     32-row tiles with two programs per SM where they do not (batch 1, long context: more, lighter programs). The
-    balanced schedule is not the default until it is timed on the GPU."""
+    balanced schedule stays opt-in: timed on the H100 (2026-11-25) it halved a skewed batch (one 32k sequence among
+    31 of 512 tokens) but was 1.3x to 2.4x slower on every uniform SPEC row."""
     multiprocessors, shared_memory = device_limits(device)
     block_n = 64 if shared_memory >= 200 * 1024 else 32
     if rows <= 16:
