@@ -334,7 +334,7 @@ def profile_step(runner, tokens: torch.Tensor, steps: int, device: torch.device)
     model = runner.model if isinstance(runner, OursRunner) else runner.hf
     handles = []
     for module in model.modules():
-        kind = ("moe" if isinstance(module, MoE) or type(module).__name__.endswith("MoE") else
+        kind = ("moe" if isinstance(module, MoE) or type(module).__name__.lower().endswith("moe") else
                 "self_attn" if type(module).__name__.endswith(("Attention", "MLAttention")) else None)
         if kind is not None:
             ranges = []
@@ -369,7 +369,9 @@ def profile_step(runner, tokens: torch.Tensor, steps: int, device: torch.device)
 
     groups = dict.fromkeys(("attention kernels", "attention other", "moe", "other"), 0.0)
     for event in prof.events():
-        groups[group(event)] += event.self_device_time_total if on_cuda else event.self_cpu_time_total
+        # Ranges (modules, a compiled graph's "## Call CompiledFxGraph ...") span kernels that count themselves.
+        if event.name not in ("moe", "self_attn") and not event.name.startswith("## "):
+            groups[group(event)] += event.self_device_time_total if on_cuda else event.self_cpu_time_total
     if on_cuda:  # the GPU idles between kernels while the host launches them (CUDA graphs remove most of it)
         groups["launch gaps"] = max(0.0, wall_us - sum(groups.values()))
     total = sum(groups.values())
@@ -521,12 +523,15 @@ def main(argv: list[str] | None = None) -> dict:
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"{args.model_preset}: {config.num_hidden_layers} layers, {parameters / 1e9:.2f}B parameters, "
           f"{args.dtype}, {device}{gpu}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in (b for b in args.backends if b.startswith("ours")):
         # One compiled step for every configuration: the cache's sizes are symbolic, so it compiles about twice.
         step_fn = compile_decode_step(device) if name == "ours-compiled" else decode_step
         rows += bench(name, lambda batch, max_seq_len, step_fn=step_fn: OursRunner(
             model, batch, max_seq_len, args.kv_cache, step_fn, device), config, args, device, dtype)
+        out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))  # so far, in case a later one dies
     hf_backends = [b for b in args.backends if b.startswith("hf")]
     meta = {"preset": args.model_preset, "config": config_dict, "dtype": args.dtype, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
@@ -558,8 +563,6 @@ def main(argv: list[str] | None = None) -> dict:
     meta["compiled_graphs"] = counters["stats"]["unique_graphs"]
     print(f"CUDA graphs skipped: {meta['cudagraph_skips']}, graphs compiled: {meta['compiled_graphs']}")
     result = {"meta": meta, "rows": rows, "speedups": speedups}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(rows, f"{args.model_preset} ({config.num_hidden_layers} layers), {args.dtype}, {device}",
          out.with_suffix(".png"))

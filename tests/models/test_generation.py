@@ -3,8 +3,17 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from models import (DeepseekConfig, PagedKVCache, compile_decode_step, decode_step, generate, prefill, random_model,
-                    sample, tiny_config)
+from models import (
+    DeepseekConfig,
+    PagedKVCache,
+    compile_decode_step,
+    decode_step,
+    generate,
+    prefill,
+    random_model,
+    sample,
+    tiny_config,
+)
 
 # Different lengths; the first crosses a 64-token block while decoding.
 PROMPT_LENGTHS = (60, 5, 23)
@@ -103,7 +112,10 @@ def test_cuda_graph_decode_matches_eager(monkeypatch, model_type, kv_cache_dtype
     """On the GPU, bfloat16: the decode step compiled with CUDA graphs (recorded, then replayed every step, the flashmla
     ops inside) generates the same 32 tokens as eager decoding, with no CUDA graph skipped (a skip raises)."""
     monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_or_error", True)
-    config = DeepseekConfig.from_dict(tiny_config(model_type))
+    # V3.2: index_topk above every context (93 tokens at most), so the whole sparse path runs but the choice is every
+    # visible token: with a random model, fused and eager rounding swap near-tied tokens at a top-16 boundary, which
+    # moves logits by up to 40% (test_deepseek.py), a numerical coin toss rather than a capture bug.
+    config = DeepseekConfig.from_dict(tiny_config(model_type, index_topk=128))
     model = random_model(config, torch.bfloat16, "cuda", seed=1)
     prompts = make_prompts(config.vocab_size)  # the first crosses a 64-token block while decoding
     torch._dynamo.reset()
