@@ -6,13 +6,18 @@
 //   m   = max(m, rowmax(S_0), rowmax(S_1))     (row maxima exchanged through shared memory)
 //   P   = exp2(S - m) -> shared memory (bf16)  (the whole 64 x 64 probability tile)
 //   O_w = O_w * exp2(m_old - m) + P V[:, w * 256 : w * 256 + 256]   (wgmma m64n256: warpgroup w owns half of d_v)
-// Q, two KV stages and P live in 128-byte-swizzled shared tiles (sm90.cuh) filled by cp.async: block i + 1 loads
-// while block i computes. Tokens past the sequence's end are zero-filled, so garbage rows never reach P V.
+// Q (cp.async), two KV stages (TMA through a tensor map over the paged cache, one mbarrier per stage) and P live in
+// 128-byte-swizzled shared tiles (sm90.cuh). The loop keeps the tensor cores fed: P V of block i and Q K^T of block
+// i + 1 are issued back to back, the load of block i + 2 starts once block i's stage is free, and the softmax of
+// block i + 1 follows. Rows of the last block past the sequence's end are zeroed in shared memory before P V, so
+// whatever the cache holds there never reaches the output.
 // With several splits per sequence each CTA writes its normalised float32 output and base-2 LSE, and
 // `combine_kernel` merges them.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <torch/extension.h>
 
 #include <cmath>
@@ -40,13 +45,15 @@ constexpr int kKvOffset = kQOffset + kMatrixBytes;
 constexpr int kPOffset = kKvOffset + kStages * kMatrixBytes;
 constexpr int kRowMaxOffset = kPOffset + kTileBytes;            // float [2][64]
 constexpr int kRowSumOffset = kRowMaxOffset + 2 * kRowsPerCta * 4;  // float [2][64]
-constexpr int kSharedBytes = kRowSumOffset + 2 * kRowsPerCta * 4 + 1024;  // + slack to align the base to 1024
+constexpr int kBarrierOffset = kRowSumOffset + 2 * kRowsPerCta * 4;    // uint64_t [kStages]
+constexpr int kSharedBytes = kBarrierOffset + kStages * 8 + 1024;  // + slack to align the base to 1024
 constexpr int kMaxSplits = 1024;
 constexpr float kLn2 = 0.69314718055994530942f;
 
 static_assert(kSharedBytes <= 227 * 1024, "shared memory");
 
 struct DecodeParams {
+  CUtensorMap kv_map;  // the cache as (576 columns, 64 rows, num_blocks), 64 x 64 boxes, 128-byte swizzle
   const __nv_bfloat16* q;
   int64_t q_batch_stride, q_seq_stride, q_head_stride;
   const __nv_bfloat16* kv;
@@ -76,14 +83,41 @@ __device__ __forceinline__ void load_rows_async(uint32_t dst, RowSource row_sour
   }
 }
 
-__device__ __forceinline__ void load_kv_block_async(const DecodeParams& p, uint32_t dst, int batch, int block,
-                                                    int length) {
+// One thread: the nine 64-column boxes of cache block `block` of sequence `batch` into a stage, on its barrier.
+__device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
+                                              int block) {
   const int page = p.block_table[batch * p.block_table_stride + block];
-  const __nv_bfloat16* base = p.kv + page * p.kv_block_stride;
-  load_rows_async(
-      dst,
-      [&](int row) { return block * kBlockN + row < length ? base + row * p.kv_row_stride : nullptr; },
-      p.kv);
+  mbarrier_arrive_expect_bytes(barrier, kMatrixBytes);
+#pragma unroll
+  for (int tile = 0; tile < kColumnTiles; ++tile) {
+    tma_load_3d(dst + tile * kTileBytes, &p.kv_map, barrier, tile * 64, 0, page);
+  }
+}
+
+// S_w = Q K[w * 32 : w * 32 + 32]^T, issued and committed (not waited for).
+__device__ __forceinline__ void issue_scores(float (&scores)[kTokensPerWarpgroup / 2], uint32_t q_tile,
+                                             uint32_t kv_tile, int warpgroup) {
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kHeadDimQK / 16; ++k) {
+    const uint32_t column = (k / 4) * kTileBytes + (k % 4) * 32;
+    wgmma_m64n32k16_ss(scores, smem_descriptor(q_tile + column, 16, 1024),
+                       smem_descriptor(kv_tile + column + warpgroup * kTokensPerWarpgroup * 128, 16, 1024), k > 0);
+  }
+  wgmma_commit();
+}
+
+// O_w += P V[:, w * 256 : w * 256 + 256], issued and committed (not waited for).
+__device__ __forceinline__ void issue_values(float (&out_acc)[kValueColsPerWarpgroup / 2], uint32_t p_tile,
+                                             uint32_t kv_tile, int warpgroup) {
+  wgmma_fence();
+  fence_registers(out_acc);
+#pragma unroll
+  for (int k = 0; k < kBlockN / 16; ++k) {
+    wgmma_m64n256k16_ss_tb(out_acc, smem_descriptor(p_tile + k * 32, 16, 1024),
+                           smem_descriptor(kv_tile + warpgroup * 4 * kTileBytes + k * 16 * 128, kTileBytes, 1024), 1);
+  }
+  wgmma_commit();
 }
 
 __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_constant__ DecodeParams p) {
@@ -93,6 +127,8 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   const uint32_t p_tile = smem_address(shared + kPOffset);
   float* row_max_shared = reinterpret_cast<float*>(shared + kRowMaxOffset);
   float* row_sum_shared = reinterpret_cast<float*>(shared + kRowSumOffset);
+  const auto kv_tile = [&](int stage) { return smem_address(shared + kKvOffset + stage * kMatrixBytes); };
+  const auto full_barrier = [&](int stage) { return smem_address(shared + kBarrierOffset + stage * 8); };
 
   const int row_block = blockIdx.x, split = blockIdx.y, batch = blockIdx.z;
   const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
@@ -112,6 +148,11 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
     visible[j] = row >= p.rows ? 0 : (p.causal ? length - p.s_q + query + 1 : length);
   }
 
+  if (threadIdx.x == 0) {
+    for (int stage = 0; stage < kStages; ++stage) mbarrier_init(full_barrier(stage), 1);
+    fence_barrier_init();
+  }
+  __syncthreads();
   if (begin < end) {
     load_rows_async(
         q_tile,
@@ -121,35 +162,26 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
           return p.q + batch * p.q_batch_stride + (row / p.h_q) * p.q_seq_stride + (row % p.h_q) * p.q_head_stride;
         },
         p.q);
-    load_kv_block_async(p, smem_address(shared + kKvOffset), batch, begin, length);
+    cp_async_commit();
+    if (threadIdx.x == 0) {
+      for (int stage = 0; stage < kStages && begin + stage < end; ++stage) {
+        load_kv_block(p, kv_tile(stage), full_barrier(stage), batch, begin + stage);
+      }
+    }
   }
-  cp_async_commit();
-  if (begin + 1 < end) load_kv_block_async(p, smem_address(shared + kKvOffset + kMatrixBytes), batch, begin + 1, length);
-  cp_async_commit();
+  cp_async_wait<0>();
+  fence_async_shared();
+  __syncthreads();
 
   float out_acc[kValueColsPerWarpgroup / 2];
 #pragma unroll
   for (int i = 0; i < kValueColsPerWarpgroup / 2; ++i) out_acc[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  float scores[kTokensPerWarpgroup / 2];
 
-  for (int block = begin; block < end; ++block) {
-    const uint32_t kv_tile = smem_address(shared + kKvOffset + ((block - begin) % kStages) * kMatrixBytes);
-    cp_async_wait<1>();
-    fence_async_shared();
-    __syncthreads();
-
-    float scores[kTokensPerWarpgroup / 2];
-    wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < kHeadDimQK / 16; ++k) {
-      const uint32_t column = (k / 4) * kTileBytes + (k % 4) * 32;
-      wgmma_m64n32k16_ss(scores, smem_descriptor(q_tile + column, 16, 1024),
-                         smem_descriptor(kv_tile + column + warpgroup * kTokensPerWarpgroup * 128, 16, 1024), k > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(scores);
-
+  // Scale and mask S of `block`, update the running max and sum, write P (bf16) and rescale O; ends with P (and the
+  // zeroed tail of the last block) visible to both warpgroups' wgmma.
+  const auto softmax = [&](int block, int stage) {
     const int first_token = block * kBlockN + warpgroup * kTokensPerWarpgroup;
     float block_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -176,8 +208,8 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
     float rescale[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const float new_max = fmaxf(row_max[j], fmaxf(row_max_shared[row_of[j]],
-                                                    row_max_shared[kRowsPerCta + row_of[j]]));
+      const float new_max =
+          fmaxf(row_max[j], fmaxf(row_max_shared[row_of[j]], row_max_shared[kRowsPerCta + row_of[j]]));
       const float shift = new_max == -INFINITY ? 0.f : new_max;
       rescale[j] = exp2f(row_max[j] - shift);
       row_max[j] = new_max;
@@ -198,26 +230,50 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
       out_acc[4 * i + 2] *= rescale[1];
       out_acc[4 * i + 3] *= rescale[1];
     }
+    const int valid_rows = length - block * kBlockN;
+    if (valid_rows < kBlockN) {  // the last block: zero the value rows past the end (P is 0 there; 0 * NaN is not)
+      uint8_t* stage_tiles = shared + kKvOffset + stage * kMatrixBytes;
+      const int chunks = (kBlockN - valid_rows) * (kLatentDim / 8);
+      for (int i = threadIdx.x; i < chunks; i += kThreads) {
+        const int row = valid_rows + i / (kLatentDim / 8), chunk = i % (kLatentDim / 8);
+        *reinterpret_cast<uint4*>(stage_tiles + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8)) =
+            make_uint4(0, 0, 0, 0);
+      }
+    }
     fence_async_shared();
     named_barrier_sync(1, kThreads);
+  };
 
-    wgmma_fence();
-    fence_registers(out_acc);
-#pragma unroll
-    for (int k = 0; k < kBlockN / 16; ++k) {
-      wgmma_m64n256k16_ss_tb(out_acc, smem_descriptor(p_tile + k * 32, 16, 1024),
-                             smem_descriptor(kv_tile + warpgroup * 4 * kTileBytes + k * 16 * 128, kTileBytes, 1024), 1);
-    }
-    wgmma_commit();
+  if (begin < end) {
+    mbarrier_wait(full_barrier(0), 0);
+    issue_scores(scores, q_tile, kv_tile(0), warpgroup);
     wgmma_wait<0>();
-    fence_registers(out_acc);
-    __syncthreads();  // this stage and the P tile are free again
-    if (block + kStages < end) {
-      load_kv_block_async(p, kv_tile, batch, block + kStages, length);
-    }
-    cp_async_commit();
+    fence_registers(scores);
+    softmax(begin, 0);
   }
-  cp_async_wait<0>();
+  for (int block = begin; block < end; ++block) {
+    const int stage = (block - begin) % kStages;
+    issue_values(out_acc, p_tile, kv_tile(stage), warpgroup);
+    const bool has_next = block + 1 < end;
+    if (has_next) {
+      const int next = block + 1 - begin;
+      mbarrier_wait(full_barrier(next % kStages), (next / kStages) & 1);
+      issue_scores(scores, q_tile, kv_tile(next % kStages), warpgroup);
+      wgmma_wait<1>();  // P V of this block is done; Q K^T of the next may still run
+    } else {
+      wgmma_wait<0>();
+    }
+    fence_registers(out_acc);
+    named_barrier_sync(1, kThreads);  // both warpgroups are done with this stage and with P
+    if (threadIdx.x == 0 && block + kStages < end) {
+      load_kv_block(p, kv_tile(stage), full_barrier(stage), batch, block + kStages);
+    }
+    if (has_next) {
+      wgmma_wait<0>();
+      fence_registers(scores);
+      softmax(block + 1, (block + 1 - begin) % kStages);
+    }
+  }
 
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -311,6 +367,31 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
   }
 }
 
+// The paged cache as a 3-d tensor (576 columns, 64 rows, num_blocks) with its own row and block strides, read in
+// 64 x 64 boxes that land in shared memory 128-byte swizzled (the wgmma layout).
+CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* function = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault,
+                                                    &status));
+    TORCH_CHECK(status == cudaDriverEntryPointSuccess && function != nullptr,
+                "dense_decode: the CUDA driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {kHeadDimQK, kBlockN, static_cast<cuuint64_t>(std::max<int64_t>(kv_cache.size(0), 1))};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(kv_cache.stride(1) * 2),
+                                 static_cast<cuuint64_t>(kv_cache.stride(0) * 2)};
+  const cuuint32_t box[3] = {64, kBlockN, 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult result = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, kv_cache.data_ptr(), dims, strides, box,
+                                 element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(result == CUDA_SUCCESS, "dense_decode: cuTensorMapEncodeTiled failed with ", static_cast<int>(result));
+  return map;
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
@@ -344,6 +425,7 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
     lse_partial = torch::empty({batch * num_splits, rows}, q.options().dtype(at::kFloat));
   }
   DecodeParams params{};
+  params.kv_map = cache_tensor_map(kv_cache);
   params.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
   params.q_batch_stride = q.stride(0);
   params.q_seq_stride = q.stride(1);

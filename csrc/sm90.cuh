@@ -1,5 +1,6 @@
 // Hopper (sm_90a) building blocks written against the PTX ISA: shared-memory matrix descriptors for 128-byte-swizzled
-// bf16 tiles, warpgroup MMA (wgmma) wrappers, cp.async copies and the fences between the generic and async proxies.
+// bf16 tiles, warpgroup MMA (wgmma) wrappers, TMA tensor loads on mbarriers, cp.async copies and the fences between
+// the generic and async proxies.
 //
 // Tile layout used throughout ("swizzled tile"): 64 bf16 columns (128 bytes) per row; 16-byte chunk c of row r is
 // stored at chunk c ^ (r % 8) of that row, so 8 rows form a 1024-byte atom. A matrix wider than 64 columns is a
@@ -53,6 +54,34 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
+// mbarrier: a shared-memory barrier that the copy engine (TMA) completes by transaction bytes.
+__device__ __forceinline__ void mbarrier_init(uint32_t barrier, int arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(barrier), "r"(arrivals) : "memory");
+}
+__device__ __forceinline__ void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbarrier_arrive_expect_bytes(uint32_t barrier, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(barrier), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint32_t barrier, uint32_t phase) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(barrier),
+      "r"(phase)
+      : "memory");
+}
+
+// TMA: one box of a 3-d tensor map (coordinates innermost first) into shared memory, completing on `barrier`.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tensor_map, uint32_t barrier, int c0, int c1,
+                                            int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], "
+      "[%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(barrier), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
