@@ -8,13 +8,14 @@ void write_kv_cache(torch::Tensor& kv_cache, const torch::Tensor& latent, const 
                     const torch::Tensor& slot_mapping, bool is_fp8);
 std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
                                         const torch::Tensor& block_table, const torch::Tensor& cache_seqlens,
-                                        double softmax_scale, bool causal, int64_t num_splits);
+                                        double softmax_scale, bool causal, bool is_fp8, int64_t num_splits);
 }  // namespace flashmla
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_kv_fp8", &flashmla::quantize_kv_fp8, "BF16 (..., 576) -> FP8 cache rows (..., 656) uint8");
   m.def("dequantize_kv_fp8", &flashmla::dequantize_kv_fp8, "FP8 cache rows (..., 656) uint8 -> BF16 (..., 576)");
   m.def("dense_decode", &flashmla::dense_decode,
-        "BF16 paged MLA decode (sm_90a): q, kv_cache, block_table, cache_seqlens, scale, causal, num_splits -> out, lse");
+        "paged MLA decode, BF16 or FP8 cache (sm_90a): q, kv_cache, block_table, cache_seqlens, scale, causal, is_fp8, "
+        "num_splits -> out, lse");
   m.def("write_kv_cache", &flashmla::write_kv_cache, "store latent + rope rows at flat slots (-1 skips)");
 }

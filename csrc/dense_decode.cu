@@ -1,4 +1,4 @@
-// Dense paged MLA decode over the BF16 latent cache on Hopper (sm_90a), and the combine of split partials.
+// Dense paged MLA decode over the BF16 or FP8 latent cache on Hopper (sm_90a), and the combine of split partials.
 //
 // One CTA = 64 query rows (flattened (s_q, h_q) pairs of one sequence; all heads share the one latent KV head) x one
 // split of the sequence's 64-token cache blocks. Two warpgroups share each block:
@@ -39,25 +39,42 @@ constexpr int kColumnTiles = kHeadDimQK / 64;  // 9 swizzled 64-column tiles per
 constexpr int kChunksPerRow = kHeadDimQK / 8;  // 72 16-byte chunks
 constexpr int kTileBytes = 64 * 128;          // one 64-row swizzled column tile
 constexpr int kMatrixBytes = kColumnTiles * kTileBytes;
-constexpr int kStages = 2;
-constexpr int kQOffset = 0;
-constexpr int kKvOffset = kQOffset + kMatrixBytes;
-constexpr int kPOffset = kKvOffset + kStages * kMatrixBytes;
-constexpr int kRowMaxOffset = kPOffset + kTileBytes;            // float [2][64]
-constexpr int kRowSumOffset = kRowMaxOffset + 2 * kRowsPerCta * 4;  // float [2][64]
-constexpr int kBarrierOffset = kRowSumOffset + 2 * kRowsPerCta * 4;    // uint64_t [kStages]
-constexpr int kSharedBytes = kBarrierOffset + kStages * 8 + 1024;  // + slack to align the base to 1024
 constexpr int kMaxSplits = 1024;
 constexpr float kLn2 = 0.69314718055994530942f;
+constexpr int kRawRowBytes = kLatentDim + kNumTiles * 4;  // an FP8 row's e4m3 latent and scales (528 bytes)
+constexpr int kRawParts = 3;
+constexpr int kRawPartBytes = kRawRowBytes / kRawParts;  // 176: a TMA box row, a multiple of 16 bytes
+constexpr int kRawBlockBytes = kBlockN * kRawRowBytes;
 
-static_assert(kSharedBytes <= 227 * 1024, "shared memory");
+// Shared memory, in bytes from a 1024-aligned base. BF16 cache: Q, two KV stages (TMA), P. FP8 cache: Q, one BF16 KV
+// tile (the latent dequantised into it, the RoPE columns loaded into it by TMA), two raw FP8 stages (TMA), P.
+template <bool kFp8>
+struct Layout {
+  static constexpr int kKvStages = kFp8 ? 1 : 2;
+  static constexpr int kRawStages = kFp8 ? 2 : 0;
+  static constexpr int kQ = 0;
+  static constexpr int kKv = kQ + kMatrixBytes;
+  static constexpr int kRaw = kKv + kKvStages * kMatrixBytes;
+  static constexpr int kP = kRaw + kRawStages * kRawBlockBytes;
+  static constexpr int kRowMax = kP + kTileBytes;            // float [2][64]
+  static constexpr int kRowSum = kRowMax + 2 * kRowsPerCta * 4;  // float [2][64]
+  static constexpr int kBarriers = kRowSum + 2 * kRowsPerCta * 4;  // uint64_t: KV (or raw) stages, then RoPE
+  static constexpr int kBytes = kBarriers + 3 * 8 + 1024;    // + slack to align the base to 1024
+  static_assert(kBytes <= 227 * 1024, "shared memory");
+  static_assert(kRaw % 1024 == 0 && kP % 1024 == 0, "swizzled tiles need 1024-byte alignment");
+};
 
 struct DecodeParams {
-  CUtensorMap kv_map;  // the cache as (576 columns, 64 rows, num_blocks), 64 x 64 boxes, 128-byte swizzle
+  // BF16 cache: (576 columns, 64 rows, num_blocks); FP8 cache: its RoPE columns, (64, 64, num_blocks). 64 x 64
+  // boxes, 128-byte swizzle.
+  CUtensorMap kv_map;
+  // FP8 cache: bytes 0..527 of each row (e4m3 latent and scales) as (528, 64, num_blocks) uint8, in three 176-byte
+  // boxes: a raw stage holds three (64 rows x 176 bytes) parts.
+  CUtensorMap raw_map;
   const __nv_bfloat16* q;
   int64_t q_batch_stride, q_seq_stride, q_head_stride;
-  const __nv_bfloat16* kv;
-  int64_t kv_block_stride, kv_row_stride;
+  const uint8_t* kv;
+  int64_t kv_block_bytes, kv_row_bytes;
   const int* block_table;
   int64_t block_table_stride;
   const int* cache_seqlens;
@@ -94,6 +111,59 @@ __device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t ds
   }
 }
 
+// One thread, FP8 cache: the e4m3 latent and scales of the block's 64 rows into a raw stage, on its barrier.
+__device__ __forceinline__ void load_raw_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
+                                               int block) {
+  const int page = p.block_table[batch * p.block_table_stride + block];
+  mbarrier_arrive_expect_bytes(barrier, kRawBlockBytes);
+#pragma unroll
+  for (int part = 0; part < kRawParts; ++part) {
+    tma_load_3d(dst + part * kBlockN * kRawPartBytes, &p.raw_map, barrier, part * kRawPartBytes, 0, page);
+  }
+}
+
+// One thread, FP8 cache: the block's 64 RoPE columns (bf16) straight into the KV tile's last column tile.
+__device__ __forceinline__ void load_rope_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
+                                                int block) {
+  const int page = p.block_table[batch * p.block_table_stride + block];
+  mbarrier_arrive_expect_bytes(barrier, kTileBytes);
+  tma_load_3d(dst + (kColumnTiles - 1) * kTileBytes, &p.kv_map, barrier, 0, 0, page);
+}
+
+// All threads, FP8 cache: latent = e4m3 * tile scale (exact in bf16: the scales are powers of two) from a raw stage
+// into the KV tile's first 512 columns; rows past the sequence's end become zeros.
+__device__ __forceinline__ void dequantize_block(const uint8_t* raw, uint8_t* kv_tile, int valid_rows) {
+  constexpr int kUnitsPerRow = kLatentDim / 16;  // 16 e4m3 values -> two 16-byte bf16 chunks
+#pragma unroll 4
+  for (int unit = threadIdx.x; unit < kBlockN * kUnitsPerRow; unit += kThreads) {
+    const int row = unit / kUnitsPerRow, column16 = unit % kUnitsPerRow;
+    uint4 halves[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+    if (row < valid_rows) {
+      const auto raw_byte = [&](int offset) {  // byte `offset` of the row, in its part
+        return raw + (offset / kRawPartBytes) * kBlockN * kRawPartBytes + row * kRawPartBytes + offset % kRawPartBytes;
+      };
+      const uint4 packed = *reinterpret_cast<const uint4*>(raw_byte(column16 * 16));
+      const float scale = *reinterpret_cast<const float*>(raw_byte(kLatentDim + (column16 * 16 / kFp8Tile) * 4));
+      const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+      uint32_t* out_words = reinterpret_cast<uint32_t*>(halves);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+#pragma unroll
+        for (int pair = 0; pair < 2; ++pair) {
+          const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+              static_cast<__nv_fp8x2_storage_t>(words[w] >> (16 * pair)), __NV_E4M3);
+          const float2 values = __half22float2(__half2(h));
+          const __nv_bfloat162 scaled = __floats2bfloat162_rn(values.x * scale, values.y * scale);
+          out_words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
+        }
+      }
+    }
+    const int column = column16 * 16, tile = column / 64, chunk = (column % 64) / 8;
+    *reinterpret_cast<uint4*>(kv_tile + tile * kTileBytes + swizzled_offset(row, chunk)) = halves[0];
+    *reinterpret_cast<uint4*>(kv_tile + tile * kTileBytes + swizzled_offset(row, chunk + 1)) = halves[1];
+  }
+}
+
 // S_w = Q K[w * 32 : w * 32 + 32]^T, issued and committed (not waited for).
 __device__ __forceinline__ void issue_scores(float (&scores)[kTokensPerWarpgroup / 2], uint32_t q_tile,
                                              uint32_t kv_tile, int warpgroup) {
@@ -120,15 +190,20 @@ __device__ __forceinline__ void issue_values(float (&out_acc)[kValueColsPerWarpg
   wgmma_commit();
 }
 
+template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_constant__ DecodeParams p) {
+  using L = Layout<kFp8>;
   extern __shared__ uint8_t raw_shared[];
   uint8_t* shared = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw_shared) + 1023) & ~uintptr_t(1023));
-  const uint32_t q_tile = smem_address(shared + kQOffset);
-  const uint32_t p_tile = smem_address(shared + kPOffset);
-  float* row_max_shared = reinterpret_cast<float*>(shared + kRowMaxOffset);
-  float* row_sum_shared = reinterpret_cast<float*>(shared + kRowSumOffset);
-  const auto kv_tile = [&](int stage) { return smem_address(shared + kKvOffset + stage * kMatrixBytes); };
-  const auto full_barrier = [&](int stage) { return smem_address(shared + kBarrierOffset + stage * 8); };
+  const uint32_t q_tile = smem_address(shared + L::kQ);
+  const uint32_t p_tile = smem_address(shared + L::kP);
+  float* row_max_shared = reinterpret_cast<float*>(shared + L::kRowMax);
+  float* row_sum_shared = reinterpret_cast<float*>(shared + L::kRowSum);
+  const auto kv_tile = [&](int stage) { return smem_address(shared + L::kKv + stage * kMatrixBytes); };
+  const auto raw_stage = [&](int stage) { return shared + L::kRaw + stage * kRawBlockBytes; };
+  // BF16: one barrier per KV stage; FP8: one per raw stage, then the RoPE barrier.
+  const auto barrier = [&](int index) { return smem_address(shared + L::kBarriers + index * 8); };
+  const uint32_t rope_barrier = barrier(2);
 
   const int row_block = blockIdx.x, split = blockIdx.y, batch = blockIdx.z;
   const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
@@ -149,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   }
 
   if (threadIdx.x == 0) {
-    for (int stage = 0; stage < kStages; ++stage) mbarrier_init(full_barrier(stage), 1);
+    for (int index = 0; index < 3; ++index) mbarrier_init(barrier(index), 1);
     fence_barrier_init();
   }
   __syncthreads();
@@ -164,9 +239,14 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
         p.q);
     cp_async_commit();
     if (threadIdx.x == 0) {
-      for (int stage = 0; stage < kStages && begin + stage < end; ++stage) {
-        load_kv_block(p, kv_tile(stage), full_barrier(stage), batch, begin + stage);
+      for (int stage = 0; stage < 2 && begin + stage < end; ++stage) {
+        if constexpr (kFp8) {
+          load_raw_block(p, smem_address(raw_stage(stage)), barrier(stage), batch, begin + stage);
+        } else {
+          load_kv_block(p, kv_tile(stage), barrier(stage), batch, begin + stage);
+        }
       }
+      if constexpr (kFp8) load_rope_block(p, kv_tile(0), rope_barrier, batch, begin);
     }
   }
   cp_async_wait<0>();
@@ -179,8 +259,8 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   float scores[kTokensPerWarpgroup / 2];
 
-  // Scale and mask S of `block`, update the running max and sum, write P (bf16) and rescale O; ends with P (and the
-  // zeroed tail of the last block) visible to both warpgroups' wgmma.
+  // Scale and mask S of `block`, update the running max and sum, write P (bf16) and rescale O; ends with P (and, for
+  // the BF16 cache, the zeroed tail of the last block) visible to both warpgroups' wgmma.
   const auto softmax = [&](int block, int stage) {
     const int first_token = block * kBlockN + warpgroup * kTokensPerWarpgroup;
     float block_max[2] = {-INFINITY, -INFINITY};
@@ -219,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
         const float p0 = exp2f(scores[4 * i + 2 * j] - shift), p1 = exp2f(scores[4 * i + 2 * j + 1] - shift);
         row_sum[j] += p0 + p1;
         const int chunk = warpgroup * (kTokensPerWarpgroup / 8) + i;
-        *reinterpret_cast<__nv_bfloat162*>(shared + kPOffset + swizzled_offset(row_of[j], chunk) + 4 * (lane % 4)) =
+        *reinterpret_cast<__nv_bfloat162*>(shared + L::kP + swizzled_offset(row_of[j], chunk) + 4 * (lane % 4)) =
             __floats2bfloat162_rn(p0, p1);
       }
     }
@@ -231,8 +311,9 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
       out_acc[4 * i + 3] *= rescale[1];
     }
     const int valid_rows = length - block * kBlockN;
-    if (valid_rows < kBlockN) {  // the last block: zero the value rows past the end (P is 0 there; 0 * NaN is not)
-      uint8_t* stage_tiles = shared + kKvOffset + stage * kMatrixBytes;
+    if (!kFp8 && valid_rows < kBlockN) {  // the last block: zero the value rows past the end (P is 0 there; 0 * NaN
+                                          // is not). The FP8 path's dequantisation writes those zeros itself.
+      uint8_t* stage_tiles = shared + L::kKv + stage * kMatrixBytes;
       const int chunks = (kBlockN - valid_rows) * (kLatentDim / 8);
       for (int i = threadIdx.x; i < chunks; i += kThreads) {
         const int row = valid_rows + i / (kLatentDim / 8), chunk = i % (kLatentDim / 8);
@@ -244,34 +325,59 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
     named_barrier_sync(1, kThreads);
   };
 
-  if (begin < end) {
-    mbarrier_wait(full_barrier(0), 0);
-    issue_scores(scores, q_tile, kv_tile(0), warpgroup);
-    wgmma_wait<0>();
-    fence_registers(scores);
-    softmax(begin, 0);
-  }
-  for (int block = begin; block < end; ++block) {
-    const int stage = (block - begin) % kStages;
-    issue_values(out_acc, p_tile, kv_tile(stage), warpgroup);
-    const bool has_next = block + 1 < end;
-    if (has_next) {
-      const int next = block + 1 - begin;
-      mbarrier_wait(full_barrier(next % kStages), (next / kStages) & 1);
-      issue_scores(scores, q_tile, kv_tile(next % kStages), warpgroup);
-      wgmma_wait<1>();  // P V of this block is done; Q K^T of the next may still run
-    } else {
-      wgmma_wait<0>();
-    }
-    fence_registers(out_acc);
-    named_barrier_sync(1, kThreads);  // both warpgroups are done with this stage and with P
-    if (threadIdx.x == 0 && block + kStages < end) {
-      load_kv_block(p, kv_tile(stage), full_barrier(stage), batch, block + kStages);
-    }
-    if (has_next) {
+  if constexpr (kFp8) {
+    // One BF16 KV tile: per block, dequantise, Q K^T, softmax, P V in turn, while the raw FP8 rows of the next two
+    // blocks load, and the next block's RoPE columns load as soon as Q K^T has read this block's.
+    for (int block = begin; block < end; ++block) {
+      const int index = block - begin, stage = index % 2;
+      mbarrier_wait(barrier(stage), (index / 2) & 1);
+      dequantize_block(raw_stage(stage), shared + L::kKv, length - block * kBlockN);
+      fence_async_shared();
+      named_barrier_sync(1, kThreads);  // the raw stage is consumed, the latent is in the KV tile
+      if (threadIdx.x == 0 && block + 2 < end) {
+        load_raw_block(p, smem_address(raw_stage(stage)), barrier(stage), batch, block + 2);
+      }
+      mbarrier_wait(rope_barrier, index & 1);
+      issue_scores(scores, q_tile, kv_tile(0), warpgroup);
       wgmma_wait<0>();
       fence_registers(scores);
-      softmax(block + 1, (block + 1 - begin) % kStages);
+      softmax(block, 0);  // its barriers also mean both warpgroups are done reading the RoPE columns
+      if (threadIdx.x == 0 && block + 1 < end) load_rope_block(p, kv_tile(0), rope_barrier, batch, block + 1);
+      issue_values(out_acc, p_tile, kv_tile(0), warpgroup);
+      wgmma_wait<0>();
+      fence_registers(out_acc);
+      named_barrier_sync(1, kThreads);  // the KV tile's latent and P are free
+    }
+  } else {
+    if (begin < end) {
+      mbarrier_wait(barrier(0), 0);
+      issue_scores(scores, q_tile, kv_tile(0), warpgroup);
+      wgmma_wait<0>();
+      fence_registers(scores);
+      softmax(begin, 0);
+    }
+    for (int block = begin; block < end; ++block) {
+      const int stage = (block - begin) % 2;
+      issue_values(out_acc, p_tile, kv_tile(stage), warpgroup);
+      const bool has_next = block + 1 < end;
+      if (has_next) {
+        const int next = block + 1 - begin;
+        mbarrier_wait(barrier(next % 2), (next / 2) & 1);
+        issue_scores(scores, q_tile, kv_tile(next % 2), warpgroup);
+        wgmma_wait<1>();  // P V of this block is done; Q K^T of the next may still run
+      } else {
+        wgmma_wait<0>();
+      }
+      fence_registers(out_acc);
+      named_barrier_sync(1, kThreads);  // both warpgroups are done with this stage and with P
+      if (threadIdx.x == 0 && block + 2 < end) {
+        load_kv_block(p, kv_tile(stage), barrier(stage), batch, block + 2);
+      }
+      if (has_next) {
+        wgmma_wait<0>();
+        fence_registers(scores);
+        softmax(block + 1, (block + 1 - begin) % 2);
+      }
     }
   }
 
@@ -367,9 +473,11 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
   }
 }
 
-// The paged cache as a 3-d tensor (576 columns, 64 rows, num_blocks) with its own row and block strides, read in
-// 64 x 64 boxes that land in shared memory 128-byte swizzled (the wgmma layout).
-CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache) {
+// A 3-d view of the paged cache, (columns, 64 rows, num_blocks) from byte `offset` of each row with the cache's own
+// row and block strides, read in (box_columns x 64) boxes. 128-byte swizzle lands bf16 boxes of 64 columns in the
+// wgmma layout; without swizzle a box lands as dense rows.
+CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache, int64_t offset, int64_t columns, int box_columns,
+                             CUtensorMapDataType type, CUtensorMapSwizzle swizzle) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* function = nullptr;
     cudaDriverEntryPointQueryResult status;
@@ -379,31 +487,45 @@ CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache) {
                 "dense_decode: the CUDA driver has no cuTensorMapEncodeTiled");
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
   }();
+  const int64_t element = kv_cache.element_size();
   CUtensorMap map;
-  const cuuint64_t dims[3] = {kHeadDimQK, kBlockN, static_cast<cuuint64_t>(std::max<int64_t>(kv_cache.size(0), 1))};
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(kv_cache.stride(1) * 2),
-                                 static_cast<cuuint64_t>(kv_cache.stride(0) * 2)};
-  const cuuint32_t box[3] = {64, kBlockN, 1};
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(columns), kBlockN,
+                              static_cast<cuuint64_t>(std::max<int64_t>(kv_cache.size(0), 1))};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(kv_cache.stride(1) * element),
+                                 static_cast<cuuint64_t>(kv_cache.stride(0) * element)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_columns), kBlockN, 1};
   const cuuint32_t element_strides[3] = {1, 1, 1};
-  const CUresult result = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, kv_cache.data_ptr(), dims, strides, box,
-                                 element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+  const CUresult result = encode(&map, type, 3, static_cast<uint8_t*>(kv_cache.data_ptr()) + offset, dims, strides,
+                                 box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
                                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(result == CUDA_SUCCESS, "dense_decode: cuTensorMapEncodeTiled failed with ", static_cast<int>(result));
   return map;
+}
+
+template <bool kFp8>
+void launch_decode(const DecodeParams& params, dim3 grid, cudaStream_t stream) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(dense_decode_kernel<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      Layout<kFp8>::kBytes));
+  dense_decode_kernel<kFp8><<<grid, kThreads, Layout<kFp8>::kBytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
                                         const torch::Tensor& block_table, const torch::Tensor& cache_seqlens,
-                                        double softmax_scale, bool causal, int64_t num_splits) {
+                                        double softmax_scale, bool causal, bool is_fp8, int64_t num_splits) {
   TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kBFloat16 && q.dim() == 4 && q.size(3) == kHeadDimQK &&
                   q.stride(3) == 1,
               "dense_decode: q must be CUDA bfloat16 (batch, s_q, h_q, 576) with a contiguous last dimension");
-  TORCH_CHECK(kv_cache.scalar_type() == at::kBFloat16 && kv_cache.dim() == 4 && kv_cache.size(1) == kBlockN &&
-                  kv_cache.size(3) == kHeadDimQK && kv_cache.stride(3) == 1 && kv_cache.stride(0) % 8 == 0 &&
-                  kv_cache.stride(1) % 8 == 0 && reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0,
-              "dense_decode: kv_cache must be bfloat16 (num_blocks, 64, 1, 576) with 16-byte aligned rows");
+  const int64_t element = kv_cache.element_size();
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(1) == kBlockN && kv_cache.stride(3) == 1 &&
+                  (kv_cache.stride(0) * element) % 16 == 0 && (kv_cache.stride(1) * element) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0,
+              "dense_decode: kv_cache must be (num_blocks, 64, 1, row) with 16-byte aligned rows");
+  TORCH_CHECK(is_fp8 ? (element == 1 && kv_cache.size(3) == kFp8RowBytes)
+                     : (kv_cache.scalar_type() == at::kBFloat16 && kv_cache.size(3) == kHeadDimQK),
+              "dense_decode: kv_cache must be bfloat16 (..., 576) or, with is_fp8, 1-byte (..., 656)");
   TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0,
               "dense_decode: q rows must be 16-byte aligned");
@@ -425,14 +547,22 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
     lse_partial = torch::empty({batch * num_splits, rows}, q.options().dtype(at::kFloat));
   }
   DecodeParams params{};
-  params.kv_map = cache_tensor_map(kv_cache);
+  if (is_fp8) {
+    params.kv_map = cache_tensor_map(kv_cache, kRopeOffset, kRopeDim, 64, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                                     CU_TENSOR_MAP_SWIZZLE_128B);
+    params.raw_map = cache_tensor_map(kv_cache, 0, kRawRowBytes, kRawPartBytes, CU_TENSOR_MAP_DATA_TYPE_UINT8,
+                                      CU_TENSOR_MAP_SWIZZLE_NONE);
+  } else {
+    params.kv_map = cache_tensor_map(kv_cache, 0, kHeadDimQK, 64, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                                     CU_TENSOR_MAP_SWIZZLE_128B);
+  }
   params.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
   params.q_batch_stride = q.stride(0);
   params.q_seq_stride = q.stride(1);
   params.q_head_stride = q.stride(2);
-  params.kv = reinterpret_cast<const __nv_bfloat16*>(kv_cache.data_ptr());
-  params.kv_block_stride = kv_cache.stride(0);
-  params.kv_row_stride = kv_cache.stride(1);
+  params.kv = static_cast<const uint8_t*>(kv_cache.data_ptr());
+  params.kv_block_bytes = kv_cache.stride(0) * element;
+  params.kv_row_bytes = kv_cache.stride(1) * element;
   params.block_table = block_table.data_ptr<int>();
   params.block_table_stride = block_table.stride(0);
   params.cache_seqlens = cache_seqlens.data_ptr<int>();
@@ -450,9 +580,8 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
   params.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   params.causal = causal;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dense_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
-  dense_decode_kernel<<<dim3(row_blocks, num_splits, batch), kThreads, kSharedBytes, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 grid(row_blocks, num_splits, batch);
+  is_fp8 ? launch_decode<true>(params, grid, stream) : launch_decode<false>(params, grid, stream);
   if (num_splits > 1) {
     combine_kernel<<<dim3(rows, batch), 128, 0, stream>>>(
         out_partial.data_ptr<float>(), lse_partial.data_ptr<float>(), params.out, out.stride(0), out.stride(1),

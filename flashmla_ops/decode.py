@@ -194,12 +194,14 @@ CUDA_MIN_BLOCKS_PER_SPLIT = 4  # a split re-reads the query tile (72 KiB at h_q 
 
 
 def _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink) -> bool:
-    """The shapes csrc/dense_decode.cu is written for: bf16 q and cache, d_qk 576 / d_v 512, 16-byte aligned rows;
-    the FP8 cache and the attention sink go to the next path."""
-    aligned = all(stride % 8 == 0 for stride in (*q.stride()[:3], *k_cache.stride()[:2]))
-    return (q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and not is_fp8 and attn_sink is None
-            and q.shape[-1] == D_QK and head_dim_v == KV_LORA_RANK and aligned and q.shape[0] <= 65535
-            and q.data_ptr() % 16 == 0 and k_cache.data_ptr() % 16 == 0)
+    """The shapes csrc/dense_decode.cu is written for: bf16 q, a bf16 or FP8 (656-byte) cache, d_qk 576 / d_v 512,
+    16-byte aligned rows; the attention sink goes to the next path."""
+    aligned = (all(stride % 8 == 0 for stride in q.stride()[:3])
+               and all(stride * k_cache.element_size() % 16 == 0 for stride in k_cache.stride()[:2]))
+    cache_ok = k_cache.shape[-1] == FP8_BYTES if is_fp8 else k_cache.dtype == torch.bfloat16
+    return (q.dtype == torch.bfloat16 and cache_ok and attn_sink is None and q.shape[-1] == D_QK
+            and head_dim_v == KV_LORA_RANK and aligned and q.shape[0] <= 65535 and q.data_ptr() % 16 == 0
+            and k_cache.data_ptr() % 16 == 0)
 
 
 def cuda_num_splits(device: torch.device, batch: int, rows: int, max_blocks_per_seq: int) -> int:
@@ -226,7 +228,7 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
     for path in _ext.paths("dense_decode", q.device):
         if path == "cuda" and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink):
             return _ext.kernels("dense_decode", q.device).dense_decode(
-                q, k_cache, block_table, cache_seqlens, softmax_scale, causal,
+                q, k_cache, block_table, cache_seqlens, softmax_scale, causal, is_fp8,
                 cuda_num_splits(q.device, q.shape[0], q.shape[1] * q.shape[2], block_table.shape[1]))
         if path == "triton":
             from .triton import decode as triton_decode

@@ -155,12 +155,12 @@ def _scatter_rows(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.T
     if slot_mapping.numel() == 0:
         return
     keep = slot_mapping >= 0
-    first = keep.int().argmax()
-    slots = torch.where(keep, slot_mapping, slot_mapping[first].clamp_min(0)).long()
+    first = keep.int().argmax().view(1)  # index_select, not t[first]: a 0-d index tensor would be read on the host
+    slots = torch.where(keep, slot_mapping, slot_mapping.index_select(0, first).clamp_min(0)).long()
     block_size = cache.shape[1]
     blocks, offsets = slots // block_size, slots % block_size
     rows = rows.to(cache.dtype)
-    fill = torch.where(keep.any(), rows[first], cache[blocks[0], offsets[0]])
+    fill = torch.where(keep.any(), rows.index_select(0, first), cache[blocks[:1], offsets[:1]])
     cache[blocks, offsets] = torch.where(keep.view(-1, *[1] * (rows.dim() - 1)), rows, fill)
 
 

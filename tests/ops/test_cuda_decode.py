@@ -1,4 +1,4 @@
-"""The sm_90a CUDA dense decode kernel (csrc/dense_decode.cu) against the reference, on a Hopper GPU.
+"""The sm_90a CUDA dense decode kernel (csrc/dense_decode.cu), BF16 and FP8 cache, against the reference, on Hopper.
 
 Fresh random inputs per case, outputs poisoned (the allocator's next blocks filled with NaN), LSE compared, lengths
 mixed in one batch (0, 1, 63, 64, 65, non-multiples of the page, one long among short), query rows that are not a
@@ -13,7 +13,8 @@ from flashmla_ops import _ext, reference
 from flashmla_ops.decode import cuda_num_splits
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK
 
-BF16_BAND = 1e-2  # relative Frobenius error: bf16 output rounding plus bf16 probabilities in P.V
+BF16_BAND = 1e-2  # relative Frobenius error: bf16 output rounding plus bf16 probabilities in P.V; the FP8 cache is
+# dequantised exactly (power-of-two scales), so the reference over the same FP8 cache holds it to the same band
 LSE_TOLERANCE = 1e-3
 
 pytestmark = [
@@ -45,9 +46,9 @@ def kernels():
     return extension
 
 
-def run_and_compare(seqlens, s_q, h_q, causal, num_splits=None, padded=False, strided_q=False):
-    generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 1000 + s_q * 10 + h_q + causal)
-    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, False, generator, padded)
+def run_and_compare(seqlens, s_q, h_q, causal, is_fp8=False, num_splits=None, padded=False, strided_q=False):
+    generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 1000 + s_q * 10 + h_q + causal + 2 * is_fp8)
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded)
     if strided_q:  # heads spaced out in a wider buffer
         wide = torch.randn(*q.shape[:2], h_q, 2 * D_QK, device=DEVICE).to(torch.bfloat16)
         wide[..., :D_QK] = q
@@ -56,9 +57,9 @@ def run_and_compare(seqlens, s_q, h_q, causal, num_splits=None, padded=False, st
         num_splits = cuda_num_splits(q.device, q.shape[0], s_q * h_q, block_table.shape[1])
     scale = D_QK ** -0.5
     poison_allocator(4 * (len(seqlens) * num_splits * s_q * h_q * (KV_LORA_RANK + 1)) + 4 * q.numel())
-    out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, causal, num_splits)
+    out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, causal, is_fp8, num_splits)
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, causal,
-                                                False)
+                                                is_fp8)
     assert out.shape == want_out.shape and lse.shape == want_lse.shape
     assert torch.isfinite(out).all()
     error = (out.float() - want_out.float()).norm() / want_out.float().norm().clamp_min(1e-12)
@@ -67,30 +68,55 @@ def run_and_compare(seqlens, s_q, h_q, causal, num_splits=None, padded=False, st
     finite = torch.isfinite(want_lse)
     assert torch.allclose(lse[finite], want_lse[finite], atol=LSE_TOLERANCE, rtol=0)
     assert torch.all(out[~finite.transpose(1, 2)] == 0)
-    again_out, again_lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, causal, num_splits)
+    again_out, again_lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, causal, is_fp8,
+                                                  num_splits)
     assert torch.equal(out, again_out) and torch.equal(lse, again_lse)
 
 
 @pytest.mark.parametrize("seqlens,s_q,h_q", CASES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_dense_decode_matches_reference(seqlens, s_q, h_q, causal):
-    run_and_compare(seqlens, s_q, h_q, causal)
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_dense_decode_matches_reference(seqlens, s_q, h_q, causal, is_fp8):
+    run_and_compare(seqlens, s_q, h_q, causal, is_fp8)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
-def test_cuda_dense_decode_split_counts(num_splits):
-    run_and_compare([0, 1, 65, 700, 3000], 2, 16, causal=True, num_splits=num_splits)
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_dense_decode_split_counts(num_splits, is_fp8):
+    run_and_compare([0, 1, 65, 700, 3000], 2, 16, causal=True, is_fp8=is_fp8, num_splits=num_splits)
 
 
-def test_cuda_dense_decode_padded_cache_and_strided_q():
-    run_and_compare([77, 300, 1025], 2, 32, causal=True, padded=True, strided_q=True)
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_dense_decode_padded_cache_and_strided_q(is_fp8):
+    run_and_compare([77, 300, 1025], 2, 32, causal=True, is_fp8=is_fp8, padded=True, strided_q=True)
+
+
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_dense_decode_ignores_what_the_cache_holds_past_the_end(is_fp8):
+    """Rows past each sequence's end hold NaN (a reused cache): the kernel must not let them reach the output."""
+    generator = torch.Generator(DEVICE).manual_seed(21 + is_fp8)
+    seqlens = [1, 70, 129]
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, 1, 16, is_fp8, generator)
+    poisoned = cache.clone()
+    nan_row = torch.full((D_QK,), float("nan"), device=DEVICE).to(torch.bfloat16)
+    if is_fp8:
+        nan_row = reference.quantize_kv_fp8(nan_row.view(1, -1))[0]
+    for b, length in enumerate(seqlens):
+        for position in range(length, block_table.shape[1] * 64):
+            poisoned[block_table[b, position // 64], position % 64, 0] = nan_row
+    scale = D_QK ** -0.5
+    out, lse = kernels().dense_decode(q, poisoned, block_table, cache_seqlens, scale, False, is_fp8, 1)
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
+                                                is_fp8)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert (out.float() - want_out.float()).norm() / want_out.float().norm() < BF16_BAND
 
 
 def test_cuda_dense_decode_empty_batch():
     q = torch.empty(0, 1, 16, D_QK, dtype=torch.bfloat16, device=DEVICE)
     cache = torch.randn(2, 64, 1, D_QK, device=DEVICE).to(torch.bfloat16)
     out, lse = kernels().dense_decode(q, cache, torch.zeros(0, 1, dtype=torch.int32, device=DEVICE),
-                                      torch.zeros(0, dtype=torch.int32, device=DEVICE), 0.1, False, 1)
+                                      torch.zeros(0, dtype=torch.int32, device=DEVICE), 0.1, False, False, 1)
     assert out.shape == (0, 1, 16, KV_LORA_RANK) and lse.shape == (0, 16, 1)
 
 
