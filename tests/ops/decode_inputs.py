@@ -2,9 +2,11 @@
 import torch
 
 from flashmla_ops import reference
-from flashmla_ops.kv_cache import D_QK, PAGE_BLOCK_SIZE
+from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BF16_BAND = 1e-2  # relative Frobenius error: bf16 output rounding plus bf16 probabilities in P.V
+LSE_TOLERANCE = 1e-3
 
 
 def make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded=False):
@@ -32,3 +34,22 @@ def poison_allocator(num_bytes: int) -> None:
     CPU allocator gives no such reuse)."""
     if DEVICE == "cuda":
         torch.full((num_bytes // 4,), float("nan"), device=DEVICE)
+
+
+def check_dense_decode_op_replays_in_cuda_graph(seed: int) -> None:
+    """torch.ops.flashmla.dense_decode captured in a CUDA graph, replayed after cache_seqlens changed in place: the
+    graph's output matches the reference at the new lengths."""
+    generator = torch.Generator(DEVICE).manual_seed(seed)
+    q, cache, block_table, cache_seqlens = make_inputs([300, 1000], 1, 16, False, generator)
+    args = (q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK, D_QK ** -0.5, False, False, None)
+    torch.ops.flashmla.dense_decode(*args)  # build / compile and warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = torch.ops.flashmla.dense_decode(*args)
+    cache_seqlens.copy_(torch.tensor([5, 999], device=DEVICE))  # same graph, new lengths
+    graph.replay()
+    torch.cuda.synchronize()
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
+                                                False, False)
+    assert (out.float() - want_out.float()).norm() / want_out.float().norm() < BF16_BAND
+    assert torch.allclose(lse, want_lse, atol=LSE_TOLERANCE)

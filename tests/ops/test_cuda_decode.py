@@ -7,15 +7,13 @@ blocks), a padded cache block stride, strided q, repeated runs bit-identical, an
 """
 import pytest
 import torch
-from decode_inputs import DEVICE, make_inputs, poison_allocator
+from decode_inputs import (BF16_BAND, DEVICE, LSE_TOLERANCE, check_dense_decode_op_replays_in_cuda_graph, make_inputs,
+                           poison_allocator)
 
 from flashmla_ops import _ext, reference
 from flashmla_ops.decode import cuda_num_splits
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK
 
-BF16_BAND = 1e-2  # relative Frobenius error: bf16 output rounding plus bf16 probabilities in P.V; the FP8 cache is
-# dequantised exactly (power-of-two scales), so the reference over the same FP8 cache holds it to the same band
-LSE_TOLERANCE = 1e-3
 
 pytestmark = [
     pytest.mark.gpu,
@@ -124,20 +122,7 @@ def test_dense_decode_op_uses_cuda_and_captures_in_cuda_graph():
     import flashmla_ops
 
     assert flashmla_ops.backend("dense_decode", "cuda") == "cuda"
-    generator = torch.Generator(DEVICE).manual_seed(12)
-    q, cache, block_table, cache_seqlens = make_inputs([300, 1000], 1, 16, False, generator)
-    args = (q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK, D_QK ** -0.5, False, False, None)
-    torch.ops.flashmla.dense_decode(*args)  # build and warm up outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = torch.ops.flashmla.dense_decode(*args)
-    cache_seqlens.copy_(torch.tensor([5, 999], device=DEVICE))  # same graph, new lengths
-    graph.replay()
-    torch.cuda.synchronize()
-    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
-                                                False, False)
-    assert (out.float() - want_out.float()).norm() / want_out.float().norm() < BF16_BAND
-    assert torch.allclose(lse, want_lse, atol=LSE_TOLERANCE)
+    check_dense_decode_op_replays_in_cuda_graph(12)
 
 
 def test_dense_decode_op_compiles_with_the_cuda_kernel():

@@ -7,15 +7,14 @@ import dataclasses
 
 import pytest
 import torch
-from decode_inputs import DEVICE, make_inputs, poison_allocator
+from decode_inputs import (BF16_BAND, DEVICE, LSE_TOLERANCE, check_dense_decode_op_replays_in_cuda_graph, make_inputs,
+                           poison_allocator)
 
 from flashmla_ops import reference
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
 triton_decode = pytest.importorskip("flashmla_ops.triton.decode", exc_type=ImportError)
 
-BF16_BAND = 1e-2  # relative Frobenius error: bf16 output rounding plus bf16 probabilities in P.V
-LSE_TOLERANCE = 1e-3
 
 # (seqlens, s_q, h_q): the CPU interpreter gets the small end of the grid, the GPU all of it.
 CASES = [
@@ -93,20 +92,7 @@ def test_dense_decode_op_uses_triton_and_captures_in_cuda_graph(monkeypatch):
 
     monkeypatch.setenv("FLASHMLA_BACKEND", "triton")
     assert flashmla_ops.backend("dense_decode", "cuda") == "triton"
-    generator = torch.Generator(DEVICE).manual_seed(11)
-    q, cache, block_table, cache_seqlens = make_inputs([300, 1000], 1, 16, False, generator)
-    args = (q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK, D_QK ** -0.5, False, False, None)
-    torch.ops.flashmla.dense_decode(*args)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = torch.ops.flashmla.dense_decode(*args)
-    cache_seqlens.copy_(torch.tensor([5, 999], device=DEVICE))  # same graph, new lengths
-    graph.replay()
-    torch.cuda.synchronize()
-    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
-                                                False, False)
-    assert (out.float() - want_out.float()).norm() / want_out.float().norm() < BF16_BAND
-    assert torch.allclose(lse, want_lse, atol=LSE_TOLERANCE)
+    check_dense_decode_op_replays_in_cuda_graph(11)
 
 
 def test_triton_fp8_integer_decode_path(monkeypatch):
