@@ -21,6 +21,19 @@ def mma(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def e4m3_to_bf16(raw, HW_FP8: tl.constexpr):
+    """e4m3 bytes (uint8) as bf16, exactly: the conversion instructions where there are some (sm_89+), else the e4m3
+    bits shifted into a float32 (the value times 2**-120) and rescaled."""
+    if HW_FP8:
+        values = raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+    else:
+        bits = raw.to(tl.int32)
+        bits = ((bits & 0x80) << 24) | ((bits & 0x7F) << 20)
+        values = (bits.to(tl.float32, bitcast=True) * 1.329227995784916e36).to(tl.bfloat16)  # 2**120
+    return values
+
+
+@triton.jit
 def load_latent_subtile(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.constexpr, IS_FP8: tl.constexpr,
                         HW_FP8: tl.constexpr):
     """Latent columns [COL0, COL0 + WIDTH) of the rows at `row_offset` (elements of KV: bf16 for a BF16 cache, bytes
@@ -29,13 +42,8 @@ def load_latent_subtile(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.
     times 2**-120 (float32 bias 127 minus e4m3 bias 7), subnormals included."""
     cols = COL0 + tl.arange(0, WIDTH)
     if IS_FP8:
-        raw = tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0)
-        if HW_FP8:
-            values = raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
-        else:
-            bits = raw.to(tl.int32)
-            bits = ((bits & 0x80) << 24) | ((bits & 0x7F) << 20)
-            values = (bits.to(tl.float32, bitcast=True) * 1.329227995784916e36).to(tl.bfloat16)  # 2**120
+        values = e4m3_to_bf16(tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0),
+                              HW_FP8)
     else:
         values = tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0.0)
     return values

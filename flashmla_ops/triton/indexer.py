@@ -23,23 +23,16 @@ import triton
 import triton.language as tl
 
 from ..decode import PAGE_BLOCK_SIZE
-from .common import INTERPRET, device_limits, hardware_fp8, mma
+from .common import INTERPRET, device_limits, e4m3_to_bf16, hardware_fp8, mma
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
 
 @triton.jit
 def _load_operand(ptrs, mask, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr):
-    """A bf16 or e4m3 tile as a bf16 MMA operand (e4m3 -> bf16 is exact; without conversion instructions the e4m3
-    bits shifted into a float32 give the value times 2**-120)."""
+    """A bf16 or e4m3 tile as a bf16 MMA operand (e4m3 -> bf16 is exact)."""
     if IS_FP8:
-        raw = tl.load(ptrs, mask=mask, other=0)
-        if HW_FP8:
-            values = raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
-        else:
-            bits = raw.to(tl.int32)
-            bits = ((bits & 0x80) << 24) | ((bits & 0x7F) << 20)
-            values = (bits.to(tl.float32, bitcast=True) * 1.329227995784916e36).to(tl.bfloat16)  # 2**120
+        values = e4m3_to_bf16(tl.load(ptrs, mask=mask, other=0), HW_FP8)
     else:
         values = tl.load(ptrs, mask=mask, other=0.0)
     return values
@@ -144,7 +137,8 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
         block_table.stride(0) if block_table is not None else 0, out.stride(0), out.stride(1),
         s_q, h_i, num_keys, keys_per_split,
         PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, HW_FP8=hardware_fp8(q.device), BLOCK_Q=block_q, H_PAD=h_pad,
-        BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, num_warps=8 if block_q * h_pad >= 128 else 4)
+        BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET,
+        num_warps=8 if block_q * h_pad >= 128 else 4)
     return out
 
 
