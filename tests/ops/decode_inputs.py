@@ -36,6 +36,19 @@ def poison_allocator(num_bytes: int) -> None:
         torch.full((num_bytes // 4,), float("nan"), device=DEVICE)
 
 
+def assert_decode_close(out, lse, want_out, want_lse) -> None:
+    """A kernel's decode output against the reference: every element written and finite, out within the BF16 band,
+    lse +inf exactly where no token is visible (out 0 there) and close elsewhere."""
+    assert out.shape == want_out.shape and lse.shape == want_lse.shape
+    assert torch.isfinite(out).all()
+    error = (out.float() - want_out.float()).norm() / want_out.float().norm().clamp_min(1e-12)
+    assert error < BF16_BAND, f"relative error {error:.2e}"
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))  # +inf exactly for queries that see nothing
+    finite = torch.isfinite(want_lse)
+    assert torch.allclose(lse[finite], want_lse[finite], atol=LSE_TOLERANCE, rtol=0)
+    assert torch.all(out[~finite.transpose(1, 2)] == 0)
+
+
 def check_dense_decode_op_replays_in_cuda_graph(seed: int) -> None:
     """torch.ops.flashmla.dense_decode captured in a CUDA graph, replayed after cache_seqlens changed in place: the
     graph's output matches the reference at the new lengths."""
