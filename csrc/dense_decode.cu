@@ -100,34 +100,32 @@ __device__ __forceinline__ void load_rows_async(uint32_t dst, RowSource row_sour
   }
 }
 
-// One thread: the nine 64-column boxes of cache block `block` of sequence `batch` into a stage, on its barrier.
+// One thread: `boxes` boxes of `map` for cache block `block` of sequence `batch`, box i from column i * column_step
+// into dst + i * dst_step, all completing on `barrier`. The BF16 cache's nine 64-column tiles, the FP8 cache's three
+// 176-byte raw parts, or its one RoPE tile.
+__device__ __forceinline__ void load_block_boxes(const DecodeParams& p, const CUtensorMap* map, uint32_t dst,
+                                                 uint32_t barrier, int batch, int block, int boxes, int column_step,
+                                                 int dst_step) {
+  const int page = p.block_table[batch * p.block_table_stride + block];
+  mbarrier_arrive_expect_bytes(barrier, boxes * dst_step);
+  for (int box = 0; box < boxes; ++box) {
+    tma_load_3d(dst + box * dst_step, map, barrier, box * column_step, 0, page);
+  }
+}
+
 __device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
                                               int block) {
-  const int page = p.block_table[batch * p.block_table_stride + block];
-  mbarrier_arrive_expect_bytes(barrier, kMatrixBytes);
-#pragma unroll
-  for (int tile = 0; tile < kColumnTiles; ++tile) {
-    tma_load_3d(dst + tile * kTileBytes, &p.kv_map, barrier, tile * 64, 0, page);
-  }
+  load_block_boxes(p, &p.kv_map, dst, barrier, batch, block, kColumnTiles, 64, kTileBytes);
 }
 
-// One thread, FP8 cache: the e4m3 latent and scales of the block's 64 rows into a raw stage, on its barrier.
 __device__ __forceinline__ void load_raw_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
                                                int block) {
-  const int page = p.block_table[batch * p.block_table_stride + block];
-  mbarrier_arrive_expect_bytes(barrier, kRawBlockBytes);
-#pragma unroll
-  for (int part = 0; part < kRawParts; ++part) {
-    tma_load_3d(dst + part * kBlockN * kRawPartBytes, &p.raw_map, barrier, part * kRawPartBytes, 0, page);
-  }
+  load_block_boxes(p, &p.raw_map, dst, barrier, batch, block, kRawParts, kRawPartBytes, kBlockN * kRawPartBytes);
 }
 
-// One thread, FP8 cache: the block's 64 RoPE columns (bf16) straight into the KV tile's last column tile.
 __device__ __forceinline__ void load_rope_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
                                                 int block) {
-  const int page = p.block_table[batch * p.block_table_stride + block];
-  mbarrier_arrive_expect_bytes(barrier, kTileBytes);
-  tma_load_3d(dst + (kColumnTiles - 1) * kTileBytes, &p.kv_map, barrier, 0, 0, page);
+  load_block_boxes(p, &p.kv_map, dst + (kColumnTiles - 1) * kTileBytes, barrier, batch, block, 1, 0, kTileBytes);
 }
 
 // All threads, FP8 cache: latent = e4m3 * tile scale (exact in bf16: the scales are powers of two) from a raw stage
