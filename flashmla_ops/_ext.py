@@ -125,4 +125,10 @@ def _warn_forced_fallback(op: str, forced: str) -> None:
 
 def kernels(op: str, device: torch.device | str):
     """The loaded CUDA extension when `op` runs its csrc kernel on `device`, else None."""
-    return _load() if backend(op, device) == "cuda" else None
+    return extension() if backend(op, device) == "cuda" else None
+
+
+def extension():
+    """The loaded CUDA extension (None where it could not be built): what an op calls once `paths` listed 'cuda',
+    without resolving its path again."""
+    return _load()

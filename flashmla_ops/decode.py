@@ -227,7 +227,7 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
                  head_dim_v, is_fp8, attn_sink)
     for path in _ext.paths("dense_decode", q.device):
         if path == "cuda" and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink):
-            return _ext.kernels("dense_decode", q.device).dense_decode(
+            return _ext.extension().dense_decode(
                 q, k_cache, block_table, cache_seqlens, softmax_scale, causal, is_fp8,
                 cuda_num_splits(q.device, q.shape[0], q.shape[1] * q.shape[2], block_table.shape[1]))
         if path == "triton":

@@ -87,7 +87,7 @@ def quantize_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
     _check_quantize("quantize_kv_fp8", kv)
     for path in _ext.paths("quantize_kv_fp8", kv.device):
         if path == "cuda":
-            return _ext.kernels("quantize_kv_fp8", kv.device).quantize_kv_fp8(kv.contiguous())
+            return _ext.extension().quantize_kv_fp8(kv.contiguous())
         if path == "triton":
             from .triton import kv_cache as triton_kv_cache
 
@@ -188,7 +188,7 @@ def write_kv_cache(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Ten
     _check_slots(op, slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])
     for path in _ext.paths("write_kv_cache", kv_cache.device):
         if path == "cuda" and latent.dtype == torch.bfloat16 and _aligned(kv_cache, 16):
-            _ext.kernels("write_kv_cache", kv_cache.device).write_kv_cache(
+            _ext.extension().write_kv_cache(
                 kv_cache.view(torch.uint8) if is_fp8 else kv_cache, latent.contiguous(), rope.contiguous(),
                 slot_mapping.contiguous(), is_fp8)
             return
