@@ -8,7 +8,14 @@ void write_kv_cache(torch::Tensor& kv_cache, const torch::Tensor& latent, const 
                     const torch::Tensor& slot_mapping, bool is_fp8);
 std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
                                         const torch::Tensor& block_table, const torch::Tensor& cache_seqlens,
-                                        double softmax_scale, bool causal, bool is_fp8, int64_t num_splits);
+                                        double softmax_scale, bool causal, bool is_fp8, int64_t num_splits,
+                                        const c10::optional<torch::Tensor>& tile_scheduler_metadata,
+                                        const c10::optional<torch::Tensor>& split_offsets);
+std::vector<torch::Tensor> sparse_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
+                                         const torch::Tensor& indices, const c10::optional<torch::Tensor>& topk_length,
+                                         double softmax_scale, bool is_fp8, int64_t num_splits);
+std::vector<torch::Tensor> sparse_prefill(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& indices,
+                                          const c10::optional<torch::Tensor>& topk_length, double softmax_scale);
 }  // namespace flashmla
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -16,6 +23,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_kv_fp8", &flashmla::dequantize_kv_fp8, "FP8 cache rows (..., 656) uint8 -> BF16 (..., 576)");
   m.def("dense_decode", &flashmla::dense_decode,
         "paged MLA decode, BF16 or FP8 cache (sm_90a): q, kv_cache, block_table, cache_seqlens, scale, causal, is_fp8, "
+        "num_splits, tile_scheduler_metadata, num_splits (cumulative) -> out, lse");
+  m.def("sparse_decode", &flashmla::sparse_decode,
+        "sparse paged MLA decode, BF16 or FP8 cache (sm_90a): q, kv_cache, indices, topk_length, scale, is_fp8, "
         "num_splits -> out, lse");
+  m.def("sparse_prefill", &flashmla::sparse_prefill,
+        "sparse MLA prefill over a flat BF16 kv (sm_90a): q, kv, indices, topk_length, scale -> out, max_logits, lse");
   m.def("write_kv_cache", &flashmla::write_kv_cache, "store latent + rope rows at flat slots (-1 skips)");
 }

@@ -6,11 +6,12 @@
 //   m   = max(m, rowmax(S_0), rowmax(S_1))     (row maxima exchanged through shared memory)
 //   P   = exp2(S - m) -> shared memory (bf16)  (the whole 64 x 64 probability tile)
 //   O_w = O_w * exp2(m_old - m) + P V[:, w * 256 : w * 256 + 256]   (wgmma m64n256: warpgroup w owns half of d_v)
-// Q (cp.async), two KV stages (TMA through a tensor map over the paged cache, one mbarrier per stage) and P live in
-// 128-byte-swizzled shared tiles (sm90.cuh). The loop keeps the tensor cores fed: P V of block i and Q K^T of block
-// i + 1 are issued back to back, the load of block i + 2 starts once block i's stage is free, and the softmax of
-// block i + 1 follows. Rows of the last block past the sequence's end are zeroed in shared memory before P V, so
-// whatever the cache holds there never reaches the output.
+// Q (cp.async), two KV stages (TMA through a tensor map over the paged cache, one mbarrier per stage; for the FP8
+// cache only the RoPE columns come by TMA, and the latent is dequantised from registers that each thread loads one
+// block ahead) and P live in 128-byte-swizzled shared tiles (sm90.cuh). The loop keeps the tensor cores fed: Q K^T of block i + 1 and P V of
+// block i are issued back to back, block i + 1's softmax scores are computed while P V runs, and the load of block
+// i + 2 starts once block i's stage is free. Rows of the last block past the sequence's end are zeroed in shared
+// memory before P V, so whatever the cache holds there never reaches the output.
 // With several splits per sequence each CTA writes its normalised float32 output and base-2 LSE, and
 // `combine_kernel` merges them.
 #include <c10/cuda/CUDAException.h>
@@ -41,36 +42,27 @@ constexpr int kTileBytes = 64 * 128;          // one 64-row swizzled column tile
 constexpr int kMatrixBytes = kColumnTiles * kTileBytes;
 constexpr int kMaxSplits = 1024;
 constexpr float kLn2 = 0.69314718055994530942f;
-constexpr int kRawRowBytes = kLatentDim + kNumTiles * 4;  // an FP8 row's e4m3 latent and scales (528 bytes)
-constexpr int kRawParts = 3;
-constexpr int kRawPartBytes = kRawRowBytes / kRawParts;  // 176: a TMA box row, a multiple of 16 bytes
-constexpr int kRawBlockBytes = kBlockN * kRawRowBytes;
+constexpr int kFp8UnitsPerThread = kBlockN * kLatentDim / 16 / kThreads;  // 16-value units of a block, per thread
 
-// Shared memory, in bytes from a 1024-aligned base. BF16 cache: Q, two KV stages (TMA), P. FP8 cache: Q, one BF16 KV
-// tile (the latent dequantised into it, the RoPE columns loaded into it by TMA), two raw FP8 stages (TMA), P.
-template <bool kFp8>
+// Shared memory, in bytes from a 1024-aligned base: Q, two KV stages, P, the row max / sum exchange, the stages'
+// mbarriers. BF16 cache: a stage is filled by TMA. FP8 cache: its RoPE columns by TMA, its latent dequantised from
+// registers (each thread's share of the block, loaded from the cache one block ahead).
 struct Layout {
-  static constexpr int kKvStages = kFp8 ? 1 : 2;
-  static constexpr int kRawStages = kFp8 ? 2 : 0;
   static constexpr int kQ = 0;
   static constexpr int kKv = kQ + kMatrixBytes;
-  static constexpr int kRaw = kKv + kKvStages * kMatrixBytes;
-  static constexpr int kP = kRaw + kRawStages * kRawBlockBytes;
-  static constexpr int kRowMax = kP + kTileBytes;            // float [2][64]
-  static constexpr int kRowSum = kRowMax + 2 * kRowsPerCta * 4;  // float [2][64]
-  static constexpr int kBarriers = kRowSum + 2 * kRowsPerCta * 4;  // uint64_t: KV (or raw) stages, then RoPE
-  static constexpr int kBytes = kBarriers + 3 * 8 + 1024;    // + slack to align the base to 1024
+  static constexpr int kP = kKv + 2 * kMatrixBytes;
+  static constexpr int kRowMax = kP + kTileBytes;                  // float [2][64]
+  static constexpr int kRowSum = kRowMax + 2 * kRowsPerCta * 4;    // float [2][64]
+  static constexpr int kBarriers = kRowSum + 2 * kRowsPerCta * 4;  // uint64_t [2]
+  static constexpr int kTokenMasks = kBarriers + 2 * 8;            // uint32_t [2 stages][2]: sparse, valid tokens
+  static constexpr int kBytes = kTokenMasks + 2 * 8 + 1024;        // + slack to align the base to 1024
   static_assert(kBytes <= 227 * 1024, "shared memory");
-  static_assert(kRaw % 1024 == 0 && kP % 1024 == 0, "swizzled tiles need 1024-byte alignment");
 };
 
 struct DecodeParams {
   // BF16 cache: (576 columns, 64 rows, num_blocks); FP8 cache: its RoPE columns, (64, 64, num_blocks). 64 x 64
   // boxes, 128-byte swizzle.
   CUtensorMap kv_map;
-  // FP8 cache: bytes 0..527 of each row (e4m3 latent and scales) as (528, 64, num_blocks) uint8, in three 176-byte
-  // boxes: a raw stage holds three (64 rows x 176 bytes) parts.
-  CUtensorMap raw_map;
   const __nv_bfloat16* q;
   int64_t q_batch_stride, q_seq_stride, q_head_stride;
   const uint8_t* kv;
@@ -81,19 +73,85 @@ struct DecodeParams {
   __nv_bfloat16* out;
   int64_t out_batch_stride, out_seq_stride, out_head_stride;
   float* lse;          // (batch, h_q, s_q)
+  float* max_logits;   // sparse prefill: (batch, h_q, s_q), the largest scaled logit (natural units); else nullptr
   float* out_partial;  // (batch * num_splits, rows, 512) when num_splits > 1
   float* lse_partial;  // (batch * num_splits, rows), base 2
   int h_q, s_q, rows, num_splits;
+  int queries_per_z;   // dense: 1 (a CTA's rows are (s_q, h_q) pairs); sparse: s_q (grid z = batch * s_q + query)
   float scale_log2;
   bool causal;
+  // Sparse decode: query (b, i) attends to cache slots indices[b, i, :length], length = min(topk_length[b], topk)
+  // (flat block * 64 + row; -1 or >= kv_slots = none). Sparse prefill: the same over a flat kv (blocks of 64 rows).
+  const int* indices;
+  int64_t kv_slots;
+  int64_t indices_batch_stride, indices_seq_stride;
+  const int* topk_length;  // nullptr: topk
+  int topk;
+  // Balanced schedule (dense): grid y = parts of get_mla_metadata; part p covers blocks [begin_block of begin_batch,
+  // end_block of end_batch) and sequence b's partials are slots split_offsets[b] .. split_offsets[b + 1] - 1 (one
+  // slot: written straight to the output). nullptr: the uniform split over grid y.
+  const int* metadata;
+  const int* split_offsets;
+  int metadata_fields, batch;
 };
 
-// Loads 64 rows of 576 bf16 into a swizzled matrix; `row_source(r)` gives row r's address or nullptr (zero fill).
-template <typename RowSource>
+// KV rows are gathered a row per four threads: thread t copies quarter t % 4 of the 16-byte chunks of row
+// gather_row(t). A warp covers 8 rows, paired (r, r + 4) in each 8-lane phase so that their chunks of one swizzled
+// 128-byte row land in different banks.
+__device__ __forceinline__ int gather_row() {
+  const int lane = threadIdx.x % 32;
+  return 8 * (threadIdx.x / 32) + 4 * ((lane / 4) % 2) + lane / 8;
+}
+
+// Sparse: this thread's row's index in `block` of query (batch, query), -1 past the query's length (not read).
+__device__ __forceinline__ int load_row_slot(const DecodeParams& p, int batch, int query, int block, int length) {
+  const int position = block * kBlockN + gather_row();
+  return position < length
+             ? __ldg(p.indices + batch * p.indices_batch_stride + query * p.indices_seq_stride + position)
+             : -1;
+}
+
+// Where this thread's gather row of KV block `block` lives, or nullptr (past the end; sparse: `slot` -1 or outside
+// the cache).
+template <bool kSparse>
+__device__ __forceinline__ const uint8_t* gather_row_address(const DecodeParams& p, int batch, int block, int length,
+                                                             int slot) {
+  if constexpr (kSparse) {
+    if (slot < 0 || slot >= p.kv_slots) return nullptr;
+    return p.kv + (slot / kBlockN) * p.kv_block_bytes + (slot % kBlockN) * p.kv_row_bytes;
+  } else {
+    const int row = gather_row();
+    if (block * kBlockN + row >= length) return nullptr;
+    const int page = p.block_table[batch * p.block_table_stride + block];
+    return p.kv + page * p.kv_block_bytes + row * p.kv_row_bytes;
+  }
+}
+
+// cp.async of this thread's quarter of its gather row into a swizzled 576-wide matrix: the whole bf16 row, or (FP8
+// cache) the 64 RoPE columns at byte kRopeOffset; zeros where `row_bytes` is nullptr.
+template <bool kFp8>
+__device__ __forceinline__ void gather_row_async(uint32_t dst, const uint8_t* row_bytes, const void* any_valid_address) {
+  constexpr int kFirstChunk = kFp8 ? kLatentDim / 8 : 0;
+  const uint8_t* column0 = kFp8 && row_bytes != nullptr ? row_bytes + kRopeOffset - kLatentDim * 2 : row_bytes;
+  const int row = gather_row(), quarter = threadIdx.x % 4;
+#pragma unroll
+  for (int k = 0; k < (kChunksPerRow - kFirstChunk) / 4; ++k) {
+    const int chunk = kFirstChunk + quarter + 4 * k;
+    cp_async_16(dst + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8),
+                row_bytes != nullptr ? static_cast<const void*>(column0 + chunk * 16) : any_valid_address,
+                row_bytes != nullptr);
+  }
+}
+
+// Loads 64 rows of bf16 columns [8 kFirstChunk, 8 kEndChunk) into a swizzled 576-wide matrix; `row_source(r)` gives
+// the address of row r's column 0 or nullptr (zero fill).
+template <int kFirstChunk = 0, int kEndChunk = kChunksPerRow, typename RowSource>
 __device__ __forceinline__ void load_rows_async(uint32_t dst, RowSource row_source, const void* any_valid_address) {
+  constexpr int kChunks = kEndChunk - kFirstChunk;
+  static_assert(kRowsPerCta * kChunks % kThreads == 0, "the same number of copies in every thread");
 #pragma unroll 2
-  for (int i = threadIdx.x; i < kRowsPerCta * kChunksPerRow; i += kThreads) {
-    const int row = i / kChunksPerRow, chunk = i % kChunksPerRow;
+  for (int k = 0; k < kRowsPerCta * kChunks / kThreads; ++k) {
+    const int i = threadIdx.x + k * kThreads, row = i / kChunks, chunk = kFirstChunk + i % kChunks;
     const __nv_bfloat16* src = row_source(row);
     cp_async_16(dst + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8),
                 src != nullptr ? static_cast<const void*>(src + chunk * 8) : any_valid_address, src != nullptr);
@@ -101,8 +159,8 @@ __device__ __forceinline__ void load_rows_async(uint32_t dst, RowSource row_sour
 }
 
 // One thread: `boxes` boxes of `map` for cache block `block` of sequence `batch`, box i from column i * column_step
-// into dst + i * dst_step, all completing on `barrier`. The BF16 cache's nine 64-column tiles, the FP8 cache's three
-// 176-byte raw parts, or its one RoPE tile.
+// into dst + i * dst_step, all completing on `barrier`. The BF16 cache's nine 64-column tiles or the FP8 cache's one
+// RoPE tile.
 __device__ __forceinline__ void load_block_boxes(const DecodeParams& p, const CUtensorMap* map, uint32_t dst,
                                                  uint32_t barrier, int batch, int block, int boxes, int column_step,
                                                  int dst_step) {
@@ -118,47 +176,55 @@ __device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t ds
   load_block_boxes(p, &p.kv_map, dst, barrier, batch, block, kColumnTiles, 64, kTileBytes);
 }
 
-__device__ __forceinline__ void load_raw_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
-                                               int block) {
-  load_block_boxes(p, &p.raw_map, dst, barrier, batch, block, kRawParts, kRawPartBytes, kBlockN * kRawPartBytes);
-}
-
 __device__ __forceinline__ void load_rope_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
                                                 int block) {
   load_block_boxes(p, &p.kv_map, dst + (kColumnTiles - 1) * kTileBytes, barrier, batch, block, 1, 0, kTileBytes);
 }
 
-// All threads, FP8 cache: latent = e4m3 * tile scale (exact in bf16: the scales are powers of two) from a raw stage
-// into the KV tile's first 512 columns; rows past the sequence's end become zeros.
-__device__ __forceinline__ void dequantize_block(const uint8_t* raw, uint8_t* kv_tile, int valid_rows) {
-  constexpr int kUnitsPerRow = kLatentDim / 16;  // 16 e4m3 values -> two 16-byte bf16 chunks
-#pragma unroll 4
-  for (int unit = threadIdx.x; unit < kBlockN * kUnitsPerRow; unit += kThreads) {
-    const int row = unit / kUnitsPerRow, column16 = unit % kUnitsPerRow;
-    uint4 halves[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-    if (row < valid_rows) {
-      const auto raw_byte = [&](int offset) {  // byte `offset` of the row, in its part
-        return raw + (offset / kRawPartBytes) * kBlockN * kRawPartBytes + row * kRawPartBytes + offset % kRawPartBytes;
-      };
-      const uint4 packed = *reinterpret_cast<const uint4*>(raw_byte(column16 * 16));
-      const float scale = *reinterpret_cast<const float*>(raw_byte(kLatentDim + (column16 * 16 / kFp8Tile) * 4));
-      const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
-      uint32_t* out_words = reinterpret_cast<uint32_t*>(halves);
+// A thread's share of one FP8 block: quarter t % 4 of its gather row's latent, 16-value units column16 = quarter + 4k
+// (unit k lies in scale tile k / 2), and the row's four tile scales; zeros for a row that is not there.
+struct Fp8Share {
+  uint4 packed[kFp8UnitsPerThread];
+  float4 scales;
+};
+
+__device__ __forceinline__ void load_fp8_share(Fp8Share& share, const uint8_t* row_bytes) {
+  const int quarter = threadIdx.x % 4;
+  const bool valid = row_bytes != nullptr;
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
+  for (int k = 0; k < kFp8UnitsPerThread; ++k) {
+    share.packed[k] = valid ? __ldg(reinterpret_cast<const uint4*>(row_bytes + (quarter + 4 * k) * 16))
+                            : make_uint4(0, 0, 0, 0);
+  }
+  share.scales = valid ? __ldg(reinterpret_cast<const float4*>(row_bytes + kScaleOffset)) : make_float4(0, 0, 0, 0);
+}
+
+// latent = e4m3 * tile scale (exact in bf16: the scales are powers of two) into a stage's first 512 columns. Unit k
+// is chunks 2 quarter, 2 quarter + 1 of column tile k; rows r + 4 store their odd chunk first (no bank conflict with r).
+__device__ __forceinline__ void store_fp8_share(const Fp8Share& share, uint8_t* kv_tile) {
+  const int row = gather_row(), quarter = threadIdx.x % 4, odd_first = (row / 4) % 2;
+  const float scales[kNumTiles] = {share.scales.x, share.scales.y, share.scales.z, share.scales.w};
 #pragma unroll
-        for (int pair = 0; pair < 2; ++pair) {
-          const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
-              static_cast<__nv_fp8x2_storage_t>(words[w] >> (16 * pair)), __NV_E4M3);
-          const float2 values = __half22float2(__half2(h));
-          const __nv_bfloat162 scaled = __floats2bfloat162_rn(values.x * scale, values.y * scale);
-          out_words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
-        }
+  for (int k = 0; k < kFp8UnitsPerThread; ++k) {
+    const float scale = scales[k / 2];
+    const uint32_t words[4] = {share.packed[k].x, share.packed[k].y, share.packed[k].z, share.packed[k].w};
+    uint4 halves[2];
+    uint32_t* out_words = reinterpret_cast<uint32_t*>(halves);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+#pragma unroll
+      for (int pair = 0; pair < 2; ++pair) {
+        const __half2_raw h =
+            __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] >> (16 * pair)), __NV_E4M3);
+        const float2 values = __half22float2(__half2(h));
+        const __nv_bfloat162 scaled = __floats2bfloat162_rn(values.x * scale, values.y * scale);
+        out_words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
       }
     }
-    const int column = column16 * 16, tile = column / 64, chunk = (column % 64) / 8;
-    *reinterpret_cast<uint4*>(kv_tile + tile * kTileBytes + swizzled_offset(row, chunk)) = halves[0];
-    *reinterpret_cast<uint4*>(kv_tile + tile * kTileBytes + swizzled_offset(row, chunk + 1)) = halves[1];
+    uint8_t* tile = kv_tile + k * kTileBytes;
+    *reinterpret_cast<uint4*>(tile + swizzled_offset(row, 2 * quarter + odd_first)) = odd_first ? halves[1] : halves[0];
+    *reinterpret_cast<uint4*>(tile + swizzled_offset(row, 2 * quarter + 1 - odd_first)) =
+        odd_first ? halves[0] : halves[1];
   }
 }
 
@@ -179,7 +245,6 @@ __device__ __forceinline__ void issue_scores(float (&scores)[kTokensPerWarpgroup
 __device__ __forceinline__ void issue_values(float (&out_acc)[kValueColsPerWarpgroup / 2], uint32_t p_tile,
                                              uint32_t kv_tile, int warpgroup) {
   wgmma_fence();
-  fence_registers(out_acc);
 #pragma unroll
   for (int k = 0; k < kBlockN / 16; ++k) {
     wgmma_m64n256k16_ss_tb(out_acc, smem_descriptor(p_tile + k * 32, 16, 1024),
@@ -188,28 +253,27 @@ __device__ __forceinline__ void issue_values(float (&out_acc)[kValueColsPerWarpg
   wgmma_commit();
 }
 
-template <bool kFp8>
-__global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_constant__ DecodeParams p) {
-  using L = Layout<kFp8>;
-  extern __shared__ uint8_t raw_shared[];
-  uint8_t* shared = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw_shared) + 1023) & ~uintptr_t(1023));
+// One piece of work: blocks [begin, end) of grid row z's sequence (dense: z = batch; sparse: batch * s_q + query) for
+// row tile `row_block`; the output goes straight to out / lse (out_slot < 0) or to float32 partial slot `out_slot`.
+// `fills` counts each stage's fills by earlier pieces: the mbarrier phases carry on from them.
+template <bool kFp8, bool kSparse>
+__device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
+                                             int end, int64_t out_slot, int (&fills)[2]) {
+  using L = Layout;
+  constexpr bool kQkFirst = kFp8;  // the loop order, below
   const uint32_t q_tile = smem_address(shared + L::kQ);
   const uint32_t p_tile = smem_address(shared + L::kP);
   float* row_max_shared = reinterpret_cast<float*>(shared + L::kRowMax);
   float* row_sum_shared = reinterpret_cast<float*>(shared + L::kRowSum);
   const auto kv_tile = [&](int stage) { return smem_address(shared + L::kKv + stage * kMatrixBytes); };
-  const auto raw_stage = [&](int stage) { return shared + L::kRaw + stage * kRawBlockBytes; };
-  // BF16: one barrier per KV stage; FP8: one per raw stage, then the RoPE barrier.
-  const auto barrier = [&](int index) { return smem_address(shared + L::kBarriers + index * 8); };
-  const uint32_t rope_barrier = barrier(2);
+  // One mbarrier per stage: the TMA of its block (FP8: of its RoPE columns) completes on it.
+  const auto barrier = [&](int stage) { return smem_address(shared + L::kBarriers + stage * 8); };
 
-  const int row_block = blockIdx.x, split = blockIdx.y, batch = blockIdx.z;
+  const int batch = z / p.queries_per_z, first_query = z % p.queries_per_z;  // dense: 0; sparse: the query
   const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-  const int length = p.cache_seqlens[batch];
-  const int num_blocks = (length + kBlockN - 1) / kBlockN;
-  const int blocks_per_split = (num_blocks + p.num_splits - 1) / p.num_splits;
-  const int begin = split * blocks_per_split;
-  const int end = min(begin + blocks_per_split, num_blocks);
+  const int length = kSparse ? (p.topk_length != nullptr ? min(p.topk_length[batch], p.topk) : p.topk)
+                             : p.cache_seqlens[batch];
+  uint32_t* token_masks = reinterpret_cast<uint32_t*>(shared + L::kTokenMasks);  // sparse: [stage][2]
 
   // This thread's two accumulator rows (wgmma D fragment: rows warp * 16 + lane / 4 and + 8).
   int row_of[2], visible[2];
@@ -217,35 +281,74 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   for (int j = 0; j < 2; ++j) {
     row_of[j] = warp * 16 + lane / 4 + 8 * j;
     const int row = row_block * kRowsPerCta + row_of[j];
-    const int query = row / p.h_q;
+    const int query = first_query + row / p.h_q;
     visible[j] = row >= p.rows ? 0 : (p.causal ? length - p.s_q + query + 1 : length);
   }
 
-  if (threadIdx.x == 0) {
-    for (int index = 0; index < 3; ++index) mbarrier_init(barrier(index), 1);
-    fence_barrier_init();
+  // Fills stage `stage` with block `block`. Dense: TMA (thread 0). Sparse: cp.async gathers (the whole row, or for
+  // the FP8 cache its RoPE columns) and the stage's valid-token mask. FP8: the latent from `share`.
+  // Sparse: `ahead` holds this thread's row index in the next block to fill and in the one after, loaded a block
+  // early, so that no gather waits on its index; the FP8 share of a block is loaded between the two.
+  Fp8Share share;
+  int ahead[2] = {-1, -1};
+  if constexpr (kSparse) {
+    ahead[0] = load_row_slot(p, batch, first_query, begin, length);
+    ahead[1] = load_row_slot(p, batch, first_query, begin + 1, length);
   }
-  __syncthreads();
+  const auto next_row_address = [&](int block) {
+    return gather_row_address<kSparse>(p, batch, block, length, ahead[0]);
+  };
+  const auto fill_stage = [&](int stage, int block) {
+    if constexpr (kSparse) {
+      const uint8_t* row_bytes = next_row_address(block);
+      gather_row_async<kFp8>(kv_tile(stage), row_bytes, p.kv);
+      cp_async_commit();
+      // The stage's mask: bit r of byte w for row 8 w + r, from lanes 4j (rows gather_row of those lanes).
+      const uint32_t bits = __ballot_sync(0xffffffffu, row_bytes != nullptr);
+      uint32_t byte = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) byte |= ((bits >> (4 * j)) & 1u) << (4 * (j % 2) + j / 2);
+      if (lane == 0) reinterpret_cast<uint8_t*>(token_masks)[stage * 8 + threadIdx.x / 32] = byte;
+      ahead[0] = ahead[1];
+      ahead[1] = load_row_slot(p, batch, first_query, block + 2, length);
+    } else if (threadIdx.x == 0) {
+      if constexpr (kFp8) {
+        load_rope_block(p, kv_tile(stage), barrier(stage), batch, block);
+      } else {
+        load_kv_block(p, kv_tile(stage), barrier(stage), batch, block);
+      }
+    }
+    if constexpr (kFp8) store_fp8_share(share, shared + L::kKv + stage * kMatrixBytes);
+  };
+  // Dense: waits until stage `stage`'s `index`-th fill (counting from 0) has landed. Sparse: `gathers_landed` at the
+  // top of each block (outside the data-dependent branches, which would serialize the wgmma) does it for the fill
+  // issued one block earlier.
+  const auto wait_stage = [&](int stage, int index) {
+    if constexpr (!kSparse) mbarrier_wait(barrier(stage), ((stage == 0 ? fills[0] : fills[1]) + index) & 1);
+  };
+  const auto gathers_landed = [&] {
+    if constexpr (kSparse) {
+      cp_async_wait<0>();
+      fence_async_shared();
+      named_barrier_sync(1, kThreads);
+    }
+  };
   if (begin < end) {
     load_rows_async(
         q_tile,
         [&](int r) -> const __nv_bfloat16* {
           const int row = row_block * kRowsPerCta + r;
           if (row >= p.rows) return nullptr;
-          return p.q + batch * p.q_batch_stride + (row / p.h_q) * p.q_seq_stride + (row % p.h_q) * p.q_head_stride;
+          return p.q + batch * p.q_batch_stride + (first_query + row / p.h_q) * p.q_seq_stride +
+                 (row % p.h_q) * p.q_head_stride;
         },
         p.q);
     cp_async_commit();
-    if (threadIdx.x == 0) {
-      for (int stage = 0; stage < 2 && begin + stage < end; ++stage) {
-        if constexpr (kFp8) {
-          load_raw_block(p, smem_address(raw_stage(stage)), barrier(stage), batch, begin + stage);
-        } else {
-          load_kv_block(p, kv_tile(stage), barrier(stage), batch, begin + stage);
-        }
-      }
-      if constexpr (kFp8) load_rope_block(p, kv_tile(0), rope_barrier, batch, begin);
+    for (int stage = 0; stage < 2 && begin + stage < end; ++stage) {
+      if constexpr (kFp8) load_fp8_share(share, next_row_address(begin + stage));
+      fill_stage(stage, begin + stage);
     }
+    if (kFp8 && begin + 2 < end) load_fp8_share(share, next_row_address(begin + 2));
   }
   cp_async_wait<0>();
   fence_async_shared();
@@ -257,9 +360,13 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   float scores[kTokensPerWarpgroup / 2];
 
-  // Scale and mask S of `block`, update the running max and sum, write P (bf16) and rescale O; ends with P (and, for
-  // the BF16 cache, the zeroed tail of the last block) visible to both warpgroups' wgmma.
-  const auto softmax = [&](int block, int stage) {
+  // Softmax in two halves, so that the first can run while P V of the previous block is still on the tensor cores.
+  // softmax_scores: scale and mask S of `block`, update the running max and sum, keep P (bf16) in registers and the
+  // factor O must be rescaled by. publish_probs: rescale O (P V of the previous block done), write P to shared memory
+  // (with, for the BF16 cache, the zeroed tail rows of the last block), visible to both warpgroups' wgmma.
+  uint32_t probs[2][kTokensPerWarpgroup / 8];
+  float rescale[2];
+  const auto softmax_scores = [&](int block) {
     const int first_token = block * kBlockN + warpgroup * kTokensPerWarpgroup;
     float block_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -270,7 +377,15 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
         for (int c = 0; c < 2; ++c) {
           const int token = first_token + 8 * i + 2 * (lane % 4) + c;
           float& s = scores[4 * i + 2 * j + c];
-          s = token < visible[j] ? s * p.scale_log2 : -INFINITY;
+          bool valid;
+          if constexpr (kSparse) {
+            const int in_block = token % kBlockN;
+            valid = row_of[j] + row_block * kRowsPerCta < p.rows &&
+                    (token_masks[((block - begin) % 2) * 2 + in_block / 32] >> (in_block % 32)) & 1u;
+          } else {
+            valid = token < visible[j];
+          }
+          s = valid ? s * p.scale_log2 : -INFINITY;
           block_max[j] = fmaxf(block_max[j], s);
         }
       }
@@ -282,8 +397,6 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
       if (lane % 4 == 0) row_max_shared[warpgroup * kRowsPerCta + row_of[j]] = block_max[j];
     }
     named_barrier_sync(1, kThreads);
-
-    float rescale[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const float new_max =
@@ -296,11 +409,12 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
       for (int i = 0; i < kTokensPerWarpgroup / 8; ++i) {
         const float p0 = exp2f(scores[4 * i + 2 * j] - shift), p1 = exp2f(scores[4 * i + 2 * j + 1] - shift);
         row_sum[j] += p0 + p1;
-        const int chunk = warpgroup * (kTokensPerWarpgroup / 8) + i;
-        *reinterpret_cast<__nv_bfloat162*>(shared + L::kP + swizzled_offset(row_of[j], chunk) + 4 * (lane % 4)) =
-            __floats2bfloat162_rn(p0, p1);
+        const __nv_bfloat162 pair = __floats2bfloat162_rn(p0, p1);
+        probs[j][i] = *reinterpret_cast<const uint32_t*>(&pair);
       }
     }
+  };
+  const auto publish_probs = [&](int block, int stage) {
 #pragma unroll
     for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
       out_acc[4 * i + 0] *= rescale[0];
@@ -308,9 +422,18 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
       out_acc[4 * i + 2] *= rescale[1];
       out_acc[4 * i + 3] *= rescale[1];
     }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int i = 0; i < kTokensPerWarpgroup / 8; ++i) {
+        const int chunk = warpgroup * (kTokensPerWarpgroup / 8) + i;
+        *reinterpret_cast<uint32_t*>(shared + L::kP + swizzled_offset(row_of[j], chunk) + 4 * (lane % 4)) =
+            probs[j][i];
+      }
+    }
     const int valid_rows = length - block * kBlockN;
-    if (!kFp8 && valid_rows < kBlockN) {  // the last block: zero the value rows past the end (P is 0 there; 0 * NaN
-                                          // is not). The FP8 path's dequantisation writes those zeros itself.
+    if (!kFp8 && !kSparse && valid_rows < kBlockN) {  // the last block: zero the value rows past the end (P is 0 there; 0 * NaN
+                                          // is not). The FP8 path stores zeros there itself.
       uint8_t* stage_tiles = shared + L::kKv + stage * kMatrixBytes;
       const int chunks = (kBlockN - valid_rows) * (kLatentDim / 8);
       for (int i = threadIdx.x; i < chunks; i += kThreads) {
@@ -323,44 +446,56 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
     named_barrier_sync(1, kThreads);
   };
 
-  if constexpr (kFp8) {
-    // One BF16 KV tile: per block, dequantise, Q K^T, softmax, P V in turn, while the raw FP8 rows of the next two
-    // blocks load, and the next block's RoPE columns load as soon as Q K^T has read this block's.
-    for (int block = begin; block < end; ++block) {
-      const int index = block - begin, stage = index % 2;
-      mbarrier_wait(barrier(stage), (index / 2) & 1);
-      dequantize_block(raw_stage(stage), shared + L::kKv, length - block * kBlockN);
-      fence_async_shared();
-      named_barrier_sync(1, kThreads);  // the raw stage is consumed, the latent is in the KV tile
-      if (threadIdx.x == 0 && block + 2 < end) {
-        load_raw_block(p, smem_address(raw_stage(stage)), barrier(stage), batch, block + 2);
-      }
-      mbarrier_wait(rope_barrier, index & 1);
-      issue_scores(scores, q_tile, kv_tile(0), warpgroup);
-      wgmma_wait<0>();
+  // Per block: Q K^T of the next block, then P V of this one, on the tensor cores back to back; the next block's
+  // softmax scores while P V runs; then, P V done, this stage refills with block + 2 (FP8: from the registers loaded
+  // one block earlier, which then load block + 3) and the next P is published.
+  if (begin < end) {
+    wait_stage(0, 0);
+    issue_scores(scores, q_tile, kv_tile(0), warpgroup);
+    wgmma_wait<0>();
+    fence_registers(scores);
+    softmax_scores(begin);
+    publish_probs(begin, 0);
+  }
+  // Two loop orders, each measured faster for its cache (H100, scripts/ab_decode.sh): FP8 issues Q K^T of the next
+  // block before P V of this one, so the next block's softmax overlaps P V; BF16 keeps P V first (its scores are
+  // ready sooner and the loop holds fewer registers).
+  if constexpr (kQkFirst) {
+    for (int block = begin; block + 1 < end; ++block) {
+      const int stage = (block - begin) % 2, next_stage = 1 - stage;
+      gathers_landed();
+      fence_registers(out_acc);
+      wait_stage(next_stage, (block + 1 - begin) / 2);
+      issue_scores(scores, q_tile, kv_tile(next_stage), warpgroup);
+      issue_values(out_acc, p_tile, kv_tile(stage), warpgroup);
+      wgmma_wait<1>();  // Q K^T of the next block is done; P V of this one may still run
       fence_registers(scores);
-      softmax(block, 0);  // its barriers also mean both warpgroups are done reading the RoPE columns
-      if (threadIdx.x == 0 && block + 1 < end) load_rope_block(p, kv_tile(0), rope_barrier, batch, block + 1);
-      issue_values(out_acc, p_tile, kv_tile(0), warpgroup);
+      softmax_scores(block + 1);
       wgmma_wait<0>();
       fence_registers(out_acc);
-      named_barrier_sync(1, kThreads);  // the KV tile's latent and P are free
+      named_barrier_sync(1, kThreads);  // both warpgroups are done with this stage and with P
+      if (block + 2 < end) {
+        fill_stage(stage, block + 2);
+        if (kFp8 && block + 3 < end) load_fp8_share(share, next_row_address(block + 3));
+      }
+      publish_probs(block + 1, next_stage);  // its fence and barrier also publish the FP8 latent just stored
+    }
+    if (begin < end) {  // the last block's P V
+      fence_registers(out_acc);
+      issue_values(out_acc, p_tile, kv_tile((end - 1 - begin) % 2), warpgroup);
+      wgmma_wait<0>();
+      fence_registers(out_acc);
     }
   } else {
-    if (begin < end) {
-      mbarrier_wait(barrier(0), 0);
-      issue_scores(scores, q_tile, kv_tile(0), warpgroup);
-      wgmma_wait<0>();
-      fence_registers(scores);
-      softmax(begin, 0);
-    }
     for (int block = begin; block < end; ++block) {
       const int stage = (block - begin) % 2;
+      gathers_landed();
+      fence_registers(out_acc);
       issue_values(out_acc, p_tile, kv_tile(stage), warpgroup);
       const bool has_next = block + 1 < end;
       if (has_next) {
         const int next = block + 1 - begin;
-        mbarrier_wait(barrier(next % 2), (next / 2) & 1);
+        wait_stage(next % 2, next / 2);
         issue_scores(scores, q_tile, kv_tile(next % 2), warpgroup);
         wgmma_wait<1>();  // P V of this block is done; Q K^T of the next may still run
       } else {
@@ -368,17 +503,18 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
       }
       fence_registers(out_acc);
       named_barrier_sync(1, kThreads);  // both warpgroups are done with this stage and with P
-      if (threadIdx.x == 0 && block + 2 < end) {
-        load_kv_block(p, kv_tile(stage), barrier(stage), batch, block + 2);
+      if (block + 2 < end) {
+        fill_stage(stage, block + 2);
+        if (kFp8 && block + 3 < end) load_fp8_share(share, next_row_address(block + 3));
       }
       if (has_next) {
         wgmma_wait<0>();
         fence_registers(scores);
-        softmax(block + 1, (block + 1 - begin) % 2);
+        softmax_scores(block + 1);
+        publish_probs(block + 1, (block + 1 - begin) % 2);  // its fence and barrier also publish the FP8 latent
       }
     }
   }
-
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 1);
@@ -387,14 +523,14 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   }
   named_barrier_sync(1, kThreads);
 
-  const bool direct = p.num_splits == 1;
+  const bool direct = out_slot < 0;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const int row = row_block * kRowsPerCta + row_of[j];
     if (row >= p.rows) continue;
     const float total = row_sum_shared[row_of[j]] + row_sum_shared[kRowsPerCta + row_of[j]];
     const float inverse = total > 0.f ? 1.f / total : 0.f;
-    const int query = row / p.h_q, head = row % p.h_q;
+    const int query = first_query + row / p.h_q, head = row % p.h_q;
     const int value_col = warpgroup * kValueColsPerWarpgroup + 2 * (lane % 4);
     if (direct) {
       __nv_bfloat16* out_row =
@@ -405,11 +541,12 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
             __floats2bfloat162_rn(out_acc[4 * i + 2 * j] * inverse, out_acc[4 * i + 2 * j + 1] * inverse);
       }
       if (warpgroup == 0 && lane % 4 == 0) {
-        p.lse[(static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + query] =
-            total > 0.f ? (row_max[j] + log2f(total)) * kLn2 : INFINITY;
+        const int64_t stat = (static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + query;
+        p.lse[stat] = total > 0.f ? (row_max[j] + log2f(total)) * kLn2 : INFINITY;
+        if (p.max_logits != nullptr) p.max_logits[stat] = total > 0.f ? row_max[j] * kLn2 : -INFINITY;
       }
     } else {
-      const int64_t partial_row = (static_cast<int64_t>(batch) * p.num_splits + split) * p.rows + row;
+      const int64_t partial_row = out_slot * p.rows + row;
       float* out_row = p.out_partial + partial_row * kLatentDim + value_col;
 #pragma unroll
       for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
@@ -421,19 +558,68 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
       }
     }
   }
+  const int filled = max(0, end - begin);
+  fills[0] += (filled + 1) / 2;
+  fills[1] += filled / 2;
+}
+
+template <bool kFp8, bool kSparse>
+__global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_constant__ DecodeParams p) {
+  extern __shared__ uint8_t raw_shared[];
+  uint8_t* shared = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw_shared) + 1023) & ~uintptr_t(1023));
+  if (threadIdx.x == 0) {
+    for (int stage = 0; stage < 2; ++stage) mbarrier_init(smem_address(shared + Layout::kBarriers + stage * 8), 1);
+    fence_barrier_init();
+  }
+  __syncthreads();
+  int fills[2] = {0, 0};
+  const int row_block = blockIdx.x;
+  // Balanced: the part's run of blocks over sequences first..last. Uniform: one piece, grid z's share `blockIdx.y`.
+  const bool balanced = !kSparse && p.metadata != nullptr;
+  const int* meta = balanced ? p.metadata + blockIdx.y * p.metadata_fields : nullptr;
+  const int first = balanced ? meta[0] : blockIdx.z;
+  const int last = balanced ? min(meta[2], p.batch - 1) : blockIdx.z;
+  for (int z = first; z <= last; ++z) {  // one call site: the piece's code is inlined once
+    const int batch = z / p.queries_per_z;
+    const int length = kSparse ? (p.topk_length != nullptr ? min(p.topk_length[batch], p.topk) : p.topk)
+                               : p.cache_seqlens[batch];
+    const int num_blocks = (length + kBlockN - 1) / kBlockN;
+    int begin, end;
+    int64_t slot;
+    if (balanced) {
+      begin = z == first ? meta[1] : 0;
+      end = z == meta[2] ? min(meta[3], num_blocks) : num_blocks;
+      const int first_slot = p.split_offsets[z], slots = p.split_offsets[z + 1] - first_slot;
+      slot = slots == 1 ? -1 : first_slot + (z == first ? meta[4] : 0);
+    } else {
+      const int blocks_per_split = (num_blocks + p.num_splits - 1) / p.num_splits;
+      begin = blockIdx.y * blocks_per_split;
+      end = min(begin + blocks_per_split, num_blocks);
+      slot = p.num_splits == 1 ? -1 : static_cast<int64_t>(z) * p.num_splits + blockIdx.y;
+    }
+    attend_piece<kFp8, kSparse>(p, shared, row_block, z, begin, end, slot, fills);
+  }
 }
 
 // One query row per CTA: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s (natural log on output).
-// A split that saw no token (lse_s = -inf) is skipped without reading its (unwritten) output.
+// A split that saw no token (lse_s = -inf) is skipped without reading its (unwritten) output. Partials are indexed
+// by the decode grid's z (batch * queries_per_z + first query) and the CTA rows of that z.
 __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ out_partial,
                                                       const float* __restrict__ lse_partial, __nv_bfloat16* out,
                                                       int64_t out_batch_stride, int64_t out_seq_stride,
                                                       int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
-                                                      int num_splits) {
+                                                      int num_splits, int queries_per_z,
+                                                      const int* __restrict__ split_offsets) {
   __shared__ float weights[kMaxSplits];
   __shared__ float total_shared, max_shared;
-  const int row = blockIdx.x, batch = blockIdx.y;
-  const int64_t first = static_cast<int64_t>(batch) * num_splits;
+  const int row = blockIdx.x, z = blockIdx.y;
+  const int batch = z / queries_per_z, first_query = z % queries_per_z;
+  int64_t first = static_cast<int64_t>(z) * num_splits;
+  if (split_offsets != nullptr) {  // balanced: this sequence's slots; one slot was written straight to the output
+    first = split_offsets[z];
+    num_splits = split_offsets[z + 1] - split_offsets[z];
+    if (num_splits <= 1) return;
+  }
   for (int s = threadIdx.x; s < num_splits; s += blockDim.x) weights[s] = lse_partial[(first + s) * rows + row];
   __syncthreads();
   if (threadIdx.x < 32) {
@@ -461,7 +647,7 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
     acc.z += w * part.z;
     acc.w += w * part.w;
   }
-  const int query = row / h_q, head = row % h_q;
+  const int query = first_query + row / h_q, head = row % h_q;
   __nv_bfloat16* out_row = out + batch * out_batch_stride + query * out_seq_stride + head * out_head_stride;
   reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x] = __floats2bfloat162_rn(acc.x, acc.y);
   reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x + 1] = __floats2bfloat162_rn(acc.z, acc.w);
@@ -500,93 +686,192 @@ CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache, int64_t offset, int6
   return map;
 }
 
-template <bool kFp8>
+template <bool kFp8, bool kSparse>
 void launch_decode(const DecodeParams& params, dim3 grid, cudaStream_t stream) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dense_decode_kernel<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      Layout<kFp8>::kBytes));
-  dense_decode_kernel<kFp8><<<grid, kThreads, Layout<kFp8>::kBytes, stream>>>(params);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(dense_decode_kernel<kFp8, kSparse>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, Layout::kBytes));
+  dense_decode_kernel<kFp8, kSparse><<<grid, kThreads, Layout::kBytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// q always; kv_cache when defined (a paged cache).
+void check_inputs(const char* op, const torch::Tensor& q, const torch::Tensor& kv_cache, bool is_fp8) {
+  TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kBFloat16 && q.dim() == 4 && q.size(3) == kHeadDimQK &&
+                  q.stride(3) == 1,
+              op, ": q must be CUDA bfloat16 (batch, s_q, h_q, 576) with a contiguous last dimension");
+  TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0,
+              op, ": q rows must be 16-byte aligned");
+  if (!kv_cache.defined()) return;
+  const int64_t element = kv_cache.element_size();
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(1) == kBlockN && kv_cache.stride(3) == 1 &&
+                  (kv_cache.stride(0) * element) % 16 == 0 && (kv_cache.stride(1) * element) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0,
+              op, ": kv_cache must be (num_blocks, 64, 1, row) with 16-byte aligned rows");
+  TORCH_CHECK(is_fp8 ? (element == 1 && kv_cache.size(3) == kFp8RowBytes)
+                     : (kv_cache.scalar_type() == at::kBFloat16 && kv_cache.size(3) == kHeadDimQK),
+              op, ": kv_cache must be bfloat16 (..., 576) or, with is_fp8, 1-byte (..., 656)");
+}
+
+// Outputs, partials, launch and combine for both ops; `params` comes with the op's own fields set. Dense: a CTA's
+// rows are the (s_q, h_q) pairs of one sequence; sparse: the h_q heads of one query (its own indices).
+std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, const torch::Tensor& kv_cache,
+                                      bool is_fp8, bool sparse, double softmax_scale, int64_t num_splits,
+                                      DecodeParams& params) {
+  const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2);
+  const int64_t rows = sparse ? h_q : s_q * h_q, queries_per_z = sparse ? s_q : 1, zs = batch * queries_per_z;
+  TORCH_CHECK(num_splits >= 1 && num_splits <= kMaxSplits, op, ": num_splits must be in [1, ", kMaxSplits, "], got ",
+              num_splits);
+  const int64_t row_blocks = (rows + kRowsPerCta - 1) / kRowsPerCta;
+  TORCH_CHECK(zs <= 65535 && row_blocks <= 65535, op, ": too large a batch for one launch");
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto out = torch::empty({batch, s_q, h_q, kLatentDim}, q.options());
+  auto lse = torch::empty({batch, h_q, s_q}, q.options().dtype(at::kFloat));
+  if (zs == 0 || rows == 0) return {out, lse};
+  // Balanced: `num_splits` is the number of parts; sequence b's slots lie in [0, batch + parts).
+  const bool balanced = params.metadata != nullptr;
+  const bool partials = balanced || num_splits > 1;
+  const int64_t slots = balanced ? batch + num_splits : zs * num_splits;
+  torch::Tensor out_partial, lse_partial;
+  if (partials) {
+    out_partial = torch::empty({slots, rows, kLatentDim}, q.options().dtype(at::kFloat));
+    lse_partial = torch::empty({slots, rows}, q.options().dtype(at::kFloat));
+  }
+  const int64_t element = kv_cache.element_size();
+  if (!sparse) {
+    params.kv_map = is_fp8 ? cache_tensor_map(kv_cache, kRopeOffset, kRopeDim, 64, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                                              CU_TENSOR_MAP_SWIZZLE_128B)
+                           : cache_tensor_map(kv_cache, 0, kHeadDimQK, 64, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                                              CU_TENSOR_MAP_SWIZZLE_128B);
+  }
+  params.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
+  params.q_batch_stride = q.stride(0);
+  params.q_seq_stride = q.stride(1);
+  params.q_head_stride = q.stride(2);
+  if (params.kv == nullptr) {  // a paged cache, with its own block and row strides (sparse prefill sets a flat kv)
+    params.kv = static_cast<const uint8_t*>(kv_cache.data_ptr());
+    params.kv_block_bytes = kv_cache.stride(0) * element;
+    params.kv_row_bytes = kv_cache.stride(1) * element;
+    params.kv_slots = kv_cache.size(0) * kBlockN;
+  }
+  params.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
+  params.out_batch_stride = out.stride(0);
+  params.out_seq_stride = out.stride(1);
+  params.out_head_stride = out.stride(2);
+  params.lse = lse.data_ptr<float>();
+  params.out_partial = partials ? out_partial.data_ptr<float>() : nullptr;
+  params.lse_partial = partials ? lse_partial.data_ptr<float>() : nullptr;
+  params.h_q = static_cast<int>(h_q);
+  params.s_q = static_cast<int>(s_q);
+  params.rows = static_cast<int>(rows);
+  params.num_splits = static_cast<int>(num_splits);
+  params.queries_per_z = static_cast<int>(queries_per_z);
+  params.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  params.batch = static_cast<int>(batch);
+  const dim3 grid(row_blocks, num_splits, balanced ? 1 : zs);
+  if (sparse) {
+    is_fp8 ? launch_decode<true, true>(params, grid, stream) : launch_decode<false, true>(params, grid, stream);
+  } else {
+    is_fp8 ? launch_decode<true, false>(params, grid, stream) : launch_decode<false, false>(params, grid, stream);
+  }
+  if (partials) {
+    combine_kernel<<<dim3(rows, zs), 128, 0, stream>>>(
+        out_partial.data_ptr<float>(), lse_partial.data_ptr<float>(), params.out, out.stride(0), out.stride(1),
+        out.stride(2), params.lse, params.h_q, params.s_q, params.rows, params.num_splits, params.queries_per_z,
+        params.split_offsets);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out, lse};
 }
 
 }  // namespace
 
 std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
                                         const torch::Tensor& block_table, const torch::Tensor& cache_seqlens,
-                                        double softmax_scale, bool causal, bool is_fp8, int64_t num_splits) {
-  TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kBFloat16 && q.dim() == 4 && q.size(3) == kHeadDimQK &&
-                  q.stride(3) == 1,
-              "dense_decode: q must be CUDA bfloat16 (batch, s_q, h_q, 576) with a contiguous last dimension");
-  const int64_t element = kv_cache.element_size();
-  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(1) == kBlockN && kv_cache.stride(3) == 1 &&
-                  (kv_cache.stride(0) * element) % 16 == 0 && (kv_cache.stride(1) * element) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0,
-              "dense_decode: kv_cache must be (num_blocks, 64, 1, row) with 16-byte aligned rows");
-  TORCH_CHECK(is_fp8 ? (element == 1 && kv_cache.size(3) == kFp8RowBytes)
-                     : (kv_cache.scalar_type() == at::kBFloat16 && kv_cache.size(3) == kHeadDimQK),
-              "dense_decode: kv_cache must be bfloat16 (..., 576) or, with is_fp8, 1-byte (..., 656)");
-  TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0 &&
-                  reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0,
-              "dense_decode: q rows must be 16-byte aligned");
+                                        double softmax_scale, bool causal, bool is_fp8, int64_t num_splits,
+                                        const c10::optional<torch::Tensor>& tile_scheduler_metadata,
+                                        const c10::optional<torch::Tensor>& split_offsets) {
+  check_inputs("dense_decode", q, kv_cache, is_fp8);
+  TORCH_CHECK(tile_scheduler_metadata.has_value() == split_offsets.has_value(),
+              "dense_decode: tile_scheduler_metadata and split_offsets go together");
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.stride(1) == 1 &&
                   cache_seqlens.scalar_type() == at::kInt && cache_seqlens.is_contiguous(),
               "dense_decode: block_table and cache_seqlens must be int32 with contiguous rows");
-  const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2), rows = s_q * h_q;
-  TORCH_CHECK(num_splits >= 1 && num_splits <= kMaxSplits, "dense_decode: num_splits must be in [1, ", kMaxSplits,
-              "], got ", num_splits);
-  const int64_t row_blocks = (rows + kRowsPerCta - 1) / kRowsPerCta;
-  TORCH_CHECK(batch <= 65535 && row_blocks <= 65535, "dense_decode: batch and s_q * h_q / 64 must be <= 65535");
-  const c10::cuda::CUDAGuard guard(q.device());
-  auto out = torch::empty({batch, s_q, h_q, kLatentDim}, q.options());
-  auto lse = torch::empty({batch, h_q, s_q}, q.options().dtype(at::kFloat));
-  if (batch == 0 || rows == 0) return {out, lse};
-  torch::Tensor out_partial, lse_partial;
-  if (num_splits > 1) {
-    out_partial = torch::empty({batch * num_splits, rows, kLatentDim}, q.options().dtype(at::kFloat));
-    lse_partial = torch::empty({batch * num_splits, rows}, q.options().dtype(at::kFloat));
-  }
   DecodeParams params{};
-  if (is_fp8) {
-    params.kv_map = cache_tensor_map(kv_cache, kRopeOffset, kRopeDim, 64, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                                     CU_TENSOR_MAP_SWIZZLE_128B);
-    params.raw_map = cache_tensor_map(kv_cache, 0, kRawRowBytes, kRawPartBytes, CU_TENSOR_MAP_DATA_TYPE_UINT8,
-                                      CU_TENSOR_MAP_SWIZZLE_NONE);
-  } else {
-    params.kv_map = cache_tensor_map(kv_cache, 0, kHeadDimQK, 64, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                                     CU_TENSOR_MAP_SWIZZLE_128B);
-  }
-  params.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
-  params.q_batch_stride = q.stride(0);
-  params.q_seq_stride = q.stride(1);
-  params.q_head_stride = q.stride(2);
-  params.kv = static_cast<const uint8_t*>(kv_cache.data_ptr());
-  params.kv_block_bytes = kv_cache.stride(0) * element;
-  params.kv_row_bytes = kv_cache.stride(1) * element;
   params.block_table = block_table.data_ptr<int>();
   params.block_table_stride = block_table.stride(0);
   params.cache_seqlens = cache_seqlens.data_ptr<int>();
-  params.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
-  params.out_batch_stride = out.stride(0);
-  params.out_seq_stride = out.stride(1);
-  params.out_head_stride = out.stride(2);
-  params.lse = lse.data_ptr<float>();
-  params.out_partial = num_splits > 1 ? out_partial.data_ptr<float>() : nullptr;
-  params.lse_partial = num_splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
-  params.h_q = static_cast<int>(h_q);
-  params.s_q = static_cast<int>(s_q);
-  params.rows = static_cast<int>(rows);
-  params.num_splits = static_cast<int>(num_splits);
-  params.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   params.causal = causal;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(row_blocks, num_splits, batch);
-  is_fp8 ? launch_decode<true>(params, grid, stream) : launch_decode<false>(params, grid, stream);
-  if (num_splits > 1) {
-    combine_kernel<<<dim3(rows, batch), 128, 0, stream>>>(
-        out_partial.data_ptr<float>(), lse_partial.data_ptr<float>(), params.out, out.stride(0), out.stride(1),
-        out.stride(2), params.lse, params.h_q, params.s_q, params.rows, params.num_splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (tile_scheduler_metadata.has_value()) {  // balanced: one CTA per part and row tile
+    TORCH_CHECK(tile_scheduler_metadata->scalar_type() == at::kInt && tile_scheduler_metadata->is_contiguous() &&
+                    tile_scheduler_metadata->dim() == 2 && tile_scheduler_metadata->size(1) >= 5 &&
+                    split_offsets->scalar_type() == at::kInt && split_offsets->is_contiguous() &&
+                    split_offsets->numel() == q.size(0) + 1,
+                "dense_decode: tile_scheduler_metadata must be int32 (parts, 8), num_splits int32 (batch + 1,)");
+    TORCH_CHECK(tile_scheduler_metadata->device() == q.device() && split_offsets->device() == q.device(),
+                "dense_decode: tile_scheduler_metadata and num_splits must be on q's device");
+    params.metadata = tile_scheduler_metadata->data_ptr<int>();
+    params.metadata_fields = static_cast<int>(tile_scheduler_metadata->size(1));
+    params.split_offsets = split_offsets->data_ptr<int>();
+    num_splits = tile_scheduler_metadata->size(0);
   }
-  return {out, lse};
+  return run_decode("dense_decode", q, kv_cache, is_fp8, false, softmax_scale, num_splits, params);
+}
+
+std::vector<torch::Tensor> sparse_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
+                                         const torch::Tensor& indices, const c10::optional<torch::Tensor>& topk_length,
+                                         double softmax_scale, bool is_fp8, int64_t num_splits) {
+  check_inputs("sparse_decode", q, kv_cache, is_fp8);
+  TORCH_CHECK(indices.scalar_type() == at::kInt && indices.dim() == 3 && indices.stride(2) == 1 &&
+                  indices.size(0) == q.size(0) && indices.size(1) == q.size(1),
+              "sparse_decode: indices must be int32 (batch, s_q, topk) with a contiguous last dimension");
+  TORCH_CHECK(!topk_length.has_value() ||
+                  (topk_length->scalar_type() == at::kInt && topk_length->is_contiguous() &&
+                   topk_length->numel() == q.size(0)),
+              "sparse_decode: topk_length must be int32 (batch,)");
+  DecodeParams params{};
+  params.indices = indices.data_ptr<int>();
+  params.indices_batch_stride = indices.stride(0);
+  params.indices_seq_stride = indices.stride(1);
+  params.topk_length = topk_length.has_value() ? topk_length->data_ptr<int>() : nullptr;
+  params.topk = static_cast<int>(indices.size(2));
+  return run_decode("sparse_decode", q, kv_cache, is_fp8, true, softmax_scale, num_splits, params);
+}
+
+// Sparse prefill on the sparse decode kernel: each query token is a z of the grid (s_q = 1) with its own indices
+// into the flat kv, read as 64-row blocks. One split per query (max_logits is written by the CTA itself).
+std::vector<torch::Tensor> sparse_prefill(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& indices,
+                                          const c10::optional<torch::Tensor>& topk_length, double softmax_scale) {
+  TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kBFloat16 && q.dim() == 3 && q.size(2) == kHeadDimQK,
+              "sparse_prefill: q must be CUDA bfloat16 (s_q, h_q, 576)");
+  TORCH_CHECK(kv.scalar_type() == at::kBFloat16 && kv.dim() == 3 && kv.size(1) == 1 && kv.size(2) == kHeadDimQK &&
+                  kv.stride(2) == 1 && kv.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(kv.data_ptr()) % 16 == 0,
+              "sparse_prefill: kv must be bfloat16 (s_kv, 1, 576) with 16-byte aligned rows");
+  TORCH_CHECK(indices.scalar_type() == at::kInt && indices.dim() == 3 && indices.size(0) == q.size(0) &&
+                  indices.size(1) == 1 && indices.stride(2) == 1,
+              "sparse_prefill: indices must be int32 (s_q, 1, topk) with a contiguous last dimension");
+  TORCH_CHECK(!topk_length.has_value() ||
+                  (topk_length->scalar_type() == at::kInt && topk_length->is_contiguous() &&
+                   topk_length->numel() == q.size(0)),
+              "sparse_prefill: topk_length must be int32 (s_q,)");
+  const torch::Tensor queries = q.unsqueeze(1);  // (s_q, 1, h_q, 576): one z per query token
+  check_inputs("sparse_prefill", queries, torch::Tensor(), false);
+  const int64_t s_q = q.size(0), h_q = q.size(1);
+  auto max_logits = torch::empty({s_q, h_q}, q.options().dtype(at::kFloat));
+  DecodeParams params{};
+  params.indices = indices.data_ptr<int>();
+  params.indices_batch_stride = indices.stride(0);
+  params.indices_seq_stride = 0;
+  params.topk_length = topk_length.has_value() ? topk_length->data_ptr<int>() : nullptr;
+  params.topk = static_cast<int>(indices.size(2));
+  params.kv = static_cast<const uint8_t*>(kv.data_ptr());
+  params.kv_row_bytes = kv.stride(0) * kv.element_size();
+  params.kv_block_bytes = kBlockN * params.kv_row_bytes;
+  params.kv_slots = kv.size(0);
+  params.max_logits = max_logits.data_ptr<float>();
+  auto outputs = run_decode("sparse_prefill", queries, kv, false, true, softmax_scale, 1, params);
+  return {outputs[0].squeeze(1), max_logits, outputs[1].view({s_q, h_q})};
 }
 
 }  // namespace flashmla

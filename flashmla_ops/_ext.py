@@ -45,12 +45,14 @@ def _load():
         return None
     from torch.utils.cpp_extension import load
 
+    extra = os.environ.get("FLASHMLA_EXTRA_CUDA_FLAGS", "").split()  # A/B experiments: a separate build per flag set
+    suffix = "_" + "".join(c if c.isalnum() else "_" for c in "".join(extra)) if extra else ""
     try:
         return load(
-            name="flashmla_ops_cuda",
+            name="flashmla_ops_cuda" + suffix,
             sources=[str(CSRC / name) for name in SOURCES],
             extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo", *_arch_flags()],
+            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo", *_arch_flags(), *extra],
             verbose=os.environ.get("FLASHMLA_VERBOSE_BUILD", "0") == "1",
         )
     except (RuntimeError, OSError) as error:
@@ -65,8 +67,8 @@ KERNELS = {
     "dequantize_kv_fp8": ("cuda",),
     "write_kv_cache": ("cuda", "triton"),
     "dense_decode": ("cuda", "triton"),
-    "sparse_decode": ("triton",),
-    "sparse_prefill": ("triton",),
+    "sparse_decode": ("cuda", "triton"),
+    "sparse_prefill": ("cuda", "triton"),
     "indexer_logits": ("triton",),
     "indexer_logits_paged": ("triton",),
 }

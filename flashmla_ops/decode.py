@@ -166,7 +166,7 @@ def _check_dense(op, q, k_cache, block_table, cache_seqlens, tile_scheduler_meta
     _check_sink(op, attn_sink, dims)
     _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims)
     check_same_device(op, q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
-                      attn_sink=attn_sink)
+                      attn_sink=attn_sink, tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
     check_paged_table(op, block_table, cache_seqlens, k_cache.shape[0], PAGE_BLOCK_SIZE, "k_cache")
 
 
@@ -221,15 +221,19 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
                  softmax_scale: float, causal: bool, is_fp8: bool,
                  attn_sink: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense paged decode: query `i` of sequence `b` sees cache positions `[0, L)`, `L = cache_seqlens[b]`,
-    or with `causal` `[0, L - s_q + i]`. The metadata from `get_mla_metadata` is checked and accepted (FlashMLA's
-    calling convention; None is fine): today's kernels split the KV by shape alone and the reference needs none."""
+    or with `causal` `[0, L - s_q + i]`. With the metadata from `get_mla_metadata` (FlashMLA's calling convention) the
+    CUDA kernel balances the blocks of all sequences over its parts; None is fine (an equal split per sequence, by
+    shape alone; the Triton kernels and the reference always work so)."""
     _check_dense("dense_decode", q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                  head_dim_v, is_fp8, attn_sink)
     for path in _ext.paths("dense_decode", q.device):
         if path == "cuda" and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink):
+            balanced = (tile_scheduler_metadata is not None and num_splits is not None
+                        and tile_scheduler_metadata.shape[0] < 1024)
             return _ext.extension().dense_decode(
                 q, k_cache, block_table, cache_seqlens, softmax_scale, causal, is_fp8,
-                cuda_num_splits(q.device, q.shape[0], q.shape[1] * q.shape[2], block_table.shape[1]))
+                cuda_num_splits(q.device, q.shape[0], q.shape[1] * q.shape[2], block_table.shape[1]),
+                tile_scheduler_metadata if balanced else None, num_splits if balanced else None)
         if path == "triton":
             from .triton import decode as triton_decode
 
@@ -329,13 +333,20 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
     `extra_k_cache` in the same softmax."""
     _check_sparse("sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                   extra_topk_length, tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
-    if _ext.backend("sparse_decode", q.device) == "triton":
-        from .triton import sparse as triton_sparse
+    for path in _ext.paths("sparse_decode", q.device):
+        if (path == "cuda" and extra_k_cache is None and q.shape[0] * q.shape[1] <= 65535
+                and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink)):
+            batch, s_q, h_q, _ = q.shape
+            return _ext.extension().sparse_decode(
+                q, k_cache, indices.contiguous(), topk_length, softmax_scale, is_fp8,
+                cuda_num_splits(q.device, batch * s_q, h_q, -(-indices.shape[-1] // PAGE_BLOCK_SIZE)))
+        if path == "triton":
+            from .triton import sparse as triton_sparse
 
-        if triton_sparse.supports_decode(q, k_cache, extra_k_cache, head_dim_v, is_fp8):
-            return triton_sparse.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache,
-                                               extra_indices_in_kvcache, extra_topk_length, head_dim_v, softmax_scale,
-                                               is_fp8, attn_sink)
+            if triton_sparse.supports_decode(q, k_cache, extra_k_cache, head_dim_v, is_fp8):
+                return triton_sparse.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache,
+                                                   extra_indices_in_kvcache, extra_topk_length, head_dim_v,
+                                                   softmax_scale, is_fp8, attn_sink)
     return sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                                    extra_topk_length, head_dim_v, softmax_scale, is_fp8, attn_sink)
 

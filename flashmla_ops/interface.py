@@ -22,7 +22,10 @@ class FlashMLASchedMeta:
         id cannot be reused by another tensor), unmodified since (`_version`), with the same `key` (shapes); with
         `source` None the lengths follow from `key` alone."""
         s_q, h_q = key[1], key[2]
-        if torch.compiler.is_compiling():  # no guards on tensor versions: recompute (cheap device work, no sync)
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        # Recompute (cheap device work, no sync) under torch.compile (no guards on tensor versions) and inside a CUDA
+        # graph capture (the graph must record the computation: replays follow lengths changed in place).
+        if torch.compiler.is_compiling() or capturing:
             lengths = lengths()
             self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
                 lengths, num_sm_parts(lengths.device, s_q, h_q))

@@ -9,6 +9,7 @@ from . import _ext
 from ._attention import apply_attn_sink, attend
 from ._checks import FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
 from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK
+from .kv_cache import D_QK, KV_LORA_RANK
 
 
 def _check_sparse_prefill(op, q, kv, indices, d_v, attn_sink, topk_length, indexer_topk):
@@ -72,12 +73,37 @@ def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     `indexer_topk` indices, or an empty tensor when `indexer_topk == 0`.
     """
     _check_sparse_prefill("sparse_prefill", q, kv, indices, d_v, attn_sink, topk_length, indexer_topk)
-    if _ext.backend("sparse_prefill", q.device) == "triton":
-        from .triton import sparse as triton_sparse
+    for path in _ext.paths("sparse_prefill", q.device):
+        if path == "cuda" and attn_sink is None and indexer_topk == 0 and _cuda_supports(q, kv, d_v):
+            return _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length)
+        if path == "triton":
+            from .triton import sparse as triton_sparse
 
-        if triton_sparse.supports_prefill(q, kv, d_v):
-            return triton_sparse.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, indexer_topk)
+            if triton_sparse.supports_prefill(q, kv, d_v):
+                return triton_sparse.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length,
+                                                    indexer_topk)
     return sparse_prefill_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, indexer_topk)
+
+
+CUDA_MAX_TOKENS = 65535  # query tokens per launch of csrc/dense_decode.cu's sparse prefill (grid z)
+
+
+def _cuda_supports(q, kv, d_v) -> bool:
+    """The shapes csrc/dense_decode.cu's sparse prefill is written for: bf16, d_qk 576 / d_v 512, 16-byte aligned
+    rows; the attention sink and indexer_topk go to the next path."""
+    return (q.dtype == torch.bfloat16 and q.shape[-1] == D_QK and d_v == KV_LORA_RANK
+            and all(stride % 8 == 0 for stride in q.stride()[:2]) and kv.stride(0) % 8 == 0
+            and q.data_ptr() % 16 == 0 and kv.data_ptr() % 16 == 0)
+
+
+def _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length):
+    ext, s_q = _ext.extension(), q.shape[0]
+    parts = [ext.sparse_prefill(q[start:start + CUDA_MAX_TOKENS], kv, indices[start:start + CUDA_MAX_TOKENS],
+                                None if topk_length is None else topk_length[start:start + CUDA_MAX_TOKENS],
+                                sm_scale)
+             for start in range(0, max(s_q, 1), CUDA_MAX_TOKENS)]
+    out, max_logits, lse = (parts[0] if len(parts) == 1 else [torch.cat(t) for t in zip(*parts)])
+    return out, max_logits, lse, q.new_empty(0, dtype=torch.float32)
 
 
 @sparse_prefill.register_fake

@@ -103,15 +103,18 @@ def sdpa_ms(batch, s_q, h_q, seqlen, device):
         return None
 
 
-def bench_config(batch, s_q, h_q, seqlens, is_fp8, device, with_baselines):
+def bench_config(batch, s_q, h_q, seqlens, is_fp8, device, with_baselines, scheduled=False):
     seqlen = sum(seqlens) // len(seqlens)
     per_set = decode_bytes(batch, s_q, h_q, seqlen, is_fp8)
     copies = max(1, min(8, -(-2 * L2_BYTES // per_set)))
     sets, cache_seqlens = make_inputs(batch, s_q, h_q, seqlens, is_fp8, device, copies)
     scale = D_QK ** -0.5
+    # scheduled: the metadata from get_mla_metadata, computed once per step (FlashMLA's calling convention)
+    schedule = (torch.ops.flashmla.get_mla_metadata(cache_seqlens, flashmla_ops.num_sm_parts(device, s_q, h_q))
+                if scheduled else (None, None))
 
     def op(q, cache, block_table):
-        return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK, scale,
+        return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, *schedule, KV_LORA_RANK, scale,
                                                s_q > 1, is_fp8, None)
 
     ms = time_ms(op, sets)
@@ -252,6 +255,8 @@ def main():
     parser.add_argument("--no-baselines", action="store_true", help="skip the reference and SDPA timings")
     parser.add_argument("--tune", action="store_true", help="time the Triton launch configurations first")
     parser.add_argument("--out", default="bench/decode", help="output prefix for .json and .png")
+    parser.add_argument("--scheduled", action="store_true",
+                        help="pass get_mla_metadata's schedule to the op (the CUDA kernel then balances the blocks)")
     args = parser.parse_args()
     device = bench_device(args.backend, "bench_decode.py")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dense_decode backend: "
@@ -262,7 +267,7 @@ def main():
           f"{'FlashMLA':>12} {'target':>16} {'vs target':>9} {'x ref':>7} {'x sdpa':>7}")
     bf16_tokens_per_s = {}
     for name, batch, s_q, h_q, seqlen, is_fp8, flashmla, (target, unit) in SPEC_ROWS:
-        row = bench_config(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, not args.no_baselines)
+        row = bench_config(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, not args.no_baselines, args.scheduled)
         row.update(name=name, flashmla=flashmla, target=f">= {target} {unit}")
         tokens_per_s = batch * s_q / (row["time_us"] * 1e-6)
         if not is_fp8:
@@ -276,12 +281,17 @@ def main():
               f"{100 * row['bandwidth_fraction']:5.1f}"
               f" {100 * row['compute_fraction']:5.1f} {flashmla:>12} {row['target']:>16} {row['vs_target']:9.2f}"
               f" {fmt(row.get('speedup_vs_reference'), 1):>7} {fmt(row.get('speedup_vs_sdpa'), 1):>7}")
+    skewed = bench_config(32, 1, 16, [32768] + [512] * 31, False, device, False, args.scheduled)
+    skewed.update(name="bf16 skewed b32 h16", flashmla="-", target="-", vs_target=None)
+    rows.append(skewed)
+    print(f"{'bf16 skewed b32 h16':26} {skewed['time_us']:8.1f} {skewed['gb_s']:7.0f} {skewed['tflop_s']:8.1f}"
+          "   (one 32k sequence among 31 of 512 tokens)")
     if args.sweep:
         for batch, s_q, h_q, seqlens, is_fp8 in tqdm(list(sweep_configs()), desc="sweep"):
             rows.append(bench_config(batch, s_q, h_q, seqlens, is_fp8, device, with_baselines=False))
         print(f"{'kv':4} {'batch':>5} {'s_q':>3} {'h_q':>4} {'seqlen':>6} {'skew':>4} {'time us':>9} {'GB/s':>7} "
               f"{'TFLOP/s':>8}")
-        for r in rows[len(SPEC_ROWS):]:
+        for r in rows[len(SPEC_ROWS) + 1:]:
             print(f"{r['kv_cache']:4} {r['batch']:5} {r['s_q']:3} {r['h_q']:4} {r['seqlen']:6} "
                   f"{'y' if r['skewed'] else '':>4} "
                   f"{r['time_us']:9.1f} {r['gb_s']:7.0f} {r['tflop_s']:8.1f}")

@@ -44,7 +44,8 @@ def kernels():
     return extension
 
 
-def run_and_compare(seqlens, s_q, h_q, causal, is_fp8=False, num_splits=None, padded=False, strided_q=False):
+def run_and_compare(seqlens, s_q, h_q, causal, is_fp8=False, num_splits=None, padded=False, strided_q=False,
+                    parts=None):
     generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 1000 + s_q * 10 + h_q + causal + 2 * is_fp8)
     q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded)
     if strided_q:  # heads spaced out in a wider buffer
@@ -55,12 +56,14 @@ def run_and_compare(seqlens, s_q, h_q, causal, is_fp8=False, num_splits=None, pa
         num_splits = cuda_num_splits(q.device, q.shape[0], s_q * h_q, block_table.shape[1])
     scale = D_QK ** -0.5
     poison_allocator(4 * (len(seqlens) * num_splits * s_q * h_q * (KV_LORA_RANK + 1)) + 4 * q.numel())
-    out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, causal, is_fp8, num_splits)
+    schedule = (None, None) if parts is None else reference.get_mla_metadata(cache_seqlens, parts)
+    out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, causal, is_fp8, num_splits,
+                                      *schedule)
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, causal,
                                                 is_fp8)
     assert_decode_close(out, lse, want_out, want_lse)
     again_out, again_lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, causal, is_fp8,
-                                                  num_splits)
+                                                  num_splits, *schedule)
     assert torch.equal(out, again_out) and torch.equal(lse, again_lse)
 
 
@@ -75,6 +78,15 @@ def test_cuda_dense_decode_matches_reference(seqlens, s_q, h_q, causal, is_fp8):
 @pytest.mark.parametrize("is_fp8", [False, True])
 def test_cuda_dense_decode_split_counts(num_splits, is_fp8):
     run_and_compare([0, 1, 65, 700, 3000], 2, 16, causal=True, is_fp8=is_fp8, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("parts", [1, 3, 7, 40, 132])
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_dense_decode_balanced_schedule(parts, is_fp8):
+    """get_mla_metadata's parts: runs spanning several sequences, sequences over several parts (one long among short,
+    empty ones), idle parts; sequences with one slot are written straight to the output."""
+    run_and_compare([1000, 3, 0, 64, 65, 4097, 1], 2, 16, causal=True, is_fp8=is_fp8, parts=parts)
+    run_and_compare([129, 2000], 1, 128, causal=False, is_fp8=is_fp8, parts=parts)
 
 
 @pytest.mark.parametrize("is_fp8", [False, True])
@@ -96,7 +108,7 @@ def test_cuda_dense_decode_ignores_what_the_cache_holds_past_the_end(is_fp8):
         for position in range(length, block_table.shape[1] * 64):
             poisoned[block_table[b, position // 64], position % 64, 0] = nan_row
     scale = D_QK ** -0.5
-    out, lse = kernels().dense_decode(q, poisoned, block_table, cache_seqlens, scale, False, is_fp8, 1)
+    out, lse = kernels().dense_decode(q, poisoned, block_table, cache_seqlens, scale, False, is_fp8, 1, None, None)
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
                                                 is_fp8)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
@@ -107,7 +119,8 @@ def test_cuda_dense_decode_empty_batch():
     q = torch.empty(0, 1, 16, D_QK, dtype=torch.bfloat16, device=DEVICE)
     cache = torch.randn(2, 64, 1, D_QK, device=DEVICE).to(torch.bfloat16)
     out, lse = kernels().dense_decode(q, cache, torch.zeros(0, 1, dtype=torch.int32, device=DEVICE),
-                                      torch.zeros(0, dtype=torch.int32, device=DEVICE), 0.1, False, False, 1)
+                                      torch.zeros(0, dtype=torch.int32, device=DEVICE), 0.1, False, False, 1, None,
+                                      None)
     assert out.shape == (0, 1, 16, KV_LORA_RANK) and lse.shape == (0, 16, 1)
 
 
@@ -129,3 +142,24 @@ def test_dense_decode_op_compiles_with_the_cuda_kernel():
     eager = step(q, cache, block_table, cache_seqlens)
     compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")(q, cache, block_table, cache_seqlens)
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+def test_flashmla_api_schedule_follows_lengths_in_a_cuda_graph():
+    """The FlashMLA API's schedule, warmed up eagerly, then captured: the graph must recompute it, or a sequence that
+    grows between replays would lose the blocks past its old schedule (the CUDA kernel follows the metadata)."""
+    import flashmla_ops
+
+    generator = torch.Generator(DEVICE).manual_seed(14)
+    q, cache, block_table, cache_seqlens = make_inputs([300, 20, 129], 1, 16, False, generator)
+    cache_seqlens.copy_(torch.tensor([300, 20, 129], device=DEVICE))
+    sched_meta, _ = flashmla_ops.get_mla_metadata()
+    flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, KV_LORA_RANK, sched_meta)  # eager
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, KV_LORA_RANK, sched_meta)
+    cache_seqlens.copy_(torch.tensor([300, 80, 129], device=DEVICE))
+    graph.replay()
+    torch.cuda.synchronize()
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
+                                                False, False)
+    assert_decode_close(out, lse, want_out, want_lse)

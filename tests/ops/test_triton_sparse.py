@@ -228,12 +228,14 @@ def test_triton_sparse_prefill_gpu_grid_and_bit_identical_reruns(seq_lens, h_q, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("is_fp8", [False, True])
 @pytest.mark.parametrize("op", ["sparse_decode", "sparse_prefill"])
-def test_sparse_ops_use_triton_and_capture_in_cuda_graph(op, is_fp8):
-    """The ops dispatch to the Triton kernels on CUDA, and replay in a CUDA graph with new index values."""
+def test_sparse_ops_use_triton_and_capture_in_cuda_graph(op, is_fp8, monkeypatch):
+    """With FLASHMLA_BACKEND=triton (on Hopper the CUDA kernels come first) the ops dispatch to the Triton kernels,
+    and replay in a CUDA graph with new index values."""
     import flashmla_ops
 
     if op == "sparse_prefill" and is_fp8:
         pytest.skip("sparse prefill reads a BF16 kv")
+    monkeypatch.setenv("FLASHMLA_BACKEND", "triton")
     assert flashmla_ops.backend(op, "cuda") == "triton"
     generator = torch.Generator(DEVICE).manual_seed(5 + is_fp8)
     if op == "sparse_decode":

@@ -1,0 +1,67 @@
+"""The sm_90a sparse decode kernel (csrc/dense_decode.cu, gathering mode) against the reference, on Hopper: BF16 and
+FP8 caches, -1 and duplicate indices, an all -1 query, topk_length shorter than topk (0 included), topk not a
+multiple of 64, h_q 16 / 64 / 128 / 5, s_q 1 and 2, forced split counts; outputs poisoned; repeated runs identical."""
+import pytest
+import torch
+from test_triton_sparse import SCALE, assert_close, paged_cache, poison_allocator, random_indices
+
+from flashmla_ops import _ext, reference
+from flashmla_ops.decode import cuda_num_splits
+from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
+
+DEVICE = "cuda"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                       reason="needs a Hopper (sm_90) GPU"),
+]
+
+# (batch, s_q, h_q, topk, with_topk_length)
+CASES = [(batch, s_q, h_q, topk, with_length)
+         for h_q in (16, 64, 128) for s_q in (1, 2)
+         for batch, topk, with_length in ((2, 64, False), (3, 1000, True), (16, 2048, False), (1, 2048, True))]
+CASES += [(3, 1, 5, 130, True), (2, 2, 128, 70, True)]
+
+
+def run(batch, s_q, h_q, topk, with_topk_length, is_fp8, num_splits=None):
+    generator = torch.Generator(DEVICE).manual_seed(batch * 7919 + s_q * 131 + h_q * 17 + topk + is_fp8)
+    num_blocks = max(2, batch * topk // PAGE_BLOCK_SIZE)
+    cache = paged_cache(num_blocks, is_fp8, generator, pad=32)
+    q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    indices = random_indices((batch, s_q, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
+    topk_length = None
+    if with_topk_length:
+        topk_length = torch.randint(0, topk + 1, (batch,), generator=generator, device=DEVICE, dtype=torch.int32)
+        topk_length[-1] = topk // 2 + 1
+        if batch > 1:
+            topk_length[0] = 0
+    if num_splits is None:
+        num_splits = cuda_num_splits(q.device, batch * s_q, h_q, -(-topk // PAGE_BLOCK_SIZE))
+    extension = _ext.kernels("sparse_decode", DEVICE)
+    assert extension is not None
+    poison_allocator(8 * batch * s_q * max(h_q, 64) * KV_LORA_RANK * 4 * num_splits)
+    out, lse = extension.sparse_decode(q, cache, indices, topk_length, SCALE, is_fp8, num_splits)
+    want_out, want_lse = reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK, SCALE,
+                                                 is_fp8)
+    assert_close(out, lse, want_out, want_lse)
+    assert torch.all(out[0, 0] == 0) and torch.all(torch.isposinf(lse[0, :, 0]))  # the all -1 query
+    again = extension.sparse_decode(q, cache, indices, topk_length, SCALE, is_fp8, num_splits)
+    assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
+
+
+@pytest.mark.parametrize("batch,s_q,h_q,topk,with_topk_length", CASES)
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_sparse_decode_matches_reference(batch, s_q, h_q, topk, with_topk_length, is_fp8):
+    run(batch, s_q, h_q, topk, with_topk_length, is_fp8)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 40])
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_sparse_decode_split_counts(num_splits, is_fp8):
+    run(2, 2, 64, 1000, True, is_fp8, num_splits)
+
+
+def test_sparse_decode_op_uses_cuda():
+    import flashmla_ops
+
+    assert flashmla_ops.backend("sparse_decode", "cuda") == "cuda"
