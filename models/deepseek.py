@@ -489,13 +489,25 @@ class MLAttention(nn.Module):
         k_nope, value = kv.split([config.qk_nope_head_dim, config.v_head_dim], dim=-1)
         key = torch.cat([k_nope, k_pe[:, None].expand(-1, self.num_heads, -1)], dim=-1)
         query = torch.cat([q_nope, q_pe], dim=-1)
-        # One causal attention per prompt: memory linear in each prompt (a packed mask would be T x T and keep SDPA
-        # off its fused kernels).
-        outs = [F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                               is_causal=True, scale=self.softmax_scale).transpose(0, 1)
-                for q, k, v in zip(query.split(metadata.prompt_lengths), key.split(metadata.prompt_lengths),
-                                   value.split(metadata.prompt_lengths))]
-        return torch.cat(outs).reshape(num_tokens, self.num_heads * config.v_head_dim)
+        # One causal attention per prompt length: the prompts of one length batched into 4-d (prompts, heads,
+        # length, d) tensors, the shape SDPA's fused kernels take (3-d inputs fall back to the math kernel, which
+        # materializes length x length scores per head); memory stays linear in each prompt (a packed mask would be
+        # T x T and keep SDPA off its fused kernels).
+        lengths = metadata.prompt_lengths
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        out = value.new_empty(num_tokens, self.num_heads, config.v_head_dim)
+        for length in sorted(set(lengths)):
+            every = lengths.count(length) == len(lengths)  # one length: no gather, no scatter
+            rows = None if every else torch.cat([torch.arange(start, start + length, device=value.device)
+                                                 for start, n in zip(starts, lengths) if n == length])
+            batched = [(t if every else t[rows]).view(-1, length, self.num_heads, t.shape[-1]).transpose(1, 2)
+                       for t in (query, key, value)]
+            attended = F.scaled_dot_product_attention(*batched, is_causal=True, scale=self.softmax_scale)
+            attended = attended.transpose(1, 2).reshape(-1, self.num_heads, config.v_head_dim)
+            if every:
+                return attended.reshape(num_tokens, self.num_heads * config.v_head_dim)
+            out[rows] = attended
+        return out.reshape(num_tokens, self.num_heads * config.v_head_dim)
 
     def _decode(self, q_absorbed, metadata: DecodeMetadata, kv_cache, index_cache, index_q, index_weights,
                 is_fp8) -> torch.Tensor:
