@@ -636,16 +636,21 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
   }
   __syncthreads();
   const float total = total_shared, max_lse = max_shared;
+  for (int s = threadIdx.x; s < num_splits; s += blockDim.x) {
+    weights[s] = weights[s] == -INFINITY ? 0.f : exp2f(weights[s] - max_lse) / total;
+  }
+  __syncthreads();
+  // Unrolled, with every load unconditional (each slot is allocated, written or not) so that several are in flight;
+  // a split without tokens (weight 0) is selected away, never multiplied (its unwritten output may hold NaN).
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
   for (int s = 0; s < num_splits; ++s) {
-    const float lse_s = weights[s];
-    if (lse_s == -INFINITY) continue;
-    const float w = exp2f(lse_s - max_lse) / total;
+    const float w = weights[s];
     const float4 part = reinterpret_cast<const float4*>(out_partial + ((first + s) * rows + row) * kLatentDim)[threadIdx.x];
-    acc.x += w * part.x;
-    acc.y += w * part.y;
-    acc.z += w * part.z;
-    acc.w += w * part.w;
+    acc.x += w != 0.f ? w * part.x : 0.f;
+    acc.y += w != 0.f ? w * part.y : 0.f;
+    acc.z += w != 0.f ? w * part.z : 0.f;
+    acc.w += w != 0.f ? w * part.w : 0.f;
   }
   const int query = first_query + row / h_q, head = row % h_q;
   __nv_bfloat16* out_row = out + batch * out_batch_stride + query * out_seq_stride + head * out_head_stride;

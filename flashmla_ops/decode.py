@@ -190,7 +190,9 @@ def dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, s
 
 
 CUDA_ROWS_PER_CTA = 64  # query rows (s_q * h_q pairs) per CTA of csrc/dense_decode.cu
-CUDA_MIN_BLOCKS_PER_SPLIT = 4  # a split re-reads the query tile (72 KiB at h_q >= 64): amortise it over >= 4 blocks
+# A split re-reads the query tile (72 KiB at h_q >= 64): at least 2 blocks each. Measured on the H100
+# (scripts/tune_cuda_splits.py): b1 h16 1k 16.2 us at 2 against 20.2 at 4 (16.5 at 1), long sequences unchanged.
+CUDA_MIN_BLOCKS_PER_SPLIT = 2
 
 
 def _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink) -> bool:
