@@ -1,4 +1,5 @@
-"""get_mla_metadata: the decode work split is a balanced partition of every sequence's 64-token blocks.
+"""get_mla_metadata: the decode work split is a partition of every sequence's 64-token blocks into contiguous runs,
+whole sequences per part where that stays within the slack of an even share, else equal runs.
 
 Row layout (decode.py, METADATA_FIELDS): begin_batch, begin_block, end_batch (inclusive), end_block (exclusive, in
 end_batch), begin_split (which split of begin_batch this part is), 3 reserved. A part with no work has
@@ -7,6 +8,8 @@ touch sequence b.
 """
 import pytest
 import torch
+
+from flashmla_ops.decode import ALIGNED_SLACK_BLOCKS, ALIGNED_SLACK_PERCENT
 
 ops = torch.ops.flashmla
 
@@ -62,17 +65,28 @@ def check_partition(lengths, num_sm_parts, device):
     assert num_splits[0] == 0
     assert [num_splits[b + 1] - num_splits[b] for b in range(batch)] == [len(p) for p in parts_of]
 
-    # Balanced: no part holds more than one block above an even share (the optimal makespan, ceil(total / parts)).
+    # Whole sequences (ceil(batch / parts) consecutive ones per part) when the heaviest such part stays within the
+    # slack of the even share ceil(total / parts); else equal runs: no part above the even share.
     loads = [len(covered_blocks(row, blocks)) for row in meta]
-    total = sum(blocks)
-    assert max(loads, default=0) <= -(-total // num_sm_parts), loads
+    even = -(-sum(blocks) // num_sm_parts)
+    group = -(-batch // num_sm_parts) if batch else 1
+    heaviest = max((sum(blocks[i:i + group]) for i in range(0, batch, group)), default=0)
+    if batch and heaviest * 100 <= even * ALIGNED_SLACK_PERCENT + ALIGNED_SLACK_BLOCKS * 100:
+        assert num_splits == list(range(batch + 1)), "whole sequences: no sequence split"
+        assert [parts[0] for parts in parts_of] == [b // group for b in range(batch)]
+        assert max(loads) == heaviest
+    else:
+        assert max(loads, default=0) <= even, loads
     return loads
 
 
 @pytest.mark.parametrize("lengths,num_sm_parts", [
     ([0, 1, 64, 65, 1000], 4),
     ([100_000] + [1, 70, 0, 5] * 8, 132),   # one very long sequence among short ones
-    ([4096] * 128, 132),
+    ([4096] * 128, 132),                    # uniform: whole sequences, one per part
+    ([4096] * 128, 66),                     # two per part
+    ([1000] * 10, 4),                       # three per part, the last part lighter: at the slack's edge
+    ([4096] * 127 + [5000], 132),           # one sequence 23% longer: past the slack, equal runs
     ([5], 8),                               # more parts than blocks
     ([0, 0, 0], 2),
     ([63, 64, 65, 127, 128, 129], 1),
