@@ -163,3 +163,18 @@ def test_flashmla_api_schedule_follows_lengths_in_a_cuda_graph():
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
                                                 False, False)
     assert_decode_close(out, lse, want_out, want_lse)
+
+
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_dense_decode_op_takes_strided_block_table_and_lengths(is_fp8):
+    """A block table with non-unit column stride and strided cache_seqlens reach the kernel as contiguous copies."""
+    generator = torch.Generator(DEVICE).manual_seed(21 + is_fp8)
+    q, cache, block_table, cache_seqlens = make_inputs([300, 1, 129], 1, 16, is_fp8, generator)
+    strided_table = block_table.t().contiguous().t()
+    strided_lengths = torch.stack([cache_seqlens, cache_seqlens], 1)[:, 0]
+    assert strided_table.stride(-1) != 1 and not strided_lengths.is_contiguous()
+    out, lse = torch.ops.flashmla.dense_decode(q, cache, strided_table, strided_lengths, None, None, KV_LORA_RANK,
+                                               D_QK ** -0.5, False, is_fp8, None)
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
+                                                False, is_fp8)
+    assert_decode_close(out, lse, want_out, want_lse)

@@ -65,3 +65,22 @@ def test_sparse_decode_op_uses_cuda():
     import flashmla_ops
 
     assert flashmla_ops.backend("sparse_decode", "cuda") == "cuda"
+
+
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_sparse_decode_op_takes_strided_indices_and_lengths(is_fp8):
+    """Index rows with a non-unit stride and a strided topk_length reach the kernel as contiguous copies."""
+    generator = torch.Generator(DEVICE).manual_seed(11 + is_fp8)
+    batch, s_q, h_q, topk, num_blocks = 3, 2, 64, 300, 16
+    cache = paged_cache(num_blocks, is_fp8, generator, pad=0)
+    q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    indices = random_indices((batch, s_q, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
+    topk_length = torch.tensor([topk, 0, 100], dtype=torch.int32, device=DEVICE)
+    strided_indices = indices.transpose(0, 2).contiguous().transpose(0, 2)
+    strided_length = torch.stack([topk_length, topk_length], 1)[:, 0]
+    assert strided_indices.stride(-1) != 1 and not strided_length.is_contiguous()
+    out, lse = torch.ops.flashmla.sparse_decode(q, cache, strided_indices, strided_length, None, None, None, None,
+                                                None, KV_LORA_RANK, SCALE, is_fp8, None)
+    want_out, want_lse = reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK, SCALE,
+                                                 is_fp8)
+    assert_close(out, lse, want_out, want_lse)

@@ -76,6 +76,12 @@ def test_cuda_sparse_prefill_strided_inputs_and_empty_kv():
     q, kv = wide_q[:, :64, :D_QK], wide_kv[..., :D_QK]
     got = torch.ops.flashmla.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, None, topk_length, 0)
     check(got, q, kv, indices, topk_length)
+    # Index rows with a non-unit stride and a strided topk_length: the op hands the kernel contiguous copies.
+    strided_indices = indices.transpose(0, 2).contiguous().transpose(0, 2)
+    strided_length = torch.stack([topk_length, topk_length], 1)[:, 0]
+    assert strided_indices.stride(-1) != 1 and not strided_length.is_contiguous()
+    got = torch.ops.flashmla.sparse_prefill(q, kv, strided_indices, SCALE, KV_LORA_RANK, None, strided_length, 0)
+    check(got, q, kv, indices, topk_length)
     empty_kv = kv[:0]  # s_kv = 0: every index is invalid
     out, max_logits, lse, _ = torch.ops.flashmla.sparse_prefill(q, empty_kv, indices, SCALE, KV_LORA_RANK, None,
                                                                   None, 0)
