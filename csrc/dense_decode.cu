@@ -457,6 +457,15 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     softmax_scores(begin);
     publish_probs(begin, 0);
   }
+  // Once both warpgroups are done with stage `stage` (block `block`) and with P: the stage takes block + 2 (FP8: from
+  // the registers loaded one block earlier, which then load block + 3).
+  const auto refill = [&](int stage, int block) {
+    named_barrier_sync(1, kThreads);
+    if (block + 2 < end) {
+      fill_stage(stage, block + 2);
+      if (kFp8 && block + 3 < end) load_fp8_share(share, next_row_address(block + 3));
+    }
+  };
   // Two loop orders, each measured faster for its cache (H100, scripts/ab_decode.sh): FP8 issues Q K^T of the next
   // block before P V of this one, so the next block's softmax overlaps P V; BF16 keeps P V first (its scores are
   // ready sooner and the loop holds fewer registers).
@@ -473,11 +482,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       softmax_scores(block + 1);
       wgmma_wait<0>();
       fence_registers(out_acc);
-      named_barrier_sync(1, kThreads);  // both warpgroups are done with this stage and with P
-      if (block + 2 < end) {
-        fill_stage(stage, block + 2);
-        if (kFp8 && block + 3 < end) load_fp8_share(share, next_row_address(block + 3));
-      }
+      refill(stage, block);
       publish_probs(block + 1, next_stage);  // its fence and barrier also publish the FP8 latent just stored
     }
     if (begin < end) {  // the last block's P V
@@ -502,11 +507,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
         wgmma_wait<0>();
       }
       fence_registers(out_acc);
-      named_barrier_sync(1, kThreads);  // both warpgroups are done with this stage and with P
-      if (block + 2 < end) {
-        fill_stage(stage, block + 2);
-        if (kFp8 && block + 3 < end) load_fp8_share(share, next_row_address(block + 3));
-      }
+      refill(stage, block);
       if (has_next) {
         wgmma_wait<0>();
         fence_registers(scores);
