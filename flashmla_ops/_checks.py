@@ -55,6 +55,11 @@ def check_contiguous_last_dim(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} must be contiguous in its last dimension, got strides {t.stride()}")
 
 
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its last dimension has unit stride (what the kernels read), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def check(op: str, ok, message: str) -> None:
     """Value check: `ok` is a bool or a bool tensor (all true)."""
     if isinstance(ok, torch.Tensor):

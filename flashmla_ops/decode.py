@@ -10,7 +10,7 @@ import torch
 from . import _ext
 from ._attention import apply_attn_sink, attend
 from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_paged_table, check_same_device,
-                      check_tensor, value_checks_apply)
+                      check_tensor, last_dim_contiguous, value_checks_apply)
 from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
 
 METADATA_FIELDS = 8  # begin_batch, begin_block, end_batch, end_block (exclusive), begin_split, 3 reserved
@@ -242,11 +242,6 @@ def _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink) -> bool:
             and k_cache.data_ptr() % 16 == 0)
 
 
-def _unit_stride(index: torch.Tensor) -> torch.Tensor:
-    """`index` itself when its last dimension is contiguous (what the CUDA kernels read), else a contiguous copy."""
-    return index if index.stride(-1) == 1 else index.contiguous()
-
-
 def cuda_num_splits(device: torch.device, batch: int, rows: int, max_blocks_per_seq: int) -> int:
     """Splits per sequence for csrc/dense_decode.cu: one CTA per SM (its shared memory allows no second) when the
     batch's row tiles alone do not fill the GPU, never under CUDA_MIN_BLOCKS_PER_SPLIT blocks of the longest
@@ -275,7 +270,7 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
                         and tile_scheduler_metadata.shape[0] < 1024)
             # The kernel reads unit-stride index rows (free when they are: the usual case).
             return _ext.extension().dense_decode(
-                q, k_cache, _unit_stride(block_table), cache_seqlens.contiguous(), softmax_scale, causal, is_fp8,
+                q, k_cache, last_dim_contiguous(block_table), cache_seqlens.contiguous(), softmax_scale, causal, is_fp8,
                 cuda_num_splits(q.device, q.shape[0], q.shape[1] * q.shape[2], block_table.shape[1]),
                 tile_scheduler_metadata.contiguous() if balanced else None,
                 num_splits.contiguous() if balanced else None)
@@ -383,7 +378,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
                 and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink)):
             batch, s_q, h_q, _ = q.shape
             return _ext.extension().sparse_decode(
-                q, k_cache, _unit_stride(indices), None if topk_length is None else topk_length.contiguous(),
+                q, k_cache, last_dim_contiguous(indices), None if topk_length is None else topk_length.contiguous(),
                 softmax_scale, is_fp8,
                 cuda_num_splits(q.device, batch * s_q, h_q, -(-indices.shape[-1] // PAGE_BLOCK_SIZE)))
         if path == "triton":

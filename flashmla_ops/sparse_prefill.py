@@ -7,8 +7,9 @@ import torch
 
 from . import _ext
 from ._attention import apply_attn_sink, attend
-from ._checks import FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
-from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK, _unit_stride
+from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor,
+                      last_dim_contiguous, value_checks_apply)
+from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK
 from .kv_cache import D_QK, KV_LORA_RANK
 
 
@@ -98,7 +99,7 @@ def _cuda_supports(q, kv, d_v) -> bool:
 
 def _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length):
     ext, s_q = _ext.extension(), q.shape[0]
-    indices = _unit_stride(indices)  # the kernel reads unit-stride index rows and a contiguous topk_length
+    indices = last_dim_contiguous(indices)  # the kernel reads unit-stride index rows and a contiguous topk_length
     topk_length = None if topk_length is None else topk_length.contiguous()
     parts = [ext.sparse_prefill(q[start:start + CUDA_MAX_TOKENS], kv, indices[start:start + CUDA_MAX_TOKENS],
                                 None if topk_length is None else topk_length[start:start + CUDA_MAX_TOKENS],

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import last_dim_contiguous
 from ..decode import PAGE_BLOCK_SIZE
 from .common import INTERPRET, device_limits, e4m3_to_bf16, hardware_fp8, mma
 
@@ -142,15 +143,11 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
     return out
 
 
-def _contiguous_rows(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def indexer_logits(q, k, weights, k_start, k_end, q_scale=None, k_scale=None):
     """Same contract as `flashmla::indexer_logits` (for `supports` inputs; the caller has checked them)."""
     s_q, _, _ = q.shape
     out = q.new_empty(1, s_q, k.shape[0], dtype=torch.float32)
-    _launch_logits(_contiguous_rows(q)[None], _contiguous_rows(k)[None], weights.contiguous()[None],
+    _launch_logits(last_dim_contiguous(q)[None], last_dim_contiguous(k)[None], weights.contiguous()[None],
                    q_scale.contiguous()[None] if q_scale is not None else None,
                    k_scale.contiguous() if k_scale is not None else None, k_start.contiguous(), k_end.contiguous(),
                    None, None, out, paged=False)
@@ -161,7 +158,7 @@ def indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_
     """Same contract as `flashmla::indexer_logits_paged` (for `supports` inputs; the caller has checked them)."""
     batch, s_q, _, _ = q.shape
     out = q.new_empty(batch, s_q, block_table.shape[1] * PAGE_BLOCK_SIZE, dtype=torch.float32)
-    return _launch_logits(_contiguous_rows(q), _contiguous_rows(index_cache), weights.contiguous(),
+    return _launch_logits(last_dim_contiguous(q), last_dim_contiguous(index_cache), weights.contiguous(),
                           q_scale.contiguous() if q_scale is not None else None, None, None, None,
                           block_table.contiguous(), cache_seqlens.contiguous(), out, paged=True)
 

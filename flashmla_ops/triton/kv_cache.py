@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import last_dim_contiguous
 from ..kv_cache import FP8_BYTES, FP8_TILE, KV_LORA_RANK, ROPE_DIM
 from .common import INTERPRET, hardware_fp8
 
@@ -105,8 +106,7 @@ def _store_rows(cache, latent, rope, slot_mapping, is_fp8, page_block_size):
     num_tokens = latent.shape[0]
     if num_tokens == 0:
         return
-    latent = latent if latent.stride(-1) == 1 else latent.contiguous()
-    rope = rope if rope.stride(-1) == 1 else rope.contiguous()
+    latent, rope = last_dim_contiguous(latent), last_dim_contiguous(rope)
     _store_kv_rows_kernel[(num_tokens,)](
         latent, rope, slot_mapping if slot_mapping is not None else latent, cache, latent.stride(0), rope.stride(0),
         cache.stride(0), cache.stride(1), page_block_size,

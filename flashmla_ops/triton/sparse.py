@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import last_dim_contiguous
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import INTERPRET, LOG2E, device_limits, finish, hardware_fp8, load_kv_tile, mma
 from .decode import combine, split_buffers
@@ -227,10 +228,6 @@ def _nonempty(cache: torch.Tensor) -> torch.Tensor:
     return cache if cache.shape[0] else cache.new_zeros(1, *cache.shape[1:])
 
 
-def _last_dim_contiguous(indices: torch.Tensor) -> torch.Tensor:
-    return indices if indices.stride(-1) == 1 else indices.contiguous()
-
-
 def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
                   head_dim_v, softmax_scale, is_fp8, attn_sink=None):
     """Triton sparse decode; same contract as `flashmla::sparse_decode` for d_qk 576 / d_v 512 and bf16 q."""
@@ -242,8 +239,8 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
     has_extra = extra_k_cache is not None
     cache = _nonempty(k_cache.view(torch.uint8) if is_fp8 else k_cache)
     extra_cache = _nonempty(extra_k_cache.view(torch.uint8) if is_fp8 else extra_k_cache) if has_extra else cache
-    indices = _last_dim_contiguous(indices)
-    extra_indices = _last_dim_contiguous(extra_indices_in_kvcache) if has_extra else indices
+    indices = last_dim_contiguous(indices)
+    extra_indices = last_dim_contiguous(extra_indices_in_kvcache) if has_extra else indices
     topk, extra_topk = indices.shape[-1], extra_indices.shape[-1] if has_extra else 0
 
     multiprocessors, _ = device_limits(q.device)
@@ -285,7 +282,7 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_lengt
     if s_q * h_q == 0:
         return out, max_logits, lse, lse_indexer
     kv_rows = _nonempty(kv)[:, 0]
-    indices = _last_dim_contiguous(indices)
+    indices = last_dim_contiguous(indices)
     config = tile_config(h_q)
     _sparse_prefill_kernel[(s_q * triton.cdiv(h_q, config.block_h),)](
         q, kv_rows, indices, topk_length if topk_length is not None else indices,
