@@ -143,15 +143,14 @@ __device__ __forceinline__ void gather_row_async(uint32_t dst, const uint8_t* ro
   }
 }
 
-// Loads 64 rows of bf16 columns [8 kFirstChunk, 8 kEndChunk) into a swizzled 576-wide matrix; `row_source(r)` gives
-// the address of row r's column 0 or nullptr (zero fill).
-template <int kFirstChunk = 0, int kEndChunk = kChunksPerRow, typename RowSource>
+// Loads 64 bf16 rows of 576 columns into a swizzled matrix (the Q tile); `row_source(r)` gives the address of row r
+// or nullptr (zero fill).
+template <typename RowSource>
 __device__ __forceinline__ void load_rows_async(uint32_t dst, RowSource row_source, const void* any_valid_address) {
-  constexpr int kChunks = kEndChunk - kFirstChunk;
-  static_assert(kRowsPerCta * kChunks % kThreads == 0, "the same number of copies in every thread");
+  static_assert(kRowsPerCta * kChunksPerRow % kThreads == 0, "the same number of copies in every thread");
 #pragma unroll 2
-  for (int k = 0; k < kRowsPerCta * kChunks / kThreads; ++k) {
-    const int i = threadIdx.x + k * kThreads, row = i / kChunks, chunk = kFirstChunk + i % kChunks;
+  for (int k = 0; k < kRowsPerCta * kChunksPerRow / kThreads; ++k) {
+    const int i = threadIdx.x + k * kThreads, row = i / kChunksPerRow, chunk = i % kChunksPerRow;
     const __nv_bfloat16* src = row_source(row);
     cp_async_16(dst + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8),
                 src != nullptr ? static_cast<const void*>(src + chunk * 8) : any_valid_address, src != nullptr);
