@@ -304,23 +304,34 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts' SwiGLU weights stacked: `gate_proj`, `up_proj` `(E, moe_intermediate, hidden)`,
-    `down_proj` `(E, hidden, moe_intermediate)` (the checkpoint's `experts.{e}.*.weight`, stacked on load)."""
+    """The routed experts' SwiGLU weights stacked: `gate_up_proj` `(E, 2 * moe_intermediate, hidden)` (each expert's
+    gate rows then its up rows, as in transformers: one grouped GEMM multiplies by both) and `down_proj` `(E, hidden,
+    moe_intermediate)`; the checkpoint's `experts.{e}.{gate,up,down}_proj.weight` are stacked into them on load.
+    `gate_proj` / `up_proj` are views of the two halves."""
 
-    def __init__(self, config: DeepseekConfig):
+    def __init__(self, config: DeepseekConfig, num_experts: int | None = None, inter: int | None = None):
         super().__init__()
-        num_experts, hidden, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
-        self.up_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
+        num_experts = config.n_routed_experts if num_experts is None else num_experts
+        inter = config.moe_intermediate_size if inter is None else inter
+        hidden = config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
         self.first_expert = 0  # under expert parallelism (models/parallel.py): this rank's first expert
+
+    @property
+    def gate_proj(self) -> torch.Tensor:
+        return self.gate_up_proj[:, :self.down_proj.shape[2]]
+
+    @property
+    def up_proj(self) -> torch.Tensor:
+        return self.gate_up_proj[:, self.down_proj.shape[2]:]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x `(T, hidden)`, weights / indices `(T, top_k)` -> `(T, hidden)`: `grouped` in bfloat16 (the dtype of
         grouped GEMM kernels), else `dense`. Neither has a data-dependent shape or a host sync, so both run inside
         the decode step's CUDA graph. Holding only some experts (expert parallelism), choices of the others count
         with weight 0: their ranks add them."""
-        num_experts = self.gate_proj.shape[0]
+        num_experts = self.gate_up_proj.shape[0]
         local = indices - self.first_expert
         held = (local >= 0) & (local < num_experts)
         weights = weights.masked_fill(~held, 0)
@@ -334,15 +345,14 @@ class Experts(nn.Module):
         (`torch._grouped_mm`): every chosen expert's weights are read once for all the rows routed to it, nothing is
         copied, and the group offsets stay on the device. `local` `(T, top_k)`: expert indices on this rank, E for
         another rank's expert (sorted past the last group)."""
-        num_experts = self.gate_proj.shape[0]
+        num_experts = self.gate_up_proj.shape[0]
         flat = local.flatten()
         order = flat.argsort(stable=True)
         pairs_per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         offsets = pairs_per_expert[:num_experts].cumsum(0, dtype=torch.int32)
         rows = x[order // local.shape[1]]
-        gate = torch._grouped_mm(rows, self.gate_proj.transpose(1, 2), offs=offsets)
-        up = torch._grouped_mm(rows, self.up_proj.transpose(1, 2), offs=offsets)
+        gate, up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         down = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
         # Rows past the last group are not written by grouped_mm: select, not multiply, so they cannot leak NaN.
         down = torch.where((flat[order] < num_experts)[:, None], down, 0)
@@ -650,7 +660,7 @@ def _training_moe(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """x `(T, hidden)` -> `(T, hidden)`, tokens per routed expert `(n_routed_experts,)`."""
     with torch.autocast(x.device.type, enabled=False):  # the router runs in float32, as at inference
         weights, indices = moe.gate(x.float())
-    num_experts = moe.experts.gate_proj.shape[0]
+    num_experts = moe.experts.gate_up_proj.shape[0]
     combine = torch.zeros(x.shape[0], num_experts, dtype=weights.dtype, device=x.device).scatter(1, indices, weights)
     out = moe.experts.dense(x, combine)
     if moe.shared_experts is not None:

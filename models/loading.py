@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
-EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+EXPERT_WEIGHT = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -64,9 +65,14 @@ def checkpoint_names(model: DeepseekForCausalLM) -> dict[str, tuple[torch.Tensor
         seen.add(id(tensor))
         prefix, _, proj = name.rpartition(".")
         if prefix.endswith(".mlp.experts"):
-            first = model.get_submodule(prefix).first_expert  # not 0 under expert parallelism
-            for expert in range(tensor.shape[0]):
-                targets[f"{prefix}.{first + expert}.{proj}.weight"] = (tensor, expert)
+            experts = model.get_submodule(prefix)
+            first = experts.first_expert  # not 0 under expert parallelism
+            # gate_up_proj stacks each expert's gate rows then up rows: one checkpoint name per half
+            views = {"gate_proj": experts.gate_proj, "up_proj": experts.up_proj} if proj == "gate_up_proj" \
+                else {proj: tensor}
+            for part, view in views.items():
+                for expert in range(tensor.shape[0]):
+                    targets[f"{prefix}.{first + expert}.{part}.weight"] = (view, expert)
         else:
             targets[name] = (tensor, None)
     return targets
@@ -298,17 +304,25 @@ def random_model(config: DeepseekConfig, dtype: torch.dtype = torch.float32, dev
     model = build_model(config, dtype, device, parallel)
     splits = parallel.splits if parallel is not None else {}
     generator = torch.Generator(device).manual_seed(seed)
+
+    def draw(tensor: torch.Tensor, split) -> None:
+        shape = list(tensor.shape)
+        if split is not None:
+            shape[split.dim] = split.size
+        value = torch.randn(shape, generator=generator, device=tensor.device) * std
+        if split is not None:
+            value = value.narrow(split.dim, split.start, split.stop - split.start)
+        _fill(tensor, value, split)
+
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
-            if tensor.dim() >= 2:
-                split = splits.get(name)
-                shape = list(tensor.shape)
-                if split is not None:
-                    shape[split.dim] = split.size
-                value = torch.randn(shape, generator=generator, device=tensor.device) * std
-                if split is not None:
-                    value = value.narrow(split.dim, split.start, split.stop - split.start)
-                _fill(tensor, value, split)
+            if name.endswith(".experts.gate_up_proj"):  # the gate half then the up half, each drawn whole and cut
+                prefix = name[:-len("gate_up_proj")]
+                experts = model.get_submodule(prefix[:-1])
+                draw(experts.gate_proj, splits.get(prefix + "gate_proj"))
+                draw(experts.up_proj, splits.get(prefix + "up_proj"))
+            elif tensor.dim() >= 2:
+                draw(tensor, splits.get(name))
             elif name.endswith("norm.weight"):
                 tensor.fill_(1.0)
             else:

@@ -36,7 +36,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from .deepseek import MLP, DeepseekConfig, DeepseekForCausalLM, MoE
+from .deepseek import MLP, DeepseekConfig, DeepseekForCausalLM, Experts, MoE
 
 # torch >= 2.6 names the dim-0 all-gather all_gather_single (all_gather_tensor is deprecated there)
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
@@ -169,12 +169,11 @@ class ParallelMoE(MoE):
         num_experts, hidden, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         if parallel.ep_size > 1:
             num_experts //= parallel.ep_size
-            self.experts.first_expert = parallel.rank * num_experts
         else:
             inter //= parallel.tp_size
-        self.experts.gate_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
-        self.experts.up_proj = nn.Parameter(torch.empty(num_experts, inter, hidden))
-        self.experts.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        self.experts = Experts(config, num_experts, inter)
+        if parallel.ep_size > 1:
+            self.experts.first_expert = parallel.rank * num_experts
         if self.shared_experts is not None:
             shared_intermediate = config.moe_intermediate_size * config.n_shared_experts
             self.shared_experts = MLP(hidden, shared_intermediate // parallel.tp_size)
@@ -221,10 +220,20 @@ def shard_model(model: DeepseekForCausalLM, parallel: Parallel) -> None:
         else:
             layer.mlp = MLP(hidden, config.intermediate_size // tp)
             layer.mlp.down_proj = RowParallelLinear(config.intermediate_size // tp, hidden, False, parallel)
-    # Every parameter is either whole or split along the one dimension whose size changed.
+    # Every parameter is either whole or split along the one dimension whose size changed. The routed experts'
+    # gate_up_proj holds gate rows then up rows: its split is recorded for each half, under the checkpoint's
+    # per-projection names (`experts.gate_proj`, `experts.up_proj`), which is how loading looks splits up.
     for name, tensor in model.state_dict(keep_vars=True).items():
+        halves = 2 if name.endswith(".experts.gate_up_proj") else 1
         for dim, (local, size) in enumerate(zip(tensor.shape, full_shapes[name])):
             if local != size:
+                if halves == 2 and dim == 1:
+                    local, size = local // 2, size // 2
                 start = parallel.rank * local
-                parallel.splits[name] = Split(dim, start, min(start + local, size), size)
+                split = Split(dim, start, min(start + local, size), size)
+                if halves == 2:
+                    prefix = name[:-len("gate_up_proj")]
+                    parallel.splits[prefix + "gate_proj"] = parallel.splits[prefix + "up_proj"] = split
+                else:
+                    parallel.splits[name] = split
     model.parallel = parallel

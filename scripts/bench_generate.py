@@ -199,9 +199,9 @@ class OursRunner:
 
 def hf_model_from(model, config_dict: dict, dtype: torch.dtype, device: torch.device):
     """transformers' DeepSeek model of the same config holding `model`'s weights, copied by name: our stacked
-    experts `experts.gate_proj`/`up_proj`/`down_proj` `(E, ...)` go to transformers' fused `experts.gate_up_proj`
-    (gate rows then up rows) and `experts.down_proj`, or to per-expert `experts.{e}.*.weight` in versions that keep
-    them."""
+    experts `experts.gate_up_proj` (gate rows then up rows, transformers' layout too) and `experts.down_proj`
+    `(E, ...)` go to transformers' tensors of the same names, or to per-expert `experts.{e}.*.weight` in versions that
+    keep them."""
     import transformers
 
     hf_config = transformers.AutoConfig.for_model(**config_dict)
@@ -213,12 +213,12 @@ def hf_model_from(model, config_dict: dict, dtype: torch.dtype, device: torch.de
     with torch.no_grad():
         for name, target in hf.state_dict().items():
             expert = per_expert.match(name)
-            if name.endswith(".experts.gate_up_proj"):
-                prefix = name[:-len("gate_up_proj")]
-                inter = ours[prefix + "gate_proj"].shape[1]
-                target[:, :inter].copy_(ours[prefix + "gate_proj"])
-                target[:, inter:].copy_(ours[prefix + "up_proj"])
-                used |= {prefix + "gate_proj", prefix + "up_proj"}
+            if expert is not None and expert["proj"] in ("gate_proj", "up_proj"):
+                source = f"{expert['prefix']}.gate_up_proj"
+                inter = ours[source].shape[1] // 2
+                half = slice(0, inter) if expert["proj"] == "gate_proj" else slice(inter, 2 * inter)
+                target.copy_(ours[source][int(expert["expert"]), half])
+                used.add(source)
             elif expert is not None:
                 source = f"{expert['prefix']}.{expert['proj']}"
                 target.copy_(ours[source][int(expert["expert"])])

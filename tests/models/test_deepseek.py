@@ -225,7 +225,7 @@ def test_grouped_experts_match_dense(num_tokens, first_expert):
     num_held = 8 if first_expert == 0 else 4
     generator = torch.Generator().manual_seed(num_tokens)
     with torch.no_grad():
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        for name in ("gate_up_proj", "down_proj"):
             weight = getattr(experts, name)
             setattr(experts, name, torch.nn.Parameter(
                 0.2 * torch.randn(num_held, *weight.shape[1:], generator=generator).bfloat16()))

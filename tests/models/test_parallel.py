@@ -192,6 +192,16 @@ def test_splits():
     assert splits["model.layers.0.self_attn.q_b_proj.weight"] == Split(0, 3 * 96, 4 * 96, 4 * 96)
     assert splits["model.layers.0.self_attn.o_proj.weight"] == Split(1, 3 * 32, 4 * 32, 4 * 32)
     assert splits["model.layers.1.mlp.experts.down_proj"] == Split(0, 6, 8, 8)
+    # gate_up_proj (gate rows then up rows) is recorded per half, under the checkpoint's projection names
+    assert splits["model.layers.1.mlp.experts.gate_proj"] == splits["model.layers.1.mlp.experts.up_proj"] \
+        == Split(0, 6, 8, 8)
+    assert "model.layers.1.mlp.experts.gate_up_proj" not in splits
+    inter = config.moe_intermediate_size
+    tp_only = Parallel(2, 1, 1, None)  # experts split by intermediate rows: each half of gate_up_proj on its own
+    build_model(config, torch.float32, "meta", tp_only)
+    assert tp_only.splits["model.layers.1.mlp.experts.gate_proj"] == Split(1, inter // 2, inter, inter)
+    assert tp_only.splits["model.layers.1.mlp.experts.up_proj"] == Split(1, inter // 2, inter, inter)
+    assert tp_only.splits["model.layers.1.mlp.experts.down_proj"] == Split(2, inter // 2, inter, inter)
     assert splits["model.layers.1.mlp.shared_experts.down_proj.weight"] == Split(1, 24, 32, 32)
     assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" not in splits  # replicated
     assert model.model.layers[1].mlp.experts.first_expert == 6
