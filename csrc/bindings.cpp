@@ -10,7 +10,7 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
                                         const torch::Tensor& block_table, const torch::Tensor& cache_seqlens,
                                         double softmax_scale, bool causal, bool is_fp8, int64_t num_splits,
                                         const c10::optional<torch::Tensor>& tile_scheduler_metadata,
-                                        const c10::optional<torch::Tensor>& split_offsets);
+                                        const c10::optional<torch::Tensor>& split_offsets, bool narrow);
 std::vector<torch::Tensor> sparse_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
                                          const torch::Tensor& indices, const c10::optional<torch::Tensor>& topk_length,
                                          double softmax_scale, bool is_fp8, int64_t num_splits);
@@ -23,7 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_kv_fp8", &flashmla::dequantize_kv_fp8, "FP8 cache rows (..., 656) uint8 -> BF16 (..., 576)");
   m.def("dense_decode", &flashmla::dense_decode,
         "paged MLA decode, BF16 or FP8 cache (sm_90a): q, kv_cache, block_table, cache_seqlens, scale, causal, is_fp8, "
-        "num_splits, tile_scheduler_metadata, num_splits (cumulative) -> out, lse");
+        "num_splits, tile_scheduler_metadata, num_splits (cumulative), narrow (s_q * h_q <= 16: the few-rows kernel) -> "
+        "out, lse");
   m.def("sparse_decode", &flashmla::sparse_decode,
         "sparse paged MLA decode, BF16 or FP8 cache (sm_90a): q, kv_cache, indices, topk_length, scale, is_fp8, "
         "num_splits -> out, lse");

@@ -23,26 +23,18 @@
 
 #include <cmath>
 
-#include "fp8_layout.cuh"
-#include "sm90.cuh"
+#include "decode_common.cuh"
 
 namespace flashmla {
 namespace {
 
 using namespace sm90;
+using namespace decode;
 
-constexpr int kBlockN = 64;                   // tokens per cache block (page_block_size) and per KV tile
 constexpr int kRowsPerCta = 64;               // query rows per CTA: one wgmma M
 constexpr int kThreads = 256;                 // two warpgroups
 constexpr int kTokensPerWarpgroup = kBlockN / 2;
 constexpr int kValueColsPerWarpgroup = kLatentDim / 2;
-constexpr int kColumnTiles = kHeadDimQK / 64;  // 9 swizzled 64-column tiles per 576-wide row
-constexpr int kChunksPerRow = kHeadDimQK / 8;  // 72 16-byte chunks
-constexpr int kTileBytes = 64 * 128;          // one 64-row swizzled column tile
-constexpr int kMatrixBytes = kColumnTiles * kTileBytes;
-constexpr int kMaxSplits = 1024;
-constexpr float kLn2 = 0.69314718055994530942f;
-constexpr int kFp8UnitsPerThread = kBlockN * kLatentDim / 16 / kThreads;  // 16-value units of a block, per thread
 
 // Shared memory, in bytes from a 1024-aligned base: Q, two KV stages, P, the row max / sum exchange, the stages'
 // mbarriers. BF16 cache: a stage is filled by TMA. FP8 cache: its RoPE columns by TMA, its latent dequantised from
@@ -57,42 +49,6 @@ struct Layout {
   static constexpr int kTokenMasks = kBarriers + 2 * 8;            // uint32_t [2 stages][2]: sparse, valid tokens
   static constexpr int kBytes = kTokenMasks + 2 * 8 + 1024;        // + slack to align the base to 1024
   static_assert(kBytes <= 227 * 1024, "shared memory");
-};
-
-struct DecodeParams {
-  // BF16 cache: (576 columns, 64 rows, num_blocks); FP8 cache: its RoPE columns, (64, 64, num_blocks). 64 x 64
-  // boxes, 128-byte swizzle.
-  CUtensorMap kv_map;
-  const __nv_bfloat16* q;
-  int64_t q_batch_stride, q_seq_stride, q_head_stride;
-  const uint8_t* kv;
-  int64_t kv_block_bytes, kv_row_bytes;
-  const int* block_table;
-  int64_t block_table_stride;
-  const int* cache_seqlens;
-  __nv_bfloat16* out;
-  int64_t out_batch_stride, out_seq_stride, out_head_stride;
-  float* lse;          // (batch, h_q, s_q)
-  float* max_logits;   // sparse prefill: (batch, h_q, s_q), the largest scaled logit (natural units); else nullptr
-  float* out_partial;  // (batch * num_splits, rows, 512) when num_splits > 1
-  float* lse_partial;  // (batch * num_splits, rows), base 2
-  int h_q, s_q, rows, num_splits;
-  int queries_per_z;   // dense: 1 (a CTA's rows are (s_q, h_q) pairs); sparse: s_q (grid z = batch * s_q + query)
-  float scale_log2;
-  bool causal;
-  // Sparse decode: query (b, i) attends to cache slots indices[b, i, :length], length = min(topk_length[b], topk)
-  // (flat block * 64 + row; -1 or >= kv_slots = none). Sparse prefill: the same over a flat kv (blocks of 64 rows).
-  const int* indices;
-  int64_t kv_slots;
-  int64_t indices_batch_stride, indices_seq_stride;
-  const int* topk_length;  // nullptr: topk
-  int topk;
-  // Balanced schedule (dense): grid y = parts of get_mla_metadata; part p covers blocks [begin_block of begin_batch,
-  // end_block of end_batch) and sequence b's partials are slots split_offsets[b] .. split_offsets[b + 1] - 1 (one
-  // slot: written straight to the output). nullptr: the uniform split over grid y.
-  const int* metadata;
-  const int* split_offsets;
-  int metadata_fields, batch;
 };
 
 // KV rows are gathered a row per four threads: thread t copies quarter t % 4 of the 16-byte chunks of row
@@ -157,76 +113,6 @@ __device__ __forceinline__ void load_rows_async(uint32_t dst, RowSource row_sour
   }
 }
 
-// One thread: `boxes` boxes of `map` for cache block `block` of sequence `batch`, box i from column i * column_step
-// into dst + i * dst_step, all completing on `barrier`. The BF16 cache's nine 64-column tiles or the FP8 cache's one
-// RoPE tile.
-__device__ __forceinline__ void load_block_boxes(const DecodeParams& p, const CUtensorMap* map, uint32_t dst,
-                                                 uint32_t barrier, int batch, int block, int boxes, int column_step,
-                                                 int dst_step) {
-  const int page = p.block_table[batch * p.block_table_stride + block];
-  mbarrier_arrive_expect_bytes(barrier, boxes * dst_step);
-  for (int box = 0; box < boxes; ++box) {
-    tma_load_3d(dst + box * dst_step, map, barrier, box * column_step, 0, page);
-  }
-}
-
-__device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
-                                              int block) {
-  load_block_boxes(p, &p.kv_map, dst, barrier, batch, block, kColumnTiles, 64, kTileBytes);
-}
-
-__device__ __forceinline__ void load_rope_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
-                                                int block) {
-  load_block_boxes(p, &p.kv_map, dst + (kColumnTiles - 1) * kTileBytes, barrier, batch, block, 1, 0, kTileBytes);
-}
-
-// A thread's share of one FP8 block: quarter t % 4 of its gather row's latent, 16-value units column16 = quarter + 4k
-// (unit k lies in scale tile k / 2), and the row's four tile scales; zeros for a row that is not there.
-struct Fp8Share {
-  uint4 packed[kFp8UnitsPerThread];
-  float4 scales;
-};
-
-__device__ __forceinline__ void load_fp8_share(Fp8Share& share, const uint8_t* row_bytes) {
-  const int quarter = threadIdx.x % 4;
-  const bool valid = row_bytes != nullptr;
-#pragma unroll
-  for (int k = 0; k < kFp8UnitsPerThread; ++k) {
-    share.packed[k] = valid ? __ldg(reinterpret_cast<const uint4*>(row_bytes + (quarter + 4 * k) * 16))
-                            : make_uint4(0, 0, 0, 0);
-  }
-  share.scales = valid ? __ldg(reinterpret_cast<const float4*>(row_bytes + kScaleOffset)) : make_float4(0, 0, 0, 0);
-}
-
-// latent = e4m3 * tile scale (exact in bf16: the scales are powers of two) into a stage's first 512 columns. Unit k
-// is chunks 2 quarter, 2 quarter + 1 of column tile k; rows r + 4 store their odd chunk first (no bank conflict with r).
-__device__ __forceinline__ void store_fp8_share(const Fp8Share& share, uint8_t* kv_tile) {
-  const int row = gather_row(), quarter = threadIdx.x % 4, odd_first = (row / 4) % 2;
-  const float scales[kNumTiles] = {share.scales.x, share.scales.y, share.scales.z, share.scales.w};
-#pragma unroll
-  for (int k = 0; k < kFp8UnitsPerThread; ++k) {
-    const float scale = scales[k / 2];
-    const uint32_t words[4] = {share.packed[k].x, share.packed[k].y, share.packed[k].z, share.packed[k].w};
-    uint4 halves[2];
-    uint32_t* out_words = reinterpret_cast<uint32_t*>(halves);
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-#pragma unroll
-      for (int pair = 0; pair < 2; ++pair) {
-        const __half2_raw h =
-            __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] >> (16 * pair)), __NV_E4M3);
-        const float2 values = __half22float2(__half2(h));
-        const __nv_bfloat162 scaled = __floats2bfloat162_rn(values.x * scale, values.y * scale);
-        out_words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
-      }
-    }
-    uint8_t* tile = kv_tile + k * kTileBytes;
-    *reinterpret_cast<uint4*>(tile + swizzled_offset(row, 2 * quarter + odd_first)) = odd_first ? halves[1] : halves[0];
-    *reinterpret_cast<uint4*>(tile + swizzled_offset(row, 2 * quarter + 1 - odd_first)) =
-        odd_first ? halves[0] : halves[1];
-  }
-}
-
 // S_w = Q K[w * 32 : w * 32 + 32]^T, issued and committed (not waited for).
 __device__ __forceinline__ void issue_scores(float (&scores)[kTokensPerWarpgroup / 2], uint32_t q_tile,
                                              uint32_t kv_tile, int warpgroup) {
@@ -270,8 +156,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
 
   const int batch = z / p.queries_per_z, first_query = z % p.queries_per_z;  // dense: 0; sparse: the query
   const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-  const int length = kSparse ? (p.topk_length != nullptr ? min(p.topk_length[batch], p.topk) : p.topk)
-                             : p.cache_seqlens[batch];
+  const int length = visible_length<kSparse>(p, z);
   uint32_t* token_masks = reinterpret_cast<uint32_t*>(shared + L::kTokenMasks);  // sparse: [stage][2]
 
   // This thread's two accumulator rows (wgmma D fragment: rows warp * 16 + lane / 4 and + 8).
@@ -317,7 +202,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
         load_kv_block(p, kv_tile(stage), barrier(stage), batch, block);
       }
     }
-    if constexpr (kFp8) store_fp8_share(share, shared + L::kKv + stage * kMatrixBytes);
+    if constexpr (kFp8) store_fp8_share(share, shared + L::kKv + stage * kMatrixBytes, gather_row());
   };
   // Dense: waits until stage `stage`'s `index`-th fill (counting from 0) has landed. Sparse: `gathers_landed` at the
   // top of each block (outside the data-dependent branches, which would serialize the wgmma) does it for the fill
@@ -566,39 +451,11 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
 template <bool kFp8, bool kSparse>
 __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t raw_shared[];
-  uint8_t* shared = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw_shared) + 1023) & ~uintptr_t(1023));
-  if (threadIdx.x == 0) {
-    for (int stage = 0; stage < 2; ++stage) mbarrier_init(smem_address(shared + Layout::kBarriers + stage * 8), 1);
-    fence_barrier_init();
-  }
-  __syncthreads();
+  uint8_t* shared = prepare_shared(raw_shared, Layout::kBarriers);
   int fills[2] = {0, 0};
-  const int row_block = blockIdx.x;
-  // Balanced: the part's run of blocks over sequences first..last. Uniform: one piece, grid z's share `blockIdx.y`.
-  const bool balanced = !kSparse && p.metadata != nullptr;
-  const int* meta = balanced ? p.metadata + blockIdx.y * p.metadata_fields : nullptr;
-  const int first = balanced ? meta[0] : blockIdx.z;
-  const int last = balanced ? min(meta[2], p.batch - 1) : blockIdx.z;
-  for (int z = first; z <= last; ++z) {  // one call site: the piece's code is inlined once
-    const int batch = z / p.queries_per_z;
-    const int length = kSparse ? (p.topk_length != nullptr ? min(p.topk_length[batch], p.topk) : p.topk)
-                               : p.cache_seqlens[batch];
-    const int num_blocks = (length + kBlockN - 1) / kBlockN;
-    int begin, end;
-    int64_t slot;
-    if (balanced) {
-      begin = z == first ? meta[1] : 0;
-      end = z == meta[2] ? min(meta[3], num_blocks) : num_blocks;
-      const int first_slot = p.split_offsets[z], slots = p.split_offsets[z + 1] - first_slot;
-      slot = slots == 1 ? -1 : first_slot + (z == first ? meta[4] : 0);
-    } else {
-      const int blocks_per_split = (num_blocks + p.num_splits - 1) / p.num_splits;
-      begin = blockIdx.y * blocks_per_split;
-      end = min(begin + blocks_per_split, num_blocks);
-      slot = p.num_splits == 1 ? -1 : static_cast<int64_t>(z) * p.num_splits + blockIdx.y;
-    }
-    attend_piece<kFp8, kSparse>(p, shared, row_block, z, begin, end, slot, fills);
-  }
+  for_each_piece<kSparse>(p, [&](int z, int begin, int end, int64_t slot) {
+    attend_piece<kFp8, kSparse>(p, shared, blockIdx.x, z, begin, end, slot, fills);
+  });
 }
 
 // One query row per CTA: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s (natural log on output).
@@ -722,7 +579,7 @@ void check_inputs(const char* op, const torch::Tensor& q, const torch::Tensor& k
 // rows are the (s_q, h_q) pairs of one sequence; sparse: the h_q heads of one query (its own indices).
 std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, const torch::Tensor& kv_cache,
                                       bool is_fp8, bool sparse, double softmax_scale, int64_t num_splits,
-                                      DecodeParams& params) {
+                                      DecodeParams& params, bool narrow = false) {
   const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2);
   const int64_t rows = sparse ? h_q : s_q * h_q, queries_per_z = sparse ? s_q : 1, zs = batch * queries_per_z;
   TORCH_CHECK(num_splits >= 1 && num_splits <= kMaxSplits, op, ": num_splits must be in [1, ", kMaxSplits, "], got ",
@@ -777,6 +634,8 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
   const dim3 grid(row_blocks, num_splits, balanced ? 1 : zs);
   if (sparse) {
     is_fp8 ? launch_decode<true, true>(params, grid, stream) : launch_decode<false, true>(params, grid, stream);
+  } else if (narrow) {
+    is_fp8 ? launch_narrow_decode<true>(params, grid, stream) : launch_narrow_decode<false>(params, grid, stream);
   } else {
     is_fp8 ? launch_decode<true, false>(params, grid, stream) : launch_decode<false, false>(params, grid, stream);
   }
@@ -796,8 +655,10 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
                                         const torch::Tensor& block_table, const torch::Tensor& cache_seqlens,
                                         double softmax_scale, bool causal, bool is_fp8, int64_t num_splits,
                                         const c10::optional<torch::Tensor>& tile_scheduler_metadata,
-                                        const c10::optional<torch::Tensor>& split_offsets) {
+                                        const c10::optional<torch::Tensor>& split_offsets, bool narrow) {
   check_inputs("dense_decode", q, kv_cache, is_fp8);
+  TORCH_CHECK(!narrow || q.size(1) * q.size(2) <= kNarrowRows, "dense_decode: the narrow kernel takes at most ",
+              kNarrowRows, " query rows (s_q * h_q), got ", q.size(1) * q.size(2));
   TORCH_CHECK(tile_scheduler_metadata.has_value() == split_offsets.has_value(),
               "dense_decode: tile_scheduler_metadata and split_offsets go together");
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.stride(1) == 1 &&
@@ -821,7 +682,7 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
     params.split_offsets = split_offsets->data_ptr<int>();
     num_splits = tile_scheduler_metadata->size(0);
   }
-  return run_decode("dense_decode", q, kv_cache, is_fp8, false, softmax_scale, num_splits, params);
+  return run_decode("dense_decode", q, kv_cache, is_fp8, false, softmax_scale, num_splits, params, narrow);
 }
 
 std::vector<torch::Tensor> sparse_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,

@@ -15,7 +15,7 @@ import torch
 log = logging.getLogger("flashmla_ops")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 BACKEND_ENV = "FLASHMLA_BACKEND"
-SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu")
+SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu", "dense_decode_narrow.cu")
 
 
 def _unavailable_reason() -> str | None:

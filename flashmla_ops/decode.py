@@ -5,6 +5,8 @@ bfloat16 or `(num_blocks, page_block_size, 1, 656)` uint8 (FP8 layout); out `(ba
 (float32 q and cache are accepted too and run the reference: out is then float32);
 lse `(batch, h_q, s_q)` float32, natural log, `+inf` (and out = 0) for a query that sees no token.
 """
+import os
+
 import torch
 
 from . import _ext
@@ -226,6 +228,8 @@ def dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, s
 
 
 CUDA_ROWS_PER_CTA = 64  # query rows (s_q * h_q pairs) per CTA of csrc/dense_decode.cu
+CUDA_NARROW_ROWS = 16  # query rows up to which csrc/dense_decode_narrow.cu runs dense decode (one CTA holds them all)
+DECODE_KERNEL_ENV = "FLASHMLA_DECODE_KERNEL"
 # A split re-reads the query tile (72 KiB at h_q >= 64): at least 2 blocks each. Measured on the H100
 # (scripts/tune_cuda_splits.py): b1 h16 1k 16.2 us at 2 against 20.2 at 4 (16.5 at 1), long sequences unchanged.
 CUDA_MIN_BLOCKS_PER_SPLIT = 2
@@ -253,6 +257,16 @@ def cuda_num_splits(device: torch.device, batch: int, rows: int, max_blocks_per_
     return max(1, min(sms // ctas, max_blocks_per_seq // CUDA_MIN_BLOCKS_PER_SPLIT))
 
 
+def cuda_dense_kernel(rows: int) -> str:
+    """The CUDA dense decode kernel for `rows` query rows (s_q * h_q): 'narrow' (csrc/dense_decode_narrow.cu: the
+    cache block is the wgmma M side, so 16 rows are not padded to 64) up to CUDA_NARROW_ROWS, else 'wide'
+    (csrc/dense_decode.cu). FLASHMLA_DECODE_KERNEL=wide keeps every shape on the wide kernel (for A/B timing)."""
+    choice = os.environ.get(DECODE_KERNEL_ENV, "auto")
+    if choice not in ("auto", "wide"):
+        raise ValueError(f"{DECODE_KERNEL_ENV} must be 'auto' or 'wide', got {choice!r}")
+    return "narrow" if choice == "auto" and rows <= CUDA_NARROW_ROWS else "wide"
+
+
 @torch.library.custom_op("flashmla::dense_decode", mutates_args=())
 def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                  tile_scheduler_metadata: torch.Tensor | None, num_splits: torch.Tensor | None, head_dim_v: int,
@@ -273,7 +287,8 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
                 q, k_cache, last_dim_contiguous(block_table), cache_seqlens.contiguous(), softmax_scale, causal, is_fp8,
                 cuda_num_splits(q.device, q.shape[0], q.shape[1] * q.shape[2], block_table.shape[1]),
                 tile_scheduler_metadata.contiguous() if balanced else None,
-                num_splits.contiguous() if balanced else None)
+                num_splits.contiguous() if balanced else None,
+                cuda_dense_kernel(q.shape[1] * q.shape[2]) == "narrow")
         if path == "triton":
             from .triton import decode as triton_decode
 

@@ -19,10 +19,12 @@ import torch
 from tqdm import tqdm
 
 import flashmla_ops
+from flashmla_ops.decode import cuda_dense_kernel
 from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
-PEAK_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy on the lent H100 (SPEC.md §4)
-PEAK_BF16 = 745e12  # FLOP/s, middle of the measured 690..800 TFLOP/s
+# The ceilings fractions are taken of: SPEC.md §4's on an H100 (device-to-device copy in bytes/s counting read and
+# write; BF16 matmul FLOP/s, the middle of the measured 690..800), measured by bench_device on any other GPU.
+CEILINGS = {"gpu": "H100 (SPEC.md §4)", "bandwidth": 3.0e12, "bf16": 745e12}
 L2_BYTES = 50 * 2 ** 20
 
 # (name, batch, s_q, h_q, seqlen, is_fp8, FlashMLA's figure, target: (value, unit))
@@ -123,8 +125,8 @@ def bench_config(batch, s_q, h_q, seqlens, is_fp8, device, with_baselines, sched
     row = {"batch": batch, "s_q": s_q, "h_q": h_q, "seqlen": seqlen, "skewed": len(set(seqlens)) > 1,
            "kv_cache": "fp8" if is_fp8 else "bf16", "time_us": ms * 1e3, "gb_s": total_bytes / ms / 1e6,
            "tflop_s": flops / ms / 1e9}
-    row["bandwidth_fraction"] = row["gb_s"] * 1e9 / PEAK_BANDWIDTH
-    row["compute_fraction"] = row["tflop_s"] * 1e12 / PEAK_BF16
+    row["bandwidth_fraction"] = row["gb_s"] * 1e9 / CEILINGS["bandwidth"]
+    row["compute_fraction"] = row["tflop_s"] * 1e12 / CEILINGS["bf16"]
     if with_baselines:
         with forced_backend("reference"):
             reference_ms = eager_ms(op, sets[:1]) if batch * seqlen <= 2 ** 21 else None
@@ -219,7 +221,8 @@ def plot(rows, path):
     colors = ["tab:red" if r["kv_cache"] == "fp8" else "tab:blue" for r in rows]
     ax.scatter(intensity, [r["tflop_s"] for r in rows], c=colors, s=12)
     xs = [min(intensity) / 2, max(intensity) * 2]
-    ax.plot(xs, [min(PEAK_BANDWIDTH * x, PEAK_BF16) / 1e12 for x in xs], "k--", lw=1, label="H100 roofline (SPEC §4)")
+    ax.plot(xs, [min(CEILINGS["bandwidth"] * x, CEILINGS["bf16"]) / 1e12 for x in xs], "k--", lw=1,
+            label=f"roofline: {CEILINGS['gpu']}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("FLOP per byte")
@@ -235,14 +238,34 @@ def bench_device(backend: str, script: str) -> torch.device:
     if not torch.cuda.is_available():
         raise SystemExit(f"{script} needs a CUDA GPU")
     os.environ["FLASHMLA_BACKEND"] = backend
-    return torch.device("cuda")
+    device = torch.device("cuda")
+    if "H100" not in torch.cuda.get_device_name(device):
+        measure_ceilings(device)
+    return device
+
+
+def measure_ceilings(device: torch.device) -> None:
+    """CEILINGS on this GPU: a 1 GiB device-to-device copy (read + write counted) and an 8192^3 BF16 matmul, medians."""
+    import triton.testing
+
+    source = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    copy_ms = triton.testing.do_bench(lambda: target.copy_(source), return_mode="median")
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    matmul_ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    CEILINGS.update(gpu=f"{torch.cuda.get_device_name(device)} (measured)", bandwidth=2 * source.numel() / copy_ms * 1e3,
+                    bf16=2 * 8192 ** 3 / matmul_ms * 1e3)
+    print(f"ceilings on {CEILINGS['gpu']}: copy {CEILINGS['bandwidth'] / 1e9:.0f} GB/s, "
+          f"bf16 matmul {CEILINGS['bf16'] / 1e12:.0f} TFLOP/s")
+    del source, target, a, b
+    torch.cuda.empty_cache()
 
 
 def save_results(prefix: str, backend: str, rows: list[dict], plot_fn, **extra) -> None:
     """`prefix`.json (GPU, torch, backend, the rows and `extra`) and `prefix`.png (`plot_fn(rows, path)`)."""
     out = Path(prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "backend": backend}
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "backend": backend, "ceilings": CEILINGS}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=1))
     plot_fn(rows, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
@@ -255,18 +278,24 @@ def main():
     parser.add_argument("--no-baselines", action="store_true", help="skip the reference and SDPA timings")
     parser.add_argument("--tune", action="store_true", help="time the Triton launch configurations first")
     parser.add_argument("--out", default="bench/decode", help="output prefix for .json and .png")
+    parser.add_argument("--rows", default="",
+                        help="comma-separated substrings: only the SPEC rows (and skewed row) whose name has one")
     parser.add_argument("--scheduled", action="store_true",
                         help="pass get_mla_metadata's schedule to the op (the CUDA kernel then balances the blocks)")
     args = parser.parse_args()
     device = bench_device(args.backend, "bench_decode.py")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dense_decode backend: "
-          f"{flashmla_ops.backend('dense_decode', device)}")
+          f"{flashmla_ops.backend('dense_decode', device)}, CUDA kernel for 16 rows: {cuda_dense_kernel(16)}")
     tuned = tune(device) if args.tune else []
     rows = []
     print(f"{'configuration':26} {'time us':>8} {'GB/s':>7} {'TFLOP/s':>8} {'%BW':>5} {'%MMA':>5} "
           f"{'FlashMLA':>12} {'target':>16} {'vs target':>9} {'x ref':>7} {'x sdpa':>7}")
     bf16_tokens_per_s = {}
+    wanted = [part for part in args.rows.split(",") if part]
+    chosen = lambda name: not wanted or any(part in name for part in wanted)  # noqa: E731
     for name, batch, s_q, h_q, seqlen, is_fp8, flashmla, (target, unit) in SPEC_ROWS:
+        if not chosen(name):
+            continue
         row = bench_config(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, not args.no_baselines, args.scheduled)
         row.update(name=name, flashmla=flashmla, target=f">= {target} {unit}")
         tokens_per_s = batch * s_q / (row["time_us"] * 1e-6)
@@ -281,21 +310,23 @@ def main():
               f"{100 * row['bandwidth_fraction']:5.1f}"
               f" {100 * row['compute_fraction']:5.1f} {flashmla:>12} {row['target']:>16} {row['vs_target']:9.2f}"
               f" {fmt(row.get('speedup_vs_reference'), 1):>7} {fmt(row.get('speedup_vs_sdpa'), 1):>7}")
-    skewed = bench_config(32, 1, 16, [32768] + [512] * 31, False, device, False, args.scheduled)
-    skewed.update(name="bf16 skewed b32 h16", flashmla="-", target="-", vs_target=None)
-    rows.append(skewed)
-    print(f"{'bf16 skewed b32 h16':26} {skewed['time_us']:8.1f} {skewed['gb_s']:7.0f} {skewed['tflop_s']:8.1f}"
-          "   (one 32k sequence among 31 of 512 tokens)")
+    if chosen("bf16 skewed b32 h16"):
+        skewed = bench_config(32, 1, 16, [32768] + [512] * 31, False, device, False, args.scheduled)
+        skewed.update(name="bf16 skewed b32 h16", flashmla="-", target="-", vs_target=None)
+        rows.append(skewed)
+        print(f"{'bf16 skewed b32 h16':26} {skewed['time_us']:8.1f} {skewed['gb_s']:7.0f} {skewed['tflop_s']:8.1f}"
+              "   (one 32k sequence among 31 of 512 tokens)")
+    spec_rows = len(rows)
     if args.sweep:
         for batch, s_q, h_q, seqlens, is_fp8 in tqdm(list(sweep_configs()), desc="sweep"):
             rows.append(bench_config(batch, s_q, h_q, seqlens, is_fp8, device, with_baselines=False))
         print(f"{'kv':4} {'batch':>5} {'s_q':>3} {'h_q':>4} {'seqlen':>6} {'skew':>4} {'time us':>9} {'GB/s':>7} "
               f"{'TFLOP/s':>8}")
-        for r in rows[len(SPEC_ROWS) + 1:]:
+        for r in rows[spec_rows:]:
             print(f"{r['kv_cache']:4} {r['batch']:5} {r['s_q']:3} {r['h_q']:4} {r['seqlen']:6} "
                   f"{'y' if r['skewed'] else '':>4} "
                   f"{r['time_us']:9.1f} {r['gb_s']:7.0f} {r['tflop_s']:8.1f}")
-    save_results(args.out, args.backend, rows, plot, tuning=tuned)
+    save_results(args.out, args.backend, rows, plot, tuning=tuned, cuda_kernel_16_rows=cuda_dense_kernel(16))
 
 
 if __name__ == "__main__":

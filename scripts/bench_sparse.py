@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 import flashmla_ops
-from bench_decode import (PEAK_BANDWIDTH, PEAK_BF16, bench_device, eager_ms, fmt, forced_backend, save_results,
+from bench_decode import (CEILINGS, bench_device, eager_ms, fmt, forced_backend, save_results,
                           time_ms)
 from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
@@ -89,8 +89,8 @@ def bench_config(op, size, second, h_q, topk, is_fp8, device, with_reference):
     row = {"op": op, "size": size, "second": second, "h_q": h_q, "topk": topk,
            "kv_cache": "fp8" if is_fp8 else "bf16", "time_us": ms * 1e3, "gb_s": total_bytes / ms / 1e6,
            "tflop_s": attention_flops(queries, h_q, topk) / ms / 1e9}
-    row["bandwidth_fraction"] = row["gb_s"] * 1e9 / PEAK_BANDWIDTH
-    row["compute_fraction"] = row["tflop_s"] * 1e12 / PEAK_BF16
+    row["bandwidth_fraction"] = row["gb_s"] * 1e9 / CEILINGS["bandwidth"]
+    row["compute_fraction"] = row["tflop_s"] * 1e12 / CEILINGS["bf16"]
     if with_reference:
         with forced_backend("reference"):
             reference_ms = eager_ms(run, sets[:1]) if queries * h_q * topk <= 2 ** 27 else None
@@ -123,7 +123,7 @@ def plot(rows, path):
     for op, color in (("decode", "tab:blue"), ("prefill", "tab:green")):
         picked = [r for r in rows if r["op"] == op]
         ax.scatter([r["h_q"] * r["topk"] for r in picked], [r["tflop_s"] for r in picked], c=color, s=12, label=op)
-    ax.axhline(PEAK_BF16 / 1e12, color="k", ls="--", lw=1, label="BF16 matmul ceiling (SPEC §4)")
+    ax.axhline(CEILINGS["bf16"] / 1e12, color="k", ls="--", lw=1, label=f"BF16 matmul ceiling: {CEILINGS['gpu']}")
     ax.set_xscale("log")
     ax.set_xlabel("h_q * topk")
     ax.set_ylabel("TFLOP/s")

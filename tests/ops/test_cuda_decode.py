@@ -1,4 +1,6 @@
-"""The sm_90a CUDA dense decode kernel (csrc/dense_decode.cu), BF16 and FP8 cache, against the reference, on Hopper.
+"""The sm_90a CUDA dense decode kernels, BF16 and FP8 cache, against the reference, on Hopper: csrc/dense_decode.cu
+("wide", any number of query rows) and csrc/dense_decode_narrow.cu ("narrow", up to 16 query rows), each on the shapes
+it takes.
 
 Fresh random inputs per case, outputs poisoned (the allocator's next blocks filled with NaN), LSE compared, lengths
 mixed in one batch (0, 1, 63, 64, 65, non-multiples of the page, one long among short), query rows that are not a
@@ -35,7 +37,21 @@ CASES = [
     ([32768], 1, 128),
     ([4096] * 4, 2, 128),
     ([1000, 31, 4097], 4, 64),
+    ([1, 2, 3, 129, 257], 2, 8),
+    ([5, 64, 65, 1000], 3, 5),
+    ([32768, 100], 1, 16),
+    ([100, 0, 4097], 4, 4),
+    ([0, 0], 1, 16),
 ]
+NARROW_ROWS = 16
+
+
+def kernel_cases():
+    """Every case on the wide kernel, and those of at most 16 query rows on the narrow one too."""
+    for seqlens, s_q, h_q in CASES:
+        yield seqlens, s_q, h_q, False
+        if s_q * h_q <= NARROW_ROWS:
+            yield seqlens, s_q, h_q, True
 
 
 def kernels():
@@ -45,7 +61,7 @@ def kernels():
 
 
 def run_and_compare(seqlens, s_q, h_q, causal, is_fp8=False, num_splits=None, padded=False, strided_q=False,
-                    parts=None):
+                    parts=None, narrow=False):
     generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 1000 + s_q * 10 + h_q + causal + 2 * is_fp8)
     q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded)
     if strided_q:  # heads spaced out in a wider buffer
@@ -58,44 +74,54 @@ def run_and_compare(seqlens, s_q, h_q, causal, is_fp8=False, num_splits=None, pa
     poison_allocator(4 * (len(seqlens) * num_splits * s_q * h_q * (KV_LORA_RANK + 1)) + 4 * q.numel())
     schedule = (None, None) if parts is None else reference.get_mla_metadata(cache_seqlens, parts)
     out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, causal, is_fp8, num_splits,
-                                      *schedule)
+                                      *schedule, narrow)
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, causal,
                                                 is_fp8)
     assert_decode_close(out, lse, want_out, want_lse)
     again_out, again_lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, causal, is_fp8,
-                                                  num_splits, *schedule)
+                                                  num_splits, *schedule, narrow)
     assert torch.equal(out, again_out) and torch.equal(lse, again_lse)
 
 
-@pytest.mark.parametrize("seqlens,s_q,h_q", CASES)
+@pytest.mark.parametrize("seqlens,s_q,h_q,narrow", list(kernel_cases()))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("is_fp8", [False, True])
-def test_cuda_dense_decode_matches_reference(seqlens, s_q, h_q, causal, is_fp8):
-    run_and_compare(seqlens, s_q, h_q, causal, is_fp8)
+def test_cuda_dense_decode_matches_reference(seqlens, s_q, h_q, narrow, causal, is_fp8):
+    run_and_compare(seqlens, s_q, h_q, causal, is_fp8, narrow=narrow)
+
+
+# (s_q, h_q, narrow): 32 rows on the wide kernel, 16 on each
+SPLIT_SHAPES = [(2, 16, False), (2, 8, False), (2, 8, True)]
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+@pytest.mark.parametrize("s_q,h_q,narrow", SPLIT_SHAPES)
 @pytest.mark.parametrize("is_fp8", [False, True])
-def test_cuda_dense_decode_split_counts(num_splits, is_fp8):
-    run_and_compare([0, 1, 65, 700, 3000], 2, 16, causal=True, is_fp8=is_fp8, num_splits=num_splits)
+def test_cuda_dense_decode_split_counts(num_splits, s_q, h_q, narrow, is_fp8):
+    run_and_compare([0, 1, 65, 700, 3000], s_q, h_q, causal=True, is_fp8=is_fp8, num_splits=num_splits,
+                    narrow=narrow)
 
 
 @pytest.mark.parametrize("parts", [1, 3, 7, 40, 132])
+@pytest.mark.parametrize("s_q,h_q,narrow", SPLIT_SHAPES)
 @pytest.mark.parametrize("is_fp8", [False, True])
-def test_cuda_dense_decode_balanced_schedule(parts, is_fp8):
+def test_cuda_dense_decode_balanced_schedule(parts, s_q, h_q, narrow, is_fp8):
     """get_mla_metadata's parts: runs spanning several sequences, sequences over several parts (one long among short,
     empty ones), idle parts; sequences with one slot are written straight to the output."""
-    run_and_compare([1000, 3, 0, 64, 65, 4097, 1], 2, 16, causal=True, is_fp8=is_fp8, parts=parts)
-    run_and_compare([129, 2000], 1, 128, causal=False, is_fp8=is_fp8, parts=parts)
+    run_and_compare([1000, 3, 0, 64, 65, 4097, 1], s_q, h_q, causal=True, is_fp8=is_fp8, parts=parts, narrow=narrow)
+    if not narrow:
+        run_and_compare([129, 2000], 1, 128, causal=False, is_fp8=is_fp8, parts=parts)
 
 
+@pytest.mark.parametrize("s_q,h_q,narrow", [(2, 32, False), (2, 8, True)])
 @pytest.mark.parametrize("is_fp8", [False, True])
-def test_cuda_dense_decode_padded_cache_and_strided_q(is_fp8):
-    run_and_compare([77, 300, 1025], 2, 32, causal=True, is_fp8=is_fp8, padded=True, strided_q=True)
+def test_cuda_dense_decode_padded_cache_and_strided_q(s_q, h_q, narrow, is_fp8):
+    run_and_compare([77, 300, 1025], s_q, h_q, causal=True, is_fp8=is_fp8, padded=True, strided_q=True, narrow=narrow)
 
 
+@pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("is_fp8", [False, True])
-def test_cuda_dense_decode_ignores_what_the_cache_holds_past_the_end(is_fp8):
+def test_cuda_dense_decode_ignores_what_the_cache_holds_past_the_end(narrow, is_fp8):
     """Rows past each sequence's end hold NaN (a reused cache): the kernel must not let them reach the output."""
     generator = torch.Generator(DEVICE).manual_seed(21 + is_fp8)
     seqlens = [1, 70, 129]
@@ -108,19 +134,21 @@ def test_cuda_dense_decode_ignores_what_the_cache_holds_past_the_end(is_fp8):
         for position in range(length, block_table.shape[1] * 64):
             poisoned[block_table[b, position // 64], position % 64, 0] = nan_row
     scale = D_QK ** -0.5
-    out, lse = kernels().dense_decode(q, poisoned, block_table, cache_seqlens, scale, False, is_fp8, 1, None, None)
+    out, lse = kernels().dense_decode(q, poisoned, block_table, cache_seqlens, scale, False, is_fp8, 1, None, None,
+                                      narrow)
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
                                                 is_fp8)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert (out.float() - want_out.float()).norm() / want_out.float().norm() < BF16_BAND
 
 
-def test_cuda_dense_decode_empty_batch():
+@pytest.mark.parametrize("narrow", [False, True])
+def test_cuda_dense_decode_empty_batch(narrow):
     q = torch.empty(0, 1, 16, D_QK, dtype=torch.bfloat16, device=DEVICE)
     cache = torch.randn(2, 64, 1, D_QK, device=DEVICE).to(torch.bfloat16)
     out, lse = kernels().dense_decode(q, cache, torch.zeros(0, 1, dtype=torch.int32, device=DEVICE),
                                       torch.zeros(0, dtype=torch.int32, device=DEVICE), 0.1, False, False, 1, None,
-                                      None)
+                                      None, narrow)
     assert out.shape == (0, 1, 16, KV_LORA_RANK) and lse.shape == (0, 16, 1)
 
 

@@ -182,3 +182,17 @@ def test_cuda_split_policy_fills_the_gpu_from_shapes_alone(monkeypatch):
     assert cuda_num_splits("cuda", 1, 16, 8) == 4  # short table: at least 2 blocks per split
     assert cuda_num_splits("cuda", 1, 16, 3) == 1
     assert cuda_num_splits("cuda", 0, 16, 64) >= 1  # empty batch: a valid launch shape, nothing runs
+
+
+def test_cuda_dense_kernel_choice(monkeypatch):
+    """Up to 16 query rows (s_q * h_q) run the narrow kernel, more the wide one; FLASHMLA_DECODE_KERNEL=wide keeps
+    every shape on the wide kernel and any other value is refused."""
+    from flashmla_ops.decode import DECODE_KERNEL_ENV, cuda_dense_kernel
+
+    monkeypatch.delenv(DECODE_KERNEL_ENV, raising=False)
+    assert [cuda_dense_kernel(rows) for rows in (1, 16, 17, 32, 128)] == ["narrow"] * 2 + ["wide"] * 3
+    monkeypatch.setenv(DECODE_KERNEL_ENV, "wide")
+    assert cuda_dense_kernel(16) == "wide"
+    monkeypatch.setenv(DECODE_KERNEL_ENV, "narrow")
+    with pytest.raises(ValueError, match=DECODE_KERNEL_ENV):
+        cuda_dense_kernel(16)

@@ -1,0 +1,185 @@
+// What the two paged decode kernels share: the launch parameters, the cache-block loaders (TMA boxes, the FP8 latent
+// through registers), how a CTA's grid coordinates map to pieces of work, and the launcher of the few-rows kernel.
+//   dense_decode.cu        64 query rows per CTA (the rows are the wgmma M side): h_q * s_q > 16, sparse, prefill
+//   dense_decode_narrow.cu up to 16 query rows per CTA (the cache block is the wgmma M side)
+#pragma once
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "fp8_layout.cuh"
+#include "sm90.cuh"
+
+namespace flashmla::decode {
+
+constexpr int kBlockN = 64;                    // tokens per cache block (page_block_size) and per KV tile
+constexpr int kColumnTiles = kHeadDimQK / 64;  // 9 swizzled 64-column tiles per 576-wide row
+constexpr int kChunksPerRow = kHeadDimQK / 8;  // 72 16-byte chunks
+constexpr int kTileBytes = 64 * 128;           // one 64-row swizzled column tile
+constexpr int kMatrixBytes = kColumnTiles * kTileBytes;
+constexpr int kMaxSplits = 1024;
+constexpr int kNarrowRows = 16;  // query rows (s_q * h_q) up to which dense decode runs dense_decode_narrow.cu
+constexpr float kLn2 = 0.69314718055994530942f;
+
+struct DecodeParams {
+  // BF16 cache: (576 columns, 64 rows, num_blocks); FP8 cache: its RoPE columns, (64, 64, num_blocks). 64 x 64
+  // boxes, 128-byte swizzle.
+  CUtensorMap kv_map;
+  const __nv_bfloat16* q;
+  int64_t q_batch_stride, q_seq_stride, q_head_stride;
+  const uint8_t* kv;
+  int64_t kv_block_bytes, kv_row_bytes;
+  const int* block_table;
+  int64_t block_table_stride;
+  const int* cache_seqlens;
+  __nv_bfloat16* out;
+  int64_t out_batch_stride, out_seq_stride, out_head_stride;
+  float* lse;          // (batch, h_q, s_q)
+  float* max_logits;   // sparse prefill: (batch, h_q, s_q), the largest scaled logit (natural units); else nullptr
+  float* out_partial;  // (batch * num_splits, rows, 512) when num_splits > 1
+  float* lse_partial;  // (batch * num_splits, rows), base 2
+  int h_q, s_q, rows, num_splits;
+  int queries_per_z;   // dense: 1 (a CTA's rows are (s_q, h_q) pairs); sparse: s_q (grid z = batch * s_q + query)
+  float scale_log2;
+  bool causal;
+  // Sparse decode: query (b, i) attends to cache slots indices[b, i, :length], length = min(topk_length[b], topk)
+  // (flat block * 64 + row; -1 or >= kv_slots = none). Sparse prefill: the same over a flat kv (blocks of 64 rows).
+  const int* indices;
+  int64_t kv_slots;
+  int64_t indices_batch_stride, indices_seq_stride;
+  const int* topk_length;  // nullptr: topk
+  int topk;
+  // Balanced schedule (dense): grid y = parts of get_mla_metadata; part p covers blocks [begin_block of begin_batch,
+  // end_block of end_batch) and sequence b's partials are slots split_offsets[b] .. split_offsets[b + 1] - 1 (one
+  // slot: written straight to the output). nullptr: the uniform split over grid y.
+  const int* metadata;
+  const int* split_offsets;
+  int metadata_fields, batch;
+};
+
+// Tokens a query of grid row z sees (dense: its sequence's length; sparse: its index count).
+template <bool kSparse>
+__device__ __forceinline__ int visible_length(const DecodeParams& p, int z) {
+  const int batch = z / p.queries_per_z;
+  return kSparse ? (p.topk_length != nullptr ? min(p.topk_length[batch], p.topk) : p.topk) : p.cache_seqlens[batch];
+}
+
+// This CTA's pieces of work: `attend(z, begin, end, slot)` for blocks [begin, end) of grid row z, the output going
+// straight to out / lse (slot < 0) or to float32 partial slot `slot`. Balanced: the part's run of blocks over
+// sequences first..last; uniform: one piece, grid z's share blockIdx.y.
+template <bool kSparse, typename Attend>
+__device__ __forceinline__ void for_each_piece(const DecodeParams& p, Attend attend) {
+  const bool balanced = !kSparse && p.metadata != nullptr;
+  const int* meta = balanced ? p.metadata + blockIdx.y * p.metadata_fields : nullptr;
+  const int first = balanced ? meta[0] : blockIdx.z;
+  const int last = balanced ? min(meta[2], p.batch - 1) : blockIdx.z;
+  for (int z = first; z <= last; ++z) {  // one call site: the piece's code is inlined once
+    const int num_blocks = (visible_length<kSparse>(p, z) + kBlockN - 1) / kBlockN;
+    int begin, end;
+    int64_t slot;
+    if (balanced) {
+      begin = z == first ? meta[1] : 0;
+      end = z == meta[2] ? min(meta[3], num_blocks) : num_blocks;
+      const int first_slot = p.split_offsets[z], slots = p.split_offsets[z + 1] - first_slot;
+      slot = slots == 1 ? -1 : first_slot + (z == first ? meta[4] : 0);
+    } else {
+      const int blocks_per_split = (num_blocks + p.num_splits - 1) / p.num_splits;
+      begin = blockIdx.y * blocks_per_split;
+      end = min(begin + blocks_per_split, num_blocks);
+      slot = p.num_splits == 1 ? -1 : static_cast<int64_t>(z) * p.num_splits + blockIdx.y;
+    }
+    attend(z, begin, end, slot);
+  }
+}
+
+// The dynamic shared memory, aligned to 1024 bytes (the swizzled tiles' atoms), with the two stages' mbarriers at byte
+// `barriers` initialised (one arrival: the thread that arms the TMA) and visible to the whole CTA.
+__device__ __forceinline__ uint8_t* prepare_shared(uint8_t* raw_shared, int barriers) {
+  uint8_t* shared = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw_shared) + 1023) & ~uintptr_t(1023));
+  if (threadIdx.x == 0) {
+    for (int stage = 0; stage < 2; ++stage) sm90::mbarrier_init(sm90::smem_address(shared + barriers + stage * 8), 1);
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+  return shared;
+}
+
+// One thread: `boxes` boxes of `map` for cache block `block` of sequence `batch`, box i from column i * column_step
+// into dst + i * dst_step, all completing on `barrier`. The BF16 cache's nine 64-column tiles or the FP8 cache's one
+// RoPE tile.
+__device__ __forceinline__ void load_block_boxes(const DecodeParams& p, const CUtensorMap* map, uint32_t dst,
+                                                 uint32_t barrier, int batch, int block, int boxes, int column_step,
+                                                 int dst_step) {
+  const int page = p.block_table[batch * p.block_table_stride + block];
+  sm90::mbarrier_arrive_expect_bytes(barrier, boxes * dst_step);
+  for (int box = 0; box < boxes; ++box) {
+    sm90::tma_load_3d(dst + box * dst_step, map, barrier, box * column_step, 0, page);
+  }
+}
+
+__device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
+                                              int block) {
+  load_block_boxes(p, &p.kv_map, dst, barrier, batch, block, kColumnTiles, 64, kTileBytes);
+}
+
+__device__ __forceinline__ void load_rope_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
+                                                int block) {
+  load_block_boxes(p, &p.kv_map, dst + (kColumnTiles - 1) * kTileBytes, barrier, batch, block, 1, 0, kTileBytes);
+}
+
+// A quarter of one FP8 row's latent (quarter t % 4 of the thread: 16-value units quarter + 4k, unit k in scale tile
+// k / 2) and the row's four tile scales; zeros for a row that is not there.
+constexpr int kFp8UnitsPerQuarter = kLatentDim / 16 / 4;
+struct Fp8Share {
+  uint4 packed[kFp8UnitsPerQuarter];
+  float4 scales;
+};
+
+__device__ __forceinline__ void load_fp8_share(Fp8Share& share, const uint8_t* row_bytes) {
+  const int quarter = threadIdx.x % 4;
+  const bool valid = row_bytes != nullptr;
+#pragma unroll
+  for (int k = 0; k < kFp8UnitsPerQuarter; ++k) {
+    share.packed[k] = valid ? __ldg(reinterpret_cast<const uint4*>(row_bytes + (quarter + 4 * k) * 16))
+                            : make_uint4(0, 0, 0, 0);
+  }
+  share.scales = valid ? __ldg(reinterpret_cast<const float4*>(row_bytes + kScaleOffset)) : make_float4(0, 0, 0, 0);
+}
+
+// latent = e4m3 * tile scale (exact in bf16: the scales are powers of two) into row `row` of a stage's first 512
+// columns. Unit k is chunks 2 quarter, 2 quarter + 1 of column tile k; rows r + 4 store their odd chunk first (no bank
+// conflict with r: callers pair rows r and r + 4 in each 8-lane phase).
+__device__ __forceinline__ void store_fp8_share(const Fp8Share& share, uint8_t* kv_tile, int row) {
+  const int quarter = threadIdx.x % 4, odd_first = (row / 4) % 2;
+  const float scales[kNumTiles] = {share.scales.x, share.scales.y, share.scales.z, share.scales.w};
+#pragma unroll
+  for (int k = 0; k < kFp8UnitsPerQuarter; ++k) {
+    const float scale = scales[k / 2];
+    const uint32_t words[4] = {share.packed[k].x, share.packed[k].y, share.packed[k].z, share.packed[k].w};
+    uint4 halves[2];
+    uint32_t* out_words = reinterpret_cast<uint32_t*>(halves);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+#pragma unroll
+      for (int pair = 0; pair < 2; ++pair) {
+        const __half2_raw h =
+            __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] >> (16 * pair)), __NV_E4M3);
+        const float2 values = __half22float2(__half2(h));
+        const __nv_bfloat162 scaled = __floats2bfloat162_rn(values.x * scale, values.y * scale);
+        out_words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
+      }
+    }
+    uint8_t* tile = kv_tile + k * kTileBytes;
+    *reinterpret_cast<uint4*>(tile + sm90::swizzled_offset(row, 2 * quarter + odd_first)) =
+        odd_first ? halves[1] : halves[0];
+    *reinterpret_cast<uint4*>(tile + sm90::swizzled_offset(row, 2 * quarter + 1 - odd_first)) =
+        odd_first ? halves[0] : halves[1];
+  }
+}
+
+// Launches csrc/dense_decode_narrow.cu (rows <= kNarrowRows, dense) on grid (1, splits or parts, batch or 1).
+template <bool kFp8>
+void launch_narrow_decode(const DecodeParams& params, dim3 grid, cudaStream_t stream);
+
+}  // namespace flashmla::decode

@@ -1,0 +1,341 @@
+// Dense paged MLA decode for few query rows (s_q * h_q <= 16: DeepSeek-V2-Lite's 16 heads, V3's 128 heads over 8
+// GPUs) over the BF16 or FP8 latent cache on Hopper (sm_90a).
+//
+// dense_decode.cu puts the query rows on the wgmma M side, 64 of them: with 16 rows three quarters of its tensor
+// work and of its Q reads are padding. Here the 64 tokens of a cache block are the M side and the query rows the N
+// side (16), so nothing is padded:
+//   S^T  = K Q^T                    (m64n16, K = 576: A = the block in shared memory, B = Q)
+//   m    = max(m, colmax(S^T))      (per query row: a maximum over the block's 64 tokens, four warps)
+//   P^T  = exp2(S^T - m) -> shared  (bf16, the B operand of the next product)
+//   O^T  = O^T * exp2(m_old - m) + V^T P^T   (m64n16 x 8 value tiles, K = 64 tokens: A = the block, transposed)
+// The two warpgroups take alternate blocks of a piece, each with its own stage, softmax state and O^T, and merge
+// them at the end of the piece: inside the loop neither waits for the other, so one's softmax and dequantisation run
+// while the other's wgmma keeps the tensor cores busy. A stage is filled by TMA (BF16: the whole block, once P V is
+// done; FP8: its RoPE columns, once Q K^T is done, and the latent dequantised from registers that each thread loads
+// one own block ahead). Value rows of the last block past the
+// sequence's end are zeroed (BF16) or stored as zeros (FP8) before P V.
+#include <c10/cuda/CUDAException.h>
+
+#include "decode_common.cuh"
+
+namespace flashmla::decode {
+namespace {
+
+using namespace sm90;
+
+constexpr int kRows = kNarrowRows;             // wgmma N: query rows per CTA
+constexpr int kThreads = 256;                  // two warpgroups
+constexpr int kGroupThreads = 128;
+constexpr int kQTileBytes = kRows * 128;       // one 64-column swizzled tile of kRows rows (Q, P^T)
+constexpr int kValueTiles = kLatentDim / 64;   // O^T: 8 tiles of 64 value columns
+constexpr int kAcc = kRows / 2;                // float32 registers of one m64 x kRows accumulator
+constexpr int kMine = kRows / 4;               // query rows (accumulator columns) a thread holds
+static_assert(kRows == 16, "the wgmma wrappers are m64n16");
+
+// Shared memory, in bytes from a 1024-aligned base: one KV stage per warpgroup, Q, one P^T per warpgroup, the
+// per-warp column maxima and sums, the warpgroups' final maxima, the stages' mbarriers. At the end of a piece the
+// first 32 KiB of the stages carry the O^T halves the warpgroups exchange.
+struct Layout {
+  static constexpr int kKv = 0;
+  static constexpr int kQ = kKv + 2 * kMatrixBytes;
+  static constexpr int kP = kQ + kColumnTiles * kQTileBytes;
+  static constexpr int kWarpMax = kP + 2 * kQTileBytes;         // float [2 warpgroups][4 warps][kRows]
+  static constexpr int kWarpSum = kWarpMax + 2 * 4 * kRows * 4;  // float [2][4][kRows]
+  static constexpr int kGroupMax = kWarpSum + 2 * 4 * kRows * 4;  // float [2][kRows]
+  static constexpr int kBarriers = kGroupMax + 2 * kRows * 4;    // uint64_t [2]
+  static constexpr int kBytes = kBarriers + 2 * 8 + 1024;        // + slack to align the base to 1024
+  static_assert(kBytes <= 227 * 1024, "shared memory");
+  static_assert(2 * 4 * (kAcc / 4) * kGroupThreads * 16 <= 2 * kMatrixBytes, "the O^T exchange fits the stages");
+};
+
+// Blocks [begin, end) of sequence `batch`: warpgroup w takes blocks begin + w, begin + w + 2, ... `fills` counts the
+// fills of this warpgroup's stage by earlier pieces (the mbarrier phase carries on from them).
+template <bool kFp8>
+__device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* shared, int batch, int begin, int end,
+                                             int64_t out_slot, int& fills) {
+  const int warpgroup = threadIdx.x / kGroupThreads, thread = threadIdx.x % kGroupThreads;
+  const int warp = thread / 32, lane = threadIdx.x % 32;
+  const int group_barrier = 2 + warpgroup;  // named barrier of this warpgroup's 128 threads
+  uint8_t* stage_bytes = shared + Layout::kKv + warpgroup * kMatrixBytes;
+  uint8_t* probs_bytes = shared + Layout::kP + warpgroup * kQTileBytes;
+  const uint32_t stage = smem_address(stage_bytes), probs = smem_address(probs_bytes);
+  const uint32_t q_tile = smem_address(shared + Layout::kQ);
+  const uint32_t barrier = smem_address(shared + Layout::kBarriers + warpgroup * 8);
+  float* warp_max = reinterpret_cast<float*>(shared + Layout::kWarpMax) + warpgroup * 4 * kRows;
+  float* warp_sum = reinterpret_cast<float*>(shared + Layout::kWarpSum);
+  float* group_max = reinterpret_cast<float*>(shared + Layout::kGroupMax);
+  const int length = p.cache_seqlens[batch];
+
+  // This thread's accumulator columns: query rows n = 8 i + 2 (lane % 4) + c, kept as index 2 i + c; its rows: tokens
+  // (S^T) or value columns (O^T) 16 warp + lane / 4 + 8 h of each 64-row tile.
+  const auto column = [&](int index) { return 8 * (index / 2) + 2 * (lane % 4) + index % 2; };
+  int visible[kMine];
+#pragma unroll
+  for (int index = 0; index < kMine; ++index) {
+    const int n = column(index), query = n / p.h_q;
+    visible[index] = n >= p.rows ? 0 : (p.causal ? length - p.s_q + query + 1 : length);
+  }
+
+  // FP8: this thread dequantises quarter lane % 4 of block rows share_row and share_row + 32 (rows r and r + 4 of an
+  // 8-lane phase: no bank conflict), from registers loaded one own block (two blocks) ahead.
+  const int share_row = 8 * warp + 4 * ((lane / 4) % 2) + lane / 8;
+  const auto row_address = [&](int block, int row) -> const uint8_t* {
+    if (block * kBlockN + row >= length) return nullptr;
+    const int page = p.block_table[batch * p.block_table_stride + block];
+    return p.kv + page * p.kv_block_bytes + row * p.kv_row_bytes;
+  };
+  Fp8Share share[2];
+  const auto load_share = [&](int block) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) load_fp8_share(share[half], row_address(block, share_row + 32 * half));
+  };
+  const auto fill_stage = [&](int block) {  // one thread
+    if constexpr (kFp8) {
+      load_rope_block(p, stage, barrier, batch, block);
+    } else {
+      load_kv_block(p, stage, barrier, batch, block);
+    }
+  };
+
+  const int first_block = begin + warpgroup;
+  if (first_block < end) {
+    if (thread == 0) fill_stage(first_block);
+    if constexpr (kFp8) load_share(first_block);
+  }
+  if (begin < end) {
+    for (int i = threadIdx.x; i < kRows * kChunksPerRow; i += kThreads) {
+      const int n = i / kChunksPerRow, chunk = i % kChunksPerRow;
+      const bool valid = n < p.rows;
+      const __nv_bfloat16* row =
+          p.q + batch * p.q_batch_stride + (n / p.h_q) * p.q_seq_stride + (n % p.h_q) * p.q_head_stride;
+      cp_async_16(q_tile + (chunk / 8) * kQTileBytes + swizzled_offset(n, chunk % 8),
+                  valid ? static_cast<const void*>(row + chunk * 8) : p.q, valid);
+    }
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+  fence_async_shared();
+  __syncthreads();
+
+  float out_acc[kValueTiles][kAcc];
+#pragma unroll
+  for (int t = 0; t < kValueTiles; ++t) {
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) out_acc[t][i] = 0.f;
+  }
+  float query_max[kMine], query_sum[kMine];  // query_sum: this thread's tokens only, reduced at the end
+#pragma unroll
+  for (int index = 0; index < kMine; ++index) {
+    query_max[index] = -INFINITY;
+    query_sum[index] = 0.f;
+  }
+  float scores[kAcc];
+
+  int own = 0;
+  for (int block = first_block; block < end; block += 2, ++own) {
+    if constexpr (kFp8) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) store_fp8_share(share[half], stage_bytes, share_row + 32 * half);
+      if (block + 2 < end) load_share(block + 2);
+    }
+    mbarrier_wait(barrier, (fills + own) & 1);
+    const int valid_rows = length - block * kBlockN;
+    if (!kFp8 && valid_rows < kBlockN) {  // zero the value rows past the end (P is 0 there; 0 * NaN is not)
+      const int chunks = (kBlockN - valid_rows) * (kLatentDim / 8);
+      for (int i = thread; i < chunks; i += kGroupThreads) {
+        const int row = valid_rows + i / (kLatentDim / 8), chunk = i % (kLatentDim / 8);
+        *reinterpret_cast<uint4*>(stage_bytes + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8)) =
+            make_uint4(0, 0, 0, 0);
+      }
+    }
+    fence_async_shared();
+    named_barrier_sync(group_barrier, kGroupThreads);
+
+    // S^T = K Q^T
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < kHeadDimQK / 16; ++k) {
+      wgmma_m64n16k16_ss<0>(scores, smem_descriptor(stage + (k / 4) * kTileBytes + (k % 4) * 32, 16, 1024),
+                            smem_descriptor(q_tile + (k / 4) * kQTileBytes + (k % 4) * 32, 16, 1024), k > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(scores);
+
+    // Column softmax: scale and mask, the block's maximum per query row over the warp's 16 tokens (lanes of one
+    // lane % 4), then over the four warps.
+    float block_max[kMine];
+#pragma unroll
+    for (int index = 0; index < kMine; ++index) block_max[index] = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) {
+      const int index = 2 * (i / 4) + i % 2, token = block * kBlockN + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
+      scores[i] = token < visible[index] ? scores[i] * p.scale_log2 : -INFINITY;
+      block_max[index] = fmaxf(block_max[index], scores[i]);
+    }
+#pragma unroll
+    for (int index = 0; index < kMine; ++index) {
+#pragma unroll
+      for (int offset = 4; offset < 32; offset *= 2) {
+        block_max[index] = fmaxf(block_max[index], __shfl_xor_sync(0xffffffffu, block_max[index], offset));
+      }
+      if (lane < 4) warp_max[warp * kRows + column(index)] = block_max[index];
+    }
+    named_barrier_sync(group_barrier, kGroupThreads);
+    // FP8: only Q K^T reads the stage's RoPE tile, and every warp's Q K^T is done: it takes the next own block's.
+    if (kFp8 && thread == 0 && block + 2 < end) fill_stage(block + 2);
+    float shift[kMine], rescale[kMine];
+#pragma unroll
+    for (int index = 0; index < kMine; ++index) {
+      float new_max = query_max[index];
+#pragma unroll
+      for (int w = 0; w < 4; ++w) new_max = fmaxf(new_max, warp_max[w * kRows + column(index)]);
+      shift[index] = new_max == -INFINITY ? 0.f : new_max;
+      rescale[index] = exp2f(query_max[index] - shift[index]);
+      query_max[index] = new_max;
+      query_sum[index] *= rescale[index];
+    }
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) {
+      const int index = 2 * (i / 4) + i % 2, token = 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
+      const float probability = exp2f(scores[i] - shift[index]);
+      query_sum[index] += probability;
+      *reinterpret_cast<__nv_bfloat16*>(probs_bytes + swizzled_offset(column(index), token / 8) + 2 * (token % 8)) =
+          __float2bfloat16_rn(probability);
+    }
+#pragma unroll
+    for (int t = 0; t < kValueTiles; ++t) {
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) out_acc[t][i] *= rescale[2 * (i / 4) + i % 2];
+    }
+    fence_async_shared();
+    named_barrier_sync(group_barrier, kGroupThreads);
+
+    // O^T += V^T P^T
+    wgmma_fence();
+#pragma unroll
+    for (int t = 0; t < kValueTiles; ++t) {
+#pragma unroll
+      for (int k = 0; k < kBlockN / 16; ++k) {
+        wgmma_m64n16k16_ss<1>(out_acc[t], smem_descriptor(stage + t * kTileBytes + k * 16 * 128, kTileBytes, 1024),
+                              smem_descriptor(probs + k * 32, 16, 1024), 1);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int t = 0; t < kValueTiles; ++t) fence_registers(out_acc[t]);
+    // Every warp's wgmma has read the stage and P^T: the stage takes this warpgroup's next block (BF16).
+    named_barrier_sync(group_barrier, kGroupThreads);
+    if (!kFp8 && thread == 0 && block + 2 < end) fill_stage(block + 2);
+  }
+  fills += own;
+
+  // Merge the warpgroups: each finishes half of the value columns (warpgroup 0 tiles 0..3, 1 tiles 4..7) from its own
+  // O^T and the other's, weighted by exp2(m_w - m).
+#pragma unroll
+  for (int index = 0; index < kMine; ++index) {
+#pragma unroll
+    for (int offset = 4; offset < 32; offset *= 2) {
+      query_sum[index] += __shfl_xor_sync(0xffffffffu, query_sum[index], offset);
+    }
+    if (lane < 4) warp_sum[(warpgroup * 4 + warp) * kRows + column(index)] = query_sum[index];
+    if (warp == 0 && lane < 4) group_max[warpgroup * kRows + column(index)] = query_max[index];
+  }
+  __syncthreads();  // both warpgroups are done with their stages: the exchange may use them
+  float4* exchange = reinterpret_cast<float4*>(shared + Layout::kKv);  // [to warpgroup][tile][float4][thread]
+  const auto exchange_at = [&](int to, int t, int quad) {
+    return exchange + ((to * 4 + t) * (kAcc / 4) + quad) * kGroupThreads + thread;
+  };
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+#pragma unroll
+    for (int quad = 0; quad < kAcc / 4; ++quad) {
+      float sent[4];  // selected element by element: the accumulators stay in registers
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sent[e] = warpgroup == 0 ? out_acc[4 + t][4 * quad + e] : out_acc[t][4 * quad + e];
+      *exchange_at(1 - warpgroup, t, quad) = make_float4(sent[0], sent[1], sent[2], sent[3]);
+    }
+  }
+  __syncthreads();
+  float mine_weight[kMine], other_weight[kMine], inverse[kMine], total_max[kMine], total_sum[kMine];
+#pragma unroll
+  for (int index = 0; index < kMine; ++index) {
+    const int n = column(index);
+    const float mine_max = query_max[index], other_max = group_max[(1 - warpgroup) * kRows + n];
+    total_max[index] = fmaxf(mine_max, other_max);
+    mine_weight[index] = total_max[index] == -INFINITY ? 0.f : exp2f(mine_max - total_max[index]);
+    other_weight[index] = total_max[index] == -INFINITY ? 0.f : exp2f(other_max - total_max[index]);
+    float mine_sum = 0.f, other_sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      mine_sum += warp_sum[(warpgroup * 4 + w) * kRows + n];
+      other_sum += warp_sum[((1 - warpgroup) * 4 + w) * kRows + n];
+    }
+    total_sum[index] = mine_sum * mine_weight[index] + other_sum * other_weight[index];
+    inverse[index] = total_sum[index] > 0.f ? 1.f / total_sum[index] : 0.f;
+  }
+  const bool direct = out_slot < 0;
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+#pragma unroll
+    for (int quad = 0; quad < kAcc / 4; ++quad) {
+      const float4 received = *exchange_at(warpgroup, t, quad);
+      const float other[4] = {received.x, received.y, received.z, received.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 4 * quad + e, index = 2 * (i / 4) + i % 2, n = column(index);
+        if (n >= p.rows) continue;
+        const int value_col = 64 * (4 * warpgroup + t) + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
+        const float kept = warpgroup == 0 ? out_acc[t][i] : out_acc[4 + t][i];
+        const float value = (kept * mine_weight[index] + other[e] * other_weight[index]) * inverse[index];
+        if (direct) {
+          p.out[batch * p.out_batch_stride + (n / p.h_q) * p.out_seq_stride + (n % p.h_q) * p.out_head_stride +
+                value_col] = __float2bfloat16_rn(value);
+        } else {
+          p.out_partial[(out_slot * p.rows + n) * kLatentDim + value_col] = value;
+        }
+      }
+    }
+  }
+  if (warpgroup == 0 && warp == 0 && lane < 4) {
+#pragma unroll
+    for (int index = 0; index < kMine; ++index) {
+      const int n = column(index);
+      if (n >= p.rows) continue;
+      const bool seen = total_sum[index] > 0.f;
+      if (direct) {
+        p.lse[(static_cast<int64_t>(batch) * p.h_q + n % p.h_q) * p.s_q + n / p.h_q] =
+            seen ? (total_max[index] + log2f(total_sum[index])) * kLn2 : INFINITY;
+      } else {
+        p.lse_partial[out_slot * p.rows + n] = seen ? total_max[index] + log2f(total_sum[index]) : -INFINITY;
+      }
+    }
+  }
+  __syncthreads();  // the exchange is read: the next piece may fill the stages
+}
+
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1) narrow_decode_kernel(const __grid_constant__ DecodeParams p) {
+  extern __shared__ uint8_t raw_shared[];
+  uint8_t* shared = prepare_shared(raw_shared, Layout::kBarriers);
+  int fills = 0;
+  for_each_piece<false>(p, [&](int z, int begin, int end, int64_t slot) {
+    attend_piece<kFp8>(p, shared, z, begin, end, slot, fills);
+  });
+}
+
+}  // namespace
+
+template <bool kFp8>
+void launch_narrow_decode(const DecodeParams& params, dim3 grid, cudaStream_t stream) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(narrow_decode_kernel<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      Layout::kBytes));
+  narrow_decode_kernel<kFp8><<<grid, kThreads, Layout::kBytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template void launch_narrow_decode<false>(const DecodeParams&, dim3, cudaStream_t);
+template void launch_narrow_decode<true>(const DecodeParams&, dim3, cudaStream_t);
+
+}  // namespace flashmla::decode
