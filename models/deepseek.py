@@ -281,12 +281,14 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x `(T, hidden)` -> weights `(T, top_k)` float32, expert indices `(T, top_k)` int64."""
+    def rank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x `(T, hidden)` -> scores `(T, E)`, the choice scores `(T, E)` (biased; -inf outside the kept groups) and
+        the group scores `(T, n_group)` (None without group-limited routing): what the top-k choices are made on."""
         config = self.config
         logits = F.linear(x.float(), self.weight)
         scores = logits.softmax(-1) if config.scoring_func == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        group_scores = None
         if config.topk_method in ("group_limited_greedy", "noaux_tc") and (config.n_group or 1) > 1:
             grouped = choice.view(x.shape[0], config.n_group, -1)
             if config.topk_method == "noaux_tc":
@@ -296,6 +298,12 @@ class Router(nn.Module):
             group_idx = group_scores.topk(config.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view_as(choice)
+        return scores, choice, group_scores
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `(T, hidden)` -> weights `(T, top_k)` float32, expert indices `(T, top_k)` int64."""
+        config = self.config
+        scores, choice, _ = self.rank(x)
         indices = choice.topk(config.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(1, indices)
         if config.norm_topk_prob:
