@@ -105,11 +105,12 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   if (begin < end) {
     for (int i = threadIdx.x; i < kRows * kChunksPerRow; i += kThreads) {
       const int n = i / kChunksPerRow, chunk = i % kChunksPerRow;
-      const bool valid = n < p.rows;
-      const __nv_bfloat16* row =
-          p.q + batch * p.q_batch_stride + (n / p.h_q) * p.q_seq_stride + (n % p.h_q) * p.q_head_stride;
-      cp_async_16(q_tile + (chunk / 8) * kQTileBytes + swizzled_offset(n, chunk % 8),
-                  valid ? static_cast<const void*>(row + chunk * 8) : p.q, valid);
+      const bool valid = n < p.rows;  // rows past p.rows: zeros, and no address formed
+      const __nv_bfloat16* source =
+          valid ? p.q + batch * p.q_batch_stride + (n / p.h_q) * p.q_seq_stride + (n % p.h_q) * p.q_head_stride +
+                      chunk * 8
+                : p.q;
+      cp_async_16(q_tile + (chunk / 8) * kQTileBytes + swizzled_offset(n, chunk % 8), source, valid);
     }
     cp_async_commit();
   }
@@ -312,7 +313,9 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       }
     }
   }
-  __syncthreads();  // the exchange is read: the next piece may fill the stages
+  // The exchange is read; its generic writes are ordered before the next piece's TMA into the stages.
+  fence_async_shared();
+  __syncthreads();
 }
 
 template <bool kFp8>
