@@ -1,4 +1,6 @@
 // Dense paged MLA decode over the BF16 or FP8 latent cache on Hopper (sm_90a), and the combine of split partials.
+// Dense decode of up to 16 query rows runs dense_decode_narrow.cu instead (run_decode's `narrow`); this kernel takes
+// more rows, and sparse decode and sparse prefill.
 //
 // One CTA = 64 query rows (flattened (s_q, h_q) pairs of one sequence; all heads share the one latent KV head) x one
 // split of the sequence's 64-token cache blocks. Two warpgroups share each block:
