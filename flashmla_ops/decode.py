@@ -346,12 +346,39 @@ def _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_ind
                   f"{name} entries must be -1 or flat cache slots in [0, {num_slots}), got {idx[bad][:8].tolist()}")
 
 
-def _sparse_keys(k_cache, indices, topk_length, batch_index, is_fp8):
-    """Rows and validity for one sequence's queries: indices `(T, topk)` -> keys `(T, topk, d_qk)` and
-    valid `(T, topk)`."""
+def key_width(valid: torch.Tensor) -> int:
+    """How many keys the sparse references attend over: the most valid entries in any row of `valid` `(..., topk)`
+    (all `topk` while a CUDA graph is being captured: the count needs a host sync)."""
+    if valid.numel() == 0 or (valid.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return valid.shape[-1]
+    return int(valid.sum(-1).max())
+
+
+def canonical_order(indices: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
+    """Per row of `indices` `(..., topk)`: the positions of its valid entries in ascending index order (duplicates
+    kept), then the invalid ones, cut to `width` (`key_width(valid)`).
+
+    Attention over a set of keys then computes the same float32 numbers whatever order the indexer ranked them in and
+    however many -1s pad the list: with every visible token selected, the numbers dense attention computes over them
+    (same keys in the same order, same matmul shapes). Sorting fixes the softmax's summation order; the width fixes
+    the shapes, which matter because BLAS picks its blocking and thread split from them: with MKL on 2 threads a key's
+    logit in a (4 x 576) @ (576 x 64) product rounds differently from the same key's in a (576 x 192) one."""
+    key = torch.where(valid, indices.long(), torch.iinfo(torch.int64).max)
+    return torch.sort(key, dim=-1, stable=True).indices[..., :width]
+
+
+def _sparse_valid(indices, topk_length, batch_index):
     valid = indices >= 0
     if topk_length is not None:
         valid &= torch.arange(indices.shape[-1], device=indices.device) < topk_length[batch_index]
+    return valid
+
+
+def _sparse_keys(k_cache, indices, valid, width, is_fp8):
+    """Rows and validity for one sequence's queries: indices and valid `(T, topk)` -> keys `(T, width, d_qk)` and
+    valid `(T, width)`, in `canonical_order`."""
+    order = canonical_order(indices, valid, width)
+    indices, valid = indices.gather(-1, order), valid.gather(-1, order)
     return _gather_rows(k_cache, torch.where(valid, indices, 0).long(), is_fp8), valid
 
 
@@ -361,15 +388,21 @@ def sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, ext
     batch, s_q, h_q, d_qk = q.shape
     out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=q.dtype)
     lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
-    num_keys = indices.shape[-1] + (extra_indices_in_kvcache.shape[-1] if extra_indices_in_kvcache is not None else 0)
-    chunk = max(1, TOKENS_PER_CHUNK // max(1, num_keys * d_qk))
     for b in range(batch):
+        valid_b = _sparse_valid(indices[b], topk_length, b)
+        width = key_width(valid_b)
+        if extra_indices_in_kvcache is not None:
+            extra_valid_b = _sparse_valid(extra_indices_in_kvcache[b], extra_topk_length, b)
+            extra_width = key_width(extra_valid_b)
+        else:
+            extra_width = 0
+        chunk = max(1, TOKENS_PER_CHUNK // max(1, (width + extra_width) * d_qk))
         for start in range(0, s_q, chunk):
             rows = slice(start, start + chunk)
-            keys, valid = _sparse_keys(k_cache, indices[b, rows], topk_length, b, is_fp8)
+            keys, valid = _sparse_keys(k_cache, indices[b, rows], valid_b[rows], width, is_fp8)
             if extra_indices_in_kvcache is not None:
                 extra_keys, extra_valid = _sparse_keys(extra_k_cache, extra_indices_in_kvcache[b, rows],
-                                                       extra_topk_length, b, is_fp8)
+                                                       extra_valid_b[rows], extra_width, is_fp8)
                 keys, valid = torch.cat([keys, extra_keys], 1), torch.cat([valid, extra_valid], 1)
             out_b, lse_b, _ = attend(q[b, rows], keys, valid, softmax_scale, head_dim_v)
             out[b, rows] = apply_attn_sink(out_b, lse_b, attn_sink).to(q.dtype)

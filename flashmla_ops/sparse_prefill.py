@@ -9,7 +9,7 @@ from . import _ext
 from ._attention import apply_attn_sink, attend
 from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor,
                       last_dim_contiguous, value_checks_apply)
-from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK
+from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK, canonical_order, key_width
 from .kv_cache import D_QK, KV_LORA_RANK
 
 
@@ -46,19 +46,23 @@ def sparse_prefill_reference(q, kv, indices, sm_scale, d_v=512, attn_sink=None, 
     lse_indexer = q.new_empty(s_q, h_q, dtype=torch.float32) if indexer_topk else q.new_empty(0, dtype=torch.float32)
     position = torch.arange(topk, device=q.device)
     kv_rows = kv[:, 0] if s_kv else kv.new_zeros(1, d_qk)  # with s_kv == 0 every index is invalid (masked)
-    chunk = max(1, TOKENS_PER_CHUNK // max(1, topk * d_qk))
+    all_valid = (indices[:, 0] >= 0) & (indices[:, 0] < s_kv)
+    if topk_length is not None:
+        all_valid &= position < topk_length[:, None]
+    width = key_width(all_valid)  # keys in canonical_order: the numbers do not depend on topk's padding or order
+    chunk = max(1, TOKENS_PER_CHUNK // max(1, width * d_qk))
     for start in range(0, s_q, chunk):
         rows = slice(start, start + chunk)
-        idx = indices[rows, 0]
-        valid = (idx >= 0) & (idx < s_kv)
-        if topk_length is not None:
-            valid &= position < topk_length[rows, None]
+        idx, valid = indices[rows, 0], all_valid[rows]
+        order = canonical_order(idx, valid, width)
+        in_indexer = (valid & (position < indexer_topk)).gather(-1, order)
+        idx, valid = idx.gather(-1, order), valid.gather(-1, order)
         keys = kv_rows[torch.where(valid, idx, 0).long()]
         out_c, lse_c, max_c = attend(q[rows], keys, valid, sm_scale, d_v)
         out[rows] = apply_attn_sink(out_c, lse_c, attn_sink).to(q.dtype)
         lse[rows], max_logits[rows] = lse_c, max_c
         if indexer_topk:
-            lse_indexer[rows] = attend(q[rows], keys, valid & (position < indexer_topk), sm_scale, d_v)[1]
+            lse_indexer[rows] = attend(q[rows], keys, in_indexer, sm_scale, d_v)[1]
     return out, max_logits, lse, lse_indexer
 
 

@@ -167,6 +167,25 @@ def test_sparse_decode_matches_dense_on_the_same_tokens(device):
     assert (lse_sparse - lse_dense).abs().max() < 1e-4
 
 
+def test_sparse_decode_reference_is_exactly_dense_over_every_token():
+    """The reference attends over a selection in one canonical order and width: whatever order the indexer ranked the
+    tokens in and however many -1s pad it (topk 100 to 192), listing every token of a sequence computes dense decode's
+    numbers bit for bit (blocks in position order). A matmul's rounding depends on its shape and MKL's thread split."""
+    lengths = [33, 64, 100]
+    cache, _ = oracle.paged_cache(6, fp8=False)
+    block_table = torch.arange(6, dtype=torch.int32).view(3, 2)
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    q = oracle.bf16(3, 1, 16, oracle.D_QK)
+    out_dense, lse_dense = dense(q, cache, block_table, cache_seqlens)
+    for topk in (100, 128, 192):
+        indices = torch.full((3, 1, topk), -1, dtype=torch.int32)
+        for b, length in enumerate(lengths):
+            indices[b, 0, torch.randperm(topk)[:length]] = (b * 128 + torch.randperm(length)).int()
+        out, lse = ops.sparse_decode(q, cache, indices, None, None, None, None, None, None, oracle.D_V, SCALE, False,
+                                     None)
+        assert torch.equal(out, out_dense) and torch.equal(lse, lse_dense), topk
+
+
 def test_cuda_split_policy_fills_the_gpu_from_shapes_alone(monkeypatch):
     """csrc/dense_decode.cu runs one CTA per SM: splits fill a 132-SM GPU when the row tiles alone do not, never
     below 2 blocks per split of the longest sequence the block table holds, and one split once the tiles fill it."""

@@ -100,3 +100,16 @@ def test_sparse_prefill_no_queries(device):
     out, max_logits, lse, lse_indexer = ops.sparse_prefill(q, kv, torch.zeros(0, 1, 8, dtype=torch.int32, device=device),
                                                            0.04, oracle.D_V, None, None, 4)
     assert out.shape == (0, 16, oracle.D_V) and lse.shape == max_logits.shape == lse_indexer.shape == (0, 16)
+
+
+def test_sparse_prefill_reference_ignores_index_order_and_padding():
+    """The same causal selection, shuffled and padded to topk 64 or 192 with -1s, gives bit-identical outputs."""
+    length, h_q = 40, 16
+    q, kv = oracle.bf16(length, h_q, oracle.D_QK), oracle.bf16(length, 1, oracle.D_QK)
+    results = []
+    for topk in (64, 192):
+        indices = torch.full((length, 1, topk), -1, dtype=torch.int32)
+        for t in range(length):
+            indices[t, 0, torch.randperm(topk)[:t + 1]] = torch.randperm(t + 1).int()
+        results.append(ops.sparse_prefill(q, kv, indices, oracle.D_QK ** -0.5, oracle.D_V, None, None, 0)[:3])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
