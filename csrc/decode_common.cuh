@@ -105,6 +105,25 @@ __device__ __forceinline__ uint8_t* prepare_shared(uint8_t* raw_shared, int barr
   return shared;
 }
 
+// Where row `row` of sequence `batch`'s cache block `block` lives, or nullptr past the sequence's `length`.
+__device__ __forceinline__ const uint8_t* cache_row_address(const DecodeParams& p, int batch, int block, int row,
+                                                            int length) {
+  if (block * kBlockN + row >= length) return nullptr;
+  const int page = p.block_table[batch * p.block_table_stride + block];
+  return p.kv + page * p.kv_block_bytes + row * p.kv_row_bytes;
+}
+
+// Zeroes the value columns (the first 512) of a BF16 stage's rows [first_row, 64): the last block's rows past the
+// sequence's end, which P V multiplies by 0 (and 0 * NaN is not 0). `thread` of `threads` share the stores.
+__device__ __forceinline__ void zero_value_rows(uint8_t* stage_tiles, int first_row, int thread, int threads) {
+  const int chunks = (kBlockN - first_row) * (kLatentDim / 8);
+  for (int i = thread; i < chunks; i += threads) {
+    const int row = first_row + i / (kLatentDim / 8), chunk = i % (kLatentDim / 8);
+    *reinterpret_cast<uint4*>(stage_tiles + (chunk / 8) * kTileBytes + sm90::swizzled_offset(row, chunk % 8)) =
+        make_uint4(0, 0, 0, 0);
+  }
+}
+
 // One thread: `boxes` boxes of `map` for cache block `block` of sequence `batch`, box i from column i * column_step
 // into dst + i * dst_step, all completing on `barrier`. The BF16 cache's nine 64-column tiles or the FP8 cache's one
 // RoPE tile.

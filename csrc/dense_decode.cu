@@ -78,10 +78,7 @@ __device__ __forceinline__ const uint8_t* gather_row_address(const DecodeParams&
     if (slot < 0 || slot >= p.kv_slots) return nullptr;
     return p.kv + (slot / kBlockN) * p.kv_block_bytes + (slot % kBlockN) * p.kv_row_bytes;
   } else {
-    const int row = gather_row();
-    if (block * kBlockN + row >= length) return nullptr;
-    const int page = p.block_table[batch * p.block_table_stride + block];
-    return p.kv + page * p.kv_block_bytes + row * p.kv_row_bytes;
+    return cache_row_address(p, batch, block, gather_row(), length);
   }
 }
 
@@ -318,15 +315,9 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       }
     }
     const int valid_rows = length - block * kBlockN;
-    if (!kFp8 && !kSparse && valid_rows < kBlockN) {  // the last block: zero the value rows past the end (P is 0 there; 0 * NaN
-                                          // is not). The FP8 path stores zeros there itself.
-      uint8_t* stage_tiles = shared + L::kKv + stage * kMatrixBytes;
-      const int chunks = (kBlockN - valid_rows) * (kLatentDim / 8);
-      for (int i = threadIdx.x; i < chunks; i += kThreads) {
-        const int row = valid_rows + i / (kLatentDim / 8), chunk = i % (kLatentDim / 8);
-        *reinterpret_cast<uint4*>(stage_tiles + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8)) =
-            make_uint4(0, 0, 0, 0);
-      }
+    // The last block: zero the value rows past the end (the FP8 path stores zeros there itself).
+    if (!kFp8 && !kSparse && valid_rows < kBlockN) {
+      zero_value_rows(shared + L::kKv + stage * kMatrixBytes, valid_rows, threadIdx.x, kThreads);
     }
     fence_async_shared();
     named_barrier_sync(1, kThreads);

@@ -79,15 +79,12 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   // FP8: this thread dequantises quarter lane % 4 of block rows share_row and share_row + 32 (rows r and r + 4 of an
   // 8-lane phase: no bank conflict), from registers loaded one own block (two blocks) ahead.
   const int share_row = 8 * warp + 4 * ((lane / 4) % 2) + lane / 8;
-  const auto row_address = [&](int block, int row) -> const uint8_t* {
-    if (block * kBlockN + row >= length) return nullptr;
-    const int page = p.block_table[batch * p.block_table_stride + block];
-    return p.kv + page * p.kv_block_bytes + row * p.kv_row_bytes;
-  };
   Fp8Share share[2];
   const auto load_share = [&](int block) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) load_fp8_share(share[half], row_address(block, share_row + 32 * half));
+    for (int half = 0; half < 2; ++half) {
+      load_fp8_share(share[half], cache_row_address(p, batch, block, share_row + 32 * half, length));
+    }
   };
   const auto fill_stage = [&](int block) {  // one thread
     if constexpr (kFp8) {
@@ -141,14 +138,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     }
     mbarrier_wait(barrier, (fills + own) & 1);
     const int valid_rows = length - block * kBlockN;
-    if (!kFp8 && valid_rows < kBlockN) {  // zero the value rows past the end (P is 0 there; 0 * NaN is not)
-      const int chunks = (kBlockN - valid_rows) * (kLatentDim / 8);
-      for (int i = thread; i < chunks; i += kGroupThreads) {
-        const int row = valid_rows + i / (kLatentDim / 8), chunk = i % (kLatentDim / 8);
-        *reinterpret_cast<uint4*>(stage_bytes + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8)) =
-            make_uint4(0, 0, 0, 0);
-      }
-    }
+    if (!kFp8 && valid_rows < kBlockN) zero_value_rows(stage_bytes, valid_rows, thread, kGroupThreads);
     fence_async_shared();
     named_barrier_sync(group_barrier, kGroupThreads);
 

@@ -346,17 +346,18 @@ def _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_ind
                   f"{name} entries must be -1 or flat cache slots in [0, {num_slots}), got {idx[bad][:8].tolist()}")
 
 
-def key_width(valid: torch.Tensor) -> int:
-    """How many keys the sparse references attend over: the most valid entries in any row of `valid` `(..., topk)`
-    (all `topk` while a CUDA graph is being captured: the count needs a host sync)."""
+def key_widths(valid: torch.Tensor) -> list[int]:
+    """How many keys the sparse references attend over, per leading index of `valid` `(n, ..., topk)`: the most valid
+    entries in any of its rows (all `topk` while a CUDA graph is being captured: the counts need a host sync, one for
+    all n)."""
     if valid.numel() == 0 or (valid.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return valid.shape[-1]
-    return int(valid.sum(-1).max())
+        return [valid.shape[-1]] * valid.shape[0]
+    return valid.sum(-1).flatten(1).amax(1).tolist()
 
 
 def canonical_order(indices: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
     """Per row of `indices` `(..., topk)`: the positions of its valid entries in ascending index order (duplicates
-    kept), then the invalid ones, cut to `width` (`key_width(valid)`).
+    kept), then the invalid ones, cut to `width` (from `key_widths`).
 
     Attention over a set of keys then computes the same float32 numbers whatever order the indexer ranked them in and
     however many -1s pad the list: with every visible token selected, the numbers dense attention computes over them
@@ -367,10 +368,11 @@ def canonical_order(indices: torch.Tensor, valid: torch.Tensor, width: int) -> t
     return torch.sort(key, dim=-1, stable=True).indices[..., :width]
 
 
-def _sparse_valid(indices, topk_length, batch_index):
+def _sparse_valid(indices, topk_length):
+    """indices `(batch, s_q, k)` -> which entries count: not -1, and within the sequence's `topk_length`."""
     valid = indices >= 0
     if topk_length is not None:
-        valid &= torch.arange(indices.shape[-1], device=indices.device) < topk_length[batch_index]
+        valid &= torch.arange(indices.shape[-1], device=indices.device) < topk_length[:, None, None]
     return valid
 
 
@@ -388,21 +390,21 @@ def sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, ext
     batch, s_q, h_q, d_qk = q.shape
     out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=q.dtype)
     lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
+    all_valid = _sparse_valid(indices, topk_length)
+    widths = key_widths(all_valid)
+    if extra_indices_in_kvcache is not None:
+        extra_all_valid = _sparse_valid(extra_indices_in_kvcache, extra_topk_length)
+        extra_widths = key_widths(extra_all_valid)
+    else:
+        extra_widths = [0] * batch
     for b in range(batch):
-        valid_b = _sparse_valid(indices[b], topk_length, b)
-        width = key_width(valid_b)
-        if extra_indices_in_kvcache is not None:
-            extra_valid_b = _sparse_valid(extra_indices_in_kvcache[b], extra_topk_length, b)
-            extra_width = key_width(extra_valid_b)
-        else:
-            extra_width = 0
-        chunk = max(1, TOKENS_PER_CHUNK // max(1, (width + extra_width) * d_qk))
+        chunk = max(1, TOKENS_PER_CHUNK // max(1, (widths[b] + extra_widths[b]) * d_qk))
         for start in range(0, s_q, chunk):
             rows = slice(start, start + chunk)
-            keys, valid = _sparse_keys(k_cache, indices[b, rows], valid_b[rows], width, is_fp8)
+            keys, valid = _sparse_keys(k_cache, indices[b, rows], all_valid[b, rows], widths[b], is_fp8)
             if extra_indices_in_kvcache is not None:
                 extra_keys, extra_valid = _sparse_keys(extra_k_cache, extra_indices_in_kvcache[b, rows],
-                                                       extra_valid_b[rows], extra_width, is_fp8)
+                                                       extra_all_valid[b, rows], extra_widths[b], is_fp8)
                 keys, valid = torch.cat([keys, extra_keys], 1), torch.cat([valid, extra_valid], 1)
             out_b, lse_b, _ = attend(q[b, rows], keys, valid, softmax_scale, head_dim_v)
             out[b, rows] = apply_attn_sink(out_b, lse_b, attn_sink).to(q.dtype)
