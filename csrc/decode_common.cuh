@@ -197,6 +197,30 @@ __device__ __forceinline__ void store_fp8_share(const Fp8Share& share, uint8_t* 
   }
 }
 
+// Cycles per phase of a block loop, for finding what bounds a kernel: built with
+// FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_PHASES, the first CTA's warpgroup leaders print, for each piece of 8 blocks or
+// more, the cycles each phase took per block (docs/bench/decode_phases_h200.log). Otherwise every call compiles to
+// nothing.
+struct PhaseClock {
+#ifdef FLASHMLA_PHASES
+  unsigned last = clock(), total[8] = {};
+  __device__ __forceinline__ void mark(int phase) {
+    const unsigned now = clock();
+    total[phase] += now - last;
+    last = now;
+  }
+  __device__ __forceinline__ void report(const char* kernel, int blocks) const {
+    if (blockIdx.x + blockIdx.y + blockIdx.z != 0 || threadIdx.x % 128 != 0 || blocks < 8) return;
+    printf("%s warpgroup %d, %d blocks, cycles per block by phase: %u %u %u %u %u %u %u %u\n", kernel,
+           threadIdx.x / 128, blocks, total[0] / blocks, total[1] / blocks, total[2] / blocks, total[3] / blocks,
+           total[4] / blocks, total[5] / blocks, total[6] / blocks, total[7] / blocks);
+  }
+#else
+  __device__ __forceinline__ void mark(int) {}
+  __device__ __forceinline__ void report(const char*, int) const {}
+#endif
+};
+
 // Launches csrc/dense_decode_narrow.cu (rows <= kNarrowRows, dense) on grid (1, splits or parts, batch or 1).
 template <bool kFp8>
 void launch_narrow_decode(const DecodeParams& params, dim3 grid, cudaStream_t stream);

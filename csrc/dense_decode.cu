@@ -347,21 +347,31 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   // block before P V of this one, so the next block's softmax overlaps P V; BF16 keeps P V first (its scores are
   // ready sooner and the loop holds fewer registers).
   if constexpr (kQkFirst) {
+    PhaseClock clock;
     for (int block = begin; block + 1 < end; ++block) {
       const int stage = (block - begin) % 2, next_stage = 1 - stage;
+      clock.mark(7);
       gathers_landed();
+      clock.mark(0);
       fence_registers(out_acc);
       wait_stage(next_stage, (block + 1 - begin) / 2);
+      clock.mark(1);
       issue_scores(scores, q_tile, kv_tile(next_stage), warpgroup);
       issue_values(out_acc, p_tile, kv_tile(stage), warpgroup);
       wgmma_wait<1>();  // Q K^T of the next block is done; P V of this one may still run
       fence_registers(scores);
+      clock.mark(2);
       softmax_scores(block + 1);
+      clock.mark(3);
       wgmma_wait<0>();
       fence_registers(out_acc);
+      clock.mark(4);
       refill(stage, block);
+      clock.mark(5);
       publish_probs(block + 1, next_stage);  // its fence and barrier also publish the FP8 latent just stored
+      clock.mark(6);
     }
+    clock.report(kSparse ? "wide sparse fp8" : "wide fp8", end - begin);
     if (begin < end) {  // the last block's P V
       fence_registers(out_acc);
       issue_values(out_acc, p_tile, kv_tile((end - 1 - begin) % 2), warpgroup);
@@ -369,29 +379,39 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       fence_registers(out_acc);
     }
   } else {
+    PhaseClock clock;
     for (int block = begin; block < end; ++block) {
       const int stage = (block - begin) % 2;
+      clock.mark(7);
       gathers_landed();
       fence_registers(out_acc);
       issue_values(out_acc, p_tile, kv_tile(stage), warpgroup);
+      clock.mark(0);
       const bool has_next = block + 1 < end;
       if (has_next) {
         const int next = block + 1 - begin;
         wait_stage(next % 2, next / 2);
+        clock.mark(1);
         issue_scores(scores, q_tile, kv_tile(next % 2), warpgroup);
         wgmma_wait<1>();  // P V of this block is done; Q K^T of the next may still run
       } else {
         wgmma_wait<0>();
       }
       fence_registers(out_acc);
+      clock.mark(2);
       refill(stage, block);
+      clock.mark(3);
       if (has_next) {
         wgmma_wait<0>();
         fence_registers(scores);
+        clock.mark(4);
         softmax_scores(block + 1);
+        clock.mark(5);
         publish_probs(block + 1, (block + 1 - begin) % 2);  // its fence and barrier also publish the FP8 latent
+        clock.mark(6);
       }
     }
+    clock.report(kSparse ? "wide sparse bf16" : "wide bf16", end - begin);
   }
 #pragma unroll
   for (int j = 0; j < 2; ++j) {

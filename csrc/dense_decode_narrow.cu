@@ -130,17 +130,22 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   float scores[kAcc];
 
   int own = 0;
+  PhaseClock clock;
   for (int block = first_block; block < end; block += 2, ++own) {
+    clock.mark(7);
     if constexpr (kFp8) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) store_fp8_share(share[half], stage_bytes, share_row + 32 * half);
       if (block + 2 < end) load_share(block + 2);
     }
+    clock.mark(0);
     mbarrier_wait(barrier, (fills + own) & 1);
+    clock.mark(1);
     const int valid_rows = length - block * kBlockN;
     if (!kFp8 && valid_rows < kBlockN) zero_value_rows(stage_bytes, valid_rows, thread, kGroupThreads);
     fence_async_shared();
     named_barrier_sync(group_barrier, kGroupThreads);
+    clock.mark(2);
 
     // S^T = K Q^T
     wgmma_fence();
@@ -152,6 +157,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(scores);
+    clock.mark(3);
 
     // Column softmax: scale and mask, the block's maximum per query row over the warp's 16 tokens (lanes of one
     // lane % 4), then over the four warps.
@@ -173,6 +179,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       if (lane < 4) warp_max[warp * kRows + column(index)] = block_max[index];
     }
     named_barrier_sync(group_barrier, kGroupThreads);
+    clock.mark(4);
     // FP8: only Q K^T reads the stage's RoPE tile, and every warp's Q K^T is done: it takes the next own block's.
     if (kFp8 && thread == 0 && block + 2 < end) fill_stage(block + 2);
     float shift[kMine], rescale[kMine];
@@ -201,6 +208,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     }
     fence_async_shared();
     named_barrier_sync(group_barrier, kGroupThreads);
+    clock.mark(5);
 
     // O^T += V^T P^T
     wgmma_fence();
@@ -216,10 +224,13 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     wgmma_wait<0>();
 #pragma unroll
     for (int t = 0; t < kValueTiles; ++t) fence_registers(out_acc[t]);
+    clock.mark(6);
     // Every warp's wgmma has read the stage and P^T: the stage takes this warpgroup's next block (BF16).
     named_barrier_sync(group_barrier, kGroupThreads);
     if (!kFp8 && thread == 0 && block + 2 < end) fill_stage(block + 2);
   }
+  clock.mark(7);
+  clock.report(kFp8 ? "narrow fp8" : "narrow bf16", own);
   fills += own;
 
   // Merge the warpgroups: each finishes half of the value columns (warpgroup 0 tiles 0..3, 1 tiles 4..7) from its own
