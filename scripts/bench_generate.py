@@ -28,7 +28,8 @@ by self CUDA (or CPU) time and the step's time split into: attention kernels (`f
 / eager attention), the rest of self-attention (projections, RoPE, cache writes), MoE (router, routed and shared
 experts), other (dense MLPs, norms, embedding, lm_head, sampling) and, on CUDA, launch gaps (wall time with no
 kernel running). A compiled step's kernels are fused and replayed from a CUDA graph, so they cannot be attributed to
-modules: its kernel time shows under "other" (the top-ops table names them), its launch gaps as measured.
+modules: its attention kernels are found by name (`flashmla` in the kernel's name), the rest of its kernel time
+shows under "other" (the top-ops table names the kernels), its launch gaps as measured.
 """
 import argparse
 import gc
@@ -73,6 +74,7 @@ _V3 = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_int
            num_hidden_layers=2, first_k_dense_replace=1)
 PRESETS = {
     "tiny": tiny_config("deepseek_v3"),
+    "tiny-v2": tiny_config("deepseek_v2"),
     "v2-lite": V2_LITE_CONFIG,
     "v3-layers": dict(_V3, model_type="deepseek_v3"),
     "v32-layers": dict(_V3, model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048),
@@ -234,6 +236,18 @@ def hf_model_from(model, config_dict: dict, dtype: torch.dtype, device: torch.de
     return hf
 
 
+def transformers_rope_order(k_pe: torch.Tensor, config: DeepseekConfig) -> torch.Tensor:
+    """A roped key in this project's order, in transformers'. Both regroup an interleaved RoPE's pairs into halves
+    before rotating (models.deepseek.apply_rope; transformers' DeepSeek-V3 with `rope_interleave`), except
+    transformers' DeepSeek-V2, which rotates adjacent pairs as complex numbers and so caches them adjacent. Real
+    tokens are roped by each model in its own order; random cache content must be written in each order too, or the
+    two models attend over different keys."""
+    if config.model_type != "deepseek_v2" or not config.rope_interleave:
+        return k_pe
+    first, second = k_pe.chunk(2, dim=-1)
+    return torch.stack([first, second], dim=-1).flatten(-2)
+
+
 class HFRunner:
     """transformers' model with its DynamicCache (eager) or StaticCache (compiled step)."""
 
@@ -287,6 +301,7 @@ class HFRunner:
             dtype = layer.keys.dtype
             latent, k_pe, index_k = random_context(config, layer_idx, self.batch, start, end, dtype, self.device,
                                                    seed)
+            k_pe = transformers_rope_order(k_pe, config)
             if layer.keys.shape[-1] == config.kv_lora_rank and layer.values.shape[-1] == config.qk_rope_head_dim:
                 keys, values = latent[:, None], k_pe[:, None]
             elif layer.keys.shape[-1] == config.qk_head_dim and layer.values.shape[-1] == config.v_head_dim:
@@ -327,6 +342,15 @@ def estimated_bytes(backend: str, config: DeepseekConfig, batch: int, max_seq_le
     return tokens * per_token
 
 
+def step_group(names: list[str]) -> str:
+    """The group of a profiled event, from its name and its enclosing ranges' (innermost first). Attention kernels are
+    found by name too: a kernel replayed from a compiled step's CUDA graph has no enclosing op or module, and this
+    project's kernels are all named `flashmla::...` (the op) or `...flashmla::...kernel...` (the CUDA kernel)."""
+    if any("flashmla::" in name or "scaled_dot_product" in name for name in names):
+        return "attention kernels"
+    return "moe" if "moe" in names else "attention other" if "self_attn" in names else "other"
+
+
 def profile_step(runner, tokens: torch.Tensor, steps: int, device: torch.device) -> dict:
     """Profile `steps` decode steps; print the top ops; returns microseconds per step by group."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -358,20 +382,18 @@ def profile_step(runner, tokens: torch.Tensor, steps: int, device: torch.device)
     print(prof.key_averages().table(sort_by="self_device_time_total" if on_cuda else "self_cpu_time_total",
                                     row_limit=12))
 
-    def group(event) -> str:
-        names = []
+    def names(event) -> list[str]:
+        chain = []
         while event is not None:
-            names.append(event.name)
+            chain.append(event.name)
             event = event.cpu_parent
-        if any(name.startswith("flashmla::") or "scaled_dot_product" in name for name in names):
-            return "attention kernels"
-        return "moe" if "moe" in names else "attention other" if "self_attn" in names else "other"
+        return chain
 
     groups = dict.fromkeys(("attention kernels", "attention other", "moe", "other"), 0.0)
     for event in prof.events():
         # Ranges (modules, a compiled graph's "## Call CompiledFxGraph ...") span kernels that count themselves.
         if event.name not in ("moe", "self_attn") and not event.name.startswith("## "):
-            groups[group(event)] += event.self_device_time_total if on_cuda else event.self_cpu_time_total
+            groups[step_group(names(event))] += event.self_device_time_total if on_cuda else event.self_cpu_time_total
     if on_cuda:  # the GPU idles between kernels while the host launches them (CUDA graphs remove most of it)
         groups["launch gaps"] = max(0.0, wall_us - sum(groups.values()))
     total = sum(groups.values())

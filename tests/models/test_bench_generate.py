@@ -54,6 +54,16 @@ def test_backends_agree(result, context):
     assert tokens(result, "hf-eager", context) == ours
 
 
+def test_backends_agree_v2_random_context(tmp_path):
+    """DeepSeek-V2's RoPE: transformers caches the roped key's pairs adjacent, this project regrouped into halves;
+    the random context past the 40 prefilled tokens must reach each cache in its own order."""
+    result = bench_generate.main(["--model-preset", "tiny-v2", "--device", "cpu", "--batch", str(BATCH),
+                                  "--context", "100", "--prefill-tokens", "80", "--steps", str(STEPS),
+                                  "--warmup", "0", "--dtype", "float32", "--kv-cache", "fp32",
+                                  "--backends", "ours-eager,hf-eager", "--out", str(tmp_path / "generate")])
+    assert tokens(result, "hf-eager", 100) == tokens(result, "ours-eager", 100)
+
+
 def test_arguments():
     args = bench_generate.parse_args(["--batch", "1,8", "--context", "1024", "--backends", "ours-eager, hf-eager"])
     assert args.batch == [1, 8] and args.context == [1024] and args.backends == ["ours-eager", "hf-eager"]
@@ -63,3 +73,20 @@ def test_arguments():
         "num_hidden_layers"] == 3
     with pytest.raises(SystemExit):
         bench_generate.parse_args(["--backends", "vllm"])
+
+
+@pytest.mark.parametrize("names, group", [
+    (["flashmla::dense_decode", "self_attn"], "attention kernels"),
+    # kernels replayed from a compiled step's CUDA graph: no enclosing op or module, only the kernel's own name
+    (["void flashmla::decode::(anonymous namespace)::narrow_decode_kernel<true>(flashmla::decode::DecodeParams)"],
+     "attention kernels"),
+    (["void flashmla::(anonymous namespace)::combine_kernel(float const*, float const*)"], "attention kernels"),
+    (["cudnn_generated_fort_native_sdpa_sm80_flash_fprop", "aten::_scaled_dot_product_cudnn_attention"],
+     "attention kernels"),
+    (["aten::mm", "self_attn"], "attention other"),
+    (["aten::_grouped_mm", "moe"], "moe"),
+    (["void cutlass::device_kernel<at::cuda::detail::enable_sm90_or_later<...>>"], "other"),
+    (["triton_poi_fused_add_mul_0"], "other"),
+])
+def test_profile_groups(names, group):
+    assert bench_generate.step_group(names) == group
