@@ -371,9 +371,10 @@ class Experts(nn.Module):
     def dense(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, mixed by `combine` `(T, E)` (zero for experts not chosen): any dtype,
         differentiable (the training forward), exact; E / top_k times the work of the chosen experts alone."""
-        gate = torch.einsum("th,eih->eti", x, self.gate_proj)
-        up = torch.einsum("th,eih->eti", x, self.up_proj)
-        expert_out = torch.einsum("eti,ehi->eth", F.silu(gate) * up, self.down_proj)
+        # Batched matmuls against the weights' transposed views read them in place; the einsum equivalents copied
+        # every expert's weights into a permuted layout per call (V2-Lite, CPU float32: 4.3 s against 0.18 s).
+        gate, up = torch.matmul(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        expert_out = torch.matmul(F.silu(gate) * up, self.down_proj.transpose(1, 2))
         return torch.einsum("eth,te->th", expert_out, combine.to(expert_out.dtype))
 
 
