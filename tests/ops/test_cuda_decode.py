@@ -13,7 +13,7 @@ from decode_inputs import (BF16_BAND, DEVICE, assert_decode_close, check_dense_d
                            make_inputs, poison_allocator)
 
 from flashmla_ops import _ext, reference
-from flashmla_ops.decode import cuda_num_splits
+from flashmla_ops.decode import CUDA_NARROW_ROWS, cuda_num_splits
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK
 
 
@@ -43,14 +43,13 @@ CASES = [
     ([100, 0, 4097], 4, 4),
     ([0, 0], 1, 16),
 ]
-NARROW_ROWS = 16
 
 
 def kernel_cases():
     """Every case on the wide kernel, and those of at most 16 query rows on the narrow one too."""
     for seqlens, s_q, h_q in CASES:
         yield seqlens, s_q, h_q, False
-        if s_q * h_q <= NARROW_ROWS:
+        if s_q * h_q <= CUDA_NARROW_ROWS:
             yield seqlens, s_q, h_q, True
 
 
