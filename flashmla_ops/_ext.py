@@ -71,6 +71,7 @@ KERNELS = {
     "sparse_prefill": ("cuda", "triton"),
     "indexer_logits": ("triton",),
     "indexer_logits_paged": ("triton",),
+    "routed_experts": ("triton",),
 }
 CHOICES = ("auto", "cuda", "triton", "reference")
 

@@ -214,12 +214,13 @@ def test_indexer_choice(hf_checkpoints):
         assert (logits[t, theirs] >= kth - tolerance).all(), f"query {t}: transformers picks a token we rank low"
 
 
-@pytest.mark.parametrize("num_tokens", [1, 3, 40])
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 40])
 @pytest.mark.parametrize("first_expert", [0, 4])
 def test_grouped_experts_match_dense(num_tokens, first_expert):
-    """The bfloat16 MoE path (tokens sorted by expert, torch._grouped_mm) against every expert on every token mixed by
-    the router's weights, in float32 on the same bfloat16 weights: decode-sized and prefill-sized batches, all experts
-    held or, as under expert parallelism, only experts 4..7 of 8 (others' choices count 0)."""
+    """The bfloat16 MoE paths (up to FEW_TOKENS tokens the routed_experts op, past them tokens sorted by expert and
+    torch._grouped_mm) against every expert on every token mixed by the router's weights, in float32 on the same
+    bfloat16 weights: decode-sized and prefill-sized batches, all experts held or, as under expert parallelism, only
+    experts 4..7 of 8 (others' choices count 0)."""
     config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
     experts = Experts(config)
     num_held = 8 if first_expert == 0 else 4

@@ -56,6 +56,9 @@ def samples():
                                      torch.randn(2, 1, 4), paged_table, paged_lengths, torch.rand(2, 1, 4))
     yield ops.indexer_topk, (torch.randn(4, 50), 7, None)
     yield ops.indexer_topk, (torch.randn(2, 2, 128), 70, paged_table)
+    experts = torch.tensor([[0, 2], [3, 1]])  # 3: another rank's expert
+    yield ops.routed_experts, (bf16(2, 24), bf16(3, 16, 24), bf16(3, 24, 8), torch.rand(2, 2), experts)
+    yield ops.routed_experts, (bf16(1, 24), bf16(3, 16, 24), bf16(3, 24, 8), torch.rand(1, 2), experts[:1].int())
 
 
 SAMPLES = list(samples())
