@@ -108,16 +108,18 @@ def test_compiled_decode_compiles_twice_for_any_cache_size():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("model_type,kv_cache_dtype", [("deepseek_v2", "bf16"), ("deepseek_v3", "fp8"),
                                                        ("deepseek_v32", "fp8"), ("deepseek_v32", "bf16")])
-def test_cuda_graph_decode_matches_eager(monkeypatch, model_type, kv_cache_dtype):
+@pytest.mark.parametrize("batch", [None, 1])
+def test_cuda_graph_decode_matches_eager(monkeypatch, model_type, kv_cache_dtype, batch):
     """On the GPU, bfloat16: the decode step compiled with CUDA graphs (recorded, then replayed every step, the flashmla
-    ops inside) generates the same 32 tokens as eager decoding, with no CUDA graph skipped (a skip raises)."""
+    ops inside) generates the same 32 tokens as eager decoding, with no CUDA graph skipped (a skip raises). Every
+    prompt, and the first alone (batch 1: the MoE layers' routed_experts op)."""
     monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_or_error", True)
     # V3.2: index_topk above every context (93 tokens at most), so the whole sparse path runs but the choice is every
     # visible token: with a random model, fused and eager rounding swap near-tied tokens at a top-16 boundary, which
     # moves logits by up to 40% (test_deepseek.py), a numerical coin toss rather than a capture bug.
     config = DeepseekConfig.from_dict(tiny_config(model_type, index_topk=128))
     model = random_model(config, torch.bfloat16, "cuda", seed=1)
-    prompts = make_prompts(config.vocab_size)  # the first crosses a 64-token block while decoding
+    prompts = make_prompts(config.vocab_size)[:batch]  # the first crosses a 64-token block while decoding
     torch._dynamo.reset()
     counters.clear()
     outputs = []
@@ -134,15 +136,17 @@ def test_cuda_graph_decode_matches_eager(monkeypatch, model_type, kv_cache_dtype
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("model_type,kv_cache_dtype", [("deepseek_v2", "bf16"), ("deepseek_v3", "bf16"),
                                                        ("deepseek_v32", "fp8")])
-def test_decode_step_has_no_graph_breaks(model_type, kv_cache_dtype, dtype):
+@pytest.mark.parametrize("batch", [8, 1])
+def test_decode_step_has_no_graph_breaks(model_type, kv_cache_dtype, dtype, batch):
     """The whole decode step (embedding to logits, the flashmla ops inside) is one graph for dynamo, in float32 and in
-    bfloat16 (the GPU's MoE path), at a batch whose expert choices outnumber the experts (8 tokens x 2 of 8)."""
+    bfloat16 (the GPU's MoE paths), at a batch whose expert choices outnumber the experts (8 tokens x 2 of 8) and at
+    batch 1 (bfloat16: the routed_experts op)."""
     config = DeepseekConfig.from_dict(tiny_config(model_type))
     model = random_model(config, dtype, seed=2)
-    cache = PagedKVCache(config, num_blocks=8, max_batch_size=8, max_seq_len=64, kv_cache_dtype=kv_cache_dtype)
+    cache = PagedKVCache(config, num_blocks=8, max_batch_size=batch, max_seq_len=64, kv_cache_dtype=kv_cache_dtype)
     with torch.inference_mode():
-        first = prefill(model, cache, [[5 + seq, 6, 7] for seq in range(8)]).argmax(-1)
-        cache.extend_batch(8, 1)
+        first = prefill(model, cache, [[5 + seq, 6, 7] for seq in range(batch)]).argmax(-1)
+        cache.extend_batch(batch, 1)
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(decode_step)(model, cache, first[:, None])
     assert explanation.graph_break_count == 0, explanation.break_reasons
