@@ -346,13 +346,22 @@ def _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_ind
                   f"{name} entries must be -1 or flat cache slots in [0, {num_slots}), got {idx[bad][:8].tolist()}")
 
 
-def key_widths(valid: torch.Tensor) -> list[int]:
-    """How many keys the sparse references attend over, per leading index of `valid` `(n, ..., topk)`: the most valid
-    entries in any of its rows (all `topk` while a CUDA graph is being captured: the counts need a host sync, one for
-    all n)."""
-    if valid.numel() == 0 or (valid.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return [valid.shape[-1]] * valid.shape[0]
-    return valid.sum(-1).flatten(1).amax(1).tolist()
+def key_widths(*valids: torch.Tensor) -> list[list[int]]:
+    """How many keys the sparse references attend over, per tensor of `valids` (each `(n, ..., topk)`) and per leading
+    index: the most valid entries in any of its rows. One host sync for all of them (none while a CUDA graph is being
+    captured: then every width is `topk`)."""
+    if any(v.is_cuda for v in valids) and torch.cuda.is_current_stream_capturing():
+        return [[v.shape[-1]] * v.shape[0] for v in valids]
+    counts = [v.sum(-1).flatten(1).amax(1) for v in valids if v.numel()]
+    flat = torch.cat(counts).tolist() if counts else []
+    widths = []
+    for v in valids:
+        if v.numel():
+            widths.append(flat[:v.shape[0]])
+            flat = flat[v.shape[0]:]
+        else:
+            widths.append([v.shape[-1]] * v.shape[0])
+    return widths
 
 
 def canonical_order(indices: torch.Tensor, valid: torch.Tensor, width: int) -> torch.Tensor:
@@ -391,12 +400,11 @@ def sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, ext
     out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=q.dtype)
     lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
     all_valid = _sparse_valid(indices, topk_length)
-    widths = key_widths(all_valid)
     if extra_indices_in_kvcache is not None:
         extra_all_valid = _sparse_valid(extra_indices_in_kvcache, extra_topk_length)
-        extra_widths = key_widths(extra_all_valid)
+        widths, extra_widths = key_widths(all_valid, extra_all_valid)
     else:
-        extra_widths = [0] * batch
+        (widths,), extra_widths = key_widths(all_valid), [0] * batch
     for b in range(batch):
         chunk = max(1, TOKENS_PER_CHUNK // max(1, (widths[b] + extra_widths[b]) * d_qk))
         for start in range(0, s_q, chunk):
