@@ -343,7 +343,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       if (kFp8 && block + 3 < end) load_fp8_share(share, next_row_address(block + 3));
     }
   };
-  // Two loop orders, each measured faster for its cache (H100, scripts/ab_decode.sh): FP8 issues Q K^T of the next
+  // Two loop orders, each measured faster for its cache (H100, an A/B of both orders): FP8 issues Q K^T of the next
   // block before P V of this one, so the next block's softmax overlaps P V; BF16 keeps P V first (its scores are
   // ready sooner and the loop holds fewer registers).
   if constexpr (kQkFirst) {

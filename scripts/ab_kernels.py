@@ -1,0 +1,79 @@
+"""A/B of the CUDA kernels: a benchmark script run against this tree's csrc and against a base copy of csrc (another
+revision's), in alternating rounds, each side in its own process with its own extension build.
+
+    mkdir -p bench/base && git archive HEAD csrc | tar -x -C bench/base      # the base: HEAD's kernels
+    python scripts/ab_kernels.py --base-csrc bench/base/csrc -- scripts/bench_decode.py --no-baselines --rows h128
+
+A side whose kernels do not build is not timed: the op would fall back to Triton or the reference and the comparison
+would be void (a base csrc missing a source file the tree's build lists is built from the files it has). Both sides
+are built first, in parallel; then `--rounds` rounds run tree, base, tree, base, ...
+"""
+import argparse
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_FLAG = "-DFLASHMLA_AB_BASE"  # only names the base's build apart from the tree's
+
+
+def side_environment(side: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "scripts"), env.get("PYTHONPATH")]))
+    if side == "base":
+        env["FLASHMLA_EXTRA_CUDA_FLAGS"] = " ".join(filter(None, [env.get("FLASHMLA_EXTRA_CUDA_FLAGS"), BASE_FLAG]))
+    return env
+
+
+def run_side(base_csrc: str | None, script: list[str]) -> None:
+    """In the child: point the extension build at the base csrc (if given), build it, refuse to go on without it, then
+    run the script (or only build, with no script)."""
+    import flashmla_ops._ext as ext
+
+    if base_csrc is not None:
+        ext.CSRC = Path(base_csrc).resolve()
+        ext.SOURCES = tuple(name for name in ext.SOURCES if (ext.CSRC / name).exists())
+    if ext._load() is None:
+        print(f"ab_kernels: the CUDA kernels of {ext.CSRC} did not build or load here; this side is not timed",
+              file=sys.stderr)
+        sys.exit(3)
+    if script:
+        sys.argv = script
+        runpy.run_path(script[0], run_name="__main__")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-csrc", required=True, help="the base revision's csrc directory")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--side", choices=["tree", "base"], help=argparse.SUPPRESS)
+    parser.add_argument("script", nargs=argparse.REMAINDER, help="-- SCRIPT ARGS...: the benchmark to run")
+    args = parser.parse_args()
+    script = args.script[1:] if args.script[:1] == ["--"] else args.script
+    if args.side is not None:
+        run_side(args.base_csrc if args.side == "base" else None, script)
+        return
+    if not script:
+        parser.error("give the benchmark after --, e.g. -- scripts/bench_decode.py --rows h128")
+
+    def command(side, with_script):
+        return [sys.executable, __file__, "--base-csrc", args.base_csrc, "--side", side, "--", *(script if with_script
+                                                                                                else [])]
+
+    builds = {side: subprocess.Popen(command(side, False), env=side_environment(side), cwd=ROOT)
+              for side in ("tree", "base")}
+    failed = [side for side, process in builds.items() if process.wait() != 0]
+    if failed:
+        sys.exit(f"ab_kernels: no timing: the {' and '.join(failed)} kernels did not build")
+    for round_index in range(1, args.rounds + 1):
+        for side in ("tree", "base"):
+            print(f"== {side}, round {round_index}", flush=True)
+            result = subprocess.run(command(side, True), env=side_environment(side), cwd=ROOT)
+            if result.returncode != 0:
+                sys.exit(f"ab_kernels: the {side} run failed with exit code {result.returncode}")
+
+
+if __name__ == "__main__":
+    main()
