@@ -352,15 +352,12 @@ def key_widths(*valids: torch.Tensor) -> list[list[int]]:
     captured: then every width is `topk`)."""
     if any(v.is_cuda for v in valids) and torch.cuda.is_current_stream_capturing():
         return [[v.shape[-1]] * v.shape[0] for v in valids]
-    counts = [v.sum(-1).flatten(1).amax(1) for v in valids if v.numel()]
-    flat = torch.cat(counts).tolist() if counts else []
-    widths = []
+    counts = torch.cat([v.sum(-1).flatten(1).amax(1) if v.numel() else
+                        v.new_full((v.shape[0],), v.shape[-1], dtype=torch.long) for v in valids]).tolist()
+    widths, start = [], 0
     for v in valids:
-        if v.numel():
-            widths.append(flat[:v.shape[0]])
-            flat = flat[v.shape[0]:]
-        else:
-            widths.append([v.shape[-1]] * v.shape[0])
+        widths.append(counts[start:start + v.shape[0]])
+        start += v.shape[0]
     return widths
 
 

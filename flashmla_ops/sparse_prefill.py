@@ -49,7 +49,8 @@ def sparse_prefill_reference(q, kv, indices, sm_scale, d_v=512, attn_sink=None, 
     all_valid = (indices[:, 0] >= 0) & (indices[:, 0] < s_kv)
     if topk_length is not None:
         all_valid &= position < topk_length[:, None]
-    width = key_widths(all_valid[None])[0][0]  # keys in canonical_order: the numbers do not depend on topk's padding or order
+    # keys in canonical_order: the numbers do not depend on topk's padding or order
+    width = key_widths(all_valid[None])[0][0]
     chunk = max(1, TOKENS_PER_CHUNK // max(1, width * d_qk))
     for start in range(0, s_q, chunk):
         rows = slice(start, start + chunk)

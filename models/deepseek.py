@@ -338,18 +338,18 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x `(T, hidden)`, weights / indices `(T, top_k)` -> `(T, hidden)`: in bfloat16 the `routed_experts` op for
         up to `FEW_TOKENS` tokens (GEMVs over the chosen experts) and `grouped` past them (the dtype of grouped GEMM
-        kernels), else `dense`. Neither has a data-dependent shape or a host sync, so both run inside
-        the decode step's CUDA graph. Holding only some experts (expert parallelism), choices of the others count
+        kernels), else `dense`. None has a data-dependent shape or a host sync, so all run inside the decode step's
+        CUDA graph. Holding only some experts (expert parallelism), choices of the others count
         with weight 0: their ranks add them."""
         num_experts = self.gate_up_proj.shape[0]
         local = indices - self.first_expert
         held = (local >= 0) & (local < num_experts)
         weights = weights.masked_fill(~held, 0)
-        if x.dtype == torch.bfloat16 and x.shape[0] <= FEW_TOKENS:
-            return torch.ops.flashmla.routed_experts(x, self.gate_up_proj, self.down_proj, weights,
-                                                     local.masked_fill(~held, num_experts))
         if x.dtype == torch.bfloat16:
-            return self.grouped(x, weights, local.masked_fill(~held, num_experts))
+            local = local.masked_fill(~held, num_experts)
+            if x.shape[0] <= FEW_TOKENS:
+                return torch.ops.flashmla.routed_experts(x, self.gate_up_proj, self.down_proj, weights, local)
+            return self.grouped(x, weights, local)
         combine = torch.zeros(x.shape[0], num_experts + 1, dtype=weights.dtype, device=x.device)
         return self.dense(x, combine.scatter_add_(1, local.masked_fill(~held, num_experts), weights)[:, :-1])
 

@@ -58,11 +58,10 @@ def main():
     if not script:
         parser.error("give the benchmark after --, e.g. -- scripts/bench_decode.py --rows h128")
 
-    def command(side, with_script):
-        return [sys.executable, __file__, "--base-csrc", args.base_csrc, "--side", side, "--", *(script if with_script
-                                                                                                else [])]
+    def command(side, run_args):
+        return [sys.executable, __file__, "--base-csrc", args.base_csrc, "--side", side, "--", *run_args]
 
-    builds = {side: subprocess.Popen(command(side, False), env=side_environment(side), cwd=ROOT)
+    builds = {side: subprocess.Popen(command(side, []), env=side_environment(side), cwd=ROOT)
               for side in ("tree", "base")}
     failed = [side for side, process in builds.items() if process.wait() != 0]
     if failed:
@@ -70,7 +69,7 @@ def main():
     for round_index in range(1, args.rounds + 1):
         for side in ("tree", "base"):
             print(f"== {side}, round {round_index}", flush=True)
-            result = subprocess.run(command(side, True), env=side_environment(side), cwd=ROOT)
+            result = subprocess.run(command(side, script), env=side_environment(side), cwd=ROOT)
             if result.returncode != 0:
                 sys.exit(f"ab_kernels: the {side} run failed with exit code {result.returncode}")
 
