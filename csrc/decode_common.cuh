@@ -203,7 +203,13 @@ __device__ __forceinline__ void store_fp8_share(const Fp8Share& share, uint8_t* 
 // nothing.
 struct PhaseClock {
 #ifdef FLASHMLA_PHASES
-  unsigned last = clock(), total[8] = {};
+  unsigned last = clock(), first = last, total[8] = {};
+  unsigned long long first_ns = nanoseconds();
+  __device__ __forceinline__ static unsigned long long nanoseconds() {
+    unsigned long long ns;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+    return ns;
+  }
   __device__ __forceinline__ void mark(int phase) {
     const unsigned now = clock();
     total[phase] += now - last;
@@ -211,13 +217,34 @@ struct PhaseClock {
   }
   __device__ __forceinline__ void report(const char* kernel, int blocks) const {
     if (blockIdx.x + blockIdx.y + blockIdx.z != 0 || threadIdx.x % 128 != 0 || blocks < 8) return;
-    printf("%s warpgroup %d, %d blocks, cycles per block by phase: %u %u %u %u %u %u %u %u\n", kernel,
-           threadIdx.x / 128, blocks, total[0] / blocks, total[1] / blocks, total[2] / blocks, total[3] / blocks,
-           total[4] / blocks, total[5] / blocks, total[6] / blocks, total[7] / blocks);
+    const unsigned cycles = clock() - first;
+    const unsigned long long ns = nanoseconds() - first_ns;
+    printf("%s warpgroup %d, %d blocks, cycles per block by phase: %u %u %u %u %u %u %u %u (loop %u cycles in %llu ns: "
+           "%.2f GHz)\n",
+           kernel, threadIdx.x / 128, blocks, total[0] / blocks, total[1] / blocks, total[2] / blocks,
+           total[3] / blocks, total[4] / blocks, total[5] / blocks, total[6] / blocks, total[7] / blocks, cycles, ns,
+           static_cast<double>(cycles) / static_cast<double>(ns));
   }
 #else
   __device__ __forceinline__ void mark(int) {}
   __device__ __forceinline__ void report(const char*, int) const {}
+#endif
+};
+
+// FLASHMLA_PHASES builds: thread 0 of the CTAs of every 16th grid row (split 0) prints its SM and when it started and
+// ended (globaltimer, ns), for the waves and the time outside the block loop. Otherwise nothing.
+struct CtaClock {
+#ifdef FLASHMLA_PHASES
+  unsigned long long entry = PhaseClock::nanoseconds();
+  __device__ __forceinline__ void report(const char* kernel) const {
+    if (threadIdx.x != 0 || blockIdx.y != 0 || blockIdx.z % 16 != 0) return;
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    printf("%s cta (%d, %d) sm %u: %llu .. %llu ns\n", kernel, blockIdx.x, blockIdx.z, sm, entry,
+           PhaseClock::nanoseconds());
+  }
+#else
+  __device__ __forceinline__ void report(const char*) const {}
 #endif
 };
 

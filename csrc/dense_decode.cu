@@ -464,11 +464,13 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
 template <bool kFp8, bool kSparse>
 __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t raw_shared[];
+  const CtaClock cta_clock;
   uint8_t* shared = prepare_shared(raw_shared, Layout::kBarriers);
   int fills[2] = {0, 0};
   for_each_piece<kSparse>(p, [&](int z, int begin, int end, int64_t slot) {
     attend_piece<kFp8, kSparse>(p, shared, blockIdx.x, z, begin, end, slot, fills);
   });
+  cta_clock.report(kSparse ? "wide sparse" : kFp8 ? "wide fp8" : "wide bf16");
 }
 
 // One query row per CTA: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s (natural log on output).

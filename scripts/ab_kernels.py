@@ -6,7 +6,9 @@ revision's), in alternating rounds, each side in its own process with its own ex
 
 A side whose kernels do not build is not timed: the op would fall back to Triton or the reference and the comparison
 would be void (a base csrc missing a source file the tree's build lists is built from the files it has). Both sides
-are built first, in parallel; then `--rounds` rounds run tree, base, tree, base, ...
+are built first, in parallel; then `--rounds` rounds run in ABBA order (tree, base; base, tree; ...), so that a drift
+over the run or a cost of going first falls on both sides alike. For an A/A run (what the tool resolves at all), give
+a copy of this tree's csrc as the base: `cp -r csrc bench/same && ... --base-csrc bench/same`.
 """
 import argparse
 import os
@@ -44,6 +46,11 @@ def run_side(base_csrc: str | None, script: list[str]) -> None:
         runpy.run_path(script[0], run_name="__main__")
 
 
+def round_order(round_index: int) -> tuple[str, str]:
+    """The sides of round `round_index` (from 1) in the order they run: ABBA, tree first in odd rounds."""
+    return ("tree", "base") if round_index % 2 == 1 else ("base", "tree")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-csrc", required=True, help="the base revision's csrc directory")
@@ -67,7 +74,7 @@ def main():
     if failed:
         sys.exit(f"ab_kernels: no timing: the {' and '.join(failed)} kernels did not build")
     for round_index in range(1, args.rounds + 1):
-        for side in ("tree", "base"):
+        for side in round_order(round_index):
             print(f"== {side}, round {round_index}", flush=True)
             result = subprocess.run(command(side, script), env=side_environment(side), cwd=ROOT)
             if result.returncode != 0:

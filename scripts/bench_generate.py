@@ -579,6 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
                 compiled = name == "hf-static-compiled"
                 rows += bench(name, lambda batch, max_seq_len, compiled=compiled: HFRunner(
                     hf, config, batch, max_seq_len, compiled, device), config, args, device, dtype)
+                out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # so far
     print_table(rows)
     speedups = compiled_speedups(rows)
     meta["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]

@@ -1,4 +1,6 @@
-"""scripts/ab_kernels.py times nothing when a side's CUDA kernels are not there (here: no GPU), and says which."""
+"""scripts/ab_kernels.py times nothing when a side's CUDA kernels are not there (here: no GPU), and says which; its
+rounds alternate which side goes first."""
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +9,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+SPEC = importlib.util.spec_from_file_location("ab_kernels", ROOT / "scripts" / "ab_kernels.py")
+ab_kernels = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(ab_kernels)
+
+
+def test_rounds_alternate_which_side_goes_first():
+    orders = [ab_kernels.round_order(index) for index in range(1, 5)]
+    assert orders == [("tree", "base"), ("base", "tree"), ("tree", "base"), ("base", "tree")]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal path: without a GPU neither side builds")
