@@ -23,7 +23,7 @@ def bf16_errors(config_dict: dict, device: torch.device, batch: int, prompt_len:
     exact = random_model(config, torch.float32, device, seed=0, std=std)
     bf16 = random_model(config, torch.bfloat16, device, seed=0, std=std)
     with torch.no_grad():
-        for name, weight in exact.state_dict().items():
+        for weight in exact.state_dict().values():
             weight.copy_(weight.to(torch.bfloat16).float())
         exact_weights = exact.state_dict()
         for name, weight in bf16.state_dict().items():  # the router's weight stays float32 in both
