@@ -23,8 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_kv_fp8", &flashmla::dequantize_kv_fp8, "FP8 cache rows (..., 656) uint8 -> BF16 (..., 576)");
   m.def("dense_decode", &flashmla::dense_decode,
         "paged MLA decode, BF16 or FP8 cache (sm_90a): q, kv_cache, block_table, cache_seqlens, scale, causal, is_fp8, "
-        "num_splits, tile_scheduler_metadata, num_splits (cumulative), narrow (s_q * h_q <= 16: the few-rows kernel) -> "
-        "out, lse");
+        "num_splits, tile_scheduler_metadata, num_splits (cumulative), narrow (s_q * h_q <= 16: the few-rows "
+        "kernel) -> out, lse");
   m.def("sparse_decode", &flashmla::sparse_decode,
         "sparse paged MLA decode, BF16 or FP8 cache (sm_90a): q, kv_cache, indices, topk_length, scale, is_fp8, "
         "num_splits -> out, lse");

@@ -352,7 +352,7 @@ def key_widths(*valids: torch.Tensor) -> list[list[int]]:
     captured: then every width is `topk`)."""
     if any(v.is_cuda for v in valids) and torch.cuda.is_current_stream_capturing():
         return [[v.shape[-1]] * v.shape[0] for v in valids]
-    counts = torch.cat([v.sum(-1).flatten(1).amax(1) if v.numel() else
+    counts = torch.cat([v.sum(-1).reshape(v.shape[0], -1).amax(1) if v.numel() else
                         v.new_full((v.shape[0],), v.shape[-1], dtype=torch.long) for v in valids]).tolist()
     widths, start = [], 0
     for v in valids:

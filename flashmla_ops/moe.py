@@ -36,6 +36,8 @@ def _check(op, x, gate_up_proj, down_proj, weights, experts):
 
 def routed_experts_reference(x, gate_up_proj, down_proj, weights, experts):
     num_experts, inter = down_proj.shape[0], down_proj.shape[2]
+    if num_experts == 0:  # a rank that holds no expert: nothing to gather
+        return torch.zeros_like(x)
     held = (experts >= 0) & (experts < num_experts)
     chosen = experts.long().clamp(0, max(num_experts - 1, 0))
     gate_up = torch.einsum("tkoh,th->tko", gate_up_proj[chosen].float(), x.float())

@@ -8,7 +8,10 @@ A side whose kernels do not build is not timed: the op would fall back to Triton
 would be void (a base csrc missing a source file the tree's build lists is built from the files it has). Both sides
 are built first, in parallel; then `--rounds` rounds run in ABBA order (tree, base; base, tree; ...), so that a drift
 over the run or a cost of going first falls on both sides alike. For an A/A run (what the tool resolves at all), give
-a copy of this tree's csrc as the base: `cp -r csrc bench/same && ... --base-csrc bench/same`.
+a copy of this tree's csrc as the base: `cp -r csrc bench/same && ... --base-csrc bench/same`. The benchmark's
+`--out PREFIX`, if given, becomes PREFIX_tree_r1, PREFIX_base_r1, ... so that no run overwrites another's JSON and PNG.
+Both sides run this tree's Python: a base whose bindings take other arguments than the tree's ops pass builds, then
+fails at its first call.
 """
 import argparse
 import os
@@ -51,6 +54,17 @@ def round_order(round_index: int) -> tuple[str, str]:
     return ("tree", "base") if round_index % 2 == 1 else ("base", "tree")
 
 
+def side_script(script: list[str], side: str, round_index: int) -> list[str]:
+    """The benchmark's command line for one run: its `--out PREFIX` (if any) made PREFIX_<side>_r<round>."""
+    script = list(script)
+    for i, arg in enumerate(script):
+        if arg == "--out" and i + 1 < len(script):
+            script[i + 1] = f"{script[i + 1]}_{side}_r{round_index}"
+        elif arg.startswith("--out="):
+            script[i] = f"{arg}_{side}_r{round_index}"
+    return script
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-csrc", required=True, help="the base revision's csrc directory")
@@ -76,7 +90,8 @@ def main():
     for round_index in range(1, args.rounds + 1):
         for side in round_order(round_index):
             print(f"== {side}, round {round_index}", flush=True)
-            result = subprocess.run(command(side, script), env=side_environment(side), cwd=ROOT)
+            result = subprocess.run(command(side, side_script(script, side, round_index)), env=side_environment(side),
+                                    cwd=ROOT)
             if result.returncode != 0:
                 sys.exit(f"ab_kernels: the {side} run failed with exit code {result.returncode}")
 

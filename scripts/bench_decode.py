@@ -253,8 +253,8 @@ def measure_ceilings(device: torch.device) -> None:
     copy_ms = triton.testing.do_bench(lambda: target.copy_(source), return_mode="median")
     a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
     matmul_ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
-    CEILINGS.update(gpu=f"{torch.cuda.get_device_name(device)} (measured)", bandwidth=2 * source.numel() / copy_ms * 1e3,
-                    bf16=2 * 8192 ** 3 / matmul_ms * 1e3)
+    CEILINGS.update(gpu=f"{torch.cuda.get_device_name(device)} (measured)",
+                    bandwidth=2 * source.numel() / copy_ms * 1e3, bf16=2 * 8192 ** 3 / matmul_ms * 1e3)
     print(f"ceilings on {CEILINGS['gpu']}: copy {CEILINGS['bandwidth'] / 1e9:.0f} GB/s, "
           f"bf16 matmul {CEILINGS['bf16'] / 1e12:.0f} TFLOP/s")
     del source, target, a, b

@@ -24,12 +24,12 @@ each = advance the cache lengths, one forward, greedy argmax; synchronized befor
 every step (greedy from the prefill's last logits) are in the JSON, so backends can be compared token by token.
 
 --profile BATCH runs torch.profiler over a few decode steps of each backend at that batch size, prints the top ops
-by self CUDA (or CPU) time and the step's time split into: attention kernels (`flashmla::*` ops; transformers: SDPA
-/ eager attention), the rest of self-attention (projections, RoPE, cache writes), MoE (router, routed and shared
-experts), other (dense MLPs, norms, embedding, lm_head, sampling) and, on CUDA, launch gaps (wall time with no
-kernel running). A compiled step's kernels are fused and replayed from a CUDA graph, so they cannot be attributed to
-modules: its attention kernels are found by name (`flashmla` in the kernel's name), the rest of its kernel time
-shows under "other" (the top-ops table names the kernels), its launch gaps as measured.
+by self CUDA (or CPU) time and the step's time split into: attention kernels (the flashmla attention ops;
+transformers: SDPA / eager attention), the rest of self-attention (projections, RoPE, cache writes), MoE (router,
+routed and shared experts), other (dense MLPs, norms, embedding, lm_head, sampling) and, on CUDA, launch gaps (wall
+time with no kernel running). A compiled step's kernels are fused and replayed from a CUDA graph, so they cannot be
+attributed to modules: its attention kernels are found by name (`flashmla` in the kernel's name), the rest of its
+kernel time shows under "other" (the top-ops table names the kernels), its launch gaps as measured.
 """
 import argparse
 import gc
@@ -342,13 +342,20 @@ def estimated_bytes(backend: str, config: DeepseekConfig, batch: int, max_seq_le
     return tokens * per_token
 
 
+CACHE_WRITE_OPS = ("flashmla::write_", "flashmla::quantize_kv_fp8", "flashmla::dequantize_kv_fp8")
+
+
 def step_group(names: list[str]) -> str:
     """The group of a profiled event, from its name and its enclosing ranges' (innermost first). Attention kernels are
     found by name too: a kernel replayed from a compiled step's CUDA graph has no enclosing op or module, and this
-    project's kernels are all named `flashmla::...` (the op) or `...flashmla::...kernel...` (the CUDA kernel)."""
-    if any("flashmla::" in name or "scaled_dot_product" in name for name in names):
+    project's kernels are all named `flashmla::...` (the op) or `...flashmla::...kernel...` (the CUDA kernel). Of the
+    flashmla ops, the routed experts are MoE and the cache writes the rest of self-attention."""
+    if "moe" in names or any("flashmla::routed_experts" in name for name in names):
+        return "moe"
+    if any(("flashmla::" in name and not any(op in name for op in CACHE_WRITE_OPS)) or "scaled_dot_product" in name
+           for name in names):
         return "attention kernels"
-    return "moe" if "moe" in names else "attention other" if "self_attn" in names else "other"
+    return "attention other" if "self_attn" in names else "other"
 
 
 def profile_step(runner, tokens: torch.Tensor, steps: int, device: torch.device) -> dict:

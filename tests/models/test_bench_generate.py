@@ -85,6 +85,11 @@ def test_arguments():
      "attention kernels"),
     (["aten::mm", "self_attn"], "attention other"),
     (["aten::_grouped_mm", "moe"], "moe"),
+    # the routed_experts op's kernels (batch 1) are MoE, though the op is a flashmla one; the cache writes are not
+    # attention kernels
+    (["_gate_up_kernel", "flashmla::routed_experts", "moe"], "moe"),
+    (["_down_kernel", "flashmla::routed_experts"], "moe"),
+    (["flashmla::write_kv_cache", "self_attn"], "attention other"),
     (["void cutlass::device_kernel<at::cuda::detail::enable_sm90_or_later<...>>"], "other"),
     (["triton_poi_fused_add_mul_0"], "other"),
 ])

@@ -1,5 +1,5 @@
 """scripts/ab_kernels.py times nothing when a side's CUDA kernels are not there (here: no GPU), and says which; its
-rounds alternate which side goes first."""
+rounds alternate which side goes first, and each run writes its own output files."""
 import importlib.util
 import subprocess
 import sys
@@ -17,6 +17,14 @@ SPEC.loader.exec_module(ab_kernels)
 def test_rounds_alternate_which_side_goes_first():
     orders = [ab_kernels.round_order(index) for index in range(1, 5)]
     assert orders == [("tree", "base"), ("base", "tree"), ("tree", "base"), ("base", "tree")]
+
+
+def test_each_run_writes_its_own_out_prefix():
+    script = ["scripts/bench_decode.py", "--out", "bench/dec", "--rows", "h128"]
+    assert ab_kernels.side_script(script, "base", 2) == ["scripts/bench_decode.py", "--out", "bench/dec_base_r2",
+                                                          "--rows", "h128"]
+    assert ab_kernels.side_script(["x.py", "--out=o"], "tree", 1) == ["x.py", "--out=o_tree_r1"]
+    assert ab_kernels.side_script(["x.py"], "tree", 1) == ["x.py"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal path: without a GPU neither side builds")

@@ -215,3 +215,14 @@ def test_cuda_dense_kernel_choice(monkeypatch):
     monkeypatch.setenv(DECODE_KERNEL_ENV, "narrow")
     with pytest.raises(ValueError, match=DECODE_KERNEL_ENV):
         cuda_dense_kernel(16)
+
+
+def test_key_widths_counts_the_widest_row_of_each_leading_index():
+    """The sparse references' key widths: per tensor and leading index, the most valid entries of any row, for
+    (n, topk) and (n, s_q, topk) validity masks and empty ones (width topk)."""
+    from flashmla_ops.decode import key_widths
+
+    flat = torch.tensor([[True, False, True, False], [False, False, False, False]])
+    nested = torch.tensor([[[True, True, False], [True, False, False]], [[False, False, True], [True, True, True]]])
+    empty = torch.zeros(0, 2, 5, dtype=torch.bool)
+    assert key_widths(flat, nested, empty) == [[2, 0], [2, 3], []]

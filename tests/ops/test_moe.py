@@ -70,6 +70,9 @@ def test_no_token_and_no_held_expert():
     assert triton_moe.routed_experts(x[:0], gate_up, down, weights[:0], experts[:0]).shape == (0, 40)
     nobody = torch.full_like(experts, 5)
     assert torch.equal(triton_moe.routed_experts(x, gate_up, down, weights, nobody), torch.zeros_like(x))
+    # a rank holding no expert at all: the reference (the CPU path) and Triton both give zeros
+    for path in (routed_experts_reference, triton_moe.routed_experts):
+        assert torch.equal(path(x, gate_up[:0], down[:0], weights, experts), torch.zeros_like(x))
 
 
 def test_op_checks_arguments():
