@@ -342,7 +342,14 @@ def estimated_bytes(backend: str, config: DeepseekConfig, batch: int, max_seq_le
     return tokens * per_token
 
 
-CACHE_WRITE_OPS = ("flashmla::write_", "flashmla::quantize_kv_fp8", "flashmla::dequantize_kv_fp8")
+# flashmla ops and CUDA kernels that write or convert the cache rather than attend: names containing one of these
+CACHE_WRITE_NAMES = ("write_kv_cache", "write_index_cache", "quantize")
+
+
+def is_attention(name: str) -> bool:
+    """An attention op or kernel: a flashmla one other than the cache writes, or SDPA (transformers)."""
+    return ("flashmla::" in name and not any(part in name for part in CACHE_WRITE_NAMES)
+            or "scaled_dot_product" in name)
 
 
 def step_group(names: list[str]) -> str:
@@ -352,8 +359,7 @@ def step_group(names: list[str]) -> str:
     flashmla ops, the routed experts are MoE and the cache writes the rest of self-attention."""
     if "moe" in names or any("flashmla::routed_experts" in name for name in names):
         return "moe"
-    if any(("flashmla::" in name and not any(op in name for op in CACHE_WRITE_OPS)) or "scaled_dot_product" in name
-           for name in names):
+    if any(is_attention(name) for name in names):
         return "attention kernels"
     return "attention other" if "self_attn" in names else "other"
 

@@ -90,6 +90,7 @@ def test_arguments():
     (["_gate_up_kernel", "flashmla::routed_experts", "moe"], "moe"),
     (["_down_kernel", "flashmla::routed_experts"], "moe"),
     (["flashmla::write_kv_cache", "self_attn"], "attention other"),
+    (["void flashmla::(anonymous namespace)::write_kv_cache_kernel(unsigned char*)"], "other"),
     (["void cutlass::device_kernel<at::cuda::detail::enable_sm90_or_later<...>>"], "other"),
     (["triton_poi_fused_add_mul_0"], "other"),
 ])
