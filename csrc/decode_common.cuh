@@ -20,6 +20,7 @@ constexpr int kTileBytes = 64 * 128;           // one 64-row swizzled column til
 constexpr int kMatrixBytes = kColumnTiles * kTileBytes;
 constexpr int kMaxSplits = 1024;
 constexpr int kNarrowRows = 16;  // query rows (s_q * h_q) up to which dense decode runs dense_decode_narrow.cu
+                                 // (flashmla_ops/decode.py's CUDA_NARROW_ROWS, the same number)
 constexpr float kLn2 = 0.69314718055994530942f;
 
 struct DecodeParams {

@@ -10,10 +10,10 @@
 //   O_w = O_w * exp2(m_old - m) + P V[:, w * 256 : w * 256 + 256]   (wgmma m64n256: warpgroup w owns half of d_v)
 // Q (cp.async), two KV stages (TMA through a tensor map over the paged cache, one mbarrier per stage; for the FP8
 // cache only the RoPE columns come by TMA, and the latent is dequantised from registers that each thread loads one
-// block ahead) and P live in 128-byte-swizzled shared tiles (sm90.cuh). The loop keeps the tensor cores fed: Q K^T of block i + 1 and P V of
-// block i are issued back to back, block i + 1's softmax scores are computed while P V runs, and the load of block
-// i + 2 starts once block i's stage is free. Rows of the last block past the sequence's end are zeroed in shared
-// memory before P V, so whatever the cache holds there never reaches the output.
+// block ahead) and P live in 128-byte-swizzled shared tiles (sm90.cuh). The loop keeps the tensor cores fed: Q K^T of
+// block i + 1 and P V of block i are issued back to back, block i + 1's softmax scores are computed while P V runs,
+// and the load of block i + 2 starts once block i's stage is free. Rows of the last block past the sequence's end are
+// zeroed in shared memory before P V, so whatever the cache holds there never reaches the output.
 // With several splits per sequence each CTA writes its normalised float32 output and base-2 LSE, and
 // `combine_kernel` merges them.
 #include <c10/cuda/CUDAException.h>
@@ -85,7 +85,8 @@ __device__ __forceinline__ const uint8_t* gather_row_address(const DecodeParams&
 // cp.async of this thread's quarter of its gather row into a swizzled 576-wide matrix: the whole bf16 row, or (FP8
 // cache) the 64 RoPE columns at byte kRopeOffset; zeros where `row_bytes` is nullptr.
 template <bool kFp8>
-__device__ __forceinline__ void gather_row_async(uint32_t dst, const uint8_t* row_bytes, const void* any_valid_address) {
+__device__ __forceinline__ void gather_row_async(uint32_t dst, const uint8_t* row_bytes,
+                                                 const void* any_valid_address) {
   constexpr int kFirstChunk = kFp8 ? kLatentDim / 8 : 0;
   const uint8_t* column0 = kFp8 && row_bytes != nullptr ? row_bytes + kRopeOffset - kLatentDim * 2 : row_bytes;
   const int row = gather_row(), quarter = threadIdx.x % 4;
@@ -347,6 +348,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   // block before P V of this one, so the next block's softmax overlaps P V; BF16 keeps P V first (its scores are
   // ready sooner and the loop holds fewer registers).
   if constexpr (kQkFirst) {
+    // PhaseClock phases: 0 the gathers' barrier (sparse), 1 wait for the next stage, 2 issue Q K^T and P V, wait for
+    // Q K^T, 3 softmax, 4 wait for P V, 5 refill, 6 publish P, 7 the loop.
     PhaseClock clock;
     for (int block = begin; block + 1 < end; ++block) {
       const int stage = (block - begin) % 2, next_stage = 1 - stage;
@@ -379,6 +382,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       fence_registers(out_acc);
     }
   } else {
+    // PhaseClock phases: 0 the gathers' barrier (sparse) and issue P V, 1 wait for the next stage, 2 issue Q K^T, wait
+    // for P V, 3 refill, 4 wait for Q K^T, 5 softmax, 6 publish P, 7 the loop.
     PhaseClock clock;
     for (int block = begin; block < end; ++block) {
       const int stage = (block - begin) % 2;
@@ -497,9 +502,13 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
   if (threadIdx.x < 32) {
     float max_lse = -INFINITY;
     for (int s = threadIdx.x; s < num_splits; s += 32) max_lse = fmaxf(max_lse, weights[s]);
-    for (int offset = 16; offset > 0; offset /= 2) max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
+    for (int offset = 16; offset > 0; offset /= 2) {
+      max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
+    }
     float total = 0.f;
-    for (int s = threadIdx.x; s < num_splits; s += 32) total += max_lse == -INFINITY ? 0.f : exp2f(weights[s] - max_lse);
+    for (int s = threadIdx.x; s < num_splits; s += 32) {
+      total += max_lse == -INFINITY ? 0.f : exp2f(weights[s] - max_lse);
+    }
     for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
     if (threadIdx.x == 0) {
       total_shared = total;
@@ -518,7 +527,8 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
 #pragma unroll 8
   for (int s = 0; s < num_splits; ++s) {
     const float w = weights[s];
-    const float4 part = reinterpret_cast<const float4*>(out_partial + ((first + s) * rows + row) * kLatentDim)[threadIdx.x];
+    const float* partial_row = out_partial + ((first + s) * rows + row) * kLatentDim;
+    const float4 part = reinterpret_cast<const float4*>(partial_row)[threadIdx.x];
     acc.x += w != 0.f ? w * part.x : 0.f;
     acc.y += w != 0.f ? w * part.y : 0.f;
     acc.z += w != 0.f ? w * part.z : 0.f;

@@ -130,6 +130,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   float scores[kAcc];
 
   int own = 0;
+  // PhaseClock phases: 0 FP8 dequantisation and the next own block's loads, 1 wait for the stage, 2 tail zeroing and
+  // barrier, 3 S^T, 4 column maxima, 5 P^T and the O^T rescale, 6 O^T += V^T P^T, 7 barrier, next TMA, loop.
   PhaseClock clock;
   for (int block = first_block; block < end; block += 2, ++own) {
     clock.mark(7);

@@ -228,7 +228,9 @@ def dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, s
 
 
 CUDA_ROWS_PER_CTA = 64  # query rows (s_q * h_q pairs) per CTA of csrc/dense_decode.cu
-CUDA_NARROW_ROWS = 16  # query rows up to which csrc/dense_decode_narrow.cu runs dense decode (one CTA holds them all)
+# query rows up to which csrc/dense_decode_narrow.cu runs dense decode (one CTA holds them all); kNarrowRows in
+# csrc/decode_common.cuh, which the kernel checks
+CUDA_NARROW_ROWS = 16
 DECODE_KERNEL_ENV = "FLASHMLA_DECODE_KERNEL"
 # A split re-reads the query tile (72 KiB at h_q >= 64): at least 2 blocks each. Measured on the H100
 # (scripts/tune_cuda_splits.py): b1 h16 1k 16.2 us at 2 against 20.2 at 4 (16.5 at 1), long sequences unchanged.
