@@ -39,7 +39,7 @@ def routed_experts_reference(x, gate_up_proj, down_proj, weights, experts):
     if num_experts == 0:  # a rank that holds no expert: nothing to gather
         return torch.zeros_like(x)
     held = (experts >= 0) & (experts < num_experts)
-    chosen = experts.long().clamp(0, max(num_experts - 1, 0))
+    chosen = experts.long().clamp(0, num_experts - 1)
     gate_up = torch.einsum("tkoh,th->tko", gate_up_proj[chosen].float(), x.float())
     h = F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
     down = torch.einsum("tkhi,tki->tkh", down_proj[chosen].float(), h)

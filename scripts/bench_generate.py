@@ -561,16 +561,20 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
+    meta = {"preset": args.model_preset, "config": config_dict, "dtype": args.dtype, "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
+            "steps": args.steps, "warmup": args.warmup, "prefill_tokens": args.prefill_tokens}
+
+    def save_so_far() -> None:  # after each backend, in case a later one dies
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
     for name in (b for b in args.backends if b.startswith("ours")):
         # One compiled step for every configuration: the cache's sizes are symbolic, so it compiles about twice.
         step_fn = compile_decode_step(device) if name == "ours-compiled" else decode_step
         rows += bench(name, lambda batch, max_seq_len, step_fn=step_fn: OursRunner(
             model, batch, max_seq_len, args.kv_cache, step_fn, device), config, args, device, dtype)
-        out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))  # so far, in case a later one dies
+        save_so_far()
     hf_backends = [b for b in args.backends if b.startswith("hf")]
-    meta = {"preset": args.model_preset, "config": config_dict, "dtype": args.dtype, "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
-            "steps": args.steps, "warmup": args.warmup, "prefill_tokens": args.prefill_tokens}
     if hf_backends:
         import transformers
 
@@ -592,7 +596,7 @@ def main(argv: list[str] | None = None) -> dict:
                 compiled = name == "hf-static-compiled"
                 rows += bench(name, lambda batch, max_seq_len, compiled=compiled: HFRunner(
                     hf, config, batch, max_seq_len, compiled, device), config, args, device, dtype)
-                out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # so far
+                save_so_far()
     print_table(rows)
     speedups = compiled_speedups(rows)
     meta["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
