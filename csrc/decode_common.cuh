@@ -24,8 +24,8 @@ constexpr int kNarrowRows = 16;  // query rows (s_q * h_q) up to which dense dec
 constexpr float kLn2 = 0.69314718055994530942f;
 
 struct DecodeParams {
-  // BF16 cache: (576 columns, 64 rows, num_blocks); FP8 cache: its RoPE columns, (64, 64, num_blocks). 64 x 64
-  // boxes, 128-byte swizzle.
+  // (64 columns, 64 rows, tiles, num_blocks) as bf16, 128 bytes between tiles: BF16 cache nine tiles, FP8 cache
+  // its RoPE tile; a box is a whole block's tiles, 128-byte swizzle.
   CUtensorMap kv_map;
   const __nv_bfloat16* q;
   int64_t q_batch_stride, q_seq_stride, q_head_stride;
@@ -125,27 +125,24 @@ __device__ __forceinline__ void zero_value_rows(uint8_t* stage_tiles, int first_
   }
 }
 
-// One thread: `boxes` boxes of `map` for cache block `block` of sequence `batch`, box i from column i * column_step
-// into dst + i * dst_step, all completing on `barrier`. The BF16 cache's nine 64-column tiles or the FP8 cache's one
-// RoPE tile.
-__device__ __forceinline__ void load_block_boxes(const DecodeParams& p, const CUtensorMap* map, uint32_t dst,
-                                                 uint32_t barrier, int batch, int block, int boxes, int column_step,
-                                                 int dst_step) {
+// One thread: cache block `block` of sequence `batch` through the 4-d tensor map `p.kv_map` (run_decode's
+// cache_tensor_map), its `tiles` swizzled 64-column tiles into dst in one TMA completing on `barrier`: the BF16
+// cache's nine tiles or the FP8 cache's one RoPE tile.
+__device__ __forceinline__ void load_block_tiles(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
+                                                 int block, int tiles) {
   const int page = p.block_table[batch * p.block_table_stride + block];
-  sm90::mbarrier_arrive_expect_bytes(barrier, boxes * dst_step);
-  for (int box = 0; box < boxes; ++box) {
-    sm90::tma_load_3d(dst + box * dst_step, map, barrier, box * column_step, 0, page);
-  }
+  sm90::mbarrier_arrive_expect_bytes(barrier, tiles * kTileBytes);
+  sm90::tma_load_4d(dst, &p.kv_map, barrier, 0, 0, 0, page);
 }
 
 __device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
                                               int block) {
-  load_block_boxes(p, &p.kv_map, dst, barrier, batch, block, kColumnTiles, 64, kTileBytes);
+  load_block_tiles(p, dst, barrier, batch, block, kColumnTiles);
 }
 
 __device__ __forceinline__ void load_rope_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
                                                 int block) {
-  load_block_boxes(p, &p.kv_map, dst + (kColumnTiles - 1) * kTileBytes, barrier, batch, block, 1, 0, kTileBytes);
+  load_block_tiles(p, dst + (kColumnTiles - 1) * kTileBytes, barrier, batch, block, 1);
 }
 
 // A quarter of one FP8 row's latent (quarter t % 4 of the thread: 16-value units quarter + 4k, unit k in scale tile

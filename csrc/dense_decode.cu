@@ -544,11 +544,11 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
   }
 }
 
-// A 3-d view of the paged cache, (columns, 64 rows, num_blocks) from byte `offset` of each row with the cache's own
-// row and block strides, read in (box_columns x 64) boxes. 128-byte swizzle lands bf16 boxes of 64 columns in the
-// wgmma layout; without swizzle a box lands as dense rows.
-CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache, int64_t offset, int64_t columns, int box_columns,
-                             CUtensorMapDataType type, CUtensorMapSwizzle swizzle) {
+// A 4-d view of the paged cache as bf16, (64 columns, 64 rows, tiles, num_blocks) from byte `offset` of each row, with
+// the cache's own row and block strides and 128 bytes between column tiles: one box is a whole block's `tiles`
+// 64-column tiles, each landing 128-byte-swizzled in the wgmma layout, back to back, in one TMA (the BF16 cache's
+// nine tiles; the FP8 cache's one RoPE tile).
+CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache, int64_t offset, int tiles) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* function = nullptr;
     cudaDriverEntryPointQueryResult status;
@@ -560,14 +560,15 @@ CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache, int64_t offset, int6
   }();
   const int64_t element = kv_cache.element_size();
   CUtensorMap map;
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(columns), kBlockN,
+  const cuuint64_t dims[4] = {64, kBlockN, static_cast<cuuint64_t>(tiles),
                               static_cast<cuuint64_t>(std::max<int64_t>(kv_cache.size(0), 1))};
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(kv_cache.stride(1) * element),
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(kv_cache.stride(1) * element), 128,
                                  static_cast<cuuint64_t>(kv_cache.stride(0) * element)};
-  const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_columns), kBlockN, 1};
-  const cuuint32_t element_strides[3] = {1, 1, 1};
-  const CUresult result = encode(&map, type, 3, static_cast<uint8_t*>(kv_cache.data_ptr()) + offset, dims, strides,
-                                 box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+  const cuuint32_t box[4] = {64, kBlockN, static_cast<cuuint32_t>(tiles), 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUresult result = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4,
+                                 static_cast<uint8_t*>(kv_cache.data_ptr()) + offset, dims, strides, box,
+                                 element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(result == CUDA_SUCCESS, "dense_decode: cuTensorMapEncodeTiled failed with ", static_cast<int>(result));
   return map;
@@ -626,10 +627,7 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
   }
   const int64_t element = kv_cache.element_size();
   if (!sparse) {
-    params.kv_map = is_fp8 ? cache_tensor_map(kv_cache, kRopeOffset, kRopeDim, 64, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                                              CU_TENSOR_MAP_SWIZZLE_128B)
-                           : cache_tensor_map(kv_cache, 0, kHeadDimQK, 64, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                                              CU_TENSOR_MAP_SWIZZLE_128B);
+    params.kv_map = is_fp8 ? cache_tensor_map(kv_cache, kRopeOffset, 1) : cache_tensor_map(kv_cache, 0, kColumnTiles);
   }
   params.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
   params.q_batch_stride = q.stride(0);

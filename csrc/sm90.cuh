@@ -75,13 +75,13 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t barrier, uint32_t phase) 
       : "memory");
 }
 
-// TMA: one box of a 3-d tensor map (coordinates innermost first) into shared memory, completing on `barrier`.
-__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tensor_map, uint32_t barrier, int c0, int c1,
-                                            int c2) {
+// TMA: one box of a 4-d tensor map (coordinates innermost first) into shared memory, completing on `barrier`.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* tensor_map, uint32_t barrier, int c0, int c1,
+                                            int c2, int c3) {
   asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], "
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], "
       "[%2];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(barrier), "r"(c0), "r"(c1), "r"(c2)
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(barrier), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
 }
 
