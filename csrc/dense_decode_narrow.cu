@@ -53,7 +53,7 @@ struct Layout {
 template <bool kFp8>
 __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* shared, int batch, int begin, int end,
                                              int64_t out_slot, int& fills) {
-  const int warpgroup = threadIdx.x / kGroupThreads, thread = threadIdx.x % kGroupThreads;
+  const int warpgroup = warp_uniform(threadIdx.x / kGroupThreads), thread = threadIdx.x % kGroupThreads;
   const int warp = thread / 32, lane = threadIdx.x % 32;
   const int group_barrier = 2 + warpgroup;  // named barrier of this warpgroup's 128 threads
   uint8_t* stage_bytes = shared + Layout::kKv + warpgroup * kMatrixBytes;
@@ -61,6 +61,9 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   const uint32_t stage = smem_address(stage_bytes), probs = smem_address(probs_bytes);
   const uint32_t q_tile = smem_address(shared + Layout::kQ);
   const uint32_t barrier = smem_address(shared + Layout::kBarriers + warpgroup * 8);
+  // wgmma descriptors: the stage as K (K-major) and as V^T (MN-major, tiles kTileBytes apart), Q, P^T
+  const uint64_t stage_desc = smem_descriptor(stage, 16, 1024), stage_desc_mn = smem_descriptor(stage, kTileBytes, 1024);
+  const uint64_t q_desc = smem_descriptor(q_tile, 16, 1024), probs_desc = smem_descriptor(probs, 16, 1024);
   float* warp_max = reinterpret_cast<float*>(shared + Layout::kWarpMax) + warpgroup * 4 * kRows;
   float* warp_sum = reinterpret_cast<float*>(shared + Layout::kWarpSum);
   float* group_max = reinterpret_cast<float*>(shared + Layout::kGroupMax);
@@ -153,8 +156,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < kHeadDimQK / 16; ++k) {
-      wgmma_m64n16k16_ss<0>(scores, smem_descriptor(stage + (k / 4) * kTileBytes + (k % 4) * 32, 16, 1024),
-                            smem_descriptor(q_tile + (k / 4) * kQTileBytes + (k % 4) * 32, 16, 1024), k > 0);
+      wgmma_m64n16k16_ss<0>(scores, descriptor_plus(stage_desc, (k / 4) * kTileBytes + (k % 4) * 32),
+                            descriptor_plus(q_desc, (k / 4) * kQTileBytes + (k % 4) * 32), k > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -218,8 +221,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     for (int t = 0; t < kValueTiles; ++t) {
 #pragma unroll
       for (int k = 0; k < kBlockN / 16; ++k) {
-        wgmma_m64n16k16_ss<1>(out_acc[t], smem_descriptor(stage + t * kTileBytes + k * 16 * 128, kTileBytes, 1024),
-                              smem_descriptor(probs + k * 32, 16, 1024), 1);
+        wgmma_m64n16k16_ss<1>(out_acc[t], descriptor_plus(stage_desc_mn, t * kTileBytes + k * 16 * 128),
+                              descriptor_plus(probs_desc, k * 32), 1);
       }
     }
     wgmma_commit();

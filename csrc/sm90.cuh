@@ -29,6 +29,16 @@ __device__ __forceinline__ uint64_t smem_descriptor(uint32_t address, uint32_t l
   return desc;
 }
 
+// The descriptor of the matrix `bytes` further on: the start address field is the low 14 bits, address / 16, and
+// shared-memory addresses stay below 2^18, so the sum never carries out of the field. Adding to a descriptor built
+// once keeps each wgmma's descriptor one uniform add, where building it afresh takes a mask, a shift and an or.
+__device__ __forceinline__ uint64_t descriptor_plus(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
+// `value` as the compiler can see it is the same in every lane of the warp (it is, e.g. threadIdx.x / 128 in a
+// converged warp): then it and what is computed from it live in uniform registers, and a wgmma descriptor built from
+// it needs no move from a per-thread register before each wgmma.
+__device__ __forceinline__ int warp_uniform(int value) { return __shfl_sync(0xffffffffu, value, 0); }
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int kPending>
