@@ -60,9 +60,16 @@ def kernels():
 
 
 def run_and_compare(seqlens, s_q, h_q, causal, is_fp8=False, num_splits=None, padded=False, strided_q=False,
-                    parts=None, narrow=False):
+                    parts=None, narrow=False, varied_scales=False):
     generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 1000 + s_q * 10 + h_q + causal + 2 * is_fp8)
-    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded)
+    if varied_scales:  # FP8 tile scales that differ by tile and by token (randn's are all alike)
+        q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, False, generator)
+        tile_factor = 2.0 ** torch.arange(KV_LORA_RANK // 128, device=DEVICE).repeat_interleave(128)
+        column_factor = torch.cat([tile_factor, torch.ones(D_QK - KV_LORA_RANK, device=DEVICE)])
+        token_factor = 2.0 ** torch.randint(-1, 2, cache.shape[:2], generator=generator, device=DEVICE)
+        cache = reference.quantize_kv_fp8((cache.float() * column_factor * token_factor[..., None, None]).bfloat16())
+    else:
+        q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded)
     if strided_q:  # heads spaced out in a wider buffer
         wide = torch.randn(*q.shape[:2], h_q, 2 * D_QK, device=DEVICE).to(torch.bfloat16)
         wide[..., :D_QK] = q
@@ -110,6 +117,14 @@ def test_cuda_dense_decode_balanced_schedule(parts, s_q, h_q, narrow, is_fp8):
     run_and_compare([1000, 3, 0, 64, 65, 4097, 1], s_q, h_q, causal=True, is_fp8=is_fp8, parts=parts, narrow=narrow)
     if not narrow:
         run_and_compare([129, 2000], 1, 128, causal=False, is_fp8=is_fp8, parts=parts)
+
+
+@pytest.mark.parametrize("s_q,h_q,narrow", [(1, 128, False), (1, 16, True), (2, 5, True)])
+def test_cuda_dense_decode_fp8_scales_that_differ_by_tile_and_token(s_q, h_q, narrow):
+    """Each 128-column tile of the latent 2^tile times larger, each token 1/2, 1 or 2 times: a kernel that scaled a
+    value by another tile's or another row's scale would be off by 2x or more there. With randn's cache every tile of
+    every token gets the same scale, so no other case can tell."""
+    run_and_compare([1, 65, 300, 1000], s_q, h_q, causal=True, is_fp8=True, narrow=narrow, varied_scales=True)
 
 
 @pytest.mark.parametrize("s_q,h_q,narrow", [(2, 32, False), (2, 8, True)])
