@@ -2,9 +2,12 @@
 
 `backend(op, device)` says which path an op takes on a device (CUDA kernel, Triton kernel or reference);
 `FLASHMLA_BACKEND=cuda|triton|reference` restricts it. `kernels(op, device)` returns the loaded extension when the
-op's CUDA kernel runs.
+op's CUDA kernel runs. For kernel experiments: `FLASHMLA_CSRC=DIR` builds another revision's csrc (e.g. `git archive
+BRANCH csrc | tar -x -C bench/BRANCH`) in place of the package's, and `FLASHMLA_EXTRA_CUDA_FLAGS` adds nvcc flags;
+each directory and flag set gets a build of its own (`build_name`).
 """
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -13,7 +16,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("flashmla_ops")
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+PACKAGE_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC_ENV = "FLASHMLA_CSRC"
+CSRC = Path(os.environ[CSRC_ENV]).resolve() if os.environ.get(CSRC_ENV) else PACKAGE_CSRC
 BACKEND_ENV = "FLASHMLA_BACKEND"
 SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu", "dense_decode_narrow.cu")
 
@@ -37,6 +42,17 @@ def _arch_flags() -> list[str]:
     return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
 
 
+def build_name(extra_flags: list[str], csrc: Path) -> str:
+    """The extension's name, which names its build directory: one per nvcc flag set and per csrc directory, so that a
+    build with other flags or of another revision's kernels never replaces the package's own."""
+    parts = ["flashmla_ops_cuda"]
+    if extra_flags:
+        parts.append("".join(c if c.isalnum() else "_" for c in "".join(extra_flags)))
+    if Path(csrc).resolve() != PACKAGE_CSRC.resolve():
+        parts.append("csrc" + hashlib.sha1(str(Path(csrc).resolve()).encode()).hexdigest()[:10])
+    return "_".join(parts)
+
+
 @functools.cache
 def _load():
     reason = _unavailable_reason()
@@ -45,11 +61,10 @@ def _load():
         return None
     from torch.utils.cpp_extension import load
 
-    extra = os.environ.get("FLASHMLA_EXTRA_CUDA_FLAGS", "").split()  # A/B experiments: a separate build per flag set
-    suffix = "_" + "".join(c if c.isalnum() else "_" for c in "".join(extra)) if extra else ""
+    extra = os.environ.get("FLASHMLA_EXTRA_CUDA_FLAGS", "").split()
     try:
         return load(
-            name="flashmla_ops_cuda" + suffix,
+            name=build_name(extra, CSRC),
             sources=[str(CSRC / name) for name in SOURCES],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo", *_arch_flags(), *extra],

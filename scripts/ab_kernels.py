@@ -11,7 +11,8 @@ over the run or a cost of going first falls on both sides alike. For an A/A run 
 a copy of this tree's csrc as the base: `cp -r csrc bench/same && ... --base-csrc bench/same`. The benchmark's
 `--out PREFIX`, if given, becomes PREFIX_tree_r1, PREFIX_base_r1, ... so that no run overwrites another's JSON and PNG.
 Both sides run this tree's Python: a base whose bindings take other arguments than the tree's ops pass builds, then
-fails at its first call.
+fails at its first call. To run the tests on a base's kernels: `FLASHMLA_CSRC=bench/base/csrc python -m pytest -m gpu
+tests/ops` (each csrc directory builds apart, flashmla_ops._ext.build_name).
 """
 import argparse
 import os
@@ -21,14 +22,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_FLAG = "-DFLASHMLA_AB_BASE"  # only names the base's build apart from the tree's
 
 
-def side_environment(side: str) -> dict:
+def side_environment() -> dict:
     env = dict(os.environ)
+    env.pop("FLASHMLA_CSRC", None)  # the tree side builds this tree's csrc; the base side is pointed at its own
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "scripts"), env.get("PYTHONPATH")]))
-    if side == "base":
-        env["FLASHMLA_EXTRA_CUDA_FLAGS"] = " ".join(filter(None, [env.get("FLASHMLA_EXTRA_CUDA_FLAGS"), BASE_FLAG]))
     return env
 
 
@@ -82,7 +81,7 @@ def main():
     def command(side, run_args):
         return [sys.executable, __file__, "--base-csrc", args.base_csrc, "--side", side, "--", *run_args]
 
-    builds = {side: subprocess.Popen(command(side, []), env=side_environment(side), cwd=ROOT)
+    builds = {side: subprocess.Popen(command(side, []), env=side_environment(), cwd=ROOT)
               for side in ("tree", "base")}
     failed = [side for side, process in builds.items() if process.wait() != 0]
     if failed:
@@ -90,7 +89,7 @@ def main():
     for round_index in range(1, args.rounds + 1):
         for side in round_order(round_index):
             print(f"== {side}, round {round_index}", flush=True)
-            result = subprocess.run(command(side, side_script(script, side, round_index)), env=side_environment(side),
+            result = subprocess.run(command(side, side_script(script, side, round_index)), env=side_environment(),
                                     cwd=ROOT)
             if result.returncode != 0:
                 sys.exit(f"ab_kernels: the {side} run failed with exit code {result.returncode}")

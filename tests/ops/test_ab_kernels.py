@@ -1,12 +1,16 @@
 """scripts/ab_kernels.py times nothing when a side's CUDA kernels are not there (here: no GPU), and says which; its
-rounds alternate which side goes first, and each run writes its own output files."""
+rounds alternate which side goes first, and each run writes its own output files. A build of other flags or of
+another revision's csrc (FLASHMLA_CSRC) gets a build directory of its own."""
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from flashmla_ops import _ext
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SPEC = importlib.util.spec_from_file_location("ab_kernels", ROOT / "scripts" / "ab_kernels.py")
@@ -35,3 +39,21 @@ def test_ab_kernels_refuses_to_time_without_kernels(tmp_path):
     assert result.returncode != 0
     assert "no timing: the tree and base kernels did not build" in result.stderr
     assert "== tree" not in result.stdout
+
+
+def test_each_flag_set_and_csrc_directory_builds_apart(tmp_path):
+    package = _ext.build_name([], _ext.PACKAGE_CSRC)
+    assert package == "flashmla_ops_cuda"  # the name (and build directory) the package's own build always had
+    assert _ext.build_name(["-DFLASHMLA_PHASES"], _ext.PACKAGE_CSRC) == "flashmla_ops_cuda__DFLASHMLA_PHASES"
+    other = _ext.build_name([], tmp_path / "branch" / "csrc")
+    elsewhere = _ext.build_name([], tmp_path / "main" / "csrc")
+    assert len({package, other, elsewhere}) == 3
+    assert other == _ext.build_name([], tmp_path / "branch" / ".." / "branch" / "csrc")  # the directory, not its spelling
+    assert other.isidentifier()
+
+
+def test_flashmla_csrc_points_the_build_at_another_directory(tmp_path):
+    code = "import flashmla_ops._ext as e; print(e.CSRC)"
+    env = {**os.environ, "FLASHMLA_CSRC": str(tmp_path)}
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    assert Path(shown.stdout.strip()) == tmp_path.resolve()
