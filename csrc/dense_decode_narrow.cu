@@ -62,7 +62,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   const uint32_t q_tile = smem_address(shared + Layout::kQ);
   const uint32_t barrier = smem_address(shared + Layout::kBarriers + warpgroup * 8);
   // wgmma descriptors: the stage as K (K-major) and as V^T (MN-major, tiles kTileBytes apart), Q, P^T
-  const uint64_t stage_desc = smem_descriptor(stage, 16, 1024), stage_desc_mn = smem_descriptor(stage, kTileBytes, 1024);
+  const uint64_t stage_desc = smem_descriptor(stage, 16, 1024);
+  const uint64_t stage_desc_mn = smem_descriptor(stage, kTileBytes, 1024);
   const uint64_t q_desc = smem_descriptor(q_tile, 16, 1024), probs_desc = smem_descriptor(probs, 16, 1024);
   float* warp_max = reinterpret_cast<float*>(shared + Layout::kWarpMax) + warpgroup * 4 * kRows;
   float* warp_sum = reinterpret_cast<float*>(shared + Layout::kWarpSum);

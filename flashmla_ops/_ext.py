@@ -55,8 +55,13 @@ def build_name(extra_flags: list[str], csrc: Path) -> str:
 
 @functools.cache
 def _load():
+    # Kernels asked for by FLASHMLA_CSRC that cannot be built on a GPU machine are an error, not a quiet fallback: a
+    # benchmark or test run would otherwise time or test the Triton or reference path under the experiment's name.
+    requested = bool(os.environ.get(CSRC_ENV)) and torch.cuda.is_available()
     reason = _unavailable_reason()
     if reason is not None:
+        if requested:
+            raise RuntimeError(f"{CSRC_ENV}={os.environ[CSRC_ENV]}: the CUDA kernels cannot be built: {reason}")
         log.warning("flashmla_ops: CUDA kernels not built (%s); using the PyTorch reference ops", reason)
         return None
     from torch.utils.cpp_extension import load
@@ -71,6 +76,8 @@ def _load():
             verbose=os.environ.get("FLASHMLA_VERBOSE_BUILD", "0") == "1",
         )
     except (RuntimeError, OSError) as error:
+        if requested:
+            raise RuntimeError(f"{CSRC_ENV}={os.environ[CSRC_ENV]}: building the CUDA kernels failed") from error
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         log.warning("flashmla_ops: building the CUDA kernels failed (%s); using the PyTorch reference ops", first_line)
         return None

@@ -48,7 +48,8 @@ def test_each_flag_set_and_csrc_directory_builds_apart(tmp_path):
     other = _ext.build_name([], tmp_path / "branch" / "csrc")
     elsewhere = _ext.build_name([], tmp_path / "main" / "csrc")
     assert len({package, other, elsewhere}) == 3
-    assert other == _ext.build_name([], tmp_path / "branch" / ".." / "branch" / "csrc")  # the directory, not its spelling
+    # the directory, not its spelling
+    assert other == _ext.build_name([], tmp_path / "branch" / ".." / "branch" / "csrc")
     assert other.isidentifier()
 
 
@@ -57,3 +58,13 @@ def test_flashmla_csrc_points_the_build_at_another_directory(tmp_path):
     env = {**os.environ, "FLASHMLA_CSRC": str(tmp_path)}
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     assert Path(shown.stdout.strip()) == tmp_path.resolve()
+
+
+def test_flashmla_csrc_that_cannot_build_raises_on_a_gpu_machine(tmp_path, monkeypatch):
+    """An empty FLASHMLA_CSRC on a machine that has a GPU (faked here): an error naming the variable, where the
+    package's own csrc would only warn and fall back."""
+    monkeypatch.setenv(_ext.CSRC_ENV, str(tmp_path))
+    monkeypatch.setattr(_ext, "CSRC", tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="FLASHMLA_CSRC"):
+        _ext._load.__wrapped__()

@@ -63,6 +63,7 @@ def run_and_compare(seqlens, s_q, h_q, causal, is_fp8=False, num_splits=None, pa
                     parts=None, narrow=False, varied_scales=False):
     generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 1000 + s_q * 10 + h_q + causal + 2 * is_fp8)
     if varied_scales:  # FP8 tile scales that differ by tile and by token (randn's are all alike)
+        assert is_fp8 and not padded, "varied_scales builds its own unpadded FP8 cache"
         q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, False, generator)
         tile_factor = 2.0 ** torch.arange(KV_LORA_RANK // 128, device=DEVICE).repeat_interleave(128)
         column_factor = torch.cat([tile_factor, torch.ones(D_QK - KV_LORA_RANK, device=DEVICE)])
