@@ -11,8 +11,10 @@ over the run or a cost of going first falls on both sides alike. For an A/A run 
 a copy of this tree's csrc as the base: `cp -r csrc bench/same && ... --base-csrc bench/same`. The benchmark's
 `--out PREFIX`, if given, becomes PREFIX_tree_r1, PREFIX_base_r1, ... so that no run overwrites another's JSON and PNG.
 Both sides run this tree's Python: a base whose bindings take other arguments than the tree's ops pass builds, then
-fails at its first call. To run the tests on a base's kernels: `FLASHMLA_CSRC=bench/base/csrc python -m pytest -m gpu
-tests/ops` (each csrc directory builds apart, flashmla_ops._ext.build_name).
+fails at its first call. `--tests "PATH ..."` runs those tests (pytest, stopping at the first failure) on the base's
+kernels after the builds and times nothing if one fails: an experiment that computes something else is not timed.
+By hand: `FLASHMLA_CSRC=bench/base/csrc python -m pytest -m gpu tests/ops` (each csrc directory builds apart,
+flashmla_ops._ext.build_name).
 """
 import argparse
 import os
@@ -48,6 +50,13 @@ def run_side(base_csrc: str | None, script: list[str]) -> None:
         runpy.run_path(script[0], run_name="__main__")
 
 
+def pytest_command(base_csrc: str, tests: list[str]) -> tuple[list[str], dict]:
+    """The pytest command line and environment that run `tests` on the base's kernels (its own build, FLASHMLA_CSRC)."""
+    env = side_environment()
+    env["FLASHMLA_CSRC"] = str(Path(base_csrc).resolve())
+    return [sys.executable, "-m", "pytest", "-q", "-x", *tests], env
+
+
 def round_order(round_index: int) -> tuple[str, str]:
     """The sides of round `round_index` (from 1) in the order they run: ABBA, tree first in odd rounds."""
     return ("tree", "base") if round_index % 2 == 1 else ("base", "tree")
@@ -68,6 +77,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-csrc", required=True, help="the base revision's csrc directory")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tests", default="", help="test paths (space-separated) the base's kernels must pass first")
     parser.add_argument("--side", choices=["tree", "base"], help=argparse.SUPPRESS)
     parser.add_argument("script", nargs=argparse.REMAINDER, help="-- SCRIPT ARGS...: the benchmark to run")
     args = parser.parse_args()
@@ -86,6 +96,11 @@ def main():
     failed = [side for side, process in builds.items() if process.wait() != 0]
     if failed:
         sys.exit(f"ab_kernels: no timing: the {' and '.join(failed)} kernels did not build")
+    if args.tests.split():
+        print(f"== tests on the base's kernels: {args.tests}", flush=True)
+        test_argv, test_env = pytest_command(args.base_csrc, args.tests.split())
+        if subprocess.run(test_argv, env=test_env, cwd=ROOT).returncode != 0:
+            sys.exit("ab_kernels: no timing: the base's kernels failed the tests")
     for round_index in range(1, args.rounds + 1):
         for side in round_order(round_index):
             print(f"== {side}, round {round_index}", flush=True)

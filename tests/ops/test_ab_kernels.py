@@ -68,3 +68,10 @@ def test_flashmla_csrc_that_cannot_build_raises_on_a_gpu_machine(tmp_path, monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="FLASHMLA_CSRC"):
         _ext._load.__wrapped__()
+
+
+def test_the_base_is_tested_on_its_own_kernels(tmp_path):
+    argv, env = ab_kernels.pytest_command(str(tmp_path / "base" / "csrc"), ["tests/ops/test_cuda_decode.py"])
+    assert argv[1:] == ["-m", "pytest", "-q", "-x", "tests/ops/test_cuda_decode.py"]
+    assert env["FLASHMLA_CSRC"] == str((tmp_path / "base" / "csrc").resolve())
+    assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
