@@ -1,11 +1,14 @@
 """Triton building blocks shared by the MLA kernels: the MMA wrapper, KV-tile loads from BF16 and FP8 cache rows,
-the final normalisation, and device limits."""
+the final normalisation, device limits, and the launch that falls back to smaller tiles where a GPU's shared memory
+is smaller than Hopper's."""
 import functools
 import os
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -116,3 +119,25 @@ def device_limits(device: torch.device) -> tuple[int, int]:
         return 4, 100 * 1024
     props = torch.cuda.get_device_properties(device)
     return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 100 * 1024)
+
+
+_FITTING: dict[Hashable, int] = {}
+
+
+def launch_fitting(key: Hashable, configs: Sequence, launch: Callable) -> None:
+    """`launch(config)` with the first of `configs` (the preferred first) whose kernels the GPU can hold. Hopper takes
+    every op's first tiles; GPUs with less shared memory per block (Ampere 163 KiB, Ada and consumer Blackwell 99 KiB)
+    refuse some, and Triton says so by OutOfResources when it loads the compiled kernel, before anything is launched:
+    the next config is tried. The answer is kept per `key` (the op, its compiled variant, the device), so later calls
+    start from it."""
+    start = _FITTING.get(key, 0)
+    refused = []
+    for index in range(start, len(configs)):
+        try:
+            launch(configs[index])
+        except OutOfResources as error:
+            refused.append(f"{configs[index]}: {error}")
+            continue
+        _FITTING[key] = index
+        return
+    raise RuntimeError(f"{key}: no tile config fits this GPU; refused: {refused}")

@@ -7,6 +7,7 @@ the 512-wide latent in four 128-column sub-tiles t (the FP8 cache's scale tiles,
     online softmax; acc_t += (p * scale_t) . k_t          (the value is the latent)
 so FP8 values are multiplied by their power-of-two scale through the products, never element by element.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +16,8 @@ import triton.language as tl
 
 from ..decode import get_mla_metadata_reference
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
-from .common import (INTERPRET, LOG2E, device_limits, finish, hardware_fp8, load_latent_subtile, load_rope,
-                     load_tile_scale, mma)
+from .common import (INTERPRET, LOG2E, device_limits, finish, hardware_fp8, launch_fitting, load_latent_subtile,
+                     load_rope, load_tile_scale, mma)
 
 @triton.jit
 def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm,
@@ -263,6 +264,15 @@ def default_config(batch: int, rows: int, device: torch.device) -> LaunchConfig:
     return LaunchConfig(block_h=32, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=2)
 
 
+def fitting_configs(config: LaunchConfig) -> list[LaunchConfig]:
+    """`config`, then smaller tiles for launch_fitting: 32 and 16 rows x 32 keys, two programs per SM. Compiled for
+    sm_89, 64 rows x 32 keys take 112 KiB of shared memory, more than the 99 KiB of Ada and consumer Blackwell;
+    32 x 32 take 76."""
+    smaller = [dataclasses.replace(config, block_h=block_h, block_n=32, num_warps=4, num_stages=2, programs_per_sm=2)
+               for block_h in (32, 16) if block_h < config.block_h]
+    return [config, *smaller]
+
+
 def num_splits_for(batch: int, row_tiles: int, capacity_tiles: int, multiprocessors: int,
                    programs_per_sm: float) -> int:
     """Splits per sequence so that about `programs_per_sm` programs per SM are in flight; static (shapes only), so
@@ -282,41 +292,49 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
     if batch == 0 or rows == 0:
         return out, lse
-    config = config or default_config(batch, rows, q.device)
     q_rows = q.reshape(batch, rows, d_qk)
     cache = kv_cache.view(torch.uint8) if is_fp8 else kv_cache
     multiprocessors, _ = device_limits(q.device)
-    row_tiles = triton.cdiv(rows, config.block_h)
-    common = dict(IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), CAUSAL=causal, BLOCK_H=config.block_h,
-                  BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM,
-                  INTERPRET=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages)
-    if config.schedule == "balanced":
-        if tile_scheduler_metadata is None or num_splits is None:
-            parts = max(1, round(config.programs_per_sm * multiprocessors / row_tiles))
-            tile_scheduler_metadata, num_splits = get_mla_metadata_reference(cache_seqlens, parts)
-        parts = tile_scheduler_metadata.shape[0]
-        out_partial = q.new_empty(batch + parts, rows, head_dim_v, dtype=torch.float32)  # >= num_splits[-1]
-        lse_partial = q.new_empty(batch + parts, rows, dtype=torch.float32)
-        _dense_decode_balanced_kernel[(row_tiles, parts)](
-            q_rows, cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out_partial, lse_partial,
+    variant = dict(IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), CAUSAL=causal)
+
+    def launch(config: LaunchConfig) -> None:
+        row_tiles = triton.cdiv(rows, config.block_h)
+        common = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK,
+                      D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages,
+                      **variant)
+        if config.schedule == "balanced":
+            metadata, splits = tile_scheduler_metadata, num_splits
+            if metadata is None or splits is None:
+                parts = max(1, round(config.programs_per_sm * multiprocessors / row_tiles))
+                metadata, splits = get_mla_metadata_reference(cache_seqlens, parts)
+            parts = metadata.shape[0]
+            out_partial = q.new_empty(batch + parts, rows, head_dim_v, dtype=torch.float32)  # >= splits[-1]
+            lse_partial = q.new_empty(batch + parts, rows, dtype=torch.float32)
+            _dense_decode_balanced_kernel[(row_tiles, parts)](
+                q_rows, cache, block_table, cache_seqlens, metadata, splits, out_partial, lse_partial,
+                q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
+                out_partial.stride(0), out_partial.stride(1), batch, rows, h_q, s_q, softmax_scale * LOG2E,
+                METADATA_FIELDS=metadata.shape[1], **common)
+            combine(out_partial, lse_partial, attn_sink, out, lse, split_offsets=splits)
+            return
+        capacity_tiles = triton.cdiv(block_table.shape[1] * PAGE_BLOCK_SIZE, config.block_n)
+        splits = num_splits_for(batch, row_tiles, capacity_tiles, multiprocessors, config.programs_per_sm)
+        out_partial, lse_partial = split_buffers(out, lse, splits)
+        sink = attn_sink if attn_sink is not None else lse
+        out_rows = out.view(batch, rows, head_dim_v)
+        _dense_decode_split_kernel[(row_tiles, batch, splits)](
+            q_rows, cache, block_table, cache_seqlens, sink, out_rows, lse, out_partial, lse_partial,
             q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
-            out_partial.stride(0), out_partial.stride(1), batch, rows, h_q, s_q, softmax_scale * LOG2E,
-            METADATA_FIELDS=tile_scheduler_metadata.shape[1], **common)
-        combine(out_partial, lse_partial, attn_sink, out, lse, split_offsets=num_splits)
-        return out, lse
-    capacity_tiles = triton.cdiv(block_table.shape[1] * PAGE_BLOCK_SIZE, config.block_n)
-    splits = num_splits_for(batch, row_tiles, capacity_tiles, multiprocessors, config.programs_per_sm)
-    out_partial, lse_partial = split_buffers(out, lse, splits)
-    sink = attn_sink if attn_sink is not None else lse
-    out_rows = out.view(batch, rows, head_dim_v)
-    _dense_decode_split_kernel[(row_tiles, batch, splits)](
-        q_rows, cache, block_table, cache_seqlens, sink, out_rows, lse, out_partial, lse_partial,
-        q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
-        out_rows.stride(0), out_rows.stride(1), out_partial.stride(-3) if splits > 1 else 0,
-        out_partial.stride(-2) if splits > 1 else 0, rows, h_q, s_q, softmax_scale * LOG2E, splits,
-        SPLIT=splits > 1, APPLY_SINK=attn_sink is not None, **common)
-    if splits > 1:
-        combine(out_partial, lse_partial, attn_sink, out, lse)
+            out_rows.stride(0), out_rows.stride(1), out_partial.stride(-3) if splits > 1 else 0,
+            out_partial.stride(-2) if splits > 1 else 0, rows, h_q, s_q, softmax_scale * LOG2E, splits,
+            SPLIT=splits > 1, APPLY_SINK=attn_sink is not None, **common)
+        if splits > 1:
+            combine(out_partial, lse_partial, attn_sink, out, lse)
+
+    # A config the caller gives is run as it is (bench_decode.py --tune times it); the default may give way to
+    # smaller tiles on GPUs with less shared memory per block than Hopper's.
+    configs = [config] if config is not None else fitting_configs(default_config(batch, rows, q.device))
+    launch_fitting(("dense_decode", configs[0], *variant.items(), attn_sink is not None, q.device), configs, launch)
     return out, lse
 
 

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._checks import last_dim_contiguous
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
-from .common import INTERPRET, LOG2E, device_limits, finish, hardware_fp8, load_kv_tile, mma
+from .common import INTERPRET, LOG2E, device_limits, finish, hardware_fp8, launch_fitting, load_kv_tile, mma
 from .decode import combine, split_buffers
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -208,9 +208,15 @@ class TileConfig:
     num_stages: int
 
 
-def tile_config(h_q: int) -> TileConfig:
-    block_h = min(64, max(16, triton.next_power_of_2(h_q)))
-    return TileConfig(block_h=block_h, block_n=64, num_warps=8 if block_h >= 64 else 4, num_stages=2)
+def tile_configs(h_q: int) -> list[TileConfig]:
+    """Preferred first (Hopper runs it: 64 keys per step, all heads up to 64 in one program), then smaller ones for
+    GPUs with less shared memory per block, for launch_fitting: fewer stages, fewer keys per step, fewer heads. Compiled
+    for sm_89, the 99 KiB of Ada and consumer Blackwell take BF16 at 32 heads x 32 keys (76 KiB) and FP8 at 64 heads x
+    32 keys, one stage (88 KiB); tests/ops/test_triton_compile.py checks that each op finds one."""
+    first_h = min(64, max(16, triton.next_power_of_2(h_q)))
+    return [TileConfig(block_h=block_h, block_n=block_n, num_warps=8 if block_h >= 64 else 4, num_stages=num_stages)
+            for block_h in (64, 32, 16) if block_h <= first_h
+            for block_n in (64, 32) for num_stages in (2, 1)]
 
 
 def num_splits_for(programs: int, key_tiles: int, multiprocessors: int) -> int:
@@ -244,30 +250,35 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
     topk, extra_topk = indices.shape[-1], extra_indices.shape[-1] if has_extra else 0
 
     multiprocessors, _ = device_limits(q.device)
-    config = tile_config(h_q)
-    block_n = config.block_n
-    head_tiles = triton.cdiv(h_q, config.block_h)
-    programs = batch * s_q * head_tiles
-    num_splits = num_splits_for(programs, triton.cdiv(topk, block_n) + triton.cdiv(extra_topk, block_n),
-                                multiprocessors)
-    out_partial, lse_partial = split_buffers(out, lse, num_splits)
-    sink = attn_sink if attn_sink is not None else lse
-    _sparse_decode_split_kernel[(programs, num_splits)](
-        q, cache, indices, topk_length if topk_length is not None else indices,
-        extra_cache, extra_indices, extra_topk_length if extra_topk_length is not None else indices,
-        sink, out, lse, out_partial, lse_partial,
-        q.stride(0), q.stride(1), q.stride(2), cache.stride(0), cache.stride(1), indices.stride(0), indices.stride(1),
-        extra_cache.stride(0), extra_cache.stride(1), extra_indices.stride(0), extra_indices.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), out_partial.stride(0), out_partial.stride(1),
-        out_partial.stride(2) if num_splits > 1 else 0,
-        s_q, h_q, topk, extra_topk, k_cache.shape[0] * PAGE_BLOCK_SIZE,
-        extra_k_cache.shape[0] * PAGE_BLOCK_SIZE if has_extra else 0, softmax_scale * LOG2E, num_splits,
-        SPLIT=num_splits > 1, IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), HAS_TOPK_LENGTH=topk_length is not None,
-        HAS_EXTRA=has_extra, HAS_EXTRA_TOPK_LENGTH=extra_topk_length is not None, APPLY_SINK=attn_sink is not None,
-        BLOCK_H=config.block_h, BLOCK_N=block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM,
-        TILE=128, INTERPRET=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages)
-    if num_splits > 1:
-        combine(out_partial, lse_partial, attn_sink, out, lse)
+    variant = dict(IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), HAS_TOPK_LENGTH=topk_length is not None,
+                   HAS_EXTRA=has_extra, HAS_EXTRA_TOPK_LENGTH=extra_topk_length is not None,
+                   APPLY_SINK=attn_sink is not None)
+
+    def launch(config: TileConfig) -> None:
+        head_tiles = triton.cdiv(h_q, config.block_h)
+        programs = batch * s_q * head_tiles
+        key_tiles = triton.cdiv(topk, config.block_n) + triton.cdiv(extra_topk, config.block_n)
+        num_splits = num_splits_for(programs, key_tiles, multiprocessors)
+        out_partial, lse_partial = split_buffers(out, lse, num_splits)
+        sink = attn_sink if attn_sink is not None else lse
+        _sparse_decode_split_kernel[(programs, num_splits)](
+            q, cache, indices, topk_length if topk_length is not None else indices,
+            extra_cache, extra_indices, extra_topk_length if extra_topk_length is not None else indices,
+            sink, out, lse, out_partial, lse_partial,
+            q.stride(0), q.stride(1), q.stride(2), cache.stride(0), cache.stride(1), indices.stride(0),
+            indices.stride(1), extra_cache.stride(0), extra_cache.stride(1), extra_indices.stride(0),
+            extra_indices.stride(1), out.stride(0), out.stride(1), out.stride(2), out_partial.stride(0),
+            out_partial.stride(1), out_partial.stride(2) if num_splits > 1 else 0,
+            s_q, h_q, topk, extra_topk, k_cache.shape[0] * PAGE_BLOCK_SIZE,
+            extra_k_cache.shape[0] * PAGE_BLOCK_SIZE if has_extra else 0, softmax_scale * LOG2E, num_splits,
+            SPLIT=num_splits > 1, BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE,
+            D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, TILE=128, INTERPRET=INTERPRET, num_warps=config.num_warps,
+            num_stages=config.num_stages, **variant)
+        if num_splits > 1:
+            combine(out_partial, lse_partial, attn_sink, out, lse)
+
+    configs = tile_configs(h_q)
+    launch_fitting(("sparse_decode", configs[0], *variant.items(), q.device), configs, launch)
     return out, lse
 
 
@@ -283,15 +294,20 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_lengt
         return out, max_logits, lse, lse_indexer
     kv_rows = _nonempty(kv)[:, 0]
     indices = last_dim_contiguous(indices)
-    config = tile_config(h_q)
-    _sparse_prefill_kernel[(s_q * triton.cdiv(h_q, config.block_h),)](
-        q, kv_rows, indices, topk_length if topk_length is not None else indices,
-        attn_sink if attn_sink is not None else lse, out, max_logits, lse, lse_indexer if indexer_topk else lse,
-        q.stride(0), q.stride(1), kv_rows.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        h_q, s_kv, topk, indexer_topk, sm_scale * LOG2E,
-        HAS_TOPK_LENGTH=topk_length is not None, HAS_INDEXER=indexer_topk > 0, APPLY_SINK=attn_sink is not None,
-        BLOCK_H=config.block_h, BLOCK_N=config.block_n, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, INTERPRET=INTERPRET,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+    variant = dict(HAS_TOPK_LENGTH=topk_length is not None, HAS_INDEXER=indexer_topk > 0,
+                   APPLY_SINK=attn_sink is not None)
+
+    def launch(config: TileConfig) -> None:
+        _sparse_prefill_kernel[(s_q * triton.cdiv(h_q, config.block_h),)](
+            q, kv_rows, indices, topk_length if topk_length is not None else indices,
+            attn_sink if attn_sink is not None else lse, out, max_logits, lse, lse_indexer if indexer_topk else lse,
+            q.stride(0), q.stride(1), kv_rows.stride(0), indices.stride(0), out.stride(0), out.stride(1),
+            lse.stride(0), h_q, s_kv, topk, indexer_topk, sm_scale * LOG2E,
+            BLOCK_H=config.block_h, BLOCK_N=config.block_n, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM,
+            INTERPRET=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages, **variant)
+
+    configs = tile_configs(h_q)
+    launch_fitting(("sparse_prefill", configs[0], *variant.items(), q.device), configs, launch)
     return out, max_logits, lse, lse_indexer
 
 

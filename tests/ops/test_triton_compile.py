@@ -1,6 +1,7 @@
 """Every Triton kernel compiles for the GPUs it targets, on any machine: every constexpr variant for sm_90 (Hopper) and
 sm_80 (Ampere), and one variant of each kernel (its hardware-FP8 one where it has one) for sm_89 (Ada) and sm_120
-(consumer Blackwell), which keeps the test's time in CI to about two minutes more than the first two alone.
+(consumer Blackwell). And where a GPU has less shared memory per block than Hopper (sm_80, sm_89; sm_120 has sm_89's),
+each op's ladder of tiles reaches one that fits (`ladders`). The compiles are dealt out over one process per core.
 
 Triton compiles to a cubin without a GPU; this catches what the CPU interpreter cannot (type inference across
 branches, layouts, register and shared-memory limits) over each kernel's constexpr variants. The compiles run in one
@@ -89,27 +90,40 @@ POINTERS = {"Q": "*bf16", "Out": "*bf16", "BlockTable": "*i32", "Seqlens": "*i32
 KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"}, "_indexer_topk_kernel": {"Out": "*i32"}}
 DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "INTERPRET": False}
 SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK", "H_I", "NUM_KEYS"}  # upper-case sizes; other capitalised names are pointers
+def compile_kernel(name, constexprs, arch, options):
+    kernel = eval(name)
+    constexprs = {**{k: v for k, v in DIMS.items() if k in kernel.arg_names}, **constexprs}
+    signature = {}
+    pointers = {**POINTERS, **KERNEL_POINTERS.get(name.split(".")[-1], {})}
+    for arg, param in zip(kernel.arg_names, kernel.params):
+        if param.is_constexpr:
+            signature[arg] = "constexpr"
+        elif arg in ("KV", "ExtraKV", "Cache"):  # the FP8 cache is addressed in bytes
+            signature[arg] = "*u8" if constexprs.get("IS_FP8") else "*bf16"
+        elif (arg, True) in (("Q", constexprs.get("Q_FP8")), ("K", constexprs.get("K_FP8"))):  # FP8 q / k: bytes
+            signature[arg] = "*u8"
+        elif arg[0].isupper() and arg not in SCALARS:
+            signature[arg] = pointers.get(arg, "*fp32")
+        else:
+            signature[arg] = "fp32" if arg == "sm_scale_log2" else "i32"
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
+
+
 results = {}
 for job in json.loads(sys.argv[1]):
-    kernel = eval(job["kernel"])
-    constexprs = {**{k: v for k, v in DIMS.items() if k in kernel.arg_names}, **job["constexprs"]}
-    signature = {}
-    pointers = {**POINTERS, **KERNEL_POINTERS.get(job["kernel"].split(".")[-1], {})}
-    for name, param in zip(kernel.arg_names, kernel.params):
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-        elif name in ("KV", "ExtraKV", "Cache"):  # the FP8 cache is addressed in bytes
-            signature[name] = "*u8" if constexprs.get("IS_FP8") else "*bf16"
-        elif (name, True) in (("Q", constexprs.get("Q_FP8")), ("K", constexprs.get("K_FP8"))):  # FP8 q / k: bytes
-            signature[name] = "*u8"
-        elif name[0].isupper() and name not in SCALARS:
-            signature[name] = pointers.get(name, "*fp32")
-        else:
-            signature[name] = "fp32" if name == "sm_scale_log2" else "i32"
     try:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", job["arch"], 32))
-        results[job["id"]] = "ok" if compiled.asm["cubin"] else "empty cubin"
+        if "ladder" in job:  # the first config whose kernel fits the shared memory limit, and what each took
+            shared = []
+            for step in job["ladder"]:
+                shared.append(compile_kernel(job["kernel"], step["constexprs"], job["arch"],
+                                             step["options"]).metadata.shared)
+                if shared[-1] <= job["limit"]:
+                    break
+            results[job["id"]] = shared
+        else:
+            compiled = compile_kernel(job["kernel"], job["constexprs"], job["arch"], {})
+            results[job["id"]] = "ok" if compiled.asm["cubin"] else "empty cubin"
     except Exception as error:
         results[job["id"]] = f"{type(error).__name__}: {str(error)[-2000:]}"
 print(json.dumps(results))
@@ -128,17 +142,73 @@ def cases():
             yield f"{kernel}[{spot}]-sm{arch}", kernel, variants[spot], arch
 
 
+# Shared memory per block (opt-in) where it is less than Hopper's 227 KiB: Triton refuses a kernel that needs more
+# (OutOfResources) and the op takes its next tiles (common.launch_fitting). sm_120 (consumer Blackwell) has Ada's.
+SMEM_LIMITS = {80: 166912, 89: 101376}
+
+
+def ladders():
+    """(id, kernel, the configs the op tries in order as constexprs and options, arch): the ops with tiles too big
+    for these GPUs, at 64 query rows or heads per program (their largest tiles)."""
+    from flashmla_ops.triton import decode as triton_decode
+    from flashmla_ops.triton import sparse as triton_sparse
+
+    def steps(configs, **variant):
+        return [dict(constexprs=dict(variant, BLOCK_H=c.block_h, BLOCK_N=c.block_n),
+                     options=dict(num_warps=c.num_warps, num_stages=c.num_stages)) for c in configs]
+
+    sparse_decode = dict(SPLIT=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=False, HAS_EXTRA_TOPK_LENGTH=False,
+                         APPLY_SINK=False)
+    # the 64-row default where shared memory is under 200 KiB: 32 keys per step
+    dense_default = triton_decode.LaunchConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, programs_per_sm=1)
+    families = {
+        "sparse decode bf16": ("sparse._sparse_decode_split_kernel",
+                               steps(triton_sparse.tile_configs(64), IS_FP8=False, HW_FP8=False, **sparse_decode)),
+        "sparse decode fp8": ("sparse._sparse_decode_split_kernel",
+                              steps(triton_sparse.tile_configs(64), IS_FP8=True, HW_FP8=True, **sparse_decode)),
+        "sparse prefill": ("sparse._sparse_prefill_kernel",
+                           steps(triton_sparse.tile_configs(64), HAS_TOPK_LENGTH=True, HAS_INDEXER=True,
+                                 APPLY_SINK=True)),
+        "dense decode bf16": ("decode._dense_decode_split_kernel",
+                              steps(triton_decode.fitting_configs(dense_default), IS_FP8=False, HW_FP8=False,
+                                    CAUSAL=True, SPLIT=True, APPLY_SINK=True)),
+    }
+    for name, (kernel, ladder) in families.items():
+        for arch, limit in SMEM_LIMITS.items():
+            if arch < 89 and ladder[0]["constexprs"].get("HW_FP8"):  # Ampere takes the integer e4m3 decoding
+                ladder = [dict(step, constexprs=dict(step["constexprs"], HW_FP8=False)) for step in ladder]
+            yield f"{name}-sm{arch}", kernel, ladder, arch, limit
+
+
 @pytest.fixture(scope="module")
 def compiled():
     jobs = [dict(id=case_id, kernel=kernel, constexprs=constexprs, arch=arch)
             for case_id, kernel, constexprs, arch in cases()]
+    jobs += [dict(id=case_id, kernel=kernel, ladder=ladder, arch=arch, limit=limit)
+             for case_id, kernel, ladder, arch, limit in ladders()]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILER, json.dumps(jobs)], capture_output=True, text=True,
-                          env=env, timeout=1200)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    workers = max(1, min(len(os.sched_getaffinity(0)), 8))  # one compiler process per core, the jobs dealt out
+    running = [subprocess.Popen([sys.executable, "-c", COMPILER, json.dumps(jobs[worker::workers])],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for worker in range(workers)]
+    results = {}
+    for process in running:
+        stdout, stderr = process.communicate(timeout=1200)
+        assert process.returncode == 0, stderr[-4000:]
+        results.update(json.loads(stdout.strip().splitlines()[-1]))
+    return results
 
 
 @pytest.mark.parametrize("case_id", [case[0] for case in cases()])
 def test_triton_kernel_compiles(compiled, case_id):
     assert compiled[case_id] == "ok", compiled[case_id]
+
+
+@pytest.mark.parametrize("case_id", [case[0] for case in ladders()])
+def test_every_op_finds_tiles_that_fit_below_hopper(compiled, case_id):
+    """Compiled for Ampere (163 KiB per block) and Ada / consumer Blackwell (99 KiB), each op's ladder of tiles reaches
+    one whose kernel fits: launch_fitting will find it there."""
+    limit = dict((case[0], case[4]) for case in ladders())[case_id]
+    shared = compiled[case_id]
+    assert isinstance(shared, list), shared
+    assert shared[-1] <= limit, f"no config fits {limit} bytes: {shared}"
