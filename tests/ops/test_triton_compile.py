@@ -187,7 +187,8 @@ def compiled():
     jobs += [dict(id=case_id, kernel=kernel, ladder=ladder, arch=arch, limit=limit)
              for case_id, kernel, ladder, arch, limit in ladders()]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    workers = max(1, min(len(os.sched_getaffinity(0)), 8))  # one compiler process per core, the jobs dealt out
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, min(cores, 8))  # one compiler process per core, the jobs dealt out
     running = [subprocess.Popen([sys.executable, "-c", COMPILER, json.dumps(jobs[worker::workers])],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                for worker in range(workers)]
