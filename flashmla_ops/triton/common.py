@@ -121,23 +121,26 @@ def device_limits(device: torch.device) -> tuple[int, int]:
     return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 100 * 1024)
 
 
-_FITTING: dict[Hashable, int] = {}
+_FITTING: dict[Hashable, object] = {}
 
 
 def launch_fitting(key: Hashable, configs: Sequence, launch: Callable) -> None:
     """`launch(config)` with the first of `configs` (the preferred first) whose kernels the GPU can hold. Hopper takes
     every op's first tiles; GPUs with less shared memory per block (Ampere 163 KiB, Ada and consumer Blackwell 99 KiB)
     refuse some, and Triton says so by OutOfResources when it loads the compiled kernel, before anything is launched:
-    the next config is tried. The answer is kept per `key` (the op, its compiled variant, the device), so later calls
-    start from it."""
-    start = _FITTING.get(key, 0)
+    the next config is tried. Refused kernels never ran, and the kernels overwrite their outputs, so a retry writes
+    each output once. The config that ran is kept per `key` (the op, its ladder, its variant, the device), and later
+    calls start from it; variants under one key that differ in no more than a split flag may thus take tiles a
+    little smaller than they could."""
+    saved = _FITTING.get(key)
+    start = configs.index(saved) if saved in configs else 0
     refused = []
-    for index in range(start, len(configs)):
+    for config in configs[start:]:
         try:
-            launch(configs[index])
+            launch(config)
         except OutOfResources as error:
-            refused.append(f"{configs[index]}: {error}")
+            refused.append(f"{config}: {error}")
             continue
-        _FITTING[key] = index
+        _FITTING[key] = config
         return
     raise RuntimeError(f"{key}: no tile config fits this GPU; refused: {refused}")

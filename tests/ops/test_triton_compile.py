@@ -4,8 +4,8 @@ sm_80 (Ampere), and one variant of each kernel (its hardware-FP8 one where it ha
 each op's ladder of tiles reaches one that fits (`ladders`). The compiles are dealt out over one process per core.
 
 Triton compiles to a cubin without a GPU; this catches what the CPU interpreter cannot (type inference across
-branches, layouts, register and shared-memory limits) over each kernel's constexpr variants. The compiles run in one
-subprocess without TRITON_INTERPRET (the test session may have it set, which turns the kernels into interpreted
+branches, layouts, register and shared-memory limits) over each kernel's constexpr variants. The compiles run in
+subprocesses without TRITON_INTERPRET (the test session may have it set, which turns the kernels into interpreted
 functions).
 """
 import json
@@ -154,8 +154,8 @@ def ladders():
     from flashmla_ops.triton import sparse as triton_sparse
 
     def steps(configs, **variant):
-        return [dict(constexprs=dict(variant, BLOCK_H=c.block_h, BLOCK_N=c.block_n),
-                     options=dict(num_warps=c.num_warps, num_stages=c.num_stages)) for c in configs]
+        return [dict(constexprs=dict(variant, BLOCK_H=config.block_h, BLOCK_N=config.block_n),
+                     options=dict(num_warps=config.num_warps, num_stages=config.num_stages)) for config in configs]
 
     sparse_decode = dict(SPLIT=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=False, HAS_EXTRA_TOPK_LENGTH=False,
                          APPLY_SINK=False)
@@ -175,9 +175,10 @@ def ladders():
     }
     for name, (kernel, ladder) in families.items():
         for arch, limit in SMEM_LIMITS.items():
+            arch_ladder = ladder
             if arch < 89 and ladder[0]["constexprs"].get("HW_FP8"):  # Ampere takes the integer e4m3 decoding
-                ladder = [dict(step, constexprs=dict(step["constexprs"], HW_FP8=False)) for step in ladder]
-            yield f"{name}-sm{arch}", kernel, ladder, arch, limit
+                arch_ladder = [dict(step, constexprs=dict(step["constexprs"], HW_FP8=False)) for step in ladder]
+            yield f"{name}-sm{arch}", kernel, arch_ladder, arch, limit
 
 
 @pytest.fixture(scope="module")
@@ -193,10 +194,14 @@ def compiled():
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                for worker in range(workers)]
     results = {}
-    for process in running:
-        stdout, stderr = process.communicate(timeout=1200)
-        assert process.returncode == 0, stderr[-4000:]
-        results.update(json.loads(stdout.strip().splitlines()[-1]))
+    try:
+        for process in running:
+            stdout, stderr = process.communicate(timeout=1200)
+            assert process.returncode == 0, stderr[-4000:]
+            results.update(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for process in running:
+            process.kill()  # a no-op for those that ended; the rest would outlive a failed or timed-out test
     return results
 
 
