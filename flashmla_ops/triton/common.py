@@ -2,6 +2,7 @@
 the final normalisation, device limits, and the launch that falls back to smaller tiles where a GPU's shared memory
 is smaller than Hopper's."""
 import functools
+import logging
 import os
 from collections.abc import Callable, Hashable, Sequence
 
@@ -141,6 +142,9 @@ def launch_fitting(key: Hashable, configs: Sequence, launch: Callable) -> None:
         except OutOfResources as error:
             refused.append(f"{config}: {error}")
             continue
+        if refused and _FITTING.get(key) != config:  # once per key: which tiles this GPU takes instead
+            logging.getLogger("flashmla_ops").info("flashmla_ops: %s: the GPU refused %s; running %s", key[0],
+                                                    refused, config)
         _FITTING[key] = config
         return
     raise RuntimeError(f"{key}: no tile config fits this GPU; refused: {refused}")

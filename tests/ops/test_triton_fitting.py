@@ -20,6 +20,19 @@ def _fresh_choices(monkeypatch):
     monkeypatch.setattr(triton_common, "_FITTING", {})
 
 
+def test_launch_fitting_says_once_which_tiles_it_runs_instead(caplog):
+    def launch(config):
+        if config > 2:
+            raise OutOfResources(config * 65536, 2 * 65536, "shared memory")
+
+    with caplog.at_level("INFO", logger="flashmla_ops"):
+        triton_common.launch_fitting(("sparse_decode", 4), [4, 3, 2], launch)
+        triton_common.launch_fitting(("sparse_decode", 4), [4, 3, 2], launch)
+        triton_common.launch_fitting(("dense_decode", 1), [1, 0], launch)  # the first fits: nothing to say
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 1 and "sparse_decode" in lines[0] and "running 2" in lines[0], lines
+
+
 def test_launch_fitting_takes_the_first_config_that_fits_and_remembers_it():
     tried = []
 
