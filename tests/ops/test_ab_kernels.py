@@ -1,6 +1,7 @@
 """scripts/ab_kernels.py times nothing when a side's CUDA kernels are not there (here: no GPU), and says which; its
 rounds alternate which side goes first, and each run writes its own output files. A build of other flags or of
-another revision's csrc (FLASHMLA_CSRC) gets a build directory of its own."""
+another revision's csrc (FLASHMLA_CSRC) gets a build directory of its own, and no build is tried on a GPU that is not
+sm_90."""
 import importlib.util
 import os
 import subprocess
@@ -75,3 +76,17 @@ def test_the_base_is_tested_on_its_own_kernels(tmp_path):
     assert argv[1:] == ["-m", "pytest", "-q", "-x", "tests/ops/test_cuda_decode.py"]
     assert env["FLASHMLA_CSRC"] == str((tmp_path / "base" / "csrc").resolve())
     assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
+
+
+def test_the_cuda_kernels_are_not_built_below_or_above_hopper(monkeypatch):
+    """On an A100 (sm_80) or any GPU that is not sm_90 the build is not tried (it cannot succeed: wgmma and TMA), so no
+    process spends ~90 s on it before falling back to the Triton kernels."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    for capability, built in (((8, 0), False), ((8, 9), False), ((12, 0), False), ((10, 0), False), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        reason = _ext._unavailable_reason()
+        if built:
+            assert reason is None or "sm_90" not in reason, reason  # may still lack nvcc or sources here
+        else:
+            assert reason is not None and f"sm_{capability[0]}{capability[1]}" in reason, reason
