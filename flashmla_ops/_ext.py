@@ -30,7 +30,7 @@ def _unavailable_reason() -> str | None:
         return "this torch build has no CUDA"
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) != (9, 0):  # wgmma and TMA: sm_90a only. Elsewhere a build would fail after ~90 s, every process
-        return f"they are written for sm_90 (Hopper) and this GPU is sm_{major}{minor}; its ops take the Triton kernels"
+        return f"they are written for sm_90 (Hopper) and this GPU is sm_{major}{minor}"
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
     missing = [name for name in SOURCES if not (CSRC / name).exists()]
@@ -63,7 +63,8 @@ def _load():
     if reason is not None:
         if requested:
             raise RuntimeError(f"{CSRC_ENV}={os.environ[CSRC_ENV]}: the CUDA kernels cannot be built: {reason}")
-        log.warning("flashmla_ops: CUDA kernels not built (%s); using the PyTorch reference ops", reason)
+        log.warning("flashmla_ops: CUDA kernels not built (%s); the ops use the Triton kernels, else the PyTorch "
+                    "reference", reason)
         return None
     from torch.utils.cpp_extension import load
 
@@ -80,7 +81,8 @@ def _load():
         if requested:
             raise RuntimeError(f"{CSRC_ENV}={os.environ[CSRC_ENV]}: building the CUDA kernels failed") from error
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("flashmla_ops: building the CUDA kernels failed (%s); using the PyTorch reference ops", first_line)
+        log.warning("flashmla_ops: building the CUDA kernels failed (%s); the ops use the Triton kernels, else the "
+                    "PyTorch reference", first_line)
         return None
 
 
