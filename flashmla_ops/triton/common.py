@@ -143,8 +143,8 @@ def launch_fitting(key: Hashable, configs: Sequence, launch: Callable) -> None:
             refused.append(f"{config}: {error}")
             continue
         if refused and _FITTING.get(key) != config:  # once per key: which tiles this GPU takes instead
-            logging.getLogger("flashmla_ops").info("flashmla_ops: %s: the GPU refused %s; running %s", key[0],
-                                                    refused, config)
+            logging.getLogger("flashmla_ops").info("flashmla_ops: %s: the GPU refused %s; running %s", key, refused,
+                                                    config)
         _FITTING[key] = config
         return
     raise RuntimeError(f"{key}: no tile config fits this GPU; refused: {refused}")
