@@ -21,6 +21,7 @@ CSRC_ENV = "FLASHMLA_CSRC"
 CSRC = Path(os.environ[CSRC_ENV]).resolve() if os.environ.get(CSRC_ENV) else PACKAGE_CSRC
 BACKEND_ENV = "FLASHMLA_BACKEND"
 SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu", "dense_decode_narrow.cu")
+ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)  # the only architecture _unavailable_reason lets through
 
 
 def _unavailable_reason() -> str | None:
@@ -39,18 +40,15 @@ def _unavailable_reason() -> str | None:
     return None
 
 
-def _arch_flags() -> list[str]:
-    return ["-gencode=arch=compute_90a,code=sm_90a"]  # the only architecture _unavailable_reason lets through
-
-
 def build_name(extra_flags: list[str], csrc: Path) -> str:
     """The extension's name, which names its build directory: one per nvcc flag set and per csrc directory, so that a
     build with other flags or of another revision's kernels never replaces the package's own."""
     parts = ["flashmla_ops_cuda"]
     if extra_flags:
         parts.append("".join(c if c.isalnum() else "_" for c in "".join(extra_flags)))
-    if Path(csrc).resolve() != PACKAGE_CSRC.resolve():
-        parts.append("csrc" + hashlib.sha1(str(Path(csrc).resolve()).encode()).hexdigest()[:10])
+    directory = Path(csrc).resolve()
+    if directory != PACKAGE_CSRC.resolve():
+        parts.append("csrc" + hashlib.sha1(str(directory).encode()).hexdigest()[:10])
     return "_".join(parts)
 
 
@@ -74,7 +72,7 @@ def _load():
             name=build_name(extra, CSRC),
             sources=[str(CSRC / name) for name in SOURCES],
             extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo", *_arch_flags(), *extra],
+            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo", *ARCH_FLAGS, *extra],
             verbose=os.environ.get("FLASHMLA_VERBOSE_BUILD", "0") == "1",
         )
     except (RuntimeError, OSError) as error:

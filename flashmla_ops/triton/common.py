@@ -142,7 +142,7 @@ def launch_fitting(key: Hashable, configs: Sequence, launch: Callable) -> None:
         except OutOfResources as error:
             refused.append(f"{config}: {error}")
             continue
-        if refused and _FITTING.get(key) != config:  # once per key: which tiles this GPU takes instead
+        if refused:  # once per key (later calls start from the config that ran): which tiles this GPU takes instead
             logging.getLogger("flashmla_ops").info("flashmla_ops: %s: the GPU refused %s; running %s", key, refused,
                                                     config)
         _FITTING[key] = config
