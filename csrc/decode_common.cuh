@@ -95,9 +95,16 @@ __device__ __forceinline__ void for_each_piece(const DecodeParams& p, Attend att
 }
 
 // The dynamic shared memory, aligned to 1024 bytes (the swizzled tiles' atoms), with the two stages' mbarriers at byte
-// `barriers` initialised (one arrival: the thread that arms the TMA) and visible to the whole CTA.
+// `barriers` initialised (one arrival: the thread that arms the TMA) and visible to the whole CTA. The pointer is
+// raw_shared plus an offset, so the compiler still knows it points to shared memory and emits STS/LDS for accesses
+// through it. kGeneric rebuilds it from an integer instead, so those accesses are generic ST/LD with 64-bit addresses:
+// measured, the wide kernel is faster so (H200, sparse prefill h128 7569 us against 8136-8154 us with STS/LDS;
+// docs/bench/narrow_rs_qk_h200.log).
+template <bool kGeneric = false>
 __device__ __forceinline__ uint8_t* prepare_shared(uint8_t* raw_shared, int barriers) {
-  uint8_t* shared = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw_shared) + 1023) & ~uintptr_t(1023));
+  uint8_t* shared =
+      kGeneric ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw_shared) + 1023) & ~uintptr_t(1023))
+               : raw_shared + ((1024 - (sm90::smem_address(raw_shared) & 1023)) & 1023);
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < 2; ++stage) sm90::mbarrier_init(sm90::smem_address(shared + barriers + stage * 8), 1);
     sm90::fence_barrier_init();
@@ -106,12 +113,18 @@ __device__ __forceinline__ uint8_t* prepare_shared(uint8_t* raw_shared, int barr
   return shared;
 }
 
-// Where row `row` of sequence `batch`'s cache block `block` lives, or nullptr past the sequence's `length`.
+// Where row `row` of a sequence's cache block `block`, held in page `page`, lives, or nullptr past the sequence's
+// `length`.
+__device__ __forceinline__ const uint8_t* page_row_address(const DecodeParams& p, int page, int block, int row,
+                                                           int length) {
+  return block * kBlockN + row < length ? p.kv + page * p.kv_block_bytes + row * p.kv_row_bytes : nullptr;
+}
+
+// The same for sequence `batch`'s block `block`, its page read from the block table here (for a row that is there).
 __device__ __forceinline__ const uint8_t* cache_row_address(const DecodeParams& p, int batch, int block, int row,
                                                             int length) {
   if (block * kBlockN + row >= length) return nullptr;
-  const int page = p.block_table[batch * p.block_table_stride + block];
-  return p.kv + page * p.kv_block_bytes + row * p.kv_row_bytes;
+  return page_row_address(p, p.block_table[batch * p.block_table_stride + block], block, row, length);
 }
 
 // Zeroes the value columns (the first 512) of a BF16 stage's rows [first_row, 64): the last block's rows past the
@@ -125,14 +138,19 @@ __device__ __forceinline__ void zero_value_rows(uint8_t* stage_tiles, int first_
   }
 }
 
-// One thread: cache block `block` of sequence `batch` through the 4-d tensor map `p.kv_map` (run_decode's
-// cache_tensor_map), its `tiles` swizzled 64-column tiles into dst in one TMA completing on `barrier`: the BF16
-// cache's nine tiles or the FP8 cache's one RoPE tile.
-__device__ __forceinline__ void load_block_tiles(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
-                                                 int block, int tiles) {
-  const int page = p.block_table[batch * p.block_table_stride + block];
+// One thread: cache page `page` through the 4-d tensor map `p.kv_map` (run_decode's cache_tensor_map), its `tiles`
+// swizzled 64-column tiles into dst in one TMA completing on `barrier`: the BF16 cache's nine tiles or the FP8 cache's
+// one RoPE tile.
+__device__ __forceinline__ void load_page_tiles(const DecodeParams& p, uint32_t dst, uint32_t barrier, int page,
+                                                int tiles) {
   sm90::mbarrier_arrive_expect_bytes(barrier, tiles * kTileBytes);
   sm90::tma_load_4d(dst, &p.kv_map, barrier, 0, 0, 0, page);
+}
+
+// The same for cache block `block` of sequence `batch`, its page read from the block table here.
+__device__ __forceinline__ void load_block_tiles(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
+                                                 int block, int tiles) {
+  load_page_tiles(p, dst, barrier, p.block_table[batch * p.block_table_stride + block], tiles);
 }
 
 __device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
@@ -164,34 +182,49 @@ __device__ __forceinline__ void load_fp8_share(Fp8Share& share, const uint8_t* r
   share.scales = valid ? __ldg(reinterpret_cast<const float4*>(row_bytes + kScaleOffset)) : make_float4(0, 0, 0, 0);
 }
 
-// latent = e4m3 * tile scale (exact in bf16: the scales are powers of two) into row `row` of a stage's first 512
-// columns. Unit k is chunks 2 quarter, 2 quarter + 1 of column tile k; rows r + 4 store their odd chunk first (no bank
-// conflict with r: callers pair rows r and r + 4 in each 8-lane phase).
-__device__ __forceinline__ void store_fp8_share(const Fp8Share& share, uint8_t* kv_tile, int row) {
-  const int quarter = threadIdx.x % 4, odd_first = (row / 4) % 2;
+// Unit k of a share (16 latent values of its row) times its tile scale, as 8 bf16 pairs: words[m] holds the unit's
+// values 2 m and 2 m + 1. Exact in bf16 (the scales are powers of two), so the scale is applied after the pack, one
+// bf16x2 multiply per pair instead of two float multiplies before it.
+__device__ __forceinline__ void dequantise_fp8_unit(const Fp8Share& share, int k, uint32_t (&words)[8]) {
   const float scales[kNumTiles] = {share.scales.x, share.scales.y, share.scales.z, share.scales.w};
+  const __nv_bfloat162 scale = __float2bfloat162_rn(scales[k / 2]);  // a power of two: exact in bf16
+  const uint32_t packed[4] = {share.packed[k].x, share.packed[k].y, share.packed[k].z, share.packed[k].w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+#pragma unroll
+    for (int pair = 0; pair < 2; ++pair) {
+      const __half2_raw h =
+          __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(packed[w] >> (16 * pair)), __NV_E4M3);
+      const float2 values = __half22float2(__half2(h));
+      const __nv_bfloat162 scaled = __hmul2(__floats2bfloat162_rn(values.x, values.y), scale);
+      words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
+    }
+  }
+}
+
+// Unit k's dequantised words into row `row` of a stage's first 512 columns: chunks 2 quarter, 2 quarter + 1 of column
+// tile k. The lanes of an 8-lane phase store 16-byte chunks of two rows: rows r and r + 1 (r even) land in different
+// banks as they are; rows r and r + 4 only if one of them stores its odd chunk first (`odd_first`, true for it: each
+// of its stores then picks its data by a SEL per word).
+__device__ __forceinline__ void store_fp8_unit(const uint32_t (&words)[8], uint8_t* kv_tile, int k, int row,
+                                               bool odd_first) {
+  const int quarter = threadIdx.x % 4;
+  const uint4 halves[2] = {make_uint4(words[0], words[1], words[2], words[3]),
+                           make_uint4(words[4], words[5], words[6], words[7])};
+  uint8_t* tile = kv_tile + k * kTileBytes;
+  *reinterpret_cast<uint4*>(tile + sm90::swizzled_offset(row, 2 * quarter + odd_first)) =
+      odd_first ? halves[1] : halves[0];
+  *reinterpret_cast<uint4*>(tile + sm90::swizzled_offset(row, 2 * quarter + 1 - odd_first)) =
+      odd_first ? halves[0] : halves[1];
+}
+
+// The whole share's latent into row `row` of a stage (see store_fp8_unit for `odd_first`).
+__device__ __forceinline__ void store_fp8_share(const Fp8Share& share, uint8_t* kv_tile, int row, bool odd_first) {
 #pragma unroll
   for (int k = 0; k < kFp8UnitsPerQuarter; ++k) {
-    const float scale = scales[k / 2];
-    const uint32_t words[4] = {share.packed[k].x, share.packed[k].y, share.packed[k].z, share.packed[k].w};
-    uint4 halves[2];
-    uint32_t* out_words = reinterpret_cast<uint32_t*>(halves);
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-#pragma unroll
-      for (int pair = 0; pair < 2; ++pair) {
-        const __half2_raw h =
-            __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] >> (16 * pair)), __NV_E4M3);
-        const float2 values = __half22float2(__half2(h));
-        const __nv_bfloat162 scaled = __floats2bfloat162_rn(values.x * scale, values.y * scale);
-        out_words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
-      }
-    }
-    uint8_t* tile = kv_tile + k * kTileBytes;
-    *reinterpret_cast<uint4*>(tile + sm90::swizzled_offset(row, 2 * quarter + odd_first)) =
-        odd_first ? halves[1] : halves[0];
-    *reinterpret_cast<uint4*>(tile + sm90::swizzled_offset(row, 2 * quarter + 1 - odd_first)) =
-        odd_first ? halves[0] : halves[1];
+    uint32_t words[8];
+    dequantise_fp8_unit(share, k, words);
+    store_fp8_unit(words, kv_tile, k, row, odd_first);
   }
 }
 

@@ -202,7 +202,9 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
         load_kv_block(p, kv_tile(stage), barrier(stage), batch, block);
       }
     }
-    if constexpr (kFp8) store_fp8_share(share, shared + L::kKv + stage * kMatrixBytes, gather_row());
+    if constexpr (kFp8) {
+      store_fp8_share(share, shared + L::kKv + stage * kMatrixBytes, gather_row(), (gather_row() / 4) % 2);
+    }
   };
   // Dense: waits until stage `stage`'s `index`-th fill (counting from 0) has landed. Sparse: `gathers_landed` at the
   // top of each block (outside the data-dependent branches, which would serialize the wgmma) does it for the fill
@@ -470,7 +472,7 @@ template <bool kFp8, bool kSparse>
 __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t raw_shared[];
   const CtaClock cta_clock;
-  uint8_t* shared = prepare_shared(raw_shared, Layout::kBarriers);
+  uint8_t* shared = prepare_shared</*kGeneric=*/true>(raw_shared, Layout::kBarriers);  // measured faster here
   int fills[2] = {0, 0};
   for_each_piece<kSparse>(p, [&](int z, int begin, int end, int64_t slot) {
     attend_piece<kFp8, kSparse>(p, shared, blockIdx.x, z, begin, end, slot, fills);

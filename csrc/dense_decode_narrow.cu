@@ -4,7 +4,7 @@
 // dense_decode.cu puts the query rows on the wgmma M side, 64 of them: with 16 rows three quarters of its tensor
 // work and of its Q reads are padding. Here the 64 tokens of a cache block are the M side and the query rows the N
 // side (16), so nothing is padded:
-//   S^T  = K Q^T                    (m64n16, K = 576: A = the block in shared memory, B = Q)
+//   S^T  = K Q^T                    (m64n16, K = 576: A = the block in shared memory, B = Q; FP8: see below)
 //   m    = max(m, colmax(S^T))      (per query row: a maximum over the block's 64 tokens, four warps)
 //   P^T  = exp2(S^T - m) -> shared  (bf16, the B operand of the next product)
 //   O^T  = O^T * exp2(m_old - m) + V^T P^T   (m64n16 x 8 value tiles, K = 64 tokens: A = the block, transposed)
@@ -12,8 +12,11 @@
 // them at the end of the piece: inside the loop neither waits for the other, so one's softmax and dequantisation run
 // while the other's wgmma keeps the tensor cores busy. A stage is filled by TMA (BF16: the whole block, once P V is
 // done; FP8: its RoPE columns, once Q K^T is done, and the latent dequantised from registers that each thread loads
-// one own block ahead). Value rows of the last block past the
-// sequence's end are zeroed (BF16) or stored as zeros (FP8) before P V.
+// one own block ahead). FP8 Q K^T takes the latent's 32 k-steps with A from those registers: a thread's quarter of
+// its two fragment rows, dequantised, is its A fragment once Q's columns are permuted to match, and the same words go
+// to the stage for P V; only the RoPE columns' 4 k-steps read the stage. The page of each block is read from the
+// block table one own block before its loads are issued, so that no load waits on it. Value rows of the last block
+// past the sequence's end are zeroed (BF16) or stored as zeros (FP8) before P V.
 #include <c10/cuda/CUDAException.h>
 
 #include "decode_common.cuh"
@@ -80,38 +83,57 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     visible[index] = n >= p.rows ? 0 : (p.causal ? length - p.s_q + query + 1 : length);
   }
 
-  // FP8: this thread dequantises quarter lane % 4 of block rows share_row and share_row + 32 (rows r and r + 4 of an
-  // 8-lane phase: no bank conflict), from registers loaded one own block (two blocks) ahead.
-  const int share_row = 8 * warp + 4 * ((lane / 4) % 2) + lane / 8;
+  // FP8: this thread dequantises quarter lane % 4 (units lane % 4 + 4 k, see load_fp8_share) of block rows share_row
+  // and share_row + 8, its rows of the wgmma A fragment, from registers loaded one own block (two blocks) ahead. An
+  // 8-lane phase holds rows r and r + 1 (r even): their stage stores do not share a bank.
+  const int share_row = 16 * warp + lane / 4;
   Fp8Share share[2];
-  const auto load_share = [&](int block) {
+  const auto load_share = [&](int block, int page) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      load_fp8_share(share[half], cache_row_address(p, batch, block, share_row + 32 * half, length));
+      load_fp8_share(share[half], page_row_address(p, page, block, share_row + 8 * half, length));
     }
   };
-  const auto fill_stage = [&](int block) {  // one thread
+  const auto fill_stage = [&](int page) {  // one thread
     if constexpr (kFp8) {
-      load_rope_block(p, stage, barrier, batch, block);
+      load_page_tiles(p, stage + (kColumnTiles - 1) * kTileBytes, barrier, page, 1);
     } else {
-      load_kv_block(p, stage, barrier, batch, block);
+      load_page_tiles(p, stage, barrier, page, kColumnTiles);
     }
   };
+  // The pages of this warpgroup's blocks are read an own block before they are needed: `next_page` is the page of
+  // block + 2 (the block whose loads this iteration issues), read during the previous iteration.
+  const auto page_of = [&](int block) { return block < end ? p.block_table[batch * p.block_table_stride + block] : 0; };
 
   const int first_block = begin + warpgroup;
   if (first_block < end) {
-    if (thread == 0) fill_stage(first_block);
-    if constexpr (kFp8) load_share(first_block);
+    const int page = page_of(first_block);
+    if (thread == 0) fill_stage(page);
+    if constexpr (kFp8) load_share(first_block, page);
   }
+  int next_page = page_of(first_block + 2);
   if (begin < end) {
-    for (int i = threadIdx.x; i < kRows * kChunksPerRow; i += kThreads) {
-      const int n = i / kChunksPerRow, chunk = i % kChunksPerRow;
+    const auto q_row = [&](int n) {
+      return p.q + batch * p.q_batch_stride + (n / p.h_q) * p.q_seq_stride + (n % p.h_q) * p.q_head_stride;
+    };
+    // FP8: Q's latent columns permuted within each 64-column tile to match the register A fragments of Q K^T (below):
+    // column 16 t + 4 s + 2 h + e (t, s < 4; h, e < 2) goes to position 16 s + 2 t + 8 h + e, where k-step s of the
+    // tile reads it at the fragment's k 2 t + 8 h + e. The sum over columns is the same in any order.
+    constexpr int kFirstChunk = kFp8 ? kLatentDim / 8 : 0;
+    if constexpr (kFp8) {
+      for (int i = threadIdx.x; i < kRows * kLatentDim / 2; i += kThreads) {
+        const int n = i / (kLatentDim / 2), column = 2 * (i % (kLatentDim / 2)), c = column % 64;
+        const int position = 16 * ((c % 16) / 4) + 2 * (c / 16) + 8 * ((c % 4) / 2);
+        const uint32_t pair = n < p.rows ? *reinterpret_cast<const uint32_t*>(q_row(n) + column) : 0u;
+        *reinterpret_cast<uint32_t*>(shared + Layout::kQ + (column / 64) * kQTileBytes +
+                                     swizzled_offset(n, position / 8) + 2 * (position % 8)) = pair;
+      }
+    }
+    for (int i = threadIdx.x; i < kRows * (kChunksPerRow - kFirstChunk); i += kThreads) {
+      const int n = i / (kChunksPerRow - kFirstChunk), chunk = kFirstChunk + i % (kChunksPerRow - kFirstChunk);
       const bool valid = n < p.rows;  // rows past p.rows: zeros, and no address formed
-      const __nv_bfloat16* source =
-          valid ? p.q + batch * p.q_batch_stride + (n / p.h_q) * p.q_seq_stride + (n % p.h_q) * p.q_head_stride +
-                      chunk * 8
-                : p.q;
-      cp_async_16(q_tile + (chunk / 8) * kQTileBytes + swizzled_offset(n, chunk % 8), source, valid);
+      cp_async_16(q_tile + (chunk / 8) * kQTileBytes + swizzled_offset(n, chunk % 8),
+                  valid ? q_row(n) + chunk * 8 : p.q, valid);
     }
     cp_async_commit();
   }
@@ -134,29 +156,55 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   float scores[kAcc];
 
   int own = 0;
-  // PhaseClock phases: 0 FP8 dequantisation and the next own block's loads, 1 wait for the stage, 2 tail zeroing and
-  // barrier, 3 S^T, 4 column maxima, 5 P^T and the O^T rescale, 6 O^T += V^T P^T, 7 barrier, next TMA, loop.
+  // PhaseClock phases: 0 FP8 Q K^T over the latent (K from registers) with the dequantisation and the next own block's
+  // loads, 1 wait for the stage (FP8: its RoPE tile), 2 BF16 tail zeroing and barrier, 3 Q K^T from the stage (FP8:
+  // over the RoPE columns), 4 column maxima, 5 P^T and the O^T rescale, 6 O^T += V^T P^T, 7 barrier, next TMA, loop.
   PhaseClock clock;
   for (int block = first_block; block < end; block += 2, ++own) {
     clock.mark(7);
+    const int page_after = kFp8 || thread == 0 ? page_of(block + 4) : 0;  // BF16: only thread 0 issues loads
     if constexpr (kFp8) {
+      // S^T = K Q^T over the latent, a unit (4 k-steps, 64 columns) at a time: the thread's two rows of the unit,
+      // dequantised, are its A fragments (against Q's permuted columns) and go to the stage for P V. The words of
+      // unit k stay untouched until its wgmmas are done: two buffers, and a wait for unit k - 2's before reuse.
+      uint32_t unit_words[2][2][8];
 #pragma unroll
-      for (int half = 0; half < 2; ++half) store_fp8_share(share[half], stage_bytes, share_row + 32 * half);
-      if (block + 2 < end) load_share(block + 2);
+      for (int k = 0; k < kFp8UnitsPerQuarter; ++k) {
+        uint32_t(&words)[2][8] = unit_words[k % 2];
+        if (k >= 2) wgmma_wait<1>();
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          fence_registers(words[half]);  // rewritten only after the wait
+          dequantise_fp8_unit(share[half], k, words[half]);
+          store_fp8_unit(words[half], stage_bytes, k, share_row + 8 * half, false);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int step = 0; step < 4; ++step) {
+          const uint32_t a[4] = {words[0][2 * step], words[1][2 * step], words[0][2 * step + 1],
+                                 words[1][2 * step + 1]};
+          wgmma_m64n16k16_rs(scores, a, descriptor_plus(q_desc, k * kQTileBytes + step * 32), k + step > 0);
+        }
+        wgmma_commit();
+      }
+      if (block + 2 < end) load_share(block + 2, next_page);
     }
     clock.mark(0);
     mbarrier_wait(barrier, (fills + own) & 1);
     clock.mark(1);
-    const int valid_rows = length - block * kBlockN;
-    if (!kFp8 && valid_rows < kBlockN) zero_value_rows(stage_bytes, valid_rows, thread, kGroupThreads);
-    fence_async_shared();
-    named_barrier_sync(group_barrier, kGroupThreads);
+    if constexpr (!kFp8) {
+      const int valid_rows = length - block * kBlockN;
+      if (valid_rows < kBlockN) zero_value_rows(stage_bytes, valid_rows, thread, kGroupThreads);
+      fence_async_shared();
+      named_barrier_sync(group_barrier, kGroupThreads);
+    }
     clock.mark(2);
 
-    // S^T = K Q^T
+    // S^T = K Q^T from the stage: all 576 columns (BF16), the RoPE columns (FP8). The FP8 stage's latent rows, stored
+    // above, are published to P V's wgmma by the fence and barrier before P V.
     wgmma_fence();
 #pragma unroll
-    for (int k = 0; k < kHeadDimQK / 16; ++k) {
+    for (int k = kFp8 ? kLatentDim / 16 : 0; k < kHeadDimQK / 16; ++k) {
       wgmma_m64n16k16_ss<0>(scores, descriptor_plus(stage_desc, (k / 4) * kTileBytes + (k % 4) * 32),
                             descriptor_plus(q_desc, (k / 4) * kQTileBytes + (k % 4) * 32), k > 0);
     }
@@ -187,7 +235,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     named_barrier_sync(group_barrier, kGroupThreads);
     clock.mark(4);
     // FP8: only Q K^T reads the stage's RoPE tile, and every warp's Q K^T is done: it takes the next own block's.
-    if (kFp8 && thread == 0 && block + 2 < end) fill_stage(block + 2);
+    if (kFp8 && thread == 0 && block + 2 < end) fill_stage(next_page);
     float shift[kMine], rescale[kMine];
 #pragma unroll
     for (int index = 0; index < kMine; ++index) {
@@ -233,7 +281,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     clock.mark(6);
     // Every warp's wgmma has read the stage and P^T: the stage takes this warpgroup's next block (BF16).
     named_barrier_sync(group_barrier, kGroupThreads);
-    if (!kFp8 && thread == 0 && block + 2 < end) fill_stage(block + 2);
+    if (!kFp8 && thread == 0 && block + 2 < end) fill_stage(next_page);
+    next_page = page_after;
   }
   clock.mark(7);
   clock.report(kFp8 ? "narrow fp8" : "narrow bf16", own);

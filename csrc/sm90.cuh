@@ -46,11 +46,17 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 
-// Keeps the compiler from moving accumulator reads or writes across an asynchronous wgmma.
+// Keeps the compiler from moving accumulator reads or writes (or, for the words of a register A operand, their next
+// writes) across an asynchronous wgmma's issue or wait.
 template <int kCount>
 __device__ __forceinline__ void fence_registers(float (&values)[kCount]) {
 #pragma unroll
   for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(values[i])::"memory");
+}
+template <int kCount>
+__device__ __forceinline__ void fence_registers(uint32_t (&values)[kCount]) {
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+r"(values[i])::"memory");
 }
 
 // Orders this thread's generic-proxy shared-memory writes (stores, completed cp.async) before async-proxy reads
@@ -127,6 +133,20 @@ __device__ __forceinline__ void wgmma_m64n16k16_ss(float (&d)[8], uint64_t desc_
       "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %11, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
       : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransposeA));
+}
+
+// D (64 x 16, 8 float32 per thread) (+)= A (64 x 16 bf16 in registers) * B (16 x 16, smem, K-major). The A fragment:
+// a[0] rows warp * 16 + lane / 4, columns 2 (lane % 4) and + 1; a[1] the same columns of the row 8 further; a[2] and
+// a[3] the same rows, columns 8 further.
+__device__ __forceinline__ void wgmma_m64n16k16_rs(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b,
+                                                   int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
 // D (64 x 256, 128 float32 per thread) (+)= A (64 x 16, smem) * B (16 x 256, smem, MN-major).
