@@ -38,14 +38,43 @@ def e4m3_to_bf16(raw, HW_FP8: tl.constexpr):
 
 
 @triton.jit
+def e4m3_to_f16(raw, HW_FP8: tl.constexpr):
+    """e4m3 bytes (uint8) as f16, exactly: the value (one conversion per pair, sm_89+), or without hardware conversion
+    the value times 2**-8 (the e4m3 bits shifted into an f16's sign/exponent/mantissa: biases 15 and 7, subnormals
+    included), which the caller's scale must undo (F16_BIAS)."""
+    if HW_FP8:
+        values = raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    else:
+        bits = raw.to(tl.int16)
+        values = (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    return values
+
+
+@triton.jit
+def f16_row_scaling(largest):
+    """(multiplier, inverse): powers of two such that `largest` (a row's largest magnitude, float32) times the
+    multiplier lies in [2**14, 2**15): in f16's normal range, so a bf16 row so scaled is exact in f16 (11 significant
+    bits against bf16's 8) down to 2**-29 of its largest value. Built from the exponent bits, so both are exact; rows
+    below 2**-112 (zeros included) take 2**126 and 2**-126."""
+    exponent = tl.minimum(tl.maximum((largest.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15), 254)
+    multiplier = ((268 - exponent) << 23).to(tl.float32, bitcast=True)  # 2**(14 - floor(log2(largest)))
+    inverse = ((exponent - 14) << 23).to(tl.float32, bitcast=True)
+    return multiplier, inverse
+
+
+@triton.jit
 def load_latent_subtile(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.constexpr, IS_FP8: tl.constexpr,
-                        HW_FP8: tl.constexpr):
+                        HW_FP8: tl.constexpr, F16: tl.constexpr = False):
     """Latent columns [COL0, COL0 + WIDTH) of the rows at `row_offset` (elements of KV: bf16 for a BF16 cache, bytes
-    for FP8) as bf16; FP8 values come unscaled (the caller applies the tile's scale to the products).
+    for FP8) as bf16, or FP8 as f16 with `F16` (see e4m3_to_f16); FP8 values come unscaled (the caller applies the
+    tile's scale to the products).
     Without hardware FP8 conversion, the e4m3 bits shifted into a float32's sign/exponent/mantissa give the value
     times 2**-120 (float32 bias 127 minus e4m3 bias 7), subnormals included."""
     cols = COL0 + tl.arange(0, WIDTH)
-    if IS_FP8:
+    if IS_FP8 and F16:
+        values = e4m3_to_f16(tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0),
+                             HW_FP8)
+    elif IS_FP8:
         values = e4m3_to_bf16(tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0),
                               HW_FP8)
     else:

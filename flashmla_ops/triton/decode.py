@@ -5,7 +5,11 @@ Query rows are the flattened `(s_q, h_q)` pairs of one sequence (all heads share
 the 512-wide latent in four 128-column sub-tiles t (the FP8 cache's scale tiles, SPEC.md §3):
     s = sum_t scale_t * (q_t . k_t) + q_rope . k_rope     (576-wide logits, in base 2)
     online softmax; acc_t += (p * scale_t) . k_t          (the value is the latent)
-so FP8 values are multiplied by their power-of-two scale through the products, never element by element.
+so FP8 values are multiplied by their power-of-two scale through the products, never element by element. With
+`LaunchConfig.fp8_f16` the FP8 products take f16 operands instead of bf16: e4m3 -> f16 is one conversion per pair
+(to bf16 it goes through f16 and float32), q's latent is scaled per row by a power of two into f16's range (exact:
+f16 has more significant bits than bf16), and P times the tile scales is divided by 2**-14 times the block's largest
+scale (so it stays in range), which multiplies the product back.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -16,14 +20,15 @@ import triton.language as tl
 
 from ..decode import get_mla_metadata_reference
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
-from .common import (INTERPRET, LOG2E, device_limits, finish, hardware_fp8, launch_fitting, load_latent_subtile,
-                     load_rope, load_tile_scale, mma)
+from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, hardware_fp8, launch_fitting,
+                     load_latent_subtile, load_rope, load_tile_scale, mma)
 
 @triton.jit
 def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm,
                    stride_kv_block, stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8: tl.constexpr,
                    HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr):
+                   PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr,
+                   F16: tl.constexpr):
     """Online softmax of the query rows of sequence `batch` over its cache tokens [start, end): the four 128-column
     accumulators, the running max and sum (base 2)."""
     TILE: tl.constexpr = D_NOPE // 4
@@ -37,6 +42,18 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
     q2 = tl.load(q_rows + 2 * TILE + tl.arange(0, TILE)[None, :], mask=row_mask[:, None], other=0.0)
     q3 = tl.load(q_rows + 3 * TILE + tl.arange(0, TILE)[None, :], mask=row_mask[:, None], other=0.0)
     q_rope = tl.load(q_rows + D_NOPE + tl.arange(0, D_ROPE)[None, :], mask=row_mask[:, None], other=0.0)
+    F16_PRODUCTS: tl.constexpr = IS_FP8 and F16
+    # Without hardware conversion e4m3_to_f16 gives the values times 2**-8: the scales take the 2**8 back.
+    SCALE_BIAS: tl.constexpr = 256.0 if F16_PRODUCTS and not HW_FP8 else 1.0
+    q_inverse = tl.full([BLOCK_H], 1.0, dtype=tl.float32)
+    if F16_PRODUCTS:
+        largest = tl.maximum(tl.maximum(tl.max(tl.abs(q0.to(tl.float32)), 1), tl.max(tl.abs(q1.to(tl.float32)), 1)),
+                             tl.maximum(tl.max(tl.abs(q2.to(tl.float32)), 1), tl.max(tl.abs(q3.to(tl.float32)), 1)))
+        q_multiplier, q_inverse = f16_row_scaling(largest)
+        q0 = (q0.to(tl.float32) * q_multiplier[:, None]).to(tl.float16)
+        q1 = (q1.to(tl.float32) * q_multiplier[:, None]).to(tl.float16)
+        q2 = (q2.to(tl.float32) * q_multiplier[:, None]).to(tl.float16)
+        q3 = (q3.to(tl.float32) * q_multiplier[:, None]).to(tl.float16)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_H, TILE], dtype=tl.float32)
@@ -48,21 +65,24 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
         tok_mask = tokens < end
         block = tl.load(BlockTable + batch * stride_bt + tokens // PAGE, mask=tok_mask, other=0).to(tl.int64)
         row_offset = block * stride_kv_block + (tokens % PAGE) * stride_kv_row
-        k0 = load_latent_subtile(KV, row_offset, tok_mask, 0 * TILE, TILE, IS_FP8, HW_FP8)
-        k1 = load_latent_subtile(KV, row_offset, tok_mask, 1 * TILE, TILE, IS_FP8, HW_FP8)
-        k2 = load_latent_subtile(KV, row_offset, tok_mask, 2 * TILE, TILE, IS_FP8, HW_FP8)
-        k3 = load_latent_subtile(KV, row_offset, tok_mask, 3 * TILE, TILE, IS_FP8, HW_FP8)
+        k0 = load_latent_subtile(KV, row_offset, tok_mask, 0 * TILE, TILE, IS_FP8, HW_FP8, F16)
+        k1 = load_latent_subtile(KV, row_offset, tok_mask, 1 * TILE, TILE, IS_FP8, HW_FP8, F16)
+        k2 = load_latent_subtile(KV, row_offset, tok_mask, 2 * TILE, TILE, IS_FP8, HW_FP8, F16)
+        k3 = load_latent_subtile(KV, row_offset, tok_mask, 3 * TILE, TILE, IS_FP8, HW_FP8, F16)
         k_rope = load_rope(KV, row_offset, tok_mask, IS_FP8, D_NOPE, D_ROPE, 4)
         s = mma(q_rope, tl.trans(k_rope), INTERPRET)
         if IS_FP8:
-            scale0 = load_tile_scale(KV, row_offset, tok_mask, 0, D_NOPE)
-            scale1 = load_tile_scale(KV, row_offset, tok_mask, 1, D_NOPE)
-            scale2 = load_tile_scale(KV, row_offset, tok_mask, 2, D_NOPE)
-            scale3 = load_tile_scale(KV, row_offset, tok_mask, 3, D_NOPE)
-            s += (mma(q0, tl.trans(k0), INTERPRET) * scale0[None, :]
-                  + mma(q1, tl.trans(k1), INTERPRET) * scale1[None, :]
-                  + mma(q2, tl.trans(k2), INTERPRET) * scale2[None, :]
-                  + mma(q3, tl.trans(k3), INTERPRET) * scale3[None, :])
+            scale0 = load_tile_scale(KV, row_offset, tok_mask, 0, D_NOPE) * SCALE_BIAS
+            scale1 = load_tile_scale(KV, row_offset, tok_mask, 1, D_NOPE) * SCALE_BIAS
+            scale2 = load_tile_scale(KV, row_offset, tok_mask, 2, D_NOPE) * SCALE_BIAS
+            scale3 = load_tile_scale(KV, row_offset, tok_mask, 3, D_NOPE) * SCALE_BIAS
+            latent = (mma(q0, tl.trans(k0), INTERPRET) * scale0[None, :]
+                      + mma(q1, tl.trans(k1), INTERPRET) * scale1[None, :]
+                      + mma(q2, tl.trans(k2), INTERPRET) * scale2[None, :]
+                      + mma(q3, tl.trans(k3), INTERPRET) * scale3[None, :])
+            if F16_PRODUCTS:
+                latent = latent * q_inverse[:, None]
+            s += latent
         else:
             s += (mma(q0, tl.trans(k0), INTERPRET) + mma(q1, tl.trans(k1), INTERPRET)
                   + mma(q2, tl.trans(k2), INTERPRET) + mma(q3, tl.trans(k3), INTERPRET))
@@ -72,7 +92,16 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IS_FP8:
+        if F16_PRODUCTS:
+            # One reduction for the four tiles: the scales are powers of two, so top and its inverse are exact.
+            top = tl.max(tl.maximum(tl.maximum(scale0, scale1), tl.maximum(scale2, scale3)), 0) * (1.0 / 16384.0)
+            top = tl.where(top > 0, top, 1.0)
+            inverse_top = 1.0 / top
+            acc0 = acc0 * alpha[:, None] + _scaled_product(p, scale0, k0, inverse_top, top, INTERPRET)
+            acc1 = acc1 * alpha[:, None] + _scaled_product(p, scale1, k1, inverse_top, top, INTERPRET)
+            acc2 = acc2 * alpha[:, None] + _scaled_product(p, scale2, k2, inverse_top, top, INTERPRET)
+            acc3 = acc3 * alpha[:, None] + _scaled_product(p, scale3, k3, inverse_top, top, INTERPRET)
+        elif IS_FP8:
             acc0 = acc0 * alpha[:, None] + mma((p * scale0[None, :]).to(tl.bfloat16), k0, INTERPRET)
             acc1 = acc1 * alpha[:, None] + mma((p * scale1[None, :]).to(tl.bfloat16), k1, INTERPRET)
             acc2 = acc2 * alpha[:, None] + mma((p * scale2[None, :]).to(tl.bfloat16), k2, INTERPRET)
@@ -85,6 +114,14 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
             acc3 = acc3 * alpha[:, None] + mma(p16, k3, INTERPRET)
         m_i = m_new
     return acc0, acc1, acc2, acc3, m_i, l_i
+
+
+@triton.jit
+def _scaled_product(p, scale, k, inverse_top, top, INTERPRET: tl.constexpr):
+    """(p * scale) @ k with f16 operands: p (rows x tokens) times each token's tile scale, times `inverse_top` (2**14
+    over the block's largest scale: the factor stays below 2**14, in f16's range), the product multiplied back by
+    `top`."""
+    return mma((p * (scale * inverse_top)[None, :]).to(tl.float16), k, INTERPRET) * top
 
 
 @triton.jit
@@ -133,7 +170,7 @@ def _dense_decode_split_kernel(
         M, H_Q, S_Q, sm_scale_log2, num_splits,
         SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr,
         APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-        D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr):
+        D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr):
     """Uniform schedule: program (row tile, sequence, split) takes an equal share of its sequence's tokens."""
     pid_m = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -147,7 +184,7 @@ def _dense_decode_split_kernel(
     acc0, acc1, acc2, acc3, m_i, l_i = _attend_tokens(
         Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm, stride_kv_block,
         stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H, BLOCK_N, PAGE, D_NOPE,
-        D_ROPE, INTERPRET)
+        D_ROPE, INTERPRET, F16)
     _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, batch,
                batch * num_splits + split, rows, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
                SPLIT, APPLY_SINK, D_NOPE // 4)
@@ -160,7 +197,7 @@ def _dense_decode_balanced_kernel(
         batch_size, M, H_Q, S_Q, sm_scale_log2,
         IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
-        METADATA_FIELDS: tl.constexpr, INTERPRET: tl.constexpr):
+        METADATA_FIELDS: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr):
     """Balanced schedule (`get_mla_metadata`): program (row tile, part) walks its part's run of 64-token blocks, which
     may span several sequences, and writes one partial per sequence it touches; `SplitOffsets[b]` (the cumulative
     num_splits) places sequence b's partials, so one long sequence among short ones is spread over every SM."""
@@ -185,7 +222,7 @@ def _dense_decode_balanced_kernel(
             Q, KV, BlockTable, begin_batch.to(tl.int64) + (batch - begin_batch), rows, row_mask, length, start, end,
             stride_qb, stride_qm,
             stride_kv_block, stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H,
-            BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET)
+            BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET, F16)
         global_split = tl.load(SplitOffsets + batch) + tl.where(batch == begin_batch, begin_split, 0)
         _store_all(acc0, acc1, acc2, acc3, m_i, l_i, LsePartial, OutPartial, LsePartial, OutPartial, LsePartial,
                    batch, global_split.to(tl.int64), rows, row_mask, 0, 0, stride_ps, stride_pm, M, S_Q, H_Q, True,
@@ -239,13 +276,15 @@ class LaunchConfig:
     """Tile sizes and launch shape of the split kernel. `programs_per_sm`: how many split programs to aim for per SM
     (sets the number of splits or parts); `block_h`: query rows per program; `schedule`: "uniform" (every sequence
     split into the same number of equal shares, by shape alone) or "balanced" (the batch's 64-token blocks divided
-    evenly over the programs by `get_mla_metadata`, whatever the mix of lengths)."""
+    evenly over the programs by `get_mla_metadata`, whatever the mix of lengths); `fp8_f16`: an FP8 cache's products
+    in f16 instead of bf16 (see the module's docstring)."""
     block_h: int
     block_n: int
     num_warps: int
     num_stages: int
     programs_per_sm: float
     schedule: str = "uniform"
+    fp8_f16: bool = False
 
 
 def default_config(batch: int, rows: int, device: torch.device) -> LaunchConfig:
@@ -300,8 +339,8 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     def launch(config: LaunchConfig) -> None:
         row_tiles = triton.cdiv(rows, config.block_h)
         common = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK,
-                      D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages,
-                      **variant)
+                      D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, F16=config.fp8_f16 and is_fp8,
+                      num_warps=config.num_warps, num_stages=config.num_stages, **variant)
         if config.schedule == "balanced":
             metadata, splits = tile_scheduler_metadata, num_splits
             if metadata is None or splits is None:

@@ -119,3 +119,39 @@ def test_triton_balanced_schedule_matches_reference(seqlens, s_q, h_q, causal, i
 def test_triton_balanced_schedule_computes_its_own_metadata():
     config = dataclasses.replace(triton_decode.default_config(3, 16, torch.device(DEVICE)), schedule="balanced")
     run_and_compare([300, 1, 90], 1, 16, causal=False, is_fp8=False, sink=False, config=config)
+
+
+F16_CASES = [([0, 1, 70, 130], 1, 16, False), ([64, 1, 200], 2, 16, True), ([5, 300], 1, 64, True)]
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q,causal", F16_CASES)
+@pytest.mark.parametrize("hardware", [True, False])
+def test_triton_fp8_f16_products_match_reference(monkeypatch, seqlens, s_q, h_q, causal, hardware):
+    """`fp8_f16`: the FP8 cache's products with f16 operands, with and without hardware e4m3 conversion."""
+    monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: hardware)
+    config = dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, torch.device(DEVICE)),
+                                 fp8_f16=True)
+    run_and_compare(seqlens, s_q, h_q, causal, is_fp8=True, sink=False, config=config)
+
+
+@pytest.mark.parametrize("q_exponent", [-60, -30, 20])
+def test_triton_fp8_f16_products_hold_ranges_past_f16(q_exponent):
+    """f16 holds 2**-24 .. 65504, bf16 all of float32's exponents. Queries of magnitude 2**q_exponent (2**-60 and
+    2**-30 underflow in f16, 2**20 overflows), rows 2**-2 .. 2**2 apart, against a cache whose tokens are scaled by
+    2**-10 .. 2**30 within each block: tile scales up to 2**23, so P times the scale alone would pass 65504. The
+    softmax scale brings the largest tokens' logits to O(1), so the output and the LSE stay well conditioned."""
+    generator = torch.Generator(DEVICE).manual_seed(100 + q_exponent)
+    seqlens, s_q, h_q = [300, 70], 2, 16
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, False, generator)
+    token_factor = 2.0 ** torch.randint(-10, 31, cache.shape[:2], generator=generator, device=DEVICE)
+    cache = reference.quantize_kv_fp8((cache.float() * token_factor[..., None, None]).bfloat16())
+    row_factor = 2.0 ** torch.randint(-2, 3, q.shape[:3], generator=generator, device=DEVICE)
+    q = (q.float() * row_factor[..., None] * 2.0 ** q_exponent).bfloat16()
+    scale = D_QK ** -0.5 * 2.0 ** -(q_exponent + 30)
+    config = dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, torch.device(DEVICE)),
+                                 fp8_f16=True)
+    out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, True, True, None,
+                                          config)
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, True,
+                                                True, None)
+    assert_decode_close(out, lse, want_out, want_lse)
