@@ -8,8 +8,10 @@ slots through a shuffled block table; prefill: rows of the packed kv). Writes JS
 
     python scripts/bench_sparse.py                                   # SPEC rows, default backend
     python scripts/bench_sparse.py --sweep --backend triton --out bench/sparse_triton
+    python scripts/bench_sparse.py --tune --no-reference      # first: the Triton kernels' tile configs, per SPEC row
 """
 import argparse
+import dataclasses
 
 import torch
 from tqdm import tqdm
@@ -100,6 +102,54 @@ def bench_config(op, size, second, h_q, topk, is_fp8, device, with_reference):
     return row
 
 
+def tune_candidates(h_q: int) -> list:
+    """The Triton tile configs `--tune` times: the default ladder's first two, then fewer keys per step, one stage, and
+    more warps (compiled for sm_90, 64 heads x 64 keys with 8 warps spill 1.3-1.4 KB a thread, x 32 keys 0.5-0.6)."""
+    from flashmla_ops.triton.sparse import TileConfig, tile_configs
+
+    ladder = tile_configs(h_q)
+    first = ladder[0]
+    extra = [TileConfig(first.block_h, block_n, warps, stages) for block_n in (64, 32) for stages in (2, 1)
+             for warps in (first.num_warps, 2 * first.num_warps)]
+    return list(dict.fromkeys([*ladder[:2], *extra]))
+
+
+def tune(device) -> list[dict]:
+    """Times each Triton tile config of `tune_candidates` on every SPEC row (the Triton functions called directly)."""
+    from flashmla_ops.triton import sparse as triton_sparse
+
+    results = []
+    scale = D_QK ** -0.5
+    for name, op, size, second, h_q, topk, _, target in SPEC_ROWS:
+        if op == "decode":
+            sets = [decode_inputs(size, second, h_q, topk, True, device) for _ in range(2)]
+            flops = attention_flops(size * second, h_q, topk)
+        else:
+            sets = [prefill_inputs(size, second, h_q, topk, device)]
+            flops = attention_flops(size, h_q, topk)
+        for config in tune_candidates(h_q):
+            if op == "decode":
+                def run(q, cache, indices, config=config):
+                    return triton_sparse.sparse_decode(q, cache, indices, None, None, None, None, KV_LORA_RANK,
+                                                       scale, True, None, config)
+            else:
+                def run(q, kv, indices, config=config):
+                    return triton_sparse.sparse_prefill(q, kv, indices, scale, KV_LORA_RANK, config=config)
+            try:
+                ms = time_ms(run, sets)
+            except Exception as error:  # a config the GPU cannot run (shared memory, registers)
+                print(f"{name:36} {config}: failed ({type(error).__name__})")
+                continue
+            tflop_s = flops / ms / 1e9
+            results.append({"name": name, "config": dataclasses.asdict(config), "time_us": ms * 1e3,
+                            "tflop_s": tflop_s})
+            default = " (default)" if config == triton_sparse.tile_configs(h_q)[0] else ""
+            print(f"{name:36} {config}{default}: {ms * 1e3:9.1f} us {tflop_s:6.1f} TFLOP/s ({tflop_s / target:.2f})")
+        del sets
+        torch.cuda.empty_cache()
+    return results
+
+
 def sweep_configs():
     for is_fp8 in (False, True):
         for h_q in (16, 64, 128):
@@ -139,8 +189,10 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="also run the topk/s_q/h_q/dtype sweep")
     parser.add_argument("--no-reference", action="store_true", help="skip timing the reference op")
     parser.add_argument("--out", default="bench/sparse", help="output prefix for .json and .png")
+    parser.add_argument("--tune", action="store_true", help="time the Triton tile configurations first")
     args = parser.parse_args()
     device = bench_device(args.backend, "bench_sparse.py")
+    tuned = tune(device) if args.tune else []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: sparse_decode "
           f"{flashmla_ops.backend('sparse_decode', device)}, "
           f"sparse_prefill {flashmla_ops.backend('sparse_prefill', device)}")
@@ -162,7 +214,7 @@ def main():
         for r in rows[len(SPEC_ROWS):]:
             print(f"{r['op']:7} {r['kv_cache']:4} {r['size']:5} {r['second']:6} {r['h_q']:4} {r['topk']:5} "
                   f"{r['time_us']:9.1f} {r['gb_s']:7.0f} {r['tflop_s']:8.1f}")
-    save_results(args.out, args.backend, rows, plot)
+    save_results(args.out, args.backend, rows, plot, tuning=tuned)
 
 
 if __name__ == "__main__":

@@ -235,8 +235,9 @@ def _nonempty(cache: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
-                  head_dim_v, softmax_scale, is_fp8, attn_sink=None):
-    """Triton sparse decode; same contract as `flashmla::sparse_decode` for d_qk 576 / d_v 512 and bf16 q."""
+                  head_dim_v, softmax_scale, is_fp8, attn_sink=None, config: TileConfig | None = None):
+    """Triton sparse decode; same contract as `flashmla::sparse_decode` for d_qk 576 / d_v 512 and bf16 q. A given
+    `config` runs as it is (bench_sparse.py --tune); by default the first of `tile_configs` the GPU holds."""
     batch, s_q, h_q, _ = q.shape
     out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=torch.bfloat16)
     lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
@@ -277,13 +278,15 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
         if num_splits > 1:
             combine(out_partial, lse_partial, attn_sink, out, lse)
 
-    configs = tile_configs(h_q)
+    configs = [config] if config is not None else tile_configs(h_q)
     launch_fitting(("sparse_decode", configs[0], *variant.items(), q.device), configs, launch)
     return out, lse
 
 
-def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None, indexer_topk=0):
-    """Triton sparse prefill; same contract as `flashmla::sparse_prefill` for d_qk 576 / d_v 512 and bf16 q, kv."""
+def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None, indexer_topk=0,
+                   config: TileConfig | None = None):
+    """Triton sparse prefill; same contract as `flashmla::sparse_prefill` for d_qk 576 / d_v 512 and bf16 q, kv. A
+    given `config` runs as it is (bench_sparse.py --tune)."""
     s_q, h_q, _ = q.shape
     s_kv, topk = kv.shape[0], indices.shape[-1]
     out = q.new_empty(s_q, h_q, d_v, dtype=torch.bfloat16)
@@ -306,7 +309,7 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_lengt
             BLOCK_H=config.block_h, BLOCK_N=config.block_n, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM,
             INTERPRET=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages, **variant)
 
-    configs = tile_configs(h_q)
+    configs = [config] if config is not None else tile_configs(h_q)
     launch_fitting(("sparse_prefill", configs[0], *variant.items(), q.device), configs, launch)
     return out, max_logits, lse, lse_indexer
 

@@ -4,6 +4,8 @@
 The refusals are simulated here, as Triton makes them: OutOfResources when it loads a kernel too big for the GPU,
 before anything is launched. Which configs a real sm_80, sm_89 or sm_120 holds is checked by compiling them
 (test_triton_compile.py)."""
+import functools
+
 import pytest
 
 triton_common = pytest.importorskip("flashmla_ops.triton.common", exc_type=ImportError)
@@ -103,3 +105,23 @@ def test_a_given_config_is_run_as_given(monkeypatch):
     monkeypatch.setattr(triton_decode, "_dense_decode_split_kernel", gpu)
     with pytest.raises(RuntimeError, match="no tile config fits"):
         run_and_compare([100, 65], 1, 64, causal=False, is_fp8=False, sink=False, config=SIXTY_FOUR_ROWS)
+
+
+@pytest.mark.parametrize("op", ["decode", "prefill"])
+def test_a_given_sparse_config_is_run_as_given(monkeypatch, op):
+    """bench_sparse.py --tune times the tiles it names: those run (and compute the reference's result), and one the
+    GPU refuses gives way to none."""
+    kernel = "_sparse_decode_split_kernel" if op == "decode" else "_sparse_prefill_kernel"
+    gpu = SmallGpu(getattr(triton_sparse, kernel), lambda o: o["BLOCK_H"] <= 16)
+    monkeypatch.setattr(triton_sparse, kernel, gpu)
+    function = getattr(triton_sparse, f"sparse_{op}")
+    run = (lambda: run_decode(2, 2, 64, 130, 0, True, True)) if op == "decode" else (
+        lambda: run_prefill([6], 64, 64, 40, False, False))
+    given = triton_sparse.TileConfig(block_h=16, block_n=32, num_warps=4, num_stages=1)
+    monkeypatch.setattr(triton_sparse, f"sparse_{op}", functools.partial(function, config=given))
+    run()
+    assert gpu.ran == [(16, 32, 1)]
+    refused = triton_sparse.TileConfig(block_h=64, block_n=64, num_warps=8, num_stages=2)
+    monkeypatch.setattr(triton_sparse, f"sparse_{op}", functools.partial(function, config=refused))
+    with pytest.raises(RuntimeError, match="no tile config fits"):
+        run()
