@@ -175,18 +175,19 @@ def tune(device):
                                                        programs_per_sm=programs_per_sm))
         if h_q * s_q >= 64:
             candidates |= {dataclasses.replace(default, block_h=32, num_warps=4, programs_per_sm=p) for p in (1, 2)}
-        # Twice the warps (compiled for sm_90 the FP8 kernel at 16 rows x 64 keys with 4 warps spills 2 KB a thread,
-        # at 16 x 32 with 8 warps 72 bytes); for FP8, the f16 products. At the default stages and programs per SM.
+        candidates |= {dataclasses.replace(config, schedule="balanced") for config in list(candidates)
+                       if config.num_stages == default.num_stages and config.block_n == default.block_n}
+        # Twice the default's warps (compiled for sm_90, the FP8 kernel at 16 rows x 64 keys with 4 warps spills 2 KB
+        # a thread, at 16 x 32 with 8 warps 72 bytes); for FP8, the f16 products. At the default stages, programs per
+        # SM and rows, uniform schedule.
         alike = [config for config in candidates if config.num_stages == default.num_stages
-                 and config.programs_per_sm == default.programs_per_sm and config.block_h == default.block_h]
+                 and config.programs_per_sm == default.programs_per_sm and config.block_h == default.block_h
+                 and config.schedule == "uniform"]
         candidates |= {dataclasses.replace(config, num_warps=2 * config.num_warps) for config in alike}
         if is_fp8:
             candidates |= {dataclasses.replace(config, fp8_f16=True) for config in alike}
             candidates |= {dataclasses.replace(config, num_warps=2 * config.num_warps, fp8_f16=True)
                            for config in alike}
-        candidates |= {dataclasses.replace(config, schedule="balanced") for config in list(candidates)
-                       if config.num_stages == default.num_stages and config.block_n == default.block_n
-                       and config.num_warps == default.num_warps and not config.fp8_f16}
         for config in sorted(candidates, key=str):
             def op(q, cache, block_table, config=config):
                 return triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,

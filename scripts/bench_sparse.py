@@ -143,7 +143,7 @@ def tune(device) -> list[dict]:
             tflop_s = flops / ms / 1e9
             results.append({"name": name, "config": dataclasses.asdict(config), "time_us": ms * 1e3,
                             "tflop_s": tflop_s})
-            default = " (default)" if config == triton_sparse.tile_configs(h_q)[0] else ""
+            default = " (the default on Hopper)" if config == triton_sparse.tile_configs(h_q)[0] else ""
             print(f"{name:36} {config}{default}: {ms * 1e3:9.1f} us {tflop_s:6.1f} TFLOP/s ({tflop_s / target:.2f})")
         del sets
         torch.cuda.empty_cache()

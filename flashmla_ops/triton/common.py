@@ -41,7 +41,7 @@ def e4m3_to_bf16(raw, HW_FP8: tl.constexpr):
 def e4m3_to_f16(raw, HW_FP8: tl.constexpr):
     """e4m3 bytes (uint8) as f16, exactly: the value (one conversion per pair, sm_89+), or without hardware conversion
     the value times 2**-8 (the e4m3 bits shifted into an f16's sign/exponent/mantissa: biases 15 and 7, subnormals
-    included), which the caller's scale must undo (F16_BIAS)."""
+    included), which the caller's scale must undo."""
     if HW_FP8:
         values = raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     else:
@@ -66,10 +66,9 @@ def f16_row_scaling(largest):
 def load_latent_subtile(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.constexpr, IS_FP8: tl.constexpr,
                         HW_FP8: tl.constexpr, F16: tl.constexpr = False):
     """Latent columns [COL0, COL0 + WIDTH) of the rows at `row_offset` (elements of KV: bf16 for a BF16 cache, bytes
-    for FP8) as bf16, or FP8 as f16 with `F16` (see e4m3_to_f16); FP8 values come unscaled (the caller applies the
-    tile's scale to the products).
-    Without hardware FP8 conversion, the e4m3 bits shifted into a float32's sign/exponent/mantissa give the value
-    times 2**-120 (float32 bias 127 minus e4m3 bias 7), subnormals included."""
+    for FP8) as bf16, or FP8 as f16 with `F16` (see e4m3_to_f16: without hardware conversion those come times
+    2**-8); FP8 values come unscaled (the caller applies the tile's scale to the products). The bf16 values are exact
+    either way (e4m3_to_bf16)."""
     cols = COL0 + tl.arange(0, WIDTH)
     if IS_FP8 and F16:
         values = e4m3_to_f16(tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0),

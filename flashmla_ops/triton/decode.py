@@ -8,8 +8,8 @@ the 512-wide latent in four 128-column sub-tiles t (the FP8 cache's scale tiles,
 so FP8 values are multiplied by their power-of-two scale through the products, never element by element. With
 `LaunchConfig.fp8_f16` the FP8 products take f16 operands instead of bf16: e4m3 -> f16 is one conversion per pair
 (to bf16 it goes through f16 and float32), q's latent is scaled per row by a power of two into f16's range (exact:
-f16 has more significant bits than bf16), and P times the tile scales is divided by 2**-14 times the block's largest
-scale (so it stays in range), which multiplies the product back.
+f16 has more significant bits than bf16), and each row of P times the tile scales is divided by 2**-14 times its
+largest entry in the block (so it stays in range, and small weights stay normal), which multiplies the product back.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -93,9 +93,12 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if F16_PRODUCTS:
-            # One reduction for the four tiles: the scales are powers of two, so top and its inverse are exact.
-            top = tl.max(tl.maximum(tl.maximum(scale0, scale1), tl.maximum(scale2, scale3)), 0) * (1.0 / 16384.0)
-            top = tl.where(top > 0, top, 1.0)
+            # Each row's weights p * scale over 2**-14 times the row's largest in the block: at most 2**14, in f16's
+            # range, and every weight down to 2**-28 of the row's largest stays normal. Rows whose weights are all
+            # below 1e-30 (none, or negligible next to an earlier block's) take top 1: they flush to zero.
+            largest_scale = tl.maximum(tl.maximum(scale0, scale1), tl.maximum(scale2, scale3))
+            top = tl.max(p * largest_scale[None, :], 1) * (1.0 / 16384.0)
+            top = tl.where(top > 1e-30, top, 1.0)
             inverse_top = 1.0 / top
             acc0 = acc0 * alpha[:, None] + _scaled_product(p, scale0, k0, inverse_top, top, INTERPRET)
             acc1 = acc1 * alpha[:, None] + _scaled_product(p, scale1, k1, inverse_top, top, INTERPRET)
@@ -118,10 +121,9 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
 
 @triton.jit
 def _scaled_product(p, scale, k, inverse_top, top, INTERPRET: tl.constexpr):
-    """(p * scale) @ k with f16 operands: p (rows x tokens) times each token's tile scale, times `inverse_top` (2**14
-    over the block's largest scale: the factor stays below 2**14, in f16's range), the product multiplied back by
-    `top`."""
-    return mma((p * (scale * inverse_top)[None, :]).to(tl.float16), k, INTERPRET) * top
+    """(p * scale) @ k with f16 operands: p (rows x tokens) times each token's tile scale times its row's
+    `inverse_top` is at most 2**14, in f16's range; the product is multiplied back by `top`."""
+    return mma((p * (scale[None, :] * inverse_top[:, None])).to(tl.float16), k, INTERPRET) * top[:, None]
 
 
 @triton.jit

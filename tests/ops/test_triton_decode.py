@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-from decode_inputs import (DEVICE, assert_decode_close, check_dense_decode_op_replays_in_cuda_graph, make_inputs,
-                           poison_allocator)
+from decode_inputs import (BF16_BAND, DEVICE, assert_decode_close, check_dense_decode_op_replays_in_cuda_graph,
+                           make_inputs, poison_allocator)
 
 from flashmla_ops import reference
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
@@ -121,6 +121,31 @@ def test_triton_balanced_schedule_computes_its_own_metadata():
     run_and_compare([300, 1, 90], 1, 16, causal=False, is_fp8=False, sink=False, config=config)
 
 
+class RecordingKernel:
+    """A Triton kernel that records the options of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.options = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **options):
+            self.options.append(options)
+            return self.kernel[grid](*args, **options)
+        return launch
+
+
+def f16_products_ran(monkeypatch):
+    """Records the split kernel's launches; the returned check says that each took the f16 products."""
+    recording = RecordingKernel(triton_decode._dense_decode_split_kernel)
+    monkeypatch.setattr(triton_decode, "_dense_decode_split_kernel", recording)
+    return lambda: recording.options and all(options["F16"] for options in recording.options)
+
+
+def f16_config(seqlens, s_q, h_q):
+    return dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, torch.device(DEVICE)),
+                               fp8_f16=True)
+
+
 F16_CASES = [([0, 1, 70, 130], 1, 16, False), ([64, 1, 200], 2, 16, True), ([5, 300], 1, 64, True)]
 
 
@@ -128,14 +153,16 @@ F16_CASES = [([0, 1, 70, 130], 1, 16, False), ([64, 1, 200], 2, 16, True), ([5, 
 @pytest.mark.parametrize("hardware", [True, False])
 def test_triton_fp8_f16_products_match_reference(monkeypatch, seqlens, s_q, h_q, causal, hardware):
     """`fp8_f16`: the FP8 cache's products with f16 operands, with and without hardware e4m3 conversion."""
+    if hardware and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no hardware e4m3 conversion on this GPU")
     monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: hardware)
-    config = dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, torch.device(DEVICE)),
-                                 fp8_f16=True)
-    run_and_compare(seqlens, s_q, h_q, causal, is_fp8=True, sink=False, config=config)
+    ran = f16_products_ran(monkeypatch)
+    run_and_compare(seqlens, s_q, h_q, causal, is_fp8=True, sink=False, config=f16_config(seqlens, s_q, h_q))
+    assert ran()
 
 
 @pytest.mark.parametrize("q_exponent", [-60, -30, 20])
-def test_triton_fp8_f16_products_hold_ranges_past_f16(q_exponent):
+def test_triton_fp8_f16_products_hold_ranges_past_f16(monkeypatch, q_exponent):
     """f16 holds 2**-24 .. 65504, bf16 all of float32's exponents. Queries of magnitude 2**q_exponent (2**-60 and
     2**-30 underflow in f16, 2**20 overflows), rows 2**-2 .. 2**2 apart, against a cache whose tokens are scaled by
     2**-10 .. 2**30 within each block: tile scales up to 2**23, so P times the scale alone would pass 65504. The
@@ -148,10 +175,45 @@ def test_triton_fp8_f16_products_hold_ranges_past_f16(q_exponent):
     row_factor = 2.0 ** torch.randint(-2, 3, q.shape[:3], generator=generator, device=DEVICE)
     q = (q.float() * row_factor[..., None] * 2.0 ** q_exponent).bfloat16()
     scale = D_QK ** -0.5 * 2.0 ** -(q_exponent + 30)
-    config = dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, torch.device(DEVICE)),
-                                 fp8_f16=True)
+    ran = f16_products_ran(monkeypatch)
     out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, True, True, None,
-                                          config)
+                                          f16_config(seqlens, s_q, h_q))
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, True,
                                                 True, None)
     assert_decode_close(out, lse, want_out, want_lse)
+    assert ran()
+
+
+@pytest.mark.parametrize("f16", [True, False])
+def test_triton_fp8_keeps_small_weights_next_to_huge_scales(monkeypatch, f16):
+    """Every block holds a few tokens of latent -u * 2**30 (tile scale 2**24) among tokens of scale 2**-13. Rows of
+    latent q along +u score the huge tokens some 86 below the small ones, so the small tokens carry their output,
+    with weights p * scale 2**37 below the huge tokens' scale: normalised by the block's largest scale they would
+    keep one or two bits in f16 (20-30% error per row); by each row's largest weight they stay normal. Rows along -u
+    take the huge tokens. Checked row by row: the huge rows' outputs dwarf the others in the norm over the batch. The
+    bf16 products (the default) hold it too."""
+    generator = torch.Generator(DEVICE).manual_seed(7)
+    seqlens, s_q, h_q = [300, 200], 1, 16
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, False, generator)
+    direction = torch.randn(KV_LORA_RANK, generator=generator, device=DEVICE)
+    huge = torch.rand(cache.shape[:2], generator=generator, device=DEVICE) < 1 / 16
+    cache = cache.float()
+    cache[..., :KV_LORA_RANK] = torch.where(huge[..., None, None], -direction * 2.0 ** 30,
+                                            cache[..., :KV_LORA_RANK] * 2.0 ** -10)
+    cache[..., KV_LORA_RANK:] *= (~huge).float()[..., None, None]
+    cache = reference.quantize_kv_fp8(cache.bfloat16())
+    sign = torch.where(torch.arange(h_q, device=DEVICE) < h_q // 2, 1.0, -1.0)
+    q = q.float()
+    q[..., :KV_LORA_RANK] = sign[:, None] * direction * 2.0 ** -30
+    q = q.bfloat16()
+    scale = D_QK ** -0.5 * 4
+    ran = f16_products_ran(monkeypatch)
+    config = dataclasses.replace(f16_config(seqlens, s_q, h_q), fp8_f16=f16)
+    out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False, True,
+                                          None, config)
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
+                                                True, None)
+    assert_decode_close(out, lse, want_out, want_lse)
+    row_error = (out.float() - want_out.float()).norm(dim=-1) / want_out.float().norm(dim=-1)
+    assert row_error.max() < BF16_BAND, row_error
+    assert bool(ran()) == f16

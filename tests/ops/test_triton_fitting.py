@@ -59,13 +59,14 @@ class SmallGpu:
     """A Triton kernel as a GPU that holds only the launches `fits(options)` accepts; records what it ran."""
 
     def __init__(self, kernel, fits):
-        self.kernel, self.fits, self.ran = kernel, fits, []
+        self.kernel, self.fits, self.ran, self.warps = kernel, fits, [], []
 
     def __getitem__(self, grid):
         def launch(*args, **options):
             if not self.fits(options):
                 raise OutOfResources(200 * 1024, 99 * 1024, "shared memory")
             self.ran.append((options["BLOCK_H"], options["BLOCK_N"], options["num_stages"]))
+            self.warps.append(options["num_warps"])
             return self.kernel[grid](*args, **options)
         return launch
 
@@ -117,10 +118,10 @@ def test_a_given_sparse_config_is_run_as_given(monkeypatch, op):
     function = getattr(triton_sparse, f"sparse_{op}")
     run = (lambda: run_decode(2, 2, 64, 130, 0, True, True)) if op == "decode" else (
         lambda: run_prefill([6], 64, 64, 40, False, False))
-    given = triton_sparse.TileConfig(block_h=16, block_n=32, num_warps=4, num_stages=1)
+    given = triton_sparse.TileConfig(block_h=16, block_n=32, num_warps=2, num_stages=1)
     monkeypatch.setattr(triton_sparse, f"sparse_{op}", functools.partial(function, config=given))
     run()
-    assert gpu.ran == [(16, 32, 1)]
+    assert gpu.ran == [(16, 32, 1)] and gpu.warps == [2]
     refused = triton_sparse.TileConfig(block_h=64, block_n=64, num_warps=8, num_stages=2)
     monkeypatch.setattr(triton_sparse, f"sparse_{op}", functools.partial(function, config=refused))
     with pytest.raises(RuntimeError, match="no tile config fits"):
