@@ -29,6 +29,33 @@ def make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded=False):
     return q, cache, block_table, cache_seqlens
 
 
+def huge_and_small_scale_inputs(generator, h_q=16):
+    """FP8 decode inputs (s_q 1, not causal) whose blocks each hold a few tokens of latent -u * 2**30 (tile scale
+    2**24) among tokens of scale 2**-13. Query rows 0 .. h_q/2 - 1 lie along +u: they score the huge tokens some 86
+    below the small ones, so the small tokens carry their output, with weights p * scale 2**37 below the huge tokens'
+    scale; the other rows lie along -u and take the huge tokens. Returns q, cache, block_table, cache_seqlens and the
+    softmax scale. Compare row by row (`assert_rows_close`): the huge rows dwarf the others in a norm over the batch."""
+    seqlens = [300, 200]
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, 1, h_q, False, generator)
+    direction = torch.randn(KV_LORA_RANK, generator=generator, device=DEVICE)
+    huge = torch.rand(cache.shape[:2], generator=generator, device=DEVICE) < 1 / 16
+    cache = cache.float()
+    cache[..., :KV_LORA_RANK] = torch.where(huge[..., None, None], -direction * 2.0 ** 30,
+                                            cache[..., :KV_LORA_RANK] * 2.0 ** -10)
+    cache[..., KV_LORA_RANK:] *= (~huge).float()[..., None, None]
+    cache = reference.quantize_kv_fp8(cache.bfloat16())
+    sign = torch.where(torch.arange(h_q, device=DEVICE) < h_q // 2, 1.0, -1.0)
+    q = q.float()
+    q[..., :KV_LORA_RANK] = sign[:, None] * direction * 2.0 ** -30
+    return q.bfloat16(), cache, block_table, cache_seqlens, D_QK ** -0.5 * 4
+
+
+def assert_rows_close(out, want_out) -> None:
+    """Each output row within the BF16 band of its own norm."""
+    row_error = (out.float() - want_out.float()).norm(dim=-1) / want_out.float().norm(dim=-1)
+    assert row_error.max() < BF16_BAND, row_error
+
+
 def poison_allocator(num_bytes: int) -> None:
     """Fill memory the caching allocator hands out next with NaN, so that unwritten outputs show (CUDA only: the
     CPU allocator gives no such reuse)."""

@@ -9,8 +9,9 @@ blocks), a padded cache block stride, strided q, repeated runs bit-identical, an
 """
 import pytest
 import torch
-from decode_inputs import (BF16_BAND, DEVICE, assert_decode_close, check_dense_decode_op_replays_in_cuda_graph,
-                           make_inputs, poison_allocator)
+from decode_inputs import (BF16_BAND, DEVICE, assert_decode_close, assert_rows_close,
+                           check_dense_decode_op_replays_in_cuda_graph, huge_and_small_scale_inputs, make_inputs,
+                           poison_allocator)
 
 from flashmla_ops import _ext, reference
 from flashmla_ops.decode import CUDA_NARROW_ROWS, cuda_num_splits
@@ -126,6 +127,20 @@ def test_cuda_dense_decode_fp8_scales_that_differ_by_tile_and_token(s_q, h_q, na
     value by another tile's or another row's scale would be off by 2x or more there. With randn's cache every tile of
     every token gets the same scale, so no other case can tell."""
     run_and_compare([1, 65, 300, 1000], s_q, h_q, causal=True, is_fp8=True, narrow=narrow, varied_scales=True)
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+def test_cuda_dense_decode_fp8_small_weights_next_to_huge_scales(narrow):
+    """decode_inputs.huge_and_small_scale_inputs: rows carried by tokens 2**37 below the block's largest scale, and
+    rows carried by the huge ones, checked row by row."""
+    q, cache, block_table, cache_seqlens, scale = huge_and_small_scale_inputs(torch.Generator(DEVICE).manual_seed(7))
+    num_splits = cuda_num_splits(q.device, q.shape[0], q.shape[1] * q.shape[2], block_table.shape[1])
+    out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, False, True, num_splits, None, None,
+                                      narrow)
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
+                                                True)
+    assert_decode_close(out, lse, want_out, want_lse)
+    assert_rows_close(out, want_out)
 
 
 @pytest.mark.parametrize("s_q,h_q,narrow", [(2, 32, False), (2, 8, True)])

@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-from decode_inputs import (BF16_BAND, DEVICE, assert_decode_close, check_dense_decode_op_replays_in_cuda_graph,
-                           make_inputs, poison_allocator)
+from decode_inputs import (DEVICE, assert_decode_close, assert_rows_close, check_dense_decode_op_replays_in_cuda_graph,
+                           huge_and_small_scale_inputs, make_inputs, poison_allocator)
 
 from flashmla_ops import reference
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
@@ -186,34 +186,16 @@ def test_triton_fp8_f16_products_hold_ranges_past_f16(monkeypatch, q_exponent):
 
 @pytest.mark.parametrize("f16", [True, False])
 def test_triton_fp8_keeps_small_weights_next_to_huge_scales(monkeypatch, f16):
-    """Every block holds a few tokens of latent -u * 2**30 (tile scale 2**24) among tokens of scale 2**-13. Rows of
-    latent q along +u score the huge tokens some 86 below the small ones, so the small tokens carry their output,
-    with weights p * scale 2**37 below the huge tokens' scale: normalised by the block's largest scale they would
-    keep one or two bits in f16 (20-30% error per row); by each row's largest weight they stay normal. Rows along -u
-    take the huge tokens. Checked row by row: the huge rows' outputs dwarf the others in the norm over the batch. The
-    bf16 products (the default) hold it too."""
-    generator = torch.Generator(DEVICE).manual_seed(7)
-    seqlens, s_q, h_q = [300, 200], 1, 16
-    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, False, generator)
-    direction = torch.randn(KV_LORA_RANK, generator=generator, device=DEVICE)
-    huge = torch.rand(cache.shape[:2], generator=generator, device=DEVICE) < 1 / 16
-    cache = cache.float()
-    cache[..., :KV_LORA_RANK] = torch.where(huge[..., None, None], -direction * 2.0 ** 30,
-                                            cache[..., :KV_LORA_RANK] * 2.0 ** -10)
-    cache[..., KV_LORA_RANK:] *= (~huge).float()[..., None, None]
-    cache = reference.quantize_kv_fp8(cache.bfloat16())
-    sign = torch.where(torch.arange(h_q, device=DEVICE) < h_q // 2, 1.0, -1.0)
-    q = q.float()
-    q[..., :KV_LORA_RANK] = sign[:, None] * direction * 2.0 ** -30
-    q = q.bfloat16()
-    scale = D_QK ** -0.5 * 4
+    """decode_inputs.huge_and_small_scale_inputs: rows carried by tokens 2**37 below the block's largest scale.
+    Normalised by the block's largest scale, their f16 weights would keep one or two bits (20-30% error per row); by
+    each row's largest weight they stay normal. The bf16 products (the default) hold it too."""
+    q, cache, block_table, cache_seqlens, scale = huge_and_small_scale_inputs(torch.Generator(DEVICE).manual_seed(7))
     ran = f16_products_ran(monkeypatch)
-    config = dataclasses.replace(f16_config(seqlens, s_q, h_q), fp8_f16=f16)
+    config = dataclasses.replace(f16_config([300, 200], 1, 16), fp8_f16=f16)
     out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False, True,
                                           None, config)
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
                                                 True, None)
     assert_decode_close(out, lse, want_out, want_lse)
-    row_error = (out.float() - want_out.float()).norm(dim=-1) / want_out.float().norm(dim=-1)
-    assert row_error.max() < BF16_BAND, row_error
+    assert_rows_close(out, want_out)
     assert bool(ran()) == f16
