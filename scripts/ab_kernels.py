@@ -15,6 +15,12 @@ fails at its first call. `--tests "PATH ..."` runs those tests (pytest, stopping
 kernels after the builds and times nothing if one fails: an experiment that computes something else is not timed.
 By hand: `FLASHMLA_CSRC=bench/base/csrc python -m pytest -m gpu tests/ops` (each csrc directory builds apart,
 flashmla_ops._ext.build_name).
+
+Several bases in one run: give `--base-csrc` once per base (bench/<name>/csrc, each named by <name>). All sides build
+in parallel, `--tests` runs on each base, and the rounds run the sides in order, then reversed (tree, a, b; b, a,
+tree; ...), so that one device call compares several experiments with main:
+
+    python scripts/ab_kernels.py --base-csrc bench/pdl/csrc --base-csrc bench/other/csrc -- scripts/bench_decode.py
 """
 import argparse
 import os
@@ -57,9 +63,20 @@ def pytest_command(base_csrc: str, tests: list[str]) -> tuple[list[str], dict]:
     return [sys.executable, "-m", "pytest", "-q", "-x", *tests], env
 
 
-def round_order(round_index: int) -> tuple[str, str]:
-    """The sides of round `round_index` (from 1) in the order they run: ABBA, tree first in odd rounds."""
-    return ("tree", "base") if round_index % 2 == 1 else ("base", "tree")
+def round_order(round_index: int, sides: tuple[str, ...] = ("tree", "base")) -> tuple[str, ...]:
+    """The sides of round `round_index` (from 1) in the order they run: as given in odd rounds, reversed in even ones
+    (ABBA with one base; with several, tree, b1, b2, b2, b1, tree), so that a drift over the run falls on all alike."""
+    return tuple(sides) if round_index % 2 == 1 else tuple(reversed(sides))
+
+
+def side_names(base_csrcs: list[str]) -> list[str]:
+    """A name per base: "base" for a single one, else the directory holding each csrc (bench/<name>/csrc), made unique
+    by its position where two share one."""
+    if len(base_csrcs) == 1:
+        return ["base"]
+    names = [Path(csrc).resolve().parent.name if Path(csrc).name == "csrc" else Path(csrc).name for csrc in base_csrcs]
+    return [name if names.count(name) == 1 and name != "tree" else f"base{index + 1}"
+            for index, name in enumerate(names)]
 
 
 def side_script(script: list[str], side: str, round_index: int) -> list[str]:
@@ -75,34 +92,40 @@ def side_script(script: list[str], side: str, round_index: int) -> list[str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-csrc", required=True, help="the base revision's csrc directory")
+    parser.add_argument("--base-csrc", action="append", required=True,
+                        help="a base revision's csrc directory; several: each is a side of its own")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--tests", default="", help="test paths (space-separated) the base's kernels must pass first")
+    parser.add_argument("--tests", default="", help="test paths (space-separated) each base's kernels must pass first")
     parser.add_argument("--side", choices=["tree", "base"], help=argparse.SUPPRESS)
     parser.add_argument("script", nargs=argparse.REMAINDER, help="-- SCRIPT ARGS...: the benchmark to run")
     args = parser.parse_args()
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
-    if args.side is not None:
-        run_side(args.base_csrc if args.side == "base" else None, script)
+    if args.side is not None:  # a child: one side (its csrc the one --base-csrc it was given)
+        run_side(args.base_csrc[0] if args.side == "base" else None, script)
         return
     if not script:
         parser.error("give the benchmark after --, e.g. -- scripts/bench_decode.py --rows h128")
+    bases = dict(zip(side_names(args.base_csrc), args.base_csrc))
+    sides = ("tree", *bases)
 
     def command(side, run_args):
-        return [sys.executable, __file__, "--base-csrc", args.base_csrc, "--side", side, "--", *run_args]
+        csrc = bases.get(side, args.base_csrc[0])  # the tree side ignores it
+        return [sys.executable, __file__, "--base-csrc", csrc, "--side", "tree" if side == "tree" else "base", "--",
+                *run_args]
 
-    builds = {side: subprocess.Popen(command(side, []), env=side_environment(), cwd=ROOT)
-              for side in ("tree", "base")}
+    builds = {side: subprocess.Popen(command(side, []), env=side_environment(), cwd=ROOT) for side in sides}
     failed = [side for side, process in builds.items() if process.wait() != 0]
     if failed:
         sys.exit(f"ab_kernels: no timing: the {' and '.join(failed)} kernels did not build")
-    if args.tests.split():
-        print(f"== tests on the base's kernels: {args.tests}", flush=True)
-        test_argv, test_env = pytest_command(args.base_csrc, args.tests.split())
+    for side, csrc in bases.items():
+        if not args.tests.split():
+            break
+        print(f"== tests on the {side} kernels ({csrc}): {args.tests}", flush=True)
+        test_argv, test_env = pytest_command(csrc, args.tests.split())
         if subprocess.run(test_argv, env=test_env, cwd=ROOT).returncode != 0:
-            sys.exit("ab_kernels: no timing: the base's kernels failed the tests")
+            sys.exit(f"ab_kernels: no timing: the {side} kernels failed the tests")
     for round_index in range(1, args.rounds + 1):
-        for side in round_order(round_index):
+        for side in round_order(round_index, sides):
             print(f"== {side}, round {round_index}", flush=True)
             result = subprocess.run(command(side, side_script(script, side, round_index)), env=side_environment(),
                                     cwd=ROOT)

@@ -24,6 +24,20 @@ def test_rounds_alternate_which_side_goes_first():
     assert orders == [("tree", "base"), ("base", "tree"), ("tree", "base"), ("base", "tree")]
 
 
+def test_several_bases_run_in_order_then_reversed():
+    sides = ("tree", "pdl", "other")
+    assert ab_kernels.round_order(1, sides) == sides
+    assert ab_kernels.round_order(2, sides) == ("other", "pdl", "tree")
+
+
+def test_sides_are_named_by_their_bench_directory(tmp_path):
+    assert ab_kernels.side_names([str(tmp_path / "pdl" / "csrc")]) == ["base"]  # one base: "base", as always
+    names = ab_kernels.side_names([str(tmp_path / "pdl" / "csrc"), str(tmp_path / "f16" / "csrc"),
+                                   str(tmp_path / "a" / "x" / "csrc"), str(tmp_path / "b" / "x" / "csrc"),
+                                   str(tmp_path / "tree" / "csrc")])
+    assert names == ["pdl", "f16", "base3", "base4", "base5"]  # shared or reserved names: by position
+
+
 def test_each_run_writes_its_own_out_prefix():
     script = ["scripts/bench_decode.py", "--out", "bench/dec", "--rows", "h128"]
     assert ab_kernels.side_script(script, "base", 2) == ["scripts/bench_decode.py", "--out", "bench/dec_base_r2",
