@@ -113,6 +113,11 @@ __device__ __forceinline__ uint8_t* prepare_shared(uint8_t* raw_shared, int barr
   return shared;
 }
 
+// The cache page that holds sequence `batch`'s block `block` (from the block table).
+__device__ __forceinline__ int block_page(const DecodeParams& p, int batch, int block) {
+  return p.block_table[batch * p.block_table_stride + block];
+}
+
 // Where row `row` of a sequence's cache block `block`, held in page `page`, lives, or nullptr past the sequence's
 // `length`.
 __device__ __forceinline__ const uint8_t* page_row_address(const DecodeParams& p, int page, int block, int row,
@@ -124,7 +129,7 @@ __device__ __forceinline__ const uint8_t* page_row_address(const DecodeParams& p
 __device__ __forceinline__ const uint8_t* cache_row_address(const DecodeParams& p, int batch, int block, int row,
                                                             int length) {
   if (block * kBlockN + row >= length) return nullptr;
-  return page_row_address(p, p.block_table[batch * p.block_table_stride + block], block, row, length);
+  return page_row_address(p, block_page(p, batch, block), block, row, length);
 }
 
 // Zeroes the value columns (the first 512) of a BF16 stage's rows [first_row, 64): the last block's rows past the
@@ -147,20 +152,24 @@ __device__ __forceinline__ void load_page_tiles(const DecodeParams& p, uint32_t 
   sm90::tma_load_4d(dst, &p.kv_map, barrier, 0, 0, 0, page);
 }
 
-// The same for cache block `block` of sequence `batch`, its page read from the block table here.
-__device__ __forceinline__ void load_block_tiles(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
-                                                 int block, int tiles) {
-  load_page_tiles(p, dst, barrier, p.block_table[batch * p.block_table_stride + block], tiles);
+// A whole BF16 page into the stage at dst, or an FP8 page's RoPE tile into the stage's last tile.
+__device__ __forceinline__ void load_kv_page(const DecodeParams& p, uint32_t dst, uint32_t barrier, int page) {
+  load_page_tiles(p, dst, barrier, page, kColumnTiles);
 }
 
+__device__ __forceinline__ void load_rope_page(const DecodeParams& p, uint32_t dst, uint32_t barrier, int page) {
+  load_page_tiles(p, dst + (kColumnTiles - 1) * kTileBytes, barrier, page, 1);
+}
+
+// The same for sequence `batch`'s block `block`, its page read from the block table here.
 __device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
                                               int block) {
-  load_block_tiles(p, dst, barrier, batch, block, kColumnTiles);
+  load_kv_page(p, dst, barrier, block_page(p, batch, block));
 }
 
 __device__ __forceinline__ void load_rope_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
                                                 int block) {
-  load_block_tiles(p, dst + (kColumnTiles - 1) * kTileBytes, barrier, batch, block, 1);
+  load_rope_page(p, dst, barrier, block_page(p, batch, block));
 }
 
 // A quarter of one FP8 row's latent (quarter t % 4 of the thread: 16-value units quarter + 4k, unit k in scale tile

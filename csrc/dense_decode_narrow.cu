@@ -96,14 +96,14 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   };
   const auto fill_stage = [&](int page) {  // one thread
     if constexpr (kFp8) {
-      load_page_tiles(p, stage + (kColumnTiles - 1) * kTileBytes, barrier, page, 1);
+      load_rope_page(p, stage, barrier, page);
     } else {
-      load_page_tiles(p, stage, barrier, page, kColumnTiles);
+      load_kv_page(p, stage, barrier, page);
     }
   };
   // The pages of this warpgroup's blocks are read an own block before they are needed: `next_page` is the page of
   // block + 2 (the block whose loads this iteration issues), read during the previous iteration.
-  const auto page_of = [&](int block) { return block < end ? p.block_table[batch * p.block_table_stride + block] : 0; };
+  const auto page_of = [&](int block) { return block < end ? block_page(p, batch, block) : 0; };
 
   const int first_block = begin + warpgroup;
   if (first_block < end) {

@@ -183,11 +183,10 @@ def tune(device):
         alike = [config for config in candidates if config.num_stages == default.num_stages
                  and config.programs_per_sm == default.programs_per_sm and config.block_h == default.block_h
                  and config.schedule == "uniform"]
-        candidates |= {dataclasses.replace(config, num_warps=2 * config.num_warps) for config in alike}
+        wider = {dataclasses.replace(config, num_warps=2 * config.num_warps) for config in alike}
+        candidates |= wider
         if is_fp8:
-            candidates |= {dataclasses.replace(config, fp8_f16=True) for config in alike}
-            candidates |= {dataclasses.replace(config, num_warps=2 * config.num_warps, fp8_f16=True)
-                           for config in alike}
+            candidates |= {dataclasses.replace(config, fp8_f16=True) for config in (*alike, *wider)}
         for config in sorted(candidates, key=str):
             def op(q, cache, block_table, config=config):
                 return triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,

@@ -45,7 +45,6 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
     F16_PRODUCTS: tl.constexpr = IS_FP8 and F16
     # Without hardware conversion e4m3_to_f16 gives the values times 2**-8: the scales take the 2**8 back.
     SCALE_BIAS: tl.constexpr = 256.0 if F16_PRODUCTS and not HW_FP8 else 1.0
-    q_inverse = tl.full([BLOCK_H], 1.0, dtype=tl.float32)
     if F16_PRODUCTS:
         largest = tl.maximum(tl.maximum(tl.max(tl.abs(q0.to(tl.float32)), 1), tl.max(tl.abs(q1.to(tl.float32)), 1)),
                              tl.maximum(tl.max(tl.abs(q2.to(tl.float32)), 1), tl.max(tl.abs(q3.to(tl.float32)), 1)))

@@ -141,9 +141,9 @@ def f16_products_ran(monkeypatch):
     return lambda: recording.options and all(options["F16"] for options in recording.options)
 
 
-def f16_config(seqlens, s_q, h_q):
-    return dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, torch.device(DEVICE)),
-                               fp8_f16=True)
+def f16_config(batch, rows, f16=True):
+    """The default launch config for `batch` sequences of `rows` query rows, with the FP8 products in f16 (or not)."""
+    return dataclasses.replace(triton_decode.default_config(batch, rows, torch.device(DEVICE)), fp8_f16=f16)
 
 
 F16_CASES = [([0, 1, 70, 130], 1, 16, False), ([64, 1, 200], 2, 16, True), ([5, 300], 1, 64, True)]
@@ -157,7 +157,7 @@ def test_triton_fp8_f16_products_match_reference(monkeypatch, seqlens, s_q, h_q,
         pytest.skip("no hardware e4m3 conversion on this GPU")
     monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: hardware)
     ran = f16_products_ran(monkeypatch)
-    run_and_compare(seqlens, s_q, h_q, causal, is_fp8=True, sink=False, config=f16_config(seqlens, s_q, h_q))
+    run_and_compare(seqlens, s_q, h_q, causal, is_fp8=True, sink=False, config=f16_config(len(seqlens), s_q * h_q))
     assert ran()
 
 
@@ -177,7 +177,7 @@ def test_triton_fp8_f16_products_hold_ranges_past_f16(monkeypatch, q_exponent):
     scale = D_QK ** -0.5 * 2.0 ** -(q_exponent + 30)
     ran = f16_products_ran(monkeypatch)
     out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, True, True, None,
-                                          f16_config(seqlens, s_q, h_q))
+                                          f16_config(len(seqlens), s_q * h_q))
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, True,
                                                 True, None)
     assert_decode_close(out, lse, want_out, want_lse)
@@ -191,9 +191,8 @@ def test_triton_fp8_keeps_small_weights_next_to_huge_scales(monkeypatch, f16):
     each row's largest weight they stay normal. The bf16 products (the default) hold it too."""
     q, cache, block_table, cache_seqlens, scale = huge_and_small_scale_inputs(torch.Generator(DEVICE).manual_seed(7))
     ran = f16_products_ran(monkeypatch)
-    config = dataclasses.replace(f16_config([300, 200], 1, 16), fp8_f16=f16)
     out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False, True,
-                                          None, config)
+                                          None, f16_config(q.shape[0], q.shape[1] * q.shape[2], f16))
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
                                                 True, None)
     assert_decode_close(out, lse, want_out, want_lse)

@@ -11,7 +11,7 @@ import pytest
 triton_common = pytest.importorskip("flashmla_ops.triton.common", exc_type=ImportError)
 from flashmla_ops.triton import decode as triton_decode  # noqa: E402
 from flashmla_ops.triton import sparse as triton_sparse  # noqa: E402
-from test_triton_decode import run_and_compare  # noqa: E402
+from test_triton_decode import RecordingKernel, run_and_compare  # noqa: E402
 from test_triton_sparse import run_decode, run_prefill  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
@@ -55,20 +55,29 @@ def test_launch_fitting_takes_the_first_config_that_fits_and_remembers_it():
         triton_common.launch_fitting("another op", [6, 5], launch)
 
 
-class SmallGpu:
+class SmallGpu(RecordingKernel):
     """A Triton kernel as a GPU that holds only the launches `fits(options)` accepts; records what it ran."""
 
     def __init__(self, kernel, fits):
-        self.kernel, self.fits, self.ran, self.warps = kernel, fits, [], []
+        super().__init__(kernel)
+        self.fits = fits
 
     def __getitem__(self, grid):
-        def launch(*args, **options):
+        launch = super().__getitem__(grid)
+
+        def fitting(*args, **options):
             if not self.fits(options):
                 raise OutOfResources(200 * 1024, 99 * 1024, "shared memory")
-            self.ran.append((options["BLOCK_H"], options["BLOCK_N"], options["num_stages"]))
-            self.warps.append(options["num_warps"])
-            return self.kernel[grid](*args, **options)
-        return launch
+            return launch(*args, **options)
+        return fitting
+
+    @property
+    def ran(self):
+        return [(options["BLOCK_H"], options["BLOCK_N"], options["num_stages"]) for options in self.options]
+
+    @property
+    def warps(self):
+        return [options["num_warps"] for options in self.options]
 
 
 @pytest.mark.parametrize("is_fp8", [False, True])
