@@ -480,49 +480,69 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   cta_clock.report(kSparse ? "wide sparse" : kFp8 ? "wide fp8" : "wide bf16");
 }
 
+// The partial slots of decode grid z: `num_splits` of them from `first` on (uniform), or this sequence's own
+// (balanced, `split_offsets`); false when the balanced schedule wrote its one slot straight to the output.
+__device__ __forceinline__ bool combine_slots(int z, const int* __restrict__ split_offsets, int& num_splits,
+                                              int64_t& first) {
+  first = static_cast<int64_t>(z) * num_splits;
+  if (split_offsets != nullptr) {
+    first = split_offsets[z];
+    num_splits = split_offsets[z + 1] - split_offsets[z];
+    return num_splits > 1;
+  }
+  return true;
+}
+
+// The combine's weights: weights[s] = 2^(lse_s - lse) for the `num_splits` splits of query row `row` from slot
+// `first` on (0 for a split that saw no token), with `max_lse` their largest base-2 LSE and `total` the sum of
+// 2^(lse_s - max_lse) (0 when no split saw a token). `stats` is two floats of shared memory; every thread of the CTA
+// calls this.
+__device__ __forceinline__ void combine_weights(const float* __restrict__ lse_partial, int64_t first, int rows, int row,
+                                                int num_splits, float* weights, float* stats, float& max_lse,
+                                                float& total) {
+  for (int s = threadIdx.x; s < num_splits; s += blockDim.x) weights[s] = lse_partial[(first + s) * rows + row];
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float largest = -INFINITY;
+    for (int s = threadIdx.x; s < num_splits; s += 32) largest = fmaxf(largest, weights[s]);
+    for (int offset = 16; offset > 0; offset /= 2) {
+      largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+    }
+    float sum = 0.f;
+    for (int s = threadIdx.x; s < num_splits; s += 32) {
+      sum += largest == -INFINITY ? 0.f : exp2f(weights[s] - largest);
+    }
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (threadIdx.x == 0) {
+      stats[0] = sum;
+      stats[1] = largest;
+    }
+  }
+  __syncthreads();
+  total = stats[0];
+  max_lse = stats[1];
+  for (int s = threadIdx.x; s < num_splits; s += blockDim.x) {
+    weights[s] = weights[s] == -INFINITY ? 0.f : exp2f(weights[s] - max_lse) / total;
+  }
+  __syncthreads();
+}
+
 // One query row per CTA: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s (natural log on output).
-// A split that saw no token (lse_s = -inf) is skipped without reading its (unwritten) output. Partials are indexed
-// by the decode grid's z (batch * queries_per_z + first query) and the CTA rows of that z.
+// A split that saw no token (lse_s = -inf) has weight 0 and its (unwritten) output is selected away. Partials are
+// indexed by the decode grid's z (batch * queries_per_z + first query) and the CTA rows of that z.
 __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ out_partial,
                                                       const float* __restrict__ lse_partial, __nv_bfloat16* out,
                                                       int64_t out_batch_stride, int64_t out_seq_stride,
                                                       int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
                                                       int num_splits, int queries_per_z,
                                                       const int* __restrict__ split_offsets) {
-  __shared__ float weights[kMaxSplits];
-  __shared__ float total_shared, max_shared;
+  __shared__ float weights[kMaxSplits], stats[2];
   const int row = blockIdx.x, z = blockIdx.y;
   const int batch = z / queries_per_z, first_query = z % queries_per_z;
-  int64_t first = static_cast<int64_t>(z) * num_splits;
-  if (split_offsets != nullptr) {  // balanced: this sequence's slots; one slot was written straight to the output
-    first = split_offsets[z];
-    num_splits = split_offsets[z + 1] - split_offsets[z];
-    if (num_splits <= 1) return;
-  }
-  for (int s = threadIdx.x; s < num_splits; s += blockDim.x) weights[s] = lse_partial[(first + s) * rows + row];
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float max_lse = -INFINITY;
-    for (int s = threadIdx.x; s < num_splits; s += 32) max_lse = fmaxf(max_lse, weights[s]);
-    for (int offset = 16; offset > 0; offset /= 2) {
-      max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
-    }
-    float total = 0.f;
-    for (int s = threadIdx.x; s < num_splits; s += 32) {
-      total += max_lse == -INFINITY ? 0.f : exp2f(weights[s] - max_lse);
-    }
-    for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
-    if (threadIdx.x == 0) {
-      total_shared = total;
-      max_shared = max_lse;
-    }
-  }
-  __syncthreads();
-  const float total = total_shared, max_lse = max_shared;
-  for (int s = threadIdx.x; s < num_splits; s += blockDim.x) {
-    weights[s] = weights[s] == -INFINITY ? 0.f : exp2f(weights[s] - max_lse) / total;
-  }
-  __syncthreads();
+  int64_t first;
+  if (!combine_slots(z, split_offsets, num_splits, first)) return;
+  float max_lse, total;
+  combine_weights(lse_partial, first, rows, row, num_splits, weights, stats, max_lse, total);
   // Unrolled, with every load unconditional (each slot is allocated, written or not) so that several are in flight;
   // a split without tokens (weight 0) is selected away, never multiplied (its unwritten output may hold NaN).
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -543,6 +563,89 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
   if (threadIdx.x == 0) {
     lse[(static_cast<int64_t>(batch) * h_q + head) * s_q + query] =
         total > 0.f ? (max_lse + log2f(total)) * kLn2 : INFINITY;
+  }
+}
+
+// The same combine for many splits per row (a small batch over a long context: b1 h128 32k has 66), which one CTA of
+// 128 threads per row reads too slowly: it waits on each of its loads (8.7 us of a 44 us step on the H200). Each
+// of the eight warps sums its own share of the splits (split s goes to warp s % 8) over the whole 512-wide row, a
+// float4 per lane per 128 columns, four splits at a time: sixteen 16-byte loads in flight per thread (the launch
+// bounds' minimum of one CTA per SM lets the compiler keep them all in registers: without it, it waits for each group
+// of four at its first use). The warps' sums meet in shared memory. With few splits most warps would idle and the
+// larger CTAs fit fewer per SM (sparse decode b64 h64, two splits: 114 against 94 us), so run_decode takes this
+// kernel from kCombineManySplits splits of a uniform split on.
+constexpr int kCombineManySplits = 16;
+constexpr int kCombineThreads = 256;
+constexpr int kCombineWarps = kCombineThreads / 32;
+constexpr int kCombineVectors = kLatentDim / 4 / 32;  // float4 per lane per split row
+constexpr int kCombineUnroll = 4;                     // splits per warp whose loads are in flight together
+
+__global__ void __launch_bounds__(kCombineThreads, 1)
+    combine_many_splits_kernel(const float* __restrict__ out_partial, const float* __restrict__ lse_partial,
+                               __nv_bfloat16* out, int64_t out_batch_stride, int64_t out_seq_stride,
+                               int64_t out_head_stride, float* lse, int h_q, int s_q, int rows, int num_splits,
+                               int queries_per_z, const int* __restrict__ split_offsets) {
+  __shared__ float weights[kMaxSplits], stats[2];
+  __shared__ float4 warp_sums[kCombineWarps][kLatentDim / 4];
+  const int row = blockIdx.x, z = blockIdx.y;
+  const int batch = z / queries_per_z, first_query = z % queries_per_z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int64_t first;
+  if (!combine_slots(z, split_offsets, num_splits, first)) return;
+  float max_lse, total;
+  combine_weights(lse_partial, first, rows, row, num_splits, weights, stats, max_lse, total);
+  // A split without tokens (weight 0) is read (its slot is allocated) and selected away, never multiplied: its
+  // unwritten output may hold NaN.
+  float4 acc[kCombineVectors];
+  for (int v = 0; v < kCombineVectors; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const auto add_split = [&](int s, const float4 (&part)[kCombineVectors]) {
+    const float w = weights[s];
+#pragma unroll
+    for (int v = 0; v < kCombineVectors; ++v) {
+      acc[v].x += w != 0.f ? w * part[v].x : 0.f;
+      acc[v].y += w != 0.f ? w * part[v].y : 0.f;
+      acc[v].z += w != 0.f ? w * part[v].z : 0.f;
+      acc[v].w += w != 0.f ? w * part[v].w : 0.f;
+    }
+  };
+  const auto load_split = [&](int s, float4 (&part)[kCombineVectors]) {
+    const float4* partial_row = reinterpret_cast<const float4*>(out_partial + ((first + s) * rows + row) * kLatentDim);
+#pragma unroll
+    for (int v = 0; v < kCombineVectors; ++v) part[v] = partial_row[v * 32 + lane];
+  };
+  int s = warp;
+  // Groups of kCombineUnroll splits: every load of a group is issued before any of them is summed.
+  for (; s + (kCombineUnroll - 1) * kCombineWarps < num_splits; s += kCombineUnroll * kCombineWarps) {
+    float4 parts[kCombineUnroll][kCombineVectors];
+#pragma unroll
+    for (int u = 0; u < kCombineUnroll; ++u) load_split(s + u * kCombineWarps, parts[u]);
+#pragma unroll
+    for (int u = 0; u < kCombineUnroll; ++u) add_split(s + u * kCombineWarps, parts[u]);
+  }
+  for (; s < num_splits; s += kCombineWarps) {
+    float4 part[kCombineVectors];
+    load_split(s, part);
+    add_split(s, part);
+  }
+  for (int v = 0; v < kCombineVectors; ++v) warp_sums[warp][v * 32 + lane] = acc[v];
+  __syncthreads();
+  if (threadIdx.x < kLatentDim / 4) {  // float4 column group c of the row: the warps' sums, in warp order
+    float4 sum = warp_sums[0][threadIdx.x];
+    for (int k = 1; k < kCombineWarps; ++k) {
+      const float4 part = warp_sums[k][threadIdx.x];
+      sum.x += part.x;
+      sum.y += part.y;
+      sum.z += part.z;
+      sum.w += part.w;
+    }
+    const int query = first_query + row / h_q, head = row % h_q;
+    __nv_bfloat16* out_row = out + batch * out_batch_stride + query * out_seq_stride + head * out_head_stride;
+    reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x] = __floats2bfloat162_rn(sum.x, sum.y);
+    reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x + 1] = __floats2bfloat162_rn(sum.z, sum.w);
+    if (threadIdx.x == 0) {
+      lse[(static_cast<int64_t>(batch) * h_q + head) * s_q + query] =
+          total > 0.f ? (max_lse + log2f(total)) * kLn2 : INFINITY;
+    }
   }
 }
 
@@ -665,7 +768,8 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
     is_fp8 ? launch_decode<true, false>(params, grid, stream) : launch_decode<false, false>(params, grid, stream);
   }
   if (partials) {
-    combine_kernel<<<dim3(rows, zs), 128, 0, stream>>>(
+    const auto combine = !balanced && num_splits >= kCombineManySplits ? combine_many_splits_kernel : combine_kernel;
+    combine<<<dim3(rows, zs), combine == combine_kernel ? 128 : kCombineThreads, 0, stream>>>(
         out_partial.data_ptr<float>(), lse_partial.data_ptr<float>(), params.out, out.stride(0), out.stride(1),
         out.stride(2), params.lse, params.h_q, params.s_q, params.rows, params.num_splits, params.queries_per_z,
         params.split_offsets);

@@ -166,7 +166,7 @@ def tune(device):
     for name, s_q, h_q, seqlens, is_fp8 in TUNE_ROWS:
         batch = len(seqlens)
         sets, cache_seqlens = make_inputs(batch, s_q, h_q, seqlens, is_fp8, device, copies=2)
-        default = triton_decode.default_config(batch, s_q * h_q, device)
+        default = triton_decode.default_config(batch, s_q * h_q, device, is_fp8)
         candidates = {default}
         for block_n in (32, 64):
             for num_stages in (2, 3):
@@ -178,15 +178,16 @@ def tune(device):
         candidates |= {dataclasses.replace(config, schedule="balanced") for config in list(candidates)
                        if config.num_stages == default.num_stages and config.block_n == default.block_n}
         # Twice the default's warps (compiled for sm_90, the FP8 kernel at 16 rows x 64 keys with 4 warps spills 2 KB
-        # a thread, at 16 x 32 with 8 warps 72 bytes); for FP8, the f16 products. At the default stages, programs per
-        # SM and rows, uniform schedule.
+        # a thread, at 16 x 32 with 8 warps 72 bytes); for FP8, both products (f16 and bf16). At the default stages,
+        # programs per SM and rows, uniform schedule.
         alike = [config for config in candidates if config.num_stages == default.num_stages
                  and config.programs_per_sm == default.programs_per_sm and config.block_h == default.block_h
                  and config.schedule == "uniform"]
         wider = {dataclasses.replace(config, num_warps=2 * config.num_warps) for config in alike}
         candidates |= wider
         if is_fp8:
-            candidates |= {dataclasses.replace(config, fp8_f16=True) for config in (*alike, *wider)}
+            candidates |= {dataclasses.replace(config, fp8_f16=f16) for config in (*alike, *wider)
+                           for f16 in (True, False)}
         for config in sorted(candidates, key=str):
             def op(q, cache, block_table, config=config):
                 return triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
@@ -312,13 +313,13 @@ def main():
         if not is_fp8:
             bf16_tokens_per_s[(batch, s_q, h_q, seqlen)] = tokens_per_s
         achieved = {"GB/s": row["gb_s"], "TFLOP/s": row["tflop_s"]}.get(unit)
-        if achieved is None:
+        if achieved is None and (batch, s_q, h_q, seqlen) in bf16_tokens_per_s:  # the FP8 row against its BF16 row
             achieved = tokens_per_s / bf16_tokens_per_s[(batch, s_q, h_q, seqlen)]
-        row["vs_target"] = achieved / target
+        row["vs_target"] = achieved / target if achieved is not None else None
         rows.append(row)
         print(f"{name:26} {row['time_us']:8.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} "
               f"{100 * row['bandwidth_fraction']:5.1f}"
-              f" {100 * row['compute_fraction']:5.1f} {flashmla:>12} {row['target']:>16} {row['vs_target']:9.2f}"
+              f" {100 * row['compute_fraction']:5.1f} {flashmla:>12} {row['target']:>16} {fmt(row['vs_target'], 2):>9}"
               f" {fmt(row.get('speedup_vs_reference'), 1):>7} {fmt(row.get('speedup_vs_sdpa'), 1):>7}")
     if chosen("bf16 skewed b32 h16"):
         skewed = bench_config(32, 1, 16, [32768] + [512] * 31, False, device, False, args.scheduled)

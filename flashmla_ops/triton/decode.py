@@ -288,16 +288,25 @@ class LaunchConfig:
     fp8_f16: bool = False
 
 
-def default_config(batch: int, rows: int, device: torch.device) -> LaunchConfig:
-    """Chosen from `bench_decode.py --tune` on the H100 (2026-11-24): one split program per SM (more splits only add
-    combine traffic), 64-token tiles; 64-row tiles with 3 stages where heads alone fill the GPU (compute-bound), and
-    32-row tiles with two programs per SM where they do not (batch 1, long context: more, lighter programs). The
-    balanced schedule stays opt-in: timed on the H100 (2026-11-25) it halved a skewed batch (one 32k sequence among
-    31 of 512 tokens) but was 1.3x to 2.4x slower on every uniform SPEC row."""
+def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = False) -> LaunchConfig:
+    """Chosen from `bench_decode.py --tune` on the H100 (2026-11-24): 64-token tiles; 64-row tiles with 3 stages and
+    one program per SM where heads alone fill the GPU (compute-bound), and 32-row tiles with two programs per SM where
+    they do not (batch 1, long context: more, lighter programs). The balanced schedule stays opt-in: timed on the
+    H100 (2026-11-25) it halved a skewed batch (one 32k sequence among 31 of 512 tokens) but was 1.3x to 2.4x slower
+    on every uniform SPEC row. On the H200 (2026-12-02, docs/bench/combine_h200.log):
+    - up to 16 rows, two programs per SM from 8 sequences on (with num_splits_for's rounding down): b8 h16 32k 96.8
+      against 121.7 us, b32 32k 300.4 against 391.5, b128 4k and 32k unchanged; from 1 to 4 sequences one per SM
+      (b1 h16 32k: 41.8 against 77.8, where two would cut the sequence into 256 pieces of two tiles);
+    - an FP8 cache up to 16 rows takes 32-token tiles and the f16 products: fp8 b128 h16 16k 1384.6 us against 1429.5
+      with bf16 products and 1467.8 for 64-token tiles (compiled for sm_90, 64 tokens spill 2 KB a thread)."""
     multiprocessors, shared_memory = device_limits(device)
     block_n = 64 if shared_memory >= 200 * 1024 else 32
     if rows <= 16:
-        return LaunchConfig(block_h=16, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=1)
+        programs_per_sm = 2 if batch >= 8 else 1
+        if is_fp8:
+            return LaunchConfig(block_h=16, block_n=32, num_warps=4, num_stages=2, programs_per_sm=programs_per_sm,
+                                fp8_f16=True)
+        return LaunchConfig(block_h=16, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=programs_per_sm)
     if rows >= 64 and batch * triton.cdiv(rows, 64) >= multiprocessors:
         return LaunchConfig(block_h=64, block_n=block_n, num_warps=8, num_stages=3 if block_n == 64 else 2,
                             programs_per_sm=1)
@@ -315,10 +324,11 @@ def fitting_configs(config: LaunchConfig) -> list[LaunchConfig]:
 
 def num_splits_for(batch: int, row_tiles: int, capacity_tiles: int, multiprocessors: int,
                    programs_per_sm: float) -> int:
-    """Splits per sequence so that about `programs_per_sm` programs per SM are in flight; static (shapes only), so
-    that the launch is the same for every `cache_seqlens` (CUDA graphs)."""
+    """Splits per sequence so that at most `programs_per_sm` programs per SM are in flight (rounded down: a rounding
+    up leaves a tail wave, b8 h16 32k with one per SM took 17 splits, 136 programs on 132 SMs); static (shapes only),
+    so that the launch is the same for every `cache_seqlens` (CUDA graphs)."""
     programs = max(1, batch * row_tiles)
-    return max(1, min(int(-(-programs_per_sm * multiprocessors // programs)), capacity_tiles, 256))
+    return max(1, min(int(programs_per_sm * multiprocessors // programs), capacity_tiles, 256))
 
 
 def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8, attn_sink=None,
@@ -373,7 +383,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
 
     # A config the caller gives is run as it is (bench_decode.py --tune times it); the default may give way to
     # smaller tiles on GPUs with less shared memory per block than Hopper's.
-    configs = [config] if config is not None else fitting_configs(default_config(batch, rows, q.device))
+    configs = [config] if config is not None else fitting_configs(default_config(batch, rows, q.device, is_fp8))
     launch_fitting(("dense_decode", configs[0], *variant.items(), attn_sink is not None, q.device), configs, launch)
     return out, lse
 

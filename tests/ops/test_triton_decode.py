@@ -135,10 +135,17 @@ class RecordingKernel:
 
 
 def f16_products_ran(monkeypatch):
-    """Records the split kernel's launches; the returned check says that each took the f16 products."""
+    """Records the split kernel's launches; the returned check says that there were some and that each took the f16
+    products (False: none did)."""
     recording = RecordingKernel(triton_decode._dense_decode_split_kernel)
     monkeypatch.setattr(triton_decode, "_dense_decode_split_kernel", recording)
-    return lambda: recording.options and all(options["F16"] for options in recording.options)
+
+    def ran():
+        assert recording.options, "the split kernel was not launched"
+        f16 = {options["F16"] for options in recording.options}
+        assert len(f16) == 1, "some launches took the f16 products and some did not"
+        return f16.pop()
+    return ran
 
 
 def f16_config(batch, rows, f16=True):
@@ -151,14 +158,27 @@ F16_CASES = [([0, 1, 70, 130], 1, 16, False), ([64, 1, 200], 2, 16, True), ([5, 
 
 @pytest.mark.parametrize("seqlens,s_q,h_q,causal", F16_CASES)
 @pytest.mark.parametrize("hardware", [True, False])
-def test_triton_fp8_f16_products_match_reference(monkeypatch, seqlens, s_q, h_q, causal, hardware):
-    """`fp8_f16`: the FP8 cache's products with f16 operands, with and without hardware e4m3 conversion."""
+@pytest.mark.parametrize("f16", [True, False])
+def test_triton_fp8_products_match_reference(monkeypatch, seqlens, s_q, h_q, causal, hardware, f16):
+    """The FP8 cache's products with f16 operands (`fp8_f16`, the default up to 16 rows) and with bf16 operands, with
+    and without hardware e4m3 conversion."""
     if hardware and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no hardware e4m3 conversion on this GPU")
     monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: hardware)
     ran = f16_products_ran(monkeypatch)
-    run_and_compare(seqlens, s_q, h_q, causal, is_fp8=True, sink=False, config=f16_config(len(seqlens), s_q * h_q))
+    run_and_compare(seqlens, s_q, h_q, causal, is_fp8=True, sink=False,
+                    config=f16_config(len(seqlens), s_q * h_q, f16))
+    assert ran() == f16
+
+
+def test_triton_fp8_default_takes_f16_products_up_to_16_rows(monkeypatch):
+    """The op's own choice (no config given): f16 products at 16 rows, bf16 products at 64."""
+    ran = f16_products_ran(monkeypatch)
+    run_and_compare([77, 300], 1, 16, causal=False, is_fp8=True, sink=False)
     assert ran()
+    ran = f16_products_ran(monkeypatch)
+    run_and_compare([77, 300], 1, 64, causal=False, is_fp8=True, sink=False)
+    assert not ran()
 
 
 @pytest.mark.parametrize("q_exponent", [-60, -30, 20])
@@ -197,4 +217,4 @@ def test_triton_fp8_keeps_small_weights_next_to_huge_scales(monkeypatch, f16):
                                                 True, None)
     assert_decode_close(out, lse, want_out, want_lse)
     assert_rows_close(out, want_out)
-    assert bool(ran()) == f16
+    assert ran() == f16

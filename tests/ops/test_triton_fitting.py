@@ -104,7 +104,7 @@ SIXTY_FOUR_ROWS = triton_decode.LaunchConfig(block_h=64, block_n=32, num_warps=8
 def test_dense_decode_falls_back_to_tiles_the_gpu_holds(monkeypatch):
     gpu = SmallGpu(triton_decode._dense_decode_split_kernel, lambda o: o["BLOCK_H"] <= 32)
     monkeypatch.setattr(triton_decode, "_dense_decode_split_kernel", gpu)
-    monkeypatch.setattr(triton_decode, "default_config", lambda batch, rows, device: SIXTY_FOUR_ROWS)
+    monkeypatch.setattr(triton_decode, "default_config", lambda batch, rows, device, is_fp8: SIXTY_FOUR_ROWS)
     run_and_compare([100, 65, 3], 1, 64, causal=True, is_fp8=False, sink=False)
     assert gpu.ran == [(32, 32, 2)]
 
