@@ -768,8 +768,9 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
     is_fp8 ? launch_decode<true, false>(params, grid, stream) : launch_decode<false, false>(params, grid, stream);
   }
   if (partials) {
-    const auto combine = !balanced && num_splits >= kCombineManySplits ? combine_many_splits_kernel : combine_kernel;
-    combine<<<dim3(rows, zs), combine == combine_kernel ? 128 : kCombineThreads, 0, stream>>>(
+    const bool many_splits = !balanced && num_splits >= kCombineManySplits;
+    const auto combine = many_splits ? combine_many_splits_kernel : combine_kernel;
+    combine<<<dim3(rows, zs), many_splits ? kCombineThreads : 128, 0, stream>>>(
         out_partial.data_ptr<float>(), lse_partial.data_ptr<float>(), params.out, out.stride(0), out.stride(1),
         out.stride(2), params.lse, params.h_q, params.s_q, params.rows, params.num_splits, params.queries_per_z,
         params.split_offsets);

@@ -295,7 +295,7 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
     H100 (2026-11-25) it halved a skewed batch (one 32k sequence among 31 of 512 tokens) but was 1.3x to 2.4x slower
     on every uniform SPEC row. On the H200 (2026-12-02, docs/bench/combine_h200.log):
     - up to 16 rows, two programs per SM from 8 sequences on (with num_splits_for's rounding down): b8 h16 32k 96.8
-      against 121.7 us, b32 32k 300.4 against 391.5, b128 4k and 32k unchanged; from 1 to 4 sequences one per SM
+      against 121.7 us, b32 32k 300.4 against 391.5, b128 4k and 32k unchanged; below 8 sequences one per SM
       (b1 h16 32k: 41.8 against 77.8, where two would cut the sequence into 256 pieces of two tiles);
     - an FP8 cache up to 16 rows takes 32-token tiles and the f16 products: fp8 b128 h16 16k 1384.6 us against 1429.5
       with bf16 products and 1467.8 for 64-token tiles (compiled for sm_90, 64 tokens spill 2 KB a thread)."""
@@ -324,9 +324,10 @@ def fitting_configs(config: LaunchConfig) -> list[LaunchConfig]:
 
 def num_splits_for(batch: int, row_tiles: int, capacity_tiles: int, multiprocessors: int,
                    programs_per_sm: float) -> int:
-    """Splits per sequence so that at most `programs_per_sm` programs per SM are in flight (rounded down: a rounding
-    up leaves a tail wave, b8 h16 32k with one per SM took 17 splits, 136 programs on 132 SMs); static (shapes only),
-    so that the launch is the same for every `cache_seqlens` (CUDA graphs)."""
+    """Splits per sequence so that at most `programs_per_sm` programs per SM are in flight where the batch's row tiles
+    alone are fewer (rounded down: a rounding up leaves a tail wave, b8 h16 32k with one per SM took 17 splits, 136
+    programs on 132 SMs), at least one; static (shapes only), so that the launch is the same for every
+    `cache_seqlens` (CUDA graphs)."""
     programs = max(1, batch * row_tiles)
     return max(1, min(int(programs_per_sm * multiprocessors // programs), capacity_tiles, 256))
 

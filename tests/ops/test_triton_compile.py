@@ -28,6 +28,8 @@ DENSE = {
                                     BLOCK_N=32, F16=False),
     "fp8-f16-hw-split": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=True, APPLY_SINK=False, BLOCK_H=16,
                              BLOCK_N=32, F16=True),  # the default for an FP8 cache up to 16 rows
+    "fp8-f16-hw-64": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=False, APPLY_SINK=False, BLOCK_H=16,
+                          BLOCK_N=64, F16=True),
     "fp8-f16-integer-causal": dict(IS_FP8=True, HW_FP8=False, CAUSAL=True, SPLIT=False, APPLY_SINK=False,
                                    BLOCK_H=64, BLOCK_N=32, F16=True),
 }

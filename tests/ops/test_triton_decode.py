@@ -94,6 +94,26 @@ def test_triton_fp8_integer_decode_path(monkeypatch):
     run_and_compare([77, 300], 2, 16, causal=True, is_fp8=True, sink=False)
 
 
+def test_triton_split_policy_rounds_down_and_doubles_programs_from_8_sequences(monkeypatch):
+    """On a 132-SM GPU with Hopper's shared memory: splits rounded down (no tail wave), never 0, never over the table's
+    tiles or 256; up to 16 rows two programs per SM from 8 sequences on, one below; an FP8 cache up to 16 rows takes
+    32-token tiles and the f16 products."""
+    monkeypatch.setattr(triton_decode, "device_limits", lambda device: (132, 227 * 1024))
+    split = triton_decode.num_splits_for
+    assert split(8, 1, 512, 132, 1) == 16  # b8 h16 32k at one per SM: 128 programs, not 17 splits (136)
+    assert split(8, 1, 512, 132, 2) == 33  # two per SM: 264 programs
+    assert split(128, 1, 64, 132, 2) == 2
+    assert split(256, 1, 64, 132, 1) == 1  # the row tiles alone fill the GPU
+    assert split(1, 1, 512, 132, 2) == 256  # capped
+    assert split(4, 1, 8, 132, 1) == 8  # at most the table's tiles
+    assert split(0, 1, 8, 132, 1) >= 1  # empty batch: a valid launch shape
+    config = triton_decode.default_config
+    assert [config(batch, 16, "cuda").programs_per_sm for batch in (1, 4, 7, 8, 128)] == [1, 1, 1, 2, 2]
+    fp8 = config(8, 16, "cuda", is_fp8=True)
+    assert (fp8.block_n, fp8.fp8_f16, fp8.programs_per_sm) == (32, True, 2)
+    assert not config(128, 128, "cuda", is_fp8=True).fp8_f16  # 64-row tiles keep the bf16 products
+
+
 BALANCED_CASES = [
     ([0, 1, 70, 700], 1, 16, False, False),
     ([1000, 3, 0, 64, 65], 2, 16, True, True),
@@ -149,8 +169,10 @@ def f16_products_ran(monkeypatch):
 
 
 def f16_config(batch, rows, f16=True):
-    """The default launch config for `batch` sequences of `rows` query rows, with the FP8 products in f16 (or not)."""
-    return dataclasses.replace(triton_decode.default_config(batch, rows, torch.device(DEVICE)), fp8_f16=f16)
+    """The default launch config over an FP8 cache for `batch` sequences of `rows` query rows, with the FP8 products
+    in f16 (or not)."""
+    return dataclasses.replace(triton_decode.default_config(batch, rows, torch.device(DEVICE), is_fp8=True),
+                               fp8_f16=f16)
 
 
 F16_CASES = [([0, 1, 70, 130], 1, 16, False), ([64, 1, 200], 2, 16, True), ([5, 300], 1, 64, True)]
@@ -208,7 +230,7 @@ def test_triton_fp8_f16_products_hold_ranges_past_f16(monkeypatch, q_exponent):
 def test_triton_fp8_keeps_small_weights_next_to_huge_scales(monkeypatch, f16):
     """decode_inputs.huge_and_small_scale_inputs: rows carried by tokens 2**37 below the block's largest scale.
     Normalised by the block's largest scale, their f16 weights would keep one or two bits (20-30% error per row); by
-    each row's largest weight they stay normal. The bf16 products (the default) hold it too."""
+    each row's largest weight they stay normal. The bf16 products hold it too."""
     q, cache, block_table, cache_seqlens, scale = huge_and_small_scale_inputs(torch.Generator(DEVICE).manual_seed(7))
     ran = f16_products_ran(monkeypatch)
     out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False, True,
