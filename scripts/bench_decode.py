@@ -177,9 +177,8 @@ def tune(device):
             candidates |= {dataclasses.replace(default, block_h=32, num_warps=4, programs_per_sm=p) for p in (1, 2)}
         candidates |= {dataclasses.replace(config, schedule="balanced") for config in list(candidates)
                        if config.num_stages == default.num_stages and config.block_n == default.block_n}
-        # Twice the default's warps (compiled for sm_90, the FP8 kernel at 16 rows x 64 keys with 4 warps spills 2 KB
-        # a thread, at 16 x 32 with 8 warps 72 bytes); for FP8, both products (f16 and bf16). At the default stages,
-        # programs per SM and rows, uniform schedule.
+        # Twice the default's warps; for FP8, both products (f16 and bf16). At the default stages, programs per SM
+        # and rows, uniform schedule.
         alike = [config for config in candidates if config.num_stages == default.num_stages
                  and config.programs_per_sm == default.programs_per_sm and config.block_h == default.block_h
                  and config.schedule == "uniform"]

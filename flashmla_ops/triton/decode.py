@@ -298,7 +298,8 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
       against 121.7 us, b32 32k 300.4 against 391.5, b128 4k and 32k unchanged; below 8 sequences one per SM
       (b1 h16 32k: 41.8 against 77.8, where two would cut the sequence into 256 pieces of two tiles);
     - an FP8 cache up to 16 rows takes 32-token tiles and the f16 products: fp8 b128 h16 16k 1384.6 us against 1429.5
-      with bf16 products and 1467.8 for 64-token tiles (compiled for sm_90, 64 tokens spill 2 KB a thread)."""
+      with bf16 products and 1467.8 for 64-token tiles (compiled for sm_90 with the launch's specialization, Triton
+      3.9: 64 tokens with bf16 products spill 328 bytes a thread, 32 tokens 8, 32 tokens with f16 products 136)."""
     multiprocessors, shared_memory = device_limits(device)
     block_n = 64 if shared_memory >= 200 * 1024 else 32
     if rows <= 16:
@@ -316,7 +317,7 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
 def fitting_configs(config: LaunchConfig) -> list[LaunchConfig]:
     """`config`, then smaller tiles for launch_fitting: 32 and 16 rows x 32 keys, two programs per SM. Compiled for
     sm_89, 64 rows x 32 keys take 112 KiB of shared memory, more than the 99 KiB of Ada and consumer Blackwell;
-    32 x 32 take 76."""
+    32 x 32 take 74."""
     smaller = [dataclasses.replace(config, block_h=block_h, block_n=32, num_warps=4, num_stages=2, programs_per_sm=2)
                for block_h in (32, 16) if block_h < config.block_h]
     return [config, *smaller]
