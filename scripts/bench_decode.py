@@ -177,16 +177,17 @@ def tune(device):
             candidates |= {dataclasses.replace(default, block_h=32, num_warps=4, programs_per_sm=p) for p in (1, 2)}
         candidates |= {dataclasses.replace(config, schedule="balanced") for config in list(candidates)
                        if config.num_stages == default.num_stages and config.block_n == default.block_n}
-        # Twice the default's warps; for FP8, both products (f16 and bf16). At the default stages, programs per SM
-        # and rows, uniform schedule.
+        # Twice the default's warps; for FP8, both products (f16 and bf16), each with and without the prefetch of
+        # the next tile's latent bytes. At the default stages, programs per SM and rows, uniform schedule.
         alike = [config for config in candidates if config.num_stages == default.num_stages
                  and config.programs_per_sm == default.programs_per_sm and config.block_h == default.block_h
                  and config.schedule == "uniform"]
         wider = {dataclasses.replace(config, num_warps=2 * config.num_warps) for config in alike}
         candidates |= wider
         if is_fp8:
-            candidates |= {dataclasses.replace(config, fp8_f16=f16) for config in (*alike, *wider)
-                           for f16 in (True, False)}
+            products = {dataclasses.replace(config, fp8_f16=f16) for config in (*alike, *wider)
+                        for f16 in (True, False)}
+            candidates |= products | {dataclasses.replace(config, prefetch=True) for config in products}
         for config in sorted(candidates, key=str):
             def op(q, cache, block_table, config=config):
                 return triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,

@@ -69,15 +69,28 @@ def load_latent_subtile(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.
     for FP8) as bf16, or FP8 as f16 with `F16` (see e4m3_to_f16: without hardware conversion those come times
     2**-8); FP8 values come unscaled (the caller applies the tile's scale to the products). The bf16 values are exact
     either way (e4m3_to_bf16)."""
-    cols = COL0 + tl.arange(0, WIDTH)
-    if IS_FP8 and F16:
-        values = e4m3_to_f16(tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0),
-                             HW_FP8)
-    elif IS_FP8:
-        values = e4m3_to_bf16(tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0),
-                              HW_FP8)
+    if IS_FP8:
+        values = fp8_values(load_fp8_bytes(KV, row_offset, tok_mask, COL0, WIDTH), HW_FP8, F16)
     else:
+        cols = COL0 + tl.arange(0, WIDTH)
         values = tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0.0)
+    return values
+
+
+@triton.jit
+def load_fp8_bytes(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.constexpr):
+    """The e4m3 bytes of latent columns [COL0, COL0 + WIDTH) of the rows at `row_offset` (bytes of an FP8 cache)."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    return tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0)
+
+
+@triton.jit
+def fp8_values(raw, HW_FP8: tl.constexpr, F16: tl.constexpr):
+    """e4m3 bytes as bf16 (e4m3_to_bf16), or as f16 with `F16` (e4m3_to_f16)."""
+    if F16:
+        values = e4m3_to_f16(raw, HW_FP8)
+    else:
+        values = e4m3_to_bf16(raw, HW_FP8)
     return values
 
 

@@ -20,17 +20,19 @@ import triton.language as tl
 
 from ..decode import get_mla_metadata_reference
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
-from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, hardware_fp8, launch_fitting,
-                     load_latent_subtile, load_rope, load_tile_scale, mma)
+from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, fp8_values, hardware_fp8,
+                     launch_fitting, load_fp8_bytes, load_latent_subtile, load_rope, load_tile_scale, mma)
 
 @triton.jit
 def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm,
                    stride_kv_block, stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8: tl.constexpr,
                    HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr,
-                   F16: tl.constexpr):
+                   F16: tl.constexpr, PREFETCH: tl.constexpr):
     """Online softmax of the query rows of sequence `batch` over its cache tokens [start, end): the four 128-column
-    accumulators, the running max and sum (base 2)."""
+    accumulators, the running max and sum (base 2). With PREFETCH (FP8 cache) the next tile's latent bytes are loaded
+    while this tile's products run: the compiler's pipelining takes the RoPE columns and the scales (loaded into
+    shared memory ahead) but not the latent bytes, which go through registers to their conversion."""
     TILE: tl.constexpr = D_NOPE // 4
     if CAUSAL:
         visible = length - S_Q + rows // H_Q + 1  # query i of s_q sees [0, L - s_q + i]
@@ -59,15 +61,36 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
     acc1 = tl.zeros([BLOCK_H, TILE], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_H, TILE], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_H, TILE], dtype=tl.float32)
+    if PREFETCH:
+        tokens = start + tl.arange(0, BLOCK_N)
+        tok_mask = tokens < end
+        row_offset = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, tokens, tok_mask, PAGE)
+        raw0 = load_fp8_bytes(KV, row_offset, tok_mask, 0 * TILE, TILE)
+        raw1 = load_fp8_bytes(KV, row_offset, tok_mask, 1 * TILE, TILE)
+        raw2 = load_fp8_bytes(KV, row_offset, tok_mask, 2 * TILE, TILE)
+        raw3 = load_fp8_bytes(KV, row_offset, tok_mask, 3 * TILE, TILE)
     for tile_start in range(start, end, BLOCK_N):
         tokens = tile_start + tl.arange(0, BLOCK_N)
         tok_mask = tokens < end
-        block = tl.load(BlockTable + batch * stride_bt + tokens // PAGE, mask=tok_mask, other=0).to(tl.int64)
-        row_offset = block * stride_kv_block + (tokens % PAGE) * stride_kv_row
-        k0 = load_latent_subtile(KV, row_offset, tok_mask, 0 * TILE, TILE, IS_FP8, HW_FP8, F16)
-        k1 = load_latent_subtile(KV, row_offset, tok_mask, 1 * TILE, TILE, IS_FP8, HW_FP8, F16)
-        k2 = load_latent_subtile(KV, row_offset, tok_mask, 2 * TILE, TILE, IS_FP8, HW_FP8, F16)
-        k3 = load_latent_subtile(KV, row_offset, tok_mask, 3 * TILE, TILE, IS_FP8, HW_FP8, F16)
+        row_offset = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, tokens, tok_mask, PAGE)
+        if PREFETCH:
+            k0 = fp8_values(raw0, HW_FP8, F16)
+            k1 = fp8_values(raw1, HW_FP8, F16)
+            k2 = fp8_values(raw2, HW_FP8, F16)
+            k3 = fp8_values(raw3, HW_FP8, F16)
+            next_tokens = tokens + BLOCK_N
+            next_mask = next_tokens < end
+            next_rows = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, next_tokens,
+                                   next_mask, PAGE)
+            raw0 = load_fp8_bytes(KV, next_rows, next_mask, 0 * TILE, TILE)
+            raw1 = load_fp8_bytes(KV, next_rows, next_mask, 1 * TILE, TILE)
+            raw2 = load_fp8_bytes(KV, next_rows, next_mask, 2 * TILE, TILE)
+            raw3 = load_fp8_bytes(KV, next_rows, next_mask, 3 * TILE, TILE)
+        else:
+            k0 = load_latent_subtile(KV, row_offset, tok_mask, 0 * TILE, TILE, IS_FP8, HW_FP8, F16)
+            k1 = load_latent_subtile(KV, row_offset, tok_mask, 1 * TILE, TILE, IS_FP8, HW_FP8, F16)
+            k2 = load_latent_subtile(KV, row_offset, tok_mask, 2 * TILE, TILE, IS_FP8, HW_FP8, F16)
+            k3 = load_latent_subtile(KV, row_offset, tok_mask, 3 * TILE, TILE, IS_FP8, HW_FP8, F16)
         k_rope = load_rope(KV, row_offset, tok_mask, IS_FP8, D_NOPE, D_ROPE, 4)
         s = mma(q_rope, tl.trans(k_rope), INTERPRET)
         if IS_FP8:
@@ -116,6 +139,13 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
             acc3 = acc3 * alpha[:, None] + mma(p16, k3, INTERPRET)
         m_i = m_new
     return acc0, acc1, acc2, acc3, m_i, l_i
+
+
+@triton.jit
+def _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, tokens, tok_mask, PAGE: tl.constexpr):
+    """The cache element offsets of sequence `batch`'s tokens (through its block table; masked tokens: block 0)."""
+    block = tl.load(BlockTable + batch * stride_bt + tokens // PAGE, mask=tok_mask, other=0).to(tl.int64)
+    return block * stride_kv_block + (tokens % PAGE) * stride_kv_row
 
 
 @triton.jit
@@ -171,7 +201,8 @@ def _dense_decode_split_kernel(
         M, H_Q, S_Q, sm_scale_log2, num_splits,
         SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr,
         APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-        D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr):
+        D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr,
+        PREFETCH: tl.constexpr):
     """Uniform schedule: program (row tile, sequence, split) takes an equal share of its sequence's tokens."""
     pid_m = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -185,7 +216,7 @@ def _dense_decode_split_kernel(
     acc0, acc1, acc2, acc3, m_i, l_i = _attend_tokens(
         Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm, stride_kv_block,
         stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H, BLOCK_N, PAGE, D_NOPE,
-        D_ROPE, INTERPRET, F16)
+        D_ROPE, INTERPRET, F16, PREFETCH)
     _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, batch,
                batch * num_splits + split, rows, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
                SPLIT, APPLY_SINK, D_NOPE // 4)
@@ -198,7 +229,7 @@ def _dense_decode_balanced_kernel(
         batch_size, M, H_Q, S_Q, sm_scale_log2,
         IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
-        METADATA_FIELDS: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr):
+        METADATA_FIELDS: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr):
     """Balanced schedule (`get_mla_metadata`): program (row tile, part) walks its part's run of 64-token blocks, which
     may span several sequences, and writes one partial per sequence it touches; `SplitOffsets[b]` (the cumulative
     num_splits) places sequence b's partials, so one long sequence among short ones is spread over every SM."""
@@ -223,7 +254,7 @@ def _dense_decode_balanced_kernel(
             Q, KV, BlockTable, begin_batch.to(tl.int64) + (batch - begin_batch), rows, row_mask, length, start, end,
             stride_qb, stride_qm,
             stride_kv_block, stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H,
-            BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET, F16)
+            BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH)
         global_split = tl.load(SplitOffsets + batch) + tl.where(batch == begin_batch, begin_split, 0)
         _store_all(acc0, acc1, acc2, acc3, m_i, l_i, LsePartial, OutPartial, LsePartial, OutPartial, LsePartial,
                    batch, global_split.to(tl.int64), rows, row_mask, 0, 0, stride_ps, stride_pm, M, S_Q, H_Q, True,
@@ -278,7 +309,8 @@ class LaunchConfig:
     (sets the number of splits or parts); `block_h`: query rows per program; `schedule`: "uniform" (every sequence
     split into the same number of equal shares, by shape alone) or "balanced" (the batch's 64-token blocks divided
     evenly over the programs by `get_mla_metadata`, whatever the mix of lengths); `fp8_f16`: an FP8 cache's products
-    in f16 instead of bf16 (see the module's docstring)."""
+    in f16 instead of bf16 (see the module's docstring); `prefetch`: an FP8 cache's next tile of latent bytes loaded
+    into registers while the current tile's products run (opt-in, not yet timed)."""
     block_h: int
     block_n: int
     num_warps: int
@@ -286,6 +318,7 @@ class LaunchConfig:
     programs_per_sm: float
     schedule: str = "uniform"
     fp8_f16: bool = False
+    prefetch: bool = False
 
 
 def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = False) -> LaunchConfig:
@@ -353,6 +386,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
         row_tiles = triton.cdiv(rows, config.block_h)
         common = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK,
                       D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, F16=config.fp8_f16 and is_fp8,
+                      PREFETCH=config.prefetch and is_fp8,
                       num_warps=config.num_warps, num_stages=config.num_stages, **variant)
         if config.schedule == "balanced":
             metadata, splits = tile_scheduler_metadata, num_splits

@@ -19,27 +19,35 @@ pytest.importorskip("triton")
 
 DENSE = {
     "bf16": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, SPLIT=False, APPLY_SINK=False, BLOCK_H=16, BLOCK_N=64,
-                 F16=False),
+                 F16=False, PREFETCH=False),
     "bf16-causal-split-sink": dict(IS_FP8=False, HW_FP8=False, CAUSAL=True, SPLIT=True, APPLY_SINK=True, BLOCK_H=64,
-                                   BLOCK_N=64, F16=False),
+                                   BLOCK_N=64, F16=False, PREFETCH=False),
     "fp8-hw-split": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=True, APPLY_SINK=False, BLOCK_H=32,
-                         BLOCK_N=64, F16=False),
+                         BLOCK_N=64, F16=False, PREFETCH=False),
     "fp8-integer-causal-sink": dict(IS_FP8=True, HW_FP8=False, CAUSAL=True, SPLIT=False, APPLY_SINK=True, BLOCK_H=16,
-                                    BLOCK_N=32, F16=False),
+                                    BLOCK_N=32, F16=False, PREFETCH=False),
     "fp8-f16-hw-split": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=True, APPLY_SINK=False, BLOCK_H=16,
-                             BLOCK_N=32, F16=True),  # the default for an FP8 cache up to 16 rows
+                             BLOCK_N=32, F16=True, PREFETCH=False),  # the default for an FP8 cache up to 16 rows
     "fp8-f16-hw-64": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=False, APPLY_SINK=False, BLOCK_H=16,
-                          BLOCK_N=64, F16=True),
+                          BLOCK_N=64, F16=True, PREFETCH=False),
     "fp8-f16-integer-causal": dict(IS_FP8=True, HW_FP8=False, CAUSAL=True, SPLIT=False, APPLY_SINK=False,
-                                   BLOCK_H=64, BLOCK_N=32, F16=True),
+                                   BLOCK_H=64, BLOCK_N=32, F16=True, PREFETCH=False),
+    "fp8-f16-hw-split-prefetch": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=True, APPLY_SINK=False,
+                                      BLOCK_H=16, BLOCK_N=32, F16=True, PREFETCH=True),
+    "fp8-integer-causal-prefetch": dict(IS_FP8=True, HW_FP8=False, CAUSAL=True, SPLIT=False, APPLY_SINK=False,
+                                        BLOCK_H=16, BLOCK_N=32, F16=False, PREFETCH=True),
 }
 DENSE_BALANCED = {
-    "bf16": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, BLOCK_H=16, BLOCK_N=64, METADATA_FIELDS=8, F16=False),
+    "bf16": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, BLOCK_H=16, BLOCK_N=64, METADATA_FIELDS=8, F16=False,
+                 PREFETCH=False),
     "fp8-hw-causal": dict(IS_FP8=True, HW_FP8=True, CAUSAL=True, BLOCK_H=64, BLOCK_N=64, METADATA_FIELDS=8,
-                          F16=False),
+                          F16=False, PREFETCH=False),
     "fp8-integer": dict(IS_FP8=True, HW_FP8=False, CAUSAL=False, BLOCK_H=32, BLOCK_N=32, METADATA_FIELDS=8,
-                        F16=False),
-    "fp8-f16-hw": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, BLOCK_H=16, BLOCK_N=64, METADATA_FIELDS=8, F16=True),
+                        F16=False, PREFETCH=False),
+    "fp8-f16-hw": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, BLOCK_H=16, BLOCK_N=64, METADATA_FIELDS=8, F16=True,
+                       PREFETCH=False),
+    "fp8-hw-prefetch": dict(IS_FP8=True, HW_FP8=True, CAUSAL=True, BLOCK_H=16, BLOCK_N=32, METADATA_FIELDS=8,
+                            F16=True, PREFETCH=True),
 }
 COMBINE = {"plain": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False),
            "sink": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=True),
@@ -186,7 +194,7 @@ def ladders():
                                  APPLY_SINK=True)),
         "dense decode bf16": ("decode._dense_decode_split_kernel",
                               steps(triton_decode.fitting_configs(dense_default), IS_FP8=False, HW_FP8=False,
-                                    CAUSAL=True, SPLIT=True, APPLY_SINK=True, F16=False)),
+                                    CAUSAL=True, SPLIT=True, APPLY_SINK=True, F16=False, PREFETCH=False)),
     }
     for name, (kernel, ladder) in families.items():
         for arch, limit in SMEM_LIMITS.items():
