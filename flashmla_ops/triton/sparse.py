@@ -211,8 +211,8 @@ class TileConfig:
 def tile_configs(h_q: int) -> list[TileConfig]:
     """Preferred first (Hopper runs it: 64 keys per step, all heads up to 64 in one program), then smaller ones for
     GPUs with less shared memory per block, for launch_fitting: fewer stages, fewer keys per step, fewer heads. Compiled
-    for sm_89 (with the launch's specialization: aligned pointers and strides), the 99 KiB of Ada and consumer Blackwell
-    take BF16 at 32 heads x 32 keys (74 KiB) and FP8 at 64 heads x 32 keys, one stage (88 KiB);
+    for sm_89 (the larger of the specialized and unspecialized compiles), the 99 KiB of Ada and consumer Blackwell take
+    BF16 at 32 heads x 32 keys (76 KiB) and FP8 at 64 heads x 32 keys, one stage (88 KiB);
     tests/ops/test_triton_compile.py checks that each op finds one."""
     first_h = min(64, max(16, triton.next_power_of_2(h_q)))
     return [TileConfig(block_h=block_h, block_n=block_n, num_warps=8 if block_h >= 64 else 4, num_stages=num_stages)

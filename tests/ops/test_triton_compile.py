@@ -108,7 +108,7 @@ POINTERS = {"Q": "*bf16", "Out": "*bf16", "BlockTable": "*i32", "Seqlens": "*i32
 KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"}, "_indexer_topk_kernel": {"Out": "*i32"}}
 DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "INTERPRET": False}
 SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK", "H_I", "NUM_KEYS"}  # upper-case sizes; other capitalised names are pointers
-def compile_kernel(name, constexprs, arch, options):
+def compile_kernel(name, constexprs, arch, options, specialize=True):
     kernel = eval(name)
     constexprs = {**{k: v for k, v in DIMS.items() if k in kernel.arg_names}, **constexprs}
     signature, attrs = {}, {}
@@ -124,10 +124,11 @@ def compile_kernel(name, constexprs, arch, options):
             signature[arg] = pointers.get(arg, "*fp32")
         else:
             signature[arg] = "fp32" if arg == "sm_scale_log2" else "i32"
-        # What the JIT specializes on at a launch from the ops: torch's allocations are 16-byte aligned and the
-        # strides of 576-, 656- and 512-wide rows are multiples of 16. Without it no load is vectorised, so none is
-        # pipelined: the kernels would compile with less shared memory and more registers than they launch with.
-        if signature[arg].startswith("*") or arg.startswith("stride"):
+        # What the JIT specializes on at a typical launch from the ops: torch's allocations are 16-byte aligned and
+        # the strides of 576-, 656- and 512-wide rows are multiples of 16 (others, a block table's or topk's, often
+        # are not, and small ints are not marked: those only lose specialization). Without it no load is vectorised,
+        # so none is pipelined: the kernels would compile unlike what launches.
+        if specialize and (signature[arg].startswith("*") or arg.startswith("stride")):
             attrs[(index,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32), options=options)
@@ -137,10 +138,10 @@ results = {}
 for job in json.loads(sys.argv[1]):
     try:
         if "ladder" in job:  # the first config whose kernel fits the shared memory limit, and what each took
-            shared = []
+            shared = []  # specialized or not, whichever takes more: a launch may be either
             for step in job["ladder"]:
-                shared.append(compile_kernel(job["kernel"], step["constexprs"], job["arch"],
-                                             step["options"]).metadata.shared)
+                shared.append(max(compile_kernel(job["kernel"], step["constexprs"], job["arch"], step["options"],
+                                                 specialize).metadata.shared for specialize in (True, False)))
                 if shared[-1] <= job["limit"]:
                     break
             results[job["id"]] = shared

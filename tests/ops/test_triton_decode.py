@@ -208,17 +208,18 @@ def test_triton_fp8_default_takes_f16_products_up_to_16_rows(monkeypatch):
 @pytest.mark.parametrize("f16", [True, False])
 def test_triton_fp8_prefetch_matches_reference(monkeypatch, schedule, hardware, f16):
     """`prefetch` (opt-in): each tile's latent bytes loaded during the previous tile's products. Lengths ending mid-tile
-    and mid-page, an empty one and a single token, causal s_q 2, several splits or parts per sequence: the first tile's
-    bytes come before the loop and the last tile's prefetch reads nothing."""
+    (a partial tile that was prefetched: 100 and 230 with 32-token tiles), an empty one and a single token, causal
+    s_q 2; uniform: several splits per sequence; balanced: parts that span sequences. The first tile's bytes come
+    before the loop, the next tile's past the end are masked."""
     if hardware and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no hardware e4m3 conversion on this GPU")
     monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: hardware)
     kernel = "_dense_decode_split_kernel" if schedule == "uniform" else "_dense_decode_balanced_kernel"
     recording = RecordingKernel(getattr(triton_decode, kernel))
     monkeypatch.setattr(triton_decode, kernel, recording)
-    seqlens = [0, 1, 70, 200]
+    seqlens = [0, 1, 100, 230]
     config = dataclasses.replace(f16_config(len(seqlens), 32, f16), prefetch=True, schedule=schedule,
-                                 programs_per_sm=4)
+                                 programs_per_sm=4 if schedule == "uniform" else 1)
     run_and_compare(seqlens, 2, 16, causal=True, is_fp8=True, sink=False, config=config)
     assert recording.options and all(options["PREFETCH"] for options in recording.options)
 
