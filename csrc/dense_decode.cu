@@ -527,6 +527,21 @@ __device__ __forceinline__ void combine_weights(const float* __restrict__ lse_pa
   __syncthreads();
 }
 
+// Thread t < 128 of a combine CTA stores columns [4t, 4t + 4) of query row `row` of decode grid z's sequence (`value`,
+// the merged output), and thread 0 its natural-log LSE (+inf when no split saw a token).
+__device__ __forceinline__ void store_combined(__nv_bfloat16* out, int64_t out_batch_stride, int64_t out_seq_stride,
+                                               int64_t out_head_stride, float* lse, int h_q, int s_q, int batch,
+                                               int first_query, int row, float4 value, float max_lse, float total) {
+  const int query = first_query + row / h_q, head = row % h_q;
+  __nv_bfloat16* out_row = out + batch * out_batch_stride + query * out_seq_stride + head * out_head_stride;
+  reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x] = __floats2bfloat162_rn(value.x, value.y);
+  reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x + 1] = __floats2bfloat162_rn(value.z, value.w);
+  if (threadIdx.x == 0) {
+    lse[(static_cast<int64_t>(batch) * h_q + head) * s_q + query] =
+        total > 0.f ? (max_lse + log2f(total)) * kLn2 : INFINITY;
+  }
+}
+
 // One query row per CTA: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s (natural log on output).
 // A split that saw no token (lse_s = -inf) has weight 0 and its (unwritten) output is selected away. Partials are
 // indexed by the decode grid's z (batch * queries_per_z + first query) and the CTA rows of that z.
@@ -556,14 +571,8 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
     acc.z += w != 0.f ? w * part.z : 0.f;
     acc.w += w != 0.f ? w * part.w : 0.f;
   }
-  const int query = first_query + row / h_q, head = row % h_q;
-  __nv_bfloat16* out_row = out + batch * out_batch_stride + query * out_seq_stride + head * out_head_stride;
-  reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x] = __floats2bfloat162_rn(acc.x, acc.y);
-  reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x + 1] = __floats2bfloat162_rn(acc.z, acc.w);
-  if (threadIdx.x == 0) {
-    lse[(static_cast<int64_t>(batch) * h_q + head) * s_q + query] =
-        total > 0.f ? (max_lse + log2f(total)) * kLn2 : INFINITY;
-  }
+  store_combined(out, out_batch_stride, out_seq_stride, out_head_stride, lse, h_q, s_q, batch, first_query, row, acc,
+                 max_lse, total);
 }
 
 // The same combine for many splits per row (a small batch over a long context: b1 h128 32k has 66), which one CTA of
@@ -638,14 +647,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
       sum.z += part.z;
       sum.w += part.w;
     }
-    const int query = first_query + row / h_q, head = row % h_q;
-    __nv_bfloat16* out_row = out + batch * out_batch_stride + query * out_seq_stride + head * out_head_stride;
-    reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x] = __floats2bfloat162_rn(sum.x, sum.y);
-    reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x + 1] = __floats2bfloat162_rn(sum.z, sum.w);
-    if (threadIdx.x == 0) {
-      lse[(static_cast<int64_t>(batch) * h_q + head) * s_q + query] =
-          total > 0.f ? (max_lse + log2f(total)) * kLn2 : INFINITY;
-    }
+    store_combined(out, out_batch_stride, out_seq_stride, out_head_stride, lse, h_q, s_q, batch, first_query, row,
+                   sum, max_lse, total);
   }
 }
 
