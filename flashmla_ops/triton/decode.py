@@ -66,10 +66,7 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
         tokens = start + tl.arange(0, BLOCK_N)
         tok_mask = tokens < end
         rows_ahead = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, tokens, tok_mask, PAGE)
-        raw0 = load_fp8_bytes(KV, rows_ahead, tok_mask, 0 * TILE, TILE)
-        raw1 = load_fp8_bytes(KV, rows_ahead, tok_mask, 1 * TILE, TILE)
-        raw2 = load_fp8_bytes(KV, rows_ahead, tok_mask, 2 * TILE, TILE)
-        raw3 = load_fp8_bytes(KV, rows_ahead, tok_mask, 3 * TILE, TILE)
+        raw0, raw1, raw2, raw3 = _load_fp8_latent(KV, rows_ahead, tok_mask, TILE)
     for tile_start in range(start, end, BLOCK_N):
         tokens = tile_start + tl.arange(0, BLOCK_N)
         tok_mask = tokens < end
@@ -83,10 +80,7 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
             next_mask = next_tokens < end
             rows_ahead = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, next_tokens,
                                     next_mask, PAGE)
-            raw0 = load_fp8_bytes(KV, rows_ahead, next_mask, 0 * TILE, TILE)
-            raw1 = load_fp8_bytes(KV, rows_ahead, next_mask, 1 * TILE, TILE)
-            raw2 = load_fp8_bytes(KV, rows_ahead, next_mask, 2 * TILE, TILE)
-            raw3 = load_fp8_bytes(KV, rows_ahead, next_mask, 3 * TILE, TILE)
+            raw0, raw1, raw2, raw3 = _load_fp8_latent(KV, rows_ahead, next_mask, TILE)
         else:
             row_offset = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, tokens, tok_mask,
                                     PAGE)
@@ -149,6 +143,15 @@ def _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, tok
     """The cache element offsets of sequence `batch`'s tokens (through its block table; masked tokens: block 0)."""
     block = tl.load(BlockTable + batch * stride_bt + tokens // PAGE, mask=tok_mask, other=0).to(tl.int64)
     return block * stride_kv_block + (tokens % PAGE) * stride_kv_row
+
+
+@triton.jit
+def _load_fp8_latent(KV, row_offset, tok_mask, TILE: tl.constexpr):
+    """The e4m3 bytes of the rows' four latent scale tiles (columns [t * TILE, t * TILE + TILE))."""
+    return (load_fp8_bytes(KV, row_offset, tok_mask, 0 * TILE, TILE),
+            load_fp8_bytes(KV, row_offset, tok_mask, 1 * TILE, TILE),
+            load_fp8_bytes(KV, row_offset, tok_mask, 2 * TILE, TILE),
+            load_fp8_bytes(KV, row_offset, tok_mask, 3 * TILE, TILE))
 
 
 @triton.jit
