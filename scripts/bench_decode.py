@@ -158,12 +158,14 @@ TUNE_ROWS = [(name, s_q, h_q, [seqlen] * batch, is_fp8)
 TUNE_ROWS.append(("bf16 skewed b32 h16", 1, 16, [32768] + [512] * 31, False))
 
 
-def tune(device):
-    """Time the Triton kernel's launch configurations on representative SPEC rows (one table per row)."""
+def tune(device, chosen):
+    """Time the Triton kernel's launch configurations on representative SPEC rows (one table per row; those chosen)."""
     from flashmla_ops.triton import decode as triton_decode
 
     results = []
     for name, s_q, h_q, seqlens, is_fp8 in TUNE_ROWS:
+        if not chosen(name):
+            continue
         batch = len(seqlens)
         sets, cache_seqlens = make_inputs(batch, s_q, h_q, seqlens, is_fp8, device, copies=2)
         default = triton_decode.default_config(batch, s_q * h_q, device, is_fp8)
@@ -290,20 +292,21 @@ def main():
     parser.add_argument("--tune", action="store_true", help="time the Triton launch configurations first")
     parser.add_argument("--out", default="bench/decode", help="output prefix for .json and .png")
     parser.add_argument("--rows", default="",
-                        help="comma-separated substrings: only the SPEC rows (and skewed row) whose name has one")
+                        help="comma-separated substrings: only the SPEC rows (and skewed row) whose name has one; "
+                             "--tune likewise")
     parser.add_argument("--scheduled", action="store_true",
                         help="pass get_mla_metadata's schedule to the op (the CUDA kernel then balances the blocks)")
     args = parser.parse_args()
     device = bench_device(args.backend, "bench_decode.py")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dense_decode backend: "
           f"{flashmla_ops.backend('dense_decode', device)}, CUDA kernel for 16 rows: {cuda_dense_kernel(16)}")
-    tuned = tune(device) if args.tune else []
+    wanted = [part for part in args.rows.split(",") if part]
+    chosen = lambda name: not wanted or any(part in name for part in wanted)  # noqa: E731
+    tuned = tune(device, chosen) if args.tune else []
     rows = []
     print(f"{'configuration':26} {'time us':>8} {'GB/s':>7} {'TFLOP/s':>8} {'%BW':>5} {'%MMA':>5} "
           f"{'FlashMLA':>12} {'target':>16} {'vs target':>9} {'x ref':>7} {'x sdpa':>7}")
     bf16_tokens_per_s = {}
-    wanted = [part for part in args.rows.split(",") if part]
-    chosen = lambda name: not wanted or any(part in name for part in wanted)  # noqa: E731
     for name, batch, s_q, h_q, seqlen, is_fp8, flashmla, (target, unit) in SPEC_ROWS:
         if not chosen(name):
             continue
