@@ -316,7 +316,7 @@ class LaunchConfig:
     split into the same number of equal shares, by shape alone) or "balanced" (the batch's 64-token blocks divided
     evenly over the programs by `get_mla_metadata`, whatever the mix of lengths); `fp8_f16`: an FP8 cache's products
     in f16 instead of bf16 (see the module's docstring); `prefetch`: an FP8 cache's next tile of latent bytes loaded
-    into registers while the current tile's products run (opt-in, not yet timed)."""
+    into registers while the current tile's products run (the default up to 16 rows, see default_config)."""
     block_h: int
     block_n: int
     num_warps: int
@@ -338,14 +338,17 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
       (b1 h16 32k: 41.8 against 77.8, where two would cut the sequence into 256 pieces of two tiles);
     - an FP8 cache up to 16 rows takes 32-token tiles and the f16 products: fp8 b128 h16 16k 1384.6 us against 1429.5
       with bf16 products and 1467.8 for 64-token tiles (compiled for sm_90 with the launch's specialization, Triton
-      3.9: 64 tokens with bf16 products spill 328 bytes a thread, 32 tokens 8, 32 tokens with f16 products 136)."""
+      3.9: 64 tokens with bf16 products spill 328 bytes a thread, 32 tokens 8, 32 tokens with f16 products 136);
+    - and the next tile's latent bytes prefetched into registers (stop 20, docs/bench/stop20_call1.log): 1109.6 us
+      against 1364.8 without, the fastest of the 32 configs timed on fp8 b128 h16 16k (bf16 products with the
+      prefetch 1161.3; 64-token tiles with it 1206.8 at 8 warps, 2928.0 at 4)."""
     multiprocessors, shared_memory = device_limits(device)
     block_n = 64 if shared_memory >= 200 * 1024 else 32
     if rows <= 16:
         programs_per_sm = 2 if batch >= 8 else 1
         if is_fp8:
             return LaunchConfig(block_h=16, block_n=32, num_warps=4, num_stages=2, programs_per_sm=programs_per_sm,
-                                fp8_f16=True)
+                                fp8_f16=True, prefetch=True)
         return LaunchConfig(block_h=16, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=programs_per_sm)
     if rows >= 64 and batch * triton.cdiv(rows, 64) >= multiprocessors:
         return LaunchConfig(block_h=64, block_n=block_n, num_warps=8, num_stages=3 if block_n == 64 else 2,

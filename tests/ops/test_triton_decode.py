@@ -97,7 +97,7 @@ def test_triton_fp8_integer_decode_path(monkeypatch):
 def test_triton_split_policy_rounds_down_and_doubles_programs_from_8_sequences(monkeypatch):
     """On a 132-SM GPU with Hopper's shared memory: splits rounded down (no tail wave), never 0, never over the table's
     tiles or 256; up to 16 rows two programs per SM from 8 sequences on, one below; an FP8 cache up to 16 rows takes
-    32-token tiles and the f16 products."""
+    32-token tiles, the f16 products and the prefetch of the next tile's bytes (64-row tiles neither)."""
     monkeypatch.setattr(triton_decode, "device_limits", lambda device: (132, 227 * 1024))
     split = triton_decode.num_splits_for
     assert split(8, 1, 512, 132, 1) == 16  # b8 h16 32k at one per SM: 128 programs, not 17 splits (136)
@@ -110,8 +110,10 @@ def test_triton_split_policy_rounds_down_and_doubles_programs_from_8_sequences(m
     config = triton_decode.default_config
     assert [config(batch, 16, "cuda").programs_per_sm for batch in (1, 4, 7, 8, 128)] == [1, 1, 1, 2, 2]
     fp8 = config(8, 16, "cuda", is_fp8=True)
-    assert (fp8.block_n, fp8.fp8_f16, fp8.programs_per_sm) == (32, True, 2)
-    assert not config(128, 128, "cuda", is_fp8=True).fp8_f16  # 64-row tiles keep the bf16 products
+    assert (fp8.block_n, fp8.fp8_f16, fp8.prefetch, fp8.programs_per_sm) == (32, True, True, 2)
+    wide = config(128, 128, "cuda", is_fp8=True)
+    assert not wide.fp8_f16 and not wide.prefetch  # 64-row tiles keep the bf16 products, no prefetch (not timed)
+    assert not config(8, 16, "cuda").prefetch  # a BF16 cache has no bytes to prefetch
 
 
 BALANCED_CASES = [
@@ -207,8 +209,9 @@ def test_triton_fp8_default_takes_f16_products_up_to_16_rows(monkeypatch):
 @pytest.mark.parametrize("hardware", [True, False])
 @pytest.mark.parametrize("f16", [True, False])
 def test_triton_fp8_prefetch_matches_reference(monkeypatch, schedule, hardware, f16):
-    """`prefetch` (opt-in): each tile's latent bytes loaded during the previous tile's products. Lengths ending mid-tile
-    (a partial tile that was prefetched: 100 and 230 with 32-token tiles), an empty one and a single token, causal
+    """`prefetch` (the default for an FP8 cache up to 16 rows): each tile's latent bytes loaded during the previous
+    tile's products. Lengths ending mid-tile (a partial tile that was prefetched: 100 and 230 with 32-token tiles), an
+    empty one and a single token, causal
     s_q 2; uniform: several splits per sequence; balanced: parts that span sequences. The first tile's bytes come
     before the loop, the next tile's past the end are masked."""
     if hardware and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
