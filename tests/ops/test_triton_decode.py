@@ -211,9 +211,8 @@ def test_triton_fp8_default_takes_f16_products_up_to_16_rows(monkeypatch):
 def test_triton_fp8_prefetch_matches_reference(monkeypatch, schedule, hardware, f16):
     """`prefetch` (the default for an FP8 cache up to 16 rows): each tile's latent bytes loaded during the previous
     tile's products. Lengths ending mid-tile (a partial tile that was prefetched: 100 and 230 with 32-token tiles), an
-    empty one and a single token, causal
-    s_q 2; uniform: several splits per sequence; balanced: parts that span sequences. The first tile's bytes come
-    before the loop, the next tile's past the end are masked."""
+    empty one and a single token, causal s_q 2; uniform: several splits per sequence; balanced: parts that span
+    sequences. The first tile's bytes come before the loop, the next tile's past the end are masked."""
     if hardware and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no hardware e4m3 conversion on this GPU")
     monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: hardware)
