@@ -7,10 +7,13 @@ CUDA-graph replays (bench_decode.py's timing). Writes JSON and a PNG.
 
     python scripts/bench_indexer.py                                  # default backend (fastest available)
     python scripts/bench_indexer.py --backend triton --out bench/indexer_triton
+    python scripts/bench_indexer.py --backend triton --tune --rows "logits fp8"   # tile configs, then the rows
 """
 import argparse
+import dataclasses
 
 import torch
+import triton
 
 import flashmla_ops
 from bench_decode import bench_device, eager_ms, fmt, forced_backend, save_results, time_ms
@@ -75,6 +78,44 @@ def bench_row(kind, rows, keys, h_i, d_i, fp8, device, with_reference):
     return row
 
 
+def tune(device, chosen):
+    """Time the Triton logits kernel's tile configs on the chosen rows: the default, and the keys as the MMA's M side
+    at 1-4 queries by 64 or 128 keys, 4 or 8 warps, 2 or 3 stages."""
+    from flashmla_ops.triton import indexer as triton_indexer
+
+    results = []
+    for name, kind, rows, keys, h_i, d_i, fp8 in ROWS:
+        if not chosen(name):
+            continue
+        _, sets, flops, _ = make_call(kind, rows, keys, h_i, d_i, fp8, device)
+        default = triton_indexer.default_logits_config(triton.next_power_of_2(h_i))
+        candidates = [default, dataclasses.replace(default, num_stages=3)]
+        candidates += [triton_indexer.LogitsConfig(block_q=block_q, block_n=block_n, num_warps=warps,
+                                                   num_stages=stages, keys_m=True)
+                       for block_q in (1, 2, 4) for block_n in (64, 128) for warps in (4, 8) for stages in (2, 3)
+                       if block_q * h_i * block_n <= 128 * 32 * warps]  # at most 128 accumulator registers
+        for config in candidates:
+            if kind == "logits":
+                def op(q, k, weights, k_start, k_end, q_scale, k_scale, config=config):
+                    return triton_indexer.indexer_logits(q, k, weights, k_start, k_end, q_scale, k_scale, config)
+            else:
+                def op(q, cache, weights, block_table, seqlens, q_scale, config=config):
+                    return triton_indexer.indexer_logits_paged(q, cache, weights, block_table, seqlens, q_scale,
+                                                               config)
+            try:
+                ms = time_ms(op, sets)
+            except Exception as error:  # a config the GPU cannot run (shared memory, registers)
+                print(f"{name:36} {config}: failed ({type(error).__name__}: {str(error)[:80]})")
+                continue
+            results.append({"name": name, "config": dataclasses.asdict(config), "time_us": ms * 1e3,
+                            "tflop_s": flops / ms / 1e9})
+            print(f"{name:36} {'(default) ' if config == default else ''}{config}: {ms * 1e3:9.1f} us "
+                  f"{flops / ms / 1e9:7.1f} TFLOP/s")
+        del sets
+        torch.cuda.empty_cache()
+    return results
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -95,14 +136,21 @@ def main():
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "reference"])
     parser.add_argument("--no-reference", action="store_true", help="skip timing the reference op")
     parser.add_argument("--out", default="bench/indexer", help="output prefix for .json and .png")
+    parser.add_argument("--rows", default="", help="comma-separated substrings: only the rows whose name has one")
+    parser.add_argument("--tune", action="store_true", help="time the Triton logits kernel's tile configs first")
     args = parser.parse_args()
     device = bench_device(args.backend, "bench_indexer.py")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: "
           + ", ".join(f"{op} {flashmla_ops.backend(op, device)}" for op in ("indexer_logits", "indexer_logits_paged")))
+    wanted = [part for part in args.rows.split(",") if part]
+    chosen = lambda name: not wanted or any(part in name for part in wanted)  # noqa: E731
+    tuned = tune(device, chosen) if args.tune else []
     print(f"{'configuration':36} {'time us':>9} {'GB/s':>7} {'TFLOP/s':>8} {'target':>12} {'vs target':>9} "
           f"{'x ref':>7}")
     results = []
     for name, kind, rows, keys, h_i, d_i, fp8 in ROWS:
+        if not chosen(name):
+            continue
         row = bench_row(kind, rows, keys, h_i, d_i, fp8, device, not args.no_reference)
         row["name"] = name
         if kind == "logits" and fp8:
@@ -111,7 +159,7 @@ def main():
         results.append(row)
         print(f"{name:36} {row['time_us']:9.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} {row.get('target', '-'):>12}"
               f" {fmt(row.get('vs_target'), 2):>9} {fmt(row.get('speedup_vs_reference'), 1):>7}")
-    save_results(args.out, args.backend, results, plot)
+    save_results(args.out, args.backend, results, plot, tuning=tuned)
 
 
 if __name__ == "__main__":

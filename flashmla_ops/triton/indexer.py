@@ -18,6 +18,8 @@ That reads each row about 35 times (from L2 for rows up to 128k keys); a 4-bit r
 9 times. Not dispatched: on the H100 it is slower than the reference's torch.topk (0.8x at 128 rows of 32k keys, 0.1x
 at 128k keys, 0.3x at 4096 rows of 32k, topk 2048, through the op on 2026-11-25).
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -46,7 +48,7 @@ def _indexer_logits_kernel(
         stride_ob, stride_ot, S_Q, H_I, NUM_KEYS, keys_per_split,
         PAGED: tl.constexpr, Q_FP8: tl.constexpr, K_FP8: tl.constexpr, HW_FP8: tl.constexpr,
         BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_I: tl.constexpr, PAGE: tl.constexpr,
-        INTERPRET: tl.constexpr):
+        INTERPRET: tl.constexpr, KEYS_M: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_Q * H_PAD
     batch = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -89,37 +91,76 @@ def _indexer_logits_kernel(
             else:
                 k_offsets = keys.to(tl.int64) * stride_k_row
             k = _load_operand(K + k_offsets[:, None] + cols[None, :], key_mask[:, None], K_FP8, HW_FP8)
-            scores = mma(q, tl.trans(k), INTERPRET)
-            if Q_FP8:
-                scores = scores * q_scale[:, None]
             if K_FP8:
                 if PAGED:  # the token's float32 scale follows its d_i bytes
                     k_scale = tl.load((K + k_offsets + D_I).to(tl.pointer_type(tl.float32), bitcast=True),
                                       mask=key_mask, other=0.0)
                 else:
                     k_scale = tl.load(KScale + keys, mask=key_mask, other=0.0)
-                scores = scores * k_scale[None, :]
-            weighted = tl.maximum(scores, 0.0) * weights[:, None]
-            logits = tl.sum(tl.reshape(weighted, (BLOCK_Q, H_PAD, BLOCK_N)), 1)
-            visible = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
-            logits = tl.where(visible, logits, float("-inf"))
+            if KEYS_M:  # keys x (query, head): the sum over heads stays within a row's lanes
+                scores = mma(k, tl.trans(q), INTERPRET)
+                if Q_FP8:
+                    scores = scores * q_scale[None, :]
+                if K_FP8:
+                    scores = scores * k_scale[:, None]
+                weighted = tl.maximum(scores, 0.0) * weights[None, :]
+                logits = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_Q, H_PAD)), 2)
+                visible = (keys[:, None] >= lo[None, :]) & (keys[:, None] < hi[None, :])
+                logits = tl.where(visible, logits, float("-inf"))
+            else:
+                scores = mma(q, tl.trans(k), INTERPRET)
+                if Q_FP8:
+                    scores = scores * q_scale[:, None]
+                if K_FP8:
+                    scores = scores * k_scale[None, :]
+                weighted = tl.maximum(scores, 0.0) * weights[:, None]
+                logits = tl.sum(tl.reshape(weighted, (BLOCK_Q, H_PAD, BLOCK_N)), 1)
+                visible = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
+                logits = tl.where(visible, logits, float("-inf"))
+        elif KEYS_M:
+            logits = tl.full([BLOCK_N, BLOCK_Q], float("-inf"), dtype=tl.float32)
         else:
             logits = tl.full([BLOCK_Q, BLOCK_N], float("-inf"), dtype=tl.float32)
-        tl.store(out_rows[:, None] + keys[None, :], logits, mask=query_mask[:, None] & (keys < NUM_KEYS)[None, :])
+        if KEYS_M:
+            tl.store(out_rows[None, :] + keys[:, None], logits,
+                     mask=query_mask[None, :] & (keys < NUM_KEYS)[:, None])
+        else:
+            tl.store(out_rows[:, None] + keys[None, :], logits, mask=query_mask[:, None] & (keys < NUM_KEYS)[None, :])
 
 
-def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_table, cache_seqlens, out, paged):
+@dataclass(frozen=True)
+class LogitsConfig:
+    """Tiles of the logits kernel: `block_q` queries (times the heads padded to a power of two: the MMA's query
+    rows) and `block_n` keys per step; `keys_m`: the keys are the MMA's M side and the (query, head) pairs its N side,
+    so each key's sum over heads is within the lanes that hold its row, else the (query, head) pairs are M and the sum
+    crosses warps. `block_q` is capped at the padded query count and raised to 16 MMA rows."""
+    block_q: int = 2
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+    keys_m: bool = False
+
+
+def default_logits_config(h_pad: int) -> LogitsConfig:
+    """128 (query, head) rows by 64 keys, the (query, head) pairs as M."""
+    block_q = max(1, 128 // h_pad)
+    return LogitsConfig(block_q=block_q, num_warps=8 if block_q * h_pad >= 128 else 4)
+
+
+def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_table, cache_seqlens, out, paged,
+                   config=None):
     """q `(batch, s_q, h_i, d_i)`, weights `(batch, s_q, h_i)`, out `(batch, s_q, num_keys)`; keys as a
-    `(blocks, rows, row)` tensor (prefill: one block of s_kv rows)."""
+    `(blocks, rows, row)` tensor (prefill: one block of s_kv rows); `config` (a LogitsConfig) or the default."""
     batch, s_q, h_i, d_i = q.shape
     num_keys = out.shape[-1]
     if out.numel() == 0:
         return out
     q_fp8, k_fp8 = q.dtype in FP8_DTYPES, keys.dtype in FP8_DTYPES
     h_pad = triton.next_power_of_2(h_i)
-    block_q = min(max(1, 128 // h_pad), triton.next_power_of_2(s_q))
+    config = config or default_logits_config(h_pad)
+    block_q = min(config.block_q, triton.next_power_of_2(s_q))
     block_q = max(block_q, 16 // min(h_pad, 16))  # an MMA needs 16 rows
-    block_n = 64
+    block_n = config.block_n
     q_tiles = triton.cdiv(s_q, block_q)
     key_tiles = triton.cdiv(num_keys, block_n)
     multiprocessors, _ = device_limits(q.device)
@@ -138,29 +179,29 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
         block_table.stride(0) if block_table is not None else 0, out.stride(0), out.stride(1),
         s_q, h_i, num_keys, keys_per_split,
         PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, HW_FP8=hardware_fp8(q.device), BLOCK_Q=block_q, H_PAD=h_pad,
-        BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET,
-        num_warps=8 if block_q * h_pad >= 128 else 4)
+        BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, KEYS_M=config.keys_m,
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
-def indexer_logits(q, k, weights, k_start, k_end, q_scale=None, k_scale=None):
+def indexer_logits(q, k, weights, k_start, k_end, q_scale=None, k_scale=None, config=None):
     """Same contract as `flashmla::indexer_logits` (for `supports` inputs; the caller has checked them)."""
     s_q, _, _ = q.shape
     out = q.new_empty(1, s_q, k.shape[0], dtype=torch.float32)
     _launch_logits(last_dim_contiguous(q)[None], last_dim_contiguous(k)[None], weights.contiguous()[None],
                    q_scale.contiguous()[None] if q_scale is not None else None,
                    k_scale.contiguous() if k_scale is not None else None, k_start.contiguous(), k_end.contiguous(),
-                   None, None, out, paged=False)
+                   None, None, out, paged=False, config=config)
     return out[0]
 
 
-def indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_scale=None):
+def indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_scale=None, config=None):
     """Same contract as `flashmla::indexer_logits_paged` (for `supports` inputs; the caller has checked them)."""
     batch, s_q, _, _ = q.shape
     out = q.new_empty(batch, s_q, block_table.shape[1] * PAGE_BLOCK_SIZE, dtype=torch.float32)
     return _launch_logits(last_dim_contiguous(q), last_dim_contiguous(index_cache), weights.contiguous(),
                           q_scale.contiguous() if q_scale is not None else None, None, None, None,
-                          block_table.contiguous(), cache_seqlens.contiguous(), out, paged=True)
+                          block_table.contiguous(), cache_seqlens.contiguous(), out, paged=True, config=config)
 
 
 def supports(q, keys) -> bool:

@@ -71,14 +71,19 @@ KV_CACHE_WRITE = {
 }
 INDEXER_LOGITS = {
     "bf16-prefill": dict(PAGED=False, Q_FP8=False, K_FP8=False, HW_FP8=False, BLOCK_Q=2, H_PAD=64, BLOCK_N=64,
-                         D_I=128),
+                         D_I=128, KEYS_M=False),
     "fp8-hw-prefill": dict(PAGED=False, Q_FP8=True, K_FP8=True, HW_FP8=True, BLOCK_Q=2, H_PAD=64, BLOCK_N=64,
-                           D_I=128),
-    "fp8-hw-paged": dict(PAGED=True, Q_FP8=True, K_FP8=True, HW_FP8=True, BLOCK_Q=1, H_PAD=64, BLOCK_N=64, D_I=128),
+                           D_I=128, KEYS_M=False),
+    "fp8-hw-paged": dict(PAGED=True, Q_FP8=True, K_FP8=True, HW_FP8=True, BLOCK_Q=1, H_PAD=64, BLOCK_N=64, D_I=128,
+                         KEYS_M=False),
     "fp8-integer-paged": dict(PAGED=True, Q_FP8=True, K_FP8=True, HW_FP8=False, BLOCK_Q=2, H_PAD=64, BLOCK_N=64,
-                              D_I=128),
+                              D_I=128, KEYS_M=False),
     "bf16-q-fp8-cache-paged": dict(PAGED=True, Q_FP8=False, K_FP8=True, HW_FP8=True, BLOCK_Q=1, H_PAD=16,
-                                   BLOCK_N=64, D_I=128),
+                                   BLOCK_N=64, D_I=128, KEYS_M=False),
+    "fp8-hw-prefill-keys-m": dict(PAGED=False, Q_FP8=True, K_FP8=True, HW_FP8=True, BLOCK_Q=2, H_PAD=64, BLOCK_N=128,
+                                  D_I=128, KEYS_M=True),
+    "bf16-paged-keys-m": dict(PAGED=True, Q_FP8=False, K_FP8=False, HW_FP8=False, BLOCK_Q=1, H_PAD=64, BLOCK_N=64,
+                              D_I=128, KEYS_M=True),
 }
 INDEXER_TOPK = {"flat": dict(HAS_BLOCK_TABLE=False, BLOCK=1024), "paged": dict(HAS_BLOCK_TABLE=True, BLOCK=1024)}
 KERNELS = {

@@ -57,12 +57,19 @@ def prefill_inputs(s_q, s_kv, h_i, d_i, q_fp8, k_fp8, generator):
     return q, k, weights, k_start.int().to(DEVICE), k_end.int().to(DEVICE), q_scale, k_scale
 
 
+# The default tiles, and the keys as the MMA's M side at two tile sizes (several queries per program: a padded last one)
+CONFIGS = [None, triton_indexer.LogitsConfig(block_q=2, block_n=64, num_warps=4, keys_m=True),
+           triton_indexer.LogitsConfig(block_q=4, block_n=128, num_warps=8, keys_m=True)]
+CONFIG_IDS = ["default", "keys-m-2x64", "keys-m-4x128"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("s_q,s_kv,h_i,d_i", [(7, 150, 3, 32), (19, 67, 8, 16), (5, 200, 64, 32)])
 @pytest.mark.parametrize("q_fp8,k_fp8", [(False, False), (True, True), (True, False), (False, True)])
-def test_triton_indexer_logits_matches_reference(s_q, s_kv, h_i, d_i, q_fp8, k_fp8):
+def test_triton_indexer_logits_matches_reference(s_q, s_kv, h_i, d_i, q_fp8, k_fp8, config):
     generator = torch.Generator().manual_seed(s_q * 100 + h_i + 2 * q_fp8 + k_fp8)
     inputs = prefill_inputs(s_q, s_kv, h_i, d_i, q_fp8, k_fp8, generator)
-    assert_logits_close(triton_indexer.indexer_logits(*inputs), indexer_logits_reference(*inputs))
+    assert_logits_close(triton_indexer.indexer_logits(*inputs, config=config), indexer_logits_reference(*inputs))
 
 
 def paged_inputs(seqlens, s_q, h_i, d_i, q_fp8, fp8_cache, generator):
@@ -79,12 +86,14 @@ def paged_inputs(seqlens, s_q, h_i, d_i, q_fp8, fp8_cache, generator):
     return [x.to(DEVICE) if x is not None else None for x in (q, cache, weights, block_table, seqlens, q_scale)]
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("seqlens,s_q,h_i", [([0, 1, 70, 130], 1, 4), ([64, 5, 129], 3, 7)])
 @pytest.mark.parametrize("q_fp8,fp8_cache", [(False, False), (True, True), (False, True)])
-def test_triton_indexer_logits_paged_matches_reference(seqlens, s_q, h_i, q_fp8, fp8_cache):
+def test_triton_indexer_logits_paged_matches_reference(seqlens, s_q, h_i, q_fp8, fp8_cache, config):
     generator = torch.Generator().manual_seed(len(seqlens) + s_q + 2 * q_fp8 + fp8_cache)
     inputs = paged_inputs(seqlens, s_q, h_i, 32, q_fp8, fp8_cache, generator)
-    assert_logits_close(triton_indexer.indexer_logits_paged(*inputs), indexer_logits_paged_reference(*inputs))
+    assert_logits_close(triton_indexer.indexer_logits_paged(*inputs, config=config),
+                        indexer_logits_paged_reference(*inputs))
 
 
 def assert_topk_matches(logits, topk):
@@ -146,19 +155,20 @@ def test_triton_indexer_end_to_end_prefill():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("fp8", [False, True])
-def test_triton_indexer_gpu_large_poisoned_and_bit_identical(fp8):
+def test_triton_indexer_gpu_large_poisoned_and_bit_identical(fp8, config):
     generator = torch.Generator().manual_seed(21)
     inputs = prefill_inputs(1000, 4099, 64, 128, fp8, fp8, generator)
     torch.full((8 << 20,), float("nan"), device=DEVICE)  # poison the allocator's next blocks
-    logits = triton_indexer.indexer_logits(*inputs)
+    logits = triton_indexer.indexer_logits(*inputs, config=config)
     assert_logits_close(logits, indexer_logits_reference(*inputs))
-    assert torch.equal(logits, triton_indexer.indexer_logits(*inputs))
+    assert torch.equal(logits, triton_indexer.indexer_logits(*inputs, config=config))
     paged = paged_inputs([1, 8191, 64, 3000], 2, 64, 128, fp8, fp8, generator)
     torch.full((8 << 20,), float("nan"), device=DEVICE)
-    paged_logits = triton_indexer.indexer_logits_paged(*paged)
+    paged_logits = triton_indexer.indexer_logits_paged(*paged, config=config)
     assert_logits_close(paged_logits, indexer_logits_paged_reference(*paged))
-    assert torch.equal(paged_logits, triton_indexer.indexer_logits_paged(*paged))
+    assert torch.equal(paged_logits, triton_indexer.indexer_logits_paged(*paged, config=config))
     topk = triton_indexer.indexer_topk(paged_logits, 2048, paged[3])
     assert torch.equal(topk, triton_indexer.indexer_topk(paged_logits, 2048, paged[3]))
     assert torch.equal((topk == -1).sum(-1), (indexer_topk_reference(paged_logits, 2048, paged[3]) == -1).sum(-1))
