@@ -1,15 +1,19 @@
 """The DSA lightning indexer in Triton: logits (packed prefill and paged decode) and the per-row top-k.
 
 Logits. A program owns `BLOCK_Q` queries of one sequence and walks `BLOCK_N`-key tiles of its share of the keys.
-Its MMA rows are the `(query, head)` pairs (`BLOCK_Q * H_PAD` of them), so one key tile is reused by every head:
-    s[(t, h), n] = q_scale[t, h] * k_scale[n] * (q[t, h] . k[n])          (scales only for FP8)
-    logits[t, n] = sum_h weights[t, h] * relu(s[(t, h), n])              (a reshape and a sum over the heads)
-and -inf where key n is outside query t's range (`[k_start, k_end)`, or `[0, L - s_q + t]` paged). Tiles that no
-query of the program sees are stored as -inf without loads or MMAs. FP8 q and k are widened to bf16 (exactly) for
-bf16 MMAs: Hopper's e4m3 MMA aligns its products to a shared exponent with about 14 bits kept, which the H100 run
-showed as errors of 2 to 4e-5 of the largest logit, past the tests' 2e-5 band (float32 accumulation order); it ran the
-SPEC FP8 row at 228 TFLOP/s, the widened form at 186. Paged keys are gathered through the block table from the bf16
-`(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` index cache.
+Each key tile is multiplied by every (query, head) pair (`BLOCK_Q * H_PAD` of them), so it is loaded once for all:
+    s[n, (t, h)] = q_scale[t, h] * k_scale[n] * (k[n] . q[t, h])          (scales only for FP8)
+    logits[t, n] = sum_h weights[t, h] * relu(s[n, (t, h)])              (a reshape and a sum over the heads)
+and -inf where key n is outside query t's range (`[k_start, k_end)`, or `[0, L - s_q + t]` paged). By default
+(`LogitsConfig.keys_m`) the keys are the MMA's M side and the (query, head) pairs its N side: a key's row of the
+accumulator lies in the lanes of one warp, so the sum over heads needs no shared memory (compiled for sm_90: one
+layout conversion, for the store, against five with the pairs as M). Tiles that no query of the program sees are
+stored as -inf without loads or MMAs. FP8 q and k are widened to bf16 (exactly) for bf16 MMAs: Hopper's e4m3 MMA
+aligns its products to a shared exponent with about 14 bits kept, which the H100 run showed as errors of 2 to 4e-5
+of the largest logit, past the tests' 2e-5 band (float32 accumulation order). Prefill keys are widened once before
+the launch (every program reads every key tile; 8 MB of bf16 for 32k keys), q and paged keys in the kernel. Paged keys
+are gathered through the block table from the bf16 `(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` index
+cache.
 
 Top-k. One program per row, correctness first: the k-th largest logit is found by a 32-step binary search over the
 float bits (as order-preserving int32), counting `>= mid` over the row each step; then one pass writes the keys
@@ -46,7 +50,7 @@ def _indexer_logits_kernel(
         Q, K, QScale, KScale, Weights, KStart, KEnd, BlockTable, Seqlens, Out,
         stride_qb, stride_qt, stride_qh, stride_k_block, stride_k_row, stride_wb, stride_wt, stride_bt,
         stride_ob, stride_ot, S_Q, H_I, NUM_KEYS, keys_per_split,
-        PAGED: tl.constexpr, Q_FP8: tl.constexpr, K_FP8: tl.constexpr, HW_FP8: tl.constexpr,
+        PAGED: tl.constexpr, Q_FP8: tl.constexpr, K_FP8: tl.constexpr, K_SCALED: tl.constexpr, HW_FP8: tl.constexpr,
         BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_I: tl.constexpr, PAGE: tl.constexpr,
         INTERPRET: tl.constexpr, KEYS_M: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_Q * H_PAD
@@ -91,7 +95,7 @@ def _indexer_logits_kernel(
             else:
                 k_offsets = keys.to(tl.int64) * stride_k_row
             k = _load_operand(K + k_offsets[:, None] + cols[None, :], key_mask[:, None], K_FP8, HW_FP8)
-            if K_FP8:
+            if K_SCALED:  # FP8 keys (prefill: maybe widened to bf16 before the launch)
                 if PAGED:  # the token's float32 scale follows its d_i bytes
                     k_scale = tl.load((K + k_offsets + D_I).to(tl.pointer_type(tl.float32), bitcast=True),
                                       mask=key_mask, other=0.0)
@@ -101,7 +105,7 @@ def _indexer_logits_kernel(
                 scores = mma(k, tl.trans(q), INTERPRET)
                 if Q_FP8:
                     scores = scores * q_scale[None, :]
-                if K_FP8:
+                if K_SCALED:
                     scores = scores * k_scale[:, None]
                 weighted = tl.maximum(scores, 0.0) * weights[None, :]
                 logits = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_Q, H_PAD)), 2)
@@ -111,7 +115,7 @@ def _indexer_logits_kernel(
                 scores = mma(q, tl.trans(k), INTERPRET)
                 if Q_FP8:
                     scores = scores * q_scale[:, None]
-                if K_FP8:
+                if K_SCALED:
                     scores = scores * k_scale[None, :]
                 weighted = tl.maximum(scores, 0.0) * weights[:, None]
                 logits = tl.sum(tl.reshape(weighted, (BLOCK_Q, H_PAD, BLOCK_N)), 1)
@@ -136,15 +140,18 @@ class LogitsConfig:
     crosses warps. `block_q` is capped at the padded query count and raised to 16 MMA rows."""
     block_q: int = 2
     block_n: int = 64
-    num_warps: int = 8
-    num_stages: int = 2
-    keys_m: bool = False
+    num_warps: int = 4
+    num_stages: int = 3
+    keys_m: bool = True
 
 
-def default_logits_config(h_pad: int) -> LogitsConfig:
-    """128 (query, head) rows by 64 keys, the (query, head) pairs as M."""
-    block_q = max(1, 128 // h_pad)
-    return LogitsConfig(block_q=block_q, num_warps=8 if block_q * h_pad >= 128 else 4)
+def default_logits_config(h_pad: int, paged: bool = False, fp8_cache: bool = False) -> LogitsConfig:
+    """The keys as M, 4 warps, 128 (query, head) columns; 64 keys a step, 128 for a paged bf16 cache. From
+    `bench_indexer.py --tune` on the H200 (stop 20, docs/bench/stop20_call2_indexer_tune.log), against the
+    (query, head) pairs as M (2 x 64 rows by 64 keys, 8 warps): prefill bf16 s_q 4096 h64 32k keys 4703.9 against
+    9715.5 us; paged b128 h64 32k: bf16 cache 299.4 against 448.9 (64 keys 359.6), FP8 cache 534.4 against 890.1
+    (128 keys 1067.2). 8 warps were slower with the keys as M on every row."""
+    return LogitsConfig(block_q=max(1, 128 // h_pad), block_n=128 if paged and not fp8_cache else 64)
 
 
 def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_table, cache_seqlens, out, paged,
@@ -156,8 +163,12 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
     if out.numel() == 0:
         return out
     q_fp8, k_fp8 = q.dtype in FP8_DTYPES, keys.dtype in FP8_DTYPES
+    k_scaled = k_fp8
+    if k_fp8 and not paged:
+        # Every program reads every key tile: widened once here (exactly) instead of in each program
+        keys, k_fp8 = keys.view(torch.float8_e4m3fn).to(torch.bfloat16), False
     h_pad = triton.next_power_of_2(h_i)
-    config = config or default_logits_config(h_pad)
+    config = config or default_logits_config(h_pad, paged, k_fp8)
     block_q = min(config.block_q, triton.next_power_of_2(s_q))
     block_q = max(block_q, 16 // min(h_pad, 16))  # an MMA needs 16 rows
     block_n = config.block_n
@@ -178,7 +189,8 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
         q.stride(0), q.stride(1), q.stride(2), k_view.stride(0), k_view.stride(1), weights.stride(0), weights.stride(1),
         block_table.stride(0) if block_table is not None else 0, out.stride(0), out.stride(1),
         s_q, h_i, num_keys, keys_per_split,
-        PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, HW_FP8=hardware_fp8(q.device), BLOCK_Q=block_q, H_PAD=h_pad,
+        PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hardware_fp8(q.device), BLOCK_Q=block_q,
+        H_PAD=h_pad,
         BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, KEYS_M=config.keys_m,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out

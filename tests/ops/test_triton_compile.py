@@ -69,21 +69,19 @@ KV_CACHE_WRITE = {
     "fp8-hw": dict(HAS_SLOTS=False, IS_FP8=True, HW_FP8=True),
     "fp8-integer-slots": dict(HAS_SLOTS=True, IS_FP8=True, HW_FP8=False),
 }
-INDEXER_LOGITS = {
-    "bf16-prefill": dict(PAGED=False, Q_FP8=False, K_FP8=False, HW_FP8=False, BLOCK_Q=2, H_PAD=64, BLOCK_N=64,
-                         D_I=128, KEYS_M=False),
-    "fp8-hw-prefill": dict(PAGED=False, Q_FP8=True, K_FP8=True, HW_FP8=True, BLOCK_Q=2, H_PAD=64, BLOCK_N=64,
-                           D_I=128, KEYS_M=False),
-    "fp8-hw-paged": dict(PAGED=True, Q_FP8=True, K_FP8=True, HW_FP8=True, BLOCK_Q=1, H_PAD=64, BLOCK_N=64, D_I=128,
-                         KEYS_M=False),
-    "fp8-integer-paged": dict(PAGED=True, Q_FP8=True, K_FP8=True, HW_FP8=False, BLOCK_Q=2, H_PAD=64, BLOCK_N=64,
-                              D_I=128, KEYS_M=False),
-    "bf16-q-fp8-cache-paged": dict(PAGED=True, Q_FP8=False, K_FP8=True, HW_FP8=True, BLOCK_Q=1, H_PAD=16,
-                                   BLOCK_N=64, D_I=128, KEYS_M=False),
-    "fp8-hw-prefill-keys-m": dict(PAGED=False, Q_FP8=True, K_FP8=True, HW_FP8=True, BLOCK_Q=2, H_PAD=64, BLOCK_N=128,
-                                  D_I=128, KEYS_M=True),
-    "bf16-paged-keys-m": dict(PAGED=True, Q_FP8=False, K_FP8=False, HW_FP8=False, BLOCK_Q=1, H_PAD=64, BLOCK_N=64,
-                              D_I=128, KEYS_M=True),
+def _logits(paged, q_fp8, k_fp8, k_scaled, hw_fp8, block_q, h_pad, block_n, keys_m):
+    return dict(PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hw_fp8, BLOCK_Q=block_q, H_PAD=h_pad,
+                BLOCK_N=block_n, D_I=128, KEYS_M=keys_m)
+
+
+INDEXER_LOGITS = {  # prefill widens FP8 keys before the launch (K_FP8 False, K_SCALED True); paged converts in-kernel
+    "bf16-prefill-keys-m": _logits(False, False, False, False, False, 2, 64, 64, True),  # the default
+    "fp8-hw-prefill-keys-m": _logits(False, True, False, True, True, 4, 64, 128, True),
+    "fp8-hw-prefill": _logits(False, True, False, True, True, 2, 64, 64, False),
+    "fp8-hw-paged-keys-m": _logits(True, True, True, True, True, 1, 64, 64, True),
+    "fp8-integer-paged": _logits(True, True, True, True, False, 2, 64, 64, False),
+    "bf16-q-fp8-cache-paged-keys-m": _logits(True, False, True, True, True, 1, 16, 128, True),
+    "bf16-paged": _logits(True, False, False, False, False, 1, 64, 64, False),
 }
 INDEXER_TOPK = {"flat": dict(HAS_BLOCK_TABLE=False, BLOCK=1024), "paged": dict(HAS_BLOCK_TABLE=True, BLOCK=1024)}
 KERNELS = {

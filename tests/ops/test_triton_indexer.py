@@ -57,10 +57,11 @@ def prefill_inputs(s_q, s_kv, h_i, d_i, q_fp8, k_fp8, generator):
     return q, k, weights, k_start.int().to(DEVICE), k_end.int().to(DEVICE), q_scale, k_scale
 
 
-# The default tiles, and the keys as the MMA's M side at two tile sizes (several queries per program: a padded last one)
-CONFIGS = [None, triton_indexer.LogitsConfig(block_q=2, block_n=64, num_warps=4, keys_m=True),
+# The default tiles (the keys as the MMA's M side), the (query, head) pairs as M, and the keys as M at 4 queries by 128
+# keys (several queries per program: a padded last one)
+CONFIGS = [None, triton_indexer.LogitsConfig(block_q=2, block_n=64, num_warps=8, num_stages=2, keys_m=False),
            triton_indexer.LogitsConfig(block_q=4, block_n=128, num_warps=8, keys_m=True)]
-CONFIG_IDS = ["default", "keys-m-2x64", "keys-m-4x128"]
+CONFIG_IDS = ["default", "query-head-m-2x64", "keys-m-4x128"]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
