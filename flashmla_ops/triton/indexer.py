@@ -4,6 +4,8 @@ Logits. A program owns `BLOCK_Q` queries of one sequence and walks `BLOCK_N`-key
 Each key tile is multiplied by every (query, head) pair (`BLOCK_Q * H_PAD` of them), so it is loaded once for all:
     s[n, (t, h)] = q_scale[t, h] * k_scale[n] * (k[n] . q[t, h])          (scales only for FP8)
     logits[t, n] = sum_h weights[t, h] * relu(s[n, (t, h)])              (a reshape and a sum over the heads)
+computed as relu(s x) = |s| relu(sign(s) x): the scales' signs go to q and the prefill keys (exact), |q_scale| to the
+weights, and a prefill key's |k_scale| multiplies its logits after the sum (a paged key's scale multiplies s).
 and -inf where key n is outside query t's range (`[k_start, k_end)`, or `[0, L - s_q + t]` paged). By default
 (`LogitsConfig.keys_m`) the keys are the MMA's M side and the (query, head) pairs its N side: a key's row of the
 accumulator lies in the lanes of one warp, so the sum over heads needs no shared memory (compiled for sm_90: one
@@ -79,8 +81,11 @@ def _indexer_logits_kernel(
     q_offsets = batch * stride_qb + row_queries * stride_qt + heads * stride_qh
     q = _load_operand(Q + q_offsets[:, None] + cols[None, :], row_mask[:, None], Q_FP8, HW_FP8)
     weights = tl.load(Weights + batch * stride_wb + row_queries * stride_wt + heads, mask=row_mask, other=0.0)
-    if Q_FP8:
+    if Q_FP8:  # relu(s * x) w = relu(sign(s) x) |s| w: the sign to q (exact), the magnitude to the weights
         q_scale = tl.load(QScale + batch * stride_wb + row_queries * stride_wt + heads, mask=row_mask, other=0.0)
+        # (through float32, exact: the CPU interpreter mis-negates bf16)
+        q = tl.where(q_scale[:, None] < 0, -q.to(tl.float32), q.to(tl.float32)).to(q.dtype)
+        weights = weights * tl.abs(q_scale)
 
     out_rows = Out + batch * stride_ob + queries.to(tl.int64) * stride_ot
     split_start = split * keys_per_split
@@ -95,30 +100,30 @@ def _indexer_logits_kernel(
             else:
                 k_offsets = keys.to(tl.int64) * stride_k_row
             k = _load_operand(K + k_offsets[:, None] + cols[None, :], key_mask[:, None], K_FP8, HW_FP8)
-            if K_SCALED:  # FP8 keys (prefill: maybe widened to bf16 before the launch)
+            if K_SCALED:
                 if PAGED:  # the token's float32 scale follows its d_i bytes
                     k_scale = tl.load((K + k_offsets + D_I).to(tl.pointer_type(tl.float32), bitcast=True),
                                       mask=key_mask, other=0.0)
-                else:
+                else:  # prefill: |scale| (its sign is in the widened keys), applied after the sum over heads
                     k_scale = tl.load(KScale + keys, mask=key_mask, other=0.0)
             if KEYS_M:  # keys x (query, head): the sum over heads stays within a row's lanes
                 scores = mma(k, tl.trans(q), INTERPRET)
-                if Q_FP8:
-                    scores = scores * q_scale[None, :]
-                if K_SCALED:
+                if K_SCALED and PAGED:
                     scores = scores * k_scale[:, None]
                 weighted = tl.maximum(scores, 0.0) * weights[None, :]
                 logits = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_Q, H_PAD)), 2)
+                if K_SCALED and not PAGED:
+                    logits = logits * k_scale[:, None]
                 visible = (keys[:, None] >= lo[None, :]) & (keys[:, None] < hi[None, :])
                 logits = tl.where(visible, logits, float("-inf"))
             else:
                 scores = mma(q, tl.trans(k), INTERPRET)
-                if Q_FP8:
-                    scores = scores * q_scale[:, None]
-                if K_SCALED:
+                if K_SCALED and PAGED:
                     scores = scores * k_scale[None, :]
                 weighted = tl.maximum(scores, 0.0) * weights[:, None]
                 logits = tl.sum(tl.reshape(weighted, (BLOCK_Q, H_PAD, BLOCK_N)), 1)
+                if K_SCALED and not PAGED:
+                    logits = logits * k_scale[None, :]
                 visible = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
                 logits = tl.where(visible, logits, float("-inf"))
         elif KEYS_M:
@@ -165,8 +170,10 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
     q_fp8, k_fp8 = q.dtype in FP8_DTYPES, keys.dtype in FP8_DTYPES
     k_scaled = k_fp8
     if k_fp8 and not paged:
-        # Every program reads every key tile: widened once here (exactly) instead of in each program
-        keys, k_fp8 = keys.view(torch.float8_e4m3fn).to(torch.bfloat16), False
+        # Every program reads every key tile: widened once here (exactly) instead of in each program, with each key's
+        # scale's sign (relu(s x) = |s| relu(sign(s) x): the kernel applies |s| after the sum over heads)
+        keys = keys.view(torch.float8_e4m3fn).to(torch.bfloat16)
+        keys, k_scale, k_fp8 = torch.where(k_scale[None, :, None] < 0, -keys, keys), k_scale.abs(), False
     h_pad = triton.next_power_of_2(h_i)
     config = config or default_logits_config(h_pad, paged, k_fp8)
     block_q = min(config.block_q, triton.next_power_of_2(s_q))

@@ -73,6 +73,26 @@ def test_triton_indexer_logits_matches_reference(s_q, s_kv, h_i, d_i, q_fp8, k_f
     assert_logits_close(triton_indexer.indexer_logits(*inputs, config=config), indexer_logits_reference(*inputs))
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_triton_indexer_logits_negative_and_zero_scales(config):
+    """relu(s x) is computed as |s| relu(sign(s) x) (the signs to q and the prefill keys, the magnitudes to the
+    weights and after the sum over heads): FP8 scales of either sign, and zeros, in prefill and in a paged cache."""
+    generator = torch.Generator().manual_seed(31)
+    q, k, weights, k_start, k_end, q_scale, k_scale = prefill_inputs(9, 140, 8, 32, True, True, generator)
+    flip = lambda scale: scale * torch.randint(-1, 2, scale.shape, generator=generator).to(DEVICE)  # noqa: E731
+    q_scale, k_scale = flip(q_scale), flip(k_scale)
+    assert (q_scale < 0).any() and (q_scale == 0).any() and (k_scale < 0).any() and (k_scale == 0).any()
+    inputs = (q, k, weights, k_start, k_end, q_scale, k_scale)
+    assert_logits_close(triton_indexer.indexer_logits(*inputs, config=config), indexer_logits_reference(*inputs))
+    q, cache, weights, block_table, seqlens, q_scale = paged_inputs([70, 130, 5], 2, 8, 32, True, True, generator)
+    scales = cache[..., -4:].view(torch.float32)
+    scales.copy_(flip(scales))  # the cache rows' own scales, in place
+    q_scale = flip(q_scale)
+    paged = (q, cache, weights, block_table, seqlens, q_scale)
+    assert_logits_close(triton_indexer.indexer_logits_paged(*paged, config=config),
+                        indexer_logits_paged_reference(*paged))
+
+
 def paged_inputs(seqlens, s_q, h_i, d_i, q_fp8, fp8_cache, generator):
     batch = len(seqlens)
     blocks_per_seq = max(1, -(-max(seqlens) // PAGE_BLOCK_SIZE)) + 1
