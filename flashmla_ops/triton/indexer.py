@@ -10,7 +10,8 @@ and -inf where key n is outside query t's range (`[k_start, k_end)`, or `[0, L -
 (`LogitsConfig.keys_m`) the keys are the MMA's M side and the (query, head) pairs its N side: a key's row of the
 accumulator lies in the lanes of one warp, so the sum over heads needs no shared memory (compiled for sm_90: one
 layout conversion, for the store, against five with the pairs as M). Tiles that no query of the program sees are
-stored as -inf without loads or MMAs. FP8 q and k are widened to bf16 (exactly) for bf16 MMAs: Hopper's e4m3 MMA
+stored as -inf without loads or MMAs. FP8 q and k are widened (exactly) to f16 for f16 MMAs, or to bf16 where only
+one of them is FP8 or the GPU has no e4m3 conversion (before sm_89): Hopper's e4m3 MMA
 aligns its products to a shared exponent with about 14 bits kept, which the H100 run showed as errors of 2 to 4e-5
 of the largest logit, past the tests' 2e-5 band (float32 accumulation order). Prefill keys are widened once before
 the launch (every program reads every key tile; 8 MB of bf16 for 32k keys), q and paged keys in the kernel. Paged keys
@@ -38,10 +39,15 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
 
 @triton.jit
-def _load_operand(ptrs, mask, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr):
-    """A bf16 or e4m3 tile as a bf16 MMA operand (e4m3 -> bf16 is exact)."""
+def _load_operand(ptrs, mask, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, F16: tl.constexpr):
+    """A bf16 (or, with F16, an f16) or e4m3 tile as an MMA operand: e4m3 as bf16, or with F16 as f16 (one
+    conversion per pair, hardware only), both exact; a bf16 / f16 tile as it is."""
     if IS_FP8:
-        values = e4m3_to_bf16(tl.load(ptrs, mask=mask, other=0), HW_FP8)
+        raw = tl.load(ptrs, mask=mask, other=0)
+        if F16:
+            values = raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        else:
+            values = e4m3_to_bf16(raw, HW_FP8)
     else:
         values = tl.load(ptrs, mask=mask, other=0.0)
     return values
@@ -54,7 +60,7 @@ def _indexer_logits_kernel(
         stride_ob, stride_ot, S_Q, H_I, NUM_KEYS, keys_per_split,
         PAGED: tl.constexpr, Q_FP8: tl.constexpr, K_FP8: tl.constexpr, K_SCALED: tl.constexpr, HW_FP8: tl.constexpr,
         BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_I: tl.constexpr, PAGE: tl.constexpr,
-        INTERPRET: tl.constexpr, KEYS_M: tl.constexpr):
+        INTERPRET: tl.constexpr, KEYS_M: tl.constexpr, F16: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_Q * H_PAD
     batch = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -79,7 +85,7 @@ def _indexer_logits_kernel(
     tile_hi = tl.max(hi, 0)
 
     q_offsets = batch * stride_qb + row_queries * stride_qt + heads * stride_qh
-    q = _load_operand(Q + q_offsets[:, None] + cols[None, :], row_mask[:, None], Q_FP8, HW_FP8)
+    q = _load_operand(Q + q_offsets[:, None] + cols[None, :], row_mask[:, None], Q_FP8, HW_FP8, F16)
     weights = tl.load(Weights + batch * stride_wb + row_queries * stride_wt + heads, mask=row_mask, other=0.0)
     if Q_FP8:  # relu(s * x) w = relu(sign(s) x) |s| w: the sign to q (exact), the magnitude to the weights
         q_scale = tl.load(QScale + batch * stride_wb + row_queries * stride_wt + heads, mask=row_mask, other=0.0)
@@ -99,7 +105,7 @@ def _indexer_logits_kernel(
                 k_offsets = block * stride_k_block + (keys % PAGE) * stride_k_row
             else:
                 k_offsets = keys.to(tl.int64) * stride_k_row
-            k = _load_operand(K + k_offsets[:, None] + cols[None, :], key_mask[:, None], K_FP8, HW_FP8)
+            k = _load_operand(K + k_offsets[:, None] + cols[None, :], key_mask[:, None], K_FP8, HW_FP8, F16)
             if K_SCALED:
                 if PAGED:  # the token's float32 scale follows its d_i bytes
                     k_scale = tl.load((K + k_offsets + D_I).to(tl.pointer_type(tl.float32), bitcast=True),
@@ -169,10 +175,12 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
         return out
     q_fp8, k_fp8 = q.dtype in FP8_DTYPES, keys.dtype in FP8_DTYPES
     k_scaled = k_fp8
+    # FP8 q and keys: f16 MMAs (e4m3 -> f16 is one conversion per pair, to bf16 more), where the GPU converts e4m3
+    f16 = q_fp8 and k_fp8 and hardware_fp8(q.device)
     if k_fp8 and not paged:
         # Every program reads every key tile: widened once here (exactly) instead of in each program, with each key's
         # scale's sign (relu(s x) = |s| relu(sign(s) x): the kernel applies |s| after the sum over heads)
-        keys = keys.view(torch.float8_e4m3fn).to(torch.bfloat16)
+        keys = keys.view(torch.float8_e4m3fn).to(torch.float16 if f16 else torch.bfloat16)
         keys, k_scale, k_fp8 = torch.where(k_scale[None, :, None] < 0, -keys, keys), k_scale.abs(), False
     h_pad = triton.next_power_of_2(h_i)
     config = config or default_logits_config(h_pad, paged, k_fp8)
@@ -198,7 +206,7 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
         s_q, h_i, num_keys, keys_per_split,
         PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hardware_fp8(q.device), BLOCK_Q=block_q,
         H_PAD=h_pad,
-        BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, KEYS_M=config.keys_m,
+        BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, KEYS_M=config.keys_m, F16=f16,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 

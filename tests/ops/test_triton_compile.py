@@ -69,16 +69,18 @@ KV_CACHE_WRITE = {
     "fp8-hw": dict(HAS_SLOTS=False, IS_FP8=True, HW_FP8=True),
     "fp8-integer-slots": dict(HAS_SLOTS=True, IS_FP8=True, HW_FP8=False),
 }
-def _logits(paged, q_fp8, k_fp8, k_scaled, hw_fp8, block_q, h_pad, block_n, keys_m):
+def _logits(paged, q_fp8, k_fp8, k_scaled, hw_fp8, block_q, h_pad, block_n, keys_m, f16=False):
     return dict(PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hw_fp8, BLOCK_Q=block_q, H_PAD=h_pad,
-                BLOCK_N=block_n, D_I=128, KEYS_M=keys_m)
+                BLOCK_N=block_n, D_I=128, KEYS_M=keys_m, F16=f16)
 
 
-INDEXER_LOGITS = {  # prefill widens FP8 keys before the launch (K_FP8 False, K_SCALED True); paged converts in-kernel
+# Prefill widens FP8 keys before the launch (K_FP8 False, K_SCALED True), paged FP8 keys are converted in the kernel;
+# FP8 q and keys with hardware conversion take f16 MMAs (F16)
+INDEXER_LOGITS = {
     "bf16-prefill-keys-m": _logits(False, False, False, False, False, 2, 64, 64, True),  # the default
-    "fp8-hw-prefill-keys-m": _logits(False, True, False, True, True, 4, 64, 128, True),
-    "fp8-hw-prefill": _logits(False, True, False, True, True, 2, 64, 64, False),
-    "fp8-hw-paged-keys-m": _logits(True, True, True, True, True, 1, 64, 64, True),
+    "fp8-hw-prefill-keys-m-f16": _logits(False, True, False, True, True, 4, 64, 128, True, True),
+    "fp8-integer-prefill": _logits(False, True, False, True, False, 2, 64, 64, False),
+    "fp8-hw-paged-keys-m-f16": _logits(True, True, True, True, True, 1, 64, 64, True, True),
     "fp8-integer-paged": _logits(True, True, True, True, False, 2, 64, 64, False),
     "bf16-q-fp8-cache-paged-keys-m": _logits(True, False, True, True, True, 1, 16, 128, True),
     "bf16-paged": _logits(True, False, False, False, False, 1, 64, 64, False),
@@ -109,13 +111,15 @@ POINTERS = {"Q": "*bf16", "Out": "*bf16", "BlockTable": "*i32", "Seqlens": "*i32
             "Rope": "*bf16", "Slots": "*i32", "KStart": "*i32", "KEnd": "*i32",
             "Metadata": "*i32", "SplitOffsets": "*i32"}
 KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"}, "_indexer_topk_kernel": {"Out": "*i32"}}
+F16_POINTERS = {"_indexer_logits_kernel": {"K": "*fp16"}}  # prefill keys widened to f16 (F16 without K_FP8)
 DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "INTERPRET": False}
 SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK", "H_I", "NUM_KEYS"}  # upper-case sizes; other capitalised names are pointers
 def compile_kernel(name, constexprs, arch, options, specialize=True):
     kernel = eval(name)
     constexprs = {**{k: v for k, v in DIMS.items() if k in kernel.arg_names}, **constexprs}
     signature, attrs = {}, {}
-    pointers = {**POINTERS, **KERNEL_POINTERS.get(name.split(".")[-1], {})}
+    pointers = {**POINTERS, **KERNEL_POINTERS.get(name.split(".")[-1], {}),
+                **(F16_POINTERS.get(name.split(".")[-1], {}) if constexprs.get("F16") else {})}
     for index, (arg, param) in enumerate(zip(kernel.arg_names, kernel.params)):
         if param.is_constexpr:
             signature[arg] = "constexpr"
