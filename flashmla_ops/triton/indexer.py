@@ -4,19 +4,18 @@ Logits. A program owns `BLOCK_Q` queries of one sequence and walks `BLOCK_N`-key
 Each key tile is multiplied by every (query, head) pair (`BLOCK_Q * H_PAD` of them), so it is loaded once for all:
     s[n, (t, h)] = q_scale[t, h] * k_scale[n] * (k[n] . q[t, h])          (scales only for FP8)
     logits[t, n] = sum_h weights[t, h] * relu(s[n, (t, h)])              (a reshape and a sum over the heads)
-computed as relu(s x) = |s| relu(sign(s) x): the scales' signs go to q and the prefill keys (exact), |q_scale| to the
-weights, and a prefill key's |k_scale| multiplies its logits after the sum (a paged key's scale multiplies s).
-and -inf where key n is outside query t's range (`[k_start, k_end)`, or `[0, L - s_q + t]` paged). By default
+and -inf where key n is outside query t's range (`[k_start, k_end)`, or `[0, L - s_q + t]` paged). The FP8 scales go
+in as relu(s x) = |s| relu(sign(s) x): their signs to q and the prefill keys (exact), |q_scale| to the weights, and a
+prefill key's |k_scale| multiplies its logits after the sum over heads (a paged key's scale multiplies s). By default
 (`LogitsConfig.keys_m`) the keys are the MMA's M side and the (query, head) pairs its N side: a key's row of the
 accumulator lies in the lanes of one warp, so the sum over heads needs no shared memory (compiled for sm_90: one
 layout conversion, for the store, against five with the pairs as M). Tiles that no query of the program sees are
 stored as -inf without loads or MMAs. FP8 q and k are widened (exactly) to f16 for f16 MMAs, or to bf16 where only
-one of them is FP8 or the GPU has no e4m3 conversion (before sm_89): Hopper's e4m3 MMA
-aligns its products to a shared exponent with about 14 bits kept, which the H100 run showed as errors of 2 to 4e-5
-of the largest logit, past the tests' 2e-5 band (float32 accumulation order). Prefill keys are widened once before
-the launch (every program reads every key tile; 8 MB of bf16 for 32k keys), q and paged keys in the kernel. Paged keys
-are gathered through the block table from the bf16 `(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` index
-cache.
+one of them is FP8 or the GPU has no e4m3 conversion (before sm_89): Hopper's e4m3 MMA aligns its products to a
+shared exponent with about 14 bits kept, which the H100 run showed as errors of 2 to 4e-5 of the largest logit, past
+the tests' 2e-5 band (float32 accumulation order). Prefill keys are widened once before the launch (every program
+reads every key tile; 8 MB for 32k keys), q and paged keys in the kernel. Paged keys are gathered through the block
+table from the bf16 `(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` index cache.
 
 Top-k. One program per row, correctness first: the k-th largest logit is found by a 32-step binary search over the
 float bits (as order-preserving int32), counting `>= mid` over the row each step; then one pass writes the keys
@@ -161,7 +160,9 @@ def default_logits_config(h_pad: int, paged: bool = False, fp8_cache: bool = Fal
     `bench_indexer.py --tune` on the H200 (stop 20, docs/bench/stop20_call2_indexer_tune.log), against the
     (query, head) pairs as M (2 x 64 rows by 64 keys, 8 warps): prefill bf16 s_q 4096 h64 32k keys 4703.9 against
     9715.5 us; paged b128 h64 32k: bf16 cache 299.4 against 448.9 (64 keys 359.6), FP8 cache 534.4 against 890.1
-    (128 keys 1067.2). 8 warps were slower with the keys as M on every row."""
+    (128 keys 1067.2); 8 warps were slower on each. With the scales folded and prefill keys widened before the
+    launch (call 4, stop20_call4_indexer.log) the FP8 prefill row runs as the bf16 one: 4667.1 us, 4 queries with 8
+    warps 4633.4 (within 1%)."""
     return LogitsConfig(block_q=max(1, 128 // h_pad), block_n=128 if paged and not fp8_cache else 64)
 
 
@@ -205,9 +206,8 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
         block_table.stride(0) if block_table is not None else 0, out.stride(0), out.stride(1),
         s_q, h_i, num_keys, keys_per_split,
         PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hardware_fp8(q.device), BLOCK_Q=block_q,
-        H_PAD=h_pad,
-        BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, KEYS_M=config.keys_m, F16=f16,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        H_PAD=h_pad, BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, KEYS_M=config.keys_m,
+        F16=f16, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
