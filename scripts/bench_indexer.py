@@ -81,7 +81,8 @@ def bench_row(kind, rows, keys, h_i, d_i, fp8, device, with_reference):
 def tune(device, chosen):
     """Time the Triton logits kernel's tile configs on the chosen rows: the default, the (query, head) pairs as the
     MMA's M side (the default before stop 20), and the keys as M at 1-4 queries by 64 or 128 keys, 4 or 8 warps, 2 or
-    3 stages (the default among them: timed twice)."""
+    3 stages (the default among them: timed twice), on FP8 rows also with the e4m3 MMAs (`fp8_mma`), whose largest
+    error against the default's logits is printed as a fraction of the largest logit."""
     from flashmla_ops.triton import indexer as triton_indexer
 
     results = []
@@ -93,9 +94,11 @@ def tune(device, chosen):
         candidates = [default, triton_indexer.LogitsConfig(block_q=2, block_n=64, num_warps=8, num_stages=2,
                                                            keys_m=False)]
         candidates += [triton_indexer.LogitsConfig(block_q=block_q, block_n=block_n, num_warps=warps,
-                                                   num_stages=stages, keys_m=True)
+                                                   num_stages=stages, keys_m=True, fp8_mma=fp8_mma)
                        for block_q in (1, 2, 4) for block_n in (64, 128) for warps in (4, 8) for stages in (2, 3)
+                       for fp8_mma in ((False, True) if fp8 else (False,))
                        if block_q * h_i * block_n <= 128 * 32 * warps]  # at most 128 accumulator registers
+        exact = None  # the default's logits, against which the e4m3 MMAs' error is measured
         for config in candidates:
             if kind == "logits":
                 def op(q, k, weights, k_start, k_end, q_scale, k_scale, config=config):
@@ -106,13 +109,22 @@ def tune(device, chosen):
                                                                config)
             try:
                 ms = time_ms(op, sets)
-            except Exception as error:  # a config the GPU cannot run (shared memory, registers)
-                print(f"{name:36} {config}: failed ({type(error).__name__}: {str(error)[:80]})")
+            except Exception as failure:  # a config the GPU cannot run (shared memory, registers)
+                print(f"{name:36} {config}: failed ({type(failure).__name__}: {str(failure)[:80]})")
                 continue
+            error = None
+            if config == default and exact is None:
+                exact = op(*sets[0])
+            elif config.fp8_mma and exact is not None:
+                got, finite = op(*sets[0]), torch.isfinite(exact)
+                error = ((got[finite] - exact[finite]).abs().max() / exact[finite].abs().max()).item()
+                del got, finite
             results.append({"name": name, "config": dataclasses.asdict(config), "time_us": ms * 1e3,
-                            "tflop_s": flops / ms / 1e9})
+                            "tflop_s": flops / ms / 1e9, "max_error_of_largest": error})
             print(f"{name:36} {'(default) ' if config == default else ''}{config}: {ms * 1e3:9.1f} us "
-                  f"{flops / ms / 1e9:7.1f} TFLOP/s")
+                  f"{flops / ms / 1e9:7.1f} TFLOP/s" + (f"  max error {error:.2e} of the largest logit"
+                                                        if error is not None else ""))
+        del exact
         del sets
         torch.cuda.empty_cache()
     return results

@@ -38,12 +38,15 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
 
 @triton.jit
-def _load_operand(ptrs, mask, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, F16: tl.constexpr):
+def _load_operand(ptrs, mask, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, F16: tl.constexpr,
+                  FP8_MMA: tl.constexpr):
     """A bf16 (or, with F16, an f16) or e4m3 tile as an MMA operand: e4m3 as bf16, or with F16 as f16 (one
-    conversion per pair, hardware only), both exact; a bf16 / f16 tile as it is."""
+    conversion per pair, hardware only), both exact, or with FP8_MMA as it is; a bf16 / f16 tile as it is."""
     if IS_FP8:
         raw = tl.load(ptrs, mask=mask, other=0)
-        if F16:
+        if FP8_MMA:
+            values = raw.to(tl.float8e4nv, bitcast=True)
+        elif F16:
             values = raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
         else:
             values = e4m3_to_bf16(raw, HW_FP8)
@@ -53,13 +56,22 @@ def _load_operand(ptrs, mask, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, F16: t
 
 
 @triton.jit
+def _scores(a, b, FP8_MMA: tl.constexpr, ACC_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b in float32: bf16/f16 MMAs (exact products, float32 sums), or with FP8_MMA e4m3 MMAs whose partial sums
+    are added into float32 every ACC_K of the inner dimension (Hopper's e4m3 MMA keeps about 14 bits inside)."""
+    if FP8_MMA and not INTERPRET:
+        return tl.dot(a, b, max_num_imprecise_acc=ACC_K)
+    return mma(a, b, INTERPRET)
+
+
+@triton.jit
 def _indexer_logits_kernel(
         Q, K, QScale, KScale, Weights, KStart, KEnd, BlockTable, Seqlens, Out,
         stride_qb, stride_qt, stride_qh, stride_k_block, stride_k_row, stride_wb, stride_wt, stride_bt,
         stride_ob, stride_ot, S_Q, H_I, NUM_KEYS, keys_per_split,
         PAGED: tl.constexpr, Q_FP8: tl.constexpr, K_FP8: tl.constexpr, K_SCALED: tl.constexpr, HW_FP8: tl.constexpr,
         BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_I: tl.constexpr, PAGE: tl.constexpr,
-        INTERPRET: tl.constexpr, KEYS_M: tl.constexpr, F16: tl.constexpr):
+        INTERPRET: tl.constexpr, KEYS_M: tl.constexpr, F16: tl.constexpr, FP8_MMA: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_Q * H_PAD
     batch = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -84,12 +96,15 @@ def _indexer_logits_kernel(
     tile_hi = tl.max(hi, 0)
 
     q_offsets = batch * stride_qb + row_queries * stride_qt + heads * stride_qh
-    q = _load_operand(Q + q_offsets[:, None] + cols[None, :], row_mask[:, None], Q_FP8, HW_FP8, F16)
+    q = _load_operand(Q + q_offsets[:, None] + cols[None, :], row_mask[:, None], Q_FP8, HW_FP8, F16, FP8_MMA)
     weights = tl.load(Weights + batch * stride_wb + row_queries * stride_wt + heads, mask=row_mask, other=0.0)
     if Q_FP8:  # relu(s * x) w = relu(sign(s) x) |s| w: the sign to q (exact), the magnitude to the weights
         q_scale = tl.load(QScale + batch * stride_wb + row_queries * stride_wt + heads, mask=row_mask, other=0.0)
-        # (through float32, exact: the CPU interpreter mis-negates bf16)
-        q = tl.where(q_scale[:, None] < 0, -q.to(tl.float32), q.to(tl.float32)).to(q.dtype)
+        if FP8_MMA:  # e4m3: the sign bit
+            sign = tl.where(q_scale[:, None] < 0, 0x80, 0).to(tl.uint8)
+            q = (q.to(tl.uint8, bitcast=True) ^ sign).to(tl.float8e4nv, bitcast=True)
+        else:  # through float32, exact: the CPU interpreter mis-negates bf16
+            q = tl.where(q_scale[:, None] < 0, -q.to(tl.float32), q.to(tl.float32)).to(q.dtype)
         weights = weights * tl.abs(q_scale)
 
     out_rows = Out + batch * stride_ob + queries.to(tl.int64) * stride_ot
@@ -104,15 +119,16 @@ def _indexer_logits_kernel(
                 k_offsets = block * stride_k_block + (keys % PAGE) * stride_k_row
             else:
                 k_offsets = keys.to(tl.int64) * stride_k_row
-            k = _load_operand(K + k_offsets[:, None] + cols[None, :], key_mask[:, None], K_FP8, HW_FP8, F16)
+            k = _load_operand(K + k_offsets[:, None] + cols[None, :], key_mask[:, None], K_FP8, HW_FP8, F16,
+                              FP8_MMA)
             if K_SCALED:
                 if PAGED:  # the token's float32 scale follows its d_i bytes
                     k_scale = tl.load((K + k_offsets + D_I).to(tl.pointer_type(tl.float32), bitcast=True),
                                       mask=key_mask, other=0.0)
-                else:  # prefill: |scale| (its sign is in the widened keys), applied after the sum over heads
+                else:  # prefill: |scale| (its sign is in the keys), applied after the sum over heads
                     k_scale = tl.load(KScale + keys, mask=key_mask, other=0.0)
             if KEYS_M:  # keys x (query, head): the sum over heads stays within a row's lanes
-                scores = mma(k, tl.trans(q), INTERPRET)
+                scores = _scores(k, tl.trans(q), FP8_MMA, min(32, D_I), INTERPRET)
                 if K_SCALED and PAGED:
                     scores = scores * k_scale[:, None]
                 weighted = tl.maximum(scores, 0.0) * weights[None, :]
@@ -122,7 +138,7 @@ def _indexer_logits_kernel(
                 visible = (keys[:, None] >= lo[None, :]) & (keys[:, None] < hi[None, :])
                 logits = tl.where(visible, logits, float("-inf"))
             else:
-                scores = mma(q, tl.trans(k), INTERPRET)
+                scores = _scores(q, tl.trans(k), FP8_MMA, min(32, D_I), INTERPRET)
                 if K_SCALED and PAGED:
                     scores = scores * k_scale[None, :]
                 weighted = tl.maximum(scores, 0.0) * weights[:, None]
@@ -147,12 +163,18 @@ class LogitsConfig:
     """Tiles of the logits kernel: `block_q` queries (times the heads padded to a power of two: the MMA's query
     rows) and `block_n` keys per step; `keys_m`: the keys are the MMA's M side and the (query, head) pairs its N side,
     so each key's sum over heads is within the lanes that hold its row, else the (query, head) pairs are M and the sum
-    crosses warps. `block_q` is capped at the padded query count and raised to 16 MMA rows."""
+    crosses warps. `block_q` is capped at the padded query count and raised to 16 MMA rows. `fp8_mma` (opt-in, not
+    yet timed or measured for accuracy on a GPU): FP8 q and keys go to e4m3 MMAs as they are, partial sums added into
+    float32 every 32 of d_i; less exact than the default (Hopper keeps about 14 bits inside an e4m3 MMA: errors of 2
+    to 4e-5 of the largest logit on the H100 without the float32 adds), where the default's bf16/f16 products are
+    exact. Taken only for FP8 q and keys, on GPUs that convert e4m3 (sm_89+), with d_i a multiple of 32; else the
+    default's MMAs."""
     block_q: int = 2
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
     keys_m: bool = True
+    fp8_mma: bool = False
 
 
 def default_logits_config(h_pad: int, paged: bool = False, fp8_cache: bool = False) -> LogitsConfig:
@@ -178,13 +200,17 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
     k_scaled = k_fp8
     # FP8 q and keys: f16 MMAs (e4m3 -> f16 is one conversion per pair, to bf16 more), where the GPU converts e4m3
     f16 = q_fp8 and k_fp8 and hardware_fp8(q.device)
-    if k_fp8 and not paged:
+    h_pad = triton.next_power_of_2(h_i)
+    config = config or default_logits_config(h_pad, paged, k_fp8)
+    fp8_mma = config.fp8_mma and f16 and d_i % 32 == 0
+    if fp8_mma and not paged:  # the keys stay e4m3: a negative scale's sign goes to the key's sign bits (exact)
+        raw = keys.view(torch.uint8)
+        keys, k_scale = torch.where(k_scale[None, :, None] < 0, raw ^ 0x80, raw), k_scale.abs()
+    elif k_fp8 and not paged:
         # Every program reads every key tile: widened once here (exactly) instead of in each program, with each key's
         # scale's sign (relu(s x) = |s| relu(sign(s) x): the kernel applies |s| after the sum over heads)
         keys = keys.view(torch.float8_e4m3fn).to(torch.float16 if f16 else torch.bfloat16)
         keys, k_scale, k_fp8 = torch.where(k_scale[None, :, None] < 0, -keys, keys), k_scale.abs(), False
-    h_pad = triton.next_power_of_2(h_i)
-    config = config or default_logits_config(h_pad, paged, k_fp8)
     block_q = min(config.block_q, triton.next_power_of_2(s_q))
     block_q = max(block_q, 16 // min(h_pad, 16))  # an MMA needs 16 rows
     block_n = config.block_n
@@ -207,7 +233,7 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
         s_q, h_i, num_keys, keys_per_split,
         PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hardware_fp8(q.device), BLOCK_Q=block_q,
         H_PAD=h_pad, BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, KEYS_M=config.keys_m,
-        F16=f16, num_warps=config.num_warps, num_stages=config.num_stages)
+        F16=f16, FP8_MMA=fp8_mma, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
