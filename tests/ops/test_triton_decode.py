@@ -9,6 +9,7 @@ import pytest
 import torch
 from decode_inputs import (DEVICE, assert_decode_close, assert_rows_close, check_dense_decode_op_replays_in_cuda_graph,
                            huge_and_small_scale_inputs, make_inputs, poison_allocator)
+from triton_recording import RecordingKernel
 
 from flashmla_ops import reference
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
@@ -141,19 +142,6 @@ def test_triton_balanced_schedule_matches_reference(seqlens, s_q, h_q, causal, i
 def test_triton_balanced_schedule_computes_its_own_metadata():
     config = dataclasses.replace(triton_decode.default_config(3, 16, torch.device(DEVICE)), schedule="balanced")
     run_and_compare([300, 1, 90], 1, 16, causal=False, is_fp8=False, sink=False, config=config)
-
-
-class RecordingKernel:
-    """A Triton kernel that records the options of each launch."""
-
-    def __init__(self, kernel):
-        self.kernel, self.options = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **options):
-            self.options.append(options)
-            return self.kernel[grid](*args, **options)
-        return launch
 
 
 def f16_products_ran(monkeypatch):

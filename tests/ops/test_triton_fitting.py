@@ -11,9 +11,10 @@ import pytest
 triton_common = pytest.importorskip("flashmla_ops.triton.common", exc_type=ImportError)
 from flashmla_ops.triton import decode as triton_decode  # noqa: E402
 from flashmla_ops.triton import sparse as triton_sparse  # noqa: E402
-from test_triton_decode import RecordingKernel, run_and_compare  # noqa: E402
+from test_triton_decode import run_and_compare  # noqa: E402
 from test_triton_sparse import run_decode, run_prefill  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
+from triton_recording import RecordingKernel  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

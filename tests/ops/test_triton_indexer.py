@@ -8,6 +8,7 @@ ties, -inf, rows shorter than k, and the block-table translation to flat slots.
 """
 import pytest
 import torch
+from triton_recording import RecordingKernel
 
 from flashmla_ops.indexer import indexer_logits_paged_reference, indexer_logits_reference, indexer_topk_reference
 from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_index_fp8_reference
@@ -104,19 +105,6 @@ def test_triton_indexer_logits_negative_and_zero_scales(config):
     paged = (q, cache, weights, block_table, seqlens, q_scale)
     assert_logits_close(triton_indexer.indexer_logits_paged(*paged, config=config),
                         indexer_logits_paged_reference(*paged), band(config, True))
-
-
-class RecordingKernel:
-    """A Triton kernel that records the options of each launch."""
-
-    def __init__(self, kernel):
-        self.kernel, self.options = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **options):
-            self.options.append(options)
-            return self.kernel[grid](*args, **options)
-        return launch
 
 
 @pytest.mark.parametrize("q_fp8,k_fp8,d_i,hardware,takes", [(True, True, 32, True, True), (True, True, 16, True, False),
