@@ -190,6 +190,10 @@ def tune(device, chosen):
             products = {dataclasses.replace(config, fp8_f16=f16) for config in (*alike, *wider)
                         for f16 in (True, False)}
             candidates |= products | {dataclasses.replace(config, prefetch=True) for config in products}
+            if default.block_h <= 16:  # 16-token tiles: 171 registers, or 168 (3 programs per SM) with maxnreg
+                candidates |= {dataclasses.replace(default, block_n=16, prefetch=True, fp8_f16=True,
+                                                   programs_per_sm=programs_per_sm, maxnreg=maxnreg)
+                               for programs_per_sm in (2, 3, 4) for maxnreg in (None, 168)}
         for config in sorted(candidates, key=str):
             def op(q, cache, block_table, config=config):
                 return triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,

@@ -316,7 +316,10 @@ class LaunchConfig:
     split into the same number of equal shares, by shape alone) or "balanced" (the batch's 64-token blocks divided
     evenly over the programs by `get_mla_metadata`, whatever the mix of lengths); `fp8_f16`: an FP8 cache's products
     in f16 instead of bf16 (see the module's docstring); `prefetch`: an FP8 cache's next tile of latent bytes loaded
-    into registers while the current tile's products run (the default up to 16 rows, see default_config)."""
+    into registers while the current tile's products run (the default up to 16 rows, see default_config); `maxnreg`:
+    a cap on registers per thread (None: the compiler's choice), so that more programs fit an SM's 64K registers:
+    compiled for sm_90, FP8 16 x 16 tiles with the f16 products and the prefetch take 171 registers (two programs of
+    4 warps per SM), capped at 168 (three) they keep 24 bytes of stack (opt-in, not yet timed)."""
     block_h: int
     block_n: int
     num_warps: int
@@ -325,6 +328,7 @@ class LaunchConfig:
     schedule: str = "uniform"
     fp8_f16: bool = False
     prefetch: bool = False
+    maxnreg: int | None = None
 
 
 def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = False) -> LaunchConfig:
@@ -397,6 +401,8 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
                       D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, F16=config.fp8_f16 and is_fp8,
                       PREFETCH=config.prefetch and is_fp8,
                       num_warps=config.num_warps, num_stages=config.num_stages, **variant)
+        if config.maxnreg is not None:
+            common["maxnreg"] = config.maxnreg
         if config.schedule == "balanced":
             metadata, splits = tile_scheduler_metadata, num_splits
             if metadata is None or splits is None:

@@ -214,6 +214,20 @@ def test_triton_fp8_prefetch_matches_reference(monkeypatch, schedule, hardware, 
     assert recording.options and all(options["PREFETCH"] for options in recording.options)
 
 
+def test_triton_fp8_prefetch_16_token_tiles_with_a_register_cap(monkeypatch):
+    """The tune's candidate for three programs per SM: 16-token tiles, the prefetch, f16 products, `maxnreg` 168,
+    passed to the launch as given. Lengths ending mid-tile and a single token, causal s_q 2, several splits."""
+    recording = RecordingKernel(triton_decode._dense_decode_split_kernel)
+    monkeypatch.setattr(triton_decode, "_dense_decode_split_kernel", recording)
+    seqlens = [1, 45, 230]
+    config = dataclasses.replace(f16_config(len(seqlens), 32), block_n=16, prefetch=True, maxnreg=168,
+                                 programs_per_sm=3)
+    run_and_compare(seqlens, 2, 16, causal=True, is_fp8=True, sink=False, config=config)
+    assert recording.options
+    assert all(options["maxnreg"] == 168 and options["BLOCK_N"] == 16 and options["PREFETCH"]
+               for options in recording.options)
+
+
 @pytest.mark.parametrize("q_exponent", [-60, -30, 20])
 def test_triton_fp8_f16_products_hold_ranges_past_f16(monkeypatch, q_exponent):
     """f16 holds 2**-24 .. 65504, bf16 all of float32's exponents. Queries of magnitude 2**q_exponent (2**-60 and
