@@ -8,6 +8,7 @@ CUDA-graph replays (bench_decode.py's timing). Writes JSON and a PNG.
     python scripts/bench_indexer.py                                  # default backend (fastest available)
     python scripts/bench_indexer.py --backend triton --out bench/indexer_triton
     python scripts/bench_indexer.py --backend triton --tune --rows "logits fp8"   # tile configs, then the rows
+    python scripts/bench_indexer.py --topk --rows none      # the Triton top-k kernel against the op's torch.topk
 """
 import argparse
 import dataclasses
@@ -130,6 +131,27 @@ def tune(device, chosen):
     return results
 
 
+TOPK_ROWS = [(128, 32768), (128, 131072), (4096, 32768)]  # (rows, keys), topk 2048
+
+
+def time_topk(device):
+    """The Triton top-k kernel against torch.topk (the op's path), topk 2048 of random logits with a -inf tail."""
+    from flashmla_ops.triton import indexer as triton_indexer
+
+    results = []
+    for rows, keys in TOPK_ROWS:
+        logits = torch.randn(rows, keys, device=device)
+        logits[:, keys - keys // 8:] = float("-inf")  # the unseen tail of a paged row
+        triton_ms = time_ms(lambda x: triton_indexer.indexer_topk(x, 2048), [(logits,)])
+        torch_ms = time_ms(lambda x: torch.ops.flashmla.indexer_topk(x, 2048, None), [(logits,)])
+        results.append({"rows": rows, "keys": keys, "topk": 2048, "triton_us": triton_ms * 1e3,
+                        "op_us": torch_ms * 1e3})
+        print(f"topk 2048 of {rows} x {keys}: triton {triton_ms * 1e3:9.1f} us, the op (torch.topk) "
+              f"{torch_ms * 1e3:9.1f} us ({torch_ms / triton_ms:.2f}x)")
+        del logits
+    return results
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -152,6 +174,7 @@ def main():
     parser.add_argument("--out", default="bench/indexer", help="output prefix for .json and .png")
     parser.add_argument("--rows", default="", help="comma-separated substrings: only the rows whose name has one")
     parser.add_argument("--tune", action="store_true", help="time the Triton logits kernel's tile configs first")
+    parser.add_argument("--topk", action="store_true", help="also time the Triton top-k kernel against the op's")
     args = parser.parse_args()
     device = bench_device(args.backend, "bench_indexer.py")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: "
@@ -173,7 +196,8 @@ def main():
         results.append(row)
         print(f"{name:36} {row['time_us']:9.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} {row.get('target', '-'):>12}"
               f" {fmt(row.get('vs_target'), 2):>9} {fmt(row.get('speedup_vs_reference'), 1):>7}")
-    save_results(args.out, args.backend, results, plot, tuning=tuned)
+    topk = time_topk(device) if args.topk else []
+    save_results(args.out, args.backend, results, plot, tuning=tuned, topk=topk)
 
 
 if __name__ == "__main__":

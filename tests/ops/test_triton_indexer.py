@@ -184,6 +184,20 @@ def test_triton_indexer_topk_ties_inf_and_short_rows():
             assert torch.equal(chosen_ties.long(), all_ties[:chosen_ties.numel()])
 
 
+def test_triton_indexer_topk_keys_apart_in_their_last_bits():
+    """The radix select reads the keys' bits 8 at a time from the top: keys one float step apart (the same top 24
+    bits), both signs, a spread of exponents, and k falling inside each digit."""
+    generator = torch.Generator().manual_seed(11)
+    steps = torch.randperm(300, generator=generator)
+    logits = torch.empty(4, 300)
+    logits[0] = 1.0 + steps * 2.0 ** -23  # one float step apart
+    logits[1] = torch.where(steps % 2 == 0, 1.0, -1.0) * (1.0 + (steps // 2) * 2.0 ** -23)
+    logits[2] = torch.ldexp(torch.ones(300), (steps % 60 - 30).int()) * torch.where(steps % 3 == 0, -1.0, 1.0)
+    logits[3] = (steps % 7).float() * 2.0 ** -20 - 3.0  # ties among keys apart in the last bits
+    for topk in (1, 2, 150, 255, 256, 257, 299):
+        assert_topk_matches(logits.to(DEVICE), topk)
+
+
 def test_triton_indexer_topk_paged_block_table():
     """With a block table: the same selection as without, each position translated to its flat cache slot."""
     generator = torch.Generator().manual_seed(5)
