@@ -80,10 +80,9 @@ def bench_row(kind, rows, keys, h_i, d_i, fp8, device, with_reference):
 
 
 def tune(device, chosen):
-    """Time the Triton logits kernel's tile configs on the chosen rows: the default, the (query, head) pairs as the
-    MMA's M side (the default before stop 20), and the keys as M at 1-4 queries by 64 or 128 keys, 4 or 8 warps, 2 or
-    3 stages (the default among them: timed twice), on FP8 rows also with the e4m3 MMAs (`fp8_mma`), whose largest
-    error against the default's logits is printed as a fraction of the largest logit."""
+    """Time the Triton logits kernel's tile configs on the chosen rows: the default, then 1-4 queries by 64 or 128
+    keys, 4 or 8 warps, 2 or 3 stages (the default among them: timed twice), on FP8 rows also with the e4m3 MMAs
+    (`fp8_mma`), whose largest error against the default's logits is printed as a fraction of the largest logit."""
     from flashmla_ops.triton import indexer as triton_indexer
 
     results = []
@@ -92,10 +91,9 @@ def tune(device, chosen):
             continue
         _, sets, flops, _ = make_call(kind, rows, keys, h_i, d_i, fp8, device)
         default = triton_indexer.default_logits_config(triton.next_power_of_2(h_i), kind == "paged", fp8)
-        candidates = [default, triton_indexer.LogitsConfig(block_q=2, block_n=64, num_warps=8, num_stages=2,
-                                                           keys_m=False)]
+        candidates = [default]
         candidates += [triton_indexer.LogitsConfig(block_q=block_q, block_n=block_n, num_warps=warps,
-                                                   num_stages=stages, keys_m=True, fp8_mma=fp8_mma)
+                                                   num_stages=stages, fp8_mma=fp8_mma)
                        for block_q in (1, 2, 4) for block_n in (64, 128) for warps in (4, 8) for stages in (2, 3)
                        for fp8_mma in ((False, True) if fp8 else (False,))
                        if block_q * h_i * block_n <= 128 * 32 * warps]  # at most 128 accumulator registers

@@ -6,16 +6,17 @@ Each key tile is multiplied by every (query, head) pair (`BLOCK_Q * H_PAD` of th
     logits[t, n] = sum_h weights[t, h] * relu(s[n, (t, h)])              (a reshape and a sum over the heads)
 and -inf where key n is outside query t's range (`[k_start, k_end)`, or `[0, L - s_q + t]` paged). The FP8 scales go
 in as relu(s x) = |s| relu(sign(s) x): their signs to q and the prefill keys (exact), |q_scale| to the weights, and a
-prefill key's |k_scale| multiplies its logits after the sum over heads (a paged key's scale multiplies s). By default
-(`LogitsConfig.keys_m`) the keys are the MMA's M side and the (query, head) pairs its N side: a key's row of the
-accumulator lies in the lanes of one warp, so the sum over heads needs no shared memory (compiled for sm_90: one
-layout conversion, for the store, against five with the pairs as M). Tiles that no query of the program sees are
-stored as -inf without loads or MMAs. FP8 q and k are widened (exactly) to f16 for f16 MMAs, or to bf16 where only
-one of them is FP8 or the GPU has no e4m3 conversion (before sm_89): Hopper's e4m3 MMA aligns its products to a
-shared exponent with about 14 bits kept, which the H100 run showed as errors of 2 to 4e-5 of the largest logit, past
-the tests' 2e-5 band (float32 accumulation order). Prefill keys are widened once before the launch (every program
-reads every key tile; 8 MB for 32k keys), q and paged keys in the kernel. Paged keys are gathered through the block
-table from the bf16 `(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` index cache.
+prefill key's |k_scale| multiplies its logits after the sum over heads (a paged key's scale multiplies s). The keys
+are the MMA's M side and the (query, head) pairs its N side: a key's row of the accumulator lies in the lanes of one
+warp, so the sum over heads needs no shared memory (compiled for sm_90: one layout conversion, for the store, against
+five with the pairs as M, the kernel before stop 20, which took 2x the time). Tiles that no query of the program sees
+are stored as -inf without loads or MMAs. FP8 q and k are widened (exactly) to f16 for f16 MMAs, or to bf16 where only
+one of them is FP8 or the GPU has no e4m3 conversion (before sm_89): Hopper's e4m3 MMA aligns its products to a shared
+exponent with about 14 bits kept, which the H100 run showed as errors of 2 to 4e-5 of the largest logit, past the
+tests' 2e-5 band (float32 accumulation order); `LogitsConfig.fp8_mma` takes it, opt-in. Prefill keys are widened once
+before the launch (every program reads every key tile; 8 MB for 32k keys), q and paged keys in the kernel. Paged keys
+are gathered through the block table from the bf16 `(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` index
+cache.
 
 Top-k. One program per row, correctness first: the k-th largest logit is found by a radix select over the float
 bits (as order-preserving uint32), 8 bits a pass from the top, each pass a histogram of the next digit over the keys
@@ -72,7 +73,7 @@ def _indexer_logits_kernel(
         stride_ob, stride_ot, S_Q, H_I, NUM_KEYS, keys_per_split,
         PAGED: tl.constexpr, Q_FP8: tl.constexpr, K_FP8: tl.constexpr, K_SCALED: tl.constexpr, HW_FP8: tl.constexpr,
         BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_I: tl.constexpr, PAGE: tl.constexpr,
-        INTERPRET: tl.constexpr, KEYS_M: tl.constexpr, F16: tl.constexpr, FP8_MMA: tl.constexpr):
+        INTERPRET: tl.constexpr, F16: tl.constexpr, FP8_MMA: tl.constexpr):
     ROWS: tl.constexpr = BLOCK_Q * H_PAD
     batch = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -128,43 +129,26 @@ def _indexer_logits_kernel(
                                       mask=key_mask, other=0.0)
                 else:  # prefill: |scale| (its sign is in the keys), applied after the sum over heads
                     k_scale = tl.load(KScale + keys, mask=key_mask, other=0.0)
-            if KEYS_M:  # keys x (query, head): the sum over heads stays within a row's lanes
-                scores = _scores(k, tl.trans(q), FP8_MMA, min(32, D_I), INTERPRET)
-                if K_SCALED and PAGED:
-                    scores = scores * k_scale[:, None]
-                weighted = tl.maximum(scores, 0.0) * weights[None, :]
-                logits = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_Q, H_PAD)), 2)
-                if K_SCALED and not PAGED:
-                    logits = logits * k_scale[:, None]
-                visible = (keys[:, None] >= lo[None, :]) & (keys[:, None] < hi[None, :])
-                logits = tl.where(visible, logits, float("-inf"))
-            else:
-                scores = _scores(q, tl.trans(k), FP8_MMA, min(32, D_I), INTERPRET)
-                if K_SCALED and PAGED:
-                    scores = scores * k_scale[None, :]
-                weighted = tl.maximum(scores, 0.0) * weights[:, None]
-                logits = tl.sum(tl.reshape(weighted, (BLOCK_Q, H_PAD, BLOCK_N)), 1)
-                if K_SCALED and not PAGED:
-                    logits = logits * k_scale[None, :]
-                visible = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
-                logits = tl.where(visible, logits, float("-inf"))
-        elif KEYS_M:
+            # keys x (query, head): a key's sum over heads stays within its row's lanes
+            scores = _scores(k, tl.trans(q), FP8_MMA, min(32, D_I), INTERPRET)
+            if K_SCALED and PAGED:
+                scores = scores * k_scale[:, None]
+            weighted = tl.maximum(scores, 0.0) * weights[None, :]
+            logits = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_Q, H_PAD)), 2)
+            if K_SCALED and not PAGED:
+                logits = logits * k_scale[:, None]
+            visible = (keys[:, None] >= lo[None, :]) & (keys[:, None] < hi[None, :])
+            logits = tl.where(visible, logits, float("-inf"))
+        else:
             logits = tl.full([BLOCK_N, BLOCK_Q], float("-inf"), dtype=tl.float32)
-        else:
-            logits = tl.full([BLOCK_Q, BLOCK_N], float("-inf"), dtype=tl.float32)
-        if KEYS_M:
-            tl.store(out_rows[None, :] + keys[:, None], logits,
-                     mask=query_mask[None, :] & (keys < NUM_KEYS)[:, None])
-        else:
-            tl.store(out_rows[:, None] + keys[None, :], logits, mask=query_mask[:, None] & (keys < NUM_KEYS)[None, :])
+        tl.store(out_rows[None, :] + keys[:, None], logits, mask=query_mask[None, :] & (keys < NUM_KEYS)[:, None])
 
 
 @dataclass(frozen=True)
 class LogitsConfig:
-    """Tiles of the logits kernel: `block_q` queries (times the heads padded to a power of two: the MMA's query
-    rows) and `block_n` keys per step; `keys_m`: the keys are the MMA's M side and the (query, head) pairs its N side,
-    so each key's sum over heads is within the lanes that hold its row, else the (query, head) pairs are M and the sum
-    crosses warps. `block_q` is capped at the padded query count and raised to 16 MMA rows. `fp8_mma` (opt-in, not
+    """Tiles of the logits kernel: `block_q` queries (times the heads padded to a power of two: the MMA's N side) and
+    `block_n` keys per step (its M side). `block_q` is capped at the padded query count and raised to 16 MMA columns.
+    `fp8_mma` (opt-in, not
     yet timed or measured for accuracy on a GPU): FP8 q and keys go to e4m3 MMAs as they are, partial sums added into
     float32 every 32 of d_i; less exact than the default (Hopper keeps about 14 bits inside an e4m3 MMA: errors of 2
     to 4e-5 of the largest logit on the H100 without the float32 adds), where the default's bf16/f16 products are
@@ -174,14 +158,13 @@ class LogitsConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    keys_m: bool = True
     fp8_mma: bool = False
 
 
 def default_logits_config(h_pad: int, paged: bool = False, fp8_cache: bool = False) -> LogitsConfig:
-    """The keys as M, 4 warps, 128 (query, head) columns; 64 keys a step, 128 for a paged bf16 cache. From
-    `bench_indexer.py --tune` on the H200 (stop 20, docs/bench/stop20_call2_indexer_tune.log), against the
-    (query, head) pairs as M (2 x 64 rows by 64 keys, 8 warps): prefill bf16 s_q 4096 h64 32k keys 4703.9 against
+    """4 warps, 128 (query, head) columns; 64 keys a step, 128 for a paged bf16 cache. From
+    `bench_indexer.py --tune` on the H200 (stop 20, docs/bench/stop20_call2_indexer_tune.log), against the kernel
+    before, with the (query, head) pairs as M (2 x 64 rows by 64 keys, 8 warps): prefill bf16 s_q 4096 h64 32k keys 4703.9 against
     9715.5 us; paged b128 h64 32k: bf16 cache 299.4 against 448.9 (64 keys 359.6), FP8 cache 534.4 against 890.1
     (128 keys 1067.2); 8 warps were slower on each. With the scales folded and prefill keys widened before the
     launch (call 4, stop20_call4_indexer.log) the FP8 prefill row runs as the bf16 one: 4667.1 us, 4 queries with 8
@@ -233,8 +216,8 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
         block_table.stride(0) if block_table is not None else 0, out.stride(0), out.stride(1),
         s_q, h_i, num_keys, keys_per_split,
         PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hardware_fp8(q.device), BLOCK_Q=block_q,
-        H_PAD=h_pad, BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, KEYS_M=config.keys_m,
-        F16=f16, FP8_MMA=fp8_mma, num_warps=config.num_warps, num_stages=config.num_stages)
+        H_PAD=h_pad, BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, F16=f16, FP8_MMA=fp8_mma,
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 

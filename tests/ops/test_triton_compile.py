@@ -69,23 +69,23 @@ KV_CACHE_WRITE = {
     "fp8-hw": dict(HAS_SLOTS=False, IS_FP8=True, HW_FP8=True),
     "fp8-integer-slots": dict(HAS_SLOTS=True, IS_FP8=True, HW_FP8=False),
 }
-def _logits(paged, q_fp8, k_fp8, k_scaled, hw_fp8, block_q, h_pad, block_n, keys_m, f16=False, fp8_mma=False):
+def _logits(paged, q_fp8, k_fp8, k_scaled, hw_fp8, block_q, h_pad, block_n, f16=False, fp8_mma=False):
     return dict(PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hw_fp8, BLOCK_Q=block_q, H_PAD=h_pad,
-                BLOCK_N=block_n, D_I=128, KEYS_M=keys_m, F16=f16, FP8_MMA=fp8_mma)
+                BLOCK_N=block_n, D_I=128, F16=f16, FP8_MMA=fp8_mma)
 
 
 # Prefill widens FP8 keys before the launch (K_FP8 False, K_SCALED True), paged FP8 keys are converted in the kernel;
-# FP8 q and keys with hardware conversion take f16 MMAs (F16)
+# FP8 q and keys with hardware conversion take f16 MMAs (F16), or with FP8_MMA (opt-in) e4m3 MMAs
 INDEXER_LOGITS = {
-    "bf16-prefill-keys-m": _logits(False, False, False, False, False, 2, 64, 64, True),  # the default
-    "fp8-hw-prefill-keys-m-f16": _logits(False, True, False, True, True, 4, 64, 128, True, True),
-    "fp8-integer-prefill": _logits(False, True, False, True, False, 2, 64, 64, False),
-    "fp8-hw-paged-keys-m-f16": _logits(True, True, True, True, True, 1, 64, 64, True, True),
-    "fp8-integer-paged": _logits(True, True, True, True, False, 2, 64, 64, False),
-    "bf16-q-fp8-cache-paged-keys-m": _logits(True, False, True, True, True, 1, 16, 128, True),
-    "bf16-paged": _logits(True, False, False, False, False, 1, 64, 64, False),
-    "fp8-mma-prefill-keys-m": _logits(False, True, True, True, True, 2, 64, 64, True, True, True),  # opt-in
-    "fp8-mma-paged": _logits(True, True, True, True, True, 1, 64, 64, False, True, True),
+    "bf16-prefill": _logits(False, False, False, False, False, 2, 64, 64),  # the default tiles
+    "fp8-hw-prefill-f16": _logits(False, True, False, True, True, 4, 64, 128, True),
+    "fp8-integer-prefill": _logits(False, True, False, True, False, 2, 64, 64),
+    "fp8-hw-paged-f16": _logits(True, True, True, True, True, 1, 64, 64, True),
+    "fp8-integer-paged": _logits(True, True, True, True, False, 2, 64, 64),
+    "bf16-q-fp8-cache-paged": _logits(True, False, True, True, True, 1, 16, 128),
+    "bf16-paged": _logits(True, False, False, False, False, 1, 64, 128),
+    "fp8-mma-prefill": _logits(False, True, True, True, True, 2, 64, 64, True, True),
+    "fp8-mma-paged": _logits(True, True, True, True, True, 1, 64, 64, True, True),
 }
 INDEXER_TOPK = {"flat": dict(HAS_BLOCK_TABLE=False, BLOCK=1024), "paged": dict(HAS_BLOCK_TABLE=True, BLOCK=1024)}
 KERNELS = {

@@ -68,12 +68,12 @@ def prefill_inputs(s_q, s_kv, h_i, d_i, q_fp8, k_fp8, generator):
     return q, k, weights, k_start.int().to(DEVICE), k_end.int().to(DEVICE), q_scale, k_scale
 
 
-# The default tiles (the keys as the MMA's M side), the (query, head) pairs as M, the keys as M at 4 queries by 128
-# keys (several queries per program: a padded last one), and the opt-in e4m3 MMAs (FP8 q and keys, d_i % 32 == 0)
-CONFIGS = [None, triton_indexer.LogitsConfig(block_q=2, block_n=64, num_warps=8, num_stages=2, keys_m=False),
-           triton_indexer.LogitsConfig(block_q=4, block_n=128, num_warps=8, keys_m=True),
+# The default tiles, one query by 128 keys with 2 stages, 4 queries by 128 keys with 8 warps (several queries per
+# program: a padded last one), and the opt-in e4m3 MMAs (FP8 q and keys, d_i % 32 == 0)
+CONFIGS = [None, triton_indexer.LogitsConfig(block_q=1, block_n=128, num_stages=2),
+           triton_indexer.LogitsConfig(block_q=4, block_n=128, num_warps=8),
            triton_indexer.LogitsConfig(fp8_mma=True)]
-CONFIG_IDS = ["default", "query-head-m-2x64", "keys-m-4x128", "fp8-mma"]
+CONFIG_IDS = ["default", "1x128", "4x128-8-warps", "fp8-mma"]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
