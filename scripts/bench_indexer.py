@@ -1,4 +1,4 @@
-"""Benchmark the DSA lightning indexer logits ops (packed prefill, paged decode), per backend.
+"""Benchmark the DSA lightning indexer logits ops (packed prefill, paged decode), per backend, and the top-k kernel.
 
 Prints per configuration: time, GB/s, TFLOP/s, the SPEC.md §5 target where there is one (indexer logits FP8: >= 60%
 of the FP8 matmul rate) and the speed-up over the reference op on the GPU. Logits FLOPs: `2 * s_q * h_i * keys * d_i`
