@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .._checks import last_dim_contiguous
 from ..decode import PAGE_BLOCK_SIZE
-from .common import INTERPRET, device_limits, e4m3_to_bf16, hardware_fp8, mma
+from .common import INTERPRET, device_limits, fp8_values, hardware_fp8, mma
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
@@ -43,15 +43,14 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 def _load_operand(ptrs, mask, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, F16: tl.constexpr,
                   FP8_MMA: tl.constexpr):
     """A bf16 (or, with F16, an f16) or e4m3 tile as an MMA operand: e4m3 as bf16, or with F16 as f16 (one
-    conversion per pair, hardware only), both exact, or with FP8_MMA as it is; a bf16 / f16 tile as it is."""
+    conversion per pair; the launch takes F16 only with hardware conversion), both exact (common.fp8_values), or with
+    FP8_MMA as it is; a bf16 / f16 tile as it is."""
     if IS_FP8:
         raw = tl.load(ptrs, mask=mask, other=0)
         if FP8_MMA:
             values = raw.to(tl.float8e4nv, bitcast=True)
-        elif F16:
-            values = raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
         else:
-            values = e4m3_to_bf16(raw, HW_FP8)
+            values = fp8_values(raw, HW_FP8, F16)
     else:
         values = tl.load(ptrs, mask=mask, other=0.0)
     return values
@@ -183,7 +182,8 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
     q_fp8, k_fp8 = q.dtype in FP8_DTYPES, keys.dtype in FP8_DTYPES
     k_scaled = k_fp8
     # FP8 q and keys: f16 MMAs (e4m3 -> f16 is one conversion per pair, to bf16 more), where the GPU converts e4m3
-    f16 = q_fp8 and k_fp8 and hardware_fp8(q.device)
+    hw_fp8 = hardware_fp8(q.device)
+    f16 = q_fp8 and k_fp8 and hw_fp8
     h_pad = triton.next_power_of_2(h_i)
     config = config or default_logits_config(h_pad, paged, k_fp8)
     fp8_mma = config.fp8_mma and f16 and d_i % 32 == 0
@@ -215,7 +215,7 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
         q.stride(0), q.stride(1), q.stride(2), k_view.stride(0), k_view.stride(1), weights.stride(0), weights.stride(1),
         block_table.stride(0) if block_table is not None else 0, out.stride(0), out.stride(1),
         s_q, h_i, num_keys, keys_per_split,
-        PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hardware_fp8(q.device), BLOCK_Q=block_q,
+        PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hw_fp8, BLOCK_Q=block_q,
         H_PAD=h_pad, BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, F16=f16, FP8_MMA=fp8_mma,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
