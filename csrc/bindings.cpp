@@ -16,6 +16,7 @@ std::vector<torch::Tensor> sparse_decode(const torch::Tensor& q, const torch::Te
                                          double softmax_scale, bool is_fp8, int64_t num_splits);
 std::vector<torch::Tensor> sparse_prefill(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& indices,
                                           const c10::optional<torch::Tensor>& topk_length, double softmax_scale);
+torch::Tensor indexer_topk(const torch::Tensor& logits, int64_t topk, const c10::optional<torch::Tensor>& block_table);
 }  // namespace flashmla
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -30,5 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "num_splits -> out, lse");
   m.def("sparse_prefill", &flashmla::sparse_prefill,
         "sparse MLA prefill over a flat BF16 kv (sm_90a): q, kv, indices, topk_length, scale -> out, max_logits, lse");
+  m.def("indexer_topk", &flashmla::indexer_topk,
+        "the topk largest logits of each row as int32 key positions (or flat cache slots through block_table), "
+        "ascending, -1 past the finite ones: logits, topk, block_table");
   m.def("write_kv_cache", &flashmla::write_kv_cache, "store latent + rope rows at flat slots (-1 skips)");
 }

@@ -20,7 +20,7 @@ PACKAGE_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CSRC_ENV = "FLASHMLA_CSRC"
 CSRC = Path(os.environ[CSRC_ENV]).resolve() if os.environ.get(CSRC_ENV) else PACKAGE_CSRC
 BACKEND_ENV = "FLASHMLA_BACKEND"
-SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu", "dense_decode_narrow.cu")
+SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu", "dense_decode_narrow.cu", "indexer_topk.cu")
 ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)  # the only architecture _unavailable_reason lets through
 
 
@@ -94,6 +94,7 @@ KERNELS = {
     "sparse_prefill": ("cuda", "triton"),
     "indexer_logits": ("triton",),
     "indexer_logits_paged": ("triton",),
+    "indexer_topk": ("cuda",),
     "routed_experts": ("triton",),
 }
 CHOICES = ("auto", "cuda", "triton", "reference")

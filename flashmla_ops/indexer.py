@@ -191,13 +191,20 @@ def indexer_topk_reference(logits, topk, block_table=None):
 @torch.library.custom_op("flashmla::indexer_topk", mutates_args=())
 def indexer_topk(logits: torch.Tensor, topk: int, block_table: torch.Tensor | None) -> torch.Tensor:
     """The `topk` highest-logit keys per row of `logits` `(..., num_keys)` float32, as int32 `(..., topk)`;
-    -1 where fewer than `topk` keys are finite. Order within a row is unspecified (ties broken arbitrarily).
+    -1 where fewer than `topk` keys are finite. Order within a row is unspecified (ties broken arbitrarily). The CUDA
+    kernel (csrc/indexer_topk.cu, a radix select) writes them in ascending key order, the ties at the threshold taken
+    from the lowest positions: the same indices in the same order on every run.
 
     Without block_table the indices are key positions (for `indexer_logits`: rows of the packed kv, ready for
     `sparse_prefill`). With block_table `(batch, max_blocks_per_seq)` and logits `(batch, s_q, num_keys)` they are
     flat cache slots `block_table[b, t // 64] * 64 + t % 64`, ready for `sparse_decode`.
     """
     _check_topk("indexer_topk", logits, topk, block_table)
+    num_keys = logits.shape[-1]
+    rows = logits.numel() // num_keys if num_keys else 0
+    if (_ext.backend("indexer_topk", logits.device) == "cuda" and max(num_keys, topk) < 1 << 30 and rows < 1 << 31):
+        table = block_table.contiguous() if block_table is not None else None
+        return _ext.extension().indexer_topk(logits.contiguous(), topk, table)
     return indexer_topk_reference(logits, topk, block_table)
 
 

@@ -1,4 +1,4 @@
-"""Benchmark the DSA lightning indexer logits ops (packed prefill, paged decode), per backend, and the top-k kernel.
+"""Benchmark the DSA lightning indexer logits ops (packed prefill, paged decode), per backend, and the top-k op.
 
 Prints per configuration: time, GB/s, TFLOP/s, the SPEC.md §5 target where there is one (indexer logits FP8: >= 60%
 of the FP8 matmul rate) and the speed-up over the reference op on the GPU. Logits FLOPs: `2 * s_q * h_i * keys * d_i`
@@ -8,7 +8,7 @@ CUDA-graph replays (bench_decode.py's timing). Writes JSON and a PNG.
     python scripts/bench_indexer.py                                  # default backend (fastest available)
     python scripts/bench_indexer.py --backend triton --out bench/indexer_triton
     python scripts/bench_indexer.py --backend triton --tune --rows "logits fp8"   # tile configs, then the rows
-    python scripts/bench_indexer.py --topk --rows none      # the Triton top-k kernel against the op's torch.topk
+    python scripts/bench_indexer.py --topk --rows none      # the op's top-k kernel against torch.topk
 """
 import argparse
 import dataclasses
@@ -133,19 +133,22 @@ TOPK_ROWS = [(128, 32768), (128, 131072), (4096, 32768)]  # (rows, keys), topk 2
 
 
 def time_topk(device):
-    """The Triton top-k kernel against torch.topk (the op's path), topk 2048 of random logits with a -inf tail."""
-    from flashmla_ops.triton import indexer as triton_indexer
+    """The op's top-k (on Hopper the CUDA radix select) against torch.topk (the reference), topk 2048 of random logits
+    with a -inf tail (the unseen end of a paged row); GB/s counts the logits read once and the indices written."""
+    from flashmla_ops.indexer import indexer_topk_reference
 
     results = []
+    print(f"indexer_topk: {flashmla_ops.backend('indexer_topk', device)}")
     for rows, keys in TOPK_ROWS:
         logits = torch.randn(rows, keys, device=device)
-        logits[:, keys - keys // 8:] = float("-inf")  # the unseen tail of a paged row
-        triton_ms = time_ms(lambda x: triton_indexer.indexer_topk(x, 2048), [(logits,)])
-        torch_ms = time_ms(lambda x: torch.ops.flashmla.indexer_topk(x, 2048, None), [(logits,)])
-        results.append({"rows": rows, "keys": keys, "topk": 2048, "triton_us": triton_ms * 1e3,
-                        "op_us": torch_ms * 1e3})
-        print(f"topk 2048 of {rows} x {keys}: triton {triton_ms * 1e3:9.1f} us, the op (torch.topk) "
-              f"{torch_ms * 1e3:9.1f} us ({torch_ms / triton_ms:.2f}x)")
+        logits[:, keys - keys // 8:] = float("-inf")
+        op_ms = time_ms(lambda x: torch.ops.flashmla.indexer_topk(x, 2048, None), [(logits,)])
+        torch_ms = time_ms(lambda x: indexer_topk_reference(x, 2048), [(logits,)])
+        gb_s = rows * (keys + 2048) * 4 / (op_ms * 1e-3) / 1e9
+        results.append({"rows": rows, "keys": keys, "topk": 2048, "op_us": op_ms * 1e3, "torch_topk_us": torch_ms * 1e3,
+                        "gb_s": gb_s})
+        print(f"topk 2048 of {rows} x {keys}: the op {op_ms * 1e3:9.1f} us ({gb_s:5.0f} GB/s), torch.topk "
+              f"{torch_ms * 1e3:9.1f} us ({torch_ms / op_ms:.2f}x the op's time)")
         del logits
     return results
 
@@ -172,7 +175,7 @@ def main():
     parser.add_argument("--out", default="bench/indexer", help="output prefix for .json and .png")
     parser.add_argument("--rows", default="", help="comma-separated substrings: only the rows whose name has one")
     parser.add_argument("--tune", action="store_true", help="time the Triton logits kernel's tile configs first")
-    parser.add_argument("--topk", action="store_true", help="also time the Triton top-k kernel against the op's")
+    parser.add_argument("--topk", action="store_true", help="also time the op's top-k against torch.topk")
     args = parser.parse_args()
     device = bench_device(args.backend, "bench_indexer.py")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: "

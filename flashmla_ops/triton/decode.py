@@ -345,13 +345,15 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
       3.9: 64 tokens with bf16 products spill 328 bytes a thread, 32 tokens 8, 32 tokens with f16 products 136);
     - and the next tile's latent bytes prefetched into registers (stop 20, docs/bench/stop20_call1.log): 1109.6 us
       against 1364.8 without, the fastest of the 32 configs timed on fp8 b128 h16 16k (bf16 products with the
-      prefetch 1161.3; 64-token tiles with it 1206.8 at 8 warps, 2928.0 at 4)."""
+      prefetch 1161.3; 64-token tiles with it 1206.8 at 8 warps, 2928.0 at 4), with 3 stages (stop 21,
+      docs/bench/stop21_call1.log): 1035.7 against 1110.8 us with 2; 16-token tiles at 3 programs per SM (168
+      registers, `maxnreg`) 1182.6."""
     multiprocessors, shared_memory = device_limits(device)
     block_n = 64 if shared_memory >= 200 * 1024 else 32
     if rows <= 16:
         programs_per_sm = 2 if batch >= 8 else 1
         if is_fp8:
-            return LaunchConfig(block_h=16, block_n=32, num_warps=4, num_stages=2, programs_per_sm=programs_per_sm,
+            return LaunchConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, programs_per_sm=programs_per_sm,
                                 fp8_f16=True, prefetch=True)
         return LaunchConfig(block_h=16, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=programs_per_sm)
     if rows >= 64 and batch * triton.cdiv(rows, 64) >= multiprocessors:

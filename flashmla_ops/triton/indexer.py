@@ -1,6 +1,8 @@
-"""The DSA lightning indexer in Triton: logits (packed prefill and paged decode) and the per-row top-k.
+"""The DSA lightning indexer's logits in Triton (packed prefill and paged decode). The top-k is csrc/indexer_topk.cu's
+(Hopper) or torch.topk's: a Triton radix select (stop 20) took 2.6x to 5x torch.topk's time on the H200 (stop 21,
+docs/bench/stop21_call1.log) and was removed.
 
-Logits. A program owns `BLOCK_Q` queries of one sequence and walks `BLOCK_N`-key tiles of its share of the keys.
+A program owns `BLOCK_Q` queries of one sequence and walks `BLOCK_N`-key tiles of its share of the keys.
 Each key tile is multiplied by every (query, head) pair (`BLOCK_Q * H_PAD` of them), so it is loaded once for all:
     s[n, (t, h)] = q_scale[t, h] * k_scale[n] * (k[n] . q[t, h])          (scales only for FP8)
     logits[t, n] = sum_h weights[t, h] * relu(s[n, (t, h)])              (a reshape and a sum over the heads)
@@ -17,14 +19,6 @@ tests' 2e-5 band (float32 accumulation order); `LogitsConfig.fp8_mma` takes it, 
 before the launch (every program reads every key tile; 8 MB for 32k keys), q and paged keys in the kernel. Paged keys
 are gathered through the block table from the bf16 `(num_blocks, 64, d_i)` or FP8 `(num_blocks, 64, d_i + 4)` index
 cache.
-
-Top-k. One program per row, correctness first: the k-th largest logit is found by a radix select over the float
-bits (as order-preserving uint32), 8 bits a pass from the top, each pass a histogram of the next digit over the keys
-that share the digits found so far; then one pass writes the keys above it and, in index order, the first keys equal
-to it (ties go to the lowest index), and -1 for the rest. That reads each row 6 times (from L2 for rows up to 128k
-keys). Not dispatched: the op keeps torch.topk until this is timed. The binary search it replaces (32 passes, 35
-reads of each row) was slower than torch.topk on the H100 (0.8x at 128 rows of 32k keys, 0.1x at 128k keys, 0.3x at
-4096 rows of 32k, topk 2048, through the op on 2026-11-25).
 """
 from dataclasses import dataclass
 
@@ -147,12 +141,12 @@ def _indexer_logits_kernel(
 class LogitsConfig:
     """Tiles of the logits kernel: `block_q` queries (times the heads padded to a power of two: the MMA's N side) and
     `block_n` keys per step (its M side). `block_q` is capped at the padded query count and raised to 16 MMA columns.
-    `fp8_mma` (opt-in, not
-    yet timed or measured for accuracy on a GPU): FP8 q and keys go to e4m3 MMAs as they are, partial sums added into
-    float32 every 32 of d_i; less exact than the default (Hopper keeps about 14 bits inside an e4m3 MMA: errors of 2
-    to 4e-5 of the largest logit on the H100 without the float32 adds), where the default's bf16/f16 products are
-    exact. Taken only for FP8 q and keys, on GPUs that convert e4m3 (sm_89+), with d_i a multiple of 32; else the
-    default's MMAs."""
+    `fp8_mma` (opt-in): FP8 q and keys go to e4m3 MMAs as they are, partial sums added into float32 every 32 of d_i;
+    less exact than the default, whose bf16/f16 products are exact (Hopper keeps about 14 bits inside an e4m3 MMA).
+    Timed on the H200 (stop 21, docs/bench/stop21_call1.log, `bench_indexer.py --tune`): paged FP8 b128 h64 32k
+    416.0 us against 468.6-483.3 with the default's MMAs, errors 5.1e-5 of the largest logit; prefill FP8 s_q 4096 h64
+    32k keys slower at its best (4654.7 against 4419.3 us), errors 5.2e-5. Taken only for FP8 q and keys, on GPUs
+    that convert e4m3 (sm_89+), with d_i a multiple of 32; else the default's MMAs."""
     block_q: int = 2
     block_n: int = 64
     num_warps: int = 4
@@ -161,14 +155,18 @@ class LogitsConfig:
 
 
 def default_logits_config(h_pad: int, paged: bool = False, fp8_cache: bool = False) -> LogitsConfig:
-    """4 warps, 128 (query, head) columns; 64 keys a step, 128 for a paged bf16 cache. From
-    `bench_indexer.py --tune` on the H200 (stop 20, docs/bench/stop20_call2_indexer_tune.log), against the kernel
-    before, with the (query, head) pairs as M (2 x 64 rows by 64 keys, 8 warps): prefill bf16 s_q 4096 h64 32k keys 4703.9 against
-    9715.5 us; paged b128 h64 32k: bf16 cache 299.4 against 448.9 (64 keys 359.6), FP8 cache 534.4 against 890.1
-    (128 keys 1067.2); 8 warps were slower on each. With the scales folded and prefill keys widened before the
-    launch (call 4, stop20_call4_indexer.log) the FP8 prefill row runs as the bf16 one: 4667.1 us, 4 queries with 8
-    warps 4633.4 (within 1%)."""
-    return LogitsConfig(block_q=max(1, 128 // h_pad), block_n=128 if paged and not fp8_cache else 64)
+    """Prefill: 8 warps, 256 (query, head) columns, 64 keys a step; paged: 4 warps, 128 columns, 64 keys a step (128
+    for a bf16 cache). From `bench_indexer.py --tune` on the H200 (stop 20, docs/bench/stop20_call2_indexer_tune.log),
+    against the kernel before, with the (query, head) pairs as M (2 x 64 rows by 64 keys, 8 warps): prefill bf16 s_q
+    4096 h64 32k keys 4703.9 against 9715.5 us; paged b128 h64 32k: bf16 cache 299.4 against 448.9 (64 keys 359.6),
+    FP8 cache 534.4 against 890.1 (128 keys 1067.2); 8 warps were slower on each. With the scales folded and prefill
+    keys widened before the launch (call 4, stop20_call4_indexer.log) the FP8 prefill row ran as the bf16 one: 4667.1
+    us, 4 queries with 8 warps 4633.4 (within 1%). Timed again in stop 21 (docs/bench/stop21_call1.log), 4 queries
+    with 8 warps took 4419.3 us against 4678.8 and 4711.3 for the paged default's tiles, so prefill takes 256 columns
+    with 8 warps."""
+    if not paged:
+        return LogitsConfig(block_q=max(1, 256 // h_pad), block_n=64, num_warps=8)
+    return LogitsConfig(block_q=max(1, 128 // h_pad), block_n=64 if fp8_cache else 128)
 
 
 def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_table, cache_seqlens, out, paged,
@@ -248,98 +246,3 @@ def supports(q, keys) -> bool:
     aligned = keys.dtype not in FP8_DTYPES or all(x % 4 == 0 for x in (keys.data_ptr(), *keys.stride()[:-1]))
     return (all(x.dtype in (torch.bfloat16, *FP8_DTYPES) for x in (q, keys)) and d_i >= 16 and d_i & (d_i - 1) == 0
             and h_i <= 128 and aligned)
-
-
-# ---------------------------------------------------------------- top-k
-
-
-@triton.jit
-def _ordered_keys(Row, offsets, num_keys):
-    """Logits as uint32 whose order is the float order (negative floats get all their bits flipped, the others their
-    sign bit), and which of them count (finite or +inf: not -inf, not past the row)."""
-    values = tl.load(Row + offsets, mask=offsets < num_keys, other=float("-inf"))
-    bits = values.to(tl.int32, bitcast=True)
-    ordered = (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
-    return ordered, values > float("-inf")
-
-
-@triton.jit
-def _indexer_topk_kernel(Logits, BlockTable, Out, num_keys, topk, S_Q, stride_bt,
-                         HAS_BLOCK_TABLE: tl.constexpr, BLOCK: tl.constexpr, PAGE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    logits_row = Logits + row * num_keys
-    out_row = Out + row * topk
-    lanes = tl.arange(0, BLOCK)
-
-    num_valid = 0
-    for start in range(0, num_keys, BLOCK):
-        _, valid = _ordered_keys(logits_row, start + lanes, num_keys)
-        num_valid += tl.sum(valid.to(tl.int32), 0)
-    k = tl.minimum(num_valid, topk)
-
-    # Radix select of the k-th largest key, 8 bits a pass from the top: each pass counts the keys that share the
-    # digits found so far by their next digit (keys that do not share them go to bins 256.. and are not looked at),
-    # and takes the digit whose bin holds the k-th; `wanted` is then that key's rank among the keys equal to it so far.
-    prefix = tl.zeros([], dtype=tl.uint32)
-    prefix_mask = tl.zeros([], dtype=tl.uint32)
-    wanted = k
-    bins = tl.arange(0, 512)
-    for step in tl.static_range(4):
-        shift = 24 - 8 * step
-        counts = tl.zeros([512], dtype=tl.int32)
-        for start in range(0, num_keys, BLOCK):
-            ordered, valid = _ordered_keys(logits_row, start + lanes, num_keys)
-            shares = valid & ((ordered & prefix_mask) == prefix)
-            digits = ((ordered >> shift) & 0xFF).to(tl.int32)
-            counts += tl.histogram(tl.where(shares, digits, 256 + digits), 512)
-        counts = tl.where(bins < 256, counts, 0)
-        greater = tl.sum(counts, 0) - tl.cumsum(counts, 0)  # keys sharing the prefix with a larger digit than the bin
-        holds = (bins < 256) & (greater < wanted) & (greater + counts >= wanted)
-        chosen = tl.max(tl.where(holds, bins, 0), 0)  # k == 0: no bin holds it, digit 0 (nothing is written)
-        wanted -= tl.sum(tl.where(bins > chosen, counts, 0), 0)
-        prefix = prefix | (chosen.to(tl.uint32) << shift)
-        prefix_mask = prefix_mask | (tl.full([], 0xFF, tl.uint32) << shift)
-    threshold = prefix
-    num_above = k - wanted  # keys above the threshold; the first `wanted` keys equal to it (by index) complete k
-
-    written_above = 0
-    written_equal = 0
-    for start in range(0, num_keys, BLOCK):
-        positions = start + lanes
-        ordered, valid = _ordered_keys(logits_row, positions, num_keys)
-        above = valid & (ordered > threshold)  # k == 0 only when no key is valid
-        equal = valid & (ordered == threshold)
-        slot_above = written_above + tl.cumsum(above.to(tl.int32), 0) - 1
-        rank_equal = written_equal + tl.cumsum(equal.to(tl.int32), 0) - 1
-        take_equal = equal & (rank_equal < wanted)  # ties: the lowest indices
-        if HAS_BLOCK_TABLE:  # logical token -> flat cache slot of the row's sequence
-            block = tl.load(BlockTable + (row // S_Q) * stride_bt + positions // PAGE, mask=above | take_equal,
-                            other=0)
-            indices = block * PAGE + positions % PAGE
-        else:
-            indices = positions
-        # (slots past topk cannot happen; the masks keep a wrong count from writing past the row)
-        tl.store(out_row + slot_above, indices, mask=above & (slot_above < topk))
-        tl.store(out_row + num_above + rank_equal, indices, mask=take_equal & (num_above + rank_equal < topk))
-        written_above += tl.sum(above.to(tl.int32), 0)
-        written_equal += tl.sum(equal.to(tl.int32), 0)
-
-    for start in range(0, topk, BLOCK):
-        slots = start + lanes
-        tl.store(out_row + slots, tl.full([BLOCK], -1, dtype=tl.int32), mask=(slots >= k) & (slots < topk))
-
-
-def indexer_topk(logits, topk, block_table=None, block=1024):
-    """Same contract as `flashmla::indexer_topk`: int32 `(..., topk)`, -1 past the finite keys; without block_table
-    key positions, with it flat cache slots. Order within a row: the keys above the k-th value by position, then the
-    ties."""
-    num_keys = logits.shape[-1]
-    rows = logits.reshape(logits.shape[:-1].numel(), num_keys).contiguous()
-    block_table = block_table.contiguous() if block_table is not None else None
-    out = torch.empty(rows.shape[0], topk, dtype=torch.int32, device=logits.device)
-    if rows.shape[0]:
-        _indexer_topk_kernel[(rows.shape[0],)](
-            rows, block_table if block_table is not None else out, out, num_keys, topk,
-            logits.shape[1] if block_table is not None else 1, block_table.stride(0) if block_table is not None else 0,
-            HAS_BLOCK_TABLE=block_table is not None, BLOCK=block, PAGE=PAGE_BLOCK_SIZE, num_warps=8)
-    return out.view(*logits.shape[:-1], topk)

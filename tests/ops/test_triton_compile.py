@@ -87,11 +87,9 @@ INDEXER_LOGITS = {
     "fp8-mma-prefill": _logits(False, True, True, True, True, 2, 64, 64, True, True),
     "fp8-mma-paged": _logits(True, True, True, True, True, 1, 64, 64, True, True),
 }
-INDEXER_TOPK = {"flat": dict(HAS_BLOCK_TABLE=False, BLOCK=1024), "paged": dict(HAS_BLOCK_TABLE=True, BLOCK=1024)}
 KERNELS = {
     "kv_cache._store_kv_rows_kernel": KV_CACHE_WRITE,
     "indexer._indexer_logits_kernel": INDEXER_LOGITS,
-    "indexer._indexer_topk_kernel": INDEXER_TOPK,
     "decode._dense_decode_split_kernel": DENSE,
     "decode._dense_decode_balanced_kernel": DENSE_BALANCED,
     "decode._combine_kernel": COMBINE,
@@ -112,7 +110,7 @@ POINTERS = {"Q": "*bf16", "Out": "*bf16", "BlockTable": "*i32", "Seqlens": "*i32
             "TopkLength": "*i32", "ExtraIndices": "*i32", "ExtraTopkLength": "*i32", "Latent": "*bf16",
             "Rope": "*bf16", "Slots": "*i32", "KStart": "*i32", "KEnd": "*i32",
             "Metadata": "*i32", "SplitOffsets": "*i32"}
-KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"}, "_indexer_topk_kernel": {"Out": "*i32"}}
+KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"}}
 F16_POINTERS = {"_indexer_logits_kernel": {"K": "*fp16"}}  # prefill keys widened to f16 (F16 without K_FP8)
 DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "INTERPRET": False}
 SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK", "H_I", "NUM_KEYS"}  # upper-case sizes; other capitalised names are pointers

@@ -1,0 +1,270 @@
+// The DSA indexer's top-k: the `topk` largest logits of each row, written as key positions (or as flat cache slots
+// through a block table), -1 past a row's finite logits. One CTA of kThreads per row.
+//
+// Radix select on the logits as uint32 codes whose order is the float order: four passes, each a 256-bin
+// shared-memory histogram of the next 8 bits among the keys that share the bits found so far, fix the threshold code
+// T, the topk-th largest. A last pass writes, in ascending position, every key above T and the first keys equal to T
+// (by position) that make up topk: the output is the same on every run, so the sparse attention that reads it sums in
+// the same order every time. A row of up to kSharedKeys logits is read from global memory once, into shared memory;
+// a longer one is read in each of the five passes (mostly from L2).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+namespace flashmla {
+namespace {
+
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBins = 256;
+constexpr int kSharedKeys = 48 * 1024;  // 192 KiB of codes: under the 227 KiB an sm_90 CTA may take
+constexpr int kPageBlockSize = 64;
+constexpr uint32_t kNegativeInfinity = 0x007FFFFFu;  // ordered(-inf): a key counts when its code is above it
+
+// The float order as unsigned order: negative floats get every bit flipped, the others their sign bit.
+__device__ __forceinline__ uint32_t ordered(float value) {
+  const uint32_t bits = __float_as_uint(value);
+  return bits ^ (static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u);
+}
+
+struct Selection {
+  uint32_t threshold;  // T: every key above it is taken
+  int ties;            // and the first `ties` keys equal to it, by position
+};
+
+// The codes of keys i .. i + 3 (i a multiple of 4; keys past the row read as 0, below every threshold). From shared
+// memory, or from global memory in one 16-byte load where the row is 16-byte aligned (`aligned`).
+template <bool kInShared>
+__device__ __forceinline__ void load4(const uint32_t* codes, const float* row, int num_keys, bool aligned, int i,
+                                      uint32_t (&out)[4]) {
+  if (i + 3 < num_keys && (kInShared || aligned)) {
+    if constexpr (kInShared) {
+      const uint4 v = *reinterpret_cast<const uint4*>(codes + i);
+      out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+    } else {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(row + i));
+      out[0] = ordered(v.x), out[1] = ordered(v.y), out[2] = ordered(v.z), out[3] = ordered(v.w);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      out[j] = i + j >= num_keys ? 0u : kInShared ? codes[i + j] : ordered(__ldg(row + i + j));
+    }
+  }
+}
+
+// Warp 0: the digit whose bin holds the `remaining`-th largest of the histogrammed keys, counting from bin 255 down,
+// and how many of those keys lie in the bins above it. Lane l owns bins 255 - 8 l .. 248 - 8 l.
+__device__ __forceinline__ void find_digit(const int* histogram, int remaining, int* digit, int* above, int lane) {
+  int counts[8];
+  int lane_total = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    counts[j] = histogram[kBins - 1 - 8 * lane - j];
+    lane_total += counts[j];
+  }
+  int inclusive = lane_total;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int from_below = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += from_below;
+  }
+  int before = inclusive - lane_total;
+  if (before < remaining && remaining <= inclusive) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (remaining <= before + counts[j]) {
+        *digit = kBins - 1 - 8 * lane - j;
+        *above = before;
+        break;
+      }
+      before += counts[j];
+    }
+  }
+}
+
+template <bool kInShared>
+__device__ Selection select_threshold(const uint32_t* codes, const float* row, int num_keys, bool aligned, int topk,
+                                      int* histogram, int* shared_scalars) {
+  const int thread = threadIdx.x, lane = thread % 32;
+  uint32_t prefix = 0, prefix_mask = 0;
+  int remaining = topk;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    if (thread < kBins) histogram[thread] = 0;
+    __syncthreads();
+#pragma unroll 4
+    for (int i = 4 * thread; i < num_keys; i += 4 * kThreads) {
+      uint32_t code[4];
+      load4<kInShared>(codes, row, num_keys, aligned, i, code);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if ((code[j] & prefix_mask) == prefix && code[j] > kNegativeInfinity) {
+          atomicAdd(&histogram[(code[j] >> shift) & 0xFF], 1);
+        }
+      }
+    }
+    __syncthreads();
+    if (thread < 32) {
+      if (shift == 24) {  // every finite key (and +inf) lies in the first histogram
+        int finite = 0;
+        for (int b = lane; b < kBins; b += 32) finite += histogram[b];
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) finite += __shfl_xor_sync(0xffffffffu, finite, offset);
+        if (lane == 0) shared_scalars[2] = finite;
+      }
+      __syncwarp();
+      if (shift != 24 || shared_scalars[2] > topk) {
+        find_digit(histogram, remaining, &shared_scalars[0], &shared_scalars[1], lane);
+      }
+    }
+    __syncthreads();
+    if (shift == 24 && shared_scalars[2] <= topk) return {kNegativeInfinity, 0};  // every finite key is taken
+    prefix |= static_cast<uint32_t>(shared_scalars[0]) << shift;
+    prefix_mask |= 0xFFu << shift;
+    remaining -= shared_scalars[1];  // read before the next pass's two barriers, after which warp 0 rewrites it
+  }
+  return {prefix, remaining};
+}
+
+// logits: `rows` rows of `num_keys` float32, contiguous (`aligned`: each row 16-byte aligned). out: `rows` x `topk`
+// int32. With a block table (`table_stride` entries per sequence, `rows_per_sequence` rows each) positions become
+// slots.
+template <bool kInShared, typename TableT>
+__global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict__ logits, int num_keys, bool aligned,
+                                                        int topk, const TableT* __restrict__ block_table,
+                                                        int64_t table_stride, int rows_per_sequence,
+                                                        int32_t* __restrict__ out) {
+  extern __shared__ __align__(16) uint32_t codes[];
+  __shared__ int histogram[kBins];
+  __shared__ int shared_scalars[3];
+  __shared__ uint32_t warp_counts[2][kWarps];
+  const int thread = threadIdx.x, lane = thread % 32, warp = thread / 32;
+  const int64_t row_index = blockIdx.x;
+  const float* row = logits + row_index * num_keys;
+  int32_t* out_row = out + row_index * topk;
+  if constexpr (kInShared) {  // the first pass's barrier orders these stores before its reads
+#pragma unroll 4
+    for (int i = 4 * thread; i < num_keys; i += 4 * kThreads) {
+      uint32_t code[4];
+      load4<false>(codes, row, num_keys, aligned, i, code);
+      if (i + 3 < num_keys) {
+        *reinterpret_cast<uint4*>(codes + i) = make_uint4(code[0], code[1], code[2], code[3]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (i + j < num_keys) codes[i + j] = code[j];
+        }
+      }
+    }
+  }
+  const Selection selection =
+      select_threshold<kInShared>(codes, row, num_keys, aligned, topk, histogram, shared_scalars);
+  const TableT* table_row = block_table ? block_table + (row_index / rows_per_sequence) * table_stride : nullptr;
+
+  // Rounds of 4 kThreads consecutive keys, 4 a thread. Counts (per thread, then per warp) of the keys above T in the
+  // low 16 bits and of those equal to T in the high 16 bits: at most 4 kThreads each.
+  int written = 0, ties_left = selection.ties;
+  for (int base = 0, round = 0; base < num_keys; base += 4 * kThreads, ++round) {
+    const int first = base + 4 * thread;
+    uint32_t code[4];
+    load4<kInShared>(codes, row, num_keys, aligned, first, code);
+    uint32_t thread_count = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const bool equal = first + j < num_keys && code[j] == selection.threshold;
+      thread_count += (code[j] > selection.threshold) + (equal ? 0x10000u : 0u);
+    }
+    uint32_t inclusive = thread_count;  // over the lanes of this warp
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const uint32_t from_below = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += from_below;
+    }
+    if (lane == 31) warp_counts[round & 1][warp] = inclusive;
+    __syncthreads();  // the other parity's counts were last read a round ago, before this round's barrier
+    const uint32_t warp_count = warp_counts[round & 1][lane];
+    uint32_t warps_inclusive = warp_count;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const uint32_t from_below = __shfl_up_sync(0xffffffffu, warps_inclusive, offset);
+      if (lane >= offset) warps_inclusive += from_below;
+    }
+    const uint32_t before = __shfl_sync(0xffffffffu, warps_inclusive - warp_count, warp) + inclusive - thread_count;
+    const uint32_t total = __shfl_sync(0xffffffffu, warps_inclusive, 31);
+    int greater_before = static_cast<int>(before & 0xFFFF), equal_before = static_cast<int>(before >> 16);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int i = first + j;
+      const bool greater = code[j] > selection.threshold;
+      const bool equal = i < num_keys && code[j] == selection.threshold;
+      if (greater || (equal && equal_before < ties_left)) {
+        const int slot = written + greater_before + min(equal_before, ties_left);
+        out_row[slot] =
+            table_row ? static_cast<int32_t>(table_row[i / kPageBlockSize] * kPageBlockSize + i % kPageBlockSize) : i;
+      }
+      greater_before += greater;
+      equal_before += equal;
+    }
+    const int equal_taken = min(static_cast<int>(total >> 16), ties_left);
+    written += static_cast<int>(total & 0xFFFF) + equal_taken;
+    ties_left -= equal_taken;
+  }
+  for (int slot = written + thread; slot < topk; slot += kThreads) out_row[slot] = -1;
+}
+
+}  // namespace
+
+torch::Tensor indexer_topk(const torch::Tensor& logits, int64_t topk, const c10::optional<torch::Tensor>& block_table) {
+  TORCH_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.dim() >= 1 && logits.is_contiguous(),
+              "indexer_topk: logits must be a contiguous CUDA float32 tensor (..., num_keys)");
+  TORCH_CHECK(topk >= 1 && topk < (1 << 30), "indexer_topk: topk must be in [1, 2^30)");
+  const int64_t num_keys = logits.size(-1);
+  TORCH_CHECK(num_keys < (1 << 30), "indexer_topk: num_keys must be below 2^30");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto sizes = logits.sizes().vec();
+  sizes.back() = topk;
+  auto out = torch::empty(sizes, logits.options().dtype(at::kInt));
+  const int64_t rows = num_keys ? logits.numel() / num_keys : out.numel() / topk;
+  if (rows == 0) return out;
+  TORCH_CHECK(rows < (int64_t{1} << 31), "indexer_topk: at most 2^31 - 1 rows");
+  int rows_per_sequence = 1;
+  int64_t table_stride = 0;
+  if (block_table) {
+    TORCH_CHECK(logits.dim() == 3 && block_table->is_cuda() && block_table->dim() == 2 &&
+                    block_table->stride(1) == 1 && block_table->size(0) == logits.size(0) &&
+                    block_table->size(1) * kPageBlockSize >= num_keys,
+                "indexer_topk: block_table must be a CUDA (batch, max_blocks_per_seq) table covering logits' keys");
+    rows_per_sequence = static_cast<int>(logits.size(1));
+    table_stride = block_table->stride(0);
+  }
+  const bool in_shared = num_keys <= kSharedKeys;
+  const bool aligned = num_keys % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0;
+  const int shared_bytes = in_shared ? static_cast<int>(num_keys * sizeof(uint32_t)) : 0;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto in_shared_constant, const auto* table) {
+    using TableT = std::remove_cv_t<std::remove_pointer_t<decltype(table)>>;
+    auto kernel = topk_kernel<decltype(in_shared_constant)::value, TableT>;
+    if (shared_bytes > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes));
+    }
+    kernel<<<static_cast<unsigned>(rows), kThreads, shared_bytes, stream>>>(
+        logits.data_ptr<float>(), static_cast<int>(num_keys), aligned, static_cast<int>(topk), table, table_stride,
+        rows_per_sequence, out.data_ptr<int32_t>());
+  };
+  auto with_table = [&](auto in_shared_constant) {
+    if (!block_table) {
+      launch(in_shared_constant, static_cast<const int32_t*>(nullptr));
+    } else if (block_table->scalar_type() == at::kLong) {
+      launch(in_shared_constant, block_table->data_ptr<int64_t>());
+    } else {
+      TORCH_CHECK(block_table->scalar_type() == at::kInt, "indexer_topk: block_table must be int32 or int64");
+      launch(in_shared_constant, block_table->data_ptr<int32_t>());
+    }
+  };
+  in_shared ? with_table(std::true_type{}) : with_table(std::false_type{});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace flashmla
