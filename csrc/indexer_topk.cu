@@ -1,12 +1,12 @@
 // The DSA indexer's top-k: the `topk` largest logits of each row, written as key positions (or as flat cache slots
 // through a block table), -1 past a row's finite logits. One CTA of kThreads per row.
 //
-// Radix select on the logits as uint32 codes whose order is the float order: four passes, each a 256-bin
-// shared-memory histogram of the next 8 bits among the keys that share the bits found so far, fix the threshold code
-// T, the topk-th largest. A last pass writes, in ascending position, every key above T and the first keys equal to T
-// (by position) that make up topk: the output is the same on every run, so the sparse attention that reads it sums in
-// the same order every time. A row of up to kSharedKeys logits is read from global memory once, into shared memory;
-// a longer one is read in each of the five passes (mostly from L2).
+// Radix select on the logits as uint32 codes whose order is the float order: three passes (12, 10 and 10 bits from
+// the top), each a shared-memory histogram of the next digit among the keys that share the digits found so far, fix
+// the threshold code T, the topk-th largest. A last pass writes, in ascending position, every key above T and the
+// first keys equal to T (by position) that make up topk: the output is the same on every run, so the sparse attention
+// that reads it sums in the same order every time. A row of up to kSharedKeys logits is read from global memory once,
+// into shared memory; a longer one is read in each of the four passes (mostly from L2).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,7 +17,7 @@ namespace {
 
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
-constexpr int kBins = 256;
+constexpr int kMaxBins = 1 << 12;
 constexpr int kSharedKeys = 48 * 1024;  // 192 KiB of codes: under the 227 KiB an sm_90 CTA may take
 constexpr int kPageBlockSize = 64;
 constexpr uint32_t kNegativeInfinity = 0x007FFFFFu;  // ordered(-inf): a key counts when its code is above it
@@ -54,44 +54,63 @@ __device__ __forceinline__ void load4(const uint32_t* codes, const float* row, i
   }
 }
 
-// Warp 0: the digit whose bin holds the `remaining`-th largest of the histogrammed keys, counting from bin 255 down,
-// and how many of those keys lie in the bins above it. Lane l owns bins 255 - 8 l .. 248 - 8 l.
-__device__ __forceinline__ void find_digit(const int* histogram, int remaining, int* digit, int* above, int lane) {
-  int counts[8];
+// The digit (of `bits` bits) whose bin holds the `remaining`-th largest of the histogrammed keys, counting from the
+// top bin down, and how many of those keys lie in the bins above it, into shared_scalars[0] and [1]; shared_scalars[2]
+// gets the number of keys histogrammed. Every thread takes part: warp w, lane l owns `per_lane` consecutive bins from
+// the top, starting (w * 32 + l) * per_lane bins down. Ends on a barrier; `warp_totals` is kWarps ints.
+__device__ __forceinline__ void find_digit(const int* histogram, int bits, int remaining, int* warp_totals,
+                                           int* shared_scalars) {
+  const int thread = threadIdx.x, lane = thread % 32, warp = thread / 32;
+  const int bins = 1 << bits, per_lane = bins / kThreads;  // 4 or 1
+  const int top = bins - 1 - thread * per_lane;
   int lane_total = 0;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    counts[j] = histogram[kBins - 1 - 8 * lane - j];
-    lane_total += counts[j];
-  }
-  int inclusive = lane_total;
+  for (int k = 0; k < per_lane; ++k) lane_total += histogram[top - k];
+  int inclusive = lane_total;  // over the lanes of this warp
 #pragma unroll
   for (int offset = 1; offset < 32; offset *= 2) {
     const int from_below = __shfl_up_sync(0xffffffffu, inclusive, offset);
     if (lane >= offset) inclusive += from_below;
   }
-  int before = inclusive - lane_total;
-  if (before < remaining && remaining <= inclusive) {
+  if (lane == 31) warp_totals[warp] = inclusive;
+  __syncthreads();
+  const int warp_total = warp_totals[lane];
+  int warps_inclusive = warp_total;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      if (remaining <= before + counts[j]) {
-        *digit = kBins - 1 - 8 * lane - j;
-        *above = before;
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int from_below = __shfl_up_sync(0xffffffffu, warps_inclusive, offset);
+    if (lane >= offset) warps_inclusive += from_below;
+  }
+  int before = __shfl_sync(0xffffffffu, warps_inclusive - warp_total, warp) + inclusive - lane_total;
+  const int histogrammed = __shfl_sync(0xffffffffu, warps_inclusive, 31);
+  if (thread == 0) shared_scalars[2] = histogrammed;
+  if (before < remaining && remaining <= before + lane_total) {
+    for (int k = 0; k < per_lane; ++k) {
+      const int count = histogram[top - k];
+      if (remaining <= before + count) {
+        shared_scalars[0] = top - k;
+        shared_scalars[1] = before;
         break;
       }
-      before += counts[j];
+      before += count;
     }
   }
+  __syncthreads();
 }
 
+// Three passes: the top 12 bits of the codes (sign, exponent and 3 mantissa bits: the logits of a row spread over
+// tens to hundreds of bins, where 8 bits put a normal row's into 2-4 and its threads' atomics on few addresses),
+// then 10 and 10.
 template <bool kInShared>
 __device__ Selection select_threshold(const uint32_t* codes, const float* row, int num_keys, bool aligned, int topk,
-                                      int* histogram, int* shared_scalars) {
-  const int thread = threadIdx.x, lane = thread % 32;
+                                      int* histogram, int* warp_totals, int* shared_scalars) {
+  const int thread = threadIdx.x;
   uint32_t prefix = 0, prefix_mask = 0;
   int remaining = topk;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    if (thread < kBins) histogram[thread] = 0;
+#pragma unroll 1
+  for (int pass = 0; pass < 3; ++pass) {
+    const int bits = pass == 0 ? 12 : 10, shift = pass == 0 ? 20 : pass == 1 ? 10 : 0;
+    const uint32_t digit_mask = (1u << bits) - 1;
+    for (int b = thread; b < (1 << bits); b += kThreads) histogram[b] = 0;
     __syncthreads();
 #pragma unroll 4
     for (int i = 4 * thread; i < num_keys; i += 4 * kThreads) {
@@ -100,29 +119,18 @@ __device__ Selection select_threshold(const uint32_t* codes, const float* row, i
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if ((code[j] & prefix_mask) == prefix && code[j] > kNegativeInfinity) {
-          atomicAdd(&histogram[(code[j] >> shift) & 0xFF], 1);
+          atomicAdd(&histogram[(code[j] >> shift) & digit_mask], 1);
         }
       }
     }
     __syncthreads();
-    if (thread < 32) {
-      if (shift == 24) {  // every finite key (and +inf) lies in the first histogram
-        int finite = 0;
-        for (int b = lane; b < kBins; b += 32) finite += histogram[b];
-#pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) finite += __shfl_xor_sync(0xffffffffu, finite, offset);
-        if (lane == 0) shared_scalars[2] = finite;
-      }
-      __syncwarp();
-      if (shift != 24 || shared_scalars[2] > topk) {
-        find_digit(histogram, remaining, &shared_scalars[0], &shared_scalars[1], lane);
-      }
-    }
-    __syncthreads();
-    if (shift == 24 && shared_scalars[2] <= topk) return {kNegativeInfinity, 0};  // every finite key is taken
+    find_digit(histogram, bits, remaining, warp_totals, shared_scalars);
+    // The first pass counts every finite key (and +inf): if they are no more than topk, all are taken. shared_scalars
+    // is read here, before the next pass's find_digit's first barrier, after which it is rewritten.
+    if (pass == 0 && shared_scalars[2] <= topk) return {kNegativeInfinity, 0};
     prefix |= static_cast<uint32_t>(shared_scalars[0]) << shift;
-    prefix_mask |= 0xFFu << shift;
-    remaining -= shared_scalars[1];  // read before the next pass's two barriers, after which warp 0 rewrites it
+    prefix_mask |= digit_mask << shift;
+    remaining -= shared_scalars[1];
   }
   return {prefix, remaining};
 }
@@ -136,7 +144,8 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
                                                         int64_t table_stride, int rows_per_sequence,
                                                         int32_t* __restrict__ out) {
   extern __shared__ __align__(16) uint32_t codes[];
-  __shared__ int histogram[kBins];
+  __shared__ int histogram[kMaxBins];
+  __shared__ int warp_totals[kWarps];
   __shared__ int shared_scalars[3];
   __shared__ uint32_t warp_counts[2][kWarps];
   const int thread = threadIdx.x, lane = thread % 32, warp = thread / 32;
@@ -159,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
     }
   }
   const Selection selection =
-      select_threshold<kInShared>(codes, row, num_keys, aligned, topk, histogram, shared_scalars);
+      select_threshold<kInShared>(codes, row, num_keys, aligned, topk, histogram, warp_totals, shared_scalars);
   const TableT* table_row = block_table ? block_table + (row_index / rows_per_sequence) * table_stride : nullptr;
 
   // Rounds of 4 kThreads consecutive keys, 4 a thread. Counts (per thread, then per warp) of the keys above T in the
