@@ -202,7 +202,7 @@ def indexer_topk(logits: torch.Tensor, topk: int, block_table: torch.Tensor | No
     _check_topk("indexer_topk", logits, topk, block_table)
     num_keys = logits.shape[-1]
     rows = logits.numel() // num_keys if num_keys else 0
-    if (_ext.backend("indexer_topk", logits.device) == "cuda" and max(num_keys, topk) < 1 << 30 and rows < 1 << 31):
+    if _ext.backend("indexer_topk", logits.device) == "cuda" and max(num_keys, topk) < 1 << 30 and rows < 1 << 31:
         table = block_table.contiguous() if block_table is not None else None
         return _ext.extension().indexer_topk(logits.contiguous(), topk, table)
     return indexer_topk_reference(logits, topk, block_table)
