@@ -542,6 +542,15 @@ __device__ __forceinline__ void store_combined(__nv_bfloat16* out, int64_t out_b
   }
 }
 
+// acc += w * part, where a zero weight (a split that saw no token) selects its part away, never multiplies it: the
+// part's slot is allocated but was not written, and may hold NaN.
+__device__ __forceinline__ void add_weighted(float4& acc, float w, const float4& part) {
+  acc.x += w != 0.f ? w * part.x : 0.f;
+  acc.y += w != 0.f ? w * part.y : 0.f;
+  acc.z += w != 0.f ? w * part.z : 0.f;
+  acc.w += w != 0.f ? w * part.w : 0.f;
+}
+
 // One query row per CTA: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s (natural log on output).
 // A split that saw no token (lse_s = -inf) has weight 0 and its (unwritten) output is selected away. Partials are
 // indexed by the decode grid's z (batch * queries_per_z + first query) and the CTA rows of that z.
@@ -558,18 +567,14 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
   if (!combine_slots(z, split_offsets, num_splits, first)) return;
   float max_lse, total;
   combine_weights(lse_partial, first, rows, row, num_splits, weights, stats, max_lse, total);
-  // Unrolled, with every load unconditional (each slot is allocated, written or not) so that several are in flight;
-  // a split without tokens (weight 0) is selected away, never multiplied (its unwritten output may hold NaN).
+  // Unrolled, with every load unconditional (each slot is allocated, written or not) so that several are in flight.
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
   for (int s = 0; s < num_splits; ++s) {
     const float w = weights[s];
     const float* partial_row = out_partial + ((first + s) * rows + row) * kLatentDim;
     const float4 part = reinterpret_cast<const float4*>(partial_row)[threadIdx.x];
-    acc.x += w != 0.f ? w * part.x : 0.f;
-    acc.y += w != 0.f ? w * part.y : 0.f;
-    acc.z += w != 0.f ? w * part.z : 0.f;
-    acc.w += w != 0.f ? w * part.w : 0.f;
+    add_weighted(acc, w, part);
   }
   store_combined(out, out_batch_stride, out_seq_stride, out_head_stride, lse, h_q, s_q, batch, first_query, row, acc,
                  max_lse, total);
@@ -603,19 +608,12 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
   if (!combine_slots(z, split_offsets, num_splits, first)) return;
   float max_lse, total;
   combine_weights(lse_partial, first, rows, row, num_splits, weights, stats, max_lse, total);
-  // A split without tokens (weight 0) is read (its slot is allocated) and selected away, never multiplied: its
-  // unwritten output may hold NaN.
   float4 acc[kCombineVectors];
   for (int v = 0; v < kCombineVectors; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
   const auto add_split = [&](int s, const float4 (&part)[kCombineVectors]) {
     const float w = weights[s];
 #pragma unroll
-    for (int v = 0; v < kCombineVectors; ++v) {
-      acc[v].x += w != 0.f ? w * part[v].x : 0.f;
-      acc[v].y += w != 0.f ? w * part[v].y : 0.f;
-      acc[v].z += w != 0.f ? w * part[v].z : 0.f;
-      acc[v].w += w != 0.f ? w * part[v].w : 0.f;
-    }
+    for (int v = 0; v < kCombineVectors; ++v) add_weighted(acc[v], w, part[v]);
   };
   const auto load_split = [&](int s, float4 (&part)[kCombineVectors]) {
     const float4* partial_row = reinterpret_cast<const float4*>(out_partial + ((first + s) * rows + row) * kLatentDim);
