@@ -73,7 +73,7 @@ def hard_rows(num_keys, generator):
 @pytest.mark.parametrize("num_keys", [300, 301, 4099, SHARED_KEYS, SHARED_KEYS + 3, 131072])
 def test_cuda_topk_hard_rows(num_keys):
     logits = hard_rows(num_keys, torch.Generator(DEVICE).manual_seed(num_keys))
-    for topk in (1, 2, 7, 255, 256, 257, 299, 300, 333, 2048):
+    for topk in (1, 2, 7, 255, 256, 257, 299, 300, 333, 1023, 1024, 1025, 2048):  # k at the 10-bit digits' edges
         got = check(logits, topk)
         # ties at the threshold go to the lowest positions (row 0: values 0..3, many of each)
         chosen = got[0][got[0] >= 0].long()
