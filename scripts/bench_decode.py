@@ -62,6 +62,13 @@ def make_inputs(batch, s_q, h_q, seqlens, is_fp8, device, copies):
     return sets, torch.tensor(seqlens, dtype=torch.int32, device=device)
 
 
+def row_filter(rows: str):
+    """`--rows` as a predicate on row names: a comma-separated list of substrings, a row chosen if its name has one
+    (every row when empty)."""
+    wanted = [part for part in rows.split(",") if part]
+    return lambda name: not wanted or any(part in name for part in wanted)
+
+
 def time_ms(fn, sets, repeats=20):
     """Median time of one call, as CUDA-graph replays (the way a decode step runs in production, so host-side
     dispatch is not counted), rotating over `sets` so that the inputs are not all L2-resident."""
@@ -304,8 +311,7 @@ def main():
     device = bench_device(args.backend, "bench_decode.py")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dense_decode backend: "
           f"{flashmla_ops.backend('dense_decode', device)}, CUDA kernel for 16 rows: {cuda_dense_kernel(16)}")
-    wanted = [part for part in args.rows.split(",") if part]
-    chosen = lambda name: not wanted or any(part in name for part in wanted)  # noqa: E731
+    chosen = row_filter(args.rows)
     tuned = tune(device, chosen) if args.tune else []
     rows = []
     print(f"{'configuration':26} {'time us':>8} {'GB/s':>7} {'TFLOP/s':>8} {'%BW':>5} {'%MMA':>5} "

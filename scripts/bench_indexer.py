@@ -17,7 +17,7 @@ import torch
 import triton
 
 import flashmla_ops
-from bench_decode import bench_device, eager_ms, fmt, forced_backend, save_results, time_ms
+from bench_decode import bench_device, eager_ms, fmt, forced_backend, row_filter, save_results, time_ms
 from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_index_fp8_reference
 
 PEAK_FP8 = 1250e12  # FLOP/s, FP8 matmul on the lent H100 (SPEC.md §4)
@@ -180,8 +180,7 @@ def main():
     device = bench_device(args.backend, "bench_indexer.py")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: "
           + ", ".join(f"{op} {flashmla_ops.backend(op, device)}" for op in ("indexer_logits", "indexer_logits_paged")))
-    wanted = [part for part in args.rows.split(",") if part]
-    chosen = lambda name: not wanted or any(part in name for part in wanted)  # noqa: E731
+    chosen = row_filter(args.rows)
     tuned = tune(device, chosen) if args.tune else []
     print(f"{'configuration':36} {'time us':>9} {'GB/s':>7} {'TFLOP/s':>8} {'target':>12} {'vs target':>9} "
           f"{'x ref':>7}")
