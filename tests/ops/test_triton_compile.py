@@ -77,7 +77,7 @@ def _logits(paged, q_fp8, k_fp8, k_scaled, hw_fp8, block_q, h_pad, block_n, f16=
 # Prefill widens FP8 keys before the launch (K_FP8 False, K_SCALED True), paged FP8 keys are converted in the kernel;
 # FP8 q and keys with hardware conversion take f16 MMAs (F16), or with FP8_MMA (opt-in) e4m3 MMAs
 INDEXER_LOGITS = {
-    "bf16-prefill": _logits(False, False, False, False, False, 2, 64, 64),  # the default tiles
+    "bf16-prefill": _logits(False, False, False, False, False, 4, 64, 64),  # prefill's default tiles
     "fp8-hw-prefill-f16": _logits(False, True, False, True, True, 4, 64, 128, True),
     "fp8-integer-prefill": _logits(False, True, False, True, False, 2, 64, 64),
     "fp8-hw-paged-f16": _logits(True, True, True, True, True, 1, 64, 64, True),
