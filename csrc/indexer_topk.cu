@@ -55,6 +55,52 @@ __device__ __forceinline__ void load4(const uint32_t* codes, const float* row, i
   }
 }
 
+// visit(i, code) for each group of 4 keys i .. i + 3 that this thread owns (i = 4 (threadIdx.x + k kThreads)), in
+// order, with the loads of kGroupsInFlight groups issued before any of them is visited: their memory latencies overlap
+// instead of adding up (with one load4 per visit, compiled for sm_90, each global load waited for its use before the
+// next was issued). `kWhole`: 16-byte loads for groups wholly inside the row (shared memory, or an aligned row).
+constexpr int kGroupsInFlight = 4;
+
+template <bool kInShared, bool kWhole, typename Visit>
+__device__ __forceinline__ void for_each_group_of(const uint32_t* codes, const float* row, int num_keys,
+                                                  Visit&& visit) {
+  int i = 4 * static_cast<int>(threadIdx.x);
+  for (; i + 4 * (kGroupsInFlight - 1) * kThreads + 3 < num_keys; i += 4 * kGroupsInFlight * kThreads) {
+    uint32_t code[kGroupsInFlight][4];
+#pragma unroll
+    for (int u = 0; u < kGroupsInFlight; ++u) {
+      const int first = i + 4 * u * kThreads;
+      if constexpr (kInShared) {
+        const uint4 v = *reinterpret_cast<const uint4*>(codes + first);
+        code[u][0] = v.x, code[u][1] = v.y, code[u][2] = v.z, code[u][3] = v.w;
+      } else if constexpr (kWhole) {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(row + first));
+        code[u][0] = ordered(v.x), code[u][1] = ordered(v.y), code[u][2] = ordered(v.z), code[u][3] = ordered(v.w);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) code[u][j] = ordered(__ldg(row + first + j));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kGroupsInFlight; ++u) visit(i + 4 * u * kThreads, code[u]);
+  }
+  for (; i < num_keys; i += 4 * kThreads) {
+    uint32_t code[4];
+    load4<kInShared>(codes, row, num_keys, kWhole, i, code);
+    visit(i, code);
+  }
+}
+
+template <bool kInShared, typename Visit>
+__device__ __forceinline__ void for_each_group(const uint32_t* codes, const float* row, int num_keys, bool aligned,
+                                               Visit&& visit) {
+  if (kInShared || aligned) {
+    for_each_group_of<kInShared, true>(codes, row, num_keys, visit);
+  } else {
+    for_each_group_of<kInShared, false>(codes, row, num_keys, visit);
+  }
+}
+
 // The digit (of `bits` bits) whose bin holds the `remaining`-th largest of the histogrammed keys, counting from the
 // top bin down, and how many of those keys lie in the bins above it, into shared_scalars[0] and [1]; shared_scalars[2]
 // gets the number of keys histogrammed. Every thread takes part: warp w, lane l owns `per_lane` consecutive bins from
@@ -113,17 +159,14 @@ __device__ Selection select_threshold(const uint32_t* codes, const float* row, i
     const uint32_t digit_mask = (1u << bits) - 1;
     for (int b = thread; b < (1 << bits); b += kThreads) histogram[b] = 0;
     __syncthreads();
-#pragma unroll 4
-    for (int i = 4 * thread; i < num_keys; i += 4 * kThreads) {
-      uint32_t code[4];
-      load4<kInShared>(codes, row, num_keys, aligned, i, code);
+    for_each_group<kInShared>(codes, row, num_keys, aligned, [&](int, const uint32_t(&code)[4]) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if ((code[j] & prefix_mask) == prefix && code[j] > kNegativeInfinity) {
           atomicAdd(&histogram[(code[j] >> shift) & digit_mask], 1);
         }
       }
-    }
+    });
     __syncthreads();
     find_digit(histogram, bits, remaining, warp_totals, shared_scalars);
     // The first pass counts every finite key (and +inf): if they are no more than topk, all are taken. shared_scalars
@@ -154,10 +197,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
   const float* row = logits + row_index * num_keys;
   int32_t* out_row = out + row_index * topk;
   if constexpr (kInShared) {  // the first pass's barrier orders these stores before its reads
-#pragma unroll 4
-    for (int i = 4 * thread; i < num_keys; i += 4 * kThreads) {
-      uint32_t code[4];
-      load4<false>(codes, row, num_keys, aligned, i, code);
+    for_each_group<false>(codes, row, num_keys, aligned, [&](int i, const uint32_t(&code)[4]) {
       if (i + 3 < num_keys) {
         *reinterpret_cast<uint4*>(codes + i) = make_uint4(code[0], code[1], code[2], code[3]);
       } else {
@@ -166,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
           if (i + j < num_keys) codes[i + j] = code[j];
         }
       }
-    }
+    });
   }
   const Selection selection =
       select_threshold<kInShared>(codes, row, num_keys, aligned, topk, histogram, warp_totals, shared_scalars);
@@ -174,11 +214,15 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
 
   // Rounds of 4 kThreads consecutive keys, 4 a thread. Counts (per thread, then per warp) of the keys above T in the
   // low 16 bits and of those equal to T in the high 16 bits: at most 4 kThreads each.
+  // The next round's keys are loaded before this round's barrier.
   int written = 0, ties_left = selection.ties;
+  uint32_t code[4], next[4];
+  load4<kInShared>(codes, row, num_keys, aligned, 4 * thread, next);
   for (int base = 0, round = 0; base < num_keys; base += 4 * kThreads, ++round) {
     const int first = base + 4 * thread;
-    uint32_t code[4];
-    load4<kInShared>(codes, row, num_keys, aligned, first, code);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) code[j] = next[j];
+    if (base + 4 * kThreads < num_keys) load4<kInShared>(codes, row, num_keys, aligned, first + 4 * kThreads, next);
     uint32_t thread_count = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {

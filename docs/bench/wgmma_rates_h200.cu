@@ -1,4 +1,4 @@
-// wgmma issue-rate microbenchmark (generated wrappers; standalone): nvcc -O3 -gencode=arch=compute_90a,code=sm_90a -std=c++17 -o wgmma_rates docs/bench/wgmma_rates_h200.cu && ./wgmma_rates
+// wgmma issue-rate microbenchmark, zero and random operands (generated wrappers; standalone): nvcc -O3 -gencode=arch=compute_90a,code=sm_90a -std=c++17 -o wgmma_rates docs/bench/wgmma_rates_h200.cu && ./wgmma_rates
 // One CTA per SM (132), 1 or 2 warpgroups each issuing chains of m64nNk16 bf16 wgmma (A and B from shared memory: SS;
 // A from registers: RS; SST: A MN-major, as P V of the narrow decode kernel), a wait after each chain.
 #include <cstdio>
@@ -85,10 +85,14 @@ __device__ __forceinline__ void wait1() { asm volatile("wgmma.wait_group.sync.al
 
 // mode 0: SS, mode 1: RS. chain wgmmas per group, then wait. groups repeated.
 template <int N, int MODE, int CHAIN>
-__global__ void __launch_bounds__(256, 1) bench(int groups, int active_wgs, long long* cycles, float* sink) {
+__global__ void __launch_bounds__(256, 1) bench(int groups, int active_wgs, long long* cycles, float* sink, int fill) {
   extern __shared__ __align__(1024) uint8_t smem[];
   const int wg = threadIdx.x / 128;
-  for (int i = threadIdx.x; i < 200 * 1024 / 4; i += blockDim.x) reinterpret_cast<uint32_t*>(smem)[i] = 0x3c003c00u * 0;
+  for (int i = threadIdx.x; i < 200 * 1024 / 4; i += blockDim.x) { uint32_t h = (uint32_t)i * 2654435761u + blockIdx.x * 97u; h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
+      // two bf16 in [-1, 1): sign, exponent 0x70..0x7e, random mantissa
+      const uint32_t lo = ((h & 1u) << 15) | ((0x70u + (h >> 1) % 15u) << 7) | ((h >> 5) & 0x7fu);
+      const uint32_t hi = (((h >> 12) & 1u) << 15) | ((0x70u + (h >> 13) % 15u) << 7) | ((h >> 17) & 0x7fu);
+      reinterpret_cast<uint32_t*>(smem)[i] = fill ? (lo | (hi << 16)) : 0u; }
   __syncthreads();
   if (wg >= active_wgs) return;
   uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
@@ -126,40 +130,41 @@ __global__ void __launch_bounds__(256, 1) bench(int groups, int active_wgs, long
   }
   long long t1 = clock64();
   if (threadIdx.x % 128 == 0) cycles[blockIdx.x * 3 + wg] = t1 - t0;
+  if (threadIdx.x == 0) cycles[blockIdx.x * 3 + 2] = clock64() - t0;
   float s = 0;
   for (int i = 0; i < N / 2; ++i) s += d[i];
   if (s == 12345.f) sink[threadIdx.x] = s;
 }
 
 template <int N, int MODE, int CHAIN>
-void run(const char* name, int wgs) {
+void run(const char* name, int wgs, int fill) {
   const int sms = 132, groups = 2000;
   long long* cycles; float* sink;
   cudaMalloc(&cycles, sms * 3 * sizeof(long long)); cudaMemset(cycles, 0, sms * 3 * 8);
   cudaMalloc(&sink, 4096);
   auto k = bench<N, MODE, CHAIN>;
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 210 * 1024);
-  k<<<sms, 256, 210 * 1024>>>(groups, wgs, cycles, sink);
+  k<<<sms, 256, 210 * 1024>>>(groups, wgs, cycles, sink, fill);
   cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
   cudaEventRecord(e0);
-  k<<<sms, 256, 210 * 1024>>>(groups, wgs, cycles, sink);
+  k<<<sms, 256, 210 * 1024>>>(groups, wgs, cycles, sink, fill);
   cudaEventRecord(e1); cudaEventSynchronize(e1);
   float ms; cudaEventElapsedTime(&ms, e0, e1);
   long long h[132 * 3]; cudaMemcpy(h, cycles, sizeof(h), cudaMemcpyDeviceToHost);
   double per = (double)h[0] / (groups * (double)CHAIN);
   double flops = 2.0 * 64 * N * 16 * (double)CHAIN * groups * wgs * sms;
-  printf("%-6s N=%3d chain=%2d wgs=%d: %6.1f cycles/wgmma/wg, %7.1f SM-cycles per wgmma, %6.1f TFLOP/s  err=%s\n",
-         name, N, CHAIN, wgs, per, per / wgs, flops / (ms * 1e-3) / 1e12, cudaGetErrorString(cudaGetLastError()));
+  printf("%-6s %s N=%3d chain=%2d wgs=%d: %6.1f cycles/wgmma/wg, %7.1f SM-cycles per wgmma, %6.1f TFLOP/s, clock %5.0f MHz  err=%s\n",
+         name, fill ? "random" : "zeros ", N, CHAIN, wgs, per, per / wgs, flops / (ms * 1e-3) / 1e12, h[2] / (ms * 1e3),
+         cudaGetErrorString(cudaGetLastError()));
 }
 
 int main() {
-  for (int wgs = 1; wgs <= 2; ++wgs) {
-    run<16, 0, 36>("SS", wgs); run<32, 0, 36>("SS", wgs); run<64, 0, 36>("SS", wgs);
-    run<128, 0, 8>("SS", wgs); run<256, 0, 4>("SS", wgs);
-    run<16, 1, 36>("RS", wgs); run<32, 1, 36>("RS", wgs); run<64, 1, 36>("RS", wgs);
-    run<128, 1, 8>("RS", wgs); run<256, 1, 4>("RS", wgs);
-    run<256, 0, 16>("SS", wgs);
-    run<16, 2, 32>("SST", wgs); run<64, 2, 32>("SST", wgs);
-  }
+  for (int fill = 0; fill <= 1; ++fill)
+    for (int wgs = 1; wgs <= 2; ++wgs) {
+      run<16, 0, 36>("SS", wgs, fill); run<32, 0, 36>("SS", wgs, fill); run<64, 0, 36>("SS", wgs, fill);
+      run<256, 0, 4>("SS", wgs, fill); run<256, 0, 16>("SS", wgs, fill);
+      run<16, 1, 36>("RS", wgs, fill); run<32, 1, 36>("RS", wgs, fill); run<256, 1, 4>("RS", wgs, fill);
+      run<16, 2, 32>("SST", wgs, fill);
+    }
   return 0;
 }
