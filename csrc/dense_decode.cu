@@ -3,7 +3,9 @@
 // more rows, and sparse decode and sparse prefill.
 //
 // One CTA = 64 query rows (flattened (s_q, h_q) pairs of one sequence; all heads share the one latent KV head) x one
-// split of the sequence's 64-token cache blocks. Two warpgroups share each block:
+// split of the sequence's 64-token cache blocks. Dense decode over the BF16 cache takes the blocks in pairs, one
+// warpgroup scoring each (attend_pairs, below). The FP8 cache and the sparse ops share each block between the two
+// warpgroups (attend_piece):
 //   S_w = Q K[w * 32 : w * 32 + 32]^T          (wgmma m64n32, K = 576: warpgroup w scores half the block's tokens)
 //   m   = max(m, rowmax(S_0), rowmax(S_1))     (row maxima exchanged through shared memory)
 //   P   = exp2(S - m) -> shared memory (bf16)  (the whole 64 x 64 probability tile)
@@ -113,6 +115,22 @@ __device__ __forceinline__ void load_rows_async(uint32_t dst, RowSource row_sour
   }
 }
 
+// cp.async of the CTA's 64 query rows (flattened (query, head) rows from row_block * 64 on; zeros past p.rows) into
+// the Q tile, committed.
+__device__ __forceinline__ void load_q_async(const DecodeParams& p, uint32_t q_tile, int row_block, int batch,
+                                             int first_query) {
+  load_rows_async(
+      q_tile,
+      [&](int r) -> const __nv_bfloat16* {
+        const int row = row_block * kRowsPerCta + r;
+        if (row >= p.rows) return nullptr;
+        return p.q + batch * p.q_batch_stride + (first_query + row / p.h_q) * p.q_seq_stride +
+               (row % p.h_q) * p.q_head_stride;
+      },
+      p.q);
+  cp_async_commit();
+}
+
 // S_w = Q K[w * 32 : w * 32 + 32]^T, issued and committed (not waited for).
 __device__ __forceinline__ void issue_scores(float (&scores)[kTokensPerWarpgroup / 2], uint32_t q_tile,
                                              uint32_t kv_tile, int warpgroup) {
@@ -138,18 +156,73 @@ __device__ __forceinline__ void issue_values(float (&out_acc)[kValueColsPerWarpg
   wgmma_commit();
 }
 
+// The end of a piece: each warpgroup's half of O (value columns 256 w ..), divided by the row sums of both halves
+// (`row_sum`: this thread's partial sums of its two rows, scaled to `row_max`, the rows' final maximum), straight to
+// out and lse (out_slot < 0) or to float32 partial slot `out_slot` and its base-2 LSE.
+__device__ __forceinline__ void store_output(const DecodeParams& p, uint8_t* shared, int row_block, int batch,
+                                             int first_query, int64_t out_slot,
+                                             const float (&out_acc)[kValueColsPerWarpgroup / 2],
+                                             const float (&row_max)[2], float (&row_sum)[2]) {
+  float* row_sum_shared = reinterpret_cast<float*>(shared + Layout::kRowSum);
+  const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int row_of[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 1);
+    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 2);
+    if (lane % 4 == 0) row_sum_shared[warpgroup * kRowsPerCta + row_of[j]] = row_sum[j];
+  }
+  named_barrier_sync(1, kThreads);
+
+  const bool direct = out_slot < 0;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int row = row_block * kRowsPerCta + row_of[j];
+    if (row >= p.rows) continue;
+    const float total = row_sum_shared[row_of[j]] + row_sum_shared[kRowsPerCta + row_of[j]];
+    const float inverse = total > 0.f ? 1.f / total : 0.f;
+    const int query = first_query + row / p.h_q, head = row % p.h_q;
+    const int value_col = warpgroup * kValueColsPerWarpgroup + 2 * (lane % 4);
+    if (direct) {
+      __nv_bfloat16* out_row =
+          p.out + batch * p.out_batch_stride + query * p.out_seq_stride + head * p.out_head_stride + value_col;
+#pragma unroll
+      for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
+        *reinterpret_cast<__nv_bfloat162*>(out_row + 8 * i) =
+            __floats2bfloat162_rn(out_acc[4 * i + 2 * j] * inverse, out_acc[4 * i + 2 * j + 1] * inverse);
+      }
+      if (warpgroup == 0 && lane % 4 == 0) {
+        const int64_t stat = (static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + query;
+        p.lse[stat] = total > 0.f ? (row_max[j] + log2f(total)) * kLn2 : INFINITY;
+        if (p.max_logits != nullptr) p.max_logits[stat] = total > 0.f ? row_max[j] * kLn2 : -INFINITY;
+      }
+    } else {
+      const int64_t partial_row = out_slot * p.rows + row;
+      float* out_row = p.out_partial + partial_row * kLatentDim + value_col;
+#pragma unroll
+      for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
+        *reinterpret_cast<float2*>(out_row + 8 * i) =
+            make_float2(out_acc[4 * i + 2 * j] * inverse, out_acc[4 * i + 2 * j + 1] * inverse);
+      }
+      if (warpgroup == 0 && lane % 4 == 0) {
+        p.lse_partial[partial_row] = total > 0.f ? row_max[j] + log2f(total) : -INFINITY;
+      }
+    }
+  }
+}
+
 // One piece of work: blocks [begin, end) of grid row z's sequence (dense: z = batch; sparse: batch * s_q + query) for
 // row tile `row_block`; the output goes straight to out / lse (out_slot < 0) or to float32 partial slot `out_slot`.
 // `fills` counts each stage's fills by earlier pieces: the mbarrier phases carry on from them.
 template <bool kFp8, bool kSparse>
 __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
                                              int end, int64_t out_slot, int (&fills)[2]) {
+  static_assert(kFp8 || kSparse, "dense decode over the BF16 cache is attend_pairs'");
   using L = Layout;
   constexpr bool kQkFirst = kFp8;  // the loop order, below
   const uint32_t q_tile = smem_address(shared + L::kQ);
   const uint32_t p_tile = smem_address(shared + L::kP);
   float* row_max_shared = reinterpret_cast<float*>(shared + L::kRowMax);
-  float* row_sum_shared = reinterpret_cast<float*>(shared + L::kRowSum);
   const auto kv_tile = [&](int stage) { return smem_address(shared + L::kKv + stage * kMatrixBytes); };
   // One mbarrier per stage: the TMA of its block (FP8: of its RoPE columns) completes on it.
   const auto barrier = [&](int stage) { return smem_address(shared + L::kBarriers + stage * 8); };
@@ -196,11 +269,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       ahead[0] = ahead[1];
       ahead[1] = load_row_slot(p, batch, first_query, block + 2, length);
     } else if (threadIdx.x == 0) {
-      if constexpr (kFp8) {
-        load_rope_block(p, kv_tile(stage), barrier(stage), batch, block);
-      } else {
-        load_kv_block(p, kv_tile(stage), barrier(stage), batch, block);
-      }
+      load_rope_block(p, kv_tile(stage), barrier(stage), batch, block);
     }
     if constexpr (kFp8) {
       store_fp8_share(share, shared + L::kKv + stage * kMatrixBytes, gather_row(), (gather_row() / 4) % 2);
@@ -220,16 +289,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     }
   };
   if (begin < end) {
-    load_rows_async(
-        q_tile,
-        [&](int r) -> const __nv_bfloat16* {
-          const int row = row_block * kRowsPerCta + r;
-          if (row >= p.rows) return nullptr;
-          return p.q + batch * p.q_batch_stride + (first_query + row / p.h_q) * p.q_seq_stride +
-                 (row % p.h_q) * p.q_head_stride;
-        },
-        p.q);
-    cp_async_commit();
+    load_q_async(p, q_tile, row_block, batch, first_query);
     for (int stage = 0; stage < 2 && begin + stage < end; ++stage) {
       if constexpr (kFp8) load_fp8_share(share, next_row_address(begin + stage));
       fill_stage(stage, begin + stage);
@@ -248,8 +308,9 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
 
   // Softmax in two halves, so that the first can run while P V of the previous block is still on the tensor cores.
   // softmax_scores: scale and mask S of `block`, update the running max and sum, keep P (bf16) in registers and the
-  // factor O must be rescaled by. publish_probs: rescale O (P V of the previous block done), write P to shared memory
-  // (with, for the BF16 cache, the zeroed tail rows of the last block), visible to both warpgroups' wgmma.
+  // factor O must be rescaled by. publish_probs: rescale O (P V of the previous block done), write P to shared memory,
+  // visible to both warpgroups' wgmma. (The FP8 path stores zeros in the value rows past the end itself; sparse rows
+  // that are not there are gathered as zeros.)
   uint32_t probs[2][kTokensPerWarpgroup / 8];
   float rescale[2];
   const auto softmax_scores = [&](int block) {
@@ -300,7 +361,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       }
     }
   };
-  const auto publish_probs = [&](int block, int stage) {
+  const auto publish_probs = [&] {
 #pragma unroll
     for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
       out_acc[4 * i + 0] *= rescale[0];
@@ -317,11 +378,6 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
             probs[j][i];
       }
     }
-    const int valid_rows = length - block * kBlockN;
-    // The last block: zero the value rows past the end (the FP8 path stores zeros there itself).
-    if (!kFp8 && !kSparse && valid_rows < kBlockN) {
-      zero_value_rows(shared + L::kKv + stage * kMatrixBytes, valid_rows, threadIdx.x, kThreads);
-    }
     fence_async_shared();
     named_barrier_sync(1, kThreads);
   };
@@ -335,7 +391,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     wgmma_wait<0>();
     fence_registers(scores);
     softmax_scores(begin);
-    publish_probs(begin, 0);
+    publish_probs();
   }
   // Once both warpgroups are done with stage `stage` (block `block`) and with P: the stage takes block + 2 (FP8: from
   // the registers loaded one block earlier, which then load block + 3).
@@ -348,7 +404,9 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   };
   // Two loop orders, each measured faster for its cache (H100, an A/B of both orders): FP8 issues Q K^T of the next
   // block before P V of this one, so the next block's softmax overlaps P V; BF16 keeps P V first (its scores are
-  // ready sooner and the loop holds fewer registers).
+  // ready sooner and the loop holds fewer registers). The BF16 loop now serves sparse only (dense BF16 is
+  // attend_pairs'); Q K^T first measured slower there too (sparse prefill h128 7804.5-7824.5 against 7518.2-7523.3 us,
+  // stop 22).
   if constexpr (kQkFirst) {
     // PhaseClock phases: 0 the gathers' barrier (sparse), 1 wait for the next stage, 2 issue Q K^T and P V, wait for
     // Q K^T, 3 softmax, 4 wait for P V, 5 refill, 6 publish P, 7 the loop.
@@ -373,7 +431,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       clock.mark(4);
       refill(stage, block);
       clock.mark(5);
-      publish_probs(block + 1, next_stage);  // its fence and barrier also publish the FP8 latent just stored
+      publish_probs();  // its fence and barrier also publish the FP8 latent just stored
       clock.mark(6);
     }
     clock.report(kSparse ? "wide sparse fp8" : "wide fp8", end - begin);
@@ -414,55 +472,208 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
         clock.mark(4);
         softmax_scores(block + 1);
         clock.mark(5);
-        publish_probs(block + 1, (block + 1 - begin) % 2);  // its fence and barrier also publish the FP8 latent
+        publish_probs();  // its fence and barrier also publish the FP8 latent
         clock.mark(6);
       }
     }
     clock.report(kSparse ? "wide sparse bf16" : "wide bf16", end - begin);
   }
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 1);
-    row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 2);
-    if (lane % 4 == 0) row_sum_shared[warpgroup * kRowsPerCta + row_of[j]] = row_sum[j];
-  }
-  named_barrier_sync(1, kThreads);
+  store_output(p, shared, row_block, batch, first_query, out_slot, out_acc, row_max, row_sum);
+  const int filled = max(0, end - begin);
+  fills[0] += (filled + 1) / 2;
+  fills[1] += filled / 2;
+}
 
-  const bool direct = out_slot < 0;
+// Dense decode over the BF16 cache in block pairs, for a CTA of 64 query rows: warpgroup 0 scores block a = begin
+// + 2 pair (stage 0), warpgroup 1 block b = a + 1 (stage 1), each over the whole block (m64n64: Q read once per 64
+// tokens), and warpgroup w owns value columns 256 w .. 256 w + 255 of O for both blocks. The softmax is chained, so
+// that neither warpgroup waits for the other's scores: m_a = max(m, rowmax S_a), m_b = max(m_a, rowmax S_b).
+//   warpgroup 0                                        warpgroup 1
+//   S_a = Q K_a^T                                      (P V of the previous b)
+//   P_a = exp2(S_a - m_a), P_a and m_a -> shared  -->  O_1 = O_1 exp2(m - m_a) + P_a V_a[:, 256:]
+//   O_0 = O_0 exp2(m - m_a) + P_a V_a[:, :256]         S_b = Q K_b^T
+//                                                 <--  P_b = exp2(S_b - m_b), P_b and m_b -> shared
+//   O_0 = O_0 exp2(m_a - m_b) + P_b V_b[:, :256]       O_1 = O_1 exp2(m_a - m_b) + P_b V_b[:, 256:]
+// So one warpgroup's softmax runs while the other's wgmma keeps the tensor cores busy. P_a and P_b live in the RoPE
+// tile of their block's stage (only the owner's Q K^T reads it; P V reads the 512 latent columns). Stage 0 refills
+// with a + 2 once both products of a are done (mid-pair), stage 1 with the next b at the next pair's start, while
+// warpgroup 0 scores a + 2 and warpgroup 1 multiplies P_a + 2 first. Named barriers (arrive on one side, sync on the
+// other) carry the hand-offs; kOwnBarrier + w is warpgroup w's own.
+constexpr int kPublishedA = 2;  // warpgroup 0 -> 1: P_a and m_a are in shared memory
+constexpr int kPublishedB = 3;  // warpgroup 1 -> 0: P_b and m_b are, and warpgroup 1's P V of a is done
+constexpr int kReleasedB = 4;   // warpgroup 0 -> 1: warpgroup 0's P V of the previous b is done
+constexpr int kOwnBarrier = 5;
+
+// S (64 x 64) = Q K^T over a whole block, issued and committed.
+__device__ __forceinline__ void issue_block_scores(float (&scores)[kBlockN / 2], uint32_t q_tile, uint32_t kv_tile) {
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kHeadDimQK / 16; ++k) {
+    const uint32_t column = (k / 4) * kTileBytes + (k % 4) * 32;
+    wgmma_m64n64k16_ss(scores, smem_descriptor(q_tile + column, 16, 1024), smem_descriptor(kv_tile + column, 16, 1024),
+                       k > 0);
+  }
+  wgmma_commit();
+}
+
+__device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
+                                             int end, int64_t out_slot, int (&fills)[2]) {
+  using L = Layout;
+  const uint32_t q_tile = smem_address(shared + L::kQ);
+  float* row_max_shared = reinterpret_cast<float*>(shared + L::kRowMax);  // [0]: m_a, [1]: m_b
+  const auto stage_bytes = [&](int stage) { return shared + L::kKv + stage * kMatrixBytes; };
+  const auto kv_tile = [&](int stage) { return smem_address(stage_bytes(stage)); };
+  const auto p_tile = [&](int stage) { return kv_tile(stage) + (kColumnTiles - 1) * kTileBytes; };
+  const auto barrier = [&](int stage) { return smem_address(shared + L::kBarriers + stage * 8); };
+
+  const int batch = z / p.queries_per_z, first_query = z % p.queries_per_z;
+  const int warpgroup = threadIdx.x / 128, thread = threadIdx.x % 128, warp = thread / 32, lane = threadIdx.x % 32;
+  const int length = visible_length<false>(p, z);
+  int row_of[2], visible[2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
+    row_of[j] = warp * 16 + lane / 4 + 8 * j;
     const int row = row_block * kRowsPerCta + row_of[j];
-    if (row >= p.rows) continue;
-    const float total = row_sum_shared[row_of[j]] + row_sum_shared[kRowsPerCta + row_of[j]];
-    const float inverse = total > 0.f ? 1.f / total : 0.f;
-    const int query = first_query + row / p.h_q, head = row % p.h_q;
-    const int value_col = warpgroup * kValueColsPerWarpgroup + 2 * (lane % 4);
-    if (direct) {
-      __nv_bfloat16* out_row =
-          p.out + batch * p.out_batch_stride + query * p.out_seq_stride + head * p.out_head_stride + value_col;
+    const int query = first_query + row / p.h_q;
+    visible[j] = row >= p.rows ? 0 : (p.causal ? length - p.s_q + query + 1 : length);
+  }
+
+  if (begin < end) {
+    load_q_async(p, q_tile, row_block, batch, first_query);
+    if (threadIdx.x == 0) {
+      load_kv_block(p, kv_tile(0), barrier(0), batch, begin);
+      if (begin + 1 < end) load_kv_block(p, kv_tile(1), barrier(1), batch, begin + 1);
+    }
+  }
+  cp_async_wait<0>();
+  fence_async_shared();
+  __syncthreads();
+
+  float out_acc[kValueColsPerWarpgroup / 2];
 #pragma unroll
-      for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
-        *reinterpret_cast<__nv_bfloat162*>(out_row + 8 * i) =
-            __floats2bfloat162_rn(out_acc[4 * i + 2 * j] * inverse, out_acc[4 * i + 2 * j + 1] * inverse);
+  for (int i = 0; i < kValueColsPerWarpgroup / 2; ++i) out_acc[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  float scores[kBlockN / 2];
+
+  // Moves this thread's rows to the maximum `new_max` (row_max, row_sum and O rescaled).
+  const auto rescale_to = [&](const float (&new_max)[2]) {
+    float factor[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      factor[j] = exp2f(row_max[j] - (new_max[j] == -INFINITY ? 0.f : new_max[j]));
+      row_sum[j] *= factor[j];
+      row_max[j] = new_max[j];
+    }
+#pragma unroll
+    for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
+      out_acc[4 * i + 0] *= factor[0];
+      out_acc[4 * i + 1] *= factor[0];
+      out_acc[4 * i + 2] *= factor[1];
+      out_acc[4 * i + 3] *= factor[1];
+    }
+  };
+  // The owner's softmax of `block` (scores waited for): masks and scales S, moves to the chained maximum
+  // max(row_max, rowmax S) and publishes it in row_max_shared[stage], writes P (bf16) into the stage's RoPE tile and
+  // zeroes the value rows past the sequence's end, then makes all of it visible to its own wgmma (fence and its own
+  // barrier) and tells the other warpgroup (`published`).
+  const auto softmax_and_publish = [&](int block, int stage, int published) {
+    float block_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < kBlockN / 8; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& s = scores[4 * i + 2 * j + c];
+          s = block * kBlockN + 8 * i + 2 * (lane % 4) + c < visible[j] ? s * p.scale_log2 : -INFINITY;
+          block_max[j] = fmaxf(block_max[j], s);
+        }
       }
-      if (warpgroup == 0 && lane % 4 == 0) {
-        const int64_t stat = (static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + query;
-        p.lse[stat] = total > 0.f ? (row_max[j] + log2f(total)) * kLn2 : INFINITY;
-        if (p.max_logits != nullptr) p.max_logits[stat] = total > 0.f ? row_max[j] * kLn2 : -INFINITY;
+    }
+    float new_max[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      block_max[j] = fmaxf(block_max[j], __shfl_xor_sync(0xffffffffu, block_max[j], 1));
+      block_max[j] = fmaxf(block_max[j], __shfl_xor_sync(0xffffffffu, block_max[j], 2));
+      new_max[j] = fmaxf(row_max[j], block_max[j]);
+      if (lane % 4 == 0) row_max_shared[stage * kRowsPerCta + row_of[j]] = new_max[j];
+    }
+    rescale_to(new_max);
+    uint8_t* probs = stage_bytes(stage) + (kColumnTiles - 1) * kTileBytes;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float shift = row_max[j] == -INFINITY ? 0.f : row_max[j];
+#pragma unroll
+      for (int i = 0; i < kBlockN / 8; ++i) {
+        const float p0 = exp2f(scores[4 * i + 2 * j] - shift), p1 = exp2f(scores[4 * i + 2 * j + 1] - shift);
+        row_sum[j] += p0 + p1;
+        const __nv_bfloat162 pair = __floats2bfloat162_rn(p0, p1);
+        *reinterpret_cast<uint32_t*>(probs + swizzled_offset(row_of[j], i) + 4 * (lane % 4)) =
+            *reinterpret_cast<const uint32_t*>(&pair);
+      }
+    }
+    const int valid_rows = length - block * kBlockN;
+    if (valid_rows < kBlockN) zero_value_rows(stage_bytes(stage), valid_rows, thread, 128);
+    fence_async_shared();
+    named_barrier_sync(kOwnBarrier + warpgroup, 128);
+    named_barrier_arrive(published, kThreads);
+  };
+  // The other warpgroup's maximum for the block in `stage`, from row_max_shared.
+  const auto take_published_max = [&](int stage) {
+    const float new_max[2] = {row_max_shared[stage * kRowsPerCta + row_of[0]],
+                              row_max_shared[stage * kRowsPerCta + row_of[1]]};
+    rescale_to(new_max);
+  };
+
+  for (int pair = 0; 2 * pair < end - begin; ++pair) {
+    const int a = begin + 2 * pair, b = a + 1;
+    const bool has_b = b < end;
+    // P V of the previous b done (here for both warpgroups and every pair, so that no path the compiler sees reads O
+    // with a product in flight: it would serialize every wgmma).
+    wgmma_wait<0>();
+    fence_registers(out_acc);
+    if (warpgroup == 0) {
+      if (pair > 0) named_barrier_arrive(kReleasedB, kThreads);  // stage 1 is free on this side
+      mbarrier_wait(barrier(0), (fills[0] + pair) & 1);
+      issue_block_scores(scores, q_tile, kv_tile(0));
+      wgmma_wait<0>();
+      fence_registers(scores);
+      softmax_and_publish(a, 0, kPublishedA);
+      fence_registers(out_acc);
+      issue_values(out_acc, p_tile(0), kv_tile(0), 0);
+      if (has_b) {
+        named_barrier_sync(kPublishedB, kThreads);
+        wgmma_wait<0>();  // both products of a done: stage 0 takes a + 2
+        fence_registers(out_acc);
+        if (thread == 0 && a + 2 < end) load_kv_block(p, kv_tile(0), barrier(0), batch, a + 2);
+        take_published_max(1);
+        fence_registers(out_acc);
+        issue_values(out_acc, p_tile(1), kv_tile(1), 0);
       }
     } else {
-      const int64_t partial_row = out_slot * p.rows + row;
-      float* out_row = p.out_partial + partial_row * kLatentDim + value_col;
-#pragma unroll
-      for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
-        *reinterpret_cast<float2*>(out_row + 8 * i) =
-            make_float2(out_acc[4 * i + 2 * j] * inverse, out_acc[4 * i + 2 * j + 1] * inverse);
+      if (pair > 0) {
+        named_barrier_sync(kReleasedB, kThreads);
+        if (thread == 0 && has_b) load_kv_block(p, kv_tile(1), barrier(1), batch, b);
       }
-      if (warpgroup == 0 && lane % 4 == 0) {
-        p.lse_partial[partial_row] = total > 0.f ? row_max[j] + log2f(total) : -INFINITY;
+      named_barrier_sync(kPublishedA, kThreads);
+      take_published_max(0);
+      fence_registers(out_acc);
+      issue_values(out_acc, p_tile(0), kv_tile(0), 1);
+      if (has_b) {
+        mbarrier_wait(barrier(1), (fills[1] + pair) & 1);
+        issue_block_scores(scores, q_tile, kv_tile(1));
+        wgmma_wait<0>();  // and P V of a: stage 0 is free on this side
+        fence_registers(scores);
+        fence_registers(out_acc);
+        softmax_and_publish(b, 1, kPublishedB);
+        fence_registers(out_acc);
+        issue_values(out_acc, p_tile(1), kv_tile(1), 1);
       }
     }
   }
+  wgmma_wait<0>();
+  fence_registers(out_acc);
+  store_output(p, shared, row_block, batch, first_query, out_slot, out_acc, row_max, row_sum);
   const int filled = max(0, end - begin);
   fills[0] += (filled + 1) / 2;
   fills[1] += filled / 2;
@@ -475,7 +686,11 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   uint8_t* shared = prepare_shared</*kGeneric=*/true>(raw_shared, Layout::kBarriers);  // measured faster here
   int fills[2] = {0, 0};
   for_each_piece<kSparse>(p, [&](int z, int begin, int end, int64_t slot) {
-    attend_piece<kFp8, kSparse>(p, shared, blockIdx.x, z, begin, end, slot, fills);
+    if constexpr (!kFp8 && !kSparse) {
+      attend_pairs(p, shared, blockIdx.x, z, begin, end, slot, fills);
+    } else {
+      attend_piece<kFp8, kSparse>(p, shared, blockIdx.x, z, begin, end, slot, fills);
+    }
   });
   cta_clock.report(kSparse ? "wide sparse" : kFp8 ? "wide fp8" : "wide bf16");
 }
