@@ -625,52 +625,72 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
     rescale_to(new_max);
   };
 
+  // PhaseClock phases, warpgroup 0: 0 wait for P V of the previous b, 1 wait for stage 0, 2 Q K^T of a, 3 softmax and
+  // publish, 4 issue P V of a, 5 wait for P_b, 6 wait for P V of a, refill, issue P V of b, 7 the loop. Warpgroup 1:
+  // 0 wait for P V of the previous b, 1 wait for warpgroup 0's release of stage 1 and refill it, 2 wait for P_a,
+  // 3 issue P V of a, 4 wait for stage 1, 5 Q K^T of b, 6 softmax, publish and issue P V of b, 7 the loop.
+  PhaseClock clock;
   for (int pair = 0; 2 * pair < end - begin; ++pair) {
     const int a = begin + 2 * pair, b = a + 1;
     const bool has_b = b < end;
+    clock.mark(7);
     // P V of the previous b done (here for both warpgroups and every pair, so that no path the compiler sees reads O
     // with a product in flight: it would serialize every wgmma).
     wgmma_wait<0>();
     fence_registers(out_acc);
+    clock.mark(0);
     if (warpgroup == 0) {
       if (pair > 0) named_barrier_arrive(kReleasedB, kThreads);  // stage 1 is free on this side
       mbarrier_wait(barrier(0), (fills[0] + pair) & 1);
+      clock.mark(1);
       issue_block_scores(scores, q_tile, kv_tile(0));
       wgmma_wait<0>();
       fence_registers(scores);
+      clock.mark(2);
       softmax_and_publish(a, 0, kPublishedA);
+      clock.mark(3);
       fence_registers(out_acc);
       issue_values(out_acc, p_tile(0), kv_tile(0), 0);
+      clock.mark(4);
       if (has_b) {
         named_barrier_sync(kPublishedB, kThreads);
+        clock.mark(5);
         wgmma_wait<0>();  // both products of a done: stage 0 takes a + 2
         fence_registers(out_acc);
         if (thread == 0 && a + 2 < end) load_kv_block(p, kv_tile(0), barrier(0), batch, a + 2);
         take_published_max(1);
         fence_registers(out_acc);
         issue_values(out_acc, p_tile(1), kv_tile(1), 0);
+        clock.mark(6);
       }
     } else {
       if (pair > 0) {
         named_barrier_sync(kReleasedB, kThreads);
         if (thread == 0 && has_b) load_kv_block(p, kv_tile(1), barrier(1), batch, b);
       }
+      clock.mark(1);
       named_barrier_sync(kPublishedA, kThreads);
+      clock.mark(2);
       take_published_max(0);
       fence_registers(out_acc);
       issue_values(out_acc, p_tile(0), kv_tile(0), 1);
+      clock.mark(3);
       if (has_b) {
         mbarrier_wait(barrier(1), (fills[1] + pair) & 1);
+        clock.mark(4);
         issue_block_scores(scores, q_tile, kv_tile(1));
         wgmma_wait<0>();  // and P V of a: stage 0 is free on this side
         fence_registers(scores);
         fence_registers(out_acc);
+        clock.mark(5);
         softmax_and_publish(b, 1, kPublishedB);
         fence_registers(out_acc);
         issue_values(out_acc, p_tile(1), kv_tile(1), 1);
+        clock.mark(6);
       }
     }
   }
+  clock.report("wide bf16 pairs", end - begin);
   wgmma_wait<0>();
   fence_registers(out_acc);
   store_output(p, shared, row_block, batch, first_query, out_slot, out_acc, row_max, row_sum);
