@@ -486,19 +486,20 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
 
 // Dense decode over the BF16 cache in block pairs, for a CTA of 64 query rows: warpgroup 0 scores block a = begin
 // + 2 pair (stage 0), warpgroup 1 block b = a + 1 (stage 1), each over the whole block (m64n64: Q read once per 64
-// tokens), and warpgroup w owns value columns 256 w .. 256 w + 255 of O for both blocks. The softmax is chained, so
-// that neither warpgroup waits for the other's scores: m_a = max(m, rowmax S_a), m_b = max(m_a, rowmax S_b).
+// tokens), and warpgroup w owns value columns 256 w .. 256 w + 255 of O for both blocks. The softmax is chained, with
+// no row-max exchange: m_a = max(m, rowmax S_a), m_b = max(m_a, rowmax S_b).
 //   warpgroup 0                                        warpgroup 1
 //   S_a = Q K_a^T                                      (P V of the previous b)
 //   P_a = exp2(S_a - m_a), P_a and m_a -> shared  -->  O_1 = O_1 exp2(m - m_a) + P_a V_a[:, 256:]
 //   O_0 = O_0 exp2(m - m_a) + P_a V_a[:, :256]         S_b = Q K_b^T
 //                                                 <--  P_b = exp2(S_b - m_b), P_b and m_b -> shared
 //   O_0 = O_0 exp2(m_a - m_b) + P_b V_b[:, :256]       O_1 = O_1 exp2(m_a - m_b) + P_b V_b[:, 256:]
-// So one warpgroup's softmax runs while the other's wgmma keeps the tensor cores busy. P_a and P_b live in the RoPE
-// tile of their block's stage (only the owner's Q K^T reads it; P V reads the 512 latent columns). Stage 0 refills
-// with a + 2 once both products of a are done (mid-pair), stage 1 with the next b at the next pair's start, while
-// warpgroup 0 scores a + 2 and warpgroup 1 multiplies P_a + 2 first. Named barriers (arrive on one side, sync on the
-// other) carry the hand-offs; kOwnBarrier + w is warpgroup w's own.
+// So one warpgroup's softmax can run under the other's wgmma. P_a and P_b live in the RoPE tile of their block's stage
+// (only the owner's Q K^T reads it; P V reads the 512 latent columns). Stage 0 refills with a + 2 once both products
+// of a are done (mid-pair); stage 1 with the next b at the next pair's start, where warpgroup 1 has the next a's
+// product to issue before it needs the next b. Named barriers (arrive on one side, sync on the other) carry the
+// hand-offs; kOwnBarrier + w is warpgroup w's own. Measured bound (stop 22): the chain Q K^T a, softmax a, Q K^T b,
+// softmax b, each Q K^T alone on the tensor cores (docs/bench/stop22_call6_pairs_phases.log).
 constexpr int kPublishedA = 2;  // warpgroup 0 -> 1: P_a and m_a are in shared memory
 constexpr int kPublishedB = 3;  // warpgroup 1 -> 0: P_b and m_b are, and warpgroup 1's P V of a is done
 constexpr int kReleasedB = 4;   // warpgroup 0 -> 1: warpgroup 0's P V of the previous b is done
