@@ -131,6 +131,17 @@ __device__ __forceinline__ void load_q_async(const DecodeParams& p, uint32_t q_t
   cp_async_commit();
 }
 
+// O (this thread's fragment of a warpgroup's 64 x 256 half) times `factor[j]` on accumulator row j.
+__device__ __forceinline__ void scale_rows(float (&out_acc)[kValueColsPerWarpgroup / 2], const float (&factor)[2]) {
+#pragma unroll
+  for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
+    out_acc[4 * i + 0] *= factor[0];
+    out_acc[4 * i + 1] *= factor[0];
+    out_acc[4 * i + 2] *= factor[1];
+    out_acc[4 * i + 3] *= factor[1];
+  }
+}
+
 // S_w = Q K[w * 32 : w * 32 + 32]^T, issued and committed (not waited for).
 __device__ __forceinline__ void issue_scores(float (&scores)[kTokensPerWarpgroup / 2], uint32_t q_tile,
                                              uint32_t kv_tile, int warpgroup) {
@@ -362,13 +373,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     }
   };
   const auto publish_probs = [&] {
-#pragma unroll
-    for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
-      out_acc[4 * i + 0] *= rescale[0];
-      out_acc[4 * i + 1] *= rescale[0];
-      out_acc[4 * i + 2] *= rescale[1];
-      out_acc[4 * i + 3] *= rescale[1];
-    }
+    scale_rows(out_acc, rescale);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -565,13 +570,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
       row_sum[j] *= factor[j];
       row_max[j] = new_max[j];
     }
-#pragma unroll
-    for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
-      out_acc[4 * i + 0] *= factor[0];
-      out_acc[4 * i + 1] *= factor[0];
-      out_acc[4 * i + 2] *= factor[1];
-      out_acc[4 * i + 3] *= factor[1];
-    }
+    scale_rows(out_acc, factor);
   };
   // The owner's softmax of `block` (scores waited for): masks and scales S, moves to the chained maximum
   // max(row_max, rowmax S) and publishes it in row_max_shared[stage], writes P (bf16) into the stage's RoPE tile and
