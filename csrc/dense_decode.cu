@@ -145,12 +145,13 @@ __device__ __forceinline__ void scale_rows(float (&out_acc)[kValueColsPerWarpgro
 // S_w = Q K[w * 32 : w * 32 + 32]^T, issued and committed (not waited for).
 __device__ __forceinline__ void issue_scores(float (&scores)[kTokensPerWarpgroup / 2], uint32_t q_tile,
                                              uint32_t kv_tile, int warpgroup) {
+  const uint64_t q_desc = smem_descriptor(q_tile, 16, 1024);
+  const uint64_t k_desc = smem_descriptor(kv_tile + warpgroup * kTokensPerWarpgroup * 128, 16, 1024);
   wgmma_fence();
 #pragma unroll
   for (int k = 0; k < kHeadDimQK / 16; ++k) {
     const uint32_t column = (k / 4) * kTileBytes + (k % 4) * 32;
-    wgmma_m64n32k16_ss(scores, smem_descriptor(q_tile + column, 16, 1024),
-                       smem_descriptor(kv_tile + column + warpgroup * kTokensPerWarpgroup * 128, 16, 1024), k > 0);
+    wgmma_m64n32k16_ss(scores, descriptor_plus(q_desc, column), descriptor_plus(k_desc, column), k > 0);
   }
   wgmma_commit();
 }
@@ -158,11 +159,12 @@ __device__ __forceinline__ void issue_scores(float (&scores)[kTokensPerWarpgroup
 // O_w += P V[:, w * 256 : w * 256 + 256], issued and committed (not waited for).
 __device__ __forceinline__ void issue_values(float (&out_acc)[kValueColsPerWarpgroup / 2], uint32_t p_tile,
                                              uint32_t kv_tile, int warpgroup) {
+  const uint64_t p_desc = smem_descriptor(p_tile, 16, 1024);
+  const uint64_t v_desc = smem_descriptor(kv_tile + warpgroup * 4 * kTileBytes, kTileBytes, 1024);
   wgmma_fence();
 #pragma unroll
   for (int k = 0; k < kBlockN / 16; ++k) {
-    wgmma_m64n256k16_ss_tb(out_acc, smem_descriptor(p_tile + k * 32, 16, 1024),
-                           smem_descriptor(kv_tile + warpgroup * 4 * kTileBytes + k * 16 * 128, kTileBytes, 1024), 1);
+    wgmma_m64n256k16_ss_tb(out_acc, descriptor_plus(p_desc, k * 32), descriptor_plus(v_desc, k * 16 * 128), 1);
   }
   wgmma_commit();
 }
@@ -239,7 +241,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   const auto barrier = [&](int stage) { return smem_address(shared + L::kBarriers + stage * 8); };
 
   const int batch = z / p.queries_per_z, first_query = z % p.queries_per_z;  // dense: 0; sparse: the query
-  const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int warpgroup = warp_uniform(threadIdx.x / 128), warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int length = visible_length<kSparse>(p, z);
   uint32_t* token_masks = reinterpret_cast<uint32_t*>(shared + L::kTokenMasks);  // sparse: [stage][2]
 
@@ -494,17 +496,17 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
 // tokens), and warpgroup w owns value columns 256 w .. 256 w + 255 of O for both blocks. The softmax is chained, with
 // no row-max exchange: m_a = max(m, rowmax S_a), m_b = max(m_a, rowmax S_b).
 //   warpgroup 0                                        warpgroup 1
-//   S_a = Q K_a^T                                      (P V of the previous b)
+//   S_a = Q K_a^T                                      S_b = Q K_b^T (as soon as stage 1 has landed)
 //   P_a = exp2(S_a - m_a), P_a and m_a -> shared  -->  O_1 = O_1 exp2(m - m_a) + P_a V_a[:, 256:]
-//   O_0 = O_0 exp2(m - m_a) + P_a V_a[:, :256]         S_b = Q K_b^T
-//                                                 <--  P_b = exp2(S_b - m_b), P_b and m_b -> shared
+//   O_0 = O_0 exp2(m - m_a) + P_a V_a[:, :256]         P_b = exp2(S_b - m_b), P_b and m_b -> shared (under P V of a)
+//                                                 <--  (P V of a done)
 //   O_0 = O_0 exp2(m_a - m_b) + P_b V_b[:, :256]       O_1 = O_1 exp2(m_a - m_b) + P_b V_b[:, 256:]
-// So one warpgroup's softmax can run under the other's wgmma. P_a and P_b live in the RoPE tile of their block's stage
-// (only the owner's Q K^T reads it; P V reads the 512 latent columns). Stage 0 refills with a + 2 once both products
-// of a are done (mid-pair); stage 1 with the next b at the next pair's start, where warpgroup 1 has the next a's
-// product to issue before it needs the next b. Named barriers (arrive on one side, sync on the other) carry the
-// hand-offs; kOwnBarrier + w is warpgroup w's own. Measured bound (stop 22): the chain Q K^T a, softmax a, Q K^T b,
-// softmax b, each Q K^T alone on the tensor cores (docs/bench/stop22_call6_pairs_phases.log).
+// So the two Q K^T share the tensor cores and each softmax runs under a wgmma. P_a and P_b live in the RoPE tile of
+// their block's stage (only the owner's Q K^T reads it; P V reads the 512 latent columns). Stage 0 refills with a + 2
+// once both products of a are done (mid-pair); stage 1 with the next b at the next pair's start, where warpgroup 1
+// waits for it. Named barriers (arrive on one side, sync on the other) carry the hand-offs; kOwnBarrier + w is
+// warpgroup w's own. Stop 23 measured this order 13-14% faster than Q K^T of b after P_a (then each Q K^T ran alone
+// on the tensor cores: the chain Q K^T a, softmax a, Q K^T b, softmax b, docs/bench/stop22_call6_pairs_phases.log).
 constexpr int kPublishedA = 2;  // warpgroup 0 -> 1: P_a and m_a are in shared memory
 constexpr int kPublishedB = 3;  // warpgroup 1 -> 0: P_b and m_b are, and warpgroup 1's P V of a is done
 constexpr int kReleasedB = 4;   // warpgroup 0 -> 1: warpgroup 0's P V of the previous b is done
@@ -512,12 +514,12 @@ constexpr int kOwnBarrier = 5;
 
 // S (64 x 64) = Q K^T over a whole block, issued and committed.
 __device__ __forceinline__ void issue_block_scores(float (&scores)[kBlockN / 2], uint32_t q_tile, uint32_t kv_tile) {
+  const uint64_t q_desc = smem_descriptor(q_tile, 16, 1024), k_desc = smem_descriptor(kv_tile, 16, 1024);
   wgmma_fence();
 #pragma unroll
   for (int k = 0; k < kHeadDimQK / 16; ++k) {
     const uint32_t column = (k / 4) * kTileBytes + (k % 4) * 32;
-    wgmma_m64n64k16_ss(scores, smem_descriptor(q_tile + column, 16, 1024), smem_descriptor(kv_tile + column, 16, 1024),
-                       k > 0);
+    wgmma_m64n64k16_ss(scores, descriptor_plus(q_desc, column), descriptor_plus(k_desc, column), k > 0);
   }
   wgmma_commit();
 }
@@ -561,22 +563,26 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   float scores[kBlockN / 2];
 
-  // Moves this thread's rows to the maximum `new_max` (row_max, row_sum and O rescaled).
-  const auto rescale_to = [&](const float (&new_max)[2]) {
-    float factor[2];
+  // Moves this thread's rows to the maximum `new_max`: row_max and row_sum now, O by `factor` (the caller's
+  // scale_rows, once no product into O is in flight).
+  const auto move_max = [&](const float (&new_max)[2], float (&factor)[2]) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       factor[j] = exp2f(row_max[j] - (new_max[j] == -INFINITY ? 0.f : new_max[j]));
       row_sum[j] *= factor[j];
       row_max[j] = new_max[j];
     }
-    scale_rows(out_acc, factor);
   };
   // The owner's softmax of `block` (scores waited for): masks and scales S, moves to the chained maximum
-  // max(row_max, rowmax S) and publishes it in row_max_shared[stage], writes P (bf16) into the stage's RoPE tile and
-  // zeroes the value rows past the sequence's end, then makes all of it visible to its own wgmma (fence and its own
-  // barrier) and tells the other warpgroup (`published`).
-  const auto softmax_and_publish = [&](int block, int stage, int published) {
+  // max(row_max, rowmax S) (O's `factor` left to the caller) and stores it in row_max_shared[stage], writes P (bf16)
+  // into the stage's RoPE tile and zeroes the value rows past the sequence's end, then makes all of it visible to its
+  // own wgmma (fence and its own barrier); the caller's arrive publishes it to the other warpgroup. It works on a copy
+  // of the scores: warpgroup 1 runs it with P V of a in flight, and writing the wgmma accumulator `scores` there made
+  // ptxas serialize every wgmma of the kernel (C7515).
+  const auto softmax_and_store = [&](int block, int stage, float (&factor)[2]) {
+    float logits[kBlockN / 2];
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) logits[i] = scores[i];
     float block_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int i = 0; i < kBlockN / 8; ++i) {
@@ -584,7 +590,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
       for (int j = 0; j < 2; ++j) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          float& s = scores[4 * i + 2 * j + c];
+          float& s = logits[4 * i + 2 * j + c];
           s = block * kBlockN + 8 * i + 2 * (lane % 4) + c < visible[j] ? s * p.scale_log2 : -INFINITY;
           block_max[j] = fmaxf(block_max[j], s);
         }
@@ -598,14 +604,14 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
       new_max[j] = fmaxf(row_max[j], block_max[j]);
       if (lane % 4 == 0) row_max_shared[stage * kRowsPerCta + row_of[j]] = new_max[j];
     }
-    rescale_to(new_max);
+    move_max(new_max, factor);
     uint8_t* probs = stage_bytes(stage) + (kColumnTiles - 1) * kTileBytes;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const float shift = row_max[j] == -INFINITY ? 0.f : row_max[j];
 #pragma unroll
       for (int i = 0; i < kBlockN / 8; ++i) {
-        const float p0 = exp2f(scores[4 * i + 2 * j] - shift), p1 = exp2f(scores[4 * i + 2 * j + 1] - shift);
+        const float p0 = exp2f(logits[4 * i + 2 * j] - shift), p1 = exp2f(logits[4 * i + 2 * j + 1] - shift);
         row_sum[j] += p0 + p1;
         const __nv_bfloat162 pair = __floats2bfloat162_rn(p0, p1);
         *reinterpret_cast<uint32_t*>(probs + swizzled_offset(row_of[j], i) + 4 * (lane % 4)) =
@@ -616,19 +622,21 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
     if (valid_rows < kBlockN) zero_value_rows(stage_bytes(stage), valid_rows, thread, 128);
     fence_async_shared();
     named_barrier_sync(kOwnBarrier + warpgroup, 128);
-    named_barrier_arrive(published, kThreads);
   };
   // The other warpgroup's maximum for the block in `stage`, from row_max_shared.
   const auto take_published_max = [&](int stage) {
     const float new_max[2] = {row_max_shared[stage * kRowsPerCta + row_of[0]],
                               row_max_shared[stage * kRowsPerCta + row_of[1]]};
-    rescale_to(new_max);
+    float factor[2];
+    move_max(new_max, factor);
+    scale_rows(out_acc, factor);
   };
 
-  // PhaseClock phases, warpgroup 0: 0 wait for P V of the previous b, 1 wait for stage 0, 2 Q K^T of a, 3 softmax and
-  // publish, 4 issue P V of a, 5 wait for P_b, 6 wait for P V of a, refill, issue P V of b, 7 the loop. Warpgroup 1:
-  // 0 wait for P V of the previous b, 1 wait for warpgroup 0's release of stage 1 and refill it, 2 wait for P_a,
-  // 3 issue P V of a, 4 wait for stage 1, 5 Q K^T of b, 6 softmax, publish and issue P V of b, 7 the loop.
+  // PhaseClock phases, warpgroup 0: 0 wait for P V of the previous b, 1 wait for stage 0, 2 Q K^T of a, 3 softmax,
+  // publish, rescale O, 4 issue P V of a, 5 wait for P_b, 6 wait for P V of a, refill, issue P V of b, 7 the loop.
+  // Warpgroup 1: 0 wait for P V of the previous b, 1 wait for warpgroup 0's release of stage 1 and refill it, 4 wait
+  // for stage 1, 2 issue Q K^T of b and wait for P_a, 5 wait for Q K^T of b, 3 rescale O and issue P V of a,
+  // 6 softmax, wait for P V of a, publish, rescale O, issue P V of b, 7 the loop.
   PhaseClock clock;
   for (int pair = 0; 2 * pair < end - begin; ++pair) {
     const int a = begin + 2 * pair, b = a + 1;
@@ -647,7 +655,10 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
       wgmma_wait<0>();
       fence_registers(scores);
       clock.mark(2);
-      softmax_and_publish(a, 0, kPublishedA);
+      float factor[2];
+      softmax_and_store(a, 0, factor);
+      named_barrier_arrive(kPublishedA, kThreads);
+      scale_rows(out_acc, factor);
       clock.mark(3);
       fence_registers(out_acc);
       issue_values(out_acc, p_tile(0), kv_tile(0), 0);
@@ -669,21 +680,27 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
         if (thread == 0 && has_b) load_kv_block(p, kv_tile(1), barrier(1), batch, b);
       }
       clock.mark(1);
+      if (has_b) {  // Q K^T of b runs under warpgroup 0's softmax of a
+        mbarrier_wait(barrier(1), (fills[1] + pair) & 1);
+        clock.mark(4);
+        issue_block_scores(scores, q_tile, kv_tile(1));
+      }
       named_barrier_sync(kPublishedA, kThreads);
       clock.mark(2);
+      wgmma_wait<0>();  // Q K^T of b (unconditional: O is rescaled next, and no product may be in flight)
+      fence_registers(scores);
+      clock.mark(5);
       take_published_max(0);
       fence_registers(out_acc);
       issue_values(out_acc, p_tile(0), kv_tile(0), 1);
       clock.mark(3);
       if (has_b) {
-        mbarrier_wait(barrier(1), (fills[1] + pair) & 1);
-        clock.mark(4);
-        issue_block_scores(scores, q_tile, kv_tile(1));
-        wgmma_wait<0>();  // and P V of a: stage 0 is free on this side
-        fence_registers(scores);
+        float factor[2];
+        softmax_and_store(b, 1, factor);
+        wgmma_wait<0>();  // P V of a done: stage 0 is free on this side, and O moves to m_b
         fence_registers(out_acc);
-        clock.mark(5);
-        softmax_and_publish(b, 1, kPublishedB);
+        named_barrier_arrive(kPublishedB, kThreads);
+        scale_rows(out_acc, factor);
         fence_registers(out_acc);
         issue_values(out_acc, p_tile(1), kv_tile(1), 1);
         clock.mark(6);
