@@ -27,6 +27,8 @@ struct DecodeParams {
   // (64 columns, 64 rows, tiles, num_blocks) as bf16, 128 bytes between tiles: BF16 cache nine tiles, FP8 cache
   // its RoPE tile; a box is a whole block's tiles, 128-byte swizzle.
   CUtensorMap kv_map;
+  // BF16 cache: the same view, a box a third of a block's tiles (attend_pairs fills a stage in three parts).
+  CUtensorMap kv_part_map;
   const __nv_bfloat16* q;
   int64_t q_batch_stride, q_seq_stride, q_head_stride;
   const uint8_t* kv;
@@ -94,19 +96,19 @@ __device__ __forceinline__ void for_each_piece(const DecodeParams& p, Attend att
   }
 }
 
-// The dynamic shared memory, aligned to 1024 bytes (the swizzled tiles' atoms), with the two stages' mbarriers at byte
-// `barriers` initialised (one arrival: the thread that arms the TMA) and visible to the whole CTA. The pointer is
-// raw_shared plus an offset, so the compiler still knows it points to shared memory and emits STS/LDS for accesses
-// through it. kGeneric rebuilds it from an integer instead, so those accesses are generic ST/LD with 64-bit addresses:
-// measured, the wide kernel is faster so (H200, sparse prefill h128 7569 us against 8136-8154 us with STS/LDS;
-// docs/bench/narrow_rs_qk_h200.log).
+// The dynamic shared memory, aligned to 1024 bytes (the swizzled tiles' atoms), with `count` mbarriers at byte
+// `barriers` (the stages') initialised (one arrival: the thread that arms the TMA) and visible to the whole CTA. The
+// pointer is raw_shared plus an offset, so the compiler still knows it points to shared memory and emits STS/LDS for
+// accesses through it. kGeneric rebuilds it from an integer instead, so those accesses are generic ST/LD with 64-bit
+// addresses: measured, the wide kernel is faster so (H200, sparse prefill h128 7569 us against 8136-8154 us with
+// STS/LDS; docs/bench/narrow_rs_qk_h200.log).
 template <bool kGeneric = false>
-__device__ __forceinline__ uint8_t* prepare_shared(uint8_t* raw_shared, int barriers) {
+__device__ __forceinline__ uint8_t* prepare_shared(uint8_t* raw_shared, int barriers, int count = 2) {
   uint8_t* shared =
       kGeneric ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw_shared) + 1023) & ~uintptr_t(1023))
                : raw_shared + ((1024 - (sm90::smem_address(raw_shared) & 1023)) & 1023);
   if (threadIdx.x == 0) {
-    for (int stage = 0; stage < 2; ++stage) sm90::mbarrier_init(sm90::smem_address(shared + barriers + stage * 8), 1);
+    for (int i = 0; i < count; ++i) sm90::mbarrier_init(sm90::smem_address(shared + barriers + i * 8), 1);
     sm90::fence_barrier_init();
   }
   __syncthreads();

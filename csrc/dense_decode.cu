@@ -43,14 +43,15 @@ constexpr int kValueColsPerWarpgroup = kLatentDim / 2;
 // Shared memory, in bytes from a 1024-aligned base: Q, two KV stages, P, the row max / sum exchange, the stages'
 // mbarriers. BF16 cache: a stage is filled by TMA. FP8 cache: its RoPE columns by TMA, its latent dequantised from
 // registers (each thread's share of the block, loaded from the cache one block ahead).
+constexpr int kParts = 3;  // attend_pairs fills a stage in three parts of three tiles, each on its own mbarrier
 struct Layout {
   static constexpr int kQ = 0;
   static constexpr int kKv = kQ + kMatrixBytes;
   static constexpr int kP = kKv + 2 * kMatrixBytes;
   static constexpr int kRowMax = kP + kTileBytes;                  // float [2][64]
   static constexpr int kRowSum = kRowMax + 2 * kRowsPerCta * 4;    // float [2][64]
-  static constexpr int kBarriers = kRowSum + 2 * kRowsPerCta * 4;  // uint64_t [2]
-  static constexpr int kTokenMasks = kBarriers + 2 * 8;            // uint32_t [2 stages][2]: sparse, valid tokens
+  static constexpr int kBarriers = kRowSum + 2 * kRowsPerCta * 4;  // uint64_t [2 stages][kParts]
+  static constexpr int kTokenMasks = kBarriers + 2 * kParts * 8;   // uint32_t [2 stages][2]: sparse, valid tokens
   static constexpr int kBytes = kTokenMasks + 2 * 8 + 1024;        // + slack to align the base to 1024
   static_assert(kBytes <= 227 * 1024, "shared memory");
 };
@@ -237,8 +238,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   const uint32_t p_tile = smem_address(shared + L::kP);
   float* row_max_shared = reinterpret_cast<float*>(shared + L::kRowMax);
   const auto kv_tile = [&](int stage) { return smem_address(shared + L::kKv + stage * kMatrixBytes); };
-  // One mbarrier per stage: the TMA of its block (FP8: of its RoPE columns) completes on it.
-  const auto barrier = [&](int stage) { return smem_address(shared + L::kBarriers + stage * 8); };
+  // One mbarrier per stage (its part 0's): the TMA of its block (FP8: of its RoPE columns) completes on it.
+  const auto barrier = [&](int stage) { return smem_address(shared + L::kBarriers + stage * kParts * 8); };
 
   const int batch = z / p.queries_per_z, first_query = z % p.queries_per_z;  // dense: 0; sparse: the query
   const int warpgroup = warp_uniform(threadIdx.x / 128), warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
@@ -504,20 +505,31 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
 // So the two Q K^T share the tensor cores and each softmax runs under a wgmma. P_a and P_b live in the RoPE tile of
 // their block's stage (only the owner's Q K^T reads it; P V reads the 512 latent columns). Stage 0 refills with a + 2
 // once both products of a are done (mid-pair); stage 1 with the next b at the next pair's start, where warpgroup 1
-// waits for it. Named barriers (arrive on one side, sync on the other) carry the hand-offs; kOwnBarrier + w is
-// warpgroup w's own. Stop 23 measured this order 13-14% faster than Q K^T of b after P_a (then each Q K^T ran alone
-// on the tensor cores: the chain Q K^T a, softmax a, Q K^T b, softmax b, docs/bench/stop22_call6_pairs_phases.log).
+// waits for it. A stage fills in kParts TMAs of three tiles, each on its own mbarrier, and Q K^T waits for each third
+// just before its wgmmas, so that it starts on the first third while the rest lands (stop 23: 1-3% faster than one
+// 9-tile TMA on one mbarrier). Named barriers (arrive on one side, sync on the other) carry the hand-offs;
+// kOwnBarrier + w is warpgroup w's own. Stop 23 measured this order 13-14% faster than Q K^T of b after P_a (then
+// each Q K^T ran alone on the tensor cores: the chain Q K^T a, softmax a, Q K^T b, softmax b,
+// docs/bench/stop22_call6_pairs_phases.log).
 constexpr int kPublishedA = 2;  // warpgroup 0 -> 1: P_a and m_a are in shared memory
 constexpr int kPublishedB = 3;  // warpgroup 1 -> 0: P_b and m_b are, and warpgroup 1's P V of a is done
 constexpr int kReleasedB = 4;   // warpgroup 0 -> 1: warpgroup 0's P V of the previous b is done
 constexpr int kOwnBarrier = 5;
 
-// S (64 x 64) = Q K^T over a whole block, issued and committed.
-__device__ __forceinline__ void issue_block_scores(float (&scores)[kBlockN / 2], uint32_t q_tile, uint32_t kv_tile) {
+// S (64 x 64) = Q K^T over a whole block, issued and committed; `wait_part(part)` before the wgmmas of each third of
+// the block's tiles, so that they start as soon as the first part has landed. The fence after each wait: without it
+// ptxas inserts its own after the wait's loop and serializes every wgmma of the kernel (C7520).
+template <typename WaitPart>
+__device__ __forceinline__ void issue_block_scores(float (&scores)[kBlockN / 2], uint32_t q_tile, uint32_t kv_tile,
+                                                   WaitPart wait_part) {
+  constexpr int kStepsPerPart = kHeadDimQK / 16 / kParts;
   const uint64_t q_desc = smem_descriptor(q_tile, 16, 1024), k_desc = smem_descriptor(kv_tile, 16, 1024);
-  wgmma_fence();
 #pragma unroll
   for (int k = 0; k < kHeadDimQK / 16; ++k) {
+    if (k % kStepsPerPart == 0) {
+      wait_part(k / kStepsPerPart);
+      wgmma_fence();
+    }
     const uint32_t column = (k / 4) * kTileBytes + (k % 4) * 32;
     wgmma_m64n64k16_ss(scores, descriptor_plus(q_desc, column), descriptor_plus(k_desc, column), k > 0);
   }
@@ -532,11 +544,23 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   const auto stage_bytes = [&](int stage) { return shared + L::kKv + stage * kMatrixBytes; };
   const auto kv_tile = [&](int stage) { return smem_address(stage_bytes(stage)); };
   const auto p_tile = [&](int stage) { return kv_tile(stage) + (kColumnTiles - 1) * kTileBytes; };
-  const auto barrier = [&](int stage) { return smem_address(shared + L::kBarriers + stage * 8); };
+  const auto barrier = [&](int stage, int part) {
+    return smem_address(shared + L::kBarriers + (stage * kParts + part) * 8);
+  };
 
   const int batch = z / p.queries_per_z, first_query = z % p.queries_per_z;
   const int warpgroup = threadIdx.x / 128, thread = threadIdx.x % 128, warp = thread / 32, lane = threadIdx.x % 32;
   const int length = visible_length<false>(p, z);
+  // One thread: the stage takes sequence `batch`'s block `block`, in kParts TMAs of a third of its tiles each.
+  const auto fill_stage = [&](int stage, int block) {
+    const int page = block_page(p, batch, block);
+#pragma unroll
+    for (int part = 0; part < kParts; ++part) {
+      mbarrier_arrive_expect_bytes(barrier(stage, part), kColumnTiles / kParts * kTileBytes);
+      tma_load_4d(kv_tile(stage) + part * (kColumnTiles / kParts) * kTileBytes, &p.kv_part_map, barrier(stage, part), 0,
+                  0, part * (kColumnTiles / kParts), page);
+    }
+  };
   int row_of[2], visible[2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -549,8 +573,8 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   if (begin < end) {
     load_q_async(p, q_tile, row_block, batch, first_query);
     if (threadIdx.x == 0) {
-      load_kv_block(p, kv_tile(0), barrier(0), batch, begin);
-      if (begin + 1 < end) load_kv_block(p, kv_tile(1), barrier(1), batch, begin + 1);
+      fill_stage(0, begin);
+      if (begin + 1 < end) fill_stage(1, begin + 1);
     }
   }
   cp_async_wait<0>();
@@ -563,7 +587,11 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   float scores[kBlockN / 2];
 
-  // Moves this thread's rows to the maximum `new_max`: row_max and row_sum now, O by `factor` (the caller's
+  // Q K^T of the block in `stage`, its parts waited for one by one (fill `fill` of the stage, counting from 0).
+  const auto score_stage = [&](int stage, int fill) {
+    issue_block_scores(scores, q_tile, kv_tile(stage),
+                       [&](int part) { mbarrier_wait(barrier(stage, part), fill & 1); });
+  };  // Moves this thread's rows to the maximum `new_max`: row_max and row_sum now, O by `factor` (the caller's
   // scale_rows, once no product into O is in flight).
   const auto move_max = [&](const float (&new_max)[2], float (&factor)[2]) {
 #pragma unroll
@@ -649,9 +677,8 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
     clock.mark(0);
     if (warpgroup == 0) {
       if (pair > 0) named_barrier_arrive(kReleasedB, kThreads);  // stage 1 is free on this side
-      mbarrier_wait(barrier(0), (fills[0] + pair) & 1);
       clock.mark(1);
-      issue_block_scores(scores, q_tile, kv_tile(0));
+      score_stage(0, fills[0] + pair);
       wgmma_wait<0>();
       fence_registers(scores);
       clock.mark(2);
@@ -668,7 +695,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
         clock.mark(5);
         wgmma_wait<0>();  // both products of a done: stage 0 takes a + 2
         fence_registers(out_acc);
-        if (thread == 0 && a + 2 < end) load_kv_block(p, kv_tile(0), barrier(0), batch, a + 2);
+        if (thread == 0 && a + 2 < end) fill_stage(0, a + 2);
         take_published_max(1);
         fence_registers(out_acc);
         issue_values(out_acc, p_tile(1), kv_tile(1), 0);
@@ -677,13 +704,12 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
     } else {
       if (pair > 0) {
         named_barrier_sync(kReleasedB, kThreads);
-        if (thread == 0 && has_b) load_kv_block(p, kv_tile(1), barrier(1), batch, b);
+        if (thread == 0 && has_b) fill_stage(1, b);
       }
       clock.mark(1);
       if (has_b) {  // Q K^T of b runs under warpgroup 0's softmax of a
-        mbarrier_wait(barrier(1), (fills[1] + pair) & 1);
         clock.mark(4);
-        issue_block_scores(scores, q_tile, kv_tile(1));
+        score_stage(1, fills[1] + pair);
       }
       named_barrier_sync(kPublishedA, kThreads);
       clock.mark(2);
@@ -720,7 +746,8 @@ template <bool kFp8, bool kSparse>
 __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t raw_shared[];
   const CtaClock cta_clock;
-  uint8_t* shared = prepare_shared</*kGeneric=*/true>(raw_shared, Layout::kBarriers);  // measured faster here
+  // kGeneric: measured faster here
+  uint8_t* shared = prepare_shared</*kGeneric=*/true>(raw_shared, Layout::kBarriers, 2 * kParts);
   int fills[2] = {0, 0};
   for_each_piece<kSparse>(p, [&](int z, int begin, int end, int64_t slot) {
     if constexpr (!kFp8 && !kSparse) {
@@ -903,10 +930,10 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
 }
 
 // A 4-d view of the paged cache as bf16, (64 columns, 64 rows, tiles, num_blocks) from byte `offset` of each row, with
-// the cache's own row and block strides and 128 bytes between column tiles: one box is a whole block's `tiles`
+// the cache's own row and block strides and 128 bytes between column tiles: one box is `box_tiles` of a block's
 // 64-column tiles, each landing 128-byte-swizzled in the wgmma layout, back to back, in one TMA (the BF16 cache's
-// nine tiles; the FP8 cache's one RoPE tile).
-CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache, int64_t offset, int tiles) {
+// nine tiles, or a third of them; the FP8 cache's one RoPE tile).
+CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache, int64_t offset, int tiles, int box_tiles) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* function = nullptr;
     cudaDriverEntryPointQueryResult status;
@@ -922,7 +949,7 @@ CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache, int64_t offset, int 
                               static_cast<cuuint64_t>(std::max<int64_t>(kv_cache.size(0), 1))};
   const cuuint64_t strides[3] = {static_cast<cuuint64_t>(kv_cache.stride(1) * element), 128,
                                  static_cast<cuuint64_t>(kv_cache.stride(0) * element)};
-  const cuuint32_t box[4] = {64, kBlockN, static_cast<cuuint32_t>(tiles), 1};
+  const cuuint32_t box[4] = {64, kBlockN, static_cast<cuuint32_t>(box_tiles), 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const CUresult result = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4,
                                  static_cast<uint8_t*>(kv_cache.data_ptr()) + offset, dims, strides, box,
@@ -985,7 +1012,9 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
   }
   const int64_t element = kv_cache.element_size();
   if (!sparse) {
-    params.kv_map = is_fp8 ? cache_tensor_map(kv_cache, kRopeOffset, 1) : cache_tensor_map(kv_cache, 0, kColumnTiles);
+    params.kv_map = is_fp8 ? cache_tensor_map(kv_cache, kRopeOffset, 1, 1)
+                           : cache_tensor_map(kv_cache, 0, kColumnTiles, kColumnTiles);
+    if (!is_fp8) params.kv_part_map = cache_tensor_map(kv_cache, 0, kColumnTiles, kColumnTiles / kParts);
   }
   params.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
   params.q_batch_stride = q.stride(0);
