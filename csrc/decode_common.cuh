@@ -163,12 +163,7 @@ __device__ __forceinline__ void load_rope_page(const DecodeParams& p, uint32_t d
   load_page_tiles(p, dst + (kColumnTiles - 1) * kTileBytes, barrier, page, 1);
 }
 
-// The same for sequence `batch`'s block `block`, its page read from the block table here.
-__device__ __forceinline__ void load_kv_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
-                                              int block) {
-  load_kv_page(p, dst, barrier, block_page(p, batch, block));
-}
-
+// An FP8 page's RoPE tile, for sequence `batch`'s block `block` (its page read from the block table here).
 __device__ __forceinline__ void load_rope_block(const DecodeParams& p, uint32_t dst, uint32_t barrier, int batch,
                                                 int block) {
   load_rope_page(p, dst, barrier, block_page(p, batch, block));
