@@ -10,9 +10,10 @@
 //   m   = max(m, rowmax(S_0), rowmax(S_1))     (row maxima exchanged through shared memory)
 //   P   = exp2(S - m) -> shared memory (bf16)  (the whole 64 x 64 probability tile)
 //   O_w = O_w * exp2(m_old - m) + P V[:, w * 256 : w * 256 + 256]   (wgmma m64n256: warpgroup w owns half of d_v)
-// Q (cp.async), two KV stages (TMA through a tensor map over the paged cache, one mbarrier per stage; for the FP8
-// cache only the RoPE columns come by TMA, and the latent is dequantised from registers that each thread loads one
-// block ahead) and P live in 128-byte-swizzled shared tiles (sm90.cuh). The loop keeps the tensor cores fed: Q K^T of
+// Q (cp.async), two KV stages (TMA through a tensor map over the paged cache, one mbarrier per stage here and three
+// in attend_pairs; for the FP8 cache only the RoPE columns come by TMA, and the latent is dequantised from registers
+// that each thread loads one block ahead; sparse: cp.async gathers) and P live in 128-byte-swizzled shared tiles
+// (sm90.cuh). The loop keeps the tensor cores fed: Q K^T of
 // block i + 1 and P V of block i are issued back to back, block i + 1's softmax scores are computed while P V runs,
 // and the load of block i + 2 starts once block i's stage is free. Rows of the last block past the sequence's end are
 // zeroed in shared memory before P V, so whatever the cache holds there never reaches the output.
