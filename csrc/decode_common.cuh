@@ -145,22 +145,22 @@ __device__ __forceinline__ void zero_value_rows(uint8_t* stage_tiles, int first_
   }
 }
 
-// One thread: cache page `page` through the 4-d tensor map `p.kv_map` (run_decode's cache_tensor_map), its `tiles`
-// swizzled 64-column tiles into dst in one TMA completing on `barrier`: the BF16 cache's nine tiles or the FP8 cache's
-// one RoPE tile.
-__device__ __forceinline__ void load_page_tiles(const DecodeParams& p, uint32_t dst, uint32_t barrier, int page,
-                                                int tiles) {
+// One thread: cache page `page` through the 4-d tensor map `map` (run_decode's cache_tensor_map, whose box is
+// `tiles` tiles), its swizzled 64-column tiles first_tile .. first_tile + tiles - 1 into dst in one TMA completing on
+// `barrier`: the BF16 cache's nine tiles or a third of them, or the FP8 cache's one RoPE tile.
+__device__ __forceinline__ void load_page_tiles(const CUtensorMap& map, uint32_t dst, uint32_t barrier, int page,
+                                                int first_tile, int tiles) {
   sm90::mbarrier_arrive_expect_bytes(barrier, tiles * kTileBytes);
-  sm90::tma_load_4d(dst, &p.kv_map, barrier, 0, 0, 0, page);
+  sm90::tma_load_4d(dst, &map, barrier, 0, 0, first_tile, page);
 }
 
 // A whole BF16 page into the stage at dst, or an FP8 page's RoPE tile into the stage's last tile.
 __device__ __forceinline__ void load_kv_page(const DecodeParams& p, uint32_t dst, uint32_t barrier, int page) {
-  load_page_tiles(p, dst, barrier, page, kColumnTiles);
+  load_page_tiles(p.kv_map, dst, barrier, page, 0, kColumnTiles);
 }
 
 __device__ __forceinline__ void load_rope_page(const DecodeParams& p, uint32_t dst, uint32_t barrier, int page) {
-  load_page_tiles(p, dst + (kColumnTiles - 1) * kTileBytes, barrier, page, 1);
+  load_page_tiles(p.kv_map, dst + (kColumnTiles - 1) * kTileBytes, barrier, page, 0, 1);
 }
 
 // An FP8 page's RoPE tile, for sequence `batch`'s block `block` (its page read from the block table here).

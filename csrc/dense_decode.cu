@@ -13,10 +13,10 @@
 // Q (cp.async), two KV stages (TMA through a tensor map over the paged cache, one mbarrier per stage here and three
 // in attend_pairs; for the FP8 cache only the RoPE columns come by TMA, and the latent is dequantised from registers
 // that each thread loads one block ahead; sparse: cp.async gathers) and P live in 128-byte-swizzled shared tiles
-// (sm90.cuh). The loop keeps the tensor cores fed: Q K^T of
-// block i + 1 and P V of block i are issued back to back, block i + 1's softmax scores are computed while P V runs,
-// and the load of block i + 2 starts once block i's stage is free. Rows of the last block past the sequence's end are
-// zeroed in shared memory before P V, so whatever the cache holds there never reaches the output.
+// (sm90.cuh). The loop keeps the tensor cores fed: Q K^T of block i + 1 and P V of block i are issued back to back,
+// block i + 1's softmax scores are computed while P V runs, and the load of block i + 2 starts once block i's stage
+// is free. Rows of the last block past the sequence's end are zeroed in shared memory before P V, so whatever the
+// cache holds there never reaches the output.
 // With several splits per sequence each CTA writes its normalised float32 output and base-2 LSE, and
 // `combine_kernel` merges them.
 #include <c10/cuda/CUDAException.h>
@@ -554,12 +554,12 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   const int length = visible_length<false>(p, z);
   // One thread: the stage takes sequence `batch`'s block `block`, in kParts TMAs of a third of its tiles each.
   const auto fill_stage = [&](int stage, int block) {
+    constexpr int kTilesPerPart = kColumnTiles / kParts;
     const int page = block_page(p, batch, block);
 #pragma unroll
     for (int part = 0; part < kParts; ++part) {
-      mbarrier_arrive_expect_bytes(barrier(stage, part), kColumnTiles / kParts * kTileBytes);
-      tma_load_4d(kv_tile(stage) + part * (kColumnTiles / kParts) * kTileBytes, &p.kv_part_map, barrier(stage, part), 0,
-                  0, part * (kColumnTiles / kParts), page);
+      load_page_tiles(p.kv_part_map, kv_tile(stage) + part * kTilesPerPart * kTileBytes, barrier(stage, part), page,
+                      part * kTilesPerPart, kTilesPerPart);
     }
   };
   int row_of[2], visible[2];
@@ -592,7 +592,8 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   const auto score_stage = [&](int stage, int fill) {
     issue_block_scores(scores, q_tile, kv_tile(stage),
                        [&](int part) { mbarrier_wait(barrier(stage, part), fill & 1); });
-  };  // Moves this thread's rows to the maximum `new_max`: row_max and row_sum now, O by `factor` (the caller's
+  };
+  // Moves this thread's rows to the maximum `new_max`: row_max and row_sum now, O by `factor` (the caller's
   // scale_rows, once no product into O is in flight).
   const auto move_max = [&](const float (&new_max)[2], float (&factor)[2]) {
 #pragma unroll
