@@ -4,8 +4,9 @@ it takes.
 
 Fresh random inputs per case, outputs poisoned (the allocator's next blocks filled with NaN), LSE compared, lengths
 mixed in one batch (0, 1, 63, 64, 65, non-multiples of the page, one long among short), query rows that are not a
-multiple of the 64-row tile (h_q 1, 8 x s_q 3), causal s_q 1..4, forced split counts (1, several, more splits than
-blocks), a padded cache block stride, strided q, repeated runs bit-identical, and the op's CUDA-graph capture.
+multiple of the 64-row tile (h_q 1, 8 x s_q 3, 48 x s_q 2), one to four row tiles, causal s_q 1..4, forced split
+counts (1, several, more splits than blocks) and balanced schedules on one and two row tiles, a padded cache block
+stride, strided q, repeated runs bit-identical, and the op's CUDA-graph capture.
 """
 import pytest
 import torch
@@ -43,6 +44,8 @@ CASES = [
     ([32768, 100], 1, 16),
     ([100, 0, 4097], 4, 4),
     ([0, 0], 1, 16),
+    ([300, 65, 1], 2, 48),  # two row tiles, the second half padding
+    ([200, 1, 64], 3, 64),  # three row tiles
 ]
 
 
@@ -98,8 +101,8 @@ def test_cuda_dense_decode_matches_reference(seqlens, s_q, h_q, narrow, causal, 
     run_and_compare(seqlens, s_q, h_q, causal, is_fp8, narrow=narrow)
 
 
-# (s_q, h_q, narrow): 32 rows on the wide kernel, 16 on each
-SPLIT_SHAPES = [(2, 16, False), (2, 8, False), (2, 8, True)]
+# (s_q, h_q, narrow): 32 rows on the wide kernel, 16 on each, and 128 (two row tiles) on the wide kernel
+SPLIT_SHAPES = [(2, 16, False), (2, 8, False), (2, 8, True), (2, 64, False)]
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
