@@ -235,9 +235,9 @@ __device__ __forceinline__ void store_fp8_share(const Fp8Share& share, uint8_t* 
 }
 
 // Cycles per phase of a block loop, for finding what bounds a kernel: built with
-// FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_PHASES, the first CTA's warpgroup leaders print, for each piece of 8 blocks or
-// more, the cycles each phase took per block (docs/bench/decode_phases_h200.log). Otherwise every call compiles to
-// nothing.
+// FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_PHASES, the warpgroup leaders of the first two CTAs (row blocks 0 and 1 of
+// split 0) print, for each piece of 8 blocks or more, the cycles each phase took per block
+// (docs/bench/decode_phases_h200.log). Otherwise every call compiles to nothing.
 struct PhaseClock {
 #ifdef FLASHMLA_PHASES
   unsigned last = clock(), first = last, total[8] = {};
@@ -253,12 +253,12 @@ struct PhaseClock {
     last = now;
   }
   __device__ __forceinline__ void report(const char* kernel, int blocks) const {
-    if (blockIdx.x + blockIdx.y + blockIdx.z != 0 || threadIdx.x % 128 != 0 || blocks < 8) return;
+    if (blockIdx.x > 1 || blockIdx.y + blockIdx.z != 0 || threadIdx.x % 128 != 0 || blocks < 8) return;
     const unsigned cycles = clock() - first;
     const unsigned long long ns = nanoseconds() - first_ns;
-    printf("%s warpgroup %d, %d blocks, cycles per block by phase: %u %u %u %u %u %u %u %u (loop %u cycles in %llu ns: "
-           "%.2f GHz)\n",
-           kernel, threadIdx.x / 128, blocks, total[0] / blocks, total[1] / blocks, total[2] / blocks,
+    printf("%s row block %d warpgroup %d, %d blocks, cycles per block by phase: %u %u %u %u %u %u %u %u (loop %u cycles "
+           "in %llu ns: %.2f GHz)\n",
+           kernel, blockIdx.x, threadIdx.x / 128, blocks, total[0] / blocks, total[1] / blocks, total[2] / blocks,
            total[3] / blocks, total[4] / blocks, total[5] / blocks, total[6] / blocks, total[7] / blocks, cycles, ns,
            static_cast<double>(cycles) / static_cast<double>(ns));
   }
