@@ -3,16 +3,17 @@
 // more rows, and sparse decode and sparse prefill.
 //
 // One CTA = 64 query rows (flattened (s_q, h_q) pairs of one sequence; all heads share the one latent KV head) x one
-// split of the sequence's 64-token cache blocks. Dense decode over the BF16 cache takes the blocks in pairs, one
-// warpgroup scoring each (attend_pairs, below). The FP8 cache and the sparse ops share each block between the two
-// warpgroups (attend_piece):
+// split of the sequence's 64-token cache blocks (sparse: of the query's gathered blocks of 64 indexed rows). Over a
+// BF16 cache (dense and sparse) the blocks go in pairs, one warpgroup scoring each (attend_pairs, below). The FP8
+// cache shares each block between the two warpgroups (attend_piece):
 //   S_w = Q K[w * 32 : w * 32 + 32]^T          (wgmma m64n32, K = 576: warpgroup w scores half the block's tokens)
 //   m   = max(m, rowmax(S_0), rowmax(S_1))     (row maxima exchanged through shared memory)
 //   P   = exp2(S - m) -> shared memory (bf16)  (the whole 64 x 64 probability tile)
 //   O_w = O_w * exp2(m_old - m) + P V[:, w * 256 : w * 256 + 256]   (wgmma m64n256: warpgroup w owns half of d_v)
 // Q (cp.async), two KV stages (TMA through a tensor map over the paged cache, one mbarrier per stage here and three
 // in attend_pairs; for the FP8 cache only the RoPE columns come by TMA, and the latent is dequantised from registers
-// that each thread loads one block ahead; sparse: cp.async gathers) and P live in 128-byte-swizzled shared tiles
+// that each thread loads one block ahead; sparse: cp.async gathers, in attend_pairs by the stage's own warpgroup, in
+// three commit groups) and P live in 128-byte-swizzled shared tiles
 // (sm90.cuh). The loop keeps the tensor cores fed: Q K^T of block i + 1 and P V of block i are issued back to back,
 // block i + 1's softmax scores are computed while P V runs, and the load of block i + 2 starts once block i's stage
 // is free. Rows of the last block past the sequence's end are zeroed in shared memory before P V, so whatever the
@@ -58,16 +59,18 @@ struct Layout {
 };
 
 // KV rows are gathered a row per four threads: thread t copies quarter t % 4 of the 16-byte chunks of row
-// gather_row(t). A warp covers 8 rows, paired (r, r + 4) in each 8-lane phase so that their chunks of one swizzled
-// 128-byte row land in different banks.
+// gather_row(t) (attend_piece: 256 threads, a row each), or of rows gather_row(t) % 32 and 32 further (attend_pairs,
+// sparse: a warpgroup's 128 threads, two rows each). A warp covers 8 rows, paired (r, r + 4) in each 8-lane phase so
+// that their chunks of one swizzled 128-byte row land in different banks.
 __device__ __forceinline__ int gather_row() {
   const int lane = threadIdx.x % 32;
   return 8 * (threadIdx.x / 32) + 4 * ((lane / 4) % 2) + lane / 8;
 }
 
-// Sparse: this thread's row's index in `block` of query (batch, query), -1 past the query's length (not read).
-__device__ __forceinline__ int load_row_slot(const DecodeParams& p, int batch, int query, int block, int length) {
-  const int position = block * kBlockN + gather_row();
+// Sparse: the index of row `row` of `block` of query (batch, query), -1 past the query's length (not read).
+__device__ __forceinline__ int load_row_slot(const DecodeParams& p, int batch, int query, int block, int length,
+                                             int row) {
+  const int position = block * kBlockN + row;
   return position < length
              ? __ldg(p.indices + batch * p.indices_batch_stride + query * p.indices_seq_stride + position)
              : -1;
@@ -86,21 +89,26 @@ __device__ __forceinline__ const uint8_t* gather_row_address(const DecodeParams&
   }
 }
 
-// cp.async of this thread's quarter of its gather row into a swizzled 576-wide matrix: the whole bf16 row, or (FP8
-// cache) the 64 RoPE columns at byte kRopeOffset; zeros where `row_bytes` is nullptr.
-template <bool kFp8>
-__device__ __forceinline__ void gather_row_async(uint32_t dst, const uint8_t* row_bytes,
-                                                 const void* any_valid_address) {
-  constexpr int kFirstChunk = kFp8 ? kLatentDim / 8 : 0;
-  const uint8_t* column0 = kFp8 && row_bytes != nullptr ? row_bytes + kRopeOffset - kLatentDim * 2 : row_bytes;
-  const int row = gather_row(), quarter = threadIdx.x % 4;
+// cp.async of this thread's quarter of 16-byte chunks [first, first + count) of a bf16 576-wide row, chunk c read
+// at column0 + 16 c, into row `row` of a swizzled 576-wide matrix; zeros where the row is not `valid`.
+__device__ __forceinline__ void gather_chunks_async(uint32_t dst, int row, const uint8_t* column0, bool valid,
+                                                    int first, int count, const void* any_valid_address) {
+  const int quarter = threadIdx.x % 4;
 #pragma unroll
-  for (int k = 0; k < (kChunksPerRow - kFirstChunk) / 4; ++k) {
-    const int chunk = kFirstChunk + quarter + 4 * k;
+  for (int k = 0; k < count / 4; ++k) {
+    const int chunk = first + quarter + 4 * k;
     cp_async_16(dst + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8),
-                row_bytes != nullptr ? static_cast<const void*>(column0 + chunk * 16) : any_valid_address,
-                row_bytes != nullptr);
+                valid ? static_cast<const void*>(column0 + chunk * 16) : any_valid_address, valid);
   }
+}
+
+// The FP8 cache's 64 RoPE columns (at byte kRopeOffset) of this thread's gather row, or zeros where `row_bytes` is
+// nullptr.
+__device__ __forceinline__ void gather_rope_async(uint32_t dst, const uint8_t* row_bytes,
+                                                  const void* any_valid_address) {
+  const uint8_t* column0 = row_bytes != nullptr ? row_bytes + kRopeOffset - kLatentDim * 2 : row_bytes;
+  gather_chunks_async(dst, gather_row(), column0, row_bytes != nullptr, kLatentDim / 8, kChunksPerRow - kLatentDim / 8,
+                      any_valid_address);
 }
 
 // Loads 64 bf16 rows of 576 columns into a swizzled matrix (the Q tile); `row_source(r)` gives the address of row r
@@ -232,9 +240,8 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, uint8_t* sha
 template <bool kFp8, bool kSparse>
 __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
                                              int end, int64_t out_slot, int (&fills)[2]) {
-  static_assert(kFp8 || kSparse, "dense decode over the BF16 cache is attend_pairs'");
+  static_assert(kFp8, "the BF16 cache is attend_pairs'");
   using L = Layout;
-  constexpr bool kQkFirst = kFp8;  // the loop order, below
   const uint32_t q_tile = smem_address(shared + L::kQ);
   const uint32_t p_tile = smem_address(shared + L::kP);
   float* row_max_shared = reinterpret_cast<float*>(shared + L::kRowMax);
@@ -264,8 +271,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   Fp8Share share;
   int ahead[2] = {-1, -1};
   if constexpr (kSparse) {
-    ahead[0] = load_row_slot(p, batch, first_query, begin, length);
-    ahead[1] = load_row_slot(p, batch, first_query, begin + 1, length);
+    ahead[0] = load_row_slot(p, batch, first_query, begin, length, gather_row());
+    ahead[1] = load_row_slot(p, batch, first_query, begin + 1, length, gather_row());
   }
   const auto next_row_address = [&](int block) {
     return gather_row_address<kSparse>(p, batch, block, length, ahead[0]);
@@ -273,7 +280,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   const auto fill_stage = [&](int stage, int block) {
     if constexpr (kSparse) {
       const uint8_t* row_bytes = next_row_address(block);
-      gather_row_async<kFp8>(kv_tile(stage), row_bytes, p.kv);
+      gather_rope_async(kv_tile(stage), row_bytes, p.kv);
       cp_async_commit();
       // The stage's mask: bit r of byte w for row 8 w + r, from lanes 4j (rows gather_row of those lanes).
       const uint32_t bits = __ballot_sync(0xffffffffu, row_bytes != nullptr);
@@ -282,7 +289,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       for (int j = 0; j < 8; ++j) byte |= ((bits >> (4 * j)) & 1u) << (4 * (j % 2) + j / 2);
       if (lane == 0) reinterpret_cast<uint8_t*>(token_masks)[stage * 8 + threadIdx.x / 32] = byte;
       ahead[0] = ahead[1];
-      ahead[1] = load_row_slot(p, batch, first_query, block + 2, length);
+      ahead[1] = load_row_slot(p, batch, first_query, block + 2, length, gather_row());
     } else if (threadIdx.x == 0) {
       load_rope_block(p, kv_tile(stage), barrier(stage), batch, block);
     }
@@ -411,81 +418,40 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       if (kFp8 && block + 3 < end) load_fp8_share(share, next_row_address(block + 3));
     }
   };
-  // Two loop orders, each measured faster for its cache (H100, an A/B of both orders): FP8 issues Q K^T of the next
-  // block before P V of this one, so the next block's softmax overlaps P V; BF16 keeps P V first (its scores are
-  // ready sooner and the loop holds fewer registers). The BF16 loop now serves sparse only (dense BF16 is
-  // attend_pairs'); Q K^T first measured slower there too (sparse prefill h128 7804.5-7824.5 against 7518.2-7523.3 us,
-  // stop 22).
-  if constexpr (kQkFirst) {
-    // PhaseClock phases: 0 the gathers' barrier (sparse), 1 wait for the next stage, 2 issue Q K^T and P V, wait for
-    // Q K^T, 3 softmax, 4 wait for P V, 5 refill, 6 publish P, 7 the loop.
-    PhaseClock clock;
-    for (int block = begin; block + 1 < end; ++block) {
-      const int stage = (block - begin) % 2, next_stage = 1 - stage;
-      clock.mark(7);
-      gathers_landed();
-      clock.mark(0);
-      fence_registers(out_acc);
-      wait_stage(next_stage, (block + 1 - begin) / 2);
-      clock.mark(1);
-      issue_scores(scores, q_tile, kv_tile(next_stage), warpgroup);
-      issue_values(out_acc, p_tile, kv_tile(stage), warpgroup);
-      wgmma_wait<1>();  // Q K^T of the next block is done; P V of this one may still run
-      fence_registers(scores);
-      clock.mark(2);
-      softmax_scores(block + 1);
-      clock.mark(3);
-      wgmma_wait<0>();
-      fence_registers(out_acc);
-      clock.mark(4);
-      refill(stage, block);
-      clock.mark(5);
-      publish_probs();  // its fence and barrier also publish the FP8 latent just stored
-      clock.mark(6);
-    }
-    clock.report(kSparse ? "wide sparse fp8" : "wide fp8", end - begin);
-    if (begin < end) {  // the last block's P V
-      fence_registers(out_acc);
-      issue_values(out_acc, p_tile, kv_tile((end - 1 - begin) % 2), warpgroup);
-      wgmma_wait<0>();
-      fence_registers(out_acc);
-    }
-  } else {
-    // PhaseClock phases: 0 the gathers' barrier (sparse) and issue P V, 1 wait for the next stage, 2 issue Q K^T, wait
-    // for P V, 3 refill, 4 wait for Q K^T, 5 softmax, 6 publish P, 7 the loop.
-    PhaseClock clock;
-    for (int block = begin; block < end; ++block) {
-      const int stage = (block - begin) % 2;
-      clock.mark(7);
-      gathers_landed();
-      fence_registers(out_acc);
-      issue_values(out_acc, p_tile, kv_tile(stage), warpgroup);
-      clock.mark(0);
-      const bool has_next = block + 1 < end;
-      if (has_next) {
-        const int next = block + 1 - begin;
-        wait_stage(next % 2, next / 2);
-        clock.mark(1);
-        issue_scores(scores, q_tile, kv_tile(next % 2), warpgroup);
-        wgmma_wait<1>();  // P V of this block is done; Q K^T of the next may still run
-      } else {
-        wgmma_wait<0>();
-      }
-      fence_registers(out_acc);
-      clock.mark(2);
-      refill(stage, block);
-      clock.mark(3);
-      if (has_next) {
-        wgmma_wait<0>();
-        fence_registers(scores);
-        clock.mark(4);
-        softmax_scores(block + 1);
-        clock.mark(5);
-        publish_probs();  // its fence and barrier also publish the FP8 latent
-        clock.mark(6);
-      }
-    }
-    clock.report(kSparse ? "wide sparse bf16" : "wide bf16", end - begin);
+  // Q K^T of the next block is issued before P V of this one, so that the next block's softmax overlaps P V (measured
+  // faster for the FP8 cache on the H100; the BF16 cache, dense and sparse, is attend_pairs').
+  // PhaseClock phases: 0 the gathers' barrier (sparse), 1 wait for the next stage, 2 issue Q K^T and P V, wait for
+  // Q K^T, 3 softmax, 4 wait for P V, 5 refill, 6 publish P, 7 the loop.
+  PhaseClock clock;
+  for (int block = begin; block + 1 < end; ++block) {
+    const int stage = (block - begin) % 2, next_stage = 1 - stage;
+    clock.mark(7);
+    gathers_landed();
+    clock.mark(0);
+    fence_registers(out_acc);
+    wait_stage(next_stage, (block + 1 - begin) / 2);
+    clock.mark(1);
+    issue_scores(scores, q_tile, kv_tile(next_stage), warpgroup);
+    issue_values(out_acc, p_tile, kv_tile(stage), warpgroup);
+    wgmma_wait<1>();  // Q K^T of the next block is done; P V of this one may still run
+    fence_registers(scores);
+    clock.mark(2);
+    softmax_scores(block + 1);
+    clock.mark(3);
+    wgmma_wait<0>();
+    fence_registers(out_acc);
+    clock.mark(4);
+    refill(stage, block);
+    clock.mark(5);
+    publish_probs();  // its fence and barrier also publish the FP8 latent just stored
+    clock.mark(6);
+  }
+  clock.report(kSparse ? "wide sparse fp8" : "wide fp8", end - begin);
+  if (begin < end) {  // the last block's P V
+    fence_registers(out_acc);
+    issue_values(out_acc, p_tile, kv_tile((end - 1 - begin) % 2), warpgroup);
+    wgmma_wait<0>();
+    fence_registers(out_acc);
   }
   store_output(p, shared, row_block, batch, first_query, out_slot, out_acc, row_max, row_sum);
   const int filled = max(0, end - begin);
@@ -537,6 +503,7 @@ __device__ __forceinline__ void issue_block_scores(float (&scores)[kBlockN / 2],
   wgmma_commit();
 }
 
+template <bool kSparse>
 __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
                                              int end, int64_t out_slot, int (&fills)[2]) {
   using L = Layout;
@@ -549,10 +516,12 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
     return smem_address(shared + L::kBarriers + (stage * kParts + part) * 8);
   };
 
-  const int batch = z / p.queries_per_z, first_query = z % p.queries_per_z;
+  const int batch = z / p.queries_per_z, first_query = z % p.queries_per_z;  // dense: 0; sparse: the query
   const int warpgroup = threadIdx.x / 128, thread = threadIdx.x % 128, warp = thread / 32, lane = threadIdx.x % 32;
-  const int length = visible_length<false>(p, z);
-  // One thread: the stage takes sequence `batch`'s block `block`, in kParts TMAs of a third of its tiles each.
+  const int length = visible_length<kSparse>(p, z);
+  uint8_t* token_masks = shared + L::kTokenMasks;  // sparse: [stage][64 bits], bit r for row r gathered
+  // Dense: one thread fills the stage with sequence `batch`'s block `block`, in kParts TMAs of a third of its tiles
+  // each.
   const auto fill_stage = [&](int stage, int block) {
     constexpr int kTilesPerPart = kColumnTiles / kParts;
     const int page = block_page(p, batch, block);
@@ -562,6 +531,51 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
                       part * kTilesPerPart, kTilesPerPart);
     }
   };
+  // Sparse: the owner warpgroup gathers its stage's block by cp.async, thread t copying quarter t % 4 of rows
+  // gather_row() % 32 and 32 further, in kParts commit groups of three tiles (the parts Q K^T waits for one by one),
+  // and writes the stage's token mask (a row is there if its index is). `ahead[r]` holds the index of the thread's row
+  // r in its warpgroup's next block, loaded one fill early, so that no gather waits on it.
+  int ahead[2] = {-1, -1};
+  const auto gather_row_of = [&](int r) { return gather_row() % 32 + 32 * r; };
+  const auto load_ahead = [&](int block) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) ahead[r] = load_row_slot(p, batch, first_query, block, length, gather_row_of(r));
+  };
+  const auto gather_stage = [&](int stage, int block) {
+    const uint8_t* row_bytes[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_bytes[r] = gather_row_address<true>(p, batch, block, length, ahead[r]);
+    constexpr int kChunksPerPart = kChunksPerRow / kParts;
+#pragma unroll
+    for (int part = 0; part < kParts; ++part) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        gather_chunks_async(kv_tile(stage), gather_row_of(r), row_bytes[r], row_bytes[r] != nullptr,
+                            part * kChunksPerPart, kChunksPerPart, p.kv);
+      }
+      cp_async_commit();
+    }
+    // Bit r of byte 4 r' + warp for row 32 r' + 8 warp + r, from lanes 4j (rows gather_row of those lanes).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const uint32_t bits = __ballot_sync(0xffffffffu, row_bytes[r] != nullptr);
+      uint32_t byte = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) byte |= ((bits >> (4 * j)) & 1u) << (4 * (j % 2) + j / 2);
+      if (lane == 0) token_masks[stage * 8 + 4 * r + warp] = byte;
+    }
+    load_ahead(block + 2);
+  };
+  // Sparse: the owner's wait for part `part` of its gathers (the cp.async groups after it may still be in flight),
+  // then its barrier, so that every row of the part is there for the warpgroup's wgmma.
+  const auto gathers_landed = [&](int part) {
+    if (part == 0) cp_async_wait<kParts - 1>();
+    if (part == 1) cp_async_wait<kParts - 2>();
+    if (part == 2) cp_async_wait<0>();
+    fence_async_shared();
+    named_barrier_sync(kOwnBarrier + warpgroup, 128);
+  };
+  static_assert(kParts == 3, "gathers_landed waits for one of three commit groups");
   int row_of[2], visible[2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -573,7 +587,10 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
 
   if (begin < end) {
     load_q_async(p, q_tile, row_block, batch, first_query);
-    if (threadIdx.x == 0) {
+    if constexpr (kSparse) {  // warpgroup w gathers block begin + w into stage w
+      load_ahead(begin + warpgroup);
+      if (begin + warpgroup < end) gather_stage(warpgroup, begin + warpgroup);
+    } else if (threadIdx.x == 0) {
       fill_stage(0, begin);
       if (begin + 1 < end) fill_stage(1, begin + 1);
     }
@@ -588,10 +605,16 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   float scores[kBlockN / 2];
 
-  // Q K^T of the block in `stage`, its parts waited for one by one (fill `fill` of the stage, counting from 0).
+  // Q K^T of the block in `stage`, its parts waited for one by one (dense: fill `fill` of the stage, counting from 0;
+  // sparse: this warpgroup's gathers).
   const auto score_stage = [&](int stage, int fill) {
-    issue_block_scores(scores, q_tile, kv_tile(stage),
-                       [&](int part) { mbarrier_wait(barrier(stage, part), fill & 1); });
+    issue_block_scores(scores, q_tile, kv_tile(stage), [&](int part) {
+      if constexpr (kSparse) {
+        gathers_landed(part);
+      } else {
+        mbarrier_wait(barrier(stage, part), fill & 1);
+      }
+    });
   };
   // Moves this thread's rows to the maximum `new_max`: row_max and row_sum now, O by `factor` (the caller's
   // scale_rows, once no product into O is in flight).
@@ -621,7 +644,15 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           float& s = logits[4 * i + 2 * j + c];
-          s = block * kBlockN + 8 * i + 2 * (lane % 4) + c < visible[j] ? s * p.scale_log2 : -INFINITY;
+          const int token = 8 * i + 2 * (lane % 4) + c;
+          bool valid;
+          if constexpr (kSparse) {
+            const uint32_t mask = reinterpret_cast<const uint32_t*>(token_masks)[stage * 2 + token / 32];
+            valid = visible[j] > 0 && (mask >> (token % 32)) & 1u;
+          } else {
+            valid = block * kBlockN + token < visible[j];
+          }
+          s = valid ? s * p.scale_log2 : -INFINITY;
           block_max[j] = fmaxf(block_max[j], s);
         }
       }
@@ -648,8 +679,8 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
             *reinterpret_cast<const uint32_t*>(&pair);
       }
     }
-    const int valid_rows = length - block * kBlockN;
-    if (valid_rows < kBlockN) zero_value_rows(stage_bytes(stage), valid_rows, thread, 128);
+    const int valid_rows = length - block * kBlockN;  // sparse: rows that are not there were gathered as zeros
+    if (!kSparse && valid_rows < kBlockN) zero_value_rows(stage_bytes(stage), valid_rows, thread, 128);
     fence_async_shared();
     named_barrier_sync(kOwnBarrier + warpgroup, 128);
   };
@@ -697,7 +728,11 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
         clock.mark(5);
         wgmma_wait<0>();  // both products of a done: stage 0 takes a + 2
         fence_registers(out_acc);
-        if (thread == 0 && a + 2 < end) fill_stage(0, a + 2);
+        if constexpr (kSparse) {
+          if (a + 2 < end) gather_stage(0, a + 2);
+        } else if (thread == 0 && a + 2 < end) {
+          fill_stage(0, a + 2);
+        }
         take_published_max(1);
         fence_registers(out_acc);
         issue_values(out_acc, p_tile(1), kv_tile(1), 0);
@@ -706,7 +741,11 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
     } else {
       if (pair > 0) {
         named_barrier_sync(kReleasedB, kThreads);
-        if (thread == 0 && has_b) fill_stage(1, b);
+        if constexpr (kSparse) {
+          if (has_b) gather_stage(1, b);
+        } else if (thread == 0 && has_b) {
+          fill_stage(1, b);
+        }
       }
       clock.mark(1);
       if (has_b) {  // Q K^T of b runs under warpgroup 0's softmax of a
@@ -735,7 +774,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
       }
     }
   }
-  clock.report("wide bf16 pairs", end - begin);
+  clock.report(kSparse ? "wide sparse bf16 pairs" : "wide bf16 pairs", end - begin);
   wgmma_wait<0>();
   fence_registers(out_acc);
   store_output(p, shared, row_block, batch, first_query, out_slot, out_acc, row_max, row_sum);
@@ -752,8 +791,8 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   uint8_t* shared = prepare_shared</*kGeneric=*/true>(raw_shared, Layout::kBarriers, 2 * kParts);
   int fills[2] = {0, 0};
   for_each_piece<kSparse>(p, [&](int z, int begin, int end, int64_t slot) {
-    if constexpr (!kFp8 && !kSparse) {
-      attend_pairs(p, shared, blockIdx.x, z, begin, end, slot, fills);
+    if constexpr (!kFp8) {
+      attend_pairs<kSparse>(p, shared, blockIdx.x, z, begin, end, slot, fills);
     } else {
       attend_piece<kFp8, kSparse>(p, shared, blockIdx.x, z, begin, end, slot, fills);
     }
@@ -1013,10 +1052,14 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
     lse_partial = torch::empty({slots, rows}, q.options().dtype(at::kFloat));
   }
   const int64_t element = kv_cache.element_size();
-  if (!sparse) {
-    params.kv_map = is_fp8 ? cache_tensor_map(kv_cache, kRopeOffset, 1, 1)
-                           : cache_tensor_map(kv_cache, 0, kColumnTiles, kColumnTiles);
-    if (!is_fp8) params.kv_part_map = cache_tensor_map(kv_cache, 0, kColumnTiles, kColumnTiles / kParts);
+  // Only the map the chosen kernel reads: the FP8 cache's RoPE tile, the narrow kernel's whole BF16 page, or
+  // attend_pairs' third of one.
+  if (!sparse && is_fp8) {
+    params.kv_map = cache_tensor_map(kv_cache, kRopeOffset, 1, 1);
+  } else if (!sparse && narrow) {
+    params.kv_map = cache_tensor_map(kv_cache, 0, kColumnTiles, kColumnTiles);
+  } else if (!sparse) {
+    params.kv_part_map = cache_tensor_map(kv_cache, 0, kColumnTiles, kColumnTiles / kParts);
   }
   params.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
   params.q_batch_stride = q.stride(0);
