@@ -58,10 +58,9 @@ struct Layout {
   static_assert(kBytes <= 227 * 1024, "shared memory");
 };
 
-// KV rows are gathered a row per four threads: thread t copies quarter t % 4 of the 16-byte chunks of row
-// gather_row(t) (attend_piece: 256 threads, a row each), or of rows gather_row(t) % 32 and 32 further (attend_pairs,
-// sparse: a warpgroup's 128 threads, two rows each). A warp covers 8 rows, paired (r, r + 4) in each 8-lane phase so
-// that their chunks of one swizzled 128-byte row land in different banks.
+// attend_piece gathers KV rows a row per four threads: thread t copies quarter t % 4 of the 16-byte chunks of row
+// gather_row(t) (256 threads, a row each). A warp covers 8 rows, paired (r, r + 4) in each 8-lane phase so that their
+// chunks of one swizzled 128-byte row land in different banks. (attend_pairs gathers whole 128-byte lines instead.)
 __device__ __forceinline__ int gather_row() {
   const int lane = threadIdx.x % 32;
   return 8 * (threadIdx.x / 32) + 4 * ((lane / 4) % 2) + lane / 8;
@@ -531,39 +530,44 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
                       part * kTilesPerPart, kTilesPerPart);
     }
   };
-  // Sparse: the owner warpgroup gathers its stage's block by cp.async, thread t copying quarter t % 4 of rows
-  // gather_row() % 32 and 32 further, in kParts commit groups of three tiles (the parts Q K^T waits for one by one),
-  // and writes the stage's token mask (a row is there if its index is). `ahead[r]` holds the index of the thread's row
-  // r in its warpgroup's next block, loaded one fill early, so that no gather waits on it.
-  int ahead[2] = {-1, -1};
-  const auto gather_row_of = [&](int r) { return gather_row() % 32 + 32 * r; };
+  // Sparse: the owner warpgroup gathers its stage's block by cp.async, thread (warp w, lane l) copying chunk l % 8 of
+  // each 128-byte tile line of rows 16 w + 4 i + l / 8 (i < 4), so that each cp.async of a warp covers whole lines
+  // (four rows' line of one tile), in kParts commit groups of three tiles (the parts Q K^T waits for one by one), and
+  // writes the stage's token mask (a row is there if its index is). `ahead[i]` holds the index of the thread's row i
+  // in its warpgroup's next block, loaded one fill early, so that no gather waits on it.
+  int ahead[4] = {-1, -1, -1, -1};
+  const auto gather_row_of = [&](int i) { return 16 * warp + 4 * i + lane / 8; };
   const auto load_ahead = [&](int block) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) ahead[r] = load_row_slot(p, batch, first_query, block, length, gather_row_of(r));
+    for (int i = 0; i < 4; ++i) ahead[i] = load_row_slot(p, batch, first_query, block, length, gather_row_of(i));
   };
   const auto gather_stage = [&](int stage, int block) {
-    const uint8_t* row_bytes[2];
+    const uint8_t* row_bytes[4];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) row_bytes[r] = gather_row_address<true>(p, batch, block, length, ahead[r]);
-    constexpr int kChunksPerPart = kChunksPerRow / kParts;
+    for (int i = 0; i < 4; ++i) row_bytes[i] = gather_row_address<true>(p, batch, block, length, ahead[i]);
+    constexpr int kTilesPerPart = kColumnTiles / kParts;
 #pragma unroll
     for (int part = 0; part < kParts; ++part) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        gather_chunks_async(kv_tile(stage), gather_row_of(r), row_bytes[r], row_bytes[r] != nullptr,
-                            part * kChunksPerPart, kChunksPerPart, p.kv);
+      for (int t = part * kTilesPerPart; t < (part + 1) * kTilesPerPart; ++t) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const bool valid = row_bytes[i] != nullptr;
+          cp_async_16(kv_tile(stage) + t * kTileBytes + swizzled_offset(gather_row_of(i), lane % 8),
+                      valid ? static_cast<const void*>(row_bytes[i] + (8 * t + lane % 8) * 16) : p.kv, valid);
+        }
       }
       cp_async_commit();
     }
-    // Bit r of byte 4 r' + warp for row 32 r' + 8 warp + r, from lanes 4j (rows gather_row of those lanes).
+    // Bit 4 i + j of warp w's 16-bit word for row 16 w + 4 i + j (from lane 8 j).
+    uint32_t word = 0;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const uint32_t bits = __ballot_sync(0xffffffffu, row_bytes[r] != nullptr);
-      uint32_t byte = 0;
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t bits = __ballot_sync(0xffffffffu, row_bytes[i] != nullptr);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) byte |= ((bits >> (4 * j)) & 1u) << (4 * (j % 2) + j / 2);
-      if (lane == 0) token_masks[stage * 8 + 4 * r + warp] = byte;
+      for (int j = 0; j < 4; ++j) word |= ((bits >> (8 * j)) & 1u) << (4 * i + j);
     }
+    if (lane == 0) reinterpret_cast<uint16_t*>(token_masks)[stage * 4 + warp] = static_cast<uint16_t>(word);
     load_ahead(block + 2);
   };
   // Sparse: the owner's wait for part `part` of its gathers (the cp.async groups after it may still be in flight),
@@ -728,14 +732,14 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
         clock.mark(5);
         wgmma_wait<0>();  // both products of a done: stage 0 takes a + 2
         fence_registers(out_acc);
-        if constexpr (kSparse) {
-          if (a + 2 < end) gather_stage(0, a + 2);
-        } else if (thread == 0 && a + 2 < end) {
-          fill_stage(0, a + 2);
-        }
+        if (!kSparse && thread == 0 && a + 2 < end) fill_stage(0, a + 2);
         take_published_max(1);
         fence_registers(out_acc);
         issue_values(out_acc, p_tile(1), kv_tile(1), 0);
+        // Sparse: the gathers of a + 2 go after P V of b is issued (stage 0 is free), so that they do not hold it up.
+        if constexpr (kSparse) {
+          if (a + 2 < end) gather_stage(0, a + 2);
+        }
         clock.mark(6);
       }
     } else {
