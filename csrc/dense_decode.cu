@@ -698,7 +698,8 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   };
 
   // PhaseClock phases, warpgroup 0: 0 wait for P V of the previous b, 1 wait for stage 0, 2 Q K^T of a, 3 softmax,
-  // publish, rescale O, 4 issue P V of a, 5 wait for P_b, 6 wait for P V of a, refill, issue P V of b, 7 the loop.
+  // publish, rescale O, 4 issue P V of a, 5 wait for P_b, 6 wait for P V of a, refill, issue P V of b (sparse: then
+  // refill), 7 the loop.
   // Warpgroup 1: 0 wait for P V of the previous b, 1 wait for warpgroup 0's release of stage 1 and refill it, 4 wait
   // for stage 1, 2 issue Q K^T of b and wait for P_a, 5 wait for Q K^T of b, 3 rescale O and issue P V of a,
   // 6 softmax, wait for P V of a, publish, rescale O, issue P V of b, 7 the loop.
