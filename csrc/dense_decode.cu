@@ -697,12 +697,12 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
     scale_rows(out_acc, factor);
   };
 
-  // PhaseClock phases, warpgroup 0: 0 wait for P V of the previous b, 1 wait for stage 0, 2 Q K^T of a, 3 softmax,
-  // publish, rescale O, 4 issue P V of a, 5 wait for P_b, 6 wait for P V of a, refill, issue P V of b (sparse: then
-  // refill), 7 the loop.
-  // Warpgroup 1: 0 wait for P V of the previous b, 1 wait for warpgroup 0's release of stage 1 and refill it, 4 wait
-  // for stage 1, 2 issue Q K^T of b and wait for P_a, 5 wait for Q K^T of b, 3 rescale O and issue P V of a,
-  // 6 softmax, wait for P V of a, publish, rescale O, issue P V of b, 7 the loop.
+  // PhaseClock phases, warpgroup 0: 0 wait for P V of the previous b, 1 release stage 1 and (sparse) gather a + 2
+  // into stage 0 (at the previous pair's end), 2 wait for stage 0 and Q K^T of a, 3 softmax, publish, rescale O,
+  // 4 issue P V of a, 5 wait for P_b, 6 wait for P V of a, refill (dense), issue P V of b, 7 the loop.
+  // Warpgroup 1: 0 wait for P V of the previous b, 1 wait for warpgroup 0's release of stage 1, 4 refill it (dense:
+  // thread 0's TMA; sparse: the gathers), 2 wait for stage 1, issue Q K^T of b and wait for P_a, 5 wait for Q K^T of
+  // b, 3 rescale O and issue P V of a, 6 softmax, wait for P V of a, publish, rescale O, issue P V of b, 7 the loop.
   PhaseClock clock;
   for (int pair = 0; 2 * pair < end - begin; ++pair) {
     const int a = begin + 2 * pair, b = a + 1;
@@ -737,26 +737,25 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
         take_published_max(1);
         fence_registers(out_acc);
         issue_values(out_acc, p_tile(1), kv_tile(1), 0);
+        clock.mark(6);
         // Sparse: the gathers of a + 2 go after P V of b is issued (stage 0 is free), so that they do not hold it up.
         if constexpr (kSparse) {
           if (a + 2 < end) gather_stage(0, a + 2);
         }
-        clock.mark(6);
+        clock.mark(1);
       }
     } else {
       if (pair > 0) {
         named_barrier_sync(kReleasedB, kThreads);
+        clock.mark(1);
         if constexpr (kSparse) {
           if (has_b) gather_stage(1, b);
         } else if (thread == 0 && has_b) {
           fill_stage(1, b);
         }
       }
-      clock.mark(1);
-      if (has_b) {  // Q K^T of b runs under warpgroup 0's softmax of a
-        clock.mark(4);
-        score_stage(1, fills[1] + pair);
-      }
+      clock.mark(4);
+      if (has_b) score_stage(1, fills[1] + pair);  // Q K^T of b runs under warpgroup 0's softmax of a
       named_barrier_sync(kPublishedA, kThreads);
       clock.mark(2);
       wgmma_wait<0>();  // Q K^T of b (unconditional: O is rescaled next, and no product may be in flight)
