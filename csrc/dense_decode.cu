@@ -13,11 +13,10 @@
 // Q (cp.async), two KV stages (TMA through a tensor map over the paged cache, one mbarrier per stage here and three
 // in attend_pairs; for the FP8 cache only the RoPE columns come by TMA, and the latent is dequantised from registers
 // that each thread loads one block ahead; sparse: cp.async gathers, in attend_pairs by the stage's own warpgroup, in
-// three commit groups) and P live in 128-byte-swizzled shared tiles
-// (sm90.cuh). The loop keeps the tensor cores fed: Q K^T of block i + 1 and P V of block i are issued back to back,
-// block i + 1's softmax scores are computed while P V runs, and the load of block i + 2 starts once block i's stage
-// is free. Rows of the last block past the sequence's end are zeroed in shared memory before P V, so whatever the
-// cache holds there never reaches the output.
+// three commit groups) and P live in 128-byte-swizzled shared tiles (sm90.cuh). The loop keeps the tensor cores fed:
+// Q K^T of block i + 1 and P V of block i are issued back to back, block i + 1's softmax scores are computed while P V
+// runs, and the load of block i + 2 starts once block i's stage is free. Rows of the last block past the sequence's
+// end are zeroed in shared memory before P V, so whatever the cache holds there never reaches the output.
 // With several splits per sequence each CTA writes its normalised float32 output and base-2 LSE, and
 // `combine_kernel` merges them.
 #include <c10/cuda/CUDAException.h>
@@ -88,26 +87,20 @@ __device__ __forceinline__ const uint8_t* gather_row_address(const DecodeParams&
   }
 }
 
-// cp.async of this thread's quarter of 16-byte chunks [first, first + count) of a bf16 576-wide row, chunk c read
-// at column0 + 16 c, into row `row` of a swizzled 576-wide matrix; zeros where the row is not `valid`.
-__device__ __forceinline__ void gather_chunks_async(uint32_t dst, int row, const uint8_t* column0, bool valid,
-                                                    int first, int count, const void* any_valid_address) {
-  const int quarter = threadIdx.x % 4;
-#pragma unroll
-  for (int k = 0; k < count / 4; ++k) {
-    const int chunk = first + quarter + 4 * k;
-    cp_async_16(dst + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8),
-                valid ? static_cast<const void*>(column0 + chunk * 16) : any_valid_address, valid);
-  }
-}
-
-// The FP8 cache's 64 RoPE columns (at byte kRopeOffset) of this thread's gather row, or zeros where `row_bytes` is
-// nullptr.
+// cp.async of this thread's quarter of the FP8 cache's 64 RoPE columns (at byte kRopeOffset) of its gather row into
+// the last tile of a swizzled 576-wide matrix, or zeros where `row_bytes` is nullptr.
 __device__ __forceinline__ void gather_rope_async(uint32_t dst, const uint8_t* row_bytes,
                                                   const void* any_valid_address) {
+  constexpr int kFirstChunk = kLatentDim / 8;
   const uint8_t* column0 = row_bytes != nullptr ? row_bytes + kRopeOffset - kLatentDim * 2 : row_bytes;
-  gather_chunks_async(dst, gather_row(), column0, row_bytes != nullptr, kLatentDim / 8, kChunksPerRow - kLatentDim / 8,
-                      any_valid_address);
+  const int row = gather_row(), quarter = threadIdx.x % 4;
+#pragma unroll
+  for (int k = 0; k < (kChunksPerRow - kFirstChunk) / 4; ++k) {
+    const int chunk = kFirstChunk + quarter + 4 * k;
+    cp_async_16(dst + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8),
+                row_bytes != nullptr ? static_cast<const void*>(column0 + chunk * 16) : any_valid_address,
+                row_bytes != nullptr);
+  }
 }
 
 // Loads 64 bf16 rows of 576 columns into a swizzled matrix (the Q tile); `row_source(r)` gives the address of row r
@@ -236,10 +229,10 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, uint8_t* sha
 // One piece of work: blocks [begin, end) of grid row z's sequence (dense: z = batch; sparse: batch * s_q + query) for
 // row tile `row_block`; the output goes straight to out / lse (out_slot < 0) or to float32 partial slot `out_slot`.
 // `fills` counts each stage's fills by earlier pieces: the mbarrier phases carry on from them.
-template <bool kFp8, bool kSparse>
+// The FP8 cache only: the BF16 cache, dense and sparse, is attend_pairs'.
+template <bool kSparse>
 __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
                                              int end, int64_t out_slot, int (&fills)[2]) {
-  static_assert(kFp8, "the BF16 cache is attend_pairs'");
   using L = Layout;
   const uint32_t q_tile = smem_address(shared + L::kQ);
   const uint32_t p_tile = smem_address(shared + L::kP);
@@ -263,8 +256,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     visible[j] = row >= p.rows ? 0 : (p.causal ? length - p.s_q + query + 1 : length);
   }
 
-  // Fills stage `stage` with block `block`. Dense: TMA (thread 0). Sparse: cp.async gathers (the whole row, or for
-  // the FP8 cache its RoPE columns) and the stage's valid-token mask. FP8: the latent from `share`.
+  // Fills stage `stage` with block `block`: its RoPE columns by TMA (dense, thread 0) or by cp.async gathers (sparse,
+  // with the stage's valid-token mask), its latent from `share`.
   // Sparse: `ahead` holds this thread's row index in the next block to fill and in the one after, loaded a block
   // early, so that no gather waits on its index; the FP8 share of a block is loaded between the two.
   Fp8Share share;
@@ -292,9 +285,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     } else if (threadIdx.x == 0) {
       load_rope_block(p, kv_tile(stage), barrier(stage), batch, block);
     }
-    if constexpr (kFp8) {
-      store_fp8_share(share, shared + L::kKv + stage * kMatrixBytes, gather_row(), (gather_row() / 4) % 2);
-    }
+    store_fp8_share(share, shared + L::kKv + stage * kMatrixBytes, gather_row(), (gather_row() / 4) % 2);
   };
   // Dense: waits until stage `stage`'s `index`-th fill (counting from 0) has landed. Sparse: `gathers_landed` at the
   // top of each block (outside the data-dependent branches, which would serialize the wgmma) does it for the fill
@@ -312,10 +303,10 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   if (begin < end) {
     load_q_async(p, q_tile, row_block, batch, first_query);
     for (int stage = 0; stage < 2 && begin + stage < end; ++stage) {
-      if constexpr (kFp8) load_fp8_share(share, next_row_address(begin + stage));
+      load_fp8_share(share, next_row_address(begin + stage));
       fill_stage(stage, begin + stage);
     }
-    if (kFp8 && begin + 2 < end) load_fp8_share(share, next_row_address(begin + 2));
+    if (begin + 2 < end) load_fp8_share(share, next_row_address(begin + 2));
   }
   cp_async_wait<0>();
   fence_async_shared();
@@ -414,7 +405,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     named_barrier_sync(1, kThreads);
     if (block + 2 < end) {
       fill_stage(stage, block + 2);
-      if (kFp8 && block + 3 < end) load_fp8_share(share, next_row_address(block + 3));
+      if (block + 3 < end) load_fp8_share(share, next_row_address(block + 3));
     }
   };
   // Q K^T of the next block is issued before P V of this one, so that the next block's softmax overlaps P V (measured
@@ -798,7 +789,7 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
     if constexpr (!kFp8) {
       attend_pairs<kSparse>(p, shared, blockIdx.x, z, begin, end, slot, fills);
     } else {
-      attend_piece<kFp8, kSparse>(p, shared, blockIdx.x, z, begin, end, slot, fills);
+      attend_piece<kSparse>(p, shared, blockIdx.x, z, begin, end, slot, fills);
     }
   });
   cta_clock.report(kSparse ? "wide sparse" : kFp8 ? "wide fp8" : "wide bf16");
