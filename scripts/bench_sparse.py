@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import flashmla_ops
-from bench_decode import (CEILINGS, bench_device, eager_ms, fmt, forced_backend, save_results,
+from bench_decode import (CEILINGS, bench_device, eager_ms, fmt, forced_backend, row_filter, save_results,
                           time_ms)
 from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
@@ -191,7 +191,10 @@ def main():
     parser.add_argument("--no-reference", action="store_true", help="skip timing the reference op")
     parser.add_argument("--out", default="bench/sparse", help="output prefix for .json and .png")
     parser.add_argument("--tune", action="store_true", help="time the Triton tile configurations first")
+    parser.add_argument("--rows", default="", help="only the SPEC rows whose name has one of these comma-separated "
+                        "substrings (e.g. 'decode' or 'h128')")
     args = parser.parse_args()
+    wanted = row_filter(args.rows)
     device = bench_device(args.backend, "bench_sparse.py")
     tuned = tune(device) if args.tune else []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: sparse_decode "
@@ -201,18 +204,21 @@ def main():
           f"{'vs target':>9} {'x ref':>7}")
     rows = []
     for name, op, size, second, h_q, topk, flashmla, target in SPEC_ROWS:
+        if not wanted(name):
+            continue
         row = bench_config(op, size, second, h_q, topk, op == "decode", device, not args.no_reference)
         row.update(name=name, flashmla=flashmla, target=f">= {target} TFLOP/s", vs_target=row["tflop_s"] / target)
         rows.append(row)
         print(f"{name:36} {row['time_us']:9.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} "
               f"{100 * row['compute_fraction']:5.1f} {flashmla:>12} {target:8} {row['vs_target']:9.2f} "
               f"{fmt(row.get('speedup_vs_reference'), 1):>7}")
+    spec_count = len(rows)
     if args.sweep:
         for op, size, second, h_q, topk, is_fp8 in tqdm(list(sweep_configs()), desc="sweep"):
             rows.append(bench_config(op, size, second, h_q, topk, is_fp8, device, with_reference=False))
         print(f"{'op':7} {'kv':4} {'size':>5} {'2nd':>6} {'h_q':>4} {'topk':>5} {'time us':>9} {'GB/s':>7} "
               f"{'TFLOP/s':>8}")
-        for r in rows[len(SPEC_ROWS):]:
+        for r in rows[spec_count:]:
             print(f"{r['op']:7} {r['kv_cache']:4} {r['size']:5} {r['second']:6} {r['h_q']:4} {r['topk']:5} "
                   f"{r['time_us']:9.1f} {r['gb_s']:7.0f} {r['tflop_s']:8.1f}")
     save_results(args.out, args.backend, rows, plot, tuning=tuned)

@@ -1,6 +1,7 @@
 """The sm_90a sparse decode kernel (csrc/dense_decode.cu, gathering mode) against the reference, on Hopper: BF16 and
 FP8 caches, -1 and duplicate indices, an all -1 query, topk_length shorter than topk (0 included), topk not a
-multiple of 64, h_q 16 / 64 / 128 / 5, s_q 1 and 2, forced split counts; outputs poisoned; repeated runs identical."""
+multiple of 64, h_q 16 / 64 / 128 / 5, s_q 1 and 2, forced split counts, FP8 scales that differ by tile and token;
+outputs poisoned; repeated runs identical."""
 import pytest
 import torch
 from test_triton_sparse import SCALE, assert_close, paged_cache, poison_allocator, random_indices
@@ -23,10 +24,24 @@ CASES = [(batch, s_q, h_q, topk, with_length)
 CASES += [(3, 1, 5, 130, True), (2, 2, 128, 70, True)]
 
 
-def run(batch, s_q, h_q, topk, with_topk_length, is_fp8, num_splits=None):
+def varied_scale_cache(num_blocks, generator):
+    """An FP8 cache whose tile scales differ by tile and by token: each 128-column tile of the latent 2^tile times
+    larger, each token 1/2, 1 or 2 times (randn's cache gives every tile of every token the same scale)."""
+    cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE)
+    tile_factor = 2.0 ** torch.arange(KV_LORA_RANK // 128, device=DEVICE).repeat_interleave(128)
+    column_factor = torch.cat([tile_factor, torch.ones(D_QK - KV_LORA_RANK, device=DEVICE)])
+    token_factor = 2.0 ** torch.randint(-1, 2, cache.shape[:2], generator=generator, device=DEVICE)
+    return reference.quantize_kv_fp8((cache * column_factor * token_factor[..., None, None]).bfloat16())
+
+
+def run(batch, s_q, h_q, topk, with_topk_length, is_fp8, num_splits=None, varied_scales=False):
     generator = torch.Generator(DEVICE).manual_seed(batch * 7919 + s_q * 131 + h_q * 17 + topk + is_fp8)
     num_blocks = max(2, batch * topk // PAGE_BLOCK_SIZE)
-    cache = paged_cache(num_blocks, is_fp8, generator, pad=32)
+    if varied_scales:
+        assert is_fp8
+        cache = varied_scale_cache(num_blocks, generator)
+    else:
+        cache = paged_cache(num_blocks, is_fp8, generator, pad=32)
     q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
     indices = random_indices((batch, s_q, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
     topk_length = None
@@ -59,6 +74,12 @@ def test_cuda_sparse_decode_matches_reference(batch, s_q, h_q, topk, with_topk_l
 @pytest.mark.parametrize("is_fp8", [False, True])
 def test_cuda_sparse_decode_split_counts(num_splits, is_fp8):
     run(2, 2, 64, 1000, True, is_fp8, num_splits)
+
+
+@pytest.mark.parametrize("batch,s_q,h_q,topk", [(2, 1, 128, 2048), (3, 2, 64, 300), (4, 1, 16, 130)])
+def test_cuda_sparse_decode_fp8_scales_that_differ_by_tile_and_token(batch, s_q, h_q, topk):
+    """A kernel that scaled a value by another tile's or another row's scale would be off by 2x or more here."""
+    run(batch, s_q, h_q, topk, False, True, varied_scales=True)
 
 
 def test_sparse_decode_op_uses_cuda():
