@@ -188,13 +188,11 @@ __device__ __forceinline__ void load_fp8_share(Fp8Share& share, const uint8_t* r
   share.scales = valid ? __ldg(reinterpret_cast<const float4*>(row_bytes + kScaleOffset)) : make_float4(0, 0, 0, 0);
 }
 
-// Unit k of a share (16 latent values of its row) times its tile scale, as 8 bf16 pairs: words[m] holds the unit's
-// values 2 m and 2 m + 1. Exact in bf16 (the scales are powers of two), so the scale is applied after the pack, one
-// bf16x2 multiply per pair instead of two float multiplies before it.
-__device__ __forceinline__ void dequantise_fp8_unit(const Fp8Share& share, int k, uint32_t (&words)[8]) {
-  const float scales[kNumTiles] = {share.scales.x, share.scales.y, share.scales.z, share.scales.w};
-  const __nv_bfloat162 scale = __float2bfloat162_rn(scales[k / 2]);  // a power of two: exact in bf16
-  const uint32_t packed[4] = {share.packed[k].x, share.packed[k].y, share.packed[k].z, share.packed[k].w};
+// 16 e4m3 values times their tile's `scale`, as 8 bf16 pairs: words[m] holds values 2 m and 2 m + 1. Exact in bf16
+// (the scales are powers of two), so the scale is applied after the pack, one bf16x2 multiply per pair instead of two
+// float multiplies before it.
+__device__ __forceinline__ void dequantise_fp8_chunk(const uint4& chunk, __nv_bfloat162 scale, uint32_t (&words)[8]) {
+  const uint32_t packed[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
 #pragma unroll
@@ -206,6 +204,11 @@ __device__ __forceinline__ void dequantise_fp8_unit(const Fp8Share& share, int k
       words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
     }
   }
+}
+// Unit k of a share (16 latent values of its row, in scale tile k / 2), dequantised the same way.
+__device__ __forceinline__ void dequantise_fp8_unit(const Fp8Share& share, int k, uint32_t (&words)[8]) {
+  const float scales[kNumTiles] = {share.scales.x, share.scales.y, share.scales.z, share.scales.w};
+  dequantise_fp8_chunk(share.packed[k], __float2bfloat162_rn(scales[k / 2]), words);  // a power of two: exact
 }
 
 // Unit k's dequantised words into row `row` of a stage's first 512 columns: chunks 2 quarter, 2 quarter + 1 of column

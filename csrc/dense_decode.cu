@@ -3,17 +3,19 @@
 // more rows, and sparse decode and sparse prefill.
 //
 // One CTA = 64 query rows (flattened (s_q, h_q) pairs of one sequence; all heads share the one latent KV head) x one
-// split of the sequence's 64-token cache blocks (sparse: of the query's gathered blocks of 64 indexed rows). Over a
-// BF16 cache (dense and sparse) the blocks go in pairs, one warpgroup scoring each (attend_pairs, below). The FP8
-// cache shares each block between the two warpgroups (attend_piece):
+// split of the sequence's 64-token cache blocks (sparse: of the query's gathered blocks of 64 indexed rows). Dense
+// decode over a BF16 cache and all sparse attention (BF16 and FP8) take the blocks in pairs, one warpgroup scoring
+// each (attend_pairs, below). Dense decode over the FP8 cache shares each block between the two warpgroups
+// (attend_piece):
 //   S_w = Q K[w * 32 : w * 32 + 32]^T          (wgmma m64n32, K = 576: warpgroup w scores half the block's tokens)
 //   m   = max(m, rowmax(S_0), rowmax(S_1))     (row maxima exchanged through shared memory)
 //   P   = exp2(S - m) -> shared memory (bf16)  (the whole 64 x 64 probability tile)
 //   O_w = O_w * exp2(m_old - m) + P V[:, w * 256 : w * 256 + 256]   (wgmma m64n256: warpgroup w owns half of d_v)
 // Q (cp.async), two KV stages (TMA through a tensor map over the paged cache, one mbarrier per stage here and three
 // in attend_pairs; for the FP8 cache only the RoPE columns come by TMA, and the latent is dequantised from registers
-// that each thread loads one block ahead; sparse: cp.async gathers, in attend_pairs by the stage's own warpgroup, in
-// three commit groups) and P live in 128-byte-swizzled shared tiles (sm90.cuh). The loop keeps the tensor cores fed:
+// that each thread loads one block ahead; sparse: cp.async gathers by the stage's own warpgroup, the FP8 latent
+// gathered raw and widened in place) and P live in 128-byte-swizzled shared tiles (sm90.cuh). The loop keeps the
+// tensor cores fed:
 // Q K^T of block i + 1 and P V of block i are issued back to back, block i + 1's softmax scores are computed while P V
 // runs, and the load of block i + 2 starts once block i's stage is free. Rows of the last block past the sequence's
 // end are zeroed in shared memory before P V, so whatever the cache holds there never reaches the output.
@@ -41,9 +43,10 @@ constexpr int kThreads = 256;                 // two warpgroups
 constexpr int kTokensPerWarpgroup = kBlockN / 2;
 constexpr int kValueColsPerWarpgroup = kLatentDim / 2;
 
-// Shared memory, in bytes from a 1024-aligned base: Q, two KV stages, P, the row max / sum exchange, the stages'
-// mbarriers. BF16 cache: a stage is filled by TMA. FP8 cache: its RoPE columns by TMA, its latent dequantised from
-// registers (each thread's share of the block, loaded from the cache one block ahead).
+// Shared memory, in bytes from a 1024-aligned base: Q, two KV stages, P (attend_pairs: the sparse FP8 stages' tile
+// scales), the row max / sum exchange, the stages' mbarriers. BF16 cache: a stage is filled by TMA. Dense FP8 cache:
+// its RoPE columns by TMA, its latent dequantised from registers (each thread's share of the block, loaded from the
+// cache one block ahead).
 constexpr int kParts = 3;  // attend_pairs fills a stage in three parts of three tiles, each on its own mbarrier
 struct Layout {
   static constexpr int kQ = 0;
@@ -57,9 +60,9 @@ struct Layout {
   static_assert(kBytes <= 227 * 1024, "shared memory");
 };
 
-// attend_piece gathers KV rows a row per four threads: thread t copies quarter t % 4 of the 16-byte chunks of row
-// gather_row(t) (256 threads, a row each). A warp covers 8 rows, paired (r, r + 4) in each 8-lane phase so that their
-// chunks of one swizzled 128-byte row land in different banks. (attend_pairs gathers whole 128-byte lines instead.)
+// attend_piece's rows of the FP8 latent: thread t dequantises quarter t % 4 of row gather_row(t) (256 threads, a row
+// each). A warp covers 8 rows, paired (r, r + 4) in each 8-lane phase so that their chunks of one swizzled 128-byte
+// row land in different banks.
 __device__ __forceinline__ int gather_row() {
   const int lane = threadIdx.x % 32;
   return 8 * (threadIdx.x / 32) + 4 * ((lane / 4) % 2) + lane / 8;
@@ -74,8 +77,8 @@ __device__ __forceinline__ int load_row_slot(const DecodeParams& p, int batch, i
              : -1;
 }
 
-// Where this thread's gather row of KV block `block` lives, or nullptr (past the end; sparse: `slot` -1 or outside
-// the cache).
+// Where this thread's row of KV block `block` lives (dense: its gather_row; sparse: cache slot `slot`), or nullptr
+// (past the end; sparse: `slot` -1 or outside the cache).
 template <bool kSparse>
 __device__ __forceinline__ const uint8_t* gather_row_address(const DecodeParams& p, int batch, int block, int length,
                                                              int slot) {
@@ -84,22 +87,6 @@ __device__ __forceinline__ const uint8_t* gather_row_address(const DecodeParams&
     return p.kv + (slot / kBlockN) * p.kv_block_bytes + (slot % kBlockN) * p.kv_row_bytes;
   } else {
     return cache_row_address(p, batch, block, gather_row(), length);
-  }
-}
-
-// cp.async of this thread's quarter of the FP8 cache's 64 RoPE columns (at byte kRopeOffset) of its gather row into
-// the last tile of a swizzled 576-wide matrix, or zeros where `row_bytes` is nullptr.
-__device__ __forceinline__ void gather_rope_async(uint32_t dst, const uint8_t* row_bytes,
-                                                  const void* any_valid_address) {
-  constexpr int kFirstChunk = kLatentDim / 8;
-  const uint8_t* column0 = row_bytes != nullptr ? row_bytes + kRopeOffset - kLatentDim * 2 : row_bytes;
-  const int row = gather_row(), quarter = threadIdx.x % 4;
-#pragma unroll
-  for (int k = 0; k < (kChunksPerRow - kFirstChunk) / 4; ++k) {
-    const int chunk = kFirstChunk + quarter + 4 * k;
-    cp_async_16(dst + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8),
-                row_bytes != nullptr ? static_cast<const void*>(column0 + chunk * 16) : any_valid_address,
-                row_bytes != nullptr);
   }
 }
 
@@ -226,11 +213,9 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, uint8_t* sha
   }
 }
 
-// One piece of work: blocks [begin, end) of grid row z's sequence (dense: z = batch; sparse: batch * s_q + query) for
-// row tile `row_block`; the output goes straight to out / lse (out_slot < 0) or to float32 partial slot `out_slot`.
-// `fills` counts each stage's fills by earlier pieces: the mbarrier phases carry on from them.
-// The FP8 cache only: the BF16 cache, dense and sparse, is attend_pairs'.
-template <bool kSparse>
+// One piece of work: blocks [begin, end) of sequence z for row tile `row_block`; the output goes straight to out /
+// lse (out_slot < 0) or to float32 partial slot `out_slot`. `fills` counts each stage's fills by earlier pieces: the
+// mbarrier phases carry on from them. Dense decode over the FP8 cache only: the rest is attend_pairs'.
 __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
                                              int end, int64_t out_slot, int (&fills)[2]) {
   using L = Layout;
@@ -241,10 +226,9 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   // One mbarrier per stage (its part 0's): the TMA of its block (FP8: of its RoPE columns) completes on it.
   const auto barrier = [&](int stage) { return smem_address(shared + L::kBarriers + stage * kParts * 8); };
 
-  const int batch = z / p.queries_per_z, first_query = z % p.queries_per_z;  // dense: 0; sparse: the query
+  const int batch = z / p.queries_per_z, first_query = z % p.queries_per_z;  // z and 0: queries_per_z is 1 here
   const int warpgroup = warp_uniform(threadIdx.x / 128), warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-  const int length = visible_length<kSparse>(p, z);
-  uint32_t* token_masks = reinterpret_cast<uint32_t*>(shared + L::kTokenMasks);  // sparse: [stage][2]
+  const int length = visible_length<false>(p, z);
 
   // This thread's two accumulator rows (wgmma D fragment: rows warp * 16 + lane / 4 and + 8).
   int row_of[2], visible[2];
@@ -256,49 +240,16 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     visible[j] = row >= p.rows ? 0 : (p.causal ? length - p.s_q + query + 1 : length);
   }
 
-  // Fills stage `stage` with block `block`: its RoPE columns by TMA (dense, thread 0) or by cp.async gathers (sparse,
-  // with the stage's valid-token mask), its latent from `share`.
-  // Sparse: `ahead` holds this thread's row index in the next block to fill and in the one after, loaded a block
-  // early, so that no gather waits on its index; the FP8 share of a block is loaded between the two.
+  // Fills stage `stage` with block `block`: its RoPE columns by TMA (thread 0), its latent from `share`.
   Fp8Share share;
-  int ahead[2] = {-1, -1};
-  if constexpr (kSparse) {
-    ahead[0] = load_row_slot(p, batch, first_query, begin, length, gather_row());
-    ahead[1] = load_row_slot(p, batch, first_query, begin + 1, length, gather_row());
-  }
-  const auto next_row_address = [&](int block) {
-    return gather_row_address<kSparse>(p, batch, block, length, ahead[0]);
-  };
+  const auto next_row_address = [&](int block) { return gather_row_address<false>(p, batch, block, length, -1); };
   const auto fill_stage = [&](int stage, int block) {
-    if constexpr (kSparse) {
-      const uint8_t* row_bytes = next_row_address(block);
-      gather_rope_async(kv_tile(stage), row_bytes, p.kv);
-      cp_async_commit();
-      // The stage's mask: bit r of byte w for row 8 w + r, from lanes 4j (rows gather_row of those lanes).
-      const uint32_t bits = __ballot_sync(0xffffffffu, row_bytes != nullptr);
-      uint32_t byte = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) byte |= ((bits >> (4 * j)) & 1u) << (4 * (j % 2) + j / 2);
-      if (lane == 0) reinterpret_cast<uint8_t*>(token_masks)[stage * 8 + threadIdx.x / 32] = byte;
-      ahead[0] = ahead[1];
-      ahead[1] = load_row_slot(p, batch, first_query, block + 2, length, gather_row());
-    } else if (threadIdx.x == 0) {
-      load_rope_block(p, kv_tile(stage), barrier(stage), batch, block);
-    }
+    if (threadIdx.x == 0) load_rope_block(p, kv_tile(stage), barrier(stage), batch, block);
     store_fp8_share(share, shared + L::kKv + stage * kMatrixBytes, gather_row(), (gather_row() / 4) % 2);
   };
-  // Dense: waits until stage `stage`'s `index`-th fill (counting from 0) has landed. Sparse: `gathers_landed` at the
-  // top of each block (outside the data-dependent branches, which would serialize the wgmma) does it for the fill
-  // issued one block earlier.
+  // Waits until stage `stage`'s `index`-th fill (counting from 0) has landed.
   const auto wait_stage = [&](int stage, int index) {
-    if constexpr (!kSparse) mbarrier_wait(barrier(stage), ((stage == 0 ? fills[0] : fills[1]) + index) & 1);
-  };
-  const auto gathers_landed = [&] {
-    if constexpr (kSparse) {
-      cp_async_wait<0>();
-      fence_async_shared();
-      named_barrier_sync(1, kThreads);
-    }
+    mbarrier_wait(barrier(stage), ((stage == 0 ? fills[0] : fills[1]) + index) & 1);
   };
   if (begin < end) {
     load_q_async(p, q_tile, row_block, batch, first_query);
@@ -336,15 +287,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
         for (int c = 0; c < 2; ++c) {
           const int token = first_token + 8 * i + 2 * (lane % 4) + c;
           float& s = scores[4 * i + 2 * j + c];
-          bool valid;
-          if constexpr (kSparse) {
-            const int in_block = token % kBlockN;
-            valid = row_of[j] + row_block * kRowsPerCta < p.rows &&
-                    (token_masks[((block - begin) % 2) * 2 + in_block / 32] >> (in_block % 32)) & 1u;
-          } else {
-            valid = token < visible[j];
-          }
-          s = valid ? s * p.scale_log2 : -INFINITY;
+          s = token < visible[j] ? s * p.scale_log2 : -INFINITY;
           block_max[j] = fmaxf(block_max[j], s);
         }
       }
@@ -409,15 +352,13 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     }
   };
   // Q K^T of the next block is issued before P V of this one, so that the next block's softmax overlaps P V (measured
-  // faster for the FP8 cache on the H100; the BF16 cache, dense and sparse, is attend_pairs').
-  // PhaseClock phases: 0 the gathers' barrier (sparse), 1 wait for the next stage, 2 issue Q K^T and P V, wait for
-  // Q K^T, 3 softmax, 4 wait for P V, 5 refill, 6 publish P, 7 the loop.
+  // faster for the FP8 cache on the H100).
+  // PhaseClock phases: 1 wait for the next stage, 2 issue Q K^T and P V, wait for Q K^T, 3 softmax, 4 wait for P V,
+  // 5 refill, 6 publish P, 7 the loop.
   PhaseClock clock;
   for (int block = begin; block + 1 < end; ++block) {
     const int stage = (block - begin) % 2, next_stage = 1 - stage;
     clock.mark(7);
-    gathers_landed();
-    clock.mark(0);
     fence_registers(out_acc);
     wait_stage(next_stage, (block + 1 - begin) / 2);
     clock.mark(1);
@@ -436,7 +377,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     publish_probs();  // its fence and barrier also publish the FP8 latent just stored
     clock.mark(6);
   }
-  clock.report(kSparse ? "wide sparse fp8" : "wide fp8", end - begin);
+  clock.report("wide fp8", end - begin);
   if (begin < end) {  // the last block's P V
     fence_registers(out_acc);
     issue_values(out_acc, p_tile, kv_tile((end - 1 - begin) % 2), warpgroup);
@@ -449,10 +390,10 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   fills[1] += filled / 2;
 }
 
-// Dense decode over the BF16 cache in block pairs, for a CTA of 64 query rows: warpgroup 0 scores block a = begin
-// + 2 pair (stage 0), warpgroup 1 block b = a + 1 (stage 1), each over the whole block (m64n64: Q read once per 64
-// tokens), and warpgroup w owns value columns 256 w .. 256 w + 255 of O for both blocks. The softmax is chained, with
-// no row-max exchange: m_a = max(m, rowmax S_a), m_b = max(m_a, rowmax S_b).
+// Dense decode over the BF16 cache, and sparse attention over either cache, in block pairs, for a CTA of 64 query
+// rows: warpgroup 0 scores block a = begin + 2 pair (stage 0), warpgroup 1 block b = a + 1 (stage 1), each over the
+// whole block (m64n64: Q read once per 64 tokens), and warpgroup w owns value columns 256 w .. 256 w + 255 of O for
+// both blocks. The softmax is chained, with no row-max exchange: m_a = max(m, rowmax S_a), m_b = max(m_a, rowmax S_b).
 //   warpgroup 0                                        warpgroup 1
 //   S_a = Q K_a^T                                      S_b = Q K_b^T (as soon as stage 1 has landed)
 //   P_a = exp2(S_a - m_a), P_a and m_a -> shared  -->  O_1 = O_1 exp2(m - m_a) + P_a V_a[:, 256:]
@@ -464,7 +405,9 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
 // once both products of a are done (mid-pair); stage 1 with the next b at the next pair's start, where warpgroup 1
 // waits for it. A stage fills in kParts TMAs of three tiles, each on its own mbarrier, and Q K^T waits for each third
 // just before its wgmmas, so that it starts on the first third while the rest lands (stop 23: 1-3% faster than one
-// 9-tile TMA on one mbarrier). Named barriers (arrive on one side, sync on the other) carry the hand-offs;
+// 9-tile TMA on one mbarrier). Sparse: the owner gathers its stage by cp.async (gather_stage); over the FP8 cache
+// it gathers the latent raw and widens it in place, half by half, before the wgmmas of each half (dequantise_stage).
+// Named barriers (arrive on one side, sync on the other) carry the hand-offs;
 // kOwnBarrier + w is warpgroup w's own. Stop 23 measured this order 13-14% faster than Q K^T of b after P_a (then
 // each Q K^T ran alone on the tensor cores: the chain Q K^T a, softmax a, Q K^T b, softmax b,
 // docs/bench/stop22_call6_pairs_phases.log).
@@ -476,10 +419,9 @@ constexpr int kOwnBarrier = 5;
 // S (64 x 64) = Q K^T over a whole block, issued and committed; `wait_part(part)` before the wgmmas of each third of
 // the block's tiles, so that they start as soon as the first part has landed. The fence after each wait: without it
 // ptxas inserts its own after the wait's loop and serializes every wgmma of the kernel (C7520).
-template <typename WaitPart>
+template <int kStepsPerPart, typename WaitPart>
 __device__ __forceinline__ void issue_block_scores(float (&scores)[kBlockN / 2], uint32_t q_tile, uint32_t kv_tile,
                                                    WaitPart wait_part) {
-  constexpr int kStepsPerPart = kHeadDimQK / 16 / kParts;
   const uint64_t q_desc = smem_descriptor(q_tile, 16, 1024), k_desc = smem_descriptor(kv_tile, 16, 1024);
 #pragma unroll
   for (int k = 0; k < kHeadDimQK / 16; ++k) {
@@ -493,9 +435,10 @@ __device__ __forceinline__ void issue_block_scores(float (&scores)[kBlockN / 2],
   wgmma_commit();
 }
 
-template <bool kSparse>
+template <bool kSparse, bool kFp8>
 __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
                                              int end, int64_t out_slot, int (&fills)[2]) {
+  static_assert(kSparse || !kFp8, "the dense FP8 cache is attend_piece's");
   using L = Layout;
   const uint32_t q_tile = smem_address(shared + L::kQ);
   float* row_max_shared = reinterpret_cast<float*>(shared + L::kRowMax);  // [0]: m_a, [1]: m_b
@@ -532,13 +475,45 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
 #pragma unroll
     for (int i = 0; i < 4; ++i) ahead[i] = load_row_slot(p, batch, first_query, block, length, gather_row_of(i));
   };
+  // FP8 cache (sparse decode): the row's 512 latent bytes land raw in the stage, the 64 bytes of tile t's columns in
+  // logical chunks 4-7 of the row's line of tile t (dequantise_stage widens them in place), its RoPE columns (bf16) in
+  // the RoPE tile and its four scales in the stage's 1 KB of scales; in two commit groups: the scales and tiles 0-3,
+  // then tiles 4-7 and the RoPE columns.
+  const auto fp8_scales = [&](int stage) { return shared + L::kP + stage * kBlockN * 16; };
   const auto gather_stage = [&](int stage, int block) {
     const uint8_t* row_bytes[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) row_bytes[i] = gather_row_address<true>(p, batch, block, length, ahead[i]);
     constexpr int kTilesPerPart = kColumnTiles / kParts;
+    if constexpr (kFp8) {
 #pragma unroll
-    for (int part = 0; part < kParts; ++part) {
+      for (int half = 0; half < 2; ++half) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const bool valid = row_bytes[i] != nullptr;
+          const int row = gather_row_of(i);
+          const auto source = [&](int offset) {
+            return valid ? static_cast<const void*>(row_bytes[i] + offset) : p.kv;
+          };
+          if (half == 0 && lane % 8 == 0) {
+            cp_async_16(smem_address(fp8_scales(stage) + row * 16), source(kScaleOffset), valid);
+          }
+#pragma unroll
+          for (int m = 2 * half; m < 2 * half + 2; ++m) {  // latent chunk c of 32: tile c / 4, raw chunk c % 4
+            const int c = lane % 8 + 8 * m;
+            cp_async_16(kv_tile(stage) + (c / 4) * kTileBytes + swizzled_offset(row, 4 + c % 4), source(c * 16),
+                        valid);
+          }
+          if (half == 1) {
+            cp_async_16(kv_tile(stage) + (kColumnTiles - 1) * kTileBytes + swizzled_offset(row, lane % 8),
+                        source(kRopeOffset + (lane % 8) * 16), valid);
+          }
+        }
+        cp_async_commit();
+      }
+    }
+#pragma unroll
+    for (int part = 0; part < (kFp8 ? 0 : kParts); ++part) {
 #pragma unroll
       for (int t = part * kTilesPerPart; t < (part + 1) * kTilesPerPart; ++t) {
 #pragma unroll
@@ -561,9 +536,46 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
     if (lane == 0) reinterpret_cast<uint16_t*>(token_masks)[stage * 4 + warp] = static_cast<uint16_t>(word);
     load_ahead(block + 2);
   };
+  // FP8: widens half `g` of the stage's raw latent (tiles 4 g .. 4 g + 3) to bf16 in place, thread (warp w, lane l) the
+  // lines of rows 16 w + l % 8 + 8 h (h < 2) of tile l / 8 + 4 g: each 16-byte load or store of a warp then meets every
+  // bank four times.
+  const auto dequantise_stage = [&](int stage, int g) {
+    const float* scales = reinterpret_cast<const float*>(fp8_scales(stage));
+#pragma unroll 1
+    for (int h = 0; h < 2; ++h) {
+      const int row = 16 * warp + lane % 8 + 8 * h, tile = lane / 8 + 4 * g;
+      uint8_t* line = stage_bytes(stage) + tile * kTileBytes;
+      uint4 raw[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) raw[k] = *reinterpret_cast<const uint4*>(line + swizzled_offset(row, 4 + k));
+      const __nv_bfloat162 scale = __float2bfloat162_rn(scales[row * kNumTiles + tile / 2]);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {  // raw chunk k (read above) becomes chunks 2 k and 2 k + 1
+        uint32_t words[8];
+        dequantise_fp8_chunk(raw[k], scale, words);
+        *reinterpret_cast<uint4*>(line + swizzled_offset(row, 2 * k)) =
+            make_uint4(words[0], words[1], words[2], words[3]);
+        *reinterpret_cast<uint4*>(line + swizzled_offset(row, 2 * k + 1)) =
+            make_uint4(words[4], words[5], words[6], words[7]);
+      }
+    }
+  };
+
   // Sparse: the owner's wait for part `part` of its gathers (the cp.async groups after it may still be in flight),
-  // then its barrier, so that every row of the part is there for the warpgroup's wgmma.
+  // then its barrier, so that every row of the part is there for the warpgroup's wgmma. FP8: parts 0 and 1 are the
+  // two commit groups, each half of the latent widened before the second barrier (half 1 while the wgmmas of half 0
+  // run); part 2 has nothing of its own.
   const auto gathers_landed = [&](int part) {
+    if constexpr (kFp8) {
+      if (part == 2) return;
+      if (part == 0) cp_async_wait<1>();
+      if (part == 1) cp_async_wait<0>();
+      named_barrier_sync(kOwnBarrier + warpgroup, 128);
+      dequantise_stage(warpgroup, part);
+      fence_async_shared();
+      named_barrier_sync(kOwnBarrier + warpgroup, 128);
+      return;
+    }
     if (part == 0) cp_async_wait<kParts - 1>();
     if (part == 1) cp_async_wait<kParts - 2>();
     if (part == 2) cp_async_wait<0>();
@@ -603,7 +615,9 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   // Q K^T of the block in `stage`, its parts waited for one by one (dense: fill `fill` of the stage, counting from 0;
   // sparse: this warpgroup's gathers).
   const auto score_stage = [&](int stage, int fill) {
-    issue_block_scores(scores, q_tile, kv_tile(stage), [&](int part) {
+    // FP8: the first part is the block's first four tiles (dequantise_stage's half 0), the second the rest.
+    constexpr int kStepsPerPart = kFp8 ? 4 * (64 / 16) : kHeadDimQK / 16 / kParts;
+    issue_block_scores<kStepsPerPart>(scores, q_tile, kv_tile(stage), [&](int part) {
       if constexpr (kSparse) {
         gathers_landed(part);
       } else {
@@ -769,7 +783,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
       }
     }
   }
-  clock.report(kSparse ? "wide sparse bf16 pairs" : "wide bf16 pairs", end - begin);
+  clock.report(kFp8 ? "wide sparse fp8 pairs" : kSparse ? "wide sparse bf16 pairs" : "wide bf16 pairs", end - begin);
   wgmma_wait<0>();
   fence_registers(out_acc);
   store_output(p, shared, row_block, batch, first_query, out_slot, out_acc, row_max, row_sum);
@@ -786,10 +800,10 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   uint8_t* shared = prepare_shared</*kGeneric=*/true>(raw_shared, Layout::kBarriers, 2 * kParts);
   int fills[2] = {0, 0};
   for_each_piece<kSparse>(p, [&](int z, int begin, int end, int64_t slot) {
-    if constexpr (!kFp8) {
-      attend_pairs<kSparse>(p, shared, blockIdx.x, z, begin, end, slot, fills);
+    if constexpr (!kFp8 || kSparse) {
+      attend_pairs<kSparse, kFp8>(p, shared, blockIdx.x, z, begin, end, slot, fills);
     } else {
-      attend_piece<kSparse>(p, shared, blockIdx.x, z, begin, end, slot, fills);
+      attend_piece(p, shared, blockIdx.x, z, begin, end, slot, fills);
     }
   });
   cta_clock.report(kSparse ? "wide sparse" : kFp8 ? "wide fp8" : "wide bf16");
