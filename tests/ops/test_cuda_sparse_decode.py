@@ -4,7 +4,8 @@ multiple of 64, h_q 16 / 64 / 128 / 5, s_q 1 and 2, forced split counts, FP8 sca
 outputs poisoned; repeated runs identical."""
 import pytest
 import torch
-from test_triton_sparse import SCALE, assert_close, paged_cache, poison_allocator, random_indices
+from test_triton_sparse import (SCALE, assert_close, paged_cache, poison_allocator, random_indices,
+                                varied_scale_cache)
 
 from flashmla_ops import _ext, reference
 from flashmla_ops.decode import cuda_num_splits
@@ -22,16 +23,6 @@ CASES = [(batch, s_q, h_q, topk, with_length)
          for h_q in (16, 64, 128) for s_q in (1, 2)
          for batch, topk, with_length in ((2, 64, False), (3, 1000, True), (16, 2048, False), (1, 2048, True))]
 CASES += [(3, 1, 5, 130, True), (2, 2, 128, 70, True)]
-
-
-def varied_scale_cache(num_blocks, generator):
-    """An FP8 cache whose tile scales differ by tile and by token: each 128-column tile of the latent 2^tile times
-    larger, each token 1/2, 1 or 2 times (randn's cache gives every tile of every token the same scale)."""
-    cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE)
-    tile_factor = 2.0 ** torch.arange(KV_LORA_RANK // 128, device=DEVICE).repeat_interleave(128)
-    column_factor = torch.cat([tile_factor, torch.ones(D_QK - KV_LORA_RANK, device=DEVICE)])
-    token_factor = 2.0 ** torch.randint(-1, 2, cache.shape[:2], generator=generator, device=DEVICE)
-    return reference.quantize_kv_fp8((cache * column_factor * token_factor[..., None, None]).bfloat16())
 
 
 def run(batch, s_q, h_q, topk, with_topk_length, is_fp8, num_splits=None, varied_scales=False):

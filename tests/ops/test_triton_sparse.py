@@ -68,6 +68,16 @@ def paged_cache(num_blocks, is_fp8, generator, pad):
     return buffer[:, :PAGE_BLOCK_SIZE * row].view(num_blocks, PAGE_BLOCK_SIZE, 1, row)
 
 
+def varied_scale_cache(num_blocks, generator):
+    """An FP8 cache whose tile scales differ by tile and by token: each 128-column tile of the latent 2^tile times
+    larger, each token 1/2, 1 or 2 times (randn's cache gives every tile of every token the same scale)."""
+    cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE)
+    tile_factor = 2.0 ** torch.arange(KV_LORA_RANK // 128, device=DEVICE).repeat_interleave(128)
+    column_factor = torch.cat([tile_factor, torch.ones(D_QK - KV_LORA_RANK, device=DEVICE)])
+    token_factor = 2.0 ** torch.randint(-1, 2, cache.shape[:2], generator=generator, device=DEVICE)
+    return reference.quantize_kv_fp8((cache * column_factor * token_factor[..., None, None]).bfloat16())
+
+
 def random_indices(shape, num_rows, generator, invalid_fraction=0.2):
     """Random rows in [0, num_rows) with -1s and duplicates; the first query's list is all -1."""
     indices = torch.randint(0, num_rows, shape, generator=generator, device=DEVICE, dtype=torch.int32)
@@ -90,10 +100,14 @@ def assert_close(out, lse, want_out, want_lse):
         (lse - want_lse)[finite].abs().max()
 
 
-def run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=False):
+def run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=False, varied_scales=False):
     generator = torch.Generator(DEVICE).manual_seed(batch * 7919 + s_q * 131 + h_q * 17 + topk + extra_topk + is_fp8)
     num_blocks = max(2, batch * topk // PAGE_BLOCK_SIZE)
-    cache = paged_cache(num_blocks, is_fp8, generator, pad=32)
+    if varied_scales:
+        assert is_fp8
+        cache = varied_scale_cache(num_blocks, generator)
+    else:
+        cache = paged_cache(num_blocks, is_fp8, generator, pad=32)
     q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
     indices = random_indices((batch, s_q, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
     topk_length = None
@@ -163,6 +177,11 @@ def run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink):
 @pytest.mark.parametrize("is_fp8", [False, True])
 def test_triton_sparse_decode_matches_reference(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8):
     run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=extra_topk > 0)
+
+
+def test_triton_sparse_decode_fp8_scales_that_differ_by_tile_and_token():
+    """A kernel that scaled a value by another tile's or another row's scale would be off by 2x or more here."""
+    run_decode(2, 2, 16, 130, 0, False, True, varied_scales=True)
 
 
 @pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink", PREFILL_CASES)
