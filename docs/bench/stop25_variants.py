@@ -1,6 +1,7 @@
-"""Stop 25: three variants of the sparse gathers in attend_pairs, WRITTEN AND COMPILED, NOT RUN (no device time was
-left). Writes bench/{Vb,Vc,Vbc}/csrc: copies of csrc whose dense_decode.cu is rewritten from this tree's (run it on
-17afd66 or a later commit whose attend_pairs still has the text it replaces; it asserts each edit applies).
+"""Stop 25: three variants of the sparse gathers in attend_pairs, written and compiled in stop 25 (no device time was
+left), run in stop 26 call 1 (docs/bench/stop26_call1.log): each passed the sparse GPU tests, none was faster than
+main, none kept. Writes bench/{Vb,Vc,Vbc}/csrc: copies of csrc whose dense_decode.cu is rewritten from this tree's
+(run it on 17afd66 .. 68372ee, whose attend_pairs still has the text it replaces; it asserts each edit applies).
 
   Vb:  warpgroup 0 releases stage 1 (kReleasedB) in the middle of its gathers of a + 2, right after their first third
        and P V of b being done, instead of at the next pair's start after all of them: warpgroup 1's gathers of stage 1
