@@ -416,9 +416,10 @@ constexpr int kPublishedB = 3;  // warpgroup 1 -> 0: P_b and m_b are, and warpgr
 constexpr int kReleasedB = 4;   // warpgroup 0 -> 1: warpgroup 0's P V of the previous b is done
 constexpr int kOwnBarrier = 5;
 
-// S (64 x 64) = Q K^T over a whole block, issued and committed; `wait_part(part)` before the wgmmas of each third of
-// the block's tiles, so that they start as soon as the first part has landed. The fence after each wait: without it
-// ptxas inserts its own after the wait's loop and serializes every wgmma of the kernel (C7520).
+// S (64 x 64) = Q K^T over a whole block, issued and committed; `wait_part(part)` before each run of kStepsPerPart
+// wgmmas (16 columns each: a third of the block's tiles, or four tiles for the FP8 cache), so that they start as soon
+// as the first part is there. The fence after each wait: without it ptxas inserts its own after the wait's loop and
+// serializes every wgmma of the kernel (C7520).
 template <int kStepsPerPart, typename WaitPart>
 __device__ __forceinline__ void issue_block_scores(float (&scores)[kBlockN / 2], uint32_t q_tile, uint32_t kv_tile,
                                                    WaitPart wait_part) {
