@@ -29,6 +29,16 @@ def make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded=False):
     return q, cache, block_table, cache_seqlens
 
 
+def quantize_with_varied_scales(cache, generator):
+    """`cache` (blocks, 64, 1, 576) as FP8 whose tile scales differ by tile and by token: each 128-column tile of the
+    latent 2^tile times larger, each token 1/2, 1 or 2 times (randn's cache gives every tile of every token the same
+    scale, so a kernel that scaled a value by another tile's or another row's scale would go unnoticed)."""
+    tile_factor = 2.0 ** torch.arange(KV_LORA_RANK // 128, device=DEVICE).repeat_interleave(128)
+    column_factor = torch.cat([tile_factor, torch.ones(D_QK - KV_LORA_RANK, device=DEVICE)])
+    token_factor = 2.0 ** torch.randint(-1, 2, cache.shape[:2], generator=generator, device=DEVICE)
+    return reference.quantize_kv_fp8((cache.float() * column_factor * token_factor[..., None, None]).bfloat16())
+
+
 def huge_and_small_scale_inputs(generator, h_q=16):
     """FP8 decode inputs (s_q 1, not causal) whose blocks each hold a few tokens of latent -u * 2**30 (tile scale
     2**24) among tokens of scale 2**-13. Query rows 0 .. h_q/2 - 1 lie along +u: they score the huge tokens some 86

@@ -12,7 +12,7 @@ import pytest
 import torch
 from decode_inputs import (BF16_BAND, DEVICE, assert_decode_close, assert_rows_close,
                            check_dense_decode_op_replays_in_cuda_graph, huge_and_small_scale_inputs, make_inputs,
-                           poison_allocator)
+                           poison_allocator, quantize_with_varied_scales)
 
 from flashmla_ops import _ext, reference
 from flashmla_ops.decode import CUDA_NARROW_ROWS, cuda_num_splits
@@ -69,10 +69,7 @@ def run_and_compare(seqlens, s_q, h_q, causal, is_fp8=False, num_splits=None, pa
     if varied_scales:  # FP8 tile scales that differ by tile and by token (randn's are all alike)
         assert is_fp8 and not padded, "varied_scales builds its own unpadded FP8 cache"
         q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, False, generator)
-        tile_factor = 2.0 ** torch.arange(KV_LORA_RANK // 128, device=DEVICE).repeat_interleave(128)
-        column_factor = torch.cat([tile_factor, torch.ones(D_QK - KV_LORA_RANK, device=DEVICE)])
-        token_factor = 2.0 ** torch.randint(-1, 2, cache.shape[:2], generator=generator, device=DEVICE)
-        cache = reference.quantize_kv_fp8((cache.float() * column_factor * token_factor[..., None, None]).bfloat16())
+        cache = quantize_with_varied_scales(cache, generator)
     else:
         q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded)
     if strided_q:  # heads spaced out in a wider buffer

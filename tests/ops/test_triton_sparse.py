@@ -6,6 +6,7 @@ Inputs are fresh random data with -1 indices, duplicate indices, an all -1 query
 """
 import pytest
 import torch
+from decode_inputs import quantize_with_varied_scales
 
 from flashmla_ops import reference
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
@@ -69,13 +70,9 @@ def paged_cache(num_blocks, is_fp8, generator, pad):
 
 
 def varied_scale_cache(num_blocks, generator):
-    """An FP8 cache whose tile scales differ by tile and by token: each 128-column tile of the latent 2^tile times
-    larger, each token 1/2, 1 or 2 times (randn's cache gives every tile of every token the same scale)."""
+    """A randn FP8 cache whose tile scales differ by tile and by token (decode_inputs.quantize_with_varied_scales)."""
     cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE)
-    tile_factor = 2.0 ** torch.arange(KV_LORA_RANK // 128, device=DEVICE).repeat_interleave(128)
-    column_factor = torch.cat([tile_factor, torch.ones(D_QK - KV_LORA_RANK, device=DEVICE)])
-    token_factor = 2.0 ** torch.randint(-1, 2, cache.shape[:2], generator=generator, device=DEVICE)
-    return reference.quantize_kv_fp8((cache * column_factor * token_factor[..., None, None]).bfloat16())
+    return quantize_with_varied_scales(cache, generator)
 
 
 def random_indices(shape, num_rows, generator, invalid_fraction=0.2):
