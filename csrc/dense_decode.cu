@@ -485,7 +485,6 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
     const uint8_t* row_bytes[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) row_bytes[i] = gather_row_address<true>(p, batch, block, length, ahead[i]);
-    constexpr int kTilesPerPart = kColumnTiles / kParts;
     if constexpr (kFp8) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -512,19 +511,21 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
         }
         cp_async_commit();
       }
-    }
+    } else {
+      constexpr int kTilesPerPart = kColumnTiles / kParts;
 #pragma unroll
-    for (int part = 0; part < (kFp8 ? 0 : kParts); ++part) {
+      for (int part = 0; part < kParts; ++part) {
 #pragma unroll
-      for (int t = part * kTilesPerPart; t < (part + 1) * kTilesPerPart; ++t) {
+        for (int t = part * kTilesPerPart; t < (part + 1) * kTilesPerPart; ++t) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const bool valid = row_bytes[i] != nullptr;
-          cp_async_16(kv_tile(stage) + t * kTileBytes + swizzled_offset(gather_row_of(i), lane % 8),
-                      valid ? static_cast<const void*>(row_bytes[i] + (8 * t + lane % 8) * 16) : p.kv, valid);
+          for (int i = 0; i < 4; ++i) {
+            const bool valid = row_bytes[i] != nullptr;
+            cp_async_16(kv_tile(stage) + t * kTileBytes + swizzled_offset(gather_row_of(i), lane % 8),
+                        valid ? static_cast<const void*>(row_bytes[i] + (8 * t + lane % 8) * 16) : p.kv, valid);
+          }
         }
+        cp_async_commit();
       }
-      cp_async_commit();
     }
     // Bit 4 i + j of warp w's 16-bit word for row 16 w + 4 i + j (from lane 8 j).
     uint32_t word = 0;
@@ -540,6 +541,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   // FP8: widens half `g` of the stage's raw latent (tiles 4 g .. 4 g + 3) to bf16 in place, thread (warp w, lane l) the
   // lines of rows 16 w + l % 8 + 8 h (h < 2) of tile l / 8 + 4 g: each 16-byte load or store of a warp then meets every
   // bank four times.
+  // (Rolled: unrolled, stop 26's whole-block version spilled 612 bytes and serialized the wgmmas, C7520.)
   const auto dequantise_stage = [&](int stage, int g) {
     const float* scales = reinterpret_cast<const float*>(fp8_scales(stage));
 #pragma unroll 1
