@@ -16,6 +16,9 @@ std::vector<torch::Tensor> sparse_decode(const torch::Tensor& q, const torch::Te
                                          double softmax_scale, bool is_fp8, int64_t num_splits);
 std::vector<torch::Tensor> sparse_prefill(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& indices,
                                           const c10::optional<torch::Tensor>& topk_length, double softmax_scale);
+torch::Tensor indexer_logits(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& weights,
+                             const torch::Tensor& k_start, const torch::Tensor& k_end, const torch::Tensor& q_scale,
+                             const torch::Tensor& k_scale);
 torch::Tensor indexer_topk(const torch::Tensor& logits, int64_t topk, const c10::optional<torch::Tensor>& block_table);
 }  // namespace flashmla
 
@@ -31,6 +34,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "num_splits -> out, lse");
   m.def("sparse_prefill", &flashmla::sparse_prefill,
         "sparse MLA prefill over a flat BF16 kv (sm_90a): q, kv, indices, topk_length, scale -> out, max_logits, lse");
+  m.def("indexer_logits", &flashmla::indexer_logits,
+        "indexer logits of packed prefill, e4m3 q (s_q, h_i <= 64, 128) and keys (s_kv, 128) (sm_90a): q, k, weights, "
+        "k_start, k_end, q_scale, |k_scale| (a negative scale's sign folded into its key) -> (s_q, s_kv) float32");
   m.def("indexer_topk", &flashmla::indexer_topk,
         "the topk largest logits of each row as int32 key positions (or flat cache slots through block_table), "
         "ascending, -1 past the finite ones: logits, topk, block_table");

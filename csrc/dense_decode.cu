@@ -25,12 +25,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda.h>
-#include <cudaTypedefs.h>
 #include <torch/extension.h>
 
 #include <cmath>
 
 #include "decode_common.cuh"
+#include "tensor_map.h"
 
 namespace flashmla {
 namespace {
@@ -987,15 +987,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
 // 64-column tiles, each landing 128-byte-swizzled in the wgmma layout, back to back, in one TMA (the BF16 cache's
 // nine tiles, or a third of them; the FP8 cache's one RoPE tile).
 CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache, int64_t offset, int tiles, int box_tiles) {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* function = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault,
-                                                    &status));
-    TORCH_CHECK(status == cudaDriverEntryPointSuccess && function != nullptr,
-                "dense_decode: the CUDA driver has no cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
-  }();
+  const auto encode = tensor_map_encoder();
   const int64_t element = kv_cache.element_size();
   CUtensorMap map;
   const cuuint64_t dims[4] = {64, kBlockN, static_cast<cuuint64_t>(tiles),

@@ -20,7 +20,8 @@ PACKAGE_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CSRC_ENV = "FLASHMLA_CSRC"
 CSRC = Path(os.environ[CSRC_ENV]).resolve() if os.environ.get(CSRC_ENV) else PACKAGE_CSRC
 BACKEND_ENV = "FLASHMLA_BACKEND"
-SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu", "dense_decode_narrow.cu", "indexer_topk.cu")
+SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu", "dense_decode_narrow.cu", "indexer_topk.cu",
+           "indexer_logits.cu")
 ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)  # the only architecture _unavailable_reason lets through
 
 
@@ -92,7 +93,7 @@ KERNELS = {
     "dense_decode": ("cuda", "triton"),
     "sparse_decode": ("cuda", "triton"),
     "sparse_prefill": ("cuda", "triton"),
-    "indexer_logits": ("triton",),
+    "indexer_logits": ("cuda", "triton"),
     "indexer_logits_paged": ("triton",),
     "indexer_topk": ("cuda",),
     "routed_experts": ("triton",),

@@ -80,14 +80,56 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_st
     float32; weights `(s_q, h_i)` float32; query `t` sees keys `[k_start[t], k_end[t])` (int32 `(s_q,)`; causal
     prefill of a packed batch: its sequence's start and its own position + 1).
     Returns `(s_q, s_kv)` float32, -inf outside each query's range.
+
+    Precision: the bf16 paths and the Triton kernel multiply exactly and sum in float32 (errors ~1e-6 of the largest
+    logit). On Hopper, e4m3 q and k (d_i 128, h_i <= 64) take the CUDA kernel's e4m3 wgmmas, as DeepSeek's own
+    indexer does: Hopper sums an e4m3 MMA's products with about 14 bits kept, errors up to ~2e-4 of the absolute sum
+    sum_h |w| sum_d |q_d k_d| (2-4e-4 of the largest logit on random inputs; the e4m3 inputs' own rounding is 1/16).
+    `indexer_logits_path(q, k)` says which path runs; `FLASHMLA_BACKEND=triton` keeps the exact one.
     """
     _check_logits("indexer_logits", q, k, weights, k_start, k_end, q_scale, k_scale)
-    if _ext.backend("indexer_logits", q.device) == "triton":
+    path = indexer_logits_path(q, k)
+    if path == "cuda":
+        return _cuda_indexer_logits(q, k, weights, k_start, k_end, q_scale, k_scale)
+    if path == "triton":
         from .triton import indexer as triton_indexer
 
-        if triton_indexer.supports(q, k):
-            return triton_indexer.indexer_logits(q, k, weights, k_start, k_end, q_scale, k_scale)
+        return triton_indexer.indexer_logits(q, k, weights, k_start, k_end, q_scale, k_scale)
     return indexer_logits_reference(q, k, weights, k_start, k_end, q_scale, k_scale)
+
+
+def indexer_logits_path(q: torch.Tensor, k: torch.Tensor) -> str:
+    """The path `flashmla::indexer_logits` takes for these q and k: 'cuda' (csrc/indexer_logits.cu, e4m3 q and k with
+    d_i 128 and h_i <= 64, on Hopper), 'triton' or 'reference'."""
+    for path in _ext.paths("indexer_logits", q.device):
+        if path == "cuda" and _cuda_supports(q, k):
+            return path
+        if path == "triton":
+            from .triton import indexer as triton_indexer
+
+            if triton_indexer.supports(q, k):
+                return path
+    return "reference"
+
+
+CUDA_D_I = 128  # csrc/indexer_logits.cu: one e4m3 row of q or k is one 128-byte swizzled row
+CUDA_MAX_HEADS = 64  # its (query, head) pairs: 4 queries of 64 heads per warpgroup
+
+
+def _cuda_supports(q, k) -> bool:
+    """What csrc/indexer_logits.cu is written for: e4m3 q and keys (DeepSeek V3.2's indexer: d_i 128, h_i 64)."""
+    return (q.dtype == FP8 and k.dtype == FP8 and q.shape[-1] == CUDA_D_I and 1 <= q.shape[1] <= CUDA_MAX_HEADS
+            and max(q.shape[0], k.shape[0]) < 1 << 30)
+
+
+def _cuda_indexer_logits(q, k, weights, k_start, k_end, q_scale, k_scale):
+    """The Hopper kernel (e4m3 wgmmas, see `indexer_logits`). A key whose scale is negative gets its sign bits flipped
+    and |scale| (relu(s x) = |s| relu(sign(s) x)); the kernel does the same for q's rows in shared memory."""
+    raw = k.view(torch.uint8)
+    negative = k_scale < 0
+    keys = torch.where(negative[:, None], raw ^ 0x80, raw).view(FP8)
+    return _ext.extension().indexer_logits(q.contiguous(), keys, weights.contiguous(), k_start.contiguous(),
+                                           k_end.contiguous(), q_scale.contiguous(), k_scale.abs())
 
 
 @indexer_logits.register_fake

@@ -1,7 +1,7 @@
 """Benchmark the DSA lightning indexer logits ops (packed prefill, paged decode), per backend, and the top-k op.
 
-Prints per configuration: time, GB/s, TFLOP/s, the SPEC.md §5 target where there is one (indexer logits FP8: >= 60%
-of the FP8 matmul rate) and the speed-up over the reference op on the GPU. Logits FLOPs: `2 * s_q * h_i * keys * d_i`
+Prints per configuration: the path taken (cuda, triton, reference), time, GB/s, TFLOP/s, the SPEC.md §5 target where
+there is one (indexer logits FP8: >= 60% of the FP8 matmul rate) and the speed-up over the reference op on the GPU. Logits FLOPs: `2 * s_q * h_i * keys * d_i`
 over every key in range; bytes: q, keys and weights read once, float32 logits written. Times are medians of
 CUDA-graph replays (bench_decode.py's timing). Writes JSON and a PNG.
 
@@ -18,6 +18,7 @@ import triton
 
 import flashmla_ops
 from bench_decode import bench_device, eager_ms, fmt, forced_backend, row_filter, save_results, time_ms
+from flashmla_ops.indexer import indexer_logits_path
 from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_index_fp8_reference
 
 PEAK_FP8 = 1250e12  # FLOP/s, FP8 matmul on the lent H100 (SPEC.md §4)
@@ -68,7 +69,9 @@ def make_call(kind, rows, keys, h_i, d_i, fp8, device):
 def bench_row(kind, rows, keys, h_i, d_i, fp8, device, with_reference):
     call, sets, flops, total_bytes = make_call(kind, rows, keys, h_i, d_i, fp8, device)
     ms = time_ms(call, sets)
-    row = {"kind": kind, "rows": rows, "keys": keys, "h_i": h_i, "d_i": d_i, "fp8": fp8,
+    path = (indexer_logits_path(sets[0][0], sets[0][1]) if kind == "logits"
+            else flashmla_ops.backend("indexer_logits_paged", device))
+    row = {"kind": kind, "rows": rows, "keys": keys, "h_i": h_i, "d_i": d_i, "fp8": fp8, "path": path,
            "time_us": ms * 1e3, "gb_s": total_bytes / ms / 1e6, "tflop_s": flops / ms / 1e9}
     if with_reference:
         with forced_backend("reference"):
@@ -182,8 +185,8 @@ def main():
           + ", ".join(f"{op} {flashmla_ops.backend(op, device)}" for op in ("indexer_logits", "indexer_logits_paged")))
     chosen = row_filter(args.rows)
     tuned = tune(device, chosen) if args.tune else []
-    print(f"{'configuration':36} {'time us':>9} {'GB/s':>7} {'TFLOP/s':>8} {'target':>12} {'vs target':>9} "
-          f"{'x ref':>7}")
+    print(f"{'configuration':36} {'path':>9} {'time us':>9} {'GB/s':>7} {'TFLOP/s':>8} {'target':>12} "
+          f"{'vs target':>9} {'x ref':>7}")
     results = []
     for name, kind, rows, keys, h_i, d_i, fp8 in ROWS:
         if not chosen(name):
@@ -194,7 +197,7 @@ def main():
             row["target"] = f">= {TARGET_FRACTION * PEAK_FP8 / 1e12:.0f} TFLOP/s"
             row["vs_target"] = row["tflop_s"] * 1e12 / (TARGET_FRACTION * PEAK_FP8)
         results.append(row)
-        print(f"{name:36} {row['time_us']:9.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} {row.get('target', '-'):>12}"
+        print(f"{name:36} {row['path']:>9} {row['time_us']:9.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} {row.get('target', '-'):>12}"
               f" {fmt(row.get('vs_target'), 2):>9} {fmt(row.get('speedup_vs_reference'), 1):>7}")
     topk = time_topk(device) if args.topk else []
     save_results(args.out, args.backend, results, plot, tuning=tuned, topk=topk)

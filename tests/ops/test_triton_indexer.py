@@ -181,11 +181,13 @@ def test_triton_indexer_fp8_integer_decode_path(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("fp8", [False, True])
-def test_indexer_ops_use_triton_and_capture_in_cuda_graph(fp8):
+def test_indexer_ops_use_triton_and_capture_in_cuda_graph(fp8, monkeypatch):
     """The decode chain paged logits -> top-k through the ops (the logits on the Triton kernel) replays in a CUDA graph
-    with new sequence lengths; the prefill logits op runs its Triton kernel too."""
+    with new sequence lengths; the prefill logits op runs its Triton kernel too (forced: on Hopper FP8 prefill logits
+    take the CUDA kernel, tests/ops/test_cuda_indexer_logits.py)."""
     import flashmla_ops
 
+    monkeypatch.setenv("FLASHMLA_BACKEND", "triton")
     for op in ("indexer_logits", "indexer_logits_paged"):
         assert flashmla_ops.backend(op, DEVICE) == "triton"
     generator = torch.Generator().manual_seed(17 + fp8)

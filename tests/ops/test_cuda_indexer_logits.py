@@ -1,0 +1,149 @@
+"""The CUDA indexer logits of packed prefill (csrc/indexer_logits.cu, e4m3 wgmmas) against the reference, on Hopper.
+
+Varlen causal batches, empty and full key ranges and ragged ones in any order (-inf exactly where the reference has
+it); h_i 1 to 64 (padded to 64 heads), s_q and s_kv not multiples of the kernel's 8 queries and 64 keys, one key and
+one query, more key tiles than the pipeline's stages, several key splits; negative and zero scales on q and keys; query
+rows whose scales differ by 2^40; outputs poisoned, repeated runs
+identical, the op dispatching here and replaying in a CUDA graph.
+
+The band: mla_oracle.E4M3_MMA_BAND of the absolute sum sum_h |w| sum_d |q_d k_d|, element by element (Hopper's e4m3
+MMA sums its products with about 14 bits kept).
+"""
+import pytest
+import torch
+
+import flashmla_ops
+import mla_oracle as oracle
+from flashmla_ops import _ext
+from flashmla_ops.indexer import indexer_logits_path, indexer_logits_reference
+from flashmla_ops.kv_cache import quantize_index_fp8_reference
+
+DEVICE = "cuda"
+FP8 = torch.float8_e4m3fn
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                       reason="needs a Hopper (sm_90) GPU"),
+]
+
+
+def quantize_rows(x):
+    packed = quantize_index_fp8_reference(x)
+    return packed[..., :-4].contiguous().view(FP8), packed[..., -4:].contiguous().view(torch.float32)[..., 0]
+
+
+def inputs(s_q, s_kv, h_i, k_start, k_end, seed, weights_positive=False):
+    generator = torch.Generator().manual_seed(seed)
+    q, q_scale = quantize_rows(torch.randn(s_q, h_i, 128, generator=generator))
+    k, k_scale = quantize_rows(torch.randn(s_kv, 128, generator=generator))
+    weights = torch.randn(s_q, h_i, generator=generator)
+    if weights_positive:
+        weights = weights.abs() + 0.1
+    bounds = (torch.as_tensor(k_start).int(), torch.as_tensor(k_end).int())
+    return [x.to(DEVICE) for x in (q, k, weights, *bounds, q_scale, k_scale)]
+
+
+def causal_ranges(s_q, s_kv):
+    """Two packed causal sequences, plus an empty range (query 1) and a full one (the last query)."""
+    split = s_kv // 3
+    positions = torch.arange(s_q)
+    k_start = torch.where(positions < s_q // 2, 0, split)
+    k_end = torch.where(positions < s_q // 2, (positions + 1).clamp_max(split), (split + positions + 1).clamp_max(s_kv))
+    if s_q > 2:
+        k_start[1], k_end[1] = 4 % (s_kv + 1), 4 % (s_kv + 1)
+    k_start[-1], k_end[-1] = 0, s_kv
+    return k_start, k_end
+
+
+def cuda_logits(args):
+    torch.full((64 << 20,), float("nan"), device=DEVICE)  # poison the allocator's next blocks
+    return torch.ops.flashmla.indexer_logits(*args)
+
+
+def assert_close(got, args):
+    """Within the e4m3 MMA band of the absolute sum (mla_oracle.E4M3_MMA_BAND), element by element."""
+    q, k, weights, k_start, k_end, q_scale, k_scale = args
+    absolute = indexer_logits_reference((q.float() * q_scale[..., None]).abs(), (k.float() * k_scale[:, None]).abs(),
+                                        weights.abs(), k_start, k_end)
+    assert got.dtype == torch.float32
+    oracle.assert_within_e4m3_mma_band(got, indexer_logits_reference(*args), absolute)
+
+
+def test_the_op_takes_the_cuda_kernel_for_e4m3():
+    args = inputs(5, 70, 64, *causal_ranges(5, 70), seed=0)
+    assert flashmla_ops.backend("indexer_logits", DEVICE) == "cuda"
+    assert indexer_logits_path(args[0], args[1]) == "cuda"
+    bf16 = args[0].float().bfloat16()
+    assert indexer_logits_path(bf16, args[1].float().bfloat16()) != "cuda"
+    assert indexer_logits_path(args[0][:, :0], args[1]) != "cuda"
+
+
+@pytest.mark.parametrize("s_q,s_kv,h_i", [(1, 1, 64), (7, 150, 3), (19, 67, 8), (5, 200, 64), (300, 700, 64),
+                                          (1000, 4099, 64), (13, 8191, 33), (3000, 2000, 64)])
+def test_cuda_indexer_logits_matches_reference(s_q, s_kv, h_i):
+    args = inputs(s_q, s_kv, h_i, *causal_ranges(s_q, s_kv), seed=s_q + s_kv)
+    got = cuda_logits(args)
+    assert_close(got, args)
+    assert torch.equal(got, cuda_logits(args))
+
+
+def test_cuda_indexer_logits_ragged_ranges_in_any_order():
+    """Each query's range drawn at random (some empty, some a single key), so that the 8 queries of a CTA and the 4 of
+    a warpgroup see different tiles, and tiles inside a CTA's union that a warpgroup's queries do not see."""
+    s_q, s_kv = 203, 3001
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randint(0, s_kv + 1, (s_q,), generator=generator)
+    b = torch.randint(0, s_kv + 1, (s_q,), generator=generator)
+    k_start, k_end = torch.minimum(a, b), torch.maximum(a, b)
+    k_end[::7] = k_start[::7]  # empty
+    k_end[3::11] = (k_start[3::11] + 1).clamp_max(s_kv)  # one key
+    args = inputs(s_q, s_kv, 64, k_start, k_end, seed=4)
+    assert_close(cuda_logits(args), args)
+
+
+def test_cuda_indexer_logits_negative_and_zero_scales():
+    s_q, s_kv = 37, 500
+    args = inputs(s_q, s_kv, 64, *causal_ranges(s_q, s_kv), seed=5)
+    q_scale, k_scale = args[5], args[6]
+    q_scale[::3] *= -1
+    q_scale[5, :7] = 0
+    q_scale[::5, ::2] *= -1
+    k_scale[::4] *= -1
+    k_scale[7::9] = 0
+    k_scale[8] = -0.0
+    assert_close(cuda_logits(args), args)
+
+
+def test_cuda_indexer_logits_rows_of_very_different_scales():
+    """Query rows scaled by 2^0 .. 2^-40, positive weights (no cancellation): each element is held to its own absolute
+    sum, so a wrong weight, head or query in a small row shows as in a large one."""
+    s_q, s_kv = 64, 1000
+    args = inputs(s_q, s_kv, 64, torch.zeros(s_q), torch.full((s_q,), s_kv), seed=6, weights_positive=True)
+    args[5] *= torch.pow(2.0, -torch.arange(s_q, device=DEVICE) % 41)[:, None]
+    assert_close(cuda_logits(args), args)
+
+
+def test_cuda_indexer_logits_long_keys_and_cuda_graph():
+    """32k keys for 16 queries (a split of the keys per CTA, 512 tiles through 8 stages), replayed in a CUDA graph with
+    new ranges."""
+    s_q, s_kv = 16, 32768
+    k_start, k_end = torch.zeros(s_q), torch.full((s_q,), s_kv)
+    args = inputs(s_q, s_kv, 64, k_start, k_end, seed=7)
+    torch.ops.flashmla.indexer_logits(*args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = torch.ops.flashmla.indexer_logits(*args)
+    args[3].copy_(torch.arange(s_q, device=DEVICE) * 1000)
+    args[4].copy_(torch.arange(s_q, device=DEVICE) * 2000 + 5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(got, args)
+
+
+def test_cuda_indexer_logits_rejects_what_it_does_not_cover():
+    args = inputs(4, 64, 64, torch.zeros(4), torch.full((4,), 64), seed=8)
+    ext = _ext.extension()
+    with pytest.raises(RuntimeError, match="q must be"):
+        ext.indexer_logits(args[0][:, :, :64].contiguous(), *args[1:])
+    with pytest.raises(RuntimeError, match="k_start and k_end"):
+        ext.indexer_logits(args[0], args[1], args[2], args[3].long(), *args[4:])
