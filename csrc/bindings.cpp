@@ -19,6 +19,9 @@ std::vector<torch::Tensor> sparse_prefill(const torch::Tensor& q, const torch::T
 torch::Tensor indexer_logits(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& weights,
                              const torch::Tensor& k_start, const torch::Tensor& k_end, const torch::Tensor& q_scale,
                              const torch::Tensor& k_scale);
+torch::Tensor indexer_logits_paged(const torch::Tensor& q, const torch::Tensor& index_cache,
+                                   const torch::Tensor& weights, const torch::Tensor& block_table,
+                                   const torch::Tensor& cache_seqlens);
 torch::Tensor indexer_topk(const torch::Tensor& logits, int64_t topk, const c10::optional<torch::Tensor>& block_table);
 }  // namespace flashmla
 
@@ -37,6 +40,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("indexer_logits", &flashmla::indexer_logits,
         "indexer logits of packed prefill, e4m3 q (s_q, h_i <= 64, 128) and keys (s_kv, 128) (sm_90a): q, k, weights, "
         "k_start, k_end, q_scale, |k_scale| (a negative scale's sign folded into its key) -> (s_q, s_kv) float32");
+  m.def("indexer_logits_paged", &flashmla::indexer_logits_paged,
+        "indexer logits of decode over the paged FP8 index cache (num_blocks, 64, 132) (sm_90a): bf16 q (batch, "
+        "s_q <= 2, h_i <= 64, 128), index_cache, weights (with |q_scale|), block_table, cache_seqlens -> (batch, s_q, "
+        "max_blocks * 64) float32");
   m.def("indexer_topk", &flashmla::indexer_topk,
         "the topk largest logits of each row as int32 key positions (or flat cache slots through block_table), "
         "ascending, -1 past the finite ones: logits, topk, block_table");

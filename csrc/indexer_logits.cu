@@ -27,6 +27,7 @@
 
 #include <cmath>
 
+#include "indexer_common.cuh"
 #include "sm90.cuh"
 #include "tensor_map.h"
 
@@ -36,7 +37,7 @@ namespace {
 using namespace sm90;
 
 constexpr int kDim = 128;                // d_i: one e4m3 row is one 128-byte swizzled row
-constexpr int kHeads = 64;               // heads per query on the N side (h_i padded)
+using indexer::kHeads;
 constexpr int kGroupQueries = 4;         // a warpgroup's queries: N = 256
 constexpr int kGroups = 2;               // consumer warpgroups per CTA
 constexpr int kCtaQueries = kGroups * kGroupQueries;
@@ -214,21 +215,7 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_logits_kernel(const __gri
     float logits[2] = {-INFINITY, -INFINITY};
     if (scored) {
       float part[2][kGroupQueries];  // [h][query]: this thread's heads
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int q = 0; q < kGroupQueries; ++q) part[h][q] = 0.f;
-      }
-#pragma unroll
-      for (int j = 0; j < kAcc / 4; ++j) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            part[h][j / 8] = fmaf(weight[2 * j + e], fmaxf(acc[4 * j + 2 * h + e], 0.f), part[h][j / 8]);
-          }
-        }
-      }
+      indexer::weighted_head_sums<kGroupQueries>(acc, weight, part);
       // The quad's sums: lanes of bit 0 b keep queries 2 b, 2 b + 1; then lanes of bit 1 h keep row half h.
       float kept[2][2];
 #pragma unroll

@@ -21,7 +21,7 @@ CSRC_ENV = "FLASHMLA_CSRC"
 CSRC = Path(os.environ[CSRC_ENV]).resolve() if os.environ.get(CSRC_ENV) else PACKAGE_CSRC
 BACKEND_ENV = "FLASHMLA_BACKEND"
 SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu", "dense_decode_narrow.cu", "indexer_topk.cu",
-           "indexer_logits.cu")
+           "indexer_logits.cu", "indexer_logits_paged.cu")
 ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)  # the only architecture _unavailable_reason lets through
 
 
@@ -94,7 +94,7 @@ KERNELS = {
     "sparse_decode": ("cuda", "triton"),
     "sparse_prefill": ("cuda", "triton"),
     "indexer_logits": ("cuda", "triton"),
-    "indexer_logits_paged": ("triton",),
+    "indexer_logits_paged": ("cuda", "triton"),
     "indexer_topk": ("cuda",),
     "routed_experts": ("triton",),
 }

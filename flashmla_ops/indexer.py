@@ -101,13 +101,18 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_st
 def indexer_logits_path(q: torch.Tensor, k: torch.Tensor) -> str:
     """The path `flashmla::indexer_logits` takes for these q and k: 'cuda' (csrc/indexer_logits.cu, e4m3 q and k with
     d_i 128 and h_i <= 64, on Hopper), 'triton' or 'reference'."""
-    for path in _ext.paths("indexer_logits", q.device):
-        if path == "cuda" and _cuda_supports(q, k):
+    return _first_path("indexer_logits", q, k, _cuda_supports)
+
+
+def _first_path(op, q, keys, cuda_supports) -> str:
+    """The first of `op`'s paths on q's device whose kernel covers these inputs, else 'reference'."""
+    for path in _ext.paths(op, q.device):
+        if path == "cuda" and cuda_supports(q, keys):
             return path
         if path == "triton":
             from .triton import indexer as triton_indexer
 
-            if triton_indexer.supports(q, k):
+            if triton_indexer.supports(q, keys):
                 return path
     return "reference"
 
@@ -184,12 +189,44 @@ def indexer_logits_paged(q: torch.Tensor, index_cache: torch.Tensor, weights: to
     Returns `(batch, s_q, max_blocks_per_seq * 64)` float32 indexed by logical token, -inf where not visible.
     """
     _check_logits_paged("indexer_logits_paged", q, index_cache, weights, block_table, cache_seqlens, q_scale)
-    if _ext.backend("indexer_logits_paged", q.device) == "triton":
+    path = indexer_logits_paged_path(q, index_cache)
+    if path == "cuda":
+        return _cuda_indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_scale)
+    if path == "triton":
         from .triton import indexer as triton_indexer
 
-        if triton_indexer.supports(q, index_cache):
-            return triton_indexer.indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_scale)
+        return triton_indexer.indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_scale)
     return indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_seqlens, q_scale)
+
+
+def indexer_logits_paged_path(q: torch.Tensor, index_cache: torch.Tensor) -> str:
+    """The path `flashmla::indexer_logits_paged` takes for this q and cache: 'cuda' (csrc/indexer_logits_paged.cu:
+    the FP8 index cache, d_i 128, h_i <= 64, s_q <= 2, on Hopper), 'triton' or 'reference'."""
+    return _first_path("indexer_logits_paged", q, index_cache, _cuda_supports_paged)
+
+
+CUDA_PAGED_MAX_S_Q = 2  # csrc/indexer_logits_paged.cu: a sequence's queries x 64 heads are its wgmma N (64 or 128)
+
+
+def _cuda_supports_paged(q, index_cache) -> bool:
+    """What csrc/indexer_logits_paged.cu is written for: the FP8 index cache with d_i 128 (132-byte rows, contiguous
+    within a block, 16-byte aligned blocks), bf16 or e4m3 q with h_i <= 64 and s_q <= 2."""
+    batch, s_q, h_i, d_i = q.shape
+    return (index_cache.dtype in (torch.uint8, FP8) and d_i == CUDA_D_I and 1 <= h_i <= CUDA_MAX_HEADS
+            and 1 <= s_q <= CUDA_PAGED_MAX_S_Q and batch >= 1 and q.dtype in (torch.bfloat16, FP8)
+            and index_cache.stride(2) == 1 and index_cache.stride(1) == index_cache.shape[2]
+            and index_cache.stride(0) % 16 == 0 and index_cache.data_ptr() % 16 == 0 and index_cache.shape[0] >= 1)
+
+
+def _cuda_indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_scale):
+    """The Hopper kernel takes bf16 q: e4m3 q is widened exactly, a negative scale's sign into its row and |scale|
+    into the weights (relu(s x) = |s| relu(sign(s) x))."""
+    if q.dtype == FP8:
+        widened = q.float()
+        q = torch.where(q_scale[..., None] < 0, -widened, widened).bfloat16()
+        weights = weights * q_scale.abs()
+    return _ext.extension().indexer_logits_paged(q.contiguous(), index_cache.view(torch.uint8), weights.contiguous(),
+                                                 block_table.contiguous(), cache_seqlens.contiguous())
 
 
 @indexer_logits_paged.register_fake

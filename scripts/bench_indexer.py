@@ -18,7 +18,7 @@ import triton
 
 import flashmla_ops
 from bench_decode import bench_device, eager_ms, fmt, forced_backend, row_filter, save_results, time_ms
-from flashmla_ops.indexer import indexer_logits_path
+from flashmla_ops.indexer import indexer_logits_paged_path, indexer_logits_path
 from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_index_fp8_reference
 
 PEAK_FP8 = 1250e12  # FLOP/s, FP8 matmul on the lent H100 (SPEC.md §4)
@@ -69,8 +69,7 @@ def make_call(kind, rows, keys, h_i, d_i, fp8, device):
 def bench_row(kind, rows, keys, h_i, d_i, fp8, device, with_reference):
     call, sets, flops, total_bytes = make_call(kind, rows, keys, h_i, d_i, fp8, device)
     ms = time_ms(call, sets)
-    path = (indexer_logits_path(sets[0][0], sets[0][1]) if kind == "logits"
-            else flashmla_ops.backend("indexer_logits_paged", device))
+    path = (indexer_logits_path if kind == "logits" else indexer_logits_paged_path)(sets[0][0], sets[0][1])
     row = {"kind": kind, "rows": rows, "keys": keys, "h_i": h_i, "d_i": d_i, "fp8": fp8, "path": path,
            "time_us": ms * 1e3, "gb_s": total_bytes / ms / 1e6, "tflop_s": flops / ms / 1e9}
     if with_reference:

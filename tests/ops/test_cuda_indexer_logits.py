@@ -1,13 +1,17 @@
-"""The CUDA indexer logits of packed prefill (csrc/indexer_logits.cu, e4m3 wgmmas) against the reference, on Hopper.
+"""The CUDA indexer logits against the references, on Hopper: packed prefill (csrc/indexer_logits.cu, e4m3 wgmmas) and
+decode over the paged FP8 index cache (csrc/indexer_logits_paged.cu, bf16 wgmmas).
 
-Varlen causal batches, empty and full key ranges and ragged ones in any order (-inf exactly where the reference has
-it); h_i 1 to 64 (padded to 64 heads), s_q and s_kv not multiples of the kernel's 8 queries and 64 keys, one key and
-one query, more key tiles than the pipeline's stages, several key splits; negative and zero scales on q and keys; query
-rows whose scales differ by 2^40; outputs poisoned, repeated runs
-identical, the op dispatching here and replaying in a CUDA graph.
+Prefill: varlen causal batches, empty and full key ranges and ragged ones in any order (-inf exactly where the
+reference has it); h_i 1 to 64 (padded to 64 heads), s_q and s_kv not multiples of the kernel's 8 queries and 64 keys,
+one key and one query, more key tiles than the pipeline's stages, several key splits; negative and zero scales on q and
+keys; query rows whose scales differ by 2^40. Its band: mla_oracle.E4M3_MMA_BAND of the absolute sum
+sum_h |w| sum_d |q_d k_d|, element by element (Hopper's e4m3 MMA sums its products with about 14 bits kept).
 
-The band: mla_oracle.E4M3_MMA_BAND of the absolute sum sum_h |w| sum_d |q_d k_d|, element by element (Hopper's e4m3
-MMA sums its products with about 14 bits kept).
+Paged: lengths 0, 1, 63, 64, 65 and past 4k and 32k, s_q 1 and 2, h_i 1 to 64, bf16 and e4m3 q (negative scales),
+keys with negative and zero scales, block-table entries past each sequence holding garbage; the exact band (bf16
+products, float32 sums).
+
+Both: outputs poisoned, repeated runs identical, the op dispatching here and replaying in a CUDA graph.
 """
 import pytest
 import torch
@@ -15,7 +19,8 @@ import torch
 import flashmla_ops
 import mla_oracle as oracle
 from flashmla_ops import _ext
-from flashmla_ops.indexer import indexer_logits_path, indexer_logits_reference
+from flashmla_ops.indexer import (indexer_logits_paged_path, indexer_logits_paged_reference, indexer_logits_path,
+                                  indexer_logits_reference)
 from flashmla_ops.kv_cache import quantize_index_fp8_reference
 
 DEVICE = "cuda"
@@ -147,3 +152,95 @@ def test_cuda_indexer_logits_rejects_what_it_does_not_cover():
         ext.indexer_logits(args[0][:, :, :64].contiguous(), *args[1:])
     with pytest.raises(RuntimeError, match="k_start and k_end"):
         ext.indexer_logits(args[0], args[1], args[2], args[3].long(), *args[4:])
+
+
+# ---------------------------------------------------------------- paged (decode) form: csrc/indexer_logits_paged.cu
+
+RELATIVE_EXACT = 2e-5  # bf16 products (e4m3 keys and q widened exactly), float32 sums: test_triton_indexer's band
+
+
+def paged_inputs(seqlens, s_q, h_i, q_fp8, seed, spare_blocks=1):
+    """An FP8 index cache with keys in shuffled blocks, some scales negative or zero; the block table's entries past
+    each sequence's blocks hold -1 and huge values (never read)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(seqlens)
+    blocks_per_seq = max(1, -(-max(seqlens) // 64)) + spare_blocks
+    num_blocks = batch * blocks_per_seq + 3
+    cache = quantize_index_fp8_reference(torch.randn(num_blocks, 64, 128, generator=generator))
+    scales = cache[..., 128:].view(torch.float32)  # (num_blocks, 64, 1)
+    scales[:, ::5] *= -1
+    scales[:, 3::17] = 0
+    block_table = torch.randperm(num_blocks, generator=generator)[:batch * blocks_per_seq].view(batch, -1).int()
+    for b, length in enumerate(seqlens):
+        used = -(-length // 64)
+        garbage = torch.tensor([-1, 1 << 30], dtype=torch.int32).repeat(blocks_per_seq)
+        block_table[b, used:] = garbage[:blocks_per_seq - used]
+    q = torch.randn(batch, s_q, h_i, 128, generator=generator)
+    q_scale = None
+    if q_fp8:
+        q, q_scale = quantize_rows(q)
+        q_scale[:, :, ::3] *= -1
+    else:
+        q = q.bfloat16()
+    weights = torch.randn(batch, s_q, h_i, generator=generator)
+    seqlens = torch.tensor(seqlens, dtype=torch.int32)
+    return [x.to(DEVICE) if x is not None else None for x in (q, cache, weights, block_table, seqlens, q_scale)]
+
+
+def assert_close_exact(got, want):
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    assert torch.isfinite(got[finite]).all()
+    scale = want[finite].abs().max().clamp_min(1e-6) if finite.any() else 1.0
+    error = ((got[finite] - want[finite]).abs() / scale).max() if finite.any() else 0.0
+    assert error <= RELATIVE_EXACT, f"largest error {float(error):.3g} of the largest logit"
+
+
+def paged_logits(args):
+    torch.full((64 << 20,), float("nan"), device=DEVICE)
+    return torch.ops.flashmla.indexer_logits_paged(*args)
+
+
+def test_the_paged_op_takes_the_cuda_kernel_where_it_applies():
+    args = paged_inputs([70, 3], 2, 64, True, seed=10)
+    assert flashmla_ops.backend("indexer_logits_paged", DEVICE) == "cuda"
+    assert indexer_logits_paged_path(args[0], args[1]) == "cuda"
+    assert indexer_logits_paged_path(args[0].float().bfloat16(), args[1]) == "cuda"
+    three = paged_inputs([70, 3], 3, 64, True, seed=10)
+    assert indexer_logits_paged_path(three[0], three[1]) != "cuda"  # s_q 3: Triton
+    bf16_cache = args[1][..., :128].contiguous().view(FP8).float().bfloat16()
+    assert indexer_logits_paged_path(args[0].float().bfloat16(), bf16_cache) != "cuda"
+
+
+@pytest.mark.parametrize("q_fp8", [False, True], ids=["bf16-q", "e4m3-q"])
+@pytest.mark.parametrize("seqlens,s_q,h_i", [([0, 1, 63, 64, 65, 130], 1, 64), ([5, 200, 1], 2, 7),
+                                            ([1000, 64, 2], 2, 64), ([4097], 1, 1), ([129, 3000], 2, 33)])
+def test_cuda_indexer_logits_paged_matches_reference(seqlens, s_q, h_i, q_fp8):
+    args = paged_inputs(seqlens, s_q, h_i, q_fp8, seed=sum(seqlens) + s_q + h_i)
+    got = paged_logits(args)
+    assert_close_exact(got, indexer_logits_paged_reference(*args))
+    assert torch.equal(got, paged_logits(args))
+
+
+def test_cuda_indexer_logits_paged_long_sequences_and_cuda_graph():
+    """32k-token sequences (512 blocks through 8 stages, several key splits per sequence), replayed in a CUDA graph
+    with new lengths."""
+    args = paged_inputs([32768, 20000, 7], 1, 64, False, seed=11, spare_blocks=0)
+    torch.ops.flashmla.indexer_logits_paged(*args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = torch.ops.flashmla.indexer_logits_paged(*args)
+    args[4].copy_(torch.tensor([100, 32768, 0], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_exact(got, indexer_logits_paged_reference(*args))
+
+
+def test_cuda_indexer_logits_paged_rejects_what_it_does_not_cover():
+    args = paged_inputs([70], 1, 64, False, seed=12)
+    ext = _ext.extension()
+    with pytest.raises(RuntimeError, match="q must be"):
+        ext.indexer_logits_paged(args[0].float(), *args[1:5])
+    with pytest.raises(RuntimeError, match="index_cache must be"):
+        ext.indexer_logits_paged(args[0], args[1][:, :, :128], *args[2:5])
