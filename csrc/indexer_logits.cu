@@ -257,11 +257,13 @@ torch::Tensor indexer_logits(const torch::Tensor& q, const torch::Tensor& k, con
                              const torch::Tensor& k_start, const torch::Tensor& k_end, const torch::Tensor& q_scale,
                              const torch::Tensor& k_scale) {
   const char* op = "indexer_logits";
+  const auto aligned = [](const torch::Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; };
   TORCH_CHECK(q.is_cuda() && q.element_size() == 1 && q.dim() == 3 && q.size(2) == kDim && q.is_contiguous() &&
-                  q.size(1) >= 1 && q.size(1) <= kHeads,
-              op, ": q must be CUDA e4m3 (s_q, h_i <= 64, 128), contiguous");
-  TORCH_CHECK(k.is_cuda() && k.element_size() == 1 && k.dim() == 2 && k.size(1) == kDim && k.is_contiguous(), op,
-              ": k must be CUDA e4m3 (s_kv, 128), contiguous");
+                  aligned(q) && q.size(1) >= 1 && q.size(1) <= kHeads,
+              op, ": q must be CUDA e4m3 (s_q, h_i <= 64, 128), contiguous, 16-byte aligned");
+  TORCH_CHECK(k.is_cuda() && k.element_size() == 1 && k.dim() == 2 && k.size(1) == kDim && k.is_contiguous() &&
+                  aligned(k),
+              op, ": k must be CUDA e4m3 (s_kv, 128), contiguous, 16-byte aligned");
   const int64_t s_q = q.size(0), h_i = q.size(1), s_kv = k.size(0);
   const auto float_matrix = [&](const torch::Tensor& x, const char* name) {
     TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(0) == s_q &&

@@ -259,8 +259,9 @@ torch::Tensor indexer_logits_paged(const torch::Tensor& q, const torch::Tensor& 
                                    const torch::Tensor& cache_seqlens) {
   const char* op = "indexer_logits_paged";
   TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kBFloat16 && q.dim() == 4 && q.size(3) == kDim &&
-                  q.is_contiguous() && q.size(1) >= 1 && q.size(1) <= 2 && q.size(2) >= 1 && q.size(2) <= kHeads,
-              op, ": q must be CUDA bfloat16 (batch, s_q <= 2, h_i <= 64, 128), contiguous");
+                  q.is_contiguous() && reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 && q.size(1) >= 1 &&
+                  q.size(1) <= 2 && q.size(2) >= 1 && q.size(2) <= kHeads,
+              op, ": q must be CUDA bfloat16 (batch, s_q <= 2, h_i <= 64, 128), contiguous, 16-byte aligned");
   const int64_t batch = q.size(0), s_q = q.size(1), h_i = q.size(2);
   TORCH_CHECK(index_cache.is_cuda() && index_cache.element_size() == 1 && index_cache.dim() == 3 &&
                   index_cache.size(1) == kKeys && index_cache.size(2) == kRowBytes && index_cache.stride(2) == 1 &&
@@ -278,7 +279,7 @@ torch::Tensor indexer_logits_paged(const torch::Tensor& q, const torch::Tensor& 
                   cache_seqlens.size(0) == batch && cache_seqlens.is_contiguous(),
               op, ": cache_seqlens must be CUDA int32 (batch,), contiguous");
   const int64_t max_blocks = block_table.size(1), capacity = max_blocks * kKeys;
-  TORCH_CHECK(batch <= 65535 * 32 && capacity < (int64_t{1} << 31), op, ": too large for one launch");
+  TORCH_CHECK(capacity < (int64_t{1} << 31), op, ": max_blocks * 64 must be < 2^31");
   const c10::cuda::CUDAGuard guard(q.device());
   auto out = torch::empty({batch, s_q, capacity}, q.options().dtype(at::kFloat));
   if (batch == 0 || capacity == 0) return out;

@@ -132,9 +132,15 @@ def _cuda_indexer_logits(q, k, weights, k_start, k_end, q_scale, k_scale):
     and |scale| (relu(s x) = |s| relu(sign(s) x)); the kernel does the same for q's rows in shared memory."""
     raw = k.view(torch.uint8)
     negative = k_scale < 0
-    keys = torch.where(negative[:, None], raw ^ 0x80, raw).view(FP8)
-    return _ext.extension().indexer_logits(q.contiguous(), keys, weights.contiguous(), k_start.contiguous(),
+    keys = _dense(torch.where(negative[:, None], raw ^ 0x80, raw)).view(FP8)
+    return _ext.extension().indexer_logits(_dense(q), keys, weights.contiguous(), k_start.contiguous(),
                                            k_end.contiguous(), q_scale.contiguous(), k_scale.abs())
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x contiguous from a 16-byte aligned address, as the CUDA kernels read it (TMA, 16-byte copies): x itself, or a
+    copy of a strided or misaligned view (e.g. a slice one element in)."""
+    return x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
 
 
 @indexer_logits.register_fake
@@ -213,7 +219,7 @@ def _cuda_supports_paged(q, index_cache) -> bool:
     within a block, 16-byte aligned blocks), bf16 or e4m3 q with h_i <= 64 and s_q <= 2."""
     batch, s_q, h_i, d_i = q.shape
     return (index_cache.dtype in (torch.uint8, FP8) and d_i == CUDA_D_I and 1 <= h_i <= CUDA_MAX_HEADS
-            and 1 <= s_q <= CUDA_PAGED_MAX_S_Q and batch >= 1 and q.dtype in (torch.bfloat16, FP8)
+            and 1 <= s_q <= CUDA_PAGED_MAX_S_Q and 1 <= batch < 1 << 31 and q.dtype in (torch.bfloat16, FP8)
             and index_cache.stride(2) == 1 and index_cache.stride(1) == index_cache.shape[2]
             and index_cache.stride(0) % 16 == 0 and index_cache.data_ptr() % 16 == 0 and index_cache.shape[0] >= 1)
 
@@ -225,7 +231,7 @@ def _cuda_indexer_logits_paged(q, index_cache, weights, block_table, cache_seqle
         widened = q.float()
         q = torch.where(q_scale[..., None] < 0, -widened, widened).bfloat16()
         weights = weights * q_scale.abs()
-    return _ext.extension().indexer_logits_paged(q.contiguous(), index_cache.view(torch.uint8), weights.contiguous(),
+    return _ext.extension().indexer_logits_paged(_dense(q), index_cache.view(torch.uint8), weights.contiguous(),
                                                  block_table.contiguous(), cache_seqlens.contiguous())
 
 

@@ -166,3 +166,74 @@ def test_indexer_pipeline_feeds_sparse_prefill(device):
     assert_topk_selection(selected, logits, topk)
     assert ((selected.cpu() < k_end[:, None]) | (selected.cpu() == -1)).all(), "causal: no future key selected"
     assert (selected.cpu()[:topk - 1] == -1).any() and not (selected.cpu()[topk:] == -1).any()
+
+
+class RecordingExtension:
+    """Stands in for the CUDA extension: records what the ops hand the indexer kernels, returns -inf logits."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def indexer_logits(self, *args):
+        self.calls["indexer_logits"] = args
+        return torch.full((args[0].shape[0], args[1].shape[0]), -math.inf)
+
+    def indexer_logits_paged(self, q, cache, weights, block_table, seqlens):
+        self.calls["indexer_logits_paged"] = (q, cache, weights, block_table, seqlens)
+        return torch.full((q.shape[0], q.shape[1], block_table.shape[1] * 64), -math.inf)
+
+
+def offset_view(x: torch.Tensor) -> torch.Tensor:
+    """x's values in a view that starts one element into a fresh buffer (contiguous, not 16-byte aligned)."""
+    buffer = torch.empty(x.numel() + 1, dtype=x.dtype)
+    view = buffer[1:].view(x.shape)
+    view.copy_(x)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
+def test_cuda_indexer_paths_hand_the_kernels_dense_aligned_inputs(monkeypatch):
+    """What the ops pass the CUDA kernels, recorded on the CPU: q and keys contiguous and 16-byte aligned even from a
+    misaligned q or a transposed k (a TMA base and the kernels' 16-byte copies need both), a negative key scale's sign in
+    the key's e4m3 bits with |scale| beside it; paged e4m3 q widened to bf16 with its scale's sign, |q_scale| in the
+    weights."""
+    from flashmla_ops import _ext, indexer
+
+    recording = RecordingExtension()
+    monkeypatch.setattr(_ext, "paths", lambda op, device: ("cuda",))
+    monkeypatch.setattr(_ext, "extension", lambda: recording)
+    s_q, s_kv, h_i = 5, 40, 64
+    q, q_scale, _ = fp8_with_scales(torch.randn(s_q, h_i, 128))
+    k, k_scale, _ = fp8_with_scales(torch.randn(s_kv, 128))
+    k_scale[::3] *= -1
+    k_t = k.view(torch.uint8).t().contiguous().t().view(FP8)  # the same values, transposed storage
+    assert not k_t.is_contiguous()
+    ranges = torch.zeros(s_q, dtype=torch.int32), torch.full((s_q,), s_kv, dtype=torch.int32)
+    q_view = offset_view(q.view(torch.uint8)).view(FP8)
+    assert indexer.indexer_logits_path(q_view, k_t) == "cuda"
+    ops.indexer_logits(q_view, k_t, torch.randn(s_q, h_i), *ranges, q_scale, k_scale)
+    got_q, got_k, _, _, _, got_q_scale, got_k_scale = recording.calls["indexer_logits"]
+    for x in (got_q, got_k):
+        assert x.is_contiguous() and x.data_ptr() % 16 == 0
+    assert torch.equal(got_q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(got_q_scale, q_scale)
+    flipped = torch.where((k_scale < 0)[:, None], k.view(torch.uint8) ^ 0x80, k.view(torch.uint8))
+    assert torch.equal(got_k.view(torch.uint8), flipped) and torch.equal(got_k_scale, k_scale.abs())
+
+    batch, s_q, blocks = 2, 2, 3
+    cache = oracle.quantize_index(torch.randn(batch * blocks, 64, 128))
+    block_table = torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks)
+    seqlens = torch.tensor([100, 190], dtype=torch.int32)
+    weights = torch.randn(batch, s_q, h_i)
+    q_bf16 = offset_view(torch.randn(batch, s_q, h_i, 128).bfloat16())
+    assert indexer.indexer_logits_paged_path(q_bf16, cache) == "cuda"
+    ops.indexer_logits_paged(q_bf16, cache, weights, block_table, seqlens, None)
+    got_q, got_cache, got_weights = recording.calls["indexer_logits_paged"][:3]
+    assert got_q.is_contiguous() and got_q.data_ptr() % 16 == 0 and torch.equal(got_q, q_bf16)
+    assert got_cache.dtype == torch.uint8 and torch.equal(got_weights, weights)
+    q8, q8_scale, _ = fp8_with_scales(torch.randn(batch, s_q, h_i, 128))
+    q8_scale[..., ::2] *= -1
+    ops.indexer_logits_paged(q8, cache, weights, block_table, seqlens, q8_scale)
+    got_q, _, got_weights = recording.calls["indexer_logits_paged"][:3]
+    signs = torch.where(q8_scale < 0, -1.0, 1.0)[..., None]
+    assert got_q.dtype == torch.bfloat16 and torch.equal(got_q.float(), q8.float() * signs)
+    assert torch.equal(got_weights, weights * q8_scale.abs())
