@@ -197,10 +197,7 @@ __device__ __forceinline__ void dequantise_fp8_chunk(const uint4& chunk, __nv_bf
   for (int w = 0; w < 4; ++w) {
 #pragma unroll
     for (int pair = 0; pair < 2; ++pair) {
-      const __half2_raw h =
-          __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(packed[w] >> (16 * pair)), __NV_E4M3);
-      const float2 values = __half22float2(__half2(h));
-      const __nv_bfloat162 scaled = __hmul2(__floats2bfloat162_rn(values.x, values.y), scale);
+      const __nv_bfloat162 scaled = __hmul2(e4m3x2_to_bf16x2(packed[w] >> (16 * pair)), scale);
       words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
     }
   }

@@ -32,6 +32,14 @@ __device__ __forceinline__ uint8_t to_fp8(float x) {
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(fminf(fmaxf(x, -kFp8Max), kFp8Max), __NV_SATFINITE, __NV_E4M3));
 }
 
+// The two e4m3 values in the low 16 bits of `pair` as a bf16 pair (exact: e4m3 -> f16 in one conversion, then
+// through float32).
+__device__ __forceinline__ __nv_bfloat162 e4m3x2_to_bf16x2(uint32_t pair) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair), __NV_E4M3);
+  const float2 values = __half22float2(__half2(h));
+  return __floats2bfloat162_rn(values.x, values.y);
+}
+
 __device__ __forceinline__ float from_fp8(uint8_t x) {
   __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(x), __NV_E4M3);
   return __half2float(__half(h));

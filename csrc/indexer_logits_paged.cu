@@ -13,12 +13,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp8.h>
 #include <torch/extension.h>
 
 #include <cmath>
 
+#include "fp8_layout.cuh"
 #include "indexer_common.cuh"
 #include "sm90.cuh"
 
@@ -64,20 +63,11 @@ struct PagedParams {
   int s_q, h_i, num_blocks, max_blocks, tiles_per_split;
 };
 
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t barrier) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(barrier)
-               : "memory");
-}
-
 // 4 e4m3 values as two bf16 pairs (exact), negated where `flip` (0x80008000 on each word).
 __device__ __forceinline__ void widen4(uint32_t packed, uint32_t flip, uint32_t& low, uint32_t& high) {
 #pragma unroll
   for (int pair = 0; pair < 2; ++pair) {
-    const __half2_raw h =
-        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(packed >> (16 * pair)), __NV_E4M3);
-    const float2 values = __half22float2(__half2(h));
-    const __nv_bfloat162 b = __floats2bfloat162_rn(values.x, values.y);
+    const __nv_bfloat162 b = e4m3x2_to_bf16x2(packed >> (16 * pair));
     (pair == 0 ? low : high) = *reinterpret_cast<const uint32_t*>(&b) ^ flip;
   }
 }

@@ -101,6 +101,14 @@ __device__ __forceinline__ void mbarrier_arrive(uint32_t barrier) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(barrier) : "memory");
 }
 
+// Bulk copy (TMA without a tensor map): `bytes` (a multiple of 16, both addresses 16-byte aligned) from global memory
+// into shared memory, completing on `barrier`.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t barrier) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(barrier)
+               : "memory");
+}
+
 // TMA: one box of a 2-d / 3-d tensor map (coordinates innermost first) into shared memory, completing on `barrier`.
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tensor_map, uint32_t barrier, int c0, int c1) {
   asm volatile(

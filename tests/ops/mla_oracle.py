@@ -205,17 +205,25 @@ def indexer_logits_paged(q, flat_keys, weights, block_table, cache_seqlens):
 E4M3_MMA_BAND = 5e-4
 
 
-def assert_within_e4m3_mma_band(got, want, absolute):
-    """got, want, absolute `(..., keys)`: -inf exactly where want has it, else |got - want| <= E4M3_MMA_BAND * absolute
-    (absolute: the logits of |q|, |k|, |w|)."""
-    got, want, absolute = (x.detach().double().cpu() for x in (got, want, absolute))
+def finite_logits(got, want):
+    """got and want `(..., keys)` logits: -inf exactly where want has it and got finite wherever want is. Returns the
+    mask of want's finite logits."""
     assert got.shape == want.shape
     assert torch.equal(torch.isneginf(got), torch.isneginf(want)), "-inf exactly outside each query's visible keys"
     finite = torch.isfinite(want)
     assert torch.isfinite(got[finite]).all()
+    return finite
+
+
+def assert_within_absolute_band(got, want, absolute, band):
+    """`finite_logits`, and |got - want| <= band * absolute element by element (absolute: the logits of |q|, |k|,
+    |w|; E4M3_MMA_BAND for e4m3 MMAs)."""
+    got, want, absolute = (x.detach().double().cpu() for x in (got, want, absolute))
+    finite = finite_logits(got, want)
     error = (got[finite] - want[finite]).abs()
-    bound = E4M3_MMA_BAND * absolute[finite] + 1e-30
-    assert (error <= bound).all(), f"largest error {(error / bound).max().item() * E4M3_MMA_BAND:.3g} of A"
+    bound = band * absolute[finite] + 1e-30
+    assert (error <= bound).all(), f"largest error {(error / bound).max().item() * band:.3g} of A"
+
 
 # ---------------------------------------------------------------- inputs
 
