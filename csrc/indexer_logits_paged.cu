@@ -5,11 +5,15 @@
 //
 // A cache row is 128 e4m3 bytes and its float32 scale: 132 bytes, so rows are not 16-byte aligned and TMA tiles do
 // not apply; a block's 64 rows are 8448 contiguous bytes, and a producer warp brings each whole block by one bulk copy
-// into a staging ring. A consumer warpgroup widens its block to bf16 (exact) in the wgmma layout of its own key tile,
-// the sign of a negative scale folded into the values (relu(s x) = |s| relu(sign(s) x)), releases the staging stage,
-// and multiplies: keys are the M side (64), the sequence's queries x 64 heads its N side (64 or 128), bf16 m64nNk16
-// over the 128 columns. The weighted sum over heads and the quad shuffles are indexer_logits.cu's; |scale| multiplies
-// a key's sum. The two consumer warpgroups take alternate blocks. Products are exact and summed in float32.
+// into a staging ring. Keys are the wgmma M side (64), the sequence's queries x 64 heads its N side (64 or 128), bf16
+// m64nNk16 over the 128 columns with the keys' operand A in registers: each thread reads its own two keys' bytes from
+// the staging stage, widens them to bf16 (exact; the sign of a negative scale flipped into the values, as
+// relu(s x) = |s| relu(sign(s) x)) and releases the stage, so a key is never written back to shared memory. For a
+// thread's A fragment to be 4 contiguous bytes of a row per k-step, the columns are permuted (the sum over them does
+// not care): logical column 16 c + j of k-step c is d = 32 t + 4 c + 2 (j / 8) + j % 2 with t = (j % 8) / 2, and Q
+// is stored in that order. A warpgroup widens its next block while the wgmmas of the current one run. The weighted
+// sum over heads and the quad shuffles are indexer_logits.cu's; |scale| multiplies a key's sum. The two consumer
+// warpgroups take alternate blocks. Products are exact and summed in float32.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -33,17 +37,19 @@ constexpr int kRowBytes = kDim + 4;                // e4m3 values and the float3
 constexpr int kBlockBytes = kKeys * kRowBytes;     // 8448: one bulk copy
 constexpr int kStages = 8;
 constexpr int kGroups = 2;                         // consumer warpgroups
-constexpr int kThreads = kGroups * 128 + 32;       // + the producer warp
-constexpr int kKeyTileBytes = kKeys * kDim * 2;    // bf16, two 64-column swizzled tiles
-constexpr int kColumnTileBytes = kKeys * 128;      // one of them
+constexpr int kThreads = (kGroups + 1) * 128;      // + the producer warpgroup (one thread of it works)
+// Registers: the launch's 168 (65536 over 384 threads), then 40 for the producer and 232 for the consumers (s_q 2
+// holds 64 accumulators, two 32-register fragment buffers and 32 weights).
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+static_assert(kProducerRegisters * 128 + kGroups * kConsumerRegisters * 128 <= 65536, "register file");
+constexpr int kSteps = kDim / 16;                  // k-steps of 16 columns
 
 template <int kQueries>
 struct Layout {
   static constexpr int kQRows = kQueries * kHeads;                  // N
   static constexpr int kQColumnTileBytes = kQRows * 128;
   static constexpr int kQ = 0;                                      // two column tiles of kQRows rows
-  static constexpr int kKeysBf16 = kQ + 2 * kQColumnTileBytes;      // one key tile per warpgroup
-  static constexpr int kStaging = kKeysBf16 + kGroups * kKeyTileBytes;
+  static constexpr int kStaging = kQ + 2 * kQColumnTileBytes;
   static constexpr int kFull = kStaging + kStages * kBlockBytes;    // uint64_t [kStages]
   static constexpr int kEmpty = kFull + kStages * 8;                // uint64_t [kStages]
   static constexpr int kBytes = kEmpty + kStages * 8 + 1024;
@@ -63,22 +69,28 @@ struct PagedParams {
   int s_q, h_i, num_blocks, max_blocks, tiles_per_split;
 };
 
-// 4 e4m3 values as two bf16 pairs (exact), negated where `flip` (0x80008000 on each word).
-__device__ __forceinline__ void widen4(uint32_t packed, uint32_t flip, uint32_t& low, uint32_t& high) {
+// A thread's A fragment of k-step c for its keys `row` and `row + 8` (the column permutation above): the 4 bytes
+// at 32 (lane % 4) + 4 c of each row, widened to bf16 pairs (exact), sign-flipped where `flip` (0x80808080).
+__device__ __forceinline__ void widen_fragment(const uint8_t* row, uint32_t flip, uint32_t flip8, uint32_t (&a)[4]) {
+  const uint32_t packed[2] = {*reinterpret_cast<const uint32_t*>(row) ^ flip,
+                              *reinterpret_cast<const uint32_t*>(row + 8 * kRowBytes) ^ flip8};
 #pragma unroll
-  for (int pair = 0; pair < 2; ++pair) {
-    const __nv_bfloat162 b = e4m3x2_to_bf16x2(packed >> (16 * pair));
-    (pair == 0 ? low : high) = *reinterpret_cast<const uint32_t*>(&b) ^ flip;
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const __nv_bfloat162 pair = e4m3x2_to_bf16x2(packed[r] >> (16 * half));
+      a[2 * half + r] = *reinterpret_cast<const uint32_t*>(&pair);
+    }
   }
 }
 
 template <int kQueries>
-__device__ __forceinline__ void wgmma_keys_by_queries(float (&d)[kQueries * 32], uint64_t desc_a, uint64_t desc_b,
-                                                      int accumulate) {
+__device__ __forceinline__ void wgmma_keys_by_queries(float (&d)[kQueries * 32], const uint32_t (&a)[4],
+                                                      uint64_t desc_b, int accumulate) {
   if constexpr (kQueries == 1) {
-    wgmma_m64n64k16_ss(d, desc_a, desc_b, accumulate);
+    wgmma_m64n64k16_rs(d, a, desc_b, accumulate);
   } else {
-    wgmma_m64n128k16_ss(d, desc_a, desc_b, accumulate);
+    wgmma_m64n128k16_rs(d, a, desc_b, accumulate);
   }
 }
 
@@ -109,7 +121,8 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_logits_paged_kernel(const
   }
   __syncthreads();
 
-  if (threadIdx.x >= kGroups * 128) {  // the producer warp: lane 0 brings each loaded block into its stage
+  if (threadIdx.x >= kGroups * 128) {  // the producer warpgroup: its first thread brings each block into its stage
+    setmaxnreg_dec<kProducerRegisters>();
     if (threadIdx.x == kGroups * 128) {
       for (int index = 0; index < loaded; ++index) {
         const int stage = index % kStages;
@@ -124,19 +137,24 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_logits_paged_kernel(const
     return;
   }
 
+  setmaxnreg_inc<kConsumerRegisters>();
   const int group = warp_uniform(threadIdx.x / 128), thread = threadIdx.x % 128;
   const int warp = thread / 32, lane = threadIdx.x % 32;
-  const int group_barrier = 1 + group;
 
-  // Q: (query, head) rows n = 64 query + head in two 64-column swizzled tiles; zeros past s_q and h_i.
+  // Q: (query, head) rows n = 64 query + head in two 64-column swizzled tiles, columns permuted (logical 8 chunk .. + 7
+  // are the bf16 pairs at d = 32 t + 4 (chunk / 2) + 2 (chunk % 2), t = 0..3); zeros past s_q and h_i.
   for (int i = threadIdx.x; i < L::kQRows * (kDim / 8); i += kGroups * 128) {
     const int n = i / (kDim / 8), chunk = i % (kDim / 8), t = n / kHeads, head = n % kHeads;
-    const bool valid = t < p.s_q && head < p.h_i;
-    const __nv_bfloat16* source = p.q + ((static_cast<int64_t>(batch) * p.s_q + t) * p.h_i + head) * kDim + chunk * 8;
-    cp_async_16(smem_address(shared + L::kQ + (chunk / 8) * L::kQColumnTileBytes + swizzled_offset(n, chunk % 8)),
-                valid ? source : p.q, valid);
+    uint32_t words[4] = {0u, 0u, 0u, 0u};
+    if (t < p.s_q && head < p.h_i) {
+      const __nv_bfloat16* source = p.q + ((static_cast<int64_t>(batch) * p.s_q + t) * p.h_i + head) * kDim +
+                                    4 * (chunk / 2) + 2 * (chunk % 2);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) words[w] = *reinterpret_cast<const uint32_t*>(source + 32 * w);
+    }
+    *reinterpret_cast<uint4*>(shared + L::kQ + (chunk / 8) * L::kQColumnTileBytes + swizzled_offset(n, chunk % 8)) =
+        make_uint4(words[0], words[1], words[2], words[3]);
   }
-  cp_async_commit();
 
   // Columns n = 8 j + 2 (lane % 4) + e of the accumulators 4 j + 2 h + e (keys 16 warp + lane / 4 + 8 h): weights.
   float weight[kWeights];
@@ -165,46 +183,42 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_logits_paged_kernel(const
   // Tiles of the split past the sequence: -inf (alternate tiles per warpgroup).
   for (int tile = last + group; tile < split_end; tile += kGroups) store(tile * kKeys + key_in_tile, -INFINITY);
 
-  cp_async_wait<0>();
   fence_async_shared();
   named_barrier_sync(3, kGroups * 128);  // Q is in place
 
-  uint8_t* keys = shared + L::kKeysBf16 + group * kKeyTileBytes;
-  const uint64_t k_desc = smem_descriptor(smem_address(keys), 16, 1024);
   const uint64_t q_desc = smem_descriptor(smem_address(shared + L::kQ), 16, 1024);
-  // Widening: thread `thread` takes row thread / 2, columns 64 (thread % 2) .. + 63 (column tile thread % 2).
-  const int widen_row = thread / 2, widen_half = thread % 2;
-  float acc[kAcc];
-  for (int index = group; index < loaded; index += kGroups) {
-    const int stage = index % kStages, key0 = (first + index) * kKeys;
+  const int fragment_row = 16 * warp + lane / 4;  // and + 8
+  // Waits for own block `index`, reads its keys' bytes as A fragments and the stored key's |scale|, frees the stage.
+  const auto widen_block = [&](int index, uint32_t (&a)[kSteps][4], float& key_scale) {
+    const int stage = index % kStages;
     mbarrier_wait(full(stage), (index / kStages) & 1);
     const uint8_t* block = shared + L::kStaging + stage * kBlockBytes;
-    const float row_scale = *reinterpret_cast<const float*>(block + widen_row * kRowBytes + kDim);
-    const float key_scale = fabsf(*reinterpret_cast<const float*>(block + key_in_tile * kRowBytes + kDim));
-    const uint32_t flip = row_scale < 0.f ? 0x80008000u : 0u;
+    const uint8_t* row = block + fragment_row * kRowBytes;
+    const uint32_t flip = *reinterpret_cast<const float*>(row + kDim) < 0.f ? 0x80808080u : 0u;
+    const uint32_t flip8 = *reinterpret_cast<const float*>(row + 8 * kRowBytes + kDim) < 0.f ? 0x80808080u : 0u;
+    key_scale = fabsf(*reinterpret_cast<const float*>(block + key_in_tile * kRowBytes + kDim));
 #pragma unroll
-    for (int chunk = 0; chunk < 8; ++chunk) {
-      const uint32_t* source =
-          reinterpret_cast<const uint32_t*>(block + widen_row * kRowBytes + 64 * widen_half + 8 * chunk);
-      uint32_t words[4];
-      widen4(source[0], flip, words[0], words[1]);
-      widen4(source[1], flip, words[2], words[3]);
-      *reinterpret_cast<uint4*>(keys + widen_half * kColumnTileBytes + swizzled_offset(widen_row, chunk)) =
-          make_uint4(words[0], words[1], words[2], words[3]);
-    }
+    for (int c = 0; c < kSteps; ++c) widen_fragment(row + 32 * (lane % 4) + 4 * c, flip, flip8, a[c]);
     __syncwarp();
     if (lane == 0) mbarrier_arrive(empty(stage));  // the staging stage is read
-    fence_async_shared();
-    named_barrier_sync(group_barrier, 128);
+  };
+  float acc[kAcc];
+  // Multiplies own block `index` (its fragments in `a`), widens the next own block into `next` meanwhile, then sums
+  // and stores the logits.
+  const auto multiply_block = [&](int index, uint32_t (&a)[kSteps][4], float key_scale, uint32_t (&next)[kSteps][4],
+                                  float& next_scale) {
     wgmma_fence();
 #pragma unroll
-    for (int k = 0; k < kDim / 16; ++k) {
-      wgmma_keys_by_queries<kQueries>(acc, descriptor_plus(k_desc, (k / 4) * kColumnTileBytes + (k % 4) * 32),
-                                      descriptor_plus(q_desc, (k / 4) * L::kQColumnTileBytes + (k % 4) * 32), k > 0);
+    for (int k = 0; k < kSteps; ++k) {
+      wgmma_keys_by_queries<kQueries>(acc, a[k], descriptor_plus(q_desc, (k / 4) * L::kQColumnTileBytes + (k % 4) * 32),
+                                      k > 0);
     }
     wgmma_commit();
+    if (index + kGroups < loaded) widen_block(index + kGroups, next, next_scale);
     wgmma_wait<0>();
     fence_registers(acc);
+#pragma unroll
+    for (int k = 0; k < kSteps; ++k) fence_registers(a[k]);  // read by the wgmmas until here
 
     float part[2][kQueries];
     indexer::weighted_head_sums<kQueries>(acc, weight, part);
@@ -223,9 +237,15 @@ __global__ void __launch_bounds__(kThreads, 1) indexer_logits_paged_kernel(const
       sum = keep + __shfl_xor_sync(0xffffffffu, send, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     }
-    store(key0 + key_in_tile, key_scale * sum);
-    // Every warp's wgmmas have read this warpgroup's key tile before it is widened into again.
-    named_barrier_sync(group_barrier, 128);
+    store((first + index) * kKeys + key_in_tile, key_scale * sum);
+  };
+  // Two fragment buffers in turn: a block's wgmmas read one while the next block is widened into the other.
+  uint32_t even[kSteps][4], odd[kSteps][4];
+  float even_scale = 0.f, odd_scale = 0.f;
+  if (group < loaded) widen_block(group, even, even_scale);
+  for (int index = group; index < loaded; index += 2 * kGroups) {
+    multiply_block(index, even, even_scale, odd, odd_scale);
+    if (index + kGroups < loaded) multiply_block(index + kGroups, odd, odd_scale, even, even_scale);
   }
 }
 
