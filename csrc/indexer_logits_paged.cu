@@ -311,9 +311,14 @@ torch::Tensor indexer_logits_paged(const torch::Tensor& q, const torch::Tensor& 
   int multiprocessors = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, q.get_device()));
   // Splits per sequence (one CTA fits an SM): the fewest whose waves of CTAs fill the SMs within 5% of the best
-  // split up to 4 CTAs per SM, as every CTA starts by loading Q and filling its stages.
-  const auto filled = [&](int64_t s) {
-    const int64_t ctas = batch * s;
+  // split up to 4 CTAs per SM, as every CTA starts by loading Q and filling its stages. A split is whole tiles, so
+  // `wanted` splits launch as ceil(max_blocks / ceil(max_blocks / wanted)).
+  const auto launched = [&](int64_t wanted) {
+    const int64_t tiles = (max_blocks + wanted - 1) / wanted;
+    return (max_blocks + tiles - 1) / tiles;
+  };
+  const auto filled = [&](int64_t wanted) {
+    const int64_t ctas = batch * launched(wanted);
     return static_cast<double>(ctas) / (((ctas + multiprocessors - 1) / multiprocessors) * multiprocessors);
   };
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>(max_blocks, (4 * multiprocessors + batch - 1) / batch));
@@ -322,7 +327,7 @@ torch::Tensor indexer_logits_paged(const torch::Tensor& q, const torch::Tensor& 
   int64_t wanted = 1;
   while (filled(wanted) < 0.95 * best) ++wanted;
   p.tiles_per_split = static_cast<int>((max_blocks + wanted - 1) / wanted);
-  const int64_t splits = (max_blocks + p.tiles_per_split - 1) / p.tiles_per_split;
+  const int64_t splits = launched(wanted);
   TORCH_CHECK(batch <= INT32_MAX && splits <= 65535, op, ": too large for one launch");
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (s_q == 1) {

@@ -7,9 +7,10 @@ one key and one query, more key tiles than the pipeline's stages, several key sp
 keys; query rows whose scales differ by 2^40. Its band: mla_oracle.E4M3_MMA_BAND of the absolute sum
 sum_h |w| sum_d |q_d k_d|, element by element (Hopper's e4m3 MMA sums its products with about 14 bits kept).
 
-Paged: lengths 0, 1, 63, 64, 65 and past 4k and 32k, s_q 1 and 2, h_i 1 to 64, bf16 and e4m3 q (negative scales),
-keys with negative and zero scales, block-table entries past each sequence holding garbage; the exact band (bf16
-products, float32 sums) of the largest logit, and element by element of each logit's absolute sum.
+Paged: lengths 0, 1, 63, 64, 65 and past 4k and 32k, twice as many sequences as SMs, s_q 1 and 2, h_i 1 to 64, bf16
+and e4m3 q (negative scales), keys with negative and zero scales, block-table entries past each sequence holding
+garbage; the exact band (bf16 products, float32 sums) of the largest logit, and element by element of each logit's
+absolute sum.
 
 Both: outputs poisoned, repeated runs identical, the op dispatching here and replaying in a CUDA graph.
 """
@@ -248,6 +249,17 @@ def test_cuda_indexer_logits_paged_matches_reference(seqlens, s_q, h_i, q_fp8):
     got = paged_logits(args)
     assert_close_exact(got, indexer_logits_paged_reference(*args), absolute_paged(args))
     assert torch.equal(got, paged_logits(args))
+
+
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_cuda_indexer_logits_paged_more_sequences_than_sms(s_q):
+    """Twice as many sequences as SMs, so few key splits per sequence and several waves of CTAs: the split rule's other
+    end from the single long sequences."""
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    seqlens = torch.randint(0, 700, (2 * sms + 5,), generator=torch.Generator().manual_seed(13)).tolist()
+    args = paged_inputs(seqlens, s_q, 64, s_q == 2, seed=13 + s_q)
+    got = paged_logits(args)
+    assert_close_exact(got, indexer_logits_paged_reference(*args), absolute_paged(args))
 
 
 def test_cuda_indexer_logits_paged_long_sequences_and_cuda_graph():
