@@ -3,17 +3,17 @@
 // and -inf for the other logical positions up to the block table's capacity; d_i = 128, h_i <= 64, s_q <= 2, q bf16.
 // (The caller widens e4m3 q to bf16 exactly, its scale's sign into q and its magnitude into the weights.)
 //
-// A cache row is 128 e4m3 bytes and its float32 scale: 132 bytes, so rows are not 16-byte aligned and TMA tiles do
-// not apply; a block's 64 rows are 8448 contiguous bytes, and a producer warp brings each whole block by one bulk copy
-// into a staging ring. Keys are the wgmma M side (64), the sequence's queries x 64 heads its N side (64 or 128), bf16
-// m64nNk16 over the 128 columns with the keys' operand A in registers: each thread reads its own two keys' bytes from
-// the staging stage, widens them to bf16 (exact; the sign of a negative scale flipped into the values, as
-// relu(s x) = |s| relu(sign(s) x)) and releases the stage, so a key is never written back to shared memory. For a
+// A cache row is 128 e4m3 bytes and its float32 scale: 132 bytes, so rows are not 16-byte aligned and TMA tiles do not
+// apply; a block's 64 rows are 8448 contiguous bytes, and one thread of a producer warpgroup brings each whole block by
+// one bulk copy into a staging ring. Keys are the wgmma M side (64), the sequence's queries x 64 heads its N side (64
+// or 128), bf16 m64nNk16 over the 128 columns with the keys' operand A in registers: each thread reads its own two
+// keys' bytes from the staging stage, widens them to bf16 (exact; the sign of a negative scale flipped into the values,
+// as relu(s x) = |s| relu(sign(s) x)) and releases the stage, so a key is never written back to shared memory. For a
 // thread's A fragment to be 4 contiguous bytes of a row per k-step, the columns are permuted (the sum over them does
-// not care): logical column 16 c + j of k-step c is d = 32 t + 4 c + 2 (j / 8) + j % 2 with t = (j % 8) / 2, and Q
-// is stored in that order. A warpgroup widens its next block while the wgmmas of the current one run. The weighted
-// sum over heads and the quad shuffles are indexer_logits.cu's; |scale| multiplies a key's sum. The two consumer
-// warpgroups take alternate blocks. Products are exact and summed in float32.
+// not care): logical column 16 c + j of k-step c is d = 32 t + 4 c + 2 (j / 8) + j % 2 with t = (j % 8) / 2, and Q is
+// stored in that order. A warpgroup widens its next block while the wgmmas of the current one run. The weighted sum
+// over heads and the quad shuffles are indexer_logits.cu's; |scale| multiplies a key's sum. The two consumer warpgroups
+// take alternate blocks. Products are exact and summed in float32.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -41,7 +41,9 @@ constexpr int kThreads = (kGroups + 1) * 128;      // + the producer warpgroup (
 // Registers: the launch's 168 (65536 over 384 threads), then 40 for the producer and 232 for the consumers (s_q 2
 // holds 64 accumulators, two 32-register fragment buffers and 32 weights).
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
-static_assert(kProducerRegisters * 128 + kGroups * kConsumerRegisters * 128 <= 65536, "register file");
+constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;  // per thread, as the launch allocates them (168)
+static_assert((kProducerRegisters + kGroups * kConsumerRegisters) * 128 <= kLaunchRegisters * kThreads,
+              "setmaxnreg.inc would wait forever for registers the launch did not give the CTA");
 constexpr int kSteps = kDim / 16;                  // k-steps of 16 columns
 
 template <int kQueries>
