@@ -56,10 +56,17 @@ def dequantize_kv_fp8_reference(kv_fp8: torch.Tensor) -> torch.Tensor:
     return torch.cat([nope.reshape(*lead, KV_LORA_RANK).to(torch.bfloat16), rope], dim=-1)
 
 
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., d) -> float8_e4m3fn values `(..., d)` and float32 scales `(...)`, one power-of-two scale per row: the FP8
+    indexer key cache's rule, so keys quantized here are what `write_index_cache` stores. The indexer ops' e4m3
+    operands (`q` with `q_scale`, `k` with `k_scale`) come in this form."""
+    scale = fp8_scale(x.float().abs().amax(-1, keepdim=True))
+    return _to_fp8(x.float(), scale), scale[..., 0]
+
+
 def quantize_index_fp8_reference(k: torch.Tensor) -> torch.Tensor:
-    scale = fp8_scale(k.float().abs().amax(-1, keepdim=True))
-    values = _to_fp8(k.float(), scale).view(torch.uint8)
-    return torch.cat([values, scale.contiguous().view(torch.uint8)], dim=-1)
+    values, scale = quantize_fp8_rows(k)
+    return torch.cat([values.view(torch.uint8), scale[..., None].contiguous().view(torch.uint8)], dim=-1)
 
 
 def dequantize_index_fp8_reference(k_fp8: torch.Tensor) -> torch.Tensor:

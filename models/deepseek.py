@@ -12,7 +12,8 @@ Either way every layer writes its new latent rows (`kv_a_layernorm(kv_a)` 512 + 
 Dtypes: the ops are fed the model's activation dtype. A bfloat16 model runs the bfloat16 kernels; a float32 model runs
 the ops' exact float32 reference (with a float32 cache, `PagedKVCache(..., "fp32")`, decode too), which is how the
 model is checked against transformers. Decode over a bfloat16 / float32 cache feeds q in the cache's dtype (the ops
-need them equal); over the FP8 cache, in the activation dtype.
+need them equal); over the FP8 cache, in the activation dtype. V3.2's indexer over the FP8 index cache is scored in
+e4m3 as DeepSeek's release scores it (`Indexer`), over a bfloat16 / float32 one as written (as transformers does).
 
 MLA, per head h (W_UK, W_UV: the key and value halves of `kv_b_proj`):
     q_nope . (W_UK c) + q_pe . k_pe  =  (W_UK^T q_nope) . c + q_pe . k_pe       ("absorbed": 576-d, one KV head)
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE
+from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_fp8_rows
 from flashmla_ops.moe import FEW_TOKENS
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
@@ -402,8 +403,10 @@ class Indexer(nn.Module):
         logits[t, s] = sum_h w[t, h] * relu(q[t, h] . k[s]),   w = weights_proj(x) * n_heads^-0.5 * head_dim^-0.5
 
     q = wq_b(q_resid), k = LayerNorm(wk(x)); the first `qk_rope_head_dim` dims of both are roped, non-interleaved
-    (unlike MLA's). DeepSeek's release also Hadamard-rotates q and k before its FP8 scoring; the rotation is
-    orthogonal, so in BF16 the logits are the same (as in transformers, it is left out).
+    (unlike MLA's). With a bf16 / fp32 index cache the logits are computed as written (as transformers does). With
+    the FP8 index cache they are scored as DeepSeek's release does: q and k rotated by the normalized Hadamard matrix
+    (`rotate`: orthogonal, so exact logits are unchanged; it spreads a row's outliers before quantizing), then q per
+    (token, head) and k per token quantized to e4m3 with a power-of-two scale (the cache's rule), in prefill and decode.
     """
 
     def __init__(self, config: DeepseekConfig):
@@ -414,6 +417,24 @@ class Indexer(nn.Module):
         self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False, dtype=torch.float32)
+        # The Sylvester-Hadamard matrix (entries +-1, exact in any dtype; `reset_parameters` fills it), when head_dim
+        # is a power of two; else the FP8 scoring quantizes unrotated rows.
+        rotates = self.head_dim & (self.head_dim - 1) == 0
+        self.register_buffer("hadamard", torch.empty(self.head_dim, self.head_dim, dtype=torch.float32)
+                             if rotates else None, persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Fill `hadamard` (a computed buffer: called once the model is off the meta device)."""
+        if self.hadamard is not None:
+            signs = torch.ones(1, 1)
+            while signs.shape[0] < self.head_dim:
+                signs = torch.cat([torch.cat([signs, signs], 1), torch.cat([signs, -signs], 1)], 0)
+            self.hadamard.copy_(signs)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x `(..., head_dim)` -> x H / sqrt(head_dim) in float32 (x itself, as float32, without `hadamard`)."""
+        x = x.float()
+        return x if self.hadamard is None else (x @ self.hadamard.float()) * self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x `(T, hidden)`, q_resid `(T, q_lora_rank)` -> q `(T, n_heads, head_dim)`, k `(T, head_dim)` (both in the
@@ -481,13 +502,16 @@ class MLAttention(nn.Module):
         q_latent = torch.einsum("thd,hdc->thc", q_nope, w_uk)
         q_absorbed = torch.cat([q_latent, q_pe], dim=-1)  # (T, heads, 576), activation dtype
         index_q = index_weights = None
+        index_fp8 = False
         if self.indexer is not None:
             index_q, index_k, index_weights = self.indexer(x, q_resid, cos, sin)
             index_fp8 = index_cache.dtype in (torch.uint8, torch.float8_e4m3fn)
+            if index_fp8:  # DeepSeek's FP8 scoring (see Indexer): rotated rows, quantized where they are scored
+                index_q, index_k = self.indexer.rotate(index_q), self.indexer.rotate(index_k)
             torch.ops.flashmla.write_index_cache(index_cache, index_k if index_fp8 else index_k.to(index_cache.dtype),
                                                  metadata.slot_mapping)
         if isinstance(metadata, PrefillMetadata):
-            indices = self.prefill_indices(index_q, index_k, index_weights, metadata)
+            indices = self.prefill_indices(index_q, index_k, index_weights, metadata, index_fp8)
             kv = torch.cat([latent, k_pe], dim=-1)[:, None]
             out_latent = torch.ops.flashmla.sparse_prefill(q_absorbed, kv, indices[:, None], self.softmax_scale,
                                                            config.kv_lora_rank, None, None, 0)[0]
@@ -497,11 +521,16 @@ class MLAttention(nn.Module):
         out = torch.einsum("thc,hvc->thv", out_latent.to(x.dtype), w_uv)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * config.v_head_dim))
 
-    def prefill_indices(self, index_q, index_k, index_weights, metadata: PrefillMetadata) -> torch.Tensor:
+    def prefill_indices(self, index_q, index_k, index_weights, metadata: PrefillMetadata,
+                        fp8: bool = False) -> torch.Tensor:
         """V3.2 prefill: the packed rows `(T, index_topk)` int32 each query attends to (-1 padded where it sees fewer
-        tokens), from the indexer's q `(T, index_n_heads, index_head_dim)`, k `(T, index_head_dim)`, weights."""
+        tokens), from the indexer's q `(T, index_n_heads, index_head_dim)`, k `(T, index_head_dim)`, weights; with
+        `fp8` q and k (rotated) are scored in e4m3, the keys exactly as the FP8 index cache holds them."""
+        q_scale = k_scale = None
+        if fp8:
+            (index_q, q_scale), (index_k, k_scale) = quantize_fp8_rows(index_q), quantize_fp8_rows(index_k)
         logits = torch.ops.flashmla.indexer_logits(index_q, index_k, index_weights, metadata.k_start, metadata.k_end,
-                                                   None, None)
+                                                   q_scale, k_scale)
         return torch.ops.flashmla.indexer_topk(logits, self.config.index_topk, None)
 
     def _expanded_prefill(self, q_nope, q_pe, latent, k_pe, metadata: PrefillMetadata) -> torch.Tensor:
@@ -544,9 +573,13 @@ class MLAttention(nn.Module):
                 q, kv_cache, metadata.block_table, metadata.cache_seqlens, None, None, self.config.kv_lora_rank,
                 self.softmax_scale, s_q > 1, is_fp8, None)[0]
         else:
+            q_scale = None
+            if index_cache.dtype in (torch.uint8, torch.float8_e4m3fn):  # rotated q (forward), scored in e4m3
+                index_q, q_scale = quantize_fp8_rows(index_q)
+                q_scale = q_scale.view(batch, s_q, -1)
             logits = torch.ops.flashmla.indexer_logits_paged(
                 index_q.view(batch, s_q, *index_q.shape[1:]), index_cache, index_weights.view(batch, s_q, -1),
-                metadata.block_table, metadata.cache_seqlens, None)
+                metadata.block_table, metadata.cache_seqlens, q_scale)
             indices = torch.ops.flashmla.indexer_topk(logits, self.config.index_topk, metadata.block_table)
             out = torch.ops.flashmla.sparse_decode(
                 q, kv_cache, indices, None, None, None, None, None, None, self.config.kv_lora_rank,

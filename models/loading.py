@@ -39,7 +39,7 @@ def build_model(config: DeepseekConfig, dtype: torch.dtype = torch.bfloat16, dev
                 parallel: Parallel | None = None) -> DeepseekForCausalLM:
     """The model with uninitialized weights in `dtype` on `device` (built on meta, allocated once), or with
     `parallel` this rank's part of it. The router and the indexer's `weights_proj` stay float32; RoPE frequencies
-    are filled."""
+    and the indexer's Hadamard matrix are filled."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -53,6 +53,9 @@ def build_model(config: DeepseekConfig, dtype: torch.dtype = torch.bfloat16, dev
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.reset_parameters()
+    for layer in model.model.layers:
+        if layer.self_attn.indexer is not None:
+            layer.self_attn.indexer.reset_parameters()
     return model.eval()
 
 

@@ -19,7 +19,7 @@ import triton
 import flashmla_ops
 from bench_decode import bench_device, eager_ms, fmt, forced_backend, row_filter, save_results, time_ms
 from flashmla_ops.indexer import indexer_logits_paged_path, indexer_logits_path
-from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_index_fp8_reference
+from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_fp8_rows, quantize_index_fp8_reference
 
 PEAK_FP8 = 1250e12  # FLOP/s, FP8 matmul on the lent H100 (SPEC.md §4)
 # (name, kind, rows: s_q or batch, keys: s_kv or context, h_i, d_i, fp8)
@@ -36,9 +36,7 @@ def operand(x, fp8):
     """(..., d) float -> (e4m3 values, float32 per-row power-of-two scales `(...)`) or (bf16 values, None)."""
     if not fp8:
         return x.bfloat16(), None
-    packed = quantize_index_fp8_reference(x)
-    return (packed[..., :-4].contiguous().view(torch.float8_e4m3fn),
-            packed[..., -4:].contiguous().view(torch.float32)[..., 0])
+    return quantize_fp8_rows(x)
 
 
 def make_call(kind, rows, keys, h_i, d_i, fp8, device):

@@ -7,7 +7,7 @@ Configurations:
 - bf16-dense (the baseline) / fp8-dense: BF16 / FP8 latent cache, dense attention. For DeepSeek V3.2 "dense" means
   the indexer's top-k covers every context (`index_topk` raised to the window): every visible token is attended,
   as in V3.2 whenever a context is no longer than its index_topk;
-- bf16-sparse / fp8-sparse (V3.2 only): the checkpoint's `index_topk` (the FP8 cache quantizes the indexer keys too);
+- bf16-sparse / fp8-sparse (V3.2 only): the checkpoint's `index_topk` (the FP8 cache scores the indexer in e4m3);
 - transformers: transformers' own `*ForCausalLM` (float32 weights), full forward over each window with no cache,
   attention as the baseline's: an independent implementation of the same model.
 For each: perplexity of the predicted tokens; KL(baseline || config) of the next-token distributions, mean and max

@@ -78,8 +78,9 @@ class SelectionRecorder:
         self.ours, self.theirs = [], []
         prefill_indices = MLAttention.prefill_indices
 
-        def record(attention, index_q, index_k, index_weights, metadata):
-            indices = prefill_indices(attention, index_q, index_k, index_weights, metadata)
+        def record(attention, index_q, index_k, index_weights, metadata, fp8=False):
+            assert not fp8, "the selections are compared with a float cache (transformers' indexer is not FP8)"
+            indices = prefill_indices(attention, index_q, index_k, index_weights, metadata, fp8)
             logits = torch.ops.flashmla.indexer_logits(index_q, index_k, index_weights, metadata.k_start,
                                                        metadata.k_end, None, None)
             self.ours.append((indices, logits, metadata.k_start))

@@ -22,7 +22,7 @@ import mla_oracle as oracle
 from flashmla_ops import _ext
 from flashmla_ops.indexer import (indexer_logits_paged_path, indexer_logits_paged_reference, indexer_logits_path,
                                   indexer_logits_reference)
-from flashmla_ops.kv_cache import quantize_index_fp8_reference
+from flashmla_ops.kv_cache import quantize_fp8_rows, quantize_index_fp8_reference
 
 DEVICE = "cuda"
 FP8 = torch.float8_e4m3fn
@@ -33,15 +33,10 @@ pytestmark = [
 ]
 
 
-def quantize_rows(x):
-    packed = quantize_index_fp8_reference(x)
-    return packed[..., :-4].contiguous().view(FP8), packed[..., -4:].contiguous().view(torch.float32)[..., 0]
-
-
 def inputs(s_q, s_kv, h_i, k_start, k_end, seed, weights_positive=False):
     generator = torch.Generator().manual_seed(seed)
-    q, q_scale = quantize_rows(torch.randn(s_q, h_i, 128, generator=generator))
-    k, k_scale = quantize_rows(torch.randn(s_kv, 128, generator=generator))
+    q, q_scale = quantize_fp8_rows(torch.randn(s_q, h_i, 128, generator=generator))
+    k, k_scale = quantize_fp8_rows(torch.randn(s_kv, 128, generator=generator))
     weights = torch.randn(s_q, h_i, generator=generator)
     if weights_positive:
         weights = weights.abs() + 0.1
@@ -187,7 +182,7 @@ def paged_inputs(seqlens, s_q, h_i, q_fp8, seed, spare_blocks=1):
     q = torch.randn(batch, s_q, h_i, 128, generator=generator)
     q_scale = None
     if q_fp8:
-        q, q_scale = quantize_rows(q)
+        q, q_scale = quantize_fp8_rows(q)
         q_scale[:, :, ::3] *= -1
     else:
         q = q.bfloat16()

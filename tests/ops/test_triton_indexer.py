@@ -11,7 +11,7 @@ import torch
 
 import mla_oracle as oracle
 from flashmla_ops.indexer import indexer_logits_paged_reference, indexer_logits_reference, indexer_topk_reference
-from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_index_fp8_reference
+from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_fp8_rows, quantize_index_fp8_reference
 from triton_recording import RecordingKernel
 
 triton_indexer = pytest.importorskip("flashmla_ops.triton.indexer", exc_type=ImportError)
@@ -38,23 +38,17 @@ def assert_logits_close(got, want, relative=RELATIVE):
     assert ((got[finite] - want[finite]).abs() <= relative * scale + 1e-6).all()
 
 
-def quantize_rows(x):
-    """(..., d) -> e4m3 values and float32 per-row scales (the index cache's power-of-two rule)."""
-    packed = quantize_index_fp8_reference(x)
-    return packed[..., :-4].contiguous().view(FP8), packed[..., -4:].contiguous().view(torch.float32)[..., 0]
-
-
 def prefill_inputs(s_q, s_kv, h_i, d_i, q_fp8, k_fp8, generator):
     q = torch.randn(s_q, h_i, d_i, generator=generator).to(DEVICE)
     k = torch.randn(s_kv, d_i, generator=generator).to(DEVICE)
     weights = torch.randn(s_q, h_i, generator=generator).to(DEVICE)
     q_scale = k_scale = None
     if q_fp8:
-        q, q_scale = quantize_rows(q)
+        q, q_scale = quantize_fp8_rows(q)
     else:
         q = q.to(torch.bfloat16)
     if k_fp8:
-        k, k_scale = quantize_rows(k)
+        k, k_scale = quantize_fp8_rows(k)
     else:
         k = k.to(torch.bfloat16)
     # a packed causal batch of two sequences, plus an empty range and a full one
@@ -133,7 +127,7 @@ def paged_inputs(seqlens, s_q, h_i, d_i, q_fp8, fp8_cache, generator):
     cache = quantize_index_fp8_reference(keys) if fp8_cache else keys.to(torch.bfloat16)
     block_table = torch.randperm(num_blocks, generator=generator)[:batch * blocks_per_seq].view(batch, -1).int()
     q = torch.randn(batch, s_q, h_i, d_i, generator=generator)
-    q, q_scale = quantize_rows(q) if q_fp8 else (q.to(torch.bfloat16), None)
+    q, q_scale = quantize_fp8_rows(q) if q_fp8 else (q.to(torch.bfloat16), None)
     weights = torch.randn(batch, s_q, h_i, generator=generator)
     seqlens = torch.tensor(seqlens, dtype=torch.int32)
     return [x.to(DEVICE) if x is not None else None for x in (q, cache, weights, block_table, seqlens, q_scale)]

@@ -1,0 +1,60 @@
+"""V3.2 with the FP8 index cache scores its indexer as DeepSeek's release does: q and k rotated by the normalized
+Hadamard matrix, then e4m3 with one power-of-two scale per row (the cache's rule), in prefill and in decode alike.
+
+- The rotation is orthogonal (logits of unquantized rows unchanged) and its matrix is exact (+-1 entries).
+- A token is scored the same whether it is the last token of a prefill or a decode step after that prefill: both take
+  its rotated q in e4m3 against the keys as the FP8 cache holds them. Compared on the first layer, whose inputs are the
+  same either way (deeper layers see attention outputs over a BF16 latent in prefill and the FP8 latent cache in
+  decode). Scoring prefill with unquantized keys, as before this stop, moved these logits by 2.7e-2 of their largest.
+"""
+import torch
+
+from models import DeepseekConfig, PagedKVCache, decode_step, prefill, random_model, tiny_config
+
+# float32 sums of the same e4m3 products in another order (the prefill and the paged op's chunks)
+SAME_SCORE = 1e-5
+
+
+def v32_model(seed):
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v32"))
+    return config, random_model(config, torch.float32, seed=seed)
+
+
+def test_the_rotation_is_orthogonal_and_exact():
+    _, model = v32_model(seed=0)
+    indexer = model.model.layers[0].self_attn.indexer
+    d = indexer.head_dim
+    assert set(indexer.hadamard.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(indexer.hadamard @ indexer.hadamard.T, d * torch.eye(d))
+    generator = torch.Generator().manual_seed(1)
+    q, k = torch.randn(5, 3, d, generator=generator), torch.randn(7, d, generator=generator)
+    torch.testing.assert_close(torch.einsum("thd,sd->ths", indexer.rotate(q), indexer.rotate(k)),
+                               torch.einsum("thd,sd->ths", q, k), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_and_decode_score_a_token_alike(monkeypatch):
+    config, model = v32_model(seed=5)
+    generator = torch.Generator().manual_seed(6)
+    tokens = torch.randint(2, config.vocab_size, (41,), generator=generator).tolist()
+    assert config.index_topk < 40  # the indexer really selects
+    recorded = []
+    topk = torch.ops.flashmla.indexer_topk
+
+    def record(logits, k, block_table):
+        recorded.append(logits)
+        return topk(logits, k, block_table)
+
+    monkeypatch.setattr(torch.ops.flashmla, "indexer_topk", record)
+    with torch.inference_mode():
+        prefill(model, PagedKVCache(config, 4, 1, 64, kv_cache_dtype="fp8"), [tokens])
+        whole = recorded[0][40, :41]  # the first layer's row of the last token: (s_q, s_kv) packed rows
+        recorded.clear()
+        cache = PagedKVCache(config, 4, 1, 64, kv_cache_dtype="fp8")
+        prefill(model, cache, [tokens[:40]])
+        recorded.clear()
+        cache.extend_batch(1, 1)
+        decode_step(model, cache, torch.tensor([[tokens[40]]]))
+        step = recorded[0][0, 0, :41]  # (batch, s_q, capacity)
+    assert torch.isfinite(whole).all() and torch.isfinite(step).all()
+    error = ((whole - step).abs().max() / whole.abs().max()).item()
+    assert error <= SAME_SCORE, f"the token's logits differ by {error:.3g} of the largest between prefill and decode"
