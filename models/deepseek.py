@@ -432,9 +432,11 @@ class Indexer(nn.Module):
             self.hadamard.copy_(signs)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """x `(..., head_dim)` -> x H / sqrt(head_dim) in float32 (x itself, as float32, without `hadamard`)."""
-        x = x.float()
-        return x if self.hadamard is None else (x @ self.hadamard.float()) * self.head_dim ** -0.5
+        """x `(..., head_dim)` -> x H / sqrt(head_dim), computed in float32 and returned in x's dtype (DeepSeek's
+        release rotates bf16 rows to bf16 before quantizing them); x itself without `hadamard`."""
+        if self.hadamard is None:
+            return x
+        return ((x.float() @ self.hadamard.float()) * self.head_dim ** -0.5).to(x.dtype)
 
     def forward(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x `(T, hidden)`, q_resid `(T, q_lora_rank)` -> q `(T, n_heads, head_dim)`, k `(T, head_dim)` (both in the
