@@ -60,8 +60,9 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., d) -> float8_e4m3fn values `(..., d)` and float32 scales `(...)`, one power-of-two scale per row: the FP8
     indexer key cache's rule, so keys quantized here are what `write_index_cache` stores. The indexer ops' e4m3
     operands (`q` with `q_scale`, `k` with `k_scale`) come in this form."""
-    scale = fp8_scale(x.float().abs().amax(-1, keepdim=True))
-    return _to_fp8(x.float(), scale), scale[..., 0]
+    x = x.float()
+    scale = fp8_scale(x.abs().amax(-1, keepdim=True))
+    return _to_fp8(x, scale), scale[..., 0]
 
 
 def quantize_index_fp8_reference(k: torch.Tensor) -> torch.Tensor:

@@ -519,7 +519,7 @@ class MLAttention(nn.Module):
                                                            config.kv_lora_rank, None, None, 0)[0]
         else:
             out_latent = self._decode(q_absorbed.to(cache_dtype), metadata, kv_cache, index_cache, index_q,
-                                      index_weights, is_fp8)
+                                      index_weights, is_fp8, index_fp8)
         out = torch.einsum("thc,hvc->thv", out_latent.to(x.dtype), w_uv)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * config.v_head_dim))
 
@@ -565,9 +565,10 @@ class MLAttention(nn.Module):
         return out.reshape(num_tokens, self.num_heads * config.v_head_dim)
 
     def _decode(self, q_absorbed, metadata: DecodeMetadata, kv_cache, index_cache, index_q, index_weights,
-                is_fp8) -> torch.Tensor:
+                is_fp8, index_fp8) -> torch.Tensor:
         """q_absorbed `(T, heads, 576)` -> latent output `(T, heads, kv_lora_rank)` (q's dtype) over the paged cache;
-        sparse (index_q `(T, index_n_heads, index_head_dim)` given) or dense."""
+        sparse (index_q `(T, index_n_heads, index_head_dim)` given; with `index_fp8` rotated, scored in e4m3) or
+        dense."""
         batch, s_q = metadata.cache_seqlens.shape[0], metadata.s_q
         q = q_absorbed.view(batch, s_q, self.num_heads, -1)
         if index_q is None:
@@ -576,7 +577,7 @@ class MLAttention(nn.Module):
                 self.softmax_scale, s_q > 1, is_fp8, None)[0]
         else:
             q_scale = None
-            if index_cache.dtype in (torch.uint8, torch.float8_e4m3fn):  # rotated q (forward), scored in e4m3
+            if index_fp8:
                 index_q, q_scale = quantize_fp8_rows(index_q)
                 q_scale = q_scale.view(batch, s_q, -1)
             logits = torch.ops.flashmla.indexer_logits_paged(
