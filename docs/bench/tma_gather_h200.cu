@@ -1,16 +1,21 @@
 // Microbenchmark (stop 29): gathering a block of 64 indexed cache rows (576 bf16, 1152 bytes each) into a stage of
-// nine 128-byte-swizzled tiles (csrc/sm90.cuh's layout), as the sparse kernels do, in three ways:
+// nine 128-byte-swizzled tiles (csrc/sm90.cuh's layout), as the sparse kernels do, in several ways:
 //   mode 0: cp.async, 16 bytes a thread, 128 threads (the shipped gathers' instruction count: 36 a thread a block);
 //   mode 1: TMA, a 2-d tensor map over the table with a box of 64 columns x 1 row and SWIZZLE_128B, one copy per
 //           (row, tile) to tile + 128 row: 576 a block, issued by every thread in turn;
 //   mode 2: cp.async in the shipped gathers' pattern (a warp copies one tile line of each of four rows);
 //   mode 3: 16-byte loads into registers (12 in flight a thread), then stores;
-//   mode 4: both at once, the last kTma tiles of each row by TMA and the others by cp.async (as mode 0).
+//   mode 4: both at once, the last kTma tiles of each row by TMA and the others by cp.async (as mode 0);
+//   own_stage_kernel: the sparse kernels' arrangement, each of two warpgroups gathering its own stage, in both
+//   patterns (written after the last device call of stop 29: compiled, not yet run; its two lines are the last).
+// After the runs in docs/bench/tma_gather_h200.log the shared pieces (place_chunk, count_wrong, time_gather) were
+// factored out of the kernels and runners; the modes are unchanged.
 // Each CTA (one per SM) walks `blocks` blocks of its own random indices through kStages stages: wait for a stage,
 // then refill it with the block kStages ahead (no compute in between: the gather rate alone). The first version
-// (stop 29 call 4, the log's first table) issued the TMA copies from 32 lanes, one thread or 128 threads. A check launch compares every
-// 16-byte chunk of every landed block with the table at the swizzled position, which tells whether a one-row TMA box
-// lands in the swizzle of its row (the swizzle taken from the shared-memory address) or of row 0 of a box.
+// (stop 29 call 4, the log's first table) issued the TMA copies from 32 lanes, one thread or 128 threads. A check
+// launch compares every 16-byte chunk of every landed block with the table at the swizzled position, which tells
+// whether a one-row TMA box lands in the swizzle of its row (the swizzle taken from the shared-memory address) or of
+// row 0 of a box.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I csrc docs/bench/tma_gather_h200.cu -o tma_gather
 //   ./tma_gather
@@ -38,6 +43,36 @@ constexpr int kChunksPerRow = kRowBytes / 16;
     }                                                                                     \
   } while (0)
 
+// Chunk c of a block (0 .. 4607) as (row, 16-byte chunk of the row): kContiguous gives a warp 32 consecutive chunks
+// of a row (512 contiguous bytes), else one 128-byte tile line of each of four rows (the shipped sparse gathers').
+template <bool kContiguous>
+__device__ __forceinline__ void place_chunk(int c, int& row, int& chunk) {
+  if constexpr (kContiguous) {
+    row = c / kChunksPerRow;
+    chunk = c % kChunksPerRow;
+  } else {
+    const int q = c / 32, lane = c % 32, tile = q % kTiles;
+    row = (q / kTiles) * 4 + lane / 8;
+    chunk = tile * 8 + lane % 8;
+  }
+}
+
+// Adds to `mismatches` the 16-byte chunks of a landed block (stage at `tile_base`, rows `index`) that differ from the
+// table's at their swizzled place; thread `thread` of `threads` checks every threads-th chunk.
+__device__ void count_wrong(const uint8_t* tile_base, const uint8_t* table, const int* index, int thread, int threads,
+                            int* mismatches) {
+  int wrong = 0;
+  for (int c = thread; c < kRows * kChunksPerRow; c += threads) {
+    const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
+    const uint4 got =
+        *reinterpret_cast<const uint4*>(tile_base + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8));
+    const uint4 want =
+        *reinterpret_cast<const uint4*>(table + static_cast<size_t>(index[row]) * kRowBytes + chunk * 16);
+    wrong += got.x != want.x || got.y != want.y || got.z != want.z || got.w != want.w;
+  }
+  if (wrong) atomicAdd(mismatches, wrong);
+}
+
 template <int kMode, int kStages, int kThreadsT, int kTma = 0>
 __global__ void __launch_bounds__(kThreadsT, 1)
     gather_kernel(const __grid_constant__ CUtensorMap map, const uint8_t* table, const int* indices, int blocks,
@@ -51,23 +86,11 @@ __global__ void __launch_bounds__(kThreadsT, 1)
   }
   __syncthreads();
   const int* mine = indices + static_cast<size_t>(blockIdx.x) * blocks * kRows;
-  // Chunk c of a block (0 .. 4607) as (row, 16-byte chunk of the row): mode 0 gives a warp 32 consecutive chunks of
-  // a row (512 contiguous bytes); modes 2 and 3 give it one 128-byte tile line of each of four rows (the shipped
-  // sparse gathers' pattern).
-  const auto place = [&](int c, int& row, int& chunk) {
-    if constexpr (kMode == 0) {
-      row = c / kChunksPerRow;
-      chunk = c % kChunksPerRow;
-    } else {
-      const int q = c / 32, lane = c % 32, tile = q % kTiles;
-      row = (q / kTiles) * 4 + lane / 8;
-      chunk = tile * 8 + lane % 8;
-    }
-  };
+  const auto place = [&](int c, int& row, int& chunk) { place_chunk<kMode == 0>(c, row, chunk); };
   const auto issue = [&](int block, int stage) {
     const int* index = mine + block * kRows;
     const uint32_t dst = base + stage * kStageBytes;
-    if constexpr (kMode == 4) {  // tiles < kTiles - kTma by cp.async (a warp's lanes on consecutive chunks), the rest TMA
+    if constexpr (kMode == 4) {  // tiles < kTiles - kTma by cp.async (mode 0's pattern), the rest by TMA
       constexpr int kCpChunks = 8 * (kTiles - kTma);
       const uint32_t barrier = barriers + stage * 8;
       if (threadIdx.x == 0) mbarrier_arrive_expect_bytes(barrier, kRows * kTma * 128);
@@ -142,20 +165,7 @@ __global__ void __launch_bounds__(kThreadsT, 1)
   for (int block = 0; block < blocks; ++block) {
     const int stage = block % kStages;
     land(block, stage, min(kStages - 1, blocks - 1 - block));
-    if (check) {
-      const int* index = mine + block * kRows;
-      const uint8_t* tile_base = smem + stage * kStageBytes;
-      int wrong = 0;
-      for (int c = threadIdx.x; c < kRows * kChunksPerRow; c += kThreadsT) {
-        const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
-        const uint4 got = *reinterpret_cast<const uint4*>(tile_base + (chunk / 8) * kTileBytes +
-                                                          swizzled_offset(row, chunk % 8));
-        const uint4 want =
-            *reinterpret_cast<const uint4*>(table + static_cast<size_t>(index[row]) * kRowBytes + chunk * 16);
-        wrong += got.x != want.x || got.y != want.y || got.z != want.z || got.w != want.w;
-      }
-      if (wrong) atomicAdd(mismatches, wrong);
-    }
+    if (check) count_wrong(smem + stage * kStageBytes, table, mine + block * kRows, threadIdx.x, kThreadsT, mismatches);
     __syncthreads();          // every thread is done with the stage
     fence_async_shared();     // generic reads before the async proxy's writes
     if (block + kStages < blocks) issue(block + kStages, stage);
@@ -163,14 +173,12 @@ __global__ void __launch_bounds__(kThreadsT, 1)
   if (threadIdx.x == 0) cycles[blockIdx.x] = clock64() - start;
 }
 
-template <int kMode, int kStages, int kThreadsT, int kTma = 0>
-int run(const char* name, const CUtensorMap& map, const uint8_t* table, const int* indices, int ctas, int blocks,
-        unsigned long long* cycles, int* mismatches, const char* table_name) {
-  const int smem = kStages * kStageBytes + 1024 + 64;
-  auto kernel = gather_kernel<kMode, kStages, kThreadsT, kTma>;
-  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+// Checks one launch (`launch(1)`), then times five (`launch(0)`, the best kept) and prints the gather rate.
+template <typename Launch>
+int time_gather(const char* name, Launch launch, int ctas, int blocks, unsigned long long* cycles, int* mismatches,
+                const char* table_name) {
   CHECK(cudaMemset(mismatches, 0, sizeof(int)));
-  kernel<<<ctas, kThreadsT, smem>>>(map, table, indices, blocks, cycles, mismatches, 1);
+  launch(1);
   CHECK(cudaDeviceSynchronize());
   int wrong = 0;
   CHECK(cudaMemcpy(&wrong, mismatches, sizeof(int), cudaMemcpyDeviceToHost));
@@ -180,7 +188,7 @@ int run(const char* name, const CUtensorMap& map, const uint8_t* table, const in
   float best = 1e30f;
   for (int repeat = 0; repeat < 5; ++repeat) {
     CHECK(cudaEventRecord(begin));
-    kernel<<<ctas, kThreadsT, smem>>>(map, table, indices, blocks, cycles, mismatches, 0);
+    launch(0);
     CHECK(cudaEventRecord(end));
     CHECK(cudaEventSynchronize(end));
     float ms = 0.f;
@@ -195,6 +203,66 @@ int run(const char* name, const CUtensorMap& map, const uint8_t* table, const in
   printf("%-44s %-19s check: %5d wrong chunks | %7.1f us, %5.0f GB/s, %6.0f cycles a block, %5.1f B/cycle/SM\n",
          name, table_name, wrong, best * 1e3, bytes / best / 1e6, mean / blocks, bytes / ctas / mean);
   return 0;
+}
+
+template <int kMode, int kStages, int kThreadsT, int kTma = 0>
+int run(const char* name, const CUtensorMap& map, const uint8_t* table, const int* indices, int ctas, int blocks,
+        unsigned long long* cycles, int* mismatches, const char* table_name) {
+  const int smem = kStages * kStageBytes + 1024 + 64;
+  auto kernel = gather_kernel<kMode, kStages, kThreadsT, kTma>;
+  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const auto launch = [&](int check) {
+    kernel<<<ctas, kThreadsT, smem>>>(map, table, indices, blocks, cycles, mismatches, check);
+  };
+  return time_gather(name, launch, ctas, blocks, cycles, mismatches, table_name);
+}
+
+// The sparse kernels' arrangement: two warpgroups, each gathering its own stage (one block in flight per warpgroup,
+// warpgroup w taking blocks w, w + 2, ...), waiting for it, then refilling it; kContiguous picks the chunk pattern
+// (mode 0's or mode 2's, within the warpgroup's 128 threads).
+template <bool kContiguous>
+__global__ void __launch_bounds__(256, 1)
+    own_stage_kernel(const uint8_t* table, const int* indices, int blocks, unsigned long long* cycles,
+                     int* mismatches, int check) {
+  extern __shared__ uint8_t raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+  const int group = threadIdx.x / 128, thread = threadIdx.x % 128;
+  const uint32_t dst = smem_address(smem) + group * kStageBytes;
+  const int* mine = indices + static_cast<size_t>(blockIdx.x) * blocks * kRows;
+  const auto place = [&](int c, int& row, int& chunk) { place_chunk<kContiguous>(c, row, chunk); };
+  const auto issue = [&](int block) {
+    const int* index = mine + block * kRows;
+    for (int c = thread; c < kRows * kChunksPerRow; c += 128) {
+      int row, chunk;
+      place(c, row, chunk);
+      cp_async_16(dst + (chunk / 8) * kTileBytes + swizzled_offset(row, chunk % 8),
+                  table + static_cast<size_t>(index[row]) * kRowBytes + chunk * 16, true);
+    }
+    cp_async_commit();
+  };
+  const unsigned long long start = clock64();
+  if (group < blocks) issue(group);
+  for (int block = group; block < blocks; block += 2) {
+    cp_async_wait<0>();
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + group) : "memory");
+    if (check) count_wrong(smem + group * kStageBytes, table, mine + block * kRows, thread, 128, mismatches);
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + group) : "memory");
+    if (block + 2 < blocks) issue(block + 2);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) cycles[blockIdx.x] = clock64() - start;
+}
+
+template <bool kContiguous>
+int run_own(const char* name, const uint8_t* table, const int* indices, int ctas, int blocks,
+            unsigned long long* cycles, int* mismatches, const char* table_name) {
+  const int smem = 2 * kStageBytes + 1024;
+  auto kernel = own_stage_kernel<kContiguous>;
+  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const auto launch = [&](int check) {
+    kernel<<<ctas, 256, smem>>>(table, indices, blocks, cycles, mismatches, check);
+  };
+  return time_gather(name, launch, ctas, blocks, cycles, mismatches, table_name);
 }
 
 int main() {
@@ -261,7 +329,11 @@ int main() {
         run<4, 2, 256, 2>("cp.async 7 tiles + TMA 2, 2 st, 256 thr", map, table, indices, sms, blocks, cycles,
                           mismatches, table_name) ||
         run<4, 2, 256, 3>("cp.async 6 tiles + TMA 3, 2 st, 256 thr", map, table, indices, sms, blocks, cycles,
-                          mismatches, table_name)) {
+                          mismatches, table_name) ||
+        run_own<false>("own stage per warpgroup, 4 rows' lines a warp", table, indices, sms, blocks, cycles,
+                       mismatches, table_name) ||
+        run_own<true>("own stage per warpgroup, 512 B of a row a warp", table, indices, sms, blocks, cycles,
+                      mismatches, table_name)) {
       return 1;
     }
     CHECK(cudaFree(table));
