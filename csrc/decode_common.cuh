@@ -208,6 +208,38 @@ __device__ __forceinline__ void dequantise_fp8_unit(const Fp8Share& share, int k
   dequantise_fp8_chunk(share.packed[k], __float2bfloat162_rn(scales[k / 2]), words);  // a power of two: exact
 }
 
+// f16 operands for the narrow kernel. A row's values are stored relative to its largest tile scale 2^e (e: the
+// row's `exponent`, floor(log2) of the largest scale, at least -14), each tile's times scale_t / 2^e <= 1 (exact for
+// the powers of two of SPEC.md §3, down to tiles 2^15 below the row's largest), so they fit f16 whatever the scales;
+// the 2^e goes to the row's scores and, through the softmax, to its weights in P V (dense_decode_narrow.cu).
+struct Fp8RowExponent {
+  float exponent;  // e
+  float scale;     // 2^e
+  float inverse;   // 2^-e
+};
+__device__ __forceinline__ Fp8RowExponent fp8_row_exponent(const float4& scales) {
+  const float largest = fmaxf(fmaxf(fmaxf(scales.x, scales.y), fmaxf(scales.z, scales.w)), 0x1p-14f);
+  const int exponent = min(static_cast<int>((__float_as_uint(largest) >> 23) & 0xff) - 127, 126);
+  return {static_cast<float>(exponent), __uint_as_float(static_cast<uint32_t>(exponent + 127) << 23),
+          __uint_as_float(static_cast<uint32_t>(127 - exponent) << 23)};
+}
+// Unit k of a share as 8 f16 pairs relative to the row's 2^e (`inverse` = 2^-e): words[m] holds values 2 m, 2 m + 1.
+__device__ __forceinline__ void widen_fp8_unit(const Fp8Share& share, int k, float inverse, uint32_t (&words)[8]) {
+  const float scales[kNumTiles] = {share.scales.x, share.scales.y, share.scales.z, share.scales.w};
+  const __half2 ratio = __float2half2_rn(scales[k / 2] * inverse);
+  const uint4& chunk = share.packed[k];
+  const uint32_t packed[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+#pragma unroll
+    for (int pair = 0; pair < 2; ++pair) {
+      const uint32_t widened = e4m3x2_to_f16x2(packed[w] >> (16 * pair));
+      const __half2 scaled = __hmul2(*reinterpret_cast<const __half2*>(&widened), ratio);
+      words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
+    }
+  }
+}
+
 // Unit k's dequantised words into row `row` of a stage's first 512 columns: chunks 2 quarter, 2 quarter + 1 of column
 // tile k. The lanes of an 8-lane phase store 16-byte chunks of two rows: rows r and r + 1 (r even) land in different
 // banks as they are; rows r and r + 4 only if one of them stores its odd chunk first (`odd_first`, true for it: each

@@ -17,6 +17,16 @@
 // to the stage for P V; only the RoPE columns' 4 k-steps read the stage. The page of each block is read from the
 // block table one own block before its loads are issued, so that no load waits on it. Value rows of the last block
 // past the sequence's end are zeroed (BF16) or stored as zeros (FP8) before P V.
+//
+// FP8 runs on f16 operands: e4m3 widens to f16 in one conversion (to bf16 it takes five instructions, and widening
+// was the loop's longest phase). A token's latent goes to the stage relative to its largest tile scale 2^e
+// (widen_fp8_unit), so Q K^T over the latent gives its score / 2^e; Q is stored times 2^-q per query row (q from the
+// row's largest value) so that it fits f16 too, and the RoPE columns stay bf16 in their own accumulator:
+//   S    = (S_latent * 2^e * 2^q + S_rope) * scale * log2(e)
+// The 2^e of a token is its weight's in P V: the softmax keeps its maximum m over S + e, not S, and
+//   P^T  = exp2(S + e - m) -> shared (f16: <= 1, and the block's largest products exact whatever the scales)
+//   l    = l * exp2(m_old - m) + sum exp2(S - m),   O^T = O^T * exp2(m_old - m) + V^T P^T
+// so that O^T / l is the softmax's output and m + log2(l) its LSE, as with the BF16 cache.
 #include <c10/cuda/CUDAException.h>
 
 #include "decode_common.cuh"
@@ -36,7 +46,7 @@ constexpr int kMine = kRows / 4;               // query rows (accumulator column
 static_assert(kRows == 16, "the wgmma wrappers are m64n16");
 
 // Shared memory, in bytes from a 1024-aligned base: one KV stage per warpgroup, Q, one P^T per warpgroup, the
-// per-warp column maxima and sums, the warpgroups' final maxima, the stages' mbarriers. At the end of a piece the
+// per-warp column maxima and sums, the warpgroups' final maxima, Q's row scales (FP8), the stages' mbarriers. At the end of a piece the
 // first 32 KiB of the stages carry the O^T halves the warpgroups exchange.
 struct Layout {
   static constexpr int kKv = 0;
@@ -45,7 +55,8 @@ struct Layout {
   static constexpr int kWarpMax = kP + 2 * kQTileBytes;         // float [2 warpgroups][4 warps][kRows]
   static constexpr int kWarpSum = kWarpMax + 2 * 4 * kRows * 4;  // float [2][4][kRows]
   static constexpr int kGroupMax = kWarpSum + 2 * 4 * kRows * 4;  // float [2][kRows]
-  static constexpr int kBarriers = kGroupMax + 2 * kRows * 4;    // uint64_t [2]
+  static constexpr int kQScale = kGroupMax + 2 * kRows * 4;      // float [kRows]: FP8, 2^q of each query row
+  static constexpr int kBarriers = kQScale + kRows * 4;          // uint64_t [2]
   static constexpr int kBytes = kBarriers + 2 * 8 + 1024;        // + slack to align the base to 1024
   static_assert(kBytes <= 227 * 1024, "shared memory");
   static_assert(2 * 4 * (kAcc / 4) * kGroupThreads * 16 <= 2 * kMatrixBytes, "the O^T exchange fits the stages");
@@ -119,14 +130,42 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     // FP8: Q's latent columns permuted within each 64-column tile to match the register A fragments of Q K^T (below):
     // column 16 t + 4 s + 2 h + e (t, s < 4; h, e < 2) goes to position 16 s + 2 t + 8 h + e, where k-step s of the
     // tile reads it at the fragment's k 2 t + 8 h + e. The sum over columns is the same in any order.
+    // Its latent columns in f16, times 2^-q: q = floor(log2) of the row's largest latent value - 8, so that the row
+    // fits f16 with room, its values down to 2^-22 of the largest normal.
     constexpr int kFirstChunk = kFp8 ? kLatentDim / 8 : 0;
     if constexpr (kFp8) {
+      float* q_scale = reinterpret_cast<float*>(shared + Layout::kQScale);
+      for (int n = threadIdx.x / 32; n < kRows; n += kThreads / 32) {
+        float largest = 0.f;
+        if (n < p.rows) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const uint4 chunk = *reinterpret_cast<const uint4*>(q_row(n) + 8 * (lane + 32 * half));
+            const uint32_t words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+              const float2 values = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[w]));
+              largest = fmaxf(largest, fmaxf(fabsf(values.x), fabsf(values.y)));
+            }
+          }
+        }
+#pragma unroll
+        for (int offset = 1; offset < 32; offset *= 2) {
+          largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+        }
+        const int exponent = largest > 0.f ? static_cast<int>((__float_as_uint(largest) >> 23) & 0xff) - 127 - 8 : 0;
+        if (lane == 0) q_scale[n] = __uint_as_float(static_cast<uint32_t>(min(max(exponent, -100), 100) + 127) << 23);
+      }
+      __syncthreads();
       for (int i = threadIdx.x; i < kRows * kLatentDim / 2; i += kThreads) {
         const int n = i / (kLatentDim / 2), column = 2 * (i % (kLatentDim / 2)), c = column % 64;
         const int position = 16 * ((c % 16) / 4) + 2 * (c / 16) + 8 * ((c % 4) / 2);
         const uint32_t pair = n < p.rows ? *reinterpret_cast<const uint32_t*>(q_row(n) + column) : 0u;
-        *reinterpret_cast<uint32_t*>(shared + Layout::kQ + (column / 64) * kQTileBytes +
-                                     swizzled_offset(n, position / 8) + 2 * (position % 8)) = pair;
+        const float2 values = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pair));
+        const float inverse = 1.f / q_scale[n];  // a power of two: exact
+        const __half2 scaled = __floats2half2_rn(values.x * inverse, values.y * inverse);
+        *reinterpret_cast<__half2*>(shared + Layout::kQ + (column / 64) * kQTileBytes +
+                                    swizzled_offset(n, position / 8) + 2 * (position % 8)) = scaled;
       }
     }
     for (int i = threadIdx.x; i < kRows * (kChunksPerRow - kFirstChunk); i += kThreads) {
@@ -154,6 +193,16 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     query_sum[index] = 0.f;
   }
   float scores[kAcc];
+  // FP8: the RoPE columns' scores, the 2^q of this thread's query rows (times scale * log2(e)), and the 2^e of its
+  // two token rows in the block
+  float rope_scores[kAcc], query_factor[kMine];
+  Fp8RowExponent token_exponent[2];
+  if constexpr (kFp8) {
+#pragma unroll
+    for (int index = 0; index < kMine; ++index) {
+      query_factor[index] = reinterpret_cast<const float*>(shared + Layout::kQScale)[column(index)] * p.scale_log2;
+    }
+  }
 
   int own = 0;
   // PhaseClock phases: 0 FP8 Q K^T over the latent (K from registers) with the dequantisation and the next own block's
@@ -169,13 +218,15 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       // unit k stay untouched until its wgmmas are done: two buffers, and a wait for unit k - 2's before reuse.
       uint32_t unit_words[2][2][8];
 #pragma unroll
+      for (int half = 0; half < 2; ++half) token_exponent[half] = fp8_row_exponent(share[half].scales);
+#pragma unroll
       for (int k = 0; k < kFp8UnitsPerQuarter; ++k) {
         uint32_t(&words)[2][8] = unit_words[k % 2];
         if (k >= 2) wgmma_wait<1>();
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           fence_registers(words[half]);  // rewritten only after the wait
-          dequantise_fp8_unit(share[half], k, words[half]);
+          widen_fp8_unit(share[half], k, token_exponent[half].inverse, words[half]);
           store_fp8_unit(words[half], stage_bytes, k, share_row + 8 * half, false);
         }
         wgmma_fence();
@@ -183,7 +234,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
         for (int step = 0; step < 4; ++step) {
           const uint32_t a[4] = {words[0][2 * step], words[1][2 * step], words[0][2 * step + 1],
                                  words[1][2 * step + 1]};
-          wgmma_m64n16k16_rs(scores, a, descriptor_plus(q_desc, k * kQTileBytes + step * 32), k + step > 0);
+          wgmma_m64n16k16_rs<Operands::kF16>(scores, a, descriptor_plus(q_desc, k * kQTileBytes + step * 32),
+                                             k + step > 0);
         }
         wgmma_commit();
       }
@@ -205,24 +257,35 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     wgmma_fence();
 #pragma unroll
     for (int k = kFp8 ? kLatentDim / 16 : 0; k < kHeadDimQK / 16; ++k) {
-      wgmma_m64n16k16_ss<0>(scores, descriptor_plus(stage_desc, (k / 4) * kTileBytes + (k % 4) * 32),
-                            descriptor_plus(q_desc, (k / 4) * kQTileBytes + (k % 4) * 32), k > 0);
+      wgmma_m64n16k16_ss<0>(kFp8 ? rope_scores : scores,
+                            descriptor_plus(stage_desc, (k / 4) * kTileBytes + (k % 4) * 32),
+                            descriptor_plus(q_desc, (k / 4) * kQTileBytes + (k % 4) * 32), k > (kFp8 ? kLatentDim / 16 : 0));
     }
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(scores);
+    if constexpr (kFp8) fence_registers(rope_scores);
     clock.mark(3);
 
-    // Column softmax: scale and mask, the block's maximum per query row over the warp's 16 tokens (lanes of one
-    // lane % 4), then over the four warps.
+    // Column softmax: scale and mask, the block's maximum per query row (FP8: of S + e) over the warp's 16 tokens
+    // (lanes of one lane % 4), then over the four warps.
     float block_max[kMine];
 #pragma unroll
     for (int index = 0; index < kMine; ++index) block_max[index] = -INFINITY;
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) {
-      const int index = 2 * (i / 4) + i % 2, token = block * kBlockN + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
-      scores[i] = token < visible[index] ? scores[i] * p.scale_log2 : -INFINITY;
-      block_max[index] = fmaxf(block_max[index], scores[i]);
+      const int index = 2 * (i / 4) + i % 2, half = (i / 2) % 2;
+      const int token = block * kBlockN + 16 * warp + lane / 4 + 8 * half;
+      if constexpr (kFp8) {
+        scores[i] = token < visible[index]
+                        ? fmaf(scores[i] * token_exponent[half].scale, query_factor[index],
+                               rope_scores[i] * p.scale_log2)
+                        : -INFINITY;
+        block_max[index] = fmaxf(block_max[index], scores[i] + token_exponent[half].exponent);
+      } else {
+        scores[i] = token < visible[index] ? scores[i] * p.scale_log2 : -INFINITY;
+        block_max[index] = fmaxf(block_max[index], scores[i]);
+      }
     }
 #pragma unroll
     for (int index = 0; index < kMine; ++index) {
@@ -249,11 +312,16 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     }
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) {
-      const int index = 2 * (i / 4) + i % 2, token = 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
+      const int index = 2 * (i / 4) + i % 2, half = (i / 2) % 2, token = 16 * warp + lane / 4 + 8 * half;
+      uint8_t* probability_at = probs_bytes + swizzled_offset(column(index), token / 8) + 2 * (token % 8);
       const float probability = exp2f(scores[i] - shift[index]);
       query_sum[index] += probability;
-      *reinterpret_cast<__nv_bfloat16*>(probs_bytes + swizzled_offset(column(index), token / 8) + 2 * (token % 8)) =
-          __float2bfloat16_rn(probability);
+      if constexpr (kFp8) {
+        *reinterpret_cast<__half*>(probability_at) =
+            __float2half_rn(exp2f(scores[i] + token_exponent[half].exponent - shift[index]));
+      } else {
+        *reinterpret_cast<__nv_bfloat16*>(probability_at) = __float2bfloat16_rn(probability);
+      }
     }
 #pragma unroll
     for (int t = 0; t < kValueTiles; ++t) {
@@ -270,8 +338,9 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     for (int t = 0; t < kValueTiles; ++t) {
 #pragma unroll
       for (int k = 0; k < kBlockN / 16; ++k) {
-        wgmma_m64n16k16_ss<1>(out_acc[t], descriptor_plus(stage_desc_mn, t * kTileBytes + k * 16 * 128),
-                              descriptor_plus(probs_desc, k * 32), 1);
+        wgmma_m64n16k16_ss<1, kFp8 ? Operands::kF16 : Operands::kBf16>(
+            out_acc[t], descriptor_plus(stage_desc_mn, t * kTileBytes + k * 16 * 128),
+            descriptor_plus(probs_desc, k * 32), 1);
       }
     }
     wgmma_commit();

@@ -40,6 +40,12 @@ __device__ __forceinline__ __nv_bfloat162 e4m3x2_to_bf16x2(uint32_t pair) {
   return __floats2bfloat162_rn(values.x, values.y);
 }
 
+// The two e4m3 values in the low 16 bits of `pair` as an f16 pair's bits (exact: one conversion).
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t pair) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+
 __device__ __forceinline__ float from_fp8(uint8_t x) {
   __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(x), __NV_E4M3);
   return __half2float(__half(h));

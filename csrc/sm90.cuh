@@ -229,32 +229,48 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
+// The operand types of the m64n16k16 wrappers below: bf16, or f16 (FP8 values widen to f16 in one conversion).
+enum class Operands { kBf16, kF16 };
+#define FLASHMLA_WGMMA_M64N16K16(types) "wgmma.mma_async.sync.aligned.m64n16k16.f32." types " "
+
 // D (64 x 16, 8 float32 per thread) (+)= A (64 x 16, smem; K-major, or MN-major with kTransposeA) * B (16 x 16, smem,
 // K-major).
-template <int kTransposeA>
+template <int kTransposeA, Operands kTypes = Operands::kBf16>
 __device__ __forceinline__ void wgmma_m64n16k16_ss(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %11, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransposeA));
+#define FLASHMLA_M64N16K16_SS(types)                                                                               \
+  asm volatile("{\n.reg .pred p;\n"                                                                                \
+               "setp.ne.b32 p, %10, 0;\n" FLASHMLA_WGMMA_M64N16K16(types)                                          \
+               "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %11, 0;\n}\n"                                    \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])     \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransposeA))
+  if constexpr (kTypes == Operands::kF16) {
+    FLASHMLA_M64N16K16_SS("f16.f16");
+  } else {
+    FLASHMLA_M64N16K16_SS("bf16.bf16");
+  }
+#undef FLASHMLA_M64N16K16_SS
 }
 
-// D (64 x 16, 8 float32 per thread) (+)= A (64 x 16 bf16 in registers) * B (16 x 16, smem, K-major). The A fragment:
+// D (64 x 16, 8 float32 per thread) (+)= A (64 x 16 in registers) * B (16 x 16, smem, K-major). The A fragment:
 // a[0] rows warp * 16 + lane / 4, columns 2 (lane % 4) and + 1; a[1] the same columns of the row 8 further; a[2] and
 // a[3] the same rows, columns 8 further.
+template <Operands kTypes = Operands::kBf16>
 __device__ __forceinline__ void wgmma_m64n16k16_rs(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b,
                                                    int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %13, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+#define FLASHMLA_M64N16K16_RS(types)                                                                               \
+  asm volatile("{\n.reg .pred p;\n"                                                                                \
+               "setp.ne.b32 p, %13, 0;\n" FLASHMLA_WGMMA_M64N16K16(types)                                          \
+               "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"                        \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])     \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
+  if constexpr (kTypes == Operands::kF16) {
+    FLASHMLA_M64N16K16_RS("f16.f16");
+  } else {
+    FLASHMLA_M64N16K16_RS("bf16.bf16");
+  }
+#undef FLASHMLA_M64N16K16_RS
 }
+#undef FLASHMLA_WGMMA_M64N16K16
 
 // The 128 float32 accumulators of an m64n256 wgmma (d[0..127]): their operand list and their constraints.
 #define FLASHMLA_WGMMA_D128_OPERANDS \

@@ -10,7 +10,7 @@ stride, strided q, repeated runs bit-identical, and the op's CUDA-graph capture.
 """
 import pytest
 import torch
-from decode_inputs import (BF16_BAND, DEVICE, assert_decode_close, assert_rows_close,
+from decode_inputs import (BF16_BAND, DEVICE, LSE_TOLERANCE, assert_decode_close, assert_rows_close,
                            check_dense_decode_op_replays_in_cuda_graph, huge_and_small_scale_inputs, make_inputs,
                            poison_allocator, quantize_with_varied_scales)
 
@@ -141,6 +141,28 @@ def test_cuda_dense_decode_fp8_small_weights_next_to_huge_scales(narrow):
                                                 True)
     assert_decode_close(out, lse, want_out, want_lse)
     assert_rows_close(out, want_out)
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_dense_decode_query_rows_beyond_f16_range(narrow, is_fp8):
+    """Query rows 2**16 times larger (past f16's 65504: a softmax that picks one token) and 2**-20 times smaller (below
+    its smallest normal, 2**-14: close to a mean) than the rest, each checked on its own: the narrow FP8 kernel runs on
+    f16 operands, which such rows would overflow or flush without its per-row scaling of Q. The large rows' LSE is
+    ~6e4, so it is compared relative to itself."""
+    generator = torch.Generator(DEVICE).manual_seed(31 + is_fp8)
+    q, cache, block_table, cache_seqlens = make_inputs([300, 65, 1000], 1, 16, is_fp8, generator)
+    row_factor = torch.ones(16, device=DEVICE)
+    row_factor[0::4], row_factor[1::4] = 2.0 ** 16, 2.0 ** -20
+    q = (q.float() * row_factor[:, None]).bfloat16()
+    scale = D_QK ** -0.5
+    out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, False, is_fp8, 1, None, None,
+                                      narrow)
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
+                                                is_fp8)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert_rows_close(out, want_out)
+    assert torch.allclose(lse, want_lse, rtol=1e-5, atol=LSE_TOLERANCE)
 
 
 @pytest.mark.parametrize("s_q,h_q,narrow", [(2, 32, False), (2, 8, True)])
