@@ -208,26 +208,33 @@ __device__ __forceinline__ void dequantise_fp8_unit(const Fp8Share& share, int k
   dequantise_fp8_chunk(share.packed[k], __float2bfloat162_rn(scales[k / 2]), words);  // a power of two: exact
 }
 
-// f16 operands for the narrow kernel. A row's values are stored relative to its largest tile scale 2^e (e: the
-// row's `exponent`, floor(log2) of the largest scale, at least -14), each tile's times scale_t / 2^e <= 1 (exact for
-// the powers of two of SPEC.md §3, down to tiles 2^15 below the row's largest), so they fit f16 whatever the scales;
-// the 2^e goes to the row's scores and, through the softmax, to its weights in P V (dense_decode_narrow.cu).
+// f16 operands over the FP8 cache (dense_decode_narrow.cu). A token's values are stored relative to a power of two 2^e
+// of its own (e: the row's `exponent`, floor(log2) of its largest tile scale, at least -14), each tile's times
+// scale_t / 2^e <= 1 (exact for the powers of two of SPEC.md §3, down to tiles 2^15 below the row's largest), so they
+// fit f16 whatever the scales; the 2^e goes to the token's scores and, through the softmax, to its weights in P V.
 struct Fp8RowExponent {
   float exponent;  // e
   float scale;     // 2^e
   float inverse;   // 2^-e
 };
+__device__ __forceinline__ int float_exponent(float positive) {  // floor(log2(x)) of a normal float
+  return static_cast<int>((__float_as_uint(positive) >> 23) & 0xff) - 127;
+}
+__device__ __forceinline__ float power_of_two(int exponent) {  // 2^exponent, exponent in [-126, 127]
+  return __uint_as_float(static_cast<uint32_t>(exponent + 127) << 23);
+}
 __device__ __forceinline__ Fp8RowExponent fp8_row_exponent(const float4& scales) {
   const float largest = fmaxf(fmaxf(fmaxf(scales.x, scales.y), fmaxf(scales.z, scales.w)), 0x1p-14f);
-  const int exponent = min(static_cast<int>((__float_as_uint(largest) >> 23) & 0xff) - 127, 126);
-  return {static_cast<float>(exponent), __uint_as_float(static_cast<uint32_t>(exponent + 127) << 23),
-          __uint_as_float(static_cast<uint32_t>(127 - exponent) << 23)};
+  const int exponent = min(float_exponent(largest), 126);
+  return {static_cast<float>(exponent), power_of_two(exponent), power_of_two(-exponent)};
 }
-// Unit k of a share as 8 f16 pairs relative to the row's 2^e (`inverse` = 2^-e): words[m] holds values 2 m, 2 m + 1.
-__device__ __forceinline__ void widen_fp8_unit(const Fp8Share& share, int k, float inverse, uint32_t (&words)[8]) {
-  const float scales[kNumTiles] = {share.scales.x, share.scales.y, share.scales.z, share.scales.w};
-  const __half2 ratio = __float2half2_rn(scales[k / 2] * inverse);
-  const uint4& chunk = share.packed[k];
+// The power of two 2^q that a query row whose largest magnitude is `largest` is divided by to go to f16: its largest
+// then lies in [2^8, 2^9), and its values down to 2^-22 of that stay normal.
+__device__ __forceinline__ float query_row_scale(float largest) {
+  return largest > 0.f ? power_of_two(min(max(float_exponent(largest) - 8, -100), 100)) : 1.f;
+}
+// 16 e4m3 values times `ratio` as 8 f16 pairs: words[m] holds values 2 m and 2 m + 1.
+__device__ __forceinline__ void widen_fp8_chunk(const uint4& chunk, __half2 ratio, uint32_t (&words)[8]) {
   const uint32_t packed[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
@@ -238,6 +245,11 @@ __device__ __forceinline__ void widen_fp8_unit(const Fp8Share& share, int k, flo
       words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
     }
   }
+}
+// Unit k of a share relative to the row's 2^e (`inverse` = 2^-e).
+__device__ __forceinline__ void widen_fp8_unit(const Fp8Share& share, int k, float inverse, uint32_t (&words)[8]) {
+  const float scales[kNumTiles] = {share.scales.x, share.scales.y, share.scales.z, share.scales.w};
+  widen_fp8_chunk(share.packed[k], __float2half2_rn(scales[k / 2] * inverse), words);
 }
 
 // Unit k's dequantised words into row `row` of a stage's first 512 columns: chunks 2 quarter, 2 quarter + 1 of column

@@ -46,8 +46,8 @@ constexpr int kMine = kRows / 4;               // query rows (accumulator column
 static_assert(kRows == 16, "the wgmma wrappers are m64n16");
 
 // Shared memory, in bytes from a 1024-aligned base: one KV stage per warpgroup, Q, one P^T per warpgroup, the
-// per-warp column maxima and sums, the warpgroups' final maxima, Q's row scales (FP8), the stages' mbarriers. At the end of a piece the
-// first 32 KiB of the stages carry the O^T halves the warpgroups exchange.
+// per-warp column maxima and sums, the warpgroups' final maxima, Q's row scales (FP8), the stages' mbarriers. At the
+// end of a piece the first 32 KiB of the stages carry the O^T halves the warpgroups exchange.
 struct Layout {
   static constexpr int kKv = 0;
   static constexpr int kQ = kKv + 2 * kMatrixBytes;
@@ -130,8 +130,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     // FP8: Q's latent columns permuted within each 64-column tile to match the register A fragments of Q K^T (below):
     // column 16 t + 4 s + 2 h + e (t, s < 4; h, e < 2) goes to position 16 s + 2 t + 8 h + e, where k-step s of the
     // tile reads it at the fragment's k 2 t + 8 h + e. The sum over columns is the same in any order.
-    // Its latent columns in f16, times 2^-q: q = floor(log2) of the row's largest latent value - 8, so that the row
-    // fits f16 with room, its values down to 2^-22 of the largest normal.
+    // Its latent columns in f16, divided by the row's query_row_scale 2^q.
     constexpr int kFirstChunk = kFp8 ? kLatentDim / 8 : 0;
     if constexpr (kFp8) {
       float* q_scale = reinterpret_cast<float*>(shared + Layout::kQScale);
@@ -153,8 +152,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
         for (int offset = 1; offset < 32; offset *= 2) {
           largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
         }
-        const int exponent = largest > 0.f ? static_cast<int>((__float_as_uint(largest) >> 23) & 0xff) - 127 - 8 : 0;
-        if (lane == 0) q_scale[n] = __uint_as_float(static_cast<uint32_t>(min(max(exponent, -100), 100) + 127) << 23);
+        if (lane == 0) q_scale[n] = query_row_scale(largest);
       }
       __syncthreads();
       for (int i = threadIdx.x; i < kRows * kLatentDim / 2; i += kThreads) {
@@ -255,11 +253,12 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     // S^T = K Q^T from the stage: all 576 columns (BF16), the RoPE columns (FP8). The FP8 stage's latent rows, stored
     // above, are published to P V's wgmma by the fence and barrier before P V.
     wgmma_fence();
+    constexpr int kFirstStep = kFp8 ? kLatentDim / 16 : 0;
 #pragma unroll
-    for (int k = kFp8 ? kLatentDim / 16 : 0; k < kHeadDimQK / 16; ++k) {
+    for (int k = kFirstStep; k < kHeadDimQK / 16; ++k) {
       wgmma_m64n16k16_ss<0>(kFp8 ? rope_scores : scores,
                             descriptor_plus(stage_desc, (k / 4) * kTileBytes + (k % 4) * 32),
-                            descriptor_plus(q_desc, (k / 4) * kQTileBytes + (k % 4) * 32), k > (kFp8 ? kLatentDim / 16 : 0));
+                            descriptor_plus(q_desc, (k / 4) * kQTileBytes + (k % 4) * 32), k > kFirstStep);
     }
     wgmma_commit();
     wgmma_wait<0>();

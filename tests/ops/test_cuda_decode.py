@@ -91,6 +91,15 @@ def run_and_compare(seqlens, s_q, h_q, causal, is_fp8=False, num_splits=None, pa
     assert torch.equal(out, again_out) and torch.equal(lse, again_lse)
 
 
+def kernel_and_reference(q, cache, block_table, cache_seqlens, scale, is_fp8, narrow, num_splits=1, kernel_cache=None):
+    """The kernel's (not causal; over `kernel_cache` if given) and the reference's out and lse."""
+    out, lse = kernels().dense_decode(q, cache if kernel_cache is None else kernel_cache, block_table, cache_seqlens,
+                                      scale, False, is_fp8, num_splits, None, None, narrow)
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
+                                                is_fp8)
+    return out, lse, want_out, want_lse
+
+
 @pytest.mark.parametrize("seqlens,s_q,h_q,narrow", list(kernel_cases()))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("is_fp8", [False, True])
@@ -135,10 +144,8 @@ def test_cuda_dense_decode_fp8_small_weights_next_to_huge_scales(narrow):
     rows carried by the huge ones, checked row by row."""
     q, cache, block_table, cache_seqlens, scale = huge_and_small_scale_inputs(torch.Generator(DEVICE).manual_seed(7))
     num_splits = cuda_num_splits(q.device, q.shape[0], q.shape[1] * q.shape[2], block_table.shape[1])
-    out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, False, True, num_splits, None, None,
-                                      narrow)
-    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
-                                                True)
+    out, lse, want_out, want_lse = kernel_and_reference(q, cache, block_table, cache_seqlens, scale, True, narrow,
+                                                        num_splits)
     assert_decode_close(out, lse, want_out, want_lse)
     assert_rows_close(out, want_out)
 
@@ -155,11 +162,8 @@ def test_cuda_dense_decode_query_rows_beyond_f16_range(narrow, is_fp8):
     row_factor = torch.ones(16, device=DEVICE)
     row_factor[0::4], row_factor[1::4] = 2.0 ** 16, 2.0 ** -20
     q = (q.float() * row_factor[:, None]).bfloat16()
-    scale = D_QK ** -0.5
-    out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, False, is_fp8, 1, None, None,
-                                      narrow)
-    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
-                                                is_fp8)
+    out, lse, want_out, want_lse = kernel_and_reference(q, cache, block_table, cache_seqlens, D_QK ** -0.5, is_fp8,
+                                                        narrow)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert_rows_close(out, want_out)
     assert torch.allclose(lse, want_lse, rtol=1e-5, atol=LSE_TOLERANCE)
@@ -185,11 +189,8 @@ def test_cuda_dense_decode_ignores_what_the_cache_holds_past_the_end(narrow, is_
     for b, length in enumerate(seqlens):
         for position in range(length, block_table.shape[1] * 64):
             poisoned[block_table[b, position // 64], position % 64, 0] = nan_row
-    scale = D_QK ** -0.5
-    out, lse = kernels().dense_decode(q, poisoned, block_table, cache_seqlens, scale, False, is_fp8, 1, None, None,
-                                      narrow)
-    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
-                                                is_fp8)
+    out, lse, want_out, want_lse = kernel_and_reference(q, cache, block_table, cache_seqlens, D_QK ** -0.5, is_fp8,
+                                                        narrow, kernel_cache=poisoned)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert (out.float() - want_out.float()).norm() / want_out.float().norm() < BF16_BAND
 
