@@ -465,52 +465,62 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
                       part * kTilesPerPart, kTilesPerPart);
     }
   };
-  // Sparse: the owner warpgroup gathers its stage's block by cp.async, thread (warp w, lane l) copying chunk l % 8 of
-  // each 128-byte tile line of rows 16 w + 4 i + l / 8 (i < 4), so that each cp.async of a warp covers whole lines
-  // (four rows' line of one tile), in kParts commit groups of three tiles (the parts Q K^T waits for one by one), and
-  // writes the stage's token mask (a row is there if its index is). `ahead[i]` holds the index of the thread's row i
-  // in its warpgroup's next block, loaded one fill early, so that no gather waits on it.
+  // Sparse: the owner warpgroup gathers its stage's block by cp.async, warp w rows 16 w .. 16 w + 15, and writes the
+  // stage's token mask (a row is there if its index is), with the index of each row in its warpgroup's next block
+  // loaded one fill early (`ahead`), so that no gather waits on it.
+  // - BF16 cache: thread (warp w, lane l) copies chunk l % 8 of each 128-byte tile line of rows 16 w + 4 i + l / 8
+  //   (i < 4; their indices in ahead[i]), so that each cp.async of a warp covers whole lines (four rows' line of one
+  //   tile), in kParts commit groups of three tiles (the parts Q K^T waits for one by one).
+  // - FP8 cache: lane l holds row 16 w + l % 16 (its index in ahead[0]), and each cp.async of a warp covers contiguous
+  //   bytes of one or two rows, the copying lanes taking the row's address from its lane (stop 31: 6% faster than the
+  //   BF16 pattern here, 7-9% slower on BF16 sparse prefill, docs/bench/stop31_call2.log). The row's 512 latent bytes
+  //   land raw in the stage, the 64 bytes of tile t's columns in logical chunks 4-7 of the row's line of tile t
+  //   (dequantise_stage widens them in place), its RoPE columns (bf16) in the RoPE tile and its four scales in the
+  //   stage's 1 KB of scales; in two commit groups: the scales and tiles 0-3, then tiles 4-7 and the RoPE columns.
   int ahead[4] = {-1, -1, -1, -1};
-  const auto gather_row_of = [&](int i) { return 16 * warp + 4 * i + lane / 8; };
+  const auto gather_row_of = [&](int i) { return kFp8 ? 16 * warp + lane % 16 : 16 * warp + 4 * i + lane / 8; };
   const auto load_ahead = [&](int block) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) ahead[i] = load_row_slot(p, batch, first_query, block, length, gather_row_of(i));
+    for (int i = 0; i < (kFp8 ? 1 : 4); ++i) {
+      ahead[i] = load_row_slot(p, batch, first_query, block, length, gather_row_of(i));
+    }
   };
-  // FP8 cache (sparse decode): the row's 512 latent bytes land raw in the stage, the 64 bytes of tile t's columns in
-  // logical chunks 4-7 of the row's line of tile t (dequantise_stage widens them in place), its RoPE columns (bf16) in
-  // the RoPE tile and its four scales in the stage's 1 KB of scales; in two commit groups: the scales and tiles 0-3,
-  // then tiles 4-7 and the RoPE columns.
   const auto fp8_scales = [&](int stage) { return shared + L::kP + stage * kBlockN * 16; };
   const auto gather_stage = [&](int stage, int block) {
     const uint8_t* row_bytes[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) row_bytes[i] = gather_row_address<true>(p, batch, block, length, ahead[i]);
+    uint32_t word = 0;  // bit r of warp w's 16-bit word for row 16 w + r
     if constexpr (kFp8) {
+      // Copies the 16 bytes at `offset` of warp row r's cache row to `dst` (zeros if the row is not there).
+      const auto copy = [&](int r, uint32_t dst, int offset) {
+        const auto source = reinterpret_cast<const uint8_t*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(row_bytes[0]), r));
+        cp_async_16(dst, source != nullptr ? static_cast<const void*>(source + offset) : p.kv, source != nullptr);
+      };
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
+        if (half == 0 && lane < 16) {
+          cp_async_16(smem_address(fp8_scales(stage) + gather_row_of(0) * 16),
+                      row_bytes[0] != nullptr ? static_cast<const void*>(row_bytes[0] + kScaleOffset) : p.kv,
+                      row_bytes[0] != nullptr);
+        }
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const bool valid = row_bytes[i] != nullptr;
-          const int row = gather_row_of(i);
-          const auto source = [&](int offset) {
-            return valid ? static_cast<const void*>(row_bytes[i] + offset) : p.kv;
-          };
-          if (half == 0 && lane % 8 == 0) {
-            cp_async_16(smem_address(fp8_scales(stage) + row * 16), source(kScaleOffset), valid);
-          }
+        for (int r = 0; r < 16; r += 2) {  // latent chunk c of 32: tile c / 4, raw chunk c % 4; two rows a copy
+          const int c = 16 * half + lane % 16, row = r + lane / 16;
+          copy(row, kv_tile(stage) + (c / 4) * kTileBytes + swizzled_offset(16 * warp + row, 4 + c % 4), c * 16);
+        }
+        if (half == 1) {
 #pragma unroll
-          for (int m = 2 * half; m < 2 * half + 2; ++m) {  // latent chunk c of 32: tile c / 4, raw chunk c % 4
-            const int c = lane % 8 + 8 * m;
-            cp_async_16(kv_tile(stage) + (c / 4) * kTileBytes + swizzled_offset(row, 4 + c % 4), source(c * 16),
-                        valid);
-          }
-          if (half == 1) {
-            cp_async_16(kv_tile(stage) + (kColumnTiles - 1) * kTileBytes + swizzled_offset(row, lane % 8),
-                        source(kRopeOffset + (lane % 8) * 16), valid);
+          for (int i = 0; i < 4; ++i) {  // the RoPE columns: 8 chunks of each of four rows a copy
+            const int r = 4 * i + lane / 8;
+            copy(r, kv_tile(stage) + (kColumnTiles - 1) * kTileBytes + swizzled_offset(16 * warp + r, lane % 8),
+                 kRopeOffset + (lane % 8) * 16);
           }
         }
         cp_async_commit();
       }
+      word = __ballot_sync(0xffffffffu, row_bytes[0] != nullptr) & 0xffffu;
     } else {
       constexpr int kTilesPerPart = kColumnTiles / kParts;
 #pragma unroll
@@ -526,14 +536,12 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
         }
         cp_async_commit();
       }
-    }
-    // Bit 4 i + j of warp w's 16-bit word for row 16 w + 4 i + j (from lane 8 j).
-    uint32_t word = 0;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t bits = __ballot_sync(0xffffffffu, row_bytes[i] != nullptr);
+      for (int i = 0; i < 4; ++i) {  // row 16 w + 4 i + j from lane 8 j
+        const uint32_t bits = __ballot_sync(0xffffffffu, row_bytes[i] != nullptr);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) word |= ((bits >> (8 * j)) & 1u) << (4 * i + j);
+        for (int j = 0; j < 4; ++j) word |= ((bits >> (8 * j)) & 1u) << (4 * i + j);
+      }
     }
     if (lane == 0) reinterpret_cast<uint16_t*>(token_masks)[stage * 4 + warp] = static_cast<uint16_t>(word);
     load_ahead(block + 2);

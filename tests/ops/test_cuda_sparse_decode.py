@@ -1,9 +1,11 @@
 """The sm_90a sparse decode kernel (csrc/dense_decode.cu, gathering mode) against the reference, on Hopper: BF16 and
 FP8 caches, -1 and duplicate indices, an all -1 query, topk_length shorter than topk (0 included), topk not a
-multiple of 64, h_q 16 / 64 / 128 / 5, s_q 1 and 2, forced split counts, FP8 scales that differ by tile and token;
-outputs poisoned; repeated runs identical."""
+multiple of 64, h_q 16 / 64 / 128 / 5, s_q 1 and 2, forced split counts, FP8 scales that differ by tile and token,
+tokens 2**37 apart in scale, query rows and RoPE columns beyond f16's range; outputs poisoned; repeated runs
+identical."""
 import pytest
 import torch
+from decode_inputs import LSE_TOLERANCE, assert_rows_close, huge_and_small_scale_inputs
 from test_triton_sparse import (SCALE, assert_close, paged_cache, poison_allocator, random_indices,
                                 varied_scale_cache)
 
@@ -71,6 +73,59 @@ def test_cuda_sparse_decode_split_counts(num_splits, is_fp8):
 def test_cuda_sparse_decode_fp8_scales_that_differ_by_tile_and_token(batch, s_q, h_q, topk):
     """A kernel that scaled a value by another tile's or another row's scale would be off by 2x or more here."""
     run(batch, s_q, h_q, topk, False, True, varied_scales=True)
+
+
+def every_token(block_table, cache_seqlens, topk):
+    """Indices (batch, 1, topk) of each sequence's tokens in its paged cache, -1 past its length."""
+    positions = torch.arange(topk, device=DEVICE)
+    slots = block_table.long().gather(1, (positions // PAGE_BLOCK_SIZE).expand(len(block_table), -1).clamp_max(
+        block_table.shape[1] - 1)) * PAGE_BLOCK_SIZE + positions % PAGE_BLOCK_SIZE
+    return torch.where(positions < cache_seqlens[:, None], slots, -1).int()[:, None]
+
+
+def kernel_and_reference(q, cache, indices, scale):
+    """The kernel's (FP8 cache) and the reference's out and lse."""
+    num_splits = cuda_num_splits(q.device, q.shape[0] * q.shape[1], q.shape[2], -(-indices.shape[-1] // 64))
+    out, lse = _ext.kernels("sparse_decode", DEVICE).sparse_decode(q, cache, indices, None, scale, True, num_splits)
+    want_out, want_lse = reference.sparse_decode(q, cache, indices, None, None, None, None, KV_LORA_RANK, scale, True)
+    return out, lse, want_out, want_lse
+
+
+@pytest.mark.parametrize("h_q", [16, 128])
+def test_cuda_sparse_decode_fp8_small_weights_next_to_huge_scales(h_q):
+    """decode_inputs.huge_and_small_scale_inputs over every token: rows carried by tokens 2**37 below the block's
+    largest scale, and rows carried by the huge ones, checked row by row (the kernel runs on f16 operands, each token
+    relative to its own largest scale)."""
+    q, cache, block_table, cache_seqlens, scale = huge_and_small_scale_inputs(torch.Generator(DEVICE).manual_seed(8),
+                                                                              h_q)
+    indices = every_token(block_table, cache_seqlens, 320)
+    out, lse, want_out, want_lse = kernel_and_reference(q, cache, indices, scale)
+    assert_close(out, lse, want_out, want_lse)
+    assert_rows_close(out, want_out)
+
+
+def test_cuda_sparse_decode_fp8_query_rows_and_rope_beyond_f16_range():
+    """Query rows 2**16 and 2**-20 times the rest, and tokens whose latent is ~2**-12 (the smallest tile scale, 2**-13)
+    beside RoPE columns ~2**6: as f16 relative to the latent's scale those would be ~2**19, past f16's 65504, so the
+    kernel must raise such a token's exponent. Checked row by row; the large rows' LSE relative to itself."""
+    generator = torch.Generator(DEVICE).manual_seed(9)
+    batch, h_q, topk, num_blocks = 4, 64, 512, 40
+    cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE)
+    small = torch.rand(num_blocks, PAGE_BLOCK_SIZE, generator=generator, device=DEVICE) < 0.5
+    cache[..., :KV_LORA_RANK] *= torch.where(small, 2.0 ** -12, 1.0)[..., None, None]
+    cache[..., KV_LORA_RANK:] *= torch.where(small, 2.0 ** 6, 1.0)[..., None, None]
+    cache = reference.quantize_kv_fp8(cache.bfloat16())
+    q = torch.randn(batch, 1, h_q, D_QK, generator=generator, device=DEVICE)
+    row_factor = torch.ones(h_q, device=DEVICE)
+    row_factor[0::4], row_factor[1::4] = 2.0 ** 16, 2.0 ** -20
+    q = (q * row_factor[:, None]).bfloat16()
+    indices = random_indices((batch, 1, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
+    out, lse, want_out, want_lse = kernel_and_reference(q, cache, indices, SCALE)
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+    seen = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), seen)
+    assert_rows_close(out[seen.transpose(1, 2)], want_out[seen.transpose(1, 2)])
+    assert torch.allclose(lse[seen], want_lse[seen], rtol=1e-5, atol=LSE_TOLERANCE)
 
 
 def test_sparse_decode_op_uses_cuda():
