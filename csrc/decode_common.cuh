@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "fp8_layout.cuh"
 #include "sm90.cuh"
@@ -188,16 +189,24 @@ __device__ __forceinline__ void load_fp8_share(Fp8Share& share, const uint8_t* r
   share.scales = valid ? __ldg(reinterpret_cast<const float4*>(row_bytes + kScaleOffset)) : make_float4(0, 0, 0, 0);
 }
 
-// 16 e4m3 values times their tile's `scale`, as 8 bf16 pairs: words[m] holds values 2 m and 2 m + 1. Exact in bf16
-// (the scales are powers of two), so the scale is applied after the pack, one bf16x2 multiply per pair instead of two
-// float multiplies before it.
-__device__ __forceinline__ void dequantise_fp8_chunk(const uint4& chunk, __nv_bfloat162 scale, uint32_t (&words)[8]) {
+// 16 e4m3 values times `scale`, as 8 pairs of `Pair` (__nv_bfloat162, or __half2 for the f16 operands below):
+// words[m] holds values 2 m and 2 m + 1. Exact where the scale is a power of two, so it is applied after the
+// conversion, one pair multiply instead of two float multiplies before it.
+template <typename Pair>
+__device__ __forceinline__ void dequantise_fp8_chunk(const uint4& chunk, Pair scale, uint32_t (&words)[8]) {
   const uint32_t packed[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
 #pragma unroll
     for (int pair = 0; pair < 2; ++pair) {
-      const __nv_bfloat162 scaled = __hmul2(e4m3x2_to_bf16x2(packed[w] >> (16 * pair)), scale);
+      Pair widened;
+      if constexpr (std::is_same_v<Pair, __half2>) {
+        const uint32_t bits = e4m3x2_to_f16x2(packed[w] >> (16 * pair));
+        widened = *reinterpret_cast<const __half2*>(&bits);
+      } else {
+        widened = e4m3x2_to_bf16x2(packed[w] >> (16 * pair));
+      }
+      const Pair scaled = __hmul2(widened, scale);
       words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
     }
   }
@@ -233,23 +242,10 @@ __device__ __forceinline__ Fp8RowExponent fp8_row_exponent(const float4& scales)
 __device__ __forceinline__ float query_row_scale(float largest) {
   return largest > 0.f ? power_of_two(min(max(float_exponent(largest) - 8, -100), 100)) : 1.f;
 }
-// 16 e4m3 values times `ratio` as 8 f16 pairs: words[m] holds values 2 m and 2 m + 1.
-__device__ __forceinline__ void widen_fp8_chunk(const uint4& chunk, __half2 ratio, uint32_t (&words)[8]) {
-  const uint32_t packed[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-#pragma unroll
-    for (int pair = 0; pair < 2; ++pair) {
-      const uint32_t widened = e4m3x2_to_f16x2(packed[w] >> (16 * pair));
-      const __half2 scaled = __hmul2(*reinterpret_cast<const __half2*>(&widened), ratio);
-      words[2 * w + pair] = *reinterpret_cast<const uint32_t*>(&scaled);
-    }
-  }
-}
-// Unit k of a share relative to the row's 2^e (`inverse` = 2^-e).
+// Unit k of a share as f16 pairs relative to the row's 2^e (`inverse` = 2^-e).
 __device__ __forceinline__ void widen_fp8_unit(const Fp8Share& share, int k, float inverse, uint32_t (&words)[8]) {
   const float scales[kNumTiles] = {share.scales.x, share.scales.y, share.scales.z, share.scales.w};
-  widen_fp8_chunk(share.packed[k], __float2half2_rn(scales[k / 2] * inverse), words);
+  dequantise_fp8_chunk(share.packed[k], __float2half2_rn(scales[k / 2] * inverse), words);
 }
 
 // Unit k's dequantised words into row `row` of a stage's first 512 columns: chunks 2 quarter, 2 quarter + 1 of column

@@ -94,8 +94,8 @@ def kernel_and_reference(q, cache, indices, scale):
 @pytest.mark.parametrize("h_q", [16, 128])
 def test_cuda_sparse_decode_fp8_small_weights_next_to_huge_scales(h_q):
     """decode_inputs.huge_and_small_scale_inputs over every token: rows carried by tokens 2**37 below the block's
-    largest scale, and rows carried by the huge ones, checked row by row (the kernel runs on f16 operands, each token
-    relative to its own largest scale)."""
+    largest scale, and rows carried by the huge ones, checked row by row (a kernel that applied the scales in a
+    narrower type than float32, or relative to the block rather than the token, would lose the small rows)."""
     q, cache, block_table, cache_seqlens, scale = huge_and_small_scale_inputs(torch.Generator(DEVICE).manual_seed(8),
                                                                               h_q)
     indices = every_token(block_table, cache_seqlens, 320)
@@ -106,8 +106,9 @@ def test_cuda_sparse_decode_fp8_small_weights_next_to_huge_scales(h_q):
 
 def test_cuda_sparse_decode_fp8_query_rows_and_rope_beyond_f16_range():
     """Query rows 2**16 and 2**-20 times the rest, and tokens whose latent is ~2**-12 (the smallest tile scale, 2**-13)
-    beside RoPE columns ~2**6: as f16 relative to the latent's scale those would be ~2**19, past f16's 65504, so the
-    kernel must raise such a token's exponent. Checked row by row; the large rows' LSE relative to itself."""
+    beside RoPE columns ~2**6: as f16 relative to the latent's scale those would be ~2**19, past f16's 65504, a trap
+    for a kernel on f16 operands (stop 31 measured one; the kernel takes bf16 operands). Checked row by row; the large
+    rows' LSE relative to itself."""
     generator = torch.Generator(DEVICE).manual_seed(9)
     batch, h_q, topk, num_blocks = 4, 64, 512, 40
     cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE)
