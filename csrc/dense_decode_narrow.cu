@@ -202,32 +202,71 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     }
   }
 
+  // O^T += V^T P^T over value tile t (64 of the 512 columns): issued, not committed. FP8: a block's P V runs under the
+  // dequantisation of the warpgroup's next own block, a tile at a time, or after the loop for its last.
+  const auto issue_value_tile = [&](int t) {
+#pragma unroll
+    for (int k = 0; k < kBlockN / 16; ++k) {
+      wgmma_m64n16k16_ss<1, kFp8 ? Operands::kF16 : Operands::kBf16>(
+          out_acc[t], descriptor_plus(stage_desc_mn, t * kTileBytes + k * 16 * 128), descriptor_plus(probs_desc, k * 32),
+          1);
+    }
+  };
+
   int own = 0;
-  // PhaseClock phases: 0 FP8 Q K^T over the latent (K from registers) with the dequantisation and the next own block's
-  // loads, 1 wait for the stage (FP8: its RoPE tile), 2 BF16 tail zeroing and barrier, 3 Q K^T from the stage (FP8:
-  // over the RoPE columns), 4 column maxima, 5 P^T and the O^T rescale, 6 O^T += V^T P^T, 7 barrier, next TMA, loop.
+  // PhaseClock phases: 0 FP8 Q K^T over the latent (K from registers) with the dequantisation, the previous own block's
+  // P V and the next own block's loads, 1 wait for the stage (FP8: its RoPE tile), 2 BF16 tail zeroing and barrier,
+  // 3 Q K^T from the stage (FP8: over the RoPE columns), 4 column maxima, 5 P^T and the O^T rescale, 6 BF16 O^T +=
+  // V^T P^T, 7 BF16 barrier and next TMA, loop.
   PhaseClock clock;
-  for (int block = first_block; block < end; block += 2, ++own) {
+  // One own block; `pending_constant` (FP8), a std::bool_constant: whether this warpgroup's previous block's P V is
+  // still to run. The first block is peeled off so that no wgmma is in flight where two code paths join (ptxas
+  // serialises the wgmmas otherwise, C7514).
+  const auto iteration = [&](int block, auto pending_constant) {
+    constexpr bool pending = decltype(pending_constant)::value;
     clock.mark(7);
     const int page_after = kFp8 || thread == 0 ? page_of(block + 4) : 0;  // BF16: only thread 0 issues loads
     if constexpr (kFp8) {
       // S^T = K Q^T over the latent, a unit (4 k-steps, 64 columns) at a time: the thread's two rows of the unit,
       // dequantised, are its A fragments (against Q's permuted columns) and go to the stage for P V. The words of
-      // unit k stay untouched until its wgmmas are done: two buffers, and a wait for unit k - 2's before reuse.
+      // unit k stay untouched until its wgmmas are done: two buffers, and a wait for unit k - 2's before reuse. With
+      // the previous own block's P V pending (its tile 0 issued first), the wgmma groups go P V tile k + 1, Q K^T
+      // unit k: unit k waits for all groups but the last (P V tile k done; Q K^T unit k - 1 may run on), then for
+      // the warpgroup's other warps (their part of that P V), before storing into tile k.
       uint32_t unit_words[2][2][8];
 #pragma unroll
       for (int half = 0; half < 2; ++half) token_exponent[half] = fp8_row_exponent(share[half].scales);
+      if constexpr (pending) {
+        wgmma_fence();
+        issue_value_tile(0);
+        wgmma_commit();
+      }
 #pragma unroll
       for (int k = 0; k < kFp8UnitsPerQuarter; ++k) {
         uint32_t(&words)[2][8] = unit_words[k % 2];
-        if (k >= 2) wgmma_wait<1>();
+        if (k >= 2) wgmma_wait<pending ? 2 : 1>();
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           fence_registers(words[half]);  // rewritten only after the wait
           widen_fp8_unit(share[half], k, token_exponent[half].inverse, words[half]);
+        }
+        if constexpr (pending) {
+          if (k == 0) {
+            wgmma_wait<0>();
+          } else {
+            wgmma_wait<1>();
+          }
+          named_barrier_sync(group_barrier, kGroupThreads);
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
           store_fp8_unit(words[half], stage_bytes, k, share_row + 8 * half, false);
         }
         wgmma_fence();
+        if (pending && k + 1 < kValueTiles) {
+          issue_value_tile(k + 1);
+          wgmma_commit();
+        }
 #pragma unroll
         for (int step = 0; step < 4; ++step) {
           const uint32_t a[4] = {words[0][2 * step], words[1][2 * step], words[0][2 * step + 1],
@@ -263,7 +302,11 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(scores);
-    if constexpr (kFp8) fence_registers(rope_scores);
+    if constexpr (kFp8) {
+      fence_registers(rope_scores);
+#pragma unroll
+      for (int t = 0; t < kValueTiles; ++t) fence_registers(out_acc[t]);  // the previous own block's P V is done
+    }
     clock.mark(3);
 
     // Column softmax: scale and mask, the block's maximum per query row (FP8: of S + e) over the warp's 16 tokens
@@ -331,26 +374,39 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     named_barrier_sync(group_barrier, kGroupThreads);
     clock.mark(5);
 
-    // O^T += V^T P^T
-    wgmma_fence();
+    // O^T += V^T P^T (FP8: under the next own block's dequantisation, or after the loop)
+    if constexpr (!kFp8) {
+      wgmma_fence();
 #pragma unroll
-    for (int t = 0; t < kValueTiles; ++t) {
+      for (int t = 0; t < kValueTiles; ++t) issue_value_tile(t);
+      wgmma_commit();
+      wgmma_wait<0>();
 #pragma unroll
-      for (int k = 0; k < kBlockN / 16; ++k) {
-        wgmma_m64n16k16_ss<1, kFp8 ? Operands::kF16 : Operands::kBf16>(
-            out_acc[t], descriptor_plus(stage_desc_mn, t * kTileBytes + k * 16 * 128),
-            descriptor_plus(probs_desc, k * 32), 1);
-      }
+      for (int t = 0; t < kValueTiles; ++t) fence_registers(out_acc[t]);
+      clock.mark(6);
+      // Every warp's wgmma has read the stage and P^T: the stage takes this warpgroup's next block.
+      named_barrier_sync(group_barrier, kGroupThreads);
+      if (thread == 0 && block + 2 < end) fill_stage(next_page);
     }
-    wgmma_commit();
-    wgmma_wait<0>();
+    next_page = page_after;
+  };
+  int block = first_block;
+  if (kFp8 && block < end) {
+    iteration(block, std::false_type{});
+    block += 2;
+    ++own;
+  }
+  for (; block < end; block += 2, ++own) iteration(block, std::bool_constant<kFp8>{});
+  if constexpr (kFp8) {  // the rest of the last own block's P V
+    if (own > 0) {
+      wgmma_fence();
+#pragma unroll
+      for (int t = 0; t < kValueTiles; ++t) issue_value_tile(t);
+      wgmma_commit();
+      wgmma_wait<0>();
+    }
 #pragma unroll
     for (int t = 0; t < kValueTiles; ++t) fence_registers(out_acc[t]);
-    clock.mark(6);
-    // Every warp's wgmma has read the stage and P^T: the stage takes this warpgroup's next block (BF16).
-    named_barrier_sync(group_barrier, kGroupThreads);
-    if (!kFp8 && thread == 0 && block + 2 < end) fill_stage(next_page);
-    next_page = page_after;
   }
   clock.mark(7);
   clock.report(kFp8 ? "narrow fp8" : "narrow bf16", own);
