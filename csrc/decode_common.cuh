@@ -276,8 +276,30 @@ __device__ __forceinline__ void store_fp8_share(const Fp8Share& share, uint8_t* 
 
 // Cycles per phase of a block loop, for finding what bounds a kernel: built with
 // FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_PHASES, the warpgroup leaders of the first two CTAs (row blocks 0 and 1 of
-// split 0) print, for each piece of 8 blocks or more, the cycles each phase took per block
-// (docs/bench/decode_phases_h200.log). Otherwise every call compiles to nothing.
+// split 0) record, for each piece of 8 blocks or more, the cycles each phase took per block, and the launcher prints
+// them after the kernel (print_phase_records: a printf inside a kernel is a function call, across which ptxas
+// serialises the wgmmas in flight, C7510). Otherwise every call compiles to nothing.
+#ifdef FLASHMLA_PHASES
+struct PhaseRecord {
+  const char* kernel;
+  int blocks;  // 0: none
+  unsigned per_block[8], cycles;
+  unsigned long long ns;
+};
+static __device__ PhaseRecord phase_records[4];  // [row block][warpgroup]; one array per translation unit
+static __global__ void print_phase_records() {
+  for (int i = 0; i < 4; ++i) {
+    PhaseRecord& r = phase_records[i];
+    if (r.blocks == 0) continue;
+    printf("%s row block %d warpgroup %d, %d blocks, cycles per block by phase: %u %u %u %u %u %u %u %u (loop %u cycles "
+           "in %llu ns: %.2f GHz)\n",
+           r.kernel, i / 2, i % 2, r.blocks, r.per_block[0], r.per_block[1], r.per_block[2], r.per_block[3],
+           r.per_block[4], r.per_block[5], r.per_block[6], r.per_block[7], r.cycles, r.ns,
+           static_cast<double>(r.cycles) / static_cast<double>(r.ns));
+    r.blocks = 0;
+  }
+}
+#endif
 struct PhaseClock {
 #ifdef FLASHMLA_PHASES
   unsigned last = clock(), first = last, total[8] = {};
@@ -294,13 +316,12 @@ struct PhaseClock {
   }
   __device__ __forceinline__ void report(const char* kernel, int blocks) const {
     if (blockIdx.x > 1 || blockIdx.y + blockIdx.z != 0 || threadIdx.x % 128 != 0 || blocks < 8) return;
-    const unsigned cycles = clock() - first;
-    const unsigned long long ns = nanoseconds() - first_ns;
-    printf("%s row block %d warpgroup %d, %d blocks, cycles per block by phase: %u %u %u %u %u %u %u %u (loop %u cycles "
-           "in %llu ns: %.2f GHz)\n",
-           kernel, blockIdx.x, threadIdx.x / 128, blocks, total[0] / blocks, total[1] / blocks, total[2] / blocks,
-           total[3] / blocks, total[4] / blocks, total[5] / blocks, total[6] / blocks, total[7] / blocks, cycles, ns,
-           static_cast<double>(cycles) / static_cast<double>(ns));
+    PhaseRecord& r = phase_records[2 * blockIdx.x + threadIdx.x / 128];
+    r.kernel = kernel;
+    for (int i = 0; i < 8; ++i) r.per_block[i] = total[i] / blocks;
+    r.cycles = clock() - first;
+    r.ns = nanoseconds() - first_ns;
+    r.blocks = blocks;
   }
 #else
   __device__ __forceinline__ void mark(int) {}
@@ -308,22 +329,54 @@ struct PhaseClock {
 #endif
 };
 
-// FLASHMLA_PHASES builds: thread 0 of the CTAs of every 16th grid row (split 0) prints its SM and when it started and
-// ended (globaltimer, ns), for the waves and the time outside the block loop. Otherwise nothing.
+// FLASHMLA_PHASES builds: thread 0 of the CTAs of every 16th grid row (split 0) records its SM and when it started and
+// ended (globaltimer, ns), for the waves and the time outside the block loop; print_phases prints them after the
+// kernel. Otherwise nothing.
+#ifdef FLASHMLA_PHASES
+struct CtaRecord {
+  const char* kernel;  // nullptr: none
+  int x, z;
+  unsigned sm;
+  unsigned long long entry, exit;
+};
+constexpr int kCtaRecords = 1024;
+static __device__ CtaRecord cta_records[kCtaRecords];
+static __global__ void print_cta_records() {
+  for (int i = 0; i < kCtaRecords; ++i) {
+    CtaRecord& r = cta_records[i];
+    if (r.kernel == nullptr) continue;
+    printf("%s cta (%d, %d) sm %u: %llu .. %llu ns\n", r.kernel, r.x, r.z, r.sm, r.entry, r.exit);
+    r.kernel = nullptr;
+  }
+}
+#endif
 struct CtaClock {
 #ifdef FLASHMLA_PHASES
   unsigned long long entry = PhaseClock::nanoseconds();
   __device__ __forceinline__ void report(const char* kernel) const {
     if (threadIdx.x != 0 || blockIdx.y != 0 || blockIdx.z % 16 != 0) return;
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    printf("%s cta (%d, %d) sm %u: %llu .. %llu ns\n", kernel, blockIdx.x, blockIdx.z, sm, entry,
-           PhaseClock::nanoseconds());
+    const unsigned index = blockIdx.x + gridDim.x * (blockIdx.z / 16);
+    if (index >= kCtaRecords) return;
+    CtaRecord& r = cta_records[index];
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(r.sm));
+    r.x = blockIdx.x;
+    r.z = blockIdx.z;
+    r.entry = entry;
+    r.exit = PhaseClock::nanoseconds();
+    r.kernel = kernel;
   }
 #else
   __device__ __forceinline__ void report(const char*) const {}
 #endif
 };
+
+// After a kernel that records phases and CTA times (FLASHMLA_PHASES builds): prints the records. Otherwise nothing.
+inline void print_phases(cudaStream_t stream) {
+#ifdef FLASHMLA_PHASES
+  print_phase_records<<<1, 1, 0, stream>>>();
+  print_cta_records<<<1, 1, 0, stream>>>();
+#endif
+}
 
 // Launches csrc/dense_decode_narrow.cu (rows <= kNarrowRows, dense) on grid (1, splits or parts, batch or 1).
 template <bool kFp8>

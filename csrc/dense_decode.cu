@@ -1018,6 +1018,7 @@ void launch_decode(const DecodeParams& params, dim3 grid, cudaStream_t stream) {
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, Layout::kBytes));
   dense_decode_kernel<kFp8, kSparse><<<grid, kThreads, Layout::kBytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  print_phases(stream);
 }
 
 // q always; kv_cache when defined (a paged cache).

@@ -214,10 +214,11 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   };
 
   int own = 0;
-  // PhaseClock phases: 0 FP8 Q K^T over the latent (K from registers) with the dequantisation, the previous own block's
-  // P V and the next own block's loads, 1 wait for the stage (FP8: its RoPE tile), 2 BF16 tail zeroing and barrier,
-  // 3 Q K^T from the stage (FP8: over the RoPE columns), 4 column maxima, 5 P^T and the O^T rescale, 6 BF16 O^T +=
-  // V^T P^T, 7 BF16 barrier and next TMA, loop.
+  // PhaseClock phases: 0 FP8 dequantisation (waits for Q K^T of unit k - 2 included) and the next own block's loads,
+  // 1 wait for the stage (FP8: its RoPE tile), 2 BF16 tail zeroing and barrier (FP8: the wgmma issue of Q K^T over
+  // the latent and of the previous own block's P V), 3 Q K^T from the stage (FP8: over the RoPE columns), 4 column
+  // maxima, 5 P^T and the O^T rescale, 6 BF16 O^T += V^T P^T (FP8: the wait for a tile of the previous own block's
+  // P V and the barrier after it), 7 BF16 barrier and next TMA, loop (FP8: and the stage stores).
   PhaseClock clock;
   // One own block; `pending_constant` (FP8), a std::bool_constant: whether this warpgroup's previous block's P V is
   // still to run. The first block is peeled off so that no wgmma is in flight where two code paths join (ptxas
@@ -250,6 +251,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
           fence_registers(words[half]);  // rewritten only after the wait
           widen_fp8_unit(share[half], k, token_exponent[half].inverse, words[half]);
         }
+        clock.mark(0);
         if constexpr (pending) {
           if (k == 0) {
             wgmma_wait<0>();
@@ -258,10 +260,12 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
           }
           named_barrier_sync(group_barrier, kGroupThreads);
         }
+        clock.mark(6);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           store_fp8_unit(words[half], stage_bytes, k, share_row + 8 * half, false);
         }
+        clock.mark(7);
         wgmma_fence();
         if (pending && k + 1 < kValueTiles) {
           issue_value_tile(k + 1);
@@ -275,6 +279,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
                                              k + step > 0);
         }
         wgmma_commit();
+        clock.mark(2);
       }
       if (block + 2 < end) load_share(block + 2, next_page);
     }
@@ -516,6 +521,7 @@ void launch_narrow_decode(const DecodeParams& params, dim3 grid, cudaStream_t st
                                       Layout::kBytes));
   narrow_decode_kernel<kFp8><<<grid, kThreads, Layout::kBytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  print_phases(stream);
 }
 
 template void launch_narrow_decode<false>(const DecodeParams&, dim3, cudaStream_t);
