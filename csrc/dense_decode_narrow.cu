@@ -214,11 +214,11 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   };
 
   int own = 0;
-  // PhaseClock phases: 0 FP8 dequantisation (waits for Q K^T of unit k - 2 included) and the next own block's loads,
+  // PhaseClock phases: 0 FP8 dequantisation (its wgmma waits included) and the next own block's loads,
   // 1 wait for the stage (FP8: its RoPE tile), 2 BF16 tail zeroing and barrier (FP8: the wgmma issue of Q K^T over
   // the latent and of the previous own block's P V), 3 Q K^T from the stage (FP8: over the RoPE columns), 4 column
-  // maxima, 5 P^T and the O^T rescale, 6 BF16 O^T += V^T P^T (FP8: the wait for a tile of the previous own block's
-  // P V and the barrier after it), 7 BF16 barrier and next TMA, loop (FP8: and the stage stores).
+  // maxima, 5 P^T and the O^T rescale, 6 BF16 O^T += V^T P^T (FP8: the barrier before a unit's stores), 7 BF16
+  // barrier and next TMA, loop (FP8: and the stage stores).
   PhaseClock clock;
   // One own block; `pending_constant` (FP8), a std::bool_constant: whether this warpgroup's previous block's P V is
   // still to run. The first block is peeled off so that no wgmma is in flight where two code paths join (ptxas
@@ -231,35 +231,39 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       // S^T = K Q^T over the latent, a unit (4 k-steps, 64 columns) at a time: the thread's two rows of the unit,
       // dequantised, are its A fragments (against Q's permuted columns) and go to the stage for P V. The words of
       // unit k stay untouched until its wgmmas are done: two buffers, and a wait for unit k - 2's before reuse. With
-      // the previous own block's P V pending (its tile 0 issued first), the wgmma groups go P V tile k + 1, Q K^T
-      // unit k: unit k waits for all groups but the last (P V tile k done; Q K^T unit k - 1 may run on), then for
-      // the warpgroup's other warps (their part of that P V), before storing into tile k.
+      // the previous own block's P V pending (tiles 0 and 1 issued first), the wgmma groups go P V tile k + 2, Q K^T
+      // unit k: the wait before unit k's words are rewritten (for Q K^T unit k - 2, and so for P V tile k, issued
+      // before it; unit 0: for tile 0, unit 7: for Q K^T unit 5) and a barrier of the warpgroup (the other warps'
+      // part of that P V) come before unit k's stores into tile k.
       uint32_t unit_words[2][2][8];
 #pragma unroll
       for (int half = 0; half < 2; ++half) token_exponent[half] = fp8_row_exponent(share[half].scales);
-      if constexpr (pending) {
+      if constexpr (pending) {  // P V tiles 0 and 1, a group each
         wgmma_fence();
         issue_value_tile(0);
+        wgmma_commit();
+        issue_value_tile(1);
         wgmma_commit();
       }
 #pragma unroll
       for (int k = 0; k < kFp8UnitsPerQuarter; ++k) {
         uint32_t(&words)[2][8] = unit_words[k % 2];
-        if (k >= 2) wgmma_wait<pending ? 2 : 1>();
+        if constexpr (pending) {
+          if (k == 0 || k == kFp8UnitsPerQuarter - 1) {
+            wgmma_wait<1>();
+          } else {
+            wgmma_wait<2>();
+          }
+        } else if (k >= 2) {
+          wgmma_wait<1>();
+        }
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           fence_registers(words[half]);  // rewritten only after the wait
           widen_fp8_unit(share[half], k, token_exponent[half].inverse, words[half]);
         }
         clock.mark(0);
-        if constexpr (pending) {
-          if (k == 0) {
-            wgmma_wait<0>();
-          } else {
-            wgmma_wait<1>();
-          }
-          named_barrier_sync(group_barrier, kGroupThreads);
-        }
+        if constexpr (pending) named_barrier_sync(group_barrier, kGroupThreads);
         clock.mark(6);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -267,8 +271,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
         }
         clock.mark(7);
         wgmma_fence();
-        if (pending && k + 1 < kValueTiles) {
-          issue_value_tile(k + 1);
+        if (pending && k + 2 < kValueTiles) {
+          issue_value_tile(k + 2);
           wgmma_commit();
         }
 #pragma unroll
