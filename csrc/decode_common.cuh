@@ -276,8 +276,8 @@ __device__ __forceinline__ void store_fp8_share(const Fp8Share& share, uint8_t* 
 
 // Cycles per phase of a block loop, for finding what bounds a kernel: built with
 // FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_PHASES, the warpgroup leaders of the first two CTAs (row blocks 0 and 1 of
-// split 0) record, for each piece of 8 blocks or more, the cycles each phase took per block, and the launcher prints
-// them after the kernel (print_phase_records: a printf inside a kernel is a function call, across which ptxas
+// split 0) record, for their last piece of 8 blocks or more, the cycles each phase took per block, and the launcher
+// prints them after the kernel (print_phase_records: a printf inside a kernel is a function call, across which ptxas
 // serialises the wgmmas in flight, C7510). Otherwise every call compiles to nothing.
 #ifdef FLASHMLA_PHASES
 struct PhaseRecord {

@@ -14,9 +14,11 @@
 // done; FP8: its RoPE columns, once Q K^T is done, and the latent dequantised from registers that each thread loads
 // one own block ahead). FP8 Q K^T takes the latent's 32 k-steps with A from those registers: a thread's quarter of
 // its two fragment rows, dequantised, is its A fragment once Q's columns are permuted to match, and the same words go
-// to the stage for P V; only the RoPE columns' 4 k-steps read the stage. The page of each block is read from the
-// block table one own block before its loads are issued, so that no load waits on it. Value rows of the last block
-// past the sequence's end are zeroed (BF16) or stored as zeros (FP8) before P V.
+// to the stage for P V; only the RoPE columns' 4 k-steps read the stage. FP8 P V of a block runs under the
+// dequantisation of the warpgroup's next own block, a value tile at a time, each tile of the stage rewritten once its
+// P V has read it. The page of each block is read from the block table one own block before its loads are issued, so
+// that no load waits on it. Value rows of the last block past the sequence's end are zeroed (BF16) or stored as zeros
+// (FP8) before P V.
 //
 // FP8 runs on f16 operands: e4m3 widens to f16 in one conversion (to bf16 it takes five instructions, and widening
 // was the loop's longest phase). A token's latent goes to the stage relative to its largest tile scale 2^e
