@@ -277,7 +277,7 @@ __device__ __forceinline__ void store_fp8_share(const Fp8Share& share, uint8_t* 
 // Cycles per phase of a block loop, for finding what bounds a kernel: built with
 // FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_PHASES, the warpgroup leaders of the first two CTAs (row blocks 0 and 1 of
 // split 0) record, for their last piece of 8 blocks or more, the cycles each phase took per block, and the launcher
-// prints them after the kernel (print_phase_records: a printf inside a kernel is a function call, across which ptxas
+// prints them after the kernel (print_phases: a printf inside a kernel is a function call, across which ptxas
 // serialises the wgmmas in flight, C7510). Otherwise every call compiles to nothing.
 #ifdef FLASHMLA_PHASES
 struct PhaseRecord {
@@ -287,18 +287,6 @@ struct PhaseRecord {
   unsigned long long ns;
 };
 static __device__ PhaseRecord phase_records[4];  // [row block][warpgroup]; one array per translation unit
-static __global__ void print_phase_records() {
-  for (int i = 0; i < 4; ++i) {
-    PhaseRecord& r = phase_records[i];
-    if (r.blocks == 0) continue;
-    printf("%s row block %d warpgroup %d, %d blocks, cycles per block by phase: %u %u %u %u %u %u %u %u (loop %u cycles "
-           "in %llu ns: %.2f GHz)\n",
-           r.kernel, i / 2, i % 2, r.blocks, r.per_block[0], r.per_block[1], r.per_block[2], r.per_block[3],
-           r.per_block[4], r.per_block[5], r.per_block[6], r.per_block[7], r.cycles, r.ns,
-           static_cast<double>(r.cycles) / static_cast<double>(r.ns));
-    r.blocks = 0;
-  }
-}
 #endif
 struct PhaseClock {
 #ifdef FLASHMLA_PHASES
@@ -341,7 +329,19 @@ struct CtaRecord {
 };
 constexpr int kCtaRecords = 1024;
 static __device__ CtaRecord cta_records[kCtaRecords];
-static __global__ void print_cta_records() {
+
+// One thread: prints the phase and CTA records a kernel left, and clears them.
+static __global__ void print_records() {
+  for (int i = 0; i < 4; ++i) {
+    PhaseRecord& r = phase_records[i];
+    if (r.blocks == 0) continue;
+    printf("%s row block %d warpgroup %d, %d blocks, cycles per block by phase: %u %u %u %u %u %u %u %u (loop %u cycles "
+           "in %llu ns: %.2f GHz)\n",
+           r.kernel, i / 2, i % 2, r.blocks, r.per_block[0], r.per_block[1], r.per_block[2], r.per_block[3],
+           r.per_block[4], r.per_block[5], r.per_block[6], r.per_block[7], r.cycles, r.ns,
+           static_cast<double>(r.cycles) / static_cast<double>(r.ns));
+    r.blocks = 0;
+  }
   for (int i = 0; i < kCtaRecords; ++i) {
     CtaRecord& r = cta_records[i];
     if (r.kernel == nullptr) continue;
@@ -373,8 +373,7 @@ struct CtaClock {
 // After a kernel that records phases and CTA times (FLASHMLA_PHASES builds): prints the records. Otherwise nothing.
 inline void print_phases(cudaStream_t stream) {
 #ifdef FLASHMLA_PHASES
-  print_phase_records<<<1, 1, 0, stream>>>();
-  print_cta_records<<<1, 1, 0, stream>>>();
+  print_records<<<1, 1, 0, stream>>>();
 #endif
 }
 
