@@ -1,5 +1,5 @@
 """The sm_90a sparse prefill (csrc/dense_decode.cu's gathering mode over a flat kv) against the reference, on Hopper:
-varlen-packed batches of 1..3 sequences, h_q 16 / 64 / 128 / 5, topk not a multiple of 64, -1 indices, indices
+varlen-packed batches of 1..3 sequences, h_q 16 / 64 / 128 / 5 / 256, topk not a multiple of 64, -1 indices, indices
 >= s_kv, duplicates, an all -1 query, topk_length (0 included); out, max_logits and lse compared; outputs poisoned;
 repeated runs identical; the op dispatches here, chunks more than CUDA_MAX_TOKENS queries, and replays in a CUDA
 graph."""
@@ -27,6 +27,7 @@ CASES = [
     ([1000], 64, 2000, True),
     ([1], 128, 64, False),
     ([3, 9], 5, 130, True),
+    ([100, 31], 256, 200, True),  # four row blocks: two clusters sharing their gathers
 ]
 
 
