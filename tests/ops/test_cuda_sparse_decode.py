@@ -1,7 +1,7 @@
 """The sm_90a sparse decode kernel (csrc/dense_decode.cu, gathering mode) against the reference, on Hopper: BF16 and
 FP8 caches, -1 and duplicate indices, an all -1 query, topk_length shorter than topk (0 included), topk not a
-multiple of 64, h_q 16 / 64 / 128 / 5 / 192 / 256, s_q 1 and 2, forced split counts, FP8 scales that differ by tile and token,
-tokens 2**37 apart in scale, query rows and RoPE columns beyond f16's range; outputs poisoned; repeated runs
+multiple of 64, h_q 16 / 64 / 128 / 5 / 192 / 256, s_q 1 and 2, forced split counts, FP8 scales that differ by tile
+and token, tokens 2**37 apart in scale, query rows and RoPE columns beyond f16's range; outputs poisoned; repeated runs
 identical."""
 import pytest
 import torch
@@ -25,7 +25,7 @@ CASES = [(batch, s_q, h_q, topk, with_length)
          for h_q in (16, 64, 128) for s_q in (1, 2)
          for batch, topk, with_length in ((2, 64, False), (3, 1000, True), (16, 2048, False), (1, 2048, True))]
 CASES += [(3, 1, 5, 130, True), (2, 2, 128, 70, True)]
-# h_q past 128: an even number of 64-head row blocks runs in clusters of two that share their gathers, an odd one not
+# h_q past 128: three and four 64-head row blocks of one query
 CASES += [(2, 1, 256, 300, True), (2, 2, 192, 130, False)]
 
 

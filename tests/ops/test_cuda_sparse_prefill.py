@@ -27,7 +27,7 @@ CASES = [
     ([1000], 64, 2000, True),
     ([1], 128, 64, False),
     ([3, 9], 5, 130, True),
-    ([100, 31], 256, 200, True),  # four row blocks: two clusters sharing their gathers
+    ([100, 31], 256, 200, True),  # four 64-head row blocks of one query
 ]
 
 
