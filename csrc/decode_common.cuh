@@ -278,19 +278,21 @@ __device__ __forceinline__ void store_fp8_share(const Fp8Share& share, uint8_t* 
 // FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_PHASES, the warpgroup leaders of the first two CTAs (row blocks 0 and 1 of
 // split 0) record, for their last piece of 8 blocks or more, the cycles each phase took per block, and the launcher
 // prints them after the kernel (print_phases: a printf inside a kernel is a function call, across which ptxas
-// serialises the wgmmas in flight, C7510). Otherwise every call compiles to nothing.
+// serialises the wgmmas in flight, C7510). Otherwise every call compiles to nothing. Phases 0..kPhases - 1: each
+// kernel says what its own are (phase 8: only the narrow FP8 loop's wgmma waits).
+constexpr int kPhases = 9;
 #ifdef FLASHMLA_PHASES
 struct PhaseRecord {
   const char* kernel;
   int blocks;  // 0: none
-  unsigned per_block[8], cycles;
+  unsigned per_block[kPhases], cycles;
   unsigned long long ns;
 };
 static __device__ PhaseRecord phase_records[4];  // [row block][warpgroup]; one array per translation unit
 #endif
 struct PhaseClock {
 #ifdef FLASHMLA_PHASES
-  unsigned last = clock(), first = last, total[8] = {};
+  unsigned last = clock(), first = last, total[kPhases] = {};
   unsigned long long first_ns = nanoseconds();
   __device__ __forceinline__ static unsigned long long nanoseconds() {
     unsigned long long ns;
@@ -306,7 +308,7 @@ struct PhaseClock {
     if (blockIdx.x > 1 || blockIdx.y + blockIdx.z != 0 || threadIdx.x % 128 != 0 || blocks < 8) return;
     PhaseRecord& r = phase_records[2 * blockIdx.x + threadIdx.x / 128];
     r.kernel = kernel;
-    for (int i = 0; i < 8; ++i) r.per_block[i] = total[i] / blocks;
+    for (int i = 0; i < kPhases; ++i) r.per_block[i] = total[i] / blocks;
     r.cycles = clock() - first;
     r.ns = nanoseconds() - first_ns;
     r.blocks = blocks;
@@ -335,10 +337,11 @@ static __global__ void print_records() {
   for (int i = 0; i < 4; ++i) {
     PhaseRecord& r = phase_records[i];
     if (r.blocks == 0) continue;
-    printf("%s row block %d warpgroup %d, %d blocks, cycles per block by phase: %u %u %u %u %u %u %u %u (loop %u cycles "
-           "in %llu ns: %.2f GHz)\n",
+    static_assert(kPhases == 9, "the format below prints nine phases");
+    printf("%s row block %d warpgroup %d, %d blocks, cycles per block by phase: %u %u %u %u %u %u %u %u %u (loop %u "
+           "cycles in %llu ns: %.2f GHz)\n",
            r.kernel, i / 2, i % 2, r.blocks, r.per_block[0], r.per_block[1], r.per_block[2], r.per_block[3],
-           r.per_block[4], r.per_block[5], r.per_block[6], r.per_block[7], r.cycles, r.ns,
+           r.per_block[4], r.per_block[5], r.per_block[6], r.per_block[7], r.per_block[8], r.cycles, r.ns,
            static_cast<double>(r.cycles) / static_cast<double>(r.ns));
     r.blocks = 0;
   }

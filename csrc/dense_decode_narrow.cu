@@ -216,11 +216,12 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   };
 
   int own = 0;
-  // PhaseClock phases: 0 FP8 dequantisation (its wgmma waits included) and the next own block's loads,
-  // 1 wait for the stage (FP8: its RoPE tile), 2 BF16 tail zeroing and barrier (FP8: the wgmma issue of Q K^T over
-  // the latent and of the previous own block's P V), 3 Q K^T from the stage (FP8: over the RoPE columns), 4 column
-  // maxima, 5 P^T and the O^T rescale, 6 BF16 O^T += V^T P^T (FP8: the barrier before a unit's stores), 7 BF16
-  // barrier and next TMA, loop (FP8: and the stage stores).
+  // PhaseClock phases: 0 FP8 dequantisation and the next own block's loads, 1 wait for the stage (FP8: its RoPE
+  // tile), 2 BF16 tail zeroing and barrier (FP8: the wgmma issue of Q K^T over the latent and of the previous own
+  // block's P V), 3 Q K^T from the stage (FP8: over the RoPE columns), 4 column maxima, 5 P^T and the O^T rescale,
+  // 6 BF16 O^T += V^T P^T (FP8: the barrier before a unit's stores), 7 BF16 barrier and next TMA, loop (FP8: and the
+  // stage stores), 8 FP8 the unit loop's wgmma waits (and before unit 0 the row exponents and the pending P V's
+  // first two tiles).
   PhaseClock clock;
   // One own block; `pending_constant` (FP8), a std::bool_constant: whether this warpgroup's previous block's P V is
   // still to run. The first block is peeled off so that no wgmma is in flight where two code paths join (ptxas
@@ -259,6 +260,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
         } else if (k >= 2) {
           wgmma_wait<1>();
         }
+        clock.mark(8);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           fence_registers(words[half]);  // rewritten only after the wait
