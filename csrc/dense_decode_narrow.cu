@@ -214,6 +214,14 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
           1);
     }
   };
+  // O^T += V^T P^T over every value tile, waited for.
+  const auto run_value_tiles = [&] {
+    wgmma_fence();
+#pragma unroll
+    for (int t = 0; t < kValueTiles; ++t) issue_value_tile(t);
+    wgmma_commit();
+    wgmma_wait<0>();
+  };
 
   int own = 0;
   // PhaseClock phases: 0 FP8 dequantisation and the next own block's loads, 1 wait for the stage (FP8: its RoPE
@@ -389,11 +397,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
 
     // O^T += V^T P^T (FP8: under the next own block's dequantisation, or after the loop)
     if constexpr (!kFp8) {
-      wgmma_fence();
-#pragma unroll
-      for (int t = 0; t < kValueTiles; ++t) issue_value_tile(t);
-      wgmma_commit();
-      wgmma_wait<0>();
+      run_value_tiles();
 #pragma unroll
       for (int t = 0; t < kValueTiles; ++t) fence_registers(out_acc[t]);
       clock.mark(6);
@@ -411,13 +415,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   }
   for (; block < end; block += 2, ++own) iteration(block, std::bool_constant<kFp8>{});
   if constexpr (kFp8) {  // the rest of the last own block's P V
-    if (own > 0) {
-      wgmma_fence();
-#pragma unroll
-      for (int t = 0; t < kValueTiles; ++t) issue_value_tile(t);
-      wgmma_commit();
-      wgmma_wait<0>();
-    }
+    if (own > 0) run_value_tiles();
 #pragma unroll
     for (int t = 0; t < kValueTiles; ++t) fence_registers(out_acc[t]);
   }

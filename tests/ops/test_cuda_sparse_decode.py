@@ -50,9 +50,7 @@ def run(batch, s_q, h_q, topk, with_topk_length, is_fp8, num_splits=None, varied
     extension = _ext.kernels("sparse_decode", DEVICE)
     assert extension is not None
     poison_allocator(8 * batch * s_q * max(h_q, 64) * KV_LORA_RANK * 4 * num_splits)
-    out, lse = extension.sparse_decode(q, cache, indices, topk_length, SCALE, is_fp8, num_splits)
-    want_out, want_lse = reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK, SCALE,
-                                                 is_fp8)
+    out, lse, want_out, want_lse = kernel_and_reference(q, cache, indices, SCALE, topk_length, is_fp8, num_splits)
     assert_close(out, lse, want_out, want_lse)
     assert torch.all(out[0, 0] == 0) and torch.all(torch.isposinf(lse[0, :, 0]))  # the all -1 query
     again = extension.sparse_decode(q, cache, indices, topk_length, SCALE, is_fp8, num_splits)
@@ -85,11 +83,15 @@ def every_token(block_table, cache_seqlens, topk):
     return torch.where(positions < cache_seqlens[:, None], slots, -1).int()[:, None]
 
 
-def kernel_and_reference(q, cache, indices, scale):
-    """The kernel's (FP8 cache) and the reference's out and lse."""
-    num_splits = cuda_num_splits(q.device, q.shape[0] * q.shape[1], q.shape[2], -(-indices.shape[-1] // 64))
-    out, lse = _ext.kernels("sparse_decode", DEVICE).sparse_decode(q, cache, indices, None, scale, True, num_splits)
-    want_out, want_lse = reference.sparse_decode(q, cache, indices, None, None, None, None, KV_LORA_RANK, scale, True)
+def kernel_and_reference(q, cache, indices, scale, topk_length=None, is_fp8=True, num_splits=None):
+    """The kernel's and the reference's out and lse (num_splits: the op's rule unless given)."""
+    if num_splits is None:
+        num_splits = cuda_num_splits(q.device, q.shape[0] * q.shape[1], q.shape[2],
+                                     -(-indices.shape[-1] // PAGE_BLOCK_SIZE))
+    out, lse = _ext.kernels("sparse_decode", DEVICE).sparse_decode(q, cache, indices, topk_length, scale, is_fp8,
+                                                                   num_splits)
+    want_out, want_lse = reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK, scale,
+                                                 is_fp8)
     return out, lse, want_out, want_lse
 
 
