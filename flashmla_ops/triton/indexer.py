@@ -105,36 +105,78 @@ def _indexer_logits_kernel(
     out_rows = Out + batch * stride_ob + queries.to(tl.int64) * stride_ot
     split_start = split * keys_per_split
     split_end = tl.minimum(split_start + keys_per_split, NUM_KEYS)
-    for tile_start in range(split_start, split_end, BLOCK_N):
-        keys = tile_start + tl.arange(0, BLOCK_N)
-        if (tile_start < tile_hi) & (tile_start + BLOCK_N > tile_lo):
-            key_mask = (keys >= tile_lo) & (keys < tile_hi)
-            if PAGED:
-                block = tl.load(BlockTable + batch * stride_bt + keys // PAGE, mask=key_mask, other=0).to(tl.int64)
-                k_offsets = block * stride_k_block + (keys % PAGE) * stride_k_row
+    if PAGED:  # tiles that no query sees: -inf, without loads or MMAs (a branch in each step)
+        for tile_start in range(split_start, split_end, BLOCK_N):
+            keys = tile_start + tl.arange(0, BLOCK_N)
+            if (tile_start < tile_hi) & (tile_start + BLOCK_N > tile_lo):
+                logits = _tile_logits(q, weights, lo, hi, tile_lo, tile_hi, keys, K, KScale, BlockTable, batch,
+                                      stride_bt, stride_k_block, stride_k_row, PAGED, K_FP8, K_SCALED, HW_FP8,
+                                      BLOCK_Q, H_PAD, BLOCK_N, D_I, PAGE, INTERPRET, F16, FP8_MMA)
             else:
-                k_offsets = keys.to(tl.int64) * stride_k_row
-            k = _load_operand(K + k_offsets[:, None] + cols[None, :], key_mask[:, None], K_FP8, HW_FP8, F16,
-                              FP8_MMA)
-            if K_SCALED:
-                if PAGED:  # the token's float32 scale follows its d_i bytes
-                    k_scale = tl.load((K + k_offsets + D_I).to(tl.pointer_type(tl.float32), bitcast=True),
-                                      mask=key_mask, other=0.0)
-                else:  # prefill: |scale| (its sign is in the keys), applied after the sum over heads
-                    k_scale = tl.load(KScale + keys, mask=key_mask, other=0.0)
-            # keys x (query, head): a key's sum over heads stays within its row's lanes
-            scores = _scores(k, tl.trans(q), FP8_MMA, min(32, D_I), INTERPRET)
-            if K_SCALED and PAGED:
-                scores = scores * k_scale[:, None]
-            weighted = tl.maximum(scores, 0.0) * weights[None, :]
-            logits = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_Q, H_PAD)), 2)
-            if K_SCALED and not PAGED:
-                logits = logits * k_scale[:, None]
-            visible = (keys[:, None] >= lo[None, :]) & (keys[:, None] < hi[None, :])
-            logits = tl.where(visible, logits, float("-inf"))
-        else:
-            logits = tl.full([BLOCK_N, BLOCK_Q], float("-inf"), dtype=tl.float32)
-        tl.store(out_rows[None, :] + keys[:, None], logits, mask=query_mask[None, :] & (keys < NUM_KEYS)[:, None])
+                logits = tl.full([BLOCK_N, BLOCK_Q], float("-inf"), dtype=tl.float32)
+            tl.store(out_rows[None, :] + keys[:, None], logits, mask=query_mask[None, :] & (keys < NUM_KEYS)[:, None])
+    else:
+        # Prefill: the split's tiles in three runs, those before any query's keys and those after them stored -inf
+        # without loads, and those between in a loop without a branch, whose key loads the compiler pipelines (it
+        # does not pipeline loads inside a branch). Timed on the H200 (stop 34, docs/bench/stop34_call2.log): FP8
+        # s_q 4096 h64 32k keys 3636.0-3683.5 us against 4573.2-4578.5 in the branch; the paged rows did not gain
+        # (bf16 cache: 379.7-387.6 us against 294.2-294.9), so they keep the branch.
+        seen_start = split_start + tl.maximum(tile_lo - split_start, 0) // BLOCK_N * BLOCK_N
+        seen_start = tl.minimum(seen_start, split_end)
+        seen_end = tl.minimum(split_end, tile_hi)
+        after = seen_start + tl.cdiv(tl.maximum(seen_end - seen_start, 0), BLOCK_N) * BLOCK_N
+        for tile_start in range(split_start, seen_start, BLOCK_N):
+            _store_unseen(out_rows, tile_start, query_mask, NUM_KEYS, BLOCK_N, BLOCK_Q)
+        for tile_start in range(seen_start, seen_end, BLOCK_N):
+            keys = tile_start + tl.arange(0, BLOCK_N)
+            logits = _tile_logits(q, weights, lo, hi, tile_lo, tile_hi, keys, K, KScale, BlockTable, batch,
+                                  stride_bt, stride_k_block, stride_k_row, PAGED, K_FP8, K_SCALED, HW_FP8, BLOCK_Q,
+                                  H_PAD, BLOCK_N, D_I, PAGE, INTERPRET, F16, FP8_MMA)
+            tl.store(out_rows[None, :] + keys[:, None], logits, mask=query_mask[None, :] & (keys < NUM_KEYS)[:, None])
+        for tile_start in range(after, split_end, BLOCK_N):
+            _store_unseen(out_rows, tile_start, query_mask, NUM_KEYS, BLOCK_N, BLOCK_Q)
+
+
+@triton.jit
+def _tile_logits(q, weights, lo, hi, tile_lo, tile_hi, keys, K, KScale, BlockTable, batch, stride_bt,
+                 stride_k_block, stride_k_row, PAGED: tl.constexpr, K_FP8: tl.constexpr, K_SCALED: tl.constexpr,
+                 HW_FP8: tl.constexpr, BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 D_I: tl.constexpr, PAGE: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr,
+                 FP8_MMA: tl.constexpr):
+    """The logits `(BLOCK_N, BLOCK_Q)` of the program's queries for `keys` (one tile), -inf where a query does not
+    see the key."""
+    cols = tl.arange(0, D_I)
+    key_mask = (keys >= tile_lo) & (keys < tile_hi)
+    if PAGED:
+        block = tl.load(BlockTable + batch * stride_bt + keys // PAGE, mask=key_mask, other=0).to(tl.int64)
+        k_offsets = block * stride_k_block + (keys % PAGE) * stride_k_row
+    else:
+        k_offsets = keys.to(tl.int64) * stride_k_row
+    k = _load_operand(K + k_offsets[:, None] + cols[None, :], key_mask[:, None], K_FP8, HW_FP8, F16, FP8_MMA)
+    if K_SCALED:
+        if PAGED:  # the token's float32 scale follows its d_i bytes
+            k_scale = tl.load((K + k_offsets + D_I).to(tl.pointer_type(tl.float32), bitcast=True), mask=key_mask,
+                              other=0.0)
+        else:  # prefill: |scale| (its sign is in the keys), applied after the sum over heads
+            k_scale = tl.load(KScale + keys, mask=key_mask, other=0.0)
+    # keys x (query, head): a key's sum over heads stays within its row's lanes
+    scores = _scores(k, tl.trans(q), FP8_MMA, min(32, D_I), INTERPRET)
+    if K_SCALED and PAGED:
+        scores = scores * k_scale[:, None]
+    weighted = tl.maximum(scores, 0.0) * weights[None, :]
+    logits = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_Q, H_PAD)), 2)
+    if K_SCALED and not PAGED:
+        logits = logits * k_scale[:, None]
+    visible = (keys[:, None] >= lo[None, :]) & (keys[:, None] < hi[None, :])
+    return tl.where(visible, logits, float("-inf"))
+
+
+@triton.jit
+def _store_unseen(out_rows, tile_start, query_mask, NUM_KEYS, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """-inf for a tile of keys that no query of the program sees."""
+    keys = tile_start + tl.arange(0, BLOCK_N)
+    tl.store(out_rows[None, :] + keys[:, None], tl.full([BLOCK_N, BLOCK_Q], float("-inf"), dtype=tl.float32),
+             mask=query_mask[None, :] & (keys < NUM_KEYS)[:, None])
 
 
 @dataclass(frozen=True)
@@ -163,7 +205,9 @@ def default_logits_config(h_pad: int, paged: bool = False, fp8_cache: bool = Fal
     keys widened before the launch (call 4, stop20_call4_indexer.log) the FP8 prefill row ran as the bf16 one: 4667.1
     us, 4 queries with 8 warps 4633.4 (within 1%). Timed again in stop 21 (docs/bench/stop21_call1.log), 4 queries
     with 8 warps took 4419.3 us against 4678.8 and 4711.3 for the paged default's tiles, so prefill takes 256 columns
-    with 8 warps."""
+    with 8 warps. With the prefill key loads pipelined (stop 34, docs/bench/stop34_call2.log) these tiles stayed the
+    fastest of four on the FP8 row: 3636.0 us against 3892.7 with 2 stages, 4534.3 with 4 and 4029.7 for 2 queries by
+    64 keys with 4 warps and 4 stages."""
     if not paged:
         return LogitsConfig(block_q=max(1, 256 // h_pad), block_n=64, num_warps=8)
     return LogitsConfig(block_q=max(1, 128 // h_pad), block_n=64 if fp8_cache else 128)

@@ -79,6 +79,26 @@ def test_triton_indexer_logits_matches_reference(s_q, s_kv, h_i, d_i, q_fp8, k_f
                         band(config, q_fp8 and k_fp8))
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_triton_indexer_tiles_before_between_and_after_the_seen_keys(fp8):
+    """Key ranges in the middle of 1000 keys, cut into splits of four 32-key tiles (on the CPU, 8 splits): splits that
+    no query sees, and splits with tiles no query sees before and after the tiles some query sees (the kernel stores
+    those -inf in loops of their own, without loads); an empty range and a one-key range among them. The output
+    starts as NaN, so every logit must be written."""
+    generator = torch.Generator().manual_seed(34)
+    s_q, s_kv, h_i, d_i = 5, 1000, 8, 32
+    q, k, weights, _, _, q_scale, k_scale = prefill_inputs(s_q, s_kv, h_i, d_i, fp8, fp8, generator)
+    k_start = torch.tensor([300, 310, 305, 330, 301], dtype=torch.int32, device=DEVICE)
+    k_end = torch.tensor([420, 400, 305, 331, 419], dtype=torch.int32, device=DEVICE)
+    out = torch.full((1, s_q, s_kv), float("nan"), device=DEVICE)
+    config = triton_indexer.LogitsConfig(block_q=8, block_n=32)
+    triton_indexer._launch_logits(q[None], k[None], weights[None], None if q_scale is None else q_scale[None],
+                                  k_scale, k_start, k_end, None, None, out, paged=False, config=config)
+    want = indexer_logits_reference(q, k, weights, k_start, k_end, q_scale, k_scale)
+    assert not out.isnan().any()
+    assert_logits_close(out[0], want)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_triton_indexer_logits_negative_and_zero_scales(config):
     """relu(s x) is computed as |s| relu(sign(s) x) (the signs to q and the prefill keys, the magnitudes to the
