@@ -197,19 +197,22 @@ class LogitsConfig:
 
 
 def default_logits_config(h_pad: int, paged: bool = False, fp8_cache: bool = False) -> LogitsConfig:
-    """Prefill: 8 warps, 256 (query, head) columns, 64 keys a step; paged: 4 warps, 128 columns, 64 keys a step (128
-    for a bf16 cache). From `bench_indexer.py --tune` on the H200 (stop 20, docs/bench/stop20_call2_indexer_tune.log),
-    against the kernel before, with the (query, head) pairs as M (2 x 64 rows by 64 keys, 8 warps): prefill bf16 s_q
-    4096 h64 32k keys 4703.9 against 9715.5 us; paged b128 h64 32k: bf16 cache 299.4 against 448.9 (64 keys 359.6),
-    FP8 cache 534.4 against 890.1 (128 keys 1067.2); 8 warps were slower on each. With the scales folded and prefill
-    keys widened before the launch (call 4, stop20_call4_indexer.log) the FP8 prefill row ran as the bf16 one: 4667.1
-    us, 4 queries with 8 warps 4633.4 (within 1%). Timed again in stop 21 (docs/bench/stop21_call1.log), 4 queries
-    with 8 warps took 4419.3 us against 4678.8 and 4711.3 for the paged default's tiles, so prefill takes 256 columns
-    with 8 warps. With the prefill key loads pipelined (stop 34, docs/bench/stop34_call2.log) these tiles stayed the
-    fastest of four on the FP8 row: 3636.0 us against 3892.7 with 2 stages, 4534.3 with 4 and 4029.7 for 2 queries by
-    64 keys with 4 warps and 4 stages."""
+    """Prefill: 8 warps (4 for FP8 keys), 256 (query, head) columns, 64 keys a step; paged: 4 warps, 128 columns, 64
+    keys a step (128 for a bf16 cache). From `bench_indexer.py --tune` on the H200 (stop 20,
+    docs/bench/stop20_call2_indexer_tune.log), against the kernel before, with the (query, head) pairs as M (2 x 64
+    rows by 64 keys, 8 warps): prefill bf16 s_q 4096 h64 32k keys 4703.9 against 9715.5 us; paged b128 h64 32k: bf16
+    cache 299.4 against 448.9 (64 keys 359.6), FP8 cache 534.4 against 890.1 (128 keys 1067.2); 8 warps were slower
+    on each. With the scales folded and prefill keys widened before the launch (call 4, stop20_call4_indexer.log)
+    the FP8 prefill row ran as the bf16 one: 4667.1 us, 4 queries with 8 warps 4633.4 (within 1%). Timed again in
+    stop 21 (docs/bench/stop21_call1.log), 4 queries with 8 warps took 4419.3 us against 4678.8 and 4711.3 for the
+    paged default's tiles, so prefill takes 256 columns with 8 warps. With the prefill key loads pipelined (stop 34,
+    docs/bench/stop34_call2.log) these tiles stayed the fastest of four on the FP8 row: 3636.0 us against 3892.7
+    with 2 stages, 4534.3 with 4 and 4029.7 for 2 queries by 64 keys with 4 warps and 4 stages; the tune then
+    (docs/bench/stop34_call5.log, 45 configs) found 4 warps faster on the FP8 row (3516.5 against 3683.5 us), which
+    three alternating rounds confirmed (stop34_call6.log: 3527.9-3553.2 against 3608.1-3649.3) and not on the bf16
+    row (3727.1-3837.0 against 3724.6-3736.8): FP8 keys take 4 warps."""
     if not paged:
-        return LogitsConfig(block_q=max(1, 256 // h_pad), block_n=64, num_warps=8)
+        return LogitsConfig(block_q=max(1, 256 // h_pad), block_n=64, num_warps=4 if fp8_cache else 8)
     return LogitsConfig(block_q=max(1, 128 // h_pad), block_n=64 if fp8_cache else 128)
 
 
