@@ -27,7 +27,6 @@ sass = subprocess.run([cuobjdump, "-sass", f"{prefix}.cubin"],
                       capture_output=True, text=True).stdout
 open(f"{prefix}.sass", "w").write(sass)
 ttgir = k.asm["ttgir"]
-import subprocess
 ptxas = subprocess.run(["ptxas", "-arch=sm_90a", "-v", f"{prefix}.ptx", "-o", "/dev/null"], capture_output=True,
                        text=True).stderr
 regs = re.findall(r"Used (\d+) registers", ptxas); spill = re.findall(r"(\d+) bytes spill stores", ptxas)

@@ -114,7 +114,7 @@ def _indexer_logits_kernel(
                                       BLOCK_Q, H_PAD, BLOCK_N, D_I, PAGE, INTERPRET, F16, FP8_MMA)
             else:
                 logits = tl.full([BLOCK_N, BLOCK_Q], float("-inf"), dtype=tl.float32)
-            tl.store(out_rows[None, :] + keys[:, None], logits, mask=query_mask[None, :] & (keys < NUM_KEYS)[:, None])
+            _store_tile(out_rows, keys, logits, query_mask, NUM_KEYS)
     else:
         # Prefill: the split's tiles in three runs, those before any query's keys and those after them stored -inf
         # without loads, and those between in a loop without a branch, whose key loads the compiler pipelines (it
@@ -132,7 +132,7 @@ def _indexer_logits_kernel(
             logits = _tile_logits(q, weights, lo, hi, tile_lo, tile_hi, keys, K, KScale, BlockTable, batch,
                                   stride_bt, stride_k_block, stride_k_row, PAGED, K_FP8, K_SCALED, HW_FP8, BLOCK_Q,
                                   H_PAD, BLOCK_N, D_I, PAGE, INTERPRET, F16, FP8_MMA)
-            tl.store(out_rows[None, :] + keys[:, None], logits, mask=query_mask[None, :] & (keys < NUM_KEYS)[:, None])
+            _store_tile(out_rows, keys, logits, query_mask, NUM_KEYS)
         for tile_start in range(after, split_end, BLOCK_N):
             _store_unseen(out_rows, tile_start, query_mask, NUM_KEYS, BLOCK_N, BLOCK_Q)
 
@@ -175,8 +175,13 @@ def _tile_logits(q, weights, lo, hi, tile_lo, tile_hi, keys, K, KScale, BlockTab
 def _store_unseen(out_rows, tile_start, query_mask, NUM_KEYS, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr):
     """-inf for a tile of keys that no query of the program sees."""
     keys = tile_start + tl.arange(0, BLOCK_N)
-    tl.store(out_rows[None, :] + keys[:, None], tl.full([BLOCK_N, BLOCK_Q], float("-inf"), dtype=tl.float32),
-             mask=query_mask[None, :] & (keys < NUM_KEYS)[:, None])
+    _store_tile(out_rows, keys, tl.full([BLOCK_N, BLOCK_Q], float("-inf"), dtype=tl.float32), query_mask, NUM_KEYS)
+
+
+@triton.jit
+def _store_tile(out_rows, keys, logits, query_mask, NUM_KEYS):
+    """A tile's logits `(BLOCK_N, BLOCK_Q)` to the program's query rows, keys past the last one left out."""
+    tl.store(out_rows[None, :] + keys[:, None], logits, mask=query_mask[None, :] & (keys < NUM_KEYS)[:, None])
 
 
 @dataclass(frozen=True)
