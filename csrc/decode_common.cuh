@@ -322,15 +322,24 @@ struct PhaseClock {
 // FLASHMLA_PHASES builds: thread 0 of the CTAs of every 16th grid row (split 0) records its SM and when it started and
 // ended (globaltimer, ns), for the waves and the time outside the block loop; print_phases prints them after the
 // kernel. Otherwise nothing.
+// attend_pairs also records when its prologue ended, its first pair, and its loop (cta_mark: 0, 1, 2).
 #ifdef FLASHMLA_PHASES
+constexpr int kCtaMarks = 3;
 struct CtaRecord {
   const char* kernel;  // nullptr: none
-  int x, z;
+  int x, y, z;
   unsigned sm;
-  unsigned long long entry, exit;
+  unsigned long long entry, exit, marks[kCtaMarks];
 };
 constexpr int kCtaRecords = 1024;
 static __device__ CtaRecord cta_records[kCtaRecords];
+
+// This CTA's record (every split of every 16th grid row, while they fit), or -1.
+__device__ __forceinline__ int cta_record_index() {
+  if (blockIdx.z % 16 != 0) return -1;
+  const unsigned index = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * (blockIdx.z / 16));
+  return index < kCtaRecords ? static_cast<int>(index) : -1;
+}
 
 // One thread: prints the phase and CTA records a kernel left, and clears them.
 static __global__ void print_records() {
@@ -348,8 +357,15 @@ static __global__ void print_records() {
   for (int i = 0; i < kCtaRecords; ++i) {
     CtaRecord& r = cta_records[i];
     if (r.kernel == nullptr) continue;
-    printf("%s cta (%d, %d) sm %u: %llu .. %llu ns\n", r.kernel, r.x, r.z, r.sm, r.entry, r.exit);
+    const auto since_entry = [&](int m) {  // -1: the mark was not reached
+      return r.marks[m] >= r.entry ? static_cast<long long>(r.marks[m] - r.entry) : -1LL;
+    };
+    printf("%s cta (%d, %d, %d) sm %u: %llu .. %llu ns; prologue, first pair, loop, exit end at +%lld +%lld +%lld "
+           "+%llu ns\n",
+           r.kernel, r.x, r.y, r.z, r.sm, r.entry, r.exit, since_entry(0), since_entry(1), since_entry(2),
+           r.exit - r.entry);
     r.kernel = nullptr;
+    for (int m = 0; m < kCtaMarks; ++m) r.marks[m] = 0;
   }
 }
 #endif
@@ -357,12 +373,12 @@ struct CtaClock {
 #ifdef FLASHMLA_PHASES
   unsigned long long entry = PhaseClock::nanoseconds();
   __device__ __forceinline__ void report(const char* kernel) const {
-    if (threadIdx.x != 0 || blockIdx.y != 0 || blockIdx.z % 16 != 0) return;
-    const unsigned index = blockIdx.x + gridDim.x * (blockIdx.z / 16);
-    if (index >= kCtaRecords) return;
+    const int index = cta_record_index();
+    if (threadIdx.x != 0 || index < 0) return;
     CtaRecord& r = cta_records[index];
     asm volatile("mov.u32 %0, %%smid;" : "=r"(r.sm));
     r.x = blockIdx.x;
+    r.y = blockIdx.y;
     r.z = blockIdx.z;
     r.entry = entry;
     r.exit = PhaseClock::nanoseconds();
@@ -372,6 +388,14 @@ struct CtaClock {
   __device__ __forceinline__ void report(const char*) const {}
 #endif
 };
+
+// FLASHMLA_PHASES builds: thread 0 records milestone `mark` of its CTA (see CtaRecord). Otherwise nothing.
+__device__ __forceinline__ void cta_mark(int mark) {
+#ifdef FLASHMLA_PHASES
+  const int index = cta_record_index();
+  if (threadIdx.x == 0 && index >= 0) cta_records[index].marks[mark] = PhaseClock::nanoseconds();
+#endif
+}
 
 // After a kernel that records phases and CTA times (FLASHMLA_PHASES builds): prints the records. Otherwise nothing.
 inline void print_phases(cudaStream_t stream) {

@@ -616,6 +616,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   cp_async_wait<0>();
   fence_async_shared();
   __syncthreads();
+  cta_mark(0);
 
   float out_acc[kValueColsPerWarpgroup / 2];
 #pragma unroll
@@ -723,6 +724,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   for (int pair = 0; 2 * pair < end - begin; ++pair) {
     const int a = begin + 2 * pair, b = a + 1;
     const bool has_b = b < end;
+    if (pair == 1) cta_mark(1);
     clock.mark(7);
     // P V of the previous b done (here for both warpgroups and every pair, so that no path the compiler sees reads O
     // with a product in flight: it would serialize every wgmma).
@@ -795,6 +797,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
     }
   }
   clock.report(kFp8 ? "wide sparse fp8 pairs" : kSparse ? "wide sparse bf16 pairs" : "wide bf16 pairs", end - begin);
+  cta_mark(2);
   wgmma_wait<0>();
   fence_registers(out_acc);
   store_output(p, shared, row_block, batch, first_query, out_slot, out_acc, row_max, row_sum);

@@ -1,0 +1,59 @@
+"""Milestones of each CTA of the wide decode kernel at b1 h128 (split: 66 pieces x 2 row tiles) and, for contrast,
+b128 h128 4k (one piece a CTA): on a FLASHMLA_PHASES build every CTA of split rows (and of every 16th sequence)
+records when it entered, when its prologue (Q, the first stages' issue) ended, when its first block pair ended, when
+its loop ended and when it exited (globaltimer, ns; csrc/decode_common.cuh's CtaRecord), and the launcher prints
+them. Runs each shape three times on one set of inputs (the first with a cache that has not been read: from DRAM) and
+summarises each run's records: the spread of the entries, and the medians and maxima of each milestone after entry.
+From the repository root on a Hopper GPU (stop 35):
+
+    FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_PHASES PYTHONPATH=$PWD:$PWD/scripts python docs/bench/marks_b1.py
+"""
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+if len(sys.argv) == 1:  # the parent: runs itself per shape and summarises what the launcher printed
+    for shape in ("1 32768", "1 8192", "128 4096"):
+        text = subprocess.run([sys.executable, __file__, *shape.split()], capture_output=True, text=True,
+                              env=os.environ).stdout
+        runs = text.split("== run ")[1:]
+        for run in runs:
+            header, *lines = run.splitlines()
+            records = [re.search(r"cta \((\d+), (\d+), (\d+)\) sm \d+: (\d+) \.\. (\d+) ns; .* at \+(-?\d+) \+(-?\d+) "
+                                 r"\+(-?\d+) \+(\d+) ns", line) for line in lines]
+            records = [[int(v) for v in m.groups()] for m in records if m]
+            if not records:
+                continue
+            first_entry = min(r[3] for r in records)
+            last_exit = max(r[4] for r in records)
+            print(f"b{shape.split()[0]} h128 {int(shape.split()[1]) // 1024}k run {header.strip()}: {len(records)} CTAs, "
+                  f"entries spread {max(r[3] for r in records) - first_entry} ns, first entry to last exit "
+                  f"{last_exit - first_entry} ns")
+            for name, index in (("prologue end", 5), ("first pair end", 6), ("loop end", 7), ("exit", 8)):
+                values = [r[index] for r in records if r[index] >= 0]
+                if values:
+                    print(f"    {name:15s} after entry: median {statistics.median(values):8.0f} ns, min {min(values):7d},"
+                          f" max {max(values):7d} ({len(values)} CTAs)")
+            if header.strip().startswith("3"):
+                print("    (run 3, all records)\n      " + "\n      ".join(
+                    line.split(": ", 1)[0] + ": " + line.split("; ", 1)[1] for line in lines[:12] if "cta" in line))
+    sys.exit(0)
+
+import torch
+import flashmla_ops  # noqa: F401
+from bench_decode import make_inputs, KV_LORA_RANK, D_QK
+
+batch, seqlen = int(sys.argv[1]), int(sys.argv[2])
+dev = torch.device("cuda")
+sets, lens = make_inputs(batch, 1, 128, [seqlen] * batch, False, dev, 1)
+q, cache, table = sets[0]
+from flashmla_ops.decode import cuda_num_splits
+splits = cuda_num_splits(dev, batch, 128, table.shape[1])
+for rep in range(3):
+    torch.cuda.synchronize()
+    print(f"== run {rep + 1} (splits {splits})", flush=True)
+    torch.ops.flashmla.dense_decode(q, cache, table, lens, None, None, KV_LORA_RANK, D_QK ** -0.5, False, False, None)
+    torch.cuda.synchronize()
+    sys.stdout.flush()
