@@ -30,6 +30,11 @@ struct DecodeParams {
   CUtensorMap kv_map;
   // BF16 cache: the same view, a box a third of a block's tiles (attend_pairs fills a stage in three parts).
   CUtensorMap kv_part_map;
+  // attend_pairs' Q tile in one TMA (when q_by_tma): q as (64 columns, h_q, s_q, 9 tiles, batch), 128 bytes between
+  // tiles; a box is the tile's 64 rows, (query, head) pairs as the CTA's rows are, of all nine tiles, heads and
+  // queries past the end zero.
+  CUtensorMap q_map;
+  bool q_by_tma;
   const __nv_bfloat16* q;
   int64_t q_batch_stride, q_seq_stride, q_head_stride;
   const uint8_t* kv;

@@ -11,7 +11,8 @@
 //   m   = max(m, rowmax(S_0), rowmax(S_1))     (row maxima exchanged through shared memory)
 //   P   = exp2(S - m) -> shared memory (bf16)  (the whole 64 x 64 probability tile)
 //   O_w = O_w * exp2(m_old - m) + P V[:, w * 256 : w * 256 + 256]   (wgmma m64n256: warpgroup w owns half of d_v)
-// Q (cp.async), two KV stages (TMA through a tensor map over the paged cache, one mbarrier per stage here and three
+// Q (attend_pairs: one TMA where the CTA's rows form a box of q, stop 35: 2-11% faster than cp.async on its rows;
+// else cp.async), two KV stages (TMA through a tensor map over the paged cache, one mbarrier per stage here and three
 // in attend_pairs; for the FP8 cache only the RoPE columns come by TMA, and the latent is dequantised from registers
 // that each thread loads one block ahead; sparse: cp.async gathers by the stage's own warpgroup, the FP8 latent
 // gathered raw and widened in place) and P live in 128-byte-swizzled shared tiles (sm90.cuh). The loop keeps the
@@ -55,7 +56,8 @@ struct Layout {
   static constexpr int kRowMax = kP + kTileBytes;                  // float [2][64]
   static constexpr int kRowSum = kRowMax + 2 * kRowsPerCta * 4;    // float [2][64]
   static constexpr int kBarriers = kRowSum + 2 * kRowsPerCta * 4;  // uint64_t [2 stages][kParts]
-  static constexpr int kTokenMasks = kBarriers + 2 * kParts * 8;   // uint32_t [2 stages][2]: sparse, valid tokens
+  static constexpr int kQBarrier = kBarriers + 2 * kParts * 8;     // uint64_t: attend_pairs' Q by TMA
+  static constexpr int kTokenMasks = kQBarrier + 8;                // uint32_t [2 stages][2]: sparse, valid tokens
   static constexpr int kBytes = kTokenMasks + 2 * 8 + 1024;        // + slack to align the base to 1024
   static_assert(kBytes <= 227 * 1024, "shared memory");
 };
@@ -118,6 +120,15 @@ __device__ __forceinline__ void load_q_async(const DecodeParams& p, uint32_t q_t
       },
       p.q);
   cp_async_commit();
+}
+
+// The CTA's 64 query rows into the Q tile by one TMA of all nine tiles (p.q_by_tma; thread 0), completing on
+// `barrier`: rows past the end (heads or queries beyond q's) come as zeros.
+__device__ __forceinline__ void load_q_tma(const DecodeParams& p, uint32_t q_tile, uint32_t barrier, int row_block,
+                                           int batch, int first_query) {
+  const int row = row_block * kRowsPerCta;
+  mbarrier_arrive_expect_bytes(barrier, kMatrixBytes);
+  tma_load_5d(q_tile, &p.q_map, barrier, 0, row % p.h_q, first_query + row / p.h_q, 0, batch);
 }
 
 // O (this thread's fragment of a warpgroup's 64 x 256 half) times `factor[j]` on accumulator row j.
@@ -214,10 +225,11 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, uint8_t* sha
 }
 
 // One piece of work: blocks [begin, end) of sequence z for row tile `row_block`; the output goes straight to out /
-// lse (out_slot < 0) or to float32 partial slot `out_slot`. `fills` counts each stage's fills by earlier pieces: the
-// mbarrier phases carry on from them. Dense decode over the FP8 cache only: the rest is attend_pairs'.
+// lse (out_slot < 0) or to float32 partial slot `out_slot`. `fills` counts each stage's fills by earlier pieces (and
+// attend_pairs' Q loads by TMA): the mbarrier phases carry on from them. Dense decode over the FP8 cache only: the
+// rest is attend_pairs'.
 __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
-                                             int end, int64_t out_slot, int (&fills)[2]) {
+                                             int end, int64_t out_slot, int (&fills)[3]) {
   using L = Layout;
   const uint32_t q_tile = smem_address(shared + L::kQ);
   const uint32_t p_tile = smem_address(shared + L::kP);
@@ -438,7 +450,7 @@ __device__ __forceinline__ void issue_block_scores(float (&scores)[kBlockN / 2],
 
 template <bool kSparse, bool kFp8>
 __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
-                                             int end, int64_t out_slot, int (&fills)[2]) {
+                                             int end, int64_t out_slot, int (&fills)[3]) {
   static_assert(kSparse || !kFp8, "the dense FP8 cache is attend_piece's");
   using L = Layout;
   const uint32_t q_tile = smem_address(shared + L::kQ);
@@ -603,8 +615,13 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
     visible[j] = row >= p.rows ? 0 : (p.causal ? length - p.s_q + query + 1 : length);
   }
 
+  const uint32_t q_barrier = smem_address(shared + L::kQBarrier);
   if (begin < end) {
-    load_q_async(p, q_tile, row_block, batch, first_query);
+    if (!p.q_by_tma) {
+      load_q_async(p, q_tile, row_block, batch, first_query);
+    } else if (threadIdx.x == 0) {
+      load_q_tma(p, q_tile, q_barrier, row_block, batch, first_query);
+    }
     if constexpr (kSparse) {  // warpgroup w gathers block begin + w into stage w
       load_ahead(begin + warpgroup);
       if (begin + warpgroup < end) gather_stage(warpgroup, begin + warpgroup);
@@ -616,6 +633,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   cp_async_wait<0>();
   fence_async_shared();
   __syncthreads();
+  if (p.q_by_tma && begin < end) mbarrier_wait(q_barrier, fills[2] & 1);  // fills[2]: the CTA's earlier Q loads
   cta_mark(0);
 
   float out_acc[kValueColsPerWarpgroup / 2];
@@ -804,6 +822,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   const int filled = max(0, end - begin);
   fills[0] += (filled + 1) / 2;
   fills[1] += filled / 2;
+  fills[2] += filled > 0;
 }
 
 template <bool kFp8, bool kSparse>
@@ -811,8 +830,8 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   extern __shared__ uint8_t raw_shared[];
   const CtaClock cta_clock;
   // kGeneric: measured faster here
-  uint8_t* shared = prepare_shared</*kGeneric=*/true>(raw_shared, Layout::kBarriers, 2 * kParts);
-  int fills[2] = {0, 0};
+  uint8_t* shared = prepare_shared</*kGeneric=*/true>(raw_shared, Layout::kBarriers, 2 * kParts + 1);  // + Q's
+  int fills[3] = {0, 0, 0};  // stage 0's fills, stage 1's, attend_pairs' Q loads by TMA
   for_each_piece<kSparse>(p, [&](int z, int begin, int end, int64_t slot) {
     if constexpr (!kFp8 || kSparse) {
       attend_pairs<kSparse, kFp8>(p, shared, blockIdx.x, z, begin, end, slot, fills);
@@ -1015,6 +1034,31 @@ CUtensorMap cache_tensor_map(const torch::Tensor& kv_cache, int64_t offset, int 
   return map;
 }
 
+// attend_pairs' Q map (DecodeParams::q_map) over q (batch, s_q, h_q, 576), or false where a CTA's 64 rows are not one
+// box: a box is 64 heads of one query (sparse, and dense with s_q 1: any h_q, heads past h_q are zeros), or, for
+// dense s_q > 1, 64 heads of one query (h_q a multiple of 64) or 64 / h_q whole queries (h_q dividing 64).
+bool q_tensor_map(const torch::Tensor& q, bool sparse, CUtensorMap& map) {
+  const int64_t s_q = q.size(1), h_q = q.size(2);
+  cuuint32_t box_heads = kRowsPerCta, box_queries = 1;
+  if (!sparse && s_q > 1 && h_q % kRowsPerCta != 0) {
+    if (kRowsPerCta % h_q != 0) return false;
+    box_heads = static_cast<cuuint32_t>(h_q);
+    box_queries = static_cast<cuuint32_t>(kRowsPerCta / h_q);
+  }
+  const auto encode = tensor_map_encoder();
+  const cuuint64_t dims[5] = {64, static_cast<cuuint64_t>(h_q), static_cast<cuuint64_t>(s_q), kColumnTiles,
+                              static_cast<cuuint64_t>(q.size(0))};
+  const cuuint64_t strides[4] = {static_cast<cuuint64_t>(q.stride(2) * 2), static_cast<cuuint64_t>(q.stride(1) * 2),
+                                 128, static_cast<cuuint64_t>(q.stride(0) * 2)};
+  const cuuint32_t box[5] = {64, box_heads, box_queries, kColumnTiles, 1};
+  const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+  const CUresult result = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 5, q.data_ptr(), dims, strides, box,
+                                 element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(result == CUDA_SUCCESS, "decode: cuTensorMapEncodeTiled (q) failed with ", static_cast<int>(result));
+  return true;
+}
+
 template <bool kFp8, bool kSparse>
 void launch_decode(const DecodeParams& params, dim3 grid, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(dense_decode_kernel<kFp8, kSparse>,
@@ -1077,6 +1121,8 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
   } else if (!sparse) {
     params.kv_part_map = cache_tensor_map(kv_cache, 0, kColumnTiles, kColumnTiles / kParts);
   }
+  // attend_pairs (dense BF16 past the narrow kernel's rows, and sparse) loads Q by TMA where its rows form a box.
+  params.q_by_tma = (sparse || (!is_fp8 && !narrow)) && q_tensor_map(q, sparse, params.q_map);
   params.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
   params.q_batch_stride = q.stride(0);
   params.q_seq_stride = q.stride(1);

@@ -28,14 +28,15 @@ if len(sys.argv) == 1:  # the parent: runs itself per shape and summarises what 
                 continue
             first_entry = min(r[3] for r in records)
             last_exit = max(r[4] for r in records)
-            print(f"b{shape.split()[0]} h128 {int(shape.split()[1]) // 1024}k run {header.strip()}: {len(records)} CTAs, "
+            batch, seqlen = shape.split()
+            print(f"b{batch} h128 {int(seqlen) // 1024}k run {header.strip()}: {len(records)} CTAs, "
                   f"entries spread {max(r[3] for r in records) - first_entry} ns, first entry to last exit "
                   f"{last_exit - first_entry} ns")
             for name, index in (("prologue end", 5), ("first pair end", 6), ("loop end", 7), ("exit", 8)):
                 values = [r[index] for r in records if r[index] >= 0]
                 if values:
-                    print(f"    {name:15s} after entry: median {statistics.median(values):8.0f} ns, min {min(values):7d},"
-                          f" max {max(values):7d} ({len(values)} CTAs)")
+                    print(f"    {name:15s} after entry: median {statistics.median(values):8.0f} ns, "
+                          f"min {min(values):7d}, max {max(values):7d} ({len(values)} CTAs)")
             if header.strip().startswith("3"):
                 print("    (run 3, all records)\n      " + "\n      ".join(
                     line.split(": ", 1)[0] + ": " + line.split("; ", 1)[1] for line in lines[:12] if "cta" in line))
