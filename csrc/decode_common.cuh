@@ -327,9 +327,10 @@ struct PhaseClock {
 // FLASHMLA_PHASES builds: thread 0 of the CTAs of every 16th grid row (split 0) records its SM and when it started and
 // ended (globaltimer, ns), for the waves and the time outside the block loop; print_phases prints them after the
 // kernel. Otherwise nothing.
-// attend_pairs also records when its prologue ended, its first pair, and its loop (cta_mark: 0, 1, 2).
+// attend_pairs also records when its prologue ended, its first pair, its loop, and the barrier before the output's
+// stores (cta_mark: 0, 1, 2, 3).
 #ifdef FLASHMLA_PHASES
-constexpr int kCtaMarks = 3;
+constexpr int kCtaMarks = 4;
 struct CtaRecord {
   const char* kernel;  // nullptr: none
   int x, y, z;
@@ -366,9 +367,9 @@ static __global__ void print_records() {
       return r.marks[m] >= r.entry ? static_cast<long long>(r.marks[m] - r.entry) : -1LL;
     };
     printf("%s cta (%d, %d, %d) sm %u: %llu .. %llu ns; prologue, first pair, loop, exit end at +%lld +%lld +%lld "
-           "+%llu ns\n",
+           "+%llu ns, stores from +%lld\n",
            r.kernel, r.x, r.y, r.z, r.sm, r.entry, r.exit, since_entry(0), since_entry(1), since_entry(2),
-           r.exit - r.entry);
+           r.exit - r.entry, since_entry(3));
     r.kernel = nullptr;
     for (int m = 0; m < kCtaMarks; ++m) r.marks[m] = 0;
   }

@@ -186,6 +186,7 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, uint8_t* sha
     if (lane % 4 == 0) row_sum_shared[warpgroup * kRowsPerCta + row_of[j]] = row_sum[j];
   }
   named_barrier_sync(1, kThreads);
+  cta_mark(3);
 
   const bool direct = out_slot < 0;
 #pragma unroll

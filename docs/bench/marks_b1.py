@@ -1,10 +1,11 @@
 """Milestones of each CTA of the wide decode kernel at b1 h128 (split: 66 pieces x 2 row tiles) and, for contrast,
 b128 h128 4k (one piece a CTA): on a FLASHMLA_PHASES build every CTA of split rows (and of every 16th sequence)
 records when it entered, when its prologue (Q, the first stages' issue) ended, when its first block pair ended, when
-its loop ended and when it exited (globaltimer, ns; csrc/decode_common.cuh's CtaRecord), and the launcher prints
-them. Runs each shape three times on one set of inputs (the first with a cache that has not been read: from DRAM) and
-summarises each run's records: the spread of the entries, and the medians and maxima of each milestone after entry.
-From the repository root on a Hopper GPU (stop 35):
+its loop ended, when the output's stores began (after the barrier that waits for both warpgroups) and when it exited
+(globaltimer, ns; csrc/decode_common.cuh's CtaRecord), and the launcher prints them. Runs each shape three times on
+one set of inputs (the first with a cache that has not been read: from DRAM) and summarises each run's records: the
+spread of the entries, and the medians and maxima of each milestone after entry. From the repository root on a
+Hopper GPU (stop 35):
 
     FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_PHASES PYTHONPATH=$PWD:$PWD/scripts python docs/bench/marks_b1.py
 """
@@ -22,7 +23,7 @@ if len(sys.argv) == 1:  # the parent: runs itself per shape and summarises what 
         for run in runs:
             header, *lines = run.splitlines()
             records = [re.search(r"cta \((\d+), (\d+), (\d+)\) sm \d+: (\d+) \.\. (\d+) ns; .* at \+(-?\d+) \+(-?\d+) "
-                                 r"\+(-?\d+) \+(\d+) ns", line) for line in lines]
+                                 r"\+(-?\d+) \+(\d+) ns, stores from \+(-?\d+)", line) for line in lines]
             records = [[int(v) for v in m.groups()] for m in records if m]
             if not records:
                 continue
@@ -32,7 +33,8 @@ if len(sys.argv) == 1:  # the parent: runs itself per shape and summarises what 
             print(f"b{batch} h128 {int(seqlen) // 1024}k run {header.strip()}: {len(records)} CTAs, "
                   f"entries spread {max(r[3] for r in records) - first_entry} ns, first entry to last exit "
                   f"{last_exit - first_entry} ns")
-            for name, index in (("prologue end", 5), ("first pair end", 6), ("loop end", 7), ("exit", 8)):
+            for name, index in (("prologue end", 5), ("first pair end", 6), ("loop end", 7), ("stores start", 9),
+                                ("exit", 8)):
                 values = [r[index] for r in records if r[index] >= 0]
                 if values:
                     print(f"    {name:15s} after entry: median {statistics.median(values):8.0f} ns, "
