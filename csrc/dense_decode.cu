@@ -170,13 +170,20 @@ __device__ __forceinline__ void issue_values(float (&out_acc)[kValueColsPerWarpg
 }
 
 // The end of a piece: each warpgroup's half of O (value columns 256 w ..), divided by the row sums of both halves
-// (`row_sum`: this thread's partial sums of its two rows, scaled to `row_max`, the rows' final maximum), straight to
-// out and lse (out_slot < 0) or to float32 partial slot `out_slot` and its base-2 LSE.
+// (`row_sum`: this thread's partial sums of its two rows, scaled to `row_max`, the rows' final maximum), to out and
+// lse (out_slot < 0) or to float32 partial slot `out_slot` and its base-2 LSE. The rows go through shared memory (the
+// Q tile and stage 0, free once every product is done: the caller has waited for its own) and leave it in 16-byte
+// stores, a warp's covering 512 contiguous bytes of a row: stop 35 timed the fragments' own 4- and 8-byte stores, 8
+// rows of 16 or 32 bytes a warp store, at 3-6 us a CTA. The CTA's last barrier lets the next piece's loads reuse it.
+constexpr int kStagedF32Stride = kLatentDim * 4 + 32;  // bytes per staged row: the padding spreads a warp's 8 rows
+constexpr int kStagedBf16Stride = kLatentDim * 2 + 16;  // over the banks
+static_assert(kRowsPerCta * kStagedF32Stride <= 2 * kMatrixBytes, "the staged rows fit the Q tile and stage 0");
 __device__ __forceinline__ void store_output(const DecodeParams& p, uint8_t* shared, int row_block, int batch,
                                              int first_query, int64_t out_slot,
                                              const float (&out_acc)[kValueColsPerWarpgroup / 2],
                                              const float (&row_max)[2], float (&row_sum)[2]) {
   float* row_sum_shared = reinterpret_cast<float*>(shared + Layout::kRowSum);
+  uint8_t* staged = shared + Layout::kQ;
   const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int row_of[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
 #pragma unroll
@@ -189,40 +196,65 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, uint8_t* sha
   cta_mark(3);
 
   const bool direct = out_slot < 0;
+  const int value_col = warpgroup * kValueColsPerWarpgroup + 2 * (lane % 4);
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const int row = row_block * kRowsPerCta + row_of[j];
-    if (row >= p.rows) continue;
     const float total = row_sum_shared[row_of[j]] + row_sum_shared[kRowsPerCta + row_of[j]];
     const float inverse = total > 0.f ? 1.f / total : 0.f;
-    const int query = first_query + row / p.h_q, head = row % p.h_q;
-    const int value_col = warpgroup * kValueColsPerWarpgroup + 2 * (lane % 4);
     if (direct) {
-      __nv_bfloat16* out_row =
-          p.out + batch * p.out_batch_stride + query * p.out_seq_stride + head * p.out_head_stride + value_col;
+      uint8_t* staged_row = staged + row_of[j] * kStagedBf16Stride + value_col * 2;
 #pragma unroll
       for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
-        *reinterpret_cast<__nv_bfloat162*>(out_row + 8 * i) =
+        *reinterpret_cast<__nv_bfloat162*>(staged_row + 16 * i) =
             __floats2bfloat162_rn(out_acc[4 * i + 2 * j] * inverse, out_acc[4 * i + 2 * j + 1] * inverse);
       }
-      if (warpgroup == 0 && lane % 4 == 0) {
-        const int64_t stat = (static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + query;
-        p.lse[stat] = total > 0.f ? (row_max[j] + log2f(total)) * kLn2 : INFINITY;
-        if (p.max_logits != nullptr) p.max_logits[stat] = total > 0.f ? row_max[j] * kLn2 : -INFINITY;
-      }
     } else {
-      const int64_t partial_row = out_slot * p.rows + row;
-      float* out_row = p.out_partial + partial_row * kLatentDim + value_col;
+      uint8_t* staged_row = staged + row_of[j] * kStagedF32Stride + value_col * 4;
 #pragma unroll
       for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
-        *reinterpret_cast<float2*>(out_row + 8 * i) =
+        *reinterpret_cast<float2*>(staged_row + 32 * i) =
             make_float2(out_acc[4 * i + 2 * j] * inverse, out_acc[4 * i + 2 * j + 1] * inverse);
       }
-      if (warpgroup == 0 && lane % 4 == 0) {
-        p.lse_partial[partial_row] = total > 0.f ? row_max[j] + log2f(total) : -INFINITY;
-      }
+    }
+    if (row >= p.rows || warpgroup != 0 || lane % 4 != 0) continue;
+    if (direct) {
+      const int query = first_query + row / p.h_q, head = row % p.h_q;
+      const int64_t stat = (static_cast<int64_t>(batch) * p.h_q + head) * p.s_q + query;
+      p.lse[stat] = total > 0.f ? (row_max[j] + log2f(total)) * kLn2 : INFINITY;
+      if (p.max_logits != nullptr) p.max_logits[stat] = total > 0.f ? row_max[j] * kLn2 : -INFINITY;
+    } else {
+      p.lse_partial[out_slot * p.rows + row] = total > 0.f ? row_max[j] + log2f(total) : -INFINITY;
     }
   }
+  named_barrier_sync(1, kThreads);
+
+  // Thread t copies 16-byte chunk t % kChunks of rows t / kChunks, t / kChunks + 256 / kChunks, ...: a warp's 32
+  // chunks are 512 contiguous bytes of one row.
+  const auto copy_rows = [&](auto chunks, int stride, auto row_bytes) {
+    constexpr int kChunks = decltype(chunks)::value;
+    const int c = threadIdx.x % kChunks;
+#pragma unroll 4
+    for (int r = threadIdx.x / kChunks; r < kRowsPerCta; r += kThreads / kChunks) {
+      const int row = row_block * kRowsPerCta + r;
+      if (row >= p.rows) break;
+      const uint4 value = *reinterpret_cast<const uint4*>(staged + r * stride + c * 16);
+      *reinterpret_cast<uint4*>(row_bytes(row) + c * 16) = value;
+    }
+  };
+  if (direct) {
+    copy_rows(std::integral_constant<int, kLatentDim * 2 / 16>{}, kStagedBf16Stride, [&](int row) {
+      const int query = first_query + row / p.h_q, head = row % p.h_q;
+      return reinterpret_cast<uint8_t*>(p.out + batch * p.out_batch_stride + query * p.out_seq_stride +
+                                        head * p.out_head_stride);
+    });
+  } else {
+    copy_rows(std::integral_constant<int, kLatentDim * 4 / 16>{}, kStagedF32Stride, [&](int row) {
+      return reinterpret_cast<uint8_t*>(p.out_partial + (out_slot * p.rows + row) * kLatentDim);
+    });
+  }
+  fence_async_shared();  // the staged rows are read before the next piece's loads (async proxy) overwrite them
+  __syncthreads();
 }
 
 // One piece of work: blocks [begin, end) of sequence z for row tile `row_block`; the output goes straight to out /
