@@ -16,8 +16,8 @@ import subprocess
 import sys
 
 if len(sys.argv) == 1:  # the parent: runs itself per shape and summarises what the launcher printed
-    for shape in ("1 32768", "1 8192", "128 4096"):
-        text = subprocess.run([sys.executable, __file__, *shape.split()], capture_output=True, text=True,
+    for batch, seqlen in (("1", "32768"), ("1", "8192"), ("128", "4096")):
+        text = subprocess.run([sys.executable, __file__, batch, seqlen], capture_output=True, text=True,
                               env=os.environ).stdout
         runs = text.split("== run ")[1:]
         for run in runs:
@@ -29,7 +29,6 @@ if len(sys.argv) == 1:  # the parent: runs itself per shape and summarises what 
                 continue
             first_entry = min(r[3] for r in records)
             last_exit = max(r[4] for r in records)
-            batch, seqlen = shape.split()
             print(f"b{batch} h128 {int(seqlen) // 1024}k run {header.strip()}: {len(records)} CTAs, "
                   f"entries spread {max(r[3] for r in records) - first_entry} ns, first entry to last exit "
                   f"{last_exit - first_entry} ns")
@@ -47,12 +46,12 @@ if len(sys.argv) == 1:  # the parent: runs itself per shape and summarises what 
 import torch
 import flashmla_ops  # noqa: F401
 from bench_decode import make_inputs, KV_LORA_RANK, D_QK
+from flashmla_ops.decode import cuda_num_splits
 
 batch, seqlen = int(sys.argv[1]), int(sys.argv[2])
 dev = torch.device("cuda")
 sets, lens = make_inputs(batch, 1, 128, [seqlen] * batch, False, dev, 1)
 q, cache, table = sets[0]
-from flashmla_ops.decode import cuda_num_splits
 splits = cuda_num_splits(dev, batch, 128, table.shape[1])
 for rep in range(3):
     torch.cuda.synchronize()
