@@ -946,7 +946,8 @@ __device__ __forceinline__ void add_weighted(float4& acc, float w, const float4&
   acc.w += w != 0.f ? w * part.w : 0.f;
 }
 
-// One query row per CTA: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s (natural log on output).
+// One query row per CTA: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s (natural log on output). For
+// balanced schedules (any number of splits per sequence) and uniform splits between the few- and many-splits kernels'.
 // A split that saw no token (lse_s = -inf) has weight 0 and its (unwritten) output is selected away. Partials are
 // indexed by the decode grid's z (batch * queries_per_z + first query) and the CTA rows of that z.
 __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ out_partial,
@@ -970,6 +971,53 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
     const float* partial_row = out_partial + ((first + s) * rows + row) * kLatentDim;
     const float4 part = reinterpret_cast<const float4*>(partial_row)[threadIdx.x];
     add_weighted(acc, w, part);
+  }
+  store_combined(out, out_batch_stride, out_seq_stride, out_head_stride, lse, h_q, s_q, batch, first_query, row, acc,
+                 max_lse, total);
+}
+
+// The combine of a uniform split into at most kCombineFewSplits splits (sparse decode b64 h64 has two), one query
+// row per CTA: each thread loads the row's LSEs and its four columns of every split at once and works out the weights
+// itself, so that the CTA waits on one round of loads. combine_kernel waits on three in turn (the LSEs, their
+// reduction through shared memory, then the partials): 8.3 us of sparse decode b64 h64's 86 (stop 36; 2-4% off the
+// whole op's time at 2 and 4 splits, docs/bench/stop36_call4.log). Compiled for
+// at most kSplits splits, so that a CTA holds only the registers its split count needs (2: 29 registers, 8: 56; at 15
+// it took 142, three CTAs an SM, so 9 to 15 splits keep combine_kernel).
+constexpr int kCombineFewSplits = 8;
+template <int kSplits>
+__global__ void __launch_bounds__(128) combine_few_splits_kernel(const float* __restrict__ out_partial,
+                                                                 const float* __restrict__ lse_partial,
+                                                                 __nv_bfloat16* out, int64_t out_batch_stride,
+                                                                 int64_t out_seq_stride, int64_t out_head_stride,
+                                                                 float* lse, int h_q, int s_q, int rows,
+                                                                 int num_splits, int queries_per_z) {
+  const int row = blockIdx.x, z = blockIdx.y;
+  const int batch = z / queries_per_z, first_query = z % queries_per_z;
+  const int64_t first = static_cast<int64_t>(z) * num_splits;
+  float split_lse[kSplits];
+  float4 part[kSplits];
+#pragma unroll
+  for (int s = 0; s < kSplits; ++s) {  // every load issued before any is used
+    if (s < num_splits) {
+      split_lse[s] = lse_partial[(first + s) * rows + row];
+      part[s] = reinterpret_cast<const float4*>(out_partial + ((first + s) * rows + row) * kLatentDim)[threadIdx.x];
+    }
+  }
+  float max_lse = -INFINITY, total = 0.f;
+#pragma unroll
+  for (int s = 0; s < kSplits; ++s) {
+    if (s < num_splits) max_lse = fmaxf(max_lse, split_lse[s]);
+  }
+#pragma unroll
+  for (int s = 0; s < kSplits; ++s) {
+    if (s < num_splits && split_lse[s] != -INFINITY) total += exp2f(split_lse[s] - max_lse);
+  }
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int s = 0; s < kSplits; ++s) {
+    if (s < num_splits) {
+      add_weighted(acc, split_lse[s] == -INFINITY ? 0.f : exp2f(split_lse[s] - max_lse) / total, part[s]);
+    }
   }
   store_combined(out, out_batch_stride, out_seq_stride, out_head_stride, lse, h_q, s_q, batch, first_query, row, acc,
                  max_lse, total);
@@ -1189,7 +1237,15 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
   } else {
     is_fp8 ? launch_decode<true, false>(params, grid, stream) : launch_decode<false, false>(params, grid, stream);
   }
-  if (partials) {
+  if (partials && !balanced && num_splits <= kCombineFewSplits) {
+    const auto combine = num_splits <= 2   ? combine_few_splits_kernel<2>
+                         : num_splits <= 4 ? combine_few_splits_kernel<4>
+                                           : combine_few_splits_kernel<kCombineFewSplits>;
+    combine<<<dim3(rows, zs), 128, 0, stream>>>(
+        out_partial.data_ptr<float>(), lse_partial.data_ptr<float>(), params.out, out.stride(0), out.stride(1),
+        out.stride(2), params.lse, params.h_q, params.s_q, params.rows, params.num_splits, params.queries_per_z);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (partials) {  // a balanced schedule (any number of splits per sequence), or more uniform splits
     const bool many_splits = !balanced && num_splits >= kCombineManySplits;
     const auto combine = many_splits ? combine_many_splits_kernel : combine_kernel;
     combine<<<dim3(rows, zs), many_splits ? kCombineThreads : 128, 0, stream>>>(
