@@ -946,8 +946,9 @@ __device__ __forceinline__ void add_weighted(float4& acc, float w, const float4&
   acc.w += w != 0.f ? w * part.w : 0.f;
 }
 
-// One query row per CTA: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s (natural log on output). For
-// balanced schedules (any number of splits per sequence) and uniform splits between the few- and many-splits kernels'.
+// One query row per CTA: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s (natural log on output). It
+// serves balanced schedules (any number of splits per sequence) and uniform splits of 9 to 15 (kCombineFewSplits <
+// splits < kCombineManySplits: the kernels below take the others).
 // A split that saw no token (lse_s = -inf) has weight 0 and its (unwritten) output is selected away. Partials are
 // indexed by the decode grid's z (batch * queries_per_z + first query) and the CTA rows of that z.
 __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ out_partial,
@@ -980,9 +981,9 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
 // row per CTA: each thread loads the row's LSEs and its four columns of every split at once and works out the weights
 // itself, so that the CTA waits on one round of loads. combine_kernel waits on three in turn (the LSEs, their
 // reduction through shared memory, then the partials): 8.3 us of sparse decode b64 h64's 86 (stop 36; 2-4% off the
-// whole op's time at 2 and 4 splits, docs/bench/stop36_call4.log). Compiled for
-// at most kSplits splits, so that a CTA holds only the registers its split count needs (2: 29 registers, 8: 56; at 15
-// it took 142, three CTAs an SM, so 9 to 15 splits keep combine_kernel).
+// whole op's time at 2 and 4 splits, docs/bench/stop36_call4.log). Compiled for at most kSplits splits, so that a CTA
+// holds only the registers its split count needs (2: 29 registers, 8: 56; at 15 it took 142, three CTAs an SM, so 9
+// to 15 splits keep combine_kernel).
 constexpr int kCombineFewSplits = 8;
 template <int kSplits>
 __global__ void __launch_bounds__(128) combine_few_splits_kernel(const float* __restrict__ out_partial,
