@@ -978,30 +978,35 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
 }
 
 // The combine of a uniform split into at most kCombineFewSplits splits (sparse decode b64 h64 has two), one query
-// row per CTA: each thread loads the row's LSEs and its four columns of every split at once and works out the weights
-// itself, so that the CTA waits on one round of loads. combine_kernel waits on three in turn (the LSEs, their
-// reduction through shared memory, then the partials): 8.3 us of sparse decode b64 h64's 86 (stop 36; 2-4% off the
-// whole op's time at 2 and 4 splits, docs/bench/stop36_call4.log). Compiled for at most kSplits splits, so that a CTA
-// holds only the registers its split count needs (2: 29 registers, 8: 56; at 15 it took 142, three CTAs an SM, so 9
-// to 15 splits keep combine_kernel).
+// row per warp, kFewSplitsRows rows per CTA: each lane loads the row's LSEs and its 16 columns (four float4, 512 bytes
+// apart) of every split at once and works out the weights itself, so that the warp waits on one round of loads.
+// combine_kernel waits on three in turn (the LSEs, their reduction through shared memory, then the partials): 8.3 us
+// of sparse decode b64 h64's 86 (stop 36). Stop 36's version of this kernel (2-4% off the whole op at 2 and 4 splits,
+// docs/bench/stop36_call4.log) took a row per CTA, a float4 per thread; a warp per row, four loads per split in flight
+// per thread, took another 1-2 us off most shapes of 2 to 8 splits (stop 37, docs/bench/stop37_call4.log). Compiled
+// for at most kSplits splits, so that a CTA holds only the registers its split count needs (2: 64, 4: 96, 8: 168);
+// 9 to 15 splits keep combine_kernel.
 constexpr int kCombineFewSplits = 8;
+constexpr int kFewSplitsRows = 4;                        // warps (query rows) per CTA
+constexpr int kFewSplitsVectors = kLatentDim / 4 / 32;  // float4 per lane per split row
 template <int kSplits>
-__global__ void __launch_bounds__(128) combine_few_splits_kernel(const float* __restrict__ out_partial,
-                                                                 const float* __restrict__ lse_partial,
-                                                                 __nv_bfloat16* out, int64_t out_batch_stride,
-                                                                 int64_t out_seq_stride, int64_t out_head_stride,
-                                                                 float* lse, int h_q, int s_q, int rows,
-                                                                 int num_splits, int queries_per_z) {
-  const int row = blockIdx.x, z = blockIdx.y;
+__global__ void __launch_bounds__(32 * kFewSplitsRows) combine_few_splits_kernel(
+    const float* __restrict__ out_partial, const float* __restrict__ lse_partial, __nv_bfloat16* out,
+    int64_t out_batch_stride, int64_t out_seq_stride, int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
+    int num_splits, int queries_per_z) {
+  const int lane = threadIdx.x % 32, row = blockIdx.x * kFewSplitsRows + threadIdx.x / 32, z = blockIdx.y;
+  if (row >= rows) return;
   const int batch = z / queries_per_z, first_query = z % queries_per_z;
   const int64_t first = static_cast<int64_t>(z) * num_splits;
   float split_lse[kSplits];
-  float4 part[kSplits];
+  float4 part[kSplits][kFewSplitsVectors];
 #pragma unroll
   for (int s = 0; s < kSplits; ++s) {  // every load issued before any is used
     if (s < num_splits) {
       split_lse[s] = lse_partial[(first + s) * rows + row];
-      part[s] = reinterpret_cast<const float4*>(out_partial + ((first + s) * rows + row) * kLatentDim)[threadIdx.x];
+      const float4* split_row = reinterpret_cast<const float4*>(out_partial + ((first + s) * rows + row) * kLatentDim);
+#pragma unroll
+      for (int v = 0; v < kFewSplitsVectors; ++v) part[s][v] = split_row[v * 32 + lane];
     }
   }
   float max_lse = -INFINITY, total = 0.f;
@@ -1010,18 +1015,35 @@ __global__ void __launch_bounds__(128) combine_few_splits_kernel(const float* __
     if (s < num_splits) max_lse = fmaxf(max_lse, split_lse[s]);
   }
 #pragma unroll
-  for (int s = 0; s < kSplits; ++s) {
-    if (s < num_splits && split_lse[s] != -INFINITY) total += exp2f(split_lse[s] - max_lse);
+  for (int s = 0; s < kSplits; ++s) {  // split_lse[s] becomes 2^(lse_s - max), 0 for a split that saw no token
+    if (s < num_splits) {
+      split_lse[s] = split_lse[s] == -INFINITY ? 0.f : exp2f(split_lse[s] - max_lse);
+      total += split_lse[s];
+    }
   }
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float4 acc[kFewSplitsVectors];
+#pragma unroll
+  for (int v = 0; v < kFewSplitsVectors; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
   for (int s = 0; s < kSplits; ++s) {
     if (s < num_splits) {
-      add_weighted(acc, split_lse[s] == -INFINITY ? 0.f : exp2f(split_lse[s] - max_lse) / total, part[s]);
+      const float w = split_lse[s] == 0.f ? 0.f : split_lse[s] / total;
+#pragma unroll
+      for (int v = 0; v < kFewSplitsVectors; ++v) add_weighted(acc[v], w, part[s][v]);
     }
   }
-  store_combined(out, out_batch_stride, out_seq_stride, out_head_stride, lse, h_q, s_q, batch, first_query, row, acc,
-                 max_lse, total);
+  const int query = first_query + row / h_q, head = row % h_q;
+  __nv_bfloat162* out_row = reinterpret_cast<__nv_bfloat162*>(out + batch * out_batch_stride + query * out_seq_stride +
+                                                              head * out_head_stride);
+#pragma unroll
+  for (int v = 0; v < kFewSplitsVectors; ++v) {  // float4 column group v * 32 + lane
+    out_row[2 * (v * 32 + lane)] = __floats2bfloat162_rn(acc[v].x, acc[v].y);
+    out_row[2 * (v * 32 + lane) + 1] = __floats2bfloat162_rn(acc[v].z, acc[v].w);
+  }
+  if (lane == 0) {
+    lse[(static_cast<int64_t>(batch) * h_q + head) * s_q + query] =
+        total > 0.f ? (max_lse + log2f(total)) * kLn2 : INFINITY;
+  }
 }
 
 // The same combine for many splits per row (a small batch over a long context: b1 h128 32k has 66), which one CTA of
@@ -1242,7 +1264,7 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
     const auto combine = num_splits <= 2   ? combine_few_splits_kernel<2>
                          : num_splits <= 4 ? combine_few_splits_kernel<4>
                                            : combine_few_splits_kernel<kCombineFewSplits>;
-    combine<<<dim3(rows, zs), 128, 0, stream>>>(
+    combine<<<dim3((rows + kFewSplitsRows - 1) / kFewSplitsRows, zs), 32 * kFewSplitsRows, 0, stream>>>(
         out_partial.data_ptr<float>(), lse_partial.data_ptr<float>(), params.out, out.stride(0), out.stride(1),
         out.stride(2), params.lse, params.h_q, params.s_q, params.rows, params.num_splits, params.queries_per_z);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

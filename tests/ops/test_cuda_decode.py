@@ -107,8 +107,9 @@ def test_cuda_dense_decode_matches_reference(seqlens, s_q, h_q, narrow, causal, 
     run_and_compare(seqlens, s_q, h_q, causal, is_fp8, narrow=narrow)
 
 
-# (s_q, h_q, narrow): 32 rows on the wide kernel, 16 on each, and 128 (two row tiles) on the wide kernel
-SPLIT_SHAPES = [(2, 16, False), (2, 8, False), (2, 8, True), (2, 64, False)]
+# (s_q, h_q, narrow): 32 rows on the wide kernel, 16 on each, 128 (two row tiles) on the wide kernel, and 21 and 15
+# (not a multiple of the few-splits combine's four rows per CTA)
+SPLIT_SHAPES = [(2, 16, False), (2, 8, False), (2, 8, True), (2, 64, False), (3, 7, False), (3, 5, True)]
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
