@@ -922,16 +922,17 @@ __device__ __forceinline__ void combine_weights(const float* __restrict__ lse_pa
   __syncthreads();
 }
 
-// Thread t < 128 of a combine CTA stores columns [4t, 4t + 4) of query row `row` of decode grid z's sequence (`value`,
-// the merged output), and thread 0 its natural-log LSE (+inf when no split saw a token).
+// Stores columns [4 group, 4 group + 4) of query row `row` of decode grid z's sequence (`value`, the merged output),
+// and with `with_lse` the row's natural-log LSE (+inf when no split saw a token).
 __device__ __forceinline__ void store_combined(__nv_bfloat16* out, int64_t out_batch_stride, int64_t out_seq_stride,
                                                int64_t out_head_stride, float* lse, int h_q, int s_q, int batch,
-                                               int first_query, int row, float4 value, float max_lse, float total) {
+                                               int first_query, int row, int group, float4 value, bool with_lse,
+                                               float max_lse, float total) {
   const int query = first_query + row / h_q, head = row % h_q;
   __nv_bfloat16* out_row = out + batch * out_batch_stride + query * out_seq_stride + head * out_head_stride;
-  reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x] = __floats2bfloat162_rn(value.x, value.y);
-  reinterpret_cast<__nv_bfloat162*>(out_row)[2 * threadIdx.x + 1] = __floats2bfloat162_rn(value.z, value.w);
-  if (threadIdx.x == 0) {
+  reinterpret_cast<__nv_bfloat162*>(out_row)[2 * group] = __floats2bfloat162_rn(value.x, value.y);
+  reinterpret_cast<__nv_bfloat162*>(out_row)[2 * group + 1] = __floats2bfloat162_rn(value.z, value.w);
+  if (with_lse) {
     lse[(static_cast<int64_t>(batch) * h_q + head) * s_q + query] =
         total > 0.f ? (max_lse + log2f(total)) * kLn2 : INFINITY;
   }
@@ -973,8 +974,8 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
     const float4 part = reinterpret_cast<const float4*>(partial_row)[threadIdx.x];
     add_weighted(acc, w, part);
   }
-  store_combined(out, out_batch_stride, out_seq_stride, out_head_stride, lse, h_q, s_q, batch, first_query, row, acc,
-                 max_lse, total);
+  store_combined(out, out_batch_stride, out_seq_stride, out_head_stride, lse, h_q, s_q, batch, first_query, row,
+                 threadIdx.x, acc, threadIdx.x == 0, max_lse, total);
 }
 
 // The combine of a uniform split into at most kCombineFewSplits splits (sparse decode b64 h64 has two), one query
@@ -1032,17 +1033,10 @@ __global__ void __launch_bounds__(32 * kFewSplitsRows) combine_few_splits_kernel
       for (int v = 0; v < kFewSplitsVectors; ++v) add_weighted(acc[v], w, part[s][v]);
     }
   }
-  const int query = first_query + row / h_q, head = row % h_q;
-  __nv_bfloat162* out_row = reinterpret_cast<__nv_bfloat162*>(out + batch * out_batch_stride + query * out_seq_stride +
-                                                              head * out_head_stride);
 #pragma unroll
   for (int v = 0; v < kFewSplitsVectors; ++v) {  // float4 column group v * 32 + lane
-    out_row[2 * (v * 32 + lane)] = __floats2bfloat162_rn(acc[v].x, acc[v].y);
-    out_row[2 * (v * 32 + lane) + 1] = __floats2bfloat162_rn(acc[v].z, acc[v].w);
-  }
-  if (lane == 0) {
-    lse[(static_cast<int64_t>(batch) * h_q + head) * s_q + query] =
-        total > 0.f ? (max_lse + log2f(total)) * kLn2 : INFINITY;
+    store_combined(out, out_batch_stride, out_seq_stride, out_head_stride, lse, h_q, s_q, batch, first_query, row,
+                   v * 32 + lane, acc[v], v == 0 && lane == 0, max_lse, total);
   }
 }
 
@@ -1112,7 +1106,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
       sum.w += part.w;
     }
     store_combined(out, out_batch_stride, out_seq_stride, out_head_stride, lse, h_q, s_q, batch, first_query, row,
-                   sum, max_lse, total);
+                   threadIdx.x, sum, threadIdx.x == 0, max_lse, total);
   }
 }
 
