@@ -46,8 +46,13 @@ struct DecodeParams {
   int64_t out_batch_stride, out_seq_stride, out_head_stride;
   float* lse;          // (batch, h_q, s_q)
   float* max_logits;   // sparse prefill: (batch, h_q, s_q), the largest scaled logit (natural units); else nullptr
-  float* out_partial;  // (batch * num_splits, rows, 512) when num_splits > 1
-  float* lse_partial;  // (batch * num_splits, rows), base 2
+  // Split partials (num_splits > 1, or a balanced schedule): slot s of query row r at [s * rows + r]. The narrow
+  // kernel writes float32 rows (out_partial); dense_decode.cu's kernels f16 rows (out_partial16) scaled into f16's
+  // range by the power of two scale_partial holds (f16_row_exponent).
+  float* out_partial;     // (slots, rows, 512)
+  __half* out_partial16;  // (slots, rows, 512)
+  float* lse_partial;     // (slots, rows), base 2
+  float* scale_partial;   // (slots, rows): out_partial16's row times this is the partial
   int h_q, s_q, rows, num_splits;
   int queries_per_z;   // dense: 1 (a CTA's rows are (s_q, h_q) pairs); sparse: s_q (grid z = batch * s_q + query)
   float scale_log2;
@@ -75,7 +80,7 @@ __device__ __forceinline__ int visible_length(const DecodeParams& p, int z) {
 }
 
 // This CTA's pieces of work: `attend(z, begin, end, slot)` for blocks [begin, end) of grid row z, the output going
-// straight to out / lse (slot < 0) or to float32 partial slot `slot`. Balanced: the part's run of blocks over
+// straight to out / lse (slot < 0) or to partial slot `slot`. Balanced: the part's run of blocks over
 // sequences first..last; uniform: one piece, grid z's share blockIdx.y.
 template <bool kSparse, typename Attend>
 __device__ __forceinline__ void for_each_piece(const DecodeParams& p, Attend attend) {

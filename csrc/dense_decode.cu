@@ -20,7 +20,7 @@
 // Q K^T of block i + 1 and P V of block i are issued back to back, block i + 1's softmax scores are computed while P V
 // runs, and the load of block i + 2 starts once block i's stage is free. Rows of the last block past the sequence's
 // end are zeroed in shared memory before P V, so whatever the cache holds there never reaches the output.
-// With several splits per sequence each CTA writes its normalised float32 output and base-2 LSE, and
+// With several splits per sequence each CTA writes its normalised output (f16, scaled per row) and base-2 LSE, and
 // `combine_kernel` merges them.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -55,7 +55,8 @@ struct Layout {
   static constexpr int kP = kKv + 2 * kMatrixBytes;
   static constexpr int kRowMax = kP + kTileBytes;                  // float [2][64]
   static constexpr int kRowSum = kRowMax + 2 * kRowsPerCta * 4;    // float [2][64]
-  static constexpr int kBarriers = kRowSum + 2 * kRowsPerCta * 4;  // uint64_t [2 stages][kParts]
+  static constexpr int kRowAmax = kRowSum + 2 * kRowsPerCta * 4;   // float [2][64]: store_output's partial rows
+  static constexpr int kBarriers = kRowAmax + 2 * kRowsPerCta * 4;  // uint64_t [2 stages][kParts]
   static constexpr int kQBarrier = kBarriers + 2 * kParts * 8;     // uint64_t: attend_pairs' Q by TMA
   static constexpr int kTokenMasks = kQBarrier + 8;                // uint32_t [2 stages][2]: sparse, valid tokens
   static constexpr int kBytes = kTokenMasks + 2 * 8 + 1024;        // + slack to align the base to 1024
@@ -169,52 +170,83 @@ __device__ __forceinline__ void issue_values(float (&out_acc)[kValueColsPerWarpg
   wgmma_commit();
 }
 
+// 2^e for an integer e in [-126, 127], exactly.
+__device__ __forceinline__ float exp2_integer(int e) { return __uint_as_float(static_cast<uint32_t>(127 + e) << 23); }
+
+// The e for which a partial row whose largest magnitude is `largest` times 2^-e lies in [2^14, 2^15): in f16 every
+// value of the row down to 2^-29 of the largest keeps 11 significant bits (the bf16 output keeps 8), and none
+// overflows. 0 for a row of zeros, NaN or infinities (stored as they are).
+__device__ __forceinline__ int f16_row_exponent(float largest) {
+  if (!(largest > 0.f) || !(largest <= 3.4e38f)) return 0;
+  const int floor_log2 = static_cast<int>(__float_as_uint(largest) >> 23) - 127;  // -127 below the normal range
+  return min(max(floor_log2 - 14, -110), 113);
+}
+
 // The end of a piece: each warpgroup's half of O (value columns 256 w ..), divided by the row sums of both halves
 // (`row_sum`: this thread's partial sums of its two rows, scaled to `row_max`, the rows' final maximum), to out and
-// lse (out_slot < 0) or to float32 partial slot `out_slot` and its base-2 LSE. The rows go through shared memory (the
-// Q tile and stage 0, free once every product is done: the caller has waited for its own) and leave it in 16-byte
+// lse (out_slot < 0) or to partial slot `out_slot`: the row in f16 times 2^-e (f16_row_exponent of the row's largest
+// magnitude, from both halves), 2^e in scale_partial and the base-2 LSE. Half the bytes of float32 partials, which
+// every CTA of a split stores at once at its end and the combine reads back. The rows go through shared memory (the
+// Q tile, free once every product is done: the caller has waited for its own) and leave it in 16-byte
 // stores, a warp's covering 512 contiguous bytes of a row: stop 35 timed the fragments' own 4- and 8-byte stores, 8
 // rows of 16 or 32 bytes a warp store, at 3-6 us a CTA. The CTA's last barrier lets the next piece's loads reuse it.
-constexpr int kStagedF32Stride = kLatentDim * 4 + 32;  // bytes per staged row: the padding spreads a warp's 8 rows
-constexpr int kStagedBf16Stride = kLatentDim * 2 + 16;  // over the banks
-static_assert(kRowsPerCta * kStagedF32Stride <= 2 * kMatrixBytes, "the staged rows fit the Q tile and stage 0");
+// kPartials: the launch may write partials (a split, or a balanced schedule); without it every piece goes to out, and
+// the kernel carries no partial code (stop 38: with it, the unsplit sparse FP8 decode kernel took 255 instead of 252
+// registers and ran 2% slower at s_q 2).
+constexpr int kStagedStride = kLatentDim * 2 + 16;  // bytes per staged row: the padding spreads a warp's 8 rows
+static_assert(kRowsPerCta * kStagedStride <= kMatrixBytes, "the staged rows fit the Q tile");
+template <bool kPartials>
 __device__ __forceinline__ void store_output(const DecodeParams& p, uint8_t* shared, int row_block, int batch,
                                              int first_query, int64_t out_slot,
                                              const float (&out_acc)[kValueColsPerWarpgroup / 2],
                                              const float (&row_max)[2], float (&row_sum)[2]) {
   float* row_sum_shared = reinterpret_cast<float*>(shared + Layout::kRowSum);
+  float* row_amax_shared = reinterpret_cast<float*>(shared + Layout::kRowAmax);
   uint8_t* staged = shared + Layout::kQ;
   const int warpgroup = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int row_of[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
+  const bool direct = !kPartials || out_slot < 0;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 1);
     row_sum[j] += __shfl_xor_sync(0xffffffffu, row_sum[j], 2);
     if (lane % 4 == 0) row_sum_shared[warpgroup * kRowsPerCta + row_of[j]] = row_sum[j];
+    if (!direct) {
+      float amax = 0.f;
+#pragma unroll
+      for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
+        amax = fmaxf(amax, fmaxf(fabsf(out_acc[4 * i + 2 * j]), fabsf(out_acc[4 * i + 2 * j + 1])));
+      }
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+      if (lane % 4 == 0) row_amax_shared[warpgroup * kRowsPerCta + row_of[j]] = amax;
+    }
   }
   named_barrier_sync(1, kThreads);
   cta_mark(3);
 
-  const bool direct = out_slot < 0;
   const int value_col = warpgroup * kValueColsPerWarpgroup + 2 * (lane % 4);
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const int row = row_block * kRowsPerCta + row_of[j];
     const float total = row_sum_shared[row_of[j]] + row_sum_shared[kRowsPerCta + row_of[j]];
     const float inverse = total > 0.f ? 1.f / total : 0.f;
+    uint8_t* staged_row = staged + row_of[j] * kStagedStride + value_col * 2;
+    int exponent = 0;
     if (direct) {
-      uint8_t* staged_row = staged + row_of[j] * kStagedBf16Stride + value_col * 2;
 #pragma unroll
       for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
         *reinterpret_cast<__nv_bfloat162*>(staged_row + 16 * i) =
             __floats2bfloat162_rn(out_acc[4 * i + 2 * j] * inverse, out_acc[4 * i + 2 * j + 1] * inverse);
       }
     } else {
-      uint8_t* staged_row = staged + row_of[j] * kStagedF32Stride + value_col * 4;
+      exponent = f16_row_exponent(
+          fmaxf(row_amax_shared[row_of[j]], row_amax_shared[kRowsPerCta + row_of[j]]) * inverse);
+      const float down = exp2_integer(-exponent);  // exact: the f16 value is the float32 partial's, rounded once
 #pragma unroll
       for (int i = 0; i < kValueColsPerWarpgroup / 8; ++i) {
-        *reinterpret_cast<float2*>(staged_row + 32 * i) =
-            make_float2(out_acc[4 * i + 2 * j] * inverse, out_acc[4 * i + 2 * j + 1] * inverse);
+        *reinterpret_cast<__half2*>(staged_row + 16 * i) = __floats2half2_rn(
+            out_acc[4 * i + 2 * j] * inverse * down, out_acc[4 * i + 2 * j + 1] * inverse * down);
       }
     }
     if (row >= p.rows || warpgroup != 0 || lane % 4 != 0) continue;
@@ -225,42 +257,34 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, uint8_t* sha
       if (p.max_logits != nullptr) p.max_logits[stat] = total > 0.f ? row_max[j] * kLn2 : -INFINITY;
     } else {
       p.lse_partial[out_slot * p.rows + row] = total > 0.f ? row_max[j] + log2f(total) : -INFINITY;
+      p.scale_partial[out_slot * p.rows + row] = exp2_integer(exponent);
     }
   }
   named_barrier_sync(1, kThreads);
 
   // Thread t copies 16-byte chunk t % kChunks of rows t / kChunks, t / kChunks + 256 / kChunks, ...: a warp's 32
   // chunks are 512 contiguous bytes of one row.
-  const auto copy_rows = [&](auto chunks, int stride, auto row_bytes) {
-    constexpr int kChunks = decltype(chunks)::value;
-    const int c = threadIdx.x % kChunks;
+  constexpr int kChunks = kLatentDim * 2 / 16;
+  const int c = threadIdx.x % kChunks;
 #pragma unroll 4
-    for (int r = threadIdx.x / kChunks; r < kRowsPerCta; r += kThreads / kChunks) {
-      const int row = row_block * kRowsPerCta + r;
-      if (row >= p.rows) break;
-      const uint4 value = *reinterpret_cast<const uint4*>(staged + r * stride + c * 16);
-      *reinterpret_cast<uint4*>(row_bytes(row) + c * 16) = value;
-    }
-  };
-  if (direct) {
-    copy_rows(std::integral_constant<int, kLatentDim * 2 / 16>{}, kStagedBf16Stride, [&](int row) {
-      const int query = first_query + row / p.h_q, head = row % p.h_q;
-      return reinterpret_cast<uint8_t*>(p.out + batch * p.out_batch_stride + query * p.out_seq_stride +
-                                        head * p.out_head_stride);
-    });
-  } else {
-    copy_rows(std::integral_constant<int, kLatentDim * 4 / 16>{}, kStagedF32Stride, [&](int row) {
-      return reinterpret_cast<uint8_t*>(p.out_partial + (out_slot * p.rows + row) * kLatentDim);
-    });
+  for (int r = threadIdx.x / kChunks; r < kRowsPerCta; r += kThreads / kChunks) {
+    const int row = row_block * kRowsPerCta + r;
+    if (row >= p.rows) break;
+    const int query = first_query + row / p.h_q, head = row % p.h_q;
+    void* row_start = direct ? static_cast<void*>(p.out + batch * p.out_batch_stride + query * p.out_seq_stride +
+                                                   head * p.out_head_stride)
+                             : static_cast<void*>(p.out_partial16 + (out_slot * p.rows + row) * kLatentDim);
+    reinterpret_cast<uint4*>(row_start)[c] = *reinterpret_cast<const uint4*>(staged + r * kStagedStride + c * 16);
   }
   fence_async_shared();  // the staged rows are read before the next piece's loads (async proxy) overwrite them
   __syncthreads();
 }
 
 // One piece of work: blocks [begin, end) of sequence z for row tile `row_block`; the output goes straight to out /
-// lse (out_slot < 0) or to float32 partial slot `out_slot`. `fills` counts each stage's fills by earlier pieces (and
+// lse (out_slot < 0) or to partial slot `out_slot`. `fills` counts each stage's fills by earlier pieces (and
 // attend_pairs' Q loads by TMA): the mbarrier phases carry on from them. Dense decode over the FP8 cache only: the
 // rest is attend_pairs'.
+template <bool kPartials>
 __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
                                              int end, int64_t out_slot, int (&fills)[3]) {
   using L = Layout;
@@ -429,7 +453,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     wgmma_wait<0>();
     fence_registers(out_acc);
   }
-  store_output(p, shared, row_block, batch, first_query, out_slot, out_acc, row_max, row_sum);
+  store_output<kPartials>(p, shared, row_block, batch, first_query, out_slot, out_acc, row_max, row_sum);
   const int filled = max(0, end - begin);
   fills[0] += (filled + 1) / 2;
   fills[1] += filled / 2;
@@ -481,7 +505,7 @@ __device__ __forceinline__ void issue_block_scores(float (&scores)[kBlockN / 2],
   wgmma_commit();
 }
 
-template <bool kSparse, bool kFp8>
+template <bool kSparse, bool kFp8, bool kPartials>
 __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
                                              int end, int64_t out_slot, int (&fills)[3]) {
   static_assert(kSparse || !kFp8, "the dense FP8 cache is attend_piece's");
@@ -851,14 +875,14 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   cta_mark(2);
   wgmma_wait<0>();
   fence_registers(out_acc);
-  store_output(p, shared, row_block, batch, first_query, out_slot, out_acc, row_max, row_sum);
+  store_output<kPartials>(p, shared, row_block, batch, first_query, out_slot, out_acc, row_max, row_sum);
   const int filled = max(0, end - begin);
   fills[0] += (filled + 1) / 2;
   fills[1] += filled / 2;
   fills[2] += filled > 0;
 }
 
-template <bool kFp8, bool kSparse>
+template <bool kFp8, bool kSparse, bool kPartials>
 __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t raw_shared[];
   const CtaClock cta_clock;
@@ -867,9 +891,9 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   int fills[3] = {0, 0, 0};  // stage 0's fills, stage 1's, attend_pairs' Q loads by TMA
   for_each_piece<kSparse>(p, [&](int z, int begin, int end, int64_t slot) {
     if constexpr (!kFp8 || kSparse) {
-      attend_pairs<kSparse, kFp8>(p, shared, blockIdx.x, z, begin, end, slot, fills);
+      attend_pairs<kSparse, kFp8, kPartials>(p, shared, blockIdx.x, z, begin, end, slot, fills);
     } else {
-      attend_piece(p, shared, blockIdx.x, z, begin, end, slot, fills);
+      attend_piece<kPartials>(p, shared, blockIdx.x, z, begin, end, slot, fills);
     }
   });
   cta_clock.report(kSparse ? "wide sparse" : kFp8 ? "wide fp8" : "wide bf16");
@@ -888,12 +912,13 @@ __device__ __forceinline__ bool combine_slots(int z, const int* __restrict__ spl
   return true;
 }
 
-// The combine's weights: weights[s] = 2^(lse_s - lse) for the `num_splits` splits of query row `row` from slot
-// `first` on (0 for a split that saw no token), with `max_lse` their largest base-2 LSE and `total` the sum of
-// 2^(lse_s - max_lse) (0 when no split saw a token). `stats` is two floats of shared memory; every thread of the CTA
-// calls this.
-__device__ __forceinline__ void combine_weights(const float* __restrict__ lse_partial, int64_t first, int rows, int row,
-                                                int num_splits, float* weights, float* stats, float& max_lse,
+// The combine's weights: weights[s] = 2^(lse_s - lse) times the slot's scale (scale_partial; 1 where it is nullptr)
+// for the `num_splits` splits of query row `row` from slot `first` on (0 for a split that saw no token), with
+// `max_lse` their largest base-2 LSE and `total` the sum of 2^(lse_s - max_lse) (0 when no split saw a token).
+// `stats` is two floats of shared memory; every thread of the CTA calls this.
+__device__ __forceinline__ void combine_weights(const float* __restrict__ lse_partial,
+                                                const float* __restrict__ scale_partial, int64_t first, int rows,
+                                                int row, int num_splits, float* weights, float* stats, float& max_lse,
                                                 float& total) {
   for (int s = threadIdx.x; s < num_splits; s += blockDim.x) weights[s] = lse_partial[(first + s) * rows + row];
   __syncthreads();
@@ -917,7 +942,8 @@ __device__ __forceinline__ void combine_weights(const float* __restrict__ lse_pa
   total = stats[0];
   max_lse = stats[1];
   for (int s = threadIdx.x; s < num_splits; s += blockDim.x) {
-    weights[s] = weights[s] == -INFINITY ? 0.f : exp2f(weights[s] - max_lse) / total;
+    const float scale = scale_partial != nullptr ? scale_partial[(first + s) * rows + row] : 1.f;
+    weights[s] = weights[s] == -INFINITY ? 0.f : exp2f(weights[s] - max_lse) / total * scale;
   }
   __syncthreads();
 }
@@ -947,13 +973,35 @@ __device__ __forceinline__ void add_weighted(float4& acc, float w, const float4&
   acc.w += w != 0.f ? w * part.w : 0.f;
 }
 
+// Columns [4 group, 4 group + 4) of a partial row: float32 (the narrow kernel's) or f16 (the others', to be multiplied
+// by their scale_partial, which the weights carry).
+template <typename Partial>
+__device__ __forceinline__ float4 load_partial(const Partial* __restrict__ partial_row, int group) {
+  if constexpr (std::is_same_v<Partial, float>) {
+    return reinterpret_cast<const float4*>(partial_row)[group];
+  } else {
+    const uint2 bits = reinterpret_cast<const uint2*>(partial_row)[group];
+    const float2 low = __half22float2(*reinterpret_cast<const __half2*>(&bits.x));
+    const float2 high = __half22float2(*reinterpret_cast<const __half2*>(&bits.y));
+    return make_float4(low.x, low.y, high.x, high.y);
+  }
+}
+
+// Where the partials' scales are: none for float32 rows.
+template <typename Partial>
+__device__ __forceinline__ const float* partial_scales(const float* scale_partial) {
+  return std::is_same_v<Partial, float> ? nullptr : scale_partial;
+}
+
 // One query row per CTA: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s (natural log on output). It
 // serves balanced schedules (any number of splits per sequence) and uniform splits of 9 to 15 (kCombineFewSplits <
 // splits < kCombineManySplits: the kernels below take the others).
 // A split that saw no token (lse_s = -inf) has weight 0 and its (unwritten) output is selected away. Partials are
 // indexed by the decode grid's z (batch * queries_per_z + first query) and the CTA rows of that z.
-__global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ out_partial,
-                                                      const float* __restrict__ lse_partial, __nv_bfloat16* out,
+template <typename Partial>
+__global__ void __launch_bounds__(128) combine_kernel(const Partial* __restrict__ out_partial,
+                                                      const float* __restrict__ lse_partial,
+                                                      const float* __restrict__ scale_partial, __nv_bfloat16* out,
                                                       int64_t out_batch_stride, int64_t out_seq_stride,
                                                       int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
                                                       int num_splits, int queries_per_z,
@@ -964,15 +1012,14 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
   int64_t first;
   if (!combine_slots(z, split_offsets, num_splits, first)) return;
   float max_lse, total;
-  combine_weights(lse_partial, first, rows, row, num_splits, weights, stats, max_lse, total);
+  combine_weights(lse_partial, partial_scales<Partial>(scale_partial), first, rows, row, num_splits, weights, stats,
+                  max_lse, total);
   // Unrolled, with every load unconditional (each slot is allocated, written or not) so that several are in flight.
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
   for (int s = 0; s < num_splits; ++s) {
     const float w = weights[s];
-    const float* partial_row = out_partial + ((first + s) * rows + row) * kLatentDim;
-    const float4 part = reinterpret_cast<const float4*>(partial_row)[threadIdx.x];
-    add_weighted(acc, w, part);
+    add_weighted(acc, w, load_partial(out_partial + ((first + s) * rows + row) * kLatentDim, threadIdx.x));
   }
   store_combined(out, out_batch_stride, out_seq_stride, out_head_stride, lse, h_q, s_q, batch, first_query, row,
                  threadIdx.x, acc, threadIdx.x == 0, max_lse, total);
@@ -990,24 +1037,27 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
 constexpr int kCombineFewSplits = 8;
 constexpr int kFewSplitsRows = 4;                        // warps (query rows) per CTA
 constexpr int kFewSplitsVectors = kLatentDim / 4 / 32;  // float4 per lane per split row
-template <int kSplits>
+template <int kSplits, typename Partial>
 __global__ void __launch_bounds__(32 * kFewSplitsRows) combine_few_splits_kernel(
-    const float* __restrict__ out_partial, const float* __restrict__ lse_partial, __nv_bfloat16* out,
+    const Partial* __restrict__ out_partial, const float* __restrict__ lse_partial,
+    const float* __restrict__ scale_partial, __nv_bfloat16* out,
     int64_t out_batch_stride, int64_t out_seq_stride, int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
     int num_splits, int queries_per_z) {
   const int lane = threadIdx.x % 32, row = blockIdx.x * kFewSplitsRows + threadIdx.x / 32, z = blockIdx.y;
   if (row >= rows) return;
   const int batch = z / queries_per_z, first_query = z % queries_per_z;
   const int64_t first = static_cast<int64_t>(z) * num_splits;
-  float split_lse[kSplits];
+  const float* scales = partial_scales<Partial>(scale_partial);
+  float split_lse[kSplits], split_scale[kSplits];
   float4 part[kSplits][kFewSplitsVectors];
 #pragma unroll
   for (int s = 0; s < kSplits; ++s) {  // every load issued before any is used
     if (s < num_splits) {
       split_lse[s] = lse_partial[(first + s) * rows + row];
-      const float4* split_row = reinterpret_cast<const float4*>(out_partial + ((first + s) * rows + row) * kLatentDim);
+      split_scale[s] = scales != nullptr ? scales[(first + s) * rows + row] : 1.f;
+      const Partial* split_row = out_partial + ((first + s) * rows + row) * kLatentDim;
 #pragma unroll
-      for (int v = 0; v < kFewSplitsVectors; ++v) part[s][v] = split_row[v * 32 + lane];
+      for (int v = 0; v < kFewSplitsVectors; ++v) part[s][v] = load_partial(split_row, v * 32 + lane);
     }
   }
   float max_lse = -INFINITY, total = 0.f;
@@ -1028,7 +1078,7 @@ __global__ void __launch_bounds__(32 * kFewSplitsRows) combine_few_splits_kernel
 #pragma unroll
   for (int s = 0; s < kSplits; ++s) {
     if (s < num_splits) {
-      const float w = split_lse[s] == 0.f ? 0.f : split_lse[s] / total;
+      const float w = split_lse[s] == 0.f ? 0.f : split_lse[s] / total * split_scale[s];
 #pragma unroll
       for (int v = 0; v < kFewSplitsVectors; ++v) add_weighted(acc[v], w, part[s][v]);
     }
@@ -1054,9 +1104,10 @@ constexpr int kCombineWarps = kCombineThreads / 32;
 constexpr int kCombineVectors = kLatentDim / 4 / 32;  // float4 per lane per split row
 constexpr int kCombineUnroll = 4;                     // splits per warp whose loads are in flight together
 
+template <typename Partial>
 __global__ void __launch_bounds__(kCombineThreads, 1)
-    combine_many_splits_kernel(const float* __restrict__ out_partial, const float* __restrict__ lse_partial,
-                               __nv_bfloat16* out, int64_t out_batch_stride, int64_t out_seq_stride,
+    combine_many_splits_kernel(const Partial* __restrict__ out_partial, const float* __restrict__ lse_partial,
+                               const float* __restrict__ scale_partial, __nv_bfloat16* out, int64_t out_batch_stride, int64_t out_seq_stride,
                                int64_t out_head_stride, float* lse, int h_q, int s_q, int rows, int num_splits,
                                int queries_per_z, const int* __restrict__ split_offsets) {
   __shared__ float weights[kMaxSplits], stats[2];
@@ -1067,7 +1118,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
   int64_t first;
   if (!combine_slots(z, split_offsets, num_splits, first)) return;
   float max_lse, total;
-  combine_weights(lse_partial, first, rows, row, num_splits, weights, stats, max_lse, total);
+  combine_weights(lse_partial, partial_scales<Partial>(scale_partial), first, rows, row, num_splits, weights, stats,
+                  max_lse, total);
   float4 acc[kCombineVectors];
   for (int v = 0; v < kCombineVectors; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
   const auto add_split = [&](int s, const float4 (&part)[kCombineVectors]) {
@@ -1076,9 +1128,9 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
     for (int v = 0; v < kCombineVectors; ++v) add_weighted(acc[v], w, part[v]);
   };
   const auto load_split = [&](int s, float4 (&part)[kCombineVectors]) {
-    const float4* partial_row = reinterpret_cast<const float4*>(out_partial + ((first + s) * rows + row) * kLatentDim);
+    const Partial* partial_row = out_partial + ((first + s) * rows + row) * kLatentDim;
 #pragma unroll
-    for (int v = 0; v < kCombineVectors; ++v) part[v] = partial_row[v * 32 + lane];
+    for (int v = 0; v < kCombineVectors; ++v) part[v] = load_partial(partial_row, v * 32 + lane);
   };
   int s = warp;
   // Groups of kCombineUnroll splits: every load of a group is issued before any of them is summed.
@@ -1159,9 +1211,10 @@ bool q_tensor_map(const torch::Tensor& q, bool sparse, CUtensorMap& map) {
 
 template <bool kFp8, bool kSparse>
 void launch_decode(const DecodeParams& params, dim3 grid, cudaStream_t stream) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dense_decode_kernel<kFp8, kSparse>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, Layout::kBytes));
-  dense_decode_kernel<kFp8, kSparse><<<grid, kThreads, Layout::kBytes, stream>>>(params);
+  const auto kernel = params.lse_partial != nullptr ? dense_decode_kernel<kFp8, kSparse, true>
+                                                    : dense_decode_kernel<kFp8, kSparse, false>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout::kBytes));
+  kernel<<<grid, kThreads, Layout::kBytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   print_phases(stream);
 }
@@ -1185,6 +1238,31 @@ void check_inputs(const char* op, const torch::Tensor& q, const torch::Tensor& k
               op, ": kv_cache must be bfloat16 (..., 576) or, with is_fp8, 1-byte (..., 656)");
 }
 
+// The combine of the split partials into out and lse: the few-splits kernel for a uniform split into at most
+// kCombineFewSplits, the many-splits kernel from kCombineManySplits, combine_kernel for the rest and for balanced
+// schedules.
+template <typename Partial>
+void launch_combine(const DecodeParams& params, const Partial* out_partial, const torch::Tensor& out, int64_t rows,
+                    int64_t zs, bool balanced, cudaStream_t stream) {
+  const int num_splits = params.num_splits;
+  if (!balanced && num_splits <= kCombineFewSplits) {
+    const auto combine = num_splits <= 2   ? combine_few_splits_kernel<2, Partial>
+                         : num_splits <= 4 ? combine_few_splits_kernel<4, Partial>
+                                           : combine_few_splits_kernel<kCombineFewSplits, Partial>;
+    combine<<<dim3((rows + kFewSplitsRows - 1) / kFewSplitsRows, zs), 32 * kFewSplitsRows, 0, stream>>>(
+        out_partial, params.lse_partial, params.scale_partial, params.out, out.stride(0), out.stride(1),
+        out.stride(2), params.lse, params.h_q, params.s_q, params.rows, num_splits, params.queries_per_z);
+  } else {
+    const bool many_splits = !balanced && num_splits >= kCombineManySplits;
+    const auto combine = many_splits ? combine_many_splits_kernel<Partial> : combine_kernel<Partial>;
+    combine<<<dim3(rows, zs), many_splits ? kCombineThreads : 128, 0, stream>>>(
+        out_partial, params.lse_partial, params.scale_partial, params.out, out.stride(0), out.stride(1),
+        out.stride(2), params.lse, params.h_q, params.s_q, params.rows, num_splits, params.queries_per_z,
+        params.split_offsets);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Outputs, partials, launch and combine for both ops; `params` comes with the op's own fields set. Dense: a CTA's
 // rows are the (s_q, h_q) pairs of one sequence; sparse: the h_q heads of one query (its own indices).
 std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, const torch::Tensor& kv_cache,
@@ -1204,10 +1282,11 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
   const bool balanced = params.metadata != nullptr;
   const bool partials = balanced || num_splits > 1;
   const int64_t slots = balanced ? batch + num_splits : zs * num_splits;
+  // The narrow kernel's partial rows are float32; the others' f16 with a scale each (store_output).
   torch::Tensor out_partial, lse_partial;
   if (partials) {
-    out_partial = torch::empty({slots, rows, kLatentDim}, q.options().dtype(at::kFloat));
-    lse_partial = torch::empty({slots, rows}, q.options().dtype(at::kFloat));
+    out_partial = torch::empty({slots, rows, kLatentDim}, q.options().dtype(narrow ? at::kFloat : at::kHalf));
+    lse_partial = torch::empty({narrow ? 1 : 2, slots, rows}, q.options().dtype(at::kFloat));
   }
   const int64_t element = kv_cache.element_size();
   // Only the map the chosen kernel reads: the FP8 cache's RoPE tile, the narrow kernel's whole BF16 page, or
@@ -1236,8 +1315,10 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
   params.out_seq_stride = out.stride(1);
   params.out_head_stride = out.stride(2);
   params.lse = lse.data_ptr<float>();
-  params.out_partial = partials ? out_partial.data_ptr<float>() : nullptr;
+  params.out_partial = partials && narrow ? out_partial.data_ptr<float>() : nullptr;
+  params.out_partial16 = partials && !narrow ? reinterpret_cast<__half*>(out_partial.data_ptr()) : nullptr;
   params.lse_partial = partials ? lse_partial.data_ptr<float>() : nullptr;
+  params.scale_partial = partials && !narrow ? params.lse_partial + slots * rows : nullptr;
   params.h_q = static_cast<int>(h_q);
   params.s_q = static_cast<int>(s_q);
   params.rows = static_cast<int>(rows);
@@ -1254,22 +1335,9 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
   } else {
     is_fp8 ? launch_decode<true, false>(params, grid, stream) : launch_decode<false, false>(params, grid, stream);
   }
-  if (partials && !balanced && num_splits <= kCombineFewSplits) {
-    const auto combine = num_splits <= 2   ? combine_few_splits_kernel<2>
-                         : num_splits <= 4 ? combine_few_splits_kernel<4>
-                                           : combine_few_splits_kernel<kCombineFewSplits>;
-    combine<<<dim3((rows + kFewSplitsRows - 1) / kFewSplitsRows, zs), 32 * kFewSplitsRows, 0, stream>>>(
-        out_partial.data_ptr<float>(), lse_partial.data_ptr<float>(), params.out, out.stride(0), out.stride(1),
-        out.stride(2), params.lse, params.h_q, params.s_q, params.rows, params.num_splits, params.queries_per_z);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else if (partials) {  // a balanced schedule (any number of splits per sequence), or more uniform splits
-    const bool many_splits = !balanced && num_splits >= kCombineManySplits;
-    const auto combine = many_splits ? combine_many_splits_kernel : combine_kernel;
-    combine<<<dim3(rows, zs), many_splits ? kCombineThreads : 128, 0, stream>>>(
-        out_partial.data_ptr<float>(), lse_partial.data_ptr<float>(), params.out, out.stride(0), out.stride(1),
-        out.stride(2), params.lse, params.h_q, params.s_q, params.rows, params.num_splits, params.queries_per_z,
-        params.split_offsets);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (partials) {
+    narrow ? launch_combine(params, params.out_partial, out, rows, zs, balanced, stream)
+           : launch_combine(params, params.out_partial16, out, rows, zs, balanced, stream);
   }
   return {out, lse};
 }

@@ -24,7 +24,7 @@ TOKENS_PER_CHUNK = 1 << 23  # bounds gathered sparse KV rows: tokens * topk * d_
 
 
 # A part splits no sequence (whole sequences, ceil(batch / parts) consecutive ones each) when its heaviest part stays
-# within ALIGNED_SLACK of the even share: splitting costs float32 partials and the combine (on the H100 the equal-runs
+# within ALIGNED_SLACK of the even share: splitting costs partials and the combine (on the H100 the equal-runs
 # split was 0-8% slower than whole sequences on uniform batches), so a small imbalance is the cheaper choice.
 ALIGNED_SLACK_PERCENT, ALIGNED_SLACK_BLOCKS = 115, 2
 

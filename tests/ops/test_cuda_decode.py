@@ -131,6 +131,38 @@ def test_cuda_dense_decode_balanced_schedule(parts, s_q, h_q, narrow, is_fp8):
         run_and_compare([129, 2000], 1, 128, causal=False, is_fp8=is_fp8, parts=parts)
 
 
+@pytest.mark.parametrize("num_splits", [2, 7, 64])
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_dense_decode_split_partials_keep_rows_beyond_f16_range(num_splits, is_fp8):
+    """The wide kernel's split partials are f16 rows, each times a power of two that brings its largest magnitude
+    into [2**14, 2**15) (store_output). Sequences whose latent is 2**20 times larger (outputs past f16's 65504) and
+    2**-30 times smaller (FP8: 2**-12, its scales' floor; outputs below f16's smallest normal) than the others', their
+    queries as much smaller and larger (the logits as the others'): every row within the BF16 band of its own norm,
+    and within 2**-8 of it from the unsplit kernel's output (the bf16 rounding of the two; unscaled f16 partials
+    would overflow the large rows and flush the small ones)."""
+    generator = torch.Generator(DEVICE).manual_seed(57 + num_splits + is_fp8)
+    seqlens = [700, 3000, 65, 1000]
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, 1, 64, False, generator)
+    sequence_factor = torch.tensor([2.0 ** 20, 1.0, 2.0 ** (-12 if is_fp8 else -30), 1.0], device=DEVICE)
+    block_factor = torch.ones(cache.shape[0], device=DEVICE)
+    block_factor[block_table.long()] = sequence_factor[:, None]
+    cache = (cache.float() * block_factor[:, None, None, None]).bfloat16()
+    q = (q.float() / sequence_factor[:, None, None, None]).bfloat16()
+    if is_fp8:
+        cache = reference.quantize_kv_fp8(cache)
+    scale = D_QK ** -0.5
+    poison_allocator(4 * (len(seqlens) * num_splits * 64 * (KV_LORA_RANK + 1)))
+    out, lse, want_out, want_lse = kernel_and_reference(q, cache, block_table, cache_seqlens, scale, is_fp8, False,
+                                                        num_splits)
+    assert torch.isfinite(out).all()
+    assert_rows_close(out, want_out)
+    assert torch.allclose(lse, want_lse, rtol=0, atol=LSE_TOLERANCE)
+    unsplit, _ = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, False, is_fp8, 1, None, None,
+                                        False)
+    row_difference = (out.float() - unsplit.float()).norm(dim=-1) / unsplit.float().norm(dim=-1)
+    assert row_difference.max() < 2.0 ** -8, row_difference.max()
+
+
 @pytest.mark.parametrize("s_q,h_q,narrow", [(1, 128, False), (1, 16, True), (2, 5, True)])
 def test_cuda_dense_decode_fp8_scales_that_differ_by_tile_and_token(s_q, h_q, narrow):
     """Each 128-column tile of the latent 2^tile times larger, each token 1/2, 1 or 2 times: a kernel that scaled a
