@@ -1032,8 +1032,8 @@ __global__ void __launch_bounds__(128) combine_kernel(const Partial* __restrict_
 // of sparse decode b64 h64's 86 (stop 36). Stop 36's version of this kernel (2-4% off the whole op at 2 and 4 splits,
 // docs/bench/stop36_call4.log) took a row per CTA, a float4 per thread; a warp per row, four loads per split in flight
 // per thread, took another 1-2 us off most shapes of 2 to 8 splits (stop 37, docs/bench/stop37_call4.log). Compiled
-// for at most kSplits splits, so that a CTA holds only the registers its split count needs (2: 64, 4: 96, 8: 168);
-// 9 to 15 splits keep combine_kernel.
+// for at most kSplits splits, so that a CTA holds only the registers its split count needs (float32 / f16 partials,
+// 2: 64 / 66, 4: 96 / 102, 8: 168 / 174); 9 to 15 splits keep combine_kernel.
 constexpr int kCombineFewSplits = 8;
 constexpr int kFewSplitsRows = 4;                        // warps (query rows) per CTA
 constexpr int kFewSplitsVectors = kLatentDim / 4 / 32;  // float4 per lane per split row
@@ -1107,8 +1107,8 @@ constexpr int kCombineUnroll = 4;                     // splits per warp whose l
 template <typename Partial>
 __global__ void __launch_bounds__(kCombineThreads, 1)
     combine_many_splits_kernel(const Partial* __restrict__ out_partial, const float* __restrict__ lse_partial,
-                               const float* __restrict__ scale_partial, __nv_bfloat16* out, int64_t out_batch_stride, int64_t out_seq_stride,
-                               int64_t out_head_stride, float* lse, int h_q, int s_q, int rows, int num_splits,
+                               const float* __restrict__ scale_partial, __nv_bfloat16* out, int64_t out_batch_stride,
+                               int64_t out_seq_stride, int64_t out_head_stride, float* lse, int h_q, int s_q, int rows, int num_splits,
                                int queries_per_z, const int* __restrict__ split_offsets) {
   __shared__ float weights[kMaxSplits], stats[2];
   __shared__ float4 warp_sums[kCombineWarps][kLatentDim / 4];
