@@ -344,10 +344,15 @@ struct CtaRecord {
 constexpr int kCtaRecords = 1024;
 static __device__ CtaRecord cta_records[kCtaRecords];
 
-// This CTA's record (every split of every 16th grid row, while they fit), or -1.
+// This CTA's record (every split of every 16th grid row, or every FLASHMLA_CTA_RECORD_STRIDE-th, while they fit),
+// or -1.
+#ifndef FLASHMLA_CTA_RECORD_STRIDE
+#define FLASHMLA_CTA_RECORD_STRIDE 16
+#endif
 __device__ __forceinline__ int cta_record_index() {
-  if (blockIdx.z % 16 != 0) return -1;
-  const unsigned index = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * (blockIdx.z / 16));
+  constexpr unsigned kStride = FLASHMLA_CTA_RECORD_STRIDE;
+  if (blockIdx.z % kStride != 0) return -1;
+  const unsigned index = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * (blockIdx.z / kStride));
   return index < kCtaRecords ? static_cast<int>(index) : -1;
 }
 
