@@ -329,10 +329,11 @@ struct PhaseClock {
 #endif
 };
 
-// FLASHMLA_PHASES builds: thread 0 of every CTA of every 16th grid row (cta_record_index, while the records last)
-// records its SM and when it started and ended (globaltimer, ns), for the waves and the time outside the block loop,
-// and attend_pairs also when its prologue ended, its first pair, its loop, and the barrier before the output's stores
-// (cta_mark: 0, 1, 2, 3); print_phases prints them after the kernel. Otherwise nothing.
+// FLASHMLA_PHASES builds: thread 0 of every CTA of every 16th grid row (or every FLASHMLA_CTA_RECORD_STRIDE-th;
+// cta_record_index, while the records last) records its SM and when it started and ended (globaltimer, ns), for the
+// waves and the time outside the block loop, and attend_pairs also when its prologue ended, its first pair, its loop,
+// and the barrier before the output's stores (cta_mark: 0, 1, 2, 3); print_phases prints them after the kernel.
+// Otherwise nothing.
 #ifdef FLASHMLA_PHASES
 constexpr int kCtaMarks = 4;
 struct CtaRecord {

@@ -1,5 +1,5 @@
 """Milestones of every CTA of sparse prefill (h_q 64, s_kv 32k, s_q 1024: 1024 CTAs, ~7.8 a SM) on a FLASHMLA_PHASES
-build with every grid row recorded: when each CTA entered, ended its prologue (Q and the first gathers issued and,
+build with every grid row recorded: when each CTA entered, ended its prologue (Q landed, the first gathers issued and,
 since stop 39, not waited for), its first block pair, its loop, began its output's stores, and exited (globaltimer, ns;
 csrc/decode_common.cuh's CtaRecord). Summarises the medians of each milestone after entry and, per SM, the gap from
 one CTA's exit to the next CTA's entry: the time a CTA's end and the next one's start cost outside any loop. Runs
@@ -20,7 +20,10 @@ PATTERN = re.compile(r"cta \((\d+), (\d+), (\d+)\) sm (\d+): (\d+) \.\. (\d+) ns
 
 if len(sys.argv) == 1:  # the parent: runs itself per topk and summarises what the launcher printed
     for topk in ("2048", "256"):
-        text = subprocess.run([sys.executable, __file__, topk], capture_output=True, text=True, env=os.environ).stdout
+        child = subprocess.run([sys.executable, __file__, topk], capture_output=True, text=True, env=os.environ)
+        if child.returncode != 0:
+            sys.exit(f"topk {topk}: the run failed\n{child.stderr}")
+        text = child.stdout
         for run in text.split("== run ")[1:]:
             header, *lines = run.splitlines()
             records = [[int(v) for v in m.groups()] for m in map(PATTERN.search, lines) if m]
