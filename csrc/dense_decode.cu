@@ -1114,8 +1114,8 @@ template <typename Partial>
 __global__ void __launch_bounds__(kCombineThreads, 1)
     combine_many_splits_kernel(const Partial* __restrict__ out_partial, const float* __restrict__ lse_partial,
                                const float* __restrict__ scale_partial, __nv_bfloat16* out, int64_t out_batch_stride,
-                               int64_t out_seq_stride, int64_t out_head_stride, float* lse, int h_q, int s_q, int rows, int num_splits,
-                               int queries_per_z, const int* __restrict__ split_offsets) {
+                               int64_t out_seq_stride, int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
+                               int num_splits, int queries_per_z, const int* __restrict__ split_offsets) {
   __shared__ float weights[kMaxSplits], stats[2];
   __shared__ float4 warp_sums[kCombineWarps][kLatentDim / 4];
   const int row = blockIdx.x, z = blockIdx.y;
