@@ -1107,18 +1107,27 @@ __global__ void __launch_bounds__(32 * kFewSplitsRows) combine_few_splits_kernel
 constexpr int kCombineManySplits = 16;
 constexpr int kCombineThreads = 256;
 constexpr int kCombineWarps = kCombineThreads / 32;
-constexpr int kCombineVectors = kLatentDim / 4 / 32;  // float4 per lane per split row
 constexpr int kCombineUnroll = 4;                     // splits per warp whose loads are in flight together
+constexpr int kCombineMaxParts = 8;                   // column parts of a row (kLatentDim / 8 = 64 columns each)
 
-template <typename Partial>
+// kParts CTAs per query row, CTA part c summing columns [c * 512 / kParts, (c + 1) * 512 / kParts), as many parts as
+// keep the CTAs within one per SM: with few rows (b1 h16 32k: 16 rows of 132 float32 splits) one CTA a row left
+// most SMs idle, each of the 16 reading 270 KB (5.25 us in torch.profiler; in eight parts the op is 1.3-2.3 us
+// faster at b1 h16 8k-128k, stop 40 call 2). Each part's lanes cover its float4 column groups as the whole row's do
+// (a float4 per lane per 128 columns; at 64 columns lanes 16-31 idle), so every column is summed in the same order
+// whatever kParts.
+template <typename Partial, int kParts>
 __global__ void __launch_bounds__(kCombineThreads, 1)
     combine_many_splits_kernel(const Partial* __restrict__ out_partial, const float* __restrict__ lse_partial,
                                const float* __restrict__ scale_partial, __nv_bfloat16* out, int64_t out_batch_stride,
                                int64_t out_seq_stride, int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
                                int num_splits, int queries_per_z, const int* __restrict__ split_offsets) {
+  constexpr int kGroups = kLatentDim / 4 / kParts;          // float4 column groups of this CTA's part
+  constexpr int kVectors = kGroups >= 32 ? kGroups / 32 : 1;  // float4 per lane per split row
+  constexpr int kLanes = kGroups >= 32 ? 32 : kGroups;        // lanes with columns
   __shared__ float weights[kMaxSplits], stats[2];
-  __shared__ float4 warp_sums[kCombineWarps][kLatentDim / 4];
-  const int row = blockIdx.x, z = blockIdx.y;
+  __shared__ float4 warp_sums[kCombineWarps][kGroups];
+  const int row = blockIdx.x / kParts, column_part = blockIdx.x % kParts, z = blockIdx.y;
   const int batch = z / queries_per_z, first_query = z % queries_per_z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int64_t first;
@@ -1126,35 +1135,39 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
   float max_lse, total;
   combine_weights(lse_partial, partial_scales<Partial>(scale_partial), first, rows, row, num_splits, weights, stats,
                   max_lse, total);
-  float4 acc[kCombineVectors];
-  for (int v = 0; v < kCombineVectors; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
-  const auto add_split = [&](int s, const float4 (&part)[kCombineVectors]) {
+  float4 acc[kVectors];
+  for (int v = 0; v < kVectors; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const auto add_split = [&](int s, const float4 (&part)[kVectors]) {
     const float w = weights[s];
 #pragma unroll
-    for (int v = 0; v < kCombineVectors; ++v) add_weighted(acc[v], w, part[v]);
+    for (int v = 0; v < kVectors; ++v) add_weighted(acc[v], w, part[v]);
   };
-  const auto load_split = [&](int s, float4 (&part)[kCombineVectors]) {
+  const int first_group = column_part * kGroups;
+  const auto load_split = [&](int s, float4 (&part)[kVectors]) {
     const Partial* partial_row = out_partial + ((first + s) * rows + row) * kLatentDim;
 #pragma unroll
-    for (int v = 0; v < kCombineVectors; ++v) part[v] = load_partial(partial_row, v * 32 + lane);
+    for (int v = 0; v < kVectors; ++v) part[v] = load_partial(partial_row, first_group + v * 32 + lane);
   };
-  int s = warp;
+  // Lanes past kLanes (64-column parts) load and sum nothing, and meet the others at the barrier below.
+  int s = lane < kLanes ? warp : num_splits;
   // Groups of kCombineUnroll splits: every load of a group is issued before any of them is summed.
   for (; s + (kCombineUnroll - 1) * kCombineWarps < num_splits; s += kCombineUnroll * kCombineWarps) {
-    float4 parts[kCombineUnroll][kCombineVectors];
+    float4 parts[kCombineUnroll][kVectors];
 #pragma unroll
     for (int u = 0; u < kCombineUnroll; ++u) load_split(s + u * kCombineWarps, parts[u]);
 #pragma unroll
     for (int u = 0; u < kCombineUnroll; ++u) add_split(s + u * kCombineWarps, parts[u]);
   }
   for (; s < num_splits; s += kCombineWarps) {
-    float4 part[kCombineVectors];
+    float4 part[kVectors];
     load_split(s, part);
     add_split(s, part);
   }
-  for (int v = 0; v < kCombineVectors; ++v) warp_sums[warp][v * 32 + lane] = acc[v];
+  if (lane < kLanes) {
+    for (int v = 0; v < kVectors; ++v) warp_sums[warp][v * 32 + lane] = acc[v];
+  }
   __syncthreads();
-  if (threadIdx.x < kLatentDim / 4) {  // float4 column group c of the row: the warps' sums, in warp order
+  if (threadIdx.x < kGroups) {  // float4 column group c of the part: the warps' sums, in warp order
     float4 sum = warp_sums[0][threadIdx.x];
     for (int k = 1; k < kCombineWarps; ++k) {
       const float4 part = warp_sums[k][threadIdx.x];
@@ -1164,7 +1177,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
       sum.w += part.w;
     }
     store_combined(out, out_batch_stride, out_seq_stride, out_head_stride, lse, h_q, s_q, batch, first_query, row,
-                   threadIdx.x, sum, threadIdx.x == 0, max_lse, total);
+                   first_group + threadIdx.x, sum, column_part == 0 && threadIdx.x == 0, max_lse, total);
   }
 }
 
@@ -1260,8 +1273,19 @@ void launch_combine(const DecodeParams& params, const Partial* out_partial, cons
         out.stride(2), params.lse, params.h_q, params.s_q, params.rows, num_splits, params.queries_per_z);
   } else {
     const bool many_splits = !balanced && num_splits >= kCombineManySplits;
-    const auto combine = many_splits ? combine_many_splits_kernel<Partial> : combine_kernel<Partial>;
-    combine<<<dim3(rows, zs), many_splits ? kCombineThreads : 128, 0, stream>>>(
+    // The many-splits kernel: as many column parts a row as keep its CTAs within one per SM.
+    int parts = 1;
+    if (many_splits) {
+      int multiprocessors = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, out.get_device()));
+      while (parts < kCombineMaxParts && rows * zs * parts * 2 <= multiprocessors) parts *= 2;
+    }
+    const auto combine = !many_splits ? combine_kernel<Partial>
+                         : parts == 1 ? combine_many_splits_kernel<Partial, 1>
+                         : parts == 2 ? combine_many_splits_kernel<Partial, 2>
+                         : parts == 4 ? combine_many_splits_kernel<Partial, 4>
+                                      : combine_many_splits_kernel<Partial, kCombineMaxParts>;
+    combine<<<dim3(rows * parts, zs), many_splits ? kCombineThreads : 128, 0, stream>>>(
         out_partial, params.lse_partial, params.scale_partial, params.out, out.stride(0), out.stride(1),
         out.stride(2), params.lse, params.h_q, params.s_q, params.rows, num_splits, params.queries_per_z,
         params.split_offsets);

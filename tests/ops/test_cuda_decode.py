@@ -120,6 +120,23 @@ def test_cuda_dense_decode_split_counts(num_splits, s_q, h_q, narrow, is_fp8):
                     narrow=narrow)
 
 
+# (seqlens, s_q, h_q, narrow): few query rows over long sequences, each sequence split 33 to 132 ways (cuda_num_splits),
+# so that the many-splits combine takes each row in 8 (16 and 15 rows of one sequence), 4 (two or four sequences of
+# 16 and 8 rows) and 2 (64 rows) column parts; an empty sequence and a one-token one among them
+MANY_SPLIT_SHAPES = [([20000], 1, 16, True), ([20000], 1, 16, False), ([20000], 3, 5, True),
+                     ([9000, 20000], 1, 16, True), ([5000, 1, 20000, 0], 1, 8, True), ([20000], 1, 64, False)]
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q,narrow", MANY_SPLIT_SHAPES)
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_dense_decode_many_splits_in_column_parts(seqlens, s_q, h_q, narrow, is_fp8):
+    multiprocessors = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    rows = len(seqlens) * s_q * h_q
+    assert rows * 2 <= multiprocessors, "the combine takes these rows in column parts"
+    assert cuda_num_splits(torch.device(DEVICE), len(seqlens), s_q * h_q, -(-max(seqlens) // 64)) >= 16
+    run_and_compare(seqlens, s_q, h_q, causal=s_q > 1, is_fp8=is_fp8, narrow=narrow)
+
+
 @pytest.mark.parametrize("parts", [1, 3, 7, 40, 132])
 @pytest.mark.parametrize("s_q,h_q,narrow", SPLIT_SHAPES)
 @pytest.mark.parametrize("is_fp8", [False, True])
