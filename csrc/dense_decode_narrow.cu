@@ -179,6 +179,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   cp_async_wait<0>();
   fence_async_shared();
   __syncthreads();
+  cta_mark(0);
 
   float out_acc[kValueTiles][kAcc];
 #pragma unroll
@@ -412,8 +413,12 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     iteration(block, std::false_type{});
     block += 2;
     ++own;
+    cta_mark(1);
   }
-  for (; block < end; block += 2, ++own) iteration(block, std::bool_constant<kFp8>{});
+  for (; block < end; block += 2, ++own) {
+    iteration(block, std::bool_constant<kFp8>{});
+    if (!kFp8 && own == 0) cta_mark(1);
+  }
   if constexpr (kFp8) {  // the rest of the last own block's P V
     if (own > 0) run_value_tiles();
 #pragma unroll
@@ -421,6 +426,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   }
   clock.mark(7);
   clock.report(kFp8 ? "narrow fp8" : "narrow bf16", own);
+  cta_mark(2);
   fills += own;
 
   // Merge the warpgroups: each finishes half of the value columns (warpgroup 0 tiles 0..3, 1 tiles 4..7) from its own
@@ -468,6 +474,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     inverse[index] = total_sum[index] > 0.f ? 1.f / total_sum[index] : 0.f;
   }
   const bool direct = out_slot < 0;
+  cta_mark(3);
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
 #pragma unroll
@@ -512,11 +519,13 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) narrow_decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t raw_shared[];
+  const CtaClock cta_clock;
   uint8_t* shared = prepare_shared(raw_shared, Layout::kBarriers);
   int fills = 0;
   for_each_piece<false>(p, [&](int z, int begin, int end, int64_t slot) {
     attend_piece<kFp8>(p, shared, z, begin, end, slot, fills);
   });
+  cta_clock.report(kFp8 ? "narrow fp8" : "narrow bf16");
 }
 
 }  // namespace

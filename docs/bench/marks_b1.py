@@ -8,6 +8,10 @@ spread of the entries, and the medians and maxima of each milestone after entry.
 Hopper GPU (stop 35):
 
     FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_PHASES PYTHONPATH=$PWD:$PWD/scripts python docs/bench/marks_b1.py
+
+MARKS_SHAPES (batch:seqlen:h_q, comma-separated) picks other shapes; at 16 rows or fewer they run the narrow kernel
+(stop 40), whose marks are Q landed, warpgroup 0's first own block done, the loop's end (each warpgroup's), and the
+partial's stores starting (after the warpgroups' exchange), printed under the same names.
 """
 import os
 import re
@@ -15,9 +19,12 @@ import statistics
 import subprocess
 import sys
 
+# batch:seqlen:h_q of each shape; MARKS_SHAPES="1:32768:16,1:8192:16" times the narrow kernel's (stop 40)
+SHAPES = os.environ.get("MARKS_SHAPES", "1:32768:128,1:8192:128,128:4096:128")
+
 if len(sys.argv) == 1:  # the parent: runs itself per shape and summarises what the launcher printed
-    for batch, seqlen in (("1", "32768"), ("1", "8192"), ("128", "4096")):
-        text = subprocess.run([sys.executable, __file__, batch, seqlen], capture_output=True, text=True,
+    for batch, seqlen, h_q in (shape.split(":") for shape in SHAPES.split(",")):
+        text = subprocess.run([sys.executable, __file__, batch, seqlen, h_q], capture_output=True, text=True,
                               env=os.environ).stdout
         runs = text.split("== run ")[1:]
         for run in runs:
@@ -29,7 +36,7 @@ if len(sys.argv) == 1:  # the parent: runs itself per shape and summarises what 
                 continue
             first_entry = min(r[3] for r in records)
             last_exit = max(r[4] for r in records)
-            print(f"b{batch} h128 {int(seqlen) // 1024}k run {header.strip()}: {len(records)} CTAs, "
+            print(f"b{batch} h{h_q} {int(seqlen) // 1024}k run {header.strip()}: {len(records)} CTAs, "
                   f"entries spread {max(r[3] for r in records) - first_entry} ns, first entry to last exit "
                   f"{last_exit - first_entry} ns")
             for name, index in (("prologue end", 5), ("first pair end", 6), ("loop end", 7), ("stores start", 9),
@@ -48,11 +55,11 @@ import flashmla_ops  # noqa: F401
 from bench_decode import make_inputs, KV_LORA_RANK, D_QK
 from flashmla_ops.decode import cuda_num_splits
 
-batch, seqlen = int(sys.argv[1]), int(sys.argv[2])
+batch, seqlen, h_q = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 dev = torch.device("cuda")
-sets, lens = make_inputs(batch, 1, 128, [seqlen] * batch, False, dev, 1)
+sets, lens = make_inputs(batch, 1, h_q, [seqlen] * batch, False, dev, 1)
 q, cache, table = sets[0]
-splits = cuda_num_splits(dev, batch, 128, table.shape[1])
+splits = cuda_num_splits(dev, batch, h_q, table.shape[1])
 for rep in range(3):
     torch.cuda.synchronize()
     print(f"== run {rep + 1} (splits {splits})", flush=True)
