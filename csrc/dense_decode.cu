@@ -1112,7 +1112,7 @@ constexpr int kCombineMaxParts = 8;                   // column parts of a row (
 
 // kParts CTAs per query row, CTA part c summing columns [c * 512 / kParts, (c + 1) * 512 / kParts), as many parts as
 // keep the CTAs within one per SM: with few rows (b1 h16 32k: 16 rows of 132 float32 splits) one CTA a row left
-// most SMs idle, each of the 16 reading 270 KB (5.25 us in torch.profiler; in eight parts the op is 1.3-2.3 us
+// most SMs idle, each of the 16 reading 270 KB (5.25 us in torch.profiler; in eight parts the op is 0.8-2.3 us
 // faster at b1 h16 8k-128k, stop 40 call 2). Each part's lanes cover its float4 column groups as the whole row's do
 // (a float4 per lane per 128 columns; at 64 columns lanes 16-31 idle), so every column is summed in the same order
 // whatever kParts.
