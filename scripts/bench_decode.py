@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import flashmla_ops
+import gpu_clock
 from flashmla_ops.decode import cuda_dense_kernel
 from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
@@ -26,6 +27,11 @@ from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
 # write; BF16 matmul FLOP/s, the middle of the measured 690..800), measured by bench_device on any other GPU.
 CEILINGS = {"gpu": "H100 (SPEC.md §4)", "bandwidth": 3.0e12, "bf16": 745e12}
 L2_BYTES = 50 * 2 ** 20
+# Before each timing, wait up to this many seconds for a GPU slowed by earlier work (its power cap, heat) to recover
+# (gpu_clock.settle; the scripts' --settle); the clock each timing ended at goes to LAST_CLOCK, and from there to the
+# row (stop 41: the same kernel 278 or 349 us depending on what ran before it).
+SETTLE_S = 20.0
+LAST_CLOCK: dict = {}
 
 # (name, batch, s_q, h_q, seqlen, is_fp8, FlashMLA's figure, target: (value, unit))
 SPEC_ROWS = [
@@ -71,13 +77,15 @@ def row_filter(rows: str):
 
 def time_ms(fn, sets, repeats=20):
     """Median time of one call, as CUDA-graph replays (the way a decode step runs in production, so host-side
-    dispatch is not counted), rotating over `sets` so that the inputs are not all L2-resident."""
+    dispatch is not counted), rotating over `sets` so that the inputs are not all L2-resident. Waits for the GPU to
+    settle first (SETTLE_S) and leaves the clock it ended at in LAST_CLOCK."""
     fn(*sets[0])  # compile / warm up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for args in sets:
             fn(*args)
+    settled_s = gpu_clock.settle(timeout_s=SETTLE_S) if SETTLE_S > 0 else None
     for _ in range(3):
         graph.replay()
     times = []
@@ -88,7 +96,27 @@ def time_ms(fn, sets, repeats=20):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / len(sets))
+    LAST_CLOCK.clear()
+    LAST_CLOCK.update(gpu_clock.row_fields(gpu_clock.read(), settled_s))
     return sorted(times)[len(times) // 2]
+
+
+def clock_note(row: dict) -> str:
+    """The SM clock a row's timing ended at, and any slowdown reason then, for its printed line."""
+    if "sm_clock_mhz" not in row:
+        return ""
+    return f" {row['sm_clock_mhz']:5d} MHz" + "".join(f" {reason}" for reason in row["slowdowns"])
+
+
+def add_settle_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--settle", type=float, default=SETTLE_S, metavar="SECONDS",
+                        help="before each timing, wait up to SECONDS for the GPU to leave a power or thermal "
+                             f"slowdown (default {SETTLE_S:g}; 0: do not wait)")
+
+
+def apply_settle_argument(args: argparse.Namespace) -> None:
+    global SETTLE_S
+    SETTLE_S = args.settle
 
 
 def eager_ms(fn, sets):
@@ -131,7 +159,7 @@ def bench_config(batch, s_q, h_q, seqlens, is_fp8, device, with_baselines, sched
     total_bytes = sum(decode_bytes(1, s_q, h_q, length, is_fp8) for length in seqlens)
     row = {"batch": batch, "s_q": s_q, "h_q": h_q, "seqlen": seqlen, "skewed": len(set(seqlens)) > 1,
            "kv_cache": "fp8" if is_fp8 else "bf16", "time_us": ms * 1e3, "gb_s": total_bytes / ms / 1e6,
-           "tflop_s": flops / ms / 1e9}
+           "tflop_s": flops / ms / 1e9, **LAST_CLOCK}
     row["bandwidth_fraction"] = row["gb_s"] * 1e9 / CEILINGS["bandwidth"]
     row["compute_fraction"] = row["tflop_s"] * 1e12 / CEILINGS["bf16"]
     if with_baselines:
@@ -307,7 +335,9 @@ def main():
                              "--tune likewise")
     parser.add_argument("--scheduled", action="store_true",
                         help="pass get_mla_metadata's schedule to the op (the CUDA kernel then balances the blocks)")
+    add_settle_argument(parser)
     args = parser.parse_args()
+    apply_settle_argument(args)
     device = bench_device(args.backend, "bench_decode.py")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dense_decode backend: "
           f"{flashmla_ops.backend('dense_decode', device)}, CUDA kernel for 16 rows: {cuda_dense_kernel(16)}")
@@ -333,13 +363,14 @@ def main():
         print(f"{name:26} {row['time_us']:8.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} "
               f"{100 * row['bandwidth_fraction']:5.1f}"
               f" {100 * row['compute_fraction']:5.1f} {flashmla:>12} {row['target']:>16} {fmt(row['vs_target'], 2):>9}"
-              f" {fmt(row.get('speedup_vs_reference'), 1):>7} {fmt(row.get('speedup_vs_sdpa'), 1):>7}")
+              f" {fmt(row.get('speedup_vs_reference'), 1):>7} {fmt(row.get('speedup_vs_sdpa'), 1):>7}"
+              f"{clock_note(row)}")
     if chosen("bf16 skewed b32 h16"):
         skewed = bench_config(32, 1, 16, [32768] + [512] * 31, False, device, False, args.scheduled)
         skewed.update(name="bf16 skewed b32 h16", flashmla="-", target="-", vs_target=None)
         rows.append(skewed)
         print(f"{'bf16 skewed b32 h16':26} {skewed['time_us']:8.1f} {skewed['gb_s']:7.0f} {skewed['tflop_s']:8.1f}"
-              "   (one 32k sequence among 31 of 512 tokens)")
+              f"   (one 32k sequence among 31 of 512 tokens){clock_note(skewed)}")
     spec_rows = len(rows)
     if args.sweep:
         for batch, s_q, h_q, seqlens, is_fp8 in tqdm(list(sweep_configs()), desc="sweep"):
@@ -349,7 +380,7 @@ def main():
         for r in rows[spec_rows:]:
             print(f"{r['kv_cache']:4} {r['batch']:5} {r['s_q']:3} {r['h_q']:4} {r['seqlen']:6} "
                   f"{'y' if r['skewed'] else '':>4} "
-                  f"{r['time_us']:9.1f} {r['gb_s']:7.0f} {r['tflop_s']:8.1f}")
+                  f"{r['time_us']:9.1f} {r['gb_s']:7.0f} {r['tflop_s']:8.1f}{clock_note(r)}")
     save_results(args.out, args.backend, rows, plot, tuning=tuned, cuda_kernel_16_rows=cuda_dense_kernel(16))
 
 

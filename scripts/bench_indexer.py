@@ -17,7 +17,8 @@ import torch
 import triton
 
 import flashmla_ops
-from bench_decode import bench_device, eager_ms, fmt, forced_backend, row_filter, save_results, time_ms
+from bench_decode import (LAST_CLOCK, add_settle_argument, apply_settle_argument, bench_device, clock_note, eager_ms,
+                          fmt, forced_backend, row_filter, save_results, time_ms)
 from flashmla_ops.indexer import indexer_logits_paged_path, indexer_logits_path
 from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_fp8_rows, quantize_index_fp8_reference
 
@@ -69,7 +70,7 @@ def bench_row(kind, rows, keys, h_i, d_i, fp8, device, with_reference):
     ms = time_ms(call, sets)
     path = (indexer_logits_path if kind == "logits" else indexer_logits_paged_path)(sets[0][0], sets[0][1])
     row = {"kind": kind, "rows": rows, "keys": keys, "h_i": h_i, "d_i": d_i, "fp8": fp8, "path": path,
-           "time_us": ms * 1e3, "gb_s": total_bytes / ms / 1e6, "tflop_s": flops / ms / 1e9}
+           "time_us": ms * 1e3, "gb_s": total_bytes / ms / 1e6, "tflop_s": flops / ms / 1e9, **LAST_CLOCK}
     if with_reference:
         with forced_backend("reference"):
             reference_ms = eager_ms(call, sets)
@@ -176,7 +177,9 @@ def main():
     parser.add_argument("--rows", default="", help="comma-separated substrings: only the rows whose name has one")
     parser.add_argument("--tune", action="store_true", help="time the Triton logits kernel's tile configs first")
     parser.add_argument("--topk", action="store_true", help="also time the op's top-k against torch.topk")
+    add_settle_argument(parser)
     args = parser.parse_args()
+    apply_settle_argument(args)
     device = bench_device(args.backend, "bench_indexer.py")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: "
           + ", ".join(f"{op} {flashmla_ops.backend(op, device)}" for op in ("indexer_logits", "indexer_logits_paged")))
@@ -194,8 +197,8 @@ def main():
             row["target"] = f">= {TARGET_FRACTION * PEAK_FP8 / 1e12:.0f} TFLOP/s"
             row["vs_target"] = row["tflop_s"] * 1e12 / (TARGET_FRACTION * PEAK_FP8)
         results.append(row)
-        print(f"{name:36} {row['path']:>9} {row['time_us']:9.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} {row.get('target', '-'):>12}"
-              f" {fmt(row.get('vs_target'), 2):>9} {fmt(row.get('speedup_vs_reference'), 1):>7}")
+        print(f"{name:36} {row['path']:>9} {row['time_us']:9.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f}"
+              f" {row.get('target', '-'):>12} {fmt(row.get('vs_target'), 2):>9} {fmt(row.get('speedup_vs_reference'), 1):>7}{clock_note(row)}")
     topk = time_topk(device) if args.topk else []
     save_results(args.out, args.backend, results, plot, tuning=tuned, topk=topk)
 

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 import flashmla_ops
-from bench_decode import (CEILINGS, bench_device, eager_ms, fmt, forced_backend, row_filter, save_results,
-                          time_ms)
+from bench_decode import (CEILINGS, LAST_CLOCK, add_settle_argument, apply_settle_argument, bench_device, clock_note,
+                          eager_ms, fmt, forced_backend, row_filter, save_results, time_ms)
 from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
 DECODE_CONTEXT = 16384  # tokens per sequence the indices choose from
@@ -90,7 +90,7 @@ def bench_config(op, size, second, h_q, topk, is_fp8, device, with_reference):
     ms = time_ms(run, sets)
     row = {"op": op, "size": size, "second": second, "h_q": h_q, "topk": topk,
            "kv_cache": "fp8" if is_fp8 else "bf16", "time_us": ms * 1e3, "gb_s": total_bytes / ms / 1e6,
-           "tflop_s": attention_flops(queries, h_q, topk) / ms / 1e9}
+           "tflop_s": attention_flops(queries, h_q, topk) / ms / 1e9, **LAST_CLOCK}
     row["bandwidth_fraction"] = row["gb_s"] * 1e9 / CEILINGS["bandwidth"]
     row["compute_fraction"] = row["tflop_s"] * 1e12 / CEILINGS["bf16"]
     if with_reference:
@@ -193,7 +193,9 @@ def main():
     parser.add_argument("--tune", action="store_true", help="time the Triton tile configurations first")
     parser.add_argument("--rows", default="", help="only the SPEC rows whose name has one of these comma-separated "
                         "substrings (e.g. 'decode' or 'h128')")
+    add_settle_argument(parser)
     args = parser.parse_args()
+    apply_settle_argument(args)
     wanted = row_filter(args.rows)
     device = bench_device(args.backend, "bench_sparse.py")
     tuned = tune(device) if args.tune else []
@@ -211,7 +213,7 @@ def main():
         rows.append(row)
         print(f"{name:36} {row['time_us']:9.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} "
               f"{100 * row['compute_fraction']:5.1f} {flashmla:>12} {target:8} {row['vs_target']:9.2f} "
-              f"{fmt(row.get('speedup_vs_reference'), 1):>7}")
+              f"{fmt(row.get('speedup_vs_reference'), 1):>7}{clock_note(row)}")
     spec_count = len(rows)
     if args.sweep:
         for op, size, second, h_q, topk, is_fp8 in tqdm(list(sweep_configs()), desc="sweep"):
@@ -220,7 +222,7 @@ def main():
               f"{'TFLOP/s':>8}")
         for r in rows[spec_count:]:
             print(f"{r['op']:7} {r['kv_cache']:4} {r['size']:5} {r['second']:6} {r['h_q']:4} {r['topk']:5} "
-                  f"{r['time_us']:9.1f} {r['gb_s']:7.0f} {r['tflop_s']:8.1f}")
+                  f"{r['time_us']:9.1f} {r['gb_s']:7.0f} {r['tflop_s']:8.1f}{clock_note(r)}")
     save_results(args.out, args.backend, rows, plot, tuning=tuned)
 
 

@@ -3,8 +3,10 @@ in most processes and ~335-349 us in others, e.g. right after `measure_ceilings`
 two explanations left: a state of the process or GPU (then inputs allocated before the step slow down with it), or
 where the step leaves the next allocations (then only inputs allocated after it do). Each child process times, with
 CUDA graphs as bench_decode.py does: set A allocated first; measure_ceilings; A again; set B allocated after it;
-A and B once more. Children run under the default allocator and under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-(segments that PyTorch maps itself), three processes each. From the repository root on a Hopper GPU:
+A and B once more; both again after 15 s idle (a throttled GPU recovers). Each line carries nvidia-smi's clocks,
+power, temperatures and throttle reasons. Children run under the default allocator and under
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (segments that PyTorch maps itself), two processes each.
+From the repository root on a Hopper GPU:
 
     PYTHONPATH=$PWD:$PWD/scripts python docs/bench/order_effect.py
 """
@@ -14,13 +16,15 @@ import sys
 
 if len(sys.argv) == 1:  # the parent
     for alloc_conf in ("", "expandable_segments:True"):
-        for run in range(3):
+        for run in range(2):
             env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=alloc_conf)
             result = subprocess.run([sys.executable, __file__, "child"], capture_output=True, text=True, env=env)
-            last = (result.stdout.strip().splitlines() or [""])[-1]  # after measure_ceilings' own line
-            print(f"allocator {alloc_conf or 'default'}, process {run + 1}: {last}"
-                  f"{result.stderr[-2000:] if result.returncode else ''}", flush=True)
+            lines = [line for line in result.stdout.splitlines() if line.startswith("  ")]
+            print(f"allocator {alloc_conf or 'default'}, process {run + 1}:", *lines,
+                  result.stderr[-2000:] if result.returncode else "", sep="\n", flush=True)
     sys.exit(0)
+
+import time  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -42,11 +46,26 @@ def timed(sets, cache_seqlens):
     return time_ms(op, sets) * 1e3
 
 
+def gpu_state() -> str:
+    """Clocks, power, temperature and the active throttle reasons (nvidia-smi), to tell a slowed GPU apart."""
+    query = "clocks.sm,clocks.mem,power.draw,temperature.gpu,temperature.memory,clocks_throttle_reasons.active"
+    result = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
+                            text=True)
+    return result.stdout.strip() or result.stderr.strip()[-200:]
+
+
+def report(label, value):
+    print(f"  {label:28s} {value:7.1f} us   [{gpu_state()}]", flush=True)
+
+
 a = inputs()
-times = [f"A first {timed(*a):6.1f}"]
+report("A first", timed(*a))
 measure_ceilings(device)
-times.append(f"A after ceilings {timed(*a):6.1f}")
+report("A after ceilings", timed(*a))
 b = inputs()
-times.append(f"B (allocated after) {timed(*b):6.1f}")
-times.append(f"A {timed(*a):6.1f}, B {timed(*b):6.1f} us")
-print("; ".join(times))
+report("B (allocated after)", timed(*b))
+report("A", timed(*a))
+report("B", timed(*b))
+time.sleep(15)
+report("A after 15 s idle", timed(*a))
+report("B after 15 s idle", timed(*b))
