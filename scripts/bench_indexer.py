@@ -198,7 +198,8 @@ def main():
             row["vs_target"] = row["tflop_s"] * 1e12 / (TARGET_FRACTION * PEAK_FP8)
         results.append(row)
         print(f"{name:36} {row['path']:>9} {row['time_us']:9.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f}"
-              f" {row.get('target', '-'):>12} {fmt(row.get('vs_target'), 2):>9} {fmt(row.get('speedup_vs_reference'), 1):>7}{clock_note(row)}")
+              f" {row.get('target', '-'):>12} {fmt(row.get('vs_target'), 2):>9}"
+              f" {fmt(row.get('speedup_vs_reference'), 1):>7}{clock_note(row)}")
     topk = time_topk(device) if args.topk else []
     save_results(args.out, args.backend, results, plot, tuning=tuned, topk=topk)
 

@@ -1,14 +1,15 @@
 """The GPU's SM clock and what holds it below its maximum, for the benchmarks.
 
 Stop 41 (docs/HISTORY.md) found that after heavy work (a large matmul, the sparse prefill rows) the H200 runs under its
-software power cap for several seconds: the SM clock at 1500-1860 MHz instead of 1980, and compute-bound rows 5-25%
-slower (b128 h128 4k dense decode 343-354 us right after an 8192^3 matmul, 278-282 us 15 s later). So the benchmarks
+software power cap for seconds: the SM clock at 1500-1860 MHz instead of 1980, and compute-bound rows up to 25%
+slower (b128 h128 4k dense decode 316-354 us right after an 8192^3 matmul, 278-282 us 15 s later). So the benchmarks
 wait for such a slowdown to clear before each row (`settle`) and record the clock and any slowdown reason each row
 ended at (`read` right after its timing).
 
 Readings come from NVML through nvidia-ml-py where it is installed, else from `nvidia-smi`; with neither (or no GPU)
 `read` gives None and `settle` returns at once.
 """
+import functools
 import shutil
 import subprocess
 import time
@@ -37,7 +38,7 @@ class ClockState:
 
 
 def parse_smi(line: str) -> ClockState | None:
-    """One line of `nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks_event_reasons.active
+    """One line of `nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks_throttle_reasons.active
     --format=csv,noheader,nounits`, e.g. "1500, 1980, 0x0000000000000004"; None if it is not that."""
     fields = [field.strip() for field in line.split(",")]
     try:
@@ -46,17 +47,29 @@ def parse_smi(line: str) -> ClockState | None:
         return None
 
 
-def _read_nvml(index: int) -> ClockState | None:
+@functools.cache
+def _nvml():
+    """nvidia-ml-py, initialised once, or None where it is not installed or finds no driver."""
     try:
         import pynvml
-    except ImportError:
-        return None
-    try:
+
         pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 (ImportError, or NVMLError without a driver)
+        return None
+    return pynvml
+
+
+def _read_nvml(index: int) -> ClockState | None:
+    pynvml = _nvml()
+    if pynvml is None:
+        return None
+    # nvmlDeviceGetCurrentClocksEventReasons is the newer name of the same query.
+    reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+        pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+    try:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         return ClockState(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
-                          pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
-                          pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle))
+                          pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM), reasons(handle))
     except pynvml.NVMLError:
         return None
 
