@@ -44,12 +44,17 @@ def _load_keys(KV, row_offset, valid, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr
 
 
 @triton.jit
-def _gather_logits(q_nope, q_rope, KV, Indices, positions, length, num_rows, stride_kv_block, stride_kv_row,
-                   sm_scale_log2, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr,
+def _index_tile(Indices, positions, length):
+    """The indices at `positions`, -1 (no token) from `length` on."""
+    return tl.load(Indices + positions, mask=positions < length, other=-1)
+
+
+@triton.jit
+def _gather_logits(q_nope, q_rope, KV, index, num_rows, stride_kv_block, stride_kv_row, sm_scale_log2,
+                   IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr,
                    D_ROPE: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
-    """Keys listed at `Indices[positions]` (only positions < length; indices outside [0, num_rows) mean no token):
-    base-2 logits `(BLOCK_H, BLOCK_N)`, -inf for missing keys, and the keys' latent tile (the values)."""
-    index = tl.load(Indices + positions, mask=positions < length, other=-1)
+    """The keys at cache slots `index` (outside [0, num_rows): no token): base-2 logits `(BLOCK_H, BLOCK_N)`, -inf
+    for missing keys, and the keys' latent tile (the values)."""
     valid = (index >= 0) & (index < num_rows)
     slot = tl.where(valid, index, 0).to(tl.int64)
     row_offset = (slot // PAGE) * stride_kv_block + (slot % PAGE) * stride_kv_row
@@ -80,7 +85,7 @@ def _sparse_decode_split_kernel(
         SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr,
         HAS_EXTRA: tl.constexpr, HAS_EXTRA_TOPK_LENGTH: tl.constexpr, APPLY_SINK: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr,
-        D_ROPE: tl.constexpr, TILE: tl.constexpr, INTERPRET: tl.constexpr):
+        D_ROPE: tl.constexpr, TILE: tl.constexpr, INTERPRET: tl.constexpr, LOOKAHEAD: tl.constexpr):
     head_tiles = tl.cdiv(H_Q, BLOCK_H)
     pid = tl.program_id(0)
     query = pid // head_tiles  # the head tiles of one query are neighbours: they gather the same keys (L2)
@@ -110,9 +115,18 @@ def _sparse_decode_split_kernel(
     if HAS_TOPK_LENGTH:
         length = tl.minimum(tl.load(TopkLength + batch), TOPK)
     indices = Indices + batch * stride_ib + position * stride_is
+    offsets = tl.arange(0, BLOCK_N)
+    # LOOKAHEAD: each tile's indices are read one step early. Read inside the step they address that step's gathers,
+    # and the compiler's pipeline then waits for every copy in flight at the top of each step (docs/HISTORY.md,
+    # stop 41), so no tile's gathers overlap the step before it.
+    index_ahead = _index_tile(indices, first_tile * BLOCK_N + offsets, length)
     for tile in range(first_tile, tl.minimum(last_tile, tl.cdiv(length, BLOCK_N))):
-        s, values = _gather_logits(q_nope, q_rope, KV, indices, tile * BLOCK_N + tl.arange(0, BLOCK_N), length,
-                                   num_slots, stride_kv_block, stride_kv_row, sm_scale_log2,
+        if LOOKAHEAD:
+            index = index_ahead
+            index_ahead = _index_tile(indices, (tile + 1) * BLOCK_N + offsets, length)
+        else:
+            index = _index_tile(indices, tile * BLOCK_N + offsets, length)
+        s, values = _gather_logits(q_nope, q_rope, KV, index, num_slots, stride_kv_block, stride_kv_row, sm_scale_log2,
                                    IS_FP8, HW_FP8, PAGE, D_NOPE, D_ROPE, TILE, BLOCK_N, INTERPRET)
         m_i, l_i, acc = _softmax_step(s, values, m_i, l_i, acc, INTERPRET)
     if HAS_EXTRA:
@@ -122,10 +136,10 @@ def _sparse_decode_split_kernel(
         extra_indices = ExtraIndices + batch * stride_eb + position * stride_es
         extra_end = tl.minimum(last_tile, main_tiles + tl.cdiv(extra_length, BLOCK_N))
         for tile in range(tl.maximum(first_tile, main_tiles), extra_end):
-            s, values = _gather_logits(q_nope, q_rope, ExtraKV, extra_indices,
-                                       (tile - main_tiles) * BLOCK_N + tl.arange(0, BLOCK_N), extra_length,
-                                       extra_num_slots, stride_extra_block, stride_extra_row, sm_scale_log2,
-                                       IS_FP8, HW_FP8, PAGE, D_NOPE, D_ROPE, TILE, BLOCK_N, INTERPRET)
+            index = _index_tile(extra_indices, (tile - main_tiles) * BLOCK_N + offsets, extra_length)
+            s, values = _gather_logits(q_nope, q_rope, ExtraKV, index, extra_num_slots, stride_extra_block,
+                                       stride_extra_row, sm_scale_log2, IS_FP8, HW_FP8, PAGE, D_NOPE, D_ROPE, TILE,
+                                       BLOCK_N, INTERPRET)
             m_i, l_i, acc = _softmax_step(s, values, m_i, l_i, acc, INTERPRET)
 
     cols = tl.arange(0, D_NOPE)
@@ -173,8 +187,9 @@ def _sparse_prefill_kernel(
     indices = Indices + query * stride_is
     for tile_start in range(0, length, BLOCK_N):
         positions = tile_start + tl.arange(0, BLOCK_N)
-        s, values = _gather_logits(q_nope, q_rope, KV, indices, positions, length, S_KV, stride_kv, stride_kv,
-                                   sm_scale_log2, False, False, 1, D_NOPE, D_ROPE, 1, BLOCK_N, INTERPRET)
+        index = _index_tile(indices, positions, length)
+        s, values = _gather_logits(q_nope, q_rope, KV, index, S_KV, stride_kv, stride_kv, sm_scale_log2, False, False,
+                                   1, D_NOPE, D_ROPE, 1, BLOCK_N, INTERPRET)
         if HAS_INDEXER:
             if tile_start < indexer_topk:  # the indexer's LSE: the same logits, first indexer_topk positions only
                 s_indexer = tl.where(positions[None, :] < indexer_topk, s, float("-inf"))
@@ -201,11 +216,14 @@ def _sparse_prefill_kernel(
 @dataclass(frozen=True)
 class TileConfig:
     """Heads per program (`block_h`: at least 16 rows for the tensor cores, at most 64: the fp32 accumulator lives in
-    registers), keys gathered per step (`block_n`), and the launch's warps and pipeline stages."""
+    registers), keys gathered per step (`block_n`), and the launch's warps and pipeline stages; `lookahead` (sparse
+    decode): each tile's indices read one step early (see `_sparse_decode_split_kernel`). Prefill ignores it: at
+    64 x 32 tiles, where it fits, it was 23-26% slower (stop 41 call 8)."""
     block_h: int
     block_n: int
     num_warps: int
     num_stages: int
+    lookahead: bool = False
 
 
 def tile_configs(h_q: int) -> list[TileConfig]:
@@ -213,7 +231,10 @@ def tile_configs(h_q: int) -> list[TileConfig]:
     GPUs with less shared memory per block, for launch_fitting: fewer stages, fewer keys per step, fewer heads. Compiled
     for sm_89 (the larger of the specialized and unspecialized compiles), the 99 KiB of Ada and consumer Blackwell take
     BF16 at 32 heads x 32 keys (76 KiB) and FP8 at 64 heads x 32 keys, one stage (88 KiB);
-    tests/ops/test_triton_compile.py checks that each op finds one."""
+    tests/ops/test_triton_compile.py checks that each op finds one. Next for sparse decode over an FP8 cache: 64 x 64 at
+    three stages with `lookahead` (226 KiB on sm_90), 7-9% faster on the three sparse decode SPEC rows in stop 41
+    call 8 (b128 h128 393.5-396.0 -> 359.0-360.3 us, b64 h64 128.8-129.5 -> 119.3-119.9), is to become the first
+    config once the GPU test grid has run at it (its lookahead path passed there at 64 x 32 tiles, which are slower)."""
     first_h = min(64, max(16, triton.next_power_of_2(h_q)))
     return [TileConfig(block_h=block_h, block_n=block_n, num_warps=8 if block_h >= 64 else 4, num_stages=num_stages)
             for block_h in (64, 32, 16) if block_h <= first_h
@@ -274,8 +295,8 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
             s_q, h_q, topk, extra_topk, k_cache.shape[0] * PAGE_BLOCK_SIZE,
             extra_k_cache.shape[0] * PAGE_BLOCK_SIZE if has_extra else 0, softmax_scale * LOG2E, num_splits,
             SPLIT=num_splits > 1, BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE,
-            D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, TILE=128, INTERPRET=INTERPRET, num_warps=config.num_warps,
-            num_stages=config.num_stages, **variant)
+            D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, TILE=128, INTERPRET=INTERPRET, LOOKAHEAD=config.lookahead,
+            num_warps=config.num_warps, num_stages=config.num_stages, **variant)
         if num_splits > 1:
             combine(out_partial, lse_partial, attn_sink, out, lse)
 

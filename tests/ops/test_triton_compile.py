@@ -54,11 +54,14 @@ COMBINE = {"plain": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False),
            "variable": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False)}
 SPARSE_DECODE = {
     "bf16": dict(SPLIT=False, IS_FP8=False, HW_FP8=False, HAS_TOPK_LENGTH=False, HAS_EXTRA=False,
-                 HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=16, BLOCK_N=64),
+                 HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=16, BLOCK_N=64, LOOKAHEAD=False),
     "fp8-hw-extra-sink": dict(SPLIT=True, IS_FP8=True, HW_FP8=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=True,
-                              HAS_EXTRA_TOPK_LENGTH=True, APPLY_SINK=True, BLOCK_H=64, BLOCK_N=64),
+                              HAS_EXTRA_TOPK_LENGTH=True, APPLY_SINK=True, BLOCK_H=64, BLOCK_N=64, LOOKAHEAD=False),
     "fp8-integer-extra": dict(SPLIT=True, IS_FP8=True, HW_FP8=False, HAS_TOPK_LENGTH=False, HAS_EXTRA=True,
-                              HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=32, BLOCK_N=64),
+                              HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=32, BLOCK_N=64, LOOKAHEAD=False),
+    "fp8-hw-lookahead-extra": dict(SPLIT=True, IS_FP8=True, HW_FP8=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=True,
+                                   HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=64, BLOCK_N=32,
+                                   LOOKAHEAD=True),
 }
 SPARSE_PREFILL = {
     "plain": dict(HAS_TOPK_LENGTH=False, HAS_INDEXER=False, APPLY_SINK=False, BLOCK_H=64, BLOCK_N=64),
@@ -185,7 +188,9 @@ def ladders():
     from flashmla_ops.triton import sparse as triton_sparse
 
     def steps(configs, **variant):
-        return [dict(constexprs=dict(variant, BLOCK_H=config.block_h, BLOCK_N=config.block_n),
+        return [dict(constexprs=dict(variant, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
+                                     **({"LOOKAHEAD": config.lookahead} if "SPLIT" in variant and
+                                        hasattr(config, "lookahead") else {})),
                      options=dict(num_warps=config.num_warps, num_stages=config.num_stages)) for config in configs]
 
     sparse_decode = dict(SPLIT=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=False, HAS_EXTRA_TOPK_LENGTH=False,

@@ -4,6 +4,8 @@ Triton's interpreter.
 Inputs are fresh random data with -1 indices, duplicate indices, an all -1 query, topk_length shorter than topk and
 (prefill) indices >= s_kv; outputs are poisoned before each run; LSE, max_logits and the indexer LSE are compared too.
 """
+import dataclasses
+
 import pytest
 import torch
 from decode_inputs import quantize_with_varied_scales
@@ -97,7 +99,8 @@ def assert_close(out, lse, want_out, want_lse):
         (lse - want_lse)[finite].abs().max()
 
 
-def run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=False, varied_scales=False):
+def run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=False, varied_scales=False,
+               config=None):
     generator = torch.Generator(DEVICE).manual_seed(batch * 7919 + s_q * 131 + h_q * 17 + topk + extra_topk + is_fp8)
     num_blocks = max(2, batch * topk // PAGE_BLOCK_SIZE)
     if varied_scales:
@@ -122,7 +125,7 @@ def run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink
     attn_sink = torch.randn(h_q, generator=generator, device=DEVICE) if sink else None
     args = (q, cache, indices, topk_length, *extra, KV_LORA_RANK, SCALE, is_fp8, attn_sink)
     poison_allocator(8 * batch * s_q * h_q * KV_LORA_RANK * 4)
-    out, lse = triton_sparse.sparse_decode(*args)
+    out, lse = triton_sparse.sparse_decode(*args, config=config)
     want_out, want_lse = reference.sparse_decode(*args)
     assert_close(out, lse, want_out, want_lse)
     if not extra_topk:  # the all -1 query
@@ -179,6 +182,22 @@ def test_triton_sparse_decode_matches_reference(batch, s_q, h_q, topk, extra_top
 def test_triton_sparse_decode_fp8_scales_that_differ_by_tile_and_token():
     """A kernel that scaled a value by another tile's or another row's scale would be off by 2x or more here."""
     run_decode(2, 2, 16, 130, 0, False, True, varied_scales=True)
+
+
+def lookahead_config(h_q, block_n=32, num_stages=3):
+    """The default tiles with each tile's indices read one step early (TileConfig.lookahead)."""
+    return dataclasses.replace(triton_sparse.tile_configs(h_q)[0], block_n=block_n, num_stages=num_stages,
+                               lookahead=True)
+
+
+@pytest.mark.parametrize("batch,s_q,h_q,topk,extra_topk,with_topk_length", DECODE_CASES)
+@pytest.mark.parametrize("is_fp8", [False, True])
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_triton_sparse_decode_lookahead_matches_reference(batch, s_q, h_q, topk, extra_topk, with_topk_length,
+                                                          is_fp8, block_n):
+    """Each step must gather its own tile's keys with its own mask, the split's first tile included."""
+    run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=extra_topk > 0,
+               config=lookahead_config(h_q, block_n))
 
 
 @pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink", PREFILL_CASES)
@@ -238,6 +257,19 @@ def test_triton_sparse_prefill_gpu_grid_and_bit_identical_reruns(seq_lens, h_q, 
     got, args = run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink)
     again = triton_sparse.sparse_prefill(*args)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch,s_q,h_q,topk,extra_topk,with_topk_length", GPU_DECODE_CASES)
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_triton_sparse_decode_lookahead_gpu_grid_and_bit_identical_reruns(batch, s_q, h_q, topk, extra_topk,
+                                                                          with_topk_length, block_n):
+    config = lookahead_config(h_q, block_n)
+    (out, lse), args = run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, True, sink=bool(extra_topk),
+                                  config=config)
+    again_out, again_lse = triton_sparse.sparse_decode(*args, config=config)
+    assert torch.equal(out, again_out) and torch.equal(lse, again_lse)
 
 
 @pytest.mark.gpu
