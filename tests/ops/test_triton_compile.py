@@ -187,10 +187,10 @@ def ladders():
     from flashmla_ops.triton import decode as triton_decode
     from flashmla_ops.triton import sparse as triton_sparse
 
-    def steps(configs, **variant):
+    def steps(configs, lookahead=False, **variant):
+        """`lookahead`: the kernel takes TileConfig.lookahead as its LOOKAHEAD constexpr (sparse decode)."""
         return [dict(constexprs=dict(variant, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
-                                     **({"LOOKAHEAD": config.lookahead} if "SPLIT" in variant and
-                                        hasattr(config, "lookahead") else {})),
+                                     **({"LOOKAHEAD": config.lookahead} if lookahead else {})),
                      options=dict(num_warps=config.num_warps, num_stages=config.num_stages)) for config in configs]
 
     sparse_decode = dict(SPLIT=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=False, HAS_EXTRA_TOPK_LENGTH=False,
@@ -199,9 +199,10 @@ def ladders():
     dense_default = triton_decode.LaunchConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, programs_per_sm=1)
     families = {
         "sparse decode bf16": ("sparse._sparse_decode_split_kernel",
-                               steps(triton_sparse.tile_configs(64), IS_FP8=False, HW_FP8=False, **sparse_decode)),
+                               steps(triton_sparse.tile_configs(64), True, IS_FP8=False, HW_FP8=False,
+                                     **sparse_decode)),
         "sparse decode fp8": ("sparse._sparse_decode_split_kernel",
-                              steps(triton_sparse.tile_configs(64), IS_FP8=True, HW_FP8=True, **sparse_decode)),
+                              steps(triton_sparse.tile_configs(64), True, IS_FP8=True, HW_FP8=True, **sparse_decode)),
         "sparse prefill": ("sparse._sparse_prefill_kernel",
                            steps(triton_sparse.tile_configs(64), HAS_TOPK_LENGTH=True, HAS_INDEXER=True,
                                  APPLY_SINK=True)),
