@@ -106,7 +106,8 @@ def tune_candidates(h_q: int) -> list:
     """The Triton tile configs `--tune` times: the default ladder's first two, then fewer keys per step, one stage, and
     more warps (compiled for sm_90 with the launch's specialization, Triton 3.9: FP8 decode at 64 heads x 64 keys with 8
     warps spills 448 bytes a thread, x 32 keys 344; prefill 304 and 192), and for the decode rows 64 x 64 at three
-    stages with the indices read a step early (TileConfig.lookahead; stop 41: 7-9% faster than the default)."""
+    stages with the indices read a step early (TileConfig.lookahead: the FP8 decode default from 64 heads on; the
+    ladder's first, its former default, is timed beside it)."""
     from flashmla_ops.triton.sparse import TileConfig, tile_configs
 
     ladder = tile_configs(h_q)
@@ -148,7 +149,8 @@ def tune(device) -> list[dict]:
             tflop_s = flops / ms / 1e9
             results.append({"name": name, "config": dataclasses.asdict(config), "time_us": ms * 1e3,
                             "tflop_s": tflop_s})
-            default = " (the default on Hopper)" if config == triton_sparse.tile_configs(h_q)[0] else ""
+            first = triton_sparse.tile_configs(h_q, fp8_decode=op == "decode")[0]
+            default = " (the default on Hopper)" if config == first else ""
             print(f"{name:36} {config}{default}: {ms * 1e3:9.1f} us {tflop_s:6.1f} TFLOP/s ({tflop_s / target:.2f})")
         del sets
         torch.cuda.empty_cache()

@@ -226,19 +226,22 @@ class TileConfig:
     lookahead: bool = False
 
 
-def tile_configs(h_q: int) -> list[TileConfig]:
+def tile_configs(h_q: int, fp8_decode: bool = False) -> list[TileConfig]:
     """Preferred first (Hopper runs it: 64 keys per step, all heads up to 64 in one program), then smaller ones for
     GPUs with less shared memory per block, for launch_fitting: fewer stages, fewer keys per step, fewer heads. Compiled
     for sm_89 (the larger of the specialized and unspecialized compiles), the 99 KiB of Ada and consumer Blackwell take
     BF16 at 32 heads x 32 keys (76 KiB) and FP8 at 64 heads x 32 keys, one stage (88 KiB);
-    tests/ops/test_triton_compile.py checks that each op finds one. Next for sparse decode over an FP8 cache: 64 x 64 at
-    three stages with `lookahead` (226 KiB on sm_90), 7-9% faster on the three sparse decode SPEC rows in stop 41
-    call 8 (b128 h128 393.5-396.0 -> 359.0-360.3 us, b64 h64 128.8-129.5 -> 119.3-119.9), is to become the first
-    config once the GPU test grid has run at it (its lookahead path passed there at 64 x 32 tiles, which are slower)."""
+    tests/ops/test_triton_compile.py checks that each op finds one. Sparse decode over an FP8 cache (`fp8_decode`)
+    from 64 heads first tries 64 x 64 at three stages with `lookahead` (226 KiB on sm_90, so Hopper only): 7-9%
+    faster on the three sparse decode SPEC rows in stop 41 call 8 (b128 h128 393.5-396.0 -> 359.0-360.3 us, b64 h64
+    128.8-129.5 -> 119.3-119.9); fewer heads keep the ladder (not timed with it)."""
     first_h = min(64, max(16, triton.next_power_of_2(h_q)))
-    return [TileConfig(block_h=block_h, block_n=block_n, num_warps=8 if block_h >= 64 else 4, num_stages=num_stages)
-            for block_h in (64, 32, 16) if block_h <= first_h
-            for block_n in (64, 32) for num_stages in (2, 1)]
+    ladder = [TileConfig(block_h=block_h, block_n=block_n, num_warps=8 if block_h >= 64 else 4, num_stages=num_stages)
+              for block_h in (64, 32, 16) if block_h <= first_h
+              for block_n in (64, 32) for num_stages in (2, 1)]
+    if fp8_decode and first_h == 64:
+        ladder.insert(0, TileConfig(block_h=64, block_n=64, num_warps=8, num_stages=3, lookahead=True))
+    return ladder
 
 
 def num_splits_for(programs: int, key_tiles: int, multiprocessors: int) -> int:
@@ -300,7 +303,7 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
         if num_splits > 1:
             combine(out_partial, lse_partial, attn_sink, out, lse)
 
-    configs = [config] if config is not None else tile_configs(h_q)
+    configs = [config] if config is not None else tile_configs(h_q, fp8_decode=is_fp8)
     launch_fitting(("sparse_decode", configs[0], *variant.items(), q.device), configs, launch)
     return out, lse
 
