@@ -13,6 +13,7 @@ largest entry in the block (so it stays in range, and small weights stay normal)
 """
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -162,26 +163,39 @@ def _scaled_product(p, scale, k, inverse_top, top, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, batch, global_split, rows,
-               row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT: tl.constexpr,
-               APPLY_SINK: tl.constexpr, TILE: tl.constexpr):
+def _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, ScalePartial, batch,
+               global_split, rows, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
+               SPLIT: tl.constexpr, APPLY_SINK: tl.constexpr, TILE: tl.constexpr, HALF_PARTIALS: tl.constexpr):
     heads = rows % H_Q
-    _store_rows(acc0, m_i, l_i, 0 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, global_split, rows,
-                heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT, APPLY_SINK, True)
-    _store_rows(acc1, m_i, l_i, 1 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, global_split, rows,
-                heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT, APPLY_SINK, False)
-    _store_rows(acc2, m_i, l_i, 2 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, global_split, rows,
-                heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT, APPLY_SINK, False)
-    _store_rows(acc3, m_i, l_i, 3 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch, global_split, rows,
-                heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT, APPLY_SINK, False)
+    multiplier = l_i  # a placeholder without f16 partials
+    if SPLIT and HALF_PARTIALS:  # the row's largest magnitude over all four tiles sets its scaling (see Partials)
+        largest = (tl.maximum(tl.maximum(tl.max(tl.abs(acc0), 1), tl.max(tl.abs(acc1), 1)),
+                              tl.maximum(tl.max(tl.abs(acc2), 1), tl.max(tl.abs(acc3), 1)))
+                   / tl.where(l_i == 0.0, 1.0, l_i))
+        multiplier, inverse = f16_row_scaling(largest)
+        tl.store(ScalePartial + global_split * M + rows, inverse, mask=row_mask)
+    _store_rows(acc0, m_i, l_i, multiplier, 0 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch,
+                global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT,
+                APPLY_SINK, True, HALF_PARTIALS)
+    _store_rows(acc1, m_i, l_i, multiplier, 1 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch,
+                global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT,
+                APPLY_SINK, False, HALF_PARTIALS)
+    _store_rows(acc2, m_i, l_i, multiplier, 2 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch,
+                global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT,
+                APPLY_SINK, False, HALF_PARTIALS)
+    _store_rows(acc3, m_i, l_i, multiplier, 3 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch,
+                global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT,
+                APPLY_SINK, False, HALF_PARTIALS)
 
 
 @triton.jit
-def _store_rows(acc, m_i, l_i, COL0: tl.constexpr, WIDTH: tl.constexpr, Sink, Out, Lse, OutPartial, LsePartial,
-                batch, global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
-                SPLIT: tl.constexpr, APPLY_SINK: tl.constexpr, WRITE_LSE: tl.constexpr):
+def _store_rows(acc, m_i, l_i, multiplier, COL0: tl.constexpr, WIDTH: tl.constexpr, Sink, Out, Lse, OutPartial,
+                LsePartial, batch, global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M,
+                S_Q, H_Q, SPLIT: tl.constexpr, APPLY_SINK: tl.constexpr, WRITE_LSE: tl.constexpr,
+                HALF_PARTIALS: tl.constexpr):
     """Columns [COL0, COL0 + WIDTH) of the output: final (one split) or split `global_split`'s normalised partial
-    and base-2 LSE (partials are `(splits, rows, d_v)` / `(splits, rows)` over the whole batch)."""
+    (with HALF_PARTIALS in f16 times the row's `multiplier`, see Partials) and base-2 LSE (partials are
+    `(splits, rows, d_v)` / `(splits, rows)` over the whole batch)."""
     cols = COL0 + tl.arange(0, WIDTH)
     if not SPLIT:
         out, lse = finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK)
@@ -192,6 +206,8 @@ def _store_rows(acc, m_i, l_i, COL0: tl.constexpr, WIDTH: tl.constexpr, Sink, Ou
     else:
         empty = l_i == 0.0
         partial = acc / tl.where(empty, 1.0, l_i)[:, None]
+        if HALF_PARTIALS:
+            partial = (partial * multiplier[:, None]).to(tl.float16)
         base = global_split * stride_ps + rows * stride_pm
         tl.store(OutPartial + base[:, None] + cols[None, :], partial, mask=row_mask[:, None])
         if WRITE_LSE:
@@ -201,14 +217,14 @@ def _store_rows(acc, m_i, l_i, COL0: tl.constexpr, WIDTH: tl.constexpr, Sink, Ou
 
 @triton.jit
 def _dense_decode_split_kernel(
-        Q, KV, BlockTable, Seqlens, Sink, Out, Lse, OutPartial, LsePartial,
+        Q, KV, BlockTable, Seqlens, Sink, Out, Lse, OutPartial, LsePartial, ScalePartial,
         stride_qb, stride_qm, stride_kv_block, stride_kv_row, stride_bt,
         stride_ob, stride_om, stride_ps, stride_pm,
         M, H_Q, S_Q, sm_scale_log2, num_splits,
         SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr,
         APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
         D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr,
-        PREFETCH: tl.constexpr):
+        PREFETCH: tl.constexpr, HALF_PARTIALS: tl.constexpr):
     """Uniform schedule: program (row tile, sequence, split) takes an equal share of its sequence's tokens."""
     pid_m = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -223,9 +239,9 @@ def _dense_decode_split_kernel(
         Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm, stride_kv_block,
         stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H, BLOCK_N, PAGE, D_NOPE,
         D_ROPE, INTERPRET, F16, PREFETCH)
-    _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, batch,
+    _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, ScalePartial, batch,
                batch * num_splits + split, rows, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
-               SPLIT, APPLY_SINK, D_NOPE // 4)
+               SPLIT, APPLY_SINK, D_NOPE // 4, HALF_PARTIALS)
 
 
 @triton.jit
@@ -263,15 +279,15 @@ def _dense_decode_balanced_kernel(
             BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH)
         global_split = tl.load(SplitOffsets + batch) + tl.where(batch == begin_batch, begin_split, 0)
         _store_all(acc0, acc1, acc2, acc3, m_i, l_i, LsePartial, OutPartial, LsePartial, OutPartial, LsePartial,
-                   batch, global_split.to(tl.int64), rows, row_mask, 0, 0, stride_ps, stride_pm, M, S_Q, H_Q, True,
-                   False, D_NOPE // 4)
+                   LsePartial, batch, global_split.to(tl.int64), rows, row_mask, 0, 0, stride_ps, stride_pm, M, S_Q,
+                   H_Q, True, False, D_NOPE // 4, False)
 
 
 @triton.jit
-def _combine_kernel(OutPartial, LsePartial, SplitOffsets, Sink, Out, Lse,
+def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Out, Lse,
                     stride_ps, stride_pm, stride_ob, stride_om, M, H_Q, S_Q, num_splits,
                     VARIABLE: tl.constexpr, SPLIT_CHUNK: tl.constexpr, APPLY_SINK: tl.constexpr,
-                    D_V: tl.constexpr):
+                    D_V: tl.constexpr, HALF_PARTIALS: tl.constexpr):
     """One query row: out = sum_s w_s out_s with w_s = exp(lse_s - lse), lse = log sum_s exp(lse_s) (base 2 inside),
     reading SPLIT_CHUNK splits' partials at a time. Sequence b's partials are splits [first, first + count) of the
     batch-wide `(splits, rows, d_v)` buffer: `num_splits` each (uniform) or per `SplitOffsets` (VARIABLE)."""
@@ -286,6 +302,7 @@ def _combine_kernel(OutPartial, LsePartial, SplitOffsets, Sink, Out, Lse,
         first_split = batch * num_splits
         count = num_splits
     lse_base = LsePartial + first_split * M + row
+    scale_base = ScalePartial + first_split * M + row
     running_max = tl.full([SPLIT_CHUNK], float("-inf"), dtype=tl.float32)
     for first in range(0, count, SPLIT_CHUNK):
         lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < count, other=float("-inf"))
@@ -299,7 +316,9 @@ def _combine_kernel(OutPartial, LsePartial, SplitOffsets, Sink, Out, Lse,
         lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < count, other=float("-inf"))
         weight = tl.exp2(lse_chunk - shift)
         part = tl.load(OutPartial + (first_split + first + splits)[:, None] * stride_ps + row * stride_pm
-                       + cols[None, :], mask=(weight > 0)[:, None], other=0.0)
+                       + cols[None, :], mask=(weight > 0)[:, None], other=0.0).to(tl.float32)
+        if HALF_PARTIALS:  # each split's rows times the power of two that undoes its scaling (see Partials)
+            part *= tl.load(scale_base + (first + splits) * M, mask=weight > 0, other=0.0)[:, None]
         acc += tl.sum(weight[:, None] * part, 0)
         total += weight
     l_i = tl.zeros([1], dtype=tl.float32) + tl.sum(total, 0)
@@ -412,28 +431,27 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
                 parts = max(1, round(config.programs_per_sm * multiprocessors / row_tiles))
                 metadata, splits = get_mla_metadata_reference(cache_seqlens, parts)
             parts = metadata.shape[0]
-            out_partial = q.new_empty(batch + parts, rows, head_dim_v, dtype=torch.float32)  # >= splits[-1]
-            lse_partial = q.new_empty(batch + parts, rows, dtype=torch.float32)
+            partials = Partials.empty(out, batch + parts, half=False)  # >= splits[-1] splits of a row tile each
             _dense_decode_balanced_kernel[(row_tiles, parts)](
-                q_rows, cache, block_table, cache_seqlens, metadata, splits, out_partial, lse_partial,
+                q_rows, cache, block_table, cache_seqlens, metadata, splits, partials.out, partials.lse,
                 q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
-                out_partial.stride(0), out_partial.stride(1), batch, rows, h_q, s_q, softmax_scale * LOG2E,
+                partials.out.stride(0), partials.out.stride(1), batch, rows, h_q, s_q, softmax_scale * LOG2E,
                 METADATA_FIELDS=metadata.shape[1], **common)
-            combine(out_partial, lse_partial, attn_sink, out, lse, split_offsets=splits)
+            combine(partials, attn_sink, out, lse, split_offsets=splits)
             return
         capacity_tiles = triton.cdiv(block_table.shape[1] * PAGE_BLOCK_SIZE, config.block_n)
         splits = num_splits_for(batch, row_tiles, capacity_tiles, multiprocessors, config.programs_per_sm)
-        out_partial, lse_partial = split_buffers(out, lse, splits)
+        partials = split_buffers(out, lse, splits)
         sink = attn_sink if attn_sink is not None else lse
         out_rows = out.view(batch, rows, head_dim_v)
         _dense_decode_split_kernel[(row_tiles, batch, splits)](
-            q_rows, cache, block_table, cache_seqlens, sink, out_rows, lse, out_partial, lse_partial,
+            q_rows, cache, block_table, cache_seqlens, sink, out_rows, lse, *partials,
             q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
-            out_rows.stride(0), out_rows.stride(1), out_partial.stride(-3) if splits > 1 else 0,
-            out_partial.stride(-2) if splits > 1 else 0, rows, h_q, s_q, softmax_scale * LOG2E, splits,
-            SPLIT=splits > 1, APPLY_SINK=attn_sink is not None, **common)
+            out_rows.stride(0), out_rows.stride(1), partials.out.stride(-3) if splits > 1 else 0,
+            partials.out.stride(-2) if splits > 1 else 0, rows, h_q, s_q, softmax_scale * LOG2E, splits,
+            SPLIT=splits > 1, APPLY_SINK=attn_sink is not None, HALF_PARTIALS=partials.half, **common)
         if splits > 1:
-            combine(out_partial, lse_partial, attn_sink, out, lse)
+            combine(partials, attn_sink, out, lse)
 
     # A config the caller gives is run as it is (bench_decode.py --tune times it); the default may give way to
     # smaller tiles on GPUs with less shared memory per block than Hopper's.
@@ -442,33 +460,62 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     return out, lse
 
 
-def split_buffers(out, lse, num_splits):
-    """float32 partials for `combine`: out `(batch, num_splits, s_q * h_q, d_v)`, lse `(batch, num_splits, s_q * h_q)`;
-    with one split the kernels write `out` / `lse` directly and these are placeholders."""
+# Sequences split at least this many ways keep their split partials in f16 (see Partials); tests lower it.
+HALF_PARTIALS_FROM_SPLITS = 8
+
+
+class Partials(NamedTuple):
+    """The split kernels' partial results, which `combine` merges. `out` `(..., s_q * h_q, d_v)` contiguous over its
+    splits: each split's normalised output rows, float32, or (`half`) f16 rows each times a power of two that puts
+    the row's largest magnitude in [2**14, 2**15) (common.f16_row_scaling), so that every value down to 2**-28 of it
+    keeps f16's 11 significant bits (the bf16 output keeps 8) in half the bytes (the CUDA kernels' split partials,
+    stop 38); `lse` `(..., s_q * h_q)` float32: the base-2 LSE (-inf for a split that saw nothing); `scale` likewise
+    (half only; else a placeholder): the power of two that multiplies a row of `out` back. Uniform:
+    `(batch, num_splits, ...)`; balanced: `(splits, ...)`. Half from HALF_PARTIALS_FROM_SPLITS splits a sequence:
+    timed on the H200 (stop 42 call 3, docs/bench/stop42_call3.log) with f16 partials at every split count, b1 h128
+    32k (66 splits) took 61.2-61.3 us against 65.3-65.4 and b8 h16 32k (33) 94.7-95.6 against 95.7-96.2, but the
+    2-split rows were slower: b128 h16 4k 172.7-176.8 against 166.2-169.0, fp8 b128 h16 16k 1137.5-1148.9 against
+    1041.1-1045.2, sparse fp8 b64 h64 132.8-133.4 against 119.2-119.6."""
+    out: torch.Tensor
+    lse: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def half(self) -> bool:
+        return self.out.dtype == torch.float16
+
+    @staticmethod
+    def empty(out: torch.Tensor, *splits: int, half: bool) -> "Partials":
+        """Partials of `out`'s `(batch, s_q, h_q, d_v)` rows over `splits` (the leading dimensions)."""
+        batch, s_q, h_q, d_v = out.shape
+        stats = out.new_empty(1 + half, *splits, s_q * h_q, dtype=torch.float32)
+        return Partials(out.new_empty(*splits, s_q * h_q, d_v, dtype=torch.float16 if half else torch.float32),
+                        stats[0], stats[-1])
+
+
+def split_buffers(out, lse, num_splits) -> Partials:
+    """Partials `(batch, num_splits, ...)` for `combine`, in f16 from HALF_PARTIALS_FROM_SPLITS splits; with one split
+    the kernels write `out` / `lse` directly and these are placeholders."""
     if num_splits == 1:
-        return out, lse
-    batch, s_q, h_q, d_v = out.shape
-    return (out.new_empty(batch, num_splits, s_q * h_q, d_v, dtype=torch.float32),
-            out.new_empty(batch, num_splits, s_q * h_q, dtype=torch.float32))
+        return Partials(out, lse, lse)
+    return Partials.empty(out, out.shape[0], num_splits, half=num_splits >= HALF_PARTIALS_FROM_SPLITS)
 
 
-def combine(out_partial, lse_partial, attn_sink, out, lse, split_offsets=None) -> None:
-    """Merge split partials into `out` `(batch, s_q, h_q, d_v)` and `lse` `(batch, h_q, s_q)`.
-
-    out_partial `(..., s_q * h_q, d_v)` float32 contiguous over its splits: each split's normalised output;
-    lse_partial `(..., s_q * h_q)`: its base-2 LSE (-inf for a split that saw nothing). Uniform: `(batch, num_splits,
-    ...)`; with `split_offsets` `(batch + 1,)` int32 (cumulative), sequence b owns splits
-    `[split_offsets[b], split_offsets[b + 1])` of a flat `(splits, ...)` buffer."""
+def combine(partials: Partials, attn_sink, out, lse, split_offsets=None) -> None:
+    """Merge split partials into `out` `(batch, s_q, h_q, d_v)` and `lse` `(batch, h_q, s_q)`. Uniform: partials
+    `(batch, num_splits, ...)`; with `split_offsets` `(batch + 1,)` int32 (cumulative), sequence b owns splits
+    `[split_offsets[b], split_offsets[b + 1])` of flat `(splits, ...)` partials."""
     batch, s_q, h_q, d_v = out.shape
     rows = s_q * h_q
     out_rows = out.view(batch, rows, d_v)
+    out_partial = partials.out
     num_splits = out_partial.shape[1] if split_offsets is None else 0
     _combine_kernel[(rows, batch)](
-        out_partial, lse_partial, split_offsets if split_offsets is not None else lse_partial,
+        *partials, split_offsets if split_offsets is not None else partials.lse,
         attn_sink if attn_sink is not None else lse, out_rows, lse,
         out_partial.stride(-3), out_partial.stride(-2), out_rows.stride(0), out_rows.stride(1),
         rows, h_q, s_q, num_splits, VARIABLE=split_offsets is not None, SPLIT_CHUNK=16,
-        APPLY_SINK=attn_sink is not None, D_V=d_v, num_warps=4)
+        APPLY_SINK=attn_sink is not None, D_V=d_v, HALF_PARTIALS=partials.half, num_warps=4)
 
 
 def supports(q, kv_cache, head_dim_v, is_fp8) -> bool:

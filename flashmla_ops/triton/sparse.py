@@ -19,7 +19,8 @@ import triton.language as tl
 
 from .._checks import last_dim_contiguous
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
-from .common import INTERPRET, LOG2E, device_limits, finish, hardware_fp8, launch_fitting, load_kv_tile, mma
+from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, hardware_fp8, launch_fitting,
+                     load_kv_tile, mma)
 from .decode import combine, split_buffers
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -78,14 +79,15 @@ def _softmax_step(s, values, m_i, l_i, acc, INTERPRET: tl.constexpr):
 @triton.jit
 def _sparse_decode_split_kernel(
         Q, KV, Indices, TopkLength, ExtraKV, ExtraIndices, ExtraTopkLength, Sink, Out, Lse, OutPartial, LsePartial,
-        stride_qb, stride_qs, stride_qh, stride_kv_block, stride_kv_row, stride_ib, stride_is,
+        ScalePartial, stride_qb, stride_qs, stride_qh, stride_kv_block, stride_kv_row, stride_ib, stride_is,
         stride_extra_block, stride_extra_row, stride_eb, stride_es,
         stride_ob, stride_os, stride_oh, stride_pb, stride_ps, stride_pm,
         S_Q, H_Q, TOPK, EXTRA_TOPK, num_slots, extra_num_slots, sm_scale_log2, num_splits,
         SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr,
         HAS_EXTRA: tl.constexpr, HAS_EXTRA_TOPK_LENGTH: tl.constexpr, APPLY_SINK: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr,
-        D_ROPE: tl.constexpr, TILE: tl.constexpr, INTERPRET: tl.constexpr, LOOKAHEAD: tl.constexpr):
+        D_ROPE: tl.constexpr, TILE: tl.constexpr, INTERPRET: tl.constexpr, LOOKAHEAD: tl.constexpr,
+        HALF_PARTIALS: tl.constexpr):
     head_tiles = tl.cdiv(H_Q, BLOCK_H)
     pid = tl.program_id(0)
     query = pid // head_tiles  # the head tiles of one query are neighbours: they gather the same keys (L2)
@@ -149,14 +151,21 @@ def _sparse_decode_split_kernel(
         tl.store(out_rows + cols[None, :], out.to(Out.dtype.element_ty), mask=head_mask[:, None])
         tl.store(Lse + (batch * H_Q + heads) * S_Q + position, lse, mask=head_mask)  # lse is (batch, h_q, s_q)
     else:
-        # The combine's layout: partials (batch, split, s_q * h_q rows), lse in base 2, -inf for an empty split.
+        # The combine's layout (decode.Partials): partials (batch, split, s_q * h_q rows), float32 or in f16 times a
+        # power of two per row (HALF_PARTIALS, whose inverse goes to ScalePartial), lse in base 2, -inf for an empty
+        # split.
         empty = l_i == 0.0
         partial = acc / tl.where(empty, 1.0, l_i)[:, None]
         partial_lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         rows = position * H_Q + heads
+        stats = (batch * num_splits + split) * S_Q * H_Q + rows
+        if HALF_PARTIALS:
+            multiplier, inverse = f16_row_scaling(tl.max(tl.abs(partial), 1))
+            partial = (partial * multiplier[:, None]).to(tl.float16)
+            tl.store(ScalePartial + stats, inverse, mask=head_mask)
         tl.store(OutPartial + batch * stride_pb + split * stride_ps + rows[:, None] * stride_pm + cols[None, :],
                  partial, mask=head_mask[:, None])
-        tl.store(LsePartial + (batch * num_splits + split) * S_Q * H_Q + rows, partial_lse, mask=head_mask)
+        tl.store(LsePartial + stats, partial_lse, mask=head_mask)
 
 
 @triton.jit
@@ -285,12 +294,13 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
         programs = batch * s_q * head_tiles
         key_tiles = triton.cdiv(topk, config.block_n) + triton.cdiv(extra_topk, config.block_n)
         num_splits = num_splits_for(programs, key_tiles, multiprocessors)
-        out_partial, lse_partial = split_buffers(out, lse, num_splits)
+        partials = split_buffers(out, lse, num_splits)
+        out_partial = partials.out
         sink = attn_sink if attn_sink is not None else lse
         _sparse_decode_split_kernel[(programs, num_splits)](
             q, cache, indices, topk_length if topk_length is not None else indices,
             extra_cache, extra_indices, extra_topk_length if extra_topk_length is not None else indices,
-            sink, out, lse, out_partial, lse_partial,
+            sink, out, lse, *partials,
             q.stride(0), q.stride(1), q.stride(2), cache.stride(0), cache.stride(1), indices.stride(0),
             indices.stride(1), extra_cache.stride(0), extra_cache.stride(1), extra_indices.stride(0),
             extra_indices.stride(1), out.stride(0), out.stride(1), out.stride(2), out_partial.stride(0),
@@ -299,9 +309,10 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
             extra_k_cache.shape[0] * PAGE_BLOCK_SIZE if has_extra else 0, softmax_scale * LOG2E, num_splits,
             SPLIT=num_splits > 1, BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE,
             D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, TILE=128, INTERPRET=INTERPRET, LOOKAHEAD=config.lookahead,
+            HALF_PARTIALS=partials.half,
             num_warps=config.num_warps, num_stages=config.num_stages, **variant)
         if num_splits > 1:
-            combine(out_partial, lse_partial, attn_sink, out, lse)
+            combine(partials, attn_sink, out, lse)
 
     configs = [config] if config is not None else tile_configs(h_q, fp8_decode=is_fp8)
     launch_fitting(("sparse_decode", configs[0], *variant.items(), q.device), configs, launch)

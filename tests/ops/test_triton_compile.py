@@ -19,23 +19,24 @@ pytest.importorskip("triton")
 
 DENSE = {
     "bf16": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, SPLIT=False, APPLY_SINK=False, BLOCK_H=16, BLOCK_N=64,
-                 F16=False, PREFETCH=False),
-    "bf16-causal-split-sink": dict(IS_FP8=False, HW_FP8=False, CAUSAL=True, SPLIT=True, APPLY_SINK=True, BLOCK_H=64,
-                                   BLOCK_N=64, F16=False, PREFETCH=False),
+                 F16=False, PREFETCH=False, HALF_PARTIALS=False),
+    "bf16-causal-split-sink-half": dict(IS_FP8=False, HW_FP8=False, CAUSAL=True, SPLIT=True, APPLY_SINK=True,
+                                        BLOCK_H=64, BLOCK_N=64, F16=False, PREFETCH=False, HALF_PARTIALS=True),
     "fp8-hw-split": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=True, APPLY_SINK=False, BLOCK_H=32,
-                         BLOCK_N=64, F16=False, PREFETCH=False),
+                         BLOCK_N=64, F16=False, PREFETCH=False, HALF_PARTIALS=False),
     "fp8-integer-causal-sink": dict(IS_FP8=True, HW_FP8=False, CAUSAL=True, SPLIT=False, APPLY_SINK=True, BLOCK_H=16,
-                                    BLOCK_N=32, F16=False, PREFETCH=False),
+                                    BLOCK_N=32, F16=False, PREFETCH=False, HALF_PARTIALS=False),
     "fp8-f16-hw-split": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=True, APPLY_SINK=False, BLOCK_H=16,
-                             BLOCK_N=32, F16=True, PREFETCH=False),  # the default for an FP8 cache up to 16 rows
+                             BLOCK_N=32, F16=True, PREFETCH=False,
+                             HALF_PARTIALS=False),  # the default for an FP8 cache up to 16 rows
     "fp8-f16-hw-64": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=False, APPLY_SINK=False, BLOCK_H=16,
-                          BLOCK_N=64, F16=True, PREFETCH=False),
+                          BLOCK_N=64, F16=True, PREFETCH=False, HALF_PARTIALS=False),
     "fp8-f16-integer-causal": dict(IS_FP8=True, HW_FP8=False, CAUSAL=True, SPLIT=False, APPLY_SINK=False,
-                                   BLOCK_H=64, BLOCK_N=32, F16=True, PREFETCH=False),
-    "fp8-f16-hw-split-prefetch": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=True, APPLY_SINK=False,
-                                      BLOCK_H=16, BLOCK_N=32, F16=True, PREFETCH=True),
+                                   BLOCK_H=64, BLOCK_N=32, F16=True, PREFETCH=False, HALF_PARTIALS=False),
+    "fp8-f16-hw-split-prefetch-half": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=True, APPLY_SINK=False,
+                                           BLOCK_H=16, BLOCK_N=32, F16=True, PREFETCH=True, HALF_PARTIALS=True),
     "fp8-integer-causal-prefetch": dict(IS_FP8=True, HW_FP8=False, CAUSAL=True, SPLIT=False, APPLY_SINK=False,
-                                        BLOCK_H=16, BLOCK_N=32, F16=False, PREFETCH=True),
+                                        BLOCK_H=16, BLOCK_N=32, F16=False, PREFETCH=True, HALF_PARTIALS=False),
 }
 DENSE_BALANCED = {
     "bf16": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, BLOCK_H=16, BLOCK_N=64, METADATA_FIELDS=8, F16=False,
@@ -49,19 +50,22 @@ DENSE_BALANCED = {
     "fp8-hw-prefetch": dict(IS_FP8=True, HW_FP8=True, CAUSAL=True, BLOCK_H=16, BLOCK_N=32, METADATA_FIELDS=8,
                             F16=True, PREFETCH=True),
 }
-COMBINE = {"plain": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False),
-           "sink": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=True),
-           "variable": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False)}
+COMBINE = {"plain": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False),
+           "sink-half": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=True, HALF_PARTIALS=True),
+           "variable": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False)}
 SPARSE_DECODE = {
     "bf16": dict(SPLIT=False, IS_FP8=False, HW_FP8=False, HAS_TOPK_LENGTH=False, HAS_EXTRA=False,
-                 HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=16, BLOCK_N=64, LOOKAHEAD=False),
-    "fp8-hw-extra-sink": dict(SPLIT=True, IS_FP8=True, HW_FP8=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=True,
-                              HAS_EXTRA_TOPK_LENGTH=True, APPLY_SINK=True, BLOCK_H=64, BLOCK_N=64, LOOKAHEAD=False),
+                 HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=16, BLOCK_N=64, LOOKAHEAD=False,
+                 HALF_PARTIALS=False),
+    "fp8-hw-extra-sink-half": dict(SPLIT=True, IS_FP8=True, HW_FP8=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=True,
+                                   HAS_EXTRA_TOPK_LENGTH=True, APPLY_SINK=True, BLOCK_H=64, BLOCK_N=64,
+                                   LOOKAHEAD=False, HALF_PARTIALS=True),
     "fp8-integer-extra": dict(SPLIT=True, IS_FP8=True, HW_FP8=False, HAS_TOPK_LENGTH=False, HAS_EXTRA=True,
-                              HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=32, BLOCK_N=64, LOOKAHEAD=False),
+                              HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=32, BLOCK_N=64, LOOKAHEAD=False,
+                              HALF_PARTIALS=False),
     "fp8-hw-lookahead-extra": dict(SPLIT=True, IS_FP8=True, HW_FP8=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=True,
                                    HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=64, BLOCK_N=32,
-                                   LOOKAHEAD=True),
+                                   LOOKAHEAD=True, HALF_PARTIALS=False),
 }
 SPARSE_PREFILL = {
     "plain": dict(HAS_TOPK_LENGTH=False, HAS_INDEXER=False, APPLY_SINK=False, BLOCK_H=64, BLOCK_N=64),
@@ -122,7 +126,8 @@ def compile_kernel(name, constexprs, arch, options, specialize=True):
     constexprs = {**{k: v for k, v in DIMS.items() if k in kernel.arg_names}, **constexprs}
     signature, attrs = {}, {}
     pointers = {**POINTERS, **KERNEL_POINTERS.get(name.split(".")[-1], {}),
-                **(F16_POINTERS.get(name.split(".")[-1], {}) if constexprs.get("F16") else {})}
+                **(F16_POINTERS.get(name.split(".")[-1], {}) if constexprs.get("F16") else {}),
+                **({"OutPartial": "*fp16"} if constexprs.get("HALF_PARTIALS") else {})}
     for index, (arg, param) in enumerate(zip(kernel.arg_names, kernel.params)):
         if param.is_constexpr:
             signature[arg] = "constexpr"
@@ -194,7 +199,7 @@ def ladders():
                      options=dict(num_warps=config.num_warps, num_stages=config.num_stages)) for config in configs]
 
     sparse_decode = dict(SPLIT=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=False, HAS_EXTRA_TOPK_LENGTH=False,
-                         APPLY_SINK=False)
+                         APPLY_SINK=False, HALF_PARTIALS=False)
     # the 64-row default where shared memory is under 200 KiB: 32 keys per step
     dense_default = triton_decode.LaunchConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, programs_per_sm=1)
     families = {
@@ -209,7 +214,8 @@ def ladders():
                                  APPLY_SINK=True)),
         "dense decode bf16": ("decode._dense_decode_split_kernel",
                               steps(triton_decode.fitting_configs(dense_default), IS_FP8=False, HW_FP8=False,
-                                    CAUSAL=True, SPLIT=True, APPLY_SINK=True, F16=False, PREFETCH=False)),
+                                    CAUSAL=True, SPLIT=True, APPLY_SINK=True, F16=False, PREFETCH=False,
+                                    HALF_PARTIALS=False)),
     }
     for name, (kernel, ladder) in families.items():
         for arch, limit in SMEM_LIMITS.items():

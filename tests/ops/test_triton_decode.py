@@ -228,6 +228,51 @@ def test_triton_fp8_prefetch_16_token_tiles_with_a_register_cap(monkeypatch):
                for options in recording.options)
 
 
+@pytest.mark.parametrize("half", [True, False])
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_split_partials_hold_outputs_past_f16(monkeypatch, half, is_fp8):
+    """Split partials in f16 rows times a power of two each (decode.Partials; the threshold lowered to 2 splits) or
+    float32 (the threshold past every split count here). Sequences whose latents are scaled by 2**40, 1 and 2**-40
+    (outputs past f16's 65504 and below its 2**-24; FP8: 2**-12), rows 2**-2 .. 2**2 apart within each block, their
+    queries scaled inversely (the logits unchanged), split 2 to 6 ways: each output row within the BF16 band of its
+    own norm, and the split runs agree with the unsplit one."""
+    generator = torch.Generator(DEVICE).manual_seed(11 + is_fp8)
+    seqlens, s_q, h_q = [300, 1, 200], 2, 16
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, False, generator)
+    # (an FP8 cache's smallest scale is 2**-13, SPEC.md §3: its small sequence goes down to 2**-12 only)
+    sequence_factor = torch.tensor([2.0 ** 40, 1.0, 2.0 ** (-12 if is_fp8 else -40)], device=DEVICE)
+    block_factor = torch.ones(cache.shape[0], device=DEVICE)
+    for b, factor in enumerate(sequence_factor):
+        block_factor[block_table[b, :triton_decode.triton.cdiv(seqlens[b], PAGE_BLOCK_SIZE)].long()] = factor
+    row_factor = 2.0 ** torch.randint(-2, 3, cache.shape[:2], generator=generator, device=DEVICE)
+    latent = cache.float()
+    latent[..., :KV_LORA_RANK] *= (block_factor[:, None] * row_factor)[..., None, None]
+    cache = latent.bfloat16()
+    q = q.float()
+    q[..., :KV_LORA_RANK] /= sequence_factor[:, None, None, None]  # the logits stay those of unscaled inputs
+    q = q.bfloat16()
+    if is_fp8:
+        cache = reference.quantize_kv_fp8(cache)
+    args = (q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5, True, is_fp8, None)
+    want_out, want_lse = reference.dense_decode(*args)
+    unsplit = dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, torch.device(DEVICE)),
+                                  programs_per_sm=0.01)
+    base_out, base_lse = triton_decode.dense_decode(*args, config=unsplit)
+    monkeypatch.setattr(triton_decode, "HALF_PARTIALS_FROM_SPLITS", 2 if half else 1 << 20)
+    recording = RecordingKernel(triton_decode._dense_decode_split_kernel)
+    monkeypatch.setattr(triton_decode, "_dense_decode_split_kernel", recording)
+    seen = torch.isfinite(want_lse).transpose(1, 2)  # (batch, s_q, h_q): the rows that see a token
+    for programs_per_sm in (2, 4, 10):  # 2, 5 and 6 splits over the interpreter's 4 stand-in SMs; 6 on a GPU
+        config = dataclasses.replace(unsplit, programs_per_sm=programs_per_sm)
+        out, lse = triton_decode.dense_decode(*args, config=config)
+        assert recording.options[-1]["HALF_PARTIALS"] == half and recording.options[-1]["SPLIT"]
+        assert_decode_close(out, lse, want_out, want_lse)
+        assert_rows_close(out[seen], want_out[seen])
+        assert_rows_close(out[seen], base_out[seen])
+        assert torch.equal(out[~seen], base_out[~seen])  # zeros
+        torch.testing.assert_close(lse, base_lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("q_exponent", [-60, -30, 20])
 def test_triton_fp8_f16_products_hold_ranges_past_f16(monkeypatch, q_exponent):
     """f16 holds 2**-24 .. 65504, bf16 all of float32's exponents. Queries of magnitude 2**q_exponent (2**-60 and

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 from decode_inputs import quantize_with_varied_scales
+from triton_recording import RecordingKernel
 
 from flashmla_ops import reference
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
@@ -185,6 +186,35 @@ def test_triton_sparse_decode_fp8_scales_that_differ_by_tile_and_token():
     run_decode(2, 2, 16, 130, 0, False, True, varied_scales=True)
 
 
+@pytest.mark.parametrize("exponent", [40, -40])
+def test_triton_sparse_decode_split_partials_hold_outputs_past_f16(monkeypatch, exponent):
+    """Split partials in f16 rows times a power of two each (decode.Partials, the threshold lowered to 2 splits):
+    latents scaled by 2**40 or 2**-40 (outputs past f16's 65504 or below its 2**-24; queries scaled inversely, so the
+    logits are unchanged), one query split several ways: each output row within the BF16 band of its own norm."""
+    from flashmla_ops.triton import decode as triton_decode
+
+    monkeypatch.setattr(triton_decode, "HALF_PARTIALS_FROM_SPLITS", 2)
+    recording = RecordingKernel(triton_sparse._sparse_decode_split_kernel)
+    monkeypatch.setattr(triton_sparse, "_sparse_decode_split_kernel", recording)
+    generator = torch.Generator(DEVICE).manual_seed(50 + exponent)
+    cache = paged_cache(8, False, generator, pad=0)
+    latent = cache.float()
+    latent[..., :KV_LORA_RANK] *= 2.0 ** exponent
+    q = torch.randn(1, 2, 16, D_QK, generator=generator, device=DEVICE)
+    q[..., :KV_LORA_RANK] *= 2.0 ** -exponent
+    args = (q.bfloat16(), latent.bfloat16(), random_indices((1, 2, 400), 8 * PAGE_BLOCK_SIZE, generator), None, None,
+            None, None, KV_LORA_RANK, SCALE, False)
+    multiprocessors, _ = triton_sparse.device_limits(torch.device(DEVICE))
+    assert triton_sparse.num_splits_for(2, triton_sparse.triton.cdiv(400, 64), multiprocessors) > 1
+    out, lse = triton_sparse.sparse_decode(*args)
+    assert recording.options and all(options["HALF_PARTIALS"] for options in recording.options)
+    want_out, want_lse = reference.sparse_decode(*args)
+    seen = torch.isfinite(want_lse).transpose(1, 2)  # (batch, s_q, h_q): the rows that see a key
+    assert_close(out, lse, want_out, want_lse)
+    row_error = (out[seen].float() - want_out[seen].float()).norm(dim=-1) / want_out[seen].float().norm(dim=-1)
+    assert row_error.max() < BF16_BAND, row_error
+
+
 def lookahead_config(h_q, block_n=32, num_stages=3):
     """The default tiles with each tile's indices read one step early (TileConfig.lookahead)."""
     return dataclasses.replace(triton_sparse.tile_configs(h_q)[0], block_n=block_n, num_stages=num_stages,
@@ -197,8 +227,9 @@ def lookahead_config(h_q, block_n=32, num_stages=3):
 def test_triton_sparse_decode_lookahead_matches_reference(batch, s_q, h_q, topk, extra_topk, with_topk_length,
                                                           is_fp8, block_n):
     """Each step must gather its own tile's keys with its own mask, the split's first tile included."""
+    # (BF16 at 64 x 64 tiles takes two stages: three need 288 KiB of shared memory on the GPU)
     run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=extra_topk > 0,
-               config=lookahead_config(h_q, block_n))
+               config=lookahead_config(h_q, block_n, 2 if block_n == 64 and not is_fp8 else 3))
 
 
 @pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink", PREFILL_CASES)
