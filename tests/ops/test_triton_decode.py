@@ -117,6 +117,21 @@ def test_triton_split_policy_rounds_down_and_doubles_programs_from_8_sequences(m
     assert not config(8, 16, "cuda").prefetch  # a BF16 cache has no bytes to prefetch
 
 
+def test_triton_split_partials_are_f16_from_8_splits():
+    """Partials in f16 (with their row scales) from 8 splits a sequence, float32 below (slower in f16 at 2 splits,
+    decode.Partials), the output itself (placeholders) unsplit."""
+    out = torch.empty(3, 2, 16, KV_LORA_RANK, dtype=torch.bfloat16, device=DEVICE)
+    lse = torch.empty(3, 16, 2, device=DEVICE)
+    unsplit = triton_decode.split_buffers(out, lse, 1)
+    assert unsplit.out is out and unsplit.lse is lse and not unsplit.half
+    for splits, dtype in ((2, torch.float32), (7, torch.float32), (8, torch.float16), (66, torch.float16)):
+        partials = triton_decode.split_buffers(out, lse, splits)
+        assert partials.out.dtype == dtype and partials.half == (dtype == torch.float16)
+        assert partials.out.shape == (3, splits, 32, KV_LORA_RANK) and partials.out.is_contiguous()
+        assert partials.lse.shape == partials.scale.shape == (3, splits, 32) and partials.lse.is_contiguous()
+        assert partials.scale.is_contiguous() and (partials.scale.data_ptr() != partials.lse.data_ptr()) == partials.half
+
+
 BALANCED_CASES = [
     ([0, 1, 70, 700], 1, 16, False, False),
     ([1000, 3, 0, 64, 65], 2, 16, True, True),
