@@ -129,7 +129,8 @@ def test_triton_split_partials_are_f16_from_8_splits():
         assert partials.out.dtype == dtype and partials.half == (dtype == torch.float16)
         assert partials.out.shape == (3, splits, 32, KV_LORA_RANK) and partials.out.is_contiguous()
         assert partials.lse.shape == partials.scale.shape == (3, splits, 32) and partials.lse.is_contiguous()
-        assert partials.scale.is_contiguous() and (partials.scale.data_ptr() != partials.lse.data_ptr()) == partials.half
+        separate_scale = partials.scale.data_ptr() != partials.lse.data_ptr()
+        assert partials.scale.is_contiguous() and separate_scale == partials.half
 
 
 BALANCED_CASES = [
