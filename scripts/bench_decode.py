@@ -212,6 +212,10 @@ def tune(device, chosen):
                                                        programs_per_sm=programs_per_sm))
         if h_q * s_q >= 64:
             candidates |= {dataclasses.replace(default, block_h=32, num_warps=4, programs_per_sm=p) for p in (1, 2)}
+            # 64-row tiles (wgmma; 32-row tiles take mma.sync) at one program per SM, where the default has 32 rows
+            # (b1 h128: not timed so far)
+            candidates |= {dataclasses.replace(default, block_h=64, num_warps=8, programs_per_sm=1, num_stages=stages,
+                                               block_n=block_n) for stages in (2, 3) for block_n in (32, 64)}
         candidates |= {dataclasses.replace(config, schedule="balanced") for config in list(candidates)
                        if config.num_stages == default.num_stages and config.block_n == default.block_n}
         # Twice the default's warps; for FP8, both products (f16 and bf16), each with and without the prefetch of
