@@ -106,16 +106,15 @@ def tune_candidates(h_q: int) -> list:
     """The Triton tile configs `--tune` times: the default ladder's first two, then fewer keys per step, one stage, and
     more warps (compiled for sm_90 with the launch's specialization, Triton 3.9: FP8 decode at 64 heads x 64 keys with 8
     warps spills 448 bytes a thread, x 32 keys 344; prefill 304 and 192), and for the decode rows 64 x 64 at three
-    stages with the indices read a step early (TileConfig.lookahead: the FP8 decode default from 64 heads on; the
-    ladder's first, its former default, is timed beside it)."""
+    stages with the indices read a step early (the FP8 decode default's first from 64 heads on, TileConfig.lookahead;
+    the ladder's first, its former default, is timed beside it)."""
     from flashmla_ops.triton.sparse import TileConfig, tile_configs
 
     ladder = tile_configs(h_q)
     first = ladder[0]
     extra = [TileConfig(first.block_h, block_n, warps, stages) for block_n in (64, 32) for stages in (2, 1)
              for warps in (first.num_warps, 2 * first.num_warps)]
-    lookahead = [TileConfig(first.block_h, 64, first.num_warps, 3, lookahead=True)]  # FP8 decode: 64 x 64 fits
-    return list(dict.fromkeys([*ladder[:2], *extra, *lookahead]))
+    return list(dict.fromkeys([*ladder[:2], *extra, *tile_configs(h_q, fp8_decode=True)[:1]]))
 
 
 def tune(device) -> list[dict]:
@@ -131,6 +130,7 @@ def tune(device) -> list[dict]:
         else:
             sets = [prefill_inputs(size, second, h_q, topk, device)]
             flops = attention_flops(size, h_q, topk)
+        default = triton_sparse.tile_configs(h_q, fp8_decode=op == "decode")[0]
         for config in tune_candidates(h_q):
             if config.lookahead and op != "decode":  # prefill (BF16) at 64 x 64 and three stages needs 288 KiB
                 continue
@@ -149,9 +149,8 @@ def tune(device) -> list[dict]:
             tflop_s = flops / ms / 1e9
             results.append({"name": name, "config": dataclasses.asdict(config), "time_us": ms * 1e3,
                             "tflop_s": tflop_s})
-            first = triton_sparse.tile_configs(h_q, fp8_decode=op == "decode")[0]
-            default = " (the default on Hopper)" if config == first else ""
-            print(f"{name:36} {config}{default}: {ms * 1e3:9.1f} us {tflop_s:6.1f} TFLOP/s ({tflop_s / target:.2f})")
+            note = " (the default on Hopper)" if config == default else ""
+            print(f"{name:36} {config}{note}: {ms * 1e3:9.1f} us {tflop_s:6.1f} TFLOP/s ({tflop_s / target:.2f})")
         del sets
         torch.cuda.empty_cache()
     return results
