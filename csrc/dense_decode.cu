@@ -1273,12 +1273,13 @@ void launch_combine(const DecodeParams& params, const Partial* out_partial, cons
         out.stride(2), params.lse, params.h_q, params.s_q, params.rows, num_splits, params.queries_per_z);
   } else {
     const bool many_splits = !balanced && num_splits >= kCombineManySplits;
-    // The many-splits kernel: as many column parts a row as keep its CTAs within one per SM.
+    // The many-splits kernel: as many column parts a row as keep its CTAs within two per SM (two fit: 96 registers
+    // a thread, 20 KB of shared memory at most).
     int parts = 1;
     if (many_splits) {
       int multiprocessors = 0;
       C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, out.get_device()));
-      while (parts < kCombineMaxParts && rows * zs * parts * 2 <= multiprocessors) parts *= 2;
+      while (parts < kCombineMaxParts && rows * zs * parts * 2 <= 2 * multiprocessors) parts *= 2;
     }
     const auto combine = !many_splits ? combine_kernel<Partial>
                          : parts == 1 ? combine_many_splits_kernel<Partial, 1>
