@@ -354,9 +354,10 @@ class LaunchConfig:
 def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = False) -> LaunchConfig:
     """Chosen from `bench_decode.py --tune` on the H100 (2026-11-24): 64-token tiles; 64-row tiles with 3 stages and
     one program per SM where heads alone fill the GPU (compute-bound), and 32-row tiles with two programs per SM where
-    they do not (batch 1, long context: more, lighter programs). The balanced schedule stays opt-in: timed on the
-    H100 (2026-11-25) it halved a skewed batch (one 32k sequence among 31 of 512 tokens) but was 1.3x to 2.4x slower
-    on every uniform SPEC row. On the H200 (2026-12-02, docs/bench/combine_h200.log):
+    they do not (batch 1, long context: more, lighter programs; with Hopper's shared memory mostly 64-row tiles there
+    too since stop 43, below). The balanced schedule stays opt-in: timed on the H100 (2026-11-25) it halved a skewed
+    batch (one 32k sequence among 31 of 512 tokens) but was 1.3x to 2.4x slower on every uniform SPEC row. On the
+    H200 (2026-12-02, docs/bench/combine_h200.log):
     - up to 16 rows, two programs per SM from 8 sequences on (with num_splits_for's rounding down): b8 h16 32k 96.8
       against 121.7 us, b32 32k 300.4 against 391.5, b128 4k and 32k unchanged; below 8 sequences one per SM
       (b1 h16 32k: 41.8 against 77.8, where two would cut the sequence into 256 pieces of two tiles);
@@ -367,7 +368,15 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
       against 1364.8 without, the fastest of the 32 configs timed on fp8 b128 h16 16k (bf16 products with the
       prefetch 1161.3; 64-token tiles with it 1206.8 at 8 warps, 2928.0 at 4), with 3 stages (stop 21,
       docs/bench/stop21_call1.log): 1035.7 against 1110.8 us with 2; 16-token tiles at 3 programs per SM (168
-      registers, `maxnreg`) 1182.6."""
+      registers, `maxnreg`) 1182.6.
+    With Hopper's shared memory (64-token tiles), 64-row tiles at one program per SM also where the batch's tiles do
+    not fill the GPU, from 64 rows, and over an FP8 cache from 17 (stop 43, docs/bench/stop43_call{3,4}.log, against
+    32-row tiles at two per SM, us): BF16 b1 h128 32k 57.6, 57.1 against 60.2, 61.2, b8 h64 8k 58.4, 58.3 against
+    66.2, 65.9, b128 h64 4k 307.4, 309.5 against 332.8, 332.4, level at b1 s_q2 h64, 3% slower at b16 and b32 h128 4k
+    (108.6, 198.1 against 105.1, 193.3); FP8 up to 1.8x faster (b128 h64 4k 551.0 against 1008.4, b128 s_q2 h16 4k
+    549.1 against 628.1), level at h32. BF16 below 64 rows keeps 32-row tiles: b128 s_q2 h16 4k took 311.7 us with
+    64-row ones against 199.2, b128 h32 4k 303.7 against 253.1 (faster only at small batches: b1 h32 32k 44.5 against
+    50.6). Elsewhere (32-token tiles, mma.sync) not timed: 32-row tiles as before."""
     multiprocessors, shared_memory = device_limits(device)
     block_n = 64 if shared_memory >= 200 * 1024 else 32
     if rows <= 16:
@@ -376,7 +385,8 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
             return LaunchConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, programs_per_sm=programs_per_sm,
                                 fp8_f16=True, prefetch=True)
         return LaunchConfig(block_h=16, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=programs_per_sm)
-    if rows >= 64 and batch * triton.cdiv(rows, 64) >= multiprocessors:
+    fills_gpu = rows >= 64 and batch * triton.cdiv(rows, 64) >= multiprocessors
+    if fills_gpu or (block_n == 64 and (rows >= 64 or is_fp8)):
         return LaunchConfig(block_h=64, block_n=block_n, num_warps=8, num_stages=3 if block_n == 64 else 2,
                             programs_per_sm=1)
     return LaunchConfig(block_h=32, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=2)

@@ -98,7 +98,8 @@ def test_triton_fp8_integer_decode_path(monkeypatch):
 def test_triton_split_policy_rounds_down_and_doubles_programs_from_8_sequences(monkeypatch):
     """On a 132-SM GPU with Hopper's shared memory: splits rounded down (no tail wave), never 0, never over the table's
     tiles or 256; up to 16 rows two programs per SM from 8 sequences on, one below; an FP8 cache up to 16 rows takes
-    32-token tiles, the f16 products and the prefetch of the next tile's bytes (64-row tiles neither)."""
+    32-token tiles, the f16 products and the prefetch of the next tile's bytes (64-row tiles neither); with 64-token
+    tiles 64-row ones from 64 rows (FP8 from 17), 32-row tiles below a full GPU with less shared memory."""
     monkeypatch.setattr(triton_decode, "device_limits", lambda device: (132, 227 * 1024))
     split = triton_decode.num_splits_for
     assert split(8, 1, 512, 132, 1) == 16  # b8 h16 32k at one per SM: 128 programs, not 17 splits (136)
@@ -115,6 +116,16 @@ def test_triton_split_policy_rounds_down_and_doubles_programs_from_8_sequences(m
     wide = config(128, 128, "cuda", is_fp8=True)
     assert not wide.fp8_f16 and not wide.prefetch  # 64-row tiles keep the bf16 products, no prefetch (not timed)
     assert not config(8, 16, "cuda").prefetch  # a BF16 cache has no bytes to prefetch
+    # 64-row tiles, one program per SM, from 64 rows (FP8: 17) whether or not the batch's tiles fill the GPU (stop 43)
+    for batch, rows, is_fp8 in ((1, 128, False), (1, 32, True), (128, 48, True), (16, 128, False), (256, 64, False)):
+        tiles = config(batch, rows, "cuda", is_fp8=is_fp8)
+        assert (tiles.block_h, tiles.num_warps, tiles.programs_per_sm, tiles.num_stages) == (64, 8, 1, 3)
+    for batch in (1, 128):  # BF16 below 64 rows: 32-row tiles, two programs per SM
+        assert (config(batch, 32, "cuda").block_h, config(batch, 32, "cuda").programs_per_sm) == (32, 2)
+    # With less shared memory (Ampere's 163 KiB: 32-token tiles, not timed with 64 rows below a full GPU) as before
+    monkeypatch.setattr(triton_decode, "device_limits", lambda device: (108, 163 * 1024))
+    assert (config(1, 128, "cuda").block_h, config(1, 128, "cuda").programs_per_sm) == (32, 2)
+    assert (config(128, 128, "cuda").block_h, config(128, 128, "cuda").block_n) == (64, 32)
 
 
 def test_triton_split_partials_are_f16_from_8_splits():
