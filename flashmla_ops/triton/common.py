@@ -24,11 +24,25 @@ def mma(a, b, INTERPRET: tl.constexpr):
     return tl.dot(a, b)
 
 
+# How the kernels decode e4m3 (their HW_FP8 constexpr, from hardware_fp8): with integer ops before sm_89; on sm_89
+# (Ada) to f16 by the conversion instructions and to bf16 with integer ops; from sm_90 by the conversion instructions
+# both ways. The Triton 3.6 of torch 2.11 (the device machine's, stop 43) compiles e4m3 -> bf16 for sm_89 to a
+# `cvt.bf16.f16` that ptxas takes from sm_90 only, so the FP8 dense decode's bf16 products did not build for Ada.
+FP8_INTEGER, FP8_TO_F16, FP8_HARDWARE = 0, 1, 2
+
+
+def fp8_conversion(capability: tuple[int, int]) -> int:
+    """The e4m3 decoding (FP8_INTEGER, FP8_TO_F16, FP8_HARDWARE) for a GPU of compute capability `capability`."""
+    if capability >= (9, 0):
+        return FP8_HARDWARE
+    return FP8_TO_F16 if capability >= (8, 9) else FP8_INTEGER
+
+
 @triton.jit
 def e4m3_to_bf16(raw, HW_FP8: tl.constexpr):
-    """e4m3 bytes (uint8) as bf16, exactly: the conversion instructions where there are some (sm_89+), else the e4m3
-    bits shifted into a float32 (the value times 2**-120) and rescaled."""
-    if HW_FP8:
+    """e4m3 bytes (uint8) as bf16, exactly: the conversion instructions from sm_90 (HW_FP8 FP8_HARDWARE), else the
+    e4m3 bits shifted into a float32 (the value times 2**-120) and rescaled."""
+    if HW_FP8 >= 2:  # FP8_HARDWARE
         values = raw.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
     else:
         bits = raw.to(tl.int32)
@@ -149,9 +163,12 @@ def finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK: tl.constexpr):
 
 
 @functools.cache
-def hardware_fp8(device: torch.device) -> bool:
-    """Whether Triton converts e4m3 in hardware on `device` (sm_89+; the interpreter emulates it)."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+def hardware_fp8(device: torch.device) -> int:
+    """How the kernels decode e4m3 on `device` (fp8_conversion; true from sm_89, where Triton converts in hardware):
+    FP8_HARDWARE under the interpreter, which emulates the conversion."""
+    if device.type != "cuda":
+        return FP8_HARDWARE
+    return fp8_conversion(torch.cuda.get_device_capability(device))
 
 
 @functools.cache

@@ -233,7 +233,7 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
     k_scaled = k_fp8
     # FP8 q and keys: f16 MMAs (e4m3 -> f16 is one conversion per pair, to bf16 more), where the GPU converts e4m3
     hw_fp8 = hardware_fp8(q.device)
-    f16 = q_fp8 and k_fp8 and hw_fp8
+    f16 = bool(q_fp8 and k_fp8 and hw_fp8)
     h_pad = triton.next_power_of_2(h_i)
     config = config or default_logits_config(h_pad, paged, k_fp8)
     fp8_mma = config.fp8_mma and f16 and d_i % 32 == 0

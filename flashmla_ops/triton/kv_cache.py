@@ -99,7 +99,7 @@ def _store_kv_rows_kernel(Latent, Rope, Slots, Cache, stride_latent, stride_rope
 def hardware_e4m3_encode(device: torch.device) -> bool:
     """The e4m3 cast is trusted to Triton only on a GPU that has the conversion (sm_89+): the interpreter's own
     conversion does not round to nearest-even, so under it the integer encoder runs."""
-    return device.type == "cuda" and hardware_fp8(device)
+    return device.type == "cuda" and bool(hardware_fp8(device))
 
 
 def _store_rows(cache, latent, rope, slot_mapping, is_fp8, page_block_size):

@@ -169,16 +169,27 @@ print(json.dumps(results))
 '''
 
 
+def for_arch(constexprs, arch):
+    """A variant's constexprs as the ops launch them on `arch`: a hardware-FP8 variant (HW_FP8 true) takes that GPU's
+    e4m3 decoding (common.fp8_conversion: on sm_89 bf16 by integer ops, stop 43), None where it has none (before
+    sm_89 the integer decoding, a variant of its own)."""
+    from flashmla_ops.triton.common import fp8_conversion
+
+    if not constexprs.get("HW_FP8"):
+        return constexprs
+    level = fp8_conversion(divmod(arch, 10))
+    return dict(constexprs, HW_FP8=level) if level else None
+
+
 def cases():
     for kernel, variants in KERNELS.items():
         for name, constexprs in variants.items():
             for arch in ARCHS:
-                if arch < 89 and constexprs.get("HW_FP8"):
-                    continue  # hardware e4m3 conversion is only chosen on sm_89+
-                yield f"{kernel}[{name}]-sm{arch}", kernel, constexprs, arch
+                if for_arch(constexprs, arch) is not None:
+                    yield f"{kernel}[{name}]-sm{arch}", kernel, for_arch(constexprs, arch), arch
         spot = next((name for name, constexprs in variants.items() if constexprs.get("HW_FP8")), next(iter(variants)))
         for arch in SPOT_ARCHS:
-            yield f"{kernel}[{spot}]-sm{arch}", kernel, variants[spot], arch
+            yield f"{kernel}[{spot}]-sm{arch}", kernel, for_arch(variants[spot], arch), arch
 
 
 # Shared memory per block (opt-in) where it is less than Hopper's 227 KiB: Triton refuses a kernel that needs more
@@ -219,9 +230,9 @@ def ladders():
     }
     for name, (kernel, ladder) in families.items():
         for arch, limit in SMEM_LIMITS.items():
-            arch_ladder = ladder
-            if arch < 89 and ladder[0]["constexprs"].get("HW_FP8"):  # Ampere takes the integer e4m3 decoding
-                arch_ladder = [dict(step, constexprs=dict(step["constexprs"], HW_FP8=False)) for step in ladder]
+            # each GPU's e4m3 decoding (Ampere's: the integer one)
+            arch_ladder = [dict(step, constexprs=for_arch(step["constexprs"], arch)
+                                or dict(step["constexprs"], HW_FP8=False)) for step in ladder]
             yield f"{name}-sm{arch}", kernel, arch_ladder, arch, limit
 
 

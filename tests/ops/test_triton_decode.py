@@ -15,6 +15,14 @@ from flashmla_ops import reference
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
 triton_decode = pytest.importorskip("flashmla_ops.triton.decode", exc_type=ImportError)
+from flashmla_ops.triton.common import FP8_HARDWARE, FP8_INTEGER, FP8_TO_F16, hardware_fp8  # noqa: E402
+
+
+def skip_unless_gpu_decodes(level):
+    """On a GPU, skip an e4m3 decoding (common.fp8_conversion) it cannot compile: hardware conversion before sm_89,
+    bf16 straight from e4m3 before sm_90."""
+    if DEVICE == "cuda" and level > hardware_fp8(torch.device(DEVICE)):
+        pytest.skip(f"e4m3 decoding {level} does not compile for this GPU")
 
 
 # (seqlens, s_q, h_q): the CPU interpreter gets the small end of the grid, the GPU all of it.
@@ -91,7 +99,7 @@ def test_dense_decode_op_uses_triton_and_captures_in_cuda_graph(monkeypatch):
 
 def test_triton_fp8_integer_decode_path(monkeypatch):
     """GPUs without FP8 conversion instructions (before sm_89) decode e4m3 with integer ops: same results."""
-    monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: False)
+    monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: FP8_INTEGER)
     run_and_compare([77, 300], 2, 16, causal=True, is_fp8=True, sink=False)
 
 
@@ -196,13 +204,13 @@ F16_CASES = [([0, 1, 70, 130], 1, 16, False), ([64, 1, 200], 2, 16, True), ([5, 
 
 
 @pytest.mark.parametrize("seqlens,s_q,h_q,causal", F16_CASES)
-@pytest.mark.parametrize("hardware", [True, False])
+@pytest.mark.parametrize("hardware", [FP8_HARDWARE, FP8_TO_F16, FP8_INTEGER])
 @pytest.mark.parametrize("f16", [True, False])
 def test_triton_fp8_products_match_reference(monkeypatch, seqlens, s_q, h_q, causal, hardware, f16):
     """The FP8 cache's products with f16 operands (`fp8_f16`, the default up to 16 rows) and with bf16 operands, with
-    and without hardware e4m3 conversion."""
-    if hardware and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("no hardware e4m3 conversion on this GPU")
+    each e4m3 decoding (common.fp8_conversion): the conversion instructions (sm_90), to f16 by them and to bf16 by
+    integer ops (sm_89), integer ops."""
+    skip_unless_gpu_decodes(hardware)
     monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: hardware)
     ran = f16_products_ran(monkeypatch)
     run_and_compare(seqlens, s_q, h_q, causal, is_fp8=True, sink=False,
@@ -221,15 +229,14 @@ def test_triton_fp8_default_takes_f16_products_up_to_16_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("schedule", ["uniform", "balanced"])
-@pytest.mark.parametrize("hardware", [True, False])
+@pytest.mark.parametrize("hardware", [FP8_HARDWARE, FP8_INTEGER])
 @pytest.mark.parametrize("f16", [True, False])
 def test_triton_fp8_prefetch_matches_reference(monkeypatch, schedule, hardware, f16):
     """`prefetch` (the default for an FP8 cache up to 16 rows): each tile's latent bytes loaded during the previous
     tile's products. Lengths ending mid-tile (a partial tile that was prefetched: 100 and 230 with 32-token tiles), an
     empty one and a single token, causal s_q 2; uniform: several splits per sequence; balanced: parts that span
     sequences. The first tile's bytes come before the loop, the next tile's past the end are masked."""
-    if hardware and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("no hardware e4m3 conversion on this GPU")
+    skip_unless_gpu_decodes(hardware)
     monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: hardware)
     kernel = "_dense_decode_split_kernel" if schedule == "uniform" else "_dense_decode_balanced_kernel"
     recording = RecordingKernel(getattr(triton_decode, kernel))
