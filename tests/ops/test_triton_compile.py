@@ -185,8 +185,9 @@ def cases():
     for kernel, variants in KERNELS.items():
         for name, constexprs in variants.items():
             for arch in ARCHS:
-                if for_arch(constexprs, arch) is not None:
-                    yield f"{kernel}[{name}]-sm{arch}", kernel, for_arch(constexprs, arch), arch
+                arch_constexprs = for_arch(constexprs, arch)
+                if arch_constexprs is not None:
+                    yield f"{kernel}[{name}]-sm{arch}", kernel, arch_constexprs, arch
         spot = next((name for name, constexprs in variants.items() if constexprs.get("HW_FP8")), next(iter(variants)))
         for arch in SPOT_ARCHS:
             yield f"{kernel}[{spot}]-sm{arch}", kernel, for_arch(variants[spot], arch), arch
