@@ -1,8 +1,8 @@
-"""The sm_90a sparse decode kernel (csrc/dense_decode.cu, gathering mode) against the reference, on Hopper: BF16 and
-FP8 caches, -1 and duplicate indices, an all -1 query, topk_length shorter than topk (0 included), topk not a
-multiple of 64, h_q 16 / 64 / 128 / 5 / 192 / 256, s_q 1 and 2, forced split counts, FP8 scales that differ by tile
-and token, tokens 2**37 apart in scale, query rows and RoPE columns beyond f16's range; outputs poisoned; repeated runs
-identical."""
+"""The sm_90a sparse decode kernel (csrc/dense_decode.cu, gathering mode) against the reference, on Hopper: BF16 and FP8
+caches, -1 and duplicate indices, an all -1 query, topk_length shorter than topk (0 included), topk not a multiple of
+64, h_q 16 / 64 / 128 / 5 / 65 / 100 / 192 / 256, s_q 1 and 2, forced split counts, FP8 scales that differ by tile
+and token, tokens 2**37 apart in scale, query rows and RoPE columns beyond f16's range; outputs poisoned; repeated
+runs identical."""
 import pytest
 import torch
 from decode_inputs import LSE_TOLERANCE, assert_rows_close, huge_and_small_scale_inputs
@@ -27,6 +27,8 @@ CASES = [(batch, s_q, h_q, topk, with_length)
 CASES += [(3, 1, 5, 130, True), (2, 2, 128, 70, True)]
 # h_q past 128: three and four 64-head row blocks of one query
 CASES += [(2, 1, 256, 300, True), (2, 2, 192, 130, False)]
+# two row blocks, the second part empty: the cluster of two CTAs (each gathers half of every block's rows)
+CASES += [(3, 1, 100, 700, True), (2, 2, 65, 130, False)]
 
 
 def run(batch, s_q, h_q, topk, with_topk_length, is_fp8, num_splits=None, varied_scales=False):
@@ -65,8 +67,9 @@ def test_cuda_sparse_decode_matches_reference(batch, s_q, h_q, topk, with_topk_l
 
 @pytest.mark.parametrize("num_splits", [1, 3, 40])
 @pytest.mark.parametrize("is_fp8", [False, True])
-def test_cuda_sparse_decode_split_counts(num_splits, is_fp8):
-    run(2, 2, 64, 1000, True, is_fp8, num_splits)
+@pytest.mark.parametrize("h_q", [64, 128])
+def test_cuda_sparse_decode_split_counts(num_splits, is_fp8, h_q):
+    run(2, 2, h_q, 1000, True, is_fp8, num_splits)
 
 
 @pytest.mark.parametrize("batch,s_q,h_q,topk", [(2, 1, 128, 2048), (3, 2, 64, 300), (4, 1, 16, 130)])

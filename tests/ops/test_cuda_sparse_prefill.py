@@ -1,8 +1,8 @@
 """The sm_90a sparse prefill (csrc/dense_decode.cu's gathering mode over a flat kv) against the reference, on Hopper:
-varlen-packed batches of 1..3 sequences, h_q 16 / 64 / 128 / 5 / 256, topk not a multiple of 64, -1 indices, indices
->= s_kv, duplicates, an all -1 query, topk_length (0 included); out, max_logits and lse compared; outputs poisoned;
-repeated runs identical; the op dispatches here, chunks more than CUDA_MAX_TOKENS queries, and replays in a CUDA
-graph."""
+varlen-packed batches of 1..3 sequences, h_q 16 / 64 / 128 / 5 / 96 / 256, topk not a multiple of 64, -1 indices,
+indices >= s_kv, duplicates, an all -1 query, topk_length (0 included); out, max_logits and lse compared; outputs
+poisoned; repeated runs identical; the op dispatches here, chunks more than CUDA_MAX_TOKENS queries, and replays in a
+CUDA graph."""
 import pytest
 import torch
 from test_triton_sparse import (LSE_TOLERANCE, SCALE, assert_close, packed_prefill_inputs, poison_allocator)
@@ -28,6 +28,7 @@ CASES = [
     ([1], 128, 64, False),
     ([3, 9], 5, 130, True),
     ([100, 31], 256, 200, True),  # four 64-head row blocks of one query
+    ([77, 5], 96, 130, True),  # two row blocks, the second part empty (the cluster of two CTAs)
 ]
 
 
