@@ -27,7 +27,7 @@ CASES = [(batch, s_q, h_q, topk, with_length)
 CASES += [(3, 1, 5, 130, True), (2, 2, 128, 70, True)]
 # h_q past 128: three and four 64-head row blocks of one query
 CASES += [(2, 1, 256, 300, True), (2, 2, 192, 130, False)]
-# two row blocks, the second part empty: the cluster of two CTAs (each gathers half of every block's rows)
+# two 64-head row blocks of one query, the second partly past h_q
 CASES += [(3, 1, 100, 700, True), (2, 2, 65, 130, False)]
 
 

@@ -28,7 +28,7 @@ CASES = [
     ([1], 128, 64, False),
     ([3, 9], 5, 130, True),
     ([100, 31], 256, 200, True),  # four 64-head row blocks of one query
-    ([77, 5], 96, 130, True),  # two row blocks, the second part empty (the cluster of two CTAs)
+    ([77, 5], 96, 130, True),  # two 64-head row blocks of one query, the second partly past h_q
 ]
 
 
