@@ -174,18 +174,11 @@ def _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, Lse
                    / tl.where(l_i == 0.0, 1.0, l_i))
         multiplier, inverse = f16_row_scaling(largest)
         tl.store(ScalePartial + global_split * M + rows, inverse, mask=row_mask)
-    _store_rows(acc0, m_i, l_i, multiplier, 0 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch,
-                global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT,
-                APPLY_SINK, True, HALF_PARTIALS)
-    _store_rows(acc1, m_i, l_i, multiplier, 1 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch,
-                global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT,
-                APPLY_SINK, False, HALF_PARTIALS)
-    _store_rows(acc2, m_i, l_i, multiplier, 2 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch,
-                global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT,
-                APPLY_SINK, False, HALF_PARTIALS)
-    _store_rows(acc3, m_i, l_i, multiplier, 3 * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch,
-                global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT,
-                APPLY_SINK, False, HALF_PARTIALS)
+    accs = (acc0, acc1, acc2, acc3)
+    for tile in tl.static_range(4):  # the LSE with the first tile's columns
+        _store_rows(accs[tile], m_i, l_i, multiplier, tile * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch,
+                    global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
+                    SPLIT, APPLY_SINK, tile == 0, HALF_PARTIALS)
 
 
 @triton.jit
