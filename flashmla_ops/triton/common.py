@@ -164,8 +164,8 @@ def finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK: tl.constexpr):
 
 @functools.cache
 def hardware_fp8(device: torch.device) -> int:
-    """How the kernels decode e4m3 on `device` (fp8_conversion; true from sm_89, where Triton converts in hardware):
-    FP8_HARDWARE under the interpreter, which emulates the conversion."""
+    """How the kernels decode e4m3 on `device` (fp8_conversion's level, nonzero from sm_89, where Triton has some
+    conversion instructions): FP8_HARDWARE under the interpreter, which emulates the conversion."""
     if device.type != "cuda":
         return FP8_HARDWARE
     return fp8_conversion(torch.cuda.get_device_capability(device))
