@@ -70,8 +70,9 @@ def check(op: str, ok, message: str) -> None:
 
 def value_checks_apply(t: torch.Tensor) -> bool:
     """Whether the values of `t` are checked: always on CPU, on a device only under FLASHMLA_CHECK=1
-    (it syncs), never while tracing (fake/meta tensors) or capturing a CUDA graph."""
-    if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+    (it syncs), never while tracing (fake/meta tensors, torch.compile's trace of the Python API around the ops) or
+    capturing a CUDA graph."""
+    if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor) or torch.compiler.is_compiling():
         return False
     if t.device.type == "cpu":
         return True

@@ -338,12 +338,16 @@ def _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_ind
     _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims)
     check_same_device(op, q=q, k_cache=k_cache, indices=indices, topk_length=topk_length,
                       extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
-                      attn_sink=attn_sink)
-    for name, cache, idx in (("indices", k_cache, indices),
-                             ("extra_indices_in_kvcache", extra_k_cache, extra_indices_in_kvcache)):
+                      extra_topk_length=extra_topk_length, attn_sink=attn_sink,
+                      tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
+    for name, cache, idx, length in (("indices", k_cache, indices, topk_length),
+                                     ("extra_indices_in_kvcache", extra_k_cache, extra_indices_in_kvcache,
+                                      extra_topk_length)):
         if idx is not None and value_checks_apply(idx):
+            # Entries past a sequence's topk_length do not count (no kernel reads them): like unused block_table
+            # entries they may hold anything.
             num_slots = cache.shape[0] * cache.shape[1]
-            bad = (idx < -1) | (idx >= num_slots)
+            bad = ((idx < -1) | (idx >= num_slots)) & _within_length(idx, length)
             check(op, ~bad,
                   f"{name} entries must be -1 or flat cache slots in [0, {num_slots}), got {idx[bad][:8].tolist()}")
 
@@ -376,12 +380,17 @@ def canonical_order(indices: torch.Tensor, valid: torch.Tensor, width: int) -> t
     return torch.sort(key, dim=-1, stable=True).indices[..., :width]
 
 
+def _within_length(indices, topk_length):
+    """indices `(batch, s_q, k)` (or sparse prefill's `(s_q, 1, k)`) -> which entries are within their row's
+    `topk_length` `(batch,)` (`(s_q,)`); all of them without one."""
+    if topk_length is None:
+        return torch.ones_like(indices, dtype=torch.bool)
+    return torch.arange(indices.shape[-1], device=indices.device) < topk_length[:, None, None]
+
+
 def _sparse_valid(indices, topk_length):
     """indices `(batch, s_q, k)` -> which entries count: not -1, and within the sequence's `topk_length`."""
-    valid = indices >= 0
-    if topk_length is not None:
-        valid &= torch.arange(indices.shape[-1], device=indices.device) < topk_length[:, None, None]
-    return valid
+    return (indices >= 0) & _within_length(indices, topk_length)
 
 
 def _sparse_keys(k_cache, indices, valid, width, is_fp8):

@@ -175,7 +175,9 @@ def indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_s
     queries = _scaled(q, q_scale)
     # Every position the block table can hold, masked by length on the device: no host sync, so this also runs inside
     # a CUDA graph. Entries past a sequence's blocks may hold anything: clamped to a real block, then masked.
-    blocks = block_table.long().clamp(0, max(index_cache.shape[0] - 1, 0))
+    if index_cache.shape[0] == 0:  # no block to read: every length is 0 (checked), so every position is masked
+        index_cache = index_cache.new_zeros(1, *index_cache.shape[1:])
+    blocks = block_table.long().clamp(0, index_cache.shape[0] - 1)
     last_visible = cache_seqlens.long()[:, None] - s_q + torch.arange(s_q, device=q.device)
     position = torch.arange(capacity, device=q.device)
     for b in range(batch):
@@ -209,7 +211,10 @@ def indexer_logits_paged(q: torch.Tensor, index_cache: torch.Tensor, weights: to
 
 def indexer_logits_paged_path(q: torch.Tensor, index_cache: torch.Tensor) -> str:
     """The path `flashmla::indexer_logits_paged` takes for this q and cache: 'cuda' (csrc/indexer_logits_paged.cu:
-    the FP8 index cache, d_i 128, h_i <= 64, s_q <= 2, on Hopper), 'triton' or 'reference'."""
+    the FP8 index cache, d_i 128, h_i <= 64, s_q <= 2, on Hopper), 'triton' or 'reference' (also for a cache of no
+    blocks: nothing to read, every position masked)."""
+    if index_cache.shape[0] == 0:
+        return "reference"
     return _first_path("indexer_logits_paged", q, index_cache, _cuda_supports_paged)
 
 
@@ -260,6 +265,13 @@ def _check_topk(op, logits, topk, block_table):
             raise ValueError(f"{op}: logits' num_keys ({dims['num_keys']}) must be <= max_blocks_per_seq * "
                              f"{PAGE_BLOCK_SIZE} = {dims['max_blocks_per_seq'] * PAGE_BLOCK_SIZE}")
         check_same_device(op, logits=logits, block_table=block_table)
+        if value_checks_apply(logits):
+            # A position that can be selected (logit not -inf) must map through a real block: a negative entry would
+            # turn it into a negative slot, which the sparse kernels read as "no token" (or reject), silently.
+            entry = block_table.repeat_interleave(PAGE_BLOCK_SIZE, dim=1)[:, None, :logits.shape[-1]]
+            bad = (logits != float("-inf")) & (entry < 0)
+            check(op, ~bad, f"block_table entries of blocks holding a selectable logit (not -inf) must be >= 0, got "
+                            f"{entry.expand_as(bad)[bad][:8].tolist()}")
 
 
 def indexer_topk_reference(logits, topk, block_table=None):

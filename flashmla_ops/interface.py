@@ -4,14 +4,29 @@ from dataclasses import dataclass, field
 import torch
 
 from . import decode, sparse_prefill  # noqa: F401  (registers the ops)
-from .decode import num_sm_parts
+from .decode import _check_dense, _check_sparse, num_sm_parts
+
+_INT = (int, torch.SymInt)
+_FLOAT = (int, float, torch.SymInt, torch.SymFloat)
+
+
+def _check_scalar(op: str, name: str, value, kinds, what: str) -> None:
+    """A Python scalar argument: the custom ops' schemas would reject it later with a RuntimeError naming the op's
+    own argument, so the API says it first (bool is not taken for a number)."""
+    if isinstance(value, bool) != (kinds is bool) or not isinstance(value, kinds):
+        raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")
 
 
 @dataclass
 class FlashMLASchedMeta:
     """Scheduling state from `get_mla_metadata`: empty until the first `flash_mla_with_kvcache` call fills it
     (on the device, no host sync); later calls with the same shapes and the same `cache_seqlens` tensor, unmodified,
-    reuse it (e.g. every layer of one decode step)."""
+    reuse it (e.g. every layer of one decode step).
+
+    "Unmodified" is the tensor's version counter: in-place ops (`+=`, `copy_`, `fill_`) move it; writes that
+    bypass autograd's tracking (`t.data.copy_(...)`, through `t.numpy()` or a DLPack view) do not, so after one of
+    those pass a fresh `get_mla_metadata()` object. Inference tensors (made under `torch.inference_mode()`) have no
+    version counter: with one, the split is recomputed on every call (a small device computation, no host sync)."""
     tile_scheduler_metadata: torch.Tensor | None = None
     num_splits: torch.Tensor | None = None
     key: tuple = field(default=(), repr=False)
@@ -23,9 +38,10 @@ class FlashMLASchedMeta:
         `source` None the lengths follow from `key` alone."""
         s_q, h_q = key[1], key[2]
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        # Recompute (cheap device work, no sync) under torch.compile (no guards on tensor versions) and inside a CUDA
-        # graph capture (the graph must record the computation: replays follow lengths changed in place).
-        if torch.compiler.is_compiling() or capturing:
+        # Recompute (cheap device work, no sync) under torch.compile (no guards on tensor versions), inside a CUDA
+        # graph capture (the graph must record the computation: replays follow lengths changed in place) and for an
+        # inference tensor (no version counter to tell whether it changed).
+        if torch.compiler.is_compiling() or capturing or (source is not None and source.is_inference()):
             lengths = lengths()
             self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
                 lengths, num_sm_parts(lengths.device, s_q, h_q))
@@ -75,12 +91,17 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     if tile_scheduler_metadata is not None and not isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
         raise TypeError(f"{op}: tile_scheduler_metadata must be the object get_mla_metadata() returned or None, "
                         f"got {type(tile_scheduler_metadata).__name__}")
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"{op}: q must be a tensor of shape (batch, s_q, h_q, d_qk), got "
-                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"{op}: q must be a tensor of shape (batch, s_q, h_q, d_qk), got {type(q).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q must be a tensor of shape (batch, s_q, h_q, d_qk), got {tuple(q.shape)}")
     batch, s_q, h_q, d_qk = q.shape
+    _check_scalar(op, "head_dim_v", head_dim_v, _INT, "an int")
     if softmax_scale is None:
         softmax_scale = d_qk ** -0.5
+    _check_scalar(op, "softmax_scale", softmax_scale, _FLOAT, "a float or None")
+    _check_scalar(op, "causal", causal, bool, "a bool")
+    _check_scalar(op, "is_fp8_kvcache", is_fp8_kvcache, bool, "a bool")
     meta = tile_scheduler_metadata if tile_scheduler_metadata is not None else FlashMLASchedMeta()
     if indices is None:
         for name, value in (("extra_k_cache", extra_k_cache), ("extra_indices_in_kvcache", extra_indices_in_kvcache),
@@ -91,21 +112,23 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
             raise ValueError(f"{op}: dense decode needs block_table and cache_seqlens, got "
                              f"block_table={'a tensor' if block_table is not None else None}, "
                              f"cache_seqlens={'a tensor' if cache_seqlens is not None else None}")
-        if isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dtype == torch.int32:
-            meta.fill(lambda: cache_seqlens, cache_seqlens, ("dense", s_q, h_q, batch))
+        # The op's checks first (they run again in the op: cheap), so that bad input is named before the metadata
+        # is computed from it (while torch.compile traces, shapes only: `value_checks_apply`).
+        _check_dense(op, q, k_cache, block_table, cache_seqlens, None, None, head_dim_v, is_fp8_kvcache, attn_sink)
+        meta.fill(lambda: cache_seqlens, cache_seqlens, ("dense", s_q, h_q, batch))
         return torch.ops.flashmla.dense_decode(q, k_cache, block_table, cache_seqlens, meta.tile_scheduler_metadata,
                                                meta.num_splits, head_dim_v, softmax_scale, causal, is_fp8_kvcache,
                                                attn_sink)
     if causal:
         raise ValueError(f"{op}: causal must be False with indices (the indices say what each query sees), got True")
-    if isinstance(indices, torch.Tensor) and indices.dim() == 3:
-        # Without topk_length every sequence has topk keys: the split depends on the shapes alone.
-        if isinstance(topk_length, torch.Tensor) and topk_length.dtype == torch.int32:
-            lengths, source = (lambda: topk_length), topk_length
-        else:
-            lengths, source = (lambda: torch.full((batch,), indices.shape[-1], dtype=torch.int32,
-                                                  device=q.device)), None
-        meta.fill(lengths, source, ("sparse", s_q, h_q, batch, indices.shape[-1], q.device))
+    _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
+                  None, None, head_dim_v, is_fp8_kvcache, attn_sink)
+    # Without topk_length every sequence has topk keys: the split depends on the shapes alone.
+    if topk_length is not None:
+        lengths, source = (lambda: topk_length), topk_length
+    else:
+        lengths, source = (lambda: torch.full((batch,), indices.shape[-1], dtype=torch.int32, device=q.device)), None
+    meta.fill(lengths, source, ("sparse", s_q, h_q, batch, indices.shape[-1], q.device))
     return torch.ops.flashmla.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                                             extra_topk_length, meta.tile_scheduler_metadata, meta.num_splits,
                                             head_dim_v, softmax_scale, is_fp8_kvcache, attn_sink)
@@ -124,6 +147,10 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk
         (out `(s_q, h_q, d_v)` bfloat16, max_logits `(s_q, h_q)` float32, lse `(s_q, h_q)` float32
         [, lse_indexer `(s_q, h_q)` float32 when indexer_topk > 0]).
     """
+    op = "flash_mla_sparse_fwd"
+    _check_scalar(op, "sm_scale", sm_scale, _FLOAT, "a float")
+    _check_scalar(op, "d_v", d_v, _INT, "an int")
+    _check_scalar(op, "indexer_topk", indexer_topk, _INT, "an int")
     out, max_logits, lse, lse_indexer = torch.ops.flashmla.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink,
                                                                           topk_length, indexer_topk)
     if indexer_topk > 0:

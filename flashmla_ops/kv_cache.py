@@ -160,8 +160,8 @@ def _scatter_rows(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.T
 
     Without a host sync (boolean indexing needs one, which a CUDA graph cannot capture): a skipped row repeats the
     first kept row's write (same slot, same values), or where no row is kept rewrites slot 0 with what it holds."""
-    if slot_mapping.numel() == 0:
-        return
+    if slot_mapping.numel() == 0 or cache.shape[0] * cache.shape[1] == 0:
+        return  # no slot to write (a cache without slots: every slot_mapping entry must be -1, checked by the caller)
     keep = slot_mapping >= 0
     first = keep.int().argmax().view(1)  # index_select, not t[first]: a 0-d index tensor would be read on the host
     slots = torch.where(keep, slot_mapping, slot_mapping.index_select(0, first).clamp_min(0)).long()
@@ -194,6 +194,8 @@ def write_kv_cache(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Ten
     op = "write_kv_cache"
     _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8)
     _check_slots(op, slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])
+    if kv_cache.shape[0] * kv_cache.shape[1] == 0:
+        return  # no slot any token could go to (every slot is -1: checked above where values are checked)
     for path in _ext.paths("write_kv_cache", kv_cache.device):
         if path == "cuda" and latent.dtype == torch.bfloat16 and _aligned(kv_cache, 16):
             _ext.extension().write_kv_cache(

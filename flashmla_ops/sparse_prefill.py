@@ -9,7 +9,7 @@ from . import _ext
 from ._attention import apply_attn_sink, attend
 from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor,
                       last_dim_contiguous, value_checks_apply)
-from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK, canonical_order, key_widths
+from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK, _within_length, canonical_order, key_widths
 from .kv_cache import D_QK, KV_LORA_RANK
 
 
@@ -33,8 +33,9 @@ def _check_sparse_prefill(op, q, kv, indices, d_v, attn_sink, topk_length, index
         raise ValueError(f"{op}: indexer_topk must be >= 0, got {indexer_topk}")
     check_same_device(op, q=q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
     if value_checks_apply(indices):
-        check(op, indices >= -1,
-              f"indices must be >= -1 (-1 or >= s_kv mean 'no token'), got {indices[indices < -1][:8].tolist()}")
+        # entries past a query's topk_length do not count (no kernel reads them) and may hold anything
+        bad = (indices < -1) & _within_length(indices, topk_length)
+        check(op, ~bad, f"indices must be >= -1 (-1 or >= s_kv mean 'no token'), got {indices[bad][:8].tolist()}")
 
 
 def sparse_prefill_reference(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None, indexer_topk=0):

@@ -109,6 +109,17 @@ def test_indexer_logits_paged_empty_sequence(device):
     assert_logits_close(logits, ref)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_logits_paged_cache_without_blocks(device, fp8):
+    """A cache of no blocks (nothing written yet) and every length 0: all -inf, not an error."""
+    index_cache = torch.zeros(0, 64, 36, dtype=torch.uint8) if fp8 else oracle.bf16(0, 64, 32)
+    q, weights = oracle.bf16(2, 1, 4, 32), torch.randn(2, 1, 4)
+    block_table = torch.full((2, 2), -1, dtype=torch.int32)
+    logits = ops.indexer_logits_paged(q.to(device), index_cache.to(device), weights.to(device), block_table.to(device),
+                                      torch.zeros(2, dtype=torch.int32, device=device), None)
+    assert logits.shape == (2, 1, 128) and bool((logits == float("-inf")).all())
+
+
 def assert_topk_selection(selected, logits, topk, key_of=None):
     """selected `(..., topk)` int32: its finite logits are, as a multiset, the `topk` largest finite logits of the row;
     -1 fills exactly the places beyond the number of finite logits; no key twice. `key_of(row, index)` maps a

@@ -133,6 +133,33 @@ def test_sched_meta_recomputed_when_cache_seqlens_changes_in_place(eight_sm_part
     assert torch.equal(out, fresh[0]) and torch.equal(lse, fresh[1])
 
 
+def test_flashmla_api_under_inference_mode(eight_sm_parts):
+    """Inference tensors have no version counter: the split is recomputed on every call (it follows lengths changed
+    in place), and the outputs are those outside inference mode. Sparse decode with topk_length likewise."""
+    q, cache, _, block_table, cache_seqlens = dense_case([300, 20, 129], capacity=320)
+    want = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, None)
+    with torch.inference_mode():
+        lengths = cache_seqlens.clone()
+        sched_meta, _ = flashmla_ops.get_mla_metadata()
+        got = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, lengths, 512, sched_meta)
+        lengths[1] += 60
+        flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, lengths, 512, sched_meta)
+        assert all(torch.equal(a, b) for a, b in zip((sched_meta.tile_scheduler_metadata, sched_meta.num_splits),
+                                                     expected_metadata(lengths)))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    fp8_cache = ops.quantize_kv_fp8(oracle.bf16(3, 64, 1, oracle.D_QK))
+    indices = torch.randint(-1, 3 * 64, (2, 1, 10), dtype=torch.int32)
+    q, topk_length = oracle.bf16(2, 1, 16, oracle.D_QK), torch.tensor([10, 3], dtype=torch.int32)
+    sparse = dict(indices=indices, is_fp8_kvcache=True, topk_length=topk_length)
+    want = flashmla_ops.flash_mla_with_kvcache(q, fp8_cache, None, None, 512, None, **sparse)
+    with torch.inference_mode():
+        sparse["topk_length"] = topk_length.clone()
+        got = flashmla_ops.flash_mla_with_kvcache(q, fp8_cache, None, None, 512, flashmla_ops.get_mla_metadata()[0],
+                                                  **sparse)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_sched_meta_recomputed_for_new_cache_seqlens_tensors(eight_sm_parts):
     """A decode loop that builds a new cache_seqlens tensor each step and reuses one sched_meta must never run with
     the previous step's split. (A tensor freed after one step may get the same Python id() as the next step's.)"""

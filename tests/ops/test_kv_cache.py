@@ -130,6 +130,17 @@ def test_write_index_cache(device, fp8, d_i):
         assert (error <= torch.maximum(k[slots >= 0].double().abs() * 2.0 ** -4, scale * 2.0 ** -10)).all()
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_cache_writes_into_a_cache_without_blocks(device, fp8):
+    """Every token skipped (-1) into a cache of no blocks (a pool not allocated yet): nothing to do, no error."""
+    kv_cache = torch.zeros(0, 64, 1, 656, dtype=torch.uint8) if fp8 else oracle.bf16(0, 64, 1, oracle.D_QK)
+    skip = torch.full((3,), -1, dtype=torch.int32, device=device)
+    ops.write_kv_cache(kv_cache.to(device), oracle.bf16(3, 512, device=device), oracle.bf16(3, 64, device=device),
+                       skip, fp8)
+    index_cache = torch.zeros(0, 64, 36, dtype=torch.uint8) if fp8 else oracle.bf16(0, 64, 32)
+    ops.write_index_cache(index_cache.to(device), oracle.bf16(3, 32, device=device), skip)
+
+
 def test_dequantize_padded_cache_slice(device):
     """A cache that is a slice of a wider buffer (padded block stride) dequantizes by its strides."""
     cache, flat_keys = oracle.paged_cache(3, fp8=True, pad=656 * 2 + 16, device=device)

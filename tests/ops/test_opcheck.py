@@ -55,7 +55,9 @@ def samples():
     yield ops.indexer_logits_paged, (torch.randn(2, 1, 4, 16).to(torch.float8_e4m3fn), oracle.quantize_index(bf16(3, 64, 16)),
                                      torch.randn(2, 1, 4), paged_table, paged_lengths, torch.rand(2, 1, 4))
     yield ops.indexer_topk, (torch.randn(4, 50), 7, None)
-    yield ops.indexer_topk, (torch.randn(2, 2, 128), 70, paged_table)
+    paged_logits = torch.randn(2, 2, 128)
+    paged_logits[1, :, 64:] = float("-inf")  # sequence 1's second block is not in its table (-1): nothing there
+    yield ops.indexer_topk, (paged_logits, 70, paged_table)
     experts = torch.tensor([[0, 2], [3, 1]])  # 3: another rank's expert
     yield ops.routed_experts, (bf16(2, 24), bf16(3, 16, 24), bf16(3, 24, 8), torch.rand(2, 2), experts)
     yield ops.routed_experts, (bf16(1, 24), bf16(3, 16, 24), bf16(3, 24, 8), torch.rand(1, 2), experts[:1].int())

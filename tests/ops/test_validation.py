@@ -153,6 +153,13 @@ CASES = [
     ("flash_mla_with_kvcache", "tile_scheduler_metadata a tensor",
      set_(tile_scheduler_metadata=torch.zeros(1, 8, dtype=I32)), TypeError, "tile_scheduler_metadata"),
     ("flash_mla_with_kvcache", "no block_table", set_(block_table=None), ValueError, "block_table"),
+    ("flash_mla_with_kvcache", "cache_seqlens 2-D", set_(cache_seqlens=torch.tensor([[70, 5]], dtype=I32)), ValueError,
+     "cache_seqlens"),
+    ("flash_mla_with_kvcache", "cache_seqlens a list", set_(cache_seqlens=[70, 5]), TypeError, "cache_seqlens"),
+    ("flash_mla_with_kvcache", "head_dim_v None", set_(head_dim_v=None), TypeError, "head_dim_v"),
+    ("flash_mla_with_kvcache", "head_dim_v a bool", set_(head_dim_v=True), TypeError, "head_dim_v"),
+    ("flash_mla_with_kvcache", "softmax_scale a string", set_(softmax_scale="0.1"), TypeError, "softmax_scale"),
+    ("flash_mla_with_kvcache", "causal None", set_(causal=None), TypeError, "causal"),
     ("flash_mla_with_kvcache", "topk_length without indices", set_(topk_length=torch.tensor([1, 1], dtype=I32)),
      ValueError, "topk_length"),
     ("flash_mla_with_kvcache", "extra_k_cache without indices", set_(extra_k_cache=oracle.bf16(4, 64, 1, 576)),
@@ -192,6 +199,11 @@ CASES = [
     ("flash_mla_with_kvcache[sparse]", "FP8 cache row of 576 bytes", set_(k_cache=torch.zeros(3, 64, 1, 576, dtype=torch.uint8)),
      ValueError, "k_cache"),
     ("flash_mla_with_kvcache[sparse]", "attn_sink shape", set_(attn_sink=torch.randn(2, 2)), ValueError, "attn_sink"),
+    ("flash_mla_with_kvcache[sparse]", "topk_length 2-D", set_(topk_length=torch.tensor([[10, 3]], dtype=I32)),
+     ValueError, "topk_length"),
+    ("flash_mla_with_kvcache[sparse]", "indices a list", set_(indices=lambda a: a["indices"].tolist()), TypeError,
+     "indices"),
+    ("flash_mla_with_kvcache[sparse]", "is_fp8_kvcache 1", set_(is_fp8_kvcache=1), TypeError, "is_fp8_kvcache"),
     ("flash_mla_with_kvcache[sparse]", "value: index = num_blocks * 64",
      set_(indices=lambda a: a["indices"].index_fill(2, torch.tensor([3]), 3 * 64)), ValueError, "indices"),
     ("flash_mla_with_kvcache[sparse]", "value: index -2",
@@ -216,6 +228,9 @@ CASES = [
     ("flash_mla_sparse_fwd", "attn_sink shape", set_(attn_sink=torch.randn(6)), ValueError, "attn_sink"),
     ("flash_mla_sparse_fwd", "topk_length shape", set_(topk_length=torch.ones(5, dtype=I32)), ValueError, "topk_length"),
     ("flash_mla_sparse_fwd", "indexer_topk -1", set_(indexer_topk=-1), ValueError, "indexer_topk"),
+    ("flash_mla_sparse_fwd", "sm_scale None", set_(sm_scale=None), TypeError, "sm_scale"),
+    ("flash_mla_sparse_fwd", "d_v a float", set_(d_v=512.0), TypeError, "d_v"),
+    ("flash_mla_sparse_fwd", "indexer_topk None", set_(indexer_topk=None), TypeError, "indexer_topk"),
     ("flash_mla_sparse_fwd", "value: index -2", set_(indices=lambda a: a["indices"].index_fill(2, torch.tensor([1]), -2)),
      ValueError, "indices"),
     # the decode ops themselves
@@ -297,6 +312,8 @@ CASES = [
     ("indexer_topk", "logits 2-D with a block_table", set_(logits=torch.randn(2, 100)), ValueError, "logits"),
     ("indexer_topk", "block_table batch 3", set_(block_table=torch.zeros(3, 2, dtype=I32)), ValueError, "block_table"),
     ("indexer_topk", "block_table dtype", set_(block_table=torch.zeros(2, 2)), TypeError, "block_table"),
+    ("indexer_topk", "value: block_table entry -1 under finite logits",
+     set_(block_table=torch.tensor([[0, -1], [2, 3]], dtype=I32)), ValueError, "block_table"),
     # metadata
     ("get_mla_metadata", "num_sm_parts 0", set_(num_sm_parts=0), ValueError, "num_sm_parts"),
     ("get_mla_metadata", "cache_seqlens dtype", set_(cache_seqlens=torch.tensor([5, 1], dtype=torch.int64)), TypeError,
@@ -386,3 +403,61 @@ def test_tensors_on_different_devices(moved):
     with pytest.raises(ValueError) as raised:
         flashmla_ops.flash_mla_with_kvcache(**args)
     assert names_argument(str(raised.value), moved), str(raised.value)
+
+
+@pytest.mark.parametrize("entry,what,change,error,name",
+                         [c for c in CASES if c[0].startswith("flash_mla_with_kvcache")],
+                         ids=[f"{c[0]}-{c[1]}" for c in CASES if c[0].startswith("flash_mla_with_kvcache")])
+def test_flashmla_api_names_itself(entry, what, change, error, name):
+    """The API checks its arguments before it computes the scheduling metadata from them: the error names the
+    function the user called, not an op inside it (get_mla_metadata, dense_decode, ...)."""
+    function, make_args = ENTRIES[entry]
+    args = make_args()
+    change(args)
+    with pytest.raises(error) as raised:
+        function(**args)
+    assert str(raised.value).startswith("flash_mla_with_kvcache: "), str(raised.value)
+
+
+@pytest.mark.parametrize("moved", ["extra_topk_length", "tile_scheduler_metadata", "num_splits"])
+def test_sparse_decode_checks_every_tensor_device(moved):
+    """Every tensor argument of sparse_decode is on q's device (meta stands for another device here)."""
+    args = sparse_op()
+    args.update(tile_scheduler_metadata=torch.zeros(1, 8, dtype=I32), num_splits=torch.tensor([0, 1, 1], dtype=I32))
+    args[moved] = args[moved].to("meta")
+    with pytest.raises(ValueError) as raised:
+        ops.sparse_decode(**args)
+    assert names_argument(str(raised.value), moved), str(raised.value)
+
+
+def test_indices_past_topk_length_are_not_checked():
+    """Entries past a sequence's topk_length do not count: like unused block_table entries they may hold anything,
+    and the outputs are those with -1 there."""
+    args = sparse_api()
+    past = torch.arange(10) >= args["topk_length"][:, None, None]
+    garbage = args["indices"].masked_fill(past, 1 << 30).masked_fill(past & (torch.arange(10) % 2 == 0), -7)
+    got = flashmla_ops.flash_mla_with_kvcache(**{**args, "indices": garbage})
+    want = flashmla_ops.flash_mla_with_kvcache(**{**args, "indices": args["indices"].masked_fill(past, -1)})
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+    extra_past = torch.arange(5) >= args["extra_topk_length"][:, None, None]
+    extra = args["extra_indices_in_kvcache"]
+    got = flashmla_ops.flash_mla_with_kvcache(**{**args, "extra_indices_in_kvcache": extra.masked_fill(extra_past, -9)})
+    want = flashmla_ops.flash_mla_with_kvcache(**{**args, "extra_indices_in_kvcache": extra.masked_fill(extra_past, -1)})
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+    args = sparse_fwd()
+    past = torch.arange(8) >= args["topk_length"][:, None, None]
+    got = flashmla_ops.flash_mla_sparse_fwd(**{**args, "indices": args["indices"].masked_fill(past, -5)})
+    want = flashmla_ops.flash_mla_sparse_fwd(**{**args, "indices": args["indices"].masked_fill(past, -1)})
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_topk_block_table_entries_under_masked_logits_are_not_checked():
+    """A block whose logits are all -inf (past the sequence) may have any table entry: nothing there is selected."""
+    args = topk_args()
+    args["logits"][0, :, 64:] = float("-inf")
+    args["block_table"] = torch.tensor([[0, -1], [2, 3]], dtype=I32)
+    selected = ops.indexer_topk(**args)
+    assert (selected[0] < 64).all() and (selected[0] >= 0).all()
+
