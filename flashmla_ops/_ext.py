@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -23,6 +24,23 @@ BACKEND_ENV = "FLASHMLA_BACKEND"
 SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu", "dense_decode_narrow.cu", "indexer_topk.cu",
            "indexer_logits.cu", "indexer_logits_paged.cu")
 ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)  # the only architecture _unavailable_reason lets through
+
+
+_ONCE_LOCK = threading.RLock()
+
+
+def _once(function):
+    """`functools.cache` of a function without arguments that also holds across threads: the first call runs it
+    (a build, an import) while concurrent first calls wait for its result instead of running it again."""
+    cached = functools.cache(function)
+
+    @functools.wraps(function)
+    def wrapper():
+        with _ONCE_LOCK:
+            return cached()
+
+    wrapper.cache_clear = cached.cache_clear
+    return wrapper
 
 
 def _unavailable_reason() -> str | None:
@@ -53,7 +71,7 @@ def build_name(extra_flags: list[str], csrc: Path) -> str:
     return "_".join(parts)
 
 
-@functools.cache
+@_once
 def _load():
     # Kernels asked for by FLASHMLA_CSRC that cannot be built on a GPU machine are an error, not a quiet fallback: a
     # benchmark or test run would otherwise time or test the Triton or reference path under the experiment's name.
@@ -76,13 +94,23 @@ def _load():
             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo", *ARCH_FLAGS, *extra],
             verbose=os.environ.get("FLASHMLA_VERBOSE_BUILD", "0") == "1",
         )
-    except (RuntimeError, OSError) as error:
+    except (RuntimeError, OSError, ImportError) as error:  # ImportError: built, but the library does not load
         if requested:
             raise RuntimeError(f"{CSRC_ENV}={os.environ[CSRC_ENV]}: building the CUDA kernels failed") from error
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("flashmla_ops: building the CUDA kernels failed (%s); the ops use the Triton kernels, else the "
-                    "PyTorch reference", first_line)
+        log.warning("flashmla_ops: building or loading the CUDA kernels failed (%s; FLASHMLA_VERBOSE_BUILD=1 shows "
+                    "the build); the ops use the Triton kernels, else the PyTorch reference", build_error(error))
         return None
+
+
+def build_error(error: BaseException, limit: int = 300) -> str:
+    """The line of a build or load failure that says what went wrong: ninja's message starts with the first command
+    line, so the last line that mentions an error, else the first line; at most `limit` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    errors = [line for line in lines if "error" in line.lower() and not line.startswith("[")]
+    line = errors[-1] if errors else lines[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 # Which fast paths each op has; every op also has its reference.
@@ -98,17 +126,18 @@ KERNELS = {
     "indexer_topk": ("cuda",),
     "routed_experts": ("triton",),
 }
+REFERENCE_ONLY = ("get_mla_metadata", "write_index_cache")
 CHOICES = ("auto", "cuda", "triton", "reference")
 
 
 def _forced() -> str:
-    choice = os.environ.get(BACKEND_ENV, "auto")
+    choice = os.environ.get(BACKEND_ENV) or "auto"  # empty: unset
     if choice not in CHOICES:
         raise ValueError(f"{BACKEND_ENV} must be one of {CHOICES}, got {choice!r}")
     return choice
 
 
-@functools.cache
+@_once
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
@@ -124,31 +153,58 @@ def paths(op: str, device: torch.device | str) -> tuple[str, ...]:
     not cover. `FLASHMLA_BACKEND=cuda|triton|reference` restricts the list to that one path."""
     device = torch.device(device)
     forced = _forced()
-    if device.type != "cuda" or forced == "reference":
+    if forced == "reference":
+        return ()
+    if device.type != "cuda":
+        if forced != "auto" and op in KERNELS:
+            _warn_forced_fallback(op, forced, f"{device.type} tensors (the kernels run on CUDA devices)")
         return ()
     available = KERNELS.get(op, ())
     found = []
-    if "cuda" in available and forced in ("auto", "cuda") and _load() is not None:
+    if "cuda" in available and forced in ("auto", "cuda") and _load() is not None and _hopper(device):
         found.append("cuda")
     if "triton" in available and forced in ("auto", "triton") and _triton_importable():
         found.append("triton")
     if forced != "auto" and not found:
-        _warn_forced_fallback(op, forced)
+        _warn_forced_fallback(op, forced, "no usable kernel of that kind here")
     return tuple(found)
+
+
+@functools.cache
+def _hopper(device: torch.device) -> bool:
+    """Whether `device` is an sm_90 GPU: the csrc kernels' only target (the build checks the current device; a
+    process may see others)."""
+    return torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def backend(op: str, device: torch.device | str) -> str:
     """The path `torch.ops.flashmla.<op>` takes on `device` for the shapes its kernels support: 'cuda' (the csrc
     kernel), 'triton' or 'reference'. In order: the CUDA kernel where built, else Triton, else the reference;
     `FLASHMLA_BACKEND=cuda|triton|reference` restricts the choice."""
+    if op not in KERNELS and op not in REFERENCE_ONLY:
+        raise ValueError(f"backend: op must be one of {sorted((*KERNELS, *REFERENCE_ONLY))} (torch.ops.flashmla's "
+                         f"names), got {op!r}")
     found = paths(op, device)
     return found[0] if found else "reference"
 
 
-@functools.cache
-def _warn_forced_fallback(op: str, forced: str) -> None:
-    log.warning("flashmla_ops: %s=%s but %s has no usable %s kernel here; it runs the PyTorch reference",
-                BACKEND_ENV, forced, op, forced)
+def reference_fallback(op: str, device: torch.device | str) -> None:
+    """Called by an op that runs its reference: under a forced fast path (`FLASHMLA_BACKEND=cuda|triton`) on a GPU,
+    says once per op that these inputs are not covered by that kernel (so a benchmark of the path does not time the
+    reference unawares)."""
+    forced = _forced()
+    if forced in ("cuda", "triton") and torch.device(device).type == "cuda":
+        _warn_forced_fallback(op, forced, "inputs its kernel does not cover (see the op's docstring)")
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_forced_fallback(op: str, forced: str, why: str) -> None:
+    """One warning per op and forced path, whichever reason comes first."""
+    if (op, forced) not in _WARNED:
+        _WARNED.add((op, forced))
+        log.warning("flashmla_ops: %s=%s but %s runs the PyTorch reference: %s", BACKEND_ENV, forced, op, why)
 
 
 def kernels(op: str, device: torch.device | str):

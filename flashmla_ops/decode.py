@@ -297,6 +297,7 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
             if triton_decode.supports(q, k_cache, head_dim_v, is_fp8):
                 return triton_decode.dense_decode(q.contiguous(), k_cache, block_table, cache_seqlens, head_dim_v,
                                                   softmax_scale, causal, is_fp8, attn_sink)
+    _ext.reference_fallback("dense_decode", q.device)
     return dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
                                   attn_sink)
 
@@ -454,6 +455,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
                 return triton_sparse.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache,
                                                    extra_indices_in_kvcache, extra_topk_length, head_dim_v,
                                                    softmax_scale, is_fp8, attn_sink)
+    _ext.reference_fallback("sparse_decode", q.device)
     return sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                                    extra_topk_length, head_dim_v, softmax_scale, is_fp8, attn_sink)
 

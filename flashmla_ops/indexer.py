@@ -97,6 +97,7 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_st
         from .triton import indexer as triton_indexer
 
         return triton_indexer.indexer_logits(q, k, weights, k_start, k_end, q_scale, k_scale)
+    _ext.reference_fallback("indexer_logits", q.device)
     return indexer_logits_reference(q, k, weights, k_start, k_end, q_scale, k_scale)
 
 
@@ -206,6 +207,7 @@ def indexer_logits_paged(q: torch.Tensor, index_cache: torch.Tensor, weights: to
         from .triton import indexer as triton_indexer
 
         return triton_indexer.indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_scale)
+    _ext.reference_fallback("indexer_logits_paged", q.device)
     return indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_seqlens, q_scale)
 
 
@@ -304,6 +306,7 @@ def indexer_topk(logits: torch.Tensor, topk: int, block_table: torch.Tensor | No
     if _ext.backend("indexer_topk", logits.device) == "cuda" and max(num_keys, topk) < 1 << 30 and rows < 1 << 31:
         table = block_table.contiguous() if block_table is not None else None
         return _ext.extension().indexer_topk(logits.contiguous(), topk, table)
+    _ext.reference_fallback("indexer_topk", logits.device)
     return indexer_topk_reference(logits, topk, block_table)
 
 

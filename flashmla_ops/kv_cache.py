@@ -100,6 +100,7 @@ def quantize_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
             from .triton import kv_cache as triton_kv_cache
 
             return triton_kv_cache.quantize_kv_fp8(kv)
+    _ext.reference_fallback("quantize_kv_fp8", kv.device)
     return quantize_kv_fp8_reference(kv)
 
 
@@ -116,6 +117,7 @@ def dequantize_kv_fp8(kv_fp8: torch.Tensor) -> torch.Tensor:
     ext = _ext.kernels("dequantize_kv_fp8", kv_fp8.device)
     if ext is not None:
         return ext.dequantize_kv_fp8(kv_fp8.view(torch.uint8).contiguous())
+    _ext.reference_fallback("dequantize_kv_fp8", kv_fp8.device)
     return dequantize_kv_fp8_reference(kv_fp8)
 
 
@@ -207,6 +209,7 @@ def write_kv_cache(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Ten
 
             triton_kv_cache.write_kv_cache(kv_cache, latent, rope, slot_mapping.contiguous(), is_fp8)
             return
+    _ext.reference_fallback("write_kv_cache", kv_cache.device)
     write_kv_cache_reference(kv_cache, latent, rope, slot_mapping, is_fp8)
 
 

@@ -65,6 +65,7 @@ def routed_experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch
 
         if triton_moe.supports(x, gate_up_proj, down_proj):
             return triton_moe.routed_experts(x, gate_up_proj, down_proj, weights, experts)
+    _ext.reference_fallback("routed_experts", x.device)
     return routed_experts_reference(x, gate_up_proj, down_proj, weights, experts)
 
 

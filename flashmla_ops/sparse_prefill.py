@@ -89,6 +89,7 @@ def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
             if triton_sparse.supports_prefill(q, kv, d_v):
                 return triton_sparse.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length,
                                                     indexer_topk)
+    _ext.reference_fallback("sparse_prefill", q.device)
     return sparse_prefill_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, indexer_topk)
 
 

@@ -64,9 +64,38 @@ class PagedKVCache:
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         torch._dynamo.maybe_mark_dynamic(self.block_table, 1)
 
+    @property
+    def max_seq_len(self) -> int:
+        """Tokens one sequence can hold (its block_table row's blocks)."""
+        return self.max_blocks_per_seq * PAGE_BLOCK_SIZE
+
+    def blocks_needed(self, lengths: dict[int, int]) -> int:
+        """Free blocks that growing each sequence `seq` to `lengths[seq]` tokens takes; ValueError for a sequence
+        past max_seq_len (or a row the cache does not have)."""
+        more = 0
+        for seq, end in lengths.items():
+            if not 0 <= seq < len(self.seq_lens):
+                raise ValueError(f"sequence {seq} is not a row of this cache (max_batch_size {len(self.seq_lens)})")
+            if end > self.max_seq_len:
+                raise ValueError(f"sequence {seq} would reach {end} tokens, more than max_seq_len "
+                                 f"({self.max_seq_len})")
+            more += max(0, -(-end // PAGE_BLOCK_SIZE) - len(self.seq_blocks[seq]))
+        return more
+
+    def _check_room(self, lengths: dict[int, int]) -> None:
+        """Everything `_allocate` will be asked for, checked before any of it: an extension happens whole or not."""
+        more = self.blocks_needed(lengths)
+        if more > len(self.free_blocks):
+            raise RuntimeError(f"KV cache out of blocks: sequences {sorted(lengths)} need {more} more, "
+                               f"{len(self.free_blocks)} free of {self.num_blocks}")
+
     def extend(self, seq: int, num_tokens: int) -> list[int]:
         """Make room for `num_tokens` more tokens of sequence `seq` (allocating blocks, writing its block_table row
         and cache_seqlens entry in place); returns their flat slots."""
+        if not 0 <= seq < len(self.seq_lens) or num_tokens < 0:
+            raise ValueError(f"extend: seq must be in [0, {len(self.seq_lens)}) and num_tokens >= 0, got seq {seq}, "
+                             f"num_tokens {num_tokens}")
+        self._check_room({seq: self.seq_lens[seq] + num_tokens})
         start = self.seq_lens[seq]
         self._write_blocks(self._allocate(seq, num_tokens))
         self.cache_seqlens[seq] = self.seq_lens[seq]
@@ -77,22 +106,20 @@ class PagedKVCache:
     def extend_batch(self, batch: int, num_tokens: int = 1) -> None:
         """`extend(seq, num_tokens)` for the sequences `0 .. batch - 1` (a decode step's), in one device op on
         `cache_seqlens` and one block_table write when blocks are allocated: per-sequence writes would each be a
-        host-to-device copy on CUDA."""
+        host-to-device copy on CUDA. Checked whole first: out of blocks, no sequence has grown."""
+        if not 0 <= batch <= len(self.seq_lens) or num_tokens < 0:
+            raise ValueError(f"extend_batch: batch must be in [0, {len(self.seq_lens)}] and num_tokens >= 0, got "
+                             f"batch {batch}, num_tokens {num_tokens}")
+        self._check_room({seq: self.seq_lens[seq] + num_tokens for seq in range(batch)})
         self._write_blocks([new for seq in range(batch) for new in self._allocate(seq, num_tokens)])
         self.cache_seqlens[:batch] += num_tokens
 
     def _allocate(self, seq: int, num_tokens: int) -> list[tuple[int, int, int]]:
         """Host bookkeeping of `extend`: grows `seq_lens[seq]` and its blocks; returns the new block_table entries
         `(seq, column, block)` (not yet written)."""
-        end = self.seq_lens[seq] + num_tokens
+        end = self.seq_lens[seq] + num_tokens  # room checked by the caller (`_check_room`)
         blocks = self.seq_blocks[seq]
         needed = -(-end // PAGE_BLOCK_SIZE)
-        if needed > self.max_blocks_per_seq:
-            raise ValueError(f"sequence {seq} would reach {end} tokens, more than max_seq_len "
-                             f"({self.max_blocks_per_seq * PAGE_BLOCK_SIZE})")
-        if needed - len(blocks) > len(self.free_blocks):
-            raise RuntimeError(f"KV cache out of blocks: sequence {seq} needs {needed - len(blocks)} more, "
-                               f"{len(self.free_blocks)} free of {self.num_blocks}")
         new = []
         while len(blocks) < needed:
             new.append((seq, len(blocks), self.free_blocks.pop()))

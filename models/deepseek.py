@@ -71,6 +71,7 @@ class DeepseekConfig:
     index_topk: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    num_nextn_predict_layers: int = 0  # multi-token-prediction layers stored after the others (not run here)
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:

@@ -5,6 +5,7 @@ The decode step reads only static tensors (the cache's pools, `block_table`, `ca
 `PagedKVCache.extend`) and never syncs with the host, so `torch.compile(decode_step, fullgraph=True)` traces it whole
 and, on CUDA, captures it in a CUDA graph (`compile_decode_step`).
 """
+import math
 import time
 from dataclasses import dataclass
 
@@ -19,10 +20,8 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
     """Run the prompts (sequence `b` = cache row `b`, empty before) packed; returns each one's last-token logits
     `(batch, vocab)` float32, or with `last_only=False` every token's, packed `(sum of lengths, vocab)`."""
     device = cache.block_table.device
-    for seq, prompt in enumerate(prompts):
-        if cache.seq_lens[seq] or not prompt:
-            raise ValueError(f"prefill: sequence {seq} needs an empty cache row and a non-empty prompt, got "
-                             f"{cache.seq_lens[seq]} cached tokens and a prompt of {len(prompt)} tokens")
+    _check_prompts("prefill", model, cache, prompts)
+    cache._check_room({seq: len(prompt) for seq, prompt in enumerate(prompts)})  # all prompts fit, or none is cached
     slots, k_start, k_end, positions = [], [], [], []
     start = 0
     for seq, prompt in enumerate(prompts):
@@ -40,6 +39,29 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
     return model(input_ids, as_tensor(positions, torch.int64), metadata, cache, logits_rows=last_rows)
 
 
+def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[int]]) -> None:
+    """One prompt per cache row `0 .. len(prompts) - 1`, each row empty, each prompt non-empty token ids of the
+    vocabulary."""
+    if not 1 <= len(prompts) <= len(cache.seq_lens):
+        raise ValueError(f"{op}: prompts must hold 1 to {len(cache.seq_lens)} prompts (the cache's max_batch_size), "
+                         f"got {len(prompts)}")
+    vocab = model.config.vocab_size
+    for seq, prompt in enumerate(prompts):
+        if cache.seq_lens[seq] or not prompt:
+            raise ValueError(f"{op}: sequence {seq} needs an empty cache row and a non-empty prompt, got "
+                             f"{cache.seq_lens[seq]} cached tokens and a prompt of {len(prompt)} tokens")
+        bad = [token for token in prompt if not 0 <= token < vocab]
+        if bad:
+            raise ValueError(f"{op}: prompt {seq} holds token ids outside the vocabulary [0, {vocab}): {bad[:8]}")
+
+
+def _check_sampling(op: str, temperature: float, top_p: float) -> None:
+    if not temperature >= 0 or math.isinf(temperature):  # `not >=` also catches NaN
+        raise ValueError(f"{op}: temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{op}: top_p must be in (0, 1], got {top_p}")
+
+
 def decode_step(model: DeepseekForCausalLM, cache: PagedKVCache, tokens: torch.Tensor) -> torch.Tensor:
     """tokens `(batch, s_q)` int64, already counted in `cache.cache_seqlens` (via `extend`) -> logits
     `(batch * s_q, vocab)` float32."""
@@ -52,6 +74,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits `(batch, vocab)` -> tokens `(batch,)` int64: argmax at temperature 0, else a draw from the smallest
     set of tokens whose probability reaches `top_p`."""
+    _check_sampling("sample", temperature, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -97,7 +120,28 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
              step=decode_step, generator: torch.Generator | None = None) -> tuple[list[list[int]], GenerationStats]:
     """New tokens of each prompt (ending at its first EOS, included) and timings. `step` is `decode_step` or
     `compile_decode_step(device)`. Finished sequences keep decoding (static batch shape) until all are done.
-    Tensor-parallel ranks all hold the same logits, so they agree on greedy tokens; sampled ones are rank 0's."""
+    Tensor-parallel ranks all hold the same logits, so they agree on greedy tokens; sampled ones are rank 0's.
+
+    Everything is checked before the first token is cached: the prompts, the sampling arguments, and that every
+    sequence fits max_seq_len and the pool has the blocks for all of them at full length (no preemption here: a
+    run that could stop for want of blocks is refused up front). If the run fails after that, its rows are freed.
+    On success they keep the sequences (the prompts and all new tokens but the last): free or reset them to reuse."""
+    batch = len(prompts)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    _check_sampling("generate", temperature, top_p)
+    _check_prompts("generate", model, cache, prompts)
+    # the last new token is returned, not cached
+    cache._check_room({seq: len(prompt) + max_new_tokens - 1 for seq, prompt in enumerate(prompts)})
+    try:
+        return _generate(model, cache, prompts, max_new_tokens, temperature, top_p, eos_token_ids, step, generator)
+    except BaseException:
+        for seq in range(batch):
+            cache.free(seq)
+        raise
+
+
+def _generate(model, cache, prompts, max_new_tokens, temperature, top_p, eos_token_ids, step, generator):
     batch = len(prompts)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:

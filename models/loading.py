@@ -4,7 +4,9 @@
 model is built on the meta device, allocated once on the target device, and filled tensor by tensor from
 memory-mapped shards, so the weights are never held twice. FP8 block-quantized weights (`weight` float8_e4m3fn with
 `weight_scale_inv` `(ceil(rows / 128), ceil(cols / 128))`, as DeepSeek V3 ships them) are dequantized on the way,
-partial last blocks included. The multi-token-prediction layer (`model.layers.{num_hidden_layers}.*`) is skipped.
+partial last blocks included. The multi-token-prediction layers (`model.layers.{num_hidden_layers}.*` up to
+`num_nextn_predict_layers` of them) are skipped; layers past those (a config with fewer layers than its checkpoint:
+a slice of the model) are skipped with a warning.
 A tensor-parallel rank (`models.parallel`) reads only its parts of the tensors and only its experts.
 """
 import json
@@ -12,6 +14,7 @@ import logging
 import math
 import os
 import re
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -135,27 +138,44 @@ def load_weights(model: DeepseekForCausalLM, checkpoint: str | os.PathLike,
     reads only its part of each (`Parallel.splits`). Raises `CheckpointError` on a missing, unexpected or wrongly
     shaped tensor or an unreadable shard, naming the tensor and the file."""
     checkpoint = Path(checkpoint)
+    config = model.config
     targets = checkpoint_names(model)
     files = _weight_files(checkpoint)
-    num_layers = model.config.num_hidden_layers
+    num_layers, mtp_end = config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers
     splits = model.parallel.splits if model.parallel is not None else {}
     by_file: dict[Path, list[str]] = {}
-    skipped = 0
+    mtp, beyond = 0, set()
     for name, path in files.items():
         layer = LAYER.match(name)
-        if layer and int(layer.group(1)) >= num_layers:
-            skipped += 1
-        elif not name.endswith(SCALE_SUFFIX) and not _other_ranks_expert(name, splits):
+        if layer and num_layers <= int(layer.group(1)) < mtp_end:
+            mtp += 1
+        elif layer and int(layer.group(1)) >= mtp_end:
+            beyond.add(int(layer.group(1)))
+        elif name.endswith(SCALE_SUFFIX):
+            if name[:-len(SCALE_SUFFIX)] not in files:
+                raise CheckpointError(f"tensor {name} in {path} scales {name[:-len(SCALE_SUFFIX)]}, which the "
+                                      f"checkpoint does not hold")
+        elif name == "lm_head.weight" and config.tie_word_embeddings:
+            logger.info("lm_head.weight in %s not loaded: tie_word_embeddings uses model.embed_tokens.weight", path)
+        elif not _other_ranks_expert(name, splits):
             by_file.setdefault(path, []).append(name)
-    if skipped:
-        logger.info("skipped %d tensors of the multi-token-prediction layer(s) model.layers.%d+ (not used for "
-                    "generation)", skipped, num_layers)
+    if mtp:
+        logger.info("skipped %d tensors of the multi-token-prediction layer(s) model.layers.%d-%d (not used for "
+                    "generation)", mtp, num_layers, mtp_end - 1)
+    if beyond:
+        logger.warning("%s holds model.layers.%d-%d, which config.json's num_hidden_layers = %d and "
+                       "num_nextn_predict_layers = %d leave out: not loaded (the model is a slice of the "
+                       "checkpoint's)", checkpoint, min(beyond), max(beyond), num_layers,
+                       config.num_nextn_predict_layers)
     filled = set()
     for path in sorted(by_file):
         with _open(path) as f:
+            held = set(f.keys())
             for name in by_file[path]:
                 if name not in targets:
                     raise CheckpointError(f"unexpected tensor {name} in {path}: the model has no such weight")
+                if name not in held:
+                    raise CheckpointError(f"{INDEX_FILE} puts tensor {name} in {path}, which does not hold it")
                 tensor, expert = targets[name]
                 target = tensor[expert] if expert is not None else tensor
                 split = _checkpoint_split(name, splits)
@@ -225,17 +245,20 @@ def _read(f, path: Path, name: str, files: dict[str, Path], block: tuple[int, in
         return handle.get_slice(tensor_name)[(slice(None),) * split.dim + (rows,)]
 
     value = part(f, name, 1)
-    if not is_fp8:
-        return value
     scale_name = name + SCALE_SUFFIX
+    if not is_fp8:
+        if scale_name in files:
+            raise CheckpointError(f"tensor {name} in {path} is {f.get_slice(name).get_dtype()} but has a "
+                                  f"{scale_name} (in {files[scale_name]}): block scales belong to float8_e4m3fn "
+                                  f"weights (a checkpoint cast from FP8 without applying them?)")
+        return value
     if scale_name not in files:
         raise CheckpointError(f"tensor {name} in {path} is float8_e4m3fn but {scale_name} is missing")
     scale_path = files[scale_name]
-    if scale_path == path:
-        scale_inv = part(f, scale_name, step)
-    else:
-        with _open(scale_path) as scale_file:
-            scale_inv = part(scale_file, scale_name, step)
+    with nullcontext(f) if scale_path == path else _open(scale_path) as scale_file:
+        if scale_name not in scale_file.keys():
+            raise CheckpointError(f"{INDEX_FILE} puts tensor {scale_name} in {scale_path}, which does not hold it")
+        scale_inv = part(scale_file, scale_name, step)
     try:
         value = dequantize_fp8_blocks(value, scale_inv, block)
     except ValueError as error:

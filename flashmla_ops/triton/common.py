@@ -12,7 +12,10 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 LOG2E = 1.4426950408889634
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Whether Triton runs kernels in its interpreter: its own reading of TRITON_INTERPRET (which takes "1", "true",
+# "on", ...), where the Triton version has `knobs` (3.4 on), else the "1" older versions test for.
+INTERPRET = (bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs")
+             else os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit

@@ -162,3 +162,82 @@ def test_prefill_rejects_a_used_cache_row_and_an_empty_prompt():
     prefill(model, cache, [[5, 6], [7]])
     with pytest.raises(ValueError, match="sequence 0 needs an empty cache row"):
         prefill(model, cache, [[8]])
+
+
+def untouched(cache: PagedKVCache, num_blocks: int) -> bool:
+    return (cache.seq_lens == [0] * len(cache.seq_lens) and sorted(cache.free_blocks) == list(range(num_blocks))
+            and not any(cache.seq_blocks) and bool(cache.cache_seqlens.eq(0).all()))
+
+
+@pytest.mark.parametrize("what,args,error,message", [
+    ("no new token", dict(max_new_tokens=0), ValueError, "max_new_tokens must be an int >= 1"),
+    ("negative new tokens", dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
+    ("negative temperature", dict(temperature=-1.0), ValueError, "temperature"),
+    ("NaN temperature", dict(temperature=float("nan")), ValueError, "temperature"),
+    ("top_p 0", dict(temperature=1.0, top_p=0.0), ValueError, "top_p"),
+    ("top_p above 1", dict(top_p=1.5), ValueError, "top_p"),
+    ("token id = vocab", dict(prompts=[[5, 128], [7]]), ValueError, r"prompt 0 holds token ids outside .*\[128\]"),
+    ("negative token id", dict(prompts=[[5], [-1]]), ValueError, "prompt 1 holds token ids"),
+    ("more prompts than rows", dict(prompts=[[5], [6], [7]]), ValueError, "1 to 2 prompts"),
+    ("no prompt", dict(prompts=[]), ValueError, "1 to 2 prompts"),
+    # 60 + 6 - 1 = 65 tokens cached: past max_seq_len 64 (the second prompt would have fit)
+    ("past max_seq_len", dict(prompts=[[5] * 3, [6] * 60], max_new_tokens=6), ValueError,
+     "sequence 1 would reach 65 tokens"),
+    # 40 + 30 - 1 = 69 and 69 tokens: two blocks each, 3 in the pool
+    ("pool too small for the whole run", dict(prompts=[[5] * 40, [6] * 40], max_new_tokens=30, max_seq_len=128),
+     RuntimeError, "out of blocks"),
+])
+def test_generate_checks_everything_before_caching(what, args, error, message):
+    """Bad arguments, and a run that cannot fit, are refused before any token is cached: the cache is as it was."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, seed=4)
+    args = dict(dict(prompts=[[5, 6], [7]], max_new_tokens=4, max_seq_len=64), **args)
+    cache = PagedKVCache(config, num_blocks=3, max_batch_size=2, max_seq_len=args.pop("max_seq_len"))
+    with pytest.raises(error, match=message):
+        generate(model, cache, args.pop("prompts"), args.pop("max_new_tokens"), **args)
+    assert untouched(cache, 3)
+
+
+def test_generate_frees_its_rows_when_a_step_fails():
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, seed=4)
+    cache = PagedKVCache(config, num_blocks=4, max_batch_size=2, max_seq_len=128)
+
+    def failing_step(model, cache, tokens):
+        raise RuntimeError("the device went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        generate(model, cache, [[5] * 70, [6]], 4, step=failing_step)
+    assert untouched(cache, 4)
+    outputs, _ = generate(model, cache, [[5] * 70, [6]], 4)  # the rows are usable again
+    assert [len(o) for o in outputs] == [4, 4]
+
+
+def test_sample_rejects_bad_arguments():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    for temperature, top_p in ((-1.0, 1.0), (float("inf"), 1.0), (1.0, 0.0), (1.0, -0.5), (1.0, 2.0)):
+        with pytest.raises(ValueError, match="temperature|top_p"):
+            sample(logits, temperature, top_p)
+
+
+def test_extend_batch_is_all_or_nothing():
+    """Out of blocks for a decode step's second sequence: no sequence has grown (the first would otherwise hold a
+    block its table row never got, and a preempt-and-retry would overwrite its token 0)."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    cache = PagedKVCache(config, num_blocks=3, max_batch_size=2, max_seq_len=256)
+    cache.extend(0, 64)
+    cache.extend(1, 64)
+    before = (list(cache.seq_lens), [list(b) for b in cache.seq_blocks], list(cache.free_blocks),
+              cache.block_table.clone(), cache.cache_seqlens.clone())
+    with pytest.raises(RuntimeError, match=r"sequences \[0, 1\] need 2 more, 1 free of 3"):
+        cache.extend_batch(2, 1)
+    after = (cache.seq_lens, cache.seq_blocks, cache.free_blocks, cache.block_table, cache.cache_seqlens)
+    assert before[:3] == after[:3] and all(torch.equal(a, b) for a, b in zip(before[3:], after[3:]))
+    cache.free(1)  # preempt sequence 1: sequence 0's next token goes to a new block
+    cache.extend_batch(1, 1)
+    assert cache.seq_lens[0] == 65 and cache.block_table[0, 1].item() == cache.seq_blocks[0][1] != 0
+    for bad in (dict(batch=3), dict(batch=-1), dict(batch=1, num_tokens=-1)):
+        with pytest.raises(ValueError, match="extend_batch"):
+            cache.extend_batch(**bad)
+    with pytest.raises(ValueError, match="extend: seq"):
+        cache.extend(2, 1)

@@ -71,6 +71,11 @@ def write_checkpoint(directory, source, tensors: dict, shards: int = 1) -> None:
     (directory / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def edit_config(directory, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+
+
 def loaded_weights(model) -> dict[str, torch.Tensor]:
     return {name: tensor[expert] if expert is not None else tensor
             for name, (tensor, expert) in checkpoint_names(model).items()}
@@ -89,16 +94,19 @@ def test_dequantize_partial_blocks():
 @pytest.mark.parametrize("shards", [1, 3])
 def test_fp8_checkpoint_with_mtp_layer(tmp_path, v3_tensors, shards, caplog):
     """FP8 weights (kv_a_proj_with_mqa: 576 rows, partial blocks both ways) load to the original within FP8 error;
-    in the sharded checkpoint weights and their scales land in different files; the MTP layer is skipped."""
+    in the sharded checkpoint weights and their scales land in different files; the MTP layer (config.json's
+    num_nextn_predict_layers, as DeepSeek V3 and transformers' config ship it) is skipped."""
     source, tensors = v3_tensors
     stored = fp8_checkpoint(tensors)
     num_layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
     mtp = {name.replace("model.layers.1.", f"model.layers.{num_layers}."): t.clone()
            for name, t in stored.items() if name.startswith("model.layers.1.")}
     write_checkpoint(tmp_path / "fp8", source, {**stored, **mtp}, shards)
+    edit_config(tmp_path / "fp8", num_nextn_predict_layers=1)
     with caplog.at_level(logging.INFO, logger="models.loading"):
         model = load_model(tmp_path / "fp8", dtype=torch.float32)
-    assert f"model.layers.{num_layers}" in caplog.text
+    assert f"multi-token-prediction layer(s) model.layers.{num_layers}-{num_layers}" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert stored["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (5, 1)
     weights = loaded_weights(model)
     assert weights.keys() == tensors.keys()
@@ -155,6 +163,64 @@ def test_truncated_shard(tmp_path, v3_tensors):
     shard.write_bytes(shard.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match=rf"{shard.name}: tensors \['model\.\S+'.*truncated"):
         load_model(path, dtype=torch.float32)
+
+
+def test_layers_past_the_config_are_a_slice_with_a_warning(tmp_path, v3_tensors, caplog):
+    """A config with fewer layers than its checkpoint (and no MTP layers) loads the first ones and warns that the
+    rest were left out: not the MTP layers' silent skip."""
+    source, tensors = v3_tensors
+    path = broken_checkpoint(tmp_path, source, tensors)
+    edit_config(path, num_hidden_layers=1, num_nextn_predict_layers=0)
+    with caplog.at_level(logging.INFO, logger="models.loading"):
+        model = load_model(path, dtype=torch.float32)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "model.layers.1-1" in warnings[0] and "num_hidden_layers = 1" in warnings[0]
+    assert len(model.model.layers) == 1
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    assert torch.equal(loaded_weights(model)[name], tensors[name])
+
+
+def test_scale_of_a_bf16_weight(tmp_path, v3_tensors):
+    """A weight_scale_inv beside a weight that is not FP8 (a checkpoint cast to BF16 without applying its scales)."""
+    source, tensors = v3_tensors
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    tensors[name + "_scale_inv"] = torch.full((1, 1), 100.0)
+    with pytest.raises(CheckpointError, match=rf"tensor {name} in .*{SINGLE_FILE} is F32 but has a {name}_scale_inv"):
+        load_model(broken_checkpoint(tmp_path, source, tensors), dtype=torch.float32)
+
+
+def test_scale_without_its_weight(tmp_path, v3_tensors):
+    source, tensors = v3_tensors
+    name = "model.layers.0.self_attn.no_such_proj.weight_scale_inv"
+    tensors[name] = torch.ones(1, 1)
+    with pytest.raises(CheckpointError, match=rf"tensor {name} in .*{SINGLE_FILE} scales "
+                                              rf"model.layers.0.self_attn.no_such_proj.weight, which"):
+        load_model(broken_checkpoint(tmp_path, source, tensors), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_index_names_the_wrong_shard(tmp_path, v3_tensors, fp8):
+    """The index puts a tensor (or an FP8 weight's scale) in a shard that does not hold it."""
+    source, tensors = v3_tensors
+    stored = fp8_checkpoint(tensors) if fp8 else tensors
+    path = broken_checkpoint(tmp_path, source, stored, shards=2)
+    index = json.loads((path / INDEX_FILE).read_text())
+    name = "model.layers.0.self_attn.kv_b_proj.weight" + ("_scale_inv" if fp8 else "")
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"][name] = next(file for file in shards if file != index["weight_map"][name])
+    (path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{INDEX_FILE} puts tensor {name} in .*, which does not hold it"):
+        load_model(path, dtype=torch.float32)
+
+
+def test_tied_embeddings_with_a_stored_lm_head(tmp_path, v3_tensors):
+    """tie_word_embeddings: a checkpoint that also stores lm_head.weight loads (the embedding is the head)."""
+    source, tensors = v3_tensors
+    path = broken_checkpoint(tmp_path, source, tensors)
+    edit_config(path, tie_word_embeddings=True)
+    model = load_model(path, dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, tensors["model.embed_tokens.weight"])
 
 
 def test_rope_frequencies_stay_float32_in_a_bf16_model():

@@ -1,0 +1,144 @@
+"""flashmla_ops/_ext.py: which path an op takes, FLASHMLA_BACKEND, and the build's failure and thread behaviour
+(no GPU needed: the GPU, the build and the devices are faked where a test needs them)."""
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import flashmla_ops
+from flashmla_ops import _ext
+
+ops = torch.ops.flashmla
+
+
+@pytest.fixture
+def warnings_once(monkeypatch):
+    """A fresh record of the once-per-op warnings."""
+    monkeypatch.setattr(_ext, "_WARNED", set())
+
+
+def test_an_empty_backend_variable_means_auto(monkeypatch):
+    monkeypatch.setenv(_ext.BACKEND_ENV, "")
+    assert _ext._forced() == "auto"
+    monkeypatch.setenv(_ext.BACKEND_ENV, "Triton")
+    with pytest.raises(ValueError, match="FLASHMLA_BACKEND must be one of"):
+        _ext._forced()
+
+
+def test_backend_names_only_the_ops():
+    assert flashmla_ops.backend("dense_decode", "cpu") == "reference"
+    assert flashmla_ops.backend("get_mla_metadata", "cpu") == "reference"
+    for wrong in ("dense_decod", "flashmla::dense_decode"):
+        with pytest.raises(ValueError, match=f"got {wrong!r}"):
+            flashmla_ops.backend(wrong, "cpu")
+
+
+def test_every_op_is_named_by_the_dispatch():
+    """Every registered op is in KERNELS or REFERENCE_ONLY, so backend() answers for each."""
+    registered = {name for name in dir(ops) if isinstance(getattr(ops, name), torch._ops.OpOverloadPacket)}
+    assert registered == set(_ext.KERNELS) | set(_ext.REFERENCE_ONLY)
+
+
+def test_a_forced_path_on_cpu_tensors_says_it_runs_the_reference(monkeypatch, warnings_once, caplog):
+    monkeypatch.setenv(_ext.BACKEND_ENV, "triton")
+    with caplog.at_level(logging.WARNING, logger="flashmla_ops"):
+        for _ in range(3):
+            ops.quantize_kv_fp8(torch.randn(2, 576).bfloat16())
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "FLASHMLA_BACKEND=triton but quantize_kv_fp8 runs the PyTorch reference: cpu" in said[0]
+
+
+def test_a_forced_path_says_when_its_kernel_does_not_cover_the_inputs(monkeypatch, warnings_once, caplog):
+    """On a GPU (only the device type is read here) an op that falls back to its reference under a forced path says
+    so once, whatever the reason (no kernel built, or inputs the kernel does not cover)."""
+    monkeypatch.setenv(_ext.BACKEND_ENV, "cuda")
+    with caplog.at_level(logging.WARNING, logger="flashmla_ops"):
+        _ext.reference_fallback("dense_decode", "cuda")
+        _ext.reference_fallback("dense_decode", "cuda:0")
+        _ext.reference_fallback("sparse_decode", "cpu")  # CPU: paths() says it
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "dense_decode runs the PyTorch reference: inputs its kernel does not cover" in said[0]
+    monkeypatch.setenv(_ext.BACKEND_ENV, "auto")
+    _ext.reference_fallback("sparse_decode", "cuda")
+    assert len(caplog.records) == 1
+
+
+def test_a_build_that_does_not_load_falls_back_with_one_warning(monkeypatch, caplog):
+    """cpp_extension.load raises ImportError when the library builds but cannot be loaded (an undefined symbol):
+    one warning, then the Triton or reference path, as for a failed build."""
+    import torch.utils.cpp_extension
+
+    def undefined_symbol(**kwargs):
+        raise ImportError("flashmla_ops_cuda.so: undefined symbol: _ZN8flashmla14sparse_prefill")
+
+    monkeypatch.delenv(_ext.CSRC_ENV, raising=False)
+    monkeypatch.setattr(_ext, "_unavailable_reason", lambda: None)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", undefined_symbol)
+    with caplog.at_level(logging.WARNING, logger="flashmla_ops"):
+        assert _ext._load.__wrapped__() is None
+    assert len(caplog.records) == 1 and "undefined symbol" in caplog.records[0].getMessage()
+
+
+def test_the_build_warning_quotes_the_error_not_the_first_command():
+    ninja = RuntimeError("Error building extension 'flashmla_ops_cuda': [1/8] /usr/local/cuda/bin/nvcc -c "
+                         "dense_decode.cu -o dense_decode.cuda.o\n[2/8] c++ -c bindings.cpp\nFAILED: x.so\n"
+                         "/usr/bin/ld: cannot find -lc10_cuda: No such file or directory\n"
+                         "collect2: error: ld returned 1 exit status\n")
+    assert _ext.build_error(ninja) == "collect2: error: ld returned 1 exit status"
+    assert _ext.build_error(OSError("no space left")) == "no space left"
+    assert _ext.build_error(RuntimeError("")) == "RuntimeError"
+    assert len(_ext.build_error(RuntimeError("error " + "x" * 1000))) == 300
+
+
+def test_the_build_runs_once_across_threads():
+    calls = []
+
+    @_ext._once
+    def slow_build():
+        calls.append(threading.get_ident())
+        time.sleep(0.05)
+        return object()
+
+    barrier = threading.Barrier(8)
+    results = []
+
+    def first_op_call():
+        barrier.wait()
+        results.append(slow_build())
+
+    threads = [threading.Thread(target=first_op_call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len({id(r) for r in results}) == 1
+    slow_build.cache_clear()
+    slow_build()
+    assert len(calls) == 2
+
+
+def test_the_cuda_path_asks_each_device_its_architecture(monkeypatch):
+    """A process that sees an sm_90 and an sm_80 GPU: the csrc kernels (sm_90a code) are the path on the first only."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: (9, 0) if torch.device(device).index in (None, 0) else (8, 0))
+    _ext._hopper.cache_clear()
+    try:
+        assert _ext._hopper(torch.device("cuda:0")) and not _ext._hopper(torch.device("cuda:1"))
+    finally:
+        _ext._hopper.cache_clear()
+
+
+def test_the_kernels_read_the_interpreter_setting_as_triton_does():
+    """TRITON_INTERPRET=true interprets (Triton's own reading); the kernels must then take their interpreter
+    branches (bf16 products in float32), or the interpreter's bf16 dot gives wrong numbers."""
+    pytest.importorskip("triton")
+    for value, interpreting in (("true", True), ("1", True), ("0", False)):
+        shown = subprocess.run([sys.executable, "-c", "from flashmla_ops.triton import common; print(common.INTERPRET)"],
+                               env={**os.environ, "TRITON_INTERPRET": value}, capture_output=True, text=True,
+                               check=True)
+        assert shown.stdout.strip() == str(interpreting), (value, shown.stdout, shown.stderr)
