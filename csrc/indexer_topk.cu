@@ -299,7 +299,9 @@ torch::Tensor indexer_topk(const torch::Tensor& logits, int64_t topk, const c10:
   auto launch = [&](auto in_shared_constant, const auto* table) {
     using TableT = std::remove_cv_t<std::remove_pointer_t<decltype(table)>>;
     auto kernel = topk_kernel<decltype(in_shared_constant)::value, TableT>;
-    if (shared_bytes > 48 * 1024) {
+    // The default dynamic limit is 48 KiB less the kernel's static shared memory (~16 KiB): from ~8.1k keys a row's
+    // codes need the opt-in, which a larger launch earlier in the process may or may not have made. Set it always.
+    if (shared_bytes > 0) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes));
     }
     kernel<<<static_cast<unsigned>(rows), kThreads, shared_bytes, stream>>>(

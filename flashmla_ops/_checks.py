@@ -56,8 +56,16 @@ def check_contiguous_last_dim(op: str, name: str, t: torch.Tensor) -> None:
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself when its last dimension has unit stride (what the kernels read), else a contiguous copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """`t` itself when its last dimension has unit stride (what the kernels read), else a contiguous copy. (Not
+    `t.contiguous()`: a tensor whose last dimension has size 1 counts as contiguous whatever that dimension's stride,
+    e.g. a transposed `(batch, 1)` block table, and comes back unchanged.)"""
+    return t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+
+
+def dense_aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous from a 16-byte aligned address, as the CUDA kernels read it (TMA, 16-byte vector loads): `t`
+    itself, or a copy of a strided or misaligned view (e.g. rows viewed from a flat buffer one element in)."""
+    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def check(op: str, ok, message: str) -> None:

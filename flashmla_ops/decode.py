@@ -245,7 +245,7 @@ def _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink) -> bool:
     cache_ok = k_cache.shape[-1] == FP8_BYTES if is_fp8 else k_cache.dtype == torch.bfloat16
     return (q.dtype == torch.bfloat16 and cache_ok and attn_sink is None and q.shape[-1] == D_QK
             and head_dim_v == KV_LORA_RANK and aligned and q.shape[0] <= 65535 and q.data_ptr() % 16 == 0
-            and k_cache.data_ptr() % 16 == 0)
+            and k_cache.data_ptr() % 16 == 0 and k_cache.shape[0] >= 1)  # no blocks: nothing to map, the reference
 
 
 def cuda_num_splits(device: torch.device, batch: int, rows: int, max_blocks_per_seq: int) -> int:
@@ -280,18 +280,20 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
     shape alone; the Triton kernels and the reference always work so)."""
     _check_dense("dense_decode", q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                  head_dim_v, is_fp8, attn_sink)
+    rows = q.shape[1] * q.shape[2]
     for path in _ext.paths("dense_decode", q.device):
-        if path == "cuda" and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink):
+        if (path == "cuda" and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink)
+                and -(-rows // CUDA_ROWS_PER_CTA) <= 65535):  # the kernel's row tiles a sequence
             balanced = (tile_scheduler_metadata is not None and num_splits is not None
-                        and tile_scheduler_metadata.shape[0] < 1024)
+                        and 1 <= tile_scheduler_metadata.shape[0] < 1024)
             # The kernel reads unit-stride index rows (free when they are: the usual case).
             return _ext.extension().dense_decode(
                 q, k_cache, last_dim_contiguous(block_table), cache_seqlens.contiguous(), softmax_scale, causal, is_fp8,
-                cuda_num_splits(q.device, q.shape[0], q.shape[1] * q.shape[2], block_table.shape[1]),
+                cuda_num_splits(q.device, q.shape[0], rows, block_table.shape[1]),
                 tile_scheduler_metadata.contiguous() if balanced else None,
                 num_splits.contiguous() if balanced else None,
-                cuda_dense_kernel(q.shape[1] * q.shape[2]) == "narrow")
-        if path == "triton":
+                cuda_dense_kernel(rows) == "narrow")
+        if path == "triton" and k_cache.shape[0] >= 1:
             from .triton import decode as triton_decode
 
             if triton_decode.supports(q, k_cache, head_dim_v, is_fp8):

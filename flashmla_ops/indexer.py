@@ -9,7 +9,8 @@ that `write_index_cache` fills (bfloat16 `(num_blocks, 64, d_i)` or FP8 `(num_bl
 import torch
 
 from . import _ext
-from ._checks import FLOAT_DTYPES, check, check_paged_table, check_same_device, check_tensor, value_checks_apply
+from ._checks import (FLOAT_DTYPES, check, check_paged_table, check_same_device, check_tensor, dense_aligned,
+                      last_dim_contiguous, value_checks_apply)
 from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE
 from .kv_cache import dequantize_index_fp8_reference
 
@@ -135,15 +136,9 @@ def _cuda_indexer_logits(q, k, weights, k_start, k_end, q_scale, k_scale):
     and |scale| (relu(s x) = |s| relu(sign(s) x)); the kernel does the same for q's rows in shared memory."""
     raw = k.view(torch.uint8)
     negative = k_scale < 0
-    keys = _dense(torch.where(negative[:, None], raw ^ 0x80, raw)).view(FP8)
-    return _ext.extension().indexer_logits(_dense(q), keys, weights.contiguous(), k_start.contiguous(),
+    keys = dense_aligned(torch.where(negative[:, None], raw ^ 0x80, raw)).view(FP8)
+    return _ext.extension().indexer_logits(dense_aligned(q), keys, weights.contiguous(), k_start.contiguous(),
                                            k_end.contiguous(), q_scale.contiguous(), k_scale.abs())
-
-
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    """x contiguous from a 16-byte aligned address, as the CUDA kernels read it (TMA, 16-byte copies): x itself, or a
-    copy of a strided or misaligned view (e.g. a slice one element in)."""
-    return x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
 
 
 @indexer_logits.register_fake
@@ -240,8 +235,8 @@ def _cuda_indexer_logits_paged(q, index_cache, weights, block_table, cache_seqle
         widened = q.float()
         q = torch.where(q_scale[..., None] < 0, -widened, widened).bfloat16()
         weights = weights * q_scale.abs()
-    return _ext.extension().indexer_logits_paged(_dense(q), index_cache.view(torch.uint8), weights.contiguous(),
-                                                 block_table.contiguous(), cache_seqlens.contiguous())
+    return _ext.extension().indexer_logits_paged(dense_aligned(q), index_cache.view(torch.uint8), weights.contiguous(),
+                                                 last_dim_contiguous(block_table), cache_seqlens.contiguous())
 
 
 @indexer_logits_paged.register_fake
@@ -304,7 +299,7 @@ def indexer_topk(logits: torch.Tensor, topk: int, block_table: torch.Tensor | No
     num_keys = logits.shape[-1]
     rows = logits.numel() // num_keys if num_keys else 0
     if _ext.backend("indexer_topk", logits.device) == "cuda" and max(num_keys, topk) < 1 << 30 and rows < 1 << 31:
-        table = block_table.contiguous() if block_table is not None else None
+        table = last_dim_contiguous(block_table) if block_table is not None else None
         return _ext.extension().indexer_topk(logits.contiguous(), topk, table)
     _ext.reference_fallback("indexer_topk", logits.device)
     return indexer_topk_reference(logits, topk, block_table)

@@ -10,7 +10,8 @@ of `d_i` values), `d_i + 4` bytes; a BF16 indexer key cache is `(num_blocks, pag
 import torch
 
 from . import _ext
-from ._checks import FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor, value_checks_apply
+from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor, dense_aligned,
+                      value_checks_apply)
 
 KV_LORA_RANK = 512
 ROPE_DIM = 64
@@ -95,7 +96,7 @@ def quantize_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
     _check_quantize("quantize_kv_fp8", kv)
     for path in _ext.paths("quantize_kv_fp8", kv.device):
         if path == "cuda":
-            return _ext.extension().quantize_kv_fp8(kv.contiguous())
+            return _ext.extension().quantize_kv_fp8(dense_aligned(kv))
         if path == "triton":
             from .triton import kv_cache as triton_kv_cache
 
@@ -116,7 +117,7 @@ def dequantize_kv_fp8(kv_fp8: torch.Tensor) -> torch.Tensor:
     _check_dequantize("dequantize_kv_fp8", kv_fp8)
     ext = _ext.kernels("dequantize_kv_fp8", kv_fp8.device)
     if ext is not None:
-        return ext.dequantize_kv_fp8(kv_fp8.view(torch.uint8).contiguous())
+        return ext.dequantize_kv_fp8(dense_aligned(kv_fp8.view(torch.uint8)))
     _ext.reference_fallback("dequantize_kv_fp8", kv_fp8.device)
     return dequantize_kv_fp8_reference(kv_fp8)
 
@@ -191,7 +192,8 @@ def write_kv_cache(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Ten
         `(num_blocks, page_block_size, 1, 656)` uint8 / float8_e4m3fn with `is_fp8` (SPEC.md §3 layout; the block
         stride may be padded).
     latent: `(num_tokens, 512)`, rope: `(num_tokens, 64)`: the cache's dtype (bfloat16 or float32 for FP8).
-    slot_mapping: `(num_tokens,)` int32/int64 flat slot `block * page_block_size + row`; -1 skips the token.
+    slot_mapping: `(num_tokens,)` int32/int64 flat slot `block * page_block_size + row`; -1 skips the token. Two
+        tokens with one slot: one of their rows lands, which one unspecified (as for any scatter).
     """
     op = "write_kv_cache"
     _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8)
@@ -201,7 +203,7 @@ def write_kv_cache(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Ten
     for path in _ext.paths("write_kv_cache", kv_cache.device):
         if path == "cuda" and latent.dtype == torch.bfloat16 and _aligned(kv_cache, 16):
             _ext.extension().write_kv_cache(
-                kv_cache.view(torch.uint8) if is_fp8 else kv_cache, latent.contiguous(), rope.contiguous(),
+                kv_cache.view(torch.uint8) if is_fp8 else kv_cache, dense_aligned(latent), dense_aligned(rope),
                 slot_mapping.contiguous(), is_fp8)
             return
         if path == "triton" and _aligned(kv_cache, 4):

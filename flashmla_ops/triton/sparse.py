@@ -282,6 +282,9 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
     extra_cache = _nonempty(extra_k_cache.view(torch.uint8) if is_fp8 else extra_k_cache) if has_extra else cache
     indices = last_dim_contiguous(indices)
     extra_indices = last_dim_contiguous(extra_indices_in_kvcache) if has_extra else indices
+    # the kernel reads the lengths and the sink as packed (strided views copied)
+    topk_length, extra_topk_length, attn_sink = (None if t is None else t.contiguous()
+                                                 for t in (topk_length, extra_topk_length, attn_sink))
     topk, extra_topk = indices.shape[-1], extra_indices.shape[-1] if has_extra else 0
 
     multiprocessors, _ = device_limits(q.device)
@@ -333,6 +336,8 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_lengt
         return out, max_logits, lse, lse_indexer
     kv_rows = _nonempty(kv)[:, 0]
     indices = last_dim_contiguous(indices)
+    # the kernel reads the lengths and the sink as packed (strided views copied)
+    topk_length, attn_sink = (None if t is None else t.contiguous() for t in (topk_length, attn_sink))
     variant = dict(HAS_TOPK_LENGTH=topk_length is not None, HAS_INDEXER=indexer_topk > 0,
                    APPLY_SINK=attn_sink is not None)
 

@@ -29,6 +29,14 @@ def make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded=False):
     return q, cache, block_table, cache_seqlens
 
 
+def spaced(t: torch.Tensor, fill) -> torch.Tensor:
+    """`t` as a view whose last dimension has stride 2, `fill` in the gaps (a kernel that reads it as packed reads
+    the gaps: wrong values, not out of bounds, for a `fill` that names a real block or length)."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), fill, dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
 def quantize_with_varied_scales(cache, generator):
     """`cache` (blocks, 64, 1, 576) as FP8 whose tile scales differ by tile and by token: each 128-column tile of the
     latent 2^tile times larger, each token 1/2, 1 or 2 times (randn's cache gives every tile of every token the same

@@ -309,3 +309,29 @@ def test_dense_decode_op_takes_strided_block_table_and_lengths(is_fp8):
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
                                                 False, is_fp8)
     assert_decode_close(out, lse, want_out, want_lse)
+
+
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_dense_decode_one_column_block_table_transposed(is_fp8):
+    """Sequences of one block each with the table a transposed (1, batch) tensor: its column of size 1 has stride
+    batch, and `.contiguous()` would hand it over unchanged (size-1 dimensions count as contiguous); the kernel wants
+    unit stride and gets a copy."""
+    generator = torch.Generator(DEVICE).manual_seed(31 + is_fp8)
+    q, cache, block_table, cache_seqlens = make_inputs([64, 1, 40], 1, 16, is_fp8, generator)
+    one_column = block_table[:, :1].t().contiguous().t()
+    assert one_column.stride(-1) == 3 and one_column.is_contiguous()
+    out, lse = torch.ops.flashmla.dense_decode(q, cache, one_column, cache_seqlens, None, None, KV_LORA_RANK,
+                                               D_QK ** -0.5, False, is_fp8, None)
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
+                                                False, is_fp8)
+    assert_decode_close(out, lse, want_out, want_lse)
+
+
+def test_dense_decode_cache_without_blocks():
+    """A cache of no blocks and every length 0: out 0 and lse +inf (the reference path: nothing to map)."""
+    q = torch.randn(2, 1, 16, D_QK, device=DEVICE).bfloat16()
+    cache = torch.zeros(0, 64, 1, D_QK, dtype=torch.bfloat16, device=DEVICE)
+    out, lse = torch.ops.flashmla.dense_decode(q, cache, torch.zeros(2, 1, dtype=torch.int32, device=DEVICE),
+                                               torch.zeros(2, dtype=torch.int32, device=DEVICE), None, None,
+                                               KV_LORA_RANK, D_QK ** -0.5, False, False, None)
+    assert torch.all(out == 0) and torch.all(torch.isposinf(lse))

@@ -146,3 +146,22 @@ def test_cuda_topk_op_dispatch_and_cuda_graph():
     assert torch.equal(slots, cuda_topk(logits, 256, block_table))
     positions = cuda_topk(logits, 256)
     assert_selection_matches(positions, logits, indexer_topk_reference(logits, 256))
+
+
+def test_rows_of_8k_keys_in_a_fresh_process():
+    """8193-12288 keys a row: the codes (4 bytes a key) plus the kernel's ~16 KiB of static shared memory pass the
+    48 KiB that needs no opt-in, while the codes alone do not. A process whose first top-k has such rows (an 8k
+    context) must set the limit itself; in this file's process a longer row may already have raised it."""
+    import subprocess
+    import sys
+
+    script = ("import torch, flashmla_ops\n"
+              "from flashmla_ops.indexer import indexer_topk_reference\n"
+              "logits = torch.randn(4, 8192 + 64, device='cuda')\n"
+              "got = torch.ops.flashmla.indexer_topk(logits, 2048, None)\n"
+              "want = indexer_topk_reference(logits, 2048)\n"
+              "assert torch.equal(logits.gather(-1, got.long()).sort(-1).values,"
+              " logits.gather(-1, want.long()).sort(-1).values)\n"
+              "print('ok', flashmla_ops.backend('indexer_topk', 'cuda'))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.split() == ["ok", "cuda"], done.stdout + done.stderr

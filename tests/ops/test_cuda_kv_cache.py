@@ -95,3 +95,29 @@ def test_quantize_under_compile():
     compiled = torch.compile(lambda x: torch.ops.flashmla.dequantize_kv_fp8(torch.ops.flashmla.quantize_kv_fp8(x)),
                              fullgraph=True)
     assert torch.equal(compiled(kv), reference.dequantize_kv_fp8(reference.quantize_kv_fp8(kv)))
+
+
+def test_misaligned_rows_are_copied_for_the_kernels():
+    """Contiguous rows viewed from a flat buffer 4 elements (8 bytes) in: the kernels' 16-byte loads would fault on
+    them, so the ops hand the kernels aligned copies (quantize, dequantize, and write's latent and rope)."""
+    generator = torch.Generator(DEVICE).manual_seed(3)
+    kv = random_kv(5, generator)
+    flat = torch.empty(4 + kv.numel(), dtype=torch.bfloat16, device=DEVICE)
+    flat[4:] = kv.reshape(-1)
+    misaligned = flat[4:].view(5, D_QK)
+    assert misaligned.is_contiguous() and misaligned.data_ptr() % 16 == 8
+    packed = torch.ops.flashmla.quantize_kv_fp8(misaligned)
+    assert torch.equal(packed, reference.quantize_kv_fp8(kv))
+    flat_bytes = torch.empty(8 + packed.numel(), dtype=torch.uint8, device=DEVICE)
+    flat_bytes[8:] = packed.reshape(-1)
+    assert torch.equal(torch.ops.flashmla.dequantize_kv_fp8(flat_bytes[8:].view(5, FP8_BYTES)),
+                       reference.dequantize_kv_fp8(packed))
+    latent, rope = misaligned[:, :KV_LORA_RANK], flat[4:4 + 5 * 64].view(5, 64)
+    slots = torch.tensor([0, 70, -1, 3, 127], dtype=torch.int32, device=DEVICE)
+    for is_fp8 in (False, True):
+        shape = (2, PAGE_BLOCK_SIZE, 1, FP8_BYTES if is_fp8 else D_QK)
+        got = torch.zeros(shape, dtype=torch.uint8 if is_fp8 else torch.bfloat16, device=DEVICE)
+        want = got.clone()
+        torch.ops.flashmla.write_kv_cache(got, latent, rope, slots, is_fp8)
+        reference.write_kv_cache(want, latent.contiguous(), rope.contiguous(), slots, is_fp8)
+        assert torch.equal(got, want)

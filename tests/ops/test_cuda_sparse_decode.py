@@ -159,3 +159,18 @@ def test_sparse_decode_op_takes_strided_indices_and_lengths(is_fp8):
     want_out, want_lse = reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK, SCALE,
                                                  is_fp8)
     assert_close(out, lse, want_out, want_lse)
+
+
+def test_sparse_decode_op_takes_transposed_indices_of_topk_1():
+    """topk 1 with indices a permuted view: the size-1 last dimension has stride batch * s_q (`.contiguous()` keeps
+    it: size-1 dimensions count as contiguous); the kernel wants unit stride and gets a copy."""
+    generator = torch.Generator(DEVICE).manual_seed(41)
+    batch, s_q, h_q, num_blocks = 3, 2, 64, 4
+    cache = paged_cache(num_blocks, True, generator, pad=0)
+    q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    indices = random_indices((1, batch, s_q), num_blocks * PAGE_BLOCK_SIZE, generator).permute(1, 2, 0)
+    assert indices.shape == (batch, s_q, 1) and indices.stride(-1) == batch * s_q and indices.is_contiguous()
+    out, lse = torch.ops.flashmla.sparse_decode(q, cache, indices, None, None, None, None, None, None, KV_LORA_RANK,
+                                                SCALE, True, None)
+    want_out, want_lse = reference.sparse_decode(q, cache, indices, None, None, None, None, KV_LORA_RANK, SCALE, True)
+    assert_close(out, lse, want_out, want_lse)

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 from decode_inputs import (DEVICE, assert_decode_close, assert_rows_close, check_dense_decode_op_replays_in_cuda_graph,
-                           huge_and_small_scale_inputs, make_inputs, poison_allocator)
+                           huge_and_small_scale_inputs, make_inputs, poison_allocator, spaced)
 from triton_recording import RecordingKernel
 
 from flashmla_ops import reference
@@ -54,6 +54,20 @@ def run_and_compare(seqlens, s_q, h_q, causal, is_fp8, sink, padded=False, **ker
                                                 is_fp8, attn_sink)
     assert_decode_close(out, lse, want_out, want_lse)
     return out, lse, (q, cache, block_table, cache_seqlens, attn_sink)
+
+
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_dense_decode_strided_table_lengths_and_sink(is_fp8):
+    """block_table, cache_seqlens and attn_sink as views with gaps (block 0, length 0 and a large sink in them): the
+    wrapper hands the kernel packed copies, so the result is the packed inputs' (it read the gaps before)."""
+    generator = torch.Generator(DEVICE).manual_seed(11)
+    q, cache, block_table, cache_seqlens = make_inputs([70, 1, 130], 1, 16, is_fp8, generator)
+    attn_sink = torch.randn(16, generator=generator, device=DEVICE)
+    packed = (q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5, False, is_fp8, attn_sink)
+    strided = (q, cache, spaced(block_table, 0), spaced(cache_seqlens, 0), *packed[4:8], spaced(attn_sink, 50.0))
+    assert strided[2].stride(-1) == 2 and strided[3].stride(-1) == 2 and strided[8].stride(-1) == 2
+    out, lse = triton_decode.dense_decode(*strided)
+    assert_decode_close(out, lse, *reference.dense_decode(*packed))
 
 
 @pytest.mark.parametrize("seqlens,s_q,h_q", CASES)

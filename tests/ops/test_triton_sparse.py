@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from decode_inputs import assert_rows_close, quantize_with_varied_scales
+from decode_inputs import assert_rows_close, quantize_with_varied_scales, spaced
 from triton_recording import RecordingKernel
 
 from flashmla_ops import reference
@@ -247,6 +247,32 @@ def test_triton_sparse_strided_inputs():
     kv = cache.view(-1, 1, D_QK)[:150]
     args = (q[0], kv, indices[0, :, None], 0.05, KV_LORA_RANK, None, None, 20)
     got, want = triton_sparse.sparse_prefill(*args), reference.sparse_prefill(*args)
+    assert_close(got[0], got[2], want[0], want[2])
+
+
+def test_triton_sparse_strided_lengths_and_sink():
+    """topk_length, extra_topk_length and attn_sink as views with gaps (0 and a large sink in them): the wrappers
+    hand the kernels packed copies (they read the gaps before)."""
+    generator = torch.Generator(DEVICE).manual_seed(5)
+    cache, extra_cache = paged_cache(3, True, generator, pad=0), paged_cache(2, True, generator, pad=0)
+    q = torch.randn(3, 1, 16, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    indices = random_indices((3, 1, 70), 3 * PAGE_BLOCK_SIZE, generator)
+    extra_indices = random_indices((3, 1, 20), 2 * PAGE_BLOCK_SIZE, generator)
+    topk_length = torch.tensor([70, 33, 5], dtype=torch.int32, device=DEVICE)
+    extra_topk_length = torch.tensor([20, 7, 1], dtype=torch.int32, device=DEVICE)
+    attn_sink = torch.randn(16, generator=generator, device=DEVICE)
+    packed = (q, cache, indices, topk_length, extra_cache, extra_indices, extra_topk_length, KV_LORA_RANK, SCALE, True,
+              attn_sink)
+    strided = (*packed[:3], spaced(topk_length, 0), *packed[4:6], spaced(extra_topk_length, 0), *packed[7:10],
+               spaced(attn_sink, 50.0))
+    assert_close(*triton_sparse.sparse_decode(*strided), *reference.sparse_decode(*packed))
+    kv = torch.randn(150, 1, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    prefill_indices = random_indices((6, 1, 70), 150, generator)
+    lengths = torch.tensor([70, 0, 64, 1, 40, 69], dtype=torch.int32, device=DEVICE)
+    packed = (q[0, 0, :6, None].expand(6, 16, D_QK).contiguous(), kv, prefill_indices, 0.05, KV_LORA_RANK, attn_sink,
+              lengths, 0)
+    strided = (*packed[:5], spaced(attn_sink, 50.0), spaced(lengths, 0), 0)
+    got, want = triton_sparse.sparse_prefill(*strided), reference.sparse_prefill(*packed)
     assert_close(got[0], got[2], want[0], want[2])
 
 

@@ -461,3 +461,20 @@ def test_topk_block_table_entries_under_masked_logits_are_not_checked():
     selected = ops.indexer_topk(**args)
     assert (selected[0] < 64).all() and (selected[0] >= 0).all()
 
+
+
+def test_last_dim_contiguous_gives_unit_stride_to_size_1_dimensions():
+    """A transposed (batch, 1) table counts as contiguous with its last stride `batch`: the kernels' copy still gets
+    stride 1 (what their `stride(-1) == 1` checks ask)."""
+    from flashmla_ops._checks import dense_aligned, last_dim_contiguous
+
+    table = torch.arange(3, dtype=I32).view(1, 3).t()
+    assert table.is_contiguous() and table.stride(-1) == 3 and table.contiguous().stride(-1) == 3
+    copied = last_dim_contiguous(table)
+    assert copied.stride(-1) == 1 and torch.equal(copied, table)
+    flat = torch.arange(4 + 2 * 576, dtype=torch.bfloat16)
+    rows = flat[4:].view(2, 576)
+    assert rows.data_ptr() % 16 == 8
+    aligned = dense_aligned(rows)
+    assert aligned.data_ptr() % 16 == 0 and aligned.is_contiguous() and torch.equal(aligned, rows)
+    assert dense_aligned(aligned) is aligned
