@@ -5,7 +5,7 @@ Token `t` of sequence `b` lives at flat slot `block_table[b, t // 64] * 64 + t %
 """
 import torch
 
-from flashmla_ops.kv_cache import D_QK, FP8_BYTES, PAGE_BLOCK_SIZE
+from flashmla_ops.kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 
 from .deepseek import DeepseekConfig
 
@@ -32,8 +32,11 @@ class PagedKVCache:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
         d_qk = config.kv_lora_rank + config.qk_rope_head_dim
         self.is_fp8 = kv_cache_dtype == "fp8"
-        if self.is_fp8 and d_qk != D_QK:
-            raise ValueError(f"the FP8 cache needs kv_lora_rank + qk_rope_head_dim = {D_QK}, got {d_qk}")
+        if (config.kv_lora_rank, config.qk_rope_head_dim) != (KV_LORA_RANK, ROPE_DIM):
+            raise ValueError(f"the paged cache (its ops: write_kv_cache, the decode kernels) holds the {KV_LORA_RANK} "
+                             f"latent and {ROPE_DIM} RoPE columns of every DeepSeek model: kv_lora_rank must be "
+                             f"{KV_LORA_RANK} and qk_rope_head_dim {ROPE_DIM}, got {config.kv_lora_rank} and "
+                             f"{config.qk_rope_head_dim}")
         self.num_blocks = num_blocks
         self.max_blocks_per_seq = -(-max_seq_len // PAGE_BLOCK_SIZE)
         layers = range(config.num_hidden_layers)

@@ -84,8 +84,10 @@ class DeepseekConfig:
             self.scoring_func = "softmax" if self.model_type == "deepseek_v2" else "sigmoid"
         if self.topk_method is None:
             self.topk_method = "greedy" if self.model_type == "deepseek_v2" else "noaux_tc"
-        if self.model_type == "deepseek_v2":
-            self.rope_interleave = True  # V2 ropes adjacent pairs (complex multiply)
+        if self.model_type in ("deepseek_v2", "deepseek_v32"):
+            # V2 ropes adjacent pairs (complex multiply); V3.2's attention does too whatever the config says (as in
+            # transformers' port; its indexer ropes halves, in IndexerAttention)
+            self.rope_interleave = True
 
     @classmethod
     def from_dict(cls, config: dict) -> "DeepseekConfig":
@@ -124,7 +126,7 @@ class DeepseekConfig:
 # ---------------------------------------------------------------- RoPE (default and YaRN)
 
 
-def yarn_get_mscale(scale: float, mscale: float) -> float:
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -133,7 +135,9 @@ def rope_inv_freq(config: DeepseekConfig) -> tuple[torch.Tensor, float]:
 
     YaRN (DeepSeek's): interpolate low frequencies by `factor`, keep high ones, with a linear ramp between the
     dimensions that turn `beta_fast` and `beta_slow` times over `original_max_position_embeddings`; cos/sin are scaled
-    by `mscale(factor, mscale) / mscale(factor, mscale_all_dim)`.
+    by `attention_factor` if given, else `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` when both are set
+    (every DeepSeek checkpoint), else `mscale(factor)` (transformers' rule; DeepSeek's remote code takes a missing
+    `mscale` as 1 and a missing `mscale_all_dim` as 0 in the ratio instead).
     """
     dim, base = config.qk_rope_head_dim, config.rope_theta
     inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
@@ -150,8 +154,10 @@ def rope_inv_freq(config: DeepseekConfig) -> tuple[torch.Tensor, float]:
     high = min(math.ceil(correction_dim(rope.get("beta_slow") or 1)), dim - 1)
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3), 0, 1)
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     attention_factor = rope.get("attention_factor") or (
-        yarn_get_mscale(factor, rope.get("mscale") or 1) / yarn_get_mscale(factor, rope.get("mscale_all_dim") or 0))
+        yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+        else yarn_get_mscale(factor))
     return inv_freq, attention_factor
 
 
@@ -272,7 +278,8 @@ class Router(nn.Module):
     scores = softmax(logits) (V2) or sigmoid(logits) (V3); experts are chosen on scores + e_score_correction_bias
     (V3's "noaux_tc"), only inside the `topk_group` best of `n_group` groups (group score: the best expert (V2) or the
     sum of the best two (V3)); the weights are the unbiased scores, optionally normalised to sum 1
-    (`norm_topk_prob`), times `routed_scaling_factor`.
+    (`norm_topk_prob`), times `routed_scaling_factor` (V2 with `norm_topk_prob` and more than one expert a token:
+    normalised, not scaled, as DeepSeek's V2 code does).
     """
 
     def __init__(self, config: DeepseekConfig):
@@ -309,6 +316,10 @@ class Router(nn.Module):
         scores, choice, _ = self.rank(x)
         indices = choice.topk(config.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(1, indices)
+        if config.model_type == "deepseek_v2" and config.norm_topk_prob and config.num_experts_per_tok > 1:
+            # DeepSeek's V2 code normalises instead of scaling (transformers' V2 port ignores norm_topk_prob; every
+            # V2 checkpoint ships it false, where all three agree)
+            return weights / (weights.sum(-1, keepdim=True) + 1e-20), indices
         if config.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * config.routed_scaling_factor, indices

@@ -229,7 +229,7 @@ def shard_model(model: DeepseekForCausalLM, parallel: Parallel) -> None:
             if local != size:
                 if halves == 2 and dim == 1:
                     local, size = local // 2, size // 2
-                start = parallel.rank * local
+                start = min(parallel.rank * local, size)  # a last rank past the end (tiny vocab) holds none
                 split = Split(dim, start, min(start + local, size), size)
                 if halves == 2:
                     prefix = name[:-len("gate_up_proj")]

@@ -47,7 +47,7 @@ def hf_checkpoints(tmp_path_factory):
     made = {}
 
     def get(model_type: str, **overrides):
-        key = (model_type, tuple(sorted(overrides.items())))
+        key = (model_type, repr(sorted(overrides.items())))  # repr: values may be dicts (rope_scaling)
         if key not in made:
             path = tmp_path_factory.mktemp(model_type)
             made[key] = (path, save_hf_checkpoint(path, model_type, **overrides))

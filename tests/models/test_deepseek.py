@@ -166,6 +166,37 @@ def test_matches_transformers(request, hf_checkpoints, monkeypatch, model_type, 
         check_against_transformers(*hf_checkpoints(model_type, index_topk=64), kv_cache_dtype)
 
 
+YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=128, beta_fast=32, beta_slow=1)
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    # YaRN with one of mscale / mscale_all_dim: cos/sin take mscale(factor) (transformers' rule)
+    ("deepseek_v3", dict(rope_scaling={**YARN, "mscale_all_dim": 1.0})),
+    ("deepseek_v2", dict(rope_scaling={**YARN, "mscale": 0.707})),
+    # both, as every DeepSeek checkpoint sets them
+    ("deepseek_v3", dict(rope_scaling={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707})),
+    # V3.2's attention ropes interleaved pairs whatever rope_interleave says (index_topk 64: every token visible)
+    ("deepseek_v32", dict(rope_interleave=False, index_topk=64)),
+], ids=["yarn-mscale_all_dim-only", "yarn-mscale-only", "yarn-both", "v32-rope_interleave-false"])
+def test_matches_transformers_config_variants(hf_checkpoints, model_type, overrides):
+    """Config variants real checkpoints do not use but transformers loads: YaRN's cos/sin factor and interpolated
+    frequencies act from the first position, so the short prompts here show a wrong factor."""
+    check_against_transformers(*hf_checkpoints(model_type, **overrides), "fp32")
+
+
+def test_v2_norm_topk_prob_normalises_instead_of_scaling():
+    """DeepSeek's V2 router with norm_topk_prob: weights summing to 1, not scaled by routed_scaling_factor (V3
+    normalises, then scales)."""
+    from models.deepseek import Router
+
+    for model_type, total in (("deepseek_v2", 1.0), ("deepseek_v3", 1.5)):
+        config = DeepseekConfig.from_dict(tiny_config(model_type, norm_topk_prob=True, routed_scaling_factor=1.5))
+        router = Router(config)
+        torch.nn.init.normal_(router.weight, std=0.5)
+        weights, _ = router(torch.randn(5, config.hidden_size))
+        assert torch.allclose(weights.sum(-1), torch.full((5,), total)), model_type
+
+
 def test_sparse_attention_is_sparse(hf_checkpoints):
     """V3.2 with index_topk 16 differs from the same weights attending to every token (index_topk 64): the
     comparison above really exercises the sparse choice."""

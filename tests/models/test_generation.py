@@ -241,3 +241,14 @@ def test_extend_batch_is_all_or_nothing():
             cache.extend_batch(**bad)
     with pytest.raises(ValueError, match="extend: seq"):
         cache.extend(2, 1)
+
+
+def test_the_cache_needs_the_ops_latent_layout():
+    """kv_lora_rank 512 and qk_rope_head_dim 64 (the 576-column rows write_kv_cache and the decode ops take): any
+    other config is refused when the cache is made, not at the first forward."""
+    for overrides in (dict(kv_lora_rank=64), dict(qk_rope_head_dim=16)):
+        config = DeepseekConfig.from_dict(tiny_config("deepseek_v3", **overrides))
+        for kv_cache_dtype in ("bf16", "fp8", "fp32"):
+            with pytest.raises(ValueError, match="kv_lora_rank must be 512 and qk_rope_head_dim 64"):
+                PagedKVCache(config, 2, 1, 64, kv_cache_dtype)
+

@@ -33,7 +33,7 @@ from test_loading import fp8_checkpoint, quantize_fp8_blocks, write_checkpoint
 
 from models import PagedKVCache, compile_decode_step, decode_step, generate, load_model, prefill
 from models.deepseek import DeepseekConfig, Router
-from models.loading import SINGLE_FILE, _read, build_model, tiny_config
+from models.loading import SINGLE_FILE, _read, build_model, random_model, tiny_config
 from models.parallel import Parallel, Split, end_job, init_parallel
 
 PROMPT_LENGTHS = (19, 6, 11)  # V3.2 (index_topk 16): the longest prompt attends to a real top-k choice
@@ -238,3 +238,13 @@ def test_splits():
         build_model(config, torch.float32, "meta", Parallel(3, 1, 0, None))
     with pytest.raises(ValueError, match="ep must be 1 or tp"):
         Parallel(4, 2, 0, None)
+
+
+def test_a_rank_past_a_tiny_vocabulary_holds_none_of_it():
+    """vocab 5 over 4 ranks: 2 rows a rank, so rank 3's rows (6, 7) lie past the end: an empty split, not a negative
+    one, and its random draw and its embedding (every id elsewhere: zeros) work."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3", vocab_size=5))
+    parallel = Parallel(4, 1, 3, None)
+    model = random_model(config, parallel=parallel)
+    assert parallel.splits["model.embed_tokens.weight"] == Split(0, 5, 5, 5)
+    assert torch.equal(model.model.embed_tokens.weight, torch.zeros_like(model.model.embed_tokens.weight))
