@@ -289,12 +289,20 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def bench_device(backend: str, script: str) -> torch.device:
-    """The GPU a benchmark runs on, with the ops' backend forced to `backend` (FLASHMLA_BACKEND)."""
+def bench_device(backend: str, script: str, ops: tuple[str, ...] = ()) -> torch.device:
+    """The GPU a benchmark runs on, with the ops' backend forced to `backend` (FLASHMLA_BACKEND). A forced `cuda` or
+    `triton` that one of `ops` cannot take here (kernels not built, no Triton) stops the benchmark: it would time
+    the reference under that name."""
     if not torch.cuda.is_available():
         raise SystemExit(f"{script} needs a CUDA GPU")
     os.environ["FLASHMLA_BACKEND"] = backend
     device = torch.device("cuda")
+    if backend in ("cuda", "triton"):
+        taken = {op: flashmla_ops.backend(op, device) for op in ops}
+        missing = [f"{op} runs {path}" for op, path in taken.items() if path != backend]
+        if missing:
+            raise SystemExit(f"{script}: --backend {backend}, but here {', '.join(missing)} (see the flashmla_ops "
+                             f"warning above)")
     if "H100" not in torch.cuda.get_device_name(device):
         measure_ceilings(device)
     return device
@@ -322,9 +330,9 @@ def save_results(prefix: str, backend: str, rows: list[dict], plot_fn, **extra) 
     out = Path(prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "backend": backend, "ceilings": CEILINGS}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=1))
-    plot_fn(rows, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    out.with_name(out.name + ".json").write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=1))
+    plot_fn(rows, out.with_name(out.name + ".png"))
+    print(f"wrote {out.with_name(out.name + '.json')} and {out.with_name(out.name + '.png')}")
 
 
 def main():
@@ -342,7 +350,7 @@ def main():
     add_settle_argument(parser)
     args = parser.parse_args()
     apply_settle_argument(args)
-    device = bench_device(args.backend, "bench_decode.py")
+    device = bench_device(args.backend, "bench_decode.py", ("dense_decode",))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dense_decode backend: "
           f"{flashmla_ops.backend('dense_decode', device)}, CUDA kernel for 16 rows: {cuda_dense_kernel(16)}")
     chosen = row_filter(args.rows)
@@ -376,6 +384,8 @@ def main():
         print(f"{'bf16 skewed b32 h16':26} {skewed['time_us']:8.1f} {skewed['gb_s']:7.0f} {skewed['tflop_s']:8.1f}"
               f"   (one 32k sequence among 31 of 512 tokens){clock_note(skewed)}")
     spec_rows = len(rows)
+    if not rows and not args.sweep:
+        raise SystemExit(f"bench_decode.py: no row's name has one of --rows {args.rows!r}")
     if args.sweep:
         for batch, s_q, h_q, seqlens, is_fp8 in tqdm(list(sweep_configs()), desc="sweep"):
             rows.append(bench_config(batch, s_q, h_q, seqlens, is_fp8, device, with_baselines=False))

@@ -111,6 +111,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.backends) - set(BACKENDS)
     if unknown:
         parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
+    for name, value, least in (("batch", args.batch, 1), ("context", args.context, 1), ("steps", args.steps, 1),
+                               ("warmup", args.warmup, 0), ("prefill-tokens", args.prefill_tokens, 1),
+                               ("layers", args.layers, 1)):
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        if (isinstance(value, list) and not values) or (values and min(values) < least):
+            parser.error(f"--{name} must be >= {least}, got {value}")
+    if args.profile and args.profile not in args.batch:
+        parser.error(f"--profile {args.profile} must be one of --batch {args.batch} (the batch size it profiles)")
     return args
 
 
@@ -566,7 +574,7 @@ def main(argv: list[str] | None = None) -> dict:
             "steps": args.steps, "warmup": args.warmup, "prefill_tokens": args.prefill_tokens}
 
     def save_so_far() -> None:  # after each backend, in case a later one dies
-        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        out.with_name(out.name + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
     for name in (b for b in args.backends if b.startswith("ours")):
         # One compiled step for every configuration: the cache's sizes are symbolic, so it compiles about twice.
@@ -603,10 +611,10 @@ def main(argv: list[str] | None = None) -> dict:
     meta["compiled_graphs"] = counters["stats"]["unique_graphs"]
     print(f"CUDA graphs skipped: {meta['cudagraph_skips']}, graphs compiled: {meta['compiled_graphs']}")
     result = {"meta": meta, "rows": rows, "speedups": speedups}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1))
     plot(rows, f"{args.model_preset} ({config.num_hidden_layers} layers), {args.dtype}, {device}",
-         out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+         out.with_name(out.name + ".png"))
+    print(f"wrote {out.with_name(out.name + '.json')} and {out.with_name(out.name + '.png')}")
     return result
 
 

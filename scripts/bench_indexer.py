@@ -180,7 +180,7 @@ def main():
     add_settle_argument(parser)
     args = parser.parse_args()
     apply_settle_argument(args)
-    device = bench_device(args.backend, "bench_indexer.py")
+    device = bench_device(args.backend, "bench_indexer.py", ("indexer_logits", "indexer_logits_paged"))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: "
           + ", ".join(f"{op} {flashmla_ops.backend(op, device)}" for op in ("indexer_logits", "indexer_logits_paged")))
     chosen = row_filter(args.rows)
@@ -200,6 +200,8 @@ def main():
         print(f"{name:36} {row['path']:>9} {row['time_us']:9.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f}"
               f" {row.get('target', '-'):>12} {fmt(row.get('vs_target'), 2):>9}"
               f" {fmt(row.get('speedup_vs_reference'), 1):>7}{clock_note(row)}")
+    if not results and not args.topk:
+        raise SystemExit(f"bench_indexer.py: no row's name has one of --rows {args.rows!r}")
     topk = time_topk(device) if args.topk else []
     save_results(args.out, args.backend, results, plot, tuning=tuned, topk=topk)
 

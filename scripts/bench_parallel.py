@@ -47,7 +47,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.compile(fullgraph=True) the decode step (CUDA graphs on CUDA)")
     parser.add_argument("--out", default="bench/parallel", help="writes OUT.json and OUT.png")
-    return parser.parse_args()
+    args = parser.parse_args()
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.ep not in (1, world_size):
+        parser.error(f"--ep must be 1 or the number of ranks ({world_size}), got {args.ep}")
+    for name, values, least in (("batch", args.batch, 1), ("prompt-len", [args.prompt_len], 1),
+                                ("new-tokens", [args.new_tokens], 2), ("layers", [args.layers], 1)):
+        if min(values) < least:  # new tokens: the first comes from prefill, the rest are the timed decode
+            parser.error(f"--{name} must be >= {least}, got {values if len(values) > 1 else values[0]}")
+    return args
 
 
 def measure(model, config: DeepseekConfig, batch: int, args, device: torch.device) -> dict:
@@ -140,11 +148,11 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         settings = {key: value for key, value in vars(args).items() if key != "out"}
-        out.with_suffix(".json").write_text(json.dumps(
+        out.with_name(out.name + ".json").write_text(json.dumps(
             {"device": device_name, "world_size": world_size, "settings": settings, "config": config.__dict__,
              "results": rows}, indent=2))
-        plot(rows, out.with_suffix(".png"))
-        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+        plot(rows, out.with_name(out.name + ".png"))
+        print(f"wrote {out.with_name(out.name + '.json')} and {out.with_name(out.name + '.png')}")
     if parallel is not None:
         end_job()
 

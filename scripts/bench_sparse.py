@@ -38,7 +38,10 @@ def attention_flops(queries, h_q, topk):
 
 
 def attention_bytes(queries, h_q, topk, kv_row_bytes):
-    """KV rows gathered once per query (shared by its heads) plus q and out."""
+    """KV rows gathered once per query (shared by its heads) plus q and out. SPEC.md §4 counts a decode sequence's
+    `topk` rows once; its queries each have their own indices, so s_q 2 counts twice that (the union of two random
+    sets of 2048 rows out of a cache is nearly twice as large), and prefill counts the rows gathered, not the kv's
+    distinct rows. No target is in GB/s for these rows; the TFLOP/s follow SPEC exactly."""
     return queries * topk * kv_row_bytes + queries * h_q * (D_QK + KV_LORA_RANK) * 2
 
 
@@ -202,7 +205,7 @@ def main():
     args = parser.parse_args()
     apply_settle_argument(args)
     wanted = row_filter(args.rows)
-    device = bench_device(args.backend, "bench_sparse.py")
+    device = bench_device(args.backend, "bench_sparse.py", ("sparse_decode", "sparse_prefill"))
     tuned = tune(device) if args.tune else []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: sparse_decode "
           f"{flashmla_ops.backend('sparse_decode', device)}, "
@@ -220,6 +223,8 @@ def main():
               f"{100 * row['compute_fraction']:5.1f} {flashmla:>12} {target:8} {row['vs_target']:9.2f} "
               f"{fmt(row.get('speedup_vs_reference'), 1):>7}{clock_note(row)}")
     spec_count = len(rows)
+    if not rows and not args.sweep:
+        raise SystemExit(f"bench_sparse.py: no row's name has one of --rows {args.rows!r}")
     if args.sweep:
         for op, size, second, h_q, topk, is_fp8 in tqdm(list(sweep_configs()), desc="sweep"):
             rows.append(bench_config(op, size, second, h_q, topk, is_fp8, device, with_reference=False))

@@ -16,6 +16,7 @@ tokens are those of transformers' own `generate(..., do_sample=False)` on the sa
 test_generate_script.py). --dtype bfloat16 (the default) with --kv-cache bf16 or fp8 is the fast path.
 """
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -78,6 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--greedy means temperature 0, got --temperature {args.temperature}")
     if args.ep not in (1, args.tp):
         parser.error(f"--ep must be 1 or --tp ({args.tp}), got {args.ep}")
+    # what generate() would refuse, said before the model is loaded
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0 or math.isinf(args.temperature):
+        parser.error(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.tp < 1:
+        parser.error(f"--tp must be >= 1, got {args.tp}")
     if args.model and args.random_tiny:
         parser.error("--model and --random-tiny exclude each other")
     if not args.model and not args.random_tiny:

@@ -9,6 +9,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_decode import forced_backend, make_inputs
+
+import flashmla_ops
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK
 
 
@@ -19,11 +21,17 @@ def main():
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--backends", default="cuda,triton")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_decode_op.py needs a CUDA GPU")
     device = torch.device("cuda")
     sets, seqlens = make_inputs(args.batch, 1, args.h_q, [args.seqlen] * args.batch, False, device, 1)
     q, cache, block_table = sets[0]
     for backend in args.backends.split(","):
         with forced_backend(backend):
+            taken = flashmla_ops.backend("dense_decode", device)
+            if taken != backend:
+                print(f"{backend}: skipped (dense_decode runs {taken} here)")
+                continue
             call = lambda: torch.ops.flashmla.dense_decode(q, cache, block_table, seqlens, None, None,  # noqa: E731
                                                            KV_LORA_RANK, D_QK ** -0.5, False, False, None)
             for _ in range(5):

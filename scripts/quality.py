@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.configs.insert(0, BASELINE)
     if not 0 < args.context < args.window:
         parser.error("need 0 < --context < --window")
+    for name in ("tokens", "batch", "continuations", "new_tokens"):  # checked before the first (long) pass
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.thresholds = {name: parse_threshold(parser, name, getattr(args, name)) for name in THRESHOLDS}
     return args
 
@@ -270,6 +273,9 @@ def main(argv=None) -> int:
     predicted = args.window - args.context
     num_windows = -(-args.tokens // predicted)
     windows = torch.stack([stream[s:s + args.window] for s in window_starts(len(stream), args.window, num_windows)])
+    if num_windows * args.window > len(stream):
+        print(f"note: {num_windows} windows of {args.window} tokens over a held-out text of {len(stream)}: they "
+              f"overlap, so some tokens are scored more than once")
     prompts = [stream[s:s + args.context].tolist()
                for s in window_starts(len(stream), args.context + args.new_tokens, args.continuations)]
     targets = windows[:, args.context:]

@@ -9,6 +9,8 @@ import json
 import torch
 
 from bench_decode import bench_config, forced_backend
+
+import flashmla_ops
 from flashmla_ops import decode
 
 SHAPES = [(1, 16, 1024), (1, 16, 4096), (4, 16, 1024), (1, 128, 1024), (16, 16, 1024), (1, 128, 32768),
@@ -20,8 +22,15 @@ def main():
     parser.add_argument("--floors", default="1,2,4")
     parser.add_argument("--out", default="tune_splits.json")
     args = parser.parse_args()
-    device = torch.device("cuda")
     floors = [int(f) for f in args.floors.split(",")]
+    if min(floors) < 1:
+        parser.error(f"--floors must all be >= 1, got {floors}")
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_cuda_splits.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    with forced_backend("cuda"):
+        if flashmla_ops.backend("dense_decode", device) != "cuda":
+            raise SystemExit("tune_cuda_splits.py: the CUDA dense decode kernel is not built here")
     rows = []
     print(f"{'batch':>5} {'h_q':>4} {'seqlen':>6} " + " ".join(f"{'floor ' + str(f):>9}" for f in floors)
           + f" {'triton':>9}  (us)")

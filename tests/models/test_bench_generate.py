@@ -71,8 +71,11 @@ def test_arguments():
         "num_hidden_layers"] == 27
     assert bench_generate.model_config(bench_generate.parse_args(["--model-preset", "v3-layers", "--layers", "3"]))[
         "num_hidden_layers"] == 3
-    with pytest.raises(SystemExit):
-        bench_generate.parse_args(["--backends", "vllm"])
+    for bad in (["--backends", "vllm"], ["--batch", "0"], ["--batch", ""], ["--context", "-5"], ["--steps", "0"],
+                ["--warmup", "-1"], ["--prefill-tokens", "0"], ["--layers", "0"], ["--profile", "16", "--batch", "1"]):
+        with pytest.raises(SystemExit):
+            bench_generate.parse_args(bad)
+    assert bench_generate.parse_args(["--profile", "4", "--batch", "1,4"]).profile == 4
 
 
 @pytest.mark.parametrize("names, group", [

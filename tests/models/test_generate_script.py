@@ -57,6 +57,9 @@ def test_arguments():
     assert generate_script.DTYPES[parse(["--random-tiny", "v3"]).dtype] == torch.bfloat16  # the default
     assert generate_script.DTYPES[parse(["--random-tiny", "v3", "--dtype", "bfloat16"]).dtype] == torch.bfloat16
     for bad in (["--greedy", "--temperature", "0.7"], ["--prompt-ids", "1,x"], ["--prompt", "a", "--prompt-ids", "1"],
-                ["--kv-cache", "fp16"], ["--dtype", "float16"]):
+                ["--kv-cache", "fp16"], ["--dtype", "float16"],
+                # what generate() refuses, said before the model loads
+                ["--max-new-tokens", "0"], ["--temperature", "-1"], ["--temperature", "nan"], ["--top-p", "0"],
+                ["--top-p", "1.5"], ["--tp", "0"]):
         with pytest.raises(SystemExit):
             parse(["--random-tiny", "v3", *bad])

@@ -90,6 +90,24 @@ def corpus_dir(tmp_path_factory) -> Path:
     return directory
 
 
+def test_train_tiny_arguments():
+    """The default output is a scratch folder, never the shipped checkpoint; counts that would crash mid-run (or
+    after writing the tokenizer) are refused first."""
+    assert train_tiny.parse_args([]).out == train_tiny.DEFAULT_OUT
+    assert train_tiny.DEFAULT_OUT.resolve() != SHIPPED.resolve()
+    for bad in (["--steps", "0"], ["--eval-every", "0"], ["--batch-size", "0"], ["--seq-len", "0"],
+                ["--vocab-size", "0"], ["--sample-tokens", "-1"]):
+        with pytest.raises(SystemExit):
+            train_tiny.parse_args(bad)
+
+
+def test_quality_arguments():
+    for bad in (["--batch", "0"], ["--tokens", "0"], ["--continuations", "0"], ["--new-tokens", "0"],
+                ["--context", "256"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(bad)
+
+
 def test_train_tiny_writes_a_loadable_checkpoint(tmp_path, corpus_dir):
     out = tmp_path / "tiny"
     train_tiny.main(["--device", "cpu", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--vocab-size", "512",
