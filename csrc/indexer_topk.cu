@@ -7,6 +7,8 @@
 // first keys equal to T (by position) that make up topk: the output is the same on every run, so the sparse attention
 // that reads it sums in the same order every time. A row of up to kSharedKeys logits is read from global memory once,
 // into shared memory; a longer one is read in each of the four passes (mostly from L2).
+#include <atomic>
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -300,9 +302,17 @@ torch::Tensor indexer_topk(const torch::Tensor& logits, int64_t topk, const c10:
     using TableT = std::remove_cv_t<std::remove_pointer_t<decltype(table)>>;
     auto kernel = topk_kernel<decltype(in_shared_constant)::value, TableT>;
     // The default dynamic limit is 48 KiB less the kernel's static shared memory (~16 KiB): from ~8.1k keys a row's
-    // codes need the opt-in, which a larger launch earlier in the process may or may not have made. Set it always.
-    if (shared_bytes > 0) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes));
+    // codes need the opt-in. Set once per device (a bit each) to what the longest shared row takes, so that every
+    // launch fits and host threads never lower the limit under one another's launch.
+    if constexpr (decltype(in_shared_constant)::value) {
+      static std::atomic<uint64_t> opted_in{0};  // one per kernel instantiation
+      const int device = logits.get_device();
+      const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;  // past 64 devices: set on every launch
+      if ((opted_in.load() & bit) == 0) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kSharedKeys * sizeof(uint32_t))));
+        opted_in.fetch_or(bit);
+      }
     }
     kernel<<<static_cast<unsigned>(rows), kThreads, shared_bytes, stream>>>(
         logits.data_ptr<float>(), static_cast<int>(num_keys), aligned, static_cast<int>(topk), table, table_stride,

@@ -1,4 +1,5 @@
 """FlashMLA's Python API (same names, argument order, defaults and return values) over the `flashmla` ops."""
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -6,14 +7,25 @@ import torch
 from . import decode, sparse_prefill  # noqa: F401  (registers the ops)
 from .decode import _check_dense, _check_sparse, num_sm_parts
 
-_INT = (int, torch.SymInt)
-_FLOAT = (int, float, torch.SymInt, torch.SymFloat)
+def _is_int(value) -> bool:
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
-def _check_scalar(op: str, name: str, value, kinds, what: str) -> None:
-    """A Python scalar argument: the custom ops' schemas would reject it later with a RuntimeError naming the op's
-    own argument, so the API says it first (bool is not taken for a number)."""
-    if isinstance(value, bool) != (kinds is bool) or not isinstance(value, kinds):
+def _is_float(value) -> bool:  # a 0-d tensor too, which the op schemas' float arguments take
+    return (_is_int(value) or isinstance(value, (numbers.Real, torch.SymFloat))
+            or (isinstance(value, torch.Tensor) and value.dim() == 0)) and not isinstance(value, bool)
+
+
+def _is_flag(value) -> bool:  # bool, numpy's bool, or an int (0 / 1), as the schemas' bool arguments take
+    kind = type(value)
+    return isinstance(value, (bool, numbers.Integral)) or (kind.__module__ == "numpy" and kind.__name__ in ("bool",
+                                                                                                             "bool_"))
+
+
+def _check_scalar(op: str, name: str, value, accepts, what: str) -> None:
+    """A scalar argument of the wrong kind (None, a string, a list): the custom ops' schemas would reject it later
+    with a RuntimeError naming the op's own argument, so the API says it first. Numpy scalars are taken."""
+    if not accepts(value):
         raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")
 
 
@@ -32,26 +44,31 @@ class FlashMLASchedMeta:
     key: tuple = field(default=(), repr=False)
     source: torch.Tensor | None = field(default=None, repr=False)
 
-    def fill(self, lengths, source: torch.Tensor | None, key: tuple) -> None:
+    def fill(self, lengths, source: torch.Tensor | None, key: tuple, check=None) -> None:
         """Compute the split for `lengths()` unless it was computed for this very `source` tensor (held, so that its
         id cannot be reused by another tensor), unmodified since (`_version`), with the same `key` (shapes); with
-        `source` None the lengths follow from `key` alone."""
+        `source` None the lengths follow from `key` alone. `check()` runs first whenever the split is computed (the
+        API's argument checks: once per new lengths, not on every layer's call)."""
         s_q, h_q = key[1], key[2]
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         # Recompute (cheap device work, no sync) under torch.compile (no guards on tensor versions), inside a CUDA
         # graph capture (the graph must record the computation: replays follow lengths changed in place) and for an
         # inference tensor (no version counter to tell whether it changed).
         if torch.compiler.is_compiling() or capturing or (source is not None and source.is_inference()):
-            lengths = lengths()
-            self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
-                lengths, num_sm_parts(lengths.device, s_q, h_q))
+            self._compute(lengths, s_q, h_q, check)
+            self.source, self.key = None, ()  # nothing to reuse: the next call with a tracked tensor recomputes
             return
         key = (*key, source._version if source is not None else 0)
         if self.source is not source or self.key != key or self.tile_scheduler_metadata is None:
-            lengths = lengths()
-            self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
-                lengths, num_sm_parts(lengths.device, s_q, h_q))
+            self._compute(lengths, s_q, h_q, check)
             self.source, self.key = source, key
+
+    def _compute(self, lengths, s_q: int, h_q: int, check) -> None:
+        if check is not None:
+            check()
+        lengths = lengths()
+        self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
+            lengths, num_sm_parts(lengths.device, s_q, h_q))
 
 
 def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
@@ -96,12 +113,12 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     if q.dim() != 4:
         raise ValueError(f"{op}: q must be a tensor of shape (batch, s_q, h_q, d_qk), got {tuple(q.shape)}")
     batch, s_q, h_q, d_qk = q.shape
-    _check_scalar(op, "head_dim_v", head_dim_v, _INT, "an int")
+    _check_scalar(op, "head_dim_v", head_dim_v, _is_int, "an int")
     if softmax_scale is None:
         softmax_scale = d_qk ** -0.5
-    _check_scalar(op, "softmax_scale", softmax_scale, _FLOAT, "a float or None")
-    _check_scalar(op, "causal", causal, bool, "a bool")
-    _check_scalar(op, "is_fp8_kvcache", is_fp8_kvcache, bool, "a bool")
+    _check_scalar(op, "softmax_scale", softmax_scale, _is_float, "a float or None")
+    _check_scalar(op, "causal", causal, _is_flag, "a bool")
+    _check_scalar(op, "is_fp8_kvcache", is_fp8_kvcache, _is_flag, "a bool")
     meta = tile_scheduler_metadata if tile_scheduler_metadata is not None else FlashMLASchedMeta()
     if indices is None:
         for name, value in (("extra_k_cache", extra_k_cache), ("extra_indices_in_kvcache", extra_indices_in_kvcache),
@@ -112,23 +129,33 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
             raise ValueError(f"{op}: dense decode needs block_table and cache_seqlens, got "
                              f"block_table={'a tensor' if block_table is not None else None}, "
                              f"cache_seqlens={'a tensor' if cache_seqlens is not None else None}")
-        # The op's checks first (they run again in the op: cheap), so that bad input is named before the metadata
-        # is computed from it (while torch.compile traces, shapes only: `value_checks_apply`).
-        _check_dense(op, q, k_cache, block_table, cache_seqlens, None, None, head_dim_v, is_fp8_kvcache, attn_sink)
-        meta.fill(lambda: cache_seqlens, cache_seqlens, ("dense", s_q, h_q, batch))
+        # The op's checks before the metadata is computed from the arguments, naming this function (while
+        # torch.compile traces, shapes only: `value_checks_apply`); when the metadata is reused, the op's own.
+        def check():
+            _check_dense(op, q, k_cache, block_table, cache_seqlens, None, None, head_dim_v, is_fp8_kvcache,
+                         attn_sink)
+
+        if not isinstance(cache_seqlens, torch.Tensor):
+            check()  # names cache_seqlens (the metadata's source must be a tensor)
+        meta.fill(lambda: cache_seqlens, cache_seqlens, ("dense", s_q, h_q, batch), check=check)
         return torch.ops.flashmla.dense_decode(q, k_cache, block_table, cache_seqlens, meta.tile_scheduler_metadata,
                                                meta.num_splits, head_dim_v, softmax_scale, causal, is_fp8_kvcache,
                                                attn_sink)
     if causal:
         raise ValueError(f"{op}: causal must be False with indices (the indices say what each query sees), got True")
-    _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
-                  None, None, head_dim_v, is_fp8_kvcache, attn_sink)
+    def check():
+        _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
+                      extra_topk_length, None, None, head_dim_v, is_fp8_kvcache, attn_sink)
+
+    if (not isinstance(indices, torch.Tensor) or indices.dim() != 3
+            or not isinstance(topk_length, (torch.Tensor, type(None)))):
+        check()  # names the argument (the metadata's key reads indices' shape, its source is topk_length)
     # Without topk_length every sequence has topk keys: the split depends on the shapes alone.
     if topk_length is not None:
         lengths, source = (lambda: topk_length), topk_length
     else:
         lengths, source = (lambda: torch.full((batch,), indices.shape[-1], dtype=torch.int32, device=q.device)), None
-    meta.fill(lengths, source, ("sparse", s_q, h_q, batch, indices.shape[-1], q.device))
+    meta.fill(lengths, source, ("sparse", s_q, h_q, batch, indices.shape[-1], q.device), check=check)
     return torch.ops.flashmla.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                                             extra_topk_length, meta.tile_scheduler_metadata, meta.num_splits,
                                             head_dim_v, softmax_scale, is_fp8_kvcache, attn_sink)
@@ -148,9 +175,9 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk
         [, lse_indexer `(s_q, h_q)` float32 when indexer_topk > 0]).
     """
     op = "flash_mla_sparse_fwd"
-    _check_scalar(op, "sm_scale", sm_scale, _FLOAT, "a float")
-    _check_scalar(op, "d_v", d_v, _INT, "an int")
-    _check_scalar(op, "indexer_topk", indexer_topk, _INT, "an int")
+    _check_scalar(op, "sm_scale", sm_scale, _is_float, "a float")
+    _check_scalar(op, "d_v", d_v, _is_int, "an int")
+    _check_scalar(op, "indexer_topk", indexer_topk, _is_int, "an int")
     out, max_logits, lse, lse_indexer = torch.ops.flashmla.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink,
                                                                           topk_length, indexer_topk)
     if indexer_topk > 0:

@@ -113,8 +113,13 @@ class PagedKVCache:
         if not 0 <= batch <= len(self.seq_lens) or num_tokens < 0:
             raise ValueError(f"extend_batch: batch must be in [0, {len(self.seq_lens)}] and num_tokens >= 0, got "
                              f"batch {batch}, num_tokens {num_tokens}")
-        self._check_room({seq: self.seq_lens[seq] + num_tokens for seq in range(batch)})
-        self._write_blocks([new for seq in range(batch) for new in self._allocate(seq, num_tokens)])
+        ends = [length + num_tokens for length in self.seq_lens[:batch]]
+        # only the sequences that cross into a new block take one (a decode step: one in 64, or none)
+        growing = {seq: end for seq, (end, blocks) in enumerate(zip(ends, self.seq_blocks))
+                   if end > len(blocks) * PAGE_BLOCK_SIZE}
+        self._check_room(growing)
+        self._write_blocks([new for seq in growing for new in self._allocate(seq, num_tokens)])
+        self.seq_lens[:batch] = ends
         self.cache_seqlens[:batch] += num_tokens
 
     def _allocate(self, seq: int, num_tokens: int) -> list[tuple[int, int, int]]:

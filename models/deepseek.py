@@ -316,10 +316,12 @@ class Router(nn.Module):
         scores, choice, _ = self.rank(x)
         indices = choice.topk(config.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(1, indices)
-        if config.model_type == "deepseek_v2" and config.norm_topk_prob and config.num_experts_per_tok > 1:
-            # DeepSeek's V2 code normalises instead of scaling (transformers' V2 port ignores norm_topk_prob; every
-            # V2 checkpoint ships it false, where all three agree)
-            return weights / (weights.sum(-1, keepdim=True) + 1e-20), indices
+        if config.model_type == "deepseek_v2":
+            # DeepSeek's V2 code normalises instead of scaling, with more than one expert a token (transformers' V2
+            # port ignores norm_topk_prob; every V2 checkpoint ships it false, where all three agree)
+            if config.norm_topk_prob and config.num_experts_per_tok > 1:
+                return weights / (weights.sum(-1, keepdim=True) + 1e-20), indices
+            return weights * config.routed_scaling_factor, indices
         if config.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * config.routed_scaling_factor, indices

@@ -195,6 +195,15 @@ def test_v2_norm_topk_prob_normalises_instead_of_scaling():
         torch.nn.init.normal_(router.weight, std=0.5)
         weights, _ = router(torch.randn(5, config.hidden_size))
         assert torch.allclose(weights.sum(-1), torch.full((5,), total)), model_type
+    # one expert a token: V2 scales the expert's score (DeepSeek's code normalises only from two experts)
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v2", norm_topk_prob=True, routed_scaling_factor=1.5,
+                                                  num_experts_per_tok=1))
+    router = Router(config)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(5, config.hidden_size)
+    weights, indices = router(x)
+    scores = torch.softmax(torch.nn.functional.linear(x, router.weight), -1)
+    assert torch.allclose(weights, 1.5 * scores.gather(1, indices))
 
 
 def test_sparse_attention_is_sparse(hf_checkpoints):

@@ -123,12 +123,17 @@ def test_the_build_runs_once_across_threads():
 
 
 def test_the_cuda_path_asks_each_device_its_architecture(monkeypatch):
-    """A process that sees an sm_90 and an sm_80 GPU: the csrc kernels (sm_90a code) are the path on the first only."""
+    """A process that sees an sm_90 and an sm_80 GPU (the kernels built, as the current device is the first): the
+    csrc kernels (sm_90a code) are the path on the first only."""
     monkeypatch.setattr(torch.cuda, "get_device_capability",
                         lambda device=None: (9, 0) if torch.device(device).index in (None, 0) else (8, 0))
+    monkeypatch.setattr(_ext, "_load", lambda: object())
+    monkeypatch.setattr(_ext, "_triton_importable", lambda: True)
+    monkeypatch.setenv(_ext.BACKEND_ENV, "auto")
     _ext._hopper.cache_clear()
     try:
-        assert _ext._hopper(torch.device("cuda:0")) and not _ext._hopper(torch.device("cuda:1"))
+        assert _ext.paths("dense_decode", "cuda:0") == ("cuda", "triton")
+        assert _ext.paths("dense_decode", "cuda:1") == ("triton",)
     finally:
         _ext._hopper.cache_clear()
 

@@ -160,6 +160,34 @@ def test_flashmla_api_under_inference_mode(eight_sm_parts):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+def test_sched_meta_after_an_inference_mode_call(eight_sm_parts):
+    """Lengths L1 (tracked), then an inference tensor L2, then L1 again unmodified: the third call must not reuse
+    L2's split as if it were L1's."""
+    q, cache, _, block_table, first = dense_case([300, 20, 129], capacity=320)
+    sched_meta, _ = flashmla_ops.get_mla_metadata()
+    flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, first, 512, sched_meta)
+    with torch.inference_mode():
+        second = torch.tensor([5, 310, 64], dtype=torch.int32)
+        flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, second, 512, sched_meta)
+    flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, first, 512, sched_meta)
+    assert all(torch.equal(a, b) for a, b in zip((sched_meta.tile_scheduler_metadata, sched_meta.num_splits),
+                                                 expected_metadata(first)))
+
+
+def test_numpy_and_tensor_scalars_are_taken():
+    """Numpy scalars, a 0-d tensor scale and an int flag: what the ops' schemas take, the API takes too."""
+    import numpy as np
+
+    q, cache, _, block_table, cache_seqlens = dense_case([70, 5])
+    want = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, None, softmax_scale=0.04,
+                                               causal=True)
+    for scale, head_dim_v, causal in ((np.float32(0.04), np.int64(512), np.bool_(True)),
+                                      (torch.tensor(0.04), 512, 1)):
+        got = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, head_dim_v, None,
+                                                  softmax_scale=scale, causal=causal)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_sched_meta_recomputed_for_new_cache_seqlens_tensors(eight_sm_parts):
     """A decode loop that builds a new cache_seqlens tensor each step and reuses one sched_meta must never run with
     the previous step's split. (A tensor freed after one step may get the same Python id() as the next step's.)"""
