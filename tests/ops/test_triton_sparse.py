@@ -157,12 +157,10 @@ def packed_prefill_inputs(seq_lens, h_q, topk, with_topk_length, generator):
     return q, kv, indices, topk_length
 
 
-def run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink):
-    generator = torch.Generator(DEVICE).manual_seed(sum(seq_lens) * 31 + h_q * 7 + topk + indexer_topk)
-    q, kv, indices, topk_length = packed_prefill_inputs(seq_lens, h_q, topk, with_topk_length, generator)
-    attn_sink = torch.randn(h_q, generator=generator, device=DEVICE) if with_sink else None
-    args = (q, kv, indices, 0.05, KV_LORA_RANK, attn_sink, topk_length, indexer_topk)
-    poison_allocator(8 * q.shape[0] * h_q * KV_LORA_RANK * 2)
+def prefill_and_compare(*args):
+    """The sparse prefill kernel on sparse_prefill's arguments (outputs poisoned first) against the reference: out and
+    LSE, max_logits and the indexer LSE (infinities and their signs exactly)."""
+    poison_allocator(8 * args[0].shape[0] * args[0].shape[1] * KV_LORA_RANK * 2)
     got = triton_sparse.sparse_prefill(*args)
     want = reference.sparse_prefill(*args)
     assert_close(got[0], got[2], want[0], want[2])
@@ -172,7 +170,15 @@ def run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink):
         assert torch.equal(value > 0, want_value > 0), name  # the signs of the infinities
         finite = torch.isfinite(want_value)
         assert torch.allclose(value[finite], want_value[finite], atol=LSE_TOLERANCE, rtol=0), name
-    return got, args
+    return got
+
+
+def run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink):
+    generator = torch.Generator(DEVICE).manual_seed(sum(seq_lens) * 31 + h_q * 7 + topk + indexer_topk)
+    q, kv, indices, topk_length = packed_prefill_inputs(seq_lens, h_q, topk, with_topk_length, generator)
+    attn_sink = torch.randn(h_q, generator=generator, device=DEVICE) if with_sink else None
+    args = (q, kv, indices, 0.05, KV_LORA_RANK, attn_sink, topk_length, indexer_topk)
+    return prefill_and_compare(*args), args
 
 
 @pytest.mark.parametrize("batch,s_q,h_q,topk,extra_topk,with_topk_length", DECODE_CASES)
