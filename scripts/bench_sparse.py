@@ -120,13 +120,16 @@ def tune_candidates(h_q: int) -> list:
     return list(dict.fromkeys([*ladder[:2], *extra, *tile_configs(h_q, fp8_decode=True)[:1]]))
 
 
-def tune(device) -> list[dict]:
-    """Times each Triton tile config of `tune_candidates` on every SPEC row (the Triton functions called directly)."""
+def tune(device, chosen=lambda name: True) -> list[dict]:
+    """Times each Triton tile config of `tune_candidates` on every SPEC row `chosen(name)` (--rows) takes (the Triton
+    functions called directly)."""
     from flashmla_ops.triton import sparse as triton_sparse
 
     results = []
     scale = D_QK ** -0.5
     for name, op, size, second, h_q, topk, _, target in SPEC_ROWS:
+        if not chosen(name):
+            continue
         if op == "decode":
             sets = [decode_inputs(size, second, h_q, topk, True, device) for _ in range(2)]
             flops = attention_flops(size * second, h_q, topk)
@@ -200,13 +203,13 @@ def main():
     parser.add_argument("--out", default="bench/sparse", help="output prefix for .json and .png")
     parser.add_argument("--tune", action="store_true", help="time the Triton tile configurations first")
     parser.add_argument("--rows", default="", help="only the SPEC rows whose name has one of these comma-separated "
-                        "substrings (e.g. 'decode' or 'h128')")
+                        "substrings (e.g. 'decode' or 'h128'); --tune likewise")
     add_settle_argument(parser)
     args = parser.parse_args()
     apply_settle_argument(args)
     wanted = row_filter(args.rows)
     device = bench_device(args.backend, "bench_sparse.py", ("sparse_decode", "sparse_prefill"))
-    tuned = tune(device) if args.tune else []
+    tuned = tune(device, wanted) if args.tune else []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: sparse_decode "
           f"{flashmla_ops.backend('sparse_decode', device)}, "
           f"sparse_prefill {flashmla_ops.backend('sparse_prefill', device)}")
