@@ -7,6 +7,7 @@ import torch
 from . import decode, sparse_prefill  # noqa: F401  (registers the ops)
 from .decode import _check_dense, _check_sparse, num_sm_parts
 
+
 def _is_int(value) -> bool:
     return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 

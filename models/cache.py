@@ -72,9 +72,10 @@ class PagedKVCache:
         """Tokens one sequence can hold (its block_table row's blocks)."""
         return self.max_blocks_per_seq * PAGE_BLOCK_SIZE
 
-    def blocks_needed(self, lengths: dict[int, int]) -> int:
-        """Free blocks that growing each sequence `seq` to `lengths[seq]` tokens takes; ValueError for a sequence
-        past max_seq_len (or a row the cache does not have)."""
+    def check_room(self, lengths: dict[int, int]) -> None:
+        """That each sequence `seq` can grow to `lengths[seq]` tokens, all of them together, before any does: a
+        ValueError for a row the cache does not have or a length past max_seq_len, a RuntimeError when the pool has
+        too few free blocks (so an extension happens whole or not at all)."""
         more = 0
         for seq, end in lengths.items():
             if not 0 <= seq < len(self.seq_lens):
@@ -83,11 +84,6 @@ class PagedKVCache:
                 raise ValueError(f"sequence {seq} would reach {end} tokens, more than max_seq_len "
                                  f"({self.max_seq_len})")
             more += max(0, -(-end // PAGE_BLOCK_SIZE) - len(self.seq_blocks[seq]))
-        return more
-
-    def _check_room(self, lengths: dict[int, int]) -> None:
-        """Everything `_allocate` will be asked for, checked before any of it: an extension happens whole or not."""
-        more = self.blocks_needed(lengths)
         if more > len(self.free_blocks):
             raise RuntimeError(f"KV cache out of blocks: sequences {sorted(lengths)} need {more} more, "
                                f"{len(self.free_blocks)} free of {self.num_blocks}")
@@ -98,7 +94,7 @@ class PagedKVCache:
         if not 0 <= seq < len(self.seq_lens) or num_tokens < 0:
             raise ValueError(f"extend: seq must be in [0, {len(self.seq_lens)}) and num_tokens >= 0, got seq {seq}, "
                              f"num_tokens {num_tokens}")
-        self._check_room({seq: self.seq_lens[seq] + num_tokens})
+        self.check_room({seq: self.seq_lens[seq] + num_tokens})
         start = self.seq_lens[seq]
         self._write_blocks(self._allocate(seq, num_tokens))
         self.cache_seqlens[seq] = self.seq_lens[seq]
@@ -117,7 +113,7 @@ class PagedKVCache:
         # only the sequences that cross into a new block take one (a decode step: one in 64, or none)
         growing = {seq: end for seq, (end, blocks) in enumerate(zip(ends, self.seq_blocks))
                    if end > len(blocks) * PAGE_BLOCK_SIZE}
-        self._check_room(growing)
+        self.check_room(growing)
         self._write_blocks([new for seq in growing for new in self._allocate(seq, num_tokens)])
         self.seq_lens[:batch] = ends
         self.cache_seqlens[:batch] += num_tokens
@@ -125,7 +121,7 @@ class PagedKVCache:
     def _allocate(self, seq: int, num_tokens: int) -> list[tuple[int, int, int]]:
         """Host bookkeeping of `extend`: grows `seq_lens[seq]` and its blocks; returns the new block_table entries
         `(seq, column, block)` (not yet written)."""
-        end = self.seq_lens[seq] + num_tokens  # room checked by the caller (`_check_room`)
+        end = self.seq_lens[seq] + num_tokens  # room checked by the caller (`check_room`)
         blocks = self.seq_blocks[seq]
         needed = -(-end // PAGE_BLOCK_SIZE)
         new = []

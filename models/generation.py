@@ -21,7 +21,7 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
     `(batch, vocab)` float32, or with `last_only=False` every token's, packed `(sum of lengths, vocab)`."""
     device = cache.block_table.device
     _check_prompts("prefill", model, cache, prompts)
-    cache._check_room({seq: len(prompt) for seq, prompt in enumerate(prompts)})  # all prompts fit, or none is cached
+    cache.check_room({seq: len(prompt) for seq, prompt in enumerate(prompts)})  # all prompts fit, or none is cached
     slots, k_start, k_end, positions = [], [], [], []
     start = 0
     for seq, prompt in enumerate(prompts):
@@ -50,8 +50,8 @@ def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, pro
         if cache.seq_lens[seq] or not prompt:
             raise ValueError(f"{op}: sequence {seq} needs an empty cache row and a non-empty prompt, got "
                              f"{cache.seq_lens[seq]} cached tokens and a prompt of {len(prompt)} tokens")
-        bad = [token for token in prompt if not 0 <= token < vocab]
-        if bad:
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            bad = [token for token in prompt if not 0 <= token < vocab]
             raise ValueError(f"{op}: prompt {seq} holds token ids outside the vocabulary [0, {vocab}): {bad[:8]}")
 
 
@@ -132,7 +132,7 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
     _check_sampling("generate", temperature, top_p)
     _check_prompts("generate", model, cache, prompts)
     # the last new token is returned, not cached
-    cache._check_room({seq: len(prompt) + max_new_tokens - 1 for seq, prompt in enumerate(prompts)})
+    cache.check_room({seq: len(prompt) + max_new_tokens - 1 for seq, prompt in enumerate(prompts)})
     try:
         return _generate(model, cache, prompts, max_new_tokens, temperature, top_p, eos_token_ids, step, generator)
     except BaseException:

@@ -330,9 +330,10 @@ def save_results(prefix: str, backend: str, rows: list[dict], plot_fn, **extra) 
     out = Path(prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "backend": backend, "ceilings": CEILINGS}
-    out.with_name(out.name + ".json").write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=1))
-    plot_fn(rows, out.with_name(out.name + ".png"))
-    print(f"wrote {out.with_name(out.name + '.json')} and {out.with_name(out.name + '.png')}")
+    json_path, png_path = (out.with_name(out.name + suffix) for suffix in (".json", ".png"))  # keeps dots in `prefix`
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=1))
+    plot_fn(rows, png_path)
+    print(f"wrote {json_path} and {png_path}")
 
 
 def main():

@@ -111,12 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.backends) - set(BACKENDS)
     if unknown:
         parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
-    for name, value, least in (("batch", args.batch, 1), ("context", args.context, 1), ("steps", args.steps, 1),
-                               ("warmup", args.warmup, 0), ("prefill-tokens", args.prefill_tokens, 1),
-                               ("layers", args.layers, 1)):
-        values = value if isinstance(value, list) else [] if value is None else [value]
-        if (isinstance(value, list) and not values) or (values and min(values) < least):
-            parser.error(f"--{name} must be >= {least}, got {value}")
+    for name, values, least in (("batch", args.batch, 1), ("context", args.context, 1), ("steps", [args.steps], 1),
+                                ("warmup", [args.warmup], 0), ("prefill-tokens", [args.prefill_tokens], 1),
+                                ("layers", [1 if args.layers is None else args.layers], 1)):
+        if not values or min(values) < least:
+            parser.error(f"--{name} must be >= {least}, got {','.join(map(str, values))}")
     if args.profile and args.profile not in args.batch:
         parser.error(f"--profile {args.profile} must be one of --batch {args.batch} (the batch size it profiles)")
     return args
@@ -568,13 +567,14 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.dtype}, {device}{gpu}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = (out.with_name(out.name + suffix) for suffix in (".json", ".png"))  # keeps dots in --out
     rows = []
     meta = {"preset": args.model_preset, "config": config_dict, "dtype": args.dtype, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
             "steps": args.steps, "warmup": args.warmup, "prefill_tokens": args.prefill_tokens}
 
     def save_so_far() -> None:  # after each backend, in case a later one dies
-        out.with_name(out.name + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
     for name in (b for b in args.backends if b.startswith("ours")):
         # One compiled step for every configuration: the cache's sizes are symbolic, so it compiles about twice.
@@ -611,10 +611,9 @@ def main(argv: list[str] | None = None) -> dict:
     meta["compiled_graphs"] = counters["stats"]["unique_graphs"]
     print(f"CUDA graphs skipped: {meta['cudagraph_skips']}, graphs compiled: {meta['compiled_graphs']}")
     result = {"meta": meta, "rows": rows, "speedups": speedups}
-    out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1))
-    plot(rows, f"{args.model_preset} ({config.num_hidden_layers} layers), {args.dtype}, {device}",
-         out.with_name(out.name + ".png"))
-    print(f"wrote {out.with_name(out.name + '.json')} and {out.with_name(out.name + '.png')}")
+    json_path.write_text(json.dumps(result, indent=1))
+    plot(rows, f"{args.model_preset} ({config.num_hidden_layers} layers), {args.dtype}, {device}", png_path)
+    print(f"wrote {json_path} and {png_path}")
     return result
 
 

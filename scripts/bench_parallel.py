@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     for name, values, least in (("batch", args.batch, 1), ("prompt-len", [args.prompt_len], 1),
                                 ("new-tokens", [args.new_tokens], 2), ("layers", [args.layers], 1)):
         if min(values) < least:  # new tokens: the first comes from prefill, the rest are the timed decode
-            parser.error(f"--{name} must be >= {least}, got {values if len(values) > 1 else values[0]}")
+            parser.error(f"--{name} must be >= {least}, got {','.join(map(str, values))}")
     return args
 
 
@@ -148,11 +148,12 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         settings = {key: value for key, value in vars(args).items() if key != "out"}
-        out.with_name(out.name + ".json").write_text(json.dumps(
+        json_path, png_path = (out.with_name(out.name + suffix) for suffix in (".json", ".png"))  # keeps dots
+        json_path.write_text(json.dumps(
             {"device": device_name, "world_size": world_size, "settings": settings, "config": config.__dict__,
              "results": rows}, indent=2))
-        plot(rows, out.with_name(out.name + ".png"))
-        print(f"wrote {out.with_name(out.name + '.json')} and {out.with_name(out.name + '.png')}")
+        plot(rows, png_path)
+        print(f"wrote {json_path} and {png_path}")
     if parallel is not None:
         end_job()
 
