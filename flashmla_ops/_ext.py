@@ -17,7 +17,16 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("flashmla_ops")
-PACKAGE_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _package_csrc(package: Path) -> Path:
+    """The CUDA sources: `flashmla_ops/csrc/` in an installed wheel (setup.py copies them there), else the
+    checkout's `csrc/` beside the package (an editable install)."""
+    installed = package / "csrc"
+    return installed if installed.is_dir() else package.parent / "csrc"
+
+
+PACKAGE_CSRC = _package_csrc(Path(__file__).resolve().parent)
 CSRC_ENV = "FLASHMLA_CSRC"
 CSRC = Path(os.environ[CSRC_ENV]).resolve() if os.environ.get(CSRC_ENV) else PACKAGE_CSRC
 BACKEND_ENV = "FLASHMLA_BACKEND"
@@ -46,16 +55,24 @@ def _once(function):
 def _unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
-    if torch.version.cuda is None:
+    if torch.version.cuda is None:  # before asking the device (a faked one in tests) anything
         return "this torch build has no CUDA"
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) != (9, 0):  # wgmma and TMA: sm_90a only. Elsewhere a build would fail after ~90 s, every process
         return f"they are written for sm_90 (Hopper) and this GPU is sm_{major}{minor}"
+    return toolchain_reason()
+
+
+def toolchain_reason() -> str | None:
+    """Why the CUDA kernels cannot be compiled here (None: they can). A GPU is not needed to compile them: see
+    `python -m flashmla_ops.build`."""
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA"
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
     missing = [name for name in SOURCES if not (CSRC / name).exists()]
     if missing:
-        return f"csrc sources missing under {CSRC}: {missing} (install with `pip install -e .` from a checkout)"
+        return f"csrc sources missing under {CSRC}: {missing} (reinstall: `pip install .` or `pip install -e .`)"
     return None
 
 
@@ -83,23 +100,31 @@ def _load():
         log.warning("flashmla_ops: CUDA kernels not built (%s); the ops use the Triton kernels, else the PyTorch "
                     "reference", reason)
         return None
-    from torch.utils.cpp_extension import load
-
-    extra = os.environ.get("FLASHMLA_EXTRA_CUDA_FLAGS", "").split()
     try:
-        return load(
-            name=build_name(extra, CSRC),
-            sources=[str(CSRC / name) for name in SOURCES],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo", *ARCH_FLAGS, *extra],
-            verbose=os.environ.get("FLASHMLA_VERBOSE_BUILD", "0") == "1",
-        )
+        return build_extension()
     except (RuntimeError, OSError, ImportError) as error:  # ImportError: built, but the library does not load
         if requested:
             raise RuntimeError(f"{CSRC_ENV}={os.environ[CSRC_ENV]}: building the CUDA kernels failed") from error
         log.warning("flashmla_ops: building or loading the CUDA kernels failed (%s; FLASHMLA_VERBOSE_BUILD=1 shows "
                     "the build); the ops use the Triton kernels, else the PyTorch reference", build_error(error))
         return None
+
+
+def build_extension(verbose: bool | None = None):
+    """Compiles the CUDA kernels with ninja, or finds their build up to date, and imports it: the same build,
+    keyed by `build_name`, whether it runs on first use or ahead of it (`python -m flashmla_ops.build`)."""
+    from torch.utils.cpp_extension import load
+
+    extra = os.environ.get("FLASHMLA_EXTRA_CUDA_FLAGS", "").split()
+    if verbose is None:
+        verbose = os.environ.get("FLASHMLA_VERBOSE_BUILD", "0") == "1"
+    return load(
+        name=build_name(extra, CSRC),
+        sources=[str(CSRC / name) for name in SOURCES],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo", *ARCH_FLAGS, *extra],
+        verbose=verbose,
+    )
 
 
 def build_error(error: BaseException, limit: int = 300) -> str:

@@ -17,13 +17,12 @@ test_generate_script.py). --dtype bfloat16 (the default) with --kv-cache bf16 or
 """
 import argparse
 import math
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from models import (DeepseekConfig, PagedKVCache, compile_decode_step, decode_step, generate, load_model,
-                    load_tokenizer, random_model, tiny_config)
+from models import (SHIPPED_CHECKPOINT, DeepseekConfig, PagedKVCache, compile_decode_step, decode_step, generate,
+                    load_model, load_tokenizer, random_model, tiny_config)
 from models.cache import KV_CACHE_DTYPES
 from models.data import SAMPLE_PROMPTS
 from models.loading import load_config
@@ -31,7 +30,6 @@ from models.parallel import end_job, init_parallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
 RANDOM_TINY = {"v2": "deepseek_v2", "v3": "deepseek_v3", "v32": "deepseek_v32"}
-SHIPPED = Path(__file__).resolve().parent.parent / "models" / "assets" / "deepseek-v32-tiny-kjv"
 
 
 def prompt_ids(text: str) -> list[int]:
@@ -91,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.model and args.random_tiny:
         parser.error("--model and --random-tiny exclude each other")
     if not args.model and not args.random_tiny:
-        if SHIPPED.exists():
-            args.model = str(SHIPPED)
+        if SHIPPED_CHECKPOINT.exists():
+            args.model = str(SHIPPED_CHECKPOINT)
             args.prompt = args.prompt or (None if args.prompt_ids else list(SAMPLE_PROMPTS))
         else:
             args.random_tiny = "v3"

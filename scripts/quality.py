@@ -30,13 +30,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models import PagedKVCache, decode_step, generate, load_model, load_tokenizer, prefill
+from models import SHIPPED_CHECKPOINT, PagedKVCache, decode_step, generate, load_model, load_tokenizer, prefill
 from models.data import HELDOUT_FILE, read_heldout, token_stream
 from models.deepseek import DeepseekForCausalLM
 from models.loading import load_config
 
-ASSETS = Path(__file__).resolve().parent.parent / "models" / "assets"
-DEFAULT_MODEL = ASSETS / "deepseek-v32-tiny-kjv"
+DEFAULT_MODEL = SHIPPED_CHECKPOINT
 BASELINE = "bf16-dense"
 # name -> (KV cache dtype, sparse attention); "transformers" is the independent reference.
 OURS = {"bf16-dense": ("bf16", False), "fp8-dense": ("fp8", False), "bf16-sparse": ("bf16", True),

@@ -1,0 +1,147 @@
+"""A wheel (a non-editable install) carries the CUDA sources as flashmla_ops/csrc/ and the shipped checkpoint, and the
+installed package finds them; `python -m flashmla_ops.build` compiles the kernels ahead of first use, or says why it
+cannot."""
+import os
+import shutil
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashmla_ops import _ext, build
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+PROJECT_FILES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md")
+PROJECT_DIRS = ("csrc", "flashmla_ops", "models")
+CHECKPOINT = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """A wheel built from a copy of the project (so that no build/ folder is left in the checkout)."""
+    source = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        shutil.copy2(ROOT / name, source / name)
+    for name in PROJECT_DIRS:
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+                    str(source)], check=True, capture_output=True, text=True)
+    (path,) = out.glob("flashmla_ops-*.whl")
+    return path
+
+
+def test_wheel_carries_the_cuda_sources_and_the_shipped_checkpoint(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        sources = sorted(path for path in (ROOT / "csrc").iterdir() if path.suffix in (".cu", ".cuh", ".cpp", ".h"))
+        assert {source.name for source in sources} >= set(_ext.SOURCES)
+        for source in sources:
+            assert archive.read(f"flashmla_ops/csrc/{source.name}") == source.read_bytes(), source.name
+        for name in CHECKPOINT:
+            assert f"models/assets/deepseek-v32-tiny-kjv/{name}" in names
+        assert "flashmla_ops/build.py" in names
+        assert not any(name.endswith((".so", ".pyc")) for name in names)
+
+
+def test_the_installed_package_finds_its_sources_and_checkpoint(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, text=True)
+    probe = ("import flashmla_ops, models; from flashmla_ops import _ext; from models.loading import load_config; "
+             "print(flashmla_ops.__file__); print(_ext.PACKAGE_CSRC); print(_ext.CSRC); "
+             "print([n for n in _ext.SOURCES if not (_ext.CSRC / n).exists()]); "
+             "print(load_config(models.SHIPPED_CHECKPOINT)[1]['model_type'])")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    env.pop("FLASHMLA_CSRC", None)
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    package, package_csrc, csrc, missing, model_type = result.stdout.split("\n")[:5]
+    assert Path(package).resolve().is_relative_to(target.resolve())  # not the checkout's editable install
+    assert Path(package_csrc) == target.resolve() / "flashmla_ops" / "csrc" == Path(csrc)
+    assert missing == "[]"
+    assert model_type == "deepseek_v32"
+
+
+def test_sources_in_the_package_come_before_the_checkouts(tmp_path):
+    package = tmp_path / "flashmla_ops"
+    package.mkdir()
+    assert _ext._package_csrc(package) == tmp_path / "csrc"  # an editable install: the checkout's csrc/
+    (package / "csrc").mkdir()
+    assert _ext._package_csrc(package) == package / "csrc"  # a wheel: its own copy
+    assert _ext.PACKAGE_CSRC == ROOT / "csrc"  # this checkout
+
+
+def test_toolchain_reasons(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert _ext.toolchain_reason() == "this torch build has no CUDA"
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(_ext.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    assert "nvcc not found" in _ext.toolchain_reason()
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert _ext.toolchain_reason() is None
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "bindings.cpp").write_text("")
+    monkeypatch.setattr(_ext, "CSRC", tmp_path / "csrc")
+    reason = _ext.toolchain_reason()
+    assert reason.startswith(f"csrc sources missing under {tmp_path / 'csrc'}: ['kv_cache.cu'")
+    assert "bindings.cpp" not in reason
+
+
+def test_build_cli_says_why_it_cannot_build(monkeypatch, capsys):
+    monkeypatch.setattr(_ext, "toolchain_reason", lambda: "nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    monkeypatch.setattr(_ext, "build_extension", lambda verbose: pytest.fail("no build without a toolchain"))
+    assert build.main([]) == 1
+    assert capsys.readouterr().err == ("flashmla_ops.build: cannot build the CUDA kernels here: nvcc not found (set "
+                                       "CUDA_HOME or put nvcc on PATH)\n")
+
+
+def test_build_cli_builds_and_names_the_library(monkeypatch, capsys):
+    calls = []
+
+    def fake_build(verbose):
+        calls.append(verbose)
+        return types.SimpleNamespace(__file__="/cache/flashmla_ops_cuda/flashmla_ops_cuda.so")
+
+    monkeypatch.setattr(_ext, "toolchain_reason", lambda: None)
+    monkeypatch.setattr(_ext, "build_extension", fake_build)
+    assert build.main(["--verbose"]) == 0
+    assert calls == [True]
+    assert capsys.readouterr().out.endswith("flashmla_ops.build: built /cache/flashmla_ops_cuda/flashmla_ops_cuda.so\n")
+
+
+def test_build_cli_reports_a_failed_build(monkeypatch, capsys):
+    def failing_build(verbose):
+        raise RuntimeError("[1/7] nvcc ... dense_decode.cu\ndense_decode.cu(12): error: identifier \"x\" is undefined"
+                           "\nninja: build stopped: subcommand failed.")
+
+    monkeypatch.setattr(_ext, "toolchain_reason", lambda: None)
+    monkeypatch.setattr(_ext, "build_extension", failing_build)
+    assert build.main([]) == 1
+    assert capsys.readouterr().err == ('flashmla_ops.build: the build failed: dense_decode.cu(12): error: identifier '
+                                       '"x" is undefined (--verbose shows it)\n')
+
+
+def test_build_cli_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "flashmla_ops.build", "--help"], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.startswith("usage: python -m flashmla_ops.build")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_prebuilt_kernels_are_the_ones_the_ops_load():
+    env = {key: value for key, value in os.environ.items() if key != "FLASHMLA_CSRC"}
+    result = subprocess.run([sys.executable, "-m", "flashmla_ops.build"], capture_output=True, text=True, env=env,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    built = result.stdout.strip().splitlines()[-1].removeprefix("flashmla_ops.build: built ")
+    probe = "from flashmla_ops import _ext; print(_ext.extension().__file__)"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT,
+                            check=True).stdout.strip().splitlines()[-1]
+    assert Path(built).resolve() == Path(loaded).resolve()
