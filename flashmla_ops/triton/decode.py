@@ -10,6 +10,8 @@ so FP8 values are multiplied by their power-of-two scale through the products, n
 (to bf16 it goes through f16 and float32), q's latent is scaled per row by a power of two into f16's range (exact:
 f16 has more significant bits than bf16), and each row of P times the tile scales is divided by 2**-14 times its
 largest entry in the block (so it stays in range, and small weights stay normal), which multiplies the product back.
+With q so scaled the logits' products take the tile scales over the power of two of each token's largest, and the sum
+that power times q's inverse, so that no partial sum leaves float32's range where the logit does not (stop 46).
 """
 import dataclasses
 from dataclasses import dataclass
@@ -97,13 +99,23 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
             scale1 = load_tile_scale(KV, row_offset, tok_mask, 1, D_NOPE) * SCALE_BIAS
             scale2 = load_tile_scale(KV, row_offset, tok_mask, 2, D_NOPE) * SCALE_BIAS
             scale3 = load_tile_scale(KV, row_offset, tok_mask, 3, D_NOPE) * SCALE_BIAS
-            latent = (mma(q0, tl.trans(k0), INTERPRET) * scale0[None, :]
+            if F16_PRODUCTS:
+                # q's rows are scaled up to [2**14, 2**15) here, so a tile's product times its scale could pass
+                # float32's range before q's inverse brings it back (tile scales from 2**105 on). So the products
+                # take their scales over the power of two of the token's largest (exact), and the sum that power
+                # times q's inverse: finite wherever the logit is.
+                largest_scale = tl.maximum(tl.maximum(scale0, scale1), tl.maximum(scale2, scale3))
+                power, inverse_power = _power_of_two_below(largest_scale)
+                latent = (mma(q0, tl.trans(k0), INTERPRET) * (scale0 * inverse_power)[None, :]
+                          + mma(q1, tl.trans(k1), INTERPRET) * (scale1 * inverse_power)[None, :]
+                          + mma(q2, tl.trans(k2), INTERPRET) * (scale2 * inverse_power)[None, :]
+                          + mma(q3, tl.trans(k3), INTERPRET) * (scale3 * inverse_power)[None, :])
+                s += latent * (q_inverse[:, None] * power[None, :])
+            else:
+                s += (mma(q0, tl.trans(k0), INTERPRET) * scale0[None, :]
                       + mma(q1, tl.trans(k1), INTERPRET) * scale1[None, :]
                       + mma(q2, tl.trans(k2), INTERPRET) * scale2[None, :]
                       + mma(q3, tl.trans(k3), INTERPRET) * scale3[None, :])
-            if F16_PRODUCTS:
-                latent = latent * q_inverse[:, None]
-            s += latent
         else:
             s += (mma(q0, tl.trans(k0), INTERPRET) + mma(q1, tl.trans(k1), INTERPRET)
                   + mma(q2, tl.trans(k2), INTERPRET) + mma(q3, tl.trans(k3), INTERPRET))
@@ -117,7 +129,6 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
             # Each row's weights p * scale over 2**-14 times the row's largest in the block: at most 2**14, in f16's
             # range, and every weight down to 2**-28 of the row's largest stays normal. Rows whose weights are all
             # below 1e-30 (none, or negligible next to an earlier block's) take top 1: they flush to zero.
-            largest_scale = tl.maximum(tl.maximum(scale0, scale1), tl.maximum(scale2, scale3))
             top = tl.max(p * largest_scale[None, :], 1) * (1.0 / 16384.0)
             top = tl.where(top > 1e-30, top, 1.0)
             inverse_top = 1.0 / top
@@ -154,6 +165,14 @@ def _load_fp8_latent(KV, row_offset, tok_mask, TILE: tl.constexpr):
             load_fp8_bytes(KV, row_offset, tok_mask, 1 * TILE, TILE),
             load_fp8_bytes(KV, row_offset, tok_mask, 2 * TILE, TILE),
             load_fp8_bytes(KV, row_offset, tok_mask, 3 * TILE, TILE))
+
+
+@triton.jit
+def _power_of_two_below(x):
+    """(2**floor(log2 x), its inverse) for finite x >= 2**-126 from the exponent bits (both exact); for 0 (masked
+    tokens' scales) and subnormals (0, 2**127): what they multiply stays 0 or vanishes."""
+    exponent_bits = x.to(tl.int32, bitcast=True) & 0x7F800000
+    return exponent_bits.to(tl.float32, bitcast=True), ((254 << 23) - exponent_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -344,6 +344,29 @@ def test_triton_fp8_f16_products_hold_ranges_past_f16(monkeypatch, q_exponent):
     assert ran()
 
 
+@pytest.mark.parametrize("top", [100, 114, 118])
+def test_triton_fp8_f16_products_hold_tile_scales_to_the_top_of_float32(monkeypatch, top):
+    """Latent values up to 2**top (tile scales up to 2**(top - 6)) next to tokens down to 2**-10 in the same tiles,
+    against queries of 2**-(top + 2): logits of O(1). With q's rows scaled into f16's range a tile's product times its
+    scale passed float32's range from tile scales of 2**105 on, before q's inverse brought it back: NaN at 114 and
+    118 (before stop 46)."""
+    generator = torch.Generator(DEVICE).manual_seed(top)
+    seqlens, s_q, h_q = [300, 70], 2, 16
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, False, generator)
+    token_factor = 2.0 ** torch.randint(-10, top - 1, cache.shape[:2], generator=generator, device=DEVICE)
+    token_factor[:, ::5] = 2.0 ** (top - 2)  # every tile holds tokens of the largest scale
+    cache = reference.quantize_kv_fp8((cache.float() * token_factor[..., None, None]).bfloat16())
+    q = (q.float() * 2.0 ** -(top + 2)).bfloat16()
+    ran = f16_products_ran(monkeypatch)
+    out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5, True, True,
+                                          None, f16_config(len(seqlens), s_q * h_q))
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
+                                                True, True, None)
+    assert want_out.isfinite().all() and want_lse.isfinite().all()
+    assert_decode_close(out, lse, want_out, want_lse)
+    assert ran()
+
+
 @pytest.mark.parametrize("f16", [True, False])
 def test_triton_fp8_keeps_small_weights_next_to_huge_scales(monkeypatch, f16):
     """decode_inputs.huge_and_small_scale_inputs: rows carried by tokens 2**37 below the block's largest scale.

@@ -1,0 +1,13 @@
+#!/bin/bash
+# Prepared in stop 46 (no device time was lent to it) for the next session's first device call: the kernels built
+# ahead by the new `python -m flashmla_ops.build`, then every GPU op test, stop 45's and 46's new ones included
+# (test_packaging's prebuilt-library check, the Triton FP8 decode at tile scales to 2**112, the 8k-key top-k in a
+# fresh process, the one-column transposed block table, the zero-block cache, misaligned KV rows).
+# From the repository root: `run` with command `bash docs/bench/stop46_device_call1.sh` (no carry needed).
+export PYTHONPATH=$PWD:$PWD/scripts MAX_JOBS=16
+SECONDS=0
+nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,power.limit --format=csv
+python -m flashmla_ops.build > $OUT/build.log 2>&1; echo "build rc $?"; tail -2 $OUT/build.log
+echo "=== built at ${SECONDS}s"
+timeout 420 python -m pytest -m gpu -x -q tests/ops > $OUT/tests.log 2>&1; echo "tests rc $?"; tail -5 $OUT/tests.log
+echo "=== done at ${SECONDS}s"
