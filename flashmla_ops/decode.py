@@ -10,7 +10,7 @@ import os
 import torch
 
 from . import _ext
-from ._attention import apply_attn_sink, attend
+from ._attention import apply_attn_sink, apply_attn_sink_, attend
 from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_paged_table, check_same_device,
                       check_tensor, last_dim_contiguous, value_checks_apply)
 from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
@@ -237,13 +237,13 @@ DECODE_KERNEL_ENV = "FLASHMLA_DECODE_KERNEL"
 CUDA_MIN_BLOCKS_PER_SPLIT = 2
 
 
-def _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink) -> bool:
+def _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8) -> bool:
     """The shapes csrc/dense_decode.cu is written for: bf16 q, a bf16 or FP8 (656-byte) cache, d_qk 576 / d_v 512,
-    16-byte aligned rows; the attention sink goes to the next path."""
+    16-byte aligned rows (an attention sink is applied after the kernel: `apply_attn_sink_`)."""
     aligned = (all(stride % 8 == 0 for stride in q.stride()[:3])
                and all(stride * k_cache.element_size() % 16 == 0 for stride in k_cache.stride()[:2]))
     cache_ok = k_cache.shape[-1] == FP8_BYTES if is_fp8 else k_cache.dtype == torch.bfloat16
-    return (q.dtype == torch.bfloat16 and cache_ok and attn_sink is None and q.shape[-1] == D_QK
+    return (q.dtype == torch.bfloat16 and cache_ok and q.shape[-1] == D_QK
             and head_dim_v == KV_LORA_RANK and aligned and q.shape[0] <= 65535 and q.data_ptr() % 16 == 0
             and k_cache.data_ptr() % 16 == 0 and k_cache.shape[0] >= 1)  # no blocks: nothing to map, the reference
 
@@ -282,17 +282,18 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
                  head_dim_v, is_fp8, attn_sink)
     rows = q.shape[1] * q.shape[2]
     for path in _ext.paths("dense_decode", q.device):
-        if (path == "cuda" and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink)
+        if (path == "cuda" and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8)
                 and -(-rows // CUDA_ROWS_PER_CTA) <= 65535):  # the kernel's row tiles a sequence
             balanced = (tile_scheduler_metadata is not None and num_splits is not None
                         and 1 <= tile_scheduler_metadata.shape[0] < 1024)
             # The kernel reads unit-stride index rows (free when they are: the usual case).
-            return _ext.extension().dense_decode(
+            out, lse = _ext.extension().dense_decode(
                 q, k_cache, last_dim_contiguous(block_table), cache_seqlens.contiguous(), softmax_scale, causal, is_fp8,
                 cuda_num_splits(q.device, q.shape[0], rows, block_table.shape[1]),
                 tile_scheduler_metadata.contiguous() if balanced else None,
                 num_splits.contiguous() if balanced else None,
                 cuda_dense_kernel(rows) == "narrow")
+            return apply_attn_sink_(out, lse.transpose(1, 2), attn_sink), lse
         if path == "triton" and k_cache.shape[0] >= 1:
             from .triton import decode as triton_decode
 
@@ -444,12 +445,13 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
                   extra_topk_length, tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
     for path in _ext.paths("sparse_decode", q.device):
         if (path == "cuda" and extra_k_cache is None and q.shape[0] * q.shape[1] <= 65535
-                and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8, attn_sink)):
+                and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8)):
             batch, s_q, h_q, _ = q.shape
-            return _ext.extension().sparse_decode(
+            out, lse = _ext.extension().sparse_decode(
                 q, k_cache, last_dim_contiguous(indices), None if topk_length is None else topk_length.contiguous(),
                 softmax_scale, is_fp8,
                 cuda_num_splits(q.device, batch * s_q, h_q, -(-indices.shape[-1] // PAGE_BLOCK_SIZE)))
+            return apply_attn_sink_(out, lse.transpose(1, 2), attn_sink), lse
         if path == "triton":
             from .triton import sparse as triton_sparse
 

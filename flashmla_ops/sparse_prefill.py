@@ -6,7 +6,7 @@ rows of the packed `kv`, so one call serves the whole batch.
 import torch
 
 from . import _ext
-from ._attention import apply_attn_sink, attend
+from ._attention import apply_attn_sink, apply_attn_sink_, attend
 from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor,
                       last_dim_contiguous, value_checks_apply)
 from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK, _within_length, canonical_order, key_widths
@@ -81,8 +81,9 @@ def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     """
     _check_sparse_prefill("sparse_prefill", q, kv, indices, d_v, attn_sink, topk_length, indexer_topk)
     for path in _ext.paths("sparse_prefill", q.device):
-        if path == "cuda" and attn_sink is None and indexer_topk == 0 and _cuda_supports(q, kv, d_v):
-            return _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length)
+        if path == "cuda" and indexer_topk == 0 and _cuda_supports(q, kv, d_v):
+            out, max_logits, lse, lse_indexer = _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length)
+            return apply_attn_sink_(out, lse, attn_sink), max_logits, lse, lse_indexer
         if path == "triton":
             from .triton import sparse as triton_sparse
 
@@ -98,7 +99,7 @@ CUDA_MAX_TOKENS = 65535  # query tokens per launch of csrc/dense_decode.cu's spa
 
 def _cuda_supports(q, kv, d_v) -> bool:
     """The shapes csrc/dense_decode.cu's sparse prefill is written for: bf16, d_qk 576 / d_v 512, 16-byte aligned
-    rows; the attention sink and indexer_topk go to the next path."""
+    rows; indexer_topk goes to the next path (an attention sink is applied after the kernel: `apply_attn_sink_`)."""
     return (q.dtype == torch.bfloat16 and q.shape[-1] == D_QK and d_v == KV_LORA_RANK
             and all(stride % 8 == 0 for stride in q.stride()[:2]) and kv.stride(0) % 8 == 0
             and q.data_ptr() % 16 == 0 and kv.data_ptr() % 16 == 0)

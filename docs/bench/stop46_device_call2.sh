@@ -1,7 +1,7 @@
 #!/bin/bash
 # Prepared in stop 46 for the next session's second device call: the model GPU tests, then what stop 46's one kernel
 # change (the Triton FP8 dense decode's f16-product logits, +17 SASS instructions in a 1095-instruction loop for
-# Triton 3.6, sm_90) costs, against main before it in one process, then the Triton dense SPEC rows.
+# Triton 3.6, sm_90) costs, against main before it in one process.
 # Before the call, on the CPU machine: git show 09f64fc:flashmla_ops/triton/decode.py > bench/decode_base.py
 # `run` with command `bash docs/bench/stop46_device_call2.sh` and carry ["bench"].
 export PYTHONPATH=$PWD:$PWD/scripts MAX_JOBS=16
@@ -11,6 +11,4 @@ tail -3 $OUT/tests_models.log
 echo "=== tests at ${SECONDS}s"
 timeout 200 python docs/bench/stop46_triton_fp8_ab.py bench/decode_base.py 4 2>&1 | grep -v Warning
 echo "=== A/B at ${SECONDS}s"
-timeout 150 python scripts/bench_decode.py --backend triton --no-baselines --out $OUT/dec_triton > $OUT/bench.log 2>&1
-grep -E "^bf16|^fp8|rror" $OUT/bench.log | grep -v Warning
 echo "=== done at ${SECONDS}s"
