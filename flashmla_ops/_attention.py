@@ -53,3 +53,20 @@ def apply_attn_sink_(out: torch.Tensor, lse: torch.Tensor, attn_sink: torch.Tens
     if attn_sink is not None:
         out.mul_(torch.sigmoid(lse - attn_sink.float()).unsqueeze(-1))
     return out
+
+
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two attentions of the same queries over disjoint key sets as the one over their union: out `(b, s_q, h, d_v)`
+    weighted by exp(lse - lse_union), lse `(b, h, s_q)` natural log, +inf for a query that sees no key (out 0), as
+    the decode ops return them. In float32, out rounded once to out_a's dtype."""
+    none = float("-inf")
+    seen_a = torch.where(torch.isposinf(lse_a), none, lse_a)
+    seen_b = torch.where(torch.isposinf(lse_b), none, lse_b)
+    lse = torch.logaddexp(seen_a, seen_b)
+    empty = torch.isneginf(lse)
+    shift = torch.where(empty, 0.0, lse)
+    weight_a = torch.exp(seen_a - shift).transpose(1, 2).unsqueeze(-1)
+    weight_b = torch.exp(seen_b - shift).transpose(1, 2).unsqueeze(-1)
+    out = (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype)
+    return out, torch.where(empty, float("inf"), lse)

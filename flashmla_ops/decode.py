@@ -10,7 +10,7 @@ import os
 import torch
 
 from . import _ext
-from ._attention import apply_attn_sink, apply_attn_sink_, attend
+from ._attention import apply_attn_sink, apply_attn_sink_, attend, merge_attention
 from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_paged_table, check_same_device,
                       check_tensor, last_dim_contiguous, value_checks_apply)
 from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
@@ -432,6 +432,14 @@ def sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, ext
     return out, lse
 
 
+def _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8):
+    """csrc/dense_decode.cu's sparse decode over one cache (it reads unit-stride index rows, contiguous lengths)."""
+    batch, s_q, h_q, _ = q.shape
+    return _ext.extension().sparse_decode(
+        q, k_cache, last_dim_contiguous(indices), None if topk_length is None else topk_length.contiguous(),
+        softmax_scale, is_fp8, cuda_num_splits(q.device, batch * s_q, h_q, -(-indices.shape[-1] // PAGE_BLOCK_SIZE)))
+
+
 @torch.library.custom_op("flashmla::sparse_decode", mutates_args=())
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor, topk_length: torch.Tensor | None,
                   extra_k_cache: torch.Tensor | None, extra_indices_in_kvcache: torch.Tensor | None,
@@ -444,13 +452,14 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
     _check_sparse("sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                   extra_topk_length, tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
     for path in _ext.paths("sparse_decode", q.device):
-        if (path == "cuda" and extra_k_cache is None and q.shape[0] * q.shape[1] <= 65535
-                and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8)):
-            batch, s_q, h_q, _ = q.shape
-            out, lse = _ext.extension().sparse_decode(
-                q, k_cache, last_dim_contiguous(indices), None if topk_length is None else topk_length.contiguous(),
-                softmax_scale, is_fp8,
-                cuda_num_splits(q.device, batch * s_q, h_q, -(-indices.shape[-1] // PAGE_BLOCK_SIZE)))
+        if (path == "cuda" and q.shape[0] * q.shape[1] <= 65535
+                and all(_cuda_dense_supports(q, cache, head_dim_v, is_fp8)
+                        for cache in (k_cache, extra_k_cache) if cache is not None)):
+            out, lse = _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8)
+            if extra_k_cache is not None:  # a second launch over the extra cache, merged by the two LSEs
+                extra = _cuda_sparse_decode(q, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
+                                            softmax_scale, is_fp8)
+                out, lse = merge_attention(out, lse, *extra)
             return apply_attn_sink_(out, lse.transpose(1, 2), attn_sink), lse
         if path == "triton":
             from .triton import sparse as triton_sparse

@@ -1,6 +1,7 @@
 """Stop 46: the three attention ops with an attention sink, on the CUDA kernels with the sink applied after them (the
 new default on Hopper) against the Triton kernels' in-kernel sink (the path before stop 46), and the CUDA kernels
-without a sink: what the sink's three elementwise launches cost. Settled CUDA-graph medians (bench_decode.time_ms),
+without a sink: what the sink's three elementwise launches cost; and sparse decode with an extra cache (two CUDA
+launches merged by their LSEs against Triton's one pass). Settled CUDA-graph medians (bench_decode.time_ms),
 each path forced with FLASHMLA_BACKEND, alternating rounds. From the repository root:
 
     PYTHONPATH=$PWD:$PWD/scripts python docs/bench/stop46_sink_paths.py [rounds]
@@ -28,11 +29,20 @@ def dense(batch, s_q, h_q, seqlen, is_fp8):
     return run, sets
 
 
-def sparse(batch, s_q, h_q, topk, is_fp8):
-    def run(q, cache, indices, sink):
-        return torch.ops.flashmla.sparse_decode(q, cache, indices, None, None, None, None, None, None, KV_LORA_RANK,
-                                                SCALE, is_fp8, sink)
-    return run, [decode_inputs(batch, s_q, h_q, topk, is_fp8, device) for _ in range(2)]
+def sparse(batch, s_q, h_q, topk, is_fp8, extra_topk=0):
+    """With `extra_topk`: that many indices into a second cache as well (the first `extra_topk` of another set's)."""
+    sets = [decode_inputs(batch, s_q, h_q, topk, is_fp8, device) for _ in range(2)]
+    if extra_topk:
+        extras = [decode_inputs(batch, s_q, h_q, topk, is_fp8, device)[1:] for _ in range(2)]
+        sets = [(q, cache, indices, extra_cache, extra_indices[..., :extra_topk].contiguous())
+                for (q, cache, indices), (extra_cache, extra_indices) in zip(sets, extras)]
+
+    def run(q, cache, indices, *extra_and_sink):
+        *extra, sink = extra_and_sink
+        extra_cache, extra_indices = extra or (None, None)
+        return torch.ops.flashmla.sparse_decode(q, cache, indices, None, extra_cache, extra_indices, None, None, None,
+                                                KV_LORA_RANK, SCALE, is_fp8, sink)
+    return run, sets
 
 
 def prefill(s_q, s_kv, h_q, topk):
@@ -47,6 +57,8 @@ ROWS = [("dense bf16 b128 h16 4k", lambda: dense(128, 1, 16, 4096, False), 16),
         ("dense fp8 b128 h16 16k", lambda: dense(128, 1, 16, 16384, True), 16),
         ("sparse decode fp8 b128 h128", lambda: sparse(128, 1, 128, 2048, True), 128),
         ("sparse decode fp8 b64 h64", lambda: sparse(64, 1, 64, 2048, True), 64),
+        ("sparse fp8 b128 h128 + extra 128", lambda: sparse(128, 1, 128, 2048, True, 128), 128),
+        ("sparse fp8 b64 h64 + extra 512", lambda: sparse(64, 1, 64, 2048, True, 512), 64),
         ("sparse prefill h128", lambda: prefill(4096, 32768, 128, 2048), 128)]
 for name, make, h_q in ROWS:
     run, sets = make()
@@ -59,7 +71,7 @@ for name, make, h_q in ROWS:
             backend, side_sink = sides[side]
             with forced_backend(backend):
                 times[side].append(time_ms(lambda *args: run(*args, side_sink), sets) * 1e3)
-    print(f"{name:30}" + "; ".join(f"{side} " + ", ".join(f"{t:.1f}" for t in times[side]) for side in sides) + " us",
+    print(f"{name:34}" + "; ".join(f"{side} " + ", ".join(f"{t:.1f}" for t in times[side]) for side in sides) + " us",
           flush=True)
     del sets
     torch.cuda.empty_cache()

@@ -8,7 +8,7 @@ import torch
 from decode_inputs import DEVICE, assert_decode_close, make_inputs
 from test_triton_sparse import SCALE, assert_close, packed_prefill_inputs, paged_cache, random_indices
 
-from flashmla_ops import _ext, reference
+from flashmla_ops import reference
 from flashmla_ops._attention import apply_attn_sink_
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
@@ -48,21 +48,6 @@ def test_no_sink_leaves_the_output_alone():
     before = out.clone()
     assert apply_attn_sink_(out, torch.randn(2, 3, 4), None) is out
     assert torch.equal(out, before)
-
-
-@pytest.fixture
-def cuda_calls(monkeypatch):
-    """The names of the CUDA extension's functions the ops call."""
-    calls = []
-    real = _ext.extension()
-
-    class Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(real, name)
-
-    monkeypatch.setattr(_ext, "extension", lambda: Spy())
-    return calls
 
 
 @pytest.mark.gpu
