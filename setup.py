@@ -8,7 +8,6 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-CSRC_SUFFIXES = (".cu", ".cuh", ".cpp", ".h")
 
 
 class BuildPyWithCsrc(build_py):
@@ -18,10 +17,7 @@ class BuildPyWithCsrc(build_py):
             return
         target = Path(self.build_lib) / "flashmla_ops" / "csrc"
         shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        for source in sorted(CSRC.iterdir()):
-            if source.suffix in CSRC_SUFFIXES:
-                shutil.copy2(source, target / source.name)
+        shutil.copytree(CSRC, target, ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so", ".*"))
 
 
 setup(cmdclass={"build_py": BuildPyWithCsrc})

@@ -43,30 +43,38 @@ def apply_attn_sink(out: torch.Tensor, lse: torch.Tensor, attn_sink: torch.Tenso
     """out * exp(lse) / (exp(lse) + exp(sink)); `lse` `(..., h)` matches `out` `(..., h, d_v)`; lse is unchanged."""
     if attn_sink is None:
         return out
-    return out * torch.sigmoid(lse - attn_sink.float())[..., None]
+    return out * sink_factor(lse, attn_sink)[..., None]
+
+
+def sink_factor(lse: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
+    """exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink), float32; 1 for a query that saw nothing (lse +inf,
+    out 0: whatever the sink, +inf included, which would make it NaN)."""
+    return torch.where(torch.isposinf(lse), 1.0, torch.sigmoid(lse - attn_sink.float()))
 
 
 def apply_attn_sink_(out: torch.Tensor, lse: torch.Tensor, attn_sink: torch.Tensor | None) -> torch.Tensor:
     """`apply_attn_sink` in place on a kernel's bf16 `out`, for the CUDA kernels (written without the sink): the
     factor in float32, so out is rounded once more than where the sink is applied before the store (at most one bf16
-    ulp further from the reference). Three elementwise launches, no host sync."""
+    ulp further from the reference). A few elementwise launches, no host sync."""
     if attn_sink is not None:
-        out.mul_(torch.sigmoid(lse - attn_sink.float()).unsqueeze(-1))
+        out.mul_(sink_factor(lse, attn_sink).unsqueeze(-1))
     return out
 
 
-def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
+                    attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Two attentions of the same queries over disjoint key sets as the one over their union: out `(b, s_q, h, d_v)`
     weighted by exp(lse - lse_union), lse `(b, h, s_q)` natural log, +inf for a query that sees no key (out 0), as
-    the decode ops return them. In float32, out rounded once to out_a's dtype."""
+    the decode ops return them; with `attn_sink`, its factor (`sink_factor`) too. In float32, out rounded once to
+    out_a's dtype."""
     none = float("-inf")
     seen_a = torch.where(torch.isposinf(lse_a), none, lse_a)
     seen_b = torch.where(torch.isposinf(lse_b), none, lse_b)
     lse = torch.logaddexp(seen_a, seen_b)
     empty = torch.isneginf(lse)
+    lse = torch.where(empty, float("inf"), lse)
     shift = torch.where(empty, 0.0, lse)
-    weight_a = torch.exp(seen_a - shift).transpose(1, 2).unsqueeze(-1)
-    weight_b = torch.exp(seen_b - shift).transpose(1, 2).unsqueeze(-1)
-    out = (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype)
-    return out, torch.where(empty, float("inf"), lse)
+    factor = 1.0 if attn_sink is None else sink_factor(lse, attn_sink[:, None])
+    weight_a = (torch.exp(seen_a - shift) * factor).transpose(1, 2).unsqueeze(-1)
+    weight_b = (torch.exp(seen_b - shift) * factor).transpose(1, 2).unsqueeze(-1)
+    return (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype), lse

@@ -27,6 +27,7 @@ def _package_csrc(package: Path) -> Path:
 
 
 PACKAGE_CSRC = _package_csrc(Path(__file__).resolve().parent)
+CHECKOUT_CSRC = Path(__file__).resolve().parent.parent / "csrc"  # the one build not named by its directory
 CSRC_ENV = "FLASHMLA_CSRC"
 CSRC = Path(os.environ[CSRC_ENV]).resolve() if os.environ.get(CSRC_ENV) else PACKAGE_CSRC
 BACKEND_ENV = "FLASHMLA_BACKEND"
@@ -78,12 +79,14 @@ def toolchain_reason() -> str | None:
 
 def build_name(extra_flags: list[str], csrc: Path) -> str:
     """The extension's name, which names its build directory: one per nvcc flag set and per csrc directory, so that a
-    build with other flags or of another revision's kernels never replaces the package's own."""
+    build with other flags or of another revision's kernels never replaces the package's own, and installs in two
+    environments (a wheel's csrc, a checkout's) do not rebuild over each other. A checkout's own csrc keeps the plain
+    name."""
     parts = ["flashmla_ops_cuda"]
     if extra_flags:
         parts.append("".join(c if c.isalnum() else "_" for c in "".join(extra_flags)))
     directory = Path(csrc).resolve()
-    if directory != PACKAGE_CSRC.resolve():
+    if directory != CHECKOUT_CSRC:
         parts.append("csrc" + hashlib.sha1(str(directory).encode()).hexdigest()[:10])
     return "_".join(parts)
 

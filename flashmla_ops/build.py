@@ -5,7 +5,9 @@ build now, so that a container image or a serving host starts with the kernels c
 build of torch, not a GPU. The build lands where `torch.utils.cpp_extension` keeps builds (`TORCH_EXTENSIONS_DIR`, by
 default under `~/.cache/torch_extensions`), keyed by torch's Python and CUDA versions; a process that later runs the ops
 with the same torch, the same `TORCH_EXTENSIONS_DIR` and the same `FLASHMLA_EXTRA_CUDA_FLAGS` finds it up to date and
-only loads it. Exits 1 with the reason when the kernels cannot be built here.
+only loads it. That process needs write access to the build directory (torch takes a lock file there), and the CUDA
+toolkit, torch and the package at the paths the build saw (ninja rebuilds when a command line changes). Exits 1 with
+the reason when the kernels cannot be built here.
 """
 import argparse
 import os
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     try:
         module = _ext.build_extension(verbose=args.verbose)
-    except (RuntimeError, OSError, ImportError) as error:
+    except Exception as error:  # noqa: BLE001 (a command line tool: any failure of torch's build is reported)
         print(f"flashmla_ops.build: the build failed: {_ext.build_error(error)} (--verbose shows it)", file=sys.stderr)
         return 1
     print(f"flashmla_ops.build: built {module.__file__}")

@@ -456,11 +456,12 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
                 and all(_cuda_dense_supports(q, cache, head_dim_v, is_fp8)
                         for cache in (k_cache, extra_k_cache) if cache is not None)):
             out, lse = _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8)
-            if extra_k_cache is not None:  # a second launch over the extra cache, merged by the two LSEs
-                extra = _cuda_sparse_decode(q, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
-                                            softmax_scale, is_fp8)
-                out, lse = merge_attention(out, lse, *extra)
-            return apply_attn_sink_(out, lse.transpose(1, 2), attn_sink), lse
+            if extra_k_cache is None:
+                return apply_attn_sink_(out, lse.transpose(1, 2), attn_sink), lse
+            # a second launch over the extra cache, merged with the first by the two LSEs (and the sink applied)
+            extra = _cuda_sparse_decode(q, extra_k_cache, extra_indices_in_kvcache, extra_topk_length, softmax_scale,
+                                        is_fp8)
+            return merge_attention(out, lse, *extra, attn_sink)
         if path == "triton":
             from .triton import sparse as triton_sparse
 

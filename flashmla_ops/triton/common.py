@@ -161,7 +161,7 @@ def finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK: tl.constexpr):
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     if APPLY_SINK:
         sink = tl.load(Sink + heads, mask=row_mask, other=0.0)
-        out = out * (1.0 / (1.0 + tl.exp(sink - lse)))[:, None]
+        out = out * tl.where(empty, 1.0, 1.0 / (1.0 + tl.exp(sink - lse)))[:, None]  # empty: 0, even at sink +inf
     return out, lse
 
 

@@ -49,12 +49,14 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
     q3 = tl.load(q_rows + 3 * TILE + tl.arange(0, TILE)[None, :], mask=row_mask[:, None], other=0.0)
     q_rope = tl.load(q_rows + D_NOPE + tl.arange(0, D_ROPE)[None, :], mask=row_mask[:, None], other=0.0)
     F16_PRODUCTS: tl.constexpr = IS_FP8 and F16
-    # Without hardware conversion e4m3_to_f16 gives the values times 2**-8: the scales take the 2**8 back.
-    SCALE_BIAS: tl.constexpr = 256.0 if F16_PRODUCTS and not HW_FP8 else 1.0
+    # Without hardware conversion e4m3_to_f16 gives the values times 2**-8: per-row factors of the logits and of the
+    # P V products take the 2**8 back (in the tile scales it would pass float32's range from scales of 2**120).
+    VALUE_BIAS: tl.constexpr = 256.0 if F16_PRODUCTS and not HW_FP8 else 1.0
     if F16_PRODUCTS:
         largest = tl.maximum(tl.maximum(tl.max(tl.abs(q0.to(tl.float32)), 1), tl.max(tl.abs(q1.to(tl.float32)), 1)),
                              tl.maximum(tl.max(tl.abs(q2.to(tl.float32)), 1), tl.max(tl.abs(q3.to(tl.float32)), 1)))
         q_multiplier, q_inverse = f16_row_scaling(largest)
+        latent_back = q_inverse * VALUE_BIAS  # what the latent logits are multiplied back by (with each token's power)
         q0 = (q0.to(tl.float32) * q_multiplier[:, None]).to(tl.float16)
         q1 = (q1.to(tl.float32) * q_multiplier[:, None]).to(tl.float16)
         q2 = (q2.to(tl.float32) * q_multiplier[:, None]).to(tl.float16)
@@ -95,10 +97,10 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
         k_rope = load_rope(KV, row_offset, tok_mask, IS_FP8, D_NOPE, D_ROPE, 4)
         s = mma(q_rope, tl.trans(k_rope), INTERPRET)
         if IS_FP8:
-            scale0 = load_tile_scale(KV, row_offset, tok_mask, 0, D_NOPE) * SCALE_BIAS
-            scale1 = load_tile_scale(KV, row_offset, tok_mask, 1, D_NOPE) * SCALE_BIAS
-            scale2 = load_tile_scale(KV, row_offset, tok_mask, 2, D_NOPE) * SCALE_BIAS
-            scale3 = load_tile_scale(KV, row_offset, tok_mask, 3, D_NOPE) * SCALE_BIAS
+            scale0 = load_tile_scale(KV, row_offset, tok_mask, 0, D_NOPE)
+            scale1 = load_tile_scale(KV, row_offset, tok_mask, 1, D_NOPE)
+            scale2 = load_tile_scale(KV, row_offset, tok_mask, 2, D_NOPE)
+            scale3 = load_tile_scale(KV, row_offset, tok_mask, 3, D_NOPE)
             if F16_PRODUCTS:
                 # q's rows are scaled up to [2**14, 2**15) here, so a tile's product times its scale could pass
                 # float32's range before q's inverse brings it back (tile scales from 2**105 on). So the products
@@ -110,7 +112,7 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
                           + mma(q1, tl.trans(k1), INTERPRET) * (scale1 * inverse_power)[None, :]
                           + mma(q2, tl.trans(k2), INTERPRET) * (scale2 * inverse_power)[None, :]
                           + mma(q3, tl.trans(k3), INTERPRET) * (scale3 * inverse_power)[None, :])
-                s += latent * (q_inverse[:, None] * power[None, :])
+                s += latent * (latent_back[:, None] * power[None, :])
             else:
                 s += (mma(q0, tl.trans(k0), INTERPRET) * scale0[None, :]
                       + mma(q1, tl.trans(k1), INTERPRET) * scale1[None, :]
@@ -132,10 +134,11 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
             top = tl.max(p * largest_scale[None, :], 1) * (1.0 / 16384.0)
             top = tl.where(top > 1e-30, top, 1.0)
             inverse_top = 1.0 / top
-            acc0 = acc0 * alpha[:, None] + _scaled_product(p, scale0, k0, inverse_top, top, INTERPRET)
-            acc1 = acc1 * alpha[:, None] + _scaled_product(p, scale1, k1, inverse_top, top, INTERPRET)
-            acc2 = acc2 * alpha[:, None] + _scaled_product(p, scale2, k2, inverse_top, top, INTERPRET)
-            acc3 = acc3 * alpha[:, None] + _scaled_product(p, scale3, k3, inverse_top, top, INTERPRET)
+            back = top * VALUE_BIAS
+            acc0 = acc0 * alpha[:, None] + _scaled_product(p, scale0, k0, inverse_top, back, INTERPRET)
+            acc1 = acc1 * alpha[:, None] + _scaled_product(p, scale1, k1, inverse_top, back, INTERPRET)
+            acc2 = acc2 * alpha[:, None] + _scaled_product(p, scale2, k2, inverse_top, back, INTERPRET)
+            acc3 = acc3 * alpha[:, None] + _scaled_product(p, scale3, k3, inverse_top, back, INTERPRET)
         elif IS_FP8:
             acc0 = acc0 * alpha[:, None] + mma((p * scale0[None, :]).to(tl.bfloat16), k0, INTERPRET)
             acc1 = acc1 * alpha[:, None] + mma((p * scale1[None, :]).to(tl.bfloat16), k1, INTERPRET)
@@ -169,17 +172,19 @@ def _load_fp8_latent(KV, row_offset, tok_mask, TILE: tl.constexpr):
 
 @triton.jit
 def _power_of_two_below(x):
-    """(2**floor(log2 x), its inverse) for finite x >= 2**-126 from the exponent bits (both exact); for 0 (masked
-    tokens' scales) and subnormals (0, 2**127): what they multiply stays 0 or vanishes."""
-    exponent_bits = x.to(tl.int32, bitcast=True) & 0x7F800000
+    """(2**floor(log2 x), its inverse) for x in [2**-126, 2**127), from the exponent bits (both exact); 2**126 and its
+    inverse from 2**127 on (x / 2**126 < 4: what it scales stays in range); for 0 (masked tokens' scales) and
+    subnormals (0, 2**127): what they multiply stays 0 or vanishes."""
+    exponent_bits = tl.minimum(x.to(tl.int32, bitcast=True) & 0x7F800000, 253 << 23)
     return exponent_bits.to(tl.float32, bitcast=True), ((254 << 23) - exponent_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _scaled_product(p, scale, k, inverse_top, top, INTERPRET: tl.constexpr):
+def _scaled_product(p, scale, k, inverse_top, back, INTERPRET: tl.constexpr):
     """(p * scale) @ k with f16 operands: p (rows x tokens) times each token's tile scale times its row's
-    `inverse_top` is at most 2**14, in f16's range; the product is multiplied back by `top`."""
-    return mma((p * (scale[None, :] * inverse_top[:, None])).to(tl.float16), k, INTERPRET) * top[:, None]
+    `inverse_top` is at most 2**14, in f16's range; the product is multiplied back by `back` (the row's top, times
+    2**8 where k is the e4m3 values times 2**-8)."""
+    return mma((p * (scale[None, :] * inverse_top[:, None])).to(tl.float16), k, INTERPRET) * back[:, None]
 
 
 @triton.jit

@@ -5,8 +5,8 @@ sink takes the CUDA kernel and matches the reference, empty rows and sinks of -i
 graph."""
 import pytest
 import torch
-from decode_inputs import DEVICE, assert_decode_close, make_inputs
-from test_triton_sparse import SCALE, assert_close, packed_prefill_inputs, paged_cache, random_indices
+from decode_inputs import (DEVICE, SCALE, assert_close, assert_decode_close, make_inputs, packed_prefill_inputs,
+                           paged_cache, random_indices)
 
 from flashmla_ops import reference
 from flashmla_ops._attention import apply_attn_sink_
@@ -17,9 +17,10 @@ HOPPER = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 
 
 def sinks(h_q, generator):
-    """Per-head sinks around the logits' LSEs, the first head's -inf (no sink: out unchanged)."""
+    """Per-head sinks around the logits' LSEs, the first head's -inf (no sink: out unchanged), the second's +inf (out
+    0, also for queries that see nothing, where sigmoid(lse - sink) would be NaN)."""
     sink = torch.randn(h_q, generator=generator, device=DEVICE) * 2 + 3
-    sink[0] = float("-inf")
+    sink[0], sink[1] = float("-inf"), float("inf")
     return sink
 
 
@@ -40,7 +41,7 @@ def test_sink_after_the_kernel_matches_the_sink_inside(is_fp8):
     assert torch.all((out.float() - want_out.float()).abs() <= two_ulps)
     assert torch.all(out[:, :, 0] == reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE,
                                                             True, is_fp8)[0][:, :, 0])  # sink -inf: unchanged
-    assert torch.all(out[1] == 0)
+    assert torch.all(out[1] == 0) and torch.all(out[:, :, 1] == 0)
 
 
 def test_no_sink_leaves_the_output_alone():

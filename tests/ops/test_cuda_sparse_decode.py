@@ -5,9 +5,8 @@ and token, tokens 2**37 apart in scale, query rows and RoPE columns beyond f16's
 runs identical."""
 import pytest
 import torch
-from decode_inputs import LSE_TOLERANCE, assert_rows_close, huge_and_small_scale_inputs
-from test_triton_sparse import (SCALE, assert_close, paged_cache, poison_allocator, random_indices,
-                                varied_scale_cache)
+from decode_inputs import (LSE_TOLERANCE, SCALE, assert_close, assert_rows_close, huge_and_small_scale_inputs,
+                           paged_cache, poison_allocator, random_indices, varied_scale_cache)
 
 from flashmla_ops import _ext, reference
 from flashmla_ops.decode import cuda_num_splits

@@ -5,7 +5,7 @@ poisoned; repeated runs identical; the op dispatches here, chunks more than CUDA
 CUDA graph."""
 import pytest
 import torch
-from test_triton_sparse import (LSE_TOLERANCE, SCALE, assert_close, packed_prefill_inputs, poison_allocator)
+from decode_inputs import LSE_TOLERANCE, SCALE, assert_close, packed_prefill_inputs, poison_allocator
 
 import flashmla_ops
 from flashmla_ops import _ext, reference, sparse_prefill

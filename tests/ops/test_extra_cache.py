@@ -4,9 +4,8 @@ the reference's two halves against the reference over both, queries that see onl
 GPU (Hopper): the op calls the CUDA kernel twice and matches the reference, with topk lengths, a sink and FP8."""
 import pytest
 import torch
-from decode_inputs import DEVICE, assert_decode_close
+from decode_inputs import DEVICE, SCALE, assert_decode_close, paged_cache, random_indices
 from test_attn_sink import HOPPER, sinks
-from test_triton_sparse import SCALE, paged_cache, random_indices
 
 from flashmla_ops import reference
 from flashmla_ops._attention import merge_attention
@@ -28,19 +27,26 @@ def inputs(h_q, is_fp8, seed):
     return q, cache, indices, topk_length, extra_cache, extra_indices, extra_topk_length
 
 
-def test_merged_halves_match_one_attention_over_both():
+@pytest.mark.parametrize("with_sink", [False, True])
+def test_merged_halves_match_one_attention_over_both(with_sink):
+    """With a sink (-inf, +inf and finite heads) merge_attention applies its factor with the weights."""
     q, cache, indices, topk_length, extra_cache, extra_indices, extra_topk_length = inputs(16, True, 1)
+    sink = sinks(16, torch.Generator(DEVICE).manual_seed(2)) if with_sink else None
     main = reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK, SCALE, True)
     extra = reference.sparse_decode(q, extra_cache, extra_indices, extra_topk_length, None, None, None, KV_LORA_RANK,
                                     SCALE, True)
-    out, lse = merge_attention(*main, *extra)
+    out, lse = merge_attention(*main, *extra, sink)
     want_out, want_lse = reference.sparse_decode(q, cache, indices, topk_length, extra_cache, extra_indices,
-                                                 extra_topk_length, KV_LORA_RANK, SCALE, True)
+                                                 extra_topk_length, KV_LORA_RANK, SCALE, True, sink)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert_decode_close(out, lse, want_out, want_lse)
     assert torch.isposinf(lse[0, :, 0]).all() and torch.all(out[0, 0] == 0)  # neither cache
     assert torch.isfinite(lse[1]).all() and torch.isfinite(lse[2]).all()  # one cache each
-    assert torch.equal(out[1], extra[0][1]) and torch.equal(lse[1], extra[1][1])  # weight 1 on the only half seen
+    assert torch.equal(lse[1], extra[1][1])
+    if with_sink:
+        assert torch.all(out[:, :, 1] == 0)  # the +inf sink's head
+    else:
+        assert torch.equal(out[1], extra[0][1])  # weight 1 on the only half seen
 
 
 @pytest.mark.gpu

@@ -38,10 +38,12 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_carries_the_cuda_sources_and_the_shipped_checkpoint(wheel):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        sources = sorted(path for path in (ROOT / "csrc").iterdir() if path.suffix in (".cu", ".cuh", ".cpp", ".h"))
+        sources = sorted(path for path in (ROOT / "csrc").rglob("*") if path.is_file() and "__pycache__" not in
+                         path.parts and not path.name.startswith("."))
         assert {source.name for source in sources} >= set(_ext.SOURCES)
-        for source in sources:
-            assert archive.read(f"flashmla_ops/csrc/{source.name}") == source.read_bytes(), source.name
+        for source in sources:  # every file of csrc/, byte for byte
+            name = source.relative_to(ROOT / "csrc").as_posix()
+            assert archive.read(f"flashmla_ops/csrc/{name}") == source.read_bytes(), name
         for name in CHECKPOINT:
             assert f"models/assets/deepseek-v32-tiny-kjv/{name}" in names
         assert "flashmla_ops/build.py" in names
@@ -73,7 +75,16 @@ def test_sources_in_the_package_come_before_the_checkouts(tmp_path):
     assert _ext._package_csrc(package) == tmp_path / "csrc"  # an editable install: the checkout's csrc/
     (package / "csrc").mkdir()
     assert _ext._package_csrc(package) == package / "csrc"  # a wheel: its own copy
-    assert _ext.PACKAGE_CSRC == ROOT / "csrc"  # this checkout
+    if Path(_ext.__file__).resolve().is_relative_to(ROOT):  # these tests run on this checkout's package
+        assert _ext.PACKAGE_CSRC == ROOT / "csrc"
+
+
+def test_a_wheels_sources_build_apart_from_a_checkouts(tmp_path):
+    """Two environments (a wheel's csrc, a checkout's) do not share a build directory, which each would rebuild."""
+    assert _ext.build_name([], _ext.CHECKOUT_CSRC) == "flashmla_ops_cuda"
+    installed = _ext.build_name([], tmp_path / "site-packages" / "flashmla_ops" / "csrc")
+    other_venv = _ext.build_name([], tmp_path / "venv2" / "site-packages" / "flashmla_ops" / "csrc")
+    assert len({"flashmla_ops_cuda", installed, other_venv}) == 3 and installed.isidentifier()
 
 
 def test_toolchain_reasons(monkeypatch, tmp_path):
@@ -134,7 +145,8 @@ def test_build_cli_runs_as_a_module():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs a Hopper (sm_90) GPU")
 def test_the_prebuilt_kernels_are_the_ones_the_ops_load():
     env = {key: value for key, value in os.environ.items() if key != "FLASHMLA_CSRC"}
     result = subprocess.run([sys.executable, "-m", "flashmla_ops.build"], capture_output=True, text=True, env=env,

@@ -344,24 +344,33 @@ def test_triton_fp8_f16_products_hold_ranges_past_f16(monkeypatch, q_exponent):
     assert ran()
 
 
-@pytest.mark.parametrize("top", [100, 114, 118])
-def test_triton_fp8_f16_products_hold_tile_scales_to_the_top_of_float32(monkeypatch, top):
-    """Latent values up to 2**top (tile scales up to 2**(top - 6)) next to tokens down to 2**-10 in the same tiles,
-    against queries of 2**-(top + 2): logits of O(1). With q's rows scaled into f16's range a tile's product times its
-    scale passed float32's range from tile scales of 2**105 on, before q's inverse brought it back: NaN at 114 and
-    118 (before stop 46)."""
+@pytest.mark.parametrize("top", [100, 114, 127])
+@pytest.mark.parametrize("hardware", [FP8_HARDWARE, FP8_TO_F16, FP8_INTEGER])
+def test_triton_fp8_f16_products_hold_tile_scales_to_the_top_of_float32(monkeypatch, top, hardware):
+    """Tokens of latent values near 2**top (tile scales near 2**(top - 8)), one a page, among tokens of 2**-10 ..
+    2**(top - 20); at 127 the largest are near 2**124 but one value is 3.1e38 (bf16's largest is 3.39e38: a tile
+    scale of 2**120). Queries of 2**-(top - 2): logits of O(1), with each e4m3 decoding. With q's rows scaled into
+    f16's range a tile's product times its scale passed float32's range from tile scales of 2**105 on, before q's
+    inverse brought it back (NaN at 114 and 127 before stop 46); with the integer decoding's 2**8 in the scales, at
+    2**120."""
+    skip_unless_gpu_decodes(hardware)
+    monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: hardware)
     generator = torch.Generator(DEVICE).manual_seed(top)
     seqlens, s_q, h_q = [300, 70], 2, 16
     q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, False, generator)
-    token_factor = 2.0 ** torch.randint(-10, top - 1, cache.shape[:2], generator=generator, device=DEVICE)
-    token_factor[:, ::5] = 2.0 ** (top - 2)  # every tile holds tokens of the largest scale
-    cache = reference.quantize_kv_fp8((cache.float() * token_factor[..., None, None]).bfloat16())
-    q = (q.float() * 2.0 ** -(top + 2)).bfloat16()
+    token_factor = 2.0 ** torch.randint(-10, top - 19, cache.shape[:2], generator=generator, device=DEVICE)
+    token_factor[:, 5] = 2.0 ** (min(top, 124) - 3)  # one token a page near the top (few: the sums stay finite)
+    cache = cache.float() * token_factor[..., None, None]
+    if top == 127:
+        cache[block_table[1, 0], 5, 0, 7] = 3.1e38
+    cache = reference.quantize_kv_fp8(cache.bfloat16())
+    q = (q.float() * 2.0 ** -(top - 2)).bfloat16()
+    scale = D_QK ** -0.5 / 16
     ran = f16_products_ran(monkeypatch)
-    out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5, True, True,
-                                          None, f16_config(len(seqlens), s_q * h_q))
-    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
-                                                True, True, None)
+    out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, True, True, None,
+                                          f16_config(len(seqlens), s_q * h_q))
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, True, True,
+                                                None)
     assert want_out.isfinite().all() and want_lse.isfinite().all()
     assert_decode_close(out, lse, want_out, want_lse)
     assert ran()

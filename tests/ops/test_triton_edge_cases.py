@@ -12,6 +12,7 @@ import torch
 
 triton_decode = pytest.importorskip("flashmla_ops.triton.decode", exc_type=ImportError)
 from decode_inputs import DEVICE, assert_decode_close, make_inputs, poison_allocator  # noqa: E402
+from test_attn_sink import sinks  # noqa: E402
 from test_triton_decode import run_and_compare  # noqa: E402
 from test_triton_sparse import (SCALE, assert_close, packed_prefill_inputs, paged_cache,  # noqa: E402
                                 prefill_and_compare, random_indices, run_decode, run_prefill)
@@ -97,6 +98,17 @@ def test_triton_dense_decode_empty_batch_and_no_queries(batch, s_q, is_fp8):
     out, lse = decode_and_compare(q[:batch, :s_q], cache, block_table[:batch], cache_seqlens[:batch], True, is_fp8)
     assert out.shape == (batch, s_q, 16, KV_LORA_RANK) and out.dtype == torch.bfloat16
     assert lse.shape == (batch, 16, s_q) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_dense_decode_infinite_sinks(is_fp8):
+    """Sinks of -inf (no sink) and +inf (out 0) next to finite ones, lengths 0 and up, split and not: no NaN for the
+    queries that see nothing, where sigmoid(lse - sink) is sigmoid(inf - inf)."""
+    generator = torch.Generator(DEVICE).manual_seed(61 + is_fp8)
+    q, cache, block_table, cache_seqlens = make_inputs([0, 5, 300], 2, 16, is_fp8, generator)
+    attn_sink = sinks(16, generator)
+    out, _ = decode_and_compare(q, cache, block_table, cache_seqlens, True, is_fp8, attn_sink)
+    assert torch.all(out[:, :, 1] == 0) and torch.all(out[0] == 0)
 
 
 # ---------------------------------------------------------------- sparse decode

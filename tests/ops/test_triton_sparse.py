@@ -8,7 +8,9 @@ import dataclasses
 
 import pytest
 import torch
-from decode_inputs import assert_rows_close, quantize_with_varied_scales, spaced
+from decode_inputs import (DEVICE, LSE_TOLERANCE, SCALE, assert_close, assert_rows_close,  # noqa: F401
+                           packed_prefill_inputs, paged_cache, poison_allocator, random_indices, spaced,
+                           varied_scale_cache)
 from triton_recording import RecordingKernel
 
 from flashmla_ops import reference
@@ -16,10 +18,6 @@ from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
 triton_sparse = pytest.importorskip("flashmla_ops.triton.sparse", exc_type=ImportError)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BF16_BAND = 1e-2  # relative Frobenius error: bf16 output rounding plus bf16 probabilities in P.V
-LSE_TOLERANCE = 1e-3
-SCALE = D_QK ** -0.5
 
 # (batch, s_q, h_q, topk, extra_topk, with_topk_length): the CPU interpreter gets small shapes (the first two are
 # split over several programs + the combine: few queries against the interpreter's 4 stand-in SMs).
@@ -52,52 +50,6 @@ GPU_PREFILL_CASES = [
     ([129, 60], 128, 64, 30, True, True),
     ([1000], 64, 2000, 0, True, False),
 ]
-
-
-def poison_allocator(num_bytes: int) -> None:
-    """Fill memory the caching allocator hands out next with NaN, so that unwritten outputs show (CUDA only: the
-    CPU allocator gives no such reuse)."""
-    if DEVICE == "cuda":
-        torch.full((num_bytes // 4,), float("nan"), device=DEVICE)
-
-
-def paged_cache(num_blocks, is_fp8, generator, pad):
-    """A random BF16 or FP8 paged cache whose block stride is padded by `pad` elements (a slice of a wider buffer)."""
-    cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
-    if is_fp8:
-        cache = reference.quantize_kv_fp8(cache)
-    row = cache.shape[-1]
-    buffer = torch.zeros(num_blocks, PAGE_BLOCK_SIZE * row + pad, dtype=cache.dtype, device=DEVICE)
-    buffer[:, :PAGE_BLOCK_SIZE * row] = cache.reshape(num_blocks, -1)
-    return buffer[:, :PAGE_BLOCK_SIZE * row].view(num_blocks, PAGE_BLOCK_SIZE, 1, row)
-
-
-def varied_scale_cache(num_blocks, generator):
-    """A randn FP8 cache whose tile scales differ by tile and by token (decode_inputs.quantize_with_varied_scales)."""
-    cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE)
-    return quantize_with_varied_scales(cache, generator)
-
-
-def random_indices(shape, num_rows, generator, invalid_fraction=0.2):
-    """Random rows in [0, num_rows) with -1s and duplicates; the first query's list is all -1."""
-    indices = torch.randint(0, num_rows, shape, generator=generator, device=DEVICE, dtype=torch.int32)
-    indices[torch.rand(shape, generator=generator, device=DEVICE) < invalid_fraction] = -1
-    if shape[-1] > 3:
-        indices[..., 1] = indices[..., 3]  # duplicates count twice
-    indices.view(-1, shape[-1])[0] = -1
-    return indices
-
-
-def assert_close(out, lse, want_out, want_lse):
-    assert out.shape == want_out.shape and lse.shape == want_lse.shape
-    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
-    assert torch.isfinite(out).all()
-    error = (out.float() - want_out.float()).norm() / want_out.float().norm().clamp_min(1e-12)
-    assert error < BF16_BAND, f"relative error {error:.2e}"
-    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse)) and not torch.isnan(lse).any()
-    finite = torch.isfinite(want_lse)
-    assert torch.allclose(lse[finite], want_lse[finite], atol=LSE_TOLERANCE, rtol=0), \
-        (lse - want_lse)[finite].abs().max()
 
 
 def run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=False, varied_scales=False,
@@ -133,28 +85,6 @@ def run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink
     if not extra_topk:  # the all -1 query
         assert torch.all(out[0, 0] == 0) and torch.all(torch.isposinf(lse[0, :, 0]))
     return (out, lse), args
-
-
-def packed_prefill_inputs(seq_lens, h_q, topk, with_topk_length, generator):
-    """Sequence j owns rows [start_j, start_j + len_j) of q and kv; its queries pick causal rows of their own
-    sequence, with -1s, indices >= s_kv (no token), duplicates and one all -1 query."""
-    s_kv = sum(seq_lens)
-    q = torch.randn(s_kv, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
-    kv = torch.randn(s_kv, 1, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
-    starts = torch.repeat_interleave(torch.cumsum(torch.tensor([0] + seq_lens[:-1]), 0), torch.tensor(seq_lens))
-    positions = torch.arange(s_kv) - starts
-    own = torch.rand(s_kv, topk, generator=generator, device=DEVICE) * (positions.to(DEVICE)[:, None] + 1)
-    indices = (starts.to(DEVICE)[:, None] + own.long()).int()[:, None, :]
-    noise = torch.rand(indices.shape, generator=generator, device=DEVICE)
-    indices[noise < 0.1] = -1
-    indices[(noise >= 0.1) & (noise < 0.15)] = s_kv + 5
-    if topk > 3:
-        indices[..., 1] = indices[..., 3]
-    indices[min(1, s_kv - 1)] = -1
-    topk_length = None
-    if with_topk_length:
-        topk_length = torch.randint(0, topk + 1, (s_kv,), generator=generator, device=DEVICE, dtype=torch.int32)
-    return q, kv, indices, topk_length
 
 
 def prefill_and_compare(*args):
