@@ -8,6 +8,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 CSRC = Path(__file__).resolve().parent / "csrc"
+IGNORED = ("__pycache__", "*.o", "*.so", ".*")  # build leftovers and hidden files (tests/ops/test_packaging.py too)
 
 
 class BuildPyWithCsrc(build_py):
@@ -17,7 +18,7 @@ class BuildPyWithCsrc(build_py):
             return
         target = Path(self.build_lib) / "flashmla_ops" / "csrc"
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(CSRC, target, ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so", ".*"))
+        shutil.copytree(CSRC, target, ignore=shutil.ignore_patterns(*IGNORED))
 
 
 setup(cmdclass={"build_py": BuildPyWithCsrc})

@@ -27,7 +27,7 @@ def _package_csrc(package: Path) -> Path:
 
 
 PACKAGE_CSRC = _package_csrc(Path(__file__).resolve().parent)
-CHECKOUT_CSRC = Path(__file__).resolve().parent.parent / "csrc"  # the one build not named by its directory
+CHECKOUT_CSRC = (Path(__file__).resolve().parent.parent / "csrc").resolve()  # the build not named by its directory
 CSRC_ENV = "FLASHMLA_CSRC"
 CSRC = Path(os.environ[CSRC_ENV]).resolve() if os.environ.get(CSRC_ENV) else PACKAGE_CSRC
 BACKEND_ENV = "FLASHMLA_BACKEND"

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Prepared in stop 46 for the next session's second device call: the model GPU tests, then what stop 46's one kernel
-# change (the Triton FP8 dense decode's f16-product logits, 1097 SASS instructions in the loop against 1078 for
+# change (the Triton FP8 dense decode's f16 products, 1083 SASS instructions in the loop against 1078 for
 # Triton 3.6, sm_90) costs, against main before it in one process.
 # Before the call, on the CPU machine: git show 09f64fc:flashmla_ops/triton/decode.py > bench/decode_base.py
 # `run` with command `bash docs/bench/stop46_device_call2.sh` and carry ["bench"].

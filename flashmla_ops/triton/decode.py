@@ -130,15 +130,16 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
         if F16_PRODUCTS:
             # Each row's weights p * scale over 2**-14 times the row's largest in the block: at most 2**14, in f16's
             # range, and every weight down to 2**-28 of the row's largest stays normal. Rows whose weights are all
-            # below 1e-30 (none, or negligible next to an earlier block's) take top 1: they flush to zero.
+            # below 2**-112 (none, or negligible next to an earlier block's) take top 1: they flush to zero. p over
+            # top first, then the scale: p * (scale / top) could overflow to inf and, for a p of 0, give NaN.
             top = tl.max(p * largest_scale[None, :], 1) * (1.0 / 16384.0)
-            top = tl.where(top > 1e-30, top, 1.0)
-            inverse_top = 1.0 / top
+            top = tl.where(top >= 1.1754943508222875e-38, top, 1.0)  # float32's smallest normal: 1 / top finite
+            p_over_top = p * (1.0 / top)[:, None]  # times each tile's scale: at most 2**14 (0 where p is)
             back = top * VALUE_BIAS
-            acc0 = acc0 * alpha[:, None] + _scaled_product(p, scale0, k0, inverse_top, back, INTERPRET)
-            acc1 = acc1 * alpha[:, None] + _scaled_product(p, scale1, k1, inverse_top, back, INTERPRET)
-            acc2 = acc2 * alpha[:, None] + _scaled_product(p, scale2, k2, inverse_top, back, INTERPRET)
-            acc3 = acc3 * alpha[:, None] + _scaled_product(p, scale3, k3, inverse_top, back, INTERPRET)
+            acc0 = acc0 * alpha[:, None] + _scaled_product(p_over_top, scale0, k0, back, INTERPRET)
+            acc1 = acc1 * alpha[:, None] + _scaled_product(p_over_top, scale1, k1, back, INTERPRET)
+            acc2 = acc2 * alpha[:, None] + _scaled_product(p_over_top, scale2, k2, back, INTERPRET)
+            acc3 = acc3 * alpha[:, None] + _scaled_product(p_over_top, scale3, k3, back, INTERPRET)
         elif IS_FP8:
             acc0 = acc0 * alpha[:, None] + mma((p * scale0[None, :]).to(tl.bfloat16), k0, INTERPRET)
             acc1 = acc1 * alpha[:, None] + mma((p * scale1[None, :]).to(tl.bfloat16), k1, INTERPRET)
@@ -180,11 +181,11 @@ def _power_of_two_below(x):
 
 
 @triton.jit
-def _scaled_product(p, scale, k, inverse_top, back, INTERPRET: tl.constexpr):
-    """(p * scale) @ k with f16 operands: p (rows x tokens) times each token's tile scale times its row's
-    `inverse_top` is at most 2**14, in f16's range; the product is multiplied back by `back` (the row's top, times
-    2**8 where k is the e4m3 values times 2**-8)."""
-    return mma((p * (scale[None, :] * inverse_top[:, None])).to(tl.float16), k, INTERPRET) * back[:, None]
+def _scaled_product(p_over_top, scale, k, back, INTERPRET: tl.constexpr):
+    """(p * scale) @ k with f16 operands: p over its row's top (rows x tokens) times each token's tile scale is at
+    most 2**14, in f16's range; the product is multiplied back by `back` (the row's top, times 2**8 where k is the e4m3
+    values times 2**-8)."""
+    return mma((p_over_top * scale[None, :]).to(tl.float16), k, INTERPRET) * back[:, None]
 
 
 @triton.jit

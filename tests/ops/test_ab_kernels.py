@@ -57,9 +57,9 @@ def test_ab_kernels_refuses_to_time_without_kernels(tmp_path):
 
 
 def test_each_flag_set_and_csrc_directory_builds_apart(tmp_path):
-    package = _ext.build_name([], _ext.PACKAGE_CSRC)
-    assert package == "flashmla_ops_cuda"  # the name (and build directory) the package's own build always had
-    assert _ext.build_name(["-DFLASHMLA_PHASES"], _ext.PACKAGE_CSRC) == "flashmla_ops_cuda__DFLASHMLA_PHASES"
+    package = _ext.build_name([], _ext.CHECKOUT_CSRC)
+    assert package == "flashmla_ops_cuda"  # the name (and build directory) a checkout's own build always had
+    assert _ext.build_name(["-DFLASHMLA_PHASES"], _ext.CHECKOUT_CSRC) == "flashmla_ops_cuda__DFLASHMLA_PHASES"
     other = _ext.build_name([], tmp_path / "branch" / "csrc")
     elsewhere = _ext.build_name([], tmp_path / "main" / "csrc")
     assert len({package, other, elsewhere}) == 3

@@ -1,6 +1,7 @@
 """A wheel (a non-editable install) carries the CUDA sources as flashmla_ops/csrc/ and the shipped checkpoint, and the
 installed package finds them; `python -m flashmla_ops.build` compiles the kernels ahead of first use, or says why it
 cannot."""
+import fnmatch
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 PROJECT_FILES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md")
 PROJECT_DIRS = ("csrc", "flashmla_ops", "models")
 CHECKPOINT = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+IGNORED = ("__pycache__", "*.o", "*.so", ".*")  # what setup.py leaves out of csrc/
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,8 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_carries_the_cuda_sources_and_the_shipped_checkpoint(wheel):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        sources = sorted(path for path in (ROOT / "csrc").rglob("*") if path.is_file() and "__pycache__" not in
-                         path.parts and not path.name.startswith("."))
+        sources = sorted(path for path in (ROOT / "csrc").rglob("*") if path.is_file() and not any(
+            fnmatch.fnmatch(part, pattern) for part in path.relative_to(ROOT / "csrc").parts for pattern in IGNORED))
         assert {source.name for source in sources} >= set(_ext.SOURCES)
         for source in sources:  # every file of csrc/, byte for byte
             name = source.relative_to(ROOT / "csrc").as_posix()
@@ -57,16 +59,17 @@ def test_the_installed_package_finds_its_sources_and_checkpoint(wheel, tmp_path)
     probe = ("import flashmla_ops, models; from flashmla_ops import _ext; from models.loading import load_config; "
              "print(flashmla_ops.__file__); print(_ext.PACKAGE_CSRC); print(_ext.CSRC); "
              "print([n for n in _ext.SOURCES if not (_ext.CSRC / n).exists()]); "
-             "print(load_config(models.SHIPPED_CHECKPOINT)[1]['model_type'])")
+             "print(load_config(models.SHIPPED_CHECKPOINT)[1]['model_type']); print(_ext.build_name([], _ext.CSRC))")
     env = {**os.environ, "PYTHONPATH": str(target)}
     env.pop("FLASHMLA_CSRC", None)
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    package, package_csrc, csrc, missing, model_type = result.stdout.split("\n")[:5]
+    package, package_csrc, csrc, missing, model_type, name = result.stdout.split("\n")[:6]
     assert Path(package).resolve().is_relative_to(target.resolve())  # not the checkout's editable install
     assert Path(package_csrc) == target.resolve() / "flashmla_ops" / "csrc" == Path(csrc)
     assert missing == "[]"
     assert model_type == "deepseek_v32"
+    assert name.startswith("flashmla_ops_cuda_csrc")  # not the checkout's build directory (a rebuild each switch)
 
 
 def test_sources_in_the_package_come_before_the_checkouts(tmp_path):

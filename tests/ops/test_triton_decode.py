@@ -376,6 +376,38 @@ def test_triton_fp8_f16_products_hold_tile_scales_to_the_top_of_float32(monkeypa
     assert ran()
 
 
+@pytest.mark.parametrize("delta", [58.0, 64.0])
+@pytest.mark.parametrize("hardware", [FP8_HARDWARE, FP8_INTEGER])
+def test_triton_fp8_f16_products_keep_rows_carried_by_far_smaller_weights(monkeypatch, delta, hardware):
+    """A first page of zero latent whose RoPE logits lie `delta` nats above the other pages' (so their weights are
+    e**-delta, ~1e-25 .. 1e-28): the rows' output is carried by those weights alone. Rows whose largest p * scale in a
+    block was below 1e-30 * 2**14 were flushed to zero (all of them at 64; at 58 with the integer decoding, once its
+    2**8 left the scales); now only below float32's smallest normal."""
+    skip_unless_gpu_decodes(hardware)
+    monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: hardware)
+    generator = torch.Generator(DEVICE).manual_seed(int(delta))
+    kv = torch.randn(3, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE)
+    kv[0, :, :, :KV_LORA_RANK] = 0
+    kv[:, :, :, KV_LORA_RANK:] = 0
+    kv[0, :, :, KV_LORA_RANK] = delta
+    cache = reference.quantize_kv_fp8(kv.bfloat16())
+    block_table = torch.tensor([[0, 1, 2]], dtype=torch.int32, device=DEVICE)
+    cache_seqlens = torch.tensor([3 * PAGE_BLOCK_SIZE], dtype=torch.int32, device=DEVICE)
+    q = torch.zeros(1, 1, 16, D_QK, device=DEVICE)
+    q[..., KV_LORA_RANK] = 1.0
+    q = q.bfloat16()
+    config = dataclasses.replace(f16_config(1, 16), programs_per_sm=0.01)  # one split: the pages in one program
+    ran = f16_products_ran(monkeypatch)
+    out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, 1.0, False, True, None,
+                                          config)
+    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, 1.0, False, True,
+                                                None)
+    assert want_out.abs().max() > 0
+    assert_decode_close(out, lse, want_out, want_lse)
+    assert_rows_close(out, want_out)
+    assert ran()
+
+
 @pytest.mark.parametrize("f16", [True, False])
 def test_triton_fp8_keeps_small_weights_next_to_huge_scales(monkeypatch, f16):
     """decode_inputs.huge_and_small_scale_inputs: rows carried by tokens 2**37 below the block's largest scale.
