@@ -3,6 +3,7 @@ installed package finds them; `python -m flashmla_ops.build` compiles the kernel
 cannot."""
 import fnmatch
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -160,3 +161,16 @@ def test_the_prebuilt_kernels_are_the_ones_the_ops_load():
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT,
                             check=True).stdout.strip().splitlines()[-1]
     assert Path(built).resolve() == Path(loaded).resolve()
+
+
+def test_every_environment_variable_the_package_reads_is_in_the_readme():
+    """The README's table of environment variables names each FLASHMLA_* variable flashmla_ops reads."""
+    package = ROOT / "flashmla_ops"
+    read = set()
+    for source in package.rglob("*.py"):
+        read |= set(re.findall(r"\bFLASHMLA_[A-Z_]+\b", source.read_text()))
+    assert {"FLASHMLA_BACKEND", "FLASHMLA_CHECK", "FLASHMLA_CSRC"} <= read
+    table = (ROOT / "README.md").read_text().split("Environment variables", 1)[1].split("\n\n", 2)[1]
+    documented = set(re.findall(r"^\| `(FLASHMLA_[A-Z_]+)`", table, re.M))
+    assert read == documented, f"read but not in the README's table: {sorted(read - documented)}; documented but " \
+                               f"not read: {sorted(documented - read)}"
