@@ -294,7 +294,7 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
                 num_splits.contiguous() if balanced else None,
                 cuda_dense_kernel(rows) == "narrow")
             return apply_attn_sink_(out, lse.transpose(1, 2), attn_sink), lse
-        if path == "triton" and k_cache.shape[0] >= 1:
+        if path == "triton":
             from .triton import decode as triton_decode
 
             if triton_decode.supports(q, k_cache, head_dim_v, is_fp8):

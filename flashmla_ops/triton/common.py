@@ -165,6 +165,12 @@ def finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK: tl.constexpr):
     return out, lse
 
 
+def nonempty(cache: torch.Tensor) -> torch.Tensor:
+    """A cache of no blocks (rows) has nothing a kernel may read, but a kernel still takes its pointer: one zero
+    block (row) in its place, never read (every length is then 0 and every index invalid)."""
+    return cache if cache.shape[0] else cache.new_zeros(1, *cache.shape[1:])
+
+
 @functools.cache
 def hardware_fp8(device: torch.device) -> int:
     """How the kernels decode e4m3 on `device` (fp8_conversion's level, nonzero from sm_89, where Triton has some

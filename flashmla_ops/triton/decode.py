@@ -25,7 +25,7 @@ from .._checks import last_dim_contiguous
 from ..decode import get_mla_metadata_reference
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, fp8_values, hardware_fp8,
-                     launch_fitting, load_fp8_bytes, load_latent_subtile, load_rope, load_tile_scale, mma)
+                     launch_fitting, load_fp8_bytes, load_latent_subtile, load_rope, load_tile_scale, mma, nonempty)
 
 @triton.jit
 def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm,
@@ -442,7 +442,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     if batch == 0 or rows == 0:
         return out, lse
     q_rows = q.reshape(batch, rows, d_qk)
-    cache = kv_cache.view(torch.uint8) if is_fp8 else kv_cache
+    cache = nonempty(kv_cache.view(torch.uint8) if is_fp8 else kv_cache)
     # The kernels read the lengths, the sink, the metadata and a block-table row as packed (strided views copied).
     block_table, cache_seqlens = last_dim_contiguous(block_table), cache_seqlens.contiguous()
     attn_sink, tile_scheduler_metadata, num_splits = (None if t is None else t.contiguous()

@@ -20,7 +20,7 @@ import triton.language as tl
 from .._checks import last_dim_contiguous
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, hardware_fp8, launch_fitting,
-                     load_kv_tile, mma)
+                     load_kv_tile, mma, nonempty)
 from .decode import combine, split_buffers
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -263,11 +263,6 @@ def num_splits_for(programs: int, key_tiles: int, multiprocessors: int) -> int:
     return min(range(1, max(1, min(key_tiles, 64)) + 1), key=lambda splits: (cost(splits), splits))
 
 
-def _nonempty(cache: torch.Tensor) -> torch.Tensor:
-    """A zero-block cache has no slot any valid index can name: give the kernel one (never read) row to point at."""
-    return cache if cache.shape[0] else cache.new_zeros(1, *cache.shape[1:])
-
-
 def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
                   head_dim_v, softmax_scale, is_fp8, attn_sink=None, config: TileConfig | None = None):
     """Triton sparse decode; same contract as `flashmla::sparse_decode` for d_qk 576 / d_v 512 and bf16 q. A given
@@ -278,8 +273,8 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
     if batch * s_q * h_q == 0:
         return out, lse
     has_extra = extra_k_cache is not None
-    cache = _nonempty(k_cache.view(torch.uint8) if is_fp8 else k_cache)
-    extra_cache = _nonempty(extra_k_cache.view(torch.uint8) if is_fp8 else extra_k_cache) if has_extra else cache
+    cache = nonempty(k_cache.view(torch.uint8) if is_fp8 else k_cache)
+    extra_cache = nonempty(extra_k_cache.view(torch.uint8) if is_fp8 else extra_k_cache) if has_extra else cache
     indices = last_dim_contiguous(indices)
     extra_indices = last_dim_contiguous(extra_indices_in_kvcache) if has_extra else indices
     # the kernel reads the lengths and the sink as packed (strided views copied)
@@ -334,7 +329,7 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_lengt
     lse_indexer = q.new_empty(s_q, h_q, dtype=torch.float32) if indexer_topk else q.new_empty(0, dtype=torch.float32)
     if s_q * h_q == 0:
         return out, max_logits, lse, lse_indexer
-    kv_rows = _nonempty(kv)[:, 0]
+    kv_rows = nonempty(kv)[:, 0]
     indices = last_dim_contiguous(indices)
     # the kernel reads the lengths and the sink as packed (strided views copied)
     topk_length, attn_sink = (None if t is None else t.contiguous() for t in (topk_length, attn_sink))

@@ -328,7 +328,8 @@ def test_dense_decode_one_column_block_table_transposed(is_fp8):
 
 
 def test_dense_decode_cache_without_blocks():
-    """A cache of no blocks and every length 0: out 0 and lse +inf (the reference path: nothing to map)."""
+    """A cache of no blocks and every length 0: out 0 and lse +inf (the Triton kernel, on a stand-in block, or the
+    reference: the CUDA kernel has nothing to map)."""
     q = torch.randn(2, 1, 16, D_QK, device=DEVICE).bfloat16()
     cache = torch.zeros(0, 64, 1, D_QK, dtype=torch.bfloat16, device=DEVICE)
     out, lse = torch.ops.flashmla.dense_decode(q, cache, torch.zeros(2, 1, dtype=torch.int32, device=DEVICE),

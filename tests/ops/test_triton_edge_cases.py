@@ -111,6 +111,19 @@ def test_triton_dense_decode_infinite_sinks(is_fp8):
     assert torch.all(out[:, :, 1] == 0) and torch.all(out[0] == 0)
 
 
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_dense_decode_cache_without_blocks(is_fp8):
+    """A cache of no blocks (every length 0): the kernel gets one zero block to point at and reads nothing; out 0,
+    lse +inf (the op sent this case to the reference before stop 46)."""
+    generator = torch.Generator(DEVICE).manual_seed(71 + is_fp8)
+    q, cache, _, _ = make_inputs([1], 2, 16, is_fp8, generator)
+    q = q.expand(3, -1, -1, -1).contiguous()
+    empty = cache[:0]
+    out, lse = decode_and_compare(q, empty, torch.zeros(3, 1, dtype=torch.int32, device=DEVICE),
+                                  torch.zeros(3, dtype=torch.int32, device=DEVICE), True, is_fp8)
+    assert torch.all(out == 0) and torch.all(torch.isposinf(lse))
+
+
 # ---------------------------------------------------------------- sparse decode
 
 
