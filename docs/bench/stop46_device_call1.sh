@@ -11,5 +11,6 @@ SECONDS=0
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,power.limit --format=csv
 python -m flashmla_ops.build > $OUT/build.log 2>&1; echo "build rc $?"; tail -2 $OUT/build.log
 echo "=== built at ${SECONDS}s"
-timeout 420 python -m pytest -m gpu -x -q tests/ops > $OUT/tests.log 2>&1; echo "tests rc $?"; tail -5 $OUT/tests.log
+timeout 420 python -m pytest -m gpu -q --maxfail=10 tests/ops > $OUT/tests.log 2>&1; echo "tests rc $?"
+grep -E "^(FAILED|ERROR)" $OUT/tests.log | head -20; tail -3 $OUT/tests.log
 echo "=== done at ${SECONDS}s"
