@@ -245,7 +245,7 @@ def _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8) -> bool:
     cache_ok = k_cache.shape[-1] == FP8_BYTES if is_fp8 else k_cache.dtype == torch.bfloat16
     return (q.dtype == torch.bfloat16 and cache_ok and q.shape[-1] == D_QK
             and head_dim_v == KV_LORA_RANK and aligned and q.shape[0] <= 65535 and q.data_ptr() % 16 == 0
-            and k_cache.data_ptr() % 16 == 0 and k_cache.shape[0] >= 1)  # no blocks: nothing to map, the reference
+            and k_cache.data_ptr() % 16 == 0 and k_cache.shape[0] >= 1)  # no blocks: nothing to map, the next path
 
 
 def cuda_num_splits(device: torch.device, batch: int, rows: int, max_blocks_per_seq: int) -> int:

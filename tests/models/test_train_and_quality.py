@@ -25,13 +25,12 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from models import DeepseekConfig, PagedKVCache, load_model, prefill, random_model, tiny_config
+from models import SHIPPED_CHECKPOINT, DeepseekConfig, PagedKVCache, load_model, prefill, random_model, tiny_config
 from models.data import HELDOUT_FILE, KJV_FILE, kjv_path, read_heldout
 from models.deepseek import training_forward
 from models.loading import SINGLE_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ROOT / "models" / "assets" / "deepseek-v32-tiny-kjv"
 CHECKPOINT_FILES = ("config.json", SINGLE_FILE, "tokenizer.json", "tokenizer_config.json", "README.md", HELDOUT_FILE)
 MAX_WEIGHTS_BYTES = 16 * 2 ** 20  # what a device run can hand back per file: the GPU command's output must fit
 QUALITY_ARGS = ["--device", "cpu", "--tokens", "256", "--window", "160", "--context", "32", "--continuations", "4",
@@ -84,7 +83,7 @@ def corpus_dir(tmp_path_factory) -> Path:
             lines = [next(f) for _ in range(400)]
     except FileNotFoundError:
         lines = [json.dumps(dict(book="Held-out", chapter=chapter, verse=verse, text=text)) + "\n"
-                 for chapter, document in enumerate(read_heldout(SHIPPED / HELDOUT_FILE), 1)
+                 for chapter, document in enumerate(read_heldout(SHIPPED_CHECKPOINT / HELDOUT_FILE), 1)
                  for verse, text in enumerate((t for t in document.splitlines() if t.strip()), 1)]
     (directory / KJV_FILE).write_text("".join(lines))
     return directory
@@ -94,7 +93,7 @@ def test_train_tiny_arguments():
     """The default output is a scratch folder, never the shipped checkpoint; counts that would crash mid-run (or
     after writing the tokenizer) are refused first."""
     assert train_tiny.parse_args([]).out == train_tiny.DEFAULT_OUT
-    assert train_tiny.DEFAULT_OUT.resolve() != SHIPPED.resolve()
+    assert train_tiny.DEFAULT_OUT.resolve() != SHIPPED_CHECKPOINT.resolve()
     for bad in (["--steps", "0"], ["--eval-every", "0"], ["--batch-size", "0"], ["--seq-len", "0"],
                 ["--vocab-size", "0"], ["--sample-tokens", "-1"]):
         with pytest.raises(SystemExit):
@@ -145,11 +144,11 @@ def test_train_tiny_writes_a_loadable_checkpoint(tmp_path, corpus_dir):
 
 def test_shipped_checkpoint():
     for name in CHECKPOINT_FILES:
-        assert (SHIPPED / name).exists(), name
-    assert (SHIPPED / SINGLE_FILE).stat().st_size <= MAX_WEIGHTS_BYTES
-    config = json.loads((SHIPPED / "config.json").read_text())
+        assert (SHIPPED_CHECKPOINT / name).exists(), name
+    assert (SHIPPED_CHECKPOINT / SINGLE_FILE).stat().st_size <= MAX_WEIGHTS_BYTES
+    config = json.loads((SHIPPED_CHECKPOINT / "config.json").read_text())
     assert (config["kv_lora_rank"], config["qk_rope_head_dim"], config["index_topk"]) == (512, 64, 64)
-    assert sum(len(doc) for doc in read_heldout(SHIPPED / HELDOUT_FILE)) > 4000
+    assert sum(len(doc) for doc in read_heldout(SHIPPED_CHECKPOINT / HELDOUT_FILE)) > 4000
 
 
 # ---------------------------------------------------------------- quality.py

@@ -1,4 +1,5 @@
 """Random paged-decode and sparse-attention inputs and comparisons shared by the kernel tests (Triton and CUDA)."""
+import pytest
 import torch
 
 from flashmla_ops import reference
@@ -8,6 +9,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16_BAND = 1e-2  # relative Frobenius error: bf16 output rounding plus bf16 probabilities in P.V
 LSE_TOLERANCE = 1e-3
 SCALE = D_QK ** -0.5
+
+HOPPER = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="needs a Hopper (sm_90) GPU")
+
+
+def sinks(h_q, generator):
+    """Per-head sinks around the logits' LSEs, the first head's -inf (no sink: out unchanged), the second's +inf (out
+    0, also for queries that see nothing, where sigmoid(lse - sink) would be NaN)."""
+    sink = torch.randn(h_q, generator=generator, device=DEVICE) * 2 + 3
+    sink[0], sink[1] = float("-inf"), float("inf")
+    return sink
 
 
 def make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded=False):

@@ -5,24 +5,12 @@ sink takes the CUDA kernel and matches the reference, empty rows and sinks of -i
 graph."""
 import pytest
 import torch
-from decode_inputs import (DEVICE, SCALE, assert_close, assert_decode_close, make_inputs, packed_prefill_inputs,
-                           paged_cache, random_indices)
+from decode_inputs import (DEVICE, HOPPER, SCALE, assert_close, assert_decode_close, make_inputs,
+                           packed_prefill_inputs, paged_cache, random_indices, sinks)
 
 from flashmla_ops import reference
 from flashmla_ops._attention import apply_attn_sink_
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
-
-HOPPER = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                            reason="needs a Hopper (sm_90) GPU")
-
-
-def sinks(h_q, generator):
-    """Per-head sinks around the logits' LSEs, the first head's -inf (no sink: out unchanged), the second's +inf (out
-    0, also for queries that see nothing, where sigmoid(lse - sink) would be NaN)."""
-    sink = torch.randn(h_q, generator=generator, device=DEVICE) * 2 + 3
-    sink[0], sink[1] = float("-inf"), float("inf")
-    return sink
-
 
 @pytest.mark.parametrize("is_fp8", [False, True])
 def test_sink_after_the_kernel_matches_the_sink_inside(is_fp8):

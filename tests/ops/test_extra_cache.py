@@ -4,8 +4,7 @@ the reference's two halves against the reference over both, queries that see onl
 GPU (Hopper): the op calls the CUDA kernel twice and matches the reference, with topk lengths, a sink and FP8."""
 import pytest
 import torch
-from decode_inputs import DEVICE, SCALE, assert_decode_close, paged_cache, random_indices
-from test_attn_sink import HOPPER, sinks
+from decode_inputs import DEVICE, HOPPER, SCALE, assert_decode_close, paged_cache, random_indices, sinks
 
 from flashmla_ops import reference
 from flashmla_ops._attention import merge_attention

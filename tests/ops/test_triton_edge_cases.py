@@ -11,8 +11,7 @@ import pytest
 import torch
 
 triton_decode = pytest.importorskip("flashmla_ops.triton.decode", exc_type=ImportError)
-from decode_inputs import DEVICE, assert_decode_close, make_inputs, poison_allocator  # noqa: E402
-from test_attn_sink import sinks  # noqa: E402
+from decode_inputs import DEVICE, assert_decode_close, make_inputs, poison_allocator, sinks  # noqa: E402
 from test_triton_decode import run_and_compare  # noqa: E402
 from test_triton_sparse import (SCALE, assert_close, packed_prefill_inputs, paged_cache,  # noqa: E402
                                 prefill_and_compare, random_indices, run_decode, run_prefill)
