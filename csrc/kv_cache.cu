@@ -82,17 +82,19 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ kv_fp8, __nv_bfloa
 }
 
 // cache: base of (num_blocks, page_block_size, 1, row) with block stride `block_stride_bytes` and row stride
-// `row_stride_bytes` (the cache may be a slice of a padded buffer).
+// `row_stride_bytes` (the cache may be a slice of a padded buffer). Slots outside [0, num_slots) are skipped: -1 is
+// padding, and a bad slot (the op checks values only on the CPU or with FLASHMLA_CHECK=1) must not write past the
+// cache (into the next layer's, where caches are slices of one pool).
 template <bool kIsFp8, typename SlotT>
 __global__ void write_kv_cache_kernel(uint8_t* __restrict__ cache, const __nv_bfloat16* __restrict__ latent,
                                       const __nv_bfloat16* __restrict__ rope, const SlotT* __restrict__ slot_mapping,
-                                      int64_t num_tokens, int page_block_size, int64_t block_stride_bytes,
-                                      int64_t row_stride_bytes) {
+                                      int64_t num_tokens, int64_t num_slots, int page_block_size,
+                                      int64_t block_stride_bytes, int64_t row_stride_bytes) {
   const int lane = threadIdx.x % 32;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (token >= num_tokens) return;
   const int64_t slot = static_cast<int64_t>(slot_mapping[token]);
-  if (slot < 0) return;  // padding token
+  if (slot < 0 || slot >= num_slots) return;  // padding token (-1), or a slot outside the cache
   uint8_t* dst = cache + (slot / page_block_size) * block_stride_bytes + (slot % page_block_size) * row_stride_bytes;
   const __nv_bfloat16* latent_row = latent + token * kLatentDim;
   const __nv_bfloat16* rope_row = rope + token * kRopeDim;
@@ -163,9 +165,10 @@ void write_kv_cache(torch::Tensor& kv_cache, const torch::Tensor& latent, const 
   auto* latent_ptr = reinterpret_cast<const __nv_bfloat16*>(latent.data_ptr());
   auto* rope_ptr = reinterpret_cast<const __nv_bfloat16*>(rope.data_ptr());
   const int page_block_size = static_cast<int>(kv_cache.size(1));
+  const int64_t num_slots = kv_cache.size(0) * kv_cache.size(1);
   auto launch = [&](auto is_fp8_constant, auto* slots) {
     write_kv_cache_kernel<decltype(is_fp8_constant)::value><<<grid_for(num_tokens), kWarpsPerBlock * 32, 0, stream>>>(
-        cache, latent_ptr, rope_ptr, slots, num_tokens, page_block_size, block_stride, row_stride);
+        cache, latent_ptr, rope_ptr, slots, num_tokens, num_slots, page_block_size, block_stride, row_stride);
   };
   const bool slots64 = slot_mapping.scalar_type() == at::kLong;
   if (is_fp8) {

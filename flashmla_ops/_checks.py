@@ -22,9 +22,15 @@ def _dtype_names(dtypes) -> str:
     return " or ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def check_tensor(op: str, name: str, t, dtypes, shape, dims: dict) -> torch.Tensor:
+def require_tensor(op: str, name: str, t) -> torch.Tensor:
+    """`t` if it is a tensor, else a TypeError naming `name` (before anything reads its dtype or shape)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    return t
+
+
+def check_tensor(op: str, name: str, t, dtypes, shape, dims: dict) -> torch.Tensor:
+    require_tensor(op, name, t)
     if t.dtype not in dtypes:
         seen = str(t.dtype).replace("torch.", "")
         raise TypeError(f"{op}: {name} must have dtype {_dtype_names(dtypes)}, got {seen}")

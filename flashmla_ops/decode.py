@@ -162,6 +162,10 @@ def _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims):
     if tile_scheduler_metadata is not None:
         check_tensor(op, "tile_scheduler_metadata", tile_scheduler_metadata, INDEX_DTYPES, (None, METADATA_FIELDS),
                      dims)
+        if tile_scheduler_metadata.shape[0] < 1:
+            raise ValueError(f"{op}: tile_scheduler_metadata must have a row per SM part, at least one (shape "
+                             f"(num_sm_parts, {METADATA_FIELDS}) from get_mla_metadata), got shape "
+                             f"{tuple(tile_scheduler_metadata.shape)}")
     if num_splits is not None:
         check_tensor(op, "num_splits", num_splits, INDEX_DTYPES, (dims["batch"] + 1,), dims)
 
@@ -206,6 +210,20 @@ def _check_dense(op, q, k_cache, block_table, cache_seqlens, tile_scheduler_meta
     check_same_device(op, q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
                       attn_sink=attn_sink, tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
     check_paged_table(op, block_table, cache_seqlens, k_cache.shape[0], PAGE_BLOCK_SIZE, "k_cache")
+    _check_metadata_values(op, tile_scheduler_metadata, num_splits, cache_seqlens)
+
+
+def _check_metadata_values(op, tile_scheduler_metadata, num_splits, cache_seqlens) -> None:
+    """Where values are checked (CPU tensors, FLASHMLA_CHECK=1): the schedule must be get_mla_metadata's for these
+    cache_seqlens values. The CUDA kernel follows it as it is: a schedule made for other lengths (same shapes)
+    would leave blocks unread, or read past them, with no error."""
+    if tile_scheduler_metadata is None or num_splits is None or not value_checks_apply(cache_seqlens):
+        return
+    want_metadata, want_splits = get_mla_metadata_reference(cache_seqlens, tile_scheduler_metadata.shape[0])
+    check(op, torch.equal(tile_scheduler_metadata.long(), want_metadata.long())
+          and torch.equal(num_splits.long(), want_splits.long()),
+          "tile_scheduler_metadata and num_splits must be get_mla_metadata(cache_seqlens, num_sm_parts)'s for these "
+          "cache_seqlens values (metadata made for other lengths is stale: the kernel would skip or overrun blocks)")
 
 
 def dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,

@@ -10,7 +10,7 @@ import torch
 
 from . import _ext
 from ._checks import (FLOAT_DTYPES, check, check_paged_table, check_same_device, check_tensor, dense_aligned,
-                      last_dim_contiguous, value_checks_apply)
+                      last_dim_contiguous, require_tensor, value_checks_apply)
 from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE
 from .kv_cache import dequantize_index_fp8_reference
 
@@ -153,7 +153,7 @@ def _(q, k, weights, k_start, k_end, q_scale, k_scale):
 def _check_logits_paged(op, q, index_cache, weights, block_table, cache_seqlens, q_scale):
     dims = {}
     check_tensor(op, "q", q, (*FLOAT_DTYPES, FP8), ("batch", "s_q", "h_i", "d_i"), dims)
-    row = dims["d_i"] + 4 if index_cache.dtype in (torch.uint8, FP8) else dims["d_i"]
+    row = dims["d_i"] + 4 if require_tensor(op, "index_cache", index_cache).dtype in (torch.uint8, FP8) else dims["d_i"]
     check_tensor(op, "index_cache", index_cache, (*FLOAT_DTYPES, torch.uint8, FP8), (None, PAGE_BLOCK_SIZE, row), dims)
     check_tensor(op, "weights", weights, (torch.float32,), ("batch", "s_q", "h_i"), dims)
     check_tensor(op, "block_table", block_table, INDEX_DTYPES, ("batch", "max_blocks_per_seq"), dims)
@@ -248,6 +248,9 @@ def _(q, index_cache, weights, block_table, cache_seqlens, q_scale):
 # ---------------------------------------------------------------- top-k
 
 
+MAX_TOPK_BLOCK = 2 ** 31 // PAGE_BLOCK_SIZE  # indexer_topk's slots block * 64 + row are int32
+
+
 def _check_topk(op, logits, topk, block_table):
     if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.dim() < 1:
         seen = (logits.dtype, tuple(logits.shape)) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -264,11 +267,12 @@ def _check_topk(op, logits, topk, block_table):
         check_same_device(op, logits=logits, block_table=block_table)
         if value_checks_apply(logits):
             # A position that can be selected (logit not -inf) must map through a real block: a negative entry would
-            # turn it into a negative slot, which the sparse kernels read as "no token" (or reject), silently.
+            # turn it into a negative slot, which the sparse kernels read as "no token" (or reject), silently; an
+            # entry of 2**25 or more into a slot past int32, which wraps around to another, valid-looking slot.
             entry = block_table.repeat_interleave(PAGE_BLOCK_SIZE, dim=1)[:, None, :logits.shape[-1]]
-            bad = (logits != float("-inf")) & (entry < 0)
-            check(op, ~bad, f"block_table entries of blocks holding a selectable logit (not -inf) must be >= 0, got "
-                            f"{entry.expand_as(bad)[bad][:8].tolist()}")
+            bad = (logits != float("-inf")) & ((entry < 0) | (entry >= MAX_TOPK_BLOCK))
+            check(op, ~bad, f"block_table entries of blocks holding a selectable logit (not -inf) must be in [0, "
+                            f"2**25) (int32 slots), got {entry.expand_as(bad)[bad][:8].tolist()}")
 
 
 def indexer_topk_reference(logits, topk, block_table=None):

@@ -30,6 +30,18 @@ def _check_scalar(op: str, name: str, value, accepts, what: str) -> None:
         raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")
 
 
+def _check_tensor_types(op: str, required: dict, optional: dict) -> None:
+    """Tensor arguments that are not tensors (a list, a number; None where one is required): the custom ops' schemas
+    would reject them with a RuntimeError, or their checks name the op rather than this function. Types only: the
+    shapes, dtypes and values are the op's checks (where a reused schedule skips the API's own)."""
+    for name, value in required.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(value).__name__}")
+    for name, value in optional.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor or None, got {type(value).__name__}")
+
+
 @dataclass
 class FlashMLASchedMeta:
     """Scheduling state from `get_mla_metadata`: empty until the first `flash_mla_with_kvcache` call fills it
@@ -114,6 +126,10 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     if q.dim() != 4:
         raise ValueError(f"{op}: q must be a tensor of shape (batch, s_q, h_q, d_qk), got {tuple(q.shape)}")
     batch, s_q, h_q, d_qk = q.shape
+    _check_tensor_types(op, dict(k_cache=k_cache),
+                        dict(block_table=block_table, cache_seqlens=cache_seqlens, indices=indices, attn_sink=attn_sink,
+                             extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
+                             topk_length=topk_length, extra_topk_length=extra_topk_length))
     _check_scalar(op, "head_dim_v", head_dim_v, _is_int, "an int")
     if softmax_scale is None:
         softmax_scale = d_qk ** -0.5
@@ -176,6 +192,7 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk
         [, lse_indexer `(s_q, h_q)` float32 when indexer_topk > 0]).
     """
     op = "flash_mla_sparse_fwd"
+    _check_tensor_types(op, dict(q=q, kv=kv, indices=indices), dict(attn_sink=attn_sink, topk_length=topk_length))
     _check_scalar(op, "sm_scale", sm_scale, _is_float, "a float")
     _check_scalar(op, "d_v", d_v, _is_int, "an int")
     _check_scalar(op, "indexer_topk", indexer_topk, _is_int, "an int")

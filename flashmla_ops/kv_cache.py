@@ -11,7 +11,7 @@ import torch
 
 from . import _ext
 from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor, dense_aligned,
-                      value_checks_apply)
+                      require_tensor, value_checks_apply)
 
 KV_LORA_RANK = 512
 ROPE_DIM = 64
@@ -82,10 +82,12 @@ def dequantize_index_fp8_reference(k_fp8: torch.Tensor) -> torch.Tensor:
 
 
 def _check_quantize(op: str, kv: torch.Tensor) -> None:
+    require_tensor(op, "kv", kv)
     check_tensor(op, "kv", kv, (torch.bfloat16,), (None,) * (kv.dim() - 1) + (D_QK,), {})
 
 
 def _check_dequantize(op: str, kv_fp8: torch.Tensor) -> None:
+    require_tensor(op, "kv_fp8", kv_fp8)
     check_tensor(op, "kv_fp8", kv_fp8, (torch.uint8, torch.float8_e4m3fn), (None,) * (kv_fp8.dim() - 1) + (FP8_BYTES,),
                  {})
 
@@ -159,15 +161,18 @@ def _aligned(cache: torch.Tensor, num_bytes: int) -> bool:
 
 
 def _scatter_rows(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """cache (num_blocks, page_block_size, ...) strided as it is; rows (num_tokens, ...); slot -1 skips a row.
+    """cache (num_blocks, page_block_size, ...) strided as it is; rows (num_tokens, ...); slot -1 skips a row, and so
+    does a slot outside the cache (refused by the ops where they check values; on a GPU without FLASHMLA_CHECK it
+    is skipped, as the kernels do, and not left to the scatter's device-side assert).
 
     Without a host sync (boolean indexing needs one, which a CUDA graph cannot capture): a skipped row repeats the
-    first kept row's write (same slot, same values), or where no row is kept rewrites slot 0 with what it holds."""
-    if slot_mapping.numel() == 0 or cache.shape[0] * cache.shape[1] == 0:
+    first kept row's write (same slot, same values), or where no row is kept rewrites a slot with what it holds."""
+    num_slots = cache.shape[0] * cache.shape[1]
+    if slot_mapping.numel() == 0 or num_slots == 0:
         return  # no slot to write (a cache without slots: every slot_mapping entry must be -1, checked by the caller)
-    keep = slot_mapping >= 0
+    keep = (slot_mapping >= 0) & (slot_mapping < num_slots)
     first = keep.int().argmax().view(1)  # index_select, not t[first]: a 0-d index tensor would be read on the host
-    slots = torch.where(keep, slot_mapping, slot_mapping.index_select(0, first).clamp_min(0)).long()
+    slots = torch.where(keep, slot_mapping, slot_mapping.index_select(0, first).clamp(0, num_slots - 1)).long()
     block_size = cache.shape[1]
     blocks, offsets = slots // block_size, slots % block_size
     rows = rows.to(cache.dtype)
@@ -193,7 +198,9 @@ def write_kv_cache(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Ten
         stride may be padded).
     latent: `(num_tokens, 512)`, rope: `(num_tokens, 64)`: the cache's dtype (bfloat16 or float32 for FP8).
     slot_mapping: `(num_tokens,)` int32/int64 flat slot `block * page_block_size + row`; -1 skips the token. Two
-        tokens with one slot: one of their rows lands, which one unspecified (as for any scatter).
+        tokens with one slot: one of their rows lands, which one unspecified (as for any scatter). Other values
+        outside `[0, num_blocks * page_block_size)` raise ValueError where values are checked (CPU tensors, or
+        FLASHMLA_CHECK=1); otherwise the GPU kernels skip them like -1, never writing past the cache.
     """
     op = "write_kv_cache"
     _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8)
@@ -223,7 +230,7 @@ def _(kv_cache, latent, rope, slot_mapping, is_fp8):
 def _check_write_index(op, index_cache, k, slot_mapping) -> None:
     dims = {}
     check_tensor(op, "k", k, FLOAT_DTYPES, ("num_tokens", "d_i"), dims)
-    is_fp8 = index_cache.dtype in (torch.uint8, torch.float8_e4m3fn)
+    is_fp8 = require_tensor(op, "index_cache", index_cache).dtype in (torch.uint8, torch.float8_e4m3fn)
     row = dims["d_i"] + 4 if is_fp8 else dims["d_i"]
     check_tensor(op, "index_cache", index_cache, (torch.uint8, torch.float8_e4m3fn) if is_fp8 else (k.dtype,),
                  ("num_blocks", "page_block_size", row), dims)

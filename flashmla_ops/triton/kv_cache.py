@@ -63,12 +63,13 @@ def to_bfloat16(x, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _store_kv_rows_kernel(Latent, Rope, Slots, Cache, stride_latent, stride_rope, stride_block, stride_row,
-                          page_block_size,
+                          page_block_size, num_slots,
                           HAS_SLOTS: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr,
                           D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, TILE: tl.constexpr, INTERPRET: tl.constexpr):
     """Token `program_id` -> cache row `Slots[token]` (block slot // page_block_size, row slot % page_block_size;
-    skipped when -1), or row `token` of a `(num_tokens, 1, row)` output without slots. Cache strides in elements
-    (bytes for FP8)."""
+    skipped when -1 and, whatever the caller checked, when past the cache's `num_slots`: a bad slot must not write
+    into the memory after it), or row `token` of a `(num_tokens, 1, row)` output without slots. Cache strides in
+    elements (bytes for FP8)."""
     token = tl.program_id(0).to(tl.int64)
     if HAS_SLOTS:
         slot = tl.load(Slots + token).to(tl.int64)
@@ -77,9 +78,10 @@ def _store_kv_rows_kernel(Latent, Rope, Slots, Cache, stride_latent, stride_rope
     nope_cols = tl.arange(0, D_NOPE)
     rope_cols = tl.arange(0, D_ROPE)
     scale_cols = tl.arange(0, D_NOPE // TILE)
-    nope_mask = (tl.zeros([D_NOPE], dtype=tl.int64) + slot) >= 0  # -1 skips the token
-    rope_mask = (tl.zeros([D_ROPE], dtype=tl.int64) + slot) >= 0
-    scale_mask = (tl.zeros([D_NOPE // TILE], dtype=tl.int64) + slot) >= 0
+    inside = (slot >= 0) & (slot < num_slots)  # -1 skips the token
+    nope_mask = (tl.zeros([D_NOPE], dtype=tl.int32) + inside.to(tl.int32)) != 0
+    rope_mask = (tl.zeros([D_ROPE], dtype=tl.int32) + inside.to(tl.int32)) != 0
+    scale_mask = (tl.zeros([D_NOPE // TILE], dtype=tl.int32) + inside.to(tl.int32)) != 0
     row = Cache + (slot // page_block_size) * stride_block + (slot % page_block_size) * stride_row
     latent = tl.load(Latent + token * stride_latent + nope_cols, mask=nope_mask, other=0.0)
     rope = tl.load(Rope + token * stride_rope + rope_cols, mask=rope_mask, other=0.0)
@@ -109,7 +111,7 @@ def _store_rows(cache, latent, rope, slot_mapping, is_fp8, page_block_size):
     latent, rope = last_dim_contiguous(latent), last_dim_contiguous(rope)
     _store_kv_rows_kernel[(num_tokens,)](
         latent, rope, slot_mapping if slot_mapping is not None else latent, cache, latent.stride(0), rope.stride(0),
-        cache.stride(0), cache.stride(1), page_block_size,
+        cache.stride(0), cache.stride(1), page_block_size, cache.shape[0] * cache.shape[1],
         HAS_SLOTS=slot_mapping is not None, IS_FP8=is_fp8, HW_FP8=hardware_e4m3_encode(cache.device),
         D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, TILE=FP8_TILE, INTERPRET=INTERPRET, num_warps=4)
 

@@ -70,6 +70,27 @@ def test_write_kv_cache_matches_reference(is_fp8, slot_dtype, num_tokens, padded
     assert torch.all(buffer.view(torch.uint8)[:, PAGE_BLOCK_SIZE * row * cache.element_size():] == POISON)
 
 
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_write_kv_cache_skips_slots_past_the_cache(monkeypatch, is_fp8):
+    """Without FLASHMLA_CHECK the op does not read slot values on the GPU (no host sync): the kernel skips a slot past
+    the cache like -1, so it cannot write into the memory after it (here the next layer's cache of one pool)."""
+    monkeypatch.delenv("FLASHMLA_CHECK", raising=False)
+    generator = torch.Generator(DEVICE).manual_seed(17 + is_fp8)
+    row = FP8_BYTES if is_fp8 else D_QK
+    dtype = torch.uint8 if is_fp8 else torch.bfloat16
+    pool = torch.full((3, PAGE_BLOCK_SIZE, 1, row * dtype.itemsize), POISON, dtype=torch.uint8, device=DEVICE)
+    pool = pool.view(dtype)
+    cache = pool[:2]
+    kv = random_kv(5, generator)
+    slots = torch.tensor([128, 5, 2 * 128 + 3, -1, 127], dtype=torch.int32, device=DEVICE)
+    expected = pool.clone()
+    torch.ops.flashmla.write_kv_cache(cache, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
+    reference.write_kv_cache(expected[:2], kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots.where(slots < 128, -1),
+                             is_fp8)
+    torch.cuda.synchronize()
+    assert torch.equal(pool.view(torch.uint8), expected.view(torch.uint8))
+
+
 def test_write_kv_cache_in_cuda_graph():
     generator = torch.Generator(DEVICE).manual_seed(3)
     cache = torch.zeros(4, PAGE_BLOCK_SIZE, 1, FP8_BYTES, dtype=torch.uint8, device=DEVICE)

@@ -148,3 +148,52 @@ def test_dequantize_padded_cache_slice(device):
     restored = ops.dequantize_kv_fp8(cache).cpu()
     assert restored.shape == (3, 64, 1, oracle.D_QK)
     assert torch.equal(restored.reshape(-1, oracle.D_QK).double(), flat_keys)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("checked", [False, True])
+def test_cache_writes_never_write_past_the_cache(device, monkeypatch, fp8, checked):
+    """Slots past the cache (a cache that is the first two blocks of a pool, as layers' caches may be): refused where
+    values are checked (CPU tensors, FLASHMLA_CHECK=1); on a GPU without the check skipped like -1, whichever path
+    runs, so nothing lands in the pool's third block. The latent cache and the indexer key cache alike."""
+    if checked:
+        monkeypatch.setenv("FLASHMLA_CHECK", "1")
+    else:
+        monkeypatch.delenv("FLASHMLA_CHECK", raising=False)
+    slots = torch.tensor([128, 5, 2 * 128 + 3, -1, 127], dtype=torch.int32)
+    kv = oracle.bf16(5, oracle.D_QK)
+    kv_pool = torch.zeros(3, 64, 1, 656, dtype=torch.uint8) if fp8 else oracle.bf16(3, 64, 1, oracle.D_QK)
+    k = oracle.bf16(5, 32)
+    index_pool = torch.zeros(3, 64, 36, dtype=torch.uint8) if fp8 else oracle.bf16(3, 64, 32)
+    kv_want, index_want = kv_pool.clone(), index_pool.clone()
+    kv_pool, index_pool = kv_pool.to(device), index_pool.to(device)
+    calls = [lambda: ops.write_kv_cache(kv_pool[:2], kv[:, :512].to(device), kv[:, 512:].to(device), slots.to(device),
+                                        fp8),
+             lambda: ops.write_index_cache(index_pool[:2], k.to(device), slots.to(device))]
+    if device.type == "cpu" or checked:
+        for call in calls:
+            with pytest.raises(ValueError, match="slot_mapping entries must be -1"):
+                call()
+    else:
+        for call in calls:
+            call()
+        kept = slots.where(slots < 128, -1)
+        ops.write_kv_cache(kv_want[:2], kv[:, :512], kv[:, 512:], kept, fp8)
+        ops.write_index_cache(index_want[:2], k, kept)
+    assert torch.equal(kv_pool.cpu().view(torch.uint8), kv_want.view(torch.uint8))
+    assert torch.equal(index_pool.cpu().view(torch.uint8), index_want.view(torch.uint8))
+
+
+def test_scatter_rows_skips_slots_outside_the_cache():
+    """The device-agnostic scatter behind the reference writes and `write_index_cache` on a GPU: a slot past the
+    cache is skipped like -1 (the scatter would fail on a device-side assert), also when it comes first (the
+    stand-in slot of skipped rows) or no row is kept."""
+    from flashmla_ops.kv_cache import _scatter_rows
+
+    pool = torch.zeros(3, 64, 8)
+    _scatter_rows(pool[:2], torch.ones(4, 8), torch.tensor([200, 5, 128, -1]))
+    expected = torch.zeros(3, 64, 8)
+    expected[0, 5] = 1
+    assert torch.equal(pool, expected)
+    _scatter_rows(pool[:2], torch.full((2, 8), 2.0), torch.tensor([300, 128]))
+    assert torch.equal(pool, expected)

@@ -100,6 +100,22 @@ def test_triton_write_kv_cache_matches_reference(is_fp8, slot_dtype, padded):
     assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
 
 
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_write_kv_cache_skips_slots_past_the_cache(is_fp8):
+    """A slot past the cache (the op refuses it on the CPU, but on a GPU checks values only with FLASHMLA_CHECK=1) is
+    skipped like -1: it must not land in the memory after the cache, here the next layer's cache of one pool."""
+    generator = torch.Generator().manual_seed(11 + is_fp8)
+    kv = hard_rows(5, generator).to(DEVICE)
+    pool = make_cache(3, 64, is_fp8, padded=False)
+    cache = pool[:2]
+    slots = torch.tensor([128, 5, 2 * 128 + 3, -1, 127], dtype=torch.int64, device=DEVICE)
+    want = pool.clone()
+    triton_kv_cache.write_kv_cache(cache, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
+    write_kv_cache_reference(want[:2], kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots.where(slots < 128, -1),
+                             is_fp8)
+    assert torch.equal(pool.view(torch.uint8), want.view(torch.uint8))
+
+
 def test_triton_write_kv_cache_fp8_from_float32_and_other_page_size():
     generator = torch.Generator().manual_seed(3)
     kv = hard_rows(9, generator, torch.float32).to(DEVICE)

@@ -244,6 +244,14 @@ CASES = [
     ("dense_decode", "tile_scheduler_metadata width 7", set_(tile_scheduler_metadata=torch.zeros(4, 7, dtype=I32)),
      ValueError, "tile_scheduler_metadata"),
     ("dense_decode", "num_splits length", set_(num_splits=torch.zeros(2, dtype=I32)), ValueError, "num_splits"),
+    ("dense_decode", "tile_scheduler_metadata of no parts",
+     set_(tile_scheduler_metadata=torch.zeros(0, 8, dtype=I32), num_splits=torch.zeros(3, dtype=I32)), ValueError,
+     "tile_scheduler_metadata"),
+    # get_mla_metadata's schedule for other lengths (same shapes): the CUDA kernel would leave blocks unread
+    ("dense_decode", "value: metadata of other cache_seqlens",
+     set_(**dict(zip(("tile_scheduler_metadata", "num_splits"),
+                     ops.get_mla_metadata(torch.tensor([5, 70], dtype=I32), 3)))), ValueError,
+     "tile_scheduler_metadata"),
     ("dense_decode", "FP8, head_dim_v 576", set_(k_cache=fp8_cache(4), is_fp8=True, head_dim_v=576), ValueError,
      "head_dim_v"),
     ("dense_decode", "value: cache_seqlens beyond the table", set_(cache_seqlens=torch.tensor([70, 200], dtype=I32)),
@@ -316,6 +324,11 @@ CASES = [
     ("indexer_topk", "block_table dtype", set_(block_table=torch.zeros(2, 2)), TypeError, "block_table"),
     ("indexer_topk", "value: block_table entry -1 under finite logits",
      set_(block_table=torch.tensor([[0, -1], [2, 3]], dtype=I32)), ValueError, "block_table"),
+    # block 2**26's slots pass int32: slot 2**32 + 6 would wrap around to slot 6, a real-looking token
+    ("indexer_topk", "value: block_table entry 2**26 under finite logits",
+     set_(block_table=torch.tensor([[0, 2 ** 26], [2, 3]], dtype=I32)), ValueError, "block_table"),
+    ("indexer_topk", "value: block_table entry 2**25 under finite logits",
+     set_(block_table=torch.tensor([[0, 1], [2 ** 25, 3]], dtype=I32)), ValueError, "block_table"),
     # metadata
     ("get_mla_metadata", "num_sm_parts 0", set_(num_sm_parts=0), ValueError, "num_sm_parts"),
     ("get_mla_metadata", "cache_seqlens dtype", set_(cache_seqlens=torch.tensor([5, 1], dtype=torch.int64)), TypeError,
@@ -343,6 +356,52 @@ def test_bad_argument_is_named(entry, what, change, error, name):
     with pytest.raises(error) as raised:
         function(**args)
     assert names_argument(str(raised.value), name), f"{error.__name__} does not name {name!r}: {raised.value}"
+
+
+def required_tensor_arguments():
+    """(entry, argument) for every op argument whose schema type is a plain Tensor: None passes the schema (the
+    dispatcher takes it for any Tensor), so the op's own check must name it."""
+    pairs = []
+    for entry, (function, make_args) in ENTRIES.items():
+        if isinstance(function, torch._ops.OpOverloadPacket):
+            pairs += [(entry, argument.name) for argument in function.default._schema.arguments
+                      if str(argument.type) == "Tensor"]
+    return pairs
+
+
+@pytest.mark.parametrize("entry,argument", required_tensor_arguments())
+def test_none_for_a_required_tensor_is_named(entry, argument):
+    function, make_args = ENTRIES[entry]
+    args = make_args()
+    args[argument] = None
+    with pytest.raises(TypeError) as raised:
+        function(**args)
+    assert names_argument(str(raised.value), argument), f"TypeError does not name {argument!r}: {raised.value}"
+
+
+API_TENSOR_ARGUMENTS = [(entry, name, reused)
+                        for entry, schedules in (("flash_mla_with_kvcache", (False, True)),
+                                                 ("flash_mla_with_kvcache[sparse]", (False, True)),
+                                                 ("flash_mla_sparse_fwd", (False,)))
+                        for name, value in ENTRIES[entry][1]().items() if isinstance(value, torch.Tensor)
+                        for reused in schedules]
+
+
+@pytest.mark.parametrize("entry,argument,reused", API_TENSOR_ARGUMENTS)
+def test_api_names_a_tensor_argument_that_is_not_a_tensor(entry, argument, reused):
+    """A list where the FlashMLA API takes a tensor: a TypeError naming the API and the argument, also when a
+    schedule from an earlier call is reused (which skips the API's shape checks) rather than the op schema's
+    RuntimeError."""
+    function, make_args = ENTRIES[entry]
+    args = make_args()
+    if reused:
+        args["tile_scheduler_metadata"], _ = flashmla_ops.get_mla_metadata()
+        function(**args)
+    args[argument] = args[argument].tolist()
+    with pytest.raises(TypeError) as raised:
+        function(**args)
+    message = str(raised.value)
+    assert message.startswith(entry.split("[")[0]) and names_argument(message, argument), message
 
 
 def to_meta(args):
@@ -462,6 +521,15 @@ def test_topk_block_table_entries_under_masked_logits_are_not_checked():
     args["block_table"] = torch.tensor([[0, -1], [2, 3]], dtype=I32)
     selected = ops.indexer_topk(**args)
     assert (selected[0] < 64).all() and (selected[0] >= 0).all()
+
+
+def test_topk_largest_block_table_entry_passes():
+    """Block 2**25 - 1: its last slot is int32's largest, the slots are exact."""
+    args = topk_args()
+    args["block_table"] = torch.tensor([[0, 2 ** 25 - 1], [2, 3]], dtype=I32)
+    args["logits"][0, :, :64] = float("-inf")
+    selected = ops.indexer_topk(**args)
+    assert ((selected[0] >= (2 ** 25 - 1) * 64) & (selected[0] <= 2 ** 31 - 1 - 64 + 36)).all()
 
 
 
