@@ -41,6 +41,7 @@ struct DecodeParams {
   int64_t kv_block_bytes, kv_row_bytes;
   const int* block_table;
   int64_t block_table_stride;
+  int block_table_blocks;  // the table's columns: dense lengths are cut at their capacity (see block_page)
   const int* cache_seqlens;
   __nv_bfloat16* out;
   int64_t out_batch_stride, out_seq_stride, out_head_stride;
@@ -76,7 +77,8 @@ struct DecodeParams {
 template <bool kSparse>
 __device__ __forceinline__ int visible_length(const DecodeParams& p, int z) {
   const int batch = z / p.queries_per_z;
-  return kSparse ? (p.topk_length != nullptr ? min(p.topk_length[batch], p.topk) : p.topk) : p.cache_seqlens[batch];
+  return kSparse ? (p.topk_length != nullptr ? min(p.topk_length[batch], p.topk) : p.topk)
+                 : min(p.cache_seqlens[batch], p.block_table_blocks * kBlockN);
 }
 
 // This CTA's pieces of work: `attend(z, begin, end, slot)` for blocks [begin, end) of grid row z, the output going
@@ -126,9 +128,13 @@ __device__ __forceinline__ uint8_t* prepare_shared(uint8_t* raw_shared, int barr
   return shared;
 }
 
-// The cache page that holds sequence `batch`'s block `block` (from the block table).
+// The cache page that holds sequence `batch`'s block `block` (from the block table). Table values are checked only
+// on the CPU or with FLASHMLA_CHECK=1, so a page outside the cache (kv_slots / 64 pages) reads page 0 instead, and
+// lengths are cut at the table's capacity (visible_length): wrong input gives a wrong output, never a read outside
+// the cache or the table (as the Triton kernels do).
 __device__ __forceinline__ int block_page(const DecodeParams& p, int batch, int block) {
-  return p.block_table[batch * p.block_table_stride + block];
+  const int page = p.block_table[batch * p.block_table_stride + block];
+  return static_cast<uint64_t>(static_cast<uint32_t>(page)) * kBlockN < static_cast<uint64_t>(p.kv_slots) ? page : 0;
 }
 
 // Where row `row` of a sequence's cache block `block`, held in page `page`, lives, or nullptr past the sequence's

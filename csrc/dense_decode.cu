@@ -1492,6 +1492,7 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
   DecodeParams params{};
   params.block_table = block_table.data_ptr<int>();
   params.block_table_stride = block_table.stride(0);
+  params.block_table_blocks = static_cast<int>(block_table.size(1));
   params.cache_seqlens = cache_seqlens.data_ptr<int>();
   params.causal = causal;
   if (tile_scheduler_metadata.has_value()) {  // balanced: one CTA per part and row tile

@@ -84,7 +84,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
   float* warp_max = reinterpret_cast<float*>(shared + Layout::kWarpMax) + warpgroup * 4 * kRows;
   float* warp_sum = reinterpret_cast<float*>(shared + Layout::kWarpSum);
   float* group_max = reinterpret_cast<float*>(shared + Layout::kGroupMax);
-  const int length = p.cache_seqlens[batch];
+  const int length = visible_length<false>(p, batch);  // cut at the table's capacity
 
   // This thread's accumulator columns: query rows n = 8 i + 2 (lane % 4) + c, kept as index 2 i + c; its rows: tokens
   // (S^T) or value columns (O^T) 16 warp + lane / 4 + 8 h of each 64-row tile.

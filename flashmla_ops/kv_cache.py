@@ -251,6 +251,10 @@ def write_index_cache(index_cache: torch.Tensor, k: torch.Tensor, slot_mapping: 
     op = "write_index_cache"
     _check_write_index(op, index_cache, k, slot_mapping)
     _check_slots(op, slot_mapping, index_cache.shape[0] * index_cache.shape[1])
+    write_index_cache_reference(index_cache, k, slot_mapping)  # plain torch ops on any device, no host sync
+
+
+def write_index_cache_reference(index_cache, k, slot_mapping) -> None:
     if index_cache.dtype in FLOAT_DTYPES:
         _scatter_rows(index_cache, k, slot_mapping)
     else:

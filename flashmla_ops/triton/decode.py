@@ -29,10 +29,10 @@ from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, f
 
 @triton.jit
 def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm,
-                   stride_kv_block, stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8: tl.constexpr,
-                   HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr,
-                   F16: tl.constexpr, PREFETCH: tl.constexpr):
+                   stride_kv_block, stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2,
+                   IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
+                   INTERPRET: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr):
     """Online softmax of the query rows of sequence `batch` over its cache tokens [start, end): the four 128-column
     accumulators, the running max and sum (base 2). With PREFETCH (FP8 cache) the next tile's latent bytes are loaded
     while this tile's products run: the compiler's pipelining takes the RoPE columns and the scales (loaded into
@@ -71,7 +71,8 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
         tl.static_assert(IS_FP8, "PREFETCH is for an FP8 cache")
         tokens = start + tl.arange(0, BLOCK_N)
         tok_mask = tokens < end
-        rows_ahead = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, tokens, tok_mask, PAGE)
+        rows_ahead = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, num_pages,
+                                tokens, tok_mask, PAGE)
         raw0, raw1, raw2, raw3 = _load_fp8_latent(KV, rows_ahead, tok_mask, TILE)
     for tile_start in range(start, end, BLOCK_N):
         tokens = tile_start + tl.arange(0, BLOCK_N)
@@ -84,12 +85,12 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
             k3 = fp8_values(raw3, HW_FP8, F16)
             next_tokens = tokens + BLOCK_N
             next_mask = next_tokens < end
-            rows_ahead = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, next_tokens,
-                                    next_mask, PAGE)
+            rows_ahead = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, num_pages,
+                                    next_tokens, next_mask, PAGE)
             raw0, raw1, raw2, raw3 = _load_fp8_latent(KV, rows_ahead, next_mask, TILE)
         else:
-            row_offset = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, tokens, tok_mask,
-                                    PAGE)
+            row_offset = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, num_pages,
+                                    tokens, tok_mask, PAGE)
             k0 = load_latent_subtile(KV, row_offset, tok_mask, 0 * TILE, TILE, IS_FP8, HW_FP8, F16)
             k1 = load_latent_subtile(KV, row_offset, tok_mask, 1 * TILE, TILE, IS_FP8, HW_FP8, F16)
             k2 = load_latent_subtile(KV, row_offset, tok_mask, 2 * TILE, TILE, IS_FP8, HW_FP8, F16)
@@ -156,10 +157,15 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
 
 
 @triton.jit
-def _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, tokens, tok_mask, PAGE: tl.constexpr):
-    """The cache element offsets of sequence `batch`'s tokens (through its block table; masked tokens: block 0)."""
-    block = tl.load(BlockTable + batch * stride_bt + tokens // PAGE, mask=tok_mask, other=0).to(tl.int64)
-    return block * stride_kv_block + (tokens % PAGE) * stride_kv_row
+def _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, num_pages, tokens, tok_mask,
+               PAGE: tl.constexpr):
+    """The cache element offsets of sequence `batch`'s tokens (through its block table; masked tokens: page 0).
+    Table values are checked only on the CPU or with FLASHMLA_CHECK=1, so an entry outside the cache's `num_pages`
+    pages reads page 0 instead (and the kernels cut a length at the table's capacity): wrong input gives a wrong
+    output, never a read outside the cache or the table (as the CUDA kernels)."""
+    page = tl.load(BlockTable + batch * stride_bt + tokens // PAGE, mask=tok_mask, other=0)
+    page = tl.where(page.to(tl.uint32) < num_pages, page, 0).to(tl.int64)  # negative entries are large unsigned
+    return page * stride_kv_block + (tokens % PAGE) * stride_kv_row
 
 
 @triton.jit
@@ -237,7 +243,7 @@ def _store_rows(acc, m_i, l_i, multiplier, COL0: tl.constexpr, WIDTH: tl.constex
 @triton.jit
 def _dense_decode_split_kernel(
         Q, KV, BlockTable, Seqlens, Sink, Out, Lse, OutPartial, LsePartial, ScalePartial,
-        stride_qb, stride_qm, stride_kv_block, stride_kv_row, stride_bt,
+        stride_qb, stride_qm, stride_kv_block, stride_kv_row, stride_bt, num_pages, max_blocks,
         stride_ob, stride_om, stride_ps, stride_pm,
         M, H_Q, S_Q, sm_scale_log2, num_splits,
         SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr,
@@ -250,14 +256,14 @@ def _dense_decode_split_kernel(
     split = tl.program_id(2)
     rows = pid_m * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < M
-    length = tl.load(Seqlens + batch)
+    length = tl.minimum(tl.load(Seqlens + batch), max_blocks * PAGE)  # past the table: unchecked input (_page_rows)
     tiles_per_split = tl.cdiv(tl.cdiv(length, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, length)
     acc0, acc1, acc2, acc3, m_i, l_i = _attend_tokens(
         Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm, stride_kv_block,
-        stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H, BLOCK_N, PAGE, D_NOPE,
-        D_ROPE, INTERPRET, F16, PREFETCH)
+        stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H, BLOCK_N, PAGE,
+        D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH)
     _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, ScalePartial, batch,
                batch * num_splits + split, rows, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
                SPLIT, APPLY_SINK, D_NOPE // 4, HALF_PARTIALS)
@@ -266,7 +272,7 @@ def _dense_decode_split_kernel(
 @triton.jit
 def _dense_decode_balanced_kernel(
         Q, KV, BlockTable, Seqlens, Metadata, SplitOffsets, OutPartial, LsePartial,
-        stride_qb, stride_qm, stride_kv_block, stride_kv_row, stride_bt, stride_ps, stride_pm,
+        stride_qb, stride_qm, stride_kv_block, stride_kv_row, stride_bt, num_pages, max_blocks, stride_ps, stride_pm,
         batch_size, M, H_Q, S_Q, sm_scale_log2,
         IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
@@ -286,7 +292,7 @@ def _dense_decode_balanced_kernel(
     begin_split = tl.load(row_meta + 4)
     last_batch = tl.where(begin_batch < batch_size, end_batch, begin_batch - 1)  # idle parts: no sequence
     for batch in range(begin_batch, last_batch + 1):
-        length = tl.load(Seqlens + batch)
+        length = tl.minimum(tl.load(Seqlens + batch), max_blocks * PAGE)  # past the table: unchecked (_page_rows)
         first_block = tl.where(batch == begin_batch, begin_block, 0)
         stop_block = tl.where(batch == end_batch, end_block, tl.cdiv(length, PAGE))
         start = first_block * PAGE
@@ -294,7 +300,8 @@ def _dense_decode_balanced_kernel(
         acc0, acc1, acc2, acc3, m_i, l_i = _attend_tokens(
             Q, KV, BlockTable, begin_batch.to(tl.int64) + (batch - begin_batch), rows, row_mask, length, start, end,
             stride_qb, stride_qm,
-            stride_kv_block, stride_kv_row, stride_bt, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H,
+            stride_kv_block, stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL,
+            BLOCK_H,
             BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH)
         global_split = tl.load(SplitOffsets + batch) + tl.where(batch == begin_batch, begin_split, 0)
         _store_all(acc0, acc1, acc2, acc3, m_i, l_i, LsePartial, OutPartial, LsePartial, OutPartial, LsePartial,
@@ -468,8 +475,8 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
             _dense_decode_balanced_kernel[(row_tiles, parts)](
                 q_rows, cache, block_table, cache_seqlens, metadata, splits, partials.out, partials.lse,
                 q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
-                partials.out.stride(0), partials.out.stride(1), batch, rows, h_q, s_q, softmax_scale * LOG2E,
-                METADATA_FIELDS=metadata.shape[1], **common)
+                cache.shape[0], block_table.shape[1], partials.out.stride(0), partials.out.stride(1), batch, rows,
+                h_q, s_q, softmax_scale * LOG2E, METADATA_FIELDS=metadata.shape[1], **common)
             combine(partials, attn_sink, out, lse, split_offsets=splits)
             return
         capacity_tiles = triton.cdiv(block_table.shape[1] * PAGE_BLOCK_SIZE, config.block_n)
@@ -480,8 +487,9 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
         _dense_decode_split_kernel[(row_tiles, batch, splits)](
             q_rows, cache, block_table, cache_seqlens, sink, out_rows, lse, *partials,
             q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
-            out_rows.stride(0), out_rows.stride(1), partials.out.stride(-3) if splits > 1 else 0,
-            partials.out.stride(-2) if splits > 1 else 0, rows, h_q, s_q, softmax_scale * LOG2E, splits,
+            cache.shape[0], block_table.shape[1], out_rows.stride(0), out_rows.stride(1),
+            partials.out.stride(-3) if splits > 1 else 0, partials.out.stride(-2) if splits > 1 else 0, rows, h_q, s_q,
+            softmax_scale * LOG2E, splits,
             SPLIT=splits > 1, APPLY_SINK=attn_sink is not None, HALF_PARTIALS=partials.half, **common)
         if splits > 1:
             combine(partials, attn_sink, out, lse)

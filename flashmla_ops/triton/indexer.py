@@ -63,7 +63,7 @@ def _scores(a, b, FP8_MMA: tl.constexpr, ACC_K: tl.constexpr, INTERPRET: tl.cons
 def _indexer_logits_kernel(
         Q, K, QScale, KScale, Weights, KStart, KEnd, BlockTable, Seqlens, Out,
         stride_qb, stride_qt, stride_qh, stride_k_block, stride_k_row, stride_wb, stride_wt, stride_bt,
-        stride_ob, stride_ot, S_Q, H_I, NUM_KEYS, keys_per_split,
+        stride_ob, stride_ot, S_Q, H_I, NUM_KEYS, keys_per_split, num_pages,
         PAGED: tl.constexpr, Q_FP8: tl.constexpr, K_FP8: tl.constexpr, K_SCALED: tl.constexpr, HW_FP8: tl.constexpr,
         BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_I: tl.constexpr, PAGE: tl.constexpr,
         INTERPRET: tl.constexpr, F16: tl.constexpr, FP8_MMA: tl.constexpr):
@@ -110,8 +110,8 @@ def _indexer_logits_kernel(
             keys = tile_start + tl.arange(0, BLOCK_N)
             if (tile_start < tile_hi) & (tile_start + BLOCK_N > tile_lo):
                 logits = _tile_logits(q, weights, lo, hi, tile_lo, tile_hi, keys, K, KScale, BlockTable, batch,
-                                      stride_bt, stride_k_block, stride_k_row, PAGED, K_FP8, K_SCALED, HW_FP8,
-                                      BLOCK_Q, H_PAD, BLOCK_N, D_I, PAGE, INTERPRET, F16, FP8_MMA)
+                                      stride_bt, stride_k_block, stride_k_row, num_pages, PAGED, K_FP8, K_SCALED,
+                                      HW_FP8, BLOCK_Q, H_PAD, BLOCK_N, D_I, PAGE, INTERPRET, F16, FP8_MMA)
             else:
                 logits = tl.full([BLOCK_N, BLOCK_Q], float("-inf"), dtype=tl.float32)
             _store_tile(out_rows, keys, logits, query_mask, NUM_KEYS)
@@ -130,8 +130,8 @@ def _indexer_logits_kernel(
         for tile_start in range(seen_start, seen_end, BLOCK_N):
             keys = tile_start + tl.arange(0, BLOCK_N)
             logits = _tile_logits(q, weights, lo, hi, tile_lo, tile_hi, keys, K, KScale, BlockTable, batch,
-                                  stride_bt, stride_k_block, stride_k_row, PAGED, K_FP8, K_SCALED, HW_FP8, BLOCK_Q,
-                                  H_PAD, BLOCK_N, D_I, PAGE, INTERPRET, F16, FP8_MMA)
+                                  stride_bt, stride_k_block, stride_k_row, num_pages, PAGED, K_FP8, K_SCALED, HW_FP8,
+                                  BLOCK_Q, H_PAD, BLOCK_N, D_I, PAGE, INTERPRET, F16, FP8_MMA)
             _store_tile(out_rows, keys, logits, query_mask, NUM_KEYS)
         for tile_start in range(after, split_end, BLOCK_N):
             _store_unseen(out_rows, tile_start, query_mask, NUM_KEYS, BLOCK_N, BLOCK_Q)
@@ -139,16 +139,18 @@ def _indexer_logits_kernel(
 
 @triton.jit
 def _tile_logits(q, weights, lo, hi, tile_lo, tile_hi, keys, K, KScale, BlockTable, batch, stride_bt,
-                 stride_k_block, stride_k_row, PAGED: tl.constexpr, K_FP8: tl.constexpr, K_SCALED: tl.constexpr,
-                 HW_FP8: tl.constexpr, BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                 D_I: tl.constexpr, PAGE: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr,
-                 FP8_MMA: tl.constexpr):
+                 stride_k_block, stride_k_row, num_pages, PAGED: tl.constexpr, K_FP8: tl.constexpr,
+                 K_SCALED: tl.constexpr, HW_FP8: tl.constexpr, BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, D_I: tl.constexpr, PAGE: tl.constexpr, INTERPRET: tl.constexpr,
+                 F16: tl.constexpr, FP8_MMA: tl.constexpr):
     """The logits `(BLOCK_N, BLOCK_Q)` of the program's queries for `keys` (one tile), -inf where a query does not
-    see the key."""
+    see the key. Paged: a table entry outside the cache's `num_pages` pages (values are checked only on the CPU or
+    with FLASHMLA_CHECK=1) reads page 0, never memory outside the cache (as the CUDA kernel)."""
     cols = tl.arange(0, D_I)
     key_mask = (keys >= tile_lo) & (keys < tile_hi)
     if PAGED:
-        block = tl.load(BlockTable + batch * stride_bt + keys // PAGE, mask=key_mask, other=0).to(tl.int64)
+        block = tl.load(BlockTable + batch * stride_bt + keys // PAGE, mask=key_mask, other=0)
+        block = tl.where(block.to(tl.uint32) < num_pages, block, 0).to(tl.int64)  # negative: large unsigned
         k_offsets = block * stride_k_block + (keys % PAGE) * stride_k_row
     else:
         k_offsets = keys.to(tl.int64) * stride_k_row
@@ -264,7 +266,7 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
         cache_seqlens if cache_seqlens is not None else placeholder, out,
         q.stride(0), q.stride(1), q.stride(2), k_view.stride(0), k_view.stride(1), weights.stride(0), weights.stride(1),
         block_table.stride(0) if block_table is not None else 0, out.stride(0), out.stride(1),
-        s_q, h_i, num_keys, keys_per_split,
+        s_q, h_i, num_keys, keys_per_split, keys.shape[0],
         PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hw_fp8, BLOCK_Q=block_q,
         H_PAD=h_pad, BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, F16=f16, FP8_MMA=fp8_mma,
         num_warps=config.num_warps, num_stages=config.num_stages)

@@ -189,3 +189,23 @@ def varied_scale_cache(num_blocks, generator):
     """A randn FP8 cache whose tile scales differ by tile and by token (decode_inputs.quantize_with_varied_scales)."""
     cache = torch.randn(num_blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device=DEVICE)
     return quantize_with_varied_scales(cache, generator)
+
+
+
+def bad_table_inputs(is_fp8, generator, h_q=16):
+    """Dense decode inputs whose paged table is wrong where the GPU ops do not look (values are checked only on the
+    CPU or with FLASHMLA_CHECK=1). The cache is the first 3 blocks of a pool of 4 whose last (the next layer's, as it
+    were) holds values 100 times larger. Sequence 0 (150 tokens) maps its blocks to pages 1, 3 (past the cache) and
+    -1; sequence 1 (232 tokens) runs past its table row of 3 blocks, into a hidden 4th column (a row-stride view)
+    that names page 3. The kernels read page 0 for a page outside the cache and cut a length at the table's
+    capacity: returns (q, cache, block_table, cache_seqlens) and the valid table and lengths that say so, for the
+    reference."""
+    pool = paged_cache(4, False, generator, pad=0)
+    pool[3] *= 100
+    if is_fp8:
+        pool = reference.quantize_kv_fp8(pool)
+    table_buffer = torch.tensor([[1, 3, -1, 2], [2, 0, 1, 3]], dtype=torch.int32, device=DEVICE)
+    valid_table = torch.tensor([[1, 0, 0], [2, 0, 1]], dtype=torch.int32, device=DEVICE)
+    cache_seqlens = torch.tensor([150, 232], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(2, 1, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    return (q, pool[:3], table_buffer[:, :3], cache_seqlens), (valid_table, cache_seqlens.clamp_max(192))

@@ -10,7 +10,7 @@ stride, strided q, repeated runs bit-identical, and the op's CUDA-graph capture.
 """
 import pytest
 import torch
-from decode_inputs import (BF16_BAND, DEVICE, LSE_TOLERANCE, assert_decode_close, assert_rows_close,
+from decode_inputs import (BF16_BAND, DEVICE, LSE_TOLERANCE, assert_decode_close, assert_rows_close, bad_table_inputs,
                            check_dense_decode_op_replays_in_cuda_graph, huge_and_small_scale_inputs, make_inputs,
                            poison_allocator, quantize_with_varied_scales)
 
@@ -325,6 +325,36 @@ def test_dense_decode_one_column_block_table_transposed(is_fp8):
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
                                                 False, is_fp8)
     assert_decode_close(out, lse, want_out, want_lse)
+
+
+@pytest.mark.parametrize("h_q,narrow", [(16, True), (16, False), (64, False)])
+@pytest.mark.parametrize("schedule", ["1 split", "3 splits", "balanced"])
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_dense_decode_never_reads_past_the_cache_or_the_table(h_q, narrow, schedule, is_fp8):
+    """Block-table entries outside the cache and a length past the table's row (unchecked on a GPU without
+    FLASHMLA_CHECK): each kernel reads page 0 for the first and cuts the second at the table's capacity, as the
+    Triton kernel does, never the memory after the cache (a pool's next block, 100 times larger) or the next row."""
+    generator = torch.Generator(DEVICE).manual_seed(29 + h_q + is_fp8)
+    (q, cache, block_table, cache_seqlens), (valid_table, valid_seqlens) = bad_table_inputs(is_fp8, generator, h_q)
+    num_splits = 3 if schedule == "3 splits" else 1
+    metadata = reference.get_mla_metadata(cache_seqlens, 4) if schedule == "balanced" else (None, None)
+    poison_allocator(4 * 2 * 8 * h_q * (KV_LORA_RANK + 1) + 4 * q.numel())
+    out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, D_QK ** -0.5, False, is_fp8, num_splits,
+                                      *metadata, narrow)
+    assert_decode_close(out, lse, *reference.dense_decode(q, cache, valid_table, valid_seqlens, KV_LORA_RANK,
+                                                          D_QK ** -0.5, False, is_fp8))
+
+
+def test_dense_decode_op_without_checks_reads_no_bad_page(monkeypatch, cuda_calls):
+    """The op on the GPU without FLASHMLA_CHECK takes such a table to its CUDA kernel (no host sync to look at it)."""
+    monkeypatch.delenv("FLASHMLA_CHECK", raising=False)
+    (q, cache, block_table, cache_seqlens), (valid_table, valid_seqlens) = bad_table_inputs(
+        False, torch.Generator(DEVICE).manual_seed(31), 128)
+    out, lse = torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK,
+                                               D_QK ** -0.5, False, False, None)
+    assert "dense_decode" in cuda_calls
+    assert_decode_close(out, lse, *reference.dense_decode(q, cache, valid_table, valid_seqlens, KV_LORA_RANK,
+                                                          D_QK ** -0.5, False, False))
 
 
 def test_dense_decode_cache_without_blocks():

@@ -7,8 +7,9 @@ import dataclasses
 
 import pytest
 import torch
-from decode_inputs import (DEVICE, assert_decode_close, assert_rows_close, check_dense_decode_op_replays_in_cuda_graph,
-                           huge_and_small_scale_inputs, make_inputs, poison_allocator, spaced)
+from decode_inputs import (DEVICE, assert_decode_close, assert_rows_close, bad_table_inputs,
+                           check_dense_decode_op_replays_in_cuda_graph, huge_and_small_scale_inputs, make_inputs,
+                           poison_allocator, spaced)
 from triton_recording import RecordingKernel
 
 from flashmla_ops import reference
@@ -80,6 +81,21 @@ def test_triton_dense_decode_matches_reference(seqlens, s_q, h_q, is_fp8, causal
 @pytest.mark.parametrize("is_fp8", [False, True])
 def test_triton_dense_decode_sink_and_padded_fp8_cache(is_fp8):
     run_and_compare([77, 300], 2, 16, causal=True, is_fp8=is_fp8, sink=True, padded=is_fp8)
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "balanced"])
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_dense_decode_never_reads_past_the_cache_or_the_table(schedule, is_fp8):
+    """Block-table entries outside the cache and a length past the table's row, which the op does not check on a GPU
+    without FLASHMLA_CHECK: the kernel reads page 0 for the first and cuts the second at the table's capacity, never
+    reading the memory after the cache or the table's next row."""
+    generator = torch.Generator(DEVICE).manual_seed(23 + is_fp8)
+    (q, cache, block_table, cache_seqlens), (valid_table, valid_seqlens) = bad_table_inputs(is_fp8, generator)
+    config = dataclasses.replace(triton_decode.default_config(2, 16, q.device, is_fp8), schedule=schedule)
+    out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5, False,
+                                          is_fp8, None, config=config)
+    assert_decode_close(out, lse, *reference.dense_decode(q, cache, valid_table, valid_seqlens, KV_LORA_RANK,
+                                                          D_QK ** -0.5, False, is_fp8))
 
 
 def test_triton_dense_decode_empty_batch():

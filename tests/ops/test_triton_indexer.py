@@ -163,6 +163,23 @@ def test_triton_indexer_logits_paged_matches_reference(seqlens, s_q, h_i, q_fp8,
                         indexer_logits_paged_reference(*inputs), band(config, q_fp8 and fp8_cache))
 
 
+@pytest.mark.parametrize("fp8_cache", [False, True])
+def test_triton_indexer_logits_paged_never_reads_past_the_cache(fp8_cache):
+    """Table entries outside the cache (unchecked on a GPU without FLASHMLA_CHECK): the kernel reads page 0 for them,
+    not the pool's next block or the memory before the cache."""
+    generator = torch.Generator().manual_seed(41 + fp8_cache)
+    q, pool, weights, _, _, q_scale = paged_inputs([200], 1, 4, 32, False, fp8_cache, generator)
+    if not fp8_cache:
+        pool[-1] *= 100
+    cache = pool[:-1]
+    block_table = torch.tensor([[2, cache.shape[0], -1, 1]], dtype=torch.int32, device=DEVICE)
+    valid_table = torch.tensor([[2, 0, 0, 1]], dtype=torch.int32, device=DEVICE)
+    seqlens = torch.tensor([200], dtype=torch.int32, device=DEVICE)
+    got = triton_indexer.indexer_logits_paged(q, cache, weights, block_table, seqlens, q_scale)
+    assert_logits_close(got, indexer_logits_paged_reference(q, cache, weights, valid_table, seqlens, q_scale),
+                        band(None, False))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
