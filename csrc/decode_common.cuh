@@ -41,7 +41,6 @@ struct DecodeParams {
   int64_t kv_block_bytes, kv_row_bytes;
   const int* block_table;
   int64_t block_table_stride;
-  int block_table_blocks;  // the table's columns: dense lengths are cut at their capacity (see block_page)
   const int* cache_seqlens;
   __nv_bfloat16* out;
   int64_t out_batch_stride, out_seq_stride, out_head_stride;
@@ -71,6 +70,9 @@ struct DecodeParams {
   const int* metadata;
   const int* split_offsets;
   int metadata_fields, batch;
+  // Dense: the block table's columns; lengths are cut at their capacity (see block_page). Last, so that the fields
+  // before keep their offsets (the kernels that do not read it compile as before).
+  int block_table_blocks;
 };
 
 // Tokens a query of grid row z sees (dense: its sequence's length; sparse: its index count).

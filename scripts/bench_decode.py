@@ -3,7 +3,9 @@
 Prints per configuration: time, GB/s, TFLOP/s, fraction of the H100 ceilings (SPEC.md §4), the ratio to the SPEC
 target, and the speed-up over the reference op on the GPU and over scaled_dot_product_attention on the equivalent
 expanded tensors. Times are medians of CUDA-graph replays (host dispatch excluded, as in a captured decode
-step), rotating over input copies larger than L2. Writes JSON and a PNG roofline plot.
+step), rotating over input copies larger than L2; `--timer events` takes SPEC.md §4's method instead (CUDA events
+around single eager calls, triton.testing.do_bench's median, L2 flushed between calls). Writes JSON and a PNG
+roofline plot.
 
     python scripts/bench_decode.py                      # SPEC rows, default backend (fastest available)
     python scripts/bench_decode.py --sweep --backend triton --out bench/decode_triton
@@ -11,6 +13,7 @@ step), rotating over input copies larger than L2. Writes JSON and a PNG roofline
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 from pathlib import Path
@@ -32,6 +35,11 @@ L2_BYTES = 50 * 2 ** 20
 # row (stop 41: the same kernel 278 or 349 us depending on what ran before it).
 SETTLE_S = 20.0
 LAST_CLOCK: dict = {}
+# How a call is timed (the scripts' --timer): "graph", CUDA-graph replays of back-to-back calls (a captured decode
+# step: no host dispatch, no gap between kernels), or "events", SPEC.md §4's do_bench median of single eager calls
+# (FlashMLA's figures were timed so: host dispatch that the GPU waits for is counted, L2 flushed before each call).
+TIMERS = ("graph", "events")
+TIMER = "graph"
 
 # (name, batch, s_q, h_q, seqlen, is_fp8, FlashMLA's figure, target: (value, unit))
 SPEC_ROWS = [
@@ -77,10 +85,13 @@ def row_filter(rows: str):
 
 def time_ms(fn, sets, repeats=20):
     """Median time of one call, as CUDA-graph replays (the way a decode step runs in production, so host-side
-    dispatch is not counted), rotating over `sets` so that the inputs are not all L2-resident. Waits for the GPU to
-    settle first (SETTLE_S) and leaves the clock it ended at in LAST_CLOCK."""
+    dispatch is not counted), rotating over `sets` so that the inputs are not all L2-resident; or with TIMER
+    "events", do_bench's (`events_ms`). Waits for the GPU to settle first (SETTLE_S) and leaves the clock it ended
+    at (and the timer) in LAST_CLOCK."""
     fn(*sets[0])  # compile / warm up outside the capture
     torch.cuda.synchronize()
+    if TIMER == "events":
+        return events_ms(fn, sets)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for args in sets:
@@ -96,27 +107,48 @@ def time_ms(fn, sets, repeats=20):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / len(sets))
-    LAST_CLOCK.clear()
-    LAST_CLOCK.update(gpu_clock.row_fields(gpu_clock.read(), settled_s))
+    _record_clock(settled_s)
     return sorted(times)[len(times) // 2]
+
+
+def events_ms(fn, sets):
+    """SPEC.md §4's timing: triton.testing.do_bench's median over single eager calls (CUDA events around each, L2
+    flushed before it), the calls rotating over `sets`."""
+    import triton.testing
+
+    settled_s = gpu_clock.settle(timeout_s=SETTLE_S) if SETTLE_S > 0 else None
+    turn = itertools.count()
+    ms = triton.testing.do_bench(lambda: fn(*sets[next(turn) % len(sets)]), warmup=25, rep=200,
+                                 return_mode="median")
+    _record_clock(settled_s)
+    return ms
+
+
+def _record_clock(settled_s) -> None:
+    LAST_CLOCK.clear()
+    LAST_CLOCK.update(gpu_clock.row_fields(gpu_clock.read(), settled_s), timer=TIMER)
 
 
 def clock_note(row: dict) -> str:
     """The SM clock a row's timing ended at, and any slowdown reason then, for its printed line."""
     if "sm_clock_mhz" not in row:
         return ""
-    return f" {row['sm_clock_mhz']:5d} MHz" + "".join(f" {reason}" for reason in row["slowdowns"])
+    timer = " (events)" if row.get("timer") == "events" else ""
+    return f" {row['sm_clock_mhz']:5d} MHz" + "".join(f" {reason}" for reason in row["slowdowns"]) + timer
 
 
-def add_settle_argument(parser: argparse.ArgumentParser) -> None:
+def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settle", type=float, default=SETTLE_S, metavar="SECONDS",
                         help="before each timing, wait up to SECONDS for the GPU to leave a power or thermal "
                              f"slowdown (default {SETTLE_S:g}; 0: do not wait)")
+    parser.add_argument("--timer", default=TIMER, choices=TIMERS,
+                        help="graph: medians of CUDA-graph replays of back-to-back calls (default); events: "
+                             "SPEC.md §4's triton.testing.do_bench median of single eager calls")
 
 
-def apply_settle_argument(args: argparse.Namespace) -> None:
-    global SETTLE_S
-    SETTLE_S = args.settle
+def apply_timing_arguments(args: argparse.Namespace) -> None:
+    global SETTLE_S, TIMER
+    SETTLE_S, TIMER = args.settle, args.timer
 
 
 def eager_ms(fn, sets):
@@ -348,9 +380,9 @@ def main():
                              "--tune likewise")
     parser.add_argument("--scheduled", action="store_true",
                         help="pass get_mla_metadata's schedule to the op (the CUDA kernel then balances the blocks)")
-    add_settle_argument(parser)
+    add_timing_arguments(parser)
     args = parser.parse_args()
-    apply_settle_argument(args)
+    apply_timing_arguments(args)
     device = bench_device(args.backend, "bench_decode.py", ("dense_decode",))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dense_decode backend: "
           f"{flashmla_ops.backend('dense_decode', device)}, CUDA kernel for 16 rows: {cuda_dense_kernel(16)}")

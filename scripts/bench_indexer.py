@@ -17,7 +17,7 @@ import torch
 import triton
 
 import flashmla_ops
-from bench_decode import (LAST_CLOCK, add_settle_argument, apply_settle_argument, bench_device, clock_note, eager_ms,
+from bench_decode import (LAST_CLOCK, add_timing_arguments, apply_timing_arguments, bench_device, clock_note, eager_ms,
                           fmt, forced_backend, row_filter, save_results, time_ms)
 from flashmla_ops.indexer import indexer_logits_paged_path, indexer_logits_path
 from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_fp8_rows, quantize_index_fp8_reference
@@ -177,9 +177,9 @@ def main():
     parser.add_argument("--rows", default="", help="comma-separated substrings: only the rows whose name has one")
     parser.add_argument("--tune", action="store_true", help="time the Triton logits kernel's tile configs first")
     parser.add_argument("--topk", action="store_true", help="also time the op's top-k against torch.topk")
-    add_settle_argument(parser)
+    add_timing_arguments(parser)
     args = parser.parse_args()
-    apply_settle_argument(args)
+    apply_timing_arguments(args)
     device = bench_device(args.backend, "bench_indexer.py", ("indexer_logits", "indexer_logits_paged"))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, backends: "
           + ", ".join(f"{op} {flashmla_ops.backend(op, device)}" for op in ("indexer_logits", "indexer_logits_paged")))

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import flashmla_ops
-from bench_decode import (CEILINGS, LAST_CLOCK, add_settle_argument, apply_settle_argument, bench_device, clock_note,
+from bench_decode import (CEILINGS, LAST_CLOCK, add_timing_arguments, apply_timing_arguments, bench_device, clock_note,
                           eager_ms, fmt, forced_backend, row_filter, save_results, time_ms)
 from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
@@ -204,9 +204,9 @@ def main():
     parser.add_argument("--tune", action="store_true", help="time the Triton tile configurations first")
     parser.add_argument("--rows", default="", help="only the SPEC rows whose name has one of these comma-separated "
                         "substrings (e.g. 'decode' or 'h128'); --tune likewise")
-    add_settle_argument(parser)
+    add_timing_arguments(parser)
     args = parser.parse_args()
-    apply_settle_argument(args)
+    apply_timing_arguments(args)
     wanted = row_filter(args.rows)
     device = bench_device(args.backend, "bench_sparse.py", ("sparse_decode", "sparse_prefill"))
     tuned = tune(device, wanted) if args.tune else []

@@ -43,3 +43,46 @@ def test_an_output_prefix_keeps_its_dots(fake_h100, tmp_path):
                               lambda rows, path: written.append(path))
     assert json.loads((tmp_path / "decode.h200_tree_r1.json").read_text())["rows"] == [{"name": "x"}]
     assert written == [tmp_path / "decode.h200_tree_r1.png"]
+
+
+@pytest.mark.parametrize("timer", ["graph", "events"])
+def test_timer_argument_picks_the_timing(monkeypatch, timer):
+    """`--timer events` times with SPEC.md §4's method (triton.testing.do_bench's median of single calls, rotating
+    over the input sets) and rows record which timer made them; `graph` (the default) captures a CUDA graph."""
+    import argparse
+
+    import gpu_clock
+    import triton.testing
+
+    parser = argparse.ArgumentParser()
+    bench_decode.add_timing_arguments(parser)
+    assert parser.parse_args([]).timer == "graph"
+    monkeypatch.setattr(bench_decode, "TIMER", "graph")
+    monkeypatch.setattr(bench_decode, "SETTLE_S", 20.0)
+    bench_decode.apply_timing_arguments(parser.parse_args(["--timer", timer, "--settle", "0"]))
+    assert (bench_decode.TIMER, bench_decode.SETTLE_S) == (timer, 0.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(gpu_clock, "read", lambda: None)
+    monkeypatch.setattr(gpu_clock, "row_fields", lambda reading, settled_s: {"sm_clock_mhz": 1980, "slowdowns": []})
+    seen = []
+
+    def do_bench(fn, warmup, rep, return_mode):
+        assert return_mode == "median"
+        for _ in range(5):
+            fn()
+        return 0.25
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    if timer == "graph":
+        def no_graph():
+            raise RuntimeError("captured a CUDA graph")
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", no_graph)
+        with pytest.raises(RuntimeError, match="captured a CUDA graph"):
+            bench_decode.time_ms(seen.append, [(1,), (2,)])
+        assert seen == [1]  # the warm-up only: no do_bench
+        return
+    assert bench_decode.time_ms(seen.append, [(1,), (2,)]) == 0.25
+    assert seen == [1, 1, 2, 1, 2, 1]  # the warm-up, then the calls rotating over the sets
+    assert bench_decode.LAST_CLOCK["timer"] == "events"
+    assert bench_decode.clock_note(dict(bench_decode.LAST_CLOCK)).endswith("(events)")
