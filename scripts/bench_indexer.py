@@ -17,8 +17,8 @@ import torch
 import triton
 
 import flashmla_ops
-from bench_decode import (LAST_CLOCK, add_timing_arguments, apply_timing_arguments, bench_device, clock_note, eager_ms,
-                          fmt, forced_backend, row_filter, save_results, time_ms)
+from bench_decode import (L2_BYTES, LAST_CLOCK, add_timing_arguments, apply_timing_arguments, bench_device, clock_note,
+                          eager_ms, fmt, forced_backend, row_filter, save_results, time_ms)
 from flashmla_ops.indexer import indexer_logits_paged_path, indexer_logits_path
 from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_fp8_rows, quantize_index_fp8_reference
 
@@ -41,7 +41,15 @@ def operand(x, fp8):
 
 
 def make_call(kind, rows, keys, h_i, d_i, fp8, device):
-    """(the op call on its arguments, the argument sets, FLOPs, bytes) for one configuration."""
+    """(the op call on its arguments, the argument sets, FLOPs, bytes) for one configuration: as many sets as make
+    the inputs read twice L2 (SPEC.md §4: rotating inputs larger than L2), at most 4."""
+    call, args, flops, total_bytes, read = _one_set(kind, rows, keys, h_i, d_i, fp8, device)
+    copies = max(1, min(4, -(-2 * L2_BYTES // read)))
+    sets = [args] + [_one_set(kind, rows, keys, h_i, d_i, fp8, device)[1] for _ in range(copies - 1)]
+    return call, sets, flops, total_bytes
+
+
+def _one_set(kind, rows, keys, h_i, d_i, fp8, device):
     if kind == "logits":
         q, q_scale = operand(torch.randn(rows, h_i, d_i, device=device), fp8)
         k, k_scale = operand(torch.randn(keys, d_i, device=device), fp8)
@@ -62,7 +70,7 @@ def make_call(kind, rows, keys, h_i, d_i, fp8, device):
         call = torch.ops.flashmla.indexer_logits_paged
         read = q.numel() * q.element_size() + cache.numel() * cache.element_size()
     flops = 2 * rows * h_i * keys * d_i
-    return call, [args], flops, read + rows * h_i * 4 + rows * keys * 4
+    return call, args, flops, read + rows * h_i * 4 + rows * keys * 4, read
 
 
 def bench_row(kind, rows, keys, h_i, d_i, fp8, device, with_reference):
