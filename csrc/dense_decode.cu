@@ -1492,7 +1492,8 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
   DecodeParams params{};
   params.block_table = block_table.data_ptr<int>();
   params.block_table_stride = block_table.stride(0);
-  params.block_table_blocks = static_cast<int>(block_table.size(1));
+  // Capped so that its capacity in tokens fits an int (the lengths are ints: a larger table cuts nothing).
+  params.block_table_blocks = static_cast<int>(std::min<int64_t>(block_table.size(1), INT32_MAX / kBlockN));
   params.cache_seqlens = cache_seqlens.data_ptr<int>();
   params.causal = causal;
   if (tile_scheduler_metadata.has_value()) {  // balanced: one CTA per part and row tile

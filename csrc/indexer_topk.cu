@@ -256,8 +256,11 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* __restrict_
       const bool equal = i < num_keys && code[j] == selection.threshold;
       if (greater || (equal && equal_before < ties_left)) {
         const int slot = written + greater_before + min(equal_before, ties_left);
-        out_row[slot] =
-            table_row ? static_cast<int32_t>(table_row[i / kPageBlockSize] * kPageBlockSize + i % kPageBlockSize) : i;
+        // A block entry of 2**25 or more (refused where the op checks values) would pass int32: -1, no token.
+        const int64_t flat = table_row ? static_cast<int64_t>(table_row[i / kPageBlockSize]) * kPageBlockSize +
+                                             i % kPageBlockSize
+                                       : i;
+        out_row[slot] = flat <= INT32_MAX ? static_cast<int32_t>(flat) : -1;
       }
       greater_before += greater;
       equal_before += equal;

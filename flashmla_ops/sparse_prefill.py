@@ -109,11 +109,21 @@ def _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length):
     ext, s_q = _ext.extension(), q.shape[0]
     indices = last_dim_contiguous(indices)  # the kernel reads unit-stride index rows and a contiguous topk_length
     topk_length = None if topk_length is None else topk_length.contiguous()
-    parts = [ext.sparse_prefill(q[start:start + CUDA_MAX_TOKENS], kv, indices[start:start + CUDA_MAX_TOKENS],
-                                None if topk_length is None else topk_length[start:start + CUDA_MAX_TOKENS],
-                                sm_scale)
-             for start in range(0, max(s_q, 1), CUDA_MAX_TOKENS)]
-    out, max_logits, lse = (parts[0] if len(parts) == 1 else [torch.cat(t) for t in zip(*parts)])
+
+    def part(start):
+        stop = start + CUDA_MAX_TOKENS
+        return ext.sparse_prefill(q[start:stop], kv, indices[start:stop],
+                                  None if topk_length is None else topk_length[start:stop], sm_scale)
+
+    if s_q <= CUDA_MAX_TOKENS:
+        out, max_logits, lse = part(0)
+    else:  # each launch's outputs into the whole ones as it ends: at most one part's outputs besides them
+        h_q = q.shape[1]
+        out = q.new_empty(s_q, h_q, KV_LORA_RANK)
+        max_logits, lse = (q.new_empty(s_q, h_q, dtype=torch.float32) for _ in range(2))
+        for start in range(0, s_q, CUDA_MAX_TOKENS):
+            for whole, piece in zip((out, max_logits, lse), part(start)):
+                whole[start:start + piece.shape[0]] = piece
     return out, max_logits, lse, q.new_empty(0, dtype=torch.float32)
 
 

@@ -455,6 +455,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     attn_sink, tile_scheduler_metadata, num_splits = (None if t is None else t.contiguous()
                                                       for t in (attn_sink, tile_scheduler_metadata, num_splits))
     multiprocessors, _ = device_limits(q.device)
+    max_blocks = min(block_table.shape[1], (2 ** 31 - 1) // PAGE_BLOCK_SIZE)  # its tokens fit int32, as the lengths
     variant = dict(IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), CAUSAL=causal)
 
     def launch(config: LaunchConfig) -> None:
@@ -475,7 +476,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
             _dense_decode_balanced_kernel[(row_tiles, parts)](
                 q_rows, cache, block_table, cache_seqlens, metadata, splits, partials.out, partials.lse,
                 q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
-                cache.shape[0], block_table.shape[1], partials.out.stride(0), partials.out.stride(1), batch, rows,
+                cache.shape[0], max_blocks, partials.out.stride(0), partials.out.stride(1), batch, rows,
                 h_q, s_q, softmax_scale * LOG2E, METADATA_FIELDS=metadata.shape[1], **common)
             combine(partials, attn_sink, out, lse, split_offsets=splits)
             return
@@ -487,7 +488,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
         _dense_decode_split_kernel[(row_tiles, batch, splits)](
             q_rows, cache, block_table, cache_seqlens, sink, out_rows, lse, *partials,
             q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
-            cache.shape[0], block_table.shape[1], out_rows.stride(0), out_rows.stride(1),
+            cache.shape[0], max_blocks, out_rows.stride(0), out_rows.stride(1),
             partials.out.stride(-3) if splits > 1 else 0, partials.out.stride(-2) if splits > 1 else 0, rows, h_q, s_q,
             softmax_scale * LOG2E, splits,
             SPLIT=splits > 1, APPLY_SINK=attn_sink is not None, HALF_PARTIALS=partials.half, **common)

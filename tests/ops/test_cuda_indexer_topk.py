@@ -165,3 +165,14 @@ def test_rows_of_8k_keys_in_a_fresh_process():
               "print('ok', flashmla_ops.backend('indexer_topk', 'cuda'))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.split() == ["ok", "cuda"], done.stdout + done.stderr
+
+
+def test_block_entries_past_int32_slots_give_no_token(monkeypatch):
+    """Block entries of 2**25 and more (refused where values are checked; on the GPU only with FLASHMLA_CHECK=1) would
+    make slots past int32, which wrapped to other, real-looking slots (2**26 * 64 + 6 -> 6): the kernel writes -1."""
+    monkeypatch.delenv("FLASHMLA_CHECK", raising=False)
+    logits = torch.full((1, 1, 4 * PAGE_BLOCK_SIZE), float("-inf"), device=DEVICE)
+    logits[0, 0, [6, 70, 130, 200]] = torch.tensor([4.0, 3.0, 2.0, 1.0], device=DEVICE)
+    table = torch.tensor([[2 ** 26, 2 ** 25 - 1, 2 ** 25, 3]], dtype=torch.int32, device=DEVICE)
+    got = cuda_topk(logits, 4, table)
+    assert sorted(got.flatten().tolist()) == [-1, -1, 3 * PAGE_BLOCK_SIZE + 8, (2 ** 25 - 1) * PAGE_BLOCK_SIZE + 6]

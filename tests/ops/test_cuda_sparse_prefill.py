@@ -95,7 +95,7 @@ def test_cuda_sparse_prefill_strided_inputs_and_empty_kv():
 def test_sparse_prefill_op_uses_cuda_and_chunks_long_batches(monkeypatch):
     assert flashmla_ops.backend("sparse_prefill", DEVICE) == "cuda"
     q, kv, indices, topk_length = inputs([300, 130], 128, 512, True)
-    monkeypatch.setattr(sparse_prefill, "CUDA_MAX_TOKENS", 100)  # five launches, concatenated
+    monkeypatch.setattr(sparse_prefill, "CUDA_MAX_TOKENS", 100)  # five launches, each into the whole outputs
     got = torch.ops.flashmla.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, None, topk_length, 0)
     assert got[3].numel() == 0
     check(got, q, kv, indices, topk_length)
