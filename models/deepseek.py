@@ -32,6 +32,23 @@ from flashmla_ops.moe import FEW_TOKENS
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 
 
+# What transformers' DeepseekV2Config / DeepseekV3Config / DeepseekV32Config set for the fields DeepseekConfig reads
+# that change the model's output when a config.json leaves them out (DeepseekConfig's own defaults are V2's);
+# tests/models/test_loading.py compares them with the installed transformers' classes.
+_V3_DEFAULTS = dict(q_lora_rank=1536, moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
+                    num_experts_per_tok=8, n_group=8, topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5,
+                    first_k_dense_replace=3, bos_token_id=0, eos_token_id=1)
+TRANSFORMERS_DEFAULTS = {
+    "deepseek_v2": dict(q_lora_rank=1536, moe_intermediate_size=1407, n_routed_experts=64, n_shared_experts=2,
+                        num_experts_per_tok=None, n_group=None, topk_group=None, norm_topk_prob=False,
+                        routed_scaling_factor=1.0, first_k_dense_replace=0, bos_token_id=1, eos_token_id=2,
+                        max_position_embeddings=2048),
+    "deepseek_v3": dict(_V3_DEFAULTS, max_position_embeddings=4096, num_nextn_predict_layers=1),
+    "deepseek_v32": dict(_V3_DEFAULTS, max_position_embeddings=163840, index_n_heads=64, index_head_dim=128,
+                         index_topk=2048),
+}
+
+
 @dataclass
 class DeepseekConfig:
     """The `config.json` fields the model reads (names as in transformers' DeepseekV2/V3/V32Config)."""
@@ -92,8 +109,10 @@ class DeepseekConfig:
     @classmethod
     def from_dict(cls, config: dict) -> "DeepseekConfig":
         """From a `config.json` dict; RoPE given either as transformers 5's `rope_parameters` (with `rope_theta`
-        inside) or as the checkpoints' `rope_theta` + `rope_scaling`."""
-        config = dict(config)
+        inside) or as the checkpoints' `rope_theta` + `rope_scaling`. A field the dict leaves out takes the value
+        transformers' config class of its model_type gives it (TRANSFORMERS_DEFAULTS), so that a hand-written config
+        routes and stops as transformers reads it."""
+        config = {**TRANSFORMERS_DEFAULTS.get(config.get("model_type"), {}), **config}
         rope = dict(config.pop("rope_parameters", None) or config.get("rope_scaling") or {})
         config["rope_theta"] = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))

@@ -233,3 +233,30 @@ def test_rope_frequencies_stay_float32_in_a_bf16_model():
     rotary = model.model.rotary_emb
     assert rotary.inv_freq.dtype == torch.float32
     assert torch.equal(rotary.inv_freq, rope_inv_freq(config)[0].float())
+
+
+TRANSFORMERS_CONFIGS = {"deepseek_v2": "DeepseekV2Config", "deepseek_v3": "DeepseekV3Config",
+                        "deepseek_v32": "DeepseekV32Config"}
+
+
+@pytest.mark.parametrize("model_type", list(TRANSFORMERS_CONFIGS))
+def test_left_out_fields_take_transformers_defaults(model_type):
+    """A config.json without the routing fields (norm_topk_prob, routed_scaling_factor, n_group, ...) or the EOS id is
+    read with what transformers' config class of its model_type gives them: the same routing, the same stop (before,
+    a V3 config without them routed with V2's defaults, 1.0 and unnormalised: logits 17% off transformers')."""
+    import transformers
+    from models.deepseek import TRANSFORMERS_DEFAULTS, DeepseekConfig
+
+    config_class = getattr(transformers, TRANSFORMERS_CONFIGS[model_type], None)
+    if config_class is None:
+        pytest.skip(f"this transformers has no {TRANSFORMERS_CONFIGS[model_type]}")
+    theirs = config_class()
+    for field, value in TRANSFORMERS_DEFAULTS[model_type].items():
+        assert getattr(theirs, field, 0) == value, (field, getattr(theirs, field, 0), value)
+    required = dict(model_type=model_type, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32)
+    ours = DeepseekConfig.from_dict(required)
+    for field in ("norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "first_k_dense_replace",
+                  "q_lora_rank", "n_routed_experts", "num_experts_per_tok", "eos_token_id"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert DeepseekConfig.from_dict({**required, "routed_scaling_factor": 1.5}).routed_scaling_factor == 1.5
