@@ -137,8 +137,29 @@ class PagedKVCache:
             entries = torch.tensor(new, dtype=torch.int64).to(self.block_table.device)
             self.block_table[entries[:, 0], entries[:, 1]] = entries[:, 2].to(torch.int32)
 
+    def truncate(self, lengths: dict[int, int]) -> None:
+        """Cut each sequence `seq` back to its first `lengths[seq]` tokens (at most its length), returning the blocks
+        past them to the pool; `cache_seqlens` is written in one host-to-device copy."""
+        for seq, length in lengths.items():
+            if not 0 <= seq < len(self.seq_lens) or not 0 <= length <= self.seq_lens[seq]:
+                raise ValueError(f"truncate: sequence {seq} must be a row of this cache and its length in [0, its "
+                                 f"{self.seq_lens[seq] if 0 <= seq < len(self.seq_lens) else '?'} tokens], got "
+                                 f"{length}")
+        for seq, length in lengths.items():
+            blocks = self.seq_blocks[seq]
+            keep = -(-length // PAGE_BLOCK_SIZE)
+            self.free_blocks.extend(reversed(blocks[keep:]))
+            del blocks[keep:]
+            self.seq_lens[seq] = length
+        if lengths:
+            rows = torch.tensor(list(lengths), dtype=torch.int64)
+            values = torch.tensor(list(lengths.values()), dtype=torch.int32)
+            self.cache_seqlens[rows.to(self.cache_seqlens.device)] = values.to(self.cache_seqlens.device)
+
     def free(self, seq: int) -> None:
         """Return sequence `seq`'s blocks to the pool and empty it."""
+        if not 0 <= seq < len(self.seq_lens):
+            raise ValueError(f"free: seq must be in [0, {len(self.seq_lens)}), got {seq}")
         self.free_blocks.extend(reversed(self.seq_blocks[seq]))
         self.seq_blocks[seq] = []
         self.seq_lens[seq] = 0

@@ -167,6 +167,9 @@ def _generate(model, cache, prompts, max_new_tokens, temperature, top_p, eos_tok
         next_tokens = pick(logits)
     sync()
     finished = time.perf_counter()
+    # Rows that met EOS early kept decoding with the batch: cut them back to their prompt and new tokens but the last
+    cache.truncate({seq: len(prompt) + len(output) - 1 for seq, (prompt, output) in enumerate(zip(prompts, outputs))
+                    if cache.seq_lens[seq] > len(prompt) + len(output) - 1})
     stats = GenerationStats(decode_started - started, finished - decode_started,
                             sum(len(o) for o in outputs) - batch)
     return outputs, stats

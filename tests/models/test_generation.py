@@ -64,6 +64,32 @@ def test_stops_at_eos_and_frees_blocks():
     assert sorted(cache.free_blocks) == list(range(8)) and cache.cache_seqlens.eq(0).all()
 
 
+def test_rows_that_stop_early_keep_only_their_tokens():
+    """A row that meets EOS before the others keeps decoding with the batch (static shapes); afterwards its cache row
+    holds its prompt and new tokens but the last, as generate's docstring says, and not the tokens decoded past EOS,
+    so a continuation attends to what a fresh prefill of the same tokens gives (before, 6 extra tokens stayed)."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, seed=1)
+    prompts = make_prompts(config.vocab_size)
+    cache = PagedKVCache(config, num_blocks=8, max_batch_size=len(prompts), max_seq_len=128, kv_cache_dtype="fp32")
+    reference, _ = generate(model, cache, prompts, NEW_TOKENS)
+    eos = reference[1][1]
+    cache = PagedKVCache(config, num_blocks=8, max_batch_size=len(prompts), max_seq_len=128, kv_cache_dtype="fp32")
+    outputs, _ = generate(model, cache, prompts, NEW_TOKENS, eos_token_ids=(eos,))
+    assert len(outputs[1]) < NEW_TOKENS
+    lengths = [len(prompt) + len(output) - 1 for prompt, output in zip(prompts, outputs)]
+    assert cache.seq_lens == lengths and cache.cache_seqlens.tolist() == lengths
+    assert [len(blocks) for blocks in cache.seq_blocks] == [-(-n // 64) for n in lengths]
+    assert len(cache.free_blocks) + sum(len(blocks) for blocks in cache.seq_blocks) == 8
+    # every row continued by its last token: the early row's logits are a fresh prefill's of its whole sequence
+    cache.extend_batch(len(prompts), 1)
+    with torch.no_grad():
+        continued = decode_step(model, cache, torch.tensor([[output[-1]] for output in outputs]))[1]
+        fresh_cache = PagedKVCache(config, num_blocks=8, max_batch_size=1, max_seq_len=128, kv_cache_dtype="fp32")
+        fresh = prefill(model, fresh_cache, [prompts[1] + outputs[1]])[0]
+    torch.testing.assert_close(continued, fresh, rtol=1e-4, atol=1e-4)
+
+
 def test_sample():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
     assert sample(logits).tolist() == [1, 0]
