@@ -276,13 +276,28 @@ def _check_topk(op, logits, topk, block_table):
 
 
 def indexer_topk_reference(logits, topk, block_table=None):
+    """The CUDA kernel's selection exactly: the finite keys above the k-th largest logit, then those equal to it
+    from the lowest positions on, in ascending key order, -1 after them. Ties are common (V3.2's logits sum relu'd
+    scores: exact zeros), and torch.topk breaks them by its own layout, so rows of other widths over the same keys
+    (a prompt's prefill and its decode steps) could select differently."""
     num_keys = logits.shape[-1]
     k = min(topk, num_keys)
-    values, positions = torch.topk(logits, k, dim=-1) if k else (logits[..., :0], logits[..., :0].long())
+    if k:
+        threshold = torch.topk(logits, k, dim=-1).values[..., -1:]
+        finite = logits != float("-inf")
+        greater = (logits > threshold) & finite
+        tied = (logits == threshold) & finite
+        take = greater | (tied & (tied.cumsum(-1) <= k - greater.sum(-1, keepdim=True)))
+        keys = torch.arange(num_keys, dtype=torch.int32, device=logits.device)
+        positions = torch.topk(torch.where(take, keys, num_keys), k, dim=-1, largest=False).values.long()
+        valid = positions < num_keys  # ascending: the taken keys first, then num_keys for the rest
+        positions = positions.clamp_max(num_keys - 1)
+    else:
+        positions, valid = logits[..., :0].long(), logits[..., :0].bool()
     if block_table is not None:
         blocks = torch.gather(block_table.long(), 1, (positions // PAGE_BLOCK_SIZE).flatten(1)).view_as(positions)
         positions = blocks * PAGE_BLOCK_SIZE + positions % PAGE_BLOCK_SIZE
-    selected = torch.where(values == float("-inf"), -1, positions).int()
+    selected = torch.where(valid, positions, -1).int()
     if k < topk:
         selected = torch.cat([selected, selected.new_full((*selected.shape[:-1], topk - k), -1)], dim=-1)
     return selected
@@ -291,9 +306,9 @@ def indexer_topk_reference(logits, topk, block_table=None):
 @torch.library.custom_op("flashmla::indexer_topk", mutates_args=())
 def indexer_topk(logits: torch.Tensor, topk: int, block_table: torch.Tensor | None) -> torch.Tensor:
     """The `topk` highest-logit keys per row of `logits` `(..., num_keys)` float32, as int32 `(..., topk)`;
-    -1 where fewer than `topk` keys are finite. Order within a row is unspecified (ties broken arbitrarily). The CUDA
-    kernel (csrc/indexer_topk.cu, a radix select) writes them in ascending key order, the ties at the threshold taken
-    from the lowest positions: the same indices in the same order on every run.
+    -1 where fewer than `topk` keys are finite. In ascending key order, ties at the threshold taken from the lowest
+    positions, -1 after the keys: the CUDA kernel (csrc/indexer_topk.cu, a radix select) and the reference alike, so
+    every path and every row width over the same keys selects the same.
 
     Without block_table the indices are key positions (for `indexer_logits`: rows of the packed kv, ready for
     `sparse_prefill`). With block_table `(batch, max_blocks_per_seq)` and logits `(batch, s_q, num_keys)` they are

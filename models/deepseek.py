@@ -30,6 +30,8 @@ from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_fp8_rows
 from flashmla_ops.moe import FEW_TOKENS
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+# V3.2 prefill scores a prompt's queries against its keys in chunks of at most this many logits (float32: 256 MiB)
+PREFILL_INDEX_LOGITS = 1 << 26
 
 
 # What transformers' DeepseekV2Config / DeepseekV3Config / DeepseekV32Config set for the fields DeepseekConfig reads
@@ -564,9 +566,25 @@ class MLAttention(nn.Module):
         q_scale = k_scale = None
         if fp8:
             (index_q, q_scale), (index_k, k_scale) = quantize_fp8_rows(index_q), quantize_fp8_rows(index_k)
-        logits = torch.ops.flashmla.indexer_logits(index_q, index_k, index_weights, metadata.k_start, metadata.k_end,
-                                                   q_scale, k_scale)
-        return torch.ops.flashmla.indexer_topk(logits, self.config.index_topk, None)
+        # Per prompt, in query chunks of at most PREFILL_INDEX_LOGITS logits, each against the keys it can see (its
+        # prompt's, up to the chunk's last query): the packed prompts' whole (T, T) logits were T**2 floats (16 GiB
+        # for 16 prompts of 4096 tokens, 64 GiB for one of 128k), almost all of them masked.
+        parts = []
+        start = 0
+        for length in metadata.prompt_lengths:
+            rows = max(1, PREFILL_INDEX_LOGITS // length)
+            for first in range(start, start + length, rows):
+                last = min(first + rows, start + length)  # queries [first, last) see keys [start, last)
+                logits = torch.ops.flashmla.indexer_logits(
+                    index_q[first:last], index_k[start:last], index_weights[first:last],
+                    metadata.k_start[first:last] - start, metadata.k_end[first:last] - start,
+                    None if q_scale is None else q_scale[first:last], None if k_scale is None else k_scale[start:last])
+                selected = torch.ops.flashmla.indexer_topk(logits, self.config.index_topk, None)
+                parts.append(torch.where(selected >= 0, selected + start, selected))
+            start += length
+        if not parts:
+            return index_q.new_empty(0, self.config.index_topk, dtype=torch.int32)
+        return torch.cat(parts)
 
     def _expanded_prefill(self, q_nope, q_pe, latent, k_pe, metadata: PrefillMetadata) -> torch.Tensor:
         """Dense prefill as ordinary multi-head attention: keys/values expanded from the latent by kv_b_proj.

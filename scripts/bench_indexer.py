@@ -142,8 +142,10 @@ TOPK_ROWS = [(128, 32768), (128, 131072), (4096, 32768)]  # (rows, keys), topk 2
 
 
 def time_topk(device):
-    """The op's top-k (on Hopper the CUDA radix select) against torch.topk (the reference), topk 2048 of random logits
-    with a -inf tail (the unseen end of a paged row); GB/s counts the logits read once and the indices written."""
+    """The op's top-k (on Hopper the CUDA radix select) against torch.topk and the reference (torch.topk, then the
+    ties at the threshold from the lowest positions, in key order: the path on other GPUs), topk 2048 of random
+    logits with a -inf tail (the unseen end of a paged row); GB/s counts the logits read once and the indices
+    written."""
     from flashmla_ops.indexer import indexer_topk_reference
 
     results = []
@@ -152,12 +154,14 @@ def time_topk(device):
         logits = torch.randn(rows, keys, device=device)
         logits[:, keys - keys // 8:] = float("-inf")
         op_ms = time_ms(lambda x: torch.ops.flashmla.indexer_topk(x, 2048, None), [(logits,)])
-        torch_ms = time_ms(lambda x: indexer_topk_reference(x, 2048), [(logits,)])
+        torch_ms = time_ms(lambda x: torch.topk(x, 2048), [(logits,)])
+        reference_ms = time_ms(lambda x: indexer_topk_reference(x, 2048), [(logits,)])
         gb_s = rows * (keys + 2048) * 4 / (op_ms * 1e-3) / 1e9
         results.append({"rows": rows, "keys": keys, "topk": 2048, "op_us": op_ms * 1e3, "torch_topk_us": torch_ms * 1e3,
-                        "gb_s": gb_s})
+                        "reference_us": reference_ms * 1e3, "gb_s": gb_s})
         print(f"topk 2048 of {rows} x {keys}: the op {op_ms * 1e3:9.1f} us ({gb_s:5.0f} GB/s), torch.topk "
-              f"{torch_ms * 1e3:9.1f} us ({torch_ms / op_ms:.2f}x the op's time)")
+              f"{torch_ms * 1e3:9.1f} us ({torch_ms / op_ms:.2f}x the op's time), the reference "
+              f"{reference_ms * 1e3:9.1f} us")
         del logits
     return results
 

@@ -58,3 +58,45 @@ def test_prefill_and_decode_score_a_token_alike(monkeypatch):
     assert torch.isfinite(whole).all() and torch.isfinite(step).all()
     error = ((whole - step).abs().max() / whole.abs().max()).item()
     assert error <= SAME_SCORE, f"the token's logits differ by {error:.3g} of the largest between prefill and decode"
+
+
+def test_prefill_scores_each_prompt_in_query_chunks(monkeypatch):
+    """V3.2 prefill scores each packed prompt's queries in chunks against the keys they can see, never the packed
+    prompts' whole (T, T) logits: the same selections as the packed scoring (forced here to chunks of a few rows),
+    in e4m3 and in the model's dtype, and no logits wider than the chunk's prompt."""
+    import models.deepseek as deepseek
+    from models.deepseek import PrefillMetadata
+
+    config, model = v32_model(seed=7)
+    attention = model.model.layers[1].self_attn
+    generator = torch.Generator().manual_seed(8)
+    lengths = (30, 1, 45)
+    total = sum(lengths)
+    q = torch.randn(total, config.index_n_heads, config.index_head_dim, generator=generator)
+    k = torch.randn(total, config.index_head_dim, generator=generator)
+    weights = torch.randn(total, config.index_n_heads, generator=generator)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    k_start = torch.tensor([s for s, n in zip(starts, lengths) for _ in range(n)], dtype=torch.int32)
+    k_end = torch.tensor([s + i + 1 for s, n in zip(starts, lengths) for i in range(n)], dtype=torch.int32)
+    metadata = PrefillMetadata(torch.zeros(total, dtype=torch.int64), k_start, k_end, lengths)
+    widths = []
+    logits_op = torch.ops.flashmla.indexer_logits
+
+    def record(q, k, *args):
+        widths.append((q.shape[0], k.shape[0]))
+        return logits_op(q, k, *args)
+
+    for fp8 in (False, True):
+        packed_q, packed_k, q_scale, k_scale = q, k, None, None
+        if fp8:
+            (packed_q, q_scale), (packed_k, k_scale) = deepseek.quantize_fp8_rows(q), deepseek.quantize_fp8_rows(k)
+        whole = torch.ops.flashmla.indexer_logits(packed_q, packed_k, weights, k_start, k_end, q_scale, k_scale)
+        want = torch.ops.flashmla.indexer_topk(whole, config.index_topk, None)
+        monkeypatch.setattr(deepseek, "PREFILL_INDEX_LOGITS", 200)
+        monkeypatch.setattr(torch.ops.flashmla, "indexer_logits", record)
+        widths.clear()
+        got = attention.prefill_indices(q, k, weights, metadata, fp8)
+        monkeypatch.undo()
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+        assert max(rows * keys for rows, keys in widths) <= 200 + 45 and max(keys for _, keys in widths) <= 45
+        assert len(widths) > len(lengths)

@@ -248,3 +248,22 @@ def test_cuda_indexer_paths_hand_the_kernels_dense_aligned_inputs(monkeypatch):
     signs = torch.where(q8_scale < 0, -1.0, 1.0)[..., None]
     assert got_q.dtype == torch.bfloat16 and torch.equal(got_q.float(), q8.float() * signs)
     assert torch.equal(got_weights, weights * q8_scale.abs())
+
+
+def test_topk_breaks_ties_by_the_lowest_positions_in_any_row_width():
+    """The k-th largest logit tied (V3.2's relu'd scores are often exactly 0): the tied keys are taken from the lowest
+    positions, all keys in ascending order, -1 after them, as csrc/indexer_topk.cu does; so the same keys in a wider
+    row (a prompt's prefill row against its decode row of the cache's capacity) select the same."""
+    logits = torch.tensor([[0.0, 3.0, 0.0, 0.0, float("-inf"), 0.0, 2.0]])
+    assert ops.indexer_topk(logits, 4, None).tolist() == [[0, 1, 2, 6]]
+    assert ops.indexer_topk(logits, 9, None).tolist() == [[0, 1, 2, 3, 5, 6, -1, -1, -1]]
+    generator = torch.Generator().manual_seed(4)
+    scores = torch.relu(torch.randn(3, 5, 90, generator=generator)).round(decimals=1)  # many ties
+    for width in (90, 128, 300):
+        wide = torch.full((3, 5, width), float("-inf"))
+        wide[..., :90] = scores
+        selected = ops.indexer_topk(wide, 16, None)
+        if width == 90:
+            first = selected
+        assert torch.equal(selected, first)
+    assert (first[..., 1:] > first[..., :-1]).all()
