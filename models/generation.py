@@ -77,7 +77,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     _check_sampling("sample", temperature, top_p)
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # over the row's largest first: a tiny temperature then gives one-hot weights instead of inf / inf = NaN
+    probs = torch.softmax((logits - logits.max(-1, keepdim=True).values) / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     outside = torch.cumsum(sorted_probs, -1) - sorted_probs >= top_p  # keeps the first token always
     sorted_probs = sorted_probs.masked_fill(outside, 0)

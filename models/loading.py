@@ -43,6 +43,8 @@ def build_model(config: DeepseekConfig, dtype: torch.dtype = torch.bfloat16, dev
     """The model with uninitialized weights in `dtype` on `device` (built on meta, allocated once), or with
     `parallel` this rank's part of it. The router and the indexer's `weights_proj` stay float32; RoPE frequencies
     and the indexer's Hadamard matrix are filled."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float32 (the ops' activation dtypes), got {dtype}")
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

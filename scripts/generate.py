@@ -17,6 +17,8 @@ test_generate_script.py). --dtype bfloat16 (the default) with --kv-cache bf16 or
 """
 import argparse
 import math
+import os
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -88,6 +90,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--tp must be >= 1, got {args.tp}")
     if args.model and args.random_tiny:
         parser.error("--model and --random-tiny exclude each other")
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there (a Hugging Face DeepSeek checkpoint directory)")
+    if args.tp > 1 and "WORLD_SIZE" not in os.environ:
+        parser.error(f"--tp {args.tp} runs one process per rank: start it with torchrun --nproc-per-node {args.tp}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA GPU (torch {torch.__version__})")
+    if args.prompt_ids and min(min(ids) for ids in args.prompt_ids) < 0:
+        parser.error("--prompt-ids: token ids must be >= 0")
     if not args.model and not args.random_tiny:
         if SHIPPED_CHECKPOINT.exists():
             args.model = str(SHIPPED_CHECKPOINT)
@@ -108,13 +118,9 @@ def main(argv: list[str] | None = None) -> list[list[int]]:
     tokenizer = None
     if args.model:
         config, _ = load_config(args.model)
-        with tqdm(total=1, desc=f"loading {args.model}", disable=not is_main) as progress:
-            model = load_model(args.model, dtype, device, parallel)
-            progress.update()
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.model) if args.prompt else None
     else:
         config = DeepseekConfig.from_dict(tiny_config(RANDOM_TINY[args.random_tiny]))
-        model = random_model(config, dtype, device, seed=args.seed, parallel=parallel)
     if args.prompt:
         if tokenizer is None:
             raise SystemExit("--prompt needs a checkpoint with tokenizer files (--model DIR)")
@@ -123,8 +129,24 @@ def main(argv: list[str] | None = None) -> list[list[int]]:
         prompts = args.prompt_ids
     else:
         prompts = [list(range(2, 2 + length)) for length in (7, 19, 4)]  # tokenizer-free input
-
+    # what generate() would refuse, said before the weights load
+    largest = max((token for p in prompts for token in p), default=0)
+    if largest >= config.vocab_size:
+        raise SystemExit(f"prompt token ids must be below the model's vocab_size ({config.vocab_size}), got {largest}")
     max_seq_len = max(len(p) for p in prompts) + args.max_new_tokens
+    if max_seq_len > config.max_position_embeddings:
+        raise SystemExit(f"the longest prompt ({max(len(p) for p in prompts)} tokens) and --max-new-tokens "
+                         f"{args.max_new_tokens} make {max_seq_len} positions, more than the model's "
+                         f"max_position_embeddings ({config.max_position_embeddings})")
+    if args.model:
+        with tqdm(total=1, desc=f"loading {args.model}", disable=not is_main) as progress:
+            model = load_model(args.model, dtype, device, parallel)
+            progress.update()
+        if tokenizer is None:
+            tokenizer = load_tokenizer(args.model)
+    else:
+        model = random_model(config, dtype, device, seed=args.seed, parallel=parallel)
+
     blocks_per_seq = -(-max_seq_len // 64)
     cache = PagedKVCache(config, blocks_per_seq * len(prompts), len(prompts), max_seq_len, args.kv_cache, device)
     step = compile_decode_step(device) if args.compile else decode_step

@@ -253,8 +253,16 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def heldout_text(args) -> Path:
-    for path in (args.text, args.model / HELDOUT_FILE, DEFAULT_MODEL / HELDOUT_FILE):
-        if path is not None and path.exists():
+    """--text (which must exist), else the model's held-out file, else the shipped checkpoint's (said: it is another
+    model's text)."""
+    if args.text is not None:
+        if not args.text.exists():
+            raise SystemExit(f"--text {args.text}: no such file")
+        return args.text
+    for path in (args.model / HELDOUT_FILE, DEFAULT_MODEL / HELDOUT_FILE):
+        if path.exists():
+            if path != args.model / HELDOUT_FILE:
+                print(f"{args.model} has no {HELDOUT_FILE}: scoring {path} (pass --text FILE for its own text)")
             return path
     raise SystemExit(f"no held-out text: pass --text FILE ({DEFAULT_MODEL / HELDOUT_FILE} is missing too)")
 

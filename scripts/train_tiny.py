@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.sample_tokens < 0:
-        parser.error(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
+        parser.error(f"--sample-tokens must be >= 0 (0: no samples in the card), got {args.sample_tokens}")
     return args
 
 
@@ -283,7 +283,7 @@ def main(argv=None) -> None:
                  heldout_perplexity=math.exp(heldout), train_loss=train_loss,
                  indexer_kl=indexer_kl, curve=curve, seconds=train_seconds, date=datetime.date.today().isoformat(),
                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU")
-    sample_texts = samples(args.out, args.sample_tokens)
+    sample_texts = samples(args.out, args.sample_tokens) if args.sample_tokens else []
     model_card(args.out, args, raw_config, stats, sample_texts)
     print(f"held-out perplexity {stats['heldout_perplexity']:.2f}; wrote {args.out} "
           f"({(args.out / SINGLE_FILE).stat().st_size / 2 ** 20:.1f} MiB weights) in "

@@ -63,3 +63,28 @@ def test_arguments():
                 ["--top-p", "1.5"], ["--tp", "0"]):
         with pytest.raises(SystemExit):
             parse(["--random-tiny", "v3", *bad])
+
+
+def test_bad_setups_are_said_before_anything_loads(tmp_path, monkeypatch, capsys):
+    """A checkpoint directory that is not one, --tp without torchrun, --device cuda without a GPU and negative ids
+    end in a usage error naming them, not in a traceback from deep inside; ids past the vocabulary and a run past the
+    model's positions are refused once the config is read, before the weights load."""
+    parse = generate_script.parse_args
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for bad, said in ((["--model", str(tmp_path / "nothing")], "no config.json"),
+                      (["--random-tiny", "v3", "--tp", "2"], "torchrun"),
+                      (["--random-tiny", "v3", "--device", "cuda"], "no CUDA GPU"),
+                      (["--random-tiny", "v3", "--prompt-ids", "3,-1"], ">= 0")):
+        with pytest.raises(SystemExit):
+            parse(bad)
+        assert said in capsys.readouterr().err
+    checkpoint = ROOT / "models" / "assets" / "deepseek-v32-tiny-kjv"
+    loads = []
+    monkeypatch.setattr(generate_script, "load_model", lambda *args: loads.append(args))
+    with pytest.raises(SystemExit, match="vocab_size"):
+        generate_script.main(["--model", str(checkpoint), "--prompt-ids", "5,4096", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="max_position_embeddings"):
+        generate_script.main(["--model", str(checkpoint), "--prompt-ids", "5,6", "--max-new-tokens", "2000",
+                              "--device", "cpu"])
+    assert loads == []

@@ -246,6 +246,27 @@ def test_sample_rejects_bad_arguments():
             sample(logits, temperature, top_p)
 
 
+def test_sample_at_a_tiny_temperature_is_greedy():
+    """logits / 1e-40 overflowed to inf and softmax gave NaN (multinomial raised); over the row's largest first, a
+    tiny temperature draws the argmax."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, -1.0, 4.0, 0.0]])
+    for temperature in (1e-40, 1e-30, 1e-8):
+        assert sample(logits, temperature, 1.0, torch.Generator().manual_seed(0)).tolist() == [1, 0]
+
+
+def test_free_and_truncate_check_their_rows():
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    cache = PagedKVCache(config, num_blocks=4, max_batch_size=2, max_seq_len=128)
+    cache.extend(1, 70)
+    for bad in (lambda: cache.free(-1), lambda: cache.free(2), lambda: cache.truncate({1: 71}),
+                lambda: cache.truncate({-1: 0})):
+        with pytest.raises(ValueError):
+            bad()
+    assert cache.seq_lens == [0, 70] and len(cache.free_blocks) == 2
+    cache.truncate({1: 64})
+    assert cache.seq_lens == [0, 64] and cache.cache_seqlens.tolist() == [0, 64] and len(cache.free_blocks) == 3
+
+
 def test_extend_batch_is_all_or_nothing():
     """Out of blocks for a decode step's second sequence: no sequence has grown (the first would otherwise hold a
     block its table row never got, and a preempt-and-retry would overwrite its token 0)."""

@@ -260,3 +260,15 @@ def test_left_out_fields_take_transformers_defaults(model_type):
                   "q_lora_rank", "n_routed_experts", "num_experts_per_tok", "eos_token_id"):
         assert getattr(ours, field) == getattr(theirs, field), field
     assert DeepseekConfig.from_dict({**required, "routed_scaling_factor": 1.5}).routed_scaling_factor == 1.5
+
+
+def test_models_are_built_in_the_ops_dtypes_only():
+    """float16 passed build_model and failed at the first forward inside an op (or, V3 over a bf16 cache, ran with
+    every expert computed for every token): refused up front."""
+    from models import DeepseekConfig, random_model
+    from models.loading import tiny_config
+
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    with pytest.raises(ValueError, match="dtype must be torch.bfloat16 or torch.float32"):
+        random_model(config, torch.float16)
+    assert random_model(config, torch.bfloat16).lm_head.weight.dtype == torch.bfloat16

@@ -107,6 +107,26 @@ def test_quality_arguments():
             quality.parse_args(bad)
 
 
+def test_train_tiny_without_samples_writes_its_card(tmp_path, corpus_dir, monkeypatch):
+    """--sample-tokens 0 (accepted) skips the card's samples; it ran generate() with 0 new tokens, which raised after
+    the whole training, before the card was written."""
+    monkeypatch.setattr(train_tiny, "samples", lambda *args: pytest.fail("samples were generated"))
+    out = tmp_path / "tiny"
+    train_tiny.main(["--device", "cpu", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--vocab-size", "512",
+                     "--eval-every", "1000", "--sample-tokens", "0", "--data-dir", str(corpus_dir), "--out", str(out)])
+    assert (out / "README.md").stat().st_size > 0
+
+
+def test_quality_text_must_exist(tmp_path, capsys):
+    """A --text path that does not exist is an error, not the model's or the shipped held-out text in its place."""
+    with pytest.raises(SystemExit, match="no such file"):
+        quality.heldout_text(quality.parse_args(["--text", str(tmp_path / "missing.txt")]))
+    elsewhere = tmp_path / "model"
+    elsewhere.mkdir()
+    assert quality.heldout_text(quality.parse_args(["--model", str(elsewhere)])).exists()
+    assert "has no heldout.txt" in capsys.readouterr().out
+
+
 def test_train_tiny_writes_a_loadable_checkpoint(tmp_path, corpus_dir):
     out = tmp_path / "tiny"
     train_tiny.main(["--device", "cpu", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--vocab-size", "512",
