@@ -63,11 +63,11 @@ class FlashMLASchedMeta:
         `source` None the lengths follow from `key` alone. `check()` runs first whenever the split is computed (the
         API's argument checks: once per new lengths, not on every layer's call)."""
         s_q, h_q = key[1], key[2]
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         # Recompute (cheap device work, no sync) under torch.compile (no guards on tensor versions), inside a CUDA
         # graph capture (the graph must record the computation: replays follow lengths changed in place) and for an
-        # inference tensor (no version counter to tell whether it changed).
-        if torch.compiler.is_compiling() or capturing or (source is not None and source.is_inference()):
+        # inference tensor (no version counter to tell whether it changed). is_compiling first: dynamo cannot trace
+        # the capture query (a torch function returning a bool), so fullgraph compilation failed on CUDA builds.
+        if torch.compiler.is_compiling() or _capturing() or (source is not None and source.is_inference()):
             self._compute(lengths, s_q, h_q, check)
             self.source, self.key = None, ()  # nothing to reuse: the next call with a tracked tensor recomputes
             return
@@ -82,6 +82,11 @@ class FlashMLASchedMeta:
         lengths = lengths()
         self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
             lengths, num_sm_parts(lengths.device, s_q, h_q))
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never asked while compiling: see `fill`)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:

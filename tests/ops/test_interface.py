@@ -227,9 +227,17 @@ def test_flash_mla_sparse_fwd_returns(device):
     assert torch.allclose(four[3].double().cpu()[finite], ref_lse_indexer[finite], atol=1e-4, rtol=0)
 
 
-def test_flashmla_api_compiles_with_a_shared_sched_meta():
-    """The FlashMLA calling pattern (one get_mla_metadata object, several calls) traces with fullgraph=True."""
+@pytest.mark.parametrize("cuda_build", [False, True])
+def test_flashmla_api_compiles_with_a_shared_sched_meta(monkeypatch, cuda_build):
+    """The FlashMLA calling pattern (one get_mla_metadata object, several calls) traces with fullgraph=True, also on a
+    CUDA build of torch, where the API asks whether a CUDA graph is being captured: dynamo cannot trace that query
+    (here a graph break stands in for it), so it must not be asked while compiling (it was, and fullgraph failed)."""
     import flashmla_ops
+
+    if cuda_build:
+        from flashmla_ops import interface
+
+        monkeypatch.setattr(interface, "_capturing", lambda: torch._dynamo.graph_break() or False)
 
     q = torch.randn(2, 1, 16, 576).bfloat16()
     cache = torch.randn(4, 64, 1, 576).bfloat16()
