@@ -442,6 +442,9 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     """Triton dense decode; same contract as `flashmla::dense_decode` for d_qk 576 / d_v 512 and bf16 q. The balanced
     schedule uses `tile_scheduler_metadata` / `num_splits` from `get_mla_metadata` when given, else computes them
     (on the device, no host sync)."""
+    if head_dim_v != KV_LORA_RANK:  # the kernels store 512 columns whatever the output's width
+        raise ValueError(f"triton dense_decode: the kernel writes head_dim_v {KV_LORA_RANK} columns, got {head_dim_v} "
+                         f"(the op sends other widths to its reference)")
     batch, s_q, h_q, d_qk = q.shape
     rows = s_q * h_q
     out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=torch.bfloat16)

@@ -129,5 +129,6 @@ def write_kv_cache(kv_cache, latent, rope, slot_mapping, is_fp8) -> None:
     """Same contract as `flashmla::write_kv_cache` (the cache's strides are used as they are: padded blocks are
     fine); the caller has checked shapes and slots."""
     cache = kv_cache.view(torch.uint8) if is_fp8 else kv_cache
-    _store_rows(cache[:, :, 0], latent, rope, slot_mapping, is_fp8, kv_cache.shape[1])
+    # the kernel reads the slots packed (a strided view wrote rows to other tokens' slots)
+    _store_rows(cache[:, :, 0], latent, rope, slot_mapping.contiguous(), is_fp8, kv_cache.shape[1])
 

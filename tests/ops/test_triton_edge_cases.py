@@ -301,3 +301,20 @@ def test_triton_sparse_prefill_topk_length_zero_and_above_topk(lengths):
 def test_triton_sparse_prefill_indexer_topk_above_topk(indexer_topk):
     """indexer_topk above topk 70 (71, 2**31 - 1): the indexer LSE over every counted index, the LSE's value."""
     run_prefill([5, 3], 16, 70, indexer_topk, True, True)
+
+
+def test_triton_launchers_refuse_value_widths_their_kernels_do_not_write():
+    """The kernels store 512 value columns whatever the output's width: a launcher given another (the ops never
+    do: they send such widths to the reference) wrote past its output (heap corruption) or left columns unset."""
+    from flashmla_ops.triton import decode as triton_decode, sparse as triton_sparse
+
+    q = torch.zeros(1, 1, 16, 576, dtype=torch.bfloat16)
+    cache = torch.zeros(1, 64, 1, 576, dtype=torch.bfloat16)
+    table, lengths = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="head_dim_v 512"):
+        triton_decode.dense_decode(q, cache, table, lengths, 256, 0.1, False, False)
+    indices = torch.zeros(1, 1, 64, dtype=torch.int32)
+    with pytest.raises(ValueError, match="d_v 512"):
+        triton_sparse.sparse_decode(q, cache, indices, None, None, None, None, 576, 0.1, False)
+    with pytest.raises(ValueError, match="d_v 512"):
+        triton_sparse.sparse_prefill(q[0], cache[0], indices[0], 0.1, d_v=256)

@@ -116,6 +116,20 @@ def test_triton_write_kv_cache_skips_slots_past_the_cache(is_fp8):
     assert torch.equal(pool.view(torch.uint8), want.view(torch.uint8))
 
 
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_write_kv_cache_takes_strided_slots(is_fp8):
+    """slot_mapping as a strided view (every other entry of a wider tensor): the kernel read it as packed and wrote
+    rows to the gaps' slots."""
+    generator = torch.Generator().manual_seed(13 + is_fp8)
+    kv = hard_rows(3, generator).to(DEVICE)
+    cache = make_cache(2, 64, is_fp8, padded=False)
+    want = cache.clone()
+    slots = torch.tensor([1, 99, 2, 99, 3, 99], dtype=torch.int64, device=DEVICE)[::2]
+    triton_kv_cache.write_kv_cache(cache, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
+    write_kv_cache_reference(want, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
+
+
 def test_triton_write_kv_cache_fp8_from_float32_and_other_page_size():
     generator = torch.Generator().manual_seed(3)
     kv = hard_rows(9, generator, torch.float32).to(DEVICE)
