@@ -13,9 +13,22 @@ DEBUG_ENV = "FLASHMLA_CHECK"
 FLOAT_DTYPES = (torch.bfloat16, torch.float32)
 
 
+FLAG_VALUES = {"": False, "0": False, "false": False, "no": False, "off": False,
+               "1": True, "true": True, "yes": True, "on": True}
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no environment variable: unset, empty, 0/false/no/off or 1/true/yes/on (any case); anything else is a
+    ValueError naming it (FLASHMLA_CHECK=false used to turn the checks on)."""
+    value = os.environ.get(name, "")
+    if value.strip().lower() not in FLAG_VALUES:
+        raise ValueError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {value!r}")
+    return FLAG_VALUES[value.strip().lower()]
+
+
 def debug_checks() -> bool:
     """`FLASHMLA_CHECK=1` also checks index values of device tensors (one host sync per op call)."""
-    return os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    return env_flag(DEBUG_ENV)
 
 
 def _dtype_names(dtypes) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ._checks import env_flag
+
 log = logging.getLogger("flashmla_ops")
 
 
@@ -29,6 +31,7 @@ def _package_csrc(package: Path) -> Path:
 PACKAGE_CSRC = _package_csrc(Path(__file__).resolve().parent)
 CHECKOUT_CSRC = (Path(__file__).resolve().parent.parent / "csrc").resolve()  # the build not named by its directory
 CSRC_ENV = "FLASHMLA_CSRC"
+EXTRA_FLAGS_ENV = "FLASHMLA_EXTRA_CUDA_FLAGS"
 CSRC = Path(os.environ[CSRC_ENV]).resolve() if os.environ.get(CSRC_ENV) else PACKAGE_CSRC
 BACKEND_ENV = "FLASHMLA_BACKEND"
 SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu", "dense_decode_narrow.cu", "indexer_topk.cu",
@@ -69,7 +72,7 @@ def toolchain_reason() -> str | None:
     `python -m flashmla_ops.build`."""
     if torch.version.cuda is None:
         return "this torch build has no CUDA"
-    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME") and _found_cuda_home() is None:
         return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
     missing = [name for name in SOURCES if not (CSRC / name).exists()]
     if missing:
@@ -77,17 +80,33 @@ def toolchain_reason() -> str | None:
     return None
 
 
+def _found_cuda_home() -> str | None:
+    """Where torch's extension builder finds CUDA without CUDA_HOME or nvcc on PATH (CUDA_PATH, /usr/local/cuda), if
+    nvcc is there: a build would succeed, so the kernels are not given up for want of PATH."""
+    from torch.utils.cpp_extension import _find_cuda_home
+
+    home = _find_cuda_home()
+    return home if home and (Path(home) / "bin" / "nvcc").exists() else None
+
+
 def build_name(extra_flags: list[str], csrc: Path) -> str:
     """The extension's name, which names its build directory: one per nvcc flag set and per csrc directory, so that a
     build with other flags or of another revision's kernels never replaces the package's own, and installs in two
     environments (a wheel's csrc, a checkout's) do not rebuild over each other. A checkout's own csrc keeps the plain
-    name."""
+    name. Another directory's name also hashes its sources' contents: ninja rebuilds by modification times, and an
+    older revision extracted over it (`git archive`, as scripts/ab_kernels.py does) is older than its build. The
+    flags are spelled out readably and hashed (two flag sets that spell the same)."""
     parts = ["flashmla_ops_cuda"]
     if extra_flags:
-        parts.append("".join(c if c.isalnum() else "_" for c in "".join(extra_flags)))
+        readable = "".join(c if c.isalnum() else "_" for c in "".join(extra_flags))[:48]
+        parts.append(readable + hashlib.sha1("\0".join(extra_flags).encode()).hexdigest()[:6])
     directory = Path(csrc).resolve()
     if directory != CHECKOUT_CSRC:
-        parts.append("csrc" + hashlib.sha1(str(directory).encode()).hexdigest()[:10])
+        digest = hashlib.sha1(str(directory).encode())
+        for path in sorted(directory.glob("*")) if directory.is_dir() else ():
+            if path.is_file():
+                digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        parts.append("csrc" + digest.hexdigest()[:10])
     return "_".join(parts)
 
 
@@ -95,11 +114,13 @@ def build_name(extra_flags: list[str], csrc: Path) -> str:
 def _load():
     # Kernels asked for by FLASHMLA_CSRC that cannot be built on a GPU machine are an error, not a quiet fallback: a
     # benchmark or test run would otherwise time or test the Triton or reference path under the experiment's name.
-    requested = bool(os.environ.get(CSRC_ENV)) and torch.cuda.is_available()
+    # The same for FLASHMLA_EXTRA_CUDA_FLAGS: an experiment's flags that fail to build must not time the default.
+    asked = [f"{name}={os.environ[name]}" for name in (CSRC_ENV, EXTRA_FLAGS_ENV) if os.environ.get(name)]
+    requested = bool(asked) and torch.cuda.is_available()
     reason = _unavailable_reason()
     if reason is not None:
         if requested:
-            raise RuntimeError(f"{CSRC_ENV}={os.environ[CSRC_ENV]}: the CUDA kernels cannot be built: {reason}")
+            raise RuntimeError(f"{', '.join(asked)}: the CUDA kernels cannot be built: {reason}")
         log.warning("flashmla_ops: CUDA kernels not built (%s); the ops use the Triton kernels, else the PyTorch "
                     "reference", reason)
         return None
@@ -107,7 +128,7 @@ def _load():
         return build_extension()
     except (RuntimeError, OSError, ImportError) as error:  # ImportError: built, but the library does not load
         if requested:
-            raise RuntimeError(f"{CSRC_ENV}={os.environ[CSRC_ENV]}: building the CUDA kernels failed") from error
+            raise RuntimeError(f"{', '.join(asked)}: building the CUDA kernels failed") from error
         log.warning("flashmla_ops: building or loading the CUDA kernels failed (%s; FLASHMLA_VERBOSE_BUILD=1 shows "
                     "the build); the ops use the Triton kernels, else the PyTorch reference", build_error(error))
         return None
@@ -118,9 +139,9 @@ def build_extension(verbose: bool | None = None):
     keyed by `build_name`, whether it runs on first use or ahead of it (`python -m flashmla_ops.build`)."""
     from torch.utils.cpp_extension import load
 
-    extra = os.environ.get("FLASHMLA_EXTRA_CUDA_FLAGS", "").split()
+    extra = os.environ.get(EXTRA_FLAGS_ENV, "").split()
     if verbose is None:
-        verbose = os.environ.get("FLASHMLA_VERBOSE_BUILD", "0") == "1"
+        verbose = env_flag("FLASHMLA_VERBOSE_BUILD")
     return load(
         name=build_name(extra, CSRC),
         sources=[str(CSRC / name) for name in SOURCES],

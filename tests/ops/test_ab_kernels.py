@@ -59,13 +59,44 @@ def test_ab_kernels_refuses_to_time_without_kernels(tmp_path):
 def test_each_flag_set_and_csrc_directory_builds_apart(tmp_path):
     package = _ext.build_name([], _ext.CHECKOUT_CSRC)
     assert package == "flashmla_ops_cuda"  # the name (and build directory) a checkout's own build always had
-    assert _ext.build_name(["-DFLASHMLA_PHASES"], _ext.CHECKOUT_CSRC) == "flashmla_ops_cuda__DFLASHMLA_PHASES"
+    phases = _ext.build_name(["-DFLASHMLA_PHASES"], _ext.CHECKOUT_CSRC)
+    assert phases.startswith("flashmla_ops_cuda__DFLASHMLA_PHASES") and phases.isidentifier()
+    # flags that spell the same once made identifiers build apart
+    assert _ext.build_name(["-DSPLITS=2"], _ext.CHECKOUT_CSRC) != _ext.build_name(["-DSPLITS_2"], _ext.CHECKOUT_CSRC)
     other = _ext.build_name([], tmp_path / "branch" / "csrc")
     elsewhere = _ext.build_name([], tmp_path / "main" / "csrc")
     assert len({package, other, elsewhere}) == 3
     # the directory, not its spelling
     assert other == _ext.build_name([], tmp_path / "branch" / ".." / "branch" / "csrc")
     assert other.isidentifier()
+
+
+def test_another_directorys_build_follows_its_sources_contents(tmp_path):
+    """An older revision extracted over a base directory (older modification times than its build: ninja would keep
+    the build) gets a build of its own: the name hashes the sources' contents."""
+    csrc = tmp_path / "base" / "csrc"
+    csrc.mkdir(parents=True)
+    (csrc / "dense_decode.cu").write_text("// version 2\n")
+    newer = _ext.build_name([], csrc)
+    (csrc / "dense_decode.cu").write_text("// version 1\n")
+    assert _ext.build_name([], csrc) != newer
+    (csrc / "dense_decode.cu").write_text("// version 2\n")
+    assert _ext.build_name([], csrc) == newer
+
+
+def test_extra_cuda_flags_that_cannot_build_raise_on_a_gpu_machine(monkeypatch):
+    """FLASHMLA_EXTRA_CUDA_FLAGS asks for an experiment's build: failing it is an error naming the variable (it fell
+    back to the Triton kernels with a warning, and a benchmark timed those under the experiment's name)."""
+    def failing_build():
+        raise RuntimeError("nvcc fatal : Unknown option '-Xbogus'")
+
+    monkeypatch.delenv(_ext.CSRC_ENV, raising=False)
+    monkeypatch.setenv(_ext.EXTRA_FLAGS_ENV, "-Xbogus")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "_unavailable_reason", lambda: None)
+    monkeypatch.setattr(_ext, "build_extension", failing_build)
+    with pytest.raises(RuntimeError, match="FLASHMLA_EXTRA_CUDA_FLAGS=-Xbogus: building the CUDA kernels failed"):
+        _ext._load.__wrapped__()
 
 
 def test_flashmla_csrc_points_the_build_at_another_directory(tmp_path):

@@ -147,3 +147,21 @@ def test_the_kernels_read_the_interpreter_setting_as_triton_does():
                                env={**os.environ, "TRITON_INTERPRET": value}, capture_output=True, text=True,
                                check=True)
         assert shown.stdout.strip() == str(interpreting), (value, shown.stdout, shown.stderr)
+
+
+def test_yes_no_variables_mean_what_they_say(monkeypatch):
+    """FLASHMLA_CHECK=false turned the syncing checks on (anything but 0 did), FLASHMLA_VERBOSE_BUILD=true was
+    ignored (only 1 counted): both take 1/0, true/false, yes/no, on/off in any case, and refuse anything else."""
+    from flashmla_ops._checks import debug_checks, env_flag
+
+    for value, meaning in (("false", False), ("0", False), ("", False), ("Off", False), ("no", False),
+                           ("1", True), ("TRUE", True), ("yes", True), (" on ", True)):
+        monkeypatch.setenv("FLASHMLA_CHECK", value)
+        assert debug_checks() is meaning, value
+        monkeypatch.setenv("FLASHMLA_VERBOSE_BUILD", value)
+        assert env_flag("FLASHMLA_VERBOSE_BUILD") is meaning, value
+    monkeypatch.setenv("FLASHMLA_CHECK", "sometimes")
+    with pytest.raises(ValueError, match="FLASHMLA_CHECK must be 1 or 0"):
+        debug_checks()
+    monkeypatch.delenv("FLASHMLA_CHECK")
+    assert debug_checks() is False

@@ -97,6 +97,10 @@ def test_toolchain_reasons(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(_ext.shutil, "which", lambda name: None)
     monkeypatch.delenv("CUDA_HOME", raising=False)
+    # nvcc where torch's extension builder finds it without PATH or CUDA_HOME (/usr/local/cuda, CUDA_PATH)
+    monkeypatch.setattr(_ext, "_found_cuda_home", lambda: "/usr/local/cuda")
+    assert _ext.toolchain_reason() is None
+    monkeypatch.setattr(_ext, "_found_cuda_home", lambda: None)
     assert "nvcc not found" in _ext.toolchain_reason()
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     assert _ext.toolchain_reason() is None
