@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import decode, sparse_prefill  # noqa: F401  (registers the ops)
+from ._checks import value_checks_apply
 from .decode import _check_dense, _check_sparse, num_sm_parts
 
 
@@ -49,13 +50,18 @@ class FlashMLASchedMeta:
     reuse it (e.g. every layer of one decode step).
 
     "Unmodified" is the tensor's version counter: in-place ops (`+=`, `copy_`, `fill_`) move it; writes that
-    bypass autograd's tracking (`t.data.copy_(...)`, through `t.numpy()` or a DLPack view) do not, so after one of
-    those pass a fresh `get_mla_metadata()` object. Inference tensors (made under `torch.inference_mode()`) have no
-    version counter: with one, the split is recomputed on every call (a small device computation, no host sync)."""
+    bypass autograd's tracking do not: `t.data.copy_(...)`, through `t.numpy()` or a DLPack view, and on a GPU a
+    Triton or CUDA kernel of your own writing the lengths, or a CUDA graph replay of such a write. After one of those
+    pass a fresh `get_mla_metadata()` object (FlashMLA's own contract: one per decode step, shared by its layers):
+    where values are checked (CPU tensors, or FLASHMLA_CHECK=1 on a GPU) a reuse compares the lengths and recomputes
+    when they moved, but on a GPU without the check nothing can tell without a host sync, and the CUDA kernel would
+    follow the stale schedule. Inference tensors (made under `torch.inference_mode()`) have no version counter: with
+    one, the split is recomputed on every call (a small device computation, no host sync)."""
     tile_scheduler_metadata: torch.Tensor | None = None
     num_splits: torch.Tensor | None = None
     key: tuple = field(default=(), repr=False)
     source: torch.Tensor | None = field(default=None, repr=False)
+    lengths: torch.Tensor | None = field(default=None, repr=False)  # the values the split was computed for
 
     def fill(self, lengths, source: torch.Tensor | None, key: tuple, check=None) -> None:
         """Compute the split for `lengths()` unless it was computed for this very `source` tensor (held, so that its
@@ -72,16 +78,20 @@ class FlashMLASchedMeta:
             self.source, self.key = None, ()  # nothing to reuse: the next call with a tracked tensor recomputes
             return
         key = (*key, source._version if source is not None else 0)
-        if self.source is not source or self.key != key or self.tile_scheduler_metadata is None:
-            self._compute(lengths, s_q, h_q, check)
-            self.source, self.key = source, key
+        if (self.source is not source or self.key != key or self.tile_scheduler_metadata is None
+                or (source is not None and value_checks_apply(source) and not torch.equal(source, self.lengths))):
+            computed = self._compute(lengths, s_q, h_q, check)
+            # the values it was computed for, to compare where values are checked (a write that did not move the
+            # version): a device copy, no sync
+            self.source, self.key, self.lengths = source, key, computed.clone() if source is not None else None
 
-    def _compute(self, lengths, s_q: int, h_q: int, check) -> None:
+    def _compute(self, lengths, s_q: int, h_q: int, check) -> torch.Tensor:
         if check is not None:
             check()
         lengths = lengths()
         self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
             lengths, num_sm_parts(lengths.device, s_q, h_q))
+        return lengths
 
 
 def _capturing() -> bool:

@@ -272,3 +272,25 @@ def test_sparse_sched_meta_reused_across_layers_without_topk_length(monkeypatch)
         flashmla_ops.flash_mla_with_kvcache(q, cache, None, None, 512, sched_meta, indices=indices)
         seen.append(id(sched_meta.tile_scheduler_metadata))
     assert len(set(seen)) == 1
+
+
+def test_a_write_that_does_not_move_the_version_is_seen_where_values_are_checked():
+    """Lengths written without moving the tensor's version (through .data here; on a GPU a kernel of one's own): on
+    CPU tensors (and with FLASHMLA_CHECK=1 on a GPU) the reuse compares the values and recomputes the schedule (it
+    was reused stale, which the op's own metadata check then refused)."""
+    import flashmla_ops
+
+    q = torch.randn(2, 1, 16, 576).bfloat16()
+    cache = torch.randn(8, 64, 1, 576).bfloat16()
+    block_table = torch.arange(8, dtype=torch.int32).view(2, 4)
+    cache_seqlens = torch.tensor([70, 5], dtype=torch.int32)
+    sched_meta, _ = flashmla_ops.get_mla_metadata()
+    flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)
+    version = cache_seqlens._version
+    cache_seqlens.data.copy_(torch.tensor([200, 130], dtype=torch.int32))
+    assert cache_seqlens._version == version
+    out, lse = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)
+    want = torch.ops.flashmla.get_mla_metadata(cache_seqlens, sched_meta.tile_scheduler_metadata.shape[0])
+    assert torch.equal(sched_meta.tile_scheduler_metadata, want[0]) and torch.equal(sched_meta.num_splits, want[1])
+    fresh, _ = flashmla_ops.get_mla_metadata()
+    assert torch.equal(lse, flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, fresh)[1])
