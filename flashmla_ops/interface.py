@@ -62,12 +62,16 @@ class FlashMLASchedMeta:
     key: tuple = field(default=(), repr=False)
     source: torch.Tensor | None = field(default=None, repr=False)
     lengths: torch.Tensor | None = field(default=None, repr=False)  # the values the split was computed for
+    filled: bool = field(default=False, repr=False)
+    schedule: bool = field(default=True, repr=False)
 
-    def fill(self, lengths, source: torch.Tensor | None, key: tuple, check=None) -> None:
+    def fill(self, lengths, source: torch.Tensor | None, key: tuple, check=None, schedule: bool = True) -> None:
         """Compute the split for `lengths()` unless it was computed for this very `source` tensor (held, so that its
         id cannot be reused by another tensor), unmodified since (`_version`), with the same `key` (shapes); with
         `source` None the lengths follow from `key` alone. `check()` runs first whenever the split is computed (the
-        API's argument checks: once per new lengths, not on every layer's call)."""
+        API's argument checks: once per new lengths, not on every layer's call). Without `schedule` (an op whose
+        kernels take none: sparse decode) only the checks run, and the metadata stays None."""
+        self.schedule = schedule
         s_q, h_q = key[1], key[2]
         # Recompute (cheap device work, no sync) under torch.compile (no guards on tensor versions), inside a CUDA
         # graph capture (the graph must record the computation: replays follow lengths changed in place) and for an
@@ -78,7 +82,7 @@ class FlashMLASchedMeta:
             self.source, self.key = None, ()  # nothing to reuse: the next call with a tracked tensor recomputes
             return
         key = (*key, source._version if source is not None else 0)
-        if (self.source is not source or self.key != key or self.tile_scheduler_metadata is None
+        if (self.source is not source or self.key != key or not self.filled
                 or (source is not None and value_checks_apply(source) and not torch.equal(source, self.lengths))):
             computed = self._compute(lengths, s_q, h_q, check)
             # the values it was computed for, to compare where values are checked (a write that did not move the
@@ -89,8 +93,11 @@ class FlashMLASchedMeta:
         if check is not None:
             check()
         lengths = lengths()
-        self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
-            lengths, num_sm_parts(lengths.device, s_q, h_q))
+        self.tile_scheduler_metadata = self.num_splits = None
+        if self.schedule:
+            self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
+                lengths, num_sm_parts(lengths.device, s_q, h_q))
+        self.filled = True
         return lengths
 
 
@@ -187,7 +194,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         lengths, source = (lambda: topk_length), topk_length
     else:
         lengths, source = (lambda: torch.full((batch,), indices.shape[-1], dtype=torch.int32, device=q.device)), None
-    meta.fill(lengths, source, ("sparse", s_q, h_q, batch, indices.shape[-1], q.device), check=check)
+    # The sparse kernels (CUDA, Triton, the reference) take no schedule: the checks only, no split computed (it was
+    # 94 small device ops, on every layer's call for inference tensors)
+    meta.fill(lengths, source, ("sparse", s_q, h_q, batch, indices.shape[-1], q.device), check=check, schedule=False)
     return torch.ops.flashmla.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                                             extra_topk_length, meta.tile_scheduler_metadata, meta.num_splits,
                                             head_dim_v, softmax_scale, is_fp8_kvcache, attn_sink)

@@ -257,8 +257,9 @@ def test_flashmla_api_compiles_with_a_shared_sched_meta(monkeypatch, cuda_build)
         assert torch.equal(got, want)
 
 
-def test_sparse_sched_meta_reused_across_layers_without_topk_length(monkeypatch):
-    """Without topk_length the split depends on shapes only: one computation serves every layer's new indices."""
+def test_sparse_sched_meta_checks_once_and_computes_no_split(monkeypatch):
+    """Sparse decode: the API's checks run once for every layer's new indices of one shape, and no split is computed
+    (none of the sparse kernels takes one; it was computed for nothing)."""
     import flashmla_ops
     from flashmla_ops import interface
 
@@ -266,12 +267,16 @@ def test_sparse_sched_meta_reused_across_layers_without_topk_length(monkeypatch)
     q = torch.randn(2, 1, 16, 576).bfloat16()
     cache = torch.randn(4, 64, 1, 576).bfloat16()
     sched_meta, _ = flashmla_ops.get_mla_metadata()
-    seen = []
+    checks = []
+    monkeypatch.setattr(interface, "_check_sparse", lambda *args: checks.append(args[0]))
+    splits = []
+    monkeypatch.setattr(torch.ops.flashmla, "get_mla_metadata", lambda *args: splits.append(args))
     for _ in range(3):  # layers
         indices = torch.randint(0, 256, (2, 1, 32), dtype=torch.int32)
         flashmla_ops.flash_mla_with_kvcache(q, cache, None, None, 512, sched_meta, indices=indices)
-        seen.append(id(sched_meta.tile_scheduler_metadata))
-    assert len(set(seen)) == 1
+    # the API's checks once for the shapes; no split at all: the sparse kernels take none
+    assert checks == ["flash_mla_with_kvcache"] and splits == []
+    assert sched_meta.tile_scheduler_metadata is None and sched_meta.num_splits is None
 
 
 def test_a_write_that_does_not_move_the_version_is_seen_where_values_are_checked():
