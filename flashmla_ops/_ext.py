@@ -153,11 +153,13 @@ def build_extension(verbose: bool | None = None):
 
 def build_error(error: BaseException, limit: int = 300) -> str:
     """The line of a build or load failure that says what went wrong: ninja's message starts with the first command
-    line, so the last line that mentions an error, else the first line; at most `limit` characters."""
+    line, so the last line that mentions an error (nvcc's "fatal", a shell's "not found" too), else the first line;
+    at most `limit` characters."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    errors = [line for line in lines if "error" in line.lower() and not line.startswith("[")]
+    errors = [line for line in lines if any(word in line.lower() for word in ("error", "fatal", "not found"))
+              and not line.startswith("[")]
     line = errors[-1] if errors else lines[0]
     return line if len(line) <= limit else line[:limit - 3] + "..."
 

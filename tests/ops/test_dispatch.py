@@ -91,6 +91,11 @@ def test_the_build_warning_quotes_the_error_not_the_first_command():
                          "collect2: error: ld returned 1 exit status\n")
     assert _ext.build_error(ninja) == "collect2: error: ld returned 1 exit status"
     assert _ext.build_error(OSError("no space left")) == "no space left"
+    for cause in ("nvcc fatal   : Unsupported gpu architecture 'compute_90a'",
+                  "/bin/sh: 1: /opt/cuda/bin/nvcc: not found"):
+        failed = RuntimeError(f"Error building extension 'flashmla_ops_cuda': [1/8] /opt/cuda/bin/nvcc -c a.cu\n"
+                              f"{cause}\nninja: build stopped: subcommand failed.")
+        assert _ext.build_error(failed) == cause
     assert _ext.build_error(RuntimeError("")) == "RuntimeError"
     assert len(_ext.build_error(RuntimeError("error " + "x" * 1000))) == 300
 
