@@ -176,3 +176,16 @@ def test_block_entries_past_int32_slots_give_no_token(monkeypatch):
     table = torch.tensor([[2 ** 26, 2 ** 25 - 1, 2 ** 25, 3]], dtype=torch.int32, device=DEVICE)
     got = cuda_topk(logits, 4, table)
     assert sorted(got.flatten().tolist()) == [-1, -1, 3 * PAGE_BLOCK_SIZE + 8, (2 ** 25 - 1) * PAGE_BLOCK_SIZE + 6]
+
+
+@pytest.mark.parametrize("num_keys,topk", [(300, 64), (5000, 2048), (70000, 2048)])
+def test_the_kernel_and_the_reference_select_the_same_keys_in_the_same_order(num_keys, topk):
+    """Stop 47 made the reference select as the kernel says it does (ties at the threshold from the lowest positions,
+    ascending key order, -1 after): the two are equal index for index, on rows of many ties (relu'd scores rounded,
+    as V3.2's logits tie at 0) and on random ones."""
+    generator = torch.Generator(DEVICE).manual_seed(num_keys + topk)
+    tied = torch.relu(torch.randn(4, num_keys, generator=generator, device=DEVICE)).round(decimals=1)
+    spread = torch.randn(4, num_keys, generator=generator, device=DEVICE)
+    spread[0, num_keys // 3:] = float("-inf")
+    for logits in (tied, spread):
+        assert torch.equal(cuda_topk(logits, topk), indexer_topk_reference(logits, topk))
