@@ -21,9 +21,10 @@ def env_flag(name: str) -> bool:
     """A yes/no environment variable: unset, empty, 0/false/no/off or 1/true/yes/on (any case); anything else is a
     ValueError naming it (FLASHMLA_CHECK=false used to turn the checks on)."""
     value = os.environ.get(name, "")
-    if value.strip().lower() not in FLAG_VALUES:
+    meaning = FLAG_VALUES.get(value.strip().lower())
+    if meaning is None:
         raise ValueError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {value!r}")
-    return FLAG_VALUES[value.strip().lower()]
+    return meaning
 
 
 def debug_checks() -> bool:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import decode, sparse_prefill  # noqa: F401  (registers the ops)
-from ._checks import value_checks_apply
+from ._checks import require_tensor, value_checks_apply
 from .decode import _check_dense, _check_sparse, num_sm_parts
 
 
@@ -36,8 +36,7 @@ def _check_tensor_types(op: str, required: dict, optional: dict) -> None:
     would reject them with a RuntimeError, or their checks name the op rather than this function. Types only: the
     shapes, dtypes and values are the op's checks (where a reused schedule skips the API's own)."""
     for name, value in required.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor, got {type(value).__name__}")
+        require_tensor(op, name, value)
     for name, value in optional.items():
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a tensor or None, got {type(value).__name__}")
@@ -63,7 +62,6 @@ class FlashMLASchedMeta:
     source: torch.Tensor | None = field(default=None, repr=False)
     lengths: torch.Tensor | None = field(default=None, repr=False)  # the values the split was computed for
     filled: bool = field(default=False, repr=False)
-    schedule: bool = field(default=True, repr=False)
 
     def fill(self, lengths, source: torch.Tensor | None, key: tuple, check=None, schedule: bool = True) -> None:
         """Compute the split for `lengths()` unless it was computed for this very `source` tensor (held, so that its
@@ -71,30 +69,29 @@ class FlashMLASchedMeta:
         `source` None the lengths follow from `key` alone. `check()` runs first whenever the split is computed (the
         API's argument checks: once per new lengths, not on every layer's call). Without `schedule` (an op whose
         kernels take none: sparse decode) only the checks run, and the metadata stays None."""
-        self.schedule = schedule
         s_q, h_q = key[1], key[2]
         # Recompute (cheap device work, no sync) under torch.compile (no guards on tensor versions), inside a CUDA
         # graph capture (the graph must record the computation: replays follow lengths changed in place) and for an
         # inference tensor (no version counter to tell whether it changed). is_compiling first: dynamo cannot trace
         # the capture query (a torch function returning a bool), so fullgraph compilation failed on CUDA builds.
         if torch.compiler.is_compiling() or _capturing() or (source is not None and source.is_inference()):
-            self._compute(lengths, s_q, h_q, check)
+            self._compute(lengths, s_q, h_q, check, schedule)
             self.source, self.key = None, ()  # nothing to reuse: the next call with a tracked tensor recomputes
             return
         key = (*key, source._version if source is not None else 0)
         if (self.source is not source or self.key != key or not self.filled
                 or (source is not None and value_checks_apply(source) and not torch.equal(source, self.lengths))):
-            computed = self._compute(lengths, s_q, h_q, check)
+            computed = self._compute(lengths, s_q, h_q, check, schedule)
             # the values it was computed for, to compare where values are checked (a write that did not move the
             # version): a device copy, no sync
             self.source, self.key, self.lengths = source, key, computed.clone() if source is not None else None
 
-    def _compute(self, lengths, s_q: int, h_q: int, check) -> torch.Tensor:
+    def _compute(self, lengths, s_q: int, h_q: int, check, schedule: bool) -> torch.Tensor:
         if check is not None:
             check()
         lengths = lengths()
         self.tile_scheduler_metadata = self.num_splits = None
-        if self.schedule:
+        if schedule:
             self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
                 lengths, num_sm_parts(lengths.device, s_q, h_q))
         self.filled = True

@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ..kv_cache import KV_LORA_RANK
+
 LOG2E = 1.4426950408889634
 # Whether Triton runs kernels in its interpreter: its own reading of TRITON_INTERPRET (which takes "1", "true",
 # "on", ...), where the Triton version has `knobs` (3.4 on), else the "1" older versions test for.
@@ -163,6 +165,14 @@ def finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK: tl.constexpr):
         sink = tl.load(Sink + heads, mask=row_mask, other=0.0)
         out = out * tl.where(empty, 1.0, 1.0 / (1.0 + tl.exp(sink - lse)))[:, None]  # empty: 0, even at sink +inf
     return out, lse
+
+
+def require_d_v(op: str, name: str, d_v: int) -> None:
+    """The attention kernels store the 512 value columns whatever the output's width: another would be written past
+    (the ops send other widths to their references)."""
+    if d_v != KV_LORA_RANK:
+        raise ValueError(f"triton {op}: the kernel writes {name} {KV_LORA_RANK} columns, got {d_v} (the op sends "
+                         f"other widths to its reference)")
 
 
 def nonempty(cache: torch.Tensor) -> torch.Tensor:

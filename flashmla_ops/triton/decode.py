@@ -25,7 +25,8 @@ from .._checks import last_dim_contiguous
 from ..decode import get_mla_metadata_reference
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, fp8_values, hardware_fp8,
-                     launch_fitting, load_fp8_bytes, load_latent_subtile, load_rope, load_tile_scale, mma, nonempty)
+                     launch_fitting, load_fp8_bytes, load_latent_subtile, load_rope, load_tile_scale, mma, nonempty,
+                     require_d_v)
 
 @triton.jit
 def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm,
@@ -442,9 +443,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     """Triton dense decode; same contract as `flashmla::dense_decode` for d_qk 576 / d_v 512 and bf16 q. The balanced
     schedule uses `tile_scheduler_metadata` / `num_splits` from `get_mla_metadata` when given, else computes them
     (on the device, no host sync)."""
-    if head_dim_v != KV_LORA_RANK:  # the kernels store 512 columns whatever the output's width
-        raise ValueError(f"triton dense_decode: the kernel writes head_dim_v {KV_LORA_RANK} columns, got {head_dim_v} "
-                         f"(the op sends other widths to its reference)")
+    require_d_v("dense_decode", "head_dim_v", head_dim_v)
     batch, s_q, h_q, d_qk = q.shape
     rows = s_q * h_q
     out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=torch.bfloat16)

@@ -20,7 +20,7 @@ import triton.language as tl
 from .._checks import last_dim_contiguous
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, hardware_fp8, launch_fitting,
-                     load_kv_tile, mma, nonempty)
+                     load_kv_tile, mma, nonempty, require_d_v)
 from .decode import combine, split_buffers
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -263,18 +263,11 @@ def num_splits_for(programs: int, key_tiles: int, multiprocessors: int) -> int:
     return min(range(1, max(1, min(key_tiles, 64)) + 1), key=lambda splits: (cost(splits), splits))
 
 
-def _require_d_v(op: str, d_v: int) -> None:
-    """The kernels store the 512 value columns whatever the output's width: another would be written past."""
-    if d_v != KV_LORA_RANK:
-        raise ValueError(f"triton {op}: the kernel writes d_v {KV_LORA_RANK} columns, got {d_v} (the op sends other "
-                         f"widths to its reference)")
-
-
 def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
                   head_dim_v, softmax_scale, is_fp8, attn_sink=None, config: TileConfig | None = None):
     """Triton sparse decode; same contract as `flashmla::sparse_decode` for d_qk 576 / d_v 512 and bf16 q. A given
     `config` runs as it is (bench_sparse.py --tune); by default the first of `tile_configs` the GPU holds."""
-    _require_d_v("sparse_decode", head_dim_v)
+    require_d_v("sparse_decode", "d_v", head_dim_v)
     batch, s_q, h_q, _ = q.shape
     out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=torch.bfloat16)
     lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
@@ -329,7 +322,7 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_lengt
                    config: TileConfig | None = None):
     """Triton sparse prefill; same contract as `flashmla::sparse_prefill` for d_qk 576 / d_v 512 and bf16 q, kv. A
     given `config` runs as it is (bench_sparse.py --tune)."""
-    _require_d_v("sparse_prefill", d_v)
+    require_d_v("sparse_prefill", "d_v", d_v)
     s_q, h_q, _ = q.shape
     s_kv, topk = kv.shape[0], indices.shape[-1]
     out = q.new_empty(s_q, h_q, d_v, dtype=torch.bfloat16)
