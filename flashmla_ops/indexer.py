@@ -195,7 +195,7 @@ def indexer_logits_paged(q: torch.Tensor, index_cache: torch.Tensor, weights: to
     Returns `(batch, s_q, max_blocks_per_seq * 64)` float32 indexed by logical token, -inf where not visible.
     """
     _check_logits_paged("indexer_logits_paged", q, index_cache, weights, block_table, cache_seqlens, q_scale)
-    path = indexer_logits_paged_path(q, index_cache)
+    path = indexer_logits_paged_path(q, index_cache, block_table)
     if path == "cuda":
         return _cuda_indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_scale)
     if path == "triton":
@@ -206,16 +206,21 @@ def indexer_logits_paged(q: torch.Tensor, index_cache: torch.Tensor, weights: to
     return indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_seqlens, q_scale)
 
 
-def indexer_logits_paged_path(q: torch.Tensor, index_cache: torch.Tensor) -> str:
+def indexer_logits_paged_path(q: torch.Tensor, index_cache: torch.Tensor,
+                              block_table: torch.Tensor | None = None) -> str:
     """The path `flashmla::indexer_logits_paged` takes for this q and cache: 'cuda' (csrc/indexer_logits_paged.cu:
-    the FP8 index cache, d_i 128, h_i <= 64, s_q <= 2, on Hopper), 'triton' or 'reference' (also for a cache of no
-    blocks: nothing to read, every position masked)."""
+    the FP8 index cache, d_i 128, h_i <= 64, s_q <= 2, a block table of fewer than 2**31 tokens, on Hopper), 'triton'
+    or 'reference' (also for a cache of no blocks: nothing to read, every position masked). Without block_table the
+    table's capacity is not asked."""
     if index_cache.shape[0] == 0:
         return "reference"
+    if block_table is not None and block_table.shape[-1] * PAGE_BLOCK_SIZE >= CUDA_PAGED_MAX_CAPACITY:
+        return _first_path("indexer_logits_paged", q, index_cache, lambda q, keys: False)
     return _first_path("indexer_logits_paged", q, index_cache, _cuda_supports_paged)
 
 
 CUDA_PAGED_MAX_S_Q = 2  # csrc/indexer_logits_paged.cu: a sequence's queries x 64 heads are its wgmma N (64 or 128)
+CUDA_PAGED_MAX_CAPACITY = 2 ** 31  # its logical token positions (max_blocks * 64) are int32
 
 
 def _cuda_supports_paged(q, index_cache) -> bool:

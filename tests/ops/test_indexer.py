@@ -250,6 +250,21 @@ def test_cuda_indexer_paths_hand_the_kernels_dense_aligned_inputs(monkeypatch):
     assert torch.equal(got_weights, weights * q8_scale.abs())
 
 
+def test_paged_logits_leave_the_cuda_kernel_for_a_table_of_2_31_tokens(monkeypatch):
+    """csrc/indexer_logits_paged.cu numbers logical positions in int32 and raises for a table of 2**31 tokens or more:
+    such a table goes to the next path instead (the op's check of the table's capacity at its entry)."""
+    from flashmla_ops import _ext, indexer
+
+    monkeypatch.setattr(_ext, "paths", lambda op, device: ("cuda", "reference"))
+    q = torch.zeros(1, 1, 64, 128, dtype=torch.bfloat16)
+    cache = oracle.quantize_index(torch.randn(1, 64, 128))
+    fits = torch.zeros(1, 1, dtype=torch.int32).expand(1, 2 ** 31 // 64 - 1)
+    too_wide = torch.zeros(1, 1, dtype=torch.int32).expand(1, 2 ** 31 // 64)
+    assert indexer.indexer_logits_paged_path(q, cache) == "cuda"
+    assert indexer.indexer_logits_paged_path(q, cache, fits) == "cuda"
+    assert indexer.indexer_logits_paged_path(q, cache, too_wide) == "reference"
+
+
 def test_topk_breaks_ties_by_the_lowest_positions_in_any_row_width():
     """The k-th largest logit tied (V3.2's relu'd scores are often exactly 0): the tied keys are taken from the lowest
     positions, all keys in ascending order, -1 after them, as csrc/indexer_topk.cu does; so the same keys in a wider
