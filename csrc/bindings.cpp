@@ -4,6 +4,7 @@
 namespace flashmla {
 torch::Tensor quantize_kv_fp8(const torch::Tensor& kv);
 torch::Tensor dequantize_kv_fp8(const torch::Tensor& kv_fp8);
+std::vector<torch::Tensor> get_mla_metadata(const torch::Tensor& cache_seqlens, int64_t num_sm_parts);
 void write_kv_cache(torch::Tensor& kv_cache, const torch::Tensor& latent, const torch::Tensor& rope,
                     const torch::Tensor& slot_mapping, bool is_fp8);
 std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
@@ -28,6 +29,9 @@ torch::Tensor indexer_topk(const torch::Tensor& logits, int64_t topk, const c10:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_kv_fp8", &flashmla::quantize_kv_fp8, "BF16 (..., 576) -> FP8 cache rows (..., 656) uint8");
   m.def("dequantize_kv_fp8", &flashmla::dequantize_kv_fp8, "FP8 cache rows (..., 656) uint8 -> BF16 (..., 576)");
+  m.def("get_mla_metadata", &flashmla::get_mla_metadata,
+        "decode work split in one launch, equal to get_mla_metadata_reference: cache_seqlens (batch,) int32, "
+        "num_sm_parts -> tile_scheduler_metadata (num_sm_parts, 8), num_splits (batch + 1,) int32");
   m.def("dense_decode", &flashmla::dense_decode,
         "paged MLA decode, BF16 or FP8 cache (sm_90a): q, kv_cache, block_table, cache_seqlens, scale, causal, is_fp8, "
         "num_splits, tile_scheduler_metadata, num_splits (cumulative), narrow (s_q * h_q <= 16: the few-rows "

@@ -34,8 +34,8 @@ CSRC_ENV = "FLASHMLA_CSRC"
 EXTRA_FLAGS_ENV = "FLASHMLA_EXTRA_CUDA_FLAGS"
 CSRC = Path(os.environ[CSRC_ENV]).resolve() if os.environ.get(CSRC_ENV) else PACKAGE_CSRC
 BACKEND_ENV = "FLASHMLA_BACKEND"
-SOURCES = ("bindings.cpp", "kv_cache.cu", "dense_decode.cu", "dense_decode_narrow.cu", "indexer_topk.cu",
-           "indexer_logits.cu", "indexer_logits_paged.cu")
+SOURCES = ("bindings.cpp", "kv_cache.cu", "mla_metadata.cu", "dense_decode.cu", "dense_decode_narrow.cu",
+           "indexer_topk.cu", "indexer_logits.cu", "indexer_logits_paged.cu")
 ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)  # the only architecture _unavailable_reason lets through
 
 
@@ -166,6 +166,7 @@ def build_error(error: BaseException, limit: int = 300) -> str:
 
 # Which fast paths each op has; every op also has its reference.
 KERNELS = {
+    "get_mla_metadata": ("cuda",),
     "quantize_kv_fp8": ("cuda", "triton"),
     "dequantize_kv_fp8": ("cuda",),
     "write_kv_cache": ("cuda", "triton"),
@@ -177,7 +178,7 @@ KERNELS = {
     "indexer_topk": ("cuda",),
     "routed_experts": ("triton",),
 }
-REFERENCE_ONLY = ("get_mla_metadata", "write_index_cache")
+REFERENCE_ONLY = ("write_index_cache",)
 CHOICES = ("auto", "cuda", "triton", "reference")
 
 

@@ -9,7 +9,7 @@ touch sequence b.
 import pytest
 import torch
 
-from flashmla_ops.decode import ALIGNED_SLACK_BLOCKS, ALIGNED_SLACK_PERCENT
+from flashmla_ops.decode import ALIGNED_SLACK_BLOCKS, ALIGNED_SLACK_PERCENT, get_mla_metadata_reference
 
 ops = torch.ops.flashmla
 
@@ -112,3 +112,73 @@ def test_metadata_matches_reference_module():
     cache_seqlens = torch.randint(0, 3000, (17,), dtype=torch.int32)
     for got, want in zip(ops.get_mla_metadata(cache_seqlens, 20), reference.get_mla_metadata(cache_seqlens, 20)):
         assert torch.equal(got, want)
+
+
+def hopper(test):
+    """A GPU test of csrc/mla_metadata.cu (sm_90)."""
+    needs = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                               reason="needs a Hopper (sm_90) GPU")
+    return pytest.mark.gpu(needs(test))
+
+
+def random_lengths(batch, generator):
+    """Short and long sequences mixed, with empty ones, exact multiples of the block, and a few huge lengths."""
+    kind = torch.randint(0, 6, (batch,), generator=generator)
+    short = torch.randint(0, 300, (batch,), generator=generator)
+    long = torch.randint(0, 200_000, (batch,), generator=generator)
+    lengths = torch.where(kind == 0, long, short)
+    lengths = torch.where(kind == 1, (lengths // 64) * 64, lengths)
+    lengths = torch.where(kind == 2, torch.zeros_like(lengths), lengths)
+    if batch > 2:
+        lengths[int(torch.randint(0, batch, (), generator=generator))] = 2**31 - 1
+    return lengths.to(torch.int32)
+
+
+@pytest.mark.parametrize("batch,num_sm_parts", [(1, 1), (1, 132), (3, 2), (128, 132), (128, 66), (131, 132),
+                                                (1023, 7), (1024, 1024), (1025, 66), (3000, 132), (5000, 1500),
+                                                (40, 1), (2, 2000)])
+@pytest.mark.parametrize("uniform", [False, True])
+@hopper
+def test_cuda_metadata_equals_the_reference(batch, num_sm_parts, uniform, cuda_calls):
+    """csrc/mla_metadata.cu against get_mla_metadata_reference, value for value: batches and part counts on both sides
+    of the kernel's 1024-thread chunks, uniform batches (whole sequences) and skewed ones (equal runs), lengths 0 and
+    2**31 - 1; outputs over memory the allocator had filled with -7."""
+    generator = torch.Generator().manual_seed(batch * 7919 + num_sm_parts * (2 if uniform else 1))
+    for trial in range(3):
+        if uniform:
+            lengths = torch.full((batch,), int(torch.randint(0, 70_000, (), generator=generator)), dtype=torch.int32)
+        else:
+            lengths = random_lengths(batch, generator)
+        torch.full((4 * (batch + num_sm_parts) * 8 + 4096,), -7, dtype=torch.int32, device="cuda")  # poison, freed
+        cache_seqlens = lengths.cuda()
+        got = ops.get_mla_metadata(cache_seqlens, num_sm_parts)
+        want = get_mla_metadata_reference(lengths, num_sm_parts)
+        assert cuda_calls[-1:] == ["get_mla_metadata"]
+        for name, g, w in zip(("tile_scheduler_metadata", "num_splits"), got, want):
+            assert g.dtype == torch.int32 and g.shape == w.shape, name
+            assert torch.equal(g.cpu(), w), f"trial {trial} {name}: first difference at " \
+                f"{(g.cpu() != w).nonzero()[:1].tolist()}"
+
+
+@hopper
+def test_cuda_metadata_of_no_sequences(cuda_calls):
+    for parts in (1, 5):
+        got = ops.get_mla_metadata(torch.zeros(0, dtype=torch.int32, device="cuda"), parts)
+        for g, w in zip(got, get_mla_metadata_reference(torch.zeros(0, dtype=torch.int32), parts)):
+            assert torch.equal(g.cpu(), w)
+
+
+@hopper
+def test_cuda_metadata_replays_in_a_cuda_graph(cuda_calls):
+    """Captured once, the schedule follows cache_seqlens' values on every replay (no host sync, no stale shape)."""
+    cache_seqlens = torch.full((32,), 512, dtype=torch.int32, device="cuda")
+    ops.get_mla_metadata(cache_seqlens, 132)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        meta, num_splits = ops.get_mla_metadata(cache_seqlens, 132)
+    assert "get_mla_metadata" in cuda_calls
+    for lengths in ([512] * 32, [32768] + [512] * 31, list(range(0, 3200, 100))):
+        cache_seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        graph.replay()
+        want = get_mla_metadata_reference(torch.tensor(lengths, dtype=torch.int32), 132)
+        assert torch.equal(meta.cpu(), want[0]) and torch.equal(num_splits.cpu(), want[1])
