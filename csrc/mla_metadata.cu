@@ -19,6 +19,7 @@ constexpr int kWarps = kThreads / 32;  // 32: the second level of each reduction
 constexpr int kMetadataFields = 8;     // begin_batch, begin_block, end_batch, end_block, begin_split, 3 reserved
 constexpr int64_t kPageBlockSize = 64;
 constexpr int64_t kAlignedSlackPercent = 115, kAlignedSlackBlocks = 2;  // decode.py's ALIGNED_SLACK_*
+constexpr int64_t kMaxCount = int64_t{1} << 30;  // batch and parts (decode.py's CUDA_METADATA_MAX_COUNT)
 
 __device__ __forceinline__ int64_t blocks_of(int length) {
   // An empty sequence still counts one block, so that its output is written. C's division truncates where Python's
@@ -74,7 +75,7 @@ __device__ int64_t block_inclusive_sum(int64_t value, int64_t* scratch, int64_t&
 __device__ int ends_at_or_below(const int64_t* ends, int batch, int64_t value) {
   int low = 0, high = batch;
   while (low < high) {
-    const int middle = (low + high) / 2;
+    const int middle = low + (high - low) / 2;
     if (ends[middle] <= value) {
       low = middle + 1;
     } else {
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) mla_metadata_kernel(const int* __res
   if (threadIdx.x == 0) num_splits[0] = 0;
   __syncthreads();  // every end is written: the CTA's global writes are visible to it past the barrier
 
-  const int64_t group = (batch + num_parts - 1) / num_parts;
+  const int64_t group = (int64_t{batch} + num_parts - 1) / num_parts;
   auto start_of = [&](int64_t b) { return b > 0 ? ends[b - 1] : int64_t{0}; };
   int64_t heaviest = 0;
   for (int part = threadIdx.x; part < num_parts; part += kThreads) {
@@ -162,8 +163,9 @@ __global__ void __launch_bounds__(kThreads) mla_metadata_kernel(const int* __res
 std::vector<torch::Tensor> get_mla_metadata(const torch::Tensor& cache_seqlens, int64_t num_sm_parts) {
   TORCH_CHECK(cache_seqlens.is_cuda() && cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1,
               "get_mla_metadata: cache_seqlens must be a CUDA int32 tensor (batch,)");
-  TORCH_CHECK(num_sm_parts >= 1 && num_sm_parts <= INT_MAX, "get_mla_metadata: num_sm_parts must be in [1, 2**31)");
-  TORCH_CHECK(cache_seqlens.size(0) < INT_MAX, "get_mla_metadata: batch must be below 2**31 - 1");
+  // int loop counters step by kThreads past batch and num_sm_parts: both stay far below INT_MAX
+  TORCH_CHECK(num_sm_parts >= 1 && num_sm_parts <= kMaxCount, "get_mla_metadata: num_sm_parts must be in [1, 2**30]");
+  TORCH_CHECK(cache_seqlens.size(0) < kMaxCount, "get_mla_metadata: batch must be below 2**30");
   const c10::cuda::CUDAGuard guard(cache_seqlens.device());
   const auto seqlens = cache_seqlens.contiguous();
   const int batch = static_cast<int>(seqlens.size(0));

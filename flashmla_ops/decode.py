@@ -95,6 +95,9 @@ def _equal_runs(cache_seqlens: torch.Tensor, num_sm_parts: int):
     return meta, num_splits, blocks, per_part
 
 
+CUDA_METADATA_MAX_COUNT = 2**30  # batch + 1 and parts for csrc/mla_metadata.cu (int counters, stepping past them)
+
+
 def _check_metadata(op, cache_seqlens, num_sm_parts):
     check_tensor(op, "cache_seqlens", cache_seqlens, INDEX_DTYPES, ("batch",), {})
     if num_sm_parts < 1:
@@ -111,7 +114,7 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int) -> tuple[to
     """
     _check_metadata("get_mla_metadata", cache_seqlens, num_sm_parts)
     if ("cuda" in _ext.paths("get_mla_metadata", cache_seqlens.device)
-            and max(num_sm_parts, cache_seqlens.shape[0] + 1) < 2**31):  # int32 counts in the kernel
+            and max(num_sm_parts, cache_seqlens.shape[0] + 1) <= CUDA_METADATA_MAX_COUNT):
         meta, num_splits = _ext.extension().get_mla_metadata(cache_seqlens, num_sm_parts)
         return meta, num_splits
     _ext.reference_fallback("get_mla_metadata", cache_seqlens.device)

@@ -100,3 +100,45 @@ def test_prefill_scores_each_prompt_in_query_chunks(monkeypatch):
         assert torch.equal(got.sort(-1).values, want.sort(-1).values)
         assert max(rows * keys for rows, keys in widths) <= 200 + 45 and max(keys for _, keys in widths) <= 45
         assert len(widths) > len(lengths)
+
+
+def test_fp8_scoring_takes_the_rotated_rows(monkeypatch):
+    """With the FP8 index cache the first layer scores e4m3 of its indexer's q and k times H / sqrt(d), H the Sylvester
+    Hadamard matrix built here on its own (H[i, j] = (-1) ** popcount(i & j)): the keys written to the cache and the
+    queries of the prefill logits, bit for bit (the rotation is the one thing that tells them from unrotated rows:
+    both sides of every other check in this file would lose it alike)."""
+    from flashmla_ops.kv_cache import quantize_fp8_rows
+
+    config, model = v32_model(seed=9)
+    indexer = model.model.layers[0].self_attn.indexer
+    d = indexer.head_dim
+    rows = torch.arange(d)
+    both = rows[:, None] & rows[None, :]
+    popcount = sum((both >> bit) & 1 for bit in range(d.bit_length()))
+    hadamard = (1 - 2 * (popcount % 2)).float()
+
+    def rotated(x):
+        return ((x.float() @ hadamard) * d ** -0.5).to(x.dtype)
+
+    produced, written, scored = [], [], []
+    forward = indexer.forward
+    monkeypatch.setattr(indexer, "forward", lambda *args: produced.append(forward(*args)) or produced[-1])
+    write, logits = torch.ops.flashmla.write_index_cache, torch.ops.flashmla.indexer_logits
+    monkeypatch.setattr(torch.ops.flashmla, "write_index_cache",
+                        lambda cache, k, slots: written.append(k) or write(cache, k, slots))
+    monkeypatch.setattr(torch.ops.flashmla, "indexer_logits", lambda *args: scored.append(args) or logits(*args))
+    generator = torch.Generator().manual_seed(10)
+    tokens = torch.randint(2, config.vocab_size, (33,), generator=generator).tolist()
+    with torch.inference_mode():
+        prefill(model, PagedKVCache(config, 4, 1, 64, kv_cache_dtype="fp8"), [tokens])
+    q, k, _ = produced[0]
+    assert not torch.equal(rotated(k), k)
+    assert torch.equal(written[0], rotated(k)), "the index cache is written from the rotated keys"
+    q_codes, q_scale = quantize_fp8_rows(rotated(q))
+    k_codes, k_scale = quantize_fp8_rows(rotated(k))
+    got_q, got_k, _, _, _, got_q_scale, got_k_scale = scored[0]
+    assert got_q.shape == q_codes.shape and got_k.shape == k_codes.shape
+    for name, got, want in (("q", got_q, q_codes), ("k", got_k, k_codes), ("q_scale", got_q_scale, q_scale),
+                            ("k_scale", got_k_scale, k_scale)):
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                           want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want), name

@@ -87,11 +87,23 @@ def assert_rows_close(out, want_out) -> None:
     assert row_error.max() < BF16_BAND, row_error
 
 
-def poison_allocator(num_bytes: int) -> None:
-    """Fill memory the caching allocator hands out next with NaN, so that unwritten outputs show (CUDA only: the
-    CPU allocator gives no such reuse)."""
-    if DEVICE == "cuda":
-        torch.full((num_bytes // 4,), float("nan"), device=DEVICE)
+POISONED_RUNS = 2 if DEVICE == "cuda" else 1  # how many times `poisoned` runs its kernel
+
+
+def poisoned(kernel, *args, **kwargs):
+    """kernel(*args, **kwargs) with its outputs over memory of NaN bytes (0xff: NaN as bf16, f16 and float32), so that
+    an element it does not write shows (CUDA only: the CPU allocator gives no such reuse). The caching allocator hands
+    a request the smallest free block that fits, requests up to 1 MiB from a pool of their own: so a first call gives
+    the outputs' allocation sizes, a few blocks of exactly each size (the kernel's temporaries may take some) and a
+    large block are filled and freed, and the second call's outputs land on them."""
+    if DEVICE != "cuda":
+        return kernel(*args, **kwargs)
+    sizes = [tensor.untyped_storage().nbytes() for tensor in kernel(*args, **kwargs)
+             if isinstance(tensor, torch.Tensor)]
+    blocks = [torch.full((size,), 255, dtype=torch.uint8, device=DEVICE) for size in sizes for _ in range(4)]
+    blocks.append(torch.full((16 * sum(sizes) + (1 << 20),), 255, dtype=torch.uint8, device=DEVICE))
+    del blocks
+    return kernel(*args, **kwargs)
 
 
 def assert_decode_close(out, lse, want_out, want_lse) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from decode_inputs import (BF16_BAND, DEVICE, LSE_TOLERANCE, assert_decode_close, assert_rows_close, bad_table_inputs,
                            check_dense_decode_op_replays_in_cuda_graph, huge_and_small_scale_inputs, make_inputs,
-                           poison_allocator, quantize_with_varied_scales)
+                           poisoned, quantize_with_varied_scales)
 
 from flashmla_ops import _ext, reference
 from flashmla_ops.decode import CUDA_NARROW_ROWS, cuda_num_splits
@@ -79,10 +79,9 @@ def run_and_compare(seqlens, s_q, h_q, causal, is_fp8=False, num_splits=None, pa
     if num_splits is None:
         num_splits = cuda_num_splits(q.device, q.shape[0], s_q * h_q, block_table.shape[1])
     scale = D_QK ** -0.5
-    poison_allocator(4 * (len(seqlens) * num_splits * s_q * h_q * (KV_LORA_RANK + 1)) + 4 * q.numel())
     schedule = (None, None) if parts is None else reference.get_mla_metadata(cache_seqlens, parts)
-    out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, scale, causal, is_fp8, num_splits,
-                                      *schedule, narrow)
+    out, lse = poisoned(kernels().dense_decode, q, cache, block_table, cache_seqlens, scale, causal, is_fp8,
+                        num_splits, *schedule, narrow)
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, causal,
                                                 is_fp8)
     assert_decode_close(out, lse, want_out, want_lse)
@@ -93,8 +92,8 @@ def run_and_compare(seqlens, s_q, h_q, causal, is_fp8=False, num_splits=None, pa
 
 def kernel_and_reference(q, cache, block_table, cache_seqlens, scale, is_fp8, narrow, num_splits=1, kernel_cache=None):
     """The kernel's (not causal; over `kernel_cache` if given) and the reference's out and lse."""
-    out, lse = kernels().dense_decode(q, cache if kernel_cache is None else kernel_cache, block_table, cache_seqlens,
-                                      scale, False, is_fp8, num_splits, None, None, narrow)
+    out, lse = poisoned(kernels().dense_decode, q, cache if kernel_cache is None else kernel_cache, block_table,
+                        cache_seqlens, scale, False, is_fp8, num_splits, None, None, narrow)
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, False,
                                                 is_fp8)
     return out, lse, want_out, want_lse
@@ -168,7 +167,6 @@ def test_cuda_dense_decode_split_partials_keep_rows_beyond_f16_range(num_splits,
     if is_fp8:
         cache = reference.quantize_kv_fp8(cache)
     scale = D_QK ** -0.5
-    poison_allocator(4 * (len(seqlens) * num_splits * 64 * (KV_LORA_RANK + 1)))
     out, lse, want_out, want_lse = kernel_and_reference(q, cache, block_table, cache_seqlens, scale, is_fp8, False,
                                                         num_splits)
     assert torch.isfinite(out).all()
@@ -338,9 +336,8 @@ def test_dense_decode_never_reads_past_the_cache_or_the_table(h_q, narrow, sched
     (q, cache, block_table, cache_seqlens), (valid_table, valid_seqlens) = bad_table_inputs(is_fp8, generator, h_q)
     num_splits = 3 if schedule == "3 splits" else 1
     metadata = reference.get_mla_metadata(cache_seqlens, 4) if schedule == "balanced" else (None, None)
-    poison_allocator(4 * 2 * 8 * h_q * (KV_LORA_RANK + 1) + 4 * q.numel())
-    out, lse = kernels().dense_decode(q, cache, block_table, cache_seqlens, D_QK ** -0.5, False, is_fp8, num_splits,
-                                      *metadata, narrow)
+    out, lse = poisoned(kernels().dense_decode, q, cache, block_table, cache_seqlens, D_QK ** -0.5, False, is_fp8,
+                        num_splits, *metadata, narrow)
     assert_decode_close(out, lse, *reference.dense_decode(q, cache, valid_table, valid_seqlens, KV_LORA_RANK,
                                                           D_QK ** -0.5, False, is_fp8))
 

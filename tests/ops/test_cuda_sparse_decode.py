@@ -6,7 +6,7 @@ runs identical."""
 import pytest
 import torch
 from decode_inputs import (LSE_TOLERANCE, SCALE, assert_close, assert_rows_close, huge_and_small_scale_inputs,
-                           paged_cache, poison_allocator, random_indices, varied_scale_cache)
+                           paged_cache, poisoned, random_indices, varied_scale_cache)
 
 from flashmla_ops import _ext, reference
 from flashmla_ops.decode import cuda_num_splits
@@ -50,7 +50,6 @@ def run(batch, s_q, h_q, topk, with_topk_length, is_fp8, num_splits=None, varied
         num_splits = cuda_num_splits(q.device, batch * s_q, h_q, -(-topk // PAGE_BLOCK_SIZE))
     extension = _ext.kernels("sparse_decode", DEVICE)
     assert extension is not None
-    poison_allocator(8 * batch * s_q * max(h_q, 64) * KV_LORA_RANK * 4 * num_splits)
     out, lse, want_out, want_lse = kernel_and_reference(q, cache, indices, SCALE, topk_length, is_fp8, num_splits)
     assert_close(out, lse, want_out, want_lse)
     assert torch.all(out[0, 0] == 0) and torch.all(torch.isposinf(lse[0, :, 0]))  # the all -1 query
@@ -90,8 +89,8 @@ def kernel_and_reference(q, cache, indices, scale, topk_length=None, is_fp8=True
     if num_splits is None:
         num_splits = cuda_num_splits(q.device, q.shape[0] * q.shape[1], q.shape[2],
                                      -(-indices.shape[-1] // PAGE_BLOCK_SIZE))
-    out, lse = _ext.kernels("sparse_decode", DEVICE).sparse_decode(q, cache, indices, topk_length, scale, is_fp8,
-                                                                   num_splits)
+    out, lse = poisoned(_ext.kernels("sparse_decode", DEVICE).sparse_decode, q, cache, indices, topk_length, scale,
+                        is_fp8, num_splits)
     want_out, want_lse = reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK, scale,
                                                  is_fp8)
     return out, lse, want_out, want_lse

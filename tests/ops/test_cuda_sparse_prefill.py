@@ -5,7 +5,7 @@ poisoned; repeated runs identical; the op dispatches here, chunks more than CUDA
 CUDA graph."""
 import pytest
 import torch
-from decode_inputs import LSE_TOLERANCE, SCALE, assert_close, packed_prefill_inputs, poison_allocator
+from decode_inputs import LSE_TOLERANCE, SCALE, assert_close, packed_prefill_inputs, poisoned
 
 import flashmla_ops
 from flashmla_ops import _ext, reference, sparse_prefill
@@ -62,8 +62,7 @@ def test_cuda_sparse_prefill_matches_reference(seq_lens, h_q, topk, with_topk_le
     q, kv, indices, topk_length = inputs(seq_lens, h_q, topk, with_topk_length)
     extension = _ext.kernels("sparse_prefill", DEVICE)
     assert extension is not None
-    poison_allocator(8 * q.shape[0] * max(h_q, 64) * KV_LORA_RANK * 2)
-    got = extension.sparse_prefill(q, kv, indices, topk_length, SCALE)
+    got = poisoned(extension.sparse_prefill, q, kv, indices, topk_length, SCALE)
     check(got, q, kv, indices, topk_length)
     again = extension.sparse_prefill(q, kv, indices, topk_length, SCALE)
     assert all(torch.equal(a, b) for a, b in zip(got, again))

@@ -104,11 +104,20 @@ def eight_sm_parts(monkeypatch):
     monkeypatch.setattr(interface, "num_sm_parts", lambda device, s_q, h_q: 8)
 
 
+@pytest.fixture(params=["values compared", "identity and version only"])
+def reuse_rule(request, monkeypatch):
+    """The API's reuse of a schedule as on CPU tensors (the lengths' values compared too) and as on a GPU without
+    FLASHMLA_CHECK, where only the tensor's identity and version counter decide (the op's own checks of these CPU
+    tensors still refuse a stale schedule, so a wrong reuse fails either way)."""
+    if request.param == "identity and version only":
+        monkeypatch.setattr(interface, "value_checks_apply", lambda tensor: False)
+
+
 def expected_metadata(cache_seqlens):
     return ops.get_mla_metadata(cache_seqlens, 8)
 
 
-def test_sched_meta_reused_with_the_same_cache_seqlens(eight_sm_parts):
+def test_sched_meta_reused_with_the_same_cache_seqlens(eight_sm_parts, reuse_rule):
     q, cache, _, block_table, cache_seqlens = dense_case([300, 20, 129])
     sched_meta, _ = flashmla_ops.get_mla_metadata()
     assert sched_meta.tile_scheduler_metadata is None
@@ -121,7 +130,7 @@ def test_sched_meta_reused_with_the_same_cache_seqlens(eight_sm_parts):
         assert torch.equal(again[0], first[0])
 
 
-def test_sched_meta_recomputed_when_cache_seqlens_changes_in_place(eight_sm_parts):
+def test_sched_meta_recomputed_when_cache_seqlens_changes_in_place(eight_sm_parts, reuse_rule):
     q, cache, _, block_table, cache_seqlens = dense_case([300, 20, 129], capacity=320)
     sched_meta, _ = flashmla_ops.get_mla_metadata()
     flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)
@@ -188,7 +197,7 @@ def test_numpy_and_tensor_scalars_are_taken():
         assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def test_sched_meta_recomputed_for_new_cache_seqlens_tensors(eight_sm_parts):
+def test_sched_meta_recomputed_for_new_cache_seqlens_tensors(eight_sm_parts, reuse_rule):
     """A decode loop that builds a new cache_seqlens tensor each step and reuses one sched_meta must never run with
     the previous step's split. (A tensor freed after one step may get the same Python id() as the next step's.)"""
     q, cache, _, block_table, _ = dense_case([300, 20, 129], h_q=1, capacity=320)

@@ -106,14 +106,6 @@ def test_metadata_random_lengths(device):
         check_partition(lengths, int(torch.randint(1, 140, ())), device)
 
 
-def test_metadata_matches_reference_module():
-    import flashmla_ops.reference as reference
-
-    cache_seqlens = torch.randint(0, 3000, (17,), dtype=torch.int32)
-    for got, want in zip(ops.get_mla_metadata(cache_seqlens, 20), reference.get_mla_metadata(cache_seqlens, 20)):
-        assert torch.equal(got, want)
-
-
 def hopper(test):
     """A GPU test of csrc/mla_metadata.cu (sm_90)."""
     needs = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -122,13 +114,15 @@ def hopper(test):
 
 
 def random_lengths(batch, generator):
-    """Short and long sequences mixed, with empty ones, exact multiples of the block, and a few huge lengths."""
-    kind = torch.randint(0, 6, (batch,), generator=generator)
+    """Short and long sequences mixed, with empty ones, negative ones (one block each, as empty ones), exact
+    multiples of the block, and a huge length."""
+    kind = torch.randint(0, 7, (batch,), generator=generator)
     short = torch.randint(0, 300, (batch,), generator=generator)
     long = torch.randint(0, 200_000, (batch,), generator=generator)
     lengths = torch.where(kind == 0, long, short)
     lengths = torch.where(kind == 1, (lengths // 64) * 64, lengths)
     lengths = torch.where(kind == 2, torch.zeros_like(lengths), lengths)
+    lengths = torch.where(kind == 3, -lengths - 1, lengths)
     if batch > 2:
         lengths[int(torch.randint(0, batch, (), generator=generator))] = 2**31 - 1
     return lengths.to(torch.int32)
@@ -141,16 +135,17 @@ def random_lengths(batch, generator):
 @hopper
 def test_cuda_metadata_equals_the_reference(batch, num_sm_parts, uniform, cuda_calls):
     """csrc/mla_metadata.cu against get_mla_metadata_reference, value for value: batches and part counts on both sides
-    of the kernel's 1024-thread chunks, uniform batches (whole sequences) and skewed ones (equal runs), lengths 0 and
-    2**31 - 1; outputs over memory the allocator had filled with -7."""
+    of the kernel's 1024-thread chunks, uniform batches (whole sequences) and skewed ones (equal runs), lengths below
+    0, 0 and 2**31 - 1 (a batch of those totals past int32's blocks); outputs over memory of -1 (0xff bytes: blocks of
+    exactly the outputs' sizes, which the caching allocator hands back first)."""
     generator = torch.Generator().manual_seed(batch * 7919 + num_sm_parts * (2 if uniform else 1))
-    for trial in range(3):
-        if uniform:
-            lengths = torch.full((batch,), int(torch.randint(0, 70_000, (), generator=generator)), dtype=torch.int32)
-        else:
-            lengths = random_lengths(batch, generator)
-        torch.full((4 * (batch + num_sm_parts) * 8 + 4096,), -7, dtype=torch.int32, device="cuda")  # poison, freed
+    for trial, uniform_length in enumerate((int(torch.randint(0, 70_000, (), generator=generator)), 2**31 - 1, -70)):
+        lengths = (torch.full((batch,), uniform_length, dtype=torch.int32) if uniform
+                   else random_lengths(batch, generator))
         cache_seqlens = lengths.cuda()
+        poison = [torch.full((size,), 255, dtype=torch.uint8, device="cuda")
+                  for size in (num_sm_parts * 8 * 4, (batch + 1) * 4) for _ in range(3)]
+        del poison
         got = ops.get_mla_metadata(cache_seqlens, num_sm_parts)
         want = get_mla_metadata_reference(lengths, num_sm_parts)
         assert cuda_calls[-1:] == ["get_mla_metadata"]
@@ -164,6 +159,7 @@ def test_cuda_metadata_equals_the_reference(batch, num_sm_parts, uniform, cuda_c
 def test_cuda_metadata_of_no_sequences(cuda_calls):
     for parts in (1, 5):
         got = ops.get_mla_metadata(torch.zeros(0, dtype=torch.int32, device="cuda"), parts)
+        assert cuda_calls[-1:] == ["get_mla_metadata"]
         for g, w in zip(got, get_mla_metadata_reference(torch.zeros(0, dtype=torch.int32), parts)):
             assert torch.equal(g.cpu(), w)
 
@@ -177,7 +173,8 @@ def test_cuda_metadata_replays_in_a_cuda_graph(cuda_calls):
     with torch.cuda.graph(graph):
         meta, num_splits = ops.get_mla_metadata(cache_seqlens, 132)
     assert "get_mla_metadata" in cuda_calls
-    for lengths in ([512] * 32, [32768] + [512] * 31, list(range(0, 3200, 100))):
+    # equal runs, then whole sequences ([100] * 32: two blocks each, one part each), then equal runs again
+    for lengths in ([512] * 32, [32768] + [512] * 31, [100] * 32, list(range(0, 3200, 100))):
         cache_seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         graph.replay()
         want = get_mla_metadata_reference(torch.tensor(lengths, dtype=torch.int32), 132)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from decode_inputs import (DEVICE, assert_decode_close, assert_rows_close, bad_table_inputs,
                            check_dense_decode_op_replays_in_cuda_graph, huge_and_small_scale_inputs, make_inputs,
-                           poison_allocator, spaced)
+                           poisoned, spaced)
 from triton_recording import RecordingKernel
 
 from flashmla_ops import reference
@@ -48,9 +48,8 @@ def run_and_compare(seqlens, s_q, h_q, causal, is_fp8, sink, padded=False, **ker
     q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator, padded)
     attn_sink = torch.randn(h_q, generator=generator, device=DEVICE) if sink else None
     scale = D_QK ** -0.5
-    poison_allocator(4 * q.numel() * 8)
-    out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, causal, is_fp8,
-                                          attn_sink, **kernel_options)
+    out, lse = poisoned(triton_decode.dense_decode, q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, causal,
+                        is_fp8, attn_sink, **kernel_options)
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, scale, causal,
                                                 is_fp8, attn_sink)
     assert_decode_close(out, lse, want_out, want_lse)

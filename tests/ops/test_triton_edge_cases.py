@@ -11,7 +11,7 @@ import pytest
 import torch
 
 triton_decode = pytest.importorskip("flashmla_ops.triton.decode", exc_type=ImportError)
-from decode_inputs import DEVICE, assert_decode_close, make_inputs, poison_allocator, sinks  # noqa: E402
+from decode_inputs import DEVICE, assert_decode_close, make_inputs, poisoned, sinks  # noqa: E402
 from test_triton_decode import run_and_compare  # noqa: E402
 from test_triton_sparse import (SCALE, assert_close, packed_prefill_inputs, paged_cache,  # noqa: E402
                                 prefill_and_compare, random_indices, run_decode, run_prefill)
@@ -26,16 +26,14 @@ INT32_MAX = 2 ** 31 - 1
 def decode_and_compare(q, cache, block_table, cache_seqlens, causal, is_fp8, attn_sink=None):
     """The dense decode kernel (outputs poisoned first) against the reference; returns its out and lse."""
     args = (q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5, causal, is_fp8, attn_sink)
-    poison_allocator(4 * q.numel() * 8)
-    out, lse = triton_decode.dense_decode(*args)
+    out, lse = poisoned(triton_decode.dense_decode, *args)
     assert_decode_close(out, lse, *reference.dense_decode(*args))
     return out, lse
 
 
 def sparse_decode_and_compare(*args):
     """The sparse decode kernel on sparse_decode's arguments (outputs poisoned first) against the reference."""
-    poison_allocator(8 * args[0].shape[:3].numel() * KV_LORA_RANK * 4)
-    out, lse = triton_sparse.sparse_decode(*args)
+    out, lse = poisoned(triton_sparse.sparse_decode, *args)
     assert_close(out, lse, *reference.sparse_decode(*args))
     return out, lse
 
@@ -205,9 +203,8 @@ def test_triton_sparse_decode_out_of_range_indices_are_no_token(is_fp8):
     bad_indices = out_of_range(indices, 3 * PAGE_BLOCK_SIZE, generator)
     bad_extra_indices = out_of_range(extra_indices, 2 * PAGE_BLOCK_SIZE, generator)
     assert (bad_indices < -1).any() and (bad_extra_indices == INT32_MAX).any()
-    poison_allocator(8 * q.shape[:3].numel() * KV_LORA_RANK * 4)
-    bad_out, bad_lse = triton_sparse.sparse_decode(q, cache, bad_indices, topk_length, extra_cache, bad_extra_indices,
-                                                   extra_topk_length, *tail)
+    bad_out, bad_lse = poisoned(triton_sparse.sparse_decode, q, cache, bad_indices, topk_length, extra_cache,
+                                bad_extra_indices, extra_topk_length, *tail)
     assert torch.equal(bad_out, out) and torch.equal(bad_lse, lse)
 
 

@@ -11,6 +11,7 @@ import pytest
 triton_common = pytest.importorskip("flashmla_ops.triton.common", exc_type=ImportError)
 from flashmla_ops.triton import decode as triton_decode  # noqa: E402
 from flashmla_ops.triton import sparse as triton_sparse  # noqa: E402
+from decode_inputs import POISONED_RUNS  # noqa: E402
 from test_triton_decode import run_and_compare  # noqa: E402
 from test_triton_sparse import run_decode, run_prefill  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
@@ -89,14 +90,15 @@ def test_sparse_decode_falls_back_to_tiles_the_gpu_holds(monkeypatch, is_fp8):
     gpu = SmallGpu(triton_sparse._sparse_decode_split_kernel, fits)
     monkeypatch.setattr(triton_sparse, "_sparse_decode_split_kernel", gpu)
     run_decode(2, 2, 64, 130, 0, True, is_fp8)
-    assert gpu.ran == [(64, 32, 1) if is_fp8 else (32, 32, 2)]  # one launch: the refused ones never ran
+    # one launch a run: the refused ones never ran
+    assert gpu.ran == [(64, 32, 1) if is_fp8 else (32, 32, 2)] * POISONED_RUNS
 
 
 def test_sparse_prefill_falls_back_to_tiles_the_gpu_holds(monkeypatch):
     gpu = SmallGpu(triton_sparse._sparse_prefill_kernel, lambda o: o["BLOCK_H"] <= 32 and o["BLOCK_N"] <= 32)
     monkeypatch.setattr(triton_sparse, "_sparse_prefill_kernel", gpu)
     run_prefill([6], 64, 64, 40, False, False)
-    assert gpu.ran == [(32, 32, 2)]
+    assert gpu.ran == [(32, 32, 2)] * POISONED_RUNS
 
 
 SIXTY_FOUR_ROWS = triton_decode.LaunchConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, programs_per_sm=1)
@@ -107,7 +109,7 @@ def test_dense_decode_falls_back_to_tiles_the_gpu_holds(monkeypatch):
     monkeypatch.setattr(triton_decode, "_dense_decode_split_kernel", gpu)
     monkeypatch.setattr(triton_decode, "default_config", lambda batch, rows, device, is_fp8: SIXTY_FOUR_ROWS)
     run_and_compare([100, 65, 3], 1, 64, causal=True, is_fp8=False, sink=False)
-    assert gpu.ran == [(32, 32, 2)]
+    assert gpu.ran == [(32, 32, 2)] * POISONED_RUNS
 
 
 def test_a_given_config_is_run_as_given(monkeypatch):
@@ -131,7 +133,7 @@ def test_a_given_sparse_config_is_run_as_given(monkeypatch, op):
     given = triton_sparse.TileConfig(block_h=16, block_n=32, num_warps=2, num_stages=1)
     monkeypatch.setattr(triton_sparse, f"sparse_{op}", functools.partial(function, config=given))
     run()
-    assert gpu.ran == [(16, 32, 1)] and gpu.warps == [2]
+    assert gpu.ran == [(16, 32, 1)] * POISONED_RUNS and gpu.warps == [2] * POISONED_RUNS
     refused = triton_sparse.TileConfig(block_h=64, block_n=64, num_warps=8, num_stages=2)
     monkeypatch.setattr(triton_sparse, f"sparse_{op}", functools.partial(function, config=refused))
     with pytest.raises(RuntimeError, match="no tile config fits"):

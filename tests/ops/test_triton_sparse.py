@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 from decode_inputs import (DEVICE, LSE_TOLERANCE, SCALE, assert_close, assert_rows_close,  # noqa: F401
-                           packed_prefill_inputs, paged_cache, poison_allocator, random_indices, spaced,
+                           packed_prefill_inputs, paged_cache, poisoned, random_indices, spaced,
                            varied_scale_cache)
 from triton_recording import RecordingKernel
 
@@ -19,8 +19,9 @@ from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
 triton_sparse = pytest.importorskip("flashmla_ops.triton.sparse", exc_type=ImportError)
 
 
-# (batch, s_q, h_q, topk, extra_topk, with_topk_length): the CPU interpreter gets small shapes (the first two are
-# split over several programs + the combine: few queries against the interpreter's 4 stand-in SMs).
+# (batch, s_q, h_q, topk, extra_topk, with_topk_length (and extra_topk_length with an extra cache)): the CPU
+# interpreter gets small shapes (the first two are split over several programs + the combine: few queries against the
+# interpreter's 4 stand-in SMs).
 DECODE_CASES = [
     (1, 1, 16, 200, 0, False),
     (1, 1, 32, 150, 100, True),
@@ -28,13 +29,15 @@ DECODE_CASES = [
     (2, 2, 64, 130, 0, True),
     (2, 2, 16, 100, 0, True),
     (3, 1, 5, 64, 0, False),
+    (2, 1, 16, 90, 70, False),  # an extra cache read to its full width (no extra_topk_length)
 ]
 GPU_DECODE_CASES = [
     (batch, s_q, h_q, topk, extra_topk, with_topk_length)
     for h_q in (16, 64, 128)
     for s_q in (1, 2)
     for batch, topk, extra_topk, with_topk_length in ((2, 64, 0, False), (3, 1000, 0, True), (16, 2048, 0, False),
-                                                      (1, 2048, 0, True), (4, 384, 100, True))
+                                                      (1, 2048, 0, True), (4, 384, 100, True),
+                                                      (4, 384, 100, False))
 ]
 # (seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink): varlen-packed prefill batches.
 PREFILL_CASES = [
@@ -73,13 +76,13 @@ def run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink
     if extra_topk:
         extra_cache = paged_cache(2, is_fp8, generator, pad=0)
         extra_indices = random_indices((batch, s_q, extra_topk), 2 * PAGE_BLOCK_SIZE, generator, 0.1)
-        extra_topk_length = torch.full((batch,), extra_topk - 3, dtype=torch.int32, device=DEVICE)
+        extra_topk_length = (torch.full((batch,), extra_topk - 3, dtype=torch.int32, device=DEVICE)
+                             if with_topk_length else None)
         extra = (extra_cache, extra_indices, extra_topk_length)
     attn_sink = torch.randn(h_q, generator=generator, device=DEVICE) if sink else None
     args = (q, cache, indices, topk_length, *extra, KV_LORA_RANK, SCALE, is_fp8, attn_sink)
-    poison_allocator(8 * batch * s_q * h_q * KV_LORA_RANK * 4)
     # only a config given goes in: test_triton_fitting.py gives its configs through a partial of sparse_decode
-    out, lse = triton_sparse.sparse_decode(*args, **({"config": config} if config is not None else {}))
+    out, lse = poisoned(triton_sparse.sparse_decode, *args, **({"config": config} if config is not None else {}))
     want_out, want_lse = reference.sparse_decode(*args)
     assert_close(out, lse, want_out, want_lse)
     if not extra_topk:  # the all -1 query
@@ -90,8 +93,7 @@ def run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink
 def prefill_and_compare(*args):
     """The sparse prefill kernel on sparse_prefill's arguments (outputs poisoned first) against the reference: out and
     LSE, max_logits and the indexer LSE (infinities and their signs exactly)."""
-    poison_allocator(8 * args[0].shape[0] * args[0].shape[1] * KV_LORA_RANK * 2)
-    got = triton_sparse.sparse_prefill(*args)
+    got = poisoned(triton_sparse.sparse_prefill, *args)
     want = reference.sparse_prefill(*args)
     assert_close(got[0], got[2], want[0], want[2])
     for name, value, want_value in (("max_logits", got[1], want[1]), ("lse_indexer", got[3], want[3])):
@@ -267,15 +269,13 @@ def test_triton_sparse_decode_lookahead_gpu_grid_and_bit_identical_reruns(batch,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("is_fp8", [False, True])
-@pytest.mark.parametrize("op", ["sparse_decode", "sparse_prefill"])
+@pytest.mark.parametrize("op,is_fp8", [("sparse_decode", False), ("sparse_decode", True),
+                                       ("sparse_prefill", False)])  # sparse prefill reads a BF16 kv
 def test_sparse_ops_use_triton_and_capture_in_cuda_graph(op, is_fp8, monkeypatch):
     """With FLASHMLA_BACKEND=triton (on Hopper the CUDA kernels come first) the ops dispatch to the Triton kernels,
     and replay in a CUDA graph with new index values."""
     import flashmla_ops
 
-    if op == "sparse_prefill" and is_fp8:
-        pytest.skip("sparse prefill reads a BF16 kv")
     monkeypatch.setenv("FLASHMLA_BACKEND", "triton")
     assert flashmla_ops.backend(op, "cuda") == "triton"
     generator = torch.Generator(DEVICE).manual_seed(5 + is_fp8)
