@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import decode, sparse_prefill  # noqa: F401  (registers the ops)
+from . import _ext, decode, sparse_prefill  # noqa: F401  (registers the ops)
 from ._checks import require_tensor, value_checks_apply
 from .decode import _check_dense, _check_sparse, num_sm_parts
 
@@ -46,7 +46,8 @@ def _check_tensor_types(op: str, required: dict, optional: dict) -> None:
 class FlashMLASchedMeta:
     """Scheduling state from `get_mla_metadata`: empty until the first `flash_mla_with_kvcache` call fills it
     (on the device, no host sync); later calls with the same shapes and the same `cache_seqlens` tensor, unmodified,
-    reuse it (e.g. every layer of one decode step).
+    reuse it (e.g. every layer of one decode step). Only for a kernel that reads it (`dense_kernel_reads_schedule`):
+    on a GPU without the CUDA kernel (or with another path forced) the metadata stays None.
 
     "Unmodified" is the tensor's version counter: in-place ops (`+=`, `copy_`, `fill_`) move it; writes that
     bypass autograd's tracking do not: `t.data.copy_(...)`, through `t.numpy()` or a DLPack view, and on a GPU a
@@ -101,6 +102,16 @@ class FlashMLASchedMeta:
 def _capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph (never asked while compiling: see `fill`)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def dense_kernel_reads_schedule(device: torch.device) -> bool:
+    """Whether dense decode on `device` follows get_mla_metadata's schedule. The CUDA kernel does; the Triton kernels
+    and the reference on a GPU split by shape alone, so there the split (the reference's ~95 small kernels) would be
+    computed for every new lengths for nothing. CPU tensors keep it (the op checks its values there), and so does
+    tracing under torch.compile (no dispatch query in the graph)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return True
+    return "cuda" in _ext.paths("dense_decode", device)
 
 
 def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
@@ -173,7 +184,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
 
         if not isinstance(cache_seqlens, torch.Tensor):
             check()  # names cache_seqlens (the metadata's source must be a tensor)
-        meta.fill(lambda: cache_seqlens, cache_seqlens, ("dense", s_q, h_q, batch), check=check)
+        meta.fill(lambda: cache_seqlens, cache_seqlens, ("dense", s_q, h_q, batch), check=check,
+                  schedule=dense_kernel_reads_schedule(q.device))
         return torch.ops.flashmla.dense_decode(q, k_cache, block_table, cache_seqlens, meta.tile_scheduler_metadata,
                                                meta.num_splits, head_dim_v, softmax_scale, causal, is_fp8_kvcache,
                                                attn_sink)

@@ -308,3 +308,25 @@ def test_a_write_that_does_not_move_the_version_is_seen_where_values_are_checked
     assert torch.equal(sched_meta.tile_scheduler_metadata, want[0]) and torch.equal(sched_meta.num_splits, want[1])
     fresh, _ = flashmla_ops.get_mla_metadata()
     assert torch.equal(lse, flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, fresh)[1])
+
+
+def test_the_schedule_is_computed_only_where_the_dense_kernel_reads_it(monkeypatch):
+    """On a GPU the Triton kernels and the reference split by shape alone: the API computes no schedule for them (the
+    reference's split is ~95 small kernels). The CUDA kernel gets one; CPU tensors too (their values are checked)."""
+    paths = {"cuda": ("cuda", "triton"), "triton": ("triton",), "reference": ()}
+    for taken, reads in (("cuda", True), ("triton", False), ("reference", False)):
+        monkeypatch.setattr(interface._ext, "paths", lambda op, device: paths[taken] if op == "dense_decode" else ())
+        assert interface.dense_kernel_reads_schedule(torch.device("cuda")) is reads, taken
+        assert interface.dense_kernel_reads_schedule(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_schedule_for_the_triton_dense_decode(monkeypatch):
+    monkeypatch.setenv("FLASHMLA_BACKEND", "triton")
+    q, cache, _, block_table, cache_seqlens = dense_case([300, 20, 129], device="cuda")
+    sched_meta, _ = flashmla_ops.get_mla_metadata()
+    out, lse = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)
+    assert sched_meta.tile_scheduler_metadata is None and sched_meta.num_splits is None
+    want = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, None)
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
