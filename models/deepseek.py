@@ -247,23 +247,30 @@ class DecodeMetadata:
     """`s_q` new tokens for each of `batch` sequences, packed as `T = batch * s_q` rows (`decode_metadata` builds it).
 
     block_table `(batch, max_blocks_per_seq)` int32; cache_seqlens `(batch,)` int32, including the new tokens;
-    positions `(T,)` and slot_mapping `(T,)` int64. No `get_mla_metadata` split: the decode kernels split the KV by
-    shape alone and accept None (computing one would cost kernels every step for nothing).
+    positions `(T,)` and slot_mapping `(T,)` int64. tile_scheduler_metadata and num_splits: `get_mla_metadata`'s split
+    for the dense decode (computed once a step, read by every layer), or None: the split by shape alone.
     """
     block_table: torch.Tensor
     cache_seqlens: torch.Tensor
     s_q: int
     positions: torch.Tensor
     slot_mapping: torch.Tensor
+    tile_scheduler_metadata: torch.Tensor | None = None
+    num_splits: torch.Tensor | None = None
 
 
-def decode_metadata(block_table: torch.Tensor, cache_seqlens: torch.Tensor, s_q: int) -> DecodeMetadata:
-    """Everything a decode step derives from the cache's block table and lengths, on the device, without a sync."""
+def decode_metadata(block_table: torch.Tensor, cache_seqlens: torch.Tensor, s_q: int,
+                    num_sm_parts: int | None = None) -> DecodeMetadata:
+    """Everything a decode step derives from the cache's block table and lengths, on the device, without a sync; with
+    `num_sm_parts`, the dense decode's balanced split over that many SM groups too (`get_mla_metadata`)."""
     batch = cache_seqlens.shape[0]
     positions = cache_seqlens.long()[:, None] - s_q + torch.arange(s_q, device=cache_seqlens.device)
     blocks = torch.gather(block_table.long(), 1, positions // PAGE_BLOCK_SIZE)
     slot_mapping = (blocks * PAGE_BLOCK_SIZE + positions % PAGE_BLOCK_SIZE).reshape(batch * s_q)
-    return DecodeMetadata(block_table, cache_seqlens, s_q, positions.reshape(batch * s_q), slot_mapping)
+    schedule = (None, None)
+    if num_sm_parts is not None:
+        schedule = torch.ops.flashmla.get_mla_metadata(cache_seqlens, num_sm_parts)
+    return DecodeMetadata(block_table, cache_seqlens, s_q, positions.reshape(batch * s_q), slot_mapping, *schedule)
 
 
 # ---------------------------------------------------------------- layers
@@ -624,8 +631,8 @@ class MLAttention(nn.Module):
         q = q_absorbed.view(batch, s_q, self.num_heads, -1)
         if index_q is None:
             out = torch.ops.flashmla.dense_decode(
-                q, kv_cache, metadata.block_table, metadata.cache_seqlens, None, None, self.config.kv_lora_rank,
-                self.softmax_scale, s_q > 1, is_fp8, None)[0]
+                q, kv_cache, metadata.block_table, metadata.cache_seqlens, metadata.tile_scheduler_metadata,
+                metadata.num_splits, self.config.kv_lora_rank, self.softmax_scale, s_q > 1, is_fp8, None)[0]
         else:
             q_scale = None
             if index_fp8:

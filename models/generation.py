@@ -5,11 +5,14 @@ The decode step reads only static tensors (the cache's pools, `block_table`, `ca
 `PagedKVCache.extend`) and never syncs with the host, so `torch.compile(decode_step, fullgraph=True)` traces it whole
 and, on CUDA, captures it in a CUDA graph (`compile_decode_step`).
 """
+import functools
 import math
 import time
 from dataclasses import dataclass
 
 import torch
+
+from flashmla_ops import num_sm_parts
 
 from .cache import PagedKVCache
 from .deepseek import DeepseekForCausalLM, PrefillMetadata, decode_metadata
@@ -62,11 +65,17 @@ def _check_sampling(op: str, temperature: float, top_p: float) -> None:
         raise ValueError(f"{op}: top_p must be in (0, 1], got {top_p}")
 
 
-def decode_step(model: DeepseekForCausalLM, cache: PagedKVCache, tokens: torch.Tensor) -> torch.Tensor:
+def decode_step(model: DeepseekForCausalLM, cache: PagedKVCache, tokens: torch.Tensor,
+                balanced: bool = False) -> torch.Tensor:
     """tokens `(batch, s_q)` int64, already counted in `cache.cache_seqlens` (via `extend`) -> logits
-    `(batch * s_q, vocab)` float32."""
+    `(batch * s_q, vocab)` float32. `balanced`: the dense decode layers share one `get_mla_metadata` split of the
+    step's blocks over the SMs (one launch a step on Hopper), which a long sequence among short ones needs (on the
+    H100 the skewed b32 row took 49.3 us with it, 348.9 us split by shape); else each layer splits by shape alone
+    (the default until its cost on uniform batches is timed again: docs/HISTORY.md, stop 48)."""
     batch, s_q = tokens.shape
-    metadata = decode_metadata(cache.block_table[:batch], cache.cache_seqlens[:batch], s_q)
+    attention = model.model.layers[0].self_attn
+    parts = num_sm_parts(tokens.device, s_q, attention.num_heads) if balanced and attention.indexer is None else None
+    metadata = decode_metadata(cache.block_table[:batch], cache.cache_seqlens[:batch], s_q, parts)
     return model(tokens.reshape(batch * s_q), metadata.positions, metadata, cache)
 
 
@@ -97,14 +106,14 @@ class GenerationStats:
         return self.new_tokens / self.decode_seconds if self.decode_seconds else float("nan")
 
 
-def compile_decode_step(device: torch.device):
-    """`decode_step` under `torch.compile(fullgraph=True)`; on CUDA with CUDA graphs (mode "reduce-overhead"): the whole
-    step, custom ops included, is recorded once per shape and replayed (no host sync inside, and the cache tensors it
-    mutates have static addresses). The cache's sizes are symbolic (`PagedKVCache`), so compiling happens about twice
-    (batch 1, then any larger batch), whatever the cache sizes."""
+def compile_decode_step(device: torch.device, balanced: bool = False):
+    """`decode_step` (with `balanced`) under `torch.compile(fullgraph=True)`; on CUDA with CUDA graphs (mode
+    "reduce-overhead"): the whole step, custom ops included, is recorded once per shape and replayed (no host sync
+    inside, and the cache tensors it mutates have static addresses). The cache's sizes are symbolic (`PagedKVCache`),
+    so compiling happens about twice (batch 1, then any larger batch), whatever the cache sizes."""
     # Fused kernels round bfloat16 intermediates where eager does, so compiled decoding picks eager's tokens.
     options = {"emulate_precision_casts": True, "triton.cudagraphs": device.type == "cuda"}
-    compiled = torch.compile(decode_step, fullgraph=True, options=options)
+    compiled = torch.compile(functools.partial(decode_step, balanced=balanced), fullgraph=True, options=options)
     if device.type != "cuda":
         return compiled
 

@@ -32,6 +32,7 @@ attributed to modules: its attention kernels are found by name (`flashmla` in th
 kernel time shows under "other" (the top-ops table names the kernels), its launch gaps as measured.
 """
 import argparse
+import functools
 import gc
 import inspect
 import json
@@ -105,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", type=int, default=0, metavar="BATCH",
                         help="profile a few decode steps of each backend at this batch size (every context)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--balanced", action="store_true",
+                        help="our decode steps share one get_mla_metadata split a step (decode_step(balanced=True))")
     parser.add_argument("--out", default="bench/generate", help="output prefix for .json and .png")
     args = parser.parse_args(argv)
     args.backends = [name.strip() for name in args.backends.split(",") if name.strip()]
@@ -171,7 +174,6 @@ class OursRunner:
 
     def __init__(self, model, batch: int, max_seq_len: int, kv_cache: str, step_fn, device: torch.device):
         self.model, self.batch, self.device = model, batch, device
-        self.compiled = step_fn is not decode_step
         blocks_per_seq = -(-max_seq_len // 64)
         self.cache = PagedKVCache(model.config, batch * blocks_per_seq, batch, max_seq_len, kv_cache, device)
         self.step_fn = step_fn
@@ -571,14 +573,15 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     meta = {"preset": args.model_preset, "config": config_dict, "dtype": args.dtype, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
-            "steps": args.steps, "warmup": args.warmup, "prefill_tokens": args.prefill_tokens}
+            "steps": args.steps, "warmup": args.warmup, "prefill_tokens": args.prefill_tokens, "balanced": args.balanced}
 
     def save_so_far() -> None:  # after each backend, in case a later one dies
         json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
     for name in (b for b in args.backends if b.startswith("ours")):
         # One compiled step for every configuration: the cache's sizes are symbolic, so it compiles about twice.
-        step_fn = compile_decode_step(device) if name == "ours-compiled" else decode_step
+        step_fn = (compile_decode_step(device, args.balanced) if name == "ours-compiled"
+                   else functools.partial(decode_step, balanced=args.balanced))
         rows += bench(name, lambda batch, max_seq_len, step_fn=step_fn: OursRunner(
             model, batch, max_seq_len, args.kv_cache, step_fn, device), config, args, device, dtype)
         save_so_far()

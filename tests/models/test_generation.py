@@ -1,4 +1,6 @@
 """Generation through the paged cache against recomputing the whole sequence each step, and the compiled decode."""
+import functools
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -113,6 +115,43 @@ def test_compiled_decode_matches_eager(dtype):
     assert outputs[0] == outputs[1]
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_balanced_decode_shares_one_schedule_of_the_step(monkeypatch, compiled):
+    """decode_step(balanced=True): every dense layer gets get_mla_metadata's split of the step's lengths (four SM
+    parts pretended on the CPU, which has one; the op checks the split's values there) and the tokens are the split by
+    shape's, eager and compiled; V3.2's sparse layers read none."""
+    import models.generation as generation
+
+    monkeypatch.setattr(generation, "num_sm_parts", lambda device, s_q, h_q: 4)
+    schedules = []
+    dense_decode = torch.ops.flashmla.dense_decode
+
+    def record(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, *rest):
+        want = torch.ops.flashmla.get_mla_metadata(cache_seqlens, 4)
+        schedules.append(tile_scheduler_metadata is not None and torch.equal(tile_scheduler_metadata, want[0])
+                         and torch.equal(num_splits, want[1]))
+        return dense_decode(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, *rest)
+
+    for model_type in ("deepseek_v2", "deepseek_v32"):
+        config = DeepseekConfig.from_dict(tiny_config(model_type))
+        model = random_model(config, seed=1)
+        prompts = [[5] * 90, [6, 7], [8] * 20]  # one long among short
+        cache = PagedKVCache(config, num_blocks=8, max_batch_size=3, max_seq_len=128)
+        want = generate(model, cache, prompts, 6)[0]
+        if compiled:
+            torch._dynamo.reset()
+            step = compile_decode_step(torch.device("cpu"), balanced=True)
+        else:
+            monkeypatch.setattr(torch.ops.flashmla, "dense_decode", record)
+            step = functools.partial(decode_step, balanced=True)
+        cache = PagedKVCache(config, num_blocks=8, max_batch_size=3, max_seq_len=128)
+        assert generate(model, cache, prompts, 6, step=step)[0] == want
+        monkeypatch.setattr(torch.ops.flashmla, "dense_decode", dense_decode)
+        if not compiled:
+            assert (len(schedules) > 0 and all(schedules)) if model_type == "deepseek_v2" else not schedules, schedules
+        schedules.clear()
+
+
 def test_compiled_decode_compiles_twice_for_any_cache_size():
     """The cache's sizes are symbolic: batch 1 compiles once, larger batches once more, whatever the cache sizes."""
     config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
@@ -132,13 +171,15 @@ def test_compiled_decode_compiles_twice_for_any_cache_size():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("model_type,kv_cache_dtype", [("deepseek_v2", "bf16"), ("deepseek_v3", "fp8"),
-                                                       ("deepseek_v32", "fp8"), ("deepseek_v32", "bf16")])
+@pytest.mark.parametrize("model_type,kv_cache_dtype,balanced", [
+    ("deepseek_v2", "bf16", False), ("deepseek_v3", "fp8", False), ("deepseek_v32", "fp8", False),
+    ("deepseek_v32", "bf16", False), ("deepseek_v2", "bf16", True), ("deepseek_v3", "fp8", True)])
 @pytest.mark.parametrize("batch", [None, 1])
-def test_cuda_graph_decode_matches_eager(monkeypatch, model_type, kv_cache_dtype, batch):
+def test_cuda_graph_decode_matches_eager(monkeypatch, model_type, kv_cache_dtype, balanced, batch):
     """On the GPU, bfloat16: the decode step compiled with CUDA graphs (recorded, then replayed every step, the flashmla
     ops inside) generates the same 32 tokens as eager decoding, with no CUDA graph skipped (a skip raises). Every
-    prompt, and the first alone (batch 1: the MoE layers' routed_experts op)."""
+    prompt, and the first alone (batch 1: the MoE layers' routed_experts op); split by shape and `balanced` (the
+    get_mla_metadata split computed in the graph)."""
     monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_or_error", True)
     # V3.2: index_topk above every context (93 tokens at most), so the whole sparse path runs but the choice is every
     # visible token: with a random model, fused and eager rounding swap near-tied tokens at a top-16 boundary, which
@@ -149,7 +190,8 @@ def test_cuda_graph_decode_matches_eager(monkeypatch, model_type, kv_cache_dtype
     torch._dynamo.reset()
     counters.clear()
     outputs = []
-    for step in (decode_step, compile_decode_step(torch.device("cuda"))):
+    for step in (functools.partial(decode_step, balanced=balanced),
+                 compile_decode_step(torch.device("cuda"), balanced=balanced)):
         cache = PagedKVCache(config, num_blocks=8, max_batch_size=len(prompts), max_seq_len=128,
                              kv_cache_dtype=kv_cache_dtype, device="cuda")
         outputs.append(generate(model, cache, prompts, 33, step=step)[0])
