@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from flashmla_ops import num_sm_parts
+from flashmla_ops.interface import dense_kernel_reads_schedule
 
 from .cache import PagedKVCache
 from .deepseek import DeepseekForCausalLM, PrefillMetadata, decode_metadata
@@ -71,10 +72,14 @@ def decode_step(model: DeepseekForCausalLM, cache: PagedKVCache, tokens: torch.T
     `(batch * s_q, vocab)` float32. `balanced`: the dense decode layers share one `get_mla_metadata` split of the
     step's blocks over the SMs (one launch a step on Hopper), which a long sequence among short ones needs (on the
     H100 the skewed b32 row took 49.3 us with it, 348.9 us split by shape); else each layer splits by shape alone
-    (the default until its cost on uniform batches is timed again: docs/HISTORY.md, stop 48)."""
+    (the default until its cost on uniform batches is timed again: docs/HISTORY.md, stop 48). Only where a layer
+    reads it: V3.2's sparse layers do not, nor do the dense kernels but the CUDA one (`dense_kernel_reads_schedule`;
+    while compiling that is `compile_decode_step`'s to ask)."""
     batch, s_q = tokens.shape
     attention = model.model.layers[0].self_attn
-    parts = num_sm_parts(tokens.device, s_q, attention.num_heads) if balanced and attention.indexer is None else None
+    parts = None
+    if balanced and attention.indexer is None and dense_kernel_reads_schedule(tokens.device):
+        parts = num_sm_parts(tokens.device, s_q, attention.num_heads)
     metadata = decode_metadata(cache.block_table[:batch], cache.cache_seqlens[:batch], s_q, parts)
     return model(tokens.reshape(batch * s_q), metadata.positions, metadata, cache)
 
@@ -113,6 +118,7 @@ def compile_decode_step(device: torch.device, balanced: bool = False):
     so compiling happens about twice (batch 1, then any larger batch), whatever the cache sizes."""
     # Fused kernels round bfloat16 intermediates where eager does, so compiled decoding picks eager's tokens.
     options = {"emulate_precision_casts": True, "triton.cudagraphs": device.type == "cuda"}
+    balanced = balanced and dense_kernel_reads_schedule(device)  # asked here: not inside the traced step
     compiled = torch.compile(functools.partial(decode_step, balanced=balanced), fullgraph=True, options=options)
     if device.type != "cuda":
         return compiled
