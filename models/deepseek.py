@@ -778,7 +778,11 @@ def _training_moe(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def training_forward(model: DeepseekForCausalLM, input_ids: torch.Tensor) -> TrainingOutput:
     """input_ids `(batch, seq_len)`, each row a window starting at position 0: differentiable logits, the indexer's
-    KL to the main attention (V3.2) and the experts' load, through the model's own modules."""
+    KL to the main attention (V3.2) and the experts' load, through the model's own modules. One process's model only:
+    its MoE skips a sharded model's all-reduce and indexes every expert."""
+    if model.parallel is not None:
+        raise ValueError("training_forward: the model is sharded over ranks (tensor or expert parallel); training runs "
+                         "on one process's model")
     batch, seq_len = input_ids.shape
     positions = torch.arange(seq_len, device=input_ids.device).repeat(batch)
     x = model.model.embed_tokens(input_ids.reshape(-1))

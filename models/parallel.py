@@ -26,6 +26,7 @@ step traces them (Inductor lowers them to the process group's collectives).
 `shard_model` turns a model on the meta device into this rank's part and records in `Parallel.splits` which part of
 each full weight that is; `models.loading` reads only those parts from the checkpoint.
 """
+import datetime
 import os
 import sys
 from dataclasses import dataclass, field
@@ -76,25 +77,29 @@ class Parallel:
         return _all_gather(x, 0, self.group)
 
     def broadcast(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Rank 0's `tokens` on every rank (in place)."""
+        """Rank 0's `tokens` on every rank (contiguous: NCCL broadcasts in place into dense memory)."""
+        tokens = tokens.contiguous()
         dist.broadcast(tokens, 0, self.group)
         return tokens
 
 
-def init_parallel(tp_size: int, ep_size: int = 1, device_type: str = "cpu") -> tuple[Parallel, torch.device]:
+def init_parallel(tp_size: int, ep_size: int = 1, device_type: str = "cpu",
+                  timeout: datetime.timedelta | None = None) -> tuple[Parallel, torch.device]:
     """Join the job that `torchrun` (or a test's spawn) started: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and
     LOCAL_RANK come from the environment, and the whole world is the tensor-parallel group (WORLD_SIZE = tp_size).
-    Returns this rank's `Parallel` and device: `cuda:LOCAL_RANK` over NCCL, or the CPU over gloo."""
+    Returns this rank's `Parallel` and device: `cuda:LOCAL_RANK` over NCCL, or the CPU over gloo. `timeout`: how long
+    a collective may wait before the job is torn down (the backend's default: 10 minutes for NCCL, 30 for gloo)."""
     if device_type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device(device_type)
     if not dist.is_initialized():
+        options = {} if timeout is None else {"timeout": timeout}
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, **options)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", **options)
     world_size = dist.get_world_size()
     if world_size != tp_size:
         raise ValueError(f"tp {tp_size} needs as many processes (torchrun --nproc-per-node {tp_size}), "

@@ -15,6 +15,7 @@ order, so ~1e-2 is expected, and where a random model's top two logits nearly ti
 With experts gathered per token (batch * 6 <= 64 experts), decode compiles as one graph: batch sizes up to 10.
 """
 import argparse
+import datetime
 import json
 import os
 import time
@@ -106,7 +107,10 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     args = parse_args()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    parallel, device = (init_parallel(world_size, args.ep, torch.device(args.device).type) if world_size > 1
+    # The other ranks wait in a barrier while rank 0 runs the one-process pass (minutes of compiling and capturing at
+    # full width): longer than NCCL's default 10-minute collective timeout allows.
+    parallel, device = (init_parallel(world_size, args.ep, torch.device(args.device).type,
+                                      timeout=datetime.timedelta(hours=2)) if world_size > 1
                         else (None, torch.device(args.device)))
     is_main = parallel is None or parallel.rank == 0
     config = DeepseekConfig.from_dict({**V2_LITE_CONFIG, "num_hidden_layers": args.layers})

@@ -26,6 +26,7 @@ import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -86,7 +87,8 @@ def greedy_steps(model) -> dict:
     for router in (m for m in model.modules() if isinstance(m, Router)):
         router.register_forward_pre_hook(lambda router, args: margins.append(routing_margin(router, args[0])))
     prompts = make_prompts(model.config.vocab_size)
-    cache = PagedKVCache(model.config, num_blocks=6, max_batch_size=len(prompts), max_seq_len=128)
+    cache = PagedKVCache(model.config, num_blocks=6, max_batch_size=len(prompts), max_seq_len=128,
+                         device=model.lm_head.weight.device)
     logits = [prefill(model, cache, prompts, last_only=False)]
     step_margins = [min(margins, default=float("inf"))]
     last = logits[0][torch.tensor(PROMPT_LENGTHS).cumsum(0) - 1]
@@ -106,7 +108,8 @@ def greedy_steps(model) -> dict:
 
 def generate_tokens(model, step) -> list[list[int]]:
     prompts = make_prompts(model.config.vocab_size)
-    cache = PagedKVCache(model.config, num_blocks=6, max_batch_size=len(prompts), max_seq_len=128)
+    cache = PagedKVCache(model.config, num_blocks=6, max_batch_size=len(prompts), max_seq_len=128,
+                         device=model.lm_head.weight.device)
     return generate(model, cache, prompts, 5, step=step)[0]
 
 
@@ -118,10 +121,13 @@ def _worker(rank: int, device_type: str, world_size: int, port: int, paths: dict
         parallel, device = init_parallel(world_size, world_size if expert_parallel else 1, device_type)
         model = load_model(paths[checkpoint], torch.float32, device, parallel)
         if name == COMPILE_JOB[0]:
+            # on CUDA a step inductor cannot capture in a CUDA graph raises instead of running eagerly
+            torch._inductor.config.triton.cudagraph_or_error = device.type == "cuda"
             result = {"eager": generate_tokens(model, decode_step),
                       "compiled": generate_tokens(model, compile_decode_step(device))}
         else:
             result = greedy_steps(model)
+        result["backend"] = dist.get_backend()
         torch.save(result, out_dir / f"{name}-rank{rank}.pt")
     end_job()
 
@@ -159,8 +165,11 @@ def parallel_runs(checkpoints, tmp_path_factory):
     return get
 
 
-def rank_results(out_dir, name: str, world_size: int) -> list[dict]:
-    return [torch.load(out_dir / f"{name}-rank{rank}.pt") for rank in range(world_size)]
+def rank_results(out_dir, name: str, world_size: int, device_type: str) -> list[dict]:
+    """Each rank's result, which ran over NCCL on CUDA and gloo on the CPU."""
+    results = [torch.load(out_dir / f"{name}-rank{rank}.pt") for rank in range(world_size)]
+    assert all(result["backend"] == ("nccl" if device_type == "cuda" else "gloo") for result in results)
+    return results
 
 
 def assert_close(ours: torch.Tensor, theirs: torch.Tensor, tol: float, what: str) -> None:
@@ -172,7 +181,7 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor, tol: float, what: str
 def test_matches_one_process(checkpoints, parallel_runs, device_type, world_size, name, checkpoint):
     out_dir = parallel_runs(device_type, world_size)
     reference = greedy_steps(load_model(checkpoints[checkpoint], torch.float32, device_type))
-    ranks = rank_results(out_dir, name, world_size)
+    ranks = rank_results(out_dir, name, world_size, device_type)
     for rank, result in enumerate(ranks):
         assert result["tokens"] == reference["tokens"], f"rank {rank}: greedy tokens differ from one process's"
         assert all(torch.equal(a, b) for a, b in zip(result["logits"], ranks[0]["logits"])), f"rank {rank} logits"
@@ -191,7 +200,7 @@ def test_compiled_decode_step(checkpoints, parallel_runs, device_type):
     as the eager step, and as one process."""
     name, checkpoint, _ = COMPILE_JOB
     reference = generate_tokens(load_model(checkpoints[checkpoint], torch.float32, device_type), decode_step)
-    for result in rank_results(parallel_runs(device_type, 2), name, 2):
+    for result in rank_results(parallel_runs(device_type, 2), name, 2, device_type):
         assert result["eager"] == reference
         assert result["compiled"] == reference
 

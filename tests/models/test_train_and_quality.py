@@ -225,3 +225,13 @@ def test_quality_threshold_exit_code(tmp_path):
     assert quality.main([*small, "--max-kl-mean", "1", "--min-top1", "fp8-dense=1.01"]) == 1
     assert json.loads((tmp_path / "quality.json").read_text())["violations"][0].startswith("fp8-dense: top1")
     assert math.isfinite(json.loads((tmp_path / "quality.json").read_text())["results"]["fp8-dense"]["kl_mean"])
+
+
+def test_training_forward_refuses_a_sharded_model():
+    """A sharded model's MoE needs its all-reduce and indexes only its rank's experts: training_forward takes one
+    process's model."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, seed=0)
+    model.parallel = object()  # models.parallel.shard_model sets a rank's Parallel here
+    with pytest.raises(ValueError, match="sharded"):
+        training_forward(model, torch.zeros(1, 4, dtype=torch.long))
