@@ -296,6 +296,22 @@ def cuda_dense_kernel(rows: int) -> str:
     return "narrow" if choice == "auto" and rows <= CUDA_NARROW_ROWS else "wide"
 
 
+def dense_decode_path(q: torch.Tensor, k_cache: torch.Tensor, head_dim_v: int, is_fp8: bool) -> str:
+    """The path `flashmla::dense_decode` takes for this q and cache: 'cuda' (csrc/dense_decode.cu, or for few query
+    rows dense_decode_narrow.cu: `cuda_dense_kernel`), 'triton' or 'reference'."""
+    rows = q.shape[1] * q.shape[2]
+    for path in _ext.paths("dense_decode", q.device):
+        if (path == "cuda" and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8)
+                and -(-rows // CUDA_ROWS_PER_CTA) <= 65535):  # the kernel's row tiles a sequence
+            return "cuda"
+        if path == "triton":
+            from .triton import decode as triton_decode
+
+            if triton_decode.supports(q, k_cache, head_dim_v, is_fp8):
+                return "triton"
+    return "reference"
+
+
 @torch.library.custom_op("flashmla::dense_decode", mutates_args=())
 def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                  tile_scheduler_metadata: torch.Tensor | None, num_splits: torch.Tensor | None, head_dim_v: int,
@@ -308,25 +324,23 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
     _check_dense("dense_decode", q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                  head_dim_v, is_fp8, attn_sink)
     rows = q.shape[1] * q.shape[2]
-    for path in _ext.paths("dense_decode", q.device):
-        if (path == "cuda" and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8)
-                and -(-rows // CUDA_ROWS_PER_CTA) <= 65535):  # the kernel's row tiles a sequence
-            balanced = (tile_scheduler_metadata is not None and num_splits is not None
-                        and 1 <= tile_scheduler_metadata.shape[0] < 1024)
-            # The kernel reads unit-stride index rows (free when they are: the usual case).
-            out, lse = _ext.extension().dense_decode(
-                q, k_cache, last_dim_contiguous(block_table), cache_seqlens.contiguous(), softmax_scale, causal, is_fp8,
-                cuda_num_splits(q.device, q.shape[0], rows, block_table.shape[1]),
-                tile_scheduler_metadata.contiguous() if balanced else None,
-                num_splits.contiguous() if balanced else None,
-                cuda_dense_kernel(rows) == "narrow")
-            return apply_attn_sink_(out, lse.transpose(1, 2), attn_sink), lse
-        if path == "triton":
-            from .triton import decode as triton_decode
+    path = dense_decode_path(q, k_cache, head_dim_v, is_fp8)
+    if path == "cuda":
+        balanced = (tile_scheduler_metadata is not None and num_splits is not None
+                    and 1 <= tile_scheduler_metadata.shape[0] < 1024)
+        # The kernel reads unit-stride index rows (free when they are: the usual case).
+        out, lse = _ext.extension().dense_decode(
+            q, k_cache, last_dim_contiguous(block_table), cache_seqlens.contiguous(), softmax_scale, causal, is_fp8,
+            cuda_num_splits(q.device, q.shape[0], rows, block_table.shape[1]),
+            tile_scheduler_metadata.contiguous() if balanced else None,
+            num_splits.contiguous() if balanced else None,
+            cuda_dense_kernel(rows) == "narrow")
+        return apply_attn_sink_(out, lse.transpose(1, 2), attn_sink), lse
+    if path == "triton":
+        from .triton import decode as triton_decode
 
-            if triton_decode.supports(q, k_cache, head_dim_v, is_fp8):
-                return triton_decode.dense_decode(q.contiguous(), k_cache, block_table, cache_seqlens, head_dim_v,
-                                                  softmax_scale, causal, is_fp8, attn_sink)
+        return triton_decode.dense_decode(q.contiguous(), k_cache, block_table, cache_seqlens, head_dim_v,
+                                          softmax_scale, causal, is_fp8, attn_sink)
     _ext.reference_fallback("dense_decode", q.device)
     return dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
                                   attn_sink)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import flashmla_ops
 import gpu_clock
-from flashmla_ops.decode import cuda_dense_kernel
+from flashmla_ops.decode import cuda_dense_kernel, dense_decode_path
 from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
 # The ceilings fractions are taken of: SPEC.md §4's on an H100 (device-to-device copy in bytes/s counting read and
@@ -186,12 +186,14 @@ def bench_config(batch, s_q, h_q, seqlens, is_fp8, device, with_baselines, sched
         return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, *schedule, KV_LORA_RANK, scale,
                                                s_q > 1, is_fp8, None)
 
+    path = dense_decode_path(sets[0][0], sets[0][1], KV_LORA_RANK, is_fp8)
     ms = time_ms(op, sets)
     flops = sum(decode_flops(1, s_q, h_q, length) for length in seqlens)
     total_bytes = sum(decode_bytes(1, s_q, h_q, length, is_fp8) for length in seqlens)
     row = {"batch": batch, "s_q": s_q, "h_q": h_q, "seqlen": seqlen, "skewed": len(set(seqlens)) > 1,
            "kv_cache": "fp8" if is_fp8 else "bf16", "time_us": ms * 1e3, "gb_s": total_bytes / ms / 1e6,
-           "tflop_s": flops / ms / 1e9, **LAST_CLOCK}
+           "tflop_s": flops / ms / 1e9, "path": path if path != "cuda" else f"cuda {cuda_dense_kernel(s_q * h_q)}",
+           "scheduled": scheduled, **LAST_CLOCK}
     row["bandwidth_fraction"] = row["gb_s"] * 1e9 / CEILINGS["bandwidth"]
     row["compute_fraction"] = row["tflop_s"] * 1e12 / CEILINGS["bf16"]
     if with_baselines:
@@ -298,6 +300,14 @@ def fmt(value, digits=0):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def roofline(intensity: list[float]) -> tuple[list[float], list[float]]:
+    """The roofline's corners (FLOP per byte, TFLOP/s) across `intensity`: the bandwidth roof up to the ridge, where it
+    meets the compute roof, flat after."""
+    ridge = CEILINGS["bf16"] / CEILINGS["bandwidth"]
+    xs = [min(min(intensity), ridge) / 2, ridge, max(max(intensity), ridge) * 2]
+    return xs, [min(CEILINGS["bandwidth"] * x, CEILINGS["bf16"]) / 1e12 for x in xs]
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -308,9 +318,7 @@ def plot(rows, path):
     intensity = [r["tflop_s"] * 1e12 / (r["gb_s"] * 1e9) for r in rows]
     colors = ["tab:red" if r["kv_cache"] == "fp8" else "tab:blue" for r in rows]
     ax.scatter(intensity, [r["tflop_s"] for r in rows], c=colors, s=12)
-    xs = [min(intensity) / 2, max(intensity) * 2]
-    ax.plot(xs, [min(CEILINGS["bandwidth"] * x, CEILINGS["bf16"]) / 1e12 for x in xs], "k--", lw=1,
-            label=f"roofline: {CEILINGS['gpu']}")
+    ax.plot(*roofline(intensity), "k--", lw=1, label=f"roofline: {CEILINGS['gpu']}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("FLOP per byte")
@@ -397,12 +405,16 @@ def main():
             continue
         row = bench_config(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, not args.no_baselines, args.scheduled)
         row.update(name=name, flashmla=flashmla, target=f">= {target} {unit}")
-        tokens_per_s = batch * s_q / (row["time_us"] * 1e-6)
+        row["tokens_per_s"] = batch * s_q / (row["time_us"] * 1e-6)
         if not is_fp8:
-            bf16_tokens_per_s[(batch, s_q, h_q, seqlen)] = tokens_per_s
+            bf16_tokens_per_s[(batch, s_q, h_q, seqlen)] = row["tokens_per_s"]
         achieved = {"GB/s": row["gb_s"], "TFLOP/s": row["tflop_s"]}.get(unit)
-        if achieved is None and (batch, s_q, h_q, seqlen) in bf16_tokens_per_s:  # the FP8 row against its BF16 row
-            achieved = tokens_per_s / bf16_tokens_per_s[(batch, s_q, h_q, seqlen)]
+        if achieved is None:  # the FP8 row against this run's BF16 row of the same shape
+            bf16 = bf16_tokens_per_s.get((batch, s_q, h_q, seqlen))
+            row["bf16_tokens_per_s"] = bf16
+            achieved = row["tokens_per_s"] / bf16 if bf16 else None
+            if bf16 is None:
+                print(f"{name}: no vs target without the BF16 row of its shape in this run (--rows)")
         row["vs_target"] = achieved / target if achieved is not None else None
         rows.append(row)
         print(f"{name:26} {row['time_us']:8.1f} {row['gb_s']:7.0f} {row['tflop_s']:8.1f} "

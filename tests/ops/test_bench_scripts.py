@@ -86,3 +86,14 @@ def test_timer_argument_picks_the_timing(monkeypatch, timer):
     assert seen == [1, 1, 2, 1, 2, 1]  # the warm-up, then the calls rotating over the sets
     assert bench_decode.LAST_CLOCK["timer"] == "events"
     assert bench_decode.clock_note(dict(bench_decode.LAST_CLOCK)).endswith("(events)")
+
+
+def test_the_roofline_bends_at_the_ridge():
+    """The decode plot's roofline has its corner where bandwidth x intensity reaches the compute peak (two end points
+    alone drew a straight line far under the roof between them)."""
+    xs, ys = bench_decode.roofline([15.0, 865.0])
+    ridge = bench_decode.CEILINGS["bf16"] / bench_decode.CEILINGS["bandwidth"]
+    assert xs[0] < ridge < xs[-1] and ridge in xs
+    assert ys[xs.index(ridge)] == pytest.approx(bench_decode.CEILINGS["bf16"] / 1e12)
+    assert ys[0] == pytest.approx(bench_decode.CEILINGS["bandwidth"] * xs[0] / 1e12)
+    assert ys[-1] == ys[xs.index(ridge)]
