@@ -13,9 +13,12 @@ roofline plot.
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import itertools
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -365,11 +368,35 @@ def measure_ceilings(device: torch.device) -> None:
     torch.cuda.empty_cache()
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _commit() -> str | None:
+    """The repository's commit (with "+changes" when the tree differs from it), where git can tell."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def save_results(prefix: str, backend: str, rows: list[dict], plot_fn, **extra) -> None:
-    """`prefix`.json (GPU, torch, backend, the rows and `extra`) and `prefix`.png (`plot_fn(rows, path)`)."""
+    """`prefix`.json (GPU, torch, Triton, the command line, the checkout's commit, backend, timer, the rows and
+    `extra`) and `prefix`.png (`plot_fn(rows, path)`)."""
     out = Path(prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "backend": backend, "ceilings": CEILINGS}
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": _version("triton"),
+            "command": " ".join(sys.argv), "commit": _commit(), "backend": backend, "timer": TIMER,
+            "settle_s": SETTLE_S, "ceilings": CEILINGS}
     json_path, png_path = (out.with_name(out.name + suffix) for suffix in (".json", ".png"))  # keeps dots in `prefix`
     json_path.write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=1))
     plot_fn(rows, png_path)

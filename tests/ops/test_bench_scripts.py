@@ -41,8 +41,12 @@ def test_an_output_prefix_keeps_its_dots(fake_h100, tmp_path):
     written = []
     bench_decode.save_results(str(tmp_path / "decode.h200_tree_r1"), "cuda", [{"name": "x"}],
                               lambda rows, path: written.append(path))
-    assert json.loads((tmp_path / "decode.h200_tree_r1.json").read_text())["rows"] == [{"name": "x"}]
+    saved = json.loads((tmp_path / "decode.h200_tree_r1.json").read_text())
+    assert saved["rows"] == [{"name": "x"}]
     assert written == [tmp_path / "decode.h200_tree_r1.png"]
+    # what a reader needs to reproduce the figures: the command, the commit (this checkout's), the timer
+    assert saved["meta"]["command"] and saved["meta"]["timer"] == bench_decode.TIMER
+    assert saved["meta"]["commit"] is None or len(saved["meta"]["commit"].split("+")[0]) == 40
 
 
 @pytest.mark.parametrize("timer", ["graph", "events"])
