@@ -481,6 +481,23 @@ def _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8)
         softmax_scale, is_fp8, cuda_num_splits(q.device, batch * s_q, h_q, -(-indices.shape[-1] // PAGE_BLOCK_SIZE)))
 
 
+def sparse_decode_path(q: torch.Tensor, k_cache: torch.Tensor, extra_k_cache: torch.Tensor | None, head_dim_v: int,
+                       is_fp8: bool) -> str:
+    """The path `flashmla::sparse_decode` takes for this q and these caches: 'cuda' (csrc/dense_decode.cu's sparse
+    decode, once per cache), 'triton' or 'reference'."""
+    for path in _ext.paths("sparse_decode", q.device):
+        if (path == "cuda" and q.shape[0] * q.shape[1] <= 65535
+                and all(_cuda_dense_supports(q, cache, head_dim_v, is_fp8)
+                        for cache in (k_cache, extra_k_cache) if cache is not None)):
+            return "cuda"
+        if path == "triton":
+            from .triton import sparse as triton_sparse
+
+            if triton_sparse.supports_decode(q, k_cache, extra_k_cache, head_dim_v, is_fp8):
+                return "triton"
+    return "reference"
+
+
 @torch.library.custom_op("flashmla::sparse_decode", mutates_args=())
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor, topk_length: torch.Tensor | None,
                   extra_k_cache: torch.Tensor | None, extra_indices_in_kvcache: torch.Tensor | None,
@@ -492,24 +509,20 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
     `extra_k_cache` in the same softmax."""
     _check_sparse("sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                   extra_topk_length, tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
-    for path in _ext.paths("sparse_decode", q.device):
-        if (path == "cuda" and q.shape[0] * q.shape[1] <= 65535
-                and all(_cuda_dense_supports(q, cache, head_dim_v, is_fp8)
-                        for cache in (k_cache, extra_k_cache) if cache is not None)):
-            out, lse = _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8)
-            if extra_k_cache is None:
-                return apply_attn_sink_(out, lse.transpose(1, 2), attn_sink), lse
-            # a second launch over the extra cache, merged with the first by the two LSEs (and the sink applied)
-            extra = _cuda_sparse_decode(q, extra_k_cache, extra_indices_in_kvcache, extra_topk_length, softmax_scale,
-                                        is_fp8)
-            return merge_attention(out, lse, *extra, attn_sink)
-        if path == "triton":
-            from .triton import sparse as triton_sparse
+    path = sparse_decode_path(q, k_cache, extra_k_cache, head_dim_v, is_fp8)
+    if path == "cuda":
+        out, lse = _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8)
+        if extra_k_cache is None:
+            return apply_attn_sink_(out, lse.transpose(1, 2), attn_sink), lse
+        # a second launch over the extra cache, merged with the first by the two LSEs (and the sink applied)
+        extra = _cuda_sparse_decode(q, extra_k_cache, extra_indices_in_kvcache, extra_topk_length, softmax_scale,
+                                    is_fp8)
+        return merge_attention(out, lse, *extra, attn_sink)
+    if path == "triton":
+        from .triton import sparse as triton_sparse
 
-            if triton_sparse.supports_decode(q, k_cache, extra_k_cache, head_dim_v, is_fp8):
-                return triton_sparse.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache,
-                                                   extra_indices_in_kvcache, extra_topk_length, head_dim_v,
-                                                   softmax_scale, is_fp8, attn_sink)
+        return triton_sparse.sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
+                                           extra_topk_length, head_dim_v, softmax_scale, is_fp8, attn_sink)
     _ext.reference_fallback("sparse_decode", q.device)
     return sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                                    extra_topk_length, head_dim_v, softmax_scale, is_fp8, attn_sink)

@@ -68,6 +68,20 @@ def sparse_prefill_reference(q, kv, indices, sm_scale, d_v=512, attn_sink=None, 
     return out, max_logits, lse, lse_indexer
 
 
+def sparse_prefill_path(q: torch.Tensor, kv: torch.Tensor, d_v: int, indexer_topk: int = 0) -> str:
+    """The path `flashmla::sparse_prefill` takes for this q and kv: 'cuda' (csrc/dense_decode.cu's sparse prefill;
+    not with indexer_topk), 'triton' or 'reference'."""
+    for path in _ext.paths("sparse_prefill", q.device):
+        if path == "cuda" and indexer_topk == 0 and _cuda_supports(q, kv, d_v):
+            return "cuda"
+        if path == "triton":
+            from .triton import sparse as triton_sparse
+
+            if triton_sparse.supports_prefill(q, kv, d_v):
+                return "triton"
+    return "reference"
+
+
 @torch.library.custom_op("flashmla::sparse_prefill", mutates_args=())
 def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int,
                    attn_sink: torch.Tensor | None, topk_length: torch.Tensor | None,
@@ -80,16 +94,14 @@ def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     `indexer_topk` indices, or an empty tensor when `indexer_topk == 0`.
     """
     _check_sparse_prefill("sparse_prefill", q, kv, indices, d_v, attn_sink, topk_length, indexer_topk)
-    for path in _ext.paths("sparse_prefill", q.device):
-        if path == "cuda" and indexer_topk == 0 and _cuda_supports(q, kv, d_v):
-            out, max_logits, lse, lse_indexer = _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length)
-            return apply_attn_sink_(out, lse, attn_sink), max_logits, lse, lse_indexer
-        if path == "triton":
-            from .triton import sparse as triton_sparse
+    path = sparse_prefill_path(q, kv, d_v, indexer_topk)
+    if path == "cuda":
+        out, max_logits, lse, lse_indexer = _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length)
+        return apply_attn_sink_(out, lse, attn_sink), max_logits, lse, lse_indexer
+    if path == "triton":
+        from .triton import sparse as triton_sparse
 
-            if triton_sparse.supports_prefill(q, kv, d_v):
-                return triton_sparse.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length,
-                                                    indexer_topk)
+        return triton_sparse.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, indexer_topk)
     _ext.reference_fallback("sparse_prefill", q.device)
     return sparse_prefill_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, indexer_topk)
 

@@ -19,7 +19,9 @@ from tqdm import tqdm
 import flashmla_ops
 from bench_decode import (CEILINGS, LAST_CLOCK, add_timing_arguments, apply_timing_arguments, bench_device, clock_note,
                           eager_ms, fmt, forced_backend, row_filter, save_results, time_ms)
+from flashmla_ops.decode import sparse_decode_path
 from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
+from flashmla_ops.sparse_prefill import sparse_prefill_path
 
 DECODE_CONTEXT = 16384  # tokens per sequence the indices choose from
 # (name, op, batch or s_q, s_q or s_kv, h_q, topk, FlashMLA's figure, target TFLOP/s)
@@ -90,10 +92,12 @@ def bench_config(op, size, second, h_q, topk, is_fp8, device, with_reference):
         row_bytes = D_QK * 2
     total_bytes = attention_bytes(queries, h_q, topk, row_bytes)
     sets = [make() for _ in range(max(1, min(4, -(-100 * 2 ** 20 // total_bytes))))]
+    path = (sparse_decode_path(sets[0][0], sets[0][1], None, KV_LORA_RANK, is_fp8) if op == "decode"
+            else sparse_prefill_path(sets[0][0], sets[0][1], KV_LORA_RANK))
     ms = time_ms(run, sets)
     row = {"op": op, "size": size, "second": second, "h_q": h_q, "topk": topk,
            "kv_cache": "fp8" if is_fp8 else "bf16", "time_us": ms * 1e3, "gb_s": total_bytes / ms / 1e6,
-           "tflop_s": attention_flops(queries, h_q, topk) / ms / 1e9, **LAST_CLOCK}
+           "tflop_s": attention_flops(queries, h_q, topk) / ms / 1e9, "path": path, **LAST_CLOCK}
     row["bandwidth_fraction"] = row["gb_s"] * 1e9 / CEILINGS["bandwidth"]
     row["compute_fraction"] = row["tflop_s"] * 1e12 / CEILINGS["bf16"]
     if with_reference:
