@@ -8,6 +8,7 @@ touch sequence b.
 """
 import pytest
 import torch
+from decode_inputs import poisoned
 
 from flashmla_ops.decode import ALIGNED_SLACK_BLOCKS, ALIGNED_SLACK_PERCENT, get_mla_metadata_reference
 
@@ -136,17 +137,13 @@ def random_lengths(batch, generator):
 def test_cuda_metadata_equals_the_reference(batch, num_sm_parts, uniform, cuda_calls):
     """csrc/mla_metadata.cu against get_mla_metadata_reference, value for value: batches and part counts on both sides
     of the kernel's 1024-thread chunks, uniform batches (whole sequences) and skewed ones (equal runs), lengths below
-    0, 0 and 2**31 - 1 (a batch of those totals past int32's blocks); outputs over memory of -1 (0xff bytes: blocks of
-    exactly the outputs' sizes, which the caching allocator hands back first)."""
+    0, 0 and 2**31 - 1 (a batch of those totals past int32's blocks); outputs over memory of -1 (0xff bytes:
+    decode_inputs.poisoned)."""
     generator = torch.Generator().manual_seed(batch * 7919 + num_sm_parts * (2 if uniform else 1))
     for trial, uniform_length in enumerate((int(torch.randint(0, 70_000, (), generator=generator)), 2**31 - 1, -70)):
         lengths = (torch.full((batch,), uniform_length, dtype=torch.int32) if uniform
                    else random_lengths(batch, generator))
-        cache_seqlens = lengths.cuda()
-        poison = [torch.full((size,), 255, dtype=torch.uint8, device="cuda")
-                  for size in (num_sm_parts * 8 * 4, (batch + 1) * 4) for _ in range(3)]
-        del poison
-        got = ops.get_mla_metadata(cache_seqlens, num_sm_parts)
+        got = poisoned(ops.get_mla_metadata, lengths.cuda(), num_sm_parts)
         want = get_mla_metadata_reference(lengths, num_sm_parts)
         assert cuda_calls[-1:] == ["get_mla_metadata"]
         for name, g, w in zip(("tile_scheduler_metadata", "num_splits"), got, want):
