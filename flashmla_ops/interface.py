@@ -64,12 +64,13 @@ class FlashMLASchedMeta:
     lengths: torch.Tensor | None = field(default=None, repr=False)  # the values the split was computed for
     filled: bool = field(default=False, repr=False)
 
-    def fill(self, lengths, source: torch.Tensor | None, key: tuple, check=None, schedule: bool = True) -> None:
+    def fill(self, lengths, source: torch.Tensor | None, key: tuple, check=None, schedule=True) -> None:
         """Compute the split for `lengths()` unless it was computed for this very `source` tensor (held, so that its
         id cannot be reused by another tensor), unmodified since (`_version`), with the same `key` (shapes); with
         `source` None the lengths follow from `key` alone. `check()` runs first whenever the split is computed (the
         API's argument checks: once per new lengths, not on every layer's call). Without `schedule` (an op whose
-        kernels take none: sparse decode) only the checks run, and the metadata stays None."""
+        kernels take none: sparse decode; or a `schedule()` that says so, asked after the checks) only the checks run, and
+        the metadata stays None."""
         s_q, h_q = key[1], key[2]
         # Recompute (cheap device work, no sync) under torch.compile (no guards on tensor versions), inside a CUDA
         # graph capture (the graph must record the computation: replays follow lengths changed in place) and for an
@@ -87,12 +88,12 @@ class FlashMLASchedMeta:
             # version): a device copy, no sync
             self.source, self.key, self.lengths = source, key, computed.clone() if source is not None else None
 
-    def _compute(self, lengths, s_q: int, h_q: int, check, schedule: bool) -> torch.Tensor:
+    def _compute(self, lengths, s_q: int, h_q: int, check, schedule) -> torch.Tensor:
         if check is not None:
             check()
         lengths = lengths()
         self.tile_scheduler_metadata = self.num_splits = None
-        if schedule:
+        if schedule if isinstance(schedule, bool) else schedule():
             self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
                 lengths, num_sm_parts(lengths.device, s_q, h_q))
         self.filled = True
@@ -105,13 +106,21 @@ def _capturing() -> bool:
 
 
 def dense_kernel_reads_schedule(device: torch.device) -> bool:
-    """Whether dense decode on `device` follows get_mla_metadata's schedule. The CUDA kernel does; the Triton kernels
-    and the reference on a GPU split by shape alone, so there the split (the reference's ~95 small kernels) would be
-    computed for every new lengths for nothing. CPU tensors keep it (the op checks its values there), and so does
-    tracing under torch.compile (no dispatch query in the graph)."""
+    """Whether dense decode on `device` can follow get_mla_metadata's schedule. The CUDA kernel does; the Triton
+    kernels and the reference on a GPU split by shape alone, so there the split (the reference's ~95 small kernels)
+    would be computed for every new lengths for nothing. CPU tensors keep it (the op checks its values there), and so
+    does tracing under torch.compile (no dispatch query in the graph). Per call: `dense_call_reads_schedule`."""
     if device.type != "cuda" or torch.compiler.is_compiling():
         return True
     return "cuda" in _ext.paths("dense_decode", device)
+
+
+def dense_call_reads_schedule(q: torch.Tensor, k_cache: torch.Tensor, head_dim_v: int, is_fp8: bool) -> bool:
+    """As `dense_kernel_reads_schedule`, for these arguments (after the op's checks passed): on Hopper a call the CUDA
+    kernel declines (float32 q, unaligned rows) goes to a path that splits by shape, and gets no schedule."""
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return True
+    return decode.dense_decode_path(q, k_cache, head_dim_v, is_fp8) == "cuda"
 
 
 def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
@@ -185,7 +194,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         if not isinstance(cache_seqlens, torch.Tensor):
             check()  # names cache_seqlens (the metadata's source must be a tensor)
         meta.fill(lambda: cache_seqlens, cache_seqlens, ("dense", s_q, h_q, batch), check=check,
-                  schedule=dense_kernel_reads_schedule(q.device))
+                  schedule=lambda: dense_call_reads_schedule(q, k_cache, head_dim_v, is_fp8_kvcache))
         return torch.ops.flashmla.dense_decode(q, k_cache, block_table, cache_seqlens, meta.tile_scheduler_metadata,
                                                meta.num_splits, head_dim_v, softmax_scale, causal, is_fp8_kvcache,
                                                attn_sink)

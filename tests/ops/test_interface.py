@@ -320,6 +320,48 @@ def test_the_schedule_is_computed_only_where_the_dense_kernel_reads_it(monkeypat
         assert interface.dense_kernel_reads_schedule(torch.device("cpu"))
 
 
+def test_the_schedule_question_is_asked_after_the_checks():
+    """A schedule decided per call (`dense_call_reads_schedule`: which path these arguments take) is asked once the
+    API's checks passed, and a False leaves the metadata None."""
+    sched_meta = interface.FlashMLASchedMeta()
+    lengths = torch.tensor([70, 5], dtype=torch.int32)
+    for reads in (False, True):
+        order = []
+        def check():
+            order.append("check")
+
+        def schedule():
+            order.append("schedule")
+            return reads
+
+        sched_meta.fill(lambda: lengths, None, ("dense", 1, 16, 2, reads), check=check, schedule=schedule)
+        assert order == ["check", "schedule"]
+        assert (sched_meta.tile_scheduler_metadata is not None) is reads
+        assert (sched_meta.num_splits is not None) is reads
+
+
+def cuda_dense_kernel_built() -> bool:
+    return torch.cuda.is_available() and "cuda" in interface._ext.paths("dense_decode", torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_dense_kernel_built(), reason="needs the CUDA dense decode kernel (sm_90)")
+def test_no_schedule_for_a_call_the_cuda_kernel_declines():
+    """On Hopper a q whose rows are not 16-byte aligned goes to a path that splits by shape: no schedule computed;
+    the same q made contiguous gets one."""
+    q, cache, flat_keys, block_table, cache_seqlens = dense_case([300, 20, 129], device="cuda")
+    unaligned = torch.empty(*q.shape[:-1], q.shape[-1] + 1, dtype=q.dtype, device="cuda")[..., 1:]
+    unaligned.copy_(q)
+    assert interface.decode.dense_decode_path(unaligned, cache, 512, False) != "cuda"
+    want = oracle.dense_decode(q.cpu(), flat_keys, block_table.cpu(), cache_seqlens.cpu(), oracle.D_QK ** -0.5, 512,
+                               False)
+    for query in (unaligned, q):
+        sched_meta, _ = flashmla_ops.get_mla_metadata()
+        out, lse = flashmla_ops.flash_mla_with_kvcache(query, cache, block_table, cache_seqlens, 512, sched_meta)
+        assert (sched_meta.tile_scheduler_metadata is None) is (query is unaligned)
+        oracle.assert_attention_close(out, lse, *want)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_no_schedule_for_the_triton_dense_decode(monkeypatch):
