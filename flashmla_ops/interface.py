@@ -69,8 +69,8 @@ class FlashMLASchedMeta:
         id cannot be reused by another tensor), unmodified since (`_version`), with the same `key` (shapes); with
         `source` None the lengths follow from `key` alone. `check()` runs first whenever the split is computed (the
         API's argument checks: once per new lengths, not on every layer's call). Without `schedule` (an op whose
-        kernels take none: sparse decode; or a `schedule()` that says so, asked after the checks) only the checks run, and
-        the metadata stays None."""
+        kernels take none: sparse decode; or a `schedule()` that says so, asked after the checks) only the checks
+        run, and the metadata stays None."""
         s_q, h_q = key[1], key[2]
         # Recompute (cheap device work, no sync) under torch.compile (no guards on tensor versions), inside a CUDA
         # graph capture (the graph must record the computation: replays follow lengths changed in place) and for an
