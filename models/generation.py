@@ -1,5 +1,6 @@
-"""Batched generation over the paged cache: prefill the prompts packed, then decode one token per sequence per
-step (greedy, or temperature + top-p sampling) until EOS or `max_new_tokens`.
+"""Batched generation over the paged cache: prefill the prompts packed (or, into rows that hold an earlier turn, as
+continuations through the decode path), then decode one token per sequence per step (greedy, or temperature + top-p
+sampling) until EOS or `max_new_tokens`.
 
 The decode step reads only static tensors (the cache's pools, `block_table`, `cache_seqlens`, updated in place by
 `PagedKVCache.extend`) and never syncs with the host, so `torch.compile(decode_step, fullgraph=True)` traces it whole
@@ -19,16 +20,57 @@ from .cache import PagedKVCache
 from .deepseek import DeepseekForCausalLM, PrefillMetadata, decode_metadata
 
 
+# Tokens per forward pass when a prompt continues a cached sequence (`prefill`): each pass reads every weight once,
+# and holds the chunk's queries (V3.2: its indexer logits, `chunk x max_seq_len` float32; the ops' reference path on
+# the CPU: `chunk x heads x context` float32 scores) at once.
+CONTINUATION_CHUNK = 512
+
+
 def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[int]],
-            last_only: bool = True) -> torch.Tensor:
-    """Run the prompts (sequence `b` = cache row `b`, empty before) packed; returns each one's last-token logits
-    `(batch, vocab)` float32, or with `last_only=False` every token's, packed `(sum of lengths, vocab)`."""
-    device = cache.block_table.device
+            last_only: bool = True, chunk: int = CONTINUATION_CHUNK) -> torch.Tensor:
+    """Run prompt `b` into cache row `b`; returns each prompt's last-token logits `(batch, vocab)` float32, or with
+    `last_only=False` every token's, packed in prompt order `(sum of lengths, vocab)`.
+
+    Empty rows take their prompts packed into one pass: causal attention over the prompt alone (V2/V3: keys and values
+    expanded from the latent by kv_b_proj; V3.2: sparse attention over the prompt's indexer top-k). A row that already
+    holds tokens (an earlier turn: `generate` leaves its sequences cached, all but the last token it returned, which
+    then starts the next prompt) is continued: its prompt attends to the cached tokens and causally to itself through
+    the decode path (the absorbed attention over the paged cache, the prompt's tokens as `s_q` queries: the decode
+    ops with causal masking; V3.2: the paged indexer's top-k), in passes of at most `chunk` tokens (so a long prompt
+    can also be run as a short first prompt and its continuation: chunked prefill).
+
+    All rows are checked to have room first (nothing is cached otherwise); if a pass fails, every row is cut back to
+    its length before the call."""
     _check_prompts("prefill", model, cache, prompts)
-    cache.check_room({seq: len(prompt) for seq, prompt in enumerate(prompts)})  # all prompts fit, or none is cached
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"prefill: chunk must be an int >= 1, got {chunk!r}")
+    before = {seq: cache.seq_lens[seq] for seq in range(len(prompts))}
+    cache.check_room({seq: before[seq] + len(prompt) for seq, prompt in enumerate(prompts)})  # all fit, or none
+    try:
+        fresh = [seq for seq in range(len(prompts)) if before[seq] == 0]
+        if len(fresh) == len(prompts):  # the usual case: one packed pass
+            return _packed_prefill(model, cache, list(enumerate(prompts)), last_only)
+        logits = {}
+        if fresh:
+            packed = _packed_prefill(model, cache, [(seq, prompts[seq]) for seq in fresh], last_only)
+            sizes = [1 if last_only else len(prompts[seq]) for seq in fresh]
+            logits.update(zip(fresh, packed.split(sizes)))
+        for seq, prompt in enumerate(prompts):
+            if before[seq]:
+                logits[seq] = _continue(model, cache, seq, prompt, last_only, chunk)
+        return torch.cat([logits[seq] for seq in range(len(prompts))])
+    except BaseException:
+        cache.truncate({seq: length for seq, length in before.items() if cache.seq_lens[seq] > length})
+        raise
+
+
+def _packed_prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[tuple[int, list[int]]],
+                    last_only: bool) -> torch.Tensor:
+    """Prompts `(row, tokens)` into their empty rows, packed into one pass (see `prefill`)."""
+    device = cache.block_table.device
     slots, k_start, k_end, positions = [], [], [], []
     start = 0
-    for seq, prompt in enumerate(prompts):
+    for seq, prompt in prompts:
         length = len(prompt)
         slots += cache.extend(seq, length)
         positions += range(length)
@@ -36,24 +78,43 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
         k_end += range(start + 1, start + length + 1)
         start += length
     as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+    lengths = [len(prompt) for _, prompt in prompts]
     metadata = PrefillMetadata(as_tensor(slots, torch.int64), as_tensor(k_start, torch.int32),
-                               as_tensor(k_end, torch.int32), tuple(len(p) for p in prompts))
-    input_ids = as_tensor([token for prompt in prompts for token in prompt], torch.int64)
-    last_rows = torch.cumsum(as_tensor([len(p) for p in prompts], torch.int64), 0) - 1 if last_only else None
+                               as_tensor(k_end, torch.int32), tuple(lengths))
+    input_ids = as_tensor([token for _, prompt in prompts for token in prompt], torch.int64)
+    last_rows = torch.cumsum(as_tensor(lengths, torch.int64), 0) - 1 if last_only else None
     return model(input_ids, as_tensor(positions, torch.int64), metadata, cache, logits_rows=last_rows)
 
 
+def _continue(model: DeepseekForCausalLM, cache: PagedKVCache, seq: int, prompt: list[int], last_only: bool,
+              chunk: int) -> torch.Tensor:
+    """Row `seq`'s prompt after its cached tokens, `chunk` tokens a pass through the decode path (see `prefill`);
+    returns the last token's logits `(1, vocab)` or every token's `(len(prompt), vocab)`."""
+    device = cache.block_table.device
+    logits = []
+    for first in range(0, len(prompt), chunk):
+        piece = prompt[first:first + chunk]
+        cache.extend(seq, len(piece))
+        metadata = decode_metadata(cache.block_table[seq:seq + 1], cache.cache_seqlens[seq:seq + 1], len(piece))
+        rows = None
+        if last_only:  # only the prompt's last token: none of an earlier pass's
+            rows = torch.tensor([len(piece) - 1] if first + chunk >= len(prompt) else [], dtype=torch.int64,
+                                device=device)
+        logits.append(model(torch.tensor(piece, dtype=torch.int64, device=device), metadata.positions, metadata,
+                            cache, logits_rows=rows))
+    return torch.cat(logits)
+
+
 def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[int]]) -> None:
-    """One prompt per cache row `0 .. len(prompts) - 1`, each row empty, each prompt non-empty token ids of the
-    vocabulary."""
+    """One prompt per cache row `0 .. len(prompts) - 1` (empty, or holding an earlier turn it continues), each prompt
+    non-empty token ids of the vocabulary."""
     if not 1 <= len(prompts) <= len(cache.seq_lens):
         raise ValueError(f"{op}: prompts must hold 1 to {len(cache.seq_lens)} prompts (the cache's max_batch_size), "
                          f"got {len(prompts)}")
     vocab = model.config.vocab_size
     for seq, prompt in enumerate(prompts):
-        if cache.seq_lens[seq] or not prompt:
-            raise ValueError(f"{op}: sequence {seq} needs an empty cache row and a non-empty prompt, got "
-                             f"{cache.seq_lens[seq]} cached tokens and a prompt of {len(prompt)} tokens")
+        if not prompt:
+            raise ValueError(f"{op}: sequence {seq} needs a non-empty prompt, got an empty one")
         if min(prompt) < 0 or max(prompt) >= vocab:
             bad = [token for token in prompt if not 0 <= token < vocab]
             raise ValueError(f"{op}: prompt {seq} holds token ids outside the vocabulary [0, {vocab}): {bad[:8]}")
@@ -140,24 +201,27 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
 
     Everything is checked before the first token is cached: the prompts, the sampling arguments, and that every
     sequence fits max_seq_len and the pool has the blocks for all of them at full length (no preemption here: a
-    run that could stop for want of blocks is refused up front). If the run fails after that, its rows are freed.
-    On success they keep the sequences (the prompts and all new tokens but the last): free or reset them to reuse."""
-    batch = len(prompts)
+    run that could stop for want of blocks is refused up front). If the run fails after that, its rows are cut back
+    to what they held before. On success they keep the sequences (the prompts and all new tokens but the last): free
+    or reset them to reuse, or continue them: a row that holds tokens takes its prompt after them (`prefill`), so a
+    conversation's next turn is `generate` again on the same rows with prompts that start with each row's last new
+    token."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     _check_sampling("generate", temperature, top_p)
     _check_prompts("generate", model, cache, prompts)
+    before = [cache.seq_lens[seq] for seq in range(len(prompts))]
     # the last new token is returned, not cached
-    cache.check_room({seq: len(prompt) + max_new_tokens - 1 for seq, prompt in enumerate(prompts)})
+    cache.check_room({seq: before[seq] + len(prompt) + max_new_tokens - 1 for seq, prompt in enumerate(prompts)})
     try:
-        return _generate(model, cache, prompts, max_new_tokens, temperature, top_p, eos_token_ids, step, generator)
+        return _generate(model, cache, prompts, before, max_new_tokens, temperature, top_p, eos_token_ids, step,
+                         generator)
     except BaseException:
-        for seq in range(batch):
-            cache.free(seq)
+        cache.truncate({seq: length for seq, length in enumerate(before) if cache.seq_lens[seq] > length})
         raise
 
 
-def _generate(model, cache, prompts, max_new_tokens, temperature, top_p, eos_token_ids, step, generator):
+def _generate(model, cache, prompts, before, max_new_tokens, temperature, top_p, eos_token_ids, step, generator):
     batch = len(prompts)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
@@ -184,8 +248,8 @@ def _generate(model, cache, prompts, max_new_tokens, temperature, top_p, eos_tok
     sync()
     finished = time.perf_counter()
     # Rows that met EOS early kept decoding with the batch: cut them back to their prompt and new tokens but the last
-    cache.truncate({seq: len(prompt) + len(output) - 1 for seq, (prompt, output) in enumerate(zip(prompts, outputs))
-                    if cache.seq_lens[seq] > len(prompt) + len(output) - 1})
+    kept = [length + len(prompt) + len(output) - 1 for length, prompt, output in zip(before, prompts, outputs)]
+    cache.truncate({seq: length for seq, length in enumerate(kept) if cache.seq_lens[seq] > length})
     stats = GenerationStats(decode_started - started, finished - decode_started,
                             sum(len(o) for o in outputs) - batch)
     return outputs, stats

@@ -221,15 +221,104 @@ def test_decode_step_has_no_graph_breaks(model_type, kv_cache_dtype, dtype, batc
     assert explanation.graph_count == 1
 
 
-def test_prefill_rejects_a_used_cache_row_and_an_empty_prompt():
+def test_prefill_rejects_an_empty_prompt_and_a_bad_chunk():
     config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
     model = random_model(config, seed=4)
     cache = PagedKVCache(config, num_blocks=4, max_batch_size=2, max_seq_len=64)
-    with pytest.raises(ValueError, match="sequence 1"):
+    with pytest.raises(ValueError, match="sequence 1 needs a non-empty prompt"):
         prefill(model, cache, [[5, 6], []])
+    for chunk in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match="chunk must be an int >= 1"):
+            prefill(model, cache, [[5, 6], [7]], chunk=chunk)
+    assert untouched(cache, 4)
     prefill(model, cache, [[5, 6], [7]])
-    with pytest.raises(ValueError, match="sequence 0 needs an empty cache row"):
-        prefill(model, cache, [[8]])
+    with pytest.raises(ValueError, match="sequence 1"):  # a used row too
+        prefill(model, cache, [[8], []])
+    assert cache.seq_lens == [2, 1]
+
+
+# Cached context, then a continuation that crosses into the context's second block and, in passes of 5 tokens, into
+# the third; a row continued twice; a fresh row between them.
+CONTEXT_LENGTHS = (60, 17, 0)
+CONTINUATION_LENGTHS = (73, 9, 30)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3", "deepseek_v32"])
+def test_a_continued_prompt_gets_a_fresh_prefills_logits(model_type):
+    """A prompt into a row that holds tokens attends to them and to itself causally (the decode path, in passes of
+    `chunk` tokens): every token's logits are those of the same position in one fresh prefill of the whole sequence
+    (float32 model and cache: the absorbed and the expanded attention agree to rounding), for rows continued once or
+    twice and a fresh row prefilled in the same call."""
+    config = DeepseekConfig.from_dict(tiny_config(model_type))
+    model = random_model(config, seed=2)
+    generator = torch.Generator().manual_seed(7)
+    tokens = [torch.randint(2, config.vocab_size, (n + m,), generator=generator).tolist()
+              for n, m in zip(CONTEXT_LENGTHS, CONTINUATION_LENGTHS)]
+    cache = PagedKVCache(config, num_blocks=12, max_batch_size=3, max_seq_len=192, kv_cache_dtype="fp32")
+    fresh = PagedKVCache(config, num_blocks=12, max_batch_size=3, max_seq_len=192, kv_cache_dtype="fp32")
+    with torch.no_grad():
+        prefill(model, cache, [t[:n] for t, n in zip(tokens[:2], CONTEXT_LENGTHS)])
+        # both rows continued by a few tokens (3 a pass: row 1 in two, the second of 2), then again with the fresh row
+        starts = [CONTEXT_LENGTHS[0] + 1, CONTEXT_LENGTHS[1] + 5, 0]
+        first_last = prefill(model, cache, [t[n:start] for t, n, start in zip(tokens, CONTEXT_LENGTHS, starts[:2])],
+                             chunk=3)
+        continued = prefill(model, cache, [t[start:] for t, start in zip(tokens, starts)], last_only=False, chunk=5)
+        whole = prefill(model, fresh, tokens, last_only=False)
+    assert cache.seq_lens == [len(t) for t in tokens] and cache.cache_seqlens.tolist() == cache.seq_lens
+    offsets = [0, *torch.tensor([len(t) for t in tokens]).cumsum(0).tolist()]
+    want = torch.cat([whole[offset + start:offset + len(t)] for t, start, offset in zip(tokens, starts, offsets)])
+    assert continued.shape == want.shape
+    torch.testing.assert_close(continued, want, rtol=1e-4, atol=1e-4)
+    # last_only: each continued prompt's last token
+    torch.testing.assert_close(first_last, whole[[offsets[0] + starts[0] - 1, offsets[1] + starts[1] - 1]],
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v32"])
+def test_a_second_turn_continues_the_rows(model_type):
+    """generate leaves each row its prompt and new tokens but the last; a second generate on the same rows, with
+    prompts that start with that last token, gives the tokens a fresh cache gives for the whole conversation, and the
+    rows then hold both turns (one row stopped early at EOS in the first turn)."""
+    config = DeepseekConfig.from_dict(tiny_config(model_type))
+    model = random_model(config, seed=1)
+    prompts = make_prompts(config.vocab_size)
+    make_cache = lambda: PagedKVCache(config, num_blocks=12, max_batch_size=3, max_seq_len=192,  # noqa: E731
+                                      kv_cache_dtype="fp32")
+    reference, _ = generate(model, make_cache(), prompts, NEW_TOKENS)
+    eos = reference[1][2]
+    cache = make_cache()
+    first, _ = generate(model, cache, prompts, NEW_TOKENS, eos_token_ids=(eos,))
+    assert len(first[1]) == reference[1].index(eos) + 1 < NEW_TOKENS
+    replies = [[7, 8, 9], [10] * 70, [11]]  # the second crosses blocks: prefill passes of CONTINUATION_CHUNK
+    second_prompts = [[out[-1], *reply] for out, reply in zip(first, replies)]
+    second, _ = generate(model, cache, second_prompts, NEW_TOKENS, eos_token_ids=(eos,))
+    conversations = [p + out[:-1] + q for p, out, q in zip(prompts, first, second_prompts)]
+    want, _ = generate(model, make_cache(), conversations, NEW_TOKENS, eos_token_ids=(eos,))
+    assert second == want
+    lengths = [len(c) + len(out) - 1 for c, out in zip(conversations, second)]
+    assert cache.seq_lens == lengths and cache.cache_seqlens.tolist() == lengths
+
+
+def test_a_failed_continuation_leaves_the_earlier_turn():
+    """A run that fails after it cached tokens cuts each row back to what it held: a row's earlier turn stays (it was
+    freed, turn and all), and continuing it afterwards gives what it gives without the failure."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, seed=4)
+    make_cache = lambda: PagedKVCache(config, num_blocks=6, max_batch_size=2, max_seq_len=192)  # noqa: E731
+    cache, clean = make_cache(), make_cache()
+    for each in (cache, clean):
+        generate(model, each, [[5] * 70, [6]], 4)
+    held = list(cache.seq_lens)
+
+    def failing_step(model, cache, tokens):
+        raise RuntimeError("the device went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        generate(model, cache, [[5, 6], [7] * 60], 4, step=failing_step)
+    assert cache.seq_lens == held and cache.cache_seqlens.tolist() == held
+    assert [len(blocks) for blocks in cache.seq_blocks] == [-(-n // 64) for n in held]
+    assert len(cache.free_blocks) == 6 - sum(len(blocks) for blocks in cache.seq_blocks)
+    assert generate(model, cache, [[5, 6], [7] * 60], 4)[0] == generate(model, clean, [[5, 6], [7] * 60], 4)[0]
 
 
 def untouched(cache: PagedKVCache, num_blocks: int) -> bool:

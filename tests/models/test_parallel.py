@@ -93,7 +93,8 @@ def make_prompts(vocab_size: int) -> list[list[int]]:
 @torch.no_grad()
 def greedy_steps(model) -> dict:
     """Prefill (every token's logits), DECODE_STEPS greedy steps of one token per sequence, then one of two (the
-    greedy token and the runner-up). Returns the tokens fed, each step's logits and its smallest routing margin."""
+    greedy token and the runner-up), then a continuation of five tokens per sequence (`prefill` into the used rows).
+    Returns the tokens fed, each step's logits and its smallest routing margin."""
     margins = []
     for router in (m for m in model.modules() if isinstance(m, Router)):
         router.register_forward_pre_hook(lambda router, args: margins.append(routing_margin(router, args[0])))
@@ -114,6 +115,13 @@ def greedy_steps(model) -> dict:
         logits.append(decode_step(model, cache, new))
         step_margins.append(min(margins, default=float("inf")))
         last = logits[-1].view(len(prompts), s_q, -1)[:, -1]
+    # every row continued by its greedy token and four more (prefill into rows that hold tokens: the decode path with
+    # s_q up to 3 a pass), every token's logits
+    more = [[token, *prompt[2:6]] for token, prompt in zip(last.argmax(-1).tolist(), prompts)]
+    tokens.append(more)
+    margins.clear()
+    logits.append(prefill(model, cache, more, last_only=False, chunk=3))
+    step_margins.append(min(margins, default=float("inf")))
     return {"tokens": tokens, "logits": [t.cpu().contiguous() for t in logits], "margins": step_margins}
 
 

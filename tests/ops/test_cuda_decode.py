@@ -106,6 +106,18 @@ def test_cuda_dense_decode_matches_reference(seqlens, s_q, h_q, narrow, causal, 
     run_and_compare(seqlens, s_q, h_q, causal, is_fp8, narrow=narrow)
 
 
+# (seqlens, s_q, h_q): prompts continued through the decode path (models.generation.prefill): many causal queries a
+# sequence, up to 128 row tiles of one sequence (64 x 128 heads), odd s_q, and a sequence shorter than s_q (its
+# first queries see nothing: out 0, lse +inf)
+CONTINUATION_CASES = [([700, 130], 37, 16), ([1000], 64, 128), ([20, 500], 33, 16), ([4097], 130, 8)]
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q", CONTINUATION_CASES)
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_dense_decode_continued_prompts(seqlens, s_q, h_q, is_fp8):
+    run_and_compare(seqlens, s_q, h_q, causal=True, is_fp8=is_fp8)
+
+
 # (s_q, h_q, narrow): 32 rows on the wide kernel, 16 on each, 128 (two row tiles) on the wide kernel, and 21 and 15
 # (not a multiple of the few-splits combine's four rows per CTA)
 SPLIT_SHAPES = [(2, 16, False), (2, 8, False), (2, 8, True), (2, 64, False), (3, 7, False), (3, 5, True)]

@@ -28,6 +28,8 @@ CASES += [(3, 1, 5, 130, True), (2, 2, 128, 70, True)]
 CASES += [(2, 1, 256, 300, True), (2, 2, 192, 130, False)]
 # two 64-head row blocks of one query, the second partly past h_q
 CASES += [(3, 1, 100, 700, True), (2, 2, 65, 130, False)]
+# prompts continued through the decode path (models.generation.prefill): many queries a sequence
+CASES += [(1, 37, 16, 300, True), (2, 64, 128, 2048, False)]
 
 
 def run(batch, s_q, h_q, topk, with_topk_length, is_fp8, num_splits=None, varied_scales=False):

@@ -77,6 +77,17 @@ def test_triton_dense_decode_matches_reference(seqlens, s_q, h_q, is_fp8, causal
     run_and_compare(seqlens, s_q, h_q, causal, is_fp8, sink=False)
 
 
+# prompts continued through the decode path (models.generation.prefill): many causal queries a sequence, one of them
+# shorter than s_q; on the GPU also 64 x 128 heads (128 row tiles of one sequence) and s_q 130
+CONTINUATION_CASES = [([20, 150], 33, 4)] + ([([1000], 64, 128), ([4097], 130, 8)] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q", CONTINUATION_CASES)
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_dense_decode_continued_prompts(seqlens, s_q, h_q, is_fp8):
+    run_and_compare(seqlens, s_q, h_q, causal=True, is_fp8=is_fp8, sink=False)
+
+
 @pytest.mark.parametrize("is_fp8", [False, True])
 def test_triton_dense_decode_sink_and_padded_fp8_cache(is_fp8):
     run_and_compare([77, 300], 2, 16, causal=True, is_fp8=is_fp8, sink=True, padded=is_fp8)

@@ -30,6 +30,7 @@ DECODE_CASES = [
     (2, 2, 16, 100, 0, True),
     (3, 1, 5, 64, 0, False),
     (2, 1, 16, 90, 70, False),  # an extra cache read to its full width (no extra_topk_length)
+    (1, 21, 4, 70, 0, True),  # a prompt continued through the decode path (models.generation.prefill)
 ]
 GPU_DECODE_CASES = [
     (batch, s_q, h_q, topk, extra_topk, with_topk_length)
@@ -38,7 +39,7 @@ GPU_DECODE_CASES = [
     for batch, topk, extra_topk, with_topk_length in ((2, 64, 0, False), (3, 1000, 0, True), (16, 2048, 0, False),
                                                       (1, 2048, 0, True), (4, 384, 100, True),
                                                       (4, 384, 100, False))
-]
+] + [(1, 37, 16, 300, 0, True), (2, 64, 128, 2048, 0, False)]  # prompts continued through the decode path
 # (seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink): varlen-packed prefill batches.
 PREFILL_CASES = [
     ([9, 3], 16, 100, 0, True, True),
