@@ -176,12 +176,17 @@ def indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_s
     blocks = block_table.long().clamp(0, index_cache.shape[0] - 1)
     last_visible = cache_seqlens.long()[:, None] - s_q + torch.arange(s_q, device=q.device)
     position = torch.arange(capacity, device=q.device)
+    # queries a tile: the (queries, heads, capacity) float32 scores stay within ELEMENTS_PER_CHUNK (a prompt continued
+    # through the decode path has hundreds of queries a sequence)
+    chunk = max(1, ELEMENTS_PER_CHUNK // max(1, q.shape[2] * capacity))
     for b in range(batch):
         rows = index_cache[blocks[b]].flatten(0, 1)
         keys = rows.float() if index_cache.dtype in FLOAT_DTYPES else dequantize_index_fp8_reference(rows)
-        visible = position[None, :] <= last_visible[b, :, None]
-        chunk_logits = _weighted_relu_logits(queries[b], keys, weights[b].float())
-        logits[b] = chunk_logits.masked_fill(~visible, float("-inf"))
+        for start in range(0, s_q, chunk):
+            tile = slice(start, start + chunk)
+            visible = position[None, :] <= last_visible[b, tile, None]
+            chunk_logits = _weighted_relu_logits(queries[b, tile], keys, weights[b, tile].float())
+            logits[b, tile] = chunk_logits.masked_fill(~visible, float("-inf"))
     return logits
 
 

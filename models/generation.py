@@ -20,9 +20,9 @@ from .cache import PagedKVCache
 from .deepseek import DeepseekForCausalLM, PrefillMetadata, decode_metadata
 
 
-# Tokens per forward pass when a prompt continues a cached sequence (`prefill`): each pass reads every weight once,
-# and holds the chunk's queries (V3.2: its indexer logits, `chunk x max_seq_len` float32; the ops' reference path on
-# the CPU: `chunk x heads x context` float32 scores) at once.
+# Tokens per forward pass when prompts continue cached sequences (`prefill`): each pass reads every weight once and
+# holds its tokens' activations (V3.2: their indexer logits, `tokens x max_seq_len` float32; on the ops' reference path
+# also `tokens x heads x context` scores in tiles).
 CONTINUATION_CHUNK = 512
 
 
@@ -36,14 +36,15 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
     holds tokens (an earlier turn: `generate` leaves its sequences cached, all but the last token it returned, which
     then starts the next prompt) is continued: its prompt attends to the cached tokens and causally to itself through
     the decode path (the absorbed attention over the paged cache, the prompt's tokens as `s_q` queries: the decode
-    ops with causal masking; V3.2: the paged indexer's top-k), in passes of at most `chunk` tokens (so a long prompt
-    can also be run as a short first prompt and its continuation: chunked prefill).
+    ops with causal masking; V3.2: the paged indexer's top-k), rows whose prompts have the same length in one batch,
+    in passes of at most `chunk` tokens (so a long prompt can also be run as a short first prompt and its
+    continuation: chunked prefill). Its logits are a fresh prefill's of the whole sequence up to rounding (V3.2: and
+    to the indexer's choice at a near-tie of its top-k, which the two paths' logits may break differently).
 
     All rows are checked to have room first (nothing is cached otherwise); if a pass fails, every row is cut back to
     its length before the call."""
     _check_prompts("prefill", model, cache, prompts)
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-        raise ValueError(f"prefill: chunk must be an int >= 1, got {chunk!r}")
+    _check_chunk("prefill", chunk)
     before = {seq: cache.seq_lens[seq] for seq in range(len(prompts))}
     cache.check_room({seq: before[seq] + len(prompt) for seq, prompt in enumerate(prompts)})  # all fit, or none
     try:
@@ -55,9 +56,8 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
             packed = _packed_prefill(model, cache, [(seq, prompts[seq]) for seq in fresh], last_only)
             sizes = [1 if last_only else len(prompts[seq]) for seq in fresh]
             logits.update(zip(fresh, packed.split(sizes)))
-        for seq, prompt in enumerate(prompts):
-            if before[seq]:
-                logits[seq] = _continue(model, cache, seq, prompt, last_only, chunk)
+        logits.update(_continue(model, cache, [(seq, prompt) for seq, prompt in enumerate(prompts) if before[seq]],
+                                last_only, chunk))
         return torch.cat([logits[seq] for seq in range(len(prompts))])
     except BaseException:
         cache.truncate({seq: length for seq, length in before.items() if cache.seq_lens[seq] > length})
@@ -86,23 +86,38 @@ def _packed_prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: li
     return model(input_ids, as_tensor(positions, torch.int64), metadata, cache, logits_rows=last_rows)
 
 
-def _continue(model: DeepseekForCausalLM, cache: PagedKVCache, seq: int, prompt: list[int], last_only: bool,
-              chunk: int) -> torch.Tensor:
-    """Row `seq`'s prompt after its cached tokens, `chunk` tokens a pass through the decode path (see `prefill`);
-    returns the last token's logits `(1, vocab)` or every token's `(len(prompt), vocab)`."""
+def _continue(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[tuple[int, list[int]]],
+              last_only: bool, chunk: int) -> dict[int, torch.Tensor]:
+    """Prompts `(row, tokens)` after their rows' cached tokens, through the decode path (see `prefill`): rows whose
+    prompts have the same length go together, as one decode step of `s_q` = that length (or `chunk` tokens at a time,
+    and at most `chunk` tokens a pass in all). Returns row -> its last token's logits `(1, vocab)` or every token's
+    `(len(prompt), vocab)`."""
     device = cache.block_table.device
-    logits = []
-    for first in range(0, len(prompt), chunk):
-        piece = prompt[first:first + chunk]
-        cache.extend(seq, len(piece))
-        metadata = decode_metadata(cache.block_table[seq:seq + 1], cache.cache_seqlens[seq:seq + 1], len(piece))
-        rows = None
-        if last_only:  # only the prompt's last token: none of an earlier pass's
-            rows = torch.tensor([len(piece) - 1] if first + chunk >= len(prompt) else [], dtype=torch.int64,
-                                device=device)
-        logits.append(model(torch.tensor(piece, dtype=torch.int64, device=device), metadata.positions, metadata,
-                            cache, logits_rows=rows))
-    return torch.cat(logits)
+    logits: dict[int, list[torch.Tensor]] = {seq: [] for seq, _ in prompts}
+    by_length: dict[int, list[tuple[int, list[int]]]] = {}
+    for seq, prompt in prompts:
+        by_length.setdefault(len(prompt), []).append((seq, prompt))
+    for length, group in by_length.items():
+        for first in range(0, length, chunk):
+            s_q = min(chunk, length - first)
+            last_pass = first + s_q == length
+            for start in range(0, len(group), max(1, chunk // s_q)):
+                rows = group[start:start + max(1, chunk // s_q)]
+                for seq, _ in rows:
+                    cache.extend(seq, s_q)
+                index = torch.tensor([seq for seq, _ in rows], dtype=torch.int64, device=device)
+                metadata = decode_metadata(cache.block_table[index], cache.cache_seqlens[index], s_q)
+                tokens = torch.tensor([token for _, prompt in rows for token in prompt[first:first + s_q]],
+                                      dtype=torch.int64, device=device)
+                wanted = None
+                if last_only:  # each row's last token in its last pass; none before
+                    wanted = (torch.arange(len(rows), device=device) * s_q + s_q - 1 if last_pass
+                              else torch.empty(0, dtype=torch.int64, device=device))
+                out = model(tokens, metadata.positions, metadata, cache, logits_rows=wanted)
+                if not last_only or last_pass:
+                    for (seq, _), row_logits in zip(rows, out.view(len(rows), -1, out.shape[-1])):
+                        logits[seq].append(row_logits)
+    return {seq: torch.cat(parts) for seq, parts in logits.items()}
 
 
 def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[int]]) -> None:
@@ -118,6 +133,11 @@ def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, pro
         if min(prompt) < 0 or max(prompt) >= vocab:
             bad = [token for token in prompt if not 0 <= token < vocab]
             raise ValueError(f"{op}: prompt {seq} holds token ids outside the vocabulary [0, {vocab}): {bad[:8]}")
+
+
+def _check_chunk(op: str, chunk: int) -> None:
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"{op}: chunk must be an int >= 1, got {chunk!r}")
 
 
 def _check_sampling(op: str, temperature: float, top_p: float) -> None:
@@ -194,7 +214,8 @@ def compile_decode_step(device: torch.device, balanced: bool = False):
 @torch.inference_mode()
 def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, eos_token_ids: tuple[int, ...] = (),
-             step=decode_step, generator: torch.Generator | None = None) -> tuple[list[list[int]], GenerationStats]:
+             step=decode_step, generator: torch.Generator | None = None,
+             chunk: int = CONTINUATION_CHUNK) -> tuple[list[list[int]], GenerationStats]:
     """New tokens of each prompt (ending at its first EOS, included) and timings. `step` is `decode_step` or
     `compile_decode_step(device)`. Finished sequences keep decoding (static batch shape) until all are done.
     Tensor-parallel ranks all hold the same logits, so they agree on greedy tokens; sampled ones are rank 0's.
@@ -205,23 +226,25 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
     to what they held before. On success they keep the sequences (the prompts and all new tokens but the last): free
     or reset them to reuse, or continue them: a row that holds tokens takes its prompt after them (`prefill`), so a
     conversation's next turn is `generate` again on the same rows with prompts that start with each row's last new
-    token."""
+    token (`chunk`: the tokens a continuation pass takes, see `prefill`)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     _check_sampling("generate", temperature, top_p)
+    _check_chunk("generate", chunk)
     _check_prompts("generate", model, cache, prompts)
     before = [cache.seq_lens[seq] for seq in range(len(prompts))]
     # the last new token is returned, not cached
     cache.check_room({seq: before[seq] + len(prompt) + max_new_tokens - 1 for seq, prompt in enumerate(prompts)})
     try:
         return _generate(model, cache, prompts, before, max_new_tokens, temperature, top_p, eos_token_ids, step,
-                         generator)
+                         generator, chunk)
     except BaseException:
         cache.truncate({seq: length for seq, length in enumerate(before) if cache.seq_lens[seq] > length})
         raise
 
 
-def _generate(model, cache, prompts, before, max_new_tokens, temperature, top_p, eos_token_ids, step, generator):
+def _generate(model, cache, prompts, before, max_new_tokens, temperature, top_p, eos_token_ids, step, generator,
+              chunk):
     batch = len(prompts)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
@@ -230,7 +253,7 @@ def _generate(model, cache, prompts, before, max_new_tokens, temperature, top_p,
 
     sync = torch.cuda.synchronize if cache.block_table.is_cuda else (lambda: None)
     started = time.perf_counter()
-    next_tokens = pick(prefill(model, cache, prompts))
+    next_tokens = pick(prefill(model, cache, prompts, chunk=chunk))
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * batch
     sync()

@@ -96,6 +96,28 @@ def test_indexer_logits_paged(device, fp8, lengths, s_q, h_i, d_i):
     assert_logits_close(logits, oracle.indexer_logits_paged(q_exact, flat_keys, weights, block_table, cache_seqlens))
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_logits_paged_reference_in_query_tiles(monkeypatch, fp8):
+    """The reference scores a prompt continued through the decode path (hundreds of queries a sequence) a few queries
+    at a time, within ELEMENTS_PER_CHUNK floats: here 2 queries of 64 heads x 256 positions a tile, s_q 5 (tiles of
+    2, 2, 1), each query's causal range its own."""
+    from flashmla_ops import indexer
+
+    monkeypatch.setattr(indexer, "ELEMENTS_PER_CHUNK", 2 * 64 * 4 * 64)
+    lengths, s_q, h_i, d_i = [130, 7], 5, 64, 32
+    num_blocks = sum(-(-n // 64) for n in lengths) + 2
+    keys = oracle.bf16(num_blocks, 64, d_i)
+    index_cache = oracle.quantize_index(keys) if fp8 else keys
+    flat_keys = (oracle.dequantize_index(index_cache) if fp8 else keys.double()).reshape(-1, d_i)
+    block_table = oracle.block_table_for(lengths, num_blocks, max_blocks_per_seq=4)
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(len(lengths), s_q, h_i, d_i).bfloat16()
+    weights = torch.randn(len(lengths), s_q, h_i)
+    logits = indexer.indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_seqlens)
+    assert_logits_close(logits, oracle.indexer_logits_paged(q.double(), flat_keys, weights, block_table,
+                                                            cache_seqlens))
+
+
 def test_indexer_logits_paged_empty_sequence(device):
     """A sequence of length 0 in a decode batch (padding) sees nothing: an all -inf row, not an error."""
     lengths = [0, 70]
