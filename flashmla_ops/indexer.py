@@ -174,11 +174,15 @@ def indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_s
     if index_cache.shape[0] == 0:  # no block to read: every length is 0 (checked), so every position is masked
         index_cache = index_cache.new_zeros(1, *index_cache.shape[1:])
     blocks = block_table.long().clamp(0, index_cache.shape[0] - 1)
+    if q.device.type == "cpu" and batch:  # no sync to avoid: score only the blocks up to the longest sequence
+        longest = min(capacity, max(0, int(cache_seqlens.max())))
+        blocks = blocks[:, :-(-longest // PAGE_BLOCK_SIZE)]
+        logits[:, :, blocks.shape[1] * PAGE_BLOCK_SIZE:] = float("-inf")
     last_visible = cache_seqlens.long()[:, None] - s_q + torch.arange(s_q, device=q.device)
-    position = torch.arange(capacity, device=q.device)
+    position = torch.arange(blocks.shape[1] * PAGE_BLOCK_SIZE, device=q.device)
     # queries a tile: the (queries, heads, capacity) float32 scores stay within ELEMENTS_PER_CHUNK (a prompt continued
     # through the decode path has hundreds of queries a sequence)
-    chunk = max(1, ELEMENTS_PER_CHUNK // max(1, q.shape[2] * capacity))
+    chunk = max(1, ELEMENTS_PER_CHUNK // max(1, q.shape[2] * len(position)))
     for b in range(batch):
         rows = index_cache[blocks[b]].flatten(0, 1)
         keys = rows.float() if index_cache.dtype in FLOAT_DTYPES else dequantize_index_fp8_reference(rows)
@@ -186,7 +190,7 @@ def indexer_logits_paged_reference(q, index_cache, weights, block_table, cache_s
             tile = slice(start, start + chunk)
             visible = position[None, :] <= last_visible[b, tile, None]
             chunk_logits = _weighted_relu_logits(queries[b, tile], keys, weights[b, tile].float())
-            logits[b, tile] = chunk_logits.masked_fill(~visible, float("-inf"))
+            logits[b, tile, :len(position)] = chunk_logits.masked_fill(~visible, float("-inf"))
     return logits
 
 
