@@ -175,30 +175,32 @@ def test_compiled_decode_compiles_twice_for_any_cache_size():
     ("deepseek_v2", "bf16", False), ("deepseek_v3", "fp8", False), ("deepseek_v32", "fp8", False),
     ("deepseek_v32", "bf16", False), ("deepseek_v2", "bf16", True), ("deepseek_v3", "fp8", True)])
 @pytest.mark.parametrize("batch", [None, 1])
-def test_cuda_graph_decode_matches_eager(monkeypatch, model_type, kv_cache_dtype, balanced, batch):
+def test_cuda_graph_decode_matches_eager(model_type, kv_cache_dtype, balanced, batch):
     """On the GPU, bfloat16: the decode step compiled with CUDA graphs (recorded, then replayed every step, the flashmla
     ops inside) generates the same 32 tokens as eager decoding, with no CUDA graph skipped (a skip raises). Every
     prompt, and the first alone (batch 1: the MoE layers' routed_experts op); split by shape and `balanced` (the
     get_mla_metadata split computed in the graph)."""
-    monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_or_error", True)
-    # V3.2: index_topk above every context (93 tokens at most), so the whole sparse path runs but the choice is every
-    # visible token: with a random model, fused and eager rounding swap near-tied tokens at a top-16 boundary, which
-    # moves logits by up to 40% (test_deepseek.py), a numerical coin toss rather than a capture bug.
-    config = DeepseekConfig.from_dict(tiny_config(model_type, index_topk=128))
-    model = random_model(config, torch.bfloat16, "cuda", seed=1)
-    prompts = make_prompts(config.vocab_size)[:batch]  # the first crosses a 64-token block while decoding
-    torch._dynamo.reset()
-    counters.clear()
-    outputs = []
-    for step in (functools.partial(decode_step, balanced=balanced),
-                 compile_decode_step(torch.device("cuda"), balanced=balanced)):
-        cache = PagedKVCache(config, num_blocks=8, max_batch_size=len(prompts), max_seq_len=128,
-                             kv_cache_dtype=kv_cache_dtype, device="cuda")
-        outputs.append(generate(model, cache, prompts, 33, step=step)[0])
-    assert outputs[0] == outputs[1]
-    assert all(len(tokens) == 33 for tokens in outputs[0])
-    assert counters["inductor"]["cudagraph_skips"] == 0
-    assert counters["stats"]["unique_graphs"] == 1
+    # a CUDA graph skip raises; config.patch, not monkeypatch: pytest >= 9.2 deletes the attribute it restores
+    # (it was not in the config proxy's __dict__), which hid it from inductor for the rest of the process
+    with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):
+        # V3.2: index_topk above every context (93 tokens at most), so the whole sparse path runs but the choice is
+        # every visible token: with a random model, fused and eager rounding swap near-tied tokens at a top-16
+        # boundary, which moves logits by up to 40% (test_deepseek.py), a numerical coin toss, not a capture bug.
+        config = DeepseekConfig.from_dict(tiny_config(model_type, index_topk=128))
+        model = random_model(config, torch.bfloat16, "cuda", seed=1)
+        prompts = make_prompts(config.vocab_size)[:batch]  # the first crosses a 64-token block while decoding
+        torch._dynamo.reset()
+        counters.clear()
+        outputs = []
+        for step in (functools.partial(decode_step, balanced=balanced),
+                     compile_decode_step(torch.device("cuda"), balanced=balanced)):
+            cache = PagedKVCache(config, num_blocks=8, max_batch_size=len(prompts), max_seq_len=128,
+                                 kv_cache_dtype=kv_cache_dtype, device="cuda")
+            outputs.append(generate(model, cache, prompts, 33, step=step)[0])
+        assert outputs[0] == outputs[1]
+        assert all(len(tokens) == 33 for tokens in outputs[0])
+        assert counters["inductor"]["cudagraph_skips"] == 0
+        assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
