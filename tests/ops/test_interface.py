@@ -340,15 +340,13 @@ def test_the_schedule_question_is_asked_after_the_checks():
         assert (sched_meta.num_splits is not None) is reads
 
 
-def cuda_dense_kernel_built() -> bool:
-    return torch.cuda.is_available() and "cuda" in interface._ext.paths("dense_decode", torch.device("cuda"))
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not cuda_dense_kernel_built(), reason="needs the CUDA dense decode kernel (sm_90)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_no_schedule_for_a_call_the_cuda_kernel_declines():
     """On Hopper a q whose rows are not 16-byte aligned goes to a path that splits by shape: no schedule computed;
     the same q made contiguous gets one."""
+    if "cuda" not in interface._ext.paths("dense_decode", torch.device("cuda")):  # asked here: it builds csrc/
+        pytest.skip("needs the CUDA dense decode kernel (sm_90)")
     q, cache, flat_keys, block_table, cache_seqlens = dense_case([300, 20, 129], device="cuda")
     unaligned = torch.empty(*q.shape[:-1], q.shape[-1] + 1, dtype=q.dtype, device="cuda")[..., 1:]
     unaligned.copy_(q)
