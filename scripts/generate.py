@@ -5,6 +5,7 @@
     python scripts/generate.py --random-tiny v32 --kv-cache fp8 --compile    # no checkpoint: a tiny random model
     torchrun --nproc-per-node 2 scripts/generate.py --model DIR --tp 2 --ep 2  # tensor + expert parallel
     python scripts/generate.py --model DIR --prompt-ids 5,6,7,8 --greedy --dtype float32 --kv-cache fp32  # exact check
+    python scripts/generate.py --prompt "And God said," --then " And Moses said,"   # a second turn on the same cache
 
 --model defaults to the shipped checkpoint (models/assets/deepseek-v32-tiny-kjv) where it exists. With --random-tiny
 (or without that checkpoint), a tiny random model of that family runs on fixed token prompts (no tokenizer).
@@ -14,6 +15,9 @@ part of the weights (models/parallel.py); rank 0 prints what one process would.
 --dtype float32 with --kv-cache fp32 is the exact reference path (every op in float32, slow on a GPU): its greedy
 tokens are those of transformers' own `generate(..., do_sample=False)` on the same checkpoint (tests/models/
 test_generate_script.py). --dtype bfloat16 (the default) with --kv-cache bf16 or fp8 is the fast path.
+
+--then TEXT (or --then-ids with --prompt-ids; repeat for more turns) continues every conversation: its tokens follow
+each reply in the cache (`models.generation.prefill` continues the rows), and the model replies again.
 """
 import argparse
 import math
@@ -55,7 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prompts.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); needs a tokenizer")
     prompts.add_argument("--prompt-ids", action="append", type=prompt_ids, metavar="ID,ID,...",
                          help="a prompt as comma-separated token ids (repeat for a batch); no tokenizer needed")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    turns = parser.add_mutually_exclusive_group()
+    turns.add_argument("--then", action="append", default=[], metavar="TEXT",
+                       help="a next turn after every reply (repeat for more turns); needs --prompt")
+    turns.add_argument("--then-ids", action="append", default=[], type=prompt_ids, metavar="ID,ID,...",
+                       help="a next turn as token ids (repeat for more turns); not with --prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="per turn")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0; the default)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -98,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--device {args.device}: this machine has no CUDA GPU (torch {torch.__version__})")
     if args.prompt_ids and min(min(ids) for ids in args.prompt_ids) < 0:
         parser.error("--prompt-ids: token ids must be >= 0")
+    if args.then_ids and min(min(ids) for ids in args.then_ids) < 0:
+        parser.error("--then-ids: token ids must be >= 0")
+    if args.then and args.prompt_ids:
+        parser.error("--then takes text: with --prompt-ids give the next turns as --then-ids")
+    if args.then_ids and args.prompt:
+        parser.error("--then-ids takes token ids: with --prompt give the next turns as --then")
     if not args.model and not args.random_tiny:
         if SHIPPED_CHECKPOINT.exists():
             args.model = str(SHIPPED_CHECKPOINT)
@@ -108,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[list[int]]:
-    """Runs the command line `argv` (default: sys.argv); returns each prompt's new token ids."""
+    """Runs the command line `argv` (default: sys.argv); returns each prompt's new token ids (of the last turn)."""
     args = parse_args(argv)
     parallel, device = (init_parallel(args.tp, args.ep, torch.device(args.device).type) if args.tp > 1
                         else (None, torch.device(args.device)))
@@ -129,15 +144,20 @@ def main(argv: list[str] | None = None) -> list[list[int]]:
         prompts = args.prompt_ids
     else:
         prompts = [list(range(2, 2 + length)) for length in (7, 19, 4)]  # tokenizer-free input
+    if args.then and tokenizer is None:
+        raise SystemExit("--then needs a checkpoint with tokenizer files (--model DIR)")
+    turns = [tokenizer.encode(text, add_special_tokens=False) for text in args.then] if args.then else args.then_ids
     # what generate() would refuse, said before the weights load
-    largest = max((token for p in prompts for token in p), default=0)
+    largest = max((token for p in [*prompts, *turns] for token in p), default=0)
     if largest >= config.vocab_size:
         raise SystemExit(f"prompt token ids must be below the model's vocab_size ({config.vocab_size}), got {largest}")
-    max_seq_len = max(len(p) for p in prompts) + args.max_new_tokens
+    # each turn: its tokens, and the replies before it (the last new token is cached with the next turn)
+    max_seq_len = (max(len(p) for p in prompts) + sum(len(t) for t in turns)
+                   + (len(turns) + 1) * args.max_new_tokens)
     if max_seq_len > config.max_position_embeddings:
-        raise SystemExit(f"the longest prompt ({max(len(p) for p in prompts)} tokens) and --max-new-tokens "
-                         f"{args.max_new_tokens} make {max_seq_len} positions, more than the model's "
-                         f"max_position_embeddings ({config.max_position_embeddings})")
+        raise SystemExit(f"the longest prompt ({max(len(p) for p in prompts)} tokens), {len(turns)} more turns and "
+                         f"--max-new-tokens {args.max_new_tokens} make up to {max_seq_len} positions, more than the "
+                         f"model's max_position_embeddings ({config.max_position_embeddings})")
     if args.model:
         with tqdm(total=1, desc=f"loading {args.model}", disable=not is_main) as progress:
             model = load_model(args.model, dtype, device, parallel)
@@ -154,18 +174,23 @@ def main(argv: list[str] | None = None) -> list[list[int]]:
     if args.warmup:  # compilation, CUDA-graph capture and kernel JIT stay out of the timed run
         generate(model, cache, prompts, min(4, args.max_new_tokens), 0.0, 1.0, (), step)
         cache.reset()
-    outputs, stats = generate(model, cache, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                              tuple(config.eos_token_ids), step, generator)
-    if is_main:
-        for prompt, output in zip(prompts, outputs):
-            if tokenizer is not None:
-                print(repr(tokenizer.decode(prompt)), "->", repr(tokenizer.decode(output)))
-            else:
-                print(prompt, "->", output)
-        print(f"prefill {stats.prefill_seconds * 1e3:.1f} ms, decode {stats.new_tokens} tokens in "
-              f"{stats.decode_seconds:.2f} s: {stats.decode_tokens_per_second:.1f} tokens/s "
-              f"({'compiled' if args.compile else 'eager'}, {args.kv_cache} cache, {device}, "
-              f"tp {args.tp}, ep {args.ep})")
+    outputs: list[list[int]] = []
+    for turn in [None, *turns]:
+        if turn is not None:  # each conversation's last reply token, then the turn's tokens
+            prompts = [[output[-1], *turn] for output in outputs]
+        outputs, stats = generate(model, cache, prompts, args.max_new_tokens, args.temperature, args.top_p,
+                                  tuple(config.eos_token_ids), step, generator)
+        if is_main:
+            for prompt, output in zip(prompts, outputs):
+                shown = prompt if turn is None else prompt[1:]  # the reply's last token was shown with it
+                if tokenizer is not None:
+                    print(repr(tokenizer.decode(shown)), "->", repr(tokenizer.decode(output)))
+                else:
+                    print(shown, "->", output)
+            print(f"prefill {stats.prefill_seconds * 1e3:.1f} ms, decode {stats.new_tokens} tokens in "
+                  f"{stats.decode_seconds:.2f} s: {stats.decode_tokens_per_second:.1f} tokens/s "
+                  f"({'compiled' if args.compile else 'eager'}, {args.kv_cache} cache, {device}, "
+                  f"tp {args.tp}, ep {args.ep})")
     if parallel is not None:
         end_job()
     return outputs

@@ -49,6 +49,24 @@ def test_greedy_float32_matches_transformers(request, hf_checkpoints, model_type
     assert f"{PROMPTS[0]} -> {expected[0]}" in printed and "fp32 cache" in printed
 
 
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v32"])
+def test_a_second_turn_matches_transformers(request, hf_checkpoints, model_type, capsys):
+    """`--then-ids`: every conversation continues on the same cache with the turn's tokens after its reply; the
+    reply to it is transformers' greedy continuation of the whole conversation (prompt, first reply, turn)."""
+    path, hf_model = (request.getfixturevalue("exact_v32_checkpoint") if model_type == "deepseek_v32"
+                      else hf_checkpoints(model_type))
+    turn = [40, 7, 88, 19, 3, 61, 25]
+    prompt_args = [arg for prompt in PROMPTS for arg in ("--prompt-ids", ",".join(map(str, prompt)))]
+    outputs = generate_script.main(["--model", str(path), *prompt_args, "--then-ids", ",".join(map(str, turn)),
+                                    "--greedy", "--dtype", "float32", "--kv-cache", "fp32", "--max-new-tokens",
+                                    str(MAX_NEW_TOKENS), "--device", "cpu"])
+    first = [transformers_greedy(hf_model, prompt) for prompt in PROMPTS]
+    expected = [transformers_greedy(hf_model, prompt + reply + turn) for prompt, reply in zip(PROMPTS, first)]
+    assert outputs == expected
+    printed = capsys.readouterr().out
+    assert f"{PROMPTS[0]} -> {first[0]}" in printed and f"{turn} -> {expected[0]}" in printed
+
+
 def test_arguments():
     parse = generate_script.parse_args
     args = parse(["--random-tiny", "v3", "--dtype", "fp32", "--prompt-ids", "1, 2,3", "--prompt-ids", "4"])
@@ -60,7 +78,8 @@ def test_arguments():
                 ["--kv-cache", "fp16"], ["--dtype", "float16"],
                 # what generate() refuses, said before the model loads
                 ["--max-new-tokens", "0"], ["--temperature", "-1"], ["--temperature", "nan"], ["--top-p", "0"],
-                ["--top-p", "1.5"], ["--tp", "0"]):
+                ["--top-p", "1.5"], ["--tp", "0"], ["--then-ids", "1,-2"], ["--prompt-ids", "1", "--then", "a"],
+                ["--prompt", "a", "--then-ids", "1"], ["--then", "a", "--then-ids", "1"]):
         with pytest.raises(SystemExit):
             parse(["--random-tiny", "v3", *bad])
 
