@@ -8,6 +8,9 @@ Configurations:
   the indexer's top-k covers every context (`index_topk` raised to the window): every visible token is attended,
   as in V3.2 whenever a context is no longer than its index_topk;
 - bf16-sparse / fp8-sparse (V3.2 only): the checkpoint's `index_topk` (the FP8 cache scores the indexer in e4m3);
+- bf16-continued: as bf16-dense, but the rest of each window after the prompt runs as one continuation of the
+  prompt's rows (`prefill` into used rows: the decode path with many causal queries a pass, `--chunk` tokens a pass)
+  instead of one decode step per token: the same attention, so its KL to the baseline is rounding;
 - transformers: transformers' own `*ForCausalLM` (float32 weights), full forward over each window with no cache,
   attention as the baseline's: an independent implementation of the same model.
 For each: perplexity of the predicted tokens; KL(baseline || config) of the next-token distributions, mean and max
@@ -37,9 +40,10 @@ from models.loading import load_config
 
 DEFAULT_MODEL = SHIPPED_CHECKPOINT
 BASELINE = "bf16-dense"
-# name -> (KV cache dtype, sparse attention); "transformers" is the independent reference.
-OURS = {"bf16-dense": ("bf16", False), "fp8-dense": ("fp8", False), "bf16-sparse": ("bf16", True),
-        "fp8-sparse": ("fp8", True)}
+# name -> (KV cache dtype, sparse attention, the window's rest as a continuation); "transformers" is the
+# independent reference.
+OURS = {"bf16-dense": ("bf16", False, False), "fp8-dense": ("fp8", False, False), "bf16-sparse": ("bf16", True, False),
+        "fp8-sparse": ("fp8", True, False), "bf16-continued": ("bf16", False, True)}
 CONFIGS = (*OURS, "transformers")
 THRESHOLDS = {"max_kl_mean": ("kl_mean", max), "max_kl_max": ("kl_max", max), "min_top1": ("top1", min),
               "max_ppl_rel": ("ppl_rel", max)}
@@ -59,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="windows decoded together")
     parser.add_argument("--continuations", type=int, default=8, help="greedy continuations compared")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per greedy continuation")
+    parser.add_argument("--chunk", type=int, default=64, help="tokens a continuation pass takes (bf16-continued)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     parser.add_argument("--out", type=Path, default=Path("bench/quality"))
     parser.add_argument("--max-kl-mean", action="append", default=[], metavar="[CONFIG=]NATS")
@@ -75,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.configs.insert(0, BASELINE)
     if not 0 < args.context < args.window:
         parser.error("need 0 < --context < --window")
-    for name in ("tokens", "batch", "continuations", "new_tokens"):  # checked before the first (long) pass
+    for name in ("tokens", "batch", "continuations", "new_tokens", "chunk"):  # checked before the first (long) pass
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.thresholds = {name: parse_threshold(parser, name, getattr(args, name)) for name in THRESHOLDS}
@@ -134,8 +139,9 @@ def window_starts(length: int, window: int, count: int) -> list[int]:
 
 @torch.inference_mode()
 def run_ours(model, windows: torch.Tensor, context: int, batch: int, prompts: list[list[int]], new_tokens: int,
-             kv_cache_dtype: str, device: torch.device, desc: str) -> Run:
-    """Prefill each window's first `context` tokens, decode the rest teacher-forced; then greedy continuations."""
+             kv_cache_dtype: str, device: torch.device, desc: str, continued_chunk: int | None = None) -> Run:
+    """Prefill each window's first `context` tokens, decode the rest teacher-forced (or with `continued_chunk`, run
+    it as one continuation of the rows, that many tokens a pass); then greedy continuations."""
     length = windows.shape[1]
     chunks = []
     with tqdm(total=len(windows) * (length - context), desc=desc, leave=False) as progress:
@@ -143,11 +149,17 @@ def run_ours(model, windows: torch.Tensor, context: int, batch: int, prompts: li
             rows = windows[start:start + batch]
             cache = PagedKVCache(model.config, len(rows) * -(-length // 64), len(rows), length, kv_cache_dtype, device)
             logits = [prefill(model, cache, rows[:, :context].tolist())]
-            for t in range(context, length - 1):
-                for seq in range(len(rows)):
-                    cache.extend(seq, 1)
-                logits.append(decode_step(model, cache, rows[:, t:t + 1].to(device)))
-                progress.update(len(rows))
+            if continued_chunk is not None and length - 1 > context:
+                rest = prefill(model, cache, rows[:, context:length - 1].tolist(), last_only=False,
+                               chunk=continued_chunk)
+                logits += rest.view(len(rows), length - 1 - context, -1).unbind(1)
+                progress.update(len(rows) * (length - 1 - context))
+            elif continued_chunk is None:
+                for t in range(context, length - 1):
+                    for seq in range(len(rows)):
+                        cache.extend(seq, 1)
+                    logits.append(decode_step(model, cache, rows[:, t:t + 1].to(device)))
+                    progress.update(len(rows))
             chunks.append(torch.stack(logits, dim=1).float().log_softmax(-1).cpu())
             progress.update(len(rows))
     max_seq_len = max(len(p) for p in prompts) + new_tokens
@@ -296,13 +308,13 @@ def main(argv=None) -> int:
             runs[name] = run_transformers(args.model, windows, args.context, args.batch, prompts, args.new_tokens,
                                           dense_topk, device)
             continue
-        kv_cache_dtype, sparse = OURS[name]
+        kv_cache_dtype, sparse, continued = OURS[name]
         if sparse and not config.is_sparse:
             runs[name] = Run(skipped=f"{config.model_type} has no sparse attention")
             continue
         with attention(model, sparse, max_seq_len):
             runs[name] = run_ours(model, windows, args.context, args.batch, prompts, args.new_tokens,
-                                  kv_cache_dtype, device, name)
+                                  kv_cache_dtype, device, name, args.chunk if continued else None)
 
     results = {name: dict(skipped=run.skipped) if run.skipped else compare(run, runs[BASELINE], targets)
                for name, run in runs.items()}
