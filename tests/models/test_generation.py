@@ -304,6 +304,39 @@ def test_a_continued_prompt_gets_a_fresh_prefills_logits(model_type, topk_margin
                                rtol=1e-4, atol=1e-4)
 
 
+CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3", "deepseek_v32"])
+@pytest.mark.parametrize("kv_cache_dtype", ["bf16", "fp8"])
+def test_a_continuation_reads_the_cache_as_decode_steps_do(device, model_type, kv_cache_dtype):
+    """Over a bfloat16 or FP8 cache (on a GPU: the decode kernels, at s_q 7 and 2 where the steps take 1), prompts
+    continued in passes of 7 tokens get the logits of decoding them a token a step. A float32 model, so that the two
+    differ only in the attention ops' rounding (split counts, tiles); V3.2's index_topk covers every context, so no
+    near-tie of its top-k is broken two ways."""
+    config = DeepseekConfig.from_dict(tiny_config(model_type, index_topk=256))
+    model = random_model(config, torch.float32, device, seed=5)
+    generator = torch.Generator().manual_seed(13)
+    contexts, more = (70, 9), 30
+    tokens = [torch.randint(2, config.vocab_size, (n + more,), generator=generator).tolist() for n in contexts]
+    caches = [PagedKVCache(config, num_blocks=8, max_batch_size=2, max_seq_len=128, kv_cache_dtype=kv_cache_dtype,
+                           device=device) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            prefill(model, cache, [t[:n] for t, n in zip(tokens, contexts)])
+        continued = prefill(model, caches[0], [t[n:] for t, n in zip(tokens, contexts)], last_only=False, chunk=7)
+        stepped = []
+        rest = torch.tensor([t[n:] for t, n in zip(tokens, contexts)], device=device)
+        for step in range(more):
+            caches[1].extend_batch(2, 1)
+            stepped.append(decode_step(model, caches[1], rest[:, step:step + 1]))
+    want = torch.stack(stepped, 1).reshape(2 * more, -1)
+    error = ((continued - want).abs().amax(-1) / want.abs().amax(-1)).max().item()
+    assert error < 1e-2, f"relative logit error {error:.2e}"
+    assert caches[0].seq_lens == caches[1].seq_lens
+
+
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v32"])
 @pytest.mark.parametrize("last_only", [False, True])
 def test_continued_rows_of_one_length_run_together(model_type, last_only, topk_margins):
