@@ -24,6 +24,10 @@ class PagedKVCache:
 
     Sequences are the rows `0 .. max_batch_size - 1` of `block_table` `(max_batch_size, max_blocks_per_seq)` int32
     and `cache_seqlens` `(max_batch_size,)` int32; `seq_lens` is the host copy of the lengths.
+
+    Rows may share blocks (`fork`: a prompt prefilled once for several samples); `block_refs[block]` counts the rows
+    holding it, a block returns to the pool when none does, and a row about to write into a shared block (its last,
+    partly filled one) first copies it to a block of its own (copy on write, in every layer's pools).
     """
 
     def __init__(self, config: DeepseekConfig, num_blocks: int, max_batch_size: int, max_seq_len: int,
@@ -57,6 +61,7 @@ class PagedKVCache:
         self.seq_lens = [0] * max_batch_size
         self.seq_blocks: list[list[int]] = [[] for _ in range(max_batch_size)]
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
+        self.block_refs = [0] * num_blocks
         # Updated in place between steps: static addresses, so a compiled decode step keeps its CUDA graph
         # (inductor otherwise skips graphs for mutated inputs). Their sizes (pool blocks, batch rows, blocks per
         # sequence) are symbolic from the start, so caches of other sizes reuse the compiled step instead of each
@@ -83,7 +88,7 @@ class PagedKVCache:
             if end > self.max_seq_len:
                 raise ValueError(f"sequence {seq} would reach {end} tokens, more than max_seq_len "
                                  f"({self.max_seq_len})")
-            more += max(0, -(-end // PAGE_BLOCK_SIZE) - len(self.seq_blocks[seq]))
+            more += max(0, -(-end // PAGE_BLOCK_SIZE) - len(self.seq_blocks[seq])) + self._copy_on_write(seq, end)
         if more > len(self.free_blocks):
             raise RuntimeError(f"KV cache out of blocks: sequences {sorted(lengths)} need {more} more, "
                                f"{len(self.free_blocks)} free of {self.num_blocks}")
@@ -110,26 +115,72 @@ class PagedKVCache:
             raise ValueError(f"extend_batch: batch must be in [0, {len(self.seq_lens)}] and num_tokens >= 0, got "
                              f"batch {batch}, num_tokens {num_tokens}")
         ends = [length + num_tokens for length in self.seq_lens[:batch]]
-        # only the sequences that cross into a new block take one (a decode step: one in 64, or none)
+        # only the sequences that cross into a new block take one (a decode step: one in 64, or none), or that write
+        # into a block they share (copy on write: the first step after a fork)
         growing = {seq: end for seq, (end, blocks) in enumerate(zip(ends, self.seq_blocks))
-                   if end > len(blocks) * PAGE_BLOCK_SIZE}
+                   if end > len(blocks) * PAGE_BLOCK_SIZE or self._copy_on_write(seq, end)}
         self.check_room(growing)
         self._write_blocks([new for seq in growing for new in self._allocate(seq, num_tokens)])
         self.seq_lens[:batch] = ends
         self.cache_seqlens[:batch] += num_tokens
 
+    def _copy_on_write(self, seq: int, end: int) -> bool:
+        """Whether growing `seq` to `end` tokens writes into a block it shares: its last block, partly filled."""
+        length, blocks = self.seq_lens[seq], self.seq_blocks[seq]
+        return (end > length and length % PAGE_BLOCK_SIZE != 0 and len(blocks) == -(-length // PAGE_BLOCK_SIZE)
+                and self.block_refs[blocks[length // PAGE_BLOCK_SIZE]] > 1)
+
     def _allocate(self, seq: int, num_tokens: int) -> list[tuple[int, int, int]]:
-        """Host bookkeeping of `extend`: grows `seq_lens[seq]` and its blocks; returns the new block_table entries
-        `(seq, column, block)` (not yet written)."""
+        """Host bookkeeping of `extend`: grows `seq_lens[seq]` and its blocks (a shared last block first copied to a
+        block of its own); returns the new block_table entries `(seq, column, block)` (not yet written)."""
         end = self.seq_lens[seq] + num_tokens  # room checked by the caller (`check_room`)
         blocks = self.seq_blocks[seq]
-        needed = -(-end // PAGE_BLOCK_SIZE)
         new = []
+        if self._copy_on_write(seq, end):
+            column = self.seq_lens[seq] // PAGE_BLOCK_SIZE
+            shared, own = blocks[column], self.free_blocks.pop()
+            for pool in (*self.kv_cache, *(self.index_cache or ())):
+                pool[own].copy_(pool[shared])
+            self.block_refs[shared] -= 1
+            self.block_refs[own] = 1
+            blocks[column] = own
+            new.append((seq, column, own))
+        needed = -(-end // PAGE_BLOCK_SIZE)
         while len(blocks) < needed:
             new.append((seq, len(blocks), self.free_blocks.pop()))
             blocks.append(new[-1][2])
+            self.block_refs[blocks[-1]] = 1
         self.seq_lens[seq] = end
         return new
+
+    def _release(self, blocks: list[int]) -> None:
+        """One row fewer holds each of `blocks`; those no row holds return to the pool."""
+        for block in reversed(blocks):
+            self.block_refs[block] -= 1
+            if self.block_refs[block] == 0:
+                self.free_blocks.append(block)
+
+    def fork(self, seq: int, into: list[int]) -> None:
+        """Rows `into` (each empty) become copies of row `seq`: they share its blocks (nothing is copied now: a row
+        copies its partly filled last block when it first writes into it). E.g. one prompt prefilled once for several
+        sampled continuations."""
+        if not 0 <= seq < len(self.seq_lens):
+            raise ValueError(f"fork: seq must be in [0, {len(self.seq_lens)}), got {seq}")
+        for row in into:
+            if not 0 <= row < len(self.seq_lens) or row == seq or self.seq_lens[row]:
+                raise ValueError(f"fork: rows to fork into must be other, empty rows of the cache, got {row}")
+        if len(set(into)) != len(into):
+            raise ValueError(f"fork: each row to fork into once, got {into}")
+        if not into:
+            return
+        for row in into:
+            self.seq_blocks[row] = list(self.seq_blocks[seq])
+            self.seq_lens[row] = self.seq_lens[seq]
+            for block in self.seq_blocks[seq]:
+                self.block_refs[block] += 1
+        rows = torch.tensor(into, dtype=torch.int64).to(self.block_table.device)
+        self.block_table[rows] = self.block_table[seq].clone()
+        self.cache_seqlens[rows] = self.cache_seqlens[seq].clone()
 
     def _write_blocks(self, new: list[tuple[int, int, int]]) -> None:
         """Write block_table entries `(seq, column, block)`, with one host-to-device copy."""
@@ -148,7 +199,7 @@ class PagedKVCache:
         for seq, length in lengths.items():
             blocks = self.seq_blocks[seq]
             keep = -(-length // PAGE_BLOCK_SIZE)
-            self.free_blocks.extend(reversed(blocks[keep:]))
+            self._release(blocks[keep:])
             del blocks[keep:]
             self.seq_lens[seq] = length
         if lengths:
@@ -160,7 +211,7 @@ class PagedKVCache:
         """Return sequence `seq`'s blocks to the pool and empty it."""
         if not 0 <= seq < len(self.seq_lens):
             raise ValueError(f"free: seq must be in [0, {len(self.seq_lens)}), got {seq}")
-        self.free_blocks.extend(reversed(self.seq_blocks[seq]))
+        self._release(self.seq_blocks[seq])
         self.seq_blocks[seq] = []
         self.seq_lens[seq] = 0
         self.cache_seqlens[seq] = 0

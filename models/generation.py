@@ -32,14 +32,15 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
     `last_only=False` every token's, packed in prompt order `(sum of lengths, vocab)`.
 
     Empty rows take their prompts packed into one pass: causal attention over the prompt alone (V2/V3: keys and values
-    expanded from the latent by kv_b_proj; V3.2: sparse attention over the prompt's indexer top-k). A row that already
-    holds tokens (an earlier turn: `generate` leaves its sequences cached, all but the last token it returned, which
-    then starts the next prompt) is continued: its prompt attends to the cached tokens and causally to itself through
-    the decode path (the absorbed attention over the paged cache, the prompt's tokens as `s_q` queries: the decode
-    ops with causal masking; V3.2: the paged indexer's top-k), rows whose prompts have the same length in one batch,
-    in passes of at most `chunk` tokens (so a long prompt can also be run as a short first prompt and its
-    continuation: chunked prefill). Its logits are a fresh prefill's of the whole sequence up to rounding (V3.2: and
-    to the indexer's choice at a near-tie of its top-k, which the two paths' logits may break differently).
+    expanded from the latent by kv_b_proj; V3.2: sparse attention over the prompt's indexer top-k). Empty rows with the
+    same prompt (several samples of one prompt) prefill it once and share its blocks (`PagedKVCache.fork`). A row that
+    already holds tokens (an earlier turn: `generate` leaves its sequences cached, all but the last token it returned,
+    which then starts the next prompt) is continued: its prompt attends to the cached tokens and causally to itself
+    through the decode path (the absorbed attention over the paged cache, the prompt's tokens as `s_q` queries: the
+    decode ops with causal masking; V3.2: the paged indexer's top-k), rows whose prompts have the same length in one
+    batch, in passes of at most `chunk` tokens (so a long prompt can also be run as a short first prompt and its
+    continuation: chunked prefill). Its logits are a fresh prefill's of the whole sequence up to rounding (V3.2: and to
+    the indexer's choice at a near-tie of its top-k, which the two paths' logits may break differently).
 
     All rows are checked to have room first (nothing is cached otherwise); if a pass fails, every row is cut back to
     its length before the call."""
@@ -48,14 +49,21 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
     before = {seq: cache.seq_lens[seq] for seq in range(len(prompts))}
     cache.check_room({seq: before[seq] + len(prompt) for seq, prompt in enumerate(prompts)})  # all fit, or none
     try:
-        fresh = [seq for seq in range(len(prompts)) if before[seq] == 0]
-        if len(fresh) == len(prompts):  # the usual case: one packed pass
+        # empty rows with the same prompt: one of them prefilled, the others forked from it (its blocks shared)
+        same: dict[tuple[int, ...], list[int]] = {}
+        for seq in range(len(prompts)):
+            if before[seq] == 0:
+                same.setdefault(tuple(prompts[seq]), []).append(seq)
+        leaders = [rows[0] for rows in same.values()]
+        if len(leaders) == len(prompts):  # the usual case: distinct prompts into empty rows, one packed pass
             return _packed_prefill(model, cache, list(enumerate(prompts)), last_only)
         logits = {}
-        if fresh:
-            packed = _packed_prefill(model, cache, [(seq, prompts[seq]) for seq in fresh], last_only)
-            sizes = [1 if last_only else len(prompts[seq]) for seq in fresh]
-            logits.update(zip(fresh, packed.split(sizes)))
+        if leaders:
+            packed = _packed_prefill(model, cache, [(seq, prompts[seq]) for seq in leaders], last_only)
+            sizes = [1 if last_only else len(prompts[seq]) for seq in leaders]
+            for rows, part in zip(same.values(), packed.split(sizes)):
+                cache.fork(rows[0], rows[1:])
+                logits.update((seq, part) for seq in rows)
         logits.update(_continue(model, cache, [(seq, prompt) for seq, prompt in enumerate(prompts) if before[seq]],
                                 last_only, chunk))
         return torch.cat([logits[seq] for seq in range(len(prompts))])

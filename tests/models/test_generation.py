@@ -466,6 +466,100 @@ def test_generate_frees_its_rows_when_a_step_fails():
     assert [len(o) for o in outputs] == [4, 4]
 
 
+def held_blocks(cache: PagedKVCache) -> set[int]:
+    return {block for blocks in cache.seq_blocks for block in blocks}
+
+
+def assert_pool_consistent(cache: PagedKVCache) -> None:
+    """Every block is free or held (never both), each counted by the rows that hold it; block_table rows list them."""
+    held = held_blocks(cache)
+    assert not held & set(cache.free_blocks) and len(held) + len(cache.free_blocks) == cache.num_blocks
+    assert len(set(cache.free_blocks)) == len(cache.free_blocks)
+    for block in range(cache.num_blocks):
+        assert cache.block_refs[block] == sum(blocks.count(block) for blocks in cache.seq_blocks), block
+    for seq, blocks in enumerate(cache.seq_blocks):
+        assert cache.block_table[seq, :len(blocks)].tolist() == blocks
+        assert cache.cache_seqlens[seq].item() == cache.seq_lens[seq] and len(blocks) == -(-cache.seq_lens[seq] // 64)
+
+
+def test_fork_shares_blocks_and_copies_the_last_on_write():
+    """Forked rows hold the source's blocks; the first write into a shared, partly filled last block copies it (its
+    contents, every layer) to a block of the writer's own; full blocks stay shared; truncating or freeing one row
+    leaves the others' blocks."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v32"))
+    cache = PagedKVCache(config, num_blocks=10, max_batch_size=4, max_seq_len=256, kv_cache_dtype="fp8")
+    cache.extend(0, 100)  # blocks [a, b], b partly filled
+    for pool in (*cache.kv_cache, *cache.index_cache):
+        pool.copy_(torch.randint(0, 256, pool.shape, dtype=torch.uint8))
+    a, b = cache.seq_blocks[0]
+    cache.fork(0, [2, 3])
+    assert cache.seq_blocks[2] == cache.seq_blocks[3] == [a, b] and cache.block_refs[a] == cache.block_refs[b] == 3
+    assert_pool_consistent(cache)
+    contents = [pool[b].clone() for pool in (*cache.kv_cache, *cache.index_cache)]
+    cache.extend_batch(4, 1)  # rows 0, 2, 3 write into b: two copy it (rows 0 and 2), the last (3) keeps it
+    assert cache.seq_lens == [101, 1, 101, 101]  # (and empty row 1 takes a block of its own)
+    own = [cache.seq_blocks[seq][1] for seq in (0, 2, 3)]
+    assert own[2] == b and len({*own, a}) == 4 and cache.block_refs[a] == 3
+    for copy in own[:2]:
+        assert all(torch.equal(pool[copy], want) for pool, want in zip((*cache.kv_cache, *cache.index_cache), contents))
+    assert_pool_consistent(cache)
+    cache.extend(2, 60)  # into a block of its own: no copy
+    cache.free(3)  # a still rows 0 and 2's; b was row 3's alone now: back to the pool
+    assert cache.block_refs[a] == 2 and b not in held_blocks(cache) and b in cache.free_blocks
+    cache.truncate({0: 50})  # back inside the shared block a
+    assert_pool_consistent(cache)
+    cache.extend(0, 10)  # row 0's last block (a) is shared with row 2: copied
+    assert cache.seq_blocks[0][0] != a and cache.block_refs[a] == 1
+    cache.fork(2, [3])
+    cache.free(2)  # a: row 3's alone now, not the pool's
+    assert cache.block_refs[a] == 1 and a not in cache.free_blocks
+    assert_pool_consistent(cache)
+    cache.reset()
+    assert sorted(cache.free_blocks) == list(range(10)) and not any(cache.block_refs)
+
+
+def test_fork_checks_its_rows_and_the_pool_counts_copies():
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    cache = PagedKVCache(config, num_blocks=3, max_batch_size=4, max_seq_len=256)
+    cache.extend(0, 70)
+    cache.extend(1, 1)
+    for into, what in (([1], "empty"), ([0], "other"), ([2, 2], "once"), ([4], "empty")):
+        with pytest.raises(ValueError, match=what):
+            cache.fork(0, into)
+    cache.fork(0, [2])
+    assert cache.free_blocks == []  # 3 blocks: rows 0 and 2 share two, row 1 has one
+    with pytest.raises(RuntimeError, match="out of blocks"):  # row 2's first write must copy its shared last block
+        cache.extend(2, 1)
+    with pytest.raises(RuntimeError, match="out of blocks"):
+        cache.extend_batch(3, 1)
+    assert cache.seq_lens == [70, 1, 70, 0]
+    assert_pool_consistent(cache)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v32"])
+def test_the_same_prompt_is_prefilled_once_and_its_blocks_shared(model_type):
+    """Rows with the same prompt (samples of one prompt) prefill it once and fork: the same greedy tokens as rows that
+    each prefilled it, the shared prompt's full blocks held once, and the pool whole after EOS cuts and frees."""
+    config = DeepseekConfig.from_dict(tiny_config(model_type))
+    model = random_model(config, seed=1)
+    a, b = make_prompts(config.vocab_size)[:2]
+    prompts = [a, b, a, a, b]  # a: 60 tokens (its block partly filled), b: 5
+    shared = PagedKVCache(config, num_blocks=12, max_batch_size=5, max_seq_len=128, kv_cache_dtype="fp32")
+    passes = []
+    model.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    outputs, _ = generate(model, shared, prompts, NEW_TOKENS)
+    assert passes[0] == len(a) + len(b)  # one prefill pass of the two distinct prompts
+    alone = []
+    for prompt in prompts:
+        cache = PagedKVCache(config, num_blocks=12, max_batch_size=1, max_seq_len=128, kv_cache_dtype="fp32")
+        alone.append(generate(model, cache, [prompt], NEW_TOKENS)[0][0])
+    assert outputs == alone
+    assert_pool_consistent(shared)
+    for seq in range(len(prompts)):
+        shared.free(seq)
+    assert sorted(shared.free_blocks) == list(range(12)) and not any(shared.block_refs)
+
+
 def test_sample_rejects_bad_arguments():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
     for temperature, top_p in ((-1.0, 1.0), (float("inf"), 1.0), (1.0, 0.0), (1.0, -0.5), (1.0, 2.0)):
