@@ -77,18 +77,25 @@ class PagedKVCache:
         """Tokens one sequence can hold (its block_table row's blocks)."""
         return self.max_blocks_per_seq * PAGE_BLOCK_SIZE
 
-    def check_room(self, lengths: dict[int, int]) -> None:
+    def check_room(self, lengths: dict[int, int], borrowed: dict[int, int] | None = None) -> None:
         """That each sequence `seq` can grow to `lengths[seq]` tokens, all of them together, before any does: a
         ValueError for a row the cache does not have or a length past max_seq_len, a RuntimeError when the pool has
-        too few free blocks (so an extension happens whole or not at all)."""
-        more = 0
+        too few free blocks (so an extension happens whole or not at all). `borrowed[seq]`: blocks of another row
+        that `seq` will share (a fork) instead of taking from the pool. A partly filled last block that k of its
+        holders write into costs k copies, or k - 1 when they all do (the last then writes in place)."""
+        more, writers = 0, {}
+        borrowed = borrowed or {}
         for seq, end in lengths.items():
             if not 0 <= seq < len(self.seq_lens):
                 raise ValueError(f"sequence {seq} is not a row of this cache (max_batch_size {len(self.seq_lens)})")
             if end > self.max_seq_len:
                 raise ValueError(f"sequence {seq} would reach {end} tokens, more than max_seq_len "
                                  f"({self.max_seq_len})")
-            more += max(0, -(-end // PAGE_BLOCK_SIZE) - len(self.seq_blocks[seq])) + self._copy_on_write(seq, end)
+            more += max(0, -(-end // PAGE_BLOCK_SIZE) - len(self.seq_blocks[seq]) - borrowed.get(seq, 0))
+            if self._copy_on_write(seq, end):
+                block = self.seq_blocks[seq][self.seq_lens[seq] // PAGE_BLOCK_SIZE]
+                writers[block] = writers.get(block, 0) + 1
+        more += sum(min(count, self.block_refs[block] - 1) for block, count in writers.items())
         if more > len(self.free_blocks):
             raise RuntimeError(f"KV cache out of blocks: sequences {sorted(lengths)} need {more} more, "
                                f"{len(self.free_blocks)} free of {self.num_blocks}")

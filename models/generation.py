@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from flashmla_ops import num_sm_parts
+from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE
 from flashmla_ops.interface import dense_kernel_reads_schedule
 
 from .cache import PagedKVCache
@@ -47,13 +48,11 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
     _check_prompts("prefill", model, cache, prompts)
     _check_chunk("prefill", chunk)
     before = {seq: cache.seq_lens[seq] for seq in range(len(prompts))}
-    cache.check_room({seq: before[seq] + len(prompt) for seq, prompt in enumerate(prompts)})  # all fit, or none
+    # empty rows with the same prompt: one of them prefilled, the others forked from it (all its blocks shared)
+    same = _same_prompts(cache, prompts)
+    borrowed = {seq: -(-len(prompts[seq]) // PAGE_BLOCK_SIZE) for rows in same.values() for seq in rows[1:]}
+    cache.check_room({seq: before[seq] + len(prompt) for seq, prompt in enumerate(prompts)}, borrowed)  # all, or none
     try:
-        # empty rows with the same prompt: one of them prefilled, the others forked from it (its blocks shared)
-        same: dict[tuple[int, ...], list[int]] = {}
-        for seq in range(len(prompts)):
-            if before[seq] == 0:
-                same.setdefault(tuple(prompts[seq]), []).append(seq)
         leaders = [rows[0] for rows in same.values()]
         if len(leaders) == len(prompts):  # the usual case: distinct prompts into empty rows, one packed pass
             return _packed_prefill(model, cache, list(enumerate(prompts)), last_only)
@@ -70,6 +69,15 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
     except BaseException:
         cache.truncate({seq: length for seq, length in before.items() if cache.seq_lens[seq] > length})
         raise
+
+
+def _same_prompts(cache: PagedKVCache, prompts: list[list[int]]) -> dict[tuple[int, ...], list[int]]:
+    """The empty rows given each prompt, in row order (the first prefills it, the others fork from it)."""
+    same: dict[tuple[int, ...], list[int]] = {}
+    for seq, prompt in enumerate(prompts):
+        if cache.seq_lens[seq] == 0:
+            same.setdefault(tuple(prompt), []).append(seq)
+    return same
 
 
 def _packed_prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[tuple[int, list[int]]],
@@ -241,8 +249,13 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
     _check_chunk("generate", chunk)
     _check_prompts("generate", model, cache, prompts)
     before = [cache.seq_lens[seq] for seq in range(len(prompts))]
+    # Rows forked from another with the same prompt share its full blocks (and its last one until they write past it)
+    borrowed = {seq: len(prompts[seq]) // PAGE_BLOCK_SIZE if max_new_tokens > 1
+                else -(-len(prompts[seq]) // PAGE_BLOCK_SIZE)
+                for rows in _same_prompts(cache, prompts).values() for seq in rows[1:]}
     # the last new token is returned, not cached
-    cache.check_room({seq: before[seq] + len(prompt) + max_new_tokens - 1 for seq, prompt in enumerate(prompts)})
+    cache.check_room({seq: before[seq] + len(prompt) + max_new_tokens - 1 for seq, prompt in enumerate(prompts)},
+                     borrowed)
     try:
         return _generate(model, cache, prompts, before, max_new_tokens, temperature, top_p, eos_token_ids, step,
                          generator, chunk)

@@ -536,6 +536,36 @@ def test_fork_checks_its_rows_and_the_pool_counts_copies():
     assert_pool_consistent(cache)
 
 
+def test_shared_blocks_are_counted_once():
+    """The pool check counts what sharing needs, no more: rows writing into the partly filled block they all share
+    need one copy fewer than there are of them (the last writes in place); k samples of an L-token prompt need its
+    blocks once plus, each, its own blocks from the partly filled one on; prefilling them, the prompt's blocks once."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    cache = PagedKVCache(config, num_blocks=3, max_batch_size=2, max_seq_len=128)
+    cache.extend(0, 70)
+    cache.fork(0, [1])
+    cache.extend_batch(2, 1)  # one free block: row 0 copies, row 1 keeps the shared one
+    assert cache.free_blocks == [] and cache.seq_lens == [71, 71]
+    assert_pool_consistent(cache)
+    model = random_model(config, seed=1)
+    prompt = [(i * 37) % 120 + 2 for i in range(130)]  # two full blocks and a partly filled one
+    for blocks, fits in ((6, True), (5, False)):  # 2 shared, then 4 x 1 (the partly filled one, copied or kept)
+        cache = PagedKVCache(config, num_blocks=blocks, max_batch_size=4, max_seq_len=192)
+        if fits:
+            outputs, _ = generate(model, cache, [prompt] * 4, 3)
+            assert cache.free_blocks == [] and len(outputs) == 4
+            assert_pool_consistent(cache)
+        else:
+            with pytest.raises(RuntimeError, match="out of blocks"):
+                generate(model, cache, [prompt] * 4, 3)
+            assert untouched(cache, blocks)
+    cache = PagedKVCache(config, num_blocks=3, max_batch_size=4, max_seq_len=192)
+    with torch.no_grad():
+        prefill(model, cache, [prompt] * 4)  # the three blocks of the prompt, shared by all four rows
+    assert cache.free_blocks == [] and all(blocks == cache.seq_blocks[0] for blocks in cache.seq_blocks)
+    assert_pool_consistent(cache)
+
+
 @pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v32"])
 def test_the_same_prompt_is_prefilled_once_and_its_blocks_shared(model_type):
     """Rows with the same prompt (samples of one prompt) prefill it once and fork: the same greedy tokens as rows that
