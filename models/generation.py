@@ -242,7 +242,8 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
     to what they held before. On success they keep the sequences (the prompts and all new tokens but the last): free
     or reset them to reuse, or continue them: a row that holds tokens takes its prompt after them (`prefill`), so a
     conversation's next turn is `generate` again on the same rows with prompts that start with each row's last new
-    token (`chunk`: the tokens a continuation pass takes, see `prefill`)."""
+    token (`chunk`: the tokens a continuation pass takes, see `prefill`). Empty rows given the same prompt (samples of
+    one prompt) prefill it once and share its blocks, which the pool check counts once."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     _check_sampling("generate", temperature, top_p)
