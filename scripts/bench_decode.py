@@ -332,6 +332,15 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def replot(path: Path) -> None:
+    """An earlier run's roofline plot again (`path.with_suffix(".png")`), e.g. after a fix to `plot`: the PNGs of
+    stops before 48 drew the bandwidth roof without the ridge."""
+    results = json.loads(path.read_text())
+    CEILINGS.update(results["meta"].get("ceilings", {}))
+    plot(results["rows"], path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.png')} (ceilings: {CEILINGS['gpu']})")
+
+
 def bench_device(backend: str, script: str, ops: tuple[str, ...] = ()) -> torch.device:
     """The GPU a benchmark runs on, with the ops' backend forced to `backend` (FLASHMLA_BACKEND). A forced `cuda` or
     `triton` that one of `ops` cannot take here (kernels not built, no Triton) stops the benchmark: it would time
@@ -415,8 +424,14 @@ def main():
                              "--tune likewise")
     parser.add_argument("--scheduled", action="store_true",
                         help="pass get_mla_metadata's schedule to the op (the CUDA kernel then balances the blocks)")
+    parser.add_argument("--replot", metavar="JSON",
+                        help="no timing: draw an earlier run's PNG (beside its JSON) again from its rows, against the "
+                             "ceilings it recorded (the SPEC.md §4 H100 figures where it recorded none)")
     add_timing_arguments(parser)
     args = parser.parse_args()
+    if args.replot:
+        replot(Path(args.replot))
+        return
     apply_timing_arguments(args)
     device = bench_device(args.backend, "bench_decode.py", ("dense_decode",))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dense_decode backend: "

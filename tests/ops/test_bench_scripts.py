@@ -101,3 +101,19 @@ def test_the_roofline_bends_at_the_ridge():
     assert ys[xs.index(ridge)] == pytest.approx(bench_decode.CEILINGS["bf16"] / 1e12)
     assert ys[0] == pytest.approx(bench_decode.CEILINGS["bandwidth"] * xs[0] / 1e12)
     assert ys[-1] == ys[xs.index(ridge)]
+
+
+def test_replot_draws_an_earlier_run_against_its_ceilings(tmp_path, monkeypatch):
+    """`bench_decode.py --replot JSON` draws the PNG again from the saved rows, against the ceilings the run recorded:
+    the roofline's ridge where that GPU's compute roof meets its bandwidth roof (stops before 48 drew it without)."""
+    drawn = []
+    monkeypatch.setattr(bench_decode, "plot", lambda rows, path: drawn.append((rows, path,
+                                                                               bench_decode.roofline([10.0, 1000.0]))))
+    monkeypatch.setattr(bench_decode, "CEILINGS", dict(bench_decode.CEILINGS))
+    rows = [{"tflop_s": 100.0, "gb_s": 3000.0, "kv_cache": "bf16"}]
+    ceilings = {"gpu": "NVIDIA H200 (measured)", "bandwidth": 4.0e12, "bf16": 700e12}
+    (tmp_path / "decode.json").write_text(json.dumps({"meta": {"ceilings": ceilings}, "rows": rows}))
+    bench_decode.replot(tmp_path / "decode.json")
+    (got_rows, path, (xs, ys)), = drawn
+    assert got_rows == rows and path == tmp_path / "decode.png"
+    assert xs[1] == 700e12 / 4.0e12 and ys[1] == ys[2] == 700.0 and ys[0] == 4.0e12 * xs[0] / 1e12
