@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     turns.add_argument("--then-ids", action="append", default=[], type=prompt_ids, metavar="ID,ID,...",
                        help="a next turn as token ids (repeat for more turns); not with --prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="per turn")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="continuations of each prompt (cache rows sharing the prompt's blocks); use with "
+                        "--temperature")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0; the default)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -97,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.tp < 1:
         parser.error(f"--tp must be >= 1, got {args.tp}")
+    if args.samples < 1:
+        parser.error(f"--samples must be >= 1, got {args.samples}")
     if args.model and args.random_tiny:
         parser.error("--model and --random-tiny exclude each other")
     if args.model and not (Path(args.model) / "config.json").is_file():
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> list[list[int]]:
         prompts = args.prompt_ids
     else:
         prompts = [list(range(2, 2 + length)) for length in (7, 19, 4)]  # tokenizer-free input
+    prompts = [prompt for prompt in prompts for _ in range(args.samples)]  # rows of one prompt share its blocks
     if args.then and tokenizer is None:
         raise SystemExit("--then needs a checkpoint with tokenizer files (--model DIR)")
     turns = [tokenizer.encode(text, add_special_tokens=False) for text in args.then] if args.then else args.then_ids

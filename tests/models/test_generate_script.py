@@ -47,6 +47,11 @@ def test_greedy_float32_matches_transformers(request, hf_checkpoints, model_type
     assert outputs == expected
     printed = capsys.readouterr().out
     assert f"{PROMPTS[0]} -> {expected[0]}" in printed and "fp32 cache" in printed
+    # --samples: rows sharing each prompt's blocks (prefilled once); greedy, each row transformers' tokens
+    outputs = generate_script.main(["--model", str(path), *prompt_args, "--samples", "2", "--greedy", "--dtype",
+                                    "float32", "--kv-cache", "fp32", "--max-new-tokens", str(MAX_NEW_TOKENS),
+                                    "--device", "cpu", "--warmup", "0"])
+    assert outputs == [tokens for tokens in expected for _ in range(2)]
 
 
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v32"])
@@ -79,7 +84,7 @@ def test_arguments():
                 # what generate() refuses, said before the model loads
                 ["--max-new-tokens", "0"], ["--temperature", "-1"], ["--temperature", "nan"], ["--top-p", "0"],
                 ["--top-p", "1.5"], ["--tp", "0"], ["--then-ids", "1,-2"], ["--prompt-ids", "1", "--then", "a"],
-                ["--prompt", "a", "--then-ids", "1"], ["--then", "a", "--then-ids", "1"]):
+                ["--prompt", "a", "--then-ids", "1"], ["--then", "a", "--then-ids", "1"], ["--samples", "0"]):
         with pytest.raises(SystemExit):
             parse(["--random-tiny", "v3", *bad])
 
