@@ -484,17 +484,25 @@ def _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8)
 def sparse_decode_path(q: torch.Tensor, k_cache: torch.Tensor, extra_k_cache: torch.Tensor | None, head_dim_v: int,
                        is_fp8: bool) -> str:
     """The path `flashmla::sparse_decode` takes for this q and these caches: 'cuda' (csrc/dense_decode.cu's sparse
-    decode, once per cache), 'triton' or 'reference'."""
-    for path in _ext.paths("sparse_decode", q.device):
-        if (path == "cuda" and q.shape[0] * q.shape[1] <= 65535
+    decode, once per cache), 'triton' or 'reference'. With an extra cache the Triton kernel comes first where it may
+    run: its one pass over both caches took 397.8 us against the CUDA kernel's two launches and merge's 486.0 (fp8
+    b128 h128, 2048 + 128 indices) and 155.6 against 191.3 (b64 h64, 2048 + 512) on the H100 (stop 49,
+    docs/bench/stop49_call4.log); FLASHMLA_BACKEND=cuda keeps the CUDA path."""
+    paths = _ext.paths("sparse_decode", q.device)
+
+    def triton_takes() -> bool:
+        from .triton import sparse as triton_sparse  # only where the Triton path exists (Triton installed)
+
+        return triton_sparse.supports_decode(q, k_cache, extra_k_cache, head_dim_v, is_fp8)
+
+    triton_first = extra_k_cache is not None and "triton" in paths and triton_takes()
+    for path in paths:
+        if (path == "cuda" and not triton_first and q.shape[0] * q.shape[1] <= 65535
                 and all(_cuda_dense_supports(q, cache, head_dim_v, is_fp8)
                         for cache in (k_cache, extra_k_cache) if cache is not None)):
             return "cuda"
-        if path == "triton":
-            from .triton import sparse as triton_sparse
-
-            if triton_sparse.supports_decode(q, k_cache, extra_k_cache, head_dim_v, is_fp8):
-                return "triton"
+        if path == "triton" and triton_takes():
+            return "triton"
     return "reference"
 
 
