@@ -495,9 +495,10 @@ def sparse_decode_path(q: torch.Tensor, k_cache: torch.Tensor, extra_k_cache: to
 
         return triton_sparse.supports_decode(q, k_cache, extra_k_cache, head_dim_v, is_fp8)
 
-    triton_first = extra_k_cache is not None and "triton" in paths and triton_takes()
+    if extra_k_cache is not None and "triton" in paths and triton_takes():
+        return "triton"
     for path in paths:
-        if (path == "cuda" and not triton_first and q.shape[0] * q.shape[1] <= 65535
+        if (path == "cuda" and q.shape[0] * q.shape[1] <= 65535
                 and all(_cuda_dense_supports(q, cache, head_dim_v, is_fp8)
                         for cache in (k_cache, extra_k_cache) if cache is not None)):
             return "cuda"

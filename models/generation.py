@@ -117,8 +117,9 @@ def _continue(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[tup
         for first in range(0, length, chunk):
             s_q = min(chunk, length - first)
             last_pass = first + s_q == length
-            for start in range(0, len(group), max(1, chunk // s_q)):
-                rows = group[start:start + max(1, chunk // s_q)]
+            rows_per_pass = max(1, chunk // s_q)
+            for start in range(0, len(group), rows_per_pass):
+                rows = group[start:start + rows_per_pass]
                 for seq, _ in rows:
                     cache.extend(seq, s_q)
                 index = torch.tensor([seq for seq, _ in rows], dtype=torch.int64, device=device)
