@@ -23,6 +23,7 @@ constexpr int kMaxSplits = 1024;
 constexpr int kNarrowRows = 16;  // query rows (s_q * h_q) up to which dense decode runs dense_decode_narrow.cu
                                  // (flashmla_ops/decode.py's CUDA_NARROW_ROWS, the same number)
 constexpr float kLn2 = 0.69314718055994530942f;
+constexpr float kLog2e = 1.44269504088896340736f;
 
 struct DecodeParams {
   // (64 columns, 64 rows, tiles, num_blocks) as bf16, 128 bytes between tiles: BF16 cache nine tiles, FP8 cache
@@ -73,7 +74,18 @@ struct DecodeParams {
   // Dense: the block table's columns; lengths are cut at their capacity (see block_page). Last, so that the fields
   // before keep their offsets (the kernels that do not read it compile as before).
   int block_table_blocks;
+  // (h_q,) float32 per-head sinks, or nullptr: out scaled by exp(lse) / (exp(lse) + exp(sink)), lse unchanged
+  // (sink_denominator). Applied where a row is normalised for out: a piece's direct store, or the combine.
+  const float* attn_sink;
 };
+
+// The denominator that normalises a row whose softmax sums to `total` relative to the base-2 maximum `row_max`, with
+// head `head`'s attention sink (natural units) as one more logit that contributes no value: total + 2^(sink log2 e -
+// row_max). `total` where there is no sink, or where the row saw no token (its output 0 whatever the sink, as the
+// reference's; an infinite sink would make it NaN).
+__device__ __forceinline__ float sink_denominator(const float* attn_sink, int head, float total, float row_max) {
+  return attn_sink == nullptr || !(total > 0.f) ? total : total + exp2f(fmaf(attn_sink[head], kLog2e, -row_max));
+}
 
 // Tokens a query of grid row z sees (dense: its sequence's length; sparse: its index count).
 template <bool kSparse>

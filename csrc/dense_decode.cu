@@ -185,12 +185,13 @@ __device__ __forceinline__ int f16_row_exponent(float largest) {
 
 // The end of a piece: each warpgroup's half of O (value columns 256 w ..), divided by the row sums of both halves
 // (`row_sum`: this thread's partial sums of its two rows, scaled to `row_max`, the rows' final maximum), to out and
-// lse (out_slot < 0) or to partial slot `out_slot`: the row in f16 times 2^-e (f16_row_exponent of the row's largest
-// magnitude, from both halves), 2^e in scale_partial and the base-2 LSE. Half the bytes of float32 partials, which
-// every CTA of a split stores at once at its end and the combine reads back. The rows go through shared memory (the
-// Q tile, free once every product is done: the caller has waited for its own) and leave it in 16-byte
-// stores, a warp's covering 512 contiguous bytes of a row: stop 35 timed the fragments' own 4- and 8-byte stores, 8
-// rows of 16 or 32 bytes a warp store, at 3-6 us a CTA. The CTA's last barrier lets the next piece's loads reuse it.
+// lse (out_slot < 0; with p.attn_sink, by sink_denominator's sum) or to partial slot `out_slot`: the row in f16 times
+// 2^-e (f16_row_exponent of the row's largest magnitude, from both halves), 2^e in scale_partial and the base-2 LSE.
+// Half the bytes of float32 partials, which every CTA of a split stores at once at its end and the combine reads
+// back. The rows go through shared memory (the Q tile, free once every product is done: the caller has waited for its
+// own) and leave it in 16-byte stores, a warp's covering 512 contiguous bytes of a row: stop 35 timed the fragments'
+// own 4- and 8-byte stores, 8 rows of 16 or 32 bytes a warp store, at 3-6 us a CTA. The CTA's last barrier lets the
+// next piece's loads reuse it.
 // kPartials: the launch may write partials (a split, or a balanced schedule); without it every piece goes to out, and
 // the kernel carries no partial code (stop 38: with it, the unsplit sparse FP8 decode kernel took 255 instead of 252
 // registers and ran 2% slower at s_q 2).
@@ -231,7 +232,9 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, uint8_t* sha
   for (int j = 0; j < 2; ++j) {
     const int row = row_block * kRowsPerCta + row_of[j];
     const float total = row_sum_shared[row_of[j]] + row_sum_shared[kRowsPerCta + row_of[j]];
-    const float inverse = total > 0.f ? 1.f / total : 0.f;
+    // partials are normalised by their own sum (the combine adds the sink)
+    const float inverse =
+        total > 0.f ? 1.f / (direct ? sink_denominator(p.attn_sink, row % p.h_q, total, row_max[j]) : total) : 0.f;
     uint8_t* staged_row = staged + row_of[j] * kStagedStride + value_col * 2;
     int exponent = 0;
     if (direct) {
@@ -1010,12 +1013,13 @@ __device__ __forceinline__ bool combine_slots(int z, const int* __restrict__ spl
 
 // The combine's weights: weights[s] = 2^(lse_s - lse) times the slot's scale (scale_partial; 1 where it is nullptr)
 // for the `num_splits` splits of query row `row` from slot `first` on (0 for a split that saw no token), with
-// `max_lse` their largest base-2 LSE and `total` the sum of 2^(lse_s - max_lse) (0 when no split saw a token).
+// `max_lse` their largest base-2 LSE and `total` the sum of 2^(lse_s - max_lse) (0 when no split saw a token); with
+// an attention sink (head `head`'s of `attn_sink`) the weights' sum is sink_denominator's share of it instead of 1.
 // `stats` is two floats of shared memory; every thread of the CTA calls this.
 __device__ __forceinline__ void combine_weights(const float* __restrict__ lse_partial,
                                                 const float* __restrict__ scale_partial, int64_t first, int rows,
-                                                int row, int num_splits, float* weights, float* stats, float& max_lse,
-                                                float& total) {
+                                                int row, int num_splits, const float* __restrict__ attn_sink, int head,
+                                                float* weights, float* stats, float& max_lse, float& total) {
   for (int s = threadIdx.x; s < num_splits; s += blockDim.x) weights[s] = lse_partial[(first + s) * rows + row];
   __syncthreads();
   if (threadIdx.x < 32) {
@@ -1037,9 +1041,10 @@ __device__ __forceinline__ void combine_weights(const float* __restrict__ lse_pa
   __syncthreads();
   total = stats[0];
   max_lse = stats[1];
+  const float denominator = sink_denominator(attn_sink, head, total, max_lse);
   for (int s = threadIdx.x; s < num_splits; s += blockDim.x) {
     const float scale = scale_partial != nullptr ? scale_partial[(first + s) * rows + row] : 1.f;
-    weights[s] = weights[s] == -INFINITY ? 0.f : exp2f(weights[s] - max_lse) / total * scale;
+    weights[s] = weights[s] == -INFINITY ? 0.f : exp2f(weights[s] - max_lse) / denominator * scale;
   }
   __syncthreads();
 }
@@ -1101,15 +1106,16 @@ __global__ void __launch_bounds__(128) combine_kernel(const Partial* __restrict_
                                                       int64_t out_batch_stride, int64_t out_seq_stride,
                                                       int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
                                                       int num_splits, int queries_per_z,
-                                                      const int* __restrict__ split_offsets) {
+                                                      const int* __restrict__ split_offsets,
+                                                      const float* __restrict__ attn_sink) {
   __shared__ float weights[kMaxSplits], stats[2];
   const int row = blockIdx.x, z = blockIdx.y;
   const int batch = z / queries_per_z, first_query = z % queries_per_z;
   int64_t first;
   if (!combine_slots(z, split_offsets, num_splits, first)) return;
   float max_lse, total;
-  combine_weights(lse_partial, partial_scales<Partial>(scale_partial), first, rows, row, num_splits, weights, stats,
-                  max_lse, total);
+  combine_weights(lse_partial, partial_scales<Partial>(scale_partial), first, rows, row, num_splits, attn_sink,
+                  row % h_q, weights, stats, max_lse, total);
   // Unrolled, with every load unconditional (each slot is allocated, written or not) so that several are in flight.
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
@@ -1138,7 +1144,7 @@ __global__ void __launch_bounds__(32 * kFewSplitsRows) combine_few_splits_kernel
     const Partial* __restrict__ out_partial, const float* __restrict__ lse_partial,
     const float* __restrict__ scale_partial, __nv_bfloat16* out,
     int64_t out_batch_stride, int64_t out_seq_stride, int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
-    int num_splits, int queries_per_z) {
+    int num_splits, int queries_per_z, const float* __restrict__ attn_sink) {
   const int lane = threadIdx.x % 32, row = blockIdx.x * kFewSplitsRows + threadIdx.x / 32, z = blockIdx.y;
   if (row >= rows) return;
   const int batch = z / queries_per_z, first_query = z % queries_per_z;
@@ -1168,13 +1174,14 @@ __global__ void __launch_bounds__(32 * kFewSplitsRows) combine_few_splits_kernel
       total += split_lse[s];
     }
   }
+  const float denominator = sink_denominator(attn_sink, row % h_q, total, max_lse);
   float4 acc[kFewSplitsVectors];
 #pragma unroll
   for (int v = 0; v < kFewSplitsVectors; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
   for (int s = 0; s < kSplits; ++s) {
     if (s < num_splits) {
-      const float w = split_lse[s] == 0.f ? 0.f : split_lse[s] / total * split_scale[s];
+      const float w = split_lse[s] == 0.f ? 0.f : split_lse[s] / denominator * split_scale[s];
 #pragma unroll
       for (int v = 0; v < kFewSplitsVectors; ++v) add_weighted(acc[v], w, part[s][v]);
     }
@@ -1211,7 +1218,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
     combine_many_splits_kernel(const Partial* __restrict__ out_partial, const float* __restrict__ lse_partial,
                                const float* __restrict__ scale_partial, __nv_bfloat16* out, int64_t out_batch_stride,
                                int64_t out_seq_stride, int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
-                               int num_splits, int queries_per_z, const int* __restrict__ split_offsets) {
+                               int num_splits, int queries_per_z, const int* __restrict__ split_offsets,
+                               const float* __restrict__ attn_sink) {
   constexpr int kGroups = kLatentDim / 4 / kParts;          // float4 column groups of this CTA's part
   constexpr int kVectors = kGroups >= 32 ? kGroups / 32 : 1;  // float4 per lane per split row
   constexpr int kLanes = kGroups >= 32 ? 32 : kGroups;        // lanes with columns
@@ -1223,8 +1231,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
   int64_t first;
   if (!combine_slots(z, split_offsets, num_splits, first)) return;
   float max_lse, total;
-  combine_weights(lse_partial, partial_scales<Partial>(scale_partial), first, rows, row, num_splits, weights, stats,
-                  max_lse, total);
+  combine_weights(lse_partial, partial_scales<Partial>(scale_partial), first, rows, row, num_splits, attn_sink,
+                  row % h_q, weights, stats, max_lse, total);
   float4 acc[kVectors];
   for (int v = 0; v < kVectors; ++v) acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
   const auto add_split = [&](int s, const float4 (&part)[kVectors]) {
@@ -1351,6 +1359,16 @@ void check_inputs(const char* op, const torch::Tensor& q, const torch::Tensor& k
               op, ": kv_cache must be bfloat16 (..., 576) or, with is_fp8, 1-byte (..., 656)");
 }
 
+// The per-head attention sinks into params (none: nullptr), for the kernel that normalises each row.
+void set_attn_sink(const char* op, DecodeParams& params, const c10::optional<torch::Tensor>& attn_sink,
+                   const torch::Tensor& q, int64_t h_q) {
+  if (!attn_sink.has_value()) return;
+  TORCH_CHECK(attn_sink->scalar_type() == at::kFloat && attn_sink->dim() == 1 && attn_sink->size(0) == h_q &&
+                  attn_sink->is_contiguous() && attn_sink->device() == q.device(),
+              op, ": attn_sink must be a contiguous float32 (h_q,) tensor on q's device");
+  params.attn_sink = attn_sink->data_ptr<float>();
+}
+
 // The combine of the split partials into out and lse: the few-splits kernel for a uniform split into at most
 // kCombineFewSplits, the many-splits kernel from kCombineManySplits, combine_kernel for the rest and for balanced
 // schedules.
@@ -1364,7 +1382,8 @@ void launch_combine(const DecodeParams& params, const Partial* out_partial, cons
                                            : combine_few_splits_kernel<kCombineFewSplits, Partial>;
     combine<<<dim3((rows + kFewSplitsRows - 1) / kFewSplitsRows, zs), 32 * kFewSplitsRows, 0, stream>>>(
         out_partial, params.lse_partial, params.scale_partial, params.out, out.stride(0), out.stride(1),
-        out.stride(2), params.lse, params.h_q, params.s_q, params.rows, num_splits, params.queries_per_z);
+        out.stride(2), params.lse, params.h_q, params.s_q, params.rows, num_splits, params.queries_per_z,
+        params.attn_sink);
   } else {
     const bool many_splits = !balanced && num_splits >= kCombineManySplits;
     // The many-splits kernel: as many column parts a row as keep its CTAs within two per SM (two fit: 96 registers
@@ -1383,7 +1402,7 @@ void launch_combine(const DecodeParams& params, const Partial* out_partial, cons
     combine<<<dim3(rows * parts, zs), many_splits ? kCombineThreads : 128, 0, stream>>>(
         out_partial, params.lse_partial, params.scale_partial, params.out, out.stride(0), out.stride(1),
         out.stride(2), params.lse, params.h_q, params.s_q, params.rows, num_splits, params.queries_per_z,
-        params.split_offsets);
+        params.split_offsets, params.attn_sink);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -1480,7 +1499,8 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
                                         const torch::Tensor& block_table, const torch::Tensor& cache_seqlens,
                                         double softmax_scale, bool causal, bool is_fp8, int64_t num_splits,
                                         const c10::optional<torch::Tensor>& tile_scheduler_metadata,
-                                        const c10::optional<torch::Tensor>& split_offsets, bool narrow) {
+                                        const c10::optional<torch::Tensor>& split_offsets, bool narrow,
+                                        const c10::optional<torch::Tensor>& attn_sink) {
   check_inputs("dense_decode", q, kv_cache, is_fp8);
   TORCH_CHECK(!narrow || q.size(1) * q.size(2) <= kNarrowRows, "dense_decode: the narrow kernel takes at most ",
               kNarrowRows, " query rows (s_q * h_q), got ", q.size(1) * q.size(2));
@@ -1490,6 +1510,7 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
                   cache_seqlens.scalar_type() == at::kInt && cache_seqlens.is_contiguous(),
               "dense_decode: block_table and cache_seqlens must be int32 with contiguous rows");
   DecodeParams params{};
+  set_attn_sink("dense_decode", params, attn_sink, q, q.size(2));
   params.block_table = block_table.data_ptr<int>();
   params.block_table_stride = block_table.stride(0);
   // Capped so that its capacity in tokens fits an int (the lengths are ints: a larger table cuts nothing).
@@ -1514,7 +1535,8 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
 
 std::vector<torch::Tensor> sparse_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
                                          const torch::Tensor& indices, const c10::optional<torch::Tensor>& topk_length,
-                                         double softmax_scale, bool is_fp8, int64_t num_splits) {
+                                         double softmax_scale, bool is_fp8, int64_t num_splits,
+                                         const c10::optional<torch::Tensor>& attn_sink) {
   check_inputs("sparse_decode", q, kv_cache, is_fp8);
   TORCH_CHECK(indices.scalar_type() == at::kInt && indices.dim() == 3 && indices.stride(2) == 1 &&
                   indices.size(0) == q.size(0) && indices.size(1) == q.size(1),
@@ -1524,6 +1546,7 @@ std::vector<torch::Tensor> sparse_decode(const torch::Tensor& q, const torch::Te
                    topk_length->numel() == q.size(0)),
               "sparse_decode: topk_length must be int32 (batch,)");
   DecodeParams params{};
+  set_attn_sink("sparse_decode", params, attn_sink, q, q.size(2));
   params.indices = indices.data_ptr<int>();
   params.indices_batch_stride = indices.stride(0);
   params.indices_seq_stride = indices.stride(1);
@@ -1535,7 +1558,8 @@ std::vector<torch::Tensor> sparse_decode(const torch::Tensor& q, const torch::Te
 // Sparse prefill on the sparse decode kernel: each query token is a z of the grid (s_q = 1) with its own indices
 // into the flat kv, read as 64-row blocks. One split per query (max_logits is written by the CTA itself).
 std::vector<torch::Tensor> sparse_prefill(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& indices,
-                                          const c10::optional<torch::Tensor>& topk_length, double softmax_scale) {
+                                          const c10::optional<torch::Tensor>& topk_length, double softmax_scale,
+                                          const c10::optional<torch::Tensor>& attn_sink) {
   TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kBFloat16 && q.dim() == 3 && q.size(2) == kHeadDimQK,
               "sparse_prefill: q must be CUDA bfloat16 (s_q, h_q, 576)");
   TORCH_CHECK(kv.scalar_type() == at::kBFloat16 && kv.dim() == 3 && kv.size(1) == 1 && kv.size(2) == kHeadDimQK &&
@@ -1553,6 +1577,7 @@ std::vector<torch::Tensor> sparse_prefill(const torch::Tensor& q, const torch::T
   const int64_t s_q = q.size(0), h_q = q.size(1);
   auto max_logits = torch::empty({s_q, h_q}, q.options().dtype(at::kFloat));
   DecodeParams params{};
+  set_attn_sink("sparse_prefill", params, attn_sink, q, h_q);
   params.indices = indices.data_ptr<int>();
   params.indices_batch_stride = indices.stride(0);
   params.indices_seq_stride = 0;

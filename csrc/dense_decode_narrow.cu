@@ -456,6 +456,7 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     }
   }
   __syncthreads();
+  const bool direct = out_slot < 0;
   float mine_weight[kMine], other_weight[kMine], inverse[kMine], total_max[kMine], total_sum[kMine];
 #pragma unroll
   for (int index = 0; index < kMine; ++index) {
@@ -471,9 +472,11 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       other_sum += warp_sum[((1 - warpgroup) * 4 + w) * kRows + n];
     }
     total_sum[index] = mine_sum * mine_weight[index] + other_sum * other_weight[index];
-    inverse[index] = total_sum[index] > 0.f ? 1.f / total_sum[index] : 0.f;
+    // partials are normalised by their own sum (the combine adds the sink)
+    const float denominator =
+        direct ? sink_denominator(p.attn_sink, n % p.h_q, total_sum[index], total_max[index]) : total_sum[index];
+    inverse[index] = total_sum[index] > 0.f ? 1.f / denominator : 0.f;
   }
-  const bool direct = out_slot < 0;
   cta_mark(3);
 #pragma unroll
   for (int t = 0; t < 4; ++t) {

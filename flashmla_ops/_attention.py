@@ -52,15 +52,6 @@ def sink_factor(lse: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isposinf(lse), 1.0, torch.sigmoid(lse - attn_sink.float()))
 
 
-def apply_attn_sink_(out: torch.Tensor, lse: torch.Tensor, attn_sink: torch.Tensor | None) -> torch.Tensor:
-    """`apply_attn_sink` in place on a kernel's bf16 `out`, for the CUDA kernels (written without the sink): the
-    factor in float32, so out is rounded once more than where the sink is applied before the store (at most one bf16
-    ulp further from the reference). A few elementwise launches, no host sync."""
-    if attn_sink is not None:
-        out.mul_(sink_factor(lse, attn_sink).unsqueeze(-1))
-    return out
-
-
 def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
                     attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Two attentions of the same queries over disjoint key sets as the one over their union: out `(b, s_q, h, d_v)`

@@ -82,6 +82,11 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
 
 
+def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An optional tensor as the kernels read it: contiguous (itself where it is), or None."""
+    return None if t is None else t.contiguous()
+
+
 def dense_aligned(t: torch.Tensor) -> torch.Tensor:
     """`t` contiguous from a 16-byte aligned address, as the CUDA kernels read it (TMA, 16-byte vector loads): `t`
     itself, or a copy of a strided or misaligned view (e.g. rows viewed from a flat buffer one element in)."""

@@ -10,9 +10,9 @@ import os
 import torch
 
 from . import _ext
-from ._attention import apply_attn_sink, apply_attn_sink_, attend, merge_attention
+from ._attention import apply_attn_sink, attend, merge_attention
 from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_paged_table, check_same_device,
-                      check_tensor, last_dim_contiguous, value_checks_apply)
+                      check_tensor, contiguous_or_none, last_dim_contiguous, value_checks_apply)
 from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
 
 METADATA_FIELDS = 8  # begin_batch, begin_block, end_batch, end_block (exclusive), begin_split, 3 reserved
@@ -266,7 +266,7 @@ CUDA_MIN_BLOCKS_PER_SPLIT = 2
 
 def _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8) -> bool:
     """The shapes csrc/dense_decode.cu is written for: bf16 q, a bf16 or FP8 (656-byte) cache, d_qk 576 / d_v 512,
-    16-byte aligned rows (an attention sink is applied after the kernel: `apply_attn_sink_`)."""
+    16-byte aligned rows (an attention sink too: the kernel scales each row before its store)."""
     aligned = (all(stride % 8 == 0 for stride in q.stride()[:3])
                and all(stride * k_cache.element_size() % 16 == 0 for stride in k_cache.stride()[:2]))
     cache_ok = k_cache.shape[-1] == FP8_BYTES if is_fp8 else k_cache.dtype == torch.bfloat16
@@ -334,8 +334,8 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
             cuda_num_splits(q.device, q.shape[0], rows, block_table.shape[1]),
             tile_scheduler_metadata.contiguous() if balanced else None,
             num_splits.contiguous() if balanced else None,
-            cuda_dense_kernel(rows) == "narrow")
-        return apply_attn_sink_(out, lse.transpose(1, 2), attn_sink), lse
+            cuda_dense_kernel(rows) == "narrow", contiguous_or_none(attn_sink))
+        return out, lse
     if path == "triton":
         from .triton import decode as triton_decode
 
@@ -473,12 +473,14 @@ def sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, ext
     return out, lse
 
 
-def _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8):
-    """csrc/dense_decode.cu's sparse decode over one cache (it reads unit-stride index rows, contiguous lengths)."""
+def _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8, attn_sink=None):
+    """csrc/dense_decode.cu's sparse decode over one cache (it reads unit-stride index rows, contiguous lengths and
+    sinks)."""
     batch, s_q, h_q, _ = q.shape
     return _ext.extension().sparse_decode(
-        q, k_cache, last_dim_contiguous(indices), None if topk_length is None else topk_length.contiguous(),
-        softmax_scale, is_fp8, cuda_num_splits(q.device, batch * s_q, h_q, -(-indices.shape[-1] // PAGE_BLOCK_SIZE)))
+        q, k_cache, last_dim_contiguous(indices), contiguous_or_none(topk_length), softmax_scale, is_fp8,
+        cuda_num_splits(q.device, batch * s_q, h_q, -(-indices.shape[-1] // PAGE_BLOCK_SIZE)),
+        contiguous_or_none(attn_sink))
 
 
 def sparse_decode_path(q: torch.Tensor, k_cache: torch.Tensor, extra_k_cache: torch.Tensor | None, head_dim_v: int,
@@ -520,13 +522,13 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
                   extra_topk_length, tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
     path = sparse_decode_path(q, k_cache, extra_k_cache, head_dim_v, is_fp8)
     if path == "cuda":
-        out, lse = _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8)
         if extra_k_cache is None:
-            return apply_attn_sink_(out, lse.transpose(1, 2), attn_sink), lse
-        # a second launch over the extra cache, merged with the first by the two LSEs (and the sink applied)
+            return _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8, attn_sink)
+        # a launch over each cache, merged by the two LSEs (and the sink applied: it counts once, after both)
+        main = _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8)
         extra = _cuda_sparse_decode(q, extra_k_cache, extra_indices_in_kvcache, extra_topk_length, softmax_scale,
                                     is_fp8)
-        return merge_attention(out, lse, *extra, attn_sink)
+        return merge_attention(*main, *extra, attn_sink)
     if path == "triton":
         from .triton import sparse as triton_sparse
 

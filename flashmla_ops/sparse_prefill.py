@@ -6,9 +6,9 @@ rows of the packed `kv`, so one call serves the whole batch.
 import torch
 
 from . import _ext
-from ._attention import apply_attn_sink, apply_attn_sink_, attend
+from ._attention import apply_attn_sink, attend
 from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor,
-                      last_dim_contiguous, value_checks_apply)
+                      contiguous_or_none, last_dim_contiguous, value_checks_apply)
 from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK, _within_length, canonical_order, key_widths
 from .kv_cache import D_QK, KV_LORA_RANK
 
@@ -96,8 +96,7 @@ def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     _check_sparse_prefill("sparse_prefill", q, kv, indices, d_v, attn_sink, topk_length, indexer_topk)
     path = sparse_prefill_path(q, kv, d_v, indexer_topk)
     if path == "cuda":
-        out, max_logits, lse, lse_indexer = _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length)
-        return apply_attn_sink_(out, lse, attn_sink), max_logits, lse, lse_indexer
+        return _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length, attn_sink)
     if path == "triton":
         from .triton import sparse as triton_sparse
 
@@ -111,21 +110,22 @@ CUDA_MAX_TOKENS = 65535  # query tokens per launch of csrc/dense_decode.cu's spa
 
 def _cuda_supports(q, kv, d_v) -> bool:
     """The shapes csrc/dense_decode.cu's sparse prefill is written for: bf16, d_qk 576 / d_v 512, 16-byte aligned
-    rows; indexer_topk goes to the next path (an attention sink is applied after the kernel: `apply_attn_sink_`)."""
+    rows; indexer_topk goes to the next path (an attention sink too: the kernel scales each row before its store)."""
     return (q.dtype == torch.bfloat16 and q.shape[-1] == D_QK and d_v == KV_LORA_RANK
             and all(stride % 8 == 0 for stride in q.stride()[:2]) and kv.stride(0) % 8 == 0
             and q.data_ptr() % 16 == 0 and kv.data_ptr() % 16 == 0)
 
 
-def _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length):
+def _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length, attn_sink):
     ext, s_q = _ext.extension(), q.shape[0]
-    indices = last_dim_contiguous(indices)  # the kernel reads unit-stride index rows and a contiguous topk_length
-    topk_length = None if topk_length is None else topk_length.contiguous()
+    # the kernel reads unit-stride index rows, a contiguous topk_length and sinks
+    indices = last_dim_contiguous(indices)
+    topk_length, attn_sink = contiguous_or_none(topk_length), contiguous_or_none(attn_sink)
 
     def part(start):
         stop = start + CUDA_MAX_TOKENS
         return ext.sparse_prefill(q[start:stop], kv, indices[start:stop],
-                                  None if topk_length is None else topk_length[start:stop], sm_scale)
+                                  None if topk_length is None else topk_length[start:stop], sm_scale, attn_sink)
 
     if s_q <= CUDA_MAX_TOKENS:
         out, max_logits, lse = part(0)

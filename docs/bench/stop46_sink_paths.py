@@ -1,7 +1,8 @@
 """Stop 46: the three attention ops with an attention sink, on the CUDA kernels with the sink applied after them (the
 new default on Hopper) against the Triton kernels' in-kernel sink (the path before stop 46), and the CUDA kernels
 without a sink: what the sink's elementwise launches cost; and sparse decode with an extra cache (two CUDA
-launches merged by their LSEs against Triton's one pass). Settled CUDA-graph medians (bench_decode.time_ms),
+launches merged by their LSEs against Triton's one pass). From stop 50 the CUDA kernels take the sink themselves
+(their rows' softmax denominators), so "cuda + sink" against "cuda, no sink" is what that costs. Settled CUDA-graph medians (bench_decode.time_ms),
 each path forced with FLASHMLA_BACKEND, alternating rounds. From the repository root:
 
     PYTHONPATH=$PWD:$PWD/scripts python docs/bench/stop46_sink_paths.py [rounds]

@@ -1,82 +1,153 @@
-"""The attention sink on the CUDA paths: dense decode, sparse decode and sparse prefill run their sm_90a kernels
-(written without a sink) and scale the output after them (`_attention.apply_attn_sink_`), where they went to Triton
-before stop 46. CPU: that composition against the reference's sink, element by element. GPU (Hopper): each op with a
-sink takes the CUDA kernel and matches the reference, empty rows and sinks of -inf included, and replays in a CUDA
-graph."""
+"""The attention sink on the CUDA paths: dense decode, sparse decode and sparse prefill hand the sinks to their sm_90a
+kernels, which put them in each row's softmax denominator where the row is normalised for the output (a piece's own
+store, or the combine of split partials; `sink_denominator` in csrc/decode_common.cuh). Before stop 50 the output
+was scaled after the kernels by elementwise launches (13-54 us a decode call on the H100, stop 49). CPU: the ops hand
+the sink to the extension (a stand-in computing the reference), and with an extra cache apply it once, after the
+merge. GPU (Hopper): every way a kernel normalises a row, against the reference; a head whose sink is -inf equals the
+output without a sink bit for bit, a head whose sink is +inf is 0; the op replays in a CUDA graph."""
 import pytest
 import torch
 from decode_inputs import (DEVICE, HOPPER, SCALE, assert_close, assert_decode_close, make_inputs,
                            packed_prefill_inputs, paged_cache, random_indices, sinks)
 
-from flashmla_ops import reference
-from flashmla_ops._attention import apply_attn_sink_
+from flashmla_ops import _ext, decode, reference, sparse_prefill
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
-@pytest.mark.parametrize("is_fp8", [False, True])
-def test_sink_after_the_kernel_matches_the_sink_inside(is_fp8):
-    """The reference's output without a sink (bf16), scaled by apply_attn_sink_, against the reference with it:
-    within two bf16 ulps of each element (one rounding more: at most 1.5 ulps); rows that see nothing stay 0 with lse
-    +inf."""
-    generator = torch.Generator(DEVICE).manual_seed(3 + is_fp8)
-    q, cache, block_table, cache_seqlens = make_inputs([90, 0, 2, 200], 2, 16, is_fp8, generator)
-    sink = sinks(16, generator)
-    out, lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, True, is_fp8)
-    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, True,
-                                                is_fp8, sink)
-    assert apply_attn_sink_(out, lse.transpose(1, 2), sink) is out
-    assert torch.equal(lse, want_lse) and torch.isposinf(lse).any()
-    two_ulps = want_out.float().abs() * 2.0 ** -6 + 2.0 ** -126
-    assert torch.all((out.float() - want_out.float()).abs() <= two_ulps)
-    assert torch.all(out[:, :, 0] == reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE,
-                                                            True, is_fp8)[0][:, :, 0])  # sink -inf: unchanged
-    assert torch.all(out[1] == 0) and torch.all(out[:, :, 1] == 0)
+
+class ReferenceExtension:
+    """The CUDA extension's sparse functions computed by the reference, recording the sink of each call."""
+
+    def __init__(self):
+        self.sinks = []
+
+    def sparse_decode(self, q, cache, indices, topk_length, scale, is_fp8, num_splits, attn_sink=None):
+        self.sinks.append(attn_sink)
+        return reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK, scale, is_fp8,
+                                       attn_sink)
+
+    def sparse_prefill(self, q, kv, indices, topk_length, scale, attn_sink=None):
+        self.sinks.append(attn_sink)
+        return reference.sparse_prefill(q, kv, indices, scale, KV_LORA_RANK, attn_sink, topk_length, 0)[:3]
 
 
-def test_no_sink_leaves_the_output_alone():
-    out = torch.randn(2, 3, 4, 8).bfloat16()
-    before = out.clone()
-    assert apply_attn_sink_(out, torch.randn(2, 3, 4), None) is out
-    assert torch.equal(out, before)
+def sparse_decode_inputs(generator, batch=3, s_q=2, h_q=16, topk=200, num_blocks=6, is_fp8=False, pad=0):
+    cache = paged_cache(num_blocks, is_fp8, generator, pad=pad)
+    q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    indices = random_indices((batch, s_q, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
+    return q, cache, indices
+
+
+def test_cuda_sparse_paths_hand_the_sink_to_the_kernel(monkeypatch):
+    """The sink (a strided view: the kernels read it contiguous) goes to the one launch of sparse decode and sparse
+    prefill; with an extra cache neither launch takes it and the merge applies it once."""
+    generator = torch.Generator(DEVICE).manual_seed(11)
+    extension = ReferenceExtension()
+    monkeypatch.setattr(_ext, "extension", lambda: extension)
+    monkeypatch.setattr(decode, "cuda_num_splits", lambda *args: 2)  # (asks the GPU its SM count)
+    sink = torch.stack([sinks(16, generator), torch.zeros(16, device=DEVICE)], 1)[:, 0]
+    assert not sink.is_contiguous()
+    q, cache, indices = sparse_decode_inputs(generator)
+    got = decode._cuda_sparse_decode(q, cache, indices, None, SCALE, False, sink)
+    assert extension.sinks[-1].is_contiguous() and torch.equal(extension.sinks[-1], sink)
+    want = reference.sparse_decode(q, cache, indices, None, None, None, None, KV_LORA_RANK, SCALE, False, sink)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+    monkeypatch.setattr(decode, "sparse_decode_path", lambda *args: "cuda")
+    _, extra_cache, extra_indices = sparse_decode_inputs(generator, topk=70, num_blocks=2, pad=64)
+    out, lse = torch.ops.flashmla.sparse_decode(q, cache, indices, None, extra_cache, extra_indices, None, None, None,
+                                                KV_LORA_RANK, SCALE, False, sink)
+    assert extension.sinks[-2:] == [None, None]
+    want_out, want_lse = reference.sparse_decode(q, cache, indices, None, extra_cache, extra_indices, None,
+                                                 KV_LORA_RANK, SCALE, False, sink)
+    assert_decode_close(out, lse, want_out, want_lse)
+
+    q, kv, indices, topk_length = packed_prefill_inputs([30, 7], 16, 64, True, generator)
+    got = sparse_prefill._cuda_sparse_prefill(q, kv, indices, SCALE, topk_length, sink)
+    assert torch.equal(extension.sinks[-1], sink)
+    want = reference.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, sink, topk_length, 0)
+    assert all(torch.equal(g, w) for g, w in zip(got[:3], want[:3]))
+
+
+def check_sink_heads(run, want_out, want_lse, check=assert_decode_close):
+    """`run(sink)` with sinks(h_q) (head 0 -inf, head 1 +inf) against the reference's `want_*`, and against itself
+    without a sink: head 0 bit for bit, head 1 all 0, the same lse."""
+    out, lse = run(True)
+    check(out, lse, want_out, want_lse)
+    plain_out, plain_lse = run(False)
+    assert torch.equal(out[..., 0, :], plain_out[..., 0, :])
+    assert torch.all(out[..., 1, :] == 0)
+    assert torch.equal(lse, plain_lse)
+
+
+SHORT = [1, 70, 0, 129, 64, 200, 3] * 20  # 140 sequences: as many CTAs as SMs or more, so no split
 
 
 @pytest.mark.gpu
 @HOPPER
 @pytest.mark.parametrize("seqlens,s_q,h_q,is_fp8", [
-    ([90, 0, 2, 700], 1, 16, False),  # the narrow kernel
+    (SHORT, 1, 16, False),  # the narrow kernel, each piece to out
+    ([90, 0, 2, 700], 1, 16, False),  # narrow, few splits
     ([90, 0, 2, 700], 1, 16, True),
-    ([129, 4096, 1], 2, 128, False),  # the wide kernel, two row tiles
-    ([300, 65], 3, 64, True),
-    ([32768], 1, 128, False),  # split partials and their combine
+    ([32768], 1, 16, False),  # narrow, many splits
+    (SHORT, 1, 64, False),  # the wide kernel, each piece to out
+    (SHORT, 1, 64, True),
+    ([129, 4096, 1], 2, 128, False),  # wide, 9 to 15 splits: combine_kernel
+    ([300, 65], 3, 64, True),  # wide, few splits
+    ([32768], 1, 128, False),  # wide, many splits
 ])
 def test_dense_decode_with_a_sink_runs_the_cuda_kernel(cuda_calls, seqlens, s_q, h_q, is_fp8):
     generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 100 + h_q + is_fp8)
     q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator)
     sink = sinks(h_q, generator)
-    out, lse = torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK, SCALE,
-                                               True, is_fp8, sink)
-    assert cuda_calls == ["dense_decode"]
-    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, True,
-                                                is_fp8, sink)
-    assert_decode_close(out, lse, want_out, want_lse)
+
+    def run(with_sink):
+        return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK, SCALE,
+                                               True, is_fp8, sink if with_sink else None)
+
+    check_sink_heads(run, *reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, True,
+                                                  is_fp8, sink))
+    assert cuda_calls == ["dense_decode", "dense_decode"]
 
 
 @pytest.mark.gpu
 @HOPPER
-@pytest.mark.parametrize("h_q,is_fp8", [(64, True), (128, True), (64, False)])
-def test_sparse_decode_with_a_sink_runs_the_cuda_kernel(cuda_calls, h_q, is_fp8):
-    generator = torch.Generator(DEVICE).manual_seed(h_q + is_fp8)
-    batch, s_q, topk, num_blocks = 3, 2, 600, 16
-    cache = paged_cache(num_blocks, is_fp8, generator, pad=0)
-    q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
-    indices = random_indices((batch, s_q, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
-    topk_length = torch.tensor([topk, 0, 100], dtype=torch.int32, device=DEVICE)  # sequence 1 sees nothing
+@pytest.mark.parametrize("parts", [3, 40])
+@pytest.mark.parametrize("h_q,is_fp8", [(16, False), (128, False), (64, True)])
+def test_dense_decode_with_a_sink_on_a_balanced_schedule(cuda_calls, parts, h_q, is_fp8):
+    """get_mla_metadata's parts: sequences over several parts (the combine) and in one (the piece's own store)."""
+    generator = torch.Generator(DEVICE).manual_seed(parts + h_q + is_fp8)
+    q, cache, block_table, cache_seqlens = make_inputs([1000, 3, 0, 64, 65, 4097, 1], 1, h_q, is_fp8, generator)
     sink = sinks(h_q, generator)
-    out, lse = torch.ops.flashmla.sparse_decode(q, cache, indices, topk_length, None, None, None, None, None,
-                                                KV_LORA_RANK, SCALE, is_fp8, sink)
-    assert cuda_calls == ["sparse_decode"]
-    want_out, want_lse = reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK, SCALE,
-                                                 is_fp8, sink)
-    assert_close(out, lse, want_out, want_lse)
+    metadata, num_splits = reference.get_mla_metadata(cache_seqlens, parts)
+
+    def run(with_sink):
+        return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, metadata, num_splits,
+                                               KV_LORA_RANK, SCALE, False, is_fp8, sink if with_sink else None)
+
+    check_sink_heads(run, *reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, False,
+                                                  is_fp8, sink))
+    assert cuda_calls == ["dense_decode", "dense_decode"]
+
+
+@pytest.mark.gpu
+@HOPPER
+@pytest.mark.parametrize("batch,h_q,is_fp8", [(3, 64, True), (3, 128, True), (3, 64, False),
+                                              (70, 64, True)])  # 140 CTAs: each piece to out
+def test_sparse_decode_with_a_sink_runs_the_cuda_kernel(cuda_calls, batch, h_q, is_fp8):
+    generator = torch.Generator(DEVICE).manual_seed(batch + h_q + is_fp8)
+    q, cache, indices = sparse_decode_inputs(generator, batch, 2, h_q, 600, 16, is_fp8)
+    topk_length = torch.randint(0, 601, (batch,), generator=generator, device=DEVICE, dtype=torch.int32)
+    topk_length[1] = 0  # sequence 1 sees nothing
+    sink = sinks(h_q, generator)
+
+    def run(with_sink):
+        return torch.ops.flashmla.sparse_decode(q, cache, indices, topk_length, None, None, None, None, None,
+                                                KV_LORA_RANK, SCALE, is_fp8, sink if with_sink else None)
+
+    check_sink_heads(run, *reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK,
+                                                   SCALE, is_fp8, sink), check=assert_close)
+    assert cuda_calls == ["sparse_decode", "sparse_decode"]
+    out, lse = run(True)
     assert torch.all(out[1] == 0) and torch.all(torch.isposinf(lse[1]))
 
 
@@ -87,11 +158,16 @@ def test_sparse_prefill_with_a_sink_runs_the_cuda_kernel(cuda_calls, h_q):
     generator = torch.Generator(DEVICE).manual_seed(h_q)
     q, kv, indices, topk_length = packed_prefill_inputs([500, 77], h_q, 1000, True, generator)
     sink = sinks(h_q, generator)
-    got = torch.ops.flashmla.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, sink, topk_length, 0)
-    assert cuda_calls == ["sparse_prefill"]
     want = reference.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, sink, topk_length, 0)
-    assert_close(got[0], got[2], want[0], want[2])
-    assert torch.equal(torch.isinf(got[1]), torch.isinf(want[1]))
+
+    def run(with_sink):
+        got = torch.ops.flashmla.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, sink if with_sink else None,
+                                                topk_length, 0)
+        assert torch.equal(torch.isinf(got[1]), torch.isinf(want[1]))
+        return got[0], got[2]
+
+    check_sink_heads(run, want[0], want[2], check=assert_close)
+    assert cuda_calls == ["sparse_prefill", "sparse_prefill"]
 
 
 @pytest.mark.gpu
@@ -111,8 +187,10 @@ def test_dense_decode_with_a_sink_replays_in_a_cuda_graph():
         out, lse = call()
     cache_seqlens.copy_(torch.tensor([300, 0, 200], device=DEVICE))
     sink.copy_(sinks(128, generator))
+    sink[2] = 1e4  # past exp2's float range: that head's rows 0
     graph.replay()
     torch.cuda.synchronize()
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, False, True,
                                                 sink)
     assert_decode_close(out, lse, want_out, want_lse)
+    assert torch.all(out[:, :, 2] == 0)

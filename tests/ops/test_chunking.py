@@ -66,22 +66,24 @@ def test_indexer_logits_many_chunks(tiny_chunks):
 @pytest.mark.parametrize("s_q", [5, 7, 20])
 def test_cuda_sparse_prefill_launches_in_query_parts(monkeypatch, s_q):
     """Past CUDA_MAX_TOKENS queries (grid z) the CUDA sparse prefill launches part by part, each part's outputs going
-    into the whole outputs as it ends (at most one part's besides them); the CPU reference stands in for the
-    extension here."""
+    into the whole outputs as it ends (at most one part's besides them), each given the sink; the CPU reference
+    stands in for the extension here."""
     launches = []
 
     class Extension:
-        def sparse_prefill(self, q, kv, indices, topk_length, sm_scale):
+        def sparse_prefill(self, q, kv, indices, topk_length, sm_scale, attn_sink):
             launches.append(q.shape[0])
-            return sparse_prefill.sparse_prefill_reference(q, kv, indices, sm_scale, 512, None, topk_length, 0)[:3]
+            return sparse_prefill.sparse_prefill_reference(q, kv, indices, sm_scale, 512, attn_sink, topk_length,
+                                                           0)[:3]
 
     monkeypatch.setattr(sparse_prefill._ext, "extension", lambda: Extension())
     monkeypatch.setattr(sparse_prefill, "CUDA_MAX_TOKENS", 7)
     q, kv = oracle.bf16(s_q, 4, 576), oracle.bf16(30, 1, 576)
     indices = torch.randint(-1, 30, (s_q, 1, 16), dtype=torch.int32)
     topk_length = torch.randint(0, 17, (s_q,), dtype=torch.int32)
-    got = sparse_prefill._cuda_sparse_prefill(q, kv, indices, 0.05, topk_length)
-    want = sparse_prefill.sparse_prefill_reference(q, kv, indices, 0.05, 512, None, topk_length, 0)
+    sink = torch.randn(4)
+    got = sparse_prefill._cuda_sparse_prefill(q, kv, indices, 0.05, topk_length, sink)
+    want = sparse_prefill.sparse_prefill_reference(q, kv, indices, 0.05, 512, sink, topk_length, 0)
     assert launches == [min(7, s_q - start) for start in range(0, s_q, 7)]
     for g, w in zip(got[:3], want[:3]):
         assert g.dtype == w.dtype and torch.equal(g, w)
