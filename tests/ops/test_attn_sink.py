@@ -11,6 +11,7 @@ from decode_inputs import (DEVICE, HOPPER, SCALE, assert_close, assert_decode_cl
                            packed_prefill_inputs, paged_cache, random_indices, sinks)
 
 from flashmla_ops import _ext, decode, reference, sparse_prefill
+from flashmla_ops._attention import sink_factor
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
 
@@ -68,64 +69,87 @@ def test_cuda_sparse_paths_hand_the_sink_to_the_kernel(monkeypatch):
     assert all(torch.equal(g, w) for g, w in zip(got[:3], want[:3]))
 
 
-def check_sink_heads(run, want_out, want_lse, check=assert_decode_close):
-    """`run(sink)` with sinks(h_q) (head 0 -inf, head 1 +inf) against the reference's `want_*`, and against itself
-    without a sink: head 0 bit for bit, head 1 all 0, the same lse."""
-    out, lse = run(True)
-    check(out, lse, want_out, want_lse)
-    plain_out, plain_lse = run(False)
-    assert torch.equal(out[..., 0, :], plain_out[..., 0, :])
-    assert torch.all(out[..., 1, :] == 0)
+def sinks_near(lse, h_q, generator):
+    """Per-head sinks within a few units of the typical finite LSE of `lse` (so that every finite one scales its head's
+    rows by a visible factor; sinks() draws them around 3, which at 32k tokens, LSE ~11, moves out by ~1e-3), head 0's
+    -inf (no sink), head 1's +inf and head 2's 1e4 (past exp2's float range): those heads' rows 0."""
+    typical = lse[torch.isfinite(lse)].median()
+    sink = typical + torch.randn(h_q, generator=generator, device=DEVICE) * 2
+    sink[0], sink[1], sink[2] = float("-inf"), float("inf"), 1e4
+    return sink
+
+
+def check_sink_heads(run, reference_with, h_q, generator, by_head=lambda lse: lse.transpose(1, 2),
+                     check=assert_decode_close):
+    """`run(sink)` (the op's out and lse) with sinks_near the LSEs of `run(None)`: against `reference_with(sink)`;
+    every element the output without a sink times sigmoid(lse - sink) (`sink_factor`) within the two bf16 roundings
+    (half an ulp each, 2**-8 relative at most); head 0 (-inf) the output without a sink bit for bit; the same lse.
+    `by_head(lse)` puts lse's heads last, as out's are but for its value columns."""
+    plain_out, plain_lse = run(None)
+    sink = sinks_near(plain_lse, h_q, generator)
+    out, lse = run(sink)
+    check(out, lse, *reference_with(sink))
     assert torch.equal(lse, plain_lse)
+    assert torch.equal(out[..., 0, :], plain_out[..., 0, :])
+    scaled = plain_out.float() * sink_factor(by_head(plain_lse), sink)[..., None]
+    bound = 2.0 ** -7 * torch.maximum(out.float().abs(), scaled.abs()) + 2.0 ** -126
+    assert torch.all((out.float() - scaled).abs() <= bound), (out.float() - scaled).abs().max()
+    assert torch.all(out[..., 1:3, :] == 0)
 
 
-SHORT = [1, 70, 0, 129, 64, 200, 3] * 20  # 140 sequences: as many CTAs as SMs or more, so no split
+SHORT = [1, 70, 0, 129, 64, 200, 3] * 20  # 140 sequences: as many CTAs as SMs or more, so no split (an H100 has 132)
 
 
 @pytest.mark.gpu
 @HOPPER
 @pytest.mark.parametrize("seqlens,s_q,h_q,is_fp8", [
     (SHORT, 1, 16, False),  # the narrow kernel, each piece to out
+    (SHORT, 1, 16, True),
     ([90, 0, 2, 700], 1, 16, False),  # narrow, few splits
     ([90, 0, 2, 700], 1, 16, True),
-    ([32768], 1, 16, False),  # narrow, many splits
+    ([32768, 5], 1, 16, False),  # narrow, many splits
     (SHORT, 1, 64, False),  # the wide kernel, each piece to out
     (SHORT, 1, 64, True),
+    (SHORT, 2, 64, False),  # two row tiles a sequence
+    (SHORT[:50], 1, 64, False),  # wide, two splits
     ([129, 4096, 1], 2, 128, False),  # wide, 9 to 15 splits: combine_kernel
     ([300, 65], 3, 64, True),  # wide, few splits
-    ([32768], 1, 128, False),  # wide, many splits
+    ([32768, 5], 1, 128, False),  # wide, many splits
 ])
 def test_dense_decode_with_a_sink_runs_the_cuda_kernel(cuda_calls, seqlens, s_q, h_q, is_fp8):
-    generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 100 + h_q + is_fp8)
+    generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 100 + s_q * 10 + h_q + is_fp8)
     q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator)
-    sink = sinks(h_q, generator)
 
-    def run(with_sink):
+    def run(sink):
         return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK, SCALE,
-                                               True, is_fp8, sink if with_sink else None)
+                                               True, is_fp8, sink)
 
-    check_sink_heads(run, *reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, True,
-                                                  is_fp8, sink))
+    def reference_with(sink):
+        return reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, True, is_fp8, sink)
+
+    check_sink_heads(run, reference_with, h_q, generator)
     assert cuda_calls == ["dense_decode", "dense_decode"]
 
 
 @pytest.mark.gpu
 @HOPPER
 @pytest.mark.parametrize("parts", [3, 40])
-@pytest.mark.parametrize("h_q,is_fp8", [(16, False), (128, False), (64, True)])
-def test_dense_decode_with_a_sink_on_a_balanced_schedule(cuda_calls, parts, h_q, is_fp8):
-    """get_mla_metadata's parts: sequences over several parts (the combine) and in one (the piece's own store)."""
-    generator = torch.Generator(DEVICE).manual_seed(parts + h_q + is_fp8)
-    q, cache, block_table, cache_seqlens = make_inputs([1000, 3, 0, 64, 65, 4097, 1], 1, h_q, is_fp8, generator)
-    sink = sinks(h_q, generator)
+@pytest.mark.parametrize("s_q,h_q,is_fp8", [(1, 16, False), (1, 128, False), (1, 64, True), (3, 64, False)])
+def test_dense_decode_with_a_sink_on_a_balanced_schedule(cuda_calls, parts, s_q, h_q, is_fp8):
+    """get_mla_metadata's parts: sequences over several parts (the combine) and in one (the piece's own store; at s_q 3
+    h_q 64 on the wide kernel without early refills)."""
+    generator = torch.Generator(DEVICE).manual_seed(parts + s_q + h_q + is_fp8)
+    q, cache, block_table, cache_seqlens = make_inputs([1000, 3, 0, 64, 65, 4097, 1], s_q, h_q, is_fp8, generator)
     metadata, num_splits = reference.get_mla_metadata(cache_seqlens, parts)
 
-    def run(with_sink):
+    def run(sink):
         return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, metadata, num_splits,
-                                               KV_LORA_RANK, SCALE, False, is_fp8, sink if with_sink else None)
+                                               KV_LORA_RANK, SCALE, True, is_fp8, sink)
 
-    check_sink_heads(run, *reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, False,
-                                                  is_fp8, sink))
+    def reference_with(sink):
+        return reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, True, is_fp8, sink)
+
+    check_sink_heads(run, reference_with, h_q, generator)
     assert cuda_calls == ["dense_decode", "dense_decode"]
 
 
@@ -138,16 +162,18 @@ def test_sparse_decode_with_a_sink_runs_the_cuda_kernel(cuda_calls, batch, h_q, 
     q, cache, indices = sparse_decode_inputs(generator, batch, 2, h_q, 600, 16, is_fp8)
     topk_length = torch.randint(0, 601, (batch,), generator=generator, device=DEVICE, dtype=torch.int32)
     topk_length[1] = 0  # sequence 1 sees nothing
-    sink = sinks(h_q, generator)
 
-    def run(with_sink):
+    def run(sink):
         return torch.ops.flashmla.sparse_decode(q, cache, indices, topk_length, None, None, None, None, None,
-                                                KV_LORA_RANK, SCALE, is_fp8, sink if with_sink else None)
+                                                KV_LORA_RANK, SCALE, is_fp8, sink)
 
-    check_sink_heads(run, *reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK,
-                                                   SCALE, is_fp8, sink), check=assert_close)
+    def reference_with(sink):
+        return reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK, SCALE, is_fp8,
+                                       sink)
+
+    check_sink_heads(run, reference_with, h_q, generator, check=assert_close)
     assert cuda_calls == ["sparse_decode", "sparse_decode"]
-    out, lse = run(True)
+    out, lse = run(sinks(h_q, generator))
     assert torch.all(out[1] == 0) and torch.all(torch.isposinf(lse[1]))
 
 
@@ -157,17 +183,19 @@ def test_sparse_decode_with_a_sink_runs_the_cuda_kernel(cuda_calls, batch, h_q, 
 def test_sparse_prefill_with_a_sink_runs_the_cuda_kernel(cuda_calls, h_q):
     generator = torch.Generator(DEVICE).manual_seed(h_q)
     q, kv, indices, topk_length = packed_prefill_inputs([500, 77], h_q, 1000, True, generator)
-    sink = sinks(h_q, generator)
-    want = reference.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, sink, topk_length, 0)
+    plain = torch.ops.flashmla.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, None, topk_length, 0)
 
-    def run(with_sink):
-        got = torch.ops.flashmla.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, sink if with_sink else None,
-                                                topk_length, 0)
-        assert torch.equal(torch.isinf(got[1]), torch.isinf(want[1]))
+    def run(sink):
+        got = torch.ops.flashmla.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, sink, topk_length, 0)
+        assert torch.equal(got[1], plain[1])  # max_logits: the sink is not a logit
         return got[0], got[2]
 
-    check_sink_heads(run, want[0], want[2], check=assert_close)
-    assert cuda_calls == ["sparse_prefill", "sparse_prefill"]
+    def reference_with(sink):
+        want = reference.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, sink, topk_length, 0)
+        return want[0], want[2]
+
+    check_sink_heads(run, reference_with, h_q, generator, by_head=lambda lse: lse, check=assert_close)
+    assert cuda_calls == ["sparse_prefill"] * 3
 
 
 @pytest.mark.gpu
