@@ -83,7 +83,7 @@ def check_sink_heads(run, reference_with, h_q, generator, by_head=lambda lse: ls
                      check=assert_decode_close):
     """`run(sink)` (the op's out and lse) with sinks_near the LSEs of `run(None)`: against `reference_with(sink)`;
     every element the output without a sink times sigmoid(lse - sink) (`sink_factor`) within the two bf16 roundings
-    (half an ulp each, 2**-8 relative at most); head 0 (-inf) the output without a sink bit for bit; the same lse.
+    (half an ulp each, 2**-8 relative at most) and float32 rounding of its row's scale; head 0 (-inf) the output without a sink bit for bit; the same lse.
     `by_head(lse)` puts lse's heads last, as out's are but for its value columns."""
     plain_out, plain_lse = run(None)
     sink = sinks_near(plain_lse, h_q, generator)
@@ -92,7 +92,10 @@ def check_sink_heads(run, reference_with, h_q, generator, by_head=lambda lse: ls
     assert torch.equal(lse, plain_lse)
     assert torch.equal(out[..., 0, :], plain_out[..., 0, :])
     scaled = plain_out.float() * sink_factor(by_head(plain_lse), sink)[..., None]
-    bound = 2.0 ** -7 * torch.maximum(out.float().abs(), scaled.abs()) + 2.0 ** -126
+    # the combines sum weighted partials in float32: an element where they cancel (1e-7 in a row of 1, measured on
+    # the H100) is off by float32 rounding of the row's scale, not of its own
+    row_scale = scaled.abs().amax(-1, keepdim=True)
+    bound = 2.0 ** -7 * torch.maximum(out.float().abs(), scaled.abs()) + 2.0 ** -20 * row_scale
     assert torch.all((out.float() - scaled).abs() <= bound), (out.float() - scaled).abs().max()
     assert torch.all(out[..., 1:3, :] == 0)
 
