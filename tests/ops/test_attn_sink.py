@@ -83,8 +83,9 @@ def check_sink_heads(run, reference_with, h_q, generator, by_head=lambda lse: ls
                      check=assert_decode_close):
     """`run(sink)` (the op's out and lse) with sinks_near the LSEs of `run(None)`: against `reference_with(sink)`;
     every element the output without a sink times sigmoid(lse - sink) (`sink_factor`) within the two bf16 roundings
-    (half an ulp each, 2**-8 relative at most) and float32 rounding of its row's scale; head 0 (-inf) the output without a sink bit for bit; the same lse.
-    `by_head(lse)` puts lse's heads last, as out's are but for its value columns."""
+    (half an ulp each, 2**-8 relative at most) and float32 rounding of its row's scale; head 0 (-inf) the output
+    without a sink bit for bit; the same lse. `by_head(lse)` puts lse's heads last, as out's are but for its value
+    columns."""
     plain_out, plain_lse = run(None)
     sink = sinks_near(plain_lse, h_q, generator)
     out, lse = run(sink)
