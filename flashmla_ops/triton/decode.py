@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import last_dim_contiguous
+from .._checks import contiguous_or_none, last_dim_contiguous
 from ..decode import get_mla_metadata_reference
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, fp8_values, hardware_fp8,
@@ -454,8 +454,8 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     cache = nonempty(kv_cache.view(torch.uint8) if is_fp8 else kv_cache)
     # The kernels read the lengths, the sink, the metadata and a block-table row as packed (strided views copied).
     block_table, cache_seqlens = last_dim_contiguous(block_table), cache_seqlens.contiguous()
-    attn_sink, tile_scheduler_metadata, num_splits = (None if t is None else t.contiguous()
-                                                      for t in (attn_sink, tile_scheduler_metadata, num_splits))
+    attn_sink, tile_scheduler_metadata, num_splits = map(contiguous_or_none,
+                                                         (attn_sink, tile_scheduler_metadata, num_splits))
     multiprocessors, _ = device_limits(q.device)
     max_blocks = min(block_table.shape[1], (2 ** 31 - 1) // PAGE_BLOCK_SIZE)  # its tokens fit int32, as the lengths
     variant = dict(IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), CAUSAL=causal)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import last_dim_contiguous
+from .._checks import contiguous_or_none, last_dim_contiguous
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, hardware_fp8, launch_fitting,
                      load_kv_tile, mma, nonempty, require_d_v)
@@ -279,8 +279,7 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
     indices = last_dim_contiguous(indices)
     extra_indices = last_dim_contiguous(extra_indices_in_kvcache) if has_extra else indices
     # the kernel reads the lengths and the sink as packed (strided views copied)
-    topk_length, extra_topk_length, attn_sink = (None if t is None else t.contiguous()
-                                                 for t in (topk_length, extra_topk_length, attn_sink))
+    topk_length, extra_topk_length, attn_sink = map(contiguous_or_none, (topk_length, extra_topk_length, attn_sink))
     topk, extra_topk = indices.shape[-1], extra_indices.shape[-1] if has_extra else 0
 
     multiprocessors, _ = device_limits(q.device)
@@ -334,7 +333,7 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_lengt
     kv_rows = nonempty(kv)[:, 0]
     indices = last_dim_contiguous(indices)
     # the kernel reads the lengths and the sink as packed (strided views copied)
-    topk_length, attn_sink = (None if t is None else t.contiguous() for t in (topk_length, attn_sink))
+    topk_length, attn_sink = map(contiguous_or_none, (topk_length, attn_sink))
     variant = dict(HAS_TOPK_LENGTH=topk_length is not None, HAS_INDEXER=indexer_topk > 0,
                    APPLY_SINK=attn_sink is not None)
 
