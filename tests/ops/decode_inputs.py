@@ -163,6 +163,14 @@ def random_indices(shape, num_rows, generator, invalid_fraction=0.2):
     return indices
 
 
+def sparse_decode_inputs(batch, s_q, h_q, topk, is_fp8, generator, num_blocks=3, pad=32):
+    """q, a cache of `num_blocks` blocks (rows `pad` bytes apart past their end) and random indices into it (-1s,
+    duplicates, an all -1 query)."""
+    cache = paged_cache(num_blocks, is_fp8, generator, pad=pad)
+    q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    return q, cache, random_indices((batch, s_q, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
+
+
 def assert_close(out, lse, want_out, want_lse):
     assert out.shape == want_out.shape and lse.shape == want_lse.shape
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32

@@ -8,11 +8,11 @@ output without a sink bit for bit, a head whose sink is +inf is 0; the op replay
 import pytest
 import torch
 from decode_inputs import (DEVICE, HOPPER, SCALE, assert_close, assert_decode_close, make_inputs,
-                           packed_prefill_inputs, paged_cache, random_indices, sinks)
+                           packed_prefill_inputs, sinks, sparse_decode_inputs)
 
 from flashmla_ops import _ext, decode, reference, sparse_prefill
 from flashmla_ops._attention import sink_factor
-from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
+from flashmla_ops.kv_cache import KV_LORA_RANK
 
 
 class ReferenceExtension:
@@ -31,13 +31,6 @@ class ReferenceExtension:
         return reference.sparse_prefill(q, kv, indices, scale, KV_LORA_RANK, attn_sink, topk_length, 0)[:3]
 
 
-def sparse_decode_inputs(generator, batch=3, s_q=2, h_q=16, topk=200, num_blocks=6, is_fp8=False, pad=0):
-    cache = paged_cache(num_blocks, is_fp8, generator, pad=pad)
-    q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
-    indices = random_indices((batch, s_q, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
-    return q, cache, indices
-
-
 def test_cuda_sparse_paths_hand_the_sink_to_the_kernel(monkeypatch):
     """The sink (a strided view: the kernels read it contiguous) goes to the one launch of sparse decode and sparse
     prefill; with an extra cache neither launch takes it and the merge applies it once."""
@@ -47,14 +40,14 @@ def test_cuda_sparse_paths_hand_the_sink_to_the_kernel(monkeypatch):
     monkeypatch.setattr(decode, "cuda_num_splits", lambda *args: 2)  # (asks the GPU its SM count)
     sink = torch.stack([sinks(16, generator), torch.zeros(16, device=DEVICE)], 1)[:, 0]
     assert not sink.is_contiguous()
-    q, cache, indices = sparse_decode_inputs(generator)
+    q, cache, indices = sparse_decode_inputs(3, 2, 16, 200, False, generator, num_blocks=6, pad=0)
     got = decode._cuda_sparse_decode(q, cache, indices, None, SCALE, False, sink)
     assert extension.sinks[-1].is_contiguous() and torch.equal(extension.sinks[-1], sink)
     want = reference.sparse_decode(q, cache, indices, None, None, None, None, KV_LORA_RANK, SCALE, False, sink)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
     monkeypatch.setattr(decode, "sparse_decode_path", lambda *args: "cuda")
-    _, extra_cache, extra_indices = sparse_decode_inputs(generator, topk=70, num_blocks=2, pad=64)
+    _, extra_cache, extra_indices = sparse_decode_inputs(3, 2, 16, 70, False, generator, num_blocks=2, pad=64)
     out, lse = torch.ops.flashmla.sparse_decode(q, cache, indices, None, extra_cache, extra_indices, None, None, None,
                                                 KV_LORA_RANK, SCALE, False, sink)
     assert extension.sinks[-2:] == [None, None]
@@ -101,6 +94,18 @@ def check_sink_heads(run, reference_with, h_q, generator, by_head=lambda lse: ls
     assert torch.all(out[..., 1:3, :] == 0)
 
 
+def check_dense_sink_heads(q, cache, block_table, cache_seqlens, is_fp8, generator, schedule=(None, None)):
+    """check_sink_heads on causal dense decode through the op (`schedule`: get_mla_metadata's, or none)."""
+    def run(sink):
+        return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, *schedule, KV_LORA_RANK, SCALE,
+                                               True, is_fp8, sink)
+
+    def reference_with(sink):
+        return reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, True, is_fp8, sink)
+
+    check_sink_heads(run, reference_with, q.shape[2], generator)
+
+
 SHORT = [1, 70, 0, 129, 64, 200, 3] * 20  # 140 sequences: as many CTAs as SMs or more, so no split (an H100 has 132)
 
 
@@ -122,16 +127,7 @@ SHORT = [1, 70, 0, 129, 64, 200, 3] * 20  # 140 sequences: as many CTAs as SMs o
 ])
 def test_dense_decode_with_a_sink_runs_the_cuda_kernel(cuda_calls, seqlens, s_q, h_q, is_fp8):
     generator = torch.Generator(DEVICE).manual_seed(len(seqlens) * 100 + s_q * 10 + h_q + is_fp8)
-    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator)
-
-    def run(sink):
-        return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK, SCALE,
-                                               True, is_fp8, sink)
-
-    def reference_with(sink):
-        return reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, True, is_fp8, sink)
-
-    check_sink_heads(run, reference_with, h_q, generator)
+    check_dense_sink_heads(*make_inputs(seqlens, s_q, h_q, is_fp8, generator), is_fp8, generator)
     assert cuda_calls == ["dense_decode", "dense_decode"]
 
 
@@ -144,16 +140,8 @@ def test_dense_decode_with_a_sink_on_a_balanced_schedule(cuda_calls, parts, s_q,
     h_q 64 on the wide kernel without early refills)."""
     generator = torch.Generator(DEVICE).manual_seed(parts + s_q + h_q + is_fp8)
     q, cache, block_table, cache_seqlens = make_inputs([1000, 3, 0, 64, 65, 4097, 1], s_q, h_q, is_fp8, generator)
-    metadata, num_splits = reference.get_mla_metadata(cache_seqlens, parts)
-
-    def run(sink):
-        return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, metadata, num_splits,
-                                               KV_LORA_RANK, SCALE, True, is_fp8, sink)
-
-    def reference_with(sink):
-        return reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, SCALE, True, is_fp8, sink)
-
-    check_sink_heads(run, reference_with, h_q, generator)
+    check_dense_sink_heads(q, cache, block_table, cache_seqlens, is_fp8, generator,
+                           reference.get_mla_metadata(cache_seqlens, parts))
     assert cuda_calls == ["dense_decode", "dense_decode"]
 
 
@@ -163,7 +151,7 @@ def test_dense_decode_with_a_sink_on_a_balanced_schedule(cuda_calls, parts, s_q,
                                               (70, 64, True)])  # 140 CTAs: each piece to out
 def test_sparse_decode_with_a_sink_runs_the_cuda_kernel(cuda_calls, batch, h_q, is_fp8):
     generator = torch.Generator(DEVICE).manual_seed(batch + h_q + is_fp8)
-    q, cache, indices = sparse_decode_inputs(generator, batch, 2, h_q, 600, 16, is_fp8)
+    q, cache, indices = sparse_decode_inputs(batch, 2, h_q, 600, is_fp8, generator, num_blocks=16, pad=0)
     topk_length = torch.randint(0, 601, (batch,), generator=generator, device=DEVICE, dtype=torch.int32)
     topk_length[1] = 0  # sequence 1 sees nothing
 

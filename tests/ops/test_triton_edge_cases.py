@@ -11,7 +11,8 @@ import pytest
 import torch
 
 triton_decode = pytest.importorskip("flashmla_ops.triton.decode", exc_type=ImportError)
-from decode_inputs import DEVICE, assert_decode_close, make_inputs, poisoned, sinks  # noqa: E402
+from decode_inputs import (DEVICE, assert_decode_close, make_inputs, poisoned, sinks,  # noqa: E402
+                           sparse_decode_inputs)
 from test_triton_decode import run_and_compare  # noqa: E402
 from test_triton_sparse import (SCALE, assert_close, packed_prefill_inputs, paged_cache,  # noqa: E402
                                 prefill_and_compare, random_indices, run_decode, run_prefill)
@@ -122,13 +123,6 @@ def test_triton_dense_decode_cache_without_blocks(is_fp8):
 
 
 # ---------------------------------------------------------------- sparse decode
-
-
-def sparse_decode_inputs(batch, s_q, h_q, topk, is_fp8, generator, num_blocks=3):
-    """q, a padded cache of `num_blocks` blocks and random indices into it (-1s, duplicates, an all -1 query)."""
-    cache = paged_cache(num_blocks, is_fp8, generator, pad=32)
-    q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
-    return q, cache, random_indices((batch, s_q, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
 
 
 @pytest.mark.parametrize("topk,extra_topk", [(1, 0), (5, 0), (1, 4), (5, 5)])
