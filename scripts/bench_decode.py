@@ -256,7 +256,8 @@ def tune(device, chosen):
         candidates |= {dataclasses.replace(config, schedule="balanced") for config in list(candidates)
                        if config.num_stages == default.num_stages and config.block_n == default.block_n}
         # Twice the default's warps; for FP8, both products (f16 and bf16), each with and without the prefetch of
-        # the next tile's latent bytes. At the default stages, programs per SM and rows, uniform schedule.
+        # the next tile's latent bytes, and with the reload. At the default stages, programs per SM and rows, uniform
+        # schedule.
         alike = [config for config in candidates if config.num_stages == default.num_stages
                  and config.programs_per_sm == default.programs_per_sm and config.block_h == default.block_h
                  and config.schedule == "uniform"]
@@ -266,6 +267,9 @@ def tune(device, chosen):
             products = {dataclasses.replace(config, fp8_f16=f16) for config in (*alike, *wider)
                         for f16 in (True, False)}
             candidates |= products | {dataclasses.replace(config, prefetch=True) for config in products}
+            # and P V's latent loaded again (stop 51), where the products are mma.sync (rows up to 32)
+            candidates |= {dataclasses.replace(config, prefetch=False, reload=True) for config in products
+                           if config.block_h <= 32}
             if default.block_h <= 16:  # 16-token tiles: 171 registers, or 168 (3 programs per SM) with maxnreg
                 candidates |= {dataclasses.replace(default, block_n=16, prefetch=True, fp8_f16=True,
                                                    programs_per_sm=programs_per_sm, maxnreg=maxnreg)

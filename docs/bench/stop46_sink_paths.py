@@ -5,7 +5,7 @@ launches merged by their LSEs against Triton's one pass). From stop 50 the CUDA 
 (their rows' softmax denominators), so "cuda + sink" against "cuda, no sink" is what that costs. Settled CUDA-graph medians (bench_decode.time_ms),
 each path forced with FLASHMLA_BACKEND, alternating rounds. From the repository root:
 
-    PYTHONPATH=$PWD:$PWD/scripts python docs/bench/stop46_sink_paths.py [rounds]
+    PYTHONPATH=$PWD:$PWD/scripts python docs/bench/stop46_sink_paths.py [rounds [name substring]]
 """
 import sys
 
@@ -17,6 +17,7 @@ from bench_sparse import decode_inputs, prefill_inputs
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+ONLY = sys.argv[2] if len(sys.argv) > 2 else ""  # only the rows whose name has it (stop 51: "extra")
 SCALE = D_QK ** -0.5
 device = bench_decode.bench_device("auto", "stop46_sink_paths.py")
 
@@ -62,6 +63,8 @@ ROWS = [("dense bf16 b128 h16 4k", lambda: dense(128, 1, 16, 4096, False), 16),
         ("sparse fp8 b64 h64 + extra 512", lambda: sparse(64, 1, 64, 2048, True, 512), 64),
         ("sparse prefill h128", lambda: prefill(4096, 32768, 128, 2048), 128)]
 for name, make, h_q in ROWS:
+    if ONLY not in name:
+        continue
     run, sets = make()
     sink = torch.randn(h_q, device=device)
     sides = {"cuda + sink": ("cuda", sink), "triton + sink": ("triton", sink), "cuda, no sink": ("cuda", None)}

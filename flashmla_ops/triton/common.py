@@ -83,13 +83,13 @@ def f16_row_scaling(largest):
 
 @triton.jit
 def load_latent_subtile(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.constexpr, IS_FP8: tl.constexpr,
-                        HW_FP8: tl.constexpr, F16: tl.constexpr = False):
+                        HW_FP8: tl.constexpr, F16: tl.constexpr = False, CACHE: tl.constexpr = None):
     """Latent columns [COL0, COL0 + WIDTH) of the rows at `row_offset` (elements of KV: bf16 for a BF16 cache, bytes
     for FP8) as bf16, or FP8 as f16 with `F16` (see e4m3_to_f16: without hardware conversion those come times
     2**-8); FP8 values come unscaled (the caller applies the tile's scale to the products). The bf16 values are exact
-    either way (e4m3_to_bf16)."""
+    either way (e4m3_to_bf16). `CACHE`: the FP8 load's cache modifier (load_fp8_bytes)."""
     if IS_FP8:
-        values = fp8_values(load_fp8_bytes(KV, row_offset, tok_mask, COL0, WIDTH), HW_FP8, F16)
+        values = fp8_values(load_fp8_bytes(KV, row_offset, tok_mask, COL0, WIDTH, CACHE), HW_FP8, F16)
     else:
         cols = COL0 + tl.arange(0, WIDTH)
         values = tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0.0)
@@ -97,10 +97,14 @@ def load_latent_subtile(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.
 
 
 @triton.jit
-def load_fp8_bytes(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.constexpr):
-    """The e4m3 bytes of latent columns [COL0, COL0 + WIDTH) of the rows at `row_offset` (bytes of an FP8 cache)."""
+def load_fp8_bytes(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.constexpr, CACHE: tl.constexpr = None):
+    """The e4m3 bytes of latent columns [COL0, COL0 + WIDTH) of the rows at `row_offset` (bytes of an FP8 cache).
+    `CACHE`: tl.load's cache modifier; a second load of the same bytes with another one stays a load of its own (not
+    merged with the first), which the compiler's pipelining then takes through shared memory (decode's RELOAD)."""
     cols = COL0 + tl.arange(0, WIDTH)
-    return tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0)
+    if CACHE is None:
+        return tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0)
+    return tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0, cache_modifier=CACHE)
 
 
 @triton.jit

@@ -33,11 +33,14 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
                    stride_kv_block, stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2,
                    IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
-                   INTERPRET: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr):
+                   INTERPRET: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr, RELOAD: tl.constexpr):
     """Online softmax of the query rows of sequence `batch` over its cache tokens [start, end): the four 128-column
     accumulators, the running max and sum (base 2). With PREFETCH (FP8 cache) the next tile's latent bytes are loaded
     while this tile's products run: the compiler's pipelining takes the RoPE columns and the scales (loaded into
-    shared memory ahead) but not the latent bytes, which go through registers to their conversion."""
+    shared memory ahead) but not the latent bytes, which go through registers to their conversion. With RELOAD (FP8
+    cache) P V loads the latent bytes again instead of keeping the logits' tiles: then each load feeds one product,
+    so the compiler pipelines both through shared memory (`num_stages` tiles ahead, converted after their shared
+    loads); the bytes come from L2 twice, from DRAM once (stop 51)."""
     TILE: tl.constexpr = D_NOPE // 4
     if CAUSAL:
         visible = length - S_Q + rows // H_Q + 1  # query i of s_q sees [0, L - s_q + i]
@@ -68,6 +71,7 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
     acc1 = tl.zeros([BLOCK_H, TILE], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_H, TILE], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_H, TILE], dtype=tl.float32)
+    tl.static_assert(not RELOAD or (IS_FP8 and not PREFETCH), "RELOAD is for an FP8 cache, without PREFETCH")
     if PREFETCH:
         tl.static_assert(IS_FP8, "PREFETCH is for an FP8 cache")
         tokens = start + tl.arange(0, BLOCK_N)
@@ -92,10 +96,7 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
         else:
             row_offset = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, num_pages,
                                     tokens, tok_mask, PAGE)
-            k0 = load_latent_subtile(KV, row_offset, tok_mask, 0 * TILE, TILE, IS_FP8, HW_FP8, F16)
-            k1 = load_latent_subtile(KV, row_offset, tok_mask, 1 * TILE, TILE, IS_FP8, HW_FP8, F16)
-            k2 = load_latent_subtile(KV, row_offset, tok_mask, 2 * TILE, TILE, IS_FP8, HW_FP8, F16)
-            k3 = load_latent_subtile(KV, row_offset, tok_mask, 3 * TILE, TILE, IS_FP8, HW_FP8, F16)
+            k0, k1, k2, k3 = _load_latent(KV, row_offset, tok_mask, TILE, IS_FP8, HW_FP8, F16, None)
         k_rope = load_rope(KV, row_offset, tok_mask, IS_FP8, D_NOPE, D_ROPE, 4)
         s = mma(q_rope, tl.trans(k_rope), INTERPRET)
         if IS_FP8:
@@ -129,6 +130,8 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if RELOAD:  # P V's latent tiles: the same bytes again, by loads of their own
+            k0, k1, k2, k3 = _load_latent(KV, row_offset, tok_mask, TILE, IS_FP8, HW_FP8, F16, ".cg")
         if F16_PRODUCTS:
             # Each row's weights p * scale over 2**-14 times the row's largest in the block: at most 2**14, in f16's
             # range, and every weight down to 2**-28 of the row's largest stays normal. Rows whose weights are all
@@ -167,6 +170,17 @@ def _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, num
     page = tl.load(BlockTable + batch * stride_bt + tokens // PAGE, mask=tok_mask, other=0)
     page = tl.where(page.to(tl.uint32) < num_pages, page, 0).to(tl.int64)  # negative entries are large unsigned
     return page * stride_kv_block + (tokens % PAGE) * stride_kv_row
+
+
+@triton.jit
+def _load_latent(KV, row_offset, tok_mask, TILE: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr,
+                 F16: tl.constexpr, CACHE: tl.constexpr):
+    """The rows' four latent tiles (columns [t * TILE, t * TILE + TILE)) as load_latent_subtile gives them; `CACHE`:
+    the FP8 loads' cache modifier (None: the default)."""
+    return (load_latent_subtile(KV, row_offset, tok_mask, 0 * TILE, TILE, IS_FP8, HW_FP8, F16, CACHE),
+            load_latent_subtile(KV, row_offset, tok_mask, 1 * TILE, TILE, IS_FP8, HW_FP8, F16, CACHE),
+            load_latent_subtile(KV, row_offset, tok_mask, 2 * TILE, TILE, IS_FP8, HW_FP8, F16, CACHE),
+            load_latent_subtile(KV, row_offset, tok_mask, 3 * TILE, TILE, IS_FP8, HW_FP8, F16, CACHE))
 
 
 @triton.jit
@@ -250,7 +264,7 @@ def _dense_decode_split_kernel(
         SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr,
         APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
         D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr,
-        PREFETCH: tl.constexpr, HALF_PARTIALS: tl.constexpr):
+        PREFETCH: tl.constexpr, RELOAD: tl.constexpr, HALF_PARTIALS: tl.constexpr):
     """Uniform schedule: program (row tile, sequence, split) takes an equal share of its sequence's tokens."""
     pid_m = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -264,7 +278,7 @@ def _dense_decode_split_kernel(
     acc0, acc1, acc2, acc3, m_i, l_i = _attend_tokens(
         Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm, stride_kv_block,
         stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H, BLOCK_N, PAGE,
-        D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH)
+        D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH, RELOAD)
     _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, ScalePartial, batch,
                batch * num_splits + split, rows, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
                SPLIT, APPLY_SINK, D_NOPE // 4, HALF_PARTIALS)
@@ -277,7 +291,8 @@ def _dense_decode_balanced_kernel(
         batch_size, M, H_Q, S_Q, sm_scale_log2,
         IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
-        METADATA_FIELDS: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr):
+        METADATA_FIELDS: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
+        RELOAD: tl.constexpr):
     """Balanced schedule (`get_mla_metadata`): program (row tile, part) walks its part's run of 64-token blocks, which
     may span several sequences, and writes one partial per sequence it touches; `SplitOffsets[b]` (the cumulative
     num_splits) places sequence b's partials, so one long sequence among short ones is spread over every SM."""
@@ -303,7 +318,7 @@ def _dense_decode_balanced_kernel(
             stride_qb, stride_qm,
             stride_kv_block, stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL,
             BLOCK_H,
-            BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH)
+            BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH, RELOAD)
         global_split = tl.load(SplitOffsets + batch) + tl.where(batch == begin_batch, begin_split, 0)
         _store_all(acc0, acc1, acc2, acc3, m_i, l_i, LsePartial, OutPartial, LsePartial, OutPartial, LsePartial,
                    LsePartial, batch, global_split.to(tl.int64), rows, row_mask, 0, 0, stride_ps, stride_pm, M, S_Q,
@@ -366,7 +381,10 @@ class LaunchConfig:
     a cap on registers per thread (None: the compiler's choice), so that more programs fit an SM's 64K registers:
     compiled for sm_90, FP8 16 x 16 tiles with the f16 products and the prefetch take 171 registers (two programs of
     4 warps per SM), capped at 168 (three) they keep 24 bytes of stack (opt-in: timed in stop 21 at 1182.6 us on fp8
-    b128 h16 16k, slower than the default's 1035.7; see default_config)."""
+    b128 h16 16k, slower than the default's 1035.7; see default_config); `reload` (FP8 cache, not with `prefetch`):
+    P V loads its latent tiles again rather than keeping the logits' (_attend_tokens' RELOAD): compiled by Triton 3.6
+    for sm_90 at 16 rows x 32 tokens, every latent load is then a pipelined cp.async (35 async copies against the
+    prefetch's 15), 255 registers and no spill, 57 KB of shared memory; sm_80 and sm_89 likewise."""
     block_h: int
     block_n: int
     num_warps: int
@@ -376,6 +394,7 @@ class LaunchConfig:
     fp8_f16: bool = False
     prefetch: bool = False
     maxnreg: int | None = None
+    reload: bool = False
 
 
 def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = False) -> LaunchConfig:
@@ -464,7 +483,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
         row_tiles = triton.cdiv(rows, config.block_h)
         common = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK,
                       D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, F16=config.fp8_f16 and is_fp8,
-                      PREFETCH=config.prefetch and is_fp8,
+                      PREFETCH=config.prefetch and is_fp8, RELOAD=config.reload and is_fp8,
                       num_warps=config.num_warps, num_stages=config.num_stages, **variant)
         if config.maxnreg is not None:
             common["maxnreg"] = config.maxnreg

@@ -271,21 +271,26 @@ def test_triton_fp8_default_takes_f16_products_up_to_16_rows(monkeypatch):
 @pytest.mark.parametrize("schedule", ["uniform", "balanced"])
 @pytest.mark.parametrize("hardware", [FP8_HARDWARE, FP8_INTEGER])
 @pytest.mark.parametrize("f16", [True, False])
-def test_triton_fp8_prefetch_matches_reference(monkeypatch, schedule, hardware, f16):
-    """`prefetch` (the default for an FP8 cache up to 16 rows): each tile's latent bytes loaded during the previous
-    tile's products. Lengths ending mid-tile (a partial tile that was prefetched: 100 and 230 with 32-token tiles), an
-    empty one and a single token, causal s_q 2; uniform: several splits per sequence; balanced: parts that span
-    sequences. The first tile's bytes come before the loop, the next tile's past the end are masked."""
+@pytest.mark.parametrize("loading", ["prefetch", "reload"])
+def test_triton_fp8_latent_loading_matches_reference(monkeypatch, schedule, hardware, f16, loading):
+    """`prefetch` (the default for an FP8 cache up to 16 rows before stop 51): each tile's latent bytes loaded during
+    the previous tile's products; `reload`: P V's latent tiles loaded again, by loads of their own. Lengths ending
+    mid-tile (a partial tile: 100 and 230 with 32-token tiles), an empty one and a single token, causal s_q 2;
+    uniform: several splits per sequence; balanced: parts that span sequences. The prefetch's first tile comes before
+    the loop, the next tile's past the end are masked; the reload's tiles are masked as the logits' are."""
     skip_unless_gpu_decodes(hardware)
     monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: hardware)
     kernel = "_dense_decode_split_kernel" if schedule == "uniform" else "_dense_decode_balanced_kernel"
     recording = RecordingKernel(getattr(triton_decode, kernel))
     monkeypatch.setattr(triton_decode, kernel, recording)
     seqlens = [0, 1, 100, 230]
-    config = dataclasses.replace(f16_config(len(seqlens), 32, f16), prefetch=True, schedule=schedule,
+    config = dataclasses.replace(f16_config(len(seqlens), 32, f16), prefetch=loading == "prefetch",
+                                 reload=loading == "reload", schedule=schedule,
                                  programs_per_sm=4 if schedule == "uniform" else 1)
     run_and_compare(seqlens, 2, 16, causal=True, is_fp8=True, sink=False, config=config)
-    assert recording.options and all(options["PREFETCH"] for options in recording.options)
+    assert recording.options
+    assert all((options["PREFETCH"], options["RELOAD"]) == (loading == "prefetch", loading == "reload")
+               for options in recording.options)
 
 
 def test_triton_fp8_prefetch_16_token_tiles_with_a_register_cap(monkeypatch):
