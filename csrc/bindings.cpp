@@ -18,7 +18,11 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
 std::vector<torch::Tensor> sparse_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
                                          const torch::Tensor& indices, const c10::optional<torch::Tensor>& topk_length,
                                          double softmax_scale, bool is_fp8, int64_t num_splits,
-                                         const c10::optional<torch::Tensor>& attn_sink);
+                                         const c10::optional<torch::Tensor>& attn_sink,
+                                         const c10::optional<torch::Tensor>& extra_kv_cache,
+                                         const c10::optional<torch::Tensor>& extra_indices,
+                                         const c10::optional<torch::Tensor>& extra_topk_length,
+                                         int64_t extra_num_splits);
 std::vector<torch::Tensor> sparse_prefill(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& indices,
                                           const c10::optional<torch::Tensor>& topk_length, double softmax_scale,
                                           const c10::optional<torch::Tensor>& attn_sink);
@@ -46,9 +50,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("split_offsets"), py::arg("narrow"), py::arg("attn_sink") = py::none());
   m.def("sparse_decode", &flashmla::sparse_decode,
         "sparse paged MLA decode, BF16 or FP8 cache (sm_90a): q, kv_cache, indices, topk_length, scale, is_fp8, "
-        "num_splits, attn_sink -> out, lse",
+        "num_splits, attn_sink; an extra cache (same format) with its indices, lengths and splits in the same softmax "
+        "-> out, lse",
         py::arg("q"), py::arg("kv_cache"), py::arg("indices"), py::arg("topk_length"), py::arg("softmax_scale"),
-        py::arg("is_fp8"), py::arg("num_splits"), py::arg("attn_sink") = py::none());
+        py::arg("is_fp8"), py::arg("num_splits"), py::arg("attn_sink") = py::none(),
+        py::arg("extra_kv_cache") = py::none(), py::arg("extra_indices") = py::none(),
+        py::arg("extra_topk_length") = py::none(), py::arg("extra_num_splits") = 1);
   m.def("sparse_prefill", &flashmla::sparse_prefill,
         "sparse MLA prefill over a flat BF16 kv (sm_90a): q, kv, indices, topk_length, scale, attn_sink -> out, "
         "max_logits, lse",

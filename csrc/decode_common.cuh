@@ -77,6 +77,9 @@ struct DecodeParams {
   // (h_q,) float32 per-head sinks, or nullptr: out scaled by exp(lse) / (exp(lse) + exp(sink)), lse unchanged
   // (sink_denominator). Applied where a row is normalised for out: a piece's direct store, or the combine.
   const float* attn_sink;
+  // Uniform split partials: split y of grid row z writes slot z * slots_per_z + first_slot + y (sparse decode with an
+  // extra cache: the second launch's splits follow the first's, and one combine merges both).
+  int slots_per_z, first_slot;
 };
 
 // The denominator that normalises a row whose softmax sums to `total` relative to the base-2 maximum `row_max`, with
@@ -117,7 +120,7 @@ __device__ __forceinline__ void for_each_piece(const DecodeParams& p, Attend att
       const int blocks_per_split = (num_blocks + p.num_splits - 1) / p.num_splits;
       begin = blockIdx.y * blocks_per_split;
       end = min(begin + blocks_per_split, num_blocks);
-      slot = p.num_splits == 1 ? -1 : static_cast<int64_t>(z) * p.num_splits + blockIdx.y;
+      slot = p.lse_partial == nullptr ? -1 : static_cast<int64_t>(z) * p.slots_per_z + p.first_slot + blockIdx.y;
     }
     attend(z, begin, end, slot);
   }

@@ -1407,15 +1407,38 @@ void launch_combine(const DecodeParams& params, const Partial* out_partial, cons
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// A paged cache (num_blocks, 64, 1, row) as the kernels read it: its own block and row strides.
+void set_paged_cache(DecodeParams& params, const torch::Tensor& kv_cache) {
+  const int64_t element = kv_cache.element_size();
+  params.kv = static_cast<const uint8_t*>(kv_cache.data_ptr());
+  params.kv_block_bytes = kv_cache.stride(0) * element;
+  params.kv_row_bytes = kv_cache.stride(1) * element;
+  params.kv_slots = kv_cache.size(0) * kBlockN;
+}
+
+// Sparse decode's extra cache: its own paged cache and indices in the same softmax. run_decode launches the kernel
+// over it after the main cache's, its `num_splits` splits writing partial slots after the main launch's, and one
+// combine merges both (with the sink): no second pass over the outputs.
+struct ExtraCache {
+  torch::Tensor kv_cache;
+  const int* indices;
+  int64_t indices_batch_stride, indices_seq_stride;
+  const int* topk_length;
+  int topk;
+  int64_t num_splits;
+};
+
 // Outputs, partials, launch and combine for both ops; `params` comes with the op's own fields set. Dense: a CTA's
 // rows are the (s_q, h_q) pairs of one sequence; sparse: the h_q heads of one query (its own indices).
 std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, const torch::Tensor& kv_cache,
                                       bool is_fp8, bool sparse, double softmax_scale, int64_t num_splits,
-                                      DecodeParams& params, bool narrow = false) {
+                                      DecodeParams& params, bool narrow = false, const ExtraCache* extra = nullptr) {
   const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2);
   const int64_t rows = sparse ? h_q : s_q * h_q, queries_per_z = sparse ? s_q : 1, zs = batch * queries_per_z;
-  TORCH_CHECK(num_splits >= 1 && num_splits <= kMaxSplits, op, ": num_splits must be in [1, ", kMaxSplits, "], got ",
-              num_splits);
+  const int64_t extra_splits = extra != nullptr ? extra->num_splits : 0;
+  TORCH_CHECK(num_splits >= 1 && (extra == nullptr || extra_splits >= 1) && num_splits + extra_splits <= kMaxSplits, op,
+              ": num_splits (with the extra cache's) must be in [1, ", kMaxSplits, "], got ", num_splits, " + ",
+              extra_splits);
   const int64_t row_blocks = (rows + kRowsPerCta - 1) / kRowsPerCta;
   TORCH_CHECK(zs <= 65535 && row_blocks <= 65535, op, ": too large a batch for one launch");
   const c10::cuda::CUDAGuard guard(q.device());
@@ -1424,19 +1447,18 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
   if (zs == 0 || rows == 0) return {out, lse};
   // Balanced: `num_splits` is the number of parts; sequence b's slots lie in [0, batch + parts).
   const bool balanced = params.metadata != nullptr;
-  const bool partials = balanced || num_splits > 1;
+  const bool partials = balanced || num_splits > 1 || extra != nullptr;
   // attend_pairs' early refills (kEarlyDense) for split dense BF16 decode of at most two row tiles a sequence: stop 45
   // measured them 2-5% faster there (b1 h128 32k 31.5 against 33.3 us) and 4-5% slower with s_q 2 at h_q 128 (four
   // row tiles reading each block, mostly from L2).
   const bool early_dense = !sparse && !is_fp8 && !narrow && partials && rows <= 2 * kRowsPerCta;
-  const int64_t slots = balanced ? batch + num_splits : zs * num_splits;
+  const int64_t slots = balanced ? batch + num_splits : zs * (num_splits + extra_splits);
   // The narrow kernel's partial rows are float32; the others' f16 with a scale each (store_output).
   torch::Tensor out_partial, lse_partial;
   if (partials) {
     out_partial = torch::empty({slots, rows, kLatentDim}, q.options().dtype(narrow ? at::kFloat : at::kHalf));
     lse_partial = torch::empty({narrow ? 1 : 2, slots, rows}, q.options().dtype(at::kFloat));
   }
-  const int64_t element = kv_cache.element_size();
   // Only the map the chosen kernel reads: the FP8 cache's RoPE tile, the narrow kernel's whole BF16 page, or
   // attend_pairs' third of one.
   if (!sparse && is_fp8) {
@@ -1454,12 +1476,7 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
   params.q_batch_stride = q.stride(0);
   params.q_seq_stride = q.stride(1);
   params.q_head_stride = q.stride(2);
-  if (params.kv == nullptr) {  // a paged cache, with its own block and row strides (sparse prefill sets a flat kv)
-    params.kv = static_cast<const uint8_t*>(kv_cache.data_ptr());
-    params.kv_block_bytes = kv_cache.stride(0) * element;
-    params.kv_row_bytes = kv_cache.stride(1) * element;
-    params.kv_slots = kv_cache.size(0) * kBlockN;
-  }
+  if (params.kv == nullptr) set_paged_cache(params, kv_cache);  // (sparse prefill sets a flat kv)
   params.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
   params.out_batch_stride = out.stride(0);
   params.out_seq_stride = out.stride(1);
@@ -1473,6 +1490,8 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
   params.s_q = static_cast<int>(s_q);
   params.rows = static_cast<int>(rows);
   params.num_splits = static_cast<int>(num_splits);
+  params.slots_per_z = static_cast<int>(num_splits + extra_splits);
+  params.first_slot = 0;
   params.queries_per_z = static_cast<int>(queries_per_z);
   params.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -1486,11 +1505,39 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
     is_fp8 ? launch_decode<true, false>(params, grid, stream)
            : launch_decode<false, false>(params, grid, stream, early_dense);
   }
+  if (extra != nullptr) {
+    DecodeParams second = params;
+    set_paged_cache(second, extra->kv_cache);
+    second.indices = extra->indices;
+    second.indices_batch_stride = extra->indices_batch_stride;
+    second.indices_seq_stride = extra->indices_seq_stride;
+    second.topk_length = extra->topk_length;
+    second.topk = extra->topk;
+    second.num_splits = static_cast<int>(extra_splits);
+    second.first_slot = static_cast<int>(num_splits);
+    const dim3 extra_grid(row_blocks, extra_splits, zs);
+    is_fp8 ? launch_decode<true, true>(second, extra_grid, stream)
+           : launch_decode<false, true>(second, extra_grid, stream);
+    params.num_splits = params.slots_per_z;  // the combine merges both launches' splits
+  }
   if (partials) {
     narrow ? launch_combine(params, params.out_partial, out, rows, zs, balanced, stream)
            : launch_combine(params, params.out_partial16, out, rows, zs, balanced, stream);
   }
   return {out, lse};
+}
+
+// Sparse decode's index rows (batch, s_q, topk) and lengths (batch,), checked against q.
+void check_sparse_indices(const torch::Tensor& q, const torch::Tensor& indices,
+                          const c10::optional<torch::Tensor>& topk_length, const char* indices_name,
+                          const char* length_name) {
+  TORCH_CHECK(indices.scalar_type() == at::kInt && indices.dim() == 3 && indices.stride(2) == 1 &&
+                  indices.size(0) == q.size(0) && indices.size(1) == q.size(1),
+              "sparse_decode: ", indices_name, " must be int32 (batch, s_q, topk) with a contiguous last dimension");
+  TORCH_CHECK(!topk_length.has_value() ||
+                  (topk_length->scalar_type() == at::kInt && topk_length->is_contiguous() &&
+                   topk_length->numel() == q.size(0)),
+              "sparse_decode: ", length_name, " must be int32 (batch,)");
 }
 
 }  // namespace
@@ -1536,15 +1583,13 @@ std::vector<torch::Tensor> dense_decode(const torch::Tensor& q, const torch::Ten
 std::vector<torch::Tensor> sparse_decode(const torch::Tensor& q, const torch::Tensor& kv_cache,
                                          const torch::Tensor& indices, const c10::optional<torch::Tensor>& topk_length,
                                          double softmax_scale, bool is_fp8, int64_t num_splits,
-                                         const c10::optional<torch::Tensor>& attn_sink) {
+                                         const c10::optional<torch::Tensor>& attn_sink,
+                                         const c10::optional<torch::Tensor>& extra_kv_cache,
+                                         const c10::optional<torch::Tensor>& extra_indices,
+                                         const c10::optional<torch::Tensor>& extra_topk_length,
+                                         int64_t extra_num_splits) {
   check_inputs("sparse_decode", q, kv_cache, is_fp8);
-  TORCH_CHECK(indices.scalar_type() == at::kInt && indices.dim() == 3 && indices.stride(2) == 1 &&
-                  indices.size(0) == q.size(0) && indices.size(1) == q.size(1),
-              "sparse_decode: indices must be int32 (batch, s_q, topk) with a contiguous last dimension");
-  TORCH_CHECK(!topk_length.has_value() ||
-                  (topk_length->scalar_type() == at::kInt && topk_length->is_contiguous() &&
-                   topk_length->numel() == q.size(0)),
-              "sparse_decode: topk_length must be int32 (batch,)");
+  check_sparse_indices(q, indices, topk_length, "indices", "topk_length");
   DecodeParams params{};
   set_attn_sink("sparse_decode", params, attn_sink, q, q.size(2));
   params.indices = indices.data_ptr<int>();
@@ -1552,7 +1597,22 @@ std::vector<torch::Tensor> sparse_decode(const torch::Tensor& q, const torch::Te
   params.indices_seq_stride = indices.stride(1);
   params.topk_length = topk_length.has_value() ? topk_length->data_ptr<int>() : nullptr;
   params.topk = static_cast<int>(indices.size(2));
-  return run_decode("sparse_decode", q, kv_cache, is_fp8, true, softmax_scale, num_splits, params);
+  if (!extra_kv_cache.has_value()) {
+    TORCH_CHECK(!extra_indices.has_value() && !extra_topk_length.has_value(),
+                "sparse_decode: extra_indices and extra_topk_length need extra_kv_cache");
+    return run_decode("sparse_decode", q, kv_cache, is_fp8, true, softmax_scale, num_splits, params);
+  }
+  TORCH_CHECK(extra_indices.has_value(), "sparse_decode: extra_kv_cache needs extra_indices");
+  check_inputs("sparse_decode", q, *extra_kv_cache, is_fp8);
+  check_sparse_indices(q, *extra_indices, extra_topk_length, "extra_indices", "extra_topk_length");
+  const ExtraCache extra{*extra_kv_cache,
+                         extra_indices->data_ptr<int>(),
+                         extra_indices->stride(0),
+                         extra_indices->stride(1),
+                         extra_topk_length.has_value() ? extra_topk_length->data_ptr<int>() : nullptr,
+                         static_cast<int>(extra_indices->size(2)),
+                         extra_num_splits};
+  return run_decode("sparse_decode", q, kv_cache, is_fp8, true, softmax_scale, num_splits, params, false, &extra);
 }
 
 // Sparse prefill on the sparse decode kernel: each query token is a z of the grid (s_q = 1) with its own indices

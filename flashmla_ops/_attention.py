@@ -50,22 +50,3 @@ def sink_factor(lse: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
     """exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink), float32; 1 for a query that saw nothing (lse +inf,
     out 0: whatever the sink, +inf included, which would make it NaN)."""
     return torch.where(torch.isposinf(lse), 1.0, torch.sigmoid(lse - attn_sink.float()))
-
-
-def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
-                    attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two attentions of the same queries over disjoint key sets as the one over their union: out `(b, s_q, h, d_v)`
-    weighted by exp(lse - lse_union), lse `(b, h, s_q)` natural log, +inf for a query that sees no key (out 0), as
-    the decode ops return them; with `attn_sink`, its factor (`sink_factor`) too. In float32, out rounded once to
-    out_a's dtype."""
-    none = float("-inf")
-    seen_a = torch.where(torch.isposinf(lse_a), none, lse_a)
-    seen_b = torch.where(torch.isposinf(lse_b), none, lse_b)
-    lse = torch.logaddexp(seen_a, seen_b)
-    empty = torch.isneginf(lse)
-    lse = torch.where(empty, float("inf"), lse)
-    shift = torch.where(empty, 0.0, lse)
-    factor = 1.0 if attn_sink is None else sink_factor(lse, attn_sink[:, None])
-    weight_a = (torch.exp(seen_a - shift) * factor).transpose(1, 2).unsqueeze(-1)
-    weight_b = (torch.exp(seen_b - shift) * factor).transpose(1, 2).unsqueeze(-1)
-    return (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype), lse

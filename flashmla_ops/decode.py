@@ -10,7 +10,7 @@ import os
 import torch
 
 from . import _ext
-from ._attention import apply_attn_sink, attend, merge_attention
+from ._attention import apply_attn_sink, attend
 from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_paged_table, check_same_device,
                       check_tensor, contiguous_or_none, last_dim_contiguous, value_checks_apply)
 from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
@@ -473,39 +473,43 @@ def sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, ext
     return out, lse
 
 
-def _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8, attn_sink=None):
-    """csrc/dense_decode.cu's sparse decode over one cache (it reads unit-stride index rows, contiguous lengths and
-    sinks)."""
+def _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8, attn_sink, extra_k_cache=None,
+                        extra_indices=None, extra_topk_length=None):
+    """csrc/dense_decode.cu's sparse decode (it reads unit-stride index rows, contiguous lengths and sinks). With an
+    extra cache it launches the kernel over each cache, the second's split partials after the first's, and one
+    combine merges them with the sink."""
     batch, s_q, h_q, _ = q.shape
+
+    def num_splits(rows_of_indices):
+        return cuda_num_splits(q.device, batch * s_q, h_q, -(-rows_of_indices.shape[-1] // PAGE_BLOCK_SIZE))
+
+    extra = {}
+    if extra_k_cache is not None:
+        extra = dict(extra_kv_cache=extra_k_cache, extra_indices=last_dim_contiguous(extra_indices),
+                     extra_topk_length=contiguous_or_none(extra_topk_length),
+                     extra_num_splits=num_splits(extra_indices))
     return _ext.extension().sparse_decode(
         q, k_cache, last_dim_contiguous(indices), contiguous_or_none(topk_length), softmax_scale, is_fp8,
-        cuda_num_splits(q.device, batch * s_q, h_q, -(-indices.shape[-1] // PAGE_BLOCK_SIZE)),
-        contiguous_or_none(attn_sink))
+        num_splits(indices), contiguous_or_none(attn_sink), **extra)
 
 
 def sparse_decode_path(q: torch.Tensor, k_cache: torch.Tensor, extra_k_cache: torch.Tensor | None, head_dim_v: int,
                        is_fp8: bool) -> str:
     """The path `flashmla::sparse_decode` takes for this q and these caches: 'cuda' (csrc/dense_decode.cu's sparse
-    decode, once per cache), 'triton' or 'reference'. With an extra cache the Triton kernel comes first where it may
-    run: its one pass over both caches took 397.8 us against the CUDA kernel's two launches and merge's 486.0 (fp8
-    b128 h128, 2048 + 128 indices) and 155.6 against 191.3 (b64 h64, 2048 + 512) on the H100 (stop 49,
-    docs/bench/stop49_call4.log); FLASHMLA_BACKEND=cuda keeps the CUDA path."""
-    paths = _ext.paths("sparse_decode", q.device)
-
-    def triton_takes() -> bool:
-        from .triton import sparse as triton_sparse  # only where the Triton path exists (Triton installed)
-
-        return triton_sparse.supports_decode(q, k_cache, extra_k_cache, head_dim_v, is_fp8)
-
-    if extra_k_cache is not None and "triton" in paths and triton_takes():
-        return "triton"
-    for path in paths:
+    decode: with an extra cache one extension call, a launch over each cache and one combine), 'triton' or
+    'reference', the first that takes them. Stops 49-50 sent an extra cache to Triton first, whose one pass beat two
+    CUDA calls merged in PyTorch; the one call takes 290.7 us against Triton's 399.2 (fp8 b128 h128, 2048 + 128
+    indices) and 103.1 against 150.9 (b64 h64, 2048 + 512) on the H200 (stop 51, docs/bench/stop51_call1.log)."""
+    for path in _ext.paths("sparse_decode", q.device):
         if (path == "cuda" and q.shape[0] * q.shape[1] <= 65535
                 and all(_cuda_dense_supports(q, cache, head_dim_v, is_fp8)
                         for cache in (k_cache, extra_k_cache) if cache is not None)):
             return "cuda"
-        if path == "triton" and triton_takes():
-            return "triton"
+        if path == "triton":
+            from .triton import sparse as triton_sparse  # only where the Triton path exists (Triton installed)
+
+            if triton_sparse.supports_decode(q, k_cache, extra_k_cache, head_dim_v, is_fp8):
+                return "triton"
     return "reference"
 
 
@@ -522,13 +526,8 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
                   extra_topk_length, tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
     path = sparse_decode_path(q, k_cache, extra_k_cache, head_dim_v, is_fp8)
     if path == "cuda":
-        if extra_k_cache is None:
-            return _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8, attn_sink)
-        # a launch over each cache, merged by the two LSEs (and the sink applied: it counts once, after both)
-        main = _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8)
-        extra = _cuda_sparse_decode(q, extra_k_cache, extra_indices_in_kvcache, extra_topk_length, softmax_scale,
-                                    is_fp8)
-        return merge_attention(*main, *extra, attn_sink)
+        return _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8, attn_sink, extra_k_cache,
+                                   extra_indices_in_kvcache, extra_topk_length)
     if path == "triton":
         from .triton import sparse as triton_sparse
 

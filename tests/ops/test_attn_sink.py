@@ -2,9 +2,10 @@
 kernels, which put them in each row's softmax denominator where the row is normalised for the output (a piece's own
 store, or the combine of split partials; `sink_denominator` in csrc/decode_common.cuh). Before stop 50 the output
 was scaled after the kernels by elementwise launches (13-54 us a decode call on the H100, stop 49). CPU: the ops hand
-the sink to the extension (a stand-in computing the reference), and with an extra cache apply it once, after the
-merge. GPU (Hopper): every way a kernel normalises a row, against the reference; a head whose sink is -inf equals the
-output without a sink bit for bit, a head whose sink is +inf is 0; the op replays in a CUDA graph."""
+the sink to the extension (a stand-in computing the reference), with an extra cache too (one call: the extension's
+combine merges both caches' launches). GPU (Hopper): every way a kernel normalises a row, against the reference; a
+head whose sink is -inf equals the output without a sink bit for bit, a head whose sink is +inf is 0; the op replays
+in a CUDA graph."""
 import pytest
 import torch
 from decode_inputs import (DEVICE, HOPPER, SCALE, assert_close, assert_decode_close, make_inputs,
@@ -16,15 +17,18 @@ from flashmla_ops.kv_cache import KV_LORA_RANK
 
 
 class ReferenceExtension:
-    """The CUDA extension's sparse functions computed by the reference, recording the sink of each call."""
+    """The CUDA extension's sparse functions computed by the reference, recording the sink (and the extra cache) of
+    each call."""
 
     def __init__(self):
-        self.sinks = []
+        self.sinks, self.extra_caches = [], []
 
-    def sparse_decode(self, q, cache, indices, topk_length, scale, is_fp8, num_splits, attn_sink=None):
+    def sparse_decode(self, q, cache, indices, topk_length, scale, is_fp8, num_splits, attn_sink=None,
+                      extra_kv_cache=None, extra_indices=None, extra_topk_length=None, extra_num_splits=1):
         self.sinks.append(attn_sink)
-        return reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK, scale, is_fp8,
-                                       attn_sink)
+        self.extra_caches.append(extra_kv_cache)
+        return reference.sparse_decode(q, cache, indices, topk_length, extra_kv_cache, extra_indices,
+                                       extra_topk_length, KV_LORA_RANK, scale, is_fp8, attn_sink)
 
     def sparse_prefill(self, q, kv, indices, topk_length, scale, attn_sink=None):
         self.sinks.append(attn_sink)
@@ -32,8 +36,8 @@ class ReferenceExtension:
 
 
 def test_cuda_sparse_paths_hand_the_sink_to_the_kernel(monkeypatch):
-    """The sink (a strided view: the kernels read it contiguous) goes to the one launch of sparse decode and sparse
-    prefill; with an extra cache neither launch takes it and the merge applies it once."""
+    """The sink (a strided view: the kernels read it contiguous) goes to the one call of sparse decode, with an extra
+    cache too (the extension merges both caches' launches in its combine), and to each launch of sparse prefill."""
     generator = torch.Generator(DEVICE).manual_seed(11)
     extension = ReferenceExtension()
     monkeypatch.setattr(_ext, "extension", lambda: extension)
@@ -50,7 +54,7 @@ def test_cuda_sparse_paths_hand_the_sink_to_the_kernel(monkeypatch):
     _, extra_cache, extra_indices = sparse_decode_inputs(3, 2, 16, 70, False, generator, num_blocks=2, pad=64)
     out, lse = torch.ops.flashmla.sparse_decode(q, cache, indices, None, extra_cache, extra_indices, None, None, None,
                                                 KV_LORA_RANK, SCALE, False, sink)
-    assert extension.sinks[-2:] == [None, None]
+    assert torch.equal(extension.sinks[-1], sink) and extension.extra_caches[-1] is extra_cache
     want_out, want_lse = reference.sparse_decode(q, cache, indices, None, extra_cache, extra_indices, None,
                                                  KV_LORA_RANK, SCALE, False, sink)
     assert_decode_close(out, lse, want_out, want_lse)
