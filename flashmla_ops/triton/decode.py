@@ -384,7 +384,9 @@ class LaunchConfig:
     b128 h16 16k, slower than the default's 1035.7; see default_config); `reload` (FP8 cache, not with `prefetch`):
     P V loads its latent tiles again rather than keeping the logits' (_attend_tokens' RELOAD): compiled by Triton 3.6
     for sm_90 at 16 rows x 32 tokens, every latent load is then a pipelined cp.async (35 async copies against the
-    prefetch's 15), 255 registers and no spill, 57 KB of shared memory; sm_80 and sm_89 likewise."""
+    prefetch's 15), 255 registers and no spill, 57 KB of shared memory; sm_80 and sm_89 likewise. Opt-in: timed on
+    the H200 (stop 51, docs/bench/stop51_call1.log) 1-4% faster than the prefetch on fp8 h16 rows of one query (b128
+    16k 1027.5 against 1062.5 us), 4% slower on b128 s_q2 h8 4k."""
     block_h: int
     block_n: int
     num_warps: int
