@@ -102,7 +102,7 @@ def load_fp8_bytes(KV, row_offset, tok_mask, COL0: tl.constexpr, WIDTH: tl.const
     `CACHE`: tl.load's cache modifier; a second load of the same bytes with another one stays a load of its own (not
     merged with the first), which the compiler's pipelining then takes through shared memory (decode's RELOAD)."""
     cols = COL0 + tl.arange(0, WIDTH)
-    if CACHE is None:
+    if CACHE is None:  # not a default of "": Triton 3.6 does not take a str default of a nested call as a constexpr
         return tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0)
     return tl.load(KV + row_offset[:, None] + cols[None, :], mask=tok_mask[:, None], other=0, cache_modifier=CACHE)
 
