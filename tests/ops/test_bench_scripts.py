@@ -117,3 +117,19 @@ def test_replot_draws_an_earlier_run_against_its_ceilings(tmp_path, monkeypatch)
     (got_rows, path, (xs, ys)), = drawn
     assert got_rows == rows and path == tmp_path / "decode.png"
     assert xs[1] == 700e12 / 4.0e12 and ys[1] == ys[2] == 700.0 and ys[0] == 4.0e12 * xs[0] / 1e12
+
+
+def test_the_sanitizer_cases_run_and_report_a_wrong_output(monkeypatch, capsys):
+    """scripts/sanitize_ops.py (run under compute-sanitizer on the GPU) on the CPU's reference path: its cases build
+    valid inputs for the ops they call, and an op whose output is wrong makes it say so and exit 1."""
+    import sanitize_ops
+    monkeypatch.setattr(sys, "argv", ["sanitize_ops.py", "--device", "cpu", "--only", "h100"])
+    monkeypatch.setenv("FLASHMLA_BACKEND", os.environ.get("FLASHMLA_BACKEND", "auto"))  # main sets it
+    assert sanitize_ops.main() == 0
+    assert "0 case(s) differ" in capsys.readouterr().out
+    decode = flashmla_ops.flash_mla_with_kvcache
+    monkeypatch.setattr(flashmla_ops, "flash_mla_with_kvcache", lambda *a, **k: (decode(*a, **k)[0] * 1.1,
+                                                                                 decode(*a, **k)[1]))
+    monkeypatch.setattr(sys, "argv", ["sanitize_ops.py", "--device", "cpu", "--only", "dense bf16 s_q1 h100"])
+    assert sanitize_ops.main() == 1
+    assert "output off by" in capsys.readouterr().out
