@@ -114,6 +114,18 @@ def value_checks_apply(t: torch.Tensor) -> bool:
     return debug_checks()
 
 
+def check_no_overlap(op: str, name: str, t: torch.Tensor) -> None:
+    """A tensor an op writes must not reach one element from two indices (e.g. a cache made by `expand`: a write to
+    one block would land in another). Sufficient and cheap: dimensions of size > 1, by decreasing stride, each stride
+    past the extent of the dimensions inside it."""
+    extent = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s > 1), key=lambda d: d[1]):
+        if stride < extent:
+            raise ValueError(f"{op}: {name} must not overlap itself (each element its own memory), got shape "
+                             f"{tuple(t.shape)} with strides {t.stride()}")
+        extent = stride * (size - 1) + extent
+
+
 def check_paged_table(op: str, block_table: torch.Tensor, cache_seqlens: torch.Tensor, num_blocks: int,
                       page_block_size: int, cache_name: str) -> None:
     """Values of a paged table: 0 <= cache_seqlens <= capacity, and the block_table entries of the blocks each

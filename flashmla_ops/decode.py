@@ -102,6 +102,9 @@ def _check_metadata(op, cache_seqlens, num_sm_parts):
     check_tensor(op, "cache_seqlens", cache_seqlens, INDEX_DTYPES, ("batch",), {})
     if num_sm_parts < 1:
         raise ValueError(f"{op}: num_sm_parts must be >= 1, got {num_sm_parts}")
+    if value_checks_apply(cache_seqlens):
+        check(op, cache_seqlens >= 0,
+              f"cache_seqlens must be >= 0, got {cache_seqlens[cache_seqlens < 0][:8].tolist()}")
 
 
 @torch.library.custom_op("flashmla::get_mla_metadata", mutates_args=())
@@ -168,6 +171,11 @@ def _check_sink(op, attn_sink, dims):
 
 
 def _check_metadata_inputs(op, tile_scheduler_metadata, num_splits, dims):
+    if (tile_scheduler_metadata is None) != (num_splits is None):
+        raise ValueError(f"{op}: tile_scheduler_metadata and num_splits must be given together (get_mla_metadata's "
+                         f"pair) or both None, got "
+                         f"tile_scheduler_metadata={'a tensor' if tile_scheduler_metadata is not None else None}, "
+                         f"num_splits={'a tensor' if num_splits is not None else None}")
     if tile_scheduler_metadata is not None:
         check_tensor(op, "tile_scheduler_metadata", tile_scheduler_metadata, INDEX_DTYPES, (None, METADATA_FIELDS),
                      dims)

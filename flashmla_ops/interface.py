@@ -1,11 +1,12 @@
 """FlashMLA's Python API (same names, argument order, defaults and return values) over the `flashmla` ops."""
+import math
 import numbers
 from dataclasses import dataclass, field
 
 import torch
 
 from . import _ext, decode, sparse_prefill  # noqa: F401  (registers the ops)
-from ._checks import require_tensor, value_checks_apply
+from ._checks import check_tensor, require_tensor, value_checks_apply
 from .decode import _check_dense, _check_sparse, num_sm_parts
 
 
@@ -13,15 +14,16 @@ def _is_int(value) -> bool:
     return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
-def _is_float(value) -> bool:  # a 0-d tensor too, which the op schemas' float arguments take
-    return (_is_int(value) or isinstance(value, (numbers.Real, torch.SymFloat))
-            or (isinstance(value, torch.Tensor) and value.dim() == 0)) and not isinstance(value, bool)
+def _is_float(value) -> bool:  # a 0-d tensor too (not a bool one), which the op schemas' float arguments take
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and value.dtype != torch.bool
+    return (_is_int(value) or isinstance(value, (numbers.Real, torch.SymFloat))) and not isinstance(value, bool)
 
 
-def _is_flag(value) -> bool:  # bool, numpy's bool, or an int (0 / 1), as the schemas' bool arguments take
+def _is_flag(value) -> bool:  # bool, numpy's bool, or the int 0 or 1 (the schemas' bool arguments take any int)
     kind = type(value)
-    return isinstance(value, (bool, numbers.Integral)) or (kind.__module__ == "numpy" and kind.__name__ in ("bool",
-                                                                                                             "bool_"))
+    return ((isinstance(value, numbers.Integral) and value in (0, 1))
+            or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")))
 
 
 def _check_scalar(op: str, name: str, value, accepts, what: str) -> None:
@@ -29,6 +31,14 @@ def _check_scalar(op: str, name: str, value, accepts, what: str) -> None:
     with a RuntimeError naming the op's own argument, so the API says it first. Numpy scalars are taken."""
     if not accepts(value):
         raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")
+
+
+def _check_scale(op: str, name: str, value, what: str = "a float") -> None:
+    """A softmax scale: a float (see _check_scalar), finite: NaN or an infinity would give NaN or infinite outputs.
+    (A 0-d tensor's value is not read here: that would sync with its device.)"""
+    _check_scalar(op, name, value, _is_float, what)
+    if isinstance(value, numbers.Real) and not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
 
 
 def _check_tensor_types(op: str, required: dict, optional: dict) -> None:
@@ -148,7 +158,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         indices: `(batch, s_q, topk)` int32 flat cache slots (`block * 64 + row`, -1 = none): sparse attention.
         attn_sink: `(h_q,)` float32, out scaled by `exp(lse) / (exp(lse) + exp(attn_sink))`.
         extra_k_cache, extra_indices_in_kvcache, extra_topk_length: a second cache attended in the same softmax.
-        topk_length: `(batch,)` int32, only the first `topk_length[b]` indices count.
+        topk_length: `(batch,)` int32, only the first `topk_length[b]` indices count (a length past topk: all of
+            them; 0 or less: none).
     Returns:
         out `(batch, s_q, h_q, head_dim_v)` bfloat16, softmax_lse `(batch, h_q, s_q)` float32 (natural log;
         +inf and out = 0 for a query that sees no token).
@@ -165,6 +176,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     if q.dim() != 4:
         raise ValueError(f"{op}: q must be a tensor of shape (batch, s_q, h_q, d_qk), got {tuple(q.shape)}")
     batch, s_q, h_q, d_qk = q.shape
+    if d_qk < 1:  # before the default scale d_qk ** -0.5
+        raise ValueError(f"{op}: q must have d_qk >= 1 (576 in DeepSeek), got shape {tuple(q.shape)}")
     _check_tensor_types(op, dict(k_cache=k_cache),
                         dict(block_table=block_table, cache_seqlens=cache_seqlens, indices=indices, attn_sink=attn_sink,
                              extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
@@ -172,7 +185,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     _check_scalar(op, "head_dim_v", head_dim_v, _is_int, "an int")
     if softmax_scale is None:
         softmax_scale = d_qk ** -0.5
-    _check_scalar(op, "softmax_scale", softmax_scale, _is_float, "a float or None")
+    _check_scale(op, "softmax_scale", softmax_scale, "a float or None")
     _check_scalar(op, "causal", causal, _is_flag, "a bool")
     _check_scalar(op, "is_fp8_kvcache", is_fp8_kvcache, _is_flag, "a bool")
     meta = tile_scheduler_metadata if tile_scheduler_metadata is not None else FlashMLASchedMeta()
@@ -200,6 +213,12 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
                                                attn_sink)
     if causal:
         raise ValueError(f"{op}: causal must be False with indices (the indices say what each query sees), got True")
+    # Sparse attention reads neither (FlashMLA's callers may pass them): when given, they must still be what they say
+    dims = dict(batch=batch)
+    if block_table is not None:
+        check_tensor(op, "block_table", block_table, decode.INDEX_DTYPES, ("batch", "max_blocks_per_seq"), dims)
+    if cache_seqlens is not None:
+        check_tensor(op, "cache_seqlens", cache_seqlens, decode.INDEX_DTYPES, ("batch",), dims)
     def check():
         _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                       extra_topk_length, None, None, head_dim_v, is_fp8_kvcache, attn_sink)
@@ -227,7 +246,7 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk
         q: `(s_q, h_q, d_qk)` bfloat16; kv: `(s_kv, 1, d_qk)` bfloat16.
         indices: `(s_q, 1, topk)` int32 rows of kv; -1 or any value >= s_kv means "no token".
         sm_scale: softmax scale. d_v: value width (first d_v dims of kv). attn_sink: `(h_q,)` float32.
-        topk_length: `(s_q,)` int32, only the first `topk_length[t]` indices count.
+        topk_length: `(s_q,)` int32, only the first `topk_length[t]` indices count (past topk: all; <= 0: none).
         indexer_topk: when > 0, also return the LSE over the first `indexer_topk` indices.
     Returns:
         (out `(s_q, h_q, d_v)` bfloat16, max_logits `(s_q, h_q)` float32, lse `(s_q, h_q)` float32
@@ -235,7 +254,7 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk
     """
     op = "flash_mla_sparse_fwd"
     _check_tensor_types(op, dict(q=q, kv=kv, indices=indices), dict(attn_sink=attn_sink, topk_length=topk_length))
-    _check_scalar(op, "sm_scale", sm_scale, _is_float, "a float")
+    _check_scale(op, "sm_scale", sm_scale)
     _check_scalar(op, "d_v", d_v, _is_int, "an int")
     _check_scalar(op, "indexer_topk", indexer_topk, _is_int, "an int")
     out, max_logits, lse, lse_indexer = torch.ops.flashmla.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink,

@@ -10,8 +10,8 @@ of `d_i` values), `d_i + 4` bytes; a BF16 indexer key cache is `(num_blocks, pag
 import torch
 
 from . import _ext
-from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor, dense_aligned,
-                      require_tensor, value_checks_apply)
+from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_no_overlap, check_same_device, check_tensor,
+                      dense_aligned, require_tensor, value_checks_apply)
 
 KV_LORA_RANK = 512
 ROPE_DIM = 64
@@ -146,6 +146,7 @@ def _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8) -> None:
     dtypes = (torch.uint8, torch.float8_e4m3fn) if is_fp8 else FLOAT_DTYPES
     check_tensor(op, "kv_cache", kv_cache, dtypes, ("num_blocks", "page_block_size", 1, row), dims)
     check_contiguous_last_dim(op, "kv_cache", kv_cache)
+    check_no_overlap(op, "kv_cache", kv_cache)
     value_dtypes = FLOAT_DTYPES if is_fp8 else (kv_cache.dtype,)
     check_tensor(op, "latent", latent, value_dtypes, ("num_tokens", KV_LORA_RANK), dims)
     check_tensor(op, "rope", rope, (latent.dtype,), ("num_tokens", ROPE_DIM), dims)
@@ -235,6 +236,7 @@ def _check_write_index(op, index_cache, k, slot_mapping) -> None:
     check_tensor(op, "index_cache", index_cache, (torch.uint8, torch.float8_e4m3fn) if is_fp8 else (k.dtype,),
                  ("num_blocks", "page_block_size", row), dims)
     check_contiguous_last_dim(op, "index_cache", index_cache)
+    check_no_overlap(op, "index_cache", index_cache)
     check_tensor(op, "slot_mapping", slot_mapping, (torch.int32, torch.int64), ("num_tokens",), dims)
     check_same_device(op, index_cache=index_cache, k=k, slot_mapping=slot_mapping)
 
