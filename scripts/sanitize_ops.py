@@ -160,10 +160,24 @@ def run_sparse_decode(batch, s_q, h_q, topk, extra_topk, is_fp8):
                      extra_indices_in_kvcache=inputs.indices((batch, s_q, extra_topk), extra_blocks * PAGE_BLOCK_SIZE),
                      extra_topk_length=extra_length)
     attn_sink = inputs.randn(h_q) + 3 if h_q == 100 else None
+    # Unchecked on the GPU, slots outside a cache are no token: one past the main cache's end, and in the extra list
+    # slots of the main cache past the extra one's end (a kernel bounding them by the wrong cache reads past it), -7
+    # and 2**31 - 1. The reference takes them as -1. (On the CPU the op's value checks reject them.)
+    bad = {"indices": indices}
+    if DEVICE == "cuda" and not os.environ.get("FLASHMLA_CHECK"):
+        bad["indices"] = indices.clone()
+        bad["indices"][..., 2::9] = main_blocks * PAGE_BLOCK_SIZE
+        if extra_topk:
+            bad_extra = extra["extra_indices_in_kvcache"].clone()
+            bad_extra[..., 0::3] = inputs.randint(extra_blocks * PAGE_BLOCK_SIZE, main_blocks * PAGE_BLOCK_SIZE,
+                                                  bad_extra[..., 0::3].shape)
+            bad_extra[..., 1::7], bad_extra[..., 2::11] = 2 ** 31 - 1, -7
+            extra["extra_indices_in_kvcache"] = torch.where(bad_extra < extra_blocks * PAGE_BLOCK_SIZE, bad_extra, -1)
+            bad["extra_indices_in_kvcache"] = bad_extra
+        indices = torch.where(bad["indices"] < main_blocks * PAGE_BLOCK_SIZE, bad["indices"], -1)
     meta = flashmla_ops.get_mla_metadata()[0]
     out, lse = flashmla_ops.flash_mla_with_kvcache(q, cache, None, None, KV_LORA_RANK, meta, is_fp8_kvcache=is_fp8,
-                                                   indices=indices, attn_sink=attn_sink, topk_length=topk_length,
-                                                   **extra)
+                                                   attn_sink=attn_sink, topk_length=topk_length, **{**extra, **bad})
     want_out, want_lse = reference.sparse_decode(q, cache, indices, topk_length, extra.get("extra_k_cache"),
                                                  extra.get("extra_indices_in_kvcache"),
                                                  extra.get("extra_topk_length"), KV_LORA_RANK, D_QK ** -0.5, is_fp8,
