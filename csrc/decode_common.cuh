@@ -47,9 +47,9 @@ struct DecodeParams {
   int64_t out_batch_stride, out_seq_stride, out_head_stride;
   float* lse;          // (batch, h_q, s_q)
   float* max_logits;   // sparse prefill: (batch, h_q, s_q), the largest scaled logit (natural units); else nullptr
-  // Split partials (num_splits > 1, or a balanced schedule): slot s of query row r at [s * rows + r]. The narrow
-  // kernel writes float32 rows (out_partial); dense_decode.cu's kernels f16 rows (out_partial16) scaled into f16's
-  // range by the power of two scale_partial holds (f16_row_exponent).
+  // Split partials (num_splits > 1, a balanced schedule, or sparse decode's extra cache): slot s of query row r at
+  // [s * rows + r]. The narrow kernel writes float32 rows (out_partial); dense_decode.cu's kernels f16 rows
+  // (out_partial16) scaled into f16's range by the power of two scale_partial holds (f16_row_exponent).
   float* out_partial;     // (slots, rows, 512)
   __half* out_partial16;  // (slots, rows, 512)
   float* lse_partial;     // (slots, rows), base 2
@@ -71,8 +71,7 @@ struct DecodeParams {
   const int* metadata;
   const int* split_offsets;
   int metadata_fields, batch;
-  // Dense: the block table's columns; lengths are cut at their capacity (see block_page). Last, so that the fields
-  // before keep their offsets (the kernels that do not read it compile as before).
+  // Dense: the block table's columns; lengths are cut at their capacity (see block_page).
   int block_table_blocks;
   // (h_q,) float32 per-head sinks, or nullptr: out scaled by exp(lse) / (exp(lse) + exp(sink)), lse unchanged
   // (sink_denominator). Applied where a row is normalised for out: a piece's direct store, or the combine.

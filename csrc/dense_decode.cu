@@ -1349,6 +1349,7 @@ void check_inputs(const char* op, const torch::Tensor& q, const torch::Tensor& k
                   reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0,
               op, ": q rows must be 16-byte aligned");
   if (!kv_cache.defined()) return;
+  TORCH_CHECK(kv_cache.device() == q.device(), op, ": kv_cache must be on q's device");
   const int64_t element = kv_cache.element_size();
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(1) == kBlockN && kv_cache.stride(3) == 1 &&
                   (kv_cache.stride(0) * element) % 16 == 0 && (kv_cache.stride(1) * element) % 16 == 0 &&
@@ -1532,12 +1533,13 @@ void check_sparse_indices(const torch::Tensor& q, const torch::Tensor& indices,
                           const c10::optional<torch::Tensor>& topk_length, const char* indices_name,
                           const char* length_name) {
   TORCH_CHECK(indices.scalar_type() == at::kInt && indices.dim() == 3 && indices.stride(2) == 1 &&
-                  indices.size(0) == q.size(0) && indices.size(1) == q.size(1),
-              "sparse_decode: ", indices_name, " must be int32 (batch, s_q, topk) with a contiguous last dimension");
+                  indices.size(0) == q.size(0) && indices.size(1) == q.size(1) && indices.device() == q.device(),
+              "sparse_decode: ", indices_name,
+              " must be int32 (batch, s_q, topk) on q's device with a contiguous last dimension");
   TORCH_CHECK(!topk_length.has_value() ||
                   (topk_length->scalar_type() == at::kInt && topk_length->is_contiguous() &&
-                   topk_length->numel() == q.size(0)),
-              "sparse_decode: ", length_name, " must be int32 (batch,)");
+                   topk_length->numel() == q.size(0) && topk_length->device() == q.device()),
+              "sparse_decode: ", length_name, " must be int32 (batch,) on q's device");
 }
 
 }  // namespace
