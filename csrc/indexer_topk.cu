@@ -299,7 +299,9 @@ torch::Tensor indexer_topk(const torch::Tensor& logits, int64_t topk, const c10:
   }
   const bool in_shared = num_keys <= kSharedKeys;
   const bool aligned = num_keys % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0;
-  const int shared_bytes = in_shared ? static_cast<int>(num_keys * sizeof(uint32_t)) : 0;
+  // Rounded up to whole groups of 4 codes: load4 reads a row's last, partial group with loads the compiler may merge
+  // into one of the group's width (compute-sanitizer's memcheck saw a 12-byte read past a row of 70 codes, stop 52).
+  const int shared_bytes = in_shared ? static_cast<int>((num_keys + 3) / 4 * 4 * sizeof(uint32_t)) : 0;
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto in_shared_constant, const auto* table) {
     using TableT = std::remove_cv_t<std::remove_pointer_t<decltype(table)>>;
