@@ -88,12 +88,14 @@ def dense_cases():
         ([257, 64], 1, 100, False),
         ([9000], 1, 128, False),
         ([9000], 1, 16, False),
+        ([700] * 70, 1, 128, False),  # more CTAs than an H100's SMs: CTAs follow others on an SM
     ]
     for seqlens, s_q, h_q, causal in shapes:
         for is_fp8 in (False, True):
             for scheduled in (True, False):
                 cache = "fp8" if is_fp8 else "bf16"
-                name = f"dense {cache} s_q{s_q} h{h_q} {seqlens}{' scheduled' if scheduled else ''}"
+                lengths = f"[{seqlens[0]}] x {len(seqlens)}" if len(seqlens) > 6 else str(seqlens)
+                name = f"dense {cache} s_q{s_q} h{h_q} {lengths}{' scheduled' if scheduled else ''}"
                 yield name, lambda seqlens=seqlens, s_q=s_q, h_q=h_q, causal=causal, is_fp8=is_fp8, \
                     scheduled=scheduled: run_dense(seqlens, s_q, h_q, causal, is_fp8, scheduled, sink=h_q == 100)
 
