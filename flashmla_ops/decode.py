@@ -102,9 +102,8 @@ def _check_metadata(op, cache_seqlens, num_sm_parts):
     check_tensor(op, "cache_seqlens", cache_seqlens, INDEX_DTYPES, ("batch",), {})
     if num_sm_parts < 1:
         raise ValueError(f"{op}: num_sm_parts must be >= 1, got {num_sm_parts}")
-    if value_checks_apply(cache_seqlens):
-        check(op, cache_seqlens >= 0,
-              f"cache_seqlens must be >= 0, got {cache_seqlens[cache_seqlens < 0][:8].tolist()}")
+    if value_checks_apply(cache_seqlens) and bool((cache_seqlens < 0).any()):
+        raise ValueError(f"{op}: cache_seqlens must be >= 0, got {cache_seqlens[cache_seqlens < 0][:8].tolist()}")
 
 
 @torch.library.custom_op("flashmla::get_mla_metadata", mutates_args=())
