@@ -80,15 +80,22 @@ def dense_cases():
     """Dense decode through the public API (with and without get_mla_metadata's schedule): the narrow kernel (up to 16
     rows), the wide one, both caches, causal s_q 2 with a one-token sequence (its first query sees nothing), an empty
     sequence, lengths off the block size, a sink, batch 1 long enough for the many-splits combine."""
-    shapes = [  # (seqlens, s_q, h_q, causal)
+    shapes = [  # (seqlens, s_q, h_q, causal); the launch each reaches on a 132-SM H100 (decode.py's rules)
         ([1, 63, 65, 300], 1, 16, False),
         ([0, 1, 130, 1000], 2, 8, True),
         ([1, 200, 64 * 9 + 5], 2, 64, True),
         ([700, 3], 1, 128, False),
+        ([400, 3], 1, 128, False),  # the few-splits combine of 4 (f16 partials)
         ([257, 64], 1, 100, False),
         ([9000], 1, 128, False),
         ([9000], 1, 16, False),
         ([700] * 70, 1, 128, False),  # more CTAs than an H100's SMs: CTAs follow others on an SM
+        ([1250, 3], 2, 100, True),  # no early refill (200 rows), Q by cp.async, the generic combine (10 splits)
+        ([4300], 2, 16, False),  # Q's TMA box of whole queries; the many-splits combine in 8 parts
+        ([0, 1, 64], 1, 8, False),  # the narrow kernel unsplit, 8 rows
+        ([400, 0, 9], 1, 12, False),  # the few-splits combine of 4 (float32 partials); a sink on the narrow kernel
+        ([4300, 0, 5, 130], 3, 4, True),  # the many-splits combine in 4 parts (float32)
+        ([2100] + [64] * 7, 1, 16, False),  # the many-splits combine in 2 parts (float32)
     ]
     for seqlens, s_q, h_q, causal in shapes:
         for is_fp8 in (False, True):
@@ -97,7 +104,7 @@ def dense_cases():
                 lengths = f"[{seqlens[0]}] x {len(seqlens)}" if len(seqlens) > 6 else str(seqlens)
                 name = f"dense {cache} s_q{s_q} h{h_q} {lengths}{' scheduled' if scheduled else ''}"
                 yield name, lambda seqlens=seqlens, s_q=s_q, h_q=h_q, causal=causal, is_fp8=is_fp8, \
-                    scheduled=scheduled: run_dense(seqlens, s_q, h_q, causal, is_fp8, scheduled, sink=h_q == 100)
+                    scheduled=scheduled: run_dense(seqlens, s_q, h_q, causal, is_fp8, scheduled, sink=h_q in (12, 100))
 
 
 def run_dense(seqlens, s_q, h_q, causal, is_fp8, scheduled, sink):
@@ -135,6 +142,8 @@ def sparse_decode_cases():
         (3, 1, 100, 130, 90),
         (70, 1, 64, 64, 64),
         (2, 2, 128, 2048, 512),
+        (2, 1, 32, 64, 0),  # no split: partials for neither cache (Triton: 32-head tiles)
+        (1, 1, 64, 4300, 0),  # the many-splits combine in 4 parts
     ]
     for batch, s_q, h_q, topk, extra_topk in shapes:
         for is_fp8 in (False, True):
@@ -262,7 +271,10 @@ def run_write_kv(num_tokens, is_fp8):
     rope = inputs.randn(num_tokens, ROPE_DIM).bfloat16()
     last = num_blocks * PAGE_BLOCK_SIZE - 1  # the cache's last slot, once: two writes of one slot race
     slots = torch.randperm(last, generator=inputs.generator, device=DEVICE)[:num_tokens - 1]
-    slots = torch.cat([slots, slots.new_full((1,), last)]).int()
+    slots = torch.cat([slots, slots.new_full((1,), last)])
+    slots = slots.int() if num_tokens > 1 else slots.long()  # both slot dtypes
+    if num_tokens > 2:
+        slots[1] = -1  # skipped
     torch.ops.flashmla.write_kv_cache(cache, latent, rope, slots, is_fp8)
     reference.write_kv_cache(want, latent, rope, slots, is_fp8)
     return None if torch.equal(cache.view(torch.uint8), want.view(torch.uint8)) else "cache differs"
@@ -271,11 +283,14 @@ def run_write_kv(num_tokens, is_fp8):
 def indexer_cases():
     """The indexer: packed causal logits (FP8 q and keys, ragged and empty key ranges), paged logits over the FP8 index
     cache (lengths 0, 1, 65; s_q 2), top-k over rows with fewer finite keys than k, through a block table."""
-    yield "indexer logits s_q 37 s_kv 300 h 64", lambda: run_indexer_logits(37, 300, 64)
+    yield "indexer logits s_q 301 s_kv 4100 h 64", lambda: run_indexer_logits(301, 4100, 64)  # stages refilled
     yield "indexer logits s_q 5 s_kv 70 h 3", lambda: run_indexer_logits(5, 70, 3)
     yield "indexer paged logits [0, 1, 65, 700] s_q 2", lambda: run_indexer_paged([0, 1, 65, 700], 2, 64)
-    yield "indexer top-k 3 x 1000 keys, k 256", lambda: run_topk(3, 1000, 256)
-    yield "indexer top-k 2 x 70 keys, k 2048, block table", lambda: run_topk(2, 70, 2048)
+    yield "indexer paged logits [600] x 132 s_q 1", lambda: run_indexer_paged([600] * 132, 1, 32)
+    yield "indexer top-k 3 x 20000 keys, k 2048", lambda: run_topk(3, 20000, 2048)  # four groups in flight
+    yield "indexer top-k 2 x 70 keys, k 2048, block table", lambda: run_topk(2, 70, 2048, table=True)
+    yield "indexer top-k 2 x 50001 keys, k 2048, block table", lambda: run_topk(2, 50001, 2048, table=True)
+    yield "indexer top-k 1 x 50000 keys, k 2048", lambda: run_topk(1, 50000, 2048)  # rows past shared memory
 
 
 def run_indexer_logits(s_q, s_kv, h_i):
@@ -327,16 +342,17 @@ def check_logits(got, want):
     return None
 
 
-def run_topk(rows, num_keys, topk):
+def run_topk(rows, num_keys, topk, table=False):
     from flashmla_ops import indexer
     inputs = Inputs(rows + num_keys + topk)
     logits = inputs.randn(rows, 2, num_keys)
-    logits[0, :, num_keys // 3:] = float("-inf")  # fewer finite keys than k
-    table = None
-    if topk > num_keys:  # through a block table: slots of shuffled blocks
+    logits[0, :, num_keys // 3:] = float("-inf")  # fewer finite keys than k (in the first row)
+    if table:  # through a block table: slots of shuffled blocks
         blocks = -(-num_keys // 64)
         table = torch.stack([torch.randperm(4 * blocks, generator=inputs.generator, device=DEVICE)[:blocks]
                              for _ in range(rows)]).int()
+    else:
+        table = None
     got = torch.ops.flashmla.indexer_topk(logits, topk, table)
     want = indexer.indexer_topk_reference(logits, topk, table)
     return None if torch.equal(got, want) else "selection differs"
@@ -344,7 +360,7 @@ def run_topk(rows, num_keys, topk):
 
 def metadata_cases():
     """get_mla_metadata on the device alone, for batches with empty and long sequences."""
-    for seqlens in ([0, 0, 1], [5, 70000, 64, 0], [4096] * 200):
+    for seqlens in ([0, 0, 1], [5, 70000, 64, 0], [4096] * 1100):  # past 1024 sequences: another loop
         yield f"get_mla_metadata {len(seqlens)} sequences", lambda seqlens=seqlens: run_metadata(seqlens)
 
 
@@ -357,7 +373,28 @@ def run_metadata(seqlens):
     return None if all(torch.equal(a, b) for a, b in zip(got, want)) else "schedule differs"
 
 
-CASES = (dense_cases, sparse_decode_cases, sparse_prefill_cases, kv_cache_cases, indexer_cases, metadata_cases)
+def moe_cases():
+    """The routed experts (a Triton kernel; no CUDA one): choices of experts outside [0, E) among them."""
+    yield "routed_experts 3 tokens", lambda: run_moe(3)
+
+
+def run_moe(tokens):
+    from flashmla_ops import reference
+    inputs = Inputs(tokens)
+    hidden, inter, num_experts, top_k = 200, 70, 4, 2
+    x = inputs.randn(tokens, hidden).bfloat16()
+    gate_up = inputs.randn(num_experts, 2 * inter, hidden, scale=0.1).bfloat16()
+    down = inputs.randn(num_experts, hidden, inter, scale=0.1).bfloat16()
+    weights = torch.rand(tokens, top_k, generator=inputs.generator, device=DEVICE)
+    experts = torch.randint(0, num_experts, (tokens, top_k), generator=inputs.generator, device=DEVICE)
+    experts[0, 1], experts[-1, 0] = -1, num_experts  # another rank's experts: not chosen
+    got = torch.ops.flashmla.routed_experts(x, gate_up, down, weights, experts)
+    error = relative_error(got, reference.routed_experts(x, gate_up, down, weights, experts))
+    return None if error < BF16_BAND else f"output off by {error:.2e}"
+
+
+CASES = (dense_cases, sparse_decode_cases, sparse_prefill_cases, kv_cache_cases, indexer_cases, metadata_cases,
+         moe_cases)
 
 
 def main() -> int:
