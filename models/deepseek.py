@@ -20,7 +20,7 @@ MLA, per head h (W_UK, W_UV: the key and value halves of `kv_b_proj`):
     out_h = W_UV (sum_s p_s c_s)
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +95,11 @@ class DeepseekConfig:
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        for field in fields(self):  # a size given as a string ("4096") or a float would fail far from here
+            value = getattr(self, field.name)
+            if field.type in (int, "int", int | None, "int | None") and value is not None and (
+                    not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{field.name} must be an int, got {value!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (all DeepSeek checkpoints), got {self.hidden_act!r}")
         if self.is_sparse and self.q_lora_rank is None:
@@ -114,7 +119,13 @@ class DeepseekConfig:
         inside) or as the checkpoints' `rope_theta` + `rope_scaling`. A field the dict leaves out takes the value
         transformers' config class of its model_type gives it (TRANSFORMERS_DEFAULTS), so that a hand-written config
         routes and stops as transformers reads it."""
+        if config.get("model_type") not in MODEL_TYPES:  # before the fields, whose defaults depend on it
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {config.get('model_type')!r}")
         config = {**TRANSFORMERS_DEFAULTS.get(config.get("model_type"), {}), **config}
+        missing = [f.name for f in fields(cls) if f.name not in config and f.default is MISSING
+                   and f.default_factory is MISSING and f.name not in ("rope_theta", "rope_scaling")]
+        if missing:
+            raise ValueError(f"the config of a {config['model_type']} model needs {', '.join(missing)}")
         rope = dict(config.pop("rope_parameters", None) or config.get("rope_scaling") or {})
         config["rope_theta"] = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))

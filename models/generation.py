@@ -139,7 +139,17 @@ def _continue(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[tup
 
 def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[int]]) -> None:
     """One prompt per cache row `0 .. len(prompts) - 1` (empty, or holding an earlier turn it continues), each prompt
-    non-empty token ids of the vocabulary."""
+    non-empty token ids (ints) of the vocabulary; a cache made for the model's config."""
+    layers, sparse = model.config.num_hidden_layers, model.config.is_sparse
+    if len(cache.kv_cache) != layers or (cache.index_cache is not None) != sparse:
+        raise ValueError(f"{op}: the cache must be made for the model's config ({layers} layers, "
+                         f"{'with' if sparse else 'without'} the indexer's key cache), got {len(cache.kv_cache)} "
+                         f"layers, {'with' if cache.index_cache is not None else 'without'} one")
+    if (not isinstance(prompts, (list, tuple))
+            or not all(isinstance(prompt, (list, tuple)) and all(_is_token(t) for t in prompt) for prompt in prompts)):
+        raise TypeError(f"{op}: prompts must be a list of prompts, each a list of token ids (ints; a tensor's "
+                        f"tolist()), got {type(prompts).__name__} of "
+                        f"{type(next(iter(prompts), None)).__name__ if isinstance(prompts, (list, tuple)) else '?'}")
     if not 1 <= len(prompts) <= len(cache.seq_lens):
         raise ValueError(f"{op}: prompts must hold 1 to {len(cache.seq_lens)} prompts (the cache's max_batch_size), "
                          f"got {len(prompts)}")
@@ -150,6 +160,10 @@ def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, pro
         if min(prompt) < 0 or max(prompt) >= vocab:
             bad = [token for token in prompt if not 0 <= token < vocab]
             raise ValueError(f"{op}: prompt {seq} holds token ids outside the vocabulary [0, {vocab}): {bad[:8]}")
+
+
+def _is_token(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_chunk(op: str, chunk: int) -> None:
@@ -187,6 +201,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     """logits `(batch, vocab)` -> tokens `(batch,)` int64: argmax at temperature 0, else a draw from the smallest
     set of tokens whose probability reaches `top_p`."""
     _check_sampling("sample", temperature, top_p)
+    if logits.dim() != 2:
+        raise ValueError(f"sample: logits must be (batch, vocab), got shape {tuple(logits.shape)}")
     if temperature == 0:
         return logits.argmax(-1)
     # over the row's largest first: a tiny temperature then gives one-hot weights instead of inf / inf = NaN
@@ -247,6 +263,10 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
     one prompt) prefill it once and share its blocks, which the pool check counts once."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if _is_token(eos_token_ids):  # config.json's eos_token_id is an int
+        eos_token_ids = (eos_token_ids,)
+    if not all(_is_token(token) for token in eos_token_ids):
+        raise TypeError(f"generate: eos_token_ids must be token ids (ints), got {eos_token_ids!r}")
     _check_sampling("generate", temperature, top_p)
     _check_chunk("generate", chunk)
     _check_prompts("generate", model, cache, prompts)

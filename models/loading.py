@@ -125,7 +125,9 @@ def _weight_files(checkpoint: Path) -> dict[str, Path]:
     """Tensor name -> the file that holds it."""
     index = checkpoint / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} must map tensor names to files in its 'weight_map'")
         return {name: checkpoint / file for name, file in weight_map.items()}
     single = checkpoint / SINGLE_FILE
     if not single.exists():
@@ -270,8 +272,23 @@ def _read(f, path: Path, name: str, files: dict[str, Path], block: tuple[int, in
 
 def load_config(checkpoint: str | os.PathLike) -> tuple[DeepseekConfig, dict]:
     """The model config and the raw `config.json` dict."""
-    raw = json.loads((Path(checkpoint) / "config.json").read_text())
-    return DeepseekConfig.from_dict(raw), raw
+    path = Path(checkpoint) / "config.json"
+    raw = _read_json(path)
+    try:
+        return DeepseekConfig.from_dict(raw), raw
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: {error}") from error
+
+
+def _read_json(path: Path) -> dict:
+    """A checkpoint's JSON file as a dict, or CheckpointError naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from error
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def load_model(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
@@ -284,10 +301,15 @@ def load_model(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
     return model
 
 
+def has_tokenizer(checkpoint: str | os.PathLike) -> bool:
+    """Whether the checkpoint directory has tokenizer files."""
+    return any((Path(checkpoint) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json",
+                                                                "tokenizer.model"))
+
+
 def load_tokenizer(checkpoint: str | os.PathLike):
     """transformers' AutoTokenizer when the directory has tokenizer files, else None."""
-    checkpoint = Path(checkpoint)
-    if not any((checkpoint / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if not has_tokenizer(checkpoint):
         return None
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(checkpoint)

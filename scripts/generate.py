@@ -7,8 +7,9 @@
     python scripts/generate.py --model DIR --prompt-ids 5,6,7,8 --greedy --dtype float32 --kv-cache fp32  # exact check
     python scripts/generate.py --prompt "And God said," --then " And Moses said,"   # a second turn on the same cache
 
---model defaults to the shipped checkpoint (models/assets/deepseek-v32-tiny-kjv) where it exists. With --random-tiny
-(or without that checkpoint), a tiny random model of that family runs on fixed token prompts (no tokenizer).
+--model defaults to the shipped checkpoint (models/assets/deepseek-v32-tiny-kjv) where it exists. Without --prompt or
+--prompt-ids a checkpoint with tokenizer files gets three sample prompts; with --random-tiny (or without that
+checkpoint, or a checkpoint without a tokenizer), a tiny random model of that family runs on fixed token prompts.
 With --tp N (under torchrun, N processes: one per GPU over NCCL, or CPU processes over gloo) each rank loads only its
 part of the weights (models/parallel.py); rank 0 prints what one process would.
 
@@ -31,7 +32,7 @@ from models import (SHIPPED_CHECKPOINT, DeepseekConfig, PagedKVCache, compile_de
                     load_model, load_tokenizer, random_model, tiny_config)
 from models.cache import KV_CACHE_DTYPES
 from models.data import SAMPLE_PROMPTS
-from models.loading import load_config
+from models.loading import has_tokenizer, load_config
 from models.parallel import end_job, init_parallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -108,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--model {args.model}: no config.json there (a Hugging Face DeepSeek checkpoint directory)")
     if args.tp > 1 and "WORLD_SIZE" not in os.environ:
         parser.error(f"--tp {args.tp} runs one process per rank: start it with torchrun --nproc-per-node {args.tp}")
+    if args.tp == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would run (and print) it all
+        parser.error(f"under torchrun with {os.environ['WORLD_SIZE']} processes, give --tp {os.environ['WORLD_SIZE']} "
+                     f"(and --ep): without it every process runs the whole model")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA GPU (torch {torch.__version__})")
     if args.prompt_ids and min(min(ids) for ids in args.prompt_ids) < 0:
@@ -121,9 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.model and not args.random_tiny:
         if SHIPPED_CHECKPOINT.exists():
             args.model = str(SHIPPED_CHECKPOINT)
-            args.prompt = args.prompt or (None if args.prompt_ids else list(SAMPLE_PROMPTS))
         else:
             args.random_tiny = "v3"
+    if args.model and not args.prompt and not args.prompt_ids and has_tokenizer(args.model):
+        args.prompt = list(SAMPLE_PROMPTS)
     return args
 
 
@@ -157,9 +162,10 @@ def main(argv: list[str] | None = None) -> list[list[int]]:
     largest = max((token for p in [*prompts, *turns] for token in p), default=0)
     if largest >= config.vocab_size:
         raise SystemExit(f"prompt token ids must be below the model's vocab_size ({config.vocab_size}), got {largest}")
-    # each turn: its tokens, and the replies before it (the last new token is cached with the next turn)
+    # each turn: its tokens, and the replies before it (a reply's last token is cached with the next turn; the last
+    # turn's, returned, is not)
     max_seq_len = (max(len(p) for p in prompts) + sum(len(t) for t in turns)
-                   + (len(turns) + 1) * args.max_new_tokens)
+                   + (len(turns) + 1) * args.max_new_tokens - 1)
     if max_seq_len > config.max_position_embeddings:
         raise SystemExit(f"the longest prompt ({max(len(p) for p in prompts)} tokens), {len(turns)} more turns and "
                          f"--max-new-tokens {args.max_new_tokens} make up to {max_seq_len} positions, more than the "

@@ -112,3 +112,36 @@ def test_bad_setups_are_said_before_anything_loads(tmp_path, monkeypatch, capsys
         generate_script.main(["--model", str(checkpoint), "--prompt-ids", "5,6", "--max-new-tokens", "2000",
                               "--device", "cpu"])
     assert loads == []
+
+
+def test_positions_count_the_cached_tokens_and_torchrun_needs_tp(monkeypatch, capsys):
+    """A run fits when the tokens it caches do: the prompt and every new token but the last (returned, not cached),
+    so prompt + max_new_tokens may pass max_position_embeddings by one (a review found 1000 + 25 refused at 1024).
+    Under torchrun without --tp every process would run, and print, the whole model: a usage error."""
+    checkpoint = ROOT / "models" / "assets" / "deepseek-v32-tiny-kjv"
+    loads = []
+    monkeypatch.setattr(generate_script, "load_model", lambda *args: loads.append(args) or (_ for _ in ()).throw(
+        RuntimeError("loaded")))
+    prompt = ",".join(["5"] * 1000)
+    with pytest.raises(RuntimeError, match="loaded"):  # 1024 cached tokens: past the checks, to the weights
+        generate_script.main(["--model", str(checkpoint), "--prompt-ids", prompt, "--max-new-tokens", "25",
+                              "--device", "cpu"])
+    with pytest.raises(SystemExit, match="1025 positions"):
+        generate_script.main(["--model", str(checkpoint), "--prompt-ids", prompt, "--max-new-tokens", "26",
+                              "--device", "cpu"])
+    assert len(loads) == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        generate_script.parse_args(["--random-tiny", "v3"])
+    assert "--tp 2" in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_a_tokenizer_gets_the_sample_prompts(monkeypatch):
+    """--model naming a checkpoint with tokenizer files, without --prompt, runs the sample prompts (as the default
+    checkpoint does), not the fixed token ids meant for a model without a tokenizer."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    checkpoint = ROOT / "models" / "assets" / "deepseek-v32-tiny-kjv"
+    named = generate_script.parse_args(["--model", str(checkpoint)])
+    default = generate_script.parse_args([])
+    assert named.prompt == default.prompt == list(generate_script.SAMPLE_PROMPTS)
+    assert generate_script.parse_args(["--model", str(checkpoint), "--prompt-ids", "5,6"]).prompt is None

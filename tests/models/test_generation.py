@@ -439,13 +439,21 @@ def untouched(cache: PagedKVCache, num_blocks: int) -> bool:
     # 40 + 30 - 1 = 69 and 69 tokens: two blocks each, 3 in the pool
     ("pool too small for the whole run", dict(prompts=[[5] * 40, [6] * 40], max_new_tokens=30, max_seq_len=128),
      RuntimeError, "out of blocks"),
+    # a review's probes (stop 52): each ran, or failed far inside, before
+    ("a flat list of ids", dict(prompts=[5, 6, 7]), TypeError, "prompts must be a list of prompts"),
+    ("a tensor of prompts", dict(prompts=torch.tensor([[5, 6, 7]])), TypeError, "tolist"),
+    ("float ids", dict(prompts=[[5.0, 6.5]]), TypeError, "token ids"),
+    ("bool ids", dict(prompts=[[True, False]]), TypeError, "token ids"),
+    ("eos ids of strings", dict(eos_token_ids=("2",)), TypeError, "eos_token_ids"),
+    ("a cache of another config", dict(cache_type="deepseek_v32"), ValueError, "made for the model's config"),
 ])
 def test_generate_checks_everything_before_caching(what, args, error, message):
     """Bad arguments, and a run that cannot fit, are refused before any token is cached: the cache is as it was."""
     config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
     model = random_model(config, seed=4)
     args = dict(dict(prompts=[[5, 6], [7]], max_new_tokens=4, max_seq_len=64), **args)
-    cache = PagedKVCache(config, num_blocks=3, max_batch_size=2, max_seq_len=args.pop("max_seq_len"))
+    cache_config = DeepseekConfig.from_dict(tiny_config(args.pop("cache_type", "deepseek_v3")))
+    cache = PagedKVCache(cache_config, num_blocks=3, max_batch_size=2, max_seq_len=args.pop("max_seq_len"))
     with pytest.raises(error, match=message):
         generate(model, cache, args.pop("prompts"), args.pop("max_new_tokens"), **args)
     assert untouched(cache, 3)
@@ -595,6 +603,21 @@ def test_sample_rejects_bad_arguments():
     for temperature, top_p in ((-1.0, 1.0), (float("inf"), 1.0), (1.0, 0.0), (1.0, -0.5), (1.0, 2.0)):
         with pytest.raises(ValueError, match="temperature|top_p"):
             sample(logits, temperature, top_p)
+    for temperature in (0.0, 1.0):  # one row's logits (vocab,): argmax took them, the draw failed with an IndexError
+        with pytest.raises(ValueError, match=r"\(batch, vocab\)"):
+            sample(logits[0], temperature)
+
+
+def test_generate_takes_an_eos_id_as_an_int():
+    """config.json's eos_token_id is an int: generate takes it as that id (it failed in the decode loop)."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, seed=4)
+    cache = PagedKVCache(config, num_blocks=4, max_batch_size=1, max_seq_len=64)
+    outputs, _ = generate(model, cache, [[5, 6]], 6)
+    cache.reset()
+    first = outputs[0][0]
+    stopped, _ = generate(model, cache, [[5, 6]], 6, eos_token_ids=first)
+    assert stopped == [[first]]
 
 
 def test_sample_at_a_tiny_temperature_is_greedy():

@@ -272,3 +272,26 @@ def test_models_are_built_in_the_ops_dtypes_only():
     with pytest.raises(ValueError, match="dtype must be torch.bfloat16 or torch.float32"):
         random_model(config, torch.float16)
     assert random_model(config, torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+
+
+def test_unreadable_configs_and_indexes_name_their_file(tmp_path, v3_tensors):
+    """A review's probes (stop 52): config.json that is not JSON, a model_type this zoo does not run, a config
+    missing its sizes or giving one as a string, and an index without its weight_map gave a JSONDecodeError, a
+    TypeError about __init__'s arguments, a comparison of int and str far inside, or a KeyError. Each is now a
+    CheckpointError naming the file and what is wrong."""
+    from models.loading import load_config
+    source, tensors = v3_tensors
+    config = json.loads((source / "config.json").read_text())
+    for text, said in (("{not json", "cannot read"), (json.dumps({"model_type": "llama"}), "model_type must be one of"),
+                       (json.dumps({"model_type": "deepseek_v3"}), "needs vocab_size"),
+                       (json.dumps(dict(config, vocab_size=str(config["vocab_size"]))), "vocab_size must be an int"),
+                       ("[1, 2]", "JSON object")):
+        directory = tmp_path / f"case{len(text)}"
+        directory.mkdir()
+        (directory / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=rf"config\.json.*{said}|{said}.*config\.json"):
+            load_config(directory)
+    write_checkpoint(tmp_path / "sharded", source, tensors, shards=2)
+    (tmp_path / "sharded" / INDEX_FILE).write_text("{}")
+    with pytest.raises(CheckpointError, match=rf"{INDEX_FILE}.*weight_map"):
+        load_model(tmp_path / "sharded", dtype=torch.float32)
