@@ -92,6 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--greedy means temperature 0, got --temperature {args.temperature}")
     if args.ep not in (1, args.tp):
         parser.error(f"--ep must be 1 or --tp ({args.tp}), got {args.ep}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device must be a torch device (cpu, cuda, cuda:1, ...), got {args.device!r}")
+    if not 0 <= args.seed < 2 ** 63:
+        parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
+    if any(not text for text in args.then):
+        parser.error("--then: a turn needs text (an empty one would only cache the reply's last token)")
     # what generate() would refuse, said before the model is loaded
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
