@@ -177,8 +177,9 @@ KERNELS = {
     "indexer_logits_paged": ("cuda", "triton"),
     "indexer_topk": ("cuda",),
     "routed_experts": ("triton",),
+    "write_index_cache": ("triton",),
 }
-REFERENCE_ONLY = ("write_index_cache",)
+REFERENCE_ONLY = ()  # ops with no kernel (none now); backend() answers for them too
 CHOICES = ("auto", "cuda", "triton", "reference")
 
 

@@ -253,6 +253,16 @@ def write_index_cache(index_cache: torch.Tensor, k: torch.Tensor, slot_mapping: 
     op = "write_index_cache"
     _check_write_index(op, index_cache, k, slot_mapping)
     _check_slots(op, slot_mapping, index_cache.shape[0] * index_cache.shape[1])
+    if index_cache.shape[0] * index_cache.shape[1] == 0:
+        return  # no slot any token could go to (every slot is -1: checked above where values are checked)
+    is_fp8 = index_cache.dtype not in FLOAT_DTYPES
+    for path in _ext.paths("write_index_cache", index_cache.device):
+        if path == "triton" and (not is_fp8 or (_aligned(index_cache, 4) and k.shape[1] % 4 == 0)):
+            from .triton import kv_cache as triton_kv_cache
+
+            triton_kv_cache.write_index_cache(index_cache, k, slot_mapping.contiguous())
+            return
+    _ext.reference_fallback("write_index_cache", index_cache.device)
     write_index_cache_reference(index_cache, k, slot_mapping)  # plain torch ops on any device, no host sync
 
 

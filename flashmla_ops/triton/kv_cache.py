@@ -1,8 +1,10 @@
-"""KV-cache writes in Triton: FP8 quantization to the 656-byte layout (SPEC.md §3) and stores into the paged cache.
+"""KV-cache writes in Triton: FP8 quantization to the 656-byte layout (SPEC.md §3) and stores into the paged cache,
+and the indexer's keys into its paged key cache.
 
 `flashmla::quantize_kv_fp8` and `flashmla::write_kv_cache` run these where the CUDA kernels are not built (or with
-FLASHMLA_BACKEND=triton). Under the CPU interpreter the hardware e4m3 conversion cannot be checked (the interpreter's
-own conversion does not round to nearest-even); the GPU tests check it.
+FLASHMLA_BACKEND=triton); `flashmla::write_index_cache` on any GPU (it has no CUDA kernel: its reference is some
+twenty small torch ops a layer and decode step). Under the CPU interpreter the hardware e4m3 conversion cannot be
+checked (the interpreter's own conversion does not round to nearest-even); the GPU tests check it.
 
 One program stores one token row, bit-exact with `quantize_kv_fp8_reference`:
     scale_t = 2 ** ceil(log2(max(amax_t / 448, 1e-4)))   per 128-wide latent tile t, from the float32 exponent bits
@@ -98,6 +100,29 @@ def _store_kv_rows_kernel(Latent, Rope, Slots, Cache, stride_latent, stride_rope
         tl.store(row + D_NOPE + rope_cols, rope.to(Cache.dtype.element_ty), mask=rope_mask)
 
 
+@triton.jit
+def _store_index_rows_kernel(Keys, Slots, Cache, stride_keys, stride_block, stride_row, page_block_size, num_slots,
+                             IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, D_I: tl.constexpr, BLOCK: tl.constexpr):
+    """Token `program_id` -> index-cache row `Slots[token]` (skipped when -1 and when past the cache's `num_slots`):
+    the key as it is (BF16 / float32 cache) or, FP8, its D_I e4m3 codes of key / scale and the float32 power-of-two
+    scale after them, one a row (`kv_cache.quantize_fp8_rows`, the KV cache's scale rule over the whole row), bit-exact
+    with the reference. Cache strides in elements (bytes for FP8)."""
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(Slots + token).to(tl.int64)
+    inside = (slot >= 0) & (slot < num_slots)  # -1 skips the token
+    cols = tl.arange(0, BLOCK)
+    mask = (cols < D_I) & ((tl.zeros([BLOCK], dtype=tl.int32) + inside.to(tl.int32)) != 0)
+    row = Cache + (slot // page_block_size) * stride_block + (slot % page_block_size) * stride_row
+    key = tl.load(Keys + token * stride_keys + cols, mask=mask, other=0.0)
+    if IS_FP8:
+        values = key.to(tl.float32)
+        scale, inverse = fp8_power_of_two_scale(tl.max(tl.abs(values), 0))
+        tl.store(row + cols, encode_e4m3(values * inverse, HW_FP8), mask=mask)
+        tl.store((row + D_I).to(tl.pointer_type(tl.float32), bitcast=True), scale, mask=inside)
+    else:
+        tl.store(row + cols, key.to(Cache.dtype.element_ty), mask=mask)
+
+
 def hardware_e4m3_encode(device: torch.device) -> bool:
     """The e4m3 cast is trusted to Triton only on a GPU that has the conversion (sm_89+): the interpreter's own
     conversion does not round to nearest-even, so under it the integer encoder runs."""
@@ -123,6 +148,21 @@ def quantize_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows.shape[0], 1, FP8_BYTES, dtype=torch.uint8, device=kv.device)
     _store_rows(out, rows[:, :KV_LORA_RANK], rows[:, KV_LORA_RANK:], None, True, 1)
     return out.view(*lead, FP8_BYTES)
+
+
+def write_index_cache(index_cache, k, slot_mapping) -> None:
+    """Same contract as `flashmla::write_index_cache` (the cache's strides as they are); the caller has checked shapes
+    and slots, and for an FP8 cache 4-byte aligned rows (the scale's store)."""
+    num_tokens, d_i = k.shape
+    if num_tokens == 0:
+        return
+    is_fp8 = index_cache.dtype not in (torch.bfloat16, torch.float32)
+    cache = index_cache.view(torch.uint8) if is_fp8 else index_cache
+    k = last_dim_contiguous(k)
+    _store_index_rows_kernel[(num_tokens,)](
+        k, slot_mapping, cache, k.stride(0), cache.stride(0), cache.stride(1), cache.shape[1],
+        cache.shape[0] * cache.shape[1], IS_FP8=is_fp8, HW_FP8=hardware_e4m3_encode(cache.device), D_I=d_i,
+        BLOCK=triton.next_power_of_2(d_i), num_warps=1 if d_i <= 128 else 4)
 
 
 def write_kv_cache(kv_cache, latent, rope, slot_mapping, is_fp8) -> None:

@@ -86,6 +86,11 @@ KV_CACHE_WRITE = {
     "fp8-hw": dict(HAS_SLOTS=False, IS_FP8=True, HW_FP8=True),
     "fp8-integer-slots": dict(HAS_SLOTS=True, IS_FP8=True, HW_FP8=False),
 }
+INDEX_CACHE_WRITE = {
+    "bf16": dict(IS_FP8=False, HW_FP8=False, D_I=128, BLOCK=128),
+    "fp8-hw": dict(IS_FP8=True, HW_FP8=True, D_I=128, BLOCK=128),
+    "fp8-integer-d100": dict(IS_FP8=True, HW_FP8=False, D_I=100, BLOCK=128),
+}
 def _logits(paged, q_fp8, k_fp8, k_scaled, hw_fp8, block_q, h_pad, block_n, f16=False, fp8_mma=False):
     return dict(PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hw_fp8, BLOCK_Q=block_q, H_PAD=h_pad,
                 BLOCK_N=block_n, D_I=128, F16=f16, FP8_MMA=fp8_mma)
@@ -106,6 +111,7 @@ INDEXER_LOGITS = {
 }
 KERNELS = {
     "kv_cache._store_kv_rows_kernel": KV_CACHE_WRITE,
+    "kv_cache._store_index_rows_kernel": INDEX_CACHE_WRITE,
     "indexer._indexer_logits_kernel": INDEXER_LOGITS,
     "decode._dense_decode_split_kernel": DENSE,
     "decode._dense_decode_balanced_kernel": DENSE_BALANCED,
@@ -125,7 +131,7 @@ from flashmla_ops.triton import decode, indexer, kv_cache, sparse
 
 POINTERS = {"Q": "*bf16", "Out": "*bf16", "BlockTable": "*i32", "Seqlens": "*i32", "Indices": "*i32",
             "TopkLength": "*i32", "ExtraIndices": "*i32", "ExtraTopkLength": "*i32", "Latent": "*bf16",
-            "Rope": "*bf16", "Slots": "*i32", "KStart": "*i32", "KEnd": "*i32",
+            "Rope": "*bf16", "Keys": "*bf16", "Slots": "*i32", "KStart": "*i32", "KEnd": "*i32",
             "Metadata": "*i32", "SplitOffsets": "*i32"}
 KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"}}
 F16_POINTERS = {"_indexer_logits_kernel": {"K": "*fp16"}}  # prefill keys widened to f16 (F16 without K_FP8)

@@ -207,3 +207,83 @@ def test_kv_cache_ops_use_triton_and_capture_in_cuda_graph(monkeypatch, is_fp8):
         write_kv_cache_reference(want, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], written, is_fp8)
     assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(torch.ops.flashmla.quantize_kv_fp8(kv), quantize_kv_fp8_reference(kv))
+
+
+# ---------------------------------------------------------------- the indexer's key cache
+
+
+def index_keys(num_tokens: int, d_i: int, generator: torch.Generator, dtype=torch.bfloat16) -> torch.Tensor:
+    """(num_tokens, d_i) keys with hard_rows' cases (e4m3 halfway points times powers of two, amax / 448 a power of
+    two, an all-zero key, subnormal results) in their first 128 columns."""
+    rows = hard_rows(num_tokens, generator, dtype)[:, :KV_LORA_RANK].float()
+    keys = torch.cat([rows, rows * 1e-3], dim=1)[:, :d_i]
+    return keys.to(dtype)
+
+
+def make_index_cache(num_blocks: int, d_i: int, is_fp8: bool, padded: bool, dtype=torch.bfloat16) -> torch.Tensor:
+    """An index cache of random bytes (bf16 / float32 or FP8 rows of d_i + 4 bytes), a slice of a wider buffer when
+    `padded` (block stride past 64 rows)."""
+    row = d_i + 4 if is_fp8 else d_i
+    pad = 16 if padded else 0
+    if is_fp8:
+        buffer = torch.randint(0, 255, (num_blocks, 64 * row + pad), dtype=torch.uint8, device=DEVICE)
+    else:
+        buffer = torch.randn(num_blocks, 64 * row + pad, device=DEVICE).to(dtype)
+    return buffer[:, :64 * row].view(num_blocks, 64, row)
+
+
+@pytest.mark.parametrize("is_fp8,dtype", [(False, torch.bfloat16), (False, torch.float32), (True, torch.bfloat16)])
+@pytest.mark.parametrize("d_i", [128, 32, 100])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("padded", [False, True])
+def test_triton_write_index_cache_matches_reference(is_fp8, dtype, d_i, slot_dtype, padded):
+    """Bit for bit against `write_index_cache_reference`, every byte of the buffer (rows not written untouched): -1
+    and slots past the cache skipped, the cache's last row written, d_i off a power of two, a padded block stride."""
+    from flashmla_ops.kv_cache import write_index_cache_reference
+
+    generator = torch.Generator().manual_seed(d_i + is_fp8 + 3 * padded)
+    num_blocks, num_tokens = 3, 11
+    keys = index_keys(num_tokens, d_i, generator, dtype).to(DEVICE)
+    pool = make_index_cache(num_blocks + 1, d_i, is_fp8, padded, dtype)
+    cache = pool[:num_blocks]  # the block after it is the next layer's: a slot past the cache must not reach it
+    slots = torch.randperm(num_blocks * 64, generator=generator)[:num_tokens].to(DEVICE, slot_dtype)
+    slots[[2, 5]] = -1
+    slots[7] = num_blocks * 64  # past the cache (the op refuses it where it checks values)
+    slots[0] = num_blocks * 64 - 1  # the very last row
+    want = pool.clone()
+    triton_kv_cache.write_index_cache(cache, keys, slots)
+    write_index_cache_reference(want[:num_blocks], keys, slots.where(slots < num_blocks * 64, -1))
+    assert torch.equal(pool.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_write_index_cache_op_uses_triton_and_captures_in_cuda_graph(is_fp8):
+    """On a GPU the op runs the Triton kernel (it has no CUDA one), bit-exact with the reference over many tokens,
+    and replays in a CUDA graph with new slots."""
+    import flashmla_ops
+    from flashmla_ops.kv_cache import write_index_cache_reference
+
+    assert flashmla_ops.backend("write_index_cache", DEVICE) == "triton"
+    generator = torch.Generator().manual_seed(17 + is_fp8)
+    num_blocks, num_tokens, d_i = 300, 15000, 128
+    keys = index_keys(num_tokens, d_i, generator).to(DEVICE)
+    slots = torch.randperm(num_blocks * 64, generator=generator)[:num_tokens].to(DEVICE)
+    slots[::9] = -1
+    cache = make_index_cache(num_blocks, d_i, is_fp8, padded=True)
+    want = cache.clone()
+
+    def call():
+        torch.ops.flashmla.write_index_cache(cache, keys, slots)
+
+    call()  # compile outside the capture
+    write_index_cache_reference(want, keys, slots)
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    slots.copy_(torch.randperm(num_blocks * 64, generator=generator)[:num_tokens].to(DEVICE))
+    graph.replay()
+    write_index_cache_reference(want, keys, slots)
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
