@@ -245,6 +245,8 @@ def kv_cache_cases():
         for is_fp8 in (False, True):
             yield f"write_kv_cache {'fp8' if is_fp8 else 'bf16'} {num_tokens} tokens", \
                 lambda n=num_tokens, is_fp8=is_fp8: run_write_kv(n, is_fp8)
+            yield f"write_index_cache {'fp8' if is_fp8 else 'bf16'} {num_tokens} tokens", \
+                lambda n=num_tokens, is_fp8=is_fp8: run_write_index(n, is_fp8)
 
 
 def run_quantize(num_tokens):
@@ -277,6 +279,28 @@ def run_write_kv(num_tokens, is_fp8):
         slots[1] = -1  # skipped
     torch.ops.flashmla.write_kv_cache(cache, latent, rope, slots, is_fp8)
     reference.write_kv_cache(want, latent, rope, slots, is_fp8)
+    return None if torch.equal(cache.view(torch.uint8), want.view(torch.uint8)) else "cache differs"
+
+
+def run_write_index(num_tokens, is_fp8, d_i=128):
+    from flashmla_ops import reference
+    from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE
+    inputs = Inputs(num_tokens + 2 * is_fp8)
+    num_blocks = 2
+    if is_fp8:
+        cache = torch.randint(0, 256, (num_blocks, PAGE_BLOCK_SIZE, d_i + 4), generator=inputs.generator,
+                              device=DEVICE, dtype=torch.uint8)
+    else:
+        cache = inputs.randn(num_blocks, PAGE_BLOCK_SIZE, d_i).bfloat16()
+    want = cache.clone()
+    keys = inputs.randn(num_tokens, d_i).bfloat16()
+    last = num_blocks * PAGE_BLOCK_SIZE - 1
+    slots = torch.randperm(last, generator=inputs.generator, device=DEVICE)[:num_tokens - 1]
+    slots = torch.cat([slots, slots.new_full((1,), last)])
+    if num_tokens > 2:
+        slots[1] = -1
+    torch.ops.flashmla.write_index_cache(cache, keys, slots)
+    reference.write_index_cache(want, keys, slots)
     return None if torch.equal(cache.view(torch.uint8), want.view(torch.uint8)) else "cache differs"
 
 
