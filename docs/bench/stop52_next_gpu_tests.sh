@@ -13,6 +13,7 @@ timeout 200 python -m pytest -q -m gpu tests/ops/test_triton_kv_cache.py tests/m
 echo "kv-cache and model tests rc $?"; grep -E "passed|failed|FAILED|Error" $OUT/tests_new.log | tail -8
 echo "=== at ${SECONDS}s"
 timeout 300 python -m pytest -q -m gpu tests/ops/test_sanitizer.py > $OUT/tests_sanitizer.log 2>&1
-echo "sanitizer tests rc $?"; grep -E "passed|failed|FAILED|ERROR SUMMARY|Invalid|Uninit" $OUT/tests_sanitizer.log | tail -8
+echo "sanitizer tests rc $?"
+grep -E "passed|failed|FAILED|ERROR SUMMARY|Invalid|Uninit" $OUT/tests_sanitizer.log | tail -8
 echo "=== at ${SECONDS}s"
 echo "=== done at ${SECONDS}s"
