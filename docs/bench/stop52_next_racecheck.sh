@@ -8,7 +8,7 @@
 # `run` with command `bash docs/bench/stop52_next_racecheck.sh`.
 export PYTHONPATH=$PWD:$PWD/scripts MAX_JOBS=16 TORCH_EXTENSIONS_DIR=$PWD/bench/ext
 SECONDS=0
-mkdir -p bench/sst && git archive HEAD csrc | tar -x -C bench/sst
+rm -rf bench/sst && mkdir -p bench/sst && cp -r csrc bench/sst/
 patch -p1 -d bench/sst < docs/bench/stop52_store_syncthreads.diff
 python -m flashmla_ops.build > $OUT/build.log 2>&1 &
 FLASHMLA_CSRC=$PWD/bench/sst/csrc python -m flashmla_ops.build > $OUT/build_sst.log 2>&1
