@@ -97,7 +97,7 @@ class DeepseekConfig:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         for field in fields(self):  # a size given as a string ("4096") or a float would fail far from here
             value = getattr(self, field.name)
-            if field.type in (int, "int", int | None, "int | None") and value is not None and (
+            if field.type in (int, int | None) and value is not None and (
                     not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"{field.name} must be an int, got {value!r}")
         if self.hidden_act != "silu":

@@ -145,11 +145,11 @@ def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, pro
         raise ValueError(f"{op}: the cache must be made for the model's config ({layers} layers, "
                          f"{'with' if sparse else 'without'} the indexer's key cache), got {len(cache.kv_cache)} "
                          f"layers, {'with' if cache.index_cache is not None else 'without'} one")
-    if (not isinstance(prompts, (list, tuple))
-            or not all(isinstance(prompt, (list, tuple)) and all(_is_token(t) for t in prompt) for prompt in prompts)):
+    listed = isinstance(prompts, (list, tuple))
+    if not listed or not all(isinstance(p, (list, tuple)) and all(_is_token(t) for t in p) for p in prompts):
+        seen = type(prompts).__name__ + (f" of {type(prompts[0]).__name__}" if listed and prompts else "")
         raise TypeError(f"{op}: prompts must be a list of prompts, each a list of token ids (ints; a tensor's "
-                        f"tolist()), got {type(prompts).__name__} of "
-                        f"{type(next(iter(prompts), None)).__name__ if isinstance(prompts, (list, tuple)) else '?'}")
+                        f"tolist()), got {seen}")
     if not 1 <= len(prompts) <= len(cache.seq_lens):
         raise ValueError(f"{op}: prompts must hold 1 to {len(cache.seq_lens)} prompts (the cache's max_batch_size), "
                          f"got {len(prompts)}")
