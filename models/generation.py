@@ -8,9 +8,11 @@ and, on CUDA, captures it in a CUDA graph (`compile_decode_step`).
 """
 import functools
 import math
+import numbers
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from flashmla_ops import num_sm_parts
@@ -145,11 +147,12 @@ def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, pro
         raise ValueError(f"{op}: the cache must be made for the model's config ({layers} layers, "
                          f"{'with' if sparse else 'without'} the indexer's key cache), got {len(cache.kv_cache)} "
                          f"layers, {'with' if cache.index_cache is not None else 'without'} one")
-    listed = isinstance(prompts, (list, tuple))
-    if not listed or not all(isinstance(p, (list, tuple)) and all(_is_token(t) for t in p) for p in prompts):
-        seen = type(prompts).__name__ + (f" of {type(prompts[0]).__name__}" if listed and prompts else "")
+    wrong = [prompts] if not isinstance(prompts, (list, tuple)) else [
+        item for prompt in prompts
+        for item in ([prompt] if not isinstance(prompt, (list, tuple)) else [t for t in prompt if not _is_token(t)])]
+    if wrong:
         raise TypeError(f"{op}: prompts must be a list of prompts, each a list of token ids (ints; a tensor's "
-                        f"tolist()), got {seen}")
+                        f"tolist()), got {type(wrong[0]).__name__} {str(wrong[0])[:40]}")
     if not 1 <= len(prompts) <= len(cache.seq_lens):
         raise ValueError(f"{op}: prompts must hold 1 to {len(cache.seq_lens)} prompts (the cache's max_batch_size), "
                          f"got {len(prompts)}")
@@ -162,8 +165,8 @@ def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, pro
             raise ValueError(f"{op}: prompt {seq} holds token ids outside the vocabulary [0, {vocab}): {bad[:8]}")
 
 
-def _is_token(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _is_token(value) -> bool:  # an int, numpy's too (not a bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_chunk(op: str, chunk: int) -> None:

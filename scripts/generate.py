@@ -96,8 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         torch.device(args.device)
     except RuntimeError:
         parser.error(f"--device must be a torch device (cpu, cuda, cuda:1, ...), got {args.device!r}")
-    if not 0 <= args.seed < 2 ** 63:
-        parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
+    if not -2 ** 63 <= args.seed < 2 ** 64:  # what torch.manual_seed takes
+        parser.error(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     if any(not text for text in args.then):
         parser.error("--then: a turn needs text (an empty one would only cache the reply's last token)")
     # what generate() would refuse, said before the model is loaded

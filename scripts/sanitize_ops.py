@@ -5,9 +5,11 @@ exact-size allocations (the tests' are mostly slices of wider buffers, which hid
 
     python -m flashmla_ops.build    # the CUDA kernels first: the sanitizer would follow the compilers too
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        python scripts/sanitize_ops.py --backend cuda
+        python scripts/sanitize_ops.py
 
-`--backend triton` runs the Triton kernels instead; `--only NAME` the cases whose name contains NAME. Prints one line a
+runs each op's best kernel (the CUDA one where built, else Triton's: write_index_cache and routed_experts have only
+Triton ones); `--backend cuda` or `triton` that path alone (the reference where an op has none); `--only NAME` the
+cases whose name contains NAME. Prints one line a
 case, exits 1 if an output differs from the reference (the sanitizer's own exit code says whether it found errors).
 """
 import argparse
@@ -423,7 +425,9 @@ CASES = (dense_cases, sparse_decode_cases, sparse_prefill_cases, kv_cache_cases,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=("cuda", "triton"), default="cuda")
+    parser.add_argument("--backend", choices=("auto", "cuda", "triton"), default="auto",
+                        help="auto: each op's best kernel (CUDA, else Triton: write_index_cache and routed_experts "
+                             "have only Triton ones); cuda / triton: that path only, the reference elsewhere")
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: the reference path on the CPU (checks this script)")

@@ -106,7 +106,7 @@ def _store_index_rows_kernel(Keys, Slots, Cache, stride_keys, stride_block, stri
     """Token `program_id` -> index-cache row `Slots[token]` (skipped when -1 and when past the cache's `num_slots`):
     the key as it is (BF16 / float32 cache) or, FP8, its D_I e4m3 codes of key / scale and the float32 power-of-two
     scale after them, one a row (`kv_cache.quantize_fp8_rows`, the KV cache's scale rule over the whole row), bit-exact
-    with the reference. Cache strides in elements (bytes for FP8)."""
+    with the reference for finite keys (as `encode_e4m3`'s). Cache strides in elements (bytes for FP8)."""
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + token).to(tl.int64)
     inside = (slot >= 0) & (slot < num_slots)  # -1 skips the token
@@ -154,7 +154,7 @@ def write_index_cache(index_cache, k, slot_mapping) -> None:
     """Same contract as `flashmla::write_index_cache` (the cache's strides as they are); the caller has checked shapes
     and slots, and for an FP8 cache 4-byte aligned rows (the scale's store)."""
     num_tokens, d_i = k.shape
-    if num_tokens == 0:
+    if num_tokens == 0 or d_i == 0:
         return
     is_fp8 = index_cache.dtype not in (torch.bfloat16, torch.float32)
     cache = index_cache.view(torch.uint8) if is_fp8 else index_cache

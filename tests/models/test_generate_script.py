@@ -85,7 +85,8 @@ def test_arguments():
                 ["--max-new-tokens", "0"], ["--temperature", "-1"], ["--temperature", "nan"], ["--top-p", "0"],
                 ["--top-p", "1.5"], ["--tp", "0"], ["--then-ids", "1,-2"], ["--prompt-ids", "1", "--then", "a"],
                 ["--prompt", "a", "--then-ids", "1"], ["--then", "a", "--then-ids", "1"], ["--samples", "0"],
-                ["--device", "foo"], ["--seed", str(2 ** 64)], ["--seed", "-1"], ["--prompt", "a", "--then", ""]):
+                ["--device", "foo"], ["--seed", str(2 ** 64)], ["--seed", str(-2 ** 63 - 1)],
+                ["--prompt", "a", "--then", ""]):
         with pytest.raises(SystemExit):
             parse(["--random-tiny", "v3", *bad])
 

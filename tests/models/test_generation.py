@@ -609,7 +609,8 @@ def test_sample_rejects_bad_arguments():
 
 
 def test_generate_takes_an_eos_id_as_an_int():
-    """config.json's eos_token_id is an int: generate takes it as that id (it failed in the decode loop)."""
+    """config.json's eos_token_id is an int: generate takes it as that id (it failed in the decode loop); numpy's ints
+    are token ids too (prompts from an array's list())."""
     config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
     model = random_model(config, seed=4)
     cache = PagedKVCache(config, num_blocks=4, max_batch_size=1, max_seq_len=64)
@@ -618,6 +619,10 @@ def test_generate_takes_an_eos_id_as_an_int():
     first = outputs[0][0]
     stopped, _ = generate(model, cache, [[5, 6]], 6, eos_token_ids=first)
     assert stopped == [[first]]
+    cache.reset()
+    import numpy as np
+    from_numpy, _ = generate(model, cache, [list(np.array([5, 6]))], 6, eos_token_ids=[np.int64(first)])
+    assert from_numpy == [[first]]
 
 
 def test_sample_at_a_tiny_temperature_is_greedy():

@@ -256,6 +256,13 @@ def test_triton_write_index_cache_matches_reference(is_fp8, dtype, d_i, slot_dty
     assert torch.equal(pool.view(torch.uint8), want.view(torch.uint8))
 
 
+def test_triton_write_index_cache_of_no_columns_writes_nothing():
+    """d_i 0 (which the op's checks let through for a BF16 cache): nothing to write, no kernel (arange(0, 0) fails)."""
+    cache = torch.zeros(1, 64, 0, dtype=torch.bfloat16, device=DEVICE)
+    triton_kv_cache.write_index_cache(cache, torch.zeros(2, 0, dtype=torch.bfloat16, device=DEVICE),
+                                      torch.arange(2, device=DEVICE))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("is_fp8", [False, True])
