@@ -67,6 +67,30 @@ class Inputs:
         from flashmla_ops.kv_cache import D_QK
         return self.randn(batch, s_q, h_q, D_QK).bfloat16()
 
+    def block_table(self, seqlens, unused: int | None = None):
+        """(table, num_blocks): each sequence's blocks, shuffled, in a pool of exactly the blocks they use (their last
+        rows are the cache's last bytes); `unused` fills the entries past a sequence's blocks (None: the pool's last
+        block, a valid one)."""
+        blocks = [max(1, -(-length // 64)) for length in seqlens]
+        num_blocks = sum(blocks)
+        fill = num_blocks - 1 if unused is None else unused
+        table = torch.full((len(seqlens), max(blocks)), fill, dtype=torch.int32, device=DEVICE)
+        order = torch.randperm(num_blocks, generator=self.generator, device=DEVICE).int()
+        start = 0
+        for b, count in enumerate(blocks):
+            table[b, :count] = order[start:start + count]
+            start += count
+        return table, num_blocks
+
+    def write_slots(self, num_slots: int, num_tokens: int):
+        """Distinct int64 slots of a cache of `num_slots` (two writes of one slot race), the last of them the cache's
+        last slot; from 3 tokens the second -1 (skipped)."""
+        slots = torch.randperm(num_slots - 1, generator=self.generator, device=DEVICE)[:num_tokens - 1]
+        slots = torch.cat([slots, slots.new_full((1,), num_slots - 1)])
+        if num_tokens > 2:
+            slots[1] = -1
+        return slots
+
     def indices(self, shape, num_rows):
         """Random rows with -1s, duplicates, the last row of the cache, and the first query's list all -1."""
         indices = self.randint(0, num_rows, shape)
@@ -112,17 +136,10 @@ def dense_cases():
 def run_dense(seqlens, s_q, h_q, causal, is_fp8, scheduled, sink):
     import flashmla_ops
     from flashmla_ops import reference
-    from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
+    from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK
     inputs = Inputs(sum(seqlens) + s_q + h_q + is_fp8)
     batch = len(seqlens)
-    blocks = [max(1, -(-length // PAGE_BLOCK_SIZE)) for length in seqlens]
-    num_blocks = sum(blocks)  # exactly the blocks the sequences use: their last rows are the cache's last bytes
-    table = torch.full((batch, max(blocks)), num_blocks - 1, dtype=torch.int32, device=DEVICE)
-    order = torch.randperm(num_blocks, generator=inputs.generator, device=DEVICE).int()
-    start = 0
-    for b, count in enumerate(blocks):
-        table[b, :count] = order[start:start + count]
-        start += count
+    table, num_blocks = inputs.block_table(seqlens)
     cache = inputs.paged_cache(num_blocks, is_fp8)
     q = inputs.q(batch, s_q, h_q)
     lengths = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
@@ -273,12 +290,8 @@ def run_write_kv(num_tokens, is_fp8):
     want = cache.clone()
     latent = inputs.randn(num_tokens, KV_LORA_RANK).bfloat16()
     rope = inputs.randn(num_tokens, ROPE_DIM).bfloat16()
-    last = num_blocks * PAGE_BLOCK_SIZE - 1  # the cache's last slot, once: two writes of one slot race
-    slots = torch.randperm(last, generator=inputs.generator, device=DEVICE)[:num_tokens - 1]
-    slots = torch.cat([slots, slots.new_full((1,), last)])
-    slots = slots.int() if num_tokens > 1 else slots.long()  # both slot dtypes
-    if num_tokens > 2:
-        slots[1] = -1  # skipped
+    slots = inputs.write_slots(num_blocks * PAGE_BLOCK_SIZE, num_tokens)
+    slots = slots.int() if num_tokens > 1 else slots  # both slot dtypes
     torch.ops.flashmla.write_kv_cache(cache, latent, rope, slots, is_fp8)
     reference.write_kv_cache(want, latent, rope, slots, is_fp8)
     return None if torch.equal(cache.view(torch.uint8), want.view(torch.uint8)) else "cache differs"
@@ -296,11 +309,7 @@ def run_write_index(num_tokens, is_fp8, d_i=128):
         cache = inputs.randn(num_blocks, PAGE_BLOCK_SIZE, d_i).bfloat16()
     want = cache.clone()
     keys = inputs.randn(num_tokens, d_i).bfloat16()
-    last = num_blocks * PAGE_BLOCK_SIZE - 1
-    slots = torch.randperm(last, generator=inputs.generator, device=DEVICE)[:num_tokens - 1]
-    slots = torch.cat([slots, slots.new_full((1,), last)])
-    if num_tokens > 2:
-        slots[1] = -1
+    slots = inputs.write_slots(num_blocks * PAGE_BLOCK_SIZE, num_tokens)
     torch.ops.flashmla.write_index_cache(cache, keys, slots)
     reference.write_index_cache(want, keys, slots)
     return None if torch.equal(cache.view(torch.uint8), want.view(torch.uint8)) else "cache differs"
@@ -340,15 +349,8 @@ def run_indexer_paged(seqlens, s_q, h_i):
     from flashmla_ops.kv_cache import quantize_fp8_rows, quantize_index_fp8_reference
     inputs = Inputs(sum(seqlens) + s_q + h_i)
     batch = len(seqlens)
-    blocks = [max(1, -(-length // 64)) for length in seqlens]
-    num_blocks = sum(blocks)
+    table, num_blocks = inputs.block_table(seqlens, unused=-1)
     cache = quantize_index_fp8_reference(inputs.randn(num_blocks, 64, 128))
-    table = torch.full((batch, max(blocks)), -1, dtype=torch.int32, device=DEVICE)
-    order = torch.randperm(num_blocks, generator=inputs.generator, device=DEVICE).int()
-    start = 0
-    for b, count in enumerate(blocks):
-        table[b, :count] = order[start:start + count]
-        start += count
     q, q_scale = quantize_fp8_rows(inputs.randn(batch, s_q, h_i, 128))
     weights = inputs.randn(batch, s_q, h_i)
     lengths = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
