@@ -164,7 +164,7 @@ def build_error(error: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
-# Which fast paths each op has; every op also has its reference.
+# Which fast paths each op has (every op of the namespace is here); every op also has its reference.
 KERNELS = {
     "get_mla_metadata": ("cuda",),
     "quantize_kv_fp8": ("cuda", "triton"),
@@ -179,7 +179,6 @@ KERNELS = {
     "routed_experts": ("triton",),
     "write_index_cache": ("triton",),
 }
-REFERENCE_ONLY = ()  # ops with no kernel (none now); backend() answers for them too
 CHOICES = ("auto", "cuda", "triton", "reference")
 
 
@@ -234,9 +233,8 @@ def backend(op: str, device: torch.device | str) -> str:
     """The path `torch.ops.flashmla.<op>` takes on `device` for the shapes its kernels support: 'cuda' (the csrc
     kernel), 'triton' or 'reference'. In order: the CUDA kernel where built, else Triton, else the reference;
     `FLASHMLA_BACKEND=cuda|triton|reference` restricts the choice."""
-    if op not in KERNELS and op not in REFERENCE_ONLY:
-        raise ValueError(f"backend: op must be one of {sorted((*KERNELS, *REFERENCE_ONLY))} (torch.ops.flashmla's "
-                         f"names), got {op!r}")
+    if op not in KERNELS:
+        raise ValueError(f"backend: op must be one of {sorted(KERNELS)} (torch.ops.flashmla's names), got {op!r}")
     found = paths(op, device)
     return found[0] if found else "reference"
 

@@ -260,7 +260,7 @@ def write_index_cache(index_cache: torch.Tensor, k: torch.Tensor, slot_mapping: 
         if path == "triton" and (not is_fp8 or (_aligned(index_cache, 4) and k.shape[1] % 4 == 0)):
             from .triton import kv_cache as triton_kv_cache
 
-            triton_kv_cache.write_index_cache(index_cache, k, slot_mapping.contiguous())
+            triton_kv_cache.write_index_cache(index_cache, k, slot_mapping.contiguous(), is_fp8)
             return
     _ext.reference_fallback("write_index_cache", index_cache.device)
     write_index_cache_reference(index_cache, k, slot_mapping)  # plain torch ops on any device, no host sync

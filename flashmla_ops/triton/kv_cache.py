@@ -150,13 +150,12 @@ def quantize_kv_fp8(kv: torch.Tensor) -> torch.Tensor:
     return out.view(*lead, FP8_BYTES)
 
 
-def write_index_cache(index_cache, k, slot_mapping) -> None:
-    """Same contract as `flashmla::write_index_cache` (the cache's strides as they are); the caller has checked shapes
-    and slots, and for an FP8 cache 4-byte aligned rows (the scale's store)."""
+def write_index_cache(index_cache, k, slot_mapping, is_fp8) -> None:
+    """Same contract as `flashmla::write_index_cache` (`is_fp8`: a byte cache; the cache's strides as they are); the
+    caller has checked shapes and slots, and for an FP8 cache 4-byte aligned rows (the scale's store)."""
     num_tokens, d_i = k.shape
     if num_tokens == 0 or d_i == 0:
         return
-    is_fp8 = index_cache.dtype not in (torch.bfloat16, torch.float32)
     cache = index_cache.view(torch.uint8) if is_fp8 else index_cache
     k = last_dim_contiguous(k)
     _store_index_rows_kernel[(num_tokens,)](

@@ -39,9 +39,9 @@ def test_backend_names_only_the_ops():
 
 
 def test_every_op_is_named_by_the_dispatch():
-    """Every registered op is in KERNELS or REFERENCE_ONLY, so backend() answers for each."""
+    """Every registered op is in KERNELS, so backend() answers for each."""
     registered = {name for name in dir(ops) if isinstance(getattr(ops, name), torch._ops.OpOverloadPacket)}
-    assert registered == set(_ext.KERNELS) | set(_ext.REFERENCE_ONLY)
+    assert registered == set(_ext.KERNELS)
 
 
 def test_a_forced_path_on_cpu_tensors_says_it_runs_the_reference(monkeypatch, warnings_once, caplog):

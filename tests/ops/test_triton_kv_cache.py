@@ -251,7 +251,7 @@ def test_triton_write_index_cache_matches_reference(is_fp8, dtype, d_i, slot_dty
     slots[7] = num_blocks * 64  # past the cache (the op refuses it where it checks values)
     slots[0] = num_blocks * 64 - 1  # the very last row
     want = pool.clone()
-    triton_kv_cache.write_index_cache(cache, keys, slots)
+    triton_kv_cache.write_index_cache(cache, keys, slots, is_fp8)
     write_index_cache_reference(want[:num_blocks], keys, slots.where(slots < num_blocks * 64, -1))
     assert torch.equal(pool.view(torch.uint8), want.view(torch.uint8))
 
@@ -260,7 +260,7 @@ def test_triton_write_index_cache_of_no_columns_writes_nothing():
     """d_i 0 (which the op's checks let through for a BF16 cache): nothing to write, no kernel (arange(0, 0) fails)."""
     cache = torch.zeros(1, 64, 0, dtype=torch.bfloat16, device=DEVICE)
     triton_kv_cache.write_index_cache(cache, torch.zeros(2, 0, dtype=torch.bfloat16, device=DEVICE),
-                                      torch.arange(2, device=DEVICE))
+                                      torch.arange(2, device=DEVICE), False)
 
 
 @pytest.mark.gpu
