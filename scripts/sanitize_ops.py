@@ -10,7 +10,9 @@ exact-size allocations (the tests' are mostly slices of wider buffers, which hid
 runs each op's best kernel (the CUDA one where built, else Triton's: write_index_cache and routed_experts have only
 Triton ones); `--backend cuda` or `triton` that path alone (the reference where an op has none); `--only NAME` the
 cases whose name contains NAME. Prints one line a
-case, exits 1 if an output differs from the reference (the sanitizer's own exit code says whether it found errors).
+case, exits 1 if an output differs from the reference or, by default, if a case ran an op's reference on the GPU
+(its kernels not built, or inputs they do not cover: the sanitizer would have checked no kernel); the sanitizer's own
+exit code says whether it found errors.
 """
 import argparse
 import os
@@ -427,6 +429,21 @@ CASES = (dense_cases, sparse_decode_cases, sparse_prefill_cases, kv_cache_cases,
          moe_cases)
 
 
+def record_reference_runs() -> list[str]:
+    """The names of the ops that run their references on a GPU from here on (each op says so through
+    _ext.reference_fallback), in a list the caller clears."""
+    from flashmla_ops import _ext
+    ops, announce = [], _ext.reference_fallback
+
+    def recording(op, device):
+        if torch.device(device).type == "cuda":
+            ops.append(op)
+        announce(op, device)
+
+    _ext.reference_fallback = recording
+    return ops
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=("auto", "cuda", "triton"), default="auto",
@@ -442,17 +459,21 @@ def main() -> int:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("sanitize_ops.py: needs a CUDA GPU (or --device cpu)")
         return 2
+    ran_reference = record_reference_runs() if DEVICE == "cuda" and args.backend == "auto" else []
     failed = 0
     for cases in CASES:
         for name, case in cases():
             if args.only not in name:
                 continue
+            ran_reference.clear()
             problem = case()
+            if ran_reference:
+                problem = f"ran the reference of {', '.join(sorted(set(ran_reference)))}, no kernel"
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
             failed += problem is not None
             print(f"{name:64} {problem or 'ok'}", flush=True)
-    print(f"{failed} case(s) differ from the reference")
+    print(f"{failed} case(s) failed: an output off the reference, or no kernel run")
     return 1 if failed else 0
 
 

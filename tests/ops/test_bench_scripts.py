@@ -126,10 +126,24 @@ def test_the_sanitizer_cases_run_and_report_a_wrong_output(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["sanitize_ops.py", "--device", "cpu", "--only", "h100"])
     monkeypatch.setenv("FLASHMLA_BACKEND", os.environ.get("FLASHMLA_BACKEND", "auto"))  # main sets it
     assert sanitize_ops.main() == 0
-    assert "0 case(s) differ" in capsys.readouterr().out
+    assert "0 case(s) failed" in capsys.readouterr().out
     decode = flashmla_ops.flash_mla_with_kvcache
     monkeypatch.setattr(flashmla_ops, "flash_mla_with_kvcache", lambda *a, **k: (decode(*a, **k)[0] * 1.1,
                                                                                  decode(*a, **k)[1]))
     monkeypatch.setattr(sys, "argv", ["sanitize_ops.py", "--device", "cpu", "--only", "dense bf16 s_q1 h100"])
     assert sanitize_ops.main() == 1
     assert "output off by" in capsys.readouterr().out
+
+
+def test_the_sanitizer_records_ops_that_run_their_references_on_a_gpu(monkeypatch):
+    """sanitize_ops.py's record of the ops that announce a reference run (its default `--backend auto` fails such a
+    case on the GPU: the sanitizer would have checked no kernel): GPU devices only, cleared by the caller."""
+    import sanitize_ops
+    from flashmla_ops import _ext
+    monkeypatch.setattr(_ext, "reference_fallback", _ext.reference_fallback)  # restored after the test
+    ops = sanitize_ops.record_reference_runs()
+    _ext.reference_fallback("dense_decode", "cpu")
+    assert ops == []
+    _ext.reference_fallback("dense_decode", torch.device("cuda", 0))
+    _ext.reference_fallback("indexer_topk", "cuda")
+    assert ops == ["dense_decode", "indexer_topk"]

@@ -272,7 +272,7 @@ def test_dense_decode_op_uses_cuda_and_captures_in_cuda_graph():
     check_dense_decode_op_replays_in_cuda_graph(12)
 
 
-def test_dense_decode_op_compiles_with_the_cuda_kernel():
+def test_dense_decode_op_compiles_with_the_cuda_kernel(cuda_calls):
     generator = torch.Generator(DEVICE).manual_seed(13)
     q, cache, block_table, cache_seqlens = make_inputs([100, 2000], 2, 16, False, generator)
 
@@ -283,9 +283,12 @@ def test_dense_decode_op_compiles_with_the_cuda_kernel():
     eager = step(q, cache, block_table, cache_seqlens)
     compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")(q, cache, block_table, cache_seqlens)
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+    assert cuda_calls and set(cuda_calls) == {"dense_decode"}  # eager and in the compiled graph: the CUDA kernel
+    assert_decode_close(*eager, *reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK,
+                                                        D_QK ** -0.5, True, False))
 
 
-def test_flashmla_api_schedule_follows_lengths_in_a_cuda_graph():
+def test_flashmla_api_schedule_follows_lengths_in_a_cuda_graph(cuda_calls):
     """The FlashMLA API's schedule, warmed up eagerly, then captured: the graph must recompute it, or a sequence that
     grows between replays would lose the blocks past its old schedule (the CUDA kernel follows the metadata)."""
     import flashmla_ops
@@ -298,6 +301,7 @@ def test_flashmla_api_schedule_follows_lengths_in_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out, lse = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, KV_LORA_RANK, sched_meta)
+    assert "dense_decode" in cuda_calls and "get_mla_metadata" in cuda_calls  # the CUDA kernels were captured
     cache_seqlens.copy_(torch.tensor([300, 80, 129], device=DEVICE))
     graph.replay()
     torch.cuda.synchronize()
@@ -307,7 +311,7 @@ def test_flashmla_api_schedule_follows_lengths_in_a_cuda_graph():
 
 
 @pytest.mark.parametrize("is_fp8", [False, True])
-def test_dense_decode_op_takes_strided_block_table_and_lengths(is_fp8):
+def test_dense_decode_op_takes_strided_block_table_and_lengths(cuda_calls, is_fp8):
     """A block table with non-unit column stride and strided cache_seqlens reach the kernel as contiguous copies."""
     generator = torch.Generator(DEVICE).manual_seed(21 + is_fp8)
     q, cache, block_table, cache_seqlens = make_inputs([300, 1, 129], 1, 16, is_fp8, generator)
@@ -316,13 +320,14 @@ def test_dense_decode_op_takes_strided_block_table_and_lengths(is_fp8):
     assert strided_table.stride(-1) != 1 and not strided_lengths.is_contiguous()
     out, lse = torch.ops.flashmla.dense_decode(q, cache, strided_table, strided_lengths, None, None, KV_LORA_RANK,
                                                D_QK ** -0.5, False, is_fp8, None)
+    assert cuda_calls == ["dense_decode"]
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
                                                 False, is_fp8)
     assert_decode_close(out, lse, want_out, want_lse)
 
 
 @pytest.mark.parametrize("is_fp8", [False, True])
-def test_dense_decode_one_column_block_table_transposed(is_fp8):
+def test_dense_decode_one_column_block_table_transposed(cuda_calls, is_fp8):
     """Sequences of one block each with the table a transposed (1, batch) tensor: its column of size 1 has stride
     batch, and `.contiguous()` would hand it over unchanged (size-1 dimensions count as contiguous); the kernel wants
     unit stride and gets a copy."""
@@ -332,6 +337,7 @@ def test_dense_decode_one_column_block_table_transposed(is_fp8):
     assert one_column.stride(-1) == 3 and one_column.is_contiguous()
     out, lse = torch.ops.flashmla.dense_decode(q, cache, one_column, cache_seqlens, None, None, KV_LORA_RANK,
                                                D_QK ** -0.5, False, is_fp8, None)
+    assert cuda_calls == ["dense_decode"]
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
                                                 False, is_fp8)
     assert_decode_close(out, lse, want_out, want_lse)

@@ -65,6 +65,7 @@ def poison_allocator(output_bytes):
 
 
 def cuda_logits(args):
+    assert indexer_logits_path(args[0], args[1]) == "cuda"
     poison_allocator(args[0].shape[0] * args[1].shape[0] * 4)
     return torch.ops.flashmla.indexer_logits(*args)
 
@@ -138,6 +139,7 @@ def test_cuda_indexer_logits_long_keys_and_cuda_graph():
     s_q, s_kv = 16, 32768
     k_start, k_end = torch.zeros(s_q), torch.full((s_q,), s_kv)
     args = inputs(s_q, s_kv, 64, k_start, k_end, seed=7)
+    assert indexer_logits_path(args[0], args[1]) == "cuda"  # not the reference (it captures and replays too)
     torch.ops.flashmla.indexer_logits(*args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -221,6 +223,7 @@ def assert_close_exact(got, want, absolute=None):
 
 def paged_logits(args):
     q, block_table = args[0], args[3]
+    assert indexer_logits_paged_path(q, args[1], block_table) == "cuda"
     poison_allocator(q.shape[0] * q.shape[1] * block_table.shape[1] * 64 * 4)
     return torch.ops.flashmla.indexer_logits_paged(*args)
 
@@ -261,6 +264,7 @@ def test_cuda_indexer_logits_paged_long_sequences_and_cuda_graph():
     """32k-token sequences (512 blocks through 8 stages, several key splits per sequence), replayed in a CUDA graph
     with new lengths."""
     args = paged_inputs([32768, 20000, 7], 1, 64, False, seed=11, spare_blocks=0)
+    assert indexer_logits_paged_path(args[0], args[1], args[3]) == "cuda"
     torch.ops.flashmla.indexer_logits_paged(*args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -143,7 +143,7 @@ def test_sparse_decode_op_uses_cuda():
 
 
 @pytest.mark.parametrize("is_fp8", [False, True])
-def test_sparse_decode_op_takes_strided_indices_and_lengths(is_fp8):
+def test_sparse_decode_op_takes_strided_indices_and_lengths(cuda_calls, is_fp8):
     """Index rows with a non-unit stride and a strided topk_length reach the kernel as contiguous copies."""
     generator = torch.Generator(DEVICE).manual_seed(11 + is_fp8)
     batch, s_q, h_q, topk, num_blocks = 3, 2, 64, 300, 16
@@ -156,12 +156,13 @@ def test_sparse_decode_op_takes_strided_indices_and_lengths(is_fp8):
     assert strided_indices.stride(-1) != 1 and not strided_length.is_contiguous()
     out, lse = torch.ops.flashmla.sparse_decode(q, cache, strided_indices, strided_length, None, None, None, None,
                                                 None, KV_LORA_RANK, SCALE, is_fp8, None)
+    assert cuda_calls == ["sparse_decode"]
     want_out, want_lse = reference.sparse_decode(q, cache, indices, topk_length, None, None, None, KV_LORA_RANK, SCALE,
                                                  is_fp8)
     assert_close(out, lse, want_out, want_lse)
 
 
-def test_sparse_decode_op_takes_transposed_indices_of_topk_1():
+def test_sparse_decode_op_takes_transposed_indices_of_topk_1(cuda_calls):
     """topk 1 with indices a permuted view: the size-1 last dimension has stride batch * s_q (`.contiguous()` keeps
     it: size-1 dimensions count as contiguous); the kernel wants unit stride and gets a copy."""
     generator = torch.Generator(DEVICE).manual_seed(41)
@@ -172,5 +173,6 @@ def test_sparse_decode_op_takes_transposed_indices_of_topk_1():
     assert indices.shape == (batch, s_q, 1) and indices.stride(-1) == batch * s_q and indices.is_contiguous()
     out, lse = torch.ops.flashmla.sparse_decode(q, cache, indices, None, None, None, None, None, None, KV_LORA_RANK,
                                                 SCALE, True, None)
+    assert cuda_calls == ["sparse_decode"]
     want_out, want_lse = reference.sparse_decode(q, cache, indices, None, None, None, None, KV_LORA_RANK, SCALE, True)
     assert_close(out, lse, want_out, want_lse)

@@ -91,16 +91,17 @@ def test_cuda_sparse_prefill_strided_inputs_and_empty_kv():
     assert [tuple(t.shape) for t in none[:3]] == [(0, 64, KV_LORA_RANK), (0, 64), (0, 64)]
 
 
-def test_sparse_prefill_op_uses_cuda_and_chunks_long_batches(monkeypatch):
+def test_sparse_prefill_op_uses_cuda_and_chunks_long_batches(monkeypatch, cuda_calls):
     assert flashmla_ops.backend("sparse_prefill", DEVICE) == "cuda"
     q, kv, indices, topk_length = inputs([300, 130], 128, 512, True)
     monkeypatch.setattr(sparse_prefill, "CUDA_MAX_TOKENS", 100)  # five launches, each into the whole outputs
     got = torch.ops.flashmla.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, None, topk_length, 0)
+    assert cuda_calls.count("sparse_prefill") == 5
     assert got[3].numel() == 0
     check(got, q, kv, indices, topk_length)
 
 
-def test_cuda_sparse_prefill_op_replays_in_cuda_graph():
+def test_cuda_sparse_prefill_op_replays_in_cuda_graph(cuda_calls):
     q, kv, indices, topk_length = inputs([400, 100], 64, 1024, True)
     call = lambda: torch.ops.flashmla.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, None,  # noqa: E731
                                                      topk_length, 0)
@@ -108,6 +109,7 @@ def test_cuda_sparse_prefill_op_replays_in_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         got = call()
+    assert "sparse_prefill" in cuda_calls  # the CUDA kernel was captured (the reference would replay too)
     generator = torch.Generator(DEVICE).manual_seed(3)
     indices.copy_(indices[torch.randperm(indices.shape[0], generator=generator, device=DEVICE)])  # new index values
     indices[1] = -1  # keep query 1 without a valid index

@@ -37,19 +37,17 @@ def inputs(h_q, is_fp8, seed, batch=3, s_q=2, topk=600, extra_topk=90):
     (70, 1, 600, 90),  # 1 + 1 (70 or 140 CTAs a launch)
     (2, 2, 2048, 512),  # 16 + 4: the many-splits combine
 ])
-@pytest.mark.parametrize("backend,calls", [("cuda", ["sparse_decode"]), ("auto", None)])
+@pytest.mark.parametrize("backend", ["cuda", "auto"])  # auto: CUDA comes first on Hopper (stop 51)
 def test_sparse_decode_with_an_extra_cache(monkeypatch, cuda_calls, h_q, is_fp8, with_sink, batch, s_q, topk,
-                                           extra_topk, backend, calls):
+                                           extra_topk, backend):
     monkeypatch.setenv("FLASHMLA_BACKEND", backend)
     q, cache, indices, topk_length, extra_cache, extra_indices, extra_topk_length = inputs(
         h_q, is_fp8, h_q + is_fp8 + batch, batch, s_q, topk, extra_topk)
     sink = sinks(h_q, torch.Generator(DEVICE).manual_seed(9)) if with_sink else None
     out, lse = torch.ops.flashmla.sparse_decode(q, cache, indices, topk_length, extra_cache, extra_indices,
                                                 extra_topk_length, None, None, KV_LORA_RANK, SCALE, is_fp8, sink)
-    if calls is None:  # the op's own choice
-        path = decode.sparse_decode_path(q, cache, extra_cache, KV_LORA_RANK, is_fp8)
-        calls = ["sparse_decode"] if path == "cuda" else []
-    assert cuda_calls == calls
+    assert decode.sparse_decode_path(q, cache, extra_cache, KV_LORA_RANK, is_fp8) == "cuda"
+    assert cuda_calls == ["sparse_decode"]  # one extension call over both caches
     want_out, want_lse = reference.sparse_decode(q, cache, indices, topk_length, extra_cache, extra_indices,
                                                  extra_topk_length, KV_LORA_RANK, SCALE, is_fp8, sink)
     assert_decode_close(out, lse, want_out, want_lse)

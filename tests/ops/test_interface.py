@@ -345,8 +345,9 @@ def test_the_schedule_question_is_asked_after_the_checks():
 def test_no_schedule_for_a_call_the_cuda_kernel_declines():
     """On Hopper a q whose rows are not 16-byte aligned goes to a path that splits by shape: no schedule computed;
     the same q made contiguous gets one."""
-    if "cuda" not in interface._ext.paths("dense_decode", torch.device("cuda")):  # asked here: it builds csrc/
+    if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs the CUDA dense decode kernel (sm_90)")
+    assert "cuda" in interface._ext.paths("dense_decode", torch.device("cuda"))  # asked here: it builds csrc/
     q, cache, flat_keys, block_table, cache_seqlens = dense_case([300, 20, 129], device="cuda")
     unaligned = torch.empty(*q.shape[:-1], q.shape[-1] + 1, dtype=q.dtype, device="cuda")[..., 1:]
     unaligned.copy_(q)
@@ -364,9 +365,12 @@ def test_no_schedule_for_a_call_the_cuda_kernel_declines():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_no_schedule_for_the_triton_dense_decode(monkeypatch):
     monkeypatch.setenv("FLASHMLA_BACKEND", "triton")
-    q, cache, _, block_table, cache_seqlens = dense_case([300, 20, 129], device="cuda")
+    q, cache, flat_keys, block_table, cache_seqlens = dense_case([300, 20, 129], device="cuda")
+    assert interface.decode.dense_decode_path(q, cache, 512, False) == "triton"
     sched_meta, _ = flashmla_ops.get_mla_metadata()
     out, lse = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)
     assert sched_meta.tile_scheduler_metadata is None and sched_meta.num_splits is None
     want = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, None)
     assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    oracle.assert_attention_close(out, lse, *oracle.dense_decode(q.cpu(), flat_keys, block_table.cpu(),
+                                                                  cache_seqlens.cpu(), oracle.D_QK ** -0.5, 512, False))

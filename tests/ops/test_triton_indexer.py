@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mla_oracle as oracle
+from flashmla_ops import indexer
 from flashmla_ops.indexer import indexer_logits_paged_reference, indexer_logits_reference, indexer_topk_reference
 from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_fp8_rows, quantize_index_fp8_reference
 from triton_recording import RecordingKernel
@@ -223,6 +224,7 @@ def test_indexer_ops_use_triton_and_capture_in_cuda_graph(fp8, monkeypatch):
     generator = torch.Generator().manual_seed(17 + fp8)
     q, cache, weights, block_table, seqlens, q_scale = paged_inputs([300, 1, 2000, 64], 2, 64, 128, fp8, fp8,
                                                                     generator)
+    assert indexer.indexer_logits_paged_path(q, cache, block_table) == "triton"  # not the reference (it replays too)
 
     def call():
         logits = torch.ops.flashmla.indexer_logits_paged(q, cache, weights, block_table, seqlens, q_scale)

@@ -177,7 +177,7 @@ def test_triton_kv_cache_gpu_large_bit_exact_and_rerun(monkeypatch, hardware, is
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("is_fp8", [False, True])
-def test_kv_cache_ops_use_triton_and_capture_in_cuda_graph(monkeypatch, is_fp8):
+def test_kv_cache_ops_use_triton_and_capture_in_cuda_graph(monkeypatch, reference_runs, is_fp8):
     """With FLASHMLA_BACKEND=triton the ops run these kernels, replay in a CUDA graph with new slots, bit-exact."""
     import flashmla_ops
 
@@ -196,6 +196,7 @@ def test_kv_cache_ops_use_triton_and_capture_in_cuda_graph(monkeypatch, is_fp8):
         torch.ops.flashmla.write_kv_cache(cache, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
 
     call()  # compile outside the capture
+    assert reference_runs == []  # the Triton kernel wrote (the padded cache is 4-byte aligned)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
@@ -266,7 +267,7 @@ def test_triton_write_index_cache_of_no_columns_writes_nothing():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("is_fp8", [False, True])
-def test_write_index_cache_op_uses_triton_and_captures_in_cuda_graph(is_fp8):
+def test_write_index_cache_op_uses_triton_and_captures_in_cuda_graph(reference_runs, is_fp8):
     """On a GPU the op runs the Triton kernel (it has no CUDA one), bit-exact with the reference over many tokens,
     and replays in a CUDA graph with new slots."""
     import flashmla_ops
@@ -285,6 +286,7 @@ def test_write_index_cache_op_uses_triton_and_captures_in_cuda_graph(is_fp8):
         torch.ops.flashmla.write_index_cache(cache, keys, slots)
 
     call()  # compile outside the capture
+    assert reference_runs == []
     write_index_cache_reference(want, keys, slots)
     assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
     graph = torch.cuda.CUDAGraph()

@@ -290,6 +290,12 @@ def test_sparse_ops_use_triton_and_capture_in_cuda_graph(op, is_fp8, monkeypatch
         call = lambda: torch.ops.flashmla.sparse_prefill(*args)  # noqa: E731
         indices = args[2]
         want = lambda: reference.sparse_prefill(*args)  # noqa: E731
+    # the path these inputs take (the reference, which captures and replays too, would compare with itself)
+    from flashmla_ops import decode, sparse_prefill
+    q, cache = args[:2]
+    path = (decode.sparse_decode_path(q, cache, None, KV_LORA_RANK, is_fp8) if op == "sparse_decode"
+            else sparse_prefill.sparse_prefill_path(q, cache, args[4], args[7]))
+    assert path == "triton"
     call()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
