@@ -22,3 +22,19 @@ def reference_runs(monkeypatch):
 
     monkeypatch.setattr(_ext, "reference_fallback", recording)
     return runs
+
+
+@pytest.fixture
+def cuda_calls(monkeypatch):
+    """The names of the CUDA extension's functions the ops call (GPU tests of which kernel an op runs)."""
+    from flashmla_ops import _ext
+    calls = []
+    real = _ext.extension()
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(_ext, "extension", lambda: Spy())
+    return calls

@@ -59,7 +59,13 @@ def test_bf16_error_as_transformers_cpu(model_type):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("batch", [1, 4])
-def test_bf16_error_as_transformers_v2_lite_widths_gpu(batch):
+def test_bf16_error_as_transformers_v2_lite_widths_gpu(monkeypatch, cuda_calls, batch):
+    from flashmla_ops.triton import moe as triton_moe
+    moe_launches, kernel = [], triton_moe.routed_experts
+    monkeypatch.setattr(triton_moe, "routed_experts", lambda *args: moe_launches.append(1) or kernel(*args))
     config_dict = dict(bench_generate.PRESETS["v2-lite"], num_hidden_layers=3)
     errors = bf16_errors(config_dict, torch.device("cuda"), batch=batch, prompt_len=300, std=0.02)
     assert 0 < errors["ours"] <= BOUND * errors["transformers"], errors
+    # what ours ran (the float32 model runs the references): the CUDA decode kernel, and at batch 1 the Triton experts
+    assert "dense_decode" in cuda_calls
+    assert moe_launches or batch != 1

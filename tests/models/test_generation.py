@@ -99,6 +99,10 @@ def test_sample():
     assert sample(logits, temperature=1.0, top_p=1e-3, generator=generator).tolist() == [1, 0]  # top-p keeps one
     draws = torch.stack([sample(logits, temperature=1.0, top_p=0.9, generator=generator) for _ in range(200)])
     assert set(draws[:, 0].tolist()) == {1, 3}  # 0 and 2 lie outside the 0.9 nucleus
+    # the nucleus stops where its probability reaches top_p exactly: two of four equal tokens make 0.5
+    draws = torch.stack([sample(torch.zeros(1, 4), temperature=1.0, top_p=0.5, generator=generator)
+                         for _ in range(200)])
+    assert len(set(draws[:, 0].tolist())) == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

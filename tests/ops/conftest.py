@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import flashmla_ops  # noqa: F401  (registers torch.ops.flashmla)
-from flashmla_ops import _ext
 
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -19,18 +18,3 @@ def _seed(request):
 def device(request):
     """Numerical tests run on CPU (the reference) and, where there is a GPU, on CUDA (the kernels)."""
     return torch.device(request.param)
-
-
-@pytest.fixture
-def cuda_calls(monkeypatch):
-    """The names of the CUDA extension's functions the ops call (GPU tests of which kernel an op runs)."""
-    calls = []
-    real = _ext.extension()
-
-    class Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(real, name)
-
-    monkeypatch.setattr(_ext, "extension", lambda: Spy())
-    return calls

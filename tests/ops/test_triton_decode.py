@@ -192,6 +192,18 @@ def test_triton_split_partials_are_f16_from_8_splits():
         assert partials.scale.is_contiguous() and separate_scale == partials.half
 
 
+@pytest.mark.parametrize("half", [False, True])
+def test_triton_combine_reads_more_splits_than_one_chunk(monkeypatch, half):
+    """20 splits a sequence, past the combine's 16 at a time (SPLIT_CHUNK): the second chunk's 4 count, the 12 lanes
+    past them (the next sequence's partials) do not; float32 and f16 partials."""
+    monkeypatch.setattr(triton_decode, "device_limits", lambda device: (40, 227 * 1024))
+    monkeypatch.setattr(triton_decode, "HALF_PARTIALS_FROM_SPLITS", 2 if half else 1 << 20)
+    splits, count = [], triton_decode.num_splits_for
+    monkeypatch.setattr(triton_decode, "num_splits_for", lambda *args: splits.append(count(*args)) or splits[-1])
+    run_and_compare([1300, 1400], 1, 16, False, False, sink=True)
+    assert splits == [20]
+
+
 BALANCED_CASES = [
     ([0, 1, 70, 700], 1, 16, False, False),
     ([1000, 3, 0, 64, 65], 2, 16, True, True),
@@ -407,13 +419,10 @@ def test_triton_fp8_f16_products_hold_tile_scales_to_the_top_of_float32(monkeypa
     assert ran()
 
 
-@pytest.mark.parametrize("delta", [58.0, 64.0])
-@pytest.mark.parametrize("hardware", [FP8_HARDWARE, FP8_INTEGER])
-def test_triton_fp8_f16_products_keep_rows_carried_by_far_smaller_weights(monkeypatch, delta, hardware):
-    """A first page of zero latent whose RoPE logits lie `delta` nats above the other pages' (so their weights are
-    e**-delta, ~1e-25 .. 1e-28): the rows' output is carried by those weights alone. Rows whose largest p * scale in a
-    block was below 1e-30 * 2**14 were flushed to zero (all of them at 64; at 58 with the integer decoding, once its
-    2**8 left the scales); now only below float32's smallest normal."""
+def far_smaller_weights(monkeypatch, delta, hardware, length=3 * PAGE_BLOCK_SIZE):
+    """The f16-products kernel over a first page of zero latent whose RoPE logits lie `delta` nats above the other
+    pages' (so their weights are e**-delta): the rows' output is carried by those weights alone. Returns the kernel's
+    out and lse, the reference's, and whether the f16 products ran."""
     skip_unless_gpu_decodes(hardware)
     monkeypatch.setattr(triton_decode, "hardware_fp8", lambda device: hardware)
     generator = torch.Generator(DEVICE).manual_seed(int(delta))
@@ -423,20 +432,41 @@ def test_triton_fp8_f16_products_keep_rows_carried_by_far_smaller_weights(monkey
     kv[0, :, :, KV_LORA_RANK] = delta
     cache = reference.quantize_kv_fp8(kv.bfloat16())
     block_table = torch.tensor([[0, 1, 2]], dtype=torch.int32, device=DEVICE)
-    cache_seqlens = torch.tensor([3 * PAGE_BLOCK_SIZE], dtype=torch.int32, device=DEVICE)
+    cache_seqlens = torch.tensor([length], dtype=torch.int32, device=DEVICE)
     q = torch.zeros(1, 1, 16, D_QK, device=DEVICE)
     q[..., KV_LORA_RANK] = 1.0
     q = q.bfloat16()
     config = dataclasses.replace(f16_config(1, 16), programs_per_sm=0.01)  # one split: the pages in one program
     ran = f16_products_ran(monkeypatch)
-    out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, 1.0, False, True, None,
-                                          config)
-    want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, 1.0, False, True,
-                                                None)
+    got = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, 1.0, False, True, None,
+                                     config)
+    want = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, 1.0, False, True, None)
+    return got, want, ran()
+
+
+@pytest.mark.parametrize("delta", [58.0, 64.0])
+@pytest.mark.parametrize("hardware", [FP8_HARDWARE, FP8_INTEGER])
+def test_triton_fp8_f16_products_keep_rows_carried_by_far_smaller_weights(monkeypatch, delta, hardware):
+    """Weights of e**-delta, ~1e-25 .. 1e-28: rows whose largest p * scale in a block was below 1e-30 * 2**14 were
+    flushed to zero (all of them at 64; at 58 with the integer decoding, once its 2**8 left the scales); now only
+    below float32's smallest normal."""
+    (out, lse), (want_out, want_lse), ran = far_smaller_weights(monkeypatch, delta, hardware)
     assert want_out.abs().max() > 0
     assert_decode_close(out, lse, want_out, want_lse)
     assert_rows_close(out, want_out)
-    assert ran()
+    assert ran
+
+
+@pytest.mark.parametrize("delta", [80.0, 88.0])
+@pytest.mark.parametrize("hardware", [FP8_HARDWARE, FP8_INTEGER])
+def test_triton_fp8_f16_products_flush_weights_below_float32_normals(monkeypatch, delta, hardware):
+    """Weights of e**-80 and e**-88: a block's largest p * scale over 2**14 is below float32's smallest normal, so
+    the block's rows flush to zero (outputs ~1e-35 and ~1e-39 in the reference), never inf or NaN: 1 / top of a
+    subnormal top is inf, and the masked tokens' p of 0 times it NaN (the length ends mid-page)."""
+    (out, lse), (want_out, want_lse), ran = far_smaller_weights(monkeypatch, delta, hardware, 3 * PAGE_BLOCK_SIZE - 5)
+    assert out.isfinite().all() and torch.allclose(lse, want_lse, atol=1e-3, rtol=0)
+    assert 0 < want_out.abs().max() < 1e-30 and (out.float() - want_out.float()).abs().max() < 1e-30
+    assert ran
 
 
 @pytest.mark.parametrize("f16", [True, False])

@@ -201,6 +201,11 @@ CASES = [
      ValueError, "kv_cache"),
     ("write_index_cache", "index_cache overlapping itself", set_(index_cache=oracle.bf16(1, 64, 32).expand(2, 64, 32)),
      ValueError, "index_cache"),
+    # overlapping by one row or element: a block's first row is the previous one's last (a row's first element too)
+    ("write_kv_cache", "kv_cache blocks sharing a row", set_(kv_cache=oracle.bf16(2 * 64 * 576).as_strided(
+        (2, 64, 1, 576), (63 * 576, 576, 576, 1))), ValueError, "kv_cache"),
+    ("write_index_cache", "index_cache rows sharing an element", set_(index_cache=oracle.bf16(2 * 64 * 32).as_strided(
+        (2, 64, 32), (64 * 32, 31, 1))), ValueError, "index_cache"),
     ("flash_mla_with_kvcache[sparse]", "indices dtype", set_(indices=lambda a: a["indices"].long()), TypeError, "indices"),
     ("flash_mla_with_kvcache[sparse]", "indices batch 3", set_(indices=torch.zeros(3, 1, 10, dtype=I32)), ValueError,
      "indices"),
