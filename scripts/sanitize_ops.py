@@ -116,6 +116,7 @@ def dense_cases():
         ([400, 3], 1, 128, False),  # the few-splits combine of 4 (f16 partials)
         ([257, 64], 1, 100, False),
         ([9000], 1, 128, False),
+        ([4500], 1, 128, False),  # by shape 70 CTAs (35 splits x 2 row tiles), scheduled 132: for racecheck (stop 53)
         ([9000], 1, 16, False),
         ([700] * 70, 1, 128, False),  # more CTAs than an H100's SMs: CTAs follow others on an SM
         ([1250, 3], 2, 100, True),  # no early refill (200 rows), Q by cp.async, the generic combine (10 splits)
@@ -130,7 +131,7 @@ def dense_cases():
             for scheduled in (True, False):
                 cache = "fp8" if is_fp8 else "bf16"
                 lengths = f"[{seqlens[0]}] x {len(seqlens)}" if len(seqlens) > 6 else str(seqlens)
-                name = f"dense {cache} s_q{s_q} h{h_q} {lengths}{' scheduled' if scheduled else ''}"
+                name = f"dense {cache} s_q{s_q} h{h_q} {lengths} {'scheduled' if scheduled else 'by shape'}"
                 yield name, lambda seqlens=seqlens, s_q=s_q, h_q=h_q, causal=causal, is_fp8=is_fp8, \
                     scheduled=scheduled: run_dense(seqlens, s_q, h_q, causal, is_fp8, scheduled, sink=h_q in (12, 100))
 
