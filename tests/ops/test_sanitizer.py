@@ -2,7 +2,7 @@
 (scripts/sanitize_ops.py's edge cases, each tensor an allocation of its own): memcheck (no access outside an
 allocation: stop 52's found a shared-memory read past a top-k row) and initcheck (no read of global memory that nothing
 wrote, e.g. a combine reading a split slot no CTA stored). On a Hopper GPU with compute-sanitizer on PATH; a minute or
-two each (stop 52's H100: 56 s and 28 s for the 55 cases then; 99 since; stop 53: memcheck passed on the H100 and
+two each (stop 52's H100: 56 s and 28 s for the 55 cases then; 99 in stop 53, 103 since: memcheck passed on the H100 and
 initcheck in 60 s on the H200, once the top-k reference ran on the CPU)."""
 import os
 import shutil
