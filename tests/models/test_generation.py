@@ -682,3 +682,40 @@ def test_the_cache_needs_the_ops_latent_layout():
             with pytest.raises(ValueError, match="kv_lora_rank must be 512 and qk_rope_head_dim 64"):
                 PagedKVCache(config, 2, 1, 64, kv_cache_dtype)
 
+
+def test_a_run_short_of_blocks_is_refused_before_any_pass():
+    """Samples of one prompt of 130 tokens (two full blocks, one partly filled) with 3 new tokens: 2 shared blocks
+    plus one each from the partly filled one on, 6 in all. With 5 the run is refused up front: no forward pass (a
+    check that counted the partly filled block as shared would let it prefill, then fail at the first decode step)."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, seed=1)
+    passes = []
+    model.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    prompt = [(i * 37) % 120 + 2 for i in range(130)]
+    cache = PagedKVCache(config, num_blocks=5, max_batch_size=4, max_seq_len=192)
+    with pytest.raises(RuntimeError, match="out of blocks"):
+        generate(model, cache, [prompt] * 4, 3)
+    assert passes == []
+
+
+class BroadcastSpy:
+    """A model.parallel that records the tokens it broadcasts (one process: rank 0's tokens are its own)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def broadcast(self, tokens):
+        self.calls += 1
+        return tokens
+
+
+def test_sampled_tokens_are_rank_0s_at_any_temperature():
+    """Tensor-parallel ranks sample on their own generators: every sampled token (temperature > 0, e.g. 0.7) is
+    broadcast from rank 0, once per pick (the prefill's and each decode step's); greedy tokens are not."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, seed=1)
+    for temperature, picks in ((0.7, 4), (1.5, 4), (0.0, 0)):
+        model.parallel = spy = BroadcastSpy()
+        cache = PagedKVCache(config, num_blocks=4, max_batch_size=2, max_seq_len=64)
+        generate(model, cache, [[5, 6], [7]], 4, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        assert spy.calls == picks, temperature

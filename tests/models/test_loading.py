@@ -295,3 +295,29 @@ def test_unreadable_configs_and_indexes_name_their_file(tmp_path, v3_tensors):
     (tmp_path / "sharded" / INDEX_FILE).write_text("{}")
     with pytest.raises(CheckpointError, match=rf"{INDEX_FILE}.*weight_map"):
         load_model(tmp_path / "sharded", dtype=torch.float32)
+
+
+def test_fp8_checkpoint_with_its_own_block_size(tmp_path, v3_tensors):
+    """config.json's quantization_config.weight_block_size (here 128 rows x 64 columns, not square): the scales are
+    read per block of that size, rows and columns each by their own size."""
+    source, tensors = v3_tensors
+    rows_block, cols_block = 128, 64
+    stored = {}
+    for name, tensor in tensors.items():
+        if not is_quantized(name, tensor):
+            stored[name] = tensor
+            continue
+        rows, cols = tensor.shape
+        pad = torch.zeros(-(-rows // rows_block) * rows_block, -(-cols // cols_block) * cols_block)
+        pad[:rows, :cols] = tensor
+        blocks = pad.view(pad.shape[0] // rows_block, rows_block, pad.shape[1] // cols_block, cols_block)
+        scale_inv = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / FP8_MAX
+        expanded = scale_inv.repeat_interleave(rows_block, 0)[:rows].repeat_interleave(cols_block, 1)[:, :cols]
+        stored[name], stored[name + "_scale_inv"] = (tensor / expanded).to(torch.float8_e4m3fn), scale_inv
+    write_checkpoint(tmp_path / "fp8", source, stored)
+    edit_config(tmp_path / "fp8", quantization_config={"quant_method": "fp8", "weight_block_size": [128, 64]})
+    weights = loaded_weights(load_model(tmp_path / "fp8", dtype=torch.float32))
+    for name, original in tensors.items():
+        if is_quantized(name, original):
+            assert ((weights[name] - original).abs() <= original.abs() * 2 ** -4 + 1e-3 * original.abs().amax()
+                    ).all(), name

@@ -282,3 +282,21 @@ def test_a_rank_past_a_tiny_vocabulary_holds_none_of_it():
     model = random_model(config, parallel=parallel)
     assert parallel.splits["model.embed_tokens.weight"] == Split(0, 5, 5, 5)
     assert torch.equal(model.model.embed_tokens.weight, torch.zeros_like(model.model.embed_tokens.weight))
+
+
+def test_a_row_parallel_bias_is_added_once_after_the_sum():
+    """RowParallelLinear (o_proj with attention_bias, the MLPs' down_proj): each rank's partial product is summed over
+    the ranks, then the (replicated) bias is added once, not once per rank. The all-reduce is faked: two ranks with
+    the same partial sums."""
+    from models.parallel import RowParallelLinear
+
+    class TwoRanks:
+        def all_reduce(self, x):
+            return 2 * x
+
+    layer = RowParallelLinear(4, 3, bias=True, parallel=TwoRanks())
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(12.0).view(3, 4) / 10)
+        layer.bias.copy_(torch.tensor([1.0, -2.0, 3.0]))
+    x = torch.randn(5, 4)
+    assert torch.allclose(layer(x), 2 * x @ layer.weight.T + layer.bias)

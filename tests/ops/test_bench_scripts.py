@@ -12,6 +12,8 @@ import flashmla_ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "scripts"))
 import bench_decode  # noqa: E402
+import bench_indexer  # noqa: E402
+import bench_sparse  # noqa: E402
 
 
 @pytest.fixture
@@ -147,3 +149,75 @@ def test_the_sanitizer_records_ops_that_run_their_references_on_a_gpu(monkeypatc
     _ext.reference_fallback("dense_decode", torch.device("cuda", 0))
     _ext.reference_fallback("indexer_topk", "cuda")
     assert ops == ["dense_decode", "indexer_topk"]
+
+
+# The SPEC.md §4 counts and the rows the scripts write.
+D_QK, D_V, FP8_ROW = 576, 512, 656
+
+
+def test_the_counts_are_spec_section_4s():
+    """Decode FLOPs 2 b s_q h_q L (d_qk + d_v); bytes L x 576 x 2 (BF16) or x 656 (FP8) per sequence and KV head, plus
+    q and out; sparse 2 queries h_q topk (d_qk + d_v); indexer logits 2 s_q h_i keys d_i, float32 logits written."""
+    assert bench_decode.decode_flops(3, 2, 16, 4096) == 2 * 3 * 2 * 16 * 4096 * (D_QK + D_V)
+    for fp8, row in ((False, D_QK * 2), (True, FP8_ROW)):
+        assert bench_decode.decode_bytes(3, 2, 16, 4096, fp8) == 3 * 4096 * row + 3 * 2 * 16 * (D_QK + D_V) * 2
+    assert bench_sparse.attention_flops(6, 64, 2048) == 2 * 6 * 64 * 2048 * (D_QK + D_V)
+    _, args, flops, total, read = bench_indexer._one_set("logits", 4, 256, 2, 32, False, "cpu")
+    assert flops == 2 * 4 * 2 * 256 * 32
+    assert read == (4 * 2 * 32 + 256 * 32) * 2 and total == read + 4 * 2 * 4 + 4 * 256 * 4
+
+
+def test_rows_report_rates_and_fractions_of_the_ceilings(monkeypatch):
+    """bench_config's rows on the CPU (time_ms faked at 2 ms): GB/s and TFLOP/s from the counts, fractions of
+    CEILINGS' bandwidth and BF16 rates; sparse decode counts batch x s_q queries, each gathering topk 656-byte rows."""
+    monkeypatch.setattr(bench_decode, "time_ms", lambda fn, sets: 2.0)
+    monkeypatch.setattr(bench_sparse, "time_ms", lambda fn, sets: 2.0)
+    monkeypatch.setattr(bench_sparse, "DECODE_CONTEXT", 128)
+    row = bench_decode.bench_config(2, 1, 16, [100, 100], False, "cpu", with_baselines=False)
+    flops, nbytes = 2 * 2 * 16 * 100 * (D_QK + D_V), 2 * 100 * D_QK * 2 + 2 * 16 * (D_QK + D_V) * 2
+    assert row["tflop_s"] == pytest.approx(flops / 2e-3 / 1e12) and row["gb_s"] == pytest.approx(nbytes / 2e-3 / 1e9)
+    assert row["bandwidth_fraction"] == pytest.approx(nbytes / 2e-3 / bench_decode.CEILINGS["bandwidth"])
+    assert row["compute_fraction"] == pytest.approx(flops / 2e-3 / bench_decode.CEILINGS["bf16"])
+    row = bench_sparse.bench_config("decode", 2, 2, 16, 32, True, "cpu", with_reference=False)
+    queries = 2 * 2
+    assert row["tflop_s"] == pytest.approx(2 * queries * 16 * 32 * (D_QK + D_V) / 2e-3 / 1e12)
+    assert row["gb_s"] == pytest.approx((queries * 32 * FP8_ROW + queries * 16 * (D_QK + D_V) * 2) / 2e-3 / 1e9)
+
+
+def fake_rows(monkeypatch, module, bench_name, argv, rate):
+    """`module.main(argv)` on the CPU with `bench_name` faked to rows of `rate` GB/s and a tenth of it in TFLOP/s; the
+    saved rows."""
+    saved = {}
+    monkeypatch.setattr(module, "bench_device", lambda *a: torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
+    monkeypatch.setattr(module, bench_name, lambda *a, **k: {"time_us": 100.0, "gb_s": rate, "tflop_s": rate / 10,
+                                                             "bandwidth_fraction": 0.0, "compute_fraction": 0.0,
+                                                             "path": "reference"})
+    monkeypatch.setattr(module, "save_results", lambda out, backend, rows, plot, **extra: saved.update(rows=rows))
+    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
+    module.main()
+    return {row["name"]: row for row in saved["rows"]}
+
+
+def test_rows_option_and_vs_target(monkeypatch):
+    """--rows picks the rows whose name has any of its substrings; vs_target is achieved / target (decode: in the
+    target's unit; the FP8 row: tokens/s over the BF16 row of its shape; sparse: TFLOP/s; indexer FP8 logits: of 60%
+    of 1250 TFLOP/s); a --rows that picks nothing stops the script."""
+    rows = fake_rows(monkeypatch, bench_decode, "bench_config", ["--rows", "b1 h128,bf16 b128 h16 16k"], 1000.0)
+    assert set(rows) == {"bf16 b1 h128 32k", "bf16 b128 h16 16k"}
+    assert rows["bf16 b1 h128 32k"]["vs_target"] == pytest.approx(1000 / 2000)
+    rows = fake_rows(monkeypatch, bench_decode, "bench_config", ["--rows", "h16 16k", "--no-baselines"], 1000.0)
+    assert rows["fp8 b128 h16 16k"]["vs_target"] == pytest.approx(1 / 1.6)  # same time as its BF16 row
+    rows = fake_rows(monkeypatch, bench_sparse, "bench_config", ["--rows", "b64"], 1250.0)
+    assert rows["decode fp8 b64 h64 topk2048"]["vs_target"] == pytest.approx(125 / 250)
+    rows = fake_rows(monkeypatch, bench_indexer, "bench_row", ["--rows", "logits fp8 s_q"], 3750.0)
+    assert rows["logits fp8 s_q4096 h64 s_kv32k"]["vs_target"] == pytest.approx(0.5)
+    for module, name in ((bench_decode, "bench_config"), (bench_sparse, "bench_config"), (bench_indexer, "bench_row")):
+        with pytest.raises(SystemExit, match="no row's name has one of --rows"):
+            fake_rows(monkeypatch, module, name, ["--rows", "no such row"], 1.0)
+
+
+def test_the_json_records_the_ceilings(fake_h100, tmp_path):
+    """--replot draws against the ceilings the run recorded: save_results must record them."""
+    bench_decode.save_results(str(tmp_path / "d"), "cuda", [], lambda rows, path: None)
+    assert json.loads((tmp_path / "d.json").read_text())["meta"]["ceilings"] == bench_decode.CEILINGS

@@ -198,3 +198,31 @@ def test_sparse_decode_with_an_extra_cache_takes_the_first_path_listed(monkeypat
                                  (("triton", "reference"), None, "triton"), (("reference",), cache, "reference")):
         monkeypatch.setattr(_ext, "paths", lambda op, device: listed)
         assert sparse_decode_path(q, cache, extra, 512, False) == taken, (listed, extra is None)
+
+
+def test_backend_names_the_first_path_and_only_sm90_takes_the_cuda_kernels(monkeypatch):
+    """backend() is the best path listed (the CUDA kernel where it runs, then Triton); the csrc kernels are sm_90a
+    code: a newer GPU (sm_100) takes Triton, not them."""
+    caps = {0: (9, 0), 1: (8, 0), 2: (10, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: caps[torch.device(device).index or 0])
+    monkeypatch.setattr(_ext, "_load", lambda: object())
+    monkeypatch.setattr(_ext, "_triton_importable", lambda: True)
+    monkeypatch.setenv(_ext.BACKEND_ENV, "auto")
+    _ext._hopper.cache_clear()
+    try:
+        assert [_ext.backend("dense_decode", f"cuda:{i}") for i in range(3)] == ["cuda", "triton", "triton"]
+    finally:
+        _ext._hopper.cache_clear()
+
+
+def test_a_forced_reference_is_not_warned_about(monkeypatch, warnings_once, caplog):
+    """FLASHMLA_BACKEND=reference asks for the reference: no path listed, on CPU or GPU tensors, and no warning that
+    the op "runs the PyTorch reference" (that warning is for a forced kernel that does not run)."""
+    monkeypatch.setenv(_ext.BACKEND_ENV, "reference")
+    monkeypatch.setattr(_ext, "_load", lambda: object())
+    monkeypatch.setattr(_ext, "_hopper", lambda device: True)
+    monkeypatch.setattr(_ext, "_triton_importable", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="flashmla_ops"):
+        assert _ext.paths("dense_decode", "cuda:0") == () and _ext.paths("dense_decode", "cpu") == ()
+        ops.quantize_kv_fp8(torch.randn(2, 576).bfloat16())
+    assert caplog.records == []
