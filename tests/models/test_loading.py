@@ -15,15 +15,16 @@ BLOCK = 128
 FP8_MAX = 448.0
 
 
-def quantize_fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek V3's weight format: float8_e4m3fn values and a float32 `weight_scale_inv` per 128x128 block
-    (partial last blocks included), value = fp8 * scale_inv."""
+def quantize_fp8_blocks(weight: torch.Tensor, block_rows: int = BLOCK,
+                        block_cols: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek V3's weight format: float8_e4m3fn values and a float32 `weight_scale_inv` per block of 128 x 128 (or
+    the config's weight_block_size; partial last blocks included), value = fp8 * scale_inv."""
     rows, cols = weight.shape
-    pad = torch.zeros(-(-rows // BLOCK) * BLOCK, -(-cols // BLOCK) * BLOCK)
+    pad = torch.zeros(-(-rows // block_rows) * block_rows, -(-cols // block_cols) * block_cols)
     pad[:rows, :cols] = weight
-    blocks = pad.view(pad.shape[0] // BLOCK, BLOCK, pad.shape[1] // BLOCK, BLOCK)
+    blocks = pad.view(pad.shape[0] // block_rows, block_rows, pad.shape[1] // block_cols, block_cols)
     scale_inv = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / FP8_MAX
-    expanded = scale_inv.repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
+    expanded = scale_inv.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_cols, 1)[:, :cols]
     return (weight / expanded).to(torch.float8_e4m3fn), scale_inv
 
 
@@ -301,19 +302,12 @@ def test_fp8_checkpoint_with_its_own_block_size(tmp_path, v3_tensors):
     """config.json's quantization_config.weight_block_size (here 128 rows x 64 columns, not square): the scales are
     read per block of that size, rows and columns each by their own size."""
     source, tensors = v3_tensors
-    rows_block, cols_block = 128, 64
     stored = {}
     for name, tensor in tensors.items():
-        if not is_quantized(name, tensor):
+        if is_quantized(name, tensor):
+            stored[name], stored[name + "_scale_inv"] = quantize_fp8_blocks(tensor, 128, 64)
+        else:
             stored[name] = tensor
-            continue
-        rows, cols = tensor.shape
-        pad = torch.zeros(-(-rows // rows_block) * rows_block, -(-cols // cols_block) * cols_block)
-        pad[:rows, :cols] = tensor
-        blocks = pad.view(pad.shape[0] // rows_block, rows_block, pad.shape[1] // cols_block, cols_block)
-        scale_inv = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / FP8_MAX
-        expanded = scale_inv.repeat_interleave(rows_block, 0)[:rows].repeat_interleave(cols_block, 1)[:, :cols]
-        stored[name], stored[name + "_scale_inv"] = (tensor / expanded).to(torch.float8_e4m3fn), scale_inv
     write_checkpoint(tmp_path / "fp8", source, stored)
     edit_config(tmp_path / "fp8", quantization_config={"quant_method": "fp8", "weight_block_size": [128, 64]})
     weights = loaded_weights(load_model(tmp_path / "fp8", dtype=torch.float32))
