@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_generate_script import load_script  # tests/models is on sys.path (pytest's rootdir import mode)
 
+import flashmla_ops
 from models.deepseek import DeepseekConfig
 from models.loading import random_model, tiny_config
 
@@ -67,5 +68,5 @@ def test_bf16_error_as_transformers_v2_lite_widths_gpu(monkeypatch, cuda_calls, 
     errors = bf16_errors(config_dict, torch.device("cuda"), batch=batch, prompt_len=300, std=0.02)
     assert 0 < errors["ours"] <= BOUND * errors["transformers"], errors
     # what ours ran (the float32 model runs the references): the CUDA decode kernel, and at batch 1 the Triton experts
-    assert "dense_decode" in cuda_calls
+    assert "dense_decode" in cuda_calls or flashmla_ops.backend("dense_decode", "cuda") != "cuda"
     assert moe_launches or batch != 1

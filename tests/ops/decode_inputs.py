@@ -111,20 +111,24 @@ def poisoned(kernel, *args, **kwargs):
 
 
 def assert_decode_close(out, lse, want_out, want_lse) -> None:
-    """A kernel's decode output against the reference: every element written and finite, out within the BF16 band
+    """A kernel's attention output against the reference: every element written and finite, out within the BF16 band
     (the whole batch's, and each row that sees a token its own: a long sequence's rows, averages of many tokens, are
     small beside a short one's and hardly move the batch's norm), lse +inf exactly where no token is visible (out 0
-    there) and close elsewhere."""
+    there) and close elsewhere. Decode's lse is (batch, h_q, s_q) against out's (batch, s_q, h_q, d_v) rows, sparse
+    prefill's (s_q, h_q) against (s_q, h_q, d_v)."""
     assert out.shape == want_out.shape and lse.shape == want_lse.shape
     assert torch.isfinite(out).all()
     # float64: outputs up to bf16's largest values square past float32's range
     error = (out.double() - want_out.double()).norm() / want_out.double().norm().clamp_min(1e-12)
     assert error < BF16_BAND, f"relative error {error:.2e}"
-    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))  # +inf exactly for queries that see nothing
+    # +inf exactly for queries that see nothing
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse)) and not torch.isnan(lse).any()
     finite = torch.isfinite(want_lse)
-    assert torch.allclose(lse[finite], want_lse[finite], atol=LSE_TOLERANCE, rtol=0)
-    assert torch.all(out[~finite.transpose(1, 2)] == 0)
-    assert_rows_close(out[finite.transpose(1, 2)], want_out[finite.transpose(1, 2)])
+    assert torch.allclose(lse[finite], want_lse[finite], atol=LSE_TOLERANCE, rtol=0), \
+        (lse - want_lse)[finite].abs().max()
+    seen = finite.transpose(1, 2) if finite.dim() == 3 else finite
+    assert torch.all(out[~seen] == 0)
+    assert_rows_close(out[seen], want_out[seen])
 
 
 def check_dense_decode_op_replays_in_cuda_graph(seed: int) -> None:
@@ -179,17 +183,9 @@ def sparse_decode_inputs(batch, s_q, h_q, topk, is_fp8, generator, num_blocks=3,
 
 
 def assert_close(out, lse, want_out, want_lse):
-    assert out.shape == want_out.shape and lse.shape == want_lse.shape
+    """assert_decode_close for the sparse ops, with their dtypes: bf16 out, float32 lse."""
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
-    assert torch.isfinite(out).all()
-    error = (out.float() - want_out.float()).norm() / want_out.float().norm().clamp_min(1e-12)
-    assert error < BF16_BAND, f"relative error {error:.2e}"
-    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse)) and not torch.isnan(lse).any()
-    finite = torch.isfinite(want_lse)
-    assert torch.allclose(lse[finite], want_lse[finite], atol=LSE_TOLERANCE, rtol=0), \
-        (lse - want_lse)[finite].abs().max()
-    seen = finite.transpose(1, 2) if finite.dim() == 3 else finite  # decode's lse (b, h_q, s_q), prefill's (s_q, h_q)
-    assert_rows_close(out[seen], want_out[seen])
+    assert_decode_close(out, lse, want_out, want_lse)
 
 
 def packed_prefill_inputs(seq_lens, h_q, topk, with_topk_length, generator):

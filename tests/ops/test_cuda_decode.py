@@ -207,7 +207,6 @@ def test_cuda_dense_decode_fp8_small_weights_next_to_huge_scales(narrow):
     out, lse, want_out, want_lse = kernel_and_reference(q, cache, block_table, cache_seqlens, scale, True, narrow,
                                                         num_splits)
     assert_decode_close(out, lse, want_out, want_lse)
-    assert_rows_close(out, want_out)
 
 
 @pytest.mark.parametrize("narrow", [False, True])
@@ -281,9 +280,11 @@ def test_dense_decode_op_compiles_with_the_cuda_kernel(cuda_calls):
                                                D_QK ** -0.5, True, False, None)
 
     eager = step(q, cache, block_table, cache_seqlens)
+    assert cuda_calls == ["dense_decode"]
+    cuda_calls.clear()
     compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")(q, cache, block_table, cache_seqlens)
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
-    assert cuda_calls and set(cuda_calls) == {"dense_decode"}  # eager and in the compiled graph: the CUDA kernel
+    assert cuda_calls and set(cuda_calls) == {"dense_decode"}  # the compiled graph runs the CUDA kernel too
     assert_decode_close(*eager, *reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK,
                                                         D_QK ** -0.5, True, False))
 
@@ -298,6 +299,7 @@ def test_flashmla_api_schedule_follows_lengths_in_a_cuda_graph(cuda_calls):
     cache_seqlens.copy_(torch.tensor([300, 20, 129], device=DEVICE))
     sched_meta, _ = flashmla_ops.get_mla_metadata()
     flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, KV_LORA_RANK, sched_meta)  # eager
+    cuda_calls.clear()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out, lse = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, KV_LORA_RANK, sched_meta)

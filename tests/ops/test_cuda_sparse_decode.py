@@ -108,7 +108,6 @@ def test_cuda_sparse_decode_fp8_small_weights_next_to_huge_scales(h_q):
     indices = every_token(block_table, cache_seqlens, 320)
     out, lse, want_out, want_lse = kernel_and_reference(q, cache, indices, scale)
     assert_close(out, lse, want_out, want_lse)
-    assert_rows_close(out, want_out)
 
 
 def test_cuda_sparse_decode_fp8_query_rows_and_rope_beyond_f16_range():

@@ -106,6 +106,7 @@ def test_cuda_sparse_prefill_op_replays_in_cuda_graph(cuda_calls):
     call = lambda: torch.ops.flashmla.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK, None,  # noqa: E731
                                                      topk_length, 0)
     call()
+    cuda_calls.clear()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         got = call()

@@ -40,7 +40,7 @@ def test_dense_decode_bf16(device, lengths, s_q, h_q, causal):
     ([33], 4, 1, True, 5008, False),  # a 16-byte multiple: the GPU kernels take it
     ([33], 4, 1, True, 5000, False),  # not one: the op runs its reference on a GPU too
 ])
-def test_dense_decode_fp8(device, lengths, s_q, h_q, causal, pad, fp8_view):
+def test_dense_decode_fp8(device, reference_runs, lengths, s_q, h_q, causal, pad, fp8_view):
     """FP8 cache, a slice of a padded buffer: against the oracle on the exactly dequantized cache, and within FP8
     error of the same data in a BF16 cache."""
     cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
@@ -51,6 +51,8 @@ def test_dense_decode_fp8(device, lengths, s_q, h_q, causal, pad, fp8_view):
     q = oracle.bf16(len(lengths), s_q, h_q, oracle.D_QK, device=device)
     fp8_cache = cache.view(torch.float8_e4m3fn) if fp8_view else cache
     out, lse = dense(q, fp8_cache, block_table, cache_seqlens, causal, fp8=True)
+    if device.type == "cuda":  # the kernels take block strides of 16-byte multiples
+        assert ("dense_decode" in reference_runs) == (pad % 16 != 0)
     ref_out, ref_lse = oracle.dense_decode(q.cpu(), flat_keys, block_table, cache_seqlens, SCALE, oracle.D_V, causal)
     oracle.assert_attention_close(out, lse, ref_out, ref_lse)
 

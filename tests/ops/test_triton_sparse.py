@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from decode_inputs import (DEVICE, LSE_TOLERANCE, SCALE, assert_close, assert_rows_close,  # noqa: F401
+from decode_inputs import (DEVICE, LSE_TOLERANCE, SCALE, assert_close,  # noqa: F401
                            packed_prefill_inputs, paged_cache, poisoned, random_indices, spaced,
                            varied_scale_cache)
 from triton_recording import RecordingKernel
@@ -148,9 +148,7 @@ def test_triton_sparse_decode_split_partials_hold_outputs_past_f16(monkeypatch, 
     out, lse = triton_sparse.sparse_decode(*args)
     assert recording.options and all(options["HALF_PARTIALS"] for options in recording.options)
     want_out, want_lse = reference.sparse_decode(*args)
-    seen = torch.isfinite(want_lse).transpose(1, 2)  # (batch, s_q, h_q): the rows that see a key
-    assert_close(out, lse, want_out, want_lse)
-    assert_rows_close(out[seen], want_out[seen])
+    assert_close(out, lse, want_out, want_lse)  # each row that sees a key within the band of its own norm
 
 
 def lookahead_config(h_q, block_n=32, num_stages=3):
