@@ -1,11 +1,12 @@
 """Builds and loads the CUDA kernels of `csrc/` with ninja (torch.utils.cpp_extension.load), once per process.
 
 `backend(op, device)` says which path an op takes on a device (CUDA kernel, Triton kernel or reference);
-`FLASHMLA_BACKEND=cuda|triton|reference` restricts it. `kernels(op, device)` returns the loaded extension when the
-op's CUDA kernel runs. For kernel experiments: `FLASHMLA_CSRC=DIR` builds another revision's csrc (e.g. `git archive
+`FLASHMLA_BACKEND=cuda|triton|reference` restricts it, and `reference_runs()` records the calls that ran a
+reference. `kernels(op, device)` returns the loaded extension when the op's CUDA kernel runs. For kernel experiments: `FLASHMLA_CSRC=DIR` builds another revision's csrc (e.g. `git archive
 BRANCH csrc | tar -x -C bench/BRANCH`) in place of the package's, and `FLASHMLA_EXTRA_CUDA_FLAGS` adds nvcc flags;
 each directory and flag set gets a build of its own (`build_name`).
 """
+import contextlib
 import functools
 import hashlib
 import logging
@@ -240,12 +241,31 @@ def backend(op: str, device: torch.device | str) -> str:
 
 
 def reference_fallback(op: str, device: torch.device | str) -> None:
-    """Called by an op that runs its reference: under a forced fast path (`FLASHMLA_BACKEND=cuda|triton`) on a GPU,
-    says once per op that these inputs are not covered by that kernel (so a benchmark of the path does not time the
-    reference unawares)."""
+    """Called by an op that runs its reference: records it for `reference_runs`, and under a forced fast path
+    (`FLASHMLA_BACKEND=cuda|triton`) on a GPU says once per op that these inputs are not covered by that kernel (so a
+    benchmark of the path does not time the reference unawares)."""
+    for runs in _REFERENCE_RECORDS:
+        runs.append(op)
     forced = _forced()
     if forced in ("cuda", "triton") and torch.device(device).type == "cuda":
         _warn_forced_fallback(op, forced, "inputs its kernel does not cover (see the op's docstring)")
+
+
+_REFERENCE_RECORDS: list[list[str]] = []  # one list per open `reference_runs` block
+
+
+@contextlib.contextmanager
+def reference_runs():
+    """A list of the ops that run their PyTorch reference inside the `with` block, one name per call in call order,
+    whatever the device (on CPU tensors every op does) and thread (the record is the process's). A deployment's check
+    that nothing falls back off its kernels: `with flashmla_ops.reference_runs() as ran: generate(...)`, then
+    `assert not ran` on the GPU."""
+    runs: list[str] = []
+    _REFERENCE_RECORDS.append(runs)
+    try:
+        yield runs
+    finally:  # by identity: an enclosing block's list may hold the same names
+        del _REFERENCE_RECORDS[next(i for i, open_runs in enumerate(_REFERENCE_RECORDS) if open_runs is runs)]
 
 
 _WARNED: set[tuple[str, str]] = set()

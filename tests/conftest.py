@@ -9,19 +9,13 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture
-def reference_runs(monkeypatch):
-    """The names of the ops that run their PyTorch references during the test (each op says so through
-    `_ext.reference_fallback`): GPU tests of a kernel assert it is empty, or they could compare the reference with
-    itself (a reference also captures and replays in a CUDA graph)."""
-    from flashmla_ops import _ext
-    runs, announce = [], _ext.reference_fallback
-
-    def recording(op, device):
-        runs.append(op)
-        announce(op, device)
-
-    monkeypatch.setattr(_ext, "reference_fallback", recording)
-    return runs
+def reference_runs():
+    """The names of the ops that run their PyTorch references during the test (`flashmla_ops.reference_runs`): GPU
+    tests of a kernel assert it is empty, or they could compare the reference with itself (a reference also captures
+    and replays in a CUDA graph)."""
+    import flashmla_ops
+    with flashmla_ops.reference_runs() as runs:
+        yield runs
 
 
 @pytest.fixture

@@ -137,20 +137,6 @@ def test_the_sanitizer_cases_run_and_report_a_wrong_output(monkeypatch, capsys):
     assert "output off by" in capsys.readouterr().out
 
 
-def test_the_sanitizer_records_ops_that_run_their_references_on_a_gpu(monkeypatch):
-    """sanitize_ops.py's record of the ops that announce a reference run (its default `--backend auto` fails such a
-    case on the GPU: the sanitizer would have checked no kernel): GPU devices only, cleared by the caller."""
-    import sanitize_ops
-    from flashmla_ops import _ext
-    monkeypatch.setattr(_ext, "reference_fallback", _ext.reference_fallback)  # restored after the test
-    ops = sanitize_ops.record_reference_runs()
-    _ext.reference_fallback("dense_decode", "cpu")
-    assert ops == []
-    _ext.reference_fallback("dense_decode", torch.device("cuda", 0))
-    _ext.reference_fallback("indexer_topk", "cuda")
-    assert ops == ["dense_decode", "indexer_topk"]
-
-
 # The SPEC.md §4 counts and the rows the scripts write.
 D_QK, D_V, FP8_ROW = 576, 512, 656
 

@@ -68,15 +68,19 @@ def test_a_forced_path_says_when_its_kernel_does_not_cover_the_inputs(monkeypatc
     assert len(caplog.records) == 1
 
 
-def test_the_reference_runs_fixture_sees_every_op_that_runs_its_reference(reference_runs):
-    """The GPU tests' `reference_runs` (tests/conftest.py) records each op call that runs the op's reference (here
-    three cache ops on CPU tensors), in order."""
+def test_reference_runs_records_each_call_that_runs_a_reference(reference_runs):
+    """flashmla_ops.reference_runs (the GPU tests' `reference_runs` fixture, sanitize_ops.py's check that every case
+    ran a kernel): each op call that runs the op's reference, here three cache ops on CPU tensors, in order, in every
+    open block; a block that has closed records nothing more."""
     kv = torch.randn(3, 576).bfloat16()
-    packed = ops.quantize_kv_fp8(kv)
-    ops.dequantize_kv_fp8(packed)
+    with flashmla_ops.reference_runs() as inner:
+        packed = ops.quantize_kv_fp8(kv)
+        ops.dequantize_kv_fp8(packed)
     cache = torch.zeros(1, 64, 1, 576, dtype=torch.bfloat16)
     ops.write_kv_cache(cache, kv[:, :512], kv[:, 512:], torch.arange(3), False)
+    assert inner == ["quantize_kv_fp8", "dequantize_kv_fp8"]
     assert reference_runs == ["quantize_kv_fp8", "dequantize_kv_fp8", "write_kv_cache"]
+    assert not _ext._REFERENCE_RECORDS[1:]  # the fixture's block only
 
 
 def test_a_build_that_does_not_load_falls_back_with_one_warning(monkeypatch, caplog):
