@@ -1,10 +1,11 @@
 """Builds and loads the CUDA kernels of `csrc/` with ninja (torch.utils.cpp_extension.load), once per process.
 
 `backend(op, device)` says which path an op takes on a device (CUDA kernel, Triton kernel or reference);
-`FLASHMLA_BACKEND=cuda|triton|reference` restricts it, and `reference_runs()` records the calls that ran a
-reference. `kernels(op, device)` returns the loaded extension when the op's CUDA kernel runs. For kernel experiments: `FLASHMLA_CSRC=DIR` builds another revision's csrc (e.g. `git archive
-BRANCH csrc | tar -x -C bench/BRANCH`) in place of the package's, and `FLASHMLA_EXTRA_CUDA_FLAGS` adds nvcc flags;
-each directory and flag set gets a build of its own (`build_name`).
+`FLASHMLA_BACKEND=cuda|triton|reference` restricts it, and `reference_runs()` records the calls that ran a reference.
+`kernels(op, device)` returns the loaded extension when the op's CUDA kernel runs. For kernel experiments:
+`FLASHMLA_CSRC=DIR` builds another revision's csrc (e.g. `git archive BRANCH csrc | tar -x -C bench/BRANCH`) in place
+of the package's, and `FLASHMLA_EXTRA_CUDA_FLAGS` adds nvcc flags; each directory and flag set gets a build of its own
+(`build_name`).
 """
 import contextlib
 import functools
