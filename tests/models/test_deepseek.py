@@ -177,10 +177,19 @@ YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=128, beta_
     ("deepseek_v3", dict(rope_scaling={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707})),
     # V3.2's attention ropes interleaved pairs whatever rope_interleave says (index_topk 64: every token visible)
     ("deepseek_v32", dict(rope_interleave=False, index_topk=64)),
-], ids=["yarn-mscale_all_dim-only", "yarn-mscale-only", "yarn-both", "v32-rope_interleave-false"])
+    # V3.2 with YaRN, as its checkpoint sets it: the sparse prefill and decode take the mscale'd softmax scale too
+    ("deepseek_v32", dict(rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}, index_topk=64)),
+    # rms_norm_eps far from the 1e-6 default (activations' mean square is ~1e-2 here), two shared experts (V2's)
+    ("deepseek_v2", dict(rms_norm_eps=1e-2, n_shared_experts=2)),
+    # every layer MoE
+    ("deepseek_v3", dict(first_k_dense_replace=0)),
+], ids=["yarn-mscale_all_dim-only", "yarn-mscale-only", "yarn-both", "v32-rope_interleave-false", "v32-yarn",
+        "rms_norm_eps-n_shared_experts", "first_k_dense_replace-0"])
 def test_matches_transformers_config_variants(hf_checkpoints, model_type, overrides):
-    """Config variants real checkpoints do not use but transformers loads: YaRN's cos/sin factor and interpolated
-    frequencies act from the first position, so the short prompts here show a wrong factor."""
+    """Config variants the fixtures' checkpoints do not use but transformers loads: YaRN's cos/sin factor and
+    interpolated frequencies act from the first position, so the short prompts here show a wrong factor; the other
+    fields change the model only where they differ from tiny_config's values (rms_norm_eps 1e-6, one shared expert,
+    first_k_dense_replace 1)."""
     check_against_transformers(*hf_checkpoints(model_type, **overrides), "fp32")
 
 

@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from models import SHIPPED_CHECKPOINT, DeepseekConfig, PagedKVCache, load_model, prefill, random_model, tiny_config
 from models.data import HELDOUT_FILE, KJV_FILE, kjv_path, read_heldout
-from models.deepseek import training_forward
+from models.deepseek import apply_rope, training_forward
 from models.loading import SINGLE_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +69,43 @@ def test_training_forward_matches_inference():
     output.indexer_kl.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
     assert with_grad and all(".indexer." in name for name in with_grad), sorted(with_grad)
+
+
+@torch.no_grad()
+def test_training_indexer_kl_matches_its_definition():
+    """One layer's indexer KL against KL(p_t || softmax(I_t)) built here: I_t from `indexer_logits` (relu per head)
+    with the weights as DeepSeek's release scales them, weights_proj(x) (n_heads * head_dim)^-0.5 (a scale that
+    inference's top-k ignores but the softmax does not), and p_t from the absorbed form of the main attention (module
+    docstring), summed over heads. A KL on other logits trains the indexer towards a scoring inference does not use."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v32", num_hidden_layers=1))
+    model = random_model(config, seed=3)
+    tokens = torch.randint(2, config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    kl = training_forward(model, tokens).indexer_kl
+
+    layer, positions = model.model.layers[0], torch.arange(tokens.shape[1])
+    attention, indexer = layer.self_attn, layer.self_attn.indexer
+    x = layer.input_layernorm(model.model.embed_tokens(tokens[0]))
+    cos, sin = model.model.rotary_emb(positions)
+    q_resid = attention.q_a_layernorm(attention.q_a_proj(x))
+    q_nope, q_pe = attention.q_b_proj(q_resid).view(len(positions), config.num_attention_heads, -1).split(
+        [config.qk_nope_head_dim, config.qk_rope_head_dim], dim=-1)
+    latent, k_pe = attention.kv_a_proj_with_mqa(x).split([config.kv_lora_rank, config.qk_rope_head_dim], dim=-1)
+    w_kv = attention.kv_b_proj.weight.view(config.num_attention_heads, -1, config.kv_lora_rank)
+    w_uk = w_kv[:, :config.qk_nope_head_dim]
+    q = torch.cat([torch.einsum("thd,hdc->thc", q_nope, w_uk), apply_rope(q_pe, cos, sin, True)], dim=-1)
+    k = torch.cat([attention.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin, True)], dim=-1)
+    causal = torch.ones(len(positions), len(positions), dtype=torch.bool).tril()
+    scores = torch.einsum("thc,sc->hts", q, k) * attention.softmax_scale
+    target = scores.masked_fill(~causal, float("-inf")).softmax(-1).sum(0)
+    target = target / target.sum(-1, keepdim=True)
+    index_q, index_k, _ = indexer(x, q_resid, cos, sin)
+    weights = indexer.weights_proj(x) * (config.index_n_heads * config.index_head_dim) ** -0.5
+    logits = torch.ops.flashmla.indexer_logits(index_q, index_k, weights, torch.zeros_like(positions).int(),
+                                               (positions + 1).int(), None, None)
+    log_probs = logits.masked_fill(~causal, float("-inf")).log_softmax(-1).masked_fill(~causal, 0)
+    expected = (torch.xlogy(target, target) - target * log_probs).sum(-1).mean()
+    assert expected > 1e-2  # the indexer is far from the attention: a wrong logit shows
+    torch.testing.assert_close(kl, expected, rtol=1e-4, atol=0)
 
 
 # ---------------------------------------------------------------- train_tiny.py
