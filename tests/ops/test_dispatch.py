@@ -143,17 +143,18 @@ def test_the_build_runs_once_across_threads():
 
 
 def test_the_cuda_path_asks_each_device_its_architecture(monkeypatch):
-    """A process that sees an sm_90 and an sm_80 GPU (the kernels built, as the current device is the first): the
-    csrc kernels (sm_90a code) are the path on the first only."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability",
-                        lambda device=None: (9, 0) if torch.device(device).index in (None, 0) else (8, 0))
+    """A process that sees an sm_90, an sm_80 and an sm_100 GPU (the kernels built, as the current device is the
+    first): the csrc kernels (sm_90a code) are the path on the first only, and backend() names the best path listed."""
+    caps = {0: (9, 0), 1: (8, 0), 2: (10, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: caps[torch.device(device).index or 0])
     monkeypatch.setattr(_ext, "_load", lambda: object())
     monkeypatch.setattr(_ext, "_triton_importable", lambda: True)
     monkeypatch.setenv(_ext.BACKEND_ENV, "auto")
     _ext._hopper.cache_clear()
     try:
         assert _ext.paths("dense_decode", "cuda:0") == ("cuda", "triton")
-        assert _ext.paths("dense_decode", "cuda:1") == ("triton",)
+        assert _ext.paths("dense_decode", "cuda:1") == _ext.paths("dense_decode", "cuda:2") == ("triton",)
+        assert [_ext.backend("dense_decode", f"cuda:{i}") for i in range(3)] == ["cuda", "triton", "triton"]
     finally:
         _ext._hopper.cache_clear()
 
@@ -202,21 +203,6 @@ def test_sparse_decode_with_an_extra_cache_takes_the_first_path_listed(monkeypat
                                  (("triton", "reference"), None, "triton"), (("reference",), cache, "reference")):
         monkeypatch.setattr(_ext, "paths", lambda op, device: listed)
         assert sparse_decode_path(q, cache, extra, 512, False) == taken, (listed, extra is None)
-
-
-def test_backend_names_the_first_path_and_only_sm90_takes_the_cuda_kernels(monkeypatch):
-    """backend() is the best path listed (the CUDA kernel where it runs, then Triton); the csrc kernels are sm_90a
-    code: a newer GPU (sm_100) takes Triton, not them."""
-    caps = {0: (9, 0), 1: (8, 0), 2: (10, 0)}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: caps[torch.device(device).index or 0])
-    monkeypatch.setattr(_ext, "_load", lambda: object())
-    monkeypatch.setattr(_ext, "_triton_importable", lambda: True)
-    monkeypatch.setenv(_ext.BACKEND_ENV, "auto")
-    _ext._hopper.cache_clear()
-    try:
-        assert [_ext.backend("dense_decode", f"cuda:{i}") for i in range(3)] == ["cuda", "triton", "triton"]
-    finally:
-        _ext._hopper.cache_clear()
 
 
 def test_a_forced_reference_is_not_warned_about(monkeypatch, warnings_once, caplog):
