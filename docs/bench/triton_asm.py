@@ -17,7 +17,8 @@ code = re.search(r"COMPILER = r'''(.*?)'''", src, re.S).group(1)
 code = code.split("results = {}")[0]
 exec(code)
 name, constexprs, options, prefix = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-k = compile_kernel(name, constexprs, 90, options)
+ARCH = int(os.environ.get("ARCH", "90"))  # the GPU compiled for: sm_90 unless ARCH says (80, 89, 120)
+k = compile_kernel(name, constexprs, ARCH, options)
 md = k.metadata
 for ext in ("ttir", "ttgir", "llir", "ptx"):
     open(f"{prefix}.{ext}", "w").write(k.asm[ext])
@@ -27,7 +28,8 @@ sass = subprocess.run([cuobjdump, "-sass", f"{prefix}.cubin"],
                       capture_output=True, text=True).stdout
 open(f"{prefix}.sass", "w").write(sass)
 ttgir = k.asm["ttgir"]
-ptxas = subprocess.run(["ptxas", "-arch=sm_90a", "-v", f"{prefix}.ptx", "-o", "/dev/null"], capture_output=True,
+ptxas = subprocess.run(["ptxas", f"-arch=sm_{ARCH}a" if ARCH == 90 else f"-arch=sm_{ARCH}", "-v", f"{prefix}.ptx", "-o",
+                        "/dev/null"], capture_output=True,
                        text=True).stderr
 regs = re.findall(r"Used (\d+) registers", ptxas); spill = re.findall(r"(\d+) bytes spill stores", ptxas)
 stack = re.findall(r"(\d+) bytes stack frame", ptxas)

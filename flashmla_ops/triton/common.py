@@ -29,6 +29,21 @@ def mma(a, b, INTERPRET: tl.constexpr):
     return tl.dot(a, b)
 
 
+@triton.jit
+def mask_logits_apart(s, keep, taken):
+    """`tl.where(keep, s, -inf)` inside a branch on `taken`, which the caller's loop makes true (its own condition:
+    false, the mask would not apply). Triton 3.x lays out a product whose result reaches another product (the logits
+    reach P V through the softmax) with every warp on its rows (the chained-dot rule of its AccelerateMatmul pass):
+    with 64 rows and 8 warps both warpgroups then compute all of S, 1.53x the MLA FLOPs (docs/HISTORY.md, stop 52).
+    The pass looks for that reach in the forward slice of the product's result, which ends at a branch's yield, so
+    behind the branch S's products split their columns over the warpgroups and P goes to P V's layout through
+    shared memory. Each of the logits' products must be scaled before the sum (`mma(a, b) * c + mma(d, e) * c`):
+    a product added to another's result becomes its accumulator, and so reaches it."""
+    if taken:
+        s = tl.where(keep, s, float("-inf"))
+    return s
+
+
 # How the kernels decode e4m3 (their HW_FP8 constexpr, from hardware_fp8): with integer ops before sm_89; on sm_89
 # (Ada) to f16 by the conversion instructions and to bf16 with integer ops; from sm_90 by the conversion instructions
 # both ways. The Triton 3.6 of torch 2.11 (the device machine's, stop 43) compiles e4m3 -> bf16 for sm_89 to a
@@ -192,6 +207,14 @@ def hardware_fp8(device: torch.device) -> int:
     if device.type != "cuda":
         return FP8_HARDWARE
     return fp8_conversion(torch.cuda.get_device_capability(device))
+
+
+@functools.cache
+def warpgroup_products(device: torch.device) -> bool:
+    """Whether Triton lowers 64-row products to wgmma on `device` (sm_90), where the chained-dot rule that
+    mask_logits_apart works around doubles the logits' products; mma.sync (sm_80, sm_89, sm_120) lays the same
+    kernels out without the doubling (compiled for sm_80, 64 x 32 tiles at 8 warps issue 208 mma.sync either way)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 @functools.cache

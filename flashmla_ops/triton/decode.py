@@ -25,22 +25,24 @@ from .._checks import contiguous_or_none, last_dim_contiguous
 from ..decode import get_mla_metadata_reference
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, fp8_values, hardware_fp8,
-                     launch_fitting, load_fp8_bytes, load_latent_subtile, load_rope, load_tile_scale, mma, nonempty,
-                     require_d_v)
+                     launch_fitting, load_fp8_bytes, load_latent_subtile, load_rope, load_tile_scale,
+                     mask_logits_apart, mma, nonempty, require_d_v, warpgroup_products)
 
 @triton.jit
 def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm,
                    stride_kv_block, stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2,
                    IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
-                   INTERPRET: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr, RELOAD: tl.constexpr):
+                   INTERPRET: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr, RELOAD: tl.constexpr,
+                   APART: tl.constexpr):
     """Online softmax of the query rows of sequence `batch` over its cache tokens [start, end): the four 128-column
     accumulators, the running max and sum (base 2). With PREFETCH (FP8 cache) the next tile's latent bytes are loaded
     while this tile's products run: the compiler's pipelining takes the RoPE columns and the scales (loaded into
     shared memory ahead) but not the latent bytes, which go through registers to their conversion. With RELOAD (FP8
     cache) P V loads the latent bytes again instead of keeping the logits' tiles: then each load feeds one product,
     so the compiler pipelines both through shared memory (`num_stages` tiles ahead, converted after their shared
-    loads); the bytes come from L2 twice, from DRAM once (stop 51)."""
+    loads); the bytes come from L2 twice, from DRAM once (stop 51). With APART the logits are masked behind a branch
+    (common.mask_logits_apart), each product scaled to base 2 before the sum."""
     TILE: tl.constexpr = D_NOPE // 4
     if CAUSAL:
         visible = length - S_Q + rows // H_Q + 1  # query i of s_q sees [0, L - s_q + i]
@@ -65,6 +67,9 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
         q1 = (q1.to(tl.float32) * q_multiplier[:, None]).to(tl.float16)
         q2 = (q2.to(tl.float32) * q_multiplier[:, None]).to(tl.float16)
         q3 = (q3.to(tl.float32) * q_multiplier[:, None]).to(tl.float16)
+    unit = sm_scale_log2  # what each of the logits' products is multiplied by: base 2 with APART, else after the sum
+    if not APART:
+        unit = 1.0
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_H, TILE], dtype=tl.float32)
@@ -98,7 +103,7 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
                                     tokens, tok_mask, PAGE)
             k0, k1, k2, k3 = _load_latent(KV, row_offset, tok_mask, TILE, IS_FP8, HW_FP8, F16, None)
         k_rope = load_rope(KV, row_offset, tok_mask, IS_FP8, D_NOPE, D_ROPE, 4)
-        s = mma(q_rope, tl.trans(k_rope), INTERPRET)
+        s = mma(q_rope, tl.trans(k_rope), INTERPRET) * unit
         if IS_FP8:
             scale0 = load_tile_scale(KV, row_offset, tok_mask, 0, D_NOPE)
             scale1 = load_tile_scale(KV, row_offset, tok_mask, 1, D_NOPE)
@@ -115,16 +120,19 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
                           + mma(q1, tl.trans(k1), INTERPRET) * (scale1 * inverse_power)[None, :]
                           + mma(q2, tl.trans(k2), INTERPRET) * (scale2 * inverse_power)[None, :]
                           + mma(q3, tl.trans(k3), INTERPRET) * (scale3 * inverse_power)[None, :])
-                s += latent * (latent_back[:, None] * power[None, :])
+                s += latent * (latent_back[:, None] * (power * unit)[None, :])
             else:
-                s += (mma(q0, tl.trans(k0), INTERPRET) * scale0[None, :]
-                      + mma(q1, tl.trans(k1), INTERPRET) * scale1[None, :]
-                      + mma(q2, tl.trans(k2), INTERPRET) * scale2[None, :]
-                      + mma(q3, tl.trans(k3), INTERPRET) * scale3[None, :])
+                s += (mma(q0, tl.trans(k0), INTERPRET) * (scale0 * unit)[None, :]
+                      + mma(q1, tl.trans(k1), INTERPRET) * (scale1 * unit)[None, :]
+                      + mma(q2, tl.trans(k2), INTERPRET) * (scale2 * unit)[None, :]
+                      + mma(q3, tl.trans(k3), INTERPRET) * (scale3 * unit)[None, :])
         else:
-            s += (mma(q0, tl.trans(k0), INTERPRET) + mma(q1, tl.trans(k1), INTERPRET)
-                  + mma(q2, tl.trans(k2), INTERPRET) + mma(q3, tl.trans(k3), INTERPRET))
-        s = tl.where(tokens[None, :] < visible[:, None], s * sm_scale_log2, float("-inf"))
+            s += (mma(q0, tl.trans(k0), INTERPRET) * unit + mma(q1, tl.trans(k1), INTERPRET) * unit
+                  + mma(q2, tl.trans(k2), INTERPRET) * unit + mma(q3, tl.trans(k3), INTERPRET) * unit)
+        if APART:
+            s = mask_logits_apart(s, tokens[None, :] < visible[:, None], tile_start < end)
+        else:
+            s = tl.where(tokens[None, :] < visible[:, None], s * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - shift[:, None])
@@ -264,7 +272,7 @@ def _dense_decode_split_kernel(
         SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr,
         APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
         D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr,
-        PREFETCH: tl.constexpr, RELOAD: tl.constexpr, HALF_PARTIALS: tl.constexpr):
+        PREFETCH: tl.constexpr, RELOAD: tl.constexpr, HALF_PARTIALS: tl.constexpr, APART: tl.constexpr):
     """Uniform schedule: program (row tile, sequence, split) takes an equal share of its sequence's tokens."""
     pid_m = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -278,7 +286,7 @@ def _dense_decode_split_kernel(
     acc0, acc1, acc2, acc3, m_i, l_i = _attend_tokens(
         Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm, stride_kv_block,
         stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H, BLOCK_N, PAGE,
-        D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH, RELOAD)
+        D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH, RELOAD, APART)
     _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, ScalePartial, batch,
                batch * num_splits + split, rows, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
                SPLIT, APPLY_SINK, D_NOPE // 4, HALF_PARTIALS)
@@ -292,7 +300,7 @@ def _dense_decode_balanced_kernel(
         IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
         METADATA_FIELDS: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
-        RELOAD: tl.constexpr):
+        RELOAD: tl.constexpr, APART: tl.constexpr):
     """Balanced schedule (`get_mla_metadata`): program (row tile, part) walks its part's run of 64-token blocks, which
     may span several sequences, and writes one partial per sequence it touches; `SplitOffsets[b]` (the cumulative
     num_splits) places sequence b's partials, so one long sequence among short ones is spread over every SM."""
@@ -318,7 +326,7 @@ def _dense_decode_balanced_kernel(
             stride_qb, stride_qm,
             stride_kv_block, stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL,
             BLOCK_H,
-            BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH, RELOAD)
+            BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH, RELOAD, APART)
         global_split = tl.load(SplitOffsets + batch) + tl.where(batch == begin_batch, begin_split, 0)
         _store_all(acc0, acc1, acc2, acc3, m_i, l_i, LsePartial, OutPartial, LsePartial, OutPartial, LsePartial,
                    LsePartial, batch, global_split.to(tl.int64), rows, row_mask, 0, 0, stride_ps, stride_pm, M, S_Q,
@@ -386,7 +394,9 @@ class LaunchConfig:
     for sm_90 at 16 rows x 32 tokens, every latent load is then a pipelined cp.async (35 async copies against the
     prefetch's 15), 255 registers and no spill, 57 KB of shared memory; sm_80 and sm_89 likewise. Opt-in: timed on
     the H200 (stop 51, docs/bench/stop51_call1.log) 1-4% faster than the prefetch on fp8 h16 rows of one query (b128
-    16k 1027.5 against 1062.5 us), 4% slower on b128 s_q2 h8 4k."""
+    16k 1027.5 against 1062.5 us), 4% slower on b128 s_q2 h8 4k. `apart_logits`: the logits masked behind a branch
+    (common.mask_logits_apart), so that with 64 rows and 8 warps their products split over the two warpgroups
+    instead of both computing all of them (compiled for sm_90: 36 m64n32k16 a warpgroup a tile against 72)."""
     block_h: int
     block_n: int
     num_warps: int
@@ -397,6 +407,7 @@ class LaunchConfig:
     prefetch: bool = False
     maxnreg: int | None = None
     reload: bool = False
+    apart_logits: bool = False
 
 
 def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = False) -> LaunchConfig:
@@ -436,7 +447,7 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
     fills_gpu = rows >= 64 and batch * triton.cdiv(rows, 64) >= multiprocessors
     if fills_gpu or (block_n == 64 and (rows >= 64 or is_fp8)):
         return LaunchConfig(block_h=64, block_n=block_n, num_warps=8, num_stages=3 if block_n == 64 else 2,
-                            programs_per_sm=1)
+                            programs_per_sm=1, apart_logits=warpgroup_products(device))
     return LaunchConfig(block_h=32, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=2)
 
 
@@ -485,7 +496,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
         row_tiles = triton.cdiv(rows, config.block_h)
         common = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK,
                       D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, F16=config.fp8_f16 and is_fp8,
-                      PREFETCH=config.prefetch and is_fp8, RELOAD=config.reload and is_fp8,
+                      PREFETCH=config.prefetch and is_fp8, RELOAD=config.reload and is_fp8, APART=config.apart_logits,
                       num_warps=config.num_warps, num_stages=config.num_stages, **variant)
         if config.maxnreg is not None:
             common["maxnreg"] = config.maxnreg

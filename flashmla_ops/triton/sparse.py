@@ -20,7 +20,8 @@ import triton.language as tl
 from .._checks import contiguous_or_none, last_dim_contiguous
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, hardware_fp8, launch_fitting,
-                     load_kv_tile, mma, nonempty, require_d_v)
+                     load_kv_tile, mask_logits_apart, mma, nonempty, require_d_v,
+                     warpgroup_products)
 from .decode import combine, split_buffers
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -53,13 +54,19 @@ def _index_tile(Indices, positions, length):
 @triton.jit
 def _gather_logits(q_nope, q_rope, KV, index, num_rows, stride_kv_block, stride_kv_row, sm_scale_log2,
                    IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr,
-                   D_ROPE: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+                   D_ROPE: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+                   APART: tl.constexpr, taken):
     """The keys at cache slots `index` (outside [0, num_rows): no token): base-2 logits `(BLOCK_H, BLOCK_N)`, -inf
-    for missing keys, and the keys' latent tile (the values)."""
+    for missing keys, and the keys' latent tile (the values). With APART the mask is behind a branch on `taken` (the
+    caller's loop condition, true; common.mask_logits_apart)."""
     valid = (index >= 0) & (index < num_rows)
     slot = tl.where(valid, index, 0).to(tl.int64)
     row_offset = (slot // PAGE) * stride_kv_block + (slot % PAGE) * stride_kv_row
     k_nope, k_rope = _load_keys(KV, row_offset, valid, IS_FP8, HW_FP8, D_NOPE, D_ROPE, TILE, BLOCK_N)
+    if APART:
+        s = (mma(q_nope, tl.trans(k_nope), INTERPRET) * sm_scale_log2
+             + mma(q_rope, tl.trans(k_rope), INTERPRET) * sm_scale_log2)
+        return mask_logits_apart(s, valid[None, :], taken), k_nope
     s = mma(q_nope, tl.trans(k_nope), INTERPRET) + mma(q_rope, tl.trans(k_rope), INTERPRET)
     return tl.where(valid[None, :], s * sm_scale_log2, float("-inf")), k_nope
 
@@ -87,7 +94,7 @@ def _sparse_decode_split_kernel(
         HAS_EXTRA: tl.constexpr, HAS_EXTRA_TOPK_LENGTH: tl.constexpr, APPLY_SINK: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr,
         D_ROPE: tl.constexpr, TILE: tl.constexpr, INTERPRET: tl.constexpr, LOOKAHEAD: tl.constexpr,
-        HALF_PARTIALS: tl.constexpr):
+        HALF_PARTIALS: tl.constexpr, APART: tl.constexpr):
     head_tiles = tl.cdiv(H_Q, BLOCK_H)
     pid = tl.program_id(0)
     query = pid // head_tiles  # the head tiles of one query are neighbours: they gather the same keys (L2)
@@ -129,7 +136,8 @@ def _sparse_decode_split_kernel(
         else:
             index = _index_tile(indices, tile * BLOCK_N + offsets, length)
         s, values = _gather_logits(q_nope, q_rope, KV, index, num_slots, stride_kv_block, stride_kv_row, sm_scale_log2,
-                                   IS_FP8, HW_FP8, PAGE, D_NOPE, D_ROPE, TILE, BLOCK_N, INTERPRET)
+                                   IS_FP8, HW_FP8, PAGE, D_NOPE, D_ROPE, TILE, BLOCK_N, INTERPRET, APART,
+                                   tile * BLOCK_N < length)
         m_i, l_i, acc = _softmax_step(s, values, m_i, l_i, acc, INTERPRET)
     if HAS_EXTRA:
         extra_length = EXTRA_TOPK
@@ -141,7 +149,7 @@ def _sparse_decode_split_kernel(
             index = _index_tile(extra_indices, (tile - main_tiles) * BLOCK_N + offsets, extra_length)
             s, values = _gather_logits(q_nope, q_rope, ExtraKV, index, extra_num_slots, stride_extra_block,
                                        stride_extra_row, sm_scale_log2, IS_FP8, HW_FP8, PAGE, D_NOPE, D_ROPE, TILE,
-                                       BLOCK_N, INTERPRET)
+                                       BLOCK_N, INTERPRET, APART, tile < extra_end)
             m_i, l_i, acc = _softmax_step(s, values, m_i, l_i, acc, INTERPRET)
 
     cols = tl.arange(0, D_NOPE)
@@ -174,7 +182,8 @@ def _sparse_prefill_kernel(
         stride_qs, stride_qh, stride_kv, stride_is, stride_os, stride_oh, stride_ls,
         H_Q, S_KV, TOPK, indexer_topk, sm_scale_log2,
         HAS_TOPK_LENGTH: tl.constexpr, HAS_INDEXER: tl.constexpr, APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_N: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr):
+        BLOCK_N: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr,
+        APART: tl.constexpr):
     head_tiles = tl.cdiv(H_Q, BLOCK_H)
     pid = tl.program_id(0)
     query = (pid // head_tiles).to(tl.int64)
@@ -198,7 +207,7 @@ def _sparse_prefill_kernel(
         positions = tile_start + tl.arange(0, BLOCK_N)
         index = _index_tile(indices, positions, length)
         s, values = _gather_logits(q_nope, q_rope, KV, index, S_KV, stride_kv, stride_kv, sm_scale_log2, False, False,
-                                   1, D_NOPE, D_ROPE, 1, BLOCK_N, INTERPRET)
+                                   1, D_NOPE, D_ROPE, 1, BLOCK_N, INTERPRET, APART, tile_start < length)
         if HAS_INDEXER:
             if tile_start < indexer_topk:  # the indexer's LSE: the same logits, first indexer_topk positions only
                 s_indexer = tl.where(positions[None, :] < indexer_topk, s, float("-inf"))
@@ -227,15 +236,17 @@ class TileConfig:
     """Heads per program (`block_h`: at least 16 rows for the tensor cores, at most 64: the fp32 accumulator lives in
     registers), keys gathered per step (`block_n`), and the launch's warps and pipeline stages; `lookahead` (sparse
     decode): each tile's indices read one step early (see `_sparse_decode_split_kernel`). Prefill ignores it: at
-    64 x 32 tiles, where it fits, it was 23-26% slower (stop 41 call 8)."""
+    64 x 32 tiles, where it fits, it was 23-26% slower (stop 41 call 8). `apart_logits`: as the dense decode's
+    (decode.LaunchConfig)."""
     block_h: int
     block_n: int
     num_warps: int
     num_stages: int
     lookahead: bool = False
+    apart_logits: bool = False
 
 
-def tile_configs(h_q: int, fp8_decode: bool = False) -> list[TileConfig]:
+def tile_configs(h_q: int, fp8_decode: bool = False, apart: bool = False) -> list[TileConfig]:
     """Preferred first (Hopper runs it: 64 keys per step, all heads up to 64 in one program), then smaller ones for
     GPUs with less shared memory per block, for launch_fitting: fewer stages, fewer keys per step, fewer heads. Compiled
     for sm_89 (the larger of the specialized and unspecialized compiles), the 99 KiB of Ada and consumer Blackwell take
@@ -243,13 +254,17 @@ def tile_configs(h_q: int, fp8_decode: bool = False) -> list[TileConfig]:
     tests/ops/test_triton_compile.py checks that each op finds one. Sparse decode over an FP8 cache (`fp8_decode`)
     from 64 heads first tries 64 x 64 at three stages with `lookahead` (226 KiB on sm_90, so Hopper only): 7-9%
     faster on the three sparse decode SPEC rows in stop 41 call 8 (b128 h128 393.5-396.0 -> 359.0-360.3 us, b64 h64
-    128.8-129.5 -> 119.3-119.9); fewer heads keep the ladder (not timed with it)."""
+    128.8-129.5 -> 119.3-119.9); fewer heads keep the ladder (not timed with it). `apart` (the GPU's products are
+    wgmma, common.warpgroup_products): the 64-head tiles take `apart_logits`, and the FP8 decode's first two stages
+    (three take 234 KiB with the exchange of P that it adds)."""
     first_h = min(64, max(16, triton.next_power_of_2(h_q)))
-    ladder = [TileConfig(block_h=block_h, block_n=block_n, num_warps=8 if block_h >= 64 else 4, num_stages=num_stages)
+    ladder = [TileConfig(block_h=block_h, block_n=block_n, num_warps=8 if block_h >= 64 else 4, num_stages=num_stages,
+                         apart_logits=apart and block_h == 64)
               for block_h in (64, 32, 16) if block_h <= first_h
               for block_n in (64, 32) for num_stages in (2, 1)]
     if fp8_decode and first_h == 64:
-        ladder.insert(0, TileConfig(block_h=64, block_n=64, num_warps=8, num_stages=3, lookahead=True))
+        ladder.insert(0, TileConfig(block_h=64, block_n=64, num_warps=8, num_stages=2 if apart else 3, lookahead=True,
+                                    apart_logits=apart))
     return ladder
 
 
@@ -307,12 +322,13 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
             extra_k_cache.shape[0] * PAGE_BLOCK_SIZE if has_extra else 0, softmax_scale * LOG2E, num_splits,
             SPLIT=num_splits > 1, BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE,
             D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM, TILE=128, INTERPRET=INTERPRET, LOOKAHEAD=config.lookahead,
-            HALF_PARTIALS=partials.half,
+            HALF_PARTIALS=partials.half, APART=config.apart_logits,
             num_warps=config.num_warps, num_stages=config.num_stages, **variant)
         if num_splits > 1:
             combine(partials, attn_sink, out, lse)
 
-    configs = [config] if config is not None else tile_configs(h_q, fp8_decode=is_fp8)
+    configs = ([config] if config is not None
+               else tile_configs(h_q, fp8_decode=is_fp8, apart=warpgroup_products(q.device)))
     launch_fitting(("sparse_decode", configs[0], *variant.items(), q.device), configs, launch)
     return out, lse
 
@@ -344,9 +360,10 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_lengt
             q.stride(0), q.stride(1), kv_rows.stride(0), indices.stride(0), out.stride(0), out.stride(1),
             lse.stride(0), h_q, s_kv, topk, indexer_topk, sm_scale * LOG2E,
             BLOCK_H=config.block_h, BLOCK_N=config.block_n, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM,
-            INTERPRET=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages, **variant)
+            INTERPRET=INTERPRET, APART=config.apart_logits, num_warps=config.num_warps, num_stages=config.num_stages,
+            **variant)
 
-    configs = [config] if config is not None else tile_configs(h_q)
+    configs = [config] if config is not None else tile_configs(h_q, apart=warpgroup_products(q.device))
     launch_fitting(("sparse_prefill", configs[0], *variant.items(), q.device), configs, launch)
     return out, max_logits, lse, lse_indexer
 

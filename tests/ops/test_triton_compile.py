@@ -45,6 +45,15 @@ DENSE = {
     "fp8-integer-causal-reload": dict(IS_FP8=True, HW_FP8=False, CAUSAL=True, SPLIT=False, APPLY_SINK=True,
                                       BLOCK_H=16, BLOCK_N=64, F16=False, PREFETCH=False, RELOAD=True,
                                       HALF_PARTIALS=False),
+    # the logits masked apart (common.mask_logits_apart): Hopper's default at 64 rows, each of the three logit sums
+    "bf16-causal-split-sink-apart": dict(IS_FP8=False, HW_FP8=False, CAUSAL=True, SPLIT=True, APPLY_SINK=True,
+                                         BLOCK_H=64, BLOCK_N=64, F16=False, PREFETCH=False, RELOAD=False,
+                                         HALF_PARTIALS=True, APART=True),
+    "fp8-hw-apart": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=True, APPLY_SINK=False, BLOCK_H=64,
+                         BLOCK_N=64, F16=False, PREFETCH=False, RELOAD=False, HALF_PARTIALS=False, APART=True),
+    "fp8-f16-hw-causal-apart": dict(IS_FP8=True, HW_FP8=True, CAUSAL=True, SPLIT=False, APPLY_SINK=False,
+                                    BLOCK_H=64, BLOCK_N=32, F16=True, PREFETCH=False, RELOAD=False,
+                                    HALF_PARTIALS=False, APART=True),
 }
 DENSE_BALANCED = {
     "bf16": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, BLOCK_H=16, BLOCK_N=64, METADATA_FIELDS=8, F16=False,
@@ -59,6 +68,8 @@ DENSE_BALANCED = {
                             F16=True, PREFETCH=True, RELOAD=False),
     "fp8-f16-hw-reload": dict(IS_FP8=True, HW_FP8=True, CAUSAL=True, BLOCK_H=16, BLOCK_N=32, METADATA_FIELDS=8,
                               F16=True, PREFETCH=False, RELOAD=True),
+    "bf16-causal-apart": dict(IS_FP8=False, HW_FP8=False, CAUSAL=True, BLOCK_H=64, BLOCK_N=64, METADATA_FIELDS=8,
+                              F16=False, PREFETCH=False, RELOAD=False, APART=True),
 }
 COMBINE = {"plain": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False),
            "sink-half": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=True, HALF_PARTIALS=True),
@@ -76,10 +87,18 @@ SPARSE_DECODE = {
     "fp8-hw-lookahead-extra": dict(SPLIT=True, IS_FP8=True, HW_FP8=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=True,
                                    HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=64, BLOCK_N=32,
                                    LOOKAHEAD=True, HALF_PARTIALS=False),
+    "fp8-hw-lookahead-extra-apart": dict(SPLIT=True, IS_FP8=True, HW_FP8=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=True,
+                                         HAS_EXTRA_TOPK_LENGTH=True, APPLY_SINK=True, BLOCK_H=64, BLOCK_N=64,
+                                         LOOKAHEAD=True, HALF_PARTIALS=False, APART=True),
+    "bf16-apart": dict(SPLIT=False, IS_FP8=False, HW_FP8=False, HAS_TOPK_LENGTH=False, HAS_EXTRA=False,
+                       HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=64, BLOCK_N=64, LOOKAHEAD=False,
+                       HALF_PARTIALS=False, APART=True),
 }
 SPARSE_PREFILL = {
     "plain": dict(HAS_TOPK_LENGTH=False, HAS_INDEXER=False, APPLY_SINK=False, BLOCK_H=64, BLOCK_N=64),
     "topk-length-indexer-sink": dict(HAS_TOPK_LENGTH=True, HAS_INDEXER=True, APPLY_SINK=True, BLOCK_H=16, BLOCK_N=64),
+    "indexer-apart": dict(HAS_TOPK_LENGTH=True, HAS_INDEXER=True, APPLY_SINK=False, BLOCK_H=64, BLOCK_N=64,
+                          APART=True),
 }
 KV_CACHE_WRITE = {
     "bf16-slots": dict(HAS_SLOTS=True, IS_FP8=False, HW_FP8=False),
@@ -123,7 +142,7 @@ ARCHS = (90, 80)  # every variant
 SPOT_ARCHS = (89, 120)  # one variant per kernel
 
 COMPILER = r'''
-import json, sys
+import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -135,7 +154,8 @@ POINTERS = {"Q": "*bf16", "Out": "*bf16", "BlockTable": "*i32", "Seqlens": "*i32
             "Metadata": "*i32", "SplitOffsets": "*i32"}
 KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"}}
 F16_POINTERS = {"_indexer_logits_kernel": {"K": "*fp16"}}  # prefill keys widened to f16 (F16 without K_FP8)
-DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "INTERPRET": False}
+DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "INTERPRET": False,
+        "APART": False}  # the defaults of those a kernel takes (APART: variants named -apart)
 SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK", "H_I", "NUM_KEYS"}  # upper-case sizes; other capitalised names are pointers
 def compile_kernel(name, constexprs, arch, options, specialize=True):
     kernel = eval(name)
@@ -176,6 +196,11 @@ for job in json.loads(sys.argv[1]):
                 if shared[-1] <= job["limit"]:
                     break
             results[job["id"]] = shared
+        elif "options" in job:  # at the launch's options: the PTX's wgmma shapes and the shared memory
+            compiled = compile_kernel(job["kernel"], job["constexprs"], job["arch"], job["options"])
+            shapes = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", compiled.asm["ptx"])
+            results[job["id"]] = dict(shared=compiled.metadata.shared,
+                                      wgmma={shape: shapes.count(shape) for shape in set(shapes)})
         else:
             compiled = compile_kernel(job["kernel"], job["constexprs"], job["arch"], {})
             results[job["id"]] = "ok" if compiled.asm["cubin"] else "empty cubin"
@@ -253,12 +278,51 @@ def ladders():
             yield f"{name}-sm{arch}", kernel, arch_ladder, arch, limit
 
 
+HOPPER_SHARED = 232448  # bytes per block, opt-in (227 KiB)
+
+
+def hopper_defaults():
+    """(id, kernel, constexprs, options) of the 64-row tiles the ops take by default on an H100 (132 SMs, Hopper's
+    shared memory, wgmma), each with APART as the default has it (`-default`) and flipped (`-flipped`): the dense
+    decode of b128 h128, the sparse FP8 and BF16 decode and the sparse prefill from 64 heads."""
+    from unittest import mock
+
+    from flashmla_ops.triton import decode as triton_decode
+    from flashmla_ops.triton import sparse as triton_sparse
+
+    with mock.patch.object(triton_decode, "device_limits", lambda device: (132, HOPPER_SHARED)), \
+            mock.patch.object(triton_decode, "warpgroup_products", lambda device: True):
+        dense = triton_decode.default_config(128, 128, None)
+    sparse_decode = dict(SPLIT=True, HAS_TOPK_LENGTH=False, HAS_EXTRA=False, HAS_EXTRA_TOPK_LENGTH=False,
+                         APPLY_SINK=False, HALF_PARTIALS=False)
+    families = [
+        ("dense decode bf16", "decode._dense_decode_split_kernel", dense, dict(
+            IS_FP8=False, HW_FP8=False, CAUSAL=False, SPLIT=True, APPLY_SINK=False, F16=False, PREFETCH=False,
+            RELOAD=False, HALF_PARTIALS=False)),
+        ("sparse decode fp8", "sparse._sparse_decode_split_kernel",
+         triton_sparse.tile_configs(128, fp8_decode=True, apart=True)[0], dict(sparse_decode, IS_FP8=True, HW_FP8=2)),
+        ("sparse decode bf16", "sparse._sparse_decode_split_kernel", triton_sparse.tile_configs(64, apart=True)[0],
+         dict(sparse_decode, IS_FP8=False, HW_FP8=False)),
+        ("sparse prefill", "sparse._sparse_prefill_kernel", triton_sparse.tile_configs(128, apart=True)[0],
+         dict(HAS_TOPK_LENGTH=False, HAS_INDEXER=False, APPLY_SINK=False)),
+    ]
+    for name, kernel, config, variant in families:
+        for which, apart in (("default", config.apart_logits), ("flipped", not config.apart_logits)):
+            constexprs = dict(variant, BLOCK_H=config.block_h, BLOCK_N=config.block_n, APART=apart)
+            if kernel == "sparse._sparse_decode_split_kernel":
+                constexprs["LOOKAHEAD"] = config.lookahead
+            yield (f"{name}-{which}", kernel, constexprs,
+                   dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
 @pytest.fixture(scope="module")
 def compiled():
     jobs = [dict(id=case_id, kernel=kernel, constexprs=constexprs, arch=arch)
             for case_id, kernel, constexprs, arch in cases()]
     jobs += [dict(id=case_id, kernel=kernel, ladder=ladder, arch=arch, limit=limit)
              for case_id, kernel, ladder, arch, limit in ladders()]
+    jobs += [dict(id=case_id, kernel=kernel, constexprs=constexprs, arch=90, options=options)
+             for case_id, kernel, constexprs, options in hopper_defaults()]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = max(1, min(cores, 8))  # one compiler process per core, the jobs dealt out
@@ -290,3 +354,16 @@ def test_every_op_finds_tiles_that_fit_below_hopper(compiled, case_id):
     shared = compiled[case_id]
     assert isinstance(shared, list), shared
     assert shared[-1] <= limit, f"no config fits {limit} bytes: {shared}"
+
+
+@pytest.mark.parametrize("family", sorted({case[0].rsplit("-", 1)[0] for case in hopper_defaults()}))
+def test_hopper_defaults_compute_the_logits_once_and_fit(compiled, family):
+    """Compiled for sm_90 at the launch's options, each op's default 64-row tiles on Hopper mask their logits apart
+    (common.mask_logits_apart): the two warpgroups split the logits' products (m64n32k16 wgmmas, 36 a tile) where
+    without it both compute all of them (72), P V's products the same, and the tiles fit Hopper's shared memory."""
+    default, flipped = compiled[f"{family}-default"], compiled[f"{family}-flipped"]
+    assert isinstance(default, dict) and isinstance(flipped, dict), (default, flipped)
+    logits = default["wgmma"].pop("m64n32k16")
+    assert (logits, flipped["wgmma"].pop("m64n32k16")) == (36, 72)
+    assert default["wgmma"] == flipped["wgmma"] and default["wgmma"], (default, flipped)  # P V's
+    assert default["shared"] <= HOPPER_SHARED, default

@@ -226,6 +226,33 @@ def test_triton_balanced_schedule_matches_reference(seqlens, s_q, h_q, causal, i
                     tile_scheduler_metadata=metadata, num_splits=num_splits)
 
 
+APART_CASES = [([5, 1000], 1, 64), ([129], 2, 128), ([70, 1, 0], 3, 32)]
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q", APART_CASES)
+@pytest.mark.parametrize("products", ["bf16 cache", "fp8 bf16", "fp8 f16"])
+@pytest.mark.parametrize("schedule", ["uniform", "balanced"])
+def test_triton_apart_logits_match_reference(seqlens, s_q, h_q, products, schedule):
+    """The logits masked behind a branch on the loop's own condition (common.mask_logits_apart), each product scaled
+    to base 2 before the sum, in each of the kernel's three logit sums: tokens past a length in partial tiles, causal
+    queries, an empty sequence, splits and parts that span sequences."""
+    is_fp8 = products != "bf16 cache"
+    config = dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, torch.device(DEVICE), is_fp8),
+                                 apart_logits=True, fp8_f16=products == "fp8 f16", prefetch=False, schedule=schedule)
+    run_and_compare(seqlens, s_q, h_q, s_q > 1, is_fp8, sink=schedule == "uniform", config=config)
+
+
+def test_triton_default_takes_apart_logits_only_with_64_row_warpgroup_products(monkeypatch):
+    """64-row tiles of 8 warps mask their logits apart where the products are wgmma (common.warpgroup_products);
+    narrower tiles, and GPUs whose products are mma.sync, never."""
+    device = torch.device(DEVICE)
+    for wgmma in (False, True):
+        monkeypatch.setattr(triton_decode, "warpgroup_products", lambda device, wgmma=wgmma: wgmma)
+        for batch, rows, is_fp8 in ((128, 128, False), (1, 128, True), (128, 16, False), (2, 32, False)):
+            config = triton_decode.default_config(batch, rows, device, is_fp8)
+            assert config.apart_logits == (wgmma and config.block_h == 64 and config.num_warps == 8), config
+
+
 def test_triton_balanced_schedule_computes_its_own_metadata():
     config = dataclasses.replace(triton_decode.default_config(3, 16, torch.device(DEVICE)), schedule="balanced")
     run_and_compare([300, 1, 90], 1, 16, causal=False, is_fp8=False, sink=False, config=config)

@@ -91,10 +91,10 @@ def run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink
     return (out, lse), args
 
 
-def prefill_and_compare(*args):
-    """The sparse prefill kernel on sparse_prefill's arguments (outputs poisoned first) against the reference: out and
-    LSE, max_logits and the indexer LSE (infinities and their signs exactly)."""
-    got = poisoned(triton_sparse.sparse_prefill, *args)
+def prefill_and_compare(*args, config=None):
+    """The sparse prefill kernel on sparse_prefill's arguments (outputs poisoned first; with `config`, its tiles)
+    against the reference: out and LSE, max_logits and the indexer LSE (infinities and their signs exactly)."""
+    got = poisoned(triton_sparse.sparse_prefill, *args, **({"config": config} if config is not None else {}))
     want = reference.sparse_prefill(*args)
     assert_close(got[0], got[2], want[0], want[2])
     for name, value, want_value in (("max_logits", got[1], want[1]), ("lse_indexer", got[3], want[3])):
@@ -106,12 +106,12 @@ def prefill_and_compare(*args):
     return got
 
 
-def run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink):
+def run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink, config=None):
     generator = torch.Generator(DEVICE).manual_seed(sum(seq_lens) * 31 + h_q * 7 + topk + indexer_topk)
     q, kv, indices, topk_length = packed_prefill_inputs(seq_lens, h_q, topk, with_topk_length, generator)
     attn_sink = torch.randn(h_q, generator=generator, device=DEVICE) if with_sink else None
     args = (q, kv, indices, 0.05, KV_LORA_RANK, attn_sink, topk_length, indexer_topk)
-    return prefill_and_compare(*args), args
+    return prefill_and_compare(*args, config=config), args
 
 
 @pytest.mark.parametrize("batch,s_q,h_q,topk,extra_topk,with_topk_length", DECODE_CASES)
@@ -166,6 +166,40 @@ def test_triton_sparse_decode_lookahead_matches_reference(batch, s_q, h_q, topk,
     # (BF16 at 64 x 64 tiles takes two stages: three need 288 KiB of shared memory on the GPU)
     run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=extra_topk > 0,
                config=lookahead_config(h_q, block_n, 2 if block_n == 64 and not is_fp8 else 3))
+
+
+def apart_config(h_q, is_fp8=False, apart=True):
+    """The tiles the op takes on Hopper, with the logits masked behind a branch (TileConfig.apart_logits) or not."""
+    return dataclasses.replace(triton_sparse.tile_configs(h_q, fp8_decode=is_fp8, apart=True)[0], apart_logits=apart)
+
+
+@pytest.mark.parametrize("batch,s_q,h_q,topk,extra_topk,with_topk_length", DECODE_CASES[1:4])
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_sparse_decode_apart_logits_match_reference(batch, s_q, h_q, topk, extra_topk, with_topk_length,
+                                                           is_fp8):
+    """The logits masked behind a branch on the loop's own condition (common.mask_logits_apart), each product scaled
+    before the sum: missing keys and keys past topk_length in partial tiles, in the main and the extra cache, with
+    splits and the lookahead (the FP8 default's)."""
+    run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=extra_topk > 0,
+               config=apart_config(h_q, is_fp8))
+
+
+@pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink", PREFILL_CASES[:3])
+def test_triton_sparse_prefill_apart_logits_match_reference(seq_lens, h_q, topk, indexer_topk, with_topk_length,
+                                                            with_sink):
+    run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink, config=apart_config(h_q))
+
+
+def test_triton_sparse_tiles_take_apart_logits_with_warpgroup_products():
+    """With wgmma (Hopper) the 64-head tiles mask their logits apart, and the FP8 decode's first tiles take two
+    stages (three would not fit with the exchange of P); elsewhere no tile does."""
+    for is_fp8 in (False, True):
+        hopper = triton_sparse.tile_configs(64, fp8_decode=is_fp8, apart=True)
+        assert all(config.apart_logits == (config.block_h == 64) for config in hopper)
+        assert not any(config.apart_logits for config in triton_sparse.tile_configs(64, fp8_decode=is_fp8))
+    first = triton_sparse.tile_configs(128, fp8_decode=True, apart=True)[0]
+    assert (first.block_h, first.block_n, first.num_stages, first.lookahead) == (64, 64, 2, True)
+    assert triton_sparse.tile_configs(128, fp8_decode=True)[0].num_stages == 3
 
 
 @pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink", PREFILL_CASES)

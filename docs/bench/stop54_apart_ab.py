@@ -1,0 +1,88 @@
+"""Stop 54's A/B of the Triton kernels' logits masked apart (common.mask_logits_apart, Hopper's new default at 64
+rows) on the Triton SPEC rows: each row's default tiles against the same tiles with it flipped (and, for the sparse
+FP8 decode, against its former default, three stages without it), timed as the benchmarks time (CUDA-graph medians,
+inputs rotated beyond L2, settled clock), in one process, `--rounds` times in turn. From the repository root:
+
+    PYTHONPATH=$PWD:$PWD/scripts python docs/bench/stop54_apart_ab.py --rounds 2
+"""
+import argparse
+import dataclasses
+
+import torch
+
+import bench_decode
+import bench_sparse
+from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK
+from flashmla_ops.triton import decode as triton_decode
+from flashmla_ops.triton import sparse as triton_sparse
+
+SCALE = D_QK ** -0.5
+
+
+def dense_rows(device):
+    for name, batch, s_q, h_q, seqlen, is_fp8, _, target in bench_decode.SPEC_ROWS:
+        if h_q != 128:
+            continue
+        sets, lengths = bench_decode.make_inputs(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, copies=2)
+        default = triton_decode.default_config(batch, s_q * h_q, device, is_fp8)
+        variants = {"default": default, "flipped": dataclasses.replace(default, apart_logits=not default.apart_logits)}
+        flops = bench_decode.decode_flops(batch, s_q, h_q, seqlen)
+        bytes_ = bench_decode.decode_bytes(batch, s_q, h_q, seqlen, is_fp8)
+
+        def runner(config, s_q=s_q, is_fp8=is_fp8, lengths=lengths):
+            return lambda q, cache, table: triton_decode.dense_decode(q, cache, table, lengths, KV_LORA_RANK, SCALE,
+                                                                      s_q > 1, is_fp8, None, config)
+        yield name, sets, {label: (config, runner(config)) for label, config in variants.items()}, flops, bytes_, target
+
+
+def sparse_rows(device):
+    for name, op, size, second, h_q, topk, _, target in bench_sparse.SPEC_ROWS:
+        if op == "decode":
+            sets = [bench_sparse.decode_inputs(size, second, h_q, topk, True, device) for _ in range(2)]
+            default = triton_sparse.tile_configs(h_q, fp8_decode=True, apart=True)[0]
+            variants = {"default": default, "flipped": dataclasses.replace(default, apart_logits=False),
+                        "former default": triton_sparse.tile_configs(h_q, fp8_decode=True)[0]}
+            flops = bench_sparse.attention_flops(size * second, h_q, topk)
+
+            def runner(config):
+                return lambda q, cache, indices: triton_sparse.sparse_decode(
+                    q, cache, indices, None, None, None, None, KV_LORA_RANK, SCALE, True, None, config)
+        else:
+            sets = [bench_sparse.prefill_inputs(size, second, h_q, topk, device)]
+            default = triton_sparse.tile_configs(h_q, apart=True)[0]
+            variants = {"default": default, "flipped": dataclasses.replace(default, apart_logits=False)}
+            flops = bench_sparse.attention_flops(size, h_q, topk)
+
+            def runner(config):
+                return lambda q, kv, indices: triton_sparse.sparse_prefill(q, kv, indices, SCALE, KV_LORA_RANK,
+                                                                           config=config)
+        yield (name, sets, {label: (config, runner(config)) for label, config in variants.items()}, flops, None,
+               (target, "TFLOP/s"))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--settle", type=float, default=10.0)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    bench_decode.SETTLE_S = args.settle
+    device = torch.device(args.device)
+    print(torch.cuda.get_device_name(device) if device.type == "cuda" else device, "torch", torch.__version__)
+    for name, sets, runs, flops, bytes_, target in [*dense_rows(device), *sparse_rows(device)]:
+        for label, (config, _) in runs.items():
+            print(f"{name} [{label}]: {config}")
+        for round_ in range(args.rounds):
+            for label, (_, run) in runs.items():
+                ms = bench_decode.time_ms(run, sets)
+                tflop_s = flops / ms / 1e9
+                note = f" {bytes_ / ms / 1e6:.0f} GB/s" if bytes_ else ""
+                print(f"  round {round_} {name:38} {label:15} {ms * 1e3:9.1f} us {tflop_s:6.1f} TFLOP/s{note}"
+                      f" (target {target[0]} {target[1]}) {bench_decode.clock_note(bench_decode.LAST_CLOCK)}",
+                      flush=True)
+        del sets
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
