@@ -274,6 +274,10 @@ def tune(device, chosen):
                 candidates |= {dataclasses.replace(default, block_n=16, prefetch=True, fp8_f16=True,
                                                    programs_per_sm=programs_per_sm, maxnreg=maxnreg)
                                for programs_per_sm in (2, 3, 4) for maxnreg in (None, 168)}
+        # the 64-row tiles of 8 warps with their logits masked apart and not (LaunchConfig.apart_logits; Hopper's
+        # default has them apart)
+        candidates |= {dataclasses.replace(config, apart_logits=not config.apart_logits) for config in list(candidates)
+                       if config.block_h == 64 and config.num_warps == 8}
         for config in sorted(candidates, key=str):
             def op(q, cache, block_table, config=config):
                 return triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,

@@ -109,19 +109,21 @@ def bench_config(op, size, second, h_q, topk, is_fp8, device, with_reference):
     return row
 
 
-def tune_candidates(h_q: int) -> list:
+def tune_candidates(h_q: int, apart: bool = False) -> list:
     """The Triton tile configs `--tune` times: the default ladder's first two, then fewer keys per step, one stage, and
     more warps (compiled for sm_90 with the launch's specialization, Triton 3.9: FP8 decode at 64 heads x 64 keys with 8
-    warps spills 448 bytes a thread, x 32 keys 344; prefill 304 and 192), and for the decode rows 64 x 64 at three
-    stages with the indices read a step early (the FP8 decode default's first from 64 heads on, TileConfig.lookahead;
-    the ladder's first, its former default, is timed beside it)."""
+    warps spills 448 bytes a thread, x 32 keys 344; prefill 304 and 192), and for the decode rows 64 x 64 with the
+    indices read a step early (the FP8 decode default's first from 64 heads on, TileConfig.lookahead; the ladder's
+    first, its former default, is timed beside it). `apart` (Hopper): 64-head tiles with their logits masked apart
+    (TileConfig.apart_logits), and the FP8 decode's first tiles also without (three stages, stop 41's default)."""
     from flashmla_ops.triton.sparse import TileConfig, tile_configs
 
-    ladder = tile_configs(h_q)
+    ladder = tile_configs(h_q, apart=apart)
     first = ladder[0]
-    extra = [TileConfig(first.block_h, block_n, warps, stages) for block_n in (64, 32) for stages in (2, 1)
-             for warps in (first.num_warps, 2 * first.num_warps)]
-    return list(dict.fromkeys([*ladder[:2], *extra, *tile_configs(h_q, fp8_decode=True)[:1]]))
+    extra = [TileConfig(first.block_h, block_n, warps, stages, apart_logits=first.apart_logits)
+             for block_n in (64, 32) for stages in (2, 1) for warps in (first.num_warps, 2 * first.num_warps)]
+    fp8_firsts = {tile_configs(h_q, fp8_decode=True, apart=apart)[0], tile_configs(h_q, fp8_decode=True)[0]}
+    return list(dict.fromkeys([*ladder[:2], *extra, *sorted(fp8_firsts, key=str)]))
 
 
 def tune(device, chosen=lambda name: True) -> list[dict]:
@@ -140,8 +142,9 @@ def tune(device, chosen=lambda name: True) -> list[dict]:
         else:
             sets = [prefill_inputs(size, second, h_q, topk, device)]
             flops = attention_flops(size, h_q, topk)
-        default = triton_sparse.tile_configs(h_q, fp8_decode=op == "decode")[0]
-        for config in tune_candidates(h_q):
+        apart = triton_sparse.warpgroup_products(device)
+        default = triton_sparse.tile_configs(h_q, fp8_decode=op == "decode", apart=apart)[0]
+        for config in tune_candidates(h_q, apart):
             if config.lookahead and op != "decode":  # prefill (BF16) at 64 x 64 and three stages needs 288 KiB
                 continue
             if op == "decode":

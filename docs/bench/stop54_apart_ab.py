@@ -1,9 +1,10 @@
 """Stop 54's A/B of the Triton kernels' logits masked apart (common.mask_logits_apart, Hopper's new default at 64
 rows) on the Triton SPEC rows: each row's default tiles against the same tiles with it flipped (and, for the sparse
 FP8 decode, against its former default, three stages without it), timed as the benchmarks time (CUDA-graph medians,
-inputs rotated beyond L2, settled clock), in one process, `--rounds` times in turn. From the repository root:
+inputs rotated beyond L2, settled clock), in one process, `--rounds` times in turn; `--wide`: the default against
+16 warps instead. From the repository root:
 
-    PYTHONPATH=$PWD:$PWD/scripts python docs/bench/stop54_apart_ab.py --rounds 2
+    PYTHONPATH=$PWD:$PWD/scripts python docs/bench/stop54_apart_ab.py --rounds 2 [--wide]
 """
 import argparse
 import dataclasses
@@ -17,6 +18,8 @@ from flashmla_ops.triton import decode as triton_decode
 from flashmla_ops.triton import sparse as triton_sparse
 
 SCALE = D_QK ** -0.5
+WIDE = False  # --wide: the default against the same tiles at 16 warps (four warpgroups: with the logits apart they
+# split the logits 4 x 16 tokens and P V's 512 columns 4 x 128, 128 registers a thread) instead
 
 
 def dense_rows(device):
@@ -26,6 +29,8 @@ def dense_rows(device):
         sets, lengths = bench_decode.make_inputs(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, copies=2)
         default = triton_decode.default_config(batch, s_q * h_q, device, is_fp8)
         variants = {"default": default, "flipped": dataclasses.replace(default, apart_logits=not default.apart_logits)}
+        if WIDE:
+            variants = {"default": default, "16 warps": dataclasses.replace(default, num_warps=16)}
         flops = bench_decode.decode_flops(batch, s_q, h_q, seqlen)
         bytes_ = bench_decode.decode_bytes(batch, s_q, h_q, seqlen, is_fp8)
 
@@ -42,6 +47,8 @@ def sparse_rows(device):
             default = triton_sparse.tile_configs(h_q, fp8_decode=True, apart=True)[0]
             variants = {"default": default, "flipped": dataclasses.replace(default, apart_logits=False),
                         "former default": triton_sparse.tile_configs(h_q, fp8_decode=True)[0]}
+            if WIDE:
+                variants = {"default": default, "16 warps": dataclasses.replace(default, num_warps=16)}
             flops = bench_sparse.attention_flops(size * second, h_q, topk)
 
             def runner(config):
@@ -51,6 +58,8 @@ def sparse_rows(device):
             sets = [bench_sparse.prefill_inputs(size, second, h_q, topk, device)]
             default = triton_sparse.tile_configs(h_q, apart=True)[0]
             variants = {"default": default, "flipped": dataclasses.replace(default, apart_logits=False)}
+            if WIDE:
+                variants = {"default": default, "16 warps": dataclasses.replace(default, num_warps=16)}
             flops = bench_sparse.attention_flops(size, h_q, topk)
 
             def runner(config):
@@ -65,7 +74,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--settle", type=float, default=10.0)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--wide", action="store_true", help="the default against 16 warps instead")
     args = parser.parse_args()
+    global WIDE
+    WIDE = args.wide
     bench_decode.SETTLE_S = args.settle
     device = torch.device(args.device)
     print(torch.cuda.get_device_name(device) if device.type == "cuda" else device, "torch", torch.__version__)

@@ -168,26 +168,37 @@ def test_triton_sparse_decode_lookahead_matches_reference(batch, s_q, h_q, topk,
                config=lookahead_config(h_q, block_n, 2 if block_n == 64 and not is_fp8 else 3))
 
 
-def apart_config(h_q, is_fp8=False, apart=True):
-    """The tiles the op takes on Hopper, with the logits masked behind a branch (TileConfig.apart_logits) or not."""
-    return dataclasses.replace(triton_sparse.tile_configs(h_q, fp8_decode=is_fp8, apart=True)[0], apart_logits=apart)
+def apart_config(h_q, is_fp8=False, num_warps=None):
+    """The tiles the op takes on Hopper, with the logits masked behind a branch (TileConfig.apart_logits); 64-head
+    tiles at `num_warps` if given."""
+    config = dataclasses.replace(triton_sparse.tile_configs(h_q, fp8_decode=is_fp8, apart=True)[0], apart_logits=True)
+    if num_warps is not None and config.block_h == 64:
+        config = dataclasses.replace(config, num_warps=num_warps)
+    return config
+
+
+# warps of the 64-head tiles: on a GPU also 16 (the interpreter runs a program as one)
+APART_WARPS = [8, 16] if DEVICE == "cuda" else [8]
 
 
 @pytest.mark.parametrize("batch,s_q,h_q,topk,extra_topk,with_topk_length", DECODE_CASES[1:4])
 @pytest.mark.parametrize("is_fp8", [False, True])
+@pytest.mark.parametrize("num_warps", APART_WARPS)
 def test_triton_sparse_decode_apart_logits_match_reference(batch, s_q, h_q, topk, extra_topk, with_topk_length,
-                                                           is_fp8):
+                                                           is_fp8, num_warps):
     """The logits masked behind a branch on the loop's own condition (common.mask_logits_apart), each product scaled
     before the sum: missing keys and keys past topk_length in partial tiles, in the main and the extra cache, with
     splits and the lookahead (the FP8 default's)."""
     run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=extra_topk > 0,
-               config=apart_config(h_q, is_fp8))
+               config=apart_config(h_q, is_fp8, num_warps))
 
 
 @pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink", PREFILL_CASES[:3])
+@pytest.mark.parametrize("num_warps", APART_WARPS)
 def test_triton_sparse_prefill_apart_logits_match_reference(seq_lens, h_q, topk, indexer_topk, with_topk_length,
-                                                            with_sink):
-    run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink, config=apart_config(h_q))
+                                                            with_sink, num_warps):
+    run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink,
+                config=apart_config(h_q, num_warps=num_warps))
 
 
 def test_triton_sparse_tiles_take_apart_logits_with_warpgroup_products():
