@@ -214,7 +214,8 @@ def warpgroup_products(device: torch.device) -> bool:
     """Whether Triton lowers 64-row products to wgmma on `device` (sm_90), where the chained-dot rule that
     mask_logits_apart works around doubles the logits' products; mma.sync (sm_80, sm_89, sm_120) lays the same
     kernels out without the doubling (compiled for sm_80, 64 x 32 tiles at 8 warps issue 208 mma.sync either way)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
 
 
 @functools.cache

@@ -81,9 +81,11 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
         tl.static_assert(IS_FP8, "PREFETCH is for an FP8 cache")
         tokens = start + tl.arange(0, BLOCK_N)
         tok_mask = tokens < end
-        rows_ahead = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, num_pages,
-                                tokens, tok_mask, PAGE)
+        rows_ahead = _page_rows(_table_page(BlockTable, batch, stride_bt, num_pages, start, end, PAGE), start,
+                                stride_kv_block, stride_kv_row, BLOCK_N, PAGE)
         raw0, raw1, raw2, raw3 = _load_fp8_latent(KV, rows_ahead, tok_mask, TILE)
+    else:  # the first tile's page; each step looks up the next one's (see _table_page)
+        page_ahead = _table_page(BlockTable, batch, stride_bt, num_pages, start, end, PAGE)
     for tile_start in range(start, end, BLOCK_N):
         tokens = tile_start + tl.arange(0, BLOCK_N)
         tok_mask = tokens < end
@@ -95,12 +97,12 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
             k3 = fp8_values(raw3, HW_FP8, F16)
             next_tokens = tokens + BLOCK_N
             next_mask = next_tokens < end
-            rows_ahead = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, num_pages,
-                                    next_tokens, next_mask, PAGE)
+            next_page = _table_page(BlockTable, batch, stride_bt, num_pages, tile_start + BLOCK_N, end, PAGE)
+            rows_ahead = _page_rows(next_page, tile_start + BLOCK_N, stride_kv_block, stride_kv_row, BLOCK_N, PAGE)
             raw0, raw1, raw2, raw3 = _load_fp8_latent(KV, rows_ahead, next_mask, TILE)
         else:
-            row_offset = _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, num_pages,
-                                    tokens, tok_mask, PAGE)
+            row_offset = _page_rows(page_ahead, tile_start, stride_kv_block, stride_kv_row, BLOCK_N, PAGE)
+            page_ahead = _table_page(BlockTable, batch, stride_bt, num_pages, tile_start + BLOCK_N, end, PAGE)
             k0, k1, k2, k3 = _load_latent(KV, row_offset, tok_mask, TILE, IS_FP8, HW_FP8, F16, None)
         k_rope = load_rope(KV, row_offset, tok_mask, IS_FP8, D_NOPE, D_ROPE, 4)
         s = mma(q_rope, tl.trans(k_rope), INTERPRET) * unit
@@ -169,15 +171,24 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
 
 
 @triton.jit
-def _page_rows(BlockTable, batch, stride_bt, stride_kv_block, stride_kv_row, num_pages, tokens, tok_mask,
-               PAGE: tl.constexpr):
-    """The cache element offsets of sequence `batch`'s tokens (through its block table; masked tokens: page 0).
-    Table values are checked only on the CPU or with FLASHMLA_CHECK=1, so an entry outside the cache's `num_pages`
-    pages reads page 0 instead (and the kernels cut a length at the table's capacity): wrong input gives a wrong
-    output, never a read outside the cache or the table (as the CUDA kernels)."""
-    page = tl.load(BlockTable + batch * stride_bt + tokens // PAGE, mask=tok_mask, other=0)
-    page = tl.where(page.to(tl.uint32) < num_pages, page, 0).to(tl.int64)  # negative entries are large unsigned
-    return page * stride_kv_block + (tokens % PAGE) * stride_kv_row
+def _table_page(BlockTable, batch, stride_bt, num_pages, tile_start, end, PAGE: tl.constexpr):
+    """The page of sequence `batch`'s tile that starts at `tile_start` (a tile lies in one page, _page_rows): one
+    scalar lookup, page 0 from `end` on. The steps look up the next tile's page a step early (a loop-carried scalar):
+    looked up in the step that loads the tile, as a tensor of one lookup a token before stop 54, the lookup was an
+    async copy that the tile's own copies waited for, so each step waited for every copy in flight (stop 41). Table
+    values are checked only on the CPU or with FLASHMLA_CHECK=1, so an entry outside the cache's `num_pages` pages
+    reads page 0 instead (and the kernels cut a length at the table's capacity): wrong input gives a wrong output,
+    never a read outside the cache or the table (as the CUDA kernels)."""
+    page = tl.load(BlockTable + batch * stride_bt + tile_start // PAGE, mask=tile_start < end, other=0)
+    return tl.where(page.to(tl.uint32) < num_pages, page, 0).to(tl.int64)  # negative entries are large unsigned
+
+
+@triton.jit
+def _page_rows(page, tile_start, stride_kv_block, stride_kv_row, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+    """The cache element offsets of the tile's tokens [tile_start, tile_start + BLOCK_N) in `page`: tiles start at
+    multiples of BLOCK_N, a divisor of PAGE, so each lies in one page."""
+    tl.static_assert(PAGE % BLOCK_N == 0, "a tile lies in one page")
+    return page * stride_kv_block + (tile_start % PAGE + tl.arange(0, BLOCK_N)) * stride_kv_row
 
 
 @triton.jit
@@ -446,7 +457,7 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
         return LaunchConfig(block_h=16, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=programs_per_sm)
     fills_gpu = rows >= 64 and batch * triton.cdiv(rows, 64) >= multiprocessors
     if fills_gpu or (block_n == 64 and (rows >= 64 or is_fp8)):
-        return LaunchConfig(block_h=64, block_n=block_n, num_warps=8, num_stages=3 if block_n == 64 else 2,
+        return LaunchConfig(block_h=64, block_n=block_n, num_warps=8, num_stages=2,
                             programs_per_sm=1, apart_logits=warpgroup_products(device))
     return LaunchConfig(block_h=32, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=2)
 
