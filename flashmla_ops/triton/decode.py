@@ -407,7 +407,11 @@ class LaunchConfig:
     the H200 (stop 51, docs/bench/stop51_call1.log) 1-4% faster than the prefetch on fp8 h16 rows of one query (b128
     16k 1027.5 against 1062.5 us), 4% slower on b128 s_q2 h8 4k. `apart_logits`: the logits masked behind a branch
     (common.mask_logits_apart), so that with 64 rows and 8 warps their products split over the two warpgroups
-    instead of both computing all of them (compiled for sm_90: 36 m64n32k16 a warpgroup a tile against 72)."""
+    instead of both computing all of them (compiled for sm_90: 36 m64n32k16 a warpgroup a tile against 72): Hopper's
+    default at 64 rows since stop 54, 11-15% faster on the h128 rows (H100, docs/bench/stop54_call1.log: b128 h128
+    4k 515.6-521.3 against 586.0-588.4 us, s_q2 974.9-987.9 against 1145.1-1146.3), b1 h128 32k level (61.5-61.7
+    against 62.2). Not at 16 warps: four warpgroups then split the logits 4 x 16 tokens, 1.2x-1.3x slower on every
+    h128 row (stop54_call4.log)."""
     block_h: int
     block_n: int
     num_warps: int
@@ -446,7 +450,13 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
     (108.6, 198.1 against 105.1, 193.3); FP8 up to 1.8x faster (b128 h64 4k 551.0 against 1008.4, b128 s_q2 h16 4k
     549.1 against 628.1), level at h32. BF16 below 64 rows keeps 32-row tiles: b128 s_q2 h16 4k took 311.7 us with
     64-row ones against 199.2, b128 h32 4k 303.7 against 253.1 (faster only at small batches: b1 h32 32k 44.5 against
-    50.6). Elsewhere (32-token tiles, mma.sync) not timed: 32-row tiles as before."""
+    50.6). Elsewhere (32-token tiles, mma.sync) not timed: 32-row tiles as before.
+    Since stop 54 the 64-row tiles take two stages: with each tile's page looked up a step early (_table_page) the
+    pipeline holds a tile more, and three stages at 64 tokens would take 296 KiB; on Hopper they mask their logits
+    apart (`apart_logits`). Against stop 54's first kernel (three stages, the lookup inside the step) on the H100
+    (docs/bench/stop54_call5.log), us: b128 h128 4k 478.0-481.0 against 522.5-524.5, s_q2 872.1-892.4 against
+    982.8-993.7, b1 h128 32k 58.2-59.8 against 60.7-61.7, fp8 b128 h16 16k 969.8-989.6 against 1053.3-1069.2, b8
+    h16 32k 116.0-116.1 against 118.1-119.2, the b128 h16 rows level."""
     multiprocessors, shared_memory = device_limits(device)
     block_n = 64 if shared_memory >= 200 * 1024 else 32
     if rows <= 16:

@@ -256,7 +256,10 @@ def tile_configs(h_q: int, fp8_decode: bool = False, apart: bool = False) -> lis
     faster on the three sparse decode SPEC rows in stop 41 call 8 (b128 h128 393.5-396.0 -> 359.0-360.3 us, b64 h64
     128.8-129.5 -> 119.3-119.9); fewer heads keep the ladder (not timed with it). `apart` (the GPU's products are
     wgmma, common.warpgroup_products): the 64-head tiles take `apart_logits`, and the FP8 decode's first two stages
-    (three take 234 KiB with the exchange of P that it adds)."""
+    (three take 234 KiB with the exchange of P that it adds). Timed on the H100 (stop 54, docs/bench/stop54_call1.log,
+    us): FP8 decode b128 h128 333.0-337.4 against 355.9 for stop 41's three stages without it (384.7-389.9 at two
+    stages without it), s_q2 654.2-658.0 against 706.3-710.1, b64 h64 113.3-113.7 against 121.7-122.4; prefill
+    h128 8013.1-8058.5 against 8996.7-8999.5, h64 4394.4-4473.6 against 4693.7-4760.4."""
     first_h = min(64, max(16, triton.next_power_of_2(h_q)))
     ladder = [TileConfig(block_h=block_h, block_n=block_n, num_warps=8 if block_h >= 64 else 4, num_stages=num_stages,
                          apart_logits=apart and block_h == 64)

@@ -202,7 +202,7 @@ def test_triton_combine_reads_more_splits_than_one_chunk(monkeypatch, half):
     splits, count = [], triton_decode.num_splits_for
     monkeypatch.setattr(triton_decode, "num_splits_for", lambda *args: splits.append(count(*args)) or splits[-1])
     run_and_compare([1300, 1400], 1, 16, False, False, sink=True)
-    assert splits == [20]
+    assert splits and set(splits) == {20}  # a launch each call (on a GPU `poisoned` calls twice)
 
 
 BALANCED_CASES = [
