@@ -183,7 +183,7 @@ def _sparse_prefill_kernel(
         H_Q, S_KV, TOPK, indexer_topk, sm_scale_log2,
         HAS_TOPK_LENGTH: tl.constexpr, HAS_INDEXER: tl.constexpr, APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr,
-        APART: tl.constexpr):
+        APART: tl.constexpr, LOOKAHEAD: tl.constexpr):
     head_tiles = tl.cdiv(H_Q, BLOCK_H)
     pid = tl.program_id(0)
     query = (pid // head_tiles).to(tl.int64)
@@ -203,9 +203,14 @@ def _sparse_prefill_kernel(
     if HAS_TOPK_LENGTH:
         length = tl.minimum(tl.load(TopkLength + query), TOPK)
     indices = Indices + query * stride_is
+    index_ahead = _index_tile(indices, tl.arange(0, BLOCK_N), length)  # LOOKAHEAD: as the sparse decode's
     for tile_start in range(0, length, BLOCK_N):
         positions = tile_start + tl.arange(0, BLOCK_N)
-        index = _index_tile(indices, positions, length)
+        if LOOKAHEAD:
+            index = index_ahead
+            index_ahead = _index_tile(indices, positions + BLOCK_N, length)
+        else:
+            index = _index_tile(indices, positions, length)
         s, values = _gather_logits(q_nope, q_rope, KV, index, S_KV, stride_kv, stride_kv, sm_scale_log2, False, False,
                                    1, D_NOPE, D_ROPE, 1, BLOCK_N, INTERPRET, APART, tile_start < length)
         if HAS_INDEXER:
@@ -363,8 +368,8 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_lengt
             q.stride(0), q.stride(1), kv_rows.stride(0), indices.stride(0), out.stride(0), out.stride(1),
             lse.stride(0), h_q, s_kv, topk, indexer_topk, sm_scale * LOG2E,
             BLOCK_H=config.block_h, BLOCK_N=config.block_n, D_NOPE=KV_LORA_RANK, D_ROPE=ROPE_DIM,
-            INTERPRET=INTERPRET, APART=config.apart_logits, num_warps=config.num_warps, num_stages=config.num_stages,
-            **variant)
+            INTERPRET=INTERPRET, APART=config.apart_logits, LOOKAHEAD=config.lookahead, num_warps=config.num_warps,
+            num_stages=config.num_stages, **variant)
 
     configs = [config] if config is not None else tile_configs(h_q, apart=warpgroup_products(q.device))
     launch_fitting(("sparse_prefill", configs[0], *variant.items(), q.device), configs, launch)

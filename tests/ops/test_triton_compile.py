@@ -155,7 +155,7 @@ POINTERS = {"Q": "*bf16", "Out": "*bf16", "BlockTable": "*i32", "Seqlens": "*i32
 KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"}}
 F16_POINTERS = {"_indexer_logits_kernel": {"K": "*fp16"}}  # prefill keys widened to f16 (F16 without K_FP8)
 DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "INTERPRET": False,
-        "APART": False}  # the defaults of those a kernel takes (APART: variants named -apart)
+        "APART": False, "LOOKAHEAD": False}  # the defaults of those a kernel takes (APART: variants named -apart)
 SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK", "H_I", "NUM_KEYS"}  # upper-case sizes; other capitalised names are pointers
 def compile_kernel(name, constexprs, arch, options, specialize=True):
     kernel = eval(name)

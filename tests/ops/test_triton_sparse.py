@@ -201,6 +201,15 @@ def test_triton_sparse_prefill_apart_logits_match_reference(seq_lens, h_q, topk,
                 config=apart_config(h_q, num_warps=num_warps))
 
 
+@pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink", PREFILL_CASES)
+def test_triton_sparse_prefill_lookahead_matches_reference(seq_lens, h_q, topk, indexer_topk, with_topk_length,
+                                                           with_sink):
+    """Each tile's indices read a step early (TileConfig.lookahead): the first tile's before the loop, the next's past
+    topk_length masked to -1."""
+    run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink,
+                config=dataclasses.replace(apart_config(h_q), lookahead=True))
+
+
 def test_triton_sparse_tiles_take_apart_logits_with_warpgroup_products():
     """With wgmma (Hopper) the 64-head tiles mask their logits apart, and the FP8 decode's first tiles take two
     stages (three would not fit with the exchange of P); elsewhere no tile does."""
