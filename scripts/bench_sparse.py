@@ -145,7 +145,7 @@ def tune(device, chosen=lambda name: True) -> list[dict]:
         apart = triton_sparse.warpgroup_products(device)
         default = triton_sparse.tile_configs(h_q, fp8_decode=op == "decode", apart=apart)[0]
         for config in tune_candidates(h_q, apart):
-            if config.lookahead and op != "decode":  # prefill (BF16) at 64 x 64 and three stages needs 288 KiB
+            if config.lookahead and op != "decode" and config.num_stages > 2:  # BF16 64 x 64 at 3 stages: 288 KiB
                 continue
             if op == "decode":
                 def run(q, cache, indices, config=config):

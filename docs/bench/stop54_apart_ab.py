@@ -2,9 +2,11 @@
 rows) on the Triton SPEC rows: each row's default tiles against the same tiles with it flipped (and, for the sparse
 FP8 decode, against its former default, three stages without it), timed as the benchmarks time (CUDA-graph medians,
 inputs rotated beyond L2, settled clock), in one process, `--rounds` times in turn; `--wide`: the default against
-16 warps instead. From the repository root:
+16 warps instead; `--flip FIELD`: another boolean of the configs flipped instead of `apart_logits` (the rows whose
+config has no such field are left out; `wide_latent` with docs/bench/stop54_wide_latent.diff applied). From the
+repository root:
 
-    PYTHONPATH=$PWD:$PWD/scripts python docs/bench/stop54_apart_ab.py --rounds 2 [--wide]
+    PYTHONPATH=$PWD:$PWD/scripts python docs/bench/stop54_apart_ab.py --rounds 2 [--wide | --flip FIELD]
 """
 import argparse
 import dataclasses
@@ -18,17 +20,24 @@ from flashmla_ops.triton import decode as triton_decode
 from flashmla_ops.triton import sparse as triton_sparse
 
 SCALE = D_QK ** -0.5
+FLIP = "apart_logits"  # --flip: the config field the "flipped" variant flips
 WIDE = False  # --wide: the default against the same tiles at 16 warps (four warpgroups: with the logits apart they
 # split the logits 4 x 16 tokens and P V's 512 columns 4 x 128, 128 registers a thread) instead
 
 
+def flipped(config):
+    return dataclasses.replace(config, **{FLIP: not getattr(config, FLIP)})
+
+
 def dense_rows(device):
+    if FLIP not in {field.name for field in dataclasses.fields(triton_decode.LaunchConfig)}:
+        return
     for name, batch, s_q, h_q, seqlen, is_fp8, _, target in bench_decode.SPEC_ROWS:
         if h_q != 128:
             continue
         sets, lengths = bench_decode.make_inputs(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, copies=2)
         default = triton_decode.default_config(batch, s_q * h_q, device, is_fp8)
-        variants = {"default": default, "flipped": dataclasses.replace(default, apart_logits=not default.apart_logits)}
+        variants = {"default": default, "flipped": flipped(default)}
         if WIDE:
             variants = {"default": default, "16 warps": dataclasses.replace(default, num_warps=16)}
         flops = bench_decode.decode_flops(batch, s_q, h_q, seqlen)
@@ -41,11 +50,13 @@ def dense_rows(device):
 
 
 def sparse_rows(device):
+    if FLIP not in {field.name for field in dataclasses.fields(triton_sparse.TileConfig)}:
+        return
     for name, op, size, second, h_q, topk, _, target in bench_sparse.SPEC_ROWS:
         if op == "decode":
             sets = [bench_sparse.decode_inputs(size, second, h_q, topk, True, device) for _ in range(2)]
             default = triton_sparse.tile_configs(h_q, fp8_decode=True, apart=True)[0]
-            variants = {"default": default, "flipped": dataclasses.replace(default, apart_logits=False),
+            variants = {"default": default, "flipped": flipped(default),
                         "former default": triton_sparse.tile_configs(h_q, fp8_decode=True)[0]}
             if WIDE:
                 variants = {"default": default, "16 warps": dataclasses.replace(default, num_warps=16)}
@@ -57,7 +68,7 @@ def sparse_rows(device):
         else:
             sets = [bench_sparse.prefill_inputs(size, second, h_q, topk, device)]
             default = triton_sparse.tile_configs(h_q, apart=True)[0]
-            variants = {"default": default, "flipped": dataclasses.replace(default, apart_logits=False)}
+            variants = {"default": default, "flipped": flipped(default)}
             if WIDE:
                 variants = {"default": default, "16 warps": dataclasses.replace(default, num_warps=16)}
             flops = bench_sparse.attention_flops(size, h_q, topk)
@@ -75,9 +86,10 @@ def main():
     parser.add_argument("--settle", type=float, default=10.0)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--wide", action="store_true", help="the default against 16 warps instead")
+    parser.add_argument("--flip", default="apart_logits", help="the config field to flip (default: apart_logits)")
     args = parser.parse_args()
-    global WIDE
-    WIDE = args.wide
+    global WIDE, FLIP
+    WIDE, FLIP = args.wide, args.flip
     bench_decode.SETTLE_S = args.settle
     device = torch.device(args.device)
     print(torch.cuda.get_device_name(device) if device.type == "cuda" else device, "torch", torch.__version__)

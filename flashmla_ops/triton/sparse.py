@@ -239,10 +239,11 @@ def _sparse_prefill_kernel(
 @dataclass(frozen=True)
 class TileConfig:
     """Heads per program (`block_h`: at least 16 rows for the tensor cores, at most 64: the fp32 accumulator lives in
-    registers), keys gathered per step (`block_n`), and the launch's warps and pipeline stages; `lookahead` (sparse
-    decode): each tile's indices read one step early (see `_sparse_decode_split_kernel`). Prefill ignores it: at
-    64 x 32 tiles, where it fits, it was 23-26% slower (stop 41 call 8). `apart_logits`: as the dense decode's
-    (decode.LaunchConfig)."""
+    registers), keys gathered per step (`block_n`), and the launch's warps and pipeline stages; `lookahead`: each
+    tile's indices read one step early (see `_sparse_decode_split_kernel`). Prefill takes it since stop 54, opt-in:
+    at 64 x 32 tiles, the only ones it fitted before the logits went apart, it was 23-26% slower (stop 41 call 8); at
+    64 x 64, two stages, with the logits apart it fits (229 KiB compiled for sm_90) and has not been timed
+    (`docs/bench/stop54_device_call6.sh` is the A/B). `apart_logits`: as the dense decode's (decode.LaunchConfig)."""
     block_h: int
     block_n: int
     num_warps: int
