@@ -248,7 +248,8 @@ def tune(device, chosen):
                     candidates.add(dataclasses.replace(default, block_n=block_n, num_stages=num_stages,
                                                        programs_per_sm=programs_per_sm))
         if h_q * s_q >= 64:
-            candidates |= {dataclasses.replace(default, block_h=32, num_warps=4, programs_per_sm=p) for p in (1, 2)}
+            candidates |= {dataclasses.replace(default, block_h=32, num_warps=4, programs_per_sm=p, apart_logits=False)
+                           for p in (1, 2)}
             # 64-row tiles (wgmma; 32-row tiles take mma.sync) at one program per SM, where the default has 32 rows
             # (b1 h128: not timed so far)
             candidates |= {dataclasses.replace(default, block_h=64, num_warps=8, programs_per_sm=1, num_stages=stages,

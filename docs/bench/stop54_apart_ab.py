@@ -10,6 +10,7 @@ repository root:
 """
 import argparse
 import dataclasses
+import itertools
 
 import torch
 
@@ -93,7 +94,7 @@ def main():
     bench_decode.SETTLE_S = args.settle
     device = torch.device(args.device)
     print(torch.cuda.get_device_name(device) if device.type == "cuda" else device, "torch", torch.__version__)
-    for name, sets, runs, flops, bytes_, target in [*dense_rows(device), *sparse_rows(device)]:
+    for name, sets, runs, flops, bytes_, target in itertools.chain(dense_rows(device), sparse_rows(device)):
         for label, (config, _) in runs.items():
             print(f"{name} [{label}]: {config}")
         for round_ in range(args.rounds):

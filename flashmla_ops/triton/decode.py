@@ -410,7 +410,7 @@ class LaunchConfig:
     instead of both computing all of them (compiled for sm_90: 36 m64n32k16 a warpgroup a tile against 72): Hopper's
     default at 64 rows since stop 54, 11-15% faster on the h128 rows (H100, docs/bench/stop54_call1.log: b128 h128
     4k 515.6-521.3 against 586.0-588.4 us, s_q2 974.9-987.9 against 1145.1-1146.3), b1 h128 32k level (61.5-61.7
-    against 62.2). Not at 16 warps: four warpgroups then split the logits 4 x 16 tokens, 1.2x-1.3x slower on every
+    against 62.2). Not at 16 warps: four warpgroups then split the logits 4 x 16 tokens, 1.07x-1.3x slower on every
     h128 row (stop54_call4.log)."""
     block_h: int
     block_n: int
@@ -426,8 +426,8 @@ class LaunchConfig:
 
 
 def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = False) -> LaunchConfig:
-    """Chosen from `bench_decode.py --tune` on the H100 (2026-11-24): 64-token tiles; 64-row tiles with 3 stages and
-    one program per SM where heads alone fill the GPU (compute-bound), and 32-row tiles with two programs per SM where
+    """Chosen from `bench_decode.py --tune` on the H100 (2026-11-24): 64-token tiles; 64-row tiles (3 stages until
+    stop 54, two since: below) and one program per SM where heads alone fill the GPU (compute-bound), and 32-row tiles with two programs per SM where
     they do not (batch 1, long context: more, lighter programs; with Hopper's shared memory mostly 64-row tiles there
     too since stop 43, below). The balanced schedule stays opt-in: timed on the H100 (2026-11-25) it halved a skewed
     batch (one 32k sequence among 31 of 512 tokens) but was 1.3x to 2.4x slower on every uniform SPEC row. On the
@@ -453,7 +453,8 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
     50.6). Elsewhere (32-token tiles, mma.sync) not timed: 32-row tiles as before.
     Since stop 54 the 64-row tiles take two stages: with each tile's page looked up a step early (_table_page) the
     pipeline holds a tile more, and three stages at 64 tokens would take 296 KiB; on Hopper they mask their logits
-    apart (`apart_logits`). Against stop 54's first kernel (three stages, the lookup inside the step) on the H100
+    apart (`apart_logits`). Against stop 54's first kernel (three stages, the lookup inside the step; that lookup at
+    two stages was not timed, so the 64-row rows' gain is the lookup and the stages together) on the H100
     (docs/bench/stop54_call5.log), us: b128 h128 4k 478.0-481.0 against 522.5-524.5, s_q2 872.1-892.4 against
     982.8-993.7, b1 h128 32k 58.2-59.8 against 60.7-61.7, fp8 b128 h16 16k 969.8-989.6 against 1053.3-1069.2, b8
     h16 32k 116.0-116.1 against 118.1-119.2, the b128 h16 rows level."""
@@ -476,8 +477,8 @@ def fitting_configs(config: LaunchConfig) -> list[LaunchConfig]:
     """`config`, then smaller tiles for launch_fitting: 32 and 16 rows x 32 keys, two programs per SM. Compiled for
     sm_89, 64 rows x 32 keys take 112 KiB of shared memory, more than the 99 KiB of Ada and consumer Blackwell;
     32 x 32 take 76."""
-    smaller = [dataclasses.replace(config, block_h=block_h, block_n=32, num_warps=4, num_stages=2, programs_per_sm=2)
-               for block_h in (32, 16) if block_h < config.block_h]
+    smaller = [dataclasses.replace(config, block_h=block_h, block_n=32, num_warps=4, num_stages=2, programs_per_sm=2,
+                                   apart_logits=False) for block_h in (32, 16) if block_h < config.block_h]
     return [config, *smaller]
 
 

@@ -203,7 +203,8 @@ def _sparse_prefill_kernel(
     if HAS_TOPK_LENGTH:
         length = tl.minimum(tl.load(TopkLength + query), TOPK)
     indices = Indices + query * stride_is
-    index_ahead = _index_tile(indices, tl.arange(0, BLOCK_N), length)  # LOOKAHEAD: as the sparse decode's
+    if LOOKAHEAD:  # as the sparse decode's
+        index_ahead = _index_tile(indices, tl.arange(0, BLOCK_N), length)
     for tile_start in range(0, length, BLOCK_N):
         positions = tile_start + tl.arange(0, BLOCK_N)
         if LOOKAHEAD:
@@ -242,7 +243,7 @@ class TileConfig:
     registers), keys gathered per step (`block_n`), and the launch's warps and pipeline stages; `lookahead`: each
     tile's indices read one step early (see `_sparse_decode_split_kernel`). Prefill takes it since stop 54, opt-in:
     at 64 x 32 tiles, the only ones it fitted before the logits went apart, it was 23-26% slower (stop 41 call 8); at
-    64 x 64, two stages, with the logits apart it fits (229 KiB compiled for sm_90) and has not been timed
+    64 x 64, two stages, with the logits apart it fits (224 KiB compiled for sm_90) and has not been timed
     (`docs/bench/stop54_device_call6.sh` is the A/B). `apart_logits`: as the dense decode's (decode.LaunchConfig)."""
     block_h: int
     block_n: int

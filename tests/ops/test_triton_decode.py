@@ -228,26 +228,30 @@ def test_triton_balanced_schedule_matches_reference(seqlens, s_q, h_q, causal, i
 
 
 APART_CASES = [([5, 1000], 1, 64), ([129], 2, 128), ([70, 1, 0], 3, 32)]
-# warps of the 64-row tiles: on a GPU also 16 (four warpgroups split the logits and P V's columns; the interpreter
-# runs a program as one)
+# Hopper's 64-row tiles (one page a tile); on a GPU also at 16 warps (four warpgroups split the logits and P V's
+# columns; the interpreter runs a program as one), 32 tokens a tile, and without the logits apart (the default off
+# wgmma GPUs, which Hopper no longer runs by itself)
 APART_WARPS = [8, 16] if DEVICE == "cuda" else [8]
+APART_TOKENS = [64, 32] if DEVICE == "cuda" else [64]
+APART_FLAGS = [True, False] if DEVICE == "cuda" else [True]
 
 
 @pytest.mark.parametrize("seqlens,s_q,h_q", APART_CASES)
 @pytest.mark.parametrize("products", ["bf16 cache", "fp8 bf16", "fp8 f16"])
 @pytest.mark.parametrize("schedule", ["uniform", "balanced"])
 @pytest.mark.parametrize("num_warps", APART_WARPS)
-def test_triton_apart_logits_match_reference(seqlens, s_q, h_q, products, schedule, num_warps):
-    """The logits masked behind a branch on the loop's own condition (common.mask_logits_apart), each product scaled
-    to base 2 before the sum, in each of the kernel's three logit sums: tokens past a length in partial tiles, causal
-    queries, an empty sequence, splits and parts that span sequences."""
+@pytest.mark.parametrize("block_n", APART_TOKENS)
+@pytest.mark.parametrize("apart", APART_FLAGS)
+def test_triton_apart_logits_match_reference(seqlens, s_q, h_q, products, schedule, num_warps, block_n, apart):
+    """64-row tiles with the logits masked behind a branch on the loop's own condition (common.mask_logits_apart),
+    each product scaled to base 2 before the sum, in each of the kernel's three logit sums: tokens past a length in
+    partial tiles, causal queries, an empty sequence, splits and parts that span sequences."""
+    if num_warps == 16 and not apart:
+        pytest.skip("16 warps are timed with the logits apart only")
     is_fp8 = products != "bf16 cache"
     config = dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, torch.device(DEVICE), is_fp8),
-                                 apart_logits=True, fp8_f16=products == "fp8 f16", prefetch=False, schedule=schedule)
-    if config.block_h == 64:
-        config = dataclasses.replace(config, num_warps=num_warps)
-    elif num_warps != 8:
-        pytest.skip("32-row tiles take 4 warps")
+                                 block_h=64, num_warps=num_warps, block_n=block_n, num_stages=2, programs_per_sm=1,
+                                 apart_logits=apart, fp8_f16=products == "fp8 f16", prefetch=False, schedule=schedule)
     run_and_compare(seqlens, s_q, h_q, s_q > 1, is_fp8, sink=schedule == "uniform", config=config)
 
 

@@ -201,13 +201,15 @@ def test_triton_sparse_prefill_apart_logits_match_reference(seq_lens, h_q, topk,
                 config=apart_config(h_q, num_warps=num_warps))
 
 
-@pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink", PREFILL_CASES)
+@pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink",
+                         PREFILL_CASES + (GPU_PREFILL_CASES if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("apart", [True, False])
 def test_triton_sparse_prefill_lookahead_matches_reference(seq_lens, h_q, topk, indexer_topk, with_topk_length,
-                                                           with_sink):
+                                                           with_sink, apart):
     """Each tile's indices read a step early (TileConfig.lookahead): the first tile's before the loop, the next's past
-    topk_length masked to -1."""
-    run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink,
-                config=dataclasses.replace(apart_config(h_q), lookahead=True))
+    topk_length masked to -1; with the logits apart or not, on a GPU over many tiles."""
+    config = dataclasses.replace(apart_config(h_q), lookahead=True, apart_logits=apart)
+    run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink, config=config)
 
 
 def test_triton_sparse_tiles_take_apart_logits_with_warpgroup_products():
