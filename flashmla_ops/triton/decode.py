@@ -427,9 +427,9 @@ class LaunchConfig:
 
 def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = False) -> LaunchConfig:
     """Chosen from `bench_decode.py --tune` on the H100 (2026-11-24): 64-token tiles; 64-row tiles (3 stages until
-    stop 54, two since: below) and one program per SM where heads alone fill the GPU (compute-bound), and 32-row tiles with two programs per SM where
-    they do not (batch 1, long context: more, lighter programs; with Hopper's shared memory mostly 64-row tiles there
-    too since stop 43, below). The balanced schedule stays opt-in: timed on the H100 (2026-11-25) it halved a skewed
+    stop 54, two since: below) and one program per SM where heads alone fill the GPU (compute-bound), and 32-row tiles
+    with two programs per SM where they do not (batch 1, long context: more, lighter programs; with Hopper's shared
+    memory mostly 64-row tiles there too since stop 43, below). The balanced schedule stays opt-in: timed on the H100 (2026-11-25) it halved a skewed
     batch (one 32k sequence among 31 of 512 tokens) but was 1.3x to 2.4x slower on every uniform SPEC row. On the
     H200 (2026-12-02, docs/bench/combine_h200.log):
     - up to 16 rows, two programs per SM from 8 sequences on (with num_splits_for's rounding down): b8 h16 32k 96.8
