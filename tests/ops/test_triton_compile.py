@@ -239,6 +239,15 @@ def cases():
 SMEM_LIMITS = {80: 166912, 89: 101376}
 
 
+def launch_step(config, lookahead=False, **variant):
+    """A launch config (decode.LaunchConfig, sparse.TileConfig) as the kernel's constexprs, with the `variant`'s, and
+    its launch options. `lookahead`: the kernel takes TileConfig.lookahead as its LOOKAHEAD constexpr (sparse
+    decode)."""
+    return dict(constexprs=dict(variant, BLOCK_H=config.block_h, BLOCK_N=config.block_n, APART=config.apart_logits,
+                                **({"LOOKAHEAD": config.lookahead} if lookahead else {})),
+                options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
 def ladders():
     """(id, kernel, the configs the op tries in order as constexprs and options, arch): the ops with tiles too big
     for these GPUs, at 64 query rows or heads per program (their largest tiles)."""
@@ -246,10 +255,7 @@ def ladders():
     from flashmla_ops.triton import sparse as triton_sparse
 
     def steps(configs, lookahead=False, **variant):
-        """`lookahead`: the kernel takes TileConfig.lookahead as its LOOKAHEAD constexpr (sparse decode)."""
-        return [dict(constexprs=dict(variant, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
-                                     **({"LOOKAHEAD": config.lookahead} if lookahead else {})),
-                     options=dict(num_warps=config.num_warps, num_stages=config.num_stages)) for config in configs]
+        return [launch_step(config, lookahead, **variant) for config in configs]
 
     sparse_decode = dict(SPLIT=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=False, HAS_EXTRA_TOPK_LENGTH=False,
                          APPLY_SINK=False, HALF_PARTIALS=False)
@@ -285,6 +291,7 @@ def hopper_defaults():
     """(id, kernel, constexprs, options) of the 64-row tiles the ops take by default on an H100 (132 SMs, Hopper's
     shared memory, wgmma), each with APART as the default has it (`-default`) and flipped (`-flipped`): the dense
     decode of b128 h128, the sparse FP8 and BF16 decode and the sparse prefill from 64 heads."""
+    import dataclasses
     from unittest import mock
 
     from flashmla_ops.triton import decode as triton_decode
@@ -307,12 +314,10 @@ def hopper_defaults():
          dict(HAS_TOPK_LENGTH=False, HAS_INDEXER=False, APPLY_SINK=False)),
     ]
     for name, kernel, config, variant in families:
-        for which, apart in (("default", config.apart_logits), ("flipped", not config.apart_logits)):
-            constexprs = dict(variant, BLOCK_H=config.block_h, BLOCK_N=config.block_n, APART=apart)
-            if kernel == "sparse._sparse_decode_split_kernel":
-                constexprs["LOOKAHEAD"] = config.lookahead
-            yield (f"{name}-{which}", kernel, constexprs,
-                   dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        flipped = dataclasses.replace(config, apart_logits=not config.apart_logits)
+        for which, launch in (("default", config), ("flipped", flipped)):
+            step = launch_step(launch, kernel == "sparse._sparse_decode_split_kernel", **variant)
+            yield f"{name}-{which}", kernel, step["constexprs"], step["options"]
 
 
 @pytest.fixture(scope="module")
