@@ -81,30 +81,47 @@ def sparse_rows(device):
                (target, "TFLOP/s"))
 
 
-def main():
+def ab_arguments(settle: float) -> argparse.ArgumentParser:
+    """The stop 54 A/Bs' arguments: --rounds, and the benchmarks' --settle (default `settle`) and --timer."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--settle", type=float, default=10.0)
+    bench_decode.add_timing_arguments(parser)
+    parser.set_defaults(settle=settle)
+    return parser
+
+
+def start(args, device="cuda") -> torch.device:
+    """Applies the timing arguments and prints what runs the A/B."""
+    bench_decode.apply_timing_arguments(args)
+    device = torch.device(device)
+    print(torch.cuda.get_device_name(device) if device.type == "cuda" else device, "torch", torch.__version__)
+    return device
+
+
+def time_rounds(name, sets, runs, flops, bytes_, target, rounds) -> None:
+    """Prints each (label: (config, run)) of `runs`' config, then times the runs on `sets` `rounds` times in turn,
+    printing time, TFLOP/s, GB/s (where `bytes_` is given), the target (value, unit) and the clock of each."""
+    for label, (config, _) in runs.items():
+        print(f"{name} [{label}]: {config}")
+    for round_ in range(rounds):
+        for label, (_, run) in runs.items():
+            ms = bench_decode.time_ms(run, sets)
+            note = f" {bytes_ / ms / 1e6:.0f} GB/s" if bytes_ else ""
+            print(f"  round {round_} {name:38} {label:15} {ms * 1e3:9.1f} us {flops / ms / 1e9:6.1f} TFLOP/s{note}"
+                  f" (target {target[0]} {target[1]}) {bench_decode.clock_note(bench_decode.LAST_CLOCK)}", flush=True)
+
+
+def main():
+    parser = ab_arguments(settle=10.0)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--wide", action="store_true", help="the default against 16 warps instead")
     parser.add_argument("--flip", default="apart_logits", help="the config field to flip (default: apart_logits)")
     args = parser.parse_args()
     global WIDE, FLIP
     WIDE, FLIP = args.wide, args.flip
-    bench_decode.SETTLE_S = args.settle
-    device = torch.device(args.device)
-    print(torch.cuda.get_device_name(device) if device.type == "cuda" else device, "torch", torch.__version__)
+    device = start(args, args.device)
     for name, sets, runs, flops, bytes_, target in itertools.chain(dense_rows(device), sparse_rows(device)):
-        for label, (config, _) in runs.items():
-            print(f"{name} [{label}]: {config}")
-        for round_ in range(args.rounds):
-            for label, (_, run) in runs.items():
-                ms = bench_decode.time_ms(run, sets)
-                tflop_s = flops / ms / 1e9
-                note = f" {bytes_ / ms / 1e6:.0f} GB/s" if bytes_ else ""
-                print(f"  round {round_} {name:38} {label:15} {ms * 1e3:9.1f} us {tflop_s:6.1f} TFLOP/s{note}"
-                      f" (target {target[0]} {target[1]}) {bench_decode.clock_note(bench_decode.LAST_CLOCK)}",
-                      flush=True)
+        time_rounds(name, sets, runs, flops, bytes_, target, args.rounds)
         del sets
         torch.cuda.empty_cache()
 

@@ -6,7 +6,6 @@ settled clock). From the repository root:
 
     PYTHONPATH=$PWD:$PWD/scripts python docs/bench/stop54_lookahead_ab.py --rounds 2
 """
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 import bench_decode
 from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK
 from flashmla_ops.triton import decode as tree
+from stop54_apart_ab import ab_arguments, start, time_rounds
 
 # the base module inside the package, so that its relative imports (.common, ..kv_cache) resolve
 _spec = importlib.util.spec_from_file_location("flashmla_ops.triton._decode_base",
@@ -26,29 +26,17 @@ _spec.loader.exec_module(base)
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--settle", type=float, default=10.0)
-    args = parser.parse_args()
-    bench_decode.SETTLE_S = args.settle
-    device = torch.device("cuda")
-    print(torch.cuda.get_device_name(device), "torch", torch.__version__)
+    args = ab_arguments(settle=10.0).parse_args()
+    device = start(args)
     for name, batch, s_q, h_q, seqlen, is_fp8, _, target in bench_decode.SPEC_ROWS:
         sets, lengths = bench_decode.make_inputs(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, copies=2)
         runs = {}
         for label, module in (("base", base), ("lookahead", tree)):
             config = module.default_config(batch, s_q * h_q, device, is_fp8)
-            print(f"{name} [{label}]: {config}")
-            runs[label] = (lambda q, cache, table, module=module, config=config: module.dense_decode(
+            runs[label] = (config, lambda q, cache, table, module=module, config=config: module.dense_decode(
                 q, cache, table, lengths, KV_LORA_RANK, D_QK ** -0.5, s_q > 1, is_fp8, None, config))
-        flops = bench_decode.decode_flops(batch, s_q, h_q, seqlen)
-        bytes_ = bench_decode.decode_bytes(batch, s_q, h_q, seqlen, is_fp8)
-        for round_ in range(args.rounds):
-            for label, run in runs.items():
-                ms = bench_decode.time_ms(run, sets)
-                print(f"  round {round_} {name:24} {label:10} {ms * 1e3:9.1f} us {flops / ms / 1e9:6.1f} TFLOP/s "
-                      f"{bytes_ / ms / 1e6:5.0f} GB/s (target {target[0]} {target[1]})"
-                      f"{bench_decode.clock_note(bench_decode.LAST_CLOCK)}", flush=True)
+        time_rounds(name, sets, runs, bench_decode.decode_flops(batch, s_q, h_q, seqlen),
+                    bench_decode.decode_bytes(batch, s_q, h_q, seqlen, is_fp8), target, args.rounds)
         del sets
         torch.cuda.empty_cache()
 
