@@ -200,12 +200,23 @@ def nonempty(cache: torch.Tensor) -> torch.Tensor:
     return cache if cache.shape[0] else cache.new_zeros(1, *cache.shape[1:])
 
 
+def amd_gpus() -> bool:
+    """Whether this torch is ROCm's: it names AMD GPUs "cuda" devices too, and their capability is the gfx version
+    (gfx90a reads (9, 0), as Hopper does), so no rule keyed on an sm_XY applies to them."""
+    return torch.version.hip is not None
+
+
 @functools.cache
 def hardware_fp8(device: torch.device) -> int:
     """How the kernels decode e4m3 on `device` (fp8_conversion's level, nonzero from sm_89, where Triton has some
-    conversion instructions): FP8_HARDWARE under the interpreter, which emulates the conversion."""
+    conversion instructions): FP8_HARDWARE under the interpreter, which emulates the conversion. On AMD GPUs the
+    integer decoding: the cache's e4m3 is OCP's (Triton's float8e4nv), which CDNA3's conversion instructions do not
+    take (theirs is the FNUZ variant), and no AMD GPU has run these kernels, so they take the decoding the
+    interpreter checks bit for bit."""
     if device.type != "cuda":
         return FP8_HARDWARE
+    if amd_gpus():
+        return FP8_INTEGER
     return fp8_conversion(torch.cuda.get_device_capability(device))
 
 
@@ -213,9 +224,11 @@ def hardware_fp8(device: torch.device) -> int:
 def warpgroup_products(device: torch.device) -> bool:
     """Whether Triton lowers 64-row products to wgmma on `device` (sm_90), where the chained-dot rule that
     mask_logits_apart works around doubles the logits' products; mma.sync (sm_80, sm_89, sm_120) lays the same
-    kernels out without the doubling (compiled for sm_80, 64 x 32 tiles at 8 warps issue 208 mma.sync either way)."""
+    kernels out without the doubling (compiled for sm_80, 64 x 32 tiles at 8 warps issue 208 mma.sync either way).
+    AMD GPUs have no wgmma (CDNA's gfx9xx read a major of 9 all the same)."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
+    return (device.type == "cuda" and torch.cuda.is_available() and not amd_gpus()
+            and torch.cuda.get_device_capability(device)[0] == 9)
 
 
 @functools.cache

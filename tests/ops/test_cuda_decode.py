@@ -10,9 +10,9 @@ stride, strided q, repeated runs bit-identical, and the op's CUDA-graph capture.
 """
 import pytest
 import torch
-from decode_inputs import (BF16_BAND, DEVICE, LSE_TOLERANCE, assert_decode_close, assert_rows_close, bad_table_inputs,
-                           check_dense_decode_op_replays_in_cuda_graph, huge_and_small_scale_inputs, make_inputs,
-                           poisoned, quantize_with_varied_scales)
+from decode_inputs import (BF16_BAND, DEVICE, HOPPER, LSE_TOLERANCE, assert_decode_close, assert_rows_close,
+                           bad_table_inputs, check_dense_decode_op_replays_in_cuda_graph, huge_and_small_scale_inputs,
+                           make_inputs, poisoned, quantize_with_varied_scales)
 
 from flashmla_ops import _ext, reference
 from flashmla_ops.decode import CUDA_NARROW_ROWS, cuda_num_splits
@@ -21,8 +21,7 @@ from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                       reason="needs a Hopper (sm_90) GPU"),
+    HOPPER,
 ]
 
 # (seqlens, s_q, h_q)

@@ -16,6 +16,7 @@ Both: outputs poisoned, repeated runs identical, the op dispatching here and rep
 """
 import pytest
 import torch
+from decode_inputs import HOPPER
 
 import flashmla_ops
 import mla_oracle as oracle
@@ -28,8 +29,7 @@ DEVICE = "cuda"
 FP8 = torch.float8_e4m3fn
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                       reason="needs a Hopper (sm_90) GPU"),
+    HOPPER,
 ]
 
 

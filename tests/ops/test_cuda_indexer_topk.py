@@ -6,6 +6,7 @@ long for it (read from global memory), 16-byte aligned and not; int32 and int64 
 repeated runs identical; the op dispatches here, also for an empty batch, and replays in a CUDA graph."""
 import pytest
 import torch
+from decode_inputs import HOPPER
 
 import flashmla_ops
 from flashmla_ops import _ext
@@ -16,8 +17,7 @@ DEVICE = "cuda"
 SHARED_KEYS = 48 * 1024  # csrc/indexer_topk.cu's kSharedKeys: longer rows are read from global memory in each pass
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                       reason="needs a Hopper (sm_90) GPU"),
+    HOPPER,
 ]
 
 

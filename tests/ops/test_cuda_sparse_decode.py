@@ -5,7 +5,7 @@ and token, tokens 2**37 apart in scale, query rows and RoPE columns beyond f16's
 runs identical."""
 import pytest
 import torch
-from decode_inputs import (LSE_TOLERANCE, SCALE, assert_close, assert_rows_close, huge_and_small_scale_inputs,
+from decode_inputs import (HOPPER, LSE_TOLERANCE, SCALE, assert_close, assert_rows_close, huge_and_small_scale_inputs,
                            paged_cache, poisoned, random_indices, varied_scale_cache)
 
 from flashmla_ops import _ext, reference
@@ -15,8 +15,7 @@ from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
 DEVICE = "cuda"
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                       reason="needs a Hopper (sm_90) GPU"),
+    HOPPER,
 ]
 
 # (batch, s_q, h_q, topk, with_topk_length)

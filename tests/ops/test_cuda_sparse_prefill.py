@@ -5,7 +5,7 @@ poisoned; repeated runs identical; the op dispatches here, chunks more than CUDA
 CUDA graph."""
 import pytest
 import torch
-from decode_inputs import LSE_TOLERANCE, SCALE, assert_close, packed_prefill_inputs, poisoned
+from decode_inputs import HOPPER, LSE_TOLERANCE, SCALE, assert_close, packed_prefill_inputs, poisoned
 
 import flashmla_ops
 from flashmla_ops import _ext, reference, sparse_prefill
@@ -14,8 +14,7 @@ from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK
 DEVICE = "cuda"
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                       reason="needs a Hopper (sm_90) GPU"),
+    HOPPER,
 ]
 
 # (seq_lens, h_q, topk, with_topk_length)

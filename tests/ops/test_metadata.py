@@ -8,7 +8,7 @@ touch sequence b.
 """
 import pytest
 import torch
-from decode_inputs import poisoned
+from decode_inputs import HOPPER, poisoned
 
 from flashmla_ops.decode import ALIGNED_SLACK_BLOCKS, ALIGNED_SLACK_PERCENT, get_mla_metadata_reference
 
@@ -109,9 +109,7 @@ def test_metadata_random_lengths(device):
 
 def hopper(test):
     """A GPU test of csrc/mla_metadata.cu (sm_90)."""
-    needs = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                               reason="needs a Hopper (sm_90) GPU")
-    return pytest.mark.gpu(needs(test))
+    return pytest.mark.gpu(HOPPER(test))
 
 
 def random_lengths(batch, generator):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from decode_inputs import HOPPER
 
 from flashmla_ops import _ext, build
 
@@ -153,8 +154,7 @@ def test_build_cli_runs_as_a_module():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="needs a Hopper (sm_90) GPU")
+@HOPPER
 def test_the_prebuilt_kernels_are_the_ones_the_ops_load():
     env = {key: value for key, value in os.environ.items() if key != "FLASHMLA_CSRC"}
     result = subprocess.run([sys.executable, "-m", "flashmla_ops.build"], capture_output=True, text=True, env=env,

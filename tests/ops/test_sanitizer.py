@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from decode_inputs import HOPPER
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                       reason="needs a Hopper (sm_90) GPU"),
+    HOPPER,
     pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="needs compute-sanitizer on PATH"),
 ]
 

@@ -1,7 +1,9 @@
 """Every Triton kernel compiles for the GPUs it targets, on any machine: every constexpr variant for sm_90 (Hopper) and
-sm_80 (Ampere), and one variant of each kernel (its hardware-FP8 one where it has one) for sm_89 (Ada) and sm_120
-(consumer Blackwell). And where a GPU has less shared memory per block than Hopper (sm_80, sm_89; sm_120 has sm_89's),
-each op's ladder of tiles reaches one that fits (`ladders`). The compiles are dealt out over one process per core.
+sm_80 (Ampere), one variant of each kernel (its hardware-FP8 one where it has one) for sm_89 (Ada) and sm_120
+(consumer Blackwell), and the same variant with the integer e4m3 decoding (the one ROCm's torch takes,
+common.hardware_fp8) for AMD's CDNA3 (gfx942, MI300) and CDNA2 (gfx90a, MI200) through Triton's HIP backend. And where
+a GPU has less shared memory per block than Hopper (sm_80, sm_89; sm_120 has sm_89's; CDNA's 64 KiB of LDS), each
+op's ladder of tiles reaches one that fits (`ladders`). The compiles are dealt out over one process per core.
 
 Triton compiles to a cubin without a GPU; this catches what the CPU interpreter cannot (type inference across
 branches, layouts, register and shared-memory limits) over each kernel's constexpr variants. The compiles run in
@@ -139,7 +141,7 @@ KERNELS = {
     "sparse._sparse_prefill_kernel": SPARSE_PREFILL,
 }
 ARCHS = (90, 80)  # every variant
-SPOT_ARCHS = (89, 120)  # one variant per kernel
+SPOT_ARCHS = (89, 120, "gfx942", "gfx90a")  # one variant per kernel; AMD's by their gfx names
 
 COMPILER = r'''
 import json, re, sys
@@ -157,7 +159,7 @@ F16_POINTERS = {"_indexer_logits_kernel": {"K": "*fp16"}}  # prefill keys widene
 DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "INTERPRET": False,
         "APART": False, "LOOKAHEAD": False}  # the defaults of those a kernel takes (APART: variants named -apart)
 SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK", "H_I", "NUM_KEYS"}  # upper-case sizes; other capitalised names are pointers
-def compile_kernel(name, constexprs, arch, options, specialize=True):
+def compile_kernel(name, constexprs, arch, options, specialize=True):  # arch: an sm_XY's XY, or an AMD gfx name
     kernel = eval(name)
     constexprs = {**{k: v for k, v in DIMS.items() if k in kernel.arg_names}, **constexprs}
     signature, attrs = {}, {}
@@ -181,8 +183,9 @@ def compile_kernel(name, constexprs, arch, options, specialize=True):
         # so none is pipelined: the kernels would compile unlike what launches.
         if specialize and (signature[arg].startswith("*") or arg.startswith("stride")):
             attrs[(index,)] = [["tt.divisibility", 16]]
+    target = GPUTarget("hip", arch, 64) if isinstance(arch, str) else GPUTarget("cuda", arch, 32)
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", arch, 32), options=options)
+                          target=target, options=options)
 
 
 results = {}
@@ -203,7 +206,8 @@ for job in json.loads(sys.argv[1]):
                                       wgmma={shape: shapes.count(shape) for shape in set(shapes)})
         else:
             compiled = compile_kernel(job["kernel"], job["constexprs"], job["arch"], {})
-            results[job["id"]] = "ok" if compiled.asm["cubin"] else "empty cubin"
+            binary = "hsaco" if isinstance(job["arch"], str) else "cubin"  # AMD's code object, NVIDIA's
+            results[job["id"]] = "ok" if compiled.asm[binary] else f"empty {binary}"
     except Exception as error:
         results[job["id"]] = f"{type(error).__name__}: {str(error)[-2000:]}"
 print(json.dumps(results))
@@ -213,13 +217,20 @@ print(json.dumps(results))
 def for_arch(constexprs, arch):
     """A variant's constexprs as the ops launch them on `arch`: a hardware-FP8 variant (HW_FP8 true) takes that GPU's
     e4m3 decoding (common.fp8_conversion: on sm_89 bf16 by integer ops, stop 43), None where it has none (before
-    sm_89 the integer decoding, a variant of its own)."""
-    from flashmla_ops.triton.common import fp8_conversion
+    sm_89 the integer decoding, a variant of its own). An AMD GPU (a gfx name) takes the integer decoding
+    (common.hardware_fp8 under ROCm)."""
+    from flashmla_ops.triton.common import FP8_INTEGER, fp8_conversion
 
     if not constexprs.get("HW_FP8"):
         return constexprs
+    if isinstance(arch, str):
+        return dict(constexprs, HW_FP8=FP8_INTEGER)
     level = fp8_conversion(divmod(arch, 10))
     return dict(constexprs, HW_FP8=level) if level else None
+
+
+def arch_name(arch):
+    return arch if isinstance(arch, str) else f"sm{arch}"
 
 
 def cases():
@@ -228,15 +239,16 @@ def cases():
             for arch in ARCHS:
                 arch_constexprs = for_arch(constexprs, arch)
                 if arch_constexprs is not None:
-                    yield f"{kernel}[{name}]-sm{arch}", kernel, arch_constexprs, arch
+                    yield f"{kernel}[{name}]-{arch_name(arch)}", kernel, arch_constexprs, arch
         spot = next((name for name, constexprs in variants.items() if constexprs.get("HW_FP8")), next(iter(variants)))
         for arch in SPOT_ARCHS:
-            yield f"{kernel}[{spot}]-sm{arch}", kernel, for_arch(variants[spot], arch), arch
+            yield f"{kernel}[{spot}]-{arch_name(arch)}", kernel, for_arch(variants[spot], arch), arch
 
 
 # Shared memory per block (opt-in) where it is less than Hopper's 227 KiB: Triton refuses a kernel that needs more
-# (OutOfResources) and the op takes its next tiles (common.launch_fitting). sm_120 (consumer Blackwell) has Ada's.
-SMEM_LIMITS = {80: 166912, 89: 101376}
+# (OutOfResources) and the op takes its next tiles (common.launch_fitting). sm_120 (consumer Blackwell) has Ada's;
+# CDNA2 and CDNA3 (gfx90a, gfx942) have 64 KiB of LDS a workgroup.
+SMEM_LIMITS = {80: 166912, 89: 101376, "gfx942": 65536}
 
 
 def launch_step(config, lookahead=False, **variant):
@@ -281,7 +293,7 @@ def ladders():
             # each GPU's e4m3 decoding (Ampere's: the integer one)
             arch_ladder = [dict(step, constexprs=for_arch(step["constexprs"], arch)
                                 or dict(step["constexprs"], HW_FP8=False)) for step in ladder]
-            yield f"{name}-sm{arch}", kernel, arch_ladder, arch, limit
+            yield f"{name}-{arch_name(arch)}", kernel, arch_ladder, arch, limit
 
 
 HOPPER_SHARED = 232448  # bytes per block, opt-in (227 KiB)
@@ -353,8 +365,8 @@ def test_triton_kernel_compiles(compiled, case_id):
 
 @pytest.mark.parametrize("case_id", [case[0] for case in ladders()])
 def test_every_op_finds_tiles_that_fit_below_hopper(compiled, case_id):
-    """Compiled for Ampere (163 KiB per block) and Ada / consumer Blackwell (99 KiB), each op's ladder of tiles reaches
-    one whose kernel fits: launch_fitting will find it there."""
+    """Compiled for Ampere (163 KiB per block), Ada / consumer Blackwell (99 KiB) and CDNA3 (64 KiB), each op's ladder
+    of tiles reaches one whose kernel fits: launch_fitting will find it there."""
     limit = dict((case[0], case[4]) for case in ladders())[case_id]
     shared = compiled[case_id]
     assert isinstance(shared, list), shared
