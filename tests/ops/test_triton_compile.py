@@ -1,9 +1,10 @@
 """Every Triton kernel compiles for the GPUs it targets, on any machine: every constexpr variant for sm_90 (Hopper) and
-sm_80 (Ampere), one variant of each kernel (its hardware-FP8 one where it has one) for sm_89 (Ada) and sm_120
-(consumer Blackwell), and the same variant with the integer e4m3 decoding (the one ROCm's torch takes,
-common.hardware_fp8) for AMD's CDNA3 (gfx942, MI300) and CDNA2 (gfx90a, MI200) through Triton's HIP backend. And where
-a GPU has less shared memory per block than Hopper (sm_80, sm_89; sm_120 has sm_89's; CDNA's 64 KiB of LDS), each
-op's ladder of tiles reaches one that fits (`ladders`). The compiles are dealt out over one process per core.
+sm_80 (Ampere), one variant of each kernel (its hardware-FP8 one where it has one) for sm_89 (Ada), sm_100
+(datacenter Blackwell, where each op's first tiles must also fit) and sm_120 (consumer Blackwell), and the same
+variant with the integer e4m3 decoding (the one ROCm's torch takes, common.hardware_fp8) for AMD's CDNA3 (gfx942,
+MI300) and CDNA2 (gfx90a, MI200) through Triton's HIP backend. And where a GPU has less shared memory per block than
+Hopper (sm_80, sm_89; sm_120 has sm_89's; CDNA's 64 KiB of LDS), each op's ladder of tiles reaches one that fits
+(`ladders`). The compiles are dealt out over one process per core.
 
 Triton compiles to a cubin without a GPU; this catches what the CPU interpreter cannot (type inference across
 branches, layouts, register and shared-memory limits) over each kernel's constexpr variants. The compiles run in
@@ -141,7 +142,7 @@ KERNELS = {
     "sparse._sparse_prefill_kernel": SPARSE_PREFILL,
 }
 ARCHS = (90, 80)  # every variant
-SPOT_ARCHS = (89, 120, "gfx942", "gfx90a")  # one variant per kernel; AMD's by their gfx names
+SPOT_ARCHS = (89, 100, 120, "gfx942", "gfx90a")  # one variant per kernel; AMD's by their gfx names
 
 COMPILER = r'''
 import json, re, sys
@@ -299,37 +300,69 @@ def ladders():
 HOPPER_SHARED = 232448  # bytes per block, opt-in (227 KiB)
 
 
-def hopper_defaults():
-    """(id, kernel, constexprs, options) of the 64-row tiles the ops take by default on an H100 (132 SMs, Hopper's
-    shared memory, wgmma), each with APART as the default has it (`-default`) and flipped (`-flipped`): the dense
-    decode of b128 h128, the sparse FP8 and BF16 decode and the sparse prefill from 64 heads."""
-    import dataclasses
+def default_launches(multiprocessors, wgmma):
+    """(name, kernel, launch config, variant) of the tiles each op takes first on a GPU of Hopper's shared memory with
+    `multiprocessors` SMs, whose products are wgmma or not (common.warpgroup_products): the dense decode of b128 h128,
+    h16 and FP8 h16, the sparse FP8 and BF16 decode and the sparse prefill from 64 heads."""
     from unittest import mock
 
     from flashmla_ops.triton import decode as triton_decode
     from flashmla_ops.triton import sparse as triton_sparse
 
-    with mock.patch.object(triton_decode, "device_limits", lambda device: (132, HOPPER_SHARED)), \
-            mock.patch.object(triton_decode, "warpgroup_products", lambda device: True):
-        dense = triton_decode.default_config(128, 128, None)
+    with mock.patch.object(triton_decode, "device_limits", lambda device: (multiprocessors, HOPPER_SHARED)), \
+            mock.patch.object(triton_decode, "warpgroup_products", lambda device: wgmma):
+        dense, dense_h16, dense_fp8 = (triton_decode.default_config(128, 128, None),
+                                       triton_decode.default_config(128, 16, None),
+                                       triton_decode.default_config(128, 16, None, is_fp8=True))
+    dense_bf16 = dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, SPLIT=True, APPLY_SINK=False, F16=False,
+                      PREFETCH=False, RELOAD=False, HALF_PARTIALS=False)
     sparse_decode = dict(SPLIT=True, HAS_TOPK_LENGTH=False, HAS_EXTRA=False, HAS_EXTRA_TOPK_LENGTH=False,
                          APPLY_SINK=False, HALF_PARTIALS=False)
-    families = [
-        ("dense decode bf16", "decode._dense_decode_split_kernel", dense, dict(
-            IS_FP8=False, HW_FP8=False, CAUSAL=False, SPLIT=True, APPLY_SINK=False, F16=False, PREFETCH=False,
-            RELOAD=False, HALF_PARTIALS=False)),
+    return [
+        ("dense decode bf16", "decode._dense_decode_split_kernel", dense, dense_bf16),
+        ("dense decode bf16 h16", "decode._dense_decode_split_kernel", dense_h16, dense_bf16),
+        ("dense decode fp8 h16", "decode._dense_decode_split_kernel", dense_fp8,
+         dict(dense_bf16, IS_FP8=True, HW_FP8=2, F16=dense_fp8.fp8_f16, PREFETCH=dense_fp8.prefetch)),
         ("sparse decode fp8", "sparse._sparse_decode_split_kernel",
-         triton_sparse.tile_configs(128, fp8_decode=True, apart=True)[0], dict(sparse_decode, IS_FP8=True, HW_FP8=2)),
-        ("sparse decode bf16", "sparse._sparse_decode_split_kernel", triton_sparse.tile_configs(64, apart=True)[0],
+         triton_sparse.tile_configs(128, fp8_decode=True, apart=wgmma)[0], dict(sparse_decode, IS_FP8=True, HW_FP8=2)),
+        ("sparse decode bf16", "sparse._sparse_decode_split_kernel", triton_sparse.tile_configs(64, apart=wgmma)[0],
          dict(sparse_decode, IS_FP8=False, HW_FP8=False)),
-        ("sparse prefill", "sparse._sparse_prefill_kernel", triton_sparse.tile_configs(128, apart=True)[0],
+        ("sparse prefill", "sparse._sparse_prefill_kernel", triton_sparse.tile_configs(128, apart=wgmma)[0],
          dict(HAS_TOPK_LENGTH=False, HAS_INDEXER=False, APPLY_SINK=False)),
     ]
-    for name, kernel, config, variant in families:
+
+
+def hopper_defaults():
+    """(id, kernel, constexprs, options) of the 64-row tiles the ops take by default on an H100 (132 SMs, Hopper's
+    shared memory, wgmma), each with APART as the default has it (`-default`) and flipped (`-flipped`)."""
+    import dataclasses
+
+    for name, kernel, config, variant in default_launches(132, wgmma=True):
+        if config.block_h < 64:
+            continue
         flipped = dataclasses.replace(config, apart_logits=not config.apart_logits)
         for which, launch in (("default", config), ("flipped", flipped)):
             step = launch_step(launch, kernel == "sparse._sparse_decode_split_kernel", **variant)
             yield f"{name}-{which}", kernel, step["constexprs"], step["options"]
+
+
+def blackwell_defaults():
+    """(id, kernel, constexprs, options) of the tiles the ops take first on a B200 (sm_100, 148 SMs, Hopper's shared
+    memory; its products are tcgen05's, not wgmma, so the logits are not masked apart): the csrc kernels are sm_90a
+    only, so there these are the fast path. Whether they mask the logits apart is common.warpgroup_products' call on an
+    sm_100 (its uncached function, the GPU faked)."""
+    from unittest import mock
+
+    import torch
+
+    from flashmla_ops.triton import common
+
+    with mock.patch.object(torch.cuda, "is_available", lambda: True), \
+            mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: (10, 0)):
+        wgmma = common.warpgroup_products.__wrapped__(torch.device("cuda"))
+    for name, kernel, config, variant in default_launches(148, wgmma):
+        step = launch_step(config, kernel == "sparse._sparse_decode_split_kernel", **variant)
+        yield f"{name}-sm100", kernel, step["constexprs"], step["options"]
 
 
 @pytest.fixture(scope="module")
@@ -338,8 +371,9 @@ def compiled():
             for case_id, kernel, constexprs, arch in cases()]
     jobs += [dict(id=case_id, kernel=kernel, ladder=ladder, arch=arch, limit=limit)
              for case_id, kernel, ladder, arch, limit in ladders()]
-    jobs += [dict(id=case_id, kernel=kernel, constexprs=constexprs, arch=90, options=options)
-             for case_id, kernel, constexprs, options in hopper_defaults()]
+    jobs += [dict(id=case_id, kernel=kernel, constexprs=constexprs, arch=arch, options=options)
+             for arch, launches in ((90, hopper_defaults()), (100, blackwell_defaults()))
+             for case_id, kernel, constexprs, options in launches]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = max(1, min(cores, 8))  # one compiler process per core, the jobs dealt out
@@ -384,3 +418,12 @@ def test_hopper_defaults_compute_the_logits_once_and_fit(compiled, family):
     assert (logits, flipped["wgmma"].pop("m64n32k16")) == (36, 72)
     assert default["wgmma"] == flipped["wgmma"] and default["wgmma"], (default, flipped)  # P V's
     assert default["shared"] <= HOPPER_SHARED, default
+
+
+@pytest.mark.parametrize("case_id", [case[0] for case in blackwell_defaults()])
+def test_blackwell_takes_each_ops_first_tiles(compiled, case_id):
+    """Compiled for sm_100 at the launch's options, each op's first tiles fit its 227 KiB (launch_fitting would
+    otherwise fall to smaller ones): with the logits apart the dense decode would take 281 KiB there."""
+    result = compiled[case_id]
+    assert isinstance(result, dict), result
+    assert result["shared"] <= HOPPER_SHARED, result
