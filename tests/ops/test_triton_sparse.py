@@ -125,6 +125,19 @@ def test_triton_sparse_decode_fp8_scales_that_differ_by_tile_and_token():
     run_decode(2, 2, 16, 130, 0, False, True, varied_scales=True)
 
 
+@pytest.mark.parametrize("batch,s_q,h_q,topk,extra_topk,with_topk_length", [DECODE_CASES[1], DECODE_CASES[3]])
+def test_triton_sparse_decode_fp8_integer_decoding_matches_reference(monkeypatch, batch, s_q, h_q, topk, extra_topk,
+                                                                     with_topk_length):
+    """Before sm_89 and on AMD GPUs (common.hardware_fp8: FP8_INTEGER) the FP8 keys, of both caches, are decoded by
+    integer ops (common.load_kv_tile), which neither the interpreter (it emulates the conversion) nor Hopper runs
+    otherwise; with scales that differ by tile and token too."""
+    from flashmla_ops.triton.common import FP8_INTEGER
+
+    monkeypatch.setattr(triton_sparse, "hardware_fp8", lambda device: FP8_INTEGER)
+    run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, True, sink=extra_topk > 0)
+    run_decode(2, 1, 16, 130, 0, False, True, varied_scales=True)
+
+
 @pytest.mark.parametrize("exponent", [40, -40])
 def test_triton_sparse_decode_split_partials_hold_outputs_past_f16(monkeypatch, exponent):
     """Split partials in f16 rows times a power of two each (decode.Partials, the threshold lowered to 2 splits):
