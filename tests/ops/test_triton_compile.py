@@ -19,6 +19,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+triton_moe = pytest.importorskip("flashmla_ops.triton.moe")
 
 DENSE = {
     "bf16": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, SPLIT=False, APPLY_SINK=False, BLOCK_H=16, BLOCK_N=64,
@@ -131,6 +132,9 @@ INDEXER_LOGITS = {
     "fp8-mma-prefill": _logits(False, True, True, True, True, 2, 64, 64, True, True),
     "fp8-mma-paged": _logits(True, True, True, True, True, 1, 64, 64, True, True),
 }
+# The routed experts' two GEMV kernels at the tiles they launch with
+MOE_GATE_UP = {"bf16": dict(BLOCK_N=triton_moe.GATE_UP_BLOCK_N, BLOCK_K=triton_moe.GATE_UP_BLOCK_K)}
+MOE_DOWN = {"bf16": dict(BLOCK_N=triton_moe.DOWN_BLOCK_N, BLOCK_K=triton_moe.DOWN_BLOCK_K)}
 KERNELS = {
     "kv_cache._store_kv_rows_kernel": KV_CACHE_WRITE,
     "kv_cache._store_index_rows_kernel": INDEX_CACHE_WRITE,
@@ -140,6 +144,8 @@ KERNELS = {
     "decode._combine_kernel": COMBINE,
     "sparse._sparse_decode_split_kernel": SPARSE_DECODE,
     "sparse._sparse_prefill_kernel": SPARSE_PREFILL,
+    "moe._gate_up_kernel": MOE_GATE_UP,
+    "moe._down_kernel": MOE_DOWN,
 }
 ARCHS = (90, 80)  # every variant
 SPOT_ARCHS = (89, 100, 120, "gfx942", "gfx90a")  # one variant per kernel; AMD's by their gfx names
@@ -149,17 +155,20 @@ import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from flashmla_ops.triton import decode, indexer, kv_cache, sparse
+from flashmla_ops.triton import decode, indexer, kv_cache, moe, sparse
 
 POINTERS = {"Q": "*bf16", "Out": "*bf16", "BlockTable": "*i32", "Seqlens": "*i32", "Indices": "*i32",
             "TopkLength": "*i32", "ExtraIndices": "*i32", "ExtraTopkLength": "*i32", "Latent": "*bf16",
             "Rope": "*bf16", "Keys": "*bf16", "Slots": "*i32", "KStart": "*i32", "KEnd": "*i32",
             "Metadata": "*i32", "SplitOffsets": "*i32"}
-KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"}}
+KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"},
+                   "_gate_up_kernel": {"X": "*bf16", "W": "*bf16", "Experts": "*i64"},  # H: float32
+                   "_down_kernel": {"W": "*bf16", "Experts": "*i64"}}  # H, Weights: float32
 F16_POINTERS = {"_indexer_logits_kernel": {"K": "*fp16"}}  # prefill keys widened to f16 (F16 without K_FP8)
 DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "INTERPRET": False,
         "APART": False, "LOOKAHEAD": False}  # the defaults of those a kernel takes (APART: variants named -apart)
-SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK", "H_I", "NUM_KEYS"}  # upper-case sizes; other capitalised names are pointers
+SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK", "H_I", "NUM_KEYS", "TOP_K", "NUM_EXPERTS", "INTER",
+           "HIDDEN"}  # upper-case sizes; other capitalised names are pointers
 def compile_kernel(name, constexprs, arch, options, specialize=True):  # arch: an sm_XY's XY, or an AMD gfx name
     kernel = eval(name)
     constexprs = {**{k: v for k, v in DIMS.items() if k in kernel.arg_names}, **constexprs}
