@@ -7,7 +7,7 @@
 #   3. docs/bench/stop54_wide_latent.diff (a BF16 cache's latent as one 512-wide product): stop54_apart_ab.py
 #      --flip wide_latent on the dense h128 rows;
 # then the Triton decode and prefill tests with both diffs (the review's GPU parametrizations among them, which
-# have not run on a GPU either).
+# have not run on a GPU either, and stop 55's test of the sparse decode's integer e4m3 decoding).
 # `run` with command `bash docs/bench/stop54_next_device_call.sh`.
 export PYTHONPATH=$PWD:$PWD/scripts
 SECONDS=0
@@ -23,6 +23,6 @@ echo "page-ahead A/B rc $? at ${SECONDS}s"; grep -E "round .*fp8|Error" $OUT/pag
 timeout 120 python docs/bench/stop54_apart_ab.py --rounds 2 --settle 3 --flip wide_latent > $OUT/wide_ab.log 2>&1
 echo "wide-latent A/B rc $? at ${SECONDS}s"; grep -E "round|Error" $OUT/wide_ab.log
 timeout $((570 - SECONDS)) python -m pytest -q tests/ops/test_triton_decode.py tests/ops/test_triton_sparse.py \
-  -k "wide_latent or apart or prefetch or latent_loading or prefill or gpu_grid" > $OUT/tests.log 2>&1
+  -k "wide_latent or apart or prefetch or latent_loading or prefill or gpu_grid or integer_decoding" > $OUT/tests.log 2>&1
 echo "tests rc $?"; grep -E "passed|failed|FAILED|Error" $OUT/tests.log | tail -8
 echo "=== done at ${SECONDS}s"

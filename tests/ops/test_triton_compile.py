@@ -272,12 +272,19 @@ def launch_step(config, lookahead=False, **variant):
 
 def ladders():
     """(id, kernel, the configs the op tries in order as constexprs and options, arch): the ops with tiles too big
-    for these GPUs, at 64 query rows or heads per program (their largest tiles)."""
+    for these GPUs, at 64 query rows or heads per program (their largest tiles); and the indexer's logits, which has
+    no ladder: its default tiles (bf16 prefill: 99,328 bytes on sm_89, exactly CDNA's 64 KiB on gfx942) must fit."""
     from flashmla_ops.triton import decode as triton_decode
+    from flashmla_ops.triton import indexer as triton_indexer
     from flashmla_ops.triton import sparse as triton_sparse
 
     def steps(configs, lookahead=False, **variant):
         return [launch_step(config, lookahead, **variant) for config in configs]
+
+    def indexer_default(paged):  # a bf16 cache or keys, 64 heads
+        config = triton_indexer.default_logits_config(64, paged)
+        return [dict(constexprs=_logits(paged, False, False, False, False, config.block_q, 64, config.block_n),
+                     options=dict(num_warps=config.num_warps, num_stages=config.num_stages))]
 
     sparse_decode = dict(SPLIT=True, HAS_TOPK_LENGTH=True, HAS_EXTRA=False, HAS_EXTRA_TOPK_LENGTH=False,
                          APPLY_SINK=False, HALF_PARTIALS=False)
@@ -297,6 +304,8 @@ def ladders():
                               steps(triton_decode.fitting_configs(dense_default), IS_FP8=False, HW_FP8=False,
                                     CAUSAL=True, SPLIT=True, APPLY_SINK=True, F16=False, PREFETCH=False,
                                     RELOAD=False, HALF_PARTIALS=False)),
+        "indexer logits prefill": ("indexer._indexer_logits_kernel", indexer_default(paged=False)),
+        "indexer logits paged": ("indexer._indexer_logits_kernel", indexer_default(paged=True)),
     }
     for name, (kernel, ladder) in families.items():
         for arch, limit in SMEM_LIMITS.items():
@@ -409,7 +418,7 @@ def test_triton_kernel_compiles(compiled, case_id):
 @pytest.mark.parametrize("case_id", [case[0] for case in ladders()])
 def test_every_op_finds_tiles_that_fit_below_hopper(compiled, case_id):
     """Compiled for Ampere (163 KiB per block), Ada / consumer Blackwell (99 KiB) and CDNA3 (64 KiB), each op's ladder
-    of tiles reaches one whose kernel fits: launch_fitting will find it there."""
+    of tiles reaches one whose kernel fits: launch_fitting will find it there (the indexer's one default, itself)."""
     limit = dict((case[0], case[4]) for case in ladders())[case_id]
     shared = compiled[case_id]
     assert isinstance(shared, list), shared
