@@ -245,8 +245,9 @@ _FITTING: dict[Hashable, object] = {}
 
 def launch_fitting(key: Hashable, configs: Sequence, launch: Callable) -> None:
     """`launch(config)` with the first of `configs` (the preferred first) whose kernels the GPU can hold. Hopper takes
-    every op's first tiles; GPUs with less shared memory per block (Ampere 163 KiB, Ada and consumer Blackwell 99 KiB)
-    refuse some, and Triton says so by OutOfResources when it loads the compiled kernel, before anything is launched:
+    every op's first tiles; GPUs with less shared memory per block (Ampere 163 KiB, Ada and consumer Blackwell 99 KiB,
+    CDNA 64 KiB) refuse some, as a B200 does the dense decode's 64-row tiles for their tensor memory (576 columns of
+    its 512), and Triton says so by OutOfResources when it loads the compiled kernel, before anything is launched:
     the next config is tried. Refused kernels never ran, and the kernels overwrite their outputs, so a retry writes
     each output once. The config that ran is kept per `key` (the op, its ladder, its variant, the device), and later
     calls start from it; variants under one key that differ in no more than a split flag may thus take tiles a

@@ -1,10 +1,11 @@
 """Every Triton kernel compiles for the GPUs it targets, on any machine: every constexpr variant for sm_90 (Hopper) and
 sm_80 (Ampere), one variant of each kernel (its hardware-FP8 one where it has one) for sm_89 (Ada), sm_100
-(datacenter Blackwell, where each op's first tiles must also fit) and sm_120 (consumer Blackwell), and the same
-variant with the integer e4m3 decoding (the one ROCm's torch takes, common.hardware_fp8) for AMD's CDNA3 (gfx942,
-MI300) and CDNA2 (gfx90a, MI200) through Triton's HIP backend. And where a GPU has less shared memory per block than
-Hopper (sm_80, sm_89; sm_120 has sm_89's; CDNA's 64 KiB of LDS), each op's ladder of tiles reaches one that fits
-(`ladders`). The compiles are dealt out over one process per core.
+(datacenter Blackwell) and sm_120 (consumer Blackwell), and an FP8 variant with the integer e4m3 decoding where a
+kernel has one (what ROCm's torch launches, common.hardware_fp8) for AMD's CDNA3 (gfx942, MI300) and CDNA2 (gfx90a,
+MI200) through Triton's HIP backend. And where a GPU has less shared memory per block than Hopper (sm_80, sm_89;
+sm_120 has sm_89's; CDNA's 64 KiB of LDS), and on sm_100 (B200: tensor memory), each op's ladder of tiles reaches one
+that fits (`ladders`, `blackwell_ladders`); no compiled kernel is a trap. The compiles are dealt out over one process
+per core.
 
 Triton compiles to a cubin without a GPU; this catches what the CPU interpreter cannot (type inference across
 branches, layouts, register and shared-memory limits) over each kernel's constexpr variants. The compiles run in
@@ -19,7 +20,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
-triton_moe = pytest.importorskip("flashmla_ops.triton.moe")
+from flashmla_ops.triton import moe as triton_moe  # noqa: E402 (after the skip without Triton)
 
 DENSE = {
     "bf16": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, SPLIT=False, APPLY_SINK=False, BLOCK_H=16, BLOCK_N=64,
@@ -148,7 +149,7 @@ KERNELS = {
     "moe._down_kernel": MOE_DOWN,
 }
 ARCHS = (90, 80)  # every variant
-SPOT_ARCHS = (89, 100, 120, "gfx942", "gfx90a")  # one variant per kernel; AMD's by their gfx names
+SPOT_ARCHS = (89, 100, 120, "gfx942", "gfx90a")  # one variant per kernel; AMD GPUs by their gfx names
 
 COMPILER = r'''
 import json, re, sys
@@ -198,17 +199,31 @@ def compile_kernel(name, constexprs, arch, options, specialize=True):  # arch: a
                           target=target, options=options)
 
 
+def trap_only(compiled):
+    """Whether the kernel's body is just a trap: what Triton emits where it cannot lay a kernel out (sm_100: more
+    tensor memory than the SM has), leaving the refusal to the load (OutOfResources)."""
+    body = compiled.asm["llir"].split("\ndefine ", 1)[1].split("{\n", 1)[1].split("\n}", 1)[0]
+    return "@llvm.trap()" in body and len(body.strip().splitlines()) <= 2
+
+
+TENSOR_MEMORY_COLUMNS = 512  # sm_100's, which Triton checks at load
+
+
 results = {}
 for job in json.loads(sys.argv[1]):
     try:
-        if "ladder" in job:  # the first config whose kernel fits the shared memory limit, and what each took
-            shared = []  # specialized or not, whichever takes more: a launch may be either
+        if "ladder" in job:  # the first config whose kernel fits, and what each took
+            steps = []  # specialized or not, whichever takes more: a launch may be either
             for step in job["ladder"]:
-                shared.append(max(compile_kernel(job["kernel"], step["constexprs"], job["arch"], step["options"],
-                                                 specialize).metadata.shared for specialize in (True, False)))
-                if shared[-1] <= job["limit"]:
+                kernels = [compile_kernel(job["kernel"], step["constexprs"], job["arch"], step["options"], specialize)
+                           for specialize in (True, False)]
+                steps.append(dict(shared=max(k.metadata.shared for k in kernels),
+                                  tmem=max(getattr(k.metadata, "tmem_size", None) or 0 for k in kernels),
+                                  trap=any(trap_only(k) for k in kernels)))
+                if (steps[-1]["shared"] <= job["limit"] and steps[-1]["tmem"] <= TENSOR_MEMORY_COLUMNS
+                        and not steps[-1]["trap"]):
                     break
-            results[job["id"]] = shared
+            results[job["id"]] = steps
         elif "options" in job:  # at the launch's options: the PTX's wgmma shapes and the shared memory
             compiled = compile_kernel(job["kernel"], job["constexprs"], job["arch"], job["options"])
             shapes = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", compiled.asm["ptx"])
@@ -217,7 +232,8 @@ for job in json.loads(sys.argv[1]):
         else:
             compiled = compile_kernel(job["kernel"], job["constexprs"], job["arch"], {})
             binary = "hsaco" if isinstance(job["arch"], str) else "cubin"  # AMD's code object, NVIDIA's
-            results[job["id"]] = "ok" if compiled.asm[binary] else f"empty {binary}"
+            results[job["id"]] = ("trap only" if trap_only(compiled) else "ok") if compiled.asm[binary] \
+                else f"empty {binary}"
     except Exception as error:
         results[job["id"]] = f"{type(error).__name__}: {str(error)[-2000:]}"
 print(json.dumps(results))
@@ -251,8 +267,13 @@ def cases():
                 if arch_constexprs is not None:
                     yield f"{kernel}[{name}]-{arch_name(arch)}", kernel, arch_constexprs, arch
         spot = next((name for name, constexprs in variants.items() if constexprs.get("HW_FP8")), next(iter(variants)))
+        # what an AMD GPU launches (common.hardware_fp8: the integer decoding): an FP8 variant without the hardware's
+        amd = next((name for name, constexprs in variants.items()
+                    if (constexprs.get("IS_FP8") or constexprs.get("Q_FP8")) and not constexprs.get("HW_FP8")),
+                   next(iter(variants)))
         for arch in SPOT_ARCHS:
-            yield f"{kernel}[{spot}]-{arch_name(arch)}", kernel, for_arch(variants[spot], arch), arch
+            name = amd if isinstance(arch, str) else spot
+            yield f"{kernel}[{name}]-{arch_name(arch)}", kernel, for_arch(variants[name], arch), arch
 
 
 # Shared memory per block (opt-in) where it is less than Hopper's 227 KiB: Triton refuses a kernel that needs more
@@ -319,7 +340,7 @@ HOPPER_SHARED = 232448  # bytes per block, opt-in (227 KiB)
 
 
 def default_launches(multiprocessors, wgmma):
-    """(name, kernel, launch config, variant) of the tiles each op takes first on a GPU of Hopper's shared memory with
+    """(name, kernel, the op's tiles in the order it tries them, variant) on a GPU of Hopper's shared memory with
     `multiprocessors` SMs, whose products are wgmma or not (common.warpgroup_products): the dense decode of b128 h128,
     h16 and FP8 h16, the sparse FP8 and BF16 decode and the sparse prefill from 64 heads."""
     from unittest import mock
@@ -336,16 +357,17 @@ def default_launches(multiprocessors, wgmma):
                       PREFETCH=False, RELOAD=False, HALF_PARTIALS=False)
     sparse_decode = dict(SPLIT=True, HAS_TOPK_LENGTH=False, HAS_EXTRA=False, HAS_EXTRA_TOPK_LENGTH=False,
                          APPLY_SINK=False, HALF_PARTIALS=False)
+    fitting = triton_decode.fitting_configs
     return [
-        ("dense decode bf16", "decode._dense_decode_split_kernel", dense, dense_bf16),
-        ("dense decode bf16 h16", "decode._dense_decode_split_kernel", dense_h16, dense_bf16),
-        ("dense decode fp8 h16", "decode._dense_decode_split_kernel", dense_fp8,
+        ("dense decode bf16", "decode._dense_decode_split_kernel", fitting(dense), dense_bf16),
+        ("dense decode bf16 h16", "decode._dense_decode_split_kernel", fitting(dense_h16), dense_bf16),
+        ("dense decode fp8 h16", "decode._dense_decode_split_kernel", fitting(dense_fp8),
          dict(dense_bf16, IS_FP8=True, HW_FP8=2, F16=dense_fp8.fp8_f16, PREFETCH=dense_fp8.prefetch)),
         ("sparse decode fp8", "sparse._sparse_decode_split_kernel",
-         triton_sparse.tile_configs(128, fp8_decode=True, apart=wgmma)[0], dict(sparse_decode, IS_FP8=True, HW_FP8=2)),
-        ("sparse decode bf16", "sparse._sparse_decode_split_kernel", triton_sparse.tile_configs(64, apart=wgmma)[0],
+         triton_sparse.tile_configs(128, fp8_decode=True, apart=wgmma), dict(sparse_decode, IS_FP8=True, HW_FP8=2)),
+        ("sparse decode bf16", "sparse._sparse_decode_split_kernel", triton_sparse.tile_configs(64, apart=wgmma),
          dict(sparse_decode, IS_FP8=False, HW_FP8=False)),
-        ("sparse prefill", "sparse._sparse_prefill_kernel", triton_sparse.tile_configs(128, apart=wgmma)[0],
+        ("sparse prefill", "sparse._sparse_prefill_kernel", triton_sparse.tile_configs(128, apart=wgmma),
          dict(HAS_TOPK_LENGTH=False, HAS_INDEXER=False, APPLY_SINK=False)),
     ]
 
@@ -355,20 +377,20 @@ def hopper_defaults():
     shared memory, wgmma), each with APART as the default has it (`-default`) and flipped (`-flipped`)."""
     import dataclasses
 
-    for name, kernel, config, variant in default_launches(132, wgmma=True):
-        if config.block_h < 64:
+    for name, kernel, configs, variant in default_launches(132, wgmma=True):
+        if configs[0].block_h < 64:
             continue
-        flipped = dataclasses.replace(config, apart_logits=not config.apart_logits)
-        for which, launch in (("default", config), ("flipped", flipped)):
+        flipped = dataclasses.replace(configs[0], apart_logits=not configs[0].apart_logits)
+        for which, launch in (("default", configs[0]), ("flipped", flipped)):
             step = launch_step(launch, kernel == "sparse._sparse_decode_split_kernel", **variant)
             yield f"{name}-{which}", kernel, step["constexprs"], step["options"]
 
 
-def blackwell_defaults():
-    """(id, kernel, constexprs, options) of the tiles the ops take first on a B200 (sm_100, 148 SMs, Hopper's shared
-    memory; its products are tcgen05's, not wgmma, so the logits are not masked apart): the csrc kernels are sm_90a
-    only, so there these are the fast path. Whether they mask the logits apart is common.warpgroup_products' call on an
-    sm_100 (its uncached function, the GPU faked)."""
+def blackwell_ladders():
+    """(id, kernel, ladder, arch, limit) as ladders() has them, of the ops on a B200 (sm_100, 148 SMs, Hopper's shared
+    memory, 512 columns of tensor memory; its products are tcgen05's, not wgmma: whether the logits are masked apart is
+    common.warpgroup_products' call on an sm_100, its uncached function with the GPU faked). The csrc kernels are
+    sm_90a code, so there these are the fast path."""
     from unittest import mock
 
     import torch
@@ -378,9 +400,15 @@ def blackwell_defaults():
     with mock.patch.object(torch.cuda, "is_available", lambda: True), \
             mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: (10, 0)):
         wgmma = common.warpgroup_products.__wrapped__(torch.device("cuda"))
-    for name, kernel, config, variant in default_launches(148, wgmma):
-        step = launch_step(config, kernel == "sparse._sparse_decode_split_kernel", **variant)
-        yield f"{name}-sm100", kernel, step["constexprs"], step["options"]
+    for name, kernel, configs, variant in default_launches(148, wgmma):
+        ladder = [launch_step(config, kernel == "sparse._sparse_decode_split_kernel", **variant) for config in configs]
+        yield f"{name}-sm100", kernel, ladder, 100, HOPPER_SHARED
+
+
+# On a B200 the dense decode's 64-row tiles need 576 columns of tensor memory (P V's 64 x 512 accumulator and the
+# logits' 64): Triton compiles them to a trap, refuses them at load (OutOfResources) and the op takes its 32-row
+# tiles (mma.sync, no tensor memory). Every other op runs its first tiles there.
+BLACKWELL_FALLS_BACK = {"dense decode bf16-sm100"}
 
 
 @pytest.fixture(scope="module")
@@ -388,10 +416,9 @@ def compiled():
     jobs = [dict(id=case_id, kernel=kernel, constexprs=constexprs, arch=arch)
             for case_id, kernel, constexprs, arch in cases()]
     jobs += [dict(id=case_id, kernel=kernel, ladder=ladder, arch=arch, limit=limit)
-             for case_id, kernel, ladder, arch, limit in ladders()]
-    jobs += [dict(id=case_id, kernel=kernel, constexprs=constexprs, arch=arch, options=options)
-             for arch, launches in ((90, hopper_defaults()), (100, blackwell_defaults()))
-             for case_id, kernel, constexprs, options in launches]
+             for case_id, kernel, ladder, arch, limit in (*ladders(), *blackwell_ladders())]
+    jobs += [dict(id=case_id, kernel=kernel, constexprs=constexprs, arch=90, options=options)
+             for case_id, kernel, constexprs, options in hopper_defaults()]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = max(1, min(cores, 8))  # one compiler process per core, the jobs dealt out
@@ -420,9 +447,15 @@ def test_every_op_finds_tiles_that_fit_below_hopper(compiled, case_id):
     """Compiled for Ampere (163 KiB per block), Ada / consumer Blackwell (99 KiB) and CDNA3 (64 KiB), each op's ladder
     of tiles reaches one whose kernel fits: launch_fitting will find it there (the indexer's one default, itself)."""
     limit = dict((case[0], case[4]) for case in ladders())[case_id]
-    shared = compiled[case_id]
-    assert isinstance(shared, list), shared
-    assert shared[-1] <= limit, f"no config fits {limit} bytes: {shared}"
+    assert_fits(compiled[case_id], limit)
+
+
+def assert_fits(steps, limit):
+    """The ladder's last compiled step (compile_kernel stops at the first that fits) fits `limit` bytes of shared
+    memory and the tensor memory, and is not a trap."""
+    assert isinstance(steps, list), steps
+    last = steps[-1]
+    assert last["shared"] <= limit and last["tmem"] <= 512 and not last["trap"], f"no config fits {limit}: {steps}"
 
 
 @pytest.mark.parametrize("family", sorted({case[0].rsplit("-", 1)[0] for case in hopper_defaults()}))
@@ -438,10 +471,10 @@ def test_hopper_defaults_compute_the_logits_once_and_fit(compiled, family):
     assert default["shared"] <= HOPPER_SHARED, default
 
 
-@pytest.mark.parametrize("case_id", [case[0] for case in blackwell_defaults()])
-def test_blackwell_takes_each_ops_first_tiles(compiled, case_id):
-    """Compiled for sm_100 at the launch's options, each op's first tiles fit its 227 KiB (launch_fitting would
-    otherwise fall to smaller ones): with the logits apart the dense decode would take 281 KiB there."""
-    result = compiled[case_id]
-    assert isinstance(result, dict), result
-    assert result["shared"] <= HOPPER_SHARED, result
+@pytest.mark.parametrize("case_id", [case[0] for case in blackwell_ladders()])
+def test_blackwell_takes_each_ops_first_tiles_but_the_dense_decodes_64_rows(compiled, case_id):
+    """Compiled for sm_100 at the launch's options, each op's first tiles fit a B200 (shared memory, tensor memory, no
+    trap), but the dense decode's 64-row tiles, whose ladder reaches its 32-row ones (BLACKWELL_FALLS_BACK)."""
+    steps = compiled[case_id]
+    assert_fits(steps, HOPPER_SHARED)
+    assert (len(steps) > 1) == (case_id in BLACKWELL_FALLS_BACK), steps
