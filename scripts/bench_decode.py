@@ -233,6 +233,7 @@ TUNE_ROWS.append(("bf16 skewed b32 h16", 1, 16, [32768] + [512] * 31, False))
 def tune(device, chosen):
     """Time the Triton kernel's launch configurations on representative SPEC rows (one table per row; those chosen)."""
     from flashmla_ops.triton import decode as triton_decode
+    from flashmla_ops.triton.common import amd_gpus
 
     results = []
     for name, s_q, h_q, seqlens, is_fp8 in TUNE_ROWS:
@@ -272,9 +273,10 @@ def tune(device, chosen):
             candidates |= {dataclasses.replace(config, prefetch=False, reload=True) for config in products
                            if config.block_h <= 32}
             if default.block_h <= 16:  # 16-token tiles: 171 registers, or 168 (3 programs per SM) with maxnreg
+                caps = (None,) if amd_gpus() else (None, 168)  # maxnreg is ptxas's (Triton's HIP backend has none)
                 candidates |= {dataclasses.replace(default, block_n=16, prefetch=True, fp8_f16=True,
                                                    programs_per_sm=programs_per_sm, maxnreg=maxnreg)
-                               for programs_per_sm in (2, 3, 4) for maxnreg in (None, 168)}
+                               for programs_per_sm in (2, 3, 4) for maxnreg in caps}
         # the 64-row tiles of 8 warps with their logits masked apart and not (LaunchConfig.apart_logits; Hopper's
         # default has them apart)
         candidates |= {dataclasses.replace(config, apart_logits=not config.apart_logits) for config in list(candidates)

@@ -1,12 +1,13 @@
 """CUDA kernels of the KV-cache ops against the reference: bit-exact, poisoned outputs, odd sizes, CUDA graphs."""
 import pytest
 import torch
+from decode_inputs import HOPPER
 
 import flashmla_ops
 from flashmla_ops import reference
 from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, HOPPER]
 DEVICE = "cuda"
 POISON = 0xA5
 

@@ -162,8 +162,8 @@ def test_the_cuda_path_asks_each_device_its_architecture(monkeypatch):
 def test_amd_gpus_take_triton_without_the_nvidia_rules(monkeypatch):
     """ROCm's torch names an AMD GPU a "cuda" device whose capability is its gfx version: an MI250 (gfx90a) reads
     (9, 0), as Hopper does. Its ops take Triton (the csrc kernels do not build without CUDA), and no rule keyed on an
-    sm_XY applies: the kernels decode e4m3 with integer ops (the cache's OCP e4m3 is not CDNA3's conversions'), and
-    the 64-row tiles do not mask their logits apart (a workaround for wgmma, which AMD GPUs do not have)."""
+    sm_XY applies: the kernels decode e4m3 with integer ops, and the 64-row tiles do not mask their logits apart (a
+    workaround for wgmma, which AMD GPUs do not have)."""
     pytest.importorskip("triton")
     from flashmla_ops.triton import common, kv_cache
 
@@ -172,10 +172,18 @@ def test_amd_gpus_take_triton_without_the_nvidia_rules(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(_ext, "_load", _ext._load.__wrapped__)  # uncached: the process's own answer stays as it is
     monkeypatch.setattr(_ext, "_triton_importable", lambda: True)
     monkeypatch.setenv(_ext.BACKEND_ENV, "auto")
-    for cached in (common.hardware_fp8, common.warpgroup_products, _ext._load, _ext._hopper):
-        cached.cache_clear()
+    for name in (_ext.CSRC_ENV, _ext.EXTRA_FLAGS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    rules = (common.hardware_fp8, common.warpgroup_products)  # cached per device: cleared around each reading
+
+    def cleared():
+        for rule in rules:
+            rule.cache_clear()
+
+    cleared()
     try:
         assert _ext._unavailable_reason() == "this torch build has no CUDA"
         assert _ext.paths("dense_decode", device) == ("triton",)
@@ -183,13 +191,12 @@ def test_amd_gpus_take_triton_without_the_nvidia_rules(monkeypatch):
         assert common.hardware_fp8(device) == common.FP8_INTEGER
         assert not kv_cache.hardware_e4m3_encode(device)
         assert not common.warpgroup_products(device)
-        monkeypatch.setattr(torch.version, "hip", None)  # the same capability from a CUDA torch: Hopper's rules
-        for cached in (common.hardware_fp8, common.warpgroup_products):
-            cached.cache_clear()
+        cleared()  # the same capability from a CUDA torch: Hopper's rules
+        monkeypatch.setattr(torch.version, "hip", None)
+        monkeypatch.setattr(torch.version, "cuda", "13.0")
         assert common.hardware_fp8(device) == common.FP8_HARDWARE and common.warpgroup_products(device)
     finally:
-        for cached in (common.hardware_fp8, common.warpgroup_products, _ext._load, _ext._hopper):
-            cached.cache_clear()
+        cleared()
 
 
 def test_the_kernels_read_the_interpreter_setting_as_triton_does():

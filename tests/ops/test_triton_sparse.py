@@ -125,17 +125,19 @@ def test_triton_sparse_decode_fp8_scales_that_differ_by_tile_and_token():
     run_decode(2, 2, 16, 130, 0, False, True, varied_scales=True)
 
 
-@pytest.mark.parametrize("batch,s_q,h_q,topk,extra_topk,with_topk_length", [DECODE_CASES[1], DECODE_CASES[3]])
+@pytest.mark.parametrize("batch,s_q,h_q,topk,extra_topk,with_topk_length,varied_scales",
+                         [(1, 1, 32, 150, 100, True, False), (2, 2, 64, 130, 0, True, False),
+                          (2, 1, 16, 130, 0, False, True)])
 def test_triton_sparse_decode_fp8_integer_decoding_matches_reference(monkeypatch, batch, s_q, h_q, topk, extra_topk,
-                                                                     with_topk_length):
+                                                                     with_topk_length, varied_scales):
     """Before sm_89 and on AMD GPUs (common.hardware_fp8: FP8_INTEGER) the FP8 keys, of both caches, are decoded by
     integer ops (common.load_kv_tile), which neither the interpreter (it emulates the conversion) nor Hopper runs
     otherwise; with scales that differ by tile and token too."""
     from flashmla_ops.triton.common import FP8_INTEGER
 
     monkeypatch.setattr(triton_sparse, "hardware_fp8", lambda device: FP8_INTEGER)
-    run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, True, sink=extra_topk > 0)
-    run_decode(2, 1, 16, 130, 0, False, True, varied_scales=True)
+    run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, True, sink=extra_topk > 0,
+               varied_scales=varied_scales)
 
 
 @pytest.mark.parametrize("exponent", [40, -40])
