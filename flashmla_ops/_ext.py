@@ -227,8 +227,8 @@ def paths(op: str, device: torch.device | str) -> tuple[str, ...]:
 @functools.cache
 def _hopper(device: torch.device) -> bool:
     """Whether `device` is an sm_90 GPU: the csrc kernels' only target (the build checks the current device; a
-    process may see others)."""
-    return torch.cuda.get_device_capability(device) == (9, 0)
+    process may see others; ROCm's torch reads a gfx90a as (9, 0) too)."""
+    return torch.version.cuda is not None and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def backend(op: str, device: torch.device | str) -> str:

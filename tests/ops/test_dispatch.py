@@ -146,6 +146,7 @@ def test_the_cuda_path_asks_each_device_its_architecture(monkeypatch):
     """A process that sees an sm_90, an sm_80 and an sm_100 GPU (the kernels built, as the current device is the
     first): the csrc kernels (sm_90a code) are the path on the first only, and backend() names the best path listed."""
     caps = {0: (9, 0), 1: (8, 0), 2: (10, 0)}
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA torch's
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: caps[torch.device(device).index or 0])
     monkeypatch.setattr(_ext, "_load", lambda: object())
     monkeypatch.setattr(_ext, "_triton_importable", lambda: True)
