@@ -210,9 +210,9 @@ def amd_gpus() -> bool:
 def hardware_fp8(device: torch.device) -> int:
     """How the kernels decode e4m3 on `device` (fp8_conversion's level, nonzero from sm_89, where Triton has some
     conversion instructions): FP8_HARDWARE under the interpreter, which emulates the conversion. On AMD GPUs the
-    integer decoding: the cache's e4m3 is OCP's (Triton's float8e4nv), which CDNA3's conversion instructions do not
-    take (theirs is the FNUZ variant), and no AMD GPU has run these kernels, so they take the decoding the
-    interpreter checks bit for bit."""
+    integer decoding, the interpreter's bit-for-bit checked one: Triton's conversions of the cache's OCP e4m3 (its
+    float8e4nv) there, its own sequence on CDNA3 (whose instructions take the FNUZ format) and native on gfx950, have
+    run nowhere."""
     if device.type != "cuda":
         return FP8_HARDWARE
     if amd_gpus():
