@@ -143,7 +143,7 @@ def tune(device, chosen=lambda name: True) -> list[dict]:
             sets = [prefill_inputs(size, second, h_q, topk, device)]
             flops = attention_flops(size, h_q, topk)
         apart = triton_sparse.warpgroup_products(device)
-        default = triton_sparse.tile_configs(h_q, fp8_decode=op == "decode", apart=apart)[0]
+        default = triton_sparse.tile_configs(h_q, fp8_decode=op == "decode", apart=apart, prefill=op == "prefill")[0]
         for config in tune_candidates(h_q, apart):
             if config.lookahead and op != "decode" and config.num_stages > 2:  # BF16 64 x 64 at 3 stages: 288 KiB
                 continue

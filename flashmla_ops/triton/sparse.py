@@ -11,6 +11,7 @@ dense decode's combine kernel merges the splits: same partial layout).
 Prefill reads rows of one packed BF16 `kv` (page size 1) and also returns the largest logit and, when asked, the LSE
 over the first `indexer_topk` indices, kept as a second running (max, sum) in the same pass.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -253,7 +254,7 @@ class TileConfig:
     apart_logits: bool = False
 
 
-def tile_configs(h_q: int, fp8_decode: bool = False, apart: bool = False) -> list[TileConfig]:
+def tile_configs(h_q: int, fp8_decode: bool = False, apart: bool = False, prefill: bool = False) -> list[TileConfig]:
     """Preferred first (Hopper runs it: 64 keys per step, all heads up to 64 in one program), then smaller ones for
     GPUs with less shared memory per block, for launch_fitting: fewer stages, fewer keys per step, fewer heads. Compiled
     for sm_89 (the larger of the specialized and unspecialized compiles), the 99 KiB of Ada and consumer Blackwell take
@@ -266,7 +267,10 @@ def tile_configs(h_q: int, fp8_decode: bool = False, apart: bool = False) -> lis
     (three take 234 KiB with the exchange of P that it adds). Timed on the H100 (stop 54, docs/bench/stop54_call1.log,
     us): FP8 decode b128 h128 333.0-337.4 against 355.9 for stop 41's three stages without it (384.7-389.9 at two
     stages without it), s_q2 654.2-658.0 against 706.3-710.1, b64 h64 113.3-113.7 against 121.7-122.4; prefill
-    h128 8013.1-8058.5 against 8996.7-8999.5, h64 4394.4-4473.6 against 4693.7-4760.4."""
+    h128 8013.1-8058.5 against 8996.7-8999.5, h64 4394.4-4473.6 against 4693.7-4760.4. The sparse prefill (`prefill`)
+    with the logits apart from 64 heads first tries its 64 x 64 tiles with `lookahead` (224 KiB on sm_90): on the H200
+    (stop 55, docs/bench/stop55_call1.log, us) h128 7717.5-7745.8 against 8020.8-8051.6, h64 3933.7-3940.8 against
+    4265.4-4275.2 (stop 41 had found it 23-26% slower at 64 x 32, before the logits apart let 64 x 64 fit)."""
     first_h = min(64, max(16, triton.next_power_of_2(h_q)))
     ladder = [TileConfig(block_h=block_h, block_n=block_n, num_warps=8 if block_h >= 64 else 4, num_stages=num_stages,
                          apart_logits=apart and block_h == 64)
@@ -275,6 +279,8 @@ def tile_configs(h_q: int, fp8_decode: bool = False, apart: bool = False) -> lis
     if fp8_decode and first_h == 64:
         ladder.insert(0, TileConfig(block_h=64, block_n=64, num_warps=8, num_stages=2 if apart else 3, lookahead=True,
                                     apart_logits=apart))
+    if prefill and apart and first_h == 64:
+        ladder.insert(0, dataclasses.replace(ladder[0], lookahead=True))
     return ladder
 
 
@@ -373,7 +379,7 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_lengt
             INTERPRET=INTERPRET, APART=config.apart_logits, LOOKAHEAD=config.lookahead, num_warps=config.num_warps,
             num_stages=config.num_stages, **variant)
 
-    configs = [config] if config is not None else tile_configs(h_q, apart=warpgroup_products(q.device))
+    configs = [config] if config is not None else tile_configs(h_q, apart=warpgroup_products(q.device), prefill=True)
     launch_fitting(("sparse_prefill", configs[0], *variant.items(), q.device), configs, launch)
     return out, max_logits, lse, lse_indexer
 

@@ -365,7 +365,7 @@ def default_launches(multiprocessors, wgmma):
          triton_sparse.tile_configs(128, fp8_decode=True, apart=wgmma), dict(sparse_decode, IS_FP8=True, HW_FP8=2)),
         ("sparse decode bf16", "sparse._sparse_decode_split_kernel", triton_sparse.tile_configs(64, apart=wgmma),
          dict(sparse_decode, IS_FP8=False, HW_FP8=False)),
-        ("sparse prefill", "sparse._sparse_prefill_kernel", triton_sparse.tile_configs(128, apart=wgmma),
+        ("sparse prefill", "sparse._sparse_prefill_kernel", triton_sparse.tile_configs(128, apart=wgmma, prefill=True),
          dict(HAS_TOPK_LENGTH=False, HAS_INDEXER=False, APPLY_SINK=False)),
     ]
 

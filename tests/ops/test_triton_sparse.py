@@ -239,6 +239,21 @@ def test_triton_sparse_tiles_take_apart_logits_with_warpgroup_products():
     assert triton_sparse.tile_configs(128, fp8_decode=True)[0].num_stages == 3
 
 
+def test_triton_sparse_prefill_reads_indices_ahead_by_default_with_warpgroup_products(monkeypatch):
+    """With wgmma (Hopper) the prefill from 64 heads first tries its 64 x 64 tiles with each tile's indices read a
+    step early (stop 55), then without; fewer heads, or no wgmma, keep the ladder as it was."""
+    prefill = triton_sparse.tile_configs(128, apart=True, prefill=True)
+    assert prefill[0] == dataclasses.replace(prefill[1], lookahead=True) and prefill[0].apart_logits
+    assert prefill[1:] == triton_sparse.tile_configs(128, apart=True)
+    assert triton_sparse.tile_configs(128, prefill=True) == triton_sparse.tile_configs(128)
+    assert triton_sparse.tile_configs(32, apart=True, prefill=True) == triton_sparse.tile_configs(32, apart=True)
+    monkeypatch.setattr(triton_sparse, "warpgroup_products", lambda device: True)
+    recording = RecordingKernel(triton_sparse._sparse_prefill_kernel)
+    monkeypatch.setattr(triton_sparse, "_sparse_prefill_kernel", recording)
+    run_prefill([6], 64, 64, 40, False, False)
+    assert recording.options and all(options["LOOKAHEAD"] for options in recording.options)  # a GPU runs it twice
+
+
 @pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink", PREFILL_CASES)
 def test_triton_sparse_prefill_matches_reference(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink):
     run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink)
