@@ -1,0 +1,84 @@
+"""Reads stop56_device_call2.sh's Nsight Compute CSVs (`--page raw`, one file a SPEC row) into one table: per kernel
+its time, the DRAM bytes it moved against the bytes SPEC.md §4 counts for the row, its DRAM, L2, SM, tensor-pipe and
+shared-memory activity, and its three largest stall reasons (warps stalled per issued instruction).
+
+    python docs/bench/stop56_ncu_table.py DIR      # DIR holds ncu_row*.csv"""
+import csv
+import re
+import sys
+from pathlib import Path
+
+STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
+COLUMNS = {  # label: the first of these metrics the CSV has
+    "DRAM %": ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+               "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
+    "L2 %": ("lts__throughput.avg.pct_of_peak_sustained_elapsed",),
+    "SM %": ("sm__throughput.avg.pct_of_peak_sustained_elapsed",),
+    "tensor %": ("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+                 "sm__inst_executed_pipe_tensor_op_gmma.avg.pct_of_peak_sustained_active"),
+    "smem %": ("sm__pipe_shared_cycles_active.avg.pct_of_peak_sustained_active",
+               "l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_active"),
+    "issue %": ("sm__inst_issued.avg.pct_of_peak_sustained_active",
+                "smsp__issue_active.avg.pct_of_peak_sustained_active"),
+}
+
+
+def number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def kernels(path: Path) -> tuple[str, list[dict]]:
+    """The row's name and counted bytes (the script's own line) and its kernels' metrics, with units applied to
+    bytes and times (ncu prints them in its own units: Kbyte, Mbyte, usecond, ...)."""
+    lines = path.read_text().splitlines()
+    row = next((line for line in lines if line.startswith("row ")), path.stem)
+    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    table = list(csv.reader(lines[start:]))
+    header, units, records = table[0], table[1], table[2:]
+    scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "nsecond": 1e-3, "usecond": 1, "msecond": 1e3}
+    found = []
+    for record in records:
+        values = {}
+        for name, unit, text in zip(header, units, record):
+            value = number(text)
+            values[name] = value * scale.get(unit, 1) if value is not None else text
+        found.append(values)
+    return row, found
+
+
+def describe(values: dict) -> str:
+    stalls = sorted(((values[name], STALL.match(name).group(1)) for name in values
+                     if STALL.match(name) and isinstance(values[name], float)), reverse=True)[:3]
+    columns = []
+    for label, names in COLUMNS.items():
+        value = next((values[name] for name in names if isinstance(values.get(name), float)), None)
+        columns.append(f"{label} {value:.0f}" if value is not None else f"{label} -")
+    moved = values.get("dram__bytes_read.sum", 0) + values.get("dram__bytes_write.sum", 0)
+    kernel = re.sub(r"\(.*", "", str(values.get("Kernel Name", "?")))
+    return (f"  {kernel[:44]:<44} {values.get('gpu__time_duration.sum', 0):8.1f} us  DRAM {moved / 1e6:8.1f} MB  "
+            + "  ".join(columns) + "  stalls: " + ", ".join(f"{name} {ratio:.1f}" for ratio, name in stalls))
+
+
+def main():
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    for path in sorted(folder.glob("ncu_row*.csv"), key=lambda p: int(re.sub(r"\D", "", p.stem))):
+        try:
+            row, found = kernels(path)
+        except (StopIteration, IndexError):
+            print(f"{path.name}: no ncu table")
+            continue
+        print(row)
+        for values in found:
+            print(describe(values))
+        moved = sum(v.get("dram__bytes_read.sum", 0) + v.get("dram__bytes_write.sum", 0) for v in found)
+        counted = re.search(r"counted (\d+) bytes", row)
+        if counted:
+            print(f"  all kernels: DRAM {moved / 1e6:.1f} MB moved against {int(counted.group(1)) / 1e6:.1f} MB "
+                  "counted")
+
+
+if __name__ == "__main__":
+    main()
