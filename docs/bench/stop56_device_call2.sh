@@ -24,3 +24,4 @@ for ((row = 0; row < ROWS; row++)); do
     python docs/bench/stop56_ncu_rows.py --row $row > $OUT/ncu_row$row.csv 2> $OUT/ncu_row$row.err
   echo "row $row rc $? at ${SECONDS}s: $(grep -h '^row' $OUT/ncu_row$row.csv $OUT/ncu_row$row.err | head -1)"
 done
+tar -czf $OUT/ncu.tgz -C $OUT $(cd $OUT && ls ncu_row*) && rm $OUT/ncu_row*  # one file back

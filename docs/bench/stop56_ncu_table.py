@@ -9,17 +9,12 @@ import sys
 from pathlib import Path
 
 STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
-COLUMNS = {  # label: the first of these metrics the CSV has
-    "DRAM %": ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
-               "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
-    "L2 %": ("lts__throughput.avg.pct_of_peak_sustained_elapsed",),
-    "SM %": ("sm__throughput.avg.pct_of_peak_sustained_elapsed",),
-    "tensor %": ("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
-                 "sm__inst_executed_pipe_tensor_op_gmma.avg.pct_of_peak_sustained_active"),
-    "smem %": ("sm__pipe_shared_cycles_active.avg.pct_of_peak_sustained_active",
-               "l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_active"),
-    "issue %": ("sm__inst_issued.avg.pct_of_peak_sustained_active",
-                "smsp__issue_active.avg.pct_of_peak_sustained_active"),
+COLUMNS = {  # label: metric (percent of the peak, sustained over the kernel's elapsed or its SMs' active cycles)
+    "DRAM %": "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+    "L2 %": "lts__throughput.avg.pct_of_peak_sustained_elapsed",
+    "tensor %": "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",  # wgmma issued or running
+    "smem %": "l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_active",
+    "issue %": "sm__issue_active.avg.pct_of_peak_sustained_elapsed",
 }
 
 
@@ -38,7 +33,7 @@ def kernels(path: Path) -> tuple[str, list[dict]]:
     start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
     table = list(csv.reader(lines[start:]))
     header, units, records = table[0], table[1], table[2:]
-    scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "nsecond": 1e-3, "usecond": 1, "msecond": 1e3}
+    scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "ns": 1e-3, "us": 1, "ms": 1e3}  # to bytes, us
     found = []
     for record in records:
         values = {}
@@ -50,14 +45,13 @@ def kernels(path: Path) -> tuple[str, list[dict]]:
 
 
 def describe(values: dict) -> str:
-    stalls = sorted(((values[name], STALL.match(name).group(1)) for name in values
-                     if STALL.match(name) and isinstance(values[name], float)), reverse=True)[:3]
-    columns = []
-    for label, names in COLUMNS.items():
-        value = next((values[name] for name in names if isinstance(values.get(name), float)), None)
-        columns.append(f"{label} {value:.0f}" if value is not None else f"{label} -")
+    stalls = sorted(((values[name], STALL.match(name).group(1)) for name in values if STALL.match(name)
+                     and isinstance(values[name], float) and not STALL.match(name).group(1).endswith("selected")),
+                    reverse=True)[:3]  # (not_)selected: issuing, or eligible and not picked; not stalls
+    columns = [f"{label} {values[name]:.0f}" if isinstance(values.get(name), float) else f"{label} -"
+               for label, name in COLUMNS.items()]
     moved = values.get("dram__bytes_read.sum", 0) + values.get("dram__bytes_write.sum", 0)
-    kernel = re.sub(r"\(.*", "", str(values.get("Kernel Name", "?")))
+    kernel = re.sub(r"^void |\S*unnamed>::|decode::|\(.*", "", str(values.get("Kernel Name", "?"))).replace(", ", ",")
     return (f"  {kernel[:44]:<44} {values.get('gpu__time_duration.sum', 0):8.1f} us  DRAM {moved / 1e6:8.1f} MB  "
             + "  ".join(columns) + "  stalls: " + ", ".join(f"{name} {ratio:.1f}" for ratio, name in stalls))
 
