@@ -10,6 +10,7 @@ Each source compiles to its own cubin (nvcc, sm_90a; a minute or two for the dec
 `cuobjdump` comes from the CUDA toolkit or, where that has none, from Triton's NVIDIA backend."""
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -28,16 +29,19 @@ from flashmla_ops import _ext
 COUNTED = {
     "HGMMA": "wgmma on bf16 / f16 operands (tensor cores)",
     "QGMMA": "wgmma on fp8 operands",
-    "WARPGROUP": "wgmma fences and waits (WARPGROUP.ARRIVE / DEPBAR)",
-    "UTMALDG": "TMA loads",
+    "WARPGROUP": "wgmma arrives and waits (WARPGROUP.ARRIVE / DEPBAR)",
+    "UTMALDG": "TMA loads by tensor map",
+    "UBLKCP": "bulk copies (cp.async.bulk: TMA without a tensor map)",
     "LDGSTS": "cp.async copies",
     "BAR": "named and CTA barriers",
     "LDL": "local-memory loads",
     "STL": "local-memory stores",
 }
 PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\w+)'")
+PTXAS_PROPERTIES = re.compile(r"Function properties for (\S+)")
 PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-PTXAS_USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
+PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
 SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)")
 SASS_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\S*)")
 
@@ -46,6 +50,9 @@ def find_cuobjdump() -> str:
     found = shutil.which("cuobjdump")
     if found:
         return found
+    in_toolkit = Path(cpp_extension.CUDA_HOME or "/usr/local/cuda") / "bin" / "cuobjdump"
+    if in_toolkit.exists():
+        return str(in_toolkit)
     try:
         import triton
     except ImportError:
@@ -69,20 +76,27 @@ def nvcc_command(source: Path, cubin: Path, workdir: Path) -> list[str]:
     return [nvcc, "-cubin", "-o", str(cubin), str(source), "-std=c++17", "-O3", "--expt-relaxed-constexpr",
             "-lineinfo", *_ext.ARCH_FLAGS, "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=kernel_report",
             "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-            "-D__CUDA_NO_HALF2_OPERATORS__", *[f"-I{path}" for path in includes]]
+            "-D__CUDA_NO_HALF2_OPERATORS__", *[f"-I{path}" for path in includes],
+            *os.environ.get(_ext.EXTRA_FLAGS_ENV, "").split()]
 
 
 def parse_ptxas(text: str) -> dict[str, dict]:
-    """Per mangled kernel name: registers, spill bytes, stack frame and static shared memory."""
-    kernels, current = {}, None
+    """Per mangled kernel name: registers, spill bytes, stack frame and static shared memory. A device function that
+    was not inlined gets a "Function properties" block of its own inside its caller's report: its frame is not the
+    kernel's."""
+    kernels, entry, properties_of = {}, None, None
     for line in text.splitlines():
         if match := PTXAS_ENTRY.search(line):
-            current = kernels.setdefault(match.group(1), {})
-        elif current is not None and (match := PTXAS_FRAME.search(line)):
-            current.update(stack=int(match.group(1)), spill_stores=int(match.group(2)),
-                           spill_loads=int(match.group(3)))
-        elif current is not None and (match := PTXAS_USED.search(line)):
-            current.update(registers=int(match.group(1)), static_smem=int(match.group(2) or 0))
+            entry = match.group(1)
+            kernels.setdefault(entry, {})
+        elif match := PTXAS_PROPERTIES.search(line):
+            properties_of = match.group(1)
+        elif entry is not None and properties_of == entry and (match := PTXAS_FRAME.search(line)):
+            kernels[entry].update(stack=int(match.group(1)), spill_stores=int(match.group(2)),
+                                  spill_loads=int(match.group(3)))
+        elif entry is not None and (match := PTXAS_REGISTERS.search(line)):
+            smem = PTXAS_SMEM.search(line)  # after "used N barriers" and any "N bytes cumulative stack size"
+            kernels[entry].update(registers=int(match.group(1)), static_smem=int(smem.group(1)) if smem else 0)
     return kernels
 
 
@@ -112,9 +126,10 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 def short_name(demangled: str) -> str:
     """`void flashmla::dense_decode_kernel<true, false, true, false>(flashmla::DecodeParams)` ->
-    `dense_decode_kernel<1,0,1,0>`."""
-    name = re.sub(r"^void\s+|\(anonymous namespace\)::|flashmla::", "", demangled)
-    return name.split("(")[0].replace("true", "1").replace("false", "0").replace(", ", ",")
+    `dense_decode_kernel<1,0,1,0>`: no return type, leading namespaces or parameters."""
+    name = re.sub(r"^void\s+|\(anonymous namespace\)::", "", demangled)
+    name = re.sub(r"^(\w+::)+", "", name.split("(")[0])
+    return name.replace("true", "1").replace("false", "0").replace(", ", ",")
 
 
 def report(source: Path, cuobjdump: str, workdir: Path) -> list[dict]:
@@ -125,29 +140,37 @@ def report(source: Path, cuobjdump: str, workdir: Path) -> list[dict]:
     ptxas = parse_ptxas(built.stderr + built.stdout)
     sass = parse_sass(subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True,
                                      check=True).stdout)
-    names = demangle(sorted(ptxas))
+    for mangled in sorted(set(ptxas) ^ set(sass)):  # its row shows "-" where the other report would have a figure
+        print(f"kernel_report: {source.name}: {mangled} is in {'ptxas' if mangled in ptxas else 'the SASS'} only",
+              file=sys.stderr)
+    names = demangle(sorted(set(ptxas) | set(sass)))
     rows = []
-    for mangled in sorted(ptxas, key=lambda name: names[name]):
-        code = sass.get(mangled, {"instructions": 0, "counts": Counter(), "shapes": Counter()})
+    for mangled in sorted(names, key=lambda name: names[name]):
+        code = sass.get(mangled, {})
         rows.append({"source": source.name, "kernel": short_name(names[mangled]), "mangled": mangled,
-                     **ptxas[mangled], "instructions": code["instructions"], "counts": dict(code["counts"]),
-                     "wgmma_shapes": dict(code["shapes"])})
+                     **ptxas.get(mangled, {}), "instructions": code.get("instructions"),
+                     "counts": dict(code.get("counts", {})), "wgmma_shapes": dict(code.get("shapes", {}))})
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'kernel':<58} {'regs':>4} {'spill st/ld':>11} {'stack':>5} {'SASS':>6} {'wgmma':>5} " \
-             f"{'fence':>5} {'TMA':>4} {'cp.async':>8} {'LDL/STL':>7}  wgmma shapes (HGMMA; fp8: QGMMA)"
-    print(header)
+    """One line a kernel; "-" where ptxas or the SASS had nothing on it."""
+    print(f"{'kernel':<48} {'regs':>4} {'spill st/ld':>11} {'stack':>5} {'smem':>6} {'SASS':>6} {'wgmma':>5} "
+          f"{'wg sync':>7} {'TMA':>4} {'cp.async':>8} {'LDL/STL':>7}  wgmma shapes (HGMMA; fp8: QGMMA)")
     for row in rows:
-        counts = row["counts"]
-        wgmma = counts.get("HGMMA", 0) + counts.get("QGMMA", 0)
+        def ptxas(key):
+            return row.get(key, "-")
+
+        def sass(*opcodes):  # no opcodes: every instruction
+            if row["instructions"] is None:
+                return "-"
+            return sum(row["counts"].get(opcode, 0) for opcode in opcodes) if opcodes else row["instructions"]
+
         shapes = ", ".join(f"{shape} x{count}" for shape, count in sorted(row["wgmma_shapes"].items()))
-        print(f"{row['kernel'][:58]:<58} {row.get('registers', 0):>4} "
-              f"{row.get('spill_stores', 0):>5}/{row.get('spill_loads', 0):<5} {row.get('stack', 0):>5} "
-              f"{row['instructions']:>6} {wgmma:>5} {counts.get('WARPGROUP', 0):>5} "
-              f"{counts.get('UTMALDG', 0):>4} {counts.get('LDGSTS', 0):>8} "
-              f"{counts.get('LDL', 0) + counts.get('STL', 0):>7}  {shapes}")
+        spills = f"{ptxas('spill_stores')}/{ptxas('spill_loads')}"
+        print(f"{row['kernel'][:48]:<48} {ptxas('registers'):>4} {spills:>11} {ptxas('stack'):>5} "
+              f"{ptxas('static_smem'):>6} {sass():>6} {sass('HGMMA', 'QGMMA'):>5} {sass('WARPGROUP'):>7} "
+              f"{sass('UTMALDG', 'UBLKCP'):>4} {sass('LDGSTS'):>8} {sass('LDL', 'STL'):>7}  {shapes}")
 
 
 def main():

@@ -18,6 +18,9 @@ COLUMNS = {  # label: metric (percent of the peak, sustained over the kernel's e
 }
 
 
+SCALED = ("dram__bytes_", "lts__t_bytes", "gpu__time_duration")  # the byte and time metrics this reads
+
+
 def number(text: str) -> float | None:
     try:
         return float(text.replace(",", ""))
@@ -26,8 +29,9 @@ def number(text: str) -> float | None:
 
 
 def kernels(path: Path) -> tuple[str, list[dict]]:
-    """The row's name and counted bytes (the script's own line) and its kernels' metrics, with units applied to
-    bytes and times (ncu prints them in its own units: Kbyte, Mbyte, usecond, ...)."""
+    """The row's name and counted bytes (the script's own line) and its kernels' metrics, bytes in bytes and times in
+    us whatever unit ncu chose (its raw page prints byte and ns here; a unit this does not know for a byte or time
+    metric is an error, not a silent factor of 1)."""
     lines = path.read_text().splitlines()
     row = next((line for line in lines if line.startswith("row ")), path.stem)
     start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
@@ -39,9 +43,17 @@ def kernels(path: Path) -> tuple[str, list[dict]]:
         values = {}
         for name, unit, text in zip(header, units, record):
             value = number(text)
+            if value is not None and unit not in scale and name.startswith(SCALED):
+                raise ValueError(f"{path.name}: {name} in {unit!r}, a unit this reader does not know")
             values[name] = value * scale.get(unit, 1) if value is not None else text
         found.append(values)
     return row, found
+
+
+def dram_bytes(values: dict) -> float:
+    """Bytes the kernel read from and wrote to DRAM (0 where ncu gave no figure)."""
+    return sum(value for value in (values.get("dram__bytes_read.sum"), values.get("dram__bytes_write.sum"))
+               if isinstance(value, float))
 
 
 def describe(values: dict) -> str:
@@ -50,7 +62,7 @@ def describe(values: dict) -> str:
                     reverse=True)[:3]  # (not_)selected: issuing, or eligible and not picked; not stalls
     columns = [f"{label} {values[name]:.0f}" if isinstance(values.get(name), float) else f"{label} -"
                for label, name in COLUMNS.items()]
-    moved = values.get("dram__bytes_read.sum", 0) + values.get("dram__bytes_write.sum", 0)
+    moved = dram_bytes(values)
     kernel = re.sub(r"^void |\S*unnamed>::|decode::|\(.*", "", str(values.get("Kernel Name", "?"))).replace(", ", ",")
     return (f"  {kernel[:44]:<44} {values.get('gpu__time_duration.sum', 0):8.1f} us  DRAM {moved / 1e6:8.1f} MB  "
             + "  ".join(columns) + "  stalls: " + ", ".join(f"{name} {ratio:.1f}" for ratio, name in stalls))
@@ -67,7 +79,7 @@ def main():
         print(row)
         for values in found:
             print(describe(values))
-        moved = sum(v.get("dram__bytes_read.sum", 0) + v.get("dram__bytes_write.sum", 0) for v in found)
+        moved = sum(dram_bytes(values) for values in found)
         counted = re.search(r"counted (\d+) bytes", row)
         if counted:
             print(f"  all kernels: DRAM {moved / 1e6:.1f} MB moved against {int(counted.group(1)) / 1e6:.1f} MB "
