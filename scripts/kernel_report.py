@@ -9,6 +9,7 @@ copies and the local-memory traffic (spills that reached the code). The flags ar
 Each source compiles to its own cubin (nvcc, sm_90a; a minute or two for the decode kernels on two cores).
 `cuobjdump` comes from the CUDA toolkit or, where that has none, from Triton's NVIDIA backend."""
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -53,12 +54,9 @@ def find_cuobjdump() -> str:
     in_toolkit = Path(cpp_extension.CUDA_HOME or "/usr/local/cuda") / "bin" / "cuobjdump"
     if in_toolkit.exists():
         return str(in_toolkit)
-    try:
-        import triton
-    except ImportError:
-        triton = None
-    if triton is not None:
-        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
         if bundled.exists():
             return str(bundled)
     sys.exit("kernel_report: cuobjdump not found (install the CUDA toolkit, or triton, whose NVIDIA backend has one)")
