@@ -3,7 +3,8 @@
 # (docs/bench/stop56_ncu_rows.py), its kernels replayed with the caches flushed between passes (ncu's default), the
 # clocks left alone. Raw metrics of the SpeedOfLight, ComputeWorkloadAnalysis, MemoryWorkloadAnalysis and
 # WarpStateStats sections plus the DRAM / L2 bytes and, where this ncu has them, the tensor pipes' (wgmma) activity;
-# docs/bench/stop56_ncu_table.py reads the CSVs. `run` with command `bash docs/bench/stop56_device_call2.sh`.
+# docs/bench/stop56_ncu_table.py reads the CSVs. `run` with command `bash docs/bench/stop56_device_call2.sh`
+# (`BACKEND=triton bash ...` profiles the Triton kernels instead; stop 56 ran the CUDA ones).
 export PYTHONPATH=$PWD:$PWD/scripts MAX_JOBS=16 TORCH_EXTENSIONS_DIR=$PWD/bench/ext
 SECONDS=0
 python -m flashmla_ops.build > $OUT/build.log 2>&1; echo "build rc $?"
@@ -21,7 +22,8 @@ for ((row = 0; row < ROWS; row++)); do
   timeout $((560 - SECONDS)) ncu --clock-control none --profile-from-start off --csv --page raw \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section WarpStateStats --metrics $METRICS \
-    python docs/bench/stop56_ncu_rows.py --row $row > $OUT/ncu_row$row.csv 2> $OUT/ncu_row$row.err
+    python docs/bench/stop56_ncu_rows.py --row $row --backend ${BACKEND:-cuda} \
+    > $OUT/ncu_row$row.csv 2> $OUT/ncu_row$row.err
   echo "row $row rc $? at ${SECONDS}s: $(grep -h '^row' $OUT/ncu_row$row.csv $OUT/ncu_row$row.err | head -1)"
 done
 tar -czf $OUT/ncu.tgz -C $OUT $(cd $OUT && ls ncu_row*) && rm $OUT/ncu_row*  # one file back

@@ -49,6 +49,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--row", type=int, help="the row's number in --list")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--backend", default="cuda", choices=["cuda", "triton"], help="the path the ops take")
     args = parser.parse_args()
     named = rows()
     if args.list or args.row is None:
@@ -57,7 +58,7 @@ def main():
         return
     name = list(named)[args.row]
     ops = ("dense_decode", "sparse_decode", "sparse_prefill")
-    device = bench_decode.bench_device("cuda", "stop56_ncu_rows.py", ops)
+    device = bench_decode.bench_device(args.backend, "stop56_ncu_rows.py", ops)
     run, counted, flops = named[name](device)
     for _ in range(3):  # the build's load and every first-call cost
         run()
@@ -66,7 +67,7 @@ def main():
     run()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
-    print(f"row {args.row}: {name}: counted {counted} bytes, {flops} FLOPs")
+    print(f"row {args.row}: {name} ({args.backend}): counted {counted} bytes, {flops} FLOPs")
 
 
 if __name__ == "__main__":
