@@ -136,19 +136,30 @@ def _load():
         return None
 
 
+def extra_cuda_flags() -> list[str]:
+    """The nvcc flags `FLASHMLA_EXTRA_CUDA_FLAGS` adds."""
+    return os.environ.get(EXTRA_FLAGS_ENV, "").split()
+
+
+def cuda_flags(extra: list[str]) -> list[str]:
+    """The extension's nvcc flags beyond torch's own, `extra` last: what the build compiles csrc with (and
+    scripts/kernel_report.py reports on)."""
+    return ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *ARCH_FLAGS, *extra]
+
+
 def build_extension(verbose: bool | None = None):
     """Compiles the CUDA kernels with ninja, or finds their build up to date, and imports it: the same build,
     keyed by `build_name`, whether it runs on first use or ahead of it (`python -m flashmla_ops.build`)."""
     from torch.utils.cpp_extension import load
 
-    extra = os.environ.get(EXTRA_FLAGS_ENV, "").split()
+    extra = extra_cuda_flags()
     if verbose is None:
         verbose = env_flag("FLASHMLA_VERBOSE_BUILD")
     return load(
         name=build_name(extra, CSRC),
         sources=[str(CSRC / name) for name in SOURCES],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo", *ARCH_FLAGS, *extra],
+        extra_cuda_cflags=cuda_flags(extra),
         verbose=verbose,
     )
 

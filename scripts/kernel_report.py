@@ -11,7 +11,6 @@ Each source compiles to its own cubin (nvcc, sm_90a; a minute or two for the dec
 import argparse
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -71,11 +70,10 @@ def nvcc_command(source: Path, cubin: Path, workdir: Path) -> list[str]:
     stand_in.parent.mkdir(parents=True, exist_ok=True)
     stand_in.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(workdir)]
-    return [nvcc, "-cubin", "-o", str(cubin), str(source), "-std=c++17", "-O3", "--expt-relaxed-constexpr",
-            "-lineinfo", *_ext.ARCH_FLAGS, "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=kernel_report",
-            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-            "-D__CUDA_NO_HALF2_OPERATORS__", *[f"-I{path}" for path in includes],
-            *os.environ.get(_ext.EXTRA_FLAGS_ENV, "").split()]
+    # torch's own nvcc flags for an extension, then the extension's (its build adds the same two sets)
+    return [nvcc, "-cubin", "-o", str(cubin), str(source), "-std=c++17", "-DTORCH_EXTENSION_NAME=kernel_report",
+            *cpp_extension.COMMON_NVCC_FLAGS, *_ext.cuda_flags(_ext.extra_cuda_flags()), "-Xptxas", "-v",
+            *[f"-I{path}" for path in includes]]
 
 
 def parse_ptxas(text: str) -> dict[str, dict]:
