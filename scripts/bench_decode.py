@@ -175,19 +175,24 @@ def sdpa_ms(batch, s_q, h_q, seqlen, device):
         return None
 
 
+def decode_op(cache_seqlens, s_q, is_fp8, schedule=(None, None)):
+    """`op(q, cache, block_table)`: the dense decode op as the SPEC rows call it (causal from 2 queries on), split by
+    shape or by `schedule` (get_mla_metadata's pair)."""
+    def op(q, cache, block_table):
+        return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, *schedule, KV_LORA_RANK,
+                                               D_QK ** -0.5, s_q > 1, is_fp8, None)
+    return op
+
+
 def bench_config(batch, s_q, h_q, seqlens, is_fp8, device, with_baselines, scheduled=False):
     seqlen = sum(seqlens) // len(seqlens)
     per_set = decode_bytes(batch, s_q, h_q, seqlen, is_fp8)
     copies = max(1, min(8, -(-2 * L2_BYTES // per_set)))
     sets, cache_seqlens = make_inputs(batch, s_q, h_q, seqlens, is_fp8, device, copies)
-    scale = D_QK ** -0.5
     # scheduled: the metadata from get_mla_metadata, computed once per step (FlashMLA's calling convention)
     schedule = (torch.ops.flashmla.get_mla_metadata(cache_seqlens, flashmla_ops.num_sm_parts(device, s_q, h_q))
                 if scheduled else (None, None))
-
-    def op(q, cache, block_table):
-        return torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, *schedule, KV_LORA_RANK, scale,
-                                               s_q > 1, is_fp8, None)
+    op = decode_op(cache_seqlens, s_q, is_fp8, schedule)
 
     path = dense_decode_path(sets[0][0], sets[0][1], KV_LORA_RANK, is_fp8)
     ms = time_ms(op, sets)

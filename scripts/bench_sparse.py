@@ -72,8 +72,9 @@ def prefill_inputs(s_q, s_kv, h_q, topk, device):
     return q, kv, random_positions(s_q, topk, s_kv, device)[:, None]
 
 
-def bench_config(op, size, second, h_q, topk, is_fp8, device, with_reference):
-    """op 'decode': size = batch, second = s_q; op 'prefill': size = s_q, second = s_kv."""
+def row_op(op, size, second, h_q, topk, is_fp8, device):
+    """A SPEC-form row's (make, run, queries, KV row bytes): `make()` builds a set of inputs, `run(*inputs)` calls the
+    op on them. op 'decode': size = batch, second = s_q; op 'prefill': size = s_q, second = s_kv."""
     scale = D_QK ** -0.5
     if op == "decode":
         queries = size * second
@@ -90,6 +91,12 @@ def bench_config(op, size, second, h_q, topk, is_fp8, device, with_reference):
         def run(q, kv, indices):
             return torch.ops.flashmla.sparse_prefill(q, kv, indices, scale, KV_LORA_RANK, None, None, 0)
         row_bytes = D_QK * 2
+    return make, run, queries, row_bytes
+
+
+def bench_config(op, size, second, h_q, topk, is_fp8, device, with_reference):
+    """op 'decode': size = batch, second = s_q; op 'prefill': size = s_q, second = s_kv."""
+    make, run, queries, row_bytes = row_op(op, size, second, h_q, topk, is_fp8, device)
     total_bytes = attention_bytes(queries, h_q, topk, row_bytes)
     sets = [make() for _ in range(max(1, min(4, -(-100 * 2 ** 20 // total_bytes))))]
     path = (sparse_decode_path(sets[0][0], sets[0][1], None, KV_LORA_RANK, is_fp8) if op == "decode"

@@ -9,31 +9,20 @@ import torch
 
 import bench_decode
 import bench_sparse
-from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK
 
 
 def dense_row(batch, s_q, h_q, seqlen, is_fp8, device):
     sets, cache_seqlens = bench_decode.make_inputs(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, 1)
-    q, cache, block_table = sets[0]
+    op = bench_decode.decode_op(cache_seqlens, s_q, is_fp8)
     counted = bench_decode.decode_bytes(batch, s_q, h_q, seqlen, is_fp8)
-    flops = bench_decode.decode_flops(batch, s_q, h_q, seqlen)
-    return (lambda: torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, None, None, KV_LORA_RANK,
-                                                    D_QK ** -0.5, s_q > 1, is_fp8, None)), counted, flops
+    return (lambda: op(*sets[0])), counted, bench_decode.decode_flops(batch, s_q, h_q, seqlen)
 
 
 def sparse_row(op, size, second, h_q, topk, device):
-    scale = D_QK ** -0.5
-    if op == "decode":
-        q, cache, indices = bench_sparse.decode_inputs(size, second, h_q, topk, True, device)
-        run = lambda: torch.ops.flashmla.sparse_decode(q, cache, indices, None, None, None, None, None, None,  # noqa
-                                                       KV_LORA_RANK, scale, True, None)
-        queries, row_bytes = size * second, FP8_BYTES
-    else:
-        q, kv, indices = bench_sparse.prefill_inputs(size, second, h_q, topk, device)
-        run = lambda: torch.ops.flashmla.sparse_prefill(q, kv, indices, scale, KV_LORA_RANK, None, None, 0)  # noqa
-        queries, row_bytes = size, D_QK * 2
+    make, run, queries, row_bytes = bench_sparse.row_op(op, size, second, h_q, topk, op == "decode", device)
+    inputs = make()
     counted = bench_sparse.attention_bytes(queries, h_q, topk, row_bytes)
-    return run, counted, bench_sparse.attention_flops(queries, h_q, topk)
+    return (lambda: run(*inputs)), counted, bench_sparse.attention_flops(queries, h_q, topk)
 
 
 def rows():

@@ -57,8 +57,8 @@ def dram_bytes(values: dict) -> float:
 
 
 def describe(values: dict) -> str:
-    stalls = sorted(((values[name], STALL.match(name).group(1)) for name in values if STALL.match(name)
-                     and isinstance(values[name], float) and not STALL.match(name).group(1).endswith("selected")),
+    stalls = sorted(((values[name], match.group(1)) for name in values if (match := STALL.match(name))
+                     and isinstance(values[name], float) and not match.group(1).endswith("selected")),
                     reverse=True)[:3]  # (not_)selected: issuing, or eligible and not picked; not stalls
     columns = [f"{label} {values[name]:.0f}" if isinstance(values.get(name), float) else f"{label} -"
                for label, name in COLUMNS.items()]
