@@ -286,6 +286,11 @@ def tune(device, chosen):
         # default has them apart)
         candidates |= {dataclasses.replace(config, apart_logits=not config.apart_logits) for config in list(candidates)
                        if config.block_h == 64 and config.num_warps == 8}
+        # a BF16 cache's latent as one tile (LaunchConfig.whole) in 64-row tiles: 64 tokens two stages deep, 32 three
+        # and four
+        if not is_fp8 and default.block_h == 64:
+            candidates |= {dataclasses.replace(default, whole=True, block_n=block_n, num_stages=stages)
+                           for block_n, stages in ((64, 2), (32, 3), (32, 4))}
         for config in sorted(candidates, key=str):
             def op(q, cache, block_table, config=config):
                 return triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,

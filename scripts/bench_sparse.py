@@ -121,8 +121,9 @@ def tune_candidates(h_q: int, apart: bool = False) -> list:
     more warps (compiled for sm_90 with the launch's specialization, Triton 3.9: FP8 decode at 64 heads x 64 keys with 8
     warps spills 448 bytes a thread, x 32 keys 344; prefill 304 and 192), and for the decode rows 64 x 64 with the
     indices read a step early (the FP8 decode default's first from 64 heads on, TileConfig.lookahead; the ladder's
-    first, its former default, is timed beside it). `apart` (Hopper): 64-head tiles with their logits masked apart
-    (TileConfig.apart_logits), and the FP8 decode's first tiles also without (three stages, stop 41's default)."""
+    first, its former default, is timed beside it), and 32 keys a step at three and four stages with the indices
+    early. `apart` (Hopper): 64-head tiles with their logits masked apart (TileConfig.apart_logits), and the FP8
+    decode's first tiles also without (three stages, stop 41's default)."""
     from flashmla_ops.triton.sparse import TileConfig, tile_configs
 
     ladder = tile_configs(h_q, apart=apart)
@@ -130,7 +131,11 @@ def tune_candidates(h_q: int, apart: bool = False) -> list:
     extra = [TileConfig(first.block_h, block_n, warps, stages, apart_logits=first.apart_logits)
              for block_n in (64, 32) for stages in (2, 1) for warps in (first.num_warps, 2 * first.num_warps)]
     fp8_firsts = {tile_configs(h_q, fp8_decode=True, apart=apart)[0], tile_configs(h_q, fp8_decode=True)[0]}
-    return list(dict.fromkeys([*ladder[:2], *extra, *sorted(fp8_firsts, key=str)]))
+    # 32 keys a step three and four stages deep, the indices a step early (stop 57: at 64 keys and two stages no
+    # step's gathers overlap the step before; compiled for sm_90 these take 188 and 225 KiB)
+    deep = [TileConfig(first.block_h, 32, first.num_warps, stages, lookahead=True, apart_logits=first.apart_logits)
+            for stages in (3, 4)]
+    return list(dict.fromkeys([*ladder[:2], *extra, *sorted(fp8_firsts, key=str), *deep]))
 
 
 def tune(device, chosen=lambda name: True) -> list[dict]:
@@ -152,7 +157,7 @@ def tune(device, chosen=lambda name: True) -> list[dict]:
         apart = triton_sparse.warpgroup_products(device)
         default = triton_sparse.tile_configs(h_q, fp8_decode=op == "decode", apart=apart, prefill=op == "prefill")[0]
         for config in tune_candidates(h_q, apart):
-            if config.lookahead and op != "decode" and config.num_stages > 2:  # BF16 64 x 64 at 3 stages: 288 KiB
+            if config.lookahead and op != "decode" and config.block_n == 64 and config.num_stages > 2:  # 288 KiB
                 continue
             if op == "decode":
                 def run(q, cache, indices, config=config):

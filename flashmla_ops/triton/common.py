@@ -175,6 +175,32 @@ def load_kv_tile(KV, row_offset, tok_mask, IS_FP8: tl.constexpr, D_NOPE: tl.cons
 
 
 @triton.jit
+def latent_logits(q_nope, q_rope, k_nope, k_rope, keep, taken, sm_scale_log2, INTERPRET: tl.constexpr,
+                  APART: tl.constexpr):
+    """Base-2 logits of the 576-wide rows (the latent's product and the RoPE columns'), -inf where not `keep`. With
+    APART each product is scaled before the sum and the mask is behind a branch on `taken` (the caller's loop
+    condition, true; mask_logits_apart)."""
+    if APART:
+        s = (mma(q_nope, tl.trans(k_nope), INTERPRET) * sm_scale_log2
+             + mma(q_rope, tl.trans(k_rope), INTERPRET) * sm_scale_log2)
+        return mask_logits_apart(s, keep, taken)
+    s = mma(q_nope, tl.trans(k_nope), INTERPRET) + mma(q_rope, tl.trans(k_rope), INTERPRET)
+    return tl.where(keep, s * sm_scale_log2, float("-inf"))
+
+
+@triton.jit
+def softmax_step(s, values, m_i, l_i, acc, INTERPRET: tl.constexpr):
+    """One online-softmax update (base 2) with a tile of logits `s` and its values."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - shift[:, None])
+    alpha = tl.exp2(m_i - shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(tl.bfloat16), values, INTERPRET)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def finish(acc, m_i, l_i, Sink, heads, row_mask, APPLY_SINK: tl.constexpr):
     """Normalised output and natural-log LSE (0 and +inf for rows that saw nothing), attention sink applied."""
     empty = l_i == 0.0

@@ -25,8 +25,8 @@ from .._checks import contiguous_or_none, last_dim_contiguous
 from ..decode import get_mla_metadata_reference
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, fp8_values, hardware_fp8,
-                     launch_fitting, load_fp8_bytes, load_latent_subtile, load_rope, load_tile_scale,
-                     mask_logits_apart, mma, nonempty, require_d_v, warpgroup_products)
+                     latent_logits, launch_fitting, load_fp8_bytes, load_latent_subtile, load_rope, load_tile_scale,
+                     mask_logits_apart, mma, nonempty, require_d_v, softmax_step, warpgroup_products)
 
 @triton.jit
 def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm,
@@ -44,10 +44,7 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
     loads); the bytes come from L2 twice, from DRAM once (stop 51). With APART the logits are masked behind a branch
     (common.mask_logits_apart), each product scaled to base 2 before the sum."""
     TILE: tl.constexpr = D_NOPE // 4
-    if CAUSAL:
-        visible = length - S_Q + rows // H_Q + 1  # query i of s_q sees [0, L - s_q + i]
-    else:
-        visible = tl.zeros([BLOCK_H], dtype=tl.int32) + length
+    visible = _visible(length, rows, H_Q, S_Q, CAUSAL, BLOCK_H)
     q_rows = Q + batch * stride_qb + rows[:, None] * stride_qm
     q0 = tl.load(q_rows + 0 * TILE + tl.arange(0, TILE)[None, :], mask=row_mask[:, None], other=0.0)
     q1 = tl.load(q_rows + 1 * TILE + tl.arange(0, TILE)[None, :], mask=row_mask[:, None], other=0.0)
@@ -86,7 +83,8 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
         raw0, raw1, raw2, raw3 = _load_fp8_latent(KV, rows_ahead, tok_mask, TILE)
     else:  # the first tile's page; each step looks up the next one's (see _table_page)
         page_ahead = _table_page(BlockTable, batch, stride_bt, num_pages, start, end, PAGE)
-    for tile_start in range(start, end, BLOCK_N):
+    stop = _one_step_at_least(start, end)
+    for tile_start in range(start, stop, BLOCK_N):
         tokens = tile_start + tl.arange(0, BLOCK_N)
         tok_mask = tokens < end
         if PREFETCH:  # this tile's rows and bytes came with the previous tile; the next tile's are loaded now
@@ -132,7 +130,7 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
             s += (mma(q0, tl.trans(k0), INTERPRET) * unit + mma(q1, tl.trans(k1), INTERPRET) * unit
                   + mma(q2, tl.trans(k2), INTERPRET) * unit + mma(q3, tl.trans(k3), INTERPRET) * unit)
         if APART:
-            s = mask_logits_apart(s, tokens[None, :] < visible[:, None], tile_start < end)
+            s = mask_logits_apart(s, tokens[None, :] < visible[:, None], tile_start < stop)
         else:
             s = tl.where(tokens[None, :] < visible[:, None], s * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -168,6 +166,55 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
             acc3 = acc3 * alpha[:, None] + mma(p16, k3, INTERPRET)
         m_i = m_new
     return acc0, acc1, acc2, acc3, m_i, l_i
+
+
+@triton.jit
+def _one_step_at_least(start, end):
+    """Where the token loop over [start, end) stops, so that it takes at least one step: an empty range takes one step
+    of masked tokens (no key: the accumulators, maximum and sum stay as they start). Told so (`tl.assume`), the
+    compiler emits the loop without a path that skips it; on that path the accumulators came from moves, which made
+    ptxas serialize every wgmma of the kernel (C7515; compiled for sm_90 by Triton 3.6, the split launches of 64-row
+    tiles had every product waited for on its own, docs/HISTORY.md stop 57)."""
+    stop = tl.maximum(end, start + 1)
+    tl.assume(stop > start)
+    return stop
+
+
+@triton.jit
+def _visible(length, rows, H_Q, S_Q, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr):
+    """How many of the sequence's tokens each query row sees: with CAUSAL query i of s_q sees [0, L - s_q + i]."""
+    if CAUSAL:
+        return length - S_Q + rows // H_Q + 1
+    return tl.zeros([BLOCK_H], dtype=tl.int32) + length
+
+
+@triton.jit
+def _attend_whole(Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm,
+                  stride_kv_block, stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2,
+                  CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                  D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr, APART: tl.constexpr):
+    """_attend_tokens over a BF16 cache with the latent as one 512-wide tile (LaunchConfig.whole): two products for
+    the logits and one for P V into one accumulator, as the sparse kernels take them. Returns (acc, m_i, l_i)."""
+    visible = _visible(length, rows, H_Q, S_Q, CAUSAL, BLOCK_H)
+    q_rows = Q + batch * stride_qb + rows[:, None] * stride_qm
+    q_nope = tl.load(q_rows + tl.arange(0, D_NOPE)[None, :], mask=row_mask[:, None], other=0.0)
+    q_rope = tl.load(q_rows + D_NOPE + tl.arange(0, D_ROPE)[None, :], mask=row_mask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, D_NOPE], dtype=tl.float32)
+    page_ahead = _table_page(BlockTable, batch, stride_bt, num_pages, start, end, PAGE)
+    stop = _one_step_at_least(start, end)
+    for tile_start in range(start, stop, BLOCK_N):
+        tokens = tile_start + tl.arange(0, BLOCK_N)
+        tok_mask = tokens < end
+        row_offset = _page_rows(page_ahead, tile_start, stride_kv_block, stride_kv_row, BLOCK_N, PAGE)
+        page_ahead = _table_page(BlockTable, batch, stride_bt, num_pages, tile_start + BLOCK_N, end, PAGE)
+        k_nope = tl.load(KV + row_offset[:, None] + tl.arange(0, D_NOPE)[None, :], mask=tok_mask[:, None], other=0.0)
+        k_rope = load_rope(KV, row_offset, tok_mask, False, D_NOPE, D_ROPE, 4)
+        s = latent_logits(q_nope, q_rope, k_nope, k_rope, tokens[None, :] < visible[:, None], tile_start < stop,
+                          sm_scale_log2, INTERPRET, APART)
+        m_i, l_i, acc = softmax_step(s, k_nope, m_i, l_i, acc, INTERPRET)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -248,6 +295,20 @@ def _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, Lse
 
 
 @triton.jit
+def _store_whole(acc, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, ScalePartial, batch, global_split, rows,
+                 row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT: tl.constexpr,
+                 APPLY_SINK: tl.constexpr, D_V: tl.constexpr, HALF_PARTIALS: tl.constexpr):
+    """_store_all for _attend_whole's one accumulator."""
+    multiplier = l_i  # a placeholder without f16 partials
+    if SPLIT and HALF_PARTIALS:
+        multiplier, inverse = f16_row_scaling(tl.max(tl.abs(acc), 1) / tl.where(l_i == 0.0, 1.0, l_i))
+        tl.store(ScalePartial + global_split * M + rows, inverse, mask=row_mask)
+    _store_rows(acc, m_i, l_i, multiplier, 0, D_V, Sink, Out, Lse, OutPartial, LsePartial, batch, global_split, rows,
+                rows % H_Q, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT, APPLY_SINK, True,
+                HALF_PARTIALS)
+
+
+@triton.jit
 def _store_rows(acc, m_i, l_i, multiplier, COL0: tl.constexpr, WIDTH: tl.constexpr, Sink, Out, Lse, OutPartial,
                 LsePartial, batch, global_split, rows, heads, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M,
                 S_Q, H_Q, SPLIT: tl.constexpr, APPLY_SINK: tl.constexpr, WRITE_LSE: tl.constexpr,
@@ -283,7 +344,8 @@ def _dense_decode_split_kernel(
         SPLIT: tl.constexpr, IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr,
         APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
         D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr,
-        PREFETCH: tl.constexpr, RELOAD: tl.constexpr, HALF_PARTIALS: tl.constexpr, APART: tl.constexpr):
+        PREFETCH: tl.constexpr, RELOAD: tl.constexpr, HALF_PARTIALS: tl.constexpr, APART: tl.constexpr,
+        WHOLE: tl.constexpr = False):
     """Uniform schedule: program (row tile, sequence, split) takes an equal share of its sequence's tokens."""
     pid_m = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -294,13 +356,22 @@ def _dense_decode_split_kernel(
     tiles_per_split = tl.cdiv(tl.cdiv(length, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, length)
-    acc0, acc1, acc2, acc3, m_i, l_i = _attend_tokens(
-        Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm, stride_kv_block,
-        stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H, BLOCK_N, PAGE,
-        D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH, RELOAD, APART)
-    _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, ScalePartial, batch,
-               batch * num_splits + split, rows, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
-               SPLIT, APPLY_SINK, D_NOPE // 4, HALF_PARTIALS)
+    if WHOLE:
+        acc, m_i, l_i = _attend_whole(
+            Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm, stride_kv_block,
+            stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2, CAUSAL, BLOCK_H, BLOCK_N, PAGE, D_NOPE,
+            D_ROPE, INTERPRET, APART)
+        _store_whole(acc, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, ScalePartial, batch,
+                     batch * num_splits + split, rows, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q,
+                     H_Q, SPLIT, APPLY_SINK, D_NOPE, HALF_PARTIALS)
+    else:
+        acc0, acc1, acc2, acc3, m_i, l_i = _attend_tokens(
+            Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm, stride_kv_block,
+            stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL, BLOCK_H, BLOCK_N,
+            PAGE, D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH, RELOAD, APART)
+        _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, ScalePartial, batch,
+                   batch * num_splits + split, rows, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
+                   SPLIT, APPLY_SINK, D_NOPE // 4, HALF_PARTIALS)
 
 
 @triton.jit
@@ -311,7 +382,7 @@ def _dense_decode_balanced_kernel(
         IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
         METADATA_FIELDS: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
-        RELOAD: tl.constexpr, APART: tl.constexpr):
+        RELOAD: tl.constexpr, APART: tl.constexpr, WHOLE: tl.constexpr = False):
     """Balanced schedule (`get_mla_metadata`): program (row tile, part) walks its part's run of 64-token blocks, which
     may span several sequences, and writes one partial per sequence it touches; `SplitOffsets[b]` (the cumulative
     num_splits) places sequence b's partials, so one long sequence among short ones is spread over every SM."""
@@ -332,16 +403,24 @@ def _dense_decode_balanced_kernel(
         stop_block = tl.where(batch == end_batch, end_block, tl.cdiv(length, PAGE))
         start = first_block * PAGE
         end = tl.minimum(stop_block * PAGE, length)
-        acc0, acc1, acc2, acc3, m_i, l_i = _attend_tokens(
-            Q, KV, BlockTable, begin_batch.to(tl.int64) + (batch - begin_batch), rows, row_mask, length, start, end,
-            stride_qb, stride_qm,
-            stride_kv_block, stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL,
-            BLOCK_H,
-            BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH, RELOAD, APART)
-        global_split = tl.load(SplitOffsets + batch) + tl.where(batch == begin_batch, begin_split, 0)
-        _store_all(acc0, acc1, acc2, acc3, m_i, l_i, LsePartial, OutPartial, LsePartial, OutPartial, LsePartial,
-                   LsePartial, batch, global_split.to(tl.int64), rows, row_mask, 0, 0, stride_ps, stride_pm, M, S_Q,
-                   H_Q, True, False, D_NOPE // 4, False)
+        sequence = begin_batch.to(tl.int64) + (batch - begin_batch)
+        global_split = (tl.load(SplitOffsets + batch) + tl.where(batch == begin_batch, begin_split, 0)).to(tl.int64)
+        if WHOLE:
+            acc, m_i, l_i = _attend_whole(
+                Q, KV, BlockTable, sequence, rows, row_mask, length, start, end, stride_qb, stride_qm,
+                stride_kv_block, stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2, CAUSAL, BLOCK_H,
+                BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET, APART)
+            _store_whole(acc, m_i, l_i, LsePartial, OutPartial, LsePartial, OutPartial, LsePartial, LsePartial, batch,
+                         global_split, rows, row_mask, 0, 0, stride_ps, stride_pm, M, S_Q, H_Q, True, False, D_NOPE,
+                         False)
+        else:
+            acc0, acc1, acc2, acc3, m_i, l_i = _attend_tokens(
+                Q, KV, BlockTable, sequence, rows, row_mask, length, start, end, stride_qb, stride_qm,
+                stride_kv_block, stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2, IS_FP8, HW_FP8, CAUSAL,
+                BLOCK_H, BLOCK_N, PAGE, D_NOPE, D_ROPE, INTERPRET, F16, PREFETCH, RELOAD, APART)
+            _store_all(acc0, acc1, acc2, acc3, m_i, l_i, LsePartial, OutPartial, LsePartial, OutPartial, LsePartial,
+                       LsePartial, batch, global_split, rows, row_mask, 0, 0, stride_ps, stride_pm, M, S_Q, H_Q, True,
+                       False, D_NOPE // 4, False)
 
 
 @triton.jit
@@ -423,6 +502,7 @@ class LaunchConfig:
     maxnreg: int | None = None
     reload: bool = False
     apart_logits: bool = False
+    whole: bool = False
 
 
 def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = False) -> LaunchConfig:
@@ -519,6 +599,7 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
         common = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK,
                       D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, F16=config.fp8_f16 and is_fp8,
                       PREFETCH=config.prefetch and is_fp8, RELOAD=config.reload and is_fp8, APART=config.apart_logits,
+                      WHOLE=config.whole and not is_fp8,
                       num_warps=config.num_warps, num_stages=config.num_stages, **variant)
         if config.maxnreg is not None:
             common["maxnreg"] = config.maxnreg

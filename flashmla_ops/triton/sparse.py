@@ -20,9 +20,8 @@ import triton.language as tl
 
 from .._checks import contiguous_or_none, last_dim_contiguous
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
-from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, hardware_fp8, launch_fitting,
-                     load_kv_tile, mask_logits_apart, mma, nonempty, require_d_v,
-                     warpgroup_products)
+from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, hardware_fp8, latent_logits,
+                     launch_fitting, load_kv_tile, nonempty, require_d_v, softmax_step, warpgroup_products)
 from .decode import combine, split_buffers
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -64,24 +63,8 @@ def _gather_logits(q_nope, q_rope, KV, index, num_rows, stride_kv_block, stride_
     slot = tl.where(valid, index, 0).to(tl.int64)
     row_offset = (slot // PAGE) * stride_kv_block + (slot % PAGE) * stride_kv_row
     k_nope, k_rope = _load_keys(KV, row_offset, valid, IS_FP8, HW_FP8, D_NOPE, D_ROPE, TILE, BLOCK_N)
-    if APART:
-        s = (mma(q_nope, tl.trans(k_nope), INTERPRET) * sm_scale_log2
-             + mma(q_rope, tl.trans(k_rope), INTERPRET) * sm_scale_log2)
-        return mask_logits_apart(s, valid[None, :], taken), k_nope
-    s = mma(q_nope, tl.trans(k_nope), INTERPRET) + mma(q_rope, tl.trans(k_rope), INTERPRET)
-    return tl.where(valid[None, :], s * sm_scale_log2, float("-inf")), k_nope
-
-
-@triton.jit
-def _softmax_step(s, values, m_i, l_i, acc, INTERPRET: tl.constexpr):
-    """One online-softmax update (base 2) with a tile of logits `s` and its values."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - shift[:, None])
-    alpha = tl.exp2(m_i - shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + mma(p.to(tl.bfloat16), values, INTERPRET)
-    return m_new, l_i, acc
+    return latent_logits(q_nope, q_rope, k_nope, k_rope, valid[None, :], taken, sm_scale_log2, INTERPRET,
+                         APART), k_nope
 
 
 @triton.jit
@@ -139,7 +122,7 @@ def _sparse_decode_split_kernel(
         s, values = _gather_logits(q_nope, q_rope, KV, index, num_slots, stride_kv_block, stride_kv_row, sm_scale_log2,
                                    IS_FP8, HW_FP8, PAGE, D_NOPE, D_ROPE, TILE, BLOCK_N, INTERPRET, APART,
                                    tile * BLOCK_N < length)
-        m_i, l_i, acc = _softmax_step(s, values, m_i, l_i, acc, INTERPRET)
+        m_i, l_i, acc = softmax_step(s, values, m_i, l_i, acc, INTERPRET)
     if HAS_EXTRA:
         extra_length = EXTRA_TOPK
         if HAS_EXTRA_TOPK_LENGTH:
@@ -151,7 +134,7 @@ def _sparse_decode_split_kernel(
             s, values = _gather_logits(q_nope, q_rope, ExtraKV, index, extra_num_slots, stride_extra_block,
                                        stride_extra_row, sm_scale_log2, IS_FP8, HW_FP8, PAGE, D_NOPE, D_ROPE, TILE,
                                        BLOCK_N, INTERPRET, APART, tile < extra_end)
-            m_i, l_i, acc = _softmax_step(s, values, m_i, l_i, acc, INTERPRET)
+            m_i, l_i, acc = softmax_step(s, values, m_i, l_i, acc, INTERPRET)
 
     cols = tl.arange(0, D_NOPE)
     if not SPLIT:
@@ -223,7 +206,7 @@ def _sparse_prefill_kernel(
                 l_indexer = (l_indexer * tl.exp2(m_indexer - shift)
                              + tl.sum(tl.exp2(s_indexer - shift[:, None]), 1))
                 m_indexer = m_new
-        m_i, l_i, acc = _softmax_step(s, values, m_i, l_i, acc, INTERPRET)
+        m_i, l_i, acc = softmax_step(s, values, m_i, l_i, acc, INTERPRET)
 
     out, lse = finish(acc, m_i, l_i, Sink, heads, head_mask, APPLY_SINK)
     cols = tl.arange(0, D_NOPE)

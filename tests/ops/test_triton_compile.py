@@ -54,6 +54,11 @@ DENSE = {
     "bf16-causal-split-sink-apart": dict(IS_FP8=False, HW_FP8=False, CAUSAL=True, SPLIT=True, APPLY_SINK=True,
                                          BLOCK_H=64, BLOCK_N=64, F16=False, PREFETCH=False, RELOAD=False,
                                          HALF_PARTIALS=True, APART=True),
+    # the latent as one tile (LaunchConfig.whole, a BF16 cache's option)
+    "bf16-whole-causal-split-sink-half-apart": dict(IS_FP8=False, HW_FP8=False, CAUSAL=True, SPLIT=True,
+                                                    APPLY_SINK=True, BLOCK_H=64, BLOCK_N=64, F16=False,
+                                                    PREFETCH=False, RELOAD=False, HALF_PARTIALS=True, APART=True,
+                                                    WHOLE=True),
     "fp8-hw-apart": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=True, APPLY_SINK=False, BLOCK_H=64,
                          BLOCK_N=64, F16=False, PREFETCH=False, RELOAD=False, HALF_PARTIALS=False, APART=True),
     "fp8-f16-hw-causal-apart": dict(IS_FP8=True, HW_FP8=True, CAUSAL=True, SPLIT=False, APPLY_SINK=False,
@@ -75,6 +80,8 @@ DENSE_BALANCED = {
                               F16=True, PREFETCH=False, RELOAD=True),
     "bf16-causal-apart": dict(IS_FP8=False, HW_FP8=False, CAUSAL=True, BLOCK_H=64, BLOCK_N=64, METADATA_FIELDS=8,
                               F16=False, PREFETCH=False, RELOAD=False, APART=True),
+    "bf16-whole-apart": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, BLOCK_H=64, BLOCK_N=32, METADATA_FIELDS=8,
+                             F16=False, PREFETCH=False, RELOAD=False, APART=True, WHOLE=True),
 }
 COMBINE = {"plain": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False),
            "sink-half": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=True, HALF_PARTIALS=True),
@@ -152,11 +159,13 @@ ARCHS = (90, 80)  # every variant
 SPOT_ARCHS = (89, 100, 120, "gfx942", "gfx90a")  # one variant per kernel; AMD GPUs by their gfx names
 
 COMPILER = r'''
-import json, re, sys
+import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from flashmla_ops.triton import decode, indexer, kv_cache, moe, sparse
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")  # Triton's own
 
 POINTERS = {"Q": "*bf16", "Out": "*bf16", "BlockTable": "*i32", "Seqlens": "*i32", "Indices": "*i32",
             "TopkLength": "*i32", "ExtraIndices": "*i32", "ExtraTopkLength": "*i32", "Latent": "*bf16",
@@ -221,11 +230,18 @@ for job in json.loads(sys.argv[1]):
                         and not steps[-1]["trap"]):
                     break
             results[job["id"]] = steps
-        elif "options" in job:  # at the launch's options: the PTX's wgmma shapes and the shared memory
+        elif "options" in job:  # at the launch's options: the PTX's wgmma shapes, the shared memory, and whether
+            # Triton's ptxas serializes the wgmmas (its C751x remarks: each product then waits for the one before)
             compiled = compile_kernel(job["kernel"], job["constexprs"], job["arch"], job["options"])
             shapes = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", compiled.asm["ptx"])
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+                ptx.write(compiled.asm["ptx"])
+                ptx.flush()
+                remarks = subprocess.run([PTXAS, f"-arch=sm_{job['arch']}a", "-v", ptx.name, "-o", os.devnull],
+                                         capture_output=True, text=True).stderr
             results[job["id"]] = dict(shared=compiled.metadata.shared,
-                                      wgmma={shape: shapes.count(shape) for shape in set(shapes)})
+                                      wgmma={shape: shapes.count(shape) for shape in set(shapes)},
+                                      serialized=re.findall(r"\(C75\d\d\)[^\n]*", remarks))
         else:
             compiled = compile_kernel(job["kernel"], job["constexprs"], job["arch"], {})
             binary = "hsaco" if isinstance(job["arch"], str) else "cubin"  # AMD's code object, NVIDIA's
@@ -284,7 +300,9 @@ def launch_step(config, lookahead=False, **variant):
     its launch options. `lookahead`: the kernel takes TileConfig.lookahead as its LOOKAHEAD constexpr (sparse
     decode)."""
     return dict(constexprs=dict(variant, BLOCK_H=config.block_h, BLOCK_N=config.block_n, APART=config.apart_logits,
-                                **({"LOOKAHEAD": config.lookahead} if lookahead else {})),
+                                **({"LOOKAHEAD": config.lookahead} if lookahead else {}),
+                                **({"WHOLE": config.whole and not variant.get("IS_FP8")}
+                                   if hasattr(config, "whole") else {})),
                 options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
@@ -461,9 +479,12 @@ def assert_fits(steps, limit):
 def test_hopper_defaults_compute_the_logits_once_and_fit(compiled, family):
     """Compiled for sm_90 at the launch's options, each op's default 64-row tiles on Hopper mask their logits apart
     (common.mask_logits_apart): the two warpgroups split the logits' products (m64n32k16 wgmmas, 36 a tile) where
-    without it both compute all of them (72), P V's products the same, and the tiles fit Hopper's shared memory."""
+    without it both compute all of them (72), P V's products the same, and the tiles fit Hopper's shared memory. And
+    ptxas does not serialize the default's wgmmas (its C751x remarks)."""
     default, flipped = compiled[f"{family}-default"], compiled[f"{family}-flipped"]
     assert isinstance(default, dict) and isinstance(flipped, dict), (default, flipped)
+    assert not default.pop("serialized"), default  # (stop 57: the dense decode's split launches were, C7515)
+    flipped.pop("serialized")
     logits = default["wgmma"].pop("m64n32k16")
     assert (logits, flipped["wgmma"].pop("m64n32k16")) == (36, 72)
     assert default["wgmma"] == flipped["wgmma"] and default["wgmma"], (default, flipped)  # P V's

@@ -255,6 +255,23 @@ def test_triton_apart_logits_match_reference(seqlens, s_q, h_q, products, schedu
     run_and_compare(seqlens, s_q, h_q, s_q > 1, is_fp8, sink=schedule == "uniform", config=config)
 
 
+# the whole-latent kernel's steps: one stage ahead at 64 tokens, and on a GPU 32 tokens three and four stages deep
+WHOLE_STEPS = [(64, 2)] + ([(32, 3), (32, 4)] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q", APART_CASES + [([0, 1, 70, 130], 1, 16)])
+@pytest.mark.parametrize("schedule", ["uniform", "balanced"])
+@pytest.mark.parametrize("block_n,num_stages", WHOLE_STEPS)
+@pytest.mark.parametrize("apart", APART_FLAGS)
+def test_triton_whole_latent_matches_reference(seqlens, s_q, h_q, schedule, block_n, num_stages, apart):
+    """The BF16 cache's latent as one 512-wide tile (LaunchConfig.whole) over 64-row tiles: partial and empty tiles,
+    causal queries, empty sequences (their splits still take one masked step), parts that span sequences."""
+    config = dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, torch.device(DEVICE)),
+                                 block_h=64, num_warps=8, block_n=block_n, num_stages=num_stages, programs_per_sm=1,
+                                 apart_logits=apart, schedule=schedule, whole=True)
+    run_and_compare(seqlens, s_q, h_q, s_q > 1, False, sink=schedule == "uniform", config=config)
+
+
 def test_triton_default_takes_apart_logits_only_with_64_row_warpgroup_products(monkeypatch):
     """64-row tiles of 8 warps mask their logits apart where the products are wgmma (common.warpgroup_products);
     narrower tiles, and GPUs whose products are mma.sync, never."""

@@ -216,6 +216,32 @@ def test_triton_sparse_prefill_apart_logits_match_reference(seq_lens, h_q, topk,
                 config=apart_config(h_q, num_warps=num_warps))
 
 
+# Hopper's 64-head tiles at 32 keys a step, three and four stages deep (so that one or two steps' gathers are in
+# flight; stop 57), with the indices a step early and the logits apart
+DEEP_STEPS = [(32, 3), (32, 4)]
+
+
+def deep_config(h_q, is_fp8, block_n, num_stages):
+    return dataclasses.replace(apart_config(h_q, is_fp8), block_n=block_n, num_stages=num_stages, lookahead=True)
+
+
+@pytest.mark.parametrize("batch,s_q,h_q,topk,extra_topk,with_topk_length", DECODE_CASES[1:4])
+@pytest.mark.parametrize("is_fp8", [False, True])
+@pytest.mark.parametrize("block_n,num_stages", DEEP_STEPS)
+def test_triton_sparse_decode_deep_pipelines_match_reference(batch, s_q, h_q, topk, extra_topk, with_topk_length,
+                                                             is_fp8, block_n, num_stages):
+    run_decode(batch, s_q, h_q, topk, extra_topk, with_topk_length, is_fp8, sink=extra_topk > 0,
+               config=deep_config(h_q, is_fp8, block_n, num_stages))
+
+
+@pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink", PREFILL_CASES[:3])
+@pytest.mark.parametrize("block_n,num_stages", DEEP_STEPS)
+def test_triton_sparse_prefill_deep_pipelines_match_reference(seq_lens, h_q, topk, indexer_topk, with_topk_length,
+                                                              with_sink, block_n, num_stages):
+    run_prefill(seq_lens, h_q, topk, indexer_topk, with_topk_length, with_sink,
+                config=deep_config(h_q, False, block_n, num_stages))
+
+
 @pytest.mark.parametrize("seq_lens,h_q,topk,indexer_topk,with_topk_length,with_sink",
                          PREFILL_CASES + (GPU_PREFILL_CASES if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("apart", [True, False])
