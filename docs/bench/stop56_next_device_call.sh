@@ -24,6 +24,6 @@ timeout $((380 - SECONDS)) python -m pytest -q -m gpu tests --ignore=tests/ops/t
   --ignore=tests/ops/test_triton_sparse.py --ignore=tests/ops/test_sanitizer.py > $OUT/tests_rest.log 2>&1
 echo "GPU suite but Triton decode / sparse rc $? at ${SECONDS}s"
 grep -E "passed|failed|FAILED|rror" $OUT/tests_rest.log | tail -8
-timeout $((570 - SECONDS)) python -m pytest -q -m gpu tests/ops/test_triton_decode.py tests/ops/test_triton_sparse.py \
+timeout $((570 - SECONDS)) python -m pytest -q tests/ops/test_triton_decode.py tests/ops/test_triton_sparse.py \
   > $OUT/tests_triton.log 2>&1
 echo "Triton decode / sparse rc $? at ${SECONDS}s"; grep -E "passed|failed|FAILED|rror" $OUT/tests_triton.log | tail -8

@@ -189,13 +189,21 @@ def latent_logits(q_nope, q_rope, k_nope, k_rope, keep, taken, sm_scale_log2, IN
 
 
 @triton.jit
-def softmax_step(s, values, m_i, l_i, acc, INTERPRET: tl.constexpr):
-    """One online-softmax update (base 2) with a tile of logits `s` and its values."""
+def softmax_weights(s, m_i, l_i):
+    """The online softmax (base 2) over one more tile of logits `s` (rows x tokens), from the running maximum `m_i`
+    and sum `l_i`: (the new maximum, the tile's weights p, alpha: what moves the earlier sum and accumulators to the
+    new maximum, the new sum). Rows that have seen no key keep maximum -inf, weights 0."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - shift[:, None])
     alpha = tl.exp2(m_i - shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, p, alpha, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def softmax_step(s, values, m_i, l_i, acc, INTERPRET: tl.constexpr):
+    """One online-softmax update (base 2) with a tile of logits `s` and its values."""
+    m_new, p, alpha, l_i = softmax_weights(s, m_i, l_i)
     acc = acc * alpha[:, None] + mma(p.to(tl.bfloat16), values, INTERPRET)
     return m_new, l_i, acc
 

@@ -26,7 +26,8 @@ from ..decode import get_mla_metadata_reference
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, fp8_values, hardware_fp8,
                      latent_logits, launch_fitting, load_fp8_bytes, load_latent_subtile, load_rope, load_tile_scale,
-                     mask_logits_apart, mma, nonempty, require_d_v, softmax_step, warpgroup_products)
+                     mask_logits_apart, mma, nonempty, require_d_v, softmax_step, softmax_weights,
+                     warpgroup_products)
 
 @triton.jit
 def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm,
@@ -133,11 +134,7 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
             s = mask_logits_apart(s, tokens[None, :] < visible[:, None], tile_start < stop)
         else:
             s = tl.where(tokens[None, :] < visible[:, None], s * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - shift[:, None])
-        alpha = tl.exp2(m_i - shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_new, p, alpha, l_i = softmax_weights(s, m_i, l_i)
         if RELOAD:  # P V's latent tiles: the same bytes again, by loads of their own
             k0, k1, k2, k3 = _load_latent(KV, row_offset, tok_mask, TILE, IS_FP8, HW_FP8, F16, ".cg")
         if F16_PRODUCTS:
@@ -490,7 +487,11 @@ class LaunchConfig:
     default at 64 rows since stop 54, 11-15% faster on the h128 rows (H100, docs/bench/stop54_call1.log: b128 h128
     4k 515.6-521.3 against 586.0-588.4 us, s_q2 974.9-987.9 against 1145.1-1146.3), b1 h128 32k level (61.5-61.7
     against 62.2). Not at 16 warps: four warpgroups then split the logits 4 x 16 tokens, 1.07x-1.3x slower on every
-    h128 row (stop54_call4.log)."""
+    h128 row (stop54_call4.log). `whole` (a BF16 cache; ignored for FP8): the latent as one 512-wide tile, so that
+    the logits take two products and P V one into one accumulator (_attend_whole, as the sparse kernels), where the
+    default takes four 128-column tiles (the FP8 cache's scale tiles) and waits for each of the logits' five products
+    on its own. Compiled for sm_90 by Triton 3.6 at 64 x 64, two stages, apart: 36 m64n32k16 wgmmas a tile in two
+    waits, 255 registers, no spill. Opt-in: not timed yet (docs/bench/stop57_triton_ab.py)."""
     block_h: int
     block_n: int
     num_warps: int

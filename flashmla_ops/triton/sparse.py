@@ -21,7 +21,8 @@ import triton.language as tl
 from .._checks import contiguous_or_none, last_dim_contiguous
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
 from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, hardware_fp8, latent_logits,
-                     launch_fitting, load_kv_tile, nonempty, require_d_v, softmax_step, warpgroup_products)
+                     launch_fitting, load_kv_tile, nonempty, require_d_v, softmax_step, softmax_weights,
+                     warpgroup_products)
 from .decode import combine, split_buffers
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -201,11 +202,7 @@ def _sparse_prefill_kernel(
         if HAS_INDEXER:
             if tile_start < indexer_topk:  # the indexer's LSE: the same logits, first indexer_topk positions only
                 s_indexer = tl.where(positions[None, :] < indexer_topk, s, float("-inf"))
-                m_new = tl.maximum(m_indexer, tl.max(s_indexer, 1))
-                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_indexer = (l_indexer * tl.exp2(m_indexer - shift)
-                             + tl.sum(tl.exp2(s_indexer - shift[:, None]), 1))
-                m_indexer = m_new
+                m_indexer, _, _, l_indexer = softmax_weights(s_indexer, m_indexer, l_indexer)
         m_i, l_i, acc = softmax_step(s, values, m_i, l_i, acc, INTERPRET)
 
     out, lse = finish(acc, m_i, l_i, Sink, heads, head_mask, APPLY_SINK)

@@ -165,7 +165,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from flashmla_ops.triton import decode, indexer, kv_cache, moe, sparse
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")  # Triton's own
+
+def ptxas(arch):
+    """The ptxas Triton assembles `arch` with (Triton 3.9 takes its CUDA 13 one for sm_90: the other stops at the
+    PTX's version)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    try:
+        return get_ptxas(arch).path
+    except TypeError:  # Triton before 3.5 takes no arch
+        return get_ptxas().path
 
 POINTERS = {"Q": "*bf16", "Out": "*bf16", "BlockTable": "*i32", "Seqlens": "*i32", "Indices": "*i32",
             "TopkLength": "*i32", "ExtraIndices": "*i32", "ExtraTopkLength": "*i32", "Latent": "*bf16",
@@ -237,8 +245,10 @@ for job in json.loads(sys.argv[1]):
             with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
                 ptx.write(compiled.asm["ptx"])
                 ptx.flush()
-                remarks = subprocess.run([PTXAS, f"-arch=sm_{job['arch']}a", "-v", ptx.name, "-o", os.devnull],
-                                         capture_output=True, text=True).stderr
+                assembled = subprocess.run([ptxas(job["arch"]), f"-arch=sm_{job['arch']}a", "-v", ptx.name, "-o",
+                                            os.devnull], capture_output=True, text=True)
+                assert assembled.returncode == 0, assembled.stderr[-2000:]
+                remarks = assembled.stderr
             results[job["id"]] = dict(shared=compiled.metadata.shared,
                                       wgmma={shape: shapes.count(shape) for shape in set(shapes)},
                                       serialized=re.findall(r"\(C75\d\d\)[^\n]*", remarks))

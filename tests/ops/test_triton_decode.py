@@ -272,6 +272,21 @@ def test_triton_whole_latent_matches_reference(seqlens, s_q, h_q, schedule, bloc
     run_and_compare(seqlens, s_q, h_q, s_q > 1, False, sink=schedule == "uniform", config=config)
 
 
+@pytest.mark.parametrize("seqlens,s_q,h_q", [([1300, 0, 700], 1, 64), ([129, 2000], 2, 128)])
+def test_triton_whole_latent_f16_partials_match_reference(monkeypatch, seqlens, s_q, h_q):
+    """_store_whole's f16 partials (the row scaled by a power of two over its largest, HALF_PARTIALS): eight splits a
+    sequence (empty ones included), every split launch half."""
+    monkeypatch.setattr(triton_decode, "device_limits", lambda device: (8 * len(seqlens) * s_q * h_q // 64, 227 * 1024))
+    monkeypatch.setattr(triton_decode, "HALF_PARTIALS_FROM_SPLITS", 2)
+    recording = RecordingKernel(triton_decode._dense_decode_split_kernel)
+    monkeypatch.setattr(triton_decode, "_dense_decode_split_kernel", recording)
+    config = dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, torch.device(DEVICE)),
+                                 block_h=64, num_warps=8, block_n=64, num_stages=2, programs_per_sm=1,
+                                 apart_logits=True, whole=True)
+    run_and_compare(seqlens, s_q, h_q, s_q > 1, False, sink=True, config=config)
+    assert recording.options and all(options["HALF_PARTIALS"] and options["WHOLE"] for options in recording.options)
+
+
 def test_triton_default_takes_apart_logits_only_with_64_row_warpgroup_products(monkeypatch):
     """64-row tiles of 8 warps mask their logits apart where the products are wgmma (common.warpgroup_products);
     narrower tiles, and GPUs whose products are mma.sync, never."""

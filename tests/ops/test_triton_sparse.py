@@ -216,8 +216,8 @@ def test_triton_sparse_prefill_apart_logits_match_reference(seq_lens, h_q, topk,
                 config=apart_config(h_q, num_warps=num_warps))
 
 
-# Hopper's 64-head tiles at 32 keys a step, three and four stages deep (so that one or two steps' gathers are in
-# flight; stop 57), with the indices a step early and the logits apart
+# The tiles the op takes on Hopper (apart_config) at 32 keys a step, three and four stages deep (so that on a GPU one
+# or two steps' gathers are in flight: stop 57; the interpreter has no stages), with the indices a step early
 DEEP_STEPS = [(32, 3), (32, 4)]
 
 
