@@ -1,7 +1,7 @@
 #!/bin/bash
 # Stop 57, call 1: the Triton SPEC rows under the launch configs of docs/bench/stop57_triton_ab.py (each checked
 # against the reference op first; main's dense kernel from flashmla_ops/triton/_main_decode.py, written from git
-# before the call and not committed), then the Triton decode and sparse GPU tests of the new configs. `run` with
+# before the call as the A/B's docstring says, not committed), then the Triton decode and sparse GPU tests of the new configs. `run` with
 # command `bash docs/bench/stop57_device_call1.sh` and timeout_s 480 (TOTAL=SECONDS for a shorter call: the A/B gets
 # six tenths of it, printing each row as it is timed).
 export PYTHONPATH=$PWD:$PWD/scripts

@@ -5,8 +5,9 @@ and two stages wait at the top of every step for the copies the step before issu
 no load overlaps a product. 32 tokens a step at three or four stages keep one or two steps of loads in flight and fit
 (188 / 225 KiB). And the dense decode's split launches (SPLIT) had every wgmma serialized by ptxas (C7515: the loop's
 zero-trip path set the accumulators), which `tl.assume` on a loop of at least one step removes. Rows and configs:
-- dense bf16 rows of 64-row tiles: `main` (the module as committed before this stop, flashmla_ops/triton/_main_decode.py
-  written from git for the call), `default` (this tree's), `whole` (the latent as one 512-wide tile,
+- dense bf16 rows of 64-row tiles: `main` (the module as committed before this stop: `git show
+  0f32bb3:flashmla_ops/triton/decode.py > flashmla_ops/triton/_main_decode.py` before the call, not committed),
+  `default` (this tree's), `whole` (the latent as one 512-wide tile,
   LaunchConfig.whole) at 64 x 64 two stages and 64 x 32 three;
 - sparse FP8 decode and sparse prefill: the default, and 64 x 32 at three and four stages.
 `python docs/bench/stop57_triton_ab.py [--rows SUBSTR,...]` from the repository root, PYTHONPATH=$PWD:$PWD/scripts.

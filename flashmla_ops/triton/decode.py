@@ -29,6 +29,9 @@ from .common import (INTERPRET, LOG2E, device_limits, f16_row_scaling, finish, f
                      mask_logits_apart, mma, nonempty, require_d_v, softmax_step, softmax_weights,
                      warpgroup_products)
 
+ASSUME = tl.constexpr(hasattr(tl, "assume"))
+
+
 @triton.jit
 def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end, stride_qb, stride_qm,
                    stride_kv_block, stride_kv_row, stride_bt, num_pages, H_Q, S_Q, sm_scale_log2,
@@ -168,12 +171,14 @@ def _attend_tokens(Q, KV, BlockTable, batch, rows, row_mask, length, start, end,
 @triton.jit
 def _one_step_at_least(start, end):
     """Where the token loop over [start, end) stops, so that it takes at least one step: an empty range takes one step
-    of masked tokens (no key: the accumulators, maximum and sum stay as they start). Told so (`tl.assume`), the
-    compiler emits the loop without a path that skips it; on that path the accumulators came from moves, which made
-    ptxas serialize every wgmma of the kernel (C7515; compiled for sm_90 by Triton 3.6, the split launches of 64-row
-    tiles had every product waited for on its own, docs/HISTORY.md stop 57)."""
+    of masked tokens (no key: the accumulators, maximum and sum stay as they start). Told so (`tl.assume`, from
+    Triton 3.3; before it the loop keeps its test), the compiler emits the loop without a path that skips it; on that
+    path the accumulators came from moves, which made ptxas serialize every wgmma of the kernel (C7515; compiled for
+    sm_90 by Triton 3.6 and 3.9, the split launches of 64-row tiles had every product waited for on its own,
+    docs/HISTORY.md stop 57)."""
     stop = tl.maximum(end, start + 1)
-    tl.assume(stop > start)
+    if ASSUME:
+        tl.assume(stop > start)
     return stop
 
 
