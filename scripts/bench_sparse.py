@@ -138,13 +138,24 @@ def tune_candidates(h_q: int, apart: bool = False) -> list:
     return list(dict.fromkeys([*ladder[:2], *extra, *sorted(fp8_firsts, key=str), *deep]))
 
 
+def triton_run(op, config):
+    """`run(*inputs)` of a SPEC row's op ('decode': over an FP8 cache; 'prefill') as the Triton function itself at tile
+    config `config` (sparse.TileConfig), on inputs as decode_inputs / prefill_inputs make them."""
+    from flashmla_ops.triton import sparse as triton_sparse
+
+    scale = D_QK ** -0.5
+    if op == "decode":
+        return lambda q, cache, indices: triton_sparse.sparse_decode(q, cache, indices, None, None, None, None,
+                                                                     KV_LORA_RANK, scale, True, None, config)
+    return lambda q, kv, indices: triton_sparse.sparse_prefill(q, kv, indices, scale, KV_LORA_RANK, config=config)
+
+
 def tune(device, chosen=lambda name: True) -> list[dict]:
     """Times each Triton tile config of `tune_candidates` on every SPEC row `chosen(name)` (--rows) takes (the Triton
     functions called directly)."""
     from flashmla_ops.triton import sparse as triton_sparse
 
     results = []
-    scale = D_QK ** -0.5
     for name, op, size, second, h_q, topk, _, target in SPEC_ROWS:
         if not chosen(name):
             continue
@@ -159,15 +170,8 @@ def tune(device, chosen=lambda name: True) -> list[dict]:
         for config in tune_candidates(h_q, apart):
             if config.lookahead and op != "decode" and config.block_n == 64 and config.num_stages > 2:  # 288 KiB
                 continue
-            if op == "decode":
-                def run(q, cache, indices, config=config):
-                    return triton_sparse.sparse_decode(q, cache, indices, None, None, None, None, KV_LORA_RANK,
-                                                       scale, True, None, config)
-            else:
-                def run(q, kv, indices, config=config):
-                    return triton_sparse.sparse_prefill(q, kv, indices, scale, KV_LORA_RANK, config=config)
             try:
-                ms = time_ms(run, sets)
+                ms = time_ms(triton_run(op, config), sets)
             except Exception as error:  # a config the GPU cannot run (shared memory, registers)
                 print(f"{name:36} {config}: failed ({type(error).__name__})")
                 continue

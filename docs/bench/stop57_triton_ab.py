@@ -65,7 +65,6 @@ def dense_rows(device, chosen):
 
 
 def sparse_rows(device, chosen):
-    scale = D_QK ** -0.5
     for name, op_name, size, second, h_q, topk, _, target in bench_sparse.SPEC_ROWS:
         if not chosen(name):
             continue
@@ -82,13 +81,7 @@ def sparse_rows(device, chosen):
                    ("64x32 s3", dataclasses.replace(default, block_n=32, num_stages=3)),
                    ("64x32 s4", dataclasses.replace(default, block_n=32, num_stages=4))]
         for label, config in configs:
-            if decode:
-                def op(q, cache, indices, config=config):
-                    return triton_sparse.sparse_decode(q, cache, indices, None, None, None, None, KV_LORA_RANK,
-                                                       scale, True, None, config)
-            else:
-                def op(q, kv, indices, config=config):
-                    return triton_sparse.sparse_prefill(q, kv, indices, scale, KV_LORA_RANK, config=config)
+            op = bench_sparse.triton_run(op_name, config)
             report(name, label, config, lambda: error(op(*check)[0], reference), lambda: time_ms(op, sets),
                    bench_sparse.attention_flops(queries, h_q, topk), (target, "TFLOP/s"))
         torch.cuda.empty_cache()

@@ -278,17 +278,24 @@ def _scaled_product(p_over_top, scale, k, back, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _partial_scaling(largest, l_i, ScalePartial, global_split, M, rows, row_mask):
+    """f16 partials (see Partials): the power of two each row is multiplied by, from `largest`, the row's largest
+    accumulator magnitude (over l_i, the normalised partial's); its inverse goes to ScalePartial."""
+    multiplier, inverse = f16_row_scaling(largest / tl.where(l_i == 0.0, 1.0, l_i))
+    tl.store(ScalePartial + global_split * M + rows, inverse, mask=row_mask)
+    return multiplier
+
+
+@triton.jit
 def _store_all(acc0, acc1, acc2, acc3, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, ScalePartial, batch,
                global_split, rows, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q,
                SPLIT: tl.constexpr, APPLY_SINK: tl.constexpr, TILE: tl.constexpr, HALF_PARTIALS: tl.constexpr):
     heads = rows % H_Q
     multiplier = l_i  # a placeholder without f16 partials
     if SPLIT and HALF_PARTIALS:  # the row's largest magnitude over all four tiles sets its scaling (see Partials)
-        largest = (tl.maximum(tl.maximum(tl.max(tl.abs(acc0), 1), tl.max(tl.abs(acc1), 1)),
-                              tl.maximum(tl.max(tl.abs(acc2), 1), tl.max(tl.abs(acc3), 1)))
-                   / tl.where(l_i == 0.0, 1.0, l_i))
-        multiplier, inverse = f16_row_scaling(largest)
-        tl.store(ScalePartial + global_split * M + rows, inverse, mask=row_mask)
+        largest = tl.maximum(tl.maximum(tl.max(tl.abs(acc0), 1), tl.max(tl.abs(acc1), 1)),
+                             tl.maximum(tl.max(tl.abs(acc2), 1), tl.max(tl.abs(acc3), 1)))
+        multiplier = _partial_scaling(largest, l_i, ScalePartial, global_split, M, rows, row_mask)
     accs = (acc0, acc1, acc2, acc3)
     for tile in tl.static_range(4):  # the LSE with the first tile's columns
         _store_rows(accs[tile], m_i, l_i, multiplier, tile * TILE, TILE, Sink, Out, Lse, OutPartial, LsePartial, batch,
@@ -303,8 +310,7 @@ def _store_whole(acc, m_i, l_i, Sink, Out, Lse, OutPartial, LsePartial, ScalePar
     """_store_all for _attend_whole's one accumulator."""
     multiplier = l_i  # a placeholder without f16 partials
     if SPLIT and HALF_PARTIALS:
-        multiplier, inverse = f16_row_scaling(tl.max(tl.abs(acc), 1) / tl.where(l_i == 0.0, 1.0, l_i))
-        tl.store(ScalePartial + global_split * M + rows, inverse, mask=row_mask)
+        multiplier = _partial_scaling(tl.max(tl.abs(acc), 1), l_i, ScalePartial, global_split, M, rows, row_mask)
     _store_rows(acc, m_i, l_i, multiplier, 0, D_V, Sink, Out, Lse, OutPartial, LsePartial, batch, global_split, rows,
                 rows % H_Q, row_mask, stride_ob, stride_om, stride_ps, stride_pm, M, S_Q, H_Q, SPLIT, APPLY_SINK, True,
                 HALF_PARTIALS)
