@@ -502,7 +502,8 @@ class LaunchConfig:
     the logits take two products and P V one into one accumulator (_attend_whole, as the sparse kernels), where the
     default takes four 128-column tiles (the FP8 cache's scale tiles) and waits for each of the logits' five products
     on its own. Compiled for sm_90 by Triton 3.6 at 64 x 64, two stages, apart: 36 m64n32k16 wgmmas a tile in two
-    waits, 255 registers, no spill. Opt-in: not timed yet (docs/bench/stop57_triton_ab.py)."""
+    waits, 255 registers, no spill. Hopper's default for a BF16 cache at 64 rows x 64 tokens since stop 58 (see
+    default_config)."""
     block_h: int
     block_n: int
     num_warps: int
@@ -549,7 +550,10 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
     two stages was not timed, so the 64-row rows' gain is the lookup and the stages together) on the H100
     (docs/bench/stop54_call5.log), us: b128 h128 4k 478.0-481.0 against 522.5-524.5, s_q2 872.1-892.4 against
     982.8-993.7, b1 h128 32k 58.2-59.8 against 60.7-61.7, fp8 b128 h16 16k 969.8-989.6 against 1053.3-1069.2, b8
-    h16 32k 116.0-116.1 against 118.1-119.2, the b128 h16 rows level."""
+    h16 32k 116.0-116.1 against 118.1-119.2, the b128 h16 rows level.
+    Since stop 58 those 64-row tiles over a BF16 cache take the latent whole (`whole`): on the H200
+    (docs/bench/stop58_call1.log, us) b128 h128 4k 439.4 against 466.2, s_q2 819.2 against 890.6, b1 h128 32k 48.8
+    against 49.1; at 32 tokens and three stages it was slower on all three (52.2, 512.0, 1023.4)."""
     multiprocessors, shared_memory = device_limits(device)
     block_n = 64 if shared_memory >= 200 * 1024 else 32
     if rows <= 16:
@@ -560,8 +564,9 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
         return LaunchConfig(block_h=16, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=programs_per_sm)
     fills_gpu = rows >= 64 and batch * triton.cdiv(rows, 64) >= multiprocessors
     if fills_gpu or (block_n == 64 and (rows >= 64 or is_fp8)):
-        return LaunchConfig(block_h=64, block_n=block_n, num_warps=8, num_stages=2,
-                            programs_per_sm=1, apart_logits=warpgroup_products(device))
+        apart = warpgroup_products(device)
+        return LaunchConfig(block_h=64, block_n=block_n, num_warps=8, num_stages=2, programs_per_sm=1,
+                            apart_logits=apart, whole=apart and block_n == 64 and not is_fp8)
     return LaunchConfig(block_h=32, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=2)
 
 
@@ -570,7 +575,7 @@ def fitting_configs(config: LaunchConfig) -> list[LaunchConfig]:
     sm_89, 64 rows x 32 keys take 112 KiB of shared memory, more than the 99 KiB of Ada and consumer Blackwell;
     32 x 32 take 76."""
     smaller = [dataclasses.replace(config, block_h=block_h, block_n=32, num_warps=4, num_stages=2, programs_per_sm=2,
-                                   apart_logits=False) for block_h in (32, 16) if block_h < config.block_h]
+                                   apart_logits=False, whole=False) for block_h in (32, 16) if block_h < config.block_h]
     return [config, *smaller]
 
 

@@ -250,7 +250,10 @@ def tile_configs(h_q: int, fp8_decode: bool = False, apart: bool = False, prefil
     h128 8013.1-8058.5 against 8996.7-8999.5, h64 4394.4-4473.6 against 4693.7-4760.4. The sparse prefill (`prefill`)
     with the logits apart from 64 heads first tries its 64 x 64 tiles with `lookahead` (224 KiB on sm_90): on the H200
     (stop 55, docs/bench/stop55_call1.log, us) h128 7717.5-7745.8 against 8020.8-8051.6, h64 3933.7-3940.8 against
-    4265.4-4275.2 (stop 41 had found it 23-26% slower at 64 x 32, before the logits apart let 64 x 64 fit)."""
+    4265.4-4275.2 (stop 41 had found it 23-26% slower at 64 x 32, before the logits apart let 64 x 64 fit). Steps of
+    32 keys at three and four stages, which keep a step or two of gathers in flight where these wait for all of them
+    at each step's top, were slower on all five SPEC rows (H200, stop 58, docs/bench/stop58_call1.log): FP8 decode
+    26-30%, prefill 16%."""
     first_h = min(64, max(16, triton.next_power_of_2(h_q)))
     ladder = [TileConfig(block_h=block_h, block_n=block_n, num_warps=8 if block_h >= 64 else 4, num_stages=num_stages,
                          apart_logits=apart and block_h == 64)

@@ -296,6 +296,9 @@ def test_triton_default_takes_apart_logits_only_with_64_row_warpgroup_products(m
         for batch, rows, is_fp8 in ((128, 128, False), (1, 128, True), (128, 16, False), (2, 32, False)):
             config = triton_decode.default_config(batch, rows, device, is_fp8)
             assert config.apart_logits == (wgmma and config.block_h == 64 and config.num_warps == 8), config
+            # the latent whole (stop 58): those tiles over a BF16 cache at 64 tokens, and none of their fallbacks
+            assert config.whole == (config.apart_logits and config.block_n == 64 and not is_fp8), config
+            assert not any(smaller.whole for smaller in triton_decode.fitting_configs(config)[1:])
 
 
 def test_triton_balanced_schedule_computes_its_own_metadata():
