@@ -262,9 +262,6 @@ def dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, s
 
 
 CUDA_ROWS_PER_CTA = 64  # query rows (s_q * h_q pairs) per CTA of csrc/dense_decode.cu
-# sequences per launch of the Triton dense decode and paged indexer: their grids' second dimension (CUDA's limit there;
-# a larger grid fails to launch with "invalid argument")
-TRITON_MAX_BATCH = 65535
 # query rows up to which csrc/dense_decode_narrow.cu runs dense decode (one CTA holds them all); kNarrowRows in
 # csrc/decode_common.cuh, which the kernel checks
 CUDA_NARROW_ROWS = 16
@@ -314,7 +311,7 @@ def dense_decode_path(q: torch.Tensor, k_cache: torch.Tensor, head_dim_v: int, i
         if (path == "cuda" and _cuda_dense_supports(q, k_cache, head_dim_v, is_fp8)
                 and -(-rows // CUDA_ROWS_PER_CTA) <= 65535):  # the kernel's row tiles a sequence
             return "cuda"
-        if path == "triton" and q.shape[0] <= TRITON_MAX_BATCH:
+        if path == "triton":
             from .triton import decode as triton_decode
 
             if triton_decode.supports(q, k_cache, head_dim_v, is_fp8):

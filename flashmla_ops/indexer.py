@@ -11,7 +11,7 @@ import torch
 from . import _ext
 from ._checks import (FLOAT_DTYPES, check, check_paged_table, check_same_device, check_tensor, dense_aligned,
                       last_dim_contiguous, require_tensor, value_checks_apply)
-from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE, TRITON_MAX_BATCH
+from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE
 from .kv_cache import dequantize_index_fp8_reference
 
 FP8 = torch.float8_e4m3fn
@@ -109,12 +109,11 @@ def indexer_logits_path(q: torch.Tensor, k: torch.Tensor) -> str:
 
 
 def _first_path(op, q, keys, cuda_supports) -> str:
-    """The first of `op`'s paths on q's device whose kernel covers these inputs, else 'reference'. (The Triton kernel
-    takes the paged form's batch, q's first of four dimensions, up to TRITON_MAX_BATCH; the prefill form is one.)"""
+    """The first of `op`'s paths on q's device whose kernel covers these inputs, else 'reference'."""
     for path in _ext.paths(op, q.device):
         if path == "cuda" and cuda_supports(q, keys):
             return path
-        if path == "triton" and (q.dim() == 3 or q.shape[0] <= TRITON_MAX_BATCH):
+        if path == "triton":
             from .triton import indexer as triton_indexer
 
             if triton_indexer.supports(q, keys):

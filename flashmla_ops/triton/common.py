@@ -301,3 +301,19 @@ def launch_fitting(key: Hashable, configs: Sequence, launch: Callable) -> None:
         _FITTING[key] = config
         return
     raise RuntimeError(f"{key}: no tile config fits this GPU; refused: {refused}")
+
+
+# Programs a launch grid may have in its second and third dimensions (CUDA's limit; the first takes 2**31 - 1)
+MAX_GRID_Y = 65535
+
+
+@triton.jit
+def tile_and_sequence(tiles):
+    """(tile, sequence) of a program of a grid whose first dimension counts the `tiles` tiles (of query rows) of each
+    sequence in turn: the launch of more sequences than MAX_GRID_Y (a kernel's WIDE_BATCH), where the others take
+    the sequence from the grid's second dimension. A sequence's tiles are still launched together (they read the
+    same keys: L2). Not every launch takes it: the division keeps the sequence in a register through the kernel
+    (compiled for sm_90, the 64-row BF16 default then spills 24-32 bytes a thread), where the second dimension's
+    index is read again for free."""
+    pid = tl.program_id(0)
+    return pid % tiles, (pid // tiles).to(tl.int64)

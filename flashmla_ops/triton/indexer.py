@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .._checks import last_dim_contiguous
 from ..decode import PAGE_BLOCK_SIZE
-from .common import INTERPRET, device_limits, fp8_values, hardware_fp8, mma
+from .common import INTERPRET, MAX_GRID_Y, device_limits, fp8_values, hardware_fp8, mma, tile_and_sequence
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
@@ -66,14 +66,19 @@ def _indexer_logits_kernel(
         stride_ob, stride_ot, S_Q, H_I, NUM_KEYS, keys_per_split, num_pages,
         PAGED: tl.constexpr, Q_FP8: tl.constexpr, K_FP8: tl.constexpr, K_SCALED: tl.constexpr, HW_FP8: tl.constexpr,
         BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_I: tl.constexpr, PAGE: tl.constexpr,
-        INTERPRET: tl.constexpr, F16: tl.constexpr, FP8_MMA: tl.constexpr):
+        INTERPRET: tl.constexpr, F16: tl.constexpr, FP8_MMA: tl.constexpr, WIDE_BATCH: tl.constexpr = False):
     ROWS: tl.constexpr = BLOCK_Q * H_PAD
-    batch = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
-    queries = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    if WIDE_BATCH:  # more sequences than MAX_GRID_Y: the grid is (query tiles x sequences, splits)
+        q_tile, batch = tile_and_sequence(tl.cdiv(S_Q, BLOCK_Q))
+        split = tl.program_id(1)
+    else:  # (query tiles, sequences, splits)
+        q_tile = tl.program_id(0)
+        batch = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
+    queries = q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
     query_mask = queries < S_Q
     rows = tl.arange(0, ROWS)
-    row_queries = tl.program_id(0) * BLOCK_Q + rows // H_PAD
+    row_queries = q_tile * BLOCK_Q + rows // H_PAD
     heads = rows % H_PAD
     row_mask = (row_queries < S_Q) & (heads < H_I)
     cols = tl.arange(0, D_I)
@@ -259,7 +264,8 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
     q_view = q.view(torch.uint8) if q_fp8 else q
     k_view = keys.view(torch.uint8) if k_fp8 else keys
     placeholder = weights
-    _indexer_logits_kernel[(q_tiles, batch, splits)](
+    wide = batch > MAX_GRID_Y
+    _indexer_logits_kernel[(q_tiles * batch, splits) if wide else (q_tiles, batch, splits)](
         q_view, k_view, q_scale if q_fp8 else placeholder, k_scale if k_scale is not None else placeholder, weights,
         k_start if k_start is not None else placeholder, k_end if k_end is not None else placeholder,
         block_table if block_table is not None else placeholder,
@@ -269,7 +275,7 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
         s_q, h_i, num_keys, keys_per_split, keys.shape[0],
         PAGED=paged, Q_FP8=q_fp8, K_FP8=k_fp8, K_SCALED=k_scaled, HW_FP8=hw_fp8, BLOCK_Q=block_q,
         H_PAD=h_pad, BLOCK_N=block_n, D_I=d_i, PAGE=PAGE_BLOCK_SIZE, INTERPRET=INTERPRET, F16=f16, FP8_MMA=fp8_mma,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        WIDE_BATCH=wide, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 

@@ -59,6 +59,10 @@ DENSE = {
                                                     APPLY_SINK=True, BLOCK_H=64, BLOCK_N=64, F16=False,
                                                     PREFETCH=False, RELOAD=False, HALF_PARTIALS=True, APART=True,
                                                     WHOLE=True),
+    # more sequences than a grid's second dimension holds (WIDE_BATCH: the batch in the first)
+    "bf16-whole-split-half-apart-wide": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, SPLIT=True, APPLY_SINK=False,
+                                             BLOCK_H=64, BLOCK_N=64, F16=False, PREFETCH=False, RELOAD=False,
+                                             HALF_PARTIALS=True, APART=True, WHOLE=True, WIDE_BATCH=True),
     "fp8-hw-apart": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=True, APPLY_SINK=False, BLOCK_H=64,
                          BLOCK_N=64, F16=False, PREFETCH=False, RELOAD=False, HALF_PARTIALS=False, APART=True),
     "fp8-f16-hw-causal-apart": dict(IS_FP8=True, HW_FP8=True, CAUSAL=True, SPLIT=False, APPLY_SINK=False,
@@ -85,7 +89,8 @@ DENSE_BALANCED = {
 }
 COMBINE = {"plain": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False),
            "sink-half": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=True, HALF_PARTIALS=True),
-           "variable": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False)}
+           "variable": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False),
+           "wide": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=True, WIDE_BATCH=True)}
 SPARSE_DECODE = {
     "bf16": dict(SPLIT=False, IS_FP8=False, HW_FP8=False, HAS_TOPK_LENGTH=False, HAS_EXTRA=False,
                  HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=16, BLOCK_N=64, LOOKAHEAD=False,
@@ -139,6 +144,7 @@ INDEXER_LOGITS = {
     "bf16-paged": _logits(True, False, False, False, False, 1, 64, 128),
     "fp8-mma-prefill": _logits(False, True, True, True, True, 2, 64, 64, True, True),
     "fp8-mma-paged": _logits(True, True, True, True, True, 1, 64, 64, True, True),
+    "fp8-hw-paged-f16-wide": dict(_logits(True, True, True, True, True, 1, 64, 64, True), WIDE_BATCH=True),
 }
 # The routed experts' two GEMV kernels at the tiles they launch with
 MOE_GATE_UP = {"bf16": dict(BLOCK_N=triton_moe.GATE_UP_BLOCK_N, BLOCK_K=triton_moe.GATE_UP_BLOCK_K)}

@@ -287,6 +287,27 @@ def test_triton_whole_latent_f16_partials_match_reference(monkeypatch, seqlens, 
     assert recording.options and all(options["HALF_PARTIALS"] and options["WHOLE"] for options in recording.options)
 
 
+@pytest.mark.parametrize("s_q,h_q,causal,sink", [(2, 16, True, False), (1, 64, False, True)])
+def test_triton_wide_batches_take_the_batch_in_the_grids_first_dimension(monkeypatch, s_q, h_q, causal, sink):
+    """More sequences than a grid's second dimension holds (MAX_GRID_Y, 65535 on CUDA; 2 here): the split and combine
+    kernels launch the batch in the first (WIDE_BATCH, common.tile_and_sequence), with every sequence's splits and
+    rows in place; at most MAX_GRID_Y sequences keep the batch in the second."""
+    monkeypatch.setattr(triton_decode, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(triton_decode, "device_limits", lambda device: (64, 227 * 1024))  # several splits
+    kernels = {name: RecordingKernel(getattr(triton_decode, name))
+               for name in ("_dense_decode_split_kernel", "_combine_kernel")}
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(triton_decode, name, kernel)
+    config = triton_decode.LaunchConfig(block_h=16, block_n=32, num_warps=4, num_stages=1, programs_per_sm=4)
+    rows = s_q * h_q
+    for seqlens in ([130, 64], [130, 0, 7, 300, 1]):
+        run_and_compare(seqlens, s_q, h_q, causal, False, sink=sink, config=config)
+    (*narrow, narrow_splits), (*wide, wide_splits) = kernels["_dense_decode_split_kernel"].grids
+    assert narrow == [rows // 16, 2] and wide == [rows // 16 * 5] and min(narrow_splits, wide_splits) > 1
+    assert kernels["_combine_kernel"].grids == [(rows, 2), (rows * 5,)]
+    assert [options["WIDE_BATCH"] for kernel in kernels.values() for options in kernel.options] == [False, True] * 2
+
+
 def test_triton_default_takes_apart_logits_only_with_64_row_warpgroup_products(monkeypatch):
     """64-row tiles of 8 warps mask their logits apart where the products are wgmma (common.warpgroup_products);
     narrower tiles, and GPUs whose products are mma.sync, never."""

@@ -164,6 +164,24 @@ def test_triton_indexer_logits_paged_matches_reference(seqlens, s_q, h_i, q_fp8,
                         indexer_logits_paged_reference(*inputs), band(config, q_fp8 and fp8_cache))
 
 
+def test_triton_indexer_wide_batches_take_the_batch_in_the_grids_first_dimension(monkeypatch):
+    """As the dense decode's: more sequences than a grid's second dimension holds (MAX_GRID_Y, 65535 on CUDA; 2 here)
+    launch (query tiles x sequences, splits) (WIDE_BATCH), each sequence's logits in place; at most MAX_GRID_Y keep
+    (query tiles, sequences, splits)."""
+    monkeypatch.setattr(triton_indexer, "MAX_GRID_Y", 2)
+    recording = RecordingKernel(triton_indexer._indexer_logits_kernel)
+    monkeypatch.setattr(triton_indexer, "_indexer_logits_kernel", recording)
+    generator = torch.Generator().manual_seed(43)
+    config = triton_indexer.LogitsConfig(block_q=2, block_n=64)  # three tiles of 2 queries a sequence
+    for seqlens in ([70, 130], [70, 1, 0, 130, 64]):
+        inputs = paged_inputs(seqlens, 5, 16, 32, False, True, generator)
+        assert_logits_close(triton_indexer.indexer_logits_paged(*inputs, config=config),
+                            indexer_logits_paged_reference(*inputs))
+    (*narrow, _), (*wide, _) = recording.grids
+    assert narrow == [3, 2] and wide == [3 * 5], recording.grids
+    assert [options["WIDE_BATCH"] for options in recording.options] == [False, True]
+
+
 @pytest.mark.parametrize("fp8_cache", [False, True])
 def test_triton_indexer_logits_paged_never_reads_past_the_cache(fp8_cache):
     """Table entries outside the cache (unchecked on a GPU without FLASHMLA_CHECK): the kernel reads page 0 for them,
