@@ -308,6 +308,34 @@ def test_triton_wide_batches_take_the_batch_in_the_grids_first_dimension(monkeyp
     assert [options["WIDE_BATCH"] for kernel in kernels.values() for options in kernel.options] == [False, True] * 2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_decode_of_more_sequences_than_a_grids_second_dimension_matches_its_halves():
+    """MAX_GRID_Y + 2 sequences of 1 to 64 tokens in one launch (WIDE_BATCH) give, bit for bit, what the two halves
+    give each in a launch of its own (the batch in the grid's second dimension), and those halves match the
+    reference on a sample of their sequences."""
+    generator = torch.Generator("cuda").manual_seed(65537)
+    batch, blocks = triton_decode.MAX_GRID_Y + 2, 64
+    cache = torch.randn(blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device="cuda").to(torch.bfloat16)
+    block_table = torch.randint(0, blocks, (batch, 1), generator=generator, device="cuda", dtype=torch.int32)
+    seqlens = torch.randint(1, PAGE_BLOCK_SIZE + 1, (batch,), generator=generator, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, 1, 16, D_QK, generator=generator, device="cuda").to(torch.bfloat16)
+    scale = D_QK ** -0.5
+
+    def decode(part):
+        return poisoned(triton_decode.dense_decode, q[part], cache, block_table[part], seqlens[part], KV_LORA_RANK,
+                        scale, False, False, None)
+    out, lse = decode(slice(None))
+    half = batch // 2
+    for part in (slice(0, half), slice(half, None)):
+        part_out, part_lse = decode(part)
+        assert torch.equal(out[part], part_out) and torch.equal(lse[part], part_lse)
+    sample = torch.randperm(batch, generator=generator, device="cuda")[:64]
+    want_out, want_lse = reference.dense_decode(q[sample], cache, block_table[sample], seqlens[sample], KV_LORA_RANK,
+                                                scale, False, False, None)
+    assert_decode_close(out[sample], lse[sample], want_out, want_lse)
+
+
 def test_triton_default_takes_apart_logits_only_with_64_row_warpgroup_products(monkeypatch):
     """64-row tiles of 8 warps mask their logits apart where the products are wgmma (common.warpgroup_products);
     narrower tiles, and GPUs whose products are mma.sync, never."""
