@@ -27,5 +27,7 @@ nvcc -arch=sm_90a -O2 -lineinfo -o bench/racecheck_probe docs/bench/stop56_racec
   done; done
 echo "=== probe done at ${SECONDS}s"
 timeout $((585 - SECONDS)) python -m pytest -q tests/ops/test_triton_decode.py -k "halves or wide or fp8" \
+  tests/ops/test_triton_indexer.py::test_triton_indexer_wide_batch_matches_its_halves \
   > $OUT/tests_fp8.log 2>&1
-echo "Triton decode fp8 and wide-batch tests rc $? at ${SECONDS}s"; grep -E "passed|failed|FAILED|rror" $OUT/tests_fp8.log | tail -6
+echo "Triton decode fp8 and wide-batch tests rc $? at ${SECONDS}s"
+grep -E "passed|failed|FAILED|rror" $OUT/tests_fp8.log | tail -6

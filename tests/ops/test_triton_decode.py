@@ -310,7 +310,7 @@ def test_triton_wide_batches_take_the_batch_in_the_grids_first_dimension(monkeyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_triton_decode_of_more_sequences_than_a_grids_second_dimension_matches_its_halves():
+def test_triton_decode_wide_batch_matches_its_halves():
     """MAX_GRID_Y + 2 sequences of 1 to 64 tokens in one launch (WIDE_BATCH) give, bit for bit, what the two halves
     give each in a launch of its own (the batch in the grid's second dimension), and those halves match the
     reference on a sample of their sequences."""

@@ -182,6 +182,29 @@ def test_triton_indexer_wide_batches_take_the_batch_in_the_grids_first_dimension
     assert [options["WIDE_BATCH"] for options in recording.options] == [False, True]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_indexer_wide_batch_matches_its_halves():
+    """MAX_GRID_Y + 2 sequences in one launch (WIDE_BATCH) give, bit for bit, what the two halves give each in a
+    launch of its own, and match the reference on a sample of the sequences."""
+    generator = torch.Generator("cuda").manual_seed(65537)
+    batch, blocks = triton_indexer.MAX_GRID_Y + 2, 64
+    cache = torch.randn(blocks, PAGE_BLOCK_SIZE, 128, generator=generator, device="cuda").to(torch.bfloat16)
+    block_table = torch.randint(0, blocks, (batch, 1), generator=generator, device="cuda", dtype=torch.int32)
+    seqlens = torch.randint(1, PAGE_BLOCK_SIZE + 1, (batch,), generator=generator, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, 1, 64, 128, generator=generator, device="cuda").to(torch.bfloat16)
+    weights = torch.randn(batch, 1, 64, generator=generator, device="cuda")
+
+    def logits(part):
+        return triton_indexer.indexer_logits_paged(q[part], cache, weights[part], block_table[part], seqlens[part])
+    everything, half = logits(slice(None)), batch // 2
+    for part in (slice(0, half), slice(half, None)):
+        assert torch.equal(everything[part], logits(part))
+    sample = torch.randperm(batch, generator=generator, device="cuda")[:64]
+    assert_logits_close(everything[sample], indexer_logits_paged_reference(q[sample], cache, weights[sample],
+                                                                          block_table[sample], seqlens[sample]))
+
+
 @pytest.mark.parametrize("fp8_cache", [False, True])
 def test_triton_indexer_logits_paged_never_reads_past_the_cache(fp8_cache):
     """Table entries outside the cache (unchecked on a GPU without FLASHMLA_CHECK): the kernel reads page 0 for them,
