@@ -59,10 +59,11 @@ DENSE = {
                                                     APPLY_SINK=True, BLOCK_H=64, BLOCK_N=64, F16=False,
                                                     PREFETCH=False, RELOAD=False, HALF_PARTIALS=True, APART=True,
                                                     WHOLE=True),
-    # more sequences than a grid's second dimension holds (WIDE_BATCH: the batch in the first)
-    "bf16-whole-split-half-apart-wide": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, SPLIT=True, APPLY_SINK=False,
-                                             BLOCK_H=64, BLOCK_N=64, F16=False, PREFETCH=False, RELOAD=False,
-                                             HALF_PARTIALS=True, APART=True, WHOLE=True, WIDE_BATCH=True),
+    # more sequences than a grid's second dimension holds (WIDE_BATCH: the batch in the first), one split each as
+    # num_splits_for gives so many
+    "bf16-whole-apart-wide": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, SPLIT=False, APPLY_SINK=False,
+                                  BLOCK_H=64, BLOCK_N=64, F16=False, PREFETCH=False, RELOAD=False,
+                                  HALF_PARTIALS=False, APART=True, WHOLE=True, WIDE_BATCH=True),
     "fp8-hw-apart": dict(IS_FP8=True, HW_FP8=True, CAUSAL=False, SPLIT=True, APPLY_SINK=False, BLOCK_H=64,
                          BLOCK_N=64, F16=False, PREFETCH=False, RELOAD=False, HALF_PARTIALS=False, APART=True),
     "fp8-f16-hw-causal-apart": dict(IS_FP8=True, HW_FP8=True, CAUSAL=True, SPLIT=False, APPLY_SINK=False,
@@ -90,7 +91,9 @@ DENSE_BALANCED = {
 COMBINE = {"plain": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False),
            "sink-half": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=True, HALF_PARTIALS=True),
            "variable": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False),
-           "wide": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=True, WIDE_BATCH=True)}
+           # the balanced schedule's (the uniform one gives more than 65535 sequences one split: no combine)
+           "variable-wide": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False,
+                                 WIDE_BATCH=True)}
 SPARSE_DECODE = {
     "bf16": dict(SPLIT=False, IS_FP8=False, HW_FP8=False, HAS_TOPK_LENGTH=False, HAS_EXTRA=False,
                  HAS_EXTRA_TOPK_LENGTH=False, APPLY_SINK=False, BLOCK_H=16, BLOCK_N=64, LOOKAHEAD=False,

@@ -287,25 +287,52 @@ def test_triton_whole_latent_f16_partials_match_reference(monkeypatch, seqlens, 
     assert recording.options and all(options["HALF_PARTIALS"] and options["WHOLE"] for options in recording.options)
 
 
+# 16-row tiles, and Hopper's 64-row BF16 default (the latent whole, the logits apart)
+WIDE_CONFIGS = {"16-rows": triton_decode.LaunchConfig(block_h=16, block_n=32, num_warps=4, num_stages=1,
+                                                      programs_per_sm=4),
+                "64-rows-whole": triton_decode.LaunchConfig(block_h=64, block_n=64, num_warps=8, num_stages=2,
+                                                            programs_per_sm=4, apart_logits=True, whole=True)}
+
+
+@pytest.mark.parametrize("config", WIDE_CONFIGS.values(), ids=WIDE_CONFIGS.keys())
 @pytest.mark.parametrize("s_q,h_q,causal,sink", [(2, 16, True, False), (1, 64, False, True)])
-def test_triton_wide_batches_take_the_batch_in_the_grids_first_dimension(monkeypatch, s_q, h_q, causal, sink):
+def test_triton_wide_batches_take_the_batch_in_the_grids_first_dimension(monkeypatch, s_q, h_q, causal, sink,
+                                                                          config):
     """More sequences than a grid's second dimension holds (MAX_GRID_Y, 65535 on CUDA; 2 here): the split and combine
     kernels launch the batch in the first (WIDE_BATCH, common.tile_and_sequence), with every sequence's splits and
-    rows in place; at most MAX_GRID_Y sequences keep the batch in the second."""
+    rows in place; at most MAX_GRID_Y sequences keep the batch in the second. (On a GPU `poisoned` runs each op
+    twice: the last launches count.)"""
     monkeypatch.setattr(triton_decode, "MAX_GRID_Y", 2)
     monkeypatch.setattr(triton_decode, "device_limits", lambda device: (64, 227 * 1024))  # several splits
     kernels = {name: RecordingKernel(getattr(triton_decode, name))
                for name in ("_dense_decode_split_kernel", "_combine_kernel")}
     for name, kernel in kernels.items():
         monkeypatch.setattr(triton_decode, name, kernel)
-    config = triton_decode.LaunchConfig(block_h=16, block_n=32, num_warps=4, num_stages=1, programs_per_sm=4)
     rows = s_q * h_q
+    row_tiles = -(-rows // config.block_h)
+    launches = []
     for seqlens in ([130, 64], [130, 0, 7, 300, 1]):
         run_and_compare(seqlens, s_q, h_q, causal, False, sink=sink, config=config)
-    (*narrow, narrow_splits), (*wide, wide_splits) = kernels["_dense_decode_split_kernel"].grids
-    assert narrow == [rows // 16, 2] and wide == [rows // 16 * 5] and min(narrow_splits, wide_splits) > 1
-    assert kernels["_combine_kernel"].grids == [(rows, 2), (rows * 5,)]
-    assert [options["WIDE_BATCH"] for kernel in kernels.values() for options in kernel.options] == [False, True] * 2
+        launches.append({name: (kernel.grids[-1], kernel.options[-1]["WIDE_BATCH"])
+                         for name, kernel in kernels.items()})
+    (narrow, narrow_wide), (wide, wide_wide) = (launch["_dense_decode_split_kernel"] for launch in launches)
+    assert narrow[:2] == (row_tiles, 2) and wide[0] == row_tiles * 5 and min(narrow[-1], wide[-1]) > 1, (narrow, wide)
+    assert [launch["_combine_kernel"] for launch in launches] == [((rows, 2), False), ((rows * 5,), True)]
+    assert (narrow_wide, wide_wide) == (False, True)
+
+
+def test_triton_wide_batches_of_the_balanced_schedule(monkeypatch):
+    """The balanced schedule's launch has no batch dimension (its parts), its combine does: with more sequences than
+    MAX_GRID_Y (2 here) that takes (rows x sequences,) too, each sequence's splits where SplitOffsets puts them."""
+    monkeypatch.setattr(triton_decode, "MAX_GRID_Y", 2)
+    kernel = RecordingKernel(triton_decode._combine_kernel)
+    monkeypatch.setattr(triton_decode, "_combine_kernel", kernel)
+    seqlens = [130, 0, 7, 300, 1]
+    config = dataclasses.replace(triton_decode.default_config(5, 32, torch.device(DEVICE)), schedule="balanced")
+    metadata, num_splits = reference.get_mla_metadata(torch.tensor(seqlens, dtype=torch.int32, device=DEVICE), 3)
+    run_and_compare(seqlens, 2, 16, True, False, sink=True, config=config, tile_scheduler_metadata=metadata,
+                    num_splits=num_splits)
+    assert kernel.grids[-1] == (32 * 5,) and kernel.options[-1]["VARIABLE"] and kernel.options[-1]["WIDE_BATCH"]
 
 
 @pytest.mark.gpu
@@ -340,6 +367,7 @@ def test_triton_default_takes_apart_logits_only_with_64_row_warpgroup_products(m
     """64-row tiles of 8 warps mask their logits apart where the products are wgmma (common.warpgroup_products);
     narrower tiles, and GPUs whose products are mma.sync, never."""
     device = torch.device(DEVICE)
+    monkeypatch.setattr(triton_decode, "device_limits", lambda device: (132, 227 * 1024))  # Hopper's: 64-token tiles
     for wgmma in (False, True):
         monkeypatch.setattr(triton_decode, "warpgroup_products", lambda device, wgmma=wgmma: wgmma)
         for batch, rows, is_fp8 in ((128, 128, False), (1, 128, True), (128, 16, False), (2, 32, False)):
