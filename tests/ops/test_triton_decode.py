@@ -337,26 +337,30 @@ def test_triton_wide_batches_of_the_balanced_schedule(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_triton_decode_wide_batch_matches_its_halves():
+@pytest.mark.parametrize("h_q", [16, 64])
+def test_triton_decode_wide_batch_matches_its_halves(h_q):
     """MAX_GRID_Y + 2 sequences of 1 to 64 tokens in one launch (WIDE_BATCH) give, bit for bit, what the two halves
-    give each in a launch of its own (the batch in the grid's second dimension), and those halves match the
-    reference on a sample of their sequences."""
-    generator = torch.Generator("cuda").manual_seed(65537)
+    give each in a launch of its own (the batch in the grid's second dimension), and match the reference on a sample
+    of their sequences. 16 heads take 16-row tiles, 64 Hopper's 64-row default (the latent whole, the logits apart);
+    16 heads' outputs are poisoned first (64 heads' would take 16 times their 4.3 GB: see `poisoned`)."""
+    generator = torch.Generator("cuda").manual_seed(65537 + h_q)
     batch, blocks = triton_decode.MAX_GRID_Y + 2, 64
     cache = torch.randn(blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device="cuda").to(torch.bfloat16)
     block_table = torch.randint(0, blocks, (batch, 1), generator=generator, device="cuda", dtype=torch.int32)
     seqlens = torch.randint(1, PAGE_BLOCK_SIZE + 1, (batch,), generator=generator, device="cuda", dtype=torch.int32)
-    q = torch.randn(batch, 1, 16, D_QK, generator=generator, device="cuda").to(torch.bfloat16)
+    q = torch.randn(batch, 1, h_q, D_QK, generator=generator, device="cuda").to(torch.bfloat16)
     scale = D_QK ** -0.5
 
     def decode(part):
-        return poisoned(triton_decode.dense_decode, q[part], cache, block_table[part], seqlens[part], KV_LORA_RANK,
-                        scale, False, False, None)
+        run = poisoned if h_q == 16 else (lambda kernel, *args: kernel(*args))
+        return run(triton_decode.dense_decode, q[part], cache, block_table[part], seqlens[part], KV_LORA_RANK, scale,
+                   False, False, None)
     out, lse = decode(slice(None))
     half = batch // 2
     for part in (slice(0, half), slice(half, None)):
         part_out, part_lse = decode(part)
         assert torch.equal(out[part], part_out) and torch.equal(lse[part], part_lse)
+        del part_out, part_lse
     sample = torch.randperm(batch, generator=generator, device="cuda")[:64]
     want_out, want_lse = reference.dense_decode(q[sample], cache, block_table[sample], seqlens[sample], KV_LORA_RANK,
                                                 scale, False, False, None)
