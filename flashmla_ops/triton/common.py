@@ -307,13 +307,24 @@ def launch_fitting(key: Hashable, configs: Sequence, launch: Callable) -> None:
 MAX_GRID_Y = 65535
 
 
+def batch_grid(tiles: int, batch: int, *rest: int) -> tuple[tuple[int, ...], bool]:
+    """The grid of a launch of `tiles` programs (of query rows) per sequence, then `rest` (splits): (tiles, batch,
+    *rest), or (tiles x batch, *rest) for more sequences than MAX_GRID_Y; and whether it is the latter, the kernel's
+    WIDE_BATCH (grid_position). Either way a sequence's tiles are launched together (they read the same keys: L2)."""
+    if batch > MAX_GRID_Y:
+        return (tiles * batch, *rest), True
+    return (tiles, batch, *rest), False
+
+
 @triton.jit
-def tile_and_sequence(tiles):
-    """(tile, sequence) of a program of a grid whose first dimension counts the `tiles` tiles (of query rows) of each
-    sequence in turn: the launch of more sequences than MAX_GRID_Y (a kernel's WIDE_BATCH), where the others take
-    the sequence from the grid's second dimension. A sequence's tiles are still launched together (they read the
-    same keys: L2). Not every launch takes it: the division keeps the sequence in a register through the kernel
-    (compiled for sm_90, the 64-row BF16 default then spills 24-32 bytes a thread), where the second dimension's
-    index is read again for free."""
-    pid = tl.program_id(0)
-    return pid % tiles, (pid // tiles).to(tl.int64)
+def grid_position(tiles, WIDE_BATCH: tl.constexpr):
+    """(tile, sequence, split) of a program of batch_grid's launch (split: the dimension after the batch's, 0 where
+    there is none). Only the wide launch divides: the division keeps the sequence in a register through the kernel
+    (compiled for sm_90, the 64-row BF16 default then spills 24-32 bytes a thread), where the grid's second index is
+    read again for free."""
+    if WIDE_BATCH:
+        pid = tl.program_id(0)
+        tile, sequence, split = pid % tiles, (pid // tiles).to(tl.int64), tl.program_id(1)
+    else:
+        tile, sequence, split = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    return tile, sequence, split

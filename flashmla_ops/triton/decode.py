@@ -24,10 +24,10 @@ import triton.language as tl
 from .._checks import contiguous_or_none, last_dim_contiguous
 from ..decode import get_mla_metadata_reference
 from ..kv_cache import FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, ROPE_DIM
-from .common import (INTERPRET, LOG2E, MAX_GRID_Y, device_limits, f16_row_scaling, finish, fp8_values,
-                     hardware_fp8, latent_logits, launch_fitting, load_fp8_bytes, load_latent_subtile, load_rope,
-                     load_tile_scale, mask_logits_apart, mma, nonempty, require_d_v, softmax_step, softmax_weights,
-                     tile_and_sequence, warpgroup_products)
+from .common import (INTERPRET, LOG2E, batch_grid, device_limits, f16_row_scaling, finish, fp8_values,
+                     grid_position, hardware_fp8, latent_logits, launch_fitting, load_fp8_bytes, load_latent_subtile,
+                     load_rope, load_tile_scale, mask_logits_apart, mma, nonempty, require_d_v, softmax_step,
+                     softmax_weights, warpgroup_products)
 
 ASSUME = tl.constexpr(hasattr(tl, "assume"))
 
@@ -355,15 +355,8 @@ def _dense_decode_split_kernel(
         PREFETCH: tl.constexpr, RELOAD: tl.constexpr, HALF_PARTIALS: tl.constexpr, APART: tl.constexpr,
         WHOLE: tl.constexpr = False, WIDE_BATCH: tl.constexpr = False):
     """Uniform schedule: program (row tile, sequence, split) takes an equal share of its sequence's tokens. The grid
-    is (row tiles, sequences, splits), or with WIDE_BATCH (more sequences than MAX_GRID_Y) (row tiles x sequences,
-    splits)."""
-    if WIDE_BATCH:
-        pid_m, batch = tile_and_sequence(tl.cdiv(M, BLOCK_H))
-        split = tl.program_id(1)
-    else:
-        pid_m = tl.program_id(0)
-        batch = tl.program_id(1).to(tl.int64)
-        split = tl.program_id(2)
+    is common.batch_grid's (row tiles, sequences, splits)."""
+    pid_m, batch, split = grid_position(tl.cdiv(M, BLOCK_H), WIDE_BATCH)
     rows = pid_m * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < M
     length = tl.minimum(tl.load(Seqlens + batch), max_blocks * PAGE)  # past the table: unchecked input (_page_rows)
@@ -445,12 +438,8 @@ def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Ou
     """One query row: out = sum_s w_s out_s with w_s = exp(lse_s - lse), lse = log sum_s exp(lse_s) (base 2 inside),
     reading SPLIT_CHUNK splits' partials at a time. Sequence b's partials are splits [first, first + count) of the
     batch-wide `(splits, rows, d_v)` buffer: `num_splits` each (uniform) or per `SplitOffsets` (VARIABLE). The grid is
-    (rows, sequences), or with WIDE_BATCH (rows x sequences,)."""
-    if WIDE_BATCH:
-        row, batch = tile_and_sequence(M)
-    else:
-        row = tl.program_id(0)
-        batch = tl.program_id(1).to(tl.int64)
+    common.batch_grid's (rows, sequences)."""
+    row, batch, _ = grid_position(M, WIDE_BATCH)
     rows = row + tl.arange(0, 1)
     splits = tl.arange(0, SPLIT_CHUNK)
     if VARIABLE:
@@ -649,8 +638,8 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
         partials = split_buffers(out, lse, splits)
         sink = attn_sink if attn_sink is not None else lse
         out_rows = out.view(batch, rows, head_dim_v)
-        wide = batch > MAX_GRID_Y
-        _dense_decode_split_kernel[(row_tiles * batch, splits) if wide else (row_tiles, batch, splits)](
+        grid, wide = batch_grid(row_tiles, batch, splits)
+        _dense_decode_split_kernel[grid](
             q_rows, cache, block_table, cache_seqlens, sink, out_rows, lse, *partials,
             q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
             cache.shape[0], max_blocks, out_rows.stride(0), out_rows.stride(1),
@@ -718,8 +707,8 @@ def combine(partials: Partials, attn_sink, out, lse, split_offsets=None) -> None
     out_rows = out.view(batch, rows, d_v)
     out_partial = partials.out
     num_splits = out_partial.shape[1] if split_offsets is None else 0
-    wide = batch > MAX_GRID_Y
-    _combine_kernel[(rows * batch,) if wide else (rows, batch)](
+    grid, wide = batch_grid(rows, batch)
+    _combine_kernel[grid](
         *partials, split_offsets if split_offsets is not None else partials.lse,
         attn_sink if attn_sink is not None else lse, out_rows, lse,
         out_partial.stride(-3), out_partial.stride(-2), out_rows.stride(0), out_rows.stride(1),

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .._checks import last_dim_contiguous
 from ..decode import PAGE_BLOCK_SIZE
-from .common import INTERPRET, MAX_GRID_Y, device_limits, fp8_values, hardware_fp8, mma, tile_and_sequence
+from .common import INTERPRET, batch_grid, device_limits, fp8_values, grid_position, hardware_fp8, mma
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
@@ -68,13 +68,7 @@ def _indexer_logits_kernel(
         BLOCK_Q: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_I: tl.constexpr, PAGE: tl.constexpr,
         INTERPRET: tl.constexpr, F16: tl.constexpr, FP8_MMA: tl.constexpr, WIDE_BATCH: tl.constexpr = False):
     ROWS: tl.constexpr = BLOCK_Q * H_PAD
-    if WIDE_BATCH:  # more sequences than MAX_GRID_Y: the grid is (query tiles x sequences, splits)
-        q_tile, batch = tile_and_sequence(tl.cdiv(S_Q, BLOCK_Q))
-        split = tl.program_id(1)
-    else:  # (query tiles, sequences, splits)
-        q_tile = tl.program_id(0)
-        batch = tl.program_id(1).to(tl.int64)
-        split = tl.program_id(2)
+    q_tile, batch, split = grid_position(tl.cdiv(S_Q, BLOCK_Q), WIDE_BATCH)  # common.batch_grid's launch
     queries = q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
     query_mask = queries < S_Q
     rows = tl.arange(0, ROWS)
@@ -264,8 +258,8 @@ def _launch_logits(q, keys, weights, q_scale, k_scale, k_start, k_end, block_tab
     q_view = q.view(torch.uint8) if q_fp8 else q
     k_view = keys.view(torch.uint8) if k_fp8 else keys
     placeholder = weights
-    wide = batch > MAX_GRID_Y
-    _indexer_logits_kernel[(q_tiles * batch, splits) if wide else (q_tiles, batch, splits)](
+    grid, wide = batch_grid(q_tiles, batch, splits)
+    _indexer_logits_kernel[grid](
         q_view, k_view, q_scale if q_fp8 else placeholder, k_scale if k_scale is not None else placeholder, weights,
         k_start if k_start is not None else placeholder, k_end if k_end is not None else placeholder,
         block_table if block_table is not None else placeholder,

@@ -17,6 +17,7 @@ from flashmla_ops.kv_cache import D_QK, KV_LORA_RANK, PAGE_BLOCK_SIZE
 
 triton_decode = pytest.importorskip("flashmla_ops.triton.decode", exc_type=ImportError)
 from flashmla_ops.triton.common import FP8_HARDWARE, FP8_INTEGER, FP8_TO_F16, hardware_fp8  # noqa: E402
+from flashmla_ops.triton import common as triton_common  # noqa: E402
 
 
 def skip_unless_gpu_decodes(level):
@@ -299,10 +300,10 @@ WIDE_CONFIGS = {"16-rows": triton_decode.LaunchConfig(block_h=16, block_n=32, nu
 def test_triton_wide_batches_take_the_batch_in_the_grids_first_dimension(monkeypatch, s_q, h_q, causal, sink,
                                                                           config):
     """More sequences than a grid's second dimension holds (MAX_GRID_Y, 65535 on CUDA; 2 here): the split and combine
-    kernels launch the batch in the first (WIDE_BATCH, common.tile_and_sequence), with every sequence's splits and
+    kernels launch the batch in the first (WIDE_BATCH, common.batch_grid), with every sequence's splits and
     rows in place; at most MAX_GRID_Y sequences keep the batch in the second. (On a GPU `poisoned` runs each op
     twice: the last launches count.)"""
-    monkeypatch.setattr(triton_decode, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(triton_common, "MAX_GRID_Y", 2)
     monkeypatch.setattr(triton_decode, "device_limits", lambda device: (64, 227 * 1024))  # several splits
     kernels = {name: RecordingKernel(getattr(triton_decode, name))
                for name in ("_dense_decode_split_kernel", "_combine_kernel")}
@@ -324,7 +325,7 @@ def test_triton_wide_batches_take_the_batch_in_the_grids_first_dimension(monkeyp
 def test_triton_wide_batches_of_the_balanced_schedule(monkeypatch):
     """The balanced schedule's launch has no batch dimension (its parts), its combine does: with more sequences than
     MAX_GRID_Y (2 here) that takes (rows x sequences,) too, each sequence's splits where SplitOffsets puts them."""
-    monkeypatch.setattr(triton_decode, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(triton_common, "MAX_GRID_Y", 2)
     kernel = RecordingKernel(triton_decode._combine_kernel)
     monkeypatch.setattr(triton_decode, "_combine_kernel", kernel)
     seqlens = [130, 0, 7, 300, 1]
@@ -344,7 +345,7 @@ def test_triton_decode_wide_batch_matches_its_halves(h_q):
     of their sequences. 16 heads take 16-row tiles, 64 Hopper's 64-row default (the latent whole, the logits apart);
     16 heads' outputs are poisoned first (64 heads' would take 16 times their 4.3 GB: see `poisoned`)."""
     generator = torch.Generator("cuda").manual_seed(65537 + h_q)
-    batch, blocks = triton_decode.MAX_GRID_Y + 2, 64
+    batch, blocks = triton_common.MAX_GRID_Y + 2, 64
     cache = torch.randn(blocks, PAGE_BLOCK_SIZE, 1, D_QK, generator=generator, device="cuda").to(torch.bfloat16)
     block_table = torch.randint(0, blocks, (batch, 1), generator=generator, device="cuda", dtype=torch.int32)
     seqlens = torch.randint(1, PAGE_BLOCK_SIZE + 1, (batch,), generator=generator, device="cuda", dtype=torch.int32)

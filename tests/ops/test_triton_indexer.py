@@ -16,6 +16,7 @@ from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_fp8_rows, quantize_i
 from triton_recording import RecordingKernel
 
 triton_indexer = pytest.importorskip("flashmla_ops.triton.indexer", exc_type=ImportError)
+from flashmla_ops.triton import common as triton_common  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -168,7 +169,7 @@ def test_triton_indexer_wide_batches_take_the_batch_in_the_grids_first_dimension
     """As the dense decode's: more sequences than a grid's second dimension holds (MAX_GRID_Y, 65535 on CUDA; 2 here)
     launch (query tiles x sequences, splits) (WIDE_BATCH), each sequence's logits in place; at most MAX_GRID_Y keep
     (query tiles, sequences, splits)."""
-    monkeypatch.setattr(triton_indexer, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(triton_common, "MAX_GRID_Y", 2)
     recording = RecordingKernel(triton_indexer._indexer_logits_kernel)
     monkeypatch.setattr(triton_indexer, "_indexer_logits_kernel", recording)
     generator = torch.Generator().manual_seed(43)
@@ -188,7 +189,7 @@ def test_triton_indexer_wide_batch_matches_its_halves():
     """MAX_GRID_Y + 2 sequences in one launch (WIDE_BATCH) give, bit for bit, what the two halves give each in a
     launch of its own, and match the reference on a sample of the sequences."""
     generator = torch.Generator("cuda").manual_seed(65537)
-    batch, blocks = triton_indexer.MAX_GRID_Y + 2, 64
+    batch, blocks = triton_common.MAX_GRID_Y + 2, 64
     cache = torch.randn(blocks, PAGE_BLOCK_SIZE, 128, generator=generator, device="cuda").to(torch.bfloat16)
     block_table = torch.randint(0, blocks, (batch, 1), generator=generator, device="cuda", dtype=torch.int32)
     seqlens = torch.randint(1, PAGE_BLOCK_SIZE + 1, (batch,), generator=generator, device="cuda", dtype=torch.int32)
