@@ -257,3 +257,19 @@ def test_a_forced_reference_is_not_warned_about(monkeypatch, warnings_once, capl
         assert _ext.paths("dense_decode", "cuda:0") == () and _ext.paths("dense_decode", "cpu") == ()
         ops.quantize_kv_fp8(torch.randn(2, 576).bfloat16())
     assert caplog.records == []
+
+
+def test_batches_past_a_grids_second_dimension_take_the_triton_kernels(monkeypatch):
+    """More than 65535 sequences (CUDA's limit on a grid's second dimension, where the Triton dense decode and paged
+    indexer launch the batch) still take those kernels, which then launch the batch in the first (WIDE_BATCH), not the
+    reference's loop over the sequences."""
+    from flashmla_ops import decode, indexer
+
+    monkeypatch.setattr(_ext, "paths", lambda op, device: ("triton",))
+    k_cache = torch.empty(4, 64, 1, 576, dtype=torch.bfloat16, device="meta")
+    index_cache = torch.empty(4, 64, 128, dtype=torch.bfloat16, device="meta")
+    for batch in (65535, 65536):
+        q = torch.empty(batch, 1, 16, 576, dtype=torch.bfloat16, device="meta")
+        assert decode.dense_decode_path(q, k_cache, 512, False) == "triton"
+        q = torch.empty(batch, 1, 64, 128, dtype=torch.bfloat16, device="meta")
+        assert indexer.indexer_logits_paged_path(q, index_cache) == "triton"

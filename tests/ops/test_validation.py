@@ -580,19 +580,3 @@ def test_last_dim_contiguous_gives_unit_stride_to_size_1_dimensions():
     aligned = dense_aligned(rows)
     assert aligned.data_ptr() % 16 == 0 and aligned.is_contiguous() and torch.equal(aligned, rows)
     assert dense_aligned(aligned) is aligned
-
-
-def test_batches_past_a_grids_second_dimension_take_the_triton_kernels(monkeypatch):
-    """More than 65535 sequences (CUDA's limit on a grid's second dimension, where the Triton dense decode and paged
-    indexer launch the batch) still take those kernels, which then launch the batch in the first (WIDE_BATCH), not the
-    reference's loop over the sequences."""
-    from flashmla_ops import _ext, decode, indexer
-
-    monkeypatch.setattr(_ext, "paths", lambda op, device: ("triton",))
-    k_cache = torch.empty(4, 64, 1, 576, dtype=torch.bfloat16, device="meta")
-    index_cache = torch.empty(4, 64, 128, dtype=torch.bfloat16, device="meta")
-    for batch in (65535, 65536):
-        q = torch.empty(batch, 1, 16, 576, dtype=torch.bfloat16, device="meta")
-        assert decode.dense_decode_path(q, k_cache, 512, False) == "triton"
-        q = torch.empty(batch, 1, 64, 128, dtype=torch.bfloat16, device="meta")
-        assert indexer.indexer_logits_paged_path(q, index_cache) == "triton"
