@@ -434,12 +434,16 @@ def _dense_decode_balanced_kernel(
 def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Out, Lse,
                     stride_ps, stride_pm, stride_ob, stride_om, M, H_Q, S_Q, num_splits,
                     VARIABLE: tl.constexpr, SPLIT_CHUNK: tl.constexpr, APPLY_SINK: tl.constexpr,
-                    D_V: tl.constexpr, HALF_PARTIALS: tl.constexpr, WIDE_BATCH: tl.constexpr = False):
-    """One query row: out = sum_s w_s out_s with w_s = exp(lse_s - lse), lse = log sum_s exp(lse_s) (base 2 inside),
-    reading SPLIT_CHUNK splits' partials at a time. Sequence b's partials are splits [first, first + count) of the
-    batch-wide `(splits, rows, d_v)` buffer: `num_splits` each (uniform) or per `SplitOffsets` (VARIABLE). The grid is
-    common.batch_grid's (rows, sequences)."""
-    row, batch, _ = grid_position(M, WIDE_BATCH)
+                    COLUMNS: tl.constexpr, HALF_PARTIALS: tl.constexpr, WIDE_BATCH: tl.constexpr = False):
+    """Columns [column_part * COLUMNS, (column_part + 1) * COLUMNS) of one query row: out = sum_s w_s out_s with
+    w_s = exp(lse_s - lse), lse = log sum_s exp(lse_s) (base 2 inside; column part 0 stores it). Sequence b's
+    partials are splits [first, first + count) of the batch-wide `(splits, rows, d_v)` buffer: `num_splits` each
+    (uniform) or per `SplitOffsets` (VARIABLE). The grid is common.batch_grid's (rows, sequences, column parts:
+    combine_parts). One pass over the splits, SPLIT_CHUNK at a time: lane j of the chunk keeps its own running
+    maximum, sum and row over splits j, j + SPLIT_CHUNK, ... (an online softmax per lane), and the lanes meet once at
+    the end, so that a step's loads wait on nothing of the step before and no step reduces across warps. Every slot
+    below `count` is loaded (allocated, written or not) and a split that saw nothing (lse -inf) is selected away."""
+    row, batch, column_part = grid_position(M, WIDE_BATCH)
     rows = row + tl.arange(0, 1)
     splits = tl.arange(0, SPLIT_CHUNK)
     if VARIABLE:
@@ -450,29 +454,33 @@ def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Ou
         count = num_splits
     lse_base = LsePartial + first_split * M + row
     scale_base = ScalePartial + first_split * M + row
-    running_max = tl.full([SPLIT_CHUNK], float("-inf"), dtype=tl.float32)
+    cols = column_part * COLUMNS + tl.arange(0, COLUMNS)
+    lane_max = tl.full([SPLIT_CHUNK], float("-inf"), dtype=tl.float32)
+    lane_sum = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
+    lane_acc = tl.zeros([SPLIT_CHUNK, COLUMNS], dtype=tl.float32)
     for first in range(0, count, SPLIT_CHUNK):
-        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < count, other=float("-inf"))
-        running_max = tl.maximum(running_max, lse_chunk)
-    m = tl.max(running_max, 0)
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    cols = tl.arange(0, D_V)
-    acc = tl.zeros([D_V], dtype=tl.float32)
-    total = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
-    for first in range(0, count, SPLIT_CHUNK):
-        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=first + splits < count, other=float("-inf"))
-        weight = tl.exp2(lse_chunk - shift)
+        inside = first + splits < count
+        lse_chunk = tl.load(lse_base + (first + splits) * M, mask=inside, other=float("-inf"))
         part = tl.load(OutPartial + (first_split + first + splits)[:, None] * stride_ps + row * stride_pm
-                       + cols[None, :], mask=(weight > 0)[:, None], other=0.0).to(tl.float32)
+                       + cols[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
         if HALF_PARTIALS:  # each split's rows times the power of two that undoes its scaling (see Partials)
-            part *= tl.load(scale_base + (first + splits) * M, mask=weight > 0, other=0.0)[:, None]
-        acc += tl.sum(weight[:, None] * part, 0)
-        total += weight
-    l_i = tl.zeros([1], dtype=tl.float32) + tl.sum(total, 0)
+            part *= tl.load(scale_base + (first + splits) * M, mask=inside, other=0.0)[:, None]
+        new_max = tl.maximum(lane_max, lse_chunk)
+        base = tl.where(new_max == float("-inf"), 0.0, new_max)  # finite: 2^(-inf - base) is 0, never NaN
+        alpha = tl.exp2(lane_max - base)
+        weight = tl.exp2(lse_chunk - base)
+        lane_acc = lane_acc * alpha[:, None] + tl.where(weight[:, None] > 0, weight[:, None] * part, 0.0)
+        lane_sum = lane_sum * alpha + weight
+        lane_max = new_max
+    m = tl.max(lane_max, 0)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    lane_weight = tl.exp2(lane_max - shift)
+    acc = tl.sum(lane_acc * lane_weight[:, None], 0)
+    l_i = tl.zeros([1], dtype=tl.float32) + tl.sum(lane_sum * lane_weight, 0)
     m_i = tl.zeros([1], dtype=tl.float32) + shift
     out, lse = finish(acc[None, :], m_i, l_i, Sink, rows % H_Q, rows < M, APPLY_SINK)
     tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :], out.to(Out.dtype.element_ty))
-    tl.store(Lse + batch * M + (rows % H_Q) * S_Q + rows // H_Q, lse)
+    tl.store(Lse + batch * M + (rows % H_Q) * S_Q + rows // H_Q, lse, mask=rows * 0 + column_part == 0)
 
 
 @dataclass(frozen=True)
@@ -698,6 +706,24 @@ def split_buffers(out, lse, num_splits) -> Partials:
     return Partials.empty(out, out.shape[0], num_splits, half=num_splits >= HALF_PARTIALS_FROM_SPLITS)
 
 
+# The combine's programs sum at most COMBINE_TILE values a step (SPLIT_CHUNK splits x COLUMNS): 16 splits of a whole
+# row, or, where the batch's rows are fewer than the SMs (b1 h16 32k: 16 rows of 132 splits), each row in up to
+# COMBINE_MAX_PARTS column parts that read more splits a step. Timed on the H100 (stop 59,
+# docs/bench/stop59_call3_combine_ab.log, us, the whole op): b1 h16 32k 30.1 in four parts against 33.6 in one, but
+# from 128 rows on (b1 h128 32k, b8 h16 32k, b2 h64 16k) parts were 1-9% slower.
+COMBINE_TILE = 16 * KV_LORA_RANK
+COMBINE_MAX_PARTS = 4
+
+
+def combine_parts(programs: int, multiprocessors: int) -> int:
+    """Column parts per row for a combine of `programs` rows: the most (a power of two up to COMBINE_MAX_PARTS) that
+    keep the launch within one program an SM."""
+    parts = 1
+    while parts < COMBINE_MAX_PARTS and programs * parts * 2 <= multiprocessors:
+        parts *= 2
+    return parts
+
+
 def combine(partials: Partials, attn_sink, out, lse, split_offsets=None) -> None:
     """Merge split partials into `out` `(batch, s_q, h_q, d_v)` and `lse` `(batch, h_q, s_q)`. Uniform: partials
     `(batch, num_splits, ...)`; with `split_offsets` `(batch + 1,)` int32 (cumulative), sequence b owns splits
@@ -707,13 +733,18 @@ def combine(partials: Partials, attn_sink, out, lse, split_offsets=None) -> None
     out_rows = out.view(batch, rows, d_v)
     out_partial = partials.out
     num_splits = out_partial.shape[1] if split_offsets is None else 0
-    grid, wide = batch_grid(rows, batch)
+    parts = combine_parts(rows * batch, device_limits(out.device)[0])
+    split_chunk = COMBINE_TILE // (d_v // parts)
+    if split_offsets is None:  # no more lanes than splits (sparse decode b64 h64 has two)
+        split_chunk = min(split_chunk, triton.next_power_of_2(num_splits))
+    grid, wide = batch_grid(rows, batch, *([parts] if parts > 1 else []))
     _combine_kernel[grid](
         *partials, split_offsets if split_offsets is not None else partials.lse,
         attn_sink if attn_sink is not None else lse, out_rows, lse,
         out_partial.stride(-3), out_partial.stride(-2), out_rows.stride(0), out_rows.stride(1),
-        rows, h_q, s_q, num_splits, VARIABLE=split_offsets is not None, SPLIT_CHUNK=16,
-        APPLY_SINK=attn_sink is not None, D_V=d_v, HALF_PARTIALS=partials.half, WIDE_BATCH=wide, num_warps=4)
+        rows, h_q, s_q, num_splits, VARIABLE=split_offsets is not None, SPLIT_CHUNK=split_chunk,
+        APPLY_SINK=attn_sink is not None, COLUMNS=d_v // parts, HALF_PARTIALS=partials.half, WIDE_BATCH=wide,
+        num_warps=4)
 
 
 def supports(q, kv_cache, head_dim_v, is_fp8) -> bool:

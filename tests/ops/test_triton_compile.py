@@ -88,11 +88,14 @@ DENSE_BALANCED = {
     "bf16-whole-apart": dict(IS_FP8=False, HW_FP8=False, CAUSAL=False, BLOCK_H=64, BLOCK_N=32, METADATA_FIELDS=8,
                              F16=False, PREFETCH=False, RELOAD=False, APART=True, WHOLE=True),
 }
-COMBINE = {"plain": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False),
-           "sink-half": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=True, HALF_PARTIALS=True),
-           "variable": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False),
+COMBINE = {"plain": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False, COLUMNS=512),
+           "sink-half": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=True, HALF_PARTIALS=True, COLUMNS=512),
+           # few rows: each in four column parts, 64 splits a step; two splits (sparse decode b64 h64): two lanes
+           "parts-half": dict(VARIABLE=False, SPLIT_CHUNK=64, APPLY_SINK=False, HALF_PARTIALS=True, COLUMNS=128),
+           "two-splits": dict(VARIABLE=False, SPLIT_CHUNK=2, APPLY_SINK=False, HALF_PARTIALS=False, COLUMNS=512),
+           "variable": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False, COLUMNS=512),
            # the balanced schedule's (the uniform one gives more than 65535 sequences one split: no combine)
-           "variable-wide": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False,
+           "variable-wide": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False, COLUMNS=512,
                                  WIDE_BATCH=True)}
 SPARSE_DECODE = {
     "bf16": dict(SPLIT=False, IS_FP8=False, HW_FP8=False, HAS_TOPK_LENGTH=False, HAS_EXTRA=False,

@@ -206,6 +206,71 @@ def test_triton_combine_reads_more_splits_than_one_chunk(monkeypatch, half):
     assert splits and set(splits) == {20}  # a launch each call (on a GPU `poisoned` calls twice)
 
 
+def combined(partial_out, partial_lse, partial_scale, sink, s_q, h_q):
+    """What the combine should give, in float64, from one sequence's `(splits, rows, d_v)` partials: out
+    `(s_q, h_q, d_v)` and the natural-log lse `(h_q, s_q)`; a split of lse -inf counts nothing (its rows may be NaN)."""
+    lse = partial_lse.double()
+    largest = lse.max(0).values
+    shift = torch.where(largest == float("-inf"), torch.zeros_like(largest), largest)
+    weights = torch.where(lse == float("-inf"), torch.zeros_like(lse), torch.exp2(lse - shift))
+    total = weights.sum(0)
+    rows = torch.where(weights[..., None] > 0, partial_out.double() * partial_scale.double()[..., None], 0.0)
+    out = (weights[..., None] * rows).sum(0) / torch.where(total > 0, total, 1.0)[:, None]
+    natural = torch.where(total > 0, (shift + torch.log2(total)) * torch.log(torch.tensor(2.0, dtype=torch.float64)),
+                          float("inf"))
+    if sink is not None:
+        out = out * torch.where(total > 0, torch.sigmoid(natural - sink.double().repeat(s_q)), 1.0)[:, None]
+    return out.view(s_q, h_q, -1), natural.view(s_q, h_q).T
+
+
+@pytest.mark.parametrize("max_parts", [1, 2, 4])
+@pytest.mark.parametrize("half,variable,wide,uniform_splits", [
+    (False, False, False, 70), (True, False, True, 70), (False, False, True, 3), (True, True, False, 0),
+    (False, True, True, 0)])
+def test_triton_combine_in_column_parts_matches_float64(monkeypatch, max_parts, half, variable, wide,
+                                                        uniform_splits):
+    """The combine with each row cut into 1, 2 or 4 column parts (combine_parts; more splits read a step the more
+    parts): 70 splits a sequence (past one step's splits at every part count), 3 (a step of four lanes, one past the
+    splits; balanced: 3, 20 and 70), float32 and f16 partials, the uniform and balanced layouts, wide batches, an attention sink, splits that saw nothing (rows of NaN, selected away)
+    and a row no split saw (out 0, lse +inf), against the sum in float64. Poisoned outputs: every column part writes."""
+    monkeypatch.setattr(triton_decode, "COMBINE_MAX_PARTS", max_parts)
+    monkeypatch.setattr(triton_decode, "device_limits", lambda device: (1000, 227 * 1024))
+    if wide:
+        monkeypatch.setattr(triton_common, "MAX_GRID_Y", 2)
+    s_q, h_q, d_v, splits = 2, 3, KV_LORA_RANK, [3, 20, 70] if variable else [uniform_splits] * 3
+    rows = s_q * h_q
+    generator = torch.Generator(DEVICE).manual_seed(max_parts * 1000 + uniform_splits * 8 + 4 * half + 2 * variable
+                                                    + wide)
+    out = torch.empty(len(splits), s_q, h_q, d_v, dtype=torch.bfloat16, device=DEVICE)
+    total = sum(splits) if variable else len(splits) * max(splits)
+    partials = triton_decode.Partials.empty(out, *((total,) if variable else (len(splits), max(splits))), half=half)
+    partials.out.copy_(torch.randn(partials.out.shape, generator=generator, device=DEVICE))
+    partials.lse.copy_(torch.randn(partials.lse.shape, generator=generator, device=DEVICE) * 8)
+    if half:
+        partials.scale.copy_(torch.exp2(torch.randint(-20, 20, partials.scale.shape, generator=generator,
+                                                      device=DEVICE).float()))
+    offsets = torch.tensor([0, *splits], device=DEVICE).cumsum(0).to(torch.int32)
+    flat_out = partials.out.view(-1, rows, d_v)
+    flat_lse, flat_scale = partials.lse.view(-1, rows), partials.scale.view(-1, rows)
+    first = [int(offsets[b]) if variable else b * max(splits) for b in range(len(splits))]
+    for b, count in enumerate(splits):  # every third split saw nothing; sequence 1's row 4 nothing at all
+        flat_lse[first[b]:first[b] + count:3] = float("-inf")
+        flat_out[first[b]:first[b] + count:3] = float("nan")
+    flat_lse[first[1]:first[1] + splits[1], 4] = float("-inf")
+    sink = torch.randn(h_q, generator=generator, device=DEVICE)
+    lse = torch.empty(len(splits), h_q, s_q, device=DEVICE)
+    out.fill_(float("nan"))
+    lse.fill_(float("nan"))
+    triton_decode.combine(partials, sink, out, lse, split_offsets=offsets if variable else None)
+    for b, count in enumerate(splits):
+        chosen = slice(first[b], first[b] + count)
+        scale = flat_scale[chosen] if half else torch.ones_like(flat_lse[chosen])
+        want_out, want_lse = combined(flat_out[chosen], flat_lse[chosen], scale, sink, s_q, h_q)
+        torch.testing.assert_close(out[b].double(), want_out.to(torch.bfloat16).double(), rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(lse[b].double(), want_lse, rtol=1e-6, atol=1e-5)
+    assert out[1, 1, 1].eq(0).all() and lse[1, 1, 1] == float("inf")  # row 4: query 1, head 1
+
+
 BALANCED_CASES = [
     ([0, 1, 70, 700], 1, 16, False, False),
     ([1000, 3, 0, 64, 65], 2, 16, True, True),
@@ -318,7 +383,9 @@ def test_triton_wide_batches_take_the_batch_in_the_grids_first_dimension(monkeyp
                          for name, kernel in kernels.items()})
     (narrow, narrow_wide), (wide, wide_wide) = (launch["_dense_decode_split_kernel"] for launch in launches)
     assert narrow[:2] == (row_tiles, 2) and wide[0] == row_tiles * 5 and min(narrow[-1], wide[-1]) > 1, (narrow, wide)
-    assert [launch["_combine_kernel"] for launch in launches] == [((rows, 2), False), ((rows * 5,), True)]
+    parts = [triton_decode.combine_parts(rows * batch, 64) for batch in (2, 5)]  # column parts where rows are few
+    assert [launch["_combine_kernel"] for launch in launches] == [
+        ((rows, 2, *[parts[0]] * (parts[0] > 1)), False), ((rows * 5, *[parts[1]] * (parts[1] > 1)), True)]
     assert (narrow_wide, wide_wide) == (False, True)
 
 
@@ -333,7 +400,9 @@ def test_triton_wide_batches_of_the_balanced_schedule(monkeypatch):
     metadata, num_splits = reference.get_mla_metadata(torch.tensor(seqlens, dtype=torch.int32, device=DEVICE), 3)
     run_and_compare(seqlens, 2, 16, True, False, sink=True, config=config, tile_scheduler_metadata=metadata,
                     num_splits=num_splits)
-    assert kernel.grids[-1] == (32 * 5,) and kernel.options[-1]["VARIABLE"] and kernel.options[-1]["WIDE_BATCH"]
+    parts = triton_decode.combine_parts(32 * 5, triton_decode.device_limits(torch.device(DEVICE))[0])
+    assert kernel.grids[-1] == (32 * 5, *([parts] if parts > 1 else []))
+    assert kernel.options[-1]["VARIABLE"] and kernel.options[-1]["WIDE_BATCH"]
 
 
 @pytest.mark.gpu
