@@ -225,16 +225,20 @@ def combined(partial_out, partial_lse, partial_scale, sink, s_q, h_q):
 
 @pytest.mark.parametrize("max_parts", [1, 2, 4])
 @pytest.mark.parametrize("half,variable,wide,uniform_splits", [
-    (False, False, False, 70), (True, False, True, 70), (False, False, True, 3), (True, True, False, 0),
-    (False, True, True, 0)])
+    (False, False, False, 70), (True, False, True, 70), (False, False, True, 3), (False, False, False, 2),
+    (True, True, False, 0), (False, True, True, 0)])
 def test_triton_combine_in_column_parts_matches_float64(monkeypatch, max_parts, half, variable, wide,
                                                         uniform_splits):
     """The combine with each row cut into 1, 2 or 4 column parts (combine_parts; more splits read a step the more
-    parts): 70 splits a sequence (past one step's splits at every part count), 3 (a step of four lanes, one past the
-    splits; balanced: 3, 20 and 70), float32 and f16 partials, the uniform and balanced layouts, wide batches, an attention sink, splits that saw nothing (rows of NaN, selected away)
-    and a row no split saw (out 0, lse +inf), against the sum in float64. Poisoned outputs: every column part writes."""
+    parts), checked against the sum in float64: 70 splits a sequence (past one step's splits at every part count), 3
+    (a step of four lanes, one past the splits), 2 (two lanes; balanced: 3, 20 and 70), float32 and f16 partials, the
+    uniform and balanced layouts, wide batches, an attention sink, LSEs hundreds apart (weights that underflow, across
+    and within lanes), splits that saw nothing (rows and scales of NaN, selected away) and a row no split saw (out 0,
+    lse +inf). Poisoned outputs: every column part writes; the launch is the one combine_parts asks for."""
     monkeypatch.setattr(triton_decode, "COMBINE_MAX_PARTS", max_parts)
     monkeypatch.setattr(triton_decode, "device_limits", lambda device: (1000, 227 * 1024))
+    kernel = RecordingKernel(triton_decode._combine_kernel)
+    monkeypatch.setattr(triton_decode, "_combine_kernel", kernel)
     if wide:
         monkeypatch.setattr(triton_common, "MAX_GRID_Y", 2)
     s_q, h_q, d_v, splits = 2, 3, KV_LORA_RANK, [3, 20, 70] if variable else [uniform_splits] * 3
@@ -256,7 +260,11 @@ def test_triton_combine_in_column_parts_matches_float64(monkeypatch, max_parts, 
     for b, count in enumerate(splits):  # every third split saw nothing; sequence 1's row 4 nothing at all
         flat_lse[first[b]:first[b] + count:3] = float("-inf")
         flat_out[first[b]:first[b] + count:3] = float("nan")
+        if half:
+            flat_scale[first[b]:first[b] + count:3] = float("nan")
     flat_lse[first[1]:first[1] + splits[1], 4] = float("-inf")
+    spread = flat_lse[first[2]:first[2] + splits[2]]  # sequence 2: LSEs hundreds apart, each row's largest 5
+    spread.mul_(40).sub_(spread.max(0).values - 5)  # (so that the sink leaves its outputs in float32's normals)
     sink = torch.randn(h_q, generator=generator, device=DEVICE)
     lse = torch.empty(len(splits), h_q, s_q, device=DEVICE)
     out.fill_(float("nan"))
@@ -269,6 +277,11 @@ def test_triton_combine_in_column_parts_matches_float64(monkeypatch, max_parts, 
         torch.testing.assert_close(out[b].double(), want_out.to(torch.bfloat16).double(), rtol=2 ** -7, atol=0)
         torch.testing.assert_close(lse[b].double(), want_lse, rtol=1e-6, atol=1e-5)
     assert out[1, 1, 1].eq(0).all() and lse[1, 1, 1] == float("inf")  # row 4: query 1, head 1
+    columns = d_v // max_parts
+    chunk = 16 * max_parts if variable else min(16 * max_parts, 1 << (uniform_splits - 1).bit_length())
+    parts = [max_parts] if max_parts > 1 else []
+    assert kernel.grids[-1] == ((rows * 3, *parts) if wide else (rows, 3, *parts))
+    assert (kernel.options[-1]["COLUMNS"], kernel.options[-1]["SPLIT_CHUNK"]) == (columns, chunk)
 
 
 BALANCED_CASES = [
