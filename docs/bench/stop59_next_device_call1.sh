@@ -11,7 +11,8 @@
 #   schedule took the one-CTA-a-row combine_kernel (stop 19: 8.7 of 44 us at b1 h128 32k on the H200 for a uniform
 #   split, before the many-splits kernel).
 # Timed on the split rows (b1 h128 32k: 66 splits, b8 h16 32k: 33), split by shape and with --scheduled. Then the
-# Triton decode file's GPU tests in the time left. `run` with command `bash docs/bench/stop59_next_device_call.sh`.
+# Triton decode file's GPU tests in the time left. `run` with command `bash docs/bench/stop59_next_device_call1.sh`;
+# stop59_next_device_call2.sh has the Triton experiment.
 export PYTHONPATH=$PWD:$PWD/scripts MAX_JOBS=8 TORCH_EXTENSIONS_DIR=$PWD/bench/ext
 SECONDS=0
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
