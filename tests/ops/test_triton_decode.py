@@ -206,6 +206,18 @@ def test_triton_combine_reads_more_splits_than_one_chunk(monkeypatch, half):
     assert splits and set(splits) == {20}  # a launch each call (on a GPU `poisoned` calls twice)
 
 
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_dense_decode_combines_few_rows_in_column_parts(monkeypatch, is_fp8):
+    """A batch of fewer rows than SMs (1000 here) splits each sequence many ways and combines each row in four column
+    parts (combine_parts): the whole op against the reference, f16 partials, a sink, an empty sequence."""
+    monkeypatch.setattr(triton_decode, "device_limits", lambda device: (1000, 227 * 1024))
+    kernel = RecordingKernel(triton_decode._combine_kernel)
+    monkeypatch.setattr(triton_decode, "_combine_kernel", kernel)
+    run_and_compare([1300, 0, 700], 1, 16, False, is_fp8, sink=True)
+    assert kernel.grids[-1] == (16, 3, 4) and kernel.options[-1]["COLUMNS"] == 128
+    assert kernel.options[-1]["HALF_PARTIALS"]
+
+
 def combined(partial_out, partial_lse, partial_scale, sink, s_q, h_q):
     """What the combine should give, in float64, from one sequence's `(splits, rows, d_v)` partials: out
     `(s_q, h_q, d_v)` and the natural-log lse `(h_q, s_q)`; a split of lse -inf counts nothing (its rows may be NaN)."""
