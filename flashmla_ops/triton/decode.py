@@ -465,13 +465,9 @@ def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Ou
                        + cols[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
         if HALF_PARTIALS:  # each split's rows times the power of two that undoes its scaling (see Partials)
             part *= tl.load(scale_base + (first + splits) * M, mask=inside, other=0.0)[:, None]
-        new_max = tl.maximum(lane_max, lse_chunk)
-        base = tl.where(new_max == float("-inf"), 0.0, new_max)  # finite: 2^(-inf - base) is 0, never NaN
-        alpha = tl.exp2(lane_max - base)
-        weight = tl.exp2(lse_chunk - base)
-        lane_acc = lane_acc * alpha[:, None] + tl.where(weight[:, None] > 0, weight[:, None] * part, 0.0)
-        lane_sum = lane_sum * alpha + weight
-        lane_max = new_max
+        # each lane an online softmax of its own: its splits' LSEs as the logits of a one-column tile
+        lane_max, weight, alpha, lane_sum = softmax_weights(lse_chunk[:, None], lane_max, lane_sum)
+        lane_acc = lane_acc * alpha[:, None] + tl.where(weight > 0, weight * part, 0.0)
     m = tl.max(lane_max, 0)
     shift = tl.where(m == float("-inf"), 0.0, m)
     lane_weight = tl.exp2(lane_max - shift)
