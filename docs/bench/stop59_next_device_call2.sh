@@ -3,7 +3,7 @@
 # experiment, written and tested on the CPU here, never run on a GPU (docs/bench/stop59_triton_combine_lse_first.diff:
 # the row's largest LSE first, in one step up to 128 splits, then the partials at their final weights, where the
 # landed combine rescales every lane's row at each step; compiled for sm_90, its step loop is 435 instructions against
-# 575 and the kernel 128 registers against 160, for one more dependent round of loads, the LSEs', before the first
+# 576 and the kernel 128 registers against 167, for one more dependent round of loads, the LSEs', before the first
 # partials). Before the call, here: `git show HEAD:flashmla_ops/triton/decode.py > flashmla_ops/triton/_main_decode.py`
 # (main's module, the A/B's `main` side; not committed). On the device it patches its copy of the tree, times it
 # against main on the split rows (docs/bench/stop59_combine_ab.py), then runs the Triton decode and sparse GPU tests of
