@@ -1386,7 +1386,9 @@ void launch_combine(const DecodeParams& params, const Partial* out_partial, cons
         out.stride(2), params.lse, params.h_q, params.s_q, params.rows, num_splits, params.queries_per_z,
         params.attn_sink);
   } else {
-    const bool many_splits = !balanced && num_splits >= kCombineManySplits;
+    // Balanced: `num_splits` parts over `zs` sequences; from kCombineManySplits parts a sequence on average (batch 1
+    // over a long context: every part a split of the one sequence) the many-splits kernel too.
+    const bool many_splits = balanced ? num_splits >= kCombineManySplits * zs : num_splits >= kCombineManySplits;
     // The many-splits kernel: as many column parts a row as keep its CTAs within two per SM (two fit: 96 registers
     // a thread, 20 KB of shared memory at most).
     int parts = 1;

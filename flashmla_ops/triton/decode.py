@@ -434,15 +434,17 @@ def _dense_decode_balanced_kernel(
 def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Out, Lse,
                     stride_ps, stride_pm, stride_ob, stride_om, M, H_Q, S_Q, num_splits,
                     VARIABLE: tl.constexpr, SPLIT_CHUNK: tl.constexpr, APPLY_SINK: tl.constexpr,
-                    COLUMNS: tl.constexpr, HALF_PARTIALS: tl.constexpr, WIDE_BATCH: tl.constexpr = False):
+                    COLUMNS: tl.constexpr, HALF_PARTIALS: tl.constexpr, LSE_CHUNK: tl.constexpr,
+                    WIDE_BATCH: tl.constexpr = False):
     """Columns [column_part * COLUMNS, (column_part + 1) * COLUMNS) of one query row: out = sum_s w_s out_s with
     w_s = exp(lse_s - lse), lse = log sum_s exp(lse_s) (base 2 inside; column part 0 stores it). Sequence b's
     partials are splits [first, first + count) of the batch-wide `(splits, rows, d_v)` buffer: `num_splits` each
     (uniform) or per `SplitOffsets` (VARIABLE). The grid is common.batch_grid's (rows, sequences, column parts:
-    combine_parts). One pass over the splits, SPLIT_CHUNK at a time: lane j of the chunk keeps its own running
-    maximum, sum and row over splits j, j + SPLIT_CHUNK, ... (an online softmax per lane), and the lanes meet once at
-    the end, so that a step's loads wait on nothing of the step before and no step reduces across warps. Every slot
-    below `count` is loaded (allocated, written or not) and a split that saw nothing (lse -inf) is selected away."""
+    combine_parts). The row's largest LSE first (LSE_CHUNK at a time: one step up to that many splits), then the
+    partials SPLIT_CHUNK at a time, lane j of the chunk summing its splits j, j + SPLIT_CHUNK, ... at their final
+    weights (no rescaling), the lanes meeting once at the end: a step's loads wait on nothing of the step before and
+    no step reduces across warps. Every slot below `count` is loaded (allocated, written or not) and a split that saw
+    nothing (lse -inf) is selected away."""
     row, batch, column_part = grid_position(M, WIDE_BATCH)
     rows = row + tl.arange(0, 1)
     splits = tl.arange(0, SPLIT_CHUNK)
@@ -455,7 +457,13 @@ def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Ou
     lse_base = LsePartial + first_split * M + row
     scale_base = ScalePartial + first_split * M + row
     cols = column_part * COLUMNS + tl.arange(0, COLUMNS)
-    lane_max = tl.full([SPLIT_CHUNK], float("-inf"), dtype=tl.float32)
+    lse_lanes = tl.arange(0, LSE_CHUNK)
+    running_max = tl.full([LSE_CHUNK], float("-inf"), dtype=tl.float32)
+    for first in range(0, count, LSE_CHUNK):  # the row's largest LSE: one step up to LSE_CHUNK splits
+        lse_chunk = tl.load(lse_base + (first + lse_lanes) * M, mask=first + lse_lanes < count, other=float("-inf"))
+        running_max = tl.maximum(running_max, lse_chunk)
+    m = tl.max(running_max, 0)
+    shift = tl.where(m == float("-inf"), 0.0, m)
     lane_sum = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
     lane_acc = tl.zeros([SPLIT_CHUNK, COLUMNS], dtype=tl.float32)
     for first in range(0, count, SPLIT_CHUNK):
@@ -463,16 +471,15 @@ def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Ou
         lse_chunk = tl.load(lse_base + (first + splits) * M, mask=inside, other=float("-inf"))
         part = tl.load(OutPartial + (first_split + first + splits)[:, None] * stride_ps + row * stride_pm
                        + cols[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+        weight = tl.exp2(lse_chunk - shift)  # 0 for a split that saw nothing
+        factor = weight
         if HALF_PARTIALS:  # each split's rows times the power of two that undoes its scaling (see Partials)
-            part *= tl.load(scale_base + (first + splits) * M, mask=inside, other=0.0)[:, None]
-        # each lane an online softmax of its own: its splits' LSEs as the logits of a one-column tile
-        lane_max, weight, alpha, lane_sum = softmax_weights(lse_chunk[:, None], lane_max, lane_sum)
-        lane_acc = lane_acc * alpha[:, None] + tl.where(weight > 0, weight * part, 0.0)
-    m = tl.max(lane_max, 0)
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    lane_weight = tl.exp2(lane_max - shift)
-    acc = tl.sum(lane_acc * lane_weight[:, None], 0)
-    l_i = tl.zeros([1], dtype=tl.float32) + tl.sum(lane_sum * lane_weight, 0)
+            factor *= tl.load(scale_base + (first + splits) * M, mask=inside, other=0.0)
+        factor = tl.where(weight > 0, factor, 0.0)
+        lane_acc += tl.where(weight[:, None] > 0, part, 0.0) * factor[:, None]
+        lane_sum += weight
+    acc = tl.sum(lane_acc, 0)
+    l_i = tl.zeros([1], dtype=tl.float32) + tl.sum(lane_sum, 0)
     m_i = tl.zeros([1], dtype=tl.float32) + shift
     out, lse = finish(acc[None, :], m_i, l_i, Sink, rows % H_Q, rows < M, APPLY_SINK)
     tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :], out.to(Out.dtype.element_ty))
@@ -709,6 +716,7 @@ def split_buffers(out, lse, num_splits) -> Partials:
 # from 128 rows on (b1 h128 32k, b8 h16 32k, b2 h64 16k) parts were 1-9% slower.
 COMBINE_TILE = 16 * KV_LORA_RANK
 COMBINE_MAX_PARTS = 4
+COMBINE_LSE_CHUNK = 128  # the LSEs' pass: one step up to 128 splits
 
 
 def combine_parts(programs: int, multiprocessors: int) -> int:
@@ -739,8 +747,8 @@ def combine(partials: Partials, attn_sink, out, lse, split_offsets=None) -> None
         attn_sink if attn_sink is not None else lse, out_rows, lse,
         out_partial.stride(-3), out_partial.stride(-2), out_rows.stride(0), out_rows.stride(1),
         rows, h_q, s_q, num_splits, VARIABLE=split_offsets is not None, SPLIT_CHUNK=split_chunk,
-        APPLY_SINK=attn_sink is not None, COLUMNS=d_v // parts, HALF_PARTIALS=partials.half, WIDE_BATCH=wide,
-        num_warps=4)
+        APPLY_SINK=attn_sink is not None, COLUMNS=d_v // parts, HALF_PARTIALS=partials.half,
+        LSE_CHUNK=COMBINE_LSE_CHUNK, WIDE_BATCH=wide, num_warps=4)
 
 
 def supports(q, kv_cache, head_dim_v, is_fp8) -> bool:

@@ -195,7 +195,7 @@ KERNEL_POINTERS = {"_indexer_logits_kernel": {"Out": "*fp32", "K": "*bf16"},
                    "_gate_up_kernel": {"X": "*bf16", "W": "*bf16", "Experts": "*i64"},  # H: float32
                    "_down_kernel": {"W": "*bf16", "Experts": "*i64"}}  # H, Weights: float32
 F16_POINTERS = {"_indexer_logits_kernel": {"K": "*fp16"}}  # prefill keys widened to f16 (F16 without K_FP8)
-DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "INTERPRET": False,
+DIMS = {"PAGE": 64, "D_NOPE": 512, "D_ROPE": 64, "TILE": 128, "D_V": 512, "LSE_CHUNK": 128, "INTERPRET": False,
         "APART": False, "LOOKAHEAD": False}  # the defaults of those a kernel takes (APART: variants named -apart)
 SCALARS = {"M", "H_Q", "S_Q", "S_KV", "TOPK", "EXTRA_TOPK", "H_I", "NUM_KEYS", "TOP_K", "NUM_EXPERTS", "INTER",
            "HIDDEN"}  # upper-case sizes; other capitalised names are pointers
