@@ -236,18 +236,20 @@ def combined(partial_out, partial_lse, partial_scale, sink, s_q, h_q):
 
 
 @pytest.mark.parametrize("max_parts", [1, 2, 4])
-@pytest.mark.parametrize("half,variable,wide,uniform_splits", [
-    (False, False, False, 70), (True, False, True, 70), (False, False, True, 3), (False, False, False, 2),
-    (True, True, False, 0), (False, True, True, 0)])
+@pytest.mark.parametrize("half,variable,wide,uniform_splits,lse_chunk", [
+    (False, False, False, 70, 128), (True, False, True, 70, 16), (False, False, True, 3, 128),
+    (False, False, False, 2, 128), (True, True, False, 0, 128), (False, True, True, 0, 16)])
 def test_triton_combine_in_column_parts_matches_float64(monkeypatch, max_parts, half, variable, wide,
-                                                        uniform_splits):
+                                                        uniform_splits, lse_chunk):
     """The combine with each row cut into 1, 2 or 4 column parts (combine_parts; more splits read a step the more
     parts), checked against the sum in float64: 70 splits a sequence (past one step's splits at every part count), 3
     (a step of four lanes, one past the splits), 2 (two lanes; balanced: 3, 20 and 70), float32 and f16 partials, the
     uniform and balanced layouts, wide batches, an attention sink, LSEs hundreds apart (weights that underflow, across
     and within lanes), splits that saw nothing (rows and scales of NaN, selected away) and a row no split saw (out 0,
-    lse +inf). Poisoned outputs: every column part writes; the launch is the one combine_parts asks for."""
+    lse +inf); the row's largest LSE found in one step or (COMBINE_LSE_CHUNK 16) over several. Poisoned outputs: every
+    column part writes; the launch is the one combine_parts asks for."""
     monkeypatch.setattr(triton_decode, "COMBINE_MAX_PARTS", max_parts)
+    monkeypatch.setattr(triton_decode, "COMBINE_LSE_CHUNK", lse_chunk)
     monkeypatch.setattr(triton_decode, "device_limits", lambda device: (1000, 227 * 1024))
     kernel = RecordingKernel(triton_decode._combine_kernel)
     monkeypatch.setattr(triton_decode, "_combine_kernel", kernel)
@@ -256,7 +258,7 @@ def test_triton_combine_in_column_parts_matches_float64(monkeypatch, max_parts, 
     s_q, h_q, d_v, splits = 2, 3, KV_LORA_RANK, [3, 20, 70] if variable else [uniform_splits] * 3
     rows = s_q * h_q
     generator = torch.Generator(DEVICE).manual_seed(max_parts * 1000 + uniform_splits * 8 + 4 * half + 2 * variable
-                                                    + wide)
+                                                    + wide + lse_chunk)
     out = torch.empty(len(splits), s_q, h_q, d_v, dtype=torch.bfloat16, device=DEVICE)
     total = sum(splits) if variable else len(splits) * max(splits)
     partials = triton_decode.Partials.empty(out, *((total,) if variable else (len(splits), max(splits))), half=half)
@@ -294,6 +296,7 @@ def test_triton_combine_in_column_parts_matches_float64(monkeypatch, max_parts, 
     parts = [max_parts] if max_parts > 1 else []
     assert kernel.grids[-1] == ((rows * 3, *parts) if wide else (rows, 3, *parts))
     assert (kernel.options[-1]["COLUMNS"], kernel.options[-1]["SPLIT_CHUNK"]) == (columns, chunk)
+    assert kernel.options[-1]["LSE_CHUNK"] == lse_chunk
 
 
 BALANCED_CASES = [
