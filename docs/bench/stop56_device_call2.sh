@@ -4,10 +4,11 @@
 # clocks left alone. Raw metrics of the SpeedOfLight, ComputeWorkloadAnalysis, MemoryWorkloadAnalysis and
 # WarpStateStats sections plus the DRAM / L2 bytes and, where this ncu has them, the tensor pipes' (wgmma) activity;
 # docs/bench/stop56_ncu_table.py reads the CSVs. `run` with command `bash docs/bench/stop56_device_call2.sh`
-# (`BACKEND=triton bash ...` profiles the Triton kernels instead; stop 56 ran the CUDA ones).
+# (`BACKEND=triton bash ...` profiles the Triton kernels instead, without building the CUDA ones; stop 56 ran the CUDA
+# ones; `ROW_LIST="9 7"` profiles those rows of `python docs/bench/stop56_ncu_rows.py --list` alone).
 export PYTHONPATH=$PWD:$PWD/scripts MAX_JOBS=16 TORCH_EXTENSIONS_DIR=$PWD/bench/ext
 SECONDS=0
-python -m flashmla_ops.build > $OUT/build.log 2>&1; echo "build rc $?"
+if [ "${BACKEND:-cuda}" = cuda ]; then python -m flashmla_ops.build > $OUT/build.log 2>&1; echo "build rc $?"; fi
 ncu --version | tail -1
 ncu --query-metrics --chip gh100 > $OUT/ncu_metrics.txt 2>&1
 grep -iE "gmma|tensor_op|pipe_tensor" $OUT/ncu_metrics.txt | head -30
@@ -17,8 +18,7 @@ for m in sm__pipe_tensor_op_gmma_cycles_active sm__inst_executed_pipe_tensor_op_
   grep -qE "^$m " $OUT/ncu_metrics.txt && METRICS=$METRICS,$m.sum,$m.avg.pct_of_peak_sustained_active
 done
 echo "metrics: $METRICS"
-ROWS=$(python docs/bench/stop56_ncu_rows.py --list | wc -l)
-for ((row = 0; row < ROWS; row++)); do
+for row in ${ROW_LIST:-$(python docs/bench/stop56_ncu_rows.py --list | cut -d' ' -f1)}; do
   timeout $((560 - SECONDS)) ncu --clock-control none --profile-from-start off --csv --page raw \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section WarpStateStats --metrics $METRICS \
