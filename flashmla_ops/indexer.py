@@ -289,18 +289,32 @@ def _check_topk(op, logits, topk, block_table):
                             f"2**25) (int32 slots), got {entry.expand_as(bad)[bad][:8].tolist()}")
 
 
+# IEEE 754's total order as csrc/indexer_topk.cu ranks logits (its `ordered`): each float's bits as an unsigned code,
+# negative floats with every bit flipped, the others with the sign bit set. -0 ranks below +0, a NaN with the sign bit
+# clear above +inf, one with it set below -inf. A key counts when its code is above -inf's.
+ORDERED_NEGATIVE_INFINITY = 0x007FFFFF
+
+
+def ordered_codes(logits: torch.Tensor) -> torch.Tensor:
+    """The float32 logits' codes in the total order above, as int64 (torch has no uint32 comparisons everywhere)."""
+    bits = logits.contiguous().view(torch.int32).long() & 0xFFFFFFFF
+    return torch.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
 def indexer_topk_reference(logits, topk, block_table=None):
-    """The CUDA kernel's selection exactly: the finite keys above the k-th largest logit, then those equal to it
-    from the lowest positions on, in ascending key order, -1 after them. Ties are common (V3.2's logits sum relu'd
-    scores: exact zeros), and torch.topk breaks them by its own layout, so rows of other widths over the same keys
-    (a prompt's prefill and its decode steps) could select differently."""
+    """The CUDA kernel's selection exactly: the keys above -inf whose logits rank above the k-th largest, then those
+    equal to it from the lowest positions on, in ascending key order, -1 after them; ranked by the total order of
+    ordered_codes (for finite logits the float order, but -0 below +0 and NaNs at the ends), as the kernel does. Ties
+    are common (V3.2's logits sum relu'd scores: exact zeros), and torch.topk breaks them by its own layout, so rows
+    of other widths over the same keys (a prompt's prefill and its decode steps) could select differently."""
     num_keys = logits.shape[-1]
     k = min(topk, num_keys)
     if k:
-        threshold = torch.topk(logits, k, dim=-1).values[..., -1:]
-        finite = logits != float("-inf")
-        greater = (logits > threshold) & finite
-        tied = (logits == threshold) & finite
+        codes = ordered_codes(logits)
+        threshold = torch.topk(codes, k, dim=-1).values[..., -1:]
+        finite = codes > ORDERED_NEGATIVE_INFINITY
+        greater = (codes > threshold) & finite
+        tied = (codes == threshold) & finite
         take = greater | (tied & (tied.cumsum(-1) <= k - greater.sum(-1, keepdim=True)))
         keys = torch.arange(num_keys, dtype=torch.int32, device=logits.device)
         positions = torch.topk(torch.where(take, keys, num_keys), k, dim=-1, largest=False).values.long()
@@ -320,9 +334,10 @@ def indexer_topk_reference(logits, topk, block_table=None):
 @torch.library.custom_op("flashmla::indexer_topk", mutates_args=())
 def indexer_topk(logits: torch.Tensor, topk: int, block_table: torch.Tensor | None) -> torch.Tensor:
     """The `topk` highest-logit keys per row of `logits` `(..., num_keys)` float32, as int32 `(..., topk)`;
-    -1 where fewer than `topk` keys are finite. In ascending key order, ties at the threshold taken from the lowest
+    -1 where fewer than `topk` keys are above -inf. In ascending key order, ties at the threshold taken from the lowest
     positions, -1 after the keys: the CUDA kernel (csrc/indexer_topk.cu, a radix select) and the reference alike, so
-    every path and every row width over the same keys selects the same.
+    every path and every row width over the same keys selects the same. Logits rank in IEEE 754's total order
+    (ordered_codes): -0 below +0, a NaN above +inf (below -inf, never selected, with its sign bit set).
 
     Without block_table the indices are key positions (for `indexer_logits`: rows of the packed kv, ready for
     `sparse_prefill`). With block_table `(batch, max_blocks_per_seq)` and logits `(batch, s_q, num_keys)` they are

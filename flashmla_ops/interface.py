@@ -33,12 +33,24 @@ def _check_scalar(op: str, name: str, value, accepts, what: str) -> None:
         raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")
 
 
-def _check_scale(op: str, name: str, value, what: str = "a float") -> None:
+def _check_scale(op: str, name: str, value, what: str = "a float"):
     """A softmax scale: a float (see _check_scalar), finite: NaN or an infinity would give NaN or infinite outputs.
-    (A 0-d tensor's value is not read here: that would sync with its device.)"""
+    Returns it; a 0-d tensor (which the op schemas' float arguments take) as its value, read here once where the
+    schema would have read it (a sync with its device either way), so that it is checked as a float is."""
     _check_scalar(op, name, value, _is_float, what)
-    if isinstance(value, numbers.Real) and not math.isfinite(value):
-        raise ValueError(f"{op}: {name} must be finite, got {value}")
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or value.is_meta:
+            raise TypeError(f"{op}: {name} must be a real number or a 0-d real tensor with a value, got a "
+                            f"{value.dtype} tensor on {value.device}")
+        value = value.item()
+    if isinstance(value, numbers.Real):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int past float's range
+            finite = False
+        if not finite:
+            raise ValueError(f"{op}: {name} must be finite, got {value}")
+    return value
 
 
 def _check_tensor_types(op: str, required: dict, optional: dict) -> None:
@@ -185,7 +197,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     _check_scalar(op, "head_dim_v", head_dim_v, _is_int, "an int")
     if softmax_scale is None:
         softmax_scale = d_qk ** -0.5
-    _check_scale(op, "softmax_scale", softmax_scale, "a float or None")
+    softmax_scale = _check_scale(op, "softmax_scale", softmax_scale, "a float or None")
     _check_scalar(op, "causal", causal, _is_flag, "a bool")
     _check_scalar(op, "is_fp8_kvcache", is_fp8_kvcache, _is_flag, "a bool")
     meta = tile_scheduler_metadata if tile_scheduler_metadata is not None else FlashMLASchedMeta()
@@ -254,7 +266,7 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk
     """
     op = "flash_mla_sparse_fwd"
     _check_tensor_types(op, dict(q=q, kv=kv, indices=indices), dict(attn_sink=attn_sink, topk_length=topk_length))
-    _check_scale(op, "sm_scale", sm_scale)
+    sm_scale = _check_scale(op, "sm_scale", sm_scale)
     _check_scalar(op, "d_v", d_v, _is_int, "an int")
     _check_scalar(op, "indexer_topk", indexer_topk, _is_int, "an int")
     out, max_logits, lse, lse_indexer = torch.ops.flashmla.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink,

@@ -182,10 +182,17 @@ def test_block_entries_past_int32_slots_give_no_token(monkeypatch):
 def test_the_kernel_and_the_reference_select_the_same_keys_in_the_same_order(num_keys, topk):
     """Stop 47 made the reference select as the kernel says it does (ties at the threshold from the lowest positions,
     ascending key order, -1 after): the two are equal index for index, on rows of many ties (relu'd scores rounded,
-    as V3.2's logits tie at 0) and on random ones."""
+    as V3.2's logits tie at 0) and on random ones; since stop 60 also on ties of -0 and +0 and on NaNs of both signs
+    (the kernel's total order, which the reference now ranks by; not yet run on a GPU at stop 60)."""
     generator = torch.Generator(DEVICE).manual_seed(num_keys + topk)
     tied = torch.relu(torch.randn(4, num_keys, generator=generator, device=DEVICE)).round(decimals=1)
     spread = torch.randn(4, num_keys, generator=generator, device=DEVICE)
     spread[0, num_keys // 3:] = float("-inf")
-    for logits in (tied, spread):
+    signs = torch.where(torch.rand(4, num_keys, generator=generator, device=DEVICE) < 0.5, -1.0, 1.0)
+    signed = tied * signs  # -0 and +0 among the ties
+    nans = torch.rand(4, num_keys, generator=generator, device=DEVICE) < 0.01
+    nan = torch.full_like(signed, float("nan"))
+    signed = torch.where(nans, torch.where(signs < 0, -nan, nan), signed)  # negation sets the sign bit
+    signed[3, ::5] = float("inf")
+    for logits in (tied, spread, signed):
         assert torch.equal(cuda_topk(logits, topk), indexer_topk_reference(logits, topk))

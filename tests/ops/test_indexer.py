@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mla_oracle as oracle
+from flashmla_ops import indexer
 from flashmla_ops.indexer import indexer_logits_path
 
 ops = torch.ops.flashmla
@@ -285,6 +286,23 @@ def test_paged_logits_leave_the_cuda_kernel_for_a_table_of_2_31_tokens(monkeypat
     assert indexer.indexer_logits_paged_path(q, cache) == "cuda"
     assert indexer.indexer_logits_paged_path(q, cache, fits) == "cuda"
     assert indexer.indexer_logits_paged_path(q, cache, too_wide) == "reference"
+
+
+def test_topk_ranks_logits_in_the_kernels_total_order():
+    """Logits rank as csrc/indexer_topk.cu's codes rank them (IEEE 754's total order), not by float comparisons,
+    under which a NaN threshold selected nothing and -0 tied +0: -0 below +0, a NaN above +inf, a NaN with its sign
+    bit set below -inf (never selected, as -inf is not)."""
+    nan = float("nan")
+    negative_nan = torch.tensor([nan]).view(torch.int32).bitwise_or(-2 ** 31).view(torch.float32).item()
+    inf = float("inf")
+    logits = torch.tensor([[nan, 1.0, 2.0, -inf, inf, -0.0, 0.0, negative_nan, -0.0, 0.0]])
+    want = {1: [0], 2: [0, 4], 3: [0, 2, 4], 5: [0, 1, 2, 4, 6], 6: [0, 1, 2, 4, 6, 9],
+            7: [0, 1, 2, 4, 5, 6, 9], 8: [0, 1, 2, 4, 5, 6, 8, 9], 9: [0, 1, 2, 4, 5, 6, 8, 9, -1]}
+    for topk, keys in want.items():
+        assert ops.indexer_topk(logits, topk, None).tolist() == [keys], topk
+    assert indexer.ordered_codes(logits)[0, 7] < indexer.ORDERED_NEGATIVE_INFINITY  # the negative NaN's code
+    table = torch.tensor([[3]], dtype=torch.int32)
+    assert ops.indexer_topk(logits[None], 2, table).tolist() == [[[3 * 64 + 0, 3 * 64 + 4]]]
 
 
 def test_topk_breaks_ties_by_the_lowest_positions_in_any_row_width():

@@ -188,6 +188,18 @@ CASES = [
     ("flash_mla_with_kvcache", "causal 2", set_(causal=2), TypeError, "causal"),
     ("flash_mla_with_kvcache", "is_fp8_kvcache -1", set_(is_fp8_kvcache=-1), TypeError, "is_fp8_kvcache"),
     ("flash_mla_sparse_fwd", "sm_scale inf", set_(sm_scale=float("inf")), ValueError, "sm_scale"),
+    # a 0-d tensor scale is read and checked as a float (NaN in one gave NaN outputs)
+    ("flash_mla_with_kvcache", "softmax_scale a NaN tensor", set_(softmax_scale=torch.tensor(float("nan"))),
+     ValueError, "softmax_scale"),
+    ("flash_mla_with_kvcache[sparse]", "softmax_scale an inf tensor", set_(softmax_scale=torch.tensor(float("inf"))),
+     ValueError, "softmax_scale"),
+    ("flash_mla_sparse_fwd", "sm_scale a NaN tensor", set_(sm_scale=torch.tensor(float("nan"))), ValueError,
+     "sm_scale"),
+    ("flash_mla_sparse_fwd", "sm_scale a complex tensor", set_(sm_scale=torch.tensor(0.1 + 1j)), TypeError,
+     "sm_scale"),
+    ("flash_mla_sparse_fwd", "sm_scale a meta tensor", set_(sm_scale=torch.tensor(0.1, device="meta")), TypeError,
+     "sm_scale"),
+    ("flash_mla_sparse_fwd", "sm_scale an int past float's range", set_(sm_scale=10 ** 400), ValueError, "sm_scale"),
     ("dense_decode", "tile_scheduler_metadata without num_splits", set_(tile_scheduler_metadata=torch.full(
         (1, 8), 123, dtype=I32)), ValueError, "num_splits"),
     ("dense_decode", "num_splits without tile_scheduler_metadata", set_(num_splits=torch.zeros(3, dtype=I32)),
