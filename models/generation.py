@@ -264,7 +264,7 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
     conversation's next turn is `generate` again on the same rows with prompts that start with each row's last new
     token (`chunk`: the tokens a continuation pass takes, see `prefill`). Empty rows given the same prompt (samples of
     one prompt) prefill it once and share its blocks, which the pool check counts once."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if _is_token(eos_token_ids):  # config.json's eos_token_id is an int
         eos_token_ids = (eos_token_ids,)

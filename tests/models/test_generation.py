@@ -429,6 +429,7 @@ def untouched(cache: PagedKVCache, num_blocks: int) -> bool:
 @pytest.mark.parametrize("what,args,error,message", [
     ("no new token", dict(max_new_tokens=0), ValueError, "max_new_tokens must be an int >= 1"),
     ("negative new tokens", dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
+    ("a bool for new tokens", dict(max_new_tokens=True), ValueError, "max_new_tokens must be an int >= 1"),
     ("negative temperature", dict(temperature=-1.0), ValueError, "temperature"),
     ("NaN temperature", dict(temperature=float("nan")), ValueError, "temperature"),
     ("top_p 0", dict(temperature=1.0, top_p=0.0), ValueError, "top_p"),
