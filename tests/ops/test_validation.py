@@ -592,3 +592,30 @@ def test_last_dim_contiguous_gives_unit_stride_to_size_1_dimensions():
     aligned = dense_aligned(rows)
     assert aligned.data_ptr() % 16 == 0 and aligned.is_contiguous() and torch.equal(aligned, rows)
     assert dense_aligned(aligned) is aligned
+
+
+def test_the_public_references_check_their_arguments_as_the_ops_do():
+    """`flashmla_ops.reference.<op>` runs the op's checks first: a used block table entry of -1 had been read as the
+    last block (dense decode), an entry past the index cache clamped to its last block (paged logits), and a top-k
+    block table entry of -3 turned into negative slots; each now raises the op's error, naming reference.<op>."""
+    from flashmla_ops import reference
+
+    generator = torch.Generator().manual_seed(60)
+    q = torch.randn(1, 1, 4, 576, generator=generator).bfloat16()
+    cache = torch.randn(3, 64, 1, 576, generator=generator).bfloat16()
+    seqlens = torch.tensor([10], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"reference\.dense_decode: .*block_table"):
+        reference.dense_decode(q, cache, torch.tensor([[-1]], dtype=torch.int32), seqlens, 512, 0.04, False, False)
+    index_cache = torch.randn(3, 64, 128, generator=generator).bfloat16()
+    args = (torch.randn(1, 1, 2, 128, generator=generator).bfloat16(), index_cache, torch.randn(1, 1, 2))
+    with pytest.raises(ValueError, match=r"reference\.indexer_logits_paged: .*block_table"):
+        reference.indexer_logits_paged(*args, torch.tensor([[7]], dtype=torch.int32), seqlens)
+    with pytest.raises(ValueError, match=r"reference\.indexer_topk: .*block_table"):
+        reference.indexer_topk(torch.randn(1, 1, 10), 2, torch.tensor([[-3]], dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"reference\.quantize_kv_fp8: kv"):
+        reference.quantize_kv_fp8(torch.randn(2, 576))
+    # what the ops take, the references take: the same results as the unchecked implementations
+    table = torch.tensor([[2]], dtype=torch.int32)
+    assert all(torch.equal(a, b) for a, b in zip(
+        reference.dense_decode(q, cache, table, seqlens, 512, 0.04, False, False),
+        reference.dense_decode_reference(q, cache, table, seqlens, 512, 0.04, False, False)))
