@@ -291,14 +291,16 @@ def _check_topk(op, logits, topk, block_table):
 
 # IEEE 754's total order as csrc/indexer_topk.cu ranks logits (its `ordered`): each float's bits as an unsigned code,
 # negative floats with every bit flipped, the others with the sign bit set. -0 ranks below +0, a NaN with the sign bit
-# clear above +inf, one with it set below -inf. A key counts when its code is above -inf's.
-ORDERED_NEGATIVE_INFINITY = 0x007FFFFF
+# clear above +inf, one with it set below -inf. A key counts when its code is above -inf's. Here the codes are int32,
+# each the unsigned code with its top bit flipped (the same order under signed comparisons): a non-negative float's
+# bits as they are, a negative one's with every bit but the sign flipped.
+ORDERED_NEGATIVE_INFINITY = -0x7F800001  # -inf's bits 0xFF800000 so flipped: 0x807FFFFF
 
 
 def ordered_codes(logits: torch.Tensor) -> torch.Tensor:
-    """The float32 logits' codes in the total order above, as int64 (torch has no uint32 comparisons everywhere)."""
-    bits = logits.contiguous().view(torch.int32).long() & 0xFFFFFFFF
-    return torch.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    """The float32 logits' int32 codes in the total order above."""
+    bits = logits.contiguous().view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 def indexer_topk_reference(logits, topk, block_table=None):
