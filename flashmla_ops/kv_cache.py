@@ -152,6 +152,7 @@ def _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8) -> None:
     check_tensor(op, "rope", rope, (latent.dtype,), ("num_tokens", ROPE_DIM), dims)
     check_tensor(op, "slot_mapping", slot_mapping, (torch.int32, torch.int64), ("num_tokens",), dims)
     check_same_device(op, kv_cache=kv_cache, latent=latent, rope=rope, slot_mapping=slot_mapping)
+    _check_slots(op, slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])  # values: never while tracing (fakes)
 
 
 def _aligned(cache: torch.Tensor, num_bytes: int) -> bool:
@@ -205,7 +206,6 @@ def write_kv_cache(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Ten
     """
     op = "write_kv_cache"
     _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8)
-    _check_slots(op, slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])
     if kv_cache.shape[0] * kv_cache.shape[1] == 0:
         return  # no slot any token could go to (every slot is -1: checked above where values are checked)
     for path in _ext.paths("write_kv_cache", kv_cache.device):
@@ -239,6 +239,7 @@ def _check_write_index(op, index_cache, k, slot_mapping) -> None:
     check_no_overlap(op, "index_cache", index_cache)
     check_tensor(op, "slot_mapping", slot_mapping, (torch.int32, torch.int64), ("num_tokens",), dims)
     check_same_device(op, index_cache=index_cache, k=k, slot_mapping=slot_mapping)
+    _check_slots(op, slot_mapping, index_cache.shape[0] * index_cache.shape[1])  # values: never while tracing
 
 
 @torch.library.custom_op("flashmla::write_index_cache", mutates_args=("index_cache",))
@@ -252,7 +253,6 @@ def write_index_cache(index_cache: torch.Tensor, k: torch.Tensor, slot_mapping: 
     """
     op = "write_index_cache"
     _check_write_index(op, index_cache, k, slot_mapping)
-    _check_slots(op, slot_mapping, index_cache.shape[0] * index_cache.shape[1])
     if index_cache.shape[0] * index_cache.shape[1] == 0:
         return  # no slot any token could go to (every slot is -1: checked above where values are checked)
     is_fp8 = index_cache.dtype not in FLOAT_DTYPES

@@ -8,7 +8,7 @@ from .decode import (_check_dense, _check_metadata, _check_sparse, dense_decode_
                      sparse_decode_reference)
 from .indexer import (_check_logits, _check_logits_paged, _check_topk, indexer_logits_paged_reference,
                       indexer_logits_reference, indexer_topk_reference)
-from .kv_cache import (_check_dequantize, _check_quantize, _check_slots, _check_write_index, _check_write_kv,
+from .kv_cache import (_check_dequantize, _check_quantize, _check_write_index, _check_write_kv,
                        dequantize_index_fp8_reference, dequantize_kv_fp8_reference, quantize_index_fp8_reference,
                        quantize_kv_fp8_reference, write_index_cache_reference, write_kv_cache_reference)
 from .moe import _check as _check_experts
@@ -58,16 +58,12 @@ def dequantize_kv_fp8(kv_fp8):
 
 
 def write_kv_cache(kv_cache, latent, rope, slot_mapping, is_fp8):
-    op = "reference.write_kv_cache"
-    _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8)
-    _check_slots(op, slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])
+    _check_write_kv("reference.write_kv_cache", kv_cache, latent, rope, slot_mapping, is_fp8)
     return write_kv_cache_reference(kv_cache, latent, rope, slot_mapping, is_fp8)
 
 
 def write_index_cache(index_cache, k, slot_mapping):
-    op = "reference.write_index_cache"
-    _check_write_index(op, index_cache, k, slot_mapping)
-    _check_slots(op, slot_mapping, index_cache.shape[0] * index_cache.shape[1])
+    _check_write_index("reference.write_index_cache", index_cache, k, slot_mapping)
     return write_index_cache_reference(index_cache, k, slot_mapping)
 
 
