@@ -19,7 +19,7 @@ for m in sm__pipe_tensor_op_gmma_cycles_active sm__inst_executed_pipe_tensor_op_
 done
 echo "metrics: $METRICS"
 for row in ${ROW_LIST:-$(python docs/bench/stop56_ncu_rows.py --list | cut -d' ' -f1)}; do
-  timeout $((560 - SECONDS)) ncu --clock-control none --profile-from-start off --csv --page raw \
+  timeout $((${NCU_END:-560} - SECONDS)) ncu --clock-control none --profile-from-start off --csv --page raw \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section WarpStateStats --metrics $METRICS \
     python docs/bench/stop56_ncu_rows.py --row $row --backend ${BACKEND:-cuda} \
