@@ -63,24 +63,24 @@ def run_rounds(name, sides, rounds, op, sets, want, flops):
         print(f"{name:28} {label:13}: " + ", ".join(f"{v:.1f}" for v in values) + " us", flush=True)
 
 
-def dense_row(name, batch, s_q, h_q, seqlen, is_fp8, device, rounds):
+def dense_row(name, batch, s_q, h_q, seqlen, is_fp8, device, rounds, sides=None):
     sets, seqlens = make_inputs(batch, s_q, h_q, [seqlen] * batch, is_fp8, device, copies=2)
 
     def op(q, cache, block_table):
         return triton_decode.dense_decode(q, cache, block_table, seqlens, KV_LORA_RANK, D_QK ** -0.5, False, is_fp8,
                                           None, None)
     want = reference.dense_decode(*sets[0], seqlens, KV_LORA_RANK, D_QK ** -0.5, False, is_fp8)[0]
-    run_rounds(name, DENSE_SIDES, rounds, op, sets, want, decode_flops(batch, s_q, h_q, seqlen))
+    run_rounds(name, sides or DENSE_SIDES, rounds, op, sets, want, decode_flops(batch, s_q, h_q, seqlen))
 
 
-def sparse_row(device, rounds):
+def sparse_row(device, rounds, sides=None):
     batch, h_q, topk, scale = 64, 64, 2048, D_QK ** -0.5
     sets = [decode_inputs(batch, 1, h_q, topk, True, device) for _ in range(2)]
 
     def op(q, cache, indices):
         return triton_sparse.sparse_decode(q, cache, indices, None, None, None, None, KV_LORA_RANK, scale, True)
     want = reference.sparse_decode(*sets[0], None, None, None, None, KV_LORA_RANK, scale, True)[0]
-    run_rounds("sparse fp8 b64 h64 topk2048", SPARSE_SIDES, rounds, op, sets, want,
+    run_rounds("sparse fp8 b64 h64 topk2048", sides or SPARSE_SIDES, rounds, op, sets, want,
                attention_flops(batch, h_q, topk))
 
 

@@ -486,6 +486,40 @@ def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Ou
     tl.store(Lse + batch * M + (rows % H_Q) * S_Q + rows // H_Q, lse, mask=rows * 0 + column_part == 0)
 
 
+@triton.jit
+def _combine_few_kernel(OutPartial, LsePartial, ScalePartial, Sink, Out, Lse, stride_ps, stride_pm, stride_ob,
+                        stride_om, M, H_Q, S_Q, num_splits, SPLITS: tl.constexpr, ROWS: tl.constexpr,
+                        APPLY_SINK: tl.constexpr, COLUMNS: tl.constexpr, HALF_PARTIALS: tl.constexpr,
+                        WIDE_BATCH: tl.constexpr = False):
+    """_combine_kernel's merge for a uniform split into at most SPLITS (a power of two) splits, ROWS query rows of a
+    sequence a program: every load of the program (the LSEs, the scales, the partials) is issued at once, so it waits
+    on one round of loads where _combine_kernel waits on two (the LSEs' pass, then the partials'). The grid is
+    common.batch_grid's (row tiles, sequences)."""
+    tile, batch, _ = grid_position(tl.cdiv(M, ROWS), WIDE_BATCH)
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < M
+    splits = tl.arange(0, SPLITS)
+    cols = tl.arange(0, COLUMNS)
+    slots = batch * num_splits + splits
+    inside = row_mask[:, None] & (splits < num_splits)[None, :]
+    stats = slots[None, :] * M + rows[:, None]
+    split_lse = tl.load(LsePartial + stats, mask=inside, other=float("-inf"))
+    part = tl.load(OutPartial + slots[None, :, None] * stride_ps + rows[:, None, None] * stride_pm
+                   + cols[None, None, :], mask=inside[:, :, None], other=0.0).to(tl.float32)
+    factor = tl.full([ROWS, SPLITS], 1.0, dtype=tl.float32)
+    if HALF_PARTIALS:  # each split's rows times the power of two that undoes its scaling (see Partials)
+        factor = tl.load(ScalePartial + stats, mask=inside, other=0.0)
+    m = tl.max(split_lse, 1)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    weight = tl.exp2(split_lse - shift[:, None])  # 0 for a split that saw nothing
+    factor = tl.where(weight > 0, weight * factor, 0.0)
+    acc = tl.sum(tl.where(weight[:, :, None] > 0, part, 0.0) * factor[:, :, None], 1)
+    out, lse = finish(acc, shift, tl.sum(weight, 1), Sink, rows % H_Q, row_mask, APPLY_SINK)
+    tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :], out.to(Out.dtype.element_ty),
+             mask=row_mask[:, None])
+    tl.store(Lse + batch * M + (rows % H_Q) * S_Q + rows // H_Q, lse, mask=row_mask)
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tile sizes and launch shape of the split kernel. `programs_per_sm`: how many split programs to aim for per SM
@@ -532,9 +566,9 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
     """Chosen from `bench_decode.py --tune` on the H100 (2026-11-24): 64-token tiles; 64-row tiles (3 stages until
     stop 54, two since: below) and one program per SM where heads alone fill the GPU (compute-bound), and 32-row tiles
     with two programs per SM where they do not (batch 1, long context: more, lighter programs; with Hopper's shared
-    memory mostly 64-row tiles there too since stop 43, below). The balanced schedule stays opt-in: timed on the H100 (2026-11-25) it halved a skewed
-    batch (one 32k sequence among 31 of 512 tokens) but was 1.3x to 2.4x slower on every uniform SPEC row. On the
-    H200 (2026-12-02, docs/bench/combine_h200.log):
+    memory mostly 64-row tiles there too since stop 43, below). The balanced schedule stays opt-in: timed on the H100
+    (2026-11-25) it halved a skewed batch (one 32k sequence among 31 of 512 tokens) but was 1.3x to 2.4x slower on
+    every uniform SPEC row. On the H200 (2026-12-02, docs/bench/combine_h200.log):
     - up to 16 rows, two programs per SM from 8 sequences on (with num_splits_for's rounding down): b8 h16 32k 96.8
       against 121.7 us, b32 32k 300.4 against 391.5, b128 4k and 32k unchanged; below 8 sequences one per SM
       (b1 h16 32k: 41.8 against 77.8, where two would cut the sequence into 256 pieces of two tiles);
@@ -683,7 +717,10 @@ class Partials(NamedTuple):
     timed on the H200 (stop 42 call 3, docs/bench/stop42_call3.log) with f16 partials at every split count, b1 h128
     32k (66 splits) took 61.2-61.3 us against 65.3-65.4 and b8 h16 32k (33) 94.7-95.6 against 95.7-96.2, but the
     2-split rows were slower: b128 h16 4k 172.7-176.8 against 166.2-169.0, fp8 b128 h16 16k 1137.5-1148.9 against
-    1041.1-1045.2, sparse fp8 b64 h64 132.8-133.4 against 119.2-119.6."""
+    1041.1-1045.2, sparse fp8 b64 h64 132.8-133.4 against 119.2-119.6; and again on the H100 with stop 59's one-pass
+    combine (stop 61, docs/bench/stop61_call1_partials_ab.log, f16 at two splits against float32): b128 h16 4k 218.9,
+    217.9 against 211.7, 211.2, 16k 791.9, 792.5 against 786.5, 786.8, sparse fp8 b64 h64 124.3, 122.8 against 110.0,
+    109.6."""
     out: torch.Tensor
     lse: torch.Tensor
     scale: torch.Tensor
@@ -717,6 +754,13 @@ def split_buffers(out, lse, num_splits) -> Partials:
 COMBINE_TILE = 16 * KV_LORA_RANK
 COMBINE_MAX_PARTS = 4
 COMBINE_LSE_CHUNK = 128  # the LSEs' pass: one step up to 128 splits
+# A uniform split into at most COMBINE_FEW_SPLITS splits a sequence (the launches of two: sparse decode b64 h64, the
+# b128 h16 rows) is merged by _combine_few_kernel, COMBINE_FEW_TILE // splits rows a program (four at two splits).
+# Timed on the H100 against _combine_kernel (stop 61, docs/bench/stop61_call3_few_combine_ab.log, the whole op, us):
+# sparse FP8 decode b64 h64 107.9, 108.4 against 110.3, 110.2; the dense b128 h16 rows (4k, 16k, FP8 16k) within
+# their noise; sixteen values a column (eight rows at two splits) 107.8, 107.4 on b64 h64, level elsewhere.
+COMBINE_FEW_SPLITS = 8
+COMBINE_FEW_TILE = 8
 
 
 def combine_parts(programs: int, multiprocessors: int) -> int:
@@ -730,13 +774,24 @@ def combine_parts(programs: int, multiprocessors: int) -> int:
 
 def combine(partials: Partials, attn_sink, out, lse, split_offsets=None) -> None:
     """Merge split partials into `out` `(batch, s_q, h_q, d_v)` and `lse` `(batch, h_q, s_q)`. Uniform: partials
-    `(batch, num_splits, ...)`; with `split_offsets` `(batch + 1,)` int32 (cumulative), sequence b owns splits
-    `[split_offsets[b], split_offsets[b + 1])` of flat `(splits, ...)` partials."""
+    `(batch, num_splits, ...)` (at most COMBINE_FEW_SPLITS: _combine_few_kernel); with `split_offsets` `(batch + 1,)`
+    int32 (cumulative), sequence b owns splits `[split_offsets[b], split_offsets[b + 1])` of flat `(splits, ...)`
+    partials."""
     batch, s_q, h_q, d_v = out.shape
     rows = s_q * h_q
     out_rows = out.view(batch, rows, d_v)
     out_partial = partials.out
     num_splits = out_partial.shape[1] if split_offsets is None else 0
+    if 0 < num_splits <= COMBINE_FEW_SPLITS:
+        splits = triton.next_power_of_2(num_splits)
+        row_tile = max(1, COMBINE_FEW_TILE // splits)
+        grid, wide = batch_grid(triton.cdiv(rows, row_tile), batch)
+        _combine_few_kernel[grid](
+            *partials, attn_sink if attn_sink is not None else lse, out_rows, lse, out_partial.stride(-3),
+            out_partial.stride(-2), out_rows.stride(0), out_rows.stride(1), rows, h_q, s_q, num_splits,
+            SPLITS=splits, ROWS=row_tile, APPLY_SINK=attn_sink is not None, COLUMNS=d_v,
+            HALF_PARTIALS=partials.half, WIDE_BATCH=wide, num_warps=4)
+        return
     parts = combine_parts(rows * batch, device_limits(out.device)[0])
     split_chunk = COMBINE_TILE // (d_v // parts)
     if split_offsets is None:  # no more lanes than splits (sparse decode b64 h64 has two)

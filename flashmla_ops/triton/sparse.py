@@ -270,7 +270,9 @@ def tile_configs(h_q: int, fp8_decode: bool = False, apart: bool = False, prefil
 def num_splits_for(programs: int, key_tiles: int, multiprocessors: int) -> int:
     """Splits of each query's key tiles: the fewest that minimise the modelled time, waves of programs over the SMs
     times each program's work (its tiles plus about two tiles' worth of fixed cost: q, epilogue, the combine's share).
-    Depends on shapes only, so that the launch is the same for every topk_length (CUDA graphs)."""
+    Depends on shapes only, so that the launch is the same for every topk_length (CUDA graphs). The model's two splits
+    of sparse FP8 decode b64 h64 (128 programs) against three and four on the H100 (stop 61,
+    docs/bench/stop61_call1_partials_ab.log, us): 110.0, 109.6 against 142.5, 142.3 and 122.6, 122.5."""
     def cost(splits):
         waves = -(-splits * programs // multiprocessors)
         return waves * (-(-key_tiles // splits) + 2)

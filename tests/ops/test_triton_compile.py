@@ -152,6 +152,10 @@ INDEXER_LOGITS = {
     "fp8-mma-paged": _logits(True, True, True, True, True, 1, 64, 64, True, True),
     "fp8-hw-paged-f16-wide": dict(_logits(True, True, True, True, True, 1, 64, 64, True), WIDE_BATCH=True),
 }
+# The combine of at most eight splits: two (four rows a program), eight with a sink and f16 partials (one row)
+COMBINE_FEW = {"two-splits": dict(SPLITS=2, ROWS=4, APPLY_SINK=False, COLUMNS=512, HALF_PARTIALS=False),
+               "eight-sink-half": dict(SPLITS=8, ROWS=1, APPLY_SINK=True, COLUMNS=512, HALF_PARTIALS=True),
+               "wide": dict(SPLITS=4, ROWS=2, APPLY_SINK=False, COLUMNS=512, HALF_PARTIALS=False, WIDE_BATCH=True)}
 # The routed experts' two GEMV kernels at the tiles they launch with
 MOE_GATE_UP = {"bf16": dict(BLOCK_N=triton_moe.GATE_UP_BLOCK_N, BLOCK_K=triton_moe.GATE_UP_BLOCK_K)}
 MOE_DOWN = {"bf16": dict(BLOCK_N=triton_moe.DOWN_BLOCK_N, BLOCK_K=triton_moe.DOWN_BLOCK_K)}
@@ -162,6 +166,7 @@ KERNELS = {
     "decode._dense_decode_split_kernel": DENSE,
     "decode._dense_decode_balanced_kernel": DENSE_BALANCED,
     "decode._combine_kernel": COMBINE,
+    "decode._combine_few_kernel": COMBINE_FEW,
     "sparse._sparse_decode_split_kernel": SPARSE_DECODE,
     "sparse._sparse_prefill_kernel": SPARSE_PREFILL,
     "moe._gate_up_kernel": MOE_GATE_UP,

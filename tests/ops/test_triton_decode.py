@@ -238,21 +238,25 @@ def combined(partial_out, partial_lse, partial_scale, sink, s_q, h_q):
 @pytest.mark.parametrize("max_parts", [1, 2, 4])
 @pytest.mark.parametrize("half,variable,wide,uniform_splits,lse_chunk", [
     (False, False, False, 70, 128), (True, False, True, 70, 16), (False, False, True, 3, 128),
-    (False, False, False, 2, 128), (True, True, False, 0, 128), (False, True, True, 0, 16)])
+    (False, False, False, 2, 128), (True, False, False, 8, 128), (True, True, False, 0, 128),
+    (False, True, True, 0, 16)])
 def test_triton_combine_in_column_parts_matches_float64(monkeypatch, max_parts, half, variable, wide,
                                                         uniform_splits, lse_chunk):
     """The combine with each row cut into 1, 2 or 4 column parts (combine_parts; more splits read a step the more
-    parts), checked against the sum in float64: 70 splits a sequence (past one step's splits at every part count), 3
-    (a step of four lanes, one past the splits), 2 (two lanes; balanced: 3, 20 and 70), float32 and f16 partials, the
+    parts), checked against the sum in float64: 70 splits a sequence (past one step's splits at every part count), a
+    uniform 2, 3 or 8 (_combine_few_kernel: four rows of two lanes, the last tile two rows past the six; two rows of
+    four lanes, one lane past the splits; a row of eight), balanced 3, 20 and 70; float32 and f16 partials, the
     uniform and balanced layouts, wide batches, an attention sink, LSEs hundreds apart (weights that underflow, across
     and within lanes), splits that saw nothing (rows and scales of NaN, selected away) and a row no split saw (out 0,
     lse +inf); the row's largest LSE found in one step or (COMBINE_LSE_CHUNK 16) over several. Poisoned outputs: every
-    column part writes; the launch is the one combine_parts asks for."""
+    column part writes; the launch is the one combine_parts (or the few-splits tile) asks for."""
     monkeypatch.setattr(triton_decode, "COMBINE_MAX_PARTS", max_parts)
     monkeypatch.setattr(triton_decode, "COMBINE_LSE_CHUNK", lse_chunk)
     monkeypatch.setattr(triton_decode, "device_limits", lambda device: (1000, 227 * 1024))
     kernel = RecordingKernel(triton_decode._combine_kernel)
     monkeypatch.setattr(triton_decode, "_combine_kernel", kernel)
+    few = RecordingKernel(triton_decode._combine_few_kernel)
+    monkeypatch.setattr(triton_decode, "_combine_few_kernel", few)
     if wide:
         monkeypatch.setattr(triton_common, "MAX_GRID_Y", 2)
     s_q, h_q, d_v, splits = 2, 3, KV_LORA_RANK, [3, 20, 70] if variable else [uniform_splits] * 3
@@ -291,6 +295,14 @@ def test_triton_combine_in_column_parts_matches_float64(monkeypatch, max_parts, 
         torch.testing.assert_close(out[b].double(), want_out.to(torch.bfloat16).double(), rtol=2 ** -7, atol=0)
         torch.testing.assert_close(lse[b].double(), want_lse, rtol=1e-6, atol=1e-5)
     assert out[1, 1, 1].eq(0).all() and lse[1, 1, 1] == float("inf")  # row 4: query 1, head 1
+    if not variable and uniform_splits <= 8:
+        lanes = 1 << (uniform_splits - 1).bit_length()
+        tiles = -(-rows // (8 // lanes))
+        assert not kernel.grids and few.grids == [(tiles * 3,) if wide else (tiles, 3)]
+        assert (few.options[-1]["SPLITS"], few.options[-1]["ROWS"], few.options[-1]["COLUMNS"]) == (lanes, 8 // lanes,
+                                                                                                     d_v)
+        return
+    assert not few.grids
     columns = d_v // max_parts
     chunk = 16 * max_parts if variable else min(16 * max_parts, 1 << (uniform_splits - 1).bit_length())
     parts = [max_parts] if max_parts > 1 else []
@@ -399,7 +411,7 @@ def test_triton_wide_batches_take_the_batch_in_the_grids_first_dimension(monkeyp
     monkeypatch.setattr(triton_common, "MAX_GRID_Y", 2)
     monkeypatch.setattr(triton_decode, "device_limits", lambda device: (64, 227 * 1024))  # several splits
     kernels = {name: RecordingKernel(getattr(triton_decode, name))
-               for name in ("_dense_decode_split_kernel", "_combine_kernel")}
+               for name in ("_dense_decode_split_kernel", "_combine_kernel", "_combine_few_kernel")}
     for name, kernel in kernels.items():
         monkeypatch.setattr(triton_decode, name, kernel)
     rows = s_q * h_q
@@ -408,12 +420,20 @@ def test_triton_wide_batches_take_the_batch_in_the_grids_first_dimension(monkeyp
     for seqlens in ([130, 64], [130, 0, 7, 300, 1]):
         run_and_compare(seqlens, s_q, h_q, causal, False, sink=sink, config=config)
         launches.append({name: (kernel.grids[-1], kernel.options[-1]["WIDE_BATCH"])
-                         for name, kernel in kernels.items()})
+                         for name, kernel in kernels.items() if kernel.grids})
+        for kernel in kernels.values():
+            kernel.grids.clear()
     (narrow, narrow_wide), (wide, wide_wide) = (launch["_dense_decode_split_kernel"] for launch in launches)
     assert narrow[:2] == (row_tiles, 2) and wide[0] == row_tiles * 5 and min(narrow[-1], wide[-1]) > 1, (narrow, wide)
-    parts = [triton_decode.combine_parts(rows * batch, 64) for batch in (2, 5)]  # column parts where rows are few
-    assert [launch["_combine_kernel"] for launch in launches] == [
-        ((rows, 2, *[parts[0]] * (parts[0] > 1)), False), ((rows * 5, *[parts[1]] * (parts[1] > 1)), True)]
+    for launch, batch, is_wide in zip(launches, (2, 5), (False, True)):  # the combine its split count takes
+        splits = launch["_dense_decode_split_kernel"][0][-1]
+        if splits <= triton_decode.COMBINE_FEW_SPLITS:  # row tiles of COMBINE_FEW_TILE values a column
+            tiles = -(-rows // (triton_decode.COMBINE_FEW_TILE // (1 << (splits - 1).bit_length())))
+            name, grid = "_combine_few_kernel", (tiles * batch,) if is_wide else (tiles, batch)
+        else:
+            parts = triton_decode.combine_parts(rows * batch, 64)  # column parts where rows are few
+            name, grid = "_combine_kernel", (*((rows * batch,) if is_wide else (rows, batch)), *[parts] * (parts > 1))
+        assert launch[name] == (grid, is_wide), (name, splits)
     assert (narrow_wide, wide_wide) == (False, True)
 
 
