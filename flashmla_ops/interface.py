@@ -86,6 +86,20 @@ class FlashMLASchedMeta:
     lengths: torch.Tensor | None = field(default=None, repr=False)  # the values the split was computed for
     filled: bool = field(default=False, repr=False)
 
+    @property
+    def have_initialized(self) -> bool:
+        """FlashMLA's name for whether a call has filled the object. Setting it False (what engines do before a CUDA
+        graph capture) makes the next call compute the split again; True can only be set where it already is."""
+        return self.filled
+
+    @have_initialized.setter
+    def have_initialized(self, value: bool) -> None:
+        if value and not self.filled:
+            raise ValueError("FlashMLASchedMeta.have_initialized: only a flash_mla_with_kvcache call fills the "
+                             "schedule; it can be set to False (recompute on the next call), not to True")
+        if not value:
+            self.filled = False
+
     def fill(self, lengths, source: torch.Tensor | None, key: tuple, check=None, schedule=True) -> None:
         """Compute the split for `lengths()` unless it was computed for this very `source` tensor (held, so that its
         id cannot be reused by another tensor), unmodified since (`_version`), with the same `key` (shapes); with

@@ -131,6 +131,30 @@ def test_sched_meta_reused_with_the_same_cache_seqlens(eight_sm_parts, reuse_rul
         assert torch.equal(again[0], first[0])
 
 
+def test_sched_meta_have_initialized_as_flashmla_names_it(eight_sm_parts):
+    """FlashMLA's `have_initialized`: False until a call fills the object, True after; set to False (as engines do
+    before a CUDA graph capture) the next call computes the split again, even for the same lengths; it cannot be set
+    True on an object no call has filled."""
+    q, cache, _, block_table, cache_seqlens = dense_case([300, 20, 129])
+    sched_meta, _ = flashmla_ops.get_mla_metadata()
+    assert sched_meta.have_initialized is False
+    with pytest.raises(ValueError, match="have_initialized"):
+        sched_meta.have_initialized = True
+    first = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)
+    filled = sched_meta.tile_scheduler_metadata
+    assert sched_meta.have_initialized is True and filled is not None
+    sched_meta.have_initialized = True  # already so: nothing changes
+    flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)
+    assert sched_meta.tile_scheduler_metadata is filled
+    sched_meta.have_initialized = False
+    assert sched_meta.have_initialized is False
+    again = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta)
+    assert sched_meta.have_initialized is True and sched_meta.tile_scheduler_metadata is not filled
+    assert all(torch.equal(a, b) for a, b in zip((sched_meta.tile_scheduler_metadata, sched_meta.num_splits),
+                                                 expected_metadata(cache_seqlens)))
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
 def test_sched_meta_recomputed_when_cache_seqlens_changes_in_place(eight_sm_parts, reuse_rule):
     q, cache, _, block_table, cache_seqlens = dense_case([300, 20, 129], capacity=320)
     sched_meta, _ = flashmla_ops.get_mla_metadata()
