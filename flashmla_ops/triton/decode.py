@@ -794,7 +794,7 @@ def combine(partials: Partials, attn_sink, out, lse, split_offsets=None) -> None
         return
     parts = combine_parts(rows * batch, device_limits(out.device)[0])
     split_chunk = COMBINE_TILE // (d_v // parts)
-    if split_offsets is None:  # no more lanes than splits (sparse decode b64 h64 has two)
+    if split_offsets is None:  # no more lanes than splits
         split_chunk = min(split_chunk, triton.next_power_of_2(num_splits))
     grid, wide = batch_grid(rows, batch, *([parts] if parts > 1 else []))
     _combine_kernel[grid](

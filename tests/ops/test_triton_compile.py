@@ -90,9 +90,8 @@ DENSE_BALANCED = {
 }
 COMBINE = {"plain": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False, COLUMNS=512),
            "sink-half": dict(VARIABLE=False, SPLIT_CHUNK=16, APPLY_SINK=True, HALF_PARTIALS=True, COLUMNS=512),
-           # few rows: each in four column parts, 64 splits a step; two splits (sparse decode b64 h64): two lanes
+           # few rows: each in four column parts, 64 splits a step (two splits go to _combine_few_kernel since stop 61)
            "parts-half": dict(VARIABLE=False, SPLIT_CHUNK=64, APPLY_SINK=False, HALF_PARTIALS=True, COLUMNS=128),
-           "two-splits": dict(VARIABLE=False, SPLIT_CHUNK=2, APPLY_SINK=False, HALF_PARTIALS=False, COLUMNS=512),
            "variable": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False, COLUMNS=512),
            # the balanced schedule's (the uniform one gives more than 65535 sequences one split: no combine)
            "variable-wide": dict(VARIABLE=True, SPLIT_CHUNK=16, APPLY_SINK=False, HALF_PARTIALS=False, COLUMNS=512,
