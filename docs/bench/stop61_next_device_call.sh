@@ -1,7 +1,7 @@
 #!/bin/bash
 # For the next device session, on the H100 (`run` with kind nvidia-h100-x1, timeout_s 600): the whole Triton column of
-# the README's SPEC table in fresh processes with stop 61's kernels (its rows now come from stops 56, 59, 60 and 61),
-# then the Triton sparse file's GPU tests whole (stop 61 ran its decode tests; its prefill tests last ran in stop 58).
+# the README's SPEC table in fresh processes (its sparse h128 and prefill rows still come from stop 56), then the
+# Triton sparse file's GPU tests whole (stop 61 ran its decode tests; its prefill tests last ran in stop 58).
 # `run` with command `bash docs/bench/stop61_next_device_call.sh`.
 export PYTHONPATH=$PWD:$PWD/scripts
 SECONDS=0
