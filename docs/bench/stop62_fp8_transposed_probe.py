@@ -7,7 +7,8 @@ own 16 x 576 q; f16 products on hardware e4m3 conversion, the tile scales multip
 shipped kernel does; the RoPE columns too go to f16, exactly for these values, so that the kernels also check under
 the CPU interpreter, which mis-multiplies bf16): `direct` (the shipped kernel's products: q K^T, P V) and
 `transposed`. Each is checked against a float64 reference first, then timed (CUDA-graph replays,
-bench_decode.time_ms) at the SPEC row's shape: 256 programs (b128 x two splits) of 8192 tokens; with the shipped op on the row itself for scale.
+bench_decode.time_ms) at the SPEC row's shape: 256 programs (b128 x two splits) of 8192 tokens; with the shipped
+op on the row itself for scale.
 `python docs/bench/stop62_fp8_transposed_probe.py` from the repository root, PYTHONPATH=$PWD:$PWD/scripts.
 """
 import sys
