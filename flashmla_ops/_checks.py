@@ -4,6 +4,7 @@ A check names the op, the argument, what it saw and what it expected. Shapes are
 ints (a fixed size), strings (a named size, bound the first time it is seen and equal everywhere after)
 or None (any size).
 """
+import math
 import os
 
 import torch
@@ -91,6 +92,13 @@ def dense_aligned(t: torch.Tensor) -> torch.Tensor:
     """`t` contiguous from a 16-byte aligned address, as the CUDA kernels read it (TMA, 16-byte vector loads): `t`
     itself, or a copy of a strided or misaligned view (e.g. rows viewed from a flat buffer one element in)."""
     return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
+def check_finite_scale(op: str, name: str, scale) -> None:
+    """A softmax scale an op's real impl was given: finite (NaN or an infinity gives NaN outputs). A symbolic one (a
+    fake impl's, under torch.compile) has no value to test; the compiled graph's real call checks it."""
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and not math.isfinite(scale):
+        raise ValueError(f"{op}: {name} must be finite, got {scale}")
 
 
 def check(op: str, ok, message: str) -> None:

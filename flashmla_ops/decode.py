@@ -11,8 +11,8 @@ import torch
 
 from . import _ext
 from ._attention import apply_attn_sink, attend
-from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_paged_table, check_same_device,
-                      check_tensor, contiguous_or_none, last_dim_contiguous, value_checks_apply)
+from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_finite_scale, check_paged_table,
+                      check_same_device, check_tensor, contiguous_or_none, last_dim_contiguous, value_checks_apply)
 from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
 
 METADATA_FIELDS = 8  # begin_batch, begin_block, end_batch, end_block (exclusive), begin_split, 3 reserved
@@ -330,6 +330,7 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tens
     shape alone; the Triton kernels and the reference always work so)."""
     _check_dense("dense_decode", q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
                  head_dim_v, is_fp8, attn_sink)
+    check_finite_scale("dense_decode", "softmax_scale", softmax_scale)
     rows = q.shape[1] * q.shape[2]
     path = dense_decode_path(q, k_cache, head_dim_v, is_fp8)
     if path == "cuda":
@@ -531,6 +532,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
     `extra_k_cache` in the same softmax."""
     _check_sparse("sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                   extra_topk_length, tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
+    check_finite_scale("sparse_decode", "softmax_scale", softmax_scale)
     path = sparse_decode_path(q, k_cache, extra_k_cache, head_dim_v, is_fp8)
     if path == "cuda":
         return _cuda_sparse_decode(q, k_cache, indices, topk_length, softmax_scale, is_fp8, attn_sink, extra_k_cache,

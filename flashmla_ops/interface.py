@@ -43,7 +43,10 @@ def _check_scale(op: str, name: str, value, what: str = "a float"):
             raise TypeError(f"{op}: {name} must be a real number or a 0-d real tensor with a value, got a "
                             f"{value.dtype} tensor on {value.device}")
         value = value.item()
-    if isinstance(value, numbers.Real):
+    # While torch.compile traces, the scale may be symbolic (d_qk ** -0.5 of a dynamic d_qk; a float argument that
+    # became dynamic when a call with another value recompiled): it has no value to test, and math.isfinite on it
+    # cannot be traced (fullgraph failed). Like the ops' value checks (`value_checks_apply`), skipped while tracing.
+    if isinstance(value, numbers.Real) and not torch.compiler.is_compiling():
         try:
             finite = math.isfinite(value)
         except OverflowError:  # an int past float's range

@@ -7,8 +7,8 @@ import torch
 
 from . import _ext
 from ._attention import apply_attn_sink, attend
-from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_same_device, check_tensor,
-                      contiguous_or_none, last_dim_contiguous, value_checks_apply)
+from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_finite_scale, check_same_device,
+                      check_tensor, contiguous_or_none, last_dim_contiguous, value_checks_apply)
 from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK, _within_length, canonical_order, key_widths
 from .kv_cache import D_QK, KV_LORA_RANK
 
@@ -94,6 +94,7 @@ def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
     `indexer_topk` indices, or an empty tensor when `indexer_topk == 0`.
     """
     _check_sparse_prefill("sparse_prefill", q, kv, indices, d_v, attn_sink, topk_length, indexer_topk)
+    check_finite_scale("sparse_prefill", "sm_scale", sm_scale)
     path = sparse_prefill_path(q, kv, d_v, indexer_topk)
     if path == "cuda":
         return _cuda_sparse_prefill(q, kv, indices, sm_scale, topk_length, attn_sink)

@@ -211,8 +211,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     # over the row's largest first: a tiny temperature then gives one-hot weights instead of inf / inf = NaN
     probs = torch.softmax((logits - logits.max(-1, keepdim=True).values) / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside = torch.cumsum(sorted_probs, -1) - sorted_probs >= top_p  # keeps the first token always
-    sorted_probs = sorted_probs.masked_fill(outside, 0)
+    if top_p < 1:  # at 1 every token stays: float32's cumsum reaches 1 before the tail and would drop it
+        outside = torch.cumsum(sorted_probs, -1) - sorted_probs >= top_p  # keeps the first token always
+        sorted_probs = sorted_probs.masked_fill(outside, 0)
     choice = torch.multinomial(sorted_probs, 1, generator=generator)
     return order.gather(-1, choice)[:, 0]
 
@@ -249,11 +250,13 @@ def compile_decode_step(device: torch.device, balanced: bool = False):
 
 @torch.inference_mode()
 def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[int]], max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, eos_token_ids: tuple[int, ...] = (),
+             temperature: float = 0.0, top_p: float = 1.0, eos_token_ids: tuple[int, ...] | None = None,
              step=decode_step, generator: torch.Generator | None = None,
              chunk: int = CONTINUATION_CHUNK) -> tuple[list[list[int]], GenerationStats]:
-    """New tokens of each prompt (ending at its first EOS, included) and timings. `step` is `decode_step` or
-    `compile_decode_step(device)`. Finished sequences keep decoding (static batch shape) until all are done.
+    """New tokens of each prompt (ending at its first EOS, included) and timings. `eos_token_ids`: None (the
+    default) stops at the model's `config.eos_token_id`, as transformers' generate does; `()` never stops early.
+    `step` is `decode_step` or `compile_decode_step(device)`. Finished sequences keep decoding (static batch shape)
+    until all are done.
     Tensor-parallel ranks all hold the same logits, so they agree on greedy tokens; sampled ones are rank 0's.
 
     Everything is checked before the first token is cached: the prompts, the sampling arguments, and that every
@@ -266,6 +269,8 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
     one prompt) prefill it once and share its blocks, which the pool check counts once."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if eos_token_ids is None:  # the model's own end of sequence
+        eos_token_ids = tuple(model.config.eos_token_ids)
     if _is_token(eos_token_ids):  # config.json's eos_token_id is an int
         eos_token_ids = (eos_token_ids,)
     if not all(_is_token(token) for token in eos_token_ids):

@@ -67,9 +67,10 @@ def measure(model, config: DeepseekConfig, batch: int, args, device: torch.devic
     cache = PagedKVCache(config, batch * -(-max_seq_len // 64), batch, max_seq_len, args.kv_cache, device)
     step = compile_decode_step(device) if args.compile else decode_step
 
-    generate(model, cache, prompts, args.new_tokens, step=step)  # warm-up: compiles, captures CUDA graphs
+    # warm-up: compiles, captures CUDA graphs; no EOS stop in either run (a fixed number of steps is timed)
+    generate(model, cache, prompts, args.new_tokens, step=step, eos_token_ids=())
     cache.reset()
-    tokens, stats = generate(model, cache, prompts, args.new_tokens, step=step)
+    tokens, stats = generate(model, cache, prompts, args.new_tokens, step=step, eos_token_ids=())
     cache.reset()
     with torch.inference_mode():
         logits = prefill(model, cache, prompts).cpu()

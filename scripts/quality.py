@@ -165,7 +165,7 @@ def run_ours(model, windows: torch.Tensor, context: int, batch: int, prompts: li
     max_seq_len = max(len(p) for p in prompts) + new_tokens
     cache = PagedKVCache(model.config, len(prompts) * -(-max_seq_len // 64), len(prompts), max_seq_len,
                          kv_cache_dtype, device)
-    greedy, _ = generate(model, cache, prompts, new_tokens)
+    greedy, _ = generate(model, cache, prompts, new_tokens, eos_token_ids=())  # as many as transformers gives
     return Run(torch.cat(chunks), greedy)
 
 

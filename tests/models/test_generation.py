@@ -44,7 +44,7 @@ def test_greedy_matches_recompute(model_type):
     model = random_model(config, seed=1)
     prompts = make_prompts(config.vocab_size)
     cache = PagedKVCache(config, num_blocks=8, max_batch_size=len(prompts), max_seq_len=128)
-    outputs, stats = generate(model, cache, prompts, NEW_TOKENS)
+    outputs, stats = generate(model, cache, prompts, NEW_TOKENS, eos_token_ids=())
     assert outputs == greedy_by_recompute(model, prompts, NEW_TOKENS)
     assert stats.new_tokens == len(prompts) * (NEW_TOKENS - 1)
     assert cache.seq_lens == [n + NEW_TOKENS - 1 for n in PROMPT_LENGTHS]
@@ -55,7 +55,7 @@ def test_stops_at_eos_and_frees_blocks():
     model = random_model(config, seed=1)
     prompts = make_prompts(config.vocab_size)
     cache = PagedKVCache(config, num_blocks=8, max_batch_size=len(prompts), max_seq_len=128)
-    reference, _ = generate(model, cache, prompts, NEW_TOKENS)
+    reference, _ = generate(model, cache, prompts, NEW_TOKENS, eos_token_ids=())
     eos = reference[1][2]
     cache = PagedKVCache(config, num_blocks=8, max_batch_size=len(prompts), max_seq_len=128)
     outputs, _ = generate(model, cache, prompts, NEW_TOKENS, eos_token_ids=(eos,))
@@ -74,7 +74,7 @@ def test_rows_that_stop_early_keep_only_their_tokens():
     model = random_model(config, seed=1)
     prompts = make_prompts(config.vocab_size)
     cache = PagedKVCache(config, num_blocks=8, max_batch_size=len(prompts), max_seq_len=128, kv_cache_dtype="fp32")
-    reference, _ = generate(model, cache, prompts, NEW_TOKENS)
+    reference, _ = generate(model, cache, prompts, NEW_TOKENS, eos_token_ids=())
     eos = reference[1][1]
     cache = PagedKVCache(config, num_blocks=8, max_batch_size=len(prompts), max_seq_len=128, kv_cache_dtype="fp32")
     outputs, _ = generate(model, cache, prompts, NEW_TOKENS, eos_token_ids=(eos,))
@@ -383,7 +383,7 @@ def test_a_second_turn_continues_the_rows(model_type, topk_margins):
     prompts = make_prompts(config.vocab_size)
     make_cache = lambda: PagedKVCache(config, num_blocks=12, max_batch_size=3, max_seq_len=192,  # noqa: E731
                                       kv_cache_dtype="fp32")
-    reference, _ = generate(model, make_cache(), prompts, NEW_TOKENS)
+    reference, _ = generate(model, make_cache(), prompts, NEW_TOKENS, eos_token_ids=())
     eos = reference[1][2]
     cache = make_cache()
     first, _ = generate(model, cache, prompts, NEW_TOKENS, eos_token_ids=(eos,))
@@ -628,6 +628,43 @@ def test_generate_takes_an_eos_id_as_an_int():
     import numpy as np
     from_numpy, _ = generate(model, cache, [list(np.array([5, 6]))], 6, eos_token_ids=[np.int64(first)])
     assert from_numpy == [[first]]
+
+
+def test_top_p_one_keeps_every_token(monkeypatch):
+    """top_p 1 (the default) samples from the whole softmax: float32's cumulative sum reaches 1 before the tail, and
+    the nucleus mask gave the tokens past that point weight 0 (about 9000 of a 129280 vocabulary at logits of std 3,
+    and the three small ones of [20, 0, 0, 0])."""
+    weights = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n, generator=None: (
+        weights.append(probs.clone()), multinomial(probs, n, generator=generator))[1])
+    sample(torch.tensor([[20.0, 0.0, 0.0, 0.0]]), temperature=1.0, top_p=1.0)
+    assert (weights[-1] > 0).all(), weights[-1]
+    sample(torch.randn(2, 129280, generator=torch.Generator().manual_seed(0)) * 3, temperature=1.0, top_p=1.0)
+    assert (weights[-1] > 0).all()
+    sample(torch.tensor([[3.0, 2.9, 1.0, 0.0]]), temperature=1.0, top_p=0.9)  # below 1 the nucleus still cuts
+    assert (weights[-1] == 0).sum() == 2
+
+
+@pytest.mark.parametrize("eos_token_id", ["int", "list"])
+def test_generate_stops_at_the_models_eos_by_default(eos_token_id):
+    """Without `eos_token_ids` generate stops each row at config.json's eos_token_id (an int or a list), as
+    transformers' generate does, and caches none of what follows; `()` decodes all the new tokens. Before, the
+    default was `()`: a row decoded past its EOS, and the next turn continued after those tokens."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, seed=1)
+    prompts = make_prompts(config.vocab_size)
+    make_cache = lambda: PagedKVCache(config, num_blocks=8, max_batch_size=len(prompts),  # noqa: E731
+                                      max_seq_len=128)
+    unstopped, _ = generate(model, make_cache(), prompts, NEW_TOKENS, eos_token_ids=())
+    eos = unstopped[1][1]
+    config.eos_token_id = eos if eos_token_id == "int" else [config.vocab_size - 1, eos]
+    assert generate(model, make_cache(), prompts, NEW_TOKENS, eos_token_ids=())[0] == unstopped
+    cache = make_cache()
+    outputs, _ = generate(model, cache, prompts, NEW_TOKENS)
+    want = [out[:out.index(eos) + 1] if eos in out else out for out in unstopped]
+    assert outputs == want and len(outputs[1]) == 2
+    assert cache.seq_lens == [len(prompt) + len(out) - 1 for prompt, out in zip(prompts, want)]
 
 
 def test_sample_at_a_tiny_temperature_is_greedy():

@@ -291,6 +291,40 @@ def test_flashmla_api_compiles_with_a_shared_sched_meta(monkeypatch, cuda_build)
         assert torch.equal(got, want)
 
 
+def test_flashmla_api_compiles_with_a_symbolic_scale():
+    """With dynamic=True d_qk is symbolic, so the default scale d_qk ** -0.5 is too; and a float argument that changes
+    between calls becomes symbolic when the call recompiles (automatic dynamic). The API's check of the scale called
+    math.isfinite on it, which dynamo cannot trace: fullgraph failed. Both now compile and equal eager."""
+    import flashmla_ops
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 4, 576, generator=generator).bfloat16()
+    cache = torch.randn(4, 64, 1, 576, generator=generator).bfloat16()
+    block_table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    cache_seqlens = torch.tensor([70, 5], dtype=torch.int32)
+
+    def decode(q, cache, block_table, cache_seqlens):
+        sched_meta, _ = flashmla_ops.get_mla_metadata()
+        return flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, sched_meta, causal=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(decode, fullgraph=True, dynamic=True)
+    args = (q, cache, block_table, cache_seqlens)
+    assert all(torch.equal(got, want) for got, want in zip(compiled(*args), decode(*args)))
+
+    def prefill(q, kv, indices, sm_scale):
+        return flashmla_ops.flash_mla_sparse_fwd(q, kv, indices, sm_scale)
+
+    prefill_args = (torch.randn(5, 4, 576, generator=generator).bfloat16(),
+                    torch.randn(7, 1, 576, generator=generator).bfloat16(),
+                    torch.randint(-1, 10, (5, 1, 8), dtype=torch.int32, generator=generator))
+    torch._dynamo.reset()
+    compiled = torch.compile(prefill, fullgraph=True)
+    for sm_scale in (0.05, 0.06, 0.2):
+        got, want = compiled(*prefill_args, sm_scale), prefill(*prefill_args, sm_scale)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_sparse_sched_meta_checks_once_and_computes_no_split(monkeypatch):
     """Sparse decode: the API's checks run once for every layer's new indices of one shape, and no split is computed
     (none of the sparse kernels takes one; it was computed for nothing)."""

@@ -280,6 +280,11 @@ CASES = [
     ("flash_mla_sparse_fwd", "value: index -2", set_(indices=lambda a: a["indices"].index_fill(2, torch.tensor([1]), -2)),
      ValueError, "indices"),
     # the decode ops themselves
+    # the ops check a non-finite scale as the API does (it gave NaN outputs); a value check: the fake impls see a
+    # symbolic scale under torch.compile, and the compiled graph's real call checks it
+    ("dense_decode", "value: softmax_scale NaN", set_(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    ("sparse_decode", "value: softmax_scale inf", set_(softmax_scale=float("inf")), ValueError, "softmax_scale"),
+    ("sparse_prefill", "value: sm_scale -inf", set_(sm_scale=float("-inf")), ValueError, "sm_scale"),
     ("dense_decode", "q dtype", set_(q=lambda a: a["q"].half()), TypeError, "q"),
     ("dense_decode", "q rank", set_(q=lambda a: a["q"][0]), ValueError, "q"),
     ("dense_decode", "h_kv 2", set_(k_cache=oracle.bf16(4, 64, 2, 576)), ValueError, "k_cache"),
