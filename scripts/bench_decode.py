@@ -453,6 +453,10 @@ def main():
     if args.replot:
         replot(Path(args.replot))
         return
+    if args.backend == "reference" and args.timer == "graph":
+        # the reference dense decode reads cache_seqlens on the host (.tolist()), which a CUDA graph capture refuses
+        print("--backend reference: timing with --timer events (the reference cannot be captured in a CUDA graph)")
+        args.timer = "events"
     apply_timing_arguments(args)
     device = bench_device(args.backend, "bench_decode.py", ("dense_decode",))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dense_decode backend: "

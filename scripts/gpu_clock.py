@@ -95,7 +95,19 @@ def read(device=None) -> ClockState | None:
         return None
     index = device.index if isinstance(device, torch.device) else device
     index = torch.cuda.current_device() if index is None else index
+    index = nvml_index(index)
     return _read_nvml(index) or _read_smi(index)
+
+
+def nvml_index(cuda_index: int) -> int:
+    """NVML's (and nvidia-smi's) index of CUDA device `cuda_index`: NVML ignores CUDA_VISIBLE_DEVICES, so under
+    CUDA_VISIBLE_DEVICES=3 CUDA's device 0 is NVML's 3 (torch's mapping; the index itself where it cannot tell)."""
+    import torch
+
+    try:
+        return torch.cuda._get_nvml_device_index(cuda_index)
+    except Exception:  # noqa: BLE001 (no such helper in this torch, UUIDs NVML cannot resolve)
+        return cuda_index
 
 
 def settle(device=None, timeout_s: float = 20.0, poll_s: float = 0.25, reader=read, sleep=time.sleep) -> float | None:

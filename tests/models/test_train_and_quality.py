@@ -280,3 +280,29 @@ def test_training_forward_refuses_a_sharded_model():
     model.parallel = object()  # models.parallel.shard_model sets a rank's Parallel here
     with pytest.raises(ValueError, match="sharded"):
         training_forward(model, torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_a_nan_metric_breaks_its_threshold():
+    """A configuration whose log-probabilities went NaN (a kernel writing NaN) has NaN perplexity and KL: every
+    comparison with NaN is False, so `value > limit` alone let it pass --max-kl-mean and the run exit 0."""
+    base = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
+    targets = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    baseline = quality.Run(base, [[1, 2, 3]])
+    broken = quality.Run(torch.full_like(base, float("nan")), [[1, 2, 3]])
+    results = {quality.BASELINE: quality.compare(baseline, baseline, targets),
+               "fp8-dense": quality.compare(broken, baseline, targets)}
+    thresholds = {"max_kl_mean": {None: 0.01}, "max_kl_max": {}, "min_top1": {}, "max_ppl_rel": {None: 0.05}}
+    found = quality.violations(results, thresholds)
+    assert [line.split(" ")[:3] for line in found] == [["fp8-dense:", "kl_mean", "nan"],
+                                                       ["fp8-dense:", "ppl_rel", "nan"]]
+
+
+def test_default_thresholds_are_applied():
+    """Without thresholds on the command line the regression checked nothing (every run in docs/quality/ recorded
+    `thresholds: {}`): the tests' bounds apply by default; a value for every configuration replaces them."""
+    far = {"fp8-dense": dict(kl_mean=0.5, kl_max=3.0, top1=0.5, ppl_rel=0.2)}
+    defaults = quality.parse_args([]).thresholds
+    assert [line.split(":")[1].split()[0] for line in quality.violations(far, defaults)] == ["kl_mean", "top1"]
+    given = quality.parse_args(["--max-kl-mean", "1", "--min-top1", "fp8-dense=0.4"]).thresholds
+    assert quality.violations(far, given) == []
+    assert all(t == {} for t in quality.parse_args(["--no-default-thresholds"]).thresholds.values())

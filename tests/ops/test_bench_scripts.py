@@ -207,3 +207,19 @@ def test_the_json_records_the_ceilings(fake_h100, tmp_path):
     """--replot draws against the ceilings the run recorded: save_results must record them."""
     bench_decode.save_results(str(tmp_path / "d"), "cuda", [], lambda rows, path: None)
     assert json.loads((tmp_path / "d.json").read_text())["meta"]["ceilings"] == bench_decode.CEILINGS
+
+
+def test_backend_reference_is_not_captured_in_a_cuda_graph(monkeypatch):
+    """The reference dense decode reads cache_seqlens on the host (`.tolist()`), which a CUDA graph capture refuses:
+    `--backend reference` under the default `--timer graph` crashed at its first row. It times with events."""
+    monkeypatch.setattr(bench_decode, "TIMER", "graph")
+    monkeypatch.setattr(bench_decode, "SETTLE_S", bench_decode.SETTLE_S)
+    timers = []
+    monkeypatch.setattr(bench_decode, "bench_device", lambda *a: torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
+    monkeypatch.setattr(bench_decode, "bench_config", lambda *a, **k: timers.append(bench_decode.TIMER) or {
+        "time_us": 100.0, "gb_s": 1.0, "tflop_s": 1.0, "bandwidth_fraction": 0.0, "compute_fraction": 0.0})
+    monkeypatch.setattr(bench_decode, "save_results", lambda *a, **k: None)
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py", "--backend", "reference", "--rows", "b1 h128"])
+    bench_decode.main()
+    assert timers == ["events"]

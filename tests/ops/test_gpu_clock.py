@@ -52,3 +52,19 @@ def test_row_fields():
     assert gpu_clock.row_fields(None, None) == {}
     fields = gpu_clock.row_fields(gpu_clock.ClockState(1860, 1980, 0x4), 2.5)
     assert fields == {"sm_clock_mhz": 1860, "max_sm_clock_mhz": 1980, "slowdowns": ["sw_power_cap"], "settled_s": 2.5}
+
+
+def test_reads_the_gpu_cuda_runs_on_under_cuda_visible_devices(monkeypatch):
+    """NVML and nvidia-smi number every GPU of the host; CUDA only the visible ones: under CUDA_VISIBLE_DEVICES=3,5
+    CUDA's device 0 is NVML's 3. Reading NVML's 0 settles on, and records the clock of, another GPU."""
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    asked = []
+    monkeypatch.setattr(gpu_clock, "_read_nvml",
+                        lambda index: asked.append(index) or gpu_clock.ClockState(1980, 1980, 0))
+    gpu_clock.read()
+    gpu_clock.read(1)
+    assert asked == [3, 5]
