@@ -28,8 +28,10 @@ __device__ __forceinline__ float fp8_tile_scale(float amax) {
   return ldexpf(1.f, exponent);
 }
 
+// A NaN stays a NaN (fmaxf / fminf would make it -448), as the reference's cast keeps it.
 __device__ __forceinline__ uint8_t to_fp8(float x) {
-  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(fminf(fmaxf(x, -kFp8Max), kFp8Max), __NV_SATFINITE, __NV_E4M3));
+  const float clamped = isnan(x) ? x : fminf(fmaxf(x, -kFp8Max), kFp8Max);
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(clamped, __NV_SATFINITE, __NV_E4M3));
 }
 
 // The two e4m3 values in the low 16 bits of `pair` as a bf16 pair (exact: e4m3 -> f16 in one conversion, then

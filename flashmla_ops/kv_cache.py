@@ -31,15 +31,21 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(ratio), exponent)
 
 
+def fp8_amax(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """max |x| over `dim` for the scale rule, NaNs skipped (as the kernels' fmaxf / tl.max skip them): a NaN is stored
+    as an e4m3 NaN and the rest of its tile keeps the scale of its other values."""
+    return x.abs().nan_to_num(nan=0.0, posinf=float("inf")).amax(dim, keepdim=keepdim)
+
+
 def _to_fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # Saturating cast (the CUDA kernels use __NV_SATFINITE); the scale rule keeps |values/scale| <= 448.
+    # Saturating cast (the CUDA kernels use __NV_SATFINITE); the scale rule keeps |values/scale| <= 448, a NaN a NaN.
     return torch.clamp(values / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def quantize_kv_fp8_reference(kv: torch.Tensor) -> torch.Tensor:
     lead = kv.shape[:-1]
     nope = kv[..., :KV_LORA_RANK].float().reshape(*lead, KV_LORA_RANK // FP8_TILE, FP8_TILE)
-    scale = fp8_scale(nope.abs().amax(-1))
+    scale = fp8_scale(fp8_amax(nope, -1))
     out = torch.empty(*lead, FP8_BYTES, dtype=torch.uint8, device=kv.device)
     out[..., :KV_LORA_RANK] = _to_fp8(nope, scale[..., None]).reshape(*lead, KV_LORA_RANK).view(torch.uint8)
     out[..., KV_LORA_RANK:KV_LORA_RANK + 16] = scale.contiguous().view(torch.uint8)
@@ -62,7 +68,7 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     indexer key cache's rule, so keys quantized here are what `write_index_cache` stores. The indexer ops' e4m3
     operands (`q` with `q_scale`, `k` with `k_scale`) come in this form."""
     x = x.float()
-    scale = fp8_scale(x.abs().amax(-1, keepdim=True))
+    scale = fp8_scale(fp8_amax(x, -1, keepdim=True))
     return _to_fp8(x, scale), scale[..., 0]
 
 

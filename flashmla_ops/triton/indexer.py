@@ -294,9 +294,9 @@ def indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_
 
 
 def supports(q, keys) -> bool:
-    """What the logits kernel is written for: bf16 or e4m3 q/k with a power-of-two d_i >= 16, h_i <= 128; an FP8
-    paged cache's rows 4-byte aligned (each ends in its float32 scale)."""
+    """What the logits kernel is written for: bf16 or e4m3 q/k with a power-of-two d_i >= 16, 1 <= h_i <= 128 (no
+    head: logits 0, the reference's); an FP8 paged cache's rows 4-byte aligned (each ends in its float32 scale)."""
     d_i, h_i = q.shape[-1], q.shape[-2]
     aligned = keys.dtype not in FP8_DTYPES or all(x % 4 == 0 for x in (keys.data_ptr(), *keys.stride()[:-1]))
     return (all(x.dtype in (torch.bfloat16, *FP8_DTYPES) for x in (q, keys)) and d_i >= 16 and d_i & (d_i - 1) == 0
-            and h_i <= 128 and aligned)
+            and 1 <= h_i <= 128 and aligned)

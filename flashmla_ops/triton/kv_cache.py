@@ -23,11 +23,14 @@ from .common import INTERPRET, hardware_fp8
 @triton.jit
 def fp8_power_of_two_scale(amax):
     """(scale, 1 / scale) = 2 ** ceil(log2(max(amax / 448, 1e-4))) (`kv_cache.fp8_scale`): the exponent of the
-    ratio, plus one unless its mantissa is zero (the ratio is then a power of two). The division is correctly
-    rounded, as in the reference (Triton's `/` may not be)."""
+    ratio, plus one unless its mantissa is zero (the ratio is then a power of two); scale 1 for an infinite amax. The
+    division is correctly rounded, as in the reference (Triton's `/` may not be)."""
     ratio = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-4)
     bits = ratio.to(tl.int32, bitcast=True)
     exponent = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    # an infinite (or NaN) ratio: scale 1, as frexp gives the reference (and frexpf the CUDA kernel), not 2**128
+    # with an inverse of -inf (every value of the tile an infinity of the wrong sign)
+    exponent = tl.where((bits & 0x7FFFFFFF) >= 0x7F800000, 127, exponent)
     return (exponent << 23).to(tl.float32, bitcast=True), ((254 - exponent) << 23).to(tl.float32, bitcast=True)
 
 
@@ -35,9 +38,9 @@ def fp8_power_of_two_scale(amax):
 def encode_e4m3(x, HW_FP8: tl.constexpr):
     """float32 -> float8_e4m3fn bits (uint8), saturating to +-448, round to nearest even.
     Integer path: normals round the float32 mantissa to 3 bits (a carry moves into the exponent) and rebias 127 -> 7;
-    below 2**-6 the e4m3 subnormal count round(|x| * 2**9) comes from adding 2**23 (float32 ulp 1 there). Inputs are
-    finite (a NaN anywhere in a tile makes the reference's whole tile NaN; no kernel reproduces that)."""
-    clamped = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    below 2**-6 the e4m3 subnormal count round(|x| * 2**9) comes from adding 2**23 (float32 ulp 1 there). A NaN stays a
+    NaN (0x7F, with its sign), as the reference's cast keeps it (Triton's maximum / minimum would drop it: -448)."""
+    clamped = tl.where(x == x, tl.minimum(tl.maximum(x, -448.0), 448.0), x)
     if HW_FP8:
         code = clamped.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     else:
@@ -47,6 +50,7 @@ def encode_e4m3(x, HW_FP8: tl.constexpr):
         subnormal = ((magnitude.to(tl.float32, bitcast=True) * 512.0 + 8388608.0).to(tl.int32, bitcast=True)
                      & 0xF)
         code = tl.where(magnitude >= 0x3C800000, normal, subnormal)  # 0x3C800000 = 2**-6
+        code = tl.where(magnitude > 0x7F800000, 0x7F, code)  # NaN
         code = (code | ((bits >> 24) & 0x80)).to(tl.uint8)
     return code
 
@@ -89,7 +93,7 @@ def _store_kv_rows_kernel(Latent, Rope, Slots, Cache, stride_latent, stride_rope
     rope = tl.load(Rope + token * stride_rope + rope_cols, mask=rope_mask, other=0.0)
     if IS_FP8:
         tiles = tl.reshape(latent.to(tl.float32), (D_NOPE // TILE, TILE))
-        scale, inverse = fp8_power_of_two_scale(tl.max(tl.abs(tiles), 1))
+        scale, inverse = fp8_power_of_two_scale(tl.max(tl.where(tiles == tiles, tl.abs(tiles), 0.0), 1))  # NaN: 0
         codes = encode_e4m3(tiles * inverse[:, None], HW_FP8)
         tl.store(row + nope_cols, tl.reshape(codes, (D_NOPE,)), mask=nope_mask)
         tl.store((row + D_NOPE).to(tl.pointer_type(tl.float32), bitcast=True) + scale_cols, scale, mask=scale_mask)
@@ -116,7 +120,7 @@ def _store_index_rows_kernel(Keys, Slots, Cache, stride_keys, stride_block, stri
     key = tl.load(Keys + token * stride_keys + cols, mask=mask, other=0.0)
     if IS_FP8:
         values = key.to(tl.float32)
-        scale, inverse = fp8_power_of_two_scale(tl.max(tl.abs(values), 0))
+        scale, inverse = fp8_power_of_two_scale(tl.max(tl.where(values == values, tl.abs(values), 0.0), 0))  # NaN: 0
         tl.store(row + cols, encode_e4m3(values * inverse, HW_FP8), mask=mask)
         tl.store((row + D_I).to(tl.pointer_type(tl.float32), bitcast=True), scale, mask=inside)
     else:

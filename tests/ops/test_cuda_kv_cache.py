@@ -99,6 +99,24 @@ def test_write_kv_cache_skips_slots_past_the_cache(monkeypatch, is_fp8):
     assert torch.equal(pool.view(torch.uint8), expected.view(torch.uint8))
 
 
+def test_non_finite_values_are_quantized_as_the_reference_does():
+    """A NaN is stored as an e4m3 NaN and its tile keeps the scale of its other values; an infinity takes scale 1 and
+    saturates to +-448 (the reference's frexp, the kernel's frexpf). The kernel's clamp had turned a NaN into -448
+    times the scale, a silent finite value (stop 62; the Triton kernel likewise, tests/ops/test_triton_kv_cache.py)."""
+    generator = torch.Generator(DEVICE).manual_seed(62)
+    kv = random_kv(5, generator)
+    kv[0, 0], kv[0, 200], kv[1, 511], kv[2, 128:256] = float("nan"), float("nan"), float("nan"), float("nan")
+    kv[3, 3], kv[4, 300], kv[4, 0] = float("inf"), float("-inf"), float("inf")
+    got = torch.ops.flashmla.quantize_kv_fp8(kv)
+    want = reference.quantize_kv_fp8(kv)
+    values, want_values = (t[:, :KV_LORA_RANK].view(torch.float8_e4m3fn).float() for t in (got, want))
+    assert torch.equal(values.isnan(), kv[:, :KV_LORA_RANK].isnan())
+    # NaN bytes may differ in their sign bit (the reference's cast and the conversion instruction): compare the rest
+    finite = ~want_values.isnan()
+    assert torch.equal(values[finite], want_values[finite])
+    assert torch.equal(got[:, KV_LORA_RANK:], want[:, KV_LORA_RANK:])
+
+
 def test_write_kv_cache_in_cuda_graph():
     generator = torch.Generator(DEVICE).manual_seed(3)
     cache = torch.zeros(4, PAGE_BLOCK_SIZE, 1, FP8_BYTES, dtype=torch.uint8, device=DEVICE)

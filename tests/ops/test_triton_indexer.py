@@ -101,6 +101,14 @@ def test_triton_indexer_tiles_before_between_and_after_the_seen_keys(fp8):
     assert_logits_close(out[0], want)
 
 
+def test_triton_indexer_leaves_queries_without_heads_to_the_reference():
+    """h_i 0 (the ops' checks let it through; the reference gives logits 0 in range): the kernel's launch divided by
+    its padded head count, 0 (ZeroDivisionError)."""
+    q = torch.zeros(3, 0, 16, dtype=torch.bfloat16, device=DEVICE)
+    assert not triton_indexer.supports(q, torch.zeros(5, 16, dtype=torch.bfloat16, device=DEVICE))
+    assert not triton_indexer.supports(q[None], torch.zeros(2, 64, 16, dtype=torch.bfloat16, device=DEVICE))
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_triton_indexer_logits_negative_and_zero_scales(config):
     """relu(s x) is computed as |s| relu(sign(s) x) (the signs to q and the prefill keys, the magnitudes to the

@@ -73,6 +73,48 @@ def test_triton_quantize_kv_fp8_is_bit_exact(dtype):
     assert torch.equal(out, want)
 
 
+def test_triton_fp8_writes_saturate_an_infinite_value_as_the_reference():
+    """A tile (or index key) holding +-inf: scale 1 and the infinity saturated to +-448, as the reference's frexp (and
+    CUDA's frexpf) give; the Triton scale came out as 2**128 with an inverse of -inf, every value of the tile +-inf with
+    its sign flipped."""
+    from flashmla_ops.kv_cache import write_index_cache_reference
+
+    kv = hard_rows(3, torch.Generator().manual_seed(5)).to(DEVICE)
+    kv[0, 3], kv[1, 300], kv[2, 0], kv[2, 200] = float("inf"), float("-inf"), float("inf"), float("-inf")
+    assert torch.equal(triton_kv_cache.quantize_kv_fp8(kv), quantize_kv_fp8_reference(kv))
+    cache = torch.zeros(1, 64, 36, dtype=torch.uint8, device=DEVICE)
+    want = cache.clone()
+    slots = torch.arange(3, device=DEVICE)
+    triton_kv_cache.write_index_cache(cache, kv[:, :32], slots, True)
+    write_index_cache_reference(want, kv[:, :32], slots)
+    assert torch.equal(cache, want)
+
+
+def test_fp8_writes_keep_a_nan_a_nan_and_its_tiles_scale():
+    """A NaN in a tile (or index key) is stored as an e4m3 NaN, the rest of the tile quantized with the scale of its
+    other values (the kernels' fmaxf / tl.max skip NaNs), by the reference and the Triton kernel alike: the kernels'
+    clamp turned the NaN into -448 * scale (a silent finite value), the reference's frexp(NaN) gave the tile scale 1."""
+    from flashmla_ops.kv_cache import fp8_scale, write_index_cache_reference
+
+    kv = hard_rows(3, torch.Generator().manual_seed(6)).to(DEVICE)
+    clean = kv.clone()
+    kv[0, 0], kv[0, 200], kv[1, 511], kv[2, 128:256] = float("nan"), float("nan"), float("nan"), float("nan")
+    want = quantize_kv_fp8_reference(kv)
+    assert torch.equal(triton_kv_cache.quantize_kv_fp8(kv), want)
+    values = want[..., :KV_LORA_RANK].view(torch.float8_e4m3fn).float()
+    assert torch.equal(values.isnan(), kv[..., :KV_LORA_RANK].isnan())
+    scales = want[..., KV_LORA_RANK:KV_LORA_RANK + 16].view(torch.float32)
+    clean[2, 128:256] = 0.0  # an all-NaN tile: the scale of no values, 2**-13
+    assert torch.equal(scales, fp8_scale(clean[:, :KV_LORA_RANK].float().view(3, 4, 128).abs().amax(-1)))
+    cache = torch.zeros(1, 64, 36, dtype=torch.uint8, device=DEVICE)
+    want = cache.clone()
+    slots = torch.arange(3, device=DEVICE)
+    triton_kv_cache.write_index_cache(cache, kv[:, 128:160], slots, True)
+    write_index_cache_reference(want, kv[:, 128:160], slots)
+    assert torch.equal(cache, want)
+    assert want[0, 2, :32].view(torch.float8_e4m3fn).float().isnan().all()
+
+
 def make_cache(num_blocks, page_block_size, is_fp8, padded, dtype=torch.bfloat16):
     row = FP8_BYTES if is_fp8 else D_QK
     cache_dtype = torch.uint8 if is_fp8 else dtype
