@@ -355,6 +355,11 @@ class Router(nn.Module):
         scores, choice, _ = self.rank(x)
         indices = choice.topk(config.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(1, indices)
+        if config.topk_method == "group_limited_greedy":
+            # V2 (DeepSeek's code and transformers') zeroes the scores outside the kept groups before its top-k: with
+            # more experts a token than the kept groups hold, the extra choices weigh 0, not their unmasked score
+            # (V3's noaux_tc gathers the unmasked scores, as here)
+            weights = weights.masked_fill(choice.gather(1, indices) == float("-inf"), 0)
         if config.model_type == "deepseek_v2":
             # DeepSeek's V2 code normalises instead of scaling, with more than one expert a token (transformers' V2
             # port ignores norm_topk_prob; every V2 checkpoint ships it false, where all three agree)

@@ -183,8 +183,11 @@ YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=128, beta_
     ("deepseek_v2", dict(rms_norm_eps=1e-2, n_shared_experts=2)),
     # every layer MoE
     ("deepseek_v3", dict(first_k_dense_replace=0)),
+    # V2 group-limited routing with more experts a token (3) than the kept group holds (2): the third choice is an
+    # expert of a dropped group, which V2 weighs 0
+    ("deepseek_v2", dict(n_group=4, topk_group=1, num_experts_per_tok=3)),
 ], ids=["yarn-mscale_all_dim-only", "yarn-mscale-only", "yarn-both", "v32-rope_interleave-false", "v32-yarn",
-        "rms_norm_eps-n_shared_experts", "first_k_dense_replace-0"])
+        "rms_norm_eps-n_shared_experts", "first_k_dense_replace-0", "v2-top_k-past-kept-groups"])
 def test_matches_transformers_config_variants(hf_checkpoints, model_type, overrides):
     """Config variants the fixtures' checkpoints do not use but transformers loads: YaRN's cos/sin factor and
     interpolated frequencies act from the first position, so the short prompts here show a wrong factor; the other
@@ -213,6 +216,41 @@ def test_v2_norm_topk_prob_normalises_instead_of_scaling():
     weights, indices = router(x)
     scores = torch.softmax(torch.nn.functional.linear(x, router.weight), -1)
     assert torch.allclose(weights, 1.5 * scores.gather(1, indices))
+
+
+@pytest.mark.parametrize("model_type,n_group,topk_group,top_k", [
+    ("deepseek_v2", 8, 1, 3), ("deepseek_v2", 8, 2, 6), ("deepseek_v2", 4, 2, 2),
+    ("deepseek_v3", 8, 1, 3), ("deepseek_v3", 8, 2, 6), ("deepseek_v3", 4, 2, 2)])
+def test_router_weights_match_transformers(model_type, n_group, topk_group, top_k):
+    """Each token's weight per expert (0 for experts not chosen) as transformers' router gives it, including top-k
+    past the experts of the kept groups: V2 zeroes the dropped groups' scores before its top-k (those choices weigh
+    0), V3 gathers the unmasked scores of whatever its top-k picks."""
+    import transformers
+    from models.deepseek import Router
+
+    v2 = pytest.importorskip("transformers.models.deepseek_v2.modeling_deepseek_v2")
+    v3 = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+    if not hasattr(v2, "DeepseekV2TopkRouter") or not hasattr(v3, "DeepseekV3TopkRouter"):
+        pytest.skip(f"transformers {transformers.__version__} has no V2 / V3 TopkRouter module")
+    DeepseekV2TopkRouter, DeepseekV3TopkRouter = v2.DeepseekV2TopkRouter, v3.DeepseekV3TopkRouter
+
+    config_dict = tiny_config(model_type, n_routed_experts=16, n_group=n_group, topk_group=topk_group,
+                              num_experts_per_tok=top_k)
+    ours = Router(DeepseekConfig.from_dict(config_dict))
+    hf_class = DeepseekV2TopkRouter if model_type == "deepseek_v2" else DeepseekV3TopkRouter
+    theirs = hf_class(transformers.AutoConfig.for_model(**config_dict))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ours.weight.copy_(0.3 * torch.randn(ours.weight.shape, generator=generator))
+        theirs.weight.copy_(ours.weight)
+        if ours.e_score_correction_bias is not None:
+            ours.e_score_correction_bias.copy_(0.1 * torch.randn(16, generator=generator))
+            theirs.e_score_correction_bias.copy_(ours.e_score_correction_bias)
+        x = torch.randn(64, config_dict["hidden_size"], generator=generator)
+        weights, indices = ours(x)
+        _, hf_weights, hf_indices = theirs(x)
+    dense = lambda w, i: torch.zeros(x.shape[0], 16).scatter_add_(1, i, w)  # noqa: E731
+    torch.testing.assert_close(dense(weights, indices), dense(hf_weights, hf_indices), rtol=1e-6, atol=1e-6)
 
 
 def test_sparse_attention_is_sparse(hf_checkpoints):
