@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -76,6 +77,8 @@ def toolchain_reason() -> str | None:
         return "this torch build has no CUDA"
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME") and _found_cuda_home() is None:
         return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    if shutil.which("ninja") is None and _ninja_dir() is None:
+        return "ninja not found (pip install ninja, or put it on PATH)"
     missing = [name for name in SOURCES if not (CSRC / name).exists()]
     if missing:
         return f"csrc sources missing under {CSRC}: {missing} (reinstall: `pip install .` or `pip install -e .`)"
@@ -89,6 +92,64 @@ def _found_cuda_home() -> str | None:
 
     home = _find_cuda_home()
     return home if home and (Path(home) / "bin" / "nvcc").exists() else None
+
+
+def _ninja_dir() -> str | None:
+    """Where the `ninja` package (a dependency) put its executable, when PATH has no ninja: an environment's bin/ is
+    on PATH only while it is activated (not for `/venv/bin/python serve.py`), and torch's builder runs `ninja` by
+    name, failing with "Ninja is required ... (pip install ninja to get it)" where it is installed."""
+    if shutil.which("ninja") is not None:
+        return None
+    try:
+        import ninja
+    except ImportError:
+        return None
+    directory = getattr(ninja, "BIN_DIR", None)
+    found = directory is not None and os.access(Path(directory) / "ninja", os.X_OK)
+    return str(directory) if found else None
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """PATH with the `ninja` package's directory appended while the build runs, where PATH has no ninja of its own."""
+    directory = _ninja_dir()
+    if directory is None:
+        yield
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join(filter(None, (before, directory)))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
+
+
+# A build takes about 90 s (minutes with MAX_JOBS=1); torch's lock file in the build directory older than this was
+# left by a build that was killed.
+BUILD_LOCK_STALE_S = 30 * 60
+
+
+def _wait_for_build_lock(lock: Path, stale_after_s: float = BUILD_LOCK_STALE_S, poll_s: float = 0.5) -> None:
+    """Waits, saying so once, while another process builds into the same directory, as torch's `load` would; but a
+    lock that a killed build left (Ctrl-C, a timeout, the OOM killer during the ~90 s first op call) is a RuntimeError
+    naming it: torch's FileBaton waits on it forever and silently, so every later process hung at its first op call
+    on a GPU (and `python -m flashmla_ops.build` with it)."""
+    said = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > stale_after_s:
+            raise RuntimeError(f"the build lock {lock} is {age / 60:.0f} minutes old: a build that was killed left it "
+                               f"(delete it to build again)")
+        if not said:
+            log.warning("flashmla_ops: waiting for another process's build of the CUDA kernels (%s)", lock)
+            said = True
+        time.sleep(poll_s)
 
 
 def build_name(extra_flags: list[str], csrc: Path) -> str:
@@ -150,18 +211,23 @@ def cuda_flags(extra: list[str]) -> list[str]:
 def build_extension(verbose: bool | None = None):
     """Compiles the CUDA kernels with ninja, or finds their build up to date, and imports it: the same build,
     keyed by `build_name`, whether it runs on first use or ahead of it (`python -m flashmla_ops.build`)."""
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     extra = extra_cuda_flags()
     if verbose is None:
         verbose = env_flag("FLASHMLA_VERBOSE_BUILD")
-    return load(
-        name=build_name(extra, CSRC),
-        sources=[str(CSRC / name) for name in SOURCES],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=cuda_flags(extra),
-        verbose=verbose,
-    )
+    extension_name = build_name(extra, CSRC)
+    build_directory = _get_build_directory(extension_name, verbose)  # where load() builds it: TORCH_EXTENSIONS_DIR/name
+    _wait_for_build_lock(Path(build_directory) / "lock")
+    with _ninja_on_path():
+        return load(
+            name=extension_name,
+            sources=[str(CSRC / name) for name in SOURCES],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=cuda_flags(extra),
+            build_directory=build_directory,
+            verbose=verbose,
+        )
 
 
 def build_error(error: BaseException, limit: int = 300) -> str:

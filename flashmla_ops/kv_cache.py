@@ -214,19 +214,30 @@ def write_kv_cache(kv_cache: torch.Tensor, latent: torch.Tensor, rope: torch.Ten
     _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8)
     if kv_cache.shape[0] * kv_cache.shape[1] == 0:
         return  # no slot any token could go to (every slot is -1: checked above where values are checked)
-    for path in _ext.paths("write_kv_cache", kv_cache.device):
-        if path == "cuda" and latent.dtype == torch.bfloat16 and _aligned(kv_cache, 16):
-            _ext.extension().write_kv_cache(
-                kv_cache.view(torch.uint8) if is_fp8 else kv_cache, dense_aligned(latent), dense_aligned(rope),
-                slot_mapping.contiguous(), is_fp8)
-            return
-        if path == "triton" and _aligned(kv_cache, 4):
-            from .triton import kv_cache as triton_kv_cache
+    path = write_kv_cache_path(kv_cache, latent)
+    if path == "cuda":
+        _ext.extension().write_kv_cache(
+            kv_cache.view(torch.uint8) if is_fp8 else kv_cache, dense_aligned(latent), dense_aligned(rope),
+            slot_mapping.contiguous(), is_fp8)
+        return
+    if path == "triton":
+        from .triton import kv_cache as triton_kv_cache
 
-            triton_kv_cache.write_kv_cache(kv_cache, latent, rope, slot_mapping.contiguous(), is_fp8)
-            return
+        triton_kv_cache.write_kv_cache(kv_cache, latent, rope, slot_mapping.contiguous(), is_fp8)
+        return
     _ext.reference_fallback("write_kv_cache", kv_cache.device)
     write_kv_cache_reference(kv_cache, latent, rope, slot_mapping, is_fp8)
+
+
+def write_kv_cache_path(kv_cache: torch.Tensor, latent: torch.Tensor) -> str:
+    """The path `flashmla::write_kv_cache` takes for this cache and these rows: 'cuda' (csrc/kv_cache.cu: bfloat16
+    rows, a 16-byte aligned cache), 'triton' (float32 rows too, a 4-byte aligned cache) or 'reference'."""
+    for path in _ext.paths("write_kv_cache", kv_cache.device):
+        if path == "cuda" and latent.dtype == torch.bfloat16 and _aligned(kv_cache, 16):
+            return "cuda"
+        if path == "triton" and _aligned(kv_cache, 4):
+            return "triton"
+    return "reference"
 
 
 @write_kv_cache.register_fake

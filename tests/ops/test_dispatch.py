@@ -273,3 +273,28 @@ def test_batches_past_a_grids_second_dimension_take_the_triton_kernels(monkeypat
         assert decode.dense_decode_path(q, k_cache, 512, False) == "triton"
         q = torch.empty(batch, 1, 64, 128, dtype=torch.bfloat16, device="meta")
         assert indexer.indexer_logits_paged_path(q, index_cache) == "triton"
+
+
+def test_write_kv_cache_path_names_the_kernel_that_runs(monkeypatch):
+    """The FP8 cache takes float32 rows too (models in float32): csrc/kv_cache.cu writes bfloat16 rows only, so those
+    go to Triton, and `write_kv_cache_path` says so where `backend()` (the best path for the rows its kernels cover)
+    says 'cuda'. Here on a faked Hopper GPU with the kernels built, the op run on CPU tensors."""
+    pytest.importorskip("triton")
+    from flashmla_ops import kv_cache
+    from flashmla_ops.triton import kv_cache as triton_kv_cache
+
+    ran = []
+
+    class Extension:
+        def write_kv_cache(self, *args):
+            ran.append("cuda")
+
+    monkeypatch.setattr(_ext, "paths", lambda op, device: ("cuda", "triton"))
+    monkeypatch.setattr(_ext, "extension", lambda: Extension())
+    monkeypatch.setattr(triton_kv_cache, "write_kv_cache", lambda *args: ran.append("triton"))
+    cache = torch.zeros(2, 64, 1, 656, dtype=torch.uint8)
+    for dtype in (torch.bfloat16, torch.float32):
+        latent, rope = torch.randn(3, 512, dtype=dtype), torch.randn(3, 64, dtype=dtype)
+        ops.write_kv_cache(cache, latent, rope, torch.arange(3), True)
+        assert kv_cache.write_kv_cache_path(cache, latent) == ran.pop(), dtype
+    assert kv_cache.write_kv_cache_path(cache[:, :, :, 1:], latent) == "reference"  # rows 1 byte in: neither kernel

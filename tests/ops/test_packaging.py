@@ -2,11 +2,14 @@
 installed package finds them; `python -m flashmla_ops.build` compiles the kernels ahead of first use, or says why it
 cannot."""
 import fnmatch
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import types
 import zipfile
 from pathlib import Path
@@ -178,3 +181,73 @@ def test_every_environment_variable_the_package_reads_is_in_the_readme():
     documented = set(re.findall(r"^\| `(FLASHMLA_[A-Z_]+)`", table, re.M))
     assert read == documented, f"read but not in the README's table: {sorted(read - documented)}; documented but " \
                                f"not read: {sorted(documented - read)}"
+
+
+@pytest.fixture
+def faked_build(monkeypatch, tmp_path):
+    """A GPU machine that can build (faked), TORCH_EXTENSIONS_DIR in tmp_path, and torch's `load` replaced by a record
+    of what it saw when called: whether the build's lock file existed and whether `ninja` was on PATH."""
+    import torch.utils.cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    for name in (_ext.CSRC_ENV, _ext.EXTRA_FLAGS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(_ext, "_unavailable_reason", lambda: None)
+    lock = tmp_path / "extensions" / _ext.build_name([], _ext.CSRC) / "lock"
+    calls = []
+
+    def load(**kwargs):
+        calls.append({"lock": lock.exists(), "ninja": shutil.which("ninja"), "PATH": os.environ.get("PATH")})
+        return types.SimpleNamespace(__file__="built.so")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+    return lock, calls
+
+
+def test_a_lock_left_by_a_killed_build_falls_back_instead_of_hanging(faked_build, caplog):
+    """torch's build lock (TORCH_EXTENSIONS_DIR/<name>/lock) left by a build that was killed (the first op call on a
+    GPU builds for ~90 s): torch's `load` waits on it forever without a word; the ops warn, naming it, and take the
+    next path."""
+    lock, calls = faked_build
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(lock, (two_hours_ago, two_hours_ago))
+    with caplog.at_level(logging.WARNING, logger="flashmla_ops"):
+        assert _ext._load.__wrapped__() is None
+    assert calls == []
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 1 and str(lock) in said[0] and "killed" in said[0]
+
+
+def test_a_build_in_progress_elsewhere_is_waited_for(faked_build, caplog):
+    lock, calls = faked_build
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    other_build = threading.Timer(0.3, lock.unlink)
+    other_build.start()
+    with caplog.at_level(logging.WARNING, logger="flashmla_ops"):
+        assert _ext._load.__wrapped__().__file__ == "built.so"
+    other_build.join()
+    assert [call["lock"] for call in calls] == [False]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"flashmla_ops: waiting for another process's build of the CUDA kernels ({lock})"]
+
+
+def test_the_ninja_package_builds_without_its_environment_on_path(faked_build, monkeypatch, tmp_path):
+    """`ninja` is a dependency, but its executable is on PATH only while its environment is activated; torch's builder
+    runs it by name ("Ninja is required to load C++ extensions (pip install ninja to get it)", where it is installed):
+    `/venv/bin/python serve.py` fell back to the Triton kernels on a Hopper GPU, and the build command failed."""
+    ninja = pytest.importorskip("ninja")
+    _, calls = faked_build
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert _ext.toolchain_reason() is None
+    assert _ext._load.__wrapped__().__file__ == "built.so"
+    assert calls[0]["ninja"] is not None and Path(calls[0]["ninja"]).parent == Path(ninja.BIN_DIR)
+    assert os.environ["PATH"] == str(empty)  # as it was, after the build
+    monkeypatch.setitem(sys.modules, "ninja", None)  # no ninja package either: said before any build is tried
+    assert _ext.toolchain_reason() == "ninja not found (pip install ninja, or put it on PATH)"
