@@ -134,6 +134,15 @@ def check_no_overlap(op: str, name: str, t: torch.Tensor) -> None:
         extent = stride * (size - 1) + extent
 
 
+def below(values: torch.Tensor, bound: int) -> torch.Tensor:
+    """`values < bound` for an integer tensor and a Python bound: past the dtype's range torch's comparison wraps the
+    bound (an int32 tensor's `< 2**31` is false everywhere), so such a bound holds every value below it (a cache of
+    2**31 slots or more, with int32 indices)."""
+    if bound > torch.iinfo(values.dtype).max:
+        return torch.ones_like(values, dtype=torch.bool)
+    return values < bound
+
+
 def check_paged_table(op: str, block_table: torch.Tensor, cache_seqlens: torch.Tensor, num_blocks: int,
                       page_block_size: int, cache_name: str) -> None:
     """Values of a paged table: 0 <= cache_seqlens <= capacity, and the block_table entries of the blocks each
@@ -143,10 +152,10 @@ def check_paged_table(op: str, block_table: torch.Tensor, cache_seqlens: torch.T
     blocks_per_seq = block_table.shape[1]
     capacity = blocks_per_seq * page_block_size
     lengths = cache_seqlens.tolist() if cache_seqlens.numel() <= 16 else "values out of range"
-    check(op, (cache_seqlens >= 0) & (cache_seqlens <= capacity),
+    check(op, (cache_seqlens >= 0) & below(cache_seqlens, capacity + 1),
           f"cache_seqlens must be in [0, {capacity}] (block_table holds {blocks_per_seq} blocks of "
           f"{page_block_size}), got {lengths}")
     first_token = torch.arange(blocks_per_seq, device=block_table.device)[None, :] * page_block_size
-    bad = (first_token < cache_seqlens[:, None]) & ((block_table < 0) | (block_table >= num_blocks))
+    bad = (first_token < cache_seqlens[:, None]) & ((block_table < 0) | ~below(block_table, num_blocks))
     check(op, ~bad, f"block_table entries for the blocks each sequence uses must be in [0, {num_blocks}) "
                     f"(num_blocks of {cache_name}), got {block_table[bad][:8].tolist()}")

@@ -11,7 +11,7 @@ import torch
 
 from . import _ext
 from ._attention import apply_attn_sink, attend
-from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_finite_scale, check_paged_table,
+from ._checks import (FLOAT_DTYPES, below, check, check_contiguous_last_dim, check_finite_scale, check_paged_table,
                       check_same_device, check_tensor, contiguous_or_none, last_dim_contiguous, value_checks_apply)
 from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
 
@@ -400,7 +400,7 @@ def _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_ind
             # Entries past a sequence's topk_length do not count (no kernel reads them): like unused block_table
             # entries they may hold anything.
             num_slots = cache.shape[0] * cache.shape[1]
-            bad = ((idx < -1) | (idx >= num_slots)) & _within_length(idx, length)
+            bad = ((idx < -1) | ~below(idx, num_slots)) & _within_length(idx, length)
             check(op, ~bad,
                   f"{name} entries must be -1 or flat cache slots in [0, {num_slots}), got {idx[bad][:8].tolist()}")
 

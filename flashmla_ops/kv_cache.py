@@ -10,8 +10,8 @@ of `d_i` values), `d_i + 4` bytes; a BF16 indexer key cache is `(num_blocks, pag
 import torch
 
 from . import _ext
-from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_no_overlap, check_same_device, check_tensor,
-                      dense_aligned, require_tensor, value_checks_apply)
+from ._checks import (FLOAT_DTYPES, below, check, check_contiguous_last_dim, check_no_overlap, check_same_device,
+                      check_tensor, dense_aligned, require_tensor, value_checks_apply)
 
 KV_LORA_RANK = 512
 ROPE_DIM = 64
@@ -141,7 +141,7 @@ def _(kv_fp8):
 
 def _check_slots(op: str, slot_mapping: torch.Tensor, num_slots: int) -> None:
     if value_checks_apply(slot_mapping):
-        bad = (slot_mapping < -1) | (slot_mapping >= num_slots)
+        bad = (slot_mapping < -1) | ~below(slot_mapping, num_slots)
         check(op, ~bad,
               f"slot_mapping entries must be -1 (skip) or in [0, {num_slots}), got {slot_mapping[bad][:8].tolist()}")
 
@@ -178,7 +178,7 @@ def _scatter_rows(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.T
     num_slots = cache.shape[0] * cache.shape[1]
     if slot_mapping.numel() == 0 or num_slots == 0:
         return  # no slot to write (a cache without slots: every slot_mapping entry must be -1, checked by the caller)
-    keep = (slot_mapping >= 0) & (slot_mapping < num_slots)
+    keep = (slot_mapping >= 0) & below(slot_mapping, num_slots)
     first = keep.int().argmax().view(1)  # index_select, not t[first]: a 0-d index tensor would be read on the host
     slots = torch.where(keep, slot_mapping, slot_mapping.index_select(0, first).clamp(0, num_slots - 1)).long()
     block_size = cache.shape[1]

@@ -582,6 +582,27 @@ def test_topk_largest_block_table_entry_passes():
 
 
 
+def test_int32_values_against_bounds_past_int32():
+    """A cache of 2**31 slots or more (a 1.4 TB FP8 cache; here stride-0 views) with int32 indices, slots or tables:
+    torch compares an int32 tensor with a Python bound past its range by wrapping the bound, so every valid index
+    was refused (and the reference cache write would have skipped every row)."""
+    from flashmla_ops import decode, kv_cache
+    from flashmla_ops._checks import below, check_paged_table
+
+    fp8 = torch.zeros(1, 64, 1, 656, dtype=torch.uint8).expand(2 ** 25, 64, 1, 656)
+    q = oracle.bf16(1, 1, 4, 576)
+    indices = torch.tensor([[[0, 5, -1, 2 ** 31 - 1]]], dtype=I32)
+    decode._check_sparse("sparse_decode", q, fp8, indices, None, None, None, None, None, None, 512, True, None)
+    with pytest.raises(ValueError, match="indices"):
+        decode._check_sparse("sparse_decode", q, fp8[:2 ** 24], indices, None, None, None, None, None, None, 512,
+                             True, None)
+    kv_cache._check_slots("write_kv_cache", torch.tensor([0, 2 ** 31 - 1, -1], dtype=I32), 2 ** 31)
+    check_paged_table("dense_decode", torch.tensor([[0, 2 ** 31 - 1]], dtype=I32), torch.tensor([100], dtype=I32),
+                      2 ** 31, 64, "k_cache")
+    assert below(torch.tensor([-5, 0, 2 ** 31 - 1], dtype=I32), 2 ** 31).all()
+    assert below(torch.tensor([3, 4], dtype=I32), 4).tolist() == [True, False]
+
+
 def test_last_dim_contiguous_gives_unit_stride_to_size_1_dimensions():
     """A transposed (batch, 1) table counts as contiguous with its last stride `batch`: the kernels' copy still gets
     stride 1 (what their `stride(-1) == 1` checks ask)."""
