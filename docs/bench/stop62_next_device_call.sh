@@ -1,10 +1,9 @@
 #!/bin/bash
-# For the next device session (stop 62 ran out of device time: its last starts found no machine). On the H100, `run`
-# with command `bash docs/bench/stop62_next_device_call.sh`, timeout_s 600: the CUDA KV-cache tests (stop 62's NaN /
-# infinity change to fp8_layout.cuh's to_fp8, and its new test; the first call of a fresh machine builds the
-# extension), the model GPU tests (compiled CUDA-graph generation against eager with generate's new default EOS, BF16
-# error at V2-Lite's widths), then whole compiled decode steps at DeepSeek-V2-Lite's shapes with today's kernels (the
-# README's H100 end-to-end table is from 2026-11).
+# For the next device session. On the H100, `run` with command `bash docs/bench/stop62_next_device_call.sh`,
+# timeout_s 600: the CUDA KV-cache tests (stop 62's call 4 ran them: 43 passed; here they build the extension first),
+# the model GPU tests (stop 62's call 5 ran test_generation.py's: 18 passed; the others, BF16 error at V2-Lite's widths
+# among them, have not run since stop 34), then whole compiled decode steps at DeepSeek-V2-Lite's shapes with today's
+# kernels (the README's H100 end-to-end table is from 2026-11).
 export PYTHONPATH=$PWD:$PWD/scripts MAX_JOBS=16 TORCH_EXTENSIONS_DIR=$PWD/bench/ext
 SECONDS=0
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
