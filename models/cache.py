@@ -15,9 +15,10 @@ KV_CACHE_DTYPES = ("bf16", "fp8", "fp32")
 FLOAT_CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _is_int(value) -> bool:
-    """An int (numpy's too), not a bool: rows, token counts and lengths index host lists and slices, so anything else
-    is refused before the cache's state changes (a float failed halfway: rows part updated, cache_seqlens stale)."""
+def is_int(value) -> bool:
+    """An int (numpy's too), not a bool (numpy's bool is no Integral): the cache's rows, token counts and lengths index
+    host lists and slices, so anything else is refused before its state changes (a float failed halfway: rows part
+    updated, cache_seqlens stale); generation's token ids likewise."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -111,7 +112,7 @@ class PagedKVCache:
     def extend(self, seq: int, num_tokens: int) -> list[int]:
         """Make room for `num_tokens` more tokens of sequence `seq` (allocating blocks, writing its block_table row
         and cache_seqlens entry in place); returns their flat slots."""
-        if not _is_int(seq) or not _is_int(num_tokens) or not 0 <= seq < len(self.seq_lens) or num_tokens < 0:
+        if not is_int(seq) or not is_int(num_tokens) or not 0 <= seq < len(self.seq_lens) or num_tokens < 0:
             raise ValueError(f"extend: seq must be in [0, {len(self.seq_lens)}) and num_tokens >= 0, got seq {seq}, "
                              f"num_tokens {num_tokens}")
         self.check_room({seq: self.seq_lens[seq] + num_tokens})
@@ -126,7 +127,7 @@ class PagedKVCache:
         """`extend(seq, num_tokens)` for the sequences `0 .. batch - 1` (a decode step's), in one device op on
         `cache_seqlens` and one block_table write when blocks are allocated: per-sequence writes would each be a
         host-to-device copy on CUDA. Checked whole first: out of blocks, no sequence has grown."""
-        if not _is_int(batch) or not _is_int(num_tokens) or not 0 <= batch <= len(self.seq_lens) or num_tokens < 0:
+        if not is_int(batch) or not is_int(num_tokens) or not 0 <= batch <= len(self.seq_lens) or num_tokens < 0:
             raise ValueError(f"extend_batch: batch must be in [0, {len(self.seq_lens)}] and num_tokens >= 0, got "
                              f"batch {batch}, num_tokens {num_tokens}")
         ends = [length + num_tokens for length in self.seq_lens[:batch]]
@@ -207,10 +208,10 @@ class PagedKVCache:
         """Cut each sequence `seq` back to its first `lengths[seq]` tokens (at most its length), returning the blocks
         past them to the pool; `cache_seqlens` is written in one host-to-device copy."""
         for seq, length in lengths.items():
-            if (not _is_int(seq) or not _is_int(length) or not 0 <= seq < len(self.seq_lens)
+            if (not is_int(seq) or not is_int(length) or not 0 <= seq < len(self.seq_lens)
                     or not 0 <= length <= self.seq_lens[seq]):
                 raise ValueError(f"truncate: sequence {seq} must be a row of this cache and its length in [0, its "
-                                 f"{self.seq_lens[seq] if _is_int(seq) and 0 <= seq < len(self.seq_lens) else '?'} "
+                                 f"{self.seq_lens[seq] if is_int(seq) and 0 <= seq < len(self.seq_lens) else '?'} "
                                  f"tokens], got {length}")
         for seq, length in lengths.items():
             blocks = self.seq_blocks[seq]

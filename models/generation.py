@@ -8,18 +8,16 @@ and, on CUDA, captures it in a CUDA graph (`compile_decode_step`).
 """
 import functools
 import math
-import numbers
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from flashmla_ops import num_sm_parts
 from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE
 from flashmla_ops.interface import dense_kernel_reads_schedule
 
-from .cache import PagedKVCache
+from .cache import PagedKVCache, is_int
 from .deepseek import DeepseekForCausalLM, PrefillMetadata, decode_metadata
 
 
@@ -149,7 +147,7 @@ def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, pro
                          f"layers, {'with' if cache.index_cache is not None else 'without'} one")
     wrong = [prompts] if not isinstance(prompts, (list, tuple)) else [
         item for prompt in prompts
-        for item in ([prompt] if not isinstance(prompt, (list, tuple)) else [t for t in prompt if not _is_token(t)])]
+        for item in ([prompt] if not isinstance(prompt, (list, tuple)) else [t for t in prompt if not is_int(t)])]
     if wrong:
         raise TypeError(f"{op}: prompts must be a list of prompts, each a list of token ids (ints; a tensor's "
                         f"tolist()), got {type(wrong[0]).__name__} {str(wrong[0])[:40]}")
@@ -163,10 +161,6 @@ def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, pro
         if min(prompt) < 0 or max(prompt) >= vocab:
             bad = [token for token in prompt if not 0 <= token < vocab]
             raise ValueError(f"{op}: prompt {seq} holds token ids outside the vocabulary [0, {vocab}): {bad[:8]}")
-
-
-def _is_token(value) -> bool:  # an int, numpy's too (not a bool)
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_chunk(op: str, chunk: int) -> None:
@@ -271,9 +265,9 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if eos_token_ids is None:  # the model's own end of sequence
         eos_token_ids = tuple(model.config.eos_token_ids)
-    if _is_token(eos_token_ids):  # config.json's eos_token_id is an int
+    if is_int(eos_token_ids):  # config.json's eos_token_id is an int
         eos_token_ids = (eos_token_ids,)
-    if not all(_is_token(token) for token in eos_token_ids):
+    if not all(is_int(token) for token in eos_token_ids):
         raise TypeError(f"generate: eos_token_ids must be token ids (ints), got {eos_token_ids!r}")
     _check_sampling("generate", temperature, top_p)
     _check_chunk("generate", chunk)
