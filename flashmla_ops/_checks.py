@@ -5,6 +5,7 @@ ints (a fixed size), strings (a named size, bound the first time it is seen and 
 or None (any size).
 """
 import math
+import numbers
 import os
 
 import torch
@@ -95,9 +96,18 @@ def dense_aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_finite_scale(op: str, name: str, scale) -> None:
-    """A softmax scale an op's real impl was given: finite (NaN or an infinity gives NaN outputs). A symbolic one (a
-    fake impl's, under torch.compile) has no value to test; the compiled graph's real call checks it."""
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and not math.isfinite(scale):
+    """A softmax scale, finite (NaN or an infinity gives NaN outputs): the ops' real impls and the FlashMLA API check
+    it here. While torch.compile traces, the scale may be symbolic (d_qk ** -0.5 of a dynamic d_qk; a float argument
+    that became dynamic when a call with another value recompiled): it has no value to test, and math.isfinite on it
+    cannot be traced (fullgraph failed), so like the ops' value checks (`value_checks_apply`) it is skipped then; the
+    compiled graph's real call checks it."""
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or torch.compiler.is_compiling():
+        return
+    try:
+        finite = math.isfinite(scale)
+    except OverflowError:  # an int past float's range
+        finite = False
+    if not finite:
         raise ValueError(f"{op}: {name} must be finite, got {scale}")
 
 

@@ -1,12 +1,11 @@
 """FlashMLA's Python API (same names, argument order, defaults and return values) over the `flashmla` ops."""
-import math
 import numbers
 from dataclasses import dataclass, field
 
 import torch
 
 from . import _ext, decode, sparse_prefill  # noqa: F401  (registers the ops)
-from ._checks import check_tensor, require_tensor, value_checks_apply
+from ._checks import check_finite_scale, check_tensor, require_tensor, value_checks_apply
 from .decode import _check_dense, _check_sparse, num_sm_parts
 
 
@@ -43,16 +42,7 @@ def _check_scale(op: str, name: str, value, what: str = "a float"):
             raise TypeError(f"{op}: {name} must be a real number or a 0-d real tensor with a value, got a "
                             f"{value.dtype} tensor on {value.device}")
         value = value.item()
-    # While torch.compile traces, the scale may be symbolic (d_qk ** -0.5 of a dynamic d_qk; a float argument that
-    # became dynamic when a call with another value recompiled): it has no value to test, and math.isfinite on it
-    # cannot be traced (fullgraph failed). Like the ops' value checks (`value_checks_apply`), skipped while tracing.
-    if isinstance(value, numbers.Real) and not torch.compiler.is_compiling():
-        try:
-            finite = math.isfinite(value)
-        except OverflowError:  # an int past float's range
-            finite = False
-        if not finite:
-            raise ValueError(f"{op}: {name} must be finite, got {value}")
+    check_finite_scale(op, name, value)
     return value
 
 
