@@ -178,14 +178,16 @@ def _load():
     # Kernels asked for by FLASHMLA_CSRC that cannot be built on a GPU machine are an error, not a quiet fallback: a
     # benchmark or test run would otherwise time or test the Triton or reference path under the experiment's name.
     # The same for FLASHMLA_EXTRA_CUDA_FLAGS: an experiment's flags that fail to build must not time the default.
-    asked = [f"{name}={os.environ[name]}" for name in (CSRC_ENV, EXTRA_FLAGS_ENV) if os.environ.get(name)]
+    # CSRC, not the environment: the variable is read at import (set later, it builds the package's csrc), and
+    # scripts/ab_kernels.py points CSRC at its base's directory without it.
+    asked = [f"{CSRC_ENV}={CSRC}"] if CSRC != PACKAGE_CSRC else []
+    asked += [f"{EXTRA_FLAGS_ENV}={os.environ[EXTRA_FLAGS_ENV]}"] if os.environ.get(EXTRA_FLAGS_ENV) else []
     requested = bool(asked) and torch.cuda.is_available()
     reason = _unavailable_reason()
     if reason is not None:
         if requested:
             raise RuntimeError(f"{', '.join(asked)}: the CUDA kernels cannot be built: {reason}")
-        log.warning("flashmla_ops: CUDA kernels not built (%s); the ops use the Triton kernels, else the PyTorch "
-                    "reference", reason)
+        log.warning("flashmla_ops: CUDA kernels not built (%s); the ops use %s", reason, _fallback())
         return None
     try:
         return build_extension()
@@ -193,8 +195,15 @@ def _load():
         if requested:
             raise RuntimeError(f"{', '.join(asked)}: building the CUDA kernels failed") from error
         log.warning("flashmla_ops: building or loading the CUDA kernels failed (%s; FLASHMLA_VERBOSE_BUILD=1 shows "
-                    "the build); the ops use the Triton kernels, else the PyTorch reference", build_error(error))
+                    "the build); the ops use %s", build_error(error), _fallback())
         return None
+
+
+def _fallback() -> str:
+    """What the ops run without the CUDA kernels, for the warnings that say so."""
+    if _forced() == "cuda":
+        return "the PyTorch reference (FLASHMLA_BACKEND=cuda)"
+    return "the Triton kernels, else the PyTorch reference" if _triton_importable() else "the PyTorch reference"
 
 
 def extra_cuda_flags() -> list[str]:

@@ -116,6 +116,28 @@ def test_flashmla_csrc_that_cannot_build_raises_on_a_gpu_machine(tmp_path, monke
         _ext._load.__wrapped__()
 
 
+def test_the_csrc_the_build_uses_decides_whether_its_failure_is_an_error(tmp_path, monkeypatch, caplog):
+    """FLASHMLA_CSRC is read at import: set after it, the build takes the package's csrc, whose failure warns and falls
+    back (it raised, naming a directory the build never used); a CSRC pointed elsewhere without the variable (as
+    scripts/ab_kernels.py does for its base) is an error naming it."""
+    def failing_build():
+        raise RuntimeError("nvcc failed")
+
+    monkeypatch.delenv(_ext.EXTRA_FLAGS_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "_unavailable_reason", lambda: None)
+    monkeypatch.setattr(_ext, "build_extension", failing_build)
+    monkeypatch.setenv(_ext.CSRC_ENV, str(tmp_path))
+    monkeypatch.setattr(_ext, "CSRC", _ext.PACKAGE_CSRC)
+    with caplog.at_level("WARNING", logger=_ext.log.name):
+        assert _ext._load.__wrapped__() is None
+    assert "building or loading the CUDA kernels failed" in caplog.text
+    monkeypatch.delenv(_ext.CSRC_ENV)
+    monkeypatch.setattr(_ext, "CSRC", tmp_path)
+    with pytest.raises(RuntimeError, match=f"FLASHMLA_CSRC={tmp_path}: building the CUDA kernels failed"):
+        _ext._load.__wrapped__()
+
+
 def test_the_base_is_tested_on_its_own_kernels(tmp_path):
     argv, env = ab_kernels.pytest_command(str(tmp_path / "base" / "csrc"), ["tests/ops/test_cuda_decode.py"])
     assert argv[1:] == ["-m", "pytest", "-q", "-x", "tests/ops/test_cuda_decode.py"]

@@ -298,3 +298,25 @@ def test_write_kv_cache_path_names_the_kernel_that_runs(monkeypatch):
         ops.write_kv_cache(cache, latent, rope, torch.arange(3), True)
         assert kv_cache.write_kv_cache_path(cache, latent) == ran.pop(), dtype
     assert kv_cache.write_kv_cache_path(cache[:, :, :, 1:], latent) == "reference"  # rows 1 byte in: neither kernel
+
+
+@pytest.mark.parametrize("triton_here, forced, named", [(True, "auto", "the Triton kernels, else the PyTorch reference"),
+                                                        (False, "auto", "the ops use the PyTorch reference"),
+                                                        (True, "cuda", "the PyTorch reference (FLASHMLA_BACKEND=cuda)")])
+def test_a_failed_cuda_build_names_the_path_the_ops_take(monkeypatch, caplog, triton_here, forced, named):
+    """Without triton (or with the CUDA path forced) the warning named the Triton kernels where the reference runs."""
+    def failing_build():
+        raise RuntimeError("nvcc failed")
+
+    for name in (_ext.CSRC_ENV, _ext.EXTRA_FLAGS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(_ext, "CSRC", _ext.PACKAGE_CSRC)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "_unavailable_reason", lambda: None)
+    monkeypatch.setattr(_ext, "build_extension", failing_build)
+    monkeypatch.setattr(_ext, "_triton_importable", lambda: triton_here)
+    monkeypatch.setenv(_ext.BACKEND_ENV, forced)
+    with caplog.at_level("WARNING", logger=_ext.log.name):
+        assert _ext._load.__wrapped__() is None
+    assert named in caplog.text
+    assert triton_here and forced == "auto" or "Triton" not in caplog.text

@@ -21,7 +21,7 @@ from decode_inputs import HOPPER
 from flashmla_ops import _ext, build
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-PROJECT_FILES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md")
+PROJECT_FILES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE")
 PROJECT_DIRS = ("csrc", "flashmla_ops", "models")
 CHECKPOINT = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 IGNORED = ("__pycache__", "*.o", "*.so", ".*")  # what setup.py leaves out of csrc/
@@ -54,6 +54,8 @@ def test_wheel_carries_the_cuda_sources_and_the_shipped_checkpoint(wheel):
         for name in CHECKPOINT:
             assert f"models/assets/deepseek-v32-tiny-kjv/{name}" in names
         assert "flashmla_ops/build.py" in names
+        (license_file,) = [name for name in names if name.endswith(".dist-info/licenses/LICENSE")]  # the declared MIT
+        assert archive.read(license_file) == (ROOT / "LICENSE").read_bytes()
         assert not any(name.endswith((".so", ".pyc")) for name in names)
 
 
