@@ -300,9 +300,10 @@ def test_write_kv_cache_path_names_the_kernel_that_runs(monkeypatch):
     assert kv_cache.write_kv_cache_path(cache[:, :, :, 1:], latent) == "reference"  # rows 1 byte in: neither kernel
 
 
-@pytest.mark.parametrize("triton_here, forced, named", [(True, "auto", "the Triton kernels, else the PyTorch reference"),
-                                                        (False, "auto", "the ops use the PyTorch reference"),
-                                                        (True, "cuda", "the PyTorch reference (FLASHMLA_BACKEND=cuda)")])
+@pytest.mark.parametrize("triton_here, forced, named", [
+    (True, "auto", "the Triton kernels, else the PyTorch reference"),
+    (False, "auto", "the ops use the PyTorch reference"),
+    (True, "cuda", "the PyTorch reference (FLASHMLA_BACKEND=cuda)")])
 def test_a_failed_cuda_build_names_the_path_the_ops_take(monkeypatch, caplog, triton_here, forced, named):
     """Without triton (or with the CUDA path forced) the warning named the Triton kernels where the reference runs."""
     def failing_build():
