@@ -37,7 +37,7 @@ def _check(op, x, gate_up_proj, down_proj, weights, experts):
 def routed_experts_reference(x, gate_up_proj, down_proj, weights, experts):
     num_experts, inter = down_proj.shape[0], down_proj.shape[2]
     if num_experts == 0:  # a rank that holds no expert: nothing to gather
-        return torch.zeros_like(x)
+        return torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # contiguous, whatever x's strides
     held = (experts >= 0) & (experts < num_experts)
     chosen = experts.long().clamp(0, num_experts - 1)
     gate_up = torch.einsum("tkoh,th->tko", gate_up_proj[chosen].float(), x.float())
@@ -72,4 +72,4 @@ def routed_experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch
 @routed_experts.register_fake
 def _(x, gate_up_proj, down_proj, weights, experts):
     _check("routed_experts", x, gate_up_proj, down_proj, weights, experts)
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous like every path's output (empty_like kept a transposed x's strides)

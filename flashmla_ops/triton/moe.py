@@ -19,14 +19,14 @@ DOWN_BLOCK_N, DOWN_BLOCK_K = 16, 512
 def _gate_up_kernel(X, W, Experts, H, stride_xt, stride_we, stride_wn, TOP_K, NUM_EXPERTS, INTER, HIDDEN,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     choice = tl.program_id(0)
-    token = choice // TOP_K
+    token = (choice // TOP_K).to(tl.int64)  # offsets in int64: views of 2**31 elements or more
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     expert = tl.load(Experts + choice + rows * 0).to(tl.int64)  # per row, so that the masks are vectors
     held = (expert >= 0) & (expert < NUM_EXPERTS)
     expert = tl.where(held, expert, 0)
     row_mask = (rows < INTER) & held
     gate_rows = W + expert[:, None] * stride_we + rows.to(tl.int64)[:, None] * stride_wn
-    up_rows = gate_rows + INTER * stride_wn
+    up_rows = W + expert[:, None] * stride_we + (rows + INTER).to(tl.int64)[:, None] * stride_wn  # not INTER * stride
     gate = tl.zeros([BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, HIDDEN, BLOCK_K):
@@ -43,7 +43,7 @@ def _gate_up_kernel(X, W, Experts, H, stride_xt, stride_we, stride_wn, TOP_K, NU
 @triton.jit
 def _down_kernel(H, W, Experts, Weights, Out, stride_we, stride_wn, stride_ot, TOP_K, NUM_EXPERTS, INTER, HIDDEN,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < HIDDEN
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -73,7 +73,7 @@ def routed_experts(x, gate_up_proj, down_proj, weights, experts):
     tokens, hidden = x.shape
     num_experts, inter = down_proj.shape[0], down_proj.shape[2]
     top_k = experts.shape[1]
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, as the fake impl says
     if tokens == 0:
         return out
     experts = experts.contiguous()

@@ -88,6 +88,58 @@ def test_op_checks_arguments():
         ops.routed_experts(x, gate_up, down, weights, experts[:1])
 
 
+def test_output_strides_match_the_fake_impl_for_a_transposed_x():
+    """Every path returns a contiguous output and the fake impl says so: the fake's torch.empty_like(x) kept a
+    column-major x's strides while the reference returned a contiguous tensor, so opcheck's fake-tensor test failed and
+    a compiled call raised on the output's strides."""
+    generator = torch.Generator().manual_seed(3)
+    x, gate_up, down, weights, experts = make_inputs(3, 24, 8, 3, 2, generator, device="cpu")
+    x_t = x.t().contiguous().t()  # (tokens, hidden), column-major
+    for args in ((x_t, gate_up, down, weights, experts), (x_t, gate_up[:0], down[:0], weights, experts)):
+        torch.library.opcheck(ops.routed_experts, args, test_utils=["test_faketensor", "test_aot_dispatch_dynamic"])
+    with torch._inductor.config.patch(fx_graph_cache=False):  # not a graph cached with an earlier fake's strides
+        compiled = torch.compile(lambda *args: ops.routed_experts(*args) * 2, fullgraph=True)
+        got = compiled(x_t, gate_up, down, weights, experts)
+    assert torch.equal(got, ops.routed_experts(x, gate_up, down, weights, experts) * 2)
+
+
+def test_triton_up_rows_past_int32_offsets():
+    """An expert's up rows start INTER * stride(1) elements past its gate rows: that product wrapped in int32 at 2**31
+    (here 2 rows of inter with a row stride of 2**30: a view into 7 GiB, on the CPU untouched and lazily allocated),
+    so the kernel read 2**31 elements before the weights (NaN here; past the allocation a segfault)."""
+    hidden, inter, row_stride = 16, 2, 2 ** 30
+    try:
+        memory = torch.empty(2 ** 31 + (2 * inter - 1) * row_stride + hidden, dtype=torch.bfloat16, device=DEVICE)
+    except RuntimeError:  # torch.OutOfMemoryError too
+        pytest.skip("cannot reserve 7 GiB")
+    generator = torch.Generator().manual_seed(4)
+    x, gate_up, down, weights, experts = make_inputs(1, hidden, inter, 1, 1, generator)
+    experts.zero_()
+    for row in range(inter):  # what the wrapped offset reads in place of the up rows: 2**31 elements before them
+        memory[row * row_stride:row * row_stride + hidden] = float("nan")
+    strided = memory.as_strided(gate_up.shape, (0, row_stride, 1), 2 ** 31)
+    strided.copy_(gate_up)
+    got = triton_moe.routed_experts(x, strided, down, weights, experts)
+    assert_close(got, routed_experts_reference(x, gate_up, down, weights, experts))
+
+
+def test_triton_token_rows_past_int32_offsets():
+    """x's row offset token * stride(0) wrapped in int32 at 2**31 too (token 2 of rows 2**30 apart, a view into 8 GiB
+    as above): that token's x was read 2**31 elements before x."""
+    hidden, row_stride = 16, 2 ** 30
+    try:
+        memory = torch.empty(2 ** 31 + 2 * row_stride + hidden, dtype=torch.bfloat16, device=DEVICE)
+    except RuntimeError:
+        pytest.skip("cannot reserve 8 GiB")
+    generator = torch.Generator().manual_seed(5)
+    x, gate_up, down, weights, experts = make_inputs(3, hidden, 2, 2, 1, generator)
+    memory[:hidden] = float("nan")  # what the wrapped offset reads in place of token 2's row
+    strided = memory.as_strided(x.shape, (row_stride, 1), 2 ** 31)
+    strided.copy_(x)
+    got = triton_moe.routed_experts(strided, gate_up, down, weights, experts.clamp(0, 1))
+    assert_close(got, routed_experts_reference(x, gate_up, down, weights, experts.clamp(0, 1)))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tokens", [1, 2])
