@@ -32,6 +32,7 @@ SCALE_SUFFIX = "_scale_inv"
 EXPERT_WEIGHT = re.compile(
     r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 class CheckpointError(ValueError):
@@ -147,6 +148,9 @@ def load_weights(model: DeepseekForCausalLM, checkpoint: str | os.PathLike,
     files = _weight_files(checkpoint)
     num_layers, mtp_end = config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers
     splits = model.parallel.splits if model.parallel is not None else {}
+    # tied embeddings stored once under the head's name (safetensors' save_model keeps the first name of a shared
+    # tensor, lm_head.weight): that tensor is the embedding, as transformers loads it
+    head_is_embed = config.tie_word_embeddings and EMBED not in files and HEAD in files
     by_file: dict[Path, list[str]] = {}
     mtp, beyond = 0, set()
     for name, path in files.items():
@@ -159,7 +163,7 @@ def load_weights(model: DeepseekForCausalLM, checkpoint: str | os.PathLike,
             if name[:-len(SCALE_SUFFIX)] not in files:
                 raise CheckpointError(f"tensor {name} in {path} scales {name[:-len(SCALE_SUFFIX)]}, which the "
                                       f"checkpoint does not hold")
-        elif name == "lm_head.weight" and config.tie_word_embeddings:
+        elif name == HEAD and config.tie_word_embeddings and not head_is_embed:
             logger.info("lm_head.weight in %s not loaded: tie_word_embeddings uses model.embed_tokens.weight", path)
         elif not _other_ranks_expert(name, splits):
             by_file.setdefault(path, []).append(name)
@@ -176,13 +180,14 @@ def load_weights(model: DeepseekForCausalLM, checkpoint: str | os.PathLike,
         with _open(path) as f:
             held = set(f.keys())
             for name in by_file[path]:
-                if name not in targets:
+                model_name = EMBED if name == HEAD and head_is_embed else name
+                if model_name not in targets:
                     raise CheckpointError(f"unexpected tensor {name} in {path}: the model has no such weight")
                 if name not in held:
                     raise CheckpointError(f"{INDEX_FILE} puts tensor {name} in {path}, which does not hold it")
-                tensor, expert = targets[name]
+                tensor, expert = targets[model_name]
                 target = tensor[expert] if expert is not None else tensor
-                split = _checkpoint_split(name, splits)
+                split = _checkpoint_split(model_name, splits)
                 want = list(target.shape)
                 if split is not None:
                     want[split.dim] = split.size
@@ -191,7 +196,7 @@ def load_weights(model: DeepseekForCausalLM, checkpoint: str | os.PathLike,
                     raise CheckpointError(f"tensor {name} in {path} has shape {tuple(shape)}, the model "
                                           f"expects {tuple(want)}")
                 _fill(target, _read(f, path, name, files, weight_block_size, split), split)
-                filled.add(name)
+                filled.add(model_name)
     missing = sorted(set(targets) - filled)
     if missing:
         where = checkpoint / (INDEX_FILE if (checkpoint / INDEX_FILE).exists() else SINGLE_FILE)
@@ -262,6 +267,12 @@ def _read(f, path: Path, name: str, files: dict[str, Path], block: tuple[int, in
     with nullcontext(f) if scale_path == path else _open(scale_path) as scale_file:
         if scale_name not in scale_file.keys():
             raise CheckpointError(f"{INDEX_FILE} puts tensor {scale_name} in {scale_path}, which does not hold it")
+        # the whole scale, before a rank reads its entries: a slice of a wrongly shaped one can look right
+        rows, cols = f.get_slice(name).get_shape()
+        expected = [math.ceil(rows / block[0]), math.ceil(cols / block[1])]
+        if (shape := scale_file.get_slice(scale_name).get_shape()) != expected:
+            raise CheckpointError(f"tensor {scale_name} in {scale_path}: scale_inv has shape {tuple(shape)}, expected "
+                                  f"{tuple(expected)} for a {rows}x{cols} weight in {block[0]}x{block[1]} blocks")
         scale_inv = part(scale_file, scale_name, step)
     try:
         value = dequantize_fp8_blocks(value, scale_inv, block)
@@ -295,10 +306,25 @@ def load_model(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.bfloat1
                device: torch.device | str = "cpu", parallel: Parallel | None = None) -> DeepseekForCausalLM:
     """The checkpoint's model, or with `parallel` this rank's part of it."""
     config, raw = load_config(checkpoint)
-    block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    block = weight_block_size(raw, Path(checkpoint) / "config.json")
     model = build_model(config, dtype, device, parallel)
     load_weights(model, checkpoint, block)
     return model
+
+
+def weight_block_size(raw: dict, path: Path) -> tuple[int, int]:
+    """config.json's `quantization_config.weight_block_size` (rows, columns of the block each `weight_scale_inv`
+    entry scales), (128, 128) when not given."""
+    quantization = raw.get("quantization_config") or {}
+    if not isinstance(quantization, dict):
+        raise CheckpointError(f"{path}: quantization_config must be a JSON object, got {quantization!r}")
+    block = quantization.get("weight_block_size", (128, 128))
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        per_tensor = " (per-tensor FP8 scales are not supported)" if block is None else ""
+        raise CheckpointError(f"{path}: quantization_config.weight_block_size must be two positive ints, the rows "
+                              f"and columns of a scale's block, got {block!r}{per_tensor}")
+    return tuple(block)
 
 
 def has_tokenizer(checkpoint: str | os.PathLike) -> bool:

@@ -315,3 +315,49 @@ def test_fp8_checkpoint_with_its_own_block_size(tmp_path, v3_tensors):
         if is_quantized(name, original):
             assert ((weights[name] - original).abs() <= original.abs() * 2 ** -4 + 1e-3 * original.abs().amax()
                     ).all(), name
+
+
+def test_tied_embeddings_stored_under_the_head_name(tmp_path, v3_tensors):
+    """tie_word_embeddings with the shared tensor stored once as lm_head.weight (safetensors' save_model keeps the
+    first name of a shared tensor): it is the embedding, as transformers loads it (was: missing
+    model.embed_tokens.weight)."""
+    source, tensors = v3_tensors
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    path = broken_checkpoint(tmp_path, source, tensors, shards=2)
+    edit_config(path, tie_word_embeddings=True)
+    model = load_model(path, dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, tensors["lm_head.weight"])
+
+
+def test_a_tensor_parallel_rank_checks_the_whole_scale(tmp_path, v3_tensors):
+    """A weight_scale_inv of the wrong shape is refused by a tensor-parallel rank too, not only by one process: the
+    rank's slice of a scale with twice the rows (blocks of 64 rows) had the shape its part expects, and loaded with
+    the wrong scales (19% of the weight's largest value off)."""
+    from models.loading import build_model, load_config, load_weights
+    from models.parallel import Parallel
+
+    source, tensors = v3_tensors
+    stored = fp8_checkpoint(tensors)
+    name = "model.layers.0.self_attn.q_b_proj.weight"  # 384 x 32, split by rows over the ranks
+    stored[name], stored[name + "_scale_inv"] = quantize_fp8_blocks(tensors[name], 64, BLOCK)
+    path = broken_checkpoint(tmp_path, source, stored)
+    message = rf"{name}_scale_inv in .*{SINGLE_FILE}: scale_inv has shape \(6, 1\), expected \(3, 1\)"
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path, dtype=torch.float32)
+    config, _ = load_config(path)
+    model = build_model(config, torch.float32, "cpu", Parallel(2, 1, 0, None))
+    with pytest.raises(CheckpointError, match=message):
+        load_weights(model, path)
+
+
+@pytest.mark.parametrize("block", [None, [128], [0, 128], [128.0, 128.0], "128", [128, 128, 1]])
+def test_malformed_weight_block_size(tmp_path, v3_tensors, block):
+    """quantization_config.weight_block_size null (transformers' per-tensor FP8), of one or three sizes, zero, floats
+    or a string: a CheckpointError naming config.json (was: TypeError, IndexError, ZeroDivisionError deep in the
+    dequantization, or the third size ignored)."""
+    source, tensors = v3_tensors
+    path = broken_checkpoint(tmp_path, source, fp8_checkpoint(tensors))
+    edit_config(path, quantization_config={"quant_method": "fp8", "weight_block_size": block})
+    with pytest.raises(CheckpointError, match=r"config\.json: quantization_config\.weight_block_size must be two"):
+        load_model(path, dtype=torch.float32)
