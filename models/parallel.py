@@ -161,7 +161,11 @@ class VocabParallelLMHead(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `(T, hidden)` -> logits `(T, vocab)`."""
         logits = F.linear(x, self.weight)  # (T, vocab / tp): gathered along the vocabulary as (vocab / tp, T) blocks
-        return self.parallel.all_gather(logits.T.contiguous()).T[:, :self.vocab_size]
+        # A contiguous tensor, as one process's logits: not a transposed view of the gathered blocks, nor (outside
+        # inference mode) the functional collective's AsyncCollectiveTensor, which torch.load refuses by default.
+        # clone, not contiguous(): a view that is contiguous already (one row) would come back as it is.
+        gathered = self.parallel.all_gather(logits.T.contiguous()).T[:, :self.vocab_size]
+        return gathered.clone(memory_format=torch.contiguous_format)
 
 
 class ParallelMoE(MoE):
@@ -188,10 +192,13 @@ class ParallelMoE(MoE):
 
 
 def _check_divisible(config: DeepseekConfig, parallel: Parallel) -> None:
+    """The sizes this rank's model splits, those of MLP kinds it has only (an all-MoE model has no dense MLP)."""
     tp, ep = parallel.tp_size, parallel.ep_size
-    sizes = {"num_attention_heads": (config.num_attention_heads, tp),
-             "intermediate_size": (config.intermediate_size, tp)}
-    if config.n_routed_experts:
+    moe_layers = [config.is_moe_layer(layer) for layer in range(config.num_hidden_layers)]
+    sizes = {"num_attention_heads": (config.num_attention_heads, tp)}
+    if not all(moe_layers):
+        sizes["intermediate_size"] = (config.intermediate_size, tp)
+    if any(moe_layers) and config.n_routed_experts:
         sizes["n_routed_experts"] = (config.n_routed_experts, ep)
         sizes["moe_intermediate_size"] = (config.moe_intermediate_size, 1 if ep > 1 else tp)
         sizes["moe_intermediate_size * n_shared_experts"] = (

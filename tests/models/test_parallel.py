@@ -300,3 +300,58 @@ def test_a_row_parallel_bias_is_added_once_after_the_sum():
         layer.bias.copy_(torch.tensor([1.0, -2.0, 3.0]))
     x = torch.randn(5, 4)
     assert torch.allclose(layer(x), 2 * x @ layer.weight.T + layer.bias)
+
+
+@pytest.mark.parametrize("overrides, ep", [
+    (dict(first_k_dense_replace=0, intermediate_size=97), 1),  # every layer MoE: no dense MLP
+    (dict(first_k_dense_replace=2, moe_intermediate_size=33, n_routed_experts=9, n_group=1, topk_group=1), 2),  # none
+], ids=["all-moe", "all-dense"])
+def test_only_the_mlps_a_model_has_must_split(overrides, ep):
+    """A size is checked only where the model has the MLP that splits it: an all-MoE model builds no dense MLP (its
+    intermediate_size is unused), an all-dense one (first_k_dense_replace = layers) no experts."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3", **overrides))
+    for rank in range(2):
+        build_model(config, torch.float32, "meta", Parallel(2, ep, rank, None))
+    with pytest.raises(ValueError, match=r"intermediate_size \(97\)"):  # a dense first layer: it must split
+        build_model(DeepseekConfig.from_dict(tiny_config("deepseek_v3", intermediate_size=97)), torch.float32,
+                    "meta", Parallel(2, 1, 0, None))
+
+
+LOGITS_PROMPTS = [[3, 4, 5], [6, 7]]
+
+
+@torch.no_grad()
+def plain_logits(model) -> dict:
+    """A packed prefill's logits (every token: 5 rows) and one decode step's of one sequence (1 row), outside
+    inference mode."""
+    cache = PagedKVCache(model.config, 2, 2, 64, "fp32", model.lm_head.weight.device)
+    logits = {"prefill": prefill(model, cache, LOGITS_PROMPTS, last_only=False)}
+    cache.extend(0, 1)
+    logits["decode"] = decode_step(model, cache, torch.tensor([[8]]))
+    return logits
+
+
+def _logits_worker(rank: int, world_size: int, port: int, out_dir) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    parallel, _ = init_parallel(world_size)
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3", vocab_size=127))
+    logits = plain_logits(random_model(config, parallel=parallel))
+    torch.save({"types": {k: (type(v).__name__, v.is_contiguous()) for k, v in logits.items()}, **logits},
+               out_dir / f"rank{rank}.pt")
+    end_job()
+
+
+def test_sharded_logits_are_plain_contiguous_tensors(tmp_path):
+    """The LM head's gathered logits (vocabulary 127 over 2 ranks: padded) come back as one process's do: a plain,
+    contiguous `(T, vocab)` tensor, not a transposed view of the gathered blocks nor (outside inference mode) the
+    functional collective's AsyncCollectiveTensor, so `view(-1)` works and `torch.load` reads them saved."""
+    mp.spawn(_logits_worker, args=(2, free_port(), tmp_path), nprocs=2)
+    reference = plain_logits(random_model(DeepseekConfig.from_dict(tiny_config("deepseek_v3", vocab_size=127))))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")  # weights_only: plain tensors only
+        assert result["types"] == {"prefill": ("Tensor", True), "decode": ("Tensor", True)}
+        for name, theirs in reference.items():
+            assert result[name].shape == theirs.shape
+            assert_close(result[name], theirs, FP32_TOL, name)
