@@ -379,3 +379,17 @@ def test_fp8_weights_are_dequantized_on_the_models_device(tmp_path, v3_tensors, 
     model = load_model(tmp_path / "fp8", dtype=torch.float32, device="meta")
     assert seen and set(seen) == {("meta", "meta")}
     assert all(tensor.device.type == "meta" for tensor in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_fp8_checkpoint_loads_onto_the_gpu_as_onto_the_cpu(tmp_path, v3_tensors):
+    """Dequantized on the GPU (each value one float32 product of an exact e4m3 value and its scale), the weights equal
+    the CPU's bit for bit."""
+    source, tensors = v3_tensors
+    write_checkpoint(tmp_path / "fp8", source, fp8_checkpoint(tensors), shards=3)
+    on_cpu = loaded_weights(load_model(tmp_path / "fp8", dtype=torch.float32))
+    on_gpu = loaded_weights(load_model(tmp_path / "fp8", dtype=torch.float32, device="cuda"))
+    assert on_gpu.keys() == on_cpu.keys()
+    for name, weight in on_gpu.items():
+        assert weight.is_cuda and torch.equal(weight.cpu(), on_cpu[name]), name
