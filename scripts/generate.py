@@ -8,8 +8,9 @@
     python scripts/generate.py --prompt "And God said," --then " And Moses said,"   # a second turn on the same cache
 
 --model defaults to the shipped checkpoint (models/assets/deepseek-v32-tiny-kjv) where it exists. Without --prompt or
---prompt-ids a checkpoint with tokenizer files gets three sample prompts; with --random-tiny (or without that
-checkpoint, or a checkpoint without a tokenizer), a tiny random model of that family runs on fixed token prompts.
+--prompt-ids a checkpoint with tokenizer files gets the two sample prompts (models.data.SAMPLE_PROMPTS); with
+--random-tiny (or without that checkpoint, or a checkpoint without a tokenizer), a tiny random model of that family
+runs on fixed token prompts.
 With --tp N (under torchrun, N processes: one per GPU over NCCL, or CPU processes over gloo) each rank loads only its
 part of the weights (models/parallel.py); rank 0 prints what one process would.
 
