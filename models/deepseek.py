@@ -408,7 +408,8 @@ class Experts(nn.Module):
             local = local.masked_fill(~held, num_experts)
             if x.shape[0] <= FEW_TOKENS:
                 return torch.ops.flashmla.routed_experts(x, self.gate_up_proj, self.down_proj, weights, local)
-            return self.grouped(x, weights, local)
+            if hasattr(torch, "_grouped_mm"):  # a torch without it (2.4) takes the dense path below
+                return self.grouped(x, weights, local)
         combine = torch.zeros(x.shape[0], num_experts + 1, dtype=weights.dtype, device=x.device)
         return self.dense(x, combine.scatter_add_(1, local.masked_fill(~held, num_experts), weights)[:, :-1])
 

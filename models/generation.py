@@ -228,8 +228,13 @@ def compile_decode_step(device: torch.device, balanced: bool = False):
     "reduce-overhead"): the whole step, custom ops included, is recorded once per shape and replayed (no host sync
     inside, and the cache tensors it mutates have static addresses). The cache's sizes are symbolic (`PagedKVCache`),
     so compiling happens about twice (batch 1, then any larger batch), whatever the cache sizes."""
-    # Fused kernels round bfloat16 intermediates where eager does, so compiled decoding picks eager's tokens.
-    options = {"emulate_precision_casts": True, "triton.cudagraphs": device.type == "cuda"}
+    # Fused kernels round bfloat16 intermediates where eager does, so compiled decoding picks eager's tokens (an
+    # inductor option since torch 2.5; torch 2.4 refuses options it does not know).
+    options = {"triton.cudagraphs": device.type == "cuda"}
+    import torch._inductor.config as inductor_config  # imported by torch.compile anyway
+
+    if hasattr(inductor_config, "emulate_precision_casts"):
+        options["emulate_precision_casts"] = True
     balanced = balanced and dense_kernel_reads_schedule(device)  # asked here: not inside the traced step
     compiled = torch.compile(functools.partial(decode_step, balanced=balanced), fullgraph=True, options=options)
     if device.type != "cuda":
