@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
+from .cache import is_int
 from .deepseek import DeepseekConfig, DeepseekForCausalLM
 from .parallel import Parallel, Split, shard_model
 
@@ -88,14 +89,22 @@ def checkpoint_names(model: DeepseekForCausalLM) -> dict[str, tuple[torch.Tensor
     return targets
 
 
+def scale_grid(weight_shape, scale_shape, block: tuple[int, int]) -> tuple[int, int]:
+    """The `weight_scale_inv` shape of a `weight_shape` weight in `block` blocks, or ValueError if `scale_shape` is
+    another."""
+    rows, cols = weight_shape
+    expected = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    if tuple(scale_shape) != expected:
+        raise ValueError(f"scale_inv has shape {tuple(scale_shape)}, expected {expected} for a {rows}x{cols} "
+                         f"weight in {block[0]}x{block[1]} blocks")
+    return expected
+
+
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """weight `(rows, cols)` float8_e4m3fn, scale_inv `(ceil(rows / block[0]), ceil(cols / block[1]))` float32 ->
     float32 `weight * scale_inv` of its block; the last block row / column may be partial (e.g. 576 rows)."""
     rows, cols = weight.shape
-    expected = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for a {rows}x{cols} "
-                         f"weight in {block[0]}x{block[1]} blocks")
+    expected = scale_grid(weight.shape, scale_inv.shape, block)
     # each scale broadcast over its block (the weight padded to whole blocks), where expanding the scales to the
     # weight's size took two more float32 copies of it
     values = F.pad(weight.float(), (0, -cols % block[1], 0, -rows % block[0]))
@@ -273,17 +282,12 @@ def _read(f, path: Path, name: str, files: dict[str, Path], block: tuple[int, in
     with nullcontext(f) if scale_path == path else _open(scale_path) as scale_file:
         if scale_name not in scale_file.keys():
             raise CheckpointError(f"{INDEX_FILE} puts tensor {scale_name} in {scale_path}, which does not hold it")
-        # the whole scale, before a rank reads its entries: a slice of a wrongly shaped one can look right
-        rows, cols = f.get_slice(name).get_shape()
-        expected = [math.ceil(rows / block[0]), math.ceil(cols / block[1])]
-        if (shape := scale_file.get_slice(scale_name).get_shape()) != expected:
-            raise CheckpointError(f"tensor {scale_name} in {scale_path}: scale_inv has shape {tuple(shape)}, expected "
-                                  f"{tuple(expected)} for a {rows}x{cols} weight in {block[0]}x{block[1]} blocks")
+        try:  # the whole scale, before a rank reads its entries: a slice of a wrongly shaped one can look right
+            scale_grid(f.get_slice(name).get_shape(), scale_file.get_slice(scale_name).get_shape(), block)
+        except ValueError as error:
+            raise CheckpointError(f"tensor {scale_name} in {scale_path}: {error}") from error
         scale_inv = part(scale_file, scale_name, step)
-    try:
-        value = dequantize_fp8_blocks(value.to(device), scale_inv.to(device), block)
-    except ValueError as error:
-        raise CheckpointError(f"tensor {scale_name} in {scale_path}: {error}") from error
+    value = dequantize_fp8_blocks(value.to(device), scale_inv.to(device), block)  # shapes checked whole above
     return value if split is None else value.narrow(split.dim, split.start - start, split.stop - split.start)
 
 
@@ -326,7 +330,7 @@ def weight_block_size(raw: dict, path: Path) -> tuple[int, int]:
         raise CheckpointError(f"{path}: quantization_config must be a JSON object, got {quantization!r}")
     block = quantization.get("weight_block_size", (128, 128))
     if not (isinstance(block, (list, tuple)) and len(block) == 2
-            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            and all(is_int(b) and b > 0 for b in block)):
         per_tensor = " (per-tensor FP8 scales are not supported)" if block is None else ""
         raise CheckpointError(f"{path}: quantization_config.weight_block_size must be two positive ints, the rows "
                               f"and columns of a scale's block, got {block!r}{per_tensor}")
