@@ -57,7 +57,9 @@ def check_tensor(op: str, name: str, t, dtypes, shape, dims: dict) -> torch.Tens
         if spec is None:
             continue
         if isinstance(spec, str):
-            bound = dims.setdefault(spec, size)
+            if spec not in dims:  # not dims.setdefault: dynamo before torch 2.8 does not trace it
+                dims[spec] = size
+            bound = dims[spec]
             if bound != size:
                 raise ValueError(f"{op}: {name} must have shape {want} with {spec}={bound}, got {tuple(t.shape)}")
         elif size != spec:

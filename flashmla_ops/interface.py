@@ -122,7 +122,7 @@ class FlashMLASchedMeta:
             check()
         lengths = lengths()
         self.tile_scheduler_metadata = self.num_splits = None
-        if schedule if isinstance(schedule, bool) else schedule():
+        if schedule() if callable(schedule) else schedule:  # not isinstance(schedule, bool): torch 2.4's dynamo
             self.tile_scheduler_metadata, self.num_splits = torch.ops.flashmla.get_mla_metadata(
                 lengths, num_sm_parts(lengths.device, s_q, h_q))
         self.filled = True

@@ -371,6 +371,27 @@ class Router(nn.Module):
         return weights * config.routed_scaling_factor, indices
 
 
+# torch's release as (major, minor): "2.9.0a0+git..." is (2, 9)
+TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
+def grouped_mm_in_one_kernel(device: torch.device, hidden: int, intermediate: int) -> bool:
+    """Whether `torch._grouped_mm` runs the experts' bfloat16 products on `device` as one kernel with no host sync
+    (so inside a CUDA graph): on Hopper from its first release (2.8) and datacenter Blackwell from 2.9; on the CPU,
+    where nothing is captured, from 2.9 (2.8 has no CPU kernel); not at all before 2.8. On other GPUs torch 2.9+ loops over the groups after
+    copying their offsets to the host, a sync a CUDA graph cannot capture, and 2.8 raises; AMD GPUs (ROCm's torch
+    names them "cuda" with the gfx version as capability) are not counted on. Every kernel wants the rows' strides in
+    multiples of 16 bytes (8 bfloat16). Where it does not run so, the experts take the dense path."""
+    if not hasattr(torch, "_grouped_mm") or hidden % 8 or intermediate % 8:
+        return False
+    if device.type == "cuda":
+        if torch.version.hip is not None:
+            return False
+        major = torch.cuda.get_device_properties(device).major
+        return major == 9 or (major == 10 and TORCH_RELEASE >= (2, 9))
+    return device.type == "cpu" and TORCH_RELEASE >= (2, 9)
+
+
 class Experts(nn.Module):
     """The routed experts' SwiGLU weights stacked: `gate_up_proj` `(E, 2 * moe_intermediate, hidden)` (each expert's
     gate rows then its up rows, as in transformers: one grouped GEMM multiplies by both) and `down_proj` `(E, hidden,
@@ -408,7 +429,7 @@ class Experts(nn.Module):
             local = local.masked_fill(~held, num_experts)
             if x.shape[0] <= FEW_TOKENS:
                 return torch.ops.flashmla.routed_experts(x, self.gate_up_proj, self.down_proj, weights, local)
-            if hasattr(torch, "_grouped_mm"):  # a torch without it (2.4) takes the dense path below
+            if grouped_mm_in_one_kernel(x.device, x.shape[-1], self.down_proj.shape[2]):
                 return self.grouped(x, weights, local)
         combine = torch.zeros(x.shape[0], num_experts + 1, dtype=weights.dtype, device=x.device)
         return self.dense(x, combine.scatter_add_(1, local.masked_fill(~held, num_experts), weights)[:, :-1])

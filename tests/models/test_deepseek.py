@@ -38,6 +38,7 @@ the comparison is only meaningful where the selection is unambiguous:
 - `test_sparse_attention_is_sparse` checks that index_topk 16 does change the result.
 """
 import copy
+import types
 
 import pytest
 import torch
@@ -50,6 +51,7 @@ from models import (
     prefill,
     tiny_config,
 )
+from models import deepseek
 from models.deepseek import Experts, MLAttention
 
 PREFILL_TOL = 1e-4
@@ -300,6 +302,48 @@ def test_indexer_choice(hf_checkpoints):
         theirs = chosen[0][t, :visible]
         tolerance = 1e-2 * logits[t, :t + 1].abs().max()
         assert (logits[t, theirs] >= kth - tolerance).all(), f"query {t}: transformers picks a token we rank low"
+
+
+@pytest.mark.parametrize("device, major, release, hip, expected", [
+    ("cuda", 9, (2, 8), None, True), ("cuda", 9, (2, 13), None, True), ("cuda", 10, (2, 9), None, True),
+    ("cuda", 10, (2, 8), None, False), ("cuda", 8, (2, 13), None, False), ("cuda", 12, (2, 13), None, False),
+    ("cuda", 9, (2, 13), "6.4", False), ("cpu", None, (2, 8), None, False), ("cpu", None, (2, 9), None, True),
+    ("meta", None, (2, 13), None, False)])
+def test_grouped_mm_only_where_it_runs_as_one_kernel(monkeypatch, device, major, release, hip, expected):
+    """torch._grouped_mm where it is one kernel without a host sync: Hopper (torch 2.8 on), datacenter Blackwell and
+    the CPU (2.9 on); not Ampere, Ada or consumer Blackwell (torch's loop over the groups syncs, inside a CUDA
+    graph's capture too), nor AMD GPUs; and only for sizes of whole 16-byte strides."""
+    monkeypatch.setattr(deepseek, "TORCH_RELEASE", release)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(major=major))
+    assert deepseek.grouped_mm_in_one_kernel(torch.device(device), 64, 32) is expected
+    assert not deepseek.grouped_mm_in_one_kernel(torch.device(device), 64, 36)
+    assert not deepseek.grouped_mm_in_one_kernel(torch.device(device), 68, 32)
+
+
+def test_experts_without_a_one_kernel_grouped_mm_take_the_dense_path(monkeypatch):
+    """Past FEW_TOKENS tokens on a device where torch._grouped_mm is no single kernel (torch 2.8 on the CPU), the
+    bfloat16 experts never call it and still match every expert on every token mixed."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch._grouped_mm called")
+
+    monkeypatch.setattr(deepseek, "TORCH_RELEASE", (2, 8))
+    monkeypatch.setattr(torch, "_grouped_mm", refuse, raising=False)
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    experts = Experts(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            weight = getattr(experts, name)
+            setattr(experts, name, torch.nn.Parameter(0.2 * torch.randn(weight.shape, generator=generator).bfloat16()))
+    x = torch.randn(5, config.hidden_size, generator=generator).bfloat16()
+    indices = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(5)])
+    weights = torch.rand(5, 2, generator=generator)
+    with torch.no_grad():
+        out = experts(x, weights, indices)
+        combine = torch.zeros(5, 8).scatter_add_(1, indices, weights)
+        expected = copy.deepcopy(experts).float().dense(x.float(), combine)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 3, 40])
