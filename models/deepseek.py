@@ -378,10 +378,11 @@ TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
 def grouped_mm_in_one_kernel(device: torch.device, hidden: int, intermediate: int) -> bool:
     """Whether `torch._grouped_mm` runs the experts' bfloat16 products on `device` as one kernel with no host sync
     (so inside a CUDA graph): on Hopper from its first release (2.8) and datacenter Blackwell from 2.9; on the CPU,
-    where nothing is captured, from 2.9 (2.8 has no CPU kernel); not at all before 2.8. On other GPUs torch 2.9+ loops over the groups after
-    copying their offsets to the host, a sync a CUDA graph cannot capture, and 2.8 raises; AMD GPUs (ROCm's torch
-    names them "cuda" with the gfx version as capability) are not counted on. Every kernel wants the rows' strides in
-    multiples of 16 bytes (8 bfloat16). Where it does not run so, the experts take the dense path."""
+    where nothing is captured, from 2.9 (2.8 has no CPU kernel); not at all before 2.8. On other GPUs torch 2.9+ loops
+    over the groups after copying their offsets to the host, a sync a CUDA graph cannot capture, and 2.8 raises; AMD
+    GPUs (ROCm's torch names them "cuda" with the gfx version as capability) are not counted on. Every kernel wants
+    the rows' strides in multiples of 16 bytes (8 bfloat16). Where it does not run so, the experts take the dense
+    path."""
     if not hasattr(torch, "_grouped_mm") or hidden % 8 or intermediate % 8:
         return False
     if device.type == "cuda":
