@@ -303,6 +303,9 @@ def test_default_thresholds_are_applied():
     far = {"fp8-dense": dict(kl_mean=0.5, kl_max=3.0, top1=0.5, ppl_rel=0.2)}
     defaults = quality.parse_args([]).thresholds
     assert [line.split(":")[1].split()[0] for line in quality.violations(far, defaults)] == ["kl_mean", "top1"]
+    # the continued rows by the bounds of test_a_continuation_gives_the_decode_steps_predictions (H100: 2.9e-5, 99.87%)
+    continued = {"bf16-continued": dict(kl_mean=7e-4, kl_max=0.1, top1=0.985, ppl_rel=0.0)}
+    assert [line.split(":")[1].split()[0] for line in quality.violations(continued, defaults)] == ["kl_mean", "top1"]
     given = quality.parse_args(["--max-kl-mean", "1", "--min-top1", "fp8-dense=0.4"]).thresholds
     assert quality.violations(far, given) == []
     assert all(t == {} for t in quality.parse_args(["--no-default-thresholds"]).thresholds.values())
