@@ -375,22 +375,27 @@ class Router(nn.Module):
 TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
-def grouped_mm_in_one_kernel(device: torch.device, hidden: int, intermediate: int) -> bool:
-    """Whether `torch._grouped_mm` runs the experts' bfloat16 products on `device` as one kernel with no host sync
-    (so inside a CUDA graph): on Hopper from its first release (2.8) and datacenter Blackwell from 2.9; on the CPU,
-    where nothing is captured, from 2.9 (2.8 has no CPU kernel); not at all before 2.8. On other GPUs torch 2.9+ loops
-    over the groups after copying their offsets to the host, a sync a CUDA graph cannot capture, and 2.8 raises; AMD
-    GPUs (ROCm's torch names them "cuda" with the gfx version as capability) are not counted on. Every kernel wants
-    the rows' strides in multiples of 16 bytes (8 bfloat16). Where it does not run so, the experts take the dense
-    path."""
+def takes_grouped_mm(device: torch.device, hidden: int, intermediate: int) -> bool:
+    """Whether the experts' bfloat16 products on `device` take `torch._grouped_mm`: where it is one kernel with no
+    host sync, so inside a CUDA graph too (Hopper from its first release, 2.8; datacenter Blackwell from 2.9), on the
+    CPU from 2.9 (2.8 has no CPU kernel), and on other NVIDIA GPUs from 2.9 outside a CUDA graph: there torch loops
+    over the groups after copying their offsets to the host, a sync that a capture (a compiled decode step's CUDA
+    graph) cannot take, and 2.8 raises. Not before 2.8, nor on AMD GPUs (ROCm's torch names them "cuda" with the gfx
+    version as capability). Every kernel wants the rows' strides in multiples of 16 bytes (8 bfloat16). Elsewhere the
+    experts take the dense path (every expert on every token: the same weight bytes as a batch that reaches them all,
+    more FLOPs)."""
     if not hasattr(torch, "_grouped_mm") or hidden % 8 or intermediate % 8:
         return False
-    if device.type == "cuda":
-        if torch.version.hip is not None:
-            return False
-        major = torch.cuda.get_device_properties(device).major
-        return major == 9 or (major == 10 and TORCH_RELEASE >= (2, 9))
-    return device.type == "cpu" and TORCH_RELEASE >= (2, 9)
+    if device.type == "cpu":
+        return TORCH_RELEASE >= (2, 9)
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    major = torch.cuda.get_device_properties(device).major
+    if major == 9 or (major == 10 and TORCH_RELEASE >= (2, 9)):
+        return True
+    # is_compiling first: dynamo does not trace the capture query (interface.FlashMLASchedMeta.fill)
+    return (TORCH_RELEASE >= (2, 9) and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
 
 
 class Experts(nn.Module):
@@ -430,7 +435,7 @@ class Experts(nn.Module):
             local = local.masked_fill(~held, num_experts)
             if x.shape[0] <= FEW_TOKENS:
                 return torch.ops.flashmla.routed_experts(x, self.gate_up_proj, self.down_proj, weights, local)
-            if grouped_mm_in_one_kernel(x.device, x.shape[-1], self.down_proj.shape[2]):
+            if takes_grouped_mm(x.device, x.shape[-1], self.down_proj.shape[2]):
                 return self.grouped(x, weights, local)
         combine = torch.zeros(x.shape[0], num_experts + 1, dtype=weights.dtype, device=x.device)
         return self.dense(x, combine.scatter_add_(1, local.masked_fill(~held, num_experts), weights)[:, :-1])

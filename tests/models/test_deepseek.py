@@ -305,20 +305,29 @@ def test_indexer_choice(hf_checkpoints):
 
 
 @pytest.mark.parametrize("device, major, release, hip, expected", [
-    ("cuda", 9, (2, 8), None, True), ("cuda", 9, (2, 13), None, True), ("cuda", 10, (2, 9), None, True),
-    ("cuda", 10, (2, 8), None, False), ("cuda", 8, (2, 13), None, False), ("cuda", 12, (2, 13), None, False),
-    ("cuda", 9, (2, 13), "6.4", False), ("cpu", None, (2, 8), None, False), ("cpu", None, (2, 9), None, True),
-    ("meta", None, (2, 13), None, False)])
-def test_grouped_mm_only_where_it_runs_as_one_kernel(monkeypatch, device, major, release, hip, expected):
-    """torch._grouped_mm where it is one kernel without a host sync: Hopper (torch 2.8 on), datacenter Blackwell and
-    the CPU (2.9 on); not Ampere, Ada or consumer Blackwell (torch's loop over the groups syncs, inside a CUDA
-    graph's capture too), nor AMD GPUs; and only for sizes of whole 16-byte strides."""
+    ("cuda", 9, (2, 8), None, "always"), ("cuda", 9, (2, 13), None, "always"), ("cuda", 10, (2, 9), None, "always"),
+    ("cuda", 10, (2, 8), None, "never"), ("cuda", 8, (2, 8), None, "never"), ("cuda", 8, (2, 13), None, "eager"),
+    ("cuda", 12, (2, 13), None, "eager"), ("cuda", 10, (2, 13), "6.4", "never"), ("cpu", None, (2, 8), None, "never"),
+    ("cpu", None, (2, 9), None, "always"), ("meta", None, (2, 13), None, "never")])
+def test_grouped_mm_only_where_it_runs(monkeypatch, device, major, release, hip, expected):
+    """torch._grouped_mm where it is one kernel without a host sync ("always": Hopper from torch 2.8, datacenter
+    Blackwell and the CPU from 2.9), on other NVIDIA GPUs only outside a CUDA graph's capture or a compiled step
+    ("eager": torch 2.9+ loops over the groups after a host sync there; 2.8 raises), never on AMD GPUs; and only for
+    sizes of whole 16-byte strides."""
     monkeypatch.setattr(deepseek, "TORCH_RELEASE", release)
     monkeypatch.setattr(torch.version, "hip", hip)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(major=major))
-    assert deepseek.grouped_mm_in_one_kernel(torch.device(device), 64, 32) is expected
-    assert not deepseek.grouped_mm_in_one_kernel(torch.device(device), 64, 36)
-    assert not deepseek.grouped_mm_in_one_kernel(torch.device(device), 68, 32)
+    capturing, compiling = [False], [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling[0])
+    device = torch.device(device)
+    assert deepseek.takes_grouped_mm(device, 64, 32) is (expected != "never")
+    for flag in (capturing, compiling):
+        flag[0] = True
+        assert deepseek.takes_grouped_mm(device, 64, 32) is (expected == "always")
+        flag[0] = False
+    assert not deepseek.takes_grouped_mm(device, 64, 36)
+    assert not deepseek.takes_grouped_mm(device, 68, 32)
 
 
 def test_experts_without_a_one_kernel_grouped_mm_take_the_dense_path(monkeypatch):
