@@ -18,7 +18,7 @@ from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE
 from flashmla_ops.interface import dense_kernel_reads_schedule
 
 from .cache import PagedKVCache, is_int
-from .deepseek import DeepseekForCausalLM, PrefillMetadata, decode_metadata
+from .deepseek import TORCH_RELEASE, DeepseekForCausalLM, PrefillMetadata, decode_metadata
 
 
 # Tokens per forward pass when prompts continue cached sequences (`prefill`): each pass reads every weight once and
@@ -229,11 +229,12 @@ def compile_decode_step(device: torch.device, balanced: bool = False):
     inside, and the cache tensors it mutates have static addresses). The cache's sizes are symbolic (`PagedKVCache`),
     so compiling happens about twice (batch 1, then any larger batch), whatever the cache sizes."""
     # Fused kernels round bfloat16 intermediates where eager does, so compiled decoding picks eager's tokens (an
-    # inductor option since torch 2.5; torch 2.4 refuses options it does not know).
+    # inductor option since torch 2.5; torch 2.4 refuses options it does not know). Not on the CPU before torch 2.13:
+    # its C++ backend crashes on it in 2.9-2.10 (`use_compute_types`) and picks eager's tokens only from 2.13.
     options = {"triton.cudagraphs": device.type == "cuda"}
     import torch._inductor.config as inductor_config  # imported by torch.compile anyway
 
-    if hasattr(inductor_config, "emulate_precision_casts"):
+    if hasattr(inductor_config, "emulate_precision_casts") and (device.type != "cpu" or TORCH_RELEASE >= (2, 13)):
         options["emulate_precision_casts"] = True
     balanced = balanced and dense_kernel_reads_schedule(device)  # asked here: not inside the traced step
     compiled = torch.compile(functools.partial(decode_step, balanced=balanced), fullgraph=True, options=options)

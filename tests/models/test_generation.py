@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from models import generation
 from models import (
     DeepseekConfig,
     PagedKVCache,
@@ -117,6 +118,26 @@ def test_compiled_decode_matches_eager(dtype):
         cache = PagedKVCache(config, num_blocks=4, max_batch_size=len(prompts), max_seq_len=64, kv_cache_dtype="fp8")
         outputs.append(generate(model, cache, prompts, 5, step=step)[0])
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("device, release, passed", [("cpu", (2, 10), False), ("cpu", (2, 12), False),
+                                                     ("cpu", (2, 13), True), ("cuda", (2, 10), True)])
+def test_compiled_decode_rounds_as_eager_where_inductor_can(monkeypatch, device, release, passed):
+    """emulate_precision_casts (compiled bf16 rounds as eager) goes to inductor for CUDA, and for the CPU from torch
+    2.13 only: its C++ backend crashes on it in 2.9-2.10 and does not round so before 2.13."""
+    import torch._inductor.config as inductor_config
+
+    seen = {}
+
+    def compile(fn, **kwargs):
+        seen.update(kwargs["options"])
+        return fn
+
+    monkeypatch.setattr(generation, "TORCH_RELEASE", release)
+    monkeypatch.setattr(torch, "compile", compile)
+    monkeypatch.setattr(inductor_config, "emulate_precision_casts", False, raising=False)
+    compile_decode_step(torch.device(device))
+    assert seen.get("emulate_precision_casts", False) is passed
 
 
 @pytest.mark.parametrize("compiled", [False, True])
