@@ -78,6 +78,11 @@ def test_random_cache_operations_keep_rows_and_pool_consistent(kv_cache_dtype, m
                 cache.fork(seq, into)
                 for row in into:
                     shadow[row] = list(shadow[seq])
+                if rng.random() < 0.5:  # every sharer writes a token at once: each into a last block of its own
+                    for row in [seq, *into]:
+                        start = cache.seq_lens[row]
+                        cache.extend(row, 1)
+                        write(row, start, start + 1)
             elif op == "truncate":
                 lengths = {}
                 for seq in rng.sample(range(rows), rng.randint(1, rows)):

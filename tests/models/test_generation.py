@@ -135,9 +135,10 @@ def test_compiled_decode_rounds_as_eager_where_inductor_can(monkeypatch, device,
 
     monkeypatch.setattr(generation, "TORCH_RELEASE", release)
     monkeypatch.setattr(torch, "compile", compile)
-    monkeypatch.setattr(inductor_config, "emulate_precision_casts", False, raising=False)
     compile_decode_step(torch.device(device))
-    assert seen.get("emulate_precision_casts", False) is passed
+    # (inductor's config is left as it is: monkeypatch's undo deleted the option, and later compiles failed)
+    known = hasattr(inductor_config, "emulate_precision_casts")  # torch 2.5 on
+    assert seen.get("emulate_precision_casts", False) is (passed and known)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
