@@ -65,6 +65,10 @@ def test_training_forward_matches_inference():
     # prefill feeds the attention ops bf16 q and latent (see test_deepseek.py): 1.5e-2 of the largest logit.
     assert (output.logits - expected).abs().max() <= 1.5e-2 * expected.abs().max()
     assert [load.sum().item() for load in output.expert_load] == [2 * 40 * config.num_experts_per_tok]
+    # each row is its own sequence: the batch's indexer KL is the mean of the rows' own (no row sees another's keys)
+    with torch.no_grad():
+        rows_kl = torch.stack([training_forward(model, tokens[i:i + 1]).indexer_kl for i in range(2)]).mean()
+    torch.testing.assert_close(output.indexer_kl.detach(), rows_kl, rtol=1e-4, atol=0)
 
     output.indexer_kl.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}

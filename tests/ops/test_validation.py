@@ -301,6 +301,10 @@ CASES = [
      set_(**dict(zip(("tile_scheduler_metadata", "num_splits"),
                      ops.get_mla_metadata(torch.tensor([5, 70], dtype=I32), 3)))), ValueError,
      "tile_scheduler_metadata"),
+    # the metadata these lengths give, but num_splits not theirs (here every length gives [0, 1, 2])
+    ("dense_decode", "value: num_splits not get_mla_metadata's",
+     set_(tile_scheduler_metadata=ops.get_mla_metadata(torch.tensor([70, 5], dtype=I32), 3)[0],
+          num_splits=torch.tensor([0, 2, 3], dtype=I32)), ValueError, "num_splits"),
     ("dense_decode", "FP8, head_dim_v 576", set_(k_cache=fp8_cache(4), is_fp8=True, head_dim_v=576), ValueError,
      "head_dim_v"),
     ("dense_decode", "value: cache_seqlens beyond the table", set_(cache_seqlens=torch.tensor([70, 200], dtype=I32)),
@@ -501,6 +505,10 @@ def test_unused_block_table_entries_are_not_checked():
     """Entries past a sequence's last block are padding and may hold anything."""
     args = dense_api()
     args["block_table"] = torch.tensor([[0, 1, -1, 1 << 30], [2, -7, 99, 3]], dtype=I32)
+    flashmla_ops.flash_mla_with_kvcache(**args)
+    # at the boundary: a sequence of exactly one block uses no second entry, an empty one no entry at all
+    args["cache_seqlens"] = torch.tensor([64, 0], dtype=I32)
+    args["block_table"] = torch.tensor([[0, -1, 1 << 30, 99], [-5, 99, -1, 1 << 30]], dtype=I32)
     flashmla_ops.flash_mla_with_kvcache(**args)
 
 
