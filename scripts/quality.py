@@ -50,8 +50,8 @@ THRESHOLDS = {"max_kl_mean": ("kl_mean", max), "max_kl_max": ("kl_max", max), "m
 # Applied unless the command line gives that option (for every configuration, or for this one) or
 # --no-default-thresholds: the bounds tests/models/test_train_and_quality.py holds the shipped checkpoint to (the FP8
 # cache: simulated dequantization bugs give 2.5e-3 nats and more; transformers: bf16 rounding only; the continued
-# rows: 2.4e-4 and 99.60% on the CPU, 2.9e-5 and 99.87% on the H100 with the CUDA kernels, stop 64, where a mask or
-# position error costs whole nats). Without them the regression checked nothing: every recorded run had none.
+# rows: 2.4e-4 and 99.60% on the CPU, 2.9e-5 and 99.87% on the H100 with the CUDA kernels in stop 64, where a mask
+# or position error would cost whole nats). Without them the regression checked nothing: every recorded run had none.
 DEFAULT_THRESHOLDS = {"max_kl_mean": {"fp8-dense": 2e-3, "bf16-continued": 5e-4},
                       "min_top1": {"fp8-dense": 0.95, "bf16-continued": 0.99, "transformers": 0.95},
                       "max_ppl_rel": {"transformers": 0.01}}
