@@ -78,6 +78,25 @@ def test_softmax_scale_default_is_d_qk_to_the_minus_half(device):
     assert not torch.allclose(default[1], other[1])
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_softmax_scale_default_follows_q_d_qk(sparse):
+    """The default is q's own d_qk ** -0.5, not DeepSeek's 576 ** -0.5: a cache of another width (d_qk 64 here, the
+    reference path) gets 64 ** -0.5, dense and sparse alike."""
+    d_qk = 64
+    q, cache = oracle.bf16(2, 1, 4, d_qk), oracle.bf16(3, 64, 1, d_qk)
+    if sparse:
+        arguments = (q, cache, None, None, 32)
+        options = dict(indices=torch.randint(-1, 3 * 64, (2, 1, 20), dtype=torch.int32))
+    else:
+        block_table = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32)
+        arguments = (q, cache, block_table, torch.tensor([100, 40], dtype=torch.int32), 32)
+        options = {}
+    default = flashmla_ops.flash_mla_with_kvcache(*arguments, None, **options)
+    for scale, same in ((d_qk ** -0.5, True), (oracle.D_QK ** -0.5, False)):
+        explicit = flashmla_ops.flash_mla_with_kvcache(*arguments, None, softmax_scale=scale, **options)
+        assert (torch.equal(default[0], explicit[0]) and torch.equal(default[1], explicit[1])) is same, scale
+
+
 def test_flash_mla_with_kvcache_sparse(device):
     """Sparse decode through the API: block_table and cache_seqlens None, FP8 cache, extra cache, sink."""
     batch, s_q, h_q = 2, 2, 16

@@ -512,6 +512,39 @@ def test_unused_block_table_entries_are_not_checked():
     flashmla_ops.flash_mla_with_kvcache(**args)
 
 
+def test_cache_seqlens_at_the_table_capacity_pass():
+    """A sequence that fills its block table exactly (2 blocks, 128 tokens) is valid; one token more is refused (the
+    case "cache_seqlens beyond the table")."""
+    args = dense_api()
+    args["cache_seqlens"] = torch.tensor([128, 128], dtype=I32)
+    flashmla_ops.flash_mla_with_kvcache(**args)
+    op_args = dense_op()
+    op_args["cache_seqlens"] = torch.tensor([128, 64], dtype=I32)
+    ops.dense_decode(**op_args)
+    paged = paged_args()
+    paged["cache_seqlens"] = torch.tensor([128, 128], dtype=I32)
+    ops.indexer_logits_paged(**paged)  # block_table [[0, 1], [2, 0]]: 128 tokens each
+
+
+@pytest.mark.parametrize("moved", ["block_table", "cache_seqlens", "attn_sink", "tile_scheduler_metadata",
+                                   "num_splits"])
+def test_dense_decode_checks_every_tensor_device(moved):
+    """Every tensor argument of dense_decode is on q's device (meta stands for another device here, so that this runs
+    without a GPU); the API names cache_seqlens on another device too."""
+    args = dense_op()
+    args.update(attn_sink=torch.randn(4), tile_scheduler_metadata=torch.zeros(1, 8, dtype=I32),
+                num_splits=torch.tensor([0, 1, 2], dtype=I32))
+    args[moved] = args[moved].to("meta")
+    with pytest.raises(ValueError) as raised:
+        ops.dense_decode(**args)
+    assert names_argument(str(raised.value), moved), str(raised.value)
+    if moved == "cache_seqlens":
+        api = dense_api()
+        api["cache_seqlens"] = api["cache_seqlens"].to("meta")
+        with pytest.raises(ValueError, match=r"^flash_mla_with_kvcache: .*cache_seqlens on meta"):
+            flashmla_ops.flash_mla_with_kvcache(**api)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a second device)")
 @pytest.mark.parametrize("moved", ["q", "k_cache", "block_table", "cache_seqlens"])
