@@ -249,6 +249,9 @@ def _check_write_index(op, index_cache, k, slot_mapping) -> None:
     dims = {}
     check_tensor(op, "k", k, FLOAT_DTYPES, ("num_tokens", "d_i"), dims)
     is_fp8 = require_tensor(op, "index_cache", index_cache).dtype in (torch.uint8, torch.float8_e4m3fn)
+    if is_fp8 and dims["d_i"] == 0:  # no values to take a scale from (the reference's amax raised IndexError)
+        raise ValueError(f"{op}: k must have shape (num_tokens, d_i) with d_i >= 1 for an FP8 index_cache, got "
+                         f"{tuple(k.shape)}")
     row = dims["d_i"] + 4 if is_fp8 else dims["d_i"]
     check_tensor(op, "index_cache", index_cache, (torch.uint8, torch.float8_e4m3fn) if is_fp8 else (k.dtype,),
                  ("num_blocks", "page_block_size", row), dims)
@@ -264,7 +267,7 @@ def write_index_cache(index_cache: torch.Tensor, k: torch.Tensor, slot_mapping: 
     """Store new tokens' indexer keys in the paged indexer key cache.
 
     index_cache: `(num_blocks, page_block_size, d_i)` bfloat16, or `(num_blocks, page_block_size, d_i + 4)` uint8
-        (FP8: d_i float8_e4m3fn values and one float32 power-of-two scale per token).
+        (FP8: d_i >= 1 float8_e4m3fn values and one float32 power-of-two scale per token).
     k: `(num_tokens, d_i)` bfloat16 (float32 for a float32 cache); slot_mapping: `(num_tokens,)` int32/int64, -1 skips
     the token.
     """

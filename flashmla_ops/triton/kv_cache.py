@@ -57,8 +57,11 @@ def encode_e4m3(x, HW_FP8: tl.constexpr):
 
 @triton.jit
 def to_bfloat16(x, INTERPRET: tl.constexpr):
-    """Round to nearest even to bfloat16; the CPU interpreter truncates, so it gets the rounding in integers."""
-    if INTERPRET:
+    """Round to nearest even to bfloat16; the CPU interpreter truncates, so it gets the rounding in integers. A
+    bfloat16 x is kept as it is: the interpreter widens bfloat16 subnormals to wrong float32 values."""
+    if x.dtype == tl.bfloat16:
+        rounded = x
+    elif INTERPRET:
         bits = x.to(tl.float32).to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = bits.to(tl.int16).to(tl.bfloat16, bitcast=True)

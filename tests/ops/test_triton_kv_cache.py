@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from flashmla_ops import reference
-from flashmla_ops.kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, quantize_kv_fp8_reference, write_kv_cache_reference
+from flashmla_ops.kv_cache import (D_QK, FP8_BYTES, KV_LORA_RANK, ROPE_DIM, quantize_kv_fp8_reference,
+                                   write_kv_cache_reference)
 
 triton_kv_cache = pytest.importorskip("flashmla_ops.triton.kv_cache", exc_type=ImportError)
 
@@ -26,9 +27,12 @@ def e4m3_halfway_points() -> torch.Tensor:
 
 def hard_rows(num_tokens: int, generator: torch.Generator, dtype=torch.bfloat16) -> torch.Tensor:
     """(num_tokens, 576): random rows over six decades; in the first six tokens, tiles of e4m3 halfway points times
-    2**k whose amax is exactly 448 * 2**k (amax / 448 a power of two); an all-zero latent; a 1e-30-scaled latent with
-    one tile scaled back up (subnormal results)."""
+    2**k whose amax is exactly 448 * 2**k (amax / 448 a power of two) and RoPE values halfway between two bfloat16
+    numbers (float32 rows: ties to even); an all-zero latent; a 1e-30-scaled latent with one tile scaled back up
+    (subnormal results)."""
     kv = torch.randn(num_tokens, D_QK, generator=generator) * torch.logspace(-3, 3, num_tokens)[:, None]
+    rope = torch.randn(min(num_tokens, 6), ROPE_DIM, generator=generator).bfloat16().float()
+    kv[:len(rope), KV_LORA_RANK:] = (rope.view(torch.int32) | 0x8000).view(torch.float32)  # half a bfloat16 ulp up
     halfway = e4m3_halfway_points()
     halfway = halfway[halfway.abs() <= 448]
     tiles = kv[:, :KV_LORA_RANK].view(num_tokens, 4, 128)
@@ -71,6 +75,17 @@ def test_triton_quantize_kv_fp8_is_bit_exact(dtype):
     want = quantize_kv_fp8_reference(kv)
     assert out.shape == (13, 1, FP8_BYTES) and out.dtype == torch.uint8
     assert torch.equal(out, want)
+
+
+def test_triton_quantize_kv_fp8_keeps_subnormal_rope_bits():
+    """RoPE values are stored as they are, bit for bit, subnormal bfloat16 ones too: the kernel widened bfloat16 RoPE to
+    float32 and rounded it back, and the CPU interpreter widens bfloat16 subnormals wrongly (bits 11 stored as 48)."""
+    kv = hard_rows(3, torch.Generator().manual_seed(8)).to(DEVICE)
+    subnormal = (torch.arange(3 * ROPE_DIM, dtype=torch.int16) % 127 + 1).view(torch.bfloat16).view(3, ROPE_DIM)
+    kv[:, KV_LORA_RANK:] = subnormal.to(DEVICE) * torch.tensor([1.0, -1.0], device=DEVICE).repeat(ROPE_DIM // 2)
+    out = triton_kv_cache.quantize_kv_fp8(kv)
+    assert torch.equal(out[:, KV_LORA_RANK + 16:], kv[:, KV_LORA_RANK:].contiguous().view(torch.uint8))
+    assert torch.equal(out, quantize_kv_fp8_reference(kv))
 
 
 def test_triton_fp8_writes_saturate_an_infinite_value_as_the_reference():

@@ -344,6 +344,10 @@ CASES = [
     ("write_index_cache", "index_cache width", set_(index_cache=oracle.bf16(2, 64, 16)), ValueError, "index_cache"),
     ("write_index_cache", "index_cache dtype", set_(index_cache=torch.zeros(2, 64, 32).half()), TypeError, "index_cache"),
     ("write_index_cache", "k dtype", set_(k=torch.randn(3, 32).half()), TypeError, "k"),
+    ("write_index_cache", "index_cache last dim non-contiguous",
+     set_(index_cache=lambda a: non_contiguous_last_dim(a["index_cache"])), ValueError, "index_cache"),
+    ("write_index_cache", "k d_i 0 into an FP8 index_cache",
+     set_(index_cache=torch.zeros(2, 64, 4, dtype=torch.uint8), k=oracle.bf16(3, 0)), ValueError, "k"),
     ("write_index_cache", "value: slot = num_blocks * 64", set_(slot_mapping=torch.tensor([128, 0, 1], dtype=I32)),
      ValueError, "slot_mapping"),
     # indexer
@@ -356,6 +360,8 @@ CASES = [
     ("indexer_logits", "q_scale with BF16 q", set_(q_scale=torch.ones(4, 2)), ValueError, "q_scale"),
     ("indexer_logits", "value: k_end > s_kv", set_(k_end=torch.tensor([1, 11, 2, 9], dtype=I32)), ValueError, "k_end"),
     ("indexer_logits", "value: k_start > k_end", set_(k_start=torch.tensor([0, 0, 3, 5], dtype=I32)), ValueError, "k_start"),
+    ("indexer_logits", "value: k_start < 0", set_(k_start=torch.tensor([-1, 0, 2, 5], dtype=I32)), ValueError,
+     "k_start"),
     ("indexer_logits[fp8]", "no k_scale", set_(k_scale=None), ValueError, "k_scale"),
     ("indexer_logits[fp8]", "q_scale shape", set_(q_scale=torch.ones(4)), ValueError, "q_scale"),
     ("indexer_logits[fp8]", "k_scale dtype", set_(k_scale=torch.ones(10, dtype=torch.float64)), TypeError, "k_scale"),
@@ -578,6 +584,24 @@ def test_sparse_decode_checks_every_tensor_device(moved):
     args[moved] = args[moved].to("meta")
     with pytest.raises(ValueError) as raised:
         ops.sparse_decode(**args)
+    assert names_argument(str(raised.value), moved), str(raised.value)
+
+
+CACHE_AND_INDEXER_TENSORS = [(entry, name) for entry in ("write_kv_cache", "write_kv_cache[fp8]", "write_index_cache",
+                                                       "indexer_logits", "indexer_logits[fp8]", "indexer_logits_paged",
+                                                       "indexer_topk")
+                             for name, value in ENTRIES[entry][1]().items() if isinstance(value, torch.Tensor)]
+
+
+@pytest.mark.parametrize("entry,moved", CACHE_AND_INDEXER_TENSORS)
+def test_cache_and_indexer_ops_check_every_tensor_device(entry, moved):
+    """Every tensor argument of the cache writes and the indexer ops is on one device (meta stands for another device
+    here): a ValueError before any compute, not a kernel handed another device's pointer."""
+    function, make_args = ENTRIES[entry]
+    args = make_args()
+    args[moved] = args[moved].to("meta")
+    with pytest.raises(ValueError, match="must be on one device") as raised:
+        function(**args)
     assert names_argument(str(raised.value), moved), str(raised.value)
 
 
