@@ -46,7 +46,7 @@ def prefill(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list[
     All rows are checked to have room first (nothing is cached otherwise); if a pass fails, every row is cut back to
     its length before the call."""
     _check_prompts("prefill", model, cache, prompts)
-    _check_chunk("prefill", chunk)
+    chunk = _check_chunk("prefill", chunk)
     before = {seq: cache.seq_lens[seq] for seq in range(len(prompts))}
     # empty rows with the same prompt: one of them prefilled, the others forked from it (all its blocks shared)
     same = _same_prompts(cache, prompts)
@@ -163,9 +163,11 @@ def _check_prompts(op: str, model: DeepseekForCausalLM, cache: PagedKVCache, pro
             raise ValueError(f"{op}: prompt {seq} holds token ids outside the vocabulary [0, {vocab}): {bad[:8]}")
 
 
-def _check_chunk(op: str, chunk: int) -> None:
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+def _check_chunk(op: str, chunk: int) -> int:
+    """`chunk` as a Python int (numpy's ints are taken, as the cache's counts are)."""
+    if not is_int(chunk) or chunk < 1:
         raise ValueError(f"{op}: chunk must be an int >= 1, got {chunk!r}")
+    return int(chunk)
 
 
 def _check_sampling(op: str, temperature: float, top_p: float) -> None:
@@ -267,8 +269,9 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
     conversation's next turn is `generate` again on the same rows with prompts that start with each row's last new
     token (`chunk`: the tokens a continuation pass takes, see `prefill`). Empty rows given the same prompt (samples of
     one prompt) prefill it once and share its blocks, which the pool check counts once."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)  # numpy's ints are taken too, as the cache's counts are
     if eos_token_ids is None:  # the model's own end of sequence
         eos_token_ids = tuple(model.config.eos_token_ids)
     if is_int(eos_token_ids):  # config.json's eos_token_id is an int
@@ -276,7 +279,7 @@ def generate(model: DeepseekForCausalLM, cache: PagedKVCache, prompts: list[list
     if not all(is_int(token) for token in eos_token_ids):
         raise TypeError(f"generate: eos_token_ids must be token ids (ints), got {eos_token_ids!r}")
     _check_sampling("generate", temperature, top_p)
-    _check_chunk("generate", chunk)
+    chunk = _check_chunk("generate", chunk)
     _check_prompts("generate", model, cache, prompts)
     before = [cache.seq_lens[seq] for seq in range(len(prompts))]
     # Rows forked from another with the same prompt share its full blocks (and its last one until they write past it)

@@ -147,3 +147,26 @@ def test_a_checkpoint_with_a_tokenizer_gets_the_sample_prompts(monkeypatch):
     default = generate_script.parse_args([])
     assert named.prompt == default.prompt == list(generate_script.SAMPLE_PROMPTS)
     assert generate_script.parse_args(["--model", str(checkpoint), "--prompt-ids", "5,6"]).prompt is None
+
+
+def test_sampling_flags_reach_generate(monkeypatch):
+    """--temperature, --top-p and --seed (with --samples: rows sharing the prompt's blocks) draw the tokens that
+    `generate` draws with those arguments and a generator seeded with --seed; the untimed warm-up (greedy) draws
+    none of them. (Every other test of the command line is greedy: a run that sampled at temperature 0 passed.)"""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    from models import DeepseekConfig, PagedKVCache, generate, random_model, tiny_config
+
+    seed, prompt = 7, [5, 17, 33, 2, 90]
+    outputs = generate_script.main(["--random-tiny", "v3", "--prompt-ids", ",".join(map(str, prompt)), "--samples",
+                                    "2", "--temperature", "1.5", "--top-p", "0.5", "--seed", str(seed),
+                                    "--dtype", "float32", "--max-new-tokens", "12", "--device", "cpu"])
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, torch.float32, "cpu", seed=seed)
+    want = {}
+    for temperature, top_p in ((1.5, 0.5), (1.5, 1.0), (0.0, 1.0)):
+        cache = PagedKVCache(config, num_blocks=2, max_batch_size=2, max_seq_len=64)
+        want[temperature, top_p] = generate(model, cache, [prompt] * 2, 12, temperature, top_p,
+                                            generator=torch.Generator().manual_seed(seed))[0]
+    assert outputs == want[1.5, 0.5]
+    # each flag matters here: the samples differ, and from those of the whole softmax and the greedy tokens
+    assert outputs[0] != outputs[1] and outputs != want[1.5, 1.0] and outputs != want[0.0, 1.0]

@@ -574,7 +574,8 @@ def test_fork_checks_its_rows_and_the_pool_counts_copies():
 def test_shared_blocks_are_counted_once():
     """The pool check counts what sharing needs, no more: rows writing into the partly filled block they all share
     need one copy fewer than there are of them (the last writes in place); k samples of an L-token prompt need its
-    blocks once plus, each, its own blocks from the partly filled one on; prefilling them, the prompt's blocks once."""
+    blocks once plus, each, its own blocks from the partly filled one on; prefilling them, or generating one token
+    each (returned, not cached: nothing is written past the prompt), the prompt's blocks once."""
     config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
     cache = PagedKVCache(config, num_blocks=3, max_batch_size=2, max_seq_len=128)
     cache.extend(0, 70)
@@ -598,6 +599,11 @@ def test_shared_blocks_are_counted_once():
     with torch.no_grad():
         prefill(model, cache, [prompt] * 4)  # the three blocks of the prompt, shared by all four rows
     assert cache.free_blocks == [] and all(blocks == cache.seq_blocks[0] for blocks in cache.seq_blocks)
+    assert_pool_consistent(cache)
+    cache = PagedKVCache(config, num_blocks=3, max_batch_size=4, max_seq_len=192)
+    outputs, _ = generate(model, cache, [prompt] * 4, 1)
+    assert len(outputs) == 4 and cache.free_blocks == []
+    assert all(blocks == cache.seq_blocks[0] for blocks in cache.seq_blocks)
     assert_pool_consistent(cache)
 
 
@@ -650,6 +656,22 @@ def test_generate_takes_an_eos_id_as_an_int():
     import numpy as np
     from_numpy, _ = generate(model, cache, [list(np.array([5, 6]))], 6, eos_token_ids=[np.int64(first)])
     assert from_numpy == [[first]]
+
+
+def test_generate_takes_numpy_counts():
+    """max_new_tokens and chunk may be numpy's ints (a sweep over an array), as the cache's counts and the token ids
+    may: they were refused ("max_new_tokens must be an int >= 1, got np.int64(4)"). The rows' lengths stay ints."""
+    import numpy as np
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, seed=4)
+    runs = []
+    for count in (int, np.int64):
+        cache = PagedKVCache(config, num_blocks=4, max_batch_size=2, max_seq_len=128)
+        first, _ = generate(model, cache, [[5, 6], [7] * 30], count(4))
+        second, _ = generate(model, cache, [[out[-1], *range(8, 18)] for out in first], count(3), chunk=count(4))
+        assert all(type(n) is int for n in cache.seq_lens)
+        runs.append((first, second, cache.seq_lens))
+    assert runs[0] == runs[1]
 
 
 def test_top_p_one_keeps_every_token(monkeypatch):
@@ -741,6 +763,23 @@ def test_the_cache_needs_the_ops_latent_layout():
         for kv_cache_dtype in ("bf16", "fp8", "fp32"):
             with pytest.raises(ValueError, match="kv_lora_rank must be 512 and qk_rope_head_dim 64"):
                 PagedKVCache(config, 2, 1, 64, kv_cache_dtype)
+
+
+def test_a_run_may_fill_max_seq_len():
+    """A row may cache exactly max_seq_len tokens (60 + 5 - 1 = 64 of 64; the refusal at 65 is
+    test_generate_checks_everything_before_caching's), and a prompt may fill its last block exactly; one token more
+    is refused."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
+    model = random_model(config, seed=4)
+    cache = PagedKVCache(config, num_blocks=2, max_batch_size=2, max_seq_len=64)
+    outputs, _ = generate(model, cache, [[5] * 3, [6] * 60], 5, eos_token_ids=())
+    assert [len(output) for output in outputs] == [5, 5] and cache.seq_lens == [7, 64]
+    with pytest.raises(ValueError, match="would reach 65 tokens"):
+        cache.extend_batch(2, 1)
+    cache.reset()
+    with torch.no_grad():
+        prefill(model, cache, [[5] * 64])
+    assert cache.seq_lens == [64, 0] and len(cache.free_blocks) == 1
 
 
 def test_a_run_short_of_blocks_is_refused_before_any_pass():
