@@ -532,23 +532,12 @@ def test_cache_seqlens_at_the_table_capacity_pass():
     ops.indexer_logits_paged(**paged)  # block_table [[0, 1], [2, 0]]: 128 tokens each
 
 
-@pytest.mark.parametrize("moved", ["block_table", "cache_seqlens", "attn_sink", "tile_scheduler_metadata",
-                                   "num_splits"])
-def test_dense_decode_checks_every_tensor_device(moved):
-    """Every tensor argument of dense_decode is on q's device (meta stands for another device here, so that this runs
-    without a GPU); the API names cache_seqlens on another device too."""
-    args = dense_op()
-    args.update(attn_sink=torch.randn(4), tile_scheduler_metadata=torch.zeros(1, 8, dtype=I32),
-                num_splits=torch.tensor([0, 1, 2], dtype=I32))
-    args[moved] = args[moved].to("meta")
-    with pytest.raises(ValueError) as raised:
-        ops.dense_decode(**args)
-    assert names_argument(str(raised.value), moved), str(raised.value)
-    if moved == "cache_seqlens":
-        api = dense_api()
-        api["cache_seqlens"] = api["cache_seqlens"].to("meta")
-        with pytest.raises(ValueError, match=r"^flash_mla_with_kvcache: .*cache_seqlens on meta"):
-            flashmla_ops.flash_mla_with_kvcache(**api)
+def test_the_api_names_cache_seqlens_on_another_device():
+    """(meta stands for another device here, so that this runs without a GPU)"""
+    api = dense_api()
+    api["cache_seqlens"] = api["cache_seqlens"].to("meta")
+    with pytest.raises(ValueError, match=r"^flash_mla_with_kvcache: .*cache_seqlens on meta"):
+        flashmla_ops.flash_mla_with_kvcache(**api)
 
 
 @pytest.mark.gpu
@@ -576,31 +565,28 @@ def test_flashmla_api_names_itself(entry, what, change, error, name):
     assert str(raised.value).startswith("flash_mla_with_kvcache: "), str(raised.value)
 
 
-@pytest.mark.parametrize("moved", ["extra_topk_length", "tile_scheduler_metadata", "num_splits"])
-def test_sparse_decode_checks_every_tensor_device(moved):
-    """Every tensor argument of sparse_decode is on q's device (meta stands for another device here)."""
-    args = sparse_op()
-    args.update(tile_scheduler_metadata=torch.zeros(1, 8, dtype=I32), num_splits=torch.tensor([0, 1, 1], dtype=I32))
-    args[moved] = args[moved].to("meta")
-    with pytest.raises(ValueError) as raised:
-        ops.sparse_decode(**args)
-    assert names_argument(str(raised.value), moved), str(raised.value)
+# The ops' optional tensors, given so that each is checked too (a schedule, a sink)
+DEVICE_CHECK_EXTRAS = {
+    "dense_decode": dict(attn_sink=torch.randn(4), tile_scheduler_metadata=torch.zeros(1, 8, dtype=I32),
+                         num_splits=torch.tensor([0, 1, 2], dtype=I32)),
+    "sparse_decode": dict(tile_scheduler_metadata=torch.zeros(1, 8, dtype=I32),
+                          num_splits=torch.tensor([0, 1, 1], dtype=I32)),
+}
+DEVICE_CHECKED = [(entry, name) for entry in ("dense_decode", "sparse_decode", "write_kv_cache", "write_kv_cache[fp8]",
+                                              "write_index_cache", "indexer_logits", "indexer_logits[fp8]",
+                                              "indexer_logits_paged", "indexer_topk")
+                  for name, value in {**ENTRIES[entry][1](), **DEVICE_CHECK_EXTRAS.get(entry, {})}.items()
+                  if isinstance(value, torch.Tensor) and name != "q"]
 
 
-CACHE_AND_INDEXER_TENSORS = [(entry, name) for entry in ("write_kv_cache", "write_kv_cache[fp8]", "write_index_cache",
-                                                       "indexer_logits", "indexer_logits[fp8]", "indexer_logits_paged",
-                                                       "indexer_topk")
-                             for name, value in ENTRIES[entry][1]().items() if isinstance(value, torch.Tensor)]
-
-
-@pytest.mark.parametrize("entry,moved", CACHE_AND_INDEXER_TENSORS)
-def test_cache_and_indexer_ops_check_every_tensor_device(entry, moved):
-    """Every tensor argument of the cache writes and the indexer ops is on one device (meta stands for another device
-    here): a ValueError before any compute, not a kernel handed another device's pointer."""
+@pytest.mark.parametrize("entry,moved", DEVICE_CHECKED)
+def test_ops_check_every_tensor_device(entry, moved):
+    """Every tensor argument of an op is on one device (meta stands for another device here, so that this runs
+    without a GPU): a ValueError naming it before any compute, not a kernel handed another device's pointer."""
     function, make_args = ENTRIES[entry]
-    args = make_args()
+    args = {**make_args(), **DEVICE_CHECK_EXTRAS.get(entry, {})}
     args[moved] = args[moved].to("meta")
-    with pytest.raises(ValueError, match="must be on one device") as raised:
+    with pytest.raises(ValueError, match="one device|on meta") as raised:
         function(**args)
     assert names_argument(str(raised.value), moved), str(raised.value)
 
