@@ -4,6 +4,7 @@
 them: always on the CPU, on a GPU with FLASHMLA_CHECK=1), so a bad argument gets the error the op would give, not a
 block table entry of -1 read as the last block. The `*_reference` functions are the unchecked implementations the
 ops call after their checks."""
+from ._checks import check_finite_scale
 from .decode import (_check_dense, _check_metadata, _check_sparse, dense_decode_reference, get_mla_metadata_reference,
                      sparse_decode_reference)
 from .indexer import (_check_logits, _check_logits_paged, _check_topk, indexer_logits_paged_reference,
@@ -30,6 +31,7 @@ def get_mla_metadata(cache_seqlens, num_sm_parts):
 def dense_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8, attn_sink=None):
     _check_dense("reference.dense_decode", q, k_cache, block_table, cache_seqlens, None, None, head_dim_v, is_fp8,
                  attn_sink)
+    check_finite_scale("reference.dense_decode", "softmax_scale", softmax_scale)
     return dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
                                   attn_sink)
 
@@ -38,12 +40,14 @@ def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices
                   head_dim_v, softmax_scale, is_fp8, attn_sink=None):
     _check_sparse("reference.sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                   extra_topk_length, None, None, head_dim_v, is_fp8, attn_sink)
+    check_finite_scale("reference.sparse_decode", "softmax_scale", softmax_scale)
     return sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                                    extra_topk_length, head_dim_v, softmax_scale, is_fp8, attn_sink)
 
 
 def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None, indexer_topk=0):
     _check_sparse_prefill("reference.sparse_prefill", q, kv, indices, d_v, attn_sink, topk_length, indexer_topk)
+    check_finite_scale("reference.sparse_prefill", "sm_scale", sm_scale)
     return sparse_prefill_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, indexer_topk)
 
 

@@ -807,9 +807,12 @@ def combine(partials: Partials, attn_sink, out, lse, split_offsets=None) -> None
 
 
 def supports(q, kv_cache, head_dim_v, is_fp8) -> bool:
-    """The shapes this kernel is written for: DeepSeek's 576/512 split, bf16 queries, 64-token pages."""
+    """The shapes this kernel is written for: DeepSeek's 576/512 split, bf16 queries, 64-token pages. An FP8 cache's
+    base on 4 bytes too: its rows' float32 scales are loaded as float32 (a GPU faults on a misaligned load), and the
+    CUDA kernel, which declines a base off 16 bytes, sent such a cache (a slice of a byte buffer) here."""
     element = kv_cache.element_size()
-    aligned = (kv_cache.stride(0) * element) % 16 == 0 and (kv_cache.stride(1) * element) % 16 == 0
+    aligned = ((kv_cache.stride(0) * element) % 16 == 0 and (kv_cache.stride(1) * element) % 16 == 0
+               and (not is_fp8 or kv_cache.data_ptr() % 4 == 0))
     return (q.dtype == torch.bfloat16 and q.shape[-1] == KV_LORA_RANK + ROPE_DIM and head_dim_v == KV_LORA_RANK
             and (is_fp8 or kv_cache.dtype == torch.bfloat16) and aligned
             and (not is_fp8 or kv_cache.shape[-1] == FP8_BYTES))

@@ -275,6 +275,23 @@ def test_batches_past_a_grids_second_dimension_take_the_triton_kernels(monkeypat
         assert indexer.indexer_logits_paged_path(q, index_cache) == "triton"
 
 
+def test_dense_decode_sends_an_fp8_cache_off_4_bytes_to_the_reference(monkeypatch):
+    """An FP8 cache sliced from a byte buffer, its block and row strides 16-byte multiples: based on 16 bytes the CUDA
+    kernel takes it, on 4 the Triton one, off 4 neither: the Triton kernel loads each row's float32 scales as float32,
+    a misaligned load a GPU faults on (it took such a cache where the CUDA kernel declined it)."""
+    pytest.importorskip("triton")
+    from flashmla_ops import decode
+
+    monkeypatch.setattr(_ext, "paths", lambda op, device: ("cuda", "triton"))
+    q = torch.zeros(1, 1, 16, 576, dtype=torch.bfloat16)
+    buffer = torch.zeros(2 * 64 * 656 + 32, dtype=torch.uint8)
+    base = (16 - buffer.data_ptr() % 16) % 16  # buffer[base:] starts on 16 bytes
+    for offset, path in ((0, "cuda"), (4, "triton"), (1, "reference"), (2, "reference")):
+        cache = buffer[base + offset:][:2 * 64 * 656].view(2, 64, 1, 656)
+        assert cache.stride()[:2] == (64 * 656, 656)
+        assert decode.dense_decode_path(q, cache, 512, True) == path, offset
+
+
 def test_write_kv_cache_path_names_the_kernel_that_runs(monkeypatch):
     """The FP8 cache takes float32 rows too (models in float32): csrc/kv_cache.cu writes bfloat16 rows only, so those
     go to Triton, and `write_kv_cache_path` says so where `backend()` (the best path for the rows its kernels cover)

@@ -696,3 +696,21 @@ def test_the_public_references_check_their_arguments_as_the_ops_do():
     assert all(torch.equal(a, b) for a, b in zip(
         reference.dense_decode(q, cache, table, seqlens, 512, 0.04, False, False),
         reference.dense_decode_reference(q, cache, table, seqlens, 512, 0.04, False, False)))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
+def test_the_public_references_refuse_a_softmax_scale_the_ops_refuse(scale):
+    """A scale that is not finite: the ops raise, and so do their references (they returned NaN outputs), naming
+    reference.<op> and the argument."""
+    from flashmla_ops import reference
+
+    q = torch.randn(1, 1, 4, 576).bfloat16()
+    cache = torch.randn(3, 64, 1, 576).bfloat16()
+    indices = torch.tensor([[[130, 131]]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"reference\.dense_decode: softmax_scale must be finite"):
+        reference.dense_decode(q, cache, torch.tensor([[2]], dtype=torch.int32), torch.tensor([10], dtype=torch.int32),
+                               512, scale, False, False)
+    with pytest.raises(ValueError, match=r"reference\.sparse_decode: softmax_scale must be finite"):
+        reference.sparse_decode(q, cache, indices, None, None, None, None, 512, scale, False)
+    with pytest.raises(ValueError, match=r"reference\.sparse_prefill: sm_scale must be finite"):
+        reference.sparse_prefill(q[0], cache[0], indices[0][None], scale)
