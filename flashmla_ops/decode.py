@@ -448,10 +448,17 @@ def _sparse_valid(indices, topk_length):
 
 def _sparse_keys(k_cache, indices, valid, width, is_fp8):
     """Rows and validity for one sequence's queries: indices and valid `(T, topk)` -> keys `(T, width, d_qk)` and
-    valid `(T, width)`, in `canonical_order`."""
+    valid `(T, width)`, in `canonical_order` (missing keys' rows 0: `masked_keys`)."""
     order = canonical_order(indices, valid, width)
     indices, valid = indices.gather(-1, order), valid.gather(-1, order)
-    return _gather_rows(k_cache, torch.where(valid, indices, 0).long(), is_fp8), valid
+    return masked_keys(_gather_rows(k_cache, torch.where(valid, indices, 0).long(), is_fp8), valid), valid
+
+
+def masked_keys(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Gathered keys `(T, K, d_qk)` (a fresh tensor, zeroed in place) with the rows of missing keys (`valid` `(T, K)`
+    false) 0. They were gathered from slot / row 0 in their place, which no query need list (an empty cache's NaN or
+    e4m3 NaN bytes): their softmax weight is 0, but 0 * NaN in the output's product is NaN."""
+    return keys.masked_fill_(~valid[..., None], 0)
 
 
 def sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,

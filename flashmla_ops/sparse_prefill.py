@@ -9,7 +9,7 @@ from . import _ext
 from ._attention import apply_attn_sink, attend
 from ._checks import (FLOAT_DTYPES, check, check_contiguous_last_dim, check_finite_scale, check_same_device,
                       check_tensor, contiguous_or_none, last_dim_contiguous, value_checks_apply)
-from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK, _within_length, canonical_order, key_widths
+from .decode import INDEX_DTYPES, TOKENS_PER_CHUNK, _within_length, canonical_order, key_widths, masked_keys
 from .kv_cache import D_QK, KV_LORA_RANK
 
 
@@ -59,7 +59,7 @@ def sparse_prefill_reference(q, kv, indices, sm_scale, d_v=512, attn_sink=None, 
         order = canonical_order(idx, valid, width)
         in_indexer = (valid & (position < indexer_topk)).gather(-1, order)
         idx, valid = idx.gather(-1, order), valid.gather(-1, order)
-        keys = kv_rows[torch.where(valid, idx, 0).long()]
+        keys = masked_keys(kv_rows[torch.where(valid, idx, 0).long()], valid)
         out_c, lse_c, max_c = attend(q[rows], keys, valid, sm_scale, d_v)
         out[rows] = apply_attn_sink(out_c, lse_c, attn_sink).to(q.dtype)
         lse[rows], max_logits[rows] = lse_c, max_c

@@ -376,10 +376,12 @@ def _aligned(tensor: torch.Tensor) -> bool:
 
 
 def supports_decode(q, k_cache, extra_k_cache, head_dim_v, is_fp8) -> bool:
-    """The shapes this kernel is written for: DeepSeek's 576/512 split, bf16 queries and BF16 or FP8 caches."""
+    """The shapes this kernel is written for: DeepSeek's 576/512 split, bf16 queries and BF16 or FP8 caches; an FP8
+    cache's base on 4 bytes (its rows' scales are float32 loads; as the dense decode's `supports`)."""
     caches = [k_cache] + ([extra_k_cache] if extra_k_cache is not None else [])
     return (q.dtype == torch.bfloat16 and q.shape[-1] == KV_LORA_RANK + ROPE_DIM and head_dim_v == KV_LORA_RANK
-            and all(_aligned(cache) and (cache.shape[-1] == FP8_BYTES if is_fp8 else cache.dtype == torch.bfloat16)
+            and all(_aligned(cache) and (cache.shape[-1] == FP8_BYTES and cache.data_ptr() % 4 == 0 if is_fp8
+                                         else cache.dtype == torch.bfloat16)
                     for cache in caches))
 
 

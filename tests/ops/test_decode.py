@@ -152,6 +152,32 @@ def test_sparse_decode_extra_cache_and_sink(device, fp8):
     assert torch.isfinite(lse[0, :, 0]).all(), "extra tokens alone make a query non-empty"
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_sparse_decode_reads_no_slot_it_does_not_list(device, fp8):
+    """Slots no query lists hold NaN (an uninitialised cache: NaN bf16, or 0xff bytes, e4m3 and float32 NaN), block 0
+    and so slot 0 among them, in both caches: queries with -1s, entries past topk_length and the extra cache's (a
+    missing key's row was gathered from slot 0 and its zero weight times NaN made the reference's output NaN)."""
+    batch, s_q, h_q, topk, extra_topk = 2, 2, 16, 40, 12
+    cache, flat_keys = oracle.paged_cache(3, fp8=fp8, device=device)
+    extra_cache, extra_flat_keys = oracle.paged_cache(2, fp8=fp8, device=device)
+    for pool in (cache, extra_cache):
+        pool[0] = 255 if fp8 else float("nan")
+    indices = 64 + sparse_indices(batch, s_q, topk, 2 * 64)  # blocks 1 and 2 only, -1 -> 63 below
+    indices[indices == 63] = -1
+    extra_indices = 64 + sparse_indices(batch, s_q, extra_topk, 64)
+    extra_indices[extra_indices == 63] = -1
+    topk_length = torch.tensor([topk, 9], dtype=torch.int32)
+    extra_topk_length = torch.tensor([5, extra_topk], dtype=torch.int32)
+    indices[1, :, 9:] = 0  # past topk_length: not read
+    q = oracle.bf16(batch, s_q, h_q, oracle.D_QK, device=device)
+    out, lse = ops.sparse_decode(q, cache, indices.to(device), topk_length.to(device), extra_cache,
+                                 extra_indices.to(device), extra_topk_length.to(device), None, None, oracle.D_V, SCALE,
+                                 fp8, None)
+    ref_out, ref_lse = oracle.sparse_decode(q.cpu(), flat_keys, indices, topk_length, SCALE, oracle.D_V,
+                                            extra_flat_keys, extra_indices, extra_topk_length)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+
+
 def test_sparse_decode_matches_dense_on_the_same_tokens(device):
     """Sparse decode listing every token of a sequence (in shuffled order) equals dense decode over it."""
     lengths = [100, 40]

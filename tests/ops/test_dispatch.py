@@ -275,10 +275,12 @@ def test_batches_past_a_grids_second_dimension_take_the_triton_kernels(monkeypat
         assert indexer.indexer_logits_paged_path(q, index_cache) == "triton"
 
 
-def test_dense_decode_sends_an_fp8_cache_off_4_bytes_to_the_reference(monkeypatch):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_decode_sends_an_fp8_cache_off_4_bytes_to_the_reference(monkeypatch, sparse):
     """An FP8 cache sliced from a byte buffer, its block and row strides 16-byte multiples: based on 16 bytes the CUDA
-    kernel takes it, on 4 the Triton one, off 4 neither: the Triton kernel loads each row's float32 scales as float32,
-    a misaligned load a GPU faults on (it took such a cache where the CUDA kernel declined it)."""
+    kernel takes it, on 4 the Triton one, off 4 neither: the Triton kernels load each row's float32 scales as float32,
+    a misaligned load a GPU faults on (they took such a cache where the CUDA kernel declined it). Sparse: as an extra
+    cache too."""
     pytest.importorskip("triton")
     from flashmla_ops import decode
 
@@ -286,10 +288,15 @@ def test_dense_decode_sends_an_fp8_cache_off_4_bytes_to_the_reference(monkeypatc
     q = torch.zeros(1, 1, 16, 576, dtype=torch.bfloat16)
     buffer = torch.zeros(2 * 64 * 656 + 32, dtype=torch.uint8)
     base = (16 - buffer.data_ptr() % 16) % 16  # buffer[base:] starts on 16 bytes
+    aligned = buffer[base:][:2 * 64 * 656].view(2, 64, 1, 656)
     for offset, path in ((0, "cuda"), (4, "triton"), (1, "reference"), (2, "reference")):
         cache = buffer[base + offset:][:2 * 64 * 656].view(2, 64, 1, 656)
         assert cache.stride()[:2] == (64 * 656, 656)
-        assert decode.dense_decode_path(q, cache, 512, True) == path, offset
+        if sparse:
+            assert decode.sparse_decode_path(q, cache, None, 512, True) == path, offset
+            assert decode.sparse_decode_path(q, aligned, cache, 512, True) == path, offset
+        else:
+            assert decode.dense_decode_path(q, cache, 512, True) == path, offset
 
 
 def test_write_kv_cache_path_names_the_kernel_that_runs(monkeypatch):

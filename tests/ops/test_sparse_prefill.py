@@ -85,6 +85,33 @@ def test_sparse_prefill_packed_equals_separate_calls(device):
         start += length
 
 
+def test_sparse_prefill_reads_no_row_it_does_not_list(device):
+    """kv rows no query lists hold NaN, row 0 among them: queries with -1s, indices >= s_kv and entries past
+    topk_length (a missing key's row was gathered from row 0 and its zero weight times NaN made the reference's
+    output NaN), the indexer LSE too."""
+    seq_lens, h_q, topk = [12, 9], 16, 24
+    s_kv = sum(seq_lens)
+    q = oracle.bf16(s_kv, h_q, oracle.D_QK, device=device)
+    kv = oracle.bf16(s_kv, 1, oracle.D_QK, device=device)
+    indices = packed_indices(seq_lens, topk)
+    listed = torch.unique(indices[(indices >= 0) & (indices < s_kv)]).long()
+    unlisted = torch.ones(s_kv, dtype=torch.bool)
+    unlisted[listed] = False
+    indices[indices == 0] = -1  # row 0 is listed by none
+    unlisted[0] = True
+    kv[unlisted.to(device)] = float("nan")
+    topk_length = torch.randint(0, topk + 1, (s_kv,), dtype=torch.int32)
+    out, max_logits, lse, lse_indexer = ops.sparse_prefill(q, kv, indices.to(device), 0.05, oracle.D_V, None,
+                                                           topk_length.to(device), 10)
+    ref = oracle.sparse_prefill(q.cpu(), kv.cpu(), indices, 0.05, oracle.D_V, None, topk_length, 10)
+    oracle.assert_attention_close(out, lse, ref[0], ref[2])
+    for name, value, want in (("max_logits", max_logits, ref[1]), ("lse_indexer", lse_indexer, ref[3])):
+        value = value.cpu().double()
+        assert torch.equal(torch.isinf(value), torch.isinf(want)) and not value.isnan().any(), name
+        finite = torch.isfinite(want)
+        assert (value[finite] - want[finite]).abs().max() < 1e-4, name
+
+
 def test_sparse_prefill_seqlen_zero(device):
     """Empty kv (s_kv = 0): every index is >= s_kv, so every query gets out = 0, lse = +inf, max_logits = -inf."""
     q = oracle.bf16(3, 16, oracle.D_QK, device=device)

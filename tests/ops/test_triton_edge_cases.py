@@ -241,6 +241,22 @@ def test_triton_sparse_decode_extra_topk_length_zero(is_fp8):
     assert torch.all(out[1] == 0) and torch.all(torch.isposinf(lse[1]))
 
 
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_sparse_decode_split_starting_among_the_extra_tiles(is_fp8):
+    """One main key tile and three extra ones, split over programs (two on the interpreter's 4 SMs, four on a GPU):
+    a split that starts past the extra cache's first tile reads the extra keys from its own first tile on (from the
+    extra cache's first, it counted tiles twice). Query (0, 0) sees nothing, with sinks of -inf and +inf too."""
+    generator = torch.Generator(DEVICE).manual_seed(75 + is_fp8)
+    q, cache, indices = sparse_decode_inputs(1, 2, 16, PAGE_BLOCK_SIZE, is_fp8, generator)
+    extra_cache = paged_cache(3, is_fp8, generator, pad=0)
+    extra_indices = random_indices((1, 2, 3 * PAGE_BLOCK_SIZE - 2), 3 * PAGE_BLOCK_SIZE, generator, 0.1)
+    multiprocessors, _ = triton_sparse.device_limits(q.device)
+    splits = triton_sparse.num_splits_for(2, 4, multiprocessors)  # 2 programs (queries) of 16 heads, 4 key tiles
+    assert any(split * -(-4 // splits) > 1 for split in range(splits))  # a split's first tile past the main one
+    sparse_decode_and_compare(q, cache, indices, None, extra_cache, extra_indices, None, KV_LORA_RANK, SCALE, is_fp8,
+                              sinks(16, generator))
+
+
 # ---------------------------------------------------------------- sparse prefill
 
 
@@ -261,12 +277,12 @@ def test_triton_sparse_prefill_head_counts_with_sink(h_q):
 @pytest.mark.parametrize("with_sink", [False, True])
 def test_triton_sparse_prefill_all_indices_past_kv(with_sink):
     """Every index >= s_kv (s_kv, s_kv + 1, 2**31 - 1): every query empty, out 0, lse and the indexer LSE +inf,
-    max_logits -inf, the sink notwithstanding."""
+    max_logits -inf, the sink notwithstanding (+inf too: sigmoid(lse - sink) would be NaN)."""
     generator = torch.Generator(DEVICE).manual_seed(81 + with_sink)
     q, kv, _, _ = packed_prefill_inputs([5, 3], 16, 70, False, generator)
     past = torch.tensor([8, 9, INT32_MAX], dtype=torch.int32, device=DEVICE)
     indices = past[torch.randint(0, 3, (8, 1, 70), generator=generator, device=DEVICE)]
-    attn_sink = torch.randn(16, generator=generator, device=DEVICE) if with_sink else None
+    attn_sink = sinks(16, generator) if with_sink else None  # -inf and +inf among them
     out, max_logits, lse, lse_indexer = prefill_and_compare(q, kv, indices, 0.05, KV_LORA_RANK, attn_sink, None, 30)
     assert torch.all(out == 0) and torch.all(torch.isposinf(lse)) and torch.all(torch.isneginf(max_logits))
     assert torch.all(torch.isposinf(lse_indexer))
