@@ -1,6 +1,6 @@
 #!/bin/bash
-# Stop 65 call 2: whether the narrow kernel's CTAs finish apart by the SM they run on (docs/bench/stop65_sm_spread.py
-# on a build recording every CTA).
+# Stop 65 call 2, not run (no device time was left): whether the narrow kernel's CTAs finish apart by the SM they
+# run on (docs/bench/stop65_sm_spread.py on a build recording every CTA).
 export PYTHONPATH=$PWD:$PWD/scripts MAX_JOBS=16 TORCH_EXTENSIONS_DIR=$PWD/bench/ext
 SECONDS=0
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
