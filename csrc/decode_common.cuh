@@ -354,10 +354,11 @@ struct PhaseClock {
 // FLASHMLA_PHASES builds: thread 0 of every CTA of every 16th grid row (or every FLASHMLA_CTA_RECORD_STRIDE-th;
 // cta_record_index, while the records last) records its SM and when it started and ended (globaltimer, ns), for the
 // waves and the time outside the block loop, and attend_pairs also when its prologue ended, its first pair, its loop,
-// and the barrier before the output's stores (cta_mark: 0, 1, 2, 3); print_phases prints them after the kernel.
+// and the barrier before the output's stores (cta_mark: 0, 1, 2, 3), and the narrow kernel also when its thread 0 had
+// issued its stores and passed the piece's last barrier (4, 5); print_phases prints them after the kernel.
 // Otherwise nothing.
 #ifdef FLASHMLA_PHASES
-constexpr int kCtaMarks = 4;
+constexpr int kCtaMarks = 6;
 struct CtaRecord {
   const char* kernel;  // nullptr: none
   int x, y, z;
@@ -399,9 +400,9 @@ static __global__ void print_records() {
       return r.marks[m] >= r.entry ? static_cast<long long>(r.marks[m] - r.entry) : -1LL;
     };
     printf("%s cta (%d, %d, %d) sm %u: %llu .. %llu ns; prologue, first pair, loop, exit end at +%lld +%lld +%lld "
-           "+%llu ns, stores from +%lld\n",
+           "+%llu ns, stores from +%lld, stored +%lld, synced +%lld\n",
            r.kernel, r.x, r.y, r.z, r.sm, r.entry, r.exit, since_entry(0), since_entry(1), since_entry(2),
-           r.exit - r.entry, since_entry(3));
+           r.exit - r.entry, since_entry(3), since_entry(4), since_entry(5));
     r.kernel = nullptr;
     for (int m = 0; m < kCtaMarks; ++m) r.marks[m] = 0;
   }

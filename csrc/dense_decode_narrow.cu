@@ -514,9 +514,11 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
       }
     }
   }
+  cta_mark(4);
   // The exchange is read; its generic writes are ordered before the next piece's TMA into the stages.
   fence_async_shared();
   __syncthreads();
+  cta_mark(5);
 }
 
 template <bool kFp8>

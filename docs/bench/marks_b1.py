@@ -11,7 +11,8 @@ Hopper GPU (stop 35):
 
 MARKS_SHAPES (batch:seqlen:h_q, comma-separated) picks other shapes; at 16 rows or fewer they run the narrow kernel
 (stop 40), whose marks are Q landed, warpgroup 0's first own block done, the loop's end (each warpgroup's), and the
-partial's stores starting (after the warpgroups' exchange), printed under the same names.
+partial's stores starting (after the warpgroups' exchange), printed under the same names, and (stop 66) when thread 0
+had issued its stores and passed the piece's last barrier.
 """
 import os
 import re
@@ -30,8 +31,9 @@ if len(sys.argv) == 1:  # the parent: runs itself per shape and summarises what 
         for run in runs:
             header, *lines = run.splitlines()
             records = [re.search(r"cta \((\d+), (\d+), (\d+)\) sm \d+: (\d+) \.\. (\d+) ns; .* at \+(-?\d+) \+(-?\d+) "
-                                 r"\+(-?\d+) \+(\d+) ns, stores from \+(-?\d+)", line) for line in lines]
-            records = [[int(v) for v in m.groups()] for m in records if m]
+                                 r"\+(-?\d+) \+(\d+) ns, stores from \+(-?\d+)(?:, stored \+(-?\d+), synced "
+                                 r"\+(-?\d+))?", line) for line in lines]
+            records = [[int(v) if v is not None else -1 for v in m.groups()] for m in records if m]
             if not records:
                 continue
             first_entry = min(r[3] for r in records)
@@ -40,7 +42,7 @@ if len(sys.argv) == 1:  # the parent: runs itself per shape and summarises what 
                   f"entries spread {max(r[3] for r in records) - first_entry} ns, first entry to last exit "
                   f"{last_exit - first_entry} ns")
             for name, index in (("prologue end", 5), ("first pair end", 6), ("loop end", 7), ("stores start", 9),
-                                ("exit", 8)):
+                                ("stores issued", 10), ("last barrier", 11), ("exit", 8)):
                 values = [r[index] for r in records if r[index] >= 0]
                 if values:
                     print(f"    {name:15s} after entry: median {statistics.median(values):8.0f} ns, "
