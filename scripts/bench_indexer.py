@@ -1,9 +1,10 @@
 """Benchmark the DSA lightning indexer logits ops (packed prefill, paged decode), per backend, and the top-k op.
 
 Prints per configuration: the path taken (cuda, triton, reference), time, GB/s, TFLOP/s, the SPEC.md §5 target where
-there is one (indexer logits FP8: >= 60% of the FP8 matmul rate) and the speed-up over the reference op on the GPU. Logits FLOPs: `2 * s_q * h_i * keys * d_i`
-over every key in range; bytes: q, keys and weights read once, float32 logits written. Times are medians of
-CUDA-graph replays (bench_decode.py's timing). Writes JSON and a PNG.
+there is one (indexer logits FP8: >= 60% of the FP8 matmul rate) and the speed-up over the reference op on the GPU.
+Logits FLOPs: `2 * s_q * h_i * keys * d_i` over every key in range; bytes: q, keys (FP8: with their float32 scales)
+and weights read once, float32 logits written. Times are medians of CUDA-graph replays (bench_decode.py's timing).
+Writes JSON and a PNG.
 
     python scripts/bench_indexer.py                                  # default backend (fastest available)
     python scripts/bench_indexer.py --backend triton --out bench/indexer_triton
@@ -49,6 +50,11 @@ def make_call(kind, rows, keys, h_i, d_i, fp8, device):
     return call, sets, flops, total_bytes
 
 
+def tensor_bytes(*tensors) -> int:
+    """Bytes of the tensors given (None: an operand without scales)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def _one_set(kind, rows, keys, h_i, d_i, fp8, device):
     if kind == "logits":
         q, q_scale = operand(torch.randn(rows, h_i, d_i, device=device), fp8)
@@ -58,7 +64,7 @@ def _one_set(kind, rows, keys, h_i, d_i, fp8, device):
         k_end = torch.full((rows,), keys, dtype=torch.int32, device=device)
         args = (q, k, weights, k_start, k_end, q_scale, k_scale)
         call = torch.ops.flashmla.indexer_logits
-        read = q.numel() * q.element_size() + k.numel() * k.element_size()
+        read = tensor_bytes(q, q_scale, k, k_scale)
     else:
         blocks_per_seq = keys // PAGE_BLOCK_SIZE
         cache = torch.randn(rows * blocks_per_seq, PAGE_BLOCK_SIZE, d_i, device=device)
@@ -68,7 +74,7 @@ def _one_set(kind, rows, keys, h_i, d_i, fp8, device):
         seqlens = torch.full((rows,), keys, dtype=torch.int32, device=device)
         args = (q, cache, torch.randn(rows, 1, h_i, device=device), block_table, seqlens, q_scale)
         call = torch.ops.flashmla.indexer_logits_paged
-        read = q.numel() * q.element_size() + cache.numel() * cache.element_size()
+        read = tensor_bytes(q, q_scale, cache)  # the FP8 cache's rows hold their scales
     flops = 2 * rows * h_i * keys * d_i
     return call, args, flops, read + rows * h_i * 4 + rows * keys * 4, read
 

@@ -160,6 +160,14 @@ def test_the_counts_are_spec_section_4s():
     _, args, flops, total, read = bench_indexer._one_set("logits", 4, 256, 2, 32, False, "cpu")
     assert flops == 2 * 4 * 2 * 256 * 32
     assert read == (4 * 2 * 32 + 256 * 32) * 2 and total == read + 4 * 2 * 4 + 4 * 256 * 4
+    # FP8: e4m3 values plus the float32 per-row scales the kernels read with them (q per head, k per key; the paged
+    # cache's rows hold theirs: d_i + 4 bytes a key)
+    _, _, flops, total, read = bench_indexer._one_set("logits", 4, 256, 2, 32, True, "cpu")
+    assert flops == 2 * 4 * 2 * 256 * 32 and read == 4 * 2 * (32 + 4) + 256 * (32 + 4)
+    assert total == read + 4 * 2 * 4 + 4 * 256 * 4
+    _, _, flops, total, read = bench_indexer._one_set("paged", 3, 128, 2, 32, True, "cpu")
+    assert flops == 2 * 3 * 2 * 128 * 32 and read == 3 * 2 * (32 + 4) + 3 * 128 * (32 + 4)
+    assert total == read + 3 * 2 * 4 + 3 * 128 * 4
 
 
 def test_rows_report_rates_and_fractions_of_the_ceilings(monkeypatch):
@@ -173,21 +181,44 @@ def test_rows_report_rates_and_fractions_of_the_ceilings(monkeypatch):
     assert row["tflop_s"] == pytest.approx(flops / 2e-3 / 1e12) and row["gb_s"] == pytest.approx(nbytes / 2e-3 / 1e9)
     assert row["bandwidth_fraction"] == pytest.approx(nbytes / 2e-3 / bench_decode.CEILINGS["bandwidth"])
     assert row["compute_fraction"] == pytest.approx(flops / 2e-3 / bench_decode.CEILINGS["bf16"])
+    # s_q 2 (both queries count, each over the whole sequence: SPEC's L_eff is seqlen), an FP8 cache, and lengths
+    # that differ (each sequence counted at its own length, not the mean's or the longest's)
+    row = bench_decode.bench_config(2, 2, 16, [100, 31], True, "cpu", with_baselines=False)
+    flops = sum(2 * 2 * 16 * length * (D_QK + D_V) for length in (100, 31))
+    nbytes = sum(length * FP8_ROW + 2 * 16 * (D_QK + D_V) * 2 for length in (100, 31))
+    assert row["tflop_s"] == pytest.approx(flops / 2e-3 / 1e12) and row["gb_s"] == pytest.approx(nbytes / 2e-3 / 1e9)
+    assert (row["kv_cache"], row["skewed"], row["seqlen"]) == ("fp8", True, 65)
     row = bench_sparse.bench_config("decode", 2, 2, 16, 32, True, "cpu", with_reference=False)
     queries = 2 * 2
     assert row["tflop_s"] == pytest.approx(2 * queries * 16 * 32 * (D_QK + D_V) / 2e-3 / 1e12)
     assert row["gb_s"] == pytest.approx((queries * 32 * FP8_ROW + queries * 16 * (D_QK + D_V) * 2) / 2e-3 / 1e9)
+    # sparse prefill: size = s_q queries (not s_kv), each gathering topk BF16 rows of the packed kv
+    row = bench_sparse.bench_config("prefill", 8, 64, 16, 32, False, "cpu", with_reference=False)
+    assert row["tflop_s"] == pytest.approx(2 * 8 * 16 * 32 * (D_QK + D_V) / 2e-3 / 1e12)
+    assert row["gb_s"] == pytest.approx((8 * 32 * D_QK * 2 + 8 * 16 * (D_QK + D_V) * 2) / 2e-3 / 1e9)
 
 
-def fake_rows(monkeypatch, module, bench_name, argv, rate):
-    """`module.main(argv)` on the CPU with `bench_name` faked to rows of `rate` GB/s and a tenth of it in TFLOP/s; the
-    saved rows."""
+def test_rows_with_two_queries_are_causal():
+    """SPEC.md §5's s_q 2 row is speculative decoding: bench_decode's op is causal from 2 queries on (query i sees
+    `[0, L - s_q + i]`, SPEC.md §2), not one that lets both queries see the whole cache."""
+    sets, cache_seqlens = bench_decode.make_inputs(2, 2, 4, [70, 100], False, "cpu", copies=1)
+    q, cache, block_table = sets[0]
+    got, _ = bench_decode.decode_op(cache_seqlens, 2, False)(q, cache, block_table)
+    for causal in (True, False):
+        want, _ = torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens, None, None, D_V, D_QK ** -0.5,
+                                                  causal, False, None)
+        assert torch.equal(got, want) == causal
+
+
+def fake_rows(monkeypatch, module, bench_name, argv, rate, time_us=lambda *args: 100.0):
+    """`module.main(argv)` on the CPU with `bench_name` faked to rows of `rate` GB/s and a tenth of it in TFLOP/s,
+    taking `time_us(*its arguments)`; the saved rows."""
     saved = {}
     monkeypatch.setattr(module, "bench_device", lambda *a: torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
-    monkeypatch.setattr(module, bench_name, lambda *a, **k: {"time_us": 100.0, "gb_s": rate, "tflop_s": rate / 10,
-                                                             "bandwidth_fraction": 0.0, "compute_fraction": 0.0,
-                                                             "path": "reference"})
+    monkeypatch.setattr(module, bench_name, lambda *a, **k: {"time_us": time_us(*a), "gb_s": rate,
+                                                             "tflop_s": rate / 10, "bandwidth_fraction": 0.0,
+                                                             "compute_fraction": 0.0, "path": "reference"})
     monkeypatch.setattr(module, "save_results", lambda out, backend, rows, plot, **extra: saved.update(rows=rows))
     monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
     module.main()
@@ -203,13 +234,62 @@ def test_rows_option_and_vs_target(monkeypatch):
     assert rows["bf16 b1 h128 32k"]["vs_target"] == pytest.approx(1000 / 2000)
     rows = fake_rows(monkeypatch, bench_decode, "bench_config", ["--rows", "h16 16k", "--no-baselines"], 1000.0)
     assert rows["fp8 b128 h16 16k"]["vs_target"] == pytest.approx(1 / 1.6)  # same time as its BF16 row
+    # the FP8 row 2.5x as fast as its BF16 row: 2.5 / 1.6 of the target (a ratio of 1 read the same either way up)
+    rows = fake_rows(monkeypatch, bench_decode, "bench_config", ["--rows", "h16", "--no-baselines"], 1000.0,
+                     time_us=lambda batch, s_q, h_q, seqlens, is_fp8, *rest: 400.0 if is_fp8 else 1000.0 + seqlens[0])
+    fp8, bf16 = rows["fp8 b128 h16 16k"], rows["bf16 b128 h16 16k"]  # not h16 4k's: another shape, another time
+    assert bf16["tokens_per_s"] == pytest.approx(128 / (1000.0 + 16384) / 1e-6)
+    assert fp8["bf16_tokens_per_s"] == bf16["tokens_per_s"] and fp8["tokens_per_s"] == pytest.approx(128 / 400e-6)
+    assert fp8["vs_target"] == pytest.approx((1000.0 + 16384) / 400.0 / 1.6)
+    # rows whose target is in TFLOP/s are graded in TFLOP/s (a tenth of the GB/s here)
+    rows = fake_rows(monkeypatch, bench_decode, "bench_config", ["--rows", "h128 4k"], 1000.0)
+    assert rows["bf16 b128 h128 4k"]["vs_target"] == pytest.approx(100 / 600)
+    assert rows["bf16 b128 s_q2 h128 4k"]["vs_target"] == pytest.approx(100 / 640)
     rows = fake_rows(monkeypatch, bench_sparse, "bench_config", ["--rows", "b64"], 1250.0)
     assert rows["decode fp8 b64 h64 topk2048"]["vs_target"] == pytest.approx(125 / 250)
     rows = fake_rows(monkeypatch, bench_indexer, "bench_row", ["--rows", "logits fp8 s_q"], 3750.0)
     assert rows["logits fp8 s_q4096 h64 s_kv32k"]["vs_target"] == pytest.approx(0.5)
+    rows = fake_rows(monkeypatch, bench_indexer, "bench_row", [], 3750.0)  # the target is the FP8 prefill row's only
+    assert {name for name, row in rows.items() if "vs_target" in row or "target" in row} == {
+        "logits fp8 s_q4096 h64 s_kv32k"}
     for module, name in ((bench_decode, "bench_config"), (bench_sparse, "bench_config"), (bench_indexer, "bench_row")):
         with pytest.raises(SystemExit, match="no row's name has one of --rows"):
             fake_rows(monkeypatch, module, name, ["--rows", "no such row"], 1.0)
+
+
+# SPEC.md §5's table, written out: (batch, s_q, h_q, seqlen, FP8 cache) -> (FlashMLA's figure, target)
+SPEC_DENSE = {(128, 1, 16, 4096, False): ("2631 GB/s", (2750, "GB/s")),
+              (128, 1, 16, 16384, False): ("2838 GB/s", (2850, "GB/s")),
+              (128, 1, 128, 4096, False): ("557 TFLOP/s", (600, "TFLOP/s")),
+              (128, 2, 128, 4096, False): ("609 TFLOP/s", (640, "TFLOP/s")),
+              (1, 1, 128, 32768, False): ("803 GB/s", (2000, "GB/s")),
+              (8, 1, 16, 32768, False): ("2353 GB/s", (2700, "GB/s")),
+              (128, 1, 16, 16384, True): ("-", (1.6, "x bf16 tokens/s"))}
+# (op, batch or s_q, s_q or s_kv, h_q, topk) -> (FlashMLA's figure, target TFLOP/s)
+SPEC_SPARSE = {("decode", 128, 1, 128, 2048): ("379 TFLOP/s", 400), ("decode", 128, 2, 128, 2048): ("390 TFLOP/s", 410),
+               ("decode", 64, 1, 64, 2048): ("212 TFLOP/s", 250),
+               ("prefill", 4096, 32768, 128, 2048): ("583 TFLOP/s", 600),
+               ("prefill", 4096, 32768, 64, 2048): ("556 TFLOP/s", 580)}
+
+
+def test_the_rows_are_spec_section_5s():
+    """Each script's SPEC rows have SPEC.md §5's shapes, FlashMLA figures and targets, and names that say so (the
+    fakes above time no row, so a shape or target could change unseen)."""
+    dense = {row[1:6]: row[6:] for row in bench_decode.SPEC_ROWS}
+    assert dense == SPEC_DENSE and len(bench_decode.SPEC_ROWS) == len(SPEC_DENSE)
+    for name, batch, s_q, h_q, seqlen, is_fp8, _, _ in bench_decode.SPEC_ROWS:
+        words = set(name.split())
+        assert {"fp8" if is_fp8 else "bf16", f"b{batch}", f"h{h_q}", f"{seqlen // 1024}k"} <= words
+        assert (f"s_q{s_q}" in words) == (s_q > 1)
+    sparse = {row[1:6]: row[6:] for row in bench_sparse.SPEC_ROWS}
+    assert sparse == SPEC_SPARSE and len(bench_sparse.SPEC_ROWS) == len(SPEC_SPARSE)
+    for name, op, size, second, h_q, topk, _, _ in bench_sparse.SPEC_ROWS:
+        words = set(name.split())
+        assert {op, f"h{h_q}"} <= words and ({"fp8", f"b{size}", f"topk{topk}"} if op == "decode" else
+                                             {"bf16", f"s_q{size}", f"s_kv{second // 1024}k"}) <= words
+    # indexer logits, FP8: s_q 4096, h_i 64, d_i 128, s_kv 32768, at >= 60% of the 1250 TFLOP/s FP8 matmul
+    assert ("logits fp8 s_q4096 h64 s_kv32k", "logits", 4096, 32768, 64, 128, True) in bench_indexer.ROWS
+    assert bench_indexer.TARGET_FRACTION * bench_indexer.PEAK_FP8 == pytest.approx(750e12)
 
 
 def test_the_json_records_the_ceilings(fake_h100, tmp_path):
