@@ -59,9 +59,12 @@ def check_tensor(op: str, name: str, t, dtypes, shape, dims: dict) -> torch.Tens
         if isinstance(spec, str):
             if spec not in dims:  # not dims.setdefault: dynamo before torch 2.8 does not trace it
                 dims[spec] = size
+                dims["from", spec] = name  # the error below names the argument that set it
             bound = dims[spec]
             if bound != size:
-                raise ValueError(f"{op}: {name} must have shape {want} with {spec}={bound}, got {tuple(t.shape)}")
+                origin = dims.get(("from", spec), "an earlier argument")
+                raise ValueError(f"{op}: {name} must have shape {want} with {spec}={bound} (as {origin} has it), got "
+                                 f"{tuple(t.shape)}")
         elif size != spec:
             raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(t.shape)}")
     return t

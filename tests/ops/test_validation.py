@@ -417,6 +417,20 @@ def test_bad_argument_is_named(entry, what, change, error, name):
     assert names_argument(str(raised.value), name), f"{error.__name__} does not name {name!r}: {raised.value}"
 
 
+def test_a_mismatched_dimension_names_the_argument_that_set_it():
+    """A q of d_qk 575 against a cache of 576: the error is raised at k_cache (checked after q) and says q set d_qk,
+    so that a bad q is not read as a bad cache."""
+    args = dense_api()
+    args["q"] = oracle.bf16(2, 1, 4, 575)
+    with pytest.raises(ValueError, match=re.escape("k_cache must have shape (*, 64, 1, d_qk) with d_qk=575 (as q has "
+                                                   "it), got (4, 64, 1, 576)")):
+        flashmla_ops.flash_mla_with_kvcache(**args)
+    args = logits_args()
+    args["k_end"] = torch.ones(3, dtype=I32)
+    with pytest.raises(ValueError, match=re.escape("with s_q=4 (as q has it)")):
+        ops.indexer_logits(**args)
+
+
 def required_tensor_arguments():
     """(entry, argument) for every op argument whose schema type is a plain Tensor: None passes the schema (the
     dispatcher takes it for any Tensor), so the op's own check must name it."""
