@@ -30,6 +30,7 @@ from flashmla_ops.kv_cache import PAGE_BLOCK_SIZE, quantize_fp8_rows
 from flashmla_ops.moe import FEW_TOKENS
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+GROUP_LIMITED = ("group_limited_greedy", "noaux_tc")  # routers that choose inside the topk_group best of n_group
 # V3.2 prefill scores a prompt's queries against its keys in chunks of at most this many logits (float32: 256 MiB)
 PREFILL_INDEX_LOGITS = 1 << 26
 
@@ -76,6 +77,7 @@ class DeepseekConfig:
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
     first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1  # past first_k_dense_replace, every moe_layer_freq-th layer is MoE (DeepSeek's code)
     mlp_layer_types: list[str] | None = None
     rms_norm_eps: float = 1e-6
     hidden_act: str = "silu"
@@ -100,6 +102,8 @@ class DeepseekConfig:
             if field.type in (int, int | None) and value is not None and (
                     not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"{field.name} must be an int, got {value!r}")
+        if self.moe_layer_freq < 1:
+            raise ValueError(f"moe_layer_freq must be at least 1, got {self.moe_layer_freq}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (all DeepSeek checkpoints), got {self.hidden_act!r}")
         if self.is_sparse and self.q_lora_rank is None:
@@ -108,6 +112,13 @@ class DeepseekConfig:
             self.scoring_func = "softmax" if self.model_type == "deepseek_v2" else "sigmoid"
         if self.topk_method is None:
             self.topk_method = "greedy" if self.model_type == "deepseek_v2" else "noaux_tc"
+        if self.n_routed_experts and self.topk_method in GROUP_LIMITED and (self.n_group or 1) > 1 and (
+                self.n_routed_experts % self.n_group or self.topk_group is None
+                or not 1 <= self.topk_group <= self.n_group):
+            # else the router fails at its first forward or, with topk_group 0, sends every token to the same experts
+            raise ValueError(f"group-limited routing ({self.topk_method}) needs n_routed_experts "
+                             f"({self.n_routed_experts}) split into n_group ({self.n_group}) equal groups and "
+                             f"topk_group in [1, n_group], got {self.topk_group}")
         if self.model_type in ("deepseek_v2", "deepseek_v32"):
             # V2 ropes adjacent pairs (complex multiply); V3.2's attention does too whatever the config says (as in
             # transformers' port; its indexer ropes halves, in IndexerAttention)
@@ -147,7 +158,10 @@ class DeepseekConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         if self.mlp_layer_types is not None:
             return self.mlp_layer_types[layer_idx] == "sparse"
-        return bool(self.n_routed_experts) and layer_idx >= self.first_k_dense_replace
+        # as DeepSeek's V2 / V3 code reads the config (transformers' port ignores moe_layer_freq; every DeepSeek
+        # checkpoint sets it to 1)
+        return (bool(self.n_routed_experts) and layer_idx >= self.first_k_dense_replace
+                and layer_idx % self.moe_layer_freq == 0)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -338,7 +352,7 @@ class Router(nn.Module):
         scores = logits.softmax(-1) if config.scoring_func == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         group_scores = None
-        if config.topk_method in ("group_limited_greedy", "noaux_tc") and (config.n_group or 1) > 1:
+        if config.topk_method in GROUP_LIMITED and (config.n_group or 1) > 1:
             grouped = choice.view(x.shape[0], config.n_group, -1)
             if config.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1).values.sum(-1)

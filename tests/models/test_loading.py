@@ -393,3 +393,72 @@ def test_an_fp8_checkpoint_loads_onto_the_gpu_as_onto_the_cpu(tmp_path, v3_tenso
     assert on_gpu.keys() == on_cpu.keys()
     for name, weight in on_gpu.items():
         assert weight.is_cuda and torch.equal(weight.cpu(), on_cpu[name]), name
+
+
+def test_fp8_weight_without_its_scale(tmp_path, v3_tensors):
+    """An FP8 weight whose weight_scale_inv the checkpoint lacks is a CheckpointError naming both (untested before:
+    without the check, a KeyError)."""
+    source, tensors = v3_tensors
+    stored = fp8_checkpoint(tensors)
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    del stored[name + "_scale_inv"]
+    with pytest.raises(CheckpointError, match=rf"tensor {name} in .*{SINGLE_FILE} is float8_e4m3fn but "
+                                              rf"{name}_scale_inv is missing"):
+        load_model(broken_checkpoint(tmp_path, source, stored), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("block", [(128, 64), (32, 128)])
+@pytest.mark.parametrize("dim, start, stop", [(0, 96, 192), (0, 250, 300), (1, 40, 200), (1, 64, 128)])
+def test_a_part_of_an_fp8_weight_in_non_square_blocks(tmp_path, block, dim, start, stop):
+    """A tensor-parallel rank's part of an FP8 weight in blocks of other rows than columns (weight_block_size) is
+    that part of the whole weight: a column split steps by the block's columns, a row split by its rows (with square
+    blocks only, reading every split by the block's rows passed every test)."""
+    from safetensors import safe_open
+    from models.parallel import Split
+
+    weight = torch.randn(300, 200) * torch.logspace(-2, 2, 300)[:, None]
+    fp8, scale_inv = quantize_fp8_blocks(weight, *block)
+    path = tmp_path / SINGLE_FILE
+    save_file({"w.weight": fp8, "w.weight_scale_inv": scale_inv}, path)
+    files = {"w.weight": path, "w.weight_scale_inv": path}
+    with safe_open(path, framework="pt") as f:
+        whole = loading._read(f, path, "w.weight", files, block)
+        part = loading._read(f, path, "w.weight", files, block, Split(dim, start, stop, weight.shape[dim]))
+    assert torch.equal(part, whole.narrow(dim, start, stop - start))
+
+
+def test_moe_layer_freq(tmp_path):
+    """config.json's moe_layer_freq: past first_k_dense_replace only every moe_layer_freq-th layer is MoE, as DeepSeek's
+    code builds it (was ignored: every layer past first_k_dense_replace was MoE, and such a checkpoint's dense layers
+    were unexpected tensors)."""
+    from models import DeepseekConfig, random_model, tiny_config
+
+    config_dict = tiny_config("deepseek_v3", num_hidden_layers=4, moe_layer_freq=2)
+    config = DeepseekConfig.from_dict(config_dict)
+    assert [config.is_moe_layer(layer) for layer in range(4)] == [False, False, True, False]
+    weights = loaded_weights(random_model(config))
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, tmp_path / SINGLE_FILE)
+    (tmp_path / "config.json").write_text(json.dumps(config_dict))
+    loaded = loaded_weights(load_model(tmp_path, dtype=torch.float32))
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[name], weights[name]) for name in weights)
+    (tmp_path / "config.json").write_text(json.dumps({**config_dict, "moe_layer_freq": 0}))
+    with pytest.raises(CheckpointError, match="moe_layer_freq must be at least 1"):
+        load_model(tmp_path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("routing", [dict(topk_group=0), dict(topk_group=5), dict(topk_group=None), dict(n_group=3)])
+def test_group_limited_routing_needs_whole_groups(tmp_path, model_type, routing):
+    """n_group that does not split the experts, or topk_group outside [1, n_group], is a CheckpointError naming
+    config.json (was: a RuntimeError at the first forward, or with topk_group 0 every token sent to the same experts
+    whatever its scores); greedy V2 routing and n_group 1 do not read them."""
+    from models import tiny_config
+    from models.loading import load_config
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(model_type, **routing)))
+    with pytest.raises(CheckpointError, match=r"config\.json: group-limited routing .* needs n_routed_experts"):
+        load_config(tmp_path)
+    for unread in (dict(topk_method="greedy"), dict(n_group=1)):
+        if model_type == "deepseek_v2" or "n_group" in unread:
+            (tmp_path / "config.json").write_text(json.dumps(tiny_config(model_type, **{**routing, **unread})))
+            load_config(tmp_path)

@@ -75,6 +75,29 @@ def test_no_token_and_no_held_expert():
         assert torch.equal(path(x, gate_up[:0], down[:0], weights, experts), torch.zeros_like(x))
 
 
+def test_triton_takes_strided_router_outputs_and_int32_experts():
+    """The router's weights and experts as column-major views and the experts as int32 (the op's dtypes; the tests
+    passed int64 row-major ones only, so dropping the kernel's contiguous() or the op's int32 passed them)."""
+    generator = torch.Generator().manual_seed(6)
+    x, gate_up, down, weights, experts = make_inputs(3, 40, 24, 5, 3, generator)
+    want = routed_experts_reference(x, gate_up, down, weights, experts)
+    strided = weights.t().contiguous().t(), experts.int().t().contiguous().t()
+    assert_close(triton_moe.routed_experts(x, gate_up, down, *strided), want)
+    assert_close(ops.routed_experts(x, gate_up, down, weights, experts.int()), want)
+
+
+def test_triton_supports_only_rows_of_unit_stride():
+    """The kernels stream rows of x, gate_up_proj and down_proj: a column-major one goes to the reference (on the CPU
+    every call does, so `supports` returning True for any strides passed every test)."""
+    generator = torch.Generator().manual_seed(7)
+    x, gate_up, down, _, _ = make_inputs(3, 40, 24, 5, 3, generator)
+    assert triton_moe.supports(x, gate_up, down)
+    column_major = lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731
+    assert not triton_moe.supports(column_major(x), gate_up, down)
+    assert not triton_moe.supports(x, column_major(gate_up), down)
+    assert not triton_moe.supports(x, gate_up, column_major(down))
+
+
 def test_op_checks_arguments():
     generator = torch.Generator().manual_seed(2)
     x, gate_up, down, weights, experts = make_inputs(2, 40, 24, 5, 3, generator, device="cpu")
