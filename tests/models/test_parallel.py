@@ -317,6 +317,20 @@ def test_only_the_mlps_a_model_has_must_split(overrides, ep):
                     "meta", Parallel(2, 1, 0, None))
 
 
+@pytest.mark.parametrize("overrides, tp, ep, what", [
+    (dict(n_routed_experts=6, n_group=2, topk_group=1), 4, 4, r"n_routed_experts \(6\)"),
+    (dict(moe_intermediate_size=30), 4, 1, r"^moe_intermediate_size \(30\)"),
+    (dict(moe_intermediate_size=30), 4, 4, r"moe_intermediate_size \* n_shared_experts \(30\)"),
+], ids=["experts-over-ep", "expert-rows-over-tp", "shared-expert-rows-over-tp"])
+def test_uneven_expert_splits_are_refused(overrides, tp, ep, what):
+    """Routed experts that do not partition over the ep ranks, or expert / shared-expert rows that do not split over
+    tp: `shard_model` would floor the sizes and drop the rest (6 experts over 4 ranks: 1 each, experts 4 and 5 held
+    by no rank; 30 rows: 7 a rank), so the model would run on without them."""
+    config = DeepseekConfig.from_dict(tiny_config("deepseek_v3", **overrides))
+    with pytest.raises(ValueError, match=what):
+        build_model(config, torch.float32, "meta", Parallel(tp, ep, 0, None))
+
+
 LOGITS_PROMPTS = [[3, 4, 5], [6, 7]]
 
 
@@ -337,21 +351,36 @@ def _logits_worker(rank: int, world_size: int, port: int, out_dir) -> None:
     torch.set_num_threads(1)
     parallel, _ = init_parallel(world_size)
     config = DeepseekConfig.from_dict(tiny_config("deepseek_v3", vocab_size=127))
-    logits = plain_logits(random_model(config, parallel=parallel))
-    torch.save({"types": {k: (type(v).__name__, v.is_contiguous()) for k, v in logits.items()}, **logits},
-               out_dir / f"rank{rank}.pt")
+    model = random_model(config, parallel=parallel)
+    logits = plain_logits(model)
+    torch.save({"types": {k: (type(v).__name__, v.is_contiguous()) for k, v in logits.items()}, **logits,
+                "sampled": sampled_tokens(model, seed=rank)}, out_dir / f"rank{rank}.pt")
     end_job()
+
+
+def sampled_tokens(model, seed: int) -> list[list[int]]:
+    """Tokens drawn at temperature 1 with a generator seeded `seed`."""
+    cache = PagedKVCache(model.config, 2, 2, 64, "fp32", model.lm_head.weight.device)
+    return generate(model, cache, LOGITS_PROMPTS, 6, temperature=1.0, eos_token_ids=(),
+                    generator=torch.Generator().manual_seed(seed))[0]
 
 
 def test_sharded_logits_are_plain_contiguous_tensors(tmp_path):
     """The LM head's gathered logits (vocabulary 127 over 2 ranks: padded) come back as one process's do: a plain,
     contiguous `(T, vocab)` tensor, not a transposed view of the gathered blocks nor (outside inference mode) the
-    functional collective's AsyncCollectiveTensor, so `view(-1)` works and `torch.load` reads them saved."""
+    functional collective's AsyncCollectiveTensor, so `view(-1)` works and `torch.load` reads them saved. Sampled
+    tokens are the same on every rank (rank 0's), though each rank's generator is seeded differently."""
     mp.spawn(_logits_worker, args=(2, free_port(), tmp_path), nprocs=2)
-    reference = plain_logits(random_model(DeepseekConfig.from_dict(tiny_config("deepseek_v3", vocab_size=127))))
+    model = random_model(DeepseekConfig.from_dict(tiny_config("deepseek_v3", vocab_size=127)))
+    reference = plain_logits(model)
+    # each rank draws with its own generator (seeded by its rank): the tokens must still be rank 0's, which `generate`
+    # broadcasts; rank 1's own draws are other tokens, so a missing broadcast shows
+    rank0_sampled = torch.load(tmp_path / "rank0.pt")["sampled"]
+    assert rank0_sampled != sampled_tokens(model, seed=1)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")  # weights_only: plain tensors only
         assert result["types"] == {"prefill": ("Tensor", True), "decode": ("Tensor", True)}
+        assert result["sampled"] == rank0_sampled, f"rank {rank}: sampled tokens differ from rank 0's"
         for name, theirs in reference.items():
             assert result[name].shape == theirs.shape
             assert_close(result[name], theirs, FP32_TOL, name)

@@ -36,6 +36,7 @@ MAX_WEIGHTS_BYTES = 16 * 2 ** 20  # what a device run can hand back per file: th
 QUALITY_ARGS = ["--device", "cpu", "--tokens", "256", "--window", "160", "--context", "32", "--continuations", "4",
                 "--new-tokens", "16"]
 FP8_MAX_KL_MEAN = 2e-3
+FP8_MIN_KL_MEAN = 1e-4  # e4m3's rounding of the latent is never free (5.6e-4 seen)
 
 
 def load_script(name: str):
@@ -237,8 +238,10 @@ def test_quality_outputs(quality_run):
 
 
 def test_fp8_cache_close_to_bf16(quality_run):
+    """Close, and not equal: e4m3 rounds the latent (5.6e-4 to 9.4e-4 nats seen), so a run whose fp8-dense
+    configuration wrote a BF16 cache (KL exactly 0) is no FP8 check at all."""
     fp8 = quality_run[1]["results"]["fp8-dense"]
-    assert fp8["kl_mean"] < FP8_MAX_KL_MEAN
+    assert FP8_MIN_KL_MEAN < fp8["kl_mean"] < FP8_MAX_KL_MEAN
     assert fp8["top1"] >= 0.95
 
 
@@ -262,9 +265,10 @@ def test_sparse_attention_is_sparse(quality_run):
 def test_a_continuation_gives_the_decode_steps_predictions(quality_run):
     """bf16-continued runs each window's rest as one continuation (many causal queries a pass) where the baseline
     decodes it a token a step: the same attention, so only bfloat16 rounding apart (6.7e-5 KL mean measured on the
-    CPU; the FP8 cache costs ~1e-3), not a mask or position error (whole nats)."""
+    CPU; the FP8 cache costs ~1e-3), not a mask or position error (whole nats). Apart, though: many queries a pass
+    round differently from one, and a KL of exactly 0 means the decode steps ran in the continuation's place."""
     continued = quality_run[1]["results"]["bf16-continued"]
-    assert continued["kl_mean"] < 5e-4 and continued["top1"] >= 0.99
+    assert 0 < continued["kl_mean"] < 5e-4 and continued["top1"] >= 0.99
 
 
 def test_quality_threshold_exit_code(tmp_path):
