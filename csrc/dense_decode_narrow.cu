@@ -48,8 +48,7 @@ constexpr int kMine = kRows / 4;               // query rows (accumulator column
 static_assert(kRows == 16, "the wgmma wrappers are m64n16");
 
 // Shared memory, in bytes from a 1024-aligned base: one KV stage per warpgroup, Q, one P^T per warpgroup, the
-// per-warp column maxima and sums, the warpgroups' final maxima, Q's row scales (FP8), the stages' mbarriers. At the
-// end of a piece the first 32 KiB of the stages carry the O^T halves the warpgroups exchange.
+// per-warp column maxima and sums, the warpgroups' final maxima, Q's row scales (FP8), the stages' mbarriers.
 struct Layout {
   static constexpr int kKv = 0;
   static constexpr int kQ = kKv + 2 * kMatrixBytes;
@@ -61,8 +60,12 @@ struct Layout {
   static constexpr int kBarriers = kQScale + kRows * 4;          // uint64_t [2]
   static constexpr int kBytes = kBarriers + 2 * 8 + 1024;        // + slack to align the base to 1024
   static_assert(kBytes <= 227 * 1024, "shared memory");
-  static_assert(2 * 4 * (kAcc / 4) * kGroupThreads * 16 <= 2 * kMatrixBytes, "the O^T exchange fits the stages");
 };
+// At the end of a piece the stages carry the O^T halves the warpgroups exchange, then the output rows staged for
+// 16-byte stores (float32 partials or bf16 out; the padding spreads a warp's four rows over the banks).
+constexpr int kExchangeBytes = 2 * 4 * (kAcc / 4) * kGroupThreads * 16;
+constexpr int kStagedStride = kLatentDim * 4 + 16;
+static_assert(kExchangeBytes + kRows * kStagedStride <= 2 * kMatrixBytes, "the exchange and staged rows fit");
 
 // Blocks [begin, end) of sequence `batch`: warpgroup w takes blocks begin + w, begin + w + 2, ... `fills` counts the
 // fills of this warpgroup's stage by earlier pieces (the mbarrier phase carries on from them).
@@ -478,6 +481,9 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     inverse[index] = total_sum[index] > 0.f ? 1.f / denominator : 0.f;
   }
   cta_mark(3);
+  // The merged rows go to shared memory (after the exchange), then out in 16-byte chunks: a warp's stores are 512
+  // contiguous bytes of one row, where a thread's own elements were 4-byte (2-byte) stores of four rows.
+  uint8_t* staged = shared + Layout::kKv + kExchangeBytes;
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
 #pragma unroll
@@ -487,18 +493,26 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = 4 * quad + e, index = 2 * (i / 4) + i % 2, n = column(index);
-        if (n >= p.rows) continue;
         const int value_col = 64 * (4 * warpgroup + t) + 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
         const float kept = warpgroup == 0 ? out_acc[t][i] : out_acc[4 + t][i];
         const float value = (kept * mine_weight[index] + other[e] * other_weight[index]) * inverse[index];
         if (direct) {
-          p.out[batch * p.out_batch_stride + (n / p.h_q) * p.out_seq_stride + (n % p.h_q) * p.out_head_stride +
-                value_col] = __float2bfloat16_rn(value);
+          *reinterpret_cast<__nv_bfloat16*>(staged + n * kStagedStride + value_col * 2) = __float2bfloat16_rn(value);
         } else {
-          p.out_partial[(out_slot * p.rows + n) * kLatentDim + value_col] = value;
+          *reinterpret_cast<float*>(staged + n * kStagedStride + value_col * 4) = value;
         }
       }
     }
+  }
+  __syncthreads();
+  const int chunks = direct ? kLatentDim * 2 / 16 : kLatentDim * 4 / 16;  // 16-byte chunks of a row
+  for (int c = threadIdx.x; c < p.rows * chunks && c < kRows * chunks; c += kThreads) {
+    const int n = c / chunks, chunk = c % chunks;
+    void* row_start = direct ? static_cast<void*>(p.out + batch * p.out_batch_stride + (n / p.h_q) * p.out_seq_stride +
+                                                   (n % p.h_q) * p.out_head_stride)
+                             : static_cast<void*>(p.out_partial + (out_slot * p.rows + n) * kLatentDim);
+    reinterpret_cast<uint4*>(row_start)[chunk] =
+        *reinterpret_cast<const uint4*>(staged + n * kStagedStride + chunk * 16);
   }
   if (warpgroup == 0 && warp == 0 && lane < 4) {
 #pragma unroll
@@ -515,7 +529,8 @@ __device__ __forceinline__ void attend_piece(const DecodeParams& p, uint8_t* sha
     }
   }
   cta_mark(4);
-  // The exchange is read; its generic writes are ordered before the next piece's TMA into the stages.
+  // The exchange and the staged rows are read; their generic writes are ordered before the next piece's TMA into the
+  // stages.
   fence_async_shared();
   __syncthreads();
   cta_mark(5);
