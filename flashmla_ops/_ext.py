@@ -331,7 +331,9 @@ def reference_fallback(op: str, device: torch.device | str) -> None:
     """Called by an op that runs its reference: records it for `reference_runs`, and under a forced fast path
     (`FLASHMLA_BACKEND=cuda|triton`) on a GPU says once per op that these inputs are not covered by that kernel (so a
     benchmark of the path does not time the reference unawares)."""
-    for runs in _REFERENCE_RECORDS:
+    with _REFERENCE_RECORDS_LOCK:
+        open_blocks = tuple(_REFERENCE_RECORDS)
+    for runs in open_blocks:
         runs.append(op)
     forced = _forced()
     if forced in ("cuda", "triton") and torch.device(device).type == "cuda":
@@ -339,6 +341,8 @@ def reference_fallback(op: str, device: torch.device | str) -> None:
 
 
 _REFERENCE_RECORDS: list[list[str]] = []  # one list per open `reference_runs` block
+# Blocks open and close on several threads: finding a block's index and deleting it is not one step under the GIL
+_REFERENCE_RECORDS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -348,11 +352,13 @@ def reference_runs():
     that nothing falls back off its kernels: `with flashmla_ops.reference_runs() as ran: generate(...)`, then
     `assert not ran` on the GPU."""
     runs: list[str] = []
-    _REFERENCE_RECORDS.append(runs)
+    with _REFERENCE_RECORDS_LOCK:
+        _REFERENCE_RECORDS.append(runs)
     try:
         yield runs
     finally:  # by identity: an enclosing block's list may hold the same names
-        del _REFERENCE_RECORDS[next(i for i, open_runs in enumerate(_REFERENCE_RECORDS) if open_runs is runs)]
+        with _REFERENCE_RECORDS_LOCK:
+            del _REFERENCE_RECORDS[next(i for i, open_runs in enumerate(_REFERENCE_RECORDS) if open_runs is runs)]
 
 
 _WARNED: set[tuple[str, str]] = set()

@@ -18,7 +18,8 @@ from . import _ext
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flashmla_ops.build", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--verbose", action="store_true", help="show ninja's and nvcc's output")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show ninja's and nvcc's output (as FLASHMLA_VERBOSE_BUILD=1 does)")
     args = parser.parse_args(argv)
     reason = _ext.toolchain_reason()
     if reason is not None:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"flashmla_ops.build: building {_ext.CSRC} (MAX_JOBS={os.environ.get('MAX_JOBS', 'ninja default')})",
           flush=True)
     try:
-        module = _ext.build_extension(verbose=args.verbose)
+        module = _ext.build_extension(verbose=args.verbose or None)  # None: FLASHMLA_VERBOSE_BUILD decides
     except Exception as error:  # noqa: BLE001 (a command line tool: any failure of torch's build is reported)
         print(f"flashmla_ops.build: the build failed: {_ext.build_error(error)} (--verbose shows it)", file=sys.stderr)
         return 1

@@ -297,7 +297,7 @@ def cuda_dense_kernel(rows: int) -> str:
     """The CUDA dense decode kernel for `rows` query rows (s_q * h_q): 'narrow' (csrc/dense_decode_narrow.cu: the
     cache block is the wgmma M side, so 16 rows are not padded to 64) up to CUDA_NARROW_ROWS, else 'wide'
     (csrc/dense_decode.cu). FLASHMLA_DECODE_KERNEL=wide keeps every shape on the wide kernel (for A/B timing)."""
-    choice = os.environ.get(DECODE_KERNEL_ENV, "auto")
+    choice = os.environ.get(DECODE_KERNEL_ENV) or "auto"  # empty: unset, as FLASHMLA_BACKEND reads it
     if choice not in ("auto", "wide"):
         raise ValueError(f"{DECODE_KERNEL_ENV} must be 'auto' or 'wide', got {choice!r}")
     return "narrow" if choice == "auto" and rows <= CUDA_NARROW_ROWS else "wide"

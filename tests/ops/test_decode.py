@@ -234,11 +234,13 @@ def test_cuda_split_policy_fills_the_gpu_from_shapes_alone(monkeypatch):
 
 def test_cuda_dense_kernel_choice(monkeypatch):
     """Up to 16 query rows (s_q * h_q) run the narrow kernel, more the wide one; FLASHMLA_DECODE_KERNEL=wide keeps
-    every shape on the wide kernel and any other value is refused."""
+    every shape on the wide kernel, empty is unset and any other value is refused."""
     from flashmla_ops.decode import DECODE_KERNEL_ENV, cuda_dense_kernel
 
     monkeypatch.delenv(DECODE_KERNEL_ENV, raising=False)
     assert [cuda_dense_kernel(rows) for rows in (1, 16, 17, 32, 128)] == ["narrow"] * 2 + ["wide"] * 3
+    monkeypatch.setenv(DECODE_KERNEL_ENV, "")  # empty: unset (an env file's `FLASHMLA_DECODE_KERNEL=` raised)
+    assert cuda_dense_kernel(16) == "narrow"
     monkeypatch.setenv(DECODE_KERNEL_ENV, "wide")
     assert cuda_dense_kernel(16) == "wide"
     monkeypatch.setenv(DECODE_KERNEL_ENV, "narrow")

@@ -83,6 +83,54 @@ def test_reference_runs_records_each_call_that_runs_a_reference(reference_runs):
     assert not _ext._REFERENCE_RECORDS[1:]  # the fixture's block only
 
 
+def test_reference_runs_blocks_open_and_close_on_many_threads():
+    """Blocks opened and closed on several threads at once (a server's requests): finding a block and deleting it
+    raced, an IndexError or "generator raised StopIteration" at a block's end, and other blocks left open."""
+    switch_interval = sys.getswitchinterval()
+    failures = []
+
+    def requests():
+        try:
+            for _ in range(300):
+                with flashmla_ops.reference_runs() as ran:
+                    _ext.reference_fallback("dense_decode", "cpu")
+                assert "dense_decode" in ran
+        except Exception as error:  # noqa: BLE001 (reported by the assert below, with the thread's error)
+            failures.append(repr(error))
+
+    sys.setswitchinterval(1e-6)  # a thread switch between any two bytecodes, as under load
+    try:
+        threads = [threading.Thread(target=requests) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    assert failures == [] and _ext._REFERENCE_RECORDS == []
+
+
+def test_a_forced_path_restricts_the_paths_on_a_gpu(monkeypatch, warnings_once, caplog):
+    """On a Hopper GPU with the kernels built (faked), FLASHMLA_BACKEND keeps the one path it names; forced to CUDA
+    where the kernels did not build, the op lists none and says so once."""
+    monkeypatch.setattr(_ext, "_hopper", lambda device: True)
+    monkeypatch.setattr(_ext, "_triton_importable", lambda: True)
+    monkeypatch.setattr(_ext, "_load", lambda: object())
+    with caplog.at_level(logging.WARNING, logger="flashmla_ops"):
+        for forced, listed in (("auto", ("cuda", "triton")), ("cuda", ("cuda",)), ("triton", ("triton",)),
+                               ("reference", ())):
+            monkeypatch.setenv(_ext.BACKEND_ENV, forced)
+            assert _ext.paths("sparse_decode", "cuda:0") == listed, forced
+            assert _ext.paths("routed_experts", "cuda:0") == (() if forced in ("cuda", "reference") else ("triton",))
+        monkeypatch.setattr(_ext, "_load", lambda: None)
+        monkeypatch.setenv(_ext.BACKEND_ENV, "cuda")
+        for _ in range(3):
+            assert _ext.paths("dense_decode", "cuda:0") == ()
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        f"FLASHMLA_BACKEND=cuda but {op} runs the PyTorch reference: no usable kernel of that kind here"
+        for op in ("routed_experts", "dense_decode")]
+
+
 def test_a_build_that_does_not_load_falls_back_with_one_warning(monkeypatch, caplog):
     """cpp_extension.load raises ImportError when the library builds but cannot be loaded (an undefined symbol):
     one warning, then the Triton or reference path, as for a failed build."""

@@ -25,6 +25,8 @@ PROJECT_FILES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICE
 PROJECT_DIRS = ("csrc", "flashmla_ops", "models")
 CHECKPOINT = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 IGNORED = ("__pycache__", "*.o", "*.so", ".*")  # what setup.py leaves out of csrc/
+# Build leftovers planted in the copied project's csrc/ (the copy itself leaves out __pycache__ and *.so): none may ship
+LEFTOVERS = ("dense_decode.cuda.o", "flashmla_ops_cuda.so", ".dense_decode.cu.swp", "__pycache__/bindings.cpython.pyc")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,9 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copy2(ROOT / name, source / name)
     for name in PROJECT_DIRS:
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for name in LEFTOVERS:
+        (source / "csrc" / name).parent.mkdir(exist_ok=True)
+        (source / "csrc" / name).write_bytes(b"leftover")
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
                     str(source)], check=True, capture_output=True, text=True)
@@ -51,12 +56,26 @@ def test_wheel_carries_the_cuda_sources_and_the_shipped_checkpoint(wheel):
         for source in sources:  # every file of csrc/, byte for byte
             name = source.relative_to(ROOT / "csrc").as_posix()
             assert archive.read(f"flashmla_ops/csrc/{name}") == source.read_bytes(), name
+        shipped = {name.removeprefix("flashmla_ops/csrc/") for name in names if name.startswith("flashmla_ops/csrc/")}
+        assert shipped == {source.relative_to(ROOT / "csrc").as_posix() for source in sources}  # and nothing else
         for name in CHECKPOINT:
             assert f"models/assets/deepseek-v32-tiny-kjv/{name}" in names
         assert "flashmla_ops/build.py" in names
         (license_file,) = [name for name in names if name.endswith(".dist-info/licenses/LICENSE")]  # the declared MIT
         assert archive.read(license_file) == (ROOT / "LICENSE").read_bytes()
         assert not any(name.endswith((".so", ".pyc")) for name in names)
+
+
+def test_csrc_holds_the_sources_the_build_compiles_and_the_headers_they_include():
+    """Nothing else lies in csrc/ (a wheel ships all of it): a patch's dense_decode_narrow.cu.orig, a stale copy of
+    the narrow kernel, was committed there and shipped."""
+    wanted, pending = set(), list(_ext.SOURCES)
+    while pending:
+        name = pending.pop()
+        if name not in wanted:
+            wanted.add(name)
+            pending += re.findall(r'^#include "([^"]+)"', (ROOT / "csrc" / name).read_text(), re.M)
+    assert {path.name for path in (ROOT / "csrc").iterdir()} == wanted
 
 
 def test_the_installed_package_finds_its_sources_and_checkpoint(wheel, tmp_path):
@@ -140,6 +159,17 @@ def test_build_cli_builds_and_names_the_library(monkeypatch, capsys):
     assert capsys.readouterr().out.endswith("flashmla_ops.build: built /cache/flashmla_ops_cuda/flashmla_ops_cuda.so\n")
 
 
+def test_build_cli_shows_the_build_as_flashmla_verbose_build_says(faked_build, monkeypatch):
+    """FLASHMLA_VERBOSE_BUILD=1 shows the build here as on first use (the command line passed False without
+    --verbose, so the variable was ignored); --verbose shows it either way."""
+    _, calls = faked_build
+    monkeypatch.setattr(_ext, "toolchain_reason", lambda: None)
+    for argv, variable, shown in (([], "0", False), ([], "1", True), (["--verbose"], "0", True)):
+        monkeypatch.setenv("FLASHMLA_VERBOSE_BUILD", variable)
+        assert build.main(argv) == 0
+        assert calls.pop()["verbose"] is shown, (argv, variable)
+
+
 def test_build_cli_reports_a_failed_build(monkeypatch, capsys):
     def failing_build(verbose):
         raise RuntimeError("[1/7] nvcc ... dense_decode.cu\ndense_decode.cu(12): error: identifier \"x\" is undefined"
@@ -199,7 +229,8 @@ def faked_build(monkeypatch, tmp_path):
     calls = []
 
     def load(**kwargs):
-        calls.append({"lock": lock.exists(), "ninja": shutil.which("ninja"), "PATH": os.environ.get("PATH")})
+        calls.append({"lock": lock.exists(), "ninja": shutil.which("ninja"), "PATH": os.environ.get("PATH"),
+                      "verbose": kwargs["verbose"]})
         return types.SimpleNamespace(__file__="built.so")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
@@ -213,19 +244,27 @@ def test_a_lock_left_by_a_killed_build_falls_back_instead_of_hanging(faked_build
     lock, calls = faked_build
     lock.parent.mkdir(parents=True)
     lock.touch()
-    two_hours_ago = time.time() - 2 * 3600
-    os.utime(lock, (two_hours_ago, two_hours_ago))
-    with caplog.at_level(logging.WARNING, logger="flashmla_ops"):
-        assert _ext._load.__wrapped__() is None
+    left = time.time() - 31 * 60  # the README: "a lock left more than 30 minutes ago"
+    os.utime(lock, (left, left))
+    taken_for_live = threading.Timer(5, lock.unlink)  # a longer wait ends here, in a build: a failure, not a hang
+    taken_for_live.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="flashmla_ops"):
+            assert _ext._load.__wrapped__() is None
+    finally:
+        taken_for_live.cancel()
     assert calls == []
     said = [record.getMessage() for record in caplog.records]
     assert len(said) == 1 and str(lock) in said[0] and "killed" in said[0]
 
 
 def test_a_build_in_progress_elsewhere_is_waited_for(faked_build, caplog):
+    """Even one that took its lock 29 minutes ago (a build with MAX_JOBS=1 takes minutes)."""
     lock, calls = faked_build
     lock.parent.mkdir(parents=True)
     lock.touch()
+    taken = time.time() - 29 * 60
+    os.utime(lock, (taken, taken))
     other_build = threading.Timer(0.3, lock.unlink)
     other_build.start()
     with caplog.at_level(logging.WARNING, logger="flashmla_ops"):
