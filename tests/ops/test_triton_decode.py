@@ -109,6 +109,27 @@ def test_triton_dense_decode_never_reads_past_the_cache_or_the_table(schedule, i
                                                           D_QK ** -0.5, False, is_fp8))
 
 
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_dense_decode_never_reads_slots_past_the_lengths(is_fp8):
+    """Every cache slot no sequence holds (rows past a length in its last page, blocks of no table entry) NaN bytes,
+    as an allocator's leftovers may be: a token past a length that were loaded would bring its NaN into P V (0 times
+    NaN), even masked. Split over several programs, so that splits end short of the length."""
+    generator = torch.Generator(DEVICE).manual_seed(41 + is_fp8)
+    seqlens, s_q, h_q = [65, 1, 130], 2, 16
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator)
+    held = torch.zeros(cache.shape[:2], dtype=torch.bool, device=DEVICE)
+    for b, length in enumerate(seqlens):
+        tokens = torch.arange(length, device=DEVICE)
+        held[block_table[b, tokens // PAGE_BLOCK_SIZE].long(), tokens % PAGE_BLOCK_SIZE] = True
+    want = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5, True, is_fp8)
+    cache.view(torch.uint8)[~held] = 0xFF  # NaN as bf16, e4m3, the float32 scales
+    config = dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, q.device, is_fp8),
+                                 programs_per_sm=4)
+    out, lse = triton_decode.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5, True,
+                                          is_fp8, None, config=config)
+    assert_decode_close(out, lse, *want)
+
+
 def test_triton_dense_decode_empty_batch():
     q = torch.empty(0, 1, 16, D_QK, dtype=torch.bfloat16, device=DEVICE)
     cache = torch.randn(2, PAGE_BLOCK_SIZE, 1, D_QK, device=DEVICE).to(torch.bfloat16)
@@ -500,6 +521,26 @@ def test_triton_default_takes_apart_logits_only_with_64_row_warpgroup_products(m
             assert not any(smaller.whole for smaller in triton_decode.fitting_configs(config)[1:])
 
 
+def test_triton_balanced_schedule_idle_parts_write_no_partial(monkeypatch):
+    """Parts past the batch (40 for 3 sequences) are idle: they touch no sequence (one past the batch would read
+    its length and table row past their ends), so the partial slots from num_splits[-1] on keep what they held."""
+    buffers = []
+
+    def sentinel_partials(out, *splits, half):
+        partials = triton_decode.Partials(*(torch.full_like(t, 7.0) for t in empty(out, *splits, half=half)))
+        buffers.append(partials)
+        return partials
+
+    empty = triton_decode.Partials.empty
+    monkeypatch.setattr(triton_decode.Partials, "empty", staticmethod(sentinel_partials))
+    config = dataclasses.replace(triton_decode.default_config(3, 16, torch.device(DEVICE)), schedule="balanced")
+    lengths = torch.tensor([300, 1, 90], dtype=torch.int32, device=DEVICE)
+    metadata, num_splits = reference.get_mla_metadata(lengths, 40)
+    run_and_compare(lengths.tolist(), 1, 16, causal=False, is_fp8=False, sink=False, config=config,
+                    tile_scheduler_metadata=metadata, num_splits=num_splits)
+    assert buffers and all(torch.all(partials.lse[num_splits[-1]:] == 7.0) for partials in buffers)
+
+
 def test_triton_balanced_schedule_computes_its_own_metadata():
     config = dataclasses.replace(triton_decode.default_config(3, 16, torch.device(DEVICE)), schedule="balanced")
     run_and_compare([300, 1, 90], 1, 16, causal=False, is_fp8=False, sink=False, config=config)
@@ -635,6 +676,27 @@ def test_triton_split_partials_hold_outputs_past_f16(monkeypatch, half, is_fp8):
         assert_rows_close(out[seen], base_out[seen])
         assert torch.equal(out[~seen], base_out[~seen])  # zeros
         torch.testing.assert_close(lse, base_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_f16_partials_take_each_rows_scaling_from_all_four_tiles(monkeypatch):
+    """f16 split partials of a cache whose last 128-column latent tile is 2**4 times the other three (queries
+    divided back: the logits unchanged): a row's power of two comes from its largest value over all four accumulator
+    tiles (one from the first three puts the last past f16's 65504: inf)."""
+    generator = torch.Generator(DEVICE).manual_seed(29)
+    seqlens, s_q, h_q = [300, 200], 1, 16
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, False, generator)
+    tile_factor = torch.ones(D_QK, device=DEVICE)
+    tile_factor[KV_LORA_RANK - 128:KV_LORA_RANK] = 16.0
+    cache, q = (cache.float() * tile_factor).bfloat16(), (q.float() / tile_factor).bfloat16()
+    monkeypatch.setattr(triton_decode, "HALF_PARTIALS_FROM_SPLITS", 2)
+    recording = RecordingKernel(triton_decode._dense_decode_split_kernel)
+    monkeypatch.setattr(triton_decode, "_dense_decode_split_kernel", recording)
+    config = dataclasses.replace(triton_decode.default_config(len(seqlens), s_q * h_q, torch.device(DEVICE)),
+                                 programs_per_sm=2)
+    args = (q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5, False, False, None)
+    out, lse = triton_decode.dense_decode(*args, config=config)
+    assert recording.options[-1]["HALF_PARTIALS"] and not recording.options[-1]["WHOLE"]
+    assert_decode_close(out, lse, *reference.dense_decode(*args))
 
 
 @pytest.mark.parametrize("q_exponent", [-60, -30, 20])
