@@ -1,4 +1,6 @@
 """Random paged-decode and sparse-attention inputs and comparisons shared by the kernel tests (Triton and CUDA)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -96,14 +98,41 @@ def assert_rows_close(out, want_out) -> None:
 POISONED_RUNS = 2 if DEVICE == "cuda" else 1  # how many times `poisoned` runs its kernel
 
 
+@contextlib.contextmanager
+def nan_allocations():
+    """On the CPU: floating-point tensors from torch.empty, torch.empty_like and Tensor.new_empty hold NaN bytes (0xff)
+    inside the block, where the CPU allocator hands out whatever the pages held, often zeros that pass for a written 0."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    own_new_empty = "new_empty" in vars(torch.Tensor)
+
+    def filled(tensor):
+        if tensor.is_floating_point():
+            tensor.untyped_storage().fill_(255)
+        return tensor
+
+    torch.empty = lambda *args, **kwargs: filled(empty(*args, **kwargs))
+    torch.empty_like = lambda *args, **kwargs: filled(empty_like(*args, **kwargs))
+    torch.Tensor.new_empty = lambda self, *args, **kwargs: filled(new_empty(self, *args, **kwargs))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+        if own_new_empty:
+            torch.Tensor.new_empty = new_empty
+        else:
+            del torch.Tensor.new_empty
+
+
 def poisoned(kernel, *args, **kwargs):
     """kernel(*args, **kwargs) with its outputs over memory of NaN bytes (0xff: NaN as bf16, f16 and float32), so that
-    an element it does not write shows (CUDA only: the CPU allocator gives no such reuse). The caching allocator hands
-    a request the smallest free block that fits, requests up to 1 MiB from a pool of their own: so a first call gives
-    the outputs' allocation sizes, a few blocks of exactly each size (the kernel's temporaries may take some) and a
-    large block are filled and freed, and the second call's outputs land on them."""
+    an element it does not write shows. On the CPU (Triton's interpreter) its torch.empty and torch.empty_like give
+    such memory (nan_allocations). On CUDA the caching allocator hands a request the smallest free block that fits,
+    requests up to 1 MiB from a pool of their own: so a first call gives the outputs' allocation sizes, a few blocks of
+    exactly each size (the kernel's temporaries may take some) and a large block are filled and freed, and the second
+    call's outputs land on them."""
     if DEVICE != "cuda":
-        return kernel(*args, **kwargs)
+        with nan_allocations():
+            return kernel(*args, **kwargs)
     sizes = [tensor.untyped_storage().nbytes() for tensor in kernel(*args, **kwargs)
              if isinstance(tensor, torch.Tensor)]
     blocks = [torch.full((size,), 255, dtype=torch.uint8, device=DEVICE) for size in sizes for _ in range(4)]
