@@ -186,7 +186,7 @@ def _one_step_at_least(start, end):
 def _visible(length, rows, H_Q, S_Q, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr):
     """How many of the sequence's tokens each query row sees: with CAUSAL query i of s_q sees [0, L - s_q + i]."""
     if CAUSAL:
-        return length - S_Q + rows // H_Q + 1
+        return (length - S_Q + rows // H_Q + 1).to(tl.int32)  # int32 also from int64 rows (WIDE_ROWS)
     return tl.zeros([BLOCK_H], dtype=tl.int32) + length
 
 
@@ -353,11 +353,13 @@ def _dense_decode_split_kernel(
         APPLY_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
         D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr,
         PREFETCH: tl.constexpr, RELOAD: tl.constexpr, HALF_PARTIALS: tl.constexpr, APART: tl.constexpr,
-        WHOLE: tl.constexpr = False, WIDE_BATCH: tl.constexpr = False):
+        WHOLE: tl.constexpr = False, WIDE_BATCH: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False):
     """Uniform schedule: program (row tile, sequence, split) takes an equal share of its sequence's tokens. The grid
-    is common.batch_grid's (row tiles, sequences, splits)."""
+    is common.batch_grid's (row tiles, sequences, splits). WIDE_ROWS: the rows in int64 (`wide_rows`)."""
     pid_m, batch, split = grid_position(tl.cdiv(M, BLOCK_H), WIDE_BATCH)
     rows = pid_m * BLOCK_H + tl.arange(0, BLOCK_H)
+    if WIDE_ROWS:  # every row offset (q's, out's, the partials') in int64
+        rows = rows.to(tl.int64)
     row_mask = rows < M
     length = tl.minimum(tl.load(Seqlens + batch), max_blocks * PAGE)  # past the table: unchecked input (_page_rows)
     tiles_per_split = tl.cdiv(tl.cdiv(length, BLOCK_N), num_splits)
@@ -389,13 +391,16 @@ def _dense_decode_balanced_kernel(
         IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
         METADATA_FIELDS: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
-        RELOAD: tl.constexpr, APART: tl.constexpr, WHOLE: tl.constexpr = False):
+        RELOAD: tl.constexpr, APART: tl.constexpr, WHOLE: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False):
     """Balanced schedule (`get_mla_metadata`): program (row tile, part) walks its part's run of 64-token blocks, which
     may span several sequences, and writes one partial per sequence it touches; `SplitOffsets[b]` (the cumulative
-    num_splits) places sequence b's partials, so one long sequence among short ones is spread over every SM."""
+    num_splits) places sequence b's partials, so one long sequence among short ones is spread over every SM.
+    WIDE_ROWS: the rows in int64 (`wide_rows`)."""
     pid_m = tl.program_id(0)
     part = tl.program_id(1)
     rows = pid_m * BLOCK_H + tl.arange(0, BLOCK_H)
+    if WIDE_ROWS:  # every row offset (q's, the partials') in int64
+        rows = rows.to(tl.int64)
     row_mask = rows < M
     row_meta = Metadata + part * METADATA_FIELDS
     begin_batch = tl.load(row_meta + 0)
@@ -447,6 +452,7 @@ def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Ou
     nothing (lse -inf) is selected away."""
     row, batch, column_part = grid_position(M, WIDE_BATCH)
     rows = row + tl.arange(0, 1)
+    row_offset = row.to(tl.int64)  # times d_v: past int32 from M > 2**22 rows (wide_rows)
     splits = tl.arange(0, SPLIT_CHUNK)
     if VARIABLE:
         first_split = tl.load(SplitOffsets + batch).to(tl.int64)
@@ -469,7 +475,7 @@ def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Ou
     for first in range(0, count, SPLIT_CHUNK):
         inside = first + splits < count
         lse_chunk = tl.load(lse_base + (first + splits) * M, mask=inside, other=float("-inf"))
-        part = tl.load(OutPartial + (first_split + first + splits)[:, None] * stride_ps + row * stride_pm
+        part = tl.load(OutPartial + (first_split + first + splits)[:, None] * stride_ps + row_offset * stride_pm
                        + cols[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
         weight = tl.exp2(lse_chunk - shift)  # 0 for a split that saw nothing
         factor = weight
@@ -482,7 +488,7 @@ def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Ou
     l_i = tl.zeros([1], dtype=tl.float32) + tl.sum(lane_sum, 0)
     m_i = tl.zeros([1], dtype=tl.float32) + shift
     out, lse = finish(acc[None, :], m_i, l_i, Sink, rows % H_Q, rows < M, APPLY_SINK)
-    tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :], out.to(Out.dtype.element_ty))
+    tl.store(Out + batch * stride_ob + row_offset * stride_om + cols[None, :], out.to(Out.dtype.element_ty))
     tl.store(Lse + batch * M + (rows % H_Q) * S_Q + rows // H_Q, lse, mask=rows * 0 + column_part == 0)
 
 
@@ -498,13 +504,14 @@ def _combine_few_kernel(OutPartial, LsePartial, ScalePartial, Sink, Out, Lse, st
     tile, batch, _ = grid_position(tl.cdiv(M, ROWS), WIDE_BATCH)
     rows = tile * ROWS + tl.arange(0, ROWS)
     row_mask = rows < M
+    row_offsets = rows.to(tl.int64)  # times d_v: past int32 from M > 2**22 rows (wide_rows)
     splits = tl.arange(0, SPLITS)
     cols = tl.arange(0, COLUMNS)
     slots = batch * num_splits + splits
     inside = row_mask[:, None] & (splits < num_splits)[None, :]
     stats = slots[None, :] * M + rows[:, None]
     split_lse = tl.load(LsePartial + stats, mask=inside, other=float("-inf"))
-    part = tl.load(OutPartial + slots[None, :, None] * stride_ps + rows[:, None, None] * stride_pm
+    part = tl.load(OutPartial + slots[None, :, None] * stride_ps + row_offsets[:, None, None] * stride_pm
                    + cols[None, None, :], mask=inside[:, :, None], other=0.0).to(tl.float32)
     factor = tl.full([ROWS, SPLITS], 1.0, dtype=tl.float32)
     if HALF_PARTIALS:  # each split's rows times the power of two that undoes its scaling (see Partials)
@@ -515,8 +522,8 @@ def _combine_few_kernel(OutPartial, LsePartial, ScalePartial, Sink, Out, Lse, st
     factor = tl.where(weight > 0, weight * factor, 0.0)
     acc = tl.sum(tl.where(weight[:, :, None] > 0, part, 0.0) * factor[:, :, None], 1)
     out, lse = finish(acc, shift, tl.sum(weight, 1), Sink, rows % H_Q, row_mask, APPLY_SINK)
-    tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :], out.to(Out.dtype.element_ty),
-             mask=row_mask[:, None])
+    tl.store(Out + batch * stride_ob + row_offsets[:, None] * stride_om + cols[None, :],
+             out.to(Out.dtype.element_ty), mask=row_mask[:, None])
     tl.store(Lse + batch * M + (rows % H_Q) * S_Q + rows // H_Q, lse, mask=row_mask)
 
 
@@ -614,6 +621,16 @@ def default_config(batch: int, rows: int, device: torch.device, is_fp8: bool = F
     return LaunchConfig(block_h=32, block_n=block_n, num_warps=4, num_stages=2, programs_per_sm=2)
 
 
+def wide_rows(rows: int, *row_strides: int) -> bool:
+    """Whether the row offsets of a launch over `rows` query rows a sequence (a row index times a row stride: q's,
+    out's, the partials') can pass int32, where the decode kernels then take their rows in int64 (WIDE_ROWS): from
+    s_q * h_q * 576 >= 2**31, a prompt of 29k tokens at h_q 128 continued through the decode path (it read q's rows
+    and wrote the output's at wrapped, negative offsets). Only those launches: compiled for sm_90, int64 row offsets
+    in every launch took the balanced kernel's spills from 112 to 140 bytes a thread (64-row BF16 tiles, causal)
+    and from 252 to 412 (the latent whole), so every other launch keeps its code."""
+    return rows * max(row_strides) >= 2 ** 31
+
+
 def fitting_configs(config: LaunchConfig) -> list[LaunchConfig]:
     """`config`, then smaller tiles for launch_fitting: 32 and 16 rows x 32 keys, two programs per SM. Compiled for
     sm_89, 64 rows x 32 keys take 112 KiB of shared memory, more than the 99 KiB of Ada and consumer Blackwell;
@@ -654,13 +671,14 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
     multiprocessors, _ = device_limits(q.device)
     max_blocks = min(block_table.shape[1], (2 ** 31 - 1) // PAGE_BLOCK_SIZE)  # its tokens fit int32, as the lengths
     variant = dict(IS_FP8=is_fp8, HW_FP8=hardware_fp8(q.device), CAUSAL=causal)
+    int64_rows = wide_rows(rows, q_rows.stride(1), head_dim_v)  # out's and the partials' rows: head_dim_v apart
 
     def launch(config: LaunchConfig) -> None:
         row_tiles = triton.cdiv(rows, config.block_h)
         common = dict(BLOCK_H=config.block_h, BLOCK_N=config.block_n, PAGE=PAGE_BLOCK_SIZE, D_NOPE=KV_LORA_RANK,
                       D_ROPE=ROPE_DIM, INTERPRET=INTERPRET, F16=config.fp8_f16 and is_fp8,
                       PREFETCH=config.prefetch and is_fp8, RELOAD=config.reload and is_fp8, APART=config.apart_logits,
-                      WHOLE=config.whole and not is_fp8,
+                      WHOLE=config.whole and not is_fp8, WIDE_ROWS=int64_rows,
                       num_warps=config.num_warps, num_stages=config.num_stages, **variant)
         if config.maxnreg is not None:
             common["maxnreg"] = config.maxnreg

@@ -89,7 +89,7 @@ def _indexer_logits_kernel(
     tile_lo = tl.min(lo, 0)
     tile_hi = tl.max(hi, 0)
 
-    q_offsets = batch * stride_qb + row_queries * stride_qt + heads * stride_qh
+    q_offsets = batch * stride_qb + row_queries.to(tl.int64) * stride_qt + heads * stride_qh  # s_q h_i d_i: int64
     q = _load_operand(Q + q_offsets[:, None] + cols[None, :], row_mask[:, None], Q_FP8, HW_FP8, F16, FP8_MMA)
     weights = tl.load(Weights + batch * stride_wb + row_queries * stride_wt + heads, mask=row_mask, other=0.0)
     if Q_FP8:  # relu(s * x) w = relu(sign(s) x) |s| w: the sign to q (exact), the magnitude to the weights

@@ -37,7 +37,7 @@ def _gate_up_kernel(X, W, Experts, H, stride_xt, stride_we, stride_wn, TOP_K, NU
         gate += tl.sum(tl.load(gate_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
         up += tl.sum(tl.load(up_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x[None, :], axis=1)
     h = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(H + choice * INTER + rows, h, mask=rows < INTER)
+    tl.store(H + choice.to(tl.int64) * INTER + rows, h, mask=rows < INTER)  # tokens * top_k * inter: int64
 
 
 @triton.jit

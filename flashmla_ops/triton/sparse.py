@@ -84,7 +84,7 @@ def _sparse_decode_split_kernel(
     pid = tl.program_id(0)
     query = pid // head_tiles  # the head tiles of one query are neighbours: they gather the same keys (L2)
     batch = (query // S_Q).to(tl.int64)
-    position = query % S_Q
+    position = (query % S_Q).to(tl.int64)  # times q's, out's and the partials' query strides: past int32 at long s_q
     split = tl.program_id(1)
     heads = (pid % head_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_mask = heads < H_Q
@@ -156,8 +156,8 @@ def _sparse_decode_split_kernel(
             multiplier, inverse = f16_row_scaling(tl.max(tl.abs(partial), 1))
             partial = (partial * multiplier[:, None]).to(tl.float16)
             tl.store(ScalePartial + stats, inverse, mask=head_mask)
-        tl.store(OutPartial + batch * stride_pb + split * stride_ps + rows[:, None] * stride_pm + cols[None, :],
-                 partial, mask=head_mask[:, None])
+        tl.store(OutPartial + batch * stride_pb + split.to(tl.int64) * stride_ps + rows[:, None] * stride_pm
+                 + cols[None, :], partial, mask=head_mask[:, None])
         tl.store(LsePartial + stats, partial_lse, mask=head_mask)
 
 

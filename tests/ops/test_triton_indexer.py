@@ -231,6 +231,28 @@ def test_triton_indexer_logits_paged_never_reads_past_the_cache(fp8_cache):
                         band(None, False))
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_triton_indexer_strided_q_and_padded_index_cache(fp8):
+    """q every other head of a wider tensor (prefill and paged), and the index cache a slice of a padded buffer
+    (block stride past 64 rows): the kernel follows the strides (it read q's heads and the cache's blocks as packed)."""
+    generator = torch.Generator().manual_seed(47 + fp8)
+    q, k, weights, k_start, k_end, q_scale, k_scale = prefill_inputs(6, 90, 8, 32, fp8, fp8, generator)
+    wide = torch.zeros(6, 16, 32, dtype=q.dtype, device=DEVICE)
+    wide.view(torch.uint8)[:, ::2] = q.view(torch.uint8)
+    inputs = (wide[:, ::2], k, weights, k_start, k_end, q_scale, k_scale)
+    assert not inputs[0].is_contiguous()
+    assert_logits_close(triton_indexer.indexer_logits(*inputs), indexer_logits_reference(q, *inputs[1:]))
+    q, cache, weights, block_table, seqlens, q_scale = paged_inputs([70, 130], 2, 8, 32, fp8, fp8, generator)
+    padded = torch.zeros(cache.shape[0], cache[0].numel() + 64, dtype=cache.dtype, device=DEVICE)
+    padded[:, :cache[0].numel()] = cache.flatten(1)
+    padded_cache = padded[:, :cache[0].numel()].view(cache.shape)
+    wide = torch.zeros(*q.shape[:2], 16, 32, dtype=q.dtype, device=DEVICE)
+    wide.view(torch.uint8)[:, :, ::2] = q.view(torch.uint8)
+    paged = (wide[:, :, ::2], padded_cache, weights, block_table, seqlens, q_scale)
+    assert_logits_close(triton_indexer.indexer_logits_paged(*paged),
+                        indexer_logits_paged_reference(q, cache, weights, block_table, seqlens, q_scale))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)

@@ -10,7 +10,7 @@ import torch
 
 from flashmla_ops import reference
 from flashmla_ops.kv_cache import (D_QK, FP8_BYTES, KV_LORA_RANK, ROPE_DIM, quantize_kv_fp8_reference,
-                                   write_kv_cache_reference)
+                                   write_index_cache_reference, write_kv_cache_reference)
 
 triton_kv_cache = pytest.importorskip("flashmla_ops.triton.kv_cache", exc_type=ImportError)
 
@@ -92,7 +92,6 @@ def test_triton_fp8_writes_saturate_an_infinite_value_as_the_reference():
     """A tile (or index key) holding +-inf: scale 1 and the infinity saturated to +-448, as the reference's frexp (and
     CUDA's frexpf) give; the Triton scale came out as 2**128 with an inverse of -inf, every value of the tile +-inf with
     its sign flipped."""
-    from flashmla_ops.kv_cache import write_index_cache_reference
 
     kv = hard_rows(3, torch.Generator().manual_seed(5)).to(DEVICE)
     kv[0, 3], kv[1, 300], kv[2, 0], kv[2, 200] = float("inf"), float("-inf"), float("inf"), float("-inf")
@@ -109,7 +108,7 @@ def test_fp8_writes_keep_a_nan_a_nan_and_its_tiles_scale():
     """A NaN in a tile (or index key) is stored as an e4m3 NaN, the rest of the tile quantized with the scale of its
     other values (the kernels' fmaxf / tl.max skip NaNs), by the reference and the Triton kernel alike: the kernels'
     clamp turned the NaN into -448 * scale (a silent finite value), the reference's frexp(NaN) gave the tile scale 1."""
-    from flashmla_ops.kv_cache import fp8_scale, write_index_cache_reference
+    from flashmla_ops.kv_cache import fp8_scale
 
     kv = hard_rows(3, torch.Generator().manual_seed(6)).to(DEVICE)
     clean = kv.clone()
@@ -170,6 +169,27 @@ def test_triton_write_kv_cache_skips_slots_past_the_cache(is_fp8):
     triton_kv_cache.write_kv_cache(cache, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
     write_kv_cache_reference(want[:2], kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots.where(slots < 128, -1),
                              is_fp8)
+    assert torch.equal(pool.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("index", [False, True])
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_triton_cache_writes_skip_minus_one_slots_before_the_cache(index, is_fp8):
+    """-1 slots (padding tokens) write nothing, not even a row's scale before the cache (its row -1, the previous
+    layer's last row in one pool): the KV cache and the index cache, with the cache in the middle of the pool."""
+    generator = torch.Generator().manual_seed(19 + 2 * index + is_fp8)
+    pool = make_index_cache(4, 32, is_fp8, padded=False) if index else make_cache(4, 64, is_fp8, padded=False)
+    cache = pool[1:3]
+    slots = torch.tensor([-1, 5, -1, 127, -1], dtype=torch.int64, device=DEVICE)
+    want = pool.clone()
+    if index:
+        keys = index_keys(5, 32, generator).to(DEVICE)
+        triton_kv_cache.write_index_cache(cache, keys, slots, is_fp8)
+        write_index_cache_reference(want[1:3], keys, slots)
+    else:
+        kv = hard_rows(5, generator).to(DEVICE)
+        triton_kv_cache.write_kv_cache(cache, kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
+        write_kv_cache_reference(want[1:3], kv[:, :KV_LORA_RANK], kv[:, KV_LORA_RANK:], slots, is_fp8)
     assert torch.equal(pool.view(torch.uint8), want.view(torch.uint8))
 
 
@@ -297,7 +317,6 @@ def make_index_cache(num_blocks: int, d_i: int, is_fp8: bool, padded: bool, dtyp
 def test_triton_write_index_cache_matches_reference(is_fp8, dtype, d_i, slot_dtype, padded):
     """Bit for bit against `write_index_cache_reference`, every byte of the buffer (rows not written untouched): -1
     and slots past the cache skipped, the cache's last row written, d_i off a power of two, a padded block stride."""
-    from flashmla_ops.kv_cache import write_index_cache_reference
 
     generator = torch.Generator().manual_seed(d_i + is_fp8 + 3 * padded)
     num_blocks, num_tokens = 3, 11
@@ -328,7 +347,6 @@ def test_write_index_cache_op_uses_triton_and_captures_in_cuda_graph(reference_r
     """On a GPU the op runs the Triton kernel (it has no CUDA one), bit-exact with the reference over many tokens,
     and replays in a CUDA graph with new slots."""
     import flashmla_ops
-    from flashmla_ops.kv_cache import write_index_cache_reference
 
     assert flashmla_ops.backend("write_index_cache", DEVICE) == "triton"
     generator = torch.Generator().manual_seed(17 + is_fp8)
