@@ -24,7 +24,7 @@ for backend in cuda triton; do
 done
 timeout 100 python docs/bench/stop67_fp8_many_heads.py > $OUT/fp8_many_heads.log 2>&1
 echo "fp8 many heads rc $? at ${SECONDS}s"; grep -vE "Warning|warn" $OUT/fp8_many_heads.log | tail -7
-timeout $((585 - SECONDS)) python -m pytest -q -rf -m gpu tests/ops/test_triton_large_offsets.py tests/models \
+timeout $((480 - SECONDS)) python -m pytest -q -rf -m gpu tests/ops/test_triton_large_offsets.py tests/models \
   tests/ops/test_cuda_sparse_decode.py \
   tests/ops/test_cuda_sparse_prefill.py tests/ops/test_extra_cache.py tests/ops/test_attn_sink.py \
   tests/ops/test_cuda_kv_cache.py tests/ops/test_cuda_indexer_logits.py tests/ops/test_cuda_indexer_topk.py \

@@ -188,13 +188,24 @@ YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=128, beta_
     # V2 group-limited routing with more experts a token (3) than the kept group holds (2): the third choice is an
     # expert of a dropped group, which V2 weighs 0
     ("deepseek_v2", dict(n_group=4, topk_group=1, num_experts_per_tok=3)),
+    # a rope_theta other than tiny_config's 10000 (every DeepSeek checkpoint's): the frequencies read it
+    ("deepseek_v3", dict(rope_theta=1000.0)),
+    # V3 ropes halves where rope_interleave is false (transformers' rotate_half); only V2 / V3.2 force pairs
+    ("deepseek_v3", dict(rope_interleave=False)),
+    # with q_lora_rank: q_a_layernorm keeps RMSNorm's 1e-6 (as kv_a_layernorm does), not rms_norm_eps
+    ("deepseek_v3", dict(rms_norm_eps=1e-2)),
+    # v_head_dim unlike qk_nope_head_dim (32): kv_b_proj's rows split into the key and value halves (expanded
+    # prefill, absorbed decode and V3.2's absorbed prefill)
+    ("deepseek_v2", dict(v_head_dim=48)),
+    ("deepseek_v32", dict(v_head_dim=48, index_topk=64)),
 ], ids=["yarn-mscale_all_dim-only", "yarn-mscale-only", "yarn-both", "v32-rope_interleave-false", "v32-yarn",
-        "rms_norm_eps-n_shared_experts", "first_k_dense_replace-0", "v2-top_k-past-kept-groups"])
+        "rms_norm_eps-n_shared_experts", "first_k_dense_replace-0", "v2-top_k-past-kept-groups", "rope_theta",
+        "v3-rope_interleave-false", "v3-rms_norm_eps-q_lora", "v2-v_head_dim", "v32-v_head_dim"])
 def test_matches_transformers_config_variants(hf_checkpoints, model_type, overrides):
     """Config variants the fixtures' checkpoints do not use but transformers loads: YaRN's cos/sin factor and
     interpolated frequencies act from the first position, so the short prompts here show a wrong factor; the other
     fields change the model only where they differ from tiny_config's values (rms_norm_eps 1e-6, one shared expert,
-    first_k_dense_replace 1)."""
+    first_k_dense_replace 1, rope_theta 10000, V3's rope_interleave true, v_head_dim = qk_nope_head_dim = 32)."""
     check_against_transformers(*hf_checkpoints(model_type, **overrides), "fp32")
 
 

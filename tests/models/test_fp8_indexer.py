@@ -7,6 +7,7 @@ Hadamard matrix, then e4m3 with one power-of-two scale per row (the cache's rule
   same either way (deeper layers see attention outputs over a BF16 latent in prefill and the FP8 latent cache in
   decode). Scoring prefill with unquantized keys, as before this stop, moved these logits by 2.7e-2 of their largest.
 """
+import pytest
 import torch
 
 from models import DeepseekConfig, PagedKVCache, decode_step, prefill, random_model, tiny_config
@@ -32,8 +33,16 @@ def test_the_rotation_is_orthogonal_and_exact():
                                torch.einsum("thd,sd->ths", q, k), rtol=1e-5, atol=1e-5)
 
 
-def test_prefill_and_decode_score_a_token_alike(monkeypatch):
+@pytest.mark.parametrize("head_gains", [None, (1.0, 5.0, 0.3, 20.0)])
+def test_prefill_and_decode_score_a_token_alike(monkeypatch, head_gains):
+    """With `head_gains` the first layer's indexer heads' q are scaled apart (wq_b's rows per head), so that their
+    e4m3 scales differ: each (token, head) row must be scored with its own scale in decode as in prefill (with
+    alike heads, one scale serves all and a scale taken from the wrong head goes unseen)."""
     config, model = v32_model(seed=5)
+    if head_gains is not None:
+        wq_b = model.model.layers[0].self_attn.indexer.wq_b.weight
+        with torch.no_grad():
+            wq_b.view(config.index_n_heads, -1, wq_b.shape[1]).mul_(torch.tensor(head_gains)[:, None, None])
     generator = torch.Generator().manual_seed(6)
     tokens = torch.randint(2, config.vocab_size, (41,), generator=generator).tolist()
     assert config.index_topk < 40  # the indexer really selects

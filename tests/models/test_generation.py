@@ -690,6 +690,32 @@ def test_top_p_one_keeps_every_token(monkeypatch):
     assert (weights[-1] == 0).sum() == 2
 
 
+@pytest.mark.parametrize("temperature, top_p", [(0.5, 1.0), (2.0, 1.0), (0.7, 0.8), (3.0, 0.5)])
+def test_sample_draws_from_the_tempered_nucleus(monkeypatch, temperature, top_p):
+    """The distribution `sample` draws from is softmax(logits / temperature) (float64 here) cut to the fewest most
+    probable tokens whose probability reaches top_p, renormalised, and the token returned is the drawn weight's own
+    (each draw forced here, one per kept token). test_sample's temperature 1 could not tell a temperature ignored."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4)) * 2
+    probs = torch.softmax(logits.double() / temperature, -1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    kept = sorted_probs.cumsum(-1) - sorted_probs < top_p
+    want = sorted_probs.masked_fill(~kept, 0)
+    assert not kept.all() if top_p < 1 else kept.all()
+    drawn, weights = [0], []
+
+    def multinomial(probs, n, generator=None):
+        weights.append(probs)
+        return torch.full((probs.shape[0], n), drawn[0], dtype=torch.int64)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    for position in range(int(kept.sum(-1).min())):
+        drawn[0] = position
+        tokens = sample(logits, temperature, top_p)
+        assert tokens.tolist() == order[:, position].tolist()
+    drawn_from = weights[-1].double() / weights[-1].double().sum(-1, keepdim=True)  # multinomial's view of them
+    torch.testing.assert_close(drawn_from, want / want.sum(-1, keepdim=True), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("eos_token_id", ["int", "list"])
 def test_generate_stops_at_the_models_eos_by_default(eos_token_id):
     """Without `eos_token_ids` generate stops each row at config.json's eos_token_id (an int or a list), as

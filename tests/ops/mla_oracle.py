@@ -61,13 +61,14 @@ def pow2_scale(amax: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_kv(kv: torch.Tensor) -> torch.Tensor:
-    """bfloat16 `(..., 576)` -> uint8 `(..., 656)`: 512 e4m3 codes, 4 float32 scales, 64 bfloat16 RoPE values."""
+    """bfloat16 (or float32) `(..., 576)` -> uint8 `(..., 656)`: 512 e4m3 codes, 4 float32 scales, 64 bfloat16 RoPE
+    values (float32 RoPE rounded to nearest even)."""
     lead = kv.shape[:-1]
     nope = kv[..., :KV_LORA_RANK].double().reshape(*lead, KV_LORA_RANK // FP8_TILE, FP8_TILE)
     scale = pow2_scale(nope.abs().amax(-1))
     codes = e4m3_encode(nope / scale[..., None]).reshape(*lead, KV_LORA_RANK)
     scale_bytes = scale.float().contiguous().view(torch.uint8)
-    rope_bytes = kv[..., KV_LORA_RANK:].contiguous().view(torch.uint8)
+    rope_bytes = kv[..., KV_LORA_RANK:].to(torch.bfloat16).contiguous().view(torch.uint8)
     return torch.cat([codes, scale_bytes, rope_bytes], dim=-1)
 
 

@@ -88,6 +88,48 @@ def test_dense_decode_attn_sink_and_scale(device):
     oracle.assert_attention_close(out, lse, ref_out, ref_lse)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_infinite_sinks_and_queries_that_see_nothing(device, fp8):
+    """Sinks of -inf (out unchanged), +inf (out 0) and finite ones, on queries that see tokens and on queries that see
+    none: out 0 and lse +inf whatever the sink (there sigmoid(lse - sink) is sigmoid(inf - inf), NaN), dense and
+    sparse, against the oracle's out / (1 + exp(sink - lse))."""
+    lengths, s_q, h_q = [0, 5, 130], 2, 4
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    cache, flat_keys = oracle.paged_cache(5, fp8=fp8, device=device)
+    block_table = oracle.block_table_for(lengths, 5)
+    q = oracle.bf16(3, s_q, h_q, oracle.D_QK, device=device)
+    attn_sink = torch.tensor([float("-inf"), float("inf"), 0.0, 5.0])
+    out, lse = dense(q, cache, block_table, cache_seqlens, causal=True, fp8=fp8, attn_sink=attn_sink)
+    oracle.assert_attention_close(out, lse, *oracle.dense_decode(q.cpu(), flat_keys, block_table, cache_seqlens, SCALE,
+                                                                 oracle.D_V, True, attn_sink))
+    assert (out[0] == 0).all() and (out[:, :, 1] == 0).all() and torch.isposinf(lse[0]).all()
+
+    indices = sparse_indices(3, s_q, 20, 5 * 64)  # query (0, 0) lists no token
+    out, lse = ops.sparse_decode(q, cache, indices.to(device), None, None, None, None, None, None, oracle.D_V, SCALE,
+                                 fp8, attn_sink.to(device))
+    oracle.assert_attention_close(out, lse, *oracle.sparse_decode(q.cpu(), flat_keys, indices, None, SCALE, oracle.D_V,
+                                                                  attn_sink=attn_sink))
+    assert (out[0, 0] == 0).all() and torch.isposinf(lse[0, :, 0]).all()
+
+def test_float32_inputs_give_float32_outputs():
+    """float32 q and cache run the reference in float32 (decode.py's docstring): float32 out, within float32 (not
+    bfloat16) rounding of the oracle, dense and sparse."""
+    lengths = [70, 0, 5]
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    cache = torch.randn(4, 64, 1, oracle.D_QK)
+    flat_keys = cache.reshape(-1, oracle.D_QK).double()
+    block_table = oracle.block_table_for(lengths, 4)
+    q = torch.randn(3, 2, 4, oracle.D_QK)
+    out, lse = dense(q, cache, block_table, cache_seqlens, causal=True)
+    assert out.dtype == torch.float32
+    oracle.assert_attention_close(out, lse, *oracle.dense_decode(q, flat_keys, block_table, cache_seqlens, SCALE,
+                                                                 oracle.D_V, True), out_rtol=1e-5)
+    indices = sparse_indices(3, 2, 30, 4 * 64)
+    out, lse = ops.sparse_decode(q, cache, indices, None, None, None, None, None, None, oracle.D_V, SCALE, False, None)
+    assert out.dtype == torch.float32
+    oracle.assert_attention_close(out, lse, *oracle.sparse_decode(q, flat_keys, indices, None, SCALE, oracle.D_V),
+                                  out_rtol=1e-5)
+
 def test_dense_decode_small_head_dims(device):
     """A BF16 cache does not require DeepSeek's 576/512 (the ops take d_qk from q)."""
     lengths = [70, 20]

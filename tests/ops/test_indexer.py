@@ -119,6 +119,36 @@ def test_indexer_logits_paged_reference_in_query_tiles(monkeypatch, fp8):
                                                             cache_seqlens))
 
 
+def test_indexer_logits_negative_and_zero_scales(device):
+    """FP8 scales of either sign and zeros: q . k is q_scale * k_scale * (q_fp8 . k_fp8) inside the relu (relu(s x) is
+    not s relu(x) for s < 0), against the oracle on the signed exact values, in prefill and in a paged cache."""
+    s_q, s_kv, h_i, d_i = 9, 70, 8, 32
+    q_arg, q_scale, q_exact = fp8_with_scales(torch.randn(s_q, h_i, d_i))
+    k_arg, k_scale, k_exact = fp8_with_scales(torch.randn(s_kv, d_i))
+    q_sign, k_sign = torch.arange(s_q * h_i).view(s_q, h_i) % 3 - 1.0, torch.arange(s_kv) % 3 - 1.0  # -1, 0, 1
+    weights = torch.randn(s_q, h_i)
+    k_start = torch.randint(0, s_kv // 2, (s_q,), dtype=torch.int32)
+    k_end = torch.randint(s_kv // 2, s_kv + 1, (s_q,), dtype=torch.int32)
+    logits = ops.indexer_logits(q_arg.to(device), k_arg.to(device), weights.to(device), k_start.to(device),
+                                k_end.to(device), (q_scale * q_sign).to(device), (k_scale * k_sign).to(device))
+    assert_logits_close(logits, oracle.indexer_logits(q_exact * q_sign[..., None], k_exact * k_sign[:, None], weights,
+                                                      k_start, k_end))
+
+    lengths, s_q = [70, 5], 2
+    index_cache = oracle.quantize_index(oracle.bf16(3, 64, d_i))
+    scales = index_cache[..., -4:].view(torch.float32)
+    scales.mul_(torch.arange(3 * 64).view(3, 64, 1) % 3 - 1.0)  # the cache rows' own scales, in place
+    flat_keys = oracle.dequantize_index(index_cache).reshape(-1, d_i)
+    block_table = oracle.block_table_for(lengths, 3)
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    q_arg, q_scale, q_exact = fp8_with_scales(torch.randn(2, s_q, h_i, d_i))
+    q_sign = torch.arange(2 * s_q * h_i).view(2, s_q, h_i) % 3 - 1.0
+    weights = torch.randn(2, s_q, h_i)
+    logits = ops.indexer_logits_paged(q_arg.to(device), index_cache.to(device), weights.to(device),
+                                      block_table.to(device), cache_seqlens.to(device), (q_scale * q_sign).to(device))
+    assert_logits_close(logits, oracle.indexer_logits_paged(q_exact * q_sign[..., None], flat_keys, weights,
+                                                            block_table, cache_seqlens))
+
 def test_indexer_logits_paged_empty_sequence(device):
     """A sequence of length 0 in a decode batch (padding) sees nothing: an all -inf row, not an error."""
     lengths = [0, 70]

@@ -43,6 +43,44 @@ def test_scale_rule_cases():
     assert scales.tolist() == oracle.pow2_scale(kv[:, :128].double().abs().amax(-1)).tolist()
 
 
+def test_quantize_nan_keeps_its_tiles_scale(device):
+    """A NaN is stored as an e4m3 NaN and takes no part in its tile's amax: the tile's other values get the scale of
+    their own amax (a tile of NaNs that of amax 0, 2**-13), in the latent cache and in the index cache."""
+    kv = oracle.bf16(3, oracle.D_QK, scale=3.0)
+    kv[0, 0], kv[0, 200], kv[1, 511], kv[2, 128:256] = (float("nan"),) * 4
+    nan = kv.isnan()
+    clean = kv.masked_fill(nan, 0)
+    packed = ops.quantize_kv_fp8(kv.to(device)).cpu()
+    want = oracle.quantize_kv(clean)
+    assert torch.equal(oracle.e4m3_decode(packed[:, :512]).isnan(), nan[:, :512])
+    assert torch.equal(packed[:, :512][~nan[:, :512]], want[:, :512][~nan[:, :512]])
+    assert torch.equal(packed[:, 512:], want[:, 512:]), "scales of the tiles' other values, RoPE bytes as they are"
+    index_cache = torch.zeros(1, oracle.PAGE_BLOCK_SIZE, 36, dtype=torch.uint8, device=device)
+    ops.write_index_cache(index_cache, kv[:, 120:152].to(device), torch.arange(3, dtype=torch.int32, device=device))
+    written, want = index_cache[0, :3].cpu(), oracle.quantize_index(clean[:, 120:152])
+    keys_nan = nan[:, 120:152]
+    assert torch.equal(oracle.e4m3_decode(written[:, :32]).isnan(), keys_nan)
+    assert torch.equal(written[:, :32][~keys_nan], want[:, :32][~keys_nan])
+    assert torch.equal(written[:, 32:], want[:, 32:]), "the scale of each key's other values"
+
+
+def test_write_kv_cache_fp8_from_float32(device):
+    """float32 rows into the FP8 cache: scales and e4m3 codes from the float32 values themselves (one rounding, not
+    through bfloat16 first), RoPE values rounded to nearest-even bfloat16; slots -1 skipped."""
+    num_tokens = 9
+    kv = torch.randn(num_tokens, oracle.D_QK) * 3
+    kv[0::3, :128] *= 1e-4
+    kv[1::3, 128:256] *= 300
+    buffer, cache = poisoned_cache(2, oracle.PAGE_BLOCK_SIZE, oracle.FP8_BYTES, True, 0, device)
+    expected = buffer.cpu().clone().view(2, oracle.PAGE_BLOCK_SIZE, oracle.FP8_BYTES)
+    slots = torch.tensor([0, 17, -1, 70, 5, 127, -1, 64, 1], dtype=torch.int32)
+    ops.write_kv_cache(cache, kv[:, :512].to(device), kv[:, 512:].to(device), slots.to(device), True)
+    rows = oracle.quantize_kv(kv)
+    for token, slot in enumerate(slots.tolist()):
+        if slot != -1:
+            expected[slot // oracle.PAGE_BLOCK_SIZE, slot % oracle.PAGE_BLOCK_SIZE] = rows[token]
+    assert torch.equal(buffer.cpu().view(expected.shape), expected)
+
 @pytest.mark.parametrize("as_fp8_dtype", [False, True])
 def test_dequantize_and_round_trip(device, as_fp8_dtype):
     kv = kv_with_edge_tiles(6, 3)

@@ -121,6 +121,35 @@ def test_sparse_prefill_seqlen_zero(device):
     assert (out == 0).all() and (lse == math.inf).all() and (max_logits == -math.inf).all()
 
 
+def test_sparse_prefill_infinite_sinks(device):
+    """Sinks of -inf, +inf and finite ones, with queries that list no valid row (out 0, lse +inf, max_logits -inf
+    whatever the sink), against the oracle; the sink changes neither lse nor max_logits."""
+    s_kv, h_q = 6, 4
+    q, kv = oracle.bf16(s_kv, h_q, oracle.D_QK, device=device), oracle.bf16(s_kv, 1, oracle.D_QK, device=device)
+    indices = packed_indices([s_kv], 8, invalid_fraction=0)
+    indices[2] = -1
+    indices[4, 0, ::2] = s_kv
+    attn_sink = torch.tensor([float("-inf"), float("inf"), 0.0, 2.0])
+    out, max_logits, lse, _ = ops.sparse_prefill(q, kv, indices.to(device), 0.05, oracle.D_V, attn_sink.to(device),
+                                                 None, 0)
+    ref_out, ref_max, ref_lse, _ = oracle.sparse_prefill(q.cpu(), kv.cpu(), indices, 0.05, oracle.D_V, attn_sink)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+    assert torch.equal(torch.isinf(max_logits.cpu()), torch.isinf(ref_max))
+    finite = torch.isfinite(ref_max)
+    assert (max_logits.cpu().double()[finite] - ref_max[finite]).abs().max() < 1e-4
+    assert (out[1:3] == 0).all() and (out[:, 1] == 0).all()
+
+def test_sparse_prefill_float32_inputs_give_float32_outputs():
+    """float32 q and kv run the reference in float32 (the op's docstring): float32 out, within float32 (not bfloat16)
+    rounding of the oracle."""
+    seq_lens, h_q = [20, 9], 4
+    q, kv = torch.randn(sum(seq_lens), h_q, oracle.D_QK), torch.randn(sum(seq_lens), 1, oracle.D_QK)
+    indices = packed_indices(seq_lens, 16)
+    out, max_logits, lse, _ = ops.sparse_prefill(q, kv, indices, 0.05, oracle.D_V, None, None, 0)
+    assert out.dtype == torch.float32
+    ref_out, ref_max, ref_lse, _ = oracle.sparse_prefill(q, kv, indices, 0.05, oracle.D_V)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse, out_rtol=1e-5)
+
 def test_sparse_prefill_no_queries(device):
     q = oracle.bf16(0, 16, oracle.D_QK, device=device)
     kv = oracle.bf16(10, 1, oracle.D_QK, device=device)
