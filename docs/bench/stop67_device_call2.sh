@@ -6,9 +6,9 @@ export PYTHONPATH=$PWD:$PWD/scripts MAX_JOBS=16 TORCH_EXTENSIONS_DIR=$PWD/bench/
 SECONDS=0
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 python -m flashmla_ops.build > $OUT/build.log 2>&1; echo "build rc $? at ${SECONDS}s"
-timeout $((330 - SECONDS)) python -m pytest -q -rf -m gpu tests/ops/test_decode.py tests/ops/test_sparse_prefill.py \
+timeout $((330 - SECONDS)) python -m pytest -v -rf -m gpu tests/ops/test_decode.py tests/ops/test_sparse_prefill.py \
   tests/ops/test_indexer.py tests/ops/test_kv_cache.py tests/ops/test_cuda_decode.py tests/ops/test_dispatch.py \
   tests/ops/test_triton_decode.py tests/ops/test_triton_indexer.py tests/ops/test_triton_kv_cache.py \
   tests/ops/test_moe.py tests/ops/test_opcheck.py tests/ops/test_compile.py tests/ops/test_packaging.py \
   tests/ops/test_triton_sparse.py tests/ops/test_sanitizer.py > $OUT/tests.log 2>&1
-echo "tests rc $? at ${SECONDS}s"; grep -E "passed|failed|FAILED|rror" $OUT/tests.log | tail -15
+echo "tests rc $? at ${SECONDS}s: $(grep -c " PASSED" $OUT/tests.log) PASSED"; grep -E "FAILED|ERROR|passed|failed" $OUT/tests.log | tail -15; grep -E " PASSED" $OUT/tests.log | tail -1
