@@ -111,6 +111,7 @@ def test_infinite_sinks_and_queries_that_see_nothing(device, fp8):
                                                                   attn_sink=attn_sink))
     assert (out[0, 0] == 0).all() and torch.isposinf(lse[0, :, 0]).all()
 
+
 def test_float32_inputs_give_float32_outputs():
     """float32 q and cache run the reference in float32 (decode.py's docstring): float32 out, within float32 (not
     bfloat16) rounding of the oracle, dense and sparse."""
@@ -129,6 +130,7 @@ def test_float32_inputs_give_float32_outputs():
     assert out.dtype == torch.float32
     oracle.assert_attention_close(out, lse, *oracle.sparse_decode(q, flat_keys, indices, None, SCALE, oracle.D_V),
                                   out_rtol=1e-5)
+
 
 def test_dense_decode_small_head_dims(device):
     """A BF16 cache does not require DeepSeek's 576/512 (the ops take d_qk from q)."""

@@ -149,6 +149,7 @@ def test_indexer_logits_negative_and_zero_scales(device):
     assert_logits_close(logits, oracle.indexer_logits_paged(q_exact * q_sign[..., None], flat_keys, weights,
                                                             block_table, cache_seqlens))
 
+
 def test_indexer_logits_paged_empty_sequence(device):
     """A sequence of length 0 in a decode batch (padding) sees nothing: an all -inf row, not an error."""
     lengths = [0, 70]

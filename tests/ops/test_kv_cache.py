@@ -81,6 +81,7 @@ def test_write_kv_cache_fp8_from_float32(device):
             expected[slot // oracle.PAGE_BLOCK_SIZE, slot % oracle.PAGE_BLOCK_SIZE] = rows[token]
     assert torch.equal(buffer.cpu().view(expected.shape), expected)
 
+
 @pytest.mark.parametrize("as_fp8_dtype", [False, True])
 def test_dequantize_and_round_trip(device, as_fp8_dtype):
     kv = kv_with_edge_tiles(6, 3)

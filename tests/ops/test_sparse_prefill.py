@@ -139,6 +139,7 @@ def test_sparse_prefill_infinite_sinks(device):
     assert (max_logits.cpu().double()[finite] - ref_max[finite]).abs().max() < 1e-4
     assert (out[1:3] == 0).all() and (out[:, 1] == 0).all()
 
+
 def test_sparse_prefill_float32_inputs_give_float32_outputs():
     """float32 q and kv run the reference in float32 (the op's docstring): float32 out, within float32 (not bfloat16)
     rounding of the oracle."""
@@ -149,6 +150,7 @@ def test_sparse_prefill_float32_inputs_give_float32_outputs():
     assert out.dtype == torch.float32
     ref_out, ref_max, ref_lse, _ = oracle.sparse_prefill(q, kv, indices, 0.05, oracle.D_V)
     oracle.assert_attention_close(out, lse, ref_out, ref_lse, out_rtol=1e-5)
+
 
 def test_sparse_prefill_no_queries(device):
     q = oracle.bf16(0, 16, oracle.D_QK, device=device)
