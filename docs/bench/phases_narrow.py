@@ -7,21 +7,33 @@ stop 33: phase 8):
     FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_PHASES PYTHONPATH=$PWD:$PWD/scripts python docs/bench/phases_narrow.py
 """
 import sys
-import torch
-import flashmla_ops  # noqa
-from bench_decode import make_inputs, KV_LORA_RANK, D_QK
 
-dev = torch.device("cuda")
-for name, batch, s_q, h_q, seqlen, fp8 in [
+import torch
+
+import flashmla_ops  # noqa: F401 (registers the ops)
+from bench_decode import D_QK, KV_LORA_RANK, make_inputs
+
+SHAPES = [  # (name, batch, s_q, h_q, seqlen, FP8 cache)
     ("narrow fp8 b128 h16 16k", 128, 1, 16, 16384, True),
     ("narrow bf16 b128 h16 16k", 128, 1, 16, 16384, False),
-]:
-    sets, lens = make_inputs(batch, s_q, h_q, [seqlen] * batch, fp8, dev, 1)
-    q, cache, table = sets[0]
-    for rep in range(3):
-        torch.cuda.synchronize()
-        if rep == 2:
-            print("==", name, flush=True)
-        torch.ops.flashmla.dense_decode(q, cache, table, lens, None, None, KV_LORA_RANK, D_QK ** -0.5, False, fp8, None)
-        torch.cuda.synchronize()
-        sys.stdout.flush()
+]
+
+
+def run_phases(shapes) -> None:
+    """Each shape's decode three times (warm); a FLASHMLA_PHASES build's launcher prints the phases after the third."""
+    device = torch.device("cuda")
+    for name, batch, s_q, h_q, seqlen, fp8 in shapes:
+        sets, lengths = make_inputs(batch, s_q, h_q, [seqlen] * batch, fp8, device, 1)
+        q, cache, table = sets[0]
+        for rep in range(3):
+            torch.cuda.synchronize()
+            if rep == 2:
+                print("==", name, flush=True)
+            torch.ops.flashmla.dense_decode(q, cache, table, lengths, None, None, KV_LORA_RANK, D_QK ** -0.5, False,
+                                            fp8, None)
+            torch.cuda.synchronize()
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run_phases(SHAPES)

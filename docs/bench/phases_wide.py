@@ -6,27 +6,14 @@ each `PhaseClock clock`). From the repository root on a Hopper GPU:
 
     FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_PHASES PYTHONPATH=$PWD:$PWD/scripts python docs/bench/phases_wide.py
 """
-import sys
+from phases_narrow import run_phases  # the same runner, over the wide kernel's shapes
 
-import torch
-
-import flashmla_ops  # noqa: F401 (registers the ops)
-from bench_decode import D_QK, KV_LORA_RANK, make_inputs
-
-device = torch.device("cuda")
-for name, batch, s_q, h_q, seqlen, fp8 in [
+SHAPES = [  # (name, batch, s_q, h_q, seqlen, FP8 cache)
     ("wide fp8 b128 h128 4k", 128, 1, 128, 4096, True),
     ("wide bf16 b128 h128 4k", 128, 1, 128, 4096, False),
     ("wide fp8 b64 h64 4k", 64, 1, 64, 4096, True),
     ("wide bf16 b64 h64 4k", 64, 1, 64, 4096, False),
-]:
-    sets, lengths = make_inputs(batch, s_q, h_q, [seqlen] * batch, fp8, device, 1)
-    q, cache, table = sets[0]
-    for rep in range(3):
-        torch.cuda.synchronize()
-        if rep == 2:
-            print("==", name, flush=True)
-        torch.ops.flashmla.dense_decode(q, cache, table, lengths, None, None, KV_LORA_RANK, D_QK ** -0.5, False, fp8,
-                                        None)
-        torch.cuda.synchronize()
-        sys.stdout.flush()
+]
+
+if __name__ == "__main__":
+    run_phases(SHAPES)
