@@ -101,7 +101,8 @@ POISONED_RUNS = 2 if DEVICE == "cuda" else 1  # how many times `poisoned` runs i
 @contextlib.contextmanager
 def nan_allocations():
     """On the CPU: floating-point tensors from torch.empty, torch.empty_like and Tensor.new_empty hold NaN bytes (0xff)
-    inside the block, where the CPU allocator hands out whatever the pages held, often zeros that pass for a written 0."""
+    inside the block, where the CPU allocator hands out whatever the pages held, often zeros that pass for a written
+    0."""
     empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
     own_new_empty = "new_empty" in vars(torch.Tensor)
 
@@ -135,10 +136,15 @@ def poisoned(kernel, *args, **kwargs):
             return kernel(*args, **kwargs)
     sizes = [tensor.untyped_storage().nbytes() for tensor in kernel(*args, **kwargs)
              if isinstance(tensor, torch.Tensor)]
-    blocks = [torch.full((size,), 255, dtype=torch.uint8, device=DEVICE) for size in sizes for _ in range(4)]
-    blocks.append(torch.full((16 * sum(sizes) + (1 << 20),), 255, dtype=torch.uint8, device=DEVICE))
-    del blocks
+    poison_next_blocks(*(size for size in sizes for _ in range(4)), 16 * sum(sizes) + (1 << 20))
     return kernel(*args, **kwargs)
+
+
+def poison_next_blocks(*num_bytes: int) -> None:
+    """Fills and frees a CUDA block of each size with NaN bytes (0xff), so that the caching allocator hands the next
+    requests of those sizes this memory."""
+    blocks = [torch.full((size,), 255, dtype=torch.uint8, device="cuda") for size in num_bytes]
+    del blocks
 
 
 def assert_decode_close(out, lse, want_out, want_lse) -> None:

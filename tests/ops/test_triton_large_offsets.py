@@ -13,8 +13,8 @@ import pytest
 import torch
 
 triton_decode = pytest.importorskip("flashmla_ops.triton.decode", exc_type=ImportError)
-from decode_inputs import (DEVICE, assert_decode_close, make_inputs, paged_cache, poisoned,  # noqa: E402
-                           random_indices)
+from decode_inputs import (DEVICE, assert_decode_close, make_inputs, paged_cache, poison_next_blocks,  # noqa: E402
+                           poisoned, random_indices)
 from test_triton_indexer import assert_logits_close, prefill_inputs  # noqa: E402
 
 from flashmla_ops import reference  # noqa: E402
@@ -94,15 +94,8 @@ def test_triton_indexer_logits_queries_past_int32_offsets():
 
 
 # ---------------------------------------------------------------- outputs past int32 (GPU: gigabytes of rows)
-
-
-def poison_next_blocks(*num_bytes: int) -> None:
-    """Fills and frees a block of each size with NaN bytes (0xff), so that the caching allocator hands the next
-    requests of those sizes this memory (decode_inputs.poisoned takes sixteen times the outputs' size: too much
-    here)."""
-    blocks = [torch.full((size,), 255, dtype=torch.uint8, device="cuda") for size in num_bytes]
-    del blocks
-
+# The outputs go over NaN bytes by decode_inputs.poison_next_blocks of their sizes alone: `poisoned` would also take
+# four blocks of each size and one of sixteen times their sum, too much at these sizes.
 
 # s_q * h_q = 4,194,432 rows of one sequence: q's row offsets (576 apart) pass int32 from row 3,728,271, out's and the
 # partials' (512 apart) from row 4,194,305
