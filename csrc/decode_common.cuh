@@ -99,7 +99,11 @@ __device__ __forceinline__ int visible_length(const DecodeParams& p, int z) {
 
 // This CTA's pieces of work: `attend(z, begin, end, slot)` for blocks [begin, end) of grid row z, the output going
 // straight to out / lse (slot < 0) or to partial slot `slot`. Balanced: the part's run of blocks over
-// sequences first..last; uniform: one piece, grid z's share blockIdx.y.
+// sequences first..last; uniform: one piece, grid z's share blockIdx.y. A sequence's last piece runs to its end
+// whatever end_block says: a schedule made for other lengths of the same batch (reused after a write to
+// cache_seqlens that its version counter missed; values are checked only on the CPU or with FLASHMLA_CHECK=1) then
+// still covers every block, where it left the blocks past its old length unread; pieces past a shorter length are
+// empty.
 template <bool kSparse, typename Attend>
 __device__ __forceinline__ void for_each_piece(const DecodeParams& p, Attend attend) {
   const bool balanced = !kSparse && p.metadata != nullptr;
@@ -111,10 +115,11 @@ __device__ __forceinline__ void for_each_piece(const DecodeParams& p, Attend att
     int begin, end;
     int64_t slot;
     if (balanced) {
-      begin = z == first ? meta[1] : 0;
-      end = z == meta[2] ? min(meta[3], num_blocks) : num_blocks;
       const int first_slot = p.split_offsets[z], slots = p.split_offsets[z + 1] - first_slot;
-      slot = slots == 1 ? -1 : first_slot + (z == first ? meta[4] : 0);
+      const int piece = z == first ? meta[4] : 0;  // of the sequence's `slots` pieces
+      begin = z == first ? meta[1] : 0;
+      end = z == meta[2] && piece != slots - 1 ? min(meta[3], num_blocks) : num_blocks;
+      slot = slots == 1 ? -1 : first_slot + piece;
     } else {
       const int blocks_per_split = (num_blocks + p.num_splits - 1) / p.num_splits;
       begin = blockIdx.y * blocks_per_split;

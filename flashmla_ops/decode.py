@@ -231,15 +231,17 @@ def _check_dense(op, q, k_cache, block_table, cache_seqlens, tile_scheduler_meta
 
 def _check_metadata_values(op, tile_scheduler_metadata, num_splits, cache_seqlens) -> None:
     """Where values are checked (CPU tensors, FLASHMLA_CHECK=1): the schedule must be get_mla_metadata's for these
-    cache_seqlens values. The CUDA kernel follows it as it is: a schedule made for other lengths (same shapes)
-    would leave blocks unread, or read past them, with no error."""
+    cache_seqlens values. The CUDA kernel follows it as it is: one made for other lengths of the batch still gives the
+    right output (each sequence's last piece runs to its end: decode_common.cuh's for_each_piece) but not the balance
+    it was made for, and tensors that are not get_mla_metadata's pair for this batch (made by hand, or halves of two
+    calls) can send it past its partial slots, with no error."""
     if tile_scheduler_metadata is None or num_splits is None or not value_checks_apply(cache_seqlens):
         return
     want_metadata, want_splits = get_mla_metadata_reference(cache_seqlens, tile_scheduler_metadata.shape[0])
     check(op, torch.equal(tile_scheduler_metadata.long(), want_metadata.long())
           and torch.equal(num_splits.long(), want_splits.long()),
           "tile_scheduler_metadata and num_splits must be get_mla_metadata(cache_seqlens, num_sm_parts)'s for these "
-          "cache_seqlens values (metadata made for other lengths is stale: the kernel would skip or overrun blocks)")
+          "cache_seqlens values (metadata made for other lengths is stale: its split does not balance them)")
 
 
 def dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,

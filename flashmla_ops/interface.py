@@ -69,9 +69,11 @@ class FlashMLASchedMeta:
     Triton or CUDA kernel of your own writing the lengths, or a CUDA graph replay of such a write. After one of those
     pass a fresh `get_mla_metadata()` object (FlashMLA's own contract: one per decode step, shared by its layers):
     where values are checked (CPU tensors, or FLASHMLA_CHECK=1 on a GPU) a reuse compares the lengths and recomputes
-    when they moved, but on a GPU without the check nothing can tell without a host sync, and the CUDA kernel would
-    follow the stale schedule. Inference tensors (made under `torch.inference_mode()`) have no version counter: with
-    one, the split is recomputed on every call (a small device computation, no host sync)."""
+    when they moved, but on a GPU without the check nothing can tell without a host sync, and the CUDA kernel
+    follows the stale schedule: still the right output (each sequence's last piece runs to the sequence's end), but
+    split for the old lengths, so a long sequence's new blocks may all fall to one part. Inference tensors (made under
+    `torch.inference_mode()`) have no version counter: with one, the split is recomputed on every call (a small device
+    computation, no host sync)."""
     tile_scheduler_metadata: torch.Tensor | None = None
     num_splits: torch.Tensor | None = None
     key: tuple = field(default=(), repr=False)

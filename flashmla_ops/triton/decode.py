@@ -412,11 +412,16 @@ def _dense_decode_balanced_kernel(
     for batch in range(begin_batch, last_batch + 1):
         length = tl.minimum(tl.load(Seqlens + batch), max_blocks * PAGE)  # past the table: unchecked (_page_rows)
         first_block = tl.where(batch == begin_batch, begin_block, 0)
-        stop_block = tl.where(batch == end_batch, end_block, tl.cdiv(length, PAGE))
+        first_split = tl.load(SplitOffsets + batch)
+        piece = tl.where(batch == begin_batch, begin_split, 0)  # of the sequence's pieces
+        # the sequence's last piece runs to its end (as csrc/decode_common.cuh's for_each_piece): a schedule made for
+        # other lengths of the same batch still covers every block
+        last_piece = piece == tl.load(SplitOffsets + batch + 1) - first_split - 1
+        stop_block = tl.where((batch == end_batch) & ~last_piece, end_block, tl.cdiv(length, PAGE))
         start = first_block * PAGE
         end = tl.minimum(stop_block * PAGE, length)
         sequence = begin_batch.to(tl.int64) + (batch - begin_batch)
-        global_split = (tl.load(SplitOffsets + batch) + tl.where(batch == begin_batch, begin_split, 0)).to(tl.int64)
+        global_split = (first_split + piece).to(tl.int64)
         if WHOLE:
             acc, m_i, l_i = _attend_whole(
                 Q, KV, BlockTable, sequence, rows, row_mask, length, start, end, stride_qb, stride_qm,

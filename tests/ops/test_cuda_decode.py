@@ -158,6 +158,30 @@ def test_cuda_dense_decode_balanced_schedule(parts, s_q, h_q, narrow, is_fp8):
         run_and_compare([129, 2000], 1, 128, causal=False, is_fp8=is_fp8, parts=parts)
 
 
+# (lengths the schedule was made for, lengths of the call): sequences that grew (the last of a part, one split over
+# parts), shrank (pieces past the new end), emptied and filled
+OTHER_LENGTHS = [([70, 1, 300, 5], [200, 1, 400, 130]), ([300, 1, 90, 4097], [30, 200, 500, 4000]),
+                 ([1000, 3, 0, 64], [0, 700, 65, 64])]
+
+
+@pytest.mark.parametrize("made_for,seqlens", OTHER_LENGTHS)
+@pytest.mark.parametrize("parts", [1, 3, 40])
+@pytest.mark.parametrize("s_q,h_q,narrow", SPLIT_SHAPES)
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_dense_decode_schedule_made_for_other_lengths(made_for, seqlens, parts, s_q, h_q, narrow, is_fp8):
+    """get_mla_metadata's schedule for other lengths of the same batch (reused after a write to cache_seqlens that
+    its version counter missed; values are not checked on a GPU): each sequence's last piece runs to the sequence's
+    end (for_each_piece), so the output is still the reference's, where the blocks past a part's old end_block went
+    unread."""
+    generator = torch.Generator(DEVICE).manual_seed(len(seqlens) + s_q * 10 + h_q + parts + is_fp8)
+    q, cache, block_table, cache_seqlens = make_inputs(seqlens, s_q, h_q, is_fp8, generator)
+    schedule = reference.get_mla_metadata(torch.tensor(made_for, dtype=torch.int32, device=DEVICE), parts)
+    out, lse = poisoned(kernels().dense_decode, q, cache, block_table, cache_seqlens, D_QK ** -0.5, True, is_fp8, 1,
+                        *schedule, narrow)
+    assert_decode_close(out, lse, *reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK,
+                                                          D_QK ** -0.5, True, is_fp8))
+
+
 @pytest.mark.parametrize("num_splits", [2, 7, 64])
 @pytest.mark.parametrize("is_fp8", [False, True])
 def test_cuda_dense_decode_split_partials_keep_rows_beyond_f16_range(num_splits, is_fp8):
@@ -309,6 +333,26 @@ def test_flashmla_api_schedule_follows_lengths_in_a_cuda_graph(cuda_calls):
     want_out, want_lse = reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
                                                 False, False)
     assert_decode_close(out, lse, want_out, want_lse)
+
+
+def test_flashmla_api_schedule_reused_after_an_untracked_length_write(monkeypatch, cuda_calls):
+    """A write to cache_seqlens that its version counter misses (through `.data`) leaves the API's schedule in place
+    (nothing tells without a host sync): the CUDA kernel follows it, and a sequence that grew past its old schedule's
+    blocks must still see them."""
+    import flashmla_ops
+
+    monkeypatch.delenv("FLASHMLA_CHECK", raising=False)
+    generator = torch.Generator(DEVICE).manual_seed(15)
+    q, cache, block_table, cache_seqlens = make_inputs([300, 20, 129], 1, 16, False, generator)
+    cache_seqlens.copy_(torch.tensor([100, 20, 64], device=DEVICE))
+    sched_meta, _ = flashmla_ops.get_mla_metadata()
+    flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, KV_LORA_RANK, sched_meta)
+    cache_seqlens.data.copy_(torch.tensor([300, 20, 129], device=DEVICE))
+    cuda_calls.clear()
+    out, lse = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, KV_LORA_RANK, sched_meta)
+    assert cuda_calls == ["dense_decode"]  # the schedule made for the old lengths, reused
+    assert_decode_close(out, lse, *reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK,
+                                                          D_QK ** -0.5, False, False))
 
 
 @pytest.mark.parametrize("is_fp8", [False, True])

@@ -541,6 +541,23 @@ def test_triton_balanced_schedule_idle_parts_write_no_partial(monkeypatch):
     assert buffers and all(torch.all(partials.lse[num_splits[-1]:] == 7.0) for partials in buffers)
 
 
+# (lengths the schedule was made for, lengths of the call, parts): sequences that grew (one the last of its part, one
+# split over parts), shrank (pieces past the new end), emptied and filled
+OTHER_LENGTHS = [([70, 1, 300], [200, 1, 400], 3), ([300, 1, 90], [30, 200, 500], 4), ([1000, 3, 0], [0, 700, 65], 7)]
+
+
+@pytest.mark.parametrize("made_for,seqlens,parts", OTHER_LENGTHS)
+def test_triton_balanced_schedule_made_for_other_lengths(made_for, seqlens, parts):
+    """Metadata made for other lengths of the same batch (reused after a write to cache_seqlens that its version
+    counter missed; values are not checked on a GPU): each sequence's last piece runs to the sequence's end, so the
+    output is still the reference's, where the blocks past a part's old end_block went unread."""
+    config = dataclasses.replace(triton_decode.default_config(len(seqlens), 16, torch.device(DEVICE)),
+                                 schedule="balanced")
+    metadata, num_splits = reference.get_mla_metadata(torch.tensor(made_for, dtype=torch.int32, device=DEVICE), parts)
+    run_and_compare(seqlens, 1, 16, causal=False, is_fp8=False, sink=False, config=config,
+                    tile_scheduler_metadata=metadata, num_splits=num_splits)
+
+
 def test_triton_balanced_schedule_computes_its_own_metadata():
     config = dataclasses.replace(triton_decode.default_config(3, 16, torch.device(DEVICE)), schedule="balanced")
     run_and_compare([300, 1, 90], 1, 16, causal=False, is_fp8=False, sink=False, config=config)

@@ -296,7 +296,7 @@ CASES = [
     ("dense_decode", "tile_scheduler_metadata of no parts",
      set_(tile_scheduler_metadata=torch.zeros(0, 8, dtype=I32), num_splits=torch.zeros(3, dtype=I32)), ValueError,
      "tile_scheduler_metadata"),
-    # get_mla_metadata's schedule for other lengths (same shapes): the CUDA kernel would leave blocks unread
+    # get_mla_metadata's schedule for other lengths (same shapes): not the contract (its split does not balance them)
     ("dense_decode", "value: metadata of other cache_seqlens",
      set_(**dict(zip(("tile_scheduler_metadata", "num_splits"),
                      ops.get_mla_metadata(torch.tensor([5, 70], dtype=I32), 3)))), ValueError,
