@@ -132,9 +132,15 @@ def value_checks_apply(t: torch.Tensor) -> bool:
         return False
     if t.device.type == "cpu":
         return True
-    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing(t):
         return False
     return debug_checks()
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether `t` is a CUDA tensor and its device's current stream is capturing a CUDA graph: nothing may sync with
+    the host then (it raises), and what is captured is replayed for whatever values the tensors hold later."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def check_no_overlap(op: str, name: str, t: torch.Tensor) -> None:

@@ -11,8 +11,9 @@ import torch
 
 from . import _ext
 from ._attention import apply_attn_sink, attend
-from ._checks import (FLOAT_DTYPES, below, check, check_contiguous_last_dim, check_finite_scale, check_paged_table,
-                      check_same_device, check_tensor, contiguous_or_none, last_dim_contiguous, value_checks_apply)
+from ._checks import (FLOAT_DTYPES, below, capturing, check, check_contiguous_last_dim, check_finite_scale,
+                      check_paged_table, check_same_device, check_tensor, contiguous_or_none, last_dim_contiguous,
+                      value_checks_apply)
 from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
 
 METADATA_FIELDS = 8  # begin_batch, begin_block, end_batch, end_block (exclusive), begin_split, 3 reserved
@@ -244,19 +245,32 @@ def _check_metadata_values(op, tile_scheduler_metadata, num_splits, cache_seqlen
           "cache_seqlens values (metadata made for other lengths is stale: its split does not balance them)")
 
 
+def dense_key_counts(block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> list[int]:
+    """How many positions of each sequence the dense reference gathers: its length (one host sync for all), or while
+    a CUDA graph is being captured every position its block_table row holds: a capture cannot sync, and its graph is
+    replayed for whatever lengths cache_seqlens holds then (the positions past them are masked on the device)."""
+    if capturing(cache_seqlens):
+        return [block_table.shape[1] * PAGE_BLOCK_SIZE] * cache_seqlens.shape[0]
+    return cache_seqlens.tolist()
+
+
 def dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
                            attn_sink=None):
     batch, s_q, h_q, _ = q.shape
     out = q.new_empty(batch, s_q, h_q, head_dim_v, dtype=q.dtype)
     lse = q.new_empty(batch, h_q, s_q, dtype=torch.float32)
     query = torch.arange(s_q, device=q.device)
-    for b, length in enumerate(cache_seqlens.tolist()):
-        keys = _gather_rows(k_cache, sequence_slots(block_table[b], length), is_fp8)[None]
-        position = torch.arange(length, device=q.device)
+    # Table entries past a sequence's blocks may hold anything: clamped to a real block, their rows masked below
+    blocks = block_table.clamp(0, max(k_cache.shape[0] - 1, 0))
+    for b, width in enumerate(dense_key_counts(block_table, cache_seqlens)):
+        position = torch.arange(width, device=q.device)
+        length = cache_seqlens[b].long()
+        in_sequence = position < length
+        keys = masked_keys(_gather_rows(k_cache, sequence_slots(blocks[b], width), is_fp8)[None], in_sequence[None])
         if causal:
             valid = position[None, :] <= (length - s_q + query)[:, None]
         else:
-            valid = torch.ones(s_q, length, dtype=torch.bool, device=q.device)
+            valid = in_sequence.expand(s_q, width)
         out_b, lse_b, _ = attend(q[b], keys, valid, softmax_scale, head_dim_v)
         out[b] = apply_attn_sink(out_b, lse_b, attn_sink).to(q.dtype)
         lse[b] = lse_b.T
@@ -411,7 +425,7 @@ def key_widths(*valids: torch.Tensor) -> list[list[int]]:
     """How many keys the sparse references attend over, per tensor of `valids` (each `(n, ..., topk)`) and per leading
     index: the most valid entries in any of its rows. One host sync for all of them (none while a CUDA graph is being
     captured: then every width is `topk`)."""
-    if any(v.is_cuda for v in valids) and torch.cuda.is_current_stream_capturing():
+    if any(capturing(v) for v in valids):
         return [[v.shape[-1]] * v.shape[0] for v in valids]
     counts = torch.cat([v.sum(-1).reshape(v.shape[0], -1).amax(1) if v.numel() else
                         v.new_full((v.shape[0],), v.shape[-1], dtype=torch.long) for v in valids]).tolist()

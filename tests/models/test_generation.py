@@ -179,18 +179,19 @@ def test_balanced_decode_shares_one_schedule_of_the_step(monkeypatch, compiled):
 
 
 def test_compiled_decode_compiles_twice_for_any_cache_size():
-    """The cache's sizes are symbolic: batch 1 compiles once, larger batches once more, whatever the cache sizes."""
+    """The cache's sizes are symbolic: batch 1 compiles once, larger batches once more, whatever the cache sizes; and
+    not again as the sequences grow, into a new block too (the first sequence's second step writes token 64)."""
     config = DeepseekConfig.from_dict(tiny_config("deepseek_v3"))
     model = random_model(config, torch.bfloat16, seed=1)
     step = compile_decode_step(torch.device("cpu"))
     torch._dynamo.reset()
     counters.clear()
     for batch, max_seq_len in [(1, 128), (1, 256), (4, 128), (3, 256), (2, 512)]:
-        prompts = [[5 + seq, 6, 7] for seq in range(batch)]
+        prompts = [[5, 6, 7] * 21] + [[5 + seq, 6, 7] for seq in range(1, batch)]
         outputs = []
         for decode in (decode_step, step):
             cache = PagedKVCache(config, batch * max_seq_len // 64, batch, max_seq_len)
-            outputs.append(generate(model, cache, prompts, 3, step=decode)[0])
+            outputs.append(generate(model, cache, prompts, 4, eos_token_ids=(), step=decode)[0])
         assert outputs[0] == outputs[1]
     assert counters["stats"]["unique_graphs"] == 2
 

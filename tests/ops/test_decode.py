@@ -301,3 +301,61 @@ def test_key_widths_counts_the_widest_row_of_each_leading_index():
     nested = torch.tensor([[[True, True, False], [True, False, False]], [[False, False, True], [True, True, True]]])
     empty = torch.zeros(0, 2, 5, dtype=torch.bool)
     assert key_widths(flat, nested, empty) == [[2, 0], [2, 3], []]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_dense_reference_captures_without_a_host_sync(monkeypatch, fp8):
+    """While a CUDA graph is captured (pretended: no GPU here) the dense reference, which runs float32 decode (the
+    fp32 cache of a compiled float32 model) and shapes the kernels decline on a GPU, must neither sync with the host
+    nor size anything by the lengths: it read them with tolist(), which a capture refuses (the compiled step's CUDA
+    graph failed), and the graph is replayed for other lengths. It attends over every block of the table, masked on
+    the device: FakeTensors (no values to read) trace it, and on real tensors it computes the lengths' numbers, with
+    NaN blocks behind the unused table entries (-1, past the cache) and the rows past each length."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    from flashmla_ops import decode
+
+    cache, _ = oracle.paged_cache(5, fp8=fp8)
+    cache[3:] = 255 if fp8 else float("nan")  # e4m3 NaN bytes and NaN scales
+    cache_seqlens = torch.tensor([0, 70, 5], dtype=torch.int32)
+    block_table = torch.tensor([[3, -1, 99], [0, 1, 3], [2, 4, -1]], dtype=torch.int32)
+    q = oracle.bf16(3, 2, 4, oracle.D_QK).float()
+    for causal in (False, True):
+        args = (q, cache, block_table, cache_seqlens, oracle.D_V, SCALE, causal, fp8, torch.randn(4))
+        want_out, want_lse = decode.dense_decode_reference(*args)
+        with FakeTensorMode() as mode, pytest.raises(DataDependentOutputException):
+            decode.dense_decode_reference(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        with monkeypatch.context() as patch:
+            patch.setattr(decode, "capturing", lambda t: True, raising=False)
+            with FakeTensorMode() as mode:
+                decode.dense_decode_reference(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                for a in args))
+            out, lse = decode.dense_decode_reference(*args)
+        assert torch.equal(torch.isinf(lse), torch.isinf(want_lse)) and not out.isnan().any()
+        assert torch.allclose(out, want_out, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(lse[torch.isfinite(lse)], want_lse[torch.isfinite(want_lse)], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_float32_dense_decode_replays_in_cuda_graph(reference_runs):
+    """float32 dense decode (the reference: no kernel takes float32) captured in a CUDA graph, then replayed after
+    cache_seqlens changed in place, gives the reference's output at the new lengths (it called tolist(): the capture
+    raised)."""
+    lengths = [300, 70]
+    cache, _ = oracle.paged_cache(8, fp8=False, device="cuda")
+    cache = cache.float()
+    block_table = oracle.block_table_for(lengths, 8, max_blocks_per_seq=6).cuda()
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    q = oracle.bf16(2, 1, 16, oracle.D_QK, device="cuda").float()
+    args = (q, cache, block_table, cache_seqlens, None, None, oracle.D_V, SCALE, False, False, None)
+    ops.dense_decode(*args)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = ops.dense_decode(*args)
+    cache_seqlens.copy_(torch.tensor([5, 128], device="cuda"))  # within the blocks each sequence holds
+    graph.replay()
+    torch.cuda.synchronize()
+    want_out, want_lse = dense(q, cache, block_table, cache_seqlens)
+    assert reference_runs
+    assert torch.allclose(out, want_out, rtol=1e-5, atol=1e-6) and torch.allclose(lse, want_lse, rtol=1e-6, atol=1e-6)
