@@ -552,7 +552,8 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor,
                   attn_sink: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse paged decode: query `(b, i)` sees exactly the cache slots `indices[b, i, :topk_length[b]]`
     (flat `block * 64 + row`, -1 = none), plus `extra_indices_in_kvcache[b, i, :extra_topk_length[b]]` of
-    `extra_k_cache` in the same softmax."""
+    `extra_k_cache` in the same softmax. A length past topk counts every index, one of 0 or below none (not a
+    Python slice's count from the end)."""
     _check_sparse("sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                   extra_topk_length, tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink)
     check_finite_scale("sparse_decode", "softmax_scale", softmax_scale)

@@ -87,7 +87,8 @@ def sparse_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_
                    attn_sink: torch.Tensor | None, topk_length: torch.Tensor | None,
                    indexer_topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q `(s_q, h_q, d_qk)`, kv `(s_kv, 1, d_qk)` bfloat16 (or both float32: the reference, float32 out);
-    indices `(s_q, 1, topk)` int32 rows of kv (-1 or >= s_kv: no token); only the first `topk_length[t]` count.
+    indices `(s_q, 1, topk)` int32 rows of kv (-1 or >= s_kv: no token); only the first `topk_length[t]` count
+    (past topk: all; <= 0: none).
 
     Returns out `(s_q, h_q, d_v)` bfloat16; max_logits and lse `(s_q, h_q)` float32 (scaled logits, natural log;
     -inf / +inf and out = 0 for a query with no valid index); lse_indexer `(s_q, h_q)`, the LSE over the first

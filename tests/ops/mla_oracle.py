@@ -131,6 +131,14 @@ def dense_decode(q, flat_keys, block_table, cache_seqlens, scale, d_v, causal, a
     return out, lse
 
 
+def counted(row: torch.Tensor, topk_length, position: int) -> list[int]:
+    """The entries of an index row that count: the first `topk_length[position]` (all of them without topk_length or
+    for a length past the row's width; none for a length <= 0, which a Python slice would count from the end)."""
+    if topk_length is None:
+        return row.tolist()
+    return row[:max(0, int(topk_length[position]))].tolist()
+
+
 def sparse_decode(q, flat_keys, indices, topk_length, scale, d_v, extra_flat_keys=None, extra_indices=None,
                   extra_topk_length=None, attn_sink=None):
     """Every listed slot of `indices[b, i, :topk_length[b]]` (and of the extra cache) in one softmax; -1 skipped."""
@@ -139,11 +147,9 @@ def sparse_decode(q, flat_keys, indices, topk_length, scale, d_v, extra_flat_key
     lse = torch.zeros(batch, h_q, s_q, dtype=torch.float64)
     for b in range(batch):
         for i in range(s_q):
-            count = indices.shape[-1] if topk_length is None else int(topk_length[b])
-            rows = [flat_keys[s] for s in indices[b, i, :count].tolist() if s != -1]
+            rows = [flat_keys[s] for s in counted(indices[b, i], topk_length, b) if s != -1]
             if extra_indices is not None:
-                count = extra_indices.shape[-1] if extra_topk_length is None else int(extra_topk_length[b])
-                rows += [extra_flat_keys[s] for s in extra_indices[b, i, :count].tolist() if s != -1]
+                rows += [extra_flat_keys[s] for s in counted(extra_indices[b, i], extra_topk_length, b) if s != -1]
             keys = torch.stack(rows) if rows else flat_keys.new_zeros(0, flat_keys.shape[-1])
             out[b, i], lse[b, :, i], _ = attention(q[b, i], keys, scale, d_v, attn_sink)
     return out, lse
@@ -156,8 +162,7 @@ def sparse_prefill(q, kv, indices, scale, d_v, attn_sink=None, topk_length=None,
     out = torch.zeros(s_q, h_q, d_v, dtype=torch.float64)
     max_logits, lse, lse_indexer = (torch.zeros(s_q, h_q, dtype=torch.float64) for _ in range(3))
     for t in range(s_q):
-        count = indices.shape[-1] if topk_length is None else int(topk_length[t])
-        listed = indices[t, 0, :count].tolist()
+        listed = counted(indices[t, 0], topk_length, t)
         keys = kv[[s for s in listed if 0 <= s < s_kv], 0].double()
         out[t], lse[t], max_logits[t] = attention(q[t], keys, scale, d_v, attn_sink)
         if indexer_topk:

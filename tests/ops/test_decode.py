@@ -197,6 +197,35 @@ def test_sparse_decode_extra_cache_and_sink(device, fp8):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
+def test_sparse_decode_topk_lengths_outside_0_to_topk(device, fp8):
+    """A topk_length (or extra_topk_length) past topk counts every index and one of 0 or below none (FlashMLA's mask
+    `position >= topk_length`; a negative length is no count from the end), in the main and the extra cache: sequence
+    0 sees only extra tokens, 1 every main one, 2 nothing (out 0, lse +inf), 3 both caches cut. Without
+    extra_topk_length every extra index counts, whatever topk_length says."""
+    batch, s_q, h_q, topk, extra_topk = 4, 2, 16, 30, 12
+    cache, flat_keys = oracle.paged_cache(3, fp8=fp8, device=device)
+    extra_cache, extra_flat_keys = oracle.paged_cache(2, fp8=fp8, device=device)
+    indices = sparse_indices(batch, s_q, topk, 3 * 64)
+    extra_indices = sparse_indices(batch, s_q, extra_topk, 2 * 64, invalid_fraction=0)
+    extra_indices[0, 0, :5] = torch.arange(5)  # sparse_indices lists no token for query (0, 0)
+    topk_length = torch.tensor([-3, topk + 5, -1, 7], dtype=torch.int32)
+    extra_topk_length = torch.tensor([extra_topk, -100, -2, extra_topk + 1], dtype=torch.int32)
+    q = oracle.bf16(batch, s_q, h_q, oracle.D_QK, device=device)
+    out, lse = ops.sparse_decode(q, cache, indices.to(device), topk_length.to(device), extra_cache,
+                                 extra_indices.to(device), extra_topk_length.to(device), None, None, oracle.D_V, SCALE,
+                                 fp8, None)
+    ref_out, ref_lse = oracle.sparse_decode(q.cpu(), flat_keys, indices, topk_length, SCALE, oracle.D_V,
+                                            extra_flat_keys, extra_indices, extra_topk_length)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+    assert (out[2] == 0).all() and torch.isposinf(lse[2]).all() and torch.isfinite(lse[[0, 1, 3]]).all()
+
+    out, lse = ops.sparse_decode(q, cache, indices.to(device), topk_length.to(device), extra_cache,
+                                 extra_indices.to(device), None, None, None, oracle.D_V, SCALE, fp8, None)
+    oracle.assert_attention_close(out, lse, *oracle.sparse_decode(q.cpu(), flat_keys, indices, topk_length, SCALE,
+                                                                  oracle.D_V, extra_flat_keys, extra_indices))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
 def test_sparse_decode_reads_no_slot_it_does_not_list(device, fp8):
     """Slots no query lists hold NaN (an uninitialised cache: NaN bf16, or 0xff bytes, e4m3 and float32 NaN), block 0
     and so slot 0 among them, in both caches: queries with -1s, entries past topk_length and the extra cache's (a

@@ -68,6 +68,32 @@ def test_flash_mla_with_kvcache_dense(device, causal, fp8):
     oracle.assert_attention_close(out, lse, ref_out, ref_lse)
 
 
+def test_flashmla_api_hands_the_ops_sinks_lengths_and_d_v(device):
+    """The API passes on every argument that changes the numbers: attn_sink on the dense path (out scaled by
+    exp(lse) / (exp(lse) + exp(sink)), lse unchanged), and flash_mla_sparse_fwd's attn_sink, topk_length and d_v;
+    against the oracle."""
+    q, cache, flat_keys, block_table, cache_seqlens = dense_case([100, 0, 65], s_q=2, h_q=4, device=device)
+    attn_sink = torch.tensor([-1.0, 2.0, 5.0, float("inf")])
+    out, lse = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, None, causal=True,
+                                                   attn_sink=attn_sink.to(device))
+    oracle.assert_attention_close(out, lse, *oracle.dense_decode(q.cpu(), flat_keys, block_table.cpu(),
+                                                                 cache_seqlens.cpu(), oracle.D_QK ** -0.5, 512, True,
+                                                                 attn_sink))
+    assert (out[..., 3, :] == 0).all()
+
+    s, d_v = 20, 256
+    q, kv = oracle.bf16(s, 4, oracle.D_QK, device=device), oracle.bf16(s, 1, oracle.D_QK, device=device)
+    indices = torch.randint(-1, s + 2, (s, 1, 12), dtype=torch.int32)
+    topk_length = torch.randint(0, 13, (s,), dtype=torch.int32)
+    out, max_logits, lse = flashmla_ops.flash_mla_sparse_fwd(q, kv, indices.to(device), 0.05, d_v,
+                                                             attn_sink.to(device), topk_length.to(device))
+    ref_out, ref_max, ref_lse, _ = oracle.sparse_prefill(q.cpu(), kv.cpu(), indices, 0.05, d_v, attn_sink, topk_length)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+    assert torch.equal(torch.isneginf(max_logits.cpu()), torch.isneginf(ref_max))
+    finite = torch.isfinite(ref_max)
+    assert torch.allclose(max_logits.double().cpu()[finite], ref_max[finite], atol=1e-4, rtol=0)
+
+
 def test_softmax_scale_default_is_d_qk_to_the_minus_half(device):
     q, cache, _, block_table, cache_seqlens = dense_case([70, 3], device=device)
     default = flashmla_ops.flash_mla_with_kvcache(q, cache, block_table, cache_seqlens, 512, None)

@@ -69,6 +69,31 @@ def test_sparse_prefill(device, seq_lens, h_q, topk, with_sink, with_topk_length
         assert lse_indexer.numel() == 0
 
 
+def test_sparse_prefill_topk_lengths_outside_0_to_topk(device):
+    """A topk_length past topk counts every index and one of 0 or below none (FlashMLA's mask `position >=
+    topk_length`; a negative length is no count from the end): out 0, lse and the indexer LSE +inf, max_logits -inf
+    there; the indexer LSE takes the first indexer_topk of the counted indices."""
+    seq_lens, h_q, topk, indexer_topk = [6, 5], 16, 12, 5
+    s_kv = sum(seq_lens)
+    q = oracle.bf16(s_kv, h_q, oracle.D_QK, device=device)
+    kv = oracle.bf16(s_kv, 1, oracle.D_QK, device=device)
+    indices = packed_indices(seq_lens, topk, invalid_fraction=0)
+    topk_length = torch.tensor([-1, topk + 1, 3, -7, 100, 0, 2 ** 31 - 1, -2 ** 31, 4, topk, -12], dtype=torch.int32)
+    out, max_logits, lse, lse_indexer = ops.sparse_prefill(q, kv, indices.to(device), 0.05, oracle.D_V, None,
+                                                           topk_length.to(device), indexer_topk)
+    ref_out, ref_max, ref_lse, ref_lse_indexer = oracle.sparse_prefill(q.cpu(), kv.cpu(), indices, 0.05, oracle.D_V,
+                                                                       None, topk_length, indexer_topk)
+    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+    none = topk_length <= 0
+    assert torch.isposinf(lse.cpu()[none]).all() and (out.cpu()[none] == 0).all()
+    for value, want in ((max_logits, ref_max), (lse_indexer, ref_lse_indexer)):
+        value = value.cpu().double()
+        assert torch.equal(torch.isposinf(value), torch.isposinf(want))
+        assert torch.equal(torch.isneginf(value), torch.isneginf(want))
+        finite = torch.isfinite(want)
+        assert (value[finite] - want[finite]).abs().max() < 1e-4
+
+
 def test_sparse_prefill_packed_equals_separate_calls(device):
     """One call over a packed batch gives each sequence what a call over that sequence alone gives."""
     seq_lens, h_q, topk = [30, 7, 12], 16, 24

@@ -202,15 +202,16 @@ def test_triton_sparse_decode_out_of_range_indices_are_no_token(is_fp8):
     assert torch.equal(bad_out, out) and torch.equal(bad_lse, lse)
 
 
-@pytest.mark.parametrize("lengths", ["zero", "above_topk"])
+@pytest.mark.parametrize("lengths", ["zero", "negative", "above_topk"])
 @pytest.mark.parametrize("with_extra", [False, True])
 @pytest.mark.parametrize("is_fp8", [False, True])
 def test_triton_sparse_decode_topk_length_zero_and_above_topk(lengths, with_extra, is_fp8):
-    """topk_length (and extra_topk_length) 0 for every sequence: every query empty, out 0 and lse +inf with the sink;
-    above topk (topk + 1, 2**31 - 1): the whole list counts."""
+    """topk_length (and extra_topk_length) 0 or negative (-1, -2**31: no count from the end) for every sequence: every
+    query empty, out 0 and lse +inf with the sink; above topk (topk + 1, 2**31 - 1): the whole list counts."""
     generator = torch.Generator(DEVICE).manual_seed(61 + 4 * (lengths == "zero") + 2 * with_extra + is_fp8)
     q, cache, indices = sparse_decode_inputs(2, 1, 16, 100, is_fp8, generator)
-    length_of = {"zero": lambda topk: [0, 0], "above_topk": lambda topk: [topk + 1, INT32_MAX]}[lengths]
+    length_of = {"zero": lambda topk: [0, 0], "negative": lambda topk: [-1, -INT32_MAX - 1],
+                 "above_topk": lambda topk: [topk + 1, INT32_MAX]}[lengths]
     topk_length = torch.tensor(length_of(100), dtype=torch.int32, device=DEVICE)
     extra = (None, None, None)
     if with_extra:
@@ -220,7 +221,7 @@ def test_triton_sparse_decode_topk_length_zero_and_above_topk(lengths, with_extr
     attn_sink = torch.randn(16, generator=generator, device=DEVICE)
     out, lse = sparse_decode_and_compare(q, cache, indices, topk_length, *extra, KV_LORA_RANK, SCALE, is_fp8,
                                          attn_sink)
-    if lengths == "zero":
+    if lengths != "above_topk":
         assert torch.all(out == 0) and torch.all(torch.isposinf(lse))
 
 
@@ -288,19 +289,21 @@ def test_triton_sparse_prefill_all_indices_past_kv(with_sink):
     assert torch.all(torch.isposinf(lse_indexer))
 
 
-@pytest.mark.parametrize("lengths", ["zero", "above_topk"])
+@pytest.mark.parametrize("lengths", ["zero", "negative", "above_topk"])
 def test_triton_sparse_prefill_topk_length_zero_and_above_topk(lengths):
-    """topk_length 0 for every query: every query empty (out 0, lse +inf, max_logits -inf) with the sink; above topk
-    (topk + 1, 2**31 - 1): the whole list counts."""
+    """topk_length 0 or negative (-1, -2**31: no count from the end) for every query: every query empty (out 0, lse
+    +inf, max_logits -inf) with the sink; above topk (topk + 1, 2**31 - 1): the whole list counts."""
     generator = torch.Generator(DEVICE).manual_seed(91 + (lengths == "zero"))
     q, kv, indices, _ = packed_prefill_inputs([5, 3], 16, 70, False, generator)
     if lengths == "zero":
         topk_length = torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    elif lengths == "negative":
+        topk_length = torch.tensor([-1, -INT32_MAX - 1] * 4, dtype=torch.int32, device=DEVICE)
     else:
         topk_length = torch.tensor([71, INT32_MAX] * 4, dtype=torch.int32, device=DEVICE)
     attn_sink = torch.randn(16, generator=generator, device=DEVICE)
     out, max_logits, lse, _ = prefill_and_compare(q, kv, indices, 0.05, KV_LORA_RANK, attn_sink, topk_length, 30)
-    if lengths == "zero":
+    if lengths != "above_topk":
         assert torch.all(out == 0) and torch.all(torch.isposinf(lse)) and torch.all(torch.isneginf(max_logits))
 
 
