@@ -41,6 +41,15 @@ using namespace sm90;
 using namespace decode;
 
 constexpr int kRowsPerCta = 64;               // query rows per CTA: one wgmma M
+// An experiment, off unless built with FLASHMLA_EXTRA_CUDA_FLAGS=-DFLASHMLA_DENSE_FP8_PAIRS (stop 68, not yet run on a
+// GPU): dense decode over the FP8 cache in attend_pairs, each warpgroup gathering and widening its own block as the
+// sparse FP8 decode does (the sequence's rows as if listed by indices), instead of attend_piece, where both warpgroups
+// widen each block between the products (the FP8 cache at 64-128 rows took up to 1.74x the BF16 time, stop 67).
+#ifdef FLASHMLA_DENSE_FP8_PAIRS
+constexpr bool kDenseFp8Pairs = true;
+#else
+constexpr bool kDenseFp8Pairs = false;
+#endif
 constexpr int kThreads = 256;                 // two warpgroups
 constexpr int kTokensPerWarpgroup = kBlockN / 2;
 constexpr int kValueColsPerWarpgroup = kLatentDim / 2;
@@ -72,13 +81,18 @@ __device__ __forceinline__ int gather_row() {
   return 8 * (threadIdx.x / 32) + 4 * ((lane / 4) % 2) + lane / 8;
 }
 
-// Sparse: the index of row `row` of `block` of query (batch, query), -1 past the query's length (not read).
+// The cache slot of row `row` of `block` (sparse: of query (batch, query)'s indices; dense: of sequence batch's
+// pages), -1 past the length (not read).
+template <bool kSparse>
 __device__ __forceinline__ int load_row_slot(const DecodeParams& p, int batch, int query, int block, int length,
                                              int row) {
   const int position = block * kBlockN + row;
-  return position < length
-             ? __ldg(p.indices + batch * p.indices_batch_stride + query * p.indices_seq_stride + position)
-             : -1;
+  if (position >= length) return -1;
+  if constexpr (kSparse) {
+    return __ldg(p.indices + batch * p.indices_batch_stride + query * p.indices_seq_stride + position);
+  } else {
+    return block_page(p, batch, block) * kBlockN + row;
+  }
 }
 
 // Where this thread's row of KV block `block` lives (dense: its gather_row; sparse: cache slot `slot`), or nullptr
@@ -519,13 +533,16 @@ __device__ __forceinline__ void issue_block_scores(float (&scores)[kBlockN / 2],
 template <bool kSparse, bool kFp8, bool kPartials, bool kEarlyDense>
 __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* shared, int row_block, int z, int begin,
                                              int end, int64_t out_slot, int (&fills)[3]) {
-  static_assert(kSparse || !kFp8, "the dense FP8 cache is attend_piece's");
+  static_assert(kSparse || !kFp8 || kDenseFp8Pairs, "the dense FP8 cache is attend_piece's");
   // kEarly: each stage's refill starts with the latent half that only its owner's P V reads, as soon as that P V is
   // done, while the other warpgroup still reads the other half and P (the RoPE tile); Q K^T then takes the halves in
   // that order (the owner of stage 1 tiles 4-7 first). Sparse FP8 decode (whose gathers come in halves anyway) and
   // dense decode where run_decode asks for it (kEarlyDense); sparse BF16 and other dense launches refill whole stages
   // in thirds, as below.
-  constexpr bool kEarly = kSparse ? kFp8 : kEarlyDense;
+  constexpr bool kEarly = kFp8 || (!kSparse && kEarlyDense);
+  // The warpgroups gather their own stages by cp.async (sparse; the FP8 cache, widened in place: dense FP8 only in the
+  // FLASHMLA_DENSE_FP8_PAIRS experiment, its rows' slots from the block table) rather than thread 0 by TMA.
+  constexpr bool kGather = kSparse || kFp8;
   using L = Layout;
   const uint32_t q_tile = smem_address(shared + L::kQ);
   float* row_max_shared = reinterpret_cast<float*>(shared + L::kRowMax);  // [0]: m_a, [1]: m_b
@@ -580,7 +597,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   const auto load_ahead = [&](int block) {
 #pragma unroll
     for (int i = 0; i < (kFp8 ? 1 : 4); ++i) {
-      ahead[i] = load_row_slot(p, batch, first_query, block, length, gather_row_of(i));
+      ahead[i] = load_row_slot<kSparse>(p, batch, first_query, block, length, gather_row_of(i));
     }
   };
   const auto fp8_scales = [&](int stage) { return shared + L::kP + stage * kBlockN * 16; };
@@ -722,7 +739,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
     } else if (threadIdx.x == 0) {
       load_q_tma(p, q_tile, q_barrier, row_block, batch, first_query);
     }
-    if constexpr (kSparse) {  // warpgroup w gathers block begin + w into stage w
+    if constexpr (kGather) {  // warpgroup w gathers block begin + w into stage w
       load_ahead(begin + warpgroup);
       if (begin + warpgroup < end) gather_stage(warpgroup, begin + warpgroup);
     } else if (threadIdx.x == 0) {
@@ -734,7 +751,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   // with Q by TMA skips it: the wait would also be for both stages' whole first gathers, where each warpgroup's first
   // Q K^T can start on the first part of its own while the rest lands, as in the loop (stop 39: 1.4% on sparse
   // decode b64 h64, 4-7% on sparse prefill with a few blocks a CTA).
-  if (!kSparse || !p.q_by_tma) {
+  if (!kGather || !p.q_by_tma) {
     cp_async_wait<0>();
     fence_async_shared();
     __syncthreads();
@@ -753,7 +770,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
   const auto score_stage = [&](auto stage_constant, int fill) {
     constexpr int stage = decltype(stage_constant)::value;
     issue_block_scores<stage, kEarly>(scores, q_tile, kv_tile(stage), [&](int part) {
-      if constexpr (kSparse) {
+      if constexpr (kGather) {
         gathers_landed(part);
       } else {
         mbarrier_wait(barrier(stage, part), fill & 1);
@@ -823,8 +840,8 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
             *reinterpret_cast<const uint32_t*>(&pair);
       }
     }
-    const int valid_rows = length - block * kBlockN;  // sparse: rows that are not there were gathered as zeros
-    if (!kSparse && valid_rows < kBlockN) zero_value_rows(stage_bytes(stage), valid_rows, thread, 128);
+    const int valid_rows = length - block * kBlockN;  // gathered stages: rows not there came as zeros
+    if (!kGather && valid_rows < kBlockN) zero_value_rows(stage_bytes(stage), valid_rows, thread, 128);
     fence_async_shared();
     named_barrier_sync(kOwnBarrier + warpgroup, 128);
   };
@@ -877,7 +894,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
           wgmma_wait<0>();
           fence_registers(out_acc);
           if (a + 2 < end) {
-            if constexpr (kSparse) {
+            if constexpr (kGather) {
               gather_early(0, a + 2);
             } else if (thread == 0) {
               next_page = block_page(p, batch, a + 2);
@@ -891,7 +908,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
           wgmma_wait<0>();  // both products of a done: stage 0 takes a + 2
           fence_registers(out_acc);
         }
-        if (!kSparse && thread == 0 && a + 2 < end) {
+        if (!kGather && thread == 0 && a + 2 < end) {
           if constexpr (kEarly) {
             fill_rest(0, next_page);
           } else {
@@ -903,7 +920,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
         issue_values(out_acc, p_tile(1), kv_tile(1), 0);
         clock.mark(6);
         // Sparse: a + 2's gathers (the rest of them) go after P V of b is issued, so that they do not hold it up.
-        if constexpr (kSparse) {
+        if constexpr (kGather) {
           if (a + 2 < end) {
             if constexpr (kEarly) {
               gather_rest(0, a + 2);
@@ -920,7 +937,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
         // takes b's while warpgroup 0 may still read the other half and P; the rest once warpgroup 0 releases it.
         int page = 0;
         if (kEarly && has_b) {
-          if constexpr (kSparse) {
+          if constexpr (kGather) {
             gather_early(1, b);
           } else if (thread == 0) {
             page = block_page(p, batch, b);
@@ -930,7 +947,7 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
         named_barrier_sync(kReleasedB, kThreads);
         clock.mark(1);
         if (has_b) {
-          if constexpr (kSparse) {
+          if constexpr (kGather) {
             if constexpr (kEarly) {
               gather_rest(1, b);
             } else {
@@ -970,7 +987,10 @@ __device__ __forceinline__ void attend_pairs(const DecodeParams& p, uint8_t* sha
       }
     }
   }
-  clock.report(kFp8 ? "wide sparse fp8 pairs" : kSparse ? "wide sparse bf16 pairs" : "wide bf16 pairs", end - begin);
+  clock.report(kFp8      ? (kSparse ? "wide sparse fp8 pairs" : "wide dense fp8 pairs")
+               : kSparse ? "wide sparse bf16 pairs"
+                         : "wide bf16 pairs",
+               end - begin);
   cta_mark(2);
   wgmma_wait<0>();
   fence_registers(out_acc);
@@ -989,7 +1009,7 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
   uint8_t* shared = prepare_shared</*kGeneric=*/true>(raw_shared, Layout::kBarriers, 2 * kParts + 1);  // + Q's
   int fills[3] = {0, 0, 0};  // stage 0's fills, stage 1's, attend_pairs' Q loads by TMA
   for_each_piece<kSparse>(p, [&](int z, int begin, int end, int64_t slot) {
-    if constexpr (!kFp8 || kSparse) {
+    if constexpr (!kFp8 || kSparse || kDenseFp8Pairs) {
       attend_pairs<kSparse, kFp8, kPartials, kEarlyDense>(p, shared, blockIdx.x, z, begin, end, slot, fills);
     } else {
       attend_piece<kPartials>(p, shared, blockIdx.x, z, begin, end, slot, fills);
@@ -1475,7 +1495,7 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
     params.kv_map = cache_tensor_map(kv_cache, 0, kColumnTiles, 1);
   }
   // attend_pairs (dense BF16 past the narrow kernel's rows, and sparse) loads Q by TMA where its rows form a box.
-  params.q_by_tma = (sparse || (!is_fp8 && !narrow)) && q_tensor_map(q, sparse, params.q_map);
+  params.q_by_tma = (sparse || (!narrow && (!is_fp8 || kDenseFp8Pairs))) && q_tensor_map(q, sparse, params.q_map);
   params.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
   params.q_batch_stride = q.stride(0);
   params.q_seq_stride = q.stride(1);
