@@ -196,6 +196,21 @@ def test_sparse_decode_extra_cache_and_sink(device, fp8):
     assert torch.isfinite(lse[0, :, 0]).all(), "extra tokens alone make a query non-empty"
 
 
+def sparse_decode_against_oracle(q, main, extra, fp8):
+    """sparse_decode over `main` and `extra` (each: the paged cache, its flat keys, CPU indices and lengths; extra's
+    lengths may be None) against the float64 oracle; returns the op's out and lse."""
+    cache, flat_keys, indices, topk_length = main
+    extra_cache, extra_flat_keys, extra_indices, extra_topk_length = extra
+    device = q.device
+    out, lse = ops.sparse_decode(q, cache, indices.to(device), topk_length.to(device), extra_cache,
+                                 extra_indices.to(device), None if extra_topk_length is None else
+                                 extra_topk_length.to(device), None, None, oracle.D_V, SCALE, fp8, None)
+    oracle.assert_attention_close(out, lse, *oracle.sparse_decode(q.cpu(), flat_keys, indices, topk_length, SCALE,
+                                                                  oracle.D_V, extra_flat_keys, extra_indices,
+                                                                  extra_topk_length))
+    return out, lse
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_sparse_decode_topk_lengths_outside_0_to_topk(device, fp8):
     """A topk_length (or extra_topk_length) past topk counts every index and one of 0 or below none (FlashMLA's mask
@@ -211,18 +226,12 @@ def test_sparse_decode_topk_lengths_outside_0_to_topk(device, fp8):
     topk_length = torch.tensor([-3, topk + 5, -1, 7], dtype=torch.int32)
     extra_topk_length = torch.tensor([extra_topk, -100, -2, extra_topk + 1], dtype=torch.int32)
     q = oracle.bf16(batch, s_q, h_q, oracle.D_QK, device=device)
-    out, lse = ops.sparse_decode(q, cache, indices.to(device), topk_length.to(device), extra_cache,
-                                 extra_indices.to(device), extra_topk_length.to(device), None, None, oracle.D_V, SCALE,
-                                 fp8, None)
-    ref_out, ref_lse = oracle.sparse_decode(q.cpu(), flat_keys, indices, topk_length, SCALE, oracle.D_V,
-                                            extra_flat_keys, extra_indices, extra_topk_length)
-    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+    out, lse = sparse_decode_against_oracle(q, (cache, flat_keys, indices, topk_length),
+                                            (extra_cache, extra_flat_keys, extra_indices, extra_topk_length), fp8)
     assert (out[2] == 0).all() and torch.isposinf(lse[2]).all() and torch.isfinite(lse[[0, 1, 3]]).all()
 
-    out, lse = ops.sparse_decode(q, cache, indices.to(device), topk_length.to(device), extra_cache,
-                                 extra_indices.to(device), None, None, None, oracle.D_V, SCALE, fp8, None)
-    oracle.assert_attention_close(out, lse, *oracle.sparse_decode(q.cpu(), flat_keys, indices, topk_length, SCALE,
-                                                                  oracle.D_V, extra_flat_keys, extra_indices))
+    sparse_decode_against_oracle(q, (cache, flat_keys, indices, topk_length),
+                                 (extra_cache, extra_flat_keys, extra_indices, None), fp8)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -243,12 +252,8 @@ def test_sparse_decode_reads_no_slot_it_does_not_list(device, fp8):
     extra_topk_length = torch.tensor([5, extra_topk], dtype=torch.int32)
     indices[1, :, 9:] = 0  # past topk_length: not read
     q = oracle.bf16(batch, s_q, h_q, oracle.D_QK, device=device)
-    out, lse = ops.sparse_decode(q, cache, indices.to(device), topk_length.to(device), extra_cache,
-                                 extra_indices.to(device), extra_topk_length.to(device), None, None, oracle.D_V, SCALE,
-                                 fp8, None)
-    ref_out, ref_lse = oracle.sparse_decode(q.cpu(), flat_keys, indices, topk_length, SCALE, oracle.D_V,
-                                            extra_flat_keys, extra_indices, extra_topk_length)
-    oracle.assert_attention_close(out, lse, ref_out, ref_lse)
+    sparse_decode_against_oracle(q, (cache, flat_keys, indices, topk_length),
+                                 (extra_cache, extra_flat_keys, extra_indices, extra_topk_length), fp8)
 
 
 def test_sparse_decode_matches_dense_on_the_same_tokens(device):
