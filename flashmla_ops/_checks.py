@@ -13,6 +13,7 @@ import torch
 DEBUG_ENV = "FLASHMLA_CHECK"
 # Activations and BF16 caches: bfloat16 is the kernels' dtype; float32 runs the reference (exact model checks).
 FLOAT_DTYPES = (torch.bfloat16, torch.float32)
+FP8_LAYOUT_DTYPES = (torch.uint8, torch.float8_e4m3fn)  # FP8 caches: bytes, or e4m3 views of them
 
 
 FLAG_VALUES = {"": False, "0": False, "false": False, "no": False, "off": False,
@@ -45,29 +46,44 @@ def require_tensor(op: str, name: str, t) -> torch.Tensor:
     return t
 
 
-def check_tensor(op: str, name: str, t, dtypes, shape, dims: dict) -> torch.Tensor:
+def check_tensor(op: str, name: str, t, dtypes, shape, dims: dict, dtype_from: str | None = None) -> torch.Tensor:
+    """`t` if it is a tensor of one of `dtypes` and of `shape`, else a TypeError (not a tensor, the dtype) or a
+    ValueError (the shape) naming `name`. A size may also be (named size, constant): the named size plus the constant
+    (an FP8 row: d_i values and a 4-byte scale). Sizes and dtypes that another argument set are said to come from it
+    (`dtype_from`: the argument whose dtype `dtypes` is), so that the error does not blame only the second one."""
     require_tensor(op, name, t)
     if t.dtype not in dtypes:
         seen = str(t.dtype).replace("torch.", "")
-        raise TypeError(f"{op}: {name} must have dtype {_dtype_names(dtypes)}, got {seen}")
-    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        origin = f" (as {dtype_from} has it)" if dtype_from else ""
+        raise TypeError(f"{op}: {name} must have dtype {_dtype_names(dtypes)}{origin}, got {seen}")
+    want = "(" + ", ".join("*" if s is None else f"{s[0]} + {s[1]}" if isinstance(s, tuple) else str(s)
+                           for s in shape) + ")"
     if t.dim() != len(shape):
         raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(t.shape)}")
     for axis, (size, spec) in enumerate(zip(t.shape, shape)):
         if spec is None:
             continue
-        if isinstance(spec, str):
-            if spec not in dims:  # not dims.setdefault: dynamo before torch 2.8 does not trace it
-                dims[spec] = size
-                dims["from", spec] = name  # the error below names the argument that set it
-            bound = dims[spec]
-            if bound != size:
-                origin = dims.get(("from", spec), "an earlier argument")
-                raise ValueError(f"{op}: {name} must have shape {want} with {spec}={bound} (as {origin} has it), got "
-                                 f"{tuple(t.shape)}")
+        if isinstance(spec, (str, tuple)):
+            named, extra = (spec, 0) if isinstance(spec, str) else spec
+            if named not in dims:  # not dims.setdefault: dynamo before torch 2.8 does not trace it
+                dims[named] = size - extra
+                dims["from", named] = name  # the error below names the argument that set it
+            if dims[named] + extra != size:
+                origin = dims.get(("from", named), "an earlier argument")
+                raise ValueError(f"{op}: {name} must have shape {want} with {named}={dims[named]} (as {origin} has "
+                                 f"it), got {tuple(t.shape)}")
         elif size != spec:
             raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(t.shape)}")
     return t
+
+
+def check_fp8_flag(op: str, name: str, cache, flag: str, is_fp8, float_dtypes) -> None:
+    """A cache of the other layout than its FP8 flag says (a uint8 cache without the flag, a BF16 one with it): a
+    TypeError naming the flag too, which may be the wrong one."""
+    if isinstance(cache, torch.Tensor) and (cache.dtype in FP8_LAYOUT_DTYPES) != bool(is_fp8):
+        want = f"{_dtype_names(FP8_LAYOUT_DTYPES)} (the FP8 layout)" if is_fp8 else _dtype_names(float_dtypes)
+        raise TypeError(f"{op}: {name} must have dtype {want} with {flag}={bool(is_fp8)}, got "
+                        f"{str(cache.dtype).replace('torch.', '')}")
 
 
 def check_same_device(op: str, **tensors) -> None:
@@ -114,6 +130,45 @@ def check_finite_scale(op: str, name: str, scale) -> None:
         finite = False
     if not finite:
         raise ValueError(f"{op}: {name} must be finite, got {scale}")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
+
+
+def is_float(value) -> bool:  # a 0-d tensor too (not a bool one), which the op schemas' float arguments take
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and value.dtype != torch.bool
+    return (is_int(value) or isinstance(value, (numbers.Real, torch.SymFloat))) and not isinstance(value, bool)
+
+
+def is_flag(value) -> bool:  # bool, numpy's bool, or the int 0 or 1 (the schemas' bool arguments take any int)
+    kind = type(value)
+    return ((isinstance(value, numbers.Integral) and value in (0, 1))
+            or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")))
+
+
+def check_scalar(op: str, name: str, value, accepts, what: str) -> None:
+    """A scalar argument of the wrong kind (None, a string, a list): a TypeError naming it. For what no op schema
+    guards (the ops' schemas turn their scalars into ints, floats and bools, or reject them with a RuntimeError): the
+    FlashMLA API (it names itself before the op's schema speaks) and the public references (a head_dim_v of None
+    raised from a comparison inside, a causal of "no" was true). Numpy scalars are taken."""
+    if not accepts(value):
+        raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")
+
+
+def check_scale(op: str, name: str, value, what: str = "a float"):
+    """A softmax scale: a float (see check_scalar), finite: NaN or an infinity would give NaN or infinite outputs.
+    Returns it; a 0-d tensor (which the op schemas' float arguments take) as its value, read here once where the
+    schema would have read it (a sync with its device either way), so that it is checked as a float is."""
+    check_scalar(op, name, value, is_float, what)
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or value.is_meta:
+            raise TypeError(f"{op}: {name} must be a real number or a 0-d real tensor with a value, got a "
+                            f"{value.dtype} tensor on {value.device}")
+        value = value.item()
+    check_finite_scale(op, name, value)
+    return value
 
 
 def check(op: str, ok, message: str) -> None:

@@ -12,8 +12,8 @@ import torch
 from . import _ext
 from ._attention import apply_attn_sink, attend
 from ._checks import (FLOAT_DTYPES, below, capturing, check, check_contiguous_last_dim, check_finite_scale,
-                      check_paged_table, check_same_device, check_tensor, contiguous_or_none, last_dim_contiguous,
-                      value_checks_apply)
+                      check_fp8_flag, check_paged_table, check_same_device, check_tensor, contiguous_or_none,
+                      last_dim_contiguous, value_checks_apply)
 from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
 
 METADATA_FIELDS = 8  # begin_batch, begin_block, end_batch, end_block (exclusive), begin_split, 3 reserved
@@ -144,7 +144,8 @@ def num_sm_parts(device: torch.device | str, s_q: int, h_q: int) -> int:
 # ---------------------------------------------------------------- shared checks
 
 
-def _check_cache(op, k_cache, is_fp8, dims, dtype, name="k_cache"):
+def _check_cache(op, k_cache, is_fp8, dims, dtype, name="k_cache", flag="is_fp8"):
+    check_fp8_flag(op, name, k_cache, flag, is_fp8, (dtype,))
     if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 and k_cache.shape[2] != 1:
         raise ValueError(f"{op}: {name} must have h_kv = 1 (MLA decode is MQA over the latent), got {k_cache.shape[2]} "
                          f"in shape {tuple(k_cache.shape)}")
@@ -154,7 +155,7 @@ def _check_cache(op, k_cache, is_fp8, dims, dtype, name="k_cache"):
         if dims.get("d_qk", D_QK) != D_QK:
             raise ValueError(f"{op}: the FP8 cache needs q's last dimension d_qk = {D_QK}, got {dims['d_qk']}")
     else:
-        check_tensor(op, name, k_cache, (dtype,), (None, PAGE_BLOCK_SIZE, 1, "d_qk"), dims)
+        check_tensor(op, name, k_cache, (dtype,), (None, PAGE_BLOCK_SIZE, 1, "d_qk"), dims, dtype_from="q")
     check_contiguous_last_dim(op, name, k_cache)
 
 
@@ -214,11 +215,12 @@ def _outputs(q, d_v):
 
 
 def _check_dense(op, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v,
-                 is_fp8, attn_sink):
+                 is_fp8, attn_sink, flag="is_fp8"):
+    """`flag`: the FP8 flag's name where the caller takes it (the FlashMLA API's is_fp8_kvcache)."""
     dims = {}
     check_tensor(op, "q", q, FLOAT_DTYPES, ("batch", "s_q", "h_q", "d_qk"), dims)
     check_contiguous_last_dim(op, "q", q)
-    _check_cache(op, k_cache, is_fp8, dims, q.dtype)
+    _check_cache(op, k_cache, is_fp8, dims, q.dtype, flag=flag)
     check_tensor(op, "block_table", block_table, INDEX_DTYPES, ("batch", "max_blocks_per_seq"), dims)
     check_tensor(op, "cache_seqlens", cache_seqlens, INDEX_DTYPES, ("batch",), dims)
     _check_head_dim_v(op, head_dim_v, dims["d_qk"], is_fp8)
@@ -382,11 +384,12 @@ def _(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_split
 
 
 def _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
-                  tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink):
+                  tile_scheduler_metadata, num_splits, head_dim_v, is_fp8, attn_sink, flag="is_fp8"):
+    """`flag`: as `_check_dense`'s."""
     dims = {}
     check_tensor(op, "q", q, FLOAT_DTYPES, ("batch", "s_q", "h_q", "d_qk"), dims)
     check_contiguous_last_dim(op, "q", q)
-    _check_cache(op, k_cache, is_fp8, dims, q.dtype)
+    _check_cache(op, k_cache, is_fp8, dims, q.dtype, flag=flag)
     check_tensor(op, "indices", indices, INDEX_DTYPES, ("batch", "s_q", "topk"), dims)
     if topk_length is not None:
         check_tensor(op, "topk_length", topk_length, INDEX_DTYPES, ("batch",), dims)
@@ -397,7 +400,7 @@ def _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_ind
     if extra_topk_length is not None and extra_indices_in_kvcache is None:
         raise ValueError(f"{op}: extra_topk_length needs extra_k_cache and extra_indices_in_kvcache")
     if extra_k_cache is not None:
-        _check_cache(op, extra_k_cache, is_fp8, dims, q.dtype, name="extra_k_cache")
+        _check_cache(op, extra_k_cache, is_fp8, dims, q.dtype, name="extra_k_cache", flag=flag)
         check_tensor(op, "extra_indices_in_kvcache", extra_indices_in_kvcache, INDEX_DTYPES, ("batch", "s_q", None),
                      dims)
         if extra_topk_length is not None:
@@ -409,16 +412,17 @@ def _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_ind
                       extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
                       extra_topk_length=extra_topk_length, attn_sink=attn_sink,
                       tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits)
-    for name, cache, idx, length in (("indices", k_cache, indices, topk_length),
-                                     ("extra_indices_in_kvcache", extra_k_cache, extra_indices_in_kvcache,
-                                      extra_topk_length)):
+    for name, cache_name, cache, idx, length in (("indices", "k_cache", k_cache, indices, topk_length),
+                                                 ("extra_indices_in_kvcache", "extra_k_cache", extra_k_cache,
+                                                  extra_indices_in_kvcache, extra_topk_length)):
         if idx is not None and value_checks_apply(idx):
             # Entries past a sequence's topk_length do not count (no kernel reads them): like unused block_table
             # entries they may hold anything.
             num_slots = cache.shape[0] * cache.shape[1]
             bad = ((idx < -1) | ~below(idx, num_slots)) & _within_length(idx, length)
             check(op, ~bad,
-                  f"{name} entries must be -1 or flat cache slots in [0, {num_slots}), got {idx[bad][:8].tolist()}")
+                  f"{name} entries must be -1 or flat cache slots in [0, {num_slots}) ({cache_name}'s num_blocks * "
+                  f"page_block_size), got {idx[bad][:8].tolist()}")
 
 
 def key_widths(*valids: torch.Tensor) -> list[list[int]]:

@@ -23,6 +23,8 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 
 
 def _check_scale(op, name, x, x_name, scale, shape, dims):
+    if scale is not None:
+        require_tensor(op, name, scale)  # a list is not "given" for the rule below
     if (x.dtype == FP8) != (scale is not None):
         raise ValueError(f"{op}: {name} must be given exactly when {x_name} is float8_e4m3fn "
                          f"({x_name} is {str(x.dtype).replace('torch.', '')}, "
@@ -53,7 +55,7 @@ def _check_logits(op, q, k, weights, k_start, k_end, q_scale, k_scale):
     if value_checks_apply(k_start):
         s_kv = k.shape[0]
         check(op, (k_start >= 0) & (k_start <= k_end) & (k_end <= s_kv),
-              f"each query's key range must satisfy 0 <= k_start <= k_end <= s_kv={s_kv}")
+              f"each query's key range must satisfy 0 <= k_start <= k_end <= s_kv={s_kv} (k's rows)")
 
 
 def indexer_logits_reference(q, k, weights, k_start, k_end, q_scale=None, k_scale=None):
@@ -153,7 +155,7 @@ def _(q, k, weights, k_start, k_end, q_scale, k_scale):
 def _check_logits_paged(op, q, index_cache, weights, block_table, cache_seqlens, q_scale):
     dims = {}
     check_tensor(op, "q", q, (*FLOAT_DTYPES, FP8), ("batch", "s_q", "h_i", "d_i"), dims)
-    row = dims["d_i"] + 4 if require_tensor(op, "index_cache", index_cache).dtype in (torch.uint8, FP8) else dims["d_i"]
+    row = ("d_i", 4) if require_tensor(op, "index_cache", index_cache).dtype in (torch.uint8, FP8) else "d_i"
     check_tensor(op, "index_cache", index_cache, (*FLOAT_DTYPES, torch.uint8, FP8), (None, PAGE_BLOCK_SIZE, row), dims)
     check_tensor(op, "weights", weights, (torch.float32,), ("batch", "s_q", "h_i"), dims)
     check_tensor(op, "block_table", block_table, INDEX_DTYPES, ("batch", "max_blocks_per_seq"), dims)
@@ -276,8 +278,8 @@ def _check_topk(op, logits, topk, block_table):
         check_tensor(op, "logits", logits, (torch.float32,), ("batch", "s_q", "num_keys"), dims)
         check_tensor(op, "block_table", block_table, INDEX_DTYPES, ("batch", "max_blocks_per_seq"), dims)
         if dims["num_keys"] > dims["max_blocks_per_seq"] * PAGE_BLOCK_SIZE:
-            raise ValueError(f"{op}: logits' num_keys ({dims['num_keys']}) must be <= max_blocks_per_seq * "
-                             f"{PAGE_BLOCK_SIZE} = {dims['max_blocks_per_seq'] * PAGE_BLOCK_SIZE}")
+            raise ValueError(f"{op}: logits' num_keys ({dims['num_keys']}) must be <= block_table's "
+                             f"max_blocks_per_seq * {PAGE_BLOCK_SIZE} = {dims['max_blocks_per_seq'] * PAGE_BLOCK_SIZE}")
         check_same_device(op, logits=logits, block_table=block_table)
         if value_checks_apply(logits):
             # A position that can be selected (logit not -inf) must map through a real block: a negative entry would

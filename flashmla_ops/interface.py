@@ -1,49 +1,11 @@
 """FlashMLA's Python API (same names, argument order, defaults and return values) over the `flashmla` ops."""
-import numbers
 from dataclasses import dataclass, field
 
 import torch
 
 from . import _ext, decode, sparse_prefill  # noqa: F401  (registers the ops)
-from ._checks import check_finite_scale, check_tensor, require_tensor, value_checks_apply
+from ._checks import check_scalar, check_scale, check_tensor, is_flag, is_int, require_tensor, value_checks_apply
 from .decode import _check_dense, _check_sparse, num_sm_parts
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
-
-
-def _is_float(value) -> bool:  # a 0-d tensor too (not a bool one), which the op schemas' float arguments take
-    if isinstance(value, torch.Tensor):
-        return value.dim() == 0 and value.dtype != torch.bool
-    return (_is_int(value) or isinstance(value, (numbers.Real, torch.SymFloat))) and not isinstance(value, bool)
-
-
-def _is_flag(value) -> bool:  # bool, numpy's bool, or the int 0 or 1 (the schemas' bool arguments take any int)
-    kind = type(value)
-    return ((isinstance(value, numbers.Integral) and value in (0, 1))
-            or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")))
-
-
-def _check_scalar(op: str, name: str, value, accepts, what: str) -> None:
-    """A scalar argument of the wrong kind (None, a string, a list): the custom ops' schemas would reject it later
-    with a RuntimeError naming the op's own argument, so the API says it first. Numpy scalars are taken."""
-    if not accepts(value):
-        raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")
-
-
-def _check_scale(op: str, name: str, value, what: str = "a float"):
-    """A softmax scale: a float (see _check_scalar), finite: NaN or an infinity would give NaN or infinite outputs.
-    Returns it; a 0-d tensor (which the op schemas' float arguments take) as its value, read here once where the
-    schema would have read it (a sync with its device either way), so that it is checked as a float is."""
-    _check_scalar(op, name, value, _is_float, what)
-    if isinstance(value, torch.Tensor):
-        if value.is_complex() or value.is_meta:
-            raise TypeError(f"{op}: {name} must be a real number or a 0-d real tensor with a value, got a "
-                            f"{value.dtype} tensor on {value.device}")
-        value = value.item()
-    check_finite_scale(op, name, value)
-    return value
 
 
 def _check_tensor_types(op: str, required: dict, optional: dict) -> None:
@@ -203,12 +165,12 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
                         dict(block_table=block_table, cache_seqlens=cache_seqlens, indices=indices, attn_sink=attn_sink,
                              extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
                              topk_length=topk_length, extra_topk_length=extra_topk_length))
-    _check_scalar(op, "head_dim_v", head_dim_v, _is_int, "an int")
+    check_scalar(op, "head_dim_v", head_dim_v, is_int, "an int")
     if softmax_scale is None:
         softmax_scale = d_qk ** -0.5
-    softmax_scale = _check_scale(op, "softmax_scale", softmax_scale, "a float or None")
-    _check_scalar(op, "causal", causal, _is_flag, "a bool")
-    _check_scalar(op, "is_fp8_kvcache", is_fp8_kvcache, _is_flag, "a bool")
+    softmax_scale = check_scale(op, "softmax_scale", softmax_scale, "a float or None")
+    check_scalar(op, "causal", causal, is_flag, "a bool")
+    check_scalar(op, "is_fp8_kvcache", is_fp8_kvcache, is_flag, "a bool")
     meta = tile_scheduler_metadata if tile_scheduler_metadata is not None else FlashMLASchedMeta()
     if indices is None:
         for name, value in (("extra_k_cache", extra_k_cache), ("extra_indices_in_kvcache", extra_indices_in_kvcache),
@@ -223,7 +185,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         # torch.compile traces, shapes only: `value_checks_apply`); when the metadata is reused, the op's own.
         def check():
             _check_dense(op, q, k_cache, block_table, cache_seqlens, None, None, head_dim_v, is_fp8_kvcache,
-                         attn_sink)
+                         attn_sink, "is_fp8_kvcache")
 
         if not isinstance(cache_seqlens, torch.Tensor):
             check()  # names cache_seqlens (the metadata's source must be a tensor)
@@ -242,7 +204,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         check_tensor(op, "cache_seqlens", cache_seqlens, decode.INDEX_DTYPES, ("batch",), dims)
     def check():
         _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
-                      extra_topk_length, None, None, head_dim_v, is_fp8_kvcache, attn_sink)
+                      extra_topk_length, None, None, head_dim_v, is_fp8_kvcache, attn_sink, "is_fp8_kvcache")
 
     if (not isinstance(indices, torch.Tensor) or indices.dim() != 3
             or not isinstance(topk_length, (torch.Tensor, type(None)))):
@@ -275,9 +237,9 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk
     """
     op = "flash_mla_sparse_fwd"
     _check_tensor_types(op, dict(q=q, kv=kv, indices=indices), dict(attn_sink=attn_sink, topk_length=topk_length))
-    sm_scale = _check_scale(op, "sm_scale", sm_scale)
-    _check_scalar(op, "d_v", d_v, _is_int, "an int")
-    _check_scalar(op, "indexer_topk", indexer_topk, _is_int, "an int")
+    sm_scale = check_scale(op, "sm_scale", sm_scale)
+    check_scalar(op, "d_v", d_v, is_int, "an int")
+    check_scalar(op, "indexer_topk", indexer_topk, is_int, "an int")
     out, max_logits, lse, lse_indexer = torch.ops.flashmla.sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink,
                                                                           topk_length, indexer_topk)
     if indexer_topk > 0:

@@ -10,8 +10,8 @@ of `d_i` values), `d_i + 4` bytes; a BF16 indexer key cache is `(num_blocks, pag
 import torch
 
 from . import _ext
-from ._checks import (FLOAT_DTYPES, below, check, check_contiguous_last_dim, check_no_overlap, check_same_device,
-                      check_tensor, dense_aligned, require_tensor, value_checks_apply)
+from ._checks import (FLOAT_DTYPES, below, check, check_contiguous_last_dim, check_fp8_flag, check_no_overlap,
+                      check_same_device, check_tensor, dense_aligned, require_tensor, value_checks_apply)
 
 KV_LORA_RANK = 512
 ROPE_DIM = 64
@@ -139,26 +139,29 @@ def _(kv_fp8):
 # ---------------------------------------------------------------- cache writes
 
 
-def _check_slots(op: str, slot_mapping: torch.Tensor, num_slots: int) -> None:
+def _check_slots(op: str, slot_mapping: torch.Tensor, num_slots: int, cache_name: str) -> None:
     if value_checks_apply(slot_mapping):
         bad = (slot_mapping < -1) | ~below(slot_mapping, num_slots)
-        check(op, ~bad,
-              f"slot_mapping entries must be -1 (skip) or in [0, {num_slots}), got {slot_mapping[bad][:8].tolist()}")
+        check(op, ~bad, f"slot_mapping entries must be -1 (skip) or in [0, {num_slots}) ({cache_name}'s num_blocks * "
+                        f"page_block_size), got {slot_mapping[bad][:8].tolist()}")
 
 
 def _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8) -> None:
     dims = {}
+    check_fp8_flag(op, "kv_cache", kv_cache, "is_fp8", is_fp8, FLOAT_DTYPES)
     row = FP8_BYTES if is_fp8 else D_QK
     dtypes = (torch.uint8, torch.float8_e4m3fn) if is_fp8 else FLOAT_DTYPES
     check_tensor(op, "kv_cache", kv_cache, dtypes, ("num_blocks", "page_block_size", 1, row), dims)
     check_contiguous_last_dim(op, "kv_cache", kv_cache)
     check_no_overlap(op, "kv_cache", kv_cache)
-    value_dtypes = FLOAT_DTYPES if is_fp8 else (kv_cache.dtype,)
-    check_tensor(op, "latent", latent, value_dtypes, ("num_tokens", KV_LORA_RANK), dims)
-    check_tensor(op, "rope", rope, (latent.dtype,), ("num_tokens", ROPE_DIM), dims)
+    if is_fp8:
+        check_tensor(op, "latent", latent, FLOAT_DTYPES, ("num_tokens", KV_LORA_RANK), dims)
+    else:
+        check_tensor(op, "latent", latent, (kv_cache.dtype,), ("num_tokens", KV_LORA_RANK), dims, dtype_from="kv_cache")
+    check_tensor(op, "rope", rope, (latent.dtype,), ("num_tokens", ROPE_DIM), dims, dtype_from="latent")
     check_tensor(op, "slot_mapping", slot_mapping, (torch.int32, torch.int64), ("num_tokens",), dims)
     check_same_device(op, kv_cache=kv_cache, latent=latent, rope=rope, slot_mapping=slot_mapping)
-    _check_slots(op, slot_mapping, kv_cache.shape[0] * kv_cache.shape[1])  # values: never while tracing (fakes)
+    _check_slots(op, slot_mapping, kv_cache.shape[0] * kv_cache.shape[1], "kv_cache")  # values: never while tracing
 
 
 def _aligned(cache: torch.Tensor, num_bytes: int) -> bool:
@@ -252,14 +255,17 @@ def _check_write_index(op, index_cache, k, slot_mapping) -> None:
     if is_fp8 and dims["d_i"] == 0:  # no values to take a scale from (the reference's amax raised IndexError)
         raise ValueError(f"{op}: k must have shape (num_tokens, d_i) with d_i >= 1 for an FP8 index_cache, got "
                          f"{tuple(k.shape)}")
-    row = dims["d_i"] + 4 if is_fp8 else dims["d_i"]
-    check_tensor(op, "index_cache", index_cache, (torch.uint8, torch.float8_e4m3fn) if is_fp8 else (k.dtype,),
-                 ("num_blocks", "page_block_size", row), dims)
+    if is_fp8:  # d_i e4m3 values and a float32 scale
+        check_tensor(op, "index_cache", index_cache, (torch.uint8, torch.float8_e4m3fn),
+                     ("num_blocks", "page_block_size", ("d_i", 4)), dims)
+    else:
+        check_tensor(op, "index_cache", index_cache, (k.dtype,), ("num_blocks", "page_block_size", "d_i"), dims,
+                     dtype_from="k")
     check_contiguous_last_dim(op, "index_cache", index_cache)
     check_no_overlap(op, "index_cache", index_cache)
     check_tensor(op, "slot_mapping", slot_mapping, (torch.int32, torch.int64), ("num_tokens",), dims)
     check_same_device(op, index_cache=index_cache, k=k, slot_mapping=slot_mapping)
-    _check_slots(op, slot_mapping, index_cache.shape[0] * index_cache.shape[1])  # values: never while tracing
+    _check_slots(op, slot_mapping, index_cache.shape[0] * index_cache.shape[1], "index_cache")  # never while tracing
 
 
 @torch.library.custom_op("flashmla::write_index_cache", mutates_args=("index_cache",))

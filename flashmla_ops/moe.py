@@ -24,8 +24,9 @@ EXPERT_DTYPES = (torch.int32, torch.int64)  # the router's top-k indices are int
 def _check(op, x, gate_up_proj, down_proj, weights, experts):
     dims = {}
     check_tensor(op, "x", x, FLOAT_DTYPES, ("tokens", "hidden"), dims)
-    check_tensor(op, "gate_up_proj", gate_up_proj, (x.dtype,), ("num_experts", "two_inter", "hidden"), dims)
-    check_tensor(op, "down_proj", down_proj, (x.dtype,), ("num_experts", "hidden", "inter"), dims)
+    check_tensor(op, "gate_up_proj", gate_up_proj, (x.dtype,), ("num_experts", "two_inter", "hidden"), dims,
+                 dtype_from="x")
+    check_tensor(op, "down_proj", down_proj, (x.dtype,), ("num_experts", "hidden", "inter"), dims, dtype_from="x")
     if dims["two_inter"] != 2 * dims["inter"]:
         raise ValueError(f"{op}: gate_up_proj must be (num_experts, 2 * inter, hidden) with down_proj's inter="
                          f"{dims['inter']}, got {tuple(gate_up_proj.shape)}")

@@ -3,8 +3,9 @@
 `flashmla_ops.reference.<op>` runs the op's own checks first (naming `reference.<op>`; values where the op checks
 them: always on the CPU, on a GPU with FLASHMLA_CHECK=1), so a bad argument gets the error the op would give, not a
 block table entry of -1 read as the last block. The `*_reference` functions are the unchecked implementations the
-ops call after their checks."""
-from ._checks import check_finite_scale
+ops call after their checks. The scalars too: the ops' schemas turn theirs into ints, floats and bools before the op
+runs, the references check what they are given."""
+from ._checks import check_scalar, check_scale, is_flag, is_int
 from .decode import (_check_dense, _check_metadata, _check_sparse, dense_decode_reference, get_mla_metadata_reference,
                      sparse_decode_reference)
 from .indexer import (_check_logits, _check_logits_paged, _check_topk, indexer_logits_paged_reference,
@@ -24,30 +25,40 @@ dequantize_index_fp8 = dequantize_index_fp8_reference
 # The ops' names (every op of the flashmla namespace; the decode references take no schedule: the metadata only
 # splits the work).
 def get_mla_metadata(cache_seqlens, num_sm_parts):
+    check_scalar("reference.get_mla_metadata", "num_sm_parts", num_sm_parts, is_int, "an int")
     _check_metadata("reference.get_mla_metadata", cache_seqlens, num_sm_parts)
     return get_mla_metadata_reference(cache_seqlens, num_sm_parts)
 
 
 def dense_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8, attn_sink=None):
-    _check_dense("reference.dense_decode", q, k_cache, block_table, cache_seqlens, None, None, head_dim_v, is_fp8,
-                 attn_sink)
-    check_finite_scale("reference.dense_decode", "softmax_scale", softmax_scale)
+    op = "reference.dense_decode"
+    check_scalar(op, "head_dim_v", head_dim_v, is_int, "an int")
+    check_scalar(op, "causal", causal, is_flag, "a bool")
+    check_scalar(op, "is_fp8", is_fp8, is_flag, "a bool")
+    _check_dense(op, q, k_cache, block_table, cache_seqlens, None, None, head_dim_v, is_fp8, attn_sink)
+    softmax_scale = check_scale(op, "softmax_scale", softmax_scale)
     return dense_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8,
                                   attn_sink)
 
 
 def sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
                   head_dim_v, softmax_scale, is_fp8, attn_sink=None):
-    _check_sparse("reference.sparse_decode", q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
-                  extra_topk_length, None, None, head_dim_v, is_fp8, attn_sink)
-    check_finite_scale("reference.sparse_decode", "softmax_scale", softmax_scale)
+    op = "reference.sparse_decode"
+    check_scalar(op, "head_dim_v", head_dim_v, is_int, "an int")
+    check_scalar(op, "is_fp8", is_fp8, is_flag, "a bool")
+    _check_sparse(op, q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache, extra_topk_length,
+                  None, None, head_dim_v, is_fp8, attn_sink)
+    softmax_scale = check_scale(op, "softmax_scale", softmax_scale)
     return sparse_decode_reference(q, k_cache, indices, topk_length, extra_k_cache, extra_indices_in_kvcache,
                                    extra_topk_length, head_dim_v, softmax_scale, is_fp8, attn_sink)
 
 
 def sparse_prefill(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None, indexer_topk=0):
-    _check_sparse_prefill("reference.sparse_prefill", q, kv, indices, d_v, attn_sink, topk_length, indexer_topk)
-    check_finite_scale("reference.sparse_prefill", "sm_scale", sm_scale)
+    op = "reference.sparse_prefill"
+    check_scalar(op, "d_v", d_v, is_int, "an int")
+    check_scalar(op, "indexer_topk", indexer_topk, is_int, "an int")
+    _check_sparse_prefill(op, q, kv, indices, d_v, attn_sink, topk_length, indexer_topk)
+    sm_scale = check_scale(op, "sm_scale", sm_scale)
     return sparse_prefill_reference(q, kv, indices, sm_scale, d_v, attn_sink, topk_length, indexer_topk)
 
 
@@ -62,6 +73,7 @@ def dequantize_kv_fp8(kv_fp8):
 
 
 def write_kv_cache(kv_cache, latent, rope, slot_mapping, is_fp8):
+    check_scalar("reference.write_kv_cache", "is_fp8", is_fp8, is_flag, "a bool")
     _check_write_kv("reference.write_kv_cache", kv_cache, latent, rope, slot_mapping, is_fp8)
     return write_kv_cache_reference(kv_cache, latent, rope, slot_mapping, is_fp8)
 
@@ -88,5 +100,6 @@ def indexer_logits_paged(q, index_cache, weights, block_table, cache_seqlens, q_
 
 
 def indexer_topk(logits, topk, block_table=None):
+    check_scalar("reference.indexer_topk", "topk", topk, is_int, "an int")
     _check_topk("reference.indexer_topk", logits, topk, block_table)
     return indexer_topk_reference(logits, topk, block_table)

@@ -19,7 +19,7 @@ def _check_sparse_prefill(op, q, kv, indices, d_v, attn_sink, topk_length, index
     if isinstance(kv, torch.Tensor) and kv.dim() == 3 and kv.shape[1] != 1:
         raise ValueError(f"{op}: kv must have h_kv = 1 (MQA over the latent), got {kv.shape[1]} in shape "
                          f"{tuple(kv.shape)}")
-    check_tensor(op, "kv", kv, (q.dtype,), ("s_kv", 1, "d_qk"), dims)
+    check_tensor(op, "kv", kv, (q.dtype,), ("s_kv", 1, "d_qk"), dims, dtype_from="q")
     check_tensor(op, "indices", indices, INDEX_DTYPES, ("s_q", 1, "topk"), dims)
     check_contiguous_last_dim(op, "q", q)
     check_contiguous_last_dim(op, "kv", kv)

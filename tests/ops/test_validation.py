@@ -1,4 +1,5 @@
 """Bad inputs get a ValueError or TypeError that names the argument, from the API, the ops, and the fake impls."""
+import math
 import re
 
 import pytest
@@ -89,6 +90,11 @@ def metadata_args():
     return dict(cache_seqlens=torch.tensor([5, 100, 0], dtype=I32), num_sm_parts=4)
 
 
+def experts_args():
+    return dict(x=oracle.bf16(2, 16), gate_up_proj=oracle.bf16(3, 8, 16), down_proj=oracle.bf16(3, 16, 4),
+                weights=torch.rand(2, 2), experts=torch.tensor([[0, 2], [1, 5]]))
+
+
 ENTRIES = {
     "flash_mla_with_kvcache": (flashmla_ops.flash_mla_with_kvcache, dense_api),
     "flash_mla_with_kvcache[sparse]": (flashmla_ops.flash_mla_with_kvcache, sparse_api),
@@ -106,6 +112,7 @@ ENTRIES = {
     "indexer_logits_paged": (ops.indexer_logits_paged, paged_args),
     "indexer_topk": (ops.indexer_topk, topk_args),
     "get_mla_metadata": (ops.get_mla_metadata, metadata_args),
+    "routed_experts": (ops.routed_experts, experts_args),
 }
 
 
@@ -393,6 +400,47 @@ CASES = [
     ("get_mla_metadata", "cache_seqlens dtype", set_(cache_seqlens=torch.tensor([5, 1], dtype=torch.int64)), TypeError,
      "cache_seqlens"),
     ("get_mla_metadata", "cache_seqlens 2-D", set_(cache_seqlens=torch.ones(2, 2, dtype=I32)), ValueError, "cache_seqlens"),
+    # routed experts
+    ("routed_experts", "x dtype", set_(x=lambda a: a["x"].half()), TypeError, "x"),
+    ("routed_experts", "down_proj inter 3", set_(down_proj=oracle.bf16(3, 16, 3)), ValueError, "gate_up_proj"),
+    ("routed_experts", "experts tokens 3", set_(experts=torch.zeros(3, 2, dtype=torch.int64)), ValueError, "experts"),
+    # An argument whose dtype or size another one set: the error names that one too (a float32 q against a BF16
+    # cache said only "k_cache must have dtype float32", blaming the cache for what q asked).
+    ("dense_decode", "float32 q, BF16 cache: names q", set_(q=lambda a: a["q"].float()), TypeError, "q"),
+    ("flash_mla_with_kvcache", "float32 q, BF16 cache: names q", set_(q=lambda a: a["q"].float()), TypeError, "q"),
+    ("flash_mla_sparse_fwd", "float32 q, BF16 kv: names q", set_(q=lambda a: a["q"].float()), TypeError, "q"),
+    ("write_kv_cache", "float32 kv_cache, BF16 rows: names kv_cache", set_(kv_cache=lambda a: a["kv_cache"].float()),
+     TypeError, "kv_cache"),
+    ("write_kv_cache[fp8]", "float32 latent, BF16 rope: names latent", set_(latent=lambda a: a["latent"].float()),
+     TypeError, "latent"),
+    ("write_index_cache", "float32 k, BF16 index_cache: names k", set_(k=lambda a: a["k"].float()), TypeError, "k"),
+    ("routed_experts", "float32 x, BF16 experts: names x", set_(x=lambda a: a["x"].float()), TypeError, "x"),
+    ("write_index_cache", "k d_i 33 against the cache's 32: names k", set_(k=oracle.bf16(3, 33)), ValueError, "k"),
+    ("indexer_logits_paged", "q d_i 17 against the cache's 16: names q", set_(q=oracle.bf16(2, 1, 2, 17)), ValueError,
+     "q"),
+    ("indexer_topk", "block_table of 1 block for 100 keys: names block_table",
+     set_(block_table=torch.zeros(2, 1, dtype=I32)), ValueError, "block_table"),
+    # bounds of index values come from a cache's (or k's) size: a cache one block short is named with the indices
+    ("flash_mla_with_kvcache[sparse]", "value: k_cache of 2 blocks: names k_cache", set_(
+        k_cache=fp8_cache(2), indices=lambda a: a["indices"].index_fill(2, torch.tensor([0]), 150)), ValueError,
+     "k_cache"),
+    ("sparse_decode", "value: extra_k_cache of 1 block: names extra_k_cache", set_(
+        extra_k_cache=fp8_cache(1), extra_indices_in_kvcache=lambda a: a["extra_indices_in_kvcache"].index_fill(
+            2, torch.tensor([0]), 100)), ValueError, "extra_k_cache"),
+    ("write_kv_cache", "value: kv_cache of 1 block: names kv_cache", set_(kv_cache=oracle.bf16(1, 64, 1, 576)),
+     ValueError, "kv_cache"),
+    ("write_index_cache", "value: index_cache of 1 block: names index_cache", set_(index_cache=oracle.bf16(1, 64, 32)),
+     ValueError, "index_cache"),
+    ("indexer_logits", "value: k of 9 rows: names k", set_(k=oracle.bf16(9, 16)), ValueError, "k"),
+    # a cache of the other layout than the FP8 flag says: the flag may be what is wrong, so the error names it too
+    ("flash_mla_with_kvcache", "FP8 flag on a BF16 cache: names is_fp8_kvcache", set_(is_fp8_kvcache=True), TypeError,
+     "is_fp8_kvcache"),
+    ("flash_mla_with_kvcache[sparse]", "FP8 cache without the flag: names is_fp8_kvcache", set_(is_fp8_kvcache=False),
+     TypeError, "is_fp8_kvcache"),
+    ("dense_decode", "is_fp8 on a BF16 cache: names is_fp8", set_(is_fp8=True), TypeError, "is_fp8"),
+    ("sparse_decode", "FP8 caches without is_fp8: names is_fp8", set_(is_fp8=False), TypeError, "is_fp8"),
+    ("write_kv_cache", "is_fp8 on a BF16 cache: names is_fp8", set_(is_fp8=True), TypeError, "is_fp8"),
+    ("write_kv_cache[fp8]", "FP8 cache without is_fp8: names is_fp8", set_(is_fp8=False), TypeError, "is_fp8"),
 ]
 
 
@@ -588,7 +636,7 @@ DEVICE_CHECK_EXTRAS = {
 }
 DEVICE_CHECKED = [(entry, name) for entry in ("dense_decode", "sparse_decode", "write_kv_cache", "write_kv_cache[fp8]",
                                               "write_index_cache", "indexer_logits", "indexer_logits[fp8]",
-                                              "indexer_logits_paged", "indexer_topk")
+                                              "indexer_logits_paged", "indexer_topk", "routed_experts")
                   for name, value in {**ENTRIES[entry][1](), **DEVICE_CHECK_EXTRAS.get(entry, {})}.items()
                   if isinstance(value, torch.Tensor) and name != "q"]
 
@@ -661,7 +709,7 @@ def test_int32_values_against_bounds_past_int32():
     with pytest.raises(ValueError, match="indices"):
         decode._check_sparse("sparse_decode", q, fp8[:2 ** 24], indices, None, None, None, None, None, None, 512,
                              True, None)
-    kv_cache._check_slots("write_kv_cache", torch.tensor([0, 2 ** 31 - 1, -1], dtype=I32), 2 ** 31)
+    kv_cache._check_slots("write_kv_cache", torch.tensor([0, 2 ** 31 - 1, -1], dtype=I32), 2 ** 31, "kv_cache")
     check_paged_table("dense_decode", torch.tensor([[0, 2 ** 31 - 1]], dtype=I32), torch.tensor([100], dtype=I32),
                       2 ** 31, 64, "k_cache")
     assert below(torch.tensor([-5, 0, 2 ** 31 - 1], dtype=I32), 2 ** 31).all()
@@ -728,3 +776,48 @@ def test_the_public_references_refuse_a_softmax_scale_the_ops_refuse(scale):
         reference.sparse_decode(q, cache, indices, None, None, None, None, 512, scale, False)
     with pytest.raises(ValueError, match=r"reference\.sparse_prefill: sm_scale must be finite"):
         reference.sparse_prefill(q[0], cache[0], indices[0][None], scale)
+
+
+def reference_args(entry):
+    """The op's valid arguments as its public reference takes them (the decode references take no schedule)."""
+    return {k: v for k, v in ENTRIES[entry][1]().items() if k not in ("tile_scheduler_metadata", "num_splits")}
+
+
+# (reference, argument, value): a Python scalar of the wrong kind. The ops' schemas turn their scalars into ints,
+# floats and bools before the op runs; the references take them as given, and raised from deep inside (`'<' not
+# supported between 'int' and 'str'`, `zeros() takes 1 positional argument`, arange's `unsupported range: 0 -> nan`)
+# or took them (an indexer_topk of NaN: lse_indexer over no index, +inf; a causal of "no" as true).
+REFERENCE_SCALARS = [
+    ("dense_decode", "head_dim_v", 512.0), ("dense_decode", "head_dim_v", None), ("dense_decode", "softmax_scale", "1"),
+    ("dense_decode", "softmax_scale", None), ("dense_decode", "causal", "no"), ("dense_decode", "is_fp8", [0]),
+    ("sparse_decode", "head_dim_v", [512]), ("sparse_decode", "softmax_scale", [0.04]),
+    ("sparse_decode", "is_fp8", "yes"), ("sparse_prefill", "sm_scale", None), ("sparse_prefill", "d_v", 512.0),
+    ("sparse_prefill", "indexer_topk", math.nan), ("sparse_prefill", "indexer_topk", "4"),
+    ("get_mla_metadata", "num_sm_parts", math.inf),
+    ("get_mla_metadata", "num_sm_parts", 4.0), ("indexer_topk", "topk", math.inf), ("indexer_topk", "topk", None),
+    ("write_kv_cache", "is_fp8", "no"), ("write_kv_cache[fp8]", "is_fp8", [1]),
+]
+
+
+@pytest.mark.parametrize("entry,argument,value", REFERENCE_SCALARS)
+def test_the_public_references_check_their_scalar_arguments(entry, argument, value):
+    from flashmla_ops import reference
+
+    op = entry.split("[")[0]
+    args = reference_args(entry)
+    args[argument] = value
+    with pytest.raises(TypeError, match=rf"^reference\.{op}: {argument} must be ") as raised:
+        getattr(reference, op)(**args)
+    assert names_argument(str(raised.value), argument), str(raised.value)
+
+
+@pytest.mark.parametrize("entry,argument", [("indexer_logits", "q_scale"), ("indexer_logits", "k_scale"),
+                                             ("indexer_logits_paged", "q_scale")])
+def test_a_scale_that_is_not_a_tensor_is_a_type_error(entry, argument):
+    """A list for an optional scale: a TypeError (not "must be given exactly when q is float8_e4m3fn")."""
+    from flashmla_ops import reference
+
+    args = reference_args(entry)
+    args[argument] = [1.0]
+    with pytest.raises(TypeError, match=rf"{argument} must be a tensor"):
+        getattr(reference, entry)(**args)
