@@ -89,8 +89,9 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_st
     indexer does: Hopper sums an e4m3 MMA's products with about 14 bits kept, errors up to ~2e-4 of the absolute sum
     sum_h |w| sum_d |q_d k_d| (2-4e-4 of the largest logit on random inputs; the e4m3 inputs' own rounding is 1/16).
     `indexer_logits_path(q, k)` says which path runs; `FLASHMLA_BACKEND=triton` keeps the exact one.
-    Non-finite inputs: the kernels (CUDA and Triton) take relu(NaN) as 0 where the reference gives NaN, and, since they
-    apply |scale| outside the relu, an infinite scale can give NaN where the reference gives 0.
+    Non-finite inputs: relu keeps NaN on every path (torch.relu's, the reference's), so a NaN in q, k or a scale makes
+    the logits it reaches NaN; the kernels apply |scale| outside the relu, so an infinite scale can give NaN where the
+    reference gives 0.
     """
     _check_logits("indexer_logits", q, k, weights, k_start, k_end, q_scale, k_scale)
     path = indexer_logits_path(q, k)

@@ -164,7 +164,9 @@ def _tile_logits(q, weights, lo, hi, tile_lo, tile_hi, keys, K, KScale, BlockTab
     scores = _scores(k, tl.trans(q), FP8_MMA, min(32, D_I), INTERPRET)
     if K_SCALED and PAGED:
         scores = scores * k_scale[:, None]
-    weighted = tl.maximum(scores, 0.0) * weights[None, :]
+    # relu keeping NaN, as torch.relu (the reference) does: by default tl.maximum returns the other operand (max.f32,
+    # the interpreter's np.fmax); max.NaN.f32 is one instruction all the same
+    weighted = tl.maximum(scores, 0.0, propagate_nan=tl.PropagateNan.ALL) * weights[None, :]
     logits = tl.sum(tl.reshape(weighted, (BLOCK_N, BLOCK_Q, H_PAD)), 2)
     if K_SCALED and not PAGED:
         logits = logits * k_scale[:, None]

@@ -212,10 +212,12 @@ E4M3_MMA_BAND = 5e-4
 
 
 def finite_logits(got, want):
-    """got and want `(..., keys)` logits: -inf exactly where want has it and got finite wherever want is. Returns the
-    mask of want's finite logits."""
+    """got and want `(..., keys)` logits: -inf exactly where want has it, NaN exactly where want has it (relu keeps
+    NaN: a NaN in q, k or a scale makes the logits it reaches NaN) and got finite wherever want is. Returns the mask
+    of want's finite logits."""
     assert got.shape == want.shape
     assert torch.equal(torch.isneginf(got), torch.isneginf(want)), "-inf exactly outside each query's visible keys"
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), "NaN exactly where the reference has it"
     finite = torch.isfinite(want)
     assert torch.isfinite(got[finite]).all()
     return finite

@@ -124,6 +124,23 @@ def test_cuda_indexer_logits_negative_and_zero_scales():
     assert_close(cuda_logits(args), args)
 
 
+def test_cuda_indexer_logits_keep_nan():
+    """relu(NaN) is NaN, as torch.relu (the reference) has it: fmaxf(x, 0.f) took it as 0. e4m3 NaN codes in q and in
+    keys, also in a query row and a key that the kernel and the op sign-flip (0x7f <-> 0xff), a NaN query head's scale
+    and a NaN key scale: the logits NaN exactly where the reference's are."""
+    s_q, s_kv = 37, 500
+    args = inputs(s_q, s_kv, 64, *causal_ranges(s_q, s_kv), seed=14)
+    q, k, q_scale, k_scale = args[0].view(torch.uint8), args[1].view(torch.uint8), args[5], args[6]
+    q[5, 3, 17], q[36, 9, 0] = 0x7F, 0xFF  # query 5 sees keys [0, 6), the last query every key
+    q_scale[36, 9] *= -1
+    k[123, 40], k[200, 0], k[201, 127] = 0x7F, 0xFF, 0x7F  # key 123: the last query; 200: 34 on; 201: 35 on
+    k_scale[200] *= -1
+    q_scale[20, 7], k_scale[300] = float("nan"), float("nan")
+    want = indexer_logits_reference(*args)
+    assert want.isnan().any() and want.isfinite().any()
+    assert_close(cuda_logits(args), args)  # mla_oracle.finite_logits: NaN exactly where want has it
+
+
 def test_cuda_indexer_logits_rows_of_very_different_scales():
     """Query rows scaled by 2^0 .. 2^-40, positive weights (no cancellation): each element is held to its own absolute
     sum, so a wrong weight, head or query in a small row shows as in a large one."""
@@ -258,6 +275,26 @@ def test_cuda_indexer_logits_paged_more_sequences_than_sms(s_q):
     args = paged_inputs(seqlens, s_q, 64, s_q == 2, seed=13 + s_q)
     got = paged_logits(args)
     assert_close_exact(got, indexer_logits_paged_reference(*args), absolute_paged(args))
+
+
+@pytest.mark.parametrize("q_fp8", [False, True], ids=["bf16-q", "e4m3-q"])
+def test_cuda_indexer_logits_paged_keep_nan(q_fp8):
+    """relu(NaN) is NaN, as torch.relu (the reference) has it: fmaxf(x, 0.f) took it as 0. e4m3 NaN codes in cache rows
+    (one of them with a negative scale, whose sign the kernel flips into the values), a NaN cache row scale, and a NaN
+    in q (a bf16 value, or an e4m3 code and a NaN query head's scale): NaN exactly where the reference has it."""
+    args = paged_inputs([70, 130, 5], 2, 64, q_fp8, seed=15)
+    q, cache, block_table, q_scale = args[0], args[1], args[3], args[5]
+    seen = int(block_table[1, 1])  # sequence 1's tokens 64 to 127
+    cache[seen, 10, 7], cache[seen, 11, 100] = 0x7F, 0xFF  # row 10's scale is negative (paged_inputs: rows ::5)
+    cache[seen, 40, 128:].view(torch.float32).fill_(float("nan"))
+    if q_fp8:
+        q.view(torch.uint8)[2, 1, 4, 6] = 0x7F  # sequence 2's last query sees its 5 tokens
+        q_scale[0, 0, 9] = float("nan")
+    else:
+        q[2, 1, 4, 6] = float("nan")
+    want = indexer_logits_paged_reference(*args)
+    assert want.isnan().any() and want.isfinite().any()
+    assert_close_exact(paged_logits(args), want, absolute_paged(args))  # finite_logits: NaN exactly where want has it
 
 
 def test_cuda_indexer_logits_paged_long_sequences_and_cuda_graph():

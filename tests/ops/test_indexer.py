@@ -23,6 +23,7 @@ def assert_logits_close(logits, ref):
     logits = logits.detach().cpu().double()
     assert logits.shape == ref.shape
     assert torch.equal(torch.isneginf(logits), torch.isneginf(ref)), "-inf exactly outside each query's visible keys"
+    assert torch.equal(torch.isnan(logits), torch.isnan(ref)), "NaN exactly where the oracle has it"
     finite = torch.isfinite(ref)
     assert torch.isfinite(logits[finite]).all()
     if finite.any():
@@ -95,6 +96,67 @@ def test_indexer_logits_paged(device, fp8, lengths, s_q, h_i, d_i):
                                       None if q_scale is None else q_scale.to(device))
     assert logits.shape == (len(lengths), s_q, 4 * 64)
     assert_logits_close(logits, oracle.indexer_logits_paged(q_exact, flat_keys, weights, block_table, cache_seqlens))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_logits_keep_nan(device, fp8):
+    """relu(NaN) is NaN (torch.relu, the oracle's): a NaN in a query head's row, in a key or (FP8) in a scale makes the
+    logits it reaches NaN, and only those, in prefill and in a paged cache; on the CPU the references, on a GPU the
+    kernels (which took relu(NaN) as 0). The FP8 NaNs are scales and a prefill key's e4m3 code (decoded by torch on
+    every path; the Triton kernels' integer decode before sm_89 reads an in-kernel NaN code as 480)."""
+    s_q, s_kv, h_i, d_i = 9, 70, 8, 128
+    q, k, weights = torch.randn(s_q, h_i, d_i), torch.randn(s_kv, d_i), torch.randn(s_q, h_i)
+    k_start = torch.randint(0, s_kv // 2, (s_q,), dtype=torch.int32)
+    k_end = torch.randint(s_kv // 2, s_kv + 1, (s_q,), dtype=torch.int32)
+    k_start[0], k_end[0], k_end[1] = 0, s_kv, k_start[1]  # a full range and an empty one
+    if fp8:
+        q_arg, q_scale, _ = fp8_with_scales(q)
+        k_arg, k_scale, _ = fp8_with_scales(k)
+        q_scale[2, 1], k_scale[50] = math.nan, math.nan
+        k_arg.view(torch.uint8)[40, 5] = 0xFF
+        q_exact = oracle.e4m3_decode(q_arg) * q_scale.double()[..., None]
+        k_exact = oracle.e4m3_decode(k_arg) * k_scale.double()[:, None]
+    else:
+        q_arg, k_arg, q_scale, k_scale = q.bfloat16(), k.bfloat16(), None, None
+        q_arg[2, 1, 7], k_arg[40, 5] = math.nan, math.nan
+        q_exact, k_exact = q_arg.double(), k_arg.double()
+    to = (lambda t: None if t is None else t.to(device))
+    logits = ops.indexer_logits(to(q_arg), to(k_arg), to(weights), to(k_start), to(k_end), to(q_scale), to(k_scale))
+    want = oracle.indexer_logits(q_exact, k_exact, weights, k_start, k_end)
+    assert want.isnan().any() and want.isfinite().any()
+    if indexer_logits_path(to(q_arg), to(k_arg)) == "cuda":
+        absolute = oracle.indexer_logits(q_exact.abs(), k_exact.abs(), weights.abs(), k_start, k_end)
+        oracle.assert_within_absolute_band(logits, want, absolute, oracle.E4M3_MMA_BAND)
+    else:
+        assert_logits_close(logits, want)
+
+    lengths, s_q = [70, 3], 2
+    keys = oracle.bf16(4, 64, d_i)
+    block_table = oracle.block_table_for(lengths, 4, max_blocks_per_seq=2)
+    first, second = int(block_table[0, 0]), int(block_table[0, 1])  # sequence 0's tokens 0-63, 64-69
+    if fp8:
+        index_cache = oracle.quantize_index(keys)
+        index_cache[first, 30, -4:].view(torch.float32).fill_(math.nan)
+        flat_keys = oracle.dequantize_index(index_cache).reshape(-1, d_i)
+    else:
+        keys[second, 2, 9] = math.nan
+        index_cache, flat_keys = keys, keys.double().reshape(-1, d_i)
+    q = torch.randn(len(lengths), s_q, h_i, d_i)
+    weights = torch.randn(len(lengths), s_q, h_i)
+    if fp8:
+        q_arg, q_scale, _ = fp8_with_scales(q)
+        q_scale[1, 0, 3] = math.nan  # sequence 1's first query: tokens 0 and 1
+        q_exact = oracle.e4m3_decode(q_arg) * q_scale.double()[..., None]
+    else:
+        q_arg, q_scale = q.bfloat16(), None
+        q_arg[1, 0, 3, 4] = math.nan
+        q_exact = q_arg.double()
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    logits = ops.indexer_logits_paged(to(q_arg), to(index_cache), to(weights), to(block_table), to(cache_seqlens),
+                                      to(q_scale))
+    want = oracle.indexer_logits_paged(q_exact, flat_keys, weights, block_table, cache_seqlens)
+    assert want.isnan().any() and want.isfinite().any()
+    assert_logits_close(logits, want)
 
 
 @pytest.mark.parametrize("fp8", [False, True])

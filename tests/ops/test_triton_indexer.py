@@ -130,6 +130,62 @@ def test_triton_indexer_logits_negative_and_zero_scales(config):
                         indexer_logits_paged_reference(*paged), band(config, True))
 
 
+def with_nans(fp8, nan_codes, generator, h_i=8, d_i=32):
+    """Prefill and paged inputs with NaNs that torch.relu keeps (the references' logits they reach are NaN): bf16 q/k
+    and cache get a NaN value in a query head's row and in a key; FP8 ones a NaN query head's scale and key scale (a
+    paged cache row's scale multiplies its scores inside the relu), and with `nan_codes` e4m3 NaN codes too (0x7f,
+    0xff) in q and the keys (a GPU's conversions: the interpreter's e4m3 -> f16 / bf16 reads 0x7f as 480)."""
+    # query 2 sees keys [0, 3), query 4 keys [46, 51); key 50 queries 4 to 8, key 60 the last query
+    q, k, weights, k_start, k_end, q_scale, k_scale = prefill_inputs(9, 140, h_i, d_i, fp8, fp8, generator)
+    if fp8:
+        q_scale[2, 3], k_scale[50] = float("nan"), float("nan")
+        if nan_codes:
+            q.view(torch.uint8)[4, 1, 9], k.view(torch.uint8)[60, 3] = 0x7F, 0xFF
+    else:
+        q[2, 3, 5], k[50, 7] = float("nan"), float("nan")
+    prefill = (q, k, weights, k_start, k_end, q_scale, k_scale)
+    q, cache, weights, block_table, seqlens, q_scale = paged_inputs([70, 130, 5], 2, h_i, d_i, fp8, fp8, generator)
+    seen, other = int(block_table[1, 1]), int(block_table[0, 0])  # tokens 64 to 127 of sequence 1, 0 to 63 of 0
+    if fp8:
+        cache[seen, 10, -4:].view(torch.float32).fill_(float("nan"))
+        q_scale[2, 1, 4] = float("nan")
+        if nan_codes:
+            cache[other, 3, 7], q.view(torch.uint8)[0, 0, 2, 3] = 0x7F, 0x7F
+    else:
+        cache[seen, 10, 5], q[2, 1, 4, 6] = float("nan"), float("nan")
+    return prefill, (q, cache, weights, block_table, seqlens, q_scale)
+
+
+def assert_nans_kept(prefill, paged, config=None, fp8=False):
+    """The kernels' logits NaN exactly where the references' are (oracle.finite_logits), the others close."""
+    want = indexer_logits_reference(*prefill), indexer_logits_paged_reference(*paged)
+    assert all(x.isnan().any() and not x.isnan().all() for x in want)
+    assert_logits_close(triton_indexer.indexer_logits(*prefill, config=config), want[0], band(config, fp8))
+    assert_logits_close(triton_indexer.indexer_logits_paged(*paged, config=config), want[1], band(config, fp8))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_triton_indexer_logits_keep_nan(fp8):
+    """relu(NaN) is NaN, as torch.relu (the references) has it: tl.maximum's default gives the other operand (max.f32
+    on a GPU, np.fmax in the interpreter), so the kernel took relu(NaN) as 0. Here NaNs in bf16 values and in FP8
+    scales (a paged cache row's: inside the relu)."""
+    prefill, paged = with_nans(fp8, False, torch.Generator().manual_seed(53 + fp8))
+    assert_nans_kept(prefill, paged, fp8=fp8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_triton_indexer_gpu_logits_keep_nan(fp8, config):
+    """test_triton_indexer_logits_keep_nan's inputs at V3.2's h_i 64 and d_i 128, and e4m3 NaN codes, in each config
+    (the e4m3 MMAs too), compiled: relu is max.NaN.f32."""
+    if fp8 and not triton_indexer.hardware_fp8(torch.device(DEVICE)):
+        pytest.skip("e4m3 NaN codes: the integer decode (before sm_89) reads them as 480")
+    prefill, paged = with_nans(fp8, True, torch.Generator().manual_seed(59 + fp8), h_i=64, d_i=128)
+    assert_nans_kept(prefill, paged, config, fp8)
+
+
 @pytest.mark.parametrize("q_fp8,k_fp8,d_i,hardware,takes", [(True, True, 32, True, True), (True, True, 16, True, False),
                                                             (True, False, 32, True, False),
                                                             (True, True, 32, False, False)])
