@@ -371,6 +371,27 @@ def test_dense_decode_op_takes_strided_block_table_and_lengths(cuda_calls, is_fp
     assert_decode_close(out, lse, want_out, want_lse)
 
 
+@pytest.mark.parametrize("s_q,h_q", [(1, 16), (1, 64), (2, 32), (1, 128), (3, 5)])
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_dense_decode_op_takes_broadcast_q(cuda_calls, s_q, h_q, is_fp8):
+    """q with zero strides (one query's rows expanded over the batch, one head over the heads: what `expand` gives,
+    as a caller scoring one query against several caches would pass), on the narrow kernel (16 rows), the wide one
+    with q by TMA (64 and 128 heads of one query; 2 x 32: a box of two queries) and not (3 x 5): the kernels read the
+    rows the strides name, as the reference does."""
+    generator = torch.Generator(DEVICE).manual_seed(61 + s_q * h_q + is_fp8)
+    q, cache, block_table, cache_seqlens = make_inputs([300, 1, 129, 64], s_q, h_q, is_fp8, generator)
+    heads = q[:1, :, :1].expand_as(q)  # batch and head strides 0
+    sequences = q[:1].expand_as(q)  # batch stride 0
+    for broadcast in (heads, sequences):
+        assert broadcast.stride(0) == 0
+        out, lse = torch.ops.flashmla.dense_decode(broadcast, cache, block_table, cache_seqlens, None, None,
+                                                   KV_LORA_RANK, D_QK ** -0.5, s_q > 1, is_fp8, None)
+        want_out, want_lse = reference.dense_decode(broadcast.contiguous(), cache, block_table, cache_seqlens,
+                                                    KV_LORA_RANK, D_QK ** -0.5, s_q > 1, is_fp8)
+        assert_decode_close(out, lse, want_out, want_lse)
+    assert cuda_calls == ["dense_decode"] * 2
+
+
 @pytest.mark.parametrize("is_fp8", [False, True])
 def test_dense_decode_one_column_block_table_transposed(cuda_calls, is_fp8):
     """Sequences of one block each with the table a transposed (1, batch) tensor: its column of size 1 has stride

@@ -160,6 +160,25 @@ def test_sparse_decode_op_takes_strided_indices_and_lengths(cuda_calls, is_fp8):
     assert_close(out, lse, want_out, want_lse)
 
 
+@pytest.mark.parametrize("h_q", [16, 64, 128])
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_sparse_decode_op_takes_broadcast_q(cuda_calls, h_q, is_fp8):
+    """q with zero strides (one query's heads expanded over the batch and the queries, and one head over all), as
+    `expand` gives: the kernel (q by TMA, 64 heads a box) reads the rows the strides name, as the reference does."""
+    generator = torch.Generator(DEVICE).manual_seed(71 + h_q + is_fp8)
+    batch, s_q, topk, num_blocks = 3, 2, 300, 16
+    cache = paged_cache(num_blocks, is_fp8, generator, pad=0)
+    q = torch.randn(1, 1, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    indices = random_indices((batch, s_q, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
+    for broadcast in (q.expand(batch, s_q, h_q, D_QK), q[:, :, :1].expand(batch, s_q, h_q, D_QK)):
+        out, lse = torch.ops.flashmla.sparse_decode(broadcast, cache, indices, None, None, None, None, None, None,
+                                                    KV_LORA_RANK, SCALE, is_fp8, None)
+        want_out, want_lse = reference.sparse_decode(broadcast.contiguous(), cache, indices, None, None, None, None,
+                                                     KV_LORA_RANK, SCALE, is_fp8)
+        assert_close(out, lse, want_out, want_lse)
+    assert cuda_calls == ["sparse_decode"] * 2
+
+
 def test_sparse_decode_op_takes_transposed_indices_of_topk_1(cuda_calls):
     """topk 1 with indices a permuted view: the size-1 last dimension has stride batch * s_q (`.contiguous()` keeps
     it: size-1 dimensions count as contiguous); the kernel wants unit stride and gets a copy."""
