@@ -67,10 +67,11 @@ struct DecodeParams {
   int topk;
   // Balanced schedule (dense): grid y = parts of get_mla_metadata; part p covers blocks [begin_block of begin_batch,
   // end_block of end_batch) and sequence b's partials are slots split_offsets[b] .. split_offsets[b + 1] - 1 (one
-  // slot: written straight to the output). nullptr: the uniform split over grid y.
+  // slot: written straight to the output), of the partial_slots (batch + parts, from the shapes) the launch holds.
+  // nullptr: the uniform split over grid y.
   const int* metadata;
   const int* split_offsets;
-  int metadata_fields, batch;
+  int metadata_fields, batch, partial_slots;
   // Dense: the block table's columns; lengths are cut at their capacity (see block_page).
   int block_table_blocks;
   // (h_q,) float32 per-head sinks, or nullptr: out scaled by exp(lse) / (exp(lse) + exp(sink)), lse unchanged
@@ -103,23 +104,30 @@ __device__ __forceinline__ int visible_length(const DecodeParams& p, int z) {
 // whatever end_block says: a schedule made for other lengths of the same batch (reused after a write to
 // cache_seqlens that its version counter missed; values are checked only on the CPU or with FLASHMLA_CHECK=1) then
 // still covers every block, where it left the blocks past its old length unread; pieces past a shorter length are
-// empty.
+// empty. Whatever the two tensors hold (made by hand, halves of two calls), a piece stays within the batch, its
+// sequence's blocks and the launch's partial slots: sequences cut to [0, batch), blocks to [0, num_blocks), slots to
+// [0, partial_slots) (as combine_slots cuts them), so wrong metadata gives a wrong output, never an access outside
+// them, and a part takes at most batch pieces.
 template <bool kSparse, typename Attend>
 __device__ __forceinline__ void for_each_piece(const DecodeParams& p, Attend attend) {
   const bool balanced = !kSparse && p.metadata != nullptr;
   const int* meta = balanced ? p.metadata + blockIdx.y * p.metadata_fields : nullptr;
-  const int first = balanced ? meta[0] : blockIdx.z;
+  const int first = balanced ? max(meta[0], 0) : blockIdx.z;
   const int last = balanced ? min(meta[2], p.batch - 1) : blockIdx.z;
   for (int z = first; z <= last; ++z) {  // one call site: the piece's code is inlined once
     const int num_blocks = (visible_length<kSparse>(p, z) + kBlockN - 1) / kBlockN;
     int begin, end;
     int64_t slot;
     if (balanced) {
-      const int first_slot = p.split_offsets[z], slots = p.split_offsets[z + 1] - first_slot;
+      // slots in int32, wrapping (as combine_slots counts them: both see the same one-slot sequences); the slot cut
+      // in unsigned 32 bits, a negative one to the last (in int64, ptxas took 245 -> 254 registers in the wide FP8
+      // kernel with partials)
+      const int first_slot = p.split_offsets[z];
+      const int slots = static_cast<int>(static_cast<unsigned>(p.split_offsets[z + 1]) - first_slot);
       const int piece = z == first ? meta[4] : 0;  // of the sequence's `slots` pieces
-      begin = z == first ? meta[1] : 0;
-      end = z == meta[2] && piece != slots - 1 ? min(meta[3], num_blocks) : num_blocks;
-      slot = slots == 1 ? -1 : first_slot + piece;
+      begin = z == first ? min(max(meta[1], 0), num_blocks) : 0;
+      end = z == meta[2] && piece != slots - 1 ? min(max(meta[3], 0), num_blocks) : num_blocks;
+      slot = slots == 1 ? -1 : min(static_cast<unsigned>(first_slot) + piece, p.partial_slots - 1u);
     } else {
       const int blocks_per_split = (num_blocks + p.num_splits - 1) / p.num_splits;
       begin = blockIdx.y * blocks_per_split;

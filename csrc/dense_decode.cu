@@ -1019,14 +1019,19 @@ __global__ void __launch_bounds__(kThreads, 1) dense_decode_kernel(const __grid_
 }
 
 // The partial slots of decode grid z: `num_splits` of them from `first` on (uniform), or this sequence's own
-// (balanced, `split_offsets`); false when the balanced schedule wrote its one slot straight to the output.
-__device__ __forceinline__ bool combine_slots(int z, const int* __restrict__ split_offsets, int& num_splits,
-                                              int64_t& first) {
+// (balanced, `split_offsets`) cut to the launch's `partial_slots` and to kMaxSplits (the weights' shared memory), as
+// for_each_piece cuts the slots it writes: a num_splits tensor that is not get_mla_metadata's gives a wrong output,
+// never a read outside them (none left: out 0, lse +inf); false when the balanced schedule wrote its one slot
+// straight to the output.
+__device__ __forceinline__ bool combine_slots(int z, const int* __restrict__ split_offsets, int partial_slots,
+                                              int& num_splits, int64_t& first) {
   first = static_cast<int64_t>(z) * num_splits;
   if (split_offsets != nullptr) {
-    first = split_offsets[z];
-    num_splits = split_offsets[z + 1] - split_offsets[z];
-    return num_splits > 1;
+    const int begin = split_offsets[z];
+    const int count = static_cast<int>(static_cast<unsigned>(split_offsets[z + 1]) - begin);  // as for_each_piece's
+    if (count == 1) return false;
+    first = min(static_cast<unsigned>(begin), static_cast<unsigned>(partial_slots));  // a negative one: none left
+    num_splits = min(max(count, 0), min(partial_slots - static_cast<int>(first), kMaxSplits));
   }
   return true;
 }
@@ -1126,13 +1131,13 @@ __global__ void __launch_bounds__(128) combine_kernel(const Partial* __restrict_
                                                       int64_t out_batch_stride, int64_t out_seq_stride,
                                                       int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
                                                       int num_splits, int queries_per_z,
-                                                      const int* __restrict__ split_offsets,
+                                                      const int* __restrict__ split_offsets, int partial_slots,
                                                       const float* __restrict__ attn_sink) {
   __shared__ float weights[kMaxSplits], stats[2];
   const int row = blockIdx.x, z = blockIdx.y;
   const int batch = z / queries_per_z, first_query = z % queries_per_z;
   int64_t first;
-  if (!combine_slots(z, split_offsets, num_splits, first)) return;
+  if (!combine_slots(z, split_offsets, partial_slots, num_splits, first)) return;
   float max_lse, total;
   combine_weights(lse_partial, partial_scales<Partial>(scale_partial), first, rows, row, num_splits, attn_sink,
                   row % h_q, weights, stats, max_lse, total);
@@ -1240,7 +1245,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
                                const float* __restrict__ scale_partial, __nv_bfloat16* out, int64_t out_batch_stride,
                                int64_t out_seq_stride, int64_t out_head_stride, float* lse, int h_q, int s_q, int rows,
                                int num_splits, int queries_per_z, const int* __restrict__ split_offsets,
-                               const float* __restrict__ attn_sink) {
+                               int partial_slots, const float* __restrict__ attn_sink) {
   constexpr int kGroups = kLatentDim / 4 / kParts;          // float4 column groups of this CTA's part
   constexpr int kVectors = kGroups >= 32 ? kGroups / 32 : 1;  // float4 per lane per split row
   constexpr int kLanes = kGroups >= 32 ? 32 : kGroups;        // lanes with columns
@@ -1250,7 +1255,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1)
   const int batch = z / queries_per_z, first_query = z % queries_per_z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int64_t first;
-  if (!combine_slots(z, split_offsets, num_splits, first)) return;
+  if (!combine_slots(z, split_offsets, partial_slots, num_splits, first)) return;
   float max_lse, total;
   combine_weights(lse_partial, partial_scales<Partial>(scale_partial), first, rows, row, num_splits, attn_sink,
                   row % h_q, weights, stats, max_lse, total);
@@ -1426,7 +1431,7 @@ void launch_combine(const DecodeParams& params, const Partial* out_partial, cons
     combine<<<dim3(rows * parts, zs), many_splits ? kCombineThreads : 128, 0, stream>>>(
         out_partial, params.lse_partial, params.scale_partial, params.out, out.stride(0), out.stride(1),
         out.stride(2), params.lse, params.h_q, params.s_q, params.rows, num_splits, params.queries_per_z,
-        params.split_offsets, params.attn_sink);
+        params.split_offsets, params.partial_slots, params.attn_sink);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -1520,6 +1525,7 @@ std::vector<torch::Tensor> run_decode(const char* op, const torch::Tensor& q, co
   params.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   auto stream = c10::cuda::getCurrentCUDAStream();
   params.batch = static_cast<int>(batch);
+  params.partial_slots = static_cast<int>(slots);
   const dim3 grid(row_blocks, num_splits, balanced ? 1 : zs);
   if (sparse) {
     is_fp8 ? launch_decode<true, true>(params, grid, stream) : launch_decode<false, true>(params, grid, stream);

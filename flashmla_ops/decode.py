@@ -236,8 +236,13 @@ def _check_metadata_values(op, tile_scheduler_metadata, num_splits, cache_seqlen
     """Where values are checked (CPU tensors, FLASHMLA_CHECK=1): the schedule must be get_mla_metadata's for these
     cache_seqlens values. The CUDA kernel follows it as it is: one made for other lengths of the batch still gives the
     right output (each sequence's last piece runs to its end: decode_common.cuh's for_each_piece) but not the balance
-    it was made for, and tensors that are not get_mla_metadata's pair for this batch (made by hand, or halves of two
-    calls) can send it past its partial slots, with no error."""
+    it was made for. Tensors that are not get_mla_metadata's pair for this batch (made by hand, or halves of two
+    calls) give a wrong output, with no error, but never an access outside the batch, a sequence's blocks or the
+    launch's partial slots (batch + num_sm_parts, from the shapes), nor a loop past them: for_each_piece and the
+    combine's combine_slots cut each value to them (the Triton balanced schedule likewise). The wrong values stay in
+    this call's out and lse, and may be anything there, NaN included: a row that no piece writes keeps the memory out
+    was allocated with, and a combine may merge slots that no piece wrote. Sparse decode takes the pair for FlashMLA's
+    calling convention only: its kernels split by shape and read neither."""
     if tile_scheduler_metadata is None or num_splits is None or not value_checks_apply(cache_seqlens):
         return
     want_metadata, want_splits = get_mla_metadata_reference(cache_seqlens, tile_scheduler_metadata.shape[0])

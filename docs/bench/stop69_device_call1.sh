@@ -3,7 +3,8 @@
 # were scarce. The experiment's build (FLASHMLA_DENSE_FP8_PAIRS) runs in the background under the GPU tests of stop 68's
 # changes (the stale-schedule fix in for_each_piece, the dense reference under CUDA-graph capture); then the dense CUDA
 # SPEC rows; then scripts/ab_kernels.py: the CUDA decode tests on the experiment's kernels and
-# docs/bench/stop67_fp8_many_heads.py in ABBA rounds. Also this stop's new GPU tests (indexer NaN, broadcast q).
+# docs/bench/stop67_fp8_many_heads.py in ABBA rounds. Also this stop's new GPU tests (indexer NaN, broadcast q,
+# any metadata).
 # `run` with command `bash docs/bench/stop69_device_call1.sh`.
 export PYTHONPATH=$PWD:$PWD/scripts MAX_JOBS=16 TORCH_EXTENSIONS_DIR=$PWD/bench/ext
 SECONDS=0
@@ -14,12 +15,14 @@ python -m flashmla_ops.build > $OUT/build.log 2>&1; echo "build rc $?"; tail -1 
 echo "=== built at ${SECONDS}s"
 MAX_JOBS=12 python scripts/ab_kernels.py --base-csrc bench/pairs/csrc --side base > $OUT/pairs_build.log 2>&1 &
 pairs=$!
-timeout 260 python -m pytest -v -rf -m gpu -x tests/ops/test_cuda_decode.py tests/ops/test_decode.py \
+NEW="keep_nan or broadcast_q or whatever_the_metadata or takes_any_metadata or ignores_the_metadata"
+timeout 260 python -m pytest -v -rf -m gpu -x -k "not ($NEW)" tests/ops/test_cuda_decode.py tests/ops/test_decode.py \
   tests/ops/test_interface.py > $OUT/tests_cuda.log 2>&1
 echo "cuda tests rc $? at ${SECONDS}s: $(grep -c " PASSED" $OUT/tests_cuda.log) PASSED"
 grep -E "FAILED|ERROR|passed|failed" $OUT/tests_cuda.log | tail -8
-timeout 90 python -m pytest -v -rf -m gpu -k "keep_nan or broadcast_q" tests/ops/test_cuda_indexer_logits.py \
-  tests/ops/test_indexer.py tests/ops/test_cuda_sparse_decode.py tests/ops/test_triton_indexer.py \
+timeout 120 python -m pytest -v -rf -m gpu -k "$NEW" tests/ops/test_cuda_indexer_logits.py tests/ops/test_indexer.py \
+  tests/ops/test_cuda_sparse_decode.py tests/ops/test_triton_indexer.py tests/ops/test_cuda_decode.py \
+  tests/ops/test_triton_decode.py \
   > $OUT/tests_new.log 2>&1
 echo "new tests rc $? at ${SECONDS}s"; grep -E "FAILED|ERROR|passed|failed" $OUT/tests_new.log | tail -8
 wait $pairs; echo "pairs build rc $? at ${SECONDS}s"; tail -2 $OUT/pairs_build.log

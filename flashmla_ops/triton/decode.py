@@ -387,7 +387,7 @@ def _dense_decode_split_kernel(
 def _dense_decode_balanced_kernel(
         Q, KV, BlockTable, Seqlens, Metadata, SplitOffsets, OutPartial, LsePartial,
         stride_qb, stride_qm, stride_kv_block, stride_kv_row, stride_bt, num_pages, max_blocks, stride_ps, stride_pm,
-        batch_size, M, H_Q, S_Q, sm_scale_log2,
+        batch_size, num_slots, M, H_Q, S_Q, sm_scale_log2,
         IS_FP8: tl.constexpr, HW_FP8: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
         METADATA_FIELDS: tl.constexpr, INTERPRET: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
@@ -395,7 +395,9 @@ def _dense_decode_balanced_kernel(
     """Balanced schedule (`get_mla_metadata`): program (row tile, part) walks its part's run of 64-token blocks, which
     may span several sequences, and writes one partial per sequence it touches; `SplitOffsets[b]` (the cumulative
     num_splits) places sequence b's partials, so one long sequence among short ones is spread over every SM.
-    WIDE_ROWS: the rows in int64 (`wide_rows`)."""
+    Whatever the metadata holds (made by hand, halves of two calls), a piece stays within the batch, its sequence's
+    blocks and the `num_slots` partial slots: wrong metadata gives a wrong output, never an access outside them (as
+    csrc/decode_common.cuh's for_each_piece). WIDE_ROWS: the rows in int64 (`wide_rows`)."""
     pid_m = tl.program_id(0)
     part = tl.program_id(1)
     rows = pid_m * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -403,25 +405,26 @@ def _dense_decode_balanced_kernel(
         rows = rows.to(tl.int64)
     row_mask = rows < M
     row_meta = Metadata + part * METADATA_FIELDS
-    begin_batch = tl.load(row_meta + 0)
+    begin_batch = tl.maximum(tl.load(row_meta + 0), 0)
     begin_block = tl.load(row_meta + 1)
     end_batch = tl.load(row_meta + 2)
     end_block = tl.load(row_meta + 3)
     begin_split = tl.load(row_meta + 4)
-    last_batch = tl.where(begin_batch < batch_size, end_batch, begin_batch - 1)  # idle parts: no sequence
-    for batch in range(begin_batch, last_batch + 1):
+    for batch in range(begin_batch, tl.minimum(end_batch, batch_size - 1) + 1):  # idle parts start past the batch
         length = tl.minimum(tl.load(Seqlens + batch), max_blocks * PAGE)  # past the table: unchecked (_page_rows)
-        first_block = tl.where(batch == begin_batch, begin_block, 0)
-        first_split = tl.load(SplitOffsets + batch)
+        num_blocks = tl.maximum(tl.cdiv(length, PAGE), 0)
+        first_block = tl.where(batch == begin_batch, tl.minimum(tl.maximum(begin_block, 0), num_blocks), 0)
+        first_split = tl.load(SplitOffsets + batch).to(tl.int64)
         piece = tl.where(batch == begin_batch, begin_split, 0)  # of the sequence's pieces
         # the sequence's last piece runs to its end (as csrc/decode_common.cuh's for_each_piece): a schedule made for
         # other lengths of the same batch still covers every block
         last_piece = piece == tl.load(SplitOffsets + batch + 1) - first_split - 1
-        stop_block = tl.where((batch == end_batch) & ~last_piece, end_block, tl.cdiv(length, PAGE))
+        stop_block = tl.where((batch == end_batch) & ~last_piece, tl.minimum(tl.maximum(end_block, 0), num_blocks),
+                              num_blocks)
         start = first_block * PAGE
         end = tl.minimum(stop_block * PAGE, length)
         sequence = begin_batch.to(tl.int64) + (batch - begin_batch)
-        global_split = (first_split + piece).to(tl.int64)
+        global_split = tl.minimum(tl.maximum(first_split + piece, 0), num_slots - 1)
         if WHOLE:
             acc, m_i, l_i = _attend_whole(
                 Q, KV, BlockTable, sequence, rows, row_mask, length, start, end, stride_qb, stride_qm,
@@ -442,26 +445,28 @@ def _dense_decode_balanced_kernel(
 
 @triton.jit
 def _combine_kernel(OutPartial, LsePartial, ScalePartial, SplitOffsets, Sink, Out, Lse,
-                    stride_ps, stride_pm, stride_ob, stride_om, M, H_Q, S_Q, num_splits,
+                    stride_ps, stride_pm, stride_ob, stride_om, M, H_Q, S_Q, num_splits, num_slots,
                     VARIABLE: tl.constexpr, SPLIT_CHUNK: tl.constexpr, APPLY_SINK: tl.constexpr,
                     COLUMNS: tl.constexpr, HALF_PARTIALS: tl.constexpr, LSE_CHUNK: tl.constexpr,
                     WIDE_BATCH: tl.constexpr = False):
     """Columns [column_part * COLUMNS, (column_part + 1) * COLUMNS) of one query row: out = sum_s w_s out_s with
     w_s = exp(lse_s - lse), lse = log sum_s exp(lse_s) (base 2 inside; column part 0 stores it). Sequence b's
     partials are splits [first, first + count) of the batch-wide `(splits, rows, d_v)` buffer: `num_splits` each
-    (uniform) or per `SplitOffsets` (VARIABLE). The grid is common.batch_grid's (rows, sequences, column parts:
-    combine_parts). The row's largest LSE first (LSE_CHUNK at a time: one step up to that many splits), then the
-    partials SPLIT_CHUNK at a time, lane j of the chunk summing its splits j, j + SPLIT_CHUNK, ... at their final
-    weights (no rescaling), the lanes meeting once at the end: a step's loads wait on nothing of the step before and
-    no step reduces across warps. Every slot below `count` is loaded (allocated, written or not) and a split that saw
-    nothing (lse -inf) is selected away."""
+    (uniform) or per `SplitOffsets` (VARIABLE), cut to the buffer's `num_slots` (SplitOffsets that are not
+    get_mla_metadata's give a wrong output, never a read outside the buffer). The grid is common.batch_grid's (rows,
+    sequences, column parts: combine_parts). The row's largest LSE first (LSE_CHUNK at a time: one step up to that
+    many splits), then the partials SPLIT_CHUNK at a time, lane j of the chunk summing its splits j, j + SPLIT_CHUNK,
+    ... at their final weights (no rescaling), the lanes meeting once at the end: a step's loads wait on nothing of the
+    step before and no step reduces across warps. Every slot below `count` is loaded (allocated, written or not) and a
+    split that saw nothing (lse -inf) is selected away."""
     row, batch, column_part = grid_position(M, WIDE_BATCH)
     rows = row + tl.arange(0, 1)
     row_offset = row.to(tl.int64)  # times d_v: past int32 from M > 2**22 rows (wide_rows)
     splits = tl.arange(0, SPLIT_CHUNK)
     if VARIABLE:
-        first_split = tl.load(SplitOffsets + batch).to(tl.int64)
-        count = tl.load(SplitOffsets + batch + 1) - first_split
+        offset = tl.load(SplitOffsets + batch).to(tl.int64)
+        first_split = tl.minimum(tl.maximum(offset, 0), num_slots)
+        count = tl.minimum(tl.maximum(tl.load(SplitOffsets + batch + 1) - offset, 0), num_slots - first_split)
     else:
         first_split = batch * num_splits
         count = num_splits
@@ -697,8 +702,9 @@ def dense_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
             _dense_decode_balanced_kernel[(row_tiles, parts)](
                 q_rows, cache, block_table, cache_seqlens, metadata, splits, partials.out, partials.lse,
                 q_rows.stride(0), q_rows.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
-                cache.shape[0], max_blocks, partials.out.stride(0), partials.out.stride(1), batch, rows,
-                h_q, s_q, softmax_scale * LOG2E, METADATA_FIELDS=metadata.shape[1], **common)
+                cache.shape[0], max_blocks, partials.out.stride(0), partials.out.stride(1), batch,
+                partials.out.shape[0], rows, h_q, s_q, softmax_scale * LOG2E, METADATA_FIELDS=metadata.shape[1],
+                **common)
             combine(partials, attn_sink, out, lse, split_offsets=splits)
             return
         capacity_tiles = triton.cdiv(block_table.shape[1] * PAGE_BLOCK_SIZE, config.block_n)
@@ -824,9 +830,9 @@ def combine(partials: Partials, attn_sink, out, lse, split_offsets=None) -> None
         *partials, split_offsets if split_offsets is not None else partials.lse,
         attn_sink if attn_sink is not None else lse, out_rows, lse,
         out_partial.stride(-3), out_partial.stride(-2), out_rows.stride(0), out_rows.stride(1),
-        rows, h_q, s_q, num_splits, VARIABLE=split_offsets is not None, SPLIT_CHUNK=split_chunk,
-        APPLY_SINK=attn_sink is not None, COLUMNS=d_v // parts, HALF_PARTIALS=partials.half,
-        LSE_CHUNK=COMBINE_LSE_CHUNK, WIDE_BATCH=wide, num_warps=4)
+        rows, h_q, s_q, num_splits, out_partial.shape[0] if split_offsets is not None else 0,
+        VARIABLE=split_offsets is not None, SPLIT_CHUNK=split_chunk, APPLY_SINK=attn_sink is not None,
+        COLUMNS=d_v // parts, HALF_PARTIALS=partials.half, LSE_CHUNK=COMBINE_LSE_CHUNK, WIDE_BATCH=wide, num_warps=4)
 
 
 def supports(q, kv_cache, head_dim_v, is_fp8) -> bool:

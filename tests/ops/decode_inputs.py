@@ -271,3 +271,54 @@ def bad_table_inputs(is_fp8, generator, h_q=16):
     cache_seqlens = torch.tensor([150, 232], dtype=torch.int32, device=DEVICE)
     q = torch.randn(2, 1, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
     return (q, pool[:3], table_buffer[:, :3], cache_seqlens), (valid_table, cache_seqlens.clamp_max(192))
+
+
+# Scheduling metadata that is not get_mla_metadata's pair for the batch (made by hand, or halves of two calls), which
+# the ops take to the kernels unchecked on a GPU without FLASHMLA_CHECK. For GARBAGE_SEQLENS over GARBAGE_PARTS parts:
+# partial slots [0, 7). Rows (begin_batch, begin_block, end_batch, end_block, begin_split) and the cumulative
+# num_splits; "halves of two calls" is built by `garbage_schedule`.
+GARBAGE_SEQLENS = [300, 1, 90]
+GARBAGE_PARTS = 4
+INT32_MIN, INT32_MAX = -2 ** 31, 2 ** 31 - 1
+GARBAGE_SCHEDULES = {
+    # a batch, blocks and slots past their ends: sequence 3, blocks 5 and 40 of 5, slots 7 .. 10 of 7
+    "past the ends": ([[0, 0, 3, 2, 6], [1, 5, 1, 40, 7], [2, 1, 2, 3, 1], [3, 0, 3, 0, 0]], [0, 3, 7, 9]),
+    # before them: sequence -1, blocks -3 and -5, slots -2 and -1
+    "before the ends": ([[-1, -3, 0, 1, -2], [0, -1, 2, -5, -1], [1, 0, 1, 1, -3], [2, 0, 2, 2, 0]], [-2, -1, 1, 2]),
+    # negative and zero slot counts
+    "decreasing num_splits": ([[0, 0, 0, 3, 0], [0, 3, 1, 1, 1], [1, 1, 2, 2, 0], [3, 0, 3, 0, 0]], [5, 2, 2, -1]),
+    "int32 extremes": ([[INT32_MIN, INT32_MIN, INT32_MAX, INT32_MIN, INT32_MAX], [INT32_MAX] * 5,
+                        [0, INT32_MAX, 2, INT32_MAX, INT32_MIN], [INT32_MIN] * 5],
+                       [INT32_MIN, INT32_MAX, INT32_MIN, INT32_MAX]),
+    "halves of two calls": None,
+    "random": None,
+}
+
+
+def garbage_schedule(name: str, device=DEVICE) -> tuple[torch.Tensor, torch.Tensor]:
+    """GARBAGE_SCHEDULES[name] as int32 tensors `(GARBAGE_PARTS, 8)` and `(batch + 1,)`. "halves of two calls":
+    get_mla_metadata's metadata for lengths [1, 1, 1000] (sequence 2 in four pieces) with the num_splits of lengths
+    [1000] * 3 (sequence 2's two slots from 4: its last piece writes slot 7, past the 7); "random": any int32."""
+    batch = len(GARBAGE_SEQLENS)
+    if name == "halves of two calls":
+        metadata, _ = reference.get_mla_metadata(torch.tensor([1, 1, 1000], dtype=torch.int32), GARBAGE_PARTS)
+        _, num_splits = reference.get_mla_metadata(torch.tensor([1000] * 3, dtype=torch.int32), GARBAGE_PARTS)
+        return metadata.to(device), num_splits.to(device)
+    if name == "random":
+        generator = torch.Generator().manual_seed(2024)
+        metadata = torch.randint(INT32_MIN, INT32_MAX, (GARBAGE_PARTS, 8), generator=generator, dtype=torch.int32)
+        num_splits = torch.randint(INT32_MIN, INT32_MAX, (batch + 1,), generator=generator, dtype=torch.int32)
+        return metadata.to(device), num_splits.to(device)
+    rows, num_splits = GARBAGE_SCHEDULES[name]
+    metadata = torch.zeros(GARBAGE_PARTS, 8, dtype=torch.int32)
+    metadata[:, :5] = torch.tensor(rows, dtype=torch.int64).int()
+    return metadata.to(device), torch.tensor(num_splits, dtype=torch.int64).int().to(device)
+
+
+def in_pool(t: torch.Tensor, guard: int, fill) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool, view): `t` copied into the middle of a pool `guard` rows longer at each end, which hold `fill` (a kernel
+    that reads past `t` reads them; one that writes past it changes them)."""
+    pool = torch.full((t.shape[0] + 2 * guard, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+    view = pool[guard:guard + t.shape[0]]
+    view.copy_(t)
+    return pool, view

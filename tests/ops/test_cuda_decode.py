@@ -6,13 +6,17 @@ Fresh random inputs per case, outputs poisoned (the allocator's next blocks fill
 mixed in one batch (0, 1, 63, 64, 65, non-multiples of the page, one long among short), query rows that are not a
 multiple of the 64-row tile (h_q 1, 8 x s_q 3, 48 x s_q 2), one to four row tiles, causal s_q 1..4, forced split
 counts (1, several, more splits than blocks) and balanced schedules on one and two row tiles, a padded cache block
-stride, strided q, repeated runs bit-identical, and the op's CUDA-graph capture.
+stride, strided q, repeated runs bit-identical, the op's CUDA-graph capture, and metadata that is not
+get_mla_metadata's (any int32 values: no access outside the batch, the blocks or the partial slots).
 """
+from collections import Counter
+
 import pytest
 import torch
-from decode_inputs import (BF16_BAND, DEVICE, HOPPER, LSE_TOLERANCE, assert_decode_close, assert_rows_close,
-                           bad_table_inputs, check_dense_decode_op_replays_in_cuda_graph, huge_and_small_scale_inputs,
-                           make_inputs, poisoned, quantize_with_varied_scales)
+from decode_inputs import (BF16_BAND, DEVICE, GARBAGE_PARTS, GARBAGE_SCHEDULES, GARBAGE_SEQLENS, HOPPER,
+                           LSE_TOLERANCE, assert_decode_close, assert_rows_close, bad_table_inputs,
+                           check_dense_decode_op_replays_in_cuda_graph, garbage_schedule, huge_and_small_scale_inputs,
+                           in_pool, make_inputs, poisoned, quantize_with_varied_scales)
 
 from flashmla_ops import _ext, reference
 from flashmla_ops.decode import CUDA_NARROW_ROWS, cuda_num_splits
@@ -436,6 +440,92 @@ def test_dense_decode_op_without_checks_reads_no_bad_page(monkeypatch, cuda_call
     assert "dense_decode" in cuda_calls
     assert_decode_close(out, lse, *reference.dense_decode(q, cache, valid_table, valid_seqlens, KV_LORA_RANK,
                                                           D_QK ** -0.5, False, False))
+
+
+GUARD_BYTE = 0x5A
+
+
+def between_guards(call, *num_bytes):
+    """call()'s tensors (copied out), run with each of its allocations of one of `num_bytes` bytes in a hole between
+    two live blocks of GUARD_BYTE bytes: in a private memory pool the caching allocator splits blocks off a segment in
+    order, and takes the smallest free block that fits (sizes rounded to 512 bytes), the hole of that size. So the
+    outputs and the partial workspace (internal to the extension) each lie between guards, and a write past either
+    end of one lands in a guard: asserts that every guard byte is kept and that the outputs did land in holes."""
+    sizes = Counter(-(-size // 512) * 512 for size in num_bytes)
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool):
+        guards, holes = [], []
+        for size, count in sorted(sizes.items(), reverse=True):
+            for _ in range(count + 1):
+                guards.append(torch.full((size,), GUARD_BYTE, dtype=torch.uint8, device=DEVICE))
+                holes.append(torch.empty(size, dtype=torch.uint8, device=DEVICE))
+            guards.append(torch.full((size,), GUARD_BYTE, dtype=torch.uint8, device=DEVICE))
+        spans = [(hole.data_ptr(), hole.data_ptr() + hole.numel()) for hole in holes]
+        del holes
+        outputs = call()
+        torch.cuda.synchronize()  # an illegal address shows here
+    kept = [bool((guard == GUARD_BYTE).all()) for guard in guards]
+    assert all(kept), f"{kept.count(False)} of {len(kept)} guards written"
+    assert all(any(start <= t.data_ptr() < end for start, end in spans) for t in outputs), "an output missed the holes"
+    copies = [t.clone() for t in outputs]
+    del outputs, guards
+    return copies
+
+
+def balanced_allocations(batch, s_q, h_q, parts, narrow):
+    """The bytes of run_decode's allocations for a balanced schedule (csrc/dense_decode.cu): out, lse, the partial
+    rows (float32 for the narrow kernel, f16 for the wide) and their LSEs (and the wide kernel's scales)."""
+    rows, slots = s_q * h_q, batch + parts
+    return (batch * rows * KV_LORA_RANK * 2, batch * rows * 4, slots * rows * KV_LORA_RANK * (4 if narrow else 2),
+            (1 if narrow else 2) * slots * rows * 4)
+
+
+# (s_q, h_q, narrow): the narrow kernel; the wide one on one row tile (attend_pairs' early refills) and on four
+GARBAGE_SHAPES = [(1, 16, True), (1, 16, False), (1, 64, False), (2, 128, False)]
+
+
+@pytest.mark.parametrize("name", list(GARBAGE_SCHEDULES))
+@pytest.mark.parametrize("s_q,h_q,narrow", GARBAGE_SHAPES)
+@pytest.mark.parametrize("is_fp8", [False, True])
+def test_cuda_dense_decode_stays_in_bounds_whatever_the_metadata(name, s_q, h_q, narrow, is_fp8):
+    """Metadata that is not get_mla_metadata's pair for the batch (GARBAGE_SCHEDULES: sequences, blocks and slots
+    before and past their ends, slot counts of 0 and below, int32's extremes, halves of two calls, random values;
+    unchecked on a GPU without FLASHMLA_CHECK): for_each_piece and combine_slots cut each value to the batch, the
+    sequence's blocks and the launch's partial slots, so the output may be wrong but the launch ends, with no illegal
+    address, and writes nothing outside its outputs and workspace (each between guards: `between_guards`) or into its
+    inputs (the table, lengths, metadata and num_splits in pools). The same kernels then give the reference's output
+    with get_mla_metadata's schedule."""
+    generator = torch.Generator(DEVICE).manual_seed(47 + s_q + h_q + narrow + 2 * is_fp8)
+    q, cache, block_table, cache_seqlens = make_inputs(GARBAGE_SEQLENS, s_q, h_q, is_fp8, generator)
+    pools, inputs = zip(*(in_pool(t, 8, fill) for t, fill in ((block_table, 1), (cache_seqlens, 10 ** 6),
+                                                              *zip(garbage_schedule(name), (-1, 8)))))
+    want_pools = [pool.clone() for pool in pools]
+    causal = s_q > 1
+    out, lse = between_guards(
+        lambda: kernels().dense_decode(q, cache, *inputs[:2], D_QK ** -0.5, causal, is_fp8, 1, *inputs[2:], narrow),
+        *balanced_allocations(len(GARBAGE_SEQLENS), s_q, h_q, GARBAGE_PARTS, narrow))
+    assert all(torch.equal(pool, want) for pool, want in zip(pools, want_pools))
+    assert out.shape == (len(GARBAGE_SEQLENS), s_q, h_q, KV_LORA_RANK) and lse.shape == (len(GARBAGE_SEQLENS), h_q, s_q)
+    schedule = reference.get_mla_metadata(cache_seqlens, GARBAGE_PARTS)
+    assert_decode_close(*kernels().dense_decode(q, cache, block_table, cache_seqlens, D_QK ** -0.5, causal, is_fp8, 1,
+                                                *schedule, narrow),
+                        *reference.dense_decode(q, cache, block_table, cache_seqlens, KV_LORA_RANK, D_QK ** -0.5,
+                                                causal, is_fp8))
+
+
+@pytest.mark.parametrize("h_q", [16, 64])
+def test_dense_decode_op_without_checks_takes_any_metadata(monkeypatch, cuda_calls, h_q):
+    """The op on the GPU without FLASHMLA_CHECK takes metadata that is not get_mla_metadata's to its CUDA kernel (no
+    host sync to compare them), which runs to its end: int32's extremes in every field."""
+    monkeypatch.delenv("FLASHMLA_CHECK", raising=False)
+    q, cache, block_table, cache_seqlens = make_inputs(GARBAGE_SEQLENS, 1, h_q, False,
+                                                       torch.Generator(DEVICE).manual_seed(53))
+    out, lse = torch.ops.flashmla.dense_decode(q, cache, block_table, cache_seqlens,
+                                               *garbage_schedule("int32 extremes"), KV_LORA_RANK, D_QK ** -0.5, False,
+                                               False, None)
+    torch.cuda.synchronize()
+    assert cuda_calls == ["dense_decode"]
+    assert out.shape == (len(GARBAGE_SEQLENS), 1, h_q, KV_LORA_RANK) and lse.shape == (len(GARBAGE_SEQLENS), h_q, 1)
 
 
 def test_dense_decode_cache_without_blocks():

@@ -5,8 +5,8 @@ and token, tokens 2**37 apart in scale, query rows and RoPE columns beyond f16's
 runs identical."""
 import pytest
 import torch
-from decode_inputs import (HOPPER, LSE_TOLERANCE, SCALE, assert_close, assert_rows_close, huge_and_small_scale_inputs,
-                           paged_cache, poisoned, random_indices, varied_scale_cache)
+from decode_inputs import (HOPPER, LSE_TOLERANCE, SCALE, assert_close, assert_rows_close, garbage_schedule,
+                           huge_and_small_scale_inputs, paged_cache, poisoned, random_indices, varied_scale_cache)
 
 from flashmla_ops import _ext, reference
 from flashmla_ops.decode import cuda_num_splits
@@ -193,3 +193,22 @@ def test_sparse_decode_op_takes_transposed_indices_of_topk_1(cuda_calls):
     assert cuda_calls == ["sparse_decode"]
     want_out, want_lse = reference.sparse_decode(q, cache, indices, None, None, None, None, KV_LORA_RANK, SCALE, True)
     assert_close(out, lse, want_out, want_lse)
+
+
+@pytest.mark.parametrize("name", ["int32 extremes", "random"])
+def test_sparse_decode_op_without_checks_ignores_the_metadata(monkeypatch, cuda_calls, name):
+    """Sparse decode takes tile_scheduler_metadata and num_splits for FlashMLA's calling convention only: its CUDA
+    launch splits each query's indices by shape (for_each_piece's uniform split; the Triton kernels likewise), so
+    metadata that is not get_mla_metadata's (int32's extremes, random values; unchecked on a GPU without
+    FLASHMLA_CHECK) reaches no kernel, and the output is the reference's."""
+    monkeypatch.delenv("FLASHMLA_CHECK", raising=False)
+    generator = torch.Generator(DEVICE).manual_seed(59)
+    batch, s_q, h_q, topk, num_blocks = 3, 2, 64, 300, 16
+    cache = paged_cache(num_blocks, True, generator, pad=0)
+    q = torch.randn(batch, s_q, h_q, D_QK, generator=generator, device=DEVICE).to(torch.bfloat16)
+    indices = random_indices((batch, s_q, topk), num_blocks * PAGE_BLOCK_SIZE, generator)
+    out, lse = torch.ops.flashmla.sparse_decode(q, cache, indices, None, None, None, None,
+                                                *garbage_schedule(name, DEVICE), KV_LORA_RANK, SCALE, True, None)
+    assert cuda_calls == ["sparse_decode"]
+    assert_close(out, lse, *reference.sparse_decode(q, cache, indices, None, None, None, None, KV_LORA_RANK, SCALE,
+                                                    True))

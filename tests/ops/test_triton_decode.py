@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 import torch
-from decode_inputs import (DEVICE, assert_decode_close, assert_rows_close, bad_table_inputs,
-                           check_dense_decode_op_replays_in_cuda_graph, huge_and_small_scale_inputs, make_inputs,
-                           poisoned, spaced)
+from decode_inputs import (DEVICE, GARBAGE_PARTS, GARBAGE_SCHEDULES, GARBAGE_SEQLENS, assert_decode_close,
+                           assert_rows_close, bad_table_inputs, check_dense_decode_op_replays_in_cuda_graph,
+                           garbage_schedule, huge_and_small_scale_inputs, in_pool, make_inputs, poisoned, spaced)
 from triton_recording import RecordingKernel
 
 from flashmla_ops import reference
@@ -556,6 +556,44 @@ def test_triton_balanced_schedule_made_for_other_lengths(made_for, seqlens, part
     metadata, num_splits = reference.get_mla_metadata(torch.tensor(made_for, dtype=torch.int32, device=DEVICE), parts)
     run_and_compare(seqlens, 1, 16, causal=False, is_fp8=False, sink=False, config=config,
                     tile_scheduler_metadata=metadata, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("name", list(GARBAGE_SCHEDULES))
+def test_triton_balanced_schedule_stays_in_bounds_whatever_the_metadata(monkeypatch, name):
+    """Metadata that is not get_mla_metadata's pair for the batch (GARBAGE_SCHEDULES: sequences, blocks and slots
+    before and past their ends, slot counts of 0 and below, int32's extremes, halves of two calls, random values;
+    unchecked on a GPU without FLASHMLA_CHECK): the kernels cut each value to the batch, the sequence's blocks and the
+    partial slots, so the output may be wrong but no loop runs past the batch and nothing outside them is read or
+    written. The lengths, table, metadata and num_splits sit in pools (num_splits' guard values name slot 8, past the
+    7), the partials between slots of NaN: every byte of each pool is kept, and the output (each element written,
+    from finite partials) is finite: no NaN slot was read."""
+    guard = 8
+    partial_pools = []
+
+    def guarded_partials(out, *splits, half):
+        assert splits == (len(GARBAGE_SEQLENS) + GARBAGE_PARTS,) and not half
+        partials = empty(out, *splits, half=half)
+        out_pool, out_partial = in_pool(torch.zeros_like(partials.out), guard, float("nan"))
+        lse_pool, lse_partial = in_pool(torch.zeros_like(partials.lse), guard, float("nan"))
+        partial_pools.extend([out_pool, lse_pool])
+        return triton_decode.Partials(out_partial, lse_partial, lse_partial)
+
+    empty = triton_decode.Partials.empty
+    monkeypatch.setattr(triton_decode.Partials, "empty", staticmethod(guarded_partials))
+    generator = torch.Generator(DEVICE).manual_seed(43)
+    q, cache, block_table, cache_seqlens = make_inputs(GARBAGE_SEQLENS, 1, 16, False, generator)
+    pools, inputs = zip(*(in_pool(t, guard, fill) for t, fill in ((block_table, 1), (cache_seqlens, 10 ** 6),
+                                                                  *zip(garbage_schedule(name), (-1, 8)))))
+    want_pools = [pool.clone() for pool in pools]
+    config = dataclasses.replace(triton_decode.default_config(len(GARBAGE_SEQLENS), 16, torch.device(DEVICE)),
+                                 schedule="balanced")
+    out, lse = triton_decode.dense_decode(q, cache, inputs[0], inputs[1], KV_LORA_RANK, D_QK ** -0.5, False, False,
+                                          config=config, tile_scheduler_metadata=inputs[2], num_splits=inputs[3])
+    assert all(torch.equal(pool, want) for pool, want in zip(pools, want_pools))
+    guards_kept = [bool(torch.isnan(pool[:guard]).all() and torch.isnan(pool[-guard:]).all())
+                   for pool in partial_pools]
+    assert guards_kept and all(guards_kept), guards_kept
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
 
 
 def test_triton_balanced_schedule_computes_its_own_metadata():
