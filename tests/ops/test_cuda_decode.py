@@ -442,15 +442,17 @@ def test_dense_decode_op_without_checks_reads_no_bad_page(monkeypatch, cuda_call
                                                           D_QK ** -0.5, False, False))
 
 
-GUARD_BYTE = 0x5A
+GUARD_BYTE = 0xFF  # NaN in each float type the kernels read (bf16, f16, float32): a read of a guard shows as NaN
 
 
 def between_guards(call, *num_bytes):
-    """call()'s tensors (copied out), run with each of its allocations of one of `num_bytes` bytes in a hole between
-    two live blocks of GUARD_BYTE bytes: in a private memory pool the caching allocator splits blocks off a segment in
-    order, and takes the smallest free block that fits (sizes rounded to 512 bytes), the hole of that size. So the
-    outputs and the partial workspace (internal to the extension) each lie between guards, and a write past either
-    end of one lands in a guard: asserts that every guard byte is kept and that the outputs did land in holes."""
+    """call()'s tensors (copied out), run with each of its allocations of one of `num_bytes` bytes in a zeroed hole
+    between two live blocks of GUARD_BYTE bytes: in a private memory pool the caching allocator splits blocks off a
+    segment in order, and takes the smallest free block that fits (sizes rounded to 512 bytes), the hole of that size.
+    So the outputs and the partial workspace (internal to the extension) each lie between guards: a write past either
+    end of one lands in a guard, and a read there gives NaN where every byte the call may read is otherwise finite
+    (the holes' zeros or what the call wrote). Asserts that every guard byte is kept and, from the allocator's trace,
+    that each of the call's allocations (the workspace too) did land in a hole."""
     sizes = Counter(-(-size // 512) * 512 for size in num_bytes)
     pool = torch.cuda.MemPool()
     with torch.cuda.use_mem_pool(pool):
@@ -458,15 +460,24 @@ def between_guards(call, *num_bytes):
         for size, count in sorted(sizes.items(), reverse=True):
             for _ in range(count + 1):
                 guards.append(torch.full((size,), GUARD_BYTE, dtype=torch.uint8, device=DEVICE))
-                holes.append(torch.empty(size, dtype=torch.uint8, device=DEVICE))
+                holes.append(torch.zeros(size, dtype=torch.uint8, device=DEVICE))
             guards.append(torch.full((size,), GUARD_BYTE, dtype=torch.uint8, device=DEVICE))
         spans = [(hole.data_ptr(), hole.data_ptr() + hole.numel()) for hole in holes]
         del holes
-        outputs = call()
-        torch.cuda.synchronize()  # an illegal address shows here
+        torch.cuda.synchronize()
+        torch.cuda.memory._record_memory_history("all", context="alloc", stacks="python", clear_history=True)
+        try:
+            outputs = call()
+            torch.cuda.synchronize()  # an illegal address shows here
+            trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        finally:
+            torch.cuda.memory._record_memory_history(None)
     kept = [bool((guard == GUARD_BYTE).all()) for guard in guards]
     assert all(kept), f"{kept.count(False)} of {len(kept)} guards written"
-    assert all(any(start <= t.data_ptr() < end for start, end in spans) for t in outputs), "an output missed the holes"
+    allocations = [(entry["addr"], entry["size"]) for entry in trace if entry["action"] == "alloc"]
+    assert len(allocations) == len(num_bytes), f"{len(allocations)} allocations, {len(num_bytes)} expected"
+    assert all(any(start <= addr and addr + size <= end for start, end in spans) for addr, size in allocations), \
+        "an allocation missed the holes"
     copies = [t.clone() for t in outputs]
     del outputs, guards
     return copies
@@ -492,9 +503,9 @@ def test_cuda_dense_decode_stays_in_bounds_whatever_the_metadata(name, s_q, h_q,
     before and past their ends, slot counts of 0 and below, int32's extremes, halves of two calls, random values;
     unchecked on a GPU without FLASHMLA_CHECK): for_each_piece and combine_slots cut each value to the batch, the
     sequence's blocks and the launch's partial slots, so the output may be wrong but the launch ends, with no illegal
-    address, and writes nothing outside its outputs and workspace (each between guards: `between_guards`) or into its
-    inputs (the table, lengths, metadata and num_splits in pools). The same kernels then give the reference's output
-    with get_mla_metadata's schedule."""
+    address, and reads and writes nothing outside its outputs and workspace (each between guards: `between_guards`;
+    a read of a guard makes out NaN) or into its inputs (the table, lengths, metadata and num_splits in pools). The
+    same kernels then give the reference's output with get_mla_metadata's schedule."""
     generator = torch.Generator(DEVICE).manual_seed(47 + s_q + h_q + narrow + 2 * is_fp8)
     q, cache, block_table, cache_seqlens = make_inputs(GARBAGE_SEQLENS, s_q, h_q, is_fp8, generator)
     pools, inputs = zip(*(in_pool(t, 8, fill) for t, fill in ((block_table, 1), (cache_seqlens, 10 ** 6),
@@ -506,6 +517,7 @@ def test_cuda_dense_decode_stays_in_bounds_whatever_the_metadata(name, s_q, h_q,
         *balanced_allocations(len(GARBAGE_SEQLENS), s_q, h_q, GARBAGE_PARTS, narrow))
     assert all(torch.equal(pool, want) for pool, want in zip(pools, want_pools))
     assert out.shape == (len(GARBAGE_SEQLENS), s_q, h_q, KV_LORA_RANK) and lse.shape == (len(GARBAGE_SEQLENS), h_q, s_q)
+    assert not out.isnan().any() and not lse.isnan().any(), "a partial slot read outside the workspace"
     schedule = reference.get_mla_metadata(cache_seqlens, GARBAGE_PARTS)
     assert_decode_close(*kernels().dense_decode(q, cache, block_table, cache_seqlens, D_QK ** -0.5, causal, is_fp8, 1,
                                                 *schedule, narrow),
