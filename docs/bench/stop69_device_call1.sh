@@ -1,13 +1,17 @@
 #!/bin/bash
 # Stop 69, call 1: next_device_call1.sh and next_device_call3.sh (prepared in stop 68) in one call, as machine starts
-# were scarce. The experiment's build (FLASHMLA_DENSE_FP8_PAIRS) runs in the background under the GPU tests of stop 68's
-# changes (the stale-schedule fix in for_each_piece, the dense reference under CUDA-graph capture); then the dense CUDA
-# SPEC rows; then scripts/ab_kernels.py: the CUDA decode tests on the experiment's kernels and
-# docs/bench/stop67_fp8_many_heads.py in ABBA rounds. Also this stop's new GPU tests (indexer NaN, broadcast q,
-# any metadata).
-# `run` with command `bash docs/bench/stop69_device_call1.sh`.
+# were scarce, most important first, each step cut to what is left of LIMIT seconds (the first argument, default 590).
+# 1. This stop's new GPU tests: the indexer's relu keeping NaN, q with zero strides, metadata that is not
+#    get_mla_metadata's (for_each_piece / combine_slots cut every value to its bounds).
+# 2. The CUDA decode, reference and API GPU tests: stop 68's stale-schedule fix (for_each_piece) and the dense
+#    reference under CUDA-graph capture, and every other test of the changed schedule code.
+# 3. The FLASHMLA_DENSE_FP8_PAIRS experiment (built in the background since step 1) against the tree by
+#    scripts/ab_kernels.py: the CUDA decode tests on its kernels, then docs/bench/stop67_fp8_many_heads.py, ABBA.
+# 4. The dense CUDA SPEC rows. `run` with command `bash docs/bench/stop69_device_call1.sh [LIMIT]`.
 export PYTHONPATH=$PWD:$PWD/scripts MAX_JOBS=16 TORCH_EXTENSIONS_DIR=$PWD/bench/ext
+LIMIT=${1:-590}
 SECONDS=0
+left() { local t=$((LIMIT - SECONDS - $1)); echo $((t > 1 ? t : 1)); }  # timeout 0 would mean none
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv
 rm -rf bench/pairs && mkdir -p bench/pairs && cp -r csrc bench/pairs/
 sed -i '1i #define FLASHMLA_DENSE_FP8_PAIRS' bench/pairs/csrc/dense_decode.cu
@@ -16,20 +20,19 @@ echo "=== built at ${SECONDS}s"
 MAX_JOBS=12 python scripts/ab_kernels.py --base-csrc bench/pairs/csrc --side base > $OUT/pairs_build.log 2>&1 &
 pairs=$!
 NEW="keep_nan or broadcast_q or whatever_the_metadata or takes_any_metadata or ignores_the_metadata"
-timeout 260 python -m pytest -v -rf -m gpu -x -k "not ($NEW)" tests/ops/test_cuda_decode.py tests/ops/test_decode.py \
-  tests/ops/test_interface.py > $OUT/tests_cuda.log 2>&1
+timeout $(left 300) python -m pytest -v -rf -m gpu -k "$NEW" tests/ops/test_cuda_decode.py \
+  tests/ops/test_cuda_sparse_decode.py tests/ops/test_cuda_indexer_logits.py tests/ops/test_indexer.py \
+  tests/ops/test_triton_indexer.py tests/ops/test_triton_decode.py > $OUT/tests_new.log 2>&1
+echo "new tests rc $? at ${SECONDS}s"; grep -E "FAILED|ERROR|passed|failed" $OUT/tests_new.log | tail -12
+timeout $(left 200) python -m pytest -v -rf -m gpu -x -k "not ($NEW)" tests/ops/test_cuda_decode.py \
+  tests/ops/test_decode.py tests/ops/test_interface.py > $OUT/tests_cuda.log 2>&1
 echo "cuda tests rc $? at ${SECONDS}s: $(grep -c " PASSED" $OUT/tests_cuda.log) PASSED"
 grep -E "FAILED|ERROR|passed|failed" $OUT/tests_cuda.log | tail -8
-timeout 120 python -m pytest -v -rf -m gpu -k "$NEW" tests/ops/test_cuda_indexer_logits.py tests/ops/test_indexer.py \
-  tests/ops/test_cuda_sparse_decode.py tests/ops/test_triton_indexer.py tests/ops/test_cuda_decode.py \
-  tests/ops/test_triton_decode.py \
-  > $OUT/tests_new.log 2>&1
-echo "new tests rc $? at ${SECONDS}s"; grep -E "FAILED|ERROR|passed|failed" $OUT/tests_new.log | tail -8
 wait $pairs; echo "pairs build rc $? at ${SECONDS}s"; tail -2 $OUT/pairs_build.log
-timeout 60 python scripts/bench_decode.py --backend cuda --no-baselines --settle 5 --out $OUT/decode_cuda \
-  > $OUT/decode_cuda.log 2>&1
-echo "dense cuda rc $? at ${SECONDS}s"; grep -E "^bf16|^fp8|rror" $OUT/decode_cuda.log | grep -v Warning
-timeout $((590 - SECONDS)) python scripts/ab_kernels.py --base-csrc bench/pairs/csrc --rounds 2 \
+timeout $(left 45) python scripts/ab_kernels.py --base-csrc bench/pairs/csrc --rounds 2 \
   --tests "-m gpu tests/ops/test_cuda_decode.py" -- docs/bench/stop67_fp8_many_heads.py > $OUT/ab_pairs.log 2>&1
 echo "ab rc $? at ${SECONDS}s"
 grep -E "^==|passed|failed|FAILED|^b[0-9]|ab_kernels|rror" $OUT/ab_pairs.log | grep -v Warning | tail -40
+timeout $(left 3) python scripts/bench_decode.py --backend cuda --no-baselines --settle 3 --out $OUT/decode_cuda \
+  > $OUT/decode_cuda.log 2>&1
+echo "dense cuda rc $? at ${SECONDS}s"; grep -E "^bf16|^fp8|rror" $OUT/decode_cuda.log | grep -v Warning
