@@ -8,7 +8,8 @@
 # 3. The FLASHMLA_DENSE_FP8_PAIRS experiment (built in the background since step 1) against the tree by
 #    scripts/ab_kernels.py: the CUDA decode tests on its kernels, then docs/bench/stop67_fp8_many_heads.py, ABBA.
 # 4. The dense CUDA SPEC rows.
-# Steps 3-4 only where LIMIT is 500 or more. `run` with command `bash docs/bench/stop69_device_call1.sh [LIMIT]`.
+# Steps 3-4 only where LIMIT is 500 or more; a shorter call runs steps 1-2's new tests only.
+# `run` with command `bash docs/bench/stop69_device_call1.sh [LIMIT]`.
 export PYTHONPATH=$PWD:$PWD/scripts MAX_JOBS=16 TORCH_EXTENSIONS_DIR=$PWD/bench/ext
 LIMIT=${1:-590}
 SECONDS=0
@@ -20,6 +21,15 @@ python -m flashmla_ops.build > $OUT/build.log 2>&1; echo "build rc $?"; tail -1 
 echo "=== built at ${SECONDS}s"
 NEW="keep_nan or broadcast_q or whatever_the_metadata or takes_any_metadata or ignores_the_metadata"
 RESERVE=$((LIMIT >= 500 ? 200 : 10))  # for the experiment and the SPEC rows, where the call is long enough for them
+if [ $RESERVE -eq 10 ]; then  # a short call: this stop's and stop 68's new tests, then the balanced schedules'
+  STOP68="other_lengths or untracked_length_write or replays_in_cuda_graph or balanced"
+  timeout $(left 5) python -m pytest -v -rf -m gpu -k "$NEW or $STOP68" tests/ops/test_cuda_decode.py \
+    tests/ops/test_cuda_sparse_decode.py tests/ops/test_cuda_indexer_logits.py tests/ops/test_indexer.py \
+    tests/ops/test_decode.py tests/ops/test_triton_indexer.py tests/ops/test_triton_decode.py > $OUT/tests_new.log 2>&1
+  echo "tests rc $? at ${SECONDS}s: $(grep -c " PASSED" $OUT/tests_new.log) PASSED"
+  grep -E "FAILED|ERROR|passed|failed" $OUT/tests_new.log | tail -12
+  exit 0
+fi
 if [ $RESERVE -gt 10 ]; then
   MAX_JOBS=12 python scripts/ab_kernels.py --base-csrc bench/pairs/csrc --side base > $OUT/pairs_build.log 2>&1 &
   pairs=$!
