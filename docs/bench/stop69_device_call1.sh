@@ -23,6 +23,10 @@ NEW="keep_nan or broadcast_q or whatever_the_metadata or takes_any_metadata or i
 RESERVE=$((LIMIT >= 500 ? 200 : 10))  # for the experiment and the SPEC rows, where the call is long enough for them
 if [ $RESERVE -eq 10 ]; then  # a short call: this stop's and stop 68's new tests, then the balanced schedules'
   STOP68="other_lengths or untracked_length_write or replays_in_cuda_graph or balanced"
+  timeout $(left 5) python -m pytest -v -rf -m gpu tests/ops/test_cuda_decode.py \
+    -k "whatever_the_metadata or takes_any_metadata or other_lengths or untracked_length_write" > $OUT/tests_first.log 2>&1
+  echo "first tests rc $? at ${SECONDS}s: $(grep -c " PASSED" $OUT/tests_first.log) PASSED"
+  grep -E "FAILED|ERROR|passed|failed" $OUT/tests_first.log | tail -12
   timeout $(left 5) python -m pytest -v -rf -m gpu -k "$NEW or $STOP68" tests/ops/test_cuda_decode.py \
     tests/ops/test_cuda_sparse_decode.py tests/ops/test_cuda_indexer_logits.py tests/ops/test_indexer.py \
     tests/ops/test_decode.py tests/ops/test_triton_indexer.py tests/ops/test_triton_decode.py > $OUT/tests_new.log 2>&1
