@@ -24,7 +24,8 @@ RESERVE=$((LIMIT >= 500 ? 200 : 10))  # for the experiment and the SPEC rows, wh
 if [ $RESERVE -eq 10 ]; then  # a short call: this stop's and stop 68's new tests, then the balanced schedules'
   STOP68="other_lengths or untracked_length_write or replays_in_cuda_graph or balanced"
   timeout $(left 5) python -m pytest -v -rf -m gpu tests/ops/test_cuda_decode.py \
-    -k "whatever_the_metadata or takes_any_metadata or other_lengths or untracked_length_write" > $OUT/tests_first.log 2>&1
+    -k "whatever_the_metadata or takes_any_metadata or other_lengths or untracked_length_write" \
+    > $OUT/tests_first.log 2>&1
   echo "first tests rc $? at ${SECONDS}s: $(grep -c " PASSED" $OUT/tests_first.log) PASSED"
   grep -E "FAILED|ERROR|passed|failed" $OUT/tests_first.log | tail -12
   timeout $(left 5) python -m pytest -v -rf -m gpu -k "$NEW or $STOP68" tests/ops/test_cuda_decode.py \
