@@ -121,19 +121,15 @@ __device__ __forceinline__ void for_each_piece(const DecodeParams& p, Attend att
     if (balanced) {
       // slots in int32, wrapping (as combine_slots counts them: both see the same one-slot sequences); the slot cut
       // in unsigned 32 bits, a negative one to the last (in int64, ptxas took 245 -> 254 registers in the wide FP8
-      // kernel with partials). Not one conditional expression: `slots == 1 ? -1 : <unsigned>` converts the -1 to
-      // unsigned, 2^32 - 1, a slot far past the partials (stop 69's first GPU run: an illegal address).
+      // kernel with partials), then back to int (below partial_slots): `slots == 1 ? -1 : <unsigned>` would convert
+      // the -1 to unsigned, 2^32 - 1, a slot far past the partials (stop 69's first GPU run: an illegal address).
       const int first_slot = p.split_offsets[z];
       const int slots = static_cast<int>(static_cast<unsigned>(p.split_offsets[z + 1]) - first_slot);
       const int piece = z == first ? meta[4] : 0;  // of the sequence's `slots` pieces
       begin = z == first ? min(max(meta[1], 0), num_blocks) : 0;
       end = z == meta[2] && piece != slots - 1 ? min(max(meta[3], 0), num_blocks) : num_blocks;
-      if (slots == 1) {
-        slot = -1;
-      } else {
-        const unsigned cut = min(static_cast<unsigned>(first_slot) + piece, p.partial_slots - 1u);
-        slot = static_cast<int64_t>(cut);
-      }
+      const int cut = static_cast<int>(min(static_cast<unsigned>(first_slot) + piece, p.partial_slots - 1u));
+      slot = slots == 1 ? -1 : cut;
     } else {
       const int blocks_per_split = (num_blocks + p.num_splits - 1) / p.num_splits;
       begin = blockIdx.y * blocks_per_split;
