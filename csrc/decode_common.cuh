@@ -98,6 +98,13 @@ __device__ __forceinline__ int visible_length(const DecodeParams& p, int z) {
                  : min(p.cache_seqlens[batch], p.block_table_blocks * kBlockN);
 }
 
+// Sequence z's partial slots in a balanced schedule, split_offsets[z + 1] - split_offsets[z] in int32, wrapping
+// (whatever the tensor holds): for_each_piece and combine_slots both take it here, so they agree on which sequences
+// have one slot (written straight to the output, not combined).
+__device__ __forceinline__ int slot_count(const int* split_offsets, int z) {
+  return static_cast<int>(static_cast<unsigned>(split_offsets[z + 1]) - split_offsets[z]);
+}
+
 // This CTA's pieces of work: `attend(z, begin, end, slot)` for blocks [begin, end) of grid row z, the output going
 // straight to out / lse (slot < 0) or to partial slot `slot`. Balanced: the part's run of blocks over
 // sequences first..last; uniform: one piece, grid z's share blockIdx.y. A sequence's last piece runs to its end
@@ -119,12 +126,11 @@ __device__ __forceinline__ void for_each_piece(const DecodeParams& p, Attend att
     int begin, end;
     int64_t slot;
     if (balanced) {
-      // slots in int32, wrapping (as combine_slots counts them: both see the same one-slot sequences); the slot cut
-      // in unsigned 32 bits, a negative one to the last (in int64, ptxas took 245 -> 254 registers in the wide FP8
-      // kernel with partials), then back to int (below partial_slots): `slots == 1 ? -1 : <unsigned>` would convert
-      // the -1 to unsigned, 2^32 - 1, a slot far past the partials (stop 69's first GPU run: an illegal address).
+      // The slot cut in unsigned 32 bits, a negative one to the last (in int64, ptxas took 245 -> 254 registers in
+      // the wide FP8 kernel with partials), then back to int (below partial_slots): `slots == 1 ? -1 : <unsigned>`
+      // would convert the -1 to unsigned, 2^32 - 1, a slot far past the partials (stop 69's first GPU run).
       const int first_slot = p.split_offsets[z];
-      const int slots = static_cast<int>(static_cast<unsigned>(p.split_offsets[z + 1]) - first_slot);
+      const int slots = slot_count(p.split_offsets, z);
       const int piece = z == first ? meta[4] : 0;  // of the sequence's `slots` pieces
       begin = z == first ? min(max(meta[1], 0), num_blocks) : 0;
       end = z == meta[2] && piece != slots - 1 ? min(max(meta[3], 0), num_blocks) : num_blocks;

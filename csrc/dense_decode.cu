@@ -1028,7 +1028,7 @@ __device__ __forceinline__ bool combine_slots(int z, const int* __restrict__ spl
   first = static_cast<int64_t>(z) * num_splits;
   if (split_offsets != nullptr) {
     const int begin = split_offsets[z];
-    const int count = static_cast<int>(static_cast<unsigned>(split_offsets[z + 1]) - begin);  // as for_each_piece's
+    const int count = slot_count(split_offsets, z);
     if (count == 1) return false;
     first = min(static_cast<unsigned>(begin), static_cast<unsigned>(partial_slots));  // a negative one: none left
     num_splits = min(max(count, 0), min(partial_slots - static_cast<int>(first), kMaxSplits));

@@ -52,6 +52,7 @@ struct DecodeParams {
 };
 template <bool kSparse>
 VISIBLE_LENGTH
+SLOT_COUNT
 FOR_EACH_PIECE
 COMBINE_SLOTS
 // stdin: cases of "batch parts", lengths, the (parts, 8) metadata, the (batch + 1) num_splits. stdout per case: each
@@ -99,9 +100,10 @@ def harness(tmp_path_factory):
     pieces = function_text(common, "template <bool kSparse, typename Attend>\n__device__ __forceinline__ void "
                                    "for_each_piece")
     visible = function_text(common, "__device__ __forceinline__ int visible_length")
+    slot_count = function_text(common, "__device__ __forceinline__ int slot_count")
     combine = function_text((CSRC / "dense_decode.cu").read_text(), "__device__ __forceinline__ bool combine_slots")
-    source = (HARNESS.replace("VISIBLE_LENGTH", visible).replace("FOR_EACH_PIECE", pieces)
-              .replace("COMBINE_SLOTS", combine))
+    source = (HARNESS.replace("VISIBLE_LENGTH", visible).replace("SLOT_COUNT", slot_count)
+              .replace("FOR_EACH_PIECE", pieces).replace("COMBINE_SLOTS", combine))
     directory = tmp_path_factory.mktemp("schedule_host")
     (directory / "harness.cpp").write_text(source)
     subprocess.run([COMPILER, "-std=c++17", "-O1", "-o", str(directory / "harness"), str(directory / "harness.cpp")],
