@@ -11,9 +11,9 @@ import torch
 
 from . import _ext
 from ._attention import apply_attn_sink, attend
-from ._checks import (FLOAT_DTYPES, below, capturing, check, check_contiguous_last_dim, check_finite_scale,
-                      check_fp8_flag, check_paged_table, check_same_device, check_tensor, contiguous_or_none,
-                      last_dim_contiguous, value_checks_apply)
+from ._checks import (FLOAT_DTYPES, FP8_LAYOUT_DTYPES, below, capturing, check, check_contiguous_last_dim,
+                      check_finite_scale, check_fp8_flag, check_paged_table, check_same_device, check_tensor,
+                      contiguous_or_none, last_dim_contiguous, value_checks_apply)
 from .kv_cache import D_QK, FP8_BYTES, KV_LORA_RANK, PAGE_BLOCK_SIZE, dequantize_kv_fp8_reference
 
 METADATA_FIELDS = 8  # begin_batch, begin_block, end_batch, end_block (exclusive), begin_split, 3 reserved
@@ -150,8 +150,7 @@ def _check_cache(op, k_cache, is_fp8, dims, dtype, name="k_cache", flag="is_fp8"
         raise ValueError(f"{op}: {name} must have h_kv = 1 (MLA decode is MQA over the latent), got {k_cache.shape[2]} "
                          f"in shape {tuple(k_cache.shape)}")
     if is_fp8:
-        check_tensor(op, name, k_cache, (torch.uint8, torch.float8_e4m3fn),
-                     (None, PAGE_BLOCK_SIZE, 1, FP8_BYTES), dims)
+        check_tensor(op, name, k_cache, FP8_LAYOUT_DTYPES, (None, PAGE_BLOCK_SIZE, 1, FP8_BYTES), dims)
         if dims.get("d_qk", D_QK) != D_QK:
             raise ValueError(f"{op}: the FP8 cache needs q's last dimension d_qk = {D_QK}, got {dims['d_qk']}")
     else:

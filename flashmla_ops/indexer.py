@@ -9,8 +9,8 @@ that `write_index_cache` fills (bfloat16 `(num_blocks, 64, d_i)` or FP8 `(num_bl
 import torch
 
 from . import _ext
-from ._checks import (FLOAT_DTYPES, check, check_paged_table, check_same_device, check_tensor, dense_aligned,
-                      last_dim_contiguous, require_tensor, value_checks_apply)
+from ._checks import (FLOAT_DTYPES, FP8_LAYOUT_DTYPES, check, check_paged_table, check_same_device, check_tensor,
+                      dense_aligned, last_dim_contiguous, require_tensor, value_checks_apply)
 from .decode import INDEX_DTYPES, PAGE_BLOCK_SIZE
 from .kv_cache import dequantize_index_fp8_reference
 
@@ -156,8 +156,9 @@ def _(q, k, weights, k_start, k_end, q_scale, k_scale):
 def _check_logits_paged(op, q, index_cache, weights, block_table, cache_seqlens, q_scale):
     dims = {}
     check_tensor(op, "q", q, (*FLOAT_DTYPES, FP8), ("batch", "s_q", "h_i", "d_i"), dims)
-    row = ("d_i", 4) if require_tensor(op, "index_cache", index_cache).dtype in (torch.uint8, FP8) else "d_i"
-    check_tensor(op, "index_cache", index_cache, (*FLOAT_DTYPES, torch.uint8, FP8), (None, PAGE_BLOCK_SIZE, row), dims)
+    row = ("d_i", 4) if require_tensor(op, "index_cache", index_cache).dtype in FP8_LAYOUT_DTYPES else "d_i"
+    check_tensor(op, "index_cache", index_cache, (*FLOAT_DTYPES, *FP8_LAYOUT_DTYPES), (None, PAGE_BLOCK_SIZE, row),
+                 dims)
     check_tensor(op, "weights", weights, (torch.float32,), ("batch", "s_q", "h_i"), dims)
     check_tensor(op, "block_table", block_table, INDEX_DTYPES, ("batch", "max_blocks_per_seq"), dims)
     check_tensor(op, "cache_seqlens", cache_seqlens, INDEX_DTYPES, ("batch",), dims)
@@ -239,7 +240,7 @@ def _cuda_supports_paged(q, index_cache) -> bool:
     """What csrc/indexer_logits_paged.cu is written for: the FP8 index cache with d_i 128 (132-byte rows, contiguous
     within a block, 16-byte aligned blocks), bf16 or e4m3 q with h_i <= 64 and s_q <= 2."""
     batch, s_q, h_i, d_i = q.shape
-    return (index_cache.dtype in (torch.uint8, FP8) and d_i == CUDA_D_I and 1 <= h_i <= CUDA_MAX_HEADS
+    return (index_cache.dtype in FP8_LAYOUT_DTYPES and d_i == CUDA_D_I and 1 <= h_i <= CUDA_MAX_HEADS
             and 1 <= s_q <= CUDA_PAGED_MAX_S_Q and 1 <= batch < 1 << 31 and q.dtype in (torch.bfloat16, FP8)
             and index_cache.stride(2) == 1 and index_cache.stride(1) == index_cache.shape[2]
             and index_cache.stride(0) % 16 == 0 and index_cache.data_ptr() % 16 == 0 and index_cache.shape[0] >= 1)

@@ -10,8 +10,9 @@ of `d_i` values), `d_i + 4` bytes; a BF16 indexer key cache is `(num_blocks, pag
 import torch
 
 from . import _ext
-from ._checks import (FLOAT_DTYPES, below, check, check_contiguous_last_dim, check_fp8_flag, check_no_overlap,
-                      check_same_device, check_tensor, dense_aligned, require_tensor, value_checks_apply)
+from ._checks import (FLOAT_DTYPES, FP8_LAYOUT_DTYPES, below, check, check_contiguous_last_dim, check_fp8_flag,
+                      check_no_overlap, check_same_device, check_tensor, dense_aligned, require_tensor,
+                      value_checks_apply)
 
 KV_LORA_RANK = 512
 ROPE_DIM = 64
@@ -94,8 +95,7 @@ def _check_quantize(op: str, kv: torch.Tensor) -> None:
 
 def _check_dequantize(op: str, kv_fp8: torch.Tensor) -> None:
     require_tensor(op, "kv_fp8", kv_fp8)
-    check_tensor(op, "kv_fp8", kv_fp8, (torch.uint8, torch.float8_e4m3fn), (None,) * (kv_fp8.dim() - 1) + (FP8_BYTES,),
-                 {})
+    check_tensor(op, "kv_fp8", kv_fp8, FP8_LAYOUT_DTYPES, (None,) * (kv_fp8.dim() - 1) + (FP8_BYTES,), {})
 
 
 @torch.library.custom_op("flashmla::quantize_kv_fp8", mutates_args=())
@@ -150,7 +150,7 @@ def _check_write_kv(op, kv_cache, latent, rope, slot_mapping, is_fp8) -> None:
     dims = {}
     check_fp8_flag(op, "kv_cache", kv_cache, "is_fp8", is_fp8, FLOAT_DTYPES)
     row = FP8_BYTES if is_fp8 else D_QK
-    dtypes = (torch.uint8, torch.float8_e4m3fn) if is_fp8 else FLOAT_DTYPES
+    dtypes = FP8_LAYOUT_DTYPES if is_fp8 else FLOAT_DTYPES
     check_tensor(op, "kv_cache", kv_cache, dtypes, ("num_blocks", "page_block_size", 1, row), dims)
     check_contiguous_last_dim(op, "kv_cache", kv_cache)
     check_no_overlap(op, "kv_cache", kv_cache)
@@ -251,13 +251,13 @@ def _(kv_cache, latent, rope, slot_mapping, is_fp8):
 def _check_write_index(op, index_cache, k, slot_mapping) -> None:
     dims = {}
     check_tensor(op, "k", k, FLOAT_DTYPES, ("num_tokens", "d_i"), dims)
-    is_fp8 = require_tensor(op, "index_cache", index_cache).dtype in (torch.uint8, torch.float8_e4m3fn)
+    is_fp8 = require_tensor(op, "index_cache", index_cache).dtype in FP8_LAYOUT_DTYPES
     if is_fp8 and dims["d_i"] == 0:  # no values to take a scale from (the reference's amax raised IndexError)
         raise ValueError(f"{op}: k must have shape (num_tokens, d_i) with d_i >= 1 for an FP8 index_cache, got "
                          f"{tuple(k.shape)}")
     if is_fp8:  # d_i e4m3 values and a float32 scale
-        check_tensor(op, "index_cache", index_cache, (torch.uint8, torch.float8_e4m3fn),
-                     ("num_blocks", "page_block_size", ("d_i", 4)), dims)
+        check_tensor(op, "index_cache", index_cache, FP8_LAYOUT_DTYPES, ("num_blocks", "page_block_size", ("d_i", 4)),
+                     dims)
     else:
         check_tensor(op, "index_cache", index_cache, (k.dtype,), ("num_blocks", "page_block_size", "d_i"), dims,
                      dtype_from="k")
